@@ -1,0 +1,91 @@
+"""Input validation shared by the public ops.
+
+Every failure is a ``ValueError`` that names the argument, what was expected
+and what came, e.g. ``argument 'lora_a': expected shape [r, 768], got [4, 512]``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt_shape(shape: Iterable) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_tensor(
+    name: str,
+    value,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    min_ndim: int | None = None,
+    shape: Sequence[int | str | None] | None = None,
+    dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Validate one tensor argument and return it.
+
+    ``shape`` entries may be ints (must match), ``None`` (anything) or strings,
+    which are only used in the message (e.g. ``"r"``) and match anything.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"argument '{name}': expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(
+                f"argument '{name}': expected a {want}-D tensor, got {value.dim()}-D with shape {_fmt_shape(value.shape)}"
+            )
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(
+            f"argument '{name}': expected at least {min_ndim} dimensions, got shape {_fmt_shape(value.shape)}"
+        )
+    if shape is not None:
+        ok = value.dim() == len(shape) and all(
+            not isinstance(want, int) or want == got for want, got in zip(shape, value.shape)
+        )
+        if not ok:
+            want = _fmt_shape("*" if w is None else w for w in shape)
+            raise ValueError(f"argument '{name}': expected shape {want}, got {_fmt_shape(value.shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"argument '{name}': expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    if device is not None and value.device != device:
+        raise ValueError(f"argument '{name}': expected a tensor on {device} (like the first input), got {value.device}")
+    return value
+
+
+def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != reference.dtype:
+            raise ValueError(
+                f"argument '{name}': expected dtype {str(reference.dtype).replace('torch.', '')} "
+                f"(the dtype of '{reference_name}'), got {str(t.dtype).replace('torch.', '')}"
+            )
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"argument '{name}': expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+        raise ValueError(f"argument '{name}': expected a float in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_finite_number(name: str, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"argument '{name}': expected a scalar, got shape {_fmt_shape(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"argument '{name}': expected a number, got {type(value).__name__}")
+    return float(value)

@@ -1,0 +1,208 @@
+"""Backend registry and per-call dispatch.
+
+Every public op is implemented by up to three backends:
+
+``cuda``
+    Hand-written CUDA C++ kernels in the optional extension ``ace_kernels._C``.
+``triton``
+    Triton kernels. On a machine without a GPU they run under the Triton
+    interpreter when ``TRITON_INTERPRET=1`` is set before ``ace_kernels`` is
+    imported (used by the CPU test-suite; far too slow for real work).
+``torch``
+    Exact PyTorch code that runs on any device.
+
+Each backend answers ``reasons(*tensors) -> list[str]``: an empty list means it
+can run the call. ``backend="auto"`` takes the first backend of the op's
+preference order that has no reasons; an explicitly requested backend that
+cannot run raises ``RuntimeError`` listing why. The environment variable
+``ACE_KERNELS_BACKEND`` (``auto|cuda|triton|torch``) replaces ``"auto"``
+when a call does not name a backend itself.
+
+Nothing here touches the GPU or the extension at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
+_ENV_VAR = "ACE_KERNELS_BACKEND"
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"importing triton failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """Import the compiled extension lazily; returns (module, error)."""
+    try:
+        from ace_kernels import _C  # type: ignore[attr-defined]
+    except Exception as exc:
+        return None, f"the CUDA extension ace_kernels._C is not built or failed to load ({type(exc).__name__}: {exc})"
+    return _C, None
+
+
+def extension():
+    """The loaded ``ace_kernels._C`` module; raises ``RuntimeError`` when missing."""
+    module, error = _extension()
+    if module is None:
+        raise RuntimeError(error)
+    return module
+
+
+def _global_reasons(backend: str) -> list[str]:
+    """Why ``backend`` cannot run on this machine at all (empty: it can)."""
+    if backend == "torch":
+        return []
+    if backend == "triton":
+        error = _triton_import_error()
+        if error:
+            return [error]
+        if not (torch.cuda.is_available() or interpreter_enabled()):
+            return ["no CUDA GPU is visible and TRITON_INTERPRET=1 is not set"]
+        return []
+    if backend == "cuda":
+        reasons = []
+        if torch.version.cuda is None:
+            reasons.append("this torch build has no CUDA support")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible")
+        module, error = _extension()
+        if module is None:
+            reasons.append(error)
+        return reasons
+    raise ValueError(f"argument 'backend': expected one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    if backend == "cuda" and devices - {"cuda"}:
+        return [f"needs CUDA tensors, got tensors on {sorted(devices)}"]
+    if backend == "triton":
+        wanted = "cpu" if interpreter_enabled() else "cuda"
+        if devices - {wanted}:
+            mode = "under TRITON_INTERPRET=1 it needs CPU tensors" if wanted == "cpu" else "needs CUDA tensors"
+            return [f"{mode}, got tensors on {sorted(devices)}"]
+    return []
+
+
+@dataclass
+class _Op:
+    name: str
+    prefer: tuple[str, ...]
+    impls: dict[str, Callable] = field(default_factory=dict)
+    checks: dict[str, Callable[..., list[str]]] = field(default_factory=dict)
+
+
+_OPS: dict[str, _Op] = {}
+
+
+def define_op(name: str, prefer: Sequence[str] = BACKENDS) -> None:
+    """Declare an op and the order in which ``auto`` tries its backends."""
+    bad = [b for b in prefer if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"unknown backends {bad} for op {name!r}")
+    _OPS[name] = _Op(name, tuple(prefer))
+
+
+def register(op: str, backend: str, *, check: Callable[..., list[str]] | None = None):
+    """Decorator registering ``fn`` as ``backend``'s implementation of ``op``.
+
+    ``check(*args, **kwargs) -> list[str]`` receives the same arguments as
+    ``fn`` and returns the op-specific reasons this backend cannot take the call
+    (for example a ``topk`` beyond what a kernel supports).
+    """
+
+    def wrap(fn):
+        entry = _OPS[op]
+        entry.impls[backend] = fn
+        if check is not None:
+            entry.checks[backend] = check
+        return fn
+
+    return wrap
+
+
+def requested_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"argument 'backend': expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
+        if env not in ("auto",) + BACKENDS:
+            raise ValueError(f"environment variable {_ENV_VAR}: expected one of {('auto',) + BACKENDS}, got {env!r}")
+        return env
+    return backend
+
+
+def reasons_for(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> list[str]:
+    entry = _OPS[op]
+    if backend not in entry.impls:
+        return [f"op {op!r} has no {backend} implementation"]
+    reasons = _global_reasons(backend)
+    if reasons:
+        return reasons
+    reasons = _device_reasons(backend, tensors)
+    check = entry.checks.get(backend)
+    if check is not None:
+        reasons = reasons + list(check(*args, **(kwargs or {})))
+    return reasons
+
+
+def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> Callable:
+    """Return the implementation of ``op`` that takes this call.
+
+    ``tensors`` are the call's tensors (their devices decide what can run);
+    ``args``/``kwargs`` go to the backends' op-specific checks.
+    """
+    wanted = requested_backend(backend)
+    entry = _OPS[op]
+    if wanted != "auto":
+        reasons = reasons_for(op, wanted, tensors, args, kwargs)
+        if reasons:
+            raise RuntimeError(f"{op}: backend {wanted!r} cannot run this call: " + "; ".join(reasons))
+        return entry.impls[wanted]
+    tried = {}
+    for name in entry.prefer:
+        # The interpreter exists for testing; auto never routes real work to it.
+        if name == "triton" and interpreter_enabled() and not torch.cuda.is_available():
+            tried[name] = ["the Triton interpreter is only used when asked for explicitly"]
+            continue
+        reasons = reasons_for(op, name, tensors, args, kwargs)
+        if not reasons:
+            return entry.impls[name]
+        tried[name] = reasons
+    detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in tried.items())
+    raise RuntimeError(f"{op}: no backend can run this call ({detail})")
+
+
+def available_backends(*, reasons: bool = False):
+    """Backends that can run on this machine.
+
+    Returns the names of the usable backends (``["torch"]`` on a machine with no
+    GPU). With ``reasons=True`` returns a dict mapping every backend to the list
+    of reasons it cannot run here; an empty list means it can.
+    """
+    table = {name: _global_reasons(name) for name in BACKENDS}
+    if reasons:
+        return table
+    return [name for name, why in table.items() if not why]

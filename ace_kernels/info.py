@@ -1,0 +1,43 @@
+"""``python -m ace_kernels.info``: what can run on this machine, and why not."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from ace_kernels._dispatch import BACKENDS, _extension, available_backends, interpreter_enabled
+
+
+def report() -> str:
+    lines = [f"ace_kernels {__import__('ace_kernels').__version__}"]
+    lines.append(f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}")
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}  interpreter {'on' if interpreter_enabled() else 'off'}")
+    except Exception:
+        lines.append("triton not importable")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"device {props.name}  sm_{props.major}{props.minor}  {props.total_memory / 2**30:.1f} GiB")
+    else:
+        lines.append("device none (CPU only)")
+    module, error = _extension()
+    lines.append("extension ace_kernels._C: " + ("loaded from " + module.__file__ if module else "not loaded"))
+    lines.append("")
+    table = available_backends(reasons=True)
+    for name in BACKENDS:
+        why = table[name]
+        lines.append(f"  {name:<7} {'available' if not why else 'unavailable: ' + '; '.join(why)}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Install ace-kernels.
+
+The pure-Python package (``ace_kernels``, ``ace_model``) installs on any machine.
+The CUDA extension ``ace_kernels._C`` (sources in ``csrc/``) is built with ninja
+only when torch has CUDA support and a CUDA toolkit (``nvcc``) is found, or when
+forced; a GPU is not needed to build it.
+
+Environment switches:
+  ACE_KERNELS_SKIP_CUDA=1    never build the extension
+  ACE_KERNELS_FORCE_CUDA=1   build it, and fail loudly if that is impossible
+  TORCH_CUDA_ARCH_LIST       defaults to "9.0a" (Hopper: wgmma needs sm_90a)
+  MAX_JOBS                   defaults from cores and memory (nvcc needs ~1.5 GB a job)
+
+Build with ``pip install --no-build-isolation -e .`` so that the extension is
+compiled against the torch already installed.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _default_max_jobs():
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 8
+    return str(max(1, min(cores, int(mem_gib // 1.5))))
+
+
+def _cuda_extension():
+    """Return ([ext_modules], {cmdclass}) or ([], {}) with a printed reason."""
+    if _flag("ACE_KERNELS_SKIP_CUDA"):
+        print("ace-kernels: ACE_KERNELS_SKIP_CUDA=1, building the pure-Python package only")
+        return [], {}
+    force = _flag("ACE_KERNELS_FORCE_CUDA")
+    try:
+        import torch
+    except ImportError:
+        if force:
+            raise RuntimeError("ACE_KERNELS_FORCE_CUDA=1 but torch is not importable (use --no-build-isolation)")
+        print("ace-kernels: torch not importable at build time, building the pure-Python package only")
+        return [], {}
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"))
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch has no CUDA support")
+    if not nvcc or not os.path.exists(nvcc):
+        reasons.append("no nvcc found (set CUDA_HOME)")
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
+                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not sources:
+        reasons.append("no sources under csrc/")
+    if reasons:
+        if force:
+            raise RuntimeError("ACE_KERNELS_FORCE_CUDA=1 but the extension cannot be built: " + "; ".join(reasons))
+        print("ace-kernels: skipping the CUDA extension: " + "; ".join(reasons))
+        return [], {}
+
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+    arch = os.environ["TORCH_CUDA_ARCH_LIST"]
+    gencode = []
+    for entry in arch.replace(";", " ").split():
+        sm = entry.replace(".", "").replace("+PTX", "")
+        gencode.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+    # nvidia/cu13/include of the pip CUDA runtime carries headers the system toolkit lacks.
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    for site in sys.path:
+        extra = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(extra):
+            include_dirs.append(extra)
+            break
+    ext = CUDAExtension(
+        name="ace_kernels._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            # No --use_fast_math: results must match the exact torch path.
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", *gencode],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="ace-kernels",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for ACE-LoRA: LoRA q/k/v, hyperedge attention, label-guided InfoNCE",
+    packages=find_packages(include=["ace_kernels", "ace_kernels.*", "ace_model", "ace_model.*"]),
+    package_data={"ace_model": ["configs/**/*", "configs/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "model": ["open_clip_torch", "timm", "transformers", "tqdm", "pillow"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "peft"],
+    },
+    entry_points={"console_scripts": ["ace-lora=ace_model.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,43 @@
+"""Test-suite set-up.
+
+On a machine without a CUDA GPU the Triton kernels run under the interpreter,
+which reads TRITON_INTERPRET when the kernels are decorated: so it is set here,
+before anything imports ace_kernels.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import ace_kernels  # noqa: E402  (after TRITON_INTERPRET)
+
+TRITON_RUNS = "triton" in ace_kernels.available_backends()
+CUDA_EXT_RUNS = "cuda" in ace_kernels.available_backends()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, and reported as skipped, without one)")
+    config.addinivalue_line("markers", "triton: runs Triton kernels (on CPU under TRITON_INTERPRET=1)")
+    config.addinivalue_line("markers", "slow: long CPU test, still part of CI")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="triton cannot run here: " + "; ".join(
+        ace_kernels.available_backends(reasons=True)["triton"]))
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip_gpu)
+        if "triton" in item.keywords and not TRITON_RUNS:
+            item.add_marker(skip_triton)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_GPU else "cpu")
