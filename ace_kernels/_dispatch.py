@@ -24,7 +24,6 @@ Nothing here touches the GPU or the extension at import time.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -42,11 +41,13 @@ def interpreter_enabled() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "the 'triton' package is not installed"
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("triton", "triton.language") or "triton" in str(exc):
+            return f"the 'triton' package is not importable ({exc})"
+        return f"importing triton failed: {exc}"
     except Exception as exc:  # pragma: no cover - depends on the install
         return f"importing triton failed: {type(exc).__name__}: {exc}"
     return None
