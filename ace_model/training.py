@@ -1,0 +1,1090 @@
+"""Training loop for ACE-LoRA: large contrastive batches, several processes, exact resume.
+
+Three pieces, usable separately:
+
+- :func:`chunked_train_step` -- one forward/backward of the contrastive loss over a batch
+  of any size with memory set by the chunk size: pass 1 computes every embedding chunk
+  by chunk without an autograd graph, the loss runs once on the full batch with the
+  embeddings as leaves (giving dL/d(embeddings) and dL/d(logit multiplier)), and pass 2
+  reruns each chunk with autograd and backpropagates the cached embedding gradients.
+  The dropout RNG state is saved before each chunk in pass 1 and restored in pass 2, so
+  both passes draw the same masks and the gradients are those of the one-pass step.
+- torch.distributed: :func:`sync_gradients` sums the trainable gradients over ranks (see
+  its docstring for the gradient convention), :func:`check_ranks_agree` fails with a
+  clear error when ranks disagree on batch size or configuration instead of hanging.
+- :class:`TrainConfig` and :func:`train`, the loop behind ``ace-lora train``: AdamW and a
+  cosine schedule with linear warm-up (the paper's recipe), seeded data order, bf16
+  autocast on GPU, JSON-lines metrics, atomic checkpoints in the released format and as a
+  full resumable state, ``resume="auto"``, and a stop with an error on a non-finite loss.
+
+Checkpoint directory layout (``<out_dir>/checkpoints``)::
+
+    state-00000100.pt     full training state at step 100 (weights_only-loadable)
+    ace_lora-00000100.pt  the trainable weights in the released ACE_LoRA.pt format
+    latest                JSON naming the newest complete pair, replaced atomically
+
+A state file is complete before ``latest`` names it, and older files are pruned only
+after that, so a crash at any instant leaves the previous good state intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ace_model._atomic import atomic_torch_save, atomic_write_text
+
+STATE_FORMAT = "ace-lora-train-state"
+STATE_VERSION = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient; nothing was written after it."""
+
+
+class RankMismatchError(RuntimeError):
+    """Processes of one distributed run disagree on batch size or configuration."""
+
+
+# ----------------------------------------------------------------------------------------
+# Model plumbing
+# ----------------------------------------------------------------------------------------
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def logit_scale_parameter(model: nn.Module) -> torch.Tensor:
+    """The learnable logit multiplier of ``model`` (spec section 1: the multiplier itself).
+
+    Accepts ``model.logit_scale`` as a tensor, as a module holding one parameter, or as a
+    zero-argument callable returning the tensor.
+    """
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, nn.Module):
+        params = [p for p in scale.parameters()]
+        if len(params) != 1:
+            raise ValueError(f"model.logit_scale is a module with {len(params)} parameters; expected exactly 1")
+        scale = params[0]
+    elif callable(scale) and not isinstance(scale, torch.Tensor):
+        scale = scale()
+    if not isinstance(scale, torch.Tensor):
+        raise ValueError(f"model.logit_scale: expected a tensor (the learnable logit multiplier), got {type(scale).__name__}")
+    return scale
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` for every parameter with ``requires_grad``, in module order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _default_loss_fn() -> Callable:
+    from ace_kernels import label_guided_infonce
+
+    return label_guided_infonce
+
+
+def _call_loss(loss_fn, image_emb, text_emb, scale, labels, group):
+    if group is None:
+        return loss_fn(image_emb, text_emb, scale, labels)
+    return loss_fn(image_emb, text_emb, scale, labels, group=group)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when ``precision`` is "bf16" (or "auto"); nothing otherwise."""
+    if device.type == "cuda" and precision in ("bf16", "auto"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" and device.type != "cuda":
+        raise ValueError(f"precision 'bf16' needs a CUDA device, got {device}")
+    return contextlib.nullcontext()
+
+
+def _encode_pair(model, images, token_ids, device, precision):
+    images = images.to(device, non_blocking=True)
+    token_ids = token_ids.to(device, non_blocking=True)
+    with autocast_context(device, precision):
+        image_emb = model.encode_image(images)
+        text_emb = model.encode_text(token_ids)
+    return image_emb, text_emb
+
+
+# ----------------------------------------------------------------------------------------
+# RNG capture and replay (dropout in pass 2 must see pass 1's masks)
+# ----------------------------------------------------------------------------------------
+
+
+def _capture_torch_rng(device: torch.device):
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def _restore_torch_rng(state, device: torch.device) -> None:
+    cpu_state, cuda_state = state
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ----------------------------------------------------------------------------------------
+# One training step
+# ----------------------------------------------------------------------------------------
+
+
+def _check_step_inputs(images, token_ids, labels, chunk_size):
+    if not isinstance(images, torch.Tensor) or images.dim() < 1:
+        raise ValueError(f"argument 'images': expected a batched tensor, got {type(images).__name__}")
+    batch = images.shape[0]
+    if batch == 0:
+        raise ValueError("argument 'images': expected at least one sample, got an empty batch")
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() < 1 or token_ids.shape[0] != batch:
+        got = list(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"argument 'token_ids': expected {batch} rows like 'images', got {got}")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[0] != batch):
+        got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"argument 'labels': expected {batch} rows like 'images', got {got}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"argument 'chunk_size': expected a positive int or None, got {chunk_size!r}")
+
+
+def chunked_train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    token_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    chunk_size: int | None,
+    group=None,
+    loss_fn: Callable | None = None,
+    precision: str = "auto",
+    check_ranks: bool = True,
+) -> torch.Tensor:
+    """Forward and backward of the contrastive loss, ``chunk_size`` samples at a time.
+
+    Gradients are accumulated into ``.grad`` of the trainable parameters (call
+    ``zero_grad`` first) exactly as ``loss.backward()`` of the one-pass step would, up to
+    floating-point summation order. Peak activation memory is that of one chunk; what
+    grows with the batch is only the ``[B, D]`` embeddings and their gradients.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Provides ``encode_image(images) -> [b, D]``, ``encode_text(token_ids) -> [b, D]``
+        (normalised, after ACE-HGNN) and the learnable ``logit_scale`` multiplier.
+    images, token_ids : Tensor
+        The local batch, ``B`` rows each. They may stay on the CPU (pinned for speed):
+        each chunk is moved to the model's device when it is needed, so device memory
+        does not grow with ``B`` through the inputs either.
+    labels : Tensor or None
+        Label vectors ``[B, L]`` for the label-guided mask; None gives the CLIP loss.
+    chunk_size : int or None
+        Samples per chunk. None, or a value >= B, runs the one-pass step.
+    group : ProcessGroup or None
+        With a group the loss is that of the global batch (all ranks' batches
+        concatenated in rank order) and ranks must agree on the batch size; gradients are
+        left as the loss function returns them: call :func:`sync_gradients` afterwards.
+    loss_fn : callable, optional
+        ``loss_fn(image_emb, text_emb, logit_scale, labels[, group=])``; defaults to
+        ``ace_kernels.label_guided_infonce``.
+    precision : {"auto", "bf16", "fp32"}
+        "auto" is bf16 autocast for the encoders on CUDA, none on the CPU.
+    check_ranks : bool
+        With a group, first all-gather the batch shape and fail on disagreement.
+
+    Returns
+    -------
+    Tensor
+        The loss (detached, scalar).
+    """
+    _check_step_inputs(images, token_ids, labels, chunk_size)
+    loss_fn = loss_fn or _default_loss_fn()
+    device = _model_device(model)
+    batch = images.shape[0]
+    if group is not None and check_ranks:
+        check_ranks_agree(
+            {
+                "local batch size": batch,
+                "image shape": _shape_code(images.shape[1:]),
+                "token shape": _shape_code(token_ids.shape[1:]),
+                "labels": -1 if labels is None else _shape_code(labels.shape[1:]),
+            },
+            group,
+            what="this step's inputs",
+        )
+    scale = logit_scale_parameter(model)
+    labels_dev = None if labels is None else labels.to(device, non_blocking=True)
+
+    if chunk_size is None or chunk_size >= batch:
+        image_emb, text_emb = _encode_pair(model, images, token_ids, device, precision)
+        loss = _call_loss(loss_fn, image_emb, text_emb, scale, labels_dev, group)
+        loss.backward()
+        return loss.detach()
+
+    bounds = [(lo, min(lo + chunk_size, batch)) for lo in range(0, batch, chunk_size)]
+    rng_before_chunk = []
+    image_parts, text_parts = [], []
+    with torch.no_grad():
+        for lo, hi in bounds:
+            rng_before_chunk.append(_capture_torch_rng(device))
+            image_emb, text_emb = _encode_pair(model, images[lo:hi], token_ids[lo:hi], device, precision)
+            image_parts.append(image_emb)
+            text_parts.append(text_emb)
+    rng_after_pass1 = _capture_torch_rng(device)
+    image_leaf = torch.cat(image_parts).requires_grad_(True)
+    text_leaf = torch.cat(text_parts).requires_grad_(True)
+    del image_parts, text_parts
+    # The multiplier's gradient comes from this backward; the embedding gradients are
+    # parked on the leaves and pushed through the encoders in pass 2.
+    loss = _call_loss(loss_fn, image_leaf, text_leaf, scale, labels_dev, group)
+    loss.backward()
+    image_grad, text_grad = image_leaf.grad, text_leaf.grad
+    del image_leaf, text_leaf
+
+    for (lo, hi), rng_state in zip(bounds, rng_before_chunk):
+        _restore_torch_rng(rng_state, device)
+        image_emb, text_emb = _encode_pair(model, images[lo:hi], token_ids[lo:hi], device, precision)
+        outputs, grads = [], []
+        for out, grad in ((image_emb, image_grad), (text_emb, text_grad)):
+            # A frozen tower (or no gradient reaching it) gives nothing to push back.
+            if out.requires_grad and grad is not None:
+                outputs.append(out)
+                grads.append(grad[lo:hi].to(out.dtype))
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+    # Leave the generator where the one-pass step would: after every chunk's draws once.
+    _restore_torch_rng(rng_after_pass1, device)
+    return loss.detach()
+
+
+def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
+    """Sum the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce).
+
+    Gradient convention (matching ``label_guided_infonce(..., group=)``): on each rank the
+    loss is the global-batch loss and the gradient it returns for the local embeddings is
+    the exact partial derivative of that loss with respect to them, while the logit
+    multiplier's gradient on each rank is the local share, so that summing over ranks
+    gives every parameter the gradient of the single process on the concatenated batch.
+    A parameter without a gradient counts as zero so every rank reduces the same buffer.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    params = list(params)
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        reduced = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+        if p.grad is None:
+            p.grad = reduced
+        else:
+            p.grad.copy_(reduced)
+
+
+# ----------------------------------------------------------------------------------------
+# Rank agreement
+# ----------------------------------------------------------------------------------------
+
+
+def _stable_hash(value: Any) -> int:
+    digest = hashlib.sha256(repr(value).encode("utf-8")).digest()
+    return int.from_bytes(digest[:7], "little")  # 56 bits: fits int64 exactly
+
+
+def _shape_code(shape) -> int:
+    return _stable_hash(tuple(int(s) for s in shape))
+
+
+def _comm_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configuration") -> None:
+    """All-gather a fixed-size fingerprint of ``values`` and raise if any rank differs.
+
+    Every rank sends the same number of int64s (the key names are hashed into slot 0),
+    so a disagreement cannot turn into a mismatched collective that hangs.
+
+    Raises
+    ------
+    RankMismatchError
+        Naming the first differing field and the value on each rank.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    keys = list(values)
+    codes = [_stable_hash(keys)]
+    for key in keys:
+        v = values[key]
+        codes.append(int(v) if isinstance(v, (int, bool)) and abs(int(v)) < 2**62 else _stable_hash(v))
+    mine = torch.tensor(codes, dtype=torch.int64, device=_comm_device(group))
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    table = torch.stack(gathered).cpu()
+    if bool((table == table[0]).all()):
+        return
+    if bool((table[:, 0] != table[0, 0]).any()):
+        raise RankMismatchError(f"ranks disagree on {what}: they check different fields (different code versions?)")
+    rank = dist.get_rank(group)
+    for col, key in enumerate(keys, start=1):
+        column = table[:, col]
+        if bool((column != column[0]).any()):
+            per_rank = ", ".join(f"rank {r}: {int(column[r])}" for r in range(world))
+            raise RankMismatchError(
+                f"ranks disagree on {what}: field {key!r} differs ({per_rank}; this is rank {rank}; "
+                "non-integer fields are shown as hashes)"
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything :func:`train` needs; defaults are the paper's recipe (spec section 6).
+
+    ``batch_size`` is the global batch: with several processes each takes an equal slice
+    of it, so the run computes the same loss as one process would.
+    """
+
+    csv: str | None = None  # CSV with image path, report text and label columns
+    image_root: str | None = None  # relative image paths are resolved against this
+    out_dir: str = "runs/ace-lora"
+    model: str = "biomedclip"  # "biomedclip" or "tiny"
+    pretrained: str | None = None  # local open_clip checkpoint or HF directory
+    init_checkpoint: str | None = None  # start from a released-format ACE-LoRA checkpoint
+    epochs: int = 40
+    max_steps: int | None = None  # cap on total steps; the schedule spans the capped run
+    batch_size: int = 64
+    chunk_size: int | None = None  # two-pass chunked step when set and < local batch
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    seed: int = 1
+    use_labels: bool = True
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16", "fp32"
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str | None = None  # a state file, a run/checkpoint directory, or "auto"
+    num_workers: int = 0
+    progress: bool = True
+    dist_timeout_s: float = 600.0
+
+    # Fields that may change between a run and its resumption without changing the maths.
+    _RESUMABLE_CHANGES = frozenset(
+        {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
+         "keep_checkpoints", "chunk_size", "csv", "image_root", "device"}
+    )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(d["betas"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"TrainConfig.chunk_size: expected >= 1 or None, got {self.chunk_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"TrainConfig.max_steps: expected >= 1 or None, got {self.max_steps}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("TrainConfig: checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+        if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError("TrainConfig: warm-up must be >= 0")
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR factor at 0-based ``step``: linear warm-up to 1, then cosine down to 0 at the end.
+
+    The warm-up reaches the full rate at its last step ((step + 1) / warmup_steps), as
+    the reference's open_clip schedule does.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+
+
+def collate_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stack dataset items into ``(images, token_ids, labels or None)``.
+
+    Items are ``(image, token_ids[, labels])`` tuples or dicts with keys ``image``,
+    ``token_ids`` (or ``tokens``/``input_ids``) and optionally ``labels``.
+    """
+    images, tokens, labels = [], [], []
+    for item in items:
+        if isinstance(item, dict):
+            image = item.get("image", item.get("images"))
+            tok = item.get("token_ids", item.get("tokens", item.get("input_ids")))
+            lab = item.get("labels", item.get("label"))
+        else:
+            image, tok = item[0], item[1]
+            lab = item[2] if len(item) > 2 else None
+        images.append(torch.as_tensor(image))
+        tokens.append(torch.as_tensor(tok))
+        labels.append(None if lab is None else torch.as_tensor(lab))
+    label_tensor = None if any(l is None for l in labels) else torch.stack(labels)
+    return torch.stack(images), torch.stack(tokens), label_tensor
+
+
+def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: bool) -> Iterable:
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=index_lists,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        pin_memory=pin,
+    )
+    return iter(loader)
+
+
+# ----------------------------------------------------------------------------------------
+# RNG state (all generators a step can touch), stored weights_only-loadable
+# ----------------------------------------------------------------------------------------
+
+
+def _rng_snapshot(device: torch.device) -> dict:
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    snap = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    return snap
+
+
+def _rng_restore(snap: dict, device: torch.device) -> None:
+    version, internal, gauss = snap["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = snap["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(snap["torch"])
+    if snap.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(snap["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+_STATE_RE = re.compile(r"^state-(\d+)\.pt$")
+_REF_RE = re.compile(r"^ace_lora-(\d+)\.pt$")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_reference_save(model: nn.Module, path: Path) -> None:
+    """``model.save_reference_checkpoint`` into a temp name, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save_reference_checkpoint(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _prune(directory: Path, pattern: re.Pattern, current_step: int, keep: int, protect: set[str]) -> None:
+    # Only files of this trajectory (step <= current) are candidates; a file from a
+    # later step belongs to an abandoned run resumed from an older state: left alone.
+    found = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(directory)
+        if (m := pattern.match(name)) and int(m.group(1)) <= current_step
+    )
+    for _, name in found[: max(0, len(found) - keep)]:
+        if name not in protect:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / name)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | None, keep: int) -> Path:
+    """Write the state (and the released-format weights), then point ``latest`` at them."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state_name = f"state-{step:08d}.pt"
+    atomic_torch_save(state, ckpt_dir / state_name)
+    ref_name = None
+    if model is not None and hasattr(model, "save_reference_checkpoint"):
+        ref_name = f"ace_lora-{step:08d}.pt"
+        _atomic_reference_save(model, ckpt_dir / ref_name)
+    atomic_write_text(ckpt_dir / "latest", json.dumps({"step": step, "state": state_name, "reference": ref_name}) + "\n")
+    protect = {state_name} | ({ref_name} if ref_name else set())
+    _prune(ckpt_dir, _STATE_RE, step, keep, protect)
+    _prune(ckpt_dir, _REF_RE, step, keep, protect)
+    return ckpt_dir / state_name
+
+
+def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike) -> Path | None:
+    """Path of the state file to resume from, or None to start fresh.
+
+    ``"auto"``: the run directory's ``checkpoints/latest`` if there is one, else None.
+    A directory: its ``latest`` (or ``checkpoints/latest``). A file: itself.
+    """
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        latest = Path(out_dir) / "checkpoints" / "latest"
+        return _read_latest(latest) if latest.exists() else None
+    path = Path(resume)
+    if path.is_dir():
+        for latest in (path / "latest", path / "checkpoints" / "latest"):
+            if latest.exists():
+                return _read_latest(latest)
+        raise FileNotFoundError(f"resume={str(resume)!r}: no 'latest' file in that directory or its checkpoints/")
+    if not path.exists():
+        raise FileNotFoundError(f"resume={str(resume)!r}: no such file")
+    return path
+
+
+def _read_latest(latest: Path) -> Path:
+    try:
+        record = json.loads(latest.read_text())
+        path = latest.parent / record["state"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"{latest}: unreadable checkpoint pointer ({exc})") from exc
+    if not path.exists():
+        raise FileNotFoundError(f"{latest} names {record['state']}, which does not exist")
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """Load a full training state written by :func:`train` (``weights_only=True``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not an ace-lora training state (format field {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"{path}: training state version {state.get('version')}, this code reads {STATE_VERSION}")
+    return state
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Step records of a ``metrics.jsonl``, one per step (the last written wins).
+
+    A resumed run re-does the steps after its state, and appends their records again;
+    a torn last line (a crash mid-write) is ignored.
+    """
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "step" in record and "loss" in record:
+                by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed set-up
+# ----------------------------------------------------------------------------------------
+
+
+def _resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _init_distributed(device: torch.device, timeout_s: float):
+    """Join the torchrun process group if WORLD_SIZE > 1; returns (group, rank, world, created)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD, dist.get_rank(), dist.get_world_size(), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None, 0, 1, False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size(), True
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+
+def _build_model(config: TrainConfig) -> nn.Module:
+    from ace_model import ACELoRA
+
+    model = ACELoRA.from_config(config.model, pretrained=config.pretrained)
+    if config.init_checkpoint:
+        model.load_reference_checkpoint(config.init_checkpoint)
+    return model
+
+
+def _build_dataset(config: TrainConfig, model: nn.Module):
+    if not config.csv:
+        raise ValueError("TrainConfig.csv: a CSV of image path, report text and label columns is required")
+    from ace_model.data import CSVImageTextDataset
+
+    kwargs = {}
+    if config.image_root:
+        kwargs["image_root"] = config.image_root
+    return CSVImageTextDataset(config.csv, tokenizer=model.tokenizer(), **kwargs)
+
+
+def _config_fingerprint(config: TrainConfig, dataset_len: int, trainable) -> dict:
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("out_dir", "resume", "progress", "device")}
+    fields["dataset length"] = dataset_len
+    fields["trainable shapes"] = [(n, tuple(p.shape)) for n, p in trainable]
+    return fields
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    dataset=None,
+    loss_fn: Callable | None = None,
+) -> dict:
+    """Train ACE-LoRA's trainable parameters; the loop behind ``ace-lora train``.
+
+    Parameters
+    ----------
+    config : TrainConfig
+    model : nn.Module, optional
+        Used instead of ``ACELoRA.from_config(config.model, ...)``. It must have the
+        same parameters on every rank (built from the same seed); the frozen weights are
+        broadcast from rank 0 anyway.
+    dataset : Dataset, optional
+        Map-style dataset of ``(image, token_ids, labels)`` items, used instead of
+        ``CSVImageTextDataset(config.csv)``.
+    loss_fn : callable, optional
+        Defaults to ``ace_kernels.label_guided_infonce``.
+
+    Returns
+    -------
+    dict
+        ``steps`` (the last step run), ``final_loss``, ``out_dir``, ``metrics`` (path),
+        ``state`` and ``reference`` (paths of the last checkpoint), ``resumed_from``.
+
+    Raises
+    ------
+    NonFiniteLossError
+        On a NaN/inf loss or gradient, before the optimizer step; the last checkpoint and
+        every metrics line already written stay as they were.
+    RankMismatchError
+        When processes disagree on the configuration or the batch.
+    """
+    config.validate()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _resolve_device(config.device, local_rank)
+    group, rank, world, created_group = _init_distributed(device, config.dist_timeout_s)
+    try:
+        return _train(config, model, dataset, loss_fn, device, group, rank, world)
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
+    from tqdm.auto import tqdm
+
+    out_dir = Path(config.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    is_writer = rank == 0
+
+    # The model is built under the base seed on every rank, so ranks start identical;
+    # dropout then draws per-rank streams (seed + rank) so ranks do not share masks.
+    seed_everything(config.seed)
+    if model is None:
+        model = _build_model(config)
+    model = model.to(device)
+    model.train()
+    if dataset is None:
+        dataset = _build_dataset(config, model)
+    loss_fn = loss_fn or _default_loss_fn()
+    trainable = trainable_named_parameters(model)
+    if not trainable:
+        raise ValueError("the model has no parameters with requires_grad=True")
+    params = [p for _, p in trainable]
+    scale = logit_scale_parameter(model)
+    if not any(p is scale for p in params):
+        raise ValueError("model.logit_scale is not among the trainable parameters")
+
+    n = len(dataset)
+    if config.batch_size % world:
+        raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly over {world} processes")
+    local_batch = config.batch_size // world
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"TrainConfig.batch_size: {config.batch_size} exceeds the dataset's {n} samples (incomplete batches are dropped)")
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_epochs * steps_per_epoch))
+
+    if group is not None:
+        check_ranks_agree(_config_fingerprint(config, n, trainable), group, what="the training configuration")
+        with torch.no_grad():
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                comm = tensor.data if _comm_device(group) == tensor.device else tensor.data.to(_comm_device(group))
+                dist.broadcast(comm, src=0, group=group)
+                if comm is not tensor.data:
+                    tensor.data.copy_(comm)
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, warmup, total_steps))
+    data_gen = torch.Generator().manual_seed(config.seed)
+    seed_everything(config.seed + rank)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    epoch_gen_state = None
+    resume_path = resolve_resume(config.resume, out_dir)
+    if resume_path is not None:
+        state = load_state(resume_path)
+        _check_resume_config(state, config, world, n, resume_path)
+        _load_trainable(trainable, state["trainable"], resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        epoch_gen_state = state["data_generator_epoch_start"]
+        _rng_restore(state["rng"][rank], device)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics = None
+    if is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        metrics = open(metrics_path, "a", encoding="utf-8")
+        event = {"event": "resume" if resume_path else "start", "step": step, "time": time.time(),
+                 "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+        if resume_path:
+            event["from"] = str(resume_path)
+        metrics.write(json.dumps(event) + "\n")
+        metrics.flush()
+
+    last_state = resume_path
+    last_reference = None
+    last_loss = None
+    pin = device.type == "cuda"
+    bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and is_writer),
+               dynamic_ncols=True, desc="train")
+    try:
+        while step < total_steps:
+            if epoch_gen_state is None:
+                epoch_gen_state = data_gen.get_state()
+            else:
+                data_gen.set_state(epoch_gen_state)
+            order = torch.randperm(n, generator=data_gen)
+            index_lists = []
+            for b in range(batch_in_epoch, steps_per_epoch):
+                global_idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+                index_lists.append(global_idx[rank * local_batch : (rank + 1) * local_batch].tolist())
+            index_lists = index_lists[: total_steps - step]
+            for images, token_ids, labels in _load_batches(dataset, index_lists, config.num_workers, pin):
+                started = time.perf_counter()
+                if not config.use_labels:
+                    labels = None
+                optimizer.zero_grad(set_to_none=True)
+                loss = chunked_train_step(model, images, token_ids, labels, chunk_size=config.chunk_size,
+                                          group=group, loss_fn=loss_fn, precision=config.precision,
+                                          check_ranks=group is not None)
+                sync_gradients(params, group)
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]))
+                loss_value, grad_norm_value = float(loss), float(grad_norm)
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm_value)):
+                    raise NonFiniteLossError(
+                        f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step + 1} "
+                        f"(epoch {epoch}, loss {loss_value}, grad norm {grad_norm_value}); stopped before the "
+                        f"optimizer step. Last good state: {last_state or 'none written'}; nothing was written after it.")
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                batch_in_epoch += 1
+                last_loss = loss_value
+                elapsed = time.perf_counter() - started
+                if is_writer:
+                    metrics.write(json.dumps({
+                        "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                        "samples_per_s": config.batch_size / max(elapsed, 1e-9),
+                        "grad_norm": grad_norm_value, "logit_scale": float(scale.detach()),
+                        "time": time.time()}) + "\n")
+                    metrics.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    last_state, last_reference = _checkpoint(
+                        config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
+                        epoch_gen_state, device, group, rank, world, metrics)
+            if batch_in_epoch >= steps_per_epoch or step < total_steps:
+                epoch += 1
+                batch_in_epoch = 0
+                epoch_gen_state = None
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.flush()
+            os.fsync(metrics.fileno())
+            metrics.close()
+
+    final_reference = None
+    if is_writer and last_reference is not None:
+        final_reference = out_dir / "ace_lora.pt"
+        _atomic_reference_save(model, final_reference)
+    return {
+        "steps": step,
+        "final_loss": last_loss,
+        "out_dir": str(out_dir),
+        "metrics": str(metrics_path),
+        "state": None if last_state is None else str(last_state),
+        "reference": None if final_reference is None else str(final_reference),
+        "resumed_from": None if resume_path is None else str(resume_path),
+    }
+
+
+def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
+                epoch_gen_state, device, group, rank, world, metrics):
+    snapshot = _rng_snapshot(device)
+    if group is not None:
+        rng_all: list = [None] * world
+        dist.all_gather_object(rng_all, snapshot, group=group)
+    else:
+        rng_all = [snapshot]
+    path = reference = None
+    if rank == 0:
+        state = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "data_generator_epoch_start": epoch_gen_state,
+            "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_all,
+            "world_size": world,
+            "config": config.to_dict(),
+        }
+        # Metrics before the state: a resumed run never misses lines of steps it skips.
+        metrics.flush()
+        os.fsync(metrics.fileno())
+        path = save_checkpoint(ckpt_dir, step, state, model, config.keep_checkpoints)
+        if hasattr(model, "save_reference_checkpoint"):
+            reference = ckpt_dir / f"ace_lora-{step:08d}.pt"
+    if group is not None:
+        dist.barrier(group=group)  # no rank runs ahead of a checkpoint that may fail
+    return path, reference
+
+
+def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, path) -> None:
+    saved = state["config"]
+    now = config.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if key in TrainConfig._RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != now.get(key):
+            raise ValueError(f"resume from {path}: config field {key!r} was {saved.get(key)!r} in the saved run, "
+                             f"now {now.get(key)!r}; resuming would not continue the same run")
+    if state["world_size"] != world:
+        raise ValueError(f"resume from {path}: the state was written by {state['world_size']} processes, "
+                         f"this run has {world}")
+
+
+def _load_trainable(trainable, saved: dict, path) -> None:
+    names = {n for n, _ in trainable}
+    missing = sorted(names - set(saved))
+    extra = sorted(set(saved) - names)
+    if missing or extra:
+        raise ValueError(f"resume from {path}: trainable parameters differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, p in trainable:
+            value = saved[name]
+            if value.shape != p.shape:
+                raise ValueError(f"resume from {path}: {name!r} expected shape {list(p.shape)}, found {list(value.shape)}")
+            p.copy_(value)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory demonstration
+# ----------------------------------------------------------------------------------------
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _measure_in_this_process(batch: int, chunk_size: int | None, model_name: str, seed: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    from ace_model import ACELoRA
+
+    model = ACELoRA.from_config(model_name)
+    model.train()
+    image_shape, context = _input_geometry(model)
+    images = torch.randn(batch, *image_shape)
+    token_ids = torch.randint(1, 100, (batch, context))
+    labels = torch.randint(0, 2, (batch, 14))
+    baseline = _current_rss_mib()
+    started = time.perf_counter()
+    loss = chunked_train_step(model, images, token_ids, labels, chunk_size=chunk_size)
+    seconds = time.perf_counter() - started
+    return {
+        "batch": batch,
+        "chunk_size": chunk_size,
+        "model": model_name,
+        "threads": threads,
+        "loss": float(loss),
+        "seconds": seconds,
+        "baseline_rss_mib": baseline,
+        "peak_rss_mib": _peak_rss_mib(),
+        "step_extra_mib": _peak_rss_mib() - baseline,
+        "input_mib": (images.numel() * images.element_size() + token_ids.numel() * token_ids.element_size()) / 2**20,
+    }
+
+
+def _input_geometry(model) -> tuple[tuple[int, ...], int]:
+    image_size = getattr(model, "image_size", None)
+    context = getattr(model, "context_length", None)
+    if image_size is None or context is None:
+        raise ValueError("the model must expose image_size and context_length for measure_chunked_step")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    return (3, *image_size), int(context)
+
+
+def measure_chunked_step(batch: int, chunk_size: int | None, *, model: str = "tiny", seed: int = 0,
+                         threads: int = 1, timeout_s: float = 900) -> dict:
+    """Run one training step of ``model`` in a fresh process and report its memory and time.
+
+    A fresh process per measurement, because the peak RSS of a process only grows.
+
+    Returns
+    -------
+    dict
+        ``peak_rss_mib`` (whole process), ``baseline_rss_mib`` (model and inputs built,
+        before the step), ``step_extra_mib`` (peak minus baseline: what the step itself
+        needed), ``input_mib``, ``seconds`` (the step), ``loss``, and the arguments.
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "ace_model.training", "measure", "--batch", str(batch), "--model", model,
+           "--seed", str(seed), "--threads", str(threads)]
+    if chunk_size is not None:
+        cmd += ["--chunk-size", str(chunk_size)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"measure_chunked_step({batch}, {chunk_size}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ace_model.training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    measure = sub.add_parser("measure", help="one chunked step in this process; prints JSON")
+    measure.add_argument("--batch", type=int, required=True)
+    measure.add_argument("--chunk-size", type=int, default=None)
+    measure.add_argument("--model", default="tiny")
+    measure.add_argument("--seed", type=int, default=0)
+    measure.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    result = _measure_in_this_process(args.batch, args.chunk_size, args.model, args.seed, args.threads)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,290 @@
+"""ace_model.training on one process: the chunked two-pass step, the schedule, the loop.
+
+The chunked step is compared with one-pass autograd on the same model; with dropout on,
+the one-pass reference draws its masks chunk by chunk in the same order, which is what
+the two-pass step must replay. Models: the stand-in of tests/_train_standin.py (always)
+and the tiny ACELoRA (the real towers, LoRA dropout and ACE-HGNN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import ace_model.training as training
+from ace_model.training import (
+    NonFiniteLossError,
+    TrainConfig,
+    chunked_train_step,
+    cosine_with_warmup,
+    load_state,
+    read_metrics,
+    train,
+)
+from _train_standin import (
+    RandomPairs,
+    dense_label_infonce,
+    make_batch,
+    make_model,
+    tiny_available,
+    trainable_grads,
+)
+
+MODEL_KINDS = [
+    "standin",
+    pytest.param("tiny", marks=pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")),
+]
+
+# fp32 everywhere; the chunked and one-pass steps add the same terms in a different
+# order (per-chunk backward sums, concatenated vs sliced matmuls), so they agree to a
+# few ulps of the largest gradient entry, not bit for bit.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _one_pass_reference(model, images, token_ids, labels, *, seed, chunk_bounds):
+    """Loss and gradients with one autograd graph over the whole batch.
+
+    The encoders run chunk by chunk (graph kept) so dropout draws its masks in the
+    same order as the two-pass step's pass 1; with one chunk this is the plain step.
+    """
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    image_parts, text_parts = [], []
+    for lo, hi in chunk_bounds:
+        image_parts.append(model.encode_image(images[lo:hi]))
+        text_parts.append(model.encode_text(token_ids[lo:hi]))
+    scale = training.logit_scale_parameter(model)
+    loss = dense_label_infonce(torch.cat(image_parts), torch.cat(text_parts), scale, labels)
+    loss.backward()
+    return loss.detach(), trainable_grads(model), torch.rand(4)
+
+
+def _chunked(model, images, token_ids, labels, *, seed, chunk_size):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = chunked_train_step(model, images, token_ids, labels, chunk_size=chunk_size, loss_fn=dense_label_infonce)
+    return loss, trainable_grads(model), torch.rand(4)
+
+
+def _bounds(batch, chunk):
+    return [(lo, min(lo + chunk, batch)) for lo in range(0, batch, chunk)]
+
+
+def _assert_grads_close(got: dict, want: dict):
+    assert got.keys() == want.keys() and got, "the same trainable parameters must receive gradients"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("batch,chunk", [(10, 3), (7, 1), (9, 4)])
+def test_chunked_step_replays_dropout(kind, batch, chunk):
+    model = make_model(kind, dropout=0.3)
+    images, token_ids, labels = make_batch(model, batch, seed=1)
+    want_loss, want_grads, want_rng = _one_pass_reference(model, images, token_ids, labels, seed=5,
+                                                          chunk_bounds=_bounds(batch, chunk))
+    got_loss, got_grads, got_rng = _chunked(model, images, token_ids, labels, seed=5, chunk_size=chunk)
+    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
+    _assert_grads_close(got_grads, want_grads)
+    # The generator ends where the one-pass step leaves it: later steps draw the same masks.
+    assert torch.equal(got_rng, want_rng)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_chunked_step_equals_unchunked_step_without_dropout(kind):
+    model = make_model(kind, dropout=0.0)
+    images, token_ids, labels = make_batch(model, 11, seed=2)
+    want_loss, want_grads, _ = _one_pass_reference(model, images, token_ids, labels, seed=0, chunk_bounds=[(0, 11)])
+    got_loss, got_grads, _ = _chunked(model, images, token_ids, labels, seed=0, chunk_size=4)
+    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
+    _assert_grads_close(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_chunked_step_matches_model_loss_and_library_loss(kind):
+    """Default loss (ace_kernels.label_guided_infonce) vs ``model.loss`` on the whole batch."""
+    model = make_model(kind, dropout=0.0)
+    images, token_ids, labels = make_batch(model, 9, seed=3)
+    model.zero_grad(set_to_none=True)
+    want_loss = model.loss(images, token_ids, labels)
+    want_loss.backward()
+    want_grads = trainable_grads(model)
+    model.zero_grad(set_to_none=True)
+    got_loss = chunked_train_step(model, images, token_ids, labels, chunk_size=2)
+    torch.testing.assert_close(got_loss, want_loss.detach(), rtol=RTOL, atol=ATOL)
+    _assert_grads_close(trainable_grads(model), want_grads)
+
+
+def test_replay_is_what_makes_the_gradients_right(monkeypatch):
+    """Negative control: without restoring the RNG, pass 2 draws new masks and the test above fails."""
+    model = make_model("standin", dropout=0.5)
+    images, token_ids, labels = make_batch(model, 10, seed=1)
+    _, want_grads, _ = _one_pass_reference(model, images, token_ids, labels, seed=5, chunk_bounds=_bounds(10, 3))
+    monkeypatch.setattr(training, "_restore_torch_rng", lambda state, device: None)
+    _, got_grads, _ = _chunked(model, images, token_ids, labels, seed=5, chunk_size=3)
+    assert any(not torch.allclose(got_grads[n], want_grads[n], rtol=RTOL, atol=ATOL) for n in want_grads)
+
+
+def test_chunk_size_of_batch_or_more_is_the_one_pass_step():
+    model = make_model("standin", dropout=0.3)
+    images, token_ids, labels = make_batch(model, 6, seed=4)
+    results = [_chunked(model, images, token_ids, labels, seed=9, chunk_size=c) for c in (None, 6, 50)]
+    for loss, grads, rng in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(rng, results[0][2])
+        for name in grads:
+            assert torch.equal(grads[name], results[0][1][name])
+
+
+def test_chunked_step_input_errors():
+    model = make_model("standin")
+    images, token_ids, labels = make_batch(model, 4)
+    with pytest.raises(ValueError, match="token_ids"):
+        chunked_train_step(model, images, token_ids[:3], labels, chunk_size=2, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_train_step(model, images, token_ids, labels[:2], chunk_size=2, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_train_step(model, images, token_ids, labels, chunk_size=0, loss_fn=dense_label_infonce)
+
+
+def test_cosine_with_warmup_schedule():
+    warmup, total = 4, 14
+    factors = [cosine_with_warmup(s, warmup, total) for s in range(total)]
+    # Warm-up: 1/4, 2/4, 3/4, 4/4 -- the full rate is reached on the last warm-up step.
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    # Cosine over the remaining 10 steps, written from its definition.
+    for s in range(warmup, total):
+        assert math.isclose(factors[s], (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2, rel_tol=1e-12)
+    assert cosine_with_warmup(0, 0, 5) == 1.0  # no warm-up starts at the full rate
+    assert cosine_with_warmup(total, warmup, total) == 0.0
+
+
+def _config(tmp_path, **overrides):
+    base = dict(out_dir=str(tmp_path / "run"), model="standin", epochs=3, batch_size=4, lr=1e-2,
+                warmup_epochs=1, checkpoint_every=4, keep_checkpoints=2, progress=False, seed=3)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_train_loop_writes_metrics_and_checkpoints(tmp_path):
+    model = make_model("standin", seed=3)
+    data = RandomPairs(model, 18, seed=1)  # 4 steps per epoch, two samples dropped each epoch
+    config = _config(tmp_path)
+    result = train(config, model=model, dataset=data, loss_fn=dense_label_infonce)
+    assert result["steps"] == 12
+
+    records = read_metrics(result["metrics"])
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
+    # lr of step k (1-based) is lr * factor(k - 1): warm-up over the first epoch, then cosine.
+    for r in records:
+        assert math.isclose(r["lr"], 1e-2 * cosine_with_warmup(r["step"] - 1, 4, 12), rel_tol=1e-9)
+    assert records[-1]["epoch"] == 2
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    latest = json.loads((ckpt / "latest").read_text())
+    assert latest["step"] == 12
+    names = sorted(os.listdir(ckpt))
+    # keep_checkpoints=2: steps 8 and 12 remain; 4 was pruned after 12 became durable.
+    assert [n for n in names if n.startswith("state-")] == ["state-00000008.pt", "state-00000012.pt"]
+    assert [n for n in names if n.startswith("ace_lora-")] == ["ace_lora-00000008.pt", "ace_lora-00000012.pt"]
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    state = load_state(ckpt / "state-00000012.pt")
+    assert state["step"] == 12 and state["epoch"] == 2 and state["batch_in_epoch"] == 4
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(state["trainable"][name], p.detach())
+    final = torch.load(result["reference"], weights_only=True)
+    assert torch.equal(final["logit_scale"], model.logit_scale.detach())
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 4
+
+
+class _RecordingPairs(RandomPairs):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen = []
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return super().__getitem__(i)
+
+
+def test_train_data_order_is_a_seeded_permutation_per_epoch(tmp_path):
+    model = make_model("standin")
+    data = _RecordingPairs(model, 12, seed=0)
+    train(_config(tmp_path, epochs=2, batch_size=4, checkpoint_every=0), model=model, dataset=data,
+          loss_fn=dense_label_infonce)
+    first, second = data.seen[:12], data.seen[12:]
+    assert sorted(first) == list(range(12)) and sorted(second) == list(range(12))
+    assert first != second  # a new order each epoch
+    again = _RecordingPairs(make_model("standin"), 12, seed=0)
+    train(_config(tmp_path, out_dir=str(tmp_path / "again"), epochs=2, batch_size=4, checkpoint_every=0),
+          model=make_model("standin"), dataset=again, loss_fn=dense_label_infonce)
+    assert again.seen == data.seen  # the order comes from the seed alone
+
+
+def test_train_chunked_equals_unchunked_without_dropout(tmp_path):
+    losses = []
+    for chunk in (None, 3):
+        model = make_model("standin", dropout=0.0, seed=3)
+        data = RandomPairs(model, 16, seed=2)
+        config = _config(tmp_path, out_dir=str(tmp_path / f"c{chunk}"), batch_size=8, chunk_size=chunk,
+                         checkpoint_every=0)
+        result = train(config, model=model, dataset=data, loss_fn=dense_label_infonce)
+        losses.append([r["loss"] for r in read_metrics(result["metrics"])])
+    # Adam amplifies ulp-level gradient differences only mildly over 6 steps.
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    model = make_model("standin")
+    data = RandomPairs(model, 16, seed=1)
+    calls = {"n": 0}
+
+    def poisoned_loss(u, t, s, labels):
+        calls["n"] += 1
+        loss = dense_label_infonce(u, t, s, labels)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    config = _config(tmp_path, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"step 7.*state-00000006\.pt"):
+        train(config, model=model, dataset=data, loss_fn=poisoned_loss)
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert json.loads((ckpt / "latest").read_text())["step"] == 6
+    state = load_state(ckpt / "state-00000006.pt")
+    assert state["step"] == 6
+    # Metrics of the six good steps are kept; nothing for step 7.
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 7))
+    # And the run resumes from there.
+    calls["n"] = -100
+    result = train(_config(tmp_path, checkpoint_every=2, resume="auto"), model=make_model("standin"), dataset=data,
+                   loss_fn=poisoned_loss)
+    assert result["steps"] == 12 and result["resumed_from"].endswith("state-00000006.pt")
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    model = make_model("standin")
+    data = RandomPairs(model, 8, seed=1)
+    train(_config(tmp_path, epochs=1), model=model, dataset=data, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match="'lr'"):
+        train(_config(tmp_path, epochs=1, lr=5e-3, resume="auto"), model=make_model("standin"), dataset=data,
+              loss_fn=dense_label_infonce)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        train(_config(tmp_path, resume=str(tmp_path / "missing.pt")), model=make_model("standin"), dataset=data,
+              loss_fn=dense_label_infonce)
+
+
+def test_config_validation(tmp_path):
+    model = make_model("standin")
+    data = RandomPairs(model, 8)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(_config(tmp_path, batch_size=9), model=model, dataset=data, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match="precision"):
+        train(_config(tmp_path, precision="fp8"), model=model, dataset=data, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match="chunk_size"):
+        TrainConfig(chunk_size=0).validate()
+    assert TrainConfig.from_dict(TrainConfig(betas=(0.8, 0.9)).to_dict()) == TrainConfig(betas=(0.8, 0.9))
