@@ -384,3 +384,449 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     impl = _dispatch.select("lora_qkv", backend, [x, weight, bias, lora_a, lora_b], args)
     return impl(*args)
+
+
+# ----------------------------------------------------------------------------------------
+# triton backend
+# ----------------------------------------------------------------------------------------
+#
+# Kernels (all take strides; program ids are cast to int64 before offset arithmetic):
+#
+# _lora_down_kernel      S[M, P*r] = drop_p(x) A_p^T / keep_prob, one pass over x.
+#     A separate kernel rather than part of the GEMM: the GEMM grid has P*out/BLOCK_N
+#     column tiles per row block (18 at out=768), and each would have to redraw the
+#     Philox numbers and redo the rank-r dots for its rows. One extra read of x
+#     (bytes(x), mostly from L2 right after the producer wrote it) costs less.
+# _lora_fused_linear_kernel   y = x W^T + b + scaling * S Bbd^T, one stacked GEMM whose
+#     epilogue adds the LoRA term with one [BLOCK_M, BLOCK_R] x [BLOCK_R, BLOCK_N] dot
+#     (Bbd: the block-diagonal [P*out, P*r] matrix of the B_p, gathered on the fly, so a
+#     tile that straddles two projections is handled).
+# _lora_backward_kernel  one program per [BLOCK_M, BLOCK_K] tile of dX, reducing over
+#     the P*out columns of dY, each dY tile read once per program and used three ways:
+#     dX += dY W (skipped when x needs no grad), G += dY Bbd (G_p = dY_p B_p, [M, P*r]),
+#     and, in the first column of programs only, a partial dB = dY^T S per row block.
+#     Epilogue: masks regenerated for exactly this tile of x (every element once over
+#     the grid), dX += scaling/keep * sum_p mask_p * (G_p A_p) and a partial
+#     dA = scaling/keep * sum_p G_p^T (mask_p * x). Partials are summed on the host in a
+#     fixed order (deterministic, no atomics).
+# _lora_mask_kernel      debug export of the keep masks from the same Philox stream.
+#
+# Dtypes: x, W, A, B load in their own dtype; the large dots run in it (tensor cores
+# for fp16/bf16, exact IEEE fp32 for fp32 inputs); S, G and every accumulator are fp32,
+# and the small dots involving them run in tf32 for 16-bit inputs (finer than the
+# inputs' own rounding) and IEEE fp32 for fp32 inputs.
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR = None
+except Exception as _exc:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = _exc
+
+# The three projection lanes of one Philox draw (lane 3 is unused).
+_MAX_PROJECTIONS = 3
+# Keep test: top 24 bits of a 32-bit Philox number >= round(p * 2**24).
+_THRESHOLD_BITS = 24
+# BLOCK_R is P*r padded to a power of two >= 16 (tl.dot's smallest dimension); above 64
+# the epilogue tiles get large enough to spill, so such ranks go to the torch backend.
+_MAX_BLOCK_R = 64
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep_masks(seed, rng_offset, rows, cols, in_features, drop_threshold):
+        """Keep masks of the three projection lanes for the tile rows x cols.
+
+        Philox counter = rng_offset + row * in_features + col (64-bit), key = seed.
+        """
+        counter = rng_offset + rows[:, None].to(tl.int64) * in_features + cols[None, :].to(tl.int64)
+        r0, r1, r2, _r3 = tl.randint4x(seed, counter)
+        keep0 = (r0 >> 8).to(tl.int32) >= drop_threshold
+        keep1 = (r1 >> 8).to(tl.int32) >= drop_threshold
+        keep2 = (r2 >> 8).to(tl.int32) >= drop_threshold
+        return keep0, keep1, keep2
+
+    @triton.jit
+    def _lora_mask_kernel(
+        seed_ptr, mask_ptr,  # int64 [1] seed; int8 [P, M, K] output, contiguous
+        M, K, plane, rng_offset, drop_threshold,  # plane = M * K (host-computed, may exceed int32)
+        PROJECTIONS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_k = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        inside = (rows < M)[:, None] & (cols < K)[None, :]
+        seed = tl.load(seed_ptr)
+        keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, cols, K, drop_threshold)
+        offsets = rows[:, None] * K + cols[None, :]
+        tl.store(mask_ptr + offsets, keep0.to(tl.int8), mask=inside)
+        if PROJECTIONS == 3:
+            tl.store(mask_ptr + plane + offsets, keep1.to(tl.int8), mask=inside)
+            tl.store(mask_ptr + 2 * plane + offsets, keep2.to(tl.int8), mask=inside)
+
+    @triton.jit
+    def _lora_down_kernel(
+        x_ptr, a_ptr, s_ptr, seed_ptr,  # x [M, K]; A [P, r, K]; S [M, P*r] fp32 out; seed int64 [1]
+        M, K, RANK,
+        stride_xm, stride_xk, stride_ap, stride_ar, stride_ak, stride_sm, stride_sj,
+        rng_offset, drop_threshold, inv_keep,
+        PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        js = tl.arange(0, BLOCK_R)
+        j_ok = js < PROJECTIONS * RANK
+        proj_j = js // RANK
+        r_j = js - proj_j * RANK
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if APPLY_DROPOUT:
+            seed = tl.load(seed_ptr)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            a_tile = tl.load(a_ptr + proj_j[None, :] * stride_ap + r_j[None, :] * stride_ar + ks[:, None] * stride_ak,
+                             mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+            if APPLY_DROPOUT:
+                keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, ks, K, drop_threshold)
+                zero = tl.zeros_like(a_tile)
+                acc = tl.dot(tl.where(keep0, x_tile, 0.0).to(x_tile.dtype),
+                             tl.where((proj_j == 0)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
+                if PROJECTIONS == 3:
+                    acc = tl.dot(tl.where(keep1, x_tile, 0.0).to(x_tile.dtype),
+                                 tl.where((proj_j == 1)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(tl.where(keep2, x_tile, 0.0).to(x_tile.dtype),
+                                 tl.where((proj_j == 2)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
+        if APPLY_DROPOUT:
+            acc = acc * inv_keep
+        tl.store(s_ptr + rows[:, None] * stride_sm + js[None, :] * stride_sj, acc,
+                 mask=row_ok[:, None] & j_ok[None, :])
+
+    @triton.jit
+    def _lora_fused_linear_kernel(
+        x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,  # x [M,K]; W [N,K]; bias [N]; S [M,P*r] fp32; B [P,OUT,r]; y [M,N]
+        M, N, K, OUT, RANK,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sj,
+        stride_bp, stride_bo, stride_br, stride_ym, stride_yn,
+        scaling,
+        HAS_BIAS: tl.constexpr, PROJECTIONS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_tile = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] = W^T tile
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
+        js = tl.arange(0, BLOCK_R)
+        j_ok = js < PROJECTIONS * RANK
+        proj_j = js // RANK
+        r_j = js - proj_j * RANK
+        proj_n = cols // OUT
+        o_n = cols - proj_n * OUT
+        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + js[None, :] * stride_sj,
+                         mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        b_ok = (proj_j[:, None] == proj_n[None, :]) & j_ok[:, None] & col_ok[None, :]
+        b_tile = tl.load(b_ptr + proj_n[None, :] * stride_bp + o_n[None, :] * stride_bo + r_j[:, None] * stride_br,
+                         mask=b_ok, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N] = Bbd^T tile
+        acc += scaling * tl.dot(s_tile, b_tile, input_precision=LORA_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _lora_backward_kernel(
+        dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, s_ptr, seed_ptr,  # dY [M,N]; W [N,K]; x [M,K]; A [P,r,K]; B [P,OUT,r]; S fp32
+        dx_ptr, da_part_ptr, db_part_ptr,  # dX [M,K]; fp32 [M blocks, P*r, K] and [M blocks, N, P*r], contiguous
+        M, N, K, OUT, RANK,
+        stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
+        stride_ap, stride_ar, stride_ak, stride_bp, stride_bo, stride_br, stride_sm, stride_sj,
+        stride_dxm, stride_dxk,
+        rng_offset, drop_threshold, lora_factor,  # lora_factor = scaling / keep_prob (scaling without dropout)
+        PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    ):
+        pid_k = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        k_ok = ks < K
+        js = tl.arange(0, BLOCK_R)
+        rank_total = PROJECTIONS * RANK
+        j_ok = js < rank_total
+        proj_j = js // RANK
+        r_j = js - proj_j * RANK
+        first_column = pid_k == 0
+        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + js[None, :] * stride_sj,
+                         mask=row_ok[:, None] & j_ok[None, :] & first_column, other=0.0)
+        acc_dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            n_ok = ns < N
+            dy_tile = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
+                              mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+            if COMPUTE_DX:
+                w_tile = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
+                                 mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc_dx = tl.dot(dy_tile, w_tile, acc_dx, input_precision=DOT_PRECISION)
+            proj_n = ns // OUT
+            o_n = ns - proj_n * OUT
+            b_ok = (proj_n[:, None] == proj_j[None, :]) & n_ok[:, None] & j_ok[None, :]
+            b_tile = tl.load(b_ptr + proj_n[:, None] * stride_bp + o_n[:, None] * stride_bo + r_j[None, :] * stride_br,
+                             mask=b_ok, other=0.0)  # [BLOCK_N, BLOCK_R] = Bbd tile
+            acc_g = tl.dot(dy_tile, b_tile, acc_g, input_precision=DOT_PRECISION)
+            if first_column:
+                # Partial dB for this row block: dY^T S restricted to each column's projection.
+                db_tile = tl.dot(tl.trans(dy_tile).to(tl.float32), s_tile, input_precision=LORA_PRECISION)
+                db_tile = tl.where(b_ok, db_tile, 0.0)
+                tl.store(db_part_ptr + pid_m * N * rank_total + ns[:, None] * rank_total + js[None, :], db_tile,
+                         mask=n_ok[:, None] & j_ok[None, :])
+        a_tile = tl.load(a_ptr + proj_j[:, None] * stride_ap + r_j[:, None] * stride_ar + ks[None, :] * stride_ak,
+                         mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if APPLY_DROPOUT:
+            seed = tl.load(seed_ptr)
+            keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, ks, K, drop_threshold)
+            g_p = tl.where((proj_j == 0)[None, :], acc_g, 0.0)
+            lora_dx = tl.where(keep0, tl.dot(g_p, a_tile, input_precision=LORA_PRECISION), 0.0)
+            da_tile = tl.dot(tl.trans(g_p), tl.where(keep0, x_tile, 0.0), input_precision=LORA_PRECISION)
+            if PROJECTIONS == 3:
+                g_p = tl.where((proj_j == 1)[None, :], acc_g, 0.0)
+                lora_dx += tl.where(keep1, tl.dot(g_p, a_tile, input_precision=LORA_PRECISION), 0.0)
+                da_tile = tl.dot(tl.trans(g_p), tl.where(keep1, x_tile, 0.0), da_tile, input_precision=LORA_PRECISION)
+                g_p = tl.where((proj_j == 2)[None, :], acc_g, 0.0)
+                lora_dx += tl.where(keep2, tl.dot(g_p, a_tile, input_precision=LORA_PRECISION), 0.0)
+                da_tile = tl.dot(tl.trans(g_p), tl.where(keep2, x_tile, 0.0), da_tile, input_precision=LORA_PRECISION)
+        else:
+            lora_dx = tl.dot(acc_g, a_tile, input_precision=LORA_PRECISION)
+            da_tile = tl.dot(tl.trans(acc_g), x_tile, input_precision=LORA_PRECISION)
+        tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * lora_factor,
+                 mask=j_ok[:, None] & k_ok[None, :])
+        if COMPUTE_DX:
+            acc_dx += lora_factor * lora_dx
+            tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc_dx.to(dx_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & k_ok[None, :])
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_r(projections: int, rank: int) -> int:
+    return max(16, _next_pow2(projections * rank))
+
+
+# Launch configurations: one per (kernel, dtype class), no autotuning (the interpreter
+# cannot time configs, and these shapes are all K=768-ish GEMMs). GPU values were
+# chosen to compile for sm_90a without spills (tests/test_lora.py compiles each).
+# Interpreter: large-enough tiles that tiny test shapes need few programs.
+_GPU_CONFIGS = {
+    # kernel: {dtype class: (tile sizes..., num_warps, num_stages)}
+    "down": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+             "fp32": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)},
+    "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+              "fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)},
+    "backward": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
+                 "fp32": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+    "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
+             "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
+}
+_INTERPRETER_CONFIGS = {
+    "down": dict(BLOCK_M=32, BLOCK_K=32),
+    "fused": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+    "backward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+    "mask": dict(BLOCK_M=32, BLOCK_K=32),
+}
+
+
+def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type == "cpu":  # the interpreter
+        return dict(_INTERPRETER_CONFIGS[kernel])
+    return dict(_GPU_CONFIGS[kernel]["fp32" if dtype == torch.float32 else "16bit"])
+
+
+def _precisions(dtype: torch.dtype) -> tuple[str, str]:
+    """(precision of the dots on the inputs, precision of the small fp32 dots)."""
+    if dtype == torch.float32:
+        return "ieee", "ieee"
+    return "tf32", "tf32"
+
+
+def _drop_threshold(dropout_p: float) -> int:
+    return int(round(dropout_p * (1 << _THRESHOLD_BITS)))
+
+
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    """A 1-element int64 seed from torch's generator of ``device`` (no host sync on a GPU)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def _export_masks(seed: torch.Tensor, rows: int, in_features: int, projections: int, dropout_p: float,
+                  rng_offset: int = 0) -> torch.Tensor:
+    """Keep masks [P, rows, in] (bool) that the kernels draw for ``seed`` (debug/testing)."""
+    mask = torch.empty((projections, rows, in_features), dtype=torch.int8, device=seed.device)
+    if rows == 0 or in_features == 0:
+        return mask.bool()
+    cfg = _config("mask", torch.float32, seed.device)
+    grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), triton.cdiv(rows, cfg["BLOCK_M"]))
+    _lora_mask_kernel[grid](seed, mask, rows, in_features, rows * in_features, rng_offset, _drop_threshold(dropout_p),
+                            PROJECTIONS=projections, **cfg)
+    return mask.bool()
+
+
+class _LoraTritonFunction(torch.autograd.Function):
+    """Fused LoRA for P stacked projections; saves x, S [M, P*r] fp32 and the seed only."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
+        projections, rank, in_features = lora_a3.shape
+        out_features = lora_b3.shape[1]
+        rows = x2d.shape[0]
+        n_total = projections * out_features
+        device = x2d.device
+        dot_precision, lora_precision = _precisions(x2d.dtype)
+        block_r = _block_r(projections, rank)
+        keep_prob = 1.0 - dropout_p
+        seed = _draw_seed(device) if apply_dropout else torch.zeros(1, dtype=torch.int64, device=device)
+        s_act = torch.empty((rows, projections * rank), dtype=torch.float32, device=device)
+        y = torch.empty((rows, n_total), dtype=x2d.dtype, device=device)
+        if rows > 0:
+            cfg = _config("down", x2d.dtype, device)
+            _lora_down_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+                x2d, lora_a3, s_act, seed, rows, in_features, rank,
+                x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+                s_act.stride(0), s_act.stride(1),
+                0, _drop_threshold(dropout_p), 1.0 / keep_prob,
+                PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=block_r,
+                DOT_PRECISION=dot_precision, **cfg)
+            cfg = _config("fused", x2d.dtype, device)
+            grid = (triton.cdiv(n_total, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_M"]))
+            _lora_fused_linear_kernel[grid](
+                x2d, weight, bias if bias is not None else x2d, s_act, lora_b3, y,
+                rows, n_total, in_features, out_features, rank,
+                x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s_act.stride(0), s_act.stride(1),
+                lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), y.stride(0), y.stride(1),
+                float(scaling),
+                HAS_BIAS=bias is not None, PROJECTIONS=projections, BLOCK_R=block_r,
+                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
+        ctx.save_for_backward(x2d, weight, lora_a3, lora_b3, s_act, seed)
+        ctx.scaling = float(scaling)
+        ctx.dropout_p = dropout_p
+        ctx.apply_dropout = apply_dropout
+        side["seed"] = seed
+        side["saved"] = (x2d, (s_act, seed))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, weight, lora_a3, lora_b3, s_act, seed = ctx.saved_tensors
+        projections, rank, in_features = lora_a3.shape
+        out_features = lora_b3.shape[1]
+        rows = x2d.shape[0]
+        n_total = projections * out_features
+        rank_total = projections * rank
+        device = x2d.device
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        if rows == 0:
+            grad_x = torch.zeros_like(x2d) if need_x else None
+            return (grad_x, None, None, torch.zeros_like(lora_a3) if need_a else None,
+                    torch.zeros_like(lora_b3) if need_b else None, None, None, None, None)
+        dot_precision, lora_precision = _precisions(x2d.dtype)
+        keep_prob = 1.0 - ctx.dropout_p if ctx.apply_dropout else 1.0
+        cfg = _config("backward", x2d.dtype, device)
+        row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+        grad_x = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_x else None
+        da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)
+        db_part = torch.empty((row_blocks, n_total, rank_total), dtype=torch.float32, device=device)
+        grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), row_blocks)
+        _lora_backward_kernel[grid](
+            grad_y, weight, x2d, lora_a3, lora_b3, s_act, seed,
+            grad_x if need_x else x2d, da_part, db_part,
+            rows, n_total, in_features, out_features, rank,
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x2d.stride(0), x2d.stride(1),
+            lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+            lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), s_act.stride(0), s_act.stride(1),
+            grad_x.stride(0) if need_x else 0, grad_x.stride(1) if need_x else 0,
+            0, _drop_threshold(ctx.dropout_p), ctx.scaling / keep_prob,
+            PROJECTIONS=projections, APPLY_DROPOUT=ctx.apply_dropout, COMPUTE_DX=bool(need_x),
+            BLOCK_R=_block_r(projections, rank), DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
+        grad_a = grad_b = None
+        if need_a:
+            grad_a = da_part.sum(0).reshape(projections, rank, in_features).to(lora_a3.dtype)
+        if need_b:
+            db_full = db_part.sum(0)  # [N, P*r], zero outside each column's projection
+            grad_b = torch.stack([
+                db_full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] for p in range(projections)
+            ]).mul_(ctx.scaling).to(lora_b3.dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
+    reasons = []
+    if _TRITON_IMPORT_ERROR is not None:
+        reasons.append(f"triton failed to import ({_TRITON_IMPORT_ERROR})")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"the fused kernels take float16, bfloat16 or float32, got {str(x.dtype).replace('torch.', '')}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        reasons.append("weight/bias require grad, but the fused kernels treat the base layer as frozen "
+                       "(use backend='torch' to train it)")
+    projections = 3 if lora_a.dim() == 3 else 1
+    rank = lora_a.shape[-2]
+    if projections * rank > _MAX_BLOCK_R:
+        reasons.append(f"rank {rank} is too large for the fused kernels (at most {_MAX_BLOCK_R // projections})")
+    return reasons
+
+
+def _triton_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, training):
+    in_features = x.shape[-1]
+    lead_shape = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    apply_dropout = training and dropout_p > 0.0
+    side: dict = {}
+    y = _LoraTritonFunction.apply(x2d, weight, bias, lora_a3, lora_b3, float(scaling), dropout_p, apply_dropout,
+                                  side)
+    if _MASK_RECORDERS:
+        mask = None
+        if apply_dropout:
+            mask = _export_masks(side["seed"], x2d.shape[0], in_features, lora_a3.shape[0], dropout_p)
+        _record_mask(mask, lead_shape, in_features)
+    if y.grad_fn is not None:
+        _record_saved("triton", *side["saved"])
+    return y.reshape(*lead_shape, y.shape[-1])
+
+
+@_dispatch.register("lora_linear", "triton", check=_triton_reasons)
+def _lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
+    return _triton_forward(x, weight, bias, lora_a.unsqueeze(0), lora_b.unsqueeze(0), scaling, dropout_p, training)
+
+
+@_dispatch.register("lora_qkv", "triton", check=_triton_reasons)
+def _lora_qkv_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
+    y = _triton_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
+    return tuple(y.chunk(3, dim=-1))
