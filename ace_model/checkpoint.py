@@ -1,0 +1,178 @@
+"""The released ACE-LoRA checkpoint format (spec section 7), read and written exactly.
+
+A pickled dict ``{'weights': ..., 'metadata': ...}``:
+
+- ``weights['layer_i']`` for i = 0 .. T+V-1: text attention layers 0..T-1 first, then
+  vision layers 0..V-1 (T = V = 12 for BiomedCLIP); each a dict
+  ``{'q_proj'|'k_proj'|'v_proj': {'w_lora_A': [r, in], 'w_lora_B': [out, r]}}``;
+- ``weights['img_edge_adapter' | 'img_node_adapter' | 'text_edge_adapter' |
+  'text_node_adapter']``: state dicts (``down.weight``, ``down.bias``, ``up.weight``,
+  ``up.bias``);
+- ``weights['logit_scale']``: the multiplier itself (0-d tensor);
+- ``metadata``: ``{'r', 'topk', 'k_nearest', 'params', 'position', 'loss_type'}``.
+
+Files are read with ``torch.load(..., map_location="cpu", weights_only=True)`` (the
+released tensors were saved on a CUDA device) and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+from ace_model._atomic import atomic_torch_save
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+LORA_KEYS = ("w_lora_A", "w_lora_B")
+ADAPTER_KEYS = ("down.weight", "down.bias", "up.weight", "up.bias")
+ADAPTERS = (("img_edge_adapter", "image_hgnn", "edge_adapter"),
+            ("img_node_adapter", "image_hgnn", "node_adapter"),
+            ("text_edge_adapter", "text_hgnn", "edge_adapter"),
+            ("text_node_adapter", "text_hgnn", "node_adapter"))
+LOSS_TYPES = ("clip_loss_ace_hgnn", "clip_loss_ace_hgat")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model; the message names the first bad key."""
+
+
+def default_metadata(model) -> dict:
+    rank = model.text_lora[0].rank
+    return {"r": rank, "topk": model.topk, "k_nearest": model.topk, "params": ["q", "k", "v"],
+            "position": "all", "loss_type": "clip_loss_ace_hgnn"}
+
+
+def _lora_layers(model):
+    """The model's LoRAQKV modules in checkpoint order: text first, then vision."""
+    return list(model.text_lora) + list(model.image_lora)
+
+
+def _adapter(model, attribute: str, which: str):
+    return getattr(getattr(model, attribute), which)
+
+
+def reference_weights(model) -> dict:
+    """The trainable weights of ``model`` as the released ``weights`` dict (CPU fp32 copies)."""
+    weights: dict = {}
+    for index, lora in enumerate(_lora_layers(model)):
+        layer = {}
+        for p, projection in enumerate(PROJECTIONS):
+            layer[projection] = {
+                "w_lora_A": lora.lora_a.detach()[p].to("cpu", torch.float32).clone(),
+                "w_lora_B": lora.lora_b.detach()[p].to("cpu", torch.float32).clone(),
+            }
+        weights[f"layer_{index}"] = layer
+    for key, attribute, which in ADAPTERS:
+        state = _adapter(model, attribute, which).state_dict()
+        weights[key] = OrderedDict((k, state[k].detach().to("cpu", torch.float32).clone()) for k in ADAPTER_KEYS)
+    weights["logit_scale"] = model.logit_scale.detach().to("cpu", torch.float32).clone()
+    return weights
+
+
+def save_reference_checkpoint(model, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write ``model``'s trainable weights to ``path`` in the released format, atomically.
+
+    The metadata is, in order of preference: ``metadata``, the metadata of the last
+    released-format file loaded into the model (so a load/save round trip is exact),
+    or :func:`default_metadata`.
+    """
+    if metadata is None:
+        metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
+    atomic_torch_save({"weights": reference_weights(model), "metadata": dict(metadata)}, path)
+
+
+def _shape(value) -> tuple | str:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _expect_tensor(where: str, value, expected_shape: tuple) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{where}: expected a tensor of shape {expected_shape}, found {type(value).__name__}")
+    if tuple(value.shape) != tuple(expected_shape):
+        raise CheckpointError(f"{where}: expected shape {tuple(expected_shape)}, found {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise CheckpointError(f"{where}: expected a floating-point tensor, found {value.dtype}")
+    return value
+
+
+def _expect_dict(where: str, value, keys) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: expected a dict with keys {list(keys)}, found {type(value).__name__}")
+    for key in keys:
+        if key not in value:
+            raise CheckpointError(f"{where}: missing key {key!r} (found keys {list(value)})")
+    return value
+
+
+def check_metadata(model, metadata, path) -> None:
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: 'metadata' must be a dict, found {type(metadata).__name__}")
+    rank = model.text_lora[0].rank
+    checks = (("r", rank), ("topk", model.topk), ("position", "all"))
+    for key, want in checks:
+        if key in metadata and metadata[key] != want:
+            raise CheckpointError(f"{path}: metadata[{key!r}] is {metadata[key]!r}, this model needs {want!r}")
+    if "params" in metadata and list(metadata["params"]) != ["q", "k", "v"]:
+        raise CheckpointError(f"{path}: metadata['params'] is {metadata['params']!r}, this model adapts ['q', 'k', 'v']")
+    if "loss_type" in metadata and metadata["loss_type"] not in LOSS_TYPES:
+        raise CheckpointError(f"{path}: metadata['loss_type'] is {metadata['loss_type']!r}, "
+                              f"expected one of {LOSS_TYPES}")
+
+
+def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
+    """Load a released-format checkpoint into ``model``; return its metadata.
+
+    Every key and shape is checked before anything is copied, so a bad file leaves the
+    model unchanged.
+
+    Raises
+    ------
+    CheckpointError (a ValueError)
+        Naming the first missing or mis-shaped key with the expected and found shapes,
+        or a metadata entry that does not fit the model.
+    """
+    path = os.fspath(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
+                              f"({type(exc).__name__}: {exc})") from exc
+    blob = _expect_dict(path, blob, ("weights", "metadata"))
+    metadata = blob["metadata"]
+    check_metadata(model, metadata, path)
+    layers = _lora_layers(model)
+    weights = _expect_dict(f"{path}: weights", blob["weights"],
+                           [f"layer_{i}" for i in range(len(layers))] + [a[0] for a in ADAPTERS] + ["logit_scale"])
+    extra_layers = [k for k in weights if k.startswith("layer_") and k not in {f"layer_{i}" for i in range(len(layers))}]
+    if extra_layers:
+        raise CheckpointError(f"{path}: unexpected key weights[{extra_layers[0]!r}]: this model has "
+                              f"{len(layers)} attention layers (layer_0..layer_{len(layers) - 1})")
+
+    staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for index, lora in enumerate(layers):
+        layer = _expect_dict(f"{path}: weights['layer_{index}']", weights[f"layer_{index}"], PROJECTIONS)
+        for p, projection in enumerate(PROJECTIONS):
+            where = f"{path}: weights['layer_{index}'][{projection!r}]"
+            entry = _expect_dict(where, layer[projection], LORA_KEYS)
+            a = _expect_tensor(f"{where}['w_lora_A']", entry["w_lora_A"], tuple(lora.lora_a.shape[1:]))
+            b = _expect_tensor(f"{where}['w_lora_B']", entry["w_lora_B"], tuple(lora.lora_b.shape[1:]))
+            staged.append((lora.lora_a.data[p], a))
+            staged.append((lora.lora_b.data[p], b))
+    for key, attribute, which in ADAPTERS:
+        adapter = _adapter(model, attribute, which)
+        target = adapter.state_dict()
+        state = _expect_dict(f"{path}: weights[{key!r}]", weights[key], ADAPTER_KEYS)
+        for name in ADAPTER_KEYS:
+            value = _expect_tensor(f"{path}: weights[{key!r}][{name!r}]", state[name], tuple(target[name].shape))
+            staged.append((target[name], value))
+    scale = weights["logit_scale"]
+    _expect_tensor(f"{path}: weights['logit_scale']", scale, ())
+    staged.append((model.logit_scale.data, scale))
+
+    with torch.no_grad():
+        for destination, source in staged:
+            destination.copy_(source)
+    model.reference_metadata = dict(metadata)
+    return dict(metadata)

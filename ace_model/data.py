@@ -1,0 +1,320 @@
+"""Data for ACE-LoRA: tokenizer, image preprocessing, CSV datasets, a synthetic demo set.
+
+CSV layout (:class:`CSVImageTextDataset`): one row per image, a column with the image
+path (absolute, or relative to ``image_root``, default the CSV's directory), a column
+with the report text, and label columns (0/1; empty or -1 count as 0, as the
+reference does with CheXpert's missing and uncertain labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DataError(ValueError):
+    """A dataset file or one of its rows is unusable; the message names the file and row."""
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------
+
+
+class TextTokenizer:
+    """WordPiece tokenizer padded/truncated to a fixed context, as open_clip's HFTokenizer.
+
+    ``tok(["text", ...]) -> LongTensor [B, context_length]`` with ``[CLS] ... [SEP]``
+    then ``[PAD]`` (id 0).
+
+    Parameters
+    ----------
+    directory : path
+        An HF tokenizer directory (``vocab.txt`` and/or ``tokenizer.json``).
+    context_length : int
+    image_size : int, optional
+        The input size of the model this tokenizer belongs to; lets a dataset built from
+        the tokenizer alone preprocess images for the right model.
+    """
+
+    def __init__(self, directory: str | os.PathLike, context_length: int, image_size: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.directory = str(directory)
+        self.context_length = int(context_length)
+        self.image_size = image_size
+        self._hf = AutoTokenizer.from_pretrained(self.directory)
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        # open_clip's HFTokenizer collapses whitespace before tokenising.
+        texts = [" ".join(str(t).split()) for t in texts]
+        length = int(context_length or self.context_length)
+        out = self._hf(texts, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
+        return out["input_ids"].long()
+
+    def __getstate__(self):
+        # Picklable for DataLoader workers: the HF object is rebuilt in the worker.
+        state = dict(self.__dict__)
+        state.pop("_hf")
+        return state
+
+    def __setstate__(self, state):
+        from transformers import AutoTokenizer
+
+        self.__dict__.update(state)
+        self._hf = AutoTokenizer.from_pretrained(self.directory)
+
+
+# ----------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------
+
+
+def preprocess_image(image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """PIL image -> ``[3, S, S]`` float tensor: RGB, bicubic resize to S x S, CLIP mean/std
+    (the reference's training transform)."""
+    from PIL import Image
+
+    image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (tensor - mean_t) / std_t
+
+
+def load_image(path: str | os.PathLike, image_size: int, *, where: str = "") -> torch.Tensor:
+    """Open and preprocess one image; a missing or unreadable file raises :class:`DataError`
+    naming ``where`` (e.g. the CSV row) and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    prefix = f"{where}: " if where else ""
+    if not os.path.isfile(path):
+        raise DataError(f"{prefix}image file {os.fspath(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return preprocess_image(image, image_size)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{prefix}image file {os.fspath(path)!r} cannot be read as an image "
+                        f"({type(exc).__name__}: {exc})") from exc
+
+
+# ----------------------------------------------------------------------------------------
+# CSV datasets
+# ----------------------------------------------------------------------------------------
+
+
+def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """Read a CSV with a header; raise :class:`DataError` naming every missing column."""
+    csv_path = os.fspath(csv_path)
+    if not os.path.isfile(csv_path):
+        raise DataError(f"CSV file {csv_path!r} does not exist")
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
+                            f"{', '.join(repr(c) for c in missing)} (found columns: {header})")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"CSV file {csv_path!r} has a header but no rows")
+    return header, rows
+
+
+def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
+    text = "" if raw is None else str(raw).strip()
+    if text == "" or text.lower() == "nan":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{csv_path}, row {row_number}: label column {column!r} holds {text!r}, "
+                        f"expected 0, 1, -1 or empty") from None
+    # CheXpert convention of the reference: uncertain (-1) and missing count as negative.
+    return 1.0 if value == 1.0 else 0.0
+
+
+class CSVImageTextDataset(torch.utils.data.Dataset):
+    """Image-report(-labels) pairs from a CSV: items ``(image [3,S,S], token_ids [L], labels [C])``.
+
+    Parameters
+    ----------
+    csv_path : path
+    tokenizer : callable
+        ``tokenizer(list_of_str) -> LongTensor [n, L]``, e.g. ``ACELoRA.tokenizer()``.
+    image_size : int, optional
+        Side of the square model input; default: ``tokenizer.image_size``, else 224.
+    image_column, text_column : str
+        Default ``"image"`` and ``"text"``.
+    label_columns : sequence of str, optional
+        Default: every other column. With no label columns, items are
+        ``(image, token_ids)`` and training uses the plain CLIP loss.
+    image_root : path, optional
+        Base of relative image paths; default the CSV's directory.
+
+    Rows are numbered from 1 (the first row after the header) in error messages. The
+    existence of every image file is checked when the dataset is built; an unreadable
+    image fails when it is read, naming its row and file.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, tokenizer, image_size: int | None = None, *,
+                 image_column: str = "image", text_column: str = "text",
+                 label_columns: Sequence[str] | None = None, image_root: str | os.PathLike | None = None):
+        self.csv_path = os.fspath(csv_path)
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size or getattr(tokenizer, "image_size", None) or 224)
+        required = [image_column, text_column] + list(label_columns or [])
+        header, rows = read_csv(self.csv_path, required)
+        if label_columns is None:
+            label_columns = [c for c in header if c not in (image_column, text_column)]
+        self.label_columns = list(label_columns)
+        root = Path(image_root) if image_root is not None else Path(self.csv_path).resolve().parent
+        self.image_paths: list[str] = []
+        self.texts: list[str] = []
+        labels = []
+        for number, row in enumerate(rows, start=1):
+            name = (row.get(image_column) or "").strip()
+            if not name:
+                raise DataError(f"{self.csv_path}, row {number}: column {image_column!r} is empty")
+            path = Path(name)
+            if not path.is_absolute():
+                path = root / path
+            if not path.is_file():
+                raise DataError(f"{self.csv_path}, row {number}: image file {name!r} not found "
+                                f"(looked for {str(path)!r})")
+            self.image_paths.append(str(path))
+            self.texts.append(row.get(text_column) or "")
+            labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
+        self.labels = torch.tensor(labels, dtype=torch.float32).reshape(len(rows), len(self.label_columns))
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int):
+        image = load_image(self.image_paths[index], self.image_size,
+                           where=f"{self.csv_path}, row {index + 1}")
+        token_ids = self.tokenizer([self.texts[index]])[0]
+        if not self.label_columns:
+            return image, token_ids
+        return image, token_ids, self.labels[index]
+
+
+class CSVImageLabelDataset(torch.utils.data.Dataset):
+    """Images with label columns for zero-shot evaluation: items ``(image, labels [C])``."""
+
+    def __init__(self, csv_path: str | os.PathLike, label_columns: Sequence[str], image_size: int, *,
+                 image_column: str = "image", image_root: str | os.PathLike | None = None):
+        self.csv_path = os.fspath(csv_path)
+        self.image_size = int(image_size)
+        self.label_columns = list(label_columns)
+        header, rows = read_csv(self.csv_path, [image_column] + self.label_columns)
+        root = Path(image_root) if image_root is not None else Path(self.csv_path).resolve().parent
+        self.image_paths, labels = [], []
+        for number, row in enumerate(rows, start=1):
+            name = (row.get(image_column) or "").strip()
+            path = Path(name)
+            if not path.is_absolute():
+                path = root / path
+            if not name or not path.is_file():
+                raise DataError(f"{self.csv_path}, row {number}: image file {name!r} not found "
+                                f"(looked for {str(path)!r})")
+            self.image_paths.append(str(path))
+            labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
+        self.labels = torch.tensor(labels, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int):
+        image = load_image(self.image_paths[index], self.image_size, where=f"{self.csv_path}, row {index + 1}")
+        return image, self.labels[index]
+
+
+# ----------------------------------------------------------------------------------------
+# Synthetic demo data
+# ----------------------------------------------------------------------------------------
+
+SYNTHETIC_CLASSES = ("cardiomegaly", "effusion", "pneumothorax", "edema")
+
+_REPORT_TEMPLATES = (
+    "Findings suggesting {c}.",
+    "There is {c}.",
+    "Frontal chest radiograph shows {c}.",
+    "Impression: {c}, unchanged.",
+    "a chest x-ray image of {c}.",
+    "Evidence of {c} is seen.",
+)
+
+
+def _synthetic_image(class_index: int, size: int, rng: np.random.Generator):
+    """A gray image whose pattern encodes the class: a bright disc, horizontal stripes,
+    vertical stripes or a dark corner block, with random position jitter and noise."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = 0.35 + 0.1 * rng.standard_normal((size, size)).astype(np.float32)
+    jitter = rng.uniform(-0.1, 0.1, size=2)
+    if class_index % 4 == 0:
+        disc = ((yy - 0.5 - jitter[0]) ** 2 + (xx - 0.5 - jitter[1]) ** 2) < 0.06
+        base = base + 0.5 * disc
+    elif class_index % 4 == 1:
+        base = base + 0.3 * (np.sin(2 * math.pi * 4 * (yy + jitter[0])) > 0)
+    elif class_index % 4 == 2:
+        base = base + 0.3 * (np.sin(2 * math.pi * 4 * (xx + jitter[1])) > 0)
+    else:
+        corner = (yy < 0.45 + jitter[0]) & (xx < 0.45 + jitter[1])
+        base = base - 0.3 * corner
+    pixels = (np.clip(base, 0.0, 1.0) * 255).astype(np.uint8)
+    return Image.fromarray(pixels, mode="L")
+
+
+def make_synthetic_dataset(directory: str | os.PathLike, n: int, *, image_size: int = 32, seed: int = 0,
+                           classes: Sequence[str] = SYNTHETIC_CLASSES, name: str = "train") -> Path:
+    """Write ``n`` synthetic image-report-label rows and return the CSV path.
+
+    Each sample has one finding out of ``classes``: its image carries a class-specific
+    pattern, its report mentions the finding in one of several phrasings, and its label
+    columns (named after the classes) are one-hot. The CSV has columns ``image``,
+    ``text`` and one column per class; images are PNG files under ``<directory>/<name>/``.
+
+    Parameters
+    ----------
+    directory : path
+    n : int
+    image_size : int
+    seed : int
+        Same seed, same files.
+    classes : sequence of str
+    name : str
+        Basename of the CSV and of the image folder.
+    """
+    directory = Path(directory)
+    image_dir = directory / name
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    text_rng = random.Random(seed)
+    csv_path = directory / f"{name}.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "text", *classes])
+        for index in range(n):
+            label = index % len(classes)
+            file_name = f"{name}/{index:05d}.png"
+            _synthetic_image(label, image_size, rng).save(directory / file_name)
+            report = text_rng.choice(_REPORT_TEMPLATES).format(c=classes[label])
+            writer.writerow([file_name, report, *[int(j == label) for j in range(len(classes))]])
+    return csv_path

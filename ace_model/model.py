@@ -1,0 +1,586 @@
+"""ACE-LoRA on BiomedCLIP, composed from the ``ace_kernels`` functionals.
+
+The frozen base is built offline through open_clip from the configs shipped in
+``ace_model/configs`` (see :func:`build_base_model`). :class:`ACELoRA` does not
+patch that model: it runs its own forward over the base's frozen modules, so that
+
+- q, k and v of every attention layer come from one ``ace_kernels.lora_qkv`` call
+  (LoRA with r=4, scaling alpha/sqrt(r)=0.5, an independent dropout mask per
+  projection; spec section 2);
+- attention runs through ``F.scaled_dot_product_attention``, and the last layer's
+  CLS attention row (pre-softmax, head-averaged, row 0 without column 0; for text
+  before the padding mask) is computed from q and k as ``q_0 . k_j``, without an
+  N x N score matrix (spec section 3);
+- the token features go through one ACE-HGNN per encoder
+  (``ace_kernels.ace_hypergraph``, ``cls_only`` for the embeddings; spec section 4)
+  and the loss is ``ace_kernels.label_guided_infonce`` (spec section 5).
+
+Layer order in the released checkpoint is text layers first, then vision layers;
+:mod:`ace_model.checkpoint` does that mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ace_kernels
+
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+CONFIG_NAMES = ("biomedclip", "tiny")
+TOKENIZER_DIR = CONFIG_ROOT / "tokenizer"
+
+LORA_RANK = 4
+LORA_ALPHA = 1.0
+LORA_DROPOUT = 0.1
+HGNN_TOPK = 5
+
+_TINY_VIT_NAME = "ace_vit_tiny_patch8_32"
+
+
+# ----------------------------------------------------------------------------------------
+# The frozen base model
+# ----------------------------------------------------------------------------------------
+
+
+def _register_tiny_vit() -> None:
+    """Register the tiny test ViT with timm (2 blocks, width 64, 32 px, patch 8: 17 tokens)."""
+    import timm
+    from timm.models import register_model
+
+    if _TINY_VIT_NAME in timm.list_models(_TINY_VIT_NAME):
+        return
+    from timm.models.vision_transformer import VisionTransformer
+
+    def ace_vit_tiny_patch8_32(pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise ValueError(f"{_TINY_VIT_NAME} has no pretrained weights")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        kwargs = {**dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0), **kwargs}
+        model = VisionTransformer(**kwargs)
+        model.default_cfg = model.pretrained_cfg = {"input_size": (3, 32, 32), "num_classes": 0}
+        return model
+
+    ace_vit_tiny_patch8_32.__module__ = "ace_model.model"
+    register_model(ace_vit_tiny_patch8_32)
+
+
+def _read_open_clip_config(name: str) -> tuple[Path, dict]:
+    if name not in CONFIG_NAMES:
+        raise ValueError(f"argument 'name': expected one of {CONFIG_NAMES}, got {name!r}")
+    directory = CONFIG_ROOT / name
+    with open(directory / "open_clip_config.json", encoding="utf-8") as handle:
+        return directory, json.load(handle)
+
+
+class _TimmTower(nn.Module):
+    """open_clip's TimmModel layout (``trunk`` + ``head.drop``/``head.proj``), without open_clip."""
+
+    def __init__(self, timm_name: str, embed_dim: int):
+        super().__init__()
+        import timm
+
+        self.trunk = timm.create_model(timm_name, pretrained=False, num_classes=0, global_pool="")
+        self.head = nn.Sequential(OrderedDict(
+            drop=nn.Dropout(0.0), proj=nn.Linear(self.trunk.num_features, embed_dim, bias=False)))
+
+
+class _HFTextTower(nn.Module):
+    """open_clip's HFTextEncoder layout (``transformer`` + MLP ``proj``), without open_clip."""
+
+    def __init__(self, bert_config, embed_dim: int):
+        super().__init__()
+        from transformers import BertModel
+
+        self.config = bert_config
+        self.transformer = BertModel(bert_config, add_pooling_layer=False)
+        width = bert_config.hidden_size
+        hidden = (width + embed_dim) // 2
+        self.proj = nn.Sequential(
+            nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
+
+
+class _PlainCLIP(nn.Module):
+    """Same parameter names and shapes as open_clip's CustomTextCLIP for this config."""
+
+    def __init__(self, model_cfg: dict, bert_config):
+        super().__init__()
+        embed_dim = model_cfg["embed_dim"]
+        self.visual = _TimmTower(model_cfg["vision_cfg"]["timm_model_name"], embed_dim)
+        self.text = _HFTextTower(bert_config, embed_dim)
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+
+
+def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Module:
+    """Build the frozen CLIP base of config ``name`` with random weights, offline.
+
+    Parameters
+    ----------
+    name : {"biomedclip", "tiny"}
+        Shipped config under ``ace_model/configs/<name>``.
+    use_open_clip : bool or None
+        ``None`` (default): through ``open_clip.create_model("local-dir:...")`` when
+        open_clip is importable, else through timm + transformers directly (same
+        parameter names and shapes). ``True``/``False`` force one path.
+
+    Returns
+    -------
+    nn.Module
+        A model with ``visual.trunk`` (timm ViT), ``visual.head.proj``,
+        ``text.transformer`` (HF BERT), ``text.proj`` (MLP) and ``logit_scale`` (a log).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    directory, config = _read_open_clip_config(name)
+    model_cfg = config["model_cfg"]
+    if name == "tiny":
+        _register_tiny_vit()
+    text_dir = str(directory / model_cfg["text_cfg"]["hf_model_name"])
+    if use_open_clip is None:
+        try:
+            import open_clip  # noqa: F401
+
+            use_open_clip = True
+        except ImportError:
+            use_open_clip = False
+    if use_open_clip:
+        import open_clip
+
+        # The shipped config names the BERT config directory relative to itself; hand open_clip
+        # the absolute path so it never falls back to the hub.
+        text_cfg = dict(model_cfg["text_cfg"], hf_model_name=text_dir, hf_tokenizer_name=str(TOKENIZER_DIR),
+                        hf_model_pretrained=False)
+        # open_clip warns that the local dir holds no weights: random weights are the point here.
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(max(level, logging.ERROR))
+        try:
+            model = open_clip.create_model(
+                f"local-dir:{directory}", pretrained_text=False, pretrained_image=False, text_cfg=text_cfg)
+        finally:
+            root_logger.setLevel(level)
+    else:
+        from transformers import BertConfig
+
+        model = _PlainCLIP(model_cfg, BertConfig.from_pretrained(text_dir))
+    return model
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained checkpoint {path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
+                 "pytorch_model.bin", "open_clip_pytorch_model.pt")
+
+
+def resolve_pretrained(pretrained: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Return (weights file, tokenizer dir or None) for a checkpoint file or an HF-format dir."""
+    path = Path(pretrained)
+    if path.is_dir():
+        for candidate in _WEIGHT_FILES:
+            if (path / candidate).is_file():
+                weights = path / candidate
+                break
+        else:
+            raise FileNotFoundError(
+                f"pretrained directory {path} holds none of the weight files {list(_WEIGHT_FILES)}")
+        has_vocab = (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()
+        return weights, (path if has_vocab else None)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    return path, None
+
+
+def load_base_weights(base: nn.Module, pretrained: str | os.PathLike) -> Path | None:
+    """Copy an open_clip state dict into ``base``, checking every key and shape first.
+
+    Raises
+    ------
+    ValueError
+        Naming the first key that is missing, unexpected, or of the wrong shape, with
+        the expected and found shapes. Nothing is copied unless every key matches.
+    """
+    weights_path, tokenizer_dir = resolve_pretrained(pretrained)
+    state = _load_state_dict_file(weights_path)
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    expected = base.state_dict()
+    for key, value in state.items():
+        if key not in expected:
+            # Older transformers stored these index buffers; they are constants.
+            if key.endswith("position_ids") or key.endswith("token_type_ids"):
+                continue
+            raise ValueError(f"pretrained checkpoint {weights_path}: unexpected key {key!r} "
+                             f"(found shape {tuple(value.shape)}; this architecture has no such weight)")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"pretrained checkpoint {weights_path}: key {key!r} has the wrong shape: "
+                             f"expected {tuple(expected[key].shape)}, found {tuple(value.shape)}")
+    for key, value in expected.items():
+        if key not in state:
+            raise ValueError(f"pretrained checkpoint {weights_path}: missing key {key!r} "
+                             f"(expected shape {tuple(value.shape)})")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+    return tokenizer_dir
+
+
+# ----------------------------------------------------------------------------------------
+# Trainable pieces
+# ----------------------------------------------------------------------------------------
+
+
+class LoRAQKV(nn.Module):
+    """LoRA factors for the q, k and v projections of one attention layer.
+
+    ``lora_a[p]`` is A_p in R^{r x in}, ``lora_b[p]`` is B_p in R^{out x r}, p = q, k, v;
+    the frozen base weight and bias are passed at call time (spec section 2).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = LORA_RANK,
+                 alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scaling = alpha / math.sqrt(rank)  # rsLoRA-style, as the reference (quirk)
+        self.dropout_p = dropout
+        self.lora_a = nn.Parameter(torch.empty(3, rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(3, out_features, rank))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each projection is initialised as its own nn.Linear-style A (fan_in = in_features).
+        for p in range(3):
+            nn.init.kaiming_uniform_(self.lora_a.data[p], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ace_kernels.lora_qkv(x, weight, bias, self.lora_a, self.lora_b, scaling=self.scaling,
+                                    dropout_p=self.dropout_p, training=self.training, backend=backend)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, "
+                f"scaling={self.scaling}, dropout={self.dropout_p}")
+
+
+def cls_attention_row(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax CLS attention row averaged over heads, without column 0.
+
+    q, k: ``[B, H, N, d]``. Returns ``c[b, j-1] = mean_h q[b,h,0] . k[b,h,j] / sqrt(d)`` for
+    j = 1..N-1, shape ``[B, N-1]``: only row 0 of the score matrix is ever formed.
+    """
+    heads, head_dim = q.shape[1], q.shape[-1]
+    rows = torch.einsum("bhd,bhnd->bn", q[:, :, 0], k[:, :, 1:])
+    return rows * (1.0 / (heads * math.sqrt(head_dim)))
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+
+class ACELoRA(nn.Module):
+    """BiomedCLIP with ACE-LoRA: LoRA on q/k/v, two ACE-HGNNs, label-guided InfoNCE.
+
+    Build it with :meth:`from_config`. Only the LoRA factors, the four adapters and the
+    logit multiplier require grad (969,217 parameters for ``biomedclip``).
+
+    Attributes
+    ----------
+    clip : nn.Module
+        The frozen base (open_clip CustomTextCLIP layout).
+    image_lora, text_lora : nn.ModuleList of LoRAQKV
+        One per attention layer.
+    image_hgnn, text_hgnn : ace_kernels.ACEHypergraph
+    logit_scale : nn.Parameter
+        The multiplier itself, ``exp`` of the base's stored log scale (spec section 1).
+    backend : str
+        Passed to every ace_kernels call ("auto", "cuda", "triton", "torch").
+    image_size, context_length, embed_dim : int
+    """
+
+    def __init__(self, base: nn.Module, config_name: str, *, tokenizer_dir: Path | None = None,
+                 adapter_hidden: int | None = None, rank: int = LORA_RANK, lora_dropout: float = LORA_DROPOUT,
+                 topk: int = HGNN_TOPK, backend: str = "auto"):
+        super().__init__()
+        self.config_name = config_name
+        self.backend = backend
+        self.topk = topk
+        self.clip = base
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+        trunk = self.vision_trunk
+        bert = self.text_transformer
+        self.embed_dim = self.clip.visual.head.proj.out_features
+        self.image_size = int(trunk.patch_embed.img_size[0])
+        self.context_length = int(_read_open_clip_config(config_name)[1]["model_cfg"]["text_cfg"]["context_length"])
+        self.pad_token_id = int(bert.config.pad_token_id or 0)
+        self.vocab_size = int(bert.config.vocab_size)
+        self.text_hidden_dropout = float(bert.config.hidden_dropout_prob)
+        self.text_attention_dropout = float(bert.config.attention_probs_dropout_prob)
+        self._tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else TOKENIZER_DIR
+        self._tokenizer = None
+
+        vit_width = trunk.embed_dim
+        bert_width = bert.config.hidden_size
+        self.image_lora = nn.ModuleList(
+            LoRAQKV(vit_width, vit_width, rank, dropout=lora_dropout) for _ in trunk.blocks)
+        self.text_lora = nn.ModuleList(
+            LoRAQKV(bert_width, bert_width, rank, dropout=lora_dropout) for _ in bert.encoder.layer)
+        hidden = adapter_hidden if adapter_hidden is not None else self.embed_dim // 4
+        self.image_hgnn = ace_kernels.ACEHypergraph(dim=self.embed_dim, hidden=hidden, topk=topk)
+        self.text_hgnn = ace_kernels.ACEHypergraph(dim=self.embed_dim, hidden=hidden, topk=topk)
+        self.logit_scale = nn.Parameter(self.clip.logit_scale.detach().clone().float().exp())
+        # Metadata of the last released-format checkpoint loaded, written back on save so
+        # that a load/save round trip is exact (see ace_model.checkpoint).
+        self.reference_metadata: dict | None = None
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, name: str, pretrained: str | os.PathLike | None = None, *,
+                    backend: str = "auto", use_open_clip: bool | None = None) -> "ACELoRA":
+        """Build ACE-LoRA on the shipped config ``name`` ("biomedclip" or "tiny").
+
+        Parameters
+        ----------
+        name : {"biomedclip", "tiny"}
+        pretrained : path, optional
+            A local open_clip checkpoint file (``.bin``/``.pt``/``.safetensors``) or an
+            HF-format directory holding one (``open_clip_model.safetensors`` or
+            ``open_clip_pytorch_model.bin``). A directory with ``vocab.txt`` or
+            ``tokenizer.json`` also supplies the tokenizer (real BiomedCLIP weights need
+            the real PubMedBERT vocabulary). ``None``: random base weights.
+        backend : str
+            ace_kernels backend for every op call.
+        """
+        _, config = _read_open_clip_config(name)
+        base = build_base_model(name, use_open_clip=use_open_clip)
+        tokenizer_dir = None
+        if pretrained is not None:
+            tokenizer_dir = load_base_weights(base, pretrained)
+        extra = config.get("ace_lora", {})
+        return cls(base, name, tokenizer_dir=tokenizer_dir, adapter_hidden=extra.get("adapter_hidden"),
+                   backend=backend)
+
+    # -- frozen towers --------------------------------------------------------------------
+
+    @property
+    def vision_trunk(self) -> nn.Module:
+        return self.clip.visual.trunk
+
+    @property
+    def text_transformer(self) -> nn.Module:
+        return self.clip.text.transformer
+
+    # -- trainable parameters -----------------------------------------------------------
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) for the LoRA factors, the adapters and the logit multiplier."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_trainable_parameters()}
+
+    # -- tokenizer ----------------------------------------------------------------------
+
+    def tokenizer(self):
+        """The text tokenizer: ``tok(list_of_str) -> LongTensor [B, context_length]``."""
+        if self._tokenizer is None:
+            from ace_model.data import TextTokenizer
+
+            self._tokenizer = TextTokenizer(self._tokenizer_dir, self.context_length,
+                                            image_size=self.image_size)
+        return self._tokenizer
+
+    # -- encoders: token features and CLS rows --------------------------------------------
+
+    def image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All image tokens through the head, L2-normalised, and the last layer's CLS row.
+
+        Parameters
+        ----------
+        images : Tensor ``[B, 3, H, W]``, preprocessed (OpenAI CLIP mean/std).
+
+        Returns
+        -------
+        tokens : ``[B, N, D]`` (N = 197 for biomedclip), c : ``[B, N-1]``.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"argument 'images': expected shape [B, 3, {self.image_size}, {self.image_size}], "
+                             f"got {list(images.shape)}")
+        trunk = self.vision_trunk
+        x = trunk.patch_embed(images)
+        x = trunk._pos_embed(x)
+        x = trunk.patch_drop(x)
+        x = trunk.norm_pre(x)
+        cls_row = None
+        last = len(trunk.blocks) - 1
+        for index, (block, lora) in enumerate(zip(trunk.blocks, self.image_lora)):
+            x, row = self._vit_block(block, lora, x, need_cls_row=index == last)
+            if row is not None:
+                cls_row = row
+        x = trunk.norm(x)
+        tokens = self.clip.visual.head(x)
+        return F.normalize(tokens, dim=-1), cls_row
+
+    def _vit_block(self, block: nn.Module, lora: LoRAQKV, x: torch.Tensor, need_cls_row: bool):
+        attn = block.attn
+        batch, length, width = x.shape
+        h = block.norm1(x)
+        q, k, v = lora(h.reshape(batch * length, width), attn.qkv.weight, attn.qkv.bias, self.backend)
+        heads = attn.num_heads
+        q, k, v = (t.reshape(batch, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        cls_row = cls_attention_row(q, k) if need_cls_row else None
+        drop = attn.attn_drop.p if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        o = o.transpose(1, 2).reshape(batch, length, -1)
+        o = attn.norm(o)
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(h).sigmoid()
+        o = attn.proj_drop(attn.proj(o))
+        x = x + block.drop_path1(block.ls1(o))
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x, cls_row
+
+    def text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All text tokens (padding included) through the MLP projection, L2-normalised,
+        and the last layer's CLS row (before the padding mask).
+
+        Parameters
+        ----------
+        token_ids : LongTensor ``[B, L]`` (L = 256 for biomedclip), pad id 0.
+
+        Returns
+        -------
+        tokens : ``[B, L, D]``, c : ``[B, L-1]``.
+        """
+        if token_ids.ndim != 2 or token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"argument 'token_ids': expected an integer tensor [B, L], got "
+                             f"{token_ids.dtype} {list(token_ids.shape)}")
+        bert = self.text_transformer
+        token_ids = token_ids.long()
+        key_keep = (token_ids != self.pad_token_id)[:, None, None, :]  # [B, 1, 1, L]
+        x = self._bert_embeddings(bert.embeddings, token_ids)
+        cls_row = None
+        last = len(bert.encoder.layer) - 1
+        for index, (layer, lora) in enumerate(zip(bert.encoder.layer, self.text_lora)):
+            x, row = self._bert_layer(layer, lora, x, key_keep, need_cls_row=index == last)
+            if row is not None:
+                cls_row = row
+        tokens = self.clip.text.proj(x)
+        return F.normalize(tokens, dim=-1), cls_row
+
+    def _bert_embeddings(self, emb: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        # BERT's embedding sum, written out so that its dropout follows text_hidden_dropout
+        # like every other dropout of the frozen text tower.
+        length = token_ids.shape[1]
+        positions = torch.arange(length, device=token_ids.device)
+        x = (emb.word_embeddings(token_ids) + emb.token_type_embeddings(torch.zeros_like(token_ids))
+             + emb.position_embeddings(positions)[None])
+        x = emb.LayerNorm(x)
+        return F.dropout(x, self.text_hidden_dropout, self.training)
+
+    def _bert_layer(self, layer: nn.Module, lora: LoRAQKV, x: torch.Tensor, key_keep: torch.Tensor,
+                    need_cls_row: bool):
+        self_attn = layer.attention.self
+        batch, length, width = x.shape
+        # BERT keeps q, k, v as separate linears; stack their frozen weights for one call.
+        weight = torch.cat([self_attn.query.weight, self_attn.key.weight, self_attn.value.weight])
+        bias = torch.cat([self_attn.query.bias, self_attn.key.bias, self_attn.value.bias])
+        q, k, v = lora(x.reshape(batch * length, width), weight, bias, self.backend)
+        heads = self_attn.num_attention_heads
+        q, k, v = (t.reshape(batch, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+        cls_row = cls_attention_row(q, k) if need_cls_row else None
+        drop = self.text_attention_dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=drop)
+        o = o.transpose(1, 2).reshape(batch, length, width)
+        hidden_drop = self.text_hidden_dropout if self.training else 0.0
+        out = layer.attention.output
+        a = out.LayerNorm(F.dropout(out.dense(o), hidden_drop, self.training) + x)
+        inter = layer.intermediate(a)
+        final = layer.output
+        y = final.LayerNorm(F.dropout(final.dense(inter), hidden_drop, self.training) + a)
+        return y, cls_row
+
+    # -- ACE-HGNN heads -------------------------------------------------------------------
+
+    def _hgnn(self, module: nn.Module, tokens: torch.Tensor, cls_row: torch.Tensor, cls_only: bool):
+        return ace_kernels.ace_hypergraph(tokens, cls_row, module.edge_adapter, module.node_adapter,
+                                          topk=self.topk, cls_only=cls_only, backend=self.backend)
+
+    def image_head(self, tokens: torch.Tensor, cls_row: torch.Tensor, *, cls_only: bool = True) -> torch.Tensor:
+        """Image ACE-HGNN, then L2-normalise: ``[B, D]`` (cls_only) or ``[B, N, D]``."""
+        return F.normalize(self._hgnn(self.image_hgnn, tokens, cls_row, cls_only), dim=-1)
+
+    def text_head(self, tokens: torch.Tensor, cls_row: torch.Tensor, *, cls_only: bool = True) -> torch.Tensor:
+        """Text ACE-HGNN, then L2-normalise: ``[B, D]`` (cls_only) or ``[B, L, D]``."""
+        return F.normalize(self._hgnn(self.text_hgnn, tokens, cls_row, cls_only), dim=-1)
+
+    def encode_image(self, images: torch.Tensor, *, all_tokens: bool = False) -> torch.Tensor:
+        """Image embeddings ``[B, D]``, normalised, after the image ACE-HGNN (spec 4.7).
+
+        ``all_tokens=True`` returns every token of the HGNN output, ``[B, N, D]``.
+        """
+        tokens, cls_row = self.image_tokens(images)
+        return self.image_head(tokens, cls_row, cls_only=not all_tokens)
+
+    def encode_text(self, token_ids: torch.Tensor, *, all_tokens: bool = False) -> torch.Tensor:
+        """Text embeddings ``[B, D]``, normalised, after the text ACE-HGNN (spec 4.7)."""
+        tokens, cls_row = self.text_tokens(token_ids)
+        return self.text_head(tokens, cls_row, cls_only=not all_tokens)
+
+    # -- loss -----------------------------------------------------------------------------
+
+    def loss(self, images: torch.Tensor, token_ids: torch.Tensor, labels: torch.Tensor | None = None,
+             group: Any = None) -> torch.Tensor:
+        """Label-guided InfoNCE of a batch (plain CLIP loss when ``labels`` is None)."""
+        image_emb = self.encode_image(images)
+        text_emb = self.encode_text(token_ids)
+        kwargs = {"backend": self.backend}
+        if group is not None:
+            kwargs["group"] = group
+        return ace_kernels.label_guided_infonce(image_emb, text_emb, self.logit_scale, labels, **kwargs)
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        return self.loss(images, token_ids, labels)
+
+    # -- released checkpoint format -------------------------------------------------------
+
+    def load_reference_checkpoint(self, path: str | os.PathLike) -> dict:
+        """Load a released-format ACE-LoRA checkpoint (spec section 7); returns its metadata."""
+        from ace_model.checkpoint import load_reference_checkpoint
+
+        return load_reference_checkpoint(self, path)
+
+    def save_reference_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the trainable weights in the released format, atomically."""
+        from ace_model.checkpoint import save_reference_checkpoint
+
+        save_reference_checkpoint(self, path)
