@@ -1,0 +1,139 @@
+"""ACE-HGNN: ``ace_kernels.ace_hypergraph`` forward+backward, ``cls_only`` and full
+output, against the dense reference (which always computes all N rows).
+
+Every input needs a gradient: x, the CLS attention row and all adapter
+parameters. CPU: B=64, N=197, D=512, k=5, hidden 128 in fp32 (target:
+cls_only at least 5x the reference). GPU: B in {64, 1024} x N in {197, 256}
+in bf16 (issue 4's targets), with GB/s against the card's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ace_kernels
+from benchmarks import baselines, harness
+from benchmarks.harness import Target
+
+FAMILY = "hypergraph"
+
+
+def _shapes(suite) -> list[dict]:
+    if suite.quick:
+        return [dict(b=4, n=17, d=40, k=3, hidden=8)]
+    if suite.is_gpu:
+        return [dict(b=b, n=n, d=512, k=5, hidden=128) for b in (64, 1024) for n in (197, 256)]
+    return [dict(b=64, n=197, d=512, k=5, hidden=128)]
+
+
+def _targets(suite, shape, cls_only):
+    def targets(provider: str, baseline: str | None) -> list[Target]:
+        if baseline != "reference":
+            return []
+        if not suite.is_gpu:
+            return [Target("speedup", 5.0, "speedup>=5")] if (cls_only and provider == "torch") else []
+        if provider not in ("triton", "cuda"):
+            return []
+        goals = [Target("speedup", 25.0, "speedup>=25")] if cls_only else [Target("speedup", 8.0, "speedup>=8")]
+        if shape["b"] >= 1024:
+            goals.append(Target("memory_ratio", 8.0, "mem<=1/8"))
+        return goals
+
+    return targets
+
+
+def _inputs(shape, dtype, device, generator):
+    b, n, d, hidden = shape["b"], shape["n"], shape["d"], shape["hidden"]
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    x = rand(b, n, d)
+    cls_attn = rand(b, n - 1)
+    # kaiming_normal (fan_in) as in the spec; biases small but non-zero.
+    edge = (rand(hidden, d, scale=(2 / d) ** 0.5), rand(hidden, scale=0.02),
+            rand(d, hidden, scale=(2 / hidden) ** 0.5), rand(d, scale=0.02))
+    node = (rand(hidden, d, scale=(2 / d) ** 0.5), rand(hidden, scale=0.02),
+            rand(d, hidden, scale=(2 / hidden) ** 0.5), rand(d, scale=0.02))
+    return x, cls_attn, edge, node
+
+
+def _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out) -> float:
+    """Max relative error of the output and every gradient against the dense reference."""
+    leaves = [x, cls_attn, *edge, *node]
+
+    def run(fn):
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        out = fn(copies[0], copies[1], tuple(copies[2:6]), tuple(copies[6:10]))
+        out.backward(grad_out)
+        return out, [c.grad for c in copies]
+
+    ref_out, ref_grads = run(lambda a, c, e, n: baselines.reference_ace_hypergraph(a, c, e, n, topk=k,
+                                                                                  cls_only=cls_only))
+    out, grads = run(lambda a, c, e, n: ace_kernels.ace_hypergraph(a, c, e, n, topk=k, cls_only=cls_only,
+                                                                    backend=provider))
+    return max([harness.relative_error(out, ref_out)]
+               + [harness.relative_error(g, r) for g, r in zip(grads, ref_grads)])
+
+
+def run(suite) -> None:
+    device, dtype = suite.device, suite.dtype()
+    generator = torch.Generator().manual_seed(1)
+    for shape in _shapes(suite):
+        b, n, d, k, hidden = shape["b"], shape["n"], shape["d"], shape["k"], shape["hidden"]
+        x, cls_attn, edge, node = _inputs(shape, dtype, device, generator)
+        leaves = [x, cls_attn, *edge, *node]
+        for cls_only in (True, False):
+            mode = "cls_only" if cls_only else "full"
+            shape_text = f"B={b} N={n} D={d} k={k} h={hidden} {mode}"
+            if suite.out_of_time(f"ace_hypergraph {shape_text}"):
+                return
+            print(f" ace_hypergraph {shape_text} {dtype}")
+            grad_out = torch.randn(*((b, d) if cls_only else (b, n, d)), generator=generator).to(device, dtype)
+            min_bytes = baselines.hypergraph_min_bytes(b, n, d, x.element_size(), cls_only=cls_only)
+
+            def metrics_for(meas):
+                metrics = {}
+                if suite.is_gpu and meas.median_ms:
+                    gbps = min_bytes / (meas.median_ms * 1e-3) / 1e9
+                    metrics["gbps_min_bytes"] = round(gbps, 1)
+                    copy = suite.calibration.get("copy_gbps")
+                    if copy:
+                        metrics["frac_of_copy_bandwidth"] = round(gbps / copy, 3)
+                return metrics
+
+            base_results = {}
+
+            def reference_step():
+                baselines.reference_ace_hypergraph(x, cls_attn, edge, node, topk=k,
+                                                   cls_only=cls_only).backward(grad_out)
+
+            meas = suite.measure("reference", reference_step, leaves)
+            if meas is not None:
+                base_results["reference"] = (meas, metrics_for(meas))
+
+            ours = {}
+            for provider in suite.providers:
+                checked = {}
+
+                def probe(provider=provider):
+                    checked["err"] = _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out)
+
+                if not suite.provider_can_run(provider, probe):
+                    continue
+
+                def step(provider=provider):
+                    ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=k, cls_only=cls_only,
+                                               backend=provider).backward(grad_out)
+
+                meas = suite.measure(provider, step, leaves)
+                if meas is None:
+                    continue
+                metrics = metrics_for(meas)
+                metrics["rel_err_vs_reference"] = checked["err"]
+                ours[provider] = (meas, metrics)
+            suite.add_rows(family=FAMILY, op="ace_hypergraph", shape=shape_text, dtype=dtype, ours=ours,
+                           baselines=base_results, targets=_targets(suite, shape, cls_only))
+        del x, cls_attn, edge, node, leaves
+        if suite.is_gpu:
+            torch.cuda.empty_cache()

@@ -1,0 +1,168 @@
+"""LoRA q/k/v: ``ace_kernels.lora_qkv`` forward+backward against three reference LoRA
+linears, three PEFT-style linears and (GPU) the frozen base GEMM alone.
+
+Setting of the issues: K = out = 768, r = 4, scaling 0.5, dropout 0.1, x
+needs a gradient (it is an activation), W and b are frozen. CPU: M = 8 * 197
+in fp32 (target: at least 1.5x the reference). GPU: M in {64*197, 64*256,
+1024*197} in bf16 (issue 3's targets).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import ace_kernels
+from benchmarks import baselines, harness
+from benchmarks.harness import Target
+
+FAMILY = "lora"
+SCALING = 0.5  # spec section 2: alpha / sqrt(r) with alpha 1, r 4
+DROPOUT = 0.1
+
+
+def _shapes(suite) -> list[dict]:
+    if suite.quick:
+        return [dict(m=2 * 37, k=96, out=80, r=4)]
+    if suite.is_gpu:
+        return [dict(m=m, k=768, out=768, r=4) for m in (64 * 197, 64 * 256, 1024 * 197)]
+    return [dict(m=8 * 197, k=768, out=768, r=4)]
+
+
+def _targets(suite):
+    def targets(provider: str, baseline: str | None) -> list[Target]:
+        if not suite.is_gpu:
+            if provider == "torch" and baseline == "reference":
+                return [Target("speedup", 1.5, "speedup>=1.5")]
+            return []
+        if provider not in ("triton", "cuda"):
+            return []  # the GPU targets are the fused kernels'
+        if baseline == "frozen-base":
+            return [Target("speedup", 1 / 1.15, "time<=1.15x base")]
+        if baseline == "reference":
+            return [Target("speedup", 2.0, "speedup>=2")]
+        if baseline == "peft-style":
+            return [Target("speedup", 1.4, "speedup>=1.4"),
+                    Target("metric_max:saved_over_x", 1.1, "saved<=1.1x bytes(x)")]
+        return []
+
+    return targets
+
+
+def _inputs(shape: dict, dtype, device, generator):
+    m, k, out, r = shape["m"], shape["k"], shape["out"], shape["r"]
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+
+    x = rand(m, k).requires_grad_()
+    weight = rand(3 * out, k, scale=k**-0.5)
+    bias = rand(3 * out, scale=0.02)
+    # B is non-zero (trained state) so the LoRA path contributes to every output.
+    lora_a = rand(3, r, k, scale=k**-0.5).requires_grad_()
+    lora_b = rand(3, out, r, scale=r**-0.5).requires_grad_()
+    grad_out = [rand(m, out) for _ in range(3)]
+    return x, weight, bias, lora_a, lora_b, grad_out
+
+
+def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out) -> float:
+    """Max relative error of q, k, v and every gradient against the reference, dropout off."""
+    reference = baselines.ReferenceLoRAQKV(weight, bias, lora_a, lora_b, scaling=SCALING, dropout_p=0.0)
+    x_ref = x.detach().clone().requires_grad_()
+    outs_ref = reference(x_ref)
+    torch.autograd.backward(outs_ref, grad_out)
+    a_ref, b_ref = reference.stacked_grads()
+
+    x_ours = x.detach().clone().requires_grad_()
+    a_ours = lora_a.detach().clone().requires_grad_()
+    b_ours = lora_b.detach().clone().requires_grad_()
+    outs = ace_kernels.lora_qkv(x_ours, weight, bias, a_ours, b_ours, scaling=SCALING, dropout_p=0.0,
+                                training=True, backend=provider)
+    torch.autograd.backward(outs, grad_out)
+    errors = [harness.relative_error(o, r) for o, r in zip(outs, outs_ref)]
+    errors += [harness.relative_error(x_ours.grad, x_ref.grad), harness.relative_error(a_ours.grad, a_ref),
+               harness.relative_error(b_ours.grad, b_ref)]
+    return max(errors)
+
+
+def run(suite) -> None:
+    device, dtype = suite.device, suite.dtype()
+    generator = torch.Generator().manual_seed(0)
+    targets = _targets(suite)
+    for shape in _shapes(suite):
+        if suite.out_of_time(f"lora_qkv {shape}"):
+            return
+        m, k, out, r = shape["m"], shape["k"], shape["out"], shape["r"]
+        shape_text = f"M={m} K={k} out={out} r={r} p={DROPOUT}"
+        x, weight, bias, lora_a, lora_b, grad_out = _inputs(shape, dtype, device, generator)
+        x_mib = x.numel() * x.element_size() / harness.MIB
+        flops = baselines.lora_flops_fwd_bwd(m, k, out, r)
+        print(f" lora_qkv {shape_text} {dtype}")
+
+        def extra_metrics(meas, saved_mib=None):
+            metrics = {}
+            if saved_mib is not None:
+                metrics["saved_mib"] = round(saved_mib, 3)
+                metrics["saved_over_x"] = round(saved_mib / x_mib, 3)
+            if suite.is_gpu and meas is not None and meas.median_ms:
+                tflops = flops / (meas.median_ms * 1e-3) / 1e12
+                metrics["tflops"] = round(tflops, 2)
+                peak = suite.calibration.get("bf16_matmul_tflops")
+                if peak:
+                    metrics["frac_of_matmul_peak"] = round(tflops / peak, 3)
+            return metrics
+
+        base_results = {}
+        modules = {
+            "reference": baselines.ReferenceLoRAQKV(weight, bias, lora_a, lora_b, scaling=SCALING,
+                                                    dropout_p=DROPOUT),
+            "peft-style": baselines.PeftStyleLoRAQKV(weight, bias, lora_a, lora_b, scaling=SCALING,
+                                                     dropout_p=DROPOUT),
+        }
+        if suite.is_gpu:
+            modules["frozen-base"] = baselines.FrozenBaseQKV(weight, bias)
+        for name, module in modules.items():
+            module.train()
+            params = [p for p in module.parameters() if p.requires_grad]
+            grads = [x] + params
+
+            def step(module=module):
+                torch.autograd.backward(module(x), grad_out)
+
+            meas = suite.measure(f"{name}", step, grads)
+            if meas is None:
+                continue
+            frozen = list(module.buffers()) + params
+            saved = harness.saved_activation_mib(lambda module=module: module(x), exclude=frozen)
+            base_results[name] = (meas, extra_metrics(meas, saved))
+
+        ours = {}
+        for provider in suite.providers:
+            label = f"{provider}"
+            checked = {}
+
+            def probe(provider=provider):
+                checked["err"] = _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out)
+
+            if not suite.provider_can_run(label, probe):
+                continue
+
+            def step(provider=provider):
+                outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=SCALING,
+                                            dropout_p=DROPOUT, training=True, backend=provider)
+                torch.autograd.backward(outs, grad_out)
+
+            meas = suite.measure(label, step, [x, lora_a, lora_b])
+            if meas is None:
+                continue
+            saved = harness.saved_activation_mib(
+                lambda provider=provider: ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=SCALING,
+                                                               dropout_p=DROPOUT, training=True, backend=provider),
+                exclude=[weight, bias, lora_a, lora_b])
+            metrics = extra_metrics(meas, saved)
+            metrics["rel_err_vs_reference_p0"] = checked["err"]
+            ours[provider] = (meas, metrics)
+        suite.add_rows(family=FAMILY, op="lora_qkv", shape=shape_text, dtype=dtype, ours=ours,
+                       baselines=base_results, targets=targets)
+        del x, lora_a, lora_b, modules
+        if suite.is_gpu:
+            torch.cuda.empty_cache()

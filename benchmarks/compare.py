@@ -1,0 +1,44 @@
+"""``python -m benchmarks --compare OLD.json NEW.json``: the same rows side by side.
+
+Rows are matched on (op, shape, dtype, provider, baseline); the change is
+NEW / OLD for time and peak memory (below 1.00 is faster / smaller).
+"""
+
+from __future__ import annotations
+
+from benchmarks.harness import fmt, load_rows
+
+
+def _key(row: dict) -> tuple:
+    return (row["op"], row["shape"], row["dtype"], row["provider"], row.get("baseline"))
+
+
+def compare_files(old_path: str, new_path: str) -> str:
+    old = {_key(r): r for r in load_rows(old_path)}
+    new = {_key(r): r for r in load_rows(new_path)}
+    header = ["op", "shape", "dtype", "provider", "vs", "old ms", "new ms", "new/old", "old MiB", "new MiB",
+              "new/old", "old speedup", "new speedup"]
+    lines = [header]
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key), new.get(key)
+        def ratio(field):
+            if a and b and a.get(field) and b.get(field) is not None:
+                return f"{b[field] / a[field]:.2f}"
+            return "-"
+        def speed(r):
+            return "-" if not r or r.get("speedup_vs_baseline") is None else f"{r['speedup_vs_baseline']:.2f}x"
+        lines.append([key[0], key[1], key[2], key[3], key[4] or "-",
+                      fmt(a and a.get("median_ms")), fmt(b and b.get("median_ms")), ratio("median_ms"),
+                      fmt(a and a.get("peak_mib")), fmt(b and b.get("peak_mib")), ratio("peak_mib"),
+                      speed(a), speed(b)])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    out = [f"old: {old_path}", f"new: {new_path}", ""]
+    for index, line in enumerate(lines):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    only_old = [k for k in old if k not in new]
+    only_new = [k for k in new if k not in old]
+    out.append("")
+    out.append(f"{len(old) - len(only_old)} rows in both, {len(only_old)} only in old, {len(only_new)} only in new")
+    return "\n".join(out)

@@ -1,0 +1,532 @@
+"""Measurement machinery shared by every benchmark family.
+
+Timing
+    GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls,
+    gradients reset to ``None`` before each call), median; a plain CUDA-event
+    loop when Triton is missing. CPU: a ``time.perf_counter`` loop with the
+    garbage collector off, gradients reset outside the timed region, warm-up
+    first, median of the repeats.
+
+Peak memory (``peak_mib``)
+    The most bytes allocated at any moment *during* the measured call, above
+    what was allocated just before it. The call's inputs are therefore not
+    counted; gradients of the inputs, created during backward, are. GPU:
+    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+    CPU: torch's profiler with ``profile_memory=True`` records every
+    allocation and free made through torch's CPU allocator (autograd's saved
+    tensors, kernel temporaries allocated as tensors, gradients); the running
+    sum of those events, in time order, gives the peak. Memory that is not a
+    torch tensor (a numpy array, Python objects) is not counted: for the
+    reference loss, whose label mask is built in numpy, this favours the
+    reference. RSS sampling was rejected because glibc keeps freed memory
+    mapped, so a second run reuses it without raising RSS.
+
+Saved activations (``saved_mib`` in ``metrics``)
+    The bytes of the distinct tensors autograd saves for backward during one
+    forward (``torch.autograd.graph.saved_tensors_hooks``), parameters and
+    weights excluded, the input activation included.
+
+A row exists only for something measured in this run: nothing is ever filled
+in from elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+MIB = 2**20
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name for the hardware, e.g. ``nvidia-h200`` or ``cpu-amd-epyc-2c``."""
+    if device.type == "cuda":
+        base = torch.cuda.get_device_name(device)
+    else:
+        base = f"cpu-{cpu_model_name()}-{os.cpu_count()}c"
+    slug = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+    return slug[:60] or "device"
+
+
+def git_sha() -> str:
+    """HEAD's sha (``+dirty`` when tracked files changed); ``ACE_GIT_SHA`` overrides.
+
+    The lent GPU machine gets a copy of the tree without ``.git``: gpu_check.sh
+    passes the sha it finds in ``benchmarks/results/.git_sha`` if the caller left one.
+    """
+    env = os.environ.get("ACE_GIT_SHA")
+    if env:
+        return env.strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+@dataclass
+class Environment:
+    """What every row carries about where and when it was measured."""
+
+    device: str
+    device_type: str
+    torch: str
+    triton: str | None
+    cuda: str | None
+    git_sha: str
+    date: str
+    python: str
+    threads: int
+    load_average: list[float] | None
+
+    @classmethod
+    def probe(cls, device: torch.device) -> "Environment":
+        try:
+            load = [round(v, 2) for v in os.getloadavg()]
+        except OSError:
+            load = None
+        return cls(
+            device=device_name(device),
+            device_type=device.type,
+            torch=torch.__version__,
+            triton=triton_version(),
+            cuda=torch.version.cuda,
+            git_sha=git_sha(),
+            date=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            python=platform.python_version(),
+            threads=torch.get_num_threads(),
+            load_average=load,
+        )
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One measured configuration, as written to the JSON file.
+
+    ``baseline`` names the provider this row is compared with (``None`` for a
+    baseline's own row); the two ratios are baseline / this row, so larger is
+    better for both. ``target`` is the goal this comparison is held to, with
+    ``target_pass`` its outcome in this run (``None`` when there is no target).
+    """
+
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    baseline: str | None
+    median_ms: float | None
+    peak_mib: float | None
+    speedup_vs_baseline: float | None
+    memory_ratio_vs_baseline: float | None
+    target: str | None
+    target_pass: bool | None
+    device: str
+    torch: str
+    triton: str | None
+    cuda: str | None
+    git_sha: str
+    date: str
+    family: str = ""
+    mode: str = "fwd+bwd"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+REQUIRED_ROW_FIELDS = (
+    "op", "shape", "dtype", "provider", "baseline", "median_ms", "peak_mib", "speedup_vs_baseline",
+    "memory_ratio_vs_baseline", "device", "torch", "triton", "cuda", "git_sha", "date",
+)
+
+
+@dataclass
+class Target:
+    """A goal on one comparison: ``metric`` in {speedup, memory_ratio, peak_mib_max, frac_of_peak}."""
+
+    metric: str
+    threshold: float
+    text: str
+
+    def check(self, row: Row) -> bool | None:
+        if self.metric == "speedup":
+            value = row.speedup_vs_baseline
+            return None if value is None else value >= self.threshold
+        if self.metric == "memory_ratio":
+            value = row.memory_ratio_vs_baseline
+            return None if value is None else value >= self.threshold
+        if self.metric == "peak_mib_max":
+            value = row.peak_mib
+            return None if value is None else value <= self.threshold
+        if self.metric.startswith("metric_min:"):
+            value = row.metrics.get(self.metric.split(":", 1)[1])
+            return None if value is None else value >= self.threshold
+        if self.metric.startswith("metric_max:"):
+            value = row.metrics.get(self.metric.split(":", 1)[1])
+            return None if value is None else value <= self.threshold
+        raise ValueError(f"unknown target metric {self.metric!r}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    median_ms: float | None
+    peak_mib: float | None
+    runs: int
+    spread_ms: tuple[float, float] | None = None
+    error: str | None = None
+
+
+def _reset_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torch.Tensor] = (),
+              min_reps: int = 5, max_reps: int = 50, min_seconds: float = 1.0,
+              max_seconds: float = 20.0, warmup_calls: int = 1) -> tuple[float, int, tuple[float, float] | None]:
+    """Median wall time of ``fn()`` in milliseconds, with the number of timed calls and (min, max).
+
+    ``grads`` are set to ``None`` before every call, outside the timed region,
+    so that each call allocates and writes its gradients as a training step does.
+    """
+    if device.type == "cuda":
+        return _time_cuda(fn, device=device, grads=grads, min_reps=min_reps, max_seconds=max_seconds)
+    gc.collect()
+    for _ in range(warmup_calls):
+        _reset_grads(grads)
+        fn()
+    times: list[float] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        begin = time.perf_counter()
+        while True:
+            _reset_grads(grads)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - begin
+            # A call that takes a large part of the budget gets fewer repeats, never fewer than one.
+            reps_allowed = max(1, int(max_seconds / max(times[0], 1e-6)))
+            if len(times) >= max_reps or len(times) >= reps_allowed:
+                break
+            if len(times) >= min_reps and elapsed >= min_seconds:
+                break
+            if elapsed >= max_seconds:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    ms = [t * 1e3 for t in times]
+    return statistics.median(ms), len(ms), (min(ms), max(ms))
+
+
+def _time_cuda(fn, *, device, grads, min_reps, max_seconds):
+    _reset_grads(grads)
+    fn()  # compile / autotune / handle creation stay out of the numbers
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _reset_grads(grads)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate_ms = max(start.elapsed_time(end), 1e-3)
+    # At least ~20 timed calls (or 100 ms), at most max_seconds of timed work.
+    rep_ms = min(max(100.0, 20 * estimate_ms), max_seconds * 1e3)
+    try:
+        from triton.testing import do_bench
+
+        median = do_bench(fn, warmup=max(25.0, 2 * estimate_ms), rep=rep_ms, grad_to_none=list(grads) or None,
+                          return_mode="median")
+        runs = max(1, int(rep_ms / estimate_ms))
+        return float(median), runs, None
+    except ImportError:
+        pass
+    flush = torch.empty(256 * MIB, dtype=torch.uint8, device=device)
+    times = []
+    budget_end = time.perf_counter() + max_seconds
+    while len(times) < max(min_reps, 10) and (time.perf_counter() < budget_end or len(times) < 3):
+        _reset_grads(grads)
+        flush.zero_()  # evict L2 so calls do not run out of a warm cache
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), len(times), (min(times), max(times))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the C++ profiler's start/stop chatter on fd 2 (Python errors still raise)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_memory_mib(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torch.Tensor] = ()) -> float:
+    """Peak bytes allocated during one ``fn()`` above what was live before it, in MiB."""
+    _reset_grads(grads)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            fn()
+    events = _cpu_memory_events(prof)
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak / MIB
+
+
+def _cpu_memory_events(prof) -> list[tuple[int, int]]:
+    from torch.autograd import DeviceType
+
+    cpu_types = {DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP}
+    return sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() in cpu_types
+    )
+
+
+def saved_activation_mib(forward: Callable[[], Any], exclude: Sequence[torch.Tensor]) -> float:
+    """Bytes (MiB) of the distinct storages autograd saves during ``forward()``, ``exclude`` left out."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in excluded and ptr != 0:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values()) / MIB
+
+
+def time_single_call(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torch.Tensor] = ()) -> float:
+    """Milliseconds of one call (for sizes where repeats cost too much); warm-up is the caller's."""
+    _reset_grads(grads)
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torch.Tensor] = (),
+            max_seconds: float = 20.0, min_reps: int = 5, with_memory: bool = True,
+            single_call: bool = False, min_seconds: float = 1.0) -> Measurement:
+    """Time ``fn`` and, in a separate call, measure its peak memory. Errors become ``Measurement.error``.
+
+    ``single_call``: the memory call is the warm-up and one more call is timed
+    (for very large sizes; the row's ``runs`` says 1).
+    """
+    try:
+        peak = peak_memory_mib(fn, device=device, grads=grads) if with_memory else None
+        if single_call:
+            elapsed = time_single_call(fn, device=device, grads=grads)
+            _reset_grads(grads)
+            return Measurement(elapsed, peak, 1, (elapsed, elapsed))
+        # The memory call doubles as the first warm-up on the CPU.
+        median, runs, spread = time_call(fn, device=device, grads=grads, max_seconds=max_seconds,
+                                         min_seconds=min_seconds, min_reps=min_reps,
+                                         warmup_calls=0 if with_memory else 1)
+        _reset_grads(grads)
+        return Measurement(median, peak, runs, spread)
+    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        _reset_grads(grads)
+        torch.cuda.empty_cache()
+        return Measurement(None, None, 0, error=f"out of memory: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # a failing provider must not stop the suite
+        _reset_grads(grads)
+        return Measurement(None, None, 0, error=f"{type(exc).__name__}: {exc}")
+
+
+def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||ours - ref|| / ||ref||`` in float64 (inf when shapes differ or ours is not finite)."""
+    if ours.shape != ref.shape:
+        return float("inf")
+    a, b = ours.detach().double(), ref.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denominator = b.norm().item()
+    return (a - b).norm().item() / (denominator if denominator > 0 else 1.0)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "pass" if value else "FAIL"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{max(1, digits - len(str(int(abs(value)))))}f}"
+    return str(value)
+
+
+TABLE_COLUMNS = [
+    ("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("provider", "provider"), ("baseline", "vs"),
+    ("median_ms", "median ms"), ("peak_mib", "peak MiB"), ("speedup_vs_baseline", "speedup"),
+    ("memory_ratio_vs_baseline", "mem ratio"), ("target", "target"), ("target_pass", "ok"),
+]
+
+
+def format_table(rows: Sequence[Row | dict]) -> str:
+    records = [r.to_json() if isinstance(r, Row) else r for r in rows]
+    cells = [[label for _, label in TABLE_COLUMNS]]
+    for rec in records:
+        line = []
+        for key, _ in TABLE_COLUMNS:
+            value = rec.get(key)
+            if key in ("speedup_vs_baseline", "memory_ratio_vs_baseline") and value is not None:
+                line.append(f"{value:.2f}x")
+            elif key == "dtype" and isinstance(value, str):
+                line.append(value.replace("float", "f").replace("bfloat16", "bf16"))
+            else:
+                line.append(fmt(value))
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    out = []
+    for index, row in enumerate(cells):
+        out.append("  ".join(c.ljust(w) if i < 5 or i >= 9 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_json(path: str, environment: Environment, rows: Sequence[Row], extra: dict | None = None) -> None:
+    """Write ``{"schema", "environment", "rows"}`` atomically (temp file, fsync, rename)."""
+    payload = _finite({
+        "schema": "ace-kernels-benchmarks/1",
+        "environment": dataclasses.asdict(environment),
+        "run": extra or {},
+        "rows": [r.to_json() for r in rows],
+    })
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1, allow_nan=False, default=_json_default)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _finite(value):
+    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        payload = json.load(fh)
+    return payload["rows"] if isinstance(payload, dict) else payload

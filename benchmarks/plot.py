@@ -1,0 +1,88 @@
+"""The PNG beside each result file: speedup and memory ratio of every comparison row.
+
+One horizontal bar per (op, shape, provider, baseline); ratios on a log axis
+(1.0 = as fast / as small as the baseline); a target's threshold, where the
+row has one, is drawn as a black tick on its bar, and failing bars are red.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+
+def _threshold(target: str | None, kind: str) -> float | None:
+    """The number in a target text like 'speedup>=5' or 'mem<=1/8' for this panel."""
+    if not target:
+        return None
+    for part in target.split("&"):
+        part = part.strip()
+        if kind == "speedup":
+            match = re.match(r"(?:speedup|throughput)>=([\d.]+)", part)
+            if match:
+                return float(match.group(1))
+            match = re.match(r"time<=([\d.]+)x", part)
+            if match:
+                return 1 / float(match.group(1))
+        else:
+            match = re.match(r"mem ratio>=([\d.]+)", part)
+            if match:
+                return float(match.group(1))
+            match = re.match(r"mem<=1/([\d.]+)", part)
+            if match:
+                return float(match.group(1))
+            match = re.match(r"mem<=([\d.]+)x", part)
+            if match:
+                return 1 / float(match.group(1))
+    return None
+
+
+def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    compared = [r for r in rows if r.get("baseline") and (r.get("speedup_vs_baseline") or r.get("memory_ratio_vs_baseline"))]
+    labels = [f"{r['op']} {r['shape']} [{r['dtype']}]\n{r['provider']} vs {r['baseline']}" for r in compared]
+    height = max(3.0, 0.42 * len(compared) + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(15, height), sharey=True)
+    for ax, key, kind, name in ((axes[0], "speedup_vs_baseline", "speedup", "speedup vs baseline (time ratio)"),
+                                (axes[1], "memory_ratio_vs_baseline", "memory", "peak-memory ratio (baseline / ours)")):
+        values = [r.get(key) for r in compared]
+        positions = list(range(len(compared)))
+        colors = []
+        for r, v in zip(compared, values):
+            threshold = _threshold(r.get("target"), kind)
+            if v is None:
+                colors.append("lightgray")
+            elif threshold is not None and v < threshold:
+                colors.append("tab:red")
+            else:
+                colors.append("tab:blue" if kind == "speedup" else "tab:green")
+        ax.barh(positions, [v if v else 0 for v in values], color=colors, left=0)
+        for pos, (r, v) in enumerate(zip(compared, values)):
+            threshold = _threshold(r.get("target"), kind)
+            if threshold is not None:
+                ax.plot([threshold, threshold], [pos - 0.4, pos + 0.4], color="black", linewidth=2)
+            if v:
+                ax.text(v, pos, f" {v:.2f}x", va="center", fontsize=7)
+        finite = [v for v in values if v]
+        if finite:
+            low = min(min(finite), 1.0) / 1.5
+            high = max(max(finite), 1.0) * 3
+            ax.set_xscale("log")
+            ax.set_xlim(low, high)
+        ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_yticks(positions)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0].invert_yaxis()  # shared y axis: once, so the first row is on top
+    fig.suptitle(title or "ace-kernels benchmarks", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
