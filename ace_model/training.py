@@ -482,13 +482,16 @@ def collate_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.stack(images), torch.stack(tokens), label_tensor
 
 
-def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: bool) -> Iterable:
+def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: bool, seed: int) -> Iterable:
+    # A private generator: a DataLoader iterator otherwise draws its base seed from the
+    # global torch RNG, which would shift the dropout stream of a resumed run.
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=index_lists,
         num_workers=num_workers,
         collate_fn=collate_batch,
         pin_memory=pin,
+        generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
 
@@ -534,6 +537,7 @@ def seed_everything(seed: int) -> None:
 
 _STATE_RE = re.compile(r"^state-(\d+)\.pt$")
 _REF_RE = re.compile(r"^ace_lora-(\d+)\.pt$")
+_STALE_TMP_RE = re.compile(r"^\.(state|ace_lora)-\d+\.pt\..*\.tmp$")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -572,6 +576,15 @@ def _prune(directory: Path, pattern: re.Pattern, current_step: int, keep: int, p
         if name not in protect:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / name)
+
+
+def _remove_stale_temp_files(ckpt_dir: Path) -> None:
+    """Delete temp files of checkpoint writes a crash interrupted (never a complete file)."""
+    if ckpt_dir.is_dir():
+        for name in os.listdir(ckpt_dir):
+            if _STALE_TMP_RE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ckpt_dir / name)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | None, keep: int) -> Path:
@@ -833,6 +846,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     metrics = None
     if is_writer:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(ckpt_dir)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         metrics = open(metrics_path, "a", encoding="utf-8")
         event = {"event": "resume" if resume_path else "start", "step": step, "time": time.time(),
@@ -860,7 +874,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 global_idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                 index_lists.append(global_idx[rank * local_batch : (rank + 1) * local_batch].tolist())
             index_lists = index_lists[: total_steps - step]
-            for images, token_ids, labels in _load_batches(dataset, index_lists, config.num_workers, pin):
+            for images, token_ids, labels in _load_batches(dataset, index_lists, config.num_workers, pin,
+                                                             seed=config.seed * 100003 + epoch * 1009 + rank):
                 started = time.perf_counter()
                 if not config.use_labels:
                     labels = None

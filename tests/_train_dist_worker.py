@@ -1,0 +1,81 @@
+"""One rank of a gloo run on 127.0.0.1, launched by tests/test_training_distributed.py.
+
+The launcher sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK as torchrun
+does. Modes:
+
+- ``step``: one chunked step on this rank's slice of a global batch (dropout on, per-rank
+  seed 100 + rank), gradients summed over ranks; saves loss and gradients.
+- ``train``: ``ace_model.training.train`` for a few steps (dropout off); rank 0 saves the
+  final trainable parameters.
+- ``mismatch-batch`` / ``mismatch-config``: rank 1 differs; saves the error each rank got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from _train_standin import RandomPairs, make_batch, make_model, trainable_grads  # noqa: E402
+from ace_model import training  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", required=True)
+    parser.add_argument("--kind", default="standin")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--global-batch", type=int, default=10)
+    parser.add_argument("--chunk", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+
+    if args.mode in ("step", "mismatch-batch"):
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        model = make_model(args.kind, seed=0, dropout=0.3)
+        images, token_ids, labels = make_batch(model, args.global_batch, seed=1)
+        local = args.global_batch // world
+        lo, hi = rank * local, (rank + 1) * local
+        if args.mode == "mismatch-batch" and rank == 1:
+            hi -= 1
+        torch.manual_seed(100 + rank)
+        params = [p for _, p in training.trainable_named_parameters(model)]
+        try:
+            loss = training.chunked_train_step(model, images[lo:hi], token_ids[lo:hi], labels[lo:hi],
+                                               chunk_size=args.chunk, group=dist.group.WORLD)
+            training.sync_gradients(params, dist.group.WORLD)
+            torch.save({"loss": loss, "grads": trainable_grads(model)}, os.path.join(args.out, f"rank{rank}.pt"))
+        except training.RankMismatchError as exc:
+            with open(os.path.join(args.out, f"rank{rank}.err"), "w") as handle:
+                handle.write(str(exc))
+        dist.destroy_process_group()
+        return
+
+    model = make_model(args.kind, seed=0, dropout=0.0)
+    data = RandomPairs(model, 20, seed=2)
+    config = training.TrainConfig(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,
+                                  chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3,
+                                  dist_timeout_s=60, lr=1e-2)
+    if args.mode == "mismatch-config" and rank == 1:
+        config.lr = 2e-2
+    try:
+        training.train(config, model=model, dataset=data)
+    except training.RankMismatchError as exc:
+        with open(os.path.join(args.out, f"rank{rank}.err"), "w") as handle:
+            handle.write(str(exc))
+        return
+    if rank == 0:
+        torch.save({n: p.detach() for n, p in training.trainable_named_parameters(model)},
+                   os.path.join(args.out, "final.pt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Several processes over torch.distributed (gloo on the CPU), launched the way torchrun does.
+
+Each test starts the ranks of tests/_train_dist_worker.py as subprocesses on 127.0.0.1 and
+compares with one process on the concatenated batch computed here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ace_model import training
+from ace_model.training import TrainConfig, read_metrics, train
+from _train_standin import RandomPairs, dense_label_infonce, make_batch, make_model, tiny_available, trainable_grads
+
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
+
+WORKER = Path(__file__).with_name("_train_dist_worker.py")
+MODEL_KINDS = [
+    "standin",
+    pytest.param("tiny", marks=pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")),
+]
+LAUNCH_TIMEOUT_S = 240  # generous: startup of two Python processes on a loaded 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(mode: str, world: int, out: Path, *extra: str) -> list[str]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--mode", mode, "--out", str(out), *extra],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, text) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{text[-3000:]}"
+    return outputs
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(kind, tmp_path):
+    """Chunked step, dropout on, labels repeated across ranks: loss and every gradient."""
+    world, global_batch, chunk = 2, 10, 2
+    _launch("step", world, tmp_path, "--kind", kind, "--global-batch", str(global_batch), "--chunk", str(chunk))
+
+    model = make_model(kind, seed=0, dropout=0.3)
+    images, token_ids, labels = make_batch(model, global_batch, seed=1)
+    local = global_batch // world
+    # One graph over the global batch; each rank's slice draws its dropout masks from
+    # that rank's seed, chunk by chunk, as the rank did.
+    image_parts, text_parts = [], []
+    for rank in range(world):
+        torch.manual_seed(100 + rank)
+        for lo in range(rank * local, (rank + 1) * local, chunk):
+            hi = min(lo + chunk, (rank + 1) * local)
+            image_parts.append(model.encode_image(images[lo:hi]))
+            text_parts.append(model.encode_text(token_ids[lo:hi]))
+    loss = dense_label_infonce(torch.cat(image_parts), torch.cat(text_parts),
+                               training.logit_scale_parameter(model), labels)
+    loss.backward()
+    want = trainable_grads(model)
+
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # fp32: the global loss is a sum of per-rank shares and the gradients sums over
+        # ranks, so only the summation order differs from the single process.
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        assert got["grads"].keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got["grads"][name], want[name], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+
+
+def test_two_rank_training_run_equals_one_process(tmp_path):
+    """``train()`` on 2 gloo ranks (global batch 8, chunked) vs 1 process: losses step for step."""
+    kind = "tiny" if tiny_available() else "standin"
+    _launch("train", 2, tmp_path, "--kind", kind, "--chunk", "3")
+    dist_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+
+    model = make_model(kind, seed=0, dropout=0.0)
+    data = RandomPairs(model, 20, seed=2)
+    config = TrainConfig(out_dir=str(tmp_path / "single"), model=kind, epochs=2, batch_size=8, chunk_size=None,
+                         checkpoint_every=3, progress=False, seed=3, lr=1e-2)
+    result = train(config, model=model, dataset=data)
+    single_losses = [r["loss"] for r in read_metrics(result["metrics"])]
+    assert len(dist_losses) == len(single_losses) == 4
+    # Summation order differs (per-rank shares, chunked backward); Adam over 4 steps
+    # keeps that at the level of fp32 rounding.
+    assert dist_losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    for name, p in training.trainable_named_parameters(model):
+        torch.testing.assert_close(final[name], p.detach(), rtol=1e-5, atol=1e-6)
+    # The distributed run wrote one set of checkpoints, with every rank's RNG state.
+    state = training.load_state(tmp_path / "run" / "checkpoints" / "state-00000004.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank dropout streams
+
+
+@pytest.mark.parametrize("mode,pattern", [
+    ("mismatch-batch", "local batch size"),
+    ("mismatch-config", "'lr'"),
+])
+def test_ranks_that_disagree_fail_clearly_instead_of_hanging(mode, pattern, tmp_path):
+    _launch(mode, 2, tmp_path)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.err").read_text()
+        assert "ranks disagree" in message and pattern in message, message
+
+
+def test_single_process_helpers_are_no_ops_without_a_group():
+    model = make_model("standin")
+    images, token_ids, labels = make_batch(model, 4)
+    training.chunked_train_step(model, images, token_ids, labels, chunk_size=2, loss_fn=dense_label_infonce)
+    before = trainable_grads(model)
+    training.sync_gradients([p for _, p in training.trainable_named_parameters(model)], None)
+    training.check_ranks_agree({"x": 1}, None)
+    after = trainable_grads(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
