@@ -1,0 +1,1172 @@
+"""Drop-in acceleration of an existing model: ``ace_kernels.patch(model)``.
+
+``patch`` walks a model, recognises modules whose computation one of the fused
+ops performs, and swaps their implementation **in place**: the module objects,
+their parameters (the same ``Parameter`` objects), buffers, ``state_dict()``
+and so optimizer state and checkpoints are untouched. ``handle.undo()``
+restores the original methods, so the modules are again the original objects
+running their original ``forward``.
+
+One mechanism
+-------------
+Every swap is an instance attribute set on a module (``forward``, or a method
+such as ``apply_ace_hgat``) that shadows the class method; undo deletes it (or
+restores the instance attribute that was there before). What is swapped is
+decided by a registry of :class:`Recogniser` s: a predicate on a module, a
+reason to leave a module alone (or none), and a builder of the replacement
+methods. Model families differ only in their recogniser entry, never in the
+swap machinery. Built-in recognisers, in the order they are tried:
+
+``qkv-group``  (``lora=True``)
+    An attention module whose children ``query/key/value``, ``q_proj/k_proj/
+    v_proj`` or ``q/k/v`` are three LoRA linears of one kind (below) with equal
+    shapes: one ``lora_qkv`` call computes the three projections. See
+    "q/k/v grouping" for how this stays exact.
+``peft-lora-linear``  (``lora=True``)
+    ``peft.tuners.lora.Linear`` around a plain ``nn.Linear`` (a timm fused
+    ``qkv`` with LoRA is one of these). The active adapter goes through
+    ``lora_linear``.
+``reference-lora-linear``  (``lora=True``)
+    The reference ACE-LoRA ``LinearLoRA`` layout, recognised by its attributes
+    ``weight``, ``bias``, ``w_lora_A`` [r, in], ``w_lora_B`` [out, r],
+    ``scaling``, ``r``, ``merged`` and ``dropout`` (``nn.Dropout`` or None).
+``reference-ace-loss``  (``hypergraph=True`` and/or ``loss=True``)
+    The reference loss module (``img/text_edge/node_adapter``, ``logit_scale``,
+    ``args.topk``, ``apply_ace_hgat``): ``apply_ace_hgat`` becomes
+    ``ace_hypergraph``; its ``forward`` (signature ``(clip_model, images, texts,
+    merged_df=None, indices=None)``) keeps the reference's calls into the CLIP
+    model and replaces the dense hypergraph + numpy-mask loss with the CLS-only
+    ``ace_hypergraph`` and ``label_guided_infonce``.
+``open_clip-ClipLoss``  (``loss=True``)
+    ``open_clip.loss.ClipLoss`` (the class itself, not subclasses that change
+    its forward) on one process: ``label_guided_infonce`` without labels.
+
+Exactness and per-call fallback
+-------------------------------
+A patched module checks, on every call, that the fused path computes what its
+original forward would; otherwise it runs the original forward unchanged. PEFT:
+merged adapters, ``disable_adapters``, several (or no) active adapters, LoRA
+variants (DoRA and the like), ``lora_bias``, ``adapter_names=`` or any other
+extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
+dropout. Reference layout: ``merged`` (eval mode merges ``B A`` into the
+weight) or extra arguments. States that hold at patch time are listed in the
+summary; :meth:`PatchHandle.stats` counts fused and fallback calls by reason.
+
+Results equal the original forward up to floating-point rounding (a different
+summation order), except dropout masks: the fused ops draw their own masks
+(see :mod:`ace_kernels.lora`), with the same distribution and the same
+independence per projection. Two further deliberate differences:
+
+* Under ``torch.autocast`` the LoRA call runs with every operand cast to the
+  autocast dtype (as ``F.linear`` would) and autocast off inside the op.
+* PEFT keeps adapters in fp32 on a bf16/fp16 base by default and adds the
+  branch in fp32; the fused call casts the adapter weights to ``x``'s dtype
+  (the cast is differentiable, gradients still reach the fp32 parameters) and
+  accumulates in fp32 inside the op.
+* The reference ``LinearLoRA`` with dropout 0 takes a merge path whose gradient
+  of ``x`` drops the LoRA term (spec section 2) and which replaces its weight
+  ``Parameter`` by a plain tensor after the first call; the patched forward
+  computes the exact gradient and leaves the parameter registered.
+
+q/k/v grouping
+--------------
+The first of q, k, v called with an input tensor computes all three with one
+``lora_qkv`` call and keeps the other two outputs, keyed on the *identity* of
+the input tensor object, its version counter (an in-place change in between
+invalidates them), grad mode and autocast state. When the other two members are
+then called with that same tensor, they return the kept outputs; the autograd
+graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
+else (a different input, as in cross-attention; a member whose state forbids
+the fused path; mismatched scaling or dropout) computes per member. A group
+that once sees its members called with different inputs stops grouping. Kept
+outputs are dropped when the attention module's forward returns (a forward
+hook registered with ``always_call=True``) or at the next member call, so
+nothing outlives one attention call. Module hooks on the members still run
+(their ``__call__`` is untouched). Grouped outputs are column slices of one
+``[..., 3*out]`` tensor (``view``/``reshape`` into heads works; they are not
+contiguous), as documented for :func:`ace_kernels.lora_qkv`.
+
+Limits
+------
+Patched modules hold the replacement as an instance attribute: ``torch.save``
+of a whole pickled module and ``copy.deepcopy`` should happen after
+``undo()`` (``state_dict()`` is unaffected). ``torch.compile`` traces the
+Python checks of the patched forward (they are guards, not graph breaks, for
+the common cases); this is not tested here. open_clip's ClipLoss across
+processes (``world_size > 1``) is not patched: its per-rank value and gradient
+conventions (``local_loss``, ``gather_with_grad``) differ from
+``label_guided_infonce(group=...)``'s; the summary says so.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "patch",
+    "PatchHandle",
+    "PatchRecord",
+    "Recogniser",
+    "register_recogniser",
+    "recognisers",
+    "benchmark_patch_speedup",
+]
+
+# Marks every replacement callable so a second patch() leaves patched modules alone.
+_MARK = "__ace_kernels_patch__"
+
+
+# ----------------------------------------------------------------------------------------
+# Records, stats and the handle
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PatchRecord:
+    """What ``patch`` did to one module (or one q/k/v group).
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name inside the patched model (``""`` for the root);
+        for a q/k/v group ``"<attention>.{query,key,value}"``.
+    kind : str
+        The recogniser that matched.
+    status : str
+        ``"patched"``, ``"fallback"`` (patched, but the module's current state
+        makes it run its original forward; it switches to the fused path by
+        itself once the state changes) or ``"skipped"`` (left untouched).
+    reason : str
+        Why it was skipped / falls back, or what it routes to.
+    """
+
+    name: str
+    kind: str
+    status: str
+    reason: str = ""
+
+
+class _Swap:
+    """One instance attribute shadowing a class method, and how to take it back."""
+
+    __slots__ = ("module", "attr", "previous", "had_previous", "replacement")
+
+    def __init__(self, module: nn.Module, attr: str, replacement: Callable):
+        self.module = module
+        self.attr = attr
+        self.had_previous = attr in module.__dict__
+        self.previous = module.__dict__.get(attr)
+        self.replacement = replacement
+
+    def apply(self) -> None:
+        # object.__setattr__: a callable is never a Parameter/Module/buffer, and this keeps
+        # nn.Module.__setattr__ bookkeeping out of the way.
+        object.__setattr__(self.module, self.attr, self.replacement)
+
+    def revert(self) -> bool:
+        current = self.module.__dict__.get(self.attr)
+        if current is not self.replacement:
+            return False
+        if self.had_previous:
+            object.__setattr__(self.module, self.attr, self.previous)
+        else:
+            delattr(self.module, self.attr)
+        return True
+
+
+class PatchHandle:
+    """Returned by :func:`patch`: the summary, run-time counters and ``undo()``.
+
+    Usable as a context manager: ``with ace_kernels.patch(model): ...`` undoes
+    on exit.
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.records: list[PatchRecord] = []
+        self._swaps: list[_Swap] = []
+        self._hooks: list = []
+        self._undone = False
+        self._lock = threading.Lock()
+        self._counts: collections.Counter = collections.Counter()
+
+    # -- bookkeeping used by the recognisers --
+    def _count(self, key: str) -> None:
+        self._counts[key] += 1
+
+    def _swap(self, module: nn.Module, attr: str, replacement: Callable) -> None:
+        swap = _Swap(module, attr, replacement)
+        swap.apply()
+        self._swaps.append(swap)
+
+    # -- public --
+    @property
+    def patched(self) -> list[PatchRecord]:
+        """Records with status ``patched`` or ``fallback`` (the modules that were swapped)."""
+        return [r for r in self.records if r.status in ("patched", "fallback")]
+
+    @property
+    def skipped(self) -> list[PatchRecord]:
+        """Records with status ``skipped`` (left untouched), each with its reason."""
+        return [r for r in self.records if r.status == "skipped"]
+
+    @property
+    def active(self) -> bool:
+        """True until :meth:`undo` has run."""
+        return not self._undone
+
+    def stats(self) -> dict[str, int]:
+        """Run-time call counters since patching, e.g. ``{"lora_qkv": 24,
+        "qkv cached": 48, "fallback peft-lora-linear: adapter merged": 3}``."""
+        return dict(self._counts)
+
+    def reset_stats(self) -> None:
+        self._counts.clear()
+
+    def undo(self) -> None:
+        """Restore every swapped method and remove the hooks ``patch`` added.
+
+        Idempotent. If something else replaced a patched method after ``patch``
+        (another wrapper), that module is left as it is and a ``RuntimeWarning``
+        names it.
+        """
+        if self._undone:
+            return
+        conflicts = []
+        for swap in reversed(self._swaps):
+            if not swap.revert():
+                conflicts.append(f"{type(swap.module).__name__}.{swap.attr}")
+        for hook in self._hooks:
+            hook.remove()
+        for swap in self._swaps:
+            if isinstance(swap.replacement, _Replacement):
+                swap.replacement.release()
+        self._swaps.clear()
+        self._hooks.clear()
+        self._undone = True
+        if conflicts:
+            warnings.warn(
+                "ace_kernels.patch undo: these methods were replaced again after patching and were left "
+                "as they are: " + ", ".join(conflicts), RuntimeWarning, stacklevel=2)
+
+    def summary(self) -> str:
+        """A readable report: counts, then every patched group/module, then fallbacks and skips."""
+        patched = [r for r in self.records if r.status == "patched"]
+        fallback = [r for r in self.records if r.status == "fallback"]
+        skipped = self.skipped
+        state = "undone" if self._undone else "active"
+        lines = [f"ace_kernels.patch ({state}, backend={self.backend!r}): {len(patched)} patched, "
+                 f"{len(fallback)} patched but currently falling back, {len(skipped)} skipped"]
+        for title, group in (("patched", patched), ("falling back to the original forward", fallback),
+                             ("skipped", skipped)):
+            if not group:
+                continue
+            lines.append(f"{title}:")
+            for r in group:
+                lines.append(f"  {r.name or '<root>'}  [{r.kind}]  {r.reason}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def __repr__(self) -> str:
+        return (f"<PatchHandle {'undone' if self._undone else 'active'}: {len(self.patched)} patched, "
+                f"{len(self.skipped)} skipped>")
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+class _Replacement:
+    """A replacement method bound to its module (a callable stored as an instance attribute)."""
+
+    def __init__(self, fn: Callable, module: nn.Module, *state):
+        self.fn = fn
+        self.module = module
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *self.state, *args, **kwargs)
+
+    def release(self) -> None:
+        # Break the module -> replacement -> module cycle once undone.
+        self.module = None
+        self.state = ()
+
+
+setattr(_Replacement, _MARK, True)
+
+
+def _is_patched(module: nn.Module, attr: str = "forward") -> bool:
+    return getattr(module.__dict__.get(attr), _MARK, False)
+
+
+def _original(module: nn.Module, attr: str = "forward") -> Callable:
+    """The method as resolved before patching (an instance attribute wins over the class)."""
+    return getattr(module, attr)
+
+
+# ----------------------------------------------------------------------------------------
+# Shared per-call helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _has_call_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None))
+
+
+def _global_hooks_set() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks
+                or module_mod._global_backward_hooks or getattr(module_mod, "_global_backward_pre_hooks", None))
+
+
+def _autocast_dtype(x: torch.Tensor):
+    """The autocast dtype in force for ``x``'s device, or None."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled or not x.is_floating_point():
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _context_key(x: torch.Tensor):
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _autocast_dtype(x))
+
+
+@dataclass
+class _LoraOperands:
+    """Everything one fused LoRA call needs, already in the compute dtype."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    dropout_p: float
+    training: bool
+    compute_dtype: torch.dtype
+    autocast: bool
+
+
+def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
+    """Cast the operands to the dtype the original forward computes in, or give a reason."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return "input is not a floating-point tensor"
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        return "input shape does not match the weight"
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        return f"scaling is a {type(scaling).__name__}, not a number"
+    devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(str(d) for d in devices)}"
+    cast = _autocast_dtype(x)
+    if cast is None:
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            # F.linear would raise; let the original forward raise its own error.
+            return f"input dtype {x.dtype} differs from the weight's {weight.dtype}"
+        compute = x.dtype
+    else:
+        compute = cast
+    if compute not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"compute dtype {compute} not supported"
+
+    def to(t):
+        return t if t is None or t.dtype == compute else t.to(compute)
+
+    return _LoraOperands(to(weight), to(bias), to(lora_a), to(lora_b), float(scaling), float(dropout_p),
+                         bool(training), compute, cast is not None)
+
+
+def _autocast_off(x: torch.Tensor):
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _run_lora_linear(handle, x, ops: _LoraOperands):
+    from ace_kernels.lora import lora_linear
+
+    x_in = x if x.dtype == ops.compute_dtype else x.to(ops.compute_dtype)
+    with (_autocast_off(x) if ops.autocast else contextlib.nullcontext()):
+        return lora_linear(x_in, ops.weight, ops.bias, ops.lora_a, ops.lora_b, scaling=ops.scaling,
+                           dropout_p=ops.dropout_p, training=ops.training, backend=handle.backend)
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA linear kinds: how to read a module's operands, per call
+# ----------------------------------------------------------------------------------------
+
+
+class _LoraKind:
+    """How one LoRA-linear layout is recognised and read."""
+
+    name: str = ""
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def static_reason(self, module: nn.Module) -> str | None:
+        """Why this module can never take the fused path (None: it can)."""
+        return None
+
+    def state_reason(self, module: nn.Module) -> str | None:
+        """Why the module's *current* state makes it fall back (None: fused)."""
+        raise NotImplementedError
+
+    def operands(self, module: nn.Module, x, args, kwargs):
+        """``_LoraOperands`` for this call, or a reason string to fall back."""
+        raise NotImplementedError
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        raise NotImplementedError
+
+
+def _peft_linear_class():
+    # Only look at PEFT when the model already imported it: patching a model without
+    # PEFT layers never imports peft.
+    layer_mod = sys.modules.get("peft.tuners.lora.layer")
+    return getattr(layer_mod, "Linear", None) if layer_mod is not None else None
+
+
+class _PeftLoraKind(_LoraKind):
+    name = "peft-lora-linear"
+
+    def matches(self, module):
+        cls = _peft_linear_class()
+        return cls is not None and isinstance(module, cls)
+
+    def static_reason(self, module):
+        cls = _peft_linear_class()
+        if type(module) is not cls:
+            return f"subclass {type(module).__name__} of peft's lora.Linear"
+        base = module.get_base_layer()
+        if type(base).forward is not nn.Linear.forward or not isinstance(base, nn.Linear):
+            return f"base layer is {type(base).__name__}, not a plain nn.Linear"
+        if getattr(module, "fan_in_fan_out", False):
+            return "fan_in_fan_out=True"
+        return None
+
+    def features(self, module):
+        base = module.get_base_layer()
+        return base.in_features, base.out_features
+
+    def _adapter(self, module):
+        """(adapter name, None) or (None, reason)."""
+        if module.disable_adapters:
+            return None, "adapters disabled"
+        if module.merged:
+            return None, "adapter merged into the base weight"
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) != 1:
+            return None, f"{len(active)} active adapters (the fused path takes exactly one)"
+        adapter = active[0]
+        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+            return None, "a LoRA variant (DoRA or similar) is active"
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+            return None, f"lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__}, not nn.Linear"
+        if lora_a.bias is not None or lora_b.bias is not None:
+            return None, "lora_bias=True"
+        dropout = module.lora_dropout[adapter]
+        if type(dropout) not in (nn.Dropout, nn.Identity):
+            return None, f"dropout is {type(dropout).__name__}"
+        if not isinstance(module.scaling.get(adapter), (int, float)):
+            return None, "scaling is not a number"
+        return adapter, None
+
+    def state_reason(self, module):
+        return self._adapter(module)[1]
+
+    def operands(self, module, x, args, kwargs):
+        if args or kwargs:
+            return "extra forward arguments (" + ", ".join(list(kwargs) or ["positional"]) + ")"
+        adapter, reason = self._adapter(module)
+        if reason:
+            return reason
+        base = module.get_base_layer()
+        lora_a, lora_b, dropout = module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
+        if any(_has_call_hooks(m) for m in (base, lora_a, lora_b, dropout)):
+            return "hooks on the base or LoRA sub-layers"
+        if getattr(base, "parametrizations", None) is not None:
+            return "parametrized base weight"
+        if isinstance(dropout, nn.Dropout):
+            p, training = dropout.p, dropout.training
+        else:
+            p, training = 0.0, False
+        if p >= 1.0:
+            return "dropout p = 1"
+        return _operands(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[adapter], p,
+                         training)
+
+
+class _ReferenceLoraKind(_LoraKind):
+    name = "reference-lora-linear"
+    _ATTRS = ("weight", "bias", "w_lora_A", "w_lora_B", "scaling", "r", "merged", "dropout")
+
+    def matches(self, module):
+        if not all(hasattr(module, a) for a in self._ATTRS):
+            return False
+        a, b = getattr(module, "w_lora_A"), getattr(module, "w_lora_B")
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == 2 and b.dim() == 2
+
+    def static_reason(self, module):
+        if getattr(module, "fan_in_fan_out", False):
+            return "fan_in_fan_out=True"
+        if not (isinstance(module.r, int) and module.r > 0):
+            return f"r={module.r!r} (no LoRA branch)"
+        weight = module.weight
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return "weight is not a 2-D tensor"
+        if module.w_lora_A.shape != (module.r, weight.shape[1]) or module.w_lora_B.shape != (weight.shape[0], module.r):
+            return (f"w_lora_A {list(module.w_lora_A.shape)} / w_lora_B {list(module.w_lora_B.shape)} do not match "
+                    f"weight {list(weight.shape)} and r={module.r}")
+        if module.dropout is not None and type(module.dropout) is not nn.Dropout:
+            return f"dropout is {type(module.dropout).__name__}"
+        return None
+
+    def features(self, module):
+        return module.weight.shape[1], module.weight.shape[0]
+
+    def state_reason(self, module):
+        if module.merged:
+            return "merged (eval mode folds B A into the weight)"
+        return None
+
+    def operands(self, module, x, args, kwargs):
+        if args or kwargs:
+            return "extra forward arguments"
+        reason = self.state_reason(module)
+        if reason:
+            return reason
+        dropout = module.dropout
+        if dropout is not None and module.training and dropout.p > 0:
+            # The reference applies its nn.Dropout only when the layer trains and p > 0.
+            p, training = dropout.p, bool(dropout.training)
+        else:
+            p, training = 0.0, False
+        if p >= 1.0:
+            return "dropout p = 1"
+        if dropout is not None and _has_call_hooks(dropout):
+            return "hooks on the dropout sub-layer"
+        return _operands(x, module.weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
+
+
+_LORA_KINDS: list[_LoraKind] = [_PeftLoraKind(), _ReferenceLoraKind()]
+
+
+def _lora_kind(module: nn.Module) -> _LoraKind | None:
+    for kind in _LORA_KINDS:
+        if kind.matches(module):
+            return kind
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Replacement forwards: single LoRA linear and q/k/v group
+# ----------------------------------------------------------------------------------------
+
+
+def _single_lora_forward(module, handle, kind, original, x, *args, **kwargs):
+    ops = kind.operands(module, x, args, kwargs)
+    if isinstance(ops, str):
+        handle._count(f"fallback {kind.name}: {ops}")
+        return original(x, *args, **kwargs)
+    handle._count("lora_linear")
+    return _run_lora_linear(handle, x, ops)
+
+
+class _QKVGroup:
+    """Shared state of one attention module's q/k/v members."""
+
+    def __init__(self, parent_name: str, members: list[nn.Module], names: tuple[str, str, str], kind: _LoraKind):
+        self.parent_name = parent_name
+        self.members = members
+        self.names = names
+        self.kind = kind
+        self.pending: dict[int, torch.Tensor] = {}
+        self.pending_key = None
+        self.pending_input = None
+        self.grouping = True
+        self.originals: list[Callable] = []
+
+    def clear(self, *unused) -> None:
+        self.pending.clear()
+        self.pending_key = None
+        self.pending_input = None
+
+
+def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args, **kwargs):
+    original = group.originals[index]
+    kind = group.kind
+    if group.pending:
+        hit = (group.pending_input is x and index in group.pending and not args and not kwargs
+               and group.pending_key == (x._version, _context_key(x)))
+        if hit:
+            handle._count("qkv cached")
+            out = group.pending.pop(index)
+            if not group.pending:
+                group.clear()
+            return out
+        if index in group.pending and group.pending_input is not x:
+            # The members take different inputs here (cross-attention): stop grouping.
+            group.grouping = False
+            handle._count(f"qkv group {group.parent_name}: members called with different inputs, grouping off")
+        group.clear()
+    ops = kind.operands(module, x, args, kwargs)
+    if isinstance(ops, str):
+        handle._count(f"fallback {kind.name}: {ops}")
+        return original(x, *args, **kwargs)
+    if group.grouping:
+        all_ops = []
+        for j, member in enumerate(group.members):
+            all_ops.append(ops if j == index else kind.operands(member, x, (), {}))
+        reason = _group_reason(all_ops, [_has_call_hooks(m) for j, m in enumerate(group.members) if j != index])
+        if reason is None:
+            handle._count("lora_qkv")
+            outs = _run_lora_qkv(handle, x, all_ops)
+            group.pending = {j: outs[j] for j in range(3) if j != index}
+            group.pending_input = x
+            group.pending_key = (x._version, _context_key(x))
+            return outs[index]
+        handle._count(f"qkv ungrouped: {reason}")
+    handle._count("lora_linear")
+    return _run_lora_linear(handle, x, ops)
+
+
+def _group_reason(all_ops, other_hooks) -> str | None:
+    if any(other_hooks):
+        # A hook on another member could change its input or output: let it run as usual.
+        return "hooks on a member"
+    for ops in all_ops:
+        if isinstance(ops, str):
+            return ops
+    first = all_ops[0]
+    for ops in all_ops[1:]:
+        if (ops.scaling, ops.dropout_p, ops.training, ops.compute_dtype, ops.autocast) != (
+                first.scaling, first.dropout_p, first.training, first.compute_dtype, first.autocast):
+            return "members differ in scaling, dropout or dtype"
+        if (ops.bias is None) != (first.bias is None):
+            return "some members have a bias and some do not"
+        if ops.weight.shape != first.weight.shape or ops.lora_a.shape != first.lora_a.shape:
+            return "members differ in shape or rank"
+    return None
+
+
+def _run_lora_qkv(handle, x, all_ops):
+    from ace_kernels.lora import lora_qkv
+
+    first = all_ops[0]
+    # Stacking the frozen weights costs one copy of 3*out*in elements per call, small
+    # beside the GEMM; caching it would go stale when weights change through .data.
+    weight = torch.cat([o.weight for o in all_ops], dim=0)
+    bias = torch.cat([o.bias for o in all_ops], dim=0) if first.bias is not None else None
+    lora_a = torch.stack([o.lora_a for o in all_ops], dim=0)
+    lora_b = torch.stack([o.lora_b for o in all_ops], dim=0)
+    x_in = x if x.dtype == first.compute_dtype else x.to(first.compute_dtype)
+    with (_autocast_off(x) if first.autocast else contextlib.nullcontext()):
+        return lora_qkv(x_in, weight, bias, lora_a, lora_b, scaling=first.scaling, dropout_p=first.dropout_p,
+                        training=first.training, backend=handle.backend)
+
+
+# ----------------------------------------------------------------------------------------
+# Reference ACE loss module
+# ----------------------------------------------------------------------------------------
+
+_ADAPTER_NAMES = ("img_edge_adapter", "img_node_adapter", "text_edge_adapter", "text_node_adapter")
+_REFERENCE_FORWARD_PARAMS = ["clip_model", "images", "texts", "merged_df", "indices"]
+
+
+def _adapter_reason(adapter) -> str | None:
+    down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
+    if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)):
+        return "adapter without down/up nn.Linear layers"
+    act = getattr(adapter, "act", None)
+    if act is not None and not (isinstance(act, nn.LeakyReLU) and act.negative_slope == 0.2):
+        return f"adapter activation {act!r} is not LeakyReLU(0.2)"
+    if down.out_features != up.in_features:
+        return "adapter down/up shapes do not chain"
+    return None
+
+
+def _reference_loss_matches(module) -> bool:
+    return (all(hasattr(module, n) for n in _ADAPTER_NAMES) and hasattr(module, "logit_scale")
+            and hasattr(getattr(module, "args", None), "topk") and callable(getattr(module, "apply_ace_hgat", None)))
+
+
+def _adapters_for(module, encoder):
+    if encoder == "img":
+        return module.img_edge_adapter, module.img_node_adapter
+    if encoder == "text":
+        return module.text_edge_adapter, module.text_node_adapter
+    raise ValueError(f"encoder must be img or text but given {encoder}")
+
+
+def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None:
+    if not isinstance(features, torch.Tensor) or features.dim() != 3:
+        return "features are not a [B, N, D] tensor"
+    if _autocast_dtype(features) is not None:
+        return "autocast is on"
+    if any(_has_call_hooks(m) for m in (edge, node, edge.down, edge.up, node.down, node.up)):
+        return "hooks on the adapters"
+    return None
+
+
+def _ace_hgat_forward(module, handle, original, features, attn_weights, encoder="img"):
+    from ace_kernels.hypergraph import ace_hypergraph
+
+    edge, node = _adapters_for(module, encoder)
+    reason = _hypergraph_reason(module, features, attn_weights, edge, node)
+    if reason:
+        handle._count(f"fallback apply_ace_hgat: {reason}")
+        return original(features, attn_weights, encoder)
+    handle._count("ace_hypergraph")
+    return ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), backend=handle.backend)
+
+
+def _ace_cls_embedding(module, handle, features, attn_weights, encoder):
+    """normalize(apply_ace_hgat(features, c)[:, 0]) -- via the CLS-only op when hypergraph is patched."""
+    from ace_kernels.hypergraph import ace_hypergraph
+
+    if _is_patched(module, "apply_ace_hgat"):
+        edge, node = _adapters_for(module, encoder)
+        if _hypergraph_reason(module, features, attn_weights, edge, node) is None:
+            handle._count("ace_hypergraph cls_only")
+            cls = ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), cls_only=True,
+                                 backend=handle.backend)
+            if cls.dim() == 3:
+                cls = cls[:, 0]
+            return F.normalize(cls, dim=-1)
+    out = module.apply_ace_hgat(features, attn_weights, encoder=encoder)
+    return F.normalize(out, dim=-1)[:, 0]
+
+
+def _labels_from_frame(merged_df, indices, device) -> torch.Tensor:
+    """The rows the reference compares, as a tensor ``label_guided_infonce`` compares the same way."""
+    import numpy as np
+
+    rows = merged_df.iloc[indices, 2:].to_numpy()
+    try:
+        numeric = np.asarray(rows, dtype=np.float64)
+    except (TypeError, ValueError):
+        numeric = None
+    if numeric is not None:
+        return torch.as_tensor(numeric, device=device)
+    # Non-numeric labels: one integer key per distinct row (rows holding a NaN match nothing,
+    # as numpy's elementwise == treats them).
+    keys, ids = {}, []
+    for i, row in enumerate(rows):
+        values = tuple(row.tolist())
+        if any(isinstance(v, float) and v != v for v in values):
+            ids.append(-1 - i)
+            continue
+        ids.append(keys.setdefault(values, len(keys)))
+    return torch.tensor(ids, device=device, dtype=torch.long).reshape(-1, 1)
+
+
+def _reference_loss_forward(module, handle, original, clip_model, images, texts, merged_df=None, indices=None):
+    from ace_kernels.contrastive import label_guided_infonce
+
+    mode = getattr(module.args, "apply_gnn_encoders", None)
+    if mode not in ("vision", "text", "both"):
+        handle._count("fallback reference-ace-loss: apply_gnn_encoders not vision/text/both")
+        return original(clip_model, images, texts, merged_df, indices)
+    device = images.device
+    # The same calls into the CLIP model as the reference forward, in the same order
+    # (so the LoRA dropout masks are drawn in the same sequence).
+    clip_model.visual.trunk.global_pool = ""
+    image_tokens, img_attn_scores = clip_model.visual.trunk.get_attn_scores(images)
+    image_tokens = F.normalize(clip_model.visual.head(image_tokens), dim=-1)
+    text_tokens, text_attn_scores = clip_model.encode_text(texts, normalize=True, output_attentions=True,
+                                                           output_tokens=True)
+    # Row 0 of the head-averaged scores, without column 0; slicing before the mean skips
+    # averaging the N x N maps.
+    img_cls_attn = img_attn_scores[:, :, 0, 1:].mean(dim=1)
+    text_cls_attn = text_attn_scores[-1][:, :, 0, 1:].mean(dim=1)
+    if mode in ("vision", "both"):
+        image_emb = _ace_cls_embedding(module, handle, image_tokens, img_cls_attn, "img")
+    else:
+        image_emb = image_tokens[:, 0]
+    if mode in ("text", "both"):
+        text_emb = _ace_cls_embedding(module, handle, text_tokens, text_cls_attn, "text")
+    else:
+        text_emb = text_tokens[:, 0]
+    labels = _labels_from_frame(merged_df, indices, device) if merged_df is not None else None
+    handle._count("label_guided_infonce")
+    loss = label_guided_infonce(image_emb, text_emb, module.logit_scale, labels, backend=handle.backend)
+    # The reference raises on NaN logits (one host sync per step there too); a NaN loss is
+    # what NaN logits produce.
+    if torch.isnan(loss).item():
+        raise ValueError("NaN value in logits_per_image")
+    return loss
+
+
+def _reference_forward_signature_ok(module) -> bool:
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return False
+    return params == _REFERENCE_FORWARD_PARAMS
+
+
+# ----------------------------------------------------------------------------------------
+# open_clip ClipLoss
+# ----------------------------------------------------------------------------------------
+
+
+def _clip_loss_class():
+    loss_mod = sys.modules.get("open_clip.loss")
+    return getattr(loss_mod, "ClipLoss", None) if loss_mod is not None else None
+
+
+def _clip_loss_matches(module) -> bool:
+    cls = _clip_loss_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def _clip_loss_reason(module) -> str | None:
+    cls = _clip_loss_class()
+    if type(module).forward is not cls.forward or type(module).get_logits is not cls.get_logits:
+        return f"{type(module).__name__} changes ClipLoss's forward/get_logits"
+    if module.world_size != 1 or getattr(module, "use_horovod", False):
+        return (f"world_size={module.world_size}, local_loss={module.local_loss}, "
+                f"gather_with_grad={module.gather_with_grad}: open_clip's per-rank loss and gradient conventions "
+                f"differ from label_guided_infonce(group=...); only single-process ClipLoss is patched")
+    return None
+
+
+def _clip_loss_forward(module, handle, original, image_features, text_features, logit_scale, logit_bias=None,
+                       output_dict=False):
+    from ace_kernels.contrastive import label_guided_infonce
+
+    # Re-checked per call: world_size can be set after construction.
+    reason = _clip_loss_reason(module)
+    if reason is None and logit_bias is not None:
+        reason = "logit_bias given (SigLIP-style bias is not part of label_guided_infonce)"
+    if reason is None and (not isinstance(image_features, torch.Tensor) or image_features.dim() != 2):
+        reason = "features are not [B, D]"
+    if reason is not None:
+        handle._count(f"fallback open_clip-ClipLoss: {reason}")
+        return original(image_features, text_features, logit_scale, logit_bias=logit_bias, output_dict=output_dict)
+    handle._count("label_guided_infonce")
+    loss = label_guided_infonce(image_features, text_features, logit_scale, None, backend=handle.backend)
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+# ----------------------------------------------------------------------------------------
+# The recogniser registry
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recogniser:
+    """One entry of the registry ``patch`` consults for every module.
+
+    Parameters
+    ----------
+    name : str
+        Shown in the summary.
+    family : str
+        ``"lora"``, ``"hypergraph"`` or ``"loss"``: the ``patch`` flag that
+        enables it (``"loss+hypergraph"``: either).
+    matches : callable(module) -> bool
+        Whether this recogniser is responsible for the module.
+    install : callable(name, module, handle, options) -> None
+        Adds :class:`PatchRecord` s and performs swaps through
+        ``handle._swap(module, attr, replacement)`` (the one swap mechanism).
+    """
+
+    name: str
+    family: str
+    matches: Callable[[nn.Module], bool]
+    install: Callable[[str, nn.Module, PatchHandle, dict], None]
+
+
+_QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+
+
+def _qkv_members(module: nn.Module):
+    """(names, members, kind) when the module holds a q/k/v triple of one LoRA kind."""
+    children = module._modules
+    for names in _QKV_NAMES:
+        members = [children.get(n) for n in names]
+        if any(m is None for m in members):
+            continue
+        kinds = [_lora_kind(m) for m in members]
+        if kinds[0] is None or any(k is not kinds[0] for k in kinds):
+            continue
+        return names, members, kinds[0]
+    return None
+
+
+def _install_lora_single(name, module, handle, options, kind=None):
+    kind = kind or _lora_kind(module)
+    if _is_patched(module):
+        handle.records.append(PatchRecord(name, kind.name, "skipped", "already patched by another handle"))
+        return
+    reason = kind.static_reason(module)
+    if reason:
+        handle.records.append(PatchRecord(name, kind.name, "skipped", reason))
+        return
+    original = _original(module)
+    handle._swap(module, "forward", _Replacement(_single_lora_forward, module, handle, kind, original))
+    _record_state(handle, name, kind.name, kind.state_reason(module), "-> lora_linear")
+
+
+def _record_state(handle, name, kind_name, state_reason, route):
+    if state_reason:
+        handle.records.append(PatchRecord(name, kind_name, "fallback", state_reason))
+    else:
+        handle.records.append(PatchRecord(name, kind_name, "patched", route))
+
+
+def _install_qkv_group(name, module, handle, options):
+    names, members, kind = _qkv_members(module)
+    prefix = f"{name}." if name else ""
+    label = prefix + "{" + ",".join(names) + "}"
+    reasons = [kind.static_reason(m) for m in members]
+    shapes = {kind.features(m) for m in members if kind.static_reason(m) is None}
+    if any(reasons) or len(shapes) != 1 or not options["group_qkv"] or any(_is_patched(m) for m in members):
+        # Not groupable: each member on its own.
+        for member_name, member in zip(names, members):
+            _install_lora_single(prefix + member_name, member, handle, options, kind)
+        return
+    group = _QKVGroup(name, members, names, kind)
+    group.originals = [_original(m) for m in members]
+    for index, member in enumerate(members):
+        handle._swap(member, "forward", _Replacement(_group_member_forward, member, handle, group, index))
+    handle._hooks.append(module.register_forward_hook(group.clear, always_call=True))
+    states = [kind.state_reason(m) for m in members]
+    state = next((f"{n}: {s}" for n, s in zip(names, states) if s), None)
+    _record_state(handle, label, f"qkv-group ({kind.name} x3)", state, "-> lora_qkv")
+
+
+def _install_reference_loss(name, module, handle, options):
+    kind = "reference-ace-loss"
+    if options["hypergraph"]:
+        reason = next((r for r in (_adapter_reason(getattr(module, n)) for n in _ADAPTER_NAMES) if r), None)
+        if _is_patched(module, "apply_ace_hgat"):
+            reason = "already patched by another handle"
+        if reason:
+            handle.records.append(PatchRecord(f"{name}.apply_ace_hgat" if name else "apply_ace_hgat", kind,
+                                              "skipped", reason))
+        else:
+            original = _original(module, "apply_ace_hgat")
+            handle._swap(module, "apply_ace_hgat", _Replacement(_ace_hgat_forward, module, handle, original))
+            handle.records.append(PatchRecord(f"{name}.apply_ace_hgat" if name else "apply_ace_hgat", kind,
+                                              "patched", "-> ace_hypergraph"))
+    if options["loss"]:
+        label = f"{name}.forward" if name else "forward"
+        if _is_patched(module):
+            handle.records.append(PatchRecord(label, kind, "skipped", "already patched by another handle"))
+        elif not _reference_forward_signature_ok(module):
+            handle.records.append(PatchRecord(label, kind, "skipped",
+                                              "forward signature is not the reference's (clip_model, images, "
+                                              "texts, merged_df=None, indices=None)"))
+        else:
+            original = _original(module)
+            handle._swap(module, "forward", _Replacement(_reference_loss_forward, module, handle, original))
+            handle.records.append(PatchRecord(label, kind, "patched",
+                                              "-> CLS-only ace_hypergraph + label_guided_infonce"))
+
+
+def _install_clip_loss(name, module, handle, options):
+    kind = "open_clip-ClipLoss"
+    if _is_patched(module):
+        handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
+        return
+    reason = _clip_loss_reason(module)
+    cls = _clip_loss_class()
+    if type(module).forward is not cls.forward or type(module).get_logits is not cls.get_logits:
+        handle.records.append(PatchRecord(name, kind, "skipped", reason))
+        return
+    original = _original(module)
+    handle._swap(module, "forward", _Replacement(_clip_loss_forward, module, handle, original))
+    _record_state(handle, name, kind, reason, "-> label_guided_infonce")
+
+
+_RECOGNISERS: list[Recogniser] = [
+    Recogniser("qkv-group", "lora", lambda m: _qkv_members(m) is not None, _install_qkv_group),
+    Recogniser("lora-linear", "lora", lambda m: _lora_kind(m) is not None, _install_lora_single),
+    Recogniser("reference-ace-loss", "loss+hypergraph", _reference_loss_matches, _install_reference_loss),
+    Recogniser("open_clip-ClipLoss", "loss", _clip_loss_matches, _install_clip_loss),
+]
+
+
+def register_recogniser(recogniser: Recogniser, *, first: bool = False) -> None:
+    """Add a recogniser to the registry (tried after the built-in ones unless ``first``)."""
+    if not isinstance(recogniser, Recogniser):
+        raise ValueError(f"argument 'recogniser': expected a Recogniser, got {type(recogniser).__name__}")
+    if first:
+        _RECOGNISERS.insert(0, recogniser)
+    else:
+        _RECOGNISERS.append(recogniser)
+
+
+def recognisers() -> list[Recogniser]:
+    """The registry, in the order ``patch`` tries it."""
+    return list(_RECOGNISERS)
+
+
+def _family_enabled(family: str, options: dict) -> bool:
+    return any(options.get(f, False) for f in family.split("+"))
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------
+
+
+def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = True, loss: bool = True,
+          group_qkv: bool = True, backend: str = "auto") -> PatchHandle:
+    """Swap recognised modules of a model to the fused ace_kernels ops, in place.
+
+    Parameters
+    ----------
+    model_or_module : nn.Module
+        Any module; it and every submodule are examined (a loss module that is not
+        part of the model can be patched with its own call).
+    lora : bool, default True
+        Patch PEFT LoRA linears and the reference ACE-LoRA linears (q/k/v triples
+        are grouped into ``lora_qkv`` calls).
+    hypergraph : bool, default True
+        Replace the reference loss module's ``apply_ace_hgat`` with ``ace_hypergraph``.
+    loss : bool, default True
+        Replace the reference loss module's loss computation and open_clip's
+        ``ClipLoss`` with ``label_guided_infonce``.
+    group_qkv : bool, default True
+        Group q/k/v LoRA triples into one ``lora_qkv`` call (see the module docstring).
+    backend : {"auto", "cuda", "triton", "torch"}, default "auto"
+        Passed to every fused op call.
+
+    Returns
+    -------
+    PatchHandle
+        ``handle.undo()`` restores everything; ``str(handle)`` / ``handle.summary()``
+        lists what was patched, what falls back and what was skipped, with reasons;
+        ``handle.stats()`` counts calls. Also a context manager.
+
+    Raises
+    ------
+    ValueError
+        When ``model_or_module`` is not an ``nn.Module`` or a flag is not a bool.
+    """
+    if not isinstance(model_or_module, nn.Module):
+        raise ValueError(f"argument 'model_or_module': expected a torch.nn.Module, got "
+                         f"{type(model_or_module).__name__}")
+    options = {"lora": lora, "hypergraph": hypergraph, "loss": loss, "group_qkv": group_qkv}
+    for key, value in options.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"argument '{key}': expected a bool, got {type(value).__name__}")
+    from ace_kernels._dispatch import requested_backend
+
+    requested_backend(backend)  # validates the name (ValueError) without fixing the env choice
+    handle = PatchHandle(backend)
+    handled: set[int] = set()
+    for name, module in model_or_module.named_modules():
+        for recogniser in _RECOGNISERS:
+            if not _family_enabled(recogniser.family, options):
+                continue
+            if recogniser.name == "qkv-group":
+                found = _qkv_members(module)
+                if found is None or any(id(m) in handled for m in found[1]):
+                    continue
+                recogniser.install(name, module, handle, options)
+                handled.update(id(m) for m in found[1])
+                continue
+            if id(module) in handled or not recogniser.matches(module):
+                continue
+            recogniser.install(name, module, handle, options)
+            handled.add(id(module))
+            break
+    return handle
+
+
+# ----------------------------------------------------------------------------------------
+# GPU benchmark helper (the issue's target: >= 1.3x on a PEFT ViT-B/16 + BERT step)
+# ----------------------------------------------------------------------------------------
+
+
+def benchmark_patch_speedup(*, batch: int = 64, rank: int = 4, dropout: float = 0.1, dtype=torch.bfloat16,
+                            steps: int = 20, warmup: int = 5, device: str = "cuda", vision_depth: int = 12,
+                            text_layers: int = 12, text_len: int = 256) -> dict[str, Any]:
+    """Time a PEFT LoRA ViT-B/16 + BERT-base training step before and after :func:`patch`.
+
+    Builds timm ``VisionTransformer`` (ViT-B/16, 224 px, random weights) and HF
+    ``BertModel`` (BERT-base, random weights), wraps both with PEFT LoRA on q/k/v
+    (timm's fused ``qkv``; BERT's ``query/key/value``), r=``rank``, ``lora_alpha``
+    1, dropout ``dropout``, casts the models to ``dtype``, and times
+    forward + backward + AdamW step of the sum of both encoders' mean outputs, in
+    the same process: unpatched, patched, unpatched again (the two unpatched
+    timings bracket drift). Needs timm, transformers and peft; made for one GPU.
+
+    Returns
+    -------
+    dict
+        ``{"unpatched_ms", "patched_ms", "unpatched_again_ms", "speedup", "stats", "summary", ...}``
+    """
+    import time
+
+    import timm  # noqa: F401
+    from peft import LoraConfig, get_peft_model
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=vision_depth, num_heads=12,
+                            num_classes=0, global_pool="")
+    bert = BertModel(BertConfig(hidden_size=768, num_hidden_layers=text_layers, num_attention_heads=12,
+                                intermediate_size=3072, max_position_embeddings=512), add_pooling_layer=False)
+    vit = get_peft_model(vit, LoraConfig(r=rank, lora_alpha=1, lora_dropout=dropout, target_modules=["qkv"]))
+    bert = get_peft_model(bert, LoraConfig(r=rank, lora_alpha=1, lora_dropout=dropout,
+                                           target_modules=["query", "key", "value"]))
+    models = nn.ModuleList([vit, bert]).to(device=device, dtype=dtype).train()
+    params = [p for p in models.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    tokens = torch.randint(1, 30000, (batch, text_len), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = vit(images).float().mean() + bert(input_ids=tokens).last_hidden_state.float().mean()
+        out.backward()
+        optimizer.step()
+
+    def timed():
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps * 1e3
+
+    before = timed()
+    handle = patch(models)
+    handle.reset_stats()
+    after = timed()
+    stats = handle.stats()
+    summary = handle.summary()
+    handle.undo()
+    again = timed()
+    return {"unpatched_ms": before, "patched_ms": after, "unpatched_again_ms": again,
+            "speedup": min(before, again) / after, "stats": stats, "summary": summary, "batch": batch,
+            "rank": rank, "dropout": dropout, "dtype": str(dtype),
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else device}
