@@ -1,0 +1,231 @@
+"""ACELoRA: structure, parameter count, and equivalence with the reference-style model.
+
+The equivalence tests build the tiny config in float64 with the torch backend and
+compare ACELoRA (fused q/k/v LoRA op, SDPA, CLS row without the N x N matrix,
+ACE-HGNN op, InfoNCE op) against tests/reference_model.py (three LoRA linears with
+the dense B A path, dense attention, dense HGNN, numpy-masked dense loss): the loss
+and the gradient of every trainable parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import reference_model as ref  # noqa: E402
+from ace_model import ACELoRA  # noqa: E402
+from ace_model.model import build_base_model, cls_attention_row  # noqa: E402
+
+# float64 on both sides: the two computations differ only in summation order, so
+# agreement to ~1e-10 relative is expected; 1e-9 leaves room for the softmax/LSE steps.
+F64_RTOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(1234)
+    return ACELoRA.from_config("tiny", backend="torch")
+
+
+def _perturbed_fp64(model):
+    """Copy in float64 with non-zero B, so every LoRA path carries signal."""
+    model = copy.deepcopy(model).double()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for lora in list(model.image_lora) + list(model.text_lora):
+            lora.lora_b.copy_(torch.randn(lora.lora_b.shape, generator=gen, dtype=torch.float64) * 0.5)
+    return model
+
+
+def _batch(model, batch=5):
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(batch, 3, model.image_size, model.image_size, generator=gen, dtype=torch.float64)
+    texts = ["Findings suggesting edema.", "There is effusion.", "edema",
+             "a chest x-ray image of cardiomegaly with a small left pleural effusion.", "no finding"][:batch]
+    token_ids = model.tokenizer()(texts)
+    # Rows 0 and 2 share a label vector (masked as negatives of each other); row 4 is all zero.
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 1], [0, 0, 0]], dtype=torch.float32)[:batch]
+    return images, token_ids, labels
+
+
+def _compare(model, reference, loss, ref_loss):
+    assert torch.allclose(loss, ref_loss, rtol=F64_RTOL, atol=0), (loss.item(), ref_loss.item())
+    ours = dict(model.named_trainable_parameters())
+    theirs = dict(reference.named_trainable_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, param in ours.items():
+        expected = theirs[name].grad
+        assert param.grad is not None and expected is not None, name
+        scale = expected.abs().max().item()
+        assert scale > 0 or name.endswith("lora_a"), f"{name}: reference gradient is zero, test is vacuous"
+        error = (param.grad - expected).abs().max().item()
+        assert error <= F64_RTOL * max(scale, 1e-12) + 1e-14, f"{name}: max error {error:.3e} vs scale {scale:.3e}"
+
+
+def test_equivalence_eval_mode(tiny_model):
+    model = _perturbed_fp64(tiny_model).eval()
+    reference = copy.deepcopy(model)
+    images, token_ids, labels = _batch(model)
+    loss = model.loss(images, token_ids, labels)
+    loss.backward()
+    ref_loss = ref.reference_loss(reference, images, token_ids, labels)
+    ref_loss.backward()
+    _compare(model, reference, loss, ref_loss)
+
+
+def test_equivalence_plain_clip_loss_without_labels(tiny_model):
+    model = _perturbed_fp64(tiny_model).eval()
+    reference = copy.deepcopy(model)
+    images, token_ids, _ = _batch(model, batch=3)
+    loss = model.loss(images, token_ids)
+    loss.backward()
+    ref_loss = ref.reference_loss(reference, images, token_ids)
+    ref_loss.backward()
+    _compare(model, reference, loss, ref_loss)
+
+
+def test_equivalence_with_lora_dropout(tiny_model):
+    """Train mode with the paper's LoRA dropout 0.1: the masks the fused op drew are
+    captured and fed to the reference's merge-style dropout path."""
+    from ace_kernels.lora import capture_dropout_masks
+
+    model = _perturbed_fp64(tiny_model).train()
+    # The frozen BERT's own dropouts are random too; switch them off so that only the
+    # LoRA masks (captured) are random.
+    model.text_hidden_dropout = 0.0
+    model.text_attention_dropout = 0.0
+    reference = copy.deepcopy(model)
+    images, token_ids, labels = _batch(model)
+    torch.manual_seed(11)
+    with capture_dropout_masks() as masks:
+        loss = model.loss(images, token_ids, labels)
+    layers = len(model.image_lora) + len(model.text_lora)
+    assert len(masks) == layers and all(m is not None for m in masks)
+    dropped = 1.0 - torch.cat([m.flatten().float() for m in masks]).mean().item()
+    assert 0.05 < dropped < 0.15, dropped  # p = 0.1 on ~10^5 elements
+    assert not torch.equal(masks[0][0], masks[0][1]), "q and k must have independent masks"
+    loss.backward()
+    ref_loss = ref.reference_loss(reference, images, token_ids, labels, masks=masks)
+    ref_loss.backward()
+    _compare(model, reference, loss, ref_loss)
+
+
+def test_dropout_changes_the_loss_in_train_mode_only(tiny_model):
+    model = _perturbed_fp64(tiny_model)
+    images, token_ids, labels = _batch(model, batch=3)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.loss(images, token_ids, labels), model.loss(images, token_ids, labels))
+        model.train()
+        torch.manual_seed(0)
+        first = model.loss(images, token_ids, labels)
+        second = model.loss(images, token_ids, labels)
+    assert not torch.equal(first, second)
+
+
+def test_cls_attention_row_matches_dense_scores():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 9, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(3, 4, 9, 16, generator=gen, dtype=torch.float64)
+    dense = (q @ k.transpose(-2, -1) / math.sqrt(16)).mean(dim=1)[:, 0, 1:]
+    assert torch.allclose(cls_attention_row(q, k), dense, rtol=1e-12, atol=1e-12)
+
+
+def test_only_adapters_lora_and_scale_train(tiny_model):
+    model = copy.deepcopy(tiny_model).train()
+    images, token_ids, labels = _batch(model, batch=3)
+    model.loss(images.float(), token_ids, labels).backward()
+    for name, param in model.clip.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+    names = [n for n, _ in model.named_trainable_parameters()]
+    assert all(n == "logit_scale" or "_lora." in n or "_hgnn." in n for n in names), names
+    for _, param in model.named_trainable_parameters():
+        assert param.grad is not None
+
+
+def test_lora_init_and_logit_multiplier(tiny_model):
+    model = tiny_model
+    for lora in list(model.image_lora) + list(model.text_lora):
+        assert lora.scaling == 0.5 and lora.rank == 4 and lora.dropout_p == 0.1
+        assert torch.count_nonzero(lora.lora_b) == 0
+        bound = 1.0 / math.sqrt(lora.in_features)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+        assert lora.lora_a.abs().max() <= bound
+        assert lora.lora_a.abs().max() > 0.5 * bound
+        assert not torch.equal(lora.lora_a[0], lora.lora_a[1])
+    assert torch.allclose(model.logit_scale, model.clip.logit_scale.exp())
+    assert model.logit_scale.requires_grad and not model.clip.logit_scale.requires_grad
+
+
+def test_encoders_shapes_and_normalisation(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    images, token_ids, _ = _batch(model, batch=2)
+    with torch.no_grad():
+        image = model.encode_image(images.float())
+        text = model.encode_text(token_ids)
+        image_all = model.encode_image(images.float(), all_tokens=True)
+    assert image.shape == (2, model.embed_dim) and text.shape == (2, model.embed_dim)
+    assert torch.allclose(image.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    tokens = (model.image_size // 8) ** 2 + 1
+    assert image_all.shape == (2, tokens, model.embed_dim)
+    # cls_only is exact: token 0 of the full output is the CLS embedding (fp32 sums).
+    assert torch.allclose(image_all[:, 0], image, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument(tiny_model):
+    with pytest.raises(ValueError, match="images"):
+        tiny_model.encode_image(torch.zeros(2, 32, 32))
+    with pytest.raises(ValueError, match="token_ids"):
+        tiny_model.encode_text(torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="name"):
+        ACELoRA.from_config("vit-huge")
+
+
+def test_builder_without_open_clip_has_the_same_layout():
+    with_open_clip = build_base_model("tiny", use_open_clip=True).state_dict()
+    plain = build_base_model("tiny", use_open_clip=False).state_dict()
+    assert {k: tuple(v.shape) for k, v in with_open_clip.items()} == {k: tuple(v.shape) for k, v in plain.items()}
+
+
+def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
+    source = build_base_model("tiny")
+    with torch.no_grad():
+        source.logit_scale.fill_(math.log(50.0))
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(source.state_dict(), path)
+    for pretrained in (path, tmp_path):  # a file, and an HF-format directory holding it
+        model = ACELoRA.from_config("tiny", pretrained=str(pretrained))
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.clip.state_dict()[key], value), key
+        assert torch.allclose(model.logit_scale, torch.tensor(50.0))
+    # A foreign checkpoint: one tensor of the wrong shape.
+    state = source.state_dict()
+    key = "visual.head.proj.weight"
+    state[key] = torch.zeros(3, 5)
+    bad = tmp_path / "bad.bin"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=r"visual\.head\.proj\.weight.*expected \(64, 64\), found \(3, 5\)"):
+        ACELoRA.from_config("tiny", pretrained=str(bad))
+    del state[key]
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=r"missing key 'visual\.head\.proj\.weight'"):
+        ACELoRA.from_config("tiny", pretrained=str(bad))
+
+
+def test_biomedclip_trainable_parameter_count():
+    model = ACELoRA.from_config("biomedclip")
+    assert model.num_trainable_parameters() == 969_217
+    lora = sum(p.numel() for n, p in model.named_trainable_parameters() if "_lora." in n)
+    adapters = sum(p.numel() for n, p in model.named_trainable_parameters() if "_hgnn." in n)
+    assert (lora, adapters) == (442_368, 526_848)
+    assert len(model.image_lora) == len(model.text_lora) == 12
+    assert (model.image_size, model.context_length, model.embed_dim) == (224, 256, 512)
+    assert model.vision_trunk.patch_embed.num_patches + 1 == 197
+    assert all(not p.requires_grad for p in model.clip.parameters())
