@@ -1,3 +1,472 @@
-"""placeholder: being written"""
-def ace_hypergraph(*a, **k): raise NotImplementedError
-class ACEHypergraph: pass
+"""ACE-HGNN hyperedge attention: ``ace_hypergraph`` and the ``ACEHypergraph`` module.
+
+Semantics (spec section 4), per sample, with X = x[b] of shape [N, D] and the
+CLS attention row c = cls_attn[b] of shape [N-1]:
+
+1. P = normalize(X[1:]) (``F.normalize``: x / max(|x|, 1e-12)), S_pp = P P^T.
+2. Scores: row 0 is c over columns 1..N-1; row i >= 1 is S_pp over the other
+   patches; the diagonal and column 0 of rows i >= 1 are -inf.
+3. Keep each row's top-k (``torch.topk``), softmax over them -> A.
+4. A[i, i] = 1 (after the softmax).
+5. A[i, 0] = A[0, i] for i >= 1 (column 0 copies the CLS row).
+6. E = A X, E' = edge_adapter(E), C = A^T E', out = node_adapter(C), where
+   adapter(z) = up(leaky_relu(down(z), 0.2)). No residual.
+
+How it is computed here (every backend): A is never formed. Each row r of A
+has at most k + 2 non-zeros, kept as a sparse incidence ``cols, weights`` of
+shape [B, rows, k + 2]: slot 0 is the self loop (weight 1), slots 1..k the
+selected columns with their softmax weights, slot k+1 column 0 with the copied
+CLS weight (0 for row 0). E = A X is then a weighted gather of k + 2 rows
+(``gather_sum``) and C = A^T E' the adjoint scatter (``scatter_sum``); their
+backward passes are each other plus a per-entry dot product (``entry_dot``).
+``cls_only`` needs only the k + 1 rows {0} u topk(c) of A and E:
+C[0] = E'[0] + sum_t A[0, t] E'[t].
+
+Backends provide four primitives (``_Primitives``): the top-k incidence of
+given rows, ``gather_sum``, ``scatter_sum`` and ``entry_dot``. Softmax
+backward, the normalisation, the CLS row (a top-k of a [B, N-1] vector) and
+the adapters' small GEMMs stay in torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ace_kernels import _dispatch
+from ace_kernels._checks import FLOAT_DTYPES, check_positive_int, check_tensor
+
+__all__ = ["ace_hypergraph", "ACEHypergraph", "MAX_KERNEL_TOPK"]
+
+OP_NAME = "ace_hypergraph"
+#: Largest ``topk`` the Triton and CUDA incidence kernels keep in registers.
+MAX_KERNEL_TOPK = 16
+_NEG_SLOPE = 0.2
+_NORM_EPS = 1e-12  # F.normalize's default, as the reference uses it
+
+
+# --------------------------------------------------------------------------------------
+# Torch primitives
+# --------------------------------------------------------------------------------------
+
+def _flat_rows(index: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
+    """Row indices [B, Q] into a [B, R, D] tensor -> indices into its [B*R, D] view."""
+    offsets = torch.arange(index.shape[0], device=index.device, dtype=torch.int64) * rows_per_batch
+    return (index.to(torch.int64) + offsets.view(-1, *([1] * (index.dim() - 1)))).reshape(-1)
+
+
+def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[b, q] = sum_s weights[b, q, s] * src[b, cols[b, q, s]]."""
+    B, R, D = src.shape
+    Q, S = cols.shape[1], cols.shape[2]
+    flat = src.reshape(B * R, D)
+    out = torch.zeros(B, Q, D, dtype=src.dtype, device=src.device)
+    # One slot at a time: the [B, Q, S, D] gather would be S times the output.
+    for s in range(S):
+        rows = flat.index_select(0, _flat_rows(cols[:, :, s], R)).view(B, Q, D)
+        out.addcmul_(rows, weights[:, :, s, None])
+    return out
+
+
+def _torch_scatter_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, num_rows: int,
+                       transpose=None) -> torch.Tensor:
+    """out[b, cols[b, q, s]] += weights[b, q, s] * src[b, q] (the adjoint of gather_sum)."""
+    B, Q, D = src.shape
+    S = cols.shape[2]
+    out = torch.zeros(B * num_rows, D, dtype=src.dtype, device=src.device)
+    for s in range(S):
+        # index_add_ is deterministic on CPU; on CUDA it uses atomics (the kernels do not).
+        out.index_add_(0, _flat_rows(cols[:, :, s], num_rows), (src * weights[:, :, s, None]).reshape(B * Q, D))
+    return out.view(B, num_rows, D)
+
+
+def _torch_entry_dot(a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[b, q, s] = <a[b, q], b[b, cols[b, q, s]]> (d weights of gather_sum and scatter_sum)."""
+    B, Q, D = a.shape
+    R = b.shape[1]
+    S = cols.shape[2]
+    flat = b.reshape(B * R, D)
+    out = torch.empty(B, Q, S, dtype=a.dtype, device=a.device)
+    for s in range(S):
+        rows = flat.index_select(0, _flat_rows(cols[:, :, s], R)).view(B, Q, D)
+        out[:, :, s] = (a * rows).sum(-1)
+    return out
+
+
+def _torch_topk_rows(pn: torch.Tensor, rows: torch.Tensor | None, topk: int):
+    """Top-k cosine neighbours of patch rows ``rows`` ([B, R] or None = all) among all patches.
+
+    ``pn`` [B, M, D] holds the normalised patches. Returns (indices [B, R, k] into the
+    patches, softmax weights [B, R, k]). The own column is excluded.
+    """
+    B, M, D = pn.shape
+    # Bound the [chunk, R, M] similarity block to ~32 MiB of scores.
+    R = M if rows is None else rows.shape[1]
+    chunk = max(1, min(B, (8 * 2**20) // max(1, R * M)))
+    idx_out = torch.empty(B, R, topk, dtype=torch.int64, device=pn.device)
+    w_out = torch.empty(B, R, topk, dtype=pn.dtype, device=pn.device)
+    for start in range(0, B, chunk):
+        stop = min(B, start + chunk)
+        block = pn[start:stop]
+        if rows is None:
+            queries = block
+            own = torch.arange(M, device=pn.device).expand(stop - start, M)
+        else:
+            own = rows[start:stop]
+            queries = torch.gather(block, 1, own[..., None].expand(-1, -1, D))
+        sim = torch.bmm(queries, block.transpose(1, 2))
+        sim.scatter_(2, own[..., None], float("-inf"))
+        vals, idx = sim.topk(topk, dim=-1)
+        idx_out[start:stop] = idx
+        w_out[start:stop] = torch.softmax(vals, dim=-1)
+    return idx_out, w_out
+
+
+@dataclass(frozen=True)
+class _Primitives:
+    name: str
+    topk_rows: Callable
+    gather_sum: Callable
+    scatter_sum: Callable
+    entry_dot: Callable
+    # prepare_transpose(cols, num_rows) -> opaque object reused by scatter_sum (e.g. a CSR of
+    # the transposed incidence for deterministic kernels), or None.
+    prepare_transpose: Callable = lambda cols, num_rows: None
+
+
+TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _torch_scatter_sum, _torch_entry_dot)
+
+
+# --------------------------------------------------------------------------------------
+# Autograd functions shared by the backends
+# --------------------------------------------------------------------------------------
+
+class _GatherSum(torch.autograd.Function):
+    """E = A src for a sparse A given as (cols, weights): src [B, R, D] -> [B, Q, D]."""
+
+    @staticmethod
+    def forward(ctx, src, cols, weights, prims, transpose):
+        ctx.save_for_backward(src, cols, weights)
+        ctx.prims, ctx.transpose = prims, transpose
+        return prims.gather_sum(src, cols, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        src, cols, weights = ctx.saved_tensors
+        prims = ctx.prims
+        grad_out = grad_out.contiguous()
+        grad_src = grad_w = None
+        if ctx.needs_input_grad[0]:
+            if ctx.transpose is None:
+                ctx.transpose = prims.prepare_transpose(cols, src.shape[1])
+            grad_src = prims.scatter_sum(grad_out, cols, weights, src.shape[1], ctx.transpose)
+        if ctx.needs_input_grad[2]:
+            grad_w = prims.entry_dot(grad_out, src, cols)
+        return grad_src, None, grad_w, None, None
+
+
+class _ScatterSum(torch.autograd.Function):
+    """C = A^T src for a sparse A given as (cols, weights): src [B, Q, D] -> [B, R, D]."""
+
+    @staticmethod
+    def forward(ctx, src, cols, weights, num_rows, prims, transpose):
+        ctx.save_for_backward(src, cols, weights)
+        ctx.prims = prims
+        return prims.scatter_sum(src, cols, weights, num_rows, transpose)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        src, cols, weights = ctx.saved_tensors
+        prims = ctx.prims
+        grad_out = grad_out.contiguous()
+        grad_src = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_src = prims.gather_sum(grad_out, cols, weights)
+        if ctx.needs_input_grad[2]:
+            grad_w = prims.entry_dot(src, grad_out, cols)
+        return grad_src, None, grad_w, None, None, None
+
+
+class _IncidenceWeights(torch.autograd.Function):
+    """Softmax weights of the selected cosine similarities, with their gradient.
+
+    Forward returns the weights computed by the incidence primitive (selection is
+    piecewise constant). Backward: softmax backward gives d s[r, t] for
+    s[r, t] = <pn[rows[r]], pn[idx[r, t]]>, then both factors get their share.
+    """
+
+    @staticmethod
+    def forward(ctx, pn, rows, idx, weights, prims):
+        ctx.save_for_backward(pn, rows, idx, weights)
+        ctx.prims = prims
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        pn, rows, idx, weights = ctx.saved_tensors
+        prims = ctx.prims
+        grad_s = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
+        M, D = pn.shape[1], pn.shape[2]
+        # d/d pn[rows[r]] = sum_t grad_s[r, t] pn[idx[r, t]]
+        grad_queries = prims.gather_sum(pn, idx, grad_s)
+        # d/d pn[idx[r, t]] += grad_s[r, t] pn[rows[r]]
+        if rows is None or rows.numel() == 0:
+            queries = pn
+        else:
+            queries = torch.gather(pn, 1, rows[..., None].expand(-1, -1, D))
+        grad_pn = prims.scatter_sum(queries.contiguous(), idx, grad_s, M, None)
+        if rows is None or rows.numel() == 0:
+            grad_pn = grad_pn + grad_queries
+        else:
+            grad_pn = grad_pn.scatter_add(1, rows[..., None].expand(-1, -1, D), grad_queries)
+        return grad_pn, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------
+# The op, written once over the primitives
+# --------------------------------------------------------------------------------------
+
+def _adapter(z, params):
+    down_w, down_b, up_w, up_b = params
+    return F.linear(F.leaky_relu(F.linear(z, down_w, down_b), _NEG_SLOPE), up_w, up_b)
+
+
+def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prims: _Primitives):
+    B, N, D = x.shape
+    M = N - 1
+    k = topk
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute_dtype)
+    c = cls_attn.to(compute_dtype)
+    edge_params = tuple(p.to(compute_dtype) for p in edge_params)
+    node_params = tuple(p.to(compute_dtype) for p in node_params)
+    device = x.device
+
+    # CLS row: top-k of the attention row (torch.topk's selection), softmax.
+    cls_vals, cls_idx = c.topk(k, dim=-1)  # cls_idx: patch indices in [0, M)
+    cls_w = torch.softmax(cls_vals, dim=-1)
+
+    patches = xc[:, 1:]
+    pn = F.normalize(patches, dim=-1, eps=_NORM_EPS).contiguous()
+    rows = cls_idx if cls_only else None
+    with torch.no_grad():
+        nbr_idx, nbr_w = prims.topk_rows(pn.detach(), rows, k)
+    nbr_w = _IncidenceWeights.apply(pn, rows if rows is not None else torch.empty(0, dtype=torch.int64, device=device),
+                                    nbr_idx, nbr_w, prims)
+
+    zeros_w = torch.zeros(B, 1, 1, dtype=compute_dtype, device=device)
+    ones_w = torch.ones(B, 1, 1, dtype=compute_dtype, device=device)
+    zero_col = torch.zeros(B, 1, 1, dtype=torch.int64, device=device)
+    # Row 0 of A: self loop, the CLS row's top-k, an empty slot (weight 0) for the column-0 copy.
+    cls_cols = torch.cat([zero_col, cls_idx[:, None, :] + 1, zero_col], dim=2)
+    cls_wts = torch.cat([ones_w, cls_w[:, None, :], zeros_w], dim=2)
+
+    if cls_only:
+        # Rows 1 + cls_idx[t]: self loop, their top-k, column 0 with weight A[0, 1 + cls_idx[t]] = cls_w[t].
+        own = cls_idx[..., None] + 1
+        sel_cols = torch.cat([own, nbr_idx + 1, zero_col.expand(B, k, 1)], dim=2)
+        sel_wts = torch.cat([ones_w.expand(B, k, 1), nbr_w, cls_w[..., None]], dim=2)
+        cols = torch.cat([cls_cols, sel_cols], dim=1)  # [B, k+1, k+2]
+        wts = torch.cat([cls_wts, sel_wts], dim=1)
+        edges = _GatherSum.apply(xc, cols, wts, prims, None)  # rows {0} u (1 + topk(c)) of E
+        edges = _adapter(edges, edge_params)
+        # C[0] = E'[0] + sum_t cls_w[t] E'[1 + cls_idx[t]]: a gather over the k+1 local rows.
+        local = torch.arange(k + 1, device=device, dtype=torch.int64).expand(B, 1, k + 1)
+        local_w = torch.cat([ones_w, cls_w[:, None, :]], dim=2)
+        context = _GatherSum.apply(edges, local, local_w, prims, None)[:, 0]
+        out = _adapter(context, node_params)
+        return out.to(x.dtype)
+
+    # Full incidence, [B, N, k+2].
+    own = torch.arange(1, N, device=device, dtype=torch.int64).view(1, M, 1).expand(B, M, 1)
+    cls_col_w = torch.zeros(B, M, dtype=compute_dtype, device=device).scatter(1, cls_idx, cls_w)
+    patch_cols = torch.cat([own, nbr_idx + 1, zero_col.expand(B, M, 1)], dim=2)
+    patch_wts = torch.cat([ones_w.expand(B, M, 1), nbr_w, cls_col_w[..., None]], dim=2)
+    cols = torch.cat([cls_cols, patch_cols], dim=1).contiguous()
+    wts = torch.cat([cls_wts, patch_wts], dim=1)
+    transpose = prims.prepare_transpose(cols, N)
+    edges = _GatherSum.apply(xc, cols, wts, prims, transpose)
+    edges = _adapter(edges, edge_params)
+    context = _ScatterSum.apply(edges.contiguous(), cols, wts, N, prims, transpose)
+    out = _adapter(context, node_params)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Validation and the public functional
+# --------------------------------------------------------------------------------------
+
+def _adapter_params(name: str, adapter, dim: int):
+    if isinstance(adapter, (tuple, list)):
+        if len(adapter) != 4:
+            raise ValueError(f"argument '{name}': expected a 4-tuple (down_weight, down_bias, up_weight, up_bias) "
+                             f"or a module with .down and .up linears, got a sequence of length {len(adapter)}")
+        params = tuple(adapter)
+    elif hasattr(adapter, "down") and hasattr(adapter, "up"):
+        params = (getattr(adapter.down, "weight", None), getattr(adapter.down, "bias", None),
+                  getattr(adapter.up, "weight", None), getattr(adapter.up, "bias", None))
+    else:
+        raise ValueError(f"argument '{name}': expected a 4-tuple (down_weight, down_bias, up_weight, up_bias) "
+                         f"or a module with .down and .up linears, got {type(adapter).__name__}")
+    down_w, down_b, up_w, up_b = params
+    check_tensor(f"{name}.down_weight", down_w, ndim=2, shape=("hidden", dim))
+    hidden = down_w.shape[0]
+    check_tensor(f"{name}.down_bias", down_b, shape=(hidden,))
+    check_tensor(f"{name}.up_weight", up_w, shape=(dim, hidden))
+    check_tensor(f"{name}.up_bias", up_b, shape=(dim,))
+    return params
+
+
+def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only):
+    check_tensor("x", x, ndim=3)
+    B, N, D = x.shape
+    if B < 1 or D < 1:
+        raise ValueError(f"argument 'x': expected a non-empty [B, N, D] tensor, got shape {list(x.shape)}")
+    check_positive_int("topk", topk)
+    if N < topk + 2:
+        raise ValueError(f"argument 'topk': expected N >= topk + 2 (each patch row has N - 2 candidates), "
+                         f"got topk={topk} with N={N}")
+    check_tensor("cls_attn", cls_attn, ndim=2, shape=(B, N - 1))
+    if not isinstance(cls_only, bool):
+        raise ValueError(f"argument 'cls_only': expected a bool, got {type(cls_only).__name__}")
+    edge = _adapter_params("edge_adapter", edge_adapter, D)
+    node = _adapter_params("node_adapter", node_adapter, D)
+    for name, t in (("cls_attn", cls_attn),
+                    *zip(("edge_adapter.down_weight", "edge_adapter.down_bias", "edge_adapter.up_weight",
+                          "edge_adapter.up_bias"), edge),
+                    *zip(("node_adapter.down_weight", "node_adapter.down_bias", "node_adapter.up_weight",
+                          "node_adapter.up_bias"), node)):
+        if t.device != x.device:
+            raise ValueError(f"argument '{name}': expected a tensor on {x.device} (like 'x'), got {t.device}")
+    return edge, node
+
+
+def _kernel_check(x, cls_attn, edge, node, topk, cls_only):
+    reasons = []
+    if topk > MAX_KERNEL_TOPK:
+        reasons.append(f"topk={topk} is over the kernels' limit of {MAX_KERNEL_TOPK}")
+    if x.dtype == torch.float64:
+        reasons.append("float64 inputs are handled by the torch backend only")
+    return reasons
+
+
+_dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"))
+
+
+@_dispatch.register(OP_NAME, "torch")
+def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only):
+    return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
+
+
+def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cls_only: bool = False,
+                   backend: str = "auto"):
+    """ACE-HGNN hyperedge attention (spec section 4), without N x N matrices.
+
+    Parameters
+    ----------
+    x : Tensor [B, N, D]
+        Token features, token 0 is CLS. float16, bfloat16, float32 or float64;
+        computed in float32 (float64 for float64 input), returned in ``x.dtype``.
+    cls_attn : Tensor [B, N - 1]
+        The CLS row of the last layer's pre-softmax attention, without column 0.
+        Any floating dtype (cast to the compute dtype).
+    edge_adapter, node_adapter : tuple or module
+        ``(down_weight [H, D], down_bias [H], up_weight [D, H], up_bias [D])`` or a
+        module with ``.down`` and ``.up`` ``nn.Linear``. Cast to the compute dtype.
+    topk : int
+        Neighbours kept per row (k). Needs ``N >= topk + 2``; the Triton and CUDA
+        backends take ``topk <= 16``.
+    cls_only : bool
+        Return only token 0, ``[B, D]``, computing only the k + 1 rows of A it
+        depends on.
+    backend : {"auto", "cuda", "triton", "torch"}
+        See :mod:`ace_kernels._dispatch`.
+
+    Returns
+    -------
+    Tensor
+        ``[B, N, D]`` (the node adapter's output, no residual), or ``[B, D]``
+        with ``cls_only=True``.
+
+    Notes
+    -----
+    Ties: the neighbours are chosen with ``torch.topk`` semantics, which does
+    not specify which of several equal scores at the k-th place is kept (CPU,
+    CUDA and the kernels may differ). The weights do not depend on the choice,
+    but the rows aggregated (and, for the full output, the in-degree of each
+    token) do; outputs are well defined when the k-th and (k+1)-th scores of
+    every row used differ.
+
+    Zero-norm tokens have cosine 0 with every token (``F.normalize``), and the
+    gradient through the normalisation is that of x / max(|x|, 1e-12).
+
+    Non-finite inputs raise no error and never hang: a NaN or inf in ``x`` or
+    ``cls_attn`` makes the rows that depend on it NaN (or inf) in the output
+    and the gradients; which neighbours are selected among NaN scores is
+    backend dependent (torch.topk ranks NaN above every number; the kernels
+    never select a NaN while a number is left).
+    """
+    edge, node = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only)
+    tensors = [x, cls_attn, *edge, *node]
+    args = (x, cls_attn, edge, node, topk, cls_only)
+    impl = _dispatch.select(OP_NAME, backend, tensors, args)
+    return impl(*args)
+
+
+# --------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------
+
+class _Adapter(nn.Module):
+    """up(leaky_relu(down(z), 0.2)); state dict keys down.weight/bias, up.weight/bias."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        # The reference initialises the weights with kaiming_normal_ and keeps nn.Linear's biases.
+        nn.init.kaiming_normal_(self.down.weight)
+        nn.init.kaiming_normal_(self.up.weight)
+
+    def forward(self, z):
+        return self.up(F.leaky_relu(self.down(z), _NEG_SLOPE))
+
+
+class ACEHypergraph(nn.Module):
+    """ACE-HGNN module: an edge and a node adapter around :func:`ace_hypergraph`.
+
+    Parameters
+    ----------
+    dim : int
+        Token feature size D (512 in BiomedCLIP).
+    hidden : int
+        Adapter bottleneck (128).
+    topk : int
+        Neighbours per hyperedge (5).
+
+    The released checkpoint's adapter state dicts (keys ``down.weight``,
+    ``down.bias``, ``up.weight``, ``up.bias``) load into ``edge_adapter`` and
+    ``node_adapter`` unchanged.
+    """
+
+    def __init__(self, dim: int = 512, hidden: int = 128, topk: int = 5):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("hidden", hidden)
+        check_positive_int("topk", topk)
+        self.dim, self.hidden, self.topk = dim, hidden, topk
+        self.edge_adapter = _Adapter(dim, hidden)
+        self.node_adapter = _Adapter(dim, hidden)
+
+    def forward(self, x, cls_attn, cls_only: bool = False, backend: str = "auto"):
+        return ace_hypergraph(x, cls_attn, self.edge_adapter, self.node_adapter, topk=self.topk,
+                              cls_only=cls_only, backend=backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden}, topk={self.topk}"

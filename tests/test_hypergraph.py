@@ -1,0 +1,324 @@
+"""ace_hypergraph / ACEHypergraph against the fp64 dense oracle (spec section 4).
+
+Forward and every gradient (x, cls_attn, the 8 adapter parameters), full output
+and cls_only, on curated odd shapes and edge cases. The torch backend is tested
+in float64 (tight) and float32; the Triton kernels under the interpreter on
+tiny shapes (marked ``triton``); real-size GPU checks are marked ``gpu``.
+"""
+
+import os
+
+import pytest
+import torch
+
+import ace_kernels
+from ace_kernels import hypergraph as hg
+from oracle_hypergraph import oracle_hypergraph
+
+PARAM_NAMES = ("x", "cls_attn", "edge.down_weight", "edge.down_bias", "edge.up_weight", "edge.up_bias",
+               "node.down_weight", "node.down_bias", "node.up_weight", "node.up_bias")
+
+# (B, N, D, hidden, topk): odd sizes, the N = topk + 2 edge, topk = 1, B = 1, the kernels' k = 16.
+SHAPES = {
+    "n7_d40": (2, 7, 40, 6, 3),
+    "n_is_topk_plus_2": (2, 7, 16, 4, 5),
+    "topk1": (3, 9, 24, 5, 1),
+    "batch1": (1, 12, 33, 7, 4),
+    "topk16": (2, 19, 12, 3, 16),
+    "n33_d64": (2, 33, 64, 16, 5),
+}
+
+
+def make_inputs(shape, dtype=torch.float64, seed=0, device="cpu"):
+    B, N, D, H, k = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    x = rand(B, N, D)
+    cls_attn = rand(B, N - 1, scale=2.0)
+    edge = [rand(H, D, scale=D ** -0.5), rand(H, scale=0.1), rand(D, H, scale=H ** -0.5), rand(D, scale=0.1)]
+    node = [rand(H, D, scale=D ** -0.5), rand(H, scale=0.1), rand(D, H, scale=H ** -0.5), rand(D, scale=0.1)]
+    return x, cls_attn, edge, node, k
+
+
+def leaves(tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def run_with_grads(fn, x, cls_attn, edge, node, seed=1):
+    """Output and the gradients of <out, g> for a fixed random g with respect to all 10 inputs."""
+    inputs = leaves([x, cls_attn, *edge, *node])
+    out = fn(inputs[0], inputs[1], inputs[2:6], inputs[6:10])
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    return out, grads
+
+
+def oracle_run(x, cls_attn, edge, node, k, cls_only):
+    def fn(x_, c_, e_, n_):
+        out = oracle_hypergraph(x_, c_, e_, n_, k)
+        return out[:, 0] if cls_only else out
+
+    return run_with_grads(fn, *(t.double() if isinstance(t, torch.Tensor) else [p.double() for p in t]
+                               for t in (x, cls_attn, edge, node)))
+
+
+def ours_run(x, cls_attn, edge, node, k, cls_only, backend):
+    def fn(x_, c_, e_, n_):
+        return ace_kernels.ace_hypergraph(x_, c_, tuple(e_), tuple(n_), topk=k, cls_only=cls_only, backend=backend)
+
+    return run_with_grads(fn, x, cls_attn, edge, node)
+
+
+def assert_close_scaled(ours, ref, rel, name):
+    """|ours - ref| <= rel * max|ref| (+ tiny floor): errors relative to the tensor's scale."""
+    ours = ours.double()
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item()
+    assert err <= rel * scale + 1e-12, f"{name}: max error {err:.3e} vs scale {scale:.3e} (rel {rel})"
+
+
+def check_against_oracle(shape, dtype, cls_only, backend, rel, seed=0):
+    x, c, edge, node, k = make_inputs(shape, dtype=dtype, seed=seed)
+    out, grads = ours_run(x, c, edge, node, k, cls_only, backend)
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+    assert out.dtype == dtype
+    B, N, D = shape[:3]
+    assert out.shape == ((B, D) if cls_only else (B, N, D))
+    assert_close_scaled(out, ref_out, rel, "output")
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        assert got.shape == want.shape, name
+        assert_close_scaled(got, want, rel, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------- torch backend
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_torch_float64_matches_oracle(shape, cls_only):
+    # Same arithmetic in a different order: float64 rounding only.
+    check_against_oracle(shape, torch.float64, cls_only, "torch", rel=1e-10)
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("shape", [SHAPES["n7_d40"], SHAPES["n33_d64"], SHAPES["topk16"]],
+                         ids=["n7_d40", "n33_d64", "topk16"])
+def test_torch_float32_matches_oracle(shape, cls_only):
+    # float32 with sums over D <= 64 and k + 2 rows: errors ~1e-6 of scale; 1e-4 leaves margin.
+    check_against_oracle(shape, torch.float32, cls_only, "torch", rel=1e-4)
+
+
+def test_cls_only_equals_row_zero_of_full_output():
+    x, c, edge, node, k = make_inputs(SHAPES["n33_d64"])
+    full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
+    cls = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, cls_only=True, backend="torch")
+    torch.testing.assert_close(cls, full[:, 0], rtol=1e-12, atol=1e-12)  # float64, same sums
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(dtype):
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=dtype)
+    out = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
+    ref = oracle_hypergraph(x.double(), c.double(), [p.double() for p in edge], [p.double() for p in node], k)
+    assert out.dtype == dtype
+    # Inputs are exact in float64; float32 compute then one rounding to the output dtype (2^-8 for bf16).
+    assert_close_scaled(out, ref, 2 ** -7, "output")
+
+
+def test_all_equal_features_ties():
+    # Every token identical: every similarity is 1, so which neighbours torch.topk keeps among
+    # the ties is unspecified (and may differ between backends). Well defined regardless:
+    # token 0 of the output, the cls_only gradients of cls_attn and the adapters, and the sum of
+    # the gradient over tokens. cls_attn has distinct values so the CLS row itself has no ties.
+    B, N, D, H, k = 2, 10, 24, 5, 3
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k))
+    x = x[:, :1].expand(B, N, D).contiguous()
+    out, grads = ours_run(x, c, edge, node, k, True, "torch")
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, True)
+    assert_close_scaled(out, ref_out, 1e-10, "output")
+    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+        assert_close_scaled(got, want, 1e-10, f"grad {name}")
+    assert_close_scaled(grads[0].sum(1), ref_grads[0].sum(1), 1e-10, "grad x summed over tokens")
+    full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
+    ref_full = oracle_hypergraph(x, c, edge, node, k)
+    assert_close_scaled(full[:, 0], ref_full[:, 0], 1e-10, "full output, token 0")
+    assert torch.isfinite(full).all()
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_zero_norm_tokens(cls_only):
+    # N = topk + 2: every patch row keeps all its candidates, so the zero tokens' rows (all their
+    # cosines are 0, a tie) have a well-defined neighbour set. Gradients through F.normalize at a
+    # zero vector are 1/eps-sized; the comparison is relative to each tensor's scale.
+    B, N, D, H, k = 2, 7, 20, 4, 5
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), seed=3)
+    x[:, 2] = 0.0
+    x[1, 0] = 0.0  # a zero CLS token too
+    out, grads = ours_run(x, c, edge, node, k, cls_only, "torch")
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+    assert_close_scaled(out, ref_out, 1e-10, "output")
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        assert_close_scaled(got, want, 1e-10, f"grad {name}")
+
+
+def test_non_contiguous_inputs():
+    B, N, D, H, k = 3, 11, 18, 5, 4
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), seed=5)
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)  # batch-strided view
+    c_nc = torch.stack([c, torch.zeros_like(c)], dim=-1)[..., 0]  # stride 2 along tokens
+    edge_nc = [edge[0].T.contiguous().T, edge[1], edge[2].T.contiguous().T, edge[3]]
+    node_nc = [node[0], node[1][None].expand(2, -1)[0], node[2].T.contiguous().T, node[3]]
+    assert not x_nc.is_contiguous() and not c_nc.is_contiguous() and not edge_nc[0].is_contiguous()
+    for cls_only in (False, True):
+        out, grads = ours_run(x_nc, c_nc, edge_nc, node_nc, k, cls_only, "torch")
+        ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+        assert_close_scaled(out, ref_out, 1e-10, "output")
+        for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+            assert_close_scaled(got, want, 1e-10, f"grad {name}")
+
+
+@pytest.mark.parametrize("where", ["x", "cls_attn"])
+def test_non_finite_inputs_do_not_crash(where):
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float32)
+    if where == "x":
+        x[0, 3, 1] = float("nan")
+        x[1, 2, 0] = float("inf")
+    else:
+        c[0, 1] = float("nan")
+    for cls_only in (False, True):
+        out, grads = ours_run(x, c, edge, node, k, cls_only, "torch")
+        # A NaN score ranks first in torch.topk and a NaN/inf feature poisons every row it reaches.
+        assert torch.isnan(out).any()
+        assert all(g.shape == t.shape for g, t in zip(grads, [x, c, *edge, *node]))
+
+
+def test_module_and_adapter_forms_agree():
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    out = module(x, c)
+    params = lambda a: (a.down.weight, a.down.bias, a.up.weight, a.up.bias)  # noqa: E731
+    ref = oracle_hypergraph(x, c, params(module.edge_adapter), params(module.node_adapter), 3)
+    assert_close_scaled(out, ref, 1e-10, "module output")
+    assert_close_scaled(module(x, c, cls_only=True), ref[:, 0], 1e-10, "module cls_only")
+    tuple_out = ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3)
+    torch.testing.assert_close(tuple_out, out, rtol=0, atol=0)
+
+
+def test_module_default_shapes_and_init():
+    module = ace_kernels.ACEHypergraph()
+    assert sum(p.numel() for p in module.parameters()) == 2 * (512 * 128 + 128 + 128 * 512 + 512)
+    keys = set(module.state_dict())
+    assert keys == {f"{a}.{l}.{p}" for a in ("edge_adapter", "node_adapter") for l in ("down", "up")
+                    for p in ("weight", "bias")}
+    # kaiming_normal_ (fan_in, gain sqrt(2)): std sqrt(2 / 512) for down, sqrt(2 / 128) for up.
+    std_down = module.edge_adapter.down.weight.std().item()
+    std_up = module.node_adapter.up.weight.std().item()
+    assert abs(std_down - (2 / 512) ** 0.5) < 0.05 * (2 / 512) ** 0.5
+    assert abs(std_up - (2 / 128) ** 0.5) < 0.05 * (2 / 128) ** 0.5
+
+
+RELEASED = "/work/shared/reference/ACE_LoRA.pt"
+
+
+@pytest.mark.skipif(not os.path.exists(RELEASED), reason="the released checkpoint is not on this machine")
+def test_module_loads_released_adapters():
+    weights = torch.load(RELEASED, map_location="cpu", weights_only=True)["weights"]
+    module = ace_kernels.ACEHypergraph(dim=512, hidden=128, topk=5)
+    module.edge_adapter.load_state_dict(weights["img_edge_adapter"])
+    module.node_adapter.load_state_dict(weights["img_node_adapter"])
+    x, c, *_ = make_inputs((2, 13, 512, 128, 5), dtype=torch.float32)
+    x = torch.nn.functional.normalize(x, dim=-1)
+    out = module(x, c, cls_only=True)
+    sd = {k: v.double() for k, v in weights["img_edge_adapter"].items()}
+    nd = {k: v.double() for k, v in weights["img_node_adapter"].items()}
+    order = ("down.weight", "down.bias", "up.weight", "up.bias")
+    ref = oracle_hypergraph(x.double(), c.double(), [sd[k] for k in order], [nd[k] for k in order], 5)[:, 0]
+    assert_close_scaled(out, ref, 1e-4, "released adapters, cls_only")  # float32 compute
+
+
+# ---------------------------------------------------------------------------- errors
+
+def _good():
+    return make_inputs(SHAPES["n7_d40"], dtype=torch.float32)
+
+
+def _call(x, c, edge, node, k, **kw):
+    return ace_kernels.ace_hypergraph(x, c, edge, node, topk=k, **kw)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("x_rank", "argument 'x'"),
+    ("x_dtype", "argument 'x'"),
+    ("cls_shape", "argument 'cls_attn'"),
+    ("cls_rank", "argument 'cls_attn'"),
+    ("cls_dtype", "argument 'cls_attn'"),
+    ("cls_device", "argument 'cls_attn'"),
+    ("topk_zero", "argument 'topk'"),
+    ("topk_too_large", "argument 'topk'.*N >= topk \\+ 2"),
+    ("topk_float", "argument 'topk'"),
+    ("adapter_len", "argument 'edge_adapter'"),
+    ("adapter_type", "argument 'node_adapter'"),
+    ("down_weight_shape", "argument 'edge_adapter.down_weight'"),
+    ("down_bias_shape", "argument 'edge_adapter.down_bias'"),
+    ("up_weight_shape", "argument 'node_adapter.up_weight'"),
+    ("up_bias_shape", "argument 'node_adapter.up_bias'"),
+    ("adapter_dtype", "argument 'edge_adapter.up_bias'"),
+    ("adapter_device", "argument 'node_adapter.down_weight'"),
+    ("cls_only_type", "argument 'cls_only'"),
+    ("backend_name", "argument 'backend'"),
+])
+def test_value_errors(case, match):
+    x, c, edge, node, k = _good()
+    kw = {}
+    if case == "x_rank":
+        x = x[0]
+    elif case == "x_dtype":
+        x = x.to(torch.int32)
+    elif case == "cls_shape":
+        c = c[:, 1:]
+    elif case == "cls_rank":
+        c = c[..., None]
+    elif case == "cls_dtype":
+        c = c.to(torch.int64)
+    elif case == "cls_device":
+        c = c.to("meta")
+    elif case == "topk_zero":
+        k = 0
+    elif case == "topk_too_large":
+        k = 6  # N = 7 leaves 5 candidates per patch row
+    elif case == "topk_float":
+        k = 2.0
+    elif case == "adapter_len":
+        edge = edge[:3]
+    elif case == "adapter_type":
+        node = "adapter"
+    elif case == "down_weight_shape":
+        edge[0] = edge[0][:, 1:]
+    elif case == "down_bias_shape":
+        edge[1] = edge[1][1:]
+    elif case == "up_weight_shape":
+        node[2] = node[2][:, 1:]
+    elif case == "up_bias_shape":
+        node[3] = node[3][1:]
+    elif case == "adapter_dtype":
+        edge[3] = edge[3].to(torch.int32)
+    elif case == "adapter_device":
+        node[0] = node[0].to("meta")
+    elif case == "cls_only_type":
+        kw["cls_only"] = 1
+    elif case == "backend_name":
+        kw["backend"] = "cudnn"
+    with pytest.raises(ValueError, match=match):
+        _call(x, c, tuple(edge) if isinstance(edge, list) else edge, tuple(node) if isinstance(node, list) else node,
+              k, **kw)
+
+
+def test_explicit_cuda_backend_without_gpu_says_why():
+    if "cuda" in ace_kernels.available_backends():
+        pytest.skip("the CUDA backend can run here")
+    x, c, edge, node, k = _good()
+    with pytest.raises(RuntimeError, match="cuda"):
+        _call(x, c, tuple(edge), tuple(node), k, backend="cuda")
