@@ -504,6 +504,9 @@ class _PeftLoraKind(_LoraKind):
         lora_a, lora_b, dropout = module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
         if any(_has_call_hooks(m) for m in (base, lora_a, lora_b, dropout)):
             return "hooks on the base or LoRA sub-layers"
+        if _global_hooks_set():
+            # Global module hooks would fire for lora_A/lora_B/base_layer, which the fused call skips.
+            return "global module hooks registered"
         if getattr(base, "parametrizations", None) is not None:
             return "parametrized base weight"
         if isinstance(dropout, nn.Dropout):
@@ -617,7 +620,7 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
     kind = group.kind
     if group.pending:
         hit = (group.pending_input is x and index in group.pending and not args and not kwargs
-               and group.pending_key == (x._version, _context_key(x)))
+               and not x.is_inference() and group.pending_key == (x._version, _context_key(x)))
         if hit:
             handle._count("qkv cached")
             out = group.pending.pop(index)
@@ -633,7 +636,10 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
     if isinstance(ops, str):
         handle._count(f"fallback {kind.name}: {ops}")
         return original(x, *args, **kwargs)
-    if group.grouping:
+    if group.grouping and x.is_inference():
+        # Inference tensors have no version counter to guard the kept outputs with.
+        handle._count("qkv ungrouped: inference-mode input")
+    elif group.grouping:
         all_ops = []
         for j, member in enumerate(group.members):
             all_ops.append(ops if j == index else kind.operands(member, x, (), {}))
@@ -723,6 +729,9 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
         return "features are not a [B, N, D] tensor"
     if _autocast_dtype(features) is not None:
         return "autocast is on"
+    topk = int(module.args.topk)
+    if features.shape[1] < topk + 2:
+        return f"N={features.shape[1]} tokens < topk + 2 = {topk + 2}"
     if any(_has_call_hooks(m) for m in (edge, node, edge.down, edge.up, node.down, node.up)):
         return "hooks on the adapters"
     return None
@@ -1148,14 +1157,18 @@ def benchmark_patch_speedup(*, batch: int = 64, rank: int = 4, dropout: float = 
         out.backward()
         optimizer.step()
 
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
     def timed():
         for _ in range(warmup):
             step()
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - start) / steps * 1e3
 
     before = timed()

@@ -1,0 +1,590 @@
+"""Tests of ace_kernels.patch: the drop-in swap on real PEFT models, the reference
+ACE-LoRA layout (tests/reference_modules.py) and open_clip's ClipLoss.
+
+The "before" side of every comparison is the unpatched module itself (PEFT's,
+open_clip's or the re-created reference forward), run on the same inputs; the
+models run in fp64 so the only differences are summation order.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ace_kernels
+from ace_kernels.lora import capture_dropout_masks
+
+from reference_modules import FakeFrame, ReferenceACELoss, ReferenceAttention, ReferenceLoRALinear, TinyCLIP
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+# fp64 everywhere: the fused torch path and the original differ only in summation order
+# (~1e-16 relative per op); 1e-10 leaves room for a few layers of accumulation.
+FP64_TOL = dict(rtol=1e-10, atol=1e-10)
+
+BERT_TARGETS = ["query", "key", "value"]
+
+
+def _bert(lora_dropout=0.0, **lora_kwargs):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=40, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = get_peft_model(BertModel(config, add_pooling_layer=False),
+                           LoraConfig(r=4, lora_alpha=1, lora_dropout=lora_dropout, target_modules=BERT_TARGETS,
+                                      **lora_kwargs))
+    return _randomise_lora(model.double())
+
+
+def _vit(lora_dropout=0.0):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+    model = get_peft_model(vit, LoraConfig(r=4, lora_alpha=1, lora_dropout=lora_dropout, target_modules=["qkv"]))
+    return _randomise_lora(model.double())
+
+
+def _randomise_lora(model):
+    # PEFT initialises B = 0, which would make the LoRA term vanish from every comparison.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name or "w_lora" in name:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _forward_backward(model, run, inputs):
+    """Output and the gradients of every trainable parameter and every input."""
+    out = run(model, *inputs)
+    loss = out.square().sum() if out.dim() else out
+    targets = _trainable(model) + [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(loss, targets, allow_unused=True)
+    return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets)]
+
+
+def _assert_same(before, after, tol=FP64_TOL):
+    out_a, grads_a = before
+    out_b, grads_b = after
+    torch.testing.assert_close(out_b, out_a, **tol)
+    assert len(grads_a) == len(grads_b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, **tol)
+
+
+def _state_snapshot(model):
+    return {k: (v, v.data_ptr(), v.clone()) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _assert_state_unchanged(model, snapshot):
+    now = model.state_dict(keep_vars=True)
+    assert list(now) == list(snapshot)
+    for key, (tensor, ptr, value) in snapshot.items():
+        assert now[key] is tensor, key  # the same Parameter/buffer object
+        assert now[key].data_ptr() == ptr, key
+        assert torch.equal(now[key].detach(), value), key
+
+
+def _assert_original_forwards(model, attrs=("forward", "apply_ace_hgat")):
+    for name, module in model.named_modules():
+        for attr in attrs:
+            assert attr not in module.__dict__, f"{name}.{attr} still shadowed after undo"
+
+
+def _run_bert(model, embeds):
+    return model(inputs_embeds=embeds).last_hidden_state
+
+
+def _run_vit(model, images):
+    return model(images)
+
+
+# ----------------------------------------------------------------------------------------
+# PEFT
+# ----------------------------------------------------------------------------------------
+
+
+def test_peft_bert_qkv_grouped_exact_and_undo():
+    model = _bert().train()
+    embeds = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
+    snapshot = _state_snapshot(model)
+    modules_before = dict(model.named_modules())
+    before = _forward_backward(model, _run_bert, (embeds,))
+
+    handle = ace_kernels.patch(model)
+    assert [r.status for r in handle.records] == ["patched", "patched"]
+    assert all(r.kind.startswith("qkv-group") and r.name.endswith("{query,key,value}") for r in handle.records)
+    after = _forward_backward(model, _run_bert, (embeds,))
+    # One lora_qkv per layer; key and value took the kept outputs.
+    assert handle.stats() == {"lora_qkv": 2, "qkv cached": 4}
+    _assert_same(before, after)
+    _assert_state_unchanged(model, snapshot)
+
+    handle.undo()
+    assert not handle.active
+    assert dict(model.named_modules()) == modules_before  # the same objects
+    _assert_original_forwards(model)
+    peft_linear = model.base_model.model.encoder.layer[0].attention.self.query
+    assert peft_linear.forward.__func__ is type(peft_linear).forward
+    # No hooks left on the attention modules.
+    assert not model.base_model.model.encoder.layer[0].attention.self._forward_hooks
+    again = _forward_backward(model, _run_bert, (embeds,))
+    torch.testing.assert_close(again[0], before[0], rtol=0, atol=0)  # the original code path again
+    _assert_state_unchanged(model, snapshot)
+    handle.undo()  # idempotent
+
+
+def test_peft_timm_fused_qkv_exact():
+    model = _vit().train()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    snapshot = _state_snapshot(model)
+    before = _forward_backward(model, _run_vit, (images,))
+    with ace_kernels.patch(model) as handle:
+        names = [r.name for r in handle.patched]
+        assert names == ["base_model.model.blocks.0.attn.qkv", "base_model.model.blocks.1.attn.qkv"]
+        after = _forward_backward(model, _run_vit, (images,))
+        assert handle.stats() == {"lora_linear": 2}
+        _assert_same(before, after)
+        _assert_state_unchanged(model, snapshot)
+    assert not handle.active
+    _assert_original_forwards(model)
+
+
+def test_peft_dropout_on_matches_masks_and_trains():
+    """With dropout on, the fused path's output equals PEFT's formula with the masks it drew."""
+    model = _bert(lora_dropout=0.5).train()
+    layer = model.base_model.model.encoder.layer[0].attention.self
+    x = torch.randn(4, 9, 32, dtype=torch.float64)
+    with ace_kernels.patch(model) as handle, capture_dropout_masks() as masks:
+        q, k, v = layer.query(x), layer.key(x), layer.value(x)
+    assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
+    assert len(masks) == 1 and masks[0].shape == (3, 4, 9, 32)
+    keep = masks[0].double()
+    for index, (proj, out) in enumerate(zip((layer.query, layer.key, layer.value), (q, k, v))):
+        base = proj.base_layer
+        lora_a, lora_b = proj.lora_A["default"].weight, proj.lora_B["default"].weight
+        expected = F.linear(x, base.weight, base.bias) + proj.scaling["default"] * (
+            (x * keep[index] / 0.5) @ lora_a.t()) @ lora_b.t()
+        torch.testing.assert_close(out, expected, **FP64_TOL)
+    # Keep rate ~ 1 - p: 3456 Bernoulli(0.5) draws, 6 sigma is about 0.05.
+    assert abs(keep.mean().item() - 0.5) < 0.05
+    # Independent masks per projection, as three nn.Dropout layers would draw.
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[1], keep[2])
+
+    # Training runs with dropout on: a few steps reduce a regression loss.
+    torch.manual_seed(3)
+    target = torch.randn(4, 9, 32, dtype=torch.float64)
+    optimizer = torch.optim.SGD(_trainable(model), lr=0.05)
+    losses = []
+    with ace_kernels.patch(model) as handle:
+        for _ in range(8):
+            optimizer.zero_grad()
+            loss = (_run_bert(model, x) - target).square().mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert handle.stats()["lora_qkv"] == 16
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_peft_eval_mode_no_dropout_exact():
+    """In eval mode PEFT's dropout is off; the fused path must be too."""
+    model = _bert(lora_dropout=0.5).eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        after = _forward_backward(model, _run_bert, (embeds,))
+        assert handle.stats()["lora_qkv"] == 2
+    _assert_same(before, after)
+
+
+def test_peft_merged_disabled_multi_adapter_fall_back_exactly():
+    model = _bert().eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    reference = _run_bert(model, embeds).detach()
+
+    model.base_model.merge_adapter()
+    merged_out = _run_bert(model, embeds).detach()
+    with ace_kernels.patch(model) as handle:
+        fallback = [r for r in handle.records if r.status == "fallback"]
+        assert len(fallback) == 2 and all("merged" in r.reason for r in fallback)
+        text = handle.summary()
+        assert "falling back" in text and "merged" in text and "{query,key,value}" in text
+        # Same code path as PEFT's own forward: bitwise equal.
+        torch.testing.assert_close(_run_bert(model, embeds), merged_out, rtol=0, atol=0)
+        assert set(handle.stats()) == {"fallback peft-lora-linear: adapter merged into the base weight"}
+        # Unmerging switches the same patch to the fused path by itself.
+        model.base_model.unmerge_adapter()
+        handle.reset_stats()
+        torch.testing.assert_close(_run_bert(model, embeds), reference, **FP64_TOL)
+        assert handle.stats() == {"lora_qkv": 2, "qkv cached": 4}
+
+        handle.reset_stats()
+        with model.disable_adapter():
+            base_only = _run_bert(model, embeds)
+        assert set(handle.stats()) == {"fallback peft-lora-linear: adapters disabled"}
+    with model.disable_adapter():
+        torch.testing.assert_close(base_only, _run_bert(model, embeds), rtol=0, atol=0)
+
+    # Two adapters active at once: PEFT sums both branches; the patch falls back.
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=1, target_modules=BERT_TARGETS))
+    _randomise_lora(model.double())
+    model.base_model.set_adapter(["default", "second"])
+    both = _run_bert(model, embeds).detach()
+    with ace_kernels.patch(model) as handle:
+        torch.testing.assert_close(_run_bert(model, embeds), both, rtol=0, atol=0)
+        assert set(handle.stats()) == {"fallback peft-lora-linear: 2 active adapters (the fused path takes exactly one)"}
+        assert "2 active adapters" in str(handle)
+    # Only the second adapter active: the fused path serves it.
+    model.base_model.set_adapter("second")
+    second = _forward_backward(model, _run_bert, (embeds.clone().requires_grad_(),))
+    with ace_kernels.patch(model) as handle:
+        _assert_same(second, _forward_backward(model, _run_bert, (embeds.clone().requires_grad_(),)))
+        assert handle.stats()["lora_qkv"] == 2
+
+
+def test_peft_dora_and_adapter_names_fall_back():
+    model = _bert(use_dora=True).train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        assert all(r.status == "fallback" and "variant" in r.reason for r in handle.records)
+        after = _forward_backward(model, _run_bert, (embeds,))
+        assert all(key.startswith("fallback") for key in handle.stats())
+    _assert_same(before, after, dict(rtol=0, atol=0))
+
+    # adapter_names= (mixed-batch inference) goes to PEFT's forward untouched.
+    plain = _bert().eval()
+    layer = plain.base_model.model.encoder.layer[0].attention.self.query
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    expected = layer(x, adapter_names=["default", "__base__"])
+    with ace_kernels.patch(plain) as handle:
+        torch.testing.assert_close(layer(x, adapter_names=["default", "__base__"]), expected, rtol=0, atol=0)
+        assert any("extra forward arguments" in key for key in handle.stats())
+
+
+def test_peft_hooks_and_autocast():
+    model = _bert().eval()
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    # A pre-hook on key changes its input: the group must not hand key the output for x.
+    hook = attention.key.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    expected_k = attention.key(x)
+    with ace_kernels.patch(model) as handle:
+        attention.query(x)
+        torch.testing.assert_close(attention.key(x), expected_k, **FP64_TOL)
+        assert "qkv cached" not in handle.stats()
+    hook.remove()
+
+    # Under CPU autocast (bf16) the fused call runs in bf16 like F.linear would.
+    model32 = _bert().float().eval()
+    embeds = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _run_bert(model32, embeds).float()
+        with ace_kernels.patch(model32) as handle:
+            got = _run_bert(model32, embeds).float()
+            assert handle.stats()["lora_qkv"] == 2
+    # bf16 has 8 mantissa bits: two layers of bf16 GEMMs differ by a few bf16 ulps of O(1) values.
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_summary_lists_skips_and_double_patch():
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    class CustomLinear(PeftLinear):
+        pass
+
+    model = _bert().eval()
+    attention = model.base_model.model.encoder.layer[1].attention.self
+    attention.value.__class__ = CustomLinear
+    handle = ace_kernels.patch(model)
+    statuses = {r.name: (r.status, r.reason) for r in handle.records}
+    name = "base_model.model.encoder.layer.1.attention.self.value"
+    assert statuses[name][0] == "skipped" and "CustomLinear" in statuses[name][1]
+    # The other two members of that layer are patched one by one.
+    assert statuses[name.replace("value", "query")][0] == "patched"
+    assert name in str(handle) and "skipped:" in str(handle)
+    second = ace_kernels.patch(model)
+    assert all(r.status == "skipped" and "already patched" in r.reason for r in second.records
+               if "layer.0" in r.name)
+    second.undo()
+    handle.undo()
+    _assert_original_forwards(model)
+    with pytest.raises(ValueError, match="model_or_module"):
+        ace_kernels.patch("not a module")
+    with pytest.raises(ValueError, match="lora"):
+        ace_kernels.patch(model, lora="yes")
+
+
+def test_undo_after_another_wrapper_warns():
+    model = _vit()
+    qkv = model.base_model.model.blocks[0].attn.qkv
+    handle = ace_kernels.patch(model)
+    wrapped = qkv.forward
+    qkv.forward = lambda x: wrapped(x)  # someone wraps after us
+    with pytest.warns(RuntimeWarning, match="replaced again"):
+        handle.undo()
+    assert "forward" in qkv.__dict__  # left alone
+    del qkv.forward
+
+
+# ----------------------------------------------------------------------------------------
+# Reference layout
+# ----------------------------------------------------------------------------------------
+
+
+def _reference_setup(dropout_rate=0.0, mode="both", seed=0):
+    torch.manual_seed(seed)
+    clip = TinyCLIP(dropout_rate=dropout_rate).double()
+    loss_fn = ReferenceACELoss(20, topk=3, apply_gnn_encoders=mode).double()
+    _randomise_lora(clip)
+    images = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    texts = torch.randint(1, 50, (5, 12))
+    texts[1, 8:] = 0  # padding
+    texts[3, 5:] = 0
+    # Columns 0-1 are ids; rows 0 and 2 share labels, as do 1 and 4 (false negatives).
+    table = np.array([[0, 9, 1, 0, 1], [1, 9, 0, 0, 1], [2, 9, 1, 0, 1], [3, 9, 1, 1, 0], [4, 9, 0, 0, 1]],
+                     dtype=np.float64)
+    return clip, loss_fn, images, texts, FakeFrame(table)
+
+
+def _run_loss(model, images, texts, frame, indices):
+    clip, loss_fn = model
+    return loss_fn(clip, images, texts, frame, indices)
+
+
+class _Pair(nn.ModuleList):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["both", "vision", "text"])
+def test_reference_layout_full_step_exact(mode):
+    clip, loss_fn, images, texts, frame = _reference_setup(mode=mode)
+    model = _Pair([clip, loss_fn]).train()
+    indices = [0, 1, 2, 3, 4]
+    snapshot = _state_snapshot(model)
+    before = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, indices))
+    before_plain = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, None, indices))
+    handle = ace_kernels.patch(model)
+    kinds = sorted({r.kind for r in handle.records})
+    assert kinds == ["qkv-group (reference-lora-linear x3)", "reference-ace-loss"]
+    assert all(r.status == "patched" for r in handle.records), str(handle)
+    after = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, indices))
+    after_plain = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, None, indices))
+    stats = handle.stats()
+    assert stats["lora_qkv"] == 8 and stats["qkv cached"] == 16  # 4 attention modules, twice
+    assert stats["label_guided_infonce"] == 2
+    assert stats.get("ace_hypergraph cls_only", 0) == {"both": 4, "vision": 2, "text": 2}[mode]
+    _assert_same(before, after)
+    _assert_same(before_plain, after_plain)
+    _assert_state_unchanged(model, snapshot)
+    # The labels matter: masking false negatives changes the loss.
+    assert not torch.allclose(before[0], before_plain[0])
+    handle.undo()
+    _assert_original_forwards(model)
+    _assert_same(before, _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, indices)),
+                 dict(rtol=0, atol=0))
+
+
+def test_reference_apply_ace_hgat_full_output_exact():
+    _, loss_fn, _, _, _ = _reference_setup()
+    features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1).requires_grad_()
+    cls_attn = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    run = lambda m, f, c: m.apply_ace_hgat(f, c, encoder="text")  # noqa: E731
+    before = _forward_backward(loss_fn, run, (features, cls_attn))
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [r.name for r in handle.patched] == ["apply_ace_hgat"]
+        after = _forward_backward(loss_fn, run, (features, cls_attn))
+        assert handle.stats() == {"ace_hypergraph": 1}
+        with pytest.raises(ValueError, match="encoder must be img or text"):
+            loss_fn.apply_ace_hgat(features, cls_attn, encoder="audio")
+    _assert_same(before, after)
+
+
+def test_reference_loss_without_hypergraph_patch():
+    """loss=True, hypergraph=False: the loss goes fused, apply_ace_hgat stays the dense original."""
+    clip, loss_fn, images, texts, frame = _reference_setup()
+    model = _Pair([clip, loss_fn]).train()
+    before = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, [4, 3, 2, 1, 0]))
+    with ace_kernels.patch(model, hypergraph=False, lora=False) as handle:
+        assert [r.name for r in handle.records] == ["1.forward"]
+        after = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, [4, 3, 2, 1, 0]))
+        assert handle.stats() == {"label_guided_infonce": 1}
+    _assert_same(before, after)
+
+
+def test_reference_lora_dropout_and_merge_states():
+    torch.manual_seed(5)
+    attention = _randomise_lora(ReferenceAttention(24, 2, r=3, dropout_rate=0.25).double()).train()
+    x = torch.randn(2, 6, 24, dtype=torch.float64)
+    with ace_kernels.patch(attention) as handle, capture_dropout_masks() as masks:
+        q = attention.q_proj(x)
+        v = attention.v_proj(x)
+        k = attention.k_proj(x)
+    assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
+    keep = masks[0].double()
+    for index, (proj, out) in enumerate(zip((attention.q_proj, attention.k_proj, attention.v_proj), (q, k, v))):
+        expected = F.linear(x, proj.weight, proj.bias) + proj.scaling * (
+            (x * keep[index] / 0.75) @ proj.w_lora_A.t()) @ proj.w_lora_B.t()
+        torch.testing.assert_close(out, expected, **FP64_TOL)
+
+    # eval() merges B A into the weights: the patch falls back to the plain linear, exactly.
+    attention.eval()
+    assert attention.q_proj.merged
+    expected = attention(x)
+    with ace_kernels.patch(attention) as handle:
+        assert handle.records[0].status == "fallback" and "merged" in handle.records[0].reason
+        torch.testing.assert_close(attention(x), expected, rtol=0, atol=0)
+        attention.train()  # unmerges; dropout on
+        attention.q_proj.dropout.p = 0.0
+        attention.k_proj.dropout.p = 0.0
+        attention.v_proj.dropout.p = 0.0
+        handle.reset_stats()
+        torch.testing.assert_close(attention(x), _unpatched_call(attention, x), **FP64_TOL)
+        assert handle.stats()["lora_qkv"] == 1
+
+
+def _unpatched_call(attention, x):
+    """The re-created reference forward with the projections' original methods."""
+    saved = {n: getattr(attention, n).__dict__.pop("forward") for n in ("q_proj", "k_proj", "v_proj")}
+    try:
+        return attention(x)
+    finally:
+        for n, fwd in saved.items():
+            getattr(attention, n).__dict__["forward"] = fwd
+
+
+def test_cross_attention_inputs_and_call_order():
+    """Members called with different inputs compute separately; any call order groups."""
+    torch.manual_seed(7)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = ReferenceLoRALinear(16, 16, r=2)
+            self.k_proj = ReferenceLoRALinear(16, 16, r=2)
+            self.v_proj = ReferenceLoRALinear(16, 16, r=2)
+
+        def forward(self, x, memory):
+            return self.v_proj(memory) + self.q_proj(x) * self.k_proj(memory)
+
+    class Reverse(Cross):
+        def forward(self, x, memory):
+            v, k, q = self.v_proj(x), self.k_proj(x), self.q_proj(x)
+            return q * k + v
+
+    for cls, expect in ((Cross, "grouping off"), (Reverse, "qkv cached")):
+        module = _randomise_lora(cls().double()).train()
+        x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+        memory = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+        before = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
+        with ace_kernels.patch(module) as handle:
+            first = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
+            second = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
+            assert any(expect in key for key in handle.stats()), handle.stats()
+        _assert_same(before, first)
+        _assert_same(before, second)
+    # After grouping turned off, Cross runs three lora_linear calls per forward.
+
+
+def test_in_place_change_of_input_invalidates_kept_outputs():
+    torch.manual_seed(8)
+    attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double())
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    with ace_kernels.patch(attention) as handle:
+        attention.q_proj(x)
+        x.mul_(3.0)  # bumps x._version: kept k/v would be stale
+        k = attention.k_proj(x)
+        assert "qkv cached" not in handle.stats()
+    torch.testing.assert_close(k, attention.k_proj(x), **FP64_TOL)
+
+
+# ----------------------------------------------------------------------------------------
+# open_clip ClipLoss
+# ----------------------------------------------------------------------------------------
+
+
+def test_open_clip_clip_loss():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    torch.manual_seed(9)
+    image = F.normalize(torch.randn(11, 24, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(11, 24, dtype=torch.float64), dim=-1).requires_grad_()
+    scale = torch.tensor(14.3, dtype=torch.float64, requires_grad=True)
+    loss_module = open_clip_loss.ClipLoss()
+
+    def run(module, *inputs):
+        return module(*inputs)
+
+    before = _forward_backward(loss_module, run, (image, text, scale))
+    with ace_kernels.patch(loss_module) as handle:
+        assert [(r.kind, r.status) for r in handle.records] == [("open_clip-ClipLoss", "patched")]
+        after = _forward_backward(loss_module, run, (image, text, scale))
+        as_dict = loss_module(image, text, scale, output_dict=True)
+        assert set(as_dict) == {"contrastive_loss"}
+        torch.testing.assert_close(as_dict["contrastive_loss"].detach(), before[0], **FP64_TOL)
+        # A logit bias (SigLIP-style use) goes to open_clip's own code.
+        bias = torch.tensor(-1.5, dtype=torch.float64)
+        torch.testing.assert_close(loss_module(image, text, scale, logit_bias=bias),
+                                   handle_free_call(loss_module, image, text, scale, bias), rtol=0, atol=0)
+        assert handle.stats()["label_guided_infonce"] == 2
+        assert any(key.startswith("fallback open_clip-ClipLoss: logit_bias") for key in handle.stats())
+    _assert_same(before, after)
+
+    # A float multiplier works too.
+    with ace_kernels.patch(loss_module):
+        got = loss_module(image, text, 7.0)
+    torch.testing.assert_close(got, open_clip_loss.ClipLoss()(image, text, 7.0), **FP64_TOL)
+
+    # Multi-process settings are reported, not silently changed.
+    distributed = open_clip_loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=2)
+    with ace_kernels.patch(distributed) as handle:
+        record = handle.records[0]
+        assert record.status == "fallback" and "world_size=2" in record.reason and "local_loss=True" in record.reason
+    # A subclass with its own forward is not ClipLoss's computation.
+    coca = open_clip_loss.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)
+    with ace_kernels.patch(coca) as handle:
+        assert handle.records[0].status == "skipped" and "CoCaLoss" in handle.records[0].reason
+
+
+def handle_free_call(module, *args):
+    return type(module).forward(module, *args)
+
+
+def test_inference_mode_and_no_grad():
+    model = _bert().eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = _run_bert(model, embeds)
+    with ace_kernels.patch(model) as handle:
+        with torch.inference_mode():
+            got = _run_bert(model, embeds)
+        # Inference tensors have no version counter: computed per member, still fused.
+        assert handle.stats() == {"qkv ungrouped: inference-mode input": 6, "lora_linear": 6}
+        handle.reset_stats()
+        with torch.no_grad():
+            got_no_grad = _run_bert(model, embeds)
+        assert handle.stats() == {"lora_qkv": 2, "qkv cached": 4}
+    torch.testing.assert_close(got, expected, **FP64_TOL)
+    torch.testing.assert_close(got_no_grad, expected, **FP64_TOL)
+
+
+def test_benchmark_helper_runs_on_cpu():
+    """The GPU benchmark entry point, at toy size on the CPU (timings meaningless here)."""
+    from ace_kernels.patching import benchmark_patch_speedup
+
+    result = benchmark_patch_speedup(batch=1, steps=1, warmup=0, device="cpu", dtype=torch.float32,
+                                     vision_depth=1, text_layers=1, text_len=8)
+    assert result["stats"]["lora_linear"] == 1  # the ViT's fused qkv
+    assert result["stats"]["lora_qkv"] == 1 and result["stats"]["qkv cached"] == 2  # BERT's q/k/v
+    assert result["patched_ms"] > 0 and result["speedup"] > 0
