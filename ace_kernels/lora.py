@@ -498,13 +498,15 @@ if triton is not None:
                              mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
             if APPLY_DROPOUT:
                 keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, ks, K, drop_threshold)
+                # Masks as 0/1 multipliers in x's dtype: selecting with the i1 masks makes the
+                # sm_90 compiler stage an i1 tensor through shared memory, which it rejects.
                 zero = tl.zeros_like(a_tile)
-                acc = tl.dot(tl.where(keep0, x_tile, 0.0).to(x_tile.dtype),
+                acc = tl.dot(x_tile * keep0.to(x_tile.dtype),
                              tl.where((proj_j == 0)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
                 if PROJECTIONS == 3:
-                    acc = tl.dot(tl.where(keep1, x_tile, 0.0).to(x_tile.dtype),
+                    acc = tl.dot(x_tile * keep1.to(x_tile.dtype),
                                  tl.where((proj_j == 1)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
-                    acc = tl.dot(tl.where(keep2, x_tile, 0.0).to(x_tile.dtype),
+                    acc = tl.dot(x_tile * keep2.to(x_tile.dtype),
                                  tl.where((proj_j == 2)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
@@ -613,16 +615,23 @@ if triton is not None:
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
             keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, ks, K, drop_threshold)
+            # Pack the three masks into one int32 per element right away (fewer live registers
+            # through the epilogue), and apply them as 0/1 fp32 multipliers rather than i1
+            # selects (see _lora_down_kernel).
+            keep_bits = keep0.to(tl.int32) | (keep1.to(tl.int32) << 1) | (keep2.to(tl.int32) << 2)
+            keep_f = (keep_bits & 1).to(tl.float32)
             g_p = tl.where((proj_j == 0)[None, :], acc_g, 0.0)
-            lora_dx = tl.where(keep0, tl.dot(g_p, a_tile, input_precision=LORA_PRECISION), 0.0)
-            da_tile = tl.dot(tl.trans(g_p), tl.where(keep0, x_tile, 0.0), input_precision=LORA_PRECISION)
+            lora_dx = keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
+            da_tile = tl.dot(tl.trans(g_p), x_tile * keep_f, input_precision=LORA_PRECISION)
             if PROJECTIONS == 3:
+                keep_f = ((keep_bits >> 1) & 1).to(tl.float32)
                 g_p = tl.where((proj_j == 1)[None, :], acc_g, 0.0)
-                lora_dx += tl.where(keep1, tl.dot(g_p, a_tile, input_precision=LORA_PRECISION), 0.0)
-                da_tile = tl.dot(tl.trans(g_p), tl.where(keep1, x_tile, 0.0), da_tile, input_precision=LORA_PRECISION)
+                lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
+                da_tile = tl.dot(tl.trans(g_p), x_tile * keep_f, da_tile, input_precision=LORA_PRECISION)
+                keep_f = ((keep_bits >> 2) & 1).to(tl.float32)
                 g_p = tl.where((proj_j == 2)[None, :], acc_g, 0.0)
-                lora_dx += tl.where(keep2, tl.dot(g_p, a_tile, input_precision=LORA_PRECISION), 0.0)
-                da_tile = tl.dot(tl.trans(g_p), tl.where(keep2, x_tile, 0.0), da_tile, input_precision=LORA_PRECISION)
+                lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
+                da_tile = tl.dot(tl.trans(g_p), x_tile * keep_f, da_tile, input_precision=LORA_PRECISION)
         else:
             lora_dx = tl.dot(acc_g, a_tile, input_precision=LORA_PRECISION)
             da_tile = tl.dot(tl.trans(acc_g), x_tile, input_precision=LORA_PRECISION)
@@ -648,11 +657,11 @@ def _block_r(projections: int, rank: int) -> int:
 # Interpreter: large-enough tiles that tiny test shapes need few programs.
 _GPU_CONFIGS = {
     # kernel: {dtype class: (tile sizes..., num_warps, num_stages)}
-    "down": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    "down": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
              "fp32": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)},
     "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
               "fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)},
-    "backward": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3),
+    "backward": {"16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
                  "fp32": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
              "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
