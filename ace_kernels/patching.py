@@ -37,9 +37,18 @@ swap machinery. Built-in recognisers, in the order they are tried:
     merged_df=None, indices=None)``) keeps the reference's calls into the CLIP
     model and replaces the dense hypergraph + numpy-mask loss with the CLS-only
     ``ace_hypergraph`` and ``label_guided_infonce``.
+``reference-clip-loss``  (``loss=True``)
+    The reference's plain ``CLIPLoss`` (``logit_scale``, ``args`` and
+    ``forward(image_features, text_features, merged_df=None, indices=None)``):
+    ``label_guided_infonce`` with the frame's label rows.
 ``open_clip-ClipLoss``  (``loss=True``)
     ``open_clip.loss.ClipLoss`` (the class itself, not subclasses that change
-    its forward) on one process: ``label_guided_infonce`` without labels.
+    its forward): ``label_guided_infonce`` without labels. Across processes
+    (``world_size > 1``, ``local_loss=False``, torch.distributed initialised with
+    the module's rank and world size) it computes the global batch's loss with
+    ``group=WORLD`` and gives every rank open_clip's own per-rank gradients, with
+    and without ``gather_with_grad``. ``local_loss=True`` (each rank's value is
+    its own rows' loss) and horovod run open_clip's forward.
 
 Exactness and per-call fallback
 -------------------------------
@@ -90,12 +99,8 @@ Limits
 ------
 Patched modules hold the replacement as an instance attribute: ``torch.save``
 of a whole pickled module and ``copy.deepcopy`` should happen after
-``undo()`` (``state_dict()`` is unaffected). ``torch.compile`` traces the
-Python checks of the patched forward (they are guards, not graph breaks, for
-the common cases); this is not tested here. open_clip's ClipLoss across
-processes (``world_size > 1``) is not patched: its per-rank value and gradient
-conventions (``local_loss``, ``gather_with_grad``) differ from
-``label_guided_infonce(group=...)``'s; the summary says so.
+``undo()`` (``state_dict()`` is unaffected). ``torch.compile`` over patched
+modules is not tested here.
 """
 
 from __future__ import annotations
@@ -834,6 +839,32 @@ def _reference_forward_signature_ok(module) -> bool:
     return params == _REFERENCE_FORWARD_PARAMS
 
 
+_REFERENCE_CLIP_LOSS_PARAMS = ["image_features", "text_features", "merged_df", "indices"]
+
+
+def _reference_clip_loss_matches(module) -> bool:
+    # The reference's plain CLIPLoss: a logit multiplier, args, and the label-frame forward.
+    if _reference_loss_matches(module) or not hasattr(module, "logit_scale") or not hasattr(module, "args"):
+        return False
+    try:
+        params = list(inspect.signature(type(module).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return False
+    return params == _REFERENCE_CLIP_LOSS_PARAMS
+
+
+def _reference_clip_loss_forward(module, handle, original, image_features, text_features, merged_df=None,
+                                 indices=None):
+    from ace_kernels.contrastive import label_guided_infonce
+
+    if not (isinstance(image_features, torch.Tensor) and image_features.dim() == 2):
+        handle._count("fallback reference-clip-loss: features are not [B, D]")
+        return original(image_features, text_features, merged_df, indices)
+    labels = _labels_from_frame(merged_df, indices, image_features.device) if merged_df is not None else None
+    handle._count("label_guided_infonce")
+    return label_guided_infonce(image_features, text_features, module.logit_scale, labels, backend=handle.backend)
+
+
 # ----------------------------------------------------------------------------------------
 # open_clip ClipLoss
 # ----------------------------------------------------------------------------------------
@@ -849,22 +880,70 @@ def _clip_loss_matches(module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
-def _clip_loss_reason(module) -> str | None:
+def _clip_loss_structure_reason(module) -> str | None:
     cls = _clip_loss_class()
     if type(module).forward is not cls.forward or type(module).get_logits is not cls.get_logits:
         return f"{type(module).__name__} changes ClipLoss's forward/get_logits"
-    if module.world_size != 1 or getattr(module, "use_horovod", False):
-        return (f"world_size={module.world_size}, local_loss={module.local_loss}, "
-                f"gather_with_grad={module.gather_with_grad}: open_clip's per-rank loss and gradient conventions "
-                f"differ from label_guided_infonce(group=...); only single-process ClipLoss is patched")
     return None
+
+
+def _clip_loss_reason(module) -> str | None:
+    """Why this ClipLoss cannot take the fused path now (None: it can)."""
+    reason = _clip_loss_structure_reason(module)
+    if reason or module.world_size == 1:
+        return reason
+    settings = (f"world_size={module.world_size}, local_loss={module.local_loss}, "
+                f"gather_with_grad={module.gather_with_grad}")
+    if getattr(module, "use_horovod", False):
+        return f"{settings}: horovod is not supported"
+    if module.local_loss:
+        # Each rank's value is the loss of its own rows against all columns, not the global loss.
+        return f"{settings}: local_loss=True per-rank values are not label_guided_infonce's global loss"
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return f"{settings}: torch.distributed is not initialised"
+    if dist.get_world_size() != module.world_size or dist.get_rank() != module.rank:
+        return (f"{settings}: rank/world size differ from torch.distributed's "
+                f"({dist.get_rank()}/{dist.get_world_size()})")
+    return None
+
+
+class _SumGradAcrossRanks(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over the group."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, tensor, factor: float):
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
 
 
 def _clip_loss_forward(module, handle, original, image_features, text_features, logit_scale, logit_bias=None,
                        output_dict=False):
     from ace_kernels.contrastive import label_guided_infonce
 
-    # Re-checked per call: world_size can be set after construction.
+    # Re-checked per call: world_size and the process group can change after patching.
     reason = _clip_loss_reason(module)
     if reason is None and logit_bias is not None:
         reason = "logit_bias given (SigLIP-style bias is not part of label_guided_infonce)"
@@ -873,8 +952,25 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
     if reason is not None:
         handle._count(f"fallback open_clip-ClipLoss: {reason}")
         return original(image_features, text_features, logit_scale, logit_bias=logit_bias, output_dict=output_dict)
+    group = None
+    if module.world_size > 1:
+        import torch.distributed as dist
+
+        # open_clip (local_loss=False) gives every rank the global loss. label_guided_infonce
+        # does too, and the gradient of the global loss w.r.t. the local rows, which is
+        # open_clip's without gather_with_grad; with it, open_clip's all_gather backward sums
+        # the (identical) per-rank gradients: world_size times that. logit_scale: open_clip
+        # gives every rank the full gradient, label_guided_infonce this rank's share of it,
+        # so the shares are summed over ranks in backward.
+        group = dist.group.WORLD
+        if isinstance(logit_scale, torch.Tensor) and logit_scale.requires_grad:
+            logit_scale = _SumGradAcrossRanks.apply(logit_scale, group)
+        if module.gather_with_grad:
+            image_features = _ScaleGrad.apply(image_features, float(module.world_size))
+            text_features = _ScaleGrad.apply(text_features, float(module.world_size))
     handle._count("label_guided_infonce")
-    loss = label_guided_infonce(image_features, text_features, logit_scale, None, backend=handle.backend)
+    loss = label_guided_infonce(image_features, text_features, logit_scale, None, group=group,
+                                backend=handle.backend)
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -995,16 +1091,26 @@ def _install_reference_loss(name, module, handle, options):
                                               "-> CLS-only ace_hypergraph + label_guided_infonce"))
 
 
+def _install_reference_clip_loss(name, module, handle, options):
+    kind = "reference-clip-loss"
+    if _is_patched(module):
+        handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
+        return
+    original = _original(module)
+    handle._swap(module, "forward", _Replacement(_reference_clip_loss_forward, module, handle, original))
+    handle.records.append(PatchRecord(name, kind, "patched", "-> label_guided_infonce"))
+
+
 def _install_clip_loss(name, module, handle, options):
     kind = "open_clip-ClipLoss"
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
         return
-    reason = _clip_loss_reason(module)
-    cls = _clip_loss_class()
-    if type(module).forward is not cls.forward or type(module).get_logits is not cls.get_logits:
-        handle.records.append(PatchRecord(name, kind, "skipped", reason))
+    structure = _clip_loss_structure_reason(module)
+    if structure:
+        handle.records.append(PatchRecord(name, kind, "skipped", structure))
         return
+    reason = _clip_loss_reason(module)
     original = _original(module)
     handle._swap(module, "forward", _Replacement(_clip_loss_forward, module, handle, original))
     _record_state(handle, name, kind, reason, "-> label_guided_infonce")
@@ -1014,6 +1120,7 @@ _RECOGNISERS: list[Recogniser] = [
     Recogniser("qkv-group", "lora", lambda m: _qkv_members(m) is not None, _install_qkv_group),
     Recogniser("lora-linear", "lora", lambda m: _lora_kind(m) is not None, _install_lora_single),
     Recogniser("reference-ace-loss", "loss+hypergraph", _reference_loss_matches, _install_reference_loss),
+    Recogniser("reference-clip-loss", "loss", _reference_clip_loss_matches, _install_reference_clip_loss),
     Recogniser("open_clip-ClipLoss", "loss", _clip_loss_matches, _install_clip_loss),
 ]
 

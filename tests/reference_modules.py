@@ -27,6 +27,8 @@ Layout:
   multiplier, ``args.topk``/``args.apply_gnn_encoders``, dense ``apply_ace_hgat``
   and a ``forward(clip_model, images, texts, merged_df=None, indices=None)``
   with the numpy label mask.
+* :class:`ReferenceCLIPLoss` -- the plain loss ``forward(image_features, text_features,
+  merged_df=None, indices=None)`` with the same mask.
 * :class:`FakeFrame` -- the ``merged_df.iloc[indices, 2:].to_numpy()`` access the
   loss uses (pandas is not installed here).
 """
@@ -247,7 +249,6 @@ class ReferenceACELoss(nn.Module):
         return node(adjacency.transpose(1, 2) @ edges)
 
     def forward(self, clip_model, images, texts, merged_df=None, indices=None):
-        device = images.device
         clip_model.visual.trunk.global_pool = ""
         image_tokens, img_scores = clip_model.visual.trunk.get_attn_scores(images)
         image_tokens = F.normalize(clip_model.visual.head(image_tokens), dim=-1)
@@ -261,19 +262,37 @@ class ReferenceACELoss(nn.Module):
         if mode in ("text", "both"):
             text_tokens = F.normalize(self.apply_ace_hgat(text_tokens, text_cls, encoder="text"), dim=-1)
         logits_per_image = self.logit_scale * image_tokens[:, 0] @ text_tokens[:, 0].t()
-        logits_per_text = logits_per_image.t()
-        target = torch.arange(logits_per_image.shape[0], device=device)
         if logits_per_image.isnan().any():
             raise ValueError("NaN value in logits_per_image")
-        if merged_df is not None:
-            rows = merged_df.iloc[indices, 2:].to_numpy()
-            keep = np.ones((rows.shape[0], rows.shape[0]), dtype=bool)
-            keep[(rows[:, None, :] == rows[None, :, :]).all(axis=2)] = False
-            np.fill_diagonal(keep, True)
-            keep = torch.from_numpy(keep).to(device)
-            logits_per_image = logits_per_image.masked_fill(~keep, float("-inf"))
-            logits_per_text = logits_per_text.masked_fill(~keep.t(), float("-inf"))
-        return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)) / 2
+        return _label_guided_loss_dense(logits_per_image, merged_df, indices)
+
+
+def _label_guided_loss_dense(logits_per_image, merged_df, indices):
+    """(CE(rows) + CE(columns)) / 2 with the numpy false-negative mask (spec section 5)."""
+    device = logits_per_image.device
+    logits_per_text = logits_per_image.t()
+    target = torch.arange(logits_per_image.shape[0], device=device)
+    if merged_df is not None:
+        rows = merged_df.iloc[indices, 2:].to_numpy()
+        keep = np.ones((rows.shape[0], rows.shape[0]), dtype=bool)
+        keep[(rows[:, None, :] == rows[None, :, :]).all(axis=2)] = False
+        np.fill_diagonal(keep, True)
+        keep = torch.from_numpy(keep).to(device)
+        logits_per_image = logits_per_image.masked_fill(~keep, float("-inf"))
+        logits_per_text = logits_per_text.masked_fill(~keep.t(), float("-inf"))
+    return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)) / 2
+
+
+class ReferenceCLIPLoss(nn.Module):
+    """The reference's plain contrastive loss on [B, D] embeddings (no hypergraph)."""
+
+    def __init__(self, logit_scale=10.0):
+        super().__init__()
+        self.args = SimpleNamespace(learnable_logit_scale=True)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+
+    def forward(self, image_features, text_features, merged_df=None, indices=None):
+        return _label_guided_loss_dense(self.logit_scale * image_features @ text_features.t(), merged_df, indices)
 
 
 class FakeFrame:

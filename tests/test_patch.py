@@ -17,7 +17,8 @@ from torch import nn
 import ace_kernels
 from ace_kernels.lora import capture_dropout_masks
 
-from reference_modules import FakeFrame, ReferenceACELoss, ReferenceAttention, ReferenceLoRALinear, TinyCLIP
+from reference_modules import (FakeFrame, ReferenceACELoss, ReferenceAttention, ReferenceCLIPLoss,
+                               ReferenceLoRALinear, TinyCLIP)
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -510,6 +511,31 @@ def test_in_place_change_of_input_invalidates_kept_outputs():
     torch.testing.assert_close(k, attention.k_proj(x), **FP64_TOL)
 
 
+def test_reference_clip_loss_and_nan_guard():
+    torch.manual_seed(10)
+    loss_module = ReferenceCLIPLoss(logit_scale=12.0).double()
+    image = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1).requires_grad_()
+    # Non-numeric label cells (strings) compare as whole rows too.
+    frame = FakeFrame(np.array([[0, 0, "a", "x"], [1, 0, "b", "x"], [2, 0, "a", "x"], [3, 0, "b", "y"],
+                                [4, 0, "b", "x"], [5, 0, "c", "y"]], dtype=object))
+    for labels in (frame, None):
+        run = lambda m, u, t: m(u, t, labels, [5, 4, 3, 2, 1, 0])  # noqa: E731
+        before = _forward_backward(loss_module, run, (image, text))
+        with ace_kernels.patch(loss_module) as handle:
+            assert [(r.kind, r.status) for r in handle.records] == [("reference-clip-loss", "patched")]
+            after = _forward_backward(loss_module, run, (image, text))
+            assert handle.stats() == {"label_guided_infonce": 1}
+        _assert_same(before, after)
+
+    # The ACE loss module keeps the reference's NaN check.
+    clip, ace_loss, images, texts, frame = _reference_setup(mode="vision")
+    images[0, 0, 0, 0] = float("nan")
+    with ace_kernels.patch(ace_loss, lora=False):
+        with pytest.raises(ValueError, match="NaN value in logits_per_image"):
+            ace_loss(clip, images, texts, frame, [0, 1, 2, 3, 4])
+
+
 # ----------------------------------------------------------------------------------------
 # open_clip ClipLoss
 # ----------------------------------------------------------------------------------------
@@ -588,3 +614,82 @@ def test_benchmark_helper_runs_on_cpu():
     assert result["stats"]["lora_linear"] == 1  # the ViT's fused qkv
     assert result["stats"]["lora_qkv"] == 1 and result["stats"]["qkv cached"] == 2  # BERT's q/k/v
     assert result["patched_ms"] > 0 and result["speedup"] > 0
+
+
+def test_open_clip_clip_loss_two_processes(tmp_path):
+    """gloo, 2 ranks: per-rank loss and gradients equal open_clip's own, for each setting."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    pytest.importorskip("open_clip.loss")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "clip_loss"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--clip-loss-worker", str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [proc.communicate(timeout=240)[0] for proc in procs]  # two interpreters on a loaded 2-core box
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log
+    for rank in range(2):
+        results = torch.load(f"{out}.{rank}", weights_only=False)
+        for (local_loss, gather_with_grad), (before, after, stats) in results.items():
+            if local_loss:
+                # Per-rank local losses are not the global loss: open_clip's own forward runs.
+                assert all(key.startswith("fallback open_clip-ClipLoss") for key in stats), stats
+                for b, a in zip(before, after):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+            else:
+                assert stats == {"label_guided_infonce": 1}, stats
+                for b, a in zip(before, after):  # loss, d image, d text, d logit_scale
+                    torch.testing.assert_close(a, b, **FP64_TOL)
+
+
+def _clip_loss_worker(out: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from open_clip.loss import ClipLoss
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.manual_seed(0)
+    local = 4
+    image_all = F.normalize(torch.randn(world * local, 8, dtype=torch.float64), dim=-1)
+    text_all = F.normalize(torch.randn(world * local, 8, dtype=torch.float64), dim=-1)
+    rows = slice(rank * local, (rank + 1) * local)
+    results = {}
+    for local_loss, gather_with_grad in ((False, False), (False, True), (True, True)):
+        module = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+
+        def run():
+            image = image_all[rows].clone().requires_grad_()
+            text = text_all[rows].clone().requires_grad_()
+            scale = torch.tensor(11.0, dtype=torch.float64, requires_grad=True)
+            loss = module(image, text, scale)
+            loss.backward()
+            return loss.detach(), image.grad, text.grad, scale.grad
+
+        before = run()
+        with ace_kernels.patch(module) as handle:
+            after = run()
+            results[(local_loss, gather_with_grad)] = (before, after, handle.stats())
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--clip-loss-worker":
+        _clip_loss_worker(sys.argv[2])
