@@ -660,9 +660,9 @@ _GPU_CONFIGS = {
     "down": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
              "fp32": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)},
     "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-              "fp32": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)},
+              "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)},
     "backward": {"16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                 "fp32": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)},
+                 "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
              "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
 }

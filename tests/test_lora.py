@@ -304,3 +304,280 @@ def test_explicit_cuda_backend_without_gpu_raises():
         pytest.skip("checks the error on a machine with no GPU")
     with pytest.raises(RuntimeError, match="cuda"):
         ace_kernels.lora_linear(*_good("linear"), scaling=0.5, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------
+# triton backend (CPU: interpreter, fp32, tiny shapes; GPU: bf16 at real shapes)
+# ----------------------------------------------------------------------------------------
+
+TRITON_CASES = [
+    Case("t_linear_r1_odd", "linear", (5,), 40, 7, 1, dropout_p=0.2),
+    Case("t_linear_r7_nobias", "linear", (2, 3), 40, 7, 7, bias=False, dropout_p=0.3),
+    Case("t_linear_eval", "linear", (4,), 11, 5, 2, dropout_p=0.5, training=False),
+    Case("t_qkv_r4", "qkv", (2, 3), 40, 7, 4, dropout_p=0.25),
+    Case("t_qkv_r1_nobias", "qkv", (9,), 40, 7, 1, bias=False, dropout_p=0.1),
+    Case("t_qkv_r7_no_dropout", "qkv", (3, 2), 17, 7, 7),
+    Case("t_qkv_single_row", "qkv", (1,), 9, 5, 4, dropout_p=0.5),
+    Case("t_qkv_1d_x_x_frozen", "qkv", (), 12, 6, 3, dropout_p=0.3, x_grad=False),
+    # Two row blocks, two K blocks and column tiles straddling projections (interpreter tiles are 32).
+    Case("t_qkv_multi_tile", "qkv", (37,), 45, 13, 4, dropout_p=0.1),
+]
+
+# fp32 kernels (IEEE dots) against the fp64 oracle: reductions over <= 45 terms of O(1)
+# values in fp32 lose ~1e-6; the bound leaves a margin of 10x.
+TRITON_RTOL, TRITON_ATOL = 1e-4, 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.name)
+def test_triton_matches_oracle(case, device):
+    compare_with_oracle(case, make_inputs(case, torch.float32, device), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
+@pytest.mark.triton
+def test_triton_backward_regenerates_forward_mask(device):
+    """dX and dA depend elementwise on the mask: matching the oracle run with the exported
+    mask (and not with another mask) shows backward regenerated the forward's mask."""
+    case = Case("regen", "qkv", (20,), 24, 6, 2, dropout_p=0.5)
+    inputs = make_inputs(case, torch.float32, device)
+    mask = compare_with_oracle(case, inputs, "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+    # Sensitivity: the oracle with the q and k masks swapped gives different gradients.
+    oracle_inputs = fp64_leaves(*inputs)
+    swapped = mask[[1, 0, 2]].to(torch.float64).cpu()
+    outputs = call_oracle(case, [t if t is None else t.cpu() for t in oracle_inputs], swapped)
+    outputs_ref = call_oracle(case, [t if t is None else t.cpu() for t in oracle_inputs], mask.to(torch.float64).cpu())
+    assert not torch.allclose(outputs[0], outputs_ref[0], rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
+@pytest.mark.triton
+def test_triton_strided_x(device):
+    case = Case("strided", "qkv", (10,), 20, 6, 4, dropout_p=0.3)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    wide = torch.randn(10, 2 * case.in_features, device=device)
+    x_strided = wide[:, ::2].detach().requires_grad_(True)
+    assert x_strided.stride() == (2 * case.in_features, 2)
+    compare_with_oracle(case, (x_strided, weight, bias, lora_a, lora_b), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
+@pytest.mark.triton
+def test_triton_mask_statistics_and_independence(device):
+    case = Case("stats", "qkv", (64,), 96, 4, 4, dropout_p=0.1)
+    inputs = make_inputs(case, torch.float32, device)
+    _, first = call_op(case, inputs, "triton")
+    check_mask_statistics(first.cpu(), case.dropout_p)
+    _, second = call_op(case, inputs, "triton")
+    # Successive calls draw new seeds: masks agree only as independent draws would.
+    agree = (first == second).to(torch.float64).mean().item()
+    expected = 0.9 ** 2 + 0.1 ** 2
+    assert abs(agree - expected) < binomial_bound(first.numel(), expected)
+
+
+@pytest.mark.triton
+def test_triton_same_seed_same_output(device):
+    case = Case("seed", "qkv", (6,), 16, 5, 2, dropout_p=0.4)
+    inputs = make_inputs(case, torch.float32, device)
+    devices = [device] if device.type == "cuda" else []
+    results = []
+    for _ in range(2):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(11)
+            results.append(call_op(case, inputs, "triton"))
+    (out_a, mask_a), (out_b, mask_b) = results
+    assert torch.equal(mask_a, mask_b)
+    for a, b in zip(out_a, out_b):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.triton
+def test_triton_exported_mask_is_deterministic_per_seed(device):
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    first = lora_module._export_masks(seed, 7, 33, 3, 0.3)
+    again = lora_module._export_masks(seed, 7, 33, 3, 0.3)
+    other = lora_module._export_masks(seed + 1, 7, 33, 3, 0.3)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    # The single-projection op uses lane 0 of the same stream.
+    assert torch.equal(lora_module._export_masks(seed, 7, 33, 1, 0.3)[0], first[0])
+
+
+@pytest.mark.triton
+def test_triton_declines_trainable_base(device):
+    case = Case("frozen", "qkv", (4,), 8, 3, 2, base_grads=True)
+    inputs = make_inputs(case, torch.float32, device)
+    with pytest.raises(RuntimeError, match="frozen"):
+        ace_kernels.lora_qkv(*inputs, scaling=0.5, backend="triton")
+
+
+@pytest.mark.triton
+def test_triton_zero_rows(device):
+    case = Case("empty", "qkv", (0,), 8, 3, 2, dropout_p=0.2)
+    inputs = make_inputs(case, torch.float32, device)
+    outputs, mask = call_op(case, inputs, "triton")
+    assert all(o.shape == (0, 3) for o in outputs) and mask.shape == (3, 0, 8)
+    sum(o.sum() for o in outputs).backward()
+    assert torch.all(inputs[3].grad == 0) and torch.all(inputs[4].grad == 0) and inputs[0].grad.shape == (0, 8)
+
+
+def test_triton_saved_bytes_are_x_plus_rank_r(device):
+    if "triton" not in ace_kernels.available_backends():
+        pytest.skip("triton cannot run here")
+    case = Case("bytes", "qkv", (10,), 16, 4, 2, dropout_p=0.2)
+    inputs = make_inputs(case, torch.float32, device)
+    with lora_module.saved_activation_bytes() as record:
+        call_op(case, inputs, "triton")
+    # x, S [M, 3r] fp32 and the 8-byte seed: no mask, no dropped copy of x.
+    assert record == [{"backend": "triton", "total": 10 * 16 * 4 + 10 * 6 * 4 + 8, "x": 10 * 16 * 4,
+                       "extra": 10 * 6 * 4 + 8}]
+
+
+def _max_error(got, want):
+    return max((g.double() - w).abs().max().item() for g, w in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [8 * 197, 64 * 197 + 3])
+def test_triton_gpu_real_shapes(dtype, rows):
+    """ViT-B qkv shapes; error against fp64 at most 2x the error of the same formula in torch
+    at the same dtype (same exported masks), plus a floor for outputs that are nearly exact."""
+    device = torch.device("cuda")
+    case = Case("gpu", "qkv", (rows,), 768, 768, 4, dropout_p=0.1)
+    inputs = make_inputs(case, dtype, device)
+    outputs, mask = call_op(case, inputs, "triton")
+    fp64 = fp64_leaves(*inputs)
+    want = call_oracle(case, fp64, mask.double())
+    same_dtype = fp64_leaves(*inputs)
+    same_dtype = [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in same_dtype]
+    torch_same = call_oracle(case, same_dtype, mask.to(dtype))
+    floor = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+    assert _max_error(outputs, want) <= 2 * _max_error(torch_same, want) + floor
+    grads = [torch.randn_like(o) for o in outputs]
+    wrt = [0, 3, 4]
+    got = torch.autograd.grad(outputs, [inputs[i] for i in wrt], grads)
+    ref = torch.autograd.grad(want, [fp64[i] for i in wrt], [g.double() for g in grads])
+    same = torch.autograd.grad(torch_same, [same_dtype[i] for i in wrt], grads)
+    for name, g, r, s in zip(("x", "lora_a", "lora_b"), got, ref, same):
+        err, err_torch = (g.double() - r).abs().max().item(), (s.double() - r).abs().max().item()
+        assert err <= 2 * err_torch + floor * r.abs().max().item(), (name, err, err_torch)
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90a: every kernel at the launch configurations, no spills
+# ----------------------------------------------------------------------------------------
+
+# Integer arguments that are multiples of 16 at the ViT/BERT shapes (M = batch*197 or
+# batch*256 rows, K = out = 768): a real launch specialises them (and every pointer) as
+# 16-divisible, which decides vectorised, pipelined loads and so the register count.
+_DIVISIBLE_AT_REAL_SHAPES = {"M", "N", "K", "OUT", "plane", "stride_xm", "stride_wn", "stride_ym", "stride_dym",
+                             "stride_dxm", "stride_ap", "stride_ar", "stride_bp"}
+# Innermost strides are 1 at a real launch, which Triton turns into a constant.
+_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_sj", "stride_br", "stride_yn", "stride_dyn",
+                 "stride_dxk"}
+
+
+def _aot_launches(dtype):
+    """(label, kernel, signature, constexprs, num_warps, num_stages) for every launch variant."""
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    dot_precision, lora_precision = lora_module._precisions(dtype)
+    pointer_types = {
+        "x_ptr": elem, "w_ptr": elem, "bias_ptr": elem, "a_ptr": elem, "b_ptr": elem, "y_ptr": elem, "dy_ptr": elem,
+        "dx_ptr": elem, "s_ptr": "fp32", "da_part_ptr": "fp32", "db_part_ptr": "fp32", "seed_ptr": "i64",
+        "mask_ptr": "i8",
+    }
+    float_args = {"inv_keep", "scaling", "lora_factor"}
+
+    def build(label, kernel, name, constexprs):
+        cfg = lora_module._config(name, dtype, torch.device("cuda"))
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        constexprs = dict(constexprs, **cfg)
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs or arg in _UNIT_STRIDES:
+                signature[arg] = "constexpr"
+                constexprs.setdefault(arg, 1)
+            elif arg in pointer_types:
+                signature[arg] = "*" + pointer_types[arg]
+            else:
+                signature[arg] = "fp32" if arg in float_args else "i32"
+        return (label, kernel, signature, constexprs, num_warps, num_stages)
+
+    launches = []
+    for projections in (3, 1):
+        block_r = lora_module._block_r(projections, 4)
+        for dropout in (True, False):
+            launches.append(build(f"down P={projections} dropout={dropout}", lora_module._lora_down_kernel, "down",
+                                  dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, BLOCK_R=block_r,
+                                       DOT_PRECISION=dot_precision)))
+            for compute_dx in (True, False):
+                launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}",
+                                      lora_module._lora_backward_kernel, "backward",
+                                      dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, COMPUTE_DX=compute_dx,
+                                           BLOCK_R=block_r, DOT_PRECISION=dot_precision,
+                                           LORA_PRECISION=lora_precision)))
+        for has_bias in (True, False):
+            launches.append(build(f"fused P={projections} bias={has_bias}", lora_module._lora_fused_linear_kernel,
+                                  "fused", dict(HAS_BIAS=has_bias, PROJECTIONS=projections, BLOCK_R=block_r,
+                                                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision)))
+    launches.append(build("mask", lora_module._lora_mask_kernel, "mask", dict(PROJECTIONS=3)))
+    return launches
+
+
+def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
+    """Compile every launch variant for sm_90a; runs in a process without TRITON_INTERPRET
+    (under the interpreter the kernels are not JITFunctions and cannot be compiled)."""
+    import triton.compiler
+
+    from ace_kernels._aot import compile_sm90
+
+    original = triton.compiler.ASTSource
+
+    def with_alignment(fn, signature, constexprs=None, attrs=None):
+        # compile_sm90 takes no attrs: add the 16-divisibility a real launch has.
+        attrs = dict(attrs or {})
+        for index, name in enumerate(fn.arg_names):
+            if signature.get(name, "").startswith("*") or name in _DIVISIBLE_AT_REAL_SHAPES:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return original(fn, signature, constexprs, attrs)
+
+    triton.compiler.ASTSource = with_alignment
+    dtype = getattr(torch, dtype_name)
+    launches = _aot_launches(dtype)
+    if dtype == torch.float32:  # fp32 shares the kernels: the heaviest variants only (CI time)
+        launches = [l for l in launches if ("P=3" in l[0] and "dropout=True" in l[0]) or l[0] == "fused P=3 bias=True"]
+    results = []
+    for label, kernel, signature, constexprs, num_warps, num_stages in launches:
+        res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages)
+        results.append(dict(label=label, registers=res.registers, shared=res.shared_bytes, spills=res.spills,
+                            warps=num_warps, stages=num_stages))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, __file__, "--aot-sm90", dtype_name], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    with capsys.disabled():
+        for r in results:
+            print(f"\n  sm_90a {dtype_name:8s} {r['label']:38s} registers={r['registers']:3d} "
+                  f"shared={r['shared']:6d} B spills={r['spills']} warps={r['warps']} stages={r['stages']}", end="")
+    assert len(results) >= (17 if dtype_name == "bfloat16" else 4)
+    spilling = [r for r in results if r["spills"]]
+    assert not spilling, spilling
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--aot-sm90":
+        print(json.dumps(_compile_all_for_sm90(sys.argv[2])))
