@@ -57,8 +57,9 @@ _NORM_EPS = 1e-12  # F.normalize's default, as the reference uses it
 
 def _flat_rows(index: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
     """Row indices [B, Q] into a [B, R, D] tensor -> indices into its [B*R, D] view."""
+    # Empty slots (column -1) carry weight 0; point them at row 0 of their sample.
     offsets = torch.arange(index.shape[0], device=index.device, dtype=torch.int64) * rows_per_batch
-    return (index.to(torch.int64) + offsets.view(-1, *([1] * (index.dim() - 1)))).reshape(-1)
+    return (index.to(torch.int64).clamp_min(0) + offsets.view(-1, *([1] * (index.dim() - 1)))).reshape(-1)
 
 
 def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -263,8 +264,11 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     zeros_w = torch.zeros(B, 1, 1, dtype=compute_dtype, device=device)
     ones_w = torch.ones(B, 1, 1, dtype=compute_dtype, device=device)
     zero_col = torch.zeros(B, 1, 1, dtype=torch.int64, device=device)
-    # Row 0 of A: self loop, the CLS row's top-k, an empty slot (weight 0) for the column-0 copy.
-    cls_cols = torch.cat([zero_col, cls_idx[:, None, :] + 1, zero_col], dim=2)
+    # Column -1 marks a structurally empty slot (weight 0): kernels skip it, so column 0 of the
+    # transposed incidence holds only its k + 1 real entries.
+    empty_col = torch.full((B, 1, 1), -1, dtype=torch.int64, device=device)
+    # Row 0 of A: self loop, the CLS row's top-k, an empty slot for the column-0 copy.
+    cls_cols = torch.cat([zero_col, cls_idx[:, None, :] + 1, empty_col], dim=2)
     cls_wts = torch.cat([ones_w, cls_w[:, None, :], zeros_w], dim=2)
 
     if cls_only:
@@ -286,7 +290,9 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     # Full incidence, [B, N, k+2].
     own = torch.arange(1, N, device=device, dtype=torch.int64).view(1, M, 1).expand(B, M, 1)
     cls_col_w = torch.zeros(B, M, dtype=compute_dtype, device=device).scatter(1, cls_idx, cls_w)
-    patch_cols = torch.cat([own, nbr_idx + 1, zero_col.expand(B, M, 1)], dim=2)
+    in_cls_topk = torch.zeros(B, M, dtype=torch.bool, device=device).scatter(1, cls_idx, True)
+    cls_slot = torch.where(in_cls_topk, 0, -1)[..., None]
+    patch_cols = torch.cat([own, nbr_idx + 1, cls_slot], dim=2)
     patch_wts = torch.cat([ones_w.expand(B, M, 1), nbr_w, cls_col_w[..., None]], dim=2)
     cols = torch.cat([cls_cols, patch_cols], dim=1).contiguous()
     wts = torch.cat([cls_wts, patch_wts], dim=1)
@@ -296,6 +302,307 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     context = _ScatterSum.apply(edges.contiguous(), cols, wts, N, prims, transpose)
     out = _adapter(context, node_params)
     return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+# Shared conventions: tensors are passed with their strides (no forced copies); every
+# program id is cast to int64 before offset arithmetic; loads are converted to float32
+# and accumulated in float32. Column indices are int64; a column of -1 is an empty slot.
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORTED = True
+except Exception:  # pragma: no cover - depends on the install
+    _TRITON_IMPORTED = False
+
+
+if _TRITON_IMPORTED:
+
+    @triton.jit
+    def _topk_incidence_kernel(
+        pn_ptr, rows_ptr, idx_ptr, w_ptr,
+        M, D, R,
+        stride_pb, stride_pm, stride_pd,
+        stride_rb, stride_rr,
+        stride_ob, stride_or, stride_ok,
+        TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr,
+    ):
+        """Top-k cosine neighbours and their softmax weights for BLOCK_Q query rows.
+
+        pn_ptr   [B, M, D] normalised patch features (any float dtype).
+        rows_ptr [B, R] patch index of each query (HAS_ROWS); else query r is patch r (R = M).
+        idx_ptr  [B, R, TOPK] int64 out: selected patch indices (slot order unspecified).
+        w_ptr    [B, R, TOPK] float32 out: softmax of the selected similarities.
+        The similarities of a [BLOCK_Q, BLOCK_M] tile live only in registers; a running
+        top-k of BLOCK_K (>= TOPK, power of 2) slots per query absorbs each tile.
+        """
+        pid_q = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_mask = offs_q < R
+        if HAS_ROWS:
+            own = tl.load(rows_ptr + b * stride_rb + offs_q * stride_rr, mask=q_mask, other=0).to(tl.int64)
+        else:
+            own = offs_q
+        offs_k = tl.arange(0, BLOCK_K)
+        # Padding slots hold +inf so they are never the running minimum.
+        best_v = tl.where(offs_k < TOPK, float("-inf"), float("inf"))[None, :] + tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
+        best_i = tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
+        tile_cols = tl.arange(0, BLOCK_M)
+        pn_b = pn_ptr + b * stride_pb
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tile_cols
+            m_mask = offs_m < M
+            sim = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < D
+                q = tl.load(pn_b + own[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+                            mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                kt = tl.load(pn_b + offs_m[None, :] * stride_pm + offs_d[:, None] * stride_pd,
+                             mask=d_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+                # ieee: tf32 would change which neighbours are selected.
+                sim += tl.dot(q, kt, input_precision="ieee")
+            # NaN ranks first, as in torch.topk; its weight then comes out NaN.
+            key = tl.where(sim != sim, float("inf"), sim)
+            key = tl.where(m_mask[None, :] & (offs_m[None, :] != own[:, None]), key, float("-inf"))
+            for _ in tl.static_range(TOPK):
+                # First position of the max / min (argmax and argmin made ptxas spill).
+                top = tl.max(key, axis=1)
+                top_at = tl.min(tl.where(key == top[:, None], tile_cols[None, :], BLOCK_M), axis=1)
+                worst = tl.min(best_v, axis=1)
+                worst_at = tl.min(tl.where(best_v == worst[:, None], offs_k[None, :], BLOCK_K), axis=1)
+                take = top > worst
+                replace = (offs_k[None, :] == worst_at[:, None]) & take[:, None]
+                best_v = tl.where(replace, top[:, None], best_v)
+                best_i = tl.where(replace, m0 + top_at[:, None].to(tl.int64), best_i)
+                key = tl.where(tile_cols[None, :] == top_at[:, None], float("-inf"), key)
+        slot_ok = offs_k[None, :] < TOPK
+        row_max = tl.max(tl.where(slot_ok, best_v, float("-inf")), axis=1)
+        e = tl.where(slot_ok, tl.exp(best_v - row_max[:, None]), 0.0)
+        w = e / tl.sum(e, axis=1)[:, None]
+        out_off = b * stride_ob + offs_q[:, None] * stride_or + offs_k[None, :] * stride_ok
+        out_mask = q_mask[:, None] & slot_ok
+        tl.store(idx_ptr + out_off, best_i, mask=out_mask)
+        tl.store(w_ptr + out_off, w, mask=out_mask)
+
+    @triton.jit
+    def _gather_sum_kernel(
+        src_ptr, cols_ptr, w_ptr, out_ptr,
+        Q, D, S,
+        stride_sb, stride_sr, stride_sd,
+        stride_cb, stride_cq, stride_cs,
+        stride_wb, stride_wq, stride_ws,
+        stride_ob, stride_oq, stride_od,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[b, q] = sum_s w[b, q, s] * src[b, cols[b, q, s]] (hyperedge aggregation E = A X).
+
+        src [B, R, D], cols [B, Q, S] int64 (-1: empty slot), w [B, Q, S], out [B, Q, D] float32.
+        Each output row reads at most S rows: no atomics, deterministic.
+        """
+        pid_q = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        q_mask = offs_q < Q
+        d_mask = offs_d < D
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        for s in range(S):
+            col = tl.load(cols_ptr + b * stride_cb + offs_q * stride_cq + s * stride_cs, mask=q_mask, other=-1)
+            wt = tl.load(w_ptr + b * stride_wb + offs_q * stride_wq + s * stride_ws, mask=q_mask, other=0.0)
+            live = q_mask & (col >= 0)
+            rows = tl.load(src_ptr + b * stride_sb + col[:, None] * stride_sr + offs_d[None, :] * stride_sd,
+                           mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            acc += wt.to(tl.float32)[:, None] * rows
+        tl.store(out_ptr + b * stride_ob + offs_q[:, None] * stride_oq + offs_d[None, :] * stride_od, acc,
+                 mask=q_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _scatter_sum_csr_kernel(
+        src_ptr, w_ptr, row_ptr_ptr, perm_ptr, out_ptr,
+        R, D, S,
+        stride_sb, stride_sq, stride_sd,
+        stride_wb, stride_rpb, stride_pb,
+        stride_ob, stride_or, stride_od,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[b, j] = sum over entries (q, s) with cols[b, q, s] == j of w * src[b, q] (C = A^T E').
+
+        Deterministic: each output row walks its own segment of the transposed incidence
+        (row_ptr [B, R + 1], perm [B, nnz] holding q * S + s, stably sorted by column);
+        w is read through its flat [B, Q * S] view (stride_wb, unit inner stride).
+        """
+        pid_r = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        r_mask = offs_r < R
+        d_mask = offs_d < D
+        start = tl.load(row_ptr_ptr + b * stride_rpb + offs_r, mask=r_mask, other=0)
+        count = tl.load(row_ptr_ptr + b * stride_rpb + offs_r + 1, mask=r_mask, other=0) - start
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for e in range(0, tl.max(count, axis=0)):
+            live = r_mask & (e < count)
+            entry = tl.load(perm_ptr + b * stride_pb + start + e, mask=live, other=0)
+            q = entry // S
+            wt = tl.load(w_ptr + b * stride_wb + entry, mask=live, other=0.0).to(tl.float32)
+            rows = tl.load(src_ptr + b * stride_sb + q[:, None] * stride_sq + offs_d[None, :] * stride_sd,
+                           mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            acc += wt[:, None] * rows
+        tl.store(out_ptr + b * stride_ob + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od, acc,
+                 mask=r_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _entry_dot_kernel(
+        a_ptr, b_ptr, cols_ptr, out_ptr,
+        Q, D, S,
+        stride_ab, stride_aq, stride_ad,
+        stride_bb, stride_br, stride_bd,
+        stride_cb, stride_cq, stride_cs,
+        stride_ob, stride_oq, stride_os,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[b, q, s] = <a[b, q], b[b, cols[b, q, s]]> (0 for empty slots): the weight gradient
+        of both aggregations. a [B, Q, D], b [B, R, D], out [B, Q, S] float32."""
+        pid_q = tl.program_id(0).to(tl.int64)
+        bb = tl.program_id(1).to(tl.int64)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_mask = offs_q < Q
+        for s in range(S):
+            col = tl.load(cols_ptr + bb * stride_cb + offs_q * stride_cq + s * stride_cs, mask=q_mask, other=-1)
+            live = q_mask & (col >= 0)
+            acc = tl.zeros([BLOCK_Q], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < D
+                av = tl.load(a_ptr + bb * stride_ab + offs_q[:, None] * stride_aq + offs_d[None, :] * stride_ad,
+                             mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                bv = tl.load(b_ptr + bb * stride_bb + col[:, None] * stride_br + offs_d[None, :] * stride_bd,
+                             mask=live[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(av * bv, axis=1)
+            tl.store(out_ptr + bb * stride_ob + offs_q * stride_oq + s * stride_os, acc, mask=q_mask)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _transpose_csr(cols: torch.Tensor, num_rows: int):
+    """Transposed incidence: row_ptr [B, num_rows + 1] and perm [B, Q * S] (flat entry ids
+    q * S + s, stably sorted by column; empty slots sorted past the end)."""
+    B, Q, S = cols.shape
+    flat = cols.reshape(B, Q * S)
+    key = torch.where(flat >= 0, flat, num_rows)
+    perm = torch.sort(key, dim=1, stable=True).indices.contiguous()
+    counts = torch.zeros(B, num_rows + 1, dtype=torch.int64, device=cols.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    row_ptr = torch.zeros(B, num_rows + 1, dtype=torch.int64, device=cols.device)
+    row_ptr[:, 1:] = torch.cumsum(counts[:, :num_rows], dim=1)
+    return row_ptr, perm
+
+
+# Launch configurations: (interpreter, GPU). The interpreter pays per tile operation, so it
+# gets few large programs; the GPU configurations are the ones the AOT test compiles.
+# Other top-k tilings (BLOCK_D=64, 4 warps, 2+ stages) spill on sm_90a (measured with ace_kernels._aot).
+TOPK_CONFIG = {"interp": dict(BLOCK_Q=16, BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1),
+               "gpu": dict(BLOCK_Q=16, BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=1)}
+GATHER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
+SCATTER_CONFIG = {"interp": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_R=4, BLOCK_D=128, num_warps=4)}
+DOT_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=8, BLOCK_D=128, num_warps=4)}
+
+
+def _mode() -> str:
+    return "interp" if _dispatch.interpreter_enabled() else "gpu"
+
+
+def _triton_topk_rows(pn, rows, topk):
+    B, M, D = pn.shape
+    cfg = TOPK_CONFIG[_mode()]
+    R = M if rows is None else rows.shape[1]
+    idx = torch.empty(B, R, topk, dtype=torch.int64, device=pn.device)
+    w = torch.empty(B, R, topk, dtype=torch.float32, device=pn.device)
+    rows_arg = idx if rows is None else rows  # any pointer when HAS_ROWS is off
+    block_m = min(cfg["BLOCK_M"], max(16, _pow2(M)))
+    block_d = min(cfg["BLOCK_D"], max(16, _pow2(D)))
+    grid = (triton.cdiv(R, cfg["BLOCK_Q"]), B)
+    _topk_incidence_kernel[grid](
+        pn, rows_arg, idx, w, M, D, R,
+        pn.stride(0), pn.stride(1), pn.stride(2),
+        rows_arg.stride(0), rows_arg.stride(1),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        TOPK=topk, BLOCK_K=max(2, _pow2(topk)), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=block_m, BLOCK_D=block_d,
+        HAS_ROWS=rows is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return idx, w.to(pn.dtype)
+
+
+def _triton_gather_sum(src, cols, weights):
+    B, R, D = src.shape
+    Q, S = cols.shape[1], cols.shape[2]
+    cfg = GATHER_CONFIG[_mode()]
+    out = torch.empty(B, Q, D, dtype=torch.float32, device=src.device)
+    block_d = min(cfg["BLOCK_D"], _pow2(D))
+    grid = (triton.cdiv(Q, cfg["BLOCK_Q"]), triton.cdiv(D, block_d), B)
+    _gather_sum_kernel[grid](
+        src, cols, weights, out, Q, D, S,
+        src.stride(0), src.stride(1), src.stride(2),
+        cols.stride(0), cols.stride(1), cols.stride(2),
+        weights.stride(0), weights.stride(1), weights.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return out.to(src.dtype)
+
+
+def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
+    B, Q, D = src.shape
+    S = cols.shape[2]
+    if transpose is None:
+        transpose = _transpose_csr(cols, num_rows)
+    row_ptr, perm = transpose
+    flat_w = weights.reshape(B, Q * S).contiguous()
+    cfg = SCATTER_CONFIG[_mode()]
+    out = torch.empty(B, num_rows, D, dtype=torch.float32, device=src.device)
+    block_d = min(cfg["BLOCK_D"], _pow2(D))
+    grid = (triton.cdiv(num_rows, cfg["BLOCK_R"]), triton.cdiv(D, block_d), B)
+    _scatter_sum_csr_kernel[grid](
+        src, flat_w, row_ptr, perm, out, num_rows, D, S,
+        src.stride(0), src.stride(1), src.stride(2),
+        flat_w.stride(0), row_ptr.stride(0), perm.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return out.to(src.dtype)
+
+
+def _triton_entry_dot(a, b, cols):
+    B, Q, D = a.shape
+    S = cols.shape[2]
+    cfg = DOT_CONFIG[_mode()]
+    out = torch.empty(B, Q, S, dtype=torch.float32, device=a.device)
+    block_d = min(cfg["BLOCK_D"], _pow2(D))
+    grid = (triton.cdiv(Q, cfg["BLOCK_Q"]), B)
+    _entry_dot_kernel[grid](
+        a, b, cols, out, Q, D, S,
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2),
+        cols.stride(0), cols.stride(1), cols.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return out.to(a.dtype)
+
+
+TRITON_PRIMITIVES = _Primitives("triton", _triton_topk_rows, _triton_gather_sum, _triton_scatter_sum,
+                                _triton_entry_dot, _transpose_csr) if _TRITON_IMPORTED else None
 
 
 # --------------------------------------------------------------------------------------
@@ -362,6 +669,11 @@ _dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"))
 @_dispatch.register(OP_NAME, "torch")
 def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only):
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
+
+
+@_dispatch.register(OP_NAME, "triton", check=_kernel_check)
+def _hypergraph_triton(x, cls_attn, edge, node, topk, cls_only):
+    return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TRITON_PRIMITIVES)
 
 
 def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cls_only: bool = False,

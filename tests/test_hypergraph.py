@@ -322,3 +322,152 @@ def test_explicit_cuda_backend_without_gpu_says_why():
     x, c, edge, node, k = _good()
     with pytest.raises(RuntimeError, match="cuda"):
         _call(x, c, tuple(edge), tuple(node), k, backend="cuda")
+
+
+# ---------------------------------------------------------------------------- Triton kernels
+
+TRITON_SHAPES = {
+    "n7_d40": SHAPES["n7_d40"],
+    "topk1_b3": SHAPES["topk1"],
+    "topk16": SHAPES["topk16"],
+    # Two similarity tiles (M = 40 > BLOCK_M = 32) and two D chunks (70 > 64) under the interpreter.
+    "two_tiles": (1, 41, 70, 5, 5),
+}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("shape", list(TRITON_SHAPES.values()), ids=list(TRITON_SHAPES))
+def test_triton_float32_matches_oracle(shape, cls_only, device):
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    # float32 kernels (ieee dot, float32 accumulation) vs float64: ~1e-6 of scale; 1e-4 margin.
+    check_against_oracle(shape, torch.float32, cls_only, "triton", rel=1e-4)
+
+
+@pytest.mark.triton
+def test_triton_non_contiguous_and_zero_norm():
+    B, N, D, H, k = 2, 7, 20, 4, 5  # N = k + 2: the zero token's tied row has one possible selection
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), dtype=torch.float32, seed=7)
+    x[:, 3] = 0.0
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)
+    c_nc = torch.stack([c, c], dim=-1)[..., 1]
+    for cls_only in (False, True):
+        out, grads = ours_run(x_nc, c_nc, edge, node, k, cls_only, "triton")
+        ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+        assert_close_scaled(out, ref_out, 1e-4, "output")  # float32 vs float64
+        for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+            assert_close_scaled(got, want, 1e-4, f"grad {name}")
+
+
+@pytest.mark.triton
+def test_triton_primitives_match_torch():
+    # The deterministic CSR scatter and the empty-slot convention, against the torch primitives.
+    gen = torch.Generator().manual_seed(11)
+    B, Q, R, S, D = 2, 9, 6, 4, 37
+    src_q = torch.randn(B, Q, D, generator=gen)
+    src_r = torch.randn(B, R, D, generator=gen)
+    cols = torch.randint(-1, R, (B, Q, S), generator=gen)
+    w = torch.randn(B, Q, S, generator=gen) * (cols >= 0)
+    t, p = hg.TORCH_PRIMITIVES, hg.TRITON_PRIMITIVES
+    torch.testing.assert_close(p.gather_sum(src_r, cols, w), t.gather_sum(src_r, cols, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p.scatter_sum(src_q, cols, w, R), t.scatter_sum(src_q, cols, w, R),
+                               rtol=1e-5, atol=1e-5)
+    want = t.entry_dot(src_q, src_r, cols) * (cols >= 0)
+    torch.testing.assert_close(p.entry_dot(src_q, src_r, cols), want, rtol=1e-5, atol=1e-5)
+    # Deterministic: the same call gives bit-identical results.
+    a = p.scatter_sum(src_q, cols, w, R)
+    assert torch.equal(a, p.scatter_sum(src_q, cols, w, R))
+
+
+def _aot_signatures():
+    """Every Triton kernel at the GPU configurations its launcher uses."""
+    i32 = "i32"
+    cfg = hg.TOPK_CONFIG["gpu"]
+    topk_sig = {"pn_ptr": "*fp32", "rows_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32",
+                "M": i32, "D": i32, "R": i32,
+                **{n: i32 for n in ("stride_pb", "stride_pm", "stride_pd", "stride_rb", "stride_rr",
+                                    "stride_ob", "stride_or", "stride_ok")},
+                **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS")}}
+    for k, has_rows in ((5, False), (5, True), (16, False)):
+        yield (f"topk_incidence k={k} rows={has_rows}", hg._topk_incidence_kernel, topk_sig,
+               dict(TOPK=k, BLOCK_K=hg._pow2(k), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=cfg["BLOCK_M"],
+                    BLOCK_D=cfg["BLOCK_D"], HAS_ROWS=has_rows), cfg["num_warps"], cfg["num_stages"])
+    g = hg.GATHER_CONFIG["gpu"]
+    yield ("gather_sum", hg._gather_sum_kernel,
+           {"src_ptr": "*fp32", "cols_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*fp32", "Q": i32, "D": i32, "S": i32,
+            **{n: i32 for n in ("stride_sb", "stride_sr", "stride_sd", "stride_cb", "stride_cq", "stride_cs",
+                                "stride_wb", "stride_wq", "stride_ws", "stride_ob", "stride_oq", "stride_od")},
+            "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr"},
+           dict(BLOCK_Q=g["BLOCK_Q"], BLOCK_D=g["BLOCK_D"]), g["num_warps"], 3)
+    sc = hg.SCATTER_CONFIG["gpu"]
+    yield ("scatter_sum_csr", hg._scatter_sum_csr_kernel,
+           {"src_ptr": "*fp32", "w_ptr": "*fp32", "row_ptr_ptr": "*i64", "perm_ptr": "*i64", "out_ptr": "*fp32",
+            "R": i32, "D": i32, "S": i32,
+            **{n: i32 for n in ("stride_sb", "stride_sq", "stride_sd", "stride_wb", "stride_rpb", "stride_pb",
+                                "stride_ob", "stride_or", "stride_od")},
+            "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+           dict(BLOCK_R=sc["BLOCK_R"], BLOCK_D=sc["BLOCK_D"]), sc["num_warps"], 3)
+    dc = hg.DOT_CONFIG["gpu"]
+    yield ("entry_dot", hg._entry_dot_kernel,
+           {"a_ptr": "*fp32", "b_ptr": "*fp32", "cols_ptr": "*i64", "out_ptr": "*fp32", "Q": i32, "D": i32, "S": i32,
+            **{n: i32 for n in ("stride_ab", "stride_aq", "stride_ad", "stride_bb", "stride_br", "stride_bd",
+                                "stride_cb", "stride_cq", "stride_cs", "stride_ob", "stride_oq", "stride_os")},
+            "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr"},
+           dict(BLOCK_Q=dc["BLOCK_Q"], BLOCK_D=dc["BLOCK_D"]), dc["num_warps"], 3)
+
+
+# Unit strides (D innermost) are specialised to the constant 1 in a real launch, as Triton does.
+_UNIT_STRIDES = {"stride_pd", "stride_ok", "stride_rr", "stride_sd", "stride_cs", "stride_ws", "stride_od",
+                 "stride_ad", "stride_bd", "stride_os"}
+
+
+def _compile_all_for_sm90() -> list:
+    """Compile every launch variant for sm_90a. Runs in a subprocess without TRITON_INTERPRET:
+    under the interpreter the kernels are not JITFunctions and cannot be compiled."""
+    import triton.compiler
+
+    from ace_kernels._aot import compile_sm90
+
+    original = triton.compiler.ASTSource
+
+    def aligned(fn, signature, constexprs=None, attrs=None):
+        # compile_sm90 takes no attrs: add the 16-byte pointer alignment a real launch has.
+        attrs = dict(attrs or {})
+        for index, name in enumerate(fn.arg_names):
+            if signature.get(name, "").startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return original(fn, signature, constexprs, attrs)
+
+    triton.compiler.ASTSource = aligned
+    results = []
+    for name, kernel, signature, constexprs, warps, stages in _aot_signatures():
+        signature = dict(signature)
+        constexprs = dict(constexprs)
+        for arg in _UNIT_STRIDES & set(signature):
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        res = compile_sm90(kernel, signature, constexprs, num_warps=warps, num_stages=stages)
+        results.append(dict(name=name, registers=res.registers, shared=res.shared_bytes, spills=res.spills))
+    return results
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90a_without_spills():
+    pytest.importorskip("triton")
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import json, sys; sys.path.insert(0, %r); import test_hypergraph as t; "
+            "print('AOT' + json.dumps(t._compile_all_for_sm90()))" % here)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("AOT", 1)[1])
+    report = [f"{r['name']}: {r['registers']} registers, {r['shared']} B shared, {r['spills']} B spilled"
+              for r in results]
+    print("\n".join(report))
+    assert len(results) == 6
+    assert all(r["spills"] == 0 for r in results), report
