@@ -109,7 +109,6 @@ import collections
 import contextlib
 import inspect
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -127,6 +126,8 @@ __all__ = [
     "recognisers",
     "benchmark_patch_speedup",
 ]
+
+_FUSED_OPS = ("lora_linear", "lora_qkv", "ace_hypergraph", "label_guided_infonce")
 
 # Marks every replacement callable so a second patch() leaves patched modules alone.
 _MARK = "__ace_kernels_patch__"
@@ -197,14 +198,19 @@ class PatchHandle:
     on exit.
     """
 
-    def __init__(self, backend: str):
+    def __init__(self, backend):
         self.backend = backend
         self.records: list[PatchRecord] = []
         self._swaps: list[_Swap] = []
         self._hooks: list = []
         self._undone = False
-        self._lock = threading.Lock()
         self._counts: collections.Counter = collections.Counter()
+
+    def backend_for(self, op: str) -> str:
+        """The backend passed to ``op`` (``patch``'s ``backend``, per op when a dict)."""
+        if isinstance(self.backend, dict):
+            return self.backend.get(op, "auto")
+        return self.backend
 
     # -- bookkeeping used by the recognisers --
     def _count(self, key: str) -> None:
@@ -411,7 +417,8 @@ def _run_lora_linear(handle, x, ops: _LoraOperands):
     x_in = x if x.dtype == ops.compute_dtype else x.to(ops.compute_dtype)
     with (_autocast_off(x) if ops.autocast else contextlib.nullcontext()):
         return lora_linear(x_in, ops.weight, ops.bias, ops.lora_a, ops.lora_b, scaling=ops.scaling,
-                           dropout_p=ops.dropout_p, training=ops.training, backend=handle.backend)
+                           dropout_p=ops.dropout_p, training=ops.training,
+                           backend=handle.backend_for("lora_linear"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -693,7 +700,7 @@ def _run_lora_qkv(handle, x, all_ops):
     x_in = x if x.dtype == first.compute_dtype else x.to(first.compute_dtype)
     with (_autocast_off(x) if first.autocast else contextlib.nullcontext()):
         return lora_qkv(x_in, weight, bias, lora_a, lora_b, scaling=first.scaling, dropout_p=first.dropout_p,
-                        training=first.training, backend=handle.backend)
+                        training=first.training, backend=handle.backend_for("lora_qkv"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -751,7 +758,8 @@ def _ace_hgat_forward(module, handle, original, features, attn_weights, encoder=
         handle._count(f"fallback apply_ace_hgat: {reason}")
         return original(features, attn_weights, encoder)
     handle._count("ace_hypergraph")
-    return ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), backend=handle.backend)
+    return ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk),
+                          backend=handle.backend_for("ace_hypergraph"))
 
 
 def _ace_cls_embedding(module, handle, features, attn_weights, encoder):
@@ -763,7 +771,7 @@ def _ace_cls_embedding(module, handle, features, attn_weights, encoder):
         if _hypergraph_reason(module, features, attn_weights, edge, node) is None:
             handle._count("ace_hypergraph cls_only")
             cls = ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), cls_only=True,
-                                 backend=handle.backend)
+                                 backend=handle.backend_for("ace_hypergraph"))
             if cls.dim() == 3:
                 cls = cls[:, 0]
             return F.normalize(cls, dim=-1)
@@ -823,7 +831,8 @@ def _reference_loss_forward(module, handle, original, clip_model, images, texts,
         text_emb = text_tokens[:, 0]
     labels = _labels_from_frame(merged_df, indices, device) if merged_df is not None else None
     handle._count("label_guided_infonce")
-    loss = label_guided_infonce(image_emb, text_emb, module.logit_scale, labels, backend=handle.backend)
+    loss = label_guided_infonce(image_emb, text_emb, module.logit_scale, labels,
+                                backend=handle.backend_for("label_guided_infonce"))
     # The reference raises on NaN logits (one host sync per step there too); a NaN loss is
     # what NaN logits produce.
     if torch.isnan(loss).item():
@@ -862,7 +871,8 @@ def _reference_clip_loss_forward(module, handle, original, image_features, text_
         return original(image_features, text_features, merged_df, indices)
     labels = _labels_from_frame(merged_df, indices, image_features.device) if merged_df is not None else None
     handle._count("label_guided_infonce")
-    return label_guided_infonce(image_features, text_features, module.logit_scale, labels, backend=handle.backend)
+    return label_guided_infonce(image_features, text_features, module.logit_scale, labels,
+                                backend=handle.backend_for("label_guided_infonce"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -970,7 +980,7 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
             text_features = _ScaleGrad.apply(text_features, float(module.world_size))
     handle._count("label_guided_infonce")
     loss = label_guided_infonce(image_features, text_features, logit_scale, None, group=group,
-                                backend=handle.backend)
+                                backend=handle.backend_for("label_guided_infonce"))
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -1168,8 +1178,12 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
         ``ClipLoss`` with ``label_guided_infonce``.
     group_qkv : bool, default True
         Group q/k/v LoRA triples into one ``lora_qkv`` call (see the module docstring).
-    backend : {"auto", "cuda", "triton", "torch"}, default "auto"
-        Passed to every fused op call.
+    backend : str or dict, default "auto"
+        ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``, passed to every fused
+        op call; or a dict from op name (``"lora_linear"``, ``"lora_qkv"``,
+        ``"ace_hypergraph"``, ``"label_guided_infonce"``) to backend, ``"auto"``
+        for the ops it leaves out. A named backend that cannot run a call raises
+        ``RuntimeError`` from that call, as the op itself does.
 
     Returns
     -------
@@ -1192,7 +1206,15 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
             raise ValueError(f"argument '{key}': expected a bool, got {type(value).__name__}")
     from ace_kernels._dispatch import requested_backend
 
-    requested_backend(backend)  # validates the name (ValueError) without fixing the env choice
+    if isinstance(backend, dict):
+        unknown = sorted(set(backend) - set(_FUSED_OPS))
+        if unknown:
+            raise ValueError(f"argument 'backend': expected keys among {list(_FUSED_OPS)}, got {unknown}")
+        for name in backend.values():
+            requested_backend(name)
+        backend = dict(backend)
+    else:
+        requested_backend(backend)  # validates the name (ValueError) without fixing the env choice
     handle = PatchHandle(backend)
     handled: set[int] = set()
     for name, module in model_or_module.named_modules():

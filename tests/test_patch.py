@@ -6,6 +6,7 @@ open_clip's or the re-created reference forward), run on the same inputs; the
 models run in fp64 so the only differences are summation order.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -245,7 +246,8 @@ def test_peft_merged_disabled_multi_adapter_fall_back_exactly():
     both = _run_bert(model, embeds).detach()
     with ace_kernels.patch(model) as handle:
         torch.testing.assert_close(_run_bert(model, embeds), both, rtol=0, atol=0)
-        assert set(handle.stats()) == {"fallback peft-lora-linear: 2 active adapters (the fused path takes exactly one)"}
+        assert set(handle.stats()) == {
+            "fallback peft-lora-linear: 2 active adapters (the fused path takes exactly one)"}
         assert "2 active adapters" in str(handle)
     # Only the second adapter active: the fused path serves it.
     model.base_model.set_adapter("second")
@@ -340,6 +342,48 @@ def test_undo_after_another_wrapper_warns():
     del qkv.forward
 
 
+@pytest.mark.triton
+def test_peft_triton_backend():
+    """The same swap routed to the Triton kernels (the CPU interpreter here), fp32."""
+    model = _bert(lora_dropout=0.25).float().eval()
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    before = _forward_backward(model, lambda m, a: attention.value(a) + attention.query(a) * attention.key(a), (x,))
+    with ace_kernels.patch(model, backend="triton") as handle:
+        after = _forward_backward(model, lambda m, a: attention.value(a) + attention.query(a) * attention.key(a),
+                                  (x,))
+        assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
+        model.train()
+        with capture_dropout_masks() as masks:
+            q = attention.query(x)
+        keep = masks[0].float()
+        proj = attention.query
+        expected = F.linear(x, proj.base_layer.weight, proj.base_layer.bias) + proj.scaling["default"] * (
+            (x * keep[0] / 0.75) @ proj.lora_A["default"].weight.t()) @ proj.lora_B["default"].weight.t()
+    # fp32 with K = 32 reductions in a different order: a few ulps of O(1) values.
+    tol = dict(rtol=1e-5, atol=1e-5)
+    _assert_same(before, after, tol)
+    torch.testing.assert_close(q, expected, **tol)
+
+
+@pytest.mark.gpu
+def test_peft_bert_bf16_gpu_tolerance():
+    """bf16 on the GPU: err(patched vs fp64) <= 2 * err(PEFT bf16 vs fp64) + floor, output and grads."""
+    model64 = _bert(lora_dropout=0.0).cuda().train()
+    model16 = copy.deepcopy(model64).to(torch.bfloat16)
+    embeds = torch.randn(8, 64, 32, dtype=torch.float64, device="cuda")
+    oracle = _forward_backward(model64, _run_bert, (embeds.clone().requires_grad_(),))
+    plain = _forward_backward(model16, _run_bert, (embeds.to(torch.bfloat16).requires_grad_(),))
+    with ace_kernels.patch(model16) as handle:
+        fused = _forward_backward(model16, _run_bert, (embeds.to(torch.bfloat16).requires_grad_(),))
+        assert handle.stats()["lora_qkv"] == 2
+    for ref, base, ours in zip([oracle[0]] + oracle[1], [plain[0]] + plain[1], [fused[0]] + fused[1]):
+        err_torch = (base.double() - ref).abs().max().item()
+        err_ours = (ours.double() - ref).abs().max().item()
+        # Floor: one bf16 ulp (2^-8 relative) of the largest value, for the rare exact torch result.
+        assert err_ours <= 2 * err_torch + ref.abs().max().item() * 2 ** -8, (err_ours, err_torch)
+
+
 # ----------------------------------------------------------------------------------------
 # Reference layout
 # ----------------------------------------------------------------------------------------
@@ -396,6 +440,32 @@ def test_reference_layout_full_step_exact(mode):
     _assert_original_forwards(model)
     _assert_same(before, _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, indices)),
                  dict(rtol=0, atol=0))
+
+
+@pytest.mark.triton
+def test_reference_layout_triton_backends():
+    """LoRA and hypergraph on the Triton kernels (interpreter here), fp32, per-op backend dict."""
+    clip, loss_fn, images, texts, frame = _reference_setup()
+    model = _Pair([clip, loss_fn]).float().train()
+    for module in model.modules():
+        if isinstance(module, ReferenceLoRALinear):
+            module.bias.requires_grad_(False)  # the Triton kernels take a frozen base layer
+    images = images.float()
+    run = lambda m, *a: _run_loss(m, *a)  # noqa: E731
+    before = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
+    backends = {"lora_linear": "triton", "lora_qkv": "triton", "ace_hypergraph": "triton",
+                "label_guided_infonce": "torch"}
+    with ace_kernels.patch(model, backend=backends) as handle:
+        assert handle.backend_for("lora_qkv") == "triton"
+        after = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
+        assert handle.stats()["lora_qkv"] == 4 and handle.stats()["ace_hypergraph cls_only"] == 2
+    # fp32 through two small encoders, the hypergraph and the loss: reductions in another
+    # order move results by a few ulps per layer; 1e-4 is far below any real error.
+    _assert_same(before, after, dict(rtol=1e-4, atol=1e-4))
+    with pytest.raises(ValueError, match="backend"):
+        ace_kernels.patch(model, backend={"lora": "triton"})
+    with pytest.raises(ValueError, match="backend"):
+        ace_kernels.patch(model, backend="gpu")
 
 
 def test_reference_apply_ace_hgat_full_output_exact():
