@@ -48,9 +48,11 @@ Non-finite inputs
 -----------------
 Nothing is checked or masked: NaN and Inf propagate as in the formula (a non-finite
 element of ``x`` makes its whole output row non-finite; a non-finite weight makes
-the affected output columns non-finite). Dropped elements are multiplied by zero in
-the ``torch`` backend (so a NaN stays NaN, like ``nn.Dropout``) and selected away in
-the ``triton`` backend; the base term makes the row non-finite either way.
+the affected output columns non-finite). Dropped elements are selected away
+(``torch.where``) in the ``torch`` backend and multiplied by 0 in the ``triton``
+kernels (so a dropped NaN still reaches ``S`` there, as with ``nn.Dropout``); the
+base term makes the row non-finite either way, and gradients then follow the same
+arithmetic. Nothing hangs or raises on non-finite values.
 """
 
 from __future__ import annotations
@@ -234,33 +236,32 @@ class _LoraTorchFunction(torch.autograd.Function):
         rows = x2d.shape[0]
         scaling, keep_prob = ctx.scaling, ctx.keep_prob
         grad_y = grad_y.contiguous()
-        b_block = _block_diagonal_b(lora_b3)  # [P*out, P*r]
-        # G_p = dY_p B_p for every projection in one pass over dY.
-        grad_s = grad_y @ b_block  # [M, P*r]
+        out_features = lora_b3.shape[1]
+        # G_p = dY_p B_p for every projection: one batched product over a view of dY
+        # (measured faster on the CPU than dY times the block-diagonal B).
+        grad_s3 = torch.bmm(grad_y.view(rows, projections, out_features).transpose(0, 1), lora_b3)  # [P, M, r]
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         if need_b:
             # dB_p = s dY_p^T S_p: the diagonal blocks of dY^T S.
             full = grad_y.t() @ s_flat  # [P*out, P*r]
-            out_features = lora_b3.shape[1]
             grad_b = torch.stack(
                 [full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] for p in range(projections)]
             ).mul_(scaling)
         if keep is None:
             a_flat = lora_a3.reshape(projections * rank, in_features)
+            grad_s = grad_s3.transpose(0, 1).reshape(rows, projections * rank)  # [M, P*r]
             if need_x:
                 grad_x = grad_y @ weight
                 grad_x.addmm_(grad_s, a_flat, alpha=scaling)
             if need_a:
                 grad_a = (grad_s.t() @ x2d).mul_(scaling).reshape(projections, rank, in_features)
         else:
-            grad_s3 = grad_s.reshape(rows, projections, rank).transpose(0, 1)  # [P, M, r]
             factor = scaling / keep_prob
             if need_x:
                 grad_x = grad_y @ weight
-                for p in range(projections):
-                    lora_part = grad_s3[p] @ lora_a3[p]  # [M, in]
-                    grad_x.add_(torch.where(keep[p], lora_part, 0.0), alpha=factor)
+                lora_part = torch.where(keep, torch.bmm(grad_s3, lora_a3), 0.0)  # [P, M, in]
+                grad_x.add_(lora_part.sum(0), alpha=factor)
                 del lora_part
             if need_a:
                 x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)
