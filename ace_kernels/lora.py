@@ -768,6 +768,8 @@ class _LoraTritonFunction(torch.autograd.Function):
             return (grad_x, None, None, torch.zeros_like(lora_a3) if need_a else None,
                     torch.zeros_like(lora_b3) if need_b else None, None, None, None, None)
         dot_precision, lora_precision = _precisions(x2d.dtype)
+        # The kernel's dots need dY in the inputs' dtype (autocast can hand back another).
+        grad_y = grad_y.to(x2d.dtype)
         keep_prob = 1.0 - ctx.dropout_p if ctx.apply_dropout else 1.0
         cfg = _config("backward", x2d.dtype, device)
         row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
