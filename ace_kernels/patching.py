@@ -123,6 +123,7 @@ __all__ = [
     "PatchRecord",
     "Recogniser",
     "register_recogniser",
+    "unregister_recogniser",
     "recognisers",
     "benchmark_patch_speedup",
 ]
@@ -395,6 +396,8 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
             # F.linear would raise; let the original forward raise its own error.
             return f"input dtype {x.dtype} differs from the weight's {weight.dtype}"
         compute = x.dtype
+    elif x.dtype == torch.float64:
+        return "float64 input under autocast"
     else:
         compute = cast
     if compute not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -578,8 +581,8 @@ class _ReferenceLoraKind(_LoraKind):
             p, training = 0.0, False
         if p >= 1.0:
             return "dropout p = 1"
-        if dropout is not None and _has_call_hooks(dropout):
-            return "hooks on the dropout sub-layer"
+        if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set()):
+            return "hooks that the dropout sub-layer's call would run"
         return _operands(x, module.weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
 
 
@@ -712,14 +715,24 @@ _REFERENCE_FORWARD_PARAMS = ["clip_model", "images", "texts", "merged_df", "indi
 
 
 def _adapter_reason(adapter) -> str | None:
+    """Why ``adapter`` is not ``up(leaky_relu(down(z), 0.2))`` (None: it is)."""
     down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
     if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)):
         return "adapter without down/up nn.Linear layers"
     act = getattr(adapter, "act", None)
     if act is not None and not (isinstance(act, nn.LeakyReLU) and act.negative_slope == 0.2):
         return f"adapter activation {act!r} is not LeakyReLU(0.2)"
-    if down.out_features != up.in_features:
-        return "adapter down/up shapes do not chain"
+    if down.out_features != up.in_features or up.out_features != down.in_features:
+        return "adapter down/up shapes do not chain back to the input width"
+    # The attributes cannot show a residual or another activation in forward: probe it once
+    # (a private generator, so the caller's random stream is untouched).
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(3, down.in_features, generator=generator).to(down.weight)
+    with torch.no_grad():
+        expected = up(F.leaky_relu(down(probe), 0.2))
+        got = adapter(probe)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
+        return "adapter forward is not up(leaky_relu(down(z), 0.2))"
     return None
 
 
@@ -1005,12 +1018,17 @@ class Recogniser:
     install : callable(name, module, handle, options) -> None
         Adds :class:`PatchRecord` s and performs swaps through
         ``handle._swap(module, attr, replacement)`` (the one swap mechanism).
+    claims : callable(module) -> list of modules, optional
+        The modules this recogniser takes over when it matches (default: the
+        module itself). Claimed modules are not offered to later recognisers;
+        a q/k/v group claims its three members, not the attention module.
     """
 
     name: str
     family: str
     matches: Callable[[nn.Module], bool]
     install: Callable[[str, nn.Module, PatchHandle, dict], None]
+    claims: Callable[[nn.Module], list] | None = None
 
 
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
@@ -1127,7 +1145,8 @@ def _install_clip_loss(name, module, handle, options):
 
 
 _RECOGNISERS: list[Recogniser] = [
-    Recogniser("qkv-group", "lora", lambda m: _qkv_members(m) is not None, _install_qkv_group),
+    Recogniser("qkv-group", "lora", lambda m: _qkv_members(m) is not None, _install_qkv_group,
+               claims=lambda m: list(_qkv_members(m)[1])),
     Recogniser("lora-linear", "lora", lambda m: _lora_kind(m) is not None, _install_lora_single),
     Recogniser("reference-ace-loss", "loss+hypergraph", _reference_loss_matches, _install_reference_loss),
     Recogniser("reference-clip-loss", "loss", _reference_clip_loss_matches, _install_reference_clip_loss),
@@ -1143,6 +1162,11 @@ def register_recogniser(recogniser: Recogniser, *, first: bool = False) -> None:
         _RECOGNISERS.insert(0, recogniser)
     else:
         _RECOGNISERS.append(recogniser)
+
+
+def unregister_recogniser(recogniser: Recogniser) -> None:
+    """Remove a recogniser added with :func:`register_recogniser`."""
+    _RECOGNISERS.remove(recogniser)
 
 
 def recognisers() -> list[Recogniser]:
@@ -1217,22 +1241,19 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
         requested_backend(backend)  # validates the name (ValueError) without fixing the env choice
     handle = PatchHandle(backend)
     handled: set[int] = set()
+    # named_modules() visits a parent before its children, so a recogniser that claims
+    # children (the q/k/v group) sees them before the per-module recognisers do.
     for name, module in model_or_module.named_modules():
         for recogniser in _RECOGNISERS:
-            if not _family_enabled(recogniser.family, options):
+            if not _family_enabled(recogniser.family, options) or not recogniser.matches(module):
                 continue
-            if recogniser.name == "qkv-group":
-                found = _qkv_members(module)
-                if found is None or any(id(m) in handled for m in found[1]):
-                    continue
-                recogniser.install(name, module, handle, options)
-                handled.update(id(m) for m in found[1])
-                continue
-            if id(module) in handled or not recogniser.matches(module):
+            claimed = recogniser.claims(module) if recogniser.claims is not None else [module]
+            if any(id(m) in handled for m in claimed):
                 continue
             recogniser.install(name, module, handle, options)
-            handled.add(id(module))
-            break
+            handled.update(id(m) for m in claimed)
+            if any(m is module for m in claimed):
+                break
     return handle
 
 

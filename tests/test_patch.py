@@ -330,6 +330,34 @@ def test_summary_lists_skips_and_double_patch():
         ace_kernels.patch(model, lora="yes")
 
 
+def test_registry_takes_new_recognisers():
+    """A new model family is one registry entry using the same swap and undo."""
+    from ace_kernels.patching import PatchRecord, Recogniser, _Replacement, recognisers, register_recogniser, \
+        unregister_recogniser
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    def install(name, module, handle, options):
+        handle._swap(module, "forward", _Replacement(lambda m, x: x * 2.0 + 0.0, module))
+        handle.records.append(PatchRecord(name, "scale", "patched", "-> x * 2"))
+
+    entry = Recogniser("scale", "lora", lambda m: isinstance(m, Scale), install)
+    register_recogniser(entry)
+    try:
+        assert recognisers()[-1] is entry
+        model = nn.Sequential(Scale(), nn.Linear(3, 3), Scale())
+        with ace_kernels.patch(model) as handle:
+            assert [r.name for r in handle.patched] == ["0", "2"]
+            assert "forward" in model[0].__dict__
+            assert not ace_kernels.patch(model, lora=False).records  # family switched off
+        _assert_original_forwards(model)
+    finally:
+        unregister_recogniser(entry)
+    assert entry not in recognisers()
+
+
 def test_undo_after_another_wrapper_warns():
     model = _vit()
     qkv = model.base_model.model.blocks[0].attn.qkv
@@ -481,6 +509,18 @@ def test_reference_apply_ace_hgat_full_output_exact():
         with pytest.raises(ValueError, match="encoder must be img or text"):
             loss_fn.apply_ace_hgat(features, cls_attn, encoder="audio")
     _assert_same(before, after)
+
+
+def test_reference_adapter_with_residual_is_skipped():
+    _, loss_fn, _, _, _ = _reference_setup()
+    edge = loss_fn.img_edge_adapter
+    edge.forward = lambda z: z + edge.up(edge.act(edge.down(z)))  # a real residual adapter
+    rng_before = torch.random.get_rng_state()
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert torch.equal(torch.random.get_rng_state(), rng_before)  # the probe used its own generator
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "adapter forward is not up(leaky_relu(down(z), 0.2))")]
+        assert "apply_ace_hgat" not in loss_fn.__dict__
 
 
 def test_reference_loss_without_hypergraph_patch():
