@@ -606,6 +606,43 @@ TRITON_PRIMITIVES = _Primitives("triton", _triton_topk_rows, _triton_gather_sum,
 
 
 # --------------------------------------------------------------------------------------
+# CUDA kernels (csrc/hypergraph/, ops torch.ops.ace_kernels.hg_*)
+# --------------------------------------------------------------------------------------
+# The extension is imported on first use only; the ops work on float32 (the compute dtype of
+# the kernel backends) and int64 indices, with strides passed through.
+
+def _cuda_ops():
+    _dispatch.extension()  # loads ace_kernels._C, which registers the ops
+    return torch.ops.ace_kernels
+
+
+def _cuda_topk_rows(pn, rows, topk):
+    idx, w = _cuda_ops().hg_topk_incidence(pn.float(), rows, topk)
+    return idx, w.to(pn.dtype)
+
+
+def _cuda_gather_sum(src, cols, weights):
+    return _cuda_ops().hg_gather_sum(src.float(), cols, weights.float()).to(src.dtype)
+
+
+def _cuda_scatter_sum(src, cols, weights, num_rows, transpose=None):
+    B, Q, S = cols.shape
+    if transpose is None:
+        transpose = _transpose_csr(cols, num_rows)
+    row_ptr, perm = transpose
+    flat_w = weights.reshape(B, Q * S).float().contiguous()
+    return _cuda_ops().hg_scatter_sum_csr(src.float(), flat_w, row_ptr, perm, num_rows, S).to(src.dtype)
+
+
+def _cuda_entry_dot(a, b, cols):
+    return _cuda_ops().hg_entry_dot(a.float(), b.float(), cols).to(a.dtype)
+
+
+CUDA_PRIMITIVES = _Primitives("cuda", _cuda_topk_rows, _cuda_gather_sum, _cuda_scatter_sum, _cuda_entry_dot,
+                              _transpose_csr)
+
+
+# --------------------------------------------------------------------------------------
 # Validation and the public functional
 # --------------------------------------------------------------------------------------
 
@@ -669,6 +706,11 @@ _dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"))
 @_dispatch.register(OP_NAME, "torch")
 def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only):
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
+
+
+@_dispatch.register(OP_NAME, "cuda", check=_kernel_check)
+def _hypergraph_cuda(x, cls_attn, edge, node, topk, cls_only):
+    return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, CUDA_PRIMITIVES)
 
 
 @_dispatch.register(OP_NAME, "triton", check=_kernel_check)

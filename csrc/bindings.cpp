@@ -1,0 +1,161 @@
+// Torch bindings of the ace-kernels CUDA launchers: ops in the `ace_kernels` namespace
+// (torch.ops.ace_kernels.*), registered with TORCH_LIBRARY so they compose with
+// torch.compile. Importing the Python module ace_kernels._C loads this library and runs the
+// registrations; the module itself has no functions.
+//
+// Only this file includes torch headers; the kernels live in plain .cu files (csrc/<family>/).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "hypergraph/hypergraph.h"
+
+namespace {
+
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "argument '", name, "': expected ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "ace_kernels::", what, " launch failed: ", cudaGetErrorString(err));
+}
+
+// ---------------------------------------------------------------------------------- hypergraph
+
+std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const c10::optional<at::Tensor>& rows,
+                                                          int64_t topk) {
+  check_cuda(pn, "pn", at::kFloat, 3);
+  const int64_t B = pn.size(0), M = pn.size(1), D = pn.size(2);
+  int64_t R = M;
+  const int64_t* rows_ptr = nullptr;
+  int64_t rows_sb = 0, rows_sr = 0;
+  if (rows.has_value()) {
+    check_cuda(*rows, "rows", at::kLong, 2);
+    TORCH_CHECK(rows->size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->size(0));
+    R = rows->size(1);
+    rows_ptr = rows->data_ptr<int64_t>();
+    rows_sb = rows->stride(0);
+    rows_sr = rows->stride(1);
+  }
+  TORCH_CHECK(topk >= 1 && topk <= ace_hg::kMaxTopk && topk < M, "argument 'topk': expected 1 <= topk <= ",
+              ace_hg::kMaxTopk, " and topk < M = ", M, ", got ", topk);
+  c10::cuda::CUDAGuard guard(pn.device());
+  auto idx = at::empty({B, R, topk}, pn.options().dtype(at::kLong));
+  auto w = at::empty({B, R, topk}, pn.options());
+  check_launch(ace_hg::topk_incidence(pn.data_ptr<float>(), pn.stride(0), pn.stride(1), pn.stride(2), rows_ptr,
+                                      rows_sb, rows_sr, idx.data_ptr<int64_t>(), w.data_ptr<float>(), B, M, D, R,
+                                      static_cast<int>(topk), c10::cuda::getCurrentCUDAStream()),
+               "hg_topk_incidence");
+  return {idx, w};
+}
+
+at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
+  check_cuda(src, "src", at::kFloat, 3);
+  check_cuda(cols, "cols", at::kLong, 3);
+  check_cuda(weights, "weights", at::kFloat, 3);
+  TORCH_CHECK(weights.sizes() == cols.sizes(), "argument 'weights': expected the shape of 'cols' ", cols.sizes(),
+              ", got ", weights.sizes());
+  const int64_t B = src.size(0), D = src.size(2), Q = cols.size(1), S = cols.size(2);
+  c10::cuda::CUDAGuard guard(src.device());
+  auto out = at::empty({B, Q, D}, src.options());
+  check_launch(ace_hg::gather_sum(src.data_ptr<float>(), src.stride(0), src.stride(1), src.stride(2),
+                                  cols.data_ptr<int64_t>(), cols.stride(0), cols.stride(1), cols.stride(2),
+                                  weights.data_ptr<float>(), weights.stride(0), weights.stride(1), weights.stride(2),
+                                  out.data_ptr<float>(), B, Q, S, D, c10::cuda::getCurrentCUDAStream()),
+               "hg_gather_sum");
+  return out;
+}
+
+at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
+                                   const at::Tensor& perm, int64_t num_rows, int64_t slots) {
+  check_cuda(src, "src", at::kFloat, 3);
+  check_cuda(weights_flat, "weights_flat", at::kFloat, 2);
+  check_cuda(row_ptr, "row_ptr", at::kLong, 2);
+  check_cuda(perm, "perm", at::kLong, 2);
+  TORCH_CHECK(weights_flat.stride(1) == 1 && row_ptr.stride(1) == 1 && perm.stride(1) == 1,
+              "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
+  TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
+              row_ptr.size(1));
+  const int64_t B = src.size(0), D = src.size(2);
+  c10::cuda::CUDAGuard guard(src.device());
+  auto out = at::empty({B, num_rows, D}, src.options());
+  check_launch(ace_hg::scatter_sum_csr(src.data_ptr<float>(), src.stride(0), src.stride(1), src.stride(2),
+                                       weights_flat.data_ptr<float>(), weights_flat.stride(0),
+                                       row_ptr.data_ptr<int64_t>(), row_ptr.stride(0), perm.data_ptr<int64_t>(),
+                                       perm.stride(0), out.data_ptr<float>(), B, num_rows, slots, D,
+                                       c10::cuda::getCurrentCUDAStream()),
+               "hg_scatter_sum_csr");
+  return out;
+}
+
+at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
+  check_cuda(a, "a", at::kFloat, 3);
+  check_cuda(b, "b", at::kFloat, 3);
+  check_cuda(cols, "cols", at::kLong, 3);
+  const int64_t B = a.size(0), Q = a.size(1), D = a.size(2), S = cols.size(2);
+  c10::cuda::CUDAGuard guard(a.device());
+  auto out = at::empty({B, Q, S}, a.options());
+  check_launch(ace_hg::entry_dot(a.data_ptr<float>(), a.stride(0), a.stride(1), a.stride(2), b.data_ptr<float>(),
+                                 b.stride(0), b.stride(1), b.stride(2), cols.data_ptr<int64_t>(), cols.stride(0),
+                                 cols.stride(1), cols.stride(2), out.data_ptr<float>(), B, Q, S, D,
+                                 c10::cuda::getCurrentCUDAStream()),
+               "hg_entry_dot");
+  return out;
+}
+
+// Shape-only versions for fake tensors (torch.compile, opcheck).
+std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const c10::optional<at::Tensor>& rows,
+                                                          int64_t topk) {
+  const int64_t R = rows.has_value() ? rows->size(1) : pn.size(1);
+  return {at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kLong)), at::empty({pn.size(0), R, topk}, pn.options())};
+}
+
+at::Tensor hg_gather_sum_meta(const at::Tensor& src, const at::Tensor& cols, const at::Tensor&) {
+  return at::empty({src.size(0), cols.size(1), src.size(2)}, src.options());
+}
+
+at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   int64_t num_rows, int64_t) {
+  return at::empty({src.size(0), num_rows, src.size(2)}, src.options());
+}
+
+at::Tensor hg_entry_dot_meta(const at::Tensor& a, const at::Tensor&, const at::Tensor& cols) {
+  return at::empty({a.size(0), a.size(1), cols.size(2)}, a.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ace_kernels, m) {
+  m.def("hg_topk_incidence(Tensor pn, Tensor? rows, int topk) -> (Tensor, Tensor)");
+  m.def("hg_gather_sum(Tensor src, Tensor cols, Tensor weights) -> Tensor");
+  m.def("hg_scatter_sum_csr(Tensor src, Tensor weights_flat, Tensor row_ptr, Tensor perm, int num_rows, int slots) "
+        "-> Tensor");
+  m.def("hg_entry_dot(Tensor a, Tensor b, Tensor cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ace_kernels, CUDA, m) {
+  m.impl("hg_topk_incidence", &hg_topk_incidence_cuda);
+  m.impl("hg_gather_sum", &hg_gather_sum_cuda);
+  m.impl("hg_scatter_sum_csr", &hg_scatter_sum_csr_cuda);
+  m.impl("hg_entry_dot", &hg_entry_dot_cuda);
+}
+
+TORCH_LIBRARY_IMPL(ace_kernels, Meta, m) {
+  m.impl("hg_topk_incidence", &hg_topk_incidence_meta);
+  m.impl("hg_gather_sum", &hg_gather_sum_meta);
+  m.impl("hg_scatter_sum_csr", &hg_scatter_sum_csr_meta);
+  m.impl("hg_entry_dot", &hg_entry_dot_meta);
+}
+
+// `import ace_kernels._C` loads this shared library (running the registrations above).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "ace-kernels CUDA ops, registered as torch.ops.ace_kernels.*", -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
