@@ -110,7 +110,7 @@ import contextlib
 import inspect
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -1282,7 +1282,6 @@ def benchmark_patch_speedup(*, batch: int = 64, rank: int = 4, dropout: float = 
     """
     import time
 
-    import timm  # noqa: F401
     from peft import LoraConfig, get_peft_model
     from timm.models.vision_transformer import VisionTransformer
     from transformers import BertConfig, BertModel

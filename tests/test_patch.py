@@ -146,6 +146,19 @@ def test_peft_bert_qkv_grouped_exact_and_undo():
     handle.undo()  # idempotent
 
 
+def test_peft_bert_gradient_checkpointing():
+    """Recomputation in backward (non-reentrant checkpointing) regroups q/k/v exactly."""
+    model = _bert().train()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    embeds = torch.randn(2, 6, 32, dtype=torch.float64, requires_grad=True)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        after = _forward_backward(model, _run_bert, (embeds,))
+        # Forward and the recomputation in backward: two lora_qkv calls per layer.
+        assert handle.stats() == {"lora_qkv": 4, "qkv cached": 8}
+    _assert_same(before, after)
+
+
 def test_peft_timm_fused_qkv_exact():
     model = _vit().train()
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
