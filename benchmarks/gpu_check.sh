@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The single script a lent GPU machine runs (H100/H200; its own python3 with torch 2.11 and
+# triton 3.6, no open_clip, no network), from a copy of this repository:
+#
+#     bash benchmarks/gpu_check.sh            # results under $OUT (default ./runs/gpu_check)
+#
+# Stages, each under its own `timeout`, each logged; a failing stage never stops the next:
+#   1. carried wheels in .whl/ installed into /tmp/site (PYTHONPATH), if any
+#   2. the CUDA extension built in place for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
+#   3. python3 -m ace_kernels.info
+#   4. the GPU tests: pytest -m "gpu or triton" over tests/ (collection errors of modules
+#      that need packages missing there, e.g. open_clip, do not stop the others)
+#   5. the benchmark suite on the GPU shapes, writing its JSON after every configuration and
+#      skipping what no longer fits the time left (--time-budget); the PNG is drawn from the
+#      JSON even when the suite itself was cut off
+# The whole script stays inside GPU_CHECK_BUDGET seconds (default 465: 8 minutes with margin).
+# Files back (at most 8): gpu_check.log, build.log, info.txt, tests.log, bench.log,
+# <device>-<date>.json and .png.
+#
+# Switches: GPU_CHECK_BUDGET (s), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_SKIP_TESTS=1,
+# GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
+# PYTHON (default python3), ACE_GIT_SHA (the sha to record when the copy has no .git;
+# otherwise a file .git_sha at the repository root is read if present).
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+REPO=$PWD
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-465}
+PY=${PYTHON:-python3}
+OUT=${OUT:-$REPO/runs/gpu_check}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+: >"$LOG"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+say() { echo "[gpu_check $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# run_stage NAME MAX_SECONDS LOGFILE CMD...: run under timeout min(MAX, time left - RESERVE).
+RESERVE=20
+run_stage() {
+    local name=$1 max=$2 logfile=$3
+    shift 3
+    local avail=$(($(left) - RESERVE))
+    local limit=$((max < avail ? max : avail))
+    if [ "$limit" -lt 10 ]; then
+        say "stage $name: SKIPPED (only $(left) s left)"
+        return 124
+    fi
+    say "stage $name: start (limit ${limit}s)"
+    local t0=$(date +%s)
+    timeout -k 5 "$limit" "$@" >>"$logfile" 2>&1
+    local rc=$?
+    local took=$(($(date +%s) - t0))
+    if [ $rc -eq 0 ]; then
+        say "stage $name: ok in ${took}s"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        say "stage $name: TIMED OUT after ${took}s (rc $rc); partial output in $(basename "$logfile")"
+    else
+        say "stage $name: FAILED rc $rc after ${took}s; see $(basename "$logfile")"
+    fi
+    return $rc
+}
+
+say "repository $REPO, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1), budget ${BUDGET}s"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+    --format=csv 2>&1 || echo "nvidia-smi not available"; } | tee -a "$LOG"
+
+# The sha to record: git if the copy has .git, else ACE_GIT_SHA, else a .git_sha file left by the caller.
+if [ -z "${ACE_GIT_SHA:-}" ]; then
+    if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
+        ACE_GIT_SHA=$(git -C "$REPO" rev-parse HEAD)
+    elif [ -f "$REPO/.git_sha" ]; then
+        ACE_GIT_SHA=$(head -c 80 "$REPO/.git_sha")
+    else
+        ACE_GIT_SHA="unknown (tree copied without .git)"
+    fi
+fi
+export ACE_GIT_SHA
+say "git sha: $ACE_GIT_SHA"
+
+# 1. carried wheels
+export PYTHONPATH=$REPO
+if ls .whl/*.whl >/dev/null 2>&1; then
+    if run_stage wheels 60 "$LOG" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site:$REPO
+    fi
+else
+    say "stage wheels: none carried (.whl/ empty or absent)"
+fi
+
+# 2. the CUDA extension, in place (ace_kernels/_C*.so), for Hopper
+BUILD_LOG=$OUT/build.log
+: >"$BUILD_LOG"
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+    say "stage build: skipped (GPU_CHECK_SKIP_BUILD=1)"
+elif ! ls csrc/*/*.cu csrc/*.cu csrc/*/*.cpp >/dev/null 2>&1; then
+    say "stage build: no CUDA sources under csrc/"
+else
+    run_stage build 180 "$BUILD_LOG" env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 ACE_KERNELS_FORCE_CUDA=1 \
+        CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" $PY setup.py build_ext --inplace
+    # ptxas register / spill report of the build, for the log reader
+    grep -E "registers|spill|error" "$BUILD_LOG" | tail -n 40 >>"$LOG"
+fi
+
+# 3. what can run here
+run_stage info 30 "$OUT/info.txt" $PY -m ace_kernels.info
+cat "$OUT/info.txt" >>"$LOG" 2>/dev/null
+
+# 4. GPU tests (and Triton tests, which run on the GPU here)
+TESTS_LOG=$OUT/tests.log
+: >"$TESTS_LOG"
+if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
+    say "stage tests: skipped (GPU_CHECK_SKIP_TESTS=1)"
+else
+    TIMEOUT_OPT=""
+    $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=90"
+    run_stage tests 120 "$TESTS_LOG" $PY -m pytest tests -m "gpu or triton" -q -rfEs \
+        --continue-on-collection-errors -p no:cacheprovider $TIMEOUT_OPT
+    tail -n 25 "$TESTS_LOG" >>"$LOG"
+fi
+
+# 5. the benchmark suite
+BENCH_LOG=$OUT/bench.log
+: >"$BENCH_LOG"
+STEM=$($PY - <<'EOF' 2>>"$BENCH_LOG"
+import datetime, torch
+from benchmarks.harness import device_slug
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+print(f"{device_slug(dev)}-{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}")
+EOF
+)
+STEM=${STEM:-benchmarks}
+BENCH_ARGS=(--out-dir "$OUT" --name "$STEM" --no-plot)
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && BENCH_ARGS+=(--quick)
+for family in ${GPU_CHECK_ONLY:-}; do BENCH_ARGS+=(--only "$family"); done
+# The suite stops starting new configurations 25 s before its own kill time.
+BENCH_LIMIT=$(($(left) - RESERVE))
+BENCH_ARGS+=(--time-budget $((BENCH_LIMIT > 60 ? BENCH_LIMIT - 25 : 35)))
+run_stage bench 600 "$BENCH_LOG" $PY -m benchmarks "${BENCH_ARGS[@]}"
+# The table is the end of the suite's output; keep it in the main log.
+sed -n '/^op  /,$p' "$BENCH_LOG" >>"$LOG"
+
+# The PNG from whatever rows were written, even when the suite was cut off.
+if [ -f "$OUT/$STEM.json" ]; then
+    timeout 60 $PY - "$OUT/$STEM.json" "$OUT/$STEM.png" >>"$LOG" 2>&1 <<'EOF'
+import sys
+from benchmarks.harness import load_rows
+from benchmarks.plot import plot_rows
+rows = load_rows(sys.argv[1])
+plot_rows(rows, sys.argv[2], title=f"{rows[0]['device'] if rows else ''} ({rows[0]['date'] if rows else ''})")
+print(f"plot: {sys.argv[2]} ({len(rows)} rows)")
+EOF
+else
+    say "no result JSON was written"
+fi
+
+# Nothing else may land under $OUT (at most 8 files come back).
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' ! -name 'info.txt' \
+    ! -name 'tests.log' ! -name 'bench.log' ! -name "$STEM.json" ! -name "$STEM.png" -exec rm -rf {} +
+say "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+exit 0
