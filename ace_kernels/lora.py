@@ -40,8 +40,9 @@ restoring the generator state) reproduce the masks exactly:
   projection (lane p for projection p); the element is kept where its top 24 bits
   are ``>= round(dropout_p * 2**24)``.
 
-The two backends therefore give different (equally distributed) masks for the same
-seed. :func:`capture_dropout_masks` records the masks a call used (a debugging and
+Each call draws once (P*M*in uniforms, or one seed), so restoring the generator state
+before a call replays its masks. The two backends give different (equally
+distributed) masks for the same seed. :func:`capture_dropout_masks` records the masks a call used (a debugging and
 testing aid).
 
 Non-finite inputs

@@ -417,6 +417,21 @@ def test_triton_zero_rows(device):
     assert torch.all(inputs[3].grad == 0) and torch.all(inputs[4].grad == 0) and inputs[0].grad.shape == (0, 8)
 
 
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on NaN arithmetic
+def test_triton_non_finite_rows_propagate(device):
+    case = Case("nan", "qkv", (4,), 8, 3, 2, dropout_p=0.2)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    x = x.detach().clone()
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    outputs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.2, training=True,
+                                   backend="triton")
+    for y in outputs:
+        assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()
+        assert not torch.isfinite(y[1]).any() and not torch.isfinite(y[2]).any()
+
+
 def test_triton_saved_bytes_are_x_plus_rank_r(device):
     if "triton" not in ace_kernels.available_backends():
         pytest.skip("triton cannot run here")
