@@ -64,7 +64,7 @@ summary; :meth:`PatchHandle.stats` counts fused and fallback calls by reason.
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
 (see :mod:`ace_kernels.lora`), with the same distribution and the same
-independence per projection. Two further deliberate differences:
+independence per projection. Further deliberate differences:
 
 * Under ``torch.autocast`` the LoRA call runs with every operand cast to the
   autocast dtype (as ``F.linear`` would) and autocast off inside the op.

@@ -66,10 +66,20 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _fixed_weights(out):
+    """Fixed random output weights: the loss gradient is these, never a degenerate one.
+
+    (``out.square().sum()`` after a final LayerNorm is nearly constant, so its gradients
+    would be rounding noise.) A private generator keeps the global random stream as is.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, out.dtype)
+
+
 def _forward_backward(model, run, inputs):
     """Output and the gradients of every trainable parameter and every input."""
     out = run(model, *inputs)
-    loss = out.square().sum() if out.dim() else out
+    loss = out if out.dim() == 0 else (out * _fixed_weights(out)).sum()
     targets = _trainable(model) + [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(loss, targets, allow_unused=True)
     return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets)]
@@ -78,6 +88,8 @@ def _forward_backward(model, run, inputs):
 def _assert_same(before, after, tol=FP64_TOL):
     out_a, grads_a = before
     out_b, grads_b = after
+    # Guard against a vacuous comparison: the gradients compared must be far above rounding noise.
+    assert max(g.abs().max().item() for g in grads_a) > 1e-3
     torch.testing.assert_close(out_b, out_a, **tol)
     assert len(grads_a) == len(grads_b)
     for ga, gb in zip(grads_a, grads_b):
@@ -123,6 +135,8 @@ def test_peft_bert_qkv_grouped_exact_and_undo():
     modules_before = dict(model.named_modules())
     before = _forward_backward(model, _run_bert, (embeds,))
 
+    # Every LoRA factor and the input get a gradient well above rounding noise.
+    assert all(g.abs().max().item() > 1e-3 for g in before[1])
     handle = ace_kernels.patch(model)
     assert [r.status for r in handle.records] == ["patched", "patched"]
     assert all(r.kind.startswith("qkv-group") and r.name.endswith("{query,key,value}") for r in handle.records)
@@ -313,6 +327,33 @@ def test_peft_hooks_and_autocast():
             assert handle.stats()["lora_qkv"] == 2
     # bf16 has 8 mantissa bits: two layers of bf16 GEMMs differ by a few bf16 ulps of O(1) values.
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_peft_fp32_adapters_on_bf16_base():
+    """PEFT keeps adapters in fp32 on a bf16 base (autocast_adapter_dtype); gradients reach them in fp32."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(4)
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=40, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = get_peft_model(BertModel(config, add_pooling_layer=False).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=1, target_modules=BERT_TARGETS))
+    _randomise_lora(model)
+    query = model.base_model.model.encoder.layer[0].attention.self.query
+    assert query.lora_A["default"].weight.dtype == torch.float32
+    assert query.base_layer.weight.dtype == torch.bfloat16
+    embeds = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        after = _forward_backward(model, _run_bert, (embeds,))
+        assert handle.stats()["lora_qkv"] == 2
+    assert after[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in after[1])
+    # PEFT adds the branch in fp32, the fused call in bf16 inputs: a few bf16 ulps (2^-8) of
+    # O(1) values after two layers; the loss-gradient sums over 320 outputs, hence the wider atol.
+    torch.testing.assert_close(after[0].float(), before[0].float(), rtol=0.03, atol=0.03)
+    for got, want in zip(after[1], before[1]):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
 def test_summary_lists_skips_and_double_patch():
