@@ -28,12 +28,12 @@ LOGIT_SCALE = 78.35  # the released checkpoint's multiplier
 
 
 def _inputs(batch, dim, dtype, device, generator, *, labeled=True):
-    image = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).to(device, dtype).requires_grad_()
-    text = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).to(device, dtype).requires_grad_()
+    image = F.normalize(torch.randn(batch, dim, generator=generator, device=device), dim=-1).to(dtype).requires_grad_()
+    text = F.normalize(torch.randn(batch, dim, generator=generator, device=device), dim=-1).to(dtype).requires_grad_()
     scale = torch.tensor(LOGIT_SCALE, device=device, requires_grad=True)
     labels = None
     if labeled:
-        labels = (torch.rand(batch, LABELS, generator=generator) < 0.15).float().to(device)
+        labels = (torch.rand(batch, LABELS, generator=generator, device=device) < 0.15).float()
     return image, text, scale, labels
 
 
@@ -96,7 +96,7 @@ def _targets(suite, config):
 
 def run(suite) -> None:
     device, dtype = suite.device, suite.dtype()
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator(device=device).manual_seed(2)  # inputs made on the device: 1M x 512 is slow on a host
     for config in _configs(suite):
         batch, dim, labeled = config["batch"], config["dim"], config["labeled"]
         shape_text = f"B={batch} D={dim} " + ("labels" if labeled else "no labels")

@@ -46,7 +46,7 @@ def _inputs(shape, dtype, device, generator):
     b, n, d, hidden = shape["b"], shape["n"], shape["d"], shape["hidden"]
 
     def rand(*size, scale=1.0):
-        return (torch.randn(*size, generator=generator) * scale).to(device=device, dtype=dtype).requires_grad_()
+        return (torch.randn(*size, generator=generator, device=device) * scale).to(dtype).requires_grad_()
 
     x = rand(b, n, d)
     cls_attn = rand(b, n - 1)
@@ -78,7 +78,7 @@ def _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out) -> float:
 
 def run(suite) -> None:
     device, dtype = suite.device, suite.dtype()
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(device=device).manual_seed(1)
     for shape in _shapes(suite):
         b, n, d, k, hidden = shape["b"], shape["n"], shape["d"], shape["k"], shape["hidden"]
         x, cls_attn, edge, node = _inputs(shape, dtype, device, generator)
@@ -89,7 +89,8 @@ def run(suite) -> None:
             if suite.out_of_time(f"ace_hypergraph {shape_text}"):
                 return
             print(f" ace_hypergraph {shape_text} {dtype}")
-            grad_out = torch.randn(*((b, d) if cls_only else (b, n, d)), generator=generator).to(device, dtype)
+            grad_out = torch.randn(*((b, d) if cls_only else (b, n, d)), generator=generator,
+                                   device=device).to(dtype)
             min_bytes = baselines.hypergraph_min_bytes(b, n, d, x.element_size(), cls_only=cls_only)
 
             def metrics_for(meas):

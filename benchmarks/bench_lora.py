@@ -52,7 +52,7 @@ def _inputs(shape: dict, dtype, device, generator):
     m, k, out, r = shape["m"], shape["k"], shape["out"], shape["r"]
 
     def rand(*size, scale=1.0):
-        return (torch.randn(*size, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*size, generator=generator, device=device) * scale).to(dtype)
 
     x = rand(m, k).requires_grad_()
     weight = rand(3 * out, k, scale=k**-0.5)
@@ -86,7 +86,7 @@ def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out
 
 def run(suite) -> None:
     device, dtype = suite.device, suite.dtype()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
     targets = _targets(suite)
     for shape in _shapes(suite):
         if suite.out_of_time(f"lora_qkv {shape}"):
