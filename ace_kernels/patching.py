@@ -12,10 +12,12 @@ One mechanism
 Every swap is an instance attribute set on a module (``forward``, or a method
 such as ``apply_ace_hgat``) that shadows the class method; undo deletes it (or
 restores the instance attribute that was there before). What is swapped is
-decided by a registry of :class:`Recogniser` s: a predicate on a module, a
-reason to leave a module alone (or none), and a builder of the replacement
-methods. Model families differ only in their recogniser entry, never in the
-swap machinery. Built-in recognisers, in the order they are tried:
+decided by a registry of :class:`Recogniser` s: a predicate on a module, the
+modules it claims, and an installer that records what it did (or why it left a
+module alone) and swaps methods through the one swap helper. Model families
+differ only in their registry entry, never in the swap machinery
+(:func:`register_recogniser` adds one). Built-in recognisers, in the order they
+are tried:
 
 ``qkv-group``  (``lora=True``)
     An attention module whose children ``query/key/value``, ``q_proj/k_proj/
@@ -57,9 +59,13 @@ original forward would; otherwise it runs the original forward unchanged. PEFT:
 merged adapters, ``disable_adapters``, several (or no) active adapters, LoRA
 variants (DoRA and the like), ``lora_bias``, ``adapter_names=`` or any other
 extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
-dropout. Reference layout: ``merged`` (eval mode merges ``B A`` into the
-weight) or extra arguments. States that hold at patch time are listed in the
-summary; :meth:`PatchHandle.stats` counts fused and fallback calls by reason.
+dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
+``B A`` into the weight) or extra arguments. ``apply_ace_hgat``: autocast on,
+fewer than ``topk + 2`` tokens, hooks on the adapters; an adapter whose forward
+is not ``up(leaky_relu(down(z), 0.2))`` (checked once with a probe input at
+patch time) is not patched at all. States that hold at patch time are listed in
+the summary; :meth:`PatchHandle.stats` counts fused and fallback calls by
+reason.
 
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
@@ -86,14 +92,17 @@ invalidates them), grad mode and autocast state. When the other two members are
 then called with that same tensor, they return the kept outputs; the autograd
 graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
 else (a different input, as in cross-attention; a member whose state forbids
-the fused path; mismatched scaling or dropout) computes per member. A group
+the fused path; hooks on another member; mismatched scaling or dropout; an
+inference-mode input, which has no version counter) computes per member. A group
 that once sees its members called with different inputs stops grouping. Kept
 outputs are dropped when the attention module's forward returns (a forward
 hook registered with ``always_call=True``) or at the next member call, so
 nothing outlives one attention call. Module hooks on the members still run
 (their ``__call__`` is untouched). Grouped outputs are column slices of one
 ``[..., 3*out]`` tensor (``view``/``reshape`` into heads works; they are not
-contiguous), as documented for :func:`ace_kernels.lora_qkv`.
+contiguous), as documented for :func:`ace_kernels.lora_qkv`; autograd refuses
+in-place changes of such views when they require grad (an error, never a wrong
+result).
 
 Limits
 ------
