@@ -703,8 +703,42 @@ def _kernel_check(x, cls_attn, edge, node, topk, cls_only):
 _dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"))
 
 
+def _cls_only_torch(x, cls_attn, edge_params, node_params, topk):
+    """Token 0 only, in plain autograd: every tensor is [B, k(+1), ...] except two passes
+    over the patches (their norms and one [B, k, N-1] similarity bmm)."""
+    k = topk
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute_dtype)
+    c = cls_attn.to(compute_dtype)
+    edge_params = tuple(p.to(compute_dtype) for p in edge_params)
+    node_params = tuple(p.to(compute_dtype) for p in node_params)
+    B, N, D = xc.shape
+    cls_vals, cls_idx = c.topk(k, dim=-1)
+    cls_w = torch.softmax(cls_vals, dim=-1)  # [B, k]
+    patches = xc[:, 1:]
+    # normalize(p) = p / max(|p|, eps), as F.normalize; applied to the [B, k, N-1] scores
+    # instead of to every patch.
+    inv_norm = 1.0 / torch.linalg.vector_norm(patches, dim=-1).clamp_min(_NORM_EPS)  # [B, M]
+    queries = torch.gather(patches, 1, cls_idx[..., None].expand(B, k, D))  # raw rows 1 + cls_idx
+    q_scaled = queries * torch.gather(inv_norm, 1, cls_idx)[..., None]
+    sims = torch.bmm(q_scaled, patches.transpose(1, 2)) * inv_norm[:, None, :]
+    sims = sims.scatter(2, cls_idx[..., None], float("-inf"))  # own column
+    nbr_vals, nbr_idx = sims.topk(k, dim=-1)  # [B, k, k]
+    nbr_w = torch.softmax(nbr_vals, dim=-1)
+    neighbours = torch.gather(patches, 1, nbr_idx.reshape(B, k * k, 1).expand(B, k * k, D)).view(B, k, k, D)
+    x0 = xc[:, :1]
+    # E rows: 0 and 1 + cls_idx[t] (self loop + neighbours + column 0 with weight cls_w[t]).
+    e0 = x0 + torch.bmm(cls_w[:, None, :], queries)
+    e_sel = queries + torch.einsum("btu,btud->btd", nbr_w, neighbours) + cls_w[..., None] * x0
+    edges = _adapter(torch.cat([e0, e_sel], dim=1), edge_params)
+    context = edges[:, 0] + torch.bmm(cls_w[:, None, :], edges[:, 1:])[:, 0]
+    return _adapter(context, node_params).to(x.dtype)
+
+
 @_dispatch.register(OP_NAME, "torch")
 def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only):
+    if cls_only:
+        return _cls_only_torch(x, cls_attn, edge, node, topk)
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
 
 

@@ -10,7 +10,8 @@ namespace ace_hg {
 namespace {
 
 constexpr int kTopkThreads = 256;
-constexpr int kTopkChunk = 1024;  // similarities held in shared memory per pass over the patches
+constexpr int kQueriesPerBlock = kTopkThreads / 32;  // one warp merges each query's top-k
+constexpr int kTopkChunk = 512;  // similarities per query held in shared memory per pass
 constexpr int kRowThreads = 128;
 constexpr int kMaxSlots = 64;     // incidence slots per row held in shared memory
 
@@ -44,107 +45,114 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// One block per (query, sample). Shared: the query row, a chunk of similarities, the running
-// top-k (values + indices) and the per-warp partial winners.
+// One block per (kQueriesPerBlock consecutive queries, sample); warp w owns query w.
+// Phase 1 (per chunk of candidates): each warp takes candidate rows, each lane reads the row's
+// elements once and multiplies them against every query of the block held in shared memory.
+// Phase 2: warp w merges its query's chunk into its running top-k (topk rounds of a warp
+// argmax; no block barriers). Similarities never leave shared memory.
 __global__ void __launch_bounds__(kTopkThreads)
 topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
                       const int64_t* __restrict__ rows, int64_t rows_sb, int64_t rows_sr,
                       int64_t* __restrict__ idx_out, float* __restrict__ w_out,
                       int64_t M, int64_t D, int64_t R, int topk) {
   extern __shared__ float smem[];
-  float* query = smem;                  // [D]
-  float* sims = query + D;              // [kTopkChunk]
-  __shared__ float top_v[kMaxTopk], new_v[kMaxTopk];
-  __shared__ int64_t top_i[kMaxTopk], new_i[kMaxTopk];
-  __shared__ Candidate warp_win[kTopkThreads / 32];
+  float* queries = smem;                              // [kQueriesPerBlock][D]
+  float* sims = queries + kQueriesPerBlock * D;       // [kQueriesPerBlock][kTopkChunk]
+  __shared__ float top_v[kQueriesPerBlock][kMaxTopk];
+  __shared__ int64_t top_i[kQueriesPerBlock][kMaxTopk];
+  __shared__ int64_t own_row[kQueriesPerBlock];
 
-  const int64_t r = blockIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQueriesPerBlock;
   const int64_t b = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int nwarps = blockDim.x >> 5;
-  const int64_t own = rows ? rows[b * rows_sb + r * rows_sr] : r;
+  const int nq = static_cast<int>((R - r0 < kQueriesPerBlock) ? (R - r0) : kQueriesPerBlock);
   const float* pn_b = pn + b * pn_sb;
 
-  for (int64_t d = tid; d < D; d += blockDim.x) query[d] = pn_b[own * pn_sm + d * pn_sd];
-  if (tid < kMaxTopk) {
-    top_v[tid] = NAN;  // empty
-    top_i[tid] = 0;
+  if (tid < kQueriesPerBlock) {
+    const int64_t r = r0 + tid;
+    own_row[tid] = tid < nq ? (rows ? rows[b * rows_sb + r * rows_sr] : r) : -1;
+  }
+  if (tid < kQueriesPerBlock * kMaxTopk) {
+    top_v[tid / kMaxTopk][tid % kMaxTopk] = NAN;  // empty
+    top_i[tid / kMaxTopk][tid % kMaxTopk] = 0;
+  }
+  __syncthreads();
+  for (int64_t e = tid; e < kQueriesPerBlock * D; e += blockDim.x) {
+    const int qi = static_cast<int>(e / D);
+    const int64_t d = e - qi * D;
+    queries[e] = qi < nq ? pn_b[own_row[qi] * pn_sm + d * pn_sd] : 0.f;
   }
   __syncthreads();
 
   for (int64_t c0 = 0; c0 < M; c0 += kTopkChunk) {
     const int64_t count = (M - c0 < kTopkChunk) ? (M - c0) : kTopkChunk;
-    // Similarities of this chunk: one warp per candidate row, lanes along D.
-    for (int64_t j = warp; j < count; j += nwarps) {
+    for (int64_t j = warp; j < count; j += kTopkThreads / 32) {
       const int64_t m = c0 + j;
       const float* row = pn_b + m * pn_sm;
-      float acc = 0.f;
-      for (int64_t d = lane; d < D; d += 32) acc = fmaf(query[d], row[d * pn_sd], acc);
-      acc = warp_sum(acc);
-      if (lane == 0) {
-        float key = isnan(acc) ? INFINITY : acc;  // NaN ranks first, as in torch.topk
-        sims[j] = (m == own) ? -INFINITY : key;
+      float acc[kQueriesPerBlock];
+#pragma unroll
+      for (int qi = 0; qi < kQueriesPerBlock; ++qi) acc[qi] = 0.f;
+      for (int64_t d = lane; d < D; d += 32) {
+        const float v = row[d * pn_sd];
+#pragma unroll
+        for (int qi = 0; qi < kQueriesPerBlock; ++qi) acc[qi] = fmaf(queries[qi * D + d], v, acc[qi]);
+      }
+#pragma unroll
+      for (int qi = 0; qi < kQueriesPerBlock; ++qi) {
+        const float dot = warp_sum(acc[qi]);
+        if (lane == 0) {
+          const float key = isnan(dot) ? INFINITY : dot;  // NaN ranks first, as in torch.topk
+          sims[qi * kTopkChunk + j] = (m == own_row[qi]) ? -INFINITY : key;
+        }
       }
     }
     __syncthreads();
-    // Merge: topk rounds of a block-wide argmax over the chunk and the running list.
-    for (int t = 0; t < topk; ++t) {
-      // Empty: loses to every real candidate, -inf included (torch.topk also returns -inf
-      // entries when a row has fewer than topk finite scores).
-      Candidate best{-INFINITY, INT64_MAX, -1};
-      for (int64_t j = tid; j < count + topk; j += blockDim.x) {
-        float v;
-        int64_t gi;
-        if (j < count) {
-          v = sims[j];
-          gi = c0 + j;
-        } else {
-          v = top_v[j - count];
-          gi = top_i[j - count];
+    if (warp < nq) {
+      float* my_sims = sims + warp * kTopkChunk;
+      float* my_v = top_v[warp];
+      int64_t* my_i = top_i[warp];
+      float new_v = -INFINITY;  // lane t < topk keeps the t-th pick of this merge
+      int64_t new_i = 0;
+      for (int t = 0; t < topk; ++t) {
+        // Empty: loses to every real candidate, -inf included (torch.topk also returns -inf
+        // entries when a row has fewer than topk finite scores). NaN marks taken entries.
+        Candidate best{-INFINITY, INT64_MAX, -1};
+        for (int64_t j = lane; j < count + topk; j += 32) {
+          const float v = j < count ? my_sims[j] : my_v[j - count];
+          const int64_t gi = j < count ? c0 + j : my_i[j - count];
+          if (better(v, gi, best.value, best.index)) best = Candidate{v, gi, static_cast<int>(j)};
         }
-        if (better(v, gi, best.value, best.index)) {
-          best.value = v;
-          best.index = gi;
-          best.pos = static_cast<int>(j);
+        best = warp_best(best);
+        const float win_v = __shfl_sync(0xffffffffu, best.value, 0);
+        const long long win_i = __shfl_sync(0xffffffffu, static_cast<long long>(best.index), 0);
+        const int win_pos = __shfl_sync(0xffffffffu, best.pos, 0);
+        if (lane == t) {
+          new_v = win_pos >= 0 ? win_v : -INFINITY;
+          new_i = win_pos >= 0 ? win_i : 0;
         }
+        if (lane == 0 && win_pos >= 0) {
+          if (win_pos < count) my_sims[win_pos] = NAN; else my_v[win_pos - count] = NAN;
+        }
+        __syncwarp();
       }
-      best = warp_best(best);
-      if (lane == 0) warp_win[warp] = best;
-      __syncthreads();
-      if (tid == 0) {
-        Candidate win = warp_win[0];
-        for (int w = 1; w < nwarps; ++w) {
-          const Candidate c = warp_win[w];
-          if (better(c.value, c.index, win.value, win.index)) win = c;
-        }
-        if (win.pos >= 0) {
-          new_v[t] = win.value;
-          new_i[t] = win.index;
-          if (win.pos < count) sims[win.pos] = NAN; else top_v[win.pos - count] = NAN;
-        } else {
-          new_v[t] = -INFINITY;
-          new_i[t] = 0;
-        }
+      if (lane < topk) {
+        my_v[lane] = new_v;
+        my_i[lane] = new_i;
       }
-      __syncthreads();
-    }
-    if (tid < topk) {
-      top_v[tid] = new_v[tid];
-      top_i[tid] = new_i[tid];
+      __syncwarp();
     }
     __syncthreads();
   }
 
-  if (tid == 0) {
-    // The list is sorted descending: top_v[0] is the max.
-    const float vmax = top_v[0];
+  if (warp < nq && lane < topk) {
+    // Picks are in descending order: slot 0 holds the max.
+    const float vmax = top_v[warp][0];
+    const float e = expf(top_v[warp][lane] - vmax);
     float total = 0.f;
-    for (int t = 0; t < topk; ++t) total += expf(top_v[t] - vmax);
-    const int64_t base = (b * R + r) * topk;
-    for (int t = 0; t < topk; ++t) {
-      idx_out[base + t] = top_i[t];
-      w_out[base + t] = expf(top_v[t] - vmax) / total;
-    }
+    for (int t = 0; t < topk; ++t) total += expf(top_v[warp][t] - vmax);
+    const int64_t base = (b * R + r0 + warp) * topk;
+    idx_out[base + lane] = top_i[warp][lane];
+    w_out[base + lane] = e / total;
   }
 }
 
@@ -229,14 +237,15 @@ cudaError_t topk_incidence(const float* pn, int64_t pn_sb, int64_t pn_sm, int64_
                            int64_t D, int64_t R, int topk, cudaStream_t stream) {
   if (topk < 1 || topk > kMaxTopk || topk > M || !grid_ok(R, B)) return cudaErrorInvalidValue;
   if (B == 0 || R == 0) return cudaSuccess;
-  const size_t shared = static_cast<size_t>(D + kTopkChunk) * sizeof(float);
+  const size_t shared = static_cast<size_t>(kQueriesPerBlock) * (D + kTopkChunk) * sizeof(float);
   if (shared > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(topk_incidence_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(shared));
     if (err != cudaSuccess) return err;
   }
-  topk_incidence_kernel<<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(B)), kTopkThreads, shared, stream>>>(
-      pn, pn_sb, pn_sm, pn_sd, rows, rows_sb, rows_sr, idx, w, M, D, R, topk);
+  const int64_t blocks = (R + kQueriesPerBlock - 1) / kQueriesPerBlock;
+  topk_incidence_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kTopkThreads, shared,
+                          stream>>>(pn, pn_sb, pn_sm, pn_sd, rows, rows_sb, rows_sr, idx, w, M, D, R, topk);
   return cudaGetLastError();
 }
 
