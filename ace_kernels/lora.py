@@ -564,6 +564,7 @@ if triton is not None:
     def _lora_backward_kernel(
         dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, s_ptr, seed_ptr,  # dY [M,N]; W [N,K]; x [M,K]; A [P,r,K]; B [P,OUT,r]; S fp32
         dx_ptr, da_part_ptr, db_part_ptr,  # dX [M,K]; fp32 [M blocks, P*r, K] and [M blocks, N, P*r], contiguous
+        g_scratch_ptr,  # fp32 [K blocks, M, P*r] contiguous: each program's G, staged for the dropout epilogue
         M, N, K, OUT, RANK,
         stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
         stride_ap, stride_ar, stride_ak, stride_bp, stride_bo, stride_br, stride_sm, stride_sj,
@@ -571,6 +572,7 @@ if triton is not None:
         rng_offset, drop_threshold, lora_factor,  # lora_factor = scaling / keep_prob (scaling without dropout)
         PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        EPILOGUE_M: tl.constexpr,  # rows per step of the dropout epilogue (divides BLOCK_M)
         DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     ):
         pid_k = tl.program_id(0).to(tl.int64)
@@ -612,37 +614,53 @@ if triton is not None:
                          mask=n_ok[:, None] & j_ok[None, :])
         a_tile = tl.load(a_ptr + proj_j[:, None] * stride_ap + r_j[:, None] * stride_ar + ks[None, :] * stride_ak,
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
-        x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        # The epilogue runs EPILOGUE_M rows at a time: with dropout, Philox needs several
+        # 32-bit words per element, and over a whole 128x128 tile that is far more than the
+        # register file (the x tile in fp32 alone is another accumulator's worth). So the
+        # base dX and G go to memory (L2-hot) and the LoRA terms are added in row slices.
+        # The base dX is rounded to dX's dtype once before the LoRA term is added: one extra
+        # rounding, like torch summing the base and LoRA gradients of x in that dtype.
+        g_scratch = g_scratch_ptr + pid_k * M * rank_total
+        tl.store(g_scratch + rows[:, None] * rank_total + js[None, :], acc_g, mask=row_ok[:, None] & j_ok[None, :])
+        if COMPUTE_DX:
+            tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
+                     acc_dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+        tl.debug_barrier()  # the stores above are read back by other threads of this program
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
-            keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, ks, K, drop_threshold)
-            # Pack the three masks into one int32 per element right away (fewer live registers
-            # through the epilogue), and apply them as 0/1 fp32 multipliers rather than i1
-            # selects (see _lora_down_kernel).
-            keep_bits = keep0.to(tl.int32) | (keep1.to(tl.int32) << 1) | (keep2.to(tl.int32) << 2)
-            keep_f = (keep_bits & 1).to(tl.float32)
-            g_p = tl.where((proj_j == 0)[None, :], acc_g, 0.0)
-            lora_dx = keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
-            da_tile = tl.dot(tl.trans(g_p), x_tile * keep_f, input_precision=LORA_PRECISION)
-            if PROJECTIONS == 3:
-                keep_f = ((keep_bits >> 1) & 1).to(tl.float32)
-                g_p = tl.where((proj_j == 1)[None, :], acc_g, 0.0)
-                lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
-                da_tile = tl.dot(tl.trans(g_p), x_tile * keep_f, da_tile, input_precision=LORA_PRECISION)
-                keep_f = ((keep_bits >> 2) & 1).to(tl.float32)
-                g_p = tl.where((proj_j == 2)[None, :], acc_g, 0.0)
-                lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
-                da_tile = tl.dot(tl.trans(g_p), x_tile * keep_f, da_tile, input_precision=LORA_PRECISION)
-        else:
-            lora_dx = tl.dot(acc_g, a_tile, input_precision=LORA_PRECISION)
-            da_tile = tl.dot(tl.trans(acc_g), x_tile, input_precision=LORA_PRECISION)
+        da_tile = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for sub in range(0, BLOCK_M, EPILOGUE_M):
+            sub_rows = pid_m * BLOCK_M + sub + tl.arange(0, EPILOGUE_M)
+            sub_ok = (sub_rows < M)[:, None] & k_ok[None, :]
+            g_sub = tl.load(g_scratch + sub_rows[:, None] * rank_total + js[None, :],
+                            mask=(sub_rows < M)[:, None] & j_ok[None, :], other=0.0)
+            x_sub = tl.load(x_ptr + sub_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=sub_ok, other=0.0).to(tl.float32)
+            if APPLY_DROPOUT:
+                keep0, keep1, keep2 = _keep_masks(seed, rng_offset, sub_rows, ks, K, drop_threshold)
+                # 0/1 fp32 multipliers rather than i1 selects: see _lora_down_kernel.
+                keep_f = keep0.to(tl.float32)
+                g_p = tl.where((proj_j == 0)[None, :], g_sub, 0.0)
+                lora_dx = keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
+                da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
+                if PROJECTIONS == 3:
+                    keep_f = keep1.to(tl.float32)
+                    g_p = tl.where((proj_j == 1)[None, :], g_sub, 0.0)
+                    lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
+                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
+                    keep_f = keep2.to(tl.float32)
+                    g_p = tl.where((proj_j == 2)[None, :], g_sub, 0.0)
+                    lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
+                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
+            else:
+                lora_dx = tl.dot(g_sub, a_tile, input_precision=LORA_PRECISION)
+                da_tile = tl.dot(tl.trans(g_sub), x_sub, da_tile, input_precision=LORA_PRECISION)
+            if COMPUTE_DX:
+                dx_sub_ptr = dx_ptr + sub_rows[:, None] * stride_dxm + ks[None, :] * stride_dxk
+                dx_sub = tl.load(dx_sub_ptr, mask=sub_ok, other=0.0).to(tl.float32)
+                tl.store(dx_sub_ptr, (dx_sub + lora_factor * lora_dx).to(dx_ptr.dtype.element_ty), mask=sub_ok)
         tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * lora_factor,
                  mask=j_ok[:, None] & k_ok[None, :])
-        if COMPUTE_DX:
-            acc_dx += lora_factor * lora_dx
-            tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc_dx.to(dx_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & k_ok[None, :])
 
 
 def _next_pow2(n: int) -> int:
@@ -663,15 +681,15 @@ _GPU_CONFIGS = {
              "fp32": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)},
     "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
               "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)},
-    "backward": {"16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                 "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3)},
+    "backward": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
+                 "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
              "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
 }
 _INTERPRETER_CONFIGS = {
     "down": dict(BLOCK_M=32, BLOCK_K=32),
     "fused": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
-    "backward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+    "backward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, EPILOGUE_M=16),
     "mask": dict(BLOCK_M=32, BLOCK_K=32),
 }
 
@@ -778,9 +796,10 @@ class _LoraTritonFunction(torch.autograd.Function):
         da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)
         db_part = torch.empty((row_blocks, n_total, rank_total), dtype=torch.float32, device=device)
         grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), row_blocks)
+        g_scratch = torch.empty((grid[0], rows, rank_total), dtype=torch.float32, device=device)
         _lora_backward_kernel[grid](
             grad_y, weight, x2d, lora_a3, lora_b3, s_act, seed,
-            grad_x if need_x else x2d, da_part, db_part,
+            grad_x if need_x else x2d, da_part, db_part, g_scratch,
             rows, n_total, in_features, out_features, rank,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x2d.stride(0), x2d.stride(1),
             lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),

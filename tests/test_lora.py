@@ -514,7 +514,8 @@ def _aot_launches(dtype):
     dot_precision, lora_precision = lora_module._precisions(dtype)
     pointer_types = {
         "x_ptr": elem, "w_ptr": elem, "bias_ptr": elem, "a_ptr": elem, "b_ptr": elem, "y_ptr": elem, "dy_ptr": elem,
-        "dx_ptr": elem, "s_ptr": "fp32", "da_part_ptr": "fp32", "db_part_ptr": "fp32", "seed_ptr": "i64",
+        "dx_ptr": elem, "s_ptr": "fp32", "da_part_ptr": "fp32", "db_part_ptr": "fp32", "g_scratch_ptr": "fp32",
+        "seed_ptr": "i64",
         "mask_ptr": "i8",
     }
     float_args = {"inv_keep", "scaling", "lora_factor"}
