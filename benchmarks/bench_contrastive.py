@@ -130,15 +130,13 @@ def run(suite) -> None:
                 metrics["total_gib"] = round((meas.peak_mib + input_mib) / 1024, 3)
             return metrics
 
-        base_results = {}
+        entries = []
         reference_fn = None
         if config["reference"]:
             def reference_fn(u, t, s):
                 return baselines.reference_label_guided_infonce(u, t, s, labels)
 
-            meas = suite.measure("reference", lambda: reference_fn(image, text, scale).backward(), leaves)
-            if meas is not None:
-                base_results["reference"] = (meas, metrics_for(meas))
+            entries.append(("reference", lambda: reference_fn(image, text, scale).backward(), leaves))
         if config["clip"]:
             try:
                 clip_loss = baselines.open_clip_loss()
@@ -148,21 +146,20 @@ def run(suite) -> None:
                 def reference_fn(u, t, s):
                     return clip_loss(u, t, s)
 
-                meas = suite.measure("open_clip.ClipLoss", lambda: clip_loss(image, text, scale).backward(), leaves)
-                if meas is not None:
-                    base_results["open_clip.ClipLoss"] = (meas, metrics_for(meas))
+                entries.append(("open_clip.ClipLoss", lambda: clip_loss(image, text, scale).backward(), leaves))
         if suite.is_gpu and not suite.quick and batch == 8192:
-            _inf_cl_baseline(suite, image, text, scale, leaves, base_results, metrics_for)
+            entry = _inf_cl_entry(suite, image, text, scale, leaves)
+            if entry is not None:
+                entries.append(entry)
 
-        ours = {}
+        checked = {}
         for provider in suite.providers:
             if (probe or batch > 8192) and suite.is_gpu and provider == "torch":
                 suite.skip(f"torch at {shape_text}", "the GPU targets at this size are the fused kernels'")
                 continue
-            checked = {}
             if reference_fn is not None:
                 def check(provider=provider):
-                    checked["err"] = _check(provider, image, text, scale, labels, reference_fn)
+                    checked[provider] = _check(provider, image, text, scale, labels, reference_fn)
 
                 if not suite.provider_can_run(provider, check):
                     continue
@@ -170,13 +167,17 @@ def run(suite) -> None:
             def step(provider=provider):
                 ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider).backward()
 
-            meas = suite.measure(provider, step, leaves, single_call=probe)
-            if meas is None:
-                continue
+            entries.append((provider, step, leaves))
+
+        base_results, ours = {}, {}
+        for name, meas in suite.measure_group(entries, single_call=probe).items():
             metrics = metrics_for(meas)
-            if "err" in checked:
-                metrics["rel_err_vs_baseline"] = checked["err"]
-            ours[provider] = (meas, metrics)
+            if name in suite.providers:
+                if name in checked:
+                    metrics["rel_err_vs_baseline"] = checked[name]
+                ours[name] = (meas, metrics)
+            else:
+                base_results[name] = (meas, metrics)
         suite.add_rows(family=FAMILY, op="label_guided_infonce", shape=shape_text, dtype=dtype, ours=ours,
                        baselines=base_results, targets=_targets(suite, config))
         del image, text, scale, labels, leaves
@@ -194,13 +195,13 @@ def _probe_estimate_s(suite, batch, dim):
     return min(times) * 1e-3 * (batch / 65536) ** 2 * 2  # the memory call (warm-up) and one timed call
 
 
-def _inf_cl_baseline(suite, image, text, scale, leaves, base_results, metrics_for) -> None:
+def _inf_cl_entry(suite, image, text, scale, leaves):
     """Inf-CL (unmasked, diagonal targets only) when its wheel was carried; else say why not."""
     try:
         from inf_cl import cal_inf_loss
     except Exception as exc:
         suite.skip("inf_cl", f"not importable here ({type(exc).__name__}: {exc})")
-        return
+        return None
     target = torch.arange(image.shape[0], device=image.device)
 
     def step():
@@ -208,6 +209,4 @@ def _inf_cl_baseline(suite, image, text, scale, leaves, base_results, metrics_fo
                 + cal_inf_loss(text, image, scale=scale, labels=target).mean()) / 2
         loss.backward()
 
-    meas = suite.measure("inf_cl", step, leaves)
-    if meas is not None:
-        base_results["inf_cl"] = (meas, metrics_for(meas))
+    return ("inf_cl", step, leaves)

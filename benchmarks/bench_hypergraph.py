@@ -103,22 +103,15 @@ def run(suite) -> None:
                         metrics["frac_of_copy_bandwidth"] = round(gbps / copy, 3)
                 return metrics
 
-            base_results = {}
-
             def reference_step():
                 baselines.reference_ace_hypergraph(x, cls_attn, edge, node, topk=k,
                                                    cls_only=cls_only).backward(grad_out)
 
-            meas = suite.measure("reference", reference_step, leaves)
-            if meas is not None:
-                base_results["reference"] = (meas, metrics_for(meas))
-
-            ours = {}
+            entries = [("reference", reference_step, leaves)]
+            checked = {}
             for provider in suite.providers:
-                checked = {}
-
                 def probe(provider=provider):
-                    checked["err"] = _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out)
+                    checked[provider] = _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out)
 
                 if not suite.provider_can_run(provider, probe):
                     continue
@@ -127,12 +120,16 @@ def run(suite) -> None:
                     ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=k, cls_only=cls_only,
                                                backend=provider).backward(grad_out)
 
-                meas = suite.measure(provider, step, leaves)
-                if meas is None:
-                    continue
+                entries.append((provider, step, leaves))
+
+            base_results, ours = {}, {}
+            for name, meas in suite.measure_group(entries).items():
                 metrics = metrics_for(meas)
-                metrics["rel_err_vs_reference"] = checked["err"]
-                ours[provider] = (meas, metrics)
+                if name in checked:
+                    metrics["rel_err_vs_reference"] = checked[name]
+                    ours[name] = (meas, metrics)
+                else:
+                    base_results[name] = (meas, metrics)
             suite.add_rows(family=FAMILY, op="ace_hypergraph", shape=shape_text, dtype=dtype, ours=ours,
                            baselines=base_results, targets=_targets(suite, shape, cls_only))
         del x, cls_attn, edge, node, leaves

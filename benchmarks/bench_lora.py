@@ -111,7 +111,6 @@ def run(suite) -> None:
                     metrics["frac_of_matmul_peak"] = round(tflops / peak, 3)
             return metrics
 
-        base_results = {}
         modules = {
             "reference": baselines.ReferenceLoRAQKV(weight, bias, lora_a, lora_b, scaling=SCALING,
                                                     dropout_p=DROPOUT),
@@ -120,47 +119,47 @@ def run(suite) -> None:
         }
         if suite.is_gpu:
             modules["frozen-base"] = baselines.FrozenBaseQKV(weight, bias)
+        entries, forwards, frozen_of = [], {}, {}
         for name, module in modules.items():
             module.train()
             params = [p for p in module.parameters() if p.requires_grad]
-            grads = [x] + params
 
             def step(module=module):
                 torch.autograd.backward(module(x), grad_out)
 
-            meas = suite.measure(f"{name}", step, grads)
-            if meas is None:
-                continue
-            frozen = list(module.buffers()) + params
-            saved = harness.saved_activation_mib(lambda module=module: module(x), exclude=frozen)
-            base_results[name] = (meas, extra_metrics(meas, saved))
+            entries.append((name, step, [x] + params))
+            forwards[name] = lambda module=module: module(x)
+            frozen_of[name] = list(module.buffers()) + params
 
-        ours = {}
+        checked = {}
         for provider in suite.providers:
-            label = f"{provider}"
-            checked = {}
-
             def probe(provider=provider):
-                checked["err"] = _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out)
+                checked[provider] = _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out)
 
-            if not suite.provider_can_run(label, probe):
+            if not suite.provider_can_run(provider, probe):
                 continue
 
-            def step(provider=provider):
-                outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=SCALING,
-                                            dropout_p=DROPOUT, training=True, backend=provider)
-                torch.autograd.backward(outs, grad_out)
+            def forward(provider=provider):
+                return ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=SCALING, dropout_p=DROPOUT,
+                                            training=True, backend=provider)
 
-            meas = suite.measure(label, step, [x, lora_a, lora_b])
-            if meas is None:
-                continue
-            saved = harness.saved_activation_mib(
-                lambda provider=provider: ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=SCALING,
-                                                               dropout_p=DROPOUT, training=True, backend=provider),
-                exclude=[weight, bias, lora_a, lora_b])
+            def step(forward=forward):
+                torch.autograd.backward(forward(), grad_out)
+
+            entries.append((provider, step, [x, lora_a, lora_b]))
+            forwards[provider] = forward
+            frozen_of[provider] = [weight, bias, lora_a, lora_b]
+
+        measured = suite.measure_group(entries)
+        base_results, ours = {}, {}
+        for name, meas in measured.items():
+            saved = harness.saved_activation_mib(forwards[name], exclude=frozen_of[name])
             metrics = extra_metrics(meas, saved)
-            metrics["rel_err_vs_reference_p0"] = checked["err"]
-            ours[provider] = (meas, metrics)
+            if name in checked:
+                metrics["rel_err_vs_reference_p0"] = checked[name]
+                ours[name] = (meas, metrics)
+            else:
+                base_results[name] = (meas, metrics)
         suite.add_rows(family=FAMILY, op="lora_qkv", shape=shape_text, dtype=dtype, ours=ours,
                        baselines=base_results, targets=targets)
         del x, lora_a, lora_b, modules

@@ -85,31 +85,29 @@ def run(suite) -> None:
         return
     print(f" training step {shape_text} {dtype}")
 
-    def step():
-        with autocast:
-            loss = model.loss(images, ids, labels)
-        loss.backward()
+    def step_with(backend):
+        def step():
+            model.backend = backend
+            with autocast:
+                loss = model.loss(images, ids, labels)
+            loss.backward()
+
+        return step
 
     def metrics_for(meas):
         return {"samples_per_s": round(batch / (meas.median_ms * 1e-3), 2)} if meas.median_ms else {}
 
-    base_results = {}
-
     def reference_step():
         with reference_ops():
-            step()
+            step_with("torch")()  # the backend is not consulted: the ops are the references
 
-    meas = suite.measure("reference-ops", reference_step, params)
-    if meas is not None:
-        base_results["reference-ops"] = (meas, metrics_for(meas))
-    ours = {}
+    entries = [("reference-ops", reference_step, params)]
     for provider in suite.providers:
-        model.backend = provider
-        if not suite.provider_can_run(provider, step):
-            continue
-        meas = suite.measure(provider, step, params)
-        if meas is not None:
-            ours[provider] = (meas, metrics_for(meas))
+        if suite.provider_can_run(provider, step_with(provider)):
+            entries.append((provider, step_with(provider), params))
+    base_results, ours = {}, {}
+    for name, meas in suite.measure_group(entries).items():
+        (base_results if name == "reference-ops" else ours)[name] = (meas, metrics_for(meas))
 
     def targets(provider, baseline):
         if suite.is_gpu and provider in ("triton", "cuda") and baseline == "reference-ops":

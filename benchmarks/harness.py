@@ -282,6 +282,50 @@ def time_call(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[to
     return statistics.median(ms), len(ms), (min(ms), max(ms))
 
 
+def time_interleaved(entries: Sequence[tuple[Callable[[], Any], Sequence[torch.Tensor]]], *, min_reps: int = 5,
+                     max_reps: int = 50, min_seconds: float = 1.0,
+                     max_seconds: float = 20.0) -> list[tuple[float, int, tuple[float, float]]]:
+    """CPU: time several calls round-robin (one call of each per round), median per entry.
+
+    On a machine shared with other work the load changes from second to second;
+    interleaving puts every entry under the same conditions, so the ratios
+    between them stay meaningful even when absolute times are inflated.
+    ``min_seconds``/``max_seconds`` are per entry, as for :func:`time_call`.
+    Warm-up is the caller's (the memory measurement is each entry's first call).
+    """
+    count = len(entries)
+    times: list[list[float]] = [[] for _ in entries]
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        begin = time.perf_counter()
+        while True:
+            for index, (fn, grads) in enumerate(entries):
+                _reset_grads(grads)
+                start = time.perf_counter()
+                fn()
+                times[index].append(time.perf_counter() - start)
+            rounds = len(times[0])
+            elapsed = time.perf_counter() - begin
+            first_round = sum(t[0] for t in times)
+            rounds_allowed = max(1, int(max_seconds * count / max(first_round, 1e-6)))
+            if rounds >= max_reps or rounds >= rounds_allowed:
+                break
+            if rounds >= min_reps and elapsed >= min_seconds * count:
+                break
+            if elapsed >= max_seconds * count:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    results = []
+    for entry_times in times:
+        ms = [t * 1e3 for t in entry_times]
+        results.append((statistics.median(ms), len(ms), (min(ms), max(ms))))
+    return results
+
+
 def _time_cuda(fn, *, device, grads, min_reps, max_seconds):
     _reset_grads(grads)
     fn()  # compile / autotune / handle creation stay out of the numbers

@@ -93,6 +93,43 @@ class Suite:
         self.log(f"  {label}: {result.median_ms:.3f} ms median of {result.runs}, peak {peak} ({took:.1f} s)")
         return result
 
+    def measure_group(self, entries: Sequence[tuple[str, Callable[[], Any], Sequence[torch.Tensor]]],
+                      single_call: bool = False) -> dict[str, Measurement]:
+        """Measure the entries of one configuration (baselines and providers) side by side.
+
+        Peak memory first, one call per entry (also its warm-up); then the times.
+        On the CPU the timed calls are interleaved round-robin (see
+        ``harness.time_interleaved``); on a GPU each entry is timed in turn.
+        Entries that fail are logged and left out of the result.
+        """
+        results: dict[str, Measurement] = {}
+        if single_call or self.device.type == "cuda":
+            for label, fn, grads in entries:
+                meas = self.measure(label, fn, grads, single_call=single_call)
+                if meas is not None:
+                    results[label] = meas
+            return results
+        start = time.monotonic()
+        peaks, alive = {}, []
+        for label, fn, grads in entries:
+            try:
+                peaks[label] = harness.peak_memory_mib(fn, device=self.device, grads=grads)
+                alive.append((label, fn, grads))
+            except Exception as exc:  # a failing entry must not cost the others their numbers
+                self.skip(label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        if not alive:
+            return results
+        timed = harness.time_interleaved([(fn, grads) for _, fn, grads in alive],
+                                         min_reps=3 if self.quick else 5, min_seconds=0.2 if self.quick else 1.0,
+                                         max_seconds=self.max_seconds_per_call)
+        for (label, _, grads), (median, runs, spread) in zip(alive, timed):
+            for t in grads:
+                t.grad = None
+            results[label] = Measurement(median, peaks[label], runs, spread)
+            self.log(f"  {label}: {median:.3f} ms median of {runs} (interleaved), peak {peaks[label]:.4g} MiB")
+        self.log(f"  ({time.monotonic() - start:.1f} s for {len(alive)} entries)")
+        return results
+
     def provider_can_run(self, label: str, call: Callable[[], Any]) -> bool:
         """Run ``call`` once (a correctness probe); log and return False if the backend cannot take it."""
         try:
