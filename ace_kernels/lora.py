@@ -407,8 +407,10 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
 #     the P*out columns of dY, each dY tile read once per program and used three ways:
 #     dX += dY W (skipped when x needs no grad), G += dY Bbd (G_p = dY_p B_p, [M, P*r]),
 #     and, in the first column of programs only, a partial dB = dY^T S per row block.
-#     Epilogue: masks regenerated for exactly this tile of x (every element once over
-#     the grid), dX += scaling/keep * sum_p mask_p * (G_p A_p) and a partial
+#     Epilogue, EPILOGUE_M rows at a time (base dX and G are staged through L2 so the
+#     Philox words never exist for a whole 128x128 tile at once): masks regenerated for
+#     exactly this tile of x (every element once over the grid),
+#     dX += scaling/keep * sum_p mask_p * (G_p A_p) and a partial
 #     dA = scaling/keep * sum_p G_p^T (mask_p * x). Partials are summed on the host in a
 #     fixed order (deterministic, no atomics).
 # _lora_mask_kernel      debug export of the keep masks from the same Philox stream.
