@@ -19,20 +19,19 @@ def oracle_adapter(z, down_w, down_b, up_w, up_b):
 def oracle_incidence(x_b, c_b, topk):
     """The dense N x N matrix A of one sample (steps 1-5)."""
     n = x_b.shape[0]
+    opts = dict(dtype=x_b.dtype, device=x_b.device)
     p = F.normalize(x_b[1:], dim=-1)
     s_pp = p @ p.T
-    neg_inf = torch.tensor(float("-inf"), dtype=x_b.dtype)
-    scores = torch.full((n, n), float("-inf"), dtype=x_b.dtype)
-    scores = scores.clone()
+    neg_inf = torch.tensor(float("-inf"), **opts)
     top_row = torch.cat([neg_inf.view(1), c_b])
-    rest = torch.cat([torch.full((n - 1, 1), float("-inf"), dtype=x_b.dtype), s_pp], dim=1)
+    rest = torch.cat([torch.full((n - 1, 1), float("-inf"), **opts), s_pp], dim=1)
     scores = torch.cat([top_row.view(1, n), rest], dim=0)
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=x_b.device)
     scores = torch.where(eye, neg_inf, scores)
     vals, idx = torch.topk(scores, topk, dim=1)
-    kept = torch.full((n, n), float("-inf"), dtype=x_b.dtype).scatter(1, idx, vals)
+    kept = torch.full((n, n), float("-inf"), **opts).scatter(1, idx, vals)
     a = torch.softmax(kept, dim=1)
-    a = torch.where(eye, torch.ones((), dtype=x_b.dtype), a)
+    a = torch.where(eye, torch.ones((), **opts), a)
     col0 = torch.cat([a[0, :1], a[0, 1:]])  # A[i, 0] = A[0, i] for i >= 1; A[0, 0] stays 1
     a = torch.cat([col0.view(n, 1), a[:, 1:]], dim=1)
     return a

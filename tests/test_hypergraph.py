@@ -51,7 +51,8 @@ def run_with_grads(fn, x, cls_attn, edge, node, seed=1):
     """Output and the gradients of <out, g> for a fixed random g with respect to all 10 inputs."""
     inputs = leaves([x, cls_attn, *edge, *node])
     out = fn(inputs[0], inputs[1], inputs[2:6], inputs[6:10])
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.to(device=out.device, dtype=out.dtype)
     grads = torch.autograd.grad((out * g).sum(), inputs)
     return out, grads
 
