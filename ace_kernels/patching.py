@@ -108,8 +108,10 @@ Limits
 ------
 Patched modules hold the replacement as an instance attribute: ``torch.save``
 of a whole pickled module and ``copy.deepcopy`` should happen after
-``undo()`` (``state_dict()`` is unaffected). ``torch.compile`` over patched
-modules is not tested here.
+``undo()`` (``state_dict()`` is unaffected). ``nn.DataParallel`` replicas copy
+instance attributes and would call the original module's replacement: use
+DDP (or patch after replicating). ``torch.compile`` over patched modules is
+not tested here.
 """
 
 from __future__ import annotations
