@@ -67,7 +67,7 @@ import torch
 from ace_kernels import _dispatch
 from ace_kernels._checks import check_probability, check_same_dtype, check_tensor
 
-__all__ = ["lora_linear", "lora_qkv", "capture_dropout_masks", "saved_activation_bytes"]
+__all__ = ["lora_linear", "lora_qkv", "lora_qkv_packed", "capture_dropout_masks", "saved_activation_bytes"]
 
 _dispatch.define_op("lora_linear", prefer=("triton", "torch"))
 _dispatch.define_op("lora_qkv", prefer=("triton", "torch"))
@@ -294,8 +294,8 @@ def _lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trai
 
 @_dispatch.register("lora_qkv", "torch")
 def _lora_qkv_torch(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
-    y = _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
-    return tuple(y.chunk(3, dim=-1))
+    # The stacked [..., 3*out] result; lora_qkv splits it, lora_qkv_packed returns it.
+    return _torch_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
 
 
 # ----------------------------------------------------------------------------------------
@@ -373,8 +373,10 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
     Returns
     -------
     (q, k, v) : tuple of Tensor [..., out]
-        Views into one [..., 3*out] result (so they are not contiguous when there is
-        more than one row). Gradients as in :func:`lora_linear`.
+        Views into one [..., 3*out] result, as ``torch.chunk`` returns them (not
+        contiguous when there is more than one row, not modifiable in place).
+        Gradients as in :func:`lora_linear`. :func:`lora_qkv_packed` returns the
+        stacked result itself.
 
     Raises
     ------
@@ -382,6 +384,16 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
         As in :func:`lora_linear`; also when ``weight`` has a row count that is not a
         multiple of 3 or ``lora_a``/``lora_b`` do not have 3 projections.
     """
+    _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, 3)
+    args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
+    impl = _dispatch.select("lora_qkv", backend, [x, weight, bias, lora_a, lora_b], args)
+    return tuple(impl(*args).chunk(3, dim=-1))
+
+
+def lora_qkv_packed(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, training=False, backend="auto"):
+    """:func:`lora_qkv` returning the stacked [..., 3*out] result (q, k, v along the last
+    dimension), as a packed ``qkv`` linear does: no split and no ``torch.cat`` for callers
+    that reshape it themselves (timm's attention). Same arguments, errors and gradients."""
     _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, 3)
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     impl = _dispatch.select("lora_qkv", backend, [x, weight, bias, lora_a, lora_b], args)
@@ -862,5 +874,4 @@ def _lora_linear_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, tra
 
 @_dispatch.register("lora_qkv", "triton", check=_triton_reasons)
 def _lora_qkv_triton(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
-    y = _triton_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
-    return tuple(y.chunk(3, dim=-1))
+    return _triton_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)

@@ -134,6 +134,22 @@ def test_torch_matches_oracle_fp32(case):
     compare_with_oracle(case, make_inputs(case, torch.float32), "torch", rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_packed_equals_split(backend, device):
+    case = Case("packed", "qkv", (2, 5), 16, 6, 2, dropout_p=0.3)
+    inputs = make_inputs(case, torch.float32, device if backend == "triton" else "cpu")
+    devices = [inputs[0].device] if inputs[0].device.type == "cuda" else []
+    kwargs = dict(scaling=0.5, dropout_p=0.3, training=True, backend=backend)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        packed = lora_module.lora_qkv_packed(*inputs, **kwargs)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        split = ace_kernels.lora_qkv(*inputs, **kwargs)
+    assert packed.shape == (2, 5, 18)
+    assert torch.equal(packed, torch.cat(split, dim=-1))
+
+
 def test_torch_non_contiguous_x():
     case = Case("qkv_strided", "qkv", (3, 4), 20, 6, 4, dropout_p=0.3)
     x, weight, bias, lora_a, lora_b = make_inputs(case)
