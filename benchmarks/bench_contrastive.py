@@ -105,10 +105,11 @@ def run(suite) -> None:
         probe = config.get("probe", False)
         if probe:
             estimate = _probe_estimate_s(suite, batch, dim)
-            if estimate is None or estimate > 60:
+            if estimate is None or estimate > min(60.0, suite.seconds_left() - 10):
                 suite.skip(f"label_guided_infonce {shape_text}",
                            "no fused-kernel timing at B=65536 to size it" if estimate is None
-                           else f"estimated {estimate:.0f} s from the B=65536 timing, over 60 s")
+                           else f"estimated {estimate:.0f} s from the B=65536 timing, more than 60 s or the "
+                                f"{max(0.0, suite.seconds_left()):.0f} s left")
                 continue
         print(f" label_guided_infonce {shape_text} {dtype}")
         image, text, scale, labels = _inputs(batch, dim, dtype, device, generator, labeled=labeled)

@@ -96,7 +96,7 @@ BUILD_LOG=$OUT/build.log
 : >"$BUILD_LOG"
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     say "stage build: skipped (GPU_CHECK_SKIP_BUILD=1)"
-elif ! ls csrc/*/*.cu csrc/*.cu csrc/*/*.cpp >/dev/null 2>&1; then
+elif [ -z "$(find csrc \( -name '*.cu' -o -name '*.cpp' \) 2>/dev/null | head -n 1)" ]; then
     say "stage build: no CUDA sources under csrc/"
 else
     run_stage build 180 "$BUILD_LOG" env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 ACE_KERNELS_FORCE_CUDA=1 \

@@ -62,6 +62,9 @@ class Suite:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.is_gpu else torch.float32
 
+    def seconds_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
     def out_of_time(self, what: str) -> bool:
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.skip(what, "the run's time budget is spent")
