@@ -33,8 +33,7 @@ the adapters' small GEMMs stay in torch.
 
 from __future__ import annotations
 
-import math
-import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,10 +64,24 @@ def _flat_rows(index: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
     return (index.to(torch.int64).clamp_min(0) + offsets.view(-1, *([1] * (index.dim() - 1)))).reshape(-1)
 
 
+def _sparse_mm(crow, col, values, shape, dense):
+    # CPU only: a block-diagonal CSR matrix (one block per sample) times the flattened rows.
+    # About 2-5x faster than index_add_ / per-slot gathers on 2 cores (measured at B=64,
+    # N=197, H=128). torch flags sparse CSR as beta; the warning says nothing actionable here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matrix = torch.sparse_csr_tensor(crow, col, values, shape)
+        return torch.sparse.mm(matrix, dense)
+
+
 def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[b, q] = sum_s weights[b, q, s] * src[b, cols[b, q, s]]."""
     B, R, D = src.shape
     Q, S = cols.shape[1], cols.shape[2]
+    if src.device.type == "cpu":
+        crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
+        return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
+                          src.reshape(B * R, D)).view(B, Q, D)
     flat = src.reshape(B * R, D)
     out = torch.zeros(B, Q, D, dtype=src.dtype, device=src.device)
     # One slot at a time: the [B, Q, S, D] gather would be S times the output.
@@ -83,6 +96,18 @@ def _torch_scatter_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Ten
     """out[b, cols[b, q, s]] += weights[b, q, s] * src[b, q] (the adjoint of gather_sum)."""
     B, Q, D = src.shape
     S = cols.shape[2]
+    if src.device.type == "cpu":
+        # The transposed incidence as CSR: row j of sample b lists the entries (q, s) with
+        # cols[b, q, s] == j, in increasing q (sorted and unique, as CSR wants).
+        row_ptr, perm = transpose if transpose is not None else _transpose_csr(cols, num_rows)
+        nnz = row_ptr[:, -1]
+        start = torch.cumsum(nnz, 0) - nnz
+        crow = torch.cat([(row_ptr[:, :num_rows] + start[:, None]).reshape(-1), nnz.sum().view(1)])
+        valid = torch.arange(Q * S)[None, :] < nnz[:, None]
+        entries = (perm + (torch.arange(B) * (Q * S))[:, None])[valid]
+        values = weights.reshape(-1).to(src.dtype)[entries]
+        return _sparse_mm(crow, entries // S, values, (B * num_rows, B * Q), src.reshape(B * Q, D)).view(
+            B, num_rows, D)
     out = torch.zeros(B * num_rows, D, dtype=src.dtype, device=src.device)
     for s in range(S):
         # index_add_ is deterministic on CPU; on CUDA it uses atomics (the kernels do not).
@@ -144,7 +169,12 @@ class _Primitives:
     prepare_transpose: Callable = lambda cols, num_rows: None
 
 
-TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _torch_scatter_sum, _torch_entry_dot)
+def _torch_prepare_transpose(cols, num_rows):
+    return _transpose_csr(cols, num_rows) if cols.device.type == "cpu" else None
+
+
+TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _torch_scatter_sum, _torch_entry_dot,
+                               _torch_prepare_transpose)
 
 
 # --------------------------------------------------------------------------------------
