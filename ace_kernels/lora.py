@@ -35,10 +35,13 @@ restoring the generator state) reproduce the masks exactly:
 * ``torch``: ``torch.rand`` of shape [P, M, in] (P projections, M = rows of the
   flattened ``x``), element kept where the number is ``>= dropout_p``.
 * ``triton``: one ``torch.randint`` seed (a 1-element int64 tensor on the device,
-  read by the kernels, so there is no host synchronisation); Philox
-  ``randint4x(seed, rng_offset + row * in + col)`` gives one 32-bit number per
-  projection (lane p for projection p); the element is kept where its top 24 bits
-  are ``>= round(dropout_p * 2**24)``.
+  read by the kernels, so there is no host synchronisation). Philox4x32-10 keyed by
+  the seed, counter ``rng_offset + row * ceil(in / 2) + col // 2``: lane p serves
+  projection p, its low 16 bits column ``2c`` and its high 16 bits column ``2c+1``;
+  kept where those 16 bits are ``>= round(dropout_p * 2**16)``. So ``dropout_p`` is
+  applied at a resolution of 2**-16 (keep rate off by at most 7.7e-6; 0.1 becomes
+  0.100006), while the 1/(1-p) scale uses ``dropout_p`` itself. Two columns per draw
+  halve the Philox arithmetic, the main integer cost of the kernels.
 
 Each call draws once (P*M*in uniforms, or one seed), so restoring the generator state
 before a call replays its masks. The two backends give different (equally
@@ -444,8 +447,8 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 
 # The three projection lanes of one Philox draw (lane 3 is unused).
 _MAX_PROJECTIONS = 3
-# Keep test: top 24 bits of a 32-bit Philox number >= round(p * 2**24).
-_THRESHOLD_BITS = 24
+# Keep test: a 16-bit half of a Philox number >= round(p * 2**16) (see _keep_bits).
+_THRESHOLD_BITS = 16
 # BLOCK_R is P*r padded to a power of two >= 16 (tl.dot's smallest dimension); above 64
 # the epilogue tiles get large enough to spill, so such ranks go to the torch backend.
 _MAX_BLOCK_R = 64
@@ -454,17 +457,30 @@ _MAX_BLOCK_R = 64
 if triton is not None:
 
     @triton.jit
-    def _keep_masks(seed, rng_offset, rows, cols, in_features, drop_threshold):
-        """Keep masks of the three projection lanes for the tile rows x cols.
+    def _keep_bits(seed, rng_offset, rows, col_start, in_features, drop_threshold,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """Keep masks of the tile rows x [col_start, col_start + BLOCK_COLS), packed: bit p of
+        the int32 result is the mask of projection p.
 
-        Philox counter = rng_offset + row * in_features + col (64-bit), key = seed.
+        One Philox4x32-10 call per pair of columns (2c, 2c+1) of a row: key = seed,
+        counter = rng_offset + row * ceil(in_features / 2) + c (64-bit). Lane p's low 16
+        bits decide column 2c of projection p, its high 16 bits column 2c+1; kept where the
+        16 bits are >= drop_threshold = round(p * 2**16). Two columns per call halve the
+        Philox work, which dominates these kernels' integer arithmetic. ``col_start`` and
+        BLOCK_COLS are even.
         """
-        counter = rng_offset + rows[:, None].to(tl.int64) * in_features + cols[None, :].to(tl.int64)
+        pairs_per_row = (in_features + 1) // 2
+        pair_cols = col_start // 2 + tl.arange(0, BLOCK_COLS // 2)
+        counter = rng_offset + rows[:, None].to(tl.int64) * pairs_per_row + pair_cols[None, :].to(tl.int64)
         r0, r1, r2, _r3 = tl.randint4x(seed, counter)
-        keep0 = (r0 >> 8).to(tl.int32) >= drop_threshold
-        keep1 = (r1 >> 8).to(tl.int32) >= drop_threshold
-        keep2 = (r2 >> 8).to(tl.int32) >= drop_threshold
-        return keep0, keep1, keep2
+        even = ((r0 & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int32)
+        odd = ((r0 >> 16).to(tl.int32) >= drop_threshold).to(tl.int32)
+        even |= ((r1 & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int32) << 1
+        odd |= ((r1 >> 16).to(tl.int32) >= drop_threshold).to(tl.int32) << 1
+        even |= ((r2 & 0xFFFF).to(tl.int32) >= drop_threshold).to(tl.int32) << 2
+        odd |= ((r2 >> 16).to(tl.int32) >= drop_threshold).to(tl.int32) << 2
+        # [rows, pairs, 2] -> [rows, cols]: column 2c then 2c+1.
+        return tl.reshape(tl.join(even, odd), (BLOCK_ROWS, BLOCK_COLS))
 
     @triton.jit
     def _lora_mask_kernel(
@@ -478,12 +494,12 @@ if triton is not None:
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         inside = (rows < M)[:, None] & (cols < K)[None, :]
         seed = tl.load(seed_ptr)
-        keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, cols, K, drop_threshold)
+        keep = _keep_bits(seed, rng_offset, rows, pid_k * BLOCK_K, K, drop_threshold, BLOCK_M, BLOCK_K)
         offsets = rows[:, None] * K + cols[None, :]
-        tl.store(mask_ptr + offsets, keep0.to(tl.int8), mask=inside)
+        tl.store(mask_ptr + offsets, (keep & 1).to(tl.int8), mask=inside)
         if PROJECTIONS == 3:
-            tl.store(mask_ptr + plane + offsets, keep1.to(tl.int8), mask=inside)
-            tl.store(mask_ptr + 2 * plane + offsets, keep2.to(tl.int8), mask=inside)
+            tl.store(mask_ptr + plane + offsets, ((keep >> 1) & 1).to(tl.int8), mask=inside)
+            tl.store(mask_ptr + 2 * plane + offsets, ((keep >> 2) & 1).to(tl.int8), mask=inside)
 
     @triton.jit
     def _lora_down_kernel(
@@ -513,16 +529,16 @@ if triton is not None:
             a_tile = tl.load(a_ptr + proj_j[None, :] * stride_ap + r_j[None, :] * stride_ar + ks[:, None] * stride_ak,
                              mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
             if APPLY_DROPOUT:
-                keep0, keep1, keep2 = _keep_masks(seed, rng_offset, rows, ks, K, drop_threshold)
+                keep = _keep_bits(seed, rng_offset, rows, k0, K, drop_threshold, BLOCK_M, BLOCK_K)
                 # Masks as 0/1 multipliers in x's dtype: selecting with the i1 masks makes the
                 # sm_90 compiler stage an i1 tensor through shared memory, which it rejects.
                 zero = tl.zeros_like(a_tile)
-                acc = tl.dot(x_tile * keep0.to(x_tile.dtype),
+                acc = tl.dot(x_tile * (keep & 1).to(x_tile.dtype),
                              tl.where((proj_j == 0)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
                 if PROJECTIONS == 3:
-                    acc = tl.dot(x_tile * keep1.to(x_tile.dtype),
+                    acc = tl.dot(x_tile * ((keep >> 1) & 1).to(x_tile.dtype),
                                  tl.where((proj_j == 1)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
-                    acc = tl.dot(x_tile * keep2.to(x_tile.dtype),
+                    acc = tl.dot(x_tile * ((keep >> 2) & 1).to(x_tile.dtype),
                                  tl.where((proj_j == 2)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
@@ -651,18 +667,18 @@ if triton is not None:
             x_sub = tl.load(x_ptr + sub_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                             mask=sub_ok, other=0.0).to(tl.float32)
             if APPLY_DROPOUT:
-                keep0, keep1, keep2 = _keep_masks(seed, rng_offset, sub_rows, ks, K, drop_threshold)
+                keep = _keep_bits(seed, rng_offset, sub_rows, pid_k * BLOCK_K, K, drop_threshold, EPILOGUE_M, BLOCK_K)
                 # 0/1 fp32 multipliers rather than i1 selects: see _lora_down_kernel.
-                keep_f = keep0.to(tl.float32)
+                keep_f = (keep & 1).to(tl.float32)
                 g_p = tl.where((proj_j == 0)[None, :], g_sub, 0.0)
                 lora_dx = keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
                 da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
                 if PROJECTIONS == 3:
-                    keep_f = keep1.to(tl.float32)
+                    keep_f = ((keep >> 1) & 1).to(tl.float32)
                     g_p = tl.where((proj_j == 1)[None, :], g_sub, 0.0)
                     lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
                     da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
-                    keep_f = keep2.to(tl.float32)
+                    keep_f = ((keep >> 2) & 1).to(tl.float32)
                     g_p = tl.where((proj_j == 2)[None, :], g_sub, 0.0)
                     lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
                     da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
