@@ -335,6 +335,7 @@ TRITON_CASES = [
     Case("t_qkv_r7_no_dropout", "qkv", (3, 2), 17, 7, 7),
     Case("t_qkv_single_row", "qkv", (1,), 9, 5, 4, dropout_p=0.5),
     Case("t_qkv_1d_x_x_frozen", "qkv", (), 12, 6, 3, dropout_p=0.3, x_grad=False),
+    Case("t_linear_x_frozen_no_dropout", "linear", (33,), 20, 35, 5, x_grad=False),
     # Two row blocks, two K blocks and column tiles straddling projections (interpreter tiles are 32).
     Case("t_qkv_multi_tile", "qkv", (37,), 45, 13, 4, dropout_p=0.1),
 ]
