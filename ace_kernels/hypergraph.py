@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ace_kernels import _dispatch
-from ace_kernels._checks import FLOAT_DTYPES, check_positive_int, check_tensor
+from ace_kernels._checks import check_positive_int, check_tensor
 
 __all__ = ["ace_hypergraph", "ACEHypergraph", "MAX_KERNEL_TOPK"]
 
@@ -837,9 +837,20 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
 
     Non-finite inputs raise no error and never hang: a NaN or inf in ``x`` or
     ``cls_attn`` makes the rows that depend on it NaN (or inf) in the output
-    and the gradients; which neighbours are selected among NaN scores is
-    backend dependent (torch.topk ranks NaN above every number; the kernels
-    never select a NaN while a number is left).
+    and the gradients. Every backend ranks a NaN score above every number (as
+    torch.topk does), so a row that selects one gets NaN weights; the torch
+    backend also spreads a non-finite token through zero-weight slots
+    (0 * inf = NaN, as the dense reference does), the kernels skip those slots.
+
+    Determinism: the Triton and CUDA kernels use no float atomics (C = A^T E'
+    walks a transposed incidence built with a stable sort), so repeated calls
+    give identical results. The torch backend is deterministic on CPU; on a GPU
+    it uses ``index_add_``, which is not.
+
+    Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
+    ``topk <= 16``; ``torch`` takes everything. ``auto`` prefers triton, then
+    cuda, then torch (both kernel backends are validated against the oracle;
+    the GPU benchmark decides the final order).
     """
     edge, node = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only)
     tensors = [x, cls_attn, *edge, *node]

@@ -362,6 +362,22 @@ def test_triton_non_contiguous_and_zero_norm():
 
 
 @pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf inside the interpreter
+@pytest.mark.parametrize("where", ["x", "cls_attn"])
+def test_triton_non_finite_inputs_do_not_crash(where):
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float32)
+    if where == "x":
+        x[0, 3, 1] = float("nan")
+    else:
+        c[0, 1] = float("nan")
+    for cls_only in (False, True):
+        out, grads = ours_run(x, c, edge, node, k, cls_only, "triton")
+        # Sample 0 holds the NaN: ranked first, it reaches token 0; sample 1 is untouched.
+        assert torch.isnan(out[0]).any()
+        assert torch.isfinite(out[1]).all()
+
+
+@pytest.mark.triton
 def test_triton_primitives_match_torch():
     # The deterministic CSR scatter and the empty-slot convention, against the torch primitives.
     gen = torch.Generator().manual_seed(11)
