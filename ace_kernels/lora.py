@@ -62,7 +62,6 @@ arithmetic. Nothing hangs or raises on non-finite values.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator
 
 import torch
