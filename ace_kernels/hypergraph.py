@@ -783,7 +783,16 @@ def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only):
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
 
 
-@_dispatch.register(OP_NAME, "cuda", check=_kernel_check)
+def _cuda_check(x, cls_attn, edge, node, topk, cls_only):
+    reasons = _kernel_check(x, cls_attn, edge, node, topk, cls_only)
+    module, _ = _dispatch._extension()
+    if module is not None and not hasattr(torch.ops.ace_kernels, "hg_gather_sum"):
+        reasons.append("ace_kernels._C was built without its torch ops (csrc/bindings.cpp compiled as C++17; "
+                       "torch >= 2.10 headers need -std=c++20)")
+    return reasons
+
+
+@_dispatch.register(OP_NAME, "cuda", check=_cuda_check)
 def _hypergraph_cuda(x, cls_attn, edge, node, topk, cls_only):
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, CUDA_PRIMITIVES)
 
