@@ -395,6 +395,15 @@ def test_triton_primitives_match_torch():
     # Deterministic: the same call gives bit-identical results.
     a = p.scatter_sum(src_q, cols, w, R)
     assert torch.equal(a, p.scatter_sum(src_q, cols, w, R))
+    # Top-k selection agrees with torch.topk on distinct values (two similarity tiles, own column
+    # excluded); slot order is unspecified, so compare sorted sets and weights.
+    pn = torch.nn.functional.normalize(torch.randn(B, 40, 24, generator=gen), dim=-1)
+    rows = torch.tensor([[3, 39, 0], [17, 5, 22]])
+    for k, r in ((5, None), (16, rows)):
+        idx, wts = p.topk_rows(pn, r, k)
+        ref_idx, ref_w = t.topk_rows(pn, r, k)
+        assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+        torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)
 
 
 def _aot_signatures():
