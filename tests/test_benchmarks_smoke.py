@@ -263,3 +263,10 @@ def test_targets_are_judged():
     assert harness.Target("peak_mib_max", 99.0, "").check(row) is False
     assert harness.Target("metric_min:frac_of_matmul_peak", 0.5, "").check(row) is False
     assert harness.Target("metric_min:tflops", 0.5, "").check(row) is None  # not measured: not judged
+
+
+def test_gpu_check_script_parses():
+    """gpu_check.sh only runs on a lent GPU machine; here at least bash must accept it."""
+    proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
