@@ -11,6 +11,12 @@ step. Throughput is samples/s in ``metrics``.
 CPU: the tiny config (2 layers, width 64), fp32. GPU: the full-size
 BiomedCLIP architecture at B=64 under bf16 autocast (issue 6's setting:
 at least 1.6x the throughput and at most 0.6x the peak memory).
+
+Also the drop-in case of issue 8 (op ``peft_lora_train_step``): a PEFT LoRA
+(r=4, q/k/v, dropout 0.1) timm ViT plus HF BERT training step with a CLIP
+loss, as PEFT runs it (baseline ``peft``) and after ``ace_kernels.patch``
+(provider ``patched:<backend>``). GPU: ViT-B/16 and BERT-base at B=64 under
+bf16 autocast (target: at least 1.3x); CPU: two-layer width-64 towers.
 """
 
 from __future__ import annotations
@@ -57,6 +63,12 @@ def _batch(model, batch: int, device, generator):
 
 
 def run(suite) -> None:
+    _run_ace_lora(suite)
+    if not suite.out_of_time("peft_lora_train_step"):
+        _run_peft_patch(suite)
+
+
+def _run_ace_lora(suite) -> None:
     try:
         from ace_model.model import ACELoRA
     except Exception as exc:
@@ -117,5 +129,95 @@ def run(suite) -> None:
     suite.add_rows(family=FAMILY, op="ace_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
                    baselines=base_results, targets=targets)
     del model
+    if suite.is_gpu:
+        torch.cuda.empty_cache()
+
+
+def _peft_towers(suite):
+    """A PEFT-LoRA timm ViT and HF BERT (random weights), q/k/v adapted with r=4, dropout 0.1."""
+    import timm
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    full = suite.is_gpu and not suite.quick
+    if full:
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+        bert_config = BertConfig()  # BERT-base
+        image_size, context = 224, 256
+    else:
+        vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                                               num_heads=2, num_classes=0)
+        bert_config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=128, max_position_embeddings=64)
+        image_size, context = 32, 32
+    bert = BertModel(bert_config, add_pooling_layer=False)
+    vit = get_peft_model(vit, LoraConfig(r=4, lora_alpha=2, lora_dropout=0.1, target_modules=["qkv"]))
+    bert = get_peft_model(bert, LoraConfig(r=4, lora_alpha=2, lora_dropout=0.1,
+                                           target_modules=["query", "key", "value"]))
+    towers = torch.nn.ModuleDict({"vit": vit, "bert": bert})
+    return towers, image_size, context, bert_config.vocab_size, ("vit_base_patch16_224+bert-base" if full
+                                                                 else "tiny vit+bert")
+
+
+def _run_peft_patch(suite) -> None:
+    try:
+        towers, image_size, context, vocab, name = _peft_towers(suite)
+    except Exception as exc:
+        suite.skip("peft_lora_train_step", f"PEFT towers could not be built ({type(exc).__name__}: {exc})")
+        return
+    device = suite.device
+    towers = towers.to(device).train()
+    batch = 8 if suite.quick else 64
+    generator = torch.Generator().manual_seed(4)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+    ids = torch.randint(1, vocab, (batch, context), generator=generator).to(device)
+    scale = torch.tensor(14.0, device=device, requires_grad=True)
+    params = [p for p in towers.parameters() if p.requires_grad] + [scale]
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if suite.is_gpu else contextlib.nullcontext())
+    dtype = "bf16-autocast" if suite.is_gpu else "float32"
+    shape_text = f"{name} B={batch}"
+    print(f" peft_lora_train_step {shape_text} {dtype}")
+
+    def step():
+        with autocast:
+            image_cls = towers["vit"].forward_features(images)[:, 0]
+            text_cls = towers["bert"](input_ids=ids).last_hidden_state[:, 0]
+            loss = baselines.reference_label_guided_infonce(torch.nn.functional.normalize(image_cls.float(), dim=-1),
+                                                            torch.nn.functional.normalize(text_cls.float(), dim=-1),
+                                                            scale)
+        loss.backward()
+
+    def metrics_for(meas):
+        return {"samples_per_s": round(batch / (meas.median_ms * 1e-3), 2)} if meas.median_ms else {}
+
+    results = suite.measure_group([("peft", step, params)])
+    base_results = {name_: (meas, metrics_for(meas)) for name_, meas in results.items()}
+    ours = {}
+    for provider in suite.providers:
+        label = f"patched:{provider}"
+        try:
+            handle = ace_kernels.patch(towers, backend=provider)
+        except Exception as exc:
+            suite.skip(label, f"patch failed ({type(exc).__name__}: {exc})")
+            continue
+        try:
+            patched = [r for r in handle.patched] if hasattr(handle, "patched") else []
+            if not suite.provider_can_run(label, step):
+                continue
+            for label_, meas in suite.measure_group([(label, step, params)]).items():
+                metrics = metrics_for(meas)
+                metrics["modules_patched"] = len(patched)
+                ours[label_] = (meas, metrics)
+        finally:
+            handle.undo()
+
+    def targets(provider, baseline):
+        if suite.is_gpu and provider in ("patched:triton", "patched:cuda") and baseline == "peft":
+            return [Target("speedup", 1.3, "speedup>=1.3")]
+        return []
+
+    suite.add_rows(family=FAMILY, op="peft_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
+                   baselines=base_results, targets=targets)
+    del towers
     if suite.is_gpu:
         torch.cuda.empty_cache()
