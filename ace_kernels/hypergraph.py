@@ -128,28 +128,30 @@ def _torch_entry_dot(a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor) -> to
     return out
 
 
-def _torch_topk_rows(pn: torch.Tensor, rows: torch.Tensor | None, topk: int):
+def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor | None, topk: int):
     """Top-k cosine neighbours of patch rows ``rows`` ([B, R] or None = all) among all patches.
 
-    ``pn`` [B, M, D] holds the normalised patches. Returns (indices [B, R, k] into the
-    patches, softmax weights [B, R, k]). The own column is excluded.
+    ``patches`` [B, M, D] raw features, ``inv_norm`` [B, M] = 1 / max(|patch|, eps): the cosine
+    is <x_i, x_j> inv_norm_i inv_norm_j. Returns (indices [B, R, k] into the patches, softmax
+    weights [B, R, k]). The own column is excluded.
     """
-    B, M, D = pn.shape
+    B, M, D = patches.shape
     # Bound the [chunk, R, M] similarity block to ~32 MiB of scores.
     R = M if rows is None else rows.shape[1]
     chunk = max(1, min(B, (8 * 2**20) // max(1, R * M)))
-    idx_out = torch.empty(B, R, topk, dtype=torch.int64, device=pn.device)
-    w_out = torch.empty(B, R, topk, dtype=pn.dtype, device=pn.device)
+    idx_out = torch.empty(B, R, topk, dtype=torch.int64, device=patches.device)
+    w_out = torch.empty(B, R, topk, dtype=patches.dtype, device=patches.device)
     for start in range(0, B, chunk):
         stop = min(B, start + chunk)
-        block = pn[start:stop]
+        block = patches[start:stop]
+        scale = inv_norm[start:stop]
         if rows is None:
-            queries = block
-            own = torch.arange(M, device=pn.device).expand(stop - start, M)
+            queries = block * scale[..., None]
+            own = torch.arange(M, device=patches.device).expand(stop - start, M)
         else:
             own = rows[start:stop]
-            queries = torch.gather(block, 1, own[..., None].expand(-1, -1, D))
-        sim = torch.bmm(queries, block.transpose(1, 2))
+            queries = torch.gather(block, 1, own[..., None].expand(-1, -1, D)) * torch.gather(scale, 1, own)[..., None]
+        sim = torch.bmm(queries, block.transpose(1, 2)) * scale[:, None, :]
         sim.scatter_(2, own[..., None], float("-inf"))
         vals, idx = sim.topk(topk, dim=-1)
         idx_out[start:stop] = idx
@@ -231,35 +233,46 @@ class _IncidenceWeights(torch.autograd.Function):
     """Softmax weights of the selected cosine similarities, with their gradient.
 
     Forward returns the weights computed by the incidence primitive (selection is
-    piecewise constant). Backward: softmax backward gives d s[r, t] for
-    s[r, t] = <pn[rows[r]], pn[idx[r, t]]>, then both factors get their share.
+    piecewise constant). With s[r, t] = <x_q, x_j> n_q n_j (q = rows[r], j = idx[r, t],
+    n = inv_norm), backward gives d s by the softmax backward, then
+    d x_q += sum_t d s n_q n_j x_j (gather_sum), d x_j += d s n_q n_j x_q (scatter_sum),
+    d n_q += sum_t d s <x_q, x_j> n_j and d n_j += d s <x_q, x_j> n_q (entry_dot); torch's
+    autograd takes d n through n = 1 / max(|x|, eps). No normalised copy of the patches
+    is kept.
     """
 
     @staticmethod
-    def forward(ctx, pn, rows, idx, weights, prims):
-        ctx.save_for_backward(pn, rows, idx, weights)
+    def forward(ctx, patches, inv_norm, rows, idx, weights, prims):
+        ctx.save_for_backward(patches, inv_norm, rows, idx, weights)
         ctx.prims = prims
         return weights
 
     @staticmethod
     def backward(ctx, grad_w):
-        pn, rows, idx, weights = ctx.saved_tensors
+        patches, inv_norm, rows, idx, weights = ctx.saved_tensors
         prims = ctx.prims
+        B, M, D = patches.shape
+        k = idx.shape[2]
+        all_rows = rows.numel() == 0
         grad_s = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
-        M, D = pn.shape[1], pn.shape[2]
-        # d/d pn[rows[r]] = sum_t grad_s[r, t] pn[idx[r, t]]
-        grad_queries = prims.gather_sum(pn, idx, grad_s)
-        # d/d pn[idx[r, t]] += grad_s[r, t] pn[rows[r]]
-        if rows is None or rows.numel() == 0:
-            queries = pn
+        n_q = inv_norm if all_rows else torch.gather(inv_norm, 1, rows)
+        n_j = torch.gather(inv_norm, 1, idx.reshape(B, -1)).view(idx.shape)
+        coef = grad_s * n_q[..., None] * n_j
+        queries = patches if all_rows else torch.gather(patches, 1, rows[..., None].expand(-1, -1, D))
+        queries = queries.contiguous()
+        grad_q = prims.gather_sum(patches, idx, coef)
+        grad_x = prims.scatter_sum(queries, idx, coef, M, None)
+        dots_gs = grad_s * prims.entry_dot(queries, patches, idx)  # d s * <x_q, x_j>
+        grad_n = torch.zeros(B, M, dtype=inv_norm.dtype, device=inv_norm.device)
+        grad_n.scatter_add_(1, idx.reshape(B, -1), (dots_gs * n_q[..., None]).reshape(B, -1))
+        grad_nq = (dots_gs * n_j).sum(-1)
+        if all_rows:
+            grad_x = grad_x + grad_q
+            grad_n = grad_n + grad_nq
         else:
-            queries = torch.gather(pn, 1, rows[..., None].expand(-1, -1, D))
-        grad_pn = prims.scatter_sum(queries.contiguous(), idx, grad_s, M, None)
-        if rows is None or rows.numel() == 0:
-            grad_pn = grad_pn + grad_queries
-        else:
-            grad_pn = grad_pn.scatter_add(1, rows[..., None].expand(-1, -1, D), grad_queries)
-        return grad_pn, None, None, None, None
+            grad_x = grad_x.scatter_add(1, rows[..., None].expand(-1, -1, D), grad_q)
+            grad_n = grad_n.scatter_add(1, rows, grad_nq)
+        return grad_x, grad_n, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -287,12 +300,14 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     cls_w = torch.softmax(cls_vals, dim=-1)
 
     patches = xc[:, 1:]
-    pn = F.normalize(patches, dim=-1, eps=_NORM_EPS).contiguous()
+    # normalize(x) = x / max(|x|, eps) (F.normalize), applied inside the similarity so that no
+    # normalised copy of the patches is stored.
+    inv_norm = 1.0 / torch.linalg.vector_norm(patches, dim=-1).clamp_min(_NORM_EPS)
     rows = cls_idx if cls_only else None
     with torch.no_grad():
-        nbr_idx, nbr_w = prims.topk_rows(pn.detach(), rows, k)
-    nbr_w = _IncidenceWeights.apply(pn, rows if rows is not None else torch.empty(0, dtype=torch.int64, device=device),
-                                    nbr_idx, nbr_w, prims)
+        nbr_idx, nbr_w = prims.topk_rows(patches, inv_norm.detach(), rows, k)
+    no_rows = torch.empty(0, dtype=torch.int64, device=device)
+    nbr_w = _IncidenceWeights.apply(patches, inv_norm, rows if rows is not None else no_rows, nbr_idx, nbr_w, prims)
 
     zeros_w = torch.zeros(B, 1, 1, dtype=compute_dtype, device=device)
     ones_w = torch.ones(B, 1, 1, dtype=compute_dtype, device=device)
@@ -365,9 +380,10 @@ if _TRITON_IMPORTED:
 
     @triton.jit
     def _topk_incidence_kernel(
-        pn_ptr, rows_ptr, idx_ptr, w_ptr,
+        pn_ptr, inv_norm_ptr, rows_ptr, idx_ptr, w_ptr,
         M, D, R,
         stride_pb, stride_pm, stride_pd,
+        stride_nb, stride_nm,
         stride_rb, stride_rr,
         stride_ob, stride_or, stride_ok,
         TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -375,7 +391,8 @@ if _TRITON_IMPORTED:
     ):
         """Top-k cosine neighbours and their softmax weights for BLOCK_Q query rows.
 
-        pn_ptr   [B, M, D] normalised patch features (any float dtype).
+        pn_ptr   [B, M, D] raw patch features (any float dtype).
+        inv_norm_ptr [B, M] float32: 1 / max(|patch|, eps); cosine = dot * inv_norm_q * inv_norm_m.
         rows_ptr [B, R] patch index of each query (HAS_ROWS); else query r is patch r (R = M).
         idx_ptr  [B, R, TOPK] int64 out: selected patch indices (slot order unspecified).
         w_ptr    [B, R, TOPK] float32 out: softmax of the selected similarities.
@@ -396,6 +413,7 @@ if _TRITON_IMPORTED:
         best_i = tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
         tile_cols = tl.arange(0, BLOCK_M)
         pn_b = pn_ptr + b * stride_pb
+        inv_q = tl.load(inv_norm_ptr + b * stride_nb + own * stride_nm, mask=q_mask, other=0.0)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tile_cols
             m_mask = offs_m < M
@@ -409,6 +427,8 @@ if _TRITON_IMPORTED:
                              mask=d_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
                 # ieee: tf32 would change which neighbours are selected.
                 sim += tl.dot(q, kt, input_precision="ieee")
+            inv_m = tl.load(inv_norm_ptr + b * stride_nb + offs_m * stride_nm, mask=m_mask, other=0.0)
+            sim = sim * inv_q[:, None] * inv_m[None, :]
             # NaN ranks first, as in torch.topk; its weight then comes out NaN.
             key = tl.where(sim != sim, float("inf"), sim)
             key = tl.where(m_mask[None, :] & (offs_m[None, :] != own[:, None]), key, float("-inf"))
@@ -564,8 +584,9 @@ def _mode() -> str:
     return "interp" if _dispatch.interpreter_enabled() else "gpu"
 
 
-def _triton_topk_rows(pn, rows, topk):
+def _triton_topk_rows(pn, inv_norm, rows, topk):
     B, M, D = pn.shape
+    inv_norm = inv_norm.float()
     cfg = TOPK_CONFIG[_mode()]
     R = M if rows is None else rows.shape[1]
     idx = torch.empty(B, R, topk, dtype=torch.int64, device=pn.device)
@@ -575,8 +596,9 @@ def _triton_topk_rows(pn, rows, topk):
     block_d = min(cfg["BLOCK_D"], max(16, _pow2(D)))
     grid = (triton.cdiv(R, cfg["BLOCK_Q"]), B)
     _topk_incidence_kernel[grid](
-        pn, rows_arg, idx, w, M, D, R,
+        pn, inv_norm, rows_arg, idx, w, M, D, R,
         pn.stride(0), pn.stride(1), pn.stride(2),
+        inv_norm.stride(0), inv_norm.stride(1),
         rows_arg.stride(0), rows_arg.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),
         TOPK=topk, BLOCK_K=max(2, _pow2(topk)), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=block_m, BLOCK_D=block_d,
@@ -657,8 +679,8 @@ def _cuda_ops():
     return torch.ops.ace_kernels
 
 
-def _cuda_topk_rows(pn, rows, topk):
-    idx, w = _cuda_ops().hg_topk_incidence(pn.float(), rows, topk)
+def _cuda_topk_rows(pn, inv_norm, rows, topk):
+    idx, w = _cuda_ops().hg_topk_incidence(pn.float(), inv_norm.float(), rows, topk)
     return idx, w.to(pn.dtype)
 
 

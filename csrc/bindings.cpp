@@ -39,10 +39,13 @@ void check_launch(cudaError_t err, const char* what) {
 
 // ---------------------------------------------------------------------------------- hypergraph
 
-std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const c10::optional<at::Tensor>& rows,
-                                                          int64_t topk) {
+std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const at::Tensor& inv_norm,
+                                                          const c10::optional<at::Tensor>& rows, int64_t topk) {
   check_cuda(pn, "pn", at::kFloat, 3);
+  check_cuda(inv_norm, "inv_norm", at::kFloat, 2);
   const int64_t B = pn.size(0), M = pn.size(1), D = pn.size(2);
+  TORCH_CHECK(inv_norm.size(0) == B && inv_norm.size(1) == M, "argument 'inv_norm': expected shape [", B, ", ", M,
+              "], got ", inv_norm.sizes());
   int64_t R = M;
   const int64_t* rows_ptr = nullptr;
   int64_t rows_sb = 0, rows_sr = 0;
@@ -59,7 +62,8 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
   c10::cuda::CUDAGuard guard(pn.device());
   auto idx = at::empty({B, R, topk}, pn.options().dtype(at::kLong));
   auto w = at::empty({B, R, topk}, pn.options());
-  check_launch(ace_hg::topk_incidence(pn.data_ptr<float>(), pn.stride(0), pn.stride(1), pn.stride(2), rows_ptr,
+  check_launch(ace_hg::topk_incidence(pn.data_ptr<float>(), pn.stride(0), pn.stride(1), pn.stride(2),
+                                      inv_norm.data_ptr<float>(), inv_norm.stride(0), inv_norm.stride(1), rows_ptr,
                                       rows_sb, rows_sr, idx.data_ptr<int64_t>(), w.data_ptr<float>(), B, M, D, R,
                                       static_cast<int>(topk), c10::cuda::getCurrentCUDAStream()),
                "hg_topk_incidence");
@@ -121,8 +125,8 @@ at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at:
 }
 
 // Shape-only versions for fake tensors (torch.compile, opcheck).
-std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const c10::optional<at::Tensor>& rows,
-                                                          int64_t topk) {
+std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const at::Tensor&,
+                                                          const c10::optional<at::Tensor>& rows, int64_t topk) {
   const int64_t R = rows.has_value() ? rows->size(1) : pn.size(1);
   return {at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kLong)), at::empty({pn.size(0), R, topk}, pn.options())};
 }
@@ -143,7 +147,7 @@ at::Tensor hg_entry_dot_meta(const at::Tensor& a, const at::Tensor&, const at::T
 }  // namespace
 
 TORCH_LIBRARY(ace_kernels, m) {
-  m.def("hg_topk_incidence(Tensor pn, Tensor? rows, int topk) -> (Tensor, Tensor)");
+  m.def("hg_topk_incidence(Tensor pn, Tensor inv_norm, Tensor? rows, int topk) -> (Tensor, Tensor)");
   m.def("hg_gather_sum(Tensor src, Tensor cols, Tensor weights) -> Tensor");
   m.def("hg_scatter_sum_csr(Tensor src, Tensor weights_flat, Tensor row_ptr, Tensor perm, int num_rows, int slots) "
         "-> Tensor");

@@ -42,7 +42,7 @@ def test_extension_imports_and_registers_ops():
     cols = torch.empty(2, 7, 4, dtype=torch.int64, device="meta")
     assert torch.ops.ace_kernels.hg_gather_sum(src, cols, cols.float()).shape == (2, 7, 40)
     assert torch.ops.ace_kernels.hg_entry_dot(src[:, :7], src, cols).shape == (2, 7, 4)
-    idx, w = torch.ops.ace_kernels.hg_topk_incidence(src, None, 5)
+    idx, w = torch.ops.ace_kernels.hg_topk_incidence(src, src[..., 0], None, 5)
     assert idx.shape == w.shape == (2, 9, 5) and idx.dtype == torch.int64
     rp = torch.empty(2, 12, dtype=torch.int64, device="meta")
     assert torch.ops.ace_kernels.hg_scatter_sum_csr(src, cols.float().flatten(1), rp, rp, 11, 4).shape == (2, 11, 40)

@@ -397,11 +397,12 @@ def test_triton_primitives_match_torch():
     assert torch.equal(a, p.scatter_sum(src_q, cols, w, R))
     # Top-k selection agrees with torch.topk on distinct values (two similarity tiles, own column
     # excluded); slot order is unspecified, so compare sorted sets and weights.
-    pn = torch.nn.functional.normalize(torch.randn(B, 40, 24, generator=gen), dim=-1)
+    feats = torch.randn(B, 40, 24, generator=gen)
+    inv_norm = 1.0 / feats.norm(dim=-1)
     rows = torch.tensor([[3, 39, 0], [17, 5, 22]])
     for k, r in ((5, None), (16, rows)):
-        idx, wts = p.topk_rows(pn, r, k)
-        ref_idx, ref_w = t.topk_rows(pn, r, k)
+        idx, wts = p.topk_rows(feats, inv_norm, r, k)
+        ref_idx, ref_w = t.topk_rows(feats, inv_norm, r, k)
         assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
         torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)
 
@@ -410,9 +411,10 @@ def _aot_signatures():
     """Every Triton kernel at the GPU configurations its launcher uses."""
     i32 = "i32"
     cfg = hg.TOPK_CONFIG["gpu"]
-    topk_sig = {"pn_ptr": "*fp32", "rows_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32",
+    topk_sig = {"pn_ptr": "*fp32", "inv_norm_ptr": "*fp32", "rows_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32",
                 "M": i32, "D": i32, "R": i32,
-                **{n: i32 for n in ("stride_pb", "stride_pm", "stride_pd", "stride_rb", "stride_rr",
+                **{n: i32 for n in ("stride_pb", "stride_pm", "stride_pd", "stride_nb", "stride_nm", "stride_rb",
+                                    "stride_rr",
                                     "stride_ob", "stride_or", "stride_ok")},
                 **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS")}}
     for k, has_rows in ((5, False), (5, True), (16, False)):
@@ -444,7 +446,7 @@ def _aot_signatures():
 
 
 # Unit strides (D innermost) are specialised to the constant 1 in a real launch, as Triton does.
-_UNIT_STRIDES = {"stride_pd", "stride_ok", "stride_rr", "stride_sd", "stride_cs", "stride_ws", "stride_od",
+_UNIT_STRIDES = {"stride_pd", "stride_nm", "stride_ok", "stride_rr", "stride_sd", "stride_cs", "stride_ws", "stride_od",
                  "stride_ad", "stride_bd", "stride_os"}
 
 
@@ -548,11 +550,12 @@ def test_gpu_primitives_match_torch(backend):
     assert torch.equal(a, prims.scatter_sum(src_q, cols, w, R))  # deterministic
     torch.testing.assert_close(prims.entry_dot(src_q, src_r, cols), t.entry_dot(src_q, src_r, cols) * (cols >= 0),
                                rtol=1e-5, atol=1e-4)
-    pn = torch.nn.functional.normalize(torch.randn(B, M, 64, device="cuda", generator=gen), dim=-1)
+    feats = torch.randn(B, M, 64, device="cuda", generator=gen)
+    inv_norm = 1.0 / feats.norm(dim=-1)
     rows = torch.randint(0, M, (B, 5), device="cuda", generator=gen)
     for r in (None, rows):
-        idx, wts = prims.topk_rows(pn, r, k)
-        ref_idx, ref_w = t.topk_rows(pn, r, k)
+        idx, wts = prims.topk_rows(feats, inv_norm, r, k)
+        ref_idx, ref_w = t.topk_rows(feats, inv_norm, r, k)
         # Same neighbour sets (slot order is unspecified), same weights once sorted.
         assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
         torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)

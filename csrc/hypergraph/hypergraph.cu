@@ -52,6 +52,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // argmax; no block barriers). Similarities never leave shared memory.
 __global__ void __launch_bounds__(kTopkThreads)
 topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
+                      const float* __restrict__ inv_norm, int64_t in_sb, int64_t in_sm,
                       const int64_t* __restrict__ rows, int64_t rows_sb, int64_t rows_sr,
                       int64_t* __restrict__ idx_out, float* __restrict__ w_out,
                       int64_t M, int64_t D, int64_t R, int topk) {
@@ -80,7 +81,8 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
   for (int64_t e = tid; e < kQueriesPerBlock * D; e += blockDim.x) {
     const int qi = static_cast<int>(e / D);
     const int64_t d = e - qi * D;
-    queries[e] = qi < nq ? pn_b[own_row[qi] * pn_sm + d * pn_sd] : 0.f;
+    // Queries are stored normalised; candidates are scaled after their dot product.
+    queries[e] = qi < nq ? pn_b[own_row[qi] * pn_sm + d * pn_sd] * inv_norm[b * in_sb + own_row[qi] * in_sm] : 0.f;
   }
   __syncthreads();
 
@@ -89,6 +91,7 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
     for (int64_t j = warp; j < count; j += kTopkThreads / 32) {
       const int64_t m = c0 + j;
       const float* row = pn_b + m * pn_sm;
+      const float inv_m = inv_norm[b * in_sb + m * in_sm];
       float acc[kQueriesPerBlock];
 #pragma unroll
       for (int qi = 0; qi < kQueriesPerBlock; ++qi) acc[qi] = 0.f;
@@ -99,7 +102,7 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
       }
 #pragma unroll
       for (int qi = 0; qi < kQueriesPerBlock; ++qi) {
-        const float dot = warp_sum(acc[qi]);
+        const float dot = warp_sum(acc[qi]) * inv_m;
         if (lane == 0) {
           const float key = isnan(dot) ? INFINITY : dot;  // NaN ranks first, as in torch.topk
           sims[qi * kTopkChunk + j] = (m == own_row[qi]) ? -INFINITY : key;
@@ -232,8 +235,8 @@ bool grid_ok(int64_t rows, int64_t batch) { return rows <= 0x7fffffffLL && batch
 
 }  // namespace
 
-cudaError_t topk_incidence(const float* pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd, const int64_t* rows,
-                           int64_t rows_sb, int64_t rows_sr, int64_t* idx, float* w, int64_t B, int64_t M,
+cudaError_t topk_incidence(const float* pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd, const float* inv_norm,
+                           int64_t in_sb, int64_t in_sm, const int64_t* rows, int64_t rows_sb, int64_t rows_sr, int64_t* idx, float* w, int64_t B, int64_t M,
                            int64_t D, int64_t R, int topk, cudaStream_t stream) {
   if (topk < 1 || topk > kMaxTopk || topk > M || !grid_ok(R, B)) return cudaErrorInvalidValue;
   if (B == 0 || R == 0) return cudaSuccess;
@@ -245,7 +248,7 @@ cudaError_t topk_incidence(const float* pn, int64_t pn_sb, int64_t pn_sm, int64_
   }
   const int64_t blocks = (R + kQueriesPerBlock - 1) / kQueriesPerBlock;
   topk_incidence_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kTopkThreads, shared,
-                          stream>>>(pn, pn_sb, pn_sm, pn_sd, rows, rows_sb, rows_sr, idx, w, M, D, R, topk);
+                          stream>>>(pn, pn_sb, pn_sm, pn_sd, inv_norm, in_sb, in_sm, rows, rows_sb, rows_sr, idx, w, M, D, R, topk);
   return cudaGetLastError();
 }
 

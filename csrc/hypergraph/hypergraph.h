@@ -20,13 +20,14 @@ namespace ace_hg {
 constexpr int kMaxTopk = 16;
 
 // Top-k cosine neighbours of R query patches among the M patches of each sample.
-//   pn    [B, M, D] normalised patch features (strides pn_sb, pn_sm, pn_sd)
+//   pn    [B, M, D] raw patch features (strides pn_sb, pn_sm, pn_sd)
+//   inv_norm [B, M] 1 / max(|patch|, eps) (strides in_sb, in_sm): cosine = dot * inv_norm_q * inv_norm_m
 //   rows  [B, R] patch index of each query (strides rows_sb, rows_sr), or nullptr: query r is patch r
 //   idx   [B, R, topk] int64 out (contiguous): selected patch indices, own patch excluded
 //   w     [B, R, topk] float out (contiguous): softmax of the selected similarities
 // Ties keep the lowest index; NaN similarities rank above every number (as torch.topk).
 cudaError_t topk_incidence(const float* pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
-                           const int64_t* rows, int64_t rows_sb, int64_t rows_sr,
+                           const float* inv_norm, int64_t in_sb, int64_t in_sm, const int64_t* rows, int64_t rows_sb, int64_t rows_sr,
                            int64_t* idx, float* w, int64_t B, int64_t M, int64_t D, int64_t R, int topk,
                            cudaStream_t stream);
 
