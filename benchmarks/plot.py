@@ -47,7 +47,10 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
     compared = [r for r in rows if r.get("baseline") and (r.get("speedup_vs_baseline") or r.get("memory_ratio_vs_baseline"))]
     labels = [f"{r['op']} {r['shape']} [{r['dtype']}]\n{r['provider']} vs {r['baseline']}" for r in compared]
     height = max(3.0, 0.42 * len(compared) + 1.5)
-    fig, axes = plt.subplots(1, 2, figsize=(15, height), sharey=True)
+    # Rows judged on their own (no baseline, e.g. a peak-memory cap) are listed under the bars.
+    alone = [r for r in rows if not r.get("baseline") and r.get("target")]
+    height += 0.25 * len(alone)
+    fig, axes = plt.subplots(1, 2, figsize=(17, height), sharey=True)
     for ax, key, kind, name in ((axes[0], "speedup_vs_baseline", "speedup", "speedup vs baseline (time ratio)"),
                                 (axes[1], "memory_ratio_vs_baseline", "memory", "peak-memory ratio (baseline / ours)")):
         values = [r.get(key) for r in compared]
@@ -83,6 +86,11 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].invert_yaxis()  # shared y axis: once, so the first row is on top
     fig.suptitle(title or "ace-kernels benchmarks", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    notes = [f"{r['op']} {r['shape']} [{r['dtype']}] {r['provider']}: {r['median_ms']:.1f} ms, peak "
+             f"{r['peak_mib']:.1f} MiB; target {r['target']}: {'met' if r.get('target_pass') else 'NOT met'}"
+             for r in alone if r.get("median_ms") is not None and r.get("peak_mib") is not None]
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=8, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * len(notes), 1, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long tick labels must not be clipped
     plt.close(fig)
