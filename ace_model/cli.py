@@ -1,0 +1,312 @@
+"""The ``ace-lora`` command line: ``train``, ``zero-shot`` and ``demo``.
+
+Examples::
+
+    ace-lora demo                                   # synthetic data, tiny model, CPU, ~2 min
+    ace-lora train --csv data.csv --out-dir runs/a  # the paper's recipe by default
+    ace-lora zero-shot --csv test.csv --classes "Atelectasis,Cardiomegaly" \\
+        --task multiclass --checkpoint runs/a/checkpoints/ace_lora-00001000.pt
+
+Bad input ends with a one-line ``error: ...`` on stderr and exit status 2 (bad
+arguments or data) or 1 (a failure while running, e.g. a non-finite loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+# CLI flag (argparse dest) -> TrainConfig field.
+_TRAIN_FLAGS = {
+    "csv": "csv", "image_root": "image_root", "out_dir": "out_dir", "model": "model",
+    "pretrained": "pretrained", "init_checkpoint": "init_checkpoint", "epochs": "epochs",
+    "max_steps": "max_steps", "batch_size": "batch_size", "chunk_size": "chunk_size", "lr": "lr",
+    "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "warmup_steps": "warmup_steps",
+    "seed": "seed", "use_labels": "use_labels", "device": "device", "precision": "precision",
+    "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resume": "resume",
+    "num_workers": "num_workers", "progress": "progress",
+}
+
+
+class CLIError(Exception):
+    """Bad input reported to the user without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ace-lora", description="ACE-LoRA training and zero-shot evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train ACE-LoRA on a CSV of image path, report text and labels",
+                           description="Train the LoRA factors, ACE-HGNN adapters and logit multiplier. "
+                                       "Defaults are the paper's recipe: AdamW lr 1e-3, weight decay 1e-2, "
+                                       "cosine schedule with one epoch of warm-up, 40 epochs, batch 64.")
+    train.add_argument("--csv", required=True, help="CSV with columns image, text and label columns")
+    train.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
+    train.add_argument("--out-dir", default="runs/ace-lora", help="metrics.jsonl and checkpoints/ go here")
+    train.add_argument("--model", choices=("biomedclip", "tiny"), default="biomedclip")
+    train.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
+    train.add_argument("--init-checkpoint", help="start from a released-format ACE-LoRA checkpoint")
+    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule spans them)")
+    train.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    train.add_argument("--chunk-size", type=int, help="two-pass chunked step with chunks of this many samples")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--weight-decay", type=float, default=1e-2)
+    train.add_argument("--warmup-epochs", type=float, default=1.0)
+    train.add_argument("--warmup-steps", type=int, help="overrides --warmup-epochs")
+    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--no-labels", dest="use_labels", action="store_false",
+                       help="plain CLIP loss instead of the label-guided InfoNCE")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="auto: bf16 autocast on GPU, fp32 on CPU")
+    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: end only)")
+    train.add_argument("--keep-checkpoints", type=int, default=2)
+    train.add_argument("--resume", help="a state file, a run directory, or 'auto' (latest in --out-dir)")
+    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+
+    zero = sub.add_parser("zero-shot", help="prompt-ensemble zero-shot classification with accuracy and AUROC")
+    zero.add_argument("--csv", required=True, help="CSV with an image column and one 0/1 column per class")
+    zero.add_argument("--classes", help="comma-separated class names = label columns "
+                                        "(default: every column but the image and text columns)")
+    zero.add_argument("--task", choices=("multiclass", "binary", "multilabel"), default="multiclass")
+    zero.add_argument("--image-column", default="image")
+    zero.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
+    zero.add_argument("--model", choices=("biomedclip", "tiny"), default="biomedclip")
+    zero.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
+    zero.add_argument("--checkpoint", help="released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt)")
+    zero.add_argument("--batch-size", type=int, default=64)
+    zero.add_argument("--device", default="auto")
+    zero.add_argument("--output", help="also write the metrics as JSON to this file")
+
+    demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, minutes)")
+    demo.add_argument("--out-dir", default="ace-lora-demo")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--train-size", type=int, default=512)
+    demo.add_argument("--test-size", type=int, default=200)
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--quick", action="store_true", help="a shortened demo (for tests): 150 steps, smaller sets")
+    demo.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Map parsed ``train`` flags onto :class:`ace_model.training.TrainConfig`."""
+    from ace_model.training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for dest, field in _TRAIN_FLAGS.items():
+        value = getattr(args, dest, None)
+        if field not in fields:
+            default = _parser_defaults("train").get(dest)
+            if value is not None and value != default:
+                raise CLIError(f"--{dest.replace('_', '-')} is not supported by this version of ace_model.training")
+            continue
+        if value is None and dest not in ("csv",):
+            continue
+        values[field] = value
+    return TrainConfig(**values)
+
+
+def _parser_defaults(command: str) -> dict:
+    parser = _parser()
+    for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no public accessor
+        sub = action.choices.get(command)
+        if sub is not None:
+            return {a.dest: a.default for a in sub._actions}  # noqa: SLF001
+    return {}
+
+
+def _check_train_inputs(args: argparse.Namespace) -> None:
+    """Fail early, naming the problem, before a model is built."""
+    from ace_model.data import read_csv
+
+    read_csv(args.csv, ["image", "text"])
+    for flag in ("pretrained", "init_checkpoint"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise CLIError(f"--{flag.replace('_', '-')}: {path!r} does not exist")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ace_model import training
+
+    _check_train_inputs(args)
+    config = train_config_from_args(args)
+    result = training.train(config)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# zero-shot
+# ----------------------------------------------------------------------------------------
+
+
+def _device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def _class_names(args: argparse.Namespace) -> list[str]:
+    from ace_model.data import read_csv
+
+    header, _ = read_csv(args.csv, [args.image_column])
+    if args.classes:
+        names = [c.strip() for c in args.classes.split(",") if c.strip()]
+    else:
+        # A report column, when the evaluation CSV has one, is not a class.
+        names = [c for c in header if c not in (args.image_column, "text")]
+    if not names:
+        raise CLIError(f"{args.csv}: no class columns (give --classes or add one 0/1 column per class)")
+    if args.task == "binary" and len(names) != 2:
+        raise CLIError(f"--task binary needs exactly 2 classes [negative, positive], got {names}")
+    return names
+
+
+def cmd_zero_shot(args: argparse.Namespace) -> int:
+    from ace_model import ACELoRA
+    from ace_model.data import CSVImageLabelDataset, read_csv
+    from ace_model.zero_shot import evaluate
+
+    names = _class_names(args)
+    read_csv(args.csv, [args.image_column] + names)  # names missing label columns before the model is built
+    for flag in ("pretrained", "checkpoint"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise CLIError(f"--{flag}: {path!r} does not exist")
+    model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
+    if args.checkpoint:
+        model.load_reference_checkpoint(args.checkpoint)
+    device = _device(args.device)
+    model.to(device)
+    dataset = CSVImageLabelDataset(args.csv, names, model.image_size, image_column=args.image_column,
+                                   image_root=args.image_root)
+    result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device)
+    result["classes"] = names
+    print(json.dumps(result, indent=2))
+    if args.output:
+        from ace_model._atomic import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from ace_model import ACELoRA
+    from ace_model.data import SYNTHETIC_CLASSES, CSVImageLabelDataset, make_synthetic_dataset
+    from ace_model.zero_shot import evaluate
+
+    if args.quick:
+        args.steps, args.train_size, args.test_size = 150, 256, 100
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    classes = list(SYNTHETIC_CLASSES)
+    print(f"[demo] writing {args.train_size} training and {args.test_size} test samples under {out}/ "
+          f"(classes: {', '.join(classes)})")
+    train_csv = make_synthetic_dataset(out, args.train_size, image_size=32, seed=args.seed, name="train")
+    test_csv = make_synthetic_dataset(out, args.test_size, image_size=32, seed=args.seed + 1000, name="test")
+
+    model = ACELoRA.from_config("tiny")
+    print(f"[demo] tiny ACE-LoRA model: {model.num_trainable_parameters():,} trainable parameters")
+    test_set = CSVImageLabelDataset(test_csv, classes, model.image_size)
+    before = evaluate(model, test_set, classes, "multiclass")
+    print(f"[demo] zero-shot before training: accuracy {before['accuracy']:.3f}, AUROC {before['auroc']:.3f} "
+          f"(chance accuracy {1 / len(classes):.3f})")
+
+    train_fn, config = _demo_trainer(args, train_csv, out)
+    result = train_fn(config, model=model)
+    losses = _read_losses(result)
+    window = max(1, min(20, len(losses) // 4))
+    first = sum(losses[:window]) / window
+    last = sum(losses[-window:]) / window
+    print(f"[demo] training loss: mean of the first {window} steps {first:.4f} -> last {window} steps {last:.4f}")
+
+    after = evaluate(model, test_set, classes, "multiclass")
+    print(f"[demo] zero-shot after training: accuracy {after['accuracy']:.3f}, AUROC {after['auroc']:.3f} "
+          f"(chance accuracy {1 / len(classes):.3f})")
+    summary = {"loss_first": first, "loss_last": last, "steps": len(losses), "before": before, "after": after,
+               "chance_accuracy": 1 / len(classes), "seconds": time.perf_counter() - started,
+               "checkpoint": result.get("reference")}
+    from ace_model._atomic import atomic_write_text
+
+    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"[demo] done in {summary['seconds']:.0f} s; summary in {out / 'demo_summary.json'}, "
+          f"checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _demo_trainer(args, train_csv: Path, out: Path):
+    from ace_model.training import TrainConfig, train
+
+    config = TrainConfig(csv=str(train_csv), out_dir=str(out / "run"), model="tiny", epochs=10_000,
+                         max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device="cpu", checkpoint_every=0, progress=args.progress)
+    return train, config
+
+
+def _read_losses(result: dict) -> list[float]:
+    from ace_model.training import read_metrics
+
+    return [float(r["loss"]) for r in read_metrics(result["metrics"])]
+
+
+# ----------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ace-lora`` console script; returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    from ace_model.checkpoint import CheckpointError
+    from ace_model.data import DataError
+
+    handlers = {"train": cmd_train, "zero-shot": cmd_zero_shot, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (CLIError, DataError, CheckpointError, FileNotFoundError) as exc:
+        print(f"ace-lora {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as exc:
+        print(f"ace-lora {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RuntimeError as exc:
+        # e.g. training.NonFiniteLossError: the last good checkpoint is kept on disk.
+        print(f"ace-lora {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""The ``ace-lora`` command line, zero-shot evaluation, AUROC, data errors and the demo."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ace_model import ACELoRA, cli
+from ace_model.data import CSVImageTextDataset, DataError, make_synthetic_dataset, SYNTHETIC_CLASSES
+from ace_model.zero_shot import (TEMPLATES, binary_auroc, class_embeddings, evaluate, macro_auroc,
+                                 zero_shot_metrics, zero_shot_scores)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(21)
+    return ACELoRA.from_config("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_synthetic_dataset(root, 12, image_size=32, seed=3, name="test")
+
+
+# ---------------------------------------------------------------------------------------
+# AUROC against a brute-force pair count written from the definition
+# ---------------------------------------------------------------------------------------
+
+
+def _pairwise_auroc(scores, targets):
+    pos = [s for s, t in zip(scores, targets) if t]
+    neg = [s for s, t in zip(scores, targets) if not t]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("n,ties", [(7, False), (40, True), (2, False)])
+def test_binary_auroc_matches_pair_count(n, ties):
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(n, generator=gen)
+    if ties:
+        scores = (scores * 2).round() / 2  # many equal scores
+    targets = torch.arange(n) % 2 == 0
+    targets = targets[torch.randperm(n, generator=gen)]
+    assert binary_auroc(scores, targets) == pytest.approx(_pairwise_auroc(scores.tolist(), targets.tolist()), abs=1e-12)
+
+
+def test_auroc_edge_cases():
+    assert binary_auroc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
+    assert binary_auroc(torch.tensor([0.9, 0.1]), torch.tensor([0, 1])) == 0.0
+    assert binary_auroc(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0, 1, 1])) == 0.5
+    assert math.isnan(binary_auroc(torch.tensor([0.2, 0.3]), torch.tensor([1, 1])))  # no negatives
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    targets = torch.tensor([[1, 0], [0, 1], [0, 0]])
+    expected = (_pairwise_auroc([0.9, 0.2, 0.6], [1, 0, 0]) + _pairwise_auroc([0.1, 0.8, 0.4], [0, 1, 0])) / 2
+    assert macro_auroc(scores, targets) == pytest.approx(expected)
+
+
+def test_metrics_per_task():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1]), 3).float()
+    result = zero_shot_metrics(probs, labels, "multiclass")
+    assert result["accuracy"] == pytest.approx(0.75)
+    binary_probs = torch.tensor([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1]])
+    binary_labels = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]])
+    binary = zero_shot_metrics(binary_probs, binary_labels, "binary")
+    assert binary["accuracy"] == pytest.approx(0.5)
+    assert binary["auroc"] == pytest.approx(_pairwise_auroc([0.2, 0.7, 0.6, 0.1], [0, 1, 0, 1]))
+    scores = zero_shot_scores(torch.eye(3)[:2], torch.eye(3), 1.0, "multilabel")
+    assert torch.allclose(scores.min(1).values, torch.zeros(2)) and torch.allclose(scores.max(1).values, torch.ones(2))
+    with pytest.raises(ValueError, match="task"):
+        zero_shot_scores(torch.eye(2), torch.eye(2), 1.0, "ranking")
+
+
+# ---------------------------------------------------------------------------------------
+# Zero-shot: the batched ensemble equals a one-prompt/one-image loop written from the spec
+# ---------------------------------------------------------------------------------------
+
+
+def test_class_embeddings_average_tokens_and_cls_rows_over_templates(tiny):
+    classes = ["edema", "pleural effusion", "no finding"]
+    batched = class_embeddings(tiny, classes)
+    tok = tiny.tokenizer()
+    with torch.no_grad():
+        for index, name in enumerate(classes):
+            per_template = [tiny.text_tokens(tok([t.format(c=name)])) for t in TEMPLATES]
+            tokens = sum(p[0] for p in per_template) / len(TEMPLATES)
+            row = sum(p[1] for p in per_template) / len(TEMPLATES)
+            one = tiny.text_head(tokens, row, cls_only=True)[0]
+            # fp32, same maths in a different batch layout: agreement to rounding.
+            assert torch.allclose(batched[index], one, atol=1e-5), name
+
+
+def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
+    from ace_model.data import CSVImageLabelDataset
+
+    classes = list(SYNTHETIC_CLASSES)
+    dataset = CSVImageLabelDataset(synthetic, classes, tiny.image_size)
+    result = evaluate(tiny, dataset, classes, "multiclass", batch_size=5)
+    text = class_embeddings(tiny, classes)
+    with torch.no_grad():
+        probs = [zero_shot_scores(tiny.encode_image(dataset[i][0][None]), text, tiny.logit_scale, "multiclass")[0]
+                 for i in range(len(dataset))]
+    expected = zero_shot_metrics(torch.stack(probs), dataset.labels, "multiclass")
+    assert result["n"] == len(dataset) == 12
+    assert result["accuracy"] == pytest.approx(expected["accuracy"])
+    assert result["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+
+
+def test_cli_zero_shot_with_a_checkpoint(tiny, synthetic, tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    tiny.save_reference_checkpoint(checkpoint)
+    output = tmp_path / "metrics.json"
+    status = cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(checkpoint),
+                       "--task", "multiclass", "--batch-size", "4", "--output", str(output)])
+    assert status == 0
+    result = json.loads(output.read_text())
+    assert result["n"] == 12 and result["classes"] == list(SYNTHETIC_CLASSES)
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["auroc"] <= 1.0
+    printed = capsys.readouterr().out
+    assert '"accuracy"' in printed
+    status = cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--classes", "edema,effusion",
+                       "--task", "binary"])
+    assert status == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+def _write_csv(path: Path, header, rows):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_missing_columns_are_named(tiny, tmp_path, capsys):
+    bad = _write_csv(tmp_path / "bad.csv", ["path", "report"], [["a.png", "text"]])
+    with pytest.raises(DataError, match=r"missing required column\(s\) 'image', 'text'"):
+        CSVImageTextDataset(bad, tiny.tokenizer())
+    assert cli.main(["train", "--csv", str(bad), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
+    assert "'image', 'text'" in capsys.readouterr().err
+    assert cli.main(["zero-shot", "--csv", str(bad), "--model", "tiny", "--classes", "edema"]) == cli.EXIT_BAD_INPUT
+    assert "'image'" in capsys.readouterr().err
+
+
+def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
+    missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
+                         [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
+    with pytest.raises(DataError, match=r"row 2: image file 'nowhere.png' not found"):
+        CSVImageTextDataset(missing, tiny.tokenizer())
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = _write_csv(tmp_path / "broken.csv", ["image", "text", "edema"], [["broken.png", "edema", 1]])
+    dataset = CSVImageTextDataset(broken, tiny.tokenizer())
+    with pytest.raises(DataError, match=r"broken.csv, row 1: image file .*broken.png' cannot be read"):
+        dataset[0]
+    status = cli.main(["zero-shot", "--csv", str(broken), "--model", "tiny", "--classes", "edema", "--task",
+                       "multilabel"])
+    assert status == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "row 1" in err and "broken.png" in err
+
+
+def test_bad_label_value_and_bad_checkpoint(tiny, synthetic, tmp_path, capsys):
+    labels = _write_csv(tmp_path / "labels.csv", ["image", "text", "edema"],
+                        [[str(synthetic.parent / "test" / "00000.png"), "edema", "maybe"]])
+    with pytest.raises(DataError, match=r"row 1: label column 'edema' holds 'maybe'"):
+        CSVImageTextDataset(labels, tiny.tokenizer())
+    bad_ckpt = tmp_path / "foreign.pt"
+    torch.save({"weights": {}, "metadata": {}}, bad_ckpt)
+    status = cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(bad_ckpt)])
+    assert status == cli.EXIT_BAD_INPUT
+    assert "layer_0" in capsys.readouterr().err
+
+
+def test_uncertain_and_missing_labels_count_as_negative(tiny, synthetic, tmp_path):
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b", "c"], [[image, "x", "1", "-1", ""]])
+    dataset = CSVImageTextDataset(path, tiny.tokenizer())
+    image_tensor, token_ids, label = dataset[0]
+    assert label.tolist() == [1.0, 0.0, 0.0]
+    assert image_tensor.shape == (3, tiny.image_size, tiny.image_size)
+    assert token_ids.shape == (tiny.context_length,) and token_ids[0].item() == 101
+
+
+# ---------------------------------------------------------------------------------------
+# train: flags map onto TrainConfig (the loop itself is tested in test_training*)
+# ---------------------------------------------------------------------------------------
+
+
+def test_train_flags_map_to_train_config(synthetic, tmp_path, monkeypatch):
+    from ace_model import training
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        return {"steps": 0}
+
+    monkeypatch.setattr(training, "train", fake_train)
+    status = cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+                       "--batch-size", "8", "--chunk-size", "4", "--lr", "0.01", "--max-steps", "3",
+                       "--no-labels", "--resume", "auto", "--checkpoint-every", "2", "--no-progress"])
+    assert status == 0
+    config = seen["config"]
+    assert (config.model, config.batch_size, config.chunk_size, config.lr, config.max_steps) == ("tiny", 8, 4, 0.01, 3)
+    assert (config.use_labels, config.resume, config.checkpoint_every, config.progress) == (False, "auto", 2, False)
+    defaults = training.TrainConfig()
+    status = cli.main(["train", "--csv", str(synthetic)])
+    assert status == 0
+    config = seen["config"]
+    # The CLI's defaults are the paper's recipe, the same as TrainConfig's.
+    for field in ("lr", "weight_decay", "epochs", "batch_size", "warmup_epochs", "seed", "model"):
+        assert getattr(config, field) == getattr(defaults, field), field
+
+
+def test_missing_pretrained_path_is_named(synthetic, capsys):
+    status = cli.main(["train", "--csv", str(synthetic), "--pretrained", "/no/such/weights.bin"])
+    assert status == cli.EXIT_BAD_INPUT
+    assert "/no/such/weights.bin" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# demo (shortened)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_and_beats_chance(tmp_path, capsys):
+    status = cli.main(["demo", "--quick", "--out-dir", str(tmp_path), "--no-progress"])
+    assert status == 0
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["steps"] == 150
+    assert summary["loss_last"] < 0.5 * summary["loss_first"]
+    assert summary["after"]["accuracy"] > summary["chance_accuracy"] + 0.2
+    assert Path(summary["checkpoint"]).is_file()
+    assert "zero-shot after training" in capsys.readouterr().out
