@@ -229,3 +229,34 @@ def test_biomedclip_trainable_parameter_count():
     assert (model.image_size, model.context_length, model.embed_dim) == (224, 256, 512)
     assert model.vision_trunk.patch_embed.num_patches + 1 == 197
     assert all(not p.requires_grad for p in model.clip.parameters())
+
+
+def test_pretrained_directory_supplies_its_tokenizer(tmp_path):
+    source = build_base_model("tiny")
+    torch.save(source.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    # A user's HF-format directory with its own vocabulary: ids must come from it.
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "pneumothorax"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
+    model = ACELoRA.from_config("tiny", pretrained=str(tmp_path))
+    ids = model.tokenizer()(["Pneumothorax"])
+    assert ids[0, :3].tolist() == [101, 104, 102]
+    assert ids.shape == (1, model.context_length)
+
+
+def test_biomedclip_full_size_forward_and_backward():
+    """One small step of the full architecture: 197 image tokens, 256 text tokens, 512-d."""
+    torch.manual_seed(0)
+    model = ACELoRA.from_config("biomedclip").train()
+    images = torch.randn(2, 3, 224, 224)
+    token_ids = model.tokenizer()(["Findings suggesting edema.", "No acute cardiopulmonary process."])
+    assert token_ids.shape == (2, 256)
+    tokens, cls_row = model.image_tokens(images)
+    assert tokens.shape == (2, 197, 512) and cls_row.shape == (2, 196)
+    loss = model.loss(images, token_ids, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    # B = 0 at init, so only B (and the adapters and the multiplier) receive gradient first.
+    assert model.image_lora[11].lora_b.grad.abs().sum() > 0
+    assert model.text_lora[0].lora_b.grad.abs().sum() > 0
+    assert model.logit_scale.grad is not None
