@@ -7,7 +7,8 @@ does. Modes:
   seed 100 + rank), gradients summed over ranks; saves loss and gradients.
 - ``train``: ``ace_model.training.train`` for a few steps (dropout off); rank 0 saves the
   final trainable parameters.
-- ``mismatch-batch`` / ``mismatch-config``: rank 1 differs; saves the error each rank got.
+- ``mismatch``: rank 1 passes a smaller batch to a step, then a different lr to train();
+  saves the error each rank got for each.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
 
-    if args.mode in ("step", "mismatch-batch"):
+    if args.mode in ("step", "mismatch"):
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         model = make_model(args.kind, seed=0, dropout=0.3)
         images, token_ids, labels = make_batch(model, args.global_batch, seed=1)
         local = args.global_batch // world
         lo, hi = rank * local, (rank + 1) * local
-        if args.mode == "mismatch-batch" and rank == 1:
+        if args.mode == "mismatch" and rank == 1:
             hi -= 1
         torch.manual_seed(100 + rank)
         params = [p for _, p in training.trainable_named_parameters(model)]
@@ -54,22 +55,25 @@ def main() -> None:
             training.sync_gradients(params, dist.group.WORLD)
             torch.save({"loss": loss, "grads": trainable_grads(model)}, os.path.join(args.out, f"rank{rank}.pt"))
         except training.RankMismatchError as exc:
-            with open(os.path.join(args.out, f"rank{rank}.err"), "w") as handle:
+            with open(os.path.join(args.out, f"rank{rank}-batch.err"), "w") as handle:
                 handle.write(str(exc))
+        if args.mode == "mismatch":
+            _train_run(args, rank, lr=2e-2 if rank == 1 else 1e-2)  # joins the existing group
         dist.destroy_process_group()
         return
+    _train_run(args, rank, lr=1e-2)
 
+
+def _train_run(args, rank: int, lr: float) -> None:
     model = make_model(args.kind, seed=0, dropout=0.0)
     data = RandomPairs(model, 20, seed=2)
     config = training.TrainConfig(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,
                                   chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3,
-                                  dist_timeout_s=60, lr=1e-2)
-    if args.mode == "mismatch-config" and rank == 1:
-        config.lr = 2e-2
+                                  dist_timeout_s=60, lr=lr)
     try:
         training.train(config, model=model, dataset=data)
     except training.RankMismatchError as exc:
-        with open(os.path.join(args.out, f"rank{rank}.err"), "w") as handle:
+        with open(os.path.join(args.out, f"rank{rank}-config.err"), "w") as handle:
             handle.write(str(exc))
         return
     if rank == 0:

@@ -80,11 +80,12 @@ def tiny_available() -> bool:
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout probability in ``model`` (nn.Dropout modules and ``dropout_p``-like floats)."""
+    """Set every dropout probability in ``model``: nn.Dropout modules, the LoRA dropout
+    (``LoRAQKV.dropout_p``) and ACELoRA's text-tower dropouts (plain float attributes)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = p
-        for attr in ("dropout_p", "lora_dropout", "dropout"):
+        for attr in ("dropout_p", "text_hidden_dropout", "text_attention_dropout"):
             if isinstance(getattr(module, attr, None), float):
                 setattr(module, attr, p)
 

@@ -23,11 +23,20 @@ if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("_train_dist_worker.py")
-MODEL_KINDS = [
-    "standin",
-    pytest.param("tiny", marks=pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")),
-]
+# The tiny ACELoRA when it is importable (the stand-in only as a fallback): each launch
+# costs two Python start-ups, so one model kind per test.
+KIND = "tiny" if tiny_available() else "standin"
 LAUNCH_TIMEOUT_S = 240  # generous: startup of two Python processes on a loaded 2-core machine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls gain nothing from threads, and on a shared 2-core runner extra threads
+    # make each step 10-50x slower; restored for the other test modules afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _free_port() -> int:
@@ -58,9 +67,9 @@ def _launch(mode: str, world: int, out: Path, *extra: str) -> list[str]:
     return outputs
 
 
-@pytest.mark.parametrize("kind", MODEL_KINDS)
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(kind, tmp_path):
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Chunked step, dropout on, labels repeated across ranks: loss and every gradient."""
+    kind = KIND
     world, global_batch, chunk = 2, 10, 2
     _launch("step", world, tmp_path, "--kind", kind, "--global-batch", str(global_batch), "--chunk", str(chunk))
 
@@ -94,7 +103,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(kind, tmp_path):
 
 def test_two_rank_training_run_equals_one_process(tmp_path):
     """``train()`` on 2 gloo ranks (global batch 8, chunked) vs 1 process: losses step for step."""
-    kind = "tiny" if tiny_available() else "standin"
+    kind = KIND
     _launch("train", 2, tmp_path, "--kind", kind, "--chunk", "3")
     dist_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
 
@@ -110,22 +119,23 @@ def test_two_rank_training_run_equals_one_process(tmp_path):
     assert dist_losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     for name, p in training.trainable_named_parameters(model):
-        torch.testing.assert_close(final[name], p.detach(), rtol=1e-5, atol=1e-6)
+        # Adam's first steps move each weight by about lr * sign(g) whatever |g| is, so an
+        # entry whose gradient is nearly zero turns ulp-level summation differences into
+        # differences of a small fraction of lr (1e-2): 1e-4 absolute is 1% of one step.
+        torch.testing.assert_close(final[name], p.detach(), rtol=1e-5, atol=1e-4)
     # The distributed run wrote one set of checkpoints, with every rank's RNG state.
     state = training.load_state(tmp_path / "run" / "checkpoints" / "state-00000004.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank dropout streams
 
 
-@pytest.mark.parametrize("mode,pattern", [
-    ("mismatch-batch", "local batch size"),
-    ("mismatch-config", "'lr'"),
-])
-def test_ranks_that_disagree_fail_clearly_instead_of_hanging(mode, pattern, tmp_path):
-    _launch(mode, 2, tmp_path)
+def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
+    """One launch: first a step with unequal local batches, then train() with a different lr on rank 1."""
+    _launch("mismatch", 2, tmp_path)
     for rank in range(2):
-        message = (tmp_path / f"rank{rank}.err").read_text()
-        assert "ranks disagree" in message and pattern in message, message
+        for what, pattern in (("batch", "local batch size"), ("config", "'lr'")):
+            message = (tmp_path / f"rank{rank}-{what}.err").read_text()
+            assert "ranks disagree" in message and pattern in message, message
 
 
 def test_single_process_helpers_are_no_ops_without_a_group():
