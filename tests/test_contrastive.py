@@ -1,0 +1,215 @@
+"""label_guided_infonce (torch backend) against the dense fp64 oracle of spec section 5."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ace_kernels
+from ace_kernels import contrastive
+from oracle_contrastive import label_guided_infonce_oracle
+
+# fp64 end to end: blocked log-sum-exp versus dense cross-entropy differ only
+# by summation order, so a few ulps of the loss magnitude (~1..10).
+ATOL64 = 1e-10
+
+
+def _inputs(batch, dim, *, scale=30.0, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+    t = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+    s = torch.tensor(scale, dtype=torch.float64)
+    return u.requires_grad_(), t.requires_grad_(), s.requires_grad_()
+
+
+def _loss_and_grads(fn, u, t, s, labels):
+    loss = fn(u, t, s, labels)
+    grads = torch.autograd.grad(loss, [u, t, s])
+    return loss.detach(), [g.detach() for g in grads]
+
+
+def _compare(u, t, s, labels, *, block=None, atol=ATOL64, monkeypatch=None):
+    if block is not None:
+        monkeypatch.setattr(contrastive, "_TORCH_BLOCK_ROWS", block)
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="torch"), u, t, s, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u, t, s, labels)
+    assert torch.isfinite(ours[0])
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=atol)
+    for name, got, want in zip(("image_emb", "text_emb", "logit_scale"), ours[1], ref[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"grad {name}: {m}")
+    return ours, ref
+
+
+def _duplicated_labels(batch, width, distinct, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randint(0, 2, (distinct, width), generator=gen)
+    return table[torch.randint(0, distinct, (batch,), generator=gen)]
+
+
+# Curated cases: (name, batch, dim, labels factory, block)
+CASES = [
+    ("no_labels", 37, 40, lambda b: None, 8),
+    ("all_equal", 37, 40, lambda b: torch.ones(b, 14, dtype=torch.int64), 8),
+    ("many_duplicates", 70, 24, lambda b: _duplicated_labels(b, 14, 5), 16),
+    ("unique_rows", 33, 16, lambda b: torch.arange(b)[:, None].repeat(1, 3), 16),
+    ("batch_1", 1, 7, lambda b: torch.zeros(b, 14, dtype=torch.int64), 8),
+    ("batch_not_multiple_of_block", 130, 40, lambda b: _duplicated_labels(b, 4, 6), 128),
+    ("default_block", 300, 32, lambda b: _duplicated_labels(b, 14, 20), None),
+]
+
+
+@pytest.mark.parametrize("name,batch,dim,make_labels,block", CASES, ids=[c[0] for c in CASES])
+def test_matches_oracle(name, batch, dim, make_labels, block, monkeypatch):
+    u, t, s = _inputs(batch, dim)
+    _compare(u, t, s, make_labels(batch), block=block, monkeypatch=monkeypatch)
+
+
+def test_all_labels_equal_is_diagonal_only():
+    u, t, s = _inputs(20, 8)
+    loss = ace_kernels.label_guided_infonce(u, t, s, torch.ones(20, 3), backend="torch")
+    # Every row and column keeps only its positive: log-softmax of a single entry is 0.
+    assert abs(loss.item()) < 1e-12
+
+
+def test_large_logit_scale(monkeypatch):
+    u, t, s = _inputs(45, 16, scale=100.0)
+    labels = _duplicated_labels(45, 14, 4)
+    _compare(u, t, s, labels, block=16, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float32, torch.uint8])
+def test_label_dtypes(dtype, monkeypatch):
+    u, t, s = _inputs(40, 12)
+    labels = _duplicated_labels(40, 14, 6).to(dtype)
+    _compare(u, t, s, labels, block=16, monkeypatch=monkeypatch)
+
+
+def test_one_dim_labels_are_class_ids(monkeypatch):
+    u, t, s = _inputs(30, 12)
+    labels = torch.randint(0, 4, (30,), generator=torch.Generator().manual_seed(3))
+    _compare(u, t, s, labels, block=8, monkeypatch=monkeypatch)
+
+
+def test_fp32_matches_oracle():
+    u, t, s = _inputs(50, 32, dtype=torch.float32)
+    labels = _duplicated_labels(50, 14, 7)
+    s32 = s.detach().float().requires_grad_()
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="torch"), u, t, s32, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(), s.detach().clone().requires_grad_(),
+                          labels)
+    # fp32: logits up to 30 carry ~30 * 6e-8 absolute error each; gradients are O(s / B).
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
+    for got, want in zip(ours[1], ref[1]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_float_logit_scale_and_shape_one_tensor():
+    u, t, s = _inputs(25, 8)
+    want = label_guided_infonce_oracle(u, t, s).detach()
+    got_float = ace_kernels.label_guided_infonce(u, t, 30.0, backend="torch")
+    torch.testing.assert_close(got_float.detach(), want, rtol=0, atol=ATOL64)
+    s1 = torch.tensor([30.0], dtype=torch.float32, requires_grad=True)
+    loss = ace_kernels.label_guided_infonce(u, t, s1, backend="torch")
+    loss.backward()
+    assert s1.grad.shape == (1,) and s1.grad.dtype == torch.float32
+
+
+def test_equals_open_clip_clip_loss():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    u, t, s = _inputs(48, 32)
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="torch"), u, t, s, None)
+    theirs = _loss_and_grads(lambda u_, t_, s_, _: open_clip_loss.ClipLoss()(u_, t_, s_), u, t, s, None)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=ATOL64)
+    for got, want in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL64)
+
+
+def test_module_learns_the_multiplier_itself():
+    module = ace_kernels.LabelGuidedInfoNCE(78.35)
+    assert isinstance(module.logit_scale, torch.nn.Parameter)
+    assert abs(module.logit_scale.item() - 78.35) < 1e-5
+    u, t, _ = _inputs(16, 8)
+    labels = _duplicated_labels(16, 14, 3)
+    loss = module(u, t, labels)
+    loss.backward()
+    s_ref = torch.tensor(float(module.logit_scale.detach()), dtype=torch.float64, requires_grad=True)
+    ref = label_guided_infonce_oracle(u.detach(), t.detach(), s_ref, labels)
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(module.logit_scale.grad.double(), s_ref.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_owned_shares_add_up_to_the_loss():
+    # The per-rank path used with group=, exercised in one process: shares over a
+    # partition of the batch must sum to the loss, and their gradients too.
+    u, t, s = _inputs(41, 12)
+    labels = _duplicated_labels(41, 14, 5)
+    keys = contrastive._label_keys(labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u, t, s, labels)
+    total, grads = 0.0, [0, 0, 0]
+    for lo, hi in [(0, 13), (13, 14), (14, 41)]:
+        share = contrastive._TorchLossShare.apply(u, t, s, keys, lo, hi, 8)
+        g = torch.autograd.grad(share, [u, t, s])
+        total = total + share.detach()
+        grads = [a + b for a, b in zip(grads, g)]
+    torch.testing.assert_close(total, ref[0], rtol=0, atol=ATOL64)
+    for got, want in zip(grads, ref[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL64)
+
+
+def test_never_builds_batch_squared(monkeypatch):
+    # Every materialised block is at most block x B: wrap torch.mm to record output sizes.
+    seen = []
+    real_mm = torch.mm
+
+    def recording_mm(a, b, *args, **kwargs):
+        out = real_mm(a, b, *args, **kwargs)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(contrastive, "_TORCH_BLOCK_ROWS", 8)
+    monkeypatch.setattr(contrastive.torch, "mm", recording_mm)
+    u, t, s = _inputs(64, 16)
+    ace_kernels.label_guided_infonce(u, t, s, _duplicated_labels(64, 14, 4), backend="torch").backward()
+    assert seen and max(seen) <= 8 * 64
+
+
+def test_non_finite_inputs_give_nan_not_hang():
+    u, t, s = _inputs(10, 4)
+    bad = u.detach().clone()
+    bad[3, 1] = float("nan")
+    loss = ace_kernels.label_guided_infonce(bad, t.detach(), s.detach(), backend="torch")
+    assert torch.isnan(loss)
+    inf_loss = ace_kernels.label_guided_infonce(u.detach(), t.detach(), float("inf"), backend="torch")
+    assert not torch.isfinite(inf_loss)
+
+
+ERRORS = [
+    ("image_emb", lambda u, t, s, y: (u[0], t, s, y)),
+    ("text_emb", lambda u, t, s, y: (u, t[:, :5], s, y)),
+    ("text_emb", lambda u, t, s, y: (u, t[:9], s, y)),
+    ("text_emb", lambda u, t, s, y: (u, t.float(), s, y)),
+    ("image_emb", lambda u, t, s, y: (u.long(), t.long(), s, y)),
+    ("image_emb", lambda u, t, s, y: (u[:0], t[:0], s, y[:0])),
+    ("labels", lambda u, t, s, y: (u, t, s, y[:9])),
+    ("labels", lambda u, t, s, y: (u, t, s, y[:, :, None])),
+    ("labels", lambda u, t, s, y: (u, t, s, y.to(torch.complex64))),
+    ("logit_scale", lambda u, t, s, y: (u, t, torch.ones(2), y)),
+    ("logit_scale", lambda u, t, s, y: (u, t, "30", y)),
+    ("logit_scale", lambda u, t, s, y: (u, t, True, y)),
+    ("logit_scale", lambda u, t, s, y: (u, t, torch.tensor(3), y)),
+]
+
+
+@pytest.mark.parametrize("argument,make", ERRORS)
+def test_errors_name_the_argument(argument, make):
+    u, t, s = _inputs(10, 8)
+    labels = torch.zeros(10, 14)
+    with pytest.raises(ValueError, match=f"argument '{argument}'"):
+        ace_kernels.label_guided_infonce(*make(u.detach(), t.detach(), s.detach(), labels), backend="torch")
+
+
+def test_unknown_backend_is_a_value_error():
+    u, t, s = _inputs(4, 4)
+    with pytest.raises(ValueError, match="backend"):
+        ace_kernels.label_guided_infonce(u, t, s, backend="numpy")
