@@ -99,10 +99,18 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _default_loss_fn() -> Callable:
+def _default_loss_fn(model: nn.Module | None = None) -> Callable:
+    """``ace_kernels.label_guided_infonce`` on the model's backend (``model.backend``) if it has one."""
     from ace_kernels import label_guided_infonce
 
-    return label_guided_infonce
+    backend = getattr(model, "backend", None)
+    if not isinstance(backend, str):
+        return label_guided_infonce
+
+    def loss(image_emb, text_emb, logit_scale, labels=None, **kwargs):
+        return label_guided_infonce(image_emb, text_emb, logit_scale, labels, backend=backend, **kwargs)
+
+    return loss
 
 
 def _call_loss(loss_fn, image_emb, text_emb, scale, labels, group):
@@ -217,7 +225,7 @@ def chunked_train_step(
         The loss (detached, scalar).
     """
     _check_step_inputs(images, token_ids, labels, chunk_size)
-    loss_fn = loss_fn or _default_loss_fn()
+    loss_fn = loss_fn or _default_loss_fn(model)
     device = _model_device(model)
     batch = images.shape[0]
     if group is not None and check_ranks:
@@ -792,7 +800,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     model.train()
     if dataset is None:
         dataset = _build_dataset(config, model)
-    loss_fn = loss_fn or _default_loss_fn()
+    loss_fn = loss_fn or _default_loss_fn(model)
     trainable = trainable_named_parameters(model)
     if not trainable:
         raise ValueError("the model has no parameters with requires_grad=True")
