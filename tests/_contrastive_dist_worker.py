@@ -1,0 +1,70 @@
+"""Worker for tests/test_contrastive_distributed.py: one gloo rank computing its share of a global batch."""
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def make_global_batch(sizes, dim, with_labels, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    u = torch.nn.functional.normalize(torch.randn(total, dim, generator=gen, dtype=torch.float64), dim=1)
+    t = torch.nn.functional.normalize(torch.randn(total, dim, generator=gen, dtype=torch.float64), dim=1)
+    labels = None
+    if with_labels:
+        # Few distinct rows so that duplicates straddle ranks (false negatives across ranks).
+        table = torch.randint(0, 2, (4, 14), generator=gen)
+        labels = table[torch.randint(0, 4, (total,), generator=gen)]
+    return u, t, labels
+
+
+def run(rank, world, port, sizes, dim, with_labels, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        import ace_kernels
+
+        u, t, labels = make_global_batch(sizes, dim, with_labels)
+        lo = sum(sizes[:rank])
+        hi = lo + sizes[rank]
+        u_local = u[lo:hi].clone().requires_grad_()
+        t_local = t[lo:hi].clone().requires_grad_()
+        scale = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+        local_labels = labels[lo:hi] if labels is not None else None
+        loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
+                                                group=dist.group.WORLD, backend="torch")
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad_u": u_local.grad, "grad_t": t_local.grad,
+                    "grad_scale": scale.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_mismatch(rank, world, port, out_dir):
+    """Ranks disagree on the embedding width: every rank must raise the same ValueError."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        import ace_kernels
+
+        dim = 8 + rank
+        u = torch.randn(3, dim)
+        try:
+            ace_kernels.label_guided_infonce(u, u, 10.0, group=dist.group.WORLD, backend="torch")
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit("run through tests/test_contrastive_distributed.py")
