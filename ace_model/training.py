@@ -1026,33 +1026,57 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _measure_in_this_process(batch: int, chunk_size: int | None, model_name: str, seed: int, threads: int) -> dict:
+def _measure_in_this_process(batch: int, chunk_size: int | None, model_name: str, seed: int, threads: int,
+                             device: str = "cpu", steps: int = 1, precision: str = "auto") -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     from ace_model import ACELoRA
 
-    model = ACELoRA.from_config(model_name)
+    dev = torch.device(device)
+    model = ACELoRA.from_config(model_name).to(dev)
     model.train()
     image_shape, context = _input_geometry(model)
+    # Inputs stay on the host (pinned on CUDA): chunks travel to the device one at a time.
     images = torch.randn(batch, *image_shape)
     token_ids = torch.randint(1, 100, (batch, context))
     labels = torch.randint(0, 2, (batch, 14))
-    baseline = _current_rss_mib()
+    if dev.type == "cuda":
+        images, token_ids, labels = images.pin_memory(), token_ids.pin_memory(), labels.pin_memory()
+        # Warm-up (kernel compilation, allocator growth) outside the timed and measured steps.
+        chunked_train_step(model, images[: min(batch, 64)], token_ids[: min(batch, 64)], labels[: min(batch, 64)],
+                           chunk_size=chunk_size, precision=precision)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        baseline = torch.cuda.memory_allocated(dev) / 2**20
+    else:
+        baseline = _current_rss_mib()
     started = time.perf_counter()
-    loss = chunked_train_step(model, images, token_ids, labels, chunk_size=chunk_size)
-    seconds = time.perf_counter() - started
-    return {
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        loss = chunked_train_step(model, images, token_ids, labels, chunk_size=chunk_size, precision=precision)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = (time.perf_counter() - started) / steps
+    result = {
         "batch": batch,
         "chunk_size": chunk_size,
         "model": model_name,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "precision": precision,
         "threads": threads,
+        "steps": steps,
         "loss": float(loss),
         "seconds": seconds,
-        "baseline_rss_mib": baseline,
-        "peak_rss_mib": _peak_rss_mib(),
-        "step_extra_mib": _peak_rss_mib() - baseline,
+        "samples_per_s": batch / seconds,
         "input_mib": (images.numel() * images.element_size() + token_ids.numel() * token_ids.element_size()) / 2**20,
     }
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        result.update(baseline_cuda_mib=baseline, peak_cuda_mib=peak, step_extra_mib=peak - baseline)
+    else:
+        result.update(baseline_rss_mib=baseline, peak_rss_mib=_peak_rss_mib(), step_extra_mib=_peak_rss_mib() - baseline)
+    return result
 
 
 def _input_geometry(model) -> tuple[tuple[int, ...], int]:
@@ -1066,22 +1090,38 @@ def _input_geometry(model) -> tuple[tuple[int, ...], int]:
 
 
 def measure_chunked_step(batch: int, chunk_size: int | None, *, model: str = "tiny", seed: int = 0,
-                         threads: int = 1, timeout_s: float = 900) -> dict:
-    """Run one training step of ``model`` in a fresh process and report its memory and time.
+                         threads: int = 1, device: str = "cpu", steps: int = 1, precision: str = "auto",
+                         timeout_s: float = 900) -> dict:
+    """Run training steps of ``model`` in a fresh process and report memory and time.
 
     A fresh process per measurement, because the peak RSS of a process only grows.
+    The inputs live on the host (pinned on CUDA) as in :func:`train`.
+
+    Parameters
+    ----------
+    batch, chunk_size : int
+        Batch of the step; ``chunk_size=None`` is the one-pass step.
+    model : {"tiny", "biomedclip"}
+    device : str
+        "cpu" or "cuda[:N]". On CUDA one small warm-up step runs first and memory is
+        ``torch.cuda.max_memory_allocated``.
+    steps : int
+        Timed steps (``seconds`` is their mean).
+    precision : {"auto", "bf16", "fp32"}
 
     Returns
     -------
     dict
-        ``peak_rss_mib`` (whole process), ``baseline_rss_mib`` (model and inputs built,
-        before the step), ``step_extra_mib`` (peak minus baseline: what the step itself
-        needed), ``input_mib``, ``seconds`` (the step), ``loss``, and the arguments.
+        CPU: ``peak_rss_mib`` (whole process), ``baseline_rss_mib`` (model and inputs
+        built, before the step). CUDA: ``peak_cuda_mib``, ``baseline_cuda_mib``. Both:
+        ``step_extra_mib`` (peak minus baseline: what the steps themselves needed),
+        ``input_mib``, ``seconds`` per step, ``samples_per_s``, ``loss``, the arguments.
     """
     import subprocess
 
     cmd = [sys.executable, "-m", "ace_model.training", "measure", "--batch", str(batch), "--model", model,
-           "--seed", str(seed), "--threads", str(threads)]
+           "--seed", str(seed), "--threads", str(threads), "--device", device, "--steps", str(steps),
+           "--precision", precision]
     if chunk_size is not None:
         cmd += ["--chunk-size", str(chunk_size)]
     env = dict(os.environ)
@@ -1103,8 +1143,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     measure.add_argument("--model", default="tiny")
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--threads", type=int, default=1)
+    measure.add_argument("--device", default="cpu")
+    measure.add_argument("--steps", type=int, default=1)
+    measure.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = parser.parse_args(argv)
-    result = _measure_in_this_process(args.batch, args.chunk_size, args.model, args.seed, args.threads)
+    result = _measure_in_this_process(args.batch, args.chunk_size, args.model, args.seed, args.threads,
+                                      args.device, args.steps, args.precision)
     print(json.dumps(result))
     return 0
 

@@ -334,3 +334,34 @@ def test_train_from_a_csv_as_the_cli_does(tmp_path):
     for name, p in reloaded.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), state["trainable"][name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_chunked_step_on_cuda_replays_the_cuda_dropout_stream():
+    """fp32 on the GPU: the two-pass step must replay the CUDA generator (LoRA seeds, SDPA
+    and BERT dropout draw there); bf16 autocast: the same step runs and agrees loosely."""
+    device = torch.device("cuda")
+    model = make_model("tiny", dropout=0.3).to(device)
+    images, token_ids, labels = make_batch(model, 10, seed=1)
+    images, token_ids, labels = images.to(device), token_ids.to(device), labels.to(device)
+    want_loss, want_grads, _ = _one_pass_reference(model, images, token_ids, labels, seed=5,
+                                                   chunk_bounds=_bounds(10, 3))
+    want_next = torch.rand(4, device=device)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    got_loss = chunked_train_step(model, images, token_ids, labels, chunk_size=3, loss_fn=dense_label_infonce,
+                                  precision="fp32")
+    assert torch.equal(torch.rand(4, device=device), want_next)
+    # fp32 on the GPU: TF32 is off by default for matmuls in torch; the summation order
+    # of cuBLAS differs between chunk shapes, hence a few-ulp tolerance as on the CPU.
+    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
+    _assert_grads_close(trainable_grads(model), want_grads)
+
+    # bf16 autocast vs the fp32 step: bf16 rounds the encoder GEMM inputs (8 bits of
+    # mantissa), so the loss agrees to ~1e-2 relative, not to fp32 accuracy.
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    bf16_loss = chunked_train_step(model, images.cpu(), token_ids.cpu(), labels, chunk_size=3, precision="bf16")
+    torch.testing.assert_close(bf16_loss.float(), want_loss.float(), rtol=3e-2, atol=3e-2)
+    assert all(torch.isfinite(g).all() for g in trainable_grads(model).values())
