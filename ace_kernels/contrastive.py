@@ -235,6 +235,213 @@ def _lse_share_torch(u, t, scale, keys, lo: int, hi: int):
 
 
 # ---------------------------------------------------------------------------
+# triton backend
+# ---------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend still works; dispatch reports why triton cannot run
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _similarity_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, dim, stride_a, stride_b,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         IEEE: tl.constexpr):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ks = tl.arange(0, BLOCK_K)
+        for k0 in range(0, dim, BLOCK_K):
+            kk = k0 + ks
+            a = tl.load(a_ptr + rows[:, None] * stride_a + kk[None, :],
+                        mask=(rows[:, None] < n_a) & (kk[None, :] < dim), other=0.0)
+            b = tl.load(b_ptr + cols[None, :] * stride_b + kk[:, None],
+                        mask=(cols[None, :] < n_b) & (kk[:, None] < dim), other=0.0)
+            if IEEE:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+        return acc
+
+    @triton.jit
+    def _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+        logits = sim * scale
+        valid = (rows[:, None] < n) & (cols[None, :] < n)
+        if HAS_KEYS:
+            key_r = tl.load(keys_ptr + rows, mask=rows < n, other=-1)
+            key_c = tl.load(keys_ptr + cols, mask=cols < n, other=-2)
+            same = (key_r[:, None] == key_c[None, :]) & (rows[:, None] != cols[None, :])
+            valid = valid & (~same)
+        return tl.where(valid, logits, float("-inf"))
+
+    @triton.jit
+    def _lse_rows_kernel(
+        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr,
+        row_lo, row_hi, n, dim, stride_a, stride_b,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # a_ptr/b_ptr: [n, dim] row-major with row strides; rows row_lo..row_hi of a against every row of b.
+        # lse_ptr: [row_hi - row_lo] fp32 output. keys_ptr: [n] int32 label keys (unused without keys).
+        pid = tl.program_id(0).to(tl.int64)
+        rows = row_lo + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, n, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+            # A row whose entries so far are all masked keeps max -inf: shift by 0 to avoid inf - inf.
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+            run_max = new_max
+        # Padding rows have run_sum 0; real rows always hold their diagonal, so run_sum > 0.
+        lse = run_max + tl.log(tl.where(rows < row_hi, run_sum, 1.0))
+        tl.store(lse_ptr + (rows - row_lo), lse, mask=rows < row_hi)
+
+    @triton.jit
+    def _grad_rows_kernel(
+        a_ptr, b_ptr, keys_ptr, scale_ptr, coef_ptr, lse_a_ptr, lse_b_ptr, grad_a_ptr, grad_scale_ptr,
+        own_lo, own_hi, n, dim, stride_a, stride_b, stride_g,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Gradient w.r.t. rows of a of coef * (sum owned lse_a + sum owned lse_b); lse_* are fp32 [n]
+        # with +inf outside own_lo..own_hi. Program (row block, D chunk) writes grad_a[rows, chunk]
+        # (fp32, row stride stride_g) and its part of sum_i a_i . (G b)_i to grad_scale_ptr[pid].
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        coef = tl.load(coef_ptr).to(tl.float32)
+        lse_a = tl.load(lse_a_ptr + rows, mask=rows < n, other=float("inf"))
+        row_start = pid_m * BLOCK_M
+        owned = (row_start < own_hi) & (row_start + BLOCK_M > own_lo)
+        c_lo = tl.where(owned, 0, own_lo)
+        c_hi = tl.where(owned, n, own_hi)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for c0 in range(c_lo, c_hi, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, c_hi, dim, stride_a, stride_b,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            lse_b = tl.load(lse_b_ptr + cols, mask=cols < c_hi, other=float("inf"))
+            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            weights = tl.where((cols[None, :] < c_hi), weights, 0.0) * coef
+            b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
+                        mask=(cols[:, None] < c_hi) & (dcols[None, :] < dim), other=0.0)
+            if IEEE:
+                acc += tl.dot(weights, b.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(weights.to(b.dtype), b)
+        a_chunk = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
+                          mask=(rows[:, None] < n) & (dcols[None, :] < dim), other=0.0).to(tl.float32)
+        partial = tl.sum(tl.sum(acc * a_chunk, axis=1), axis=0)
+        tl.store(grad_scale_ptr + pid_m * tl.num_programs(1) + pid_d, partial)
+        tl.store(grad_a_ptr + rows[:, None] * stride_g + dcols[None, :], acc * scale,
+                 mask=(rows[:, None] < n) & (dcols[None, :] < dim))
+
+
+# Tile shapes of the Triton launchers. The interpreter gets small tiles (tests are tiny);
+# on a GPU, 64 x 64 tiles, K steps of 32 and a 128-wide D chunk with 8 warps compile for sm_90a
+# with no spills in fp32/bf16/fp16 (4 warps or 64-wide K steps spill; see the AOT test).
+_TRITON_TILES = {"gpu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_D=128, num_warps=8),
+                 "interpreter": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4)}
+
+
+def _triton_tiles():
+    return _TRITON_TILES["interpreter" if _dispatch.interpreter_enabled() else "gpu"]
+
+
+def _triton_lse_rows(a, b, scale, keys, lo, hi, tiles):
+    out = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(hi - lo, tiles["BLOCK_M"]),)
+    _lse_rows_kernel[grid](
+        a, b, keys if keys is not None else out, scale, out, lo, hi, a.shape[0], a.shape[1],
+        a.stride(0), b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], num_warps=tiles["num_warps"])
+    return out
+
+
+def _triton_grad_rows(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, tiles):
+    n, dim = a.shape
+    grad_a = torch.empty(n, dim, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(n, tiles["BLOCK_M"]), triton.cdiv(dim, tiles["BLOCK_D"]))
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
+    _grad_rows_kernel[grid](
+        a, b, keys if keys is not None else lse_a, scale, coef, lse_a, lse_b, grad_a, partial,
+        lo, hi, n, dim, a.stride(0), b.stride(0), grad_a.stride(0),
+        HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
+        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
+        BLOCK_D=tiles["BLOCK_D"], num_warps=tiles["num_warps"])
+    # Fixed-order sum of per-program partials: deterministic, no float atomics.
+    return grad_a, partial.sum()
+
+
+class _TritonLossShare(torch.autograd.Function):
+    """Triton version of :class:`_TorchLossShare` (same value, fp32 accumulation, any input float dtype)."""
+
+    @staticmethod
+    def forward(ctx, u, t, scale, keys, lo: int, hi: int):
+        if u.stride(1) != 1:
+            u = u.contiguous()
+        if t.stride(1) != 1:
+            t = t.contiguous()
+        keys32 = keys.to(torch.int32) if keys is not None else None
+        scale32 = scale.detach().to(torch.float32).reshape(1)
+        tiles = _triton_tiles()
+        row_lse = _triton_lse_rows(u, t, scale32, keys32, lo, hi, tiles)
+        col_lse = _triton_lse_rows(t, u, scale32, keys32, lo, hi, tiles)
+        positives = _positive_logit_sum(u.float(), t.float(), lo, hi)
+        n = u.shape[0]
+        share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives) / (2 * n)
+        ctx.save_for_backward(u, t, scale, keys32, row_lse, col_lse)
+        ctx.lo, ctx.hi = lo, hi
+        return share
+
+    @staticmethod
+    def backward(ctx, grad_share):
+        u, t, scale, keys32, row_lse, col_lse = ctx.saved_tensors
+        lo, hi = ctx.lo, ctx.hi
+        n = u.shape[0]
+        tiles = _triton_tiles()
+        scale32 = scale.detach().to(torch.float32).reshape(1)
+        coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
+        row_ext = torch.full((n,), float("inf"), dtype=torch.float32, device=u.device)
+        col_ext = torch.full((n,), float("inf"), dtype=torch.float32, device=u.device)
+        row_ext[lo:hi] = row_lse
+        col_ext[lo:hi] = col_lse
+        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, tiles)
+        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, tiles)
+        grad_scale = _add_positive_grads(grad_u, grad_t, grad_scale, u.float(), t.float(), scale32[0], lo, hi,
+                                         coef[0])
+        return grad_u.to(u.dtype), grad_t.to(t.dtype), grad_scale.to(scale.dtype), None, None, None
+
+
+def _triton_check(u, t):
+    reasons = []
+    if u.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        reasons.append(f"the Triton kernels take fp16/bf16/fp32 embeddings, got {str(u.dtype).replace('torch.', '')}")
+    if u.shape[1] > 1024:
+        reasons.append(f"the Triton kernels take D <= 1024, got D={u.shape[1]}")
+    if u.shape[0] >= 2**31:
+        reasons.append("the Triton kernels index keys with int32")
+    return reasons
+
+
+if triton is not None:
+
+    @_dispatch.register(OP_NAME, "triton", check=_triton_check)
+    def _lse_share_triton(u, t, scale, keys, lo: int, hi: int):
+        return _TritonLossShare.apply(u, t, scale, keys, lo, hi)
+
+
+# ---------------------------------------------------------------------------
 # distributed helpers
 # ---------------------------------------------------------------------------
 

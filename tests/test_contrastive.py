@@ -213,3 +213,153 @@ def test_unknown_backend_is_a_value_error():
     u, t, s = _inputs(4, 4)
     with pytest.raises(ValueError, match="backend"):
         ace_kernels.label_guided_infonce(u, t, s, backend="numpy")
+
+
+# ---------------------------------------------------------------------------
+# Triton backend: the interpreter on CPU (tiny shapes, fp32), the GPU when present.
+# ---------------------------------------------------------------------------
+
+TRITON_CASES = [
+    ("batch_1", 1, 5, lambda b: None),
+    ("odd_with_duplicates", 37, 40, lambda b: _duplicated_labels(b, 3, 4)),
+    ("all_equal", 23, 16, lambda b: torch.ones(b, 14)),
+    ("no_labels_two_row_blocks", 70, 24, lambda b: None),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name,batch,dim,make_labels", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_matches_oracle(name, batch, dim, make_labels, device):
+    u, t, s = _inputs(batch, dim, dtype=torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = make_labels(batch)
+    labels = labels.to(device) if labels is not None else None
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    # fp32 kernels (IEEE dots) against fp64: logits up to 30 carry ~30 * 6e-8 each.
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
+    for got, want in zip(ours[1], ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_large_scale_and_owned_shares(device):
+    # logit_scale 100 with duplicates, split into owned shares as with group=.
+    u, t, s = _inputs(29, 20, scale=100.0, dtype=torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = _duplicated_labels(29, 14, 3).to(device)
+    keys = contrastive._label_keys(labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    total, grads = 0.0, [0, 0, 0]
+    for lo, hi in [(0, 17), (17, 29)]:
+        share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
+        g = torch.autograd.grad(share, [u, t, s32])
+        total = total + share.detach()
+        grads = [a + b for a, b in zip(grads, g)]
+    # fp32 with logits up to 100: ~100 * 6e-8 per logit.
+    torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
+    for got, want in zip(grads, ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch,dim", [(1000, 512), (4097, 1024), (333, 40)])
+def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
+    u, t, s = _inputs(batch, dim, dtype=torch.float64)
+    u, t = u.detach().cuda(), t.detach().cuda()
+    labels = _duplicated_labels(batch, 14, 50).cuda()
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.clone().requires_grad_(), t.clone().requires_grad_(),
+                          s.detach().cuda().requires_grad_(), labels)
+
+    def run(fn):
+        ui, ti = u.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
+        si = s.detach().float().cuda().requires_grad_()
+        return _loss_and_grads(fn, ui, ti, si, labels)
+
+    ours = run(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
+    # torch at the same dtype: the dense oracle evaluated in that dtype.
+    theirs = run(_dense_same_dtype)
+    for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
+        err = (got.double() - want).abs().max().item()
+        err_torch = (base.double() - want).abs().max().item()
+        assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+
+
+def _dense_same_dtype(u, t, s, labels):
+    logits = s.to(u.dtype) * u @ t.T
+    batch = u.shape[0]
+    rows = labels.reshape(batch, -1)
+    same = (rows[:, None] == rows[None, :]).all(-1) & ~torch.eye(batch, dtype=torch.bool, device=u.device)
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(batch, device=u.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# The launch configurations the GPU launcher really uses, in every input dtype.
+AOT_DTYPES = ["fp32", "bf16", "fp16"]
+
+
+def _compile_all_for_sm90() -> list:
+    """Compile both kernels for sm_90a at the GPU tiles, per dtype. Runs in a subprocess
+    without TRITON_INTERPRET: under the interpreter the kernels are not JITFunctions."""
+    import triton.compiler
+
+    from ace_kernels._aot import compile_sm90
+
+    original = triton.compiler.ASTSource
+
+    def aligned(fn, signature, constexprs=None, attrs=None):
+        # A real launch sees 16-byte aligned pointers (torch allocations); compile with that knowledge.
+        attrs = dict(attrs or {})
+        for index, name in enumerate(fn.arg_names):
+            if signature.get(name, "").startswith("*"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        return original(fn, signature, constexprs, attrs)
+
+    triton.compiler.ASTSource = aligned
+    tiles = contrastive._TRITON_TILES["gpu"]
+    results = []
+    for dtype in AOT_DTYPES:
+        common = {"HAS_KEYS": True, "IEEE": dtype == "fp32", "BLOCK_M": tiles["BLOCK_M"],
+                  "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
+        lse_sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+                   "lse_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "n": "i32", "dim": "i32",
+                   "stride_a": "i32", "stride_b": "i32"}
+        lse_sig.update({k: "constexpr" for k in common})
+        res = compile_sm90(contrastive._lse_rows_kernel, lse_sig, common, num_warps=tiles["num_warps"])
+        results.append(dict(name=f"lse_rows[{dtype}]", registers=res.registers, spills=res.spills))
+        grad_sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+                    "coef_ptr": "*fp32", "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "grad_a_ptr": "*fp32",
+                    "grad_scale_ptr": "*fp32", "own_lo": "i32", "own_hi": "i32", "n": "i32", "dim": "i32",
+                    "stride_a": "i32", "stride_b": "i32", "stride_g": "i32"}
+        grad_const = dict(common, BLOCK_D=tiles["BLOCK_D"])
+        grad_sig.update({k: "constexpr" for k in grad_const})
+        res = compile_sm90(contrastive._grad_rows_kernel, grad_sig, grad_const, num_warps=tiles["num_warps"])
+        results.append(dict(name=f"grad_rows[{dtype}]", registers=res.registers, spills=res.spills))
+    return results
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_without_spills():
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import json, sys; sys.path.insert(0, %r); import test_contrastive as t; "
+            "print('AOT' + json.dumps(t._compile_all_for_sm90()))" % here)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.split("AOT", 1)[1])
+    report = [f"{r['name']}: {r['registers']} registers, {r['spills']} B spilled" for r in results]
+    print("\n".join(report))
+    assert len(results) == 2 * len(AOT_DTYPES)
+    assert all(r["spills"] == 0 for r in results), report
