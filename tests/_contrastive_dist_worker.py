@@ -21,7 +21,7 @@ def make_global_batch(sizes, dim, with_labels, seed=0):
     return u, t, labels
 
 
-def run(rank, world, port, sizes, dim, with_labels, out_dir):
+def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -32,12 +32,12 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir):
         u, t, labels = make_global_batch(sizes, dim, with_labels)
         lo = sum(sizes[:rank])
         hi = lo + sizes[rank]
-        u_local = u[lo:hi].clone().requires_grad_()
-        t_local = t[lo:hi].clone().requires_grad_()
-        scale = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+        u_local = u[lo:hi].to(dtype).requires_grad_()
+        t_local = t[lo:hi].to(dtype).requires_grad_()
+        scale = torch.tensor(30.0, dtype=dtype, requires_grad=True)
         local_labels = labels[lo:hi] if labels is not None else None
         loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
-                                                group=dist.group.WORLD, backend="torch")
+                                                group=dist.group.WORLD, backend=backend)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad_u": u_local.grad, "grad_t": t_local.grad,
                     "grad_scale": scale.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
