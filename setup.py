@@ -90,7 +90,7 @@ def _cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],
             # No --use_fast_math: results must match the exact torch path.
             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", *gencode],
         },

@@ -14,6 +14,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def _tool(name: str) -> str:
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
-                 num_stages: int = 3) -> KernelResources:
+                 num_stages: int = 3, divisible_by_16: Sequence[str] = ()) -> KernelResources:
     """Compile ``kernel`` (a ``@triton.jit`` function) for sm_90a and report its resources.
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``,
@@ -57,7 +58,12 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
     fn = kernel
     while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # unwrap autotune/heuristics
         fn = fn.fn
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs or {})
+    index = {name: i for i, name in enumerate(fn.arg_names)}
+    unknown = [name for name in divisible_by_16 if name not in index]
+    if unknown:
+        raise ValueError(f"argument 'divisible_by_16': {unknown} are not arguments of {fn.__name__}")
+    attrs = {(index[name],): [["tt.divisibility", 16]] for name in divisible_by_16}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs or {}, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]

@@ -576,28 +576,19 @@ def _aot_launches(dtype):
 def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
     """Compile every launch variant for sm_90a; runs in a process without TRITON_INTERPRET
     (under the interpreter the kernels are not JITFunctions and cannot be compiled)."""
-    import triton.compiler
-
     from ace_kernels._aot import compile_sm90
 
-    original = triton.compiler.ASTSource
-
-    def with_alignment(fn, signature, constexprs=None, attrs=None):
-        # compile_sm90 takes no attrs: add the 16-divisibility a real launch has.
-        attrs = dict(attrs or {})
-        for index, name in enumerate(fn.arg_names):
-            if signature.get(name, "").startswith("*") or name in _DIVISIBLE_AT_REAL_SHAPES:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        return original(fn, signature, constexprs, attrs)
-
-    triton.compiler.ASTSource = with_alignment
     dtype = getattr(torch, dtype_name)
     launches = _aot_launches(dtype)
     if dtype == torch.float32:  # fp32 shares the kernels: the heaviest variants only (CI time)
         launches = [l for l in launches if ("P=3" in l[0] and "dropout=True" in l[0]) or l[0] == "fused P=3 bias=True"]
     results = []
     for label, kernel, signature, constexprs, num_warps, num_stages in launches:
-        res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages)
+        # The 16-divisibility a real launch has (aligned pointers, strides such as 768).
+        divisible = [name for name in kernel.arg_names
+                     if signature.get(name, "").startswith("*") or name in _DIVISIBLE_AT_REAL_SHAPES]
+        res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                           divisible_by_16=divisible)
         results.append(dict(label=label, registers=res.registers, shared=res.shared_bytes, spills=res.spills,
                             warps=num_warps, stages=num_stages))
     return results
