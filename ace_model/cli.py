@@ -152,7 +152,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_train_inputs(args)
     config = train_config_from_args(args)
     result = training.train(config)
-    print(json.dumps(result, indent=2))
+    # Under torchrun every rank returns the same summary: print it once.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1021,9 +1021,14 @@ def _current_rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM belongs to this process's address space. getrusage's ru_maxrss does not:
+    # Linux carries the parent's high-water mark across fork+exec, so a measuring
+    # child of a large process (a long pytest run) would report the parent's peak.
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("VmHWM missing from /proc/self/status")
 
 
 def _measure_in_this_process(batch: int, chunk_size: int | None, model_name: str, seed: int, threads: int,
