@@ -41,3 +41,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests.
+
+    Tiny matmuls gain nothing from threads, and on a shared 2-core runner extra
+    threads make each step 10-50x slower. Restored for the other modules.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -347,18 +347,9 @@ def _compile_all_for_sm90() -> list:
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90_without_spills():
     pytest.importorskip("triton")
-    import json
-    import os
-    import subprocess
-    import sys
+    from _aot_helpers import compile_in_fresh_process
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = ("import json, sys; sys.path.insert(0, %r); import test_contrastive as t; "
-            "print('AOT' + json.dumps(t._compile_all_for_sm90()))" % here)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.split("AOT", 1)[1])
+    results = compile_in_fresh_process("test_contrastive", "_compile_all_for_sm90")
     report = [f"{r['name']}: {r['registers']} registers, {r['spills']} B spilled" for r in results]
     print("\n".join(report))
     assert len(results) == 2 * len(AOT_DTYPES)

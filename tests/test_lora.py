@@ -598,17 +598,9 @@ def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
 def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
     pytest.importorskip("triton")
-    import json
-    import os
-    import subprocess
-    import sys
+    from _aot_helpers import compile_in_fresh_process
 
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, __file__, "--aot-sm90", dtype_name], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = compile_in_fresh_process("test_lora", "_compile_all_for_sm90", dtype_name)
     with capsys.disabled():
         for r in results:
             print(f"\n  sm_90a {dtype_name:8s} {r['label']:38s} registers={r['registers']:3d} "
@@ -616,11 +608,3 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
     assert len(results) >= (17 if dtype_name == "bfloat16" else 4)
     spilling = [r for r in results if r["spills"]]
     assert not spilling, spilling
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    if len(sys.argv) == 3 and sys.argv[1] == "--aot-sm90":
-        print(json.dumps(_compile_all_for_sm90(sys.argv[2])))

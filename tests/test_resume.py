@@ -28,14 +28,7 @@ TOTAL_STEPS = 15
 RUN_TIMEOUT_S = 240
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core runner extra threads
-    # make each step 10-50x slower; restored for the other test modules afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out: Path, *extra: str, expect_kill: bool = False) -> subprocess.CompletedProcess:

@@ -29,14 +29,7 @@ KIND = "tiny" if tiny_available() else "standin"
 LAUNCH_TIMEOUT_S = 240  # generous: startup of two Python processes on a loaded 2-core machine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core runner extra threads
-    # make each step 10-50x slower; restored for the other test modules afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:
