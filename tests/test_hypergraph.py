@@ -221,7 +221,9 @@ def test_module_default_shapes_and_init():
     assert abs(std_up - (2 / 128) ** 0.5) < 0.05 * (2 / 128) ** 0.5
 
 
-RELEASED = "/work/shared/reference/ACE_LoRA.pt"
+# Beside the checkpoint, as in CI: <repo>/../shared/reference (ACE_LORA_RELEASED overrides).
+RELEASED = os.environ.get("ACE_LORA_RELEASED", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference", "ACE_LoRA.pt"))
 
 
 @pytest.mark.skipif(not os.path.exists(RELEASED), reason="the released checkpoint is not on this machine")
