@@ -42,7 +42,8 @@ def _tool(name: str) -> str:
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
-                 num_stages: int = 3, divisible_by_16: Sequence[str] = ()) -> KernelResources:
+                 num_stages: int = 3, divisible_by_16: Sequence[str] = (),
+                 aligned_pointers: bool = True) -> KernelResources:
     """Compile ``kernel`` (a ``@triton.jit`` function) for sm_90a and report its resources.
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``,
@@ -62,7 +63,10 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
     unknown = [name for name in divisible_by_16 if name not in index]
     if unknown:
         raise ValueError(f"argument 'divisible_by_16': {unknown} are not arguments of {fn.__name__}")
-    attrs = {(index[name],): [["tt.divisibility", 16]] for name in divisible_by_16}
+    divisible = set(divisible_by_16)
+    if aligned_pointers:
+        divisible.update(name for name, kind in signature.items() if str(kind).startswith("*"))
+    attrs = {(index[name],): [["tt.divisibility", 16]] for name in sorted(divisible)}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs or {}, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})

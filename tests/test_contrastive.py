@@ -307,21 +307,8 @@ AOT_DTYPES = ["fp32", "bf16", "fp16"]
 def _compile_all_for_sm90() -> list:
     """Compile both kernels for sm_90a at the GPU tiles, per dtype. Runs in a subprocess
     without TRITON_INTERPRET: under the interpreter the kernels are not JITFunctions."""
-    import triton.compiler
+    from ace_kernels._aot import compile_sm90  # marks pointers 16-byte aligned, as real launches are
 
-    from ace_kernels._aot import compile_sm90
-
-    original = triton.compiler.ASTSource
-
-    def aligned(fn, signature, constexprs=None, attrs=None):
-        # A real launch sees 16-byte aligned pointers (torch allocations); compile with that knowledge.
-        attrs = dict(attrs or {})
-        for index, name in enumerate(fn.arg_names):
-            if signature.get(name, "").startswith("*"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        return original(fn, signature, constexprs, attrs)
-
-    triton.compiler.ASTSource = aligned
     tiles = contrastive._TRITON_TILES["gpu"]
     results = []
     for dtype in AOT_DTYPES:

@@ -455,21 +455,8 @@ _UNIT_STRIDES = {"stride_pd", "stride_nm", "stride_ok", "stride_rr", "stride_sd"
 def _compile_all_for_sm90() -> list:
     """Compile every launch variant for sm_90a. Runs in a subprocess without TRITON_INTERPRET:
     under the interpreter the kernels are not JITFunctions and cannot be compiled."""
-    import triton.compiler
+    from ace_kernels._aot import compile_sm90  # marks pointers 16-byte aligned, as real launches are
 
-    from ace_kernels._aot import compile_sm90
-
-    original = triton.compiler.ASTSource
-
-    def aligned(fn, signature, constexprs=None, attrs=None):
-        # compile_sm90 takes no attrs: add the 16-byte pointer alignment a real launch has.
-        attrs = dict(attrs or {})
-        for index, name in enumerate(fn.arg_names):
-            if signature.get(name, "").startswith("*"):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        return original(fn, signature, constexprs, attrs)
-
-    triton.compiler.ASTSource = aligned
     results = []
     for name, kernel, signature, constexprs, warps, stages in _aot_signatures():
         signature = dict(signature)

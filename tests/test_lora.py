@@ -584,9 +584,8 @@ def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
         launches = [l for l in launches if ("P=3" in l[0] and "dropout=True" in l[0]) or l[0] == "fused P=3 bias=True"]
     results = []
     for label, kernel, signature, constexprs, num_warps, num_stages in launches:
-        # The 16-divisibility a real launch has (aligned pointers, strides such as 768).
-        divisible = [name for name in kernel.arg_names
-                     if signature.get(name, "").startswith("*") or name in _DIVISIBLE_AT_REAL_SHAPES]
+        # Besides the aligned pointers, the 16-divisible sizes and strides of the real shapes (768).
+        divisible = [name for name in kernel.arg_names if name in _DIVISIBLE_AT_REAL_SHAPES]
         res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
                            divisible_by_16=divisible)
         results.append(dict(label=label, registers=res.registers, shared=res.shared_bytes, spills=res.spills,
