@@ -187,6 +187,16 @@ def _positive_logit_sum(u, t, lo: int, hi: int):
     return torch.linalg.vecdot(u[lo:hi], t[lo:hi]).sum()
 
 
+def _global_lse(row_lse, col_lse, n: int, lo: int, hi: int, dtype):
+    """This rank's row/column LSEs placed at [lo, hi) of length-n vectors; +inf elsewhere,
+    so exp(logit - lse) is 0 for the rows and columns other ranks own."""
+    row_ext = torch.full((n,), float("inf"), dtype=dtype, device=row_lse.device)
+    col_ext = torch.full((n,), float("inf"), dtype=dtype, device=row_lse.device)
+    row_ext[lo:hi] = row_lse
+    col_ext[lo:hi] = col_lse
+    return row_ext, col_ext
+
+
 def _add_positive_grads(grad_u, grad_t, grad_scale, u, t, scale, lo: int, hi: int, coef):
     """Add the gradient of ``-2 coef s sum_{i in lo..hi} u_i . t_i`` in place (O(B D), no new B x D buffer)."""
     step = -2 * coef * scale
@@ -226,10 +236,7 @@ class _TorchLossShare(torch.autograd.Function):
         if lo == 0 and hi == n:
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
         else:
-            row_ext = torch.full((n,), float("inf"), dtype=u.dtype, device=u.device)
-            col_ext = torch.full((n,), float("inf"), dtype=u.dtype, device=u.device)
-            row_ext[lo:hi] = row_lse
-            col_ext[lo:hi] = col_lse
+            row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, u.dtype)
             grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_ext, lo, hi, coef, block)
             # The logit-scale gradient is complete after the first pass (it saw every non-zero G_ij).
             grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_ext, row_ext, lo, hi, coef, block)
@@ -420,10 +427,7 @@ class _TritonLossShare(torch.autograd.Function):
         tiles = _triton_tiles()
         scale32 = scale.detach().to(torch.float32).reshape(1)
         coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
-        row_ext = torch.full((n,), float("inf"), dtype=torch.float32, device=u.device)
-        col_ext = torch.full((n,), float("inf"), dtype=torch.float32, device=u.device)
-        row_ext[lo:hi] = row_lse
-        col_ext[lo:hi] = col_lse
+        row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, torch.float32)
         grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, tiles)
         grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, tiles)
         grad_scale = _add_positive_grads(grad_u, grad_t, grad_scale, u.float(), t.float(), scale32[0], lo, hi,

@@ -121,12 +121,7 @@ def run(suite) -> None:
         def metrics_for(meas):
             metrics = {"extra_mib_excl_grads": round(meas.peak_mib - input_grad_mib, 2)
                        if meas.peak_mib is not None else None}
-            if suite.is_gpu and meas.median_ms:
-                tflops = flops / (meas.median_ms * 1e-3) / 1e12
-                metrics["tflops"] = round(tflops, 2)
-                peak = suite.calibration.get("bf16_matmul_tflops")
-                if peak:
-                    metrics["frac_of_matmul_peak"] = round(tflops / peak, 3)
+            metrics.update(suite.rate_metrics(meas, flops=flops))
             if meas.peak_mib is not None:
                 metrics["total_gib"] = round((meas.peak_mib + input_mib) / 1024, 3)
             return metrics

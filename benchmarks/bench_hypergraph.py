@@ -94,14 +94,7 @@ def run(suite) -> None:
             min_bytes = baselines.hypergraph_min_bytes(b, n, d, x.element_size(), cls_only=cls_only)
 
             def metrics_for(meas):
-                metrics = {}
-                if suite.is_gpu and meas.median_ms:
-                    gbps = min_bytes / (meas.median_ms * 1e-3) / 1e9
-                    metrics["gbps_min_bytes"] = round(gbps, 1)
-                    copy = suite.calibration.get("copy_gbps")
-                    if copy:
-                        metrics["frac_of_copy_bandwidth"] = round(gbps / copy, 3)
-                return metrics
+                return suite.rate_metrics(meas, nbytes=min_bytes)
 
             def reference_step():
                 baselines.reference_ace_hypergraph(x, cls_attn, edge, node, topk=k,

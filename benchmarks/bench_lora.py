@@ -103,12 +103,7 @@ def run(suite) -> None:
             if saved_mib is not None:
                 metrics["saved_mib"] = round(saved_mib, 3)
                 metrics["saved_over_x"] = round(saved_mib / x_mib, 3)
-            if suite.is_gpu and meas is not None and meas.median_ms:
-                tflops = flops / (meas.median_ms * 1e-3) / 1e12
-                metrics["tflops"] = round(tflops, 2)
-                peak = suite.calibration.get("bf16_matmul_tflops")
-                if peak:
-                    metrics["frac_of_matmul_peak"] = round(tflops / peak, 3)
+            metrics.update(suite.rate_metrics(meas, flops=flops))
             return metrics
 
         modules = {

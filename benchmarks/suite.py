@@ -59,6 +59,27 @@ class Suite:
     def is_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def rate_metrics(self, meas, *, flops: float | None = None, nbytes: float | None = None) -> dict:
+        """On a GPU: achieved TFLOP/s (for ``flops``) or GB/s (for ``nbytes``) of a measurement,
+        and their fraction of the card's bf16 matmul rate / copy bandwidth measured in this run."""
+        metrics: dict[str, float] = {}
+        if not (self.is_gpu and meas is not None and meas.median_ms):
+            return metrics
+        seconds = meas.median_ms * 1e-3
+        if flops is not None:
+            tflops = flops / seconds / 1e12
+            metrics["tflops"] = round(tflops, 2)
+            peak = self.calibration.get("bf16_matmul_tflops")
+            if peak:
+                metrics["frac_of_matmul_peak"] = round(tflops / peak, 3)
+        if nbytes is not None:
+            gbps = nbytes / seconds / 1e9
+            metrics["gbps_min_bytes"] = round(gbps, 1)
+            copy = self.calibration.get("copy_gbps")
+            if copy:
+                metrics["frac_of_copy_bandwidth"] = round(gbps / copy, 3)
+        return metrics
+
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.is_gpu else torch.float32
 
