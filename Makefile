@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench bench-quick test test-fast info gpu-check clean
+.PHONY: setup bench bench-quick test test-fast info gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ info: $(STAMP)
 # On a lent GPU machine (its own python3, no venv): see benchmarks/gpu_check.sh.
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Wheels a lent GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
+# git) for its Python 3.12; gpu_check.sh installs whatever lies there. Its image already has
+# peft, accelerate, timm and transformers; Inf-CL is the InfoNCE benchmark's extra baseline.
+GPU_WHEELS ?= inf_cl==1.2.1
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	ls -l .whl
 
 clean:
 	rm -rf build *.egg-info ace_kernels/*.so $(VENV)
