@@ -25,6 +25,12 @@ intermediate (E, E', C) is formed.
 ``cls_only`` needs only the k + 1 rows {0} u topk(c) of A and E:
 C[0] = E'[0] + sum_t A[0, t] E'[t].
 
+float16/bfloat16 x on the kernel backends: the kernels read x in its own dtype and
+convert in registers (float32 accumulation); the norms and X W_de^T upcast one
+batch chunk at a time, and x is saved for the backward in its own dtype. The
+gradients of x's consumers meet, in float32, on a data-less stand-in for
+``x.float()`` (``_Float32GradRoute``) and are rounded to x.dtype once.
+
 Backends provide four primitives (``_Primitives``): the top-k incidence of
 given rows, ``gather_sum``, ``scatter_sum`` and ``entry_dot``. Softmax
 backward, the normalisation, the CLS row (a top-k of a [B, N-1] vector) and
@@ -184,13 +190,18 @@ TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _to
 # --------------------------------------------------------------------------------------
 
 class _GatherSum(torch.autograd.Function):
-    """E = A src for a sparse A given as (cols, weights): src [B, R, D] -> [B, Q, D]."""
+    """E = A src for a sparse A given as (cols, weights): src [B, R, D] -> [B, Q, D].
+
+    ``data``, when given, is the tensor the kernels read in place of ``src`` (x in its own
+    half dtype, with ``src`` its float32 gradient route, see ``_Float32GradRoute``).
+    """
 
     @staticmethod
-    def forward(ctx, src, cols, weights, prims, transpose):
-        ctx.save_for_backward(src, cols, weights)
+    def forward(ctx, src, cols, weights, prims, transpose, data=None):
+        data = src if data is None else data
+        ctx.save_for_backward(data, cols, weights)
         ctx.prims, ctx.transpose = prims, transpose
-        return prims.gather_sum(src, cols, weights)
+        return prims.gather_sum(data, cols, weights)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -204,7 +215,7 @@ class _GatherSum(torch.autograd.Function):
             grad_src = prims.scatter_sum(grad_out, cols, weights, src.shape[1], ctx.transpose)
         if ctx.needs_input_grad[2]:
             grad_w = prims.entry_dot(grad_out, src, cols)
-        return grad_src, None, grad_w, None, None
+        return grad_src, None, grad_w, None, None, None
 
 
 class _ScatterSum(torch.autograd.Function):
@@ -229,6 +240,119 @@ class _ScatterSum(torch.autograd.Function):
         return grad_src, None, grad_w, None, None, None
 
 
+# Half inputs on the kernel backends: the kernels read x in its own dtype and convert in
+# registers, so no float32 copy of x ([B, N, D]) is made or saved. Torch ops that need float32
+# operands (the norms, the down-projection) upcast at most this many elements at a time.
+_UPCAST_CHUNK_ELEMENTS = 8 * 2**20  # 32 MiB of float32
+
+
+def _batch_chunks(t: torch.Tensor):
+    per_sample = max(1, t[0].numel())
+    step = max(1, _UPCAST_CHUNK_ELEMENTS // per_sample)
+    return [(start, min(start + step, t.shape[0])) for start in range(0, t.shape[0], step)]
+
+
+class _Float32GradRoute(torch.autograd.Function):
+    """Gradient route for a half-precision x whose float32 copy is never made.
+
+    Forward returns a zero-stride float32 tensor of x's shape (4 bytes of storage): the
+    consumers take it as their differentiable input but read x itself (passed beside it),
+    so their float32 gradients accumulate on this node and are rounded to x.dtype once,
+    as the gradient of ``x.float()`` would be. Its values (zeros) are never used.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.dtype = x.dtype
+        return torch.zeros((), dtype=torch.float32, device=x.device).expand(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype)
+
+
+class _InvNorm(torch.autograd.Function):
+    """inv_norm = 1 / max(|data|, eps) over the last dim, in ``dtype`` (F.normalize's scale).
+
+    ``route`` is the differentiable input (``data`` itself, or its ``_Float32GradRoute``);
+    ``data`` is read, upcast per batch chunk. Backward: d data = -g x / |x|^3 where
+    |x| >= eps and 0 elsewhere (the gradient of the norm, the clamp and the reciprocal).
+    """
+
+    @staticmethod
+    def forward(ctx, route, data, dtype):
+        norm = torch.empty(data.shape[:-1], dtype=dtype, device=data.device)
+        for start, stop in _batch_chunks(data):
+            norm[start:stop] = torch.linalg.vector_norm(data[start:stop].to(dtype), dim=-1)
+        ctx.save_for_backward(data, norm)
+        return 1.0 / norm.clamp_min(_NORM_EPS)
+
+    @staticmethod
+    def backward(ctx, grad):
+        data, norm = ctx.saved_tensors
+        coef = torch.where(norm >= _NORM_EPS, -grad / norm.clamp_min(_NORM_EPS) ** 3, 0.0)
+        return data * coef[..., None], None, None
+
+
+class _NativeLinear(torch.autograd.Function):
+    """F.linear(data.float(), weight) (no bias) for a half ``data`` that is never upcast whole.
+
+    Forward and the weight gradient upcast one batch chunk at a time; ``data`` is saved in its
+    own dtype. The gradient goes to ``route`` (the ``_Float32GradRoute`` of data), in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, route, data, weight):
+        out = torch.empty(*data.shape[:-1], weight.shape[0], dtype=weight.dtype, device=data.device)
+        for start, stop in _batch_chunks(data):
+            out[start:stop] = F.linear(data[start:stop].to(weight.dtype), weight)
+        ctx.save_for_backward(data, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        data, weight = ctx.saved_tensors
+        grad_route = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_route = grad @ weight
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.zeros_like(weight)
+            for start, stop in _batch_chunks(data):
+                g = grad[start:stop].reshape(-1, weight.shape[0])
+                grad_w.addmm_(g.T, data[start:stop].reshape(-1, data.shape[-1]).to(weight.dtype))
+        return grad_route, None, grad_w
+
+
+class _LinearToHalf(torch.autograd.Function):
+    """F.linear(z, weight, bias).to(dtype) for a half ``dtype``, one batch chunk at a time.
+
+    The float32 product and, in the backward, the float32 upcast of the gradient exist one
+    chunk at a time, so neither a float32 [B, N, D] output nor its gradient is formed.
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, dtype):
+        out = torch.empty(*z.shape[:-1], weight.shape[0], dtype=dtype, device=z.device)
+        for start, stop in _batch_chunks(out):
+            out[start:stop] = F.linear(z[start:stop], weight, bias)
+        ctx.save_for_backward(z, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight = ctx.saved_tensors
+        grad_z = torch.empty_like(z)
+        grad_w = torch.zeros_like(weight)
+        grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        for start, stop in _batch_chunks(grad):
+            g = grad[start:stop].to(weight.dtype)
+            grad_z[start:stop] = g @ weight
+            g = g.reshape(-1, weight.shape[0])
+            grad_w.addmm_(g.T, z[start:stop].reshape(-1, z.shape[-1]))
+            grad_b += g.sum(0)
+        return grad_z, grad_w, grad_b, None
+
+
 class _IncidenceWeights(torch.autograd.Function):
     """Softmax weights of the selected cosine similarities, with their gradient.
 
@@ -236,14 +360,14 @@ class _IncidenceWeights(torch.autograd.Function):
     piecewise constant). With s[r, t] = <x_q, x_j> n_q n_j (q = rows[r], j = idx[r, t],
     n = inv_norm), backward gives d s by the softmax backward, then
     d x_q += sum_t d s n_q n_j x_j (gather_sum), d x_j += d s n_q n_j x_q (scatter_sum),
-    d n_q += sum_t d s <x_q, x_j> n_j and d n_j += d s <x_q, x_j> n_q (entry_dot); torch's
-    autograd takes d n through n = 1 / max(|x|, eps). No normalised copy of the patches
-    is kept.
+    d n_q += sum_t d s <x_q, x_j> n_j and d n_j += d s <x_q, x_j> n_q (entry_dot); ``_InvNorm``
+    takes d n through n = 1 / max(|x|, eps). No normalised copy of the patches is kept.
+    ``patches`` is the gradient route, ``data`` the features read (see ``_GatherSum``).
     """
 
     @staticmethod
-    def forward(ctx, patches, inv_norm, rows, idx, weights, prims):
-        ctx.save_for_backward(patches, inv_norm, rows, idx, weights)
+    def forward(ctx, patches, data, inv_norm, rows, idx, weights, prims):
+        ctx.save_for_backward(data, inv_norm, rows, idx, weights)
         ctx.prims = prims
         return weights
 
@@ -258,8 +382,8 @@ class _IncidenceWeights(torch.autograd.Function):
         n_q = inv_norm if all_rows else torch.gather(inv_norm, 1, rows)
         n_j = torch.gather(inv_norm, 1, idx.reshape(B, -1)).view(idx.shape)
         coef = grad_s * n_q[..., None] * n_j
+        # The kernels take strides: no contiguous copy of the (sliced) patches.
         queries = patches if all_rows else torch.gather(patches, 1, rows[..., None].expand(-1, -1, D))
-        queries = queries.contiguous()
         grad_q = prims.gather_sum(patches, idx, coef)
         grad_x = prims.scatter_sum(queries, idx, coef, M, None)
         dots_gs = grad_s * prims.entry_dot(queries, patches, idx)  # d s * <x_q, x_j>
@@ -267,12 +391,12 @@ class _IncidenceWeights(torch.autograd.Function):
         grad_n.scatter_add_(1, idx.reshape(B, -1), (dots_gs * n_q[..., None]).reshape(B, -1))
         grad_nq = (dots_gs * n_j).sum(-1)
         if all_rows:
-            grad_x = grad_x + grad_q
-            grad_n = grad_n + grad_nq
+            grad_x += grad_q
+            grad_n += grad_nq
         else:
-            grad_x = grad_x.scatter_add(1, rows[..., None].expand(-1, -1, D), grad_q)
-            grad_n = grad_n.scatter_add(1, rows, grad_nq)
-        return grad_x, grad_n, None, None, None, None
+            grad_x.scatter_add_(1, rows[..., None].expand(-1, -1, D), grad_q)
+            grad_n.scatter_add_(1, rows, grad_nq)
+        return grad_x, None, grad_n, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +413,14 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     M = N - 1
     k = topk
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xc = x.to(compute_dtype)
+    # Kernel backends read half inputs in their own dtype (converted in registers, float32
+    # accumulation): x_data is x itself and x_route its float32 gradient route. Otherwise
+    # (float32/float64 inputs, the torch backend) both are x in the compute dtype.
+    native = prims.name != "torch" and x.dtype in (torch.float16, torch.bfloat16)
+    if native:
+        x_data, x_route = x.detach(), _Float32GradRoute.apply(x)
+    else:
+        x_data = x_route = x.to(compute_dtype)
     c = cls_attn.to(compute_dtype)
     edge_params = tuple(p.to(compute_dtype) for p in edge_params)
     node_params = tuple(p.to(compute_dtype) for p in node_params)
@@ -299,15 +430,16 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     cls_vals, cls_idx = c.topk(k, dim=-1)  # cls_idx: patch indices in [0, M)
     cls_w = torch.softmax(cls_vals, dim=-1)
 
-    patches = xc[:, 1:]
+    patches, patches_data = x_route[:, 1:], x_data[:, 1:].detach()
     # normalize(x) = x / max(|x|, eps) (F.normalize), applied inside the similarity so that no
     # normalised copy of the patches is stored.
-    inv_norm = 1.0 / torch.linalg.vector_norm(patches, dim=-1).clamp_min(_NORM_EPS)
+    inv_norm = _InvNorm.apply(patches, patches_data, compute_dtype)
     rows = cls_idx if cls_only else None
     with torch.no_grad():
-        nbr_idx, nbr_w = prims.topk_rows(patches, inv_norm.detach(), rows, k)
+        nbr_idx, nbr_w = prims.topk_rows(patches_data, inv_norm.detach(), rows, k)
     no_rows = torch.empty(0, dtype=torch.int64, device=device)
-    nbr_w = _IncidenceWeights.apply(patches, inv_norm, rows if rows is not None else no_rows, nbr_idx, nbr_w, prims)
+    nbr_w = _IncidenceWeights.apply(patches, patches_data, inv_norm, rows if rows is not None else no_rows, nbr_idx,
+                                    nbr_w, prims)
 
     zeros_w = torch.zeros(B, 1, 1, dtype=compute_dtype, device=device)
     ones_w = torch.ones(B, 1, 1, dtype=compute_dtype, device=device)
@@ -326,7 +458,7 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
         sel_wts = torch.cat([ones_w.expand(B, k, 1), nbr_w, cls_w[..., None]], dim=2)
         cols = torch.cat([cls_cols, sel_cols], dim=1)  # [B, k+1, k+2]
         wts = torch.cat([cls_wts, sel_wts], dim=1)
-        edges = _GatherSum.apply(xc, cols, wts, prims, None)  # rows {0} u (1 + topk(c)) of E
+        edges = _GatherSum.apply(x_route, cols, wts, prims, None, x_data.detach())  # rows {0} u (1 + topk(c)) of E
         edges = _adapter(edges, edge_params)
         # C[0] = E'[0] + sum_t cls_w[t] E'[1 + cls_idx[t]]: a gather over the k+1 local rows.
         local = torch.arange(k + 1, device=device, dtype=torch.int64).expand(B, 1, k + 1)
@@ -351,13 +483,17 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     # so neither E nor E' nor C ([B, N, D] each) is ever formed.
     down_we, down_be, up_we, up_be = edge_params
     down_wn, down_bn, up_wn, up_bn = node_params
-    x_down = F.linear(xc, down_we)
+    if native:
+        x_down = _NativeLinear.apply(x_route, x_data, down_we)  # saves x in its own dtype
+    else:
+        x_down = F.linear(x_data, down_we)
     hidden_e = F.leaky_relu(_GatherSum.apply(x_down.contiguous(), cols, wts, prims, transpose) + down_be, _NEG_SLOPE)
     folded = F.linear(hidden_e, down_wn @ up_we, F.linear(up_be, down_wn))  # = E' W_dn^T
     hidden_n = F.leaky_relu(_ScatterSum.apply(folded.contiguous(), cols, wts, N, prims, transpose) + down_bn,
                             _NEG_SLOPE)
-    out = F.linear(hidden_n, up_wn, up_bn)
-    return out.to(x.dtype)
+    if native:
+        return _LinearToHalf.apply(hidden_n, up_wn, up_bn, x.dtype)  # no float32 [B, N, D] output
+    return F.linear(hidden_n, up_wn, up_bn).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -522,6 +658,38 @@ if _TRITON_IMPORTED:
                  mask=r_mask[:, None] & d_mask[None, :])
 
     @triton.jit
+    def _scatter_sum_atomic_kernel(
+        src_ptr, cols_ptr, w_ptr, out_ptr,
+        Q, D, S,
+        stride_sb, stride_sq, stride_sd,
+        stride_cb, stride_cq, stride_cs,
+        stride_wb, stride_wq, stride_ws,
+        stride_ob, stride_or, stride_od,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """out[b, cols[b, q, s]] += w[b, q, s] * src[b, q] with float32 atomics (opt-in C = A^T E').
+
+        The adjoint of ``_gather_sum_kernel`` walking the same [B, Q, S] incidence, so no
+        transposed incidence is built. out [B, R, D] float32 must start at zero. The order of
+        the additions into a row varies between runs: not deterministic.
+        """
+        pid_q = tl.program_id(0).to(tl.int64)
+        pid_d = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        q_mask = offs_q < Q
+        d_mask = offs_d < D
+        rows = tl.load(src_ptr + b * stride_sb + offs_q[:, None] * stride_sq + offs_d[None, :] * stride_sd,
+                       mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        for s in range(S):
+            col = tl.load(cols_ptr + b * stride_cb + offs_q * stride_cq + s * stride_cs, mask=q_mask, other=-1)
+            wt = tl.load(w_ptr + b * stride_wb + offs_q * stride_wq + s * stride_ws, mask=q_mask, other=0.0)
+            live = q_mask & (col >= 0)
+            tl.atomic_add(out_ptr + b * stride_ob + col[:, None] * stride_or + offs_d[None, :] * stride_od,
+                          wt.to(tl.float32)[:, None] * rows, mask=live[:, None] & d_mask[None, :], sem="relaxed")
+
+    @triton.jit
     def _entry_dot_kernel(
         a_ptr, b_ptr, cols_ptr, out_ptr,
         Q, D, S,
@@ -577,6 +745,8 @@ TOPK_CONFIG = {"interp": dict(BLOCK_Q=16, BLOCK_M=32, BLOCK_D=64, num_warps=4, n
                "gpu": dict(BLOCK_Q=16, BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=1)}
 GATHER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
 SCATTER_CONFIG = {"interp": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_R=4, BLOCK_D=128, num_warps=4)}
+ATOMIC_SCATTER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4),
+                         "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
 DOT_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=8, BLOCK_D=128, num_warps=4)}
 
 
@@ -604,7 +774,7 @@ def _triton_topk_rows(pn, inv_norm, rows, topk):
         TOPK=topk, BLOCK_K=max(2, _pow2(topk)), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=block_m, BLOCK_D=block_d,
         HAS_ROWS=rows is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return idx, w.to(pn.dtype)
+    return idx, w
 
 
 def _triton_gather_sum(src, cols, weights):
@@ -622,7 +792,7 @@ def _triton_gather_sum(src, cols, weights):
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )
-    return out.to(src.dtype)
+    return out
 
 
 def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
@@ -643,7 +813,26 @@ def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )
-    return out.to(src.dtype)
+    return out
+
+
+def _triton_scatter_sum_atomic(src, cols, weights, num_rows, transpose=None):
+    """``scatter_sum`` with float32 atomics (``transpose`` is ignored): not deterministic."""
+    B, Q, D = src.shape
+    S = cols.shape[2]
+    cfg = ATOMIC_SCATTER_CONFIG[_mode()]
+    out = torch.zeros(B, num_rows, D, dtype=torch.float32, device=src.device)
+    block_d = min(cfg["BLOCK_D"], _pow2(D))
+    grid = (triton.cdiv(Q, cfg["BLOCK_Q"]), triton.cdiv(D, block_d), B)
+    _scatter_sum_atomic_kernel[grid](
+        src, cols, weights, out, Q, D, S,
+        src.stride(0), src.stride(1), src.stride(2),
+        cols.stride(0), cols.stride(1), cols.stride(2),
+        weights.stride(0), weights.stride(1), weights.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return out
 
 
 def _triton_entry_dot(a, b, cols):
@@ -661,11 +850,14 @@ def _triton_entry_dot(a, b, cols):
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )
-    return out.to(a.dtype)
+    return out
 
 
 TRITON_PRIMITIVES = _Primitives("triton", _triton_topk_rows, _triton_gather_sum, _triton_scatter_sum,
                                 _triton_entry_dot, _transpose_csr) if _TRITON_IMPORTED else None
+# deterministic=False: every C = A^T src (forward and backward) by atomics, no transpose built.
+TRITON_ATOMIC_PRIMITIVES = _Primitives("triton-atomic", _triton_topk_rows, _triton_gather_sum,
+                                       _triton_scatter_sum_atomic, _triton_entry_dot) if _TRITON_IMPORTED else None
 
 
 # --------------------------------------------------------------------------------------
@@ -730,7 +922,7 @@ def _adapter_params(name: str, adapter, dim: int):
     return params
 
 
-def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only):
+def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic):
     check_tensor("x", x, ndim=3)
     B, N, D = x.shape
     if B < 1 or D < 1:
@@ -742,6 +934,8 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only):
     check_tensor("cls_attn", cls_attn, ndim=2, shape=(B, N - 1))
     if not isinstance(cls_only, bool):
         raise ValueError(f"argument 'cls_only': expected a bool, got {type(cls_only).__name__}")
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"argument 'deterministic': expected a bool, got {type(deterministic).__name__}")
     edge = _adapter_params("edge_adapter", edge_adapter, D)
     node = _adapter_params("node_adapter", node_adapter, D)
     for name, t in (("cls_attn", cls_attn),
@@ -754,7 +948,7 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only):
     return edge, node
 
 
-def _kernel_check(x, cls_attn, edge, node, topk, cls_only):
+def _kernel_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     reasons = []
     if topk > MAX_KERNEL_TOPK:
         reasons.append(f"topk={topk} is over the kernels' limit of {MAX_KERNEL_TOPK}")
@@ -799,13 +993,13 @@ def _cls_only_torch(x, cls_attn, edge_params, node_params, topk):
 
 
 @_dispatch.register(OP_NAME, "torch")
-def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only):
+def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     if cls_only:
         return _cls_only_torch(x, cls_attn, edge, node, topk)
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
 
 
-def _cuda_check(x, cls_attn, edge, node, topk, cls_only):
+def _cuda_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     reasons = _kernel_check(x, cls_attn, edge, node, topk, cls_only)
     module, _ = _dispatch._extension()
     if module is not None and not hasattr(torch.ops.ace_kernels, "hg_gather_sum"):
@@ -815,17 +1009,18 @@ def _cuda_check(x, cls_attn, edge, node, topk, cls_only):
 
 
 @_dispatch.register(OP_NAME, "cuda", check=_cuda_check)
-def _hypergraph_cuda(x, cls_attn, edge, node, topk, cls_only):
+def _hypergraph_cuda(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, CUDA_PRIMITIVES)
 
 
 @_dispatch.register(OP_NAME, "triton", check=_kernel_check)
-def _hypergraph_triton(x, cls_attn, edge, node, topk, cls_only):
-    return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TRITON_PRIMITIVES)
+def _hypergraph_triton(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
+    prims = TRITON_PRIMITIVES if deterministic else TRITON_ATOMIC_PRIMITIVES
+    return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, prims)
 
 
 def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cls_only: bool = False,
-                   backend: str = "auto"):
+                   backend: str = "auto", deterministic: bool = True):
     """ACE-HGNN hyperedge attention (spec section 4), without N x N matrices.
 
     Parameters
@@ -833,6 +1028,11 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     x : Tensor [B, N, D]
         Token features, token 0 is CLS. float16, bfloat16, float32 or float64;
         computed in float32 (float64 for float64 input), returned in ``x.dtype``.
+        The triton and cuda backends read float16/bfloat16 ``x`` in its own dtype
+        and convert in registers (no float32 copy of x is made or kept for the
+        backward; torch ops that need float32 operands upcast 32 MiB batch chunks);
+        the gradient of x is accumulated in float32 and rounded once, as for
+        ``x.float()``. The torch backend computes on ``x.float()``.
     cls_attn : Tensor [B, N - 1]
         The CLS row of the last layer's pre-softmax attention, without column 0.
         Any floating dtype (cast to the compute dtype).
@@ -847,6 +1047,15 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         depends on.
     backend : {"auto", "cuda", "triton", "torch"}
         See :mod:`ace_kernels._dispatch`.
+    deterministic : bool
+        True (default): no float atomics in the triton and cuda backends.
+        False: the triton backend computes every C = A^T E' (the node
+        aggregation in the forward, and the same scatter in the backward) with
+        float32 atomic adds instead of building the transposed incidence; the
+        summation order, hence the last bits of the results, then varies between
+        runs. Whether it is faster is decided by the GPU benchmark (provider
+        ``triton-atomic`` in ``benchmarks/bench_hypergraph.py``). The cuda
+        backend and the torch backend ignore it (see Determinism below).
 
     Returns
     -------
@@ -873,19 +1082,20 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     backend also spreads a non-finite token through zero-weight slots
     (0 * inf = NaN, as the dense reference does), the kernels skip those slots.
 
-    Determinism: the Triton and CUDA kernels use no float atomics (C = A^T E'
-    walks a transposed incidence built with a stable sort), so repeated calls
-    give identical results. The torch backend is deterministic on CPU; on a GPU
-    it uses ``index_add_``, which is not.
+    Determinism: with ``deterministic=True`` the Triton and CUDA kernels use no
+    float atomics (C = A^T E' walks a transposed incidence built with a stable
+    sort), so repeated calls give identical results. The CUDA kernels are
+    deterministic always. The torch backend is deterministic on CPU; on a GPU it
+    uses ``index_add_``, which is not, whatever ``deterministic`` says.
 
     Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
     ``topk <= 16``; ``torch`` takes everything. ``auto`` prefers triton, then
     cuda, then torch (both kernel backends are validated against the oracle;
     the GPU benchmark decides the final order).
     """
-    edge, node = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only)
+    edge, node = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic)
     tensors = [x, cls_attn, *edge, *node]
-    args = (x, cls_attn, edge, node, topk, cls_only)
+    args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
     impl = _dispatch.select(OP_NAME, backend, tensors, args)
     return impl(*args)
 
@@ -920,24 +1130,30 @@ class ACEHypergraph(nn.Module):
         Adapter bottleneck (128).
     topk : int
         Neighbours per hyperedge (5).
+    deterministic : bool
+        Default for :meth:`forward`'s ``deterministic`` (see :func:`ace_hypergraph`).
 
     The released checkpoint's adapter state dicts (keys ``down.weight``,
     ``down.bias``, ``up.weight``, ``up.bias``) load into ``edge_adapter`` and
     ``node_adapter`` unchanged.
     """
 
-    def __init__(self, dim: int = 512, hidden: int = 128, topk: int = 5):
+    def __init__(self, dim: int = 512, hidden: int = 128, topk: int = 5, deterministic: bool = True):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("hidden", hidden)
         check_positive_int("topk", topk)
-        self.dim, self.hidden, self.topk = dim, hidden, topk
+        if not isinstance(deterministic, bool):
+            raise ValueError(f"argument 'deterministic': expected a bool, got {type(deterministic).__name__}")
+        self.dim, self.hidden, self.topk, self.deterministic = dim, hidden, topk, deterministic
         self.edge_adapter = _Adapter(dim, hidden)
         self.node_adapter = _Adapter(dim, hidden)
 
-    def forward(self, x, cls_attn, cls_only: bool = False, backend: str = "auto"):
+    def forward(self, x, cls_attn, cls_only: bool = False, backend: str = "auto", deterministic: bool | None = None):
+        deterministic = self.deterministic if deterministic is None else deterministic
         return ace_hypergraph(x, cls_attn, self.edge_adapter, self.node_adapter, topk=self.topk,
-                              cls_only=cls_only, backend=backend)
+                              cls_only=cls_only, backend=backend, deterministic=deterministic)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}, topk={self.topk}"
+        extra = "" if self.deterministic else ", deterministic=False"
+        return f"dim={self.dim}, hidden={self.hidden}, topk={self.topk}{extra}"

@@ -5,6 +5,10 @@ Every input needs a gradient: x, the CLS attention row and all adapter
 parameters. CPU: B=64, N=197, D=512, k=5, hidden 128 in fp32 (target:
 cls_only at least 5x the reference). GPU: B in {64, 1024} x N in {197, 256}
 in bf16 (issue 4's targets), with GB/s against the card's copy bandwidth.
+
+Provider ``triton-atomic`` (GPU, beside ``triton``) is the triton backend with
+``deterministic=False``: C = A^T E' by float32 atomics instead of the
+transposed incidence. Whether it is faster than ``triton`` is decided here.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ from benchmarks import baselines, harness
 from benchmarks.harness import Target
 
 FAMILY = "hypergraph"
+ATOMIC = "triton-atomic"  # provider name: the triton backend with deterministic=False
+
+
+def _providers(suite) -> list[str]:
+    providers = list(suite.providers)
+    if suite.is_gpu and "triton" in providers and ATOMIC not in providers:
+        providers.insert(providers.index("triton") + 1, ATOMIC)
+    return providers
+
+
+def _backend(provider: str) -> tuple[str, bool]:
+    """(backend, deterministic) of a provider name."""
+    return ("triton", False) if provider == ATOMIC else (provider, True)
 
 
 def _shapes(suite) -> list[dict]:
@@ -32,7 +49,7 @@ def _targets(suite, shape, cls_only):
             return []
         if not suite.is_gpu:
             return [Target("speedup", 5.0, "speedup>=5")] if (cls_only and provider == "torch") else []
-        if provider not in ("triton", "cuda"):
+        if provider not in ("triton", ATOMIC, "cuda"):
             return []
         goals = [Target("speedup", 25.0, "speedup>=25")] if cls_only else [Target("speedup", 8.0, "speedup>=8")]
         if shape["b"] >= 1024:
@@ -70,8 +87,9 @@ def _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out) -> float:
 
     ref_out, ref_grads = run(lambda a, c, e, n: baselines.reference_ace_hypergraph(a, c, e, n, topk=k,
                                                                                   cls_only=cls_only))
+    backend, deterministic = _backend(provider)
     out, grads = run(lambda a, c, e, n: ace_kernels.ace_hypergraph(a, c, e, n, topk=k, cls_only=cls_only,
-                                                                    backend=provider))
+                                                                    backend=backend, deterministic=deterministic))
     return max([harness.relative_error(out, ref_out)]
                + [harness.relative_error(g, r) for g, r in zip(grads, ref_grads)])
 
@@ -102,7 +120,7 @@ def run(suite) -> None:
 
             entries = [("reference", reference_step, leaves)]
             checked = {}
-            for provider in suite.providers:
+            for provider in _providers(suite):
                 def probe(provider=provider):
                     checked[provider] = _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out)
 
@@ -110,8 +128,9 @@ def run(suite) -> None:
                     continue
 
                 def step(provider=provider):
-                    ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=k, cls_only=cls_only,
-                                               backend=provider).backward(grad_out)
+                    backend, deterministic = _backend(provider)
+                    ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=k, cls_only=cls_only, backend=backend,
+                                               deterministic=deterministic).backward(grad_out)
 
                 entries.append((provider, step, leaves))
 
