@@ -17,19 +17,49 @@ Also the drop-in case of issue 8 (op ``peft_lora_train_step``): a PEFT LoRA
 loss, as PEFT runs it (baseline ``peft``) and after ``ace_kernels.patch``
 (provider ``patched:<backend>``). GPU: ViT-B/16 and BERT-base at B=64 under
 bf16 autocast (target: at least 1.3x); CPU: two-layer width-64 towers.
+
+Zero-shot evaluation (op ``zero_shot_eval``, issue 6: at least 20x the images/s of
+the reference's one-image loop): prompt-ensemble classification of N images into 5
+classes (2 templates), class embeddings included. Ours is
+``ace_model.zero_shot.evaluate`` (all images through the model ``batch`` at a time);
+baseline ``reference-loop`` is the reference's evaluation: the same model and
+prompts with the reference ops, one image at a time (a batch-1 data loader, each
+image's scores brought to the host). ``median_ms`` is the time for all N images
+(``metrics.images_per_s``); ``metrics.max_abs_score_diff_vs_reference-loop`` compares
+the two sets of class probabilities. GPU: BiomedCLIP under bf16 autocast, N=256, batch 128 (the
+loop is timed with one call after the warm-up, about 1-3 s); CPU: tiny, N=128, batch 64.
+
+Largest batch (op ``ace_lora_max_batch``, GPU only; issue 6: at least 3x the
+reference's): the largest B at which one bf16 training step fits on the card, for
+the reference-ops model and for ours (the fused backend with the smallest B=64 peak in
+this run), found by steps at growing B (from 0.8x a linear prediction out of the
+B=64 peak, x1.25 each; x0.8 down when that first one does not fit) then bisection to within 1/16, each out-of-memory error
+cleaned up (gradients dropped, cache emptied) before the next try. ``metrics`` hold
+``max_batch`` (ours: also ``baseline_max_batch`` and ``max_batch_ratio``, which the
+target judges) and the tries; ``median_ms`` and ``peak_mib`` are those of the one step
+at the largest batch (its peak includes the inputs: they are part of what must fit). Each search stops at B=65,536 or after 75 s (then
+``search_complete`` is false and the ratio is not judged). The search is "costly"
+(``--tier``): on an H100/H200 about 15-40 s per model (6-8 tries, the last few of 2-8 s
+each near the largest batch); it runs last in this family and only when 40 s are left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import time
 
 import torch
 
 import ace_kernels
 from benchmarks import baselines
-from benchmarks.harness import Target
+from benchmarks.harness import MIB, Measurement, Target
 
 FAMILY = "model"
+COSTLY_ITEMS = ("ace_lora_max_batch",)
+ZERO_SHOT_CLASSES = ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion")
+MAX_BATCH_CAP = 65536
+MAX_BATCH_SEARCH_S = 75.0
 
 
 @contextlib.contextmanager
@@ -50,45 +80,71 @@ def reference_ops():
             setattr(ace_kernels, name, fn)
 
 
-def _batch(model, batch: int, device, generator):
-    size = model.image_size
-    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
-    length = model.context_length
-    ids = torch.randint(1, model.vocab_size, (batch, length), generator=generator)
-    # Reports are shorter than the context: pad the tail of each row with the pad id.
-    lengths = torch.randint(length // 4, length + 1, (batch,), generator=generator)
-    ids[torch.arange(length)[None, :] >= lengths[:, None]] = model.pad_token_id
-    labels = (torch.rand(batch, 14, generator=generator) < 0.15).float()
-    return images, ids.to(device), labels.to(device)
-
-
 def run(suite) -> None:
-    _run_ace_lora(suite)
-    if not suite.out_of_time("peft_lora_train_step"):
+    # Cheap, most important first; the costly largest-batch search last. One model for all three.
+    needs_model = suite.tier != "costly" or (suite.is_gpu and not suite.quick)
+    model = _build_model(suite) if needs_model else None
+    if suite.include("ace_lora_train_step", costly=False) and model is not None:
+        _run_ace_lora(suite, model)
+    if suite.include("zero_shot_eval", costly=False) and model is not None:
+        _run_zero_shot(suite, model)
+    if suite.include("peft_lora_train_step", costly=False):
         _run_peft_patch(suite)
+    if not suite.is_gpu:
+        suite.skip("ace_lora_max_batch", "GPU only: a CPU has no device-memory limit to search (host RAM, "
+                                         "then swap, would bound the batch)")
+    elif suite.quick:
+        suite.skip("ace_lora_max_batch", "not with --quick (the tiny model's largest batch says nothing)")
+    elif model is not None and suite.include("ace_lora_max_batch", costly=True,
+                                             estimate_s=_max_batch_estimate_s(suite)):
+        _run_max_batch(suite, model)
+    del model
+    if suite.is_gpu:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
-def _run_ace_lora(suite) -> None:
+def _model_name(suite) -> str:
+    return "biomedclip" if suite.is_gpu and not suite.quick else "tiny"
+
+
+def _build_model(suite):
+    """The ACELoRA model shared by the training step, zero-shot and largest-batch items."""
     try:
         from ace_model.model import ACELoRA
     except Exception as exc:
         suite.skip("model", f"ace_model is not importable ({type(exc).__name__}: {exc})")
-        return
-    device = suite.device
-    if suite.quick:
-        name, batch = "tiny", 8
-    elif suite.is_gpu:
-        name, batch = "biomedclip", 64
-    else:
-        name, batch = "tiny", 64
+        return None
+    name = _model_name(suite)
     try:
-        model = ACELoRA.from_config(name).to(device)
+        return ACELoRA.from_config(name).to(suite.device)
     except Exception as exc:
         suite.skip(f"model {name}", f"could not be built ({type(exc).__name__}: {exc})")
-        return
+        return None
+
+
+def fused_provider(suite, probe, *, label: str) -> str | None:
+    """The backend an expensive single-backend item uses: on a GPU the fused one (cuda, then
+    triton) with the fastest ``ace_lora_train_step`` in this run when that ran, on a CPU torch;
+    the first that ``probe(provider)`` runs without error. None (logged) when none does."""
+    fused = [p for p in ("cuda", "triton") if p in suite.providers]
+    timed = {r.provider: r.median_ms for r in suite.rows
+             if r.op == "ace_lora_train_step" and r.provider in fused and r.median_ms}
+    order = sorted(fused, key=lambda p: (p not in timed, timed.get(p, 0.0))) if suite.is_gpu else []
+    order += [p for p in suite.providers if p not in order]
+    for provider in order:
+        if suite.provider_can_run(f"{label} {provider}", lambda provider=provider: probe(provider)):
+            return provider
+    suite.skip(label, f"no backend ran it (tried {', '.join(order) or 'none'})")
+    return None
+
+
+def _run_ace_lora(suite, model) -> None:
+    device = suite.device
+    name = _model_name(suite)
+    batch = 8 if suite.quick else 64
     model.train()
-    generator = torch.Generator().manual_seed(3)
-    images, ids, labels = _batch(model, batch, device, generator)
+    images, ids, labels = device_batch(model, batch, device, seed=3)
     params = model.trainable_parameters()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if suite.is_gpu else contextlib.nullcontext())
     dtype = "bf16-autocast" if suite.is_gpu else "float32"
@@ -128,9 +184,309 @@ def _run_ace_lora(suite) -> None:
 
     suite.add_rows(family=FAMILY, op="ace_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
                    baselines=base_results, targets=targets)
-    del model
-    if suite.is_gpu:
+    for t in params:
+        t.grad = None
+    model.backend = "auto"
+
+
+def device_batch(model, batch: int, device: torch.device, seed: int):
+    """Random images, padded token ids and 14-label multi-hot vectors, made on ``device``
+    (a host-side generator would take seconds at the largest batches)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    size, length = model.image_size, model.context_length
+    images = torch.randn(batch, 3, size, size, generator=generator, device=device)
+    ids = torch.randint(1, model.vocab_size, (batch, length), generator=generator, device=device)
+    # Reports are shorter than the context: pad the tail of each row.
+    lengths = torch.randint(length // 4, length + 1, (batch,), generator=generator, device=device)
+    ids[torch.arange(length, device=device)[None, :] >= lengths[:, None]] = model.pad_token_id
+    labels = (torch.rand(batch, 14, generator=generator, device=device) < 0.15).float()
+    return images, ids, labels
+
+
+# ------------------------------------------------------------------------------ zero-shot
+
+
+def _run_zero_shot(suite, model) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ace_model import zero_shot
+
+    device = suite.device
+    name = _model_name(suite)
+    if suite.quick:
+        count, batch = 16, 16
+    elif suite.is_gpu:
+        count, batch = 256, 128
+    else:
+        count, batch = 128, 64
+    generator = torch.Generator(device=device).manual_seed(8)
+    images = torch.randn(count, 3, model.image_size, model.image_size, generator=generator, device=device)
+    classes = list(ZERO_SHOT_CLASSES)
+    truth = torch.randint(0, len(classes), (count,), generator=generator, device=device)
+    dataset = TensorDataset(images, torch.nn.functional.one_hot(truth, len(classes)).float())
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if suite.is_gpu else contextlib.nullcontext())
+    dtype = "bf16-autocast" if suite.is_gpu else "float32"
+    shape_text = f"{name} N={count} C={len(classes)}x{len(zero_shot.TEMPLATES)} prompts"
+    print(f" zero_shot_eval {shape_text} {dtype}: batches of {batch} vs one image at a time")
+    was_training, backend = model.training, model.backend
+    model.eval()
+    scores: dict[str, torch.Tensor] = {}
+
+    def reference_loop():
+        # The reference's evaluation: class embeddings once, then a batch-1 loader, each image's
+        # probabilities brought to the host, metrics at the end.
+        with reference_ops(), autocast, torch.no_grad():
+            text = zero_shot.class_embeddings(model, classes, device=device).float()
+            scale = model.logit_scale.detach().float()
+            probabilities, labels = [], []
+            for image, label in DataLoader(dataset, batch_size=1):
+                embedding = model.encode_image(image.to(device)).float()
+                probabilities.append(zero_shot.zero_shot_scores(embedding, text, scale, "multiclass").cpu())
+                labels.append(label.cpu())
+            result = torch.cat(probabilities)
+            zero_shot.zero_shot_metrics(result, torch.cat(labels), "multiclass")
+        scores["reference-loop"] = result
+
+    def batched(provider):
+        def call():
+            model.backend = provider
+            with autocast:
+                zero_shot.evaluate(model, dataset, classes, "multiclass", batch_size=batch, device=device)
+        return call
+
+    def batched_scores(provider):
+        # The pieces evaluate() is made of, to compare its probabilities with the loop's.
+        model.backend = provider
+        with autocast, torch.no_grad():
+            text = zero_shot.class_embeddings(model, classes, device=device).float().cpu()
+            embeddings, _ = zero_shot.image_embeddings(model, DataLoader(dataset, batch_size=batch), device)
+            return zero_shot.zero_shot_scores(embeddings, text, model.logit_scale.detach().float().cpu(),
+                                              "multiclass")
+
+    try:
+        loop_entry = ("reference-loop", reference_loop, [])
+        ours_entries, differences = [], {}
+        for provider in suite.providers:
+            if not suite.provider_can_run(f"zero_shot_eval {provider}", batched(provider)):
+                continue
+            ours_entries.append((provider, batched(provider), []))
+        if suite.is_gpu:
+            # The loop takes seconds: one timed call after the memory call (its warm-up).
+            measured = suite.measure_group([loop_entry], single_call=True)
+            measured.update(suite.measure_group(ours_entries))
+        else:
+            measured = suite.measure_group([loop_entry] + ours_entries)
+        if "reference-loop" in scores:
+            for provider, _, _ in ours_entries:
+                differences[provider] = (batched_scores(provider) - scores["reference-loop"]).abs().max().item()
+    finally:
+        model.train(was_training)
+        model.backend = backend
+
+    def metrics_for(label, meas):
+        metrics = {"images_per_s": round(count / (meas.median_ms * 1e-3), 1), "images": count,
+                   "batch": 1 if label == "reference-loop" else batch}
+        if label in differences:
+            metrics["max_abs_score_diff_vs_reference-loop"] = differences[label]
+        return metrics
+
+    base_results = {k: (m, metrics_for(k, m)) for k, m in measured.items() if k == "reference-loop"}
+    ours = {k: (m, metrics_for(k, m)) for k, m in measured.items() if k != "reference-loop"}
+
+    def targets(provider, baseline):
+        if suite.is_gpu and provider in ("triton", "cuda") and baseline == "reference-loop":
+            return [Target("speedup", 20.0, "throughput>=20x")]
+        return []
+
+    suite.add_rows(family=FAMILY, op="zero_shot_eval", shape=shape_text, dtype=dtype, mode="inference", ours=ours,
+                   baselines=base_results, targets=targets)
+
+
+# ------------------------------------------------------------------------------ largest batch
+
+
+def _max_batch_estimate_s(suite) -> float:
+    """Seconds the search needs to be worth starting (each search then stops at its own limit)."""
+    return 40.0
+
+
+class _SearchStopped(Exception):
+    """The next try would pass the search's deadline, or failed for a reason other than memory."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):  # type: ignore[attr-defined]
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
+def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, float, float]:
+    """One bf16 training step at ``batch`` (``provider`` None: the reference ops).
+
+    Returns (fits, milliseconds, peak MiB above what was allocated before the inputs were
+    made: the inputs are part of what must fit). Out-of-memory errors are cleaned up.
+    """
+    device = suite.device
+    params = model.trainable_parameters()
+    for p in params:
+        p.grad = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    inputs = loss = None
+    fits = True
+    try:
+        inputs = device_batch(model, batch, device, seed=9)
+        model.backend = provider or "torch"
+        with reference_ops() if provider is None else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(*inputs)
+            loss.backward()
+        torch.cuda.synchronize(device)
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        fits = False
+    # Out of the except block the traceback (and the frames holding activations) is gone.
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
+    del inputs, loss
+    for p in params:
+        p.grad = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fits, elapsed_ms, peak
+
+
+def _round8(value: float) -> int:
+    return max(8, int(value) // 8 * 8)
+
+
+def _largest_batch(try_step, free_bytes, seconds: float, log=print) -> dict:
+    """Largest batch (a multiple of 8) for which ``try_step(batch) -> (fits, ms, peak_mib)`` fits.
+
+    B=64 first; then from 0.8x the batch that the free memory (``free_bytes()``) would hold
+    if the peak grew linearly with B, x1.25 per try until one does not fit (x0.8 until one
+    fits when the first does not), then bisection until the gap is at most max(8, B/16). A try that would end after ``seconds`` is not
+    started; the result then has ``complete`` False. Returns ``max_batch`` (None when even
+    B=64 did not fit), the ``ms`` and ``peak`` of that try, ``complete``, ``note``, ``tries``.
+    """
+    deadline = time.monotonic() + seconds
+    tries: list[list] = []
+    best: dict = {}
+    seconds_per_sample = [0.0]
+
+    def attempt(batch: int) -> bool:
+        if tries and time.monotonic() + 1.5 * seconds_per_sample[0] * batch > deadline:
+            raise _SearchStopped(f"the next try (B={batch}) would pass the {seconds:.0f} s limit")
+        fits, ms, peak = try_step(batch)
+        tries.append([batch, "fits" if fits else "oom", round(ms / 1e3, 2)])
+        log(f"    B={batch}: {'fits' if fits else 'out of memory'} ({ms / 1e3:.1f} s, peak {peak:.0f} MiB)")
+        if fits:
+            seconds_per_sample[0] = max(seconds_per_sample[0], ms * 1e-3 / batch)
+            if batch > best.get("batch", 0):
+                best.update(batch=batch, ms=ms, peak=peak)
+        return fits
+
+    complete, note = True, None
+    try:
+        if not attempt(64):
+            raise _SearchStopped("B=64 does not fit")
+        predicted = 64 * free_bytes() / max(best["peak"] * MIB, 1.0)
+        low, high = 64, None
+        batch = min(MAX_BATCH_CAP, max(128, _round8(0.8 * predicted)))
+        while high is None and low < MAX_BATCH_CAP:  # grow x1.25 until a try fails
+            if attempt(batch):
+                low = batch
+                batch = min(MAX_BATCH_CAP, max(batch + 8, _round8(batch * 1.25)))
+            else:
+                high = batch
+        while low == 64 and high is not None and _round8(high * 0.8) > low:  # over-predicted: shrink x0.8
+            batch = _round8(high * 0.8)
+            if attempt(batch):
+                low = batch
+            else:
+                high = batch
+        while high is not None and high - low > max(8, low // 16):  # bisect to within 1/16
+            middle = _round8((low + high) // 2)
+            if middle <= low:
+                break
+            if attempt(middle):
+                low = middle
+            else:
+                high = middle
+        if low >= MAX_BATCH_CAP:
+            note = f"reached the cap B={MAX_BATCH_CAP}"
+    except _SearchStopped as exc:
+        complete, note = False, str(exc)
+    except Exception as exc:  # an op that cannot run at some size: say so, keep what was found
+        complete, note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return {"max_batch": best.get("batch"), "ms": best.get("ms"), "peak": best.get("peak"),
+            "complete": complete and best.get("batch") is not None, "note": note, "tries": tries}
+
+
+def _run_max_batch(suite, model) -> None:
+    name = _model_name(suite)
+    fused = [p for p in ("cuda", "triton", "torch") if p in suite.providers]
+    peaks = {r.provider: r.peak_mib for r in suite.rows
+             if r.op == "ace_lora_train_step" and r.provider in fused and r.peak_mib}
+    # The backend with the smallest B=64 peak in this run, else cuda, triton, torch in turn.
+    order = sorted(fused, key=lambda p: (p not in peaks, peaks.get(p, 0.0)))
+    model.train()
+    shape_text = f"{name} train step, largest B"
+    print(f" ace_lora_max_batch {name} bf16-autocast (each search at most {MAX_BATCH_SEARCH_S:.0f} s)")
+
+    def free_bytes():
+        gc.collect()
         torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(suite.device)[0]
+
+    try:
+        budget = min(MAX_BATCH_SEARCH_S, max(10.0, (suite.seconds_left() - 5) / 2))
+        print("  reference-ops:")
+        reference = _largest_batch(lambda b: _try_step(suite, model, b, None), free_bytes, budget, suite.log)
+        ours, provider = None, None
+        for candidate in order:
+            budget = min(MAX_BATCH_SEARCH_S, max(10.0, suite.seconds_left() - 5))
+            print(f"  {candidate}:")
+            result = _largest_batch(lambda b, c=candidate: _try_step(suite, model, b, c), free_bytes, budget,
+                                    suite.log)
+            gc.collect()
+            torch.cuda.empty_cache()
+            if result["max_batch"] is not None:
+                ours, provider = result, candidate
+                break
+            suite.skip(f"ace_lora_max_batch {candidate}", result["note"] or "nothing fitted")
+    finally:
+        model.backend = "auto"
+    if reference["max_batch"] is None:
+        suite.skip("ace_lora_max_batch reference-ops", reference["note"] or "nothing fitted")
+        return
+
+    def metrics_for(result):
+        return {"max_batch": result["max_batch"], "search_complete": result["complete"],
+                "search_note": result["note"], "tries": result["tries"]}
+
+    suite.add_plain_row(family=FAMILY, op="ace_lora_max_batch", shape=shape_text, dtype="bf16-autocast",
+                        provider="reference-ops", measurement=Measurement(reference["ms"], reference["peak"], 1),
+                        metrics=metrics_for(reference), mode="fwd+bwd")
+    if ours is None:
+        return
+    metrics = metrics_for(ours)
+    metrics["baseline_max_batch"] = reference["max_batch"]
+    if ours["complete"] and reference["complete"]:
+        metrics["max_batch_ratio"] = round(ours["max_batch"] / reference["max_batch"], 3)
+    else:
+        metrics["max_batch_ratio_lower_bound" if reference["complete"] else "max_batch_ratio_unjudged"] = round(
+            ours["max_batch"] / reference["max_batch"], 3)
+    suite.add_plain_row(family=FAMILY, op="ace_lora_max_batch", shape=shape_text, dtype="bf16-autocast",
+                        provider=provider, measurement=Measurement(ours["ms"], ours["peak"], 1), metrics=metrics,
+                        mode="fwd+bwd", baseline="reference-ops",
+                        targets=[Target("metric_min:max_batch_ratio", 3.0, "max batch>=3x")])
 
 
 def _peft_towers(suite):

@@ -19,8 +19,21 @@
 #
 # Switches: GPU_CHECK_BUDGET (s), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_SKIP_TESTS=1,
 # GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
-# PYTHON (default python3), ACE_GIT_SHA (the sha to record when the copy has no .git;
-# otherwise a file .git_sha at the repository root is read if present).
+# GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all), PYTHON (default python3),
+# ACE_GIT_SHA (the sha to record when the copy has no .git; otherwise a file .git_sha at the
+# repository root is read if present).
+#
+# Costly items and a second call. Families run in the order lora, hypergraph, contrastive,
+# model, training, cheap items first within each; the two costly items come last (estimates
+# for an H100/H200):
+#   model: ace_lora_max_batch, the largest-batch search, reference-ops and ours (~30-80 s);
+#   training: chunked_train_step, BiomedCLIP at B=64, 512 and 16,384 with chunk 256 (model
+#     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s).
+# Each is skipped, with the reason, when its estimate exceeds the time left. When the first
+# call could not fit them, a second call measures only those (and what they are compared
+# with in the same run), e.g.
+#   GPU_CHECK_SKIP_TESTS=1 GPU_CHECK_TIER=costly bash benchmarks/gpu_check.sh
+# and a first call that should leave them out uses GPU_CHECK_TIER=cheap.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -136,6 +149,7 @@ STEM=${STEM:-benchmarks}
 BENCH_ARGS=(--out-dir "$OUT" --name "$STEM" --no-plot)
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && BENCH_ARGS+=(--quick)
 for family in ${GPU_CHECK_ONLY:-}; do BENCH_ARGS+=(--only "$family"); done
+[ -n "${GPU_CHECK_TIER:-}" ] && BENCH_ARGS+=(--tier "$GPU_CHECK_TIER")
 # The suite stops starting new configurations 45 s before its own kill time (one configuration,
 # the full-size model build included, fits in that margin).
 BENCH_LIMIT=$(($(left) - RESERVE))

@@ -21,7 +21,10 @@ import torch
 from benchmarks import harness
 from benchmarks.harness import Environment, Measurement, Row, Target
 
-FAMILIES = ("lora", "hypergraph", "contrastive", "model")
+FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training")
+# --tier: "costly" items are the long GPU measurements (largest-batch search, B=16,384 chunked
+# training) that a session may run in a second call; a family lists them in ``COSTLY_ITEMS``.
+TIERS = ("all", "cheap", "costly")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -30,8 +33,11 @@ class Suite:
 
     def __init__(self, *, device: torch.device, quick: bool, json_path: str | None, png_path: str | None,
                  time_budget_s: float | None, max_seconds_per_call: float, providers: Sequence[str] | None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, tier: str = "all"):
+        if tier not in TIERS:
+            raise ValueError(f"argument 'tier': expected one of {TIERS}, got {tier!r}")
         self.device = device
+        self.tier = tier
         self.quick = quick
         self.json_path = json_path
         self.png_path = png_path
@@ -91,6 +97,27 @@ class Suite:
             self.skip(what, "the run's time budget is spent")
             return True
         return False
+
+    def include(self, what: str, *, costly: bool, estimate_s: float | None = None) -> bool:
+        """Whether to run the item ``what`` now; when not, the reason is logged (``skip``).
+
+        ``costly`` items run in tiers "all" and "costly", the others in "all" and "cheap".
+        An ``estimate_s`` (seconds the item should take) larger than the time left skips it
+        before it starts rather than letting the run be killed in the middle of it.
+        """
+        if costly and self.tier == "cheap":
+            self.skip(what, "a costly item (--tier cheap); run it with --tier costly")
+            return False
+        if not costly and self.tier == "costly":
+            self.skip(what, "a cheap item (--tier costly)")
+            return False
+        if self.out_of_time(what):
+            return False
+        if estimate_s is not None and estimate_s > self.seconds_left():
+            self.skip(what, f"estimated {estimate_s:.0f} s, only {max(0.0, self.seconds_left()):.0f} s left in the "
+                            "run's time budget")
+            return False
+        return True
 
     def skip(self, what: str, why: str) -> None:
         message = f"{what}: skipped ({why})"
@@ -226,9 +253,17 @@ class Suite:
         return new
 
     def add_plain_row(self, *, family: str, op: str, shape: str, dtype, provider: str, measurement: Measurement,
-                      metrics: dict, mode: str) -> Row:
-        row = self._row(family=family, op=op, shape=shape, dtype=dtype, provider=provider, baseline=None,
-                        measurement=measurement, base_measurement=None, targets=None, metrics=metrics, mode=mode)
+                      metrics: dict, mode: str, baseline: str | None = None,
+                      targets: Sequence[Target] | None = None) -> Row:
+        """One row without time or memory ratios (its comparison, if any, is in ``metrics``).
+
+        ``baseline`` names the row it is compared with when the comparison is not of time or
+        peak memory at the same shape (e.g. the largest batch each fits), so the two ratio
+        fields stay ``None``; ``targets`` then judge ``metrics`` entries.
+        """
+        row = self._row(family=family, op=op, shape=shape, dtype=dtype, provider=provider, baseline=baseline,
+                        measurement=measurement, base_measurement=None, targets=list(targets or []) or None,
+                        metrics=metrics, mode=mode)
         self.rows.append(row)
         self.save()
         return row
@@ -241,6 +276,7 @@ class Suite:
     def run_info(self) -> dict:
         return {
             "quick": self.quick,
+            "tier": self.tier,
             "providers": self.providers,
             "calibration": self.calibration,
             "skipped": self.skipped,
@@ -276,6 +312,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). On a shared machine use fewer threads "
                              "than idle cores: oversubscribed OpenMP threads spin and times explode")
+    parser.add_argument("--tier", choices=TIERS, default="all",
+                        help="all (default); cheap: leave out the costly GPU items (largest-batch search, B=16,384 "
+                             "chunked training); costly: only those, with what they are compared with in the same run")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which remaining configurations are skipped (gpu_check.sh uses it)")
     parser.add_argument("--max-seconds-per-call", type=float, default=None,
@@ -303,24 +342,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     per_call = args.max_seconds_per_call or (2.0 if args.quick else (5.0 if device.type == "cuda" else 20.0))
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     suite = Suite(device=device, quick=args.quick, json_path=json_path, png_path=png_path,
-                  time_budget_s=args.time_budget, max_seconds_per_call=per_call, providers=providers)
+                  time_budget_s=args.time_budget, max_seconds_per_call=per_call, providers=providers,
+                  tier=args.tier)
     env = suite.environment
     print(f"ace-kernels benchmarks on {env.device}  torch {env.torch}  triton {env.triton}  cuda {env.cuda}  "
           f"git {env.git_sha}  threads {env.threads}  load {env.load_average}")
-    print(f"providers: {', '.join(suite.providers)}{'  (quick shapes)' if args.quick else ''}")
+    print(f"providers: {', '.join(suite.providers)}{'  (quick shapes)' if args.quick else ''}"
+          f"{'' if args.tier == 'all' else f'  (tier {args.tier})'}")
     if device.type == "cpu" and env.load_average and env.load_average[0] > 0.5:
         print(f"note: load average {env.load_average[0]} on {os.cpu_count()} cores before the run: other work "
               "shares these cores, CPU times are inflated and noisier")
 
-    from benchmarks import bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model
+    from benchmarks import bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model, bench_training
 
     modules = {"lora": bench_lora, "hypergraph": bench_hypergraph, "contrastive": bench_contrastive,
-               "model": bench_model}
+               "model": bench_model, "training": bench_training}
     families = args.only or list(FAMILIES)
     if suite.is_gpu:
         _run_family(suite, "device", bench_device)
     for family in families:
         if suite.out_of_time(f"family {family}"):
+            continue
+        costly_items = getattr(modules[family], "COSTLY_ITEMS", ())
+        if args.tier == "costly" and not costly_items:
+            suite.skip(f"family {family}", "no costly items (--tier costly)")
+            continue
+        if args.tier == "cheap" and getattr(modules[family], "ALL_COSTLY", False):
+            suite.skip(f"family {family}", f"its items are costly ({', '.join(costly_items)}; --tier cheap)")
             continue
         _run_family(suite, family, modules[family])
 

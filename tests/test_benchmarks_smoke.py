@@ -70,6 +70,48 @@ def test_quick_run_rows_are_complete(quick_run):
     assert payload["run"]["quick"] is True
 
 
+def _rows(payload, op):
+    return [r for r in payload["rows"] if r["op"] == op]
+
+
+def test_quick_run_zero_shot_rows(quick_run):
+    payload = quick_run[0]
+    rows = {r["provider"]: r for r in _rows(payload, "zero_shot_eval")}
+    assert set(rows) == {"reference-loop", "torch"}, (rows, quick_run[2][-2000:])
+    loop, ours = rows["reference-loop"], rows["torch"]
+    assert ours["baseline"] == "reference-loop" and ours["mode"] == "inference"
+    assert loop["metrics"]["batch"] == 1 and ours["metrics"]["batch"] > 1
+    assert loop["metrics"]["images"] == ours["metrics"]["images"]  # same work, so the time ratio is the images/s ratio
+    assert ours["speedup_vs_baseline"] == pytest.approx(
+        ours["metrics"]["images_per_s"] / loop["metrics"]["images_per_s"], rel=0.01)  # images/s rounded to 0.1
+    # Both are fp32 evaluations of the same model and prompts (reference ops vs the torch backend,
+    # batch 1 vs batched): the class probabilities differ by rounding only.
+    assert ours["metrics"]["max_abs_score_diff_vs_reference-loop"] < 1e-4
+
+
+def test_quick_run_chunked_training_rows(quick_run):
+    payload = quick_run[0]
+    rows = {r["shape"]: r for r in _rows(payload, "chunked_train_step")}
+    assert set(rows) == {"tiny B=16 unchunked", "tiny B=64 chunk=16", "tiny B=256 chunk=16"}, \
+        (rows, quick_run[2][-2000:])
+    unchunked, small, large = rows["tiny B=16 unchunked"], rows["tiny B=64 chunk=16"], rows["tiny B=256 chunk=16"]
+    assert {r["family"] for r in rows.values()} == {"training"}
+    assert all(r["baseline"] is None and r["provider"] == "torch" for r in rows.values())
+    assert unchunked["metrics"]["chunk_size"] is None and large["metrics"]["chunk_size"] == 16
+    for row in rows.values():
+        m = row["metrics"]
+        assert m["samples_per_s"] == pytest.approx(m["batch"] / (row["median_ms"] * 1e-3), rel=1e-3)
+    m = large["metrics"]
+    assert m["small_batch"] == 64 and m["unchunked_batch"] == 16 and m["batch_ratio_vs_small_batch"] == 4
+    assert m["peak_ratio_vs_small_batch"] == pytest.approx(large["peak_mib"] / small["peak_mib"], rel=1e-2)
+    assert m["throughput_ratio_vs_unchunked"] == pytest.approx(
+        m["samples_per_s"] / unchunked["metrics"]["samples_per_s"], rel=1e-2)
+    # The point of the chunked step: 4x the batch at the same chunk needs about the same memory
+    # (only the [B, 64] embeddings and their gradients grow), far from the 4x of one pass.
+    assert m["peak_ratio_vs_small_batch"] < 1.5, m
+    assert any(line.startswith("ace_lora_max_batch: skipped (GPU only") for line in payload["run"]["skipped"])
+
+
 def test_quick_run_ops_agree_with_baselines(quick_run):
     """The suite checks every provider against the baseline on the timed inputs (fp32)."""
     rows = [r for r in quick_run[0]["rows"] if r["provider"] == "torch"]
@@ -270,3 +312,102 @@ def test_gpu_check_script_parses():
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- tiers and the largest-batch search
+
+
+def _suite(tier, budget=None):
+    from benchmarks.suite import Suite
+
+    return Suite(device=torch.device("cpu"), quick=True, json_path=None, png_path=None, time_budget_s=budget,
+                 max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None, tier=tier)
+
+
+def test_suite_tiers_choose_items():
+    cheap, costly, every = _suite("cheap"), _suite("costly"), _suite("all")
+    assert every.include("a", costly=False) and every.include("b", costly=True)
+    assert cheap.include("a", costly=False) and not cheap.include("b", costly=True)
+    assert costly.include("b", costly=True) and not costly.include("a", costly=False)
+    assert any("--tier cheap" in line for line in cheap.skipped)
+    assert every.include("c", costly=True, estimate_s=1e6)  # no --time-budget: no estimate is too long
+    budgeted = _suite("all", budget=100)
+    assert budgeted.include("c", costly=True, estimate_s=50)
+    assert not budgeted.include("d", costly=True, estimate_s=150)
+    assert "estimated 150 s" in budgeted.skipped[-1]
+    with pytest.raises(ValueError, match="tier"):
+        _suite("some")
+
+
+def test_tier_costly_skips_cheap_families(tmp_path):
+    """CPU, --tier costly: the op families and the model family's cheap items are skipped, with reasons."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--tier", "costly", "--only", "lora", "--only", "model",
+         "--threads", "1", "--out-dir", str(tmp_path), "--name", "tier", "--no-plot"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "tier.json", encoding="utf-8") as fh:
+        payload = json.load(fh)
+    assert payload["rows"] == [] and payload["run"]["tier"] == "costly"
+    skipped = "\n".join(payload["run"]["skipped"])
+    for expected in ("family lora: skipped (no costly items", "ace_lora_train_step: skipped (a cheap item",
+                     "zero_shot_eval: skipped (a cheap item", "ace_lora_max_batch: skipped (GPU only"):
+        assert expected in skipped, skipped
+
+
+def _fake_step(limit, calls, per_sample_mib=10.0):
+    """A training step that fits up to ``limit`` samples, with a peak linear in the batch."""
+    def step(batch):
+        calls.append(batch)
+        return batch <= limit, 1.0, per_sample_mib * batch
+    return step
+
+
+@pytest.mark.parametrize("limit", [64, 100, 1000, 5003])
+def test_largest_batch_search_finds_the_limit(limit):
+    from benchmarks.bench_model import _largest_batch
+
+    calls = []
+    # The free memory predicts 2x the real limit: the search must still end at the real one.
+    free = lambda: 2 * limit * 10.0 * 2**20  # noqa: E731
+    result = _largest_batch(_fake_step(limit, calls), free, seconds=60, log=lambda _: None)
+    found = result["max_batch"]
+    assert result["complete"] and found % 8 == 0 and found <= limit, result
+    assert limit - found <= max(8, found // 16) + 8, result  # within the bisection's tolerance
+    assert all(b % 8 == 0 for b in calls) and calls[0] == 64
+    assert [t[0] for t in result["tries"]] == calls
+    assert len(calls) <= 12, calls
+
+
+def test_largest_batch_search_edges():
+    from benchmarks.bench_model import MAX_BATCH_CAP, _largest_batch
+
+    calls = []
+    result = _largest_batch(_fake_step(40, calls), lambda: 1e12, seconds=60, log=lambda _: None)
+    assert result["max_batch"] is None and not result["complete"] and calls == [64]
+    result = _largest_batch(_fake_step(10**9, [], per_sample_mib=1e-6), lambda: 1e12, seconds=60,
+                            log=lambda _: None)
+    assert result["max_batch"] == MAX_BATCH_CAP and "cap" in result["note"]
+    # No time left after the first try: the search stops and says so; B=64 is what it found.
+    result = _largest_batch(_fake_step(1000, []), lambda: 1e12, seconds=0, log=lambda _: None)
+    assert result["max_batch"] == 64 and not result["complete"] and "limit" in result["note"]
+
+    def broken(batch):
+        if batch > 64:
+            raise RuntimeError("no backend can run this")
+        return True, 1.0, 1.0
+
+    result = _largest_batch(broken, lambda: 1e12, seconds=60, log=lambda _: None)
+    assert result["max_batch"] == 64 and not result["complete"] and "no backend" in result["note"]
+
+
+def test_out_of_memory_is_recognised():
+    from benchmarks.bench_model import _is_out_of_memory
+
+    assert _is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not _is_out_of_memory(ValueError("out of memory"))  # only the errors torch raises for it

@@ -1,0 +1,216 @@
+"""Large-batch contrastive training: ``ace_model.training.chunked_train_step`` (issue 7).
+
+Op ``chunked_train_step``: one training step (forward, loss, backward) of ACELoRA over a
+batch of B samples, C at a time (pass 1 embeds every chunk without a graph, the loss
+runs once on the whole batch, pass 2 reruns each chunk with autograd). Three rows, all
+with the same backend, in this order:
+
+1. ``B=64 unchunked``: the one-pass step at the paper's batch (the throughput reference);
+2. ``B=<small> chunk=C``: the chunked step at a modest batch (the memory reference);
+3. ``B=<large> chunk=C``: the chunked step at the large batch, with
+   ``metrics.peak_ratio_vs_small_batch`` (its ``peak_mib`` over row 2's) and
+   ``metrics.throughput_ratio_vs_unchunked`` (its samples/s over row 1's).
+
+GPU: full-size BiomedCLIP under bf16 autocast, C=256, rows at B=64, 512 and 16,384
+(issue 7: peak at 16,384 at most 1.2x the peak at 512, throughput per sample at least
+0.8x the unchunked B=64 step's). CPU: the tiny config in fp32, C=32, B=64, 512 and 4096
+(no target: it shows that memory follows the chunk, not the batch). ``--quick``: tiny,
+C=16, B=16, 64 and 256.
+
+Inputs are made on the model's device before each measurement, so (as in every row of
+the suite) they are not part of ``peak_mib``; ``metrics.input_mib`` gives their size.
+(``ace-lora train`` keeps them on the host and moves one chunk at a time.) The trainable
+parameters' gradients are counted. Timing: rows 2 and 3 are timed with single calls
+after the memory call (which is the warm-up): ``metrics.runs`` says how many. On the GPU
+the large row is one call, measured for time and peak together, after row 2 has warmed
+the encoders at this chunk size (its first-call costs, the loss's autotuning at the new
+batch, are a small part of a step of a minute).
+
+Cost on an H100/H200 (estimates: a BiomedCLIP step at B=64 is 0.1-0.2 s): model build
+~10 s, row 1 ~4 s, row 2 ~5 s, row 3 ~256x row 1's step, 30-60 s. Rows 1-3 are all
+"costly" (``--tier``): row 3 is what the issue judges and rows 1-2 are its comparisons in
+the same run. Row 3 is skipped, with the reason, when its estimate (from row 2's time)
+exceeds the time left.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from benchmarks import harness
+from benchmarks.bench_model import device_batch, fused_provider
+from benchmarks.harness import Measurement, Target
+
+FAMILY = "training"
+COSTLY_ITEMS = ("chunked_train_step",)
+ALL_COSTLY = True
+
+
+def _plan(suite) -> dict:
+    if suite.quick:
+        return dict(model="tiny", unchunked=16, chunk=16, batches=(64, 256))
+    if suite.is_gpu:
+        return dict(model="biomedclip", unchunked=64, chunk=256, batches=(512, 16384))
+    return dict(model="tiny", unchunked=64, chunk=32, batches=(512, 4096))
+
+
+def _peak_and_time(fn, device: torch.device, grads) -> tuple[float, float]:
+    """CUDA: one call measured for both peak memory (MiB above what was live) and time (ms)."""
+    for t in grads:
+        t.grad = None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - before) / harness.MIB
+    for t in grads:
+        t.grad = None
+    return peak, elapsed_ms
+
+
+def _measure_chunked(suite, label: str, fn, grads, *, timed_calls: int, one_call: bool) -> Measurement | None:
+    """Peak memory (one call, also the warm-up) then ``timed_calls`` single timed calls;
+    ``one_call`` (CUDA only): a single call measured for both."""
+    start = time.monotonic()
+    try:
+        if one_call:
+            peak, elapsed = _peak_and_time(fn, suite.device, grads)
+            times = [elapsed]
+        else:
+            peak = harness.peak_memory_mib(fn, device=suite.device, grads=grads)
+            times = [harness.time_single_call(fn, device=suite.device, grads=grads) for _ in range(timed_calls)]
+    except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
+        failure = f"out of memory: {str(exc).splitlines()[0][:200]}"
+    except Exception as exc:
+        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    else:
+        failure = None
+    for t in grads:
+        t.grad = None
+    if failure is not None:
+        if suite.is_gpu:
+            gc.collect()
+            torch.cuda.empty_cache()
+        suite.skip(label, failure)
+        return None
+    times.sort()
+    median = times[len(times) // 2]
+    suite.log(f"  {label}: {median:.1f} ms median of {len(times)}, peak {peak:.1f} MiB "
+              f"({time.monotonic() - start:.1f} s)")
+    return Measurement(median, peak, len(times), (times[0], times[-1]))
+
+
+def run(suite) -> None:
+    try:
+        from ace_model.model import ACELoRA
+        from ace_model.training import chunked_train_step
+    except Exception as exc:
+        suite.skip("training", f"ace_model is not importable ({type(exc).__name__}: {exc})")
+        return
+
+    plan = _plan(suite)
+    name, chunk, unchunked = plan["model"], plan["chunk"], plan["unchunked"]
+    small, large = plan["batches"]
+    if not suite.include(f"chunked_train_step {name}", costly=True):
+        return
+    device = suite.device
+    try:
+        model = ACELoRA.from_config(name).to(device)
+    except Exception as exc:
+        suite.skip(f"chunked_train_step {name}", f"the model could not be built ({type(exc).__name__}: {exc})")
+        return
+    model.train()
+    params = model.trainable_parameters()
+    dtype = "bf16-autocast" if suite.is_gpu else "float32"
+    precision = "bf16" if suite.is_gpu else "fp32"
+
+    def step_for(images, ids, labels, chunk_size):
+        def step():
+            chunked_train_step(model, images, ids, labels, chunk_size=chunk_size, precision=precision)
+        return step
+
+    # Row 1: the one-pass step at the paper's batch; it also picks the backend (the first fused one that runs).
+    images, ids, labels = device_batch(model, unchunked, device, seed=5)
+    unchunked_step = step_for(images, ids, labels, None)
+
+    def probe(provider):
+        model.backend = provider
+        unchunked_step()
+
+    provider = fused_provider(suite, probe, label="chunked_train_step")
+    if provider is None:
+        return
+    model.backend = provider
+    sample_mib = (images[:1].numel() * images.element_size() + ids[:1].numel() * ids.element_size()) / harness.MIB
+    print(f" chunked_train_step {name} {dtype} backend {provider}: B={unchunked} unchunked, "
+          f"B={small} and B={large} with chunk {chunk}")
+    base_label = f"B={unchunked} unchunked"
+    measured = suite.measure_group([(base_label, unchunked_step, params)])
+    del images, ids, labels, unchunked_step
+    base = measured.get(base_label)
+    if base is None:
+        return
+    rows = {}
+
+    def add(shape_label, meas, batch, chunk_size, extra=None, targets=None):
+        metrics = {"chunk_size": chunk_size, "batch": batch,
+                   "samples_per_s": round(batch / (meas.median_ms * 1e-3), 2),
+                   "ms_per_sample": round(meas.median_ms / batch, 4),
+                   "input_mib": round(batch * sample_mib, 1), **(extra or {})}
+        rows[batch] = suite.add_plain_row(family=FAMILY, op="chunked_train_step", shape=f"{name} {shape_label}",
+                                          dtype=dtype, provider=provider, measurement=meas, metrics=metrics,
+                                          mode="fwd+bwd", targets=targets)
+
+    add(base_label, base, unchunked, None)
+    base_rate = unchunked / (base.median_ms * 1e-3)
+
+    # Row 2: the memory reference at a modest batch, same chunk.
+    small_label = f"B={small} chunk={chunk}"
+    if not suite.include(f"chunked_train_step {small_label}", costly=True):
+        return
+    images, ids, labels = device_batch(model, small, device, seed=6)
+    small_meas = _measure_chunked(suite, small_label, step_for(images, ids, labels, chunk), params,
+                                  timed_calls=2 if suite.is_gpu else 1, one_call=False)
+    del images, ids, labels
+    if small_meas is None:
+        return
+    add(small_label, small_meas, small, chunk,
+        {"throughput_ratio_vs_unchunked": round(small / (small_meas.median_ms * 1e-3) / base_rate, 3),
+         "unchunked_batch": unchunked})
+
+    # Row 3: the large batch. Time scales with the batch; the inputs and the loss add a little.
+    large_label = f"B={large} chunk={chunk}"
+    calls = 1 if suite.is_gpu else 3  # CPU: the profiler's memory call costs about two steps
+    estimate = small_meas.median_ms * 1e-3 * (large / small) * calls * 1.1 + 5
+    if not suite.include(f"chunked_train_step {large_label}", costly=True, estimate_s=estimate):
+        return
+    print(f"  {large_label}: about {estimate:.0f} s")
+    images, ids, labels = device_batch(model, large, device, seed=7)
+    large_meas = _measure_chunked(suite, large_label, step_for(images, ids, labels, chunk), params,
+                                  timed_calls=1, one_call=suite.is_gpu)
+    del images, ids, labels
+    if suite.is_gpu:
+        torch.cuda.empty_cache()
+    if large_meas is None:
+        return
+    peak_ratio = large_meas.peak_mib / small_meas.peak_mib if small_meas.peak_mib else None
+    extra = {"throughput_ratio_vs_unchunked": round(large / (large_meas.median_ms * 1e-3) / base_rate, 3),
+             "unchunked_batch": unchunked,
+             "peak_ratio_vs_small_batch": None if peak_ratio is None else round(peak_ratio, 3),
+             "small_batch": small, "batch_ratio_vs_small_batch": large / small}
+    targets = None
+    if suite.is_gpu:
+        targets = [Target("metric_max:peak_ratio_vs_small_batch", 1.2, f"mem<=1.2x B={small}"),
+                   Target("metric_min:throughput_ratio_vs_unchunked", 0.8,
+                          f"samples/s>=0.8x B={unchunked} unchunked")]
+    add(large_label, large_meas, large, chunk, extra, targets)
+    del model
+    if suite.is_gpu:
+        torch.cuda.empty_cache()
