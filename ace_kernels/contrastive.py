@@ -262,9 +262,19 @@ except ImportError:  # the torch backend still works; dispatch reports why trito
 if triton is not None:
 
     @triton.jit
+    def _dot(x, y, IEEE: tl.constexpr):
+        # fp32 inputs: IEEE fp32 dot (TF32 would cost ~1e-3 relative); fp16/bf16: tensor cores, fp32 accumulate.
+        if IEEE:
+            out = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(x, y)
+        return out
+
+    @triton.jit
     def _similarity_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, dim, stride_a, stride_b,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          IEEE: tl.constexpr):
+        # a[rows] . b[cols] over all of D in K steps (used when D is too wide for one dot).
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         ks = tl.arange(0, BLOCK_K)
         for k0 in range(0, dim, BLOCK_K):
@@ -273,10 +283,7 @@ if triton is not None:
                         mask=(rows[:, None] < n_a) & (kk[None, :] < dim), other=0.0)
             b = tl.load(b_ptr + cols[None, :] * stride_b + kk[:, None],
                         mask=(cols[None, :] < n_b) & (kk[:, None] < dim), other=0.0)
-            if IEEE:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc += _dot(a, b, IEEE)
         return acc
 
     @triton.jit
@@ -292,22 +299,39 @@ if triton is not None:
 
     @triton.jit
     def _lse_rows_kernel(
-        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr,
+        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr,
         row_lo, row_hi, n, dim, stride_a, stride_b,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        ONE_DOT: tl.constexpr,
     ):
-        # a_ptr/b_ptr: [n, dim] row-major with row strides; rows row_lo..row_hi of a against every row of b.
-        # lse_ptr: [row_hi - row_lo] fp32 output. keys_ptr: [n] int32 label keys (unused without keys).
+        # a_ptr/b_ptr: [n, dim] with row strides; rows row_lo..row_hi of a against every row of b.
+        # lse_ptr, diag_ptr: [row_hi - row_lo] fp32 outputs (masked row LSE; a_i . b_i, the
+        # positive's similarity). keys_ptr: [n] int32 label keys (unused without keys).
+        # ONE_DOT: BLOCK_D >= dim, the row block of a is loaded once and each tile is one dot over
+        # all of D; otherwise K steps of BLOCK_K reload both operands (D wider than the GPU's one-dot limit).
         pid = tl.program_id(0).to(tl.int64)
-        rows = row_lo + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_start = row_lo + pid * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
         scale = tl.load(scale_ptr).to(tl.float32)
+        if ONE_DOT:
+            dcols = tl.arange(0, BLOCK_D)
+            a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
+                             mask=(rows[:, None] < row_hi) & (dcols[None, :] < dim), other=0.0)
         run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(0, n, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            if ONE_DOT:
+                b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
+                            mask=(cols[:, None] < n) & (dcols[None, :] < dim), other=0.0)
+                sim = _dot(a_rows, tl.trans(b), IEEE)
+            else:
+                sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+                diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
             logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             new_max = tl.maximum(run_max, tl.max(logits, axis=1))
             # A row whose entries so far are all masked keeps max -inf: shift by 0 to avoid inf - inf.
@@ -317,6 +341,7 @@ if triton is not None:
         # Padding rows have run_sum 0; real rows always hold their diagonal, so run_sum > 0.
         lse = run_max + tl.log(tl.where(rows < row_hi, run_sum, 1.0))
         tl.store(lse_ptr + (rows - row_lo), lse, mask=rows < row_hi)
+        tl.store(diag_ptr + (rows - row_lo), diag, mask=rows < row_hi)
 
     @triton.jit
     def _grad_rows_kernel(
@@ -324,76 +349,182 @@ if triton is not None:
         own_lo, own_hi, n, dim, stride_a, stride_b, stride_g,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        ONE_DOT: tl.constexpr,
     ):
-        # Gradient w.r.t. rows of a of coef * (sum owned lse_a + sum owned lse_b); lse_* are fp32 [n]
-        # with +inf outside own_lo..own_hi. Program (row block, D chunk) writes grad_a[rows, chunk]
-        # (fp32, row stride stride_g) and its part of sum_i a_i . (G b)_i to grad_scale_ptr[pid].
+        # Gradient w.r.t. rows of a of coef * (sum owned lse_a + sum owned lse_b - 2 s sum owned a_i . b_i);
+        # lse_* are fp32 [n] with +inf outside own_lo..own_hi. Program (row block, D chunk) writes
+        # grad_a[rows, chunk] in grad_a's dtype (row stride stride_g) and its part of
+        # sum_i a_i . (dL/dL_ij-weighted b)_i (the logit-scale gradient over s) to grad_scale_ptr[pid].
+        # ONE_DOT: one chunk covers D, so each similarity tile is one dot from the b tile that the
+        # gradient dot uses too, computed once. Otherwise (D over the one-dot limit) each of the
+        # cdiv(D, BLOCK_D) chunks recomputes the similarities in K steps of BLOCK_K.
         pid_m = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_start = pid_m * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
         dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        row_in = rows < n
+        d_in = dcols < dim
         scale = tl.load(scale_ptr).to(tl.float32)
         coef = tl.load(coef_ptr).to(tl.float32)
-        lse_a = tl.load(lse_a_ptr + rows, mask=rows < n, other=float("inf"))
-        row_start = pid_m * BLOCK_M
+        lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
         owned = (row_start < own_hi) & (row_start + BLOCK_M > own_lo)
         c_lo = tl.where(owned, 0, own_lo)
         c_hi = tl.where(owned, n, own_hi)
+        if ONE_DOT:
+            a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
+                             mask=row_in[:, None] & d_in[None, :], other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        scale_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(c_lo, c_hi, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, c_hi, dim, stride_a, stride_b,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
-            lse_b = tl.load(lse_b_ptr + cols, mask=cols < c_hi, other=float("inf"))
-            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
-            weights = tl.where((cols[None, :] < c_hi), weights, 0.0) * coef
+            col_in = cols < c_hi
             b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
-                        mask=(cols[:, None] < c_hi) & (dcols[None, :] < dim), other=0.0)
+                        mask=col_in[:, None] & d_in[None, :], other=0.0)
+            if ONE_DOT:
+                sim = _dot(a_rows, tl.trans(b), IEEE)
+            else:
+                sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, c_hi, dim, stride_a, stride_b,
+                                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
+            # Softmax weights of both directions, each <= 1 (coef is applied once at the end, so that
+            # fp16 weights do not underflow for large B). The positive logit s a_i . b_i of an owned
+            # row adds -2 to its weight: its gradient -2 s b_i then comes out of the same dot.
+            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
+            weights = tl.where(col_in[None, :], weights, 0.0) - tl.where(positive, 2.0, 0.0)
+            # d loss / d s over coef: sum_ij w_ij a_i . b_j, from the fp32 similarities already here.
+            scale_acc += tl.sum(weights * sim, axis=1)
             if IEEE:
                 acc += tl.dot(weights, b.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(weights.to(b.dtype), b)
-        a_chunk = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
-                          mask=(rows[:, None] < n) & (dcols[None, :] < dim), other=0.0).to(tl.float32)
-        partial = tl.sum(tl.sum(acc * a_chunk, axis=1), axis=0)
+        # Every D chunk sees the same weights: only chunk 0 reports the logit-scale part.
+        partial = tl.where(pid_d == 0, tl.sum(scale_acc, axis=0) * coef, 0.0)
         tl.store(grad_scale_ptr + pid_m * tl.num_programs(1) + pid_d, partial)
-        tl.store(grad_a_ptr + rows[:, None] * stride_g + dcols[None, :], acc * scale,
-                 mask=(rows[:, None] < n) & (dcols[None, :] < dim))
+        tl.store(grad_a_ptr + rows[:, None] * stride_g + dcols[None, :],
+                 (acc * (coef * scale)).to(grad_a_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
 
 
-# Tile shapes of the Triton launchers. The interpreter gets small tiles (tests are tiny);
-# on a GPU, 64 x 64 tiles, K steps of 32 and a 128-wide D chunk with 8 warps compile for sm_90a
-# with no spills in fp32/bf16/fp16 (4 warps or 64-wide K steps spill; see the AOT test).
-_TRITON_TILES = {"gpu": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_D=128, num_warps=8),
-                 "interpreter": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4)}
+# Launch configurations, chosen by compiling for sm_90a (ace_kernels._aot.compile_sm90; triton 3.8
+# and 3.6 agree within a few registers and every one below has 0 spill bytes in both):
+# - 16-bit, D <= 512, one dot per similarity tile (the row block of a stays in shared memory):
+#   lse 128 x 32, 8 warps, 2 stages: ~100 registers, 192 KiB shared (each 32 x 512 b tile feeds
+#   128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages: 254-255 registers (the 64 x 512 fp32
+#   accumulator alone is 128 per thread), 128 KiB shared. There BLOCK_N 64 spills 32-128 bytes,
+#   a third stage does not fit beside a larger tile, 16 warps spill, and a 128-row gradient
+#   accumulator cannot fit at all.
+# - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 128, 8 warps, 3 stages (~232 registers,
+#   96 KiB); grad 64 x 32 in two 512-wide D chunks, 8 warps, 3 stages (234-250 registers, 68 KiB).
+# - fp32 (IEEE dots on CUDA cores, never the fast path): K steps of 32; lse 64 x 32, 8 warps
+#   (~108 registers); grad 64 x 32 in 256-wide D chunks (~180 registers; 512 wide spills).
+# - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads
+#   go element by element through registers and the configurations above spill (80-800 bytes).
+#   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
+#   256-wide chunks (200-224); fp32 lse 64 x 32 with 4 warps (~208), grad 64 x 32 in 128-wide
+#   chunks (158-168).
+# tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
+# aligned, and at D = 500 and 1000.
+_GPU_CONFIGS = {
+    # (kernel, "16bit" or "fp32", path): tiles
+    ("lse", "16bit", "one_dot"): dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
+    ("lse", "16bit", "k_steps"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    ("lse", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    ("lse", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    ("lse", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    ("grad", "16bit", "one_dot"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
+    ("grad", "16bit", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
+    ("grad", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    ("grad", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    ("grad", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+}
+# Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
+# chunk width beyond it, per (kind, aligned).
+_GPU_ONE_DOT_MAX = {"16bit": 512, "fp32": 0}
+_GPU_GRAD_CHUNK = {("16bit", True): 512, ("16bit", False): 256, ("fp32", True): 256, ("fp32", False): 128}
+# The interpreter: tiny tiles and a 64-wide limit, so that CPU tests reach every path with small D.
+_INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+_INTERPRETER_D = 64
 
 
-def _triton_tiles():
-    return _TRITON_TILES["interpreter" if _dispatch.interpreter_enabled() else "gpu"]
+def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool = True,
+                   interpreter: bool | None = None) -> dict:
+    """Tiles, warps, stages and D split of ``kernel`` ("lse" or "grad") for ``dtype`` embeddings of width ``dim``.
+
+    ``aligned``: ``dim`` and every row stride are multiples of 16 elements (what Triton
+    specialises on). ``ONE_DOT``: each similarity tile is one dot over ``BLOCK_D >= dim``
+    columns (a power of two >= 16, as ``tl.dot`` needs), computed once per direction.
+    Otherwise similarities take K steps of ``BLOCK_K`` and the gradient is split into
+    ``d_chunks`` chunks of ``BLOCK_D`` columns, each recomputing them.
+    """
+    if interpreter is None:
+        interpreter = _dispatch.interpreter_enabled()
+    kind = "fp32" if dtype == torch.float32 else "16bit"
+    if interpreter:
+        one_dot = dim <= _INTERPRETER_D
+        chunk = _INTERPRETER_D
+        config = dict(_INTERPRETER_TILES)
+    else:
+        one_dot = aligned and dim <= _GPU_ONE_DOT_MAX[kind]
+        chunk = _GPU_GRAD_CHUNK[(kind, aligned)]
+        path = "one_dot" if one_dot else ("k_steps" if aligned else "unaligned")
+        config = dict(_GPU_CONFIGS[(kernel, kind, path)])
+    width = max(16, triton.next_power_of_2(dim))
+    if one_dot:
+        block_d = width
+    elif kernel == "grad":
+        block_d = min(width, chunk)
+    else:
+        block_d = 16  # unused by the K-step similarity
+    config.update(BLOCK_D=block_d, ONE_DOT=one_dot,
+                  d_chunks=triton.cdiv(dim, block_d) if kernel == "grad" else 1)
+    return config
 
 
-def _triton_lse_rows(a, b, scale, keys, lo, hi, tiles):
-    out = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(hi - lo, tiles["BLOCK_M"]),)
+def _triton_matmul_flops(batch: int, dim: int, dtype: torch.dtype, *, aligned: bool = True) -> int:
+    """Matmul FLOPs the Triton forward + backward execute on a GPU (single device, ``B = batch``).
+
+    Forward: two passes of ``2 B^2 D``. Backward, per direction: the similarities
+    (``2 B^2 D``, once per D chunk) and the gradient dot (``2 B^2 D``). One chunk: ``12 B^2 D``.
+    """
+    chunks = _launch_config("grad", dtype, dim, aligned=aligned, interpreter=False)["d_chunks"]
+    return 2 * batch * batch * dim * (2 + 2 * (chunks + 1))
+
+
+def _aligned(dim: int, *tensors) -> bool:
+    """What Triton specialises on: 16-byte aligned pointers and D, row strides multiples of 16."""
+    return dim % 16 == 0 and all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _kernel_options(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_DOT", "num_warps", "num_stages")}
+
+
+def _triton_lse_rows(a, b, scale, keys, lo, hi):
+    """Masked row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``."""
+    cfg = _launch_config("lse", a.dtype, a.shape[1], aligned=_aligned(a.shape[1], a, b))
+    out = torch.empty(2, hi - lo, dtype=torch.float32, device=a.device)
+    grid = (triton.cdiv(hi - lo, cfg["BLOCK_M"]),)
     _lse_rows_kernel[grid](
-        a, b, keys if keys is not None else out, scale, out, lo, hi, a.shape[0], a.shape[1],
+        a, b, keys if keys is not None else out, scale, out[0], out[1], lo, hi, a.shape[0], a.shape[1],
         a.stride(0), b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
-        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], num_warps=tiles["num_warps"])
-    return out
+        **_kernel_options(cfg))
+    return out[0], out[1]
 
 
-def _triton_grad_rows(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, tiles):
+def _triton_grad_rows(a, b, scale, keys, lse_a, lse_b, lo, hi, coef):
+    """Gradient w.r.t. ``a`` (in ``a``'s dtype) and the logit-scale gradient of this direction."""
     n, dim = a.shape
-    grad_a = torch.empty(n, dim, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(n, tiles["BLOCK_M"]), triton.cdiv(dim, tiles["BLOCK_D"]))
+    grad_a = torch.empty(n, dim, dtype=a.dtype, device=a.device)
+    cfg = _launch_config("grad", a.dtype, dim, aligned=_aligned(dim, a, b, grad_a))
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), cfg["d_chunks"])
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _grad_rows_kernel[grid](
         a, b, keys if keys is not None else lse_a, scale, coef, lse_a, lse_b, grad_a, partial,
         lo, hi, n, dim, a.stride(0), b.stride(0), grad_a.stride(0),
         HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
-        BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
-        BLOCK_D=tiles["BLOCK_D"], num_warps=tiles["num_warps"])
+        **_kernel_options(cfg))
     # Fixed-order sum of per-program partials: deterministic, no float atomics.
     return grad_a, partial.sum()
 
@@ -409,12 +540,10 @@ class _TritonLossShare(torch.autograd.Function):
             t = t.contiguous()
         keys32 = keys.to(torch.int32) if keys is not None else None
         scale32 = scale.detach().to(torch.float32).reshape(1)
-        tiles = _triton_tiles()
-        row_lse = _triton_lse_rows(u, t, scale32, keys32, lo, hi, tiles)
-        col_lse = _triton_lse_rows(t, u, scale32, keys32, lo, hi, tiles)
-        positives = _positive_logit_sum(u.float(), t.float(), lo, hi)
+        row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
+        col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
         n = u.shape[0]
-        share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives) / (2 * n)
+        share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives.sum()) / (2 * n)
         ctx.save_for_backward(u, t, scale, keys32, row_lse, col_lse)
         ctx.lo, ctx.hi = lo, hi
         return share
@@ -424,15 +553,14 @@ class _TritonLossShare(torch.autograd.Function):
         u, t, scale, keys32, row_lse, col_lse = ctx.saved_tensors
         lo, hi = ctx.lo, ctx.hi
         n = u.shape[0]
-        tiles = _triton_tiles()
         scale32 = scale.detach().to(torch.float32).reshape(1)
         coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
         row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, torch.float32)
-        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, tiles)
-        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, tiles)
-        grad_scale = _add_positive_grads(grad_u, grad_t, grad_scale, u.float(), t.float(), scale32[0], lo, hi,
-                                         coef[0])
-        return grad_u.to(u.dtype), grad_t.to(t.dtype), grad_scale.to(scale.dtype), None, None, None
+        # The kernels add the positives' terms; the first pass's logit-scale gradient is complete
+        # (it meets every non-zero weight and every owned positive).
+        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef)
+        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef)
+        return grad_u, grad_t, grad_scale.to(scale.dtype).reshape(scale.shape), None, None, None
 
 
 def _triton_check(u, t):

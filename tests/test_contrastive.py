@@ -219,11 +219,15 @@ def test_unknown_backend_is_a_value_error():
 # Triton backend: the interpreter on CPU (tiny shapes, fp32), the GPU when present.
 # ---------------------------------------------------------------------------
 
+# Under the interpreter D <= 64 takes one dot per similarity tile; wider D takes K steps and
+# 64-wide gradient chunks (the GPU's paths for D <= 512 and 512 < D <= 1024, scaled down).
 TRITON_CASES = [
     ("batch_1", 1, 5, lambda b: None),
     ("odd_with_duplicates", 37, 40, lambda b: _duplicated_labels(b, 3, 4)),
     ("all_equal", 23, 16, lambda b: torch.ones(b, 14)),
     ("no_labels_two_row_blocks", 70, 24, lambda b: None),
+    ("d_64_widest_one_dot", 19, 64, lambda b: _duplicated_labels(b, 3, 4)),
+    ("odd_d_two_chunks_k_steps", 37, 77, lambda b: _duplicated_labels(b, 3, 4)),
 ]
 
 
@@ -242,6 +246,63 @@ def test_triton_matches_oracle(name, batch, dim, make_labels, device):
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
     for got, want in zip(ours[1], ref[1]):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_strided_rows(device):
+    # Row strides that are not D (views of wider buffers): the kernels take strides, not copies.
+    u, t, s = _inputs(21, 72, dtype=torch.float32)
+    u_view = u.detach().to(device)[:, 3:53].requires_grad_()
+    t_view = t.detach().to(device)[:, 5:55].requires_grad_()
+    assert u_view.stride(0) == 72
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = _duplicated_labels(21, 3, 4).to(device)
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"),
+                           u_view, t_view, s32, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u_view.double(), t_view.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    # Same fp32 bound as test_triton_matches_oracle (not normalised here, |logit| <= 30).
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
+    for got, want in zip(ours[1], ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_d_1024_boundary(device):
+    # The widest D the Triton backend takes (16 gradient chunks and 64 K steps under the interpreter).
+    u, t, s = _inputs(9, 1024, dtype=torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = _duplicated_labels(9, 3, 3).to(device)
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    # fp32 dots over 1024 terms of unit vectors: still ~1e-7 per similarity, times s = 30.
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
+    for got, want in zip(ours[1], ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_triton_rejects_d_over_1024():
+    pytest.importorskip("triton")
+    u, t, s = _inputs(4, 1025, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="D <= 1024"):
+        ace_kernels.label_guided_infonce(u, t, s, backend="triton")
+
+
+def test_gpu_launch_computes_each_similarity_tile_once():
+    # Issue 5's cost model: at D = 512 in 16 bits every similarity tile is computed once per
+    # direction (one D chunk), so forward + backward execute 12 B^2 D matmul FLOPs.
+    pytest.importorskip("triton")
+    for dtype in (torch.bfloat16, torch.float16):
+        cfg = contrastive._launch_config("grad", dtype, 512, interpreter=False)
+        assert cfg["ONE_DOT"] and cfg["d_chunks"] == 1 and cfg["BLOCK_D"] == 512
+        assert contrastive._launch_config("lse", dtype, 512, interpreter=False)["ONE_DOT"]
+        # 512 < D <= 1024: two D halves, each recomputing the similarities.
+        assert contrastive._launch_config("grad", dtype, 1024, interpreter=False)["d_chunks"] == 2
+    batch, dim = 65536, 512
+    assert contrastive._triton_matmul_flops(batch, dim, torch.bfloat16) == 12 * batch**2 * dim
+    assert contrastive._triton_matmul_flops(batch, 1024, torch.bfloat16) == 16 * batch**2 * 1024
 
 
 @pytest.mark.triton
@@ -300,34 +361,56 @@ def _dense_same_dtype(u, t, s, labels):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-# The launch configurations the GPU launcher really uses, in every input dtype.
-AOT_DTYPES = ["fp32", "bf16", "fp16"]
+# The launch configurations the GPU launcher really uses, in every input dtype, at the widest D
+# of each path (D = 512: one dot per tile for 16-bit, 256-wide chunks for fp32; D = 1024: K
+# steps and 512-wide chunks), and for inputs Triton cannot prove 16-byte aligned (D = 500, 1000:
+# compiled with no alignment facts at all). Registers only grow with BLOCK_D, so narrower D
+# cannot spill more.
+AOT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AOT_DIMS = ((512, True), (1024, True), (500, False), (1000, False))
+
+
+def _aot_signature(kernel: str, dtype: str) -> dict:
+    if kernel == "lse":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "lse_ptr": "*fp32", "diag_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "n": "i32",
+               "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
+    else:
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "coef_ptr": "*fp32", "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "grad_a_ptr": f"*{dtype}",
+               "grad_scale_ptr": "*fp32", "own_lo": "i32", "own_hi": "i32", "n": "i32", "dim": "i32",
+               "stride_a": "i32", "stride_b": "i32", "stride_g": "i32"}
+    return sig
 
 
 def _compile_all_for_sm90() -> list:
-    """Compile both kernels for sm_90a at the GPU tiles, per dtype. Runs in a subprocess
-    without TRITON_INTERPRET: under the interpreter the kernels are not JITFunctions."""
+    """Compile both kernels for sm_90a at the GPU launch configurations, per dtype and D. Runs in
+    a subprocess without TRITON_INTERPRET: under the interpreter the kernels are not JITFunctions."""
     from ace_kernels._aot import compile_sm90  # marks pointers 16-byte aligned, as real launches are
 
-    tiles = contrastive._TRITON_TILES["gpu"]
-    results = []
-    for dtype in AOT_DTYPES:
-        common = {"HAS_KEYS": True, "IEEE": dtype == "fp32", "BLOCK_M": tiles["BLOCK_M"],
-                  "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
-        lse_sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
-                   "lse_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "n": "i32", "dim": "i32",
-                   "stride_a": "i32", "stride_b": "i32"}
-        lse_sig.update({k: "constexpr" for k in common})
-        res = compile_sm90(contrastive._lse_rows_kernel, lse_sig, common, num_warps=tiles["num_warps"])
-        results.append(dict(name=f"lse_rows[{dtype}]", registers=res.registers, spills=res.spills))
-        grad_sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
-                    "coef_ptr": "*fp32", "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "grad_a_ptr": "*fp32",
-                    "grad_scale_ptr": "*fp32", "own_lo": "i32", "own_hi": "i32", "n": "i32", "dim": "i32",
-                    "stride_a": "i32", "stride_b": "i32", "stride_g": "i32"}
-        grad_const = dict(common, BLOCK_D=tiles["BLOCK_D"])
-        grad_sig.update({k: "constexpr" for k in grad_const})
-        res = compile_sm90(contrastive._grad_rows_kernel, grad_sig, grad_const, num_warps=tiles["num_warps"])
-        results.append(dict(name=f"grad_rows[{dtype}]", registers=res.registers, spills=res.spills))
+    kernels = {"lse": contrastive._lse_rows_kernel, "grad": contrastive._grad_rows_kernel}
+    results, seen = [], set()
+    for dtype, torch_dtype in AOT_DTYPES.items():
+        for dim, aligned in AOT_DIMS:
+            for kernel, fn in kernels.items():
+                cfg = contrastive._launch_config(kernel, torch_dtype, dim, aligned=aligned, interpreter=False)
+                options = contrastive._kernel_options(cfg)
+                key = (kernel, dtype, tuple(sorted(options.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                const = {"HAS_KEYS": True, "IEEE": dtype == "fp32"}
+                const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+                sig = _aot_signature(kernel, dtype)
+                sig.update({k: "constexpr" for k in const})
+                # Aligned: D and the row strides are multiples of 16, which Triton specialises on at launch.
+                strides = ["dim", "stride_a", "stride_b"] + (["stride_g"] if kernel == "grad" else [])
+                res = compile_sm90(fn, sig, const, num_warps=options["num_warps"],
+                                   num_stages=options["num_stages"], divisible_by_16=strides if aligned else (),
+                                   aligned_pointers=aligned)
+                results.append(dict(name=f"{kernel}[{dtype}, D={dim}, aligned={aligned}, {cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
+                                         f"x{cfg['BLOCK_K']}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]",
+                                    registers=res.registers, spills=res.spills, shared=res.shared_bytes))
     return results
 
 
@@ -337,10 +420,13 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     from _aot_helpers import compile_in_fresh_process
 
     results = compile_in_fresh_process("test_contrastive", "_compile_all_for_sm90")
-    report = [f"{r['name']}: {r['registers']} registers, {r['spills']} B spilled" for r in results]
+    report = [f"{r['name']}: {r['registers']} registers, {r['spills']} B spilled, {r['shared']} B shared"
+              for r in results]
     print("\n".join(report))
-    assert len(results) == 2 * len(AOT_DTYPES)
+    assert len(results) >= 2 * len(AOT_DTYPES)
     assert all(r["spills"] == 0 for r in results), report
+    # H100/H200 give a block at most 227 KiB of shared memory.
+    assert all(r["shared"] <= 227 * 1024 for r in results), report
 
 
 @pytest.mark.triton
