@@ -26,17 +26,44 @@ recomputes each block and forms the logit gradient
 logits ``-s u_i . t_i`` add an ``O(B D)`` term to the same gradient buffers.
 
 Backends: ``triton`` (GPU; the CPU interpreter when asked for explicitly) and
-``torch`` (any device). The Triton forward runs one kernel twice (row LSE of
-``U`` against ``T``, then of ``T`` against ``U``: the mask is symmetric), each
-an online log-sum-exp over 64 x 64 similarity tiles with the key mask applied
-in registers and fully masked tiles shifted by 0 (no ``inf - inf``). The
-backward runs one gradient kernel twice (``dU`` then ``dT``), each recomputing
-the tiles; program ``(row block, D chunk)`` owns its output rows and writes a
-partial of ``ds`` that torch sums in a fixed order, so it is deterministic with
-no atomics (cost: 12 B^2 D FLOPs instead of the minimal 8 B^2 D). Inputs
-fp16/bf16/fp32 (fp32 dots in IEEE mode), fp32 accumulation, D <= 1024. The torch backend's extra memory is
-``O(block * B + B * D)``; the block height is the private knob
-``_TORCH_BLOCK_ROWS``.
+``torch`` (any device). Inputs fp16/bf16/fp32 (fp32 dots in IEEE mode), fp32
+accumulation, D <= 1024; gradients are written in the input dtype.
+
+Triton forward, one device: one kernel pass over the ``B x B`` similarity tiles
+(one program per SM, each taking every G-th block of rows against all
+columns). Each tile is computed once and feeds both the row log-sum-exps
+(online, in registers) and the column log-sum-exps: every tile's column LSE,
+with its own per-column shift, is merged into a ``[programs, B]`` fp32 partial
+that only that program touches, and torch combines the partials in column
+chunks. The key mask is applied in registers; fully masked tiles and columns
+shift by 0 and stay ``-inf`` (no ``inf - inf``, no ``log 0``). Exact
+(no fixed shift that could underflow), deterministic, no atomics; extra
+memory ``4 B * programs`` bytes (33 MiB at B = 65,536 on a 132-SM H100).
+With ``group=`` a rank owns rows ``lo..hi`` and columns ``lo..hi``, whose
+column LSEs need every rank's rows, so it runs a row-LSE kernel twice (``U``
+against ``T``, then ``T`` against ``U``: the mask is symmetric) over its
+``(hi - lo) x B`` tiles instead.
+
+Triton backward: one gradient kernel twice (``dU`` then ``dT``). A program owns
+a block of 64 rows and accumulates their gradient over the whole of D
+(``64 x 512`` fp32 in registers), recomputing each similarity tile once and
+using the same ``b`` tile for the similarity dot and the gradient dot; the
+positive logits enter as ``-2`` on the owned diagonal weights, and ``ds`` comes
+from the fp32 weights times similarities, written as per-program partials that
+torch sums in a fixed order (deterministic, no atomics; ``dT`` cannot be
+accumulated by the ``dU`` pass without atomics or ``B x D`` partials per row
+block).
+
+Cost, 16-bit inputs with D <= 512 (16-byte aligned rows): forward ``2 B^2 D``
+FLOPs, backward ``8 B^2 D`` (per direction: similarities ``2 B^2 D``, gradient
+``2 B^2 D``), ``10 B^2 D`` in all against issue 5's counted ``8 B^2 D``. Wider D
+(to 1024), fp32 inputs or unaligned rows split the gradient into D chunks that
+each recompute the similarities (D = 1024 in 16 bits: two 512-wide halves,
+``14 B^2 D``); ``group=`` adds ``2 B^2 D`` (the two-pass forward) over all ranks.
+Extra memory of the Triton path is ``O(B)`` besides the forward's partials.
+
+The torch backend's extra memory is ``O(block * B + B * D)``; the block height
+is the private knob ``_TORCH_BLOCK_ROWS``.
 
 Across ranks (``group=``)
 -------------------------
@@ -344,6 +371,70 @@ if triton is not None:
         tl.store(diag_ptr + (rows - row_lo), diag, mask=rows < row_hi)
 
     @triton.jit
+    def _lse_both_kernel(
+        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr, col_part_ptr,
+        n, dim, stride_a, stride_b,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        ONE_DOT: tl.constexpr,
+    ):
+        # Row and column log-sum-exps of the masked logits of a (rows) against b (columns), one pass.
+        # Program g takes row blocks g, g + G, ... (G = number of programs) against every column:
+        # row LSEs (and the similarities a_i . b_i) go straight to lse_ptr/diag_ptr ([n] fp32);
+        # column LSEs over this program's rows accumulate in col_part_ptr[g, :] ([G, n] fp32,
+        # -inf on entry), which only this program touches: deterministic, no atomics. Every column
+        # gets its own shift (its max in the tile), so nothing underflows that an exact
+        # log-sum-exp would keep.
+        pid = tl.program_id(0).to(tl.int64)
+        programs = tl.num_programs(0)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        part_row = col_part_ptr + pid * n
+        for block in range(pid, tl.cdiv(n, BLOCK_M), programs):
+            row_start = block * BLOCK_M
+            rows = row_start + tl.arange(0, BLOCK_M)
+            if ONE_DOT:
+                dcols = tl.arange(0, BLOCK_D)
+                a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
+                                 mask=(rows[:, None] < n) & (dcols[None, :] < dim), other=0.0)
+            run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for c0 in range(0, n, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                if ONE_DOT:
+                    b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
+                                mask=(cols[:, None] < n) & (dcols[None, :] < dim), other=0.0)
+                    sim = _dot(a_rows, tl.trans(b), IEEE)
+                else:
+                    sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, n, dim, stride_a, stride_b,
+                                           BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+                if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+                    diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
+                logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+                # Rows: online log-sum-exp; all-masked-so-far rows shift by 0 (no inf - inf).
+                new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+                safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+                run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+                run_max = new_max
+                # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
+                # (log is only taken of sums >= 1: an empty column stays -inf, never log(0).)
+                col_max = tl.max(logits, axis=0)
+                col_empty = col_max == float("-inf")
+                col_safe = tl.where(col_empty, 0.0, col_max)
+                col_sum = tl.sum(tl.exp(logits - col_safe[None, :]), axis=0)
+                tile_lse = tl.where(col_empty, float("-inf"), col_safe + tl.log(tl.where(col_empty, 1.0, col_sum)))
+                old = tl.load(part_row + cols, mask=cols < n, other=float("-inf"))
+                top = tl.maximum(old, tile_lse)
+                top_empty = top == float("-inf")
+                top_safe = tl.where(top_empty, 0.0, top)
+                both = tl.exp(old - top_safe) + tl.exp(tile_lse - top_safe)
+                merged = tl.where(top_empty, float("-inf"), top_safe + tl.log(tl.where(top_empty, 1.0, both)))
+                tl.store(part_row + cols, merged, mask=cols < n)
+            lse = run_max + tl.log(tl.where(rows < n, run_sum, 1.0))
+            tl.store(lse_ptr + rows, lse, mask=rows < n)
+            tl.store(diag_ptr + rows, diag, mask=rows < n)
+
+    @triton.jit
     def _grad_rows_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, coef_ptr, lse_a_ptr, lse_b_ptr, grad_a_ptr, grad_scale_ptr,
         own_lo, own_hi, n, dim, stride_a, stride_b, stride_g,
@@ -408,28 +499,29 @@ if triton is not None:
 
 
 # Launch configurations, chosen by compiling for sm_90a (ace_kernels._aot.compile_sm90; triton 3.8
-# and 3.6 agree within a few registers and every one below has 0 spill bytes in both):
+# and 3.6 agree within a few registers and every one below has 0 spill bytes in both). "lse" is
+# shared by the one-pass forward (_lse_both_kernel) and the two-pass one (_lse_rows_kernel).
 # - 16-bit, D <= 512, one dot per similarity tile (the row block of a stays in shared memory):
-#   lse 128 x 32, 8 warps, 2 stages: ~100 registers, 192 KiB shared (each 32 x 512 b tile feeds
-#   128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages: 254-255 registers (the 64 x 512 fp32
+#   lse 128 x 32, 8 warps, 2 stages: 202-206 registers one-pass (~100 two-pass), 193 KiB shared
+#   (each 32 x 512 b tile feeds 128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages: 254-255 registers (the 64 x 512 fp32
 #   accumulator alone is 128 per thread), 128 KiB shared. There BLOCK_N 64 spills 32-128 bytes,
 #   a third stage does not fit beside a larger tile, 16 warps spill, and a 128-row gradient
 #   accumulator cannot fit at all.
-# - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 128, 8 warps, 3 stages (~232 registers,
-#   96 KiB); grad 64 x 32 in two 512-wide D chunks, 8 warps, 3 stages (234-250 registers, 68 KiB).
+# - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 64, 8 warps, 3 stages (187-237 registers,
+#   72 KiB; 128 x 128 spills in the one-pass kernel); grad 64 x 32 in two 512-wide D chunks, 8 warps, 3 stages (234-250 registers, 68 KiB).
 # - fp32 (IEEE dots on CUDA cores, never the fast path): K steps of 32; lse 64 x 32, 8 warps
-#   (~108 registers); grad 64 x 32 in 256-wide D chunks (~180 registers; 512 wide spills).
+#   (108-128 registers); grad 64 x 32 in 256-wide D chunks (~180 registers; 512 wide spills).
 # - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads
 #   go element by element through registers and the configurations above spill (80-800 bytes).
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
-#   256-wide chunks (200-224); fp32 lse 64 x 32 with 4 warps (~208), grad 64 x 32 in 128-wide
+#   256-wide chunks (200-224); fp32 lse 64 x 32 with 4 warps (191-255), grad 64 x 32 in 128-wide
 #   chunks (158-168).
 # tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
 # aligned, and at D = 500 and 1000.
 _GPU_CONFIGS = {
     # (kernel, "16bit" or "fp32", path): tiles
     ("lse", "16bit", "one_dot"): dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
-    ("lse", "16bit", "k_steps"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    ("lse", "16bit", "k_steps"): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     ("lse", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     ("lse", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
     ("lse", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
@@ -485,11 +577,11 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
 def _triton_matmul_flops(batch: int, dim: int, dtype: torch.dtype, *, aligned: bool = True) -> int:
     """Matmul FLOPs the Triton forward + backward execute on a GPU (single device, ``B = batch``).
 
-    Forward: two passes of ``2 B^2 D``. Backward, per direction: the similarities
-    (``2 B^2 D``, once per D chunk) and the gradient dot (``2 B^2 D``). One chunk: ``12 B^2 D``.
+    Forward: one pass of ``2 B^2 D``. Backward, per direction: the similarities
+    (``2 B^2 D``, once per D chunk) and the gradient dot (``2 B^2 D``). One chunk: ``10 B^2 D``.
     """
     chunks = _launch_config("grad", dtype, dim, aligned=aligned, interpreter=False)["d_chunks"]
-    return 2 * batch * batch * dim * (2 + 2 * (chunks + 1))
+    return 2 * batch * batch * dim * (1 + 2 * (chunks + 1))
 
 
 def _aligned(dim: int, *tensors) -> bool:
@@ -511,6 +603,36 @@ def _triton_lse_rows(a, b, scale, keys, lo, hi):
         a.stride(0), b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
         **_kernel_options(cfg))
     return out[0], out[1]
+
+
+def _lse_programs(device: torch.device, blocks: int) -> int:
+    """Programs of the one-pass forward: one per SM (its tiles leave room for one block per SM);
+    3 under the interpreter, so that tests see programs owning several row blocks."""
+    if _dispatch.interpreter_enabled() or device.type != "cuda":
+        return min(blocks, 3)
+    return min(blocks, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _triton_lse_both(u, t, scale, keys):
+    """Row LSEs, column LSEs and the similarities ``u_i . t_i`` of the whole batch in one pass.
+
+    Extra memory: the ``[programs, B]`` fp32 column partials (33 MiB at B = 65,536 on a
+    132-SM H100), combined in column chunks so that no second buffer of that size appears.
+    """
+    n, dim = u.shape
+    cfg = _launch_config("lse", u.dtype, dim, aligned=_aligned(dim, u, t))
+    programs = _lse_programs(u.device, triton.cdiv(n, cfg["BLOCK_M"]))
+    col_part = torch.full((programs, n), float("-inf"), dtype=torch.float32, device=u.device)
+    out = torch.empty(2, n, dtype=torch.float32, device=u.device)
+    _lse_both_kernel[(programs,)](
+        u, t, keys if keys is not None else out, scale, out[0], out[1], col_part, n, dim,
+        u.stride(0), t.stride(0), HAS_KEYS=keys is not None, IEEE=u.dtype == torch.float32,
+        **_kernel_options(cfg))
+    col_lse = torch.empty(n, dtype=torch.float32, device=u.device)
+    step = 8192
+    for start in range(0, n, step):
+        torch.logsumexp(col_part[:, start:start + step], dim=0, out=col_lse[start:start + step])
+    return out[0], col_lse, out[1]
 
 
 def _triton_grad_rows(a, b, scale, keys, lse_a, lse_b, lo, hi, coef):
@@ -540,9 +662,13 @@ class _TritonLossShare(torch.autograd.Function):
             t = t.contiguous()
         keys32 = keys.to(torch.int32) if keys is not None else None
         scale32 = scale.detach().to(torch.float32).reshape(1)
-        row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
-        col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
         n = u.shape[0]
+        if lo == 0 and hi == n:
+            row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32)
+        else:
+            # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials.
+            row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
+            col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
         share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives.sum()) / (2 * n)
         ctx.save_for_backward(u, t, scale, keys32, row_lse, col_lse)
         ctx.lo, ctx.hi = lo, hi
