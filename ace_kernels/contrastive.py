@@ -46,13 +46,15 @@ against ``T``, then ``T`` against ``U``: the mask is symmetric) over its
 
 Triton backward: one gradient kernel twice (``dU`` then ``dT``). A program owns
 a block of 64 rows and accumulates their gradient over the whole of D
-(``64 x 512`` fp32 in registers), recomputing each similarity tile once and
-using the same ``b`` tile for the similarity dot and the gradient dot; the
-positive logits enter as ``-2`` on the owned diagonal weights, and ``ds`` comes
-from the fp32 weights times similarities, written as per-program partials that
-torch sums in a fixed order (deterministic, no atomics; ``dT`` cannot be
-accumulated by the ``dU`` pass without atomics or ``B x D`` partials per row
-block).
+(``64 x 512`` fp32 in registers), computing each similarity tile once from the
+same ``b`` tile that then feeds the gradient dot (for ``512 < D <= 1024``: two
+D halves, each recomputing the similarities). The positive logits enter as
+``-2`` on the owned diagonal weights; ``ds`` comes from the fp32 weights times
+similarities, as per-program partials that torch sums in a fixed order
+(deterministic, no atomics). Producing ``dT`` in the ``dU`` pass would save the
+second similarity pass (``2 B^2 D``) but needs ``B^2 D / 64`` float atomic adds
+(3.4e10 at B = 65,536, D = 512: more time than the matmuls it saves) or
+``B x D`` partials per row block, so it is not done.
 
 Cost, 16-bit inputs with D <= 512 (16-byte aligned rows): forward ``2 B^2 D``
 FLOPs, backward ``8 B^2 D`` (per direction: similarities ``2 B^2 D``, gradient
@@ -433,6 +435,9 @@ if triton is not None:
             lse = run_max + tl.log(tl.where(rows < n, run_sum, 1.0))
             tl.store(lse_ptr + rows, lse, mask=rows < n)
             tl.store(diag_ptr + rows, diag, mask=rows < n)
+            # The next row block reads the column partials back, possibly in other threads of this
+            # program (replicated layouts, asynchronous copies): make this block's stores visible.
+            tl.debug_barrier()
 
     @triton.jit
     def _grad_rows_kernel(
@@ -444,8 +449,8 @@ if triton is not None:
     ):
         # Gradient w.r.t. rows of a of coef * (sum owned lse_a + sum owned lse_b - 2 s sum owned a_i . b_i);
         # lse_* are fp32 [n] with +inf outside own_lo..own_hi. Program (row block, D chunk) writes
-        # grad_a[rows, chunk] in grad_a's dtype (row stride stride_g) and its part of
-        # sum_i a_i . (dL/dL_ij-weighted b)_i (the logit-scale gradient over s) to grad_scale_ptr[pid].
+        # grad_a[rows, chunk] in grad_a's dtype (row stride stride_g) and its part of the logit-scale
+        # gradient, coef * sum_ij w_ij a_i . b_j, to grad_scale_ptr[pid] (0 from chunks other than 0).
         # ONE_DOT: one chunk covers D, so each similarity tile is one dot from the b tile that the
         # gradient dot uses too, computed once. Otherwise (D over the one-dot limit) each of the
         # cdiv(D, BLOCK_D) chunks recomputes the similarities in K steps of BLOCK_K.
@@ -502,13 +507,14 @@ if triton is not None:
 # and 3.6 agree within a few registers and every one below has 0 spill bytes in both). "lse" is
 # shared by the one-pass forward (_lse_both_kernel) and the two-pass one (_lse_rows_kernel).
 # - 16-bit, D <= 512, one dot per similarity tile (the row block of a stays in shared memory):
-#   lse 128 x 32, 8 warps, 2 stages: 202-206 registers one-pass (~100 two-pass), 193 KiB shared
-#   (each 32 x 512 b tile feeds 128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages: 254-255 registers (the 64 x 512 fp32
-#   accumulator alone is 128 per thread), 128 KiB shared. There BLOCK_N 64 spills 32-128 bytes,
-#   a third stage does not fit beside a larger tile, 16 warps spill, and a 128-row gradient
-#   accumulator cannot fit at all.
-# - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 64, 8 warps, 3 stages (187-237 registers,
-#   72 KiB; 128 x 128 spills in the one-pass kernel); grad 64 x 32 in two 512-wide D chunks, 8 warps, 3 stages (234-250 registers, 68 KiB).
+#   lse 128 x 32, 8 warps, 2 stages: 142-154 registers one-pass (~100 two-pass), 193 KiB
+#   shared (each 32 x 512 b tile feeds 128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages:
+#   254-255 registers (the 64 x 512 fp32 accumulator alone is 128 per thread), 128 KiB shared.
+#   There BLOCK_N 64 spills 32-128 bytes, a third stage does not fit beside a larger tile,
+#   16 warps spill, and a 128-row gradient accumulator cannot fit at all.
+# - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 64, 8 warps, 3 stages (187-237 registers one-pass,
+#   72 KiB; 128 x 128 spills in the one-pass kernel); grad 64 x 32 in two 512-wide D chunks,
+#   8 warps, 3 stages (234-250 registers, 68 KiB).
 # - fp32 (IEEE dots on CUDA cores, never the fast path): K steps of 32; lse 64 x 32, 8 warps
 #   (108-128 registers); grad 64 x 32 in 256-wide D chunks (~180 registers; 512 wide spills).
 # - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads

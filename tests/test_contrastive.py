@@ -353,6 +353,34 @@ def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
         assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
+@pytest.mark.gpu
+def test_triton_gpu_deterministic_and_o_of_b_memory():
+    # Same inputs, same bits (no atomics anywhere); and the op's memory beyond inputs and their
+    # gradients is the forward's [SMs, B] fp32 column partials plus O(B) vectors.
+    batch, dim = 16384, 512
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    u = F.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
+    t = F.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
+    s = torch.tensor(30.0, device="cuda", requires_grad=True)
+    labels = _duplicated_labels(batch, 14, 50).cuda()
+    runs = []
+    for _ in range(2):
+        u.grad = t.grad = s.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
+        loss.backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base - 2 * u.numel() * u.element_size()
+        runs.append([loss.detach().clone(), u.grad.clone(), t.grad.clone(), s.grad.clone()])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # 8 MiB covers the O(B) vectors (LSEs, keys, torch.unique's sort of the [B, 14] labels).
+    assert extra <= sms * batch * 4 + 8 * 2**20, extra
+
+
 def _dense_same_dtype(u, t, s, labels):
     logits = s.to(u.dtype) * u @ t.T
     batch = u.shape[0]
