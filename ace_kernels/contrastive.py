@@ -391,8 +391,8 @@ if triton is not None:
         programs = tl.num_programs(0)
         scale = tl.load(scale_ptr).to(tl.float32)
         part_row = col_part_ptr + pid * n
-        for block in range(pid, tl.cdiv(n, BLOCK_M), programs):
-            row_start = block * BLOCK_M
+        for step in range(0, tl.cdiv(tl.cdiv(n, BLOCK_M) - pid, programs)):
+            row_start = (pid + step * programs) * BLOCK_M  # int64, from pid
             rows = row_start + tl.arange(0, BLOCK_M)
             if ONE_DOT:
                 dcols = tl.arange(0, BLOCK_D)
@@ -515,12 +515,13 @@ if triton is not None:
 # - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 64, 8 warps, 3 stages (187-237 registers one-pass,
 #   72 KiB; 128 x 128 spills in the one-pass kernel); grad 64 x 32 in two 512-wide D chunks,
 #   8 warps, 3 stages (234-250 registers, 68 KiB).
-# - fp32 (IEEE dots on CUDA cores, never the fast path): K steps of 32; lse 64 x 32, 8 warps
-#   (108-128 registers); grad 64 x 32 in 256-wide D chunks (~180 registers; 512 wide spills).
+# - fp32 (IEEE dots on CUDA cores, never the fast path): lse 64 x 32 in K steps of 16, 8 warps
+#   (94-128 registers; K steps of 32 spill 8-16 bytes in the one-pass kernel); grad 64 x 32 in
+#   K steps of 32 and 256-wide D chunks (180-186 registers; 512 wide spills).
 # - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads
 #   go element by element through registers and the configurations above spill (80-800 bytes).
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
-#   256-wide chunks (200-224); fp32 lse 64 x 32 with 4 warps (191-255), grad 64 x 32 in 128-wide
+#   256-wide chunks (200-224); fp32 lse 64 x 32 with 4 warps (188-255), grad 64 x 32 in 128-wide
 #   chunks (158-168).
 # tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
 # aligned, and at D = 500 and 1000.
@@ -529,7 +530,7 @@ _GPU_CONFIGS = {
     ("lse", "16bit", "one_dot"): dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
     ("lse", "16bit", "k_steps"): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     ("lse", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-    ("lse", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    ("lse", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2),
     ("lse", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
     ("grad", "16bit", "one_dot"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
     ("grad", "16bit", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -703,6 +704,9 @@ def _triton_check(u, t):
         reasons.append(f"the Triton kernels take D <= 1024, got D={u.shape[1]}")
     if u.shape[0] >= 2**31:
         reasons.append("the Triton kernels index keys with int32")
+    elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
+        # Row offsets are int64, but column tiles are offset in int32 (registers are tight).
+        reasons.append("the Triton kernels offset column tiles in int32: B * row stride must be < 2^31")
     return reasons
 
 

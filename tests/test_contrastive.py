@@ -292,6 +292,15 @@ def test_triton_rejects_d_over_1024():
         ace_kernels.label_guided_infonce(u, t, s, backend="triton")
 
 
+def test_triton_check_rejects_int32_column_offsets():
+    # B * row stride >= 2^31 would overflow the int32 column-tile offsets: the check says so
+    # (a stride-only view, nothing allocated).
+    u = torch.as_strided(torch.empty(1), (2**22, 512), (0, 0))
+    assert any("2^31" in r for r in contrastive._triton_check(u, u))
+    v = torch.as_strided(torch.empty(1), (2**21, 512), (0, 0))
+    assert contrastive._triton_check(v, v) == []
+
+
 def test_gpu_launch_computes_each_similarity_tile_once():
     # At D = 512 in 16 bits every similarity tile is computed once in the forward and once per
     # direction in the backward (one D chunk), so forward + backward execute 10 B^2 D matmul FLOPs.
