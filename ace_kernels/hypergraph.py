@@ -863,8 +863,9 @@ TRITON_ATOMIC_PRIMITIVES = _Primitives("triton-atomic", _triton_topk_rows, _trit
 # --------------------------------------------------------------------------------------
 # CUDA kernels (csrc/hypergraph/, ops torch.ops.ace_kernels.hg_*)
 # --------------------------------------------------------------------------------------
-# The extension is imported on first use only; the ops work on float32 (the compute dtype of
-# the kernel backends) and int64 indices, with strides passed through.
+# The extension is imported on first use only; the ops read features (pn, src, a, b) in float32,
+# float16 or bfloat16 (converted in registers), take float32 weights and int64 indices with
+# strides passed through, and return float32.
 
 def _cuda_ops():
     _dispatch.extension()  # loads ace_kernels._C, which registers the ops
@@ -872,12 +873,11 @@ def _cuda_ops():
 
 
 def _cuda_topk_rows(pn, inv_norm, rows, topk):
-    idx, w = _cuda_ops().hg_topk_incidence(pn.float(), inv_norm.float(), rows, topk)
-    return idx, w.to(pn.dtype)
+    return _cuda_ops().hg_topk_incidence(pn, inv_norm.float(), rows, topk)
 
 
 def _cuda_gather_sum(src, cols, weights):
-    return _cuda_ops().hg_gather_sum(src.float(), cols, weights.float()).to(src.dtype)
+    return _cuda_ops().hg_gather_sum(src, cols, weights.float())
 
 
 def _cuda_scatter_sum(src, cols, weights, num_rows, transpose=None):
@@ -886,11 +886,11 @@ def _cuda_scatter_sum(src, cols, weights, num_rows, transpose=None):
         transpose = _transpose_csr(cols, num_rows)
     row_ptr, perm = transpose
     flat_w = weights.reshape(B, Q * S).float().contiguous()
-    return _cuda_ops().hg_scatter_sum_csr(src.float(), flat_w, row_ptr, perm, num_rows, S).to(src.dtype)
+    return _cuda_ops().hg_scatter_sum_csr(src, flat_w, row_ptr, perm, num_rows, S)
 
 
 def _cuda_entry_dot(a, b, cols):
-    return _cuda_ops().hg_entry_dot(a.float(), b.float(), cols).to(a.dtype)
+    return _cuda_ops().hg_entry_dot(a, b, cols)
 
 
 CUDA_PRIMITIVES = _Primitives("cuda", _cuda_topk_rows, _cuda_gather_sum, _cuda_scatter_sum, _cuda_entry_dot,

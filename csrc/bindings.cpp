@@ -33,6 +33,19 @@ void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int
   TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
 }
 
+// A feature tensor (read by the kernels in its own dtype): float32, float16 or bfloat16.
+ace_hg::Feat check_feat(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
+  switch (t.scalar_type()) {
+    case at::kFloat: return ace_hg::Feat::kF32;
+    case at::kHalf: return ace_hg::Feat::kF16;
+    case at::kBFloat16: return ace_hg::Feat::kBF16;
+    default:
+      TORCH_CHECK(false, "argument '", name, "': expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "ace_kernels::", what, " launch failed: ", cudaGetErrorString(err));
 }
@@ -41,7 +54,7 @@ void check_launch(cudaError_t err, const char* what) {
 
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const at::Tensor& inv_norm,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
-  check_cuda(pn, "pn", at::kFloat, 3);
+  const ace_hg::Feat pn_type = check_feat(pn, "pn", 3);
   check_cuda(inv_norm, "inv_norm", at::kFloat, 2);
   const int64_t B = pn.size(0), M = pn.size(1), D = pn.size(2);
   TORCH_CHECK(inv_norm.size(0) == B && inv_norm.size(1) == M, "argument 'inv_norm': expected shape [", B, ", ", M,
@@ -61,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
               ace_hg::kMaxTopk, " and topk < M = ", M, ", got ", topk);
   c10::cuda::CUDAGuard guard(pn.device());
   auto idx = at::empty({B, R, topk}, pn.options().dtype(at::kLong));
-  auto w = at::empty({B, R, topk}, pn.options());
-  check_launch(ace_hg::topk_incidence(pn.data_ptr<float>(), pn.stride(0), pn.stride(1), pn.stride(2),
+  auto w = at::empty({B, R, topk}, pn.options().dtype(at::kFloat));
+  check_launch(ace_hg::topk_incidence(pn.data_ptr(), pn_type, pn.stride(0), pn.stride(1), pn.stride(2),
                                       inv_norm.data_ptr<float>(), inv_norm.stride(0), inv_norm.stride(1), rows_ptr,
                                       rows_sb, rows_sr, idx.data_ptr<int64_t>(), w.data_ptr<float>(), B, M, D, R,
                                       static_cast<int>(topk), c10::cuda::getCurrentCUDAStream()),
@@ -71,15 +84,15 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
 }
 
 at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
-  check_cuda(src, "src", at::kFloat, 3);
+  const ace_hg::Feat src_type = check_feat(src, "src", 3);
   check_cuda(cols, "cols", at::kLong, 3);
   check_cuda(weights, "weights", at::kFloat, 3);
   TORCH_CHECK(weights.sizes() == cols.sizes(), "argument 'weights': expected the shape of 'cols' ", cols.sizes(),
               ", got ", weights.sizes());
   const int64_t B = src.size(0), D = src.size(2), Q = cols.size(1), S = cols.size(2);
   c10::cuda::CUDAGuard guard(src.device());
-  auto out = at::empty({B, Q, D}, src.options());
-  check_launch(ace_hg::gather_sum(src.data_ptr<float>(), src.stride(0), src.stride(1), src.stride(2),
+  auto out = at::empty({B, Q, D}, src.options().dtype(at::kFloat));
+  check_launch(ace_hg::gather_sum(src.data_ptr(), src_type, src.stride(0), src.stride(1), src.stride(2),
                                   cols.data_ptr<int64_t>(), cols.stride(0), cols.stride(1), cols.stride(2),
                                   weights.data_ptr<float>(), weights.stride(0), weights.stride(1), weights.stride(2),
                                   out.data_ptr<float>(), B, Q, S, D, c10::cuda::getCurrentCUDAStream()),
@@ -89,7 +102,7 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
 
 at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
-  check_cuda(src, "src", at::kFloat, 3);
+  const ace_hg::Feat src_type = check_feat(src, "src", 3);
   check_cuda(weights_flat, "weights_flat", at::kFloat, 2);
   check_cuda(row_ptr, "row_ptr", at::kLong, 2);
   check_cuda(perm, "perm", at::kLong, 2);
@@ -99,8 +112,8 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
               row_ptr.size(1));
   const int64_t B = src.size(0), D = src.size(2);
   c10::cuda::CUDAGuard guard(src.device());
-  auto out = at::empty({B, num_rows, D}, src.options());
-  check_launch(ace_hg::scatter_sum_csr(src.data_ptr<float>(), src.stride(0), src.stride(1), src.stride(2),
+  auto out = at::empty({B, num_rows, D}, src.options().dtype(at::kFloat));
+  check_launch(ace_hg::scatter_sum_csr(src.data_ptr(), src_type, src.stride(0), src.stride(1), src.stride(2),
                                        weights_flat.data_ptr<float>(), weights_flat.stride(0),
                                        row_ptr.data_ptr<int64_t>(), row_ptr.stride(0), perm.data_ptr<int64_t>(),
                                        perm.stride(0), out.data_ptr<float>(), B, num_rows, slots, D,
@@ -110,13 +123,13 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
 }
 
 at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
-  check_cuda(a, "a", at::kFloat, 3);
-  check_cuda(b, "b", at::kFloat, 3);
+  const ace_hg::Feat a_type = check_feat(a, "a", 3);
+  const ace_hg::Feat b_type = check_feat(b, "b", 3);
   check_cuda(cols, "cols", at::kLong, 3);
   const int64_t B = a.size(0), Q = a.size(1), D = a.size(2), S = cols.size(2);
   c10::cuda::CUDAGuard guard(a.device());
-  auto out = at::empty({B, Q, S}, a.options());
-  check_launch(ace_hg::entry_dot(a.data_ptr<float>(), a.stride(0), a.stride(1), a.stride(2), b.data_ptr<float>(),
+  auto out = at::empty({B, Q, S}, a.options().dtype(at::kFloat));
+  check_launch(ace_hg::entry_dot(a.data_ptr(), a_type, a.stride(0), a.stride(1), a.stride(2), b.data_ptr(), b_type,
                                  b.stride(0), b.stride(1), b.stride(2), cols.data_ptr<int64_t>(), cols.stride(0),
                                  cols.stride(1), cols.stride(2), out.data_ptr<float>(), B, Q, S, D,
                                  c10::cuda::getCurrentCUDAStream()),
@@ -128,20 +141,21 @@ at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at:
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const at::Tensor&,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
   const int64_t R = rows.has_value() ? rows->size(1) : pn.size(1);
-  return {at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kLong)), at::empty({pn.size(0), R, topk}, pn.options())};
+  return {at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kLong)),
+          at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kFloat))};
 }
 
 at::Tensor hg_gather_sum_meta(const at::Tensor& src, const at::Tensor& cols, const at::Tensor&) {
-  return at::empty({src.size(0), cols.size(1), src.size(2)}, src.options());
+  return at::empty({src.size(0), cols.size(1), src.size(2)}, src.options().dtype(at::kFloat));
 }
 
 at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    int64_t num_rows, int64_t) {
-  return at::empty({src.size(0), num_rows, src.size(2)}, src.options());
+  return at::empty({src.size(0), num_rows, src.size(2)}, src.options().dtype(at::kFloat));
 }
 
 at::Tensor hg_entry_dot_meta(const at::Tensor& a, const at::Tensor&, const at::Tensor& cols) {
-  return at::empty({a.size(0), a.size(1), cols.size(2)}, a.options());
+  return at::empty({a.size(0), a.size(1), cols.size(2)}, a.options().dtype(at::kFloat));
 }
 
 }  // namespace

@@ -671,3 +671,25 @@ def test_gpu_primitives_match_torch(backend):
         # Same neighbour sets (slot order is unspecified), same weights once sorted.
         assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
         torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)
+    # Half features are read in their own dtype and converted exactly, so the results (float32)
+    # equal those on the upcast features; the atomic scatter only up to its summation order.
+    for half in (torch.float16, torch.bfloat16):
+        h_q, h_r, h_f = src_q.to(half), src_r.to(half), feats.to(half)
+        pairs = [(prims.gather_sum(h_r, cols, w), prims.gather_sum(h_r.float(), cols, w)),
+                 (prims.entry_dot(h_q, h_r, cols), prims.entry_dot(h_q.float(), h_r.float(), cols)),
+                 (prims.entry_dot(src_q, h_r, cols), prims.entry_dot(src_q, h_r.float(), cols))]
+        if backend != "triton-atomic":
+            pairs.append((prims.scatter_sum(h_q, cols, w, R), prims.scatter_sum(h_q.float(), cols, w, R)))
+        for got, want in pairs:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got = prims.scatter_sum(h_q, cols, w, R)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, prims.scatter_sum(h_q.float(), cols, w, R), rtol=1e-5, atol=1e-4)
+        h_inv = 1.0 / h_f.float().norm(dim=-1)
+        for r in (None, rows):
+            idx, wts = prims.topk_rows(h_f, h_inv, r, k)
+            ref_idx, ref_w = t.topk_rows(h_f.float(), h_inv, r, k)
+            assert wts.dtype == torch.float32
+            assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+            torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)

@@ -2,12 +2,27 @@
 // See hypergraph.h for the contracts. No torch headers (fast nvcc builds).
 #include "hypergraph/hypergraph.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 
 namespace ace_hg {
 namespace {
+
+// Features are read in their own dtype and converted in registers (float32 accumulation).
+// Half types are loaded as their 16 raw bits (passing the __half / __nv_bfloat16 structs by
+// value made ptxas spill in entry_dot_kernel).
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const __half* p) {
+  return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
+}
+__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) {
+  // bfloat16 is the top half of a float32: widening is exact.
+  return __uint_as_float(static_cast<unsigned>(*reinterpret_cast<const unsigned short*>(p)) << 16);
+}
 
 constexpr int kTopkThreads = 256;
 constexpr int kQueriesPerBlock = kTopkThreads / 32;  // one warp merges each query's top-k
@@ -50,8 +65,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 // elements once and multiplies them against every query of the block held in shared memory.
 // Phase 2: warp w merges its query's chunk into its running top-k (topk rounds of a warp
 // argmax; no block barriers). Similarities never leave shared memory.
+template <typename T>
 __global__ void __launch_bounds__(kTopkThreads)
-topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
+topk_incidence_kernel(const T* __restrict__ pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
                       const float* __restrict__ inv_norm, int64_t in_sb, int64_t in_sm,
                       const int64_t* __restrict__ rows, int64_t rows_sb, int64_t rows_sr,
                       int64_t* __restrict__ idx_out, float* __restrict__ w_out,
@@ -67,7 +83,7 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
   const int64_t b = blockIdx.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nq = static_cast<int>((R - r0 < kQueriesPerBlock) ? (R - r0) : kQueriesPerBlock);
-  const float* pn_b = pn + b * pn_sb;
+  const T* pn_b = pn + b * pn_sb;
 
   if (tid < kQueriesPerBlock) {
     const int64_t r = r0 + tid;
@@ -82,7 +98,8 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
     const int qi = static_cast<int>(e / D);
     const int64_t d = e - qi * D;
     // Queries are stored normalised; candidates are scaled after their dot product.
-    queries[e] = qi < nq ? pn_b[own_row[qi] * pn_sm + d * pn_sd] * inv_norm[b * in_sb + own_row[qi] * in_sm] : 0.f;
+    queries[e] = qi < nq ? load_f32(pn_b + own_row[qi] * pn_sm + d * pn_sd) * inv_norm[b * in_sb + own_row[qi] * in_sm]
+                         : 0.f;
   }
   __syncthreads();
 
@@ -90,13 +107,13 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
     const int64_t count = (M - c0 < kTopkChunk) ? (M - c0) : kTopkChunk;
     for (int64_t j = warp; j < count; j += kTopkThreads / 32) {
       const int64_t m = c0 + j;
-      const float* row = pn_b + m * pn_sm;
+      const T* row = pn_b + m * pn_sm;
       const float inv_m = inv_norm[b * in_sb + m * in_sm];
       float acc[kQueriesPerBlock];
 #pragma unroll
       for (int qi = 0; qi < kQueriesPerBlock; ++qi) acc[qi] = 0.f;
       for (int64_t d = lane; d < D; d += 32) {
-        const float v = row[d * pn_sd];
+        const float v = load_f32(row + d * pn_sd);
 #pragma unroll
         for (int qi = 0; qi < kQueriesPerBlock; ++qi) acc[qi] = fmaf(queries[qi * D + d], v, acc[qi]);
       }
@@ -160,8 +177,9 @@ topk_incidence_kernel(const float* __restrict__ pn, int64_t pn_sb, int64_t pn_sm
 }
 
 // One block per output row; threads along D. Slots in shared memory.
+template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
-gather_sum_kernel(const float* __restrict__ src, int64_t src_sb, int64_t src_sr, int64_t src_sd,
+gather_sum_kernel(const T* __restrict__ src, int64_t src_sb, int64_t src_sr, int64_t src_sd,
                   const int64_t* __restrict__ cols, int64_t cols_sb, int64_t cols_sq, int64_t cols_ss,
                   const float* __restrict__ w, int64_t w_sb, int64_t w_sq, int64_t w_ss,
                   float* __restrict__ out, int64_t Q, int64_t S, int64_t D) {
@@ -174,13 +192,13 @@ gather_sum_kernel(const float* __restrict__ src, int64_t src_sb, int64_t src_sr,
     slot_w[s] = w[b * w_sb + q * w_sq + s * w_ss];
   }
   __syncthreads();
-  const float* src_b = src + b * src_sb;
+  const T* src_b = src + b * src_sb;
   float* out_row = out + (b * Q + q) * D;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t col = slot_col[s];
-      if (col >= 0) acc = fmaf(slot_w[s], src_b[col * src_sr + d * src_sd], acc);
+      if (col >= 0) acc = fmaf(slot_w[s], load_f32(src_b + col * src_sr + d * src_sd), acc);
     }
     out_row[d] = acc;
   }
@@ -188,8 +206,9 @@ gather_sum_kernel(const float* __restrict__ src, int64_t src_sb, int64_t src_sr,
 
 // One block per output (target) row, walking its segment of the transposed incidence in a
 // fixed order: deterministic, no atomics.
+template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
-scatter_sum_csr_kernel(const float* __restrict__ src, int64_t src_sb, int64_t src_sq, int64_t src_sd,
+scatter_sum_csr_kernel(const T* __restrict__ src, int64_t src_sb, int64_t src_sq, int64_t src_sd,
                        const float* __restrict__ w_flat, int64_t w_sb, const int64_t* __restrict__ row_ptr,
                        int64_t rp_sb, const int64_t* __restrict__ perm, int64_t perm_sb,
                        float* __restrict__ out, int64_t R, int64_t S, int64_t D) {
@@ -197,34 +216,37 @@ scatter_sum_csr_kernel(const float* __restrict__ src, int64_t src_sb, int64_t sr
   const int64_t b = blockIdx.y;
   const int64_t start = row_ptr[b * rp_sb + j];
   const int64_t stop = row_ptr[b * rp_sb + j + 1];
-  const float* src_b = src + b * src_sb;
+  const T* src_b = src + b * src_sb;
   float* out_row = out + (b * R + j) * D;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
     for (int64_t e = start; e < stop; ++e) {
       const int64_t entry = perm[b * perm_sb + e];
-      acc = fmaf(w_flat[b * w_sb + entry], src_b[(entry / S) * src_sq + d * src_sd], acc);
+      acc = fmaf(w_flat[b * w_sb + entry], load_f32(src_b + (entry / S) * src_sq + d * src_sd), acc);
     }
     out_row[d] = acc;
   }
 }
 
 // One block per row q; one warp per slot s (strided), lanes along D.
+template <typename TA, typename TB>
 __global__ void __launch_bounds__(kRowThreads)
-entry_dot_kernel(const float* __restrict__ a, int64_t a_sb, int64_t a_sq, int64_t a_sd,
-                 const float* __restrict__ bsrc, int64_t b_sb, int64_t b_sr, int64_t b_sd,
+entry_dot_kernel(const TA* __restrict__ a, int64_t a_sb, int64_t a_sq, int64_t a_sd,
+                 const TB* __restrict__ bsrc, int64_t b_sb, int64_t b_sr, int64_t b_sd,
                  const int64_t* __restrict__ cols, int64_t cols_sb, int64_t cols_sq, int64_t cols_ss,
                  float* __restrict__ out, int64_t Q, int64_t S, int64_t D) {
   const int64_t q = blockIdx.x;
   const int64_t b = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const float* a_row = a + b * a_sb + q * a_sq;
+  const TA* a_row = a + b * a_sb + q * a_sq;
   for (int64_t s = warp; s < S; s += nwarps) {
     const int64_t col = cols[b * cols_sb + q * cols_sq + s * cols_ss];
     float acc = 0.f;
     if (col >= 0) {
-      const float* b_row = bsrc + b * b_sb + col * b_sr;
-      for (int64_t d = lane; d < D; d += 32) acc = fmaf(a_row[d * a_sd], b_row[d * b_sd], acc);
+      const TB* b_row = bsrc + b * b_sb + col * b_sr;
+      // An explicit unroll factor: the default unrolling spilled 4 bytes for half a (ptxas, sm_90a).
+#pragma unroll 4
+      for (int64_t d = lane; d < D; d += 32) acc = fmaf(load_f32(a_row + d * a_sd), load_f32(b_row + d * b_sd), acc);
     }
     acc = warp_sum(acc);
     if (lane == 0) out[(b * Q + q) * S + s] = acc;
@@ -233,56 +255,87 @@ entry_dot_kernel(const float* __restrict__ a, int64_t a_sb, int64_t a_sq, int64_
 
 bool grid_ok(int64_t rows, int64_t batch) { return rows <= 0x7fffffffLL && batch <= 65535; }
 
+// Calls f(T{}) with T the C++ type of a feature dtype; cudaErrorInvalidValue for an unknown one.
+template <typename F>
+cudaError_t with_feat(Feat type, F&& f) {
+  switch (type) {
+    case Feat::kF32: return f(float{});
+    case Feat::kF16: return f(__half{});
+    case Feat::kBF16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
-cudaError_t topk_incidence(const float* pn, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd, const float* inv_norm,
-                           int64_t in_sb, int64_t in_sm, const int64_t* rows, int64_t rows_sb, int64_t rows_sr, int64_t* idx, float* w, int64_t B, int64_t M,
-                           int64_t D, int64_t R, int topk, cudaStream_t stream) {
+cudaError_t topk_incidence(const void* pn, Feat pn_type, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
+                           const float* inv_norm, int64_t in_sb, int64_t in_sm, const int64_t* rows, int64_t rows_sb,
+                           int64_t rows_sr, int64_t* idx, float* w, int64_t B, int64_t M, int64_t D, int64_t R,
+                           int topk, cudaStream_t stream) {
   if (topk < 1 || topk > kMaxTopk || topk > M || !grid_ok(R, B)) return cudaErrorInvalidValue;
   if (B == 0 || R == 0) return cudaSuccess;
   const size_t shared = static_cast<size_t>(kQueriesPerBlock) * (D + kTopkChunk) * sizeof(float);
-  if (shared > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(topk_incidence_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(shared));
-    if (err != cudaSuccess) return err;
-  }
   const int64_t blocks = (R + kQueriesPerBlock - 1) / kQueriesPerBlock;
-  topk_incidence_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kTopkThreads, shared,
-                          stream>>>(pn, pn_sb, pn_sm, pn_sd, inv_norm, in_sb, in_sm, rows, rows_sb, rows_sr, idx, w, M, D, R, topk);
-  return cudaGetLastError();
+  return with_feat(pn_type, [&](auto tag) {
+    using T = decltype(tag);
+    if (shared > 48 * 1024) {
+      cudaError_t err = cudaFuncSetAttribute(topk_incidence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(shared));
+      if (err != cudaSuccess) return err;
+    }
+    topk_incidence_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kTopkThreads, shared,
+                               stream>>>(static_cast<const T*>(pn), pn_sb, pn_sm, pn_sd, inv_norm, in_sb, in_sm, rows,
+                                         rows_sb, rows_sr, idx, w, M, D, R, topk);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t gather_sum(const float* src, int64_t src_sb, int64_t src_sr, int64_t src_sd, const int64_t* cols,
-                       int64_t cols_sb, int64_t cols_sq, int64_t cols_ss, const float* w, int64_t w_sb,
-                       int64_t w_sq, int64_t w_ss, float* out, int64_t B, int64_t Q, int64_t S, int64_t D,
-                       cudaStream_t stream) {
+cudaError_t gather_sum(const void* src, Feat src_type, int64_t src_sb, int64_t src_sr, int64_t src_sd,
+                       const int64_t* cols, int64_t cols_sb, int64_t cols_sq, int64_t cols_ss, const float* w,
+                       int64_t w_sb, int64_t w_sq, int64_t w_ss, float* out, int64_t B, int64_t Q, int64_t S,
+                       int64_t D, cudaStream_t stream) {
   if (S > kMaxSlots || !grid_ok(Q, B)) return cudaErrorInvalidValue;
   if (B == 0 || Q == 0) return cudaSuccess;
-  gather_sum_kernel<<<dim3(static_cast<unsigned>(Q), static_cast<unsigned>(B)), kRowThreads, 0, stream>>>(
-      src, src_sb, src_sr, src_sd, cols, cols_sb, cols_sq, cols_ss, w, w_sb, w_sq, w_ss, out, Q, S, D);
-  return cudaGetLastError();
+  return with_feat(src_type, [&](auto tag) {
+    using T = decltype(tag);
+    gather_sum_kernel<T><<<dim3(static_cast<unsigned>(Q), static_cast<unsigned>(B)), kRowThreads, 0, stream>>>(
+        static_cast<const T*>(src), src_sb, src_sr, src_sd, cols, cols_sb, cols_sq, cols_ss, w, w_sb, w_sq, w_ss,
+        out, Q, S, D);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t scatter_sum_csr(const float* src, int64_t src_sb, int64_t src_sq, int64_t src_sd, const float* w_flat,
-                            int64_t w_sb, const int64_t* row_ptr, int64_t rp_sb, const int64_t* perm,
-                            int64_t perm_sb, float* out, int64_t B, int64_t R, int64_t S, int64_t D,
-                            cudaStream_t stream) {
+cudaError_t scatter_sum_csr(const void* src, Feat src_type, int64_t src_sb, int64_t src_sq, int64_t src_sd,
+                            const float* w_flat, int64_t w_sb, const int64_t* row_ptr, int64_t rp_sb,
+                            const int64_t* perm, int64_t perm_sb, float* out, int64_t B, int64_t R, int64_t S,
+                            int64_t D, cudaStream_t stream) {
   if (S < 1 || !grid_ok(R, B)) return cudaErrorInvalidValue;
   if (B == 0 || R == 0) return cudaSuccess;
-  scatter_sum_csr_kernel<<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(B)), kRowThreads, 0, stream>>>(
-      src, src_sb, src_sq, src_sd, w_flat, w_sb, row_ptr, rp_sb, perm, perm_sb, out, R, S, D);
-  return cudaGetLastError();
+  return with_feat(src_type, [&](auto tag) {
+    using T = decltype(tag);
+    scatter_sum_csr_kernel<T><<<dim3(static_cast<unsigned>(R), static_cast<unsigned>(B)), kRowThreads, 0, stream>>>(
+        static_cast<const T*>(src), src_sb, src_sq, src_sd, w_flat, w_sb, row_ptr, rp_sb, perm, perm_sb, out, R, S,
+        D);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t entry_dot(const float* a, int64_t a_sb, int64_t a_sq, int64_t a_sd, const float* bsrc, int64_t b_sb,
-                      int64_t b_sr, int64_t b_sd, const int64_t* cols, int64_t cols_sb, int64_t cols_sq,
-                      int64_t cols_ss, float* out, int64_t B, int64_t Q, int64_t S, int64_t D,
+cudaError_t entry_dot(const void* a, Feat a_type, int64_t a_sb, int64_t a_sq, int64_t a_sd, const void* bsrc,
+                      Feat b_type, int64_t b_sb, int64_t b_sr, int64_t b_sd, const int64_t* cols, int64_t cols_sb,
+                      int64_t cols_sq, int64_t cols_ss, float* out, int64_t B, int64_t Q, int64_t S, int64_t D,
                       cudaStream_t stream) {
   if (!grid_ok(Q, B)) return cudaErrorInvalidValue;
   if (B == 0 || Q == 0 || S == 0) return cudaSuccess;
-  entry_dot_kernel<<<dim3(static_cast<unsigned>(Q), static_cast<unsigned>(B)), kRowThreads, 0, stream>>>(
-      a, a_sb, a_sq, a_sd, bsrc, b_sb, b_sr, b_sd, cols, cols_sb, cols_sq, cols_ss, out, Q, S, D);
-  return cudaGetLastError();
+  return with_feat(a_type, [&](auto a_tag) {
+    return with_feat(b_type, [&](auto b_tag) {
+      using TA = decltype(a_tag);
+      using TB = decltype(b_tag);
+      entry_dot_kernel<TA, TB><<<dim3(static_cast<unsigned>(Q), static_cast<unsigned>(B)), kRowThreads, 0,
+                                 stream>>>(static_cast<const TA*>(a), a_sb, a_sq, a_sd, static_cast<const TB*>(bsrc),
+                                           b_sb, b_sr, b_sd, cols, cols_sb, cols_sq, cols_ss, out, Q, S, D);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace ace_hg
