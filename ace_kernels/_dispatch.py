@@ -207,3 +207,40 @@ def available_backends(*, reasons: bool = False):
     if reasons:
         return table
     return [name for name, why in table.items() if not why]
+
+
+def _fix_interpreter_index() -> None:
+    """Let ``range(0, K, BLOCK)`` over a runtime int run under older Triton interpreters with numpy >= 2.4.
+
+    The interpreter holds scalar kernel arguments as 1-element arrays. Triton 3.6 turns them
+    into Python ints with ``int(array)``, which numpy 2.4 rejects for ndim > 0 ("only
+    0-dimensional arrays can be converted to Python scalars"); Triton 3.8 squeezes first.
+    This gives the older interpreter the same ``__index__``. It touches only the CPU
+    interpreter (``TRITON_INTERPRET=1``), never compiled GPU kernels.
+    """
+    try:
+        import inspect
+
+        from triton.runtime import interpreter
+    except Exception:  # no triton, or no interpreter module: nothing to fix
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_ace_fixed", False):
+        return
+    try:
+        source = inspect.getsource(patch_tensor)
+    except (OSError, TypeError):
+        return
+    if "int(self.handle.data))" not in source:  # this Triton already converts safely
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._ace_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreter_enabled():
+    _fix_interpreter_index()
