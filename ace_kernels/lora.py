@@ -712,6 +712,11 @@ _GPU_CONFIGS = {
               "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)},
     "backward": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
                  "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3)},
+    # The backward without dX (x needs no gradient). fp32 has its own tiles: with the ones
+    # above, ptxas 12.8 (Triton 3.6, the GPU image's) holds this variant to 128 registers and
+    # spills 24 bytes; these spill with neither 12.8 nor 12.9 (106 and 112 registers).
+    "backward_nodx": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
+                      "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=2)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
              "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
 }
@@ -719,6 +724,7 @@ _INTERPRETER_CONFIGS = {
     "down": dict(BLOCK_M=32, BLOCK_K=32),
     "fused": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
     "backward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, EPILOGUE_M=16),
+    "backward_nodx": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, EPILOGUE_M=16),
     "mask": dict(BLOCK_M=32, BLOCK_K=32),
 }
 
@@ -819,7 +825,7 @@ class _LoraTritonFunction(torch.autograd.Function):
         # The kernel's dots need dY in the inputs' dtype (autocast can hand back another).
         grad_y = grad_y.to(x2d.dtype)
         keep_prob = 1.0 - ctx.dropout_p if ctx.apply_dropout else 1.0
-        cfg = _config("backward", x2d.dtype, device)
+        cfg = _config("backward" if need_x else "backward_nodx", x2d.dtype, device)
         row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
         grad_x = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_x else None
         da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)

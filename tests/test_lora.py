@@ -561,7 +561,8 @@ def _aot_launches(dtype):
                                        DOT_PRECISION=dot_precision)))
             for compute_dx in (True, False):
                 launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}",
-                                      lora_module._lora_backward_kernel, "backward",
+                                      lora_module._lora_backward_kernel,
+                                      "backward" if compute_dx else "backward_nodx",
                                       dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, COMPUTE_DX=compute_dx,
                                            BLOCK_R=block_r, DOT_PRECISION=dot_precision,
                                            LORA_PRECISION=lora_precision)))
