@@ -217,8 +217,11 @@ def _inf_cl_entry(suite, image, text, scale, leaves):
     target = torch.arange(image.shape[0], device=image.device)
 
     def step():
-        loss = (cal_inf_loss(image, text, scale=scale, labels=target).mean()
-                + cal_inf_loss(text, image, scale=scale, labels=target).mean()) / 2
+        # The scale goes into the embeddings: cal_inf_loss's own ``scale=`` argument is
+        # all-reduced in its backward, which needs a process group this run does not have.
+        scaled_image = scale * image
+        loss = (cal_inf_loss(scaled_image, text, labels=target).mean()
+                + cal_inf_loss(text, scaled_image, labels=target).mean()) / 2
         loss.backward()
 
     return ("inf_cl", step, leaves)

@@ -32,13 +32,14 @@ loop is timed with one call after the warm-up, about 1-3 s); CPU: tiny, N=128, b
 Largest batch (op ``ace_lora_max_batch``, GPU only; issue 6: at least 3x the
 reference's): the largest B at which one bf16 training step fits on the card, for
 the reference-ops model and for ours (the fused backend with the smallest B=64 peak in
-this run), found by steps at growing B (from 0.8x a linear prediction out of the
-B=64 peak, x1.25 each; x0.8 down when that first one does not fit) then bisection to within 1/16, each out-of-memory error
-cleaned up (gradients dropped, cache emptied) before the next try. ``metrics`` hold
-``max_batch`` (ours: also ``baseline_max_batch`` and ``max_batch_ratio``, which the
-target judges) and the tries; ``median_ms`` and ``peak_mib`` are those of the one step
-at the largest batch (its peak includes the inputs: they are part of what must fit). Each search stops at B=65,536 or after 75 s (then
-``search_complete`` is false and the ratio is not judged). The search is "costly"
+this run), found by steps at growing B (from 0.8x a linear prediction out of the B=64
+peak, x1.25 each; x0.8 down when that first one does not fit) then bisection to within
+1/16, each out-of-memory error cleaned up (gradients dropped, cache emptied) before the
+next try. ``metrics`` hold ``max_batch`` (ours: also ``baseline_max_batch`` and
+``max_batch_ratio``, which the target judges) and the tries; ``median_ms`` and
+``peak_mib`` are those of the one step at the largest batch (its peak includes the
+inputs: they are part of what must fit). Each search stops at B=65,536 or after 75 s
+(then ``search_complete`` is false and the ratio is not judged). The search is "costly"
 (``--tier``): on an H100/H200 about 15-40 s per model (6-8 tries, the last few of 2-8 s
 each near the largest batch); it runs last in this family and only when 40 s are left.
 """
@@ -371,9 +372,10 @@ def _largest_batch(try_step, free_bytes, seconds: float, log=print) -> dict:
 
     B=64 first; then from 0.8x the batch that the free memory (``free_bytes()``) would hold
     if the peak grew linearly with B, x1.25 per try until one does not fit (x0.8 until one
-    fits when the first does not), then bisection until the gap is at most max(8, B/16). A try that would end after ``seconds`` is not
-    started; the result then has ``complete`` False. Returns ``max_batch`` (None when even
-    B=64 did not fit), the ``ms`` and ``peak`` of that try, ``complete``, ``note``, ``tries``.
+    fits when the first does not), then bisection until the gap is at most max(8, B/16).
+    A try that would end after ``seconds`` is not started; the result then has
+    ``complete`` False. Returns ``max_batch`` (None when even B=64 did not fit), the ``ms``
+    and ``peak`` of that try, ``complete``, ``note`` and ``tries``.
     """
     deadline = time.monotonic() + seconds
     tries: list[list] = []
