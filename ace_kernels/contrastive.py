@@ -327,6 +327,18 @@ if triton is not None:
         return tl.where(valid, logits, float("-inf"))
 
     @triton.jit
+    def _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0, row_start,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One column tile into a row block's online log-sum-exp (and its diagonal similarities).
+        # A row whose entries so far are all masked keeps max -inf and shifts by 0 (no inf - inf).
+        if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+            diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
+        new_max = tl.maximum(run_max, tl.max(logits, axis=1))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+        return new_max, run_sum, diag
+
+    @triton.jit
     def _lse_rows_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr,
         row_lo, row_hi, n, dim, stride_a, stride_b,
@@ -359,14 +371,9 @@ if triton is not None:
             else:
                 sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
                                        BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-            if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
-                diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
             logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
-            new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-            # A row whose entries so far are all masked keeps max -inf: shift by 0 to avoid inf - inf.
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logits - safe[:, None]), axis=1)
-            run_max = new_max
+            run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0, row_start,
+                                                   BLOCK_M, BLOCK_N)
         # Padding rows have run_sum 0; real rows always hold their diagonal, so run_sum > 0.
         lse = run_max + tl.log(tl.where(rows < row_hi, run_sum, 1.0))
         tl.store(lse_ptr + (rows - row_lo), lse, mask=rows < row_hi)
@@ -410,14 +417,9 @@ if triton is not None:
                 else:
                     sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, n, dim, stride_a, stride_b,
                                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-                if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
-                    diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
                 logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
-                # Rows: online log-sum-exp; all-masked-so-far rows shift by 0 (no inf - inf).
-                new_max = tl.maximum(run_max, tl.max(logits, axis=1))
-                safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-                run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logits - safe[:, None]), axis=1)
-                run_max = new_max
+                run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0,
+                                                       row_start, BLOCK_M, BLOCK_N)
                 # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
                 # (log is only taken of sums >= 1: an empty column stays -inf, never log(0).)
                 col_max = tl.max(logits, axis=0)

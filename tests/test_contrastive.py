@@ -27,6 +27,19 @@ def _loss_and_grads(fn, u, t, s, labels):
     return loss.detach(), [g.detach() for g in grads]
 
 
+def _check_triton_fp32(u, t, s, labels, device):
+    """The Triton backend on fp32 views ``u``, ``t`` (already on ``device``, leaves) against the
+    fp64 oracle on the same values: loss and the three gradients within 1e-5. fp32 kernels
+    (IEEE dots) against fp64: |logits| <= 30 carry ~30 * 6e-8 each, sums over up to 1024 terms."""
+    s32 = s.detach().float().to(device).requires_grad_()
+    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
+    for name, got, want in zip(("image_emb", "text_emb", "logit_scale"), ours[1], ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
 def _compare(u, t, s, labels, *, block=None, atol=ATOL64, monkeypatch=None):
     if block is not None:
         monkeypatch.setattr(contrastive, "_TORCH_BLOCK_ROWS", block)
@@ -238,16 +251,8 @@ TRITON_CASES = [
 def test_triton_matches_oracle(name, batch, dim, make_labels, device):
     u, t, s = _inputs(batch, dim, dtype=torch.float32)
     u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
-    s32 = s.detach().float().to(device).requires_grad_()
     labels = make_labels(batch)
-    labels = labels.to(device) if labels is not None else None
-    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
-    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
-                          s.detach().to(device).requires_grad_(), labels)
-    # fp32 kernels (IEEE dots) against fp64: logits up to 30 carry ~30 * 6e-8 each.
-    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
-    for got, want in zip(ours[1], ref[1]):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    _check_triton_fp32(u, t, s, labels.to(device) if labels is not None else None, device)
 
 
 @pytest.mark.triton
@@ -257,16 +262,7 @@ def test_triton_strided_rows(device):
     u_view = u.detach().to(device)[:, 3:53].requires_grad_()
     t_view = t.detach().to(device)[:, 5:55].requires_grad_()
     assert u_view.stride(0) == 72
-    s32 = s.detach().float().to(device).requires_grad_()
-    labels = _duplicated_labels(21, 3, 4).to(device)
-    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"),
-                           u_view, t_view, s32, labels)
-    ref = _loss_and_grads(label_guided_infonce_oracle, u_view.double(), t_view.double(),
-                          s.detach().to(device).requires_grad_(), labels)
-    # Same fp32 bound as test_triton_matches_oracle (not normalised here, |logit| <= 30).
-    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
-    for got, want in zip(ours[1], ref[1]):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    _check_triton_fp32(u_view, t_view, s, _duplicated_labels(21, 3, 4).to(device), device)
 
 
 @pytest.mark.triton
@@ -274,15 +270,7 @@ def test_triton_d_1024_boundary(device):
     # The widest D the Triton backend takes (16 gradient chunks and 64 K steps under the interpreter).
     u, t, s = _inputs(9, 1024, dtype=torch.float32)
     u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
-    s32 = s.detach().float().to(device).requires_grad_()
-    labels = _duplicated_labels(9, 3, 3).to(device)
-    ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
-    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
-                          s.detach().to(device).requires_grad_(), labels)
-    # fp32 dots over 1024 terms of unit vectors: still ~1e-7 per similarity, times s = 30.
-    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
-    for got, want in zip(ours[1], ref[1]):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    _check_triton_fp32(u, t, s, _duplicated_labels(9, 3, 3).to(device), device)
 
 
 def test_triton_rejects_d_over_1024():
