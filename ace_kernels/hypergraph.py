@@ -777,14 +777,14 @@ def _triton_topk_rows(pn, inv_norm, rows, topk):
     return idx, w
 
 
-def _triton_gather_sum(src, cols, weights):
-    B, R, D = src.shape
-    Q, S = cols.shape[1], cols.shape[2]
-    cfg = GATHER_CONFIG[_mode()]
-    out = torch.empty(B, Q, D, dtype=torch.float32, device=src.device)
+def _launch_per_incidence_row(kernel, cfg, src, cols, weights, out):
+    """Launch ``kernel`` (gather or atomic scatter) with one program per BLOCK_Q incidence rows
+    [B, Q, S] and BLOCK_D feature columns; returns ``out``."""
+    B, Q, S = cols.shape
+    D = src.shape[2]
     block_d = min(cfg["BLOCK_D"], _pow2(D))
     grid = (triton.cdiv(Q, cfg["BLOCK_Q"]), triton.cdiv(D, block_d), B)
-    _gather_sum_kernel[grid](
+    kernel[grid](
         src, cols, weights, out, Q, D, S,
         src.stride(0), src.stride(1), src.stride(2),
         cols.stride(0), cols.stride(1), cols.stride(2),
@@ -793,6 +793,11 @@ def _triton_gather_sum(src, cols, weights):
         BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
     )
     return out
+
+
+def _triton_gather_sum(src, cols, weights):
+    out = torch.empty(src.shape[0], cols.shape[1], src.shape[2], dtype=torch.float32, device=src.device)
+    return _launch_per_incidence_row(_gather_sum_kernel, GATHER_CONFIG[_mode()], src, cols, weights, out)
 
 
 def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
@@ -818,21 +823,9 @@ def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
 
 def _triton_scatter_sum_atomic(src, cols, weights, num_rows, transpose=None):
     """``scatter_sum`` with float32 atomics (``transpose`` is ignored): not deterministic."""
-    B, Q, D = src.shape
-    S = cols.shape[2]
-    cfg = ATOMIC_SCATTER_CONFIG[_mode()]
-    out = torch.zeros(B, num_rows, D, dtype=torch.float32, device=src.device)
-    block_d = min(cfg["BLOCK_D"], _pow2(D))
-    grid = (triton.cdiv(Q, cfg["BLOCK_Q"]), triton.cdiv(D, block_d), B)
-    _scatter_sum_atomic_kernel[grid](
-        src, cols, weights, out, Q, D, S,
-        src.stride(0), src.stride(1), src.stride(2),
-        cols.stride(0), cols.stride(1), cols.stride(2),
-        weights.stride(0), weights.stride(1), weights.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
-    )
-    return out
+    out = torch.zeros(src.shape[0], num_rows, src.shape[2], dtype=torch.float32, device=src.device)
+    return _launch_per_incidence_row(_scatter_sum_atomic_kernel, ATOMIC_SCATTER_CONFIG[_mode()], src, cols,
+                                     weights, out)
 
 
 def _triton_entry_dot(a, b, cols):
