@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench bench-quick test test-fast info gpu-check gpu-wheels clean
+.PHONY: setup bench bench-quick test test-fast test-triton36 info gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,24 @@ bench-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -q
 
+# The GPU machines run Triton 3.6 (ptxas 12.8), whose register allocation differs from the
+# pinned 3.8's (ptxas 12.9): a tile that fits under one can spill under the other. This runs
+# the op tests (interpreter, and the sm_90a AOT spill checks) in a second venv with triton
+# 3.6.0 and a CPU torch (2.13.0, on this machine's disk), with the package from this tree.
+# CI runs it after `make test`.
+VENV36 ?= .venv-triton36
+STAMP36 := $(VENV36)/.installed
+
+$(STAMP36):
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q torch==2.13.0
+	$(VENV36)/bin/python -m pip install -q triton==3.6.0 numpy pytest
+	touch $(STAMP36)
+
+test-triton36: $(STAMP36)
+	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py
+
 info: $(STAMP)
 	$(PY) -m ace_kernels.info
 
@@ -43,4 +61,4 @@ gpu-wheels:
 	ls -l .whl
 
 clean:
-	rm -rf build *.egg-info ace_kernels/*.so $(VENV)
+	rm -rf build *.egg-info ace_kernels/*.so $(VENV) $(VENV36)
