@@ -14,9 +14,10 @@ the batch. Without labels this is the plain CLIP loss.
 
 How it is computed
 ------------------
-Labels become integer keys once per call, on the device and exactly:
-``torch.unique(labels, dim=0, return_inverse=True)`` (no hashing). Two
-off-diagonal entries are masked exactly when their keys are equal.
+Labels become integer keys once per call, on the device and exactly (no
+hashing): the label rows are sorted and numbered by group (``_label_keys``),
+with fixed shapes, so without a host synchronisation. Two off-diagonal entries
+are masked exactly when their keys are equal.
 
 The ``B x B`` logits never exist. The forward pass walks blocks of rows and
 produces ``r`` and ``c`` with running log-sum-exps; the backward pass
@@ -82,6 +83,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ace_kernels import _dispatch
 from ace_kernels._checks import FLOAT_DTYPES, check_tensor
@@ -109,18 +111,45 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _label_keys(labels: torch.Tensor | None) -> torch.Tensor | None:
-    """Integer key per row: equal keys <=> equal label rows (exact, on the device).
+    """int64 key per row, on the device: equal keys <=> equal label rows, exactly (no hash).
 
-    ``torch.unique`` sizes its output from the data, so on a GPU it waits for
-    the device once (the only host synchronisation of the single-device op).
+    Rows compare as ``==`` does: -0.0 equals 0.0, and a row holding a NaN equals no other
+    row (it gets a key of its own, negative). The rows' bytes (after mapping -0.0 to 0.0
+    and NaN to 0) are packed into int64 words and sorted lexicographically, one stable sort
+    per word; equal rows are then adjacent and a cumulative sum of "differs from the row
+    before" numbers the groups. Every shape here is fixed by the input's shape, so there is
+    no host synchronisation (``torch.unique`` sizes its output from the data and waits for
+    the device) and ``torch.compile`` traces it.
     """
     if labels is None:
         return None
-    rows = labels.reshape(labels.shape[0], -1)
-    if rows.dtype == torch.bool:
+    rows = labels.reshape(-1, 1) if labels.dim() == 1 else labels.flatten(1)
+    n, device = rows.shape[0], rows.device
+    if rows.shape[1] == 0:  # empty label rows are all equal
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    nan_rows = None
+    if rows.is_floating_point():
+        nan = rows.isnan()
+        nan_rows = nan.any(dim=1)
+        rows = torch.where(nan, 0.0, rows) + 0.0  # -0.0 + 0.0 is +0.0: equal values, equal bytes
+    elif rows.dtype == torch.bool:
         rows = rows.to(torch.uint8)
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    return inverse
+    data = rows.contiguous().view(torch.uint8).reshape(n, rows.shape[1] * rows.element_size())
+    pad = -data.shape[1] % 8
+    if pad:
+        data = F.pad(data, (0, pad))
+    words = data.view(torch.int64)  # [n, W]; signed order is as good as any for grouping
+    order = torch.arange(n, device=device)
+    for w in range(words.shape[1] - 1, -1, -1):  # least significant word first: lexicographic
+        order = order[torch.sort(words[order, w], stable=True).indices]
+    ordered = words[order]
+    starts = torch.ones(n, dtype=torch.bool, device=device)
+    if n > 1:
+        starts[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+    keys = torch.empty(n, dtype=torch.int64, device=device).scatter_(0, order, torch.cumsum(starts, 0) - 1)
+    if nan_rows is not None:
+        keys = torch.where(nan_rows, -1 - torch.arange(n, device=device), keys)
+    return keys
 
 
 # ---------------------------------------------------------------------------
@@ -890,8 +919,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     before ``backward()`` (or all-reduce ``logit_scale.grad`` and the other
     parameters with SUM yourself). Every rank must run the backward.
 
-    Host synchronisation: ``torch.unique`` (labels given) waits for the
-    device once; with ``group`` one small shape all-gather is read on the host.
+    Host synchronisation: none on one device (label keys come from sorts of
+    fixed shape, not ``torch.unique``); with ``group`` one small shape
+    all-gather is read on the host.
 
     Non-finite inputs never raise or hang: NaN or +-inf in the embeddings or
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are

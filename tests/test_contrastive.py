@@ -152,6 +152,35 @@ def test_module_learns_the_multiplier_itself():
     torch.testing.assert_close(module.logit_scale.grad.double(), s_ref.grad, rtol=1e-6, atol=1e-9)
 
 
+def _key_cases():
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                  torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for width in (None, 1, 3, 14, 20):  # None: [B] labels; 20 float64 columns: 20 sort words
+            values = torch.randint(-2, 2, (45,) if width is None else (45, width), generator=g)
+            yield f"{dtype}-{width}", values > 0 if dtype == torch.bool else values.to(dtype)
+    nan = float("nan")
+    yield "signed_zero_and_nan", torch.tensor([[0.0, 1.0], [-0.0, 1.0], [nan, 1.0], [nan, 1.0], [0.0, 1.0],
+                                                [1.0, nan], [1.0, nan]])
+    yield "int64_extremes", torch.tensor([2**62, -2**62, 2**62, 0, -1, 2**63 - 1, -2**63, -1])
+    yield "strided_view", torch.randint(0, 2, (14, 30), generator=g).t()[:, 3:9]
+    yield "empty_rows", torch.zeros(6, 0)
+    yield "one_row", torch.ones(1, 3)
+
+
+@pytest.mark.parametrize("name,labels", list(_key_cases()), ids=[c[0] for c in _key_cases()])
+def test_label_keys_equal_exactly_when_rows_equal(name, labels):
+    # Keys are equal exactly where the label rows compare equal element by element (as the
+    # oracle's mask does): -0.0 equals 0.0, a row with a NaN equals no other row.
+    keys = contrastive._label_keys(labels)
+    rows = labels.reshape(-1, 1) if labels.dim() == 1 else labels
+    want = (rows[:, None, :] == rows[None, :, :]).all(dim=-1)
+    got = keys[:, None] == keys[None, :]
+    off_diagonal = ~torch.eye(rows.shape[0], dtype=torch.bool)
+    assert keys.dtype == torch.int64 and keys.shape == (rows.shape[0],)
+    assert torch.equal(got & off_diagonal, want & off_diagonal)
+
+
 def test_owned_shares_add_up_to_the_loss():
     # The per-rank path used with group=, exercised in one process: shares over a
     # partition of the batch must sum to the loss, and their gradients too.
@@ -374,8 +403,28 @@ def test_triton_gpu_deterministic_and_o_of_b_memory():
     for first, second in zip(*runs):
         assert torch.equal(first, second)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    # 8 MiB covers the O(B) vectors (LSEs, keys, torch.unique's sort of the [B, 14] labels).
+    # 8 MiB covers the O(B) vectors (LSEs, keys, the sort of the [B, 14] labels' key words).
     assert extra <= sms * batch * 4 + 8 * 2**20, extra
+
+
+@pytest.mark.gpu
+def test_triton_gpu_no_host_sync_on_one_device():
+    # Issue 5: no host synchronisation inside the op (labels given, forward and backward).
+    # The first call is outside the check: Triton compiles (and may autotune) there.
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    u = F.normalize(torch.randn(1000, 512, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
+    t = F.normalize(torch.randn(1000, 512, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
+    s = torch.tensor(30.0, device="cuda", requires_grad=True)
+    labels = _duplicated_labels(1000, 14, 20).cuda()
+    ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton").backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach()).item()
 
 
 def _dense_same_dtype(u, t, s, labels):
