@@ -34,12 +34,28 @@ BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
 _ENV_VAR = "ACE_KERNELS_BACKEND"
 
 
+_ONCE: dict = {}
+
+
+def _once(fn):
+    """Cache a no-argument function's result for the process (what ``functools.lru_cache``
+    would do, in a plain dict that ``torch.compile`` reads without warning)."""
+
+    @functools.wraps(fn)
+    def cached():
+        if fn.__name__ not in _ONCE:
+            _ONCE[fn.__name__] = fn()
+        return _ONCE[fn.__name__]
+
+    return cached
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
@@ -53,7 +69,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@_once
 def _extension():
     """Import the compiled extension lazily; returns (module, error)."""
     try:

@@ -284,7 +284,7 @@ def _torch_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, traini
     side: dict = {}
     y = _LoraTorchFunction.apply(x2d, weight, bias, lora_a3, lora_b3, float(scaling), dropout_p, apply_dropout, side)
     _record_mask(side["keep"], lead_shape, in_features)
-    if y.grad_fn is not None:
+    if _SAVED_BYTES_RECORDERS and y.grad_fn is not None:  # (torch.compile traces no grad_fn)
         _record_saved("torch", *side["saved"])
     return y.reshape(*lead_shape, y.shape[-1])
 
@@ -883,7 +883,7 @@ def _triton_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, train
         if apply_dropout:
             mask = _export_masks(side["seed"], x2d.shape[0], in_features, lora_a3.shape[0], dropout_p)
         _record_mask(mask, lead_shape, in_features)
-    if y.grad_fn is not None:
+    if _SAVED_BYTES_RECORDERS and y.grad_fn is not None:  # (torch.compile traces no grad_fn)
         _record_saved("triton", *side["saved"])
     return y.reshape(*lead_shape, y.shape[-1])
 
