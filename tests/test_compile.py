@@ -111,16 +111,21 @@ def test_label_keys_need_no_graph_break():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["lora_qkv", "label_guided_infonce", "ace_hypergraph cls_only"])
-def test_triton_fullgraph_inductor_on_gpu(name):
-    # The Triton kernels inside their autograd.Functions, compiled whole by inductor.
+def test_triton_fullgraph_inductor_on_gpu():
+    # The Triton kernels inside their autograd.Functions, compiled whole by inductor: the three
+    # ops in one function, so one compile (GPU time is scarce).
     torch._dynamo.reset()
-    if name == "lora_qkv":
-        fn, inputs = _lora_case(0.0, "triton", "cuda")
-    elif name == "label_guided_infonce":
-        fn, inputs = _infonce_case("triton", "cuda")
-    else:
-        fn, inputs = _hypergraph_case("triton", "cuda")
+    cases = [_lora_case(0.0, "triton", "cuda"), _infonce_case("triton", "cuda"), _hypergraph_case("triton", "cuda")]
+    inputs = tuple(t for _, case_inputs in cases for t in case_inputs)
+    sizes = [len(case_inputs) for _, case_inputs in cases]
+
+    def fn(*tensors):
+        total, start = 0.0, 0
+        for (case_fn, _), size in zip(cases, sizes):
+            total = total + case_fn(*tensors[start:start + size])
+            start += size
+        return total
+
     eager = _run(fn, inputs)
     compiled = _run(torch.compile(fn, fullgraph=True), inputs)
     _assert_same(compiled, eager, rtol=1e-4, atol=1e-4)
