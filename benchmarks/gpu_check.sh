@@ -4,6 +4,11 @@
 #
 #     bash benchmarks/gpu_check.sh            # results under $OUT (default ./runs/gpu_check)
 #
+# Before that one call, on the build machine: `make gpu-wheels` (Inf-CL into .whl/, which
+# git ignores, so the call names it: carry [".whl"]) and `git rev-parse HEAD > .git_sha`
+# (the copy travels without .git; untracked files that git does not ignore travel with it).
+# Afterwards commit $OUT's JSON and PNG under benchmarks/results/ (named after the card).
+#
 # Stages, each under its own `timeout`, each logged; a failing stage never stops the next:
 #   1. carried wheels in .whl/ installed into /tmp/site (PYTHONPATH), if any
 #   2. the CUDA extension built in place for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
