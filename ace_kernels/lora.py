@@ -711,10 +711,12 @@ _GPU_CONFIGS = {
     "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
               "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)},
     "backward": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
-                 "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3)},
-    # The backward without dX (x needs no gradient). fp32 has its own tiles: with the ones
-    # above, ptxas 12.8 (Triton 3.6, the GPU image's) holds this variant to 128 registers and
-    # spills 24 bytes; these spill with neither 12.8 nor 12.9 (106 and 112 registers).
+                 "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3)},
+    # The backward without dX (x needs no gradient). fp32 tiles here and above were picked from
+    # a sweep of 32 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) choices compiled with ptxas 12.8
+    # (Triton 3.6, the GPU image's) and 12.9 (Triton 3.8): ptxas often caps a variant at 128
+    # registers and spills under one and not the other; these spill under neither, for every
+    # projection count and dropout setting (at most 193 and 112 registers).
     "backward_nodx": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
                       "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=2)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),

@@ -527,14 +527,15 @@ def _aot_signatures():
                                     "stride_rr",
                                     "stride_ob", "stride_or", "stride_ok")},
                 **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS")}}
-    # Half inputs are read in their own dtype (bf16 here; fp16 compiles alike), float32 otherwise.
-    for k, has_rows, feat in ((5, False, "fp32"), (5, True, "fp32"), (16, False, "fp32"), (5, False, "bf16")):
+    # Half inputs are read in their own dtype, float32 otherwise.
+    for k, has_rows, feat in ((5, False, "fp32"), (5, True, "fp32"), (16, False, "fp32"), (5, False, "bf16"),
+                              (16, True, "bf16"), (5, False, "fp16"), (16, True, "fp16")):
         yield (f"topk_incidence k={k} rows={has_rows} {feat}", hg._topk_incidence_kernel,
                {**topk_sig, "pn_ptr": f"*{feat}"},
                dict(TOPK=k, BLOCK_K=hg._pow2(k), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_D=cfg["BLOCK_D"], HAS_ROWS=has_rows), cfg["num_warps"], cfg["num_stages"])
     g = hg.GATHER_CONFIG["gpu"]
-    for feat in ("fp32", "bf16"):
+    for feat in ("fp32", "bf16", "fp16"):
         yield (f"gather_sum {feat}", hg._gather_sum_kernel,
                {"src_ptr": f"*{feat}", "cols_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*fp32",
                 "Q": i32, "D": i32, "S": i32,
@@ -543,7 +544,7 @@ def _aot_signatures():
                 "BLOCK_Q": "constexpr", "BLOCK_D": "constexpr"},
                dict(BLOCK_Q=g["BLOCK_Q"], BLOCK_D=g["BLOCK_D"]), g["num_warps"], 3)
     sc = hg.SCATTER_CONFIG["gpu"]
-    for feat in ("fp32", "bf16"):
+    for feat in ("fp32", "bf16", "fp16"):
         yield (f"scatter_sum_csr {feat}", hg._scatter_sum_csr_kernel,
                {"src_ptr": f"*{feat}", "w_ptr": "*fp32", "row_ptr_ptr": "*i64", "perm_ptr": "*i64",
                 "out_ptr": "*fp32", "R": i32, "D": i32, "S": i32,
@@ -552,7 +553,7 @@ def _aot_signatures():
                 "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
                dict(BLOCK_R=sc["BLOCK_R"], BLOCK_D=sc["BLOCK_D"]), sc["num_warps"], 3)
     ac = hg.ATOMIC_SCATTER_CONFIG["gpu"]
-    for feat in ("fp32", "bf16"):
+    for feat in ("fp32", "bf16", "fp16"):
         yield (f"scatter_sum_atomic {feat}", hg._scatter_sum_atomic_kernel,
                {"src_ptr": f"*{feat}", "cols_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*fp32",
                 "Q": i32, "D": i32, "S": i32,
@@ -562,7 +563,7 @@ def _aot_signatures():
                dict(BLOCK_Q=ac["BLOCK_Q"], BLOCK_D=ac["BLOCK_D"]), ac["num_warps"], 3)
     dc = hg.DOT_CONFIG["gpu"]
     # (a, b): fp32 activations, the half-x gather's weight gradient, the incidence weights' dots.
-    for fa, fb in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16")):
+    for fa, fb in (("fp32", "fp32"), ("fp32", "bf16"), ("bf16", "bf16"), ("fp32", "fp16"), ("fp16", "fp16")):
         yield (f"entry_dot {fa} {fb}", hg._entry_dot_kernel,
                {"a_ptr": f"*{fa}", "b_ptr": f"*{fb}", "cols_ptr": "*i64", "out_ptr": "*fp32",
                 "Q": i32, "D": i32, "S": i32,
@@ -603,7 +604,7 @@ def test_triton_kernels_compile_for_sm90a_without_spills():
     report = [f"{r['name']}: {r['registers']} registers, {r['shared']} B shared, {r['spills']} B spilled"
               for r in results]
     print("\n".join(report))
-    assert len(results) == 13
+    assert len(results) == 21
     assert all(r["spills"] == 0 for r in results), report
 
 
