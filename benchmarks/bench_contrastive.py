@@ -155,6 +155,10 @@ def run(suite) -> None:
                     return clip_loss(u, t, s)
 
                 entries.append(("open_clip.ClipLoss", lambda: clip_loss(image, text, scale).backward(), leaves))
+                entry = suite.compiled_entry("open_clip.ClipLoss", lambda: clip_loss(image, text, scale),
+                                             lambda loss: loss.backward(), leaves)
+                if entry is not None:
+                    entries.append(entry)
         if suite.is_gpu and not suite.quick and batch == 8192:
             entry = _inf_cl_entry(suite, image, text, scale, leaves)
             if entry is not None:

@@ -119,6 +119,12 @@ def run(suite) -> None:
                                                    cls_only=cls_only).backward(grad_out)
 
             entries = [("reference", reference_step, leaves)]
+            entry = suite.compiled_entry(
+                "reference", lambda cls_only=cls_only: baselines.reference_ace_hypergraph(
+                    x, cls_attn, edge, node, topk=k, cls_only=cls_only),
+                lambda out: out.backward(grad_out), leaves)
+            if entry is not None:
+                entries.append(entry)
             checked = {}
             for provider in _providers(suite):
                 def probe(provider=provider):

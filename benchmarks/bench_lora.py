@@ -126,6 +126,14 @@ def run(suite) -> None:
             forwards[name] = lambda module=module: module(x)
             frozen_of[name] = list(module.buffers()) + params
 
+        for name in ("peft-style", "reference"):
+            module = modules[name]
+            entry = suite.compiled_entry(name, lambda module=module: module(x),
+                                         lambda outs: torch.autograd.backward(outs, grad_out),
+                                         [x] + [p for p in module.parameters() if p.requires_grad])
+            if entry is not None:
+                entries.append(entry)  # (its saved activations are inductor's business: not reported)
+
         checked = {}
         for provider in suite.providers:
             def probe(provider=provider):
@@ -148,7 +156,7 @@ def run(suite) -> None:
         measured = suite.measure_group(entries)
         base_results, ours = {}, {}
         for name, meas in measured.items():
-            saved = harness.saved_activation_mib(forwards[name], exclude=frozen_of[name])
+            saved = harness.saved_activation_mib(forwards[name], exclude=frozen_of[name]) if name in forwards else None
             metrics = extra_metrics(meas, saved)
             if name in checked:
                 metrics["rel_err_vs_reference_p0"] = checked[name]

@@ -24,7 +24,9 @@
 #
 # Switches: GPU_CHECK_BUDGET (s), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_SKIP_TESTS=1,
 # GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
-# GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all), PYTHON (default python3),
+# GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all), GPU_CHECK_COMPILE=1 (also
+# time the baselines under torch.compile: off by default, compiling costs ~10-30 s a shape of
+# device time), PYTHON (default python3),
 # ACE_GIT_SHA (the sha to record when the copy has no .git; otherwise a file .git_sha at the
 # repository root is read if present).
 #
@@ -155,6 +157,7 @@ BENCH_ARGS=(--out-dir "$OUT" --name "$STEM" --no-plot)
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && BENCH_ARGS+=(--quick)
 for family in ${GPU_CHECK_ONLY:-}; do BENCH_ARGS+=(--only "$family"); done
 [ -n "${GPU_CHECK_TIER:-}" ] && BENCH_ARGS+=(--tier "$GPU_CHECK_TIER")
+[ "${GPU_CHECK_COMPILE:-0}" = 1 ] && BENCH_ARGS+=(--compile-baselines on)
 # The suite stops starting new configurations 45 s before its own kill time (one configuration,
 # the full-size model build included, fits in that margin).
 BENCH_LIMIT=$(($(left) - RESERVE))

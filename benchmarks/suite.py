@@ -33,11 +33,12 @@ class Suite:
 
     def __init__(self, *, device: torch.device, quick: bool, json_path: str | None, png_path: str | None,
                  time_budget_s: float | None, max_seconds_per_call: float, providers: Sequence[str] | None,
-                 log: Callable[[str], None] = print, tier: str = "all"):
+                 log: Callable[[str], None] = print, tier: str = "all", compile_baselines: bool = False):
         if tier not in TIERS:
             raise ValueError(f"argument 'tier': expected one of {TIERS}, got {tier!r}")
         self.device = device
         self.tier = tier
+        self.compile_baselines = compile_baselines
         self.quick = quick
         self.json_path = json_path
         self.png_path = png_path
@@ -181,6 +182,36 @@ class Suite:
         self.log(f"  ({time.monotonic() - start:.1f} s for {len(alive)} entries)")
         return results
 
+    def compiled_entry(self, label: str, forward: Callable[[], Any], finish: Callable[[Any], Any],
+                       grads: Sequence[torch.Tensor]):
+        """The baseline ``<label>+compile``: ``finish(compiled_forward())`` with ``forward`` under
+        ``torch.compile`` (inductor, static shapes; its backward graph compiled by AOTAutograd).
+
+        Returns a ``measure_group`` entry, or None when compiled baselines are off
+        (``--compile-baselines``) or compiling fails (the reason is logged). The step runs once
+        here, so compile time and compile-time allocations stay out of its measurement.
+        """
+        name = f"{label}+compile"
+        if not self.compile_baselines:
+            return None
+        compiled = torch.compile(forward, dynamic=False)
+
+        def step():
+            return finish(compiled())
+
+        start = time.monotonic()
+        try:
+            step()
+        except Exception as exc:  # a baseline that does not compile is reported, not fatal
+            self.skip(name, f"torch.compile failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            return None
+        finally:
+            for t in grads:
+                t.grad = None
+        self.log(f"  {name}: compiled in {time.monotonic() - start:.1f} s")
+        return (name, step, grads)
+
     def provider_can_run(self, label: str, call: Callable[[], Any]) -> bool:
         """Run ``call`` once (a correctness probe); log and return False if the backend cannot take it."""
         try:
@@ -277,6 +308,7 @@ class Suite:
         return {
             "quick": self.quick,
             "tier": self.tier,
+            "compile_baselines": self.compile_baselines,
             "providers": self.providers,
             "calibration": self.calibration,
             "skipped": self.skipped,
@@ -315,6 +347,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tier", choices=TIERS, default="all",
                         help="all (default); cheap: leave out the costly GPU items (largest-batch search, B=16,384 "
                              "chunked training); costly: only those, with what they are compared with in the same run")
+    parser.add_argument("--compile-baselines", choices=("auto", "on", "off"), default="auto",
+                        help="also time the main baselines under torch.compile (inductor), named <baseline>+compile "
+                             "(auto: on for full CPU runs; off with --quick and on a GPU, where compiling costs "
+                             "scarce device time)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which remaining configurations are skipped (gpu_check.sh uses it)")
     parser.add_argument("--max-seconds-per-call", type=float, default=None,
@@ -341,14 +377,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     png_path = None if args.no_plot else os.path.join(args.out_dir, stem + ".png")
     per_call = args.max_seconds_per_call or (2.0 if args.quick else (5.0 if device.type == "cuda" else 20.0))
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
+    compile_baselines = (args.compile_baselines == "on"
+                         or (args.compile_baselines == "auto" and device.type == "cpu" and not args.quick))
     suite = Suite(device=device, quick=args.quick, json_path=json_path, png_path=png_path,
                   time_budget_s=args.time_budget, max_seconds_per_call=per_call, providers=providers,
-                  tier=args.tier)
+                  tier=args.tier, compile_baselines=compile_baselines)
     env = suite.environment
     print(f"ace-kernels benchmarks on {env.device}  torch {env.torch}  triton {env.triton}  cuda {env.cuda}  "
           f"git {env.git_sha}  threads {env.threads}  load {env.load_average}")
     print(f"providers: {', '.join(suite.providers)}{'  (quick shapes)' if args.quick else ''}"
-          f"{'' if args.tier == 'all' else f'  (tier {args.tier})'}")
+          f"{'' if args.tier == 'all' else f'  (tier {args.tier})'}"
+          f"{'  (baselines also under torch.compile)' if compile_baselines else ''}")
     if device.type == "cpu" and env.load_average and env.load_average[0] > 0.5:
         print(f"note: load average {env.load_average[0]} on {os.cpu_count()} cores before the run: other work "
               "shares these cores, CPU times are inflated and noisier")

@@ -68,6 +68,8 @@ def test_quick_run_rows_are_complete(quick_run):
     assert {"reference", "peft-style", "torch"} <= providers
     assert payload["environment"]["device_type"] == "cpu"
     assert payload["run"]["quick"] is True
+    assert payload["run"]["compile_baselines"] is False  # auto: off with --quick
+    assert not [r for r in rows if r["provider"].endswith("+compile")]
 
 
 def _rows(payload, op):
@@ -137,6 +139,30 @@ def test_quick_run_png_and_compare(quick_run):
     assert "0 only in old, 0 only in new" in text and "lora_qkv" in text
     assert " 1.00 " in text  # same file: every ratio is 1
 
+
+def test_compiled_baselines_are_rows_beside_the_eager_ones(tmp_path):
+    # --compile-baselines on: the main baselines also run under torch.compile (inductor), as
+    # "<baseline>+compile" rows, with our rows compared against them too. One quick family.
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--only", "hypergraph",
+         "--compile-baselines", "on", "--out-dir", str(tmp_path), "--name", "compiled", "--no-plot",
+         "--max-seconds-per-call", "0.3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "compiled.json", encoding="utf-8") as fh:
+        payload = json.load(fh)
+    assert payload["run"]["compile_baselines"] is True
+    rows = payload["rows"]
+    for mode in ("cls_only", "full"):
+        same = [r for r in rows if r["shape"].endswith(mode)]
+        compiled = [r for r in same if r["provider"] == "reference+compile"]
+        assert len(compiled) == 1 and compiled[0]["median_ms"] > 0, proc.stdout[-2000:]
+        ours = [r for r in same if r["provider"] == "torch" and r["baseline"] == "reference+compile"]
+        assert len(ours) == 1
+        assert ours[0]["speedup_vs_baseline"] == pytest.approx(compiled[0]["median_ms"] / ours[0]["median_ms"])
 
 # --------------------------------------------------------------------------- baselines vs our ops, fp64
 
