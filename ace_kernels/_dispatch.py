@@ -14,7 +14,9 @@ Every public op is implemented by up to three backends:
 Each backend answers ``reasons(*tensors) -> list[str]``: an empty list means it
 can run the call. ``backend="auto"`` takes the first backend of the op's
 preference order that has no reasons; an explicitly requested backend that
-cannot run raises ``RuntimeError`` listing why. The environment variable
+cannot run raises ``RuntimeError`` listing why. On a GPU model that the
+benchmark suite has measured, the preference order is the measured one
+(fastest first, ``dispatch_order.json`` beside this file). The environment variable
 ``ACE_KERNELS_BACKEND`` (``auto|cuda|triton|torch``) replaces ``"auto"``
 when a call does not name a backend itself.
 
@@ -24,6 +26,7 @@ Nothing here touches the GPU or the extension at import time.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -185,6 +188,55 @@ def reasons_for(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) 
     return reasons
 
 
+# The order ``auto`` tries backends in, per GPU model, as measured by the benchmark suite on
+# that card (``python -m benchmarks.dispatch_order RESULTS.json`` writes it); ops and cards
+# not in it keep the order given to ``define_op``.
+ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_order.json")
+
+
+def _load_orders() -> dict:
+    try:
+        with open(ORDER_FILE, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    by_device = data.get("by_device") if isinstance(data, dict) else None
+    return by_device if isinstance(by_device, dict) else {}
+
+
+# Read once at import (a small file; no GPU is touched), so that a first call under
+# torch.compile has no file to open.
+_MEASURED_ORDERS = _load_orders()
+
+
+def measured_orders() -> dict:
+    """``{device name: {op: [backend, ...]}}`` from :data:`ORDER_FILE` ({} when absent or unreadable)."""
+    return _MEASURED_ORDERS
+
+
+_DEVICE_NAMES: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _cuda_device_name(index: int) -> str:
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+def preference(op: str, device: torch.device | None = None) -> tuple[str, ...]:
+    """The order in which ``auto`` tries the backends of ``op`` for a call on ``device``."""
+    entry = _OPS[op]
+    orders = measured_orders()
+    if not orders or device is None or device.type != "cuda":
+        return entry.prefer
+    measured = orders.get(_cuda_device_name(device.index if device.index is not None else 0), {}).get(op)
+    if not isinstance(measured, list):
+        return entry.prefer
+    first = [name for name in measured if name in entry.prefer]
+    return tuple(first + [name for name in entry.prefer if name not in first])
+
+
 def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> Callable:
     """Return the implementation of ``op`` that takes this call.
 
@@ -199,7 +251,8 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> Ca
             raise RuntimeError(f"{op}: backend {wanted!r} cannot run this call: " + "; ".join(reasons))
         return entry.impls[wanted]
     tried = {}
-    for name in entry.prefer:
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
+    for name in preference(op, device):
         # The interpreter exists for testing; auto never routes real work to it.
         if name == "triton" and interpreter_enabled() and not torch.cuda.is_available():
             tried[name] = ["the Triton interpreter is only used when asked for explicitly"]

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ace_kernels._dispatch import BACKENDS, _extension, available_backends, interpreter_enabled
+from ace_kernels._dispatch import BACKENDS, _OPS, _extension, available_backends, interpreter_enabled, preference
 
 
 def report() -> str:
@@ -31,6 +31,13 @@ def report() -> str:
     for name in BACKENDS:
         why = table[name]
         lines.append(f"  {name:<7} {'available' if not why else 'unavailable: ' + '; '.join(why)}")
+    # The order backend="auto" tries on this machine's first GPU (measured there, or declared).
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else None
+    lines.append("")
+    lines.append("auto tries, in order" + (" (on cuda:0)" if device is not None else "") + ":")
+    for op in sorted(_OPS):
+        if not op.startswith("_"):
+            lines.append(f"  {op:<21} {', '.join(preference(op, device))}")
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@
 #      JSON even when the suite itself was cut off
 # The whole script stays inside GPU_CHECK_BUDGET seconds (default 465: 8 minutes with margin).
 # Files back (at most 8): gpu_check.log, build.log, info.txt, tests.log, bench.log,
-# <device>-<date>.json and .png.
+# <device>-<date>.json and .png, dispatch_order.json (the measured backend order of
+# backend="auto" on this card: copy it over ace_kernels/dispatch_order.json).
 #
 # Switches: GPU_CHECK_BUDGET (s), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_SKIP_TESTS=1,
 # GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
@@ -180,8 +181,16 @@ else
     say "no result JSON was written"
 fi
 
+# The measured backend order of backend="auto" on this card (ace_kernels/dispatch_order.json
+# updated from this run's rows; commit it over the package's file).
+if [ -f "$OUT/$STEM.json" ]; then
+    timeout 60 $PY -m benchmarks.dispatch_order "$OUT/$STEM.json" --out "$OUT/dispatch_order.json" \
+        >>"$LOG" 2>&1 || say "dispatch order: not written (see above)"
+fi
+
 # Nothing else may land under $OUT (at most 8 files come back).
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' ! -name 'info.txt' \
-    ! -name 'tests.log' ! -name 'bench.log' ! -name "$STEM.json" ! -name "$STEM.png" -exec rm -rf {} +
+    ! -name 'tests.log' ! -name 'bench.log' ! -name "$STEM.json" ! -name "$STEM.png" \
+    ! -name 'dispatch_order.json' -exec rm -rf {} +
 say "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit 0

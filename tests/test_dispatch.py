@@ -1,5 +1,7 @@
-"""Backend selection, the environment override, and import hygiene."""
+"""Backend selection, the environment override, the measured backend order, and import hygiene."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -81,6 +83,11 @@ def test_info_reports_every_backend(capsys):
     out = capsys.readouterr().out
     for name in ace_kernels.BACKENDS:
         assert name in out
+    # And the order auto tries for each public op.
+    order_lines = out.split("auto tries, in order")[1].splitlines()[1:]
+    assert {line.split()[0] for line in order_lines} == {"ace_hypergraph", "label_guided_infonce", "lora_linear",
+                                                         "lora_qkv"}
+    assert all(line.split()[-1] == "torch" for line in order_lines)  # the exact path is always last
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -118,3 +125,72 @@ def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "ace_kernels.info"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "torch" in result.stdout and "available" in result.stdout
+
+
+# --------------------------------------------------------------------------- measured backend order
+
+def _gpu_payload(rows, device="NVIDIA H100 80GB HBM3"):
+    return {"environment": {"device": device, "device_type": "cuda", "git_sha": "abc", "date": "2026-11-29"},
+            "rows": rows}
+
+
+def _row(op, shape, provider, ms, baseline="reference"):
+    return {"op": op, "shape": shape, "dtype": "bfloat16", "provider": provider, "median_ms": ms,
+            "baseline": baseline}
+
+
+def test_measured_order_is_used_on_its_card_only(toy_op, monkeypatch):
+    monkeypatch.setattr(_dispatch, "measured_orders", lambda: {"Card A": {toy_op: ["torch", "cuda"]}})
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: {0: "Card A", 1: "Card B"}[index])
+    # Measured backends first, the declared order for the rest (triton was not measured).
+    assert _dispatch.preference(toy_op, torch.device("cuda", 0)) == ("torch", "cuda", "triton")
+    assert _dispatch.preference(toy_op, torch.device("cuda", 1)) == ("cuda", "triton", "torch")
+    assert _dispatch.preference(toy_op, torch.device("cpu")) == ("cuda", "triton", "torch")
+    assert _dispatch.preference(toy_op, None) == ("cuda", "triton", "torch")
+
+
+def test_shipped_order_file_is_readable():
+    # Empty until a GPU run is recorded; whatever it holds must be a {card: {op: [backends]}} table
+    # of known ops and backends.
+    orders = _dispatch.measured_orders()
+    assert isinstance(orders, dict)
+    for card, ops in orders.items():
+        for op, order in ops.items():
+            assert op in _dispatch._OPS and set(order) <= set(_dispatch.BACKENDS), (card, op, order)
+
+
+def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import dispatch_order
+
+    rows = [
+        # hypergraph: cuda faster at both shapes, and triton-atomic reported but not written.
+        _row("ace_hypergraph", "B=64 cls_only", "triton", 2.0), _row("ace_hypergraph", "B=64 cls_only", "cuda", 1.0),
+        _row("ace_hypergraph", "B=64 cls_only", "triton-atomic", 1.5),
+        _row("ace_hypergraph", "B=1024 full", "triton", 8.0), _row("ace_hypergraph", "B=1024 full", "cuda", 6.0),
+        _row("ace_hypergraph", "B=1024 full", "torch", 30.0), _row("ace_hypergraph", "B=1024 full", "reference", 90.0,
+                                                                    baseline=None),
+        # lora: triton first; the torch row repeated against a second baseline counts once.
+        _row("lora_qkv", "M=12608", "triton", 1.0), _row("lora_qkv", "M=12608", "torch", 3.0),
+        _row("lora_qkv", "M=12608", "torch", 3.0, baseline="peft-style"),
+        # one backend only: nothing to order.
+        _row("label_guided_infonce", "B=65536", "triton", 100.0),
+    ]
+    existing = {"about": "kept", "by_device": {"Other card": {"lora_qkv": ["torch", "triton"]}}}
+    content, report = dispatch_order.update(_gpu_payload(rows), existing)
+    orders = content["by_device"]["NVIDIA H100 80GB HBM3"]
+    # torch ran at one of the two hypergraph shapes: counted as twice the slowest at the other.
+    assert orders["ace_hypergraph"] == ["cuda", "triton", "torch"]
+    assert orders["lora_qkv"] == orders["lora_linear"] == ["triton", "torch"]
+    assert "label_guided_infonce" not in orders
+    assert content["by_device"]["Other card"] == {"lora_qkv": ["torch", "triton"]} and content["about"] == "kept"
+    assert any("triton-atomic takes 0.75x" in line for line in report), report
+    # The command line writes the file (atomically) and refuses a CPU run.
+    results, out = tmp_path / "run.json", tmp_path / "order.json"
+    results.write_text(json.dumps(_gpu_payload(rows)))
+    assert dispatch_order.main([str(results), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["by_device"]["NVIDIA H100 80GB HBM3"]["ace_hypergraph"][0] == "cuda"
+    cpu = _gpu_payload(rows, device="AMD EPYC")
+    cpu["environment"]["device_type"] = "cpu"
+    results.write_text(json.dumps(cpu))
+    assert dispatch_order.main([str(results), "--out", str(out)]) == 2

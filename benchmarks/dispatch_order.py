@@ -1,0 +1,119 @@
+"""``python -m benchmarks.dispatch_order RESULTS.json``: the backend order of ``backend="auto"``
+on the card of a benchmark run, fastest first, written into ``ace_kernels/dispatch_order.json``.
+
+For each op with rows of two or more of our backends (``cuda``, ``triton``, ``torch``) at the
+same shape, a backend's score is the geometric mean over those shapes of its time over the
+fastest backend's time there (1.0: fastest everywhere); the order is by score. Shapes where a
+backend did not run count against it (it cannot be first if it cannot take the call). The
+file keeps what it held for other cards and ops. ``lora_linear`` runs the kernels of
+``lora_qkv`` and takes its order.
+
+Provider ``triton-atomic`` (the hypergraph's ``deterministic=False``) is not a backend: its
+time against ``triton`` is printed, for the choice of the default, but not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from typing import Sequence
+
+from ace_kernels import _dispatch
+
+BACKENDS = _dispatch.BACKENDS
+SHARED_ORDER = {"lora_qkv": ("lora_linear",)}  # ops that run another op's kernels
+
+
+def backend_times(rows: Sequence[dict]) -> dict:
+    """``{op: {shape: {provider: median_ms}}}`` of our providers' rows (one time per provider and shape)."""
+    times: dict = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        provider, ms = row.get("provider"), row.get("median_ms")
+        if provider in BACKENDS + ("triton-atomic",) and ms:
+            times[row["op"]][f"{row['shape']} [{row['dtype']}]"][provider] = float(ms)
+    return times
+
+
+def order_for(shapes: dict) -> tuple[list[str], dict[str, float]] | None:
+    """Backends fastest first and their scores, from ``{shape: {backend: ms}}``; None when no
+    shape has two backends to compare."""
+    compared = {shape: {b: ms for b, ms in by.items() if b in BACKENDS} for shape, by in shapes.items()}
+    compared = {shape: by for shape, by in compared.items() if len(by) >= 2}
+    if not compared:
+        return None
+    backends = sorted({b for by in compared.values() for b in by})
+    scores = {}
+    for backend in backends:
+        logs = []
+        for by in compared.values():
+            best = min(by.values())
+            # Not run at this shape: twice the slowest measured there (it could not take the call).
+            ms = by.get(backend, 2 * max(by.values()))
+            logs.append(math.log(ms / best))
+        scores[backend] = round(math.exp(sum(logs) / len(logs)), 4)
+    return sorted(backends, key=lambda b: (scores[b], BACKENDS.index(b))), scores
+
+
+def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
+    """The new content of the order file and a report, from a result file's ``payload``."""
+    device = payload["environment"]["device"]
+    if payload["environment"].get("device_type") != "cuda":
+        raise ValueError(f"argument 'RESULTS': expected a GPU run, got one on {device!r}")
+    content = dict(existing or {})
+    by_device = dict(content.get("by_device") or {})
+    orders = dict(by_device.get(device) or {})
+    report = [f"{device} (git {payload['environment'].get('git_sha')}, {payload['environment'].get('date')}):"]
+    for op, shapes in sorted(backend_times(payload["rows"]).items()):
+        found = order_for(shapes)
+        if found is not None:
+            order, scores = found
+            for name in (op,) + SHARED_ORDER.get(op, ()):
+                orders[name] = order
+            report.append(f"  {op}: {' > '.join(order)}  (time / fastest, geometric mean over "
+                          f"{sum(1 for by in shapes.values() if len(set(by) & set(BACKENDS)) >= 2)} shapes: "
+                          + ", ".join(f"{b} {s:.3g}" for b, s in scores.items()) + ")")
+        atomic = [by["triton-atomic"] / by["triton"] for by in shapes.values()
+                  if "triton-atomic" in by and "triton" in by]
+        if atomic:
+            ratio = math.exp(sum(math.log(r) for r in atomic) / len(atomic))
+            report.append(f"  {op}: triton-atomic takes {ratio:.3g}x the time of triton (geometric mean over "
+                          f"{len(atomic)} shapes; below 1 favours deterministic=False)")
+    by_device[device] = orders
+    content["by_device"] = by_device
+    return content, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_order", description=__doc__.splitlines()[0])
+    parser.add_argument("results", metavar="RESULTS.json", help="a result file of a GPU run of python -m benchmarks")
+    parser.add_argument("--out", default=_dispatch.ORDER_FILE,
+                        help="the order file to update (default: %(default)s)")
+    args = parser.parse_args(argv)
+    with open(args.results, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    existing = None
+    source = args.out if os.path.exists(args.out) else _dispatch.ORDER_FILE
+    if os.path.exists(source):
+        with open(source, encoding="utf-8") as handle:
+            existing = json.load(handle)
+    try:
+        content, report = update(payload, existing)
+    except ValueError as exc:
+        print(f"dispatch_order: {exc}", file=sys.stderr)
+        return 2
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, args.out)
+    print("\n".join(report))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
