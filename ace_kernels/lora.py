@@ -129,8 +129,10 @@ def saved_activation_bytes() -> Iterator[list]:
         _SAVED_BYTES_RECORDERS.remove(record)
 
 
-def _record_saved(backend: str, x_saved: torch.Tensor, extras) -> None:
-    if not _SAVED_BYTES_RECORDERS:
+def _record_saved(backend: str, y: torch.Tensor, x_saved: torch.Tensor, extras) -> None:
+    """Record what the call that produced ``y`` saved, if it built a graph and a recorder is on.
+    (The recorders are checked first: ``torch.compile`` cannot trace ``y.grad_fn``.)"""
+    if not _SAVED_BYTES_RECORDERS or y.grad_fn is None:
         return
     x_bytes = x_saved.numel() * x_saved.element_size()
     extra = sum(t.numel() * t.element_size() for t in extras if t is not None)
@@ -284,8 +286,7 @@ def _torch_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, traini
     side: dict = {}
     y = _LoraTorchFunction.apply(x2d, weight, bias, lora_a3, lora_b3, float(scaling), dropout_p, apply_dropout, side)
     _record_mask(side["keep"], lead_shape, in_features)
-    if _SAVED_BYTES_RECORDERS and y.grad_fn is not None:  # (torch.compile traces no grad_fn)
-        _record_saved("torch", *side["saved"])
+    _record_saved("torch", y, *side["saved"])
     return y.reshape(*lead_shape, y.shape[-1])
 
 
@@ -704,20 +705,21 @@ def _block_r(projections: int, rank: int) -> int:
 # cannot time configs, and these shapes are all K=768-ish GEMMs). GPU values were
 # chosen to compile for sm_90a without spills (tests/test_lora.py compiles each).
 # Interpreter: large-enough tiles that tiny test shapes need few programs.
+_BACKWARD_16BIT = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3)
 _GPU_CONFIGS = {
     # kernel: {dtype class: (tile sizes..., num_warps, num_stages)}
     "down": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
              "fp32": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)},
     "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
               "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)},
-    "backward": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
+    "backward": {"16bit": _BACKWARD_16BIT,
                  "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3)},
     # The backward without dX (x needs no gradient). fp32 tiles here and above were picked from
     # a sweep of 32 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) choices compiled with ptxas 12.8
     # (Triton 3.6, the GPU image's) and 12.9 (Triton 3.8): ptxas often caps a variant at 128
     # registers and spills under one and not the other; these spill under neither, for every
     # projection count and dropout setting (at most 193 and 112 registers).
-    "backward_nodx": {"16bit": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3),
+    "backward_nodx": {"16bit": _BACKWARD_16BIT,  # the same tiles: no spills in either variant
                       "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=2)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
              "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
@@ -885,8 +887,7 @@ def _triton_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, train
         if apply_dropout:
             mask = _export_masks(side["seed"], x2d.shape[0], in_features, lora_a3.shape[0], dropout_p)
         _record_mask(mask, lead_shape, in_features)
-    if _SAVED_BYTES_RECORDERS and y.grad_fn is not None:  # (torch.compile traces no grad_fn)
-        _record_saved("triton", *side["saved"])
+    _record_saved("triton", y, *side["saved"])
     return y.reshape(*lead_shape, y.shape[-1])
 
 
