@@ -126,11 +126,10 @@ def run(suite) -> None:
             forwards[name] = lambda module=module: module(x)
             frozen_of[name] = list(module.buffers()) + params
 
+        grads_of = {name: grads for name, _, grads in entries}
         for name in ("peft-style", "reference"):
-            module = modules[name]
-            entry = suite.compiled_entry(name, lambda module=module: module(x),
-                                         lambda outs: torch.autograd.backward(outs, grad_out),
-                                         [x] + [p for p in module.parameters() if p.requires_grad])
+            entry = suite.compiled_entry(name, forwards[name], lambda outs: torch.autograd.backward(outs, grad_out),
+                                         grads_of[name])
             if entry is not None:
                 entries.append(entry)  # (its saved activations are inductor's business: not reported)
 

@@ -54,7 +54,7 @@ import torch
 
 import ace_kernels
 from benchmarks import baselines
-from benchmarks.harness import MIB, Measurement, Target
+from benchmarks.harness import MIB, Measurement, Target, describe_error
 
 FAMILY = "model"
 COSTLY_ITEMS = ("ace_lora_max_batch",)
@@ -426,7 +426,7 @@ def _largest_batch(try_step, free_bytes, seconds: float, log=print) -> dict:
     except _SearchStopped as exc:
         complete, note = False, str(exc)
     except Exception as exc:  # an op that cannot run at some size: say so, keep what was found
-        complete, note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        complete, note = False, describe_error(exc, limit=200)
     return {"max_batch": best.get("batch"), "ms": best.get("ms"), "peak": best.get("peak"),
             "complete": complete and best.get("batch") is not None, "note": note, "tries": tries}
 

@@ -96,7 +96,7 @@ def _measure_chunked(suite, label: str, fn, grads, *, timed_calls: int, one_call
     except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
         failure = f"out of memory: {str(exc).splitlines()[0][:200]}"
     except Exception as exc:
-        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        failure = harness.describe_error(exc)
     else:
         failure = None
     for t in grads:

@@ -474,6 +474,12 @@ def measure(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torc
         return Measurement(None, None, 0, error=f"{type(exc).__name__}: {exc}")
 
 
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """``"<type>: <first line of the message>"``, cut to ``limit`` characters, for skip reasons."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """``||ours - ref|| / ||ref||`` in float64 (inf when shapes differ or ours is not finite)."""
     if ours.shape != ref.shape:

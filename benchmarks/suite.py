@@ -168,7 +168,7 @@ class Suite:
                 peaks[label] = harness.peak_memory_mib(fn, device=self.device, grads=grads)
                 alive.append((label, fn, grads))
             except Exception as exc:  # a failing entry must not cost the others their numbers
-                self.skip(label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+                self.skip(label, harness.describe_error(exc))
         if not alive:
             return results
         timed = harness.time_interleaved([(fn, grads) for _, fn, grads in alive],
@@ -203,8 +203,7 @@ class Suite:
         try:
             step()
         except Exception as exc:  # a baseline that does not compile is reported, not fatal
-            self.skip(name, f"torch.compile failed: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            self.skip(name, f"torch.compile failed: {harness.describe_error(exc)}")
             return None
         finally:
             for t in grads:
@@ -226,7 +225,7 @@ class Suite:
         except NotImplementedError as exc:
             self.skip(label, f"not implemented yet ({exc})")
         except Exception as exc:
-            self.skip(label, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            self.skip(label, harness.describe_error(exc))
             if os.environ.get("ACE_BENCH_TRACEBACK"):
                 traceback.print_exc()
         return False
