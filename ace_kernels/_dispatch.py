@@ -251,7 +251,9 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> Ca
             raise RuntimeError(f"{op}: backend {wanted!r} cannot run this call: " + "; ".join(reasons))
         return entry.impls[wanted]
     tried = {}
-    device = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
+    device = None
+    if measured_orders():  # only a measured order depends on the device
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
     for name in preference(op, device):
         # The interpreter exists for testing; auto never routes real work to it.
         if name == "triton" and interpreter_enabled() and not torch.cuda.is_available():

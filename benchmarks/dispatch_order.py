@@ -38,9 +38,9 @@ def backend_times(rows: Sequence[dict]) -> dict:
     return times
 
 
-def order_for(shapes: dict) -> tuple[list[str], dict[str, float]] | None:
-    """Backends fastest first and their scores, from ``{shape: {backend: ms}}``; None when no
-    shape has two backends to compare."""
+def order_for(shapes: dict) -> tuple[list[str], dict[str, float], int] | None:
+    """Backends fastest first, their scores and the number of shapes compared, from
+    ``{shape: {backend: ms}}``; None when no shape has two backends to compare."""
     compared = {shape: {b: ms for b, ms in by.items() if b in BACKENDS} for shape, by in shapes.items()}
     compared = {shape: by for shape, by in compared.items() if len(by) >= 2}
     if not compared:
@@ -55,7 +55,7 @@ def order_for(shapes: dict) -> tuple[list[str], dict[str, float]] | None:
             ms = by.get(backend, 2 * max(by.values()))
             logs.append(math.log(ms / best))
         scores[backend] = round(math.exp(sum(logs) / len(logs)), 4)
-    return sorted(backends, key=lambda b: (scores[b], BACKENDS.index(b))), scores
+    return sorted(backends, key=lambda b: (scores[b], BACKENDS.index(b))), scores, len(compared)
 
 
 def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
@@ -70,11 +70,10 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
         found = order_for(shapes)
         if found is not None:
-            order, scores = found
+            order, scores, compared = found
             for name in (op,) + SHARED_ORDER.get(op, ()):
                 orders[name] = order
-            report.append(f"  {op}: {' > '.join(order)}  (time / fastest, geometric mean over "
-                          f"{sum(1 for by in shapes.values() if len(set(by) & set(BACKENDS)) >= 2)} shapes: "
+            report.append(f"  {op}: {' > '.join(order)}  (time / fastest, geometric mean over {compared} shapes: "
                           + ", ".join(f"{b} {s:.3g}" for b, s in scores.items()) + ")")
         atomic = [by["triton-atomic"] / by["triton"] for by in shapes.values()
                   if "triton-atomic" in by and "triton" in by]

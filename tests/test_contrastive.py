@@ -168,7 +168,10 @@ def _key_cases():
     yield "one_row", torch.ones(1, 3)
 
 
-@pytest.mark.parametrize("name,labels", list(_key_cases()), ids=[c[0] for c in _key_cases()])
+KEY_CASES = list(_key_cases())
+
+
+@pytest.mark.parametrize("name,labels", KEY_CASES, ids=[c[0] for c in KEY_CASES])
 def test_label_keys_equal_exactly_when_rows_equal(name, labels):
     # Keys are equal exactly where the label rows compare equal element by element (as the
     # oracle's mask does): -0.0 equals 0.0, a row with a NaN equals no other row.
