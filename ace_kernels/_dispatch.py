@@ -217,7 +217,9 @@ def measured_orders() -> dict:
 _DEVICE_NAMES: dict = {}
 
 
-@torch.compiler.assume_constant_result
+# Not marked torch.compiler.assume_constant_result: applying that decorator imports
+# torch._dynamo, which import ace_kernels must not do (a second of start-up, and dynamo's
+# threads made gloo ranks abort at exit). Eager calls fill the cache that compiled ones read.
 def _cuda_device_name(index: int) -> str:
     if index not in _DEVICE_NAMES:
         _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)

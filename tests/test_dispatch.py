@@ -98,6 +98,7 @@ def test_import_touches_neither_gpu_nor_extension():
     result = _run_python(
         "import sys, ace_kernels\n"
         "assert 'ace_kernels._C' not in sys.modules, 'extension imported eagerly'\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported at import (slow start-up)'\n"
         "import torch\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
         "print('ok')\n"
