@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench bench-quick test test-fast test-triton36 info gpu-check gpu-wheels clean
+.PHONY: setup bench bench-quick test test-fast test-gpu-image info gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -26,23 +26,35 @@ bench-quick: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests -q
 
-# The GPU machines run Triton 3.6 (ptxas 12.8), whose register allocation differs from the
-# pinned 3.8's (ptxas 12.9): a tile that fits under one can spill under the other. This runs
-# the op tests (interpreter, and the sm_90a AOT spill checks) in a second venv with triton
-# 3.6.0 and a CPU torch (2.13.0, on this machine's disk), with the package from this tree.
-# CI runs it after `make test`.
-VENV36 ?= .venv-triton36
-STAMP36 := $(VENV36)/.installed
+# The GPU machines' software, here: Python 3.12, torch 2.11.0 (+cu130) and triton 3.6.0, as the
+# lent H100/H200 image has them (numpy 2.5.2 too). This second venv catches what only that
+# stack does: Triton 3.6's ptxas (12.8) allocates registers differently from 3.8's (12.9), so a
+# tile can spill under one and not the other (the sm_90a AOT checks); torch 2.11 traces the
+# ops differently under torch.compile; and the CUDA extension must compile and link against
+# torch 2.11's headers (built here when nvcc is found; it cannot run without a GPU). It runs
+# the op and compile tests with the package from this tree. CI runs it after `make test`.
+VENV_GPU ?= .venv-gpu-image
+STAMP_GPU := $(VENV_GPU)/.installed
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
+GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0
 
-$(STAMP36):
-	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
-	$(VENV36)/bin/python -m pip install -q torch==2.13.0
-	$(VENV36)/bin/python -m pip install -q triton==3.6.0 numpy pytest
-	touch $(STAMP36)
+$(STAMP_GPU):
+	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/python -m pip install -q $(GPU_IMAGE_PINS) setuptools ninja
+	touch $(STAMP_GPU)
 
-test-triton36: $(STAMP36)
-	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py
+test-gpu-image: $(STAMP_GPU)
+	@if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then \
+		echo "building ace_kernels._C against torch 2.11 (sm_90a)"; \
+		rm -rf build/gpu-image; mkdir -p build; \
+		ACE_KERNELS_FORCE_CUDA=1 CFLAGS=-g0 $(VENV_GPU)/bin/python setup.py -q build_ext --inplace \
+			--build-temp build/gpu-image/temp >build/gpu-image.log 2>&1 \
+			|| { tail -n 40 build/gpu-image.log; exit 1; }; \
+		PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
+	else echo "no nvcc: the extension build against torch 2.11 is not checked"; fi
+	PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
+		tests/test_compile.py
 
 info: $(STAMP)
 	$(PY) -m ace_kernels.info
@@ -53,12 +65,14 @@ gpu-check:
 
 # Wheels a lent GPU machine lacks (it has no network), downloaded here into .whl/ (ignored by
 # git) for its Python 3.12; gpu_check.sh installs whatever lies there. Its image already has
-# peft, accelerate, timm and transformers; Inf-CL is the InfoNCE benchmark's extra baseline.
-GPU_WHEELS ?= inf_cl==1.2.1
+# peft, accelerate, timm, transformers, regex, tqdm and huggingface_hub. Inf-CL is the InfoNCE
+# benchmark's extra baseline; open_clip (with ftfy and wcwidth, which it imports) gives the
+# ClipLoss baseline and test, and builds BiomedCLIP through open_clip as on CPU.
+GPU_WHEELS ?= inf_cl==1.2.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	ls -l .whl
 
 clean:
-	rm -rf build *.egg-info ace_kernels/*.so $(VENV) $(VENV36)
+	rm -rf build *.egg-info ace_kernels/*.so $(VENV) $(VENV_GPU)

@@ -85,7 +85,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ace_kernels import _dispatch
+from ace_kernels import _dispatch, _library
 from ace_kernels._checks import FLOAT_DTYPES, check_tensor
 
 __all__ = ["label_guided_infonce", "LabelGuidedInfoNCE"]
@@ -633,16 +633,23 @@ def _kernel_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_DOT", "num_warps", "num_stages")}
 
 
-def _triton_lse_rows(a, b, scale, keys, lo, hi):
+def _lse_rows_fake(a, b, scale, keys, lo, hi):
+    return a.new_empty((hi - lo,), dtype=torch.float32), a.new_empty((hi - lo,), dtype=torch.float32)
+
+
+@_library.launcher("infonce_lse_rows", _lse_rows_fake)
+def _triton_lse_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None, lo: int,
+                     hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``."""
     cfg = _launch_config("lse", a.dtype, a.shape[1], aligned=_aligned(a.shape[1], a, b))
-    out = torch.empty(2, hi - lo, dtype=torch.float32, device=a.device)
+    lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
+    positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(hi - lo, cfg["BLOCK_M"]),)
     _lse_rows_kernel[grid](
-        a, b, keys if keys is not None else out, scale, out[0], out[1], lo, hi, a.shape[0], a.shape[1],
+        a, b, keys if keys is not None else lse, scale, lse, positives, lo, hi, a.shape[0], a.shape[1],
         a.stride(0), b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
         **_kernel_options(cfg))
-    return out[0], out[1]
+    return lse, positives
 
 
 def _lse_programs(device: torch.device, blocks: int) -> int:
@@ -653,7 +660,13 @@ def _lse_programs(device: torch.device, blocks: int) -> int:
     return min(blocks, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _triton_lse_both(u, t, scale, keys):
+def _lse_both_fake(u, t, scale, keys):
+    return tuple(u.new_empty((u.shape[0],), dtype=torch.float32) for _ in range(3))
+
+
+@_library.launcher("infonce_lse_both", _lse_both_fake)
+def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
+                     keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row LSEs, column LSEs and the similarities ``u_i . t_i`` of the whole batch in one pass.
 
     Extra memory: the ``[programs, B]`` fp32 column partials (33 MiB at B = 65,536 on a
@@ -663,19 +676,27 @@ def _triton_lse_both(u, t, scale, keys):
     cfg = _launch_config("lse", u.dtype, dim, aligned=_aligned(dim, u, t))
     programs = _lse_programs(u.device, triton.cdiv(n, cfg["BLOCK_M"]))
     col_part = torch.full((programs, n), float("-inf"), dtype=torch.float32, device=u.device)
-    out = torch.empty(2, n, dtype=torch.float32, device=u.device)
+    row_lse = torch.empty(n, dtype=torch.float32, device=u.device)
+    positives = torch.empty(n, dtype=torch.float32, device=u.device)
     _lse_both_kernel[(programs,)](
-        u, t, keys if keys is not None else out, scale, out[0], out[1], col_part, n, dim,
+        u, t, keys if keys is not None else row_lse, scale, row_lse, positives, col_part, n, dim,
         u.stride(0), t.stride(0), HAS_KEYS=keys is not None, IEEE=u.dtype == torch.float32,
         **_kernel_options(cfg))
     col_lse = torch.empty(n, dtype=torch.float32, device=u.device)
     step = 8192
     for start in range(0, n, step):
         torch.logsumexp(col_part[:, start:start + step], dim=0, out=col_lse[start:start + step])
-    return out[0], col_lse, out[1]
+    return row_lse, col_lse, positives
 
 
-def _triton_grad_rows(a, b, scale, keys, lse_a, lse_b, lo, hi, coef):
+def _grad_rows_fake(a, b, scale, keys, lse_a, lse_b, lo, hi, coef):
+    return torch.empty_like(a, memory_format=torch.contiguous_format), a.new_empty((), dtype=torch.float32)
+
+
+@_library.launcher("infonce_grad_rows", _grad_rows_fake)
+def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
+                      lse_a: torch.Tensor, lse_b: torch.Tensor, lo: int, hi: int,
+                      coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient w.r.t. ``a`` (in ``a``'s dtype) and the logit-scale gradient of this direction."""
     n, dim = a.shape
     grad_a = torch.empty(n, dim, dtype=a.dtype, device=a.device)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ace_kernels import _dispatch
+from ace_kernels import _dispatch, _library
 from ace_kernels._checks import check_positive_int, check_tensor
 
 __all__ = ["ace_hypergraph", "ACEHypergraph", "MAX_KERNEL_TOPK"]
@@ -754,7 +754,15 @@ def _mode() -> str:
     return "interp" if _dispatch.interpreter_enabled() else "gpu"
 
 
-def _triton_topk_rows(pn, inv_norm, rows, topk):
+def _topk_rows_fake(pn, inv_norm, rows, topk):
+    R = pn.shape[1] if rows is None else rows.shape[1]
+    return (pn.new_empty((pn.shape[0], R, topk), dtype=torch.int64),
+            pn.new_empty((pn.shape[0], R, topk), dtype=torch.float32))
+
+
+@_library.launcher("hg_topk_incidence", _topk_rows_fake)
+def _triton_topk_rows(pn: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor | None,
+                      topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, M, D = pn.shape
     inv_norm = inv_norm.float()
     cfg = TOPK_CONFIG[_mode()]
@@ -795,24 +803,31 @@ def _launch_per_incidence_row(kernel, cfg, src, cols, weights, out):
     return out
 
 
-def _triton_gather_sum(src, cols, weights):
+def _gather_sum_fake(src, cols, weights):
+    return src.new_empty((src.shape[0], cols.shape[1], src.shape[2]), dtype=torch.float32)
+
+
+@_library.launcher("hg_gather_sum", _gather_sum_fake)
+def _triton_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     out = torch.empty(src.shape[0], cols.shape[1], src.shape[2], dtype=torch.float32, device=src.device)
     return _launch_per_incidence_row(_gather_sum_kernel, GATHER_CONFIG[_mode()], src, cols, weights, out)
 
 
-def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
-    B, Q, D = src.shape
-    S = cols.shape[2]
-    if transpose is None:
-        transpose = _transpose_csr(cols, num_rows)
-    row_ptr, perm = transpose
-    flat_w = weights.reshape(B, Q * S).contiguous()
+def _scatter_csr_fake(src, flat_w, row_ptr, perm, num_rows, slots):
+    return src.new_empty((src.shape[0], num_rows, src.shape[2]), dtype=torch.float32)
+
+
+@_library.launcher("hg_scatter_sum_csr", _scatter_csr_fake)
+def _triton_scatter_sum_csr(src: torch.Tensor, flat_w: torch.Tensor, row_ptr: torch.Tensor, perm: torch.Tensor,
+                            num_rows: int, slots: int) -> torch.Tensor:
+    """``C = A^T src`` over the transpose incidence (``row_ptr``, ``perm``; as the CUDA op)."""
+    B, _, D = src.shape
     cfg = SCATTER_CONFIG[_mode()]
     out = torch.empty(B, num_rows, D, dtype=torch.float32, device=src.device)
     block_d = min(cfg["BLOCK_D"], _pow2(D))
     grid = (triton.cdiv(num_rows, cfg["BLOCK_R"]), triton.cdiv(D, block_d), B)
     _scatter_sum_csr_kernel[grid](
-        src, flat_w, row_ptr, perm, out, num_rows, D, S,
+        src, flat_w, row_ptr, perm, out, num_rows, D, slots,
         src.stride(0), src.stride(1), src.stride(2),
         flat_w.stride(0), row_ptr.stride(0), perm.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
@@ -821,14 +836,37 @@ def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
     return out
 
 
-def _triton_scatter_sum_atomic(src, cols, weights, num_rows, transpose=None):
-    """``scatter_sum`` with float32 atomics (``transpose`` is ignored): not deterministic."""
+def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
+    B, Q, S = cols.shape
+    if transpose is None:
+        transpose = _transpose_csr(cols, num_rows)
+    row_ptr, perm = transpose
+    return _triton_scatter_sum_csr(src, weights.reshape(B, Q * S).contiguous(), row_ptr, perm, num_rows, S)
+
+
+def _scatter_atomic_fake(src, cols, weights, num_rows):
+    return src.new_empty((src.shape[0], num_rows, src.shape[2]), dtype=torch.float32)
+
+
+@_library.launcher("hg_scatter_sum_atomic", _scatter_atomic_fake)
+def _triton_scatter_atomic(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor,
+                           num_rows: int) -> torch.Tensor:
     out = torch.zeros(src.shape[0], num_rows, src.shape[2], dtype=torch.float32, device=src.device)
     return _launch_per_incidence_row(_scatter_sum_atomic_kernel, ATOMIC_SCATTER_CONFIG[_mode()], src, cols,
                                      weights, out)
 
 
-def _triton_entry_dot(a, b, cols):
+def _triton_scatter_sum_atomic(src, cols, weights, num_rows, transpose=None):
+    """``scatter_sum`` with float32 atomics (``transpose`` is ignored): not deterministic."""
+    return _triton_scatter_atomic(src, cols, weights, num_rows)
+
+
+def _entry_dot_fake(a, b, cols):
+    return a.new_empty(cols.shape, dtype=torch.float32)
+
+
+@_library.launcher("hg_entry_dot", _entry_dot_fake)
+def _triton_entry_dot(a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     B, Q, D = a.shape
     S = cols.shape[2]
     cfg = DOT_CONFIG[_mode()]

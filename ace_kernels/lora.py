@@ -66,7 +66,7 @@ from typing import Iterator
 
 import torch
 
-from ace_kernels import _dispatch
+from ace_kernels import _dispatch, _library
 from ace_kernels._checks import check_probability, check_same_dtype, check_tensor
 
 __all__ = ["lora_linear", "lora_qkv", "lora_qkv_packed", "capture_dropout_masks", "saved_activation_bytes"]
@@ -224,7 +224,13 @@ class _LoraTorchFunction(torch.autograd.Function):
             s_flat = s_act.transpose(0, 1).reshape(rows, projections * rank)  # [M, P*r]
         else:
             s_flat = x2d @ lora_a3.reshape(projections * rank, in_features).t()  # [M, P*r]
-        y.addmm_(s_flat, _block_diagonal_b(lora_b3).t(), alpha=scaling)
+        if torch.compiler.is_compiling():
+            # Out of place while tracing: torch 2.11's AOTAutograd returned zero gradients for
+            # every input when the Function's output was updated in place (fixed by 2.13;
+            # inductor re-inplaces it anyway). Eager keeps the in-place update (one buffer less).
+            y = torch.addmm(y, s_flat, _block_diagonal_b(lora_b3).t(), alpha=scaling)
+        else:
+            y.addmm_(s_flat, _block_diagonal_b(lora_b3).t(), alpha=scaling)
         ctx.save_for_backward(x2d, weight, lora_a3, lora_b3, s_flat, keep)
         ctx.scaling = scaling
         ctx.keep_prob = keep_prob
@@ -266,7 +272,8 @@ class _LoraTorchFunction(torch.autograd.Function):
             if need_x:
                 grad_x = grad_y @ weight
                 lora_part = torch.where(keep, torch.bmm(grad_s3, lora_a3), 0.0)  # [P, M, in]
-                grad_x.add_(lora_part.sum(0), alpha=factor)
+                # mul_ then add_ (not add_(alpha=)): torch 2.11 compiles alpha= to other roundings.
+                grad_x.add_(lora_part.sum(0).mul_(factor))
                 del lora_part
             if need_a:
                 x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)
@@ -768,41 +775,108 @@ def _export_masks(seed: torch.Tensor, rows: int, in_features: int, projections: 
     return mask.bool()
 
 
+def _lora_forward_fake(x2d, weight, bias, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout):
+    rows, (projections, rank, _), out_features = x2d.shape[0], lora_a3.shape, lora_b3.shape[1]
+    return (x2d.new_empty((rows, projections * out_features)),
+            x2d.new_empty((rows, projections * rank), dtype=torch.float32))
+
+
+@_library.launcher("lora_forward", _lora_forward_fake)
+def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a3: torch.Tensor,
+                         lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
+                         apply_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Y [M, P*out] in x's dtype and S [M, P*r] fp32: the down kernel, then the fused linear."""
+    projections, rank, in_features = lora_a3.shape
+    out_features = lora_b3.shape[1]
+    rows = x2d.shape[0]
+    n_total = projections * out_features
+    device = x2d.device
+    dot_precision, lora_precision = _precisions(x2d.dtype)
+    block_r = _block_r(projections, rank)
+    keep_prob = 1.0 - dropout_p
+    s_act = torch.empty((rows, projections * rank), dtype=torch.float32, device=device)
+    y = torch.empty((rows, n_total), dtype=x2d.dtype, device=device)
+    if rows == 0:
+        return y, s_act
+    cfg = _config("down", x2d.dtype, device)
+    _lora_down_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+        x2d, lora_a3, s_act, seed, rows, in_features, rank,
+        x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+        s_act.stride(0), s_act.stride(1),
+        0, _drop_threshold(dropout_p), 1.0 / keep_prob,
+        PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision, **cfg)
+    cfg = _config("fused", x2d.dtype, device)
+    grid = (triton.cdiv(n_total, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_M"]))
+    _lora_fused_linear_kernel[grid](
+        x2d, weight, bias if bias is not None else x2d, s_act, lora_b3, y,
+        rows, n_total, in_features, out_features, rank,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s_act.stride(0), s_act.stride(1),
+        lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), y.stride(0), y.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, PROJECTIONS=projections, BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
+    return y, s_act
+
+
+def _lora_backward_fake(grad_y, x2d, weight, lora_a3, lora_b3, s_act, seed, scaling, dropout_p, apply_dropout,
+                        compute_dx):
+    projections, rank, in_features = lora_a3.shape
+    rank_total = projections * rank
+    return (x2d.new_empty(x2d.shape if compute_dx else (0,)),
+            x2d.new_empty((rank_total, in_features), dtype=torch.float32),
+            x2d.new_empty((projections * lora_b3.shape[1], rank_total), dtype=torch.float32))
+
+
+@_library.launcher("lora_backward", _lora_backward_fake)
+def _lora_backward_launch(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_a3: torch.Tensor,
+                          lora_b3: torch.Tensor, s_act: torch.Tensor, seed: torch.Tensor, scaling: float,
+                          dropout_p: float, apply_dropout: bool,
+                          compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX, or an empty tensor when ``compute_dx`` is off; dA [P*r, in] fp32; dY^T S [P*out, P*r] fp32).
+
+    One kernel; its per-row-block partials of dA and dY^T S are summed here in a fixed order."""
+    projections, rank, in_features = lora_a3.shape
+    out_features = lora_b3.shape[1]
+    rows = x2d.shape[0]
+    n_total = projections * out_features
+    rank_total = projections * rank
+    device = x2d.device
+    dot_precision, lora_precision = _precisions(x2d.dtype)
+    keep_prob = 1.0 - dropout_p if apply_dropout else 1.0
+    cfg = _config("backward" if compute_dx else "backward_nodx", x2d.dtype, device)
+    row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+    grad_x = (torch.empty_like(x2d, memory_format=torch.contiguous_format) if compute_dx
+              else x2d.new_empty((0,)))
+    da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)
+    db_part = torch.empty((row_blocks, n_total, rank_total), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), row_blocks)
+    g_scratch = torch.empty((grid[0], rows, rank_total), dtype=torch.float32, device=device)
+    _lora_backward_kernel[grid](
+        grad_y, weight, x2d, lora_a3, lora_b3, s_act, seed,
+        grad_x if compute_dx else x2d, da_part, db_part, g_scratch,
+        rows, n_total, in_features, out_features, rank,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x2d.stride(0), x2d.stride(1),
+        lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+        lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), s_act.stride(0), s_act.stride(1),
+        grad_x.stride(0) if compute_dx else 0, grad_x.stride(1) if compute_dx else 0,
+        0, _drop_threshold(dropout_p), scaling / keep_prob,
+        PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
+        BLOCK_R=_block_r(projections, rank), DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
+    return grad_x, da_part.sum(0), db_part.sum(0)
+
+
 class _LoraTritonFunction(torch.autograd.Function):
     """Fused LoRA for P stacked projections; saves x, S [M, P*r] fp32 and the seed only."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
-        projections, rank, in_features = lora_a3.shape
-        out_features = lora_b3.shape[1]
-        rows = x2d.shape[0]
-        n_total = projections * out_features
-        device = x2d.device
-        dot_precision, lora_precision = _precisions(x2d.dtype)
-        block_r = _block_r(projections, rank)
-        keep_prob = 1.0 - dropout_p
-        seed = _draw_seed(device) if apply_dropout else torch.zeros(1, dtype=torch.int64, device=device)
-        s_act = torch.empty((rows, projections * rank), dtype=torch.float32, device=device)
-        y = torch.empty((rows, n_total), dtype=x2d.dtype, device=device)
-        if rows > 0:
-            cfg = _config("down", x2d.dtype, device)
-            _lora_down_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-                x2d, lora_a3, s_act, seed, rows, in_features, rank,
-                x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
-                s_act.stride(0), s_act.stride(1),
-                0, _drop_threshold(dropout_p), 1.0 / keep_prob,
-                PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=block_r,
-                DOT_PRECISION=dot_precision, **cfg)
-            cfg = _config("fused", x2d.dtype, device)
-            grid = (triton.cdiv(n_total, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_M"]))
-            _lora_fused_linear_kernel[grid](
-                x2d, weight, bias if bias is not None else x2d, s_act, lora_b3, y,
-                rows, n_total, in_features, out_features, rank,
-                x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s_act.stride(0), s_act.stride(1),
-                lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), y.stride(0), y.stride(1),
-                float(scaling),
-                HAS_BIAS=bias is not None, PROJECTIONS=projections, BLOCK_R=block_r,
-                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
+        if apply_dropout:
+            seed = _draw_seed(x2d.device)
+        else:
+            seed = torch.zeros(1, dtype=torch.int64, device=x2d.device)
+        y, s_act = _lora_forward_launch(x2d, weight, bias, lora_a3, lora_b3, seed, float(scaling), float(dropout_p),
+                                        bool(apply_dropout))
         ctx.save_for_backward(x2d, weight, lora_a3, lora_b3, s_act, seed)
         ctx.scaling = float(scaling)
         ctx.dropout_p = dropout_p
@@ -816,46 +890,25 @@ class _LoraTritonFunction(torch.autograd.Function):
         x2d, weight, lora_a3, lora_b3, s_act, seed = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
         out_features = lora_b3.shape[1]
-        rows = x2d.shape[0]
-        n_total = projections * out_features
-        rank_total = projections * rank
-        device = x2d.device
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        if rows == 0:
+        if x2d.shape[0] == 0:
             grad_x = torch.zeros_like(x2d) if need_x else None
             return (grad_x, None, None, torch.zeros_like(lora_a3) if need_a else None,
                     torch.zeros_like(lora_b3) if need_b else None, None, None, None, None)
-        dot_precision, lora_precision = _precisions(x2d.dtype)
         # The kernel's dots need dY in the inputs' dtype (autocast can hand back another).
         grad_y = grad_y.to(x2d.dtype)
-        keep_prob = 1.0 - ctx.dropout_p if ctx.apply_dropout else 1.0
-        cfg = _config("backward" if need_x else "backward_nodx", x2d.dtype, device)
-        row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
-        grad_x = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_x else None
-        da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)
-        db_part = torch.empty((row_blocks, n_total, rank_total), dtype=torch.float32, device=device)
-        grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), row_blocks)
-        g_scratch = torch.empty((grid[0], rows, rank_total), dtype=torch.float32, device=device)
-        _lora_backward_kernel[grid](
-            grad_y, weight, x2d, lora_a3, lora_b3, s_act, seed,
-            grad_x if need_x else x2d, da_part, db_part, g_scratch,
-            rows, n_total, in_features, out_features, rank,
-            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x2d.stride(0), x2d.stride(1),
-            lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
-            lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), s_act.stride(0), s_act.stride(1),
-            grad_x.stride(0) if need_x else 0, grad_x.stride(1) if need_x else 0,
-            0, _drop_threshold(ctx.dropout_p), ctx.scaling / keep_prob,
-            PROJECTIONS=projections, APPLY_DROPOUT=ctx.apply_dropout, COMPUTE_DX=bool(need_x),
-            BLOCK_R=_block_r(projections, rank), DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
+        grad_x, grad_a_flat, db_full = _lora_backward_launch(
+            grad_y, x2d, weight, lora_a3, lora_b3, s_act, seed, ctx.scaling, float(ctx.dropout_p),
+            bool(ctx.apply_dropout), bool(need_x))
         grad_a = grad_b = None
         if need_a:
-            grad_a = da_part.sum(0).reshape(projections, rank, in_features).to(lora_a3.dtype)
+            grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype)
         if need_b:
-            db_full = db_part.sum(0)  # [N, P*r], zero outside each column's projection
+            # db_full [N, P*r] is zero outside each column's projection.
             grad_b = torch.stack([
                 db_full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] for p in range(projections)
             ]).mul_(ctx.scaling).to(lora_b3.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        return grad_x if need_x else None, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):

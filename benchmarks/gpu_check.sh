@@ -4,8 +4,8 @@
 #
 #     bash benchmarks/gpu_check.sh            # results under $OUT (default ./runs/gpu_check)
 #
-# Before that one call, on the build machine: `make gpu-wheels` (Inf-CL into .whl/, which
-# git ignores, so the call names it: carry [".whl"]) and `git rev-parse HEAD > .git_sha`
+# Before that one call, on the build machine: `make gpu-wheels` (Inf-CL and open_clip into
+# .whl/, which git ignores, so the call names it: carry [".whl"]) and `git rev-parse HEAD > .git_sha`
 # (the copy travels without .git; untracked files that git does not ignore travel with it).
 # Afterwards commit $OUT's JSON and PNG under benchmarks/results/ (named after the card).
 #

@@ -2,8 +2,12 @@
 
 CPU, torch backend (and ``backend="auto"``, which resolves to it here): ``aot_eager`` runs
 the traced ATen graph with eager's random stream, so even dropout must match bit for bit;
-``inductor`` generates code (its own random stream, so dropout off there). On a GPU the
-Triton backend is compiled too.
+``inductor`` generates code (its own random stream, so dropout off there).
+
+Triton backend: its launchers are custom ops (``ace_triton::*``, see ``ace_kernels._library``)
+while compiling. Under the interpreter they take CPU tensors, so the CPU suite compiles the
+Triton paths with ``aot_eager`` (bit-exact: the same launchers run) and checks every op's
+schema and fake implementation with ``torch.library.opcheck``. On a GPU, inductor compiles them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import pytest
 import torch
 
 import ace_kernels
+from ace_kernels import _library, hypergraph
 
 
 def _lora_case(dropout_p: float, backend: str, device="cpu"):
@@ -43,7 +48,7 @@ def _infonce_case(backend: str, device="cpu"):
     return fn, (u, t, s)
 
 
-def _hypergraph_case(backend: str, device="cpu"):
+def _hypergraph_case(backend: str, device="cpu", cls_only=True):
     torch.manual_seed(2)
     module = ace_kernels.ACEHypergraph(dim=16, hidden=8, topk=3).to(device)
     g = torch.Generator().manual_seed(2)
@@ -51,7 +56,7 @@ def _hypergraph_case(backend: str, device="cpu"):
     cls_attn = torch.rand(2, 10, generator=g).to(device)
 
     def fn(x):
-        return module(x, cls_attn, cls_only=True, backend=backend).square().sum()
+        return module(x, cls_attn, cls_only=cls_only, backend=backend).square().sum()
 
     return fn, (x,)
 
@@ -68,6 +73,13 @@ def _assert_same(compiled, eager, rtol, atol):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"gradient {i}: {m}")
 
 
+def _assert_aot_eager_exact(fn, inputs):
+    torch._dynamo.reset()
+    eager = _run(fn, inputs)
+    compiled = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), inputs)
+    _assert_same(compiled, eager, rtol=0, atol=0)
+
+
 CASES = {
     "lora_qkv dropout": lambda backend: _lora_case(0.3, backend),
     "label_guided_infonce": _infonce_case,
@@ -75,14 +87,70 @@ CASES = {
 }
 
 
+TRITON_CASES = {
+    "lora_qkv dropout": lambda device: _lora_case(0.3, "triton", device),
+    "label_guided_infonce": lambda device: _infonce_case("triton", device),
+    "ace_hypergraph cls_only": lambda device: _hypergraph_case("triton", device),
+    "ace_hypergraph full": lambda device: _hypergraph_case("triton", device, cls_only=False),
+}
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_fullgraph_aot_eager_matches_eager_exactly(name, backend):
-    torch._dynamo.reset()
-    fn, inputs = CASES[name](backend)
-    eager = _run(fn, inputs)
-    compiled = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), inputs)
-    _assert_same(compiled, eager, rtol=0, atol=0)
+    _assert_aot_eager_exact(*CASES[name](backend))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_fullgraph_aot_eager_matches_eager_exactly(name, device):
+    _assert_aot_eager_exact(*TRITON_CASES[name](device))
+
+
+def _opcheck_cases(device):
+    """Small arguments for every launcher op, with the optional inputs both given and absent."""
+    g = torch.Generator().manual_seed(7)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def randint(high, *shape):
+        return torch.randint(0, high, shape, generator=g).to(device)
+
+    x, w, b = randn(13, 40), randn(72, 40), randn(72)
+    a3, b3, seed = 0.1 * randn(3, 4, 40), 0.1 * randn(3, 24, 4), randint(1000, 1)
+    s_act, grad_y = randn(13, 12), randn(13, 72)
+    u = torch.nn.functional.normalize(randn(19, 8), dim=-1)
+    t = torch.nn.functional.normalize(randn(19, 8), dim=-1)
+    scale, coef, keys = randn(1).abs() + 1, randn(1), randint(4, 19).int()
+    lse = randn(19) + 3
+    pn, inv_norm = randn(2, 10, 16), randn(2, 10).abs() + 0.5
+    src, cols, weights = randn(2, 4, 16), randint(10, 2, 4, 5), randn(2, 4, 5).abs()
+    row_ptr, perm = hypergraph._transpose_csr(cols, 10)
+    return {
+        "lora_forward": [(x, w, b, a3, b3, seed, 0.5, 0.3, True), (x, w, None, a3, b3, seed, 0.5, 0.0, False)],
+        "lora_backward": [(grad_y, x, w, a3, b3, s_act, seed, 0.5, 0.3, True, True),
+                          (grad_y, x, w, a3, b3, s_act, seed, 0.5, 0.0, False, False)],
+        "infonce_lse_rows": [(u, t, scale, keys, 3, 11), (u, t, scale, None, 0, 19)],
+        "infonce_lse_both": [(u, t, scale, keys), (u, t, scale, None)],
+        "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, coef), (t, u, scale, None, lse, lse, 5, 9, coef)],
+        "hg_topk_incidence": [(pn, inv_norm, None, 3), (pn, inv_norm, randint(10, 2, 3), 3)],
+        "hg_gather_sum": [(pn, cols, weights)],
+        "hg_scatter_sum_csr": [(src, weights.reshape(2, 20), row_ptr, perm, 10, 5)],
+        "hg_scatter_sum_atomic": [(src, cols, weights, 10)],
+        "hg_entry_dot": [(src, pn, cols)],
+    }
+
+
+@pytest.mark.triton
+def test_every_launcher_op_passes_opcheck(device):
+    # Schema, fake implementation (shapes, dtypes, strides) against the real launch, and
+    # AOT dispatch with dynamic shapes; a launcher added without a case here fails the test.
+    cases = _opcheck_cases(device)
+    assert set(cases) == set(_library.REGISTERED), "every registered launcher op needs opcheck arguments"
+    for name, arg_sets in cases.items():
+        for args in arg_sets:
+            torch.library.opcheck(_library.REGISTERED[name], args)
 
 
 @pytest.mark.slow
@@ -110,12 +178,15 @@ def test_label_keys_need_no_graph_break():
         torch.testing.assert_close(compiled(u, t, labels), loss_fn(u, t, labels), rtol=0, atol=0)
 
 
-@pytest.mark.gpu
-def test_triton_fullgraph_inductor_on_gpu():
-    # The Triton kernels inside their autograd.Functions, compiled whole by inductor: the three
-    # ops in one function, so one compile (GPU time is scarce).
+@pytest.mark.triton
+@pytest.mark.slow
+def test_triton_fullgraph_inductor(device):
+    # The Triton launchers as extern custom ops inside code inductor generates: all four cases
+    # in one function, so one compile (GPU time is scarce). On the CPU the launchers run the
+    # interpreter; on a GPU, the compiled kernels.
     torch._dynamo.reset()
-    cases = [_lora_case(0.0, "triton", "cuda"), _infonce_case("triton", "cuda"), _hypergraph_case("triton", "cuda")]
+    cases = [_lora_case(0.0, "triton", device), _infonce_case("triton", device),
+             _hypergraph_case("triton", device), _hypergraph_case("triton", device, cls_only=False)]
     inputs = tuple(t for _, case_inputs in cases for t in case_inputs)
     sizes = [len(case_inputs) for _, case_inputs in cases]
 
