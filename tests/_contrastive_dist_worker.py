@@ -7,6 +7,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from _dist_exit import exit_now
+
 
 def make_global_batch(sizes, dim, with_labels, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -43,6 +45,7 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
                     "grad_scale": scale.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 def run_mismatch(rank, world, port, out_dir):
@@ -64,6 +67,7 @@ def run_mismatch(rank, world, port, out_dir):
             handle.write(message)
     finally:
         dist.destroy_process_group()
+    exit_now()
 
 
 if __name__ == "__main__":

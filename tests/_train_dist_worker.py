@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from _dist_exit import exit_now  # noqa: E402
 from _train_standin import RandomPairs, make_batch, make_model, trainable_grads  # noqa: E402
 from ace_model import training  # noqa: E402
 
@@ -83,3 +84,4 @@ def _train_run(args, rank: int, lr: float) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()

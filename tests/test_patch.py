@@ -856,4 +856,7 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) == 3 and sys.argv[1] == "--clip-loss-worker":
+        from _dist_exit import exit_now
+
         _clip_loss_worker(sys.argv[2])
+        exit_now()
