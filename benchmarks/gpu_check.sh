@@ -13,8 +13,8 @@
 #   1. carried wheels in .whl/ installed into /tmp/site (PYTHONPATH), if any
 #   2. the CUDA extension built in place for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16)
 #   3. python3 -m ace_kernels.info
-#   4. the GPU tests: pytest -m "gpu or triton" over tests/ (collection errors of modules
-#      that need packages missing there, e.g. open_clip, do not stop the others)
+#   4. the GPU tests: pytest -m "gpu or triton" over tests/, test_compile.py last (collection
+#      errors of modules that need packages missing there do not stop the others)
 #   5. the benchmark suite on the GPU shapes, writing its JSON after every configuration and
 #      skipping what no longer fits the time left (--time-budget); the PNG is drawn from the
 #      JSON even when the suite itself was cut off
@@ -138,7 +138,10 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 else
     TIMEOUT_OPT=""
     $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=90"
-    run_stage tests 120 "$TESTS_LOG" $PY -m pytest tests -m "gpu or triton" -q -rfEs \
+    # test_compile.py last: its inductor compile is the slowest test; if the stage runs out of
+    # time, the op tests have run.
+    TEST_FILES=$(ls tests/test_*.py | grep -v '/test_compile.py$'; ls tests/test_compile.py 2>/dev/null)
+    run_stage tests 120 "$TESTS_LOG" $PY -m pytest $TEST_FILES -m "gpu or triton" -q -rfEs \
         --continue-on-collection-errors -p no:cacheprovider $TIMEOUT_OPT
     tail -n 25 "$TESTS_LOG" >>"$LOG"
 fi
