@@ -836,12 +836,19 @@ def _triton_scatter_sum_csr(src: torch.Tensor, flat_w: torch.Tensor, row_ptr: to
     return out
 
 
-def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
+def _scatter_sum_via_csr(csr_sum, src, cols, weights, num_rows, transpose=None):
+    """``scatter_sum`` through ``csr_sum(src, flat_weights, row_ptr, perm, num_rows, slots)``
+    (the Triton launcher or the CUDA op), building the transpose incidence when not given."""
     B, Q, S = cols.shape
     if transpose is None:
         transpose = _transpose_csr(cols, num_rows)
     row_ptr, perm = transpose
-    return _triton_scatter_sum_csr(src, weights.reshape(B, Q * S).contiguous(), row_ptr, perm, num_rows, S)
+    flat_w = weights.reshape(B, Q * S).float().contiguous()
+    return csr_sum(src, flat_w, row_ptr, perm, num_rows, S)
+
+
+def _triton_scatter_sum(src, cols, weights, num_rows, transpose=None):
+    return _scatter_sum_via_csr(_triton_scatter_sum_csr, src, cols, weights, num_rows, transpose)
 
 
 def _scatter_atomic_fake(src, cols, weights, num_rows):
@@ -912,12 +919,7 @@ def _cuda_gather_sum(src, cols, weights):
 
 
 def _cuda_scatter_sum(src, cols, weights, num_rows, transpose=None):
-    B, Q, S = cols.shape
-    if transpose is None:
-        transpose = _transpose_csr(cols, num_rows)
-    row_ptr, perm = transpose
-    flat_w = weights.reshape(B, Q * S).float().contiguous()
-    return _cuda_ops().hg_scatter_sum_csr(src, flat_w, row_ptr, perm, num_rows, S)
+    return _scatter_sum_via_csr(_cuda_ops().hg_scatter_sum_csr, src, cols, weights, num_rows, transpose)
 
 
 def _cuda_entry_dot(a, b, cols):

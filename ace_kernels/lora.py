@@ -199,6 +199,12 @@ def _block_diagonal_b(lora_b3: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*lora_b3.unbind(0))
 
 
+def _diagonal_blocks(full: torch.Tensor, projections: int, out_features: int, rank: int) -> torch.Tensor:
+    """[P*out, P*r] -> [P, out, r]: the diagonal blocks (the inverse of :func:`_block_diagonal_b`)."""
+    return torch.stack([full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank]
+                        for p in range(projections)])
+
+
 class _LoraTorchFunction(torch.autograd.Function):
     """Rank-r LoRA for P stacked projections; see the module docstring for what is saved."""
 
@@ -256,9 +262,7 @@ class _LoraTorchFunction(torch.autograd.Function):
         if need_b:
             # dB_p = s dY_p^T S_p: the diagonal blocks of dY^T S.
             full = grad_y.t() @ s_flat  # [P*out, P*r]
-            grad_b = torch.stack(
-                [full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] for p in range(projections)]
-            ).mul_(scaling)
+            grad_b = _diagonal_blocks(full, projections, out_features, rank).mul_(scaling)
         if keep is None:
             a_flat = lora_a3.reshape(projections * rank, in_features)
             grad_s = grad_s3.transpose(0, 1).reshape(rows, projections * rank)  # [M, P*r]
@@ -905,9 +909,7 @@ class _LoraTritonFunction(torch.autograd.Function):
             grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype)
         if need_b:
             # db_full [N, P*r] is zero outside each column's projection.
-            grad_b = torch.stack([
-                db_full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] for p in range(projections)
-            ]).mul_(ctx.scaling).to(lora_b3.dtype)
+            grad_b = _diagonal_blocks(db_full, projections, out_features, rank).mul_(ctx.scaling).to(lora_b3.dtype)
         return grad_x if need_x else None, None, None, grad_a, grad_b, None, None, None, None
 
 
