@@ -684,9 +684,10 @@ def test_gpu_primitives_match_torch(backend):
         for got, want in pairs:
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-        got = prims.scatter_sum(h_q, cols, w, R)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, prims.scatter_sum(h_q.float(), cols, w, R), rtol=1e-5, atol=1e-4)
+        if backend == "triton-atomic":
+            got = prims.scatter_sum(h_q, cols, w, R)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, prims.scatter_sum(h_q.float(), cols, w, R), rtol=1e-5, atol=1e-4)
         h_inv = 1.0 / h_f.float().norm(dim=-1)
         for r in (None, rows):
             idx, wts = prims.topk_rows(h_f, h_inv, r, k)
