@@ -432,7 +432,8 @@ def lora_qkv_packed(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, 
 # _lora_backward_kernel  one program per [BLOCK_M, BLOCK_K] tile of dX, reducing over
 #     the P*out columns of dY, each dY tile read once per program and used three ways:
 #     dX += dY W (skipped when x needs no grad), G += dY Bbd (G_p = dY_p B_p, [M, P*r]),
-#     and, in the first column of programs only, a partial dB = dY^T S per row block.
+#     and, in the first column of programs only, a partial dB = dY^T S per row block
+#     (only its diagonal blocks, [N, r]).
 #     Epilogue, EPILOGUE_M rows at a time (base dX and G are staged through L2 so the
 #     Philox words never exist for a whole 128x128 tile at once): masks regenerated for
 #     exactly this tile of x (every element once over the grid),
@@ -604,7 +605,7 @@ if triton is not None:
     @triton.jit
     def _lora_backward_kernel(
         dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, s_ptr, seed_ptr,  # dY [M,N]; W [N,K]; x [M,K]; A [P,r,K]; B [P,OUT,r]; S fp32
-        dx_ptr, da_part_ptr, db_part_ptr,  # dX [M,K]; fp32 [M blocks, P*r, K] and [M blocks, N, P*r], contiguous
+        dx_ptr, da_part_ptr, db_part_ptr,  # dX [M,K]; fp32 [M blocks, P*r, K] and [M blocks, N, r], contiguous
         g_scratch_ptr,  # fp32 [K blocks, M, P*r] contiguous: each program's G, staged for the dropout epilogue
         M, N, K, OUT, RANK,
         stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
@@ -648,11 +649,10 @@ if triton is not None:
                              mask=b_ok, other=0.0)  # [BLOCK_N, BLOCK_R] = Bbd tile
             acc_g = tl.dot(dy_tile, b_tile, acc_g, input_precision=DOT_PRECISION)
             if first_column:
-                # Partial dB for this row block: dY^T S restricted to each column's projection.
+                # Partial dB for this row block: dY^T S restricted to each column's projection,
+                # stored compactly as [N, r] (column n's own r entries; the rest of the row is zero).
                 db_tile = tl.dot(tl.trans(dy_tile).to(tl.float32), s_tile, input_precision=LORA_PRECISION)
-                db_tile = tl.where(b_ok, db_tile, 0.0)
-                tl.store(db_part_ptr + pid_m * N * rank_total + ns[:, None] * rank_total + js[None, :], db_tile,
-                         mask=n_ok[:, None] & j_ok[None, :])
+                tl.store(db_part_ptr + pid_m * N * RANK + ns[:, None] * RANK + r_j[None, :], db_tile, mask=b_ok)
         a_tile = tl.load(a_ptr + proj_j[:, None] * stride_ap + r_j[:, None] * stride_ar + ks[None, :] * stride_ak,
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
         # The epilogue runs EPILOGUE_M rows at a time: with dropout, Philox needs several
@@ -829,7 +829,7 @@ def _lora_backward_fake(grad_y, x2d, weight, lora_a3, lora_b3, s_act, seed, scal
     rank_total = projections * rank
     return (x2d.new_empty(x2d.shape if compute_dx else (0,)),
             x2d.new_empty((rank_total, in_features), dtype=torch.float32),
-            x2d.new_empty((projections * lora_b3.shape[1], rank_total), dtype=torch.float32))
+            x2d.new_empty((projections * lora_b3.shape[1], rank), dtype=torch.float32))
 
 
 @_library.launcher("lora_backward", _lora_backward_fake)
@@ -837,7 +837,8 @@ def _lora_backward_launch(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch
                           lora_b3: torch.Tensor, s_act: torch.Tensor, seed: torch.Tensor, scaling: float,
                           dropout_p: float, apply_dropout: bool,
                           compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX, or an empty tensor when ``compute_dx`` is off; dA [P*r, in] fp32; dY^T S [P*out, P*r] fp32).
+    """(dX, or an empty tensor when ``compute_dx`` is off; dA [P*r, in] fp32; the diagonal blocks of dY^T S,
+    [P*out, r] fp32, row n holding column n's own projection's block).
 
     One kernel; its per-row-block partials of dA and dY^T S are summed here in a fixed order."""
     projections, rank, in_features = lora_a3.shape
@@ -853,7 +854,7 @@ def _lora_backward_launch(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch
     grad_x = (torch.empty_like(x2d, memory_format=torch.contiguous_format) if compute_dx
               else x2d.new_empty((0,)))
     da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)
-    db_part = torch.empty((row_blocks, n_total, rank_total), dtype=torch.float32, device=device)
+    db_part = torch.empty((row_blocks, n_total, rank), dtype=torch.float32, device=device)
     grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), row_blocks)
     g_scratch = torch.empty((grid[0], rows, rank_total), dtype=torch.float32, device=device)
     _lora_backward_kernel[grid](
@@ -901,15 +902,14 @@ class _LoraTritonFunction(torch.autograd.Function):
                     torch.zeros_like(lora_b3) if need_b else None, None, None, None, None)
         # The kernel's dots need dY in the inputs' dtype (autocast can hand back another).
         grad_y = grad_y.to(x2d.dtype)
-        grad_x, grad_a_flat, db_full = _lora_backward_launch(
+        grad_x, grad_a_flat, db_blocks = _lora_backward_launch(
             grad_y, x2d, weight, lora_a3, lora_b3, s_act, seed, ctx.scaling, float(ctx.dropout_p),
             bool(ctx.apply_dropout), bool(need_x))
         grad_a = grad_b = None
         if need_a:
             grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype)
         if need_b:
-            # db_full [N, P*r] is zero outside each column's projection.
-            grad_b = _diagonal_blocks(db_full, projections, out_features, rank).mul_(ctx.scaling).to(lora_b3.dtype)
+            grad_b = db_blocks.reshape(projections, out_features, rank).mul_(ctx.scaling).to(lora_b3.dtype)
         return grad_x if need_x else None, None, None, grad_a, grad_b, None, None, None, None
 
 

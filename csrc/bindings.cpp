@@ -27,16 +27,19 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace {
 
-void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+void check_device_and_dim(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "argument '", name, "': expected ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
+}
+
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+  check_device_and_dim(t, name, dim);
+  TORCH_CHECK(t.scalar_type() == dtype, "argument '", name, "': expected ", dtype, ", got ", t.scalar_type());
 }
 
 // A feature tensor (read by the kernels in its own dtype): float32, float16 or bfloat16.
 ace_hg::Feat check_feat(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
+  check_device_and_dim(t, name, dim);
   switch (t.scalar_type()) {
     case at::kFloat: return ace_hg::Feat::kF32;
     case at::kHalf: return ace_hg::Feat::kF16;
