@@ -25,13 +25,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, and reported as skipped, without one)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (on CPU under TRITON_INTERPRET=1)")
     config.addinivalue_line("markers", "slow: long CPU test, still part of CI")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors, which only the interpreter "
+                                       "takes (skipped on a CUDA machine, where the tests taking the `device` "
+                                       "fixture run the same kernels on the GPU)")
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_triton = pytest.mark.skip(reason="triton cannot run here: " + "; ".join(
         ace_kernels.available_backends(reasons=True)["triton"]))
+    skip_interpreter = pytest.mark.skip(reason="CPU tensors through the Triton kernels need the interpreter, "
+                                               "which is off on a CUDA machine")
     for item in items:
+        if "interpreter" in item.keywords and HAS_GPU:
+            item.add_marker(skip_interpreter)
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip_gpu)
         if "triton" in item.keywords and not TRITON_RUNS:

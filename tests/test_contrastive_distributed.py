@@ -91,6 +91,7 @@ def test_mismatched_ranks_raise_on_every_rank(tmp_path):
 
 
 @pytest.mark.triton
+@pytest.mark.interpreter
 def test_triton_backend_across_ranks(tmp_path):
     # The Triton kernels (the interpreter here) on the owned-share path, 2 uneven ranks, fp32.
     sizes, dim = (7, 12), 20

@@ -425,6 +425,7 @@ def test_undo_after_another_wrapper_warns():
 
 
 @pytest.mark.triton
+@pytest.mark.interpreter
 def test_peft_triton_backend():
     """The same swap routed to the Triton kernels (the CPU interpreter here), fp32."""
     model = _bert(lora_dropout=0.25).float().eval()
@@ -525,6 +526,7 @@ def test_reference_layout_full_step_exact(mode):
 
 
 @pytest.mark.triton
+@pytest.mark.interpreter
 def test_reference_layout_triton_backends():
     """LoRA and hypergraph on the Triton kernels (interpreter here), fp32, per-op backend dict."""
     clip, loss_fn, images, texts, frame = _reference_setup()
