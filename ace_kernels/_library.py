@@ -37,6 +37,7 @@ def launcher(name: str, fake: Callable) -> Callable:
     """
 
     def wrap(fn: Callable) -> Callable:
+        fn = _on_inputs_device(fn)
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
         op.register_fake(fake)
         REGISTERED[name] = op
@@ -51,3 +52,38 @@ def launcher(name: str, fake: Callable) -> Callable:
         return call
 
     return wrap
+
+
+def _on_inputs_device(fn: Callable) -> Callable:
+    """Run ``fn`` with its first tensor argument's GPU as the current device.
+
+    Triton launches on the current device and its current stream, not on the tensors'
+    device: without this guard, tensors on ``cuda:1`` while device 0 is current would be
+    read by a kernel running on GPU 0, unordered with the stream that produced them.
+    """
+
+    @functools.wraps(fn)
+    def run(*args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                if arg.is_cuda and arg.get_device() != torch.cuda.current_device():
+                    with torch.cuda.device(arg.device):
+                        return fn(*args)
+                break
+        return fn(*args)
+
+    return run
+
+
+def int32_safe(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``t``, or a contiguous copy of it when an element offset along one of ``dims`` reaches 2**31.
+
+    The kernels index ``dims`` with 32-bit loop counters (program ids are widened to 64 bits,
+    loop counters are not, to keep the inner loops' address arithmetic 32-bit), so such a
+    dimension's ``(size - 1) * stride`` must stay below 2**31. Only unusual layouts break it
+    (a [M, K] operand stored column-major with M * K >= 2**31, say); contiguous, they do not.
+    """
+    if any(t.shape[d] > 1 and (t.shape[d] - 1) * t.stride(d) >= 2**31 for d in dims):
+        return t.contiguous()
+    return t
+

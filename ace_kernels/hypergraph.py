@@ -189,6 +189,15 @@ TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _to
 # Autograd functions shared by the backends
 # --------------------------------------------------------------------------------------
 
+def _no_second_derivative() -> None:
+    """Refuse ``create_graph=True`` in the backwards below (autograd runs a backward with grad
+    mode on only then): their kernels and sparse products build no graph, so a second
+    derivative through them would come back silently incomplete."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("ace_hypergraph: second derivatives (create_graph=True) are not supported by its sparse "
+                           "backward; only backend='torch' with cls_only=True is differentiable twice")
+
+
 class _GatherSum(torch.autograd.Function):
     """E = A src for a sparse A given as (cols, weights): src [B, R, D] -> [B, Q, D].
 
@@ -205,6 +214,7 @@ class _GatherSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _no_second_derivative()
         src, cols, weights = ctx.saved_tensors
         prims = ctx.prims
         grad_out = grad_out.contiguous()
@@ -229,6 +239,7 @@ class _ScatterSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _no_second_derivative()
         src, cols, weights = ctx.saved_tensors
         prims = ctx.prims
         grad_out = grad_out.contiguous()
@@ -268,6 +279,7 @@ class _Float32GradRoute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _no_second_derivative()
         return grad.to(ctx.dtype)
 
 
@@ -289,6 +301,7 @@ class _InvNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _no_second_derivative()
         data, norm = ctx.saved_tensors
         coef = torch.where(norm >= _NORM_EPS, -grad / norm.clamp_min(_NORM_EPS) ** 3, 0.0)
         return data * coef[..., None], None, None
@@ -311,6 +324,7 @@ class _NativeLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _no_second_derivative()
         data, weight = ctx.saved_tensors
         grad_route = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -340,6 +354,7 @@ class _LinearToHalf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _no_second_derivative()
         z, weight = ctx.saved_tensors
         grad_z = torch.empty_like(z)
         grad_w = torch.zeros_like(weight)
@@ -373,6 +388,7 @@ class _IncidenceWeights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_w):
+        _no_second_derivative()
         patches, inv_norm, rows, idx, weights = ctx.saved_tensors
         prims = ctx.prims
         B, M, D = patches.shape
@@ -764,6 +780,7 @@ def _topk_rows_fake(pn, inv_norm, rows, topk):
 def _triton_topk_rows(pn: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor | None,
                       topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, M, D = pn.shape
+    pn = _library.int32_safe(pn, (1, 2))  # the token and feature loops
     inv_norm = inv_norm.float()
     cfg = TOPK_CONFIG[_mode()]
     R = M if rows is None else rows.shape[1]
@@ -874,6 +891,7 @@ def _entry_dot_fake(a, b, cols):
 
 @_library.launcher("hg_entry_dot", _entry_dot_fake)
 def _triton_entry_dot(a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    a, b = _library.int32_safe(a, (2,)), _library.int32_safe(b, (2,))  # the feature loop
     B, Q, D = a.shape
     S = cols.shape[2]
     cfg = DOT_CONFIG[_mode()]
@@ -987,7 +1005,14 @@ def _kernel_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
         reasons.append(f"topk={topk} is over the kernels' limit of {MAX_KERNEL_TOPK}")
     if x.dtype == torch.float64:
         reasons.append("float64 inputs are handled by the torch backend only")
+    if x.shape[0] > _MAX_GRID_BATCH:
+        reasons.append(f"a batch of {x.shape[0]} samples is over the kernels' {_MAX_GRID_BATCH} per call "
+                       "(the batch is a grid dimension of at most 65535 blocks): split the batch")
     return reasons
+
+
+# The kernels put the batch on grid dimension y or z, which CUDA caps at 65535.
+_MAX_GRID_BATCH = 65535
 
 
 _dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"))
@@ -1121,6 +1146,10 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     deterministic always. The torch backend is deterministic on CPU; on a GPU it
     uses ``index_add_``, which is not, whatever ``deterministic`` says.
 
+    Autocast: the op runs with autocast off, whatever the caller's state: it
+    reads ``x`` in its own dtype and accumulates in float32 (the adapters run in
+    their parameters' dtype), and returns ``x``'s dtype.
+
     Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
     ``topk <= 16``; ``torch`` takes everything. ``auto`` prefers triton, then
     cuda, then torch (both kernel backends are validated against the oracle;
@@ -1130,7 +1159,10 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     tensors = [x, cls_attn, *edge, *node]
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
     impl = _dispatch.select(OP_NAME, backend, tensors, args)
-    return impl(*args)
+    if not torch.is_autocast_enabled(x.device.type):
+        return impl(*args)
+    with torch.autocast(x.device.type, enabled=False):  # see Notes: autocast
+        return impl(*args)
 
 
 # --------------------------------------------------------------------------------------

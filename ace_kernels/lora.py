@@ -150,6 +150,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, pro
     check_tensor("x", x, min_ndim=1)
     device = x.device
     in_features = x.shape[-1]
+    if in_features < 1:
+        raise ValueError(f"argument 'x': expected [..., in_features] with in_features >= 1, got shape {list(x.shape)}")
     check_tensor("weight", weight, ndim=2, device=device)
     if weight.shape[1] != in_features:
         raise ValueError(
@@ -162,6 +164,9 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, pro
             f"got {list(weight.shape)}"
         )
     out_features = weight.shape[0] // projections
+    if out_features < 1:
+        raise ValueError(f"argument 'weight': expected at least one output row{' per projection' if projections == 3 else ''}, "
+                         f"got shape {list(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=[weight.shape[0]], device=device)
     if projections == 1:
@@ -205,6 +210,17 @@ def _diagonal_blocks(full: torch.Tensor, projections: int, out_features: int, ra
                         for p in range(projections)])
 
 
+def _down_projection(x2d, lora_a3, keep, keep_prob):
+    """S = [drop_p(x) A_p^T / keep_prob]_p, stacked: [M, P*r] (no dropout when ``keep`` is None)."""
+    projections, rank, in_features = lora_a3.shape
+    if keep is None:
+        return x2d @ lora_a3.reshape(projections * rank, in_features).t()
+    # where() is several times faster than multiplying by the bool mask on the CPU.
+    x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)  # [P, M, in]; 1/keep_prob folded into S
+    s_act = torch.bmm(x_dropped, lora_a3.transpose(1, 2)).mul_(1.0 / keep_prob)  # [P, M, r]
+    return s_act.transpose(0, 1).reshape(x2d.shape[0], projections * rank)
+
+
 class _LoraTorchFunction(torch.autograd.Function):
     """Rank-r LoRA for P stacked projections; see the module docstring for what is saved."""
 
@@ -222,14 +238,7 @@ class _LoraTorchFunction(torch.autograd.Function):
         if apply_dropout:
             # torch.rand on the default generator: fork_rng / manual_seed replay it exactly.
             keep = torch.rand((projections, rows, in_features), device=x2d.device) >= dropout_p
-            # where() is several times faster than multiplying by the bool mask on the CPU.
-            x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)  # [P, M, in]; 1/keep_prob folded into S
-            s_act = torch.bmm(x_dropped, lora_a3.transpose(1, 2))  # [P, M, r]
-            s_act.mul_(1.0 / keep_prob)
-            del x_dropped
-            s_flat = s_act.transpose(0, 1).reshape(rows, projections * rank)  # [M, P*r]
-        else:
-            s_flat = x2d @ lora_a3.reshape(projections * rank, in_features).t()  # [M, P*r]
+        s_flat = _down_projection(x2d, lora_a3, keep, keep_prob)
         if torch.compiler.is_compiling():
             # Out of place while tracing: torch 2.11's AOTAutograd returned zero gradients for
             # every input when the Function's output was updated in place (fixed by 2.13;
@@ -260,6 +269,11 @@ class _LoraTorchFunction(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         if need_b:
+            if torch.is_grad_enabled():
+                # create_graph=True: S was computed without a graph in forward; recompute it
+                # with one, so that dB is differentiable in x and A too (every other term
+                # below is built from differentiable ops on the saved inputs).
+                s_flat = _down_projection(x2d, lora_a3, keep, keep_prob)
             # dB_p = s dY_p^T S_p: the diagonal blocks of dY^T S.
             full = grad_y.t() @ s_flat  # [P*out, P*r]
             grad_b = _diagonal_blocks(full, projections, out_features, rank).mul_(scaling)
@@ -347,7 +361,9 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
     Returns
     -------
     Tensor [..., out]
-        In the dtype of ``x``. Gradients flow to ``x``, ``lora_a`` and ``lora_b``,
+        In the dtype of ``x``; under ``torch.autocast``, float32/16 operands are
+        first cast to the autocast dtype, as ``F.linear`` casts them, and the
+        result is in that dtype. Gradients flow to ``x``, ``lora_a`` and ``lora_b``,
         and with the ``torch`` backend also to ``weight`` and ``bias`` when they
         require grad. NaN/Inf inputs propagate (see the module docstring).
 
@@ -358,10 +374,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
         float16, bfloat16, float32 or float64) or device, ``scaling`` is not a number,
         ``dropout_p`` is outside [0, 1) or ``training`` is not a bool.
     """
-    _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, 1)
-    args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
-    impl = _dispatch.select("lora_linear", backend, [x, weight, bias, lora_a, lora_b], args)
-    return impl(*args)
+    return _call("lora_linear", 1, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend)
 
 
 def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, training=False, backend="auto"):
@@ -398,20 +411,44 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
         As in :func:`lora_linear`; also when ``weight`` has a row count that is not a
         multiple of 3 or ``lora_a``/``lora_b`` do not have 3 projections.
     """
-    _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, 3)
-    args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
-    impl = _dispatch.select("lora_qkv", backend, [x, weight, bias, lora_a, lora_b], args)
-    return tuple(impl(*args).chunk(3, dim=-1))
+    return tuple(_call("lora_qkv", 3, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training,
+                       backend).chunk(3, dim=-1))
 
 
 def lora_qkv_packed(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, training=False, backend="auto"):
     """:func:`lora_qkv` returning the stacked [..., 3*out] result (q, k, v along the last
     dimension), as a packed ``qkv`` linear does: no split and no ``torch.cat`` for callers
     that reshape it themselves (timm's attention). Same arguments, errors and gradients."""
-    _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, 3)
+    return _call("lora_qkv", 3, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend)
+
+
+def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend):
+    """Validate, dispatch and run. Under ``torch.autocast`` the float32/16 operands are first cast
+    to the autocast dtype (as ``F.linear`` would cast them; the casts are differentiable, so
+    fp32 master weights get their gradients) and the op runs with autocast off."""
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
+        x, weight, bias, lora_a, lora_b = (
+            t if t is None or t.dtype not in _AUTOCAST_CASTS else t.to(autocast_dtype)
+            for t in (x, weight, bias, lora_a, lora_b))
+    _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, projections)
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
-    impl = _dispatch.select("lora_qkv", backend, [x, weight, bias, lora_a, lora_b], args)
-    return impl(*args)
+    impl = _dispatch.select(op, backend, [x, weight, bias, lora_a, lora_b], args)
+    if autocast_dtype is None:
+        return impl(*args)
+    with torch.autocast(x.device.type, enabled=False):
+        return impl(*args)
+
+
+# The dtypes autocast casts (it leaves float64 alone, as it does for F.linear).
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device type, or None."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
 
 
 # ----------------------------------------------------------------------------------------
@@ -761,9 +798,20 @@ def _drop_threshold(dropout_p: float) -> int:
     return int(round(dropout_p * (1 << _THRESHOLD_BITS)))
 
 
+def _keep_rate_error(dropout_p: float) -> float:
+    """Relative error of the kernels' keep rate (16-bit threshold) against 1 - dropout_p; the
+    kept values are scaled by 1 / (1 - dropout_p), so this is the bias of E[drop(x)] / x."""
+    keep = 1.0 - dropout_p
+    return ((1 << _THRESHOLD_BITS) - _drop_threshold(dropout_p)) / (1 << _THRESHOLD_BITS) / keep - 1.0
+
+
+# Above this the Triton backend declines (dropout_p ~ 0.9999 and up); at p = 0.1 the error is 7e-6.
+_MAX_KEEP_RATE_ERROR = 1e-2
+
+
 def _draw_seed(device: torch.device) -> torch.Tensor:
     """A 1-element int64 seed from torch's generator of ``device`` (no host sync on a GPU)."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)  # Philox's whole 64-bit key
 
 
 def _export_masks(seed: torch.Tensor, rows: int, in_features: int, projections: int, dropout_p: float,
@@ -790,6 +838,7 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
                          apply_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Y [M, P*out] in x's dtype and S [M, P*r] fp32: the down kernel, then the fused linear."""
+    x2d = _library.int32_safe(x2d, (1,))  # the K loops
     projections, rank, in_features = lora_a3.shape
     out_features = lora_b3.shape[1]
     rows = x2d.shape[0]
@@ -841,6 +890,7 @@ def _lora_backward_launch(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch
     [P*out, r] fp32, row n holding column n's own projection's block).
 
     One kernel; its per-row-block partials of dA and dY^T S are summed here in a fixed order."""
+    grad_y = _library.int32_safe(grad_y, (1,))  # the N loop
     projections, rank, in_features = lora_a3.shape
     out_features = lora_b3.shape[1]
     rows = x2d.shape[0]
@@ -892,6 +942,9 @@ class _LoraTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels build no graph for a second derivative
+            raise RuntimeError("lora_qkv/lora_linear (backend 'triton'): second derivatives (create_graph=True) "
+                               "are not supported by the fused kernels; use backend='torch'")
         x2d, weight, lora_a3, lora_b3, s_act, seed = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
         out_features = lora_b3.shape[1]
@@ -913,11 +966,16 @@ class _LoraTritonFunction(torch.autograd.Function):
         return grad_x if need_x else None, None, None, grad_a, grad_b, None, None, None, None
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The row blocks are grid dimension y, which CUDA caps at 65535.
+_MAX_GRID_Y = 65535
+
+
 def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
     reasons = []
     if _TRITON_IMPORT_ERROR is not None:
         reasons.append(f"triton failed to import ({_TRITON_IMPORT_ERROR})")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in _TRITON_DTYPES:
         reasons.append(f"the fused kernels take float16, bfloat16 or float32, got {str(x.dtype).replace('torch.', '')}")
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         reasons.append("weight/bias require grad, but the fused kernels treat the base layer as frozen "
@@ -926,6 +984,16 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     rank = lora_a.shape[-2]
     if projections * rank > _MAX_BLOCK_R:
         reasons.append(f"rank {rank} is too large for the fused kernels (at most {_MAX_BLOCK_R // projections})")
+    if training and dropout_p > 0.0 and abs(_keep_rate_error(dropout_p)) > _MAX_KEEP_RATE_ERROR:
+        reasons.append(f"dropout_p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (the keep "
+                       f"rate would be off by {100 * abs(_keep_rate_error(dropout_p)):.1f}% of 1 - dropout_p)")
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows > _MAX_GRID_Y * 16 and x.dtype in _TRITON_DTYPES:  # cheap test first: no config has BLOCK_M < 16
+        block_m = min(_config(kernel, x.dtype, x.device)["BLOCK_M"]
+                      for kernel in ("fused", "backward", "backward_nodx"))
+        if -(-rows // block_m) > _MAX_GRID_Y:
+            reasons.append(f"{rows} rows of x need more than {_MAX_GRID_Y} row blocks of {block_m} (the grid's "
+                           f"y dimension): at most {_MAX_GRID_Y * block_m} rows per call")
     return reasons
 
 

@@ -49,6 +49,18 @@ ace_hg::Feat check_feat(const at::Tensor& t, const char* name, int64_t dim) {
   }
 }
 
+// `t` on the device of `ref` (the kernels read both through one device's address space).
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "argument '", name, "': expected a tensor on ", ref.device(), " (the device of '",
+              ref_name, "'), got ", t.device());
+}
+
+// t.size(dim) == expected; `what` names the quantity (e.g. "B = src.size(0)").
+void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, "argument '", name, "': expected size ", expected, " (", what, ") at dim ", dim,
+              ", got shape ", t.sizes());
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "ace_kernels::", what, " launch failed: ", cudaGetErrorString(err));
 }
@@ -59,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
   const ace_hg::Feat pn_type = check_feat(pn, "pn", 3);
   check_cuda(inv_norm, "inv_norm", at::kFloat, 2);
+  check_same_device(inv_norm, "inv_norm", pn, "pn");
   const int64_t B = pn.size(0), M = pn.size(1), D = pn.size(2);
   TORCH_CHECK(inv_norm.size(0) == B && inv_norm.size(1) == M, "argument 'inv_norm': expected shape [", B, ", ", M,
               "], got ", inv_norm.sizes());
@@ -67,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
   int64_t rows_sb = 0, rows_sr = 0;
   if (rows.has_value()) {
     check_cuda(*rows, "rows", at::kLong, 2);
+    check_same_device(*rows, "rows", pn, "pn");
     TORCH_CHECK(rows->size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->size(0));
     R = rows->size(1);
     rows_ptr = rows->data_ptr<int64_t>();
@@ -92,6 +106,9 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
   check_cuda(weights, "weights", at::kFloat, 3);
   TORCH_CHECK(weights.sizes() == cols.sizes(), "argument 'weights': expected the shape of 'cols' ", cols.sizes(),
               ", got ", weights.sizes());
+  check_same_device(cols, "cols", src, "src");
+  check_same_device(weights, "weights", src, "src");
+  check_size(cols, "cols", 0, src.size(0), "B = src.size(0)");
   const int64_t B = src.size(0), D = src.size(2), Q = cols.size(1), S = cols.size(2);
   c10::cuda::CUDAGuard guard(src.device());
   auto out = at::empty({B, Q, D}, src.options().dtype(at::kFloat));
@@ -113,6 +130,11 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
               "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
   TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
               row_ptr.size(1));
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
+                                {row_ptr, "row_ptr"}, {perm, "perm"}}) {
+    check_same_device(t, name, src, "src");
+    check_size(t, name, 0, src.size(0), "B = src.size(0)");
+  }
   const int64_t B = src.size(0), D = src.size(2);
   c10::cuda::CUDAGuard guard(src.device());
   auto out = at::empty({B, num_rows, D}, src.options().dtype(at::kFloat));
@@ -129,6 +151,12 @@ at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   const ace_hg::Feat a_type = check_feat(a, "a", 3);
   const ace_hg::Feat b_type = check_feat(b, "b", 3);
   check_cuda(cols, "cols", at::kLong, 3);
+  check_same_device(b, "b", a, "a");
+  check_same_device(cols, "cols", a, "a");
+  check_size(b, "b", 0, a.size(0), "B = a.size(0)");
+  check_size(b, "b", 2, a.size(2), "D = a.size(2)");
+  check_size(cols, "cols", 0, a.size(0), "B = a.size(0)");
+  check_size(cols, "cols", 1, a.size(1), "Q = a.size(1)");
   const int64_t B = a.size(0), Q = a.size(1), D = a.size(2), S = cols.size(2);
   c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({B, Q, S}, a.options().dtype(at::kFloat));

@@ -39,22 +39,27 @@ def test_cuda_backend_says_why_not():
     assert reasons and any("GPU" in r or "CUDA" in r for r in reasons)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, auto may pick triton (on CUDA tensors)")
 def test_auto_never_picks_the_interpreter(toy_op, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("ACE_KERNELS_BACKEND", raising=False)
     x = torch.zeros(3)
-    if not torch.cuda.is_available():
-        assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
+    assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reason(toy_op):
     x = torch.zeros(3)
     with pytest.raises(RuntimeError, match="cuda"):
         _dispatch.select(toy_op, "cuda", [x], (3,))
-    if "triton" in ace_kernels.available_backends() and _dispatch.interpreter_enabled():
-        assert _dispatch.select(toy_op, "triton", [x], (3,))() == "triton"
-        with pytest.raises(RuntimeError, match="n=12 is over 9"):
-            _dispatch.select(toy_op, "triton", [x], (12,))
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_explicit_interpreter_backend_runs_and_gives_its_op_check_reasons(toy_op):
+    x = torch.zeros(3)
+    assert _dispatch.select(toy_op, "triton", [x], (3,))() == "triton"
+    with pytest.raises(RuntimeError, match="n=12 is over 9"):
+        _dispatch.select(toy_op, "triton", [x], (12,))
 
 
 def test_environment_variable_overrides_auto(toy_op, monkeypatch):
@@ -195,3 +200,15 @@ def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
     cpu["environment"]["device_type"] = "cpu"
     results.write_text(json.dumps(cpu))
     assert dispatch_order.main([str(results), "--out", str(out)]) == 2
+
+
+def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
+    from ace_kernels._library import int32_safe
+
+    # A [M, K] operand stored column-major with M * K >= 2**31: K's stride is M (meta tensors, no memory).
+    col_major = torch.empty((2**16, 2**15 + 1), device="meta").t().contiguous().t()
+    assert (col_major.shape[1] - 1) * col_major.stride(1) >= 2**31
+    assert int32_safe(col_major, (1,)).is_contiguous()
+    assert int32_safe(col_major, (0,)) is col_major  # the row dimension is indexed in 64 bits
+    row_major = torch.empty((2**16, 2**15 + 1), device="meta")
+    assert int32_safe(row_major, (1,)) is row_major

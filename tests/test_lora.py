@@ -90,7 +90,10 @@ def call_oracle(case: Case, inputs, mask, scaling=0.5):
 
 
 def compare_with_oracle(case: Case, inputs, backend, *, rtol, atol, scaling=0.5):
-    """Run op and oracle with the op's masks; compare outputs and every gradient."""
+    """Run op and oracle with the op's masks; compare outputs and every gradient.
+
+    Returns the masks the op drew and its gradients {name: tensor} for output gradients
+    drawn from ``torch.Generator().manual_seed(1)``."""
     outputs, mask = call_op(case, inputs, backend, scaling)
     applies_dropout = case.training and case.dropout_p > 0
     if applies_dropout:
@@ -114,7 +117,7 @@ def compare_with_oracle(case: Case, inputs, backend, *, rtol, atol, scaling=0.5)
     for i, got, want in zip(wrt, got_grads, want_grads):
         assert got.shape == inputs[i].shape, names[i]
         torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol, msg=lambda m: f"grad {names[i]}: {m}")
-    return mask
+    return mask, {names[i]: g for i, g in zip(wrt, got_grads)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,6 +302,9 @@ ERROR_CASES = [
     ("dropout_string", "qkv", "dropout_p", lambda v: "0.1", "argument 'dropout_p'"),
     ("training_not_bool", "linear", "training", lambda v: 1, "argument 'training'"),
     ("backend_unknown", "qkv", "backend", lambda v: "cudnn", "argument 'backend'"),
+    ("x_no_features", "linear", 0, lambda t: t[:, :0], "argument 'x'"),
+    ("weight_no_rows", "linear", 1, lambda t: t[:0], "argument 'weight'"),
+    ("weight_no_rows_qkv", "qkv", 1, lambda t: t[:0], "argument 'weight'"),
 ]
 
 
@@ -313,6 +319,36 @@ def test_value_errors(name, op, where, replace, fragment):
     fn = ace_kernels.lora_qkv if op == "qkv" else ace_kernels.lora_linear
     with pytest.raises(ValueError, match=fragment):
         fn(*args, **kwargs)
+
+
+def test_torch_second_derivatives():
+    """The torch backend's backward is built from differentiable ops: gradgradcheck in fp64."""
+    case = Case("gg", "qkv", (3,), 5, 4, 2)
+    x, weight, bias, lora_a, lora_b = make_inputs(case)
+
+    def op(x_, a_, b_):
+        return lora_module.lora_qkv_packed(x_, weight, bias, a_, b_, scaling=0.5, backend="torch")
+
+    assert torch.autograd.gradgradcheck(op, (x, lora_a, lora_b))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_autocast_casts_operands_like_linear(backend, device):
+    """Under autocast the op runs on the operands cast to the autocast dtype (as F.linear
+    does): the same result, bit for bit, as the call on explicitly cast operands, and the
+    float32 parameters still get float32 gradients."""
+    case = Case("ac", "qkv", (4, 3), 24, 8, 4)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    dtype = torch.float16  # the interpreter's bfloat16 arithmetic is wrong; fp16 autocast runs on CPU too
+    with torch.autocast(device.type, dtype=dtype):
+        got = lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, backend=backend)
+        assert torch.nn.functional.linear(x, weight, bias).dtype == dtype
+    want = lora_module.lora_qkv_packed(*(t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)), scaling=0.5,
+                                       backend=backend)
+    assert got.dtype == dtype and torch.equal(got, want)
+    got.float().sum().backward()
+    assert lora_a.grad.dtype == torch.float32 and lora_b.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32 and lora_a.grad.abs().sum() > 0
 
 
 def test_explicit_cuda_backend_without_gpu_raises():
@@ -357,13 +393,16 @@ def test_triton_backward_regenerates_forward_mask(device):
     mask (and not with another mask) shows backward regenerated the forward's mask."""
     case = Case("regen", "qkv", (20,), 24, 6, 2, dropout_p=0.5)
     inputs = make_inputs(case, torch.float32, device)
-    mask = compare_with_oracle(case, inputs, "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
-    # Sensitivity: the oracle with the q and k masks swapped gives different gradients.
-    oracle_inputs = fp64_leaves(*inputs)
-    swapped = mask[[1, 0, 2]].to(torch.float64).cpu()
-    outputs = call_oracle(case, [t if t is None else t.cpu() for t in oracle_inputs], swapped)
-    outputs_ref = call_oracle(case, [t if t is None else t.cpu() for t in oracle_inputs], mask.to(torch.float64).cpu())
-    assert not torch.allclose(outputs[0], outputs_ref[0], rtol=TRITON_RTOL, atol=TRITON_ATOL)
+    mask, grads = compare_with_oracle(case, inputs, "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+    # Sensitivity: the oracle's gradients with the q and k masks swapped differ from the op's
+    # (so matching the oracle above was a statement about the mask backward used).
+    oracle_inputs = fp64_leaves(*[t if t is None else t.cpu() for t in inputs])
+    outputs = call_oracle(case, oracle_inputs, mask[[1, 0, 2]].to(torch.float64).cpu())
+    gen = torch.Generator().manual_seed(1)  # compare_with_oracle's output gradients
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outputs]
+    want_x, want_a = torch.autograd.grad(outputs, [oracle_inputs[0], oracle_inputs[3]], grads_out)
+    assert not torch.allclose(grads["x"].cpu().double(), want_x, rtol=TRITON_RTOL, atol=TRITON_ATOL)
+    assert not torch.allclose(grads["lora_a"].cpu().double(), want_a, rtol=TRITON_RTOL, atol=TRITON_ATOL)
 
 
 @pytest.mark.triton
@@ -414,6 +453,33 @@ def test_triton_exported_mask_is_deterministic_per_seed(device):
     assert torch.equal(first, again) and not torch.equal(first, other)
     # The single-projection op uses lane 0 of the same stream.
     assert torch.equal(lora_module._export_masks(seed, 7, 33, 1, 0.3)[0], first[0])
+
+
+@pytest.mark.triton
+def test_triton_refuses_second_derivatives(device):
+    case = Case("gg", "qkv", (3,), 5, 4, 2)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    y = lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, backend="triton")
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    # A plain backward still works after the refusal.
+    y = lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, backend="triton")
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx.shape == x.shape
+
+
+def test_triton_declines_what_its_grid_and_threshold_cannot_do():
+    from ace_kernels.lora import _MAX_GRID_Y, _config, _triton_reasons
+
+    w, a, b = torch.empty(24, 8), torch.empty(3, 2, 8), torch.empty(3, 8, 2)
+    block_m = min(_config(k, torch.float32, torch.device("cpu"))["BLOCK_M"] for k in ("fused", "backward"))
+    fits, over = torch.empty(_MAX_GRID_Y * block_m, 8), torch.empty(_MAX_GRID_Y * block_m + 1, 8)
+    reasons = lambda x, p=0.0: [r for r in _triton_reasons(x, w, None, a, b, 0.5, p, True)  # noqa: E731
+                                if "triton failed to import" not in r]
+    assert reasons(fits) == []
+    assert any("row blocks" in r for r in reasons(over))
+    assert reasons(fits[:5], 0.999) == []
+    assert any("too close to 1" in r for r in reasons(fits[:5], 0.9999))
 
 
 @pytest.mark.triton
