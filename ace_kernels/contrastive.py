@@ -73,8 +73,9 @@ Across ranks (``group=``)
 Embeddings (and labels, so that false negatives across ranks are masked) are
 all-gathered; rank ``r`` computes the row log-sum-exps of its own rows and the
 column log-sum-exps of its own columns, i.e. its share ``l_r`` of the global
-loss, so the work is split, not repeated. See :func:`label_guided_infonce` for
-the value and gradient convention.
+loss, so the work is split, not repeated. A rank may hold no rows (``lo == hi``):
+its share is 0 and its backward yields zero gradients, no kernel runs. See
+:func:`label_guided_infonce` for the value and gradient convention.
 """
 
 from __future__ import annotations
@@ -263,6 +264,24 @@ def _add_positive_grads(grad_u, grad_t, grad_scale, u, t, scale, lo: int, hi: in
     return grad_scale - 2 * coef * _positive_logit_sum(u, t, lo, hi)
 
 
+def _empty_share_grads(u, t, scale):
+    """Gradients of an empty owned range's share (a constant 0): zeros of every input's shape.
+
+    Explicit zeros, not None, so that a rank with no rows still runs the same backward
+    graph as the others, including the gradient all-reduces of the gathered rows.
+    """
+    return torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
+
+
+def _no_second_derivative() -> None:
+    """Refuse ``create_graph=True`` in the loss backwards (autograd runs a backward with grad mode
+    on only then): they recompute the logits tile by tile in place, with no graph to
+    differentiate a second time."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
+                           "the tiled backward builds no graph")
+
+
 class _TorchLossShare(torch.autograd.Function):
     """The owned share of the loss: ``(sum_{i in lo..hi} (r_i - L_ii) + sum_{j in lo..hi} (c_j - L_jj)) / (2 n)``.
 
@@ -275,6 +294,10 @@ class _TorchLossShare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, t, scale, keys, lo: int, hi: int, block: int):
         n = u.shape[0]
+        ctx.lo, ctx.hi, ctx.block = lo, hi, block
+        if lo == hi:  # a rank with no rows (group=): no share, nothing to compute
+            ctx.save_for_backward(u, t, scale)
+            return torch.zeros((), dtype=u.dtype, device=u.device)
         if lo == 0 and hi == n:
             row_lse, col_lse = _torch_lse_both(u, t, scale, keys, block)
         else:
@@ -282,13 +305,15 @@ class _TorchLossShare(torch.autograd.Function):
             col_lse = _torch_lse_rows(t, u, scale, keys, lo, hi, block)
         share = (row_lse.sum() + col_lse.sum() - 2 * scale * _positive_logit_sum(u, t, lo, hi)) / (2 * n)
         ctx.save_for_backward(u, t, scale, keys, row_lse, col_lse)
-        ctx.lo, ctx.hi, ctx.block = lo, hi, block
         return share
 
     @staticmethod
     def backward(ctx, grad_share):
-        u, t, scale, keys, row_lse, col_lse = ctx.saved_tensors
+        _no_second_derivative()
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
+        if lo == hi:
+            return _empty_share_grads(*ctx.saved_tensors) + (None, None, None, None)
+        u, t, scale, keys, row_lse, col_lse = ctx.saved_tensors
         n = u.shape[0]
         coef = grad_share / (2 * n)
         if lo == 0 and hi == n:
@@ -724,6 +749,10 @@ class _TritonLossShare(torch.autograd.Function):
         keys32 = keys.to(torch.int32) if keys is not None else None
         scale32 = scale.detach().to(torch.float32).reshape(1)
         n = u.shape[0]
+        ctx.lo, ctx.hi = lo, hi
+        if lo == hi:  # a rank with no rows (group=): no share, no kernel launch
+            ctx.save_for_backward(u, t, scale)
+            return torch.zeros((), dtype=torch.float32, device=u.device)
         if lo == 0 and hi == n:
             row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32)
         else:
@@ -732,13 +761,15 @@ class _TritonLossShare(torch.autograd.Function):
             col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
         share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives.sum()) / (2 * n)
         ctx.save_for_backward(u, t, scale, keys32, row_lse, col_lse)
-        ctx.lo, ctx.hi = lo, hi
         return share
 
     @staticmethod
     def backward(ctx, grad_share):
-        u, t, scale, keys32, row_lse, col_lse = ctx.saved_tensors
+        _no_second_derivative()
         lo, hi = ctx.lo, ctx.hi
+        if lo == hi:
+            return _empty_share_grads(*ctx.saved_tensors) + (None, None, None)
+        u, t, scale, keys32, row_lse, col_lse = ctx.saved_tensors
         n = u.shape[0]
         scale32 = scale.detach().to(torch.float32).reshape(1)
         coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
@@ -865,11 +896,13 @@ def _exchange_shapes(image_emb, labels, group):
 
 
 def _gather_labels(labels, group, sizes):
-    # A common wire type that gloo and NCCL both carry and that keeps every value exact.
+    # A common wire type that gloo and NCCL both carry and that keeps every value exact. The
+    # width is explicit: reshape(0, -1) (a rank with no rows, or [B, 0] labels) is ambiguous.
+    rows = labels.reshape(labels.shape[0], math.prod(labels.shape[1:]))
     if labels.dtype.is_floating_point:
-        wire = labels.reshape(labels.shape[0], -1).to(torch.float64)
+        wire = rows.to(torch.float64)
     else:
-        wire = labels.reshape(labels.shape[0], -1).to(torch.int64)
+        wire = rows.to(torch.int64)
     return _all_gather_padded(wire.contiguous(), group, sizes)
 
 
@@ -877,7 +910,10 @@ def _gather_labels(labels, group, sizes):
 # public API
 # ---------------------------------------------------------------------------
 
-def _validate(image_emb, text_emb, logit_scale, labels):
+def _validate(image_emb, text_emb, logit_scale, labels, *, distributed: bool = False):
+    """Local checks. ``distributed``: leave the emptiness of ``[B, D]`` to :func:`_check_global_batch`,
+    after the shape exchange (a rank with ``B = 0`` is valid there, and a rank raising alone
+    before the exchange would leave the others waiting in it)."""
     check_tensor("image_emb", image_emb, ndim=2)
     device = image_emb.device
     check_tensor("text_emb", text_emb, ndim=2, dtypes=(image_emb.dtype,), device=device)
@@ -886,7 +922,7 @@ def _validate(image_emb, text_emb, logit_scale, labels):
             f"argument 'text_emb': expected shape {list(image_emb.shape)} (the shape of 'image_emb'), "
             f"got {list(text_emb.shape)}")
     batch, dim = image_emb.shape
-    if batch < 1 or dim < 1:
+    if not distributed and (batch < 1 or dim < 1):
         raise ValueError(f"argument 'image_emb': expected a non-empty [B, D] tensor, got shape {list(image_emb.shape)}")
     if labels is not None:
         check_tensor("labels", labels, ndim=(1, 2), dtypes=_LABEL_DTYPES, device=device)
@@ -901,6 +937,18 @@ def _validate(image_emb, text_emb, logit_scale, labels):
         raise ValueError(f"argument 'logit_scale': expected a float or a scalar tensor, got {type(logit_scale).__name__}")
 
 
+def _check_global_batch(dim: int, sizes: tuple) -> None:
+    """The ``group=`` counterpart of the local emptiness check, on the exchanged table: every
+    rank sees the same ``dim`` and ``sizes``, so every rank raises the same error."""
+    if sum(sizes) == 0:
+        raise ValueError(
+            f"label_guided_infonce with group=: the global batch is empty (local batch sizes "
+            f"{list(sizes)} on ranks 0..{len(sizes) - 1}); at least one rank must hold rows")
+    if dim < 1:
+        raise ValueError(f"argument 'image_emb': expected a non-empty [B, D] tensor, got D = {dim} on every rank "
+                         f"of group=")
+
+
 def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group=None, backend="auto"):
     """Label-guided InfoNCE loss (spec section 5) without ever forming the ``B x B`` logits.
 
@@ -908,7 +956,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     ----------
     image_emb, text_emb : torch.Tensor
         ``[B, D]`` embeddings (normally L2-normalised; not checked), same
-        dtype (fp16, bf16, fp32 or fp64) and device. ``B >= 1``.
+        dtype (fp16, bf16, fp32 or fp64) and device. ``B >= 1`` and ``D >= 1``;
+        with ``group`` a rank may hold ``B = 0`` (see Notes) as long as the
+        global batch is not empty (a ``ValueError`` on every rank otherwise).
     logit_scale : torch.Tensor or float
         The logit multiplier itself (not its log), a one-element tensor (may
         require grad; its gradient keeps its dtype and shape) or a number.
@@ -942,6 +992,12 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     before ``backward()`` (or all-reduce ``logit_scale.grad`` and the other
     parameters with SUM yourself). Every rank must run the backward.
 
+    A rank whose local batch is empty (``B = 0``, e.g. the last batch of a
+    sampler split over ranks) contributes no rows and owns no share: it still
+    returns the global loss, its embeddings get ``[0, D]`` gradients and its
+    ``logit_scale`` gradient is 0, so the SUM above is unchanged. It must still
+    call the function and run the backward (both hold collectives).
+
     Host synchronisation: none on one device (label keys come from sorts of
     fixed shape, not ``torch.unique``); with ``group`` one small shape
     all-gather is read on the host.
@@ -950,7 +1006,7 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are
     compared exactly (a NaN label row equals no other row).
     """
-    _validate(image_emb, text_emb, logit_scale, labels)
+    _validate(image_emb, text_emb, logit_scale, labels, distributed=group is not None)
     compute = _compute_dtype(image_emb.dtype)
     if isinstance(logit_scale, torch.Tensor):
         scale = logit_scale.reshape(()).to(compute)
@@ -966,6 +1022,7 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
 
         rank = dist.get_rank(group)
         sizes = _exchange_shapes(image_emb, labels, group)
+        _check_global_batch(image_emb.shape[1], sizes)
         u_all = _GatherRows.apply(image_emb, group, sizes, rank)
         t_all = _GatherRows.apply(text_emb, group, sizes, rank)
         keys = _label_keys(_gather_labels(labels, group, sizes)) if labels is not None else None

@@ -23,11 +23,16 @@ def make_global_batch(sizes, dim, with_labels, seed=0):
     return u, t, labels
 
 
-def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64):
+def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60):
+    """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
+
+    ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
+    (e.g. a peer that raised before a collective) fails instead of hanging the test.
+    """
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         import ace_kernels
 
@@ -60,6 +65,28 @@ def run_mismatch(rank, world, port, out_dir):
         u = torch.randn(3, dim)
         try:
             ace_kernels.label_guided_infonce(u, u, 10.0, group=dist.group.WORLD, backend="torch")
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(message)
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
+def run_empty_global(rank, world, port, out_dir, timeout_s):
+    """Every rank passes an empty local batch: every rank must raise the same ValueError."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        import ace_kernels
+
+        u = torch.randn(0, 8, requires_grad=True)
+        labels = torch.zeros(0, 14, dtype=torch.int64)
+        try:
+            ace_kernels.label_guided_infonce(u, u, 10.0, labels, group=dist.group.WORLD, backend="torch")
             message = "no error"
         except ValueError as exc:
             message = str(exc)

@@ -116,6 +116,18 @@ def test_fp32_matches_oracle():
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_second_derivatives_are_refused(backend, device):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    u, t, s = (v.detach().to(device=device, dtype=dtype).requires_grad_() for v in _inputs(9, 6))
+    labels = torch.tensor([0, 1, 0, 2, 1, 3, 3, 4, 0], device=device)
+    loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(loss, [u, t], create_graph=True)
+    (gu,) = torch.autograd.grad(ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend), [u])
+    assert torch.isfinite(gu).all() and gu.abs().sum() > 0
+
+
 def test_float_logit_scale_and_shape_one_tensor():
     u, t, s = _inputs(25, 8)
     want = label_guided_infonce_oracle(u, t, s).detach()
@@ -192,9 +204,12 @@ def test_owned_shares_add_up_to_the_loss():
     keys = contrastive._label_keys(labels)
     ref = _loss_and_grads(label_guided_infonce_oracle, u, t, s, labels)
     total, grads = 0.0, [0, 0, 0]
-    for lo, hi in [(0, 13), (13, 14), (14, 41)]:
+    # (13, 13): a rank with no rows (group= with an empty local batch) owns a zero share.
+    for lo, hi in [(0, 13), (13, 13), (13, 14), (14, 41)]:
         share = contrastive._TorchLossShare.apply(u, t, s, keys, lo, hi, 8)
         g = torch.autograd.grad(share, [u, t, s])
+        if lo == hi:
+            assert share.item() == 0.0 and all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s]))
         total = total + share.detach()
         grads = [a + b for a, b in zip(grads, g)]
     torch.testing.assert_close(total, ref[0], rtol=0, atol=ATOL64)
@@ -347,9 +362,11 @@ def test_triton_large_scale_and_owned_shares(device):
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     total, grads = 0.0, [0, 0, 0]
-    for lo, hi in [(0, 17), (17, 29)]:
+    for lo, hi in [(0, 17), (17, 17), (17, 29)]:  # (17, 17): an empty rank's zero share
         share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
         g = torch.autograd.grad(share, [u, t, s32])
+        if lo == hi:
+            assert share.item() == 0.0 and all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s32]))
         total = total + share.detach()
         grads = [a + b for a, b in zip(grads, g)]
     # fp32 with logits up to 100: ~100 * 6e-8 per logit.

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ace_kernels
-from _contrastive_dist_worker import make_global_batch, run, run_mismatch
+from _contrastive_dist_worker import make_global_batch, run, run_empty_global, run_mismatch
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -17,6 +17,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 # and the embedding gradients pass one all-reduce: a few fp64 ulps of O(1) values.
 ATOL = 1e-10
 JOIN_TIMEOUT_S = 120
+# Process-group timeout of the tests where a bug would leave ranks waiting in a collective
+# (an empty rank raising before the shape exchange): they fail in seconds, not minutes.
+SHORT_TIMEOUT_S = 20
 
 
 def _free_port():
@@ -40,17 +43,8 @@ def _spawn(target, world, args):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-CASES = [
-    ("2_ranks_labels", (9, 9), True),
-    ("3_ranks_labels_uneven", (5, 1, 8), True),
-    ("3_ranks_no_labels", (6, 6, 6), False),
-]
-
-
-@pytest.mark.parametrize("name,sizes,with_labels", CASES, ids=[c[0] for c in CASES])
-def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels, tmp_path):
-    dim = 12
-    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path)))
+def _check_against_single_process(tmp_path, sizes, dim, with_labels, atol):
+    """The ranks' saved results against one process (torch backend, fp64) on the concatenated batch."""
     u, t, labels = make_global_batch(sizes, dim, with_labels)
     u.requires_grad_()
     t.requires_grad_()
@@ -62,14 +56,32 @@ def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels
     lo = 0
     for rank, (result, size) in enumerate(zip(results, sizes)):
         # Every rank returns the global loss.
-        torch.testing.assert_close(result["loss"], loss.detach(), rtol=0, atol=ATOL)
-        # Local embeddings get exactly the gradient of the global loss.
-        torch.testing.assert_close(result["grad_u"], u.grad[lo:lo + size], rtol=0, atol=ATOL)
-        torch.testing.assert_close(result["grad_t"], t.grad[lo:lo + size], rtol=0, atol=ATOL)
+        torch.testing.assert_close(result["loss"].double(), loss.detach(), rtol=0, atol=atol)
+        # Local embeddings get exactly the gradient of the global loss ([0, D] on an empty rank).
+        assert result["grad_u"].shape == result["grad_t"].shape == (size, dim)
+        torch.testing.assert_close(result["grad_u"].double(), u.grad[lo:lo + size], rtol=0, atol=atol)
+        torch.testing.assert_close(result["grad_t"].double(), t.grad[lo:lo + size], rtol=0, atol=atol)
+        if size == 0:
+            # An empty rank owns no share of the loss, so no share of the logit-scale gradient.
+            assert result["grad_scale"] is not None and result["grad_scale"].item() == 0.0
         lo += size
     # logit_scale: the SUM over ranks is the single-process gradient (documented convention).
-    summed = sum(r["grad_scale"] for r in results)
-    torch.testing.assert_close(summed, scale.grad, rtol=0, atol=ATOL)
+    summed = sum(r["grad_scale"].double() for r in results)
+    torch.testing.assert_close(summed, scale.grad, rtol=0, atol=atol)
+
+
+CASES = [
+    ("2_ranks_labels", (9, 9), True),
+    ("3_ranks_labels_uneven", (5, 1, 8), True),
+    ("3_ranks_no_labels", (6, 6, 6), False),
+]
+
+
+@pytest.mark.parametrize("name,sizes,with_labels", CASES, ids=[c[0] for c in CASES])
+def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels, tmp_path):
+    dim = 12
+    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path)))
+    _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
 
 
 def test_cross_rank_duplicates_are_masked(tmp_path):
@@ -90,26 +102,44 @@ def test_mismatched_ranks_raise_on_every_rank(tmp_path):
     assert "embedding dim" in messages[0] and "[8, 9]" in messages[0]
 
 
+# Some ranks hold no rows (the last batch of a sampler split over ranks): they contribute
+# nothing, still return the global loss and get [0, D] gradients.
+EMPTY_CASES = [
+    ("2_ranks_second_empty", (3, 0), True),
+    ("3_ranks_first_empty", (0, 5, 4), True),
+    ("3_ranks_two_empty_no_labels", (0, 7, 0), False),
+]
+
+
+@pytest.mark.parametrize("name,sizes,with_labels", EMPTY_CASES, ids=[c[0] for c in EMPTY_CASES])
+def test_empty_local_batches(name, sizes, with_labels, tmp_path):
+    dim = 12
+    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path), "torch", torch.float64,
+                             SHORT_TIMEOUT_S))
+    _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
+
+
+def test_empty_global_batch_raises_on_every_rank(tmp_path):
+    _spawn(run_empty_global, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S))
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "global batch is empty" in messages[0] and "[0, 0]" in messages[0]
+
+
 @pytest.mark.triton
 @pytest.mark.interpreter
 def test_triton_backend_across_ranks(tmp_path):
     # The Triton kernels (the interpreter here) on the owned-share path, 2 uneven ranks, fp32.
+    # fp32 kernels versus the fp64 single-process loss: logits up to 30 carry ~30 * 6e-8 each.
     sizes, dim = (7, 12), 20
     _spawn(run, 2, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32))
-    u, t, labels = make_global_batch(sizes, dim, True)
-    u.requires_grad_()
-    t.requires_grad_()
-    scale = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
-    loss = ace_kernels.label_guided_infonce(u, t, scale, labels, backend="torch")
-    loss.backward()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    # fp32 kernels versus the fp64 single-process loss: logits up to 30 carry ~30 * 6e-8 each.
-    atol = 2e-5
-    lo = 0
-    for result, size in zip(results, sizes):
-        torch.testing.assert_close(result["loss"].double(), loss.detach(), rtol=0, atol=atol)
-        torch.testing.assert_close(result["grad_u"].double(), u.grad[lo:lo + size], rtol=0, atol=atol)
-        torch.testing.assert_close(result["grad_t"].double(), t.grad[lo:lo + size], rtol=0, atol=atol)
-        lo += size
-    summed = sum(r["grad_scale"].double() for r in results)
-    torch.testing.assert_close(summed, scale.grad, rtol=0, atol=atol)
+    _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_triton_backend_with_an_empty_rank(tmp_path):
+    # As above with the first rank empty: its owned range is lo == hi == 0.
+    sizes, dim = (0, 9, 7), 20
+    _spawn(run, 3, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, SHORT_TIMEOUT_S))
+    _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
