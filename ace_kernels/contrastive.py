@@ -1002,6 +1002,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     fixed shape, not ``torch.unique``); with ``group`` one small shape
     all-gather is read on the host.
 
+    Autocast is ignored: the loss reads the embeddings in their own dtype and
+    accumulates in fp32 (fp64 for fp64 inputs on the torch backend).
+
     Non-finite inputs never raise or hang: NaN or +-inf in the embeddings or
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are
     compared exactly (a NaN label row equals no other row).
@@ -1036,7 +1039,13 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         u_in, t_in = u_all.to(compute), t_all.to(compute)
     else:
         u_in, t_in = u_all, t_all
-    share = impl(u_in, t_in, scale, keys, lo, hi)
+    if torch.is_autocast_enabled(image_emb.device.type):
+        # The loss ignores autocast (as the Triton kernels always do): the torch backend's
+        # logit matmuls would otherwise drop to the autocast dtype.
+        with torch.autocast(image_emb.device.type, enabled=False):
+            share = impl(u_in, t_in, scale, keys, lo, hi)
+    else:
+        share = impl(u_in, t_in, scale, keys, lo, hi)
     if group is None:
         return share
     return _SumAcrossRanks.apply(share, group)

@@ -128,6 +128,16 @@ def test_second_derivatives_are_refused(backend, device):
     assert torch.isfinite(gu).all() and gu.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_autocast_is_ignored(backend, device):
+    u, t, s = (v.detach().to(device=device, dtype=torch.float32).requires_grad_() for v in _inputs(37, 16))
+    labels = torch.randint(0, 4, (37,), generator=torch.Generator().manual_seed(3)).to(device)
+    want = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_float_logit_scale_and_shape_one_tensor():
     u, t, s = _inputs(25, 8)
     want = label_guided_infonce_oracle(u, t, s).detach()
