@@ -9,10 +9,36 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import re
+import secrets
 from typing import Callable
 
 import torch
+
+# The temporary file of a write to ``<dir>/<name>`` is ``<dir>/.<name>.<12 hex digits>.tmp``.
+# The names are made here (not by tempfile, whose random part is private) so that
+# temp_name_pattern can recognise exactly them and nothing else.
+_TEMP_HEX_DIGITS = 12
+
+
+def temp_name_pattern(name_regex: str) -> re.Pattern:
+    """Regex matching the temp names :func:`atomic_write` uses for destinations whose
+    base name matches ``name_regex`` (used to remove the leftovers of a killed write)."""
+    return re.compile(rf"^\.(?:{name_regex})\.[0-9a-f]{{{_TEMP_HEX_DIGITS}}}\.tmp$")
+
+
+def create_temp_file(path: str | os.PathLike) -> tuple[int, str]:
+    """Create (exclusively, mode 0600) the temp file for a write to ``path``; ``(fd, temp path)``."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {path!r} after 100 tries")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -20,7 +46,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -33,6 +59,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         except FileNotFoundError:
             pass
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """fsync a directory, making a rename inside it durable."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import BinaryIO
 
 import torch
 
@@ -71,8 +72,12 @@ def reference_weights(model) -> dict:
     return weights
 
 
-def save_reference_checkpoint(model, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write ``model``'s trainable weights to ``path`` in the released format, atomically.
+def save_reference_checkpoint(model, path: str | os.PathLike | BinaryIO, metadata: dict | None = None) -> None:
+    """Write ``model``'s trainable weights to ``path`` in the released format.
+
+    ``path`` is a file name, written atomically (temp file, fsync, rename), or a binary
+    file object open for writing, written as is: the caller owns its atomicity (the
+    training loop writes through one temp file this way, not a temp file of a temp file).
 
     The metadata is, in order of preference: ``metadata``, the metadata of the last
     released-format file loaded into the model (so a load/save round trip is exact),
@@ -80,7 +85,11 @@ def save_reference_checkpoint(model, path: str | os.PathLike, metadata: dict | N
     """
     if metadata is None:
         metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
-    atomic_torch_save({"weights": reference_weights(model), "metadata": dict(metadata)}, path)
+    blob = {"weights": reference_weights(model), "metadata": dict(metadata)}
+    if hasattr(path, "write"):
+        torch.save(blob, path)
+    else:
+        atomic_torch_save(blob, path)
 
 
 def _shape(value) -> tuple | str:

@@ -8,7 +8,11 @@ Examples::
         --task multiclass --checkpoint runs/a/checkpoints/ace_lora-00001000.pt
 
 Bad input ends with a one-line ``error: ...`` on stderr and exit status 2 (bad
-arguments or data) or 1 (a failure while running, e.g. a non-finite loss).
+arguments, data, checkpoints or training states: every ``ValueError``, which our own
+checks raise, and a missing file) or 1 (an expected failure while running: a non-finite
+loss, ranks that disagree, an OS error such as a full disk). Anything else is a bug or
+a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
+``ACE_LORA_DEBUG=1`` shows the traceback of the one-line errors too.
 """
 
 from __future__ import annotations
@@ -58,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule spans them)")
     train.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    train.add_argument("--chunk-size", type=int, help="two-pass chunked step with chunks of this many samples")
+    train.add_argument("--chunk-size", type=int,
+                       help="two-pass chunked step with chunks of this many samples (memory follows the chunk, "
+                            "not the batch). Without dropout the gradients equal the one-pass step's for any "
+                            "chunk size; with dropout each chunk draws its own masks (replayed exactly in pass "
+                            "2), so another chunk size gives other, identically distributed masks")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -138,7 +146,9 @@ def _parser_defaults(command: str) -> dict:
 def _check_train_inputs(args: argparse.Namespace) -> None:
     """Fail early, naming the problem, before a model is built."""
     from ace_model.data import read_csv
+    from ace_model.training import _check_out_dir
 
+    _check_out_dir(Path(args.out_dir), "--out-dir")
     read_csv(args.csv, ["image", "text"])
     for flag in ("pretrained", "init_checkpoint"):
         path = getattr(args, flag)
@@ -225,11 +235,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ace_model import ACELoRA
     from ace_model.data import SYNTHETIC_CLASSES, CSVImageLabelDataset, make_synthetic_dataset
+    from ace_model.training import _check_out_dir
     from ace_model.zero_shot import evaluate
 
     if args.quick:
         args.steps, args.train_size, args.test_size = 150, 256, 100
     out = Path(args.out_dir)
+    _check_out_dir(out, "--out-dir")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -292,20 +304,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ace-lora`` console script; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
-    from ace_model.checkpoint import CheckpointError
-    from ace_model.data import DataError
+    from ace_model.training import NonFiniteLossError, RankMismatchError
 
     handlers = {"train": cmd_train, "zero-shot": cmd_zero_shot, "demo": cmd_demo}
+    debug = os.environ.get("ACE_LORA_DEBUG", "") not in ("", "0")
     try:
         return handlers[args.command](args)
-    except (CLIError, DataError, CheckpointError, FileNotFoundError) as exc:
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        # Our own checks (CLIError, DataError, CheckpointError, TrainingStateError and
+        # the other ValueErrors naming an argument) and a missing file: the user's input.
+        if debug:
+            raise
         print(f"ace-lora {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ValueError as exc:
-        print(f"ace-lora {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as exc:
-        # e.g. training.NonFiniteLossError: the last good checkpoint is kept on disk.
+    except (NonFiniteLossError, RankMismatchError, OSError) as exc:
+        # Expected failures while running; after a non-finite loss the last good
+        # checkpoint is kept on disk. Other exceptions (bugs, out of memory) propagate
+        # with their traceback.
+        if debug:
+            raise
         print(f"ace-lora {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

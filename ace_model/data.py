@@ -118,21 +118,53 @@ def load_image(path: str | os.PathLike, image_size: int, *, where: str = "") -> 
 
 
 def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list[str], list[dict]]:
-    """Read a CSV with a header; raise :class:`DataError` naming every missing column."""
+    """Read a UTF-8 CSV with a header (a byte-order mark is allowed).
+
+    Raises :class:`DataError` naming the file and: every missing required column; the
+    row (numbered from 1 after the header) and its file line when it has more or fewer
+    fields than the header; the line of the first byte that is not UTF-8; a malformed
+    line (e.g. an unterminated quote).
+    """
     csv_path = os.fspath(csv_path)
     if not os.path.isfile(csv_path):
         raise DataError(f"CSV file {csv_path!r} does not exist")
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = list(reader.fieldnames or [])
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
-                            f"{', '.join(repr(c) for c in missing)} (found columns: {header})")
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or [])
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
+                                f"{', '.join(repr(c) for c in missing)} (found columns: {header})")
+            rows = []
+            for number, row in enumerate(reader, start=1):
+                # DictReader puts surplus fields under the key None and fills absent ones with None.
+                surplus = row.pop(None, None)
+                present = sum(value is not None for value in row.values())
+                if surplus or present < len(header):
+                    fields = present + len(surplus or ())
+                    raise DataError(f"{csv_path}, row {number} (line {reader.line_num}): {fields} field(s), "
+                                    f"expected {len(header)}, one per column {header}")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise DataError(f"CSV file {csv_path!r} is not UTF-8 text: {_first_non_utf8(csv_path)}; "
+                        "save it as UTF-8") from None
+    except csv.Error as exc:
+        raise DataError(f"CSV file {csv_path!r}, line {reader.line_num}: malformed CSV ({exc})") from None
     if not rows:
         raise DataError(f"CSV file {csv_path!r} has a header but no rows")
     return header, rows
+
+
+def _first_non_utf8(path: str) -> str:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"byte 0x{data[exc.start]:02x} at line {line} ({exc.reason})"
+    return "a byte that is not UTF-8"
 
 
 def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:

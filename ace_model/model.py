@@ -27,7 +27,7 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -588,8 +588,9 @@ class ACELoRA(nn.Module):
 
         return load_reference_checkpoint(self, path)
 
-    def save_reference_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write the trainable weights in the released format, atomically."""
+    def save_reference_checkpoint(self, path: str | os.PathLike | BinaryIO) -> None:
+        """Write the trainable weights in the released format: to a file name atomically,
+        or into a binary file object open for writing."""
         from ace_model.checkpoint import save_reference_checkpoint
 
         save_reference_checkpoint(self, path)

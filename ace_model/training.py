@@ -7,8 +7,15 @@ Three pieces, usable separately:
   by chunk without an autograd graph, the loss runs once on the full batch with the
   embeddings as leaves (giving dL/d(embeddings) and dL/d(logit multiplier)), and pass 2
   reruns each chunk with autograd and backpropagates the cached embedding gradients.
-  The dropout RNG state is saved before each chunk in pass 1 and restored in pass 2, so
-  both passes draw the same masks and the gradients are those of the one-pass step.
+  The RNG state is saved before each chunk in pass 1 and restored before the same chunk
+  in pass 2, so both passes draw the same dropout masks. Without dropout (``eval()`` or
+  p = 0) the gradients are those of the one-pass step for any chunk size, up to
+  summation order. With dropout they are those of a one-pass step that drew its masks
+  chunk by chunk in the same order; another chunk size (or the one-pass step) draws
+  other, identically distributed masks, so it is the same stochastic step but not the
+  same numbers. Masks that do not depend on the chunking are not offered: the attention
+  dropout inside ``scaled_dot_product_attention`` draws one mask per call from the
+  generator, so a sample's mask depends on which samples share its call.
 - torch.distributed: :func:`sync_gradients` sums the trainable gradients over ranks (see
   its docstring for the gradient convention), :func:`check_ranks_agree` fails with a
   clear error when ranks disagree on batch size or configuration instead of hanging.
@@ -24,7 +31,9 @@ Checkpoint directory layout (``<out_dir>/checkpoints``)::
     latest                JSON naming the newest complete pair, replaced atomically
 
 A state file is complete before ``latest`` names it, and older files are pruned only
-after that, so a crash at any instant leaves the previous good state intact.
+after that, so a crash at any instant leaves the previous good state intact. Only this
+run's own older checkpoints are pruned (each state lists them): files of another run,
+e.g. of an abandoned run resumed from an older state, are left alone.
 """
 
 from __future__ import annotations
@@ -39,7 +48,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +58,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ace_model._atomic import atomic_torch_save, atomic_write_text
+from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, create_temp_file,
+                               fsync_directory, temp_name_pattern)
 
 STATE_FORMAT = "ace-lora-train-state"
-STATE_VERSION = 1
+# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps. Version 1 states
+# are still read: the dataset check is skipped and the run's checkpoints are inferred.
+STATE_VERSION = 2
+_READABLE_STATE_VERSIONS = (1, 2)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +74,11 @@ class NonFiniteLossError(RuntimeError):
 
 class RankMismatchError(RuntimeError):
     """Processes of one distributed run disagree on batch size or configuration."""
+
+
+class TrainingStateError(ValueError):
+    """A training state (or its ``latest`` pointer) is unreadable or does not fit this
+    run; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -190,9 +207,13 @@ def chunked_train_step(
     """Forward and backward of the contrastive loss, ``chunk_size`` samples at a time.
 
     Gradients are accumulated into ``.grad`` of the trainable parameters (call
-    ``zero_grad`` first) exactly as ``loss.backward()`` of the one-pass step would, up to
-    floating-point summation order. Peak activation memory is that of one chunk; what
-    grows with the batch is only the ``[B, D]`` embeddings and their gradients.
+    ``zero_grad`` first) exactly as ``loss.backward()`` of one autograd graph over the
+    whole batch would, up to floating-point summation order, when that graph draws its
+    dropout masks chunk by chunk in the same order. Without dropout this is the one-pass
+    step for any ``chunk_size``; with dropout a different ``chunk_size`` draws different
+    (identically distributed) masks -- see the module docstring. Peak activation memory
+    is that of one chunk; what grows with the batch is only the ``[B, D]`` embeddings and
+    their gradients.
 
     Parameters
     ----------
@@ -285,7 +306,7 @@ def chunked_train_step(
 
 
 def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
-    """Sum the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce).
+    """Sum the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce per dtype).
 
     Gradient convention (matching ``label_guided_infonce(..., group=)``): on each rank the
     loss is the global-batch loss and the gradient it returns for the local embeddings is
@@ -293,6 +314,10 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
     multiplier's gradient on each rank is the local share, so that summing over ranks
     gives every parameter the gradient of the single process on the concatenated batch.
     A parameter without a gradient counts as zero so every rank reduces the same buffer.
+
+    Gradients are summed in their own dtype (fp64 stays fp64), except that fp16 and bf16
+    are summed in fp32; one collective per such reduction dtype, in the order of first
+    appearance in ``params`` (the same on every rank).
     """
     if group is None or dist.get_world_size(group) == 1:
         return
@@ -300,17 +325,22 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        reduced = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
-        if p.grad is None:
-            p.grad = reduced
-        else:
-            p.grad.copy_(reduced)
+    buckets: dict[torch.dtype, list[int]] = {}
+    for index, g in enumerate(grads):
+        buckets.setdefault(torch.promote_types(g.dtype, torch.float32), []).append(index)
+    for dtype, indices in buckets.items():
+        flat = torch.cat([grads[i].reshape(-1).to(dtype) for i in indices])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for i in indices:
+            p, g = params[i], grads[i]
+            n = g.numel()
+            reduced = flat[offset : offset + n].view_as(g).to(g.dtype)
+            offset += n
+            if p.grad is None:
+                p.grad = reduced
+            else:
+                p.grad.copy_(reduced)
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,7 +442,12 @@ class TrainConfig:
     progress: bool = True
     dist_timeout_s: float = 600.0
 
-    # Fields that may change between a run and its resumption without changing the maths.
+    # Fields that may change between a run and its resumption. Most leave every number of
+    # the run as it was; not all: with dropout on, a new chunk_size draws other
+    # (identically distributed) masks, so losses differ from the uninterrupted run (with
+    # dropout off only the summation order changes); a new device changes kernels, RNG
+    # streams and, with precision "auto", autocast. csv and image_root may point at moved
+    # data: the dataset length is checked against the state.
     _RESUMABLE_CHANGES = frozenset(
         {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
          "keep_checkpoints", "chunk_size", "csv", "image_root", "device"}
@@ -544,21 +579,26 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------
 
 _STATE_RE = re.compile(r"^state-(\d+)\.pt$")
-_REF_RE = re.compile(r"^ace_lora-(\d+)\.pt$")
-_STALE_TMP_RE = re.compile(r"^\.(state|ace_lora)-\d+\.pt\..*\.tmp$")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# The temp names of this module's atomic writes (see ace_model._atomic), per directory;
+# a killed run can leave these behind, and only these are removed on the next start.
+_CKPT_TEMP_RE = temp_name_pattern(r"state-\d{8,}\.pt|ace_lora-\d{8,}\.pt|latest")
+_RUN_TEMP_RE = temp_name_pattern(r"config\.json|ace_lora\.pt")
 
 
 def _atomic_reference_save(model: nn.Module, path: Path) -> None:
-    """``model.save_reference_checkpoint`` into a temp name, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    """``model.save_reference_checkpoint`` into one temp file, fsync, rename.
+
+    ``ACELoRA`` writes into the open temp file, so there is exactly one temp file per write,
+    with a name :data:`_CKPT_TEMP_RE` / :data:`_RUN_TEMP_RE` knows. Any other model is given
+    the temp file's path (its method may take only a path); a temp file of its own, if it
+    makes one, is its business.
+    """
+    from ace_model.model import ACELoRA
+
+    if isinstance(model, ACELoRA):
+        atomic_write(path, model.save_reference_checkpoint)
+        return
+    fd, tmp = create_temp_file(path)
     os.close(fd)
     try:
         model.save_reference_checkpoint(tmp)
@@ -569,46 +609,66 @@ def _atomic_reference_save(model: nn.Module, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
-def _prune(directory: Path, pattern: re.Pattern, current_step: int, keep: int, protect: set[str]) -> None:
-    # Only files of this trajectory (step <= current) are candidates; a file from a
-    # later step belongs to an abandoned run resumed from an older state: left alone.
-    found = sorted(
-        (int(m.group(1)), name)
-        for name in os.listdir(directory)
-        if (m := pattern.match(name)) and int(m.group(1)) <= current_step
-    )
-    for _, name in found[: max(0, len(found) - keep)]:
-        if name not in protect:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(directory / name)
+def _checkpoint_names(step: int) -> tuple[str, str]:
+    return f"state-{step:08d}.pt", f"ace_lora-{step:08d}.pt"
 
 
-def _remove_stale_temp_files(ckpt_dir: Path) -> None:
-    """Delete temp files of checkpoint writes a crash interrupted (never a complete file)."""
-    if ckpt_dir.is_dir():
-        for name in os.listdir(ckpt_dir):
-            if _STALE_TMP_RE.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(ckpt_dir / name)
+def _remove_stale_temp_files(out_dir: Path) -> None:
+    """Delete temp files of writes a crash interrupted (never a complete file, never a
+    name this module does not create)."""
+    for directory, pattern in ((out_dir, _RUN_TEMP_RE), (out_dir / "checkpoints", _CKPT_TEMP_RE)):
+        if directory.is_dir():
+            for name in os.listdir(directory):
+                if pattern.match(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(directory / name)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | None, keep: int) -> Path:
-    """Write the state (and the released-format weights), then point ``latest`` at them."""
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | None, keep: int,
+                    previous_steps: Sequence[int] = ()) -> Path:
+    """Write the state (and the released-format weights), point ``latest`` at them, prune.
+
+    ``previous_steps`` are the steps of this run's checkpoints in ``ckpt_dir`` (the
+    ``checkpoint_steps`` of the state it continues). The newest ``keep`` of them and
+    ``step`` are kept; ``state["checkpoint_steps"]`` is set to those before it is written,
+    and the others' files are deleted once ``latest`` names the new state. Files of any
+    other step (an abandoned run resumed from an older state, another run's files) are
+    never deleted: they do not count towards ``keep``.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state_name = f"state-{step:08d}.pt"
+    ours = sorted(set(int(s) for s in previous_steps) | {step})
+    kept = ours[-keep:]
+    state["checkpoint_steps"] = kept
+    state_name, ref_name = _checkpoint_names(step)
     atomic_torch_save(state, ckpt_dir / state_name)
-    ref_name = None
     if model is not None and hasattr(model, "save_reference_checkpoint"):
-        ref_name = f"ace_lora-{step:08d}.pt"
         _atomic_reference_save(model, ckpt_dir / ref_name)
+    else:
+        ref_name = None
     atomic_write_text(ckpt_dir / "latest", json.dumps({"step": step, "state": state_name, "reference": ref_name}) + "\n")
-    protect = {state_name} | ({ref_name} if ref_name else set())
-    _prune(ckpt_dir, _STATE_RE, step, keep, protect)
-    _prune(ckpt_dir, _REF_RE, step, keep, protect)
+    for old in ours[: len(ours) - len(kept)]:
+        for name in _checkpoint_names(old):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ckpt_dir / name)
     return ckpt_dir / state_name
+
+
+def _resumed_checkpoint_steps(state: dict, state_path: Path, ckpt_dir: Path) -> list[int]:
+    """Steps of the resumed run's checkpoints that live in ``ckpt_dir`` (pruning candidates)."""
+    try:
+        same_dir = ckpt_dir.is_dir() and os.path.samefile(state_path.parent, ckpt_dir)
+    except OSError:
+        same_dir = False
+    if not same_dir:
+        return []  # a new directory: nothing in it belongs to this run yet
+    if "checkpoint_steps" in state:
+        return [int(s) for s in state["checkpoint_steps"]]
+    # Version 1 states did not record them: the state files up to the state's own step.
+    return sorted(int(m.group(1)) for name in os.listdir(ckpt_dir)
+                  if (m := _STATE_RE.match(name)) and int(m.group(1)) <= state["step"])
 
 
 def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike) -> Path | None:
@@ -635,22 +695,53 @@ def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike)
 
 def _read_latest(latest: Path) -> Path:
     try:
-        record = json.loads(latest.read_text())
+        record = json.loads(latest.read_text(encoding="utf-8"))
         path = latest.parent / record["state"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise RuntimeError(f"{latest}: unreadable checkpoint pointer ({exc})") from exc
+        raise TrainingStateError(f"{latest}: unreadable checkpoint pointer, expected JSON with a 'state' "
+                                 f"file name ({_first_line(exc)})") from exc
     if not path.exists():
         raise FileNotFoundError(f"{latest} names {record['state']}, which does not exist")
     return path
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: first sentence of the message`` (torch's load errors run to paragraphs)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    sentence_end = text.find(". ")
+    if sentence_end > 0:
+        text = text[: sentence_end + 1]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def load_state(path: str | os.PathLike) -> dict:
-    """Load a full training state written by :func:`train` (``weights_only=True``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a full training state written by :func:`train` (``weights_only=True``).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    TrainingStateError (a ValueError)
+        Naming ``path``, when the file cannot be read (corrupt, truncated, not a torch
+        file) or is not a training state of a version this code reads.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise TrainingStateError(f"{path}: cannot be read as a training state (corrupt or truncated file?): "
+                                 f"{_first_line(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not an ace-lora training state (format field {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: training state version {state.get('version')}, this code reads {STATE_VERSION}")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise TrainingStateError(f"{path}: not an ace-lora training state (format field {found!r}, "
+                                 f"expected {STATE_FORMAT!r})")
+    if state.get("version") not in _READABLE_STATE_VERSIONS:
+        raise TrainingStateError(f"{path}: training state version {state.get('version')!r}, this code reads "
+                                 f"versions {list(_READABLE_STATE_VERSIONS)}")
     return state
 
 
@@ -710,6 +801,17 @@ def _init_distributed(device: torch.device, timeout_s: float):
 # ----------------------------------------------------------------------------------------
 
 
+def _check_out_dir(out_dir: Path, name: str = "TrainConfig.out_dir") -> None:
+    """Fail before any work when ``out_dir`` or a folder above it exists but is no directory."""
+    for candidate in (out_dir, *out_dir.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                where = "it" if candidate == out_dir else f"{str(candidate)!r}"
+                raise ValueError(f"{name}: {str(out_dir)!r} cannot be a run directory: {where} "
+                                 "exists and is not a directory")
+            return
+
+
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
 
@@ -752,7 +854,8 @@ def train(
     model : nn.Module, optional
         Used instead of ``ACELoRA.from_config(config.model, ...)``. It must have the
         same parameters on every rank (built from the same seed); the frozen weights are
-        broadcast from rank 0 anyway.
+        broadcast from rank 0 anyway. Its ``save_reference_checkpoint(path)``, if it has
+        one, is called with a temp path that the loop fsyncs and renames.
     dataset : Dataset, optional
         Map-style dataset of ``(image, token_ids, labels)`` items, used instead of
         ``CSVImageTextDataset(config.csv)``.
@@ -774,6 +877,7 @@ def train(
         When processes disagree on the configuration or the batch.
     """
     config.validate()
+    _check_out_dir(Path(config.out_dir))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(config.device, local_rank)
     group, rank, world, created_group = _init_distributed(device, config.dist_timeout_s)
@@ -840,21 +944,23 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
     epoch_gen_state = None
     resume_path = resolve_resume(config.resume, out_dir)
+    checkpoint_steps: list[int] = []
     if resume_path is not None:
         state = load_state(resume_path)
-        _check_resume_config(state, config, world, n, resume_path)
+        _check_resume_config(state, config, world, n, steps_per_epoch, resume_path)
         _load_trainable(trainable, state["trainable"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         epoch_gen_state = state["data_generator_epoch_start"]
         _rng_restore(state["rng"][rank], device)
+        checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None
     if is_writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(ckpt_dir)
+        _remove_stale_temp_files(out_dir)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         metrics = open(metrics_path, "a", encoding="utf-8")
         event = {"event": "resume" if resume_path else "start", "step": step, "time": time.time(),
@@ -917,9 +1023,10 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    last_state, last_reference = _checkpoint(
+                    last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
-                        epoch_gen_state, device, group, rank, world, metrics)
+                        epoch_gen_state, device, group, rank, world, metrics,
+                        n, steps_per_epoch, checkpoint_steps)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0
@@ -947,7 +1054,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
-                epoch_gen_state, device, group, rank, world, metrics):
+                epoch_gen_state, device, group, rank, world, metrics, dataset_length, steps_per_epoch,
+                checkpoint_steps):
     snapshot = _rng_snapshot(device)
     if group is not None:
         rng_all: list = [None] * world
@@ -969,30 +1077,41 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
             "rng": rng_all,
             "world_size": world,
             "config": config.to_dict(),
+            "dataset_length": dataset_length,
+            "steps_per_epoch": steps_per_epoch,
+            # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
         }
         # Metrics before the state: a resumed run never misses lines of steps it skips.
         metrics.flush()
         os.fsync(metrics.fileno())
-        path = save_checkpoint(ckpt_dir, step, state, model, config.keep_checkpoints)
+        path = save_checkpoint(ckpt_dir, step, state, model, config.keep_checkpoints, checkpoint_steps)
+        checkpoint_steps = state["checkpoint_steps"]
         if hasattr(model, "save_reference_checkpoint"):
-            reference = ckpt_dir / f"ace_lora-{step:08d}.pt"
+            reference = ckpt_dir / _checkpoint_names(step)[1]
     if group is not None:
         dist.barrier(group=group)  # no rank runs ahead of a checkpoint that may fail
-    return path, reference
+    return path, reference, checkpoint_steps
 
 
-def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, path) -> None:
+def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, steps_per_epoch: int, path) -> None:
     saved = state["config"]
     now = config.to_dict()
     for key in sorted(set(saved) | set(now)):
         if key in TrainConfig._RESUMABLE_CHANGES:
             continue
         if saved.get(key) != now.get(key):
-            raise ValueError(f"resume from {path}: config field {key!r} was {saved.get(key)!r} in the saved run, "
-                             f"now {now.get(key)!r}; resuming would not continue the same run")
+            raise TrainingStateError(f"resume from {path}: config field {key!r} was {saved.get(key)!r} in the saved "
+                                     f"run, now {now.get(key)!r}; resuming would not continue the same run")
     if state["world_size"] != world:
-        raise ValueError(f"resume from {path}: the state was written by {state['world_size']} processes, "
-                         f"this run has {world}")
+        raise TrainingStateError(f"resume from {path}: the state was written by {state['world_size']} processes, "
+                                 f"this run has {world}")
+    # Version 1 states did not record the dataset: nothing to compare then.
+    if "dataset_length" in state and (state["dataset_length"], state["steps_per_epoch"]) != (n, steps_per_epoch):
+        raise TrainingStateError(
+            f"resume from {path}: the saved run's dataset had {state['dataset_length']} samples "
+            f"({state['steps_per_epoch']} steps per epoch), this run's has {n} ({steps_per_epoch} steps per "
+            "epoch); a different dataset changes the data order and the schedule, so resuming would not "
+            "continue the same run")
 
 
 def _load_trainable(trainable, saved: dict, path) -> None:
@@ -1000,12 +1119,14 @@ def _load_trainable(trainable, saved: dict, path) -> None:
     missing = sorted(names - set(saved))
     extra = sorted(set(saved) - names)
     if missing or extra:
-        raise ValueError(f"resume from {path}: trainable parameters differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise TrainingStateError(f"resume from {path}: trainable parameters differ (missing {missing[:3]}, "
+                                 f"unexpected {extra[:3]})")
     with torch.no_grad():
         for name, p in trainable:
             value = saved[name]
             if value.shape != p.shape:
-                raise ValueError(f"resume from {path}: {name!r} expected shape {list(p.shape)}, found {list(value.shape)}")
+                raise TrainingStateError(f"resume from {path}: {name!r} expected shape {list(p.shape)}, "
+                                         f"found {list(value.shape)}")
             p.copy_(value)
 
 

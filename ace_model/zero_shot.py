@@ -133,10 +133,40 @@ def zero_shot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_sca
     return (float(logit_scale) * similarity).softmax(dim=-1)
 
 
+def check_single_label(labels: torch.Tensor, task: str) -> None:
+    """For ``multiclass`` and ``binary``, every label row must be one-hot.
+
+    Raises
+    ------
+    ValueError
+        Naming the dataset type and the first rows (numbered from 1 in dataset order,
+        as in the CSV) with no positive class or with several.
+    """
+    if task == "multilabel":
+        return
+    positives = (labels.float() != 0).sum(dim=1)
+    problems = []
+    for what, mask in (("no positive class", positives == 0), ("several positive classes", positives > 1)):
+        rows = (torch.nonzero(mask).flatten() + 1).tolist()
+        if rows:
+            shown = ", ".join(str(r) for r in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+            problems.append(f"{len(rows)} row(s) with {what} (row {shown})")
+    if problems:
+        raise ValueError(f"{task} labels: expected exactly one positive class per row, found "
+                         f"{'; '.join(problems)}; rows are numbered from 1 in dataset order. "
+                         "Use task 'multilabel' for rows with several or no positive classes")
+
+
 def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> dict:
-    """Accuracy and AUROC for ``task`` from scores and 0/1 labels, both ``[N, C]``."""
+    """Accuracy and AUROC for ``task`` from scores and 0/1 labels, both ``[N, C]``.
+
+    ``multiclass`` and ``binary`` need one-hot label rows (:func:`check_single_label`).
+    """
     if scores.shape != labels.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ in shape")
+    if task not in TASKS:
+        raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
+    check_single_label(labels, task)
     labels = labels.float()
     if task == "multilabel":
         accuracy = ((scores >= 0.5).float() == labels).float().mean().item()
@@ -166,6 +196,13 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
 
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
+    dataset_labels = getattr(dataset, "labels", None)
+    if isinstance(dataset_labels, torch.Tensor) and dataset_labels.dim() == 2:
+        try:
+            check_single_label(dataset_labels, task)  # before the images are encoded
+        except ValueError as exc:
+            where = getattr(dataset, "csv_path", None)
+            raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
     was_training = model.training
     model.eval()
     try:

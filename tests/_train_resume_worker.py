@@ -62,8 +62,12 @@ def main() -> None:
             buffer = io.BytesIO()
             torch.save(obj, buffer)
             data = buffer.getvalue()
-            # What atomic_write leaves behind when killed mid-write: a partial temp file.
-            with open(os.path.join(os.path.dirname(path), "." + target + ".killed.tmp"), "wb") as handle:
+            # What atomic_write leaves behind when killed mid-write: a partial temp file,
+            # under the temp name atomic_write would give it.
+            from ace_model._atomic import create_temp_file
+
+            fd, _ = create_temp_file(path)
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(data[: len(data) // 2])
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -118,6 +118,15 @@ def test_tiny_round_trip_and_default_metadata(tiny, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_save_into_an_open_file_writes_the_same_checkpoint(tiny, tmp_path):
+    """The training loop writes through its own temp file by handing over the open file."""
+    tiny.save_reference_checkpoint(tmp_path / "by_path.pt")
+    with open(tmp_path / "by_handle.pt", "wb") as handle:
+        tiny.save_reference_checkpoint(handle)
+    _assert_same_tree(_load(tmp_path / "by_handle.pt"), _load(tmp_path / "by_path.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["by_handle.pt", "by_path.pt"]  # no temp file left
+
+
 @pytest.mark.parametrize("loss_type", ["clip_loss_ace_hgnn", "clip_loss_ace_hgat"])
 def test_both_loss_type_spellings_load(tiny, tmp_path, loss_type):
     model = copy.deepcopy(tiny)

@@ -127,8 +127,12 @@ def test_cli_zero_shot_with_a_checkpoint(tiny, synthetic, tmp_path, capsys):
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["auroc"] <= 1.0
     printed = capsys.readouterr().out
     assert '"accuracy"' in printed
-    status = cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--classes", "edema,effusion",
-                       "--task", "binary"])
+    # Binary needs one-hot [negative, positive] rows: the effusion and edema rows only.
+    with open(synthetic, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["effusion"] == "1" or r["edema"] == "1"]
+    binary = _write_csv(tmp_path / "binary.csv", ["image", "effusion", "edema"],
+                        [[str(synthetic.parent / r["image"]), r["effusion"], r["edema"]] for r in rows])
+    status = cli.main(["zero-shot", "--csv", str(binary), "--model", "tiny", "--task", "binary"])
     assert status == 0
 
 
@@ -184,6 +188,51 @@ def test_bad_label_value_and_bad_checkpoint(tiny, synthetic, tmp_path, capsys):
     assert "layer_0" in capsys.readouterr().err
 
 
+def test_non_utf8_csv_names_the_file_and_line(tiny, synthetic, tmp_path, capsys):
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(f"image,text,edema\n{image},ok,1\n{image},caf\xe9,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv' is not UTF-8 text: byte 0xe9 at line 3"):
+        CSVImageTextDataset(path, tiny.tokenizer())
+    assert cli.main(["train", "--csv", str(path), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
+    assert "latin1.csv" in capsys.readouterr().err
+    # A byte-order mark (as spreadsheet programs write) is not part of the first column's name.
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + f"image,text,edema\n{image},ok,1\n".encode())
+    assert CSVImageTextDataset(bom, tiny.tokenizer()).labels.tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("fields,count", [(["x.png", "too few"], 2), (["x.png", "too many", "1", "0"], 4)])
+def test_row_with_wrong_field_count_names_the_row(tiny, synthetic, tmp_path, fields, count):
+    image = str(synthetic.parent / "test" / "00000.png")
+    rows = [[image, "fine", "1"], [image] + fields[1:]]
+    path = _write_csv(tmp_path / "ragged.csv", ["image", "text", "edema"], rows)
+    with pytest.raises(DataError, match=rf"ragged.csv, row 2 \(line 3\): {count} field\(s\), expected 3, "
+                                        r"one per column \['image', 'text', 'edema'\]"):
+        CSVImageTextDataset(path, tiny.tokenizer())
+    from ace_model.data import CSVImageLabelDataset
+
+    with pytest.raises(DataError, match=r"row 2 \(line 3\)"):
+        CSVImageLabelDataset(path, ["edema"], tiny.image_size)
+
+
+def test_single_label_tasks_reject_rows_that_are_not_one_hot(tiny, synthetic, tmp_path, capsys):
+    scores = torch.rand(4, 3)
+    labels = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1]])
+    for task in ("multiclass", "binary"):
+        task_scores, task_labels = (scores, labels) if task == "multiclass" else (scores[:, :2], labels[:, :2])
+        with pytest.raises(ValueError, match=rf"{task} labels: .*no positive class \(row 2.*several positive "
+                                             r"classes \(row 3\)"):
+            zero_shot_metrics(task_scores, task_labels, task)
+    assert zero_shot_metrics(scores, labels, "multilabel")["n"] == 4  # multi-hot and empty rows are fine there
+    # Through the command line: the CSV and the rows are named before any image is encoded.
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = _write_csv(tmp_path / "multi.csv", ["image", "a", "b"], [[image, 1, 0], [image, 1, 1], [image, 0, 0]])
+    assert cli.main(["zero-shot", "--csv", str(path), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "multi.csv: multiclass labels" in err and "(row 3)" in err and "(row 2)" in err
+
+
 def test_uncertain_and_missing_labels_count_as_negative(tiny, synthetic, tmp_path):
     image = str(synthetic.parent / "test" / "00000.png")
     path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b", "c"], [[image, "x", "1", "-1", ""]])
@@ -229,6 +278,64 @@ def test_missing_pretrained_path_is_named(synthetic, capsys):
     status = cli.main(["train", "--csv", str(synthetic), "--pretrained", "/no/such/weights.bin"])
     assert status == cli.EXIT_BAD_INPUT
     assert "/no/such/weights.bin" in capsys.readouterr().err
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ace-lora {command}: error: "), err
+    return lines[0]
+
+
+def test_out_dir_that_is_a_file_is_a_one_line_error(synthetic, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    for command in (["train", "--csv", str(synthetic), "--model", "tiny"], ["demo", "--quick"]):
+        for out_dir in (taken, taken / "run"):
+            assert cli.main([*command, "--out-dir", str(out_dir)]) == cli.EXIT_BAD_INPUT
+            line = _one_error_line(capsys.readouterr().err, command[0])
+            assert f"--out-dir: {str(out_dir)!r}" in line and "is not a directory" in line
+    assert taken.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a state"])
+def test_corrupt_resume_state_is_a_one_line_error_naming_it(synthetic, tmp_path, capsys, damage):
+    state = tmp_path / "state-00000004.pt"
+    buffer = __import__("io").BytesIO()
+    torch.save({"format": "ace-lora-train-state", "version": 2, "step": 4, "blob": torch.zeros(1000)}, buffer)
+    data = buffer.getvalue()
+    state.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x80\x02 not a pickle" * 9,
+                       "not a state": data.replace(b"ace-lora-train-state", b"something-else-state")}[damage])
+    status = cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+                       "--batch-size", "4", "--resume", str(state), "--no-progress"])
+    assert status == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert str(state) in line
+
+
+def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
+    """Bad input: one line, exit 2. A bug or an out-of-memory error: its traceback."""
+    from ace_model import training
+
+    def failing(exc):
+        def train(config):
+            raise exc
+        return train
+
+    monkeypatch.setattr(training, "train", failing(ValueError("TrainConfig.lr: bad")))
+    assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_BAD_INPUT
+    assert "TrainConfig.lr: bad" in _one_error_line(capsys.readouterr().err, "train")
+    monkeypatch.setattr(training, "train", failing(training.NonFiniteLossError("non-finite loss at step 7")))
+    assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_FAILED
+    assert "NonFiniteLossError: non-finite loss at step 7" in _one_error_line(capsys.readouterr().err, "train")
+    for unexpected in (RuntimeError("internal bug"), torch.OutOfMemoryError("CUDA out of memory"),
+                       KeyError("internal bug")):
+        monkeypatch.setattr(training, "train", failing(unexpected))
+        with pytest.raises(type(unexpected)):
+            cli.main(["train", "--csv", str(synthetic)])
+    monkeypatch.setenv("ACE_LORA_DEBUG", "1")
+    monkeypatch.setattr(training, "train", failing(ValueError("TrainConfig.lr: bad")))
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
+        cli.main(["train", "--csv", str(synthetic)])
 
 
 # ---------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def test_sigkill_while_writing_a_state_keeps_the_previous_one(tmp_path, uninterr
     ckpt = tmp_path / "checkpoints"
     # The half-written state never got its final name; 'latest' still names step 4.
     assert not (ckpt / "state-00000008.pt").exists()
+    assert [n for n in os.listdir(ckpt) if n.startswith(".state-00000008.pt.")], "the kill left a temp file"
     assert json.loads((ckpt / "latest").read_text())["step"] == 4
     assert load_state(ckpt / "state-00000004.pt")["step"] == 4
 

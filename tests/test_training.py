@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,14 +133,33 @@ def test_replay_is_what_makes_the_gradients_right(monkeypatch):
     assert any(not torch.allclose(got_grads[n], want_grads[n], rtol=RTOL, atol=ATOL) for n in want_grads)
 
 
-def test_chunk_size_of_batch_or_more_is_the_one_pass_step():
-    model = make_model("standin", dropout=0.3)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("chunk", [None, 6, 50])
+def test_chunk_size_of_batch_or_more_is_the_one_pass_step(chunk, dropout):
+    """Against one autograd graph over the whole batch, written here (with dropout, the
+    reference draws the image masks, then the text masks, for all 6 samples at once)."""
+    model = make_model("standin", dropout=dropout)
     images, token_ids, labels = make_batch(model, 6, seed=4)
-    results = [_chunked(model, images, token_ids, labels, seed=9, chunk_size=c) for c in (None, 6, 50)]
-    for loss, grads, rng in results[1:]:
-        assert torch.equal(loss, results[0][0]) and torch.equal(rng, results[0][2])
-        for name in grads:
-            assert torch.equal(grads[name], results[0][1][name])
+    want_loss, want_grads, want_rng = _one_pass_reference(model, images, token_ids, labels, seed=9,
+                                                          chunk_bounds=[(0, 6)])
+    got_loss, got_grads, got_rng = _chunked(model, images, token_ids, labels, seed=9, chunk_size=chunk)
+    torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
+    _assert_grads_close(got_grads, want_grads)
+    assert torch.equal(got_rng, want_rng)
+
+
+def test_another_chunk_size_draws_other_masks_with_dropout():
+    """What the docs say: with dropout the masks (so the numbers) depend on the chunk size;
+    without dropout they do not."""
+    def grads_for(chunk, dropout):
+        model = make_model("standin", dropout=dropout)
+        images, token_ids, labels = make_batch(model, 10, seed=1)
+        return _chunked(model, images, token_ids, labels, seed=5, chunk_size=chunk)[1]
+
+    with_dropout = [grads_for(c, 0.5) for c in (3, 5)]
+    assert any(not torch.allclose(with_dropout[0][n], with_dropout[1][n], rtol=RTOL, atol=ATOL) for n in with_dropout[0])
+    without = [grads_for(c, 0.0) for c in (3, 5)]
+    _assert_grads_close(without[0], without[1])
 
 
 def test_chunked_step_input_errors():
@@ -279,6 +299,133 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         train(_config(tmp_path, resume=str(tmp_path / "missing.pt")), model=make_model("standin"), dataset=data,
               loss_fn=dense_label_infonce)
+
+
+def test_resume_refuses_a_dataset_of_another_size(tmp_path):
+    model = make_model("standin")
+    train(_config(tmp_path, epochs=2), model=model, dataset=RandomPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
+    state_path = tmp_path / "run" / "checkpoints" / "state-00000004.pt"
+    state = load_state(state_path)
+    assert (state["dataset_length"], state["steps_per_epoch"]) == (8, 2)
+    for n, steps in ((12, 3), (9, 2)):  # the length is checked even when the steps per epoch agree
+        with pytest.raises(training.TrainingStateError,
+                           match=rf"resume from {state_path}: the saved run's dataset had 8 samples \(2 steps per "
+                                 rf"epoch\), this run's has {n} \({steps} steps per epoch\)"):
+            train(_config(tmp_path, epochs=2, resume="auto"), model=make_model("standin"),
+                  dataset=RandomPairs(model, n, seed=1), loss_fn=dense_label_infonce)
+
+
+def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
+    """A state written before dataset_length/steps_per_epoch/checkpoint_steps existed."""
+    import shutil
+
+    def run(out_dir, resume=None):
+        model = make_model("standin", seed=3)
+        result = train(_config(tmp_path, out_dir=str(out_dir), resume=resume), model=model,
+                       dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+        return read_metrics(result["metrics"])
+
+    uninterrupted = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    old = tmp_path / "b" / "checkpoints" / "state-00000008.pt"
+    state = load_state(old)
+    for key in ("dataset_length", "steps_per_epoch", "checkpoint_steps"):
+        del state[key]
+    state["version"] = 1
+    torch.save(state, old)
+    resumed = run(tmp_path / "b", resume=str(old))
+    assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
+
+
+def test_corrupt_or_foreign_state_files_are_named(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"format": training.STATE_FORMAT, "version": training.STATE_VERSION, "pad": torch.zeros(500)}, good)
+    data = good.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2], "empty.pt": b"", "garbage.pt": b"\x80\x02 not a pickle" * 5}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(training.TrainingStateError, match=rf"{tmp_path / name}: cannot be read as a training state"):
+            load_state(tmp_path / name)
+    torch.save({"format": training.STATE_FORMAT, "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(training.TrainingStateError, match=r"future.pt: training state version 99"):
+        load_state(tmp_path / "future.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("{not json")
+    with pytest.raises(training.TrainingStateError, match=r"latest: unreadable checkpoint pointer"):
+        training.resolve_resume("auto", tmp_path / "run")
+
+
+def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    model = make_model("standin")
+    for out_dir in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(ValueError, match=rf"TrainConfig.out_dir: '{out_dir}' cannot be a run directory"):
+            train(_config(tmp_path, out_dir=str(out_dir)), model=model, dataset=RandomPairs(model, 8),
+                  loss_fn=dense_label_infonce)
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def _record_atomic_writes(monkeypatch) -> list[tuple[str, str]]:
+    """(temp path, final path) of every os.replace, i.e. of every atomic write."""
+    done = []
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **k):
+        done.append((os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return done
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_each_file_is_written_through_one_temp_file_that_a_restart_cleans_up(tmp_path, monkeypatch, kind):
+    """The tiny ACELoRA's save_reference_checkpoint is itself atomic: it must not be
+    nested in a second temp file (whose name the clean-up would not know)."""
+    model = make_model(kind)
+    data = RandomPairs(model, 8, seed=1)
+    writes = _record_atomic_writes(monkeypatch)
+    train(_config(tmp_path, epochs=1, checkpoint_every=1, keep_checkpoints=1), model=model, dataset=data,
+          loss_fn=dense_label_infonce)
+    monkeypatch.undo()
+    finals = sorted(os.path.basename(dst) for _, dst in writes)
+    assert finals == sorted(["config.json", "state-00000001.pt", "ace_lora-00000001.pt", "latest",
+                             "state-00000002.pt", "ace_lora-00000002.pt", "latest", "ace_lora.pt"])
+    # A SIGKILL mid-write leaves the temp file behind: put every one back, plus files
+    # that only look alike, and start again (resume of a finished run: only the clean-up).
+    run = tmp_path / "run"
+    for tmp, _ in writes:
+        Path(tmp).write_bytes(b"partial")
+    lookalikes = [run / ".state-00000001.pt.mine.tmp", run / "checkpoints" / ".state-00000001.pt.backup.tmp",
+                  run / "checkpoints" / "notes.tmp", run / "checkpoints" / ".latest.tmp"]
+    for path in lookalikes:
+        path.write_text("user file")
+    train(_config(tmp_path, epochs=1, checkpoint_every=1, keep_checkpoints=1, resume="auto"), model=make_model(kind),
+          dataset=data, loss_fn=dense_label_infonce)
+    assert not [tmp for tmp, _ in writes if os.path.exists(tmp)], "stale temp files must be removed"
+    assert all(path.read_text() == "user file" for path in lookalikes), "only this code's temp names"
+
+
+def test_pruning_keeps_this_runs_newest_checkpoints_not_an_abandoned_runs(tmp_path):
+    """Run A checkpoints every 3 steps (3, 6, 9, 12; keep 4). Run B resumes from A's
+    step 3 and checkpoints every 4 steps, keeping 2: it must end with its own 8 and 12,
+    and must not delete A's 6 and 9 (another trajectory's files)."""
+    def run(**overrides):
+        model = make_model("standin", seed=3)
+        train(_config(tmp_path, epochs=3, **overrides), model=model, dataset=RandomPairs(model, 16, seed=1),
+              loss_fn=dense_label_infonce)
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    run(checkpoint_every=3, keep_checkpoints=4)
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith("state-")) == [
+        f"state-{s:08d}.pt" for s in (3, 6, 9, 12)]
+    run(checkpoint_every=4, keep_checkpoints=2, resume=str(ckpt / "state-00000003.pt"))
+    steps = sorted(int(n[6:14]) for n in os.listdir(ckpt) if n.startswith("state-"))
+    refs = sorted(int(n[9:17]) for n in os.listdir(ckpt) if n.startswith("ace_lora-"))
+    assert steps == refs == [6, 8, 9, 12]
+    for step, every in ((6, 3), (8, 4), (9, 3), (12, 4)):
+        assert load_state(ckpt / f"state-{step:08d}.pt")["config"]["checkpoint_every"] == every, step
+    assert load_state(ckpt / "state-00000012.pt")["checkpoint_steps"] == [8, 12]
 
 
 def test_config_validation(tmp_path):

@@ -131,6 +131,36 @@ def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
             assert "ranks disagree" in message and pattern in message, message
 
 
+def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
+    """Two simulated ranks (the collective doubles its buffer): fp64 gradients keep fp64
+    precision, one collective per reduction dtype, bf16 summed in fp32."""
+    calls = []
+
+    def all_reduce(tensor, op=None, group=None):
+        calls.append(tensor.dtype)
+        tensor.mul_(2)  # the other rank holds the same gradient
+
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "all_reduce", all_reduce)
+    tiny_step = 1e-12  # far below fp32 resolution at 1.0 (6e-8), well above fp64's (1e-16)
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)),
+              torch.nn.Parameter(torch.zeros(2, dtype=torch.float32)),
+              torch.nn.Parameter(torch.zeros(2, dtype=torch.float64)),
+              torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)),
+              torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))]
+    params[0].grad = torch.full((3,), 1.0 + tiny_step, dtype=torch.float64)
+    params[1].grad = torch.full((2,), 0.25, dtype=torch.float32)
+    params[3].grad = torch.full((2,), 0.5, dtype=torch.bfloat16)
+    params[4].grad = torch.tensor([-3.0 - tiny_step], dtype=torch.float64)
+    training.sync_gradients(params, group=object())
+    assert calls == [torch.float64, torch.float32]  # bf16 joins the fp32 collective
+    assert torch.equal(params[0].grad, torch.full((3,), 2 * (1.0 + tiny_step), dtype=torch.float64))
+    assert torch.equal(params[4].grad, torch.tensor([2 * (-3.0 - tiny_step)], dtype=torch.float64))
+    assert params[2].grad.dtype == torch.float64 and torch.equal(params[2].grad, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(params[1].grad, torch.full((2,), 0.5)) and params[3].grad.dtype == torch.bfloat16
+    assert torch.equal(params[3].grad, torch.full((2,), 1.0, dtype=torch.bfloat16))
+
+
 def test_single_process_helpers_are_no_ops_without_a_group():
     model = make_model("standin")
     images, token_ids, labels = make_batch(model, 4)
