@@ -53,40 +53,16 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
     exit_now()
 
 
-def run_mismatch(rank, world, port, out_dir):
-    """Ranks disagree on the embedding width: every rank must raise the same ValueError."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        import ace_kernels
-
-        dim = 8 + rank
-        u = torch.randn(3, dim)
-        try:
-            ace_kernels.label_guided_infonce(u, u, 10.0, group=dist.group.WORLD, backend="torch")
-            message = "no error"
-        except ValueError as exc:
-            message = str(exc)
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
-            handle.write(message)
-    finally:
-        dist.destroy_process_group()
-    exit_now()
-
-
-def run_empty_global(rank, world, port, out_dir, timeout_s):
-    """Every rank passes an empty local batch: every rank must raise the same ValueError."""
+def _write_value_error(rank, world, port, out_dir, timeout_s, call):
+    """Run ``call(ace_kernels)`` in a gloo group and write the ValueError it raises (or "no error")."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         import ace_kernels
 
-        u = torch.randn(0, 8, requires_grad=True)
-        labels = torch.zeros(0, 14, dtype=torch.int64)
         try:
-            ace_kernels.label_guided_infonce(u, u, 10.0, labels, group=dist.group.WORLD, backend="torch")
+            call(ace_kernels)
             message = "no error"
         except ValueError as exc:
             message = str(exc)
@@ -95,6 +71,21 @@ def run_empty_global(rank, world, port, out_dir, timeout_s):
     finally:
         dist.destroy_process_group()
     exit_now()
+
+
+def run_mismatch(rank, world, port, out_dir):
+    """Ranks disagree on the embedding width: every rank must raise the same ValueError."""
+    u = torch.randn(3, 8 + rank)
+    _write_value_error(rank, world, port, out_dir, 60, lambda ak: ak.label_guided_infonce(
+        u, u, 10.0, group=dist.group.WORLD, backend="torch"))
+
+
+def run_empty_global(rank, world, port, out_dir, timeout_s):
+    """Every rank passes an empty local batch: every rank must raise the same ValueError."""
+    u = torch.randn(0, 8, requires_grad=True)
+    labels = torch.zeros(0, 14, dtype=torch.int64)
+    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+        u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
 
 
 if __name__ == "__main__":
