@@ -861,25 +861,36 @@ class _SumAcrossRanks(torch.autograd.Function):
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_LABEL_DTYPES)}
 
 
-def _exchange_shapes(image_emb, labels, group):
+def _exchange_shapes(image_emb, labels, group, local_error: ValueError | None = None):
     """Local batch sizes of every rank, after checking that the ranks agree on everything else.
 
     One small all-gather whose result is read on the host (a synchronisation).
     Every rank sees the same table, so a mismatch raises the same error on
-    every rank instead of hanging in a later collective.
+    every rank instead of hanging in a later collective. ``local_error`` is this
+    rank's own argument error (from :func:`_validate`): it travels as a flag, so
+    that a rank with bad arguments raises its error and every other rank raises
+    one naming it, instead of waiting in the next collective until the timeout.
     """
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
-    has_labels = labels is not None
-    label_width = math.prod(labels.shape[1:]) if has_labels else -1
-    row = torch.tensor(
-        [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
-         _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1],
-        dtype=torch.int64, device=image_emb.device)
+    if local_error is None:
+        has_labels = labels is not None
+        label_width = math.prod(labels.shape[1:]) if has_labels else -1
+        row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
+               _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, 0]
+    else:
+        row = [-1] * 6 + [1]
+    row = torch.tensor(row, dtype=torch.int64, device=_exchange_device(image_emb, group))
     table = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(table, row, group=group)
     table = [r.tolist() for r in table]
+    bad = [rank for rank, r in enumerate(table) if r[6]]
+    if local_error is not None:
+        raise local_error
+    if bad:
+        raise ValueError(f"label_guided_infonce with group=: rank(s) {bad} of ranks 0..{world - 1} passed invalid "
+                         "arguments (their own errors say which); no rank computed the loss")
     names = ("batch", "embedding dim", "labels given", "label width", "embedding dtype", "label dtype")
     for column in range(1, len(names)):
         values = [r[column] for r in table]
@@ -893,6 +904,18 @@ def _exchange_shapes(image_emb, labels, group):
                 f"label_guided_infonce with group=: every rank must pass the same {names[column]}; "
                 f"got {shown} on ranks 0..{world - 1}")
     return tuple(r[0] for r in table)
+
+
+def _exchange_device(image_emb, group) -> torch.device:
+    """Where the shape exchange's tensor lives: the embeddings' device, or (when they are not a
+    tensor at all) the one the group's backend carries: CUDA for NCCL, else the CPU."""
+    if isinstance(image_emb, torch.Tensor):
+        return image_emb.device
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _gather_labels(labels, group, sizes):
@@ -1009,7 +1032,15 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are
     compared exactly (a NaN label row equals no other row).
     """
-    _validate(image_emb, text_emb, logit_scale, labels, distributed=group is not None)
+    if group is None:
+        _validate(image_emb, text_emb, logit_scale, labels)
+    else:
+        try:
+            _validate(image_emb, text_emb, logit_scale, labels, distributed=True)
+            local_error = None
+        except ValueError as exc:
+            local_error = exc
+        sizes = _exchange_shapes(image_emb, labels, group, local_error)  # raises on every rank if any failed
     compute = _compute_dtype(image_emb.dtype)
     if isinstance(logit_scale, torch.Tensor):
         scale = logit_scale.reshape(()).to(compute)
@@ -1024,7 +1055,6 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         import torch.distributed as dist
 
         rank = dist.get_rank(group)
-        sizes = _exchange_shapes(image_emb, labels, group)
         _check_global_batch(image_emb.shape[1], sizes)
         u_all = _GatherRows.apply(image_emb, group, sizes, rank)
         t_all = _GatherRows.apply(text_emb, group, sizes, rank)

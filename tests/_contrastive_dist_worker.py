@@ -88,5 +88,14 @@ def run_empty_global(rank, world, port, out_dir, timeout_s):
         u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
 
 
+def run_one_bad_rank(rank, world, port, out_dir, timeout_s):
+    """The last rank passes labels with the wrong number of rows: it must raise its own error
+    and every other rank one naming it, at once (not after the collectives' timeout)."""
+    u = torch.randn(4, 8)
+    labels = torch.zeros(3 if rank == world - 1 else 4, dtype=torch.int64)
+    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+        u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
+
+
 if __name__ == "__main__":
     sys.exit("run through tests/test_contrastive_distributed.py")

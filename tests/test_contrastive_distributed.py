@@ -1,6 +1,7 @@
 """label_guided_infonce(group=) on CPU with gloo: 2 and 3 processes versus one process on the concatenated batch."""
 
 import socket
+import time
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ace_kernels
-from _contrastive_dist_worker import make_global_batch, run, run_empty_global, run_mismatch
+from _contrastive_dist_worker import make_global_batch, run, run_empty_global, run_mismatch, run_one_bad_rank
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -93,6 +94,15 @@ def test_cross_rank_duplicates_are_masked(tmp_path):
     local = [ace_kernels.label_guided_infonce(u[a:b], t[a:b], 30.0, labels[a:b], backend="torch")
              for a, b in [(0, 9), (9, 18)]]
     assert abs(global_loss.item() - sum(local).item() / 2) > 1e-3
+
+
+def test_a_rank_with_bad_arguments_makes_every_rank_raise_at_once(tmp_path):
+    started = time.monotonic()
+    _spawn(run_one_bad_rank, 3, (_free_port(), str(tmp_path), 60))
+    assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    assert "argument 'labels'" in messages[2]
+    assert messages[0] == messages[1] and "rank(s) [2]" in messages[0]
 
 
 def test_mismatched_ranks_raise_on_every_rank(tmp_path):
