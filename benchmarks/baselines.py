@@ -16,6 +16,8 @@ suite and in ``tests/test_benchmarks_smoke.py``).
   dense N x N x D matmuls, adapters; always all N rows.
 - :func:`reference_label_guided_infonce`: label mask built in numpy on the host
   every step, dense B x B logits, cross-entropy both ways.
+- :func:`chunked_infonce_loss`: the same loss's forward in row blocks, for sizes
+  the dense one cannot reach (the B=1,000,000 check).
 - :func:`open_clip_loss`: open_clip's ``ClipLoss`` (imported lazily: the GPU
   machine has no open_clip).
 """
@@ -23,6 +25,7 @@ suite and in ``tests/test_benchmarks_smoke.py``).
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -255,6 +258,57 @@ def reference_label_guided_infonce_any_backend(image_emb, text_emb, logit_scale,
     if group is not None:
         raise ValueError("argument 'group': the dense reference computes the local loss only; expected None")
     return reference_label_guided_infonce(image_emb, text_emb, logit_scale, labels)
+
+
+def chunked_infonce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
+                         labels: torch.Tensor | None = None, *, block_rows: int | None = None,
+                         max_seconds: float | None = None) -> float:
+    """The label-guided InfoNCE loss (forward only) in row blocks, as a Python float.
+
+    For sizes no dense reference reaches (B=1,000,000): ``block_rows`` x B fp32 logits at a
+    time (at most ~2 GiB), row log-sum-exps per block and column log-sum-exps accumulated
+    across blocks, sums in fp64. The embeddings are upcast to fp32 and the products run with
+    tf32 allowed: tf32's 10-bit mantissa holds bf16's 8 bits, so for bf16 inputs every product
+    is exact (fp32 accumulation) and this is an fp32 computation at tensor-core speed. Label rows are grouped with
+    ``torch.unique`` (no code shared with ace_kernels). ``max_seconds``: after the first block
+    the whole is projected from its time; ``TimeoutError`` when that exceeds it.
+    """
+    batch = image_emb.shape[0]
+    u = image_emb.detach().float()
+    t = text_emb.detach().float()
+    scale = float(logit_scale.detach().float().item() if isinstance(logit_scale, torch.Tensor) else logit_scale)
+    keys = None
+    if labels is not None:
+        keys = torch.unique(labels.detach().reshape(batch, -1), dim=0, return_inverse=True)[1]
+    block = block_rows or max(128, min(4096, 2**29 // max(batch, 1)))
+    row_sum = torch.zeros((), dtype=torch.float64, device=u.device)
+    col_lse = torch.full((batch,), float("-inf"), dtype=torch.float32, device=u.device)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        started = time.perf_counter()
+        for index, start in enumerate(range(0, batch, block)):
+            stop = min(start + block, batch)
+            logits = torch.mm(u[start:stop], t.t()).mul_(scale)
+            if keys is not None:
+                same = keys[start:stop, None] == keys[None, :]
+                same.diagonal(start).fill_(False)  # the global diagonal (the positive) stays
+                logits.masked_fill_(same, float("-inf"))
+                del same
+            row_sum += torch.logsumexp(logits, dim=1).double().sum()
+            torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0), out=col_lse)
+            del logits
+            if index == 0 and max_seconds is not None and stop < batch:
+                if u.is_cuda:
+                    torch.cuda.synchronize(u.device)
+                projected = (time.perf_counter() - started) * math.ceil(batch / block)
+                if projected > max_seconds:
+                    raise TimeoutError(f"projected {projected:.0f} s from its first block, over the "
+                                       f"{max_seconds:.0f} s allowed")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    positives = torch.linalg.vecdot(u, t).double().sum() * scale
+    return ((row_sum + col_lse.double().sum() - 2 * positives) / (2 * batch)).item()
 
 
 def open_clip_loss():

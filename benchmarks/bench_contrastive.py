@@ -12,6 +12,18 @@ against ClipLoss. GPU (bf16, D=512): B=8192 at least 4x faster than the dense
 reference; B=65536 at 50% of the measured bf16 matmul rate (8 B^2 D FLOPs) with
 at most 64 MiB beyond inputs and gradients; a one-call probe at B=1,000,000.
 
+Correctness on the timed inputs: at B=8192 every provider against the dense reference
+(``rel_err_vs_baseline``: the largest relative error of the loss and the three
+gradients), and the ``inf_cl`` and ``open_clip.ClipLoss`` rows against our loss without
+labels (``rel_err_vs_ours``; neither has a label mask). Past B=46,341, B^2 no longer fits
+an int32 (the classic overflow of flat pair indices), so the GPU sizes get their own
+checks: at B=65,536 each fused provider against the torch backend's chunked path on fp32
+copies of the inputs (``rel_err_vs_fp32_chunked``, per part ``parts_rel_err_vs_fp32_chunked``);
+at B=1,000,000 the timed call's loss and gradients must be finite (``finite``), and its
+loss is compared (``loss_rel_err_vs_fp32_chunked``) with an independent chunked forward
+(:func:`benchmarks.baselines.chunked_infonce_loss`: fp32 with tf32 products, exact for
+bf16 inputs) when that fits the time left (``reference_note`` says why not).
+
 ``tflops``/``frac_of_matmul_peak`` count issue 5's 8 B^2 D for every provider.
 The fused rows also carry ``executed_tflops``/``executed_frac_of_matmul_peak``:
 the matmul FLOPs the Triton kernels really run (10 B^2 D at D=512 in 16 bits:
@@ -21,6 +33,8 @@ busy the tensor cores were.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -45,18 +59,39 @@ def _inputs(batch, dim, dtype, device, generator, *, labeled=True):
     return image, text, scale, labels
 
 
-def _check(provider, image, text, scale, labels, reference_fn) -> float:
-    """Max relative error of the loss and the three gradients against ``reference_fn``."""
+PARTS = ("loss", "d_image", "d_text", "d_scale")
+INF_CL_PRECISION = ("inf_cl upcasts to fp32 and runs its dots in tf32 (10-bit mantissa); ours: bf16 operands, "
+                    "fp32 accumulation")
 
-    def run(fn):
-        copies = [t.detach().clone().requires_grad_() for t in (image, text, scale)]
-        loss = fn(*copies)
-        loss.backward()
-        return [loss] + [c.grad for c in copies]
 
-    ref = run(reference_fn)
-    ours = run(lambda u, t, s: ace_kernels.label_guided_infonce(u, t, s, labels, backend=provider))
-    return max(harness.relative_error(o, r) for o, r in zip(ours, ref))
+def _loss_and_grads(fn, image, text, scale, dtype=None) -> list[torch.Tensor]:
+    """``[loss, d_image, d_text, d_scale]`` of ``fn`` on fresh leaf copies (cast to ``dtype``)."""
+    copies = [t.detach().to(dtype or t.dtype).clone().requires_grad_() for t in (image, text, scale)]
+    loss = fn(*copies)
+    loss.backward()
+    return [loss.detach()] + [c.grad for c in copies]
+
+
+def _rel_errors(ours, ref) -> dict[str, float]:
+    return {name: harness.relative_error(o, r) for name, o, r in zip(PARTS, ours, ref)}
+
+
+def _check(provider, image, text, scale, labels, reference_fn, reference_dtype=None) -> dict[str, float]:
+    """Relative errors of the loss and the three gradients against ``reference_fn`` (run on
+    copies cast to ``reference_dtype`` when given)."""
+    ref = _loss_and_grads(reference_fn, image, text, scale, reference_dtype)
+    ours = _loss_and_grads(lambda u, t, s: ace_kernels.label_guided_infonce(u, t, s, labels, backend=provider),
+                           image, text, scale)
+    return _rel_errors(ours, ref)
+
+
+def _torch_fp32_chunked(labels):
+    """The torch backend (row blocks of 128, never a B x B buffer) on fp32 inputs: the reference
+    at sizes where the dense one cannot run. tf32 stays off (the suite's setting on a GPU)."""
+    def reference(u, t, s):
+        return ace_kernels.label_guided_infonce(u, t, s, labels, backend="torch")
+
+    return reference
 
 
 def _configs(suite) -> list[dict]:
@@ -66,7 +101,7 @@ def _configs(suite) -> list[dict]:
     if suite.is_gpu:
         return [dict(batch=8192, dim=512, labeled=True, reference=True, clip=False),
                 dict(batch=8192, dim=512, labeled=False, reference=False, clip=True),
-                dict(batch=65536, dim=512, labeled=True, reference=False, clip=False),
+                dict(batch=65536, dim=512, labeled=True, reference=False, clip=False, fp32_check=True),
                 dict(batch=1_000_000, dim=512, labeled=True, reference=False, clip=False, probe=True)]
     return [dict(batch=8192, dim=512, labeled=True, reference=True, clip=False),
             dict(batch=8192, dim=512, labeled=False, reference=False, clip=True),
@@ -140,11 +175,15 @@ def run(suite) -> None:
 
         entries = []
         reference_fn = None
+        reference_dtype = None
+        comparisons = {}  # baseline label -> its loss function, compared with ours without labels
         if config["reference"]:
             def reference_fn(u, t, s):
                 return baselines.reference_label_guided_infonce(u, t, s, labels)
 
             entries.append(("reference", lambda: reference_fn(image, text, scale).backward(), leaves))
+        if config.get("fp32_check") and suite.is_gpu:
+            reference_fn, reference_dtype = _torch_fp32_chunked(labels), torch.float32
         if config["clip"]:
             try:
                 clip_loss = baselines.open_clip_loss()
@@ -154,15 +193,18 @@ def run(suite) -> None:
                 def reference_fn(u, t, s):
                     return clip_loss(u, t, s)
 
+                comparisons["open_clip.ClipLoss"] = reference_fn
                 entries.append(("open_clip.ClipLoss", lambda: clip_loss(image, text, scale).backward(), leaves))
                 entry = suite.compiled_entry("open_clip.ClipLoss", lambda: clip_loss(image, text, scale),
                                              lambda loss: loss.backward(), leaves)
                 if entry is not None:
                     entries.append(entry)
         if suite.is_gpu and not suite.quick and batch == 8192:
-            entry = _inf_cl_entry(suite, image, text, scale, leaves)
-            if entry is not None:
+            found = _inf_cl_entry(suite, image, text, scale, leaves)
+            if found is not None:
+                entry, inf_cl_loss = found
                 entries.append(entry)
+                comparisons["inf_cl"] = inf_cl_loss
 
         checked = {}
         for provider in suite.providers:
@@ -171,7 +213,7 @@ def run(suite) -> None:
                 continue
             if reference_fn is not None:
                 def check(provider=provider):
-                    checked[provider] = _check(provider, image, text, scale, labels, reference_fn)
+                    checked[provider] = _check(provider, image, text, scale, labels, reference_fn, reference_dtype)
 
                 if not suite.provider_can_run(provider, check):
                     continue
@@ -179,22 +221,120 @@ def run(suite) -> None:
             def step(provider=provider):
                 ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider).backward()
 
+            if probe:
+                step = _probe_step(image, text, scale, labels, provider, leaves)
             entries.append((provider, step, leaves))
 
+        measured = suite.measure_group(entries, single_call=probe)
+        reference_cache: dict = {}  # the probe's chunked forward, computed once for every provider
+        baseline_errors = _baseline_errors(suite, comparisons, measured, image, text, scale, shape_text)
         base_results, ours = {}, {}
-        for name, meas in suite.measure_group(entries, single_call=probe).items():
+        for name, meas in measured.items():
             metrics = metrics_for(meas, name)
             if name in suite.providers:
                 if name in checked:
-                    metrics["rel_err_vs_baseline"] = checked[name]
+                    parts = checked[name]
+                    key = "rel_err_vs_fp32_chunked" if reference_dtype is not None else "rel_err_vs_baseline"
+                    metrics[key] = max(parts.values())
+                    if reference_dtype is not None:
+                        metrics["parts_rel_err_vs_fp32_chunked"] = parts
+                        if metrics[key] > 2e-2:
+                            suite.log(f"  WARNING: {name} at {shape_text}: relative error {metrics[key]:.3g} against "
+                                      "the fp32 chunked reference (bf16 operands: expect under 1e-2)")
+                if probe:
+                    metrics.update(_probe_correctness(suite, step_results.get(name), image, text, scale, labels,
+                                                      shape_text, reference_cache))
                 ours[name] = (meas, metrics)
             else:
+                if name == "inf_cl":
+                    metrics["compute_precision"] = INF_CL_PRECISION
+                metrics.update(baseline_errors.get(name, {}))
                 base_results[name] = (meas, metrics)
         suite.add_rows(family=FAMILY, op="label_guided_infonce", shape=shape_text, dtype=dtype, ours=ours,
                        baselines=base_results, targets=_targets(suite, config))
-        del image, text, scale, labels, leaves
+        del image, text, scale, labels, leaves, entries
+        step_results.clear()
         if suite.is_gpu:
             torch.cuda.empty_cache()
+
+
+# The 1M probe's step keeps the loss and whether the gradients were finite (device tensors: no
+# synchronisation inside the timed call), per provider, for the checks after the measurement.
+step_results: dict[str, dict] = {}
+
+
+def _probe_step(image, text, scale, labels, provider, leaves):
+    def step():
+        loss = ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider)
+        loss.backward()
+        # amax/amin carry a NaN or an inf through without a [B, D] temporary (which would count
+        # in the peak): finite extremes mean finite gradients.
+        extremes = [loss.detach().float().reshape(1)]
+        extremes += [torch.stack([t.grad.amax(), t.grad.amin()]).float() for t in leaves if t.grad is not None]
+        step_results[provider] = {"loss": loss.detach(), "finite": torch.isfinite(torch.cat(extremes)).all()}
+
+    return step
+
+
+def _probe_correctness(suite, result, image, text, scale, labels, shape_text, cache: dict) -> dict:
+    """At the probe size: finiteness of the timed call's loss and gradients, and its loss against
+    the chunked fp32 forward (computed once, kept in ``cache``) when that fits the time left."""
+    if result is None:
+        return {"finite": None}
+    metrics = {"finite": bool(result["finite"].item()), "loss": float(result["loss"].item())}
+    if not metrics["finite"]:
+        suite.log(f"  WARNING: non-finite loss or gradients at {shape_text}")
+    if not cache:
+        allowed = min(45.0, suite.seconds_left() - 15.0)
+        started = time.monotonic()
+        if allowed < 5:
+            cache["note"] = f"no chunked fp32 forward: {max(0.0, suite.seconds_left()):.0f} s left"
+        else:
+            try:
+                cache["loss"] = baselines.chunked_infonce_loss(image, text, scale, labels, max_seconds=allowed)
+            except TimeoutError as exc:
+                cache["note"] = f"no chunked fp32 forward: {exc}"
+            except Exception as exc:
+                cache["note"] = f"chunked fp32 forward failed: {harness.describe_error(exc, 200)}"
+        cache["seconds"] = round(time.monotonic() - started, 1)
+    if "loss" not in cache:
+        metrics["reference_note"] = cache["note"]
+        return metrics
+    reference = cache["loss"]
+    metrics["loss_reference"] = reference
+    metrics["loss_rel_err_vs_fp32_chunked"] = abs(metrics["loss"] - reference) / max(abs(reference), 1e-30)
+    metrics["reference_seconds"] = cache["seconds"]
+    suite.log(f"  loss {metrics['loss']:.6f} vs chunked fp32 forward {reference:.6f} "
+              f"(relative error {metrics['loss_rel_err_vs_fp32_chunked']:.2e}, {metrics['reference_seconds']} s)")
+    return metrics
+
+
+def _baseline_errors(suite, comparisons, measured, image, text, scale, shape_text) -> dict[str, dict]:
+    """``rel_err_vs_ours`` for the unmasked baselines (inf_cl, ClipLoss): their loss and
+    gradients against our loss without labels, from the fastest of our measured providers."""
+    ours = [p for p in sorted(suite.providers, key=lambda p: (p == "torch", p)) if p in measured]
+    if not comparisons or not ours:
+        return {}
+    provider = ours[0]
+    try:
+        mine = _loss_and_grads(lambda u, t, s: ace_kernels.label_guided_infonce(u, t, s, None, backend=provider),
+                               image, text, scale)
+    except Exception as exc:
+        suite.log(f"  (no baseline comparison at {shape_text}: {harness.describe_error(exc)})")
+        return {}
+    found = {}
+    for name, fn in comparisons.items():
+        if name not in measured:
+            continue
+        try:
+            parts = _rel_errors(_loss_and_grads(fn, image, text, scale), mine)
+        except Exception as exc:
+            found[name] = {"rel_err_note": f"not compared: {harness.describe_error(exc, 200)}"}
+            continue
+        found[name] = {"rel_err_vs_ours": max(parts.values()), "parts_rel_err_vs_ours": parts,
+                       "ours_compared": f"{provider}, without labels"}
+    del mine
+    return found
 
 
 def _probe_estimate_s(suite, batch, dim):
@@ -212,7 +352,8 @@ def _probe_estimate_s(suite, batch, dim):
 
 
 def _inf_cl_entry(suite, image, text, scale, leaves):
-    """Inf-CL (unmasked, diagonal targets only) when its wheel was carried; else say why not."""
+    """Inf-CL (unmasked, diagonal targets only) when its wheel was carried, as (measure_group
+    entry, its loss function); else say why not. It computes in fp32 with tf32 dots."""
     try:
         from inf_cl import cal_inf_loss
     except Exception as exc:
@@ -220,12 +361,13 @@ def _inf_cl_entry(suite, image, text, scale, leaves):
         return None
     target = torch.arange(image.shape[0], device=image.device)
 
-    def step():
+    def loss_of(u, t, s):
         # The scale goes into the embeddings: cal_inf_loss's own ``scale=`` argument is
         # all-reduced in its backward, which needs a process group this run does not have.
-        scaled_image = scale * image
-        loss = (cal_inf_loss(scaled_image, text, labels=target).mean()
-                + cal_inf_loss(text, scaled_image, labels=target).mean()) / 2
-        loss.backward()
+        scaled = s * u
+        return (cal_inf_loss(scaled, t, labels=target).mean() + cal_inf_loss(t, scaled, labels=target).mean()) / 2
 
-    return ("inf_cl", step, leaves)
+    def step():
+        loss_of(image, text, scale).backward()
+
+    return ("inf_cl", step, leaves), loss_of

@@ -58,6 +58,15 @@ def _plan(suite) -> dict:
     return dict(model="tiny", unchunked=64, chunk=32, batches=(512, 4096))
 
 
+def _setup_estimate_s(suite) -> float:
+    """Seconds for the model build and rows 1-2 (row 3 is checked on its own, from row 2's time)."""
+    if suite.quick:
+        return 5.0
+    if suite.is_gpu:
+        return 35.0  # build ~15 s, row 1 ~8 s (first call and measurement), row 2 ~10 s
+    return 60.0
+
+
 def _peak_and_time(fn, device: torch.device, grads) -> tuple[float, float]:
     """CUDA: one call measured for both peak memory (MiB above what was live) and time (ms)."""
     for t in grads:
@@ -125,7 +134,8 @@ def run(suite) -> None:
     plan = _plan(suite)
     name, chunk, unchunked = plan["model"], plan["chunk"], plan["unchunked"]
     small, large = plan["batches"]
-    if not suite.include(f"chunked_train_step {name}", costly=True):
+    # Checked before the model is built: the build (~10-15 s on a GPU) and rows 1-2 must fit.
+    if not suite.include(f"chunked_train_step {name}", costly=True, estimate_s=_setup_estimate_s(suite)):
         return
     device = suite.device
     try:

@@ -10,6 +10,10 @@ file keeps what it held for other cards and ops. ``lora_linear`` runs the kernel
 
 Provider ``triton-atomic`` (the hypergraph's ``deterministic=False``) is not a backend: its
 time against ``triton`` is printed, for the choice of the default, but not written.
+
+A result file with no op timed on two backends at one shape (a ``--tier costly`` run: the
+largest-batch search and the chunked training step use one backend each) holds no order:
+then nothing is written (exit status 3), so no copy of the old file can pass for a new one.
 """
 
 from __future__ import annotations
@@ -67,9 +71,11 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     by_device = dict(content.get("by_device") or {})
     orders = dict(by_device.get(device) or {})
     report = [f"{device} (git {payload['environment'].get('git_sha')}, {payload['environment'].get('date')}):"]
+    measured = 0
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
         found = order_for(shapes)
         if found is not None:
+            measured += 1
             order, scores, compared = found
             for name in (op,) + SHARED_ORDER.get(op, ()):
                 orders[name] = order
@@ -81,9 +87,16 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
             ratio = math.exp(sum(math.log(r) for r in atomic) / len(atomic))
             report.append(f"  {op}: triton-atomic takes {ratio:.3g}x the time of triton (geometric mean over "
                           f"{len(atomic)} shapes; below 1 favours deterministic=False)")
+    if not measured:
+        raise NoOrders(f"no op of this run was timed on two of our backends at one shape ({device}): "
+                       "no order to write")
     by_device[device] = orders
     content["by_device"] = by_device
     return content, report
+
+
+class NoOrders(ValueError):
+    """The result file measured no order (nothing to write)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             existing = json.load(handle)
     try:
         content, report = update(payload, existing)
+    except NoOrders as exc:
+        print(f"dispatch_order: {exc}; {args.out} not written", file=sys.stderr)
+        return 3
     except ValueError as exc:
         print(f"dispatch_order: {exc}", file=sys.stderr)
         return 2

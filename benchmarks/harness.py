@@ -1,11 +1,18 @@
 """Measurement machinery shared by every benchmark family.
 
 Timing
-    GPU: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls,
-    gradients reset to ``None`` before each call), median; a plain CUDA-event
-    loop when Triton is missing. CPU: a ``time.perf_counter`` loop with the
-    garbage collector off, gradients reset outside the timed region, warm-up
-    first, median of the repeats.
+    GPU: ``triton.testing.do_bench`` (CUDA events around each call, the L2
+    flushed before each call by zeroing a 256 MB buffer, gradients reset to
+    ``None`` before each call), the median of every timed call
+    (``return_mode="all"``: min, max and interquartile range too); a plain
+    CUDA-event loop when Triton is missing. Because the flush runs on the GPU
+    between calls, the CPU's launch work for the next call hides behind it: an
+    event time can be shorter than the call costs in a loop. So GPU rows also
+    get ``wall_ms``: N calls back to back (no flush), timed on the host between
+    two synchronisations, divided by N; a row whose ``wall_ms`` exceeds 1.5x its
+    event median is marked ``launch_bound``. CPU: a ``time.perf_counter`` loop
+    with the garbage collector off, gradients reset outside the timed region,
+    warm-up first, median of the repeats (already a wall time: no ``wall_ms``).
 
 Peak memory (``peak_mib``)
     The most bytes allocated at any moment *during* the measured call, above
@@ -83,26 +90,39 @@ def device_slug(device: torch.device) -> str:
     return slug[:60] or "device"
 
 
-def git_sha() -> str:
-    """HEAD's sha (``+dirty`` when tracked files changed); ``ACE_GIT_SHA`` overrides.
+SHA_FILE = ".git_sha"  # at the repository root; the GPU machine's copy of the tree has no .git
 
-    The lent GPU machine gets a copy of the tree without ``.git``: gpu_check.sh
-    passes the sha it finds in ``benchmarks/results/.git_sha`` if the caller left one.
+
+def git_sha(root: str | None = None) -> str:
+    """HEAD's sha, ``+dirty`` when the tree differs from HEAD; ``ACE_GIT_SHA`` overrides.
+
+    Without git (the lent GPU machine gets a copy of the tree without ``.git``) the file
+    ``.git_sha`` at the repository root is read, which the caller writes before the call with
+    ``{ git rev-parse HEAD; git diff --quiet HEAD || echo +dirty; } | tr -d '\\n' > .git_sha``
+    (the same text this function gives where git works); gpu_check.sh reads the same file.
     """
     env = os.environ.get("ACE_GIT_SHA")
     if env:
         return env.strip()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                               timeout=10)
+        sha = found.stdout.strip() if found.returncode == 0 else ""
+        if sha:
+            clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, capture_output=True,
+                                   timeout=30).returncode == 0
+            return sha + ("" if clean else "+dirty")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    try:
+        with open(os.path.join(root, SHA_FILE), encoding="utf-8") as fh:
+            text = fh.read(200).strip()
+        if text:
+            return text
+    except OSError:
+        pass
+    return "unknown"
 
 
 def triton_version() -> str | None:
@@ -160,6 +180,8 @@ class Row:
     baseline's own row); the two ratios are baseline / this row, so larger is
     better for both. ``target`` is the goal this comparison is held to, with
     ``target_pass`` its outcome in this run (``None`` when there is no target).
+    ``median_ms`` is the CUDA-event median with the L2 flushed before each call on a GPU, and
+    the wall-clock median on a CPU; ``wall_ms`` (GPU) the back-to-back time per call.
     """
 
     op: str
@@ -182,6 +204,7 @@ class Row:
     family: str = ""
     mode: str = "fwd+bwd"
     metrics: dict[str, Any] = field(default_factory=dict)
+    wall_ms: float | None = None  # GPU: back-to-back calls on the host clock, per call (see the module doc)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,11 +248,42 @@ class Target:
 
 @dataclass
 class Measurement:
+    """One measured call: median time, peak memory, the number of timed calls, (min, max) of
+    those times, their interquartile range, and (GPU) the back-to-back wall time per call."""
+
     median_ms: float | None
     peak_mib: float | None
     runs: int
     spread_ms: tuple[float, float] | None = None
     error: str | None = None
+    iqr_ms: float | None = None
+    wall_ms: float | None = None
+    wall_calls: int | None = None
+
+
+@dataclass
+class Timing:
+    """What :func:`time_call` returns."""
+
+    median_ms: float
+    runs: int
+    spread_ms: tuple[float, float] | None = None
+    iqr_ms: float | None = None
+    wall_ms: float | None = None
+    wall_calls: int | None = None
+
+
+LAUNCH_BOUND_RATIO = 1.5  # wall_ms over the event median above which a GPU row is marked launch_bound
+
+
+def summarize(times_ms: Sequence[float]) -> tuple[float, tuple[float, float], float | None]:
+    """Median, (min, max) and interquartile range (None under 4 times) of some times."""
+    ordered = sorted(float(t) for t in times_ms)
+    iqr = None
+    if len(ordered) >= 4:
+        q1, _, q3 = statistics.quantiles(ordered, n=4)
+        iqr = q3 - q1
+    return statistics.median(ordered), (ordered[0], ordered[-1]), iqr
 
 
 def _reset_grads(tensors: Iterable[torch.Tensor]) -> None:
@@ -244,14 +298,15 @@ def _synchronize(device: torch.device) -> None:
 
 def time_call(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torch.Tensor] = (),
               min_reps: int = 5, max_reps: int = 50, min_seconds: float = 1.0,
-              max_seconds: float = 20.0, warmup_calls: int = 1) -> tuple[float, int, tuple[float, float] | None]:
-    """Median wall time of ``fn()`` in milliseconds, with the number of timed calls and (min, max).
+              max_seconds: float = 20.0, warmup_calls: int = 1) -> Timing:
+    """Median time of ``fn()`` in milliseconds, with the number of timed calls and their spread.
 
     ``grads`` are set to ``None`` before every call, outside the timed region,
     so that each call allocates and writes its gradients as a training step does.
     """
     if device.type == "cuda":
-        return _time_cuda(fn, device=device, grads=grads, min_reps=min_reps, max_seconds=max_seconds)
+        return _time_cuda(fn, device=device, grads=grads, min_reps=min_reps, max_seconds=max_seconds,
+                          warmup_calls=warmup_calls)
     gc.collect()
     for _ in range(warmup_calls):
         _reset_grads(grads)
@@ -278,13 +333,13 @@ def time_call(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[to
     finally:
         if gc_was_enabled:
             gc.enable()
-    ms = [t * 1e3 for t in times]
-    return statistics.median(ms), len(ms), (min(ms), max(ms))
+    median, spread, iqr = summarize([t * 1e3 for t in times])
+    return Timing(median, len(times), spread, iqr)
 
 
 def time_interleaved(entries: Sequence[tuple[Callable[[], Any], Sequence[torch.Tensor]]], *, min_reps: int = 5,
                      max_reps: int = 50, min_seconds: float = 1.0,
-                     max_seconds: float = 20.0) -> list[tuple[float, int, tuple[float, float]]]:
+                     max_seconds: float = 20.0) -> list[Timing]:
     """CPU: time several calls round-robin (one call of each per round), median per entry.
 
     On a machine shared with other work the load changes from second to second;
@@ -321,14 +376,27 @@ def time_interleaved(entries: Sequence[tuple[Callable[[], Any], Sequence[torch.T
             gc.enable()
     results = []
     for entry_times in times:
-        ms = [t * 1e3 for t in entry_times]
-        results.append((statistics.median(ms), len(ms), (min(ms), max(ms))))
+        median, spread, iqr = summarize([t * 1e3 for t in entry_times])
+        results.append(Timing(median, len(entry_times), spread, iqr))
     return results
 
 
-def _time_cuda(fn, *, device, grads, min_reps, max_seconds):
-    _reset_grads(grads)
-    fn()  # compile / autotune / handle creation stay out of the numbers
+def cuda_rep_ms(estimate_ms: float, max_seconds: float) -> float:
+    """do_bench's repetition time (ms): about 20 calls (at least 100 ms), at most ``max_seconds``
+    of timed calls; half a call more, since do_bench truncates ``rep / its own estimate`` (a 250 ms
+    step under a 2 s cap gets 8 timed calls, not 7, when its estimate comes out a little higher)."""
+    return min(max(100.0, 20 * estimate_ms), max_seconds * 1e3) + 0.5 * estimate_ms
+
+
+def wall_calls_for(estimate_ms: float) -> int:
+    """How many back-to-back calls ``wall_ms`` averages: about 200 ms of them, 2 to 100."""
+    return max(2, min(100, int(200.0 / max(estimate_ms, 1e-3))))
+
+
+def _time_cuda(fn, *, device, grads, min_reps, max_seconds, warmup_calls=1) -> Timing:
+    for _ in range(warmup_calls):  # compile / autotune / handle creation stay out (else the memory call did it)
+        _reset_grads(grads)
+        fn()
     torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     _reset_grads(grads)
@@ -337,29 +405,50 @@ def _time_cuda(fn, *, device, grads, min_reps, max_seconds):
     end.record()
     torch.cuda.synchronize(device)
     estimate_ms = max(start.elapsed_time(end), 1e-3)
-    # At least ~20 timed calls (or 100 ms), at most max_seconds of timed work.
-    rep_ms = min(max(100.0, 20 * estimate_ms), max_seconds * 1e3)
+    rep_ms = cuda_rep_ms(estimate_ms, max_seconds)
+    timing = None
     try:
         from triton.testing import do_bench
-
-        median = do_bench(fn, warmup=max(25.0, 2 * estimate_ms), rep=rep_ms, grad_to_none=list(grads) or None,
-                          return_mode="median")
-        runs = max(1, int(rep_ms / estimate_ms))
-        return float(median), runs, None
     except ImportError:
-        pass
-    flush = torch.empty(256 * MIB, dtype=torch.uint8, device=device)
-    times = []
-    budget_end = time.perf_counter() + max_seconds
-    while len(times) < max(min_reps, 10) and (time.perf_counter() < budget_end or len(times) < 3):
+        do_bench = None
+    if do_bench is not None:
+        # Warm-up: the calls above and do_bench's own five estimate calls are plenty; 25 ms more.
+        try:
+            times = do_bench(fn, warmup=25.0, rep=rep_ms, grad_to_none=list(grads) or None, return_mode="all")
+        except (TypeError, AssertionError):  # an older Triton without return_mode="all"
+            median = do_bench(fn, warmup=25.0, rep=rep_ms, grad_to_none=list(grads) or None,
+                              return_mode="median")
+            timing = Timing(float(median), max(1, int(rep_ms / estimate_ms)))
+        else:
+            median, spread, iqr = summarize(times)
+            timing = Timing(median, len(times), spread, iqr)
+    if timing is None:
+        flush = torch.empty(256 * MIB, dtype=torch.uint8, device=device)
+        times = []
+        budget_end = time.perf_counter() + max_seconds
+        while len(times) < max(min_reps, 10) and (time.perf_counter() < budget_end or len(times) < 3):
+            _reset_grads(grads)
+            flush.zero_()  # evict L2 so calls do not run out of a warm cache
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        del flush
+        median, spread, iqr = summarize(times)
+        timing = Timing(median, len(times), spread, iqr)
+    # Back to back, no flush, host clock: what the call costs in a loop, CPU launch work included.
+    calls = wall_calls_for(estimate_ms)
+    _reset_grads(grads)
+    torch.cuda.synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(calls):
         _reset_grads(grads)
-        flush.zero_()  # evict L2 so calls do not run out of a warm cache
-        start.record()
         fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), len(times), (min(times), max(times))
+    torch.cuda.synchronize(device)
+    timing.wall_ms = (time.perf_counter() - begin) * 1e3 / calls
+    timing.wall_calls = calls
+    return timing
 
 
 @contextlib.contextmanager
@@ -459,19 +548,37 @@ def measure(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torc
             elapsed = time_single_call(fn, device=device, grads=grads)
             _reset_grads(grads)
             return Measurement(elapsed, peak, 1, (elapsed, elapsed))
-        # The memory call doubles as the first warm-up on the CPU.
-        median, runs, spread = time_call(fn, device=device, grads=grads, max_seconds=max_seconds,
-                                         min_seconds=min_seconds, min_reps=min_reps,
-                                         warmup_calls=0 if with_memory else 1)
+        # The memory call doubles as the first warm-up.
+        timing = time_call(fn, device=device, grads=grads, max_seconds=max_seconds, min_seconds=min_seconds,
+                           min_reps=min_reps, warmup_calls=0 if with_memory else 1)
         _reset_grads(grads)
-        return Measurement(median, peak, runs, spread)
+        return Measurement(timing.median_ms, peak, timing.runs, timing.spread_ms, iqr_ms=timing.iqr_ms,
+                           wall_ms=timing.wall_ms, wall_calls=timing.wall_calls)
     except torch.cuda.OutOfMemoryError as exc:  # type: ignore[attr-defined]
-        _reset_grads(grads)
-        torch.cuda.empty_cache()
-        return Measurement(None, None, 0, error=f"out of memory: {str(exc).splitlines()[0]}")
+        error = f"out of memory: {str(exc).splitlines()[0]}"
     except Exception as exc:  # a failing provider must not stop the suite
-        _reset_grads(grads)
-        return Measurement(None, None, 0, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+    # Freed here, after the except blocks: inside one, the traceback's frames still hold the
+    # call's tensors (activations, partial gradients), so emptying the cache there frees little.
+    _reset_grads(grads)
+    if device.type == "cuda":
+        gc.collect()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # a lost CUDA context raises here too; the error above says what happened
+            pass
+    return Measurement(None, None, 0, error=error)
+
+
+CUDA_FATAL_PATTERNS = ("illegal memory access", "unspecified launch failure", "device-side assert",
+                       "misaligned address", "illegal instruction", "CUDA error: an illegal",
+                       "cudaErrorLaunchFailure", "uncorrectable ECC")
+
+
+def is_fatal_cuda_error(text: str) -> bool:
+    """Whether an error message says the CUDA context is lost (every later CUDA call in this
+    process fails): a fault in a kernel, not an out-of-memory error or a bad argument."""
+    return any(pattern.lower() in text.lower() for pattern in CUDA_FATAL_PATTERNS)
 
 
 def describe_error(exc: BaseException, limit: int = 300) -> str:
@@ -574,6 +681,12 @@ def _json_default(value):
     if isinstance(value, torch.Tensor):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def row_from_json(record: dict) -> Row:
+    """A :class:`Row` from its JSON form (keys this version does not know are dropped)."""
+    names = {f.name for f in dataclasses.fields(Row)}
+    return Row(**{k: v for k, v in record.items() if k in names})
 
 
 def load_rows(path: str) -> list[dict]:

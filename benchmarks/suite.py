@@ -4,14 +4,27 @@ Runs every op family on the hardware present (CPU: the torch backend; GPU:
 every backend that can run), each beside its baselines in the same run,
 prints a table, writes typed JSON rows to ``benchmarks/results/`` and draws a
 PNG next to them. ``--compare OLD.json NEW.json`` compares two result files.
+
+Each family runs in a process of its own (``--in-process``: all in this one), one
+after the other, each appending its rows to the same JSON file: a GPU fault (an
+illegal memory access poisons the CUDA context for the rest of the process) or a
+hang then costs only that family. On a GPU the card's ceilings (copy bandwidth,
+bf16 matmul rate) are measured once, by the first process (family ``device``), and
+reach the later ones through the JSON file (``run.calibration``). Each process gets
+what is left of ``--time-budget`` and is killed ``--family-grace`` seconds after it
+(or after ``--family-idle-timeout`` seconds without output); the rows it saved stay.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -22,6 +35,8 @@ from benchmarks import harness
 from benchmarks.harness import Environment, Measurement, Row, Target
 
 FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training")
+WORKER_FAMILIES = ("device",) + FAMILIES  # "device": the card's ceilings, first on a GPU
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --tier: "costly" items are the long GPU measurements (largest-batch search, B=16,384 chunked
 # training) that a session may run in a second call; a family lists them in ``COSTLY_ITEMS``.
 TIERS = ("all", "cheap", "costly")
@@ -33,7 +48,8 @@ class Suite:
 
     def __init__(self, *, device: torch.device, quick: bool, json_path: str | None, png_path: str | None,
                  time_budget_s: float | None, max_seconds_per_call: float, providers: Sequence[str] | None,
-                 log: Callable[[str], None] = print, tier: str = "all", compile_baselines: bool = False):
+                 log: Callable[[str], None] = print, tier: str = "all", compile_baselines: bool = False,
+                 environment: Environment | None = None, isolation: str = "in-process"):
         if tier not in TIERS:
             raise ValueError(f"argument 'tier': expected one of {TIERS}, got {tier!r}")
         self.device = device
@@ -45,10 +61,13 @@ class Suite:
         self.started = time.monotonic()
         self.deadline = None if time_budget_s is None else self.started + time_budget_s
         self.max_seconds_per_call = max_seconds_per_call
-        self.environment = Environment.probe(device)
+        self.environment = environment or Environment.probe(device)
         self.rows: list[Row] = []
         self.skipped: list[str] = []
-        self.calibration: dict[str, float] = {}
+        self.calibration: dict[str, Any] = {}
+        self.family_status: dict[str, dict] = {}
+        self.isolation = isolation
+        self.cuda_lost: str | None = None  # the error that lost this process's CUDA context, if one did
         self.log = log
         self.providers = list(providers) if providers else self._default_providers()
 
@@ -94,6 +113,11 @@ class Suite:
         return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
     def out_of_time(self, what: str) -> bool:
+        """Whether ``what`` must be skipped because the budget is spent (or this process's CUDA
+        context is lost: after a fault every CUDA call fails); the reason is logged."""
+        if self.cuda_lost is not None:
+            self.skip(what, f"the CUDA context of this process was lost earlier ({self.cuda_lost[:120]})")
+            return True
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.skip(what, "the run's time budget is spent")
             return True
@@ -124,6 +148,9 @@ class Suite:
         message = f"{what}: skipped ({why})"
         self.skipped.append(message)
         self.log("  " + message)
+        if self.is_gpu and self.cuda_lost is None and harness.is_fatal_cuda_error(why):
+            self.cuda_lost = why
+            self.log("  the CUDA context is lost: every later item of this process is skipped")
 
     # ------------------------------------------------------------------ measuring
 
@@ -142,7 +169,8 @@ class Suite:
             self.skip(label, result.error.splitlines()[0][:300])
             return None
         peak = "-" if result.peak_mib is None else f"{result.peak_mib:.1f} MiB"
-        self.log(f"  {label}: {result.median_ms:.3f} ms median of {result.runs}, peak {peak} ({took:.1f} s)")
+        wall = "" if result.wall_ms is None else f", back to back {result.wall_ms:.3f} ms"
+        self.log(f"  {label}: {result.median_ms:.3f} ms median of {result.runs}{wall}, peak {peak} ({took:.1f} s)")
         return result
 
     def measure_group(self, entries: Sequence[tuple[str, Callable[[], Any], Sequence[torch.Tensor]]],
@@ -174,11 +202,13 @@ class Suite:
         timed = harness.time_interleaved([(fn, grads) for _, fn, grads in alive],
                                          min_reps=3 if self.quick else 5, min_seconds=0.2 if self.quick else 1.0,
                                          max_seconds=self.max_seconds_per_call)
-        for (label, _, grads), (median, runs, spread) in zip(alive, timed):
+        for (label, _, grads), timing in zip(alive, timed):
             for t in grads:
                 t.grad = None
-            results[label] = Measurement(median, peaks[label], runs, spread)
-            self.log(f"  {label}: {median:.3f} ms median of {runs} (interleaved), peak {peaks[label]:.4g} MiB")
+            results[label] = Measurement(timing.median_ms, peaks[label], timing.runs, timing.spread_ms,
+                                         iqr_ms=timing.iqr_ms)
+            self.log(f"  {label}: {timing.median_ms:.3f} ms median of {timing.runs} (interleaved), "
+                     f"peak {peaks[label]:.4g} MiB")
         self.log(f"  ({time.monotonic() - start:.1f} s for {len(alive)} entries)")
         return results
 
@@ -247,7 +277,8 @@ class Suite:
             speedup_vs_baseline=speedup, memory_ratio_vs_baseline=memory_ratio,
             target=None, target_pass=None, device=env.device, torch=env.torch, triton=env.triton,
             cuda=env.cuda, git_sha=env.git_sha, date=env.date, family=family, mode=mode,
-            metrics={"runs": measurement.runs, **(metrics or {})},
+            metrics={"runs": measurement.runs, **timing_metrics(measurement), **(metrics or {})},
+            wall_ms=None if measurement.wall_ms is None else round(measurement.wall_ms, 4),
         )
         if targets and not self.quick:
             row.target = " & ".join(t.text for t in targets)
@@ -303,6 +334,17 @@ class Suite:
         if self.json_path:
             harness.write_json(self.json_path, self.environment, self.rows, extra=self.run_info())
 
+    def load_state(self, path: str) -> None:
+        """Take the rows, skip lines, calibration and family outcomes of an earlier process of this
+        run from its JSON file (each family's process appends to what the ones before wrote)."""
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+        run = payload.get("run") or {}
+        self.rows = [harness.row_from_json(r) for r in payload.get("rows", [])]
+        self.skipped = list(run.get("skipped") or [])
+        self.calibration = dict(run.get("calibration") or {})
+        self.family_status = dict(run.get("families") or {})
+
     def run_info(self) -> dict:
         return {
             "quick": self.quick,
@@ -311,10 +353,26 @@ class Suite:
             "providers": self.providers,
             "calibration": self.calibration,
             "skipped": self.skipped,
+            "isolation": self.isolation,
+            "families": self.family_status,
             "elapsed_s": round(time.monotonic() - self.started, 1),
             "load_average_end": _load_average(),
             "argv": sys.argv[1:],
         }
+
+
+def timing_metrics(meas: Measurement) -> dict:
+    """The spread of a measurement's timed calls and, on a GPU, its back-to-back wall time."""
+    metrics: dict[str, Any] = {}
+    if meas.spread_ms is not None and meas.runs and meas.runs > 1:
+        metrics["min_ms"] = round(meas.spread_ms[0], 4)
+        metrics["max_ms"] = round(meas.spread_ms[1], 4)
+    if meas.iqr_ms is not None:
+        metrics["iqr_ms"] = round(meas.iqr_ms, 4)
+    if meas.wall_ms is not None and meas.median_ms:
+        metrics["wall_calls"] = meas.wall_calls
+        metrics["launch_bound"] = bool(meas.wall_ms > harness.LAUNCH_BOUND_RATIO * meas.median_ms)
+    return metrics
 
 
 def _load_average():
@@ -351,10 +409,63 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(auto: on for full CPU runs; off with --quick and on a GPU, where compiling costs "
                              "scarce device time)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which remaining configurations are skipped (gpu_check.sh uses it)")
+                        help="seconds after which remaining configurations are skipped")
+    parser.add_argument("--hard-limit", type=float, default=None,
+                        help="seconds after which this run is killed from outside (gpu_check.sh's stage timeout): "
+                             "--time-budget and --family-grace are derived from it (see budget_for_hard_limit)")
     parser.add_argument("--max-seconds-per-call", type=float, default=None,
-                        help="timing budget of one measurement (default 20 s on CPU, 5 s on GPU, 2 s with --quick)")
+                        help="timing budget of one measurement (default 20 s on CPU, 2 s on GPU, 2 s with --quick)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every family in this process (default: one process per family, so that a GPU "
+                             "fault or a hang costs only that family)")
+    parser.add_argument("--family-grace", type=float, default=None,
+                        help="seconds a family's process may run past --time-budget (finishing the configuration "
+                             "it is in) before it is killed (default 30)")
+    parser.add_argument("--family-idle-timeout", type=float, default=None,
+                        help="kill a family's process after this many seconds without output (hung); "
+                             f"default {GPU_IDLE_TIMEOUT_S:.0f} on a GPU, off (0) on a CPU")
+    # A family's process (internal): which family, and the run's deadline on the wall clock.
+    parser.add_argument("--worker", choices=WORKER_FAMILIES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline-epoch", type=float, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+GPU_IDLE_TIMEOUT_S = 180.0  # longer than any single call the GPU suite makes (the B=16,384 step: 30-70 s)
+DEFAULT_FAMILY_GRACE_S = 30.0
+
+
+def budget_for_hard_limit(limit_s: float) -> tuple[float, float]:
+    """(time budget, family grace) for a run killed from outside after ``limit_s`` seconds.
+
+    Above 135 s the suite stops starting configurations 45 s before the kill (one configuration,
+    the full-size model build included, fits in that margin); at or under it, after two thirds
+    of the limit. A family's process is killed ``grace`` seconds after the budget, leaving the
+    rest of the margin (10 s, or half of a small one) to write the table.
+    """
+    limit_s = max(0.0, float(limit_s))
+    budget = limit_s - 45.0 if limit_s > 135.0 else limit_s * 2.0 / 3.0
+    margin = limit_s - budget
+    grace = margin - 10.0 if margin > 20.0 else margin / 2.0
+    return budget, grace
+
+
+def _tier_skips(suite: Suite, family: str, module, tier: str) -> bool:
+    """Whether ``--tier`` leaves the whole family out (the reason is logged)."""
+    costly_items = getattr(module, "COSTLY_ITEMS", ())
+    if tier == "costly" and not costly_items:
+        suite.skip(f"family {family}", "no costly items (--tier costly)")
+        return True
+    if tier == "cheap" and getattr(module, "ALL_COSTLY", False):
+        suite.skip(f"family {family}", f"its items are costly ({', '.join(costly_items)}; --tier cheap)")
+        return True
+    return False
+
+
+def _modules() -> dict:
+    from benchmarks import bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model, bench_training
+
+    return {"device": bench_device, "lora": bench_lora, "hypergraph": bench_hypergraph,
+            "contrastive": bench_contrastive, "model": bench_model, "training": bench_training}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,41 +485,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-quick" if args.quick else "")
     json_path = os.path.join(args.out_dir, stem + ".json")
     png_path = None if args.no_plot else os.path.join(args.out_dir, stem + ".png")
-    per_call = args.max_seconds_per_call or (2.0 if args.quick else (5.0 if device.type == "cuda" else 20.0))
+    # GPU: 2 s of timed calls (a 250 ms training step still gets 8; harness.cuda_rep_ms).
+    per_call = args.max_seconds_per_call or (2.0 if (args.quick or device.type == "cuda") else 20.0)
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     compile_baselines = (args.compile_baselines == "on"
                          or (args.compile_baselines == "auto" and device.type == "cpu" and not args.quick))
+    time_budget, grace = args.time_budget, args.family_grace
+    if args.hard_limit is not None:
+        derived_budget, derived_grace = budget_for_hard_limit(args.hard_limit)
+        time_budget = derived_budget if time_budget is None else min(time_budget, derived_budget)
+        grace = derived_grace if grace is None else min(grace, derived_grace)
+    if args.deadline_epoch is not None:  # a family's process: what is left of the run's budget
+        time_budget = args.deadline_epoch - time.time()
+    grace = DEFAULT_FAMILY_GRACE_S if grace is None else grace
+    idle = args.family_idle_timeout
+    if idle is None:
+        idle = GPU_IDLE_TIMEOUT_S if device.type == "cuda" else 0.0
+
+    if args.worker:
+        return _worker(args, device=device, json_path=json_path, time_budget=time_budget, per_call=per_call,
+                       providers=providers, compile_baselines=compile_baselines)
+
+    isolation = "in-process" if args.in_process else "process per family"
     suite = Suite(device=device, quick=args.quick, json_path=json_path, png_path=png_path,
-                  time_budget_s=args.time_budget, max_seconds_per_call=per_call, providers=providers,
-                  tier=args.tier, compile_baselines=compile_baselines)
+                  time_budget_s=time_budget, max_seconds_per_call=per_call, providers=providers,
+                  tier=args.tier, compile_baselines=compile_baselines, isolation=isolation)
     env = suite.environment
     print(f"ace-kernels benchmarks on {env.device}  torch {env.torch}  triton {env.triton}  cuda {env.cuda}  "
           f"git {env.git_sha}  threads {env.threads}  load {env.load_average}")
     print(f"providers: {', '.join(suite.providers)}{'  (quick shapes)' if args.quick else ''}"
           f"{'' if args.tier == 'all' else f'  (tier {args.tier})'}"
-          f"{'  (baselines also under torch.compile)' if compile_baselines else ''}")
+          f"{'  (baselines also under torch.compile)' if compile_baselines else ''}  ({isolation}"
+          f"{'' if time_budget is None else f', budget {time_budget:.0f} s'})")
     if device.type == "cpu" and env.load_average and env.load_average[0] > 0.5:
         print(f"note: load average {env.load_average[0]} on {os.cpu_count()} cores before the run: other work "
               "shares these cores, CPU times are inflated and noisier")
 
-    from benchmarks import bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model, bench_training
-
-    modules = {"lora": bench_lora, "hypergraph": bench_hypergraph, "contrastive": bench_contrastive,
-               "model": bench_model, "training": bench_training}
+    modules = _modules()
     families = args.only or list(FAMILIES)
-    if suite.is_gpu:
-        _run_family(suite, "device", bench_device)
-    for family in families:
+    stages = (["device"] if suite.is_gpu else []) + families
+    worker_options = dict(device=device, stem=stem, per_call=per_call, providers=providers,
+                          compile_baselines=compile_baselines, grace=grace, idle=idle)
+    for family in stages:
         if suite.out_of_time(f"family {family}"):
             continue
-        costly_items = getattr(modules[family], "COSTLY_ITEMS", ())
-        if args.tier == "costly" and not costly_items:
-            suite.skip(f"family {family}", "no costly items (--tier costly)")
+        if family != "device" and _tier_skips(suite, family, modules[family], args.tier):
             continue
-        if args.tier == "cheap" and getattr(modules[family], "ALL_COSTLY", False):
-            suite.skip(f"family {family}", f"its items are costly ({', '.join(costly_items)}; --tier cheap)")
+        if args.in_process:
+            _run_family(suite, family, modules[family])
             continue
-        _run_family(suite, family, modules[family])
+        suite.save()  # the family's process starts from this file
+        status = _run_family_process(suite, family, args, **worker_options)
+        if os.path.exists(json_path):
+            suite.load_state(json_path)
+        suite.family_status[family] = status
+        if status["outcome"] != "ok":
+            suite.skip(f"family {family}", f"lost: its process {status['outcome']} ({status['seconds']:.0f} s in "
+                                            "all); the rows it saved before are kept")
 
     suite.save()
     print()
@@ -421,6 +554,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     judged = [r for r in suite.rows if r.target_pass is not None]
     if judged:
         print(f"\ntargets: {len(judged) - len(failed)} of {len(judged)} met")
+    launch_bound = [r for r in suite.rows if r.metrics.get("launch_bound")]
+    if launch_bound:
+        print(f"\nlaunch-bound (back-to-back wall time over {harness.LAUNCH_BOUND_RATIO}x the event median; "
+              "their event-time ratios may flatter): "
+              + "; ".join(f"{r.op} {r.shape} {r.provider}" for r in launch_bound))
     if png_path and suite.rows:
         try:
             from benchmarks.plot import plot_rows
@@ -431,6 +569,130 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"plot: not drawn ({type(exc).__name__}: {exc})")
     print(f"rows: {json_path}")
     return 0
+
+
+def _worker(args, *, device, json_path, time_budget, per_call, providers, compile_baselines) -> int:
+    """One family's process: append its rows to ``json_path`` (written by the parent first)."""
+    environment = None
+    if os.path.exists(json_path):
+        with open(json_path, encoding="utf-8") as fh:
+            environment = Environment(**json.load(fh)["environment"])  # one date and sha for every row
+    suite = Suite(device=device, quick=args.quick, json_path=json_path, png_path=None, time_budget_s=time_budget,
+                  max_seconds_per_call=per_call, providers=providers, tier=args.tier,
+                  compile_baselines=compile_baselines, environment=environment, isolation="process per family")
+    if os.path.exists(json_path):
+        suite.load_state(json_path)
+    _inject_fault(args.worker)
+    _run_family(suite, args.worker, _modules()[args.worker])
+    suite.save()
+    return 0
+
+
+def _inject_fault(family: str) -> None:
+    """Tests of the process isolation: ``ACE_BENCH_FAULT=<family>:crash`` (the process dies as on
+    a GPU fault) or ``<family>:hang`` (it stops printing) in that family's process."""
+    fault = os.environ.get("ACE_BENCH_FAULT", "")
+    name, _, kind = fault.partition(":")
+    if name != family:
+        return
+    print(f"  (ACE_BENCH_FAULT: {kind} in family {family})", flush=True)
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGABRT)
+    elif kind == "hang":
+        time.sleep(3600)
+
+
+def _worker_command(family: str, args, *, device, stem, per_call, providers, compile_baselines,
+                    deadline_epoch) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks", "--worker", family, "--device", device.type,
+               "--out-dir", args.out_dir, "--name", stem, "--tier", args.tier,
+               "--compile-baselines", "on" if compile_baselines else "off", "--max-seconds-per-call", str(per_call)]
+    if args.quick:
+        command.append("--quick")
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if providers:
+        command += ["--providers", ",".join(providers)]
+    if deadline_epoch is not None:
+        command += ["--deadline-epoch", f"{deadline_epoch:.3f}"]
+    return command
+
+
+def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_call, providers, compile_baselines,
+                        grace, idle) -> dict:
+    """Run one family in a process of its own, its output passed through; its outcome.
+
+    Killed (with its process group) ``grace`` seconds after the run's deadline, or after
+    ``idle`` seconds without a line of output (0: never).
+    """
+    deadline_epoch = None
+    kill_at = None
+    if suite.deadline is not None:
+        left = suite.deadline - time.monotonic()
+        deadline_epoch = time.time() + left
+        kill_at = suite.deadline + grace
+    command = _worker_command(family, args, device=device, stem=stem, per_call=per_call, providers=providers,
+                              compile_baselines=compile_baselines, deadline_epoch=deadline_epoch)
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    print(f"\n[family {family}: a process of its own]", flush=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    last_output = [time.monotonic()]
+
+    def pump():
+        for line in proc.stdout:
+            last_output[0] = time.monotonic()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    killed = None
+    try:
+        while proc.poll() is None:
+            now = time.monotonic()
+            if kill_at is not None and now > kill_at:
+                killed = f"was killed {grace:.0f} s after the run's time budget"
+            elif idle and now - last_output[0] > idle:
+                killed = f"was killed after {idle:.0f} s without output (hung?)"
+            if killed:
+                _kill_group(proc)
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        proc.wait()
+        reader.join(timeout=5)
+    seconds = round(time.monotonic() - start, 1)
+    rc = proc.returncode
+    if killed:
+        outcome = killed
+    elif rc == 0:
+        outcome = "ok"
+    elif rc < 0:
+        outcome = f"died of {_signal_name(-rc)}"
+    else:
+        outcome = f"exited with rc {rc}"
+    print(f"== {family}: process {outcome if outcome != 'ok' else 'done'} in {seconds:.1f} s", flush=True)
+    return {"outcome": outcome, "rc": rc, "seconds": seconds}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the family's process and its children
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _run_family(suite: Suite, family: str, module) -> None:

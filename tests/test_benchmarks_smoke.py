@@ -437,3 +437,260 @@ def test_out_of_memory_is_recognised():
     assert _is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not _is_out_of_memory(RuntimeError("shape mismatch"))
     assert not _is_out_of_memory(ValueError("out of memory"))  # only the errors torch raises for it
+
+
+# --------------------------------------------------------------------------- one process per family
+
+
+def _bench(args, tmp_path, name, env_extra=None, timeout=240):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("ACE_BENCH_FAULT", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out-dir", str(tmp_path), "--name", name,
+         "--no-plot", "--max-seconds-per-call", "0.2", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / f"{name}.json", encoding="utf-8") as fh:
+        return json.load(fh), proc.stdout
+
+
+def test_quick_run_ran_each_family_in_its_own_process(quick_run):
+    run = quick_run[0]["run"]
+    assert run["isolation"] == "process per family"
+    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "model", "training"}
+    assert all(status["outcome"] == "ok" and status["rc"] == 0 for status in run["families"].values()), run
+    # Rows of every family landed in the one file, and the training family (its own process)
+    # found the model family's rows of the earlier process (its backend choice reads them).
+    assert {r["family"] for r in quick_run[0]["rows"]} >= {"lora", "hypergraph", "contrastive", "model", "training"}
+
+
+@pytest.mark.parametrize("fault,options,outcome", [
+    ("crash", [], "died of SIGABRT"),
+    ("hang", ["--family-idle-timeout", "3"], "without output (hung?)"),
+])
+def test_a_lost_family_costs_only_that_family(tmp_path, fault, options, outcome):
+    payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", *options], tmp_path, fault,
+                             env_extra={"ACE_BENCH_FAULT": f"lora:{fault}"})
+    families = payload["run"]["families"]
+    assert outcome in families["lora"]["outcome"] and families["lora"]["rc"] != 0, families
+    assert families["hypergraph"]["outcome"] == "ok"
+    assert {r["family"] for r in payload["rows"]} == {"hypergraph"}, stdout[-2000:]
+    assert any(line.startswith("family lora: skipped (lost: its process") for line in payload["run"]["skipped"])
+
+
+def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
+    payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
+                              "--family-idle-timeout", "0"], tmp_path, "budget",
+                             env_extra={"ACE_BENCH_FAULT": "lora:hang"})
+    families = payload["run"]["families"]
+    assert "2 s after the run's time budget" in families["lora"]["outcome"], families
+    assert families["lora"]["seconds"] < 30
+    assert "hypergraph" not in families  # no time left: skipped, never started
+    assert "family hypergraph: skipped (the run's time budget is spent)" in payload["run"]["skipped"]
+
+
+def test_family_state_passes_through_the_json_file(tmp_path):
+    from benchmarks.harness import Measurement
+    from benchmarks.suite import Suite
+
+    first = Suite(device=torch.device("cpu"), quick=True, json_path=str(tmp_path / "s.json"), png_path=None,
+                  time_budget_s=None, max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None)
+    first.calibration.update(bf16_matmul_tflops=789.5, copy_gbps=4100.0)
+    first.skip("x", "why")
+    first.family_status["lora"] = {"outcome": "ok", "rc": 0, "seconds": 1.0}
+    first.add_plain_row(family="device", op="device_matmul", shape="s", dtype=torch.bfloat16, provider="torch",
+                        measurement=Measurement(1.0, None, 20, (0.9, 1.4), iqr_ms=0.1, wall_ms=2.0, wall_calls=50),
+                        metrics={"tflops": 789.5}, mode="matmul")
+    second = Suite(device=torch.device("cpu"), quick=True, json_path=None, png_path=None, time_budget_s=None,
+                   max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None)
+    second.load_state(str(tmp_path / "s.json"))
+    assert second.calibration == first.calibration and second.skipped == ["x: skipped (why)"]
+    assert second.family_status == first.family_status
+    assert [r.to_json() for r in second.rows] == [r.to_json() for r in first.rows]
+    row = second.rows[0]
+    assert row.wall_ms == 2.0 and row.metrics["launch_bound"] is True and row.metrics["wall_calls"] == 50
+    assert row.metrics["min_ms"] == 0.9 and row.metrics["max_ms"] == 1.4 and row.metrics["iqr_ms"] == 0.1
+
+
+def test_budget_arithmetic():
+    from benchmarks.harness import cuda_rep_ms, wall_calls_for
+    from benchmarks.suite import budget_for_hard_limit
+
+    assert budget_for_hard_limit(315) == (270, 35)  # the default call's suite stage, build and tests at their caps
+    budget, grace = budget_for_hard_limit(90)  # a short stage: two thirds, not a fixed 45 s that may not fit
+    assert budget == pytest.approx(60) and grace == pytest.approx(20)
+    for limit in (12, 30, 60, 90, 120, 135, 136, 200, 500):
+        budget, grace = budget_for_hard_limit(limit)
+        assert 0 < budget < limit and grace > 0 and budget + grace < limit, (limit, budget, grace)
+        assert limit - budget - grace >= min(10, (limit - budget) / 2) - 1e-9  # time left for the table
+    # A 250 ms step under the 2 s GPU cap keeps 8 timed calls (do_bench truncates rep / estimate).
+    for estimate in (240.0, 250.0, 255.0):
+        assert int(cuda_rep_ms(estimate, 2.0) / estimate) >= 8
+    assert cuda_rep_ms(0.01, 2.0) == pytest.approx(100.005)  # fast calls: about 100 ms of them
+    assert wall_calls_for(0.01) == 100 and wall_calls_for(250.0) == 2 and wall_calls_for(10.0) == 20
+
+
+def test_gpu_check_budget_plan_is_in_the_script():
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
+    assert "BUDGET=${GPU_CHECK_BUDGET:-540}" in text and "timeout_s=570" in text
+    assert "run_stage build 120 " in text and "run_stage tests 100 " in text
+    assert text.index("-m gpu $common") < text.index('-m "triton and not gpu" $common')
+    assert '--hard-limit "$BENCH_LIMIT"' in text and "budget_left_s - 60" in text
+    assert "git diff --quiet HEAD || echo +dirty" in text and '"$REPO/.git_sha"' in text
+
+
+def test_git_sha_file_and_override(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACE_GIT_SHA", raising=False)
+    # A copy of the tree without .git (tmp_path is outside any repository): the .git_sha file.
+    assert harness.git_sha(str(tmp_path)) == "unknown" or (tmp_path / ".git").exists()
+    (tmp_path / harness.SHA_FILE).write_text("0123abcd+dirty")
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True).returncode != 0:
+        assert harness.git_sha(str(tmp_path)) == "0123abcd+dirty"
+    monkeypatch.setenv("ACE_GIT_SHA", "from-env")
+    assert harness.git_sha(str(tmp_path)) == "from-env"
+    monkeypatch.delenv("ACE_GIT_SHA")
+    # In the repository the documented command writes what the harness records.
+    command = "{ git rev-parse HEAD; git diff --quiet HEAD || echo +dirty; } | tr -d '\\n'"
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 or not proc.stdout:
+        pytest.skip("no git repository here")
+    assert harness.git_sha(ROOT) == proc.stdout
+
+
+def test_dispatch_order_without_orders_writes_nothing(tmp_path):
+    from benchmarks import dispatch_order
+
+    row = dict(op="ace_lora_max_batch", shape="s", dtype="bf16", provider="triton", baseline="reference-ops",
+               median_ms=10.0)
+    payload = {"environment": {"device": "NVIDIA H200", "device_type": "cuda", "git_sha": "x", "date": "d"},
+               "rows": [row]}
+    results, out = tmp_path / "costly.json", tmp_path / "order.json"
+    results.write_text(json.dumps(payload))
+    assert dispatch_order.main([str(results), "--out", str(out)]) == 3
+    assert not out.exists()
+
+
+def test_chunked_infonce_loss_matches_the_dense_reference():
+    g = torch.Generator().manual_seed(16)
+    batch = 300
+    u = F.normalize(torch.randn(batch, 16, generator=g, dtype=FP64), dim=-1)
+    t = F.normalize(torch.randn(batch, 16, generator=g, dtype=FP64), dim=-1)
+    s = torch.tensor(20.0, dtype=FP64)
+    labels = (torch.rand(batch, 3, generator=g) < 0.3).float()  # many equal rows: the mask matters
+    for lab in (labels, None):
+        dense = baselines.reference_label_guided_infonce(u, t, s, lab).item()
+        chunked = baselines.chunked_infonce_loss(u, t, s, lab, block_rows=64)
+        assert chunked == pytest.approx(dense, rel=1e-6)  # fp32 logits, fp64 sums
+    with pytest.raises(TimeoutError, match="projected"):
+        baselines.chunked_infonce_loss(u, t, s, labels, block_rows=64, max_seconds=0.0)
+
+
+def test_max_batch_ratio_is_judged_conservatively():
+    from benchmarks.bench_model import max_batch_ratio_metrics
+
+    ours = {"max_batch": 3072, "complete": True}
+    reference = {"max_batch": 960, "first_oom": 1024, "complete": True}
+    metrics = max_batch_ratio_metrics(ours, reference)
+    assert metrics["max_batch_ratio"] == pytest.approx(3.0)  # 3072 / 1024, not 3072 / 960 = 3.2
+    assert metrics["max_batch_ratio_point"] == pytest.approx(3.2, abs=1e-3)
+    capped = max_batch_ratio_metrics(ours, {"max_batch": 1024, "first_oom": None, "complete": True})
+    assert capped["max_batch_ratio"] == pytest.approx(3.0)
+    partial = max_batch_ratio_metrics(ours, {"max_batch": 960, "first_oom": None, "complete": False})
+    assert "max_batch_ratio" not in partial and "max_batch_ratio_unjudged" in partial
+
+
+def test_largest_batch_search_reports_the_first_failure():
+    from benchmarks.bench_model import _largest_batch
+
+    result = _largest_batch(_fake_step(1000, []), lambda: 2 * 1000 * 10.0 * 2**20, seconds=60, log=lambda _: None)
+    assert result["first_oom"] is not None and result["first_oom"] > result["max_batch"]
+    assert all(b >= result["first_oom"] for b, outcome, _ in result["tries"] if outcome == "oom")
+
+
+def test_model_items_are_checked_before_the_model_is_built(monkeypatch):
+    from benchmarks import bench_model
+
+    def no_build(suite):
+        raise AssertionError("the model was built although no item fits the time left")
+
+    monkeypatch.setattr(bench_model, "_build_model", no_build)
+    suite = _suite("all", budget=1.0)  # quick estimates: build 2 s + each item 3-4 s
+    bench_model.run(suite)
+    skipped = "\n".join(suite.skipped)
+    for item in ("ace_lora_train_step", "zero_shot_eval", "peft_lora_train_step"):
+        assert f"{item}: skipped (estimated" in skipped, skipped
+
+
+def test_low_matmul_rate_warning():
+    from benchmarks.bench_device import low_rate_warning
+
+    assert "under the 700" in low_rate_warning("NVIDIA H200", 640.0)
+    assert low_rate_warning("NVIDIA H100 80GB HBM3", 760.0) is None
+    assert low_rate_warning("NVIDIA A100-SXM4-80GB", 280.0) is None
+
+
+def test_measure_frees_after_an_out_of_memory_error():
+    x = torch.ones(4, requires_grad=True)
+
+    def fn():
+        (x * 2).sum().backward()
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    result = harness.measure(fn, device=torch.device("cpu"), grads=[x], max_seconds=0.1)
+    assert result.error.startswith("out of memory") and result.median_ms is None and x.grad is None
+    assert harness.is_fatal_cuda_error("CUDA error: an illegal memory access was encountered")
+    assert not harness.is_fatal_cuda_error("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_gpu_timing_path_records_spread_and_wall_time(monkeypatch):
+    """harness._time_cuda's bookkeeping, with the CUDA calls and do_bench stubbed (no GPU here)."""
+    triton_testing = pytest.importorskip("triton.testing")
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.05  # the estimate: a 50 us call
+
+    asked = {}
+
+    def do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
+        asked.update(rep=rep, return_mode=return_mode, grads=grad_to_none)
+        fn()
+        return [0.05, 0.04, 0.06, 0.05, 0.07, 0.05]
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
+    x = torch.ones(2, requires_grad=True)
+    timing = harness.time_call(lambda: calls.append(1), device=torch.device("cuda"), grads=[x], max_seconds=2.0,
+                               warmup_calls=0)
+    assert asked["return_mode"] == "all" and asked["grads"] == [x]
+    assert timing.median_ms == pytest.approx(0.05) and timing.runs == 6
+    assert timing.spread_ms == (0.04, 0.07) and timing.iqr_ms is not None and timing.iqr_ms > 0
+    assert timing.wall_calls == harness.wall_calls_for(0.05) == 100 and timing.wall_ms > 0
+    assert len(calls) == 1 + 1 + timing.wall_calls  # the estimate, do_bench's, the back-to-back loop
+
+
+def test_a_lost_cuda_context_skips_the_rest_of_the_process():
+    from benchmarks.harness import Environment
+    from benchmarks.suite import Suite
+
+    env = Environment(device="NVIDIA H200", device_type="cuda", torch="t", triton=None, cuda=None, git_sha="g",
+                      date="d", python="3", threads=1, load_average=None)
+    suite = Suite(device=torch.device("cuda"), quick=True, json_path=None, png_path=None, time_budget_s=None,
+                  max_seconds_per_call=0.1, providers=["triton"], log=lambda _: None, environment=env)
+    suite.skip("triton", "RuntimeError: out of memory")  # not fatal
+    assert suite.cuda_lost is None and suite.include("next", costly=False)
+    suite.skip("triton", "RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert suite.cuda_lost is not None
+    assert not suite.include("later", costly=False)
+    assert "CUDA context of this process was lost" in suite.skipped[-1]
