@@ -534,7 +534,7 @@ if triton is not None:
     @triton.jit
     def _lora_mask_kernel(
         seed_ptr, mask_ptr,  # int64 [1] seed; int8 [P, M, K] output, contiguous
-        M, K, plane, rng_offset, drop_threshold,  # plane = M * K (host-computed, may exceed int32)
+        M, K, plane, rng_offset, drop_threshold,  # plane: elements between projections' planes (host int)
         PROJECTIONS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_k = tl.program_id(0).to(tl.int64)
@@ -548,7 +548,8 @@ if triton is not None:
         tl.store(mask_ptr + offsets, (keep & 1).to(tl.int8), mask=inside)
         if PROJECTIONS == 3:
             tl.store(mask_ptr + plane + offsets, ((keep >> 1) & 1).to(tl.int8), mask=inside)
-            tl.store(mask_ptr + 2 * plane + offsets, ((keep >> 2) & 1).to(tl.int8), mask=inside)
+            # plane + plane, not 2 * plane: an int32 plane (< 2**31) doubled would wrap.
+            tl.store(mask_ptr + plane + plane + offsets, ((keep >> 2) & 1).to(tl.int8), mask=inside)
 
     @triton.jit
     def _lora_down_kernel(
@@ -821,9 +822,16 @@ def _export_masks(seed: torch.Tensor, rows: int, in_features: int, projections: 
     if rows == 0 or in_features == 0:
         return mask.bool()
     cfg = _config("mask", torch.float32, seed.device)
-    grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), triton.cdiv(rows, cfg["BLOCK_M"]))
-    _lora_mask_kernel[grid](seed, mask, rows, in_features, rows * in_features, rng_offset, _drop_threshold(dropout_p),
-                            PROJECTIONS=projections, **cfg)
+    # Row blocks are grid dimension y (at most 65535): larger exports go in slices of rows,
+    # each continuing the Philox counter where the kernels' row index puts it.
+    step = _MAX_GRID_Y * cfg["BLOCK_M"]
+    pairs_per_row = (in_features + 1) // 2
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), triton.cdiv(hi - lo, cfg["BLOCK_M"]))
+        _lora_mask_kernel[grid](seed, mask[:, lo:hi], hi - lo, in_features, rows * in_features,
+                                rng_offset + lo * pairs_per_row, _drop_threshold(dropout_p),
+                                PROJECTIONS=projections, **cfg)
     return mask.bool()
 
 

@@ -672,3 +672,17 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
     assert len(results) == 17
     spilling = [r for r in results if r["spills"]]
     assert not spilling, spilling
+
+
+@pytest.mark.triton
+def test_triton_mask_export_in_row_slices_equals_one_launch(monkeypatch, device):
+    """Exports past the grid's 65535 row blocks go in row slices: the same masks as one launch."""
+    seed = torch.tensor([77], dtype=torch.int64, device=device)
+    whole = lora_module._export_masks(seed, 23, 9, 3, 0.4)
+    block_m = lora_module._config("mask", torch.float32, device)["BLOCK_M"]
+    monkeypatch.setattr(lora_module, "_MAX_GRID_Y", 1)  # slices of one row block
+    rows = 2 * block_m + 5
+    sliced = lora_module._export_masks(seed, rows, 9, 3, 0.4)
+    monkeypatch.undo()
+    assert torch.equal(sliced, lora_module._export_masks(seed, rows, 9, 3, 0.4))
+    assert torch.equal(sliced[:, :23], whole)
