@@ -87,8 +87,9 @@ q/k/v grouping
 --------------
 The first of q, k, v called with an input tensor computes all three with one
 ``lora_qkv`` call and keeps the other two outputs, keyed on the *identity* of
-the input tensor object, its version counter (an in-place change in between
-invalidates them), grad mode and autocast state. When the other two members are
+the input tensor object, its version counter and those of the members'
+parameters (an in-place change of either in between invalidates them), grad mode
+and autocast state. When the other two members are
 then called with that same tensor, they return the kept outputs; the autograd
 graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
 else (a different input, as in cross-attention; a member whose state forbids
@@ -96,8 +97,8 @@ the fused path; hooks on another member; mismatched scaling or dropout; an
 inference-mode input, which has no version counter) computes per member. A group
 that once sees its members called with different inputs stops grouping. Kept
 outputs are dropped when the attention module's forward returns (a forward
-hook registered with ``always_call=True``) or at the next member call, so
-nothing outlives one attention call. Module hooks on the members still run
+hook registered with ``always_call=True``) or at the next member call; members
+called outside their attention module's forward keep them until one of those. Module hooks on the members still run
 (their ``__call__`` is untouched). Grouped outputs are column slices of one
 ``[..., 3*out]`` tensor (``view``/``reshape`` into heads works; they are not
 contiguous), as documented for :func:`ace_kernels.lora_qkv`; autograd refuses
@@ -118,6 +119,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import inspect
 import sys
 import warnings
@@ -266,13 +268,17 @@ class PatchHandle:
         """
         if self._undone:
             return
-        conflicts = []
+        conflicts, reverted = [], []
         for swap in reversed(self._swaps):
-            if not swap.revert():
+            if swap.revert():
+                reverted.append(swap)
+            else:
                 conflicts.append(f"{type(swap.module).__name__}.{swap.attr}")
         for hook in self._hooks:
             hook.remove()
-        for swap in self._swaps:
+        # A replacement left in place is still called by whatever wrapped it (accelerate's hooks,
+        # say): only the reverted ones are released.
+        for swap in reverted:
             if isinstance(swap.replacement, _Replacement):
                 swap.replacement.release()
         self._swaps.clear()
@@ -329,6 +335,20 @@ class _Replacement:
         self.module = None
         self.state = ()
 
+    def __reduce__(self):
+        # Unpickled, the saved "original" forward would resolve to this replacement itself and
+        # recurse: refuse at save time instead.
+        raise TypeError("a model patched by ace_kernels.patch cannot be pickled (torch.save(model)): save its "
+                        "state_dict, whose keys patching leaves unchanged, or call handle.undo() first")
+
+    def __deepcopy__(self, memo):
+        new = _Replacement.__new__(_Replacement)
+        memo[id(self)] = new
+        new.fn = self.fn
+        new.module = copy.deepcopy(self.module, memo)
+        new.state = copy.deepcopy(self.state, memo)
+        return new
+
 
 setattr(_Replacement, _MARK, True)
 
@@ -350,6 +370,13 @@ def _original(module: nn.Module, attr: str = "forward") -> Callable:
 def _has_call_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None))
+
+
+def _functorch_transform_active(*tensors) -> bool:
+    """True when a ``torch.func`` transform (grad, vmap, ...) wraps one of ``tensors``: the fused
+    ops' autograd Functions define no ``setup_context``, which those transforms require."""
+    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return is_wrapped is not None and any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
 
 
 def _global_hooks_set() -> bool:
@@ -398,6 +425,8 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
         return "input shape does not match the weight"
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return f"scaling is a {type(scaling).__name__}, not a number"
+    if _functorch_transform_active(x, weight, bias, lora_a, lora_b):
+        return "a torch.func transform is active"
     devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
     if len(devices) != 1:
         return f"tensors on several devices {sorted(str(d) for d in devices)}"
@@ -641,12 +670,19 @@ class _QKVGroup:
         self.pending_input = None
 
 
+def _parameter_versions(group: _QKVGroup) -> tuple:
+    """Version counters of the members' parameters: kept outputs are stale once one changes in
+    place (an optimizer step between two member calls made outside the attention forward)."""
+    return tuple(p._version for member in group.members for p in member.parameters())
+
+
 def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args, **kwargs):
     original = group.originals[index]
     kind = group.kind
     if group.pending:
         hit = (group.pending_input is x and index in group.pending and not args and not kwargs
-               and not x.is_inference() and group.pending_key == (x._version, _context_key(x)))
+               and not x.is_inference()
+               and group.pending_key == (x._version, _context_key(x), _parameter_versions(group)))
         if hit:
             handle._count("qkv cached")
             out = group.pending.pop(index)
@@ -675,7 +711,7 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
             outs = _run_lora_qkv(handle, x, all_ops)
             group.pending = {j: outs[j] for j in range(3) if j != index}
             group.pending_input = x
-            group.pending_key = (x._version, _context_key(x))
+            group.pending_key = (x._version, _context_key(x), _parameter_versions(group))
             return outs[index]
         handle._count(f"qkv ungrouped: {reason}")
     handle._count("lora_linear")
@@ -765,6 +801,8 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
         return "features are not a [B, N, D] tensor"
     if _autocast_dtype(features) is not None:
         return "autocast is on"
+    if _functorch_transform_active(features, attn_weights, *edge.parameters(), *node.parameters()):
+        return "a torch.func transform is active"
     topk = int(module.args.topk)
     if features.shape[1] < topk + 2:
         return f"N={features.shape[1]} tokens < topk + 2 = {topk + 2}"
@@ -808,14 +846,14 @@ def _labels_from_frame(merged_df, indices, device) -> torch.Tensor:
     import numpy as np
 
     rows = merged_df.iloc[indices, 2:].to_numpy()
-    try:
-        numeric = np.asarray(rows, dtype=np.float64)
-    except (TypeError, ValueError):
-        numeric = None
-    if numeric is not None:
-        return torch.as_tensor(numeric, device=device)
-    # Non-numeric labels: one integer key per distinct row (rows holding a NaN match nothing,
-    # as numpy's elementwise == treats them).
+    # Numeric columns compare as numpy's == compares them: floats as float64 (a NaN matches
+    # nothing), integers and bools exactly as int64 (a float64 copy would merge ints above 2**53).
+    if rows.dtype.kind == "f":
+        return torch.as_tensor(rows.astype(np.float64), device=device)
+    if rows.dtype.kind in "biu":
+        return torch.as_tensor(rows.astype(np.int64), device=device)
+    # Anything else (object columns: strings, None, mixed types): one integer key per distinct
+    # row, by Python equality as numpy's == on objects (rows holding a float NaN match nothing).
     keys, ids = {}, []
     for i, row in enumerate(rows):
         values = tuple(row.tolist())
@@ -832,6 +870,9 @@ def _reference_loss_forward(module, handle, original, clip_model, images, texts,
     mode = getattr(module.args, "apply_gnn_encoders", None)
     if mode not in ("vision", "text", "both"):
         handle._count("fallback reference-ace-loss: apply_gnn_encoders not vision/text/both")
+        return original(clip_model, images, texts, merged_df, indices)
+    if _functorch_transform_active(images, *module.parameters(), *clip_model.parameters()):
+        handle._count("fallback reference-ace-loss: a torch.func transform is active")
         return original(clip_model, images, texts, merged_df, indices)
     device = images.device
     # The same calls into the CLIP model as the reference forward, in the same order
@@ -916,8 +957,10 @@ def _clip_loss_matches(module) -> bool:
 
 def _clip_loss_structure_reason(module) -> str | None:
     cls = _clip_loss_class()
-    if type(module).forward is not cls.forward or type(module).get_logits is not cls.get_logits:
-        return f"{type(module).__name__} changes ClipLoss's forward/get_logits"
+    for name in ("forward", "get_logits", "get_ground_truth"):
+        # The class's methods, and (but for the forward patching installs) none on the instance.
+        if getattr(type(module), name) is not getattr(cls, name) or (name != "forward" and name in vars(module)):
+            return f"{type(module).__name__} changes ClipLoss's {name}"
     return None
 
 
@@ -983,6 +1026,8 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
         reason = "logit_bias given (SigLIP-style bias is not part of label_guided_infonce)"
     if reason is None and (not isinstance(image_features, torch.Tensor) or image_features.dim() != 2):
         reason = "features are not [B, D]"
+    if reason is None and _functorch_transform_active(image_features, text_features, logit_scale):
+        reason = "a torch.func transform is active"
     if reason is not None:
         handle._count(f"fallback open_clip-ClipLoss: {reason}")
         return original(image_features, text_features, logit_scale, logit_bias=logit_bias, output_dict=output_dict)

@@ -317,6 +317,28 @@ def test_peft_hooks_and_autocast():
         assert "qkv cached" not in handle.stats()
     hook.remove()
 
+    # A pre-hook that leaves the input alone but changes the member's own state (as
+    # weight_norm's recomputation does): key must run with that state, not get kept outputs.
+    def bump_lora_b(module, args):
+        with torch.no_grad():
+            module.lora_B["default"].weight.add_(0.5)
+
+    hook = attention.key.register_forward_pre_hook(bump_lora_b)
+    with ace_kernels.patch(model) as handle:
+        attention.query(x)
+        got_k = attention.key(x)
+        assert "qkv cached" not in handle.stats()
+    hook.remove()
+    with torch.no_grad():
+        attention.key.lora_B["default"].weight.sub_(0.5)
+    expected_k = attention.key(x)
+    assert not torch.allclose(got_k, expected_k)  # the hook's change is visible ...
+    with torch.no_grad():
+        attention.key.lora_B["default"].weight.add_(0.5)
+    torch.testing.assert_close(got_k, attention.key(x), **FP64_TOL)  # ... and exactly applied
+    with torch.no_grad():
+        attention.key.lora_B["default"].weight.sub_(0.5)
+
     # Under CPU autocast (bf16) the fused call runs in bf16 like F.linear would.
     model32 = _bert().float().eval()
     embeds = torch.randn(2, 5, 32)
@@ -677,6 +699,95 @@ def test_in_place_change_of_input_invalidates_kept_outputs():
     torch.testing.assert_close(k, attention.k_proj(x), **FP64_TOL)
 
 
+def test_kept_outputs_are_dropped_when_a_member_parameter_changes():
+    """Members called outside their attention's forward keep outputs until the next call: an
+    in-place parameter change in between (an optimizer step) must invalidate them."""
+    model = _bert().eval()
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with ace_kernels.patch(model) as handle:
+        attention.query(x)
+        with torch.no_grad():
+            attention.key.lora_B["default"].weight.add_(1.0)
+        got = attention.key(x)
+        assert "qkv cached" not in handle.stats()
+    torch.testing.assert_close(got, attention.key(x), **FP64_TOL)
+
+
+def test_torch_func_transforms_fall_back():
+    from torch.func import functional_call, grad
+
+    model = _bert().eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, e):
+        return functional_call(model, p, (), {"inputs_embeds": e}).last_hidden_state.square().sum()
+
+    expected = grad(loss)(params, embeds)
+    with ace_kernels.patch(model) as handle:
+        got = grad(loss)(params, embeds)
+        assert any("torch.func transform" in key for key in handle.stats())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **FP64_TOL)
+
+
+def test_undo_keeps_a_replacement_someone_wrapped_working():
+    model = _bert().eval()
+    query = model.base_model.model.encoder.layer[0].attention.self.query
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    expected = _run_bert(model, embeds)
+    handle = ace_kernels.patch(model)
+    inner = query.forward
+    query.forward = lambda x, *a, **k: inner(x, *a, **k)  # wrapped after patching (accelerate's hooks do so)
+    with pytest.warns(RuntimeWarning, match="replaced again"):
+        handle.undo()
+    torch.testing.assert_close(_run_bert(model, embeds), expected, **FP64_TOL)
+    del query.forward
+
+
+def test_patched_model_refuses_pickling_but_deep_copies():
+    import io
+
+    model = _bert().eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    with ace_kernels.patch(model):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            torch.save(model, io.BytesIO())
+        torch.save(model.state_dict(), io.BytesIO())  # the state dict saves while patched
+        expected = _run_bert(model, embeds)
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(_run_bert(clone, embeds), expected, rtol=0, atol=0)
+        with torch.no_grad():  # the copy computes with its own weights
+            for p in clone.parameters():
+                p.mul_(0.5)
+        assert not torch.allclose(_run_bert(clone, embeds), expected)
+        torch.testing.assert_close(_run_bert(model, embeds), expected, rtol=0, atol=0)
+
+
+def test_reference_labels_compare_as_numpys_equality():
+    """Label cells compare as the reference's numpy == does: None equals None, "1" is not 1,
+    int64 above 2**53 stays exact, a NaN matches nothing."""
+    torch.manual_seed(0)
+    loss_module = ReferenceCLIPLoss(logit_scale=12.0).double()
+    image = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    frames = [
+        np.array([[0, 0, None, 1], [1, 0, None, 1], [2, 0, 1, 0], [3, 0, None, 0]], dtype=object),
+        np.array([[0, 0, "1", 0], [1, 0, 1, 0], [2, 0, 1.0, 1], [3, 0, "0", 1]], dtype=object),
+        np.array([[0, 0, 2**53], [1, 0, 2**53 + 1], [2, 0, 5], [3, 0, 6]], dtype=np.int64),
+        np.array([[0, 0, np.nan, 1], [1, 0, np.nan, 1], [2, 0, 1, 0], [3, 0, 0, 0]]),
+        np.array([[0, 0, True], [1, 0, False], [2, 0, True], [3, 0, True]]),
+    ]
+    for table in frames:
+        frame = FakeFrame(table)
+        expected = loss_module(image, text, frame, [0, 1, 2, 3])
+        with ace_kernels.patch(loss_module) as handle:
+            got = loss_module(image, text, frame, [0, 1, 2, 3])
+            assert handle.stats() == {"label_guided_infonce": 1}
+        torch.testing.assert_close(got, expected, **FP64_TOL)
+
+
 def test_reference_clip_loss_and_nan_guard():
     torch.manual_seed(10)
     loss_module = ReferenceCLIPLoss(logit_scale=12.0).double()
@@ -744,6 +855,15 @@ def test_open_clip_clip_loss():
         record = handle.records[0]
         assert record.status == "fallback" and "world_size=2" in record.reason and "local_loss=True" in record.reason
     # A subclass with its own forward is not ClipLoss's computation.
+    class ShiftedTargets(open_clip_loss.ClipLoss):  # only the targets change: never patched
+        def get_ground_truth(self, device, num_logits):
+            return (torch.arange(num_logits, device=device) + 1) % num_logits
+
+    shifted = ShiftedTargets()
+    with ace_kernels.patch(shifted) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "ShiftedTargets changes ClipLoss's get_ground_truth")]
+        torch.testing.assert_close(shifted(image, text, 7.0), ShiftedTargets()(image, text, 7.0), rtol=0, atol=0)
     coca = open_clip_loss.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)
     with ace_kernels.patch(coca) as handle:
         assert handle.records[0].status == "skipped" and "CoCaLoss" in handle.records[0].reason
