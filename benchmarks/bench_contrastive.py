@@ -13,9 +13,11 @@ reference; B=65536 at 50% of the measured bf16 matmul rate (8 B^2 D FLOPs) with
 at most 64 MiB beyond inputs and gradients; a one-call probe at B=1,000,000.
 
 Correctness on the timed inputs: at B=8192 every provider against the dense reference
-(``rel_err_vs_baseline``: the largest relative error of the loss and the three
-gradients), and the ``inf_cl`` and ``open_clip.ClipLoss`` rows against our loss without
-labels (``rel_err_vs_ours``; neither has a label mask). Past B=46,341, B^2 no longer fits
+(``rel_err_vs_reference``: the largest relative error of the loss and the three
+gradients; the same value on each of a provider's rows, whichever baseline the row is
+timed against), without labels against ``open_clip.ClipLoss`` when it is installed
+(``rel_err_vs_open_clip.ClipLoss``), and the ``inf_cl`` and ``open_clip.ClipLoss`` rows against our
+loss without labels (``rel_err_vs_ours``; neither has a label mask). Past B=46,341, B^2 no longer fits
 an int32 (the classic overflow of flat pair indices), so the GPU sizes get their own
 checks: at B=65,536 each fused provider against the torch backend's chunked path on fp32
 copies of the inputs (``rel_err_vs_fp32_chunked``, per part ``parts_rel_err_vs_fp32_chunked``);
@@ -176,14 +178,17 @@ def run(suite) -> None:
         entries = []
         reference_fn = None
         reference_dtype = None
+        reference_name = None  # what our rows' rel_err_vs_<name> compares with
         comparisons = {}  # baseline label -> its loss function, compared with ours without labels
         if config["reference"]:
             def reference_fn(u, t, s):
                 return baselines.reference_label_guided_infonce(u, t, s, labels)
 
+            reference_name = "reference"
             entries.append(("reference", lambda: reference_fn(image, text, scale).backward(), leaves))
         if config.get("fp32_check") and suite.is_gpu:
             reference_fn, reference_dtype = _torch_fp32_chunked(labels), torch.float32
+            reference_name = "fp32_chunked"
         if config["clip"]:
             try:
                 clip_loss = baselines.open_clip_loss()
@@ -193,6 +198,7 @@ def run(suite) -> None:
                 def reference_fn(u, t, s):
                     return clip_loss(u, t, s)
 
+                reference_name = "open_clip.ClipLoss"
                 comparisons["open_clip.ClipLoss"] = reference_fn
                 entries.append(("open_clip.ClipLoss", lambda: clip_loss(image, text, scale).backward(), leaves))
                 entry = suite.compiled_entry("open_clip.ClipLoss", lambda: clip_loss(image, text, scale),
@@ -207,25 +213,27 @@ def run(suite) -> None:
                 comparisons["inf_cl"] = inf_cl_loss
 
         checked = {}
+        providers = []
         for provider in suite.providers:
             if (probe or batch > 8192) and suite.is_gpu and provider == "torch":
                 suite.skip(f"torch at {shape_text}", "the GPU targets at this size are the fused kernels'")
                 continue
+            check = None
             if reference_fn is not None:
                 def check(provider=provider):
                     checked[provider] = _check(provider, image, text, scale, labels, reference_fn, reference_dtype)
-
-                if not suite.provider_can_run(provider, check):
-                    continue
 
             def step(provider=provider):
                 ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider).backward()
 
             if probe:
                 step = _probe_step(image, text, scale, labels, provider, leaves)
-            entries.append((provider, step, leaves))
+            providers.append((provider, check, step, leaves))
 
-        measured = suite.measure_group(entries, single_call=probe)
+        # On a GPU each provider is checked and measured before the next (suite.measure_checked),
+        # and the checks after the measurement catch their own errors: a fault loses only what
+        # comes after it, and the rows measured before it are still added.
+        measured = suite.measure_checked(entries, providers, single_call=probe)
         reference_cache: dict = {}  # the probe's chunked forward, computed once for every provider
         baseline_errors = _baseline_errors(suite, comparisons, measured, image, text, scale, shape_text)
         base_results, ours = {}, {}
@@ -234,7 +242,7 @@ def run(suite) -> None:
             if name in suite.providers:
                 if name in checked:
                     parts = checked[name]
-                    key = "rel_err_vs_fp32_chunked" if reference_dtype is not None else "rel_err_vs_baseline"
+                    key = f"rel_err_vs_{reference_name}"
                     metrics[key] = max(parts.values())
                     if reference_dtype is not None:
                         metrics["parts_rel_err_vs_fp32_chunked"] = parts
@@ -242,8 +250,8 @@ def run(suite) -> None:
                             suite.log(f"  WARNING: {name} at {shape_text}: relative error {metrics[key]:.3g} against "
                                       "the fp32 chunked reference (bf16 operands: expect under 1e-2)")
                 if probe:
-                    metrics.update(_probe_correctness(suite, step_results.get(name), image, text, scale, labels,
-                                                      shape_text, reference_cache))
+                    metrics.update(_probe_correctness(suite, name, step_results.get(name), image, text, scale,
+                                                      labels, shape_text, reference_cache))
                 ours[name] = (meas, metrics)
             else:
                 if name == "inf_cl":
@@ -252,10 +260,9 @@ def run(suite) -> None:
                 base_results[name] = (meas, metrics)
         suite.add_rows(family=FAMILY, op="label_guided_infonce", shape=shape_text, dtype=dtype, ours=ours,
                        baselines=base_results, targets=_targets(suite, config))
-        del image, text, scale, labels, leaves, entries
+        del image, text, scale, labels, leaves, entries, providers
         step_results.clear()
-        if suite.is_gpu:
-            torch.cuda.empty_cache()
+        suite.release_cuda_memory()
 
 
 # The 1M probe's step keeps the loss and whether the gradients were finite (device tensors: no
@@ -276,12 +283,22 @@ def _probe_step(image, text, scale, labels, provider, leaves):
     return step
 
 
-def _probe_correctness(suite, result, image, text, scale, labels, shape_text, cache: dict) -> dict:
+def _probe_correctness(suite, provider, result, image, text, scale, labels, shape_text, cache: dict) -> dict:
     """At the probe size: finiteness of the timed call's loss and gradients, and its loss against
-    the chunked fp32 forward (computed once, kept in ``cache``) when that fits the time left."""
+    the chunked fp32 forward (computed once, kept in ``cache``) when that fits the time left.
+
+    Never raises: reading the results back is where an asynchronous fault of the timed call
+    shows; it is recorded (``check_note``; a fault marks the CUDA context lost) and the row kept."""
     if result is None:
         return {"finite": None}
-    metrics = {"finite": bool(result["finite"].item()), "loss": float(result["loss"].item())}
+    if suite.cuda_lost is not None:
+        return {"finite": None, "check_note": "not read back: the CUDA context was lost"}
+    try:
+        metrics = {"finite": bool(result["finite"].item()), "loss": float(result["loss"].item())}
+    except Exception as exc:
+        note = harness.describe_error(exc, 200)
+        suite.skip(f"the finiteness check of {provider} at {shape_text}", note)
+        return {"finite": None, "check_note": note}
     if not metrics["finite"]:
         suite.log(f"  WARNING: non-finite loss or gradients at {shape_text}")
     if not cache:
@@ -296,6 +313,8 @@ def _probe_correctness(suite, result, image, text, scale, labels, shape_text, ca
                 cache["note"] = f"no chunked fp32 forward: {exc}"
             except Exception as exc:
                 cache["note"] = f"chunked fp32 forward failed: {harness.describe_error(exc, 200)}"
+                if harness.is_fatal_cuda_error(cache["note"]):
+                    suite.skip(f"the chunked fp32 forward at {shape_text}", cache["note"])
         cache["seconds"] = round(time.monotonic() - started, 1)
     if "loss" not in cache:
         metrics["reference_note"] = cache["note"]
@@ -313,14 +332,18 @@ def _baseline_errors(suite, comparisons, measured, image, text, scale, shape_tex
     """``rel_err_vs_ours`` for the unmasked baselines (inf_cl, ClipLoss): their loss and
     gradients against our loss without labels, from the fastest of our measured providers."""
     ours = [p for p in sorted(suite.providers, key=lambda p: (p == "torch", p)) if p in measured]
-    if not comparisons or not ours:
+    if not comparisons or not ours or suite.cuda_lost is not None:
         return {}
     provider = ours[0]
     try:
         mine = _loss_and_grads(lambda u, t, s: ace_kernels.label_guided_infonce(u, t, s, None, backend=provider),
                                image, text, scale)
     except Exception as exc:
-        suite.log(f"  (no baseline comparison at {shape_text}: {harness.describe_error(exc)})")
+        note = harness.describe_error(exc)
+        if harness.is_fatal_cuda_error(note):
+            suite.skip(f"the baseline comparison at {shape_text}", note)  # marks the CUDA context lost
+        else:
+            suite.log(f"  (no baseline comparison at {shape_text}: {note})")
         return {}
     found = {}
     for name, fn in comparisons.items():
@@ -330,6 +353,9 @@ def _baseline_errors(suite, comparisons, measured, image, text, scale, shape_tex
             parts = _rel_errors(_loss_and_grads(fn, image, text, scale), mine)
         except Exception as exc:
             found[name] = {"rel_err_note": f"not compared: {harness.describe_error(exc, 200)}"}
+            if harness.is_fatal_cuda_error(found[name]["rel_err_note"]):
+                suite.skip(f"the {name} comparison at {shape_text}", found[name]["rel_err_note"])
+                break
             continue
         found[name] = {"rel_err_vs_ours": max(parts.values()), "parts_rel_err_vs_ours": parts,
                        "ours_compared": f"{provider}, without labels"}

@@ -99,6 +99,9 @@ def run(suite) -> None:
     generator = torch.Generator(device=device).manual_seed(1)
     for shape in _shapes(suite):
         b, n, d, k, hidden = shape["b"], shape["n"], shape["d"], shape["k"], shape["hidden"]
+        if suite.cuda_lost is not None:  # the inputs below are CUDA calls too
+            suite.out_of_time(f"ace_hypergraph B={b} N={n}")
+            return
         x, cls_attn, edge, node = _inputs(shape, dtype, device, generator)
         leaves = [x, cls_attn, *edge, *node]
         for cls_only in (True, False):
@@ -122,22 +125,22 @@ def run(suite) -> None:
             if entry is not None:
                 entries.append(entry)
             checked = {}
+            providers = []
             for provider in _providers(suite):
                 def probe(provider=provider):
                     checked[provider] = _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out)
-
-                if not suite.provider_can_run(provider, probe):
-                    continue
 
                 def step(provider=provider):
                     backend, deterministic = _backend(provider)
                     ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=k, cls_only=cls_only, backend=backend,
                                                deterministic=deterministic).backward(grad_out)
 
-                entries.append((provider, step, leaves))
+                providers.append((provider, probe, step, leaves))
 
+            # On a GPU each provider is checked and measured before the next (suite.measure_checked):
+            # a fault in one loses only the providers after it.
             base_results, ours = {}, {}
-            for name, meas in suite.measure_group(entries).items():
+            for name, meas in suite.measure_checked(entries, providers).items():
                 metrics = metrics_for(meas)
                 if name in checked:
                     metrics["rel_err_vs_reference"] = checked[name]
@@ -147,5 +150,4 @@ def run(suite) -> None:
             suite.add_rows(family=FAMILY, op="ace_hypergraph", shape=shape_text, dtype=dtype, ours=ours,
                            baselines=base_results, targets=_targets(suite, shape, cls_only))
         del x, cls_attn, edge, node, leaves
-        if suite.is_gpu:
-            torch.cuda.empty_cache()
+        suite.release_cuda_memory()

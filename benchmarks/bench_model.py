@@ -53,7 +53,7 @@ import time
 import torch
 
 import ace_kernels
-from benchmarks import baselines
+from benchmarks import baselines, harness
 from benchmarks.harness import MIB, Measurement, Target, describe_error
 
 FAMILY = "model"
@@ -134,7 +134,7 @@ def run(suite) -> None:
             _run_max_batch(suite, model)
     model = None
     built.clear()
-    if suite.is_gpu:
+    if suite.is_gpu and suite.cuda_lost is None:  # after a fault every CUDA call raises
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -419,7 +419,9 @@ def _largest_batch(try_step, free_bytes, seconds: float, log=print) -> dict:
     def attempt(batch: int) -> bool:
         if tries and time.monotonic() + 1.5 * seconds_per_sample[0] * batch > deadline:
             raise _SearchStopped(f"the next try (B={batch}) would pass the {seconds:.0f} s limit")
+        trying[:] = [batch]
         fits, ms, peak = try_step(batch)
+        trying.clear()
         tries.append([batch, "fits" if fits else "oom", round(ms / 1e3, 2)])
         log(f"    B={batch}: {'fits' if fits else 'out of memory'} ({ms / 1e3:.1f} s, peak {peak:.0f} MiB)")
         if fits:
@@ -429,6 +431,7 @@ def _largest_batch(try_step, free_bytes, seconds: float, log=print) -> dict:
         return fits
 
     complete, note = True, None
+    trying: list[int] = []  # the batch whose try is running (for the note when it raises)
     try:
         if not attempt(64):
             raise _SearchStopped("B=64 does not fit")
@@ -459,8 +462,12 @@ def _largest_batch(try_step, free_bytes, seconds: float, log=print) -> dict:
             note = f"reached the cap B={MAX_BATCH_CAP}"
     except _SearchStopped as exc:
         complete, note = False, str(exc)
-    except Exception as exc:  # an op that cannot run at some size: say so, keep what was found
+    except Exception as exc:  # an op that cannot run at some size (or a fault): say so, keep what was found
         complete, note = False, describe_error(exc, limit=200)
+        if trying:
+            what = "fault" if harness.is_fatal_cuda_error(note) else "error"
+            tries.append([trying[0], what, None])
+            note = f"{what} at B={trying[0]}: {note}"
     fitted = best.get("batch")
     failed = [b for b, outcome, _ in tries if outcome == "oom" and (fitted is None or b > fitted)]
     return {"max_batch": fitted, "ms": best.get("ms"), "peak": best.get("peak"),
@@ -502,35 +509,50 @@ def _run_max_batch(suite, model) -> None:
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(suite.device)[0]
 
+    def metrics_for(result):
+        return {"max_batch": result["max_batch"], "first_oom": result["first_oom"],
+                "search_complete": result["complete"], "search_note": result["note"], "tries": result["tries"]}
+
+    def faulted(result) -> bool:
+        """Whether the search ended in a fault that lost this process's CUDA context; if so the
+        suite is told (``cuda_lost``: every later item of this process is skipped)."""
+        if not (result["note"] and harness.is_fatal_cuda_error(result["note"])):
+            return False
+        if suite.cuda_lost is None:
+            suite.skip("ace_lora_max_batch (the rest)", result["note"])
+        return True
+
+    # Each search's row is written as soon as it ends, so a fault in the next one costs no rows.
     try:
         budget = min(MAX_BATCH_SEARCH_S, max(10.0, (suite.seconds_left() - 5) / 2))
         print("  reference-ops:")
         reference = _largest_batch(lambda b: _try_step(suite, model, b, None), free_bytes, budget, suite.log)
+        if reference["max_batch"] is None:
+            suite.skip("ace_lora_max_batch reference-ops", reference["note"] or "nothing fitted")
+            return
+        suite.add_plain_row(family=FAMILY, op="ace_lora_max_batch", shape=shape_text, dtype="bf16-autocast",
+                            provider="reference-ops", measurement=Measurement(reference["ms"], reference["peak"], 1),
+                            metrics=metrics_for(reference), mode="fwd+bwd")
+        if faulted(reference):
+            return
+        suite.release_cuda_memory()
         ours, provider = None, None
         for candidate in order:
             budget = min(MAX_BATCH_SEARCH_S, max(10.0, suite.seconds_left() - 5))
             print(f"  {candidate}:")
             result = _largest_batch(lambda b, c=candidate: _try_step(suite, model, b, c), free_bytes, budget,
                                     suite.log)
-            gc.collect()
-            torch.cuda.empty_cache()
             if result["max_batch"] is not None:
                 ours, provider = result, candidate
                 break
             suite.skip(f"ace_lora_max_batch {candidate}", result["note"] or "nothing fitted")
+            if faulted(result):
+                return
+            suite.release_cuda_memory()
+            if suite.cuda_lost is not None:
+                return
     finally:
         model.backend = "auto"
-    if reference["max_batch"] is None:
-        suite.skip("ace_lora_max_batch reference-ops", reference["note"] or "nothing fitted")
-        return
-
-    def metrics_for(result):
-        return {"max_batch": result["max_batch"], "first_oom": result["first_oom"],
-                "search_complete": result["complete"], "search_note": result["note"], "tries": result["tries"]}
-
-    suite.add_plain_row(family=FAMILY, op="ace_lora_max_batch", shape=shape_text, dtype="bf16-autocast",
-                        provider="reference-ops", measurement=Measurement(reference["ms"], reference["peak"], 1),
-                        metrics=metrics_for(reference), mode="fwd+bwd")
     if ours is None:
         return
     metrics = metrics_for(ours)
@@ -539,6 +561,8 @@ def _run_max_batch(suite, model) -> None:
                         provider=provider, measurement=Measurement(ours["ms"], ours["peak"], 1), metrics=metrics,
                         mode="fwd+bwd", baseline="reference-ops",
                         targets=[Target("metric_min:max_batch_ratio", 3.0, "max batch>=3x")])
+    if not faulted(ours):
+        suite.release_cuda_memory()
 
 
 def _peft_towers(suite):

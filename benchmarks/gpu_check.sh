@@ -20,8 +20,11 @@
 #   1. carried wheels in .whl/ installed into /tmp/site (PYTHONPATH), if any       (cap 60 s)
 #   2. the CUDA extension built in place for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16;
 #      3 source files), CUDA_HOME (when unset) from the nvcc on PATH (`command -v nvcc`, the
-#      install it runs from), else /usr/local/cuda, and `nvcc --version` in build.log; skipped when ace_kernels/_C*.so for this python is newer than csrc/ and
-#      setup.py and imports (a second call on a still-warm machine)                  (cap 120 s)
+#      install it runs from), else /usr/local/cuda, and `nvcc --version` in build.log; skipped
+#      when ace_kernels/_C*.so for this python imports and was built from these very sources:
+#      after a good build the sha256 of csrc/ and setup.py goes to build/<the .so's name>.sources.sha256
+#      (build/ is git-ignored and stays on a warm machine; mtimes would not do, the tree is copied
+#      afresh for every call) and a later call compares it (a second call on a warm machine) (cap 120 s)
 #   3. python3 -m ace_kernels.info                                                  (cap 30 s)
 #   4. the GPU tests: first pytest -m gpu (the GPU-only tests, bf16 among them), then
 #      -m "triton and not gpu", test_compile.py last; collection errors of modules that need
@@ -29,12 +32,15 @@
 #   5. the benchmark suite on the GPU shapes (all the time left): one process per family, each
 #      appending to one JSON (a GPU fault or a hang loses only that family), the JSON rewritten
 #      after every configuration, what no longer fits the time left skipped with the reason;
-#      the suite gets --hard-limit (the stage's timeout) and derives its own budget from it
-#      (45 s before the kill above 135 s, two thirds of the limit at or under it). The PNG is
-#      drawn from the JSON even when the suite itself was cut off.
-# With the build and the tests at their caps (the wheels and info take seconds) the suite stage
-# still gets ~290 s (its budget ~245 s); with a typical build (~60-90 s), ~320-350 s. The Triton
-# kernels the tests compile stay in the cache, so the suite does not compile them again.
+#      the suite gets --hard-deadline (the stage's kill time, seconds since the epoch, so its own
+#      start-up counts) and derives its own budget from it (45 s before the kill above 135 s, two
+#      thirds of the time left at or under it). The PNG is drawn from the JSON even when the suite
+#      itself was cut off. On `timeout`'s SIGTERM the suite kills its family's process first (and
+#      that process dies with the suite on SIGKILL), so nothing of the run outlives the stage.
+# With the build and the tests at their caps the suite stage gets 540 - (~5 start, wheels and
+# nvidia-smi + 120 build + ~8 info + 100 tests + ~5 between stages) - 21 (RESERVE and the 1 s
+# under it) = ~280 s, its budget ~235 s (grace 35 s); with a typical build (~60-90 s), ~310-340 s.
+# The Triton kernels the tests compile stay in the cache, so the suite does not compile them again.
 # Files back (at most 8): gpu_check.log, build.log, info.txt, tests.log, bench.log,
 # <device>-<date>.json and .png, dispatch_order.json (the measured backend order of
 # backend="auto" on this card; only written when the run timed two backends at one shape).
@@ -142,11 +148,18 @@ fi
 # 2. the CUDA extension, in place (ace_kernels/_C*.so), for Hopper
 BUILD_LOG=$OUT/build.log
 : >"$BUILD_LOG"
-EXT=$($PY -c 'import sysconfig; print("ace_kernels/_C" + sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+EXT=$(timeout 60 $PY -c 'import sysconfig; print("ace_kernels/_C" + sysconfig.get_config_var("EXT_SUFFIX"))' \
+    2>/dev/null)
+# The sources' fingerprint, stored after a good build beside the build tree (git ignores build/).
+STAMP=build/$(basename "${EXT:-_C}").sources.sha256
+sources_sha256() {
+    find csrc setup.py -type f -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum |
+        cut -d' ' -f1
+}
 extension_current() {
-    [ -n "$EXT" ] && [ -f "$EXT" ] || return 1
-    [ -z "$(find csrc setup.py -type f -newer "$EXT" 2>/dev/null | head -n 1)" ] || return 1
-    $PY -c "import ace_kernels._C" >/dev/null 2>&1
+    [ -n "$EXT" ] && [ -f "$EXT" ] && [ -f "$STAMP" ] || return 1
+    [ "$(cat "$STAMP")" = "$(sources_sha256)" ] || return 1
+    timeout 60 $PY -c "import ace_kernels._C" >/dev/null 2>&1
 }
 cuda_home_from_nvcc() {
     local nvcc top
@@ -163,7 +176,8 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
 elif [ -z "$(find csrc \( -name '*.cu' -o -name '*.cpp' \) 2>/dev/null | head -n 1)" ]; then
     say "stage build: no CUDA sources under csrc/"
 elif [ "${GPU_CHECK_FORCE_BUILD:-0}" != 1 ] && extension_current; then
-    say "stage build: skipped ($EXT is newer than csrc/ and setup.py and imports; GPU_CHECK_FORCE_BUILD=1 rebuilds)"
+    say "stage build: skipped ($EXT imports and was built from these csrc/ and setup.py, sha256 in $STAMP;" \
+        "GPU_CHECK_FORCE_BUILD=1 rebuilds)"
 else
     # CUDA_HOME: the variable, else where the nvcc on PATH really lives (its own TOP, which also
     # sees through wrapper scripts and links such as /usr/local/bin/nvcc), else /usr/local/cuda.
@@ -175,8 +189,15 @@ else
     { echo "CUDA_HOME=$CUDA_HOME"; "$CUDA_HOME/bin/nvcc" --version 2>&1 || echo "no nvcc at $CUDA_HOME/bin/nvcc"; } \
         >>"$BUILD_LOG"
     say "CUDA_HOME=$CUDA_HOME ($(grep -o 'release [0-9.]*' "$BUILD_LOG" | head -n 1 || true))"
-    run_stage build 120 "$BUILD_LOG" env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 ACE_KERNELS_FORCE_CUDA=1 \
-        $PY setup.py build_ext --inplace
+    rm -f "$STAMP"  # a failed build must not leave an older build's stamp behind
+    if run_stage build 120 "$BUILD_LOG" env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 ACE_KERNELS_FORCE_CUDA=1 \
+        $PY setup.py build_ext --inplace; then
+        if [ -n "$EXT" ] && [ -f "$EXT" ] && timeout 60 $PY -c "import ace_kernels._C" >>"$BUILD_LOG" 2>&1; then
+            mkdir -p build && sources_sha256 >"$STAMP" && say "build: sources sha256 $(cat "$STAMP") in $STAMP"
+        else
+            say "build: $EXT missing or not importable after the build; no stamp written"
+        fi
+    fi
     # ptxas register / spill report of the build, for the log reader
     grep -E "registers|spill|error" "$BUILD_LOG" | tail -n 40 >>"$LOG"
 fi
@@ -211,7 +232,7 @@ fi
 # 5. the benchmark suite
 BENCH_LOG=$OUT/bench.log
 : >"$BENCH_LOG"
-STEM=$($PY - <<'EOF' 2>>"$BENCH_LOG"
+STEM=$(timeout 60 $PY - <<'EOF' 2>>"$BENCH_LOG"
 import datetime, torch
 from benchmarks.harness import device_slug
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,9 +245,11 @@ BENCH_ARGS=(--out-dir "$OUT" --name "$STEM" --no-plot --tier "$TIER")
 for family in ${GPU_CHECK_ONLY:-}; do BENCH_ARGS+=(--only "$family"); done
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && BENCH_ARGS+=(--compile-baselines on)
 # The stage's kill time goes to the suite, which stops starting configurations in time for the
-# one in progress to finish (benchmarks/suite.py: budget_for_hard_limit).
+# one in progress to finish (benchmarks/suite.py: budget_for_hard_limit). As an absolute time:
+# the interpreter's and torch's start-up (seconds) then count against the suite's budget.
 BENCH_LIMIT=$(($(left) - RESERVE - 1))  # 1 s under run_stage's own limit, computed a moment later
-BENCH_ARGS+=(--hard-limit "$BENCH_LIMIT")
+BENCH_DEADLINE=$(($(date +%s) + BENCH_LIMIT))
+BENCH_ARGS+=(--hard-deadline "$BENCH_DEADLINE")
 run_stage bench "$BENCH_LIMIT" "$BENCH_LOG" $PY -m benchmarks "${BENCH_ARGS[@]}"
 # The suite's header and table (the end of its output) in the main log.
 grep -m 1 "^providers:" "$BENCH_LOG" >>"$LOG"

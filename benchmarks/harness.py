@@ -382,9 +382,10 @@ def time_interleaved(entries: Sequence[tuple[Callable[[], Any], Sequence[torch.T
 
 
 def cuda_rep_ms(estimate_ms: float, max_seconds: float) -> float:
-    """do_bench's repetition time (ms): about 20 calls (at least 100 ms), at most ``max_seconds``
-    of timed calls; half a call more, since do_bench truncates ``rep / its own estimate`` (a 250 ms
-    step under a 2 s cap gets 8 timed calls, not 7, when its estimate comes out a little higher)."""
+    """do_bench's repetition time (ms): at least 100 ms of timed calls (about 20 calls for calls
+    of 5 ms and longer, many more for short ones: 10,000 of a 10 us call), at most ``max_seconds``
+    of them; half a call more, since do_bench truncates ``rep / its own estimate`` (a 250 ms step
+    under a 2 s cap gets 8 timed calls, not 7, when its estimate comes out a little higher)."""
     return min(max(100.0, 20 * estimate_ms), max_seconds * 1e3) + 0.5 * estimate_ms
 
 

@@ -9,16 +9,20 @@ Each family runs in a process of its own (``--in-process``: all in this one), on
 after the other, each appending its rows to the same JSON file: a GPU fault (an
 illegal memory access poisons the CUDA context for the rest of the process) or a
 hang then costs only that family. On a GPU the card's ceilings (copy bandwidth,
-bf16 matmul rate) are measured once, by the first process (family ``device``), and
-reach the later ones through the JSON file (``run.calibration``). Each process gets
-what is left of ``--time-budget`` and is killed ``--family-grace`` seconds after it
-(or after ``--family-idle-timeout`` seconds without output); the rows it saved stay.
+bf16 matmul rate) are measured once, by the first process (family ``device``; not with
+``--tier costly``, whose items use no rates), and reach the later ones through the JSON file
+(``run.calibration``). Each process gets what is left of ``--time-budget`` and is killed
+``--family-grace`` seconds after it (or after ``--family-idle-timeout`` seconds without output);
+the rows it saved stay. A family's process is in a process group of its own: on SIGTERM/SIGINT
+this process kills that group, then writes the JSON and the table and exits; if this process is
+killed outright, the family's process dies with it (``PR_SET_PDEATHSIG``, benchmarks/__main__.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import os
 import signal
@@ -35,6 +39,7 @@ from benchmarks import harness
 from benchmarks.harness import Environment, Measurement, Row, Target
 
 FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training")
+RATE_FAMILIES = ("lora", "hypergraph", "contrastive")  # the families whose rows use the card's rates (family device)
 WORKER_FAMILIES = ("device",) + FAMILIES  # "device": the card's ceilings, first on a GPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --tier: "costly" items are the long GPU measurements (largest-batch search, B=16,384 chunked
@@ -211,6 +216,44 @@ class Suite:
                      f"peak {peaks[label]:.4g} MiB")
         self.log(f"  ({time.monotonic() - start:.1f} s for {len(alive)} entries)")
         return results
+
+    def measure_checked(self, baselines: Sequence[tuple[str, Callable[[], Any], Sequence[torch.Tensor]]],
+                        providers: Sequence[tuple[str, Callable[[], Any] | None, Callable[[], Any],
+                                                  Sequence[torch.Tensor]]],
+                        single_call: bool = False) -> dict[str, Measurement]:
+        """Measure one configuration: its ``baselines`` (``measure_group`` entries) and each of
+        ``providers`` (``(label, check, step, grads)``) whose ``check`` (None: none) passes.
+
+        On a GPU the baselines are measured first, then each provider is checked and measured
+        before the next one is checked, in the order given (the least proven last): a fault (it
+        loses the process's CUDA context) then costs only the providers after it, and what was
+        measured before it still becomes rows. On the CPU, where nothing loses a context, every
+        check runs first and then all entries are timed together (interleaved, ``measure_group``).
+        """
+        if not (single_call or self.is_gpu):
+            alive = [(label, step, grads) for label, check, step, grads in providers
+                     if check is None or self.provider_can_run(label, check)]
+            return self.measure_group(list(baselines) + alive)
+        results = self.measure_group(baselines, single_call=single_call) if baselines else {}
+        for label, check, step, grads in providers:
+            if self.cuda_lost is not None:
+                self.out_of_time(label)  # logs why it is skipped
+                continue
+            if check is not None and not self.provider_can_run(label, check):
+                continue
+            results.update(self.measure_group([(label, step, grads)], single_call=single_call))
+        return results
+
+    def release_cuda_memory(self) -> None:
+        """``gc`` and ``torch.cuda.empty_cache()`` between configurations on a GPU; nothing once
+        the context is lost (every CUDA call then raises). A fault it reveals is recorded."""
+        if not self.is_gpu or self.cuda_lost is not None:
+            return
+        gc.collect()
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            self.skip("releasing CUDA memory", harness.describe_error(exc))
 
     def compiled_entry(self, label: str, forward: Callable[[], Any], finish: Callable[[Any], Any],
                        grads: Sequence[torch.Tensor]):
@@ -411,8 +454,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which remaining configurations are skipped")
     parser.add_argument("--hard-limit", type=float, default=None,
-                        help="seconds after which this run is killed from outside (gpu_check.sh's stage timeout): "
-                             "--time-budget and --family-grace are derived from it (see budget_for_hard_limit)")
+                        help="seconds (from this process's start, torch's import aside) after which this run is "
+                             "killed from outside: --time-budget and --family-grace are derived from it (see "
+                             "budget_for_hard_limit)")
+    parser.add_argument("--hard-deadline", type=float, default=None,
+                        help="the same as an absolute time (seconds since the epoch, `date +%%s`) at which this run is "
+                             "killed from outside: gpu_check.sh passes its stage's kill time, so the time the "
+                             "interpreter and torch take to start counts against it")
     parser.add_argument("--max-seconds-per-call", type=float, default=None,
                         help="timing budget of one measurement (default 20 s on CPU, 2 s on GPU, 2 s with --quick)")
     parser.add_argument("--in-process", action="store_true",
@@ -447,6 +495,30 @@ def budget_for_hard_limit(limit_s: float) -> tuple[float, float]:
     margin = limit_s - budget
     grace = margin - 10.0 if margin > 20.0 else margin / 2.0
     return budget, grace
+
+
+def run_budget(args, now: float | None = None) -> tuple[float | None, float | None]:
+    """(time budget, family grace) of a run from its arguments, ``now`` (``time.time()``) when the
+    budget starts: ``--time-budget``/``--family-grace``, capped by what ``--hard-limit`` (seconds
+    from now) and ``--hard-deadline`` (an absolute kill time: the start-up so far already counts
+    against it) allow, the nearer of the two kills deciding (``budget_for_hard_limit``)."""
+    now = time.time() if now is None else now
+    time_budget, grace = args.time_budget, args.family_grace
+    limits = [limit for limit in (args.hard_limit, None if args.hard_deadline is None else args.hard_deadline - now)
+              if limit is not None]
+    if limits:
+        derived_budget, derived_grace = budget_for_hard_limit(min(limits))
+        time_budget = derived_budget if time_budget is None else min(time_budget, derived_budget)
+        grace = derived_grace if grace is None else min(grace, derived_grace)
+    return time_budget, grace
+
+
+def run_stages(families: Sequence[str], *, is_gpu: bool, tier: str) -> list[str]:
+    """The processes of a run, in order: on a GPU first ``device`` (the card's ceilings), but only
+    when a family whose rows use them (``RATE_FAMILIES``) runs cheap items, i.e. not with
+    ``--tier costly`` (its items, the largest-batch search and chunked training, use no rates)."""
+    rated = any(f in RATE_FAMILIES for f in families)
+    return (["device"] if is_gpu and rated and tier != "costly" else []) + list(families)
 
 
 def _tier_skips(suite: Suite, family: str, module, tier: str) -> bool:
@@ -490,11 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     compile_baselines = (args.compile_baselines == "on"
                          or (args.compile_baselines == "auto" and device.type == "cpu" and not args.quick))
-    time_budget, grace = args.time_budget, args.family_grace
-    if args.hard_limit is not None:
-        derived_budget, derived_grace = budget_for_hard_limit(args.hard_limit)
-        time_budget = derived_budget if time_budget is None else min(time_budget, derived_budget)
-        grace = derived_grace if grace is None else min(grace, derived_grace)
+    time_budget, grace = run_budget(args)
     if args.deadline_epoch is not None:  # a family's process: what is left of the run's budget
         time_budget = args.deadline_epoch - time.time()
     grace = DEFAULT_FAMILY_GRACE_S if grace is None else grace
@@ -523,25 +591,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     modules = _modules()
     families = args.only or list(FAMILIES)
-    stages = (["device"] if suite.is_gpu else []) + families
+    stages = run_stages(families, is_gpu=suite.is_gpu, tier=args.tier)
+    if suite.is_gpu and "device" not in stages:
+        suite.log(f"  (family device not run: only the {', '.join(RATE_FAMILIES)} rows use the card's rates, "
+                  f"and {'--tier costly runs none of their items' if args.tier == 'costly' else 'none of them runs'})")
     worker_options = dict(device=device, stem=stem, per_call=per_call, providers=providers,
                           compile_baselines=compile_baselines, grace=grace, idle=idle)
-    for family in stages:
-        if suite.out_of_time(f"family {family}"):
-            continue
-        if family != "device" and _tier_skips(suite, family, modules[family], args.tier):
-            continue
-        if args.in_process:
-            _run_family(suite, family, modules[family])
-            continue
-        suite.save()  # the family's process starts from this file
-        status = _run_family_process(suite, family, args, **worker_options)
-        if os.path.exists(json_path):
-            suite.load_state(json_path)
-        suite.family_status[family] = status
-        if status["outcome"] != "ok":
-            suite.skip(f"family {family}", f"lost: its process {status['outcome']} ({status['seconds']:.0f} s in "
-                                            "all); the rows it saved before are kept")
+    terminated = None
+    previous_handlers = {} if args.in_process else _install_termination_handlers()
+    try:
+        for family in stages:
+            if suite.out_of_time(f"family {family}"):
+                continue
+            if family != "device" and _tier_skips(suite, family, modules[family], args.tier):
+                continue
+            if args.in_process:
+                _run_family(suite, family, modules[family])
+                continue
+            suite.save()  # the family's process starts from this file
+            started = time.monotonic()
+            try:
+                status = _run_family_process(suite, family, args, **worker_options)
+            except _Terminated as exc:
+                terminated = exc
+                status = {"outcome": f"was killed: the suite itself got {exc.name}", "rc": None,
+                          "seconds": round(time.monotonic() - started, 1)}
+            if os.path.exists(json_path):
+                suite.load_state(json_path)
+            suite.family_status[family] = status
+            if status["outcome"] != "ok":
+                suite.skip(f"family {family}", f"lost: its process {status['outcome']} ({status['seconds']:.0f} s "
+                                                "in all); the rows it saved before are kept")
+            if terminated is not None:
+                break
+    except _Terminated as exc:  # between two families: no process of this run is left
+        terminated = exc
+    finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+    if terminated is not None:
+        print(f"\n{terminated.name}: the suite stops (its family process was killed with it); the table below "
+              "holds the rows saved so far", flush=True)
 
     suite.save()
     print()
@@ -568,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             print(f"plot: not drawn ({type(exc).__name__}: {exc})")
     print(f"rows: {json_path}")
-    return 0
+    return 0 if terminated is None else 128 + terminated.signum
 
 
 def _worker(args, *, device, json_path, time_budget, per_call, providers, compile_baselines) -> int:
@@ -590,16 +680,21 @@ def _worker(args, *, device, json_path, time_budget, per_call, providers, compil
 
 def _inject_fault(family: str) -> None:
     """Tests of the process isolation: ``ACE_BENCH_FAULT=<family>:crash`` (the process dies as on
-    a GPU fault) or ``<family>:hang`` (it stops printing) in that family's process."""
+    a GPU fault), ``<family>:hang`` (it stops printing) or ``<family>:badbytes`` (it prints a line
+    that is not UTF-8, then runs as usual) in that family's process."""
     fault = os.environ.get("ACE_BENCH_FAULT", "")
     name, _, kind = fault.partition(":")
     if name != family:
         return
-    print(f"  (ACE_BENCH_FAULT: {kind} in family {family})", flush=True)
+    print(f"  (ACE_BENCH_FAULT: {kind} in family {family}, pid {os.getpid()})", flush=True)
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGABRT)
     elif kind == "hang":
         time.sleep(3600)
+    elif kind == "badbytes":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"  (not UTF-8: \xff\xfe\xc3)\n")
+        sys.stdout.buffer.flush()
 
 
 def _worker_command(family: str, args, *, device, stem, per_call, providers, compile_baselines,
@@ -636,10 +731,17 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env[PARENT_PID_VARIABLE] = str(os.getpid())  # the worker dies with this process (benchmarks/__main__.py)
     print(f"\n[family {family}: a process of its own]", flush=True)
     start = time.monotonic()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
+    # Its own process group (so that killing the group spares this process), not its own session:
+    # this process's SIGTERM/SIGINT handler kills that group, and PR_SET_PDEATHSIG (set by the
+    # worker) kills the worker when this process dies of SIGKILL. Output decoded leniently: a
+    # stray byte in a library's message must not kill the reader thread.
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1,
+                            **_own_process_group())
+    _WORKERS.append(proc)
     last_output = [time.monotonic()]
 
     def pump():
@@ -666,6 +768,8 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
         if proc.poll() is None:
             _kill_group(proc)
         proc.wait()
+        if proc in _WORKERS:
+            _WORKERS.remove(proc)
         reader.join(timeout=5)
     seconds = round(time.monotonic() - start, 1)
     rc = proc.returncode
@@ -683,9 +787,51 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
 
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the family's process and its children
+        os.killpg(proc.pid, signal.SIGKILL)  # its own process group: the family's process and its children
     except (ProcessLookupError, PermissionError):
         pass
+
+
+PARENT_PID_VARIABLE = "ACE_BENCH_PARENT_PID"  # read by benchmarks/__main__.py in the family's process
+_WORKERS: list[subprocess.Popen] = []  # the family process running now (killed on SIGTERM/SIGINT)
+
+
+def _own_process_group() -> dict:
+    """Popen keywords that put the child in a process group of its own (its pid), same session."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}
+
+
+class _Terminated(BaseException):
+    """Raised in the suite's process by its SIGTERM/SIGINT handler (after the family's process
+    group was killed), so the suite writes what it has and exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = _signal_name(signum)
+
+
+def _on_termination(signum, frame) -> None:
+    # A second signal while the suite winds up kills it the default way (the worker is gone).
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_DFL)
+    for proc in list(_WORKERS):
+        _kill_group(proc)
+    raise _Terminated(signum)
+
+
+def _install_termination_handlers() -> dict:
+    """SIGTERM (``timeout``'s, which only reaches this process: the family's process is in a group
+    of its own) and SIGINT (Ctrl-C reaches the terminal's foreground group, this process's) kill the
+    family's process group first; the previous handlers are returned, to be put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous[number] = signal.signal(number, _on_termination)
+    return previous
 
 
 def _signal_name(number: int) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -519,7 +520,9 @@ def test_budget_arithmetic():
     from benchmarks.harness import cuda_rep_ms, wall_calls_for
     from benchmarks.suite import budget_for_hard_limit
 
-    assert budget_for_hard_limit(315) == (270, 35)  # the default call's suite stage, build and tests at their caps
+    # The default call's suite stage with the build and the tests at their caps (gpu_check.sh's header):
+    # 540 - (~5 + 120 + ~8 + 100 + ~5) - 21 = ~280 s.
+    assert budget_for_hard_limit(280) == (235, 35)
     budget, grace = budget_for_hard_limit(90)  # a short stage: two thirds, not a fixed 45 s that may not fit
     assert budget == pytest.approx(60) and grace == pytest.approx(20)
     for limit in (12, 30, 60, 90, 120, 135, 136, 200, 500):
@@ -538,7 +541,11 @@ def test_gpu_check_budget_plan_is_in_the_script():
     assert "BUDGET=${GPU_CHECK_BUDGET:-540}" in text and "timeout_s=570" in text
     assert "run_stage build 120 " in text and "run_stage tests 100 " in text
     assert text.index("-m gpu $common") < text.index('-m "triton and not gpu" $common')
-    assert '--hard-limit "$BENCH_LIMIT"' in text and "budget_left_s - 60" in text
+    assert '--hard-deadline "$BENCH_DEADLINE"' in text and "budget_left_s - 60" in text
+    assert "~280 s, its budget ~235 s" in text  # the header's arithmetic (test_budget_arithmetic)
+    assert "STEM=$(timeout 60 $PY - <<'EOF'" in text  # every python call outside a stage is bounded
+    # The build is skipped by the sources' sha256, stored under build/ (git-ignored), not by mtimes.
+    assert "STAMP=build/" in text and "-newer" not in text
     assert "git diff --quiet HEAD || echo +dirty" in text and '"$REPO/.git_sha"' in text
 
 
@@ -552,11 +559,13 @@ def test_git_sha_file_and_override(tmp_path, monkeypatch):
     monkeypatch.setenv("ACE_GIT_SHA", "from-env")
     assert harness.git_sha(str(tmp_path)) == "from-env"
     monkeypatch.delenv("ACE_GIT_SHA")
-    # In the repository the documented command writes what the harness records.
+    # In the repository the documented command writes what the harness records. Outside one (a
+    # copy without .git) git rev-parse fails: skip on its own exit status (the pipeline's is tr's).
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, timeout=60).returncode != 0:
+        pytest.skip("no git repository here")
     command = "{ git rev-parse HEAD; git diff --quiet HEAD || echo +dirty; } | tr -d '\\n'"
     proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0 or not proc.stdout:
-        pytest.skip("no git repository here")
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
     assert harness.git_sha(ROOT) == proc.stdout
 
 
@@ -694,3 +703,307 @@ def test_a_lost_cuda_context_skips_the_rest_of_the_process():
     assert suite.cuda_lost is not None
     assert not suite.include("later", costly=False)
     assert "CUDA context of this process was lost" in suite.skipped[-1]
+
+
+# --------------------------------------------------------------------------- faults, signals, budgets
+
+FAULT = "CUDA error: an illegal memory access was encountered"
+
+
+def _gpu_environment():
+    from benchmarks.harness import Environment
+
+    return Environment(device="NVIDIA H200", device_type="cuda", torch="t", triton=None, cuda=None, git_sha="g",
+                       date="d", python="3", threads=1, load_average=None)
+
+
+def _fake_gpu_suite(tmp_path, providers, budget=300.0):
+    """A Suite that takes itself for a GPU one (fault handling, per-provider measuring) but runs on
+    the CPU; its JSON file is ``tmp_path / "fake.json"``."""
+    from benchmarks.suite import Suite
+
+    class FakeGpuSuite(Suite):
+        @property
+        def is_gpu(self):
+            return True
+
+    return FakeGpuSuite(device=torch.device("cpu"), quick=True, json_path=str(tmp_path / "fake.json"),
+                        png_path=None, time_budget_s=budget, max_seconds_per_call=0.05, providers=providers,
+                        log=lambda _: None, environment=_gpu_environment())
+
+
+@pytest.mark.parametrize("where", ["ours", "reference"])
+def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatch, where):
+    """A fault (illegal memory access) in a search: the rows found so far are written, the CUDA
+    context is marked lost, and no cleanup call on the dead context throws them away."""
+    from benchmarks import bench_model
+    from benchmarks.suite import Suite
+
+    state = {"lost": False}
+    searched = []
+
+    def empty_cache():
+        if state["lost"]:
+            raise RuntimeError(FAULT)
+
+    def try_step(suite, model, batch, provider):
+        searched.append(provider)
+        if state["lost"]:
+            raise RuntimeError(FAULT)
+        faulty = (provider is not None) == (where == "ours")
+        if faulty and batch > 1000:
+            state["lost"] = True
+            raise RuntimeError(FAULT)
+        return batch <= (4000 if provider is None else 20000), 10.0 * batch / 64, float(batch)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 141 * 2**30))
+    monkeypatch.setattr(bench_model, "_try_step", try_step)
+
+    class Model:
+        backend = "auto"
+
+        def train(self):
+            pass
+
+    suite = Suite(device=torch.device("cuda"), quick=False, json_path=str(tmp_path / "mb.json"), png_path=None,
+                  time_budget_s=300, max_seconds_per_call=2, providers=["torch", "triton"], log=lambda _: None,
+                  environment=_gpu_environment())
+    model = Model()
+    bench_model._run_max_batch(suite, model)  # must not raise
+    assert suite.cuda_lost is not None and FAULT in suite.cuda_lost
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "mb.json").read_text())["rows"]}
+    reference = rows["reference-ops"]["metrics"]
+    if where == "reference":
+        # Its row is written from what fitted before the fault; ours never starts on a dead context.
+        assert set(rows) == {"reference-ops"} and set(searched) == {None}
+        assert reference["max_batch"] == 64 and not reference["search_complete"]
+        assert reference["search_note"].startswith("fault at B=") and FAULT in reference["search_note"]
+        assert reference["tries"][-1][1] == "fault"
+    else:
+        ours = rows["triton"]  # the first fused backend tried (no B=64 peaks in this run): triton
+        assert reference["max_batch"] > 3000 and reference["search_complete"]
+        m = ours["metrics"]
+        assert ours["baseline"] == "reference-ops" and m["max_batch"] == 64 and not m["search_complete"]
+        assert m["search_note"].startswith("fault at B=") and FAULT in m["search_note"]
+        assert "max_batch_ratio" not in m and "max_batch_ratio_lower_bound" in m  # ours is a lower bound
+        assert "torch" not in searched  # no second backend searched on the dead context
+    assert any(FAULT in line for line in suite.skipped)
+    assert model.backend == "auto"
+
+
+def test_a_fault_in_one_hypergraph_provider_keeps_the_others(tmp_path, monkeypatch):
+    """On a GPU each provider is checked and measured before the next: a fault in triton's check
+    keeps the reference's and torch's rows, and skips the providers after it without running them."""
+    from benchmarks import bench_hypergraph
+
+    real = ace_kernels.ace_hypergraph
+    calls = []
+
+    def op(*args, backend=None, deterministic=True, **kwargs):
+        calls.append((backend, deterministic))
+        if backend != "torch":
+            raise RuntimeError(FAULT)
+        return real(*args, backend="torch", **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "ace_hypergraph", op)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: (_ for _ in ()).throw(RuntimeError(FAULT)))
+    suite = _fake_gpu_suite(tmp_path, ["torch", "triton", "cuda"])
+    bench_hypergraph.run(suite)
+    assert suite.cuda_lost is not None
+    assert ("triton", True) in calls and ("triton", False) not in calls and ("cuda", True) not in calls
+    rows = json.loads((tmp_path / "fake.json").read_text())["rows"]
+    assert {(r["provider"], r["baseline"]) for r in rows} == {("reference", None), ("torch", "reference")}
+    assert all(r["shape"].endswith("cls_only") for r in rows)  # the full-output configuration never ran
+    skipped = "\n".join(suite.skipped)
+    assert "triton: skipped (RuntimeError: " + FAULT in skipped
+    assert "triton-atomic: skipped (the CUDA context of this process was lost" in skipped
+    assert "cuda: skipped (the CUDA context of this process was lost" in skipped
+
+
+def test_measure_checked_on_the_cpu_checks_first_then_interleaves(tmp_path):
+    suite = _suite("all")
+    order = []
+    x = torch.ones(4, requires_grad=True)
+
+    def step(name):
+        return lambda: (order.append(name), (x * 2).sum().backward())
+
+    def failing():
+        raise RuntimeError("backend 'cuda' cannot run this")
+
+    measured = suite.measure_checked([("reference", step("reference"), [x])],
+                                     [("torch", lambda: order.append("check torch"), step("torch"), [x]),
+                                      ("cuda", failing, step("cuda"), [x])])
+    assert set(measured) == {"reference", "torch"}
+    assert order[0] == "check torch" and "cuda" not in order
+    assert any(line.startswith("cuda: skipped (backend 'cuda' cannot run") for line in suite.skipped)
+
+
+def test_probe_correctness_survives_a_fault(tmp_path):
+    from benchmarks.bench_contrastive import _probe_correctness
+
+    class Dead:
+        def item(self):
+            raise RuntimeError(FAULT)
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    metrics = _probe_correctness(suite, "triton", {"finite": Dead(), "loss": Dead()}, None, None, None, None,
+                                 "B=1000000", {})
+    assert metrics["finite"] is None and FAULT in metrics["check_note"]
+    assert suite.cuda_lost is not None
+    again = _probe_correctness(suite, "cuda", {"finite": Dead(), "loss": Dead()}, None, None, None, None,
+                               "B=1000000", {})
+    assert again["finite"] is None and "context was lost" in again["check_note"]
+
+
+def test_training_median_of_two_calls_is_their_mean(monkeypatch):
+    from benchmarks import bench_training
+
+    times = iter([10.0, 30.0])
+    monkeypatch.setattr(bench_training.harness, "peak_memory_mib", lambda fn, device, grads: 5.0)
+    monkeypatch.setattr(bench_training.harness, "time_single_call", lambda fn, device, grads: next(times))
+    meas = bench_training._measure_chunked(_suite("all"), "x", lambda: None, [], timed_calls=2, one_call=False)
+    assert meas.median_ms == pytest.approx(20.0) and meas.runs == 2 and meas.spread_ms == (10.0, 30.0)
+
+
+def test_hard_deadline_counts_the_start_up():
+    from benchmarks.suite import _parse, budget_for_hard_limit, run_budget
+
+    now = 1_000_000.0
+    args = _parse(["--hard-deadline", str(now + 280)])
+    assert run_budget(args, now=now) == budget_for_hard_limit(280) == (235, 35)
+    # 10 s later (the interpreter and torch starting): 10 s less budget, the same margin.
+    assert run_budget(args, now=now + 10) == (225, 35)
+    # --hard-limit still works alone, and the nearer of the two kills decides.
+    assert run_budget(_parse(["--hard-limit", "280"]), now=now) == (235, 35)
+    assert run_budget(_parse(["--hard-limit", "200", "--hard-deadline", str(now + 280)]), now=now) == (155, 35)
+    assert run_budget(_parse(["--time-budget", "100", "--hard-deadline", str(now + 280)]), now=now) == (100, 35)
+    assert run_budget(_parse([]), now=now) == (None, None)
+
+
+def test_costly_tier_runs_no_device_family():
+    from benchmarks.suite import FAMILIES, run_stages
+
+    assert run_stages(list(FAMILIES), is_gpu=True, tier="all")[0] == "device"
+    assert run_stages(list(FAMILIES), is_gpu=True, tier="cheap")[0] == "device"
+    assert run_stages(list(FAMILIES), is_gpu=True, tier="costly") == list(FAMILIES)
+    assert run_stages(["model", "training"], is_gpu=True, tier="all") == ["model", "training"]  # no rates used
+    assert run_stages(["hypergraph"], is_gpu=True, tier="all") == ["device", "hypergraph"]
+    assert run_stages(list(FAMILIES), is_gpu=False, tier="all") == list(FAMILIES)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _workers_writing_to(out_dir) -> list[int]:
+    """The live family processes of a suite run with ``--out-dir out_dir`` (a test's own tmp_path)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    command = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if b"--worker" in command and os.fsencode(str(out_dir)) in command:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_the_family_process_dies_with_the_suite(tmp_path, how):
+    """gpu_check.sh's `timeout` sends SIGTERM to the suite only (the family's process is in a group
+    of its own), then SIGKILL: either way the family's process must not outlive the suite."""
+    import re
+    import signal
+    import time
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["ACE_BENCH_FAULT"] = "lora:hang"
+    suite = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--only", "lora", "--out-dir", str(tmp_path),
+         "--name", "term", "--no-plot", "--family-idle-timeout", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    worker = None
+    lines = []
+    watchdog = threading.Timer(180, suite.kill)  # no line for 3 minutes: end the suite, so stdout ends
+    watchdog.start()
+    try:
+        for line in suite.stdout:
+            lines.append(line)
+            found = re.search(r"ACE_BENCH_FAULT: hang in family lora, pid (\d+)", line)
+            if found:
+                worker = int(found.group(1))
+                break
+        watchdog.cancel()
+        assert worker is not None and _alive(worker), "".join(lines)
+        assert os.getpgid(worker) == worker and os.getsid(worker) == os.getsid(suite.pid)  # own group, same session
+        suite.send_signal(getattr(signal, how))
+        rest, _ = suite.communicate(timeout=60)
+        lines.append(rest)
+        waited = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < waited:
+            time.sleep(0.1)
+        assert not _alive(worker), "".join(lines)
+        if how == "SIGTERM":
+            assert suite.returncode == 128 + signal.SIGTERM, "".join(lines)
+            run = json.loads((tmp_path / "term.json").read_text())["run"]
+            assert run["families"]["lora"]["outcome"] == "was killed: the suite itself got SIGTERM", run
+            assert "SIGTERM: the suite stops" in "".join(lines)
+        else:
+            assert suite.returncode == -signal.SIGKILL
+    finally:
+        watchdog.cancel()
+        if suite.poll() is None:
+            suite.kill()
+            suite.wait()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        for pid in _workers_writing_to(tmp_path):  # one the suite did not name (or left behind)
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_line_that_is_not_utf8_is_passed_on(tmp_path):
+    payload, stdout = _bench(["--only", "hypergraph"], tmp_path, "bytes",
+                             env_extra={"ACE_BENCH_FAULT": "hypergraph:badbytes"})
+    assert payload["run"]["families"]["hypergraph"]["outcome"] == "ok"
+    assert "(not UTF-8: \ufffd" in stdout
+    assert stdout.index("(not UTF-8") < stdout.index("== hypergraph done")  # the reader kept reading
+    assert {r["family"] for r in payload["rows"]} == {"hypergraph"}
+
+
+def test_gpu_check_build_stamp_ignores_mtimes(tmp_path):
+    """gpu_check.sh's sources fingerprint: the same for a fresh copy with new mtimes, different
+    when a source changes."""
+    import re
+    import shutil
+
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
+    function = re.search(r"^sources_sha256\(\) \{\n.*?^\}\n", text, re.S | re.M).group(0)
+
+    def fingerprint(tree):
+        proc = subprocess.run(["bash", "-c", function + "sources_sha256"], cwd=tree, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and len(proc.stdout.strip()) == 64, proc.stderr
+        return proc.stdout.strip()
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for tree in (first, second):
+        shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")  # copytree: fresh mtimes
+        shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
+    os.utime(second / "setup.py", (1, 1))
+    assert fingerprint(first) == fingerprint(second)
+    with open(second / "setup.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# changed\n")
+    assert fingerprint(first) != fingerprint(second)
+    assert ".sources.sha256" in text and "build/" in open(os.path.join(ROOT, ".gitignore")).read().split()
