@@ -87,3 +87,22 @@ def int32_safe(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         return t.contiguous()
     return t
 
+
+def autocast_off_backward(backward: Callable) -> Callable:
+    """Decorator for an autograd Function's ``backward``: run it with autocast off.
+
+    Autograd runs a backward under whatever autocast state is current, so a ``loss.backward()``
+    inside an autocast region would drop the backward's torch matmuls to the autocast dtype
+    (or fail on mixed dtypes), while the forward ran with autocast off.
+    """
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device_type = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return backward(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
+

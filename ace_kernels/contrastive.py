@@ -308,6 +308,7 @@ class _TorchLossShare(torch.autograd.Function):
         return share
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_share):
         _no_second_derivative()
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
@@ -764,6 +765,7 @@ class _TritonLossShare(torch.autograd.Function):
         return share
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_share):
         _no_second_derivative()
         lo, hi = ctx.lo, ctx.hi
@@ -821,6 +823,7 @@ class _GatherRows(torch.autograd.Function):
         return _all_gather_padded(local.contiguous(), group, sizes)
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_all):
         import torch.distributed as dist
 
@@ -854,6 +857,7 @@ class _SumAcrossRanks(torch.autograd.Function):
         return total
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_total):
         return grad_total, None
 
@@ -1025,8 +1029,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     fixed shape, not ``torch.unique``); with ``group`` one small shape
     all-gather is read on the host.
 
-    Autocast is ignored: the loss reads the embeddings in their own dtype and
-    accumulates in fp32 (fp64 for fp64 inputs on the torch backend).
+    Autocast is ignored, in the forward and the backward: the loss reads the
+    embeddings in their own dtype and accumulates in fp32 (fp64 for fp64 inputs
+    on the torch backend).
 
     Non-finite inputs never raise or hang: NaN or +-inf in the embeddings or
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are

@@ -213,6 +213,7 @@ class _GatherSum(torch.autograd.Function):
         return prims.gather_sum(data, cols, weights)
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_out):
         _no_second_derivative()
         src, cols, weights = ctx.saved_tensors
@@ -238,6 +239,7 @@ class _ScatterSum(torch.autograd.Function):
         return prims.scatter_sum(src, cols, weights, num_rows, transpose)
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_out):
         _no_second_derivative()
         src, cols, weights = ctx.saved_tensors
@@ -278,6 +280,7 @@ class _Float32GradRoute(torch.autograd.Function):
         return torch.zeros((), dtype=torch.float32, device=x.device).expand(x.shape)
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad):
         _no_second_derivative()
         return grad.to(ctx.dtype)
@@ -300,6 +303,7 @@ class _InvNorm(torch.autograd.Function):
         return 1.0 / norm.clamp_min(_NORM_EPS)
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad):
         _no_second_derivative()
         data, norm = ctx.saved_tensors
@@ -323,6 +327,7 @@ class _NativeLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad):
         _no_second_derivative()
         data, weight = ctx.saved_tensors
@@ -353,6 +358,7 @@ class _LinearToHalf(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad):
         _no_second_derivative()
         z, weight = ctx.saved_tensors
@@ -387,6 +393,7 @@ class _IncidenceWeights(torch.autograd.Function):
         return weights
 
     @staticmethod
+    @_library.autocast_off_backward
     def backward(ctx, grad_w):
         _no_second_derivative()
         patches, inv_norm, rows, idx, weights = ctx.saved_tensors
@@ -1146,9 +1153,12 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     deterministic always. The torch backend is deterministic on CPU; on a GPU it
     uses ``index_add_``, which is not, whatever ``deterministic`` says.
 
-    Autocast: the op runs with autocast off, whatever the caller's state: it
+    Autocast: the forward runs with autocast off, whatever the caller's state: it
     reads ``x`` in its own dtype and accumulates in float32 (the adapters run in
-    their parameters' dtype), and returns ``x``'s dtype.
+    their parameters' dtype), and returns ``x``'s dtype. Its sparse backwards run
+    with autocast off too; the plain-autograd parts (the adapters, and the torch
+    backend's ``cls_only`` path) follow the autocast state at backward time, as
+    any module's do, so run ``backward()`` outside autocast, as usual.
 
     Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
     ``topk <= 16``; ``torch`` takes everything. ``auto`` prefers triton, then

@@ -107,9 +107,12 @@ result).
 
 Limits
 ------
-Patched modules hold the replacement as an instance attribute: ``torch.save``
-of a whole pickled module and ``copy.deepcopy`` should happen after
-``undo()`` (``state_dict()`` is unaffected). ``nn.DataParallel`` replicas copy
+Patched modules hold the replacement as an instance attribute. ``torch.save``
+of a whole pickled module raises a ``TypeError`` (save the ``state_dict()``,
+which patching leaves unchanged, or ``undo()`` first). ``copy.deepcopy`` gives a
+patched copy that computes with its own weights, with its own copy of the
+handle, which nothing returns: ``undo()`` on the original leaves it patched, so
+deep-copy after ``undo()`` to get a plain copy. ``nn.DataParallel`` replicas copy
 instance attributes and would call the original module's replacement: use
 DDP (or patch after replicating). ``torch.compile`` over patched modules is
 not tested here.
@@ -194,6 +197,12 @@ class _Swap:
         # nn.Module.__setattr__ bookkeeping out of the way.
         object.__setattr__(self.module, self.attr, self.replacement)
 
+    def original(self) -> Callable:
+        """The method the replacement shadows (the previous instance attribute, else the class's)."""
+        if self.had_previous:
+            return self.previous
+        return getattr(type(self.module), self.attr).__get__(self.module, type(self.module))
+
     def revert(self) -> bool:
         current = self.module.__dict__.get(self.attr)
         if current is not self.replacement:
@@ -274,6 +283,9 @@ class PatchHandle:
                 reverted.append(swap)
             else:
                 conflicts.append(f"{type(swap.module).__name__}.{swap.attr}")
+                if isinstance(swap.replacement, _Replacement):
+                    # Still called by its wrapper: from now on it runs the original method.
+                    swap.replacement.bypass = swap.original()
         for hook in self._hooks:
             hook.remove()
         # A replacement left in place is still called by whatever wrapped it (accelerate's hooks,
@@ -326,8 +338,11 @@ class _Replacement:
         self.fn = fn
         self.module = module
         self.state = state
+        self.bypass: Callable | None = None  # set by undo() when something wrapped this replacement
 
     def __call__(self, *args, **kwargs):
+        if self.bypass is not None:
+            return self.bypass(*args, **kwargs)
         return self.fn(self.module, *self.state, *args, **kwargs)
 
     def release(self) -> None:
@@ -345,6 +360,7 @@ class _Replacement:
         new = _Replacement.__new__(_Replacement)
         memo[id(self)] = new
         new.fn = self.fn
+        new.bypass = copy.deepcopy(self.bypass, memo)
         new.module = copy.deepcopy(self.module, memo)
         new.state = copy.deepcopy(self.state, memo)
         return new
@@ -372,11 +388,11 @@ def _has_call_hooks(module: nn.Module) -> bool:
                 or getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None))
 
 
-def _functorch_transform_active(*tensors) -> bool:
-    """True when a ``torch.func`` transform (grad, vmap, ...) wraps one of ``tensors``: the fused
-    ops' autograd Functions define no ``setup_context``, which those transforms require."""
-    is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return is_wrapped is not None and any(isinstance(t, torch.Tensor) and is_wrapped(t) for t in tensors)
+def _functorch_transform_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, ...): the fused ops' autograd Functions
+    define no ``setup_context``, which ``Function.apply`` then requires."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and active()
 
 
 def _global_hooks_set() -> bool:
@@ -425,7 +441,7 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
         return "input shape does not match the weight"
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return f"scaling is a {type(scaling).__name__}, not a number"
-    if _functorch_transform_active(x, weight, bias, lora_a, lora_b):
+    if _functorch_transform_active():
         return "a torch.func transform is active"
     devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
     if len(devices) != 1:
@@ -663,17 +679,29 @@ class _QKVGroup:
         self.pending_input = None
         self.grouping = True
         self.originals: list[Callable] = []
+        self.inside = 0  # depth of the attention module's forward calls in progress
+
+    def enter(self, *unused) -> None:
+        self.inside += 1
 
     def clear(self, *unused) -> None:
         self.pending.clear()
         self.pending_key = None
         self.pending_input = None
 
+    def leave(self, *unused) -> None:
+        self.inside = max(0, self.inside - 1)
+        self.clear()
 
-def _parameter_versions(group: _QKVGroup) -> tuple:
-    """Version counters of the members' parameters: kept outputs are stale once one changes in
-    place (an optimizer step between two member calls made outside the attention forward)."""
-    return tuple(p._version for member in group.members for p in member.parameters())
+
+def _parameter_versions(group: _QKVGroup) -> tuple | None:
+    """Identity and version counter of the members' parameters when called outside their attention
+    module's forward: kept outputs are stale once one changes (an optimizer step between two
+    member calls made from outside). Inside that forward, which drops them when it returns, None
+    (skipping a walk over the parameters on every call of the hot path)."""
+    if group.inside:
+        return None
+    return tuple((id(p), p._version) for member in group.members for p in member.parameters())
 
 
 def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args, **kwargs):
@@ -801,7 +829,7 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
         return "features are not a [B, N, D] tensor"
     if _autocast_dtype(features) is not None:
         return "autocast is on"
-    if _functorch_transform_active(features, attn_weights, *edge.parameters(), *node.parameters()):
+    if _functorch_transform_active():
         return "a torch.func transform is active"
     topk = int(module.args.topk)
     if features.shape[1] < topk + 2:
@@ -852,16 +880,29 @@ def _labels_from_frame(merged_df, indices, device) -> torch.Tensor:
         return torch.as_tensor(rows.astype(np.float64), device=device)
     if rows.dtype.kind in "biu":
         return torch.as_tensor(rows.astype(np.int64), device=device)
-    # Anything else (object columns: strings, None, mixed types): one integer key per distinct
-    # row, by Python equality as numpy's == on objects (rows holding a float NaN match nothing).
+    unmatched = np.zeros(len(rows), dtype=bool)
+    if rows.dtype.kind in "Mm":
+        # Datetimes: NaT equals nothing (numpy's == on datetime64); the rest compare as int64.
+        unmatched = np.isnat(rows).reshape(len(rows), -1).any(axis=1)
+        rows = rows.view(np.int64)
+    # Anything else (object columns: strings, None, mixed types, pandas' NA): one integer key
+    # per distinct row, by Python equality as numpy's == on objects; a row holding a value not
+    # equal to itself (a float NaN, NaT, pd.NA, whose == is not even a bool) matches nothing.
     keys, ids = {}, []
     for i, row in enumerate(rows):
         values = tuple(row.tolist())
-        if any(isinstance(v, float) and v != v for v in values):
+        if unmatched[i] or not all(_equals_itself(v) for v in values):
             ids.append(-1 - i)
             continue
         ids.append(keys.setdefault(values, len(keys)))
     return torch.tensor(ids, device=device, dtype=torch.long).reshape(-1, 1)
+
+
+def _equals_itself(value) -> bool:
+    try:
+        return bool(value == value)
+    except (TypeError, ValueError):  # pd.NA: its == returns NA, whose truth value raises
+        return False
 
 
 def _reference_loss_forward(module, handle, original, clip_model, images, texts, merged_df=None, indices=None):
@@ -871,7 +912,7 @@ def _reference_loss_forward(module, handle, original, clip_model, images, texts,
     if mode not in ("vision", "text", "both"):
         handle._count("fallback reference-ace-loss: apply_gnn_encoders not vision/text/both")
         return original(clip_model, images, texts, merged_df, indices)
-    if _functorch_transform_active(images, *module.parameters(), *clip_model.parameters()):
+    if _functorch_transform_active():
         handle._count("fallback reference-ace-loss: a torch.func transform is active")
         return original(clip_model, images, texts, merged_df, indices)
     device = images.device
@@ -1026,7 +1067,7 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
         reason = "logit_bias given (SigLIP-style bias is not part of label_guided_infonce)"
     if reason is None and (not isinstance(image_features, torch.Tensor) or image_features.dim() != 2):
         reason = "features are not [B, D]"
-    if reason is None and _functorch_transform_active(image_features, text_features, logit_scale):
+    if reason is None and _functorch_transform_active():
         reason = "a torch.func transform is active"
     if reason is not None:
         handle._count(f"fallback open_clip-ClipLoss: {reason}")
@@ -1140,7 +1181,8 @@ def _install_qkv_group(name, module, handle, options):
     group.originals = [_original(m) for m in members]
     for index, member in enumerate(members):
         handle._swap(member, "forward", _Replacement(_group_member_forward, member, handle, group, index))
-    handle._hooks.append(module.register_forward_hook(group.clear, always_call=True))
+    handle._hooks.append(module.register_forward_pre_hook(group.enter))
+    handle._hooks.append(module.register_forward_hook(group.leave, always_call=True))
     states = [kind.state_reason(m) for m in members]
     state = next((f"{n}: {s}" for n, s in zip(names, states) if s), None)
     _record_state(handle, label, f"qkv-group ({kind.name} x3)", state, "-> lora_qkv")

@@ -120,9 +120,10 @@ def load_image(path: str | os.PathLike, image_size: int, *, where: str = "") -> 
 def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list[str], list[dict]]:
     """Read a UTF-8 CSV with a header (a byte-order mark is allowed).
 
-    Raises :class:`DataError` naming the file and: every missing required column; the
-    row (numbered from 1 after the header) and its file line when it has more or fewer
-    fields than the header; the line of the first byte that is not UTF-8; a malformed
+    Raises :class:`DataError` naming the file and: every missing required column; a column
+    named twice; the row (numbered from 1 after the header) and its file line when it has
+    fewer fields than the header or more non-empty ones (an empty surplus field, from a
+    trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
     line (e.g. an unterminated quote).
     """
     csv_path = os.fspath(csv_path)
@@ -132,6 +133,10 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise DataError(f"CSV file {csv_path!r} names column(s) {', '.join(repr(c) for c in repeated)} "
+                                f"more than once (columns: {header})")
             missing = [c for c in required if c not in header]
             if missing:
                 raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
@@ -139,7 +144,8 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
             rows = []
             for number, row in enumerate(reader, start=1):
                 # DictReader puts surplus fields under the key None and fills absent ones with None.
-                surplus = row.pop(None, None)
+                # Empty surplus fields (a trailing comma) are allowed.
+                surplus = [value for value in row.pop(None, None) or () if value.strip()]
                 present = sum(value is not None for value in row.values())
                 if surplus or present < len(header):
                     fields = present + len(surplus or ())

@@ -62,8 +62,9 @@ from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_tex
                                fsync_directory, temp_name_pattern)
 
 STATE_FORMAT = "ace-lora-train-state"
-# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps. Version 1 states
-# are still read: the dataset check is skipped and the run's checkpoints are inferred.
+# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps,
+# read when present). Version 1 states are still read: the dataset check is skipped and the
+# run's checkpoints are inferred.
 STATE_VERSION = 2
 _READABLE_STATE_VERSIONS = (1, 2)
 
@@ -634,14 +635,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
     ``previous_steps`` are the steps of this run's checkpoints in ``ckpt_dir`` (the
     ``checkpoint_steps`` of the state it continues). The newest ``keep`` of them and
     ``step`` are kept; ``state["checkpoint_steps"]`` is set to those before it is written,
-    and the others' files are deleted once ``latest`` names the new state. Files of any
-    other step (an abandoned run resumed from an older state, another run's files) are
-    never deleted: they do not count towards ``keep``.
+    and the others' files are deleted once ``latest`` names the new state; those steps are
+    recorded too (``state["pruned_steps"]``), so that a resume after a crash between the
+    two deletes them again. Files of any other step (an abandoned run resumed from an older
+    state, another run's files) are never deleted: they do not count towards ``keep``.
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ours = sorted(set(int(s) for s in previous_steps) | {step})
     kept = ours[-keep:]
     state["checkpoint_steps"] = kept
+    state["pruned_steps"] = ours[: len(ours) - len(kept)]
     state_name, ref_name = _checkpoint_names(step)
     atomic_torch_save(state, ckpt_dir / state_name)
     if model is not None and hasattr(model, "save_reference_checkpoint"):
@@ -665,7 +668,8 @@ def _resumed_checkpoint_steps(state: dict, state_path: Path, ckpt_dir: Path) -> 
     if not same_dir:
         return []  # a new directory: nothing in it belongs to this run yet
     if "checkpoint_steps" in state:
-        return [int(s) for s in state["checkpoint_steps"]]
+        # With the steps it was deleting: a crash may have come before their files went.
+        return sorted(int(s) for s in [*state["checkpoint_steps"], *state.get("pruned_steps", ())])
     # Version 1 states did not record them: the state files up to the state's own step.
     return sorted(int(m.group(1)) for name in os.listdir(ckpt_dir)
                   if (m := _STATE_RE.match(name)) and int(m.group(1)) <= state["step"])
@@ -730,8 +734,8 @@ def load_state(path: str | os.PathLike) -> dict:
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise  # not the file's content: say what it is
     except Exception as exc:
         raise TrainingStateError(f"{path}: cannot be read as a training state (corrupt or truncated file?): "
                                  f"{_first_line(exc)}") from exc

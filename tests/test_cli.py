@@ -216,6 +216,17 @@ def test_row_with_wrong_field_count_names_the_row(tiny, synthetic, tmp_path, fie
         CSVImageLabelDataset(path, ["edema"], tiny.image_size)
 
 
+def test_trailing_comma_is_accepted_and_a_repeated_column_is_named(tiny, synthetic, tmp_path):
+    image = str(synthetic.parent / "test" / "00000.png")
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_text(f"image,text,edema\n{image},fine,1,\n{image},also fine,0, \n")
+    assert CSVImageTextDataset(trailing, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0]]
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text(f"image,text,edema,edema\n{image},fine,1,0\n")
+    with pytest.raises(DataError, match=r"repeated.csv' names column\(s\) 'edema' more than once"):
+        CSVImageTextDataset(repeated, tiny.tokenizer())
+
+
 def test_single_label_tasks_reject_rows_that_are_not_one_hot(tiny, synthetic, tmp_path, capsys):
     scores = torch.rand(4, 3)
     labels = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1]])

@@ -133,9 +133,13 @@ def test_autocast_is_ignored(backend, device):
     u, t, s = (v.detach().to(device=device, dtype=torch.float32).requires_grad_() for v in _inputs(37, 16))
     labels = torch.randint(0, 4, (37,), generator=torch.Generator().manual_seed(3)).to(device)
     want = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    want_grads = torch.autograd.grad(want, [u, t, s])
+    with torch.autocast(device.type, dtype=torch.bfloat16):  # backward inside the region too
         got = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+        got_grads = torch.autograd.grad(got, [u, t, s])
     assert got.dtype == torch.float32 and torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == w.dtype and torch.equal(g, w)
 
 
 def test_float_logit_scale_and_shape_one_tensor():

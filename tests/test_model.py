@@ -217,6 +217,14 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     torch.save(state, bad)
     with pytest.raises(ValueError, match=r"missing key 'visual\.head\.proj\.weight'"):
         ACELoRA.from_config("tiny", pretrained=str(bad))
+    # Garbage and a truncated file: a ValueError naming the file, not a raw loader traceback.
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
+        ACELoRA.from_config("tiny", pretrained=str(bad))
+    torch.save(source.state_dict(), bad)
+    bad.write_bytes(bad.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
+        ACELoRA.from_config("tiny", pretrained=str(bad))
 
 
 def test_biomedclip_trainable_parameter_count():

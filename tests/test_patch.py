@@ -742,7 +742,10 @@ def test_undo_keeps_a_replacement_someone_wrapped_working():
     query.forward = lambda x, *a, **k: inner(x, *a, **k)  # wrapped after patching (accelerate's hooks do so)
     with pytest.warns(RuntimeWarning, match="replaced again"):
         handle.undo()
+    counts = handle.stats()
     torch.testing.assert_close(_run_bert(model, embeds), expected, **FP64_TOL)
+    # The wrapped replacement now runs the original forward: no fused call, no kept outputs.
+    assert handle.stats() == counts
     del query.forward
 
 
@@ -779,6 +782,8 @@ def test_reference_labels_compare_as_numpys_equality():
         np.array([[0, 0, np.nan, 1], [1, 0, np.nan, 1], [2, 0, 1, 0], [3, 0, 0, 0]]),
         np.array([[0, 0, True], [1, 0, False], [2, 0, True], [3, 0, True]]),
     ]
+    dates = np.array(["2024-01-01", "NaT", "2024-01-01", "NaT"], dtype="datetime64[ns]")
+    frames.append(np.stack([dates, dates, dates], axis=1))  # NaT equals nothing, not even NaT
     for table in frames:
         frame = FakeFrame(table)
         expected = loss_module(image, text, frame, [0, 1, 2, 3])
@@ -786,6 +791,20 @@ def test_reference_labels_compare_as_numpys_equality():
             got = loss_module(image, text, frame, [0, 1, 2, 3])
             assert handle.stats() == {"label_guided_infonce": 1}
         torch.testing.assert_close(got, expected, **FP64_TOL)
+
+    class Missing:  # pandas' NA: == gives NA again, whose truth value raises
+        def __eq__(self, other):
+            return self
+
+        def __bool__(self):
+            raise TypeError("boolean value of NA is ambiguous")
+
+    from ace_kernels.patching import _labels_from_frame
+
+    na = Missing()
+    table = np.array([[0, 0, na], [1, 0, na], [2, 0, "a"], [3, 0, "a"]], dtype=object)
+    ids = _labels_from_frame(FakeFrame(table), [0, 1, 2, 3], "cpu").flatten().tolist()
+    assert ids[2] == ids[3] and len({ids[0], ids[1], ids[2]}) == 3  # NA rows match nothing
 
 
 def test_reference_clip_loss_and_nan_guard():

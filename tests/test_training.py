@@ -428,6 +428,29 @@ def test_pruning_keeps_this_runs_newest_checkpoints_not_an_abandoned_runs(tmp_pa
     assert load_state(ckpt / "state-00000012.pt")["checkpoint_steps"] == [8, 12]
 
 
+def test_a_resume_deletes_what_a_crash_left_between_latest_and_pruning(tmp_path, monkeypatch):
+    ckpt = tmp_path / "run" / "checkpoints"
+    model = make_model("standin", seed=3)
+    real_unlink = os.unlink
+
+    def crash_before_pruning(path, *args, **kwargs):
+        if os.path.basename(path).startswith(("state-", "ace_lora-")):
+            raise KeyboardInterrupt("killed between writing latest and pruning")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", crash_before_pruning)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1), model=model,
+              dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    states = lambda: sorted(n for n in os.listdir(ckpt) if n.startswith("state-"))  # noqa: E731
+    assert states() == ["state-00000003.pt", "state-00000006.pt"]  # 3 should have gone
+    model = make_model("standin", seed=3)
+    train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1, resume="auto"), model=model,
+          dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    assert states() == ["state-00000012.pt"]
+
+
 def test_config_validation(tmp_path):
     model = make_model("standin")
     data = RandomPairs(model, 8)
