@@ -17,6 +17,7 @@ all and imports nothing from Dynamo.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -88,6 +89,24 @@ def int32_safe(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
+# CUDA caps grid dimensions y and z at this many blocks (x at 2**31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The autocast dtype in force for floating-point ``x``'s device type, or None."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for ``device_type`` (a no-op context when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def autocast_off_backward(backward: Callable) -> Callable:
     """Decorator for an autograd Function's ``backward``: run it with autocast off.
 
@@ -99,10 +118,15 @@ def autocast_off_backward(backward: Callable) -> Callable:
     @functools.wraps(backward)
     def run(ctx, *grads):
         device_type = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return backward(ctx, *grads)
-        return backward(ctx, *grads)
+        with autocast_off(device_type):
+            return backward(ctx, *grads)
 
     return run
 
+
+def refuse_second_derivative(message: str) -> None:
+    """Called first in a backward built from kernels (or in-place tiles): raise ``message`` when
+    autograd runs it with ``create_graph=True`` (the only time it runs a backward with grad mode
+    on), since a second derivative through it would come back silently incomplete."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(message)

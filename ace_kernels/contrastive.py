@@ -273,13 +273,8 @@ def _empty_share_grads(u, t, scale):
     return torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
 
 
-def _no_second_derivative() -> None:
-    """Refuse ``create_graph=True`` in the loss backwards (autograd runs a backward with grad mode
-    on only then): they recompute the logits tile by tile in place, with no graph to
-    differentiate a second time."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
-                           "the tiled backward builds no graph")
+_SECOND_DERIVATIVE_ERROR = ("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
+                            "the tiled backward builds no graph")
 
 
 class _TorchLossShare(torch.autograd.Function):
@@ -310,7 +305,7 @@ class _TorchLossShare(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_share):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
         if lo == hi:
             return _empty_share_grads(*ctx.saved_tensors) + (None, None, None, None)
@@ -767,7 +762,7 @@ class _TritonLossShare(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_share):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         lo, hi = ctx.lo, ctx.hi
         if lo == hi:
             return _empty_share_grads(*ctx.saved_tensors) + (None, None, None)
@@ -1074,12 +1069,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         u_in, t_in = u_all.to(compute), t_all.to(compute)
     else:
         u_in, t_in = u_all, t_all
-    if torch.is_autocast_enabled(image_emb.device.type):
-        # The loss ignores autocast (as the Triton kernels always do): the torch backend's
-        # logit matmuls would otherwise drop to the autocast dtype.
-        with torch.autocast(image_emb.device.type, enabled=False):
-            share = impl(u_in, t_in, scale, keys, lo, hi)
-    else:
+    # The loss ignores autocast (as the Triton kernels always do): the torch backend's logit
+    # matmuls would otherwise drop to the autocast dtype.
+    with _library.autocast_off(image_emb.device.type):
         share = impl(u_in, t_in, scale, keys, lo, hi)
     if group is None:
         return share

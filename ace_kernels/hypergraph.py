@@ -189,13 +189,8 @@ TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _to
 # Autograd functions shared by the backends
 # --------------------------------------------------------------------------------------
 
-def _no_second_derivative() -> None:
-    """Refuse ``create_graph=True`` in the backwards below (autograd runs a backward with grad
-    mode on only then): their kernels and sparse products build no graph, so a second
-    derivative through them would come back silently incomplete."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("ace_hypergraph: second derivatives (create_graph=True) are not supported by its sparse "
-                           "backward; only backend='torch' with cls_only=True is differentiable twice")
+_SECOND_DERIVATIVE_ERROR = ("ace_hypergraph: second derivatives (create_graph=True) are not supported by its "
+                            "sparse backward; only backend='torch' with cls_only=True is differentiable twice")
 
 
 class _GatherSum(torch.autograd.Function):
@@ -215,7 +210,7 @@ class _GatherSum(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_out):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         src, cols, weights = ctx.saved_tensors
         prims = ctx.prims
         grad_out = grad_out.contiguous()
@@ -241,7 +236,7 @@ class _ScatterSum(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_out):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         src, cols, weights = ctx.saved_tensors
         prims = ctx.prims
         grad_out = grad_out.contiguous()
@@ -282,7 +277,7 @@ class _Float32GradRoute(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         return grad.to(ctx.dtype)
 
 
@@ -305,7 +300,7 @@ class _InvNorm(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         data, norm = ctx.saved_tensors
         coef = torch.where(norm >= _NORM_EPS, -grad / norm.clamp_min(_NORM_EPS) ** 3, 0.0)
         return data * coef[..., None], None, None
@@ -329,7 +324,7 @@ class _NativeLinear(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         data, weight = ctx.saved_tensors
         grad_route = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -360,7 +355,7 @@ class _LinearToHalf(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         z, weight = ctx.saved_tensors
         grad_z = torch.empty_like(z)
         grad_w = torch.zeros_like(weight)
@@ -395,7 +390,7 @@ class _IncidenceWeights(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_w):
-        _no_second_derivative()
+        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         patches, inv_norm, rows, idx, weights = ctx.saved_tensors
         prims = ctx.prims
         B, M, D = patches.shape
@@ -1018,8 +1013,8 @@ def _kernel_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     return reasons
 
 
-# The kernels put the batch on grid dimension y or z, which CUDA caps at 65535.
-_MAX_GRID_BATCH = 65535
+# The kernels put the batch on grid dimension y or z.
+_MAX_GRID_BATCH = _library.MAX_GRID_YZ
 
 
 _dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"))
@@ -1169,9 +1164,7 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     tensors = [x, cls_attn, *edge, *node]
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
     impl = _dispatch.select(OP_NAME, backend, tensors, args)
-    if not torch.is_autocast_enabled(x.device.type):
-        return impl(*args)
-    with torch.autocast(x.device.type, enabled=False):  # see Notes: autocast
+    with _library.autocast_off(x.device.type):  # see Notes: autocast
         return impl(*args)
 
 

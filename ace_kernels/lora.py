@@ -426,7 +426,7 @@ def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, 
     """Validate, dispatch and run. Under ``torch.autocast`` the float32/16 operands are first cast
     to the autocast dtype (as ``F.linear`` would cast them; the casts are differentiable, so
     fp32 master weights get their gradients) and the op runs with autocast off."""
-    autocast_dtype = _autocast_dtype(x)
+    autocast_dtype = _library.autocast_dtype(x)
     if autocast_dtype is not None:
         x, weight, bias, lora_a, lora_b = (
             t if t is None or t.dtype not in _AUTOCAST_CASTS else t.to(autocast_dtype)
@@ -434,21 +434,12 @@ def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, 
     _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, projections)
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     impl = _dispatch.select(op, backend, [x, weight, bias, lora_a, lora_b], args)
-    if autocast_dtype is None:
-        return impl(*args)
-    with torch.autocast(x.device.type, enabled=False):
+    with _library.autocast_off(x.device.type):
         return impl(*args)
 
 
 # The dtypes autocast casts (it leaves float64 alone, as it does for F.linear).
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _autocast_dtype(x) -> torch.dtype | None:
-    """The autocast dtype in force for ``x``'s device type, or None."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
-        return None
-    return torch.get_autocast_dtype(x.device.type)
 
 
 # ----------------------------------------------------------------------------------------
@@ -950,9 +941,9 @@ class _LoraTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels build no graph for a second derivative
-            raise RuntimeError("lora_qkv/lora_linear (backend 'triton'): second derivatives (create_graph=True) "
-                               "are not supported by the fused kernels; use backend='torch'")
+        _library.refuse_second_derivative("lora_qkv/lora_linear (backend 'triton'): second derivatives "
+                                          "(create_graph=True) are not supported by the fused kernels; "
+                                          "use backend='torch'")
         x2d, weight, lora_a3, lora_b3, s_act, seed = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
         out_features = lora_b3.shape[1]
@@ -975,8 +966,8 @@ class _LoraTritonFunction(torch.autograd.Function):
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The row blocks are grid dimension y, which CUDA caps at 65535.
-_MAX_GRID_Y = 65535
+# The row blocks are grid dimension y.
+_MAX_GRID_Y = _library.MAX_GRID_YZ
 
 
 def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):

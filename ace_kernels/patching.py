@@ -98,7 +98,8 @@ inference-mode input, which has no version counter) computes per member. A group
 that once sees its members called with different inputs stops grouping. Kept
 outputs are dropped when the attention module's forward returns (a forward
 hook registered with ``always_call=True``) or at the next member call; members
-called outside their attention module's forward keep them until one of those. Module hooks on the members still run
+called outside their attention module's forward keep them until one of those.
+Module hooks on the members still run
 (their ``__call__`` is untouched). Grouped outputs are column slices of one
 ``[..., 3*out]`` tensor (``view``/``reshape`` into heads works; they are not
 contiguous), as documented for :func:`ace_kernels.lora_qkv`; autograd refuses
@@ -121,7 +122,6 @@ not tested here.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import inspect
 import sys
@@ -132,6 +132,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ace_kernels import _library
 
 __all__ = [
     "patch",
@@ -402,20 +404,8 @@ def _global_hooks_set() -> bool:
                 or module_mod._global_backward_hooks or getattr(module_mod, "_global_backward_pre_hooks", None))
 
 
-def _autocast_dtype(x: torch.Tensor):
-    """The autocast dtype in force for ``x``'s device, or None."""
-    device_type = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # pragma: no cover - torch < 2.4
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-    if not enabled or not x.is_floating_point():
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 def _context_key(x: torch.Tensor):
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _autocast_dtype(x))
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _library.autocast_dtype(x))
 
 
 @dataclass
@@ -446,7 +436,7 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
     devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
     if len(devices) != 1:
         return f"tensors on several devices {sorted(str(d) for d in devices)}"
-    cast = _autocast_dtype(x)
+    cast = _library.autocast_dtype(x)
     if cast is None:
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             # F.linear would raise; let the original forward raise its own error.
@@ -466,18 +456,13 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
                          bool(training), compute, cast is not None)
 
 
-def _autocast_off(x: torch.Tensor):
-    return torch.autocast(x.device.type, enabled=False)
-
-
 def _run_lora_linear(handle, x, ops: _LoraOperands):
     from ace_kernels.lora import lora_linear
 
+    # The op itself runs with autocast off (its operands are already in the compute dtype).
     x_in = x if x.dtype == ops.compute_dtype else x.to(ops.compute_dtype)
-    with (_autocast_off(x) if ops.autocast else contextlib.nullcontext()):
-        return lora_linear(x_in, ops.weight, ops.bias, ops.lora_a, ops.lora_b, scaling=ops.scaling,
-                           dropout_p=ops.dropout_p, training=ops.training,
-                           backend=handle.backend_for("lora_linear"))
+    return lora_linear(x_in, ops.weight, ops.bias, ops.lora_a, ops.lora_b, scaling=ops.scaling,
+                       dropout_p=ops.dropout_p, training=ops.training, backend=handle.backend_for("lora_linear"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -776,9 +761,8 @@ def _run_lora_qkv(handle, x, all_ops):
     lora_a = torch.stack([o.lora_a for o in all_ops], dim=0)
     lora_b = torch.stack([o.lora_b for o in all_ops], dim=0)
     x_in = x if x.dtype == first.compute_dtype else x.to(first.compute_dtype)
-    with (_autocast_off(x) if first.autocast else contextlib.nullcontext()):
-        return lora_qkv(x_in, weight, bias, lora_a, lora_b, scaling=first.scaling, dropout_p=first.dropout_p,
-                        training=first.training, backend=handle.backend_for("lora_qkv"))
+    return lora_qkv(x_in, weight, bias, lora_a, lora_b, scaling=first.scaling, dropout_p=first.dropout_p,
+                    training=first.training, backend=handle.backend_for("lora_qkv"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -827,7 +811,7 @@ def _adapters_for(module, encoder):
 def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None:
     if not isinstance(features, torch.Tensor) or features.dim() != 3:
         return "features are not a [B, N, D] tensor"
-    if _autocast_dtype(features) is not None:
+    if _library.autocast_dtype(features) is not None:
         return "autocast is on"
     if _functorch_transform_active():
         return "a torch.func transform is active"

@@ -280,15 +280,9 @@ class LoRAQKV(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Under autocast lora_qkv casts its operands to the autocast dtype itself, as nn.Linear
+        # would (LayerNorm hands it fp32; the fp32 master factors get the gradients).
         lora_a, lora_b = self.lora_a, self.lora_b
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # A custom op is not cast by autocast, and LayerNorm hands it fp32: cast all five
-            # operands to the autocast dtype here so the GEMMs run in bf16 like nn.Linear
-            # would (the casts are differentiable; the fp32 master factors get the grads).
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight, lora_a, lora_b = (t.to(dtype) for t in (x, weight, lora_a, lora_b))
-            bias = None if bias is None else bias.to(dtype)
         return ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=self.scaling,
                                     dropout_p=self.dropout_p, training=self.training, backend=backend)
 

@@ -71,17 +71,24 @@ def _check_against_single_process(tmp_path, sizes, dim, with_labels, atol):
     torch.testing.assert_close(summed, scale.grad, rtol=0, atol=atol)
 
 
+# (name, local batch sizes, labels given, process-group timeout in s). Some ranks may hold no
+# rows (the last batch of a sampler split over ranks): they contribute nothing, still return the
+# global loss and get [0, D] gradients; their cases fail fast if a rank is left waiting.
 CASES = [
-    ("2_ranks_labels", (9, 9), True),
-    ("3_ranks_labels_uneven", (5, 1, 8), True),
-    ("3_ranks_no_labels", (6, 6, 6), False),
+    ("2_ranks_labels", (9, 9), True, 60),
+    ("3_ranks_labels_uneven", (5, 1, 8), True, 60),
+    ("3_ranks_no_labels", (6, 6, 6), False, 60),
+    ("2_ranks_second_empty", (3, 0), True, SHORT_TIMEOUT_S),
+    ("3_ranks_first_empty", (0, 5, 4), True, SHORT_TIMEOUT_S),
+    ("3_ranks_two_empty_no_labels", (0, 7, 0), False, SHORT_TIMEOUT_S),
 ]
 
 
-@pytest.mark.parametrize("name,sizes,with_labels", CASES, ids=[c[0] for c in CASES])
-def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels, tmp_path):
+@pytest.mark.parametrize("name,sizes,with_labels,timeout_s", CASES, ids=[c[0] for c in CASES])
+def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels, timeout_s, tmp_path):
     dim = 12
-    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path)))
+    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path), "torch", torch.float64,
+                             timeout_s))
     _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
 
 
@@ -110,23 +117,6 @@ def test_mismatched_ranks_raise_on_every_rank(tmp_path):
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "embedding dim" in messages[0] and "[8, 9]" in messages[0]
-
-
-# Some ranks hold no rows (the last batch of a sampler split over ranks): they contribute
-# nothing, still return the global loss and get [0, D] gradients.
-EMPTY_CASES = [
-    ("2_ranks_second_empty", (3, 0), True),
-    ("3_ranks_first_empty", (0, 5, 4), True),
-    ("3_ranks_two_empty_no_labels", (0, 7, 0), False),
-]
-
-
-@pytest.mark.parametrize("name,sizes,with_labels", EMPTY_CASES, ids=[c[0] for c in EMPTY_CASES])
-def test_empty_local_batches(name, sizes, with_labels, tmp_path):
-    dim = 12
-    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path), "torch", torch.float64,
-                             SHORT_TIMEOUT_S))
-    _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
 
 
 def test_empty_global_batch_raises_on_every_rank(tmp_path):
