@@ -43,15 +43,37 @@ def create_temp_file(path: str | os.PathLike) -> tuple[int, str]:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(handle)`` on a temporary file, then move it to ``path`` atomically."""
+
+    def fill(fd: int, tmp: str) -> None:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    _fill_then_rename(path, fill)
+
+
+def atomic_write_to_path(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """:func:`atomic_write` for a writer that takes only a file name: ``write(temp path)``."""
+
+    def fill(fd: int, tmp: str) -> None:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    _fill_then_rename(path, fill)
+
+
+def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None]) -> None:
+    """``fill(fd, temp path)`` a new temp file beside ``path`` (it flushes and fsyncs it), rename
+    it over ``path``, fsync the directory; on any error the temp file is removed."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = create_temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fill(fd, tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

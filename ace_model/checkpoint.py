@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -185,3 +185,30 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
             destination.copy_(source)
     model.reference_metadata = dict(metadata)
     return dict(metadata)
+
+
+def read_model_file(load: Callable[[], Any], error: type[Exception], subject: str, what: str) -> Any:
+    """``load()`` (a torch or safetensors load of one file); a file that cannot be read raises
+    ``error("<subject>: cannot be read as <what> (corrupt or truncated file?): <reason>")``.
+
+    A missing file, a permission or directory error and a memory error are not about the
+    file's content: they pass through as they are.
+    """
+    try:
+        return load()
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception as exc:
+        raise error(f"{subject}: cannot be read as {what} (corrupt or truncated file?): {first_line(exc)}") from exc
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``TypeName: first sentence of the message`` (torch's load errors run to paragraphs)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    sentence_end = text.find(". ")
+    if sentence_end > 0:
+        text = text[: sentence_end + 1]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -176,18 +176,15 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from ace_model.checkpoint import read_model_file
 
-            return load_file(str(path), device="cpu")
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
-        raise  # not the file's content: say what it is
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"pretrained checkpoint {path}: cannot be read (corrupt or truncated file, or not a "
-                         f"torch/safetensors checkpoint?): {type(exc).__name__}: {first}") from exc
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return read_model_file(lambda: load_file(str(path), device="cpu"), ValueError,
+                               f"pretrained checkpoint {path}", "a safetensors file")
+    state = read_model_file(lambda: torch.load(str(path), map_location="cpu", weights_only=True), ValueError,
+                            f"pretrained checkpoint {path}", "a torch checkpoint")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

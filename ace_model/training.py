@@ -58,8 +58,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, create_temp_file,
-                               fsync_directory, temp_name_pattern)
+from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
+                               temp_name_pattern)
+from ace_model.checkpoint import first_line, read_model_file
 
 STATE_FORMAT = "ace-lora-train-state"
 # Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps,
@@ -598,19 +599,8 @@ def _atomic_reference_save(model: nn.Module, path: Path) -> None:
 
     if isinstance(model, ACELoRA):
         atomic_write(path, model.save_reference_checkpoint)
-        return
-    fd, tmp = create_temp_file(path)
-    os.close(fd)
-    try:
-        model.save_reference_checkpoint(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
+    else:
+        atomic_write_to_path(path, model.save_reference_checkpoint)
 
 
 def _checkpoint_names(step: int) -> tuple[str, str]:
@@ -703,22 +693,10 @@ def _read_latest(latest: Path) -> Path:
         path = latest.parent / record["state"]
     except (ValueError, KeyError, TypeError) as exc:
         raise TrainingStateError(f"{latest}: unreadable checkpoint pointer, expected JSON with a 'state' "
-                                 f"file name ({_first_line(exc)})") from exc
+                                 f"file name ({first_line(exc)})") from exc
     if not path.exists():
         raise FileNotFoundError(f"{latest} names {record['state']}, which does not exist")
     return path
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """``TypeName: first sentence of the message`` (torch's load errors run to paragraphs)."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    sentence_end = text.find(". ")
-    if sentence_end > 0:
-        text = text[: sentence_end + 1]
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_state(path: str | os.PathLike) -> dict:
@@ -732,13 +710,8 @@ def load_state(path: str | os.PathLike) -> dict:
         Naming ``path``, when the file cannot be read (corrupt, truncated, not a torch
         file) or is not a training state of a version this code reads.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
-        raise  # not the file's content: say what it is
-    except Exception as exc:
-        raise TrainingStateError(f"{path}: cannot be read as a training state (corrupt or truncated file?): "
-                                 f"{_first_line(exc)}") from exc
+    state = read_model_file(lambda: torch.load(path, map_location="cpu", weights_only=True), TrainingStateError,
+                            str(path), "a training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise TrainingStateError(f"{path}: not an ace-lora training state (format field {found!r}, "
