@@ -9,6 +9,8 @@ reference does with CheXpert's missing and uncertain labels).
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import os
 import random
@@ -162,6 +164,14 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     return header, rows
 
 
+def _rows_fingerprint(label_columns, rows) -> str:
+    digest = hashlib.sha256(json.dumps(list(label_columns)).encode())
+    for row in rows:
+        digest.update(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
 def _first_non_utf8(path: str) -> str:
     with open(path, "rb") as handle:
         data = handle.read()
@@ -207,6 +217,8 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
     Rows are numbered from 1 (the first row after the header) in error messages. The
     existence of every image file is checked when the dataset is built; an unreadable
     image fails when it is read, naming its row and file.
+
+    :meth:`fingerprint` identifies the rows' content, which a resumed training run checks.
     """
 
     def __init__(self, csv_path: str | os.PathLike, tokenizer, image_size: int | None = None, *,
@@ -238,6 +250,15 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
             self.texts.append(row.get(text_column) or "")
             labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
         self.labels = torch.tensor(labels, dtype=torch.float32).reshape(len(rows), len(self.label_columns))
+        self._fingerprint = _rows_fingerprint(self.label_columns, (
+            (row.get(image_column).strip(), text, label) for row, text, label in zip(rows, self.texts, labels)))
+
+    def fingerprint(self) -> str:
+        """A sha256 of the label column names and each row's image name (as the CSV gives it),
+        text and parsed labels, in order: equal for the same rows wherever the files are, and
+        different when a row, its order, a text or a label changes. Image bytes are not read.
+        """
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.image_paths)

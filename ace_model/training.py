@@ -63,8 +63,8 @@ from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_tex
 from ace_model.checkpoint import first_line, read_model_file
 
 STATE_FORMAT = "ace-lora-train-state"
-# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps,
-# read when present). Version 1 states are still read: the dataset check is skipped and the
+# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps and
+# dataset_fingerprint, read when present). Version 1 states are still read: the dataset check is skipped and the
 # run's checkpoints are inferred.
 STATE_VERSION = 2
 _READABLE_STATE_VERSIONS = (1, 2)
@@ -809,9 +809,16 @@ def _build_dataset(config: TrainConfig, model: nn.Module):
     return CSVImageTextDataset(config.csv, tokenizer=model.tokenizer(), **kwargs)
 
 
-def _config_fingerprint(config: TrainConfig, dataset_len: int, trainable) -> dict:
+def _dataset_fingerprint(dataset) -> str | None:
+    """``dataset.fingerprint()`` when the dataset has one (the CSV datasets do), else None."""
+    method = getattr(dataset, "fingerprint", None)
+    return None if not callable(method) else str(method())
+
+
+def _config_fingerprint(config: TrainConfig, dataset_len: int, trainable, dataset_fingerprint=None) -> dict:
     fields = {k: v for k, v in config.to_dict().items() if k not in ("out_dir", "resume", "progress", "device")}
     fields["dataset length"] = dataset_len
+    fields["dataset fingerprint"] = dataset_fingerprint
     fields["trainable shapes"] = [(n, tuple(p.shape)) for n, p in trainable]
     return fields
 
@@ -835,7 +842,8 @@ def train(
         one, is called with a temp path that the loop fsyncs and renames.
     dataset : Dataset, optional
         Map-style dataset of ``(image, token_ids, labels)`` items, used instead of
-        ``CSVImageTextDataset(config.csv)``.
+        ``CSVImageTextDataset(config.csv)``. When it has a ``fingerprint()`` method (the CSV
+        datasets do), its string is saved in the state, compared on resume and across ranks.
     loss_fn : callable, optional
         Defaults to ``ace_kernels.label_guided_infonce``.
 
@@ -891,6 +899,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         raise ValueError("model.logit_scale is not among the trainable parameters")
 
     n = len(dataset)
+    dataset_fingerprint = _dataset_fingerprint(dataset)
     if config.batch_size % world:
         raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly over {world} processes")
     local_batch = config.batch_size // world
@@ -903,7 +912,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_epochs * steps_per_epoch))
 
     if group is not None:
-        check_ranks_agree(_config_fingerprint(config, n, trainable), group, what="the training configuration")
+        check_ranks_agree(_config_fingerprint(config, n, trainable, dataset_fingerprint), group,
+                          what="the training configuration")
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):
                 comm = tensor.data if _comm_device(group) == tensor.device else tensor.data.to(_comm_device(group))
@@ -924,7 +934,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     checkpoint_steps: list[int] = []
     if resume_path is not None:
         state = load_state(resume_path)
-        _check_resume_config(state, config, world, n, steps_per_epoch, resume_path)
+        _check_resume_config(state, config, world, n, steps_per_epoch, resume_path, dataset_fingerprint)
         _load_trainable(trainable, state["trainable"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1003,7 +1013,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        n, steps_per_epoch, checkpoint_steps)
+                        n, steps_per_epoch, checkpoint_steps, dataset_fingerprint)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0
@@ -1032,7 +1042,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                 epoch_gen_state, device, group, rank, world, metrics, dataset_length, steps_per_epoch,
-                checkpoint_steps):
+                checkpoint_steps, dataset_fingerprint=None):
     snapshot = _rng_snapshot(device)
     if group is not None:
         rng_all: list = [None] * world
@@ -1055,6 +1065,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
             "world_size": world,
             "config": config.to_dict(),
             "dataset_length": dataset_length,
+            "dataset_fingerprint": dataset_fingerprint,
             "steps_per_epoch": steps_per_epoch,
             # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
         }
@@ -1070,7 +1081,8 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
     return path, reference, checkpoint_steps
 
 
-def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, steps_per_epoch: int, path) -> None:
+def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, steps_per_epoch: int, path,
+                         dataset_fingerprint: str | None = None) -> None:
     saved = state["config"]
     now = config.to_dict()
     for key in sorted(set(saved) | set(now)):
@@ -1089,6 +1101,13 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, s
             f"({state['steps_per_epoch']} steps per epoch), this run's has {n} ({steps_per_epoch} steps per "
             "epoch); a different dataset changes the data order and the schedule, so resuming would not "
             "continue the same run")
+    # Checked when both runs' datasets have a fingerprint (the CSV datasets do; a custom one may not).
+    saved_fingerprint = state.get("dataset_fingerprint")
+    if saved_fingerprint is not None and dataset_fingerprint is not None and saved_fingerprint != dataset_fingerprint:
+        raise TrainingStateError(
+            f"resume from {path}: the dataset's content differs from the saved run's (same {n} samples, but "
+            f"fingerprint {dataset_fingerprint[:12]}... instead of {saved_fingerprint[:12]}...: a row, its order, "
+            "a text or a label changed), so resuming would not continue the same run")
 
 
 def _load_trainable(trainable, saved: dict, path) -> None:

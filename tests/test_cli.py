@@ -149,6 +149,26 @@ def _write_csv(path: Path, header, rows):
     return path
 
 
+def test_csv_fingerprint_follows_the_rows_not_the_location(tiny, synthetic, tmp_path):
+    import shutil
+
+    header, *rows = list(csv.reader(open(synthetic, newline="")))
+    fingerprint = CSVImageTextDataset(synthetic, tiny.tokenizer()).fingerprint()
+    assert len(fingerprint) == 64
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic.parent, moved)  # relative image paths: same rows elsewhere
+    assert CSVImageTextDataset(moved / synthetic.name, tiny.tokenizer()).fingerprint() == fingerprint
+    text, label = header.index("text"), header.index(SYNTHETIC_CLASSES[0])
+    swapped = [rows[1], rows[0]] + rows[2:]
+    new_text = [rows[0][:text] + [rows[0][text] + "!"] + rows[0][text + 1:]] + rows[1:]
+    new_label = [rows[0][:label] + [str(1 - int(rows[0][label]))] + rows[0][label + 1:]] + rows[1:]
+    renamed = [header[:label] + ["other"] + header[label + 1:]] + rows
+    for name, (head, body) in {"order": (header, swapped), "text": (header, new_text),
+                               "label": (header, new_label), "columns": (renamed[0], rows)}.items():
+        path = _write_csv(moved / f"{name}.csv", head, body)
+        assert CSVImageTextDataset(path, tiny.tokenizer()).fingerprint() != fingerprint, name
+
+
 def test_csv_missing_columns_are_named(tiny, tmp_path, capsys):
     bad = _write_csv(tmp_path / "bad.csv", ["path", "report"], [["a.png", "text"]])
     with pytest.raises(DataError, match=r"missing required column\(s\) 'image', 'text'"):

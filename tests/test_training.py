@@ -8,6 +8,7 @@ and the tiny ACELoRA (the real towers, LoRA dropout and ACE-HGNN).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -313,6 +314,35 @@ def test_resume_refuses_a_dataset_of_another_size(tmp_path):
                                  rf"epoch\), this run's has {n} \({steps} steps per epoch\)"):
             train(_config(tmp_path, epochs=2, resume="auto"), model=make_model("standin"),
                   dataset=RandomPairs(model, n, seed=1), loss_fn=dense_label_infonce)
+
+
+class _FingerprintedPairs(RandomPairs):
+    """RandomPairs whose fingerprint names its seed, as a CSV dataset's names its rows."""
+
+    def __init__(self, model, n, *, seed):
+        super().__init__(model, n, seed=seed)
+        self.seed = seed
+
+    def fingerprint(self):
+        return hashlib.sha256(str(self.seed).encode()).hexdigest()
+
+
+def test_resume_refuses_a_dataset_with_other_content(tmp_path):
+    model = make_model("standin")
+    train(_config(tmp_path), model=model, dataset=_FingerprintedPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
+    state_path = tmp_path / "run" / "checkpoints" / "state-00000004.pt"
+    one, two = (hashlib.sha256(str(seed).encode()).hexdigest() for seed in (1, 2))
+    assert load_state(state_path)["dataset_fingerprint"] == one
+    resume = _config(tmp_path, resume=str(state_path))
+    with pytest.raises(training.TrainingStateError,
+                       match=rf"resume from {state_path}: the dataset's content differs from the saved run's "
+                             rf"\(same 8 samples, but fingerprint {two[:12]}\.\.\. instead of {one[:12]}\.\.\."):
+        train(resume, model=make_model("standin"), dataset=_FingerprintedPairs(model, 8, seed=2),
+              loss_fn=dense_label_infonce)
+    # The same content resumes; so does a dataset with no fingerprint (nothing to compare).
+    for same in (_FingerprintedPairs(model, 8, seed=1), RandomPairs(model, 8, seed=1)):
+        result = train(resume, model=make_model("standin"), dataset=same, loss_fn=dense_label_infonce)
+        assert (result["steps"], result["resumed_from"]) == (6, str(state_path))
 
 
 def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
