@@ -447,12 +447,11 @@ def test_undo_after_another_wrapper_warns():
 
 
 @pytest.mark.triton
-@pytest.mark.interpreter
-def test_peft_triton_backend():
-    """The same swap routed to the Triton kernels (the CPU interpreter here), fp32."""
-    model = _bert(lora_dropout=0.25).float().eval()
+def test_peft_triton_backend(device):
+    """The same swap routed to the Triton kernels (the interpreter on a CPU), fp32."""
+    model = _bert(lora_dropout=0.25).float().eval().to(device)
     attention = model.base_model.model.encoder.layer[0].attention.self
-    x = torch.randn(2, 5, 32, requires_grad=True)
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
     before = _forward_backward(model, lambda m, a: attention.value(a) + attention.query(a) * attention.key(a), (x,))
     with ace_kernels.patch(model, backend="triton") as handle:
         after = _forward_backward(model, lambda m, a: attention.value(a) + attention.query(a) * attention.key(a),
@@ -548,15 +547,15 @@ def test_reference_layout_full_step_exact(mode):
 
 
 @pytest.mark.triton
-@pytest.mark.interpreter
-def test_reference_layout_triton_backends():
-    """LoRA and hypergraph on the Triton kernels (interpreter here), fp32, per-op backend dict."""
+def test_reference_layout_triton_backends(device):
+    """LoRA and hypergraph on the Triton kernels (the interpreter on a CPU), fp32, per-op backend dict."""
     clip, loss_fn, images, texts, frame = _reference_setup()
-    model = _Pair([clip, loss_fn]).float().train()
+    model = _Pair([clip, loss_fn]).float().train().to(device)
+    texts = texts.to(device)
     for module in model.modules():
         if isinstance(module, ReferenceLoRALinear):
             module.bias.requires_grad_(False)  # the Triton kernels take a frozen base layer
-    images = images.float()
+    images = images.float().to(device)
     run = lambda m, *a: _run_loss(m, *a)  # noqa: E731
     before = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
     backends = {"lora_linear": "triton", "lora_qkv": "triton", "ace_hypergraph": "triton",
