@@ -105,7 +105,7 @@ setup(
     version="0.1.0",
     description="Fused Triton and CUDA kernels for ACE-LoRA: LoRA q/k/v, hyperedge attention, label-guided InfoNCE",
     packages=find_packages(include=["ace_kernels", "ace_kernels.*", "ace_model", "ace_model.*"]),
-    package_data={"ace_model": ["configs/**/*", "configs/*"], "ace_kernels": ["dispatch_order.json"]},
+    package_data={"ace_model": ["configs/**/*", "configs/*"], "ace_kernels": ["dispatch_order.json", "tuned_configs.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],

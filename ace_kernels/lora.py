@@ -66,7 +66,7 @@ from typing import Iterator
 
 import torch
 
-from ace_kernels import _dispatch, _library
+from ace_kernels import _dispatch, _library, _tuning
 from ace_kernels._checks import check_probability, check_same_dtype, check_tensor
 
 __all__ = ["lora_linear", "lora_qkv", "lora_qkv_packed", "capture_dropout_masks", "saved_activation_bytes"]
@@ -773,10 +773,36 @@ _INTERPRETER_CONFIGS = {
 }
 
 
+# Alternatives to the 16-bit defaults above that a GPU benchmark run times side by side
+# (``python -m benchmarks --only tuning``; ``_tuning`` then launches the fastest on that card).
+# Each compiles for sm_90a without spills in every launch variant (tests/test_lora.py), as the
+# defaults do. 16-bit only: the GPU benchmarks run bf16.
+_GPU_CANDIDATES = {
+    ("down", "16bit"): (dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                        dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=3),
+                        dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4)),
+    ("fused", "16bit"): (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+                         dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+                         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5),
+                         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)),
+    ("backward", "16bit"): (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=4, num_stages=3),
+                            dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=4),
+                            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3),
+                            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=4)),
+}
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
 def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
-    if device.type == "cpu":  # the interpreter
-        return dict(_INTERPRETER_CONFIGS[kernel])
-    return dict(_GPU_CONFIGS[kernel]["fp32" if dtype == torch.float32 else "16bit"])
+    dtype_class = _dtype_class(dtype)
+    if device.type == "cpu":  # the interpreter: a forced configuration (a test of it), else small tiles
+        forced = _tuning.forced_config("lora", kernel, dtype_class)
+        return forced if forced is not None else dict(_INTERPRETER_CONFIGS[kernel])
+    return _tuning.gpu_config("lora", kernel, dtype_class, device, _GPU_CONFIGS[kernel][dtype_class],
+                              _GPU_CANDIDATES.get((kernel, dtype_class), ()))
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:

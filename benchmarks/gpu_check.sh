@@ -13,8 +13,9 @@
 #   2. run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570); the script
 #      keeps inside GPU_CHECK_BUDGET=540 s (default), the 30 s above it are margin.
 #   3. give_back right after (unless making the second call below at once).
-#   4. Commit $OUT's JSON and PNG under benchmarks/results/ (named after the card) and
-#      dispatch_order.json over ace_kernels/dispatch_order.json.
+#   4. Commit $OUT's JSON and PNG under benchmarks/results/ (named after the card),
+#      dispatch_order.json over ace_kernels/dispatch_order.json and tuned_configs.json over
+#      ace_kernels/tuned_configs.json.
 #
 # Stages, each under its own `timeout`, each logged; a failing stage never stops the next:
 #   1. carried wheels in .whl/ installed into /tmp/site (PYTHONPATH), if any       (cap 60 s)
@@ -25,7 +26,7 @@
 #      after a good build the sha256 of csrc/ and setup.py goes to build/<the .so's name>.sources.sha256
 #      (build/ is git-ignored and stays on a warm machine; mtimes would not do, the tree is copied
 #      afresh for every call) and a later call compares it (a second call on a warm machine) (cap 120 s)
-#   3. python3 -m ace_kernels.info                                                  (cap 30 s)
+#   3. python3 -m ace_kernels.info, into gpu_check.log                              (cap 30 s)
 #   4. the GPU tests: first pytest -m gpu (the GPU-only tests, bf16 among them), then
 #      -m "triton and not gpu", test_compile.py last; collection errors of modules that need
 #      packages missing there do not stop the others                                 (cap 100 s)
@@ -41,9 +42,10 @@
 # nvidia-smi + 120 build + ~8 info + 100 tests + ~5 between stages) - 21 (RESERVE and the 1 s
 # under it) = ~280 s, its budget ~235 s (grace 35 s); with a typical build (~60-90 s), ~310-340 s.
 # The Triton kernels the tests compile stay in the cache, so the suite does not compile them again.
-# Files back (at most 8): gpu_check.log, build.log, info.txt, tests.log, bench.log,
-# <device>-<date>.json and .png, dispatch_order.json (the measured backend order of
-# backend="auto" on this card; only written when the run timed two backends at one shape).
+# Files back (at most 8): gpu_check.log, build.log, tests.log, bench.log, <device>-<date>.json
+# and .png, dispatch_order.json (the measured backend order of backend="auto" on this card; only
+# written when the run timed two backends at one shape) and tuned_configs.json (the LoRA kernels'
+# fastest launch configurations on this card; only written when the run swept them, family tuning).
 #
 # Switches: GPU_CHECK_BUDGET (s, default 540), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_FORCE_BUILD=1,
 # GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph"
@@ -53,11 +55,12 @@
 # record; else git when the copy has .git, else the file .git_sha at the repository root).
 #
 # Costly items and an optional second call. Families run in the order lora, hypergraph,
-# contrastive, model, training, cheap items first within each; the two costly items come last
-# (estimates for an H100/H200):
+# contrastive, model, training, tuning, cheap items first within each; the three costly items
+# come last (estimates for an H100/H200):
 #   model: ace_lora_max_batch, the largest-batch search, reference-ops and ours (~30-80 s);
 #   training: chunked_train_step, BiomedCLIP at B=64, 512 and 16,384 with chunk 256 (model
-#     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s).
+#     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s);
+#   tuning: lora_config_sweep, the LoRA kernels at each candidate launch configuration (~40 s).
 # Each is skipped, with the reason, when its estimate exceeds the time left. Only when the
 # first call skipped them AND the session's device time allows, call again AT ONCE (the
 # machine stays warm 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left):
@@ -67,7 +70,8 @@
 # (skip it when B is under ~120 s), then give_back. Its build is skipped on its own (the
 # extension from the first call is still in place), and its files are named <device>-<date>-costly.*
 # so they never overwrite the first call's; a costly run times one backend per item, so it
-# holds no dispatch order and writes none (one it did write would be dispatch_order-costly.json).
+# holds no dispatch order and writes none (one it did write would be dispatch_order-costly.json);
+# its sweep, if it runs there, writes tuned_configs-costly.json.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -203,8 +207,10 @@ else
 fi
 
 # 3. what can run here
-run_stage info 30 "$OUT/info.txt" $PY -m ace_kernels.info
-cat "$OUT/info.txt" >>"$LOG" 2>/dev/null
+INFO=$(mktemp)
+run_stage info 30 "$INFO" $PY -m ace_kernels.info
+cat "$INFO" >>"$LOG" 2>/dev/null
+rm -f "$INFO"
 
 # 4. GPU tests: the GPU-only tests first (a cut stage then loses Triton tests, which CI also
 #    runs under the interpreter), then the Triton tests on the GPU, test_compile.py last (its
@@ -289,9 +295,22 @@ if [ -f "$OUT/$STEM.json" ]; then
     esac
 fi
 
+# The LoRA kernels' fastest launch configurations on this card (ace_kernels/tuned_configs.json
+# updated from this run's sweep rows; commit it over the package's file). Not written (rc 3)
+# when the run swept nothing (family tuning skipped or out of time).
+TUNED=tuned_configs$SUFFIX.json
+if [ -f "$OUT/$STEM.json" ]; then
+    timeout "$(post_limit)" $PY -m benchmarks.tuned_configs "$OUT/$STEM.json" --out "$OUT/$TUNED" >>"$LOG" 2>&1
+    case $? in
+        0) ;;
+        3) say "tuned configurations: this run swept none; nothing written" ;;
+        *) say "tuned configurations: not written (see above)" ;;
+    esac
+fi
+
 # Nothing else may land under $OUT (at most 8 files come back).
-find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' ! -name 'info.txt' \
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' \
     ! -name 'tests.log' ! -name 'bench.log' ! -name "$STEM.json" ! -name "$STEM.png" \
-    ! -name "$ORDER" -exec rm -rf {} +
+    ! -name "$ORDER" ! -name "$TUNED" -exec rm -rf {} +
 say "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit 0

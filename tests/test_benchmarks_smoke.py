@@ -461,11 +461,14 @@ def _bench(args, tmp_path, name, env_extra=None, timeout=240):
 def test_quick_run_ran_each_family_in_its_own_process(quick_run):
     run = quick_run[0]["run"]
     assert run["isolation"] == "process per family"
-    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "model", "training"}
+    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "model", "training", "tuning"}
     assert all(status["outcome"] == "ok" and status["rc"] == 0 for status in run["families"].values()), run
     # Rows of every family landed in the one file, and the training family (its own process)
     # found the model family's rows of the earlier process (its backend choice reads them).
     assert {r["family"] for r in quick_run[0]["rows"]} >= {"lora", "hypergraph", "contrastive", "model", "training"}
+    # The GPU sweep (family tuning) says why it has no rows on the CPU.
+    assert any(line.startswith("lora_config_sweep: skipped (a sweep of GPU launch configurations")
+               for line in run["skipped"]), run["skipped"]
 
 
 @pytest.mark.parametrize("fault,options,outcome", [

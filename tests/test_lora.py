@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ace_kernels
-from ace_kernels import lora as lora_module
+from ace_kernels import _tuning, lora as lora_module
 from oracle_lora import fp64_leaves, lora_linear_oracle, lora_qkv_oracle
 
 
@@ -560,6 +560,22 @@ def test_triton_fp16_two_x_torch_rule(device):
     check_two_x_torch_rule(case, torch.float16, device, floor=1e-3)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel,number", [(kernel, number)
+                                           for (kernel, _), candidates in lora_module._GPU_CANDIDATES.items()
+                                           for number in range(1, len(candidates) + 1)])
+def test_triton_sweep_candidates_two_x_torch_rule(kernel, number, device):
+    """Each launch configuration a GPU sweep may pick (and _tuning then launch), forced, in fp16:
+    rows, K and the stacked outputs not multiples of its tiles, dropout on."""
+    config = lora_module._GPU_CANDIDATES[(kernel, "16bit")][number - 1]
+    case = Case("candidate", "qkv", (2, 77), 149, 70, 4, dropout_p=0.1)
+    before = lora_module._config(kernel, torch.float16, device)
+    with _tuning.forced("lora", kernel, "16bit", config):
+        assert lora_module._config(kernel, torch.float16, device) == config != before
+        check_two_x_torch_rule(case, torch.float16, device, floor=1e-3)
+    assert lora_module._config(kernel, torch.float16, device) == before  # the block ended, the force with it
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("rows", [8 * 197, 64 * 197 + 3])
@@ -591,8 +607,13 @@ _UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_sj", "stride_br"
                  "stride_dxk"}
 
 
+# The most shared memory one block of an sm_90 GPU can have (227 KiB, opted in).
+HOPPER_SHARED_BYTES = 227 * 1024
+
+
 def _aot_launches(dtype):
-    """(label, kernel, signature, constexprs, num_warps, num_stages) for every launch variant."""
+    """(label, kernel, signature, constexprs, num_warps, num_stages) for every launch variant, at
+    the default configurations and at each sweep candidate (``lora._GPU_CANDIDATES``)."""
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     dot_precision, lora_precision = lora_module._precisions(dtype)
     pointer_types = {
@@ -603,8 +624,8 @@ def _aot_launches(dtype):
     }
     float_args = {"inv_keep", "scaling", "lora_factor"}
 
-    def build(label, kernel, name, constexprs):
-        cfg = lora_module._config(name, dtype, torch.device("cuda"))
+    def build(label, kernel, name, constexprs, cfg=None):
+        cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][lora_module._dtype_class(dtype)])
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         constexprs = dict(constexprs, **cfg)
         signature = {}
@@ -637,6 +658,20 @@ def _aot_launches(dtype):
                                   "fused", dict(HAS_BIAS=has_bias, PROJECTIONS=projections, BLOCK_R=block_r,
                                                 DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision)))
     launches.append(build("mask", lora_module._lora_mask_kernel, "mask", dict(PROJECTIONS=3)))
+    kernels = {"down": lora_module._lora_down_kernel, "fused": lora_module._lora_fused_linear_kernel,
+               "backward": lora_module._lora_backward_kernel}
+    defaults = {label.split(" ")[0]: [] for label, *_ in launches}
+    for launch in launches:
+        defaults[launch[0].split(" ")[0]].append(launch)
+    for (name, dtype_class), candidates in lora_module._GPU_CANDIDATES.items():
+        if dtype_class != lora_module._dtype_class(dtype):
+            continue
+        for number, cfg in enumerate(candidates, start=1):
+            for label, kernel, _, constexprs, _, _ in defaults[name]:
+                if name == "backward" and not constexprs["COMPUTE_DX"]:
+                    continue  # the backward without dX has its own entry ("backward_nodx"), not swept
+                fixed = {k: v for k, v in constexprs.items() if k not in cfg and k not in _UNIT_STRIDES}
+                launches.append(build(f"{label} candidate {number}", kernels[name], name, fixed, cfg))
     return launches
 
 
@@ -669,9 +704,12 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
         for r in results:
             print(f"\n  sm_90a {dtype_name:8s} {r['label']:38s} registers={r['registers']:3d} "
                   f"shared={r['shared']:6d} B spills={r['spills']} warps={r['warps']} stages={r['stages']}", end="")
-    assert len(results) == 17
+    # 17 launch variants at the defaults; 16-bit also 12 + 16 + 16 at the sweep's candidates.
+    assert len(results) == (17 if dtype_name == "float32" else 61)
     spilling = [r for r in results if r["spills"]]
     assert not spilling, spilling
+    too_much_shared = [r for r in results if r["shared"] > HOPPER_SHARED_BYTES]
+    assert not too_much_shared, too_much_shared
 
 
 @pytest.mark.triton

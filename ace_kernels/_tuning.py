@@ -1,0 +1,101 @@
+"""Launch configurations measured on a GPU model, and forcing one for a sweep.
+
+A kernel module declares, per kernel and dtype class, its default GPU configuration and a
+short list of alternatives (``candidates``), every one compiled ahead of time for sm_90a
+without register spills by the test-suite. A benchmark run on a GPU times the alternatives
+side by side (``python -m benchmarks --only tuning``) and ``python -m benchmarks.tuned_configs
+RESULTS.json`` writes the fastest correct one per card into ``tuned_configs.json`` beside this
+file. :func:`gpu_config` returns that choice for the card a call runs on, the default otherwise.
+
+Only a configuration among the declared candidates is taken from the file: an entry that is
+not one of them (edited by hand, or left from an older candidate list) is ignored with a
+warning, so no configuration that the spill check has not seen is ever launched.
+
+Nothing here touches the GPU at import time; the file is read once, at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+
+TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
+
+
+def _load() -> dict:
+    try:
+        with open(TUNED_FILE, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    by_device = data.get("by_device") if isinstance(data, dict) else None
+    return by_device if isinstance(by_device, dict) else {}
+
+
+_TUNED = _load()
+_FORCED = threading.local()
+_WARNED: set = set()
+
+
+def tuned_configs() -> dict:
+    """``{device name: {family: {"kernel/dtype class": config}}}`` from :data:`TUNED_FILE`."""
+    return _TUNED
+
+
+def key(kernel: str, dtype_class: str) -> str:
+    return f"{kernel}/{dtype_class}"
+
+
+@contextlib.contextmanager
+def forced(family: str, kernel: str, dtype_class: str, config: dict) -> Iterator[None]:
+    """Launch ``family``'s ``kernel`` for ``dtype_class`` with ``config`` in this thread, on any
+    device (the interpreter included), until the block ends. For sweeps and tests."""
+    stack = getattr(_FORCED, "stack", None)
+    if stack is None:
+        stack = _FORCED.stack = []
+    stack.append(((family, key(kernel, dtype_class)), dict(config)))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def forced_config(family: str, kernel: str, dtype_class: str) -> dict | None:
+    """The configuration :func:`forced` sets for this kernel in this thread (innermost), or None."""
+    wanted = (family, key(kernel, dtype_class))
+    for name, config in reversed(getattr(_FORCED, "stack", None) or ()):
+        if name == wanted:
+            return dict(config)
+    return None
+
+
+def gpu_config(family: str, kernel: str, dtype_class: str, device: torch.device, default: dict,
+               candidates: Sequence[dict]) -> dict:
+    """The configuration to launch on ``device`` (a CUDA device): a forced one, else the one
+    measured fastest on this card model when it is among ``candidates``, else ``default``."""
+    config = forced_config(family, kernel, dtype_class)
+    if config is not None:
+        return config
+    if not _TUNED:
+        return dict(default)
+    from ace_kernels._dispatch import _cuda_device_name
+
+    name = _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    entry = ((_TUNED.get(name) or {}).get(family) or {}).get(key(kernel, dtype_class))
+    if entry is None:
+        return dict(default)
+    if entry == default or any(entry == c for c in candidates):
+        return dict(entry)
+    where = (name, family, key(kernel, dtype_class))
+    if where not in _WARNED:
+        _WARNED.add(where)
+        warnings.warn(f"{TUNED_FILE}: the configuration for {family} {key(kernel, dtype_class)} on {name!r} "
+                      f"({entry}) is not one of the declared candidates; the default is used", RuntimeWarning,
+                      stacklevel=3)
+    return dict(default)

@@ -1,0 +1,150 @@
+"""``python -m benchmarks.tuned_configs RESULTS.json``: the launch configurations that the sweep of
+a GPU benchmark run (family ``tuning``) found fastest, written into ``ace_kernels/tuned_configs.json``
+for the card of that run.
+
+For each swept kernel, a candidate qualifies when its configuration is still one that
+``ace_kernels.lora._GPU_CANDIDATES`` declares (so the spill check has seen it) and its error
+against the reference (``rel_err_vs_reference_p0``) is at most twice the default's plus 1e-4.
+The fastest qualifying candidate is written when its median time is at least ``MARGIN`` below
+the default's, measured in the same run; otherwise the kernel's entry for this card is removed
+(the default is as fast). Kernels the run did not sweep, other cards and other families keep
+what the file held. A result file with no sweep rows writes nothing (exit status 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from ace_kernels import _tuning
+from ace_kernels import lora as lora_ops
+
+MARGIN = 0.03  # 3%: below this a difference is within the run-to-run spread of a GPU timing
+OP_PREFIX = "lora_qkv sweep "
+
+
+class NoSweep(ValueError):
+    """The result file holds no sweep rows (nothing to write)."""
+
+
+def _sweeps(rows: Sequence[dict]) -> dict:
+    """``{kernel: {"dtype_class", "default": row or None, "candidates": [row, ...]}}`` of the sweep rows
+    (one default row per kernel: the one without a baseline)."""
+    sweeps: dict = {}
+    for row in rows:
+        if row.get("family") != "tuning" or not str(row.get("op", "")).startswith(OP_PREFIX):
+            continue
+        metrics = row.get("metrics") or {}
+        kernel = metrics.get("kernel") or row["op"][len(OP_PREFIX):]
+        entry = sweeps.setdefault(kernel, {"dtype_class": metrics.get("dtype_class"), "default": None,
+                                           "candidates": []})
+        if metrics.get("candidate") == 0:
+            entry["default"] = row
+        else:
+            entry["candidates"].append(row)
+    return sweeps
+
+
+def choose(kernel: str, sweep: dict) -> tuple[dict | None, str]:
+    """(the configuration to write, or None to use the default; a line saying why)."""
+    default = sweep["default"]
+    if default is None or not default.get("median_ms"):
+        return None, f"{kernel}: the default was not measured; nothing to compare with"
+    dtype_class = sweep["dtype_class"]
+    declared = lora_ops._GPU_CANDIDATES.get((kernel, dtype_class), ())
+    default_ms = float(default["median_ms"])
+    default_err = float(default["metrics"].get("rel_err_vs_reference_p0", float("inf")))
+    best, notes = None, []
+    for row in sweep["candidates"]:
+        metrics = row["metrics"]
+        name = f"#{metrics.get('candidate')}"
+        if metrics.get("config") not in declared:
+            notes.append(f"{name} is no longer a declared candidate")
+            continue
+        err = float(metrics.get("rel_err_vs_reference_p0", float("inf")))
+        if not err <= 2 * default_err + 1e-4:
+            notes.append(f"{name} error {err:.3g} > 2 x default's {default_err:.3g} + 1e-4")
+            continue
+        if row.get("median_ms") and (best is None or float(row["median_ms"]) < float(best["median_ms"])):
+            best = row
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    if best is None:
+        return None, f"{kernel}/{dtype_class}: no qualifying candidate; the default stays{extra}"
+    ratio = float(best["median_ms"]) / default_ms
+    name = f"#{best['metrics']['candidate']}"
+    if ratio > 1 - MARGIN:
+        return None, (f"{kernel}/{dtype_class}: fastest candidate {name} takes {ratio:.3f}x the default's "
+                      f"{default_ms:.4g} ms, not {MARGIN:.0%} less; the default stays{extra}")
+    return dict(best["metrics"]["config"]), (f"{kernel}/{dtype_class}: candidate {name} {best['metrics']['config']} "
+                                             f"takes {ratio:.3f}x the default's {default_ms:.4g} ms{extra}")
+
+
+def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
+    """The new content of the tuned-configuration file and a report, from a result file's ``payload``."""
+    environment = payload["environment"]
+    device = environment["device"]
+    if environment.get("device_type") != "cuda":
+        raise ValueError(f"argument 'RESULTS': expected a GPU run, got one on {device!r}")
+    sweeps = _sweeps(payload["rows"])
+    if not sweeps:
+        raise NoSweep(f"no sweep rows (family tuning) in this run ({device}): nothing to write")
+    content = dict(existing or {})
+    by_device = dict(content.get("by_device") or {})
+    lora = dict((by_device.get(device) or {}).get("lora") or {})
+    report = [f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"]
+    for kernel, sweep in sorted(sweeps.items()):
+        config, line = choose(kernel, sweep)
+        report.append("  " + line)
+        name = _tuning.key(kernel, sweep["dtype_class"])
+        if config is None:
+            lora.pop(name, None)
+        else:
+            lora[name] = config
+    card = dict(by_device.get(device) or {})
+    if lora:
+        card["lora"] = lora
+    else:
+        card.pop("lora", None)
+    if card:
+        by_device[device] = card
+    else:
+        by_device.pop(device, None)
+    content["by_device"] = by_device
+    return content, report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tuned_configs", description=__doc__.splitlines()[0])
+    parser.add_argument("results", metavar="RESULTS.json", help="a result file of a GPU run of python -m benchmarks")
+    parser.add_argument("--out", default=_tuning.TUNED_FILE, help="the file to update (default: %(default)s)")
+    args = parser.parse_args(argv)
+    with open(args.results, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    existing = None
+    source = args.out if os.path.exists(args.out) else _tuning.TUNED_FILE
+    if os.path.exists(source):
+        with open(source, encoding="utf-8") as handle:
+            existing = json.load(handle)
+    try:
+        content, report = update(payload, existing)
+    except NoSweep as exc:
+        print(f"tuned_configs: {exc}; {args.out} not written", file=sys.stderr)
+        return 3
+    except ValueError as exc:
+        print(f"tuned_configs: {exc}", file=sys.stderr)
+        return 2
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, args.out)
+    print("\n".join(report))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""Launch configurations measured per card: ``ace_kernels._tuning``, the LoRA sweep family of the
+benchmark suite (``benchmarks/bench_tuning.py``) and the tool that writes its choices
+(``python -m benchmarks.tuned_configs``).
+
+No GPU is needed: the card's name is faked where a lookup needs one, and the sweep runs on
+the CPU interpreter through a suite that takes itself for a GPU one (its times mean nothing;
+the rows, the probes and the forcing are what is checked). Whether each candidate computes
+the right thing is tests/test_lora.py's (``test_triton_sweep_candidates_two_x_torch_rule``),
+and whether it compiles for sm_90a without spills too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from ace_kernels import _dispatch, _tuning
+from ace_kernels import lora as lora_ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import bench_tuning, tuned_configs  # noqa: E402
+
+CARD = "NVIDIA H200"
+CUDA0 = torch.device("cuda", 0)
+FUSED = lora_ops._GPU_CANDIDATES[("fused", "16bit")]
+DEFAULT_FUSED = lora_ops._GPU_CONFIGS["fused"]["16bit"]
+
+
+@pytest.fixture
+def on_card(monkeypatch):
+    """Tuned entries for CARD (set them in the returned dict); device cuda:0 is CARD, cuda:1 another card."""
+    tuned: dict = {}
+    monkeypatch.setattr(_tuning, "_TUNED", {CARD: {"lora": tuned}})
+    monkeypatch.setattr(_tuning, "_WARNED", set())
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: {0: CARD, 1: "Other card"}[index])
+    return tuned
+
+
+def test_a_tuned_candidate_is_launched_on_its_card_only(on_card):
+    on_card["fused/16bit"] = dict(FUSED[1])
+    assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
+    assert lora_ops._config("fused", torch.float16, CUDA0) == FUSED[1]  # one 16-bit class
+    assert lora_ops._config("fused", torch.float32, CUDA0) == lora_ops._GPU_CONFIGS["fused"]["fp32"]
+    assert lora_ops._config("fused", torch.bfloat16, torch.device("cuda", 1)) == DEFAULT_FUSED
+    assert lora_ops._config("down", torch.bfloat16, CUDA0) == lora_ops._GPU_CONFIGS["down"]["16bit"]
+    # A forced configuration wins over the file, innermost first, and ends with its block.
+    with _tuning.forced("lora", "fused", "16bit", FUSED[0]):
+        with _tuning.forced("lora", "fused", "16bit", FUSED[2]):
+            assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[2]
+        assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[0]
+    assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
+    # The caller gets a copy: changing it changes nothing.
+    lora_ops._config("fused", torch.bfloat16, CUDA0)["BLOCK_M"] = 1
+    assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
+
+
+def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_card):
+    unvetted = dict(DEFAULT_FUSED, BLOCK_N=512)
+    on_card["fused/16bit"] = unvetted
+    with pytest.warns(RuntimeWarning, match=r"fused/16bit on 'NVIDIA H200' .* not one of the declared candidates"):
+        assert lora_ops._config("fused", torch.bfloat16, CUDA0) == DEFAULT_FUSED
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per entry, not per launch
+        assert lora_ops._config("fused", torch.bfloat16, CUDA0) == DEFAULT_FUSED
+
+
+def test_the_shipped_file_names_only_declared_candidates():
+    # Whatever a GPU run committed: every entry must be launchable (a candidate of its kernel).
+    for card, families in _tuning.tuned_configs().items():
+        for name, config in (families.get("lora") or {}).items():
+            kernel, dtype_class = name.split("/")
+            assert config in lora_ops._GPU_CANDIDATES[(kernel, dtype_class)], (card, name, config)
+
+
+def test_the_interpreter_takes_only_a_forced_configuration(on_card):
+    on_card["fused/16bit"] = dict(FUSED[1])  # a card's file entry never applies to the CPU
+    cpu = torch.device("cpu")
+    assert lora_ops._config("fused", torch.float16, cpu) == lora_ops._INTERPRETER_CONFIGS["fused"]
+    with _tuning.forced("lora", "fused", "16bit", FUSED[0]):
+        assert lora_ops._config("fused", torch.float16, cpu) == FUSED[0]
+        assert lora_ops._config("fused", torch.float32, cpu) == lora_ops._INTERPRETER_CONFIGS["fused"]
+
+
+# --------------------------------------------------------------------------- the sweep family
+
+
+def _suite(tmp_path, *, gpu: bool, providers=("triton",)):
+    from benchmarks.harness import Environment
+    from benchmarks.suite import Suite
+
+    class FakeGpuSuite(Suite):
+        @property
+        def is_gpu(self):
+            return gpu
+
+    env = Environment(device=CARD if gpu else "AMD EPYC", device_type="cuda" if gpu else "cpu", torch="t",
+                      triton=None, cuda=None, git_sha="g", date="d", python="3", threads=1, load_average=None)
+    return FakeGpuSuite(device=torch.device("cpu"), quick=True, json_path=str(tmp_path / "sweep.json"),
+                        png_path=None, time_budget_s=600, max_seconds_per_call=0.05, providers=list(providers),
+                        log=lambda _: None, environment=env)
+
+
+def test_sweep_is_skipped_without_a_gpu_or_without_triton(tmp_path):
+    cpu = _suite(tmp_path, gpu=False)
+    bench_tuning.run(cpu)
+    assert cpu.rows == [] and "lora_config_sweep: skipped (a sweep of GPU launch configurations" in cpu.skipped[0]
+    no_triton = _suite(tmp_path, gpu=True, providers=("torch",))
+    bench_tuning.run(no_triton)
+    assert no_triton.rows == [] and "provider triton not selected" in no_triton.skipped[0]
+    cheap = _suite(tmp_path, gpu=True)
+    cheap.tier = "cheap"
+    bench_tuning.run(cheap)
+    assert cheap.rows == [] and "a costly item" in cheap.skipped[0]
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
+    suite = _suite(tmp_path, gpu=True)
+    bench_tuning.run(suite)
+    payload = json.loads((tmp_path / "sweep.json").read_text())
+    rows = payload["rows"]
+    plan = bench_tuning.sweep_plan("16bit")
+    assert len(rows) == sum(len(configs) for _, configs in plan), suite.skipped
+    for kernel, configs in plan:
+        mine = [r for r in rows if r["op"] == f"lora_qkv sweep {kernel}"]
+        assert [r["metrics"]["candidate"] for r in mine] == list(range(len(configs)))
+        assert [r["metrics"]["config"] for r in mine] == configs
+        default, *candidates = mine
+        assert default["provider"] == "triton" and default["baseline"] is None
+        for number, row in enumerate(candidates, start=1):
+            assert row["provider"] == f"triton+{kernel}#{number}" and row["baseline"] == "triton"
+            assert row["speedup_vs_baseline"] > 0 and row["family"] == "tuning"
+        # fp16 through the interpreter against the fp32 reference: a few fp16 roundings.
+        assert all(r["metrics"]["rel_err_vs_reference_p0"] < 5e-3 for r in mine), mine
+    # The writer takes such a file (which candidate wins on interpreter times is not checked).
+    content, report = tuned_configs.update(payload, None)
+    assert len(report) == 1 + len(plan)
+    assert set(content["by_device"].get(CARD, {}).get("lora", {})) <= {f"{k}/16bit" for k, _ in plan}
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+def _sweep_row(kernel, number, ms, err, config=None, dtype_class="16bit"):
+    if config is None:
+        config = (lora_ops._GPU_CONFIGS[kernel][dtype_class] if number == 0
+                  else lora_ops._GPU_CANDIDATES[(kernel, dtype_class)][number - 1])
+    return {"family": "tuning", "op": f"lora_qkv sweep {kernel}", "shape": "M=12608", "dtype": "bfloat16",
+            "provider": bench_tuning.provider_label(kernel, number), "baseline": None if number == 0 else "triton",
+            "median_ms": ms, "metrics": {"kernel": kernel, "dtype_class": dtype_class, "candidate": number,
+                                         "config": dict(config), "rel_err_vs_reference_p0": err}}
+
+
+def _payload(rows, device=CARD, device_type="cuda"):
+    return {"environment": {"device": device, "device_type": device_type, "git_sha": "abc", "date": "2026-11-29"},
+            "rows": rows}
+
+
+def test_writer_picks_the_fastest_qualifying_candidate():
+    rows = [
+        # fused: #2 is fastest but its error is too large; #4 is no longer declared; #1 wins.
+        _sweep_row("fused", 0, 10.0, 0.004), _sweep_row("fused", 1, 9.0, 0.005),
+        _sweep_row("fused", 2, 8.0, 0.02), _sweep_row("fused", 3, 9.5, 0.004),
+        _sweep_row("fused", 4, 7.0, 0.004, config=dict(DEFAULT_FUSED, BLOCK_N=512)),
+        # backward: the fastest candidate is within the margin; the card's old entry is removed.
+        _sweep_row("backward", 0, 10.0, 0.004), _sweep_row("backward", 1, 9.8, 0.004),
+        # down: its default did not run; nothing to compare with, the old entry is removed too.
+        _sweep_row("down", 1, 1.0, 0.004),
+    ]
+    old_backward = dict(lora_ops._GPU_CANDIDATES[("backward", "16bit")][2])
+    existing = {"about": "kept", "by_device": {
+        CARD: {"lora": {"backward/16bit": old_backward, "down/16bit": dict(lora_ops._GPU_CANDIDATES[("down", "16bit")][0]),
+                        "mask/16bit": {"kept": True}}},
+        "Other card": {"lora": {"fused/16bit": dict(FUSED[2])}}}}
+    content, report = tuned_configs.update(_payload(rows), existing)
+    lora = content["by_device"][CARD]["lora"]
+    assert lora == {"fused/16bit": FUSED[0], "mask/16bit": {"kept": True}}  # kernels not swept keep theirs
+    assert content["by_device"]["Other card"] == existing["by_device"]["Other card"] and content["about"] == "kept"
+    text = "\n".join(report)
+    assert "fused/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
+    assert "#2 error 0.02 > 2 x default's 0.004 + 1e-4" in text and "#4 is no longer a declared candidate" in text
+    assert "backward/16bit: fastest candidate #1 takes 0.980x the default's 10 ms, not 3% less" in text
+    assert "down: the default was not measured" in text
+    # Nothing left for a card: its entry goes.
+    content, _ = tuned_configs.update(_payload([_sweep_row("fused", 0, 10.0, 0.004)]),
+                                      {"by_device": {CARD: {"lora": {"fused/16bit": dict(FUSED[0])}}}})
+    assert content["by_device"] == {}
+
+
+def test_writer_command_line(tmp_path):
+    results, out = tmp_path / "run.json", tmp_path / "tuned.json"
+    results.write_text(json.dumps(_payload([_sweep_row("fused", 0, 10.0, 0.004), _sweep_row("fused", 3, 5.0, 0.004)])))
+    assert tuned_configs.main([str(results), "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["by_device"][CARD]["lora"] == {"fused/16bit": FUSED[2]}
+    assert "about" in written  # the package's file was the base
+    results.write_text(json.dumps(_payload([_sweep_row("fused", 0, 10.0, 0.004)], device="AMD EPYC",
+                                           device_type="cpu")))
+    assert tuned_configs.main([str(results), "--out", str(out)]) == 2
+    before = out.read_text()
+    results.write_text(json.dumps(_payload([{"family": "lora", "op": "lora_qkv", "provider": "triton",
+                                             "median_ms": 1.0, "metrics": {}}])))
+    assert tuned_configs.main([str(results), "--out", str(out)]) == 3
+    assert out.read_text() == before  # nothing written
