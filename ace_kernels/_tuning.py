@@ -1,8 +1,8 @@
 """Launch configurations measured on a GPU model, and forcing one for a sweep.
 
 A kernel module declares, per kernel and dtype class, its default GPU configuration and a
-short list of alternatives (``candidates``), every one compiled ahead of time for sm_90a
-without register spills by the test-suite. A benchmark run on a GPU times the alternatives
+short list of alternatives (``register(family, {(kernel, dtype class): candidates})``), every
+one compiled ahead of time for sm_90a without register spills by the test-suite. A benchmark run on a GPU times the alternatives
 side by side (``python -m benchmarks --only tuning``) and ``python -m benchmarks.tuned_configs
 RESULTS.json`` writes the fastest correct one per card into ``tuned_configs.json`` beside this
 file. :func:`gpu_config` returns that choice for the card a call runs on, the default otherwise.
@@ -21,7 +21,7 @@ import json
 import os
 import threading
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -41,6 +41,22 @@ def _load() -> dict:
 _TUNED = _load()
 _FORCED = threading.local()
 _WARNED: set = set()
+_CANDIDATES: dict[str, dict] = {}
+
+
+def register(family: str, candidates: dict) -> None:
+    """Declare ``family``'s sweep candidates: ``{(kernel, dtype class): (config, ...)}``."""
+    _CANDIDATES[family] = candidates
+
+
+def candidates(family: str, kernel: str, dtype_class: str) -> tuple:
+    """The declared candidates of one kernel and dtype class (empty when none are declared)."""
+    return tuple(_CANDIDATES.get(family, {}).get((kernel, dtype_class), ()))
+
+
+def registered() -> dict:
+    """``{family: {(kernel, dtype class): (config, ...)}}`` of every kernel module imported."""
+    return {family: dict(table) for family, table in _CANDIDATES.items()}
 
 
 def tuned_configs() -> dict:
@@ -75,10 +91,9 @@ def forced_config(family: str, kernel: str, dtype_class: str) -> dict | None:
     return None
 
 
-def gpu_config(family: str, kernel: str, dtype_class: str, device: torch.device, default: dict,
-               candidates: Sequence[dict]) -> dict:
+def gpu_config(family: str, kernel: str, dtype_class: str, device: torch.device, default: dict) -> dict:
     """The configuration to launch on ``device`` (a CUDA device): a forced one, else the one
-    measured fastest on this card model when it is among ``candidates``, else ``default``."""
+    measured fastest on this card model when it is among the declared candidates, else ``default``."""
     config = forced_config(family, kernel, dtype_class)
     if config is not None:
         return config
@@ -90,7 +105,7 @@ def gpu_config(family: str, kernel: str, dtype_class: str, device: torch.device,
     entry = ((_TUNED.get(name) or {}).get(family) or {}).get(key(kernel, dtype_class))
     if entry is None:
         return dict(default)
-    if entry == default or any(entry == c for c in candidates):
+    if entry == default or entry in candidates(family, kernel, dtype_class):
         return dict(entry)
     where = (name, family, key(kernel, dtype_class))
     if where not in _WARNED:

@@ -86,7 +86,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ace_kernels import _dispatch, _library
+from ace_kernels import _dispatch, _library, _tuning
 from ace_kernels._checks import FLOAT_DTYPES, check_tensor
 
 __all__ = ["label_guided_infonce", "LabelGuidedInfoNCE"]
@@ -135,10 +135,12 @@ def _label_keys(labels: torch.Tensor | None) -> torch.Tensor | None:
         rows = torch.where(nan, 0.0, rows) + 0.0  # -0.0 + 0.0 is +0.0: equal values, equal bytes
     elif rows.dtype == torch.bool:
         rows = rows.to(torch.uint8)
-    data = rows.contiguous().view(torch.uint8).reshape(n, rows.shape[1] * rows.element_size())
-    pad = -data.shape[1] % 8
-    if pad:
-        data = F.pad(data, (0, pad))
+    # The bytes go into a fresh zero-padded buffer: reinterpreting them as int64 needs an 8-byte
+    # aligned start and unit strides, which a tensor torch calls contiguous need not have (a
+    # storage offset of a few bytes; a size-1 last dimension with another stride).
+    width = rows.shape[1] * rows.element_size()
+    data = torch.zeros((n, width + (-width % 8)), dtype=torch.uint8, device=device)
+    data[:, :width] = rows.clone(memory_format=torch.contiguous_format).view(torch.uint8).reshape(n, width)
     words = data.view(torch.int64)  # [n, W]; signed order is as good as any for grouping
     order = torch.arange(n, device=device)
     for w in range(words.shape[1] - 1, -1, -1):  # least significant word first: lexicographic
@@ -592,6 +594,22 @@ _GPU_CONFIGS = {
     ("grad", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
     ("grad", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
 }
+# Alternatives that a GPU benchmark run times side by side for the one-dot path of 16-bit inputs
+# (D <= 512, aligned: the benchmarks' D = 512 in bf16); ``_tuning`` then launches the fastest on
+# that card. Keys: (kernel, "16bit/one_dot"). Each compiles for sm_90a without spills at D = 512
+# (the widest BLOCK_D of the path), with and without labels, in both forward kernels for "lse"
+# (tests/test_contrastive.py).
+_GPU_CANDIDATES = {
+    ("lse", "16bit/one_dot"): (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=1),
+                               dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
+                               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2),
+                               dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=3)),
+    ("grad", "16bit/one_dot"): (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
+                                dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
+                                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2),
+                                dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=4)),
+}
+_tuning.register("contrastive", _GPU_CANDIDATES)
 # Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
 # chunk width beyond it, per (kind, aligned).
 _GPU_ONE_DOT_MAX = {"16bit": 512, "fp32": 0}
@@ -602,7 +620,7 @@ _INTERPRETER_D = 64
 
 
 def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool = True,
-                   interpreter: bool | None = None) -> dict:
+                   interpreter: bool | None = None, device: torch.device | None = None) -> dict:
     """Tiles, warps, stages and D split of ``kernel`` ("lse" or "grad") for ``dtype`` embeddings of width ``dim``.
 
     ``aligned``: ``dim`` and every row stride are multiples of 16 elements (what Triton
@@ -610,6 +628,11 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
     columns (a power of two >= 16, as ``tl.dot`` needs), computed once per direction.
     Otherwise similarities take K steps of ``BLOCK_K`` and the gradient is split into
     ``d_chunks`` chunks of ``BLOCK_D`` columns, each recomputing them.
+
+    The tiles, warps and stages are the path's defaults, or on a CUDA ``device`` the ones
+    measured fastest on its card model (``_tuning``); a configuration forced with
+    ``_tuning.forced("contrastive", kernel, "<16bit|fp32>/<path>", ...)`` replaces them, on the
+    interpreter too (``BLOCK_D``, ``ONE_DOT`` and the D split stay the path's).
     """
     if interpreter is None:
         interpreter = _dispatch.interpreter_enabled()
@@ -621,7 +644,14 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
     else:
         one_dot = aligned and dim <= _GPU_ONE_DOT_MAX[kind]
         chunk = _GPU_GRAD_CHUNK[(kind, aligned)]
-        path = "one_dot" if one_dot else ("k_steps" if aligned else "unaligned")
+    path = "one_dot" if one_dot else ("k_steps" if aligned else "unaligned")
+    forced = _tuning.forced_config("contrastive", kernel, f"{kind}/{path}")
+    if forced is not None:
+        config = forced
+    elif not interpreter and device is not None and device.type == "cuda":
+        config = _tuning.gpu_config("contrastive", kernel, f"{kind}/{path}", device,
+                                    _GPU_CONFIGS[(kernel, kind, path)])
+    elif not interpreter:
         config = dict(_GPU_CONFIGS[(kernel, kind, path)])
     width = max(16, triton.next_power_of_2(dim))
     if one_dot:
@@ -662,7 +692,7 @@ def _lse_rows_fake(a, b, scale, keys, lo, hi):
 def _triton_lse_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None, lo: int,
                      hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``."""
-    cfg = _launch_config("lse", a.dtype, a.shape[1], aligned=_aligned(a.shape[1], a, b))
+    cfg = _launch_config("lse", a.dtype, a.shape[1], aligned=_aligned(a.shape[1], a, b), device=a.device)
     lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(hi - lo, cfg["BLOCK_M"]),)
@@ -694,7 +724,7 @@ def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
     132-SM H100), combined in column chunks so that no second buffer of that size appears.
     """
     n, dim = u.shape
-    cfg = _launch_config("lse", u.dtype, dim, aligned=_aligned(dim, u, t))
+    cfg = _launch_config("lse", u.dtype, dim, aligned=_aligned(dim, u, t), device=u.device)
     programs = _lse_programs(u.device, triton.cdiv(n, cfg["BLOCK_M"]))
     col_part = torch.full((programs, n), float("-inf"), dtype=torch.float32, device=u.device)
     row_lse = torch.empty(n, dtype=torch.float32, device=u.device)
@@ -721,7 +751,7 @@ def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, key
     """Gradient w.r.t. ``a`` (in ``a``'s dtype) and the logit-scale gradient of this direction."""
     n, dim = a.shape
     grad_a = torch.empty(n, dim, dtype=a.dtype, device=a.device)
-    cfg = _launch_config("grad", a.dtype, dim, aligned=_aligned(dim, a, b, grad_a))
+    cfg = _launch_config("grad", a.dtype, dim, aligned=_aligned(dim, a, b, grad_a), device=a.device)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), cfg["d_chunks"])
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _grad_rows_kernel[grid](

@@ -792,6 +792,9 @@ _GPU_CANDIDATES = {
 }
 
 
+_tuning.register("lora", _GPU_CANDIDATES)
+
+
 def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
@@ -801,8 +804,7 @@ def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type == "cpu":  # the interpreter: a forced configuration (a test of it), else small tiles
         forced = _tuning.forced_config("lora", kernel, dtype_class)
         return forced if forced is not None else dict(_INTERPRETER_CONFIGS[kernel])
-    return _tuning.gpu_config("lora", kernel, dtype_class, device, _GPU_CONFIGS[kernel][dtype_class],
-                              _GPU_CANDIDATES.get((kernel, dtype_class), ()))
+    return _tuning.gpu_config("lora", kernel, dtype_class, device, _GPU_CONFIGS[kernel][dtype_class])
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -864,6 +866,8 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          apply_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Y [M, P*out] in x's dtype and S [M, P*r] fp32: the down kernel, then the fused linear."""
     x2d = _library.int32_safe(x2d, (1,))  # the K loops
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads it with unit stride (P*out elements: a cheap copy)
     projections, rank, in_features = lora_a3.shape
     out_features = lora_b3.shape[1]
     rows = x2d.shape[0]

@@ -1,21 +1,28 @@
-"""Launch-configuration sweep of the LoRA kernels on a GPU (family ``tuning``).
+"""Launch-configuration sweep of the Triton kernels on a GPU (family ``tuning``).
 
-For each swept kernel (``ace_kernels.lora._GPU_CANDIDATES``: down, fused and backward, 16-bit)
-the fused ``lora_qkv`` forward+backward step of family lora (M = 64*197, K = out = 768, r = 4,
-p = 0.1, bf16) is timed with the kernel's default configuration and with each of its
-candidates, every one forced with ``ace_kernels._tuning.forced`` (the other kernels at their
-defaults), one after the other in one process. The rows of one kernel: op
-``lora_qkv sweep <kernel>``; provider ``triton`` is the default (the baseline) and
-``triton+<kernel>#<n>`` candidate n as declared, from 1; metrics ``kernel``, ``dtype_class``,
-``candidate`` (0: the default), ``config`` and ``rel_err_vs_reference_p0`` (q, k, v and every
-gradient against the reference LoRA with dropout off, as in family lora).
-``python -m benchmarks.tuned_configs RESULTS.json`` turns them into
-``ace_kernels/tuned_configs.json``.
+Each swept kernel is timed inside its op's forward+backward step, once at its default
+configuration and once at each declared candidate (``_GPU_CANDIDATES`` of ``ace_kernels.lora``
+and ``ace_kernels.contrastive``), every one forced with ``ace_kernels._tuning.forced`` while the
+other kernels keep their defaults, one after the other in one process:
+
+- LoRA (``down``, ``fused`` and ``backward``, dtype class ``16bit``): the ``lora_qkv`` step of
+  family lora, M = 64*197, K = out = 768, r = 4, p = 0.1, bf16. Error: q, k, v and every
+  gradient against the reference LoRA with dropout off.
+- InfoNCE (``lse`` and ``grad``, ``16bit/one_dot``): the labelled ``label_guided_infonce`` step,
+  B = 16,384, D = 512, bf16. Error: the loss and the three gradients against the torch
+  backend's chunked path on fp32 copies.
+
+The rows of one kernel: op ``<op> sweep <kernel>``; provider ``triton`` is the default (the
+baseline of the others) and ``triton+<kernel>#<n>`` its candidate n as declared, from 1;
+metrics ``kernel_family`` (``lora`` or ``contrastive``), ``kernel``, ``dtype_class``,
+``candidate`` (0: the default), ``config``, ``rel_err`` (the largest relative error of the
+parts above) and ``rel_err_against``. ``python -m benchmarks.tuned_configs RESULTS.json`` turns
+them into ``ace_kernels/tuned_configs.json``.
 
 GPU only: on the CPU the family is skipped with the reason (the interpreter's times say nothing
-about a GPU's). Its one item, ``lora_config_sweep``, is costly (``--tier``): it runs last in a
+about a GPU's). Its one item, ``triton_config_sweep``, is costly (``--tier``): it runs last in a
 default run, in whatever time is left, or in a ``--tier costly`` call. Estimate: about 3 s per
-configuration (compiling the kernel at it, the probe, about 1 s of timed calls), 14 of them.
+configuration (compiling the kernel at it, the probe, about 1 s of timed calls), 24 of them.
 """
 
 from __future__ import annotations
@@ -24,30 +31,72 @@ import torch
 
 import ace_kernels
 from ace_kernels import _tuning
+from ace_kernels import contrastive as contrastive_ops
 from ace_kernels import lora as lora_ops
-from benchmarks import bench_lora
+from benchmarks import bench_contrastive, bench_lora
 
 FAMILY = "tuning"
-ITEM = "lora_config_sweep"
+ITEM = "triton_config_sweep"
 COSTLY_ITEMS = (ITEM,)
 ALL_COSTLY = True
 SECONDS_PER_CONFIG = 3.0
+OPS = {"lora": "lora_qkv", "contrastive": "label_guided_infonce"}
 
 
-def sweep_plan(dtype_class: str = "16bit") -> list[tuple[str, list[dict]]]:
-    """``[(kernel, [default, candidate 1, ...]), ...]`` for the kernels swept in ``dtype_class``."""
-    return [(kernel, [dict(lora_ops._GPU_CONFIGS[kernel][cls])] + [dict(c) for c in candidates])
-            for (kernel, cls), candidates in lora_ops._GPU_CANDIDATES.items() if cls == dtype_class]
+def _default(kernel_family: str, kernel: str, dtype_class: str) -> dict:
+    if kernel_family == "lora":
+        return dict(lora_ops._GPU_CONFIGS[kernel][dtype_class])
+    return dict(contrastive_ops._GPU_CONFIGS[(kernel, *dtype_class.split("/"))])
+
+
+def sweep_plan() -> list[dict]:
+    """``[{"kernel_family", "kernel", "dtype_class", "configs": [default, candidate 1, ...]}, ...]``."""
+    plan = []
+    for kernel_family, table in (("lora", lora_ops._GPU_CANDIDATES), ("contrastive", contrastive_ops._GPU_CANDIDATES)):
+        for (kernel, dtype_class), candidates in table.items():
+            plan.append(dict(kernel_family=kernel_family, kernel=kernel, dtype_class=dtype_class,
+                             configs=[_default(kernel_family, kernel, dtype_class)] + [dict(c) for c in candidates]))
+    return plan
 
 
 def provider_label(kernel: str, number: int) -> str:
     return "triton" if number == 0 else f"triton+{kernel}#{number}"
 
 
-def _shape(suite) -> dict:
-    if suite.quick:
-        return dict(m=2 * 37, k=96, out=80, r=4)
-    return dict(m=64 * 197, k=768, out=768, r=4)
+def _lora_case(suite, dtype):
+    shape = dict(m=2 * 37, k=96, out=80, r=4) if suite.quick else dict(m=64 * 197, k=768, out=768, r=4)
+    generator = torch.Generator(device=suite.device).manual_seed(0)
+    x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, suite.device, generator)
+
+    def check():
+        return bench_lora._check_against_reference("triton", x, weight, bias, lora_a, lora_b, grad_out)
+
+    def step():
+        outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=bench_lora.SCALING,
+                                    dropout_p=bench_lora.DROPOUT, training=True, backend="triton")
+        torch.autograd.backward(outs, grad_out)
+
+    text = f"M={shape['m']} K={shape['k']} out={shape['out']} r={shape['r']} p={bench_lora.DROPOUT}"
+    return text, check, step, [x, lora_a, lora_b], "reference LoRA, dropout off"
+
+
+def _contrastive_case(suite, dtype):
+    batch, dim = (150, 64) if suite.quick else (16384, 512)
+    generator = torch.Generator(device=suite.device).manual_seed(0)
+    image, text, scale, labels = bench_contrastive._inputs(batch, dim, dtype, suite.device, generator)
+    reference = bench_contrastive._torch_fp32_chunked(labels)
+
+    def check():
+        return max(bench_contrastive._check("triton", image, text, scale, labels, reference, torch.float32).values())
+
+    def step():
+        ace_kernels.label_guided_infonce(image, text, scale, labels, backend="triton").backward()
+
+    return (f"B={batch} D={dim} labels", check, step, [image, text, scale],
+            "torch backend's chunked path on fp32 copies")
+
+
+CASES = {"lora": _lora_case, "contrastive": _contrastive_case}
 
 
 def run(suite) -> None:
@@ -58,42 +107,40 @@ def run(suite) -> None:
     if "triton" not in suite.providers:
         suite.skip(ITEM, "provider triton not selected (--providers)")
         return
+    plan = sweep_plan()
+    if not suite.include(ITEM, costly=True, estimate_s=SECONDS_PER_CONFIG * sum(len(p["configs"]) for p in plan)):
+        return
     # bf16 on a GPU; a GPU suite faked on the CPU (a test) runs the interpreter, whose bf16 is wrong.
     dtype = suite.dtype() if suite.device.type == "cuda" else torch.float16
-    dtype_class = lora_ops._dtype_class(dtype)
-    plan = sweep_plan(dtype_class)
-    if not suite.include(ITEM, costly=True, estimate_s=SECONDS_PER_CONFIG * sum(len(c) for _, c in plan)):
-        return
-    shape = _shape(suite)
-    shape_text = f"M={shape['m']} K={shape['k']} out={shape['out']} r={shape['r']} p={bench_lora.DROPOUT}"
-    generator = torch.Generator(device=suite.device).manual_seed(0)
-    x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, suite.device, generator)
-    print(f" {ITEM} {shape_text} {dtype}")
-    for kernel, configs in plan:
-        if suite.out_of_time(f"{ITEM} {kernel}"):
-            return
-        checked, providers, metrics = {}, [], {}
-        for number, config in enumerate(configs):
-            label = provider_label(kernel, number)
-            metrics[label] = dict(kernel=kernel, dtype_class=dtype_class, candidate=number, config=config)
+    for kernel_family in OPS:
+        entries = [p for p in plan if p["kernel_family"] == kernel_family]
+        if not entries or suite.out_of_time(f"{ITEM} {kernel_family}"):
+            continue
+        shape_text, check_fn, step_fn, grads, against = CASES[kernel_family](suite, dtype)
+        print(f" {ITEM} {OPS[kernel_family]} {shape_text} {dtype}")
+        for entry in entries:
+            kernel, dtype_class = entry["kernel"], entry["dtype_class"]
+            if suite.out_of_time(f"{ITEM} {kernel_family} {kernel}"):
+                return
+            checked, providers, metrics = {}, [], {}
+            for number, config in enumerate(entry["configs"]):
+                label = provider_label(kernel, number)
+                metrics[label] = dict(kernel_family=kernel_family, kernel=kernel, dtype_class=dtype_class,
+                                      candidate=number, config=config, rel_err_against=against)
 
-            def check(label=label, config=config):
-                with _tuning.forced("lora", kernel, dtype_class, config):
-                    checked[label] = bench_lora._check_against_reference("triton", x, weight, bias, lora_a,
-                                                                         lora_b, grad_out)
+                def check(label=label, config=config):
+                    with _tuning.forced(kernel_family, kernel, dtype_class, config):
+                        checked[label] = check_fn()
 
-            def step(config=config):
-                with _tuning.forced("lora", kernel, dtype_class, config):
-                    outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=bench_lora.SCALING,
-                                                dropout_p=bench_lora.DROPOUT, training=True, backend="triton")
-                    torch.autograd.backward(outs, grad_out)
+                def step(config=config):
+                    with _tuning.forced(kernel_family, kernel, dtype_class, config):
+                        step_fn()
 
-            providers.append((label, check, step, [x, lora_a, lora_b]))
-        measured = suite.measure_checked([], providers)
-        rows = {label: (meas, dict(metrics[label], rel_err_vs_reference_p0=checked[label]))
-                for label, meas in measured.items()}
-        default = provider_label(kernel, 0)
-        baselines = {default: rows.pop(default)} if default in rows else {}
-        suite.add_rows(family=FAMILY, op=f"lora_qkv sweep {kernel}", shape=shape_text, dtype=dtype, ours=rows,
-                       baselines=baselines)
+                providers.append((label, check, step, grads))
+            measured = suite.measure_checked([], providers)
+            rows = {label: (meas, dict(metrics[label], rel_err=checked[label])) for label, meas in measured.items()}
+            default = provider_label(kernel, 0)
+            baselines = {default: rows.pop(default)} if default in rows else {}
+            suite.add_rows(family=FAMILY, op=f"{OPS[kernel_family]} sweep {kernel}", shape=shape_text, dtype=dtype,
+                           ours=rows, baselines=baselines)
         suite.release_cuda_memory()

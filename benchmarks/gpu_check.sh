@@ -44,8 +44,9 @@
 # The Triton kernels the tests compile stay in the cache, so the suite does not compile them again.
 # Files back (at most 8): gpu_check.log, build.log, tests.log, bench.log, <device>-<date>.json
 # and .png, dispatch_order.json (the measured backend order of backend="auto" on this card; only
-# written when the run timed two backends at one shape) and tuned_configs.json (the LoRA kernels'
-# fastest launch configurations on this card; only written when the run swept them, family tuning).
+# written when the run timed two backends at one shape) and tuned_configs.json (the Triton
+# kernels' fastest launch configurations on this card; only written when the run swept them,
+# family tuning).
 #
 # Switches: GPU_CHECK_BUDGET (s, default 540), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_FORCE_BUILD=1,
 # GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph"
@@ -60,7 +61,8 @@
 #   model: ace_lora_max_batch, the largest-batch search, reference-ops and ours (~30-80 s);
 #   training: chunked_train_step, BiomedCLIP at B=64, 512 and 16,384 with chunk 256 (model
 #     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s);
-#   tuning: lora_config_sweep, the LoRA kernels at each candidate launch configuration (~40 s).
+#   tuning: triton_config_sweep, the LoRA and InfoNCE kernels at each candidate launch
+#     configuration (24 of them, ~75 s).
 # Each is skipped, with the reason, when its estimate exceeds the time left. Only when the
 # first call skipped them AND the session's device time allows, call again AT ONCE (the
 # machine stays warm 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left):
@@ -295,7 +297,7 @@ if [ -f "$OUT/$STEM.json" ]; then
     esac
 fi
 
-# The LoRA kernels' fastest launch configurations on this card (ace_kernels/tuned_configs.json
+# The Triton kernels' fastest launch configurations on this card (ace_kernels/tuned_configs.json
 # updated from this run's sweep rows; commit it over the package's file). Not written (rc 3)
 # when the run swept nothing (family tuning skipped or out of time).
 TUNED=tuned_configs$SUFFIX.json

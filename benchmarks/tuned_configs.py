@@ -2,9 +2,10 @@
 a GPU benchmark run (family ``tuning``) found fastest, written into ``ace_kernels/tuned_configs.json``
 for the card of that run.
 
-For each swept kernel, a candidate qualifies when its configuration is still one that
-``ace_kernels.lora._GPU_CANDIDATES`` declares (so the spill check has seen it) and its error
-against the reference (``rel_err_vs_reference_p0``) is at most twice the default's plus 1e-4.
+For each swept kernel, a candidate qualifies when its configuration is still one that its
+module declares (``_GPU_CANDIDATES`` of ``ace_kernels.lora`` or ``ace_kernels.contrastive``, so the
+spill check has seen it) and its error (``rel_err``, against the same reference as the
+default's) is at most twice the default's plus 1e-4.
 The fastest qualifying candidate is written when its median time is at least ``MARGIN`` below
 the default's, measured in the same run; otherwise the kernel's entry for this card is removed
 (the default is as fast). Kernels the run did not sweep, other cards and other families keep
@@ -19,11 +20,10 @@ import os
 import sys
 from typing import Sequence
 
+import ace_kernels  # noqa: F401  (imports the kernel modules, which declare their candidates)
 from ace_kernels import _tuning
-from ace_kernels import lora as lora_ops
 
 MARGIN = 0.03  # 3%: below this a difference is within the run-to-run spread of a GPU timing
-OP_PREFIX = "lora_qkv sweep "
 
 
 class NoSweep(ValueError):
@@ -31,16 +31,15 @@ class NoSweep(ValueError):
 
 
 def _sweeps(rows: Sequence[dict]) -> dict:
-    """``{kernel: {"dtype_class", "default": row or None, "candidates": [row, ...]}}`` of the sweep rows
-    (one default row per kernel: the one without a baseline)."""
+    """``{(kernel family, kernel, dtype class): {"default": row or None, "candidates": [row, ...]}}``
+    of the sweep rows (candidate 0 is the default)."""
     sweeps: dict = {}
     for row in rows:
-        if row.get("family") != "tuning" or not str(row.get("op", "")).startswith(OP_PREFIX):
-            continue
         metrics = row.get("metrics") or {}
-        kernel = metrics.get("kernel") or row["op"][len(OP_PREFIX):]
-        entry = sweeps.setdefault(kernel, {"dtype_class": metrics.get("dtype_class"), "default": None,
-                                           "candidates": []})
+        if row.get("family") != "tuning" or "kernel_family" not in metrics:
+            continue
+        where = (metrics["kernel_family"], metrics["kernel"], metrics["dtype_class"])
+        entry = sweeps.setdefault(where, {"default": None, "candidates": []})
         if metrics.get("candidate") == 0:
             entry["default"] = row
         else:
@@ -48,37 +47,39 @@ def _sweeps(rows: Sequence[dict]) -> dict:
     return sweeps
 
 
-def choose(kernel: str, sweep: dict) -> tuple[dict | None, str]:
-    """(the configuration to write, or None to use the default; a line saying why)."""
+def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | None, str]:
+    """(the configuration to write, or None to use the default; a line saying why), for the
+    sweep of ``where`` = (kernel family, kernel, dtype class)."""
+    kernel_family, kernel, dtype_class = where
+    name = f"{kernel_family} {_tuning.key(kernel, dtype_class)}"
     default = sweep["default"]
     if default is None or not default.get("median_ms"):
-        return None, f"{kernel}: the default was not measured; nothing to compare with"
-    dtype_class = sweep["dtype_class"]
-    declared = lora_ops._GPU_CANDIDATES.get((kernel, dtype_class), ())
+        return None, f"{name}: the default was not measured; nothing to compare with"
+    declared = _tuning.candidates(kernel_family, kernel, dtype_class)
     default_ms = float(default["median_ms"])
-    default_err = float(default["metrics"].get("rel_err_vs_reference_p0", float("inf")))
+    default_err = float(default["metrics"].get("rel_err", float("inf")))
     best, notes = None, []
     for row in sweep["candidates"]:
         metrics = row["metrics"]
-        name = f"#{metrics.get('candidate')}"
+        number = f"#{metrics.get('candidate')}"
         if metrics.get("config") not in declared:
-            notes.append(f"{name} is no longer a declared candidate")
+            notes.append(f"{number} is no longer a declared candidate")
             continue
-        err = float(metrics.get("rel_err_vs_reference_p0", float("inf")))
+        err = float(metrics.get("rel_err", float("inf")))
         if not err <= 2 * default_err + 1e-4:
-            notes.append(f"{name} error {err:.3g} > 2 x default's {default_err:.3g} + 1e-4")
+            notes.append(f"{number} error {err:.3g} > 2 x default's {default_err:.3g} + 1e-4")
             continue
         if row.get("median_ms") and (best is None or float(row["median_ms"]) < float(best["median_ms"])):
             best = row
     extra = f" ({'; '.join(notes)})" if notes else ""
     if best is None:
-        return None, f"{kernel}/{dtype_class}: no qualifying candidate; the default stays{extra}"
+        return None, f"{name}: no qualifying candidate; the default stays{extra}"
     ratio = float(best["median_ms"]) / default_ms
-    name = f"#{best['metrics']['candidate']}"
+    number = f"#{best['metrics']['candidate']}"
     if ratio > 1 - MARGIN:
-        return None, (f"{kernel}/{dtype_class}: fastest candidate {name} takes {ratio:.3f}x the default's "
+        return None, (f"{name}: fastest candidate {number} takes {ratio:.3f}x the default's "
                       f"{default_ms:.4g} ms, not {MARGIN:.0%} less; the default stays{extra}")
-    return dict(best["metrics"]["config"]), (f"{kernel}/{dtype_class}: candidate {name} {best['metrics']['config']} "
+    return dict(best["metrics"]["config"]), (f"{name}: candidate {number} {best['metrics']['config']} "
                                              f"takes {ratio:.3f}x the default's {default_ms:.4g} ms{extra}")
 
 
@@ -93,21 +94,19 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
         raise NoSweep(f"no sweep rows (family tuning) in this run ({device}): nothing to write")
     content = dict(existing or {})
     by_device = dict(content.get("by_device") or {})
-    lora = dict((by_device.get(device) or {}).get("lora") or {})
+    card = {family: dict(entries) for family, entries in (by_device.get(device) or {}).items()}
     report = [f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"]
-    for kernel, sweep in sorted(sweeps.items()):
-        config, line = choose(kernel, sweep)
+    for where, sweep in sorted(sweeps.items()):
+        config, line = choose(where, sweep)
         report.append("  " + line)
-        name = _tuning.key(kernel, sweep["dtype_class"])
+        kernel_family, kernel, dtype_class = where
+        entries = card.setdefault(kernel_family, {})
         if config is None:
-            lora.pop(name, None)
+            entries.pop(_tuning.key(kernel, dtype_class), None)
         else:
-            lora[name] = config
-    card = dict(by_device.get(device) or {})
-    if lora:
-        card["lora"] = lora
-    else:
-        card.pop("lora", None)
+            entries[_tuning.key(kernel, dtype_class)] = config
+        if not entries:
+            del card[kernel_family]
     if card:
         by_device[device] = card
     else:

@@ -467,7 +467,7 @@ def test_quick_run_ran_each_family_in_its_own_process(quick_run):
     # found the model family's rows of the earlier process (its backend choice reads them).
     assert {r["family"] for r in quick_run[0]["rows"]} >= {"lora", "hypergraph", "contrastive", "model", "training"}
     # The GPU sweep (family tuning) says why it has no rows on the CPU.
-    assert any(line.startswith("lora_config_sweep: skipped (a sweep of GPU launch configurations")
+    assert any(line.startswith("triton_config_sweep: skipped (a sweep of GPU launch configurations")
                for line in run["skipped"]), run["skipped"]
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import ace_kernels
-from ace_kernels import contrastive
+from ace_kernels import _tuning, contrastive
 from oracle_contrastive import label_guided_infonce_oracle
 
 # fp64 end to end: blocked log-sum-exp versus dense cross-entropy differ only
@@ -192,6 +192,12 @@ def _key_cases():
     yield "strided_view", torch.randint(0, 2, (14, 30), generator=g).t()[:, 3:9]
     yield "empty_rows", torch.zeros(6, 0)
     yield "one_row", torch.ones(1, 3)
+    # Layouts torch calls contiguous whose bytes cannot be reinterpreted in place: a storage
+    # offset that is not a multiple of 8 bytes, a size-1 last dimension with another stride.
+    yield "byte_offset_uint8", torch.randint(0, 2, (45, 9), generator=g, dtype=torch.uint8)[:, 1:]
+    yield "byte_offset_int32", torch.randint(0, 2, (91,), generator=g, dtype=torch.int32)[1:].view(45, 2)
+    yield "size1_strided_int64", torch.randint(0, 2, (45, 2), generator=g)[:, ::2]
+    yield "one_row_offset", torch.zeros(1, 9, dtype=torch.uint8)[:, 1:]
 
 
 KEY_CASES = list(_key_cases())
@@ -208,6 +214,20 @@ def test_label_keys_equal_exactly_when_rows_equal(name, labels):
     off_diagonal = ~torch.eye(rows.shape[0], dtype=torch.bool)
     assert keys.dtype == torch.int64 and keys.shape == (rows.shape[0],)
     assert torch.equal(got & off_diagonal, want & off_diagonal)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_label_layouts_give_the_loss_of_fresh_labels(backend, device):
+    odd = {"byte_offset_uint8": torch.randint(0, 2, (9, 9), dtype=torch.uint8, device=device)[:, 1:],
+           "size1_strided_int64": torch.randint(0, 2, (9, 2), device=device)[:, ::2],
+           "byte_offset_int32": torch.randint(0, 2, (19,), dtype=torch.int32, device=device)[1:].view(9, 2)}
+    u, t, s = _inputs(9, 16, dtype=torch.float32)
+    u, t, s = (x.detach().to(device) for x in (u, t, s))
+    for name, labels in odd.items():
+        got = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+        want = ace_kernels.label_guided_infonce(u, t, s, labels.clone(memory_format=torch.contiguous_format),
+                                                backend=backend)
+        assert torch.equal(got, want), name
 
 
 def test_owned_shares_add_up_to_the_loss():
@@ -505,31 +525,44 @@ def _compile_all_for_sm90() -> list:
     # The one-pass forward (single device) and the two-pass one (group=) share the "lse" configurations.
     kernels = {"lse_both": contrastive._lse_both_kernel, "lse": contrastive._lse_rows_kernel,
                "grad": contrastive._grad_rows_kernel}
-    results, seen = [], set()
+    launches = []
     for dtype, torch_dtype in AOT_DTYPES.items():
         for dim, aligned in AOT_DIMS:
-            for kernel, fn in kernels.items():
-                cfg = contrastive._launch_config("grad" if kernel == "grad" else "lse", torch_dtype, dim,
-                                                 aligned=aligned, interpreter=False)
-                options = contrastive._kernel_options(cfg)
-                key = (kernel, dtype, tuple(sorted(options.items())))
-                if key in seen:
-                    continue
-                seen.add(key)
-                for has_keys in (True, False):  # labels given, or the plain CLIP loss
-                    const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32"}
-                    const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
-                    sig = _aot_signature(kernel, dtype)
-                    sig.update({k: "constexpr" for k in const})
-                    # Aligned: D and the row strides are multiples of 16, which Triton specialises on at launch.
-                    strides = ["dim", "stride_a", "stride_b"] + (["stride_g"] if kernel == "grad" else [])
-                    res = compile_sm90(fn, sig, const, num_warps=options["num_warps"],
-                                       num_stages=options["num_stages"], divisible_by_16=strides if aligned else (),
-                                       aligned_pointers=aligned)
-                    results.append(dict(name=f"{kernel}[{dtype}, D={dim}, aligned={aligned}, keys={has_keys}, "
-                                             f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
-                                             f"x{cfg['BLOCK_K']}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]",
-                                        registers=res.registers, spills=res.spills, shared=res.shared_bytes))
+            for kernel in kernels:
+                launches.append((kernel, dtype, dim, aligned, contrastive._launch_config(
+                    "grad" if kernel == "grad" else "lse", torch_dtype, dim, aligned=aligned, interpreter=False)))
+    # The sweep's candidates (contrastive._GPU_CANDIDATES: the 16-bit one-dot path) at D = 512.
+    for (name, dtype_class), candidates in contrastive._GPU_CANDIDATES.items():
+        assert dtype_class == "16bit/one_dot", dtype_class
+        for candidate in candidates:
+            for dtype in ("bf16", "fp16"):
+                for kernel in (("grad",) if name == "grad" else ("lse_both", "lse")):
+                    with _tuning.forced("contrastive", name, dtype_class, candidate):
+                        cfg = contrastive._launch_config(name, AOT_DTYPES[dtype], 512, interpreter=False)
+                    assert cfg["ONE_DOT"] and cfg["BLOCK_M"] == candidate["BLOCK_M"]
+                    launches.append((kernel, dtype, 512, True, cfg))
+    results, seen = [], set()
+    for kernel, dtype, dim, aligned, cfg in launches:
+        fn = kernels[kernel]
+        options = contrastive._kernel_options(cfg)
+        key = (kernel, dtype, tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        for has_keys in (True, False):  # labels given, or the plain CLIP loss
+            const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32"}
+            const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+            sig = _aot_signature(kernel, dtype)
+            sig.update({k: "constexpr" for k in const})
+            # Aligned: D and the row strides are multiples of 16, which Triton specialises on at launch.
+            strides = ["dim", "stride_a", "stride_b"] + (["stride_g"] if kernel == "grad" else [])
+            res = compile_sm90(fn, sig, const, num_warps=options["num_warps"],
+                               num_stages=options["num_stages"], divisible_by_16=strides if aligned else (),
+                               aligned_pointers=aligned)
+            results.append(dict(name=f"{kernel}[{dtype}, D={dim}, aligned={aligned}, keys={has_keys}, "
+                                     f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
+                                     f"x{cfg['BLOCK_K']}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]",
+                                registers=res.registers, spills=res.spills, shared=res.shared_bytes))
     return results
 
 
@@ -542,10 +575,39 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     report = [f"{r['name']}: {r['registers']} registers, {r['spills']} B spilled, {r['shared']} B shared"
               for r in results]
     print("\n".join(report))
-    assert len(results) >= 2 * 3 * len(AOT_DTYPES)
+    # Each kernel at the defaults, in each dtype, plus the candidates (2 dtypes x 2 label modes x
+    # 2 forward kernels for lse's, x 1 for grad's).
+    candidates = contrastive._GPU_CANDIDATES
+    swept = 8 * len(candidates[("lse", "16bit/one_dot")]) + 4 * len(candidates[("grad", "16bit/one_dot")])
+    assert len(results) >= 2 * 3 * len(AOT_DTYPES) + swept
     assert all(r["spills"] == 0 for r in results), report
     # H100/H200 give a block at most 227 KiB of shared memory.
     assert all(r["shared"] <= 227 * 1024 for r in results), report
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel,number", [(kernel, number)
+                                           for (kernel, _), candidates in contrastive._GPU_CANDIDATES.items()
+                                           for number in range(1, len(candidates) + 1)])
+def test_triton_sweep_candidates_fp16(kernel, number, device):
+    """Each launch configuration a GPU sweep may pick (and _tuning then launch), forced, in fp16
+    at D = 64 (the one-dot path on a GPU and in the interpreter), B = 150: more than one row
+    block for every tile height, the last one partial."""
+    config = contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")][number - 1]
+    batch, dim = 150, 64
+    u, t, s = _inputs(batch, dim, dtype=torch.float16)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = _duplicated_labels(batch, 3, 5).to(device)
+    with _tuning.forced("contrastive", kernel, "16bit/one_dot", config):
+        launched = contrastive._launch_config(kernel, torch.float16, dim, device=device)
+        assert launched["ONE_DOT"] and {k: launched[k] for k in config} == config
+        ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
+    for got, want in zip(ours[1], ref[1]):  # fp16 gradients, as in test_triton_fp16_inputs
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-3)
 
 
 @pytest.mark.triton

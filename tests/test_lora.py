@@ -416,6 +416,21 @@ def test_triton_strided_x(device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_triton_bias_of_any_layout(layout, device):
+    # The kernel reads the bias with unit stride: a strided slice or an expanded (stride 0)
+    # bias must give the values it holds, not its neighbours or memory past its one element.
+    case = Case("bias_layout", "qkv", (10,), 20, 6, 4, dropout_p=0.3)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    if layout == "strided":
+        odd_bias = torch.randn(2 * bias.numel(), device=device)[::2]
+    else:
+        odd_bias = torch.randn(1, device=device).expand(bias.numel())
+    assert odd_bias.stride() == ((2,) if layout == "strided" else (0,))
+    compare_with_oracle(case, (x, weight, odd_bias, lora_a, lora_b), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
+@pytest.mark.triton
 def test_triton_mask_statistics_and_independence(device):
     case = Case("stats", "qkv", (64,), 96, 4, 4, dropout_p=0.1)
     inputs = make_inputs(case, torch.float32, device)

@@ -1,12 +1,12 @@
-"""Launch configurations measured per card: ``ace_kernels._tuning``, the LoRA sweep family of the
+"""Launch configurations measured per card: ``ace_kernels._tuning``, the sweep family of the
 benchmark suite (``benchmarks/bench_tuning.py``) and the tool that writes its choices
 (``python -m benchmarks.tuned_configs``).
 
 No GPU is needed: the card's name is faked where a lookup needs one, and the sweep runs on
 the CPU interpreter through a suite that takes itself for a GPU one (its times mean nothing;
 the rows, the probes and the forcing are what is checked). Whether each candidate computes
-the right thing is tests/test_lora.py's (``test_triton_sweep_candidates_two_x_torch_rule``),
-and whether it compiles for sm_90a without spills too.
+the right thing, and compiles for sm_90a without spills, is checked in tests/test_lora.py and
+tests/test_contrastive.py (``test_triton_sweep_candidates_*``, ``*_compile_for_sm90_*``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from ace_kernels import _dispatch, _tuning
+from ace_kernels import contrastive as contrastive_ops
 from ace_kernels import lora as lora_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +36,15 @@ DEFAULT_FUSED = lora_ops._GPU_CONFIGS["fused"]["16bit"]
 
 @pytest.fixture
 def on_card(monkeypatch):
-    """Tuned entries for CARD (set them in the returned dict); device cuda:0 is CARD, cuda:1 another card."""
-    tuned: dict = {}
-    monkeypatch.setattr(_tuning, "_TUNED", {CARD: {"lora": tuned}})
+    """Tuned LoRA entries for CARD (set them in the returned dict, the InfoNCE ones in its
+    ``contrastive`` attribute); device cuda:0 is CARD, cuda:1 another card."""
+
+    class Entries(dict):
+        contrastive: dict
+
+    tuned = Entries()
+    tuned.contrastive = {}
+    monkeypatch.setattr(_tuning, "_TUNED", {CARD: {"lora": tuned, "contrastive": tuned.contrastive}})
     monkeypatch.setattr(_tuning, "_WARNED", set())
     monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: {0: CARD, 1: "Other card"}[index])
     return tuned
@@ -73,12 +80,30 @@ def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_ca
         assert lora_ops._config("fused", torch.bfloat16, CUDA0) == DEFAULT_FUSED
 
 
+def test_the_infonce_kernels_take_their_tuned_tiles(on_card):
+    lse = contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")]
+    on_card.contrastive["lse/16bit/one_dot"] = dict(lse[2])
+    config = contrastive_ops._launch_config("lse", torch.bfloat16, 512, interpreter=False, device=CUDA0)
+    assert {k: config[k] for k in lse[2]} == lse[2] and config["ONE_DOT"] and config["BLOCK_D"] == 512
+    # Another path (K steps at D = 1024), another card, no device (the FLOP count), the grad kernel: defaults.
+    default = contrastive_ops._GPU_CONFIGS[("lse", "16bit", "one_dot")]
+    for kernel, dim, device in (("lse", 1024, CUDA0), ("lse", 512, torch.device("cuda", 1)), ("lse", 512, None),
+                                ("grad", 512, CUDA0)):
+        config = contrastive_ops._launch_config(kernel, torch.bfloat16, dim, interpreter=False, device=device)
+        path = "one_dot" if dim <= 512 else "k_steps"
+        expected = contrastive_ops._GPU_CONFIGS[(kernel, "16bit", path)]
+        assert {k: config[k] for k in expected} == expected, (kernel, dim, device)
+    assert default != lse[2]
+
+
 def test_the_shipped_file_names_only_declared_candidates():
     # Whatever a GPU run committed: every entry must be launchable (a candidate of its kernel).
+    assert set(_tuning.registered()) == {"lora", "contrastive"}
     for card, families in _tuning.tuned_configs().items():
-        for name, config in (families.get("lora") or {}).items():
-            kernel, dtype_class = name.split("/")
-            assert config in lora_ops._GPU_CANDIDATES[(kernel, dtype_class)], (card, name, config)
+        for family, entries in families.items():
+            for name, config in entries.items():
+                kernel, dtype_class = name.split("/", 1)
+                assert config in _tuning.candidates(family, kernel, dtype_class), (card, family, name, config)
 
 
 def test_the_interpreter_takes_only_a_forced_configuration(on_card):
@@ -112,7 +137,7 @@ def _suite(tmp_path, *, gpu: bool, providers=("triton",)):
 def test_sweep_is_skipped_without_a_gpu_or_without_triton(tmp_path):
     cpu = _suite(tmp_path, gpu=False)
     bench_tuning.run(cpu)
-    assert cpu.rows == [] and "lora_config_sweep: skipped (a sweep of GPU launch configurations" in cpu.skipped[0]
+    assert cpu.rows == [] and "triton_config_sweep: skipped (a sweep of GPU launch configurations" in cpu.skipped[0]
     no_triton = _suite(tmp_path, gpu=True, providers=("torch",))
     bench_tuning.run(no_triton)
     assert no_triton.rows == [] and "provider triton not selected" in no_triton.skipped[0]
@@ -129,36 +154,41 @@ def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
     bench_tuning.run(suite)
     payload = json.loads((tmp_path / "sweep.json").read_text())
     rows = payload["rows"]
-    plan = bench_tuning.sweep_plan("16bit")
-    assert len(rows) == sum(len(configs) for _, configs in plan), suite.skipped
-    for kernel, configs in plan:
-        mine = [r for r in rows if r["op"] == f"lora_qkv sweep {kernel}"]
-        assert [r["metrics"]["candidate"] for r in mine] == list(range(len(configs)))
-        assert [r["metrics"]["config"] for r in mine] == configs
+    plan = bench_tuning.sweep_plan()
+    assert {p["kernel_family"] for p in plan} == {"lora", "contrastive"}
+    assert len(rows) == sum(len(p["configs"]) for p in plan), suite.skipped
+    for entry in plan:
+        op = bench_tuning.OPS[entry["kernel_family"]]
+        mine = [r for r in rows if r["op"] == f"{op} sweep {entry['kernel']}"]
+        assert [r["metrics"]["candidate"] for r in mine] == list(range(len(entry["configs"])))
+        assert [r["metrics"]["config"] for r in mine] == entry["configs"]
+        assert {r["metrics"]["dtype_class"] for r in mine} == {entry["dtype_class"]}
         default, *candidates = mine
         assert default["provider"] == "triton" and default["baseline"] is None
         for number, row in enumerate(candidates, start=1):
-            assert row["provider"] == f"triton+{kernel}#{number}" and row["baseline"] == "triton"
+            assert row["provider"] == f"triton+{entry['kernel']}#{number}" and row["baseline"] == "triton"
             assert row["speedup_vs_baseline"] > 0 and row["family"] == "tuning"
-        # fp16 through the interpreter against the fp32 reference: a few fp16 roundings.
-        assert all(r["metrics"]["rel_err_vs_reference_p0"] < 5e-3 for r in mine), mine
+        # fp16 through the interpreter against fp32 references: a few fp16 roundings.
+        assert all(0 < r["metrics"]["rel_err"] < 5e-3 for r in mine), mine
     # The writer takes such a file (which candidate wins on interpreter times is not checked).
     content, report = tuned_configs.update(payload, None)
     assert len(report) == 1 + len(plan)
-    assert set(content["by_device"].get(CARD, {}).get("lora", {})) <= {f"{k}/16bit" for k, _ in plan}
+    for family, entries in content["by_device"].get(CARD, {}).items():
+        assert set(entries) <= {f"{p['kernel']}/{p['dtype_class']}" for p in plan if p["kernel_family"] == family}
 
 
 # --------------------------------------------------------------------------- the writer
 
 
-def _sweep_row(kernel, number, ms, err, config=None, dtype_class="16bit"):
+def _sweep_row(kernel, number, ms, err, config=None, family="lora", dtype_class="16bit"):
     if config is None:
-        config = (lora_ops._GPU_CONFIGS[kernel][dtype_class] if number == 0
-                  else lora_ops._GPU_CANDIDATES[(kernel, dtype_class)][number - 1])
-    return {"family": "tuning", "op": f"lora_qkv sweep {kernel}", "shape": "M=12608", "dtype": "bfloat16",
-            "provider": bench_tuning.provider_label(kernel, number), "baseline": None if number == 0 else "triton",
-            "median_ms": ms, "metrics": {"kernel": kernel, "dtype_class": dtype_class, "candidate": number,
-                                         "config": dict(config), "rel_err_vs_reference_p0": err}}
+        config = (bench_tuning._default(family, kernel, dtype_class) if number == 0
+                  else _tuning.candidates(family, kernel, dtype_class)[number - 1])
+    return {"family": "tuning", "op": f"{bench_tuning.OPS[family]} sweep {kernel}", "shape": "M=12608",
+            "dtype": "bfloat16", "provider": bench_tuning.provider_label(kernel, number),
+            "baseline": None if number == 0 else "triton", "median_ms": ms,
+            "metrics": {"kernel_family": family, "kernel": kernel, "dtype_class": dtype_class, "candidate": number,
+                        "config": dict(config), "rel_err": err, "rel_err_against": "a reference"}}
 
 
 def _payload(rows, device=CARD, device_type="cuda"):
@@ -176,6 +206,9 @@ def test_writer_picks_the_fastest_qualifying_candidate():
         _sweep_row("backward", 0, 10.0, 0.004), _sweep_row("backward", 1, 9.8, 0.004),
         # down: its default did not run; nothing to compare with, the old entry is removed too.
         _sweep_row("down", 1, 1.0, 0.004),
+        # the InfoNCE gradient kernel: candidate #3 wins, in its own family's entries.
+        _sweep_row("grad", 0, 4.0, 0.003, family="contrastive", dtype_class="16bit/one_dot"),
+        _sweep_row("grad", 3, 3.0, 0.003, family="contrastive", dtype_class="16bit/one_dot"),
     ]
     old_backward = dict(lora_ops._GPU_CANDIDATES[("backward", "16bit")][2])
     existing = {"about": "kept", "by_device": {
@@ -185,12 +218,15 @@ def test_writer_picks_the_fastest_qualifying_candidate():
     content, report = tuned_configs.update(_payload(rows), existing)
     lora = content["by_device"][CARD]["lora"]
     assert lora == {"fused/16bit": FUSED[0], "mask/16bit": {"kept": True}}  # kernels not swept keep theirs
+    assert content["by_device"][CARD]["contrastive"] == {
+        "grad/16bit/one_dot": contrastive_ops._GPU_CANDIDATES[("grad", "16bit/one_dot")][2]}
     assert content["by_device"]["Other card"] == existing["by_device"]["Other card"] and content["about"] == "kept"
     text = "\n".join(report)
-    assert "fused/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
+    assert "lora fused/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
+    assert "contrastive grad/16bit/one_dot: candidate #3" in text
     assert "#2 error 0.02 > 2 x default's 0.004 + 1e-4" in text and "#4 is no longer a declared candidate" in text
-    assert "backward/16bit: fastest candidate #1 takes 0.980x the default's 10 ms, not 3% less" in text
-    assert "down: the default was not measured" in text
+    assert "lora backward/16bit: fastest candidate #1 takes 0.980x the default's 10 ms, not 3% less" in text
+    assert "lora down/16bit: the default was not measured" in text
     # Nothing left for a card: its entry goes.
     content, _ = tuned_configs.update(_payload([_sweep_row("fused", 0, 10.0, 0.004)]),
                                       {"by_device": {CARD: {"lora": {"fused/16bit": dict(FUSED[0])}}}})
@@ -209,6 +245,6 @@ def test_writer_command_line(tmp_path):
     assert tuned_configs.main([str(results), "--out", str(out)]) == 2
     before = out.read_text()
     results.write_text(json.dumps(_payload([{"family": "lora", "op": "lora_qkv", "provider": "triton",
-                                             "median_ms": 1.0, "metrics": {}}])))
+                                             "median_ms": 1.0, "metrics": {"kernel": "fused"}}])))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 3
     assert out.read_text() == before  # nothing written
