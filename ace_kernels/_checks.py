@@ -6,6 +6,7 @@ and what came, e.g. ``argument 'lora_a': expected shape [r, 768], got [4, 512]``
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -82,10 +83,9 @@ def check_probability(name: str, value) -> float:
 
 
 def check_finite_number(name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"argument '{name}': expected a scalar, got shape {_fmt_shape(value.shape)}")
-        return value
+    """A Python int or float that is finite (not nan or inf), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"argument '{name}': expected a number, got {type(value).__name__}")
+        raise ValueError(f"argument '{name}': expected a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"argument '{name}': expected a finite number, got {value!r}")
     return float(value)

@@ -87,7 +87,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ace_kernels import _dispatch, _library, _tuning
-from ace_kernels._checks import FLOAT_DTYPES, check_tensor
+from ace_kernels._checks import FLOAT_DTYPES, check_finite_number, check_tensor
 
 __all__ = ["label_guided_infonce", "LabelGuidedInfoNCE"]
 
@@ -1126,7 +1126,10 @@ class LabelGuidedInfoNCE(nn.Module):
 
     def __init__(self, logit_scale_init: float, *, group=None, backend: str = "auto"):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init), dtype=torch.float32))
+        if isinstance(logit_scale_init, torch.Tensor) and logit_scale_init.numel() == 1:
+            logit_scale_init = logit_scale_init.item()
+        init = check_finite_number("logit_scale_init", logit_scale_init)
+        self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))
         self.group = group
         self.backend = backend
 

@@ -67,7 +67,7 @@ from typing import Iterator
 import torch
 
 from ace_kernels import _dispatch, _library, _tuning
-from ace_kernels._checks import check_probability, check_same_dtype, check_tensor
+from ace_kernels._checks import check_finite_number, check_probability, check_same_dtype, check_tensor
 
 __all__ = ["lora_linear", "lora_qkv", "lora_qkv_packed", "capture_dropout_masks", "saved_activation_bytes"]
 
@@ -184,8 +184,7 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, pro
         check_tensor("lora_a", lora_a, shape=[3, "r", in_features])
         check_tensor("lora_b", lora_b, shape=[3, out_features, rank], device=device)
     check_same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise ValueError(f"argument 'scaling': expected a Python number, got {type(scaling).__name__}")
+    check_finite_number("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
     if not isinstance(training, bool):
         raise ValueError(f"argument 'training': expected a bool, got {type(training).__name__}")

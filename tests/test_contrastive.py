@@ -163,6 +163,16 @@ def test_equals_open_clip_clip_loss():
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64)
 
 
+@pytest.mark.parametrize("init,fragment", [("abc", "expected a Python number, got str"),
+                                            (float("nan"), "expected a finite number"),
+                                            (torch.tensor([1.0, 2.0]), "expected a Python number, got Tensor")])
+def test_module_rejects_a_bad_initial_multiplier(init, fragment):
+    with pytest.raises(ValueError, match=f"argument 'logit_scale_init': {fragment}"):
+        ace_kernels.LabelGuidedInfoNCE(init)
+    # A one-element tensor is read as its number.
+    assert float(ace_kernels.LabelGuidedInfoNCE(torch.tensor([2.5])).logit_scale) == 2.5
+
+
 def test_module_learns_the_multiplier_itself():
     module = ace_kernels.LabelGuidedInfoNCE(78.35)
     assert isinstance(module.logit_scale, torch.nn.Parameter)

@@ -297,6 +297,8 @@ ERROR_CASES = [
     ("scaling_tensor", "linear", "scaling", lambda v: torch.tensor(0.5), "argument 'scaling'"),
     ("scaling_none", "qkv", "scaling", lambda v: None, "argument 'scaling'"),
     ("scaling_bool", "qkv", "scaling", lambda v: True, "argument 'scaling'"),
+    ("scaling_nan", "linear", "scaling", lambda v: float("nan"), "argument 'scaling': expected a finite number"),
+    ("scaling_inf", "qkv", "scaling", lambda v: float("-inf"), "argument 'scaling': expected a finite number"),
     ("dropout_one", "linear", "dropout_p", lambda v: 1.0, "argument 'dropout_p'"),
     ("dropout_negative", "qkv", "dropout_p", lambda v: -0.1, "argument 'dropout_p'"),
     ("dropout_string", "qkv", "dropout_p", lambda v: "0.1", "argument 'dropout_p'"),
