@@ -12,7 +12,12 @@ arguments, data, checkpoints or training states: every ``ValueError``, which our
 checks raise, and a missing file) or 1 (an expected failure while running: a non-finite
 loss, ranks that disagree, an OS error such as a full disk). Anything else is a bug or
 a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
-``ACE_LORA_DEBUG=1`` shows the traceback of the one-line errors too.
+``ACE_LORA_DEBUG=1`` shows the traceback of the one-line errors too. Errors from
+``TrainConfig`` checks name the flag (``--chunk-size``), not the field.
+
+JSON output (``train``'s summary, ``zero-shot``'s metrics and ``--output``, the demo's
+summary) is strict JSON: an undefined metric (AUROC of a class without positives or
+negatives) is written as ``null``, never as a bare ``NaN``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from typing import Sequence
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+
+# The seed of train's model construction (TrainConfig.seed's default) and of zero-shot's,
+# so that zero-shot without --pretrained rebuilds the frozen towers that training used.
+DEFAULT_SEED = 1
 
 # CLI flag (argparse dest) -> TrainConfig field.
 _TRAIN_FLAGS = {
@@ -71,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--warmup-epochs", type=float, default=1.0)
     train.add_argument("--warmup-steps", type=int, help="overrides --warmup-epochs")
-    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                       help="seeds the model's construction (the frozen towers too, without --pretrained), "
+                            "the data order and dropout")
     train.add_argument("--no-labels", dest="use_labels", action="store_false",
                        help="plain CLIP loss instead of the label-guided InfoNCE")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -94,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     zero.add_argument("--checkpoint", help="released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt)")
     zero.add_argument("--batch-size", type=int, default=64)
-    zero.add_argument("--device", default="auto")
+    zero.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                      help="seed of the model's construction: without --pretrained the frozen towers are "
+                           "random weights, the same as train's with the same --seed (default: train's default)")
+    zero.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     zero.add_argument("--output", help="also write the metrics as JSON to this file")
 
     demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, minutes)")
@@ -104,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-size", type=int, default=200)
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--seed", type=int, default=DEFAULT_SEED)
     demo.add_argument("--quick", action="store_true", help="a shortened demo (for tests): 150 steps, smaller sets")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
@@ -143,11 +157,36 @@ def _parser_defaults(command: str) -> dict:
     return {}
 
 
+def _flag_name(field: str) -> str:
+    """The ``train`` flag that sets TrainConfig ``field`` (``chunk_size`` -> ``--chunk-size``)."""
+    special = {"use_labels": "--no-labels", "progress": "--no-progress"}
+    for dest, mapped in _TRAIN_FLAGS.items():
+        if mapped == field:
+            return special.get(dest, "--" + dest.replace("_", "-"))
+    return f"TrainConfig.{field}"  # no flag sets it: keep the field's name
+
+
+def _name_flags(exc: ValueError) -> None:
+    """Replace each ``TrainConfig.<field>`` in ``exc``'s message by the flag's name, in place
+    (same exception, same traceback for ``ACE_LORA_DEBUG=1``)."""
+    import re
+
+    if len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (re.sub(r"\bTrainConfig\.(\w+)", lambda m: _flag_name(m.group(1)), exc.args[0]),)
+
+
+def _check_device(spec: str) -> None:
+    from ace_model.training import resolve_device
+
+    resolve_device(spec, int(os.environ.get("LOCAL_RANK", "0")), name="--device")
+
+
 def _check_train_inputs(args: argparse.Namespace) -> None:
     """Fail early, naming the problem, before a model is built."""
     from ace_model.data import read_csv
     from ace_model.training import _check_out_dir
 
+    _check_device(args.device)
     _check_out_dir(Path(args.out_dir), "--out-dir")
     read_csv(args.csv, ["image", "text"])
     for flag in ("pretrained", "init_checkpoint"):
@@ -161,11 +200,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _check_train_inputs(args)
     config = train_config_from_args(args)
-    result = training.train(config)
+    try:
+        result = training.train(config)  # validates the configuration before any work
+    except ValueError as exc:
+        _name_flags(exc)
+        raise
     # Under torchrun every rank returns the same summary: print it once.
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result, indent=2))
+        print(_json(result))
     return 0
+
+
+def _json(value) -> str:
+    """Strict JSON: NaN and infinities (an undefined AUROC) become null."""
+    import math
+
+    def clean(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -173,12 +232,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+def _check_output_file(path: str, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be written as a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise CLIError(f"{flag}: {path!r} is a directory, expected a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        state = "is not a directory" if folder.exists() else "does not exist"
+        raise CLIError(f"{flag}: {path!r}: its folder {str(folder)!r} {state}")
 
 
 def _class_names(args: argparse.Namespace) -> list[str]:
@@ -200,28 +262,39 @@ def _class_names(args: argparse.Namespace) -> list[str]:
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
     from ace_model.data import CSVImageLabelDataset, read_csv
+    from ace_model.training import resolve_device, seed_everything
     from ace_model.zero_shot import evaluate
 
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    device = resolve_device(args.device, name="--device")
+    if args.output:
+        _check_output_file(args.output, "--output")
     names = _class_names(args)
     read_csv(args.csv, [args.image_column] + names)  # names missing label columns before the model is built
     for flag in ("pretrained", "checkpoint"):
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise CLIError(f"--{flag}: {path!r} does not exist")
+    if not args.pretrained:
+        print(f"ace-lora zero-shot: warning: no --pretrained weights: the frozen towers are random weights "
+              f"(seeded with --seed {args.seed}, as train builds them with the same seed)", file=sys.stderr)
+    # As train does: seed, then build, so the same --seed gives the same frozen towers.
+    seed_everything(args.seed)
     model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
     if args.checkpoint:
         model.load_reference_checkpoint(args.checkpoint)
-    device = _device(args.device)
     model.to(device)
     dataset = CSVImageLabelDataset(args.csv, names, model.image_size, image_column=args.image_column,
                                    image_root=args.image_root)
     result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device)
     result["classes"] = names
-    print(json.dumps(result, indent=2))
+    text = _json(result)
+    print(text)
     if args.output:
         from ace_model._atomic import atomic_write_text
 
-        atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.output, text + "\n")
     return 0
 
 
@@ -274,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                "checkpoint": result.get("reference")}
     from ace_model._atomic import atomic_write_text
 
-    atomic_write_text(out / "demo_summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "demo_summary.json", _json(summary) + "\n")
     print(f"[demo] done in {summary['seconds']:.0f} s; summary in {out / 'demo_summary.json'}, "
           f"checkpoint {summary['checkpoint']}")
     return 0

@@ -2,8 +2,9 @@
 
 CSV layout (:class:`CSVImageTextDataset`): one row per image, a column with the image
 path (absolute, or relative to ``image_root``, default the CSV's directory), a column
-with the report text, and label columns (0/1; empty or -1 count as 0, as the
-reference does with CheXpert's missing and uncertain labels).
+with the report text, and label columns (0/1; empty, NaN or -1 count as 0, as the
+reference does with CheXpert's missing and uncertain labels; any other value, e.g. 2
+or 0.5, is an error naming its row and column).
 """
 
 from __future__ import annotations
@@ -122,19 +123,33 @@ def load_image(path: str | os.PathLike, image_size: int, *, where: str = "") -> 
 def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list[str], list[dict]]:
     """Read a UTF-8 CSV with a header (a byte-order mark is allowed).
 
+    Empty names at the end of the header (a trailing comma) are dropped, and the fields
+    under them must be empty, as a trailing comma in a row is allowed.
+
     Raises :class:`DataError` naming the file and: every missing required column; a column
-    named twice; the row (numbered from 1 after the header) and its file line when it has
-    fewer fields than the header or more non-empty ones (an empty surplus field, from a
+    named twice; a column with an empty name that is not at the end of the header (its
+    position, from 1); the row (numbered from 1 after the header) and its file line when it
+    has fewer fields than the header or more non-empty ones (an empty surplus field, from a
     trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
     line (e.g. an unterminated quote).
     """
     csv_path = os.fspath(csv_path)
+    if os.path.isdir(csv_path):
+        raise DataError(f"CSV file {csv_path!r} is a directory, expected a CSV file")
     if not os.path.isfile(csv_path):
         raise DataError(f"CSV file {csv_path!r} does not exist")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = list(reader.fieldnames or [])
+            reader = csv.reader(handle)
+            header = list(next(reader, []))
+            unnamed_tail = 0
+            while header and not header[-1].strip():
+                header.pop()
+                unnamed_tail += 1
+            unnamed = [position for position, name in enumerate(header, start=1) if not name.strip()]
+            if unnamed:
+                raise DataError(f"CSV file {csv_path!r}: header column {unnamed[0]} has an empty name, expected "
+                                f"a column name (columns: {header})")
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:
                 raise DataError(f"CSV file {csv_path!r} names column(s) {', '.join(repr(c) for c in repeated)} "
@@ -144,16 +159,21 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
                 raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
                                 f"{', '.join(repr(c) for c in missing)} (found columns: {header})")
             rows = []
-            for number, row in enumerate(reader, start=1):
-                # DictReader puts surplus fields under the key None and fills absent ones with None.
-                # Empty surplus fields (a trailing comma) are allowed.
-                surplus = [value for value in row.pop(None, None) or () if value.strip()]
-                present = sum(value is not None for value in row.values())
-                if surplus or present < len(header):
-                    fields = present + len(surplus or ())
-                    raise DataError(f"{csv_path}, row {number} (line {reader.line_num}): {fields} field(s), "
-                                    f"expected {len(header)}, one per column {header}")
-                rows.append(row)
+            number = 0
+            for fields in reader:
+                if not fields:  # a blank line, skipped as csv.DictReader does
+                    continue
+                number += 1
+                # Empty surplus fields (a trailing comma, or the column of a trailing comma
+                # in the header) are allowed.
+                surplus = [value for value in fields[len(header):] if value.strip()]
+                if surplus or len(fields) < len(header):
+                    count = min(len(fields), len(header)) + len(surplus)
+                    note = (f" (the header's {unnamed_tail} unnamed trailing column(s) must be empty)"
+                            if surplus and unnamed_tail else "")
+                    raise DataError(f"{csv_path}, row {number} (line {reader.line_num}): {count} field(s), "
+                                    f"expected {len(header)}, one per column {header}{note}")
+                rows.append(dict(zip(header, fields)))
     except UnicodeDecodeError:
         raise DataError(f"CSV file {csv_path!r} is not UTF-8 text: {_first_non_utf8(csv_path)}; "
                         "save it as UTF-8") from None
@@ -190,8 +210,12 @@ def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
     try:
         value = float(text)
     except ValueError:
+        value = None
+    if value not in (0.0, 1.0, -1.0):
+        # Any other number (2, 0.5) is no label of the reference's CheXpert convention;
+        # mapping it to 0 or 1 would silently change the loss's label mask.
         raise DataError(f"{csv_path}, row {row_number}: label column {column!r} holds {text!r}, "
-                        f"expected 0, 1, -1 or empty") from None
+                        f"expected 0, 1, -1 or empty")
     # CheXpert convention of the reference: uncertain (-1) and missing count as negative.
     return 1.0 if value == 1.0 else 0.0
 

@@ -189,7 +189,28 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"pretrained checkpoint {path}: expected a state dict, got {type(state).__name__}")
+    _check_open_clip_state_dict(state, path)
     return state
+
+
+def _check_open_clip_state_dict(state: dict, path: Path) -> None:
+    """Refuse, in one line, a dict that is not ``{str: Tensor}`` (e.g. a released ACE-LoRA file)."""
+    problem = None
+    if {"weights", "metadata"} <= set(state) and isinstance(state.get("weights"), dict):
+        problem = "it has the released ACE-LoRA layout ('weights' and 'metadata')"
+    else:
+        for key, value in state.items():
+            if not isinstance(key, str):
+                problem = f"key {key!r} is of type {type(key).__name__}, not a parameter name (str)"
+                break
+            if not isinstance(value, torch.Tensor):
+                problem = f"key {key!r} holds a value of type {type(value).__name__}, not a tensor"
+                break
+    if problem is not None:
+        raise ValueError(f"pretrained checkpoint {path}: not an open_clip state dict ({problem}); "
+                         "a released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt) holds only the trainable "
+                         "weights: give it to --checkpoint (zero-shot) or --init-checkpoint (train), or "
+                         "ACELoRA.load_reference_checkpoint")
 
 
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
@@ -221,7 +242,9 @@ def load_base_weights(base: nn.Module, pretrained: str | os.PathLike) -> Path | 
     ------
     ValueError
         Naming the first key that is missing, unexpected, or of the wrong shape, with
-        the expected and found shapes. Nothing is copied unless every key matches.
+        the expected and found shapes. Nothing is copied unless every key matches. Also
+        naming the file when it is no ``{name: tensor}`` dict (e.g. a released ACE-LoRA
+        checkpoint, which belongs to ``load_reference_checkpoint``).
     """
     weights_path, tokenizer_dir = resolve_pretrained(pretrained)
     state = _load_state_dict_file(weights_path)

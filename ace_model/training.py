@@ -472,19 +472,22 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
+        """Raise a ``ValueError`` starting with ``TrainConfig.<field>:`` for the first bad field
+        (the command line rewrites that prefix to the flag's name)."""
+        for name in ("epochs", "batch_size", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"TrainConfig.chunk_size: expected >= 1 or None, got {self.chunk_size}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"TrainConfig.max_steps: expected >= 1 or None, got {self.max_steps}")
+        for name in ("chunk_size", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name}: expected >= 1 or unset (None), got {value}")
+        for name in ("checkpoint_every", "num_workers", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("TrainConfig: checkpoint_every must be >= 0 and keep_checkpoints >= 1")
-        if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
-            raise ValueError("TrainConfig: warm-up must be >= 0")
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -728,10 +731,13 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Step records of a ``metrics.jsonl``, one per step (the last written wins).
+    """Step records of the last run in a ``metrics.jsonl``, one per step (the last written wins).
 
-    A resumed run re-does the steps after its state, and appends their records again;
-    a torn last line (a crash mid-write) is ignored.
+    Each fresh run into an existing ``out_dir`` appends to the same file after an
+    ``{"event": "start"}`` line, so only the records after the last such line are kept;
+    a ``{"event": "resume"}`` line continues the same run (a resumed run re-does the steps
+    after its state and appends their records again). A torn line (a crash mid-write) is
+    ignored.
     """
     by_step: dict[int, dict] = {}
     with open(path, encoding="utf-8") as handle:
@@ -740,9 +746,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if "step" in record and "loss" in record:
+            if not isinstance(record, dict):
+                continue
+            if record.get("event") == "start":
+                by_step.clear()
+            elif "step" in record and "loss" in record:
                 by_step[int(record["step"])] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _open_metrics_for_append(path: Path):
+    """Open ``metrics.jsonl`` for appending, first ending a torn last line (a crash
+    mid-write) so that the next record starts a line of its own and stays readable."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+    metrics = open(path, "a", encoding="utf-8")
+    if torn:
+        metrics.write("\n")
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------
@@ -750,12 +774,31 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 # ----------------------------------------------------------------------------------------
 
 
-def _resolve_device(spec: str, local_rank: int) -> torch.device:
+def resolve_device(spec: str, local_rank: int = 0, *, name: str = "TrainConfig.device") -> torch.device:
+    """``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> a device this machine has.
+
+    ``"auto"`` and ``"cuda"`` take the GPU ``local_rank`` when CUDA is available. Raises a
+    one-line ``ValueError`` naming ``name`` for a spec torch cannot parse, a device type
+    other than cpu and cuda, CUDA on a machine without it, or an index beyond the GPUs present.
+    """
     if spec == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {spec!r} needs CUDA, but torch sees no CUDA device on this machine "
+                             "(use 'cpu' or 'auto')")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"{name}: {spec!r} resolves to cuda:{device.index}, but this machine has {count} "
+                             "CUDA device(s)")
     return device
 
 
@@ -864,7 +907,7 @@ def train(
     config.validate()
     _check_out_dir(Path(config.out_dir))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _resolve_device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank)
     group, rank, world, created_group = _init_distributed(device, config.dist_timeout_s)
     try:
         return _train(config, model, dataset, loss_fn, device, group, rank, world)
@@ -949,7 +992,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(out_dir)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        metrics = open(metrics_path, "a", encoding="utf-8")
+        metrics = _open_metrics_for_append(metrics_path)
         event = {"event": "resume" if resume_path else "start", "step": step, "time": time.time(),
                  "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
         if resume_path:

@@ -190,12 +190,15 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
              num_workers: int = 0) -> dict:
     """Zero-shot evaluation of ``model`` on ``dataset`` (items ``(image, labels [C])``).
 
-    Returns a dict with ``task``, ``n``, ``accuracy``, ``auroc`` and ``images_per_s``.
+    Returns a dict with ``task``, ``n``, ``accuracy``, ``auroc`` and ``images_per_s``;
+    ``auroc`` is NaN when undefined (no positive or no negative sample for every class).
     """
     import time
 
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
+    if batch_size < 1:
+        raise ValueError(f"argument 'batch_size': expected >= 1, got {batch_size!r}")
     dataset_labels = getattr(dataset, "labels", None)
     if isinstance(dataset_labels, torch.Tensor) and dataset_labels.dim() == 2:
         try:

@@ -247,6 +247,40 @@ def test_trailing_comma_is_accepted_and_a_repeated_column_is_named(tiny, synthet
         CSVImageTextDataset(repeated, tiny.tokenizer())
 
 
+def test_trailing_empty_header_names_are_dropped_and_inner_ones_named(tiny, synthetic, tmp_path, capsys):
+    from ace_model.data import read_csv
+
+    image = str(synthetic.parent / "test" / "00000.png")
+    trailing = tmp_path / "trailing_header.csv"
+    # Spreadsheet exports end the header with commas too; rows may or may not have them.
+    trailing.write_text(f"image,text,edema,,\n{image},fine,1,,\n{image},also fine,0\n{image},fine,-1, \n")
+    header, rows = read_csv(trailing, ["image"])
+    assert header == ["image", "text", "edema"] and len(rows) == 3
+    assert CSVImageTextDataset(trailing, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0], [0.0]]
+    # zero-shot's default classes: every column but image and text, and '' is none of them.
+    assert cli._class_names(cli._parser().parse_args(["zero-shot", "--csv", str(trailing)])) == ["edema"]
+    valued = tmp_path / "valued.csv"
+    valued.write_text(f"image,text,edema,\n{image},fine,1,\n{image},fine,0,oops\n")
+    with pytest.raises(DataError, match=r"valued.csv, row 2 \(line 3\): 4 field\(s\), expected 3.*unnamed trailing"):
+        read_csv(valued, ["image"])
+    inner = tmp_path / "inner.csv"
+    inner.write_text(f"image,,edema\n{image},x,1\n")
+    with pytest.raises(DataError, match=r"inner.csv': header column 2 has an empty name"):
+        read_csv(inner, ["image"])
+    assert cli.main(["zero-shot", "--csv", str(inner), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
+    assert "header column 2 has an empty name" in _one_error_line(capsys.readouterr().err, "zero-shot")
+
+
+def test_csv_that_is_a_directory_is_named_as_one(tmp_path, capsys):
+    from ace_model.data import read_csv
+
+    with pytest.raises(DataError, match=r"is a directory, expected a CSV file"):
+        read_csv(tmp_path, ["image"])
+    assert cli.main(["train", "--csv", str(tmp_path), "--model", "tiny",
+                     "--out-dir", str(tmp_path / "run")]) == cli.EXIT_BAD_INPUT
+    assert "is a directory" in _one_error_line(capsys.readouterr().err, "train")
+
+
 def test_single_label_tasks_reject_rows_that_are_not_one_hot(tiny, synthetic, tmp_path, capsys):
     scores = torch.rand(4, 3)
     labels = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1]])
@@ -272,6 +306,25 @@ def test_uncertain_and_missing_labels_count_as_negative(tiny, synthetic, tmp_pat
     assert label.tolist() == [1.0, 0.0, 0.0]
     assert image_tensor.shape == (3, tiny.image_size, tiny.image_size)
     assert token_ids.shape == (tiny.context_length,) and token_ids[0].item() == 101
+
+
+@pytest.mark.parametrize("value", ["2", "0.5", "inf", "-2"])
+def test_label_values_other_than_0_1_minus1_or_empty_are_refused(tiny, synthetic, tmp_path, value):
+    from ace_model.data import CSVImageLabelDataset
+
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b"], [[image, "x", "1", "0"], [image, "x", "0", value]])
+    with pytest.raises(DataError, match=rf"l.csv, row 2: label column 'b' holds '{value}', expected 0, 1, -1 or empty"):
+        CSVImageTextDataset(path, tiny.tokenizer())
+    with pytest.raises(DataError, match=r"row 2: label column 'b'"):
+        CSVImageLabelDataset(path, ["a", "b"], tiny.image_size)
+
+
+def test_labels_written_as_floats_or_nan_are_accepted(tiny, synthetic, tmp_path):
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b", "c", "d"],
+                      [[image, "x", "1.0", "0.0", "-1.0", "NaN"]])
+    assert CSVImageTextDataset(path, tiny.tokenizer()).labels.tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +407,7 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
 
     monkeypatch.setattr(training, "train", failing(ValueError("TrainConfig.lr: bad")))
     assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_BAD_INPUT
-    assert "TrainConfig.lr: bad" in _one_error_line(capsys.readouterr().err, "train")
+    assert "--lr: bad" in _one_error_line(capsys.readouterr().err, "train")  # the flag, not the field
     monkeypatch.setattr(training, "train", failing(training.NonFiniteLossError("non-finite loss at step 7")))
     assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_FAILED
     assert "NonFiniteLossError: non-finite loss at step 7" in _one_error_line(capsys.readouterr().err, "train")
@@ -365,8 +418,156 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
             cli.main(["train", "--csv", str(synthetic)])
     monkeypatch.setenv("ACE_LORA_DEBUG", "1")
     monkeypatch.setattr(training, "train", failing(ValueError("TrainConfig.lr: bad")))
-    with pytest.raises(ValueError, match="TrainConfig.lr"):
+    with pytest.raises(ValueError, match="--lr: bad"):
         cli.main(["train", "--csv", str(synthetic)])
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--chunk-size", "0"), "--chunk-size: expected >= 1 or unset (None), got 0"),
+    (("--keep-checkpoints", "0"), "--keep-checkpoints: expected >= 1, got 0"),
+    (("--num-workers", "-1"), "--num-workers: expected >= 0, got -1"),
+    (("--checkpoint-every", "-1"), "--checkpoint-every: expected >= 0, got -1"),
+])
+def test_train_config_errors_name_the_flag_before_any_file_is_written(synthetic, tmp_path, capsys, flags, expected):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
+                     "--max-steps", "1", "--no-progress", *flags]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert expected in line and "TrainConfig" not in line, line
+    assert not run.exists()
+
+
+def test_zero_shot_without_pretrained_rebuilds_the_towers_training_used(synthetic, tmp_path, monkeypatch, capsys):
+    """The released format holds only the trainable weights: without --pretrained the frozen
+    towers are random, and zero-shot must rebuild the ones training used (same --seed)."""
+    from ace_model import training, zero_shot
+
+    built = {}
+    build_model = training._build_model
+
+    def recording_build_model(config):
+        built["model"] = build_model(config)
+        return built["model"]
+
+    monkeypatch.setattr(training, "_build_model", recording_build_model)
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+                     "--batch-size", "4", "--max-steps", "1", "--checkpoint-every", "0", "--device", "cpu",
+                     "--no-progress"]) == 0
+    checkpoint = json.loads(capsys.readouterr().out)["reference"]
+    trained = {k: v.clone() for k, v in built["model"].state_dict().items()}
+
+    evaluated = []
+    evaluate_model = zero_shot.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return evaluate_model(model, *args, **kwargs)
+
+    monkeypatch.setattr(zero_shot, "evaluate", recording_evaluate)
+    command = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", checkpoint,
+               "--batch-size", "6", "--device", "cpu"]
+    results = []
+    for global_seed in (5, 6):  # the RNG state before the command must not matter
+        torch.manual_seed(global_seed)
+        assert cli.main(command) == 0
+        captured = capsys.readouterr()
+        results.append(json.loads(captured.out))
+        warning = captured.err.strip()
+        assert len(warning.splitlines()) == 1 and warning.startswith("ace-lora zero-shot: warning: "), warning
+        assert "--pretrained" in warning and "random" in warning and "--seed 1" in warning
+    for state in evaluated:
+        assert state.keys() == trained.keys()
+        for key, value in trained.items():
+            assert torch.equal(state[key], value), key
+    assert results[0]["accuracy"] == results[1]["accuracy"] and results[0]["auroc"] == results[1]["auroc"]
+
+    # Another --seed builds other towers; --pretrained weights need no seed and get no warning.
+    assert cli.main(command + ["--seed", "2"]) == 0
+    assert not torch.equal(evaluated[-1]["clip.visual.head.proj.weight"], trained["clip.visual.head.proj.weight"])
+    capsys.readouterr()
+    from ace_model.model import build_base_model
+
+    pretrained = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(build_base_model("tiny").state_dict(), pretrained)
+    assert cli.main(command + ["--pretrained", str(pretrained)]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_pretrained_given_a_released_checkpoint_is_a_one_line_error(tiny, synthetic, tmp_path, capsys):
+    released = tmp_path / "ace_lora_release.pt"
+    tiny.save_reference_checkpoint(released)
+    for command in (["zero-shot", "--csv", str(synthetic), "--model", "tiny"],
+                    ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+                     "--batch-size", "4", "--max-steps", "1", "--no-progress"]):
+        assert cli.main([*command, "--pretrained", str(released)]) == cli.EXIT_BAD_INPUT
+        line = _one_error_line(capsys.readouterr().err, command[0])
+        assert str(released) in line and "not an open_clip state dict" in line
+        assert "--checkpoint" in line and "--init-checkpoint" in line
+
+
+def test_bad_device_is_a_one_line_error_naming_the_flag(synthetic, tmp_path, monkeypatch, capsys):
+    from ace_model import zero_shot
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated despite a bad --device")
+
+    monkeypatch.setattr(zero_shot, "evaluate", must_not_run)
+    train = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--no-progress"]
+    zero = ["zero-shot", "--csv", str(synthetic), "--model", "tiny"]
+    for command in (train, zero):
+        assert cli.main([*command, "--device", "foo"]) == cli.EXIT_BAD_INPUT
+        line = _one_error_line(capsys.readouterr().err, command[0])
+        assert "--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (train, zero):
+        assert cli.main([*command, "--device", "cuda"]) == cli.EXIT_BAD_INPUT
+        assert "--device: 'cuda' needs CUDA" in _one_error_line(capsys.readouterr().err, command[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for command in (train, zero):
+        assert cli.main([*command, "--device", "cuda:3"]) == cli.EXIT_BAD_INPUT
+        assert "1 CUDA device(s)" in _one_error_line(capsys.readouterr().err, command[0])
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_shot_batch_size_and_output_are_checked_before_evaluating(tiny, synthetic, tmp_path, monkeypatch,
+                                                                       capsys):
+    from ace_model import zero_shot
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("evaluated despite bad arguments")
+
+    monkeypatch.setattr(zero_shot, "evaluate", must_not_run)
+    command = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--device", "cpu"]
+    cases = {("--batch-size", "0"): "--batch-size: expected >= 1, got 0",
+             ("--output", str(tmp_path)): "is a directory",
+             ("--output", str(tmp_path / "no" / "m.json")): "does not exist"}
+    for flags, expected in cases.items():
+        assert cli.main([*command, *flags]) == cli.EXIT_BAD_INPUT
+        line = _one_error_line(capsys.readouterr().err, "zero-shot")
+        assert expected in line and flags[0] in line, line
+    from ace_model.data import CSVImageLabelDataset
+
+    with pytest.raises(ValueError, match="argument 'batch_size': expected >= 1"):
+        evaluate(tiny, CSVImageLabelDataset(synthetic, ["edema"], tiny.image_size), ["edema"], "multilabel",
+                 batch_size=0)
+
+
+def test_undefined_auroc_is_written_as_null(tiny, synthetic, tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    tiny.save_reference_checkpoint(checkpoint)
+    image = str(synthetic.parent / "test" / "00000.png")
+    negatives_only = _write_csv(tmp_path / "neg.csv", ["image", "healthy", "pneumonia"], [[image, 1, 0]] * 3)
+    output = tmp_path / "m.json"
+    assert cli.main(["zero-shot", "--csv", str(negatives_only), "--model", "tiny", "--checkpoint", str(checkpoint),
+                     "--task", "binary", "--output", str(output)]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in JSON output")
+
+    for text in (capsys.readouterr().out, output.read_text()):
+        result = json.loads(text, parse_constant=refuse)
+        assert result["auroc"] is None and result["accuracy"] is not None
 
 
 # ---------------------------------------------------------------------------------------

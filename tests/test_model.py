@@ -227,6 +227,31 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
         ACELoRA.from_config("tiny", pretrained=str(bad))
 
 
+RELEASED = os.environ.get("ACE_LORA_RELEASED", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                            "reference", "ACE_LoRA.pt"))
+
+
+def test_pretrained_that_is_no_open_clip_state_dict_is_named(tmp_path, tiny_model):
+    """A released ACE-LoRA file (nested dicts) or non-string keys: one line naming the file
+    and where such a checkpoint goes, not an AttributeError from inside the loader."""
+    released = tmp_path / "released.pt"
+    tiny_model.save_reference_checkpoint(released)
+    numbered = tmp_path / "numbered.pt"
+    torch.save({0: torch.zeros(2), 1: torch.ones(2)}, numbered)
+    nested = tmp_path / "nested.pt"
+    torch.save({"visual.proj": {"weight": torch.zeros(2)}}, nested)
+    files = [(released, "released ACE-LoRA layout"), (numbered, "key 0 is of type int"),
+             (nested, "key 'visual.proj' holds a value of type dict")]
+    if os.path.isfile(RELEASED):
+        files.append((RELEASED, "released ACE-LoRA layout"))
+    for path, problem in files:
+        with pytest.raises(ValueError) as info:
+            ACELoRA.from_config("tiny", pretrained=str(path))
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and "not an open_clip state dict" in message
+        assert problem in message and "--checkpoint" in message and "--init-checkpoint" in message
+
+
 def test_biomedclip_trainable_parameter_count():
     model = ACELoRA.from_config("biomedclip")
     assert model.num_trainable_parameters() == 969_217

@@ -490,7 +490,55 @@ def test_config_validation(tmp_path):
         train(_config(tmp_path, precision="fp8"), model=model, dataset=data, loss_fn=dense_label_infonce)
     with pytest.raises(ValueError, match="chunk_size"):
         TrainConfig(chunk_size=0).validate()
+    # Each message names its field (the command line turns it into the flag's name).
+    for field, value in (("keep_checkpoints", 0), ("checkpoint_every", -1), ("num_workers", -1),
+                         ("warmup_epochs", -0.5), ("warmup_steps", -1)):
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected >= "):
+            TrainConfig(**{field: value}).validate()
     assert TrainConfig.from_dict(TrainConfig(betas=(0.8, 0.9)).to_dict()) == TrainConfig(betas=(0.8, 0.9))
+
+
+def test_read_metrics_keeps_only_the_last_run(tmp_path):
+    """A fresh run appends after a "start" line; a "resume" line continues the same run."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"event": "start", "step": 0}, {"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0},
+             {"step": 3, "loss": 7.0},
+             {"event": "start", "step": 0}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0},
+             {"event": "resume", "step": 1}, {"step": 2, "loss": 3.0}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 3, "lo')  # torn last line
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 5.0), (2, 3.0)]
+
+
+def test_a_fresh_run_into_a_used_out_dir_reads_back_alone(tmp_path):
+    model = make_model("standin", seed=3)
+    data = RandomPairs(model, 18, seed=1)
+    first = train(_config(tmp_path, checkpoint_every=0), model=model, dataset=data, loss_fn=dense_label_infonce)
+    assert [r["step"] for r in read_metrics(first["metrics"])] == list(range(1, 13))
+    # A crash mid-write tore the last line: the next run's "start" line must still be read.
+    with open(first["metrics"], "a", encoding="utf-8") as handle:
+        handle.write('{"step": 13, "loss": 1.0, "l')
+    second = train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3), model=make_model("standin", seed=3),
+                   dataset=data, loss_fn=dense_label_infonce)
+    records = read_metrics(second["metrics"])
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss"] == pytest.approx(second["final_loss"])
+
+
+def test_bad_device_names_the_field_before_any_work(tmp_path, monkeypatch):
+    model = make_model("standin")
+    data = RandomPairs(model, 8)
+    with pytest.raises(ValueError, match=r"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'"):
+        train(_config(tmp_path, device="foo"), model=model, dataset=data, loss_fn=dense_label_infonce)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"TrainConfig.device: 'cuda:0' needs CUDA"):
+        train(_config(tmp_path, device="cuda:0"), model=model, dataset=data, loss_fn=dense_label_infonce)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")  # "cuda" takes the process's local rank
+    with pytest.raises(ValueError, match=r"TrainConfig.device: 'cuda' resolves to cuda:2, but this machine has 2"):
+        train(_config(tmp_path, device="cuda"), model=model, dataset=data, loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run").exists()
+    assert training.resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
