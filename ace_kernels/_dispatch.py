@@ -194,9 +194,11 @@ def reasons_for(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) 
 ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_order.json")
 
 
-def _load_orders() -> dict:
+def read_by_device(path: str) -> dict:
+    """The ``by_device`` table of a per-card JSON file beside this module ({} when the file is
+    absent, unreadable or has no such table)."""
     try:
-        with open(ORDER_FILE, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return {}
@@ -206,7 +208,7 @@ def _load_orders() -> dict:
 
 # Read once at import (a small file; no GPU is touched), so that a first call under
 # torch.compile has no file to open.
-_MEASURED_ORDERS = _load_orders()
+_MEASURED_ORDERS = read_by_device(ORDER_FILE)
 
 
 def measured_orders() -> dict:

@@ -17,7 +17,6 @@ Nothing here touches the GPU at import time; the file is read once, at import.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import warnings
@@ -25,20 +24,12 @@ from typing import Iterator
 
 import torch
 
+from ace_kernels import _dispatch
+
 TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
 
 
-def _load() -> dict:
-    try:
-        with open(TUNED_FILE, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    by_device = data.get("by_device") if isinstance(data, dict) else None
-    return by_device if isinstance(by_device, dict) else {}
-
-
-_TUNED = _load()
+_TUNED = _dispatch.read_by_device(TUNED_FILE)
 _FORCED = threading.local()
 _WARNED: set = set()
 _CANDIDATES: dict[str, dict] = {}
@@ -99,9 +90,7 @@ def gpu_config(family: str, kernel: str, dtype_class: str, device: torch.device,
         return config
     if not _TUNED:
         return dict(default)
-    from ace_kernels._dispatch import _cuda_device_name
-
-    name = _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    name = _dispatch._cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
     entry = ((_TUNED.get(name) or {}).get(family) or {}).get(key(kernel, dtype_class))
     if entry is None:
         return dict(default)

@@ -18,15 +18,12 @@ then nothing is written (exit status 3), so no copy of the old file can pass for
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
 from collections import defaultdict
 from typing import Sequence
 
 from ace_kernels import _dispatch
+from benchmarks import harness
 
 BACKENDS = _dispatch.BACKENDS
 SHARED_ORDER = {"lora_qkv": ("lora_linear",)}  # ops that run another op's kernels
@@ -95,39 +92,13 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     return content, report
 
 
-class NoOrders(ValueError):
+class NoOrders(harness.NothingToWrite):
     """The result file measured no order (nothing to write)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_order", description=__doc__.splitlines()[0])
-    parser.add_argument("results", metavar="RESULTS.json", help="a result file of a GPU run of python -m benchmarks")
-    parser.add_argument("--out", default=_dispatch.ORDER_FILE,
-                        help="the order file to update (default: %(default)s)")
-    args = parser.parse_args(argv)
-    with open(args.results, encoding="utf-8") as handle:
-        payload = json.load(handle)
-    existing = None
-    source = args.out if os.path.exists(args.out) else _dispatch.ORDER_FILE
-    if os.path.exists(source):
-        with open(source, encoding="utf-8") as handle:
-            existing = json.load(handle)
-    try:
-        content, report = update(payload, existing)
-    except NoOrders as exc:
-        print(f"dispatch_order: {exc}; {args.out} not written", file=sys.stderr)
-        return 3
-    except ValueError as exc:
-        print(f"dispatch_order: {exc}", file=sys.stderr)
-        return 2
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, args.out)
-    print("\n".join(report))
-    print(f"written: {args.out}")
-    return 0
+    return harness.package_file_tool(argv, module="dispatch_order", description=__doc__.splitlines()[0],
+                                     default_out=_dispatch.ORDER_FILE, what="order", update=update)
 
 
 if __name__ == "__main__":

@@ -284,31 +284,26 @@ else
     say "no result JSON was written"
 fi
 
-# The measured backend order of backend="auto" on this card (ace_kernels/dispatch_order.json
-# updated from this run's rows; commit it over the package's file). Not written (rc 3) when the
-# run timed no op on two backends at one shape, as a costly-tier run never does.
+# Package files updated from this run's rows, to commit over the package's own: the measured
+# backend order of backend="auto" on this card (ace_kernels/dispatch_order.json; none when the
+# run timed no op on two backends at one shape, as a costly-tier run never does) and the Triton
+# kernels' fastest launch configurations on it (ace_kernels/tuned_configs.json; none when the
+# run swept nothing: family tuning skipped or out of time). Their tools exit 3 when there is
+# nothing to write.
+# package_file WHAT MODULE FILE
+package_file() {
+    [ -f "$OUT/$STEM.json" ] || return 0
+    timeout "$(post_limit)" $PY -m "benchmarks.$2" "$OUT/$STEM.json" --out "$OUT/$3" >>"$LOG" 2>&1
+    case $? in
+        0) ;;
+        3) say "$1: this run holds none; nothing written" ;;
+        *) say "$1: not written (see above)" ;;
+    esac
+}
 ORDER=dispatch_order$SUFFIX.json
-if [ -f "$OUT/$STEM.json" ]; then
-    timeout "$(post_limit)" $PY -m benchmarks.dispatch_order "$OUT/$STEM.json" --out "$OUT/$ORDER" >>"$LOG" 2>&1
-    case $? in
-        0) ;;
-        3) say "dispatch order: this run holds none; nothing written" ;;
-        *) say "dispatch order: not written (see above)" ;;
-    esac
-fi
-
-# The Triton kernels' fastest launch configurations on this card (ace_kernels/tuned_configs.json
-# updated from this run's sweep rows; commit it over the package's file). Not written (rc 3)
-# when the run swept nothing (family tuning skipped or out of time).
 TUNED=tuned_configs$SUFFIX.json
-if [ -f "$OUT/$STEM.json" ]; then
-    timeout "$(post_limit)" $PY -m benchmarks.tuned_configs "$OUT/$STEM.json" --out "$OUT/$TUNED" >>"$LOG" 2>&1
-    case $? in
-        0) ;;
-        3) say "tuned configurations: this run swept none; nothing written" ;;
-        *) say "tuned configurations: not written (see above)" ;;
-    esac
-fi
+package_file "dispatch order" dispatch_order "$ORDER"
+package_file "tuned configurations" tuned_configs "$TUNED"
 
 # Nothing else may land under $OUT (at most 8 files come back).
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' \

@@ -694,3 +694,50 @@ def load_rows(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         payload = json.load(fh)
     return payload["rows"] if isinstance(payload, dict) else payload
+
+
+# ----------------------------------------------------------------------------------------
+# Tools that update a package file from a GPU run's results
+# ----------------------------------------------------------------------------------------
+
+
+class NothingToWrite(ValueError):
+    """The result file holds nothing for the package file a tool writes."""
+
+
+def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,
+                      what: str, update: Callable[[dict, dict | None], tuple[dict, list[str]]]) -> int:
+    """``python -m benchmarks.<module> RESULTS.json [--out FILE]``: ``update(payload, existing)``
+    gives the new content of ``FILE`` (default ``default_out``, also the base when ``FILE`` does
+    not exist yet) and a report. Exit status 0 when written (atomically), 3 when the run holds
+    nothing to write (:class:`NothingToWrite`; the file is left as it was), 2 for a bad result
+    file (another ``ValueError``, e.g. a CPU run)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=description)
+    parser.add_argument("results", metavar="RESULTS.json", help="a result file of a GPU run of python -m benchmarks")
+    parser.add_argument("--out", default=default_out, help=f"the {what} file to update (default: %(default)s)")
+    args = parser.parse_args(argv)
+    with open(args.results, encoding="utf-8") as handle:
+        payload = json.load(handle)
+    existing = None
+    source = args.out if os.path.exists(args.out) else default_out
+    if os.path.exists(source):
+        with open(source, encoding="utf-8") as handle:
+            existing = json.load(handle)
+    try:
+        content, report = update(payload, existing)
+    except NothingToWrite as exc:
+        print(f"{module}: {exc}; {args.out} not written", file=sys.stderr)
+        return 3
+    except ValueError as exc:
+        print(f"{module}: {exc}", file=sys.stderr)
+        return 2
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, args.out)
+    print("\n".join(report))
+    print(f"written: {args.out}")
+    return 0

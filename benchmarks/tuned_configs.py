@@ -14,19 +14,16 @@ what the file held. A result file with no sweep rows writes nothing (exit status
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 from typing import Sequence
 
 import ace_kernels  # noqa: F401  (imports the kernel modules, which declare their candidates)
 from ace_kernels import _tuning
+from benchmarks import harness
 
 MARGIN = 0.03  # 3%: below this a difference is within the run-to-run spread of a GPU timing
 
 
-class NoSweep(ValueError):
+class NoSweep(harness.NothingToWrite):
     """The result file holds no sweep rows (nothing to write)."""
 
 
@@ -116,33 +113,8 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tuned_configs", description=__doc__.splitlines()[0])
-    parser.add_argument("results", metavar="RESULTS.json", help="a result file of a GPU run of python -m benchmarks")
-    parser.add_argument("--out", default=_tuning.TUNED_FILE, help="the file to update (default: %(default)s)")
-    args = parser.parse_args(argv)
-    with open(args.results, encoding="utf-8") as handle:
-        payload = json.load(handle)
-    existing = None
-    source = args.out if os.path.exists(args.out) else _tuning.TUNED_FILE
-    if os.path.exists(source):
-        with open(source, encoding="utf-8") as handle:
-            existing = json.load(handle)
-    try:
-        content, report = update(payload, existing)
-    except NoSweep as exc:
-        print(f"tuned_configs: {exc}; {args.out} not written", file=sys.stderr)
-        return 3
-    except ValueError as exc:
-        print(f"tuned_configs: {exc}", file=sys.stderr)
-        return 2
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, args.out)
-    print("\n".join(report))
-    print(f"written: {args.out}")
-    return 0
+    return harness.package_file_tool(argv, module="tuned_configs", description=__doc__.splitlines()[0],
+                                     default_out=_tuning.TUNED_FILE, what="tuned-configuration", update=update)
 
 
 if __name__ == "__main__":
