@@ -30,7 +30,10 @@ TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_con
 
 
 _TUNED = _dispatch.read_by_device(TUNED_FILE)
-_FORCED = threading.local()
+# Process-wide, not per thread: autograd runs a CUDA backward on its own device thread, which
+# must see what the sweep forced around its forward and backward calls.
+_FORCED: list = []
+_FORCED_LOCK = threading.Lock()
 _WARNED: set = set()
 _CANDIDATES: dict[str, dict] = {}
 
@@ -61,22 +64,26 @@ def key(kernel: str, dtype_class: str) -> str:
 
 @contextlib.contextmanager
 def forced(family: str, kernel: str, dtype_class: str, config: dict) -> Iterator[None]:
-    """Launch ``family``'s ``kernel`` for ``dtype_class`` with ``config`` in this thread, on any
-    device (the interpreter included), until the block ends. For sweeps and tests."""
-    stack = getattr(_FORCED, "stack", None)
-    if stack is None:
-        stack = _FORCED.stack = []
-    stack.append(((family, key(kernel, dtype_class)), dict(config)))
+    """Launch ``family``'s ``kernel`` for ``dtype_class`` with ``config``, on any device (the
+    interpreter included), until the block ends. For sweeps and tests: it applies to every
+    thread of the process (autograd's backward threads among them), so only one thread should
+    force configurations at a time."""
+    entry = ((family, key(kernel, dtype_class)), dict(config))
+    with _FORCED_LOCK:
+        _FORCED.append(entry)
     try:
         yield
     finally:
-        stack.pop()
+        with _FORCED_LOCK:
+            _FORCED.remove(entry)
 
 
 def forced_config(family: str, kernel: str, dtype_class: str) -> dict | None:
-    """The configuration :func:`forced` sets for this kernel in this thread (innermost), or None."""
+    """The configuration :func:`forced` sets for this kernel (the innermost block's), or None."""
     wanted = (family, key(kernel, dtype_class))
-    for name, config in reversed(getattr(_FORCED, "stack", None) or ()):
+    with _FORCED_LOCK:
+        entries = list(_FORCED)
+    for name, config in reversed(entries):
         if name == wanted:
             return dict(config)
     return None

@@ -68,6 +68,58 @@ def test_a_tuned_candidate_is_launched_on_its_card_only(on_card):
     assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
 
 
+def test_a_forced_configuration_reaches_other_threads():
+    # Autograd runs a CUDA backward on a device thread of its own: the backward kernels the
+    # sweep forces must see the configuration forced around backward() on the main thread.
+    import threading
+
+    seen = []
+    with _tuning.forced("lora", "backward", "16bit", lora_ops._GPU_CANDIDATES[("backward", "16bit")][0]):
+        worker = threading.Thread(target=lambda: seen.append(_tuning.forced_config("lora", "backward", "16bit")))
+        worker.start()
+        worker.join()
+    assert seen == [lora_ops._GPU_CANDIDATES[("backward", "16bit")][0]]
+    assert _tuning.forced_config("lora", "backward", "16bit") is None
+
+
+@pytest.mark.triton
+def test_forced_configurations_reach_the_backward_kernels(device, monkeypatch):
+    """What the sweep forces around a step reaches the kernels of its backward (on a GPU,
+    autograd's device thread runs them): every configuration read during the step is recorded."""
+    import ace_kernels
+
+    read = []
+
+    def spy(original):
+        def wrapped(kernel, *args, **kwargs):
+            config = original(kernel, *args, **kwargs)
+            read.append((kernel, {k: config[k] for k in ("BLOCK_M", "num_warps", "num_stages") if k in config}))
+            return config
+        return wrapped
+
+    monkeypatch.setattr(lora_ops, "_config", spy(lora_ops._config))
+    monkeypatch.setattr(contrastive_ops, "_launch_config", spy(contrastive_ops._launch_config))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=gen).half().to(device).requires_grad_()
+    weight, bias = (torch.randn(3 * 32, 64, generator=gen) / 8).half().to(device), None
+    lora_a = (torch.randn(3, 4, 64, generator=gen) / 8).half().to(device).requires_grad_()
+    lora_b = torch.randn(3, 32, 4, generator=gen).half().to(device).requires_grad_()
+    backward = lora_ops._GPU_CANDIDATES[("backward", "16bit")][1]
+    with _tuning.forced("lora", "backward", "16bit", backward):
+        outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.1, training=True,
+                                    backend="triton")
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    used = [config for kernel, config in read if kernel == "backward"]
+    assert used and all(c == {k: backward[k] for k in c} for c in used), read
+    read.clear()
+    u = torch.nn.functional.normalize(torch.randn(40, 64, generator=gen), dim=1).half().to(device).requires_grad_()
+    grad = contrastive_ops._GPU_CANDIDATES[("grad", "16bit/one_dot")][2]
+    with _tuning.forced("contrastive", "grad", "16bit/one_dot", grad):
+        ace_kernels.label_guided_infonce(u, u.detach().clone(), 10.0, None, backend="triton").backward()
+    used = [config for kernel, config in read if kernel == "grad"]
+    assert used and all(c == {k: grad[k] for k in c} for c in used), read
+
+
 def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_card):
     unvetted = dict(DEFAULT_FUSED, BLOCK_N=512)
     on_card["fused/16bit"] = unvetted
