@@ -890,15 +890,15 @@ class _SumAcrossRanks(torch.autograd.Function):
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_LABEL_DTYPES)}
 
 
-def _exchange_shapes(image_emb, labels, group, local_error: ValueError | None = None):
+def _exchange_shapes(image_emb, labels, group, local_error: Exception | None = None):
     """Local batch sizes of every rank, after checking that the ranks agree on everything else.
 
     One small all-gather whose result is read on the host (a synchronisation).
     Every rank sees the same table, so a mismatch raises the same error on
     every rank instead of hanging in a later collective. ``local_error`` is this
-    rank's own argument error (from :func:`_validate`): it travels as a flag, so
-    that a rank with bad arguments raises its error and every other rank raises
-    one naming it, instead of waiting in the next collective until the timeout.
+    rank's own error (bad arguments, or a backend it cannot run): it travels as a
+    flag, so that such a rank raises its error and every other rank raises one
+    naming it, instead of waiting in the next collective until the timeout.
     """
     import torch.distributed as dist
 
@@ -919,7 +919,8 @@ def _exchange_shapes(image_emb, labels, group, local_error: ValueError | None = 
         raise local_error
     if bad:
         raise ValueError(f"label_guided_infonce with group=: rank(s) {bad} of ranks 0..{world - 1} passed invalid "
-                         "arguments (their own errors say which); no rank computed the loss")
+                         "arguments or asked for a backend they cannot run (their own errors say which); no rank "
+                         "computed the loss")
     names = ("batch", "embedding dim", "labels given", "label width", "embedding dtype", "label dtype")
     for column in range(1, len(names)):
         values = [r[column] for r in table]
@@ -1023,7 +1024,10 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         in rank order) instead of the local one. Ranks may hold different
         local batch sizes; ``D``, label width and dtypes must agree (a
         ``ValueError`` naming the per-rank values otherwise, raised on every
-        rank). ``logit_scale`` must have the same value on every rank.
+        rank). A rank whose arguments are invalid, or which asks for a backend
+        it cannot run, raises its own error and every other rank one naming it,
+        before any collective of the loss. ``logit_scale`` must have the same
+        value on every rank.
     backend : {"auto", "triton", "torch"}
         ``auto`` takes Triton on a GPU and torch otherwise.
 
@@ -1067,8 +1071,14 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     else:
         try:
             _validate(image_emb, text_emb, logit_scale, labels, distributed=True)
+            # A backend this rank cannot run (asked for explicitly) fails here, before the
+            # collectives, and travels in the exchange like an argument error. The reasons that
+            # depend on the global batch are checked again below, on the gathered rows: the
+            # same sizes on every rank, so every rank decides alike.
+            _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, logit_scale],
+                             args=(image_emb, text_emb), kwargs={})
             local_error = None
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             local_error = exc
         sizes = _exchange_shapes(image_emb, labels, group, local_error)  # raises on every rank if any failed
     compute = _compute_dtype(image_emb.dtype)

@@ -54,7 +54,8 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
 
 
 def _write_value_error(rank, world, port, out_dir, timeout_s, call):
-    """Run ``call(ace_kernels)`` in a gloo group and write the ValueError it raises (or "no error")."""
+    """Run ``call(ace_kernels)`` in a gloo group and write the ValueError or RuntimeError it raises
+    (``<type>: <message>``, or "no error")."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -64,8 +65,8 @@ def _write_value_error(rank, world, port, out_dir, timeout_s, call):
         try:
             call(ace_kernels)
             message = "no error"
-        except ValueError as exc:
-            message = str(exc)
+        except (ValueError, RuntimeError) as exc:
+            message = f"{type(exc).__name__}: {exc}"
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
             handle.write(message)
     finally:
@@ -95,6 +96,15 @@ def run_one_bad_rank(rank, world, port, out_dir, timeout_s):
     labels = torch.zeros(3 if rank == world - 1 else 4, dtype=torch.int64)
     _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
+
+
+def run_one_rank_without_its_backend(rank, world, port, out_dir, timeout_s):
+    """The last rank asks for the CUDA backend, which cannot run on these CPU tensors: it must
+    raise its own error and every other rank one naming it, at once."""
+    u = torch.randn(4, 8)
+    backend = "cuda" if rank == world - 1 else "torch"
+    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+        u, u, 10.0, group=dist.group.WORLD, backend=backend))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ace_kernels
-from _contrastive_dist_worker import make_global_batch, run, run_empty_global, run_mismatch, run_one_bad_rank
+from _contrastive_dist_worker import (make_global_batch, run, run_empty_global, run_mismatch, run_one_bad_rank,
+                                     run_one_rank_without_its_backend)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -110,6 +111,15 @@ def test_a_rank_with_bad_arguments_makes_every_rank_raise_at_once(tmp_path):
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
     assert "argument 'labels'" in messages[2]
     assert messages[0] == messages[1] and "rank(s) [2]" in messages[0]
+
+
+def test_a_rank_that_cannot_run_its_backend_makes_every_rank_raise_at_once(tmp_path):
+    started = time.monotonic()
+    _spawn(run_one_rank_without_its_backend, 2, (_free_port(), str(tmp_path), 60))
+    assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[1].startswith("RuntimeError: label_guided_infonce: backend 'cuda' cannot run"), messages[1]
+    assert messages[0].startswith("ValueError: ") and "rank(s) [1]" in messages[0], messages[0]
 
 
 def test_mismatched_ranks_raise_on_every_rank(tmp_path):
