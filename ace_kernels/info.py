@@ -38,6 +38,18 @@ def report() -> str:
     for op in sorted(_OPS):
         if not op.startswith("_"):
             lines.append(f"  {op:<21} {', '.join(preference(op, device))}")
+    # Launch configurations measured on this card by a benchmark sweep (ace_kernels/tuned_configs.json).
+    from ace_kernels import _tuning
+
+    lines.append("")
+    cards = _tuning.tuned_configs()
+    if device is None:
+        lines.append("tuned launch configurations: recorded for " + (", ".join(sorted(cards)) or "no card"))
+    else:
+        name = torch.cuda.get_device_name(0)
+        tuned = cards.get(name) or {}
+        entries = [f"{family} {kernel}" for family, table in sorted(tuned.items()) for kernel in sorted(table)]
+        lines.append(f"tuned launch configurations on {name}: " + (", ".join(entries) or "none (the defaults)"))
     return "\n".join(lines)
 
 

@@ -89,10 +89,13 @@ def test_info_reports_every_backend(capsys):
     for name in ace_kernels.BACKENDS:
         assert name in out
     # And the order auto tries for each public op.
-    order_lines = out.split("auto tries, in order")[1].splitlines()[1:]
+    order_block, tuned_block = out.split("auto tries, in order")[1].split("\n\n")
+    order_lines = order_block.splitlines()[1:]
     assert {line.split()[0] for line in order_lines} == {"ace_hypergraph", "label_guided_infonce", "lora_linear",
                                                          "lora_qkv"}
     assert all(line.split()[-1] == "torch" for line in order_lines)  # the exact path is always last
+    # And the launch configurations a sweep recorded (for which cards, or on this one).
+    assert tuned_block.startswith("tuned launch configurations")
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
