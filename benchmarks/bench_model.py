@@ -47,6 +47,7 @@ each near the largest batch); it runs last in this family and only when 40 s are
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import time
 
@@ -610,38 +611,49 @@ def _run_peft_patch(suite) -> None:
     shape_text = f"{name} B={batch}"
     print(f" peft_lora_train_step {shape_text} {dtype}")
 
-    def step():
-        with autocast:
-            image_cls = towers["vit"].forward_features(images)[:, 0]
-            text_cls = towers["bert"](input_ids=ids).last_hidden_state[:, 0]
-            loss = baselines.reference_label_guided_infonce(torch.nn.functional.normalize(image_cls.float(), dim=-1),
-                                                            torch.nn.functional.normalize(text_cls.float(), dim=-1),
-                                                            scale)
-        loss.backward()
+    def step_of(model):
+        def step():
+            with autocast:
+                image_cls = model["vit"].forward_features(images)[:, 0]
+                text_cls = model["bert"](input_ids=ids).last_hidden_state[:, 0]
+                loss = baselines.reference_label_guided_infonce(
+                    torch.nn.functional.normalize(image_cls.float(), dim=-1),
+                    torch.nn.functional.normalize(text_cls.float(), dim=-1), scale)
+            loss.backward()
+
+        return step
 
     def metrics_for(meas):
         return {"samples_per_s": round(batch / (meas.median_ms * 1e-3), 2)} if meas.median_ms else {}
 
-    results = suite.measure_group([("peft", step, params)])
-    base_results = {name_: (meas, metrics_for(meas)) for name_, meas in results.items()}
-    ours = {}
+    # Each provider patches a copy of the towers, so that every entry exists at once and the
+    # configuration is measured side by side (interleaved on the CPU), the original unpatched.
+    handles, providers, patched_count = [], [], {}
     for provider in suite.providers:
         label = f"patched:{provider}"
+        copy_ = copy.deepcopy(towers)
         try:
-            handle = ace_kernels.patch(towers, backend=provider)
+            handle = ace_kernels.patch(copy_, backend=provider)
         except Exception as exc:
             suite.skip(label, f"patch failed ({type(exc).__name__}: {exc})")
             continue
-        try:
-            patched = [r for r in handle.patched] if hasattr(handle, "patched") else []
-            if not suite.provider_can_run(label, step):
-                continue
-            for label_, meas in suite.measure_group([(label, step, params)]).items():
-                metrics = metrics_for(meas)
-                metrics["modules_patched"] = len(patched)
-                ours[label_] = (meas, metrics)
-        finally:
+        handles.append(handle)
+        patched_count[label] = len(handle.patched)
+        step = step_of(copy_)
+        providers.append((label, step, step, [p for p in copy_.parameters() if p.requires_grad] + [scale]))
+    try:
+        measured = suite.measure_checked([("peft", step_of(towers), params)], providers)
+    finally:
+        for handle in handles:
             handle.undo()
+    base_results, ours = {}, {}
+    for label, meas in measured.items():
+        metrics = metrics_for(meas)
+        if label == "peft":
+            base_results[label] = (meas, metrics)
+        else:
+            metrics["modules_patched"] = patched_count[label]
+            ours[label] = (meas, metrics)
 
     def targets(provider, baseline):
         if suite.is_gpu and provider in ("patched:triton", "patched:cuda") and baseline == "peft":

@@ -218,7 +218,9 @@ REQUIRED_ROW_FIELDS = (
 
 @dataclass
 class Target:
-    """A goal on one comparison: ``metric`` in {speedup, memory_ratio, peak_mib_max, frac_of_peak}."""
+    """A goal on one comparison: ``metric`` is ``speedup`` or ``memory_ratio`` (at least the
+    threshold), ``peak_mib_max`` (at most), or ``metric_min:<key>`` / ``metric_max:<key>`` (the
+    row's ``metrics[key]`` at least / at most). ``check`` gives None when the value is missing."""
 
     metric: str
     threshold: float
@@ -718,8 +720,15 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     parser.add_argument("results", metavar="RESULTS.json", help="a result file of a GPU run of python -m benchmarks")
     parser.add_argument("--out", default=default_out, help=f"the {what} file to update (default: %(default)s)")
     args = parser.parse_args(argv)
-    with open(args.results, encoding="utf-8") as handle:
-        payload = json.load(handle)
+    try:
+        with open(args.results, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        if not (isinstance(payload, dict) and "environment" in payload and "rows" in payload):
+            raise ValueError("it has no 'environment' and 'rows'")
+    except (OSError, ValueError) as exc:
+        print(f"{module}: argument RESULTS.json: cannot read {args.results!r} as a result file "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
     existing = None
     source = args.out if os.path.exists(args.out) else default_out
     if os.path.exists(source):

@@ -1,8 +1,10 @@
 """The PNG beside each result file: speedup and memory ratio of every comparison row.
 
-One horizontal bar per (op, shape, provider, baseline); ratios on a log axis
-(1.0 = as fast / as small as the baseline); a target's threshold, where the
-row has one, is drawn as a black tick on its bar, and failing bars are red.
+One horizontal bar per (op, shape, provider, baseline); ratios on a log axis,
+each bar drawn from 1.0 (as fast / as small as the baseline) to its ratio; a
+target's threshold, where the row has one, is drawn as a black tick on its bar,
+and bars of missed targets are red. Rows with a target and no bar are listed
+under the plot with "met", "NOT met" or "not judged".
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
     from matplotlib.ticker import FuncFormatter
 
     compared = [r for r in rows if r.get("baseline") and (r.get("speedup_vs_baseline") or r.get("memory_ratio_vs_baseline"))]
+    compared_ids = {id(r) for r in compared}
     labels = [f"{r['op']} {r['shape']} [{r['dtype']}]\n{r['provider']} vs {r['baseline']}" for r in compared]
     height = max(3.0, 0.42 * len(compared) + 1.5)
-    # Rows judged on their own (no baseline, e.g. a peak-memory cap) are listed under the bars.
-    alone = [r for r in rows if not r.get("baseline") and r.get("target")]
+    # Rows with a target but no bar (no baseline, e.g. a peak-memory cap; or a comparison that is
+    # no time or memory ratio, e.g. the largest batch) are listed under the bars.
+    alone = [r for r in rows if r.get("target") and id(r) not in compared_ids]
     height += 0.25 * len(alone)
     fig, axes = plt.subplots(1, 2, figsize=(17, height), sharey=True)
     for ax, key, kind, name in ((axes[0], "speedup_vs_baseline", "speedup", "speedup vs baseline (time ratio)"),
@@ -58,13 +62,17 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
         colors = []
         for r, v in zip(compared, values):
             threshold = _threshold(r.get("target"), kind)
+            # A missed target with no threshold on either axis (e.g. saved bytes): red on both.
+            missed_elsewhere = (r.get("target_pass") is False and _threshold(r.get("target"), "speedup") is None
+                                and _threshold(r.get("target"), "memory") is None)
             if v is None:
                 colors.append("lightgray")
-            elif threshold is not None and v < threshold:
+            elif (threshold is not None and v < threshold) or missed_elsewhere:
                 colors.append("tab:red")
             else:
                 colors.append("tab:blue" if kind == "speedup" else "tab:green")
-        ax.barh(positions, [v if v else 0 for v in values], color=colors, left=0)
+        # Bars grow from 1x (as fast / as small as the baseline), right when better, left when worse.
+        ax.barh(positions, [v - 1.0 if v else 0.0 for v in values], color=colors, left=1.0)
         for pos, (r, v) in enumerate(zip(compared, values)):
             threshold = _threshold(r.get("target"), kind)
             if threshold is not None:
@@ -86,9 +94,13 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].invert_yaxis()  # shared y axis: once, so the first row is on top
     fig.suptitle(title or "ace-kernels benchmarks", fontsize=11)
-    notes = [f"{r['op']} {r['shape']} [{r['dtype']}] {r['provider']}: {r['median_ms']:.1f} ms, peak "
-             f"{r['peak_mib']:.1f} MiB; target {r['target']}: {'met' if r.get('target_pass') else 'NOT met'}"
-             for r in alone if r.get("median_ms") is not None and r.get("peak_mib") is not None]
+    verdict = {True: "met", False: "NOT met", None: "not judged"}
+    notes = [f"{r['op']} {r['shape']} [{r['dtype']}] {r['provider']}"
+             + (f" vs {r['baseline']}" if r.get("baseline") else "")
+             + (f": {r['median_ms']:.1f} ms" if r.get("median_ms") is not None else "")
+             + (f", peak {r['peak_mib']:.1f} MiB" if r.get("peak_mib") is not None else "")
+             + f"; target {r['target']}: {verdict[r.get('target_pass')]}"
+             for r in alone]
     if notes:
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=8, va="bottom", ha="left")
     fig.tight_layout(rect=(0, 0.03 + 0.025 * len(notes), 1, 1))

@@ -24,6 +24,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import signal
 import subprocess
@@ -326,7 +327,8 @@ class Suite:
         if targets and not self.quick:
             row.target = " & ".join(t.text for t in targets)
             outcomes = [t.check(row) for t in targets]
-            row.target_pass = None if any(o is None for o in outcomes) else all(outcomes)
+            # One target missed fails the row even when another could not be judged (no calibration).
+            row.target_pass = False if False in outcomes else (None if None in outcomes else True)
         return row
 
     def add_rows(self, *, family: str, op: str, shape: str, dtype, mode: str = "fwd+bwd",
@@ -439,7 +441,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--providers", default=None,
                         help="comma-separated backends to measure (default: every one that runs here)")
     parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the JSON and PNG go (default: %(default)s)")
-    parser.add_argument("--name", default=None, help="file stem (default: <device-slug>-<date>[-quick])")
+    parser.add_argument("--name", default=None,
+                        help="file stem (default: <device-slug>-<date>[-quick], then -2, -3, ... when a run of the "
+                             "same day wrote that file already; a name given here is written over)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). On a shared machine use fewer threads "
@@ -475,7 +479,60 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     # A family's process (internal): which family, and the run's deadline on the wall clock.
     parser.add_argument("--worker", choices=WORKER_FAMILIES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-epoch", type=float, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, with argparse's one-line error (exit status 2), values the run cannot use."""
+    for flag, minimum in (("time_budget", None), ("hard_limit", None), ("max_seconds_per_call", None),
+                          ("family_grace", 0.0), ("family_idle_timeout", 0.0)):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if not math.isfinite(value) or (value <= 0 if minimum is None else value < minimum):
+            expected = "a positive number of seconds" if minimum is None else "a number of seconds >= 0"
+            parser.error(f"argument --{flag.replace('_', '-')}: expected {expected}, got {value:g}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"argument --threads: expected >= 1, got {args.threads}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            parser.error(f"argument --device: expected cpu, cuda or cuda:N, got {args.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"argument --device: {args.device!r} asked for, but no CUDA GPU is visible")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"argument --device: {args.device!r} asked for, but only {torch.cuda.device_count()} "
+                         "GPU(s) are visible")
+    if args.providers is not None:
+        from ace_kernels._dispatch import BACKENDS
+
+        names = [p.strip() for p in args.providers.split(",")]
+        unknown = [p for p in names if p not in BACKENDS]
+        if unknown or not names:
+            parser.error(f"argument --providers: expected a comma-separated list of {', '.join(BACKENDS)}, "
+                         f"got {args.providers!r}")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        parser.error(f"argument --out-dir: {args.out_dir!r} is a file, expected a directory")
+    if args.only:
+        args.only = list(dict.fromkeys(args.only))  # a family named twice runs once
+    for path in args.compare or ():
+        if not os.path.isfile(path):
+            parser.error(f"argument --compare: {path!r} is not a file")
+
+
+def _free_stem(out_dir: str, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... when a run of the same day already wrote that file: a
+    run never replaces another's results unless ``--name`` asks for that file explicitly."""
+    candidate, number = stem, 1
+    while os.path.exists(os.path.join(out_dir, candidate + ".json")):
+        number += 1
+        candidate = f"{stem}-{number}"
+    return candidate
 
 
 GPU_IDLE_TIMEOUT_S = 180.0  # longer than any single call the GPU suite makes (the B=16,384 step: 30-70 s)
@@ -547,7 +604,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare:
         from benchmarks.compare import compare_files
 
-        print(compare_files(*args.compare))
+        try:
+            print(compare_files(*args.compare))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"python -m benchmarks: error: argument --compare: cannot read a result file "
+                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+            return 2
         return 0
 
     if args.threads:
@@ -555,8 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every row
-    stem = args.name or f"{harness.device_slug(device)}-{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}" + (
-        "-quick" if args.quick else "")
+    stem = args.name or _free_stem(args.out_dir, f"{harness.device_slug(device)}-"
+                                                 f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}" + (
+                                                     "-quick" if args.quick else ""))
     json_path = os.path.join(args.out_dir, stem + ".json")
     png_path = None if args.no_plot else os.path.join(args.out_dir, stem + ".png")
     # GPU: 2 s of timed calls (a 250 ms training step still gets 8; harness.cuda_rep_ms).

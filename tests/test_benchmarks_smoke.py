@@ -334,6 +334,96 @@ def test_targets_are_judged():
     assert harness.Target("metric_min:tflops", 0.5, "").check(row) is None  # not measured: not judged
 
 
+def test_a_missed_target_fails_the_row_even_when_another_is_not_judged(tmp_path):
+    from benchmarks.harness import Measurement, Target
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    suite.quick = False  # targets are judged in full runs only
+    meas, base = Measurement(1.0, 500.0, 5, None), Measurement(2.0, 400.0, 5, None)
+    goals = [Target("metric_min:frac_of_matmul_peak", 0.5, "rate>=50%"), Target("peak_mib_max", 64.0, "peak<=64")]
+    rows = suite.add_rows(family="contrastive", op="x", shape="s", dtype=torch.bfloat16,
+                          ours={"triton": (meas, {})}, baselines={"ref": (base, {})},
+                          targets=lambda provider, baseline: goals)
+    ours = [r for r in rows if r.provider == "triton"][0]
+    assert ours.target == "rate>=50% & peak<=64" and ours.target_pass is False  # no rate measured, peak missed
+    rows = suite.add_rows(family="contrastive", op="y", shape="s", dtype=torch.bfloat16,
+                          ours={"triton": (Measurement(1.0, 10.0, 5, None), {})}, baselines={"ref": (base, {})},
+                          targets=lambda provider, baseline: goals)
+    assert [r for r in rows if r.provider == "triton"][0].target_pass is None  # nothing missed, one not judged
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--time-budget", "0"], "argument --time-budget: expected a positive number of seconds, got 0"),
+    (["--max-seconds-per-call", "-1"], "argument --max-seconds-per-call: expected a positive number"),
+    (["--family-idle-timeout", "-1"], "argument --family-idle-timeout: expected a number of seconds >= 0"),
+    (["--threads", "0"], "argument --threads: expected >= 1, got 0"),
+    (["--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    (["--providers", "torch,bogus"], "argument --providers: expected a comma-separated list of cuda, triton, torch"),
+    (["--compare", "/nonexistent/a.json", "/nonexistent/b.json"], "argument --compare: '/nonexistent/a.json' is not"),
+])
+def test_bad_suite_flags_are_one_line_errors(argv, fragment, capsys):
+    from benchmarks import suite
+
+    with pytest.raises(SystemExit) as exit_info:
+        suite._parse(argv)
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_out_dir_that_is_a_file_and_cuda_without_a_gpu_are_refused(tmp_path, capsys):
+    from benchmarks import suite
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [(["--out-dir", str(a_file)], "is a file, expected a directory")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA GPU is visible"))
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit):
+            suite._parse(argv)
+        assert fragment in capsys.readouterr().err
+    assert suite._parse(["--only", "lora", "--only", "lora", "--only", "model"]).only == ["lora", "model"]
+
+
+def test_unreadable_result_files_are_one_line_errors(tmp_path, capsys):
+    from benchmarks import dispatch_order, suite, tuned_configs
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert suite.main(["--compare", str(bad), str(bad)]) == 2
+    assert "argument --compare: cannot read a result file (JSONDecodeError" in capsys.readouterr().err
+    for tool in (dispatch_order, tuned_configs):
+        for path in (bad, tmp_path / "missing.json"):
+            assert tool.main([str(path), "--out", str(tmp_path / "out.json")]) == 2
+            assert "argument RESULTS.json: cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_a_second_run_of_the_day_gets_its_own_file(tmp_path):
+    from benchmarks import suite
+
+    assert suite._free_stem(str(tmp_path), "cpu-2026-11-29") == "cpu-2026-11-29"
+    (tmp_path / "cpu-2026-11-29.json").write_text("{}")
+    assert suite._free_stem(str(tmp_path), "cpu-2026-11-29") == "cpu-2026-11-29-2"
+    (tmp_path / "cpu-2026-11-29-2.json").write_text("{}")
+    assert suite._free_stem(str(tmp_path), "cpu-2026-11-29") == "cpu-2026-11-29-3"
+
+
+def test_plot_lists_targets_without_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.plot import plot_rows
+
+    common = dict(shape="s", dtype="bfloat16", median_ms=1.0, peak_mib=1.0, device="d", date="t", metrics={})
+    rows = [dict(common, op="lora_qkv", provider="triton", baseline="reference", speedup_vs_baseline=0.8,
+                 memory_ratio_vs_baseline=1.2, target="speedup>=2", target_pass=False),
+            dict(common, op="ace_lora_max_batch", provider="triton", baseline="reference-ops",
+                 speedup_vs_baseline=None, memory_ratio_vs_baseline=None, target="max batch>=3x", target_pass=None),
+            dict(common, op="label_guided_infonce", provider="triton", baseline=None, speedup_vs_baseline=None,
+                 memory_ratio_vs_baseline=None, target="peak<512MiB", target_pass=True)]
+    plot_rows(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def test_gpu_check_script_parses():
     """gpu_check.sh only runs on a lent GPU machine; here at least bash must accept it."""
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
