@@ -217,7 +217,10 @@ def _down_projection(x2d, lora_a3, keep, keep_prob):
     # where() is several times faster than multiplying by the bool mask on the CPU.
     x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)  # [P, M, in]; 1/keep_prob folded into S
     s_act = torch.bmm(x_dropped, lora_a3.transpose(1, 2)).mul_(1.0 / keep_prob)  # [P, M, r]
-    return s_act.transpose(0, 1).reshape(x2d.shape[0], projections * rank)
+    s_flat = s_act.transpose(0, 1).reshape(x2d.shape[0], projections * rank)
+    # With one projection that reshape is a view of s_act (P > 1 copies): a view of an intermediate
+    # must not be saved or returned by the Function, which torch.compile refuses ([M, r]: cheap).
+    return s_flat.clone() if projections == 1 else s_flat
 
 
 class _LoraTorchFunction(torch.autograd.Function):

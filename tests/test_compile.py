@@ -35,6 +35,21 @@ def _lora_case(dropout_p: float, backend: str, device="cpu"):
     return fn, (x, a, bb)
 
 
+def _lora_linear_case(dropout_p: float, backend: str, device="cpu"):
+    # One projection: the path of timm's fused qkv and of every LoRA layer patch() does not group.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 40, generator=g).to(device).requires_grad_()
+    w = torch.randn(24, 40, generator=g).to(device)
+    a = (0.1 * torch.randn(4, 40, generator=g)).to(device).requires_grad_()
+    bb = (0.1 * torch.randn(24, 4, generator=g)).to(device).requires_grad_()
+
+    def fn(x, a, bb):
+        return ace_kernels.lora_linear(x, w, None, a, bb, scaling=0.5, dropout_p=dropout_p, training=True,
+                                       backend=backend).square().sum()
+
+    return fn, (x, a, bb)
+
+
 def _infonce_case(backend: str, device="cpu"):
     g = torch.Generator().manual_seed(1)
     u = torch.nn.functional.normalize(torch.randn(19, 8, generator=g), dim=-1).to(device).requires_grad_()
@@ -82,6 +97,7 @@ def _assert_aot_eager_exact(fn, inputs):
 
 CASES = {
     "lora_qkv dropout": lambda backend: _lora_case(0.3, backend),
+    "lora_linear dropout": lambda backend: _lora_linear_case(0.25, backend),
     "label_guided_infonce": _infonce_case,
     "ace_hypergraph cls_only": _hypergraph_case,
 }
@@ -89,6 +105,7 @@ CASES = {
 
 TRITON_CASES = {
     "lora_qkv dropout": lambda device: _lora_case(0.3, "triton", device),
+    "lora_linear dropout": lambda device: _lora_linear_case(0.25, "triton", device),
     "label_guided_infonce": lambda device: _infonce_case("triton", device),
     "ace_hypergraph cls_only": lambda device: _hypergraph_case("triton", device),
     "ace_hypergraph full": lambda device: _hypergraph_case("triton", device, cls_only=False),

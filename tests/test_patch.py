@@ -189,6 +189,21 @@ def test_peft_timm_fused_qkv_exact():
     _assert_original_forwards(model)
 
 
+def test_peft_timm_fused_qkv_with_dropout_under_torch_compile():
+    """The single-projection path (timm's fused qkv, or any LoRA layer left ungrouped) with dropout,
+    compiled: aot_eager replays eager's random stream, so the compiled step equals the eager one."""
+    model = _vit(lora_dropout=0.25).train()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with ace_kernels.patch(model):
+        torch.manual_seed(3)
+        eager = _forward_backward(model, _run_vit, (images,))
+        torch._dynamo.reset()
+        torch.manual_seed(3)
+        compiled = _forward_backward(torch.compile(model, backend="aot_eager"), _run_vit, (images,))
+    torch._dynamo.reset()
+    _assert_same(eager, compiled, dict(rtol=0, atol=0))
+
+
 def test_peft_dropout_on_matches_masks_and_trains():
     """With dropout on, the fused path's output equals PEFT's formula with the masks it drew."""
     model = _bert(lora_dropout=0.5).train()
