@@ -115,8 +115,12 @@ patched copy that computes with its own weights, with its own copy of the
 handle, which nothing returns: ``undo()`` on the original leaves it patched, so
 deep-copy after ``undo()`` to get a plain copy. ``nn.DataParallel`` replicas copy
 instance attributes and would call the original module's replacement: use
-DDP (or patch after replicating). ``torch.compile`` over patched modules is
-not tested here.
+DDP (or patch after replicating). Under ``torch.compile`` a patched module
+compiles as the original does (``fullgraph=True`` included): the members of a
+q/k/v group then run one by one through ``lora_linear`` (keeping outputs across
+module calls needs host-side guards that would break the graph), so their dropout
+masks are drawn per member, and ``stats()`` counts only the calls made while
+tracing. Tested with ``aot_eager`` on PEFT BERT (grouped) and timm ViT (fused qkv).
 """
 
 from __future__ import annotations
@@ -692,6 +696,15 @@ def _parameter_versions(group: _QKVGroup) -> tuple | None:
 def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args, **kwargs):
     original = group.originals[index]
     kind = group.kind
+    if torch.compiler.is_compiling():
+        # Under torch.compile each member runs on its own: the kept outputs are guarded by host
+        # state (version counters, inference mode) that would break the graph (fullgraph=True
+        # would fail), and the compiler schedules the three projections itself.
+        ops = kind.operands(module, x, args, kwargs)
+        if isinstance(ops, str):
+            return original(x, *args, **kwargs)
+        handle._count("lora_linear")
+        return _run_lora_linear(handle, x, ops)
     if group.pending:
         hit = (group.pending_input is x and index in group.pending and not args and not kwargs
                and not x.is_inference()

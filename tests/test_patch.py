@@ -204,6 +204,22 @@ def test_peft_timm_fused_qkv_with_dropout_under_torch_compile():
     _assert_same(eager, compiled, dict(rtol=0, atol=0))
 
 
+def test_peft_grouped_qkv_compiles_as_one_graph():
+    """A patched PEFT BERT compiles with fullgraph=True, as the unpatched one does: the q/k/v group
+    runs member by member under compile (its kept outputs' guards would break the graph)."""
+    model = _bert().train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    with ace_kernels.patch(model) as handle:
+        eager = _forward_backward(model, _run_bert, (embeds,))
+        assert handle.stats()["lora_qkv"] == 2  # eager: grouped
+        torch._dynamo.reset()
+        compiled_model = torch.compile(model, backend="aot_eager", fullgraph=True)
+        compiled = _forward_backward(compiled_model, _run_bert, (embeds,))
+        assert handle.stats()["lora_linear"] == 6  # traced once: three members in each of two layers
+    torch._dynamo.reset()
+    _assert_same(eager, compiled)
+
+
 def test_peft_dropout_on_matches_masks_and_trains():
     """With dropout on, the fused path's output equals PEFT's formula with the masks it drew."""
     model = _bert(lora_dropout=0.5).train()
