@@ -497,6 +497,11 @@ class _LoraKind:
     def features(self, module: nn.Module) -> tuple[int, int]:
         raise NotImplementedError
 
+    def group_signature(self, module: nn.Module) -> tuple | None:
+        """What the members of a q/k/v group must share, read at patch time: (no bias, rank,
+        scaling, dropout p); None when the current state decides nothing (e.g. no active adapter)."""
+        return None
+
 
 def _peft_linear_class():
     # Only look at PEFT when the model already imported it: patching a model without
@@ -553,6 +558,14 @@ class _PeftLoraKind(_LoraKind):
 
     def state_reason(self, module):
         return self._adapter(module)[1]
+
+    def group_signature(self, module):
+        adapter, reason = self._adapter(module)
+        if reason:
+            return None
+        dropout = module.lora_dropout[adapter]
+        return (module.get_base_layer().bias is None, module.lora_A[adapter].weight.shape[0],
+                module.scaling[adapter], dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
 
     def operands(self, module, x, args, kwargs):
         if args or kwargs:
@@ -611,6 +624,10 @@ class _ReferenceLoraKind(_LoraKind):
         if module.merged:
             return "merged (eval mode folds B A into the weight)"
         return None
+
+    def group_signature(self, module):
+        return (module.bias is None, module.r, module.scaling,
+                module.dropout.p if isinstance(module.dropout, nn.Dropout) else 0.0)
 
     def operands(self, module, x, args, kwargs):
         if args or kwargs:
@@ -1088,6 +1105,9 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
     handle._count("label_guided_infonce")
     loss = label_guided_infonce(image_features, text_features, logit_scale, None, group=group,
                                 backend=handle.backend_for("label_guided_infonce"))
+    if image_features.dtype in (torch.float16, torch.bfloat16):
+        # open_clip's loss comes in the 16-bit features' dtype; ours is computed in fp32.
+        loss = loss.to(image_features.dtype)
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -1142,7 +1162,7 @@ def _qkv_members(module: nn.Module):
     return None
 
 
-def _install_lora_single(name, module, handle, options, kind=None):
+def _install_lora_single(name, module, handle, options, kind=None, note=""):
     kind = kind or _lora_kind(module)
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind.name, "skipped", "already patched by another handle"))
@@ -1153,7 +1173,7 @@ def _install_lora_single(name, module, handle, options, kind=None):
         return
     original = _original(module)
     handle._swap(module, "forward", _Replacement(_single_lora_forward, module, handle, kind, original))
-    _record_state(handle, name, kind.name, kind.state_reason(module), "-> lora_linear")
+    _record_state(handle, name, kind.name, kind.state_reason(module), "-> lora_linear" + note)
 
 
 def _record_state(handle, name, kind_name, state_reason, route):
@@ -1169,10 +1189,18 @@ def _install_qkv_group(name, module, handle, options):
     label = prefix + "{" + ",".join(names) + "}"
     reasons = [kind.static_reason(m) for m in members]
     shapes = {kind.features(m) for m in members if kind.static_reason(m) is None}
-    if any(reasons) or len(shapes) != 1 or not options["group_qkv"] or any(_is_patched(m) for m in members):
+    note = ""
+    signatures = [kind.group_signature(m) for m in members]
+    if None not in signatures and len(set(signatures)) > 1:
+        # Known now: every call would fall back to the members one by one; record them so.
+        note = (" (q/k/v not grouped: some members have a bias and some do not)"
+                if len({s[0] for s in signatures}) > 1 else
+                " (q/k/v not grouped: members differ in rank, scaling or dropout)")
+    if (any(reasons) or len(shapes) != 1 or not options["group_qkv"] or any(_is_patched(m) for m in members)
+            or note):
         # Not groupable: each member on its own.
         for member_name, member in zip(names, members):
-            _install_lora_single(prefix + member_name, member, handle, options, kind)
+            _install_lora_single(prefix + member_name, member, handle, options, kind, note)
         return
     group = _QKVGroup(name, members, names, kind)
     group.originals = [_original(m) for m in members]
@@ -1239,7 +1267,23 @@ def _install_clip_loss(name, module, handle, options):
     _record_state(handle, name, kind, reason, "-> label_guided_infonce")
 
 
+def _peft_mha_matches(module) -> bool:
+    layer_mod = sys.modules.get("peft.tuners.lora.layer")
+    cls = getattr(layer_mod, "MultiheadAttention", None) if layer_mod is not None else None
+    return cls is not None and isinstance(module, cls)
+
+
+def _install_peft_mha(name, module, handle, options):
+    # Claims its whole subtree: the LoRA layer PEFT puts on its out_proj never runs (the
+    # attention reads out_proj.weight directly), so patching it would only overstate the summary.
+    handle.records.append(PatchRecord(name, "peft-lora-multihead-attention", "skipped",
+                                      "PEFT LoRA on nn.MultiheadAttention (it merges the LoRA weights into the "
+                                      "attention's own projections around each call): left as PEFT runs it"))
+
+
 _RECOGNISERS: list[Recogniser] = [
+    Recogniser("peft-lora-multihead-attention", "lora", _peft_mha_matches, _install_peft_mha,
+               claims=lambda m: list(m.modules())),
     Recogniser("qkv-group", "lora", lambda m: _qkv_members(m) is not None, _install_qkv_group,
                claims=lambda m: list(_qkv_members(m)[1])),
     Recogniser("lora-linear", "lora", lambda m: _lora_kind(m) is not None, _install_lora_single),

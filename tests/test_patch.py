@@ -220,6 +220,71 @@ def test_peft_grouped_qkv_compiles_as_one_graph():
     _assert_same(eager, compiled)
 
 
+def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
+    """Members that differ at patch time in bias or rank never group: the records say lora_linear
+    and why, as the calls then run (they said lora_qkv and fell back on every call)."""
+
+    class Attn(nn.Module):  # Whisper/BART style: k_proj has no bias
+        def __init__(self, k_bias):
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.k_proj = nn.Linear(32, 32, bias=k_bias)
+
+        def forward(self, x):
+            return self.q_proj(x) * self.k_proj(x) + self.v_proj(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.attn2 = Attn(k_bias=False), Attn(k_bias=True)
+
+        def forward(self, x):
+            return self.attn(x) + self.attn2(x)
+
+    torch.manual_seed(0)
+    model = _randomise_lora(get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj"], rank_pattern={"attn2.v_proj": 2})).double())
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    with ace_kernels.patch(model) as handle:
+        routes = {r.name.rsplit(".", 2)[-2]: r.reason for r in handle.patched}
+        assert routes["attn"].endswith("(q/k/v not grouped: some members have a bias and some do not)")
+        assert routes["attn2"].endswith("(q/k/v not grouped: members differ in rank, scaling or dropout)")
+        assert all(r.reason.startswith("-> lora_linear") for r in handle.patched) and len(handle.patched) == 6
+        after = _forward_backward(model, run, (x,))
+        assert handle.stats() == {"lora_linear": 6}
+    _assert_same(before, after)
+
+
+def test_peft_lora_on_multihead_attention_is_reported_skipped():
+    """PEFT's LoRA on nn.MultiheadAttention (open_clip's towers) is left as PEFT runs it and said so;
+    the LoRA layer PEFT puts on its out_proj, which never runs, is not counted as patched."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.c_fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.c_fc(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = _randomise_lora(get_peft_model(Block(), LoraConfig(r=4, target_modules=["attn", "c_fc"])).double())
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    with ace_kernels.patch(model) as handle:
+        assert [r.name for r in handle.patched] == ["base_model.model.c_fc"]
+        skipped = [(r.name, r.kind) for r in handle.records if r.status == "skipped"]
+        assert skipped == [("base_model.model.attn", "peft-lora-multihead-attention")]
+        assert "nn.MultiheadAttention" in handle.summary()
+        after = _forward_backward(model, run, (x,))
+        assert handle.stats() == {"lora_linear": 1}
+    _assert_same(before, after)
+
+
 def test_peft_dropout_on_matches_masks_and_trains():
     """With dropout on, the fused path's output equals PEFT's formula with the masks it drew."""
     model = _bert(lora_dropout=0.5).train()
@@ -897,6 +962,16 @@ def test_open_clip_clip_loss():
     with ace_kernels.patch(loss_module):
         got = loss_module(image, text, 7.0)
     torch.testing.assert_close(got, open_clip_loss.ClipLoss()(image, text, 7.0), **FP64_TOL)
+
+    # 16-bit features: the loss comes in their dtype, as open_clip's does (computed in fp32 here).
+    for dtype in (torch.bfloat16, torch.float16):
+        half_image, half_text = image.detach().to(dtype), text.detach().to(dtype)
+        want = open_clip_loss.ClipLoss()(half_image, half_text, 7.0)
+        with ace_kernels.patch(loss_module):
+            got = loss_module(half_image, half_text, 7.0)
+        exact = open_clip_loss.ClipLoss()(half_image.double(), half_text.double(), 7.0)
+        assert got.dtype == want.dtype == dtype
+        assert abs(got.double() - exact) <= abs(want.double() - exact) + 1e-2 * abs(exact)
 
     # Multi-process settings are reported, not silently changed.
     distributed = open_clip_loss.ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=2)
