@@ -19,11 +19,18 @@ differ only in their registry entry, never in the swap machinery
 (:func:`register_recogniser` adds one). Built-in recognisers, in the order they
 are tried:
 
+``peft-lora-multihead-attention``  (``lora=True``)
+    PEFT's LoRA on ``nn.MultiheadAttention`` (open_clip's towers with
+    ``target_modules`` naming the attention): not fused, recorded as skipped
+    with the reason, with its whole subtree (the LoRA layer PEFT puts on the
+    ``out_proj`` never runs: the attention reads ``out_proj.weight`` itself).
 ``qkv-group``  (``lora=True``)
     An attention module whose children ``query/key/value``, ``q_proj/k_proj/
     v_proj`` or ``q/k/v`` are three LoRA linears of one kind (below) with equal
     shapes: one ``lora_qkv`` call computes the three projections. See
-    "q/k/v grouping" for how this stays exact.
+    "q/k/v grouping" for how this stays exact. Members that differ, when the
+    model is patched, in having a bias or in rank, scaling or dropout never
+    group: each goes to ``lora_linear``, and its record says why.
 ``peft-lora-linear``  (``lora=True``)
     ``peft.tuners.lora.Linear`` around a plain ``nn.Linear`` (a timm fused
     ``qkv`` with LoRA is one of these). The active adapter goes through
@@ -45,7 +52,9 @@ are tried:
     ``label_guided_infonce`` with the frame's label rows.
 ``open_clip-ClipLoss``  (``loss=True``)
     ``open_clip.loss.ClipLoss`` (the class itself, not subclasses that change
-    its forward): ``label_guided_infonce`` without labels. Across processes
+    its forward): ``label_guided_infonce`` without labels (for 16-bit features
+    the loss is cast to their dtype, as open_clip's comes; it is computed in
+    fp32). Across processes
     (``world_size > 1``, ``local_loss=False``, torch.distributed initialised with
     the module's rank and world size) it computes the global batch's loss with
     ``group=WORLD`` and gives every rank open_clip's own per-rank gradients, with
