@@ -228,13 +228,18 @@ def _cuda_device_name(index: int) -> str:
     return _DEVICE_NAMES[index]
 
 
+def device_name(device: torch.device) -> str:
+    """The model name of a CUDA ``device`` (the current one when it has no index), cached."""
+    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def preference(op: str, device: torch.device | None = None) -> tuple[str, ...]:
     """The order in which ``auto`` tries the backends of ``op`` for a call on ``device``."""
     entry = _OPS[op]
     orders = measured_orders()
     if not orders or device is None or device.type != "cuda":
         return entry.prefer
-    measured = orders.get(_cuda_device_name(device.index if device.index is not None else 0), {}).get(op)
+    measured = orders.get(device_name(device), {}).get(op)
     if not isinstance(measured, list):
         return entry.prefer
     first = [name for name in measured if name in entry.prefer]

@@ -124,6 +124,23 @@ def autocast_off_backward(backward: Callable) -> Callable:
     return run
 
 
+def kernel_backward(message: str) -> Callable[[Callable], Callable]:
+    """Decorator for the ``backward`` of a Function whose backward has no graph of its own: run
+    it with autocast off (:func:`autocast_off_backward`), refusing second derivatives with
+    ``message`` first (:func:`refuse_second_derivative`)."""
+
+    def wrap(backward: Callable) -> Callable:
+        @autocast_off_backward
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            refuse_second_derivative(message)
+            return backward(ctx, *grads)
+
+        return run
+
+    return wrap
+
+
 def refuse_second_derivative(message: str) -> None:
     """Called first in a backward built from kernels (or in-place tiles): raise ``message`` when
     autograd runs it with ``create_graph=True`` (the only time it runs a backward with grad mode

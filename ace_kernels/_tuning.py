@@ -5,7 +5,7 @@ short list of alternatives (``register(family, {(kernel, dtype class): candidate
 one compiled ahead of time for sm_90a without register spills by the test-suite. A benchmark run on a GPU times the alternatives
 side by side (``python -m benchmarks --only tuning``) and ``python -m benchmarks.tuned_configs
 RESULTS.json`` writes the fastest correct one per card into ``tuned_configs.json`` beside this
-file. :func:`gpu_config` returns that choice for the card a call runs on, the default otherwise.
+file. :func:`launch_config` returns that choice for the card a call runs on, the default otherwise.
 
 Only a configuration among the declared candidates is taken from the file: an entry that is
 not one of them (edited by hand, or left from an older candidate list) is ignored with a
@@ -20,7 +20,7 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -36,11 +36,19 @@ _FORCED: list = []
 _FORCED_LOCK = threading.Lock()
 _WARNED: set = set()
 _CANDIDATES: dict[str, dict] = {}
+_DEFAULTS: dict[str, Callable[[str, str], dict]] = {}
 
 
-def register(family: str, candidates: dict) -> None:
-    """Declare ``family``'s sweep candidates: ``{(kernel, dtype class): (config, ...)}``."""
+def register(family: str, candidates: dict, default: Callable[[str, str], dict]) -> None:
+    """Declare ``family``'s sweep candidates, ``{(kernel, dtype class): (config, ...)}``, and
+    ``default(kernel, dtype class)``, the GPU configuration they are measured against."""
     _CANDIDATES[family] = candidates
+    _DEFAULTS[family] = default
+
+
+def default(family: str, kernel: str, dtype_class: str) -> dict:
+    """The default GPU configuration of one swept kernel and dtype class (a copy)."""
+    return dict(_DEFAULTS[family](kernel, dtype_class))
 
 
 def candidates(family: str, kernel: str, dtype_class: str) -> tuple:
@@ -62,6 +70,11 @@ def key(kernel: str, dtype_class: str) -> str:
     return f"{kernel}/{dtype_class}"
 
 
+def dtype_class(dtype: torch.dtype) -> str:
+    """The dtype part of a kernel's configuration key: ``"fp32"`` or ``"16bit"`` (fp16 and bf16)."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
 @contextlib.contextmanager
 def forced(family: str, kernel: str, dtype_class: str, config: dict) -> Iterator[None]:
     """Launch ``family``'s ``kernel`` for ``dtype_class`` with ``config``, on any device (the
@@ -80,6 +93,8 @@ def forced(family: str, kernel: str, dtype_class: str, config: dict) -> Iterator
 
 def forced_config(family: str, kernel: str, dtype_class: str) -> dict | None:
     """The configuration :func:`forced` sets for this kernel (the innermost block's), or None."""
+    if not _FORCED:  # outside sweeps and tests: no lock, no copy on the launch path
+        return None
     wanted = (family, key(kernel, dtype_class))
     with _FORCED_LOCK:
         entries = list(_FORCED)
@@ -89,15 +104,16 @@ def forced_config(family: str, kernel: str, dtype_class: str) -> dict | None:
     return None
 
 
-def gpu_config(family: str, kernel: str, dtype_class: str, device: torch.device, default: dict) -> dict:
-    """The configuration to launch on ``device`` (a CUDA device): a forced one, else the one
-    measured fastest on this card model when it is among the declared candidates, else ``default``."""
+def launch_config(family: str, kernel: str, dtype_class: str, device: torch.device | None, default: dict) -> dict:
+    """The configuration to launch: a forced one (on any device), else on a CUDA ``device`` the one
+    measured fastest on its card model when it is among the declared candidates, else a copy of
+    ``default`` (the caller's: the interpreter's tiles on a CPU)."""
     config = forced_config(family, kernel, dtype_class)
     if config is not None:
         return config
-    if not _TUNED:
+    if not _TUNED or device is None or device.type != "cuda":
         return dict(default)
-    name = _dispatch._cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    name = _dispatch.device_name(device)
     entry = ((_TUNED.get(name) or {}).get(family) or {}).get(key(kernel, dtype_class))
     if entry is None:
         return dict(default)

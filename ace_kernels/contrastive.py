@@ -305,9 +305,8 @@ class _TorchLossShare(torch.autograd.Function):
         return share
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
         if lo == hi:
             return _empty_share_grads(*ctx.saved_tensors) + (None, None, None, None)
@@ -609,7 +608,8 @@ _GPU_CANDIDATES = {
                                 dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2),
                                 dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=4)),
 }
-_tuning.register("contrastive", _GPU_CANDIDATES)
+_tuning.register("contrastive", _GPU_CANDIDATES,
+                 lambda kernel, dtype_class: _GPU_CONFIGS[(kernel, *dtype_class.split("/"))])
 # Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
 # chunk width beyond it, per (kind, aligned).
 _GPU_ONE_DOT_MAX = {"16bit": 512, "fp32": 0}
@@ -636,23 +636,16 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
     """
     if interpreter is None:
         interpreter = _dispatch.interpreter_enabled()
-    kind = "fp32" if dtype == torch.float32 else "16bit"
+    kind = _tuning.dtype_class(dtype)
     if interpreter:
         one_dot = dim <= _INTERPRETER_D
         chunk = _INTERPRETER_D
-        config = dict(_INTERPRETER_TILES)
     else:
         one_dot = aligned and dim <= _GPU_ONE_DOT_MAX[kind]
         chunk = _GPU_GRAD_CHUNK[(kind, aligned)]
     path = "one_dot" if one_dot else ("k_steps" if aligned else "unaligned")
-    forced = _tuning.forced_config("contrastive", kernel, f"{kind}/{path}")
-    if forced is not None:
-        config = forced
-    elif not interpreter and device is not None and device.type == "cuda":
-        config = _tuning.gpu_config("contrastive", kernel, f"{kind}/{path}", device,
-                                    _GPU_CONFIGS[(kernel, kind, path)])
-    elif not interpreter:
-        config = dict(_GPU_CONFIGS[(kernel, kind, path)])
+    default = _INTERPRETER_TILES if interpreter else _GPU_CONFIGS[(kernel, kind, path)]
+    config = _tuning.launch_config("contrastive", kernel, f"{kind}/{path}", None if interpreter else device, default)
     width = max(16, triton.next_power_of_2(dim))
     if one_dot:
         block_d = width
@@ -790,9 +783,8 @@ class _TritonLossShare(torch.autograd.Function):
         return share
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         lo, hi = ctx.lo, ctx.hi
         if lo == hi:
             return _empty_share_grads(*ctx.saved_tensors) + (None, None, None)

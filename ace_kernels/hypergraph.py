@@ -208,9 +208,8 @@ class _GatherSum(torch.autograd.Function):
         return prims.gather_sum(data, cols, weights)
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_out):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         src, cols, weights = ctx.saved_tensors
         prims = ctx.prims
         grad_out = grad_out.contiguous()
@@ -234,9 +233,8 @@ class _ScatterSum(torch.autograd.Function):
         return prims.scatter_sum(src, cols, weights, num_rows, transpose)
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_out):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         src, cols, weights = ctx.saved_tensors
         prims = ctx.prims
         grad_out = grad_out.contiguous()
@@ -275,9 +273,8 @@ class _Float32GradRoute(torch.autograd.Function):
         return torch.zeros((), dtype=torch.float32, device=x.device).expand(x.shape)
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         return grad.to(ctx.dtype)
 
 
@@ -298,9 +295,8 @@ class _InvNorm(torch.autograd.Function):
         return 1.0 / norm.clamp_min(_NORM_EPS)
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         data, norm = ctx.saved_tensors
         coef = torch.where(norm >= _NORM_EPS, -grad / norm.clamp_min(_NORM_EPS) ** 3, 0.0)
         return data * coef[..., None], None, None
@@ -322,9 +318,8 @@ class _NativeLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         data, weight = ctx.saved_tensors
         grad_route = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -353,9 +348,8 @@ class _LinearToHalf(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         z, weight = ctx.saved_tensors
         grad_z = torch.empty_like(z)
         grad_w = torch.zeros_like(weight)
@@ -388,9 +382,8 @@ class _IncidenceWeights(torch.autograd.Function):
         return weights
 
     @staticmethod
-    @_library.autocast_off_backward
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_w):
-        _library.refuse_second_derivative(_SECOND_DERIVATIVE_ERROR)
         patches, inv_norm, rows, idx, weights = ctx.saved_tensors
         prims = ctx.prims
         B, M, D = patches.shape

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from ace_kernels._dispatch import BACKENDS, _OPS, _extension, available_backends, interpreter_enabled, preference
+from ace_kernels._dispatch import (BACKENDS, _OPS, _extension, available_backends, device_name, interpreter_enabled,
+                                   preference)
 
 
 def report() -> str:
@@ -46,7 +47,7 @@ def report() -> str:
     if device is None:
         lines.append("tuned launch configurations: recorded for " + (", ".join(sorted(cards)) or "no card"))
     else:
-        name = torch.cuda.get_device_name(0)
+        name = device_name(device)
         tuned = cards.get(name) or {}
         entries = [f"{family} {kernel}" for family, table in sorted(tuned.items()) for kernel in sorted(table)]
         lines.append(f"tuned launch configurations on {name}: " + (", ".join(entries) or "none (the defaults)"))

@@ -794,19 +794,14 @@ _GPU_CANDIDATES = {
 }
 
 
-_tuning.register("lora", _GPU_CANDIDATES)
-
-
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
+_tuning.register("lora", _GPU_CANDIDATES, lambda kernel, dtype_class: _GPU_CONFIGS[kernel][dtype_class])
 
 
 def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
-    dtype_class = _dtype_class(dtype)
-    if device.type == "cpu":  # the interpreter: a forced configuration (a test of it), else small tiles
-        forced = _tuning.forced_config("lora", kernel, dtype_class)
-        return forced if forced is not None else dict(_INTERPRETER_CONFIGS[kernel])
-    return _tuning.gpu_config("lora", kernel, dtype_class, device, _GPU_CONFIGS[kernel][dtype_class])
+    dtype_class = _tuning.dtype_class(dtype)
+    # On a CPU the interpreter: small tiles, unless a test forces a GPU configuration.
+    default = _INTERPRETER_CONFIGS[kernel] if device.type == "cpu" else _GPU_CONFIGS[kernel][dtype_class]
+    return _tuning.launch_config("lora", kernel, dtype_class, device, default)
 
 
 def _precisions(dtype: torch.dtype) -> tuple[str, str]:
@@ -1015,9 +1010,10 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     rank = lora_a.shape[-2]
     if projections * rank > _MAX_BLOCK_R:
         reasons.append(f"rank {rank} is too large for the fused kernels (at most {_MAX_BLOCK_R // projections})")
-    if training and dropout_p > 0.0 and abs(_keep_rate_error(dropout_p)) > _MAX_KEEP_RATE_ERROR:
+    keep_rate_error = abs(_keep_rate_error(dropout_p)) if training and dropout_p > 0.0 else 0.0
+    if keep_rate_error > _MAX_KEEP_RATE_ERROR:
         reasons.append(f"dropout_p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (the keep "
-                       f"rate would be off by {100 * abs(_keep_rate_error(dropout_p)):.1f}% of 1 - dropout_p)")
+                       f"rate would be off by {100 * keep_rate_error:.1f}% of 1 - dropout_p)")
     rows = x.numel() // max(1, x.shape[-1])
     if rows > _MAX_GRID_Y * 16 and x.dtype in _TRITON_DTYPES:  # cheap test first: no config has BLOCK_M < 16
         block_m = min(_config(kernel, x.dtype, x.device)["BLOCK_M"]

@@ -148,21 +148,26 @@ def train_config_from_args(args: argparse.Namespace):
     return TrainConfig(**values)
 
 
-def _parser_defaults(command: str) -> dict:
+def _subcommand_actions(command: str) -> list:
     parser = _parser()
     for action in parser._subparsers._group_actions:  # noqa: SLF001 - argparse has no public accessor
         sub = action.choices.get(command)
         if sub is not None:
-            return {a.dest: a.default for a in sub._actions}  # noqa: SLF001
-    return {}
+            return list(sub._actions)  # noqa: SLF001
+    return []
+
+
+def _parser_defaults(command: str) -> dict:
+    return {a.dest: a.default for a in _subcommand_actions(command)}
 
 
 def _flag_name(field: str) -> str:
-    """The ``train`` flag that sets TrainConfig ``field`` (``chunk_size`` -> ``--chunk-size``)."""
-    special = {"use_labels": "--no-labels", "progress": "--no-progress"}
-    for dest, mapped in _TRAIN_FLAGS.items():
-        if mapped == field:
-            return special.get(dest, "--" + dest.replace("_", "-"))
+    """The ``train`` flag that sets TrainConfig ``field`` (``chunk_size`` -> ``--chunk-size``,
+    ``use_labels`` -> ``--no-labels``), as the parser declares it."""
+    dests = {dest for dest, mapped in _TRAIN_FLAGS.items() if mapped == field}
+    for action in _subcommand_actions("train"):
+        if action.dest in dests and action.option_strings:
+            return action.option_strings[0]
     return f"TrainConfig.{field}"  # no flag sets it: keep the field's name
 
 

@@ -636,8 +636,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ours = sorted(set(int(s) for s in previous_steps) | {step})
     kept = ours[-keep:]
+    pruned = ours[: len(ours) - len(kept)]
     state["checkpoint_steps"] = kept
-    state["pruned_steps"] = ours[: len(ours) - len(kept)]
+    state["pruned_steps"] = pruned
     state_name, ref_name = _checkpoint_names(step)
     atomic_torch_save(state, ckpt_dir / state_name)
     if model is not None and hasattr(model, "save_reference_checkpoint"):
@@ -645,7 +646,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
     else:
         ref_name = None
     atomic_write_text(ckpt_dir / "latest", json.dumps({"step": step, "state": state_name, "reference": ref_name}) + "\n")
-    for old in ours[: len(ours) - len(kept)]:
+    for old in pruned:
         for name in _checkpoint_names(old):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ckpt_dir / name)
@@ -942,7 +943,6 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         raise ValueError("model.logit_scale is not among the trainable parameters")
 
     n = len(dataset)
-    dataset_fingerprint = _dataset_fingerprint(dataset)
     if config.batch_size % world:
         raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly over {world} processes")
     local_batch = config.batch_size // world
@@ -953,9 +953,10 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_epochs * steps_per_epoch))
+    dataset_record = _dataset_record(dataset, n, steps_per_epoch)
 
     if group is not None:
-        check_ranks_agree(_config_fingerprint(config, n, trainable, dataset_fingerprint), group,
+        check_ranks_agree(_config_fingerprint(config, n, trainable, dataset_record["dataset_fingerprint"]), group,
                           what="the training configuration")
         with torch.no_grad():
             for tensor in list(model.parameters()) + list(model.buffers()):
@@ -977,7 +978,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     checkpoint_steps: list[int] = []
     if resume_path is not None:
         state = load_state(resume_path)
-        _check_resume_config(state, config, world, n, steps_per_epoch, resume_path, dataset_fingerprint)
+        _check_resume_config(state, config, world, dataset_record, resume_path)
         _load_trainable(trainable, state["trainable"], resume_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -1056,7 +1057,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        n, steps_per_epoch, checkpoint_steps, dataset_fingerprint)
+                        dataset_record, checkpoint_steps)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0
@@ -1084,8 +1085,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
-                epoch_gen_state, device, group, rank, world, metrics, dataset_length, steps_per_epoch,
-                checkpoint_steps, dataset_fingerprint=None):
+                epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps):
+    """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it."""
     snapshot = _rng_snapshot(device)
     if group is not None:
         rng_all: list = [None] * world
@@ -1107,9 +1108,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
             "rng": rng_all,
             "world_size": world,
             "config": config.to_dict(),
-            "dataset_length": dataset_length,
-            "dataset_fingerprint": dataset_fingerprint,
-            "steps_per_epoch": steps_per_epoch,
+            **dataset_record,
             # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
         }
         # Metrics before the state: a resumed run never misses lines of steps it skips.
@@ -1124,8 +1123,13 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
     return path, reference, checkpoint_steps
 
 
-def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, steps_per_epoch: int, path,
-                         dataset_fingerprint: str | None = None) -> None:
+def _dataset_record(dataset, n: int, steps_per_epoch: int) -> dict:
+    """What a state records of the dataset, and a resume compares."""
+    return {"dataset_length": n, "dataset_fingerprint": _dataset_fingerprint(dataset),
+            "steps_per_epoch": steps_per_epoch}
+
+
+def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path) -> None:
     saved = state["config"]
     now = config.to_dict()
     for key in sorted(set(saved) | set(now)):
@@ -1137,6 +1141,7 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, s
     if state["world_size"] != world:
         raise TrainingStateError(f"resume from {path}: the state was written by {state['world_size']} processes, "
                                  f"this run has {world}")
+    n, steps_per_epoch = dataset_record["dataset_length"], dataset_record["steps_per_epoch"]
     # Version 1 states did not record the dataset: nothing to compare then.
     if "dataset_length" in state and (state["dataset_length"], state["steps_per_epoch"]) != (n, steps_per_epoch):
         raise TrainingStateError(
@@ -1145,7 +1150,7 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, n: int, s
             "epoch); a different dataset changes the data order and the schedule, so resuming would not "
             "continue the same run")
     # Checked when both runs' datasets have a fingerprint (the CSV datasets do; a custom one may not).
-    saved_fingerprint = state.get("dataset_fingerprint")
+    saved_fingerprint, dataset_fingerprint = state.get("dataset_fingerprint"), dataset_record["dataset_fingerprint"]
     if saved_fingerprint is not None and dataset_fingerprint is not None and saved_fingerprint != dataset_fingerprint:
         raise TrainingStateError(
             f"resume from {path}: the dataset's content differs from the saved run's (same {n} samples, but "

@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-PARENT_PID_VARIABLE = "ACE_BENCH_PARENT_PID"  # set by the suite in a family's process (benchmarks/suite.py)
+from benchmarks import PARENT_PID_VARIABLE
 
 
 def _die_with_parent() -> None:

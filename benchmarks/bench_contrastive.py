@@ -36,6 +36,7 @@ busy the tensor cores were.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -78,13 +79,24 @@ def _rel_errors(ours, ref) -> dict[str, float]:
     return {name: harness.relative_error(o, r) for name, o, r in zip(PARTS, ours, ref)}
 
 
-def _check(provider, image, text, scale, labels, reference_fn, reference_dtype=None) -> dict[str, float]:
-    """Relative errors of the loss and the three gradients against ``reference_fn`` (run on
-    copies cast to ``reference_dtype`` when given)."""
-    ref = _loss_and_grads(reference_fn, image, text, scale, reference_dtype)
+def reference_parts(reference_fn, image, text, scale, reference_dtype=None):
+    """A function giving ``reference_fn``'s loss and three gradients (on copies cast to
+    ``reference_dtype`` when given), computed at its first call only: every provider of a
+    configuration is checked against the one computation."""
+
+    @functools.cache
+    def parts():
+        return _loss_and_grads(reference_fn, image, text, scale, reference_dtype)
+
+    return parts
+
+
+def _check(provider, image, text, scale, labels, reference) -> dict[str, float]:
+    """Relative errors of the loss and the three gradients against ``reference()`` (from
+    :func:`reference_parts`)."""
     ours = _loss_and_grads(lambda u, t, s: ace_kernels.label_guided_infonce(u, t, s, labels, backend=provider),
                            image, text, scale)
-    return _rel_errors(ours, ref)
+    return _rel_errors(ours, reference())
 
 
 def _torch_fp32_chunked(labels):
@@ -214,6 +226,8 @@ def run(suite) -> None:
 
         checked = {}
         providers = []
+        reference = (None if reference_fn is None
+                     else reference_parts(reference_fn, image, text, scale, reference_dtype))
         for provider in suite.providers:
             if (probe or batch > 8192) and suite.is_gpu and provider == "torch":
                 suite.skip(f"torch at {shape_text}", "the GPU targets at this size are the fused kernels'")
@@ -221,7 +235,7 @@ def run(suite) -> None:
             check = None
             if reference_fn is not None:
                 def check(provider=provider):
-                    checked[provider] = _check(provider, image, text, scale, labels, reference_fn, reference_dtype)
+                    checked[provider] = _check(provider, image, text, scale, labels, reference)
 
             def step(provider=provider):
                 ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider).backward()

@@ -9,6 +9,8 @@ in fp32 (target: at least 1.5x the reference). GPU: M in {64*197, 64*256,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import ace_kernels
@@ -64,13 +66,25 @@ def _inputs(shape: dict, dtype, device, generator):
     return x, weight, bias, lora_a, lora_b, grad_out
 
 
-def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out) -> float:
-    """Max relative error of q, k, v and every gradient against the reference, dropout off."""
-    reference = baselines.ReferenceLoRAQKV(weight, bias, lora_a, lora_b, scaling=SCALING, dropout_p=0.0)
-    x_ref = x.detach().clone().requires_grad_()
-    outs_ref = reference(x_ref)
-    torch.autograd.backward(outs_ref, grad_out)
-    a_ref, b_ref = reference.stacked_grads()
+def reference_parts(x, weight, bias, lora_a, lora_b, grad_out):
+    """A function giving the reference's q, k, v and its gradients of x, A and B with dropout
+    off, computed at its first call only: every provider is checked against the one computation."""
+
+    @functools.cache
+    def parts():
+        reference = baselines.ReferenceLoRAQKV(weight, bias, lora_a, lora_b, scaling=SCALING, dropout_p=0.0)
+        x_ref = x.detach().clone().requires_grad_()
+        outs_ref = reference(x_ref)
+        torch.autograd.backward(outs_ref, grad_out)
+        return outs_ref, x_ref.grad, *reference.stacked_grads()
+
+    return parts
+
+
+def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out, reference) -> float:
+    """Max relative error of q, k, v and every gradient against ``reference()`` (from
+    :func:`reference_parts`), dropout off."""
+    outs_ref, x_ref_grad, a_ref, b_ref = reference()
 
     x_ours = x.detach().clone().requires_grad_()
     a_ours = lora_a.detach().clone().requires_grad_()
@@ -79,7 +93,7 @@ def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out
                                 training=True, backend=provider)
     torch.autograd.backward(outs, grad_out)
     errors = [harness.relative_error(o, r) for o, r in zip(outs, outs_ref)]
-    errors += [harness.relative_error(x_ours.grad, x_ref.grad), harness.relative_error(a_ours.grad, a_ref),
+    errors += [harness.relative_error(x_ours.grad, x_ref_grad), harness.relative_error(a_ours.grad, a_ref),
                harness.relative_error(b_ours.grad, b_ref)]
     return max(errors)
 
@@ -134,9 +148,11 @@ def run(suite) -> None:
                 entries.append(entry)  # (its saved activations are inductor's business: not reported)
 
         checked = {}
+        reference = reference_parts(x, weight, bias, lora_a, lora_b, grad_out)
         for provider in suite.providers:
             def probe(provider=provider):
-                checked[provider] = _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out)
+                checked[provider] = _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out,
+                                                             reference)
 
             if not suite.provider_can_run(provider, probe):
                 continue

@@ -135,9 +135,7 @@ def run(suite) -> None:
             _run_max_batch(suite, model)
     model = None
     built.clear()
-    if suite.is_gpu and suite.cuda_lost is None:  # after a fault every CUDA call raises
-        gc.collect()
-        torch.cuda.empty_cache()
+    suite.release_cuda_memory()
 
 
 def _model_name(suite) -> str:

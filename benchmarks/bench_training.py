@@ -37,7 +37,6 @@ the reason, when its estimate (from row 2's time) exceeds the time left.
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 
 import torch
@@ -117,11 +116,10 @@ def _measure_chunked(suite, label: str, fn, grads, *, timed_calls: int, one_call
             torch.cuda.empty_cache()
         suite.skip(label, failure)
         return None
-    times.sort()
-    median = statistics.median(times)  # with 2 calls their mean, not the slower one
+    median, spread, _ = harness.summarize(times)  # with 2 calls their mean, not the slower one
     suite.log(f"  {label}: {median:.1f} ms median of {len(times)}, peak {peak:.1f} MiB "
               f"({time.monotonic() - start:.1f} s)")
-    return Measurement(median, peak, len(times), (times[0], times[-1]))
+    return Measurement(median, peak, len(times), spread)
 
 
 def run(suite) -> None:

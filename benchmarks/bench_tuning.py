@@ -31,8 +31,6 @@ import torch
 
 import ace_kernels
 from ace_kernels import _tuning
-from ace_kernels import contrastive as contrastive_ops
-from ace_kernels import lora as lora_ops
 from benchmarks import bench_contrastive, bench_lora
 
 FAMILY = "tuning"
@@ -43,19 +41,16 @@ SECONDS_PER_CONFIG = 3.0
 OPS = {"lora": "lora_qkv", "contrastive": "label_guided_infonce"}
 
 
-def _default(kernel_family: str, kernel: str, dtype_class: str) -> dict:
-    if kernel_family == "lora":
-        return dict(lora_ops._GPU_CONFIGS[kernel][dtype_class])
-    return dict(contrastive_ops._GPU_CONFIGS[(kernel, *dtype_class.split("/"))])
-
-
 def sweep_plan() -> list[dict]:
-    """``[{"kernel_family", "kernel", "dtype_class", "configs": [default, candidate 1, ...]}, ...]``."""
+    """``[{"kernel_family", "kernel", "dtype_class", "configs": [default, candidate 1, ...]}, ...]``
+    for the kernel families of ``OPS`` (their modules register their candidates with ``_tuning``)."""
     plan = []
-    for kernel_family, table in (("lora", lora_ops._GPU_CANDIDATES), ("contrastive", contrastive_ops._GPU_CANDIDATES)):
-        for (kernel, dtype_class), candidates in table.items():
+    registered = _tuning.registered()
+    for kernel_family in OPS:
+        for (kernel, dtype_class), candidates in registered[kernel_family].items():
             plan.append(dict(kernel_family=kernel_family, kernel=kernel, dtype_class=dtype_class,
-                             configs=[_default(kernel_family, kernel, dtype_class)] + [dict(c) for c in candidates]))
+                             configs=[_tuning.default(kernel_family, kernel, dtype_class)]
+                             + [dict(c) for c in candidates]))
     return plan
 
 
@@ -68,8 +63,10 @@ def _lora_case(suite, dtype):
     generator = torch.Generator(device=suite.device).manual_seed(0)
     x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, suite.device, generator)
 
+    reference = bench_lora.reference_parts(x, weight, bias, lora_a, lora_b, grad_out)  # once for every configuration
+
     def check():
-        return bench_lora._check_against_reference("triton", x, weight, bias, lora_a, lora_b, grad_out)
+        return bench_lora._check_against_reference("triton", x, weight, bias, lora_a, lora_b, grad_out, reference)
 
     def step():
         outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=bench_lora.SCALING,
@@ -84,15 +81,12 @@ def _contrastive_case(suite, dtype):
     batch, dim = (150, 64) if suite.quick else (16384, 512)
     generator = torch.Generator(device=suite.device).manual_seed(0)
     image, text, scale, labels = bench_contrastive._inputs(batch, dim, dtype, suite.device, generator)
-    reference = bench_contrastive._torch_fp32_chunked(labels)
-    expected = []  # the reference's loss and gradients, computed once for every configuration
+    # The reference's loss and gradients: computed once for every configuration.
+    reference = bench_contrastive.reference_parts(bench_contrastive._torch_fp32_chunked(labels), image, text, scale,
+                                                  torch.float32)
 
     def check():
-        if not expected:
-            expected.append(bench_contrastive._loss_and_grads(reference, image, text, scale, torch.float32))
-        ours = bench_contrastive._loss_and_grads(
-            lambda u, t, s: ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton"), image, text, scale)
-        return max(bench_contrastive._rel_errors(ours, expected[0]).values())
+        return max(bench_contrastive._check("triton", image, text, scale, labels, reference).values())
 
     def step():
         ace_kernels.label_guided_infonce(image, text, scale, labels, backend="triton").backward()

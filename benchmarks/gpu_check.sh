@@ -279,7 +279,7 @@ rows = load_rows(sys.argv[1])
 if not rows:
     sys.exit("plot: not drawn (no rows)")
 try:
-    plot_rows(rows, sys.argv[2], title=f"{rows[0]['device'] if rows else ''} ({rows[0]['date'] if rows else ''})")
+    plot_rows(rows, sys.argv[2], title=f"{rows[0]['device']} ({rows[0]['date']})")
 except ImportError as exc:  # matplotlib: on the GPU image, not in every venv
     sys.exit(f"plot: not drawn ({type(exc).__name__}: {exc})")
 print(f"plot: {sys.argv[2]} ({len(rows)} rows)")

@@ -442,7 +442,6 @@ def _time_cuda(fn, *, device, grads, min_reps, max_seconds, warmup_calls=1) -> T
         timing = Timing(median, len(times), spread, iqr)
     # Back to back, no flush, host clock: what the call costs in a loop, CPU launch work included.
     calls = wall_calls_for(estimate_ms)
-    _reset_grads(grads)
     torch.cuda.synchronize(device)
     begin = time.perf_counter()
     for _ in range(calls):

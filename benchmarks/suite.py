@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from benchmarks import harness
+from benchmarks import PARENT_PID_VARIABLE, harness
 from benchmarks.harness import Environment, Measurement, Row, Target
 
 FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training", "tuning")
@@ -857,7 +857,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-PARENT_PID_VARIABLE = "ACE_BENCH_PARENT_PID"  # read by benchmarks/__main__.py in the family's process
 _WORKERS: list[subprocess.Popen] = []  # the family process running now (killed on SIGTERM/SIGINT)
 
 

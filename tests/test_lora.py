@@ -642,7 +642,7 @@ def _aot_launches(dtype):
     float_args = {"inv_keep", "scaling", "lora_factor"}
 
     def build(label, kernel, name, constexprs, cfg=None):
-        cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][lora_module._dtype_class(dtype)])
+        cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][_tuning.dtype_class(dtype)])
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         constexprs = dict(constexprs, **cfg)
         signature = {}
@@ -681,7 +681,7 @@ def _aot_launches(dtype):
     for launch in launches:
         defaults[launch[0].split(" ")[0]].append(launch)
     for (name, dtype_class), candidates in lora_module._GPU_CANDIDATES.items():
-        if dtype_class != lora_module._dtype_class(dtype):
+        if dtype_class != _tuning.dtype_class(dtype):
             continue
         for number, cfg in enumerate(candidates, start=1):
             for label, kernel, _, constexprs, _, _ in defaults[name]:

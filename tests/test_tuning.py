@@ -234,7 +234,7 @@ def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
 
 def _sweep_row(kernel, number, ms, err, config=None, family="lora", dtype_class="16bit"):
     if config is None:
-        config = (bench_tuning._default(family, kernel, dtype_class) if number == 0
+        config = (_tuning.default(family, kernel, dtype_class) if number == 0
                   else _tuning.candidates(family, kernel, dtype_class)[number - 1])
     return {"family": "tuning", "op": f"{bench_tuning.OPS[family]} sweep {kernel}", "shape": "M=12608",
             "dtype": "bfloat16", "provider": bench_tuning.provider_label(kernel, number),
