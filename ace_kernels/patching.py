@@ -137,6 +137,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -444,6 +445,8 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
         return "input shape does not match the weight"
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return f"scaling is a {type(scaling).__name__}, not a number"
+    if not math.isfinite(scaling):  # the ops refuse it; the original forward computes with it
+        return f"scaling is {scaling!r}, not finite"
     if _functorch_transform_active():
         return "a torch.func transform is active"
     devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}

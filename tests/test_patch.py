@@ -173,6 +173,20 @@ def test_peft_bert_gradient_checkpointing():
     _assert_same(before, after)
 
 
+def test_non_finite_scaling_falls_back_to_the_original_forward():
+    # lora_linear refuses a nan scaling; the patched layer runs PEFT's own forward, as unpatched.
+    model = _vit().train()
+    for module in model.modules():
+        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+            module.scaling["default"] = float("nan")
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want = model(images)
+    with ace_kernels.patch(model) as handle:
+        got = model(images)
+        assert handle.stats() == {"fallback peft-lora-linear: scaling is nan, not finite": 2}
+    assert torch.isnan(want).all() and torch.isnan(got).all()
+
+
 def test_peft_timm_fused_qkv_exact():
     model = _vit().train()
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
