@@ -35,7 +35,9 @@ test: $(STAMP)
 # tile can spill under one and not the other (the sm_90a AOT checks); torch 2.11 traces the
 # ops differently under torch.compile; and the CUDA extension must compile and link against
 # torch 2.11's headers (built here when nvcc is found; it cannot run without a GPU). It runs
-# the op and compile tests with the package from this tree. CI runs it after `make test`.
+# the op and compile tests with the package from this tree. CI runs it after `make test`. Its
+# packages go in one distribution at a time (.ci/pip_install_stepwise.py), so that the ~3 GB of
+# torch's CUDA wheels never lie on the disk all at once beside what they unpack to.
 VENV_GPU ?= .venv-gpu-image
 STAMP_GPU := $(VENV_GPU)/.installed
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
@@ -43,7 +45,7 @@ GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0
 
 $(STAMP_GPU):
 	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv $(VENV_GPU)
-	$(VENV_GPU)/bin/python -m pip install -q $(GPU_IMAGE_PINS) setuptools ninja
+	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) setuptools ninja
 	touch $(STAMP_GPU)
 
 test-gpu-image: $(STAMP_GPU)
