@@ -691,9 +691,14 @@ def row_from_json(record: dict) -> Row:
     return Row(**{k: v for k, v in record.items() if k in names})
 
 
-def load_rows(path: str) -> list[dict]:
+def read_payload(path: str):
+    """A results file's whole JSON content."""
     with open(path, encoding="utf-8") as fh:
-        payload = json.load(fh)
+        return json.load(fh)
+
+
+def load_rows(path: str) -> list[dict]:
+    payload = read_payload(path)
     return payload["rows"] if isinstance(payload, dict) else payload
 
 

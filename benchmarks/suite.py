@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import signal
@@ -379,11 +378,10 @@ class Suite:
         if self.json_path:
             harness.write_json(self.json_path, self.environment, self.rows, extra=self.run_info())
 
-    def load_state(self, path: str) -> None:
+    def load_state(self, payload: dict) -> None:
         """Take the rows, skip lines, calibration and family outcomes of an earlier process of this
-        run from its JSON file (each family's process appends to what the ones before wrote)."""
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        run from its JSON file's content (each family's process appends to what the ones before
+        wrote)."""
         run = payload.get("run") or {}
         self.rows = [harness.row_from_json(r) for r in payload.get("rows", [])]
         self.skipped = list(run.get("skipped") or [])
@@ -682,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 status = {"outcome": f"was killed: the suite itself got {exc.name}", "rc": None,
                           "seconds": round(time.monotonic() - started, 1)}
             if os.path.exists(json_path):
-                suite.load_state(json_path)
+                suite.load_state(harness.read_payload(json_path))
             suite.family_status[family] = status
             if status["outcome"] != "ok":
                 suite.skip(f"family {family}", f"lost: its process {status['outcome']} ({status['seconds']:.0f} s "
@@ -728,15 +726,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _worker(args, *, device, json_path, time_budget, per_call, providers, compile_baselines) -> int:
     """One family's process: append its rows to ``json_path`` (written by the parent first)."""
-    environment = None
-    if os.path.exists(json_path):
-        with open(json_path, encoding="utf-8") as fh:
-            environment = Environment(**json.load(fh)["environment"])  # one date and sha for every row
+    payload = harness.read_payload(json_path) if os.path.exists(json_path) else None
+    environment = Environment(**payload["environment"]) if payload else None  # one date and sha for every row
     suite = Suite(device=device, quick=args.quick, json_path=json_path, png_path=None, time_budget_s=time_budget,
                   max_seconds_per_call=per_call, providers=providers, tier=args.tier,
                   compile_baselines=compile_baselines, environment=environment, isolation="process per family")
-    if os.path.exists(json_path):
-        suite.load_state(json_path)
+    if payload:
+        suite.load_state(payload)
     _inject_fault(args.worker)
     _run_family(suite, args.worker, _modules()[args.worker])
     suite.save()

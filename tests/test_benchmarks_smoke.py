@@ -600,7 +600,7 @@ def test_family_state_passes_through_the_json_file(tmp_path):
                         metrics={"tflops": 789.5}, mode="matmul")
     second = Suite(device=torch.device("cpu"), quick=True, json_path=None, png_path=None, time_budget_s=None,
                    max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None)
-    second.load_state(str(tmp_path / "s.json"))
+    second.load_state(harness.read_payload(str(tmp_path / "s.json")))
     assert second.calibration == first.calibration and second.skipped == ["x: skipped (why)"]
     assert second.family_status == first.family_status
     assert [r.to_json() for r in second.rows] == [r.to_json() for r in first.rows]
