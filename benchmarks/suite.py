@@ -615,6 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every row
+        if device.index is not None:
+            torch.cuda.set_device(device)  # CUDA events, streams and synchronize follow the current device
     stem = args.name or _free_stem(args.out_dir, f"{harness.device_slug(device)}-"
                                                  f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}" + (
                                                      "-quick" if args.quick else ""))
@@ -760,7 +762,7 @@ def _inject_fault(family: str) -> None:
 
 def _worker_command(family: str, args, *, device, stem, per_call, providers, compile_baselines,
                     deadline_epoch) -> list[str]:
-    command = [sys.executable, "-m", "benchmarks", "--worker", family, "--device", device.type,
+    command = [sys.executable, "-m", "benchmarks", "--worker", family, "--device", str(device),
                "--out-dir", args.out_dir, "--name", stem, "--tier", args.tier,
                "--compile-baselines", "on" if compile_baselines else "off", "--max-seconds-per-call", str(per_call)]
     if args.quick:

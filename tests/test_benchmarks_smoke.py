@@ -385,6 +385,16 @@ def test_out_dir_that_is_a_file_and_cuda_without_a_gpu_are_refused(tmp_path, cap
     assert suite._parse(["--only", "lora", "--only", "lora", "--only", "model"]).only == ["lora", "model"]
 
 
+def test_family_processes_get_the_whole_device_name():
+    """``--device cuda:1`` reaches each family's process with its index (it once got ``cuda``)."""
+    from benchmarks import suite
+
+    args = suite._parse(["--out-dir", "runs", "--quick"])
+    command = suite._worker_command("lora", args, device=torch.device("cuda", 1), stem="s", per_call=1.0,
+                                    providers=None, compile_baselines=False, deadline_epoch=None)
+    assert command[command.index("--device") + 1] == "cuda:1"
+
+
 def test_unreadable_result_files_are_one_line_errors(tmp_path, capsys):
     from benchmarks import dispatch_order, suite, tuned_configs
 
