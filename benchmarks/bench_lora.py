@@ -181,5 +181,4 @@ def run(suite) -> None:
         suite.add_rows(family=FAMILY, op="lora_qkv", shape=shape_text, dtype=dtype, ours=ours,
                        baselines=base_results, targets=targets)
         del x, lora_a, lora_b, modules
-        if suite.is_gpu:
-            torch.cuda.empty_cache()
+        suite.release_cuda_memory()

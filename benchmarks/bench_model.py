@@ -661,5 +661,4 @@ def _run_peft_patch(suite) -> None:
     suite.add_rows(family=FAMILY, op="peft_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
                    baselines=base_results, targets=targets)
     del towers
-    if suite.is_gpu:
-        torch.cuda.empty_cache()
+    suite.release_cuda_memory()

@@ -111,10 +111,8 @@ def _measure_chunked(suite, label: str, fn, grads, *, timed_calls: int, one_call
     for t in grads:
         t.grad = None
     if failure is not None:
-        if suite.is_gpu:
-            gc.collect()
-            torch.cuda.empty_cache()
-        suite.skip(label, failure)
+        suite.skip(label, failure)  # first: a fault it names leaves nothing to release
+        suite.release_cuda_memory()
         return None
     median, spread, _ = harness.summarize(times)  # with 2 calls their mean, not the slower one
     suite.log(f"  {label}: {median:.1f} ms median of {len(times)}, peak {peak:.1f} MiB "
@@ -209,8 +207,7 @@ def run(suite) -> None:
     large_meas = _measure_chunked(suite, large_label, step_for(images, ids, labels, chunk), params,
                                   timed_calls=1, one_call=suite.is_gpu)
     del images, ids, labels
-    if suite.is_gpu:
-        torch.cuda.empty_cache()
+    suite.release_cuda_memory()
     if large_meas is None:
         return
     peak_ratio = large_meas.peak_mib / small_meas.peak_mib if small_meas.peak_mib else None
@@ -225,5 +222,4 @@ def run(suite) -> None:
                           f"samples/s>=0.8x B={unchunked} unchunked")]
     add(large_label, large_meas, large, chunk, extra, targets)
     del model
-    if suite.is_gpu:
-        torch.cuda.empty_cache()
+    suite.release_cuda_memory()
