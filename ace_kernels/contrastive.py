@@ -81,6 +81,7 @@ its share is 0 and its backward yields zero gradients, no kernel runs. See
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -140,7 +141,7 @@ def _label_keys(labels: torch.Tensor | None) -> torch.Tensor | None:
     # storage offset of a few bytes; a size-1 last dimension with another stride).
     width = rows.shape[1] * rows.element_size()
     data = torch.zeros((n, width + (-width % 8)), dtype=torch.uint8, device=device)
-    data[:, :width] = rows.clone(memory_format=torch.contiguous_format).view(torch.uint8).reshape(n, width)
+    data.view(rows.dtype)[:, :rows.shape[1]] = rows  # the row width is a multiple of 8 bytes: any dtype views it
     words = data.view(torch.int64)  # [n, W]; signed order is as good as any for grouping
     order = torch.arange(n, device=device)
     for w in range(words.shape[1] - 1, -1, -1):  # least significant word first: lexicographic
@@ -1130,6 +1131,8 @@ class LabelGuidedInfoNCE(nn.Module):
         super().__init__()
         if isinstance(logit_scale_init, torch.Tensor) and logit_scale_init.numel() == 1:
             logit_scale_init = logit_scale_init.item()
+        elif isinstance(logit_scale_init, numbers.Real) and not isinstance(logit_scale_init, (bool, int, float)):
+            logit_scale_init = float(logit_scale_init)  # a NumPy scalar, taken before the check as before it
         init = check_finite_number("logit_scale_init", logit_scale_init)
         self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))
         self.group = group

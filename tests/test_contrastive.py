@@ -1,5 +1,6 @@
 """label_guided_infonce (torch backend) against the dense fp64 oracle of spec section 5."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,8 +170,12 @@ def test_equals_open_clip_clip_loss():
 def test_module_rejects_a_bad_initial_multiplier(init, fragment):
     with pytest.raises(ValueError, match=f"argument 'logit_scale_init': {fragment}"):
         ace_kernels.LabelGuidedInfoNCE(init)
-    # A one-element tensor is read as its number.
+    # A one-element tensor is read as its number, and so is a NumPy scalar (np.bool_ is no number).
     assert float(ace_kernels.LabelGuidedInfoNCE(torch.tensor([2.5])).logit_scale) == 2.5
+    assert float(ace_kernels.LabelGuidedInfoNCE(np.float32(2.5)).logit_scale) == 2.5
+    assert float(ace_kernels.LabelGuidedInfoNCE(np.int64(3)).logit_scale) == 3.0
+    with pytest.raises(ValueError, match="argument 'logit_scale_init': expected a Python number, got bool"):
+        ace_kernels.LabelGuidedInfoNCE(np.bool_(True))
 
 
 def test_module_learns_the_multiplier_itself():
