@@ -515,22 +515,23 @@ class _LoraKind:
         return None
 
 
-def _peft_linear_class():
-    # Only look at PEFT when the model already imported it: patching a model without
-    # PEFT layers never imports peft.
+def _peft_lora_layer_class(name: str):
+    """PEFT's LoRA layer class ``name`` (``Linear``, ``MultiheadAttention``), or None. Only
+    looks at PEFT when the model already imported it: patching a model without PEFT layers
+    never imports peft."""
     layer_mod = sys.modules.get("peft.tuners.lora.layer")
-    return getattr(layer_mod, "Linear", None) if layer_mod is not None else None
+    return getattr(layer_mod, name, None) if layer_mod is not None else None
 
 
 class _PeftLoraKind(_LoraKind):
     name = "peft-lora-linear"
 
     def matches(self, module):
-        cls = _peft_linear_class()
+        cls = _peft_lora_layer_class("Linear")
         return cls is not None and isinstance(module, cls)
 
     def static_reason(self, module):
-        cls = _peft_linear_class()
+        cls = _peft_lora_layer_class("Linear")
         if type(module) is not cls:
             return f"subclass {type(module).__name__} of peft's lora.Linear"
         base = module.get_base_layer()
@@ -729,11 +730,7 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
         # Under torch.compile each member runs on its own: the kept outputs are guarded by host
         # state (version counters, inference mode) that would break the graph (fullgraph=True
         # would fail), and the compiler schedules the three projections itself.
-        ops = kind.operands(module, x, args, kwargs)
-        if isinstance(ops, str):
-            return original(x, *args, **kwargs)
-        handle._count("lora_linear")
-        return _run_lora_linear(handle, x, ops)
+        return _single_lora_forward(module, handle, kind, original, x, *args, **kwargs)
     if group.pending:
         hit = (group.pending_input is x and index in group.pending and not args and not kwargs
                and not x.is_inference()
@@ -1280,8 +1277,7 @@ def _install_clip_loss(name, module, handle, options):
 
 
 def _peft_mha_matches(module) -> bool:
-    layer_mod = sys.modules.get("peft.tuners.lora.layer")
-    cls = getattr(layer_mod, "MultiheadAttention", None) if layer_mod is not None else None
+    cls = _peft_lora_layer_class("MultiheadAttention")
     return cls is not None and isinstance(module, cls)
 
 
