@@ -61,13 +61,11 @@ def order_for(shapes: dict) -> tuple[list[str], dict[str, float], int] | None:
 
 def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     """The new content of the order file and a report, from a result file's ``payload``."""
-    device = payload["environment"]["device"]
-    if payload["environment"].get("device_type") != "cuda":
-        raise ValueError(f"argument 'RESULTS': expected a GPU run, got one on {device!r}")
+    device, heading = harness.gpu_run(payload)
     content = dict(existing or {})
     by_device = dict(content.get("by_device") or {})
     orders = dict(by_device.get(device) or {})
-    report = [f"{device} (git {payload['environment'].get('git_sha')}, {payload['environment'].get('date')}):"]
+    report = [heading]
     measured = 0
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
         found = order_for(shapes)

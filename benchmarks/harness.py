@@ -692,7 +692,7 @@ def row_from_json(record: dict) -> Row:
 
 
 def read_payload(path: str):
-    """A results file's whole JSON content."""
+    """A JSON file's whole content (a results file, or a file written from one)."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -711,6 +711,16 @@ class NothingToWrite(ValueError):
     """The result file holds nothing for the package file a tool writes."""
 
 
+def gpu_run(payload: dict) -> tuple[str, str]:
+    """The card of a GPU run's result ``payload`` and the heading of a report on it; a
+    ``ValueError`` for a run on anything else (the package files hold GPU measurements only)."""
+    environment = payload["environment"]
+    device = environment["device"]
+    if environment.get("device_type") != "cuda":
+        raise ValueError(f"argument 'RESULTS': expected a GPU run, got one on {device!r}")
+    return device, f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"
+
+
 def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,
                       what: str, update: Callable[[dict, dict | None], tuple[dict, list[str]]]) -> int:
     """``python -m benchmarks.<module> RESULTS.json [--out FILE]``: ``update(payload, existing)``
@@ -725,19 +735,15 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     parser.add_argument("--out", default=default_out, help=f"the {what} file to update (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        with open(args.results, encoding="utf-8") as handle:
-            payload = json.load(handle)
+        payload = read_payload(args.results)
         if not (isinstance(payload, dict) and "environment" in payload and "rows" in payload):
             raise ValueError("it has no 'environment' and 'rows'")
     except (OSError, ValueError) as exc:
         print(f"{module}: argument RESULTS.json: cannot read {args.results!r} as a result file "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
-    existing = None
     source = args.out if os.path.exists(args.out) else default_out
-    if os.path.exists(source):
-        with open(source, encoding="utf-8") as handle:
-            existing = json.load(handle)
+    existing = read_payload(source) if os.path.exists(source) else None
     try:
         content, report = update(payload, existing)
     except NothingToWrite as exc:

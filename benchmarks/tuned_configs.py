@@ -82,17 +82,14 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | None, str]:
 
 def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     """The new content of the tuned-configuration file and a report, from a result file's ``payload``."""
-    environment = payload["environment"]
-    device = environment["device"]
-    if environment.get("device_type") != "cuda":
-        raise ValueError(f"argument 'RESULTS': expected a GPU run, got one on {device!r}")
+    device, heading = harness.gpu_run(payload)
     sweeps = _sweeps(payload["rows"])
     if not sweeps:
         raise NoSweep(f"no sweep rows (family tuning) in this run ({device}): nothing to write")
     content = dict(existing or {})
     by_device = dict(content.get("by_device") or {})
     card = {family: dict(entries) for family, entries in (by_device.get(device) or {}).items()}
-    report = [f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"]
+    report = [heading]
     for where, sweep in sorted(sweeps.items()):
         config, line = choose(where, sweep)
         report.append("  " + line)
