@@ -146,8 +146,10 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # Every error, a missing file included, is a CheckpointError here (read_model_file lets
+        # missing files through); its reason is one line, as read_model_file's is.
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                              f"({type(exc).__name__}: {exc})") from exc
+                              f"({first_line(exc)})") from exc
     blob = _expect_dict(path, blob, ("weights", "metadata"))
     metadata = blob["metadata"]
     check_metadata(model, metadata, path)

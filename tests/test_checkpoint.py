@@ -8,6 +8,7 @@ skip, saying so, when it is absent.
 
 from __future__ import annotations
 
+import collections
 import copy
 import hashlib
 import os
@@ -182,10 +183,19 @@ def test_released_file_does_not_fit_the_tiny_model(tiny):
         copy.deepcopy(tiny).load_reference_checkpoint(RELEASED)
 
 
+class _NotAllowed:
+    pass
+
+
 def test_unreadable_file_is_reported(tiny, tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.pt"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
+    # A file holding a class weights-only loading refuses: torch's paragraphs become one line.
+    torch.save({"weights": collections.OrderedDict(), "metadata": {"x": _NotAllowed()}}, path)
+    with pytest.raises(CheckpointError) as info:
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+    assert "\n" not in str(info.value) and "weights-only torch checkpoint (UnpicklingError: " in str(info.value)
     with pytest.raises(CheckpointError, match="missing.pt"):
         copy.deepcopy(tiny).load_reference_checkpoint(tmp_path / "missing.pt")
