@@ -259,7 +259,7 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
         root = Path(image_root) if image_root is not None else Path(self.csv_path).resolve().parent
         self.image_paths: list[str] = []
         self.texts: list[str] = []
-        labels = []
+        names, labels = [], []
         for number, row in enumerate(rows, start=1):
             name = (row.get(image_column) or "").strip()
             if not name:
@@ -270,12 +270,12 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
             if not path.is_file():
                 raise DataError(f"{self.csv_path}, row {number}: image file {name!r} not found "
                                 f"(looked for {str(path)!r})")
+            names.append(name)
             self.image_paths.append(str(path))
             self.texts.append(row.get(text_column) or "")
             labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
         self.labels = torch.tensor(labels, dtype=torch.float32).reshape(len(rows), len(self.label_columns))
-        self._fingerprint = _rows_fingerprint(self.label_columns, (
-            (row.get(image_column).strip(), text, label) for row, text, label in zip(rows, self.texts, labels)))
+        self._fingerprint = _rows_fingerprint(self.label_columns, zip(names, self.texts, labels))
 
     def fingerprint(self) -> str:
         """A sha256 of the label column names and each row's image name (as the CSV gives it),
