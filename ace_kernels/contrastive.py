@@ -141,7 +141,10 @@ def _label_keys(labels: torch.Tensor | None) -> torch.Tensor | None:
     # storage offset of a few bytes; a size-1 last dimension with another stride).
     width = rows.shape[1] * rows.element_size()
     data = torch.zeros((n, width + (-width % 8)), dtype=torch.uint8, device=device)
-    data.view(rows.dtype)[:, :rows.shape[1]] = rows  # the row width is a multiple of 8 bytes: any dtype views it
+    # Copied through a uint8 view of a contiguous clone, not written through a view of ``data`` as
+    # the labels' dtype: that one copy fewer breaks torch 2.11's torch.compile (functionalizing the
+    # mutated dtype view; test_compile.py::test_triton_fullgraph_inductor on the GPU image's stack).
+    data[:, :width] = rows.clone(memory_format=torch.contiguous_format).view(torch.uint8).reshape(n, width)
     words = data.view(torch.int64)  # [n, W]; signed order is as good as any for grouping
     order = torch.arange(n, device=device)
     for w in range(words.shape[1] - 1, -1, -1):  # least significant word first: lexicographic
