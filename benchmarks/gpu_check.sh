@@ -166,10 +166,12 @@ sources_sha256() {
     find csrc setup.py -type f -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum |
         cut -d' ' -f1
 }
+extension_loads() {  # the built module exists and imports (its output to the caller's redirection)
+    [ -n "$EXT" ] && [ -f "$EXT" ] && timeout 60 $PY -c "import ace_kernels._C"
+}
 extension_current() {
-    [ -n "$EXT" ] && [ -f "$EXT" ] && [ -f "$STAMP" ] || return 1
-    [ "$(cat "$STAMP")" = "$(sources_sha256)" ] || return 1
-    timeout 60 $PY -c "import ace_kernels._C" >/dev/null 2>&1
+    [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(sources_sha256)" ] || return 1
+    extension_loads >/dev/null 2>&1
 }
 cuda_home_from_nvcc() {
     local nvcc top
@@ -202,7 +204,7 @@ else
     rm -f "$STAMP"  # a failed build must not leave an older build's stamp behind
     if run_stage build 120 "$BUILD_LOG" env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 ACE_KERNELS_FORCE_CUDA=1 \
         $PY setup.py build_ext --inplace; then
-        if [ -n "$EXT" ] && [ -f "$EXT" ] && timeout 60 $PY -c "import ace_kernels._C" >>"$BUILD_LOG" 2>&1; then
+        if extension_loads >>"$BUILD_LOG" 2>&1; then
             mkdir -p build && sources_sha256 >"$STAMP" && say "build: sources sha256 $(cat "$STAMP") in $STAMP"
         else
             say "build: $EXT missing or not importable after the build; no stamp written"
@@ -213,10 +215,7 @@ else
 fi
 
 # 3. what can run here
-INFO=$(mktemp)
-run_stage info 30 "$INFO" $PY -m ace_kernels.info
-cat "$INFO" >>"$LOG" 2>/dev/null
-rm -f "$INFO"
+run_stage info 30 "$LOG" $PY -m ace_kernels.info
 
 # 4. GPU tests: the GPU-only tests first (a cut stage then loses Triton tests, which CI also
 #    runs under the interpreter), then the Triton tests on the GPU, test_compile.py last (its
