@@ -12,12 +12,12 @@ installing torch 2.11 in one call.
 from __future__ import annotations
 
 import importlib.metadata
-import re
 import subprocess
 import sys
 from collections import deque
 
 from pip._vendor.packaging.requirements import Requirement
+from pip._vendor.packaging.utils import canonicalize_name
 
 
 def _pip(*args: str) -> None:
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         if not _satisfied(requirement):
             _pip("install", "-q", "--no-deps", f"{requirement.name}{requirement.specifier}")
         extras = frozenset(requirement.extras)
-        key = (re.sub(r"[-_.]+", "-", requirement.name).lower(), extras)
+        key = (canonicalize_name(requirement.name), extras)
         if key in expanded:
             continue
         expanded.add(key)
