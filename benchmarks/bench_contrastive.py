@@ -274,7 +274,8 @@ def run(suite) -> None:
                 base_results[name] = (meas, metrics)
         suite.add_rows(family=FAMILY, op="label_guided_infonce", shape=shape_text, dtype=dtype, ours=ours,
                        baselines=base_results, targets=_targets(suite, config))
-        del image, text, scale, labels, leaves, entries, providers
+        # reference too: its cached loss and gradients, and the inputs its closure holds
+        del image, text, scale, labels, leaves, entries, providers, reference
         step_results.clear()
         suite.release_cuda_memory()
 
