@@ -19,12 +19,15 @@ Backends
     measured faster on the CPU than regenerating them in backward: drawing the
     random numbers costs about as much as a quarter of the base GEMM there.
 ``triton``
-    Fused kernels (GPU; on the CPU only under ``TRITON_INTERPRET=1`` and only when
-    asked for by name). The dropout mask comes from Philox keyed by a seed and the
-    element position and is regenerated in registers in backward: only ``x``, ``S``
-    and the seed are saved. ``W`` and ``b`` are treated as frozen: when either
-    requires grad this backend declines the call (``auto`` falls back to ``torch``;
-    ``backend="triton"`` raises ``RuntimeError`` saying why).
+    Triton kernels around torch's GEMMs (GPU; on the CPU only under ``TRITON_INTERPRET=1``
+    and only when asked for by name). The LoRA terms ride along the frozen base's own
+    GEMMs as P*r extra columns (``x_cat = [x | S]`` against ``[W | scaling * Bbd]``), so the
+    large products run at cuBLAS speed; one kernel packs ``x_cat`` (computing ``S`` with its
+    dropout) and one finishes the gradients of ``x`` and ``A``. The dropout mask comes
+    from Philox keyed by a seed and the element position and is regenerated in registers
+    in backward: only ``x_cat`` (x and P*r columns) and the seed are saved. ``W`` and ``b``
+    are treated as frozen: when either requires grad this backend declines the call
+    (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
 
 Dropout randomness
 ------------------
@@ -450,32 +453,27 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 #
 # Kernels (all take strides; program ids are cast to int64 before offset arithmetic):
 #
-# _lora_down_kernel      S[M, P*r] = drop_p(x) A_p^T / keep_prob, one pass over x.
-#     A separate kernel rather than part of the GEMM: the GEMM grid has P*out/BLOCK_N
-#     column tiles per row block (18 at out=768), and each would have to redraw the
-#     Philox numbers and redo the rank-r dots for its rows. One extra read of x
-#     (bytes(x), mostly from L2 right after the producer wrote it) costs less.
-# _lora_fused_linear_kernel   y = x W^T + b + scaling * S Bbd^T, one stacked GEMM whose
-#     epilogue adds the LoRA term with one [BLOCK_M, BLOCK_R] x [BLOCK_R, BLOCK_N] dot
-#     (Bbd: the block-diagonal [P*out, P*r] matrix of the B_p, gathered on the fly, so a
-#     tile that straddles two projections is handled).
-# _lora_backward_kernel  one program per [BLOCK_M, BLOCK_K] tile of dX, reducing over
-#     the P*out columns of dY, each dY tile read once per program and used three ways:
-#     dX += dY W (skipped when x needs no grad), G += dY Bbd (G_p = dY_p B_p, [M, P*r]),
-#     and, in the first column of programs only, a partial dB = dY^T S per row block
-#     (only its diagonal blocks, [N, r]).
-#     Epilogue, EPILOGUE_M rows at a time (base dX and G are staged through L2 so the
-#     Philox words never exist for a whole 128x128 tile at once): masks regenerated for
-#     exactly this tile of x (every element once over the grid),
-#     dX += scaling/keep * sum_p mask_p * (G_p A_p) and a partial
-#     dA = scaling/keep * sum_p G_p^T (mask_p * x). Partials are summed on the host in a
+# The two large products of each pass (x W^T forward, dY W backward) are torch's GEMMs,
+# which run on cuBLAS on a GPU: they carry the LoRA terms along as a few extra columns.
+#
+# _lora_pack_kernel      x_cat [M, KP] = [x | S | 0] in x's dtype, S = drop_p(x) A_p^T / keep_prob,
+#     one pass over x (KP = in + P*r rounded up to a multiple of 8). Then one GEMM
+#     y = x_cat W_cat^T + b with W_cat = [W | scaling * Bbd | 0] (Bbd: the block-diagonal
+#     [P*out, P*r] matrix of the B_p) gives x W^T + b + scaling * S Bbd^T. x_cat is all the
+#     op saves for backward (with the seed): x plus P*r columns.
+# Backward: one GEMM dY W_cat = [dY W | G], G = scaling * dY Bbd (G_p = scaling * dY_p B_p);
+#     one GEMM dY^T S, whose diagonal blocks are dB / scaling; then
+# _lora_grad_kernel      one program per [BLOCK_M, BLOCK_K] tile of dX, EPILOGUE_M rows at a
+#     time: the masks regenerated for exactly this tile of x (every element once over the
+#     grid), dX = dY W + sum_p mask_p * (G_p A_p) / keep and a partial
+#     dA = sum_p G_p^T (mask_p * x) / keep per row block. Partials are summed on the host in a
 #     fixed order (deterministic, no atomics).
 # _lora_mask_kernel      debug export of the keep masks from the same Philox stream.
 #
-# Dtypes: x, W, A, B load in their own dtype; the large dots run in it (tensor cores
-# for fp16/bf16, exact IEEE fp32 for fp32 inputs); S, G and every accumulator are fp32,
-# and the small dots involving them run in tf32 for 16-bit inputs (finer than the
-# inputs' own rounding) and IEEE fp32 for fp32 inputs.
+# Dtypes: everything is stored in x's dtype, S and G included (as torch's own LoRA
+# products round them); the kernels' dots accumulate in fp32 (tensor cores for
+# fp16/bf16, exact IEEE fp32 for fp32 inputs), and the LoRA term is added to dY W in fp32
+# before dX is rounded once.
 
 try:
     import triton
@@ -545,10 +543,10 @@ if triton is not None:
             tl.store(mask_ptr + plane + plane + offsets, ((keep >> 2) & 1).to(tl.int8), mask=inside)
 
     @triton.jit
-    def _lora_down_kernel(
-        x_ptr, a_ptr, s_ptr, seed_ptr,  # x [M, K]; A [P, r, K]; S [M, P*r] fp32 out; seed int64 [1]
-        M, K, RANK,
-        stride_xm, stride_xk, stride_ap, stride_ar, stride_ak, stride_sm, stride_sj,
+    def _lora_pack_kernel(
+        x_ptr, a_ptr, xcat_ptr, seed_ptr,  # x [M, K]; A [P, r, K]; x_cat [M, KP] out (x | S | 0); seed int64 [1]
+        M, K, KP, RANK,
+        stride_xm, stride_xk, stride_ap, stride_ar, stride_ak, stride_cm,
         rng_offset, drop_threshold, inv_keep,
         PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -558,9 +556,11 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         js = tl.arange(0, BLOCK_R)
-        j_ok = js < PROJECTIONS * RANK
+        rank_total = PROJECTIONS * RANK
+        j_ok = js < rank_total
         proj_j = js // RANK
         r_j = js - proj_j * RANK
+        out_rows = xcat_ptr + rows[:, None] * stride_cm
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
@@ -569,6 +569,7 @@ if triton is not None:
             k_ok = ks < K
             x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            tl.store(out_rows + ks[None, :], x_tile, mask=row_ok[:, None] & k_ok[None, :])
             a_tile = tl.load(a_ptr + proj_j[None, :] * stride_ap + r_j[None, :] * stride_ar + ks[:, None] * stride_ak,
                              mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
             if APPLY_DROPOUT:
@@ -587,151 +588,74 @@ if triton is not None:
                 acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
         if APPLY_DROPOUT:
             acc = acc * inv_keep
-        tl.store(s_ptr + rows[:, None] * stride_sm + js[None, :] * stride_sj, acc,
-                 mask=row_ok[:, None] & j_ok[None, :])
+        # S in columns K .. K + P*r, then zeros up to KP (fewer than 8 columns): the pad meets
+        # zero columns of the packed weight, and 0 * garbage could be NaN.
+        tl.store(out_rows + K + js[None, :], acc.to(xcat_ptr.dtype.element_ty), mask=row_ok[:, None] & j_ok[None, :])
+        pad = tl.arange(0, 8)
+        tl.store(out_rows + K + rank_total + pad[None, :], tl.zeros((BLOCK_M, 8), dtype=xcat_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (pad < KP - K - rank_total)[None, :])
 
     @triton.jit
-    def _lora_fused_linear_kernel(
-        x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,  # x [M,K]; W [N,K]; bias [N]; S [M,P*r] fp32; B [P,OUT,r]; y [M,N]
-        M, N, K, OUT, RANK,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sj,
-        stride_bp, stride_bo, stride_br, stride_ym, stride_yn,
-        scaling,
-        HAS_BIAS: tl.constexpr, PROJECTIONS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_tile = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] = W^T tile
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=DOT_PRECISION)
-        js = tl.arange(0, BLOCK_R)
-        j_ok = js < PROJECTIONS * RANK
-        proj_j = js // RANK
-        r_j = js - proj_j * RANK
-        proj_n = cols // OUT
-        o_n = cols - proj_n * OUT
-        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + js[None, :] * stride_sj,
-                         mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        b_ok = (proj_j[:, None] == proj_n[None, :]) & j_ok[:, None] & col_ok[None, :]
-        b_tile = tl.load(b_ptr + proj_n[None, :] * stride_bp + o_n[None, :] * stride_bo + r_j[:, None] * stride_br,
-                         mask=b_ok, other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N] = Bbd^T tile
-        acc += scaling * tl.dot(s_tile, b_tile, input_precision=LORA_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-
-    @triton.jit
-    def _lora_backward_kernel(
-        dy_ptr, w_ptr, x_ptr, a_ptr, b_ptr, s_ptr, seed_ptr,  # dY [M,N]; W [N,K]; x [M,K]; A [P,r,K]; B [P,OUT,r]; S fp32
-        dx_ptr, da_part_ptr, db_part_ptr,  # dX [M,K]; fp32 [M blocks, P*r, K] and [M blocks, N, r], contiguous
-        g_scratch_ptr,  # fp32 [K blocks, M, P*r] contiguous: each program's G, staged for the dropout epilogue
-        M, N, K, OUT, RANK,
-        stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk,
-        stride_ap, stride_ar, stride_ak, stride_bp, stride_bo, stride_br, stride_sm, stride_sj,
-        stride_dxm, stride_dxk,
-        rng_offset, drop_threshold, lora_factor,  # lora_factor = scaling / keep_prob (scaling without dropout)
+    def _lora_grad_kernel(
+        dxc_ptr, g_ptr, xcat_ptr, a_ptr, seed_ptr, dx_ptr, da_part_ptr,
+        # dX_cat [M, >=K] (its first K columns: dY W); G [M, P*r] (dY times scaling * Bbd); x_cat [M, >=K]
+        # (its first K columns: x); A [P, r, K]; dX [M, K] out; dA partials fp32 [M blocks, P*r, K] out
+        M, K, RANK,
+        stride_dcm, stride_gm, stride_gj, stride_cm, stride_ap, stride_ar, stride_ak, stride_dxm,
+        rng_offset, drop_threshold, inv_keep,
         PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        EPILOGUE_M: tl.constexpr,  # rows per step of the dropout epilogue (divides BLOCK_M)
-        DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        EPILOGUE_M: tl.constexpr,  # rows per step (divides BLOCK_M)
+        DOT_PRECISION: tl.constexpr,
     ):
-        pid_k = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1).to(tl.int64)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_k = tl.program_id(1).to(tl.int64)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        row_ok = rows < M
         k_ok = ks < K
         js = tl.arange(0, BLOCK_R)
         rank_total = PROJECTIONS * RANK
         j_ok = js < rank_total
         proj_j = js // RANK
         r_j = js - proj_j * RANK
-        first_column = pid_k == 0
-        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + js[None, :] * stride_sj,
-                         mask=row_ok[:, None] & j_ok[None, :] & first_column, other=0.0)
-        acc_dx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            ns = n0 + tl.arange(0, BLOCK_N)
-            n_ok = ns < N
-            dy_tile = tl.load(dy_ptr + rows[:, None] * stride_dym + ns[None, :] * stride_dyn,
-                              mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-            if COMPUTE_DX:
-                w_tile = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
-                                 mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                acc_dx = tl.dot(dy_tile, w_tile, acc_dx, input_precision=DOT_PRECISION)
-            proj_n = ns // OUT
-            o_n = ns - proj_n * OUT
-            b_ok = (proj_n[:, None] == proj_j[None, :]) & n_ok[:, None] & j_ok[None, :]
-            b_tile = tl.load(b_ptr + proj_n[:, None] * stride_bp + o_n[:, None] * stride_bo + r_j[None, :] * stride_br,
-                             mask=b_ok, other=0.0)  # [BLOCK_N, BLOCK_R] = Bbd tile
-            acc_g = tl.dot(dy_tile, b_tile, acc_g, input_precision=DOT_PRECISION)
-            if first_column:
-                # Partial dB for this row block: dY^T S restricted to each column's projection,
-                # stored compactly as [N, r] (column n's own r entries; the rest of the row is zero).
-                db_tile = tl.dot(tl.trans(dy_tile).to(tl.float32), s_tile, input_precision=LORA_PRECISION)
-                tl.store(db_part_ptr + pid_m * N * RANK + ns[:, None] * RANK + r_j[None, :], db_tile, mask=b_ok)
         a_tile = tl.load(a_ptr + proj_j[:, None] * stride_ap + r_j[:, None] * stride_ar + ks[None, :] * stride_ak,
-                         mask=j_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
-        # The epilogue runs EPILOGUE_M rows at a time: with dropout, Philox needs several
-        # 32-bit words per element, and over a whole 128x128 tile that is far more than the
-        # register file (the x tile in fp32 alone is another accumulator's worth). So the
-        # base dX and G go to memory (L2-hot) and the LoRA terms are added in row slices.
-        # The base dX is rounded to dX's dtype once before the LoRA term is added: one extra
-        # rounding, like torch summing the base and LoRA gradients of x in that dtype.
-        g_scratch = g_scratch_ptr + pid_k * M * rank_total
-        tl.store(g_scratch + rows[:, None] * rank_total + js[None, :], acc_g, mask=row_ok[:, None] & j_ok[None, :])
-        if COMPUTE_DX:
-            tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :] * stride_dxk,
-                     acc_dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
-        tl.debug_barrier()  # the stores above are read back by other threads of this program
+                         mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
         da_tile = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        # EPILOGUE_M rows at a time: with dropout, Philox needs several 32-bit words per
+        # element, too many registers for a whole [BLOCK_M, BLOCK_K] tile.
         for sub in range(0, BLOCK_M, EPILOGUE_M):
-            sub_rows = pid_m * BLOCK_M + sub + tl.arange(0, EPILOGUE_M)
-            sub_ok = (sub_rows < M)[:, None] & k_ok[None, :]
-            g_sub = tl.load(g_scratch + sub_rows[:, None] * rank_total + js[None, :],
-                            mask=(sub_rows < M)[:, None] & j_ok[None, :], other=0.0)
-            x_sub = tl.load(x_ptr + sub_rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=sub_ok, other=0.0).to(tl.float32)
+            rows = pid_m * BLOCK_M + sub + tl.arange(0, EPILOGUE_M)
+            row_ok = rows < M
+            tile_ok = row_ok[:, None] & k_ok[None, :]
+            g_sub = tl.load(g_ptr + rows[:, None] * stride_gm + js[None, :] * stride_gj,
+                            mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+            x_sub = tl.load(xcat_ptr + rows[:, None] * stride_cm + ks[None, :], mask=tile_ok, other=0.0)
             if APPLY_DROPOUT:
-                keep = _keep_bits(seed, rng_offset, sub_rows, pid_k * BLOCK_K, K, drop_threshold, EPILOGUE_M, BLOCK_K)
-                # 0/1 fp32 multipliers rather than i1 selects: see _lora_down_kernel.
-                keep_f = (keep & 1).to(tl.float32)
-                g_p = tl.where((proj_j == 0)[None, :], g_sub, 0.0)
-                lora_dx = keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
-                da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
+                keep = _keep_bits(seed, rng_offset, rows, pid_k * BLOCK_K, K, drop_threshold, EPILOGUE_M, BLOCK_K)
+                # 0/1 multipliers rather than i1 selects: see _lora_pack_kernel.
+                zero = tl.zeros_like(g_sub)
+                keep_x = (keep & 1).to(x_sub.dtype)
+                g_p = tl.where((proj_j == 0)[None, :], g_sub, zero)
+                lora_dx = keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
+                da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
                 if PROJECTIONS == 3:
-                    keep_f = ((keep >> 1) & 1).to(tl.float32)
-                    g_p = tl.where((proj_j == 1)[None, :], g_sub, 0.0)
-                    lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
-                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
-                    keep_f = ((keep >> 2) & 1).to(tl.float32)
-                    g_p = tl.where((proj_j == 2)[None, :], g_sub, 0.0)
-                    lora_dx += keep_f * tl.dot(g_p, a_tile, input_precision=LORA_PRECISION)
-                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_f, da_tile, input_precision=LORA_PRECISION)
+                    keep_x = ((keep >> 1) & 1).to(x_sub.dtype)
+                    g_p = tl.where((proj_j == 1)[None, :], g_sub, zero)
+                    lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
+                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
+                    keep_x = ((keep >> 2) & 1).to(x_sub.dtype)
+                    g_p = tl.where((proj_j == 2)[None, :], g_sub, zero)
+                    lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
+                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
             else:
-                lora_dx = tl.dot(g_sub, a_tile, input_precision=LORA_PRECISION)
-                da_tile = tl.dot(tl.trans(g_sub), x_sub, da_tile, input_precision=LORA_PRECISION)
+                lora_dx = tl.dot(g_sub, a_tile, input_precision=DOT_PRECISION)
+                da_tile = tl.dot(tl.trans(g_sub), x_sub, da_tile, input_precision=DOT_PRECISION)
             if COMPUTE_DX:
-                dx_sub_ptr = dx_ptr + sub_rows[:, None] * stride_dxm + ks[None, :] * stride_dxk
-                dx_sub = tl.load(dx_sub_ptr, mask=sub_ok, other=0.0).to(tl.float32)
-                tl.store(dx_sub_ptr, (dx_sub + lora_factor * lora_dx).to(dx_ptr.dtype.element_ty), mask=sub_ok)
-        tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * lora_factor,
+                base = tl.load(dxc_ptr + rows[:, None] * stride_dcm + ks[None, :], mask=tile_ok, other=0.0)
+                tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :],
+                         (base.to(tl.float32) + inv_keep * lora_dx).to(dx_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * inv_keep,
                  mask=j_ok[:, None] & k_ok[None, :])
 
 
@@ -744,33 +668,21 @@ def _block_r(projections: int, rank: int) -> int:
 
 
 # Launch configurations: one per (kernel, dtype class), no autotuning (the interpreter
-# cannot time configs, and these shapes are all K=768-ish GEMMs). GPU values were
-# chosen to compile for sm_90a without spills (tests/test_lora.py compiles each).
+# cannot time configs, and these shapes are all K=768-ish). GPU values were chosen to
+# compile for sm_90a without spills (tests/test_lora.py compiles each).
 # Interpreter: large-enough tiles that tiny test shapes need few programs.
-_BACKWARD_16BIT = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=3)
 _GPU_CONFIGS = {
     # kernel: {dtype class: (tile sizes..., num_warps, num_stages)}
     "down": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3),
              "fp32": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)},
-    "fused": {"16bit": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-              "fp32": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)},
-    "backward": {"16bit": _BACKWARD_16BIT,
-                 "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3)},
-    # The backward without dX (x needs no gradient). fp32 tiles here and above were picked from
-    # a sweep of 32 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) choices compiled with ptxas 12.8
-    # (Triton 3.6, the GPU image's) and 12.9 (Triton 3.8): ptxas often caps a variant at 128
-    # registers and spills under one and not the other; these spill under neither, for every
-    # projection count and dropout setting (at most 193 and 112 registers).
-    "backward_nodx": {"16bit": _BACKWARD_16BIT,  # the same tiles: no spills in either variant
-                      "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=2)},
+    "backward": {"16bit": dict(BLOCK_M=128, BLOCK_K=128, EPILOGUE_M=32, num_warps=8, num_stages=2),
+                 "fp32": dict(BLOCK_M=128, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=2)},
     "mask": {"16bit": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1),
              "fp32": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=1)},
 }
 _INTERPRETER_CONFIGS = {
     "down": dict(BLOCK_M=32, BLOCK_K=32),
-    "fused": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
-    "backward": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, EPILOGUE_M=16),
-    "backward_nodx": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, EPILOGUE_M=16),
+    "backward": dict(BLOCK_M=32, BLOCK_K=32, EPILOGUE_M=16),
     "mask": dict(BLOCK_M=32, BLOCK_K=32),
 }
 
@@ -783,14 +695,10 @@ _GPU_CANDIDATES = {
     ("down", "16bit"): (dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
                         dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=3),
                         dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4)),
-    ("fused", "16bit"): (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
-                         dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-                         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=5),
-                         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)),
-    ("backward", "16bit"): (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=4, num_stages=3),
-                            dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=4),
-                            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, EPILOGUE_M=16, num_warps=8, num_stages=3),
-                            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, EPILOGUE_M=16, num_warps=8, num_stages=4)),
+    ("backward", "16bit"): (dict(BLOCK_M=64, BLOCK_K=128, EPILOGUE_M=32, num_warps=4, num_stages=2),
+                            dict(BLOCK_M=256, BLOCK_K=128, EPILOGUE_M=32, num_warps=8, num_stages=2),
+                            dict(BLOCK_M=128, BLOCK_K=64, EPILOGUE_M=16, num_warps=4, num_stages=2),
+                            dict(BLOCK_M=128, BLOCK_K=256, EPILOGUE_M=16, num_warps=8, num_stages=2)),
 }
 
 
@@ -804,11 +712,10 @@ def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
     return _tuning.launch_config("lora", kernel, dtype_class, device, default)
 
 
-def _precisions(dtype: torch.dtype) -> tuple[str, str]:
-    """(precision of the dots on the inputs, precision of the small fp32 dots)."""
-    if dtype == torch.float32:
-        return "ieee", "ieee"
-    return "tf32", "tf32"
+def _dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' dots: exact IEEE fp32 for fp32 inputs (16-bit inputs run on tensor cores in
+    their own dtype, where the setting does not apply)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _drop_threshold(dropout_p: float) -> int:
@@ -851,104 +758,102 @@ def _export_masks(seed: torch.Tensor, rows: int, in_features: int, projections: 
     return mask.bool()
 
 
+def _packed_width(in_features: int, rank_total: int) -> int:
+    """Columns of x_cat = [x | S | 0]: in + P*r, rounded up to a multiple of 8 (16-byte rows
+    for 16-bit dtypes, which cuBLAS needs for its fastest kernels)."""
+    return -(-(in_features + rank_total) // 8) * 8
+
+
+def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, scaling: float, width: int) -> torch.Tensor:
+    """W_cat [P*out, width] = [W | scaling * Bbd | 0] in W's dtype (Bbd: the block-diagonal
+    [P*out, P*r] matrix of the B_p), so that x_cat W_cat^T = x W^T + scaling * S Bbd^T."""
+    projections, out_features, rank = lora_b3.shape
+    in_features = weight.shape[1]
+    tail = weight.new_zeros((weight.shape[0], width - in_features))
+    for p in range(projections):
+        tail[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] = lora_b3[p]
+    return torch.cat((weight, tail.mul_(scaling)), dim=1)
+
+
 def _lora_forward_fake(x2d, weight, bias, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout):
-    rows, (projections, rank, _), out_features = x2d.shape[0], lora_a3.shape, lora_b3.shape[1]
+    rows, (projections, rank, in_features), out_features = x2d.shape[0], lora_a3.shape, lora_b3.shape[1]
     return (x2d.new_empty((rows, projections * out_features)),
-            x2d.new_empty((rows, projections * rank), dtype=torch.float32))
+            x2d.new_empty((rows, _packed_width(in_features, projections * rank))))
 
 
 @_library.launcher("lora_forward", _lora_forward_fake)
 def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a3: torch.Tensor,
                          lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
                          apply_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Y [M, P*out] in x's dtype and S [M, P*r] fp32: the down kernel, then the fused linear."""
-    x2d = _library.int32_safe(x2d, (1,))  # the K loops
-    if bias is not None:
-        bias = bias.contiguous()  # the kernel reads it with unit stride (P*out elements: a cheap copy)
+    """(Y [M, P*out], x_cat [M, KP] = [x | S | 0]), both in x's dtype: the pack kernel, then
+    one GEMM (torch's, so cuBLAS on a GPU) of x_cat with the packed weight."""
+    x2d = _library.int32_safe(x2d, (1,))  # the K loop
     projections, rank, in_features = lora_a3.shape
-    out_features = lora_b3.shape[1]
     rows = x2d.shape[0]
-    n_total = projections * out_features
-    device = x2d.device
-    dot_precision, lora_precision = _precisions(x2d.dtype)
-    block_r = _block_r(projections, rank)
-    keep_prob = 1.0 - dropout_p
-    s_act = torch.empty((rows, projections * rank), dtype=torch.float32, device=device)
-    y = torch.empty((rows, n_total), dtype=x2d.dtype, device=device)
-    if rows == 0:
-        return y, s_act
-    cfg = _config("down", x2d.dtype, device)
-    _lora_down_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-        x2d, lora_a3, s_act, seed, rows, in_features, rank,
-        x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
-        s_act.stride(0), s_act.stride(1),
-        0, _drop_threshold(dropout_p), 1.0 / keep_prob,
-        PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=block_r,
-        DOT_PRECISION=dot_precision, **cfg)
-    cfg = _config("fused", x2d.dtype, device)
-    grid = (triton.cdiv(n_total, cfg["BLOCK_N"]), triton.cdiv(rows, cfg["BLOCK_M"]))
-    _lora_fused_linear_kernel[grid](
-        x2d, weight, bias if bias is not None else x2d, s_act, lora_b3, y,
-        rows, n_total, in_features, out_features, rank,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), s_act.stride(0), s_act.stride(1),
-        lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), y.stride(0), y.stride(1),
-        float(scaling),
-        HAS_BIAS=bias is not None, PROJECTIONS=projections, BLOCK_R=block_r,
-        DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
-    return y, s_act
+    width = _packed_width(in_features, projections * rank)
+    x_cat = torch.empty((rows, width), dtype=x2d.dtype, device=x2d.device)
+    if rows > 0:
+        cfg = _config("down", x2d.dtype, x2d.device)
+        _lora_pack_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+            x2d, lora_a3, x_cat, seed, rows, in_features, width, rank,
+            x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2), x_cat.stride(0),
+            0, _drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if apply_dropout else 1.0,
+            PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=_block_r(projections, rank),
+            DOT_PRECISION=_dot_precision(x2d.dtype), **cfg)
+    w_cat = _packed_weight(weight, lora_b3, scaling, width)
+    y = torch.addmm(bias, x_cat, w_cat.t()) if bias is not None else x_cat @ w_cat.t()
+    return y, x_cat
 
 
-def _lora_backward_fake(grad_y, x2d, weight, lora_a3, lora_b3, s_act, seed, scaling, dropout_p, apply_dropout,
+def _lora_backward_fake(grad_y, x_cat, weight, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout,
                         compute_dx):
     projections, rank, in_features = lora_a3.shape
-    rank_total = projections * rank
-    return (x2d.new_empty(x2d.shape if compute_dx else (0,)),
-            x2d.new_empty((rank_total, in_features), dtype=torch.float32),
-            x2d.new_empty((projections * lora_b3.shape[1], rank), dtype=torch.float32))
+    return (x_cat.new_empty((x_cat.shape[0], in_features) if compute_dx else (0,)),
+            x_cat.new_empty((projections * rank, in_features), dtype=torch.float32),
+            x_cat.new_empty((projections * lora_b3.shape[1], rank), dtype=torch.float32))
 
 
 @_library.launcher("lora_backward", _lora_backward_fake)
-def _lora_backward_launch(grad_y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_a3: torch.Tensor,
-                          lora_b3: torch.Tensor, s_act: torch.Tensor, seed: torch.Tensor, scaling: float,
-                          dropout_p: float, apply_dropout: bool,
-                          compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX, or an empty tensor when ``compute_dx`` is off; dA [P*r, in] fp32; the diagonal blocks of dY^T S,
-    [P*out, r] fp32, row n holding column n's own projection's block).
+def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: torch.Tensor, lora_a3: torch.Tensor,
+                          lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
+                          apply_dropout: bool, compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [M, K], or an empty tensor when ``compute_dx`` is off; dA [P*r, K] fp32; the diagonal
+    blocks of dY^T S, [P*out, r] fp32, row n holding column n's own projection's block).
 
-    One kernel; its per-row-block partials of dA and dY^T S are summed here in a fixed order."""
-    grad_y = _library.int32_safe(grad_y, (1,))  # the N loop
+    Two GEMMs (torch's): dY W_cat, whose last columns are G = scaling * dY Bbd, and dY^T S;
+    then one kernel adds the masked G_p A_p to dX and sums dA's per-row-block partials,
+    which are added here in a fixed order (deterministic, no atomics)."""
     projections, rank, in_features = lora_a3.shape
     out_features = lora_b3.shape[1]
-    rows = x2d.shape[0]
-    n_total = projections * out_features
+    rows = x_cat.shape[0]
     rank_total = projections * rank
-    device = x2d.device
-    dot_precision, lora_precision = _precisions(x2d.dtype)
-    keep_prob = 1.0 - dropout_p if apply_dropout else 1.0
-    cfg = _config("backward" if compute_dx else "backward_nodx", x2d.dtype, device)
+    w_cat = _packed_weight(weight, lora_b3, scaling, x_cat.shape[1])
+    if compute_dx:
+        grad_cat = grad_y @ w_cat  # [M, KP]: dY W, then G
+        grad_s = grad_cat[:, in_features:in_features + rank_total]
+    else:
+        grad_cat = grad_y.new_empty((0,))
+        grad_s = grad_y @ w_cat[:, in_features:in_features + rank_total]
+    full = grad_y.t() @ x_cat[:, in_features:in_features + rank_total]  # [P*out, P*r]
+    db_blocks = _diagonal_blocks(full, projections, out_features, rank).reshape(-1, rank).float()
+    cfg = _config("backward", x_cat.dtype, x_cat.device)
     row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
-    grad_x = (torch.empty_like(x2d, memory_format=torch.contiguous_format) if compute_dx
-              else x2d.new_empty((0,)))
-    da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=device)
-    db_part = torch.empty((row_blocks, n_total, rank), dtype=torch.float32, device=device)
-    grid = (triton.cdiv(in_features, cfg["BLOCK_K"]), row_blocks)
-    g_scratch = torch.empty((grid[0], rows, rank_total), dtype=torch.float32, device=device)
-    _lora_backward_kernel[grid](
-        grad_y, weight, x2d, lora_a3, lora_b3, s_act, seed,
-        grad_x if compute_dx else x2d, da_part, db_part, g_scratch,
-        rows, n_total, in_features, out_features, rank,
-        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), x2d.stride(0), x2d.stride(1),
-        lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
-        lora_b3.stride(0), lora_b3.stride(1), lora_b3.stride(2), s_act.stride(0), s_act.stride(1),
-        grad_x.stride(0) if compute_dx else 0, grad_x.stride(1) if compute_dx else 0,
-        0, _drop_threshold(dropout_p), scaling / keep_prob,
-        PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
-        BLOCK_R=_block_r(projections, rank), DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision, **cfg)
-    return grad_x, da_part.sum(0), db_part.sum(0)
+    grad_x = x_cat.new_empty((rows, in_features) if compute_dx else (0,))
+    da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=x_cat.device)
+    if rows > 0:
+        _lora_grad_kernel[(row_blocks, triton.cdiv(in_features, cfg["BLOCK_K"]))](
+            grad_cat if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, grad_x if compute_dx else x_cat, da_part,
+            rows, in_features, rank,
+            grad_cat.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), x_cat.stride(0),
+            lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2), grad_x.stride(0) if compute_dx else 0,
+            0, _drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if apply_dropout else 1.0,
+            PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
+            BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(x_cat.dtype), **cfg)
+    return grad_x, da_part.sum(0), db_blocks
 
 
 class _LoraTritonFunction(torch.autograd.Function):
-    """Fused LoRA for P stacked projections; saves x, S [M, P*r] fp32 and the seed only."""
+    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (S in x's dtype) and the seed only."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
@@ -956,14 +861,15 @@ class _LoraTritonFunction(torch.autograd.Function):
             seed = _draw_seed(x2d.device)
         else:
             seed = torch.zeros(1, dtype=torch.int64, device=x2d.device)
-        y, s_act = _lora_forward_launch(x2d, weight, bias, lora_a3, lora_b3, seed, float(scaling), float(dropout_p),
+        y, x_cat = _lora_forward_launch(x2d, weight, bias, lora_a3, lora_b3, seed, float(scaling), float(dropout_p),
                                         bool(apply_dropout))
-        ctx.save_for_backward(x2d, weight, lora_a3, lora_b3, s_act, seed)
+        ctx.save_for_backward(x_cat, weight, lora_a3, lora_b3, seed)
         ctx.scaling = float(scaling)
         ctx.dropout_p = dropout_p
         ctx.apply_dropout = apply_dropout
         side["seed"] = seed
-        side["saved"] = (x2d, (s_act, seed))
+        # For the saved-bytes hook: x's share of x_cat, and the rest (S, the pad, the seed).
+        side["saved"] = (x2d, (x_cat[:, x2d.shape[1]:], seed))
         return y
 
     @staticmethod
@@ -971,18 +877,14 @@ class _LoraTritonFunction(torch.autograd.Function):
         _library.refuse_second_derivative("lora_qkv/lora_linear (backend 'triton'): second derivatives "
                                           "(create_graph=True) are not supported by the fused kernels; "
                                           "use backend='torch'")
-        x2d, weight, lora_a3, lora_b3, s_act, seed = ctx.saved_tensors
+        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
         out_features = lora_b3.shape[1]
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        if x2d.shape[0] == 0:
-            grad_x = torch.zeros_like(x2d) if need_x else None
-            return (grad_x, None, None, torch.zeros_like(lora_a3) if need_a else None,
-                    torch.zeros_like(lora_b3) if need_b else None, None, None, None, None)
-        # The kernel's dots need dY in the inputs' dtype (autocast can hand back another).
-        grad_y = grad_y.to(x2d.dtype)
+        # The GEMMs and the kernel need dY in the inputs' dtype (autocast can hand back another).
+        grad_y = grad_y.to(x_cat.dtype)
         grad_x, grad_a_flat, db_blocks = _lora_backward_launch(
-            grad_y, x2d, weight, lora_a3, lora_b3, s_act, seed, ctx.scaling, float(ctx.dropout_p),
+            grad_y, x_cat, weight, lora_a3, lora_b3, seed, ctx.scaling, float(ctx.dropout_p),
             bool(ctx.apply_dropout), bool(need_x))
         grad_a = grad_b = None
         if need_a:
@@ -993,7 +895,7 @@ class _LoraTritonFunction(torch.autograd.Function):
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The row blocks are grid dimension y.
+# The gradient kernel's column blocks and the mask export's row blocks are grid dimension y.
 _MAX_GRID_Y = _library.MAX_GRID_YZ
 
 
@@ -1014,13 +916,12 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     if keep_rate_error > _MAX_KEEP_RATE_ERROR:
         reasons.append(f"dropout_p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (the keep "
                        f"rate would be off by {100 * keep_rate_error:.1f}% of 1 - dropout_p)")
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows > _MAX_GRID_Y * 16 and x.dtype in _TRITON_DTYPES:  # cheap test first: no config has BLOCK_M < 16
-        block_m = min(_config(kernel, x.dtype, x.device)["BLOCK_M"]
-                      for kernel in ("fused", "backward", "backward_nodx"))
-        if -(-rows // block_m) > _MAX_GRID_Y:
-            reasons.append(f"{rows} rows of x need more than {_MAX_GRID_Y} row blocks of {block_m} (the grid's "
-                           f"y dimension): at most {_MAX_GRID_Y * block_m} rows per call")
+    in_features = x.shape[-1]
+    if in_features > _MAX_GRID_Y * 16 and x.dtype in _TRITON_DTYPES:  # cheap test first: no BLOCK_K < 16
+        block_k = _config("backward", x.dtype, x.device)["BLOCK_K"]
+        if -(-in_features // block_k) > _MAX_GRID_Y:
+            reasons.append(f"in_features {in_features} needs more than {_MAX_GRID_Y} column blocks of {block_k} "
+                           f"(the grid's y dimension): at most {_MAX_GRID_Y * block_k}")
     return reasons
 
 

@@ -5,7 +5,7 @@ configuration and once at each declared candidate (``_GPU_CANDIDATES`` of ``ace_
 and ``ace_kernels.contrastive``), every one forced with ``ace_kernels._tuning.forced`` while the
 other kernels keep their defaults, one after the other in one process:
 
-- LoRA (``down``, ``fused`` and ``backward``, dtype class ``16bit``): the ``lora_qkv`` step of
+- LoRA (``down``, the pack kernel, and ``backward``, the gradient kernel; dtype class ``16bit``): the ``lora_qkv`` step of
   family lora, M = 64*197, K = out = 768, r = 4, p = 0.1, bf16. Error: q, k, v and every
   gradient against the reference LoRA with dropout off.
 - InfoNCE (``lse`` and ``grad``, ``16bit/one_dot``): the labelled ``label_guided_infonce`` step,

@@ -49,8 +49,10 @@
 # family tuning).
 #
 # Switches: GPU_CHECK_BUDGET (s, default 540), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_FORCE_BUILD=1,
-# GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph"
-# (families), GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all),
+# GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_TESTS_CAP (s, default 100), GPU_CHECK_TEST_FILES="tests/test_lora.py ..."
+# (the test files of both passes, in order; default all, test_compile.py last),
+# GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
+# GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all),
 # GPU_CHECK_COMPILE=1 (also time the baselines under torch.compile: off by default, compiling
 # costs ~10-30 s a shape of device time), PYTHON (default python3), ACE_GIT_SHA (the sha to
 # record; else git when the copy has .git, else the file .git_sha at the repository root).
@@ -227,10 +229,10 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 else
     TIMEOUT_OPT=""
     $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=60"
-    TEST_FILES=$(ls tests/test_*.py | grep -v '/test_compile.py$'; ls tests/test_compile.py 2>/dev/null)
+    TEST_FILES=${GPU_CHECK_TEST_FILES:-$(ls tests/test_*.py | grep -v '/test_compile.py$'; ls tests/test_compile.py 2>/dev/null)}
     export PY TIMEOUT_OPT TEST_FILES
     # pytest's rc 5 (nothing selected) is not a failure.
-    run_stage tests 100 "$TESTS_LOG" bash -c '
+    run_stage tests "${GPU_CHECK_TESTS_CAP:-100}" "$TESTS_LOG" bash -c '
         common="-q -rfEs --continue-on-collection-errors -p no:cacheprovider $TIMEOUT_OPT"
         echo "== pytest -m gpu"
         $PY -m pytest $TEST_FILES -m gpu $common; a=$?; [ $a -eq 5 ] && a=0

@@ -642,7 +642,7 @@ def test_budget_arithmetic():
 def test_gpu_check_budget_plan_is_in_the_script():
     text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
     assert "BUDGET=${GPU_CHECK_BUDGET:-540}" in text and "timeout_s=570" in text
-    assert "run_stage build 120 " in text and "run_stage tests 100 " in text
+    assert "run_stage build 120 " in text and 'run_stage tests "${GPU_CHECK_TESTS_CAP:-100}" ' in text
     assert text.index("-m gpu $common") < text.index('-m "triton and not gpu" $common')
     assert '--hard-deadline "$BENCH_DEADLINE"' in text and "budget_left_s - 60" in text
     assert "~280 s, its budget ~235 s" in text  # the header's arithmetic (test_budget_arithmetic)

@@ -136,7 +136,7 @@ def _opcheck_cases(device):
 
     x, w, b = randn(13, 40), randn(72, 40), randn(72)
     a3, b3, seed = 0.1 * randn(3, 4, 40), 0.1 * randn(3, 24, 4), randint(1000, 1)
-    s_act, grad_y = randn(13, 12), randn(13, 72)
+    x_cat, grad_y = randn(13, 56), randn(13, 72)  # x_cat: [x | S | 0], 40 + 3 * 4 columns padded to 56
     u = torch.nn.functional.normalize(randn(19, 8), dim=-1)
     t = torch.nn.functional.normalize(randn(19, 8), dim=-1)
     scale, coef, keys = randn(1).abs() + 1, randn(1), randint(4, 19).int()
@@ -146,8 +146,8 @@ def _opcheck_cases(device):
     row_ptr, perm = hypergraph._transpose_csr(cols, 10)
     return {
         "lora_forward": [(x, w, b, a3, b3, seed, 0.5, 0.3, True), (x, w, None, a3, b3, seed, 0.5, 0.0, False)],
-        "lora_backward": [(grad_y, x, w, a3, b3, s_act, seed, 0.5, 0.3, True, True),
-                          (grad_y, x, w, a3, b3, s_act, seed, 0.5, 0.0, False, False)],
+        "lora_backward": [(grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, True),
+                          (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.0, False, False)],
         "infonce_lse_rows": [(u, t, scale, keys, 3, 11), (u, t, scale, None, 0, 19)],
         "infonce_lse_both": [(u, t, scale, keys), (u, t, scale, None)],
         "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, coef), (t, u, scale, None, lse, lse, 5, 9, coef)],

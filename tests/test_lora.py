@@ -488,15 +488,21 @@ def test_triton_refuses_second_derivatives(device):
 def test_triton_declines_what_its_grid_and_threshold_cannot_do():
     from ace_kernels.lora import _MAX_GRID_Y, _config, _triton_reasons
 
-    w, a, b = torch.empty(24, 8), torch.empty(3, 2, 8), torch.empty(3, 8, 2)
-    block_m = min(_config(k, torch.float32, torch.device("cpu"))["BLOCK_M"] for k in ("fused", "backward"))
-    fits, over = torch.empty(_MAX_GRID_Y * block_m, 8), torch.empty(_MAX_GRID_Y * block_m + 1, 8)
-    reasons = lambda x, p=0.0: [r for r in _triton_reasons(x, w, None, a, b, 0.5, p, True)  # noqa: E731
-                                if "triton failed to import" not in r]
+    block_k = _config("backward", torch.float32, torch.device("cpu"))["BLOCK_K"]
+    wide = _MAX_GRID_Y * block_k
+
+    def reasons(x, in_features=8, p=0.0):
+        # Stride-0 views: only shapes and dtypes are read.
+        w, a, b = torch.empty(1).expand(24, in_features), torch.empty(1).expand(3, 2, in_features), torch.empty(3, 8, 2)
+        return [r for r in _triton_reasons(x, w, None, a, b, 0.5, p, True) if "triton failed to import" not in r]
+
+    # Rows are grid dimension x (no practical limit); in_features' blocks are dimension y.
+    fits = torch.empty(1).expand(_MAX_GRID_Y * 256 + 1, 8)
     assert reasons(fits) == []
-    assert any("row blocks" in r for r in reasons(over))
-    assert reasons(fits[:5], 0.999) == []
-    assert any("too close to 1" in r for r in reasons(fits[:5], 0.9999))
+    assert reasons(torch.empty(1).expand(1, wide), wide) == []
+    assert any("column blocks" in r for r in reasons(torch.empty(1).expand(1, wide + 1), wide + 1))
+    assert reasons(fits[:5], p=0.999) == []
+    assert any("too close to 1" in r for r in reasons(fits[:5], p=0.9999))
 
 
 @pytest.mark.triton
@@ -539,9 +545,9 @@ def test_triton_saved_bytes_are_x_plus_rank_r(device):
     inputs = make_inputs(case, torch.float32, device)
     with lora_module.saved_activation_bytes() as record:
         call_op(case, inputs, "triton")
-    # x, S [M, 3r] fp32 and the 8-byte seed: no mask, no dropped copy of x.
-    assert record == [{"backend": "triton", "total": 10 * 16 * 4 + 10 * 6 * 4 + 8, "x": 10 * 16 * 4,
-                       "extra": 10 * 6 * 4 + 8}]
+    # x_cat = [x | S | 0] (16 + 3r = 22 columns, padded to 24) and the 8-byte seed: no mask,
+    # no dropped copy of x.
+    assert record == [{"backend": "triton", "total": 10 * 24 * 4 + 8, "x": 10 * 16 * 4, "extra": 10 * 8 * 4 + 8}]
 
 
 def _max_error(got, want):
@@ -617,11 +623,11 @@ def test_triton_gpu_linear_bf16():
 # Integer arguments that are multiples of 16 at the ViT/BERT shapes (M = batch*197 or
 # batch*256 rows, K = out = 768): a real launch specialises them (and every pointer) as
 # 16-divisible, which decides vectorised, pipelined loads and so the register count.
-_DIVISIBLE_AT_REAL_SHAPES = {"M", "N", "K", "OUT", "plane", "stride_xm", "stride_wn", "stride_ym", "stride_dym",
-                             "stride_dxm", "stride_ap", "stride_ar", "stride_bp"}
-# Innermost strides are 1 at a real launch, which Triton turns into a constant.
-_UNIT_STRIDES = {"stride_xk", "stride_wk", "stride_ak", "stride_sj", "stride_br", "stride_yn", "stride_dyn",
-                 "stride_dxk"}
+_DIVISIBLE_AT_REAL_SHAPES = {"M", "K", "KP", "plane", "stride_xm", "stride_cm", "stride_dcm", "stride_dxm",
+                             "stride_ap", "stride_ar"}
+# Innermost strides are 1 at a real launch, which Triton turns into a constant (G is a
+# column slice of dY W_cat, so its row stride is KP, 784 there, also 16-divisible).
+_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_gj"}
 
 
 # The most shared memory one block of an sm_90 GPU can have (227 KiB, opted in).
@@ -632,14 +638,12 @@ def _aot_launches(dtype):
     """(label, kernel, signature, constexprs, num_warps, num_stages) for every launch variant, at
     the default configurations and at each sweep candidate (``lora._GPU_CANDIDATES``)."""
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    dot_precision, lora_precision = lora_module._precisions(dtype)
+    dot_precision = lora_module._dot_precision(dtype)
     pointer_types = {
-        "x_ptr": elem, "w_ptr": elem, "bias_ptr": elem, "a_ptr": elem, "b_ptr": elem, "y_ptr": elem, "dy_ptr": elem,
-        "dx_ptr": elem, "s_ptr": "fp32", "da_part_ptr": "fp32", "db_part_ptr": "fp32", "g_scratch_ptr": "fp32",
-        "seed_ptr": "i64",
-        "mask_ptr": "i8",
+        "x_ptr": elem, "a_ptr": elem, "xcat_ptr": elem, "dxc_ptr": elem, "g_ptr": elem, "dx_ptr": elem,
+        "da_part_ptr": "fp32", "seed_ptr": "i64", "mask_ptr": "i8",
     }
-    float_args = {"inv_keep", "scaling", "lora_factor"}
+    float_args = {"inv_keep"}
 
     def build(label, kernel, name, constexprs, cfg=None):
         cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][_tuning.dtype_class(dtype)])
@@ -660,23 +664,16 @@ def _aot_launches(dtype):
     for projections in (3, 1):
         block_r = lora_module._block_r(projections, 4)
         for dropout in (True, False):
-            launches.append(build(f"down P={projections} dropout={dropout}", lora_module._lora_down_kernel, "down",
+            launches.append(build(f"down P={projections} dropout={dropout}", lora_module._lora_pack_kernel, "down",
                                   dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, BLOCK_R=block_r,
                                        DOT_PRECISION=dot_precision)))
             for compute_dx in (True, False):
                 launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}",
-                                      lora_module._lora_backward_kernel,
-                                      "backward" if compute_dx else "backward_nodx",
+                                      lora_module._lora_grad_kernel, "backward",
                                       dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, COMPUTE_DX=compute_dx,
-                                           BLOCK_R=block_r, DOT_PRECISION=dot_precision,
-                                           LORA_PRECISION=lora_precision)))
-        for has_bias in (True, False):
-            launches.append(build(f"fused P={projections} bias={has_bias}", lora_module._lora_fused_linear_kernel,
-                                  "fused", dict(HAS_BIAS=has_bias, PROJECTIONS=projections, BLOCK_R=block_r,
-                                                DOT_PRECISION=dot_precision, LORA_PRECISION=lora_precision)))
+                                           BLOCK_R=block_r, DOT_PRECISION=dot_precision)))
     launches.append(build("mask", lora_module._lora_mask_kernel, "mask", dict(PROJECTIONS=3)))
-    kernels = {"down": lora_module._lora_down_kernel, "fused": lora_module._lora_fused_linear_kernel,
-               "backward": lora_module._lora_backward_kernel}
+    kernels = {"down": lora_module._lora_pack_kernel, "backward": lora_module._lora_grad_kernel}
     defaults = {label.split(" ")[0]: [] for label, *_ in launches}
     for launch in launches:
         defaults[launch[0].split(" ")[0]].append(launch)
@@ -685,8 +682,6 @@ def _aot_launches(dtype):
             continue
         for number, cfg in enumerate(candidates, start=1):
             for label, kernel, _, constexprs, _, _ in defaults[name]:
-                if name == "backward" and not constexprs["COMPUTE_DX"]:
-                    continue  # the backward without dX has its own entry ("backward_nodx"), not swept
                 fixed = {k: v for k, v in constexprs.items() if k not in cfg and k not in _UNIT_STRIDES}
                 launches.append(build(f"{label} candidate {number}", kernels[name], name, fixed, cfg))
     return launches
@@ -721,8 +716,8 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
         for r in results:
             print(f"\n  sm_90a {dtype_name:8s} {r['label']:38s} registers={r['registers']:3d} "
                   f"shared={r['shared']:6d} B spills={r['spills']} warps={r['warps']} stages={r['stages']}", end="")
-    # 17 launch variants at the defaults; 16-bit also 12 + 16 + 16 at the sweep's candidates.
-    assert len(results) == (17 if dtype_name == "float32" else 61)
+    # 13 launch variants at the defaults; 16-bit also 3 * 4 + 4 * 8 at the sweep's candidates.
+    assert len(results) == (13 if dtype_name == "float32" else 57)
     spilling = [r for r in results if r["spills"]]
     assert not spilling, spilling
     too_much_shared = [r for r in results if r["shared"] > HOPPER_SHARED_BYTES]

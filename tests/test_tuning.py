@@ -30,8 +30,8 @@ from benchmarks import bench_tuning, tuned_configs  # noqa: E402
 
 CARD = "NVIDIA H200"
 CUDA0 = torch.device("cuda", 0)
-FUSED = lora_ops._GPU_CANDIDATES[("fused", "16bit")]
-DEFAULT_FUSED = lora_ops._GPU_CONFIGS["fused"]["16bit"]
+DOWN = lora_ops._GPU_CANDIDATES[("down", "16bit")]
+DEFAULT_DOWN = lora_ops._GPU_CONFIGS["down"]["16bit"]
 
 
 @pytest.fixture
@@ -51,21 +51,21 @@ def on_card(monkeypatch):
 
 
 def test_a_tuned_candidate_is_launched_on_its_card_only(on_card):
-    on_card["fused/16bit"] = dict(FUSED[1])
-    assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
-    assert lora_ops._config("fused", torch.float16, CUDA0) == FUSED[1]  # one 16-bit class
-    assert lora_ops._config("fused", torch.float32, CUDA0) == lora_ops._GPU_CONFIGS["fused"]["fp32"]
-    assert lora_ops._config("fused", torch.bfloat16, torch.device("cuda", 1)) == DEFAULT_FUSED
-    assert lora_ops._config("down", torch.bfloat16, CUDA0) == lora_ops._GPU_CONFIGS["down"]["16bit"]
+    on_card["down/16bit"] = dict(DOWN[1])
+    assert lora_ops._config("down", torch.bfloat16, CUDA0) == DOWN[1]
+    assert lora_ops._config("down", torch.float16, CUDA0) == DOWN[1]  # one 16-bit class
+    assert lora_ops._config("down", torch.float32, CUDA0) == lora_ops._GPU_CONFIGS["down"]["fp32"]
+    assert lora_ops._config("down", torch.bfloat16, torch.device("cuda", 1)) == DEFAULT_DOWN
+    assert lora_ops._config("backward", torch.bfloat16, CUDA0) == lora_ops._GPU_CONFIGS["backward"]["16bit"]
     # A forced configuration wins over the file, innermost first, and ends with its block.
-    with _tuning.forced("lora", "fused", "16bit", FUSED[0]):
-        with _tuning.forced("lora", "fused", "16bit", FUSED[2]):
-            assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[2]
-        assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[0]
-    assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
+    with _tuning.forced("lora", "down", "16bit", DOWN[0]):
+        with _tuning.forced("lora", "down", "16bit", DOWN[2]):
+            assert lora_ops._config("down", torch.bfloat16, CUDA0) == DOWN[2]
+        assert lora_ops._config("down", torch.bfloat16, CUDA0) == DOWN[0]
+    assert lora_ops._config("down", torch.bfloat16, CUDA0) == DOWN[1]
     # The caller gets a copy: changing it changes nothing.
-    lora_ops._config("fused", torch.bfloat16, CUDA0)["BLOCK_M"] = 1
-    assert lora_ops._config("fused", torch.bfloat16, CUDA0) == FUSED[1]
+    lora_ops._config("down", torch.bfloat16, CUDA0)["BLOCK_M"] = 1
+    assert lora_ops._config("down", torch.bfloat16, CUDA0) == DOWN[1]
 
 
 def test_a_forced_configuration_reaches_other_threads():
@@ -121,15 +121,15 @@ def test_forced_configurations_reach_the_backward_kernels(device, monkeypatch):
 
 
 def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_card):
-    unvetted = dict(DEFAULT_FUSED, BLOCK_N=512)
-    on_card["fused/16bit"] = unvetted
-    with pytest.warns(RuntimeWarning, match=r"fused/16bit on 'NVIDIA H200' .* not one of the declared candidates"):
-        assert lora_ops._config("fused", torch.bfloat16, CUDA0) == DEFAULT_FUSED
+    unvetted = dict(DEFAULT_DOWN, BLOCK_K=512)
+    on_card["down/16bit"] = unvetted
+    with pytest.warns(RuntimeWarning, match=r"down/16bit on 'NVIDIA H200' .* not one of the declared candidates"):
+        assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per entry, not per launch
-        assert lora_ops._config("fused", torch.bfloat16, CUDA0) == DEFAULT_FUSED
+        assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
 
 
 def test_the_infonce_kernels_take_their_tuned_tiles(on_card):
@@ -159,12 +159,12 @@ def test_the_shipped_file_names_only_declared_candidates():
 
 
 def test_the_interpreter_takes_only_a_forced_configuration(on_card):
-    on_card["fused/16bit"] = dict(FUSED[1])  # a card's file entry never applies to the CPU
+    on_card["down/16bit"] = dict(DOWN[1])  # a card's file entry never applies to the CPU
     cpu = torch.device("cpu")
-    assert lora_ops._config("fused", torch.float16, cpu) == lora_ops._INTERPRETER_CONFIGS["fused"]
-    with _tuning.forced("lora", "fused", "16bit", FUSED[0]):
-        assert lora_ops._config("fused", torch.float16, cpu) == FUSED[0]
-        assert lora_ops._config("fused", torch.float32, cpu) == lora_ops._INTERPRETER_CONFIGS["fused"]
+    assert lora_ops._config("down", torch.float16, cpu) == lora_ops._INTERPRETER_CONFIGS["down"]
+    with _tuning.forced("lora", "down", "16bit", DOWN[0]):
+        assert lora_ops._config("down", torch.float16, cpu) == DOWN[0]
+        assert lora_ops._config("down", torch.float32, cpu) == lora_ops._INTERPRETER_CONFIGS["down"]
 
 
 # --------------------------------------------------------------------------- the sweep family
@@ -250,53 +250,53 @@ def _payload(rows, device=CARD, device_type="cuda"):
 
 def test_writer_picks_the_fastest_qualifying_candidate():
     rows = [
-        # fused: #2 is fastest but its error is too large; #4 is no longer declared; #1 wins.
-        _sweep_row("fused", 0, 10.0, 0.004), _sweep_row("fused", 1, 9.0, 0.005),
-        _sweep_row("fused", 2, 8.0, 0.02), _sweep_row("fused", 3, 9.5, 0.004),
-        _sweep_row("fused", 4, 7.0, 0.004, config=dict(DEFAULT_FUSED, BLOCK_N=512)),
+        # down: #2 is fastest but its error is too large; #4 is no longer declared; #1 wins.
+        _sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, 9.0, 0.005),
+        _sweep_row("down", 2, 8.0, 0.02), _sweep_row("down", 3, 9.5, 0.004),
+        _sweep_row("down", 4, 7.0, 0.004, config=dict(DEFAULT_DOWN, BLOCK_K=512)),
         # backward: the fastest candidate is within the margin; the card's old entry is removed.
         _sweep_row("backward", 0, 10.0, 0.004), _sweep_row("backward", 1, 9.8, 0.004),
-        # down: its default did not run; nothing to compare with, the old entry is removed too.
-        _sweep_row("down", 1, 1.0, 0.004),
+        # the InfoNCE lse kernel: its default did not run; nothing to compare with, the old entry is removed too.
+        _sweep_row("lse", 1, 1.0, 0.004, family="contrastive", dtype_class="16bit/one_dot"),
         # the InfoNCE gradient kernel: candidate #3 wins, in its own family's entries.
         _sweep_row("grad", 0, 4.0, 0.003, family="contrastive", dtype_class="16bit/one_dot"),
         _sweep_row("grad", 3, 3.0, 0.003, family="contrastive", dtype_class="16bit/one_dot"),
     ]
     old_backward = dict(lora_ops._GPU_CANDIDATES[("backward", "16bit")][2])
     existing = {"about": "kept", "by_device": {
-        CARD: {"lora": {"backward/16bit": old_backward, "down/16bit": dict(lora_ops._GPU_CANDIDATES[("down", "16bit")][0]),
-                        "mask/16bit": {"kept": True}}},
-        "Other card": {"lora": {"fused/16bit": dict(FUSED[2])}}}}
+        CARD: {"lora": {"backward/16bit": old_backward, "mask/16bit": {"kept": True}},
+               "contrastive": {"lse/16bit/one_dot": dict(contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")][0])}},
+        "Other card": {"lora": {"down/16bit": dict(DOWN[2])}}}}
     content, report = tuned_configs.update(_payload(rows), existing)
     lora = content["by_device"][CARD]["lora"]
-    assert lora == {"fused/16bit": FUSED[0], "mask/16bit": {"kept": True}}  # kernels not swept keep theirs
+    assert lora == {"down/16bit": DOWN[0], "mask/16bit": {"kept": True}}  # kernels not swept keep theirs
     assert content["by_device"][CARD]["contrastive"] == {
         "grad/16bit/one_dot": contrastive_ops._GPU_CANDIDATES[("grad", "16bit/one_dot")][2]}
     assert content["by_device"]["Other card"] == existing["by_device"]["Other card"] and content["about"] == "kept"
     text = "\n".join(report)
-    assert "lora fused/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
+    assert "lora down/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
     assert "contrastive grad/16bit/one_dot: candidate #3" in text
     assert "#2 error 0.02 > 2 x default's 0.004 + 1e-4" in text and "#4 is no longer a declared candidate" in text
     assert "lora backward/16bit: fastest candidate #1 takes 0.980x the default's 10 ms, not 3% less" in text
-    assert "lora down/16bit: the default was not measured" in text
+    assert "contrastive lse/16bit/one_dot: the default was not measured" in text
     # Nothing left for a card: its entry goes.
-    content, _ = tuned_configs.update(_payload([_sweep_row("fused", 0, 10.0, 0.004)]),
-                                      {"by_device": {CARD: {"lora": {"fused/16bit": dict(FUSED[0])}}}})
+    content, _ = tuned_configs.update(_payload([_sweep_row("down", 0, 10.0, 0.004)]),
+                                      {"by_device": {CARD: {"lora": {"down/16bit": dict(DOWN[0])}}}})
     assert content["by_device"] == {}
 
 
 def test_writer_command_line(tmp_path):
     results, out = tmp_path / "run.json", tmp_path / "tuned.json"
-    results.write_text(json.dumps(_payload([_sweep_row("fused", 0, 10.0, 0.004), _sweep_row("fused", 3, 5.0, 0.004)])))
+    results.write_text(json.dumps(_payload([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 3, 5.0, 0.004)])))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 0
     written = json.loads(out.read_text())
-    assert written["by_device"][CARD]["lora"] == {"fused/16bit": FUSED[2]}
+    assert written["by_device"][CARD]["lora"] == {"down/16bit": DOWN[2]}
     assert "about" in written  # the package's file was the base
-    results.write_text(json.dumps(_payload([_sweep_row("fused", 0, 10.0, 0.004)], device="AMD EPYC",
+    results.write_text(json.dumps(_payload([_sweep_row("down", 0, 10.0, 0.004)], device="AMD EPYC",
                                            device_type="cpu")))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 2
     before = out.read_text()
     results.write_text(json.dumps(_payload([{"family": "lora", "op": "lora_qkv", "provider": "triton",
-                                             "median_ms": 1.0, "metrics": {"kernel": "fused"}}])))
+                                             "median_ms": 1.0, "metrics": {"kernel": "down"}}])))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 3
     assert out.read_text() == before  # nothing written

@@ -1,0 +1,102 @@
+"""Where one forward+backward step of each op spends its time: a torch.profiler breakdown.
+
+    python -m benchmarks.profile_ops [--out FILE] [--only lora hypergraph]
+
+For each op at one GPU shape of its benchmark family (``bench_lora``, ``bench_hypergraph``,
+bf16): the step's wall time (CUDA-synchronised, median of 10, after 3 warm-up steps), how many
+kernels it launches, and the profiler's table of CUDA time by kernel and operator. A diagnosis
+aid for the benchmark's ratios, not a benchmark: no baseline, no target. Runs on the CPU too
+(CPU time only; the ops' ``auto`` backend), where it says little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import ace_kernels
+from benchmarks import bench_hypergraph, bench_lora
+
+
+def _lora_step(device, dtype):
+    shape = dict(m=64 * 197, k=768, out=768, r=4)
+    x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, device,
+                                                                   torch.Generator(device=device).manual_seed(0))
+
+    def step():
+        outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.1, training=True)
+        torch.autograd.backward(outs, grad_out)
+
+    return f"lora_qkv M={shape['m']} K=768 out=768 r=4 p=0.1", step
+
+
+def _hypergraph_step(device, dtype):
+    shape = dict(b=64, n=197, d=512, k=5, hidden=128)
+    x, cls_attn, edge, node = bench_hypergraph._inputs(shape, dtype, device,
+                                                       torch.Generator(device=device).manual_seed(0))
+    grad = torch.randn(64, 512, device=device).to(dtype)
+
+    def step():
+        ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=5, cls_only=True).backward(grad)
+
+    return "ace_hypergraph B=64 N=197 D=512 k=5 h=128 cls_only", step
+
+
+STEPS = {"lora": _lora_step, "hypergraph": _hypergraph_step}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    label, step = STEPS[name](device, dtype)
+    for _ in range(3):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
+    return (f"== {label} ({dtype}, {device}): step {statistics.median(times):.3f} ms median of 10 "
+            f"(min {min(times):.3f}); {len(kernels)} kernels launched in one step\n{table}\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=sorted(STEPS))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    report = []
+    for name in args.only:
+        try:
+            report.append(profile(name, device, dtype))
+        except Exception as exc:  # one op's failure must not hide the other's breakdown
+            report.append(f"== {name}: failed: {type(exc).__name__}: {exc}\n")
+        print(report[-1], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
