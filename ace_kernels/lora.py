@@ -20,12 +20,14 @@ Backends
     random numbers costs about as much as a quarter of the base GEMM there.
 ``triton``
     Triton kernels around torch's GEMMs (GPU; on the CPU only under ``TRITON_INTERPRET=1``
-    and only when asked for by name). The LoRA terms ride along the frozen base's own
-    GEMMs as P*r extra columns (``x_cat = [x | S]`` against ``[W | scaling * Bbd]``), so the
-    large products run at cuBLAS speed; one kernel packs ``x_cat`` (computing ``S`` with its
-    dropout) and one finishes the gradients of ``x`` and ``A``. The dropout mask comes
-    from Philox keyed by a seed and the element position and is regenerated in registers
-    in backward: only ``x_cat`` (x and P*r columns) and the seed are saved. ``W`` and ``b``
+    and only when asked for by name). The LoRA term rides along the frozen base's own GEMM
+    as P*r extra columns (``x_cat = [x | scaling * S]`` against ``[W | Bbd]``), so the large
+    product runs at cuBLAS speed; one kernel packs ``x_cat`` (computing ``S`` with its
+    dropout), the backward's products are torch's too (``dY W``, and ``dY_p B_p`` and
+    ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
+    ``x`` and ``A``. The dropout mask comes from Philox keyed by a seed and the element
+    position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
+    columns) and the seed are saved. ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
 
@@ -456,22 +458,22 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 # The two large products of each pass (x W^T forward, dY W backward) are torch's GEMMs,
 # which run on cuBLAS on a GPU: they carry the LoRA terms along as a few extra columns.
 #
-# _lora_pack_kernel      x_cat [M, KP] = [x | S | 0] in x's dtype, S = drop_p(x) A_p^T / keep_prob,
+# _lora_pack_kernel      x_cat [M, KP] = [x | scaling * S | 0] in x's dtype, S = drop_p(x) A_p^T / keep_prob,
 #     one pass over x (KP = in + P*r rounded up to a multiple of 8). Then one GEMM
-#     y = x_cat W_cat^T + b with W_cat = [W | scaling * Bbd | 0] (Bbd: the block-diagonal
-#     [P*out, P*r] matrix of the B_p) gives x W^T + b + scaling * S Bbd^T. x_cat is all the
-#     op saves for backward (with the seed): x plus P*r columns.
-# Backward: one GEMM dY W_cat = [dY W | G], G = scaling * dY Bbd (G_p = scaling * dY_p B_p);
-#     one GEMM dY^T S, whose diagonal blocks are dB / scaling; then
+#     y = x_cat W_cat^T + b with W_cat = [W | Bbd | 0] (Bbd: the block-diagonal [P*out, P*r]
+#     matrix of the B_p) gives x W^T + b + scaling * S Bbd^T. x_cat is all the op saves for
+#     backward (with the seed): x plus P*r columns.
+# Backward: dY W (one GEMM), G_p = dY_p B_p and dB_p = dY_p^T (scaling * S_p) (two products
+#     batched over the projections on views of dY); then
 # _lora_grad_kernel      one program per [BLOCK_M, BLOCK_K] tile of dX, EPILOGUE_M rows at a
 #     time: the masks regenerated for exactly this tile of x (every element once over the
-#     grid), dX = dY W + sum_p mask_p * (G_p A_p) / keep and a partial
-#     dA = sum_p G_p^T (mask_p * x) / keep per row block. Partials are summed on the host in a
-#     fixed order (deterministic, no atomics).
+#     grid), dX = dY W + scaling / keep * sum_p mask_p * (G_p A_p), in place, and a partial
+#     dA = scaling / keep * sum_p G_p^T (mask_p * x) per row block. Partials are summed on the
+#     host in a fixed order (deterministic, no atomics).
 # _lora_mask_kernel      debug export of the keep masks from the same Philox stream.
 #
 # Dtypes: everything is stored in x's dtype, S and G included (as torch's own LoRA
-# products round them); the kernels' dots accumulate in fp32 (tensor cores for
+# products round them; fp32 GEMMs follow torch's TF32 settings, as torch's own do); the kernels' dots accumulate in fp32 (tensor cores for
 # fp16/bf16, exact IEEE fp32 for fp32 inputs), and the LoRA term is added to dY W in fp32
 # before dX is rounded once.
 
@@ -547,7 +549,7 @@ if triton is not None:
         x_ptr, a_ptr, xcat_ptr, seed_ptr,  # x [M, K]; A [P, r, K]; x_cat [M, KP] out (x | S | 0); seed int64 [1]
         M, K, KP, RANK,
         stride_xm, stride_xk, stride_ap, stride_ar, stride_ak, stride_cm,
-        rng_offset, drop_threshold, inv_keep,
+        rng_offset, drop_threshold, s_scale,  # s_scale = scaling / keep_prob (scaling without dropout)
         PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -586,8 +588,7 @@ if triton is not None:
                                  tl.where((proj_j == 2)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
-        if APPLY_DROPOUT:
-            acc = acc * inv_keep
+        acc = acc * s_scale
         # S in columns K .. K + P*r, then zeros up to KP (fewer than 8 columns): the pad meets
         # zero columns of the packed weight, and 0 * garbage could be NaN.
         tl.store(out_rows + K + js[None, :], acc.to(xcat_ptr.dtype.element_ty), mask=row_ok[:, None] & j_ok[None, :])
@@ -597,12 +598,12 @@ if triton is not None:
 
     @triton.jit
     def _lora_grad_kernel(
-        dxc_ptr, g_ptr, xcat_ptr, a_ptr, seed_ptr, dx_ptr, da_part_ptr,
-        # dX_cat [M, >=K] (its first K columns: dY W); G [M, P*r] (dY times scaling * Bbd); x_cat [M, >=K]
-        # (its first K columns: x); A [P, r, K]; dX [M, K] out; dA partials fp32 [M blocks, P*r, K] out
+        dx_ptr, g_ptr, xcat_ptr, a_ptr, seed_ptr, da_part_ptr,
+        # dX [M, K], dY W on entry, updated in place; G [P, M, r] (G_p = dY_p B_p); x_cat [M, >=K]
+        # (its first K columns: x); A [P, r, K]; dA partials fp32 [M blocks, P*r, K] out
         M, K, RANK,
-        stride_dcm, stride_gm, stride_gj, stride_cm, stride_ap, stride_ar, stride_ak, stride_dxm,
-        rng_offset, drop_threshold, inv_keep,
+        stride_dxm, stride_gp, stride_gm, stride_gr, stride_cm, stride_ap, stride_ar, stride_ak,
+        rng_offset, drop_threshold, lora_factor,  # lora_factor = scaling / keep_prob (scaling without dropout)
         PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         EPILOGUE_M: tl.constexpr,  # rows per step (divides BLOCK_M)
@@ -628,8 +629,8 @@ if triton is not None:
             rows = pid_m * BLOCK_M + sub + tl.arange(0, EPILOGUE_M)
             row_ok = rows < M
             tile_ok = row_ok[:, None] & k_ok[None, :]
-            g_sub = tl.load(g_ptr + rows[:, None] * stride_gm + js[None, :] * stride_gj,
-                            mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+            g_sub = tl.load(g_ptr + proj_j[None, :] * stride_gp + rows[:, None] * stride_gm + r_j[None, :] * stride_gr,
+                            mask=row_ok[:, None] & j_ok[None, :], other=0.0)  # [EPILOGUE_M, BLOCK_R]
             x_sub = tl.load(xcat_ptr + rows[:, None] * stride_cm + ks[None, :], mask=tile_ok, other=0.0)
             if APPLY_DROPOUT:
                 keep = _keep_bits(seed, rng_offset, rows, pid_k * BLOCK_K, K, drop_threshold, EPILOGUE_M, BLOCK_K)
@@ -652,10 +653,12 @@ if triton is not None:
                 lora_dx = tl.dot(g_sub, a_tile, input_precision=DOT_PRECISION)
                 da_tile = tl.dot(tl.trans(g_sub), x_sub, da_tile, input_precision=DOT_PRECISION)
             if COMPUTE_DX:
-                base = tl.load(dxc_ptr + rows[:, None] * stride_dcm + ks[None, :], mask=tile_ok, other=0.0)
-                tl.store(dx_ptr + rows[:, None] * stride_dxm + ks[None, :],
-                         (base.to(tl.float32) + inv_keep * lora_dx).to(dx_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * inv_keep,
+                # Each element is read and written by this program only: in place is safe.
+                dx_sub = dx_ptr + rows[:, None] * stride_dxm + ks[None, :]
+                base = tl.load(dx_sub, mask=tile_ok, other=0.0)
+                tl.store(dx_sub, (base.to(tl.float32) + lora_factor * lora_dx).to(dx_ptr.dtype.element_ty),
+                         mask=tile_ok)
+        tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * lora_factor,
                  mask=j_ok[:, None] & k_ok[None, :])
 
 
@@ -764,15 +767,20 @@ def _packed_width(in_features: int, rank_total: int) -> int:
     return -(-(in_features + rank_total) // 8) * 8
 
 
-def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, scaling: float, width: int) -> torch.Tensor:
-    """W_cat [P*out, width] = [W | scaling * Bbd | 0] in W's dtype (Bbd: the block-diagonal
-    [P*out, P*r] matrix of the B_p), so that x_cat W_cat^T = x W^T + scaling * S Bbd^T."""
+def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, width: int) -> torch.Tensor:
+    """W_cat [P*out, width] = [W | Bbd | 0] in W's dtype (Bbd: the block-diagonal [P*out, P*r]
+    matrix of the B_p), so that x_cat W_cat^T = x W^T + S Bbd^T. Four ops: the blocks are
+    written through a diagonal view of the tail."""
     projections, out_features, rank = lora_b3.shape
     in_features = weight.shape[1]
-    tail = weight.new_zeros((weight.shape[0], width - in_features))
-    for p in range(projections):
-        tail[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank] = lora_b3[p]
-    return torch.cat((weight, tail.mul_(scaling)), dim=1)
+    w_cat = weight.new_empty((weight.shape[0], width))
+    w_cat[:, :in_features] = weight
+    tail = w_cat[:, in_features:]
+    tail.zero_()
+    # tail[p*out + o, q*r + j] viewed as [p, o, q, j]; its (p, q) diagonal is [o, j, p] = B_p[o, j].
+    blocks = tail[:, :projections * rank].view(projections, out_features, projections, rank)
+    torch.diagonal(blocks, dim1=0, dim2=2).copy_(lora_b3.permute(1, 2, 0))
+    return w_cat
 
 
 def _lora_forward_fake(x2d, weight, bias, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout):
@@ -785,8 +793,8 @@ def _lora_forward_fake(x2d, weight, bias, lora_a3, lora_b3, seed, scaling, dropo
 def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a3: torch.Tensor,
                          lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
                          apply_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [M, P*out], x_cat [M, KP] = [x | S | 0]), both in x's dtype: the pack kernel, then
-    one GEMM (torch's, so cuBLAS on a GPU) of x_cat with the packed weight."""
+    """(Y [M, P*out], x_cat [M, KP] = [x | scaling * S | 0]), both in x's dtype: the pack kernel,
+    then one GEMM (torch's, so cuBLAS on a GPU) of x_cat with the packed weight."""
     x2d = _library.int32_safe(x2d, (1,))  # the K loop
     projections, rank, in_features = lora_a3.shape
     rows = x2d.shape[0]
@@ -797,10 +805,10 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         _lora_pack_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
             x2d, lora_a3, x_cat, seed, rows, in_features, width, rank,
             x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2), x_cat.stride(0),
-            0, _drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if apply_dropout else 1.0,
+            0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
             PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=_block_r(projections, rank),
             DOT_PRECISION=_dot_precision(x2d.dtype), **cfg)
-    w_cat = _packed_weight(weight, lora_b3, scaling, width)
+    w_cat = _packed_weight(weight, lora_b3, width)
     y = torch.addmm(bias, x_cat, w_cat.t()) if bias is not None else x_cat @ w_cat.t()
     return y, x_cat
 
@@ -810,50 +818,47 @@ def _lora_backward_fake(grad_y, x_cat, weight, lora_a3, lora_b3, seed, scaling, 
     projections, rank, in_features = lora_a3.shape
     return (x_cat.new_empty((x_cat.shape[0], in_features) if compute_dx else (0,)),
             x_cat.new_empty((projections * rank, in_features), dtype=torch.float32),
-            x_cat.new_empty((projections * lora_b3.shape[1], rank), dtype=torch.float32))
+            x_cat.new_empty(lora_b3.shape))
 
 
 @_library.launcher("lora_backward", _lora_backward_fake)
 def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: torch.Tensor, lora_a3: torch.Tensor,
                           lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
                           apply_dropout: bool, compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX [M, K], or an empty tensor when ``compute_dx`` is off; dA [P*r, K] fp32; the diagonal
-    blocks of dY^T S, [P*out, r] fp32, row n holding column n's own projection's block).
+    """(dX [M, K], or an empty tensor when ``compute_dx`` is off; dA [P*r, K] fp32; dB [P, out, r]
+    in x's dtype).
 
-    Two GEMMs (torch's): dY W_cat, whose last columns are G = scaling * dY Bbd, and dY^T S;
-    then one kernel adds the masked G_p A_p to dX and sums dA's per-row-block partials,
-    which are added here in a fixed order (deterministic, no atomics)."""
+    Three products (torch's): dY W, G_p = dY_p B_p and dB_p = dY_p^T (scaling * S_p), the last
+    two batched over the projections on views of dY; then one kernel adds
+    scaling / keep * sum_p mask_p * (G_p A_p) to dY W in place and forms dA's per-row-block
+    partials, added here in a fixed order (deterministic, no atomics)."""
     projections, rank, in_features = lora_a3.shape
     out_features = lora_b3.shape[1]
     rows = x_cat.shape[0]
     rank_total = projections * rank
-    w_cat = _packed_weight(weight, lora_b3, scaling, x_cat.shape[1])
-    if compute_dx:
-        grad_cat = grad_y @ w_cat  # [M, KP]: dY W, then G
-        grad_s = grad_cat[:, in_features:in_features + rank_total]
-    else:
-        grad_cat = grad_y.new_empty((0,))
-        grad_s = grad_y @ w_cat[:, in_features:in_features + rank_total]
-    full = grad_y.t() @ x_cat[:, in_features:in_features + rank_total]  # [P*out, P*r]
-    db_blocks = _diagonal_blocks(full, projections, out_features, rank).reshape(-1, rank).float()
+    grad_y = grad_y.contiguous()
+    grad_y3 = grad_y.view(rows, projections, out_features)
+    grad_x = grad_y @ weight if compute_dx else x_cat.new_empty((0,))
+    grad_s = torch.bmm(grad_y3.transpose(0, 1), lora_b3)  # [P, M, r]
+    s_scaled = x_cat[:, in_features:in_features + rank_total].view(rows, projections, rank)
+    grad_b = torch.bmm(grad_y3.permute(1, 2, 0), s_scaled.transpose(0, 1))  # [P, out, r]
     cfg = _config("backward", x_cat.dtype, x_cat.device)
     row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
-    grad_x = x_cat.new_empty((rows, in_features) if compute_dx else (0,))
     da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=x_cat.device)
     if rows > 0:
         _lora_grad_kernel[(row_blocks, triton.cdiv(in_features, cfg["BLOCK_K"]))](
-            grad_cat if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, grad_x if compute_dx else x_cat, da_part,
+            grad_x if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, da_part,
             rows, in_features, rank,
-            grad_cat.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), x_cat.stride(0),
-            lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2), grad_x.stride(0) if compute_dx else 0,
-            0, _drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p) if apply_dropout else 1.0,
+            grad_x.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), grad_s.stride(2),
+            x_cat.stride(0), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+            0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
             PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
             BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(x_cat.dtype), **cfg)
-    return grad_x, da_part.sum(0), db_blocks
+    return grad_x, da_part.sum(0), grad_b
 
 
 class _LoraTritonFunction(torch.autograd.Function):
-    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (S in x's dtype) and the seed only."""
+    """LoRA for P stacked projections; saves x_cat = [x | scaling * S | 0] (in x's dtype) and the seed only."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
@@ -879,19 +884,15 @@ class _LoraTritonFunction(torch.autograd.Function):
                                           "use backend='torch'")
         x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
-        out_features = lora_b3.shape[1]
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        # The GEMMs and the kernel need dY in the inputs' dtype (autocast can hand back another).
+        # The products and the kernel need dY in the inputs' dtype (autocast can hand back another).
         grad_y = grad_y.to(x_cat.dtype)
-        grad_x, grad_a_flat, db_blocks = _lora_backward_launch(
+        grad_x, grad_a_flat, grad_b = _lora_backward_launch(
             grad_y, x_cat, weight, lora_a3, lora_b3, seed, ctx.scaling, float(ctx.dropout_p),
             bool(ctx.apply_dropout), bool(need_x))
-        grad_a = grad_b = None
-        if need_a:
-            grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype)
-        if need_b:
-            grad_b = db_blocks.reshape(projections, out_features, rank).mul_(ctx.scaling).to(lora_b3.dtype)
-        return grad_x if need_x else None, None, None, grad_a, grad_b, None, None, None, None
+        grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype) if need_a else None
+        return (grad_x if need_x else None, None, None, grad_a, grad_b.to(lora_b3.dtype) if need_b else None,
+                None, None, None, None)
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

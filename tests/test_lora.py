@@ -108,7 +108,8 @@ def compare_with_oracle(case: Case, inputs, backend, *, rtol, atol, scaling=0.5)
         assert got.shape == want.shape and got.dtype == inputs[0].dtype
         torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol)
     gen = torch.Generator().manual_seed(1)
-    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in expected]
+    # Drawn on the CPU (the same numbers on any machine), then moved to the oracle's device.
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in expected]
     wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
     got_grads = torch.autograd.grad(outputs, [inputs[i] for i in wrt],
                                     [g.to(device=outputs[0].device, dtype=outputs[0].dtype) for g in grads_out])
@@ -623,11 +624,10 @@ def test_triton_gpu_linear_bf16():
 # Integer arguments that are multiples of 16 at the ViT/BERT shapes (M = batch*197 or
 # batch*256 rows, K = out = 768): a real launch specialises them (and every pointer) as
 # 16-divisible, which decides vectorised, pipelined loads and so the register count.
-_DIVISIBLE_AT_REAL_SHAPES = {"M", "K", "KP", "plane", "stride_xm", "stride_cm", "stride_dcm", "stride_dxm",
-                             "stride_ap", "stride_ar"}
-# Innermost strides are 1 at a real launch, which Triton turns into a constant (G is a
-# column slice of dY W_cat, so its row stride is KP, 784 there, also 16-divisible).
-_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_gj"}
+_DIVISIBLE_AT_REAL_SHAPES = {"M", "K", "KP", "plane", "stride_xm", "stride_cm", "stride_dxm", "stride_ap", "stride_ar",
+                             "stride_gp"}
+# Innermost strides are 1 at a real launch, which Triton turns into a constant.
+_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_gr"}
 
 
 # The most shared memory one block of an sm_90 GPU can have (227 KiB, opted in).
@@ -640,10 +640,10 @@ def _aot_launches(dtype):
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     dot_precision = lora_module._dot_precision(dtype)
     pointer_types = {
-        "x_ptr": elem, "a_ptr": elem, "xcat_ptr": elem, "dxc_ptr": elem, "g_ptr": elem, "dx_ptr": elem,
+        "x_ptr": elem, "a_ptr": elem, "xcat_ptr": elem, "g_ptr": elem, "dx_ptr": elem,
         "da_part_ptr": "fp32", "seed_ptr": "i64", "mask_ptr": "i8",
     }
-    float_args = {"inv_keep"}
+    float_args = {"s_scale", "lora_factor"}
 
     def build(label, kernel, name, constexprs, cfg=None):
         cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][_tuning.dtype_class(dtype)])
