@@ -1137,9 +1137,13 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
 
     Determinism: with ``deterministic=True`` the Triton and CUDA kernels use no
     float atomics (C = A^T E' walks a transposed incidence built with a stable
-    sort), so repeated calls give identical results. The CUDA kernels are
+    sort), so repeated calls give identical outputs. The CUDA kernels are
     deterministic always. The torch backend is deterministic on CPU; on a GPU it
-    uses ``index_add_``, which is not, whatever ``deterministic`` says.
+    uses ``index_add_``, which is not, whatever ``deterministic`` says. Gradients
+    on a GPU: the similarity's backward adds the norms' gradients with
+    ``scatter_add_`` (torch's, atomic on a GPU), so the gradient of ``x`` can differ
+    in its last bits between repeated calls on every backend; on the CPU it is
+    reproducible.
 
     Autocast: the forward runs with autocast off, whatever the caller's state: it
     reads ``x`` in its own dtype and accumulates in float32 (the adapters run in

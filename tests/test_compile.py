@@ -92,7 +92,10 @@ def _assert_aot_eager_exact(fn, inputs):
     torch._dynamo.reset()
     eager = _run(fn, inputs)
     compiled = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), inputs)
-    _assert_same(compiled, eager, rtol=0, atol=0)
+    # Bit for bit on the CPU; on a GPU the hypergraph's backward adds the norms' gradients
+    # with torch's scatter_add_, whose atomics may round differently from run to run.
+    exact = all(t.device.type == "cpu" for t in inputs if isinstance(t, torch.Tensor))
+    _assert_same(compiled, eager, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
 CASES = {

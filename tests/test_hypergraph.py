@@ -172,7 +172,11 @@ def test_autocast_leaves_the_op_unchanged(backend, cls_only, device):
     want, want_grads = run()
     with torch.autocast(device.type, dtype=torch.bfloat16):
         got, got_grads = run()
-    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got.dtype == torch.float32
+    if device.type == "cpu" or backend != "torch" or cls_only:
+        assert torch.equal(got, want)
+    else:  # the torch backend's full output adds with index_add_, atomic on a GPU
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     # A backward inside the region runs (the sparse products once failed on bf16 there), but
     # the op's plain-autograd parts (the adapters) follow the autocast state at backward time,
     # as any module's do: bf16-level differences. Run backward outside autocast, as usual.
