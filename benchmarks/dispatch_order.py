@@ -64,18 +64,24 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     device, heading = harness.gpu_run(payload)
     content = dict(existing or {})
     by_device = dict(content.get("by_device") or {})
-    orders = dict(by_device.get(device) or {})
+    # Only ops that dispatch read an order: the model rows (a whole training step, zero-shot
+    # evaluation) compare backends too, but no op of theirs consults the file.
+    known = set(_dispatch._OPS)
+    orders = {op: order for op, order in (by_device.get(device) or {}).items() if op in known}
     report = [heading]
     measured = 0
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
         found = order_for(shapes)
         if found is not None:
-            measured += 1
             order, scores, compared = found
-            for name in (op,) + SHARED_ORDER.get(op, ()):
-                orders[name] = order
+            written = op in known
+            if written:
+                measured += 1
+                for name in (op,) + SHARED_ORDER.get(op, ()):
+                    orders[name] = order
             report.append(f"  {op}: {' > '.join(order)}  (time / fastest, geometric mean over {compared} shapes: "
-                          + ", ".join(f"{b} {s:.3g}" for b, s in scores.items()) + ")")
+                          + ", ".join(f"{b} {s:.3g}" for b, s in scores.items()) + ")"
+                          + ("" if written else "; not an op: reported, not written"))
         atomic = [by["triton-atomic"] / by["triton"] for by in shapes.values()
                   if "triton-atomic" in by and "triton" in by]
         if atomic:

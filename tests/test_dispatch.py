@@ -184,10 +184,16 @@ def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
         _row("lora_qkv", "M=12608", "torch", 3.0, baseline="peft-style"),
         # one backend only: nothing to order.
         _row("label_guided_infonce", "B=65536", "triton", 100.0),
+        # a whole-model row (no op of that name dispatches): reported, not written.
+        _row("ace_lora_train_step", "B=64", "triton", 2.0), _row("ace_lora_train_step", "B=64", "torch", 1.0),
     ]
-    existing = {"about": "kept", "by_device": {"Other card": {"lora_qkv": ["torch", "triton"]}}}
+    existing = {"about": "kept", "by_device": {"Other card": {"lora_qkv": ["torch", "triton"]},
+                                               "NVIDIA H100 80GB HBM3": {"zero_shot_eval": ["torch", "triton"]}}}
     content, report = dispatch_order.update(_gpu_payload(rows), existing)
     orders = content["by_device"]["NVIDIA H100 80GB HBM3"]
+    # Entries no op reads are not written, and a stale one from an older file goes.
+    assert "ace_lora_train_step" not in orders and "zero_shot_eval" not in orders
+    assert any("ace_lora_train_step: torch > triton" in line and "not written" in line for line in report), report
     # torch ran at one of the two hypergraph shapes: counted as twice the slowest at the other.
     assert orders["ace_hypergraph"] == ["cuda", "triton", "torch"]
     assert orders["lora_qkv"] == orders["lora_linear"] == ["triton", "torch"]
