@@ -134,9 +134,18 @@ say "repository $REPO, python $($PY -c 'import sys; print(sys.version.split()[0]
 
 # The sha to record: ACE_GIT_SHA, else git (plus +dirty) if the copy has .git, else ./.git_sha
 # (written by the caller with the command in the header; benchmarks/harness.py reads the same file).
+# Where both exist and name different commits, the file wins: it was written for this call, and a
+# lent machine's copy once carried a .git of an older commit (the second H200 run of 2026-11-30).
 if [ -z "${ACE_GIT_SHA:-}" ]; then
     if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
         ACE_GIT_SHA=$({ git -C "$REPO" rev-parse HEAD; git -C "$REPO" diff --quiet HEAD || echo +dirty; } | tr -d '\n')
+        if [ -s "$REPO/.git_sha" ]; then
+            FILE_SHA=$(head -c 80 "$REPO/.git_sha" | tr -d '\n')
+            if [ "${FILE_SHA%+dirty}" != "${ACE_GIT_SHA%+dirty}" ]; then
+                say "git says $ACE_GIT_SHA, .git_sha says $FILE_SHA: recording .git_sha's"
+                ACE_GIT_SHA=$FILE_SHA
+            fi
+        fi
     elif [ -s "$REPO/.git_sha" ]; then
         ACE_GIT_SHA=$(head -c 80 "$REPO/.git_sha" | tr -d '\n')
     else
