@@ -1,12 +1,13 @@
 """Where one forward+backward step of each op spends its time: a torch.profiler breakdown.
 
-    python -m benchmarks.profile_ops [--out FILE] [--only lora hypergraph]
+    python -m benchmarks.profile_ops [--out FILE] [--only lora hypergraph] [--quick]
 
 For each op at one GPU shape of its benchmark family (``bench_lora``, ``bench_hypergraph``,
 bf16): the step's wall time (CUDA-synchronised, median of 10, after 3 warm-up steps), how many
 kernels it launches, and the profiler's table of CUDA time by kernel and operator. A diagnosis
 aid for the benchmark's ratios, not a benchmark: no baseline, no target. Runs on the CPU too
-(CPU time only; the ops' ``auto`` backend), where it says little.
+(CPU time only; the ops' ``auto`` backend), where it says little; ``--quick`` takes tiny
+shapes (a smoke test of the tool).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import ace_kernels
 from benchmarks import bench_hypergraph, bench_lora
 
 
-def _lora_step(device, dtype):
-    shape = dict(m=64 * 197, k=768, out=768, r=4)
+def _lora_step(device, dtype, quick=False):
+    shape = dict(m=2 * 37, k=96, out=80, r=4) if quick else dict(m=64 * 197, k=768, out=768, r=4)
     x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, device,
                                                                    torch.Generator(device=device).manual_seed(0))
 
@@ -31,19 +32,20 @@ def _lora_step(device, dtype):
         outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.1, training=True)
         torch.autograd.backward(outs, grad_out)
 
-    return f"lora_qkv M={shape['m']} K=768 out=768 r=4 p=0.1", step
+    return f"lora_qkv M={shape['m']} K={shape['k']} out={shape['out']} r=4 p=0.1", step
 
 
-def _hypergraph_step(device, dtype):
-    shape = dict(b=64, n=197, d=512, k=5, hidden=128)
+def _hypergraph_step(device, dtype, quick=False):
+    shape = dict(b=4, n=17, d=40, k=3, hidden=8) if quick else dict(b=64, n=197, d=512, k=5, hidden=128)
     x, cls_attn, edge, node = bench_hypergraph._inputs(shape, dtype, device,
                                                        torch.Generator(device=device).manual_seed(0))
-    grad = torch.randn(64, 512, device=device).to(dtype)
+    grad = torch.randn(shape["b"], shape["d"], device=device).to(dtype)
 
     def step():
-        ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=5, cls_only=True).backward(grad)
+        ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=shape["k"], cls_only=True).backward(grad)
 
-    return "ace_hypergraph B=64 N=197 D=512 k=5 h=128 cls_only", step
+    return (f"ace_hypergraph B={shape['b']} N={shape['n']} D={shape['d']} k={shape['k']} h={shape['hidden']} "
+            "cls_only"), step
 
 
 STEPS = {"lora": _lora_step, "hypergraph": _hypergraph_step}
@@ -54,8 +56,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def profile(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    label, step = STEPS[name](device, dtype)
+def profile(name: str, device: torch.device, dtype: torch.dtype, quick: bool = False) -> str:
+    label, step = STEPS[name](device, dtype, quick)
     for _ in range(3):
         step()
     _sync(device)
@@ -82,13 +84,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=sorted(STEPS))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = []
     for name in args.only:
         try:
-            report.append(profile(name, device, dtype))
+            report.append(profile(name, device, dtype, args.quick))
         except Exception as exc:  # one op's failure must not hide the other's breakdown
             report.append(f"== {name}: failed: {type(exc).__name__}: {exc}\n")
         print(report[-1], flush=True)

@@ -1110,3 +1110,16 @@ def test_gpu_check_build_stamp_ignores_mtimes(tmp_path):
         fh.write("\n# changed\n")
     assert fingerprint(first) != fingerprint(second)
     assert ".sources.sha256" in text and "build/" in open(os.path.join(ROOT, ".gitignore")).read().split()
+
+
+def test_profile_ops_reports_each_op(tmp_path):
+    """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
+    with the step time and the profiler's table, written to --out."""
+    from benchmarks import profile_ops
+
+    out = tmp_path / "profile.txt"
+    assert profile_ops.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for label in ("== ace_hypergraph B=4 N=17", "== lora_qkv M=74 K=96"):
+        assert label in text, text[:2000]
+    assert "failed" not in text and text.count("median of 10") == 2
