@@ -21,7 +21,7 @@ Backends
 ``triton``
     Triton kernels around torch's GEMMs (GPU; on the CPU only under ``TRITON_INTERPRET=1``
     and only when asked for by name). The LoRA term rides along the frozen base's own GEMM
-    as P*r extra columns (``x_cat = [x | scaling * S]`` against ``[W | Bbd]``), so the large
+    as P*r extra columns (``x_cat = [x | S]`` against ``[W | scaling * Bbd]``), so the large
     product runs at cuBLAS speed; one kernel packs ``x_cat`` (computing ``S`` with its
     dropout), the backward's products are torch's too (``dY W``, and ``dY_p B_p`` and
     ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
@@ -263,6 +263,7 @@ class _LoraTorchFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_library.autocast_off_backward  # the forward ran with autocast off; so must the products here
     def backward(ctx, grad_y):
         x2d, weight, lora_a3, lora_b3, s_flat, keep = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
@@ -453,18 +454,19 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 # triton backend
 # ----------------------------------------------------------------------------------------
 #
-# Kernels (all take strides; program ids are cast to int64 before offset arithmetic):
+# Kernels (the caller's tensors are read through their strides; program ids are cast to int64
+# before offset arithmetic):
 #
-# The two large products of each pass (x W^T forward, dY W backward) are torch's GEMMs,
-# which run on cuBLAS on a GPU: they carry the LoRA terms along as a few extra columns.
+# The large products (x W^T forward, dY W backward) are torch's GEMMs, which run on
+# cuBLAS on a GPU; the forward's carries the LoRA up-projection along as a few extra columns.
 #
-# _lora_pack_kernel      x_cat [M, KP] = [x | scaling * S | 0] in x's dtype, S = drop_p(x) A_p^T / keep_prob,
+# _lora_pack_kernel      x_cat [M, KP] = [x | S | 0] in x's dtype, S = drop_p(x) A_p^T / keep_prob,
 #     one pass over x (KP = in + P*r rounded up to a multiple of 8). Then one GEMM
-#     y = x_cat W_cat^T + b with W_cat = [W | Bbd | 0] (Bbd: the block-diagonal [P*out, P*r]
-#     matrix of the B_p) gives x W^T + b + scaling * S Bbd^T. x_cat is all the op saves for
-#     backward (with the seed): x plus P*r columns.
-# Backward: dY W (one GEMM), G_p = dY_p B_p and dB_p = dY_p^T (scaling * S_p) (two products
-#     batched over the projections on views of dY); then
+#     y = x_cat W_cat^T + b with W_cat = [W | scaling * Bbd | 0] (Bbd: the block-diagonal
+#     [P*out, P*r] matrix of the B_p) gives x W^T + b + scaling * S Bbd^T. x_cat is all the
+#     op saves for backward (with the seed): x plus P*r columns.
+# Backward: dY W (one GEMM), G_p = dY_p B_p and dB_p = scaling * dY_p^T S_p (two products
+#     batched over the projections on views of dY), each only when its gradient is wanted; then
 # _lora_grad_kernel      one program per [BLOCK_M, BLOCK_K] tile of dX, EPILOGUE_M rows at a
 #     time: the masks regenerated for exactly this tile of x (every element once over the
 #     grid), dX = dY W + scaling / keep * sum_p mask_p * (G_p A_p), in place, and a partial
@@ -473,9 +475,10 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 # _lora_mask_kernel      debug export of the keep masks from the same Philox stream.
 #
 # Dtypes: everything is stored in x's dtype, S and G included (as torch's own LoRA
-# products round them; fp32 GEMMs follow torch's TF32 settings, as torch's own do); the kernels' dots accumulate in fp32 (tensor cores for
-# fp16/bf16, exact IEEE fp32 for fp32 inputs), and the LoRA term is added to dY W in fp32
-# before dX is rounded once.
+# products round them; fp32 GEMMs follow torch's TF32 settings, as torch's own do); the
+# kernels' dots accumulate in fp32 (tensor cores for fp16/bf16, exact IEEE fp32 for fp32
+# inputs). dX is rounded twice, as torch's sum of its two terms is: dY W by the GEMM, then
+# after the LoRA term is added to it in fp32.
 
 try:
     import triton
@@ -549,7 +552,7 @@ if triton is not None:
         x_ptr, a_ptr, xcat_ptr, seed_ptr,  # x [M, K]; A [P, r, K]; x_cat [M, KP] out (x | S | 0); seed int64 [1]
         M, K, KP, RANK,
         stride_xm, stride_xk, stride_ap, stride_ar, stride_ak, stride_cm,
-        rng_offset, drop_threshold, s_scale,  # s_scale = scaling / keep_prob (scaling without dropout)
+        rng_offset, drop_threshold, inv_keep,
         PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
@@ -588,7 +591,8 @@ if triton is not None:
                                  tl.where((proj_j == 2)[None, :], a_tile, zero), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(x_tile, a_tile, acc, input_precision=DOT_PRECISION)
-        acc = acc * s_scale
+        if APPLY_DROPOUT:
+            acc = acc * inv_keep
         # S in columns K .. K + P*r, then zeros up to KP (fewer than 8 columns): the pad meets
         # zero columns of the packed weight, and 0 * garbage could be NaN.
         tl.store(out_rows + K + js[None, :], acc.to(xcat_ptr.dtype.element_ty), mask=row_ok[:, None] & j_ok[None, :])
@@ -767,10 +771,10 @@ def _packed_width(in_features: int, rank_total: int) -> int:
     return -(-(in_features + rank_total) // 8) * 8
 
 
-def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, width: int) -> torch.Tensor:
-    """W_cat [P*out, width] = [W | Bbd | 0] in W's dtype (Bbd: the block-diagonal [P*out, P*r]
-    matrix of the B_p), so that x_cat W_cat^T = x W^T + S Bbd^T. Four ops: the blocks are
-    written through a diagonal view of the tail."""
+def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, scaling: float, width: int) -> torch.Tensor:
+    """W_cat [P*out, width] = [W | scaling * Bbd | 0] in W's dtype (Bbd: the block-diagonal
+    [P*out, P*r] matrix of the B_p), so that x_cat W_cat^T = x W^T + scaling * S Bbd^T. Five
+    ops: the blocks are written and scaled through a diagonal view of the tail."""
     projections, out_features, rank = lora_b3.shape
     in_features = weight.shape[1]
     w_cat = weight.new_empty((weight.shape[0], width))
@@ -779,7 +783,7 @@ def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, width: int) -> t
     tail.zero_()
     # tail[p*out + o, q*r + j] viewed as [p, o, q, j]; its (p, q) diagonal is [o, j, p] = B_p[o, j].
     blocks = tail[:, :projections * rank].view(projections, out_features, projections, rank)
-    torch.diagonal(blocks, dim1=0, dim2=2).copy_(lora_b3.permute(1, 2, 0))
+    torch.diagonal(blocks, dim1=0, dim2=2).copy_(lora_b3.permute(1, 2, 0)).mul_(scaling)
     return w_cat
 
 
@@ -793,8 +797,10 @@ def _lora_forward_fake(x2d, weight, bias, lora_a3, lora_b3, seed, scaling, dropo
 def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a3: torch.Tensor,
                          lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
                          apply_dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y [M, P*out], x_cat [M, KP] = [x | scaling * S | 0]), both in x's dtype: the pack kernel,
-    then one GEMM (torch's, so cuBLAS on a GPU) of x_cat with the packed weight."""
+    """(Y [M, P*out], x_cat [M, KP] = [x | S | 0]), both in x's dtype: the pack kernel, then one
+    GEMM (torch's, so cuBLAS on a GPU) of x_cat with the packed weight. S is stored unscaled
+    (``scaling`` goes into the weight), as torch's own LoRA keeps it: a large ``scaling`` cannot
+    overflow a float16 S."""
     x2d = _library.int32_safe(x2d, (1,))  # the K loop
     projections, rank, in_features = lora_a3.shape
     rows = x2d.shape[0]
@@ -805,30 +811,31 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         _lora_pack_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
             x2d, lora_a3, x_cat, seed, rows, in_features, width, rank,
             x2d.stride(0), x2d.stride(1), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2), x_cat.stride(0),
-            0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
+            0, _drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
             PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, BLOCK_R=_block_r(projections, rank),
             DOT_PRECISION=_dot_precision(x2d.dtype), **cfg)
-    w_cat = _packed_weight(weight, lora_b3, width)
+    w_cat = _packed_weight(weight, lora_b3, scaling, width)
     y = torch.addmm(bias, x_cat, w_cat.t()) if bias is not None else x_cat @ w_cat.t()
     return y, x_cat
 
 
 def _lora_backward_fake(grad_y, x_cat, weight, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout,
-                        compute_dx):
+                        compute_dx, compute_da, compute_db):
     projections, rank, in_features = lora_a3.shape
     return (x_cat.new_empty((x_cat.shape[0], in_features) if compute_dx else (0,)),
-            x_cat.new_empty((projections * rank, in_features), dtype=torch.float32),
-            x_cat.new_empty(lora_b3.shape))
+            x_cat.new_empty((projections * rank, in_features) if compute_da else (0,), dtype=torch.float32),
+            x_cat.new_empty(lora_b3.shape if compute_db else (0,)))
 
 
 @_library.launcher("lora_backward", _lora_backward_fake)
 def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: torch.Tensor, lora_a3: torch.Tensor,
                           lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
-                          apply_dropout: bool, compute_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX [M, K], or an empty tensor when ``compute_dx`` is off; dA [P*r, K] fp32; dB [P, out, r]
-    in x's dtype).
+                          apply_dropout: bool, compute_dx: bool, compute_da: bool,
+                          compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [M, K]; dA [P*r, K] fp32; dB [P, out, r] in x's dtype), each an empty tensor when its
+    ``compute_*`` is off.
 
-    Three products (torch's): dY W, G_p = dY_p B_p and dB_p = dY_p^T (scaling * S_p), the last
+    Three products (torch's): dY W, G_p = dY_p B_p and dB_p = scaling * dY_p^T S_p, the last
     two batched over the projections on views of dY; then one kernel adds
     scaling / keep * sum_p mask_p * (G_p A_p) to dY W in place and forms dA's per-row-block
     partials, added here in a fixed order (deterministic, no atomics)."""
@@ -839,26 +846,34 @@ def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: tor
     grad_y = grad_y.contiguous()
     grad_y3 = grad_y.view(rows, projections, out_features)
     grad_x = grad_y @ weight if compute_dx else x_cat.new_empty((0,))
-    grad_s = torch.bmm(grad_y3.transpose(0, 1), lora_b3)  # [P, M, r]
-    s_scaled = x_cat[:, in_features:in_features + rank_total].view(rows, projections, rank)
-    grad_b = torch.bmm(grad_y3.permute(1, 2, 0), s_scaled.transpose(0, 1))  # [P, out, r]
-    cfg = _config("backward", x_cat.dtype, x_cat.device)
-    row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
-    da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=x_cat.device)
-    if rows > 0:
-        _lora_grad_kernel[(row_blocks, triton.cdiv(in_features, cfg["BLOCK_K"]))](
-            grad_x if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, da_part,
-            rows, in_features, rank,
-            grad_x.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), grad_s.stride(2),
-            x_cat.stride(0), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
-            0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
-            PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
-            BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(x_cat.dtype), **cfg)
-    return grad_x, da_part.sum(0), grad_b
+    grad_a = torch.empty((0,), dtype=torch.float32, device=x_cat.device)
+    grad_b = x_cat.new_empty((0,))
+    if compute_db:
+        s_act = x_cat[:, in_features:in_features + rank_total].view(rows, projections, rank)
+        grad_b = torch.bmm(grad_y3.permute(1, 2, 0), s_act.transpose(0, 1)).mul_(scaling)  # [P, out, r]
+    if compute_dx or compute_da:
+        grad_s = torch.bmm(grad_y3.transpose(0, 1), lora_b3)  # [P, M, r]
+        cfg = _config("backward", x_cat.dtype, x_cat.device)
+        row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+        # Partials of dA are written whether or not dA is wanted (a branch in the kernel would
+        # cost a variant more to compile); with dX only they are a [row blocks, P*r, K] buffer.
+        da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=x_cat.device)
+        if rows > 0:
+            _lora_grad_kernel[(row_blocks, triton.cdiv(in_features, cfg["BLOCK_K"]))](
+                grad_x if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, da_part,
+                rows, in_features, rank,
+                grad_x.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), grad_s.stride(2),
+                x_cat.stride(0), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+                0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
+                PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
+                BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(x_cat.dtype), **cfg)
+        if compute_da:
+            grad_a = da_part.sum(0)
+    return grad_x, grad_a, grad_b
 
 
 class _LoraTritonFunction(torch.autograd.Function):
-    """LoRA for P stacked projections; saves x_cat = [x | scaling * S | 0] (in x's dtype) and the seed only."""
+    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (in x's dtype) and the seed only."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
@@ -878,10 +893,9 @@ class _LoraTritonFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_library.kernel_backward("lora_qkv/lora_linear (backend 'triton'): second derivatives (create_graph=True) "
+                              "are not supported by the Triton kernels; use backend='torch'")
     def backward(ctx, grad_y):
-        _library.refuse_second_derivative("lora_qkv/lora_linear (backend 'triton'): second derivatives "
-                                          "(create_graph=True) are not supported by the fused kernels; "
-                                          "use backend='torch'")
         x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors
         projections, rank, in_features = lora_a3.shape
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
@@ -889,7 +903,7 @@ class _LoraTritonFunction(torch.autograd.Function):
         grad_y = grad_y.to(x_cat.dtype)
         grad_x, grad_a_flat, grad_b = _lora_backward_launch(
             grad_y, x_cat, weight, lora_a3, lora_b3, seed, ctx.scaling, float(ctx.dropout_p),
-            bool(ctx.apply_dropout), bool(need_x))
+            bool(ctx.apply_dropout), bool(need_x), bool(need_a), bool(need_b))
         grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype) if need_a else None
         return (grad_x if need_x else None, None, None, grad_a, grad_b.to(lora_b3.dtype) if need_b else None,
                 None, None, None, None)

@@ -149,8 +149,9 @@ def _opcheck_cases(device):
     row_ptr, perm = hypergraph._transpose_csr(cols, 10)
     return {
         "lora_forward": [(x, w, b, a3, b3, seed, 0.5, 0.3, True), (x, w, None, a3, b3, seed, 0.5, 0.0, False)],
-        "lora_backward": [(grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, True),
-                          (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.0, False, False)],
+        "lora_backward": [(grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, True, True, True),
+                          (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.0, False, False, True, False),
+                          (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, False, False, True)],
         "infonce_lse_rows": [(u, t, scale, keys, 3, 11), (u, t, scale, None, 0, 19)],
         "infonce_lse_both": [(u, t, scale, keys), (u, t, scale, None)],
         "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, coef), (t, u, scale, None, lse, lse, 5, 9, coef)],

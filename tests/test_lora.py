@@ -336,6 +336,40 @@ def test_torch_second_derivatives():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_backward_inside_autocast_matches_backward_outside(backend, device):
+    """A forward outside autocast and its backward() called inside an autocast region: the
+    backward runs as the forward did (autograd would otherwise run its products in the
+    autocast dtype, or fail on mixed dtypes)."""
+    case = Case("ac_bwd", "qkv", (3, 5), 24, 8, 4, dropout_p=0.2)
+    inputs = make_inputs(case, torch.float32, device)
+    grads = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        y = lora_module.lora_qkv_packed(*inputs, scaling=0.5, dropout_p=0.2, training=True, backend=backend)
+        leaves = [t for t in inputs if t is not None and t.requires_grad]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=inside):
+            grads.append(torch.autograd.grad(y.square().sum(), leaves))
+    for want, got in zip(*grads):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.triton
+def test_triton_large_scaling_keeps_fp16_finite(device):
+    """S is stored unscaled (scaling goes into the packed weight): a large scaling whose
+    product with S exceeds fp16's range, but whose output does not, stays finite, as with torch."""
+    case = Case("big_scale", "qkv", (6,), 32, 8, 4, dropout_p=0.0)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float16, device)
+    with torch.no_grad():
+        lora_a.copy_(torch.full_like(lora_a, 0.25))  # S = 0.25 * sum(x) per row: O(1..10)
+        lora_b.copy_(torch.full_like(lora_b, 1e-4))
+        x.copy_(x.abs() + 0.5)  # rows sum to ~32: |S| ~ 8, scaling * S ~ 2.4e5 > 65504
+    outs = {b: lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=3e4, backend=b)
+            for b in ("torch", "triton")}
+    assert torch.isfinite(outs["torch"]).all() and torch.isfinite(outs["triton"]).all()
+    torch.testing.assert_close(outs["triton"].float(), outs["torch"].float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_autocast_casts_operands_like_linear(backend, device):
     """Under autocast the op runs on the operands cast to the autocast dtype (as F.linear
     does): the same result, bit for bit, as the call on explicitly cast operands, and the
@@ -643,7 +677,7 @@ def _aot_launches(dtype):
         "x_ptr": elem, "a_ptr": elem, "xcat_ptr": elem, "g_ptr": elem, "dx_ptr": elem,
         "da_part_ptr": "fp32", "seed_ptr": "i64", "mask_ptr": "i8",
     }
-    float_args = {"s_scale", "lora_factor"}
+    float_args = {"inv_keep", "lora_factor"}
 
     def build(label, kernel, name, constexprs, cfg=None):
         cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][_tuning.dtype_class(dtype)])
