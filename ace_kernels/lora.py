@@ -27,7 +27,9 @@ Backends
     ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
     ``x`` and ``A``. The dropout mask comes from Philox keyed by a seed and the element
     position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
-    columns) and the seed are saved. ``W`` and ``b``
+    columns) and the seed are saved. Without dropout and without a graph to build
+    (evaluation), the LoRA term is merged into the weight instead (``W + scaling * B A``,
+    one small batched product) and the call is one GEMM. ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
 
@@ -940,11 +942,27 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     return reasons
 
 
+def _merged_forward(x2d, weight, bias, lora_a3, lora_b3, scaling):
+    """y = x (W + scaling * Bbd A)^T + b: without dropout and without a graph, the LoRA term
+    merged into the frozen weight (one small batched product, [P*out, in]) and one GEMM,
+    no pass over x besides the GEMM's own and no kernel of ours."""
+    projections, out_features, _ = lora_b3.shape
+    merged = torch.baddbmm(weight.reshape(projections, out_features, -1), lora_b3, lora_a3, alpha=scaling)
+    merged = merged.reshape(projections * out_features, -1)
+    return torch.addmm(bias, x2d, merged.t()) if bias is not None else x2d @ merged.t()
+
+
 def _triton_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, training):
     in_features = x.shape[-1]
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, in_features)
     apply_dropout = training and dropout_p > 0.0
+    if not apply_dropout and not (torch.is_grad_enabled() and (x.requires_grad or lora_a3.requires_grad
+                                                               or lora_b3.requires_grad)):
+        # Evaluation (zero-shot, inference): merged weights (weight and bias are frozen here).
+        _record_mask(None, lead_shape, in_features)
+        y = _merged_forward(x2d, weight, bias, lora_a3, lora_b3, float(scaling))
+        return y.reshape(*lead_shape, y.shape[-1])
     side: dict = {}
     y = _LoraTritonFunction.apply(x2d, weight, bias, lora_a3, lora_b3, float(scaling), dropout_p, apply_dropout,
                                   side)

@@ -549,6 +549,37 @@ def test_triton_declines_trainable_base(device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("case", [Case("merged_qkv", "qkv", (3, 7), 40, 13, 4, dropout_p=0.3, training=False),
+                                  Case("merged_linear", "linear", (9,), 21, 10, 3, bias=False, dropout_p=0.0)],
+                         ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_evaluation_merges_the_weights(case, dtype, device, monkeypatch):
+    """No dropout and no graph (evaluation): the LoRA term is merged into the weight and the
+    call is one GEMM, with no kernel of ours. Against fp64: fp32 tight, fp16 within twice the
+    error of torch's own formula in fp16 (plus a floor of a few fp16 ulps of the output)."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the evaluation path launched a LoRA kernel")
+
+    for name in ("_lora_pack_kernel", "_lora_grad_kernel", "_lora_mask_kernel"):
+        monkeypatch.setattr(lora_module, name, NoLaunch())
+    inputs = make_inputs(case, dtype, device)
+    with torch.no_grad():
+        outputs, mask = call_op(case, inputs, "triton")
+    got = torch.cat(outputs, dim=-1)
+    assert mask is None and got.dtype == dtype and got.grad_fn is None
+    fp64 = fp64_leaves(*inputs)
+    want = torch.cat(call_oracle(case, fp64, None), dim=-1)
+    torch_same = torch.cat(call_oracle(case, [None if t is None else t.detach() for t in inputs], None), dim=-1)
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * scale
+    else:
+        assert err <= 2 * (torch_same.double() - want).abs().max().item() + 4e-3 * scale
+
+
+@pytest.mark.triton
 def test_triton_zero_rows(device):
     case = Case("empty", "qkv", (0,), 8, 3, 2, dropout_p=0.2)
     inputs = make_inputs(case, torch.float32, device)
