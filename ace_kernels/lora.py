@@ -203,17 +203,27 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, pro
 # ----------------------------------------------------------------------------------------
 
 
+def _block_diagonal_view(full: torch.Tensor, projections: int, rank: int) -> torch.Tensor:
+    """The diagonal blocks of a [P*out, P*r] matrix (``full`` may be a column slice of a wider
+    one) as a view [out, r, P]: element [o, j, p] is full[p*out + o, p*r + j], i.e. B_p[o, j]
+    when ``full`` is the block-diagonal Bbd. Viewed as [p, o, q, j], the (p, q) diagonal."""
+    out_features = full.shape[0] // projections
+    return torch.diagonal(full.view(projections, out_features, projections, rank), dim1=0, dim2=2)
+
+
 def _block_diagonal_b(lora_b3: torch.Tensor) -> torch.Tensor:
     """[P, out, r] -> [P*out, P*r] with B_p on the diagonal: one GEMM for every projection."""
-    if lora_b3.shape[0] == 1:
+    projections, out_features, rank = lora_b3.shape
+    if projections == 1:
         return lora_b3[0]
-    return torch.block_diag(*lora_b3.unbind(0))
+    full = lora_b3.new_zeros((projections * out_features, projections * rank))
+    _block_diagonal_view(full, projections, rank).copy_(lora_b3.permute(1, 2, 0))
+    return full
 
 
-def _diagonal_blocks(full: torch.Tensor, projections: int, out_features: int, rank: int) -> torch.Tensor:
-    """[P*out, P*r] -> [P, out, r]: the diagonal blocks (the inverse of :func:`_block_diagonal_b`)."""
-    return torch.stack([full[p * out_features:(p + 1) * out_features, p * rank:(p + 1) * rank]
-                        for p in range(projections)])
+def _diagonal_blocks(full: torch.Tensor, projections: int, rank: int) -> torch.Tensor:
+    """[P*out, P*r] -> [P, out, r]: the diagonal blocks (the inverse of :func:`_block_diagonal_b`), a copy."""
+    return _block_diagonal_view(full, projections, rank).permute(2, 0, 1).contiguous()
 
 
 def _down_projection(x2d, lora_a3, keep, keep_prob):
@@ -286,7 +296,7 @@ class _LoraTorchFunction(torch.autograd.Function):
                 s_flat = _down_projection(x2d, lora_a3, keep, keep_prob)
             # dB_p = s dY_p^T S_p: the diagonal blocks of dY^T S.
             full = grad_y.t() @ s_flat  # [P*out, P*r]
-            grad_b = _diagonal_blocks(full, projections, out_features, rank).mul_(scaling)
+            grad_b = _diagonal_blocks(full, projections, rank).mul_(scaling)
         if keep is None:
             a_flat = lora_a3.reshape(projections * rank, in_features)
             grad_s = grad_s3.transpose(0, 1).reshape(rows, projections * rank)  # [M, P*r]
@@ -776,16 +786,14 @@ def _packed_width(in_features: int, rank_total: int) -> int:
 def _packed_weight(weight: torch.Tensor, lora_b3: torch.Tensor, scaling: float, width: int) -> torch.Tensor:
     """W_cat [P*out, width] = [W | scaling * Bbd | 0] in W's dtype (Bbd: the block-diagonal
     [P*out, P*r] matrix of the B_p), so that x_cat W_cat^T = x W^T + scaling * S Bbd^T. Five
-    ops: the blocks are written and scaled through a diagonal view of the tail."""
-    projections, out_features, rank = lora_b3.shape
+    ops: the blocks are written and scaled through :func:`_block_diagonal_view` of the tail."""
+    projections, _, rank = lora_b3.shape
     in_features = weight.shape[1]
     w_cat = weight.new_empty((weight.shape[0], width))
     w_cat[:, :in_features] = weight
     tail = w_cat[:, in_features:]
     tail.zero_()
-    # tail[p*out + o, q*r + j] viewed as [p, o, q, j]; its (p, q) diagonal is [o, j, p] = B_p[o, j].
-    blocks = tail[:, :projections * rank].view(projections, out_features, projections, rank)
-    torch.diagonal(blocks, dim1=0, dim2=2).copy_(lora_b3.permute(1, 2, 0)).mul_(scaling)
+    _block_diagonal_view(tail[:, :projections * rank], projections, rank).copy_(lora_b3.permute(1, 2, 0)).mul_(scaling)
     return w_cat
 
 
