@@ -610,8 +610,8 @@ def test_chunked_step_on_cuda_replays_the_cuda_dropout_stream():
                                                        chunk_bounds=_bounds(10, 3), precision="bf16")
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
-    bf16_loss = chunked_train_step(model, images.cpu(), token_ids.cpu(), labels, chunk_size=3, loss_fn=dense_label_infonce,
-                                   precision="bf16")
+    bf16_loss = chunked_train_step(model, images.cpu(), token_ids.cpu(), labels, chunk_size=3,
+                                   loss_fn=dense_label_infonce, precision="bf16")
     torch.testing.assert_close(bf16_loss.float(), want16_loss.float(), rtol=1e-3, atol=1e-3)
     got16 = trainable_grads(model)
     assert got16.keys() == want16_grads.keys()
