@@ -23,7 +23,11 @@ For the full output both aggregations run in the adapters' hidden width (the
 down-projections commute with A, and up_e folds into down_n), so no [B, N, D]
 intermediate (E, E', C) is formed.
 ``cls_only`` needs only the k + 1 rows {0} u topk(c) of A and E:
-C[0] = E'[0] + sum_t A[0, t] E'[t].
+C[0] = E'[0] + sum_t A[0, t] E'[t]. On the triton backend that path is fused
+(``_ClsEdges``): one kernel selects the chosen patches' neighbours (norms computed
+inline), one sums the k + 1 edge rows; the backward is one kernel for the per-sample
+scalars and one that writes the at most 1 + k + k^2 non-zero rows of dx, each once.
+Four launches instead of about twenty, and no atomics.
 
 float16/bfloat16 x on the kernel backends: the kernels read x in its own dtype and
 convert in registers (float32 accumulation); the norms and X W_de^T upcast one
@@ -534,15 +538,22 @@ if _TRITON_IMPORTED:
         stride_rb, stride_rr,
         stride_ob, stride_or, stride_ok,
         TOPK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr, COMPUTE_NORMS: tl.constexpr = False,
+        NATIVE_DOT: tl.constexpr = False,
     ):
         """Top-k cosine neighbours and their softmax weights for BLOCK_Q query rows.
 
         pn_ptr   [B, M, D] raw patch features (any float dtype).
         inv_norm_ptr [B, M] float32: 1 / max(|patch|, eps); cosine = dot * inv_norm_q * inv_norm_m.
+            With COMPUTE_NORMS it is not read: the norms come from the same loads as the dots
+            (sqrt of the float32 sum of squares), so no pass over the patches precedes the kernel.
         rows_ptr [B, R] patch index of each query (HAS_ROWS); else query r is patch r (R = M).
         idx_ptr  [B, R, TOPK] int64 out: selected patch indices (slot order unspecified).
         w_ptr    [B, R, TOPK] float32 out: softmax of the selected similarities.
+        NATIVE_DOT (16-bit features only, never under the interpreter, whose bf16 dot is wrong):
+        the tile dots take the features in their own dtype, on tensor cores with float32
+        accumulation. A product of two fp16/bf16 numbers is exact in float32, so this is the
+        float32 dot of the upcast features up to the order of the float32 additions.
         The similarities of a [BLOCK_Q, BLOCK_M] tile live only in registers; a running
         top-k of BLOCK_K (>= TOPK, power of 2) slots per query absorbs each tile.
         """
@@ -560,21 +571,40 @@ if _TRITON_IMPORTED:
         best_i = tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
         tile_cols = tl.arange(0, BLOCK_M)
         pn_b = pn_ptr + b * stride_pb
-        inv_q = tl.load(inv_norm_ptr + b * stride_nb + own * stride_nm, mask=q_mask, other=0.0)
+        if COMPUTE_NORMS:
+            sq_q = tl.zeros([BLOCK_Q], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                q = tl.load(pn_b + own[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+                            mask=q_mask[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+                sq_q += tl.sum(q * q, axis=1)
+            inv_q = 1.0 / tl.maximum(tl.sqrt(sq_q), 1e-12)
+        else:
+            inv_q = tl.load(inv_norm_ptr + b * stride_nb + own * stride_nm, mask=q_mask, other=0.0)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tile_cols
             m_mask = offs_m < M
             sim = tl.zeros([BLOCK_Q, BLOCK_M], tl.float32)
+            sq_m = tl.zeros([BLOCK_M], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = offs_d < D
                 q = tl.load(pn_b + own[:, None] * stride_pm + offs_d[None, :] * stride_pd,
-                            mask=q_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                            mask=q_mask[:, None] & d_mask[None, :], other=0.0)
                 kt = tl.load(pn_b + offs_m[None, :] * stride_pm + offs_d[:, None] * stride_pd,
-                             mask=d_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
-                # ieee: tf32 would change which neighbours are selected.
-                sim += tl.dot(q, kt, input_precision="ieee")
-            inv_m = tl.load(inv_norm_ptr + b * stride_nb + offs_m * stride_nm, mask=m_mask, other=0.0)
+                             mask=d_mask[:, None] & m_mask[None, :], other=0.0)
+                if NATIVE_DOT:
+                    sim += tl.dot(q, kt)
+                else:
+                    # ieee: tf32 would change which neighbours are selected.
+                    sim += tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+                if COMPUTE_NORMS:
+                    kt32 = kt.to(tl.float32)
+                    sq_m += tl.sum(kt32 * kt32, axis=0)
+            if COMPUTE_NORMS:
+                inv_m = 1.0 / tl.maximum(tl.sqrt(sq_m), 1e-12)
+            else:
+                inv_m = tl.load(inv_norm_ptr + b * stride_nb + offs_m * stride_nm, mask=m_mask, other=0.0)
             sim = sim * inv_q[:, None] * inv_m[None, :]
             # NaN ranks first, as in torch.topk; its weight then comes out NaN.
             key = tl.where(sim != sim, float("inf"), sim)
@@ -730,6 +760,209 @@ if _TRITON_IMPORTED:
                 acc += tl.sum(av * bv, axis=1)
             tl.store(out_ptr + bb * stride_ob + offs_q * stride_oq + s * stride_os, acc, mask=q_mask)
 
+    # ---- cls_only, fused: the k + 1 hyperedges token 0 needs, and their backward ----------
+    # Shapes: x [B, N, D] (any float dtype, strided), cls_idx [B, K] int64 (the CLS row's top-k,
+    # patch indices), cls_w [B, K] float32 (its softmax), nbr_idx / nbr_w [B, K, K] (each
+    # selected patch's own top-k), edges and their gradient [B, K + 1, D] float32; K = TOPK.
+    # The small tensors are contiguous (the launchers make them so).
+
+    @triton.jit
+    def _cls_edges_kernel(
+        x_ptr, cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, out_ptr,
+        D, stride_xb, stride_xn, stride_xd,
+        TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Rows {0} u (1 + cls_idx) of E = A X, in one pass over the rows they read.
+
+        E[0] = x_0 + sum_t cls_w[t] x_q(t);  E[1 + t] = x_q(t) + sum_u nbr_w[t, u] x_n(t, u) + cls_w[t] x_0,
+        with q(t) = 1 + cls_idx[t] and n(t, u) = 1 + nbr_idx[t, u] (spec section 4, steps 3-6).
+        """
+        pid_d = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        offs_t = tl.arange(0, BLOCK_T)
+        t_mask = offs_t < TOPK
+        tile_mask = t_mask[:, None] & d_mask[None, :]
+        x_b = x_ptr + b * stride_xb
+        q_row = 1 + tl.load(cls_idx_ptr + b * TOPK + offs_t, mask=t_mask, other=0)
+        cls_w = tl.load(cls_w_ptr + b * TOPK + offs_t, mask=t_mask, other=0.0)
+        x0 = tl.load(x_b + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
+        q = tl.load(x_b + q_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
+                    other=0.0).to(tl.float32)
+        e0 = x0 + tl.sum(cls_w[:, None] * q, axis=0)
+        acc = q + cls_w[:, None] * x0[None, :]
+        for u in tl.static_range(TOPK):
+            slot = (b * TOPK + offs_t) * TOPK + u
+            n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=t_mask, other=0)
+            n_w = tl.load(nbr_w_ptr + slot, mask=t_mask, other=0.0)
+            rows = tl.load(x_b + n_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
+                           other=0.0).to(tl.float32)
+            acc += n_w[:, None] * rows
+        out_b = out_ptr + b * (TOPK + 1) * D
+        tl.store(out_b + offs_d, e0, mask=d_mask)
+        tl.store(out_b + (1 + offs_t[:, None]) * D + offs_d[None, :], acc, mask=tile_mask)
+
+    @triton.jit
+    def _cls_coef_kernel(
+        x_ptr, grad_ptr, cls_idx_ptr, nbr_idx_ptr, nbr_w_ptr,
+        a_ptr, cn_ptr, cq_ptr, dcw_ptr,
+        D, stride_xb, stride_xn, stride_xd,
+        TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """The scalars of the cls_only backward, one program per sample.
+
+        With G = dL/dE, q(t), n(t, u) as in ``_cls_edges_kernel``, and the cosine
+        s[t, u] = <x_q, x_n> / (|x_q| |x_n|) (norms clamped at 1e-12) whose softmax is nbr_w:
+          ds[t, u]  = nbr_w (G_t . x_n - sum_u' nbr_w G_t . x_n')      (softmax backward)
+          a[t, u]   = ds / (|x_q| |x_n|)                  coefficient of x_n in dx_q, of x_q in dx_n
+          cn[t, u]  = -ds <x_q, x_n> / (|x_q| |x_n|^3)    coefficient of x_n in dx_n (its norm)
+          cq[t]     = -sum_u ds <x_q, x_n> / (|x_n| |x_q|^3)   coefficient of x_q in dx_q (its norm)
+          dcw[t]    = G_0 . x_q + G_t . x_0                the gradient of cls_w
+        (cn, cq are 0 where the norm is under the clamp, as the gradient of max(|x|, eps)).
+        Every dot product is over D in float32; the norms are recomputed from the same loads.
+        """
+        b = tl.program_id(0).to(tl.int64)
+        offs_t = tl.arange(0, BLOCK_T)
+        t_mask = offs_t < TOPK
+        tu_mask = t_mask[:, None] & t_mask[None, :]
+        tu_off = (b * TOPK + offs_t[:, None]) * TOPK + offs_t[None, :]
+        x_b = x_ptr + b * stride_xb
+        g_b = grad_ptr + b * (TOPK + 1) * D
+        q_row = 1 + tl.load(cls_idx_ptr + b * TOPK + offs_t, mask=t_mask, other=0)
+        n_row = 1 + tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=0)
+        gn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
+        qn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
+        nn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
+        qq = tl.zeros([BLOCK_T], tl.float32)
+        dcw = tl.zeros([BLOCK_T], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            tile_mask = t_mask[:, None] & d_mask[None, :]
+            x0 = tl.load(x_b + offs_d * stride_xd, mask=d_mask, other=0.0).to(tl.float32)
+            g0 = tl.load(g_b + offs_d, mask=d_mask, other=0.0)
+            q = tl.load(x_b + q_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
+                        other=0.0).to(tl.float32)
+            gt = tl.load(g_b + (1 + offs_t[:, None]) * D + offs_d[None, :], mask=tile_mask, other=0.0)
+            pn = tl.load(x_b + n_row[:, :, None] * stride_xn + offs_d[None, None, :] * stride_xd,
+                         mask=tu_mask[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+            gn += tl.sum(gt[:, None, :] * pn, axis=2)
+            qn += tl.sum(q[:, None, :] * pn, axis=2)
+            nn += tl.sum(pn * pn, axis=2)
+            qq += tl.sum(q * q, axis=1)
+            dcw += tl.sum(g0[None, :] * q + gt * x0[None, :], axis=1)
+        w = tl.load(nbr_w_ptr + tu_off, mask=tu_mask, other=0.0)
+        ds = w * (gn - tl.sum(w * gn, axis=1)[:, None])
+        norm_q = tl.sqrt(qq)
+        norm_n = tl.sqrt(nn)
+        inv_q = 1.0 / tl.maximum(norm_q, 1e-12)
+        inv_n = 1.0 / tl.maximum(norm_n, 1e-12)
+        r = ds * qn
+        a = ds * inv_q[:, None] * inv_n
+        cn = tl.where(norm_n >= 1e-12, -r * inv_q[:, None] * inv_n * inv_n * inv_n, 0.0)
+        cq = tl.where(norm_q >= 1e-12, -tl.sum(r * inv_n, axis=1) * inv_q * inv_q * inv_q, 0.0)
+        tl.store(a_ptr + tu_off, a, mask=tu_mask)
+        tl.store(cn_ptr + tu_off, cn, mask=tu_mask)
+        tl.store(cq_ptr + b * TOPK + offs_t, cq, mask=t_mask)
+        tl.store(dcw_ptr + b * TOPK + offs_t, dcw, mask=t_mask)
+
+    @triton.jit
+    def _cls_occurrences(
+        o, b, x_b, g_b, g0, offs_d, d_mask, D, stride_xn, stride_xd,
+        cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr, cq_ptr,
+        TOPK: tl.constexpr,
+    ):
+        """Destination row and gradient contribution [len(o), BLOCK_D] of occurrences ``o``.
+
+        Occurrence t < K is the selected patch q(t); occurrence K + t K + u is its neighbour
+        n(t, u); beyond K + K^2, none (destination -1). A patch can occur several times.
+          dx_q(t) += cls_w[t] G_0 + G_t + sum_u a[t, u] x_n(t, u) + cq[t] x_q(t)
+          dx_n(t,u) += nbr_w[t, u] G_t + a[t, u] x_q(t) + cn[t, u] x_n(t, u)
+        """
+        num = TOPK + TOPK * TOPK
+        live = o < num
+        is_q = o < TOPK
+        is_n = live & (o >= TOPK)
+        t = tl.where(is_q, o, tl.where(live, (o - TOPK) // TOPK, 0))
+        u = tl.where(is_n, (o - TOPK) % TOPK, 0)
+        base_t = b * TOPK + t
+        slot = base_t * TOPK + u
+        q_row = 1 + tl.load(cls_idx_ptr + base_t, mask=live, other=0)
+        n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=is_n, other=0)
+        c_g0 = tl.load(cls_w_ptr + base_t, mask=is_q, other=0.0)
+        c_gt = tl.where(is_q, 1.0, tl.load(nbr_w_ptr + slot, mask=is_n, other=0.0))
+        c_q = tl.where(is_q, tl.load(cq_ptr + base_t, mask=is_q, other=0.0),
+                       tl.load(a_ptr + slot, mask=is_n, other=0.0))
+        c_n = tl.load(cn_ptr + slot, mask=is_n, other=0.0)
+        live_d = live[:, None] & d_mask[None, :]
+        n_d = is_n[:, None] & d_mask[None, :]
+        q_d = is_q[:, None] & d_mask[None, :]
+        gt = tl.load(g_b + (1 + t[:, None]) * D + offs_d[None, :], mask=live_d, other=0.0)
+        xq = tl.load(x_b + q_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=live_d,
+                     other=0.0).to(tl.float32)
+        xn = tl.load(x_b + n_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=n_d,
+                     other=0.0).to(tl.float32)
+        contrib = c_g0[:, None] * g0[None, :] + c_gt[:, None] * gt + c_q[:, None] * xq + c_n[:, None] * xn
+        for v in tl.static_range(TOPK):
+            slot_v = base_t * TOPK + v
+            v_row = 1 + tl.load(nbr_idx_ptr + slot_v, mask=is_q, other=0)
+            a_v = tl.load(a_ptr + slot_v, mask=is_q, other=0.0)
+            xv = tl.load(x_b + v_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=q_d,
+                         other=0.0).to(tl.float32)
+            contrib += a_v[:, None] * xv
+        dest = tl.where(is_q, q_row, tl.where(is_n, n_row, -1))
+        return dest, contrib
+
+    @triton.jit
+    def _cls_dx_kernel(
+        x_ptr, grad_ptr, cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr, cq_ptr, dx_ptr,
+        D, stride_xb, stride_xn, stride_xd, stride_db, stride_dn, stride_dd,
+        TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """The rows of dx the cls_only output depends on: 0, q(t) and n(t, u) (the rest stay 0).
+
+        Row 0 is G_0 + sum_t cls_w[t] G_t. A patch row is the sum of its occurrences'
+        contributions (``_cls_occurrences``), gathered for each occurrence from every
+        occurrence with the same destination and written once, by its first occurrence, in
+        dx's dtype: no atomics, no read-modify-write, one rounding.
+        """
+        pid_d = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        offs_t = tl.arange(0, BLOCK_T)
+        t_mask = offs_t < TOPK
+        x_b = x_ptr + b * stride_xb
+        g_b = grad_ptr + b * (TOPK + 1) * D
+        dx_b = dx_ptr + b * stride_db
+        g0 = tl.load(g_b + offs_d, mask=d_mask, other=0.0)
+        gt = tl.load(g_b + (1 + offs_t[:, None]) * D + offs_d[None, :], mask=t_mask[:, None] & d_mask[None, :],
+                     other=0.0)
+        cls_w = tl.load(cls_w_ptr + b * TOPK + offs_t, mask=t_mask, other=0.0)
+        dx0 = g0 + tl.sum(cls_w[:, None] * gt, axis=0)
+        tl.store(dx_b + offs_d * stride_dd, dx0.to(dx_ptr.dtype.element_ty), mask=d_mask)
+        num = TOPK + TOPK * TOPK
+        lane = tl.arange(0, BLOCK_O)
+        for o1_start in range(0, num, BLOCK_O):
+            o1 = o1_start + lane
+            dest1, _ = _cls_occurrences(o1, b, x_b, g_b, g0, offs_d, d_mask, D, stride_xn, stride_xd,
+                                        cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr, cq_ptr, TOPK)
+            total = tl.zeros([BLOCK_O, BLOCK_D], tl.float32)
+            earlier = tl.zeros([BLOCK_O], tl.int32)
+            for o2_start in range(0, num, BLOCK_O):
+                o2 = o2_start + lane
+                dest2, contrib2 = _cls_occurrences(o2, b, x_b, g_b, g0, offs_d, d_mask, D, stride_xn, stride_xd,
+                                                   cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr,
+                                                   cq_ptr, TOPK)
+                same = (dest1[:, None] == dest2[None, :]) & (dest2 >= 0)[None, :]
+                # A masked sum, not a 0/1 matrix product: 0 * inf would spread to other rows.
+                total += tl.sum(tl.where(same[:, :, None], contrib2[None, :, :], 0.0), axis=1)
+                earlier += tl.sum((same & (o2[None, :] < o1[:, None])).to(tl.int32), axis=1)
+            first = (earlier == 0) & (dest1 >= 0)
+            tl.store(dx_b + dest1[:, None] * stride_dn + offs_d[None, :] * stride_dd,
+                     total.to(dx_ptr.dtype.element_ty), mask=first[:, None] & d_mask[None, :])
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -759,6 +992,11 @@ SCATTER_CONFIG = {"interp": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4), "gpu": d
 ATOMIC_SCATTER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4),
                          "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
 DOT_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=8, BLOCK_D=128, num_warps=4)}
+# The fused cls_only kernels. CLS_COEF's BLOCK_D is for K <= 8 (a [K, K, BLOCK_D] tile of
+# neighbour rows); larger K scale it down to keep the tile's size.
+CLS_EDGES_CONFIG = {"interp": dict(BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_D=128, num_warps=4)}
+CLS_COEF_CONFIG = {"interp": dict(BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_D=32, num_warps=4)}
+CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dict(BLOCK_O=32, BLOCK_D=16, num_warps=8)}
 
 
 def _mode() -> str:
@@ -771,30 +1009,126 @@ def _topk_rows_fake(pn, inv_norm, rows, topk):
             pn.new_empty((pn.shape[0], R, topk), dtype=torch.float32))
 
 
-@_library.launcher("hg_topk_incidence", _topk_rows_fake)
-def _triton_topk_rows(pn: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor | None,
-                      topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_topk(pn: torch.Tensor, inv_norm: torch.Tensor | None, rows: torch.Tensor | None, topk: int):
+    """``_topk_incidence_kernel`` over ``pn``; the norms are computed in the kernel when
+    ``inv_norm`` is None. 16-bit features take tensor-core dots on a GPU (``NATIVE_DOT``)."""
     B, M, D = pn.shape
     pn = _library.int32_safe(pn, (1, 2))  # the token and feature loops
-    inv_norm = inv_norm.float()
-    cfg = TOPK_CONFIG[_mode()]
+    mode = _mode()
+    cfg = TOPK_CONFIG[mode]
     R = M if rows is None else rows.shape[1]
     idx = torch.empty(B, R, topk, dtype=torch.int64, device=pn.device)
     w = torch.empty(B, R, topk, dtype=torch.float32, device=pn.device)
     rows_arg = idx if rows is None else rows  # any pointer when HAS_ROWS is off
+    norm_arg = w if inv_norm is None else inv_norm.float()  # any float32 pointer when COMPUTE_NORMS
     block_m = min(cfg["BLOCK_M"], max(16, _pow2(M)))
     block_d = min(cfg["BLOCK_D"], max(16, _pow2(D)))
     grid = (triton.cdiv(R, cfg["BLOCK_Q"]), B)
     _topk_incidence_kernel[grid](
-        pn, inv_norm, rows_arg, idx, w, M, D, R,
+        pn, norm_arg, rows_arg, idx, w, M, D, R,
         pn.stride(0), pn.stride(1), pn.stride(2),
-        inv_norm.stride(0), inv_norm.stride(1),
+        norm_arg.stride(0), norm_arg.stride(1),
         rows_arg.stride(0), rows_arg.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),
         TOPK=topk, BLOCK_K=max(2, _pow2(topk)), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=block_m, BLOCK_D=block_d,
-        HAS_ROWS=rows is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_ROWS=rows is not None, COMPUTE_NORMS=inv_norm is None,
+        NATIVE_DOT=mode == "gpu" and pn.dtype in (torch.float16, torch.bfloat16),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return idx, w
+
+
+@_library.launcher("hg_topk_incidence", _topk_rows_fake)
+def _triton_topk_rows(pn: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor | None,
+                      topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_topk(pn, inv_norm, rows, topk)
+
+
+def _cls_select_fake(pn, rows, topk):
+    return _topk_rows_fake(pn, None, rows, topk)
+
+
+@_library.launcher("hg_cls_select", _cls_select_fake)
+def _triton_cls_select(pn: torch.Tensor, rows: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k neighbours of patches ``rows`` [B, R] among ``pn`` [B, M, D], norms computed inline."""
+    return _launch_topk(pn, None, rows, topk)
+
+
+def _cls_block_t(topk: int) -> int:
+    return max(2, _pow2(topk))
+
+
+def _cls_edges_fake(x, cls_idx, cls_w, nbr_idx, nbr_w):
+    return x.new_empty((x.shape[0], cls_idx.shape[1] + 1, x.shape[2]), dtype=torch.float32)
+
+
+@_library.launcher("hg_cls_edges", _cls_edges_fake)
+def _triton_cls_edges(x: torch.Tensor, cls_idx: torch.Tensor, cls_w: torch.Tensor, nbr_idx: torch.Tensor,
+                      nbr_w: torch.Tensor) -> torch.Tensor:
+    B, _, D = x.shape
+    k = cls_idx.shape[1]
+    x = _library.int32_safe(x, (2,))  # the feature offsets (rows are 64-bit)
+    cfg = CLS_EDGES_CONFIG[_mode()]
+    out = torch.empty(B, k + 1, D, dtype=torch.float32, device=x.device)
+    block_d = min(cfg["BLOCK_D"], max(16, _pow2(D)))
+    _cls_edges_kernel[(triton.cdiv(D, block_d), B)](
+        x, cls_idx.contiguous(), cls_w.float().contiguous(), nbr_idx.contiguous(), nbr_w.float().contiguous(), out,
+        D, x.stride(0), x.stride(1), x.stride(2),
+        TOPK=k, BLOCK_T=_cls_block_t(k), BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _cls_coef_fake(x, grad, cls_idx, nbr_idx, nbr_w):
+    B, k = cls_idx.shape
+    return (x.new_empty((B, k, k), dtype=torch.float32), x.new_empty((B, k, k), dtype=torch.float32),
+            x.new_empty((B, k), dtype=torch.float32), x.new_empty((B, k), dtype=torch.float32))
+
+
+@_library.launcher("hg_cls_coef", _cls_coef_fake)
+def _triton_cls_coef(x: torch.Tensor, grad: torch.Tensor, cls_idx: torch.Tensor, nbr_idx: torch.Tensor,
+                     nbr_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, cn, cq, d cls_w) of ``_cls_coef_kernel`` from the edges' gradient ``grad`` [B, K + 1, D]."""
+    B, _, D = x.shape
+    k = cls_idx.shape[1]
+    x = _library.int32_safe(x, (2,))
+    cfg = CLS_COEF_CONFIG[_mode()]
+    block_t = _cls_block_t(k)
+    block_d = max(8, min(cfg["BLOCK_D"] * 64 // max(64, block_t * block_t), _pow2(D)))
+    a = torch.empty(B, k, k, dtype=torch.float32, device=x.device)
+    cn = torch.empty_like(a)
+    cq = torch.empty(B, k, dtype=torch.float32, device=x.device)
+    dcw = torch.empty_like(cq)
+    _cls_coef_kernel[(B,)](
+        x, grad.float().contiguous(), cls_idx.contiguous(), nbr_idx.contiguous(), nbr_w.float().contiguous(),
+        a, cn, cq, dcw, D, x.stride(0), x.stride(1), x.stride(2),
+        TOPK=k, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return a, cn, cq, dcw
+
+
+def _cls_dx_fake(x, grad, cls_idx, cls_w, nbr_idx, nbr_w, a, cn, cq):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@_library.launcher("hg_cls_dx", _cls_dx_fake)
+def _triton_cls_dx(x: torch.Tensor, grad: torch.Tensor, cls_idx: torch.Tensor, cls_w: torch.Tensor,
+                   nbr_idx: torch.Tensor, nbr_w: torch.Tensor, a: torch.Tensor, cn: torch.Tensor,
+                   cq: torch.Tensor) -> torch.Tensor:
+    """dx [B, N, D] in x's dtype: zeros but for rows 0, 1 + cls_idx and 1 + nbr_idx."""
+    B, _, D = x.shape
+    k = cls_idx.shape[1]
+    x = _library.int32_safe(x, (2,))
+    cfg = CLS_DX_CONFIG[_mode()]
+    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    block_d = min(cfg["BLOCK_D"], max(16, _pow2(D)))
+    _cls_dx_kernel[(triton.cdiv(D, block_d), B)](
+        x, grad.float().contiguous(), cls_idx.contiguous(), cls_w.float().contiguous(), nbr_idx.contiguous(),
+        nbr_w.float().contiguous(), a.contiguous(), cn.contiguous(), cq.contiguous(), dx,
+        D, x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+        TOPK=k, BLOCK_T=_cls_block_t(k), BLOCK_O=cfg["BLOCK_O"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+    )
+    return dx
 
 
 def _launch_per_incidence_row(kernel, cfg, src, cols, weights, out):
@@ -1040,9 +1374,52 @@ def _cls_only_torch(x, cls_attn, edge_params, node_params, topk):
     # E rows: 0 and 1 + cls_idx[t] (self loop + neighbours + column 0 with weight cls_w[t]).
     e0 = x0 + torch.bmm(cls_w[:, None, :], queries)
     e_sel = queries + torch.einsum("btu,btud->btd", nbr_w, neighbours) + cls_w[..., None] * x0
-    edges = _adapter(torch.cat([e0, e_sel], dim=1), edge_params)
+    return _cls_output(torch.cat([e0, e_sel], dim=1), cls_w, edge_params, node_params, x.dtype)
+
+
+def _cls_output(edge_rows, cls_w, edge_params, node_params, dtype):
+    """Token 0's output from rows {0} u (1 + topk(c)) of E = A X ([B, k + 1, D]):
+    C[0] = E'[0] + sum_t cls_w[t] E'[1 + cls_idx[t]], out = node_adapter(C[0])."""
+    edges = _adapter(edge_rows, edge_params)
     context = edges[:, 0] + torch.bmm(cls_w[:, None, :], edges[:, 1:])[:, 0]
-    return _adapter(context, node_params).to(x.dtype)
+    return _adapter(context, node_params).to(dtype)
+
+
+class _ClsEdges(torch.autograd.Function):
+    """Rows {0} u (1 + cls_idx) of E = A X by the fused Triton kernels: x [B, N, D] -> [B, k + 1, D].
+
+    Forward: ``_topk_incidence_kernel`` (norms inline) selects each chosen patch's neighbours,
+    ``_cls_edges_kernel`` sums the rows. Backward: ``_cls_coef_kernel`` (one program per sample:
+    the dot products, the softmax backward, the norms' terms), then ``_cls_dx_kernel`` writes the
+    1 + k + k^2 rows of dx that can be non-zero, each once, in x's dtype (no float32 copy of x,
+    no atomics: deterministic on every device). x is saved as it is.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cls_idx, cls_w):
+        nbr_idx, nbr_w = _triton_cls_select(x[:, 1:], cls_idx, cls_idx.shape[1])
+        ctx.save_for_backward(x, cls_idx, cls_w, nbr_idx, nbr_w)
+        return _triton_cls_edges(x, cls_idx, cls_w, nbr_idx, nbr_w)
+
+    @staticmethod
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
+    def backward(ctx, grad):
+        x, cls_idx, cls_w, nbr_idx, nbr_w = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        a, cn, cq, grad_cls_w = _triton_cls_coef(x, grad, cls_idx, nbr_idx, nbr_w)
+        grad_x = _triton_cls_dx(x, grad, cls_idx, cls_w, nbr_idx, nbr_w, a, cn, cq) if ctx.needs_input_grad[0] else None
+        return grad_x, None, grad_cls_w if ctx.needs_input_grad[2] else None
+
+
+def _cls_only_fused(x, cls_attn, edge_params, node_params, topk):
+    """Token 0 on the triton backend: the CLS row's top-k and the adapters in torch, the rest in
+    ``_ClsEdges`` (4 kernel launches in all, against about 20 through the primitives)."""
+    c = cls_attn.float()
+    edge_params = tuple(p.float() for p in edge_params)
+    node_params = tuple(p.float() for p in node_params)
+    cls_vals, cls_idx = c.topk(topk, dim=-1)
+    cls_w = torch.softmax(cls_vals, dim=-1)
+    return _cls_output(_ClsEdges.apply(x, cls_idx, cls_w), cls_w, edge_params, node_params, x.dtype)
 
 
 @_dispatch.register(OP_NAME, "torch")
@@ -1068,6 +1445,8 @@ def _hypergraph_cuda(x, cls_attn, edge, node, topk, cls_only, deterministic=True
 
 @_dispatch.register(OP_NAME, "triton", check=_kernel_check)
 def _hypergraph_triton(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
+    if cls_only:
+        return _cls_only_fused(x, cls_attn, edge, node, topk)  # deterministic whatever is asked
     prims = TRITON_PRIMITIVES if deterministic else TRITON_ATOMIC_PRIMITIVES
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, prims)
 
@@ -1108,7 +1487,8 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         summation order, hence the last bits of the results, then varies between
         runs. Whether it is faster is decided by the GPU benchmark (provider
         ``triton-atomic`` in ``benchmarks/bench_hypergraph.py``). The cuda
-        backend and the torch backend ignore it (see Determinism below).
+        backend and the torch backend ignore it, and so does the triton backend's
+        ``cls_only`` path, which has no scatter (see Determinism below).
 
     Returns
     -------
@@ -1142,8 +1522,10 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     uses ``index_add_``, which is not, whatever ``deterministic`` says. Gradients
     on a GPU: the similarity's backward adds the norms' gradients with
     ``scatter_add_`` (torch's, atomic on a GPU), so the gradient of ``x`` can differ
-    in its last bits between repeated calls on every backend; on the CPU it is
-    reproducible.
+    in its last bits between repeated calls on every backend but one; on the CPU it
+    is reproducible. The exception is ``cls_only`` on the triton backend: its fused
+    kernels use no atomics, so its output and every gradient are reproducible on a
+    GPU too.
 
     Autocast: the forward runs with autocast off, whatever the caller's state: it
     reads ``x`` in its own dtype and accumulates in float32 (the adapters run in

@@ -147,6 +147,11 @@ def _opcheck_cases(device):
     pn, inv_norm = randn(2, 10, 16), randn(2, 10).abs() + 0.5
     src, cols, weights = randn(2, 4, 16), randint(10, 2, 4, 5), randn(2, 4, 5).abs()
     row_ptr, perm = hypergraph._transpose_csr(cols, 10)
+    x_hg, grad_e = randn(2, 11, 16), randn(2, 4, 16)
+    cls_idx = torch.stack([torch.randperm(10, generator=g)[:3] for _ in range(2)]).to(device)
+    cls_w = torch.softmax(randn(2, 3), dim=-1)
+    nbr_idx, nbr_w = hypergraph._triton_cls_select(x_hg[:, 1:], cls_idx, 3)
+    coef_hg = hypergraph._triton_cls_coef(x_hg, grad_e, cls_idx, nbr_idx, nbr_w)
     return {
         "lora_forward": [(x, w, b, a3, b3, seed, 0.5, 0.3, True), (x, w, None, a3, b3, seed, 0.5, 0.0, False)],
         "lora_backward": [(grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, True, True, True),
@@ -160,6 +165,11 @@ def _opcheck_cases(device):
         "hg_scatter_sum_csr": [(src, weights.reshape(2, 20), row_ptr, perm, 10, 5)],
         "hg_scatter_sum_atomic": [(src, cols, weights, 10)],
         "hg_entry_dot": [(src, pn, cols)],
+        # The fused cls_only kernels: x [2, 11, 16], k = 3 (the CLS row's top-k, their neighbours).
+        "hg_cls_select": [(pn, cls_idx, 3)],
+        "hg_cls_edges": [(x_hg, cls_idx, cls_w, nbr_idx, nbr_w)],
+        "hg_cls_coef": [(x_hg, grad_e, cls_idx, nbr_idx, nbr_w)],
+        "hg_cls_dx": [(x_hg, grad_e, cls_idx, cls_w, nbr_idx, nbr_w, *coef_hg[:3])],
     }
 
 

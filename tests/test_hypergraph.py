@@ -520,8 +520,36 @@ def test_triton_atomic_scatter_matches_oracle(shape, cls_only, monkeypatch, devi
     monkeypatch.setattr(hg, "TRITON_PRIMITIVES", dataclasses.replace(hg.TRITON_PRIMITIVES, scatter_sum=refuse))
     # Atomics change only the order of float32 additions: same 1e-4 margin as the CSR kernels.
     check_against_oracle(shape, torch.float32, cls_only, "triton", rel=1e-4, deterministic=False, device=device)
-    # Full: the forward C = A^T E' and the incidence weights' backward; cls_only: two backward scatters.
-    assert len(calls) >= 2
+    if cls_only:
+        assert not calls  # the fused cls_only kernels have no scatter, deterministic or not
+    else:
+        assert len(calls) >= 2  # the forward C = A^T E' and the incidence weights' backward
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_triton_cls_only_is_fused_and_reproducible(deterministic, monkeypatch, device):
+    # cls_only on the triton backend runs _ClsEdges's four kernels, never the primitives, and is
+    # bit-reproducible (no atomics) whatever `deterministic` says. N = k + 2 with k = 5: every
+    # patch is some query's neighbour several times and a query itself, so the dx kernel's
+    # merging of repeated destinations is exercised on every row.
+    def refuse(*args):
+        raise AssertionError("a hypergraph primitive ran on the fused cls_only path")
+
+    for name in ("TRITON_PRIMITIVES", "TRITON_ATOMIC_PRIMITIVES"):
+        prims = getattr(hg, name)
+        monkeypatch.setattr(hg, name, dataclasses.replace(prims, topk_rows=refuse, gather_sum=refuse,
+                                                          scatter_sum=refuse, entry_dot=refuse))
+    shape = (3, 7, 20, 4, 5)
+    x, c, edge, node, k = make_inputs(shape, dtype=torch.float32, seed=9, device=device)
+    first = ours_run(x, c, edge, node, k, True, "triton", deterministic)
+    again = ours_run(x, c, edge, node, k, True, "triton", deterministic)
+    for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+        assert torch.equal(a, b)
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, True)
+    assert_close_scaled(first[0], ref_out, 1e-4, "output")
+    for name, got, want in zip(PARAM_NAMES, first[1], ref_grads):
+        assert_close_scaled(got, want, 1e-4, f"grad {name}")
 
 
 def _saved_and_created(fn):
@@ -586,14 +614,40 @@ def _aot_signatures():
                 **{n: i32 for n in ("stride_pb", "stride_pm", "stride_pd", "stride_nb", "stride_nm", "stride_rb",
                                     "stride_rr",
                                     "stride_ob", "stride_or", "stride_ok")},
-                **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS")}}
-    # Half inputs are read in their own dtype, float32 otherwise.
-    for k, has_rows, feat in ((5, False, "fp32"), (5, True, "fp32"), (16, False, "fp32"), (5, False, "bf16"),
-                              (16, True, "bf16"), (5, False, "fp16"), (16, True, "fp16")):
-        yield (f"topk_incidence k={k} rows={has_rows} {feat}", hg._topk_incidence_kernel,
+                **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS",
+                                            "COMPUTE_NORMS", "NATIVE_DOT")}}
+    # Half inputs are read in their own dtype and multiplied on tensor cores (NATIVE_DOT, as the
+    # launcher does on a GPU), float32 otherwise; norms=True is the fused cls_only selection.
+    for k, has_rows, feat, norms in ((5, False, "fp32", False), (5, True, "fp32", False), (16, False, "fp32", False),
+                                     (5, False, "bf16", False), (16, True, "bf16", False), (5, False, "fp16", False),
+                                     (16, True, "fp16", False), (5, True, "fp32", True), (16, True, "fp32", True),
+                                     (5, True, "bf16", True), (16, True, "bf16", True), (5, True, "fp16", True)):
+        yield (f"topk_incidence k={k} rows={has_rows} norms={norms} {feat}", hg._topk_incidence_kernel,
                {**topk_sig, "pn_ptr": f"*{feat}"},
                dict(TOPK=k, BLOCK_K=hg._pow2(k), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=cfg["BLOCK_M"],
-                    BLOCK_D=cfg["BLOCK_D"], HAS_ROWS=has_rows), cfg["num_warps"], cfg["num_stages"])
+                    BLOCK_D=cfg["BLOCK_D"], HAS_ROWS=has_rows, COMPUTE_NORMS=norms, NATIVE_DOT=feat != "fp32"),
+               cfg["num_warps"], cfg["num_stages"])
+    # The fused cls_only kernels, at the tile sizes their launchers pick for k = 5 and k = 16.
+    xs = {n: i32 for n in ("D", "stride_xb", "stride_xn", "stride_xd")}
+    ec, cc, dxc = hg.CLS_EDGES_CONFIG["gpu"], hg.CLS_COEF_CONFIG["gpu"], hg.CLS_DX_CONFIG["gpu"]
+    for k, feat in ((5, "fp32"), (5, "bf16"), (5, "fp16"), (16, "fp32"), (16, "bf16")):
+        bt = hg._cls_block_t(k)
+        yield (f"cls_edges k={k} {feat}", hg._cls_edges_kernel,
+               {"x_ptr": f"*{feat}", "cls_idx_ptr": "*i64", "cls_w_ptr": "*fp32", "nbr_idx_ptr": "*i64",
+                "nbr_w_ptr": "*fp32", "out_ptr": "*fp32", **xs,
+                "TOPK": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+               dict(TOPK=k, BLOCK_T=bt, BLOCK_D=ec["BLOCK_D"]), ec["num_warps"], 3)
+        yield (f"cls_coef k={k} {feat}", hg._cls_coef_kernel,
+               {"x_ptr": f"*{feat}", "grad_ptr": "*fp32", "cls_idx_ptr": "*i64", "nbr_idx_ptr": "*i64",
+                "nbr_w_ptr": "*fp32", "a_ptr": "*fp32", "cn_ptr": "*fp32", "cq_ptr": "*fp32", "dcw_ptr": "*fp32", **xs,
+                "TOPK": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"},
+               dict(TOPK=k, BLOCK_T=bt, BLOCK_D=max(8, cc["BLOCK_D"] * 64 // max(64, bt * bt))), cc["num_warps"], 3)
+        yield (f"cls_dx k={k} {feat}", hg._cls_dx_kernel,
+               {"x_ptr": f"*{feat}", "grad_ptr": "*fp32", "cls_idx_ptr": "*i64", "cls_w_ptr": "*fp32",
+                "nbr_idx_ptr": "*i64", "nbr_w_ptr": "*fp32", "a_ptr": "*fp32", "cn_ptr": "*fp32", "cq_ptr": "*fp32",
+                "dx_ptr": f"*{feat}", **xs, "stride_db": i32, "stride_dn": i32, "stride_dd": i32,
+                "TOPK": "constexpr", "BLOCK_T": "constexpr", "BLOCK_O": "constexpr", "BLOCK_D": "constexpr"},
+               dict(TOPK=k, BLOCK_T=bt, BLOCK_O=dxc["BLOCK_O"], BLOCK_D=dxc["BLOCK_D"]), dxc["num_warps"], 3)
     g = hg.GATHER_CONFIG["gpu"]
     for feat in ("fp32", "bf16", "fp16"):
         yield (f"gather_sum {feat}", hg._gather_sum_kernel,
@@ -635,7 +689,7 @@ def _aot_signatures():
 
 # Unit strides (D innermost) are specialised to the constant 1 in a real launch, as Triton does.
 _UNIT_STRIDES = {"stride_pd", "stride_nm", "stride_ok", "stride_rr", "stride_sd", "stride_cs", "stride_ws", "stride_od",
-                 "stride_ad", "stride_bd", "stride_os"}
+                 "stride_ad", "stride_bd", "stride_os", "stride_xd", "stride_dd"}
 
 
 def _compile_all_for_sm90() -> list:
@@ -664,7 +718,7 @@ def test_triton_kernels_compile_for_sm90a_without_spills():
     report = [f"{r['name']}: {r['registers']} registers, {r['shared']} B shared, {r['spills']} B spilled"
               for r in results]
     print("\n".join(report))
-    assert len(results) == 21
+    assert len(results) == 41
     assert all(r["spills"] == 0 for r in results), report
 
 
