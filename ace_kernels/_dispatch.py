@@ -16,7 +16,9 @@ can run the call. ``backend="auto"`` takes the first backend of the op's
 preference order that has no reasons; an explicitly requested backend that
 cannot run raises ``RuntimeError`` listing why. On a GPU model that the
 benchmark suite has measured, the preference order is the measured one
-(fastest first, ``dispatch_order.json`` beside this file). The environment variable
+(fastest first, ``dispatch_order.json`` beside this file); an op that declares
+variants (``ace_hypergraph``: ``cls_only`` and ``full``, whose fastest backends
+differ) is ordered per variant where the file has an entry ``op[variant]``. The environment variable
 ``ACE_KERNELS_BACKEND`` (``auto|cuda|triton|torch``) replaces ``"auto"``
 when a call does not name a backend itself.
 
@@ -130,6 +132,7 @@ def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> lis
 class _Op:
     name: str
     prefer: tuple[str, ...]
+    variants: tuple[str, ...] = ()
     impls: dict[str, Callable] = field(default_factory=dict)
     checks: dict[str, Callable[..., list[str]]] = field(default_factory=dict)
 
@@ -137,12 +140,24 @@ class _Op:
 _OPS: dict[str, _Op] = {}
 
 
-def define_op(name: str, prefer: Sequence[str] = BACKENDS) -> None:
-    """Declare an op and the order in which ``auto`` tries its backends."""
+def define_op(name: str, prefer: Sequence[str] = BACKENDS, variants: Sequence[str] = ()) -> None:
+    """Declare an op, the order in which ``auto`` tries its backends, and its variants: modes
+    of one op that run different kernels (the benchmark rows name the variant as a word of
+    their shape), each of which may get a measured order of its own."""
     bad = [b for b in prefer if b not in BACKENDS]
     if bad:
         raise ValueError(f"unknown backends {bad} for op {name!r}")
-    _OPS[name] = _Op(name, tuple(prefer))
+    _OPS[name] = _Op(name, tuple(prefer), tuple(variants))
+
+
+def order_key(op: str, variant: str | None = None) -> str:
+    """The key of ``op`` (or of one of its variants) in the measured order file."""
+    return op if variant is None else f"{op}[{variant}]"
+
+
+def order_keys() -> set[str]:
+    """Every key the order file may hold: each op, and each declared variant of one."""
+    return {order_key(name, v) for name, entry in _OPS.items() for v in (None, *entry.variants)}
 
 
 def register(op: str, backend: str, *, check: Callable[..., list[str]] | None = None):
@@ -233,24 +248,29 @@ def device_name(device: torch.device) -> str:
     return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def preference(op: str, device: torch.device | None = None) -> tuple[str, ...]:
-    """The order in which ``auto`` tries the backends of ``op`` for a call on ``device``."""
+def preference(op: str, device: torch.device | None = None, variant: str | None = None) -> tuple[str, ...]:
+    """The order in which ``auto`` tries the backends of ``op`` for a call on ``device``: the
+    order measured on that card for ``variant`` if any, else for the op, else the declared one."""
     entry = _OPS[op]
     orders = measured_orders()
     if not orders or device is None or device.type != "cuda":
         return entry.prefer
-    measured = orders.get(device_name(device), {}).get(op)
+    card = orders.get(device_name(device), {})
+    measured = card.get(order_key(op, variant)) if variant is not None else None
+    if not isinstance(measured, list):
+        measured = card.get(op)
     if not isinstance(measured, list):
         return entry.prefer
     first = [name for name in measured if name in entry.prefer]
     return tuple(first + [name for name in entry.prefer if name not in first])
 
 
-def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> Callable:
+def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, variant: str | None = None) -> Callable:
     """Return the implementation of ``op`` that takes this call.
 
     ``tensors`` are the call's tensors (their devices decide what can run);
-    ``args``/``kwargs`` go to the backends' op-specific checks.
+    ``args``/``kwargs`` go to the backends' op-specific checks; ``variant`` (one of the op's
+    declared variants) picks its measured order under ``auto``.
     """
     wanted = requested_backend(backend)
     entry = _OPS[op]
@@ -263,7 +283,9 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> Ca
     device = None
     if measured_orders():  # only a measured order depends on the device
         device = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.device.type == "cuda"), None)
-    for name in preference(op, device):
+    if variant is not None and variant not in entry.variants:
+        raise ValueError(f"op {op!r} has no variant {variant!r} (declared: {list(entry.variants)})")
+    for name in preference(op, device, variant):
         # The interpreter exists for testing; auto never routes real work to it.
         if name == "triton" and interpreter_enabled() and not torch.cuda.is_available():
             tried[name] = ["the Triton interpreter is only used when asked for explicitly"]

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from ace_kernels._dispatch import (BACKENDS, _OPS, _extension, available_backends, device_name, interpreter_enabled,
-                                   preference)
+                                   order_key, preference)
 
 
 def report() -> str:
@@ -38,7 +38,9 @@ def report() -> str:
     lines.append("auto tries, in order" + (" (on cuda:0)" if device is not None else "") + ":")
     for op in sorted(_OPS):
         if not op.startswith("_"):
-            lines.append(f"  {op:<21} {', '.join(preference(op, device))}")
+            for variant in (None, *_OPS[op].variants):
+                label = order_key(op, variant)
+                lines.append(f"  {label:<31} {', '.join(preference(op, device, variant))}")
     # Launch configurations measured on this card by a benchmark sweep (ace_kernels/tuned_configs.json).
     from ace_kernels import _tuning
 

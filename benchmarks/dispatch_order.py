@@ -8,6 +8,10 @@ backend did not run count against it (it cannot be first if it cannot take the c
 file keeps what it held for other cards and ops. ``lora_linear`` runs the kernels of
 ``lora_qkv`` and takes its order.
 
+An op with declared variants (``ace_hypergraph``: ``cls_only`` and ``full``, named as a word
+of the rows' shape) also gets an order per variant, from that variant's shapes alone, written
+as ``op[variant]``; ``auto`` prefers it to the op's overall order.
+
 Provider ``triton-atomic`` (the hypergraph's ``deterministic=False``) is not a backend: its
 time against ``triton`` is printed, for the choice of the default, but not written.
 
@@ -67,7 +71,7 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     # Only ops that dispatch read an order: the model rows (a whole training step, zero-shot
     # evaluation) compare backends too, but no op of theirs consults the file.
     known = set(_dispatch._OPS)
-    orders = {op: order for op, order in (by_device.get(device) or {}).items() if op in known}
+    orders = {key: order for key, order in (by_device.get(device) or {}).items() if key in _dispatch.order_keys()}
     report = [heading]
     measured = 0
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
@@ -79,9 +83,15 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
                 measured += 1
                 for name in (op,) + SHARED_ORDER.get(op, ()):
                     orders[name] = order
-            report.append(f"  {op}: {' > '.join(order)}  (time / fastest, geometric mean over {compared} shapes: "
-                          + ", ".join(f"{b} {s:.3g}" for b, s in scores.items()) + ")"
+            report.append(_order_line(op, order, scores, compared)
                           + ("" if written else "; not an op: reported, not written"))
+            for variant in (_dispatch._OPS[op].variants if written else ()):
+                subset = {shape: by for shape, by in shapes.items() if variant in shape.split()}
+                found = order_for(subset)
+                if found is not None:
+                    key = _dispatch.order_key(op, variant)
+                    orders[key] = found[0]
+                    report.append(_order_line(key, *found))
         atomic = [by["triton-atomic"] / by["triton"] for by in shapes.values()
                   if "triton-atomic" in by and "triton" in by]
         if atomic:
@@ -94,6 +104,11 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     by_device[device] = orders
     content["by_device"] = by_device
     return content, report
+
+
+def _order_line(key: str, order, scores, compared: int) -> str:
+    return (f"  {key}: {' > '.join(order)}  (time / fastest, geometric mean over {compared} shapes: "
+            + ", ".join(f"{b} {s:.3g}" for b, s in scores.items()) + ")")
 
 
 class NoOrders(harness.NothingToWrite):

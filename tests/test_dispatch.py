@@ -91,8 +91,9 @@ def test_info_reports_every_backend(capsys):
     # And the order auto tries for each public op.
     order_block, tuned_block = out.split("auto tries, in order")[1].split("\n\n")
     order_lines = order_block.splitlines()[1:]
-    assert {line.split()[0] for line in order_lines} == {"ace_hypergraph", "label_guided_infonce", "lora_linear",
-                                                         "lora_qkv"}
+    assert {line.split()[0] for line in order_lines} == {"ace_hypergraph", "ace_hypergraph[cls_only]",
+                                                         "ace_hypergraph[full]", "label_guided_infonce",
+                                                         "lora_linear", "lora_qkv"}
     assert all(line.split()[-1] == "torch" for line in order_lines)  # the exact path is always last
     # And the launch configurations a sweep recorded (for which cards, or on this one).
     assert tuned_block.startswith("tuned launch configurations")
@@ -158,6 +159,21 @@ def test_measured_order_is_used_on_its_card_only(toy_op, monkeypatch):
     assert _dispatch.preference(toy_op, None) == ("cuda", "triton", "torch")
 
 
+def test_measured_order_per_variant(monkeypatch):
+    # ace_hypergraph's cls_only and full outputs run different kernels: each variant takes its own
+    # measured order when the file has one, the op's otherwise.
+    assert _dispatch.order_keys() >= {"ace_hypergraph", "ace_hypergraph[cls_only]", "ace_hypergraph[full]"}
+    monkeypatch.setattr(_dispatch, "measured_orders", lambda: {"Card A": {
+        "ace_hypergraph": ["cuda", "torch", "triton"], "ace_hypergraph[cls_only]": ["triton", "torch"]}})
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: "Card A")
+    dev = torch.device("cuda", 0)
+    assert _dispatch.preference("ace_hypergraph", dev, "cls_only") == ("triton", "torch", "cuda")
+    assert _dispatch.preference("ace_hypergraph", dev, "full") == ("cuda", "torch", "triton")
+    assert _dispatch.preference("ace_hypergraph", dev) == ("cuda", "torch", "triton")
+    with pytest.raises(ValueError, match="no variant 'half'"):
+        _dispatch.select("ace_hypergraph", "auto", [torch.zeros(1)], variant="half")
+
+
 def test_shipped_order_file_is_readable():
     # Empty until a GPU run is recorded; whatever it holds must be a {card: {op: [backends]}} table
     # of known ops and backends.
@@ -165,7 +181,7 @@ def test_shipped_order_file_is_readable():
     assert isinstance(orders, dict)
     for card, ops in orders.items():
         for op, order in ops.items():
-            assert op in _dispatch._OPS and set(order) <= set(_dispatch.BACKENDS), (card, op, order)
+            assert op in _dispatch.order_keys() and set(order) <= set(_dispatch.BACKENDS), (card, op, order)
 
 
 def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
@@ -196,6 +212,9 @@ def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
     assert any("ace_lora_train_step: torch > triton" in line and "not written" in line for line in report), report
     # torch ran at one of the two hypergraph shapes: counted as twice the slowest at the other.
     assert orders["ace_hypergraph"] == ["cuda", "triton", "torch"]
+    # Per variant, from that variant's shapes alone (torch ran only at the full shape).
+    assert orders["ace_hypergraph[cls_only]"] == ["cuda", "triton"]
+    assert orders["ace_hypergraph[full]"] == ["cuda", "triton", "torch"]
     assert orders["lora_qkv"] == orders["lora_linear"] == ["triton", "torch"]
     assert "label_guided_infonce" not in orders
     assert content["by_device"]["Other card"] == {"lora_qkv": ["torch", "triton"]} and content["about"] == "kept"
