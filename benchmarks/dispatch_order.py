@@ -8,9 +8,10 @@ backend did not run count against it (it cannot be first if it cannot take the c
 file keeps what it held for other cards and ops. ``lora_linear`` runs the kernels of
 ``lora_qkv`` and takes its order.
 
-An op with declared variants (``ace_hypergraph``: ``cls_only`` and ``full``, named as a word
-of the rows' shape) also gets an order per variant, from that variant's shapes alone, written
-as ``op[variant]``; ``auto`` prefers it to the op's overall order.
+An op with declared variants also gets an order per variant, from that variant's shapes alone,
+written as ``op[variant]``; ``auto`` prefers it to the op's overall order. ``ace_hypergraph``:
+``cls_only`` and ``full`` (a word of the rows' shape); ``lora_qkv`` (and ``lora_linear``):
+``small`` and ``large``, by the ``M=`` rows of the shape (``ace_kernels.lora.rows_variant``).
 
 Provider ``triton-atomic`` (the hypergraph's ``deterministic=False``) is not a backend: its
 time against ``triton`` is printed, for the choice of the default, but not written.
@@ -23,6 +24,7 @@ then nothing is written (exit status 3), so no copy of the old file can pass for
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from typing import Sequence
 
@@ -31,6 +33,25 @@ from benchmarks import harness
 
 BACKENDS = _dispatch.BACKENDS
 SHARED_ORDER = {"lora_qkv": ("lora_linear",)}  # ops that run another op's kernels
+
+
+def _lora_variant(shape: str) -> str | None:
+    from ace_kernels import lora
+
+    found = re.search(r"\bM=(\d+)", shape)
+    return lora.rows_variant(int(found.group(1))) if found else None
+
+
+# op -> shape text -> variant, for ops whose variant is not a word of the shape.
+VARIANT_OF_SHAPE = {"lora_qkv": _lora_variant}
+
+
+def variant_of(op: str, shape: str) -> str | None:
+    """The declared variant of ``op`` that a benchmark row of ``shape`` measured, or None."""
+    if op in VARIANT_OF_SHAPE:
+        return VARIANT_OF_SHAPE[op](shape)
+    words = shape.split()
+    return next((v for v in _dispatch._OPS[op].variants if v in words), None)
 
 
 def backend_times(rows: Sequence[dict]) -> dict:
@@ -86,12 +107,12 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
             report.append(_order_line(op, order, scores, compared)
                           + ("" if written else "; not an op: reported, not written"))
             for variant in (_dispatch._OPS[op].variants if written else ()):
-                subset = {shape: by for shape, by in shapes.items() if variant in shape.split()}
+                subset = {shape: by for shape, by in shapes.items() if variant_of(op, shape) == variant}
                 found = order_for(subset)
                 if found is not None:
-                    key = _dispatch.order_key(op, variant)
-                    orders[key] = found[0]
-                    report.append(_order_line(key, *found))
+                    for name in (op,) + SHARED_ORDER.get(op, ()):
+                        orders[_dispatch.order_key(name, variant)] = found[0]
+                    report.append(_order_line(_dispatch.order_key(op, variant), *found))
         atomic = [by["triton-atomic"] / by["triton"] for by in shapes.values()
                   if "triton-atomic" in by and "triton" in by]
         if atomic:

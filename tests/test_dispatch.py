@@ -91,9 +91,9 @@ def test_info_reports_every_backend(capsys):
     # And the order auto tries for each public op.
     order_block, tuned_block = out.split("auto tries, in order")[1].split("\n\n")
     order_lines = order_block.splitlines()[1:]
-    assert {line.split()[0] for line in order_lines} == {"ace_hypergraph", "ace_hypergraph[cls_only]",
-                                                         "ace_hypergraph[full]", "label_guided_infonce",
-                                                         "lora_linear", "lora_qkv"}
+    assert {line.split()[0] for line in order_lines} == {
+        "ace_hypergraph", "ace_hypergraph[cls_only]", "ace_hypergraph[full]", "label_guided_infonce",
+        "lora_linear", "lora_linear[small]", "lora_linear[large]", "lora_qkv", "lora_qkv[small]", "lora_qkv[large]"}
     assert all(line.split()[-1] == "torch" for line in order_lines)  # the exact path is always last
     # And the launch configurations a sweep recorded (for which cards, or on this one).
     assert tuned_block.startswith("tuned launch configurations")
@@ -170,6 +170,12 @@ def test_measured_order_per_variant(monkeypatch):
     assert _dispatch.preference("ace_hypergraph", dev, "cls_only") == ("triton", "torch", "cuda")
     assert _dispatch.preference("ace_hypergraph", dev, "full") == ("cuda", "torch", "triton")
     assert _dispatch.preference("ace_hypergraph", dev) == ("cuda", "torch", "triton")
+    # LoRA calls are classed by their rows (all of x's leading dimensions).
+    from ace_kernels import lora
+
+    assert lora.rows_variant(64 * 197) == "small" and lora.rows_variant(1024 * 197) == "large"
+    assert lora.rows_variant(lora.SMALL_ROWS_LIMIT - 1) == "small"
+    assert lora.rows_variant(lora.SMALL_ROWS_LIMIT) == "large"
     with pytest.raises(ValueError, match="no variant 'half'"):
         _dispatch.select("ace_hypergraph", "auto", [torch.zeros(1)], variant="half")
 
@@ -216,6 +222,9 @@ def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
     assert orders["ace_hypergraph[cls_only]"] == ["cuda", "triton"]
     assert orders["ace_hypergraph[full]"] == ["cuda", "triton", "torch"]
     assert orders["lora_qkv"] == orders["lora_linear"] == ["triton", "torch"]
+    # LoRA's variants come from the rows (M=12608 is "small"); no "large" shape ran, so none is written.
+    assert orders["lora_qkv[small]"] == orders["lora_linear[small]"] == ["triton", "torch"]
+    assert "lora_qkv[large]" not in orders and "lora_linear[large]" not in orders
     assert "label_guided_infonce" not in orders
     assert content["by_device"]["Other card"] == {"lora_qkv": ["torch", "triton"]} and content["about"] == "kept"
     assert any("triton-atomic takes 0.75x" in line for line in report), report
