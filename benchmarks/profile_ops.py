@@ -2,12 +2,14 @@
 
     python -m benchmarks.profile_ops [--out FILE] [--only lora hypergraph] [--quick]
 
-For each op at one GPU shape of its benchmark family (``bench_lora``, ``bench_hypergraph``,
-bf16): the step's wall time (CUDA-synchronised, median of 10, after 3 warm-up steps), how many
-kernels it launches, and the profiler's table of CUDA time by kernel and operator. A diagnosis
-aid for the benchmark's ratios, not a benchmark: no baseline, no target. Runs on the CPU too
-(CPU time only; the ops' ``auto`` backend), where it says little; ``--quick`` takes tiny
-shapes (a smoke test of the tool).
+For each op at the GPU shapes that decide its dispatch (``bench_lora``, ``bench_hypergraph``,
+bf16), once per backend on a GPU: the step's wall time (CUDA-synchronised, median of 10, after
+3 warm-up steps), how many kernels it launches, and the profiler's table of CUDA time by kernel
+and operator. LoRA: M = 64 * 197 (host-bound on an H200), triton and torch. Hypergraph: B = 64
+``cls_only`` and B = 1024 full output, triton and cuda. A diagnosis aid for the benchmark's
+ratios, not a benchmark: no baseline, no target. Runs on the CPU too (CPU time only; the ops'
+``auto`` backend, each shape once), where it says little; ``--quick`` takes tiny shapes (a
+smoke test of the tool). ``gpu_check.sh`` runs it with ``GPU_CHECK_PROFILE=1``.
 """
 
 from __future__ import annotations
@@ -23,32 +25,42 @@ import ace_kernels
 from benchmarks import bench_hypergraph, bench_lora
 
 
-def _lora_step(device, dtype, quick=False):
+def _lora_step(device, dtype, backend, quick=False):
     shape = dict(m=2 * 37, k=96, out=80, r=4) if quick else dict(m=64 * 197, k=768, out=768, r=4)
     x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, device,
                                                                    torch.Generator(device=device).manual_seed(0))
 
     def step():
-        outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.1, training=True)
+        outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.1, training=True,
+                                    backend=backend)
         torch.autograd.backward(outs, grad_out)
 
     return f"lora_qkv M={shape['m']} K={shape['k']} out={shape['out']} r=4 p=0.1", step
 
 
-def _hypergraph_step(device, dtype, quick=False):
-    shape = dict(b=4, n=17, d=40, k=3, hidden=8) if quick else dict(b=64, n=197, d=512, k=5, hidden=128)
+def _hypergraph_step(device, dtype, backend, quick=False, batch=64, cls_only=True):
+    shape = dict(b=4, n=17, d=40, k=3, hidden=8) if quick else dict(b=batch, n=197, d=512, k=5, hidden=128)
     x, cls_attn, edge, node = bench_hypergraph._inputs(shape, dtype, device,
                                                        torch.Generator(device=device).manual_seed(0))
-    grad = torch.randn(shape["b"], shape["d"], device=device).to(dtype)
+    out_shape = (shape["b"], shape["d"]) if cls_only else (shape["b"], shape["n"], shape["d"])
+    grad = torch.randn(out_shape, device=device).to(dtype)
 
     def step():
-        ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=shape["k"], cls_only=True).backward(grad)
+        ace_kernels.ace_hypergraph(x, cls_attn, edge, node, topk=shape["k"], cls_only=cls_only,
+                                   backend=backend).backward(grad)
 
     return (f"ace_hypergraph B={shape['b']} N={shape['n']} D={shape['d']} k={shape['k']} h={shape['hidden']} "
-            "cls_only"), step
+            + ("cls_only" if cls_only else "full")), step
 
 
-STEPS = {"lora": _lora_step, "hypergraph": _hypergraph_step}
+def _hypergraph_full_step(device, dtype, backend, quick=False):
+    return _hypergraph_step(device, dtype, backend, quick, batch=1024, cls_only=False)
+
+
+# name -> [(step factory, GPU backend)]; on a CPU each factory runs once with backend "auto".
+STEPS = {"lora": [(_lora_step, "triton"), (_lora_step, "torch")],
+         "hypergraph": [(_hypergraph_step, "triton"), (_hypergraph_step, "cuda"),
+                        (_hypergraph_full_step, "triton"), (_hypergraph_full_step, "cuda")]}
 
 
 def _sync(device):
@@ -56,8 +68,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def profile(name: str, device: torch.device, dtype: torch.dtype, quick: bool = False) -> str:
-    label, step = STEPS[name](device, dtype, quick)
+def profile(factory, backend: str, device: torch.device, dtype: torch.dtype, quick: bool = False) -> str:
+    label, step = factory(device, dtype, backend, quick)
     for _ in range(3):
         step()
     _sync(device)
@@ -76,8 +88,21 @@ def profile(name: str, device: torch.device, dtype: torch.dtype, quick: bool = F
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
-    return (f"== {label} ({dtype}, {device}): step {statistics.median(times):.3f} ms median of 10 "
-            f"(min {min(times):.3f}); {len(kernels)} kernels launched in one step\n{table}\n")
+    return (f"== {label}, backend {backend} ({dtype}, {device}): step {statistics.median(times):.3f} ms median "
+            f"of 10 (min {min(times):.3f}); {len(kernels)} kernels launched in one step\n{table}\n")
+
+
+def _plan(names, device):
+    """(factory, backend) pairs to profile: every listed backend on a GPU, each factory once with
+    ``auto`` elsewhere."""
+    plan = []
+    for name in names:
+        for factory, backend in STEPS[name]:
+            if device.type != "cuda":
+                backend = "auto"
+            if (factory, backend) not in plan:
+                plan.append((factory, backend))
+    return plan
 
 
 def main(argv=None) -> int:
@@ -89,11 +114,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = []
-    for name in args.only:
+    for factory, backend in _plan(args.only, device):
         try:
-            report.append(profile(name, device, dtype, args.quick))
-        except Exception as exc:  # one op's failure must not hide the other's breakdown
-            report.append(f"== {name}: failed: {type(exc).__name__}: {exc}\n")
+            report.append(profile(factory, backend, device, dtype, args.quick))
+        except Exception as exc:  # one step's failure must not hide the others' breakdowns
+            report.append(f"== {factory.__name__} backend {backend}: failed: {type(exc).__name__}: {exc}\n")
         print(report[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
