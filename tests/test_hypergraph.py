@@ -552,9 +552,10 @@ def test_triton_cls_only_is_fused_and_reproducible(deterministic, monkeypatch, d
         assert_close_scaled(got, want, 1e-4, f"grad {name}")
 
 
-def _saved_and_created(fn):
+def _saved_and_created(fn, backward_created=None):
     """Run fn() (a forward) and its backward; return the tensors autograd saved (shape, dtype,
-    storage bytes, storage pointer) and the float32 tensors created during the forward."""
+    storage bytes, storage pointer) and the float32 tensors created during the forward (and,
+    into the list ``backward_created`` when given, those created during the backward)."""
     saved, created = [], []
 
     def pack(t):
@@ -572,7 +573,13 @@ def _saved_and_created(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with Created():
             out = fn()
-        out.sum().backward()
+        if backward_created is None:
+            out.sum().backward()
+        else:
+            forward_created, created = created, backward_created
+            with Created():
+                out.sum().backward()
+            created = forward_created
     return saved, created
 
 
@@ -587,12 +594,17 @@ def test_half_inputs_keep_no_float32_copy_of_x(dtype, cls_only, device, monkeypa
     inputs = leaves([x, c, *edge, *node])
     copy_bytes = B * (N - 1) * D * 4  # a float32 copy of the patches, the smallest [B, ., D] copy
 
-    def run(backend):
+    def run(backend, backward_created=None):
         return _saved_and_created(lambda: ace_kernels.ace_hypergraph(
             inputs[0], inputs[1], tuple(inputs[2:6]), tuple(inputs[6:10]), topk=k, cls_only=cls_only,
-            backend=backend))
+            backend=backend), backward_created)
 
-    saved, created = run("triton")
+    backward_created = []
+    saved, created = run("triton", backward_created)
+    if cls_only:
+        # The fused backward writes dx in x's dtype: no float32 [B, N, D] gradient on the way.
+        big_fp32_backward = [t for t in backward_created if t[2] >= copy_bytes]
+        assert not big_fp32_backward, big_fp32_backward
     big_fp32_saved = [s for s in saved if s[1] == torch.float32 and s[2] >= copy_bytes]
     assert not big_fp32_saved, big_fp32_saved
     big_fp32_created = [t for t in created if t[2] >= copy_bytes]
