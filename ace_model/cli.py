@@ -46,7 +46,7 @@ _TRAIN_FLAGS = {
     "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs", "warmup_steps": "warmup_steps",
     "seed": "seed", "use_labels": "use_labels", "device": "device", "precision": "precision",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resume": "resume",
-    "num_workers": "num_workers", "progress": "progress",
+    "num_workers": "num_workers", "progress": "progress", "cuda_graph": "cuda_graph",
 }
 
 
@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                             "not the batch). Without dropout the gradients equal the one-pass step's for any "
                             "chunk size; with dropout each chunk draws its own masks (replayed exactly in pass "
                             "2), so another chunk size gives other, identically distributed masks")
+    train.add_argument("--cuda-graph", action="store_true",
+                       help="capture the training step once as a CUDA graph and replay it every step (CUDA, one "
+                            "process, no --chunk-size): the same kernels and random streams, launched in one call "
+                            "instead of thousands, for steps bound by the host's launch work")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -203,8 +207,13 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ace_model import training
 
-    _check_train_inputs(args)
     config = train_config_from_args(args)
+    try:
+        config.validate()  # the flags first: they need no file
+    except ValueError as exc:
+        _name_flags(exc)
+        raise
+    _check_train_inputs(args)
     try:
         result = training.train(config)  # validates the configuration before any work
     except ValueError as exc:

@@ -307,6 +307,130 @@ def chunked_train_step(
     return loss.detach()
 
 
+class GraphedTrainStep:
+    """One training step (forward, loss, backward) captured once as a CUDA graph and replayed.
+
+    A BiomedCLIP step at B = 64 launches thousands of small kernels, and on an H200 its time
+    follows the host's load more than the card's (stop 15's two runs: the same step took
+    58 and 98 ms): the GPU waits for the launches. Replaying a captured graph launches all of
+    them in one call. The graph holds the very kernels of the eager step (the Triton and
+    CUDA kernels of ``ace_kernels`` included) and draws its random numbers from the same
+    generator offsets (PyTorch's graph-safe Philox: a replay advances the generator exactly as
+    the eager step would), so a replay computes what the eager step computes from the same
+    state.
+
+    Usage::
+
+        step = GraphedTrainStep(model, images, token_ids, labels)   # warm-up and capture
+        for images, token_ids, labels in batches:                     # same shapes every step
+            loss = step(images, token_ids, labels)                    # param.grad set for you
+            optimizer.step()
+
+    * Construction warms the step up three times on a side stream (Triton compiles, cuBLAS
+      workspaces, the allocator) and captures it once. The generator states (CPU and CUDA)
+      are restored afterwards and the parameters' gradients put back as they were, so building
+      the step changes nothing: the first call computes what an eager step would have.
+    * Each call copies the batch into the graph's static input buffers, replays the graph,
+      points every trainable parameter's ``.grad`` at the graph's gradient buffers (so
+      ``optimizer.zero_grad(set_to_none=True)`` between steps does no harm, and is not needed:
+      a replay writes the gradients, it does not add to them) and returns the loss (a copy).
+      The gradients are overwritten by the next call: no accumulation over calls.
+    * Every call must have the construction's shapes and dtypes (``matches`` says whether
+      a batch does); labels given at construction must be given every time, and vice versa.
+    * The optimizer and scheduler stay outside the graph, so learning-rate schedules work.
+    * CUDA only, one process (the cross-rank loss's collectives are not captured), the
+      one-pass step (no ``chunk_size``). Autocast's weight-cast cache is off while capturing
+      (a cached cast would be captured once and never refreshed).
+    * Memory: the graph keeps its own pool for the step's activations between calls, about
+      the eager step's peak.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, token_ids: torch.Tensor,
+                 labels: torch.Tensor | None = None, *, loss_fn: Callable | None = None, precision: str = "auto",
+                 warmup: int = 3):
+        device = _model_device(model)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"argument 'model': GraphedTrainStep captures a CUDA graph and needs a model on a "
+                             f"CUDA device, got one on {device}")
+        _check_step_inputs(images, token_ids, labels, None)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"argument 'precision': expected 'auto', 'bf16' or 'fp32', got {precision!r}")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"argument 'warmup': expected a positive int, got {warmup!r}")
+        self.model, self.device, self.precision = model, device, precision
+        self.loss_fn = loss_fn or _default_loss_fn(model)
+        self.params = [p for _, p in trainable_named_parameters(model)]
+        if not self.params:
+            raise ValueError("argument 'model': no parameter requires grad")
+        self._inputs = tuple(None if t is None else t.detach().to(device).clone() for t in (images, token_ids, labels))
+        self._scale = logit_scale_parameter(model)
+
+        rng = _capture_torch_rng(device)
+        grads_before = [p.grad for p in self.params]
+        cache = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    for p in self.params:
+                        p.grad = None
+                    self._forward_backward()
+            torch.cuda.current_stream(device).wait_stream(side)
+            for p in self.params:
+                p.grad = None
+            _restore_torch_rng(rng, device)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: a data loader's pinning thread may call CUDA meanwhile.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self._loss = self._forward_backward()
+            self._grads = [p.grad for p in self.params]
+        finally:
+            torch.set_autocast_cache_enabled(cache)
+            _restore_torch_rng(rng, device)
+            for p, g in zip(self.params, grads_before):
+                p.grad = g
+        missing = [i for i, g in enumerate(self._grads) if g is None]
+        if missing:
+            raise ValueError(f"argument 'model': {len(missing)} trainable parameters got no gradient in the "
+                             "captured step (they do not reach the loss)")
+
+    def _forward_backward(self) -> torch.Tensor:
+        images, token_ids, labels = self._inputs
+        image_emb, text_emb = _encode_pair(self.model, images, token_ids, self.device, self.precision)
+        loss = _call_loss(self.loss_fn, image_emb, text_emb, self._scale, labels, None)
+        loss.backward()
+        return loss.detach()
+
+    def matches(self, images: torch.Tensor, token_ids: torch.Tensor, labels: torch.Tensor | None = None) -> bool:
+        """Whether a batch has the shapes and dtypes the graph was captured with."""
+        for static, given in zip(self._inputs, (images, token_ids, labels)):
+            if (static is None) != (given is None):
+                return False
+            if static is not None and (tuple(given.shape) != tuple(static.shape) or given.dtype != static.dtype):
+                return False
+        return True
+
+    def __call__(self, images: torch.Tensor, token_ids: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        for name, static, given in zip(("images", "token_ids", "labels"), self._inputs, (images, token_ids, labels)):
+            if (static is None) != (given is None):
+                raise ValueError(f"argument '{name}': the graph was captured "
+                                 f"{'without' if static is None else 'with'} it, got "
+                                 f"{'a tensor' if given is not None else 'None'}")
+            if static is not None and (tuple(given.shape) != tuple(static.shape) or given.dtype != static.dtype):
+                raise ValueError(f"argument '{name}': expected {static.dtype} {list(static.shape)} as captured, got "
+                                 f"{given.dtype} {list(given.shape)}; build another GraphedTrainStep for it")
+        for static, given in zip(self._inputs, (images, token_ids, labels)):
+            if static is not None:
+                static.copy_(given, non_blocking=True)
+        self.graph.replay()
+        for p, g in zip(self.params, self._grads):
+            p.grad = g
+        return self._loss.clone()
+
+
 def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
     """Sum the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce per dtype).
 
@@ -443,6 +567,7 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     dist_timeout_s: float = 600.0
+    cuda_graph: bool = False  # replay each step as a captured CUDA graph (GraphedTrainStep)
 
     # Fields that may change between a run and its resumption. Most leave every number of
     # the run as it was; not all: with dropout on, a new chunk_size draws other
@@ -452,7 +577,7 @@ class TrainConfig:
     # data: the dataset length is checked against the state.
     _RESUMABLE_CHANGES = frozenset(
         {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
-         "keep_checkpoints", "chunk_size", "csv", "image_root", "device"}
+         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph"}
     )
 
     def to_dict(self) -> dict:
@@ -488,6 +613,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"TrainConfig.cuda_graph: expected a bool, got {self.cuda_graph!r}")
+        if self.cuda_graph and self.chunk_size is not None:
+            raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
+                             f"combined with chunk_size={self.chunk_size}")
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -942,6 +1072,9 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     if not any(p is scale for p in params):
         raise ValueError("model.logit_scale is not among the trainable parameters")
 
+    if config.cuda_graph and (device.type != "cuda" or world > 1):
+        raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "
+                         f"{world} process(es) on {device}")
     n = len(dataset)
     if config.batch_size % world:
         raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly over {world} processes")
@@ -1004,6 +1137,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     last_state = resume_path
     last_reference = None
     last_loss = None
+    graphed = None  # the GraphedTrainStep, built at the first batch when config.cuda_graph
     pin = device.type == "cuda"
     bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and is_writer),
                dynamic_ncols=True, desc="train")
@@ -1024,10 +1158,16 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 started = time.perf_counter()
                 if not config.use_labels:
                     labels = None
-                optimizer.zero_grad(set_to_none=True)
-                loss = chunked_train_step(model, images, token_ids, labels, chunk_size=config.chunk_size,
-                                          group=group, loss_fn=loss_fn, precision=config.precision,
-                                          check_ranks=group is not None)
+                if config.cuda_graph and graphed is None:
+                    graphed = GraphedTrainStep(model, images, token_ids, labels, loss_fn=loss_fn,
+                                               precision=config.precision)
+                if graphed is not None and graphed.matches(images, token_ids, labels):
+                    loss = graphed(images, token_ids, labels)  # copied into the graph's buffers
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = chunked_train_step(model, images, token_ids, labels, chunk_size=config.chunk_size,
+                                              group=group, loss_fn=loss_fn, precision=config.precision,
+                                              check_ranks=group is not None)
                 sync_gradients(params, group)
                 grad_norm = torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]))

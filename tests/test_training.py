@@ -619,3 +619,104 @@ def test_chunked_step_on_cuda_replays_the_cuda_dropout_stream():
         assert torch.isfinite(got16[name]).all(), name
         # bf16 products summed in another order: a few bf16 ulps of the gradient's scale.
         assert (got16[name] - want).norm() <= 3e-2 * want.norm() + 1e-6, name
+
+
+# ---------------------------------------------------------------------------- the CUDA-graph step
+
+def test_graphed_step_refuses_what_it_cannot_capture(tmp_path):
+    model = make_model("standin")
+    images, token_ids, labels = make_batch(model, 6, seed=1)
+    # A CUDA graph needs a CUDA model; the message names the argument and the device.
+    with pytest.raises(ValueError, match=r"argument 'model': .*needs a model on a CUDA device, got one on cpu"):
+        training.GraphedTrainStep(model, images, token_ids, labels)
+    # The captured step is the one-pass step, one process on a CUDA device: refused before any work.
+    with pytest.raises(ValueError, match=r"^TrainConfig\.cuda_graph: the captured step is the one-pass step"):
+        TrainConfig(cuda_graph=True, chunk_size=4).validate()
+    with pytest.raises(ValueError, match=r"^TrainConfig\.cuda_graph: expected a bool"):
+        TrainConfig(cuda_graph="yes").validate()
+    data = RandomPairs(model, 8)
+    with pytest.raises(ValueError, match=r"TrainConfig\.cuda_graph: needs one process on a CUDA device, got 1 "
+                                         r"process\(es\) on cpu"):
+        train(_config(tmp_path, cuda_graph=True), model=model, dataset=data, loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # A run and its resumption may differ in this switch (it changes no step's inputs).
+    assert "cuda_graph" in TrainConfig._RESUMABLE_CHANGES
+
+
+def test_cli_cuda_graph_flag_reaches_the_config(tmp_path, capsys):
+    from ace_model import cli
+
+    args = cli._parser().parse_args(["train", "--csv", "x.csv", "--cuda-graph"])
+    assert cli.train_config_from_args(args).cuda_graph is True
+    args = cli._parser().parse_args(["train", "--csv", "x.csv"])
+    assert cli.train_config_from_args(args).cuda_graph is False
+    # A bad combination is reported with the flag's name, before the data is read.
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("image,text,label\n")
+    assert cli.main(["train", "--csv", str(csv), "--cuda-graph", "--chunk-size", "4", "--no-progress",
+                     "--out-dir", str(tmp_path / "run")]) == cli.EXIT_BAD_INPUT
+    assert "--cuda-graph: the captured step is the one-pass step" in capsys.readouterr().err
+
+
+def _graph_inputs(kind, batch, dropout):
+    device = torch.device("cuda")
+    model = make_model(kind, dropout=dropout).to(device)
+    images, token_ids, labels = make_batch(model, batch, seed=2)
+    return model, images.to(device), token_ids.to(device), labels.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_step_replays_the_eager_step(kind, precision):
+    """Three replays against three eager steps from the same generator state, with dropout on:
+    the same kernels and the same random streams give the same losses and gradients (bit for
+    bit expected; checked to a few ulps), and the generator ends where the eager steps leave it."""
+    model, images, token_ids, labels = _graph_inputs(kind, 8, dropout=0.3)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batches = [(images, token_ids, labels)] + [
+        tuple(t.to("cuda") for t in make_batch(model, 8, seed=s)) for s in (3, 4)]
+
+    torch.manual_seed(7)
+    eager = []
+    for b_images, b_ids, b_labels in batches:
+        model.zero_grad(set_to_none=True)
+        loss = chunked_train_step(model, b_images, b_ids, b_labels, loss_fn=dense_label_infonce, precision=precision)
+        eager.append((loss.clone(), trainable_grads(model)))
+    eager_next = torch.rand(4, device="cuda")
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    step = training.GraphedTrainStep(model, images, token_ids, labels, loss_fn=dense_label_infonce,
+                                     precision=precision)
+    # Building it changed nothing: no gradients, the parameters as they were.
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
+    for (b_images, b_ids, b_labels), (want_loss, want_grads) in zip(batches, eager):
+        model.zero_grad(set_to_none=True)  # harmless: the call points .grad at the graph's buffers
+        got_loss = step(b_images, b_ids, b_labels)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+        _assert_grads_close(trainable_grads(model), want_grads)
+    assert torch.equal(torch.rand(4, device="cuda"), eager_next)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_graphed_step_checks_every_batch_and_trains(tmp_path):
+    model, images, token_ids, labels = _graph_inputs("tiny", 8, dropout=0.1)
+    step = training.GraphedTrainStep(model, images, token_ids, labels)
+    assert step.matches(images, token_ids, labels) and not step.matches(images[:4], token_ids[:4], labels[:4])
+    with pytest.raises(ValueError, match=r"argument 'images': expected torch.float32 \[8, "):
+        step(images[:4], token_ids[:4], labels[:4])
+    with pytest.raises(ValueError, match=r"argument 'labels': the graph was captured with it, got None"):
+        step(images, token_ids, None)
+    # The training loop with --cuda-graph: finite losses, and the same run as without it.
+    data = RandomPairs(make_model("tiny"), 24)
+    runs = {}
+    for graph in (False, True):
+        out = tmp_path / f"graph{graph}"
+        train(_config(out, batch_size=8, epochs=2, cuda_graph=graph, device="cuda"), model=make_model("tiny"),
+              dataset=data)
+        runs[graph] = [r["loss"] for r in read_metrics(out / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(runs[True]) == 6 and all(math.isfinite(v) for v in runs[True])
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-6)
