@@ -767,6 +767,14 @@ if _TRITON_IMPORTED:
     # The small tensors are contiguous (the launchers make them so).
 
     @triton.jit
+    def _cls_program(D, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A (feature block, sample) program's sample, feature offsets and mask, slot offsets and mask."""
+        pid_d = tl.program_id(0).to(tl.int64)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_t = tl.arange(0, BLOCK_T)
+        return tl.program_id(1).to(tl.int64), offs_d, offs_d < D, offs_t, offs_t < TOPK
+
+    @triton.jit
     def _cls_edges_kernel(
         x_ptr, cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, out_ptr,
         D, stride_xb, stride_xn, stride_xd,
@@ -777,12 +785,7 @@ if _TRITON_IMPORTED:
         E[0] = x_0 + sum_t cls_w[t] x_q(t);  E[1 + t] = x_q(t) + sum_u nbr_w[t, u] x_n(t, u) + cls_w[t] x_0,
         with q(t) = 1 + cls_idx[t] and n(t, u) = 1 + nbr_idx[t, u] (spec section 4, steps 3-6).
         """
-        pid_d = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1).to(tl.int64)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        offs_t = tl.arange(0, BLOCK_T)
-        t_mask = offs_t < TOPK
+        b, offs_d, d_mask, offs_t, t_mask = _cls_program(D, TOPK, BLOCK_T, BLOCK_D)
         tile_mask = t_mask[:, None] & d_mask[None, :]
         x_b = x_ptr + b * stride_xb
         q_row = 1 + tl.load(cls_idx_ptr + b * TOPK + offs_t, mask=t_mask, other=0)
@@ -927,12 +930,7 @@ if _TRITON_IMPORTED:
         occurrence with the same destination and written once, by its first occurrence, in
         dx's dtype: no atomics, no read-modify-write, one rounding.
         """
-        pid_d = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1).to(tl.int64)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        offs_t = tl.arange(0, BLOCK_T)
-        t_mask = offs_t < TOPK
+        b, offs_d, d_mask, offs_t, t_mask = _cls_program(D, TOPK, BLOCK_T, BLOCK_D)
         x_b = x_ptr + b * stride_xb
         g_b = grad_ptr + b * (TOPK + 1) * D
         dx_b = dx_ptr + b * stride_db
