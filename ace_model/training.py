@@ -329,7 +329,9 @@ class GraphedTrainStep:
     * Construction warms the step up three times on a side stream (Triton compiles, cuBLAS
       workspaces, the allocator) and captures it once. The generator states (CPU and CUDA)
       are restored afterwards and the parameters' gradients put back as they were, so building
-      the step changes nothing: the first call computes what an eager step would have.
+      the step changes nothing for a model without running statistics (ACE-LoRA's towers have
+      none; a BatchNorm's would see the warm-up batches): the first call computes what an
+      eager step would have.
     * Each call copies the batch into the graph's static input buffers, replays the graph,
       points every trainable parameter's ``.grad`` at the graph's gradient buffers (so
       ``optimizer.zero_grad(set_to_none=True)`` between steps does no harm, and is not needed:
@@ -363,8 +365,18 @@ class GraphedTrainStep:
         if not self.params:
             raise ValueError("argument 'model': no parameter requires grad")
         self._inputs = tuple(None if t is None else t.detach().to(device).clone() for t in (images, token_ids, labels))
-        self._scale = logit_scale_parameter(model)
+        # Warm-up, capture and replay on the model's device: torch.cuda.graph captures on the
+        # current device, and ops on another one would run at capture time instead of being
+        # recorded (an empty graph, every replay a no-op).
+        with torch.cuda.device(device):
+            self._build(warmup)
+        missing = [i for i, g in enumerate(self._grads) if g is None]
+        if missing:
+            raise ValueError(f"argument 'model': {len(missing)} trainable parameters got no gradient in the "
+                             "captured step (they do not reach the loss)")
 
+    def _build(self, warmup: int) -> None:
+        device = self.device
         rng = _capture_torch_rng(device)
         grads_before = [p.grad for p in self.params]
         cache = torch.is_autocast_cache_enabled()
@@ -391,15 +403,12 @@ class GraphedTrainStep:
             _restore_torch_rng(rng, device)
             for p, g in zip(self.params, grads_before):
                 p.grad = g
-        missing = [i for i, g in enumerate(self._grads) if g is None]
-        if missing:
-            raise ValueError(f"argument 'model': {len(missing)} trainable parameters got no gradient in the "
-                             "captured step (they do not reach the loss)")
 
     def _forward_backward(self) -> torch.Tensor:
         images, token_ids, labels = self._inputs
         image_emb, text_emb = _encode_pair(self.model, images, token_ids, self.device, self.precision)
-        loss = _call_loss(self.loss_fn, image_emb, text_emb, self._scale, labels, None)
+        # Looked up each time: a model whose multiplier is computed (a callable) builds it anew.
+        loss = _call_loss(self.loss_fn, image_emb, text_emb, logit_scale_parameter(self.model), labels, None)
         loss.backward()
         return loss.detach()
 
@@ -425,7 +434,8 @@ class GraphedTrainStep:
         for static, given in zip(self._inputs, (images, token_ids, labels)):
             if static is not None:
                 static.copy_(given, non_blocking=True)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         for p, g in zip(self.params, self._grads):
             p.grad = g
         return self._loss.clone()

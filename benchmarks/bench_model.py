@@ -213,7 +213,7 @@ def _run_ace_lora(suite, model) -> None:
     # GPU: the same step captured once as a CUDA graph (ace_model.training.GraphedTrainStep),
     # for each fused backend that ran eagerly. A replay allocates nothing: the graph's memory is
     # taken while it is built, so the row's peak is the build's (warm-up and capture), at least.
-    graph_peaks = {}
+    graph_peaks, graph_reserved = {}, {}
     for provider in (p for p in runnable if suite.is_gpu and p in ("triton", "cuda")):
         label = f"{provider}+cuda-graph"
         model.backend = provider
@@ -223,11 +223,12 @@ def _run_ace_lora(suite, model) -> None:
             from ace_model.training import GraphedTrainStep
 
             torch.cuda.synchronize(device)
-            before = torch.cuda.memory_allocated(device)
+            before, reserved_before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
             graphed = GraphedTrainStep(model, images, ids, labels, precision="bf16")
             torch.cuda.synchronize(device)
             graph_peaks[label] = (torch.cuda.max_memory_allocated(device) - before) / MIB
+            graph_reserved[label] = (torch.cuda.memory_reserved(device) - reserved_before) / MIB
         except Exception as exc:
             suite.skip(f"training step {shape_text} {label}", describe_error(exc))
             continue
@@ -240,6 +241,8 @@ def _run_ace_lora(suite, model) -> None:
         metrics = metrics_for(meas)
         if name in graph_peaks:
             metrics["peak_note"] = "the graph's build (warm-up and capture); its replays allocate nothing"
+            # What the build left reserved (the graph's private pool stays reserved while it lives).
+            metrics["graph_reserved_mib"] = round(graph_reserved[name], 1)
         (base_results if name == "reference-ops" else ours)[name] = (meas, metrics)
     del entries
     model.backend = "auto"
