@@ -662,17 +662,10 @@ if triton is not None:
                 keep = _keep_bits(seed, rng_offset, rows, pid_k * BLOCK_K, K, drop_threshold, EPILOGUE_M, BLOCK_K)
                 # 0/1 multipliers rather than i1 selects: see _lora_pack_kernel.
                 zero = tl.zeros_like(g_sub)
-                keep_x = (keep & 1).to(x_sub.dtype)
-                g_p = tl.where((proj_j == 0)[None, :], g_sub, zero)
-                lora_dx = keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
-                da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
-                if PROJECTIONS == 3:
-                    keep_x = ((keep >> 1) & 1).to(x_sub.dtype)
-                    g_p = tl.where((proj_j == 1)[None, :], g_sub, zero)
-                    lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
-                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
-                    keep_x = ((keep >> 2) & 1).to(x_sub.dtype)
-                    g_p = tl.where((proj_j == 2)[None, :], g_sub, zero)
+                lora_dx = tl.zeros((EPILOGUE_M, BLOCK_K), dtype=tl.float32)
+                for p in tl.static_range(PROJECTIONS):  # bit p of keep: projection p's mask
+                    keep_x = ((keep >> p) & 1).to(x_sub.dtype)
+                    g_p = tl.where((proj_j == p)[None, :], g_sub, zero)
                     lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
                     da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
             else:
