@@ -871,17 +871,12 @@ if _TRITON_IMPORTED:
         tl.store(dcw_ptr + b * TOPK + offs_t, dcw, mask=t_mask)
 
     @triton.jit
-    def _cls_occurrences(
-        o, b, x_b, g_b, g0, offs_d, d_mask, D, stride_xn, stride_xd,
-        cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr, cq_ptr,
-        TOPK: tl.constexpr,
-    ):
-        """Destination row and gradient contribution [len(o), BLOCK_D] of occurrences ``o``.
+    def _cls_occurrence_rows(o, b, cls_idx_ptr, nbr_idx_ptr, TOPK: tl.constexpr):
+        """Which occurrences ``o`` are (live, is_q, is_n), their slots (t, b K + t, (b K + t) K + u),
+        the rows of x they name (q(t), n(t, u)) and their destination row in dx.
 
         Occurrence t < K is the selected patch q(t); occurrence K + t K + u is its neighbour
         n(t, u); beyond K + K^2, none (destination -1). A patch can occur several times.
-          dx_q(t) += cls_w[t] G_0 + G_t + sum_u a[t, u] x_n(t, u) + cq[t] x_q(t)
-          dx_n(t,u) += nbr_w[t, u] G_t + a[t, u] x_q(t) + cn[t, u] x_n(t, u)
         """
         num = TOPK + TOPK * TOPK
         live = o < num
@@ -893,6 +888,22 @@ if _TRITON_IMPORTED:
         slot = base_t * TOPK + u
         q_row = 1 + tl.load(cls_idx_ptr + base_t, mask=live, other=0)
         n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=is_n, other=0)
+        dest = tl.where(is_q, q_row, tl.where(is_n, n_row, -1))
+        return live, is_q, is_n, t, base_t, slot, q_row, n_row, dest
+
+    @triton.jit
+    def _cls_occurrences(
+        o, b, x_b, g_b, g0, offs_d, d_mask, D, stride_xn, stride_xd,
+        cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr, cq_ptr,
+        TOPK: tl.constexpr,
+    ):
+        """Destination row and gradient contribution [len(o), BLOCK_D] of occurrences ``o``
+        (see ``_cls_occurrence_rows``):
+          dx_q(t) += cls_w[t] G_0 + G_t + sum_u a[t, u] x_n(t, u) + cq[t] x_q(t)
+          dx_n(t,u) += nbr_w[t, u] G_t + a[t, u] x_q(t) + cn[t, u] x_n(t, u)
+        """
+        live, is_q, is_n, t, base_t, slot, q_row, n_row, dest = _cls_occurrence_rows(o, b, cls_idx_ptr,
+                                                                                    nbr_idx_ptr, TOPK)
         c_g0 = tl.load(cls_w_ptr + base_t, mask=is_q, other=0.0)
         c_gt = tl.where(is_q, 1.0, tl.load(nbr_w_ptr + slot, mask=is_n, other=0.0))
         c_q = tl.where(is_q, tl.load(cq_ptr + base_t, mask=is_q, other=0.0),
@@ -914,7 +925,6 @@ if _TRITON_IMPORTED:
             xv = tl.load(x_b + v_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=q_d,
                          other=0.0).to(tl.float32)
             contrib += a_v[:, None] * xv
-        dest = tl.where(is_q, q_row, tl.where(is_n, n_row, -1))
         return dest, contrib
 
     @triton.jit
@@ -944,8 +954,7 @@ if _TRITON_IMPORTED:
         lane = tl.arange(0, BLOCK_O)
         for o1_start in range(0, num, BLOCK_O):
             o1 = o1_start + lane
-            dest1, _ = _cls_occurrences(o1, b, x_b, g_b, g0, offs_d, d_mask, D, stride_xn, stride_xd,
-                                        cls_idx_ptr, cls_w_ptr, nbr_idx_ptr, nbr_w_ptr, a_ptr, cn_ptr, cq_ptr, TOPK)
+            dest1 = _cls_occurrence_rows(o1, b, cls_idx_ptr, nbr_idx_ptr, TOPK)[8]  # rows only, no contributions
             total = tl.zeros([BLOCK_O, BLOCK_D], tl.float32)
             earlier = tl.zeros([BLOCK_O], tl.int32)
             for o2_start in range(0, num, BLOCK_O):
