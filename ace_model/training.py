@@ -412,25 +412,26 @@ class GraphedTrainStep:
         loss.backward()
         return loss.detach()
 
+    def _mismatch(self, images, token_ids, labels) -> str | None:
+        """Why a batch cannot be replayed (the first argument that differs from the captured one), or None."""
+        for name, static, given in zip(("images", "token_ids", "labels"), self._inputs, (images, token_ids, labels)):
+            if (static is None) != (given is None):
+                return (f"argument '{name}': the graph was captured {'without' if static is None else 'with'} it, "
+                        f"got {'a tensor' if given is not None else 'None'}")
+            if static is not None and (tuple(given.shape) != tuple(static.shape) or given.dtype != static.dtype):
+                return (f"argument '{name}': expected {static.dtype} {list(static.shape)} as captured, got "
+                        f"{given.dtype} {list(given.shape)}; build another GraphedTrainStep for it")
+        return None
+
     def matches(self, images: torch.Tensor, token_ids: torch.Tensor, labels: torch.Tensor | None = None) -> bool:
         """Whether a batch has the shapes and dtypes the graph was captured with."""
-        for static, given in zip(self._inputs, (images, token_ids, labels)):
-            if (static is None) != (given is None):
-                return False
-            if static is not None and (tuple(given.shape) != tuple(static.shape) or given.dtype != static.dtype):
-                return False
-        return True
+        return self._mismatch(images, token_ids, labels) is None
 
     def __call__(self, images: torch.Tensor, token_ids: torch.Tensor,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
-        for name, static, given in zip(("images", "token_ids", "labels"), self._inputs, (images, token_ids, labels)):
-            if (static is None) != (given is None):
-                raise ValueError(f"argument '{name}': the graph was captured "
-                                 f"{'without' if static is None else 'with'} it, got "
-                                 f"{'a tensor' if given is not None else 'None'}")
-            if static is not None and (tuple(given.shape) != tuple(static.shape) or given.dtype != static.dtype):
-                raise ValueError(f"argument '{name}': expected {static.dtype} {list(static.shape)} as captured, got "
-                                 f"{given.dtype} {list(given.shape)}; build another GraphedTrainStep for it")
+        problem = self._mismatch(images, token_ids, labels)
+        if problem is not None:
+            raise ValueError(problem)
         for static, given in zip(self._inputs, (images, token_ids, labels)):
             if static is not None:
                 static.copy_(given, non_blocking=True)
