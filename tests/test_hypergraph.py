@@ -563,23 +563,22 @@ def _saved_and_created(fn, backward_created=None):
         return t
 
     class Created(TorchDispatchMode):
+        def __init__(self, into):
+            super().__init__()
+            self.into = into
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else [out]):
                 if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.layout == torch.strided:
-                    created.append((str(func), tuple(t.shape), t.untyped_storage().nbytes()))
+                    self.into.append((str(func), tuple(t.shape), t.untyped_storage().nbytes()))
             return out
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with Created():
+        with Created(created):
             out = fn()
-        if backward_created is None:
+        with Created(backward_created if backward_created is not None else []):
             out.sum().backward()
-        else:
-            forward_created, created = created, backward_created
-            with Created():
-                out.sum().backward()
-            created = forward_created
     return saved, created
 
 
