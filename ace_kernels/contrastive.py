@@ -65,6 +65,28 @@ each recompute the similarities (D = 1024 in 16 bits: two 512-wide halves,
 ``14 B^2 D``); ``group=`` adds ``2 B^2 D`` (the two-pass forward) over all ranks.
 Extra memory of the Triton path is ``O(B)`` besides the forward's partials.
 
+Blocked strategy (a launch configuration with ``STRATEGY="blocked"``, among the
+candidates a GPU sweep times; ``_tuning`` launches it on a card where it was measured
+faster). The one-pass kernels keep a 128- or 64-row block of one side resident over all of
+D, which holds their column tiles to 32 wide at D = 512 and leaves one block per SM to
+alternate between tensor-core work and the softmax. The blocked strategy computes each
+similarity tile (128 x 64, say) as an ordinary pipelined GEMM over D, one program per tile,
+with room for more than one per SM, and splits the ``B x B`` work into row blocks:
+- forward: each tile's row and column log-sum-exps (exact per-row and per-column shifts)
+  go to fp32 buffers of at most ``_BLOCKED_PART_BYTES`` (16 MiB) each, which torch folds
+  into the row LSEs and a running column LSE after each row block;
+- backward, per direction: each row block's softmax weights are written in the inputs'
+  dtype to a buffer of at most ``_BLOCKED_WEIGHT_BYTES`` (32 MiB; 256 rows at
+  B = 65,536 in bf16), exactly as the one-pass kernel rounds them before its gradient
+  dot, and one cuBLAS product per row block (fp32 accumulation, ``coef * s`` applied in
+  fp32, one rounding) gives the block's gradient rows.
+Same FLOPs (``10 B^2 D`` at any D <= 1024, with no D chunks), plus writing and reading the
+weights once (``4 B^2`` bytes per direction in 16 bits); extra memory bounded by the two
+budgets up to B = 131,072 in 16 bits (beyond, by one tile of rows: ``2 * 128 * B`` bytes
+of weights); deterministic. Sweep candidates only for 16-bit inputs with D <= 512:
+fp32 inputs keep the IEEE-dot kernels (cuBLAS fp32 products follow
+``torch.backends.cuda.matmul.allow_tf32``).
+
 The torch backend's extra memory is ``O(block * B + B * D)``; the block height
 is the private knob ``_TORCH_BLOCK_ROWS``.
 
@@ -559,6 +581,91 @@ if triton is not None:
         tl.store(grad_a_ptr + rows[:, None] * stride_g + dcols[None, :],
                  (acc * (coef * scale)).to(grad_a_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
 
+    # -- Blocked strategy: large tiles with a K loop, the B x B work split into row blocks. --
+    # The one-pass kernels above keep a row block of a resident over all of D, which limits their
+    # column tiles to 32 (register pressure and shared memory at D = 512) and serialises the
+    # softmax with the tensor-core work on one block per SM. The blocked strategy (a swept
+    # candidate, STRATEGY="blocked") instead computes each BLOCK_M x BLOCK_N tile as an ordinary
+    # pipelined GEMM over D, one program per tile, several tiles resident per SM:
+    # - forward: per-tile row and column log-sum-exps, merged by torch per row block;
+    # - backward: each row block's softmax weights written in the inputs' dtype (exactly as the
+    #   one-pass kernel rounds them before its gradient dot), then one cuBLAS product per row block.
+
+    @triton.jit
+    def _tile_lse(logits, AXIS: tl.constexpr):
+        # Log-sum-exp of a tile along AXIS, -inf where every entry is masked (never log 0).
+        top = tl.max(logits, axis=AXIS)
+        empty = top == float("-inf")
+        safe = tl.where(empty, 0.0, top)
+        if AXIS == 1:
+            total = tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+        else:
+            total = tl.sum(tl.exp(logits - safe[None, :]), axis=0)
+        return tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
+
+    @triton.jit
+    def _lse_tiles_kernel(
+        a_ptr, b_ptr, keys_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
+        row0, rows_end, n, dim, stride_a, stride_b,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, WANT_COLS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Rows row0..rows_end of a against the n rows of b, program (i, j) = tile (row tile i of the
+        # block, column tile j). Outputs, fp32, indexed from row0:
+        # row_part [rows, cdiv(n, BLOCK_N)]: the tile's log-sum-exp of each row;
+        # col_part [cdiv(rows, BLOCK_M), n]: the tile's log-sum-exp of each column (WANT_COLS);
+        # diag [rows]: a_i . b_i, written by the tile that holds (i, i).
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
+        row_start = row0 + pid_m * BLOCK_M
+        rows = row_start + tl.arange(0, BLOCK_M)
+        c0 = pid_n * BLOCK_N
+        cols = c0 + tl.arange(0, BLOCK_N)
+        row_in = rows < rows_end
+        scale = tl.load(scale_ptr).to(tl.float32)
+        sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, n, dim, stride_a, stride_b,
+                               BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        # Rows past the block belong to the next one: they must not enter its column sums.
+        logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS),
+                          float("-inf"))
+        tl.store(row_part_ptr + (rows - row0) * tl.num_programs(1) + pid_n, _tile_lse(logits, 1), mask=row_in)
+        if WANT_COLS:
+            tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0), mask=cols < n)
+        if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+            diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
+            tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
+
+    @triton.jit
+    def _grad_weights_kernel(
+        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_a_ptr, lse_b_ptr, w_ptr, part_ptr,
+        row0, rows_end, col0, cols_end, own_lo, own_hi, n, dim, stride_a, stride_b, stride_w,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
+        # _grad_rows_kernel (both directions, -2 on the owned diagonal), stored in w_ptr's dtype at
+        # [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
+        # (the logit-scale gradient over coef) at part_ptr[program].
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
+        rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_in = rows < rows_end
+        col_in = cols < cols_end
+        scale = tl.load(scale_ptr).to(tl.float32)
+        sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, cols_end, dim, stride_a, stride_b,
+                               BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+        lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
+        lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
+        weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+        positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
+        inside = row_in[:, None] & col_in[None, :]
+        weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)
+        tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
+        tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :],
+                 weights.to(w_ptr.dtype.element_ty), mask=inside)
+
 
 # Launch configurations, chosen by compiling for sm_90a (ace_kernels._aot.compile_sm90; triton 3.8
 # and 3.6 agree within a few registers and every one below has 0 spill bytes in both). "lse" is
@@ -606,11 +713,19 @@ _GPU_CANDIDATES = {
     ("lse", "16bit/one_dot"): (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=1),
                                dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3),
                                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2),
-                               dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=3)),
+                               dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=3),
+                               dict(STRATEGY="blocked", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8,
+                                    num_stages=3),
+                               dict(STRATEGY="blocked", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4,
+                                    num_stages=4)),
     ("grad", "16bit/one_dot"): (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
                                 dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
                                 dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2),
-                                dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=4)),
+                                dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, num_warps=8, num_stages=4),
+                                dict(STRATEGY="blocked", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8,
+                                     num_stages=3),
+                                dict(STRATEGY="blocked", BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8,
+                                     num_stages=4)),
 }
 _tuning.register("contrastive", _GPU_CANDIDATES,
                  lambda kernel, dtype_class: _GPU_CONFIGS[(kernel, *dtype_class.split("/"))])
@@ -662,6 +777,96 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
     return config
 
 
+
+# Blocked strategy (STRATEGY="blocked" in a launch configuration): bytes of the per-block buffers,
+# which bound its extra memory. Forward: each row block's per-tile row and column log-sum-exps
+# (fp32, up to this many bytes each); backward: each row block's softmax weights (inputs' dtype).
+_BLOCKED_PART_BYTES = 16 << 20
+_BLOCKED_WEIGHT_BYTES = 32 << 20
+
+
+def _blocked(cfg: dict) -> bool:
+    return cfg.get("STRATEGY") == "blocked"
+
+
+def _block_rows(n: int, block_m: int, bytes_per_row: int, budget: int) -> int:
+    """Rows per block of the blocked strategy: a multiple of ``block_m``, at least one tile,
+    at most what ``budget`` bytes hold, and no more than the batch needs."""
+    fit = max(1, budget // max(1, bytes_per_row) // block_m)
+    return block_m * min(fit, triton.cdiv(n, block_m))
+
+
+def _blocked_options(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
+
+
+def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: bool):
+    """Row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``;
+    with ``want_cols`` (``lo..hi`` the whole batch) also the column log-sum-exps. Blocked strategy."""
+    n, dim = a.shape
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    col_tiles = triton.cdiv(n, bn)
+    rows = _block_rows(hi - lo, bm, 4 * col_tiles, _BLOCKED_PART_BYTES)
+    if want_cols:  # and at most _BLOCKED_PART_BYTES of column partials: rows / bm of [n] fp32
+        rows = min(rows, bm * max(1, _BLOCKED_PART_BYTES // (4 * n)))
+    row_part = torch.empty(rows, col_tiles, dtype=torch.float32, device=a.device)
+    lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
+    positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
+    col_lse = col_buf = None
+    if want_cols:
+        # Row 0 carries the column log-sum-exps of the blocks before; rows 1.. this block's tiles.
+        col_buf = torch.full((1 + rows // bm, n), float("-inf"), dtype=torch.float32, device=a.device)
+        col_lse = torch.empty(n, dtype=torch.float32, device=a.device)
+    for r0 in range(lo, hi, rows):
+        r1 = min(hi, r0 + rows)
+        tiles = triton.cdiv(r1 - r0, bm)
+        _lse_tiles_kernel[(tiles, col_tiles)](
+            a, b, keys if keys is not None else lse, scale, row_part,
+            col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0), b.stride(0),
+            HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, WANT_COLS=want_cols,
+            **_blocked_options(cfg))
+        torch.logsumexp(row_part[:r1 - r0], dim=1, out=lse[r0 - lo:r1 - lo])
+        if want_cols:
+            torch.logsumexp(col_buf[:1 + tiles], dim=0, out=col_lse)
+            col_buf[0].copy_(col_lse)
+    return lse, col_lse, positives
+
+
+def _mm_fp32(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``w @ b`` accumulated and returned in fp32 (16-bit inputs: one cuBLAS call on a GPU)."""
+    if w.dtype == torch.float32:
+        return torch.mm(w, b)
+    if w.is_cuda:
+        return torch.mm(w, b, out_dtype=torch.float32)
+    return torch.mm(w.float(), b.float())  # CPU (interpreter tests): products of 16-bit numbers are exact in fp32
+
+
+def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: dict, grad_a: torch.Tensor):
+    """:func:`_triton_grad_rows` by the blocked strategy: per row block, the softmax weights in
+    ``b``'s dtype (``_grad_weights_kernel``), then ``grad = coef * s * (W @ b)`` accumulated in fp32
+    and rounded once into ``a``'s dtype (the one-pass kernel's rounding of the weights and of the
+    result; only the order of the fp32 additions differs)."""
+    n, dim = a.shape
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    rows = _block_rows(n, bm, n * b.element_size(), _BLOCKED_WEIGHT_BYTES)
+    weights = torch.empty(rows, n, dtype=b.dtype, device=a.device)
+    blocks = triton.cdiv(n, rows)
+    partial = torch.zeros(blocks, (rows // bm) * triton.cdiv(n, bn), dtype=torch.float32, device=a.device)
+    factor = coef * scale
+    for block, r0 in enumerate(range(0, n, rows)):
+        r1 = min(n, r0 + rows)
+        # Rows outside lo..hi meet only the owned columns (their own softmax weights are 0).
+        c0, c1 = (0, n) if (r0 < hi and r1 > lo) else (lo, hi)
+        grid = (triton.cdiv(r1 - r0, bm), triton.cdiv(c1 - c0, bn))
+        _grad_weights_kernel[grid](
+            a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, partial[block],
+            r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
+            HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, **_blocked_options(cfg))
+        grad_a[r0:r1] = _mm_fp32(weights[:r1 - r0, :c1 - c0], b[c0:c1]).mul_(factor)
+    # Fixed-order sum of per-program partials: deterministic, no float atomics.
+    return grad_a, partial.sum() * coef[0]
+
+
 def _triton_matmul_flops(batch: int, dim: int, dtype: torch.dtype, *, aligned: bool = True) -> int:
     """Matmul FLOPs the Triton forward + backward execute on a GPU (single device, ``B = batch``).
 
@@ -690,6 +895,9 @@ def _triton_lse_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys
                      hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``."""
     cfg = _launch_config("lse", a.dtype, a.shape[1], aligned=_aligned(a.shape[1], a, b), device=a.device)
+    if _blocked(cfg):
+        lse, _, positives = _lse_blocked(a, b, scale, keys, lo, hi, cfg, want_cols=False)
+        return lse, positives
     lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(hi - lo, cfg["BLOCK_M"]),)
@@ -722,6 +930,8 @@ def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
     """
     n, dim = u.shape
     cfg = _launch_config("lse", u.dtype, dim, aligned=_aligned(dim, u, t), device=u.device)
+    if _blocked(cfg):
+        return _lse_blocked(u, t, scale, keys, 0, n, cfg, want_cols=True)
     programs = _lse_programs(u.device, triton.cdiv(n, cfg["BLOCK_M"]))
     col_part = torch.full((programs, n), float("-inf"), dtype=torch.float32, device=u.device)
     row_lse = torch.empty(n, dtype=torch.float32, device=u.device)
@@ -749,6 +959,8 @@ def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, key
     n, dim = a.shape
     grad_a = torch.empty(n, dim, dtype=a.dtype, device=a.device)
     cfg = _launch_config("grad", a.dtype, dim, aligned=_aligned(dim, a, b, grad_a), device=a.device)
+    if _blocked(cfg):
+        return _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, cfg, grad_a)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), cfg["d_chunks"])
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _grad_rows_kernel[grid](

@@ -1,5 +1,7 @@
 """label_guided_infonce (torch backend) against the dense fp64 oracle of spec section 5."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -424,6 +426,102 @@ def test_triton_large_scale_and_owned_shares(device):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
 
 
+# The blocked strategy (STRATEGY="blocked", swept on a GPU), forced for both kernels with the
+# interpreter's tiles and buffers so small that every case takes several row blocks: the
+# forward's column log-sum-exps are merged across blocks, the backward's weights buffer reused.
+BLOCKED = dict(STRATEGY="blocked", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+@contextlib.contextmanager
+def _blocked_strategy(monkeypatch, dtype_class: str):
+    """Force the blocked strategy for ``dtype_class`` ("<fp32|16bit>/<path>") and count its calls."""
+    calls = {"lse": 0, "grad": 0}
+    lse, grad = contrastive._lse_blocked, contrastive._grad_blocked
+
+    def count(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(contrastive, "_lse_blocked", count("lse", lse))
+    monkeypatch.setattr(contrastive, "_grad_blocked", count("grad", grad))
+    # Forward: 2 row tiles of partials a block; backward: 2 row tiles of weights a block (B <= 90).
+    monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 4 * 16 * 2 * 6)
+    monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 4 * 90 * 32)
+    with _tuning.forced("contrastive", "lse", dtype_class, BLOCKED), \
+            _tuning.forced("contrastive", "grad", dtype_class, BLOCKED):
+        yield calls
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name,batch,dim,make_labels", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_blocked_strategy_matches_oracle(name, batch, dim, make_labels, device, monkeypatch):
+    u, t, s = _inputs(batch, dim, dtype=torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    labels = make_labels(batch)
+    path = "one_dot" if dim <= contrastive._INTERPRETER_D else ("k_steps" if dim % 16 == 0 else "unaligned")
+    with _blocked_strategy(monkeypatch, f"fp32/{path}") as calls:
+        _check_triton_fp32(u, t, s, labels.to(device) if labels is not None else None, device)
+    assert calls == {"lse": 1, "grad": 2}
+
+
+def test_blocked_rows_are_bounded_by_the_buffer_budget():
+    pytest.importorskip("triton")
+    # B = 65,536 in bf16: 32 MiB of weights hold 256 rows; the forward's 16 MiB of fp32 partials
+    # (1024 column tiles of 64) hold 4096 rows; small batches take one block of whole tiles.
+    assert contrastive._block_rows(65536, 128, 65536 * 2, contrastive._BLOCKED_WEIGHT_BYTES) == 256
+    assert contrastive._block_rows(65536, 128, 4 * 1024, contrastive._BLOCKED_PART_BYTES) == 4096
+    assert contrastive._block_rows(150, 128, 150 * 2, contrastive._BLOCKED_WEIGHT_BYTES) == 256
+    # Never less than one tile, however large the batch.
+    assert contrastive._block_rows(10**7, 128, 2 * 10**7, contrastive._BLOCKED_WEIGHT_BYTES) == 128
+
+
+@pytest.mark.triton
+def test_triton_blocked_strategy_owned_shares(device, monkeypatch):
+    # group='s owned shares (row LSEs of lo..hi both ways, weights of unowned rows on owned columns
+    # only) by the blocked strategy, with logit_scale 100 and duplicates.
+    u, t, s = _inputs(29, 20, scale=100.0, dtype=torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = _duplicated_labels(29, 14, 3).to(device)
+    keys = contrastive._label_keys(labels)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
+                          s.detach().to(device).requires_grad_(), labels)
+    total, grads = 0.0, [0, 0, 0]
+    with _blocked_strategy(monkeypatch, "fp32/one_dot") as calls:
+        for lo, hi in [(0, 17), (17, 29)]:
+            share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
+            total = total + share.detach()
+            grads = [a + b for a, b in zip(grads, torch.autograd.grad(share, [u, t, s32]))]
+    assert calls == {"lse": 4, "grad": 4}
+    torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
+    for got, want in zip(grads, ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
+
+
+@pytest.mark.triton
+def test_triton_blocked_strategy_fp16_rounds_like_the_one_pass_kernels(device, monkeypatch):
+    # fp16 inputs: the blocked backward rounds the softmax weights to fp16 and the gradient once,
+    # as the one-pass kernel does; only the order of the fp32 additions differs.
+    u, t, s = _inputs(50, 40, dtype=torch.float16)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s32 = s.detach().float().to(device).requires_grad_()
+    labels = _duplicated_labels(50, 3, 4).to(device)
+
+    def run():
+        return _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), u, t, s32, labels)
+
+    one_pass = run()
+    with _blocked_strategy(monkeypatch, "16bit/one_dot") as calls:
+        blocked = run()
+    assert calls == {"lse": 1, "grad": 2}
+    assert blocked[1][0].dtype == torch.float16
+    torch.testing.assert_close(blocked[0], one_pass[0], rtol=0, atol=1e-6)
+    for got, want in zip(blocked[1], one_pass[1]):  # at most an fp16 ulp or so of ~0.5
+        torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-3)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("batch,dim", [(1000, 512), (4097, 1024), (333, 40)])
@@ -441,6 +539,39 @@ def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
 
     ours = run(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
     # torch at the same dtype: the dense oracle evaluated in that dtype.
+    theirs = run(_dense_same_dtype)
+    for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
+        err = (got.double() - want).abs().max().item()
+        err_torch = (base.double() - want).abs().max().item()
+        assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+
+
+
+_BLOCKED_CANDIDATES = [(kernel, number) for (kernel, _), candidates in contrastive._GPU_CANDIDATES.items()
+                       for number, config in enumerate(candidates, 1) if contrastive._blocked(config)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel,number", _BLOCKED_CANDIDATES)
+def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, dtype):
+    # Each blocked-strategy candidate a sweep may pick, forced, at B = 4097 (not a multiple of any
+    # tile) with labels, under the same rule as the default kernels.
+    batch, dim = 4097, 512
+    u, t, s = _inputs(batch, dim, dtype=torch.float64)
+    u, t = u.detach().cuda(), t.detach().cuda()
+    labels = _duplicated_labels(batch, 14, 50).cuda()
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.clone().requires_grad_(), t.clone().requires_grad_(),
+                          s.detach().cuda().requires_grad_(), labels)
+
+    def run(fn):
+        ui, ti = u.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
+        si = s.detach().float().cuda().requires_grad_()
+        return _loss_and_grads(fn, ui, ti, si, labels)
+
+    config = contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")][number - 1]
+    with _tuning.forced("contrastive", kernel, "16bit/one_dot", config):
+        ours = run(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
     theirs = run(_dense_same_dtype)
     for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
         err = (got.double() - want).abs().max().item()
@@ -524,6 +655,15 @@ def _aot_signature(kernel: str, dtype: str) -> dict:
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
                "lse_ptr": "*fp32", "diag_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "n": "i32",
                "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
+    elif kernel == "lse_tiles":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "diag_ptr": "*fp32", "row0": "i32",
+               "rows_end": "i32", "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
+    elif kernel == "grad_weights":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "w_ptr": f"*{dtype}", "part_ptr": "*fp32",
+               "row0": "i32", "rows_end": "i32", "col0": "i32", "cols_end": "i32", "own_lo": "i32",
+               "own_hi": "i32", "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32", "stride_w": "i32"}
     else:
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
                "coef_ptr": "*fp32", "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "grad_a_ptr": f"*{dtype}",
@@ -538,12 +678,15 @@ def _compile_all_for_sm90() -> list:
     from ace_kernels._aot import compile_sm90  # marks pointers 16-byte aligned, as real launches are
 
     # The one-pass forward (single device) and the two-pass one (group=) share the "lse" configurations.
+    # The blocked strategy's kernels: "lse_tiles" with and without the column partials (the
+    # one-pass forward, and group='s two-pass one), "grad_weights".
     kernels = {"lse_both": contrastive._lse_both_kernel, "lse": contrastive._lse_rows_kernel,
-               "grad": contrastive._grad_rows_kernel}
+               "grad": contrastive._grad_rows_kernel, "lse_tiles": contrastive._lse_tiles_kernel,
+               "lse_tiles_rows": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
     launches = []
     for dtype, torch_dtype in AOT_DTYPES.items():
         for dim, aligned in AOT_DIMS:
-            for kernel in kernels:
+            for kernel in ("lse_both", "lse", "grad"):
                 launches.append((kernel, dtype, dim, aligned, contrastive._launch_config(
                     "grad" if kernel == "grad" else "lse", torch_dtype, dim, aligned=aligned, interpreter=False)))
     # The sweep's candidates (contrastive._GPU_CANDIDATES: the 16-bit one-dot path) at D = 512.
@@ -551,7 +694,11 @@ def _compile_all_for_sm90() -> list:
         assert dtype_class == "16bit/one_dot", dtype_class
         for candidate in candidates:
             for dtype in ("bf16", "fp16"):
-                for kernel in (("grad",) if name == "grad" else ("lse_both", "lse")):
+                if contrastive._blocked(candidate):
+                    names = ("grad_weights",) if name == "grad" else ("lse_tiles", "lse_tiles_rows")
+                else:
+                    names = ("grad",) if name == "grad" else ("lse_both", "lse")
+                for kernel in names:
                     with _tuning.forced("contrastive", name, dtype_class, candidate):
                         cfg = contrastive._launch_config(name, AOT_DTYPES[dtype], 512, interpreter=False)
                     assert cfg["ONE_DOT"] and cfg["BLOCK_M"] == candidate["BLOCK_M"]
@@ -559,24 +706,28 @@ def _compile_all_for_sm90() -> list:
     results, seen = [], set()
     for kernel, dtype, dim, aligned, cfg in launches:
         fn = kernels[kernel]
-        options = contrastive._kernel_options(cfg)
+        blocked = kernel in ("lse_tiles", "lse_tiles_rows", "grad_weights")
+        options = contrastive._blocked_options(cfg) if blocked else contrastive._kernel_options(cfg)
         key = (kernel, dtype, tuple(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
         for has_keys in (True, False):  # labels given, or the plain CLIP loss
             const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32"}
+            if kernel.startswith("lse_tiles"):
+                const["WANT_COLS"] = kernel == "lse_tiles"
             const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
-            sig = _aot_signature(kernel, dtype)
+            sig = _aot_signature("lse_tiles" if blocked and kernel != "grad_weights" else kernel, dtype)
             sig.update({k: "constexpr" for k in const})
             # Aligned: D and the row strides are multiples of 16, which Triton specialises on at launch.
-            strides = ["dim", "stride_a", "stride_b"] + (["stride_g"] if kernel == "grad" else [])
+            strides = ["dim", "stride_a", "stride_b"] + {"grad": ["stride_g"], "grad_weights": ["stride_w"]}.get(kernel, [])
             res = compile_sm90(fn, sig, const, num_warps=options["num_warps"],
                                num_stages=options["num_stages"], divisible_by_16=strides if aligned else (),
                                aligned_pointers=aligned)
+            tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
             results.append(dict(name=f"{kernel}[{dtype}, D={dim}, aligned={aligned}, keys={has_keys}, "
-                                     f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
-                                     f"x{cfg['BLOCK_K']}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]",
+                                     + (f"{tiles}, blocked]" if blocked
+                                        else f"{tiles}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]"),
                                 registers=res.registers, spills=res.spills, shared=res.shared_bytes))
     return results
 
