@@ -781,7 +781,7 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
 # Blocked strategy (STRATEGY="blocked" in a launch configuration): bytes of the per-block buffers,
 # which bound its extra memory. Forward: each row block's per-tile row and column log-sum-exps
 # (fp32, up to this many bytes each); backward: each row block's softmax weights (inputs' dtype).
-_BLOCKED_PART_BYTES = 16 << 20
+_BLOCKED_PART_BYTES = 8 << 20
 _BLOCKED_WEIGHT_BYTES = 32 << 20
 
 

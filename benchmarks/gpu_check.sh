@@ -53,8 +53,8 @@
 # (the test files of both passes, in order; default all, test_compile.py last),
 # GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
 # GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all),
-# GPU_CHECK_PROFILE=1 (before the suite, a torch.profiler breakdown of the LoRA and hypergraph
-# steps per backend into gpu_check.log, cap GPU_CHECK_PROFILE_CAP s, default 45; its time comes
+# GPU_CHECK_PROFILE=1 (before the suite, a torch.profiler breakdown of the LoRA, hypergraph and
+# InfoNCE steps per backend or strategy into gpu_check.log, cap GPU_CHECK_PROFILE_CAP s, default 60; its time comes
 # out of the suite's), GPU_CHECK_COMPILE=1 (also time the baselines under torch.compile: off by default, compiling
 # costs ~10-30 s a shape of device time), PYTHON (default python3), ACE_GIT_SHA (the sha to
 # record; else git when the copy has .git, else the file .git_sha at the repository root).
@@ -253,11 +253,11 @@ else
     grep -E "^== pytest|passed|failed|error" "$TESTS_LOG" | tail -n 25 >>"$LOG"
 fi
 
-# 4b. with GPU_CHECK_PROFILE=1: the profiler breakdown of the LoRA and hypergraph steps per
-#     backend (benchmarks/profile_ops.py), appended to gpu_check.log (no file of its own: 8 come back).
+# 4b. with GPU_CHECK_PROFILE=1: the profiler breakdown of the LoRA, hypergraph and InfoNCE steps
+#     per backend or strategy (benchmarks/profile_ops.py), appended to gpu_check.log (no file of its own: 8 come back).
 if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
     PROFILE_LOG=$OUT/profile.log
-    run_stage profile "${GPU_CHECK_PROFILE_CAP:-45}" "$PROFILE_LOG" $PY -m benchmarks.profile_ops
+    run_stage profile "${GPU_CHECK_PROFILE_CAP:-60}" "$PROFILE_LOG" $PY -m benchmarks.profile_ops
     cat "$PROFILE_LOG" >>"$LOG"
     rm -f "$PROFILE_LOG"
 fi

@@ -6,7 +6,9 @@ For each op at the GPU shapes that decide its dispatch (``bench_lora``, ``bench_
 bf16), once per backend on a GPU: the step's wall time (CUDA-synchronised, median of 10, after
 3 warm-up steps), how many kernels it launches, and the profiler's table of CUDA time by kernel
 and operator. LoRA: M = 64 * 197 (host-bound on an H200), triton and torch. Hypergraph: B = 64
-``cls_only`` and B = 1024 full output, triton and cuda. A diagnosis aid for the benchmark's
+``cls_only`` and B = 1024 full output, triton and cuda. InfoNCE: B = 16384 with labels, the
+Triton kernels' default one-pass strategy and the blocked one (each pass's first blocked sweep
+candidate, forced). A diagnosis aid for the benchmark's
 ratios, not a benchmark: no baseline, no target. Runs on the CPU too (CPU time only; the ops'
 ``auto`` backend, each shape once), where it says little; ``--quick`` takes tiny shapes (a
 smoke test of the tool). ``gpu_check.sh`` runs it with ``GPU_CHECK_PROFILE=1``.
@@ -15,6 +17,7 @@ smoke test of the tool). ``gpu_check.sh`` runs it with ``GPU_CHECK_PROFILE=1``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -22,7 +25,8 @@ import time
 import torch
 
 import ace_kernels
-from benchmarks import bench_hypergraph, bench_lora
+from ace_kernels import _tuning, contrastive
+from benchmarks import bench_contrastive, bench_hypergraph, bench_lora
 
 
 def _lora_step(device, dtype, backend, quick=False):
@@ -57,10 +61,36 @@ def _hypergraph_full_step(device, dtype, backend, quick=False):
     return _hypergraph_step(device, dtype, backend, quick, batch=1024, cls_only=False)
 
 
+def _infonce_step(device, dtype, backend, quick=False, strategy=None):
+    batch, dim = (150, 64) if quick else (16384, 512)
+    image, text, scale, labels = bench_contrastive._inputs(batch, dim, dtype, device,
+                                                           torch.Generator(device=device).manual_seed(0))
+    forced = []
+    if strategy is not None:  # the first declared candidate of that strategy, for both passes
+        kind = _tuning.dtype_class(dtype)
+        for kernel in ("lse", "grad"):
+            config = next(c for c in contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")]
+                          if c.get("STRATEGY") == strategy)
+            forced.append(("contrastive", kernel, f"{kind}/one_dot", config))
+
+    def step():
+        with contextlib.ExitStack() as stack:
+            for args in forced:
+                stack.enter_context(_tuning.forced(*args))
+            ace_kernels.label_guided_infonce(image, text, scale, labels, backend=backend).backward()
+
+    return f"label_guided_infonce B={batch} D={dim} labels" + (f" ({strategy} strategy)" if strategy else ""), step
+
+
+def _infonce_blocked_step(device, dtype, backend, quick=False):
+    return _infonce_step(device, dtype, backend, quick, strategy="blocked")
+
+
 # name -> [(step factory, GPU backend)]; on a CPU each factory runs once with backend "auto".
 STEPS = {"lora": [(_lora_step, "triton"), (_lora_step, "torch")],
          "hypergraph": [(_hypergraph_step, "triton"), (_hypergraph_step, "cuda"),
-                        (_hypergraph_full_step, "triton"), (_hypergraph_full_step, "cuda")]}
+                        (_hypergraph_full_step, "triton"), (_hypergraph_full_step, "cuda")],
+         "contrastive": [(_infonce_step, "triton"), (_infonce_blocked_step, "triton")]}
 
 
 def _sync(device):
@@ -108,7 +138,7 @@ def _plan(names, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the report to this file")
-    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=sorted(STEPS))
+    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=list(STEPS))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
