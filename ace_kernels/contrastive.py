@@ -73,7 +73,7 @@ alternate between tensor-core work and the softmax. The blocked strategy compute
 similarity tile (128 x 64, say) as an ordinary pipelined GEMM over D, one program per tile,
 with room for more than one per SM, and splits the ``B x B`` work into row blocks:
 - forward: each tile's row and column log-sum-exps (exact per-row and per-column shifts)
-  go to fp32 buffers of at most ``_BLOCKED_PART_BYTES`` (16 MiB) each, which torch folds
+  go to fp32 buffers of at most ``_BLOCKED_PART_BYTES`` (8 MiB) each, which torch folds
   into the row LSEs and a running column LSE after each row block;
 - backward, per direction: each row block's softmax weights are written in the inputs'
   dtype to a buffer of at most ``_BLOCKED_WEIGHT_BYTES`` (32 MiB; 256 rows at

@@ -468,10 +468,10 @@ def test_triton_blocked_strategy_matches_oracle(name, batch, dim, make_labels, d
 
 def test_blocked_rows_are_bounded_by_the_buffer_budget():
     pytest.importorskip("triton")
-    # B = 65,536 in bf16: 32 MiB of weights hold 256 rows; the forward's 16 MiB of fp32 partials
-    # (1024 column tiles of 64) hold 4096 rows; small batches take one block of whole tiles.
+    # B = 65,536 in bf16: 32 MiB of weights hold 256 rows; the forward's 8 MiB of fp32 partials
+    # (1024 column tiles of 64) hold 2048 rows; small batches take one block of whole tiles.
     assert contrastive._block_rows(65536, 128, 65536 * 2, contrastive._BLOCKED_WEIGHT_BYTES) == 256
-    assert contrastive._block_rows(65536, 128, 4 * 1024, contrastive._BLOCKED_PART_BYTES) == 4096
+    assert contrastive._block_rows(65536, 128, 4 * 1024, contrastive._BLOCKED_PART_BYTES) == 2048
     assert contrastive._block_rows(150, 128, 150 * 2, contrastive._BLOCKED_WEIGHT_BYTES) == 256
     # Never less than one tile, however large the batch.
     assert contrastive._block_rows(10**7, 128, 2 * 10**7, contrastive._BLOCKED_WEIGHT_BYTES) == 128
