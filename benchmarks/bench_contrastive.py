@@ -26,6 +26,10 @@ loss is compared (``loss_rel_err_vs_fp32_chunked``) with an independent chunked 
 (:func:`benchmarks.baselines.chunked_infonce_loss`: fp32 with tf32 products, exact for
 bf16 inputs) when that fits the time left (``reference_note`` says why not).
 
+On a GPU the labelled B=8192 and B=65,536 shapes also time ``triton+blocked``: the Triton
+kernels with their blocked strategy forced (see ``ace_kernels.contrastive``), checked and held
+to the same targets as ``triton``.
+
 ``tflops``/``frac_of_matmul_peak`` count issue 5's 8 B^2 D for every provider.
 The fused rows also carry ``executed_tflops``/``executed_frac_of_matmul_peak``:
 the matmul FLOPs the Triton kernels really run (10 B^2 D at D=512 in 16 bits:
@@ -36,6 +40,7 @@ busy the tensor cores were.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -43,13 +48,29 @@ import torch
 import torch.nn.functional as F
 
 import ace_kernels
-from ace_kernels import contrastive
+from ace_kernels import _tuning, contrastive
 from benchmarks import baselines, harness
 from benchmarks.harness import Target
 
 FAMILY = "contrastive"
 LABELS = 14
 LOGIT_SCALE = 78.35  # the released checkpoint's multiplier
+# Provider label of the Triton kernels with the blocked strategy forced (a GPU sweep candidate,
+# timed here beside the default at the labelled GPU shapes: the sweep runs at B=16384 only, and
+# a card's tuned choice reaches the B=65,536 row only in the run after the sweep is recorded).
+BLOCKED = "triton+blocked"
+
+
+@contextlib.contextmanager
+def blocked_strategy(dtype: torch.dtype):
+    """Force the Triton kernels' blocked strategy (each pass's first blocked sweep candidate of the
+    16-bit one-dot path, D <= 512) for ``dtype`` inputs until the block ends."""
+    kind = _tuning.dtype_class(dtype)
+    with contextlib.ExitStack() as stack:
+        for kernel in ("lse", "grad"):
+            config = next(c for c in contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")] if contrastive._blocked(c))
+            stack.enter_context(_tuning.forced("contrastive", kernel, f"{kind}/one_dot", config))
+        yield
 
 
 def _inputs(batch, dim, dtype, device, generator, *, labeled=True):
@@ -134,7 +155,7 @@ def _targets(suite, config):
             if batch == 8192 and baseline == "reference" and config["labeled"]:
                 return [Target("memory_ratio", 8.0, "mem ratio>=8")]
             return []
-        if provider not in ("triton", "cuda"):
+        if provider not in ("triton", "cuda", BLOCKED):
             return []
         if batch == 8192 and baseline == "reference":
             return [Target("speedup", 4.0, "speedup>=4")]
@@ -180,7 +201,7 @@ def run(suite) -> None:
             metrics = {"extra_mib_excl_grads": round(meas.peak_mib - input_grad_mib, 2)
                        if meas.peak_mib is not None else None}
             metrics.update(suite.rate_metrics(meas, flops=flops))
-            if name == "triton" and executed is not None:
+            if name in ("triton", BLOCKED) and executed is not None:
                 real = suite.rate_metrics(meas, flops=executed)
                 metrics.update({f"executed_{key}": value for key, value in real.items()})
             if meas.peak_mib is not None:
@@ -243,6 +264,19 @@ def run(suite) -> None:
             if probe:
                 step = _probe_step(image, text, scale, labels, provider, leaves)
             providers.append((provider, check, step, leaves))
+        if (suite.is_gpu and not probe and labeled and "triton" in suite.providers and dim <= 512
+                and dtype in (torch.float16, torch.bfloat16)):
+            check = None
+            if reference_fn is not None:
+                def check():
+                    with blocked_strategy(dtype):
+                        checked[BLOCKED] = _check("triton", image, text, scale, labels, reference)
+
+            def step():
+                with blocked_strategy(dtype):
+                    ace_kernels.label_guided_infonce(image, text, scale, labels, backend="triton").backward()
+
+            providers.append((BLOCKED, check, step, leaves))
 
         # On a GPU each provider is checked and measured before the next (suite.measure_checked),
         # and the checks after the measurement catch their own errors: a fault loses only what
@@ -253,7 +287,7 @@ def run(suite) -> None:
         base_results, ours = {}, {}
         for name, meas in measured.items():
             metrics = metrics_for(meas, name)
-            if name in suite.providers:
+            if name in suite.providers or name == BLOCKED:
                 if name in checked:
                     parts = checked[name]
                     key = f"rel_err_vs_{reference_name}"

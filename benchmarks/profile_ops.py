@@ -25,7 +25,6 @@ import time
 import torch
 
 import ace_kernels
-from ace_kernels import _tuning, contrastive
 from benchmarks import bench_contrastive, bench_hypergraph, bench_lora
 
 
@@ -65,18 +64,9 @@ def _infonce_step(device, dtype, backend, quick=False, strategy=None):
     batch, dim = (150, 64) if quick else (16384, 512)
     image, text, scale, labels = bench_contrastive._inputs(batch, dim, dtype, device,
                                                            torch.Generator(device=device).manual_seed(0))
-    forced = []
-    if strategy is not None:  # the first declared candidate of that strategy, for both passes
-        kind = _tuning.dtype_class(dtype)
-        for kernel in ("lse", "grad"):
-            config = next(c for c in contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")]
-                          if c.get("STRATEGY") == strategy)
-            forced.append(("contrastive", kernel, f"{kind}/one_dot", config))
 
     def step():
-        with contextlib.ExitStack() as stack:
-            for args in forced:
-                stack.enter_context(_tuning.forced(*args))
+        with (bench_contrastive.blocked_strategy(dtype) if strategy == "blocked" else contextlib.nullcontext()):
             ace_kernels.label_guided_infonce(image, text, scale, labels, backend=backend).backward()
 
     return f"label_guided_infonce B={batch} D={dim} labels" + (f" ({strategy} strategy)" if strategy else ""), step

@@ -1130,3 +1130,33 @@ def test_profile_ops_reports_each_op(tmp_path):
     assert [(f.__name__, b) for f, b in plan] == [
         ("_lora_step", "triton"), ("_lora_step", "torch"), ("_hypergraph_step", "triton"), ("_hypergraph_step", "cuda"),
         ("_hypergraph_full_step", "triton"), ("_hypergraph_full_step", "cuda")]
+
+
+@pytest.mark.triton
+def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypatch):
+    """On a GPU the labelled shapes also time the Triton kernels with the blocked strategy forced
+    (``triton+blocked``): checked against the same reference and held to triton's targets. Here a
+    GPU suite faked on the CPU, fp16 (the interpreter's bf16 is wrong), quick shapes."""
+    from ace_kernels import contrastive
+    from benchmarks import bench_contrastive
+
+    calls = []
+    real = contrastive._grad_blocked
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(contrastive, "_grad_blocked", spy)
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    monkeypatch.setattr(type(suite), "dtype", lambda self: torch.float16)
+    bench_contrastive.run(suite)
+    rows = json.loads((tmp_path / "fake.json").read_text())["rows"]
+    blocked = [r for r in rows if r["provider"] == bench_contrastive.BLOCKED]
+    assert [r["shape"] for r in blocked] == ["B=300 D=64 labels"] and calls
+    triton = [r for r in rows if r["provider"] == "triton" and r["shape"] == "B=300 D=64 labels"]
+    assert [r["baseline"] for r in blocked] == [r["baseline"] for r in triton] == ["reference"]
+    assert blocked[0]["target"] == triton[0]["target"]
+    # fp16 operands against the dense reference, as triton's row.
+    assert blocked[0]["metrics"]["rel_err_vs_reference"] < 1e-2
+    assert abs(blocked[0]["metrics"]["rel_err_vs_reference"] - triton[0]["metrics"]["rel_err_vs_reference"]) < 1e-3
