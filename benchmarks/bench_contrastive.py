@@ -28,7 +28,8 @@ bf16 inputs) when that fits the time left (``reference_note`` says why not).
 
 On a GPU the labelled B=8192 and B=65,536 shapes also time ``triton+blocked``: the Triton
 kernels with their blocked strategy forced (see ``ace_kernels.contrastive``), checked and held
-to the same targets as ``triton``.
+to the same targets as ``triton``; the B=1,000,000 probe runs the Triton kernels with whichever
+of the two was faster at B=65,536 in the same run (its row says which).
 
 ``tflops``/``frac_of_matmul_peak`` count issue 5's 8 B^2 D for every provider.
 The fused rows also carry ``executed_tflops``/``executed_frac_of_matmul_peak``:
@@ -261,9 +262,12 @@ def run(suite) -> None:
             def step(provider=provider):
                 ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider).backward()
 
+            label = provider
             if probe:
-                step = _probe_step(image, text, scale, labels, provider, leaves)
-            providers.append((provider, check, step, leaves))
+                if provider == "triton" and _blocked_was_faster(suite):
+                    label = BLOCKED
+                step = _probe_step(image, text, scale, labels, provider, leaves, label)
+            providers.append((label, check, step, leaves))
         if (suite.is_gpu and not probe and labeled and "triton" in suite.providers and dim <= 512
                 and dtype in (torch.float16, torch.bfloat16)):
             check = None
@@ -319,15 +323,20 @@ def run(suite) -> None:
 step_results: dict[str, dict] = {}
 
 
-def _probe_step(image, text, scale, labels, provider, leaves):
+def _probe_step(image, text, scale, labels, provider, leaves, label=None):
+    """The probe's step with ``provider``, reported as ``label`` (default: the provider);
+    ``label == BLOCKED``: the Triton kernels with the blocked strategy forced."""
+    label = label or provider
+
     def step():
-        loss = ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider)
-        loss.backward()
+        with blocked_strategy(image.dtype) if label == BLOCKED else contextlib.nullcontext():
+            loss = ace_kernels.label_guided_infonce(image, text, scale, labels, backend=provider)
+            loss.backward()
         # amax/amin carry a NaN or an inf through without a [B, D] temporary (which would count
         # in the peak): finite extremes mean finite gradients.
         extremes = [loss.detach().float().reshape(1)]
         extremes += [torch.stack([t.grad.amax(), t.grad.amin()]).float() for t in leaves if t.grad is not None]
-        step_results[provider] = {"loss": loss.detach(), "finite": torch.isfinite(torch.cat(extremes)).all()}
+        step_results[label] = {"loss": loss.detach(), "finite": torch.isfinite(torch.cat(extremes)).all()}
 
     return step
 
@@ -419,11 +428,19 @@ def _probe_estimate_s(suite, batch, dim):
     and the O(B) passes are negligible next to them, so the time scales as B^2.
     """
     times = [r.median_ms for r in suite.rows
-             if r.op == "label_guided_infonce" and r.shape.startswith("B=65536 ") and r.provider in ("triton", "cuda")
-             and r.median_ms]
+             if r.op == "label_guided_infonce" and r.shape.startswith("B=65536 ")
+             and r.provider in ("triton", "cuda", BLOCKED) and r.median_ms]
     if not times:
         return None
     return min(times) * 1e-3 * (batch / 65536) ** 2 * 2  # the memory call (warm-up) and one timed call
+
+
+def _blocked_was_faster(suite) -> bool:
+    """Whether this run's B=65,536 row timed the blocked strategy faster than triton's default
+    (then the probe runs the Triton kernels with it, as ``triton+blocked``)."""
+    times = {r.provider: r.median_ms for r in suite.rows
+             if r.op == "label_guided_infonce" and r.shape.startswith("B=65536 ") and r.median_ms}
+    return BLOCKED in times and "triton" in times and times[BLOCKED] < times["triton"]
 
 
 def _inf_cl_entry(suite, image, text, scale, leaves):

@@ -8,6 +8,7 @@ explode (the numbers are not judged here, only that every row is complete).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -1160,3 +1161,33 @@ def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypa
     # fp16 operands against the dense reference, as triton's row.
     assert blocked[0]["metrics"]["rel_err_vs_reference"] < 1e-2
     assert abs(blocked[0]["metrics"]["rel_err_vs_reference"] - triton[0]["metrics"]["rel_err_vs_reference"]) < 1e-3
+
+
+def test_contrastive_probe_takes_the_faster_strategy_at_65536(monkeypatch):
+    """The B=1,000,000 probe runs the Triton kernels with the blocked strategy when this run timed
+    it faster than the default at B=65,536 (its row is then labelled triton+blocked), and sizes
+    itself from the faster of the two."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_contrastive
+
+    def suite_with(times):
+        rows = [SimpleNamespace(op="label_guided_infonce", shape="B=65536 D=512 labels", provider=p, median_ms=ms)
+                for p, ms in times.items()]
+        return SimpleNamespace(rows=rows)
+
+    assert bench_contrastive._blocked_was_faster(suite_with({"triton": 180.0, "triton+blocked": 70.0}))
+    assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 60.0, "triton+blocked": 70.0}))
+    assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 60.0}))
+    estimate = bench_contrastive._probe_estimate_s(suite_with({"triton": 180.0, "triton+blocked": 70.0}), 131072, 512)
+    assert estimate == pytest.approx(0.070 * 4 * 2)
+    # The probe step with the blocked label forces the strategy and files its results under it.
+    forced = []
+    monkeypatch.setattr(bench_contrastive, "blocked_strategy",
+                        lambda dtype: (forced.append(dtype), contextlib.nullcontext())[1])
+    u = torch.randn(8, 4, requires_grad=True)
+    t = torch.randn(8, 4, requires_grad=True)
+    s = torch.tensor(10.0, requires_grad=True)
+    bench_contrastive._probe_step(u, t, s, None, "torch", [u, t, s], "triton+blocked")()
+    assert forced == [torch.float32] and set(bench_contrastive.step_results) == {"triton+blocked"}
+    bench_contrastive.step_results.clear()
