@@ -73,17 +73,21 @@ alternate between tensor-core work and the softmax. The blocked strategy compute
 similarity tile (128 x 64, say) as an ordinary pipelined GEMM over D, one program per tile,
 with room for more than one per SM, and splits the ``B x B`` work into row blocks:
 - forward: each tile's row and column log-sum-exps (exact per-row and per-column shifts)
-  go to fp32 buffers of at most ``_BLOCKED_PART_BYTES`` (8 MiB) each, which torch folds
-  into the row LSEs and a running column LSE after each row block;
+  go to an fp32 row buffer of at most ``_BLOCKED_PART_BYTES`` (8 MiB) and a column buffer
+  of that much plus one running row of B, which torch folds into the row LSEs and the running
+  column LSE after each row block (each fold allocates a temporary of its input's size);
 - backward, per direction: each row block's softmax weights are written in the inputs'
   dtype to a buffer of at most ``_BLOCKED_WEIGHT_BYTES`` (32 MiB; 256 rows at
   B = 65,536 in bf16), exactly as the one-pass kernel rounds them before its gradient
   dot, and one cuBLAS product per row block (fp32 accumulation, ``coef * s`` applied in
   fp32, one rounding) gives the block's gradient rows.
 Same FLOPs (``10 B^2 D`` at any D <= 1024, with no D chunks), plus writing and reading the
-weights once (``4 B^2`` bytes per direction in 16 bits); extra memory bounded by the two
-budgets up to B = 131,072 in 16 bits (beyond, by one tile of rows: ``2 * 128 * B`` bytes
-of weights); deterministic. Sweep candidates only for 16-bit inputs with D <= 512:
+weights once (``4 B^2`` bytes per direction in 16 bits); deterministic. Extra memory, at
+its peak: forward about ``2 * (8 MiB + 4 B)`` with the fold's temporaries, backward the
+32 MiB of weights plus ``8 * rows * D`` bytes of fp32 products and O(B) partials. A block
+never holds less than one tile of rows, so past B = 131,072 (16 bits) the weights take
+``2 * BLOCK_M * B`` bytes, and past B of about 2 million the forward's buffers ``4 B`` each
+per row tile. Sweep candidates only for 16-bit inputs with D <= 512:
 fp32 inputs keep the IEEE-dot kernels (cuBLAS fp32 products follow
 ``torch.backends.cuda.matmul.allow_tf32``).
 
@@ -610,13 +614,16 @@ if triton is not None:
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, WANT_COLS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # Rows row0..rows_end of a against the n rows of b, program (i, j) = tile (row tile i of the
-        # block, column tile j). Outputs, fp32, indexed from row0:
+        # Rows row0..rows_end of a against the n rows of b, one tile per program on a 1-D grid
+        # (column tiles could outnumber grid axis 1's limit), the row tile varying fastest: the
+        # programs that run together share one tile of b. Outputs, fp32, indexed from row0:
         # row_part [rows, cdiv(n, BLOCK_N)]: the tile's log-sum-exp of each row;
         # col_part [cdiv(rows, BLOCK_M), n]: the tile's log-sum-exp of each column (WANT_COLS);
         # diag [rows]: a_i . b_i, written by the tile that holds (i, i).
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
+        row_tiles = tl.cdiv(rows_end - row0, BLOCK_M)
+        pid_m = pid % row_tiles
+        pid_n = pid // row_tiles
         row_start = row0 + pid_m * BLOCK_M
         rows = row_start + tl.arange(0, BLOCK_M)
         c0 = pid_n * BLOCK_N
@@ -628,7 +635,7 @@ if triton is not None:
         # Rows past the block belong to the next one: they must not enter its column sums.
         logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS),
                           float("-inf"))
-        tl.store(row_part_ptr + (rows - row0) * tl.num_programs(1) + pid_n, _tile_lse(logits, 1), mask=row_in)
+        tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1), mask=row_in)
         if WANT_COLS:
             tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0), mask=cols < n)
         if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
@@ -645,9 +652,12 @@ if triton is not None:
         # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
         # _grad_rows_kernel (both directions, -2 on the owned diagonal), stored in w_ptr's dtype at
         # [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
-        # (the logit-scale gradient over coef) at part_ptr[program].
-        pid_m = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1).to(tl.int64)
+        # (the logit-scale gradient over coef) at part_ptr[program]. A 1-D grid, the row tile
+        # varying fastest, as in _lse_tiles_kernel.
+        pid = tl.program_id(0).to(tl.int64)
+        row_tiles = tl.cdiv(rows_end - row0, BLOCK_M)
+        pid_m = pid % row_tiles
+        pid_n = pid // row_tiles
         rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < rows_end
@@ -662,7 +672,7 @@ if triton is not None:
         positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
         inside = row_in[:, None] & col_in[None, :]
         weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)
-        tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
+        tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
         tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :],
                  weights.to(w_ptr.dtype.element_ty), mask=inside)
 
@@ -800,15 +810,24 @@ def _blocked_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
 
 
+def _lse_block_rows(rows_total: int, n: int, cfg: dict, want_cols: bool) -> int:
+    """Rows per block of the blocked forward: its per-tile row partials ([rows, cdiv(n, BLOCK_N)]
+    fp32) and, with ``want_cols``, its column partials ([rows / BLOCK_M, n] fp32) within
+    ``_BLOCKED_PART_BYTES`` each, or one tile of rows when even that is more."""
+    bm = cfg["BLOCK_M"]
+    rows = _block_rows(rows_total, bm, 4 * triton.cdiv(n, cfg["BLOCK_N"]), _BLOCKED_PART_BYTES)
+    if want_cols:
+        rows = min(rows, bm * max(1, _BLOCKED_PART_BYTES // (4 * n)))
+    return rows
+
+
 def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: bool):
     """Row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``;
     with ``want_cols`` (``lo..hi`` the whole batch) also the column log-sum-exps. Blocked strategy."""
     n, dim = a.shape
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    col_tiles = triton.cdiv(n, bn)
-    rows = _block_rows(hi - lo, bm, 4 * col_tiles, _BLOCKED_PART_BYTES)
-    if want_cols:  # and at most _BLOCKED_PART_BYTES of column partials: rows / bm of [n] fp32
-        rows = min(rows, bm * max(1, _BLOCKED_PART_BYTES // (4 * n)))
+    bm = cfg["BLOCK_M"]
+    col_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    rows = _lse_block_rows(hi - lo, n, cfg, want_cols)
     row_part = torch.empty(rows, col_tiles, dtype=torch.float32, device=a.device)
     lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
@@ -820,7 +839,7 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: b
     for r0 in range(lo, hi, rows):
         r1 = min(hi, r0 + rows)
         tiles = triton.cdiv(r1 - r0, bm)
-        _lse_tiles_kernel[(tiles, col_tiles)](
+        _lse_tiles_kernel[(tiles * col_tiles,)](
             a, b, keys if keys is not None else lse, scale, row_part,
             col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0), b.stride(0),
             HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, WANT_COLS=want_cols,
@@ -841,6 +860,12 @@ def _mm_fp32(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(w.float(), b.float())  # CPU (interpreter tests): products of 16-bit numbers are exact in fp32
 
 
+def _grad_block_rows(n: int, cfg: dict, element_size: int) -> int:
+    """Rows per block of the blocked backward: its softmax weights ([rows, n] in the inputs'
+    dtype) within ``_BLOCKED_WEIGHT_BYTES``, or one tile of rows when even that is more."""
+    return _block_rows(n, cfg["BLOCK_M"], n * element_size, _BLOCKED_WEIGHT_BYTES)
+
+
 def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: dict, grad_a: torch.Tensor):
     """:func:`_triton_grad_rows` by the blocked strategy: per row block, the softmax weights in
     ``b``'s dtype (``_grad_weights_kernel``), then ``grad = coef * s * (W @ b)`` accumulated in fp32
@@ -848,23 +873,25 @@ def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: 
     result; only the order of the fp32 additions differs)."""
     n, dim = a.shape
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    rows = _block_rows(n, bm, n * b.element_size(), _BLOCKED_WEIGHT_BYTES)
+    rows = _grad_block_rows(n, cfg, b.element_size())
     weights = torch.empty(rows, n, dtype=b.dtype, device=a.device)
-    blocks = triton.cdiv(n, rows)
-    partial = torch.zeros(blocks, (rows // bm) * triton.cdiv(n, bn), dtype=torch.float32, device=a.device)
+    # Per-tile logit-scale partials of one block (reused), then one sum per block: O(B) in all.
+    tile_part = torch.empty((rows // bm) * triton.cdiv(n, bn), dtype=torch.float32, device=a.device)
+    block_sums = torch.empty(triton.cdiv(n, rows), dtype=torch.float32, device=a.device)
     factor = coef * scale
     for block, r0 in enumerate(range(0, n, rows)):
         r1 = min(n, r0 + rows)
         # Rows outside lo..hi meet only the owned columns (their own softmax weights are 0).
         c0, c1 = (0, n) if (r0 < hi and r1 > lo) else (lo, hi)
-        grid = (triton.cdiv(r1 - r0, bm), triton.cdiv(c1 - c0, bn))
-        _grad_weights_kernel[grid](
-            a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, partial[block],
+        programs = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bn)
+        _grad_weights_kernel[(programs,)](
+            a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
             r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
             HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, **_blocked_options(cfg))
+        torch.sum(tile_part[:programs], dim=0, out=block_sums[block])
         grad_a[r0:r1] = _mm_fp32(weights[:r1 - r0, :c1 - c0], b[c0:c1]).mul_(factor)
-    # Fixed-order sum of per-program partials: deterministic, no float atomics.
-    return grad_a, partial.sum() * coef[0]
+    # Fixed-order sums of per-program partials: deterministic, no float atomics.
+    return grad_a, block_sums.sum() * coef[0]
 
 
 def _triton_matmul_flops(batch: int, dim: int, dtype: torch.dtype, *, aligned: bool = True) -> int:

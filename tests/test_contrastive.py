@@ -428,12 +428,14 @@ def test_triton_large_scale_and_owned_shares(device):
 
 # The blocked strategy (STRATEGY="blocked", swept on a GPU), forced for both kernels with the
 # interpreter's tiles and buffers so small that every case takes several row blocks: the
-# forward's column log-sum-exps are merged across blocks, the backward's weights buffer reused.
+# forward's column log-sum-exps are merged across blocks (two row tiles a block up to B = 90),
+# the backward's weights buffer holds one tile of rows and is reused block after block.
+# (test_triton_sweep_candidates_fp16 runs the GPU candidates: blocks of several row tiles.)
 BLOCKED = dict(STRATEGY="blocked", BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
 
 
 @contextlib.contextmanager
-def _blocked_strategy(monkeypatch, dtype_class: str):
+def _blocked_strategy(monkeypatch, dtype_class: str, *, part_bytes=4 * 16 * 2 * 6, weight_bytes=1):
     """Force the blocked strategy for ``dtype_class`` ("<fp32|16bit>/<path>") and count its calls."""
     calls = {"lse": 0, "grad": 0}
     lse, grad = contrastive._lse_blocked, contrastive._grad_blocked
@@ -446,9 +448,8 @@ def _blocked_strategy(monkeypatch, dtype_class: str):
 
     monkeypatch.setattr(contrastive, "_lse_blocked", count("lse", lse))
     monkeypatch.setattr(contrastive, "_grad_blocked", count("grad", grad))
-    # Forward: 2 row tiles of partials a block; backward: 2 row tiles of weights a block (B <= 90).
-    monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 4 * 16 * 2 * 6)
-    monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 4 * 90 * 32)
+    monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", part_bytes)
+    monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", weight_bytes)
     with _tuning.forced("contrastive", "lse", dtype_class, BLOCKED), \
             _tuning.forced("contrastive", "grad", dtype_class, BLOCKED):
         yield calls
@@ -480,21 +481,22 @@ def test_blocked_rows_are_bounded_by_the_buffer_budget():
 @pytest.mark.triton
 def test_triton_blocked_strategy_owned_shares(device, monkeypatch):
     # group='s owned shares (row LSEs of lo..hi both ways, weights of unowned rows on owned columns
-    # only) by the blocked strategy, with logit_scale 100 and duplicates.
-    u, t, s = _inputs(29, 20, scale=100.0, dtype=torch.float32)
+    # only) by the blocked strategy, with logit_scale 100 and duplicates; blocks of one tile of
+    # rows, so that shares start inside a block and whole blocks lie outside lo..hi.
+    u, t, s = _inputs(61, 20, scale=100.0, dtype=torch.float32)
     u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
     s32 = s.detach().float().to(device).requires_grad_()
-    labels = _duplicated_labels(29, 14, 3).to(device)
+    labels = _duplicated_labels(61, 14, 3).to(device)
     keys = contrastive._label_keys(labels)
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     total, grads = 0.0, [0, 0, 0]
-    with _blocked_strategy(monkeypatch, "fp32/one_dot") as calls:
-        for lo, hi in [(0, 17), (17, 29)]:
+    with _blocked_strategy(monkeypatch, "fp32/one_dot", part_bytes=1) as calls:
+        for lo, hi in [(0, 9), (9, 40), (40, 61)]:
             share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
             total = total + share.detach()
             grads = [a + b for a, b in zip(grads, torch.autograd.grad(share, [u, t, s32]))]
-    assert calls == {"lse": 4, "grad": 4}
+    assert calls == {"lse": 6, "grad": 6}
     torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
     for got, want in zip(grads, ref[1]):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
@@ -554,9 +556,15 @@ _BLOCKED_CANDIDATES = [(kernel, number) for (kernel, _), candidates in contrasti
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kernel,number", _BLOCKED_CANDIDATES)
-def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, dtype):
+def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, dtype, monkeypatch):
     # Each blocked-strategy candidate a sweep may pick, forced, at B = 4097 (not a multiple of any
-    # tile) with labels, under the same rule as the default kernels.
+    # tile) with labels, under the same rule as the default kernels; buffers small enough that
+    # each pass takes several row blocks (the column LSEs merged across them).
+    monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 256 << 10)
+    monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 2 << 20)
+    calls = []
+    real = getattr(contrastive, f"_{kernel}_blocked")
+    monkeypatch.setattr(contrastive, f"_{kernel}_blocked", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     batch, dim = 4097, 512
     u, t, s = _inputs(batch, dim, dtype=torch.float64)
     u, t = u.detach().cuda(), t.detach().cuda()
@@ -572,6 +580,9 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
     config = contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")][number - 1]
     with _tuning.forced("contrastive", kernel, "16bit/one_dot", config):
         ours = run(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
+    assert len(calls) == (1 if kernel == "lse" else 2)
+    assert contrastive._lse_block_rows(batch, batch, config, True) < batch
+    assert contrastive._grad_block_rows(batch, config, 2) < batch
     theirs = run(_dense_same_dtype)
     for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
         err = (got.double() - want).abs().max().item()
@@ -579,51 +590,83 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
         assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
+def _first_blocked(kernel):
+    return next(c for c in contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")] if contrastive._blocked(c))
+
+
 @pytest.mark.gpu
-def test_triton_gpu_deterministic_and_o_of_b_memory():
+@pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
+def test_triton_gpu_deterministic_and_bounded_memory(strategy):
     # Same inputs, same bits (no atomics anywhere); and the op's memory beyond inputs and their
-    # gradients is the forward's [SMs, B] fp32 column partials plus O(B) vectors.
+    # gradients: one-pass, the forward's [SMs, B] fp32 column partials plus O(B) vectors;
+    # blocked, its buffers' budgets (the docstring's accounting). Each strategy forced, so that
+    # a card's tuned choice does not decide what is tested.
     batch, dim = 16384, 512
+    if strategy == "blocked":
+        configs = {kernel: _first_blocked(kernel) for kernel in ("lse", "grad")}
+    else:
+        configs = {kernel: _tuning.default("contrastive", kernel, "16bit/one_dot") for kernel in ("lse", "grad")}
     gen = torch.Generator(device="cuda").manual_seed(0)
     u = F.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
     t = F.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
     s = torch.tensor(30.0, device="cuda", requires_grad=True)
     labels = _duplicated_labels(batch, 14, 50).cuda()
     runs = []
-    for _ in range(2):
+    for run in range(3):  # run 0 warms up: Triton's compile, cuBLAS's workspace (kept by torch)
         u.grad = t.grad = s.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
-        loss.backward()
+        with _tuning.forced("contrastive", "lse", "16bit/one_dot", configs["lse"]), \
+                _tuning.forced("contrastive", "grad", "16bit/one_dot", configs["grad"]):
+            loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
+            loss.backward()
         torch.cuda.synchronize()
+        if run == 0:
+            continue
         extra = torch.cuda.max_memory_allocated() - base - 2 * u.numel() * u.element_size()
         runs.append([loss.detach().clone(), u.grad.clone(), t.grad.clone(), s.grad.clone()])
     for first, second in zip(*runs):
         assert torch.equal(first, second)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if strategy == "blocked":
+        rows_f = contrastive._lse_block_rows(batch, batch, configs["lse"], True)
+        rows_b = contrastive._grad_block_rows(batch, configs["grad"], 2)
+        forward = 2 * (contrastive._BLOCKED_PART_BYTES + (1 + rows_f // configs["lse"]["BLOCK_M"]) * 4 * batch)
+        backward = contrastive._BLOCKED_WEIGHT_BYTES + 8 * rows_b * dim
+        bound = max(forward, backward)
+    else:
+        bound = torch.cuda.get_device_properties(0).multi_processor_count * batch * 4
     # 8 MiB covers the O(B) vectors (LSEs, keys, the sort of the [B, 14] labels' key words).
-    assert extra <= sms * batch * 4 + 8 * 2**20, extra
+    assert extra <= bound + 8 * 2**20, (extra, bound)
 
 
 @pytest.mark.gpu
-def test_triton_gpu_no_host_sync_on_one_device():
-    # Issue 5: no host synchronisation inside the op (labels given, forward and backward).
-    # The first call is outside the check: Triton compiles (and may autotune) there.
+@pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
+def test_triton_gpu_no_host_sync_on_one_device(strategy, monkeypatch):
+    # Issue 5: no host synchronisation inside the op (labels given, forward and backward), with
+    # either strategy (blocked: several row blocks). The first call is outside the check: Triton
+    # compiles (and may autotune) there.
     gen = torch.Generator(device="cuda").manual_seed(1)
     u = F.normalize(torch.randn(1000, 512, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
     t = F.normalize(torch.randn(1000, 512, device="cuda", generator=gen), dim=1).bfloat16().requires_grad_()
     s = torch.tensor(30.0, device="cuda", requires_grad=True)
     labels = _duplicated_labels(1000, 14, 20).cuda()
-    ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton").backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    if strategy == "blocked":
+        configs = {kernel: _first_blocked(kernel) for kernel in ("lse", "grad")}
+        monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 64 << 10)
+        monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 512 << 10)
+    else:
+        configs = {kernel: _tuning.default("contrastive", kernel, "16bit/one_dot") for kernel in ("lse", "grad")}
+    with _tuning.forced("contrastive", "lse", "16bit/one_dot", configs["lse"]), \
+            _tuning.forced("contrastive", "grad", "16bit/one_dot", configs["grad"]):
+        ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton").backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss.detach()).item()
 
 
