@@ -1068,9 +1068,15 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     # The model is built under the base seed on every rank, so ranks start identical;
     # dropout then draws per-rank streams (seed + rank) so ranks do not share masks.
     seed_everything(config.seed)
-    if model is None:
+    built_here = model is None
+    if built_here:
         model = _build_model(config)
     model = model.to(device)
+    if built_here and device.type == "cuda" and config.precision in ("bf16", "auto"):
+        # Every forward of this run is under bf16 autocast: the frozen matmul weights stored in
+        # bf16 give the same bits without a cast per use or a copy kept for each backward.
+        # (A model passed in is the caller's, and is left as it is.)
+        model.cast_frozen_weights(torch.bfloat16)
     model.train()
     if dataset is None:
         dataset = _build_dataset(config, model)

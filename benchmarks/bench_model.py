@@ -6,7 +6,12 @@ reference approaches of :mod:`benchmarks.baselines` (three reference LoRA
 linears with a dense ``B A`` per step, dense N x N hypergraph on all rows,
 dense B x B loss with a host-built mask). Everything else (the frozen towers,
 attention, the CLS row) is shared, so the ratio is what the ops buy in a real
-step. Throughput is samples/s in ``metrics``.
+step. Throughput is samples/s in ``metrics``. On a GPU our providers train a copy of
+the model with its frozen matmul weights stored in bf16, as ``ace-lora train`` does under
+bf16 autocast (``ACELoRA.cast_frozen_weights``: bit-identical losses and gradients, without
+autocast's per-use weight casts and the copies each frozen layer keeps for the backward);
+the reference-ops rows keep float32 weights cast by autocast, as the reference trains. The
+same holds for the largest-batch search.
 
 CPU: the tiny config (2 layers, width 64), fp32. GPU: the full-size
 BiomedCLIP architecture at B=64 under bf16 autocast (issue 6's setting:
@@ -117,9 +122,14 @@ def run(suite) -> None:
             built["model"] = _build_model(suite)
         return built["model"]
 
+    def ours_for(model):
+        if "ours" not in built:
+            built["ours"] = _ours_model(suite, model)
+        return built["ours"]
+
     model = model_for("ace_lora_train_step")
     if model is not None:
-        _run_ace_lora(suite, model)
+        _run_ace_lora(suite, model, ours_for(model))
     model = model_for("zero_shot_eval")
     if model is not None:
         _run_zero_shot(suite, model)
@@ -133,7 +143,7 @@ def run(suite) -> None:
     else:
         model = model_for("ace_lora_max_batch", costly=True)
         if model is not None:
-            _run_max_batch(suite, model)
+            _run_max_batch(suite, model, ours_for(model))
     model = None
     built.clear()
     suite.release_cuda_memory()
@@ -158,6 +168,18 @@ def _build_model(suite):
         return None
 
 
+def _ours_model(suite, model):
+    """The model our providers train in the training-step and largest-batch items: on a GPU a
+    copy of ``model`` with its frozen matmul weights stored in bf16, as ``ace-lora train`` runs it
+    under bf16 autocast (``ACELoRA.cast_frozen_weights``: the same losses and gradients bit for
+    bit, without autocast's per-use casts and the copies they keep for the backward). The
+    reference-ops rows keep ``model`` as it is, float32 weights cast by autocast at every use,
+    as the reference code trains. On a CPU (float32, no autocast) ``model`` itself."""
+    if not suite.is_gpu:
+        return model
+    return copy.deepcopy(model).cast_frozen_weights(torch.bfloat16)
+
+
 def fused_provider(suite, probe, *, label: str) -> str | None:
     """The backend an expensive single-backend item uses: on a GPU the fused one (cuda, then
     triton) with the fastest ``ace_lora_train_step`` in this run when that ran, on a CPU torch;
@@ -174,13 +196,17 @@ def fused_provider(suite, probe, *, label: str) -> str | None:
     return None
 
 
-def _run_ace_lora(suite, model) -> None:
+def _run_ace_lora(suite, model, ours_model) -> None:
+    """The training step: reference ops on ``model``, our providers on ``ours_model`` (see
+    :func:`_ours_model`; the same weights, trainable parameters included)."""
     device = suite.device
     name = _model_name(suite)
     batch = 8 if suite.quick else 64
     model.train()
+    ours_model.train()
     images, ids, labels = device_batch(model, batch, device, seed=3)
     params = model.trainable_parameters()
+    ours_params = ours_model.trainable_parameters()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if suite.is_gpu else contextlib.nullcontext())
     dtype = "bf16-autocast" if suite.is_gpu else "float32"
     shape_text = f"{name} B={batch}"
@@ -188,11 +214,13 @@ def _run_ace_lora(suite, model) -> None:
         return
     print(f" training step {shape_text} {dtype}")
 
-    def step_with(backend):
+    def step_with(backend, on=None):
+        on = ours_model if on is None else on
+
         def step():
-            model.backend = backend
+            on.backend = backend
             with autocast:
-                loss = model.loss(images, ids, labels)
+                loss = on.loss(images, ids, labels)
             loss.backward()
 
         return step
@@ -202,13 +230,13 @@ def _run_ace_lora(suite, model) -> None:
 
     def reference_step():
         with reference_ops():
-            step_with("torch")()  # the backend is not consulted: the ops are the references
+            step_with("torch", model)()  # the backend is not consulted: the ops are the references
 
     entries = [("reference-ops", reference_step, params)]
     runnable = []
     for provider in suite.providers:
         if suite.provider_can_run(provider, step_with(provider)):
-            entries.append((provider, step_with(provider), params))
+            entries.append((provider, step_with(provider), ours_params))
             runnable.append(provider)
     # GPU: the same step captured once as a CUDA graph (ace_model.training.GraphedTrainStep),
     # for each fused backend that ran eagerly. A replay allocates nothing: the graph's memory is
@@ -216,8 +244,8 @@ def _run_ace_lora(suite, model) -> None:
     graph_peaks, graph_reserved = {}, {}
     for provider in (p for p in runnable if suite.is_gpu and p in ("triton", "cuda")):
         label = f"{provider}+cuda-graph"
-        model.backend = provider
-        for t in params:
+        ours_model.backend = provider
+        for t in ours_params:
             t.grad = None
         try:
             from ace_model.training import GraphedTrainStep
@@ -225,14 +253,14 @@ def _run_ace_lora(suite, model) -> None:
             torch.cuda.synchronize(device)
             before, reserved_before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
             torch.cuda.reset_peak_memory_stats(device)
-            graphed = GraphedTrainStep(model, images, ids, labels, precision="bf16")
+            graphed = GraphedTrainStep(ours_model, images, ids, labels, precision="bf16")
             torch.cuda.synchronize(device)
             graph_peaks[label] = (torch.cuda.max_memory_allocated(device) - before) / MIB
             graph_reserved[label] = (torch.cuda.memory_reserved(device) - reserved_before) / MIB
         except Exception as exc:
             suite.skip(f"training step {shape_text} {label}", describe_error(exc))
             continue
-        entries.append((label, lambda graphed=graphed: graphed(images, ids, labels), params))
+        entries.append((label, lambda graphed=graphed: graphed(images, ids, labels), ours_params))
     graphed = None  # the entries hold the graphs until they are measured
     base_results, ours = {}, {}
     for name, meas in suite.measure_group(entries).items():
@@ -245,7 +273,7 @@ def _run_ace_lora(suite, model) -> None:
             metrics["graph_reserved_mib"] = round(graph_reserved[name], 1)
         (base_results if name == "reference-ops" else ours)[name] = (meas, metrics)
     del entries
-    model.backend = "auto"
+    model.backend = ours_model.backend = "auto"
 
     def targets(provider, baseline):
         if suite.is_gpu and provider.split("+")[0] in ("triton", "cuda") and baseline == "reference-ops":
@@ -254,9 +282,9 @@ def _run_ace_lora(suite, model) -> None:
 
     suite.add_rows(family=FAMILY, op="ace_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
                    baselines=base_results, targets=targets)
-    for t in params:
+    for t in params + ours_params:
         t.grad = None
-    model.backend = "auto"
+    model.backend = ours_model.backend = "auto"
     if graph_peaks:
         gc.collect()  # the graphs' pools go with their last tensors
         suite.release_cuda_memory()
@@ -531,7 +559,9 @@ def max_batch_ratio_metrics(ours: dict, reference: dict) -> dict:
     return metrics
 
 
-def _run_max_batch(suite, model) -> None:
+def _run_max_batch(suite, model, ours_model) -> None:
+    """The largest batch of a training step: reference ops on ``model``, our providers on
+    ``ours_model`` (see :func:`_ours_model`)."""
     name = _model_name(suite)
     fused = [p for p in ("cuda", "triton", "torch") if p in suite.providers]
     peaks = {r.provider: r.peak_mib for r in suite.rows
@@ -539,6 +569,7 @@ def _run_max_batch(suite, model) -> None:
     # The backend with the smallest B=64 peak in this run, else cuda, triton, torch in turn.
     order = sorted(fused, key=lambda p: (p not in peaks, peaks.get(p, 0.0)))
     model.train()
+    ours_model.train()
     shape_text = f"{name} train step, largest B"
     print(f" ace_lora_max_batch {name} bf16-autocast (each search at most {MAX_BATCH_SEARCH_S:.0f} s)")
 
@@ -578,7 +609,7 @@ def _run_max_batch(suite, model) -> None:
         for candidate in order:
             budget = min(MAX_BATCH_SEARCH_S, max(10.0, suite.seconds_left() - 5))
             print(f"  {candidate}:")
-            result = _largest_batch(lambda b, c=candidate: _try_step(suite, model, b, c), free_bytes, budget,
+            result = _largest_batch(lambda b, c=candidate: _try_step(suite, ours_model, b, c), free_bytes, budget,
                                     suite.log)
             if result["max_batch"] is not None:
                 ours, provider = result, candidate
@@ -588,7 +619,7 @@ def _run_max_batch(suite, model) -> None:
             if suite.cuda_lost is not None:
                 return
     finally:
-        model.backend = "auto"
+        model.backend = ours_model.backend = "auto"
     if ours is None:
         return
     metrics = metrics_for(ours)

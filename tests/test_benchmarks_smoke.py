@@ -852,6 +852,8 @@ def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatc
 
     def try_step(suite, model, batch, provider):
         searched.append(provider)
+        # The reference searches on the model as built, ours on its bf16-weights copy.
+        assert model is (reference_model if provider is None else ours_model)
         if state["lost"]:
             raise RuntimeError(FAULT)
         faulty = (provider is not None) == (where == "ours")
@@ -873,8 +875,8 @@ def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatc
     suite = Suite(device=torch.device("cuda"), quick=False, json_path=str(tmp_path / "mb.json"), png_path=None,
                   time_budget_s=300, max_seconds_per_call=2, providers=["torch", "triton"], log=lambda _: None,
                   environment=_gpu_environment())
-    model = Model()
-    bench_model._run_max_batch(suite, model)  # must not raise
+    reference_model, ours_model = Model(), Model()
+    bench_model._run_max_batch(suite, reference_model, ours_model)  # must not raise
     assert suite.cuda_lost is not None and FAULT in suite.cuda_lost
     rows = {r["provider"]: r for r in json.loads((tmp_path / "mb.json").read_text())["rows"]}
     reference = rows["reference-ops"]["metrics"]
@@ -893,7 +895,7 @@ def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatc
         assert "max_batch_ratio" not in m and "max_batch_ratio_lower_bound" in m  # ours is a lower bound
         assert "torch" not in searched  # no second backend searched on the dead context
     assert any(FAULT in line for line in suite.skipped)
-    assert model.backend == "auto"
+    assert reference_model.backend == ours_model.backend == "auto"
 
 
 def test_a_fault_in_one_hypergraph_provider_keeps_the_others(tmp_path, monkeypatch):

@@ -316,3 +316,50 @@ def test_bf16_autocast_runs_the_lora_op_in_bf16(tiny_model):
     assert seen == [torch.float32, torch.bfloat16]
     # bf16 keeps ~3 significant digits; a loss of O(1) through 4 layers stays within a few 1e-2.
     assert torch.isfinite(low) and abs(low.float().item() - reference.item()) < 5e-2
+
+
+def test_cast_frozen_weights_is_bit_identical_under_autocast(tiny_model):
+    # bf16 autocast casts the frozen linear/conv weights at every use (and keeps the copies for
+    # the backward); stored in bf16 they give the same losses and gradients, bit for bit.
+    # Non-zero B and LoRA dropout: every path carries signal. CPU autocast, torch backend.
+    model = copy.deepcopy(tiny_model)
+    model.train()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for lora in list(model.image_lora) + list(model.text_lora):
+            lora.lora_b.copy_(torch.randn(lora.lora_b.shape, generator=gen) * 0.5)
+    cast = copy.deepcopy(model).cast_frozen_weights(torch.bfloat16)
+    images, token_ids, labels = _batch(model)
+    images = images.float()
+
+    def run(m):
+        torch.manual_seed(5)  # the same LoRA and attention dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.loss(images, token_ids, labels)
+        return loss, torch.autograd.grad(loss, m.trainable_parameters())
+
+    (loss, grads), (cast_loss, cast_grads) = run(model), run(cast)
+    assert torch.equal(loss, cast_loss)
+    assert len(grads) == len(cast_grads) and all(g.abs().max() > 0 for g in grads[:1])
+    for name, got, want in zip([n for n, _ in cast.named_trainable_parameters()], cast_grads, grads):
+        assert torch.equal(got, want), name
+
+
+def test_cast_frozen_weights_casts_only_the_frozen_matmul_weights(tiny_model):
+    model = copy.deepcopy(tiny_model).cast_frozen_weights(torch.bfloat16)
+    kinds = {}
+    for module in model.clip.modules():
+        for name, param in module.named_parameters(recurse=False):
+            kinds.setdefault(type(module).__name__, set()).add(param.dtype)
+    assert kinds["Linear"] == {torch.bfloat16} and kinds["Conv2d"] == {torch.bfloat16}
+    assert kinds["LayerNorm"] == {torch.float32} and kinds["Embedding"] == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    assert model.logit_scale.dtype == torch.float32
+    # Frozen weights only, and a real floating dtype.
+    with pytest.raises(ValueError, match="argument 'dtype': expected a floating-point torch.dtype"):
+        copy.deepcopy(tiny_model).cast_frozen_weights(torch.int8)
+    unfrozen = copy.deepcopy(tiny_model)
+    unfrozen.clip.visual.head.proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="Linear.weight requires grad"):
+        unfrozen.cast_frozen_weights(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in unfrozen.clip.parameters())  # nothing half cast

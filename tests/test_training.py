@@ -740,3 +740,44 @@ def test_graphed_step_checks_every_batch_and_trains(tmp_path):
     # The first step's loss: the same forward from the same state.
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
     assert runs[True] == pytest.approx(runs[False], rel=1e-2, abs=1e-4)
+
+
+def _cast_spy(monkeypatch):
+    from ace_model import ACELoRA
+
+    calls = []
+    real = ACELoRA.cast_frozen_weights
+
+    def spy(self, dtype):
+        calls.append(dtype)
+        return real(self, dtype)
+
+    monkeypatch.setattr(ACELoRA, "cast_frozen_weights", spy)
+    return calls
+
+
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_train_keeps_frozen_weights_on_the_cpu_and_a_callers_model(tmp_path, monkeypatch):
+    # The frozen matmul weights go to bf16 only for a model the run builds itself and trains
+    # under bf16 autocast (CUDA): never on the CPU, never a model the caller passed in.
+    calls = _cast_spy(monkeypatch)
+    data = RandomPairs(make_model("tiny"), 8)
+    train(_config(tmp_path / "built", model="tiny", epochs=1, batch_size=4), dataset=data)
+    mine = make_model("tiny")
+    train(_config(tmp_path / "passed", model="tiny", epochs=1, batch_size=4), model=mine, dataset=data)
+    assert calls == [] and all(p.dtype == torch.float32 for p in mine.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_train_on_cuda_stores_the_frozen_weights_in_bf16(tmp_path, monkeypatch):
+    calls = _cast_spy(monkeypatch)
+    data = RandomPairs(make_model("tiny"), 8)
+    result = train(_config(tmp_path / "auto", model="tiny", epochs=1, batch_size=4, device="cuda"), dataset=data)
+    assert calls == [torch.bfloat16] and math.isfinite(result["final_loss"])
+    train(_config(tmp_path / "fp32", model="tiny", epochs=1, batch_size=4, device="cuda", precision="fp32"),
+          dataset=data)
+    mine = make_model("tiny")
+    train(_config(tmp_path / "passed", model="tiny", epochs=1, batch_size=4, device="cuda"), model=mine,
+          dataset=data)
+    assert calls == [torch.bfloat16]  # not under fp32, not for a model passed in
