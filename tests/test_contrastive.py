@@ -402,18 +402,19 @@ def test_gpu_launch_computes_each_similarity_tile_once():
     assert contrastive._triton_matmul_flops(batch, 1024, torch.bfloat16) == 14 * batch**2 * 1024
 
 
-@pytest.mark.triton
-def test_triton_large_scale_and_owned_shares(device):
-    # logit_scale 100 with duplicates, split into owned shares as with group=.
-    u, t, s = _inputs(29, 20, scale=100.0, dtype=torch.float32)
+def _check_owned_shares(batch, shares, device):
+    """The Triton backend's owned shares ``[(lo, hi), ...]`` (as with group=; they partition
+    the batch) add up to the fp64 oracle's loss and gradients, with logit_scale 100 and
+    duplicates; an empty share (lo == hi) is 0 with zero gradients."""
+    u, t, s = _inputs(batch, 20, scale=100.0, dtype=torch.float32)
     u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
     s32 = s.detach().float().to(device).requires_grad_()
-    labels = _duplicated_labels(29, 14, 3).to(device)
+    labels = _duplicated_labels(batch, 14, 3).to(device)
     keys = contrastive._label_keys(labels)
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     total, grads = 0.0, [0, 0, 0]
-    for lo, hi in [(0, 17), (17, 17), (17, 29)]:  # (17, 17): an empty rank's zero share
+    for lo, hi in shares:
         share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
         g = torch.autograd.grad(share, [u, t, s32])
         if lo == hi:
@@ -424,6 +425,11 @@ def test_triton_large_scale_and_owned_shares(device):
     torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
     for got, want in zip(grads, ref[1]):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
+
+
+@pytest.mark.triton
+def test_triton_large_scale_and_owned_shares(device):
+    _check_owned_shares(29, [(0, 17), (17, 17), (17, 29)], device)  # (17, 17): an empty rank's zero share
 
 
 # The blocked strategy (STRATEGY="blocked", swept on a GPU), forced for both kernels with the
@@ -481,25 +487,11 @@ def test_blocked_rows_are_bounded_by_the_buffer_budget():
 @pytest.mark.triton
 def test_triton_blocked_strategy_owned_shares(device, monkeypatch):
     # group='s owned shares (row LSEs of lo..hi both ways, weights of unowned rows on owned columns
-    # only) by the blocked strategy, with logit_scale 100 and duplicates; blocks of one tile of
-    # rows, so that shares start inside a block and whole blocks lie outside lo..hi.
-    u, t, s = _inputs(61, 20, scale=100.0, dtype=torch.float32)
-    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
-    s32 = s.detach().float().to(device).requires_grad_()
-    labels = _duplicated_labels(61, 14, 3).to(device)
-    keys = contrastive._label_keys(labels)
-    ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
-                          s.detach().to(device).requires_grad_(), labels)
-    total, grads = 0.0, [0, 0, 0]
+    # only) by the blocked strategy; blocks of one tile of rows, so that shares start inside a
+    # block and whole blocks lie outside lo..hi.
     with _blocked_strategy(monkeypatch, "fp32/one_dot", part_bytes=1) as calls:
-        for lo, hi in [(0, 9), (9, 40), (40, 61)]:
-            share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
-            total = total + share.detach()
-            grads = [a + b for a, b in zip(grads, torch.autograd.grad(share, [u, t, s32]))]
+        _check_owned_shares(61, [(0, 9), (9, 40), (40, 61)], device)
     assert calls == {"lse": 6, "grad": 6}
-    torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
-    for got, want in zip(grads, ref[1]):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
 
 
 @pytest.mark.triton
@@ -524,10 +516,11 @@ def test_triton_blocked_strategy_fp16_rounds_like_the_one_pass_kernels(device, m
         torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-3)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("batch,dim", [(1000, 512), (4097, 1024), (333, 40)])
-def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
+def _check_within_twice_torch_error(batch, dim, dtype, op, context=contextlib.nullcontext):
+    """``op(u, t, s, labels)`` (GPU, ``dtype`` embeddings, fp32 scale; forward and backward inside
+    ``context()``) against the fp64 oracle: each of the loss and the three gradients at most 2x
+    the error of the dense formula run by torch in the same dtype (issue 3's rule, used for every
+    op here)."""
     u, t, s = _inputs(batch, dim, dtype=torch.float64)
     u, t = u.detach().cuda(), t.detach().cuda()
     labels = _duplicated_labels(batch, 14, 50).cuda()
@@ -539,7 +532,8 @@ def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
         si = s.detach().float().cuda().requires_grad_()
         return _loss_and_grads(fn, ui, ti, si, labels)
 
-    ours = run(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
+    with context():
+        ours = run(op)
     # torch at the same dtype: the dense oracle evaluated in that dtype.
     theirs = run(_dense_same_dtype)
     for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
@@ -547,6 +541,13 @@ def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
         err_torch = (base.double() - want).abs().max().item()
         assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch,dim", [(1000, 512), (4097, 1024), (333, 40)])
+def test_triton_gpu_within_twice_torch_error(batch, dim, dtype):
+    _check_within_twice_torch_error(batch, dim, dtype,
+                                    lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
 
 
 _BLOCKED_CANDIDATES = [(kernel, number) for (kernel, _), candidates in contrastive._GPU_CANDIDATES.items()
@@ -566,28 +567,13 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
     real = getattr(contrastive, f"_{kernel}_blocked")
     monkeypatch.setattr(contrastive, f"_{kernel}_blocked", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     batch, dim = 4097, 512
-    u, t, s = _inputs(batch, dim, dtype=torch.float64)
-    u, t = u.detach().cuda(), t.detach().cuda()
-    labels = _duplicated_labels(batch, 14, 50).cuda()
-    ref = _loss_and_grads(label_guided_infonce_oracle, u.clone().requires_grad_(), t.clone().requires_grad_(),
-                          s.detach().cuda().requires_grad_(), labels)
-
-    def run(fn):
-        ui, ti = u.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
-        si = s.detach().float().cuda().requires_grad_()
-        return _loss_and_grads(fn, ui, ti, si, labels)
-
     config = contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")][number - 1]
-    with _tuning.forced("contrastive", kernel, "16bit/one_dot", config):
-        ours = run(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"))
+    _check_within_twice_torch_error(batch, dim, dtype,
+                                    lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"),
+                                    lambda: _tuning.forced("contrastive", kernel, "16bit/one_dot", config))
     assert len(calls) == (1 if kernel == "lse" else 2)
     assert contrastive._lse_block_rows(batch, batch, config, True) < batch
     assert contrastive._grad_block_rows(batch, config, 2) < batch
-    theirs = run(_dense_same_dtype)
-    for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
-        err = (got.double() - want).abs().max().item()
-        err_torch = (base.double() - want).abs().max().item()
-        assert err <= 2 * err_torch + 1e-6, (err, err_torch)
 
 
 def _first_blocked(kernel):
