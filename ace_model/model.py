@@ -443,8 +443,9 @@ class ACELoRA(nn.Module):
         """Store the frozen base's matmul weights (the weights and biases of every ``nn.Linear``
         and ``nn.Conv2d`` of :attr:`clip`) in ``dtype``; returns ``self``.
 
-        For a model that runs only under ``torch.autocast(dtype=dtype)``, as training and
-        zero-shot evaluation do on a GPU with bf16. Autocast casts those weights to its dtype at
+        For a model that runs only under ``torch.autocast(dtype=dtype)``, as ``train`` runs it
+        on a GPU with bf16 (``zero_shot.evaluate`` runs without autocast: not there). Autocast
+        casts those weights to its dtype at
         every use, and the copy made for a frozen layer is kept for the backward (``dX = dY W``);
         stored in ``dtype`` they are used as they are. The values are the same bit for bit (the
         cast rounds the same way), so losses and gradients are unchanged, without the casts of
@@ -458,10 +459,16 @@ class ACELoRA(nn.Module):
         params = [(module, name, param) for module in self.clip.modules()
                   if isinstance(module, (nn.Linear, nn.Conv2d))
                   for name, param in module.named_parameters(recurse=False)]
+        # A weight tied to another kind of module (an embedding, say) would change that one too.
+        elsewhere = {id(param) for module in self.clip.modules()
+                     if not isinstance(module, (nn.Linear, nn.Conv2d)) for param in module.parameters(recurse=False)}
         for module, name, param in params:  # checked before any is cast: nothing half done
             if param.requires_grad:
                 raise ValueError(f"cast_frozen_weights: {type(module).__name__}.{name} requires grad; "
                                  "only the frozen base's weights can be cast")
+            if id(param) in elsewhere:
+                raise ValueError(f"cast_frozen_weights: {type(module).__name__}.{name} is tied to a parameter of "
+                                 "a module that is neither nn.Linear nor nn.Conv2d; it is left to autocast")
         for _, _, param in params:
             param.data = param.data.to(dtype)
         return self

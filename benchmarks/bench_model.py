@@ -591,10 +591,19 @@ def _run_max_batch(suite, model, ours_model) -> None:
             suite.skip("ace_lora_max_batch (the rest)", result["note"])
         return True
 
+    def only_on_device(searched):
+        """Keep the model this search does not train on the host meanwhile (each search has the
+        card to itself, but for the inputs); nothing moves after a fault."""
+        if ours_model is model or suite.cuda_lost is not None:
+            return
+        (ours_model if searched is model else model).to("cpu")
+        searched.to(suite.device)
+
     # Each search's row is written as soon as it ends, so a fault in the next one costs no rows.
     try:
         budget = min(MAX_BATCH_SEARCH_S, max(10.0, (suite.seconds_left() - 5) / 2))
         print("  reference-ops:")
+        only_on_device(model)
         reference = _largest_batch(lambda b: _try_step(suite, model, b, None), free_bytes, budget, suite.log)
         if reference["max_batch"] is None:
             suite.skip("ace_lora_max_batch reference-ops", reference["note"] or "nothing fitted")
@@ -605,6 +614,7 @@ def _run_max_batch(suite, model, ours_model) -> None:
         if faulted(reference):
             return
         suite.release_cuda_memory()
+        only_on_device(ours_model)
         ours, provider = None, None
         for candidate in order:
             budget = min(MAX_BATCH_SEARCH_S, max(10.0, suite.seconds_left() - 5))
@@ -620,6 +630,9 @@ def _run_max_batch(suite, model, ours_model) -> None:
                 return
     finally:
         model.backend = ours_model.backend = "auto"
+        if ours_model is not model and suite.cuda_lost is None:
+            model.to(suite.device)
+            ours_model.to(suite.device)
     if ours is None:
         return
     metrics = metrics_for(ours)

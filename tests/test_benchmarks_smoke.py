@@ -9,6 +9,7 @@ explode (the numbers are not judged here, only that every row is complete).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import subprocess
@@ -852,8 +853,11 @@ def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatc
 
     def try_step(suite, model, batch, provider):
         searched.append(provider)
-        # The reference searches on the model as built, ours on its bf16-weights copy.
+        # The reference searches on the model as built, ours on its bf16-weights copy; the other
+        # one waits on the host.
         assert model is (reference_model if provider is None else ours_model)
+        other = ours_model if model is reference_model else reference_model
+        assert model.where == torch.device("cuda") and other.where == "cpu"
         if state["lost"]:
             raise RuntimeError(FAULT)
         faulty = (provider is not None) == (where == "ours")
@@ -868,9 +872,14 @@ def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatc
 
     class Model:
         backend = "auto"
+        where = "cuda:0"
 
         def train(self):
             pass
+
+        def to(self, device):
+            self.where = device
+            return self
 
     suite = Suite(device=torch.device("cuda"), quick=False, json_path=str(tmp_path / "mb.json"), png_path=None,
                   time_budget_s=300, max_seconds_per_call=2, providers=["torch", "triton"], log=lambda _: None,
@@ -1156,7 +1165,8 @@ def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypa
     bench_contrastive.run(suite)
     rows = json.loads((tmp_path / "fake.json").read_text())["rows"]
     blocked = [r for r in rows if r["provider"] == bench_contrastive.BLOCKED]
-    assert [r["shape"] for r in blocked] == ["B=300 D=64 labels"] and calls
+    # The check calls it twice (one backward, two directions); the timed steps call it again.
+    assert [r["shape"] for r in blocked] == ["B=300 D=64 labels"] and len(calls) > 2
     triton = [r for r in rows if r["provider"] == "triton" and r["shape"] == "B=300 D=64 labels"]
     assert [r["baseline"] for r in blocked] == [r["baseline"] for r in triton] == ["reference"]
     assert blocked[0]["target"] == triton[0]["target"]
@@ -1173,16 +1183,22 @@ def test_contrastive_probe_takes_the_faster_strategy_at_65536(monkeypatch):
 
     from benchmarks import bench_contrastive
 
-    def suite_with(times):
-        rows = [SimpleNamespace(op="label_guided_infonce", shape="B=65536 D=512 labels", provider=p, median_ms=ms)
+    def suite_with(times, blocked_error=1e-3):
+        rows = [SimpleNamespace(op="label_guided_infonce", shape="B=65536 D=512 labels", provider=p, median_ms=ms,
+                                metrics={"rel_err_vs_fp32_chunked": blocked_error if p == "triton+blocked" else 1e-3})
                 for p, ms in times.items()]
         return SimpleNamespace(rows=rows)
 
     assert bench_contrastive._blocked_was_faster(suite_with({"triton": 180.0, "triton+blocked": 70.0}))
     assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 60.0, "triton+blocked": 70.0}))
     assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 60.0}))
+    # Faster but outside the fp32 check's bound: not taken.
+    assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 180.0, "triton+blocked": 70.0}, 0.05))
+    # Sized from the faster strategy; twice that for blocked (its blocks shrink at B=1M).
     estimate = bench_contrastive._probe_estimate_s(suite_with({"triton": 180.0, "triton+blocked": 70.0}), 131072, 512)
-    assert estimate == pytest.approx(0.070 * 4 * 2)
+    assert estimate == pytest.approx(0.070 * 4 * 2 * 2)
+    estimate = bench_contrastive._probe_estimate_s(suite_with({"triton": 60.0, "triton+blocked": 70.0}), 131072, 512)
+    assert estimate == pytest.approx(0.060 * 4 * 2)
     # The probe step with the blocked label forces the strategy and files its results under it.
     forced = []
     monkeypatch.setattr(bench_contrastive, "blocked_strategy",
@@ -1193,3 +1209,34 @@ def test_contrastive_probe_takes_the_faster_strategy_at_65536(monkeypatch):
     bench_contrastive._probe_step(u, t, s, None, "torch", [u, t, s], "triton+blocked")()
     assert forced == [torch.float32] and set(bench_contrastive.step_results) == {"triton+blocked"}
     bench_contrastive.step_results.clear()
+
+
+def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
+    """The training-step item: the reference-ops rows train the model as built, every one of our
+    providers the copy that ``_ours_model`` gives (bf16 frozen weights on a GPU). Here, on the
+    CPU, a distinct copy stands in for it, and each model's ``loss`` records who called it."""
+    import ace_kernels
+    from ace_model import ACELoRA
+    from benchmarks import bench_model
+
+    torch.manual_seed(0)
+    model = ACELoRA.from_config("tiny")
+    ours = copy.deepcopy(model)
+    seen = []
+
+    def recording(name, loss):
+        def run(*args, **kwargs):
+            seen.append((name, ace_kernels.lora_qkv is bench_model.baselines.reference_lora_qkv))
+            return loss(*args, **kwargs)
+        return run
+
+    model.loss = recording("built", model.loss)
+    ours.loss = recording("ours", ours.loss)
+    suite = _suite("all")
+    bench_model._run_ace_lora(suite, model, ours)
+    assert ("built", True) in seen and ("ours", False) in seen
+    assert all(active == (name == "built") for name, active in seen)
+    rows = [r for r in suite.rows if r.op == "ace_lora_train_step"]
+    assert {r.provider for r in rows} == {"reference-ops", "torch"}
+    assert model.backend == ours.backend == "auto"
+    assert all(p.grad is None for p in model.trainable_parameters() + ours.trainable_parameters())

@@ -363,3 +363,11 @@ def test_cast_frozen_weights_casts_only_the_frozen_matmul_weights(tiny_model):
     with pytest.raises(ValueError, match="Linear.weight requires grad"):
         unfrozen.cast_frozen_weights(torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in unfrozen.clip.parameters())  # nothing half cast
+    tied = copy.deepcopy(tiny_model)
+    embeddings = tied.text_transformer.embeddings.word_embeddings
+    head = torch.nn.Linear(embeddings.weight.shape[1], embeddings.weight.shape[0], bias=False)
+    head.weight = embeddings.weight  # an MLM-style head tied to the word embeddings
+    tied.clip.add_module("tied_head", head)
+    with pytest.raises(ValueError, match="tied to a parameter of a module that is neither"):
+        tied.cast_frozen_weights(torch.bfloat16)
+    assert embeddings.weight.dtype == torch.float32
