@@ -67,7 +67,7 @@
 #   training: chunked_train_step, BiomedCLIP at B=64, 512 and 16,384 with chunk 256 (model
 #     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s);
 #   tuning: triton_config_sweep, the LoRA and InfoNCE kernels at each candidate launch
-#     configuration (24 of them, ~75 s).
+#     configuration (23 of them, ~70 s).
 # Each is skipped, with the reason, when its estimate exceeds the time left. Only when the
 # first call skipped them AND the session's device time allows, call again AT ONCE (the
 # machine stays warm 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left):
