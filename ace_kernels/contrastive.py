@@ -748,6 +748,19 @@ _INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_s
 _INTERPRETER_D = 64
 
 
+def _config_key(dtype: torch.dtype, dim: int, *, aligned: bool = True, interpreter: bool | None = None) -> str:
+    """``"<16bit|fp32>/<one_dot|k_steps|unaligned>"``: the dtype class and path whose launch
+    configuration a call takes (what ``_tuning.forced`` and the tuned file are keyed by)."""
+    if interpreter is None:
+        interpreter = _dispatch.interpreter_enabled()
+    kind = _tuning.dtype_class(dtype)
+    if interpreter:
+        one_dot = dim <= _INTERPRETER_D
+    else:
+        one_dot = aligned and dim <= _GPU_ONE_DOT_MAX[kind]
+    return f"{kind}/" + ("one_dot" if one_dot else ("k_steps" if aligned else "unaligned"))
+
+
 def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool = True,
                    interpreter: bool | None = None, device: torch.device | None = None) -> dict:
     """Tiles, warps, stages and D split of ``kernel`` ("lse" or "grad") for ``dtype`` embeddings of width ``dim``.
@@ -765,14 +778,9 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
     """
     if interpreter is None:
         interpreter = _dispatch.interpreter_enabled()
-    kind = _tuning.dtype_class(dtype)
-    if interpreter:
-        one_dot = dim <= _INTERPRETER_D
-        chunk = _INTERPRETER_D
-    else:
-        one_dot = aligned and dim <= _GPU_ONE_DOT_MAX[kind]
-        chunk = _GPU_GRAD_CHUNK[(kind, aligned)]
-    path = "one_dot" if one_dot else ("k_steps" if aligned else "unaligned")
+    kind, path = _config_key(dtype, dim, aligned=aligned, interpreter=interpreter).split("/")
+    one_dot = path == "one_dot"
+    chunk = _INTERPRETER_D if interpreter else _GPU_GRAD_CHUNK[(kind, aligned)]
     default = _INTERPRETER_TILES if interpreter else _GPU_CONFIGS[(kernel, kind, path)]
     config = _tuning.launch_config("contrastive", kernel, f"{kind}/{path}", None if interpreter else device, default)
     width = max(16, triton.next_power_of_2(dim))
