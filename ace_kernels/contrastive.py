@@ -420,6 +420,18 @@ if triton is not None:
         return new_max, run_sum, diag
 
     @triton.jit
+    def _tile_lse(logits, AXIS: tl.constexpr):
+        # Log-sum-exp of a tile along AXIS, -inf where every entry is masked (never log 0).
+        top = tl.max(logits, axis=AXIS)
+        empty = top == float("-inf")
+        safe = tl.where(empty, 0.0, top)
+        if AXIS == 1:
+            total = tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+        else:
+            total = tl.sum(tl.exp(logits - safe[None, :]), axis=0)
+        return tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
+
+    @triton.jit
     def _lse_rows_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr,
         row_lo, row_hi, n, dim, stride_a, stride_b,
@@ -502,12 +514,7 @@ if triton is not None:
                 run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0,
                                                        row_start, BLOCK_M, BLOCK_N)
                 # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
-                # (log is only taken of sums >= 1: an empty column stays -inf, never log(0).)
-                col_max = tl.max(logits, axis=0)
-                col_empty = col_max == float("-inf")
-                col_safe = tl.where(col_empty, 0.0, col_max)
-                col_sum = tl.sum(tl.exp(logits - col_safe[None, :]), axis=0)
-                tile_lse = tl.where(col_empty, float("-inf"), col_safe + tl.log(tl.where(col_empty, 1.0, col_sum)))
+                tile_lse = _tile_lse(logits, 0)
                 old = tl.load(part_row + cols, mask=cols < n, other=float("-inf"))
                 top = tl.maximum(old, tile_lse)
                 top_empty = top == float("-inf")
@@ -596,16 +603,13 @@ if triton is not None:
     #   one-pass kernel rounds them before its gradient dot), then one cuBLAS product per row block.
 
     @triton.jit
-    def _tile_lse(logits, AXIS: tl.constexpr):
-        # Log-sum-exp of a tile along AXIS, -inf where every entry is masked (never log 0).
-        top = tl.max(logits, axis=AXIS)
-        empty = top == float("-inf")
-        safe = tl.where(empty, 0.0, top)
-        if AXIS == 1:
-            total = tl.sum(tl.exp(logits - safe[:, None]), axis=1)
-        else:
-            total = tl.sum(tl.exp(logits - safe[None, :]), axis=0)
-        return tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
+    def _program_tile(rows_total, BLOCK_M: tl.constexpr):
+        # (program, row tile, column tile) of a 1-D grid over a block's tiles, the row tile varying
+        # fastest (column tiles could outnumber grid axis 1's limit): the programs that run
+        # together share one tile of the other side.
+        pid = tl.program_id(0).to(tl.int64)
+        row_tiles = tl.cdiv(rows_total, BLOCK_M)
+        return pid, pid % row_tiles, pid // row_tiles
 
     @triton.jit
     def _lse_tiles_kernel(
@@ -614,16 +618,12 @@ if triton is not None:
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, WANT_COLS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # Rows row0..rows_end of a against the n rows of b, one tile per program on a 1-D grid
-        # (column tiles could outnumber grid axis 1's limit), the row tile varying fastest: the
-        # programs that run together share one tile of b. Outputs, fp32, indexed from row0:
+        # Rows row0..rows_end of a against the n rows of b, one tile per program (_program_tile).
+        # Outputs, fp32, indexed from row0:
         # row_part [rows, cdiv(n, BLOCK_N)]: the tile's log-sum-exp of each row;
         # col_part [cdiv(rows, BLOCK_M), n]: the tile's log-sum-exp of each column (WANT_COLS);
         # diag [rows]: a_i . b_i, written by the tile that holds (i, i).
-        pid = tl.program_id(0).to(tl.int64)
-        row_tiles = tl.cdiv(rows_end - row0, BLOCK_M)
-        pid_m = pid % row_tiles
-        pid_n = pid // row_tiles
+        _, pid_m, pid_n = _program_tile(rows_end - row0, BLOCK_M)
         row_start = row0 + pid_m * BLOCK_M
         rows = row_start + tl.arange(0, BLOCK_M)
         c0 = pid_n * BLOCK_N
@@ -652,12 +652,9 @@ if triton is not None:
         # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
         # _grad_rows_kernel (both directions, -2 on the owned diagonal), stored in w_ptr's dtype at
         # [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
-        # (the logit-scale gradient over coef) at part_ptr[program]. A 1-D grid, the row tile
-        # varying fastest, as in _lse_tiles_kernel.
-        pid = tl.program_id(0).to(tl.int64)
-        row_tiles = tl.cdiv(rows_end - row0, BLOCK_M)
-        pid_m = pid % row_tiles
-        pid_n = pid // row_tiles
+        # (the logit-scale gradient over coef) at part_ptr[program]. One tile per program
+        # (_program_tile).
+        pid, pid_m, pid_n = _program_tile(rows_end - row0, BLOCK_M)
         rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < rows_end
@@ -793,7 +790,6 @@ def _launch_config(kernel: str, dtype: torch.dtype, dim: int, *, aligned: bool =
     config.update(BLOCK_D=block_d, ONE_DOT=one_dot,
                   d_chunks=triton.cdiv(dim, block_d) if kernel == "grad" else 1)
     return config
-
 
 
 # Blocked strategy (STRATEGY="blocked" in a launch configuration): bytes of the per-block buffers,

@@ -442,7 +442,6 @@ def _probe_estimate_s(suite, batch, dim):
     return min(times) * 1e-3 * (batch / 65536) ** 2 * 2 * margin  # the memory call (warm-up) and one timed call
 
 
-
 def _blocked_was_faster(suite) -> bool:
     """Whether this run's B=65,536 rows timed the blocked strategy faster than triton's default,
     and checked it within the fp32 reference's bound (then the probe runs the Triton kernels with
