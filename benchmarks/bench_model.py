@@ -273,7 +273,6 @@ def _run_ace_lora(suite, model, ours_model) -> None:
             metrics["graph_reserved_mib"] = round(graph_reserved[name], 1)
         (base_results if name == "reference-ops" else ours)[name] = (meas, metrics)
     del entries
-    model.backend = ours_model.backend = "auto"
 
     def targets(provider, baseline):
         if suite.is_gpu and provider.split("+")[0] in ("triton", "cuda") and baseline == "reference-ops":
