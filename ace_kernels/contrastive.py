@@ -803,6 +803,12 @@ def _blocked(cfg: dict) -> bool:
     return cfg.get("STRATEGY") == "blocked"
 
 
+def _first_blocked_candidate(kernel: str) -> dict:
+    """``kernel``'s ("lse" or "grad") first blocked candidate of the 16-bit one-dot path: the one
+    the benchmark's ``triton+blocked`` rows and the blocked GPU tests force."""
+    return next(c for c in _GPU_CANDIDATES[(kernel, "16bit/one_dot")] if _blocked(c))
+
+
 def _block_rows(n: int, block_m: int, bytes_per_row: int, budget: int) -> int:
     """Rows per block of the blocked strategy: a multiple of ``block_m``, at least one tile,
     at most what ``budget`` bytes hold, and no more than the batch needs."""

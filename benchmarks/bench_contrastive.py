@@ -72,8 +72,8 @@ def blocked_strategy(dtype: torch.dtype):
     kind = _tuning.dtype_class(dtype)
     with contextlib.ExitStack() as stack:
         for kernel in ("lse", "grad"):
-            config = next(c for c in contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")] if contrastive._blocked(c))
-            stack.enter_context(_tuning.forced("contrastive", kernel, f"{kind}/one_dot", config))
+            stack.enter_context(_tuning.forced("contrastive", kernel, f"{kind}/one_dot",
+                                               contrastive._first_blocked_candidate(kernel)))
         yield
 
 

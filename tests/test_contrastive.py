@@ -595,10 +595,6 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
     assert contrastive._grad_block_rows(batch, config, 2) < batch
 
 
-def _first_blocked(kernel):
-    return next(c for c in contrastive._GPU_CANDIDATES[(kernel, "16bit/one_dot")] if contrastive._blocked(c))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
 def test_triton_gpu_deterministic_and_bounded_memory(strategy):
@@ -608,7 +604,7 @@ def test_triton_gpu_deterministic_and_bounded_memory(strategy):
     # a card's tuned choice does not decide what is tested.
     batch, dim = 16384, 512
     if strategy == "blocked":
-        configs = {kernel: _first_blocked(kernel) for kernel in ("lse", "grad")}
+        configs = {kernel: contrastive._first_blocked_candidate(kernel) for kernel in ("lse", "grad")}
     else:
         configs = {kernel: _tuning.default("contrastive", kernel, "16bit/one_dot") for kernel in ("lse", "grad")}
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -657,7 +653,7 @@ def test_triton_gpu_no_host_sync_on_one_device(strategy, monkeypatch):
     s = torch.tensor(30.0, device="cuda", requires_grad=True)
     labels = _duplicated_labels(1000, 14, 20).cuda()
     if strategy == "blocked":
-        configs = {kernel: _first_blocked(kernel) for kernel in ("lse", "grad")}
+        configs = {kernel: contrastive._first_blocked_candidate(kernel) for kernel in ("lse", "grad")}
         monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 64 << 10)
         monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 512 << 10)
     else:
