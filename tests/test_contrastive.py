@@ -764,7 +764,8 @@ def _compile_all_for_sm90() -> list:
             sig = _aot_signature("lse_tiles" if blocked and kernel != "grad_weights" else kernel, dtype)
             sig.update({k: "constexpr" for k in const})
             # Aligned: D and the row strides are multiples of 16, which Triton specialises on at launch.
-            strides = ["dim", "stride_a", "stride_b"] + {"grad": ["stride_g"], "grad_weights": ["stride_w"]}.get(kernel, [])
+            extra = {"grad": ["stride_g"], "grad_weights": ["stride_w"]}.get(kernel, [])
+            strides = ["dim", "stride_a", "stride_b"] + extra
             res = compile_sm90(fn, sig, const, num_warps=options["num_warps"],
                                num_stages=options["num_stages"], divisible_by_16=strides if aligned else (),
                                aligned_pointers=aligned)
