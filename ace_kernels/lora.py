@@ -27,8 +27,8 @@ Backends
     ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
     ``x`` and ``A``. The dropout mask comes from Philox keyed by a seed and the element
     position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
-    columns) and the seed are saved. Without dropout and without a graph to build
-    (evaluation), the LoRA term is merged into the weight instead (``W + scaling * B A``,
+    columns) and the seed are saved. In evaluation (``training=False``) without a graph to
+    build, the LoRA term is merged into the weight instead (``W + scaling * B A``,
     one small batched product) and the call is one GEMM. ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
@@ -968,9 +968,12 @@ def _triton_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, train
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, in_features)
     apply_dropout = training and dropout_p > 0.0
-    if not apply_dropout and not (torch.is_grad_enabled() and (x.requires_grad or lora_a3.requires_grad
-                                                               or lora_b3.requires_grad)):
+    if not training and not (torch.is_grad_enabled() and (x.requires_grad or lora_a3.requires_grad
+                                                          or lora_b3.requires_grad)):
         # Evaluation (zero-shot, inference): merged weights (weight and bias are frozen here).
+        # Not in training mode, even without dropout or a graph: a chunked step's first pass
+        # (no graph) must give the outputs its second pass (with one) recomputes, and in 16 bits
+        # the merged weight rounds the LoRA term differently.
         _record_mask(None, lead_shape, in_features)
         y = _merged_forward(x2d, weight, bias, lora_a3, lora_b3, float(scaling))
         return y.reshape(*lead_shape, y.shape[-1])

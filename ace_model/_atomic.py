@@ -70,7 +70,7 @@ def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None])
     it over ``path``, fsync the directory; on any error the temp file is removed."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    makedirs_durable(directory)
     fd, tmp = create_temp_file(path)
     try:
         fill(fd, tmp)
@@ -82,6 +82,23 @@ def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None])
             pass
         raise
     fsync_directory(directory)
+
+
+def makedirs_durable(directory: str | os.PathLike) -> None:
+    """``os.makedirs(directory, exist_ok=True)``, then fsync the parent of each directory it
+    created, top down, so that their entries survive a power loss with what goes in them."""
+    directory = os.path.abspath(os.fspath(directory))
+    missing = []
+    probe = directory
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    os.makedirs(directory, exist_ok=True)
+    for created in reversed(missing):
+        fsync_directory(os.path.dirname(created))
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:

@@ -311,6 +311,60 @@ class LoRAQKV(nn.Module):
                 f"scaling={self.scaling}, dropout={self.dropout_p}")
 
 
+def _layer_norm_then(norm: nn.Module, then: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a = norm(x)
+    return a, then(a)
+
+
+class _Recomputed(torch.autograd.Function):
+    """``fn(x)`` whose intermediates are not kept: the backward runs ``fn`` again from ``x``.
+
+    Only ``x`` is saved. The rerun happens under the forward's autocast state and the
+    backward goes through the same autograd formulas and kernels as an ordinary call, so the
+    gradient of ``x`` is that of ``fn(x)`` bit for bit (given deterministic kernels). ``fn`` must
+    draw no random numbers, may have no parameters that require grad (see
+    :func:`_maybe_recomputed`) and may return a tensor or a tuple of tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, x):
+        device = x.device.type
+        ctx.fn = fn
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                        torch.is_autocast_cache_enabled())
+        ctx.save_for_backward(x)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x,) = ctx.saved_tensors
+        device, enabled, dtype, cache = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache):
+            x = x.detach().requires_grad_(True)
+            outs = ctx.fn(x)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(out, grad) for out, grad in zip(outs, grads) if grad is not None and out.requires_grad]
+        if not pairs:
+            return None, None
+        (grad_x,) = torch.autograd.grad([out for out, _ in pairs], x, [grad for _, grad in pairs])
+        return None, grad_x
+
+
+def _maybe_recomputed(recompute: bool, fn, x: torch.Tensor, modules: tuple[nn.Module, ...]):
+    """``fn(x)``, through :class:`_Recomputed` when ``recompute`` and autograd records.
+
+    ``modules`` are those ``fn`` calls: the rerun gives a gradient to ``x`` only, so none of
+    their parameters may require grad.
+    """
+    if not (recompute and torch.is_grad_enabled() and x.requires_grad):
+        return fn(x)
+    for module in modules:
+        if any(p.requires_grad for p in module.parameters()):
+            raise ValueError(f"recompute_mlp: {type(module).__name__} has parameters that require grad; only a "
+                             "frozen MLP input side is rerun in the backward (set recompute_mlp=False)")
+    return _Recomputed.apply(fn, x)
+
+
 def cls_attention_row(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Pre-softmax CLS attention row averaged over heads, without column 0.
 
@@ -344,15 +398,24 @@ class ACELoRA(nn.Module):
         The multiplier itself, ``exp`` of the base's stored log scale (spec section 1).
     backend : str
         Passed to every ace_kernels call ("auto", "cuda", "triton", "torch").
+    recompute_mlp : bool
+        When set, each layer's MLP input side (the ViT block's ``norm2 -> fc1 -> GELU``, the
+        BERT layer's attention-output LayerNorm and intermediate dense + GELU) keeps only its
+        float32 input for the backward, which reruns it: the GELU's input (4 x width per
+        token, in the autocast dtype) is not kept. Losses and gradients are unchanged bit for
+        bit; the backward does one more fc1 GEMM per layer. Off by default.
     image_size, context_length, embed_dim : int
     """
 
     def __init__(self, base: nn.Module, config_name: str, *, tokenizer_dir: Path | None = None,
                  adapter_hidden: int | None = None, rank: int = LORA_RANK, lora_dropout: float = LORA_DROPOUT,
-                 topk: int = HGNN_TOPK, backend: str = "auto"):
+                 topk: int = HGNN_TOPK, backend: str = "auto", recompute_mlp: bool = False):
         super().__init__()
+        if not isinstance(recompute_mlp, bool):
+            raise ValueError(f"argument 'recompute_mlp': expected a bool, got {recompute_mlp!r}")
         self.config_name = config_name
         self.backend = backend
+        self.recompute_mlp = recompute_mlp
         self.topk = topk
         self.clip = base
         for p in self.clip.parameters():
@@ -388,7 +451,8 @@ class ACELoRA(nn.Module):
 
     @classmethod
     def from_config(cls, name: str, pretrained: str | os.PathLike | None = None, *,
-                    backend: str = "auto", use_open_clip: bool | None = None) -> "ACELoRA":
+                    backend: str = "auto", use_open_clip: bool | None = None,
+                    recompute_mlp: bool = False) -> "ACELoRA":
         """Build ACE-LoRA on the shipped config ``name`` ("biomedclip" or "tiny").
 
         Parameters
@@ -402,6 +466,8 @@ class ACELoRA(nn.Module):
             the real PubMedBERT vocabulary). ``None``: random base weights.
         backend : str
             ace_kernels backend for every op call.
+        recompute_mlp : bool
+            See the class attribute: less activation memory, the same numbers.
         """
         _, config = _read_open_clip_config(name)
         base = build_base_model(name, use_open_clip=use_open_clip)
@@ -410,7 +476,7 @@ class ACELoRA(nn.Module):
             tokenizer_dir = load_base_weights(base, pretrained)
         extra = config.get("ace_lora", {})
         return cls(base, name, tokenizer_dir=tokenizer_dir, adapter_hidden=extra.get("adapter_hidden"),
-                   backend=backend)
+                   backend=backend, recompute_mlp=recompute_mlp)
 
     # -- frozen towers --------------------------------------------------------------------
 
@@ -532,7 +598,11 @@ class ACELoRA(nn.Module):
             o = o * attn.gate(h).sigmoid()
         o = attn.proj_drop(attn.proj(o))
         x = x + block.drop_path1(block.ls1(o))
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        mlp = block.mlp  # timm's Mlp.forward, its first three steps rerun in the backward if asked
+        h = _maybe_recomputed(self.recompute_mlp, lambda t: mlp.act(mlp.fc1(block.norm2(t))), x,
+                              (block.norm2, mlp.fc1, mlp.act))
+        h = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))
+        x = x + block.drop_path2(block.ls2(h))
         return x, cls_row
 
     def text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -589,8 +659,10 @@ class ACELoRA(nn.Module):
         o = o.transpose(1, 2).reshape(batch, length, width)
         hidden_drop = self.text_hidden_dropout if self.training else 0.0
         out = layer.attention.output
-        a = out.LayerNorm(F.dropout(out.dense(o), hidden_drop, self.training) + x)
-        inter = layer.intermediate(a)
+        s = F.dropout(out.dense(o), hidden_drop, self.training) + x
+        a, inter = _maybe_recomputed(self.recompute_mlp,
+                                     lambda t: _layer_norm_then(out.LayerNorm, layer.intermediate, t), s,
+                                     (out.LayerNorm, layer.intermediate))
         final = layer.output
         y = final.LayerNorm(F.dropout(final.dense(inter), hidden_drop, self.training) + a)
         return y, cls_row

@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
-                               temp_name_pattern)
+                               fsync_directory, makedirs_durable, temp_name_pattern)
 from ace_model.checkpoint import first_line, read_model_file
 
 STATE_FORMAT = "ace-lora-train-state"
@@ -280,7 +280,6 @@ def chunked_train_step(
             image_emb, text_emb = _encode_pair(model, images[lo:hi], token_ids[lo:hi], device, precision)
             image_parts.append(image_emb)
             text_parts.append(text_emb)
-    rng_after_pass1 = _capture_torch_rng(device)
     image_leaf = torch.cat(image_parts).requires_grad_(True)
     text_leaf = torch.cat(text_parts).requires_grad_(True)
     del image_parts, text_parts
@@ -288,6 +287,7 @@ def chunked_train_step(
     # parked on the leaves and pushed through the encoders in pass 2.
     loss = _call_loss(loss_fn, image_leaf, text_leaf, scale, labels_dev, group)
     loss.backward()
+    rng_after_loss = _capture_torch_rng(device)
     image_grad, text_grad = image_leaf.grad, text_leaf.grad
     del image_leaf, text_leaf
 
@@ -302,8 +302,9 @@ def chunked_train_step(
                 grads.append(grad[lo:hi].to(out.dtype))
         if outputs:
             torch.autograd.backward(outputs, grads)
-    # Leave the generator where the one-pass step would: after every chunk's draws once.
-    _restore_torch_rng(rng_after_pass1, device)
+    # Leave the generator where the one-pass step would: after every chunk's draws once, then
+    # the loss's (if it draws any).
+    _restore_torch_rng(rng_after_loss, device)
     return loss.detach()
 
 
@@ -579,6 +580,7 @@ class TrainConfig:
     progress: bool = True
     dist_timeout_s: float = 600.0
     cuda_graph: bool = False  # replay each step as a captured CUDA graph (GraphedTrainStep)
+    recompute_mlp: bool = False  # ACELoRA.recompute_mlp: rerun each MLP's input side in the backward
 
     # Fields that may change between a run and its resumption. Most leave every number of
     # the run as it was; not all: with dropout on, a new chunk_size draws other
@@ -588,7 +590,7 @@ class TrainConfig:
     # data: the dataset length is checked against the state.
     _RESUMABLE_CHANGES = frozenset(
         {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
-         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph"}
+         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph", "recompute_mlp"}
     )
 
     def to_dict(self) -> dict:
@@ -624,8 +626,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"TrainConfig.cuda_graph: expected a bool, got {self.cuda_graph!r}")
+        for name in ("cuda_graph", "recompute_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
@@ -635,7 +638,11 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     """LR factor at 0-based ``step``: linear warm-up to 1, then cosine down to 0 at the end.
 
     The warm-up reaches the full rate at its last step ((step + 1) / warmup_steps), as
-    the reference's open_clip schedule does.
+    open_clip's ``cosine_lr`` does. The reference code uses transformers'
+    ``get_cosine_schedule_with_warmup`` (factor ``step / warmup_steps``): its first step
+    runs at lr 0, moving Adam's moments but no weight, and every warm-up step one step
+    behind this one; the cosine part is the same. The spec says only "cosine schedule with
+    one epoch of warm-up"; this form does not spend a step.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -774,7 +781,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
     two deletes them again. Files of any other step (an abandoned run resumed from an older
     state, another run's files) are never deleted: they do not count towards ``keep``.
     """
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(ckpt_dir)
     ours = sorted(set(int(s) for s in previous_steps) | {step})
     kept = ours[-keep:]
     pruned = ours[: len(ours) - len(kept)]
@@ -877,9 +884,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
     Each fresh run into an existing ``out_dir`` appends to the same file after an
     ``{"event": "start"}`` line, so only the records after the last such line are kept;
-    a ``{"event": "resume"}`` line continues the same run (a resumed run re-does the steps
-    after its state and appends their records again). A torn line (a crash mid-write) is
-    ignored.
+    a ``{"event": "resume", "step": S}`` line continues the same run from its state at step
+    S: the records after S that came before it (of the trajectory the resume abandoned) are
+    dropped, and the resumed run's records take their place. A torn line (a crash mid-write)
+    is ignored.
     """
     by_step: dict[int, dict] = {}
     with open(path, encoding="utf-8") as handle:
@@ -892,6 +900,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 continue
             if record.get("event") == "start":
                 by_step.clear()
+            elif record.get("event") == "resume" and isinstance(record.get("step"), int):
+                for later in [s for s in by_step if s > record["step"]]:
+                    del by_step[later]
             elif "step" in record and "loss" in record:
                 by_step[int(record["step"])] = record
     return [by_step[s] for s in sorted(by_step)]
@@ -901,11 +912,14 @@ def _open_metrics_for_append(path: Path):
     """Open ``metrics.jsonl`` for appending, first ending a torn last line (a crash
     mid-write) so that the next record starts a line of its own and stays readable."""
     torn = False
+    created = not path.exists()
     if path.is_file() and path.stat().st_size > 0:
         with open(path, "rb") as handle:
             handle.seek(-1, os.SEEK_END)
             torn = handle.read(1) != b"\n"
     metrics = open(path, "a", encoding="utf-8")
+    if created:
+        fsync_directory(path.parent)  # the new file's entry is as durable as the lines fsynced into it
     if torn:
         metrics.write("\n")
     return metrics
@@ -1077,6 +1091,11 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         # bf16 give the same bits without a cast per use or a copy kept for each backward.
         # (A model passed in is the caller's, and is left as it is.)
         model.cast_frozen_weights(torch.bfloat16)
+    if config.recompute_mlp:
+        if not hasattr(model, "recompute_mlp"):
+            raise ValueError(f"TrainConfig.recompute_mlp: the model ({type(model).__name__}) has no "
+                             "recompute_mlp attribute (ace_model.ACELoRA has)")
+        model.recompute_mlp = True
     model.train()
     if dataset is None:
         dataset = _build_dataset(config, model)
@@ -1140,7 +1159,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None
     if is_writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(out_dir)
         _remove_stale_temp_files(out_dir)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         metrics = _open_metrics_for_append(metrics_path)
@@ -1227,7 +1246,9 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
             metrics.close()
 
     final_reference = None
-    if is_writer and last_reference is not None:
+    # Also after a resume with nothing left to train (a run killed between its last
+    # checkpoint and this write): the weights loaded are the final ones.
+    if is_writer and last_state is not None:
         final_reference = out_dir / "ace_lora.pt"
         _atomic_reference_save(model, final_reference)
     return {

@@ -550,7 +550,8 @@ def test_triton_declines_trainable_base(device):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("case", [Case("merged_qkv", "qkv", (3, 7), 40, 13, 4, dropout_p=0.3, training=False),
-                                  Case("merged_linear", "linear", (9,), 21, 10, 3, bias=False, dropout_p=0.0)],
+                                  Case("merged_linear", "linear", (9,), 21, 10, 3, bias=False, dropout_p=0.0,
+                                       training=False)],
                          ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_evaluation_merges_the_weights(case, dtype, device, monkeypatch):
@@ -577,6 +578,19 @@ def test_triton_evaluation_merges_the_weights(case, dtype, device, monkeypatch):
         assert err <= 1e-5 * scale
     else:
         assert err <= 2 * (torch_same.double() - want).abs().max().item() + 4e-3 * scale
+
+
+@pytest.mark.triton
+def test_triton_training_mode_never_merges(device):
+    """Training mode without dropout and without a graph (a chunked step's first pass) runs the
+    same kernels as with a graph (its second pass): the same outputs, bit for bit."""
+    case = Case("train_no_dropout", "qkv", (2, 7), 40, 13, 4, dropout_p=0.0)
+    inputs = make_inputs(case, torch.float32, device)
+    with torch.no_grad():
+        first, _ = call_op(case, inputs, "triton")
+    second, _ = call_op(case, inputs, "triton")
+    assert second[0].grad_fn is not None and first[0].grad_fn is None
+    assert all(torch.equal(a, b.detach()) for a, b in zip(first, second))
 
 
 @pytest.mark.triton

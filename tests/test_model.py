@@ -371,3 +371,127 @@ def test_cast_frozen_weights_casts_only_the_frozen_matmul_weights(tiny_model):
     with pytest.raises(ValueError, match="tied to a parameter of a module that is neither"):
         tied.cast_frozen_weights(torch.bfloat16)
     assert embeddings.weight.dtype == torch.float32
+
+
+def _perturbed_train_copy(tiny_model):
+    model = copy.deepcopy(tiny_model).train()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for lora in list(model.image_lora) + list(model.text_lora):
+            lora.lora_b.copy_(torch.randn(lora.lora_b.shape, generator=gen) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recompute_mlp_is_bit_identical(tiny_model, autocast):
+    # Rerunning each MLP's input side in the backward changes no number: the same loss and the
+    # same gradient of every trainable parameter, bit for bit, with every dropout on (LoRA, BERT
+    # hidden and attention dropout: the same seed draws the same masks), in fp32 and under CPU
+    # bf16 autocast (the rerun must happen under the forward's autocast state).
+    model = _perturbed_train_copy(tiny_model)
+    images, token_ids, labels = _batch(model)
+    images = images.float()
+
+    def run(recompute):
+        model.recompute_mlp = recompute
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model.loss(images, token_ids, labels)
+        return loss, torch.autograd.grad(loss, model.trainable_parameters())
+
+    (loss, grads), (rerun_loss, rerun_grads) = run(False), run(True)
+    assert torch.equal(loss, rerun_loss)
+    names = [n for n, _ in model.named_trainable_parameters()]
+    assert len(grads) == len(rerun_grads) == len(names)
+    for name, got, want in zip(names, rerun_grads, grads):
+        assert want.abs().max() > 0 or name.endswith("lora_a"), f"{name}: zero gradient, test is vacuous"
+        assert torch.equal(got, want), name
+
+
+def _saved_bytes(model, images, token_ids, labels, autocast_dtype=None):
+    """Bytes of the distinct storages autograd keeps for the backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(images, token_ids, labels)
+    return sum(saved.values()), loss
+
+
+@pytest.mark.parametrize("device,autocast_dtype", [
+    ("cpu", None), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_recompute_mlp_keeps_no_gelu_input(tiny_model, device, autocast_dtype):
+    # What the switch saves, exactly: per layer and token, the GELU's input (the MLP's hidden
+    # width, in the compute dtype: float32 here, bf16 under CUDA autocast) and the MLP
+    # LayerNorm's mean and rstd (float32 each; CUDA autocast runs LayerNorm in float32); the
+    # LayerNorm's float32 input, the one thing the rerun needs, was kept without the switch too.
+    model = _perturbed_train_copy(tiny_model).to(device)
+    if device == "cuda":
+        model.backend = "triton"
+    images, token_ids, labels = (t.to(device) for t in _batch(model))
+    images = images.float()
+    batch = images.shape[0]
+    itemsize = (autocast_dtype or torch.float32).itemsize
+    per_token = [(block.mlp.fc1.out_features * itemsize + 8, model.vision_trunk.patch_embed.num_patches + 1)
+                 for block in model.vision_trunk.blocks]
+    per_token += [(layer.intermediate.dense.out_features * itemsize + 8, token_ids.shape[1])
+                  for layer in model.text_transformer.encoder.layer]
+    expected = sum(size * batch * tokens for size, tokens in per_token)
+    model.recompute_mlp = False
+    kept, _ = _saved_bytes(model, images, token_ids, labels, autocast_dtype)
+    model.recompute_mlp = True
+    rerun_kept, loss = _saved_bytes(model, images, token_ids, labels, autocast_dtype)
+    assert kept - rerun_kept == expected, (kept, rerun_kept, expected)
+    loss.backward()  # the graph it kept is enough for the backward
+    # Without autograd (evaluation, the chunked step's first pass) nothing is rerun or kept.
+    with torch.no_grad():
+        assert model.loss(images, token_ids, labels).grad_fn is None
+
+
+@pytest.mark.gpu
+def test_recompute_mlp_on_cuda_gives_the_eager_numbers(tiny_model):
+    # On a GPU under bf16 autocast with the Triton ops and bf16 frozen weights (as training runs
+    # it): the same loss bit for bit (the forward has no atomics) and the same gradients up to
+    # the order of the attention backward's atomic additions (measured against a second plain
+    # run: the rerun may differ from the plain step by no more than two plain runs differ).
+    model = _perturbed_train_copy(tiny_model).cuda().cast_frozen_weights(torch.bfloat16)
+    model.backend = "triton"
+    images, token_ids, labels = (t.cuda() for t in _batch(model))
+    images = images.float()
+
+    def run(recompute):
+        model.recompute_mlp = recompute
+        torch.manual_seed(5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.loss(images, token_ids, labels)
+        return loss, torch.autograd.grad(loss, model.trainable_parameters())
+
+    (loss, grads), (again_loss, again), (rerun_loss, rerun) = run(False), run(False), run(True)
+    assert torch.equal(loss, again_loss) and torch.equal(loss, rerun_loss)
+    names = [n for n, _ in model.named_trainable_parameters()]
+    for name, want, other, got in zip(names, grads, again, rerun):
+        noise = (other - want).norm().item()
+        assert (got - want).norm().item() <= max(4 * noise, 1e-3 * want.norm().item()), name
+
+
+def test_recompute_mlp_refuses_a_trainable_mlp(tiny_model):
+    model = _perturbed_train_copy(tiny_model)
+    images, token_ids, labels = _batch(model, batch=2)
+    images = images.float()
+    model.vision_trunk.blocks[0].norm2.weight.requires_grad_(True)
+    model.recompute_mlp = True
+    with pytest.raises(ValueError, match="recompute_mlp: LayerNorm has parameters that require grad"):
+        model.loss(images, token_ids, labels)
+    model.recompute_mlp = False
+    model.loss(images, token_ids, labels).backward()  # without the switch it trains them
+    assert model.vision_trunk.blocks[0].norm2.weight.grad is not None
+    with pytest.raises(ValueError, match="argument 'recompute_mlp': expected a bool"):
+        ACELoRA.from_config("tiny", recompute_mlp="yes")
+    assert ACELoRA.from_config("tiny", recompute_mlp=True).recompute_mlp is True

@@ -126,6 +126,26 @@ def test_chunked_step_matches_model_loss_and_library_loss(kind):
     _assert_grads_close(trainable_grads(model), want_grads)
 
 
+def test_chunked_step_keeps_the_losss_own_draws():
+    # A loss that draws random numbers (ours draws none) leaves the generator after its draws in
+    # the one-pass step; the chunked step must too, not rewind to the end of its first pass.
+    def drawing_loss(*args, **kwargs):
+        return dense_label_infonce(*args, **kwargs) + 0.0 * torch.rand(())
+
+    model = make_model("standin", dropout=0.3)
+    images, token_ids, labels = make_batch(model, 10, seed=1)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    chunked_train_step(model, images, token_ids, labels, chunk_size=10, loss_fn=drawing_loss)  # one pass
+    want = torch.rand(4)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    chunked_train_step(model, images, token_ids, labels, chunk_size=3, loss_fn=drawing_loss)
+    # The one-pass step's encoders draw in one call per tower, the chunked step's per chunk: the
+    # same count of numbers on the CPU generator, so the states agree when the loss's are kept.
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_replay_is_what_makes_the_gradients_right(monkeypatch):
     """Negative control: without restoring the RNG, pass 2 draws new masks and the test above fails."""
     model = make_model("standin", dropout=0.5)
@@ -509,6 +529,12 @@ def test_read_metrics_keeps_only_the_last_run(tmp_path):
              {"event": "resume", "step": 1}, {"step": 2, "loss": 3.0}]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 3, "lo')  # torn last line
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 5.0), (2, 3.0)]
+    # A resume from an older state abandons the records after it, even those it does not redo
+    # (the resumed run stopped early): they belong to another trajectory.
+    lines = [{"event": "start", "step": 0}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0},
+             {"step": 3, "loss": 3.0}, {"event": "resume", "step": 1}, {"step": 2, "loss": 3.5}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 5.0), (2, 3.5)]
 
 
 def test_a_fresh_run_into_a_used_out_dir_reads_back_alone(tmp_path):
@@ -781,3 +807,93 @@ def test_train_on_cuda_stores_the_frozen_weights_in_bf16(tmp_path, monkeypatch):
     train(_config(tmp_path / "passed", model="tiny", epochs=1, batch_size=4, device="cuda"), model=mine,
           dataset=data)
     assert calls == [torch.bfloat16]  # not under fp32, not for a model passed in
+
+
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_train_with_recompute_mlp_is_the_same_run(tmp_path):
+    # --recompute-mlp changes memory, not numbers: the same losses step for step and the same
+    # trained parameters, bit for bit, with every dropout on; in the one-pass step and in the
+    # chunked step (whose first pass records no graph and so reruns nothing).
+    data = RandomPairs(make_model("tiny"), 12, seed=4)
+    runs = {}
+    for chunk in (None, 3):
+        for recompute in (False, True):
+            model = make_model("tiny")
+            out = tmp_path / f"c{chunk}-r{recompute}"
+            result = train(_config(tmp_path, out_dir=str(out), model="tiny", epochs=1, batch_size=6,
+                                   chunk_size=chunk, recompute_mlp=recompute, checkpoint_every=0),
+                           model=model, dataset=data)
+            assert model.recompute_mlp is recompute
+            runs[chunk, recompute] = ([r["loss"] for r in read_metrics(result["metrics"])],
+                                      {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for chunk in (None, 3):
+        (losses, params), (rerun_losses, rerun_params) = runs[chunk, False], runs[chunk, True]
+        assert len(losses) == 2 and losses == rerun_losses
+        assert params.keys() == rerun_params.keys()
+        assert all(torch.equal(params[n], rerun_params[n]) for n in params)
+    assert "recompute_mlp" in TrainConfig._RESUMABLE_CHANGES  # it changes no step's numbers
+
+
+def test_recompute_mlp_config_and_flag(tmp_path):
+    from ace_model import cli
+
+    with pytest.raises(ValueError, match=r"^TrainConfig\.recompute_mlp: expected a bool"):
+        TrainConfig(recompute_mlp=1).validate()
+    args = cli._parser().parse_args(["train", "--csv", "x.csv", "--recompute-mlp"])
+    assert cli.train_config_from_args(args).recompute_mlp is True
+    args = cli._parser().parse_args(["train", "--csv", "x.csv"])
+    assert cli.train_config_from_args(args).recompute_mlp is False
+    # A model that cannot rerun its MLPs is named before any step.
+    model = make_model("standin")
+    with pytest.raises(ValueError, match="TrainConfig.recompute_mlp: the model .* has no recompute_mlp attribute"):
+        train(_config(tmp_path, recompute_mlp=True), model=model, dataset=RandomPairs(model, 8),
+              loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resuming_a_finished_run_writes_its_final_weights(tmp_path):
+    # Killed after its last checkpoint but before ace_lora.pt was written: the resume has no
+    # step left to run, and writes the file from the weights it loaded.
+    data = RandomPairs(make_model("standin"), 8, seed=1)
+    first = train(_config(tmp_path, epochs=2, checkpoint_every=2), model=make_model("standin"), dataset=data,
+                  loss_fn=dense_label_infonce)
+    final = Path(first["reference"])
+    want = torch.load(final, weights_only=True)
+    final.unlink()
+    again = train(_config(tmp_path, epochs=2, checkpoint_every=2, resume="auto"), model=make_model("standin"),
+                  dataset=data, loss_fn=dense_label_infonce)
+    assert again["steps"] == first["steps"] and again["reference"] == str(final)
+    got = torch.load(final, weights_only=True)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_new_directories_are_made_durable(tmp_path, monkeypatch):
+    # Each directory a run creates is fsynced into its parent (out_dir, checkpoints/), and so is
+    # a new metrics.jsonl's entry: a power loss cannot take away what was fsynced inside them.
+    import ace_model._atomic as atomic
+
+    synced = []
+    real = atomic.fsync_directory
+
+    def spy(directory):
+        synced.append(Path(directory))
+        real(directory)
+
+    monkeypatch.setattr(atomic, "fsync_directory", spy)
+    monkeypatch.setattr(training, "fsync_directory", spy)
+    atomic.makedirs_durable(tmp_path / "x" / "y" / "z")
+    assert synced == [tmp_path, tmp_path / "x", tmp_path / "x" / "y"]
+    atomic.makedirs_durable(tmp_path / "x" / "y" / "z")  # nothing new: nothing to sync
+    assert len(synced) == 3
+    synced.clear()
+    training._open_metrics_for_append(tmp_path / "metrics.jsonl").close()
+    assert synced == [tmp_path]
+    training._open_metrics_for_append(tmp_path / "metrics.jsonl").close()  # appending: no new entry
+    assert synced == [tmp_path]
+
+    made = []
+    monkeypatch.setattr(training, "makedirs_durable", lambda d: (made.append(Path(d)), atomic.makedirs_durable(d)))
+    out = tmp_path / "a" / "run"
+    train(_config(tmp_path, out_dir=str(out), epochs=1, checkpoint_every=1), model=make_model("standin"),
+          dataset=RandomPairs(make_model("standin"), 8, seed=1), loss_fn=dense_label_infonce)
+    assert made[0] == out and out / "checkpoints" in made
