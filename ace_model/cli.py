@@ -47,7 +47,7 @@ _TRAIN_FLAGS = {
     "seed": "seed", "use_labels": "use_labels", "device": "device", "precision": "precision",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resume": "resume",
     "num_workers": "num_workers", "progress": "progress", "cuda_graph": "cuda_graph",
-    "recompute_mlp": "recompute_mlp",
+    "recompute": "recompute",
 }
 
 
@@ -81,10 +81,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="capture the training step once as a CUDA graph and replay it every step (CUDA, one "
                             "process, no --chunk-size): the same kernels and random streams, launched in one call "
                             "instead of thousands, for steps bound by the host's launch work")
-    train.add_argument("--recompute-mlp", action="store_true",
-                       help="keep only each MLP block's input for the backward and rerun its LayerNorm, fc1 and "
-                            "GELU there: less activation memory (the GELU inputs, 4 x width per token and "
-                            "layer), one more fc1 GEMM per layer, the same losses and gradients")
+    train.add_argument("--recompute", choices=("none", "mlp", "layer"), default="none",
+                       help="what the backward reruns instead of keeping, for less activation memory with the "
+                            "same losses and gradients: 'mlp', each MLP's LayerNorm, fc1 and GELU (the GELU "
+                            "inputs are not kept; one more fc1 GEMM per layer); 'layer', each transformer layer "
+                            "whole (only its input is kept, its dropout draws replayed; one more forward of the "
+                            "towers; not with --cuda-graph)")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--warmup-epochs", type=float, default=1.0)

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import ace_kernels
 
@@ -43,6 +44,7 @@ LORA_RANK = 4
 LORA_ALPHA = 1.0
 LORA_DROPOUT = 0.1
 HGNN_TOPK = 5
+RECOMPUTE_MODES = ("none", "mlp", "layer")
 
 _TINY_VIT_NAME = "ace_vit_tiny_patch8_32"
 
@@ -360,8 +362,8 @@ def _maybe_recomputed(recompute: bool, fn, x: torch.Tensor, modules: tuple[nn.Mo
         return fn(x)
     for module in modules:
         if any(p.requires_grad for p in module.parameters()):
-            raise ValueError(f"recompute_mlp: {type(module).__name__} has parameters that require grad; only a "
-                             "frozen MLP input side is rerun in the backward (set recompute_mlp=False)")
+            raise ValueError(f"recompute='mlp': {type(module).__name__} has parameters that require grad; only a "
+                             "frozen MLP input side is rerun in the backward (recompute='layer' reruns any)")
     return _Recomputed.apply(fn, x)
 
 
@@ -398,24 +400,26 @@ class ACELoRA(nn.Module):
         The multiplier itself, ``exp`` of the base's stored log scale (spec section 1).
     backend : str
         Passed to every ace_kernels call ("auto", "cuda", "triton", "torch").
-    recompute_mlp : bool
-        When set, each layer's MLP input side (the ViT block's ``norm2 -> fc1 -> GELU``, the
-        BERT layer's attention-output LayerNorm and intermediate dense + GELU) keeps only its
-        float32 input for the backward, which reruns it: the GELU's input (4 x width per
-        token, in the autocast dtype) is not kept. Losses and gradients are unchanged bit for
-        bit; the backward does one more fc1 GEMM per layer. Off by default.
+    recompute : {"none", "mlp", "layer"}
+        What the backward recomputes instead of keeping (losses and gradients unchanged, bit for
+        bit). ``"mlp"``: each layer's MLP input side (the ViT block's ``norm2 -> fc1 -> GELU``,
+        the BERT layer's attention-output LayerNorm and intermediate dense + GELU) keeps only its
+        float32 input, which the LayerNorm keeps anyway, and is rerun: the GELU's input (4 x
+        width per token, in the autocast dtype) is not kept; one more fc1 GEMM per layer.
+        ``"layer"``: each transformer layer keeps only its input and is rerun whole in the
+        backward (``torch.utils.checkpoint``, non-reentrant), its random draws (LoRA, attention
+        and hidden dropout) replayed from the generator states of the forward; one more forward
+        of the towers. ``"none"`` by default.
     image_size, context_length, embed_dim : int
     """
 
     def __init__(self, base: nn.Module, config_name: str, *, tokenizer_dir: Path | None = None,
                  adapter_hidden: int | None = None, rank: int = LORA_RANK, lora_dropout: float = LORA_DROPOUT,
-                 topk: int = HGNN_TOPK, backend: str = "auto", recompute_mlp: bool = False):
+                 topk: int = HGNN_TOPK, backend: str = "auto", recompute: str = "none"):
         super().__init__()
-        if not isinstance(recompute_mlp, bool):
-            raise ValueError(f"argument 'recompute_mlp': expected a bool, got {recompute_mlp!r}")
         self.config_name = config_name
         self.backend = backend
-        self.recompute_mlp = recompute_mlp
+        self.recompute = recompute
         self.topk = topk
         self.clip = base
         for p in self.clip.parameters():
@@ -452,7 +456,7 @@ class ACELoRA(nn.Module):
     @classmethod
     def from_config(cls, name: str, pretrained: str | os.PathLike | None = None, *,
                     backend: str = "auto", use_open_clip: bool | None = None,
-                    recompute_mlp: bool = False) -> "ACELoRA":
+                    recompute: str = "none") -> "ACELoRA":
         """Build ACE-LoRA on the shipped config ``name`` ("biomedclip" or "tiny").
 
         Parameters
@@ -466,7 +470,7 @@ class ACELoRA(nn.Module):
             the real PubMedBERT vocabulary). ``None``: random base weights.
         backend : str
             ace_kernels backend for every op call.
-        recompute_mlp : bool
+        recompute : {"none", "mlp", "layer"}
             See the class attribute: less activation memory, the same numbers.
         """
         _, config = _read_open_clip_config(name)
@@ -476,7 +480,27 @@ class ACELoRA(nn.Module):
             tokenizer_dir = load_base_weights(base, pretrained)
         extra = config.get("ace_lora", {})
         return cls(base, name, tokenizer_dir=tokenizer_dir, adapter_hidden=extra.get("adapter_hidden"),
-                   backend=backend, recompute_mlp=recompute_mlp)
+                   backend=backend, recompute=recompute)
+
+    # -- recomputation ------------------------------------------------------------------
+
+    @property
+    def recompute(self) -> str:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"argument 'recompute': expected one of {', '.join(map(repr, RECOMPUTE_MODES))}, "
+                             f"got {mode!r}")
+        self._recompute = mode
+
+    def _layer(self, run, *args):
+        """``run(*args)`` (one transformer layer), through ``torch.utils.checkpoint`` when
+        ``recompute == "layer"`` and autograd records."""
+        if self._recompute == "layer" and torch.is_grad_enabled():
+            return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+        return run(*args)
 
     # -- frozen towers --------------------------------------------------------------------
 
@@ -574,7 +598,7 @@ class ACELoRA(nn.Module):
         cls_row = None
         last = len(trunk.blocks) - 1
         for index, (block, lora) in enumerate(zip(trunk.blocks, self.image_lora)):
-            x, row = self._vit_block(block, lora, x, need_cls_row=index == last)
+            x, row = self._layer(self._vit_block, block, lora, x, index == last)
             if row is not None:
                 cls_row = row
         x = trunk.norm(x)
@@ -599,7 +623,7 @@ class ACELoRA(nn.Module):
         o = attn.proj_drop(attn.proj(o))
         x = x + block.drop_path1(block.ls1(o))
         mlp = block.mlp  # timm's Mlp.forward, its first three steps rerun in the backward if asked
-        h = _maybe_recomputed(self.recompute_mlp, lambda t: mlp.act(mlp.fc1(block.norm2(t))), x,
+        h = _maybe_recomputed(self._recompute == "mlp", lambda t: mlp.act(mlp.fc1(block.norm2(t))), x,
                               (block.norm2, mlp.fc1, mlp.act))
         h = mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(h))))
         x = x + block.drop_path2(block.ls2(h))
@@ -627,7 +651,7 @@ class ACELoRA(nn.Module):
         cls_row = None
         last = len(bert.encoder.layer) - 1
         for index, (layer, lora) in enumerate(zip(bert.encoder.layer, self.text_lora)):
-            x, row = self._bert_layer(layer, lora, x, key_keep, need_cls_row=index == last)
+            x, row = self._layer(self._bert_layer, layer, lora, x, key_keep, index == last)
             if row is not None:
                 cls_row = row
         tokens = self.clip.text.proj(x)
@@ -660,7 +684,7 @@ class ACELoRA(nn.Module):
         hidden_drop = self.text_hidden_dropout if self.training else 0.0
         out = layer.attention.output
         s = F.dropout(out.dense(o), hidden_drop, self.training) + x
-        a, inter = _maybe_recomputed(self.recompute_mlp,
+        a, inter = _maybe_recomputed(self._recompute == "mlp",
                                      lambda t: _layer_norm_then(out.LayerNorm, layer.intermediate, t), s,
                                      (out.LayerNorm, layer.intermediate))
         final = layer.output

@@ -351,6 +351,10 @@ class GraphedTrainStep:
     def __init__(self, model: nn.Module, images: torch.Tensor, token_ids: torch.Tensor,
                  labels: torch.Tensor | None = None, *, loss_fn: Callable | None = None, precision: str = "auto",
                  warmup: int = 3):
+        if getattr(model, "recompute", "none") == "layer":
+            raise ValueError("argument 'model': its recompute='layer' replays each layer's random draws from "
+                             "generator states saved in the forward, which a CUDA graph capture does not allow; "
+                             "set model.recompute to 'mlp' or 'none'")
         device = _model_device(model)
         if device.type != "cuda" or not torch.cuda.is_available():
             raise ValueError(f"argument 'model': GraphedTrainStep captures a CUDA graph and needs a model on a "
@@ -580,7 +584,7 @@ class TrainConfig:
     progress: bool = True
     dist_timeout_s: float = 600.0
     cuda_graph: bool = False  # replay each step as a captured CUDA graph (GraphedTrainStep)
-    recompute_mlp: bool = False  # ACELoRA.recompute_mlp: rerun each MLP's input side in the backward
+    recompute: str = "none"  # ACELoRA.recompute: "none", "mlp" or "layer" (rerun in the backward, not kept)
 
     # Fields that may change between a run and its resumption. Most leave every number of
     # the run as it was; not all: with dropout on, a new chunk_size draws other
@@ -590,7 +594,7 @@ class TrainConfig:
     # data: the dataset length is checked against the state.
     _RESUMABLE_CHANGES = frozenset(
         {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
-         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph", "recompute_mlp"}
+         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph", "recompute"}
     )
 
     def to_dict(self) -> dict:
@@ -626,9 +630,14 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("cuda_graph", "recompute_mlp"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"TrainConfig.cuda_graph: expected a bool, got {self.cuda_graph!r}")
+        if self.recompute not in ("none", "mlp", "layer"):
+            raise ValueError(f"TrainConfig.recompute: expected 'none', 'mlp' or 'layer', got {self.recompute!r}")
+        if self.cuda_graph and self.recompute == "layer":
+            raise ValueError("TrainConfig.cuda_graph: recompute='layer' replays each layer's random draws from "
+                             "generator states saved in the forward, which a CUDA graph capture does not allow; "
+                             "use recompute='mlp' or no CUDA graph")
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
@@ -1091,11 +1100,11 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         # bf16 give the same bits without a cast per use or a copy kept for each backward.
         # (A model passed in is the caller's, and is left as it is.)
         model.cast_frozen_weights(torch.bfloat16)
-    if config.recompute_mlp:
-        if not hasattr(model, "recompute_mlp"):
-            raise ValueError(f"TrainConfig.recompute_mlp: the model ({type(model).__name__}) has no "
-                             "recompute_mlp attribute (ace_model.ACELoRA has)")
-        model.recompute_mlp = True
+    if config.recompute != "none":
+        if not hasattr(model, "recompute"):
+            raise ValueError(f"TrainConfig.recompute: the model ({type(model).__name__}) has no recompute "
+                             "attribute (ace_model.ACELoRA has)")
+        model.recompute = config.recompute
     model.train()
     if dataset is None:
         dataset = _build_dataset(config, model)

@@ -16,9 +16,10 @@ same holds for the largest-batch search.
 CPU: the tiny config (2 layers, width 64), fp32. GPU: the full-size
 BiomedCLIP architecture at B=64 under bf16 autocast (issue 6's setting:
 at least 1.6x the throughput and at most 0.6x the peak memory). Providers
-``<backend>+recompute-mlp`` run the same step with ``ACELoRA.recompute_mlp`` (each MLP's
-GELU input not kept, its LayerNorm and fc1 rerun in the backward; the same losses and
-gradients): on a GPU for the fused backends, on a CPU for each.
+``<backend>+recompute-mlp`` and ``<backend>+recompute-layer`` run the same step with
+``ACELoRA.recompute`` "mlp" (each MLP's GELU input not kept, its LayerNorm and fc1 rerun in
+the backward) and "layer" (each transformer layer rerun whole, only its input kept); the same
+losses and gradients: on a GPU for the fused backends, on a CPU for each.
 
 Also the drop-in case of issue 8 (op ``peft_lora_train_step``): a PEFT LoRA
 (r=4, q/k/v, dropout 0.1) timm ViT plus HF BERT training step with a CLIP
@@ -40,7 +41,7 @@ loop is timed with one call after the warm-up, about 1-3 s); CPU: tiny, N=128, b
 Largest batch (op ``ace_lora_max_batch``, GPU only; issue 6: at least 3x the
 reference's): the largest B at which one bf16 training step fits on the card, for
 the reference-ops model and for ours (the fused backend, with or without
-``recompute_mlp``, with the smallest B=64 peak in this run), found by steps at growing B
+``recompute``, with the smallest B=64 peak in this run), found by steps at growing B
 (from 0.8x a linear prediction out of the B=64 peak, x1.25 each; x0.8 down when that first one does not fit) then bisection to within
 1/16, each out-of-memory error cleaned up (gradients dropped, cache emptied) before the
 next try. ``metrics`` hold ``max_batch`` (ours: also ``baseline_max_batch`` and
@@ -71,7 +72,8 @@ COSTLY_ITEMS = ("ace_lora_max_batch",)
 ZERO_SHOT_CLASSES = ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion")
 MAX_BATCH_CAP = 65536
 MAX_BATCH_SEARCH_S = 75.0
-RECOMPUTE = "recompute-mlp"  # the provider suffix of rows run with ACELoRA.recompute_mlp
+# ACELoRA.recompute mode -> the provider suffix of the rows that run with it.
+RECOMPUTE_SUFFIXES = {"mlp": "recompute-mlp", "layer": "recompute-layer"}
 
 
 @contextlib.contextmanager
@@ -96,13 +98,13 @@ def estimates_s(suite) -> dict[str, float]:
     """Seconds each item should take here (``Suite.include`` skips one that no longer fits).
 
     GPU (H100/H200, full size): the BiomedCLIP build ~10-15 s; the training step, reference-ops,
-    up to three backends and two with recompute_mlp, each a first call (Triton autotuning at new shapes) and a
+    up to three backends and four with recompute, each a first call (Triton autotuning at new shapes) and a
     measurement of ~4 s at ~0.2 s a step; zero-shot, the one-image loop (two calls of ~2-4 s)
     and the batched backends; PEFT, ViT-B/16 + BERT-base built and four steps measured.
     CPU and --quick: the tiny model.
     """
     if suite.is_gpu and not suite.quick:
-        return {"build": 15.0, "ace_lora_train_step": 40.0, "zero_shot_eval": 25.0, "peft_lora_train_step": 30.0,
+        return {"build": 15.0, "ace_lora_train_step": 50.0, "zero_shot_eval": 25.0, "peft_lora_train_step": 30.0,
                 "ace_lora_max_batch": _max_batch_estimate_s(suite)}
     if suite.quick:
         return {"build": 2.0, "ace_lora_train_step": 3.0, "zero_shot_eval": 3.0, "peft_lora_train_step": 4.0,
@@ -218,12 +220,12 @@ def _run_ace_lora(suite, model, ours_model) -> None:
         return
     print(f" training step {shape_text} {dtype}")
 
-    def step_with(backend, on=None, recompute=False):
+    def step_with(backend, on=None, recompute="none"):
         on = ours_model if on is None else on
 
         def step():
             on.backend = backend
-            on.recompute_mlp = recompute
+            on.recompute = recompute
             with autocast:
                 loss = on.loss(images, ids, labels)
             loss.backward()
@@ -243,10 +245,10 @@ def _run_ace_lora(suite, model, ours_model) -> None:
         if suite.provider_can_run(provider, step_with(provider)):
             entries.append((provider, step_with(provider), ours_params))
             runnable.append(provider)
-    # The same step with ACELoRA.recompute_mlp (the MLPs' GELU inputs not kept, fc1 rerun in the
-    # backward): on a GPU for the fused backends, on a CPU for each.
+    # The same step with each ACELoRA.recompute mode: on a GPU for the fused backends, on a CPU for each.
     for provider in (p for p in list(runnable) if not suite.is_gpu or p in ("triton", "cuda")):
-        entries.append((f"{provider}+{RECOMPUTE}", step_with(provider, recompute=True), ours_params))
+        for mode, suffix in RECOMPUTE_SUFFIXES.items():
+            entries.append((f"{provider}+{suffix}", step_with(provider, recompute=mode), ours_params))
     # GPU: the same step captured once as a CUDA graph (ace_model.training.GraphedTrainStep),
     # for each fused backend that ran eagerly. A replay allocates nothing: the graph's memory is
     # taken while it is built, so the row's peak is the build's (warm-up and capture), at least.
@@ -254,6 +256,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     for provider in (p for p in runnable if suite.is_gpu and p in ("triton", "cuda")):
         label = f"{provider}+cuda-graph"
         ours_model.backend = provider
+        ours_model.recompute = "none"  # the graph captures the plain step ("layer" cannot be captured)
         for t in ours_params:
             t.grad = None
         try:
@@ -293,7 +296,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     for t in params + ours_params:
         t.grad = None
     model.backend = ours_model.backend = "auto"
-    ours_model.recompute_mlp = False
+    ours_model.recompute = "none"
     if graph_peaks:
         gc.collect()  # the graphs' pools go with their last tensors
         suite.release_cuda_memory()
@@ -433,7 +436,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, float, float]:
     """One bf16 training step at ``batch`` (``provider`` None: the reference ops; a backend, or a
-    backend with the ``+recompute-mlp`` suffix for ``ACELoRA.recompute_mlp``).
+    backend with a suffix of ``RECOMPUTE_SUFFIXES`` for that ``ACELoRA.recompute`` mode).
 
     Returns (fits, milliseconds, peak MiB above what was allocated before the inputs were
     made: the inputs are part of what must fit). Out-of-memory errors are cleaned up.
@@ -454,7 +457,7 @@ def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, flo
         inputs = device_batch(model, batch, device, seed=9)
         backend, _, variant = (provider or "torch").partition("+")
         model.backend = backend
-        model.recompute_mlp = variant == RECOMPUTE
+        model.recompute = {suffix: mode for mode, suffix in RECOMPUTE_SUFFIXES.items()}.get(variant, "none")
         with reference_ops() if provider is None else contextlib.nullcontext():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model.loss(*inputs)
@@ -574,10 +577,11 @@ def max_batch_ratio_metrics(ours: dict, reference: dict) -> dict:
 def max_batch_candidates(providers, rows) -> list[str]:
     """Our providers for the largest-batch search, in the order they are tried (the first that
     finds a batch is the row): by their ``ace_lora_train_step`` peak at B=64 in this run, smallest
-    first, each backend also with ``+recompute-mlp``; those without a peak after, cuda, triton,
-    torch in turn, each with recompute_mlp first."""
+    first, each backend also with each recompute mode; those without a peak after, cuda, triton,
+    torch in turn, each with recompute "layer", then "mlp", then none."""
     fused = [p for p in ("cuda", "triton", "torch") if p in providers]
-    labels = [label for p in fused for label in (f"{p}+{RECOMPUTE}", p)]
+    suffixes = [RECOMPUTE_SUFFIXES["layer"], RECOMPUTE_SUFFIXES["mlp"]]
+    labels = [label for p in fused for label in [f"{p}+{suffix}" for suffix in suffixes] + [p]]
     peaks = {r.provider: r.peak_mib for r in rows
              if r.op == "ace_lora_train_step" and r.provider in labels and r.peak_mib}
     return sorted(labels, key=lambda p: (p not in peaks, peaks.get(p, 0.0)))
@@ -650,7 +654,7 @@ def _run_max_batch(suite, model, ours_model) -> None:
                 return
     finally:
         model.backend = ours_model.backend = "auto"
-        model.recompute_mlp = ours_model.recompute_mlp = False
+        model.recompute = ours_model.recompute = "none"
         if ours_model is not model and suite.cuda_lost is None:
             model.to(suite.device)
             ours_model.to(suite.device)

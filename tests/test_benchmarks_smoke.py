@@ -896,7 +896,7 @@ def test_a_fault_in_the_largest_batch_search_keeps_the_rows(tmp_path, monkeypatc
         assert reference["search_note"].startswith("fault at B=") and FAULT in reference["search_note"]
         assert reference["tries"][-1][1] == "fault"
     else:
-        ours = rows["triton+recompute-mlp"]  # the first tried (no B=64 peaks in this run)
+        ours = rows["triton+recompute-layer"]  # the first tried (no B=64 peaks in this run)
         assert reference["max_batch"] > 3000 and reference["search_complete"]
         m = ours["metrics"]
         assert ours["baseline"] == "reference-ops" and m["max_batch"] == 64 and not m["search_complete"]
@@ -1237,9 +1237,9 @@ def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
     assert ("built", True) in seen and ("ours", False) in seen
     assert all(active == (name == "built") for name, active in seen)
     rows = [r for r in suite.rows if r.op == "ace_lora_train_step"]
-    assert {r.provider for r in rows} == {"reference-ops", "torch", "torch+recompute-mlp"}
+    assert {r.provider for r in rows} == {"reference-ops", "torch", "torch+recompute-mlp", "torch+recompute-layer"}
     assert model.backend == ours.backend == "auto"
-    assert not model.recompute_mlp and not ours.recompute_mlp  # switched on for its own row only
+    assert model.recompute == ours.recompute == "none"  # switched on for its own rows only
     assert all(p.grad is None for p in model.trainable_parameters() + ours.trainable_parameters())
 
 
@@ -1252,9 +1252,12 @@ def test_max_batch_tries_the_smallest_b64_peak_first():
         return SimpleNamespace(op=op, provider=provider, peak_mib=peak)
 
     rows = [row("reference-ops", 9000.0), row("triton", 7000.0), row("triton+recompute-mlp", 5000.0),
-            row("cuda", 6900.0), row("cuda+cuda-graph", 100.0), row("triton+recompute-mlp", 1.0, op="other")]
+            row("triton+recompute-layer", 2000.0), row("cuda", 6900.0), row("cuda+cuda-graph", 100.0),
+            row("triton+recompute-mlp", 1.0, op="other")]
     assert max_batch_candidates(["torch", "triton", "cuda"], rows) == [
-        "triton+recompute-mlp", "cuda", "triton", "cuda+recompute-mlp", "torch+recompute-mlp", "torch"]
-    # Without rows (the training-step item did not run): cuda, triton, torch, recompute first.
+        "triton+recompute-layer", "triton+recompute-mlp", "cuda", "triton", "cuda+recompute-layer",
+        "cuda+recompute-mlp", "torch+recompute-layer", "torch+recompute-mlp", "torch"]
+    # Without rows (the training-step item did not run): cuda, triton, torch, the most recompute first.
     assert max_batch_candidates(["triton", "torch"], []) == [
-        "triton+recompute-mlp", "triton", "torch+recompute-mlp", "torch"]
+        "triton+recompute-layer", "triton+recompute-mlp", "triton", "torch+recompute-layer", "torch+recompute-mlp",
+        "torch"]

@@ -382,30 +382,72 @@ def _perturbed_train_copy(tiny_model):
     return model
 
 
+@pytest.mark.parametrize("mode", ["mlp", "layer"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_recompute_mlp_is_bit_identical(tiny_model, autocast):
-    # Rerunning each MLP's input side in the backward changes no number: the same loss and the
-    # same gradient of every trainable parameter, bit for bit, with every dropout on (LoRA, BERT
-    # hidden and attention dropout: the same seed draws the same masks), in fp32 and under CPU
-    # bf16 autocast (the rerun must happen under the forward's autocast state).
+def test_recompute_is_bit_identical(tiny_model, autocast, mode):
+    # Rerunning in the backward what is not kept changes no number: the same loss and the same
+    # gradient of every trainable parameter, bit for bit, with every dropout on (LoRA, BERT hidden
+    # and attention dropout: "layer" replays their draws), in fp32 and under CPU bf16 autocast
+    # (the rerun must happen under the forward's autocast state); and the generator ends where
+    # the plain step leaves it.
     model = _perturbed_train_copy(tiny_model)
     images, token_ids, labels = _batch(model)
     images = images.float()
 
     def run(recompute):
-        model.recompute_mlp = recompute
+        model.recompute = recompute
         torch.manual_seed(5)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model.loss(images, token_ids, labels)
-        return loss, torch.autograd.grad(loss, model.trainable_parameters())
+        return loss, torch.autograd.grad(loss, model.trainable_parameters()), torch.rand(3)
 
-    (loss, grads), (rerun_loss, rerun_grads) = run(False), run(True)
-    assert torch.equal(loss, rerun_loss)
+    (loss, grads, after), (rerun_loss, rerun_grads, rerun_after) = run("none"), run(mode)
+    assert torch.equal(loss, rerun_loss) and torch.equal(after, rerun_after)
     names = [n for n, _ in model.named_trainable_parameters()]
     assert len(grads) == len(rerun_grads) == len(names)
     for name, got, want in zip(names, rerun_grads, grads):
         assert want.abs().max() > 0 or name.endswith("lora_a"), f"{name}: zero gradient, test is vacuous"
         assert torch.equal(got, want), name
+
+
+def test_recompute_layer_replays_the_dropout_draws(tiny_model, monkeypatch):
+    # Negative control: without the generator states restored, the rerun layers draw other
+    # dropout masks than their forward did, and the gradients differ.
+    import ace_model.model as model_module
+    from torch.utils.checkpoint import checkpoint
+
+    model = _perturbed_train_copy(tiny_model)
+    images, token_ids, labels = _batch(model)
+    images = images.float()
+
+    def grads(recompute):
+        model.recompute = recompute
+        torch.manual_seed(5)
+        return torch.autograd.grad(model.loss(images, token_ids, labels), model.trainable_parameters())
+
+    want = grads("none")
+    monkeypatch.setattr(model_module, "checkpoint",
+                        lambda run, *args, **kwargs: checkpoint(run, *args, **{**kwargs, "preserve_rng_state": False}))
+    got = grads("layer")
+    assert any(not torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_recompute_lowers_the_peak(tiny_model):
+    # The peak of a training step above what was live before it (the profiler's CPU allocations,
+    # as the benchmark measures on a CPU): each mode keeps less than the one before.
+    from benchmarks.harness import peak_memory_mib
+
+    model = _perturbed_train_copy(tiny_model)
+    gen = torch.Generator().manual_seed(2)
+    batch = 16
+    images = torch.randn(batch, 3, model.image_size, model.image_size, generator=gen)
+    token_ids = torch.randint(1, model.vocab_size, (batch, model.context_length), generator=gen)
+    peaks = {}
+    for mode in ("none", "mlp", "layer"):
+        model.recompute = mode
+        peaks[mode] = peak_memory_mib(lambda: model.loss(images, token_ids).backward(), device=torch.device("cpu"),
+                                      grads=model.trainable_parameters())
+    assert peaks["none"] > peaks["mlp"] > peaks["layer"] > 0, peaks
 
 
 def _saved_bytes(model, images, token_ids, labels, autocast_dtype=None):
@@ -444,9 +486,9 @@ def test_recompute_mlp_keeps_no_gelu_input(tiny_model, device, autocast_dtype):
     per_token += [(layer.intermediate.dense.out_features * itemsize + 8, token_ids.shape[1])
                   for layer in model.text_transformer.encoder.layer]
     expected = sum(size * batch * tokens for size, tokens in per_token)
-    model.recompute_mlp = False
+    model.recompute = "none"
     kept, _ = _saved_bytes(model, images, token_ids, labels, autocast_dtype)
-    model.recompute_mlp = True
+    model.recompute = "mlp"
     rerun_kept, loss = _saved_bytes(model, images, token_ids, labels, autocast_dtype)
     assert kept - rerun_kept == expected, (kept, rerun_kept, expected)
     loss.backward()  # the graph it kept is enough for the backward
@@ -456,7 +498,8 @@ def test_recompute_mlp_keeps_no_gelu_input(tiny_model, device, autocast_dtype):
 
 
 @pytest.mark.gpu
-def test_recompute_mlp_on_cuda_gives_the_eager_numbers(tiny_model):
+@pytest.mark.parametrize("mode", ["mlp", "layer"])
+def test_recompute_on_cuda_gives_the_eager_numbers(tiny_model, mode):
     # On a GPU under bf16 autocast with the Triton ops and bf16 frozen weights (as training runs
     # it): the same loss bit for bit (the forward has no atomics) and the same gradients up to
     # the order of the attention backward's atomic additions (measured against a second plain
@@ -467,13 +510,13 @@ def test_recompute_mlp_on_cuda_gives_the_eager_numbers(tiny_model):
     images = images.float()
 
     def run(recompute):
-        model.recompute_mlp = recompute
+        model.recompute = recompute
         torch.manual_seed(5)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(images, token_ids, labels)
         return loss, torch.autograd.grad(loss, model.trainable_parameters())
 
-    (loss, grads), (again_loss, again), (rerun_loss, rerun) = run(False), run(False), run(True)
+    (loss, grads), (again_loss, again), (rerun_loss, rerun) = run("none"), run("none"), run(mode)
     assert torch.equal(loss, again_loss) and torch.equal(loss, rerun_loss)
     names = [n for n, _ in model.named_trainable_parameters()]
     for name, want, other, got in zip(names, grads, again, rerun):
@@ -486,12 +529,16 @@ def test_recompute_mlp_refuses_a_trainable_mlp(tiny_model):
     images, token_ids, labels = _batch(model, batch=2)
     images = images.float()
     model.vision_trunk.blocks[0].norm2.weight.requires_grad_(True)
-    model.recompute_mlp = True
-    with pytest.raises(ValueError, match="recompute_mlp: LayerNorm has parameters that require grad"):
+    model.recompute = "mlp"
+    with pytest.raises(ValueError, match="recompute='mlp': LayerNorm has parameters that require grad"):
         model.loss(images, token_ids, labels)
-    model.recompute_mlp = False
-    model.loss(images, token_ids, labels).backward()  # without the switch it trains them
-    assert model.vision_trunk.blocks[0].norm2.weight.grad is not None
-    with pytest.raises(ValueError, match="argument 'recompute_mlp': expected a bool"):
-        ACELoRA.from_config("tiny", recompute_mlp="yes")
-    assert ACELoRA.from_config("tiny", recompute_mlp=True).recompute_mlp is True
+    for mode in ("none", "layer"):  # without the switch, or rerunning whole layers, it trains them
+        model.recompute = mode
+        model.vision_trunk.blocks[0].norm2.weight.grad = None
+        model.loss(images, token_ids, labels).backward()
+        assert model.vision_trunk.blocks[0].norm2.weight.grad is not None
+    with pytest.raises(ValueError, match="argument 'recompute': expected one of 'none', 'mlp', 'layer', got 'yes'"):
+        ACELoRA.from_config("tiny", recompute="yes")
+    with pytest.raises(ValueError, match="argument 'recompute'"):
+        model.recompute = True
+    assert ACELoRA.from_config("tiny", recompute="layer").recompute == "layer"

@@ -810,45 +810,59 @@ def test_train_on_cuda_stores_the_frozen_weights_in_bf16(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
-def test_train_with_recompute_mlp_is_the_same_run(tmp_path):
-    # --recompute-mlp changes memory, not numbers: the same losses step for step and the same
+def test_train_with_recompute_is_the_same_run(tmp_path):
+    # --recompute changes memory, not numbers: the same losses step for step and the same
     # trained parameters, bit for bit, with every dropout on; in the one-pass step and in the
     # chunked step (whose first pass records no graph and so reruns nothing).
     data = RandomPairs(make_model("tiny"), 12, seed=4)
     runs = {}
     for chunk in (None, 3):
-        for recompute in (False, True):
+        for recompute in ("none", "mlp", "layer"):
             model = make_model("tiny")
-            out = tmp_path / f"c{chunk}-r{recompute}"
+            out = tmp_path / f"c{chunk}-{recompute}"
             result = train(_config(tmp_path, out_dir=str(out), model="tiny", epochs=1, batch_size=6,
-                                   chunk_size=chunk, recompute_mlp=recompute, checkpoint_every=0),
+                                   chunk_size=chunk, recompute=recompute, checkpoint_every=0),
                            model=model, dataset=data)
-            assert model.recompute_mlp is recompute
+            assert model.recompute == recompute
             runs[chunk, recompute] = ([r["loss"] for r in read_metrics(result["metrics"])],
                                       {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     for chunk in (None, 3):
-        (losses, params), (rerun_losses, rerun_params) = runs[chunk, False], runs[chunk, True]
-        assert len(losses) == 2 and losses == rerun_losses
-        assert params.keys() == rerun_params.keys()
-        assert all(torch.equal(params[n], rerun_params[n]) for n in params)
-    assert "recompute_mlp" in TrainConfig._RESUMABLE_CHANGES  # it changes no step's numbers
+        losses, params = runs[chunk, "none"]
+        assert len(losses) == 2
+        for recompute in ("mlp", "layer"):
+            rerun_losses, rerun_params = runs[chunk, recompute]
+            assert losses == rerun_losses, (chunk, recompute)
+            assert params.keys() == rerun_params.keys()
+            assert all(torch.equal(params[n], rerun_params[n]) for n in params), (chunk, recompute)
+    assert "recompute" in TrainConfig._RESUMABLE_CHANGES  # it changes no step's numbers
 
 
-def test_recompute_mlp_config_and_flag(tmp_path):
+def test_recompute_config_and_flag(tmp_path):
     from ace_model import cli
 
-    with pytest.raises(ValueError, match=r"^TrainConfig\.recompute_mlp: expected a bool"):
-        TrainConfig(recompute_mlp=1).validate()
-    args = cli._parser().parse_args(["train", "--csv", "x.csv", "--recompute-mlp"])
-    assert cli.train_config_from_args(args).recompute_mlp is True
-    args = cli._parser().parse_args(["train", "--csv", "x.csv"])
-    assert cli.train_config_from_args(args).recompute_mlp is False
-    # A model that cannot rerun its MLPs is named before any step.
+    with pytest.raises(ValueError, match=r"^TrainConfig\.recompute: expected 'none', 'mlp' or 'layer'"):
+        TrainConfig(recompute=True).validate()
+    with pytest.raises(ValueError, match=r"^TrainConfig\.cuda_graph: recompute='layer' replays"):
+        TrainConfig(recompute="layer", cuda_graph=True).validate()
+    TrainConfig(recompute="mlp", cuda_graph=True).validate()
+    for flags, want in (([], "none"), (["--recompute", "mlp"], "mlp"), (["--recompute", "layer"], "layer")):
+        args = cli._parser().parse_args(["train", "--csv", "x.csv", *flags])
+        assert cli.train_config_from_args(args).recompute == want
+    # A model that cannot rerun anything is named before any step.
     model = make_model("standin")
-    with pytest.raises(ValueError, match="TrainConfig.recompute_mlp: the model .* has no recompute_mlp attribute"):
-        train(_config(tmp_path, recompute_mlp=True), model=model, dataset=RandomPairs(model, 8),
+    with pytest.raises(ValueError, match="TrainConfig.recompute: the model .* has no recompute attribute"):
+        train(_config(tmp_path, recompute="mlp"), model=model, dataset=RandomPairs(model, 8),
               loss_fn=dense_label_infonce)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_graphed_step_refuses_layer_recompute():
+    model = make_model("tiny")
+    model.recompute = "layer"
+    images, token_ids, labels = make_batch(model, 2, seed=1)
+    with pytest.raises(ValueError, match="argument 'model': its recompute='layer' replays"):
+        training.GraphedTrainStep(model, images, token_ids, labels)
 
 
 def test_resuming_a_finished_run_writes_its_final_weights(tmp_path):
