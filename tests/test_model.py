@@ -382,6 +382,16 @@ def _perturbed_train_copy(tiny_model):
     return model
 
 
+def _step_with(model, recompute, images, token_ids, labels, autocast=False):
+    """Loss, the trainable parameters' gradients and the generator's next draws, of one step
+    from the same generator state with ``model.recompute = recompute``."""
+    model.recompute = recompute
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model.loss(images, token_ids, labels)
+    return loss, torch.autograd.grad(loss, model.trainable_parameters()), torch.rand(3)
+
+
 @pytest.mark.parametrize("mode", ["mlp", "layer"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_recompute_is_bit_identical(tiny_model, autocast, mode):
@@ -392,16 +402,9 @@ def test_recompute_is_bit_identical(tiny_model, autocast, mode):
     # the plain step leaves it.
     model = _perturbed_train_copy(tiny_model)
     images, token_ids, labels = _batch(model)
-    images = images.float()
-
-    def run(recompute):
-        model.recompute = recompute
-        torch.manual_seed(5)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model.loss(images, token_ids, labels)
-        return loss, torch.autograd.grad(loss, model.trainable_parameters()), torch.rand(3)
-
-    (loss, grads, after), (rerun_loss, rerun_grads, rerun_after) = run("none"), run(mode)
+    inputs = (images.float(), token_ids, labels)
+    loss, grads, after = _step_with(model, "none", *inputs, autocast=autocast)
+    rerun_loss, rerun_grads, rerun_after = _step_with(model, mode, *inputs, autocast=autocast)
     assert torch.equal(loss, rerun_loss) and torch.equal(after, rerun_after)
     names = [n for n, _ in model.named_trainable_parameters()]
     assert len(grads) == len(rerun_grads) == len(names)
@@ -418,17 +421,11 @@ def test_recompute_layer_replays_the_dropout_draws(tiny_model, monkeypatch):
 
     model = _perturbed_train_copy(tiny_model)
     images, token_ids, labels = _batch(model)
-    images = images.float()
-
-    def grads(recompute):
-        model.recompute = recompute
-        torch.manual_seed(5)
-        return torch.autograd.grad(model.loss(images, token_ids, labels), model.trainable_parameters())
-
-    want = grads("none")
+    inputs = (images.float(), token_ids, labels)
+    _, want, _ = _step_with(model, "none", *inputs)
     monkeypatch.setattr(model_module, "checkpoint",
                         lambda run, *args, **kwargs: checkpoint(run, *args, **{**kwargs, "preserve_rng_state": False}))
-    got = grads("layer")
+    _, got, _ = _step_with(model, "layer", *inputs)
     assert any(not torch.equal(g, w) for g, w in zip(got, want))
 
 
