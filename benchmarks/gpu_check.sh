@@ -231,8 +231,10 @@ fi
 run_stage info 30 "$LOG" $PY -m ace_kernels.info
 
 # 4. GPU tests: the GPU-only tests first (a cut stage then loses Triton tests, which CI also
-#    runs under the interpreter), then the Triton tests on the GPU, test_compile.py last (its
-#    inductor compile is the slowest test).
+#    runs under the interpreter), then the Triton tests on the GPU; within each, the files whose
+#    GPU tests have not run on a GPU yet first (the model, training and InfoNCE files), test_compile.py
+#    last (its inductor compile is the slowest test). -v: a stage cut by its cap keeps the name and
+#    result of every test that ran (-q's dots and the -r summary are lost with the killed pytest).
 TESTS_LOG=$OUT/tests.log
 : >"$TESTS_LOG"
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
@@ -240,11 +242,13 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 else
     TIMEOUT_OPT=""
     $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=60"
-    TEST_FILES=${GPU_CHECK_TEST_FILES:-$(ls tests/test_*.py | grep -v '/test_compile.py$'; ls tests/test_compile.py 2>/dev/null)}
+    FIRST="tests/test_model.py tests/test_training.py tests/test_contrastive.py"
+    TEST_FILES=${GPU_CHECK_TEST_FILES:-$(for f in $FIRST; do [ -f "$f" ] && echo "$f"; done; ls tests/test_*.py | grep -v -e '/test_compile.py$' \
+        -e '/test_model.py$' -e '/test_training.py$' -e '/test_contrastive.py$'; ls tests/test_compile.py 2>/dev/null)}
     export PY TIMEOUT_OPT TEST_FILES
     # pytest's rc 5 (nothing selected) is not a failure.
     run_stage tests "${GPU_CHECK_TESTS_CAP:-100}" "$TESTS_LOG" bash -c '
-        common="-q -rfEs --continue-on-collection-errors -p no:cacheprovider $TIMEOUT_OPT"
+        common="-v -rfEs --continue-on-collection-errors -p no:cacheprovider $TIMEOUT_OPT"
         echo "== pytest -m gpu"
         $PY -m pytest $TEST_FILES -m gpu $common; a=$?; [ $a -eq 5 ] && a=0
         echo "== pytest -m \"triton and not gpu\""

@@ -654,8 +654,11 @@ def test_triton_gpu_no_host_sync_on_one_device(strategy, monkeypatch):
     labels = _duplicated_labels(1000, 14, 20).cuda()
     if strategy == "blocked":
         configs = {kernel: contrastive._first_blocked_candidate(kernel) for kernel in ("lse", "grad")}
-        monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 64 << 10)
+        # 16 KiB: four row blocks of 256 in the forward (its per-block merges run under the check),
+        # 512 KiB: four in the backward.
+        monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 16 << 10)
         monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 512 << 10)
+        assert contrastive._lse_block_rows(1000, 1000, configs["lse"], True) < 1000
     else:
         configs = {kernel: _tuning.default("contrastive", kernel, "16bit/one_dot") for kernel in ("lse", "grad")}
     with _tuning.forced("contrastive", "lse", "16bit/one_dot", configs["lse"]), \

@@ -465,13 +465,17 @@ def _saved_bytes(model, images, token_ids, labels, autocast_dtype=None):
 
 
 @pytest.mark.parametrize("device,autocast_dtype", [
-    ("cpu", None), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+    ("cpu", None), ("cpu", torch.bfloat16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
 def test_recompute_mlp_keeps_no_gelu_input(tiny_model, device, autocast_dtype):
     # What the switch saves, exactly: per layer and token, the GELU's input (the MLP's hidden
-    # width, in the compute dtype: float32 here, bf16 under CUDA autocast) and the MLP
-    # LayerNorm's mean and rstd (float32 each; CUDA autocast runs LayerNorm in float32); the
+    # width, in the compute dtype: float32, or bf16 under autocast) and the MLP LayerNorm's mean
+    # and rstd (float32 each: its input is the float32 residual stream); the
     # LayerNorm's float32 input, the one thing the rerun needs, was kept without the switch too.
     model = _perturbed_train_copy(tiny_model).to(device)
+    if autocast_dtype is not None:
+        # As training runs it: without weights stored in the autocast dtype, autocast's per-use
+        # copy of each frozen fc1 weight would be kept by the plain step only, and counted here.
+        model.cast_frozen_weights(autocast_dtype)
     if device == "cuda":
         model.backend = "triton"
     images, token_ids, labels = (t.to(device) for t in _batch(model))
@@ -490,7 +494,8 @@ def test_recompute_mlp_keeps_no_gelu_input(tiny_model, device, autocast_dtype):
     assert kept - rerun_kept == expected, (kept, rerun_kept, expected)
     loss.backward()  # the graph it kept is enough for the backward
     # Without autograd (evaluation, the chunked step's first pass) nothing is rerun or kept.
-    with torch.no_grad():
+    autocast = torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with torch.no_grad(), autocast:
         assert model.loss(images, token_ids, labels).grad_fn is None
 
 
