@@ -90,25 +90,30 @@ independence per projection. Further deliberate differences:
 * The reference ``LinearLoRA`` with dropout 0 takes a merge path whose gradient
   of ``x`` drops the LoRA term (spec section 2) and which replaces its weight
   ``Parameter`` by a plain tensor after the first call; the patched forward
-  computes the exact gradient and leaves the parameter registered.
+  computes the exact gradient and leaves the parameter registered (a weight
+  already replaced, still attached to that call's graph, is used detached, as
+  the reference's next call would).
+* A fused op's error raised inside a patched forward carries a note naming the
+  module (``exc.add_note``).
 
 q/k/v grouping
 --------------
-The first of q, k, v called with an input tensor computes all three with one
-``lora_qkv`` call and keeps the other two outputs, keyed on the *identity* of
-the input tensor object, its version counter and those of the members'
-parameters (an in-place change of either in between invalidates them), grad mode
-and autocast state. When the other two members are
+Inside the attention module's forward (tracked by forward hooks on it, per
+thread), the first of q, k, v called with an input tensor computes all three with
+one ``lora_qkv`` call and keeps the other two outputs, keyed on the *identity* of
+the input tensor object, its version counter (an in-place change in between
+invalidates them), grad mode and autocast state. When the other two members are
 then called with that same tensor, they return the kept outputs; the autograd
 graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
 else (a different input, as in cross-attention; a member whose state forbids
 the fused path; hooks on another member; mismatched scaling or dropout; an
-inference-mode input, which has no version counter) computes per member. A group
-that once sees its members called with different inputs stops grouping. Kept
-outputs are dropped when the attention module's forward returns (a forward
-hook registered with ``always_call=True``) or at the next member call; members
-called outside their attention module's forward keep them until one of those.
-Module hooks on the members still run
+inference-mode input, which has no version counter; a member called outside its
+attention's forward, where the mode or a weight written through ``.data`` could
+change between calls unseen) computes per member. A group that once sees its
+members called with different inputs stops grouping. Kept outputs are dropped
+when the attention module's forward returns (a forward hook registered with
+``always_call=True``) or at the next member call. Threads running the same
+patched model each keep their own. Module hooks on the members still run
 (their ``__call__`` is untouched). Grouped outputs are column slices of one
 ``[..., 3*out]`` tensor (``view``/``reshape`` into heads works; they are not
 contiguous), as documented for :func:`ace_kernels.lora_qkv`; autograd refuses
@@ -120,9 +125,10 @@ Limits
 Patched modules hold the replacement as an instance attribute. ``torch.save``
 of a whole pickled module raises a ``TypeError`` (save the ``state_dict()``,
 which patching leaves unchanged, or ``undo()`` first). ``copy.deepcopy`` gives a
-patched copy that computes with its own weights, with its own copy of the
-handle, which nothing returns: ``undo()`` on the original leaves it patched, so
-deep-copy after ``undo()`` to get a plain copy. ``nn.DataParallel`` replicas copy
+patched copy that computes with its own weights, with a handle of its own
+(empty: no swaps to undo), which nothing returns: ``undo()`` on the original
+leaves it patched, so deep-copy after ``undo()`` to get a plain copy. Copying a
+part of a patched model copies that part only. ``nn.DataParallel`` replicas copy
 instance attributes and would call the original module's replacement: use
 DDP (or patch after replicating). Under ``torch.compile`` a patched module
 compiles as the original does (``fullgraph=True`` included): the members of a
@@ -139,6 +145,7 @@ import copy
 import inspect
 import math
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -255,10 +262,24 @@ class PatchHandle:
     def _count(self, key: str) -> None:
         self._counts[key] += 1
 
-    def _swap(self, module: nn.Module, attr: str, replacement: Callable) -> None:
+    def _swap(self, module: nn.Module, attr: str, replacement: Callable, name: str = "") -> None:
+        """Install ``replacement`` as ``module.<attr>``; ``name`` (the module's qualified name)
+        is added to any error raised from it."""
+        if isinstance(replacement, _Replacement):
+            replacement.label = f"{name}.{attr}" if name else attr
         swap = _Swap(module, attr, replacement)
         swap.apply()
         self._swaps.append(swap)
+
+    def __deepcopy__(self, memo):
+        # The handle of a deep-copied patched model (or part of one): nothing returns it and the
+        # copy stays patched, so it holds no swaps or hooks (copying them would copy every module
+        # the original patched, whatever part of the model was copied); fresh counters.
+        new = PatchHandle(copy.deepcopy(self.backend, memo))
+        memo[id(self)] = new
+        new.records = list(self.records)
+        new._undone = self._undone
+        return new
 
     # -- public --
     @property
@@ -354,12 +375,22 @@ class _Replacement:
         self.fn = fn
         self.module = module
         self.state = state
+        self.label = ""  # "<qualified module name>.<method>", set by PatchHandle._swap
         self.bypass: Callable | None = None  # set by undo() when something wrapped this replacement
 
     def __call__(self, *args, **kwargs):
         if self.bypass is not None:
             return self.bypass(*args, **kwargs)
-        return self.fn(self.module, *self.state, *args, **kwargs)
+        try:
+            return self.fn(self.module, *self.state, *args, **kwargs)
+        except Exception as exc:
+            # Name the module: a fused op's error (a backend that cannot run the call, say) would
+            # otherwise not say which of the model's layers made it.
+            if self.label and hasattr(exc, "add_note") and not getattr(exc, "_ace_kernels_noted", False):
+                exc.add_note(f"(raised in {type(self.module).__name__} {self.label!r}, patched by ace_kernels.patch; "
+                             "handle.summary() lists what was patched)")
+                exc._ace_kernels_noted = True
+            raise
 
     def release(self) -> None:
         # Break the module -> replacement -> module cycle once undone.
@@ -376,6 +407,7 @@ class _Replacement:
         new = _Replacement.__new__(_Replacement)
         memo[id(self)] = new
         new.fn = self.fn
+        new.label = self.label
         new.bypass = copy.deepcopy(self.bypass, memo)
         new.module = copy.deepcopy(self.module, memo)
         new.state = copy.deepcopy(self.state, memo)
@@ -598,7 +630,9 @@ class _PeftLoraKind(_LoraKind):
         if isinstance(dropout, nn.Dropout):
             p, training = dropout.p, dropout.training
         else:
-            p, training = 0.0, False
+            # No dropout: p = 0, and the layer's own mode (in training the ops never merge B A into
+            # the weight, so a pass without a graph computes what a pass with one does).
+            p, training = 0.0, module.training
         if p >= 1.0:
             return "dropout p = 1"
         return _operands(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[adapter], p,
@@ -653,12 +687,19 @@ class _ReferenceLoraKind(_LoraKind):
             # The reference applies its nn.Dropout only when the layer trains and p > 0.
             p, training = dropout.p, bool(dropout.training)
         else:
-            p, training = 0.0, False
+            p, training = 0.0, bool(module.training)
         if p >= 1.0:
             return "dropout p = 1"
         if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set()):
             return "hooks that the dropout sub-layer's call would run"
-        return _operands(x, module.weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
+        weight = module.weight
+        if not isinstance(weight, nn.Parameter):
+            # The reference's dropout-free forward swaps ``weight`` for ``W.detach() + s B A`` and
+            # takes s B A back out of its .data afterwards: what remains is W, still attached to
+            # that call's graph. The reference never differentiates through it (its next call
+            # detaches it again); neither may we.
+            weight = weight.detach()
+        return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
 
 
 _LORA_KINDS: list[_LoraKind] = [_PeftLoraKind(), _ReferenceLoraKind()]
@@ -685,42 +726,59 @@ def _single_lora_forward(module, handle, kind, original, x, *args, **kwargs):
     return _run_lora_linear(handle, x, ops)
 
 
+class _QKVCallState(threading.local):
+    """Per thread: the depth of the attention module's forward calls in progress, and the
+    outputs one lora_qkv call computed for the members not called yet (kept only inside that
+    forward, which drops them when it returns)."""
+
+    def __init__(self):
+        self.inside = 0
+        self.pending: dict[int, torch.Tensor] = {}
+        self.pending_key = None
+        self.pending_input = None
+
+
 class _QKVGroup:
-    """Shared state of one attention module's q/k/v members."""
+    """Shared state of one attention module's q/k/v members.
+
+    Outputs are kept for the other members only while the attention module's forward runs, in
+    the thread that runs it: a member called from elsewhere (a test, a probe) computes its own
+    projection, since between two such calls anything may change (the mode, a weight written
+    through ``.data``) without a version counter to show it.
+    """
 
     def __init__(self, parent_name: str, members: list[nn.Module], names: tuple[str, str, str], kind: _LoraKind):
         self.parent_name = parent_name
         self.members = members
         self.names = names
         self.kind = kind
-        self.pending: dict[int, torch.Tensor] = {}
-        self.pending_key = None
-        self.pending_input = None
         self.grouping = True
         self.originals: list[Callable] = []
-        self.inside = 0  # depth of the attention module's forward calls in progress
+        self.calls = _QKVCallState()
 
     def enter(self, *unused) -> None:
-        self.inside += 1
+        self.calls.inside += 1
 
     def clear(self, *unused) -> None:
-        self.pending.clear()
-        self.pending_key = None
-        self.pending_input = None
+        calls = self.calls
+        calls.pending.clear()
+        calls.pending_key = None
+        calls.pending_input = None
 
     def leave(self, *unused) -> None:
-        self.inside = max(0, self.inside - 1)
+        self.calls.inside = max(0, self.calls.inside - 1)
         self.clear()
 
-
-def _parameter_versions(group: _QKVGroup) -> tuple | None:
-    """Identity and version counter of the members' parameters when called outside their attention
-    module's forward: kept outputs are stale once one changes (an optimizer step between two
-    member calls made from outside). Inside that forward, which drops them when it returns, None
-    (skipping a walk over the parameters on every call of the hot path)."""
-    if group.inside:
-        return None
-    return tuple((id(p), p._version) for member in group.members for p in member.parameters())
+    def __deepcopy__(self, memo):
+        # A copy of a patched model gets its own group over the copied members, with no call in
+        # progress and nothing kept (kept outputs are graph tensors, which cannot be deep-copied).
+        new = _QKVGroup.__new__(_QKVGroup)
+        memo[id(self)] = new
+        new.parent_name, new.names, new.kind, new.grouping = self.parent_name, self.names, self.kind, self.grouping
+        new.members = copy.deepcopy(self.members, memo)
+        new.originals = copy.deepcopy(self.originals, memo)
+        new.calls = _QKVCallState()
+        return new
 
 
 def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args, **kwargs):
@@ -731,17 +789,17 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
         # state (version counters, inference mode) that would break the graph (fullgraph=True
         # would fail), and the compiler schedules the three projections itself.
         return _single_lora_forward(module, handle, kind, original, x, *args, **kwargs)
-    if group.pending:
-        hit = (group.pending_input is x and index in group.pending and not args and not kwargs
-               and not x.is_inference()
-               and group.pending_key == (x._version, _context_key(x), _parameter_versions(group)))
+    calls = group.calls
+    if calls.pending:
+        hit = (calls.pending_input is x and index in calls.pending and not args and not kwargs
+               and not x.is_inference() and calls.pending_key == (x._version, _context_key(x)))
         if hit:
             handle._count("qkv cached")
-            out = group.pending.pop(index)
-            if not group.pending:
+            out = calls.pending.pop(index)
+            if not calls.pending:
                 group.clear()
             return out
-        if index in group.pending and group.pending_input is not x:
+        if index in calls.pending and calls.pending_input is not x:
             # The members take different inputs here (cross-attention): stop grouping.
             group.grouping = False
             handle._count(f"qkv group {group.parent_name}: members called with different inputs, grouping off")
@@ -750,7 +808,9 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
     if isinstance(ops, str):
         handle._count(f"fallback {kind.name}: {ops}")
         return original(x, *args, **kwargs)
-    if group.grouping and x.is_inference():
+    if group.grouping and not calls.inside:
+        handle._count("qkv ungrouped: called outside the attention's forward")
+    elif group.grouping and x.is_inference():
         # Inference tensors have no version counter to guard the kept outputs with.
         handle._count("qkv ungrouped: inference-mode input")
     elif group.grouping:
@@ -761,9 +821,9 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args
         if reason is None:
             handle._count("lora_qkv")
             outs = _run_lora_qkv(handle, x, all_ops)
-            group.pending = {j: outs[j] for j in range(3) if j != index}
-            group.pending_input = x
-            group.pending_key = (x._version, _context_key(x), _parameter_versions(group))
+            calls.pending = {j: outs[j] for j in range(3) if j != index}
+            calls.pending_input = x
+            calls.pending_key = (x._version, _context_key(x))
             return outs[index]
         handle._count(f"qkv ungrouped: {reason}")
     handle._count("lora_linear")
@@ -1114,8 +1174,10 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
     handle._count("label_guided_infonce")
     loss = label_guided_infonce(image_features, text_features, logit_scale, None, group=group,
                                 backend=handle.backend_for("label_guided_infonce"))
-    if image_features.dtype in (torch.float16, torch.bfloat16):
-        # open_clip's loss comes in the 16-bit features' dtype; ours is computed in fp32.
+    if image_features.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(
+            image_features.device.type):
+        # open_clip's loss comes in the 16-bit features' dtype (ours is computed in fp32); under
+        # autocast its cross-entropy runs in fp32, and so does its loss.
         loss = loss.to(image_features.dtype)
     return {"contrastive_loss": loss} if output_dict else loss
 
@@ -1181,7 +1243,7 @@ def _install_lora_single(name, module, handle, options, kind=None, note=""):
         handle.records.append(PatchRecord(name, kind.name, "skipped", reason))
         return
     original = _original(module)
-    handle._swap(module, "forward", _Replacement(_single_lora_forward, module, handle, kind, original))
+    handle._swap(module, "forward", _Replacement(_single_lora_forward, module, handle, kind, original), name)
     _record_state(handle, name, kind.name, kind.state_reason(module), "-> lora_linear" + note)
 
 
@@ -1213,8 +1275,9 @@ def _install_qkv_group(name, module, handle, options):
         return
     group = _QKVGroup(name, members, names, kind)
     group.originals = [_original(m) for m in members]
-    for index, member in enumerate(members):
-        handle._swap(member, "forward", _Replacement(_group_member_forward, member, handle, group, index))
+    for index, (member_name, member) in enumerate(zip(names, members)):
+        handle._swap(member, "forward", _Replacement(_group_member_forward, member, handle, group, index),
+                     prefix + member_name)
     handle._hooks.append(module.register_forward_pre_hook(group.enter))
     handle._hooks.append(module.register_forward_hook(group.leave, always_call=True))
     states = [kind.state_reason(m) for m in members]
@@ -1233,7 +1296,7 @@ def _install_reference_loss(name, module, handle, options):
                                               "skipped", reason))
         else:
             original = _original(module, "apply_ace_hgat")
-            handle._swap(module, "apply_ace_hgat", _Replacement(_ace_hgat_forward, module, handle, original))
+            handle._swap(module, "apply_ace_hgat", _Replacement(_ace_hgat_forward, module, handle, original), name)
             handle.records.append(PatchRecord(f"{name}.apply_ace_hgat" if name else "apply_ace_hgat", kind,
                                               "patched", "-> ace_hypergraph"))
     if options["loss"]:
@@ -1246,7 +1309,7 @@ def _install_reference_loss(name, module, handle, options):
                                               "texts, merged_df=None, indices=None)"))
         else:
             original = _original(module)
-            handle._swap(module, "forward", _Replacement(_reference_loss_forward, module, handle, original))
+            handle._swap(module, "forward", _Replacement(_reference_loss_forward, module, handle, original), name)
             handle.records.append(PatchRecord(label, kind, "patched",
                                               "-> CLS-only ace_hypergraph + label_guided_infonce"))
 
@@ -1257,7 +1320,7 @@ def _install_reference_clip_loss(name, module, handle, options):
         handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
         return
     original = _original(module)
-    handle._swap(module, "forward", _Replacement(_reference_clip_loss_forward, module, handle, original))
+    handle._swap(module, "forward", _Replacement(_reference_clip_loss_forward, module, handle, original), name)
     handle.records.append(PatchRecord(name, kind, "patched", "-> label_guided_infonce"))
 
 
@@ -1272,7 +1335,7 @@ def _install_clip_loss(name, module, handle, options):
         return
     reason = _clip_loss_reason(module)
     original = _original(module)
-    handle._swap(module, "forward", _Replacement(_clip_loss_forward, module, handle, original))
+    handle._swap(module, "forward", _Replacement(_clip_loss_forward, module, handle, original), name)
     _record_state(handle, name, kind, reason, "-> label_guided_infonce")
 
 

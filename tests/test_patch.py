@@ -8,6 +8,7 @@ models run in fp64 so the only differences are summation order.
 
 import copy
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -83,6 +84,16 @@ def _forward_backward(model, run, inputs):
     targets = _trainable(model) + [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(loss, targets, allow_unused=True)
     return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets)]
+
+
+def _inside(parent, fn, *args):
+    """``fn(*args)`` run inside ``parent``'s forward (an instance forward for one call), where a
+    patched q/k/v group keeps the outputs of one lora_qkv call for the members called after it."""
+    parent.forward = lambda *a: fn(*a)
+    try:
+        return parent(*args)
+    finally:
+        del parent.forward
 
 
 def _assert_same(before, after, tol=FP64_TOL):
@@ -305,7 +316,7 @@ def test_peft_dropout_on_matches_masks_and_trains():
     layer = model.base_model.model.encoder.layer[0].attention.self
     x = torch.randn(4, 9, 32, dtype=torch.float64)
     with ace_kernels.patch(model) as handle, capture_dropout_masks() as masks:
-        q, k, v = layer.query(x), layer.key(x), layer.value(x)
+        q, k, v = _inside(layer, lambda a: (layer.query(a), layer.key(a), layer.value(a)), x)
     assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
     assert len(masks) == 1 and masks[0].shape == (3, 4, 9, 32)
     keep = masks[0].double()
@@ -399,9 +410,10 @@ def test_peft_dora_and_adapter_names_fall_back():
     embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     before = _forward_backward(model, _run_bert, (embeds,))
     with ace_kernels.patch(model) as handle:
+        assert len(handle.records) == 2  # the two layers' q/k/v groups
         assert all(r.status == "fallback" and "variant" in r.reason for r in handle.records)
         after = _forward_backward(model, _run_bert, (embeds,))
-        assert all(key.startswith("fallback") for key in handle.stats())
+        assert handle.stats() and all(key.startswith("fallback") for key in handle.stats())
     _assert_same(before, after, dict(rtol=0, atol=0))
 
     # adapter_names= (mixed-batch inference) goes to PEFT's forward untouched.
@@ -505,8 +517,8 @@ def test_summary_lists_skips_and_double_patch():
     assert statuses[name.replace("value", "query")][0] == "patched"
     assert name in str(handle) and "skipped:" in str(handle)
     second = ace_kernels.patch(model)
-    assert all(r.status == "skipped" and "already patched" in r.reason for r in second.records
-               if "layer.0" in r.name)
+    layer0 = [r for r in second.records if "layer.0" in r.name]
+    assert layer0 and all(r.status == "skipped" and "already patched" in r.reason for r in layer0)
     second.undo()
     handle.undo()
     _assert_original_forwards(model)
@@ -562,10 +574,12 @@ def test_peft_triton_backend(device):
     model = _bert(lora_dropout=0.25).float().eval().to(device)
     attention = model.base_model.model.encoder.layer[0].attention.self
     x = torch.randn(2, 5, 32, device=device, requires_grad=True)
-    before = _forward_backward(model, lambda m, a: attention.value(a) + attention.query(a) * attention.key(a), (x,))
+    def run(m, a):
+        return _inside(attention, lambda b: attention.value(b) + attention.query(b) * attention.key(b), a)
+
+    before = _forward_backward(model, run, (x,))
     with ace_kernels.patch(model, backend="triton") as handle:
-        after = _forward_backward(model, lambda m, a: attention.value(a) + attention.query(a) * attention.key(a),
-                                  (x,))
+        after = _forward_backward(model, run, (x,))
         assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
         model.train()
         with capture_dropout_masks() as masks:
@@ -728,9 +742,7 @@ def test_reference_lora_dropout_and_merge_states():
     attention = _randomise_lora(ReferenceAttention(24, 2, r=3, dropout_rate=0.25).double()).train()
     x = torch.randn(2, 6, 24, dtype=torch.float64)
     with ace_kernels.patch(attention) as handle, capture_dropout_masks() as masks:
-        q = attention.q_proj(x)
-        v = attention.v_proj(x)
-        k = attention.k_proj(x)
+        q, v, k = _inside(attention, lambda a: (attention.q_proj(a), attention.v_proj(a), attention.k_proj(a)), x)
     assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
     keep = masks[0].double()
     for index, (proj, out) in enumerate(zip((attention.q_proj, attention.k_proj, attention.v_proj), (q, k, v))):
@@ -1069,7 +1081,7 @@ def test_open_clip_clip_loss_two_processes(tmp_path):
         for (local_loss, gather_with_grad), (before, after, stats) in results.items():
             if local_loss:
                 # Per-rank local losses are not the global loss: open_clip's own forward runs.
-                assert all(key.startswith("fallback open_clip-ClipLoss") for key in stats), stats
+                assert stats and all(key.startswith("fallback open_clip-ClipLoss") for key in stats), stats
                 for b, a in zip(before, after):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
             else:
@@ -1121,3 +1133,143 @@ if __name__ == "__main__":
 
         _clip_loss_worker(sys.argv[2])
         exit_now()
+
+
+# ----------------------------------------------------------------------------------------
+# Review fixes: stale weights, calls from outside, threads, copies, error names, loss dtype
+# ----------------------------------------------------------------------------------------
+
+
+def test_reference_weight_left_attached_by_its_merge_path_is_used_detached():
+    # The reference LinearLoRA's dropout-free forward replaces its weight Parameter by
+    # ``W.detach() + s B A`` and then takes s B A back out of .data: W, still attached to that
+    # call's graph. A patched step after such a call must not add dL/dW into A and B.
+    torch.manual_seed(12)
+    attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double()).train()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    want = _forward_backward(attention, lambda m, a: m(a), (x,))
+    for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+        delta = proj.scaling * (proj.w_lora_B @ proj.w_lora_A)
+        stale = proj.weight.detach() + delta
+        stale.data -= delta.detach()
+        del proj.weight
+        proj.weight = stale
+        assert stale.requires_grad and not isinstance(proj.weight, nn.Parameter)
+    with ace_kernels.patch(attention) as handle:
+        got = _forward_backward(attention, lambda m, a: m(a), (x,))
+        again = _forward_backward(attention, lambda m, a: m(a), (x,))  # and a second step runs
+        assert handle.stats()["lora_qkv"] == 2
+    _assert_same(want, got, dict(rtol=1e-12, atol=1e-12))
+    _assert_same(want, again, dict(rtol=1e-12, atol=1e-12))
+
+
+def test_members_called_outside_their_attention_compute_their_own_projection():
+    # Outside the attention's forward nothing is kept: a mode change or a weight written through
+    # .data (which bumps no version counter) between two member calls is seen by the second.
+    model = _bert(lora_dropout=0.5).train()
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with ace_kernels.patch(model) as handle:
+        attention.query(x)
+        model.eval()
+        got_k = attention.key(x)
+        attention.value.lora_B["default"].weight.data.add_(1.0)
+        got_v = attention.value(x)
+        assert handle.stats() == {"qkv ungrouped: called outside the attention's forward": 3, "lora_linear": 3}
+    torch.testing.assert_close(got_k, attention.key(x), **FP64_TOL)
+    torch.testing.assert_close(got_v, attention.value(x), **FP64_TOL)
+
+
+def test_kept_outputs_belong_to_the_thread_that_computed_them():
+    import threading
+
+    model = _bert().eval()
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    x, y = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    want_k = attention.key(y)
+    with ace_kernels.patch(model) as handle:
+        group = attention.query.__dict__["forward"].state[1]
+        group.enter()  # this thread is inside the attention's forward
+        try:
+            attention.query(x)  # keeps k and v of x for this thread
+            seen = []
+
+            def other():
+                # Another thread sees no forward in progress and nothing kept, and computes its own.
+                seen.append((group.calls.inside, dict(group.calls.pending), attention.key(y)))
+
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join()
+            inside, pending, got_k = seen[0]
+            assert inside == 0 and pending == {}
+            torch.testing.assert_close(got_k, want_k, **FP64_TOL)
+            assert len(group.calls.pending) == 2  # this thread's are still there
+            attention.key(x)
+            assert handle.stats()["qkv cached"] == 1
+        finally:
+            group.leave()
+
+
+def test_deep_copies_of_a_patched_model_or_part_of_it():
+    model = _bert().train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    layer = model.base_model.model.encoder.layer[0]
+    plain_copy = copy.deepcopy(layer)
+    with ace_kernels.patch(model) as handle:
+        # A copied layer is that layer only (its handle's swaps would have reached every patched module).
+        layer_copy = copy.deepcopy(layer)
+        assert sum(p.numel() for p in layer_copy.parameters()) == sum(p.numel() for p in plain_copy.parameters())
+        assert len(list(layer_copy.modules())) == len(list(plain_copy.modules()))
+        copied = copy.deepcopy(model)
+        before = _forward_backward(model, _run_bert, (embeds,))
+        after = _forward_backward(copied, _run_bert, (embeds,))
+        assert handle.stats()["lora_qkv"] == 2  # the copy counts on its own handle
+    _assert_same(before, after)
+    member = copied.base_model.model.encoder.layer[0].attention.self.query
+    copy_handle, copy_group = member.__dict__["forward"].state[:2]
+    assert copy_handle is not handle and copy_handle._swaps == [] and copy_handle.stats()["lora_qkv"] == 2
+    assert copy_group.members[0] is member
+
+
+def test_errors_inside_a_patched_forward_name_the_module():
+    # A named backend that cannot run a call raises; the error says which module made the call
+    # (here the Triton kernels refuse float64, at the first patched projection).
+    model = _bert().train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    with ace_kernels.patch(model, backend={"lora_qkv": "triton", "lora_linear": "triton"}):
+        with pytest.raises(RuntimeError, match="float64") as info:
+            _run_bert(model, embeds)
+    if sys.version_info >= (3, 11):  # BaseException.add_note
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1 and "'base_model.model.encoder.layer.0.attention.self.query.forward'" in notes[0], notes
+
+
+def test_open_clip_clip_loss_dtype_under_autocast():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    torch.manual_seed(13)
+    image = F.normalize(torch.randn(6, 16), dim=-1).bfloat16()
+    text = F.normalize(torch.randn(6, 16), dim=-1).bfloat16()
+    loss_module = open_clip_loss.ClipLoss()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            want = loss_module(image, text, 10.0)
+            with ace_kernels.patch(loss_module):
+                got = loss_module(image, text, 10.0)
+        assert got.dtype == want.dtype, (autocast, got.dtype, want.dtype)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.triton
+def test_patched_training_model_without_dropout_never_merges(device):
+    # PEFT's LoRA with dropout 0 (an nn.Identity) in a training model: a pass without a graph
+    # (a chunked step's first pass) must compute what a pass with one computes. The layer's own
+    # mode reaches the op, and Triton merges B A into the weight only in evaluation.
+    model = _bert(lora_dropout=0.0).float().train().to(device)
+    embeds = torch.randn(2, 5, 32, device=device)
+    with ace_kernels.patch(model, backend="triton") as handle:
+        with torch.no_grad():
+            first = _run_bert(model, embeds)
+        second = _run_bert(model, embeds).detach()
+        assert handle.stats() == {"lora_qkv": 4, "qkv cached": 8}
+    assert torch.equal(first, second)
