@@ -1135,7 +1135,7 @@ class _SumAcrossRanks(torch.autograd.Function):
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_LABEL_DTYPES)}
 
 
-def _exchange_shapes(image_emb, labels, group, local_error: Exception | None = None):
+def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception | None = None):
     """Local batch sizes of every rank, after checking that the ranks agree on everything else.
 
     One small all-gather whose result is read on the host (a synchronisation).
@@ -1151,22 +1151,26 @@ def _exchange_shapes(image_emb, labels, group, local_error: Exception | None = N
     if local_error is None:
         has_labels = labels is not None
         label_width = math.prod(labels.shape[1:]) if has_labels else -1
+        # Whether each embedding gets a gradient decides which collectives the backward runs
+        # (the gathered rows' all-reduce): ranks that differ would pair different collectives.
+        grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
         row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
-               _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, 0]
+               _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads, 0]
     else:
-        row = [-1] * 6 + [1]
+        row = [-1] * 8 + [1]
     row = torch.tensor(row, dtype=torch.int64, device=_exchange_device(image_emb, group))
     table = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(table, row, group=group)
     table = [r.tolist() for r in table]
-    bad = [rank for rank, r in enumerate(table) if r[6]]
+    bad = [rank for rank, r in enumerate(table) if r[8]]
     if local_error is not None:
         raise local_error
     if bad:
         raise ValueError(f"label_guided_infonce with group=: rank(s) {bad} of ranks 0..{world - 1} passed invalid "
                          "arguments or asked for a backend they cannot run (their own errors say which); no rank "
                          "computed the loss")
-    names = ("batch", "embedding dim", "labels given", "label width", "embedding dtype", "label dtype")
+    names = ("batch", "embedding dim", "labels given", "label width", "embedding dtype", "label dtype",
+             "requires_grad of image_emb (with grad mode on)", "requires_grad of text_emb (with grad mode on)")
     for column in range(1, len(names)):
         values = [r[column] for r in table]
         if len(set(values)) > 1:
@@ -1175,9 +1179,11 @@ def _exchange_shapes(image_emb, labels, group, local_error: Exception | None = N
                 shown = [str(_LABEL_DTYPES[v]).replace("torch.", "") for v in values]
             elif column == 5:
                 shown = [str(_LABEL_DTYPES[v]).replace("torch.", "") if v >= 0 else None for v in values]
+            hint = (" (a rank with an empty batch must pass [0, D] embeddings that require grad when the "
+                    "others' do, e.g. torch.zeros(0, D, requires_grad=True))" if column >= 6 else "")
             raise ValueError(
                 f"label_guided_infonce with group=: every rank must pass the same {names[column]}; "
-                f"got {shown} on ranks 0..{world - 1}")
+                f"got {shown} on ranks 0..{world - 1}{hint}")
     return tuple(r[0] for r in table)
 
 
@@ -1231,7 +1237,8 @@ def _validate(image_emb, text_emb, logit_scale, labels, *, distributed: bool = F
         if logit_scale.numel() != 1:
             raise ValueError(f"argument 'logit_scale': expected a scalar, got shape {list(logit_scale.shape)}")
         check_tensor("logit_scale", logit_scale, dtypes=FLOAT_DTYPES, device=device)
-    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+    elif isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
+        # numbers.Real: Python and NumPy numbers alike (as LabelGuidedInfoNCE takes them).
         raise ValueError(f"argument 'logit_scale': expected a float or a scalar tensor, got {type(logit_scale).__name__}")
 
 
@@ -1325,12 +1332,13 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
             local_error = None
         except (ValueError, RuntimeError) as exc:
             local_error = exc
-        sizes = _exchange_shapes(image_emb, labels, group, local_error)  # raises on every rank if any failed
+        sizes = _exchange_shapes(image_emb, text_emb, labels, group, local_error)  # raises on every rank if any failed
     compute = _compute_dtype(image_emb.dtype)
     if isinstance(logit_scale, torch.Tensor):
         scale = logit_scale.reshape(()).to(compute)
     else:
-        scale = torch.tensor(float(logit_scale), dtype=compute, device=image_emb.device)
+        # torch.full, not torch.tensor: no copy from the host, so no synchronisation on a GPU.
+        scale = torch.full((), float(logit_scale), dtype=compute, device=image_emb.device)
 
     if group is None:
         rank, sizes = 0, (image_emb.shape[0],)

@@ -28,14 +28,15 @@ def temp_name_pattern(name_regex: str) -> re.Pattern:
 
 
 def create_temp_file(path: str | os.PathLike) -> tuple[int, str]:
-    """Create (exclusively, mode 0600) the temp file for a write to ``path``; ``(fd, temp path)``."""
+    """Create (exclusively) the temp file for a write to ``path``; ``(fd, temp path)``. Mode 0666 less
+    the umask, as any new file: the renamed file is as readable as one written in place."""
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         tmp = os.path.join(directory, f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp")
         try:
-            return os.open(tmp, flags, 0o600), tmp
+            return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name for {path!r} after 100 tries")

@@ -106,12 +106,19 @@ def _expect_tensor(where: str, value, expected_shape: tuple) -> torch.Tensor:
     return value
 
 
+def _some_keys(mapping: dict, shown: int = 8) -> str:
+    """The first ``shown`` keys of ``mapping`` and how many more (a foreign state dict has hundreds)."""
+    keys = list(mapping)
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{keys[:shown]}{more}"
+
+
 def _expect_dict(where: str, value, keys) -> dict:
     if not isinstance(value, dict):
         raise CheckpointError(f"{where}: expected a dict with keys {list(keys)}, found {type(value).__name__}")
     for key in keys:
         if key not in value:
-            raise CheckpointError(f"{where}: missing key {key!r} (found keys {list(value)})")
+            raise CheckpointError(f"{where}: missing key {key!r} (found keys {_some_keys(value)})")
     return value
 
 

@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -116,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     zero.add_argument("--checkpoint", help="released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt)")
     zero.add_argument("--batch-size", type=int, default=64)
+    zero.add_argument("--logit-scale", default="base",
+                      help="the multiplier of the similarities: 'base' (the frozen base model's, as the reference's "
+                           "zero-shot scripts use: 100 for BiomedCLIP), 'learned' (the trained one in the "
+                           "checkpoint) or a positive number; only the multiclass AUROC depends on it")
     zero.add_argument("--seed", type=int, default=DEFAULT_SEED,
                       help="seed of the model's construction: without --pretrained the frozen towers are "
                            "random weights, the same as train's with the same --seed (default: train's default)")
@@ -292,6 +298,14 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     if args.output:
         _check_output_file(args.output, "--output")
     names = _class_names(args)
+    scale = args.logit_scale
+    if scale not in ("base", "learned"):
+        try:
+            scale = float(scale)
+        except ValueError:
+            scale = -1.0
+        if not (math.isfinite(scale) and scale > 0):
+            raise CLIError(f"--logit-scale: expected 'base', 'learned' or a positive number, got {args.logit_scale!r}")
     read_csv(args.csv, [args.image_column] + names)  # names missing label columns before the model is built
     for flag in ("pretrained", "checkpoint"):
         path = getattr(args, flag)
@@ -308,7 +322,8 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     model.to(device)
     dataset = CSVImageLabelDataset(args.csv, names, model.image_size, image_column=args.image_column,
                                    image_root=args.image_root)
-    result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device)
+    result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device,
+                      logit_scale=scale)
     result["classes"] = names
     text = _json(result)
     print(text)
@@ -394,6 +409,21 @@ def _read_losses(result: dict) -> list[float]:
 # ----------------------------------------------------------------------------------------
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error a DataLoader worker re-raised (its message is the
+    worker's whole traceback), the last line: the original error, which names the row and file."""
+    text = str(exc)
+    if text.startswith("Caught ") and "DataLoader worker" in text.splitlines()[0]:
+        lines = [line for line in text.splitlines() if line.strip()]
+        last = lines[-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        for name in (prefix, f"{type(exc).__qualname__}: "):
+            if last.startswith(name):
+                return last[len(name):]
+        return last
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ace-lora`` console script; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -402,14 +432,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"train": cmd_train, "zero-shot": cmd_zero_shot, "demo": cmd_demo}
     debug = os.environ.get("ACE_LORA_DEBUG", "") not in ("", "0")
+
+    show_warning = warnings.showwarning
+    package_root = str(Path(__file__).resolve().parent.parent)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        # Ours (ace_model, ace_kernels) as one line, like the errors; others as Python shows them.
+        if str(Path(filename).resolve()).startswith(package_root):
+            print(f"ace-lora {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            show_warning(message, category, filename, lineno, file, line)
+
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = one_line_warning
+            return handlers[args.command](args)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         # Our own checks (CLIError, DataError, CheckpointError, TrainingStateError and
         # the other ValueErrors naming an argument) and a missing file: the user's input.
         if debug:
             raise
-        print(f"ace-lora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ace-lora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (NonFiniteLossError, RankMismatchError, OSError) as exc:
         # Expected failures while running; after a non-finite loss the last good

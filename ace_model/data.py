@@ -34,6 +34,36 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 
+def clean_text(text: str) -> str:
+    """What open_clip's HFTokenizer does to a text before tokenising it (its default
+    "whitespace" cleaning): ``ftfy.fix_text``, HTML entities unescaped twice, whitespace runs
+    collapsed to one space, ends stripped. Without ftfy (open_clip needs it, so it is there
+    wherever open_clip is) the ``fix_text`` step is skipped: that changes only mis-decoded
+    text, and a one-time warning says so."""
+    import html
+
+    global _FTFY
+    if _FTFY is None:
+        try:
+            import ftfy
+
+            _FTFY = ftfy.fix_text
+        except ImportError:
+            import warnings
+
+            warnings.warn("ftfy is not installed: texts are tokenised without ftfy.fix_text (open_clip's "
+                          "tokenizer applies it); only mis-decoded text (mojibake) tokenises differently",
+                          RuntimeWarning, stacklevel=3)
+            _FTFY = False
+    if _FTFY:
+        text = _FTFY(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return " ".join(text.split())
+
+
+_FTFY = None  # ftfy.fix_text once imported, False when ftfy is missing
+
+
 class TextTokenizer:
     """WordPiece tokenizer padded/truncated to a fixed context, as open_clip's HFTokenizer.
 
@@ -61,8 +91,7 @@ class TextTokenizer:
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         if isinstance(texts, str):
             texts = [texts]
-        # open_clip's HFTokenizer collapses whitespace before tokenising.
-        texts = [" ".join(str(t).split()) for t in texts]
+        texts = [clean_text(str(t)) for t in texts]
         length = int(context_length or self.context_length)
         out = self._hf(texts, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
         return out["input_ids"].long()
@@ -85,12 +114,31 @@ class TextTokenizer:
 # ----------------------------------------------------------------------------------------
 
 
-def preprocess_image(image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """PIL image -> ``[3, S, S]`` float tensor: RGB, bicubic resize to S x S, CLIP mean/std
-    (the reference's training transform)."""
+def preprocess_image(image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, *, crop: bool = False) -> torch.Tensor:
+    """PIL image -> ``[3, S, S]`` float tensor, CLIP mean/std.
+
+    ``crop=False``: RGB, bicubic resize to S x S (the reference's training transform, which
+    squashes the aspect ratio). ``crop=True``: bicubic resize of the shorter side to S, the
+    central S x S, then RGB (open_clip's evaluation transform, which the reference's zero-shot
+    scripts use: torchvision's ``Resize(S)`` and ``CenterCrop(S)``, their size and offset
+    rounding included).
+    """
     from PIL import Image
 
-    image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    if crop:
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        if short != image_size:
+            new_short, new_long = image_size, int(image_size * long / short)
+            size = (new_short, new_long) if width <= height else (new_long, new_short)
+            image = image.resize(size, Image.BICUBIC)
+        width, height = image.size
+        if (width, height) != (image_size, image_size):
+            top, left = int(round((height - image_size) / 2.0)), int(round((width - image_size) / 2.0))
+            image = image.crop((left, top, left + image_size, top + image_size))
+        image = image.convert("RGB")
+    else:
+        image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
@@ -98,9 +146,9 @@ def preprocess_image(image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> to
     return (tensor - mean_t) / std_t
 
 
-def load_image(path: str | os.PathLike, image_size: int, *, where: str = "") -> torch.Tensor:
-    """Open and preprocess one image; a missing or unreadable file raises :class:`DataError`
-    naming ``where`` (e.g. the CSV row) and the file."""
+def load_image(path: str | os.PathLike, image_size: int, *, where: str = "", crop: bool = False) -> torch.Tensor:
+    """Open and preprocess one image (``crop``: see :func:`preprocess_image`); a missing or
+    unreadable file raises :class:`DataError` naming ``where`` (e.g. the CSV row) and the file."""
     from PIL import Image, UnidentifiedImageError
 
     prefix = f"{where}: " if where else ""
@@ -109,8 +157,8 @@ def load_image(path: str | os.PathLike, image_size: int, *, where: str = "") -> 
     try:
         with Image.open(path) as image:
             image.load()
-            return preprocess_image(image, image_size)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+            return preprocess_image(image, image_size, crop=crop)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{prefix}image file {os.fspath(path)!r} cannot be read as an image "
                         f"({type(exc).__name__}: {exc})") from exc
 
@@ -131,7 +179,7 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     position, from 1); the row (numbered from 1 after the header) and its file line when it
     has fewer fields than the header or more non-empty ones (an empty surplus field, from a
     trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
-    line (e.g. an unterminated quote).
+    line (e.g. an unterminated quote). Blank lines before the header are skipped.
     """
     csv_path = os.fspath(csv_path)
     if os.path.isdir(csv_path):
@@ -140,8 +188,9 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
         raise DataError(f"CSV file {csv_path!r} does not exist")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = list(next(reader, []))
+            # strict: an unterminated quote is an error, not a field that swallows the rest of the file.
+            reader = csv.reader(handle, strict=True)
+            header = next((fields for fields in reader if fields), [])
             unnamed_tail = 0
             while header and not header[-1].strip():
                 header.pop()
@@ -297,7 +346,8 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
 
 
 class CSVImageLabelDataset(torch.utils.data.Dataset):
-    """Images with label columns for zero-shot evaluation: items ``(image, labels [C])``."""
+    """Images with label columns for zero-shot evaluation: items ``(image, labels [C])``, each
+    image preprocessed with the evaluation transform (``preprocess_image(..., crop=True)``)."""
 
     def __init__(self, csv_path: str | os.PathLike, label_columns: Sequence[str], image_size: int, *,
                  image_column: str = "image", image_root: str | os.PathLike | None = None):
@@ -323,7 +373,10 @@ class CSVImageLabelDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int):
-        image = load_image(self.image_paths[index], self.image_size, where=f"{self.csv_path}, row {index + 1}")
+        # Zero-shot images get the evaluation transform (shorter side to S, central crop), as the
+        # reference's zero-shot scripts preprocess them; training images are squashed to S x S.
+        image = load_image(self.image_paths[index], self.image_size, where=f"{self.csv_path}, row {index + 1}",
+                           crop=True)
         return image, self.labels[index]
 
 

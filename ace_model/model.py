@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -219,8 +220,13 @@ _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "
                  "pytorch_model.bin", "open_clip_pytorch_model.pt")
 
 
+def _tokenizer_files_in(directory: Path) -> bool:
+    return (directory / "vocab.txt").is_file() or (directory / "tokenizer.json").is_file()
+
+
 def resolve_pretrained(pretrained: str | os.PathLike) -> tuple[Path, Path | None]:
-    """Return (weights file, tokenizer dir or None) for a checkpoint file or an HF-format dir."""
+    """Return (weights file, tokenizer dir or None) for a checkpoint file or an HF-format dir
+    (for a file: its directory, when that holds ``vocab.txt`` or ``tokenizer.json``)."""
     path = Path(pretrained)
     if path.is_dir():
         for candidate in _WEIGHT_FILES:
@@ -230,11 +236,10 @@ def resolve_pretrained(pretrained: str | os.PathLike) -> tuple[Path, Path | None
         else:
             raise FileNotFoundError(
                 f"pretrained directory {path} holds none of the weight files {list(_WEIGHT_FILES)}")
-        has_vocab = (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()
-        return weights, (path if has_vocab else None)
+        return weights, (path if _tokenizer_files_in(path) else None)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights not found: {path}")
-    return path, None
+    return path, (path.parent if _tokenizer_files_in(path.parent) else None)
 
 
 def load_base_weights(base: nn.Module, pretrained: str | os.PathLike) -> Path | None:
@@ -478,6 +483,12 @@ class ACELoRA(nn.Module):
         tokenizer_dir = None
         if pretrained is not None:
             tokenizer_dir = load_base_weights(base, pretrained)
+            if tokenizer_dir is None and name == "biomedclip":
+                warnings.warn(f"pretrained weights {os.fspath(pretrained)!r} come with no vocab.txt or tokenizer.json "
+                              "(beside the file, or in the directory): texts are tokenised with the small stand-in "
+                              "vocabulary shipped for tests, not PubMedBERT's, so the token ids do not match the "
+                              "weights' embeddings; put the tokenizer files beside the weights", UserWarning,
+                              stacklevel=2)
         extra = config.get("ace_lora", {})
         return cls(base, name, tokenizer_dir=tokenizer_dir, adapter_hidden=extra.get("adapter_hidden"),
                    backend=backend, recompute=recompute)

@@ -10,16 +10,23 @@ image at a time).
 Scores and metrics per dataset type, as the reference evaluates them:
 
 ``multiclass`` (e.g. CheXpert 5x200)
-    probabilities ``softmax(s * z_img z_text^T)``; prediction = argmax; accuracy =
-    prediction equals the labelled class; macro one-vs-rest AUROC of the probabilities.
+    probabilities ``softmax(s * z_img z_text^T)``; prediction = argmax; ``accuracy`` =
+    prediction equals the labelled class; ``accuracy_macro`` = the mean over classes of
+    their recall (what the reference reports as accuracy: torchmetrics'
+    ``MulticlassAccuracy``, macro by default; the two agree on a balanced set such as
+    5x200); macro one-vs-rest AUROC of the probabilities.
 ``binary`` (RSNA pneumonia, SIIM pneumothorax; classes [negative, positive])
-    as multiclass with two classes; AUROC of the positive-class probability. (The
-    reference passes both probability columns to torchmetrics' BinaryAUROC, which pools
-    them; we report the standard positive-class AUROC.)
+    as multiclass with two classes; AUROC of the positive-class probability, as the
+    reference's scripts compute it.
 ``multilabel`` (NIH ChestX-ray14)
     scores ``exp(z_img z_text^T)`` (no multiplier) min-max normalised per image; macro
     AUROC over labels. The reference reports no accuracy here; we report the per-entry
     accuracy of ``score >= 0.5`` against the labels.
+
+The multiplier ``s``: by default (``logit_scale="base"``) the frozen base model's own,
+``exp`` of its stored log scale, which the reference's zero-shot scripts use (100 for
+BiomedCLIP); ``"learned"`` takes the trained multiplier of the loss instead. Accuracy and the
+binary AUROC do not depend on it; the multiclass AUROC does, a little.
 
 AUROC is computed here with ties given half credit (the Mann-Whitney statistic);
 classes without both positives and negatives are left out of the macro average.
@@ -119,6 +126,17 @@ def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------------------
 
 
+def resolve_logit_scale(model, logit_scale: str | float) -> float:
+    """The multiplier ``evaluate`` uses: see its ``logit_scale``."""
+    if logit_scale == "base":
+        return float(model.clip.logit_scale.detach().float().exp())
+    if logit_scale == "learned":
+        return float(model.logit_scale.detach().float())
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and logit_scale > 0:
+        return float(logit_scale)
+    raise ValueError(f"argument 'logit_scale': expected 'base', 'learned' or a positive number, got {logit_scale!r}")
+
+
 def zero_shot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: float | torch.Tensor,
                      task: str) -> torch.Tensor:
     """Per-image class scores ``[N, C]`` as the reference computes them for ``task``."""
@@ -168,6 +186,7 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
     check_single_label(labels, task)
     labels = labels.float()
+    extra = {}
     if task == "multilabel":
         accuracy = ((scores >= 0.5).float() == labels).float().mean().item()
         auroc = macro_auroc(scores, labels)
@@ -175,28 +194,50 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
         predicted = scores.argmax(dim=1)
         truth = labels.argmax(dim=1)
         accuracy = (predicted == truth).float().mean().item()
+        if task == "multiclass":
+            extra["accuracy_macro"] = macro_accuracy(predicted, truth, scores.shape[1])
         if task == "binary":
             if scores.shape[1] != 2:
                 raise ValueError(f"binary task: expected 2 classes [negative, positive], got {scores.shape[1]}")
             auroc = binary_auroc(scores[:, 1], labels[:, 1])
         else:
             auroc = macro_auroc(scores, F.one_hot(truth, scores.shape[1]).float())
-    return {"task": task, "n": int(scores.shape[0]), "accuracy": accuracy, "auroc": auroc}
+    return {"task": task, "n": int(scores.shape[0]), "accuracy": accuracy, **extra, "auroc": auroc}
+
+
+def macro_accuracy(predicted: torch.Tensor, truth: torch.Tensor, classes: int) -> float:
+    """Mean over classes of ``tp / (tp + fn)`` (recall), as torchmetrics' ``MulticlassAccuracy``
+    averages by default: a class that is neither labelled nor predicted is left out; one that is
+    only predicted counts with recall 0."""
+    hits = torch.zeros(classes, dtype=torch.float64)
+    support = torch.zeros(classes, dtype=torch.float64)
+    predicted_count = torch.zeros(classes, dtype=torch.float64)
+    support.index_add_(0, truth, torch.ones_like(truth, dtype=torch.float64))
+    predicted_count.index_add_(0, predicted, torch.ones_like(predicted, dtype=torch.float64))
+    hits.index_add_(0, truth, (predicted == truth).double())
+    present = (support + predicted_count) > 0
+    recall = torch.where(support > 0, hits / support.clamp_min(1), torch.zeros_like(hits))
+    return float(recall[present].mean()) if present.any() else float("nan")
 
 
 @torch.no_grad()
 def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass", *, batch_size: int = 64,
              templates: Sequence[str] = TEMPLATES, device: torch.device | str | None = None,
-             num_workers: int = 0) -> dict:
+             num_workers: int = 0, logit_scale: str | float = "base") -> dict:
     """Zero-shot evaluation of ``model`` on ``dataset`` (items ``(image, labels [C])``).
 
-    Returns a dict with ``task``, ``n``, ``accuracy``, ``auroc`` and ``images_per_s``;
-    ``auroc`` is NaN when undefined (no positive or no negative sample for every class).
+    ``logit_scale``: ``"base"`` (the frozen base model's multiplier, as the reference's
+    zero-shot scripts), ``"learned"`` (``model.logit_scale``) or a positive number.
+
+    Returns a dict with ``task``, ``n``, ``accuracy`` (and ``accuracy_macro`` for
+    ``multiclass``), ``auroc``, ``logit_scale`` and ``images_per_s``; ``auroc`` is NaN when
+    undefined (no positive or no negative sample for every class).
     """
     import time
 
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
+    scale = resolve_logit_scale(model, logit_scale)
     if batch_size < 1:
         raise ValueError(f"argument 'batch_size': expected >= 1, got {batch_size!r}")
     dataset_labels = getattr(dataset, "labels", None)
@@ -217,8 +258,9 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
         elapsed = time.perf_counter() - start
         if labels.shape[1] != len(class_names):
             raise ValueError(f"dataset has {labels.shape[1]} label columns but {len(class_names)} class names")
-        scores = zero_shot_scores(image, text, model.logit_scale.detach().float().cpu(), task)
+        scores = zero_shot_scores(image, text, scale, task)
         result = zero_shot_metrics(scores, labels, task)
+        result["logit_scale"] = scale
         result["images_per_s"] = image.shape[0] / max(elapsed, 1e-9)
         return result
     finally:

@@ -81,6 +81,15 @@ def run_mismatch(rank, world, port, out_dir):
         u, u, 10.0, group=dist.group.WORLD, backend="torch"))
 
 
+def run_grad_mismatch(rank, world, port, out_dir, timeout_s):
+    """The last rank's image embeddings do not require grad (an empty rank's placeholder, say):
+    the backward would run other collectives there, so every rank must raise the same ValueError."""
+    u = torch.randn(0 if rank == world - 1 else 3, 8, requires_grad=rank != world - 1)
+    t = torch.randn(u.shape[0], 8, requires_grad=True)
+    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+        u, t, 10.0, group=dist.group.WORLD, backend="torch"))
+
+
 def run_empty_global(rank, world, port, out_dir, timeout_s):
     """Every rank passes an empty local batch: every rank must raise the same ValueError."""
     u = torch.randn(0, 8, requires_grad=True)

@@ -585,3 +585,166 @@ def test_quick_demo_trains_and_beats_chance(tmp_path, capsys):
     assert summary["after"]["accuracy"] > summary["chance_accuracy"] + 0.2
     assert Path(summary["checkpoint"]).is_file()
     assert "zero-shot after training" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------
+# As the reference evaluates: preprocessing, text cleaning, the multiplier, the accuracy
+# ---------------------------------------------------------------------------------------
+
+
+def _random_image(width, height, mode="L", seed=0):
+    import numpy as np
+    from PIL import Image
+
+    channels = {"L": 1, "RGB": 3}[mode]
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(array[..., 0] if mode == "L" else array, mode)
+
+
+@pytest.mark.parametrize("size,mode", [((390, 320), "L"), ((320, 390), "RGB"), ((225, 1000), "L"), ((100, 77), "L"),
+                                       ((224, 224), "RGB")])
+def test_zero_shot_images_get_open_clips_evaluation_transform(size, mode, tmp_path):
+    # The reference's zero-shot scripts preprocess with open_clip's evaluation transform (shorter
+    # side to 224, bicubic, central crop); training squashes to 224 x 224. Both bit for bit.
+    open_clip = pytest.importorskip("open_clip")
+    from ace_model.data import CLIP_MEAN, CLIP_STD, CSVImageLabelDataset, preprocess_image
+
+    image = _random_image(*size, mode)
+    want = open_clip.image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)(image)
+    assert torch.equal(preprocess_image(image, 224, crop=True), want)
+    squashed = image.convert("RGB").resize((224, 224), 3)  # 3: bicubic
+    import numpy as np
+
+    want_train = (torch.from_numpy(np.asarray(squashed, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                  - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    assert torch.equal(preprocess_image(image, 224), want_train)
+    image.save(tmp_path / "x.png")
+    csv_path = _write_csv(tmp_path / "eval.csv", ["image", "edema"], [["x.png", 1]])
+    item, _ = CSVImageLabelDataset(csv_path, ["edema"], 224)[0]
+    assert torch.equal(item, want)
+
+
+def test_texts_are_cleaned_as_open_clips_tokenizer_cleans_them(tiny):
+    from ace_model.data import clean_text
+
+    texts = ["a &amp;lt; b", "  x\n\t y ", "caf\u00c3\u00a9 edema", "No acute\u00a0process", "&amp;amp;"]
+    assert [clean_text(t) for t in texts[:2]] == ["a < b", "x y"]
+    open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
+    assert [clean_text(t) for t in texts] == [open_clip_tokenizer._clean_whitespace(t) for t in texts]
+    tok = tiny.tokenizer()
+    assert torch.equal(tok(["edema &amp; effusion"]), tok(["edema & effusion"]))
+
+
+def test_accuracy_macro_is_the_mean_recall():
+    from ace_model.zero_shot import macro_accuracy
+
+    truth = torch.tensor([0, 0, 0, 0, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 1, 1, 0])
+    # recalls 3/4, 1/1, 0/1: the plain accuracy is 4/6, the reference's (macro) 0.5833...
+    assert macro_accuracy(predicted, truth, 3) == pytest.approx((0.75 + 1.0 + 0.0) / 3)
+    # A class neither labelled nor predicted is left out; one only predicted counts with recall 0.
+    assert macro_accuracy(torch.tensor([0, 1]), torch.tensor([0, 1]), 4) == 1.0
+    assert macro_accuracy(torch.tensor([0, 2]), torch.tensor([0, 0]), 3) == pytest.approx(0.25)
+    scores = torch.nn.functional.one_hot(predicted, 3).float()
+    metrics = zero_shot_metrics(scores, torch.nn.functional.one_hot(truth, 3), "multiclass")
+    assert metrics["accuracy"] == pytest.approx(4 / 6) and metrics["accuracy_macro"] == pytest.approx(0.7 / 1.2)
+
+
+def test_zero_shot_multiplier_is_the_base_models_unless_asked(tiny, synthetic, tmp_path, capsys):
+    from ace_model.data import CSVImageLabelDataset
+
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    dataset = CSVImageLabelDataset(synthetic, list(SYNTHETIC_CLASSES), model.image_size)
+    base = evaluate(model, dataset, list(SYNTHETIC_CLASSES))
+    assert base["logit_scale"] == pytest.approx(model.clip.logit_scale.exp().item())
+    assert evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale="learned")["logit_scale"] == 3.0
+    assert evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale=7.5)["logit_scale"] == 7.5
+    with pytest.raises(ValueError, match="argument 'logit_scale'"):
+        evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale="learnt")
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--logit-scale", "-1"]) == \
+        cli.EXIT_BAD_INPUT
+    assert "--logit-scale: expected 'base', 'learned' or a positive number" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input, continued
+# ---------------------------------------------------------------------------------------
+
+
+def test_unterminated_quote_and_blank_lines_before_the_header(tiny, synthetic, tmp_path):
+    image = str(synthetic.parent / "test" / "00000.png")
+    quoted = tmp_path / "quote.csv"
+    quoted.write_text(f'image,text,edema\n{image},ok,1\n{image},ok,"1\n{image},ok,0\n{image},ok,1\n')
+    with pytest.raises(DataError, match=r"quote.csv', line \d+: malformed CSV"):
+        CSVImageTextDataset(quoted, tiny.tokenizer())  # not one row that swallowed the rest
+    blank = tmp_path / "blank.csv"
+    blank.write_text(f"\n\nimage,text,edema\n{image},ok,1\n")
+    assert len(CSVImageTextDataset(blank, tiny.tokenizer())) == 1
+
+
+def test_an_image_too_large_to_decode_names_row_and_file(tiny, synthetic, tmp_path, monkeypatch):
+    from PIL import Image
+
+    _random_image(64, 64).save(tmp_path / "big.png")
+    path = _write_csv(tmp_path / "big.csv", ["image", "text", "edema"], [["big.png", "edema", 1]])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is then over twice the limit
+    with pytest.raises(DataError, match=r"big.csv, row 1: image file .*big.png' cannot be read .*DecompressionBomb"):
+        CSVImageTextDataset(path, tiny.tokenizer())[0]
+
+
+def test_a_data_loader_workers_error_is_one_line(synthetic, tmp_path, capsys):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = _write_csv(tmp_path / "b.csv", ["image", "text", "edema"], [[image, "edema", 1], ["broken.png", "x", 0]])
+    status = cli.main(["train", "--csv", str(path), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+                       "--batch-size", "2", "--max-steps", "1", "--num-workers", "1", "--no-progress",
+                       "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert status == cli.EXIT_BAD_INPUT
+    assert len(err.splitlines()) == 1 and "row 2" in err and "broken.png" in err and "Traceback" not in err, err
+
+
+def test_a_foreign_state_dict_as_checkpoint_is_named_briefly(tiny, tmp_path):
+    from ace_model.checkpoint import CheckpointError
+
+    foreign = tmp_path / "open_clip.pt"
+    torch.save({f"visual.block.{i}.weight": torch.zeros(1) for i in range(300)}, foreign)
+    with pytest.raises(CheckpointError, match=r"missing key 'weights' .* and 292 more") as info:
+        copy.deepcopy(tiny).load_reference_checkpoint(foreign)
+    assert len(str(info.value)) < 600
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from ace_model._atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_pretrained_file_finds_its_tokenizer_and_biomedclip_without_one_warns(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from ace_model import model as model_module
+    from ace_model.model import TOKENIZER_DIR, build_base_model
+
+    weights = tmp_path / "weights.bin"
+    torch.save(build_base_model("tiny").state_dict(), weights)
+    assert ACELoRA.from_config("tiny", pretrained=weights)._tokenizer_dir == TOKENIZER_DIR
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, tmp_path / name)
+    assert ACELoRA.from_config("tiny", pretrained=weights)._tokenizer_dir == tmp_path  # beside the file
+    # Real BiomedCLIP weights with no tokenizer: the stand-in vocabulary would give wrong ids.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "weights.bin").write_bytes(b"")
+    monkeypatch.setattr(model_module, "load_base_weights", lambda base, path: None)  # no 800 MB file here
+    with pytest.warns(UserWarning, match="stand-in vocabulary shipped for tests, not PubMedBERT's"):
+        ACELoRA.from_config("biomedclip", pretrained=alone / "weights.bin")

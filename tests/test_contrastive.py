@@ -178,6 +178,12 @@ def test_module_rejects_a_bad_initial_multiplier(init, fragment):
     assert float(ace_kernels.LabelGuidedInfoNCE(np.int64(3)).logit_scale) == 3.0
     with pytest.raises(ValueError, match="argument 'logit_scale_init': expected a Python number, got bool"):
         ace_kernels.LabelGuidedInfoNCE(np.bool_(True))
+    # The functional takes the same numbers as its multiplier.
+    u = F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    assert torch.equal(ace_kernels.label_guided_infonce(u, u, np.float32(2.5), backend="torch"),
+                       ace_kernels.label_guided_infonce(u, u, 2.5, backend="torch"))
+    with pytest.raises(ValueError, match="argument 'logit_scale': expected a float or a scalar tensor, got bool"):
+        ace_kernels.label_guided_infonce(u, u, np.bool_(True), backend="torch")
 
 
 def test_module_learns_the_multiplier_itself():
@@ -669,6 +675,8 @@ def test_triton_gpu_no_host_sync_on_one_device(strategy, monkeypatch):
         try:
             loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
             loss.backward()
+            # A Python float multiplier too (made on the device, not copied from the host).
+            ace_kernels.label_guided_infonce(u, t, 30.0, labels, backend="triton").backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss.detach()).item()

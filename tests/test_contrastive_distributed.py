@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ace_kernels
-from _contrastive_dist_worker import (make_global_batch, run, run_empty_global, run_mismatch, run_one_bad_rank,
-                                     run_one_rank_without_its_backend)
+from _contrastive_dist_worker import (make_global_batch, run, run_empty_global, run_grad_mismatch, run_mismatch,
+                                     run_one_bad_rank, run_one_rank_without_its_backend)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -127,6 +127,16 @@ def test_mismatched_ranks_raise_on_every_rank(tmp_path):
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "embedding dim" in messages[0] and "[8, 9]" in messages[0]
+
+
+def test_ranks_that_differ_in_which_embeddings_need_gradients_raise_on_every_rank(tmp_path):
+    # Otherwise the backward's all-reduces pair up differently on the ranks: a hang, or (image
+    # gradients paired with text gradients) wrong gradients with no error.
+    _spawn(run_grad_mismatch, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S))
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "requires_grad of image_emb" in messages[0] and "[1, 0]" in messages[0], messages[0]
+    assert "requires_grad=True" in messages[0]
 
 
 def test_empty_global_batch_raises_on_every_rank(tmp_path):
