@@ -4,9 +4,12 @@ Baseline "reference-ops": the same model with its three op calls
 (``lora_qkv``, ``ace_hypergraph``, ``label_guided_infonce``) answered by the
 reference approaches of :mod:`benchmarks.baselines` (three reference LoRA
 linears with a dense ``B A`` per step, dense N x N hypergraph on all rows,
-dense B x B loss with a host-built mask). Everything else (the frozen towers,
-attention, the CLS row) is shared, so the ratio is what the ops buy in a real
-step. Throughput is samples/s in ``metrics``. On a GPU our providers train a copy of
+dense B x B loss with a host-built mask). The frozen towers' code, attention and the CLS
+row are shared; on a GPU the frozen weights' storage is not (below), and each row's
+``metrics.frozen_weight_dtype`` says which it trained. Throughput is samples/s in
+``metrics``. Each of our rows is checked first (``metrics.rel_err_vs_reference-ops``: the
+loss and every trainable gradient of one step in eval mode, no dropout, against the
+reference-ops step on the same weights and batch). On a GPU our providers train a copy of
 the model with its frozen matmul weights stored in bf16, as ``ace-lora train`` does under
 bf16 autocast (``ACELoRA.cast_frozen_weights``: bit-identical losses and gradients, without
 autocast's per-use weight casts and the copies each frozen layer keeps for the backward);
@@ -232,8 +235,30 @@ def _run_ace_lora(suite, model, ours_model) -> None:
 
         return step
 
-    def metrics_for(meas):
-        return {"samples_per_s": round(batch / (meas.median_ms * 1e-3), 2)} if meas.median_ms else {}
+    def frozen_dtype(on):
+        return str(on.clip.visual.head.proj.weight.dtype).replace("torch.", "")
+
+    def metrics_for(meas, on=None):
+        metrics = {"frozen_weight_dtype": frozen_dtype(on if on is not None else ours_model)}
+        if meas.median_ms:
+            metrics["samples_per_s"] = round(batch / (meas.median_ms * 1e-3), 2)
+        return metrics
+
+    def eval_step(on, backend, reference: bool = False):
+        """Loss and trainable gradients of one step in eval mode (no dropout), as one vector."""
+        on.eval()
+        on.backend = backend
+        try:
+            with reference_ops() if reference else contextlib.nullcontext():
+                with autocast:
+                    loss = on.loss(images, ids, labels)
+                grads = torch.autograd.grad(loss, on.trainable_parameters())
+            return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
+        finally:
+            on.train()
+
+    want = eval_step(model, "torch", reference=True)
+    checked = {}
 
     def reference_step():
         with reference_ops():
@@ -242,7 +267,11 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     entries = [("reference-ops", reference_step, params)]
     runnable = []
     for provider in suite.providers:
-        if suite.provider_can_run(provider, step_with(provider)):
+        def check(provider=provider):
+            step_with(provider)()  # the training step runs
+            checked[provider] = harness.relative_error(eval_step(ours_model, provider), want)
+
+        if suite.provider_can_run(provider, check):
             entries.append((provider, step_with(provider), ours_params))
             runnable.append(provider)
     # The same step with each ACELoRA.recompute mode: on a GPU for the fused backends, on a CPU for each.
@@ -278,7 +307,9 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     for name, meas in suite.measure_group(entries).items():
         if name in graph_peaks:
             meas = dataclasses.replace(meas, peak_mib=max(meas.peak_mib or 0.0, graph_peaks[name]))
-        metrics = metrics_for(meas)
+        metrics = metrics_for(meas, model if name == "reference-ops" else ours_model)
+        if name.split("+")[0] in checked:  # the variants (recompute, graph) run the checked backend's ops
+            metrics["rel_err_vs_reference-ops"] = checked[name.split("+")[0]]
         if name in graph_peaks:
             metrics["peak_note"] = "the graph's build (warm-up and capture); its replays allocate nothing"
             # What the build left reserved (the graph's private pool stays reserved while it lives).
@@ -715,17 +746,32 @@ def _run_peft_patch(suite) -> None:
     shape_text = f"{name} B={batch}"
     print(f" peft_lora_train_step {shape_text} {dtype}")
 
+    def loss_of(model):
+        with autocast:
+            image_cls = model["vit"].forward_features(images)[:, 0]
+            text_cls = model["bert"](input_ids=ids).last_hidden_state[:, 0]
+            return baselines.reference_label_guided_infonce(
+                torch.nn.functional.normalize(image_cls.float(), dim=-1),
+                torch.nn.functional.normalize(text_cls.float(), dim=-1), scale)
+
     def step_of(model):
         def step():
-            with autocast:
-                image_cls = model["vit"].forward_features(images)[:, 0]
-                text_cls = model["bert"](input_ids=ids).last_hidden_state[:, 0]
-                loss = baselines.reference_label_guided_infonce(
-                    torch.nn.functional.normalize(image_cls.float(), dim=-1),
-                    torch.nn.functional.normalize(text_cls.float(), dim=-1), scale)
-            loss.backward()
+            loss_of(model).backward()
 
         return step
+
+    def eval_vector(model):
+        """Loss and gradients of one step in eval mode (no dropout), as one vector."""
+        model.eval()
+        try:
+            loss = loss_of(model)
+            grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad] + [scale])
+            return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
+        finally:
+            model.train()
+
+    want = eval_vector(towers)
+    checked = {}
 
     def metrics_for(meas):
         return {"samples_per_s": round(batch / (meas.median_ms * 1e-3), 2)} if meas.median_ms else {}
@@ -744,7 +790,12 @@ def _run_peft_patch(suite) -> None:
         handles.append(handle)
         patched_count[label] = len(handle.patched)
         step = step_of(copy_)
-        providers.append((label, step, step, [p for p in copy_.parameters() if p.requires_grad] + [scale]))
+
+        def check(step=step, copy_=copy_, label=label):
+            step()  # the training step runs
+            checked[label] = harness.relative_error(eval_vector(copy_), want)
+
+        providers.append((label, check, step, [p for p in copy_.parameters() if p.requires_grad] + [scale]))
     try:
         measured = suite.measure_checked([("peft", step_of(towers), params)], providers)
     finally:
@@ -757,6 +808,8 @@ def _run_peft_patch(suite) -> None:
             base_results[label] = (meas, metrics)
         else:
             metrics["modules_patched"] = patched_count[label]
+            if label in checked:  # the patched step's loss and gradients against PEFT's own, eval mode
+                metrics["rel_err_vs_peft"] = checked[label]
             ours[label] = (meas, metrics)
 
     def targets(provider, baseline):

@@ -1,7 +1,9 @@
 """``python -m benchmarks --compare OLD.json NEW.json``: the same rows side by side.
 
 Rows are matched on (op, shape, dtype, provider, baseline); the change is
-NEW / OLD for time and peak memory (below 1.00 is faster / smaller).
+NEW / OLD for time and peak memory (below 1.00 is faster / smaller). Each file's hardware,
+software and commit head the table, with a warning when the hardware differs (GPU times are
+comparable only within one run on one card).
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ from benchmarks.harness import fmt, load_rows
 
 def _key(row: dict) -> tuple:
     return (row["op"], row["shape"], row["dtype"], row["provider"], row.get("baseline"))
+
+
+def _where(rows: dict) -> str:
+    """The hardware, software and code of a file's rows, for its header line."""
+    first = next(iter(rows.values()), {})
+    return ", ".join(f"{k} {first.get(k)}" for k in ("device", "torch", "triton", "git_sha", "date") if first.get(k))
 
 
 def compare_files(old_path: str, new_path: str) -> str:
@@ -32,7 +40,15 @@ def compare_files(old_path: str, new_path: str) -> str:
                       fmt(a and a.get("peak_mib")), fmt(b and b.get("peak_mib")), ratio("peak_mib"),
                       speed(a), speed(b)])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = [f"old: {old_path}", f"new: {new_path}", ""]
+    out = [f"old: {old_path} ({_where(old)})", f"new: {new_path} ({_where(new)})"]
+    devices = ({r.get("device") for r in old.values()}, {r.get("device") for r in new.values()})
+    if devices[0] != devices[1]:
+        out.append(f"WARNING: the files were measured on different hardware ({sorted(map(str, devices[0]))} against "
+                   f"{sorted(map(str, devices[1]))}): their times are not comparable, only each file's own ratios")
+    elif {r.get("date") for r in old.values()} != {r.get("date") for r in new.values()} and any(
+            "cuda" in str(d).lower() or "nvidia" in str(d).lower() for d in devices[0]):
+        out.append("note: two GPU runs: a time is comparable only within one run (compare each file's ratios)")
+    out.append("")
     for index, line in enumerate(lines):
         out.append("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
         if index == 0:

@@ -55,10 +55,14 @@ def variant_of(op: str, shape: str) -> str | None:
 
 
 def backend_times(rows: Sequence[dict]) -> dict:
-    """``{op: {shape: {provider: median_ms}}}`` of our providers' rows (one time per provider and shape)."""
+    """``{op: {shape: {provider: median_ms}}}`` of our providers' rows (one time per provider and
+    shape); a row whose correctness check failed (``harness.checks_pass``) is left out: a backend
+    is never ordered first for speed it bought with wrong outputs."""
     times: dict = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         provider, ms = row.get("provider"), row.get("median_ms")
+        if not harness.checks_pass(row.get("metrics") or {}, row.get("dtype", "")):
+            continue
         if provider in BACKENDS + ("triton-atomic",) and ms:
             times[row["op"]][f"{row['shape']} [{row['dtype']}]"][provider] = float(ms)
     return times

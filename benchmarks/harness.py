@@ -236,13 +236,56 @@ class Target:
         if self.metric == "peak_mib_max":
             value = row.peak_mib
             return None if value is None else value <= self.threshold
-        if self.metric.startswith("metric_min:"):
+        if self.metric.startswith(("metric_min:", "metric_max:")):
             value = row.metrics.get(self.metric.split(":", 1)[1])
-            return None if value is None else value >= self.threshold
-        if self.metric.startswith("metric_max:"):
-            value = row.metrics.get(self.metric.split(":", 1)[1])
-            return None if value is None else value <= self.threshold
+            if not isinstance(value, (bool, int, float)):
+                return None  # missing (or a note saying why it was not measured): not judged
+            if self.metric.startswith("metric_min:"):
+                return value >= self.threshold
+            return value <= self.threshold  # NaN fails
         raise ValueError(f"unknown target metric {self.metric!r}")
+
+
+def check_limit(dtype: str) -> float:
+    """The largest relative error (``relative_error``: norm of the difference over the norm of
+    the reference) a row's correctness check may show, by the row's compute dtype: about a
+    hundred times what two correct implementations differ by there (fp32 ~1e-6, fp16 ~1e-4,
+    bf16 ~1e-3 on these reductions), far below what a wrong kernel gives (order 1)."""
+    text = str(dtype)
+    if "bfloat16" in text or "bf16" in text:
+        return 3e-2
+    if "float16" in text or "fp16" in text or "half" in text:
+        return 1e-2
+    if "float64" in text:
+        return 1e-9
+    if "float32" in text:
+        return 1e-4
+    return 3e-2
+
+
+def is_check_key(key: str) -> bool:
+    """Whether a row metric is a correctness check's error (judged by :func:`check_targets`)."""
+    return key.startswith(("rel_err_vs_", "loss_rel_err_vs_", "max_abs_score_diff_vs_"))
+
+
+def check_targets(metrics: dict, dtype: str) -> list[Target]:
+    """The correctness targets of a provider row: each check error at most ``check_limit``
+    (NaN or inf fail), and ``finite`` true where the row records it. A row with targets is then
+    met only if its outputs were checked and right, never on speed or memory alone."""
+    limit = check_limit(dtype)
+    targets = [Target(f"metric_max:{key}", limit, f"{key}<={limit:g}") for key in metrics if is_check_key(key)]
+    if "finite" in metrics:
+        targets.append(Target("metric_min:finite", 1, "finite"))
+    return targets
+
+
+def checks_pass(metrics: dict, dtype: str) -> bool:
+    """Whether a row's recorded checks all pass (True when it records none)."""
+    limit = check_limit(dtype)
+    for key, value in metrics.items():
+        if is_check_key(key) and not (isinstance(value, (int, float)) and value <= limit):
+            return False
+    return metrics.get("finite", True) is not False
 
 
 # --------------------------------------------------------------------------- measuring
@@ -542,9 +585,15 @@ def measure(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torc
     """Time ``fn`` and, in a separate call, measure its peak memory. Errors become ``Measurement.error``.
 
     ``single_call``: the memory call is the warm-up and one more call is timed
-    (for very large sizes; the row's ``runs`` says 1).
+    (for very large sizes; the row's ``runs`` says 1). Otherwise, on a GPU, one call runs before
+    the memory call: what the first call of a process allocates once for good (cuBLAS's
+    workspace, say) is then in no entry's peak, whichever is measured first.
     """
     try:
+        if with_memory and not single_call and device.type == "cuda":
+            fn()
+            _reset_grads(grads)
+            torch.cuda.synchronize(device)
         peak = peak_memory_mib(fn, device=device, grads=grads) if with_memory else None
         if single_call:
             elapsed = time_single_call(fn, device=device, grads=grads)

@@ -14,6 +14,7 @@ what the file held. A result file with no sweep rows writes nothing (exit status
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import ace_kernels  # noqa: F401  (imports the kernel modules, which declare their candidates)
@@ -55,6 +56,9 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | None, str]:
     declared = _tuning.candidates(kernel_family, kernel, dtype_class)
     default_ms = float(default["median_ms"])
     default_err = float(default["metrics"].get("rel_err", float("inf")))
+    if not math.isfinite(default_err):
+        # Without a finite error for the default there is no bound to hold the candidates to.
+        return None, f"{name}: the default's error is {default_err!r}; nothing qualifies, the default stays"
     best, notes = None, []
     for row in sweep["candidates"]:
         metrics = row["metrics"]

@@ -1238,6 +1238,12 @@ def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
     assert all(active == (name == "built") for name, active in seen)
     rows = [r for r in suite.rows if r.op == "ace_lora_train_step"]
     assert {r.provider for r in rows} == {"reference-ops", "torch", "torch+recompute-mlp", "torch+recompute-layer"}
+    # Each of ours was checked against the reference ops (loss and gradients, eval mode); every row
+    # says which frozen weights it trained.
+    for row in rows:
+        assert row.metrics["frozen_weight_dtype"] == "float32"
+        if row.provider != "reference-ops":
+            assert row.metrics["rel_err_vs_reference-ops"] < 1e-5, row
     assert model.backend == ours.backend == "auto"
     assert model.recompute == ours.recompute == "none"  # switched on for its own rows only
     assert all(p.grad is None for p in model.trainable_parameters() + ours.trainable_parameters())
@@ -1261,3 +1267,59 @@ def test_max_batch_tries_the_smallest_b64_peak_first():
     assert max_batch_candidates(["triton", "torch"], []) == [
         "triton+recompute-layer", "triton+recompute-mlp", "triton", "torch+recompute-layer", "torch+recompute-mlp",
         "torch"]
+
+
+def test_a_row_meets_its_targets_only_with_checked_correct_outputs(tmp_path):
+    # Speed and memory count only for outputs a check found right: a check error over the dtype's
+    # limit (or NaN) fails the row, whatever its speed; a probe that is not finite fails too.
+    from benchmarks.harness import Measurement, Target
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    suite.quick = False
+    base = Measurement(4.0, 400.0, 5, None)
+    goals = [Target("speedup", 2.0, "speedup>=2")]
+
+    def judged(metrics, dtype=torch.bfloat16):
+        rows = suite.add_rows(family="contrastive", op="x", shape="s", dtype=dtype,
+                              ours={"triton": (Measurement(1.0, 100.0, 5, None), metrics)},
+                              baselines={"ref": (base, {})}, targets=lambda provider, baseline: goals)
+        return [r for r in rows if r.provider == "triton"][0]
+
+    assert judged({"rel_err_vs_reference": 2e-3}).target_pass is True
+    row = judged({"rel_err_vs_reference": 0.5})
+    assert row.target_pass is False and "rel_err_vs_reference<=0.03" in row.target
+    assert judged({"rel_err_vs_reference": float("nan")}).target_pass is False
+    assert judged({"rel_err_vs_reference": 2e-3}, dtype=torch.float32).target_pass is False  # fp32: 1e-4
+    assert judged({"finite": False}).target_pass is False
+    assert judged({"loss_rel_err_vs_fp32_chunked": 1e-3, "finite": True}).target_pass is True
+    assert judged({"rel_err_vs_reference": "not compared"}).target_pass is None  # a note is not judged
+    assert harness.checks_pass({"rel_err_vs_peft": 1e-3}, "bf16-autocast")
+    assert not harness.checks_pass({"rel_err_vs_peft": 1e-3}, "float32")
+    assert not harness.checks_pass({"max_abs_score_diff_vs_reference-loop": float("nan")}, "bfloat16")
+
+
+def test_dispatch_order_ignores_rows_with_wrong_outputs():
+    from benchmarks import dispatch_order
+
+    def row(provider, ms, error):
+        return dict(op="lora_qkv", shape="M=100", dtype="bfloat16", provider=provider, baseline="reference",
+                    median_ms=ms, metrics={"rel_err_vs_reference_p0": error})
+
+    times = dispatch_order.backend_times([row("triton", 1.0, 0.9), row("torch", 2.0, 1e-3), row("cuda", 3.0, 1e-3)])
+    assert set(times["lora_qkv"]["M=100 [bfloat16]"]) == {"torch", "cuda"}  # triton's speed bought nothing
+
+
+def test_compare_warns_across_hardware(tmp_path):
+    from benchmarks.compare import compare_files
+
+    def payload(device):
+        return {"environment": {"device": device}, "rows": [
+            dict(op="x", shape="s", dtype="bf16", provider="triton", baseline=None, median_ms=1.0, device=device,
+                 date="d", git_sha="g")]}
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(payload("NVIDIA H200")))
+    b.write_text(json.dumps(payload("NVIDIA H100 80GB HBM3")))
+    c.write_text(json.dumps(payload("NVIDIA H200")))
+    assert "WARNING: the files were measured on different hardware" in compare_files(str(a), str(b))
+    assert "WARNING" not in compare_files(str(a), str(c)) and "device NVIDIA H200" in compare_files(str(a), str(c))

@@ -300,3 +300,12 @@ def test_writer_command_line(tmp_path):
                                              "median_ms": 1.0, "metrics": {"kernel": "down"}}])))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 3
     assert out.read_text() == before  # nothing written
+
+
+def test_writer_takes_nothing_when_the_default_has_no_finite_error():
+    # A default whose check gave inf or NaN bounds nothing: no candidate may be written.
+    for error in (float("inf"), float("nan")):
+        rows = [_sweep_row("down", 0, 10.0, error), _sweep_row("down", 1, 5.0, error)]
+        content, report = tuned_configs.update(_payload(rows), {"by_device": {}})
+        assert content["by_device"] == {}
+        assert "the default's error is" in "\n".join(report)
