@@ -109,8 +109,13 @@ def test_quick_run_chunked_training_rows(quick_run):
     m = large["metrics"]
     assert m["small_batch"] == 64 and m["unchunked_batch"] == 16 and m["batch_ratio_vs_small_batch"] == 4
     assert m["peak_ratio_vs_small_batch"] == pytest.approx(large["peak_mib"] / small["peak_mib"], rel=1e-2)
+    # Both sides on the host clock: on a GPU the unchunked step's back-to-back time (its wall_ms),
+    # on a CPU (no wall_ms) its median, which is a host time there.
+    unchunked_ms = unchunked["wall_ms"] or unchunked["median_ms"]
+    assert m["unchunked_ms"] == pytest.approx(unchunked_ms, rel=1e-3)
+    assert m["unchunked_ms_basis"] == ("host clock, back to back" if unchunked["wall_ms"] else "median")
     assert m["throughput_ratio_vs_unchunked"] == pytest.approx(
-        m["samples_per_s"] / unchunked["metrics"]["samples_per_s"], rel=1e-2)
+        m["samples_per_s"] / (16 / (unchunked_ms * 1e-3)), rel=1e-2)
     # The point of the chunked step: 4x the batch at the same chunk needs about the same memory
     # (only the [B, 64] embeddings and their gradients grow), far from the 4x of one pass.
     assert m["peak_ratio_vs_small_batch"] < 1.5, m
@@ -1323,3 +1328,38 @@ def test_compare_warns_across_hardware(tmp_path):
     c.write_text(json.dumps(payload("NVIDIA H200")))
     assert "WARNING: the files were measured on different hardware" in compare_files(str(a), str(b))
     assert "WARNING" not in compare_files(str(a), str(c)) and "device NVIDIA H200" in compare_files(str(a), str(c))
+
+
+def test_largest_batch_also_searches_the_plain_step_after_a_recompute_variant(tmp_path, monkeypatch):
+    from benchmarks import bench_model
+    from benchmarks.suite import Suite
+
+    searched = []
+
+    def try_step(suite, model, batch, provider):
+        searched.append(provider)
+        limit = {None: 1000, "triton+recompute-layer": 9000, "triton": 1500}.get(provider, 0)
+        return batch <= limit, 10.0 * batch / 64, float(batch)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 141 * 2**30))
+    monkeypatch.setattr(bench_model, "_try_step", try_step)
+
+    class Model:
+        backend = "auto"
+
+        def train(self):
+            pass
+
+        def to(self, device):
+            return self
+
+    suite = Suite(device=torch.device("cuda"), quick=False, json_path=str(tmp_path / "mb.json"), png_path=None,
+                  time_budget_s=600, max_seconds_per_call=2, providers=["torch", "triton"], log=lambda _: None,
+                  environment=_gpu_environment())
+    bench_model._run_max_batch(suite, Model(), Model())
+    rows = {r.provider: r for r in suite.rows if r.op == "ace_lora_max_batch"}
+    assert set(rows) == {"reference-ops", "triton+recompute-layer", "triton"}
+    assert rows["triton+recompute-layer"].metrics["max_batch"] > rows["triton"].metrics["max_batch"] > 1000
+    assert all(rows[p].baseline == "reference-ops" for p in ("triton", "triton+recompute-layer"))
+    assert "triton+recompute-mlp" not in searched  # the first variant that finds a batch is the row
