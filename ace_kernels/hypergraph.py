@@ -1438,8 +1438,23 @@ def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only, deterministic=Tru
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
 
 
+# The CUDA top-k kernel's shared memory: 8 queries x (D + 512) float32 similarities, dynamic,
+# beside 1,600 bytes of static arrays (csrc/hypergraph/hypergraph.cu: kQueriesPerBlock,
+# kTopkChunk, top_v/top_i/own_row); all of it within the device's per-block opt-in limit.
+_CUDA_TOPK_QUERIES, _CUDA_TOPK_CHUNK, _CUDA_TOPK_STATIC_BYTES = 8, 512, 1600
+
+
+def _cuda_topk_shared_bytes(dim: int) -> int:
+    return _CUDA_TOPK_QUERIES * (dim + _CUDA_TOPK_CHUNK) * 4 + _CUDA_TOPK_STATIC_BYTES
+
+
 def _cuda_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     reasons = _kernel_check(x, cls_attn, edge, node, topk, cls_only)
+    if x.is_cuda and x.dim() == 3:
+        limit = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None)
+        if limit is not None and _cuda_topk_shared_bytes(x.shape[-1]) > limit:
+            reasons.append(f"D={x.shape[-1]} needs {_cuda_topk_shared_bytes(x.shape[-1])} bytes of shared memory in "
+                           f"the CUDA top-k kernel, over this device's {limit} per block (the Triton kernels tile D)")
     module, _ = _dispatch._extension()
     if module is not None and not hasattr(torch.ops.ace_kernels, "hg_gather_sum"):
         reasons.append("ace_kernels._C was built without its torch ops (csrc/bindings.cpp compiled as C++17; "

@@ -790,7 +790,7 @@ def test_gpu_primitives_match_torch(backend):
     prims = {"triton": hg.TRITON_PRIMITIVES, "triton-atomic": hg.TRITON_ATOMIC_PRIMITIVES,
              "cuda": hg.CUDA_PRIMITIVES}[backend]
     gen = torch.Generator(device="cuda").manual_seed(3)
-    B, Q, R, S, D, M, k = 3, 50, 40, 7, 515, 1500, 16  # M > one CUDA chunk (1024), odd D
+    B, Q, R, S, D, M, k = 3, 50, 40, 7, 515, 1500, 16  # M > two CUDA chunks (512 each), odd D
     src_q = torch.randn(B, Q, D, device="cuda", generator=gen)
     src_r = torch.randn(B, R, D, device="cuda", generator=gen)
     cols = torch.randint(-1, R, (B, Q, S), device="cuda", generator=gen)
@@ -811,6 +811,14 @@ def test_gpu_primitives_match_torch(backend):
         ref_idx, ref_w = t.topk_rows(feats, inv_norm, r, k)
         # Same neighbour sets (slot order is unspecified), same weights once sorted.
         assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+        torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)
+    # Wide features: the CUDA kernel's shared memory (8 x (D + 512) floats and 1,600 static bytes)
+    # passes the default 48 KiB from D = 975 on, where it must ask the device for more.
+    for dim in (975, 1024, 1100):
+        wide = torch.randn(1, 40, dim, device="cuda", generator=gen)
+        idx, wts = prims.topk_rows(wide, 1.0 / wide.norm(dim=-1), None, 5)
+        ref_idx, ref_w = t.topk_rows(wide, 1.0 / wide.norm(dim=-1), None, 5)
+        assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values), dim
         torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)
     # Half features are read in their own dtype and converted exactly, so the results (float32)
     # equal those on the upcast features; the atomic scatter only up to its summation order.
@@ -835,3 +843,19 @@ def test_gpu_primitives_match_torch(backend):
             assert wts.dtype == torch.float32
             assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
             torch.testing.assert_close(wts.sort(-1).values, ref_w.sort(-1).values, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_top_k_shared_memory_constants_match_the_kernel_source():
+    # The cuda backend declines a D whose top-k shared memory exceeds the device's per-block limit;
+    # its arithmetic mirrors the kernel's constants, read here from the source.
+    import re
+
+    folder = os.path.join(os.path.dirname(__file__), "..", "csrc", "hypergraph")
+    source = "".join(open(os.path.join(folder, name)).read() for name in ("hypergraph.h", "hypergraph.cu"))
+    threads = int(re.search(r"constexpr int kTopkThreads = (\d+);", source).group(1))
+    chunk = int(re.search(r"constexpr int kTopkChunk = (\d+);", source).group(1))
+    max_topk = int(re.search(r"constexpr int kMaxTopk = (\d+);", source).group(1))
+    queries = threads // 32
+    assert (hg._CUDA_TOPK_QUERIES, hg._CUDA_TOPK_CHUNK) == (queries, chunk)
+    assert hg._CUDA_TOPK_STATIC_BYTES == queries * max_topk * (4 + 8) + queries * 8  # top_v, top_i, own_row
+    assert hg._cuda_topk_shared_bytes(974) == 48 * 1024 < hg._cuda_topk_shared_bytes(975)

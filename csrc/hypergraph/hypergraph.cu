@@ -278,9 +278,24 @@ cudaError_t topk_incidence(const void* pn, Feat pn_type, int64_t pn_sb, int64_t 
   const int64_t blocks = (R + kQueriesPerBlock - 1) / kQueriesPerBlock;
   return with_feat(pn_type, [&](auto tag) {
     using T = decltype(tag);
-    if (shared > 48 * 1024) {
-      cudaError_t err = cudaFuncSetAttribute(topk_incidence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(shared));
+    // The kernel's own __shared__ arrays count against the same limit as the dynamic buffer:
+    // compare with what the kernel allows now, not with 48 KiB. When more is needed, raise the
+    // kernel's cap to all the device allows beside its static arrays: every call sets that same
+    // value, so host threads launching at different D cannot lower it under one another.
+    cudaFuncAttributes attr;
+    cudaError_t err = cudaFuncGetAttributes(&attr, topk_incidence_kernel<T>);
+    if (err != cudaSuccess) return err;
+    if (shared > static_cast<size_t>(attr.maxDynamicSharedSizeBytes)) {
+      int device = 0;
+      int optin = 0;
+      err = cudaGetDevice(&device);
+      if (err != cudaSuccess) return err;
+      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      if (err != cudaSuccess) return err;
+      const size_t room = static_cast<size_t>(optin) - attr.sharedSizeBytes;
+      if (shared > room) return cudaErrorInvalidValue;
+      err = cudaFuncSetAttribute(topk_incidence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(room));
       if (err != cudaSuccess) return err;
     }
     topk_incidence_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kTopkThreads, shared,
