@@ -107,14 +107,24 @@ def capture_dropout_masks() -> Iterator[list]:
     ``bool`` tensor of shape [P, *x.shape[:-1], in] (P = 1 for ``lora_linear``, 3 for
     ``lora_qkv``; True = kept), or ``None`` when the call applied no dropout. For
     the ``triton`` backend the mask is exported by a kernel from the same Philox
-    stream as the forward and backward kernels. For tests; costs an extra pass.
+    stream as the forward and backward kernels. For tests; costs an extra pass. The
+    recorders are process-wide: calls made by other threads inside the block are recorded too.
     """
     record: list = []
     _MASK_RECORDERS.append(record)
     try:
         yield record
     finally:
-        _MASK_RECORDERS.remove(record)
+        _remove_recorder(_MASK_RECORDERS, record)
+
+
+def _remove_recorder(recorders: list, record: list) -> None:
+    # By identity: two recorders holding equal contents (both empty, or nested ones that saw the
+    # same calls) compare equal, and list.remove would take the outer one.
+    for index, candidate in enumerate(recorders):
+        if candidate is record:
+            del recorders[index]
+            return
 
 
 def _record_mask(mask_or_none, lead_shape, in_features) -> None:
@@ -123,7 +133,7 @@ def _record_mask(mask_or_none, lead_shape, in_features) -> None:
     entry = None
     if mask_or_none is not None:
         entry = mask_or_none.detach().reshape(mask_or_none.shape[0], *lead_shape, in_features).clone()
-    for record in _MASK_RECORDERS:
+    for record in tuple(_MASK_RECORDERS):  # a copy: another thread may open or close one meanwhile
         record.append(entry)
 
 
@@ -142,7 +152,7 @@ def saved_activation_bytes() -> Iterator[list]:
     try:
         yield record
     finally:
-        _SAVED_BYTES_RECORDERS.remove(record)
+        _remove_recorder(_SAVED_BYTES_RECORDERS, record)
 
 
 def _record_saved(backend: str, y: torch.Tensor, x_saved: torch.Tensor, extras) -> None:
@@ -152,7 +162,7 @@ def _record_saved(backend: str, y: torch.Tensor, x_saved: torch.Tensor, extras) 
         return
     x_bytes = x_saved.numel() * x_saved.element_size()
     extra = sum(t.numel() * t.element_size() for t in extras if t is not None)
-    for record in _SAVED_BYTES_RECORDERS:
+    for record in tuple(_SAVED_BYTES_RECORDERS):
         record.append({"backend": backend, "total": x_bytes + extra, "x": x_bytes, "extra": extra})
 
 
@@ -457,8 +467,9 @@ def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, 
     fp32 master weights get their gradients) and the op runs with autocast off."""
     autocast_dtype = _library.autocast_dtype(x)
     if autocast_dtype is not None:
+        # Non-tensors pass through uncast, for _validate to name them.
         x, weight, bias, lora_a, lora_b = (
-            t if t is None or t.dtype not in _AUTOCAST_CASTS else t.to(autocast_dtype)
+            t if not isinstance(t, torch.Tensor) or t.dtype not in _AUTOCAST_CASTS else t.to(autocast_dtype)
             for t in (x, weight, bias, lora_a, lora_b))
     _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, projections)
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
@@ -597,7 +608,9 @@ if triton is not None:
             x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             tl.store(out_rows + ks[None, :], x_tile, mask=row_ok[:, None] & k_ok[None, :])
-            a_tile = tl.load(a_ptr + proj_j[None, :] * stride_ap + r_j[None, :] * stride_ar + ks[:, None] * stride_ak,
+            # int64: a projection's offset (proj_j * stride) may pass 2^31 for a strided A.
+            a_tile = tl.load(a_ptr + proj_j[None, :].to(tl.int64) * stride_ap + r_j[None, :] * stride_ar
+                             + ks[:, None] * stride_ak,
                              mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
             if APPLY_DROPOUT:
                 keep = _keep_bits(seed, rng_offset, rows, k0, K, drop_threshold, BLOCK_M, BLOCK_K)
@@ -644,7 +657,8 @@ if triton is not None:
         j_ok = js < rank_total
         proj_j = js // RANK
         r_j = js - proj_j * RANK
-        a_tile = tl.load(a_ptr + proj_j[:, None] * stride_ap + r_j[:, None] * stride_ar + ks[None, :] * stride_ak,
+        a_tile = tl.load(a_ptr + proj_j[:, None].to(tl.int64) * stride_ap + r_j[:, None] * stride_ar
+                         + ks[None, :] * stride_ak,
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
@@ -655,7 +669,9 @@ if triton is not None:
             rows = pid_m * BLOCK_M + sub + tl.arange(0, EPILOGUE_M)
             row_ok = rows < M
             tile_ok = row_ok[:, None] & k_ok[None, :]
-            g_sub = tl.load(g_ptr + proj_j[None, :] * stride_gp + rows[:, None] * stride_gm + r_j[None, :] * stride_gr,
+            # int64: G is [P, M, r], so projection 2 starts at 2 * M * r, past 2^31 from M * r >= 2^30.
+            g_sub = tl.load(g_ptr + proj_j[None, :].to(tl.int64) * stride_gp + rows[:, None] * stride_gm
+                            + r_j[None, :] * stride_gr,
                             mask=row_ok[:, None] & j_ok[None, :], other=0.0)  # [EPILOGUE_M, BLOCK_R]
             x_sub = tl.load(xcat_ptr + rows[:, None] * stride_cm + ks[None, :], mask=tile_ok, other=0.0)
             if APPLY_DROPOUT:

@@ -815,3 +815,25 @@ def test_triton_mask_export_in_row_slices_equals_one_launch(monkeypatch, device)
     monkeypatch.undo()
     assert torch.equal(sliced, lora_module._export_masks(seed, rows, 9, 3, 0.4))
     assert torch.equal(sliced[:, :23], whole)
+
+
+def test_nested_recorders_each_keep_their_own_calls():
+    # Leaving an inner recorder must not close the outer one (two empty lists compare equal).
+    capture = lora_module.capture_dropout_masks
+    saved_activation_bytes = lora_module.saved_activation_bytes
+    case = Case("nested", "qkv", (5,), 8, 3, 2, dropout_p=0.3)
+    inputs = make_inputs(case, torch.float64, "cpu")
+    with capture() as outer, saved_activation_bytes() as outer_saved:
+        with capture() as inner, saved_activation_bytes() as inner_saved:
+            pass
+        call_op(case, inputs, "torch")
+        call_op(case, inputs, "torch")
+    assert (len(outer), len(inner), len(outer_saved), len(inner_saved)) == (2, 0, 2, 0)
+    assert not lora_module._MASK_RECORDERS and not lora_module._SAVED_BYTES_RECORDERS
+
+
+def test_a_non_tensor_argument_under_autocast_is_named():
+    case = Case("bad", "qkv", (4,), 8, 3, 2)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="argument 'weight'"):
+        ace_kernels.lora_qkv(x, weight.tolist(), bias, lora_a, lora_b, scaling=0.5, backend="torch")
