@@ -11,7 +11,7 @@ Three op families, each with an exact PyTorch path and faster GPU backends:
 """
 
 from ace_kernels._dispatch import BACKENDS, available_backends
-from ace_kernels.lora import lora_linear, lora_qkv
+from ace_kernels.lora import lora_linear, lora_qkv, lora_qkv_packed
 from ace_kernels.hypergraph import ACEHypergraph, ace_hypergraph
 from ace_kernels.contrastive import LabelGuidedInfoNCE, label_guided_infonce
 
@@ -26,6 +26,7 @@ __all__ = [
     "label_guided_infonce",
     "lora_linear",
     "lora_qkv",
+    "lora_qkv_packed",
     "patch",
 ]
 

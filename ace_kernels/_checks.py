@@ -7,6 +7,7 @@ and what came, e.g. ``argument 'lora_a': expected shape [r, 768], got [4, 512]``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -35,6 +36,9 @@ def check_tensor(
     """
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"argument '{name}': expected a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise ValueError(f"argument '{name}': expected a dense (strided) tensor, got layout {value.layout}; "
+                         "call .to_dense() first")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.dim() not in allowed:
@@ -70,22 +74,41 @@ def check_same_dtype(reference_name: str, reference: torch.Tensor, **others: tor
             )
 
 
+def _is_bool(value) -> bool:
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"))
+
+
+def _type_name(value) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
 def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """An integer (Python's or NumPy's, not a bool) >= ``minimum``, as an int."""
+    if _is_bool(value) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"argument '{name}': expected an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_probability(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+    """A real number (Python's or NumPy's, not a bool) in [0, 1), as a float."""
+    if _is_bool(value) or not isinstance(value, numbers.Real) or not (0.0 <= float(value) < 1.0):
         raise ValueError(f"argument '{name}': expected a float in [0, 1), got {value!r}")
     return float(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """A bool (Python's or NumPy's), as a bool."""
+    if not _is_bool(value):
+        raise ValueError(f"argument '{name}': expected a bool, got {_type_name(value)}")
+    return bool(value)
+
+
 def check_finite_number(name: str, value) -> float:
-    """A Python int or float that is finite (not nan or inf), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"argument '{name}': expected a Python number, got {type(value).__name__}")
+    """A real number (Python's or NumPy's, not a bool) that is finite (not nan or inf), as a float."""
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        raise ValueError(f"argument '{name}': expected a Python number, got {_type_name(value)}")
     if not math.isfinite(value):
         raise ValueError(f"argument '{name}': expected a finite number, got {value!r}")
     return float(value)

@@ -277,7 +277,8 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, varia
     if wanted != "auto":
         reasons = reasons_for(op, wanted, tensors, args, kwargs)
         if reasons:
-            raise RuntimeError(f"{op}: backend {wanted!r} cannot run this call: " + "; ".join(reasons))
+            source = f" (from the environment variable {_ENV_VAR})" if backend == "auto" else ""
+            raise RuntimeError(f"{op}: backend {wanted!r}{source} cannot run this call: " + "; ".join(reasons))
         return entry.impls[wanted]
     tried = {}
     device = None

@@ -93,16 +93,21 @@ def int32_safe(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 MAX_GRID_YZ = 65535
 
 
+def _autocast_on(device_type: str) -> bool:
+    # A device type autocast does not know (meta, say) has no autocast to be on.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_dtype(x) -> torch.dtype | None:
     """The autocast dtype in force for floating-point ``x``'s device type, or None."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not _autocast_on(x.device.type):
         return None
     return torch.get_autocast_dtype(x.device.type)
 
 
 def autocast_off(device_type: str):
     """A context with autocast off for ``device_type`` (a no-op context when it is off already)."""
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_on(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

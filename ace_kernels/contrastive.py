@@ -366,7 +366,7 @@ def _lse_share_torch(u, t, scale, keys, lo: int, hi: int):
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the torch backend still works; dispatch reports why triton cannot run
+except Exception:  # missing or broken: the torch backend still works; dispatch reports why triton cannot run
     triton = None
 
 if triton is not None:
@@ -1254,6 +1254,12 @@ def _check_global_batch(dim: int, sizes: tuple) -> None:
                          f"of group=")
 
 
+def _is_process_group(group) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+
+
 def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group=None, backend="auto"):
     """Label-guided InfoNCE loss (spec section 5) without ever forming the ``B x B`` logits.
 
@@ -1318,6 +1324,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are
     compared exactly (a NaN label row equals no other row).
     """
+    if group is not None and not _is_process_group(group):
+        raise ValueError(f"argument 'group': expected a torch.distributed ProcessGroup (e.g. "
+                         f"dist.group.WORLD) or None, got {type(group).__name__}")
     if group is None:
         _validate(image_emb, text_emb, logit_scale, labels)
     else:

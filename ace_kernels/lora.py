@@ -74,7 +74,7 @@ from typing import Iterator
 import torch
 
 from ace_kernels import _dispatch, _library, _tuning
-from ace_kernels._checks import check_finite_number, check_probability, check_same_dtype, check_tensor
+from ace_kernels._checks import check_bool, check_finite_number, check_probability, check_same_dtype, check_tensor
 
 __all__ = ["lora_linear", "lora_qkv", "lora_qkv_packed", "capture_dropout_masks", "saved_activation_bytes"]
 
@@ -212,8 +212,7 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, pro
     check_same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     check_finite_number("scaling", scaling)
     dropout_p = check_probability("dropout_p", dropout_p)
-    if not isinstance(training, bool):
-        raise ValueError(f"argument 'training': expected a bool, got {type(training).__name__}")
+    check_bool("training", training)
     return out_features, rank, dropout_p
 
 
@@ -392,10 +391,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
         Dropout probability on the LoRA branch input, in [0, 1).
     training : bool, default False
         Dropout is applied only when True and ``dropout_p > 0``.
-    backend : {"auto", "triton", "torch", "cuda"}
+    backend : {"auto", "triton", "torch"}
         ``auto`` (or the ``ACE_KERNELS_BACKEND`` environment variable) picks the
         first backend that can run the call; a named one that cannot raises
-        ``RuntimeError`` with the reason.
+        ``RuntimeError`` with the reason (LoRA has no ``cuda`` kernels: cuBLAS does
+        its GEMMs under the Triton backend).
 
     Returns
     -------
@@ -472,6 +472,7 @@ def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, 
             t if not isinstance(t, torch.Tensor) or t.dtype not in _AUTOCAST_CASTS else t.to(autocast_dtype)
             for t in (x, weight, bias, lora_a, lora_b))
     _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, projections)
+    training, scaling = bool(training), float(scaling)  # NumPy numbers as Python ones from here on
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     impl = _dispatch.select(op, backend, [x, weight, bias, lora_a, lora_b], args,
                             variant=rows_variant(x.numel() // max(1, x.shape[-1])))

@@ -455,7 +455,9 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
     the exact partial derivative of that loss with respect to them, while the logit
     multiplier's gradient on each rank is the local share, so that summing over ranks
     gives every parameter the gradient of the single process on the concatenated batch.
-    A parameter without a gradient counts as zero so every rank reduces the same buffer.
+    A parameter without a gradient counts as zero so every rank reduces the same buffer; one
+    that has no gradient on any rank keeps ``grad = None`` (as in one process, where the
+    optimizer then skips it: no weight decay, no moment update).
 
     Gradients are summed in their own dtype (fp64 stays fp64), except that fp16 and bf16
     are summed in fp32; one collective per such reduction dtype, in the order of first
@@ -466,6 +468,9 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
     params = list(params)
     if not params:
         return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.SUM, group=group)
+    somewhere = has_grad.cpu().tolist()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     buckets: dict[torch.dtype, list[int]] = {}
     for index, g in enumerate(grads):
@@ -479,7 +484,9 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
             n = g.numel()
             reduced = flat[offset : offset + n].view_as(g).to(g.dtype)
             offset += n
-            if p.grad is None:
+            if not somewhere[i]:
+                p.grad = None  # no rank computed one
+            elif p.grad is None:
                 p.grad = reduced
             else:
                 p.grad.copy_(reduced)
@@ -506,11 +513,27 @@ def _comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _fail_together(error: BaseException | None, group, what: str) -> None:
+    """Raise ``error`` (this rank's, or None) on this rank, and on every other rank an error
+    saying that a rank failed ``what``, instead of leaving them to wait in the next collective."""
+    if group is not None:
+        try:
+            check_ranks_agree({"failed": int(error is not None)}, group, what=f"whether {what} succeeded")
+        except RankMismatchError:
+            if error is not None:
+                raise error from None
+            raise RankMismatchError(f"another rank failed {what} (its own error says why); this rank stops "
+                                    "too") from None
+    if error is not None:
+        raise error
+
+
 def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configuration") -> None:
     """All-gather a fixed-size fingerprint of ``values`` and raise if any rank differs.
 
-    Every rank sends the same number of int64s (the key names are hashed into slot 0),
-    so a disagreement cannot turn into a mismatched collective that hangs.
+    A first all-gather of two int64s (the number of fields and a hash of their names)
+    makes sure every rank then sends the same number of int64s, so a disagreement (ranks
+    running different code versions, say) cannot turn into a mismatched collective.
 
     Raises
     ------
@@ -520,19 +543,24 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
     if group is None or dist.get_world_size(group) == 1:
         return
     keys = list(values)
+    world = dist.get_world_size(group)
+    header = torch.tensor([len(keys), _stable_hash(keys)], dtype=torch.int64, device=_comm_device(group))
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header, group=group)
+    if any(bool((h != header).any()) for h in headers):
+        counts = ", ".join(f"rank {r}: {int(h[0])}" for r, h in enumerate(headers))
+        raise RankMismatchError(f"ranks disagree on {what}: they check different fields ({counts} fields; "
+                                "different code versions?)")
     codes = [_stable_hash(keys)]
     for key in keys:
         v = values[key]
         codes.append(int(v) if isinstance(v, (int, bool)) and abs(int(v)) < 2**62 else _stable_hash(v))
     mine = torch.tensor(codes, dtype=torch.int64, device=_comm_device(group))
-    world = dist.get_world_size(group)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()
     if bool((table == table[0]).all()):
         return
-    if bool((table[:, 0] != table[0, 0]).any()):
-        raise RankMismatchError(f"ranks disagree on {what}: they check different fields (different code versions?)")
     rank = dist.get_rank(group)
     for col, key in enumerate(keys, start=1):
         column = table[:, col]
@@ -1117,21 +1145,31 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     if not any(p is scale for p in params):
         raise ValueError("model.logit_scale is not among the trainable parameters")
 
-    if config.cuda_graph and (device.type != "cuda" or world > 1):
-        raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "
-                         f"{world} process(es) on {device}")
-    n = len(dataset)
-    if config.batch_size % world:
-        raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly over {world} processes")
-    local_batch = config.batch_size // world
-    steps_per_epoch = n // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"TrainConfig.batch_size: {config.batch_size} exceeds the dataset's {n} samples (incomplete batches are dropped)")
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_epochs * steps_per_epoch))
-    dataset_record = _dataset_record(dataset, n, steps_per_epoch)
+    setup_error = None
+    try:
+        if config.cuda_graph and (device.type != "cuda" or world > 1):
+            raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "
+                             f"{world} process(es) on {device}")
+        n = len(dataset)
+        if config.batch_size % world:
+            raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly "
+                             f"over {world} processes")
+        local_batch = config.batch_size // world
+        steps_per_epoch = n // config.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"TrainConfig.batch_size: {config.batch_size} exceeds the dataset's {n} samples "
+                             "(incomplete batches are dropped)")
+        total_steps = config.epochs * steps_per_epoch
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+        warmup = (config.warmup_steps if config.warmup_steps is not None
+                  else int(round(config.warmup_epochs * steps_per_epoch)))
+        dataset_record = _dataset_record(dataset, n, steps_per_epoch)
+    except ValueError as exc:
+        setup_error = exc
+    # Every rank learns whether another failed these checks (its batch size, say) before the
+    # first collective that would otherwise wait for it until the timeout.
+    _fail_together(setup_error, group, "the run's checks")
 
     if group is not None:
         check_ranks_agree(_config_fingerprint(config, n, trainable, dataset_record["dataset_fingerprint"]), group,
@@ -1152,18 +1190,29 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
     step, epoch, batch_in_epoch = 0, 0, 0
     epoch_gen_state = None
-    resume_path = resolve_resume(config.resume, out_dir)
     checkpoint_steps: list[int] = []
-    if resume_path is not None:
-        state = load_state(resume_path)
-        _check_resume_config(state, config, world, dataset_record, resume_path)
-        _load_trainable(trainable, state["trainable"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        epoch_gen_state = state["data_generator_epoch_start"]
-        _rng_restore(state["rng"][rank], device)
-        checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
+    resume_path = resume_error = None
+    try:
+        resume_path = resolve_resume(config.resume, out_dir)
+        if resume_path is not None:
+            state = load_state(resume_path)
+            _check_resume_config(state, config, world, dataset_record, resume_path)
+            _load_trainable(trainable, state["trainable"], resume_path)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            epoch_gen_state = state["data_generator_epoch_start"]
+            _rng_restore(state["rng"][rank], device)
+            checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
+    except Exception as exc:  # re-raised below, once every rank knows
+        resume_error = exc
+    _fail_together(resume_error, group, "loading the state to resume from")
+    if group is not None:
+        # Every rank must continue the same run from the same point: a rank that found no state
+        # (a node without the shared checkpoint directory) or another one would train, and write
+        # checkpoints, out of step with the others.
+        check_ranks_agree({"resumed": int(resume_path is not None), "step": step, "epoch": epoch,
+                           "batch in epoch": batch_in_epoch}, group, what="the point the run resumes from")
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None

@@ -9,6 +9,9 @@ does. Modes:
   final trainable parameters.
 - ``mismatch``: rank 1 passes a smaller batch to a step, then a different lr to train();
   saves the error each rank got for each.
+- ``resume_mismatch``: a short train() run with checkpoints; then rank 0 resumes it while rank
+  1 starts afresh; then rank 1 alone asks for a batch that does not divide over the ranks;
+  saves the error each rank got for each.
 """
 
 from __future__ import annotations
@@ -62,18 +65,35 @@ def main() -> None:
             _train_run(args, rank, lr=2e-2 if rank == 1 else 1e-2)  # joins the existing group
         dist.destroy_process_group()
         return
+    if args.mode == "resume_mismatch":
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        _train_run(args, rank, lr=1e-2)
+        for what, overrides in (("resume", {"resume": "auto" if rank == 0 else None}),
+                                ("setup", {"batch_size": 7 if rank == 1 else 8, "out_dir": os.path.join(args.out,
+                                                                                                      "run2")})):
+            try:
+                _train_run(args, rank, lr=1e-2, raise_errors=True, **overrides)
+                message = "no error"
+            except (training.RankMismatchError, ValueError) as exc:
+                message = str(exc)
+            with open(os.path.join(args.out, f"rank{rank}-{what}.err"), "w") as handle:
+                handle.write(message)
+        dist.destroy_process_group()
+        return
     _train_run(args, rank, lr=1e-2)
 
 
-def _train_run(args, rank: int, lr: float) -> None:
+def _train_run(args, rank: int, lr: float, raise_errors: bool = False, **overrides) -> None:
     model = make_model(args.kind, seed=0, dropout=0.0)
     data = RandomPairs(model, 20, seed=2)
-    config = training.TrainConfig(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,
-                                  chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3,
-                                  dist_timeout_s=60, lr=lr)
+    settings = dict(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,
+                    chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3, dist_timeout_s=60, lr=lr)
+    config = training.TrainConfig(**{**settings, **overrides})
     try:
         training.train(config, model=model, dataset=data)
     except training.RankMismatchError as exc:
+        if raise_errors:
+            raise
         with open(os.path.join(args.out, f"rank{rank}-config.err"), "w") as handle:
             handle.write(str(exc))
         return

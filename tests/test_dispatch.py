@@ -67,7 +67,8 @@ def test_environment_variable_overrides_auto(toy_op, monkeypatch):
     monkeypatch.setenv("ACE_KERNELS_BACKEND", "torch")
     assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
     monkeypatch.setenv("ACE_KERNELS_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="cannot run"):
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' \(from the environment variable ACE_KERNELS_BACKEND\) "
+                                           "cannot run"):
         _dispatch.select(toy_op, "auto", [x], (3,))
     # An explicit argument wins over the environment.
     assert _dispatch.select(toy_op, "torch", [x], (3,))() == "torch"
@@ -249,3 +250,54 @@ def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
     assert int32_safe(col_major, (0,)) is col_major  # the row dimension is indexed in 64 bits
     row_major = torch.empty((2**16, 2**15 + 1), device="meta")
     assert int32_safe(row_major, (1,)) is row_major
+
+
+def test_import_works_with_a_broken_triton():
+    # Installed but failing at import (a driver or compiler mismatch): still importable, and
+    # ace_kernels.info still says why triton cannot run.
+    result = _run_python(
+        "import sys, importlib.abc, importlib.machinery\n"
+        "import torch\n"
+        "for name in [m for m in sys.modules if m == 'triton' or m.startswith('triton.')]:\n"
+        "    del sys.modules[name]\n"
+        "class Loader(importlib.abc.Loader):\n"
+        "    def create_module(self, spec):\n"
+        "        return None\n"
+        "    def exec_module(self, module):\n"
+        "        raise RuntimeError('triton is broken here')\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            return importlib.machinery.ModuleSpec(name, Loader())\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "import ace_kernels, runpy\n"
+        "assert ace_kernels.available_backends(reasons=True)['triton']\n"
+        "runpy.run_module('ace_kernels.info', run_name='__main__')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "importing triton failed: RuntimeError: triton is broken here" in result.stdout, result.stdout
+
+
+def test_public_api_edges_name_their_argument():
+    import numpy as np
+
+    x, w, b = torch.randn(4, 8), torch.randn(24, 8), torch.randn(24)
+    a, bb = torch.randn(3, 2, 8), torch.randn(3, 8, 2)
+    # NumPy numbers are numbers (the packed variant is exported too).
+    packed = ace_kernels.lora_qkv_packed(x, w, b, a, bb, scaling=np.float32(0.5), dropout_p=np.float64(0.0),
+                                         training=np.bool_(False), backend="torch")
+    assert torch.equal(packed, torch.cat(ace_kernels.lora_qkv(x, w, b, a, bb, scaling=0.5, backend="torch"), -1))
+    with pytest.raises(ValueError, match="argument 'dropout_p': expected a float in"):
+        ace_kernels.lora_qkv(x, w, b, a, bb, scaling=0.5, dropout_p=np.bool_(True))
+    # Meta tensors: shapes, no autocast query on a device type autocast does not know.
+    meta = [t.to("meta") for t in (x, w, b, a, bb)]
+    assert ace_kernels.lora_qkv(*meta, scaling=0.5, backend="torch")[0].shape == (4, 8)
+    with pytest.raises(ValueError, match="argument 'weight': expected a tensor on meta"):
+        ace_kernels.lora_qkv(meta[0], w, b, a, bb, scaling=0.5)
+    with pytest.raises(ValueError, match="argument 'x': expected a dense \\(strided\\) tensor"):
+        ace_kernels.lora_qkv(x.to_sparse(), w, b, a, bb, scaling=0.5)
+    with pytest.raises(ValueError, match="argument 'group': expected a torch.distributed ProcessGroup"):
+        ace_kernels.label_guided_infonce(x, x, 1.0, group="world")
+    module = ace_kernels.ACEHypergraph(dim=8, hidden=4, topk=2)
+    with pytest.raises(ValueError, match="argument 'x': expected features of width 8"):
+        module(torch.randn(2, 5, 9), torch.randn(2, 4))

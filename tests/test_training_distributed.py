@@ -131,6 +131,39 @@ def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
             assert "ranks disagree" in message and pattern in message, message
 
 
+def test_resume_and_setup_disagreements_fail_on_every_rank(tmp_path):
+    """One launch: a short run writes checkpoints; then rank 0 resumes it while rank 1 starts
+    afresh (a node without the shared directory); then rank 1 alone fails a check (its batch
+    size does not divide over the ranks), and rank 0 must not wait for it."""
+    _launch("resume_mismatch", 2, tmp_path)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}-resume.err").read_text()
+        assert "ranks disagree on the point the run resumes from" in message and "'resumed'" in message, message
+    assert "must divide evenly" in (tmp_path / "rank1-setup.err").read_text()
+    assert "another rank failed the run's checks" in (tmp_path / "rank0-setup.err").read_text()
+
+
+def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
+    """Two simulated ranks whose field lists differ (two code versions): a clear error from the
+    first, fixed-size exchange, before any exchange whose size would differ."""
+    calls = []
+
+    def all_gather(tensors, tensor, group=None):
+        calls.append(tensor.numel())
+        tensors[0].copy_(tensor)
+        other = tensor.clone()
+        other[0] += 1  # the other rank checks one field more
+        tensors[1].copy_(other)
+
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    with pytest.raises(training.RankMismatchError, match="they check different fields"):
+        training.check_ranks_agree({"a": 1}, group=object())
+    assert calls == [2]
+
+
 def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     """Two simulated ranks (the collective doubles its buffer): fp64 gradients keep fp64
     precision, one collective per reduction dtype, bf16 summed in fp32."""
@@ -153,10 +186,12 @@ def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     params[3].grad = torch.full((2,), 0.5, dtype=torch.bfloat16)
     params[4].grad = torch.tensor([-3.0 - tiny_step], dtype=torch.float64)
     training.sync_gradients(params, group=object())
-    assert calls == [torch.float64, torch.float32]  # bf16 joins the fp32 collective
+    # First which parameters have a gradient on some rank, then one collective per dtype (bf16
+    # joins the fp32 one).
+    assert calls == [torch.int64, torch.float64, torch.float32]
     assert torch.equal(params[0].grad, torch.full((3,), 2 * (1.0 + tiny_step), dtype=torch.float64))
     assert torch.equal(params[4].grad, torch.tensor([2 * (-3.0 - tiny_step)], dtype=torch.float64))
-    assert params[2].grad.dtype == torch.float64 and torch.equal(params[2].grad, torch.zeros(2, dtype=torch.float64))
+    assert params[2].grad is None  # no rank has one: left for the optimizer to skip, as in one process
     assert torch.equal(params[1].grad, torch.full((2,), 0.5)) and params[3].grad.dtype == torch.bfloat16
     assert torch.equal(params[3].grad, torch.full((2,), 1.0, dtype=torch.bfloat16))
 
