@@ -300,7 +300,7 @@ def _empty_share_grads(u, t, scale):
     """Gradients of an empty owned range's share (a constant 0): zeros of every input's shape.
 
     Explicit zeros, not None, so that a rank with no rows still runs the same backward
-    graph as the others, including the gradient all-reduces of the gathered rows.
+    graph as the others, including the gradient reduce-scatters of the gathered rows.
     """
     return torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
 
@@ -1079,12 +1079,14 @@ if triton is not None:
 # ---------------------------------------------------------------------------
 
 class _GatherRows(torch.autograd.Function):
-    """All-gather rows of every rank (local sizes may differ); backward sums and slices.
+    """All-gather rows of every rank (local sizes may differ); backward sums each rank's rows.
 
     Every rank's share of the loss depends on every rank's rows, so the
     gradient of a rank's own rows is the sum over ranks of the gradients of
-    the gathered copy: an all-reduce (deterministic for a fixed world size) and
-    then this rank's slice.
+    the gathered copy: a reduce-scatter (each rank receives the sum of its own
+    rows only; deterministic for a fixed world size), padded to the largest
+    local batch. 16-bit gradients are summed in fp32 and rounded once, as one
+    process's gradient is, not once per step of the reduction.
     """
 
     @staticmethod
@@ -1097,10 +1099,18 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad_all):
         import torch.distributed as dist
 
-        grad_all = grad_all.contiguous().clone()
-        dist.all_reduce(grad_all, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad_all[start:start + ctx.sizes[ctx.rank]], None, None, None
+        sizes = list(ctx.sizes)
+        reduce_dtype = torch.float32 if grad_all.dtype in (torch.float16, torch.bfloat16) else grad_all.dtype
+        biggest = max(sizes)
+        pieces = []
+        for piece, size in zip(grad_all.to(reduce_dtype).split(sizes), sizes):
+            piece = piece.contiguous()
+            if size < biggest:
+                piece = torch.cat([piece, piece.new_zeros((biggest - size,) + tuple(piece.shape[1:]))])
+            pieces.append(piece)
+        mine = pieces[0].new_empty((biggest,) + tuple(grad_all.shape[1:]))
+        dist.reduce_scatter(mine, pieces, op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine[:sizes[ctx.rank]].to(grad_all.dtype), None, None, None
 
 
 def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor:
@@ -1152,7 +1162,7 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
         has_labels = labels is not None
         label_width = math.prod(labels.shape[1:]) if has_labels else -1
         # Whether each embedding gets a gradient decides which collectives the backward runs
-        # (the gathered rows' all-reduce): ranks that differ would pair different collectives.
+        # (the gathered rows' reduce-scatter): ranks that differ would pair different collectives.
         grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
         row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
                _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads, 0]

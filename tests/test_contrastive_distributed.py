@@ -163,3 +163,23 @@ def test_triton_backend_with_an_empty_rank(tmp_path):
     sizes, dim = (0, 9, 7), 20
     _spawn(run, 3, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, SHORT_TIMEOUT_S))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
+
+
+def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(monkeypatch):
+    """The backward of the gathered rows, with the collective simulated for rank 1 of 3 (local
+    sizes 2, 3 and 0; the other ranks hold the same gradient): bf16 gradients are summed in fp32,
+    each rank's rows padded to the largest local batch, and rank 1 gets its rows, once rounded."""
+    from ace_kernels import contrastive
+
+    seen = []
+
+    def reduce_scatter(output, inputs, op=None, group=None):
+        seen.append([(tuple(t.shape), t.dtype) for t in inputs])
+        output.copy_(inputs[1] * 3)  # rank 1's rows, summed over 3 identical ranks
+
+    monkeypatch.setattr(torch.distributed, "reduce_scatter", reduce_scatter)
+    grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).bfloat16() / 7
+    ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1})()
+    got = contrastive._GatherRows.backward(ctx, grad)[0]
+    assert seen == [[((3, 2), torch.float32)] * 3]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (grad[2:5].float() * 3).bfloat16())
