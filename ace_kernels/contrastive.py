@@ -1414,6 +1414,12 @@ class LabelGuidedInfoNCE(nn.Module):
             logit_scale_init = float(logit_scale_init)  # a NumPy scalar, taken before the check as before it
         init = check_finite_number("logit_scale_init", logit_scale_init)
         self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        # Checked now, not at the first forward (where a bad value would surface in a training loop).
+        if not isinstance(backend, str) or backend not in ("auto",) + _dispatch.BACKENDS:
+            raise ValueError(f"argument 'backend': expected one of {('auto',) + _dispatch.BACKENDS}, got {backend!r}")
+        if group is not None and not _is_process_group(group):
+            raise ValueError(f"argument 'group': expected a torch.distributed ProcessGroup or None, got "
+                             f"{type(group).__name__}")
         self.group = group
         self.backend = backend
 

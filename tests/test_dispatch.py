@@ -298,6 +298,10 @@ def test_public_api_edges_name_their_argument():
         ace_kernels.lora_qkv(x.to_sparse(), w, b, a, bb, scaling=0.5)
     with pytest.raises(ValueError, match="argument 'group': expected a torch.distributed ProcessGroup"):
         ace_kernels.label_guided_infonce(x, x, 1.0, group="world")
+    with pytest.raises(ValueError, match="argument 'backend': expected one of"):
+        ace_kernels.LabelGuidedInfoNCE(10.0, backend="nope")
+    with pytest.raises(ValueError, match="argument 'group': expected a torch.distributed ProcessGroup"):
+        ace_kernels.LabelGuidedInfoNCE(10.0, group="world")
     module = ace_kernels.ACEHypergraph(dim=8, hidden=4, topk=2)
     with pytest.raises(ValueError, match="argument 'x': expected features of width 8"):
         module(torch.randn(2, 5, 9), torch.randn(2, 4))
