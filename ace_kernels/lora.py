@@ -471,7 +471,14 @@ def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, 
         x, weight, bias, lora_a, lora_b = (
             t if not isinstance(t, torch.Tensor) or t.dtype not in _AUTOCAST_CASTS else t.to(autocast_dtype)
             for t in (x, weight, bias, lora_a, lora_b))
-    _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, projections)
+    try:
+        _, _, dropout_p = _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, projections)
+    except ValueError as exc:
+        if autocast_dtype is None:
+            raise
+        dtype = str(autocast_dtype).replace("torch.", "")
+        raise ValueError(f"{exc} (under torch.autocast, which cast the float32/16 operands to {dtype}; other "
+                         "dtypes are left as they are)") from None
     training, scaling = bool(training), float(scaling)  # NumPy numbers as Python ones from here on
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     impl = _dispatch.select(op, backend, [x, weight, bias, lora_a, lora_b], args,

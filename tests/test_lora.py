@@ -832,6 +832,15 @@ def test_nested_recorders_each_keep_their_own_calls():
     assert not lora_module._MASK_RECORDERS and not lora_module._SAVED_BYTES_RECORDERS
 
 
+def test_a_dtype_error_under_autocast_says_what_autocast_did():
+    case = Case("mixed", "qkv", (4,), 8, 3, 2)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            ValueError, match=r"argument 'weight': expected dtype bfloat16 .* \(under torch.autocast, which cast the "
+                              r"float32/16 operands to bfloat16"):
+        ace_kernels.lora_qkv(x, weight.double(), bias, lora_a, lora_b, scaling=0.5, backend="torch")
+
+
 def test_a_non_tensor_argument_under_autocast_is_named():
     case = Case("bad", "qkv", (4,), 8, 3, 2)
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, "cpu")
