@@ -94,8 +94,9 @@ MAX_GRID_YZ = 65535
 
 
 def _autocast_on(device_type: str) -> bool:
-    # A device type autocast does not know (meta, say) has no autocast to be on.
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # Autocast knows no meta device (torch.is_autocast_enabled("meta") raises). Not through
+    # torch.amp.is_autocast_available: torch.compile cannot trace it in torch 2.11.
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
 def autocast_dtype(x) -> torch.dtype | None:
