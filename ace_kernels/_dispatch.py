@@ -178,9 +178,15 @@ def register(op: str, backend: str, *, check: Callable[..., list[str]] | None = 
     return wrap
 
 
-def requested_backend(backend: str) -> str:
+def check_backend(backend) -> str:
+    """The ``backend`` argument, checked: one of ``"auto"`` and :data:`BACKENDS`."""
     if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
         raise ValueError(f"argument 'backend': expected one of {('auto',) + BACKENDS}, got {backend!r}")
+    return backend
+
+
+def requested_backend(backend: str) -> str:
+    check_backend(backend)
     if backend == "auto":
         env = os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
         if env not in ("auto",) + BACKENDS:

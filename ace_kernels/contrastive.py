@@ -1264,10 +1264,15 @@ def _check_global_batch(dim: int, sizes: tuple) -> None:
                          f"of group=")
 
 
-def _is_process_group(group) -> bool:
+def _check_group(group) -> None:
+    """``group``: None or a torch.distributed ProcessGroup."""
+    if group is None:
+        return
     import torch.distributed as dist
 
-    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise ValueError(f"argument 'group': expected a torch.distributed ProcessGroup (e.g. "
+                         f"dist.group.WORLD) or None, got {type(group).__name__}")
 
 
 def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group=None, backend="auto"):
@@ -1334,9 +1339,7 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are
     compared exactly (a NaN label row equals no other row).
     """
-    if group is not None and not _is_process_group(group):
-        raise ValueError(f"argument 'group': expected a torch.distributed ProcessGroup (e.g. "
-                         f"dist.group.WORLD) or None, got {type(group).__name__}")
+    _check_group(group)
     if group is None:
         _validate(image_emb, text_emb, logit_scale, labels)
     else:
@@ -1415,11 +1418,8 @@ class LabelGuidedInfoNCE(nn.Module):
         init = check_finite_number("logit_scale_init", logit_scale_init)
         self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))
         # Checked now, not at the first forward (where a bad value would surface in a training loop).
-        if not isinstance(backend, str) or backend not in ("auto",) + _dispatch.BACKENDS:
-            raise ValueError(f"argument 'backend': expected one of {('auto',) + _dispatch.BACKENDS}, got {backend!r}")
-        if group is not None and not _is_process_group(group):
-            raise ValueError(f"argument 'group': expected a torch.distributed ProcessGroup or None, got "
-                             f"{type(group).__name__}")
+        _dispatch.check_backend(backend)
+        _check_group(group)
         self.group = group
         self.backend = backend
 

@@ -86,40 +86,41 @@ def reference_parts(x, weight, bias, lora_a, lora_b, grad_out):
     return parts
 
 
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _provider_step(provider, x, weight, bias, lora_a, lora_b, grad_out, dropout_p):
+    """One forward+backward of ``provider`` on fresh leaves: (q, k, v, [x, A, B] leaves with
+    their gradients, the masks it drew)."""
+    from ace_kernels.lora import capture_dropout_masks
+
+    leaves = _leaves(x, lora_a, lora_b)
+    with capture_dropout_masks() as masks:
+        outs = ace_kernels.lora_qkv(leaves[0], weight, bias, leaves[1], leaves[2], scaling=SCALING,
+                                    dropout_p=dropout_p, training=True, backend=provider)
+    torch.autograd.backward(outs, grad_out)
+    return outs, leaves, masks[0]
+
+
+def _max_error(outs, outs_ref, grads, grads_ref) -> float:
+    return max(harness.relative_error(a, b) for a, b in zip(list(outs) + list(grads), list(outs_ref) + list(grads_ref)))
+
+
 def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out, reference) -> float:
     """Max relative error of q, k, v and every gradient against ``reference()`` (from
     :func:`reference_parts`), dropout off."""
     outs_ref, x_ref_grad, a_ref, b_ref = reference()
-
-    x_ours = x.detach().clone().requires_grad_()
-    a_ours = lora_a.detach().clone().requires_grad_()
-    b_ours = lora_b.detach().clone().requires_grad_()
-    outs = ace_kernels.lora_qkv(x_ours, weight, bias, a_ours, b_ours, scaling=SCALING, dropout_p=0.0,
-                                training=True, backend=provider)
-    torch.autograd.backward(outs, grad_out)
-    errors = [harness.relative_error(o, r) for o, r in zip(outs, outs_ref)]
-    errors += [harness.relative_error(x_ours.grad, x_ref_grad), harness.relative_error(a_ours.grad, a_ref),
-               harness.relative_error(b_ours.grad, b_ref)]
-    return max(errors)
+    outs, leaves, _ = _provider_step(provider, x, weight, bias, lora_a, lora_b, grad_out, 0.0)
+    return _max_error(outs, outs_ref, [t.grad for t in leaves], [x_ref_grad, a_ref, b_ref])
 
 
 def _check_with_dropout(provider, x, weight, bias, lora_a, lora_b, grad_out) -> float:
     """Max relative error of q, k, v and every gradient, with dropout on (the path the step
     times), against the reference formula ``x W_p^T + b_p + s (x * m_p / (1 - p)) A_p^T B_p^T``
     computed by torch in x's dtype with the masks ``m_p`` the provider drew (its mask export)."""
-    from ace_kernels.lora import capture_dropout_masks
-
-    x_ours = x.detach().clone().requires_grad_()
-    a_ours = lora_a.detach().clone().requires_grad_()
-    b_ours = lora_b.detach().clone().requires_grad_()
-    with capture_dropout_masks() as masks:
-        outs = ace_kernels.lora_qkv(x_ours, weight, bias, a_ours, b_ours, scaling=SCALING, dropout_p=DROPOUT,
-                                    training=True, backend=provider)
-    torch.autograd.backward(outs, grad_out)
-    keep = masks[0]  # [3, M, K]
-    x_ref = x.detach().clone().requires_grad_()
-    a_ref = lora_a.detach().clone().requires_grad_()
-    b_ref = lora_b.detach().clone().requires_grad_()
+    outs, leaves, keep = _provider_step(provider, x, weight, bias, lora_a, lora_b, grad_out, DROPOUT)  # keep [3, M, K]
+    x_ref, a_ref, b_ref = _leaves(x, lora_a, lora_b)
     out = weight.shape[0] // 3
     outs_ref = []
     for p in range(3):
@@ -127,10 +128,7 @@ def _check_with_dropout(provider, x, weight, bias, lora_a, lora_b, grad_out) -> 
         base = torch.nn.functional.linear(x_ref, weight[p * out:(p + 1) * out], bias[p * out:(p + 1) * out])
         outs_ref.append(base + SCALING * ((dropped @ a_ref[p].t()) @ b_ref[p].t()))
     torch.autograd.backward(outs_ref, grad_out)
-    errors = [harness.relative_error(o, r) for o, r in zip(outs, outs_ref)]
-    errors += [harness.relative_error(x_ours.grad, x_ref.grad), harness.relative_error(a_ours.grad, a_ref.grad),
-               harness.relative_error(b_ours.grad, b_ref.grad)]
-    return max(errors)
+    return _max_error(outs, outs_ref, [t.grad for t in leaves], [x_ref.grad, a_ref.grad, b_ref.grad])
 
 
 def run(suite) -> None:
