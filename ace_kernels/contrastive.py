@@ -26,7 +26,8 @@ recomputes each block and forms the logit gradient
 ``dU = s G T``, ``dT = s G^T U`` and ``ds = sum_i u_i . (G T)_i``. The positive
 logits ``-s u_i . t_i`` add an ``O(B D)`` term to the same gradient buffers.
 
-Backends: ``triton`` (GPU; the CPU interpreter when asked for explicitly) and
+Backends: ``triton`` (GPU; the CPU interpreter when asked for explicitly, fp16/fp32
+only: the interpreter's bf16 arithmetic is wrong, so bf16 is refused there) and
 ``torch`` (any device). Inputs fp16/bf16/fp32 (fp32 dots in IEEE mode), fp32
 accumulation, D <= 1024; gradients are written in the input dtype.
 
@@ -100,7 +101,10 @@ Embeddings (and labels, so that false negatives across ranks are masked) are
 all-gathered; rank ``r`` computes the row log-sum-exps of its own rows and the
 column log-sum-exps of its own columns, i.e. its share ``l_r`` of the global
 loss, so the work is split, not repeated. A rank may hold no rows (``lo == hi``):
-its share is 0 and its backward yields zero gradients, no kernel runs. See
+its share is 0 and its backward yields zero gradients, no kernel runs. Each rank's
+gradients of the gathered rows are formed in fp32 (the torch backend gathers its fp32
+copies; the Triton kernels write fp32 gradients) and reduce-scattered in fp32, so a
+16-bit row gradient is rounded once, after the sum over ranks, as on one device. See
 :func:`label_guided_infonce` for the value and gradient convention.
 """
 
@@ -984,17 +988,19 @@ def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
     return row_lse, col_lse, positives
 
 
-def _grad_rows_fake(a, b, scale, keys, lse_a, lse_b, lo, hi, coef):
-    return torch.empty_like(a, memory_format=torch.contiguous_format), a.new_empty((), dtype=torch.float32)
+def _grad_rows_fake(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, wide=False):
+    grad = a.new_empty(a.shape, dtype=torch.float32 if wide else a.dtype)
+    return grad, a.new_empty((), dtype=torch.float32)
 
 
 @_library.launcher("infonce_grad_rows", _grad_rows_fake)
 def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
                       lse_a: torch.Tensor, lse_b: torch.Tensor, lo: int, hi: int,
-                      coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient w.r.t. ``a`` (in ``a``'s dtype) and the logit-scale gradient of this direction."""
+                      coef: torch.Tensor, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient w.r.t. ``a`` (in ``a``'s dtype, or fp32 when ``wide``) and the logit-scale
+    gradient of this direction."""
     n, dim = a.shape
-    grad_a = torch.empty(n, dim, dtype=a.dtype, device=a.device)
+    grad_a = torch.empty(n, dim, dtype=torch.float32 if wide else a.dtype, device=a.device)
     cfg = _launch_config("grad", a.dtype, dim, aligned=_aligned(dim, a, b, grad_a), device=a.device)
     if _blocked(cfg):
         return _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, cfg, grad_a)
@@ -1009,48 +1015,92 @@ def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, key
     return grad_a, partial.sum()
 
 
+def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tuple]:
+    """The owned share (fp32) and what its backward needs (:func:`_triton_share_grads`)."""
+    if u.stride(1) != 1:
+        u = u.contiguous()
+    if t.stride(1) != 1:
+        t = t.contiguous()
+    keys32 = keys.to(torch.int32) if keys is not None else None
+    scale32 = scale.detach().to(torch.float32).reshape(1)
+    n = u.shape[0]
+    if lo == hi:  # a rank with no rows (group=): no share, no kernel launch
+        return torch.zeros((), dtype=torch.float32, device=u.device), (u, t, scale)
+    if lo == 0 and hi == n:
+        row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32)
+    else:
+        # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials.
+        row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
+        col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
+    share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives.sum()) / (2 * n)
+    return share, (u, t, scale, keys32, row_lse, col_lse)
+
+
+def _triton_share_grads(saved, grad_share, lo: int, hi: int, wide: bool = False):
+    """Gradients of the owned share w.r.t. ``u``, ``t`` (their dtype, or fp32 when ``wide``) and the scale."""
+    if lo == hi:
+        u, t, scale = saved
+        if wide:
+            u, t = u.float(), t.float()
+        return _empty_share_grads(u, t, scale)
+    u, t, scale, keys32, row_lse, col_lse = saved
+    n = u.shape[0]
+    scale32 = scale.detach().to(torch.float32).reshape(1)
+    coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
+    row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, torch.float32)
+    # The kernels add the positives' terms; the first pass's logit-scale gradient is complete
+    # (it meets every non-zero weight and every owned positive).
+    grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, wide)
+    grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, wide)
+    return grad_u, grad_t, grad_scale.to(scale.dtype).reshape(scale.shape)
+
+
 class _TritonLossShare(torch.autograd.Function):
     """Triton version of :class:`_TorchLossShare` (same value, fp32 accumulation, any input float dtype)."""
 
     @staticmethod
     def forward(ctx, u, t, scale, keys, lo: int, hi: int):
-        if u.stride(1) != 1:
-            u = u.contiguous()
-        if t.stride(1) != 1:
-            t = t.contiguous()
-        keys32 = keys.to(torch.int32) if keys is not None else None
-        scale32 = scale.detach().to(torch.float32).reshape(1)
-        n = u.shape[0]
         ctx.lo, ctx.hi = lo, hi
-        if lo == hi:  # a rank with no rows (group=): no share, no kernel launch
-            ctx.save_for_backward(u, t, scale)
-            return torch.zeros((), dtype=torch.float32, device=u.device)
-        if lo == 0 and hi == n:
-            row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32)
-        else:
-            # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials.
-            row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
-            col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
-        share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives.sum()) / (2 * n)
-        ctx.save_for_backward(u, t, scale, keys32, row_lse, col_lse)
+        share, saved = _triton_share(u, t, scale, keys, lo, hi)
+        ctx.save_for_backward(*saved)
         return share
 
     @staticmethod
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
-        lo, hi = ctx.lo, ctx.hi
-        if lo == hi:
-            return _empty_share_grads(*ctx.saved_tensors) + (None, None, None)
-        u, t, scale, keys32, row_lse, col_lse = ctx.saved_tensors
-        n = u.shape[0]
-        scale32 = scale.detach().to(torch.float32).reshape(1)
-        coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
-        row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, torch.float32)
-        # The kernels add the positives' terms; the first pass's logit-scale gradient is complete
-        # (it meets every non-zero weight and every owned positive).
-        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef)
-        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef)
-        return grad_u, grad_t, grad_scale.to(scale.dtype).reshape(scale.shape), None, None, None
+        grads = _triton_share_grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi)
+        return grads + (None, None, None)
+
+
+class _TritonGroupShare(torch.autograd.Function):
+    """The owned share of the global loss from this rank's rows (``group=``, Triton).
+
+    The rows are all-gathered inside; the backward computes the gathered copies'
+    gradients in fp32 and reduce-scatters them in fp32, so that a 16-bit gradient is
+    rounded once, after the sum over ranks, as one process's is (autograd would round a
+    gathered 16-bit input's gradient before the reduction).
+    """
+
+    @staticmethod
+    def forward(ctx, u_local, t_local, scale, keys, group, sizes: tuple, rank: int):
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+        ctx.lo = sum(sizes[:rank])
+        ctx.hi = ctx.lo + sizes[rank]
+        u = _all_gather_padded(u_local.contiguous(), group, sizes)
+        t = _all_gather_padded(t_local.contiguous(), group, sizes)
+        share, saved = _triton_share(u, t, scale, keys, ctx.lo, ctx.hi)
+        ctx.save_for_backward(*saved)
+        return share
+
+    @staticmethod
+    @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
+    def backward(ctx, grad_share):
+        saved = ctx.saved_tensors
+        dtype = saved[0].dtype
+        grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, wide=True)
+        grad_u = _reduce_scatter_rows(grad_u, ctx.group, ctx.sizes, ctx.rank).to(dtype)
+        grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype)
+        return grad_u, grad_t, grad_scale, None, None, None, None
 
 
 def _triton_check(u, t):
@@ -1059,6 +1109,11 @@ def _triton_check(u, t):
         reasons.append(f"the Triton kernels take fp16/bf16/fp32 embeddings, got {str(u.dtype).replace('torch.', '')}")
     if u.shape[1] > 1024:
         reasons.append(f"the Triton kernels take D <= 1024, got D={u.shape[1]}")
+    if u.dtype == torch.bfloat16 and _dispatch.interpreter_enabled():
+        # Its tl.dot on bf16 tiles returns garbage (a loss of 6e10 for 5.2); the LoRA and
+        # hypergraph kernels convert to fp32 after loading, and are right there.
+        reasons.append("under TRITON_INTERPRET=1 the kernels refuse bfloat16: the interpreter's bf16 "
+                       "arithmetic is wrong (use float16/float32, or backend='torch')")
     if u.shape[0] >= 2**31:
         reasons.append("the Triton kernels index keys with int32")
     elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
@@ -1097,20 +1152,29 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_all):
-        import torch.distributed as dist
+        return _reduce_scatter_rows(grad_all, ctx.group, ctx.sizes, ctx.rank).to(grad_all.dtype), None, None, None
 
-        sizes = list(ctx.sizes)
-        reduce_dtype = torch.float32 if grad_all.dtype in (torch.float16, torch.bfloat16) else grad_all.dtype
-        biggest = max(sizes)
-        pieces = []
-        for piece, size in zip(grad_all.to(reduce_dtype).split(sizes), sizes):
-            piece = piece.contiguous()
-            if size < biggest:
-                piece = torch.cat([piece, piece.new_zeros((biggest - size,) + tuple(piece.shape[1:]))])
-            pieces.append(piece)
-        mine = pieces[0].new_empty((biggest,) + tuple(grad_all.shape[1:]))
-        dist.reduce_scatter(mine, pieces, op=dist.ReduceOp.SUM, group=ctx.group)
-        return mine[:sizes[ctx.rank]].to(grad_all.dtype), None, None, None
+
+def _reduce_scatter_rows(grad_all: torch.Tensor, group, sizes: tuple, rank: int) -> torch.Tensor:
+    """This rank's rows of the sum over ranks of ``grad_all`` (the gradient of a gathered copy).
+
+    16-bit gradients are summed in fp32 and returned in fp32 (the caller rounds once). Each
+    rank's rows are padded to the largest local batch; deterministic for a fixed world size.
+    """
+    import torch.distributed as dist
+
+    sizes = list(sizes)
+    reduce_dtype = torch.float32 if grad_all.dtype in (torch.float16, torch.bfloat16) else grad_all.dtype
+    biggest = max(sizes)
+    pieces = []
+    for piece, size in zip(grad_all.to(reduce_dtype).split(sizes), sizes):
+        piece = piece.contiguous()
+        if size < biggest:
+            piece = torch.cat([piece, piece.new_zeros((biggest - size,) + tuple(piece.shape[1:]))])
+        pieces.append(piece)
+    mine = pieces[0].new_empty((biggest,) + tuple(grad_all.shape[1:]))
+    dist.reduce_scatter(mine, pieces, op=dist.ReduceOp.SUM, group=group)
+    return mine[:sizes[rank]]
 
 
 def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor:
@@ -1371,23 +1435,32 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
 
         rank = dist.get_rank(group)
         _check_global_batch(image_emb.shape[1], sizes)
-        u_all = _GatherRows.apply(image_emb, group, sizes, rank)
-        t_all = _GatherRows.apply(text_emb, group, sizes, rank)
+        # What the backends' checks see: the gathered rows' shape, dtype and (contiguous) strides.
+        u_all = image_emb.new_empty(()).expand(sum(sizes), image_emb.shape[1])
+        t_all = u_all
         keys = _label_keys(_gather_labels(labels, group, sizes)) if labels is not None else None
 
     impl = _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, scale],
                             args=(u_all, t_all), kwargs={})
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
-    if impl is _lse_share_torch:
-        # The torch backend works in the compute dtype; Triton loads the inputs as they are.
-        u_in, t_in = u_all.to(compute), t_all.to(compute)
-    else:
-        u_in, t_in = u_all, t_all
     # The loss ignores autocast (as the Triton kernels always do): the torch backend's logit
     # matmuls would otherwise drop to the autocast dtype.
     with _library.autocast_off(image_emb.device.type):
-        share = impl(u_in, t_in, scale, keys, lo, hi)
+        if impl is _lse_share_torch:
+            # The torch backend works in the compute dtype (with group=, gathered in it too, so
+            # that the rows' gradients are summed over ranks before they are rounded to 16 bits).
+            u_in, t_in = image_emb.to(compute), text_emb.to(compute)
+            if group is not None:
+                u_in = _GatherRows.apply(u_in, group, sizes, rank)
+                t_in = _GatherRows.apply(t_in, group, sizes, rank)
+            share = impl(u_in, t_in, scale, keys, lo, hi)
+        elif group is None:
+            share = impl(image_emb, text_emb, scale, keys, lo, hi)
+        else:
+            # Triton loads the inputs as they are; its group function gathers them and rounds
+            # the rows' gradients once, after the sum over ranks.
+            share = _TritonGroupShare.apply(image_emb, text_emb, scale, keys, group, sizes, rank)
     if group is None:
         return share
     return _SumAcrossRanks.apply(share, group)

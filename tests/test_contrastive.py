@@ -384,6 +384,26 @@ def test_triton_rejects_d_over_1024():
         ace_kernels.label_guided_infonce(u, t, s, backend="triton")
 
 
+def test_triton_refuses_bf16_under_the_interpreter(monkeypatch):
+    # The interpreter's bf16 tl.dot gives garbage: an explicit backend="triton" says so instead of
+    # returning it; fp16 and fp32 still run, and the same tensors take the kernels on a GPU.
+    pytest.importorskip("triton")
+    u, t, _ = _inputs(6, 8, dtype=torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert any("refuse bfloat16" in r for r in contrastive._triton_check(u, t))
+    assert contrastive._triton_check(u.half(), t.half()) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert contrastive._triton_check(u, t) == []
+
+
+@pytest.mark.interpreter
+def test_triton_bf16_under_the_interpreter_is_an_error():
+    pytest.importorskip("triton")
+    u, t, s = _inputs(6, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="refuse bfloat16.*backend='torch'"):
+        ace_kernels.label_guided_infonce(u, t, s, backend="triton")
+
+
 def test_triton_check_rejects_int32_column_offsets():
     # B * row stride >= 2^31 would overflow the int32 column-tile offsets: the check says so
     # (a stride-only view, nothing allocated).

@@ -165,6 +165,57 @@ def test_triton_backend_with_an_empty_rank(tmp_path):
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
 
 
+def _ulps_fp16(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of the last place of ``want`` (fp16; subnormals counted at 2^-24)."""
+    want32 = want.float()
+    exponent = torch.floor(torch.log2(want32.abs().clamp_min(2.0**-14)))
+    return (got.float() - want32).abs() / torch.exp2(exponent - 10)
+
+
+def _fp16_ranks_and_one_process(backend, tmp_path):
+    """3 fp16 ranks' row gradients, one fp16 process's (same backend) and the fp64 ones, all [B, D]."""
+    sizes, dim = (6, 5, 7), 16
+    _spawn(run, 3, (_free_port(), sizes, dim, True, str(tmp_path), backend, torch.float16))
+    u, t, labels = make_global_batch(sizes, dim, True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    ranks = [torch.cat([r[key] for r in results]) for key in ("grad_u", "grad_t")]
+    assert all(g.dtype == torch.float16 for g in ranks)
+    one, exact = [], []
+    for dtype, out, on in ((torch.float16, one, backend), (torch.float64, exact, "torch")):
+        # The fp16 values in both (exactly, in fp64).
+        u_ = u.half().to(dtype).requires_grad_()
+        t_ = t.half().to(dtype).requires_grad_()
+        ace_kernels.label_guided_infonce(u_, t_, torch.tensor(30.0, dtype=dtype), labels, backend=on).backward()
+        out += [u_.grad, t_.grad]
+    return ranks, one, exact
+
+
+def test_16bit_row_gradients_are_rounded_once_after_the_sum_over_ranks(tmp_path):
+    # Torch backend, 3 ranks in fp16, against one process on the concatenated fp16 batch: both sum
+    # the rows' gradients in fp32 and round once, so they differ only where the fp32 order of the
+    # additions moves a value across a rounding boundary (at most 1 ulp), and both are within
+    # about half an ulp of the exact gradient. Rounding each rank's partial gradient to fp16
+    # before the sum over ranks (what autograd does to a gathered fp16 input's gradient) was 331
+    # ulps off on these rows: the partial sums cancel.
+    ranks, one, exact = _fp16_ranks_and_one_process("torch", tmp_path)
+    for got, single, want in zip(ranks, one, exact):
+        assert _ulps_fp16(got, single).max().item() <= 1.0
+        assert _ulps_fp16(got, want).max().item() <= 1.0
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_triton_16bit_row_gradients_across_ranks_as_accurate_as_one_process(tmp_path):
+    # The Triton backend rounds its softmax weights to fp16 for the tensor-core products (one
+    # process too: about 100 ulps off the exact gradient on these rows, where the terms cancel);
+    # across ranks the row and column weights of a pair are rounded on different ranks. The
+    # rows' gradients are summed in fp32 and rounded once; the ranks' result must be no less
+    # accurate than one process's, within a few ulps.
+    ranks, one, exact = _fp16_ranks_and_one_process("triton", tmp_path)
+    for got, single, want in zip(ranks, one, exact):
+        assert _ulps_fp16(got, want).max().item() <= 1.25 * _ulps_fp16(single, want).max().item() + 4.0
+
+
 def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(monkeypatch):
     """The backward of the gathered rows, with the collective simulated for rank 1 of 3 (local
     sizes 2, 3 and 0; the other ranks hold the same gradient): bf16 gradients are summed in fp32,
