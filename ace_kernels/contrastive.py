@@ -24,7 +24,9 @@ produces ``r`` and ``c`` with running log-sum-exps; the backward pass
 recomputes each block and forms the logit gradient
 ``G = (exp(L - r_i) + exp(L - c_j)) / (2B)`` in place, from which
 ``dU = s G T``, ``dT = s G^T U`` and ``ds = sum_i u_i . (G T)_i``. The positive
-logits ``-s u_i . t_i`` add an ``O(B D)`` term to the same gradient buffers.
+logits ``-s u_i . t_i`` enter as ``-2 / (2B)`` on ``G_ii``, before the products (where
+the positives win, ``G_ii`` and that term cancel there, in full precision). The loss
+sums each row's ``r_i - s u_i . t_i`` (at least 0), not the difference of the sums.
 
 Backends: ``triton`` (GPU; the CPU interpreter when asked for explicitly, fp16/fp32
 only: the interpreter's bf16 arithmetic is wrong, so bf16 is refused there) and
@@ -241,6 +243,7 @@ def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
         weights = logits.sub_(col_lse[None, :]).exp_().add_(row_prob)  # reuses the logits buffer
         del row_prob
         weights.mul_(coef)
+        _fold_positive_weights(weights, start, start + u_block.shape[0], 0, 0, n, coef)
         g_t = torch.mm(weights, t)
         # ds = sum_ij G_ij u_i.t_j = sum_i u_i . (G t)_i: no need to keep the raw similarities.
         grad_scale += torch.linalg.vecdot(g_t, u_block).sum()
@@ -271,15 +274,38 @@ def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, bl
         weights = logits.sub_(lse_b[None, c0:c1]).exp_().add_(row_prob)
         del row_prob
         weights.mul_(coef)
+        _fold_positive_weights(weights, start, stop, c0, lo, hi, coef)
         g_b = torch.mm(weights, b[c0:c1])
         grad_scale += torch.linalg.vecdot(g_b, a_block).sum()
         torch.mul(g_b, scale, out=grad_a[start:stop])
     return grad_a, grad_scale
 
 
-def _positive_logit_sum(u, t, lo: int, hi: int):
-    """``sum_{i in lo..hi} u_i . t_i`` (the positive logits over the multiplier)."""
-    return torch.linalg.vecdot(u[lo:hi], t[lo:hi]).sum()
+def _fold_positive_weights(weights, start: int, stop: int, c0: int, lo: int, hi: int, coef) -> None:
+    """Subtract the positive logits' weight ``2 coef`` from ``G_ii`` in place, for the owned
+    ``i`` among this block's rows ``start..stop`` (columns from ``c0``).
+
+    The gradient of ``-2 coef s u_i . t_i`` then rides in the same products as the softmax
+    terms, and where the positives win (``G_ii`` close to ``2 coef``) the two cancel before
+    the products, not after them (added afterwards, an fp32 gradient kept rounding noise of
+    the softmax terms' size where the true one is 1e-13). The Triton kernels do the same.
+    """
+    i0, i1 = max(start, lo), min(stop, hi)
+    if i0 < i1:
+        weights[i0 - start:i1 - start, i0 - c0:i1 - c0].diagonal().sub_(2 * coef)
+
+
+def _loss_share(row_lse, col_lse, scale, positives, n: int):
+    """``(sum_i (r_i - s p_i) + sum_j (c_j - s p_j)) / (2 n)`` over the owned rows and columns.
+
+    Each row's and column's difference is taken before the sum (the differences of the sums
+    cancel to a few B ulps of the logits, which made a small loss negative), and held at 0 or
+    more: a row's masked log-sum-exp includes its positive logit, so it is never below it.
+    """
+    positive_logits = scale * positives
+    rows = (row_lse - positive_logits).clamp_min_(0).sum()
+    cols = (col_lse - positive_logits).clamp_min_(0).sum()
+    return (rows + cols) / (2 * n)
 
 
 def _global_lse(row_lse, col_lse, n: int, lo: int, hi: int, dtype):
@@ -290,14 +316,6 @@ def _global_lse(row_lse, col_lse, n: int, lo: int, hi: int, dtype):
     row_ext[lo:hi] = row_lse
     col_ext[lo:hi] = col_lse
     return row_ext, col_ext
-
-
-def _add_positive_grads(grad_u, grad_t, grad_scale, u, t, scale, lo: int, hi: int, coef):
-    """Add the gradient of ``-2 coef s sum_{i in lo..hi} u_i . t_i`` in place (O(B D), no new B x D buffer)."""
-    step = -2 * coef * scale
-    grad_u[lo:hi].addcmul_(t[lo:hi], step)
-    grad_t[lo:hi].addcmul_(u[lo:hi], step)
-    return grad_scale - 2 * coef * _positive_logit_sum(u, t, lo, hi)
 
 
 def _empty_share_grads(u, t, scale):
@@ -334,7 +352,7 @@ class _TorchLossShare(torch.autograd.Function):
         else:
             row_lse = _torch_lse_rows(u, t, scale, keys, lo, hi, block)
             col_lse = _torch_lse_rows(t, u, scale, keys, lo, hi, block)
-        share = (row_lse.sum() + col_lse.sum() - 2 * scale * _positive_logit_sum(u, t, lo, hi)) / (2 * n)
+        share = _loss_share(row_lse, col_lse, scale, torch.linalg.vecdot(u[lo:hi], t[lo:hi]), n)
         ctx.save_for_backward(u, t, scale, keys, row_lse, col_lse)
         return share
 
@@ -354,7 +372,6 @@ class _TorchLossShare(torch.autograd.Function):
             grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_ext, lo, hi, coef, block)
             # The logit-scale gradient is complete after the first pass (it saw every non-zero G_ij).
             grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_ext, row_ext, lo, hi, coef, block)
-        grad_scale = _add_positive_grads(grad_u, grad_t, grad_scale, u, t, scale, lo, hi, coef)
         return grad_u, grad_t, grad_scale, None, None, None, None
 
 
@@ -1032,7 +1049,7 @@ def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tu
         # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials.
         row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
         col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
-    share = (row_lse.sum() + col_lse.sum() - 2 * scale32[0] * positives.sum()) / (2 * n)
+    share = _loss_share(row_lse, col_lse, scale32[0], positives, n)
     return share, (u, t, scale, keys32, row_lse, col_lse)
 
 

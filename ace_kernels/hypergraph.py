@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ace_kernels import _dispatch, _library
-from ace_kernels._checks import check_positive_int, check_tensor
+from ace_kernels._checks import check_bool, check_positive_int, check_tensor
 
 __all__ = ["ace_hypergraph", "ACEHypergraph", "MAX_KERNEL_TOPK"]
 
@@ -1319,10 +1319,8 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, determini
         raise ValueError(f"argument 'topk': expected N >= topk + 2 (each patch row has N - 2 candidates), "
                          f"got topk={topk} with N={N}")
     check_tensor("cls_attn", cls_attn, ndim=2, shape=(B, N - 1))
-    if not isinstance(cls_only, bool):
-        raise ValueError(f"argument 'cls_only': expected a bool, got {type(cls_only).__name__}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"argument 'deterministic': expected a bool, got {type(deterministic).__name__}")
+    check_bool("cls_only", cls_only)
+    check_bool("deterministic", deterministic)
     edge = _adapter_params("edge_adapter", edge_adapter, D)
     node = _adapter_params("node_adapter", node_adapter, D)
     for name, t in (("cls_attn", cls_attn),
@@ -1565,6 +1563,7 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     output separately).
     """
     edge, node = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic)
+    cls_only, deterministic = bool(cls_only), bool(deterministic)  # NumPy's bools too
     tensors = [x, cls_attn, *edge, *node]
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
     impl = _dispatch.select(OP_NAME, backend, tensors, args, variant="cls_only" if cls_only else "full")
@@ -1615,8 +1614,7 @@ class ACEHypergraph(nn.Module):
         check_positive_int("dim", dim)
         check_positive_int("hidden", hidden)
         check_positive_int("topk", topk)
-        if not isinstance(deterministic, bool):
-            raise ValueError(f"argument 'deterministic': expected a bool, got {type(deterministic).__name__}")
+        deterministic = check_bool("deterministic", deterministic)
         self.dim, self.hidden, self.topk, self.deterministic = dim, hidden, topk, deterministic
         self.edge_adapter = _Adapter(dim, hidden)
         self.node_adapter = _Adapter(dim, hidden)

@@ -134,7 +134,9 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
     use_open_clip : bool or None
         ``None`` (default): through ``open_clip.create_model("local-dir:...")`` when
         open_clip is importable, else through timm + transformers directly (same
-        parameter names and shapes). ``True``/``False`` force one path.
+        parameter names and shapes); also the latter, with a warning, when an installed
+        open_clip fails to import or to build the model (e.g. a timm older than it
+        needs). ``True``/``False`` force one path (errors raise).
 
     Returns
     -------
@@ -148,13 +150,19 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
     if name == "tiny":
         _register_tiny_vit()
     text_dir = str(directory / model_cfg["text_cfg"]["hf_model_name"])
-    if use_open_clip is None:
+    auto = use_open_clip is None
+    if auto:
         try:
             import open_clip  # noqa: F401
 
             use_open_clip = True
         except ImportError:
             use_open_clip = False
+        except Exception as exc:  # installed but broken (e.g. against this timm)
+            warnings.warn(f"open_clip failed to import ({type(exc).__name__}: {exc}); building {name!r} "
+                          "through timm + transformers directly", stacklevel=2)
+            use_open_clip = False
+    model = None
     if use_open_clip:
         import open_clip
 
@@ -169,9 +177,14 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
         try:
             model = open_clip.create_model(
                 f"local-dir:{directory}", pretrained_text=False, pretrained_image=False, text_cfg=text_cfg)
+        except Exception as exc:
+            if not auto:
+                raise
+            warnings.warn(f"open_clip could not build {name!r} ({type(exc).__name__}: {exc}); building it "
+                          "through timm + transformers directly", stacklevel=2)
         finally:
             root_logger.setLevel(level)
-    else:
+    if model is None:
         from transformers import BertConfig
 
         model = _PlainCLIP(model_cfg, BertConfig.from_pretrained(text_dir))

@@ -71,7 +71,7 @@ _READABLE_STATE_VERSIONS = (1, 2)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss or gradient; nothing was written after it."""
+    """Training produced a NaN or infinite loss, gradient or parameter; no checkpoint holds it."""
 
 
 class RankMismatchError(RuntimeError):
@@ -656,6 +656,16 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
+        for name in ("lr", "weight_decay"):
+            if not (_is_finite_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TrainConfig.{name}: expected a finite number >= 0, got {getattr(self, name)!r}")
+        if not (_is_finite_number(self.eps) and self.eps > 0):
+            # AdamW divides by sqrt(v) + eps, and v stays 0 where a gradient is exactly 0 (ACE-LoRA's
+            # LoRA A at the first step, its B starting at zero): eps = 0 turns those weights into 0/0.
+            raise ValueError(f"TrainConfig.eps: expected a finite number > 0, got {self.eps!r}")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(betas) != 2 or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"TrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not isinstance(self.cuda_graph, bool):
@@ -669,6 +679,10 @@ class TrainConfig:
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -1092,8 +1106,9 @@ def train(
     Raises
     ------
     NonFiniteLossError
-        On a NaN/inf loss or gradient, before the optimizer step; the last checkpoint and
-        every metrics line already written stay as they were.
+        On a NaN/inf loss or gradient, before the optimizer step; or on NaN/inf parameters
+        after it, found before the checkpoint (or final ``ace_lora.pt``) they would go into.
+        The last checkpoint and every metrics line already written stay as they were.
     RankMismatchError
         When processes disagree on the configuration or the batch.
     """
@@ -1116,40 +1131,46 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     is_writer = rank == 0
 
-    # The model is built under the base seed on every rank, so ranks start identical;
-    # dropout then draws per-rank streams (seed + rank) so ranks do not share masks.
-    seed_everything(config.seed)
-    built_here = model is None
-    if built_here:
-        model = _build_model(config)
-    model = model.to(device)
-    if built_here and device.type == "cuda" and config.precision in ("bf16", "auto"):
-        # Every forward of this run is under bf16 autocast: the frozen matmul weights stored in
-        # bf16 give the same bits without a cast per use or a copy kept for each backward.
-        # (A model passed in is the caller's, and is left as it is.)
-        model.cast_frozen_weights(torch.bfloat16)
-    if config.recompute != "none":
-        if not hasattr(model, "recompute"):
-            raise ValueError(f"TrainConfig.recompute: the model ({type(model).__name__}) has no recompute "
-                             "attribute (ace_model.ACELoRA has)")
-        model.recompute = config.recompute
-    model.train()
-    if dataset is None:
-        dataset = _build_dataset(config, model)
-    loss_fn = loss_fn or _default_loss_fn(model)
-    trainable = trainable_named_parameters(model)
-    if not trainable:
-        raise ValueError("the model has no parameters with requires_grad=True")
-    params = [p for _, p in trainable]
-    scale = logit_scale_parameter(model)
-    if not any(p is scale for p in params):
-        raise ValueError("model.logit_scale is not among the trainable parameters")
-
     setup_error = None
     try:
+        # Everything a rank can fail on its own (its device, its model files, its CSV, its share
+        # of the batch) is in here, so that it fails the other ranks through _fail_together below
+        # instead of leaving them in their first collective until the timeout.
         if config.cuda_graph and (device.type != "cuda" or world > 1):
             raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "
                              f"{world} process(es) on {device}")
+        if config.precision == "bf16" and device.type != "cuda":
+            # Checked here, not at the first step: by then config.json and metrics.jsonl are written.
+            raise ValueError(f"TrainConfig.precision: 'bf16' autocast needs a CUDA device, but this process runs "
+                             f"on {device} (TrainConfig.device {config.device!r}); use 'auto' or 'fp32' there")
+        # The model is built under the base seed on every rank, so ranks start identical;
+        # dropout then draws per-rank streams (seed + rank) so ranks do not share masks.
+        seed_everything(config.seed)
+        built_here = model is None
+        if built_here:
+            model = _build_model(config)
+        model = model.to(device)
+        if built_here and device.type == "cuda" and config.precision in ("bf16", "auto"):
+            # Every forward of this run is under bf16 autocast: the frozen matmul weights stored in
+            # bf16 give the same bits without a cast per use or a copy kept for each backward.
+            # (A model passed in is the caller's, and is left as it is.)
+            model.cast_frozen_weights(torch.bfloat16)
+        if config.recompute != "none":
+            if not hasattr(model, "recompute"):
+                raise ValueError(f"TrainConfig.recompute: the model ({type(model).__name__}) has no recompute "
+                                 "attribute (ace_model.ACELoRA has)")
+            model.recompute = config.recompute
+        model.train()
+        if dataset is None:
+            dataset = _build_dataset(config, model)
+        loss_fn = loss_fn or _default_loss_fn(model)
+        trainable = trainable_named_parameters(model)
+        if not trainable:
+            raise ValueError("the model has no parameters with requires_grad=True")
+        params = [p for _, p in trainable]
+        scale = logit_scale_parameter(model)
+        if not any(p is scale for p in params):
+            raise ValueError("model.logit_scale is not among the trainable parameters")
         n = len(dataset)
         if config.batch_size % world:
             raise ValueError(f"TrainConfig.batch_size: the global batch {config.batch_size} must divide evenly "
@@ -1165,11 +1186,9 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         warmup = (config.warmup_steps if config.warmup_steps is not None
                   else int(round(config.warmup_epochs * steps_per_epoch)))
         dataset_record = _dataset_record(dataset, n, steps_per_epoch)
-    except ValueError as exc:
+    except Exception as exc:  # re-raised below, once every rank knows
         setup_error = exc
-    # Every rank learns whether another failed these checks (its batch size, say) before the
-    # first collective that would otherwise wait for it until the timeout.
-    _fail_together(setup_error, group, "the run's checks")
+    _fail_together(setup_error, group, "setting up the run (model, data and checks)")
 
     if group is not None:
         check_ranks_agree(_config_fingerprint(config, n, trainable, dataset_record["dataset_fingerprint"]), group,
@@ -1288,6 +1307,20 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    # The loss and gradients were finite, yet the step can still make weights
+                    # non-finite (an overflow in the update), and none may reach a checkpoint or, after
+                    # the last step's, ace_lora.pt. Checked here rather than every step: one host sync
+                    # per checkpoint, not per step; a weight that turns non-finite in between makes
+                    # a later loss non-finite or is caught here. Every rank decides alike: they hold
+                    # the same weights (broadcast from rank 0 at set-up, or one state loaded on
+                    # resume, then the same all-reduced gradients through the same AdamW).
+                    non_finite = _non_finite_parameters(trainable)
+                    if non_finite:
+                        more = f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else ""
+                        raise NonFiniteLossError(
+                            f"non-finite parameters after the optimizer step of step {step} (epoch {epoch}; "
+                            f"{', '.join(non_finite[:3])}{more}); they were not saved. Last good state: "
+                            f"{last_state or 'none written'}; no checkpoint was written after it.")
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
@@ -1320,6 +1353,12 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     }
 
 
+def _non_finite_parameters(trainable) -> list[str]:
+    """Names of the ``(name, parameter)`` pairs holding a NaN or an infinity (one host sync)."""
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in trainable]).cpu().tolist()
+    return [name for (name, _), ok in zip(trainable, finite) if not ok]
+
+
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                 epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps):
     """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it."""
@@ -1330,32 +1369,37 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
     else:
         rng_all = [snapshot]
     path = reference = None
+    write_error = None
     if rank == 0:
-        state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "data_generator_epoch_start": epoch_gen_state,
-            "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_all,
-            "world_size": world,
-            "config": config.to_dict(),
-            **dataset_record,
-            # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
-        }
-        # Metrics before the state: a resumed run never misses lines of steps it skips.
-        metrics.flush()
-        os.fsync(metrics.fileno())
-        path = save_checkpoint(ckpt_dir, step, state, model, config.keep_checkpoints, checkpoint_steps)
-        checkpoint_steps = state["checkpoint_steps"]
-        if hasattr(model, "save_reference_checkpoint"):
-            reference = ckpt_dir / _checkpoint_names(step)[1]
-    if group is not None:
-        dist.barrier(group=group)  # no rank runs ahead of a checkpoint that may fail
+        try:
+            state = {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "data_generator_epoch_start": epoch_gen_state,
+                "trainable": {n: p.detach().cpu().clone() for n, p in trainable},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_all,
+                "world_size": world,
+                "config": config.to_dict(),
+                **dataset_record,
+                # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
+            }
+            # Metrics before the state: a resumed run never misses lines of steps it skips.
+            metrics.flush()
+            os.fsync(metrics.fileno())
+            path = save_checkpoint(ckpt_dir, step, state, model, config.keep_checkpoints, checkpoint_steps)
+            checkpoint_steps = state["checkpoint_steps"]
+            if hasattr(model, "save_reference_checkpoint"):
+                reference = ckpt_dir / _checkpoint_names(step)[1]
+        except Exception as exc:  # re-raised below, once every rank knows
+            write_error = exc
+    # This exchange is also the barrier (no rank runs ahead of a checkpoint that may fail), and when
+    # rank 0's write fails the others stop too instead of waiting for it in the next collective.
+    _fail_together(write_error, group, f"writing the checkpoint of step {step} on rank 0")
     return path, reference, checkpoint_steps
 
 

@@ -245,18 +245,8 @@ def _run_ace_lora(suite, model, ours_model) -> None:
             metrics["samples_per_s"] = round(batch / (meas.median_ms * 1e-3), 2)
         return metrics
 
-    def eval_step(on, backend, reference: bool = False):
-        """Loss and trainable gradients of one step in eval mode (no dropout), as one vector."""
-        on.eval()
-        on.backend = backend
-        try:
-            with reference_ops() if reference else contextlib.nullcontext():
-                with autocast:
-                    loss = on.loss(images, ids, labels)
-                grads = torch.autograd.grad(loss, on.trainable_parameters())
-            return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
-        finally:
-            on.train()
+    def eval_step(on, backend, reference: bool = False, recompute: str = "none"):
+        return _eval_vector(on, backend, (images, ids, labels), autocast, reference=reference, recompute=recompute)
 
     want = eval_step(model, "torch", reference=True)
     checked = {}
@@ -266,51 +256,84 @@ def _run_ace_lora(suite, model, ours_model) -> None:
             step_with("torch", model)()  # the backend is not consulted: the ops are the references
 
     entries = [("reference-ops", reference_step, params)]
-    runnable = []
+    # (label, check, step, grads), checked and timed one after another on a GPU, the least proven
+    # last: the plain steps, then each recompute mode, then the CUDA graphs.
+    providers = []
     for provider in suite.providers:
         def check(provider=provider):
             step_with(provider)()  # the training step runs
             checked[provider] = harness.relative_error(eval_step(ours_model, provider), want)
 
-        if suite.provider_can_run(provider, check):
-            entries.append((provider, step_with(provider), ours_params))
-            runnable.append(provider)
-    # The same step with each ACELoRA.recompute mode: on a GPU for the fused backends, on a CPU for each.
-    for provider in (p for p in list(runnable) if not suite.is_gpu or p in ("triton", "cuda")):
+        providers.append((provider, check, step_with(provider), ours_params))
+
+    def plain_checked(provider):
+        if provider not in checked:
+            raise RuntimeError(f"not run: the plain {provider} step did not pass its check")
+
+    # The same step with each ACELoRA.recompute mode: on a GPU for the fused backends, on a CPU for
+    # each; each mode is checked on its own (its backward reruns the segments).
+    for provider in (p for p in suite.providers if not suite.is_gpu or p in ("triton", "cuda")):
         for mode, suffix in RECOMPUTE_SUFFIXES.items():
-            entries.append((f"{provider}+{suffix}", step_with(provider, recompute=mode), ours_params))
+            label = f"{provider}+{suffix}"
+
+            def check(provider=provider, mode=mode, label=label):
+                plain_checked(provider)
+                step_with(provider, recompute=mode)()
+                checked[label] = harness.relative_error(eval_step(ours_model, provider, recompute=mode), want)
+
+            providers.append((label, check, step_with(provider, recompute=mode), ours_params))
     # GPU: the same step captured once as a CUDA graph (ace_model.training.GraphedTrainStep),
     # for each fused backend that ran eagerly. A replay allocates nothing: the graph's memory is
     # taken while it is built, so the row's peak is the build's (warm-up and capture), at least.
-    graph_peaks, graph_reserved = {}, {}
-    for provider in (p for p in runnable if suite.is_gpu and p in ("triton", "cuda")):
-        label = f"{provider}+cuda-graph"
+    graph_peaks, graph_reserved, replay_errors, graphs = {}, {}, {}, {}
+
+    def loss_and_grads(loss):
+        return torch.cat([loss.detach().float().reshape(1)] + [p.grad.float().reshape(-1) for p in ours_params])
+
+    def build_and_check_graph(provider, label):
+        """Capture the plain step; then one replay against the eager step from the same generator
+        state (a replay that ran nothing, or stale buffers, would otherwise time as a fast step)."""
+        from ace_model.training import GraphedTrainStep, _capture_torch_rng, _restore_torch_rng
+
+        plain_checked(provider)
         ours_model.backend = provider
         ours_model.recompute = "none"  # the graph captures the plain step ("layer" cannot be captured)
         for t in ours_params:
             t.grad = None
-        try:
-            from ace_model.training import GraphedTrainStep
+        torch.cuda.synchronize(device)
+        before, reserved_before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        graphs[label] = GraphedTrainStep(ours_model, images, ids, labels, precision="bf16")
+        torch.cuda.synchronize(device)
+        graph_peaks[label] = (torch.cuda.max_memory_allocated(device) - before) / MIB
+        graph_reserved[label] = (torch.cuda.memory_reserved(device) - reserved_before) / MIB
+        state = _capture_torch_rng(device)
+        with autocast:
+            loss = ours_model.loss(images, ids, labels)
+        loss.backward()
+        eager = loss_and_grads(loss)
+        _restore_torch_rng(state, device)
+        replay = loss_and_grads(graphs[label](images, ids, labels))
+        replay_errors[label] = harness.relative_error(replay, eager)
+        checked[label] = checked[provider]  # the eager step's own check against the reference ops
+        for t in ours_params:
+            t.grad = None
 
-            torch.cuda.synchronize(device)
-            before, reserved_before = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            graphed = GraphedTrainStep(ours_model, images, ids, labels, precision="bf16")
-            torch.cuda.synchronize(device)
-            graph_peaks[label] = (torch.cuda.max_memory_allocated(device) - before) / MIB
-            graph_reserved[label] = (torch.cuda.memory_reserved(device) - reserved_before) / MIB
-        except Exception as exc:
-            suite.skip(f"training step {shape_text} {label}", describe_error(exc))
-            continue
-        entries.append((label, lambda graphed=graphed: graphed(images, ids, labels), ours_params))
-    graphed = None  # the entries hold the graphs until they are measured
+    for provider in (p for p in suite.providers if suite.is_gpu and p in ("triton", "cuda")):
+        label = f"{provider}+cuda-graph"
+        providers.append((label, lambda provider=provider, label=label: build_and_check_graph(provider, label),
+                          lambda label=label: graphs[label](images, ids, labels), ours_params))
+    measured = suite.measure_checked(entries, providers)
+    graphs.clear()  # the graphs' pools go with them
     base_results, ours = {}, {}
-    for name, meas in suite.measure_group(entries).items():
+    for name, meas in measured.items():
         if name in graph_peaks:
             meas = dataclasses.replace(meas, peak_mib=max(meas.peak_mib or 0.0, graph_peaks[name]))
         metrics = metrics_for(meas, model if name == "reference-ops" else ours_model)
-        if name.split("+")[0] in checked:  # the variants (recompute, graph) run the checked backend's ops
-            metrics["rel_err_vs_reference-ops"] = checked[name.split("+")[0]]
+        if name in checked:  # each row's own check (a graph's: its eager step's, and replay_errors)
+            metrics["rel_err_vs_reference-ops"] = checked[name]
+        if name in replay_errors:
+            metrics["rel_err_vs_eager-step"] = replay_errors[name]
         if name in graph_peaks:
             metrics["peak_note"] = "the graph's build (warm-up and capture); its replays allocate nothing"
             # What the build left reserved (the graph's private pool stays reserved while it lives).
@@ -332,6 +355,23 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     if graph_peaks:
         gc.collect()  # the graphs' pools go with their last tensors
         suite.release_cuda_memory()
+
+
+def _eval_vector(on, backend: str, inputs, autocast, *, reference: bool = False, recompute: str = "none"):
+    """Loss and trainable gradients of one step of ``on`` in eval mode (no dropout), as one
+    vector: what a provider's check compares with the reference ops' (``reference=True``)."""
+    on.eval()
+    on.backend = backend
+    on.recompute = recompute
+    try:
+        with reference_ops() if reference else contextlib.nullcontext():
+            with autocast:
+                loss = on.loss(*inputs)
+            grads = torch.autograd.grad(loss, on.trainable_parameters())
+        return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
+    finally:
+        on.train()
+        on.recompute = "none"
 
 
 def device_batch(model, batch: int, device: torch.device, seed: int):
@@ -471,7 +511,8 @@ def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, flo
     backend with a suffix of ``RECOMPUTE_SUFFIXES`` for that ``ACELoRA.recompute`` mode).
 
     Returns (fits, milliseconds, peak MiB above what was allocated before the inputs were
-    made: the inputs are part of what must fit). Out-of-memory errors are cleaned up.
+    made: the inputs are part of what must fit). Out-of-memory errors are cleaned up. A step
+    whose loss is not finite raises (after the clean-up): a batch counts only if it ran right.
     """
     device = suite.device
     params = model.trainable_parameters()
@@ -502,11 +543,14 @@ def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, flo
     # Out of the except block the traceback (and the frames holding activations) is gone.
     elapsed_ms = (time.perf_counter() - start) * 1e3
     peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
+    finite = not fits or bool(torch.isfinite(loss.detach()).item())
     del inputs, loss
     for p in params:
         p.grad = None
     gc.collect()
     torch.cuda.empty_cache()
+    if not finite:
+        raise FloatingPointError(f"the loss at B={batch} is not finite")
     return fits, elapsed_ms, peak
 
 
@@ -655,11 +699,35 @@ def _run_max_batch(suite, model, ours_model) -> None:
         (ours_model if searched is model else model).to("cpu")
         searched.to(suite.device)
 
+    # The providers' checks (when this run has no training-step row for them, as in the costly
+    # tier): eval-mode loss and gradients at B=8 against the reference ops'.
+    check_inputs = autocast = want = None
+
+    def check_error(label):
+        row_error = next((r.metrics.get("rel_err_vs_reference-ops") for r in suite.rows
+                          if r.op == "ace_lora_train_step" and r.provider == label), None)
+        if row_error is not None or want is None:
+            return row_error
+        backend, _, variant = label.partition("+")
+        recompute = {suffix: mode for mode, suffix in RECOMPUTE_SUFFIXES.items()}.get(variant, "none")
+        try:
+            return harness.relative_error(_eval_vector(ours_model, backend, check_inputs, autocast,
+                                                       recompute=recompute), want)
+        except Exception as exc:
+            print(f"  {label}: its check failed ({describe_error(exc, limit=200)})")
+            return None
+
     # Each search's row is written as soon as it ends, so a fault in the next one costs no rows.
     try:
         budget = min(MAX_BATCH_SEARCH_S, max(10.0, (suite.seconds_left() - 5) / 2))
         print("  reference-ops:")
         only_on_device(model)
+        try:
+            check_inputs = device_batch(model, 8, suite.device, seed=3)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+            want = _eval_vector(model, "torch", check_inputs, autocast, reference=True)
+        except Exception as exc:
+            print(f"  reference-ops: the check's reference step failed ({describe_error(exc, limit=200)})")
         reference = _largest_batch(lambda b: _try_step(suite, model, b, None), free_bytes, budget, suite.log)
         if reference["max_batch"] is None:
             suite.skip("ace_lora_max_batch reference-ops", reference["note"] or "nothing fitted")
@@ -674,6 +742,10 @@ def _run_max_batch(suite, model, ours_model) -> None:
         def add_ours(result, label):
             metrics = metrics_for(result)
             metrics.update(max_batch_ratio_metrics(result, reference))
+            # Every batch that fitted gave a finite loss (_try_step); the step's numbers are
+            # checked in this run's B=64 training-step row of the same provider, or else at B=8
+            # here (None when neither could run: the target is then left unjudged, not passed).
+            metrics["rel_err_vs_reference-ops"] = check_error(label)
             suite.add_plain_row(family=FAMILY, op="ace_lora_max_batch", shape=shape_text, dtype="bf16-autocast",
                                 provider=label, measurement=Measurement(result["ms"], result["peak"], 1),
                                 metrics=metrics, mode="fwd+bwd", baseline="reference-ops",

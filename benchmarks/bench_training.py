@@ -145,10 +145,32 @@ def run(suite) -> None:
     dtype = "bf16-autocast" if suite.is_gpu else "float32"
     precision = "bf16" if suite.is_gpu else "fp32"
 
+    last_loss = {}
+
     def step_for(images, ids, labels, chunk_size):
         def step():
-            chunked_train_step(model, images, ids, labels, chunk_size=chunk_size, precision=precision)
+            last_loss[chunk_size] = chunked_train_step(model, images, ids, labels, chunk_size=chunk_size,
+                                                       precision=precision).detach()
         return step
+
+    def chunked_error(images, ids, labels, chunk_size) -> float:
+        """The chunked step's loss and gradients against the one-pass step's on the same batch, in
+        eval mode (no dropout: the two passes draw the same masks anyway, but the one-pass step
+        draws others), as ``harness.relative_error``."""
+        model.eval()
+        try:
+            vectors = []
+            for size in (None, chunk_size):
+                for t in params:
+                    t.grad = None
+                loss = chunked_train_step(model, images, ids, labels, chunk_size=size, precision=precision)
+                vectors.append(torch.cat([loss.detach().float().reshape(1)]
+                                         + [t.grad.float().reshape(-1) for t in params]))
+            return harness.relative_error(vectors[1], vectors[0])
+        finally:
+            model.train()
+            for t in params:
+                t.grad = None
 
     # Row 1: the one-pass step at the paper's batch; it also picks the backend (the first fused one that runs).
     images, ids, labels = device_batch(model, unchunked, device, seed=5)
@@ -194,6 +216,13 @@ def run(suite) -> None:
     if not suite.include(f"chunked_train_step {small_label}", costly=True):
         return
     images, ids, labels = device_batch(model, small, device, seed=6)
+    # Rows 2 and 3 run the same chunked code; this batch is checked against the one-pass step.
+    try:
+        small_error = chunked_error(images, ids, labels, chunk)
+    except Exception as exc:  # e.g. the one-pass step at this batch does not fit
+        print(f"  {small_label}: the check against the one-pass step failed ({type(exc).__name__}: {exc})")
+        small_error = float("nan")
+    suite.release_cuda_memory()
     small_meas = _measure_chunked(suite, small_label, step_for(images, ids, labels, chunk), params,
                                   timed_calls=2 if suite.is_gpu else 1, one_call=False, warmup=suite.is_gpu)
     del images, ids, labels
@@ -201,7 +230,7 @@ def run(suite) -> None:
         return
     add(small_label, small_meas, small, chunk,
         {"throughput_ratio_vs_unchunked": round(small / (small_meas.median_ms * 1e-3) / base_rate, 3),
-         "unchunked_batch": unchunked, **basis})
+         "unchunked_batch": unchunked, **basis, "rel_err_vs_unchunked": small_error})
 
     # Row 3: the large batch. Time scales with the batch; the inputs and the loss add a little.
     large_label = f"B={large} chunk={chunk}"
@@ -221,7 +250,10 @@ def run(suite) -> None:
     extra = {"throughput_ratio_vs_unchunked": round(large / (large_meas.median_ms * 1e-3) / base_rate, 3),
              "unchunked_batch": unchunked, **basis,
              "peak_ratio_vs_small_batch": None if peak_ratio is None else round(peak_ratio, 3),
-             "small_batch": small, "batch_ratio_vs_small_batch": large / small}
+             "small_batch": small, "batch_ratio_vs_small_batch": large / small,
+             # Checked: the same code at B=small (row 2's rel_err_vs_unchunked), and a finite loss here.
+             "rel_err_vs_unchunked": small_error,
+             "finite": bool(chunk in last_loss and torch.isfinite(last_loss[chunk]).item())}
     targets = None
     if suite.is_gpu:
         targets = [Target("metric_max:peak_ratio_vs_small_batch", 1.2, f"mem<=1.2x B={small}"),

@@ -293,25 +293,7 @@ grep -m 1 "^providers:" "$BENCH_LOG" >>"$LOG"
 grep -E "^== .*: process|WARNING" "$BENCH_LOG" >>"$LOG"
 sed -n '/^op  /,$p' "$BENCH_LOG" >>"$LOG"
 
-# The PNG from whatever rows were written, even when the suite was cut off.
 post_limit() { local l=$(($(left) - 3)); [ $l -lt 5 ] && l=5; min 60 $l; }
-if [ -f "$OUT/$STEM.json" ]; then
-    timeout "$(post_limit)" $PY - "$OUT/$STEM.json" "$OUT/$STEM.png" >>"$LOG" 2>&1 <<'EOF'
-import sys
-from benchmarks.harness import load_rows
-from benchmarks.plot import plot_rows
-rows = load_rows(sys.argv[1])
-if not rows:
-    sys.exit("plot: not drawn (no rows)")
-try:
-    plot_rows(rows, sys.argv[2], title=f"{rows[0]['device']} ({rows[0]['date']})")
-except ImportError as exc:  # matplotlib: on the GPU image, not in every venv
-    sys.exit(f"plot: not drawn ({type(exc).__name__}: {exc})")
-print(f"plot: {sys.argv[2]} ({len(rows)} rows)")
-EOF
-else
-    say "no result JSON was written"
-fi
 
 # Package files updated from this run's rows, to commit over the package's own: the measured
 # backend order of backend="auto" on this card (ace_kernels/dispatch_order.json; none when the
@@ -333,6 +315,26 @@ ORDER=dispatch_order$SUFFIX.json
 TUNED=tuned_configs$SUFFIX.json
 package_file "dispatch order" dispatch_order "$ORDER"
 package_file "tuned configurations" tuned_configs "$TUNED"
+
+# The PNG from whatever rows were written, even when the suite was cut off (after the package
+# files: the plot may take seconds that a suite cut off at its limit leaves few of).
+if [ -f "$OUT/$STEM.json" ]; then
+    timeout "$(post_limit)" $PY - "$OUT/$STEM.json" "$OUT/$STEM.png" >>"$LOG" 2>&1 <<'EOF'
+import sys
+from benchmarks.harness import load_rows
+from benchmarks.plot import plot_rows
+rows = load_rows(sys.argv[1])
+if not rows:
+    sys.exit("plot: not drawn (no rows)")
+try:
+    plot_rows(rows, sys.argv[2], title=f"{rows[0]['device']} ({rows[0]['date']})")
+except ImportError as exc:  # matplotlib: on the GPU image, not in every venv
+    sys.exit(f"plot: not drawn ({type(exc).__name__}: {exc})")
+print(f"plot: {sys.argv[2]} ({len(rows)} rows)")
+EOF
+else
+    say "no result JSON was written"
+fi
 
 # Nothing else may land under $OUT (at most 8 files come back).
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' \

@@ -12,12 +12,17 @@ does. Modes:
 - ``resume_mismatch``: a short train() run with checkpoints; then rank 0 resumes it while rank
   1 starts afresh; then rank 1 alone asks for a batch that does not divide over the ranks;
   saves the error each rank got for each.
+- ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
+  then a run whose set-up fails on rank 1 alone (no dataset and no CSV); saves the error each
+  rank got for each. The group's timeout is short, so that a rank left waiting fails the test
+  in seconds rather than hanging it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import os
 import sys
 
@@ -80,12 +85,39 @@ def main() -> None:
                 handle.write(message)
         dist.destroy_process_group()
         return
+    if args.mode == "rank_failures":
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+        save_checkpoint = training.save_checkpoint
+        if rank == 0:
+            def full_disk(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+            training.save_checkpoint = full_disk
+        _record_error(args, rank, "write", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True))
+        training.save_checkpoint = save_checkpoint
+        _record_error(args, rank, "build", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
+                                                               without_dataset=rank == 1,
+                                                               out_dir=os.path.join(args.out, "run2")))
+        dist.destroy_process_group()
+        return
     _train_run(args, rank, lr=1e-2)
 
 
-def _train_run(args, rank: int, lr: float, raise_errors: bool = False, **overrides) -> None:
+def _record_error(args, rank: int, what: str, run) -> None:
+    try:
+        run()
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - the test reads which error each rank got
+        message = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(args.out, f"rank{rank}-{what}.err"), "w") as handle:
+        handle.write(message)
+
+
+def _train_run(args, rank: int, lr: float, raise_errors: bool = False, without_dataset: bool = False,
+               **overrides) -> None:
     model = make_model(args.kind, seed=0, dropout=0.0)
-    data = RandomPairs(model, 20, seed=2)
+    # Without a dataset (and with no CSV configured) train() fails while building one.
+    data = None if without_dataset else RandomPairs(model, 20, seed=2)
     settings = dict(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,
                     chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3, dist_timeout_s=60, lr=lr)
     config = training.TrainConfig(**{**settings, **overrides})

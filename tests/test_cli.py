@@ -427,6 +427,11 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
     (("--keep-checkpoints", "0"), "--keep-checkpoints: expected >= 1, got 0"),
     (("--num-workers", "-1"), "--num-workers: expected >= 0, got -1"),
     (("--checkpoint-every", "-1"), "--checkpoint-every: expected >= 0, got -1"),
+    (("--lr", "-0.001"), "--lr: expected a finite number >= 0, got -0.001"),
+    (("--weight-decay", "nan"), "--weight-decay: expected a finite number >= 0, got nan"),
+    # Known only once the device is: checked in the run's set-up, still before any file.
+    (("--precision", "bf16", "--device", "cpu"),
+     "--precision: 'bf16' autocast needs a CUDA device, but this process runs on cpu (--device 'cpu')"),
 ])
 def test_train_config_errors_name_the_flag_before_any_file_is_written(synthetic, tmp_path, capsys, flags, expected):
     run = tmp_path / "run"

@@ -86,6 +86,48 @@ def test_all_labels_equal_is_diagonal_only():
     assert abs(loss.item()) < 1e-12
 
 
+def _winning_positives(noise, scale):
+    """fp32 pairs whose positives clearly win (late training): the loss and gradients are tiny."""
+    g = torch.Generator().manual_seed(0)
+    u = F.normalize(torch.randn(48, 32, generator=g, dtype=torch.float64), dim=1)
+    t = F.normalize(u + noise * torch.randn(48, 32, generator=g, dtype=torch.float64), dim=1)
+    return u, t, torch.tensor(scale, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                              pytest.mark.interpreter])])
+def test_fp32_gradients_where_the_positives_win(backend):
+    # s = 100, true gradients ~7e-14: the positive logits' -2/(2B) on G_ii cancels the softmax
+    # weights there before the products. Added after them (the torch backend's old way), fp32
+    # kept 1.5e-7 of rounding noise: a million times the gradient.
+    u, t, s = _winning_positives(0.1, 100.0)
+    u64, t64 = u.clone().requires_grad_(), t.clone().requires_grad_()
+    label_guided_infonce_oracle(u64, t64, s, None).backward()
+    u32, t32 = u.float().requires_grad_(), t.float().requires_grad_()
+    ace_kernels.label_guided_infonce(u32, t32, 100.0, backend=backend).backward()
+    assert (u32.grad.double() - u64.grad).abs().max() < 1e-12
+    assert (t32.grad.double() - t64.grad).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                              pytest.mark.interpreter])])
+def test_fp32_loss_is_never_negative(backend):
+    # Each row's log-sum-exp includes its positive logit: every term r_i - s u_i.t_i is >= 0, and
+    # the loss too. The difference of the sums came out at -2.5e-6 here (true 2.5e-7); an fp32
+    # log-sum-exp near s = 30 carries ~1e-6, the accuracy left.
+    u, t, s = _winning_positives(0.03, 30.0)
+    want = label_guided_infonce_oracle(u, t, s, None).item()
+    loss = ace_kernels.label_guided_infonce(u.float(), t.float(), 30.0, backend=backend).item()
+    assert 0.0 <= loss and abs(loss - want) < 3e-6
+    # All labels equal: only the positives remain, the loss is exactly 0 in exact arithmetic.
+    labels = torch.ones(48, 3)
+    u32, t32 = u.float().requires_grad_(), t.float().requires_grad_()
+    loss = ace_kernels.label_guided_infonce(u32, t32, 30.0, labels, backend=backend)
+    loss.backward()
+    assert 0.0 <= loss.item() < 3e-6
+    assert u32.grad.abs().max() < 1e-6 and t32.grad.abs().max() < 1e-6
+
+
 def test_large_logit_scale(monkeypatch):
     u, t, s = _inputs(45, 16, scale=100.0)
     labels = _duplicated_labels(45, 14, 4)

@@ -130,6 +130,21 @@ def test_cls_only_equals_row_zero_of_full_output():
     torch.testing.assert_close(cls, full[:, 0], rtol=1e-12, atol=1e-12)  # float64, same sums
 
 
+def test_numpy_bools_are_bools():
+    # cls_only and deterministic take NumPy's bools as lora_qkv's training does; other types
+    # are refused with the type named.
+    import numpy as np
+
+    x, c, edge, node, k = make_inputs(SHAPES["n33_d64"])
+    cls = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, cls_only=np.bool_(True),
+                                     deterministic=np.bool_(True), backend="torch")
+    want = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, cls_only=True, backend="torch")
+    assert torch.equal(cls, want)
+    assert ace_kernels.ACEHypergraph(64, 16, 5, deterministic=np.bool_(False)).deterministic is False
+    with pytest.raises(ValueError, match="argument 'cls_only': expected a bool, got int"):
+        ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, cls_only=1, backend="torch")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_compute_in_float32(dtype):
     x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=dtype)

@@ -194,6 +194,24 @@ def test_builder_without_open_clip_has_the_same_layout():
     assert {k: tuple(v.shape) for k, v in with_open_clip.items()} == {k: tuple(v.shape) for k, v in plain.items()}
 
 
+def test_a_broken_open_clip_falls_back_to_the_direct_build(monkeypatch):
+    # An installed open_clip that cannot build the model (e.g. against an older timm, as a GPU
+    # image with carried wheels may have): the default path warns and builds through timm +
+    # transformers; asking for open_clip explicitly raises.
+    import open_clip
+
+    def broken(*args, **kwargs):
+        raise AttributeError("module 'timm' has no attribute 'something_new'")
+
+    monkeypatch.setattr(open_clip, "create_model", broken)
+    with pytest.warns(UserWarning, match="open_clip could not build 'tiny'.*something_new"):
+        model = build_base_model("tiny")
+    plain = build_base_model("tiny", use_open_clip=False).state_dict()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in plain.items()}
+    with pytest.raises(AttributeError, match="something_new"):
+        build_base_model("tiny", use_open_clip=True)
+
+
 def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     source = build_base_model("tiny")
     with torch.no_grad():

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,68 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert result["steps"] == 12 and result["resumed_from"].endswith("state-00000006.pt")
 
 
+class _PoisonedAdamW(torch.optim.AdamW):
+    """AdamW whose step number ``poison_at`` leaves a NaN in a weight, as an update that overflows
+    would, after a finite loss and finite gradients."""
+
+    poison_at = 0
+
+    def step(self, closure=None):
+        result = super().step(closure)
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        if self.steps_taken == self.poison_at:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+
+@pytest.mark.parametrize("poison_at,checkpoint_every,last_good", [
+    (4, 2, "state-00000002.pt"),  # a checkpoint step: its state must not be written
+    (12, 0, "none written"),  # the last step: neither its state nor ace_lora.pt
+])
+def test_non_finite_weights_after_a_step_are_never_saved(tmp_path, monkeypatch, poison_at, checkpoint_every,
+                                                         last_good):
+    monkeypatch.setattr(_PoisonedAdamW, "poison_at", poison_at)
+    monkeypatch.setattr(torch.optim, "AdamW", _PoisonedAdamW)
+    model = make_model("standin")
+    with pytest.raises(NonFiniteLossError, match=rf"parameters after the optimizer step of step {poison_at} .*"
+                                                 rf"Last good state: .*{last_good}"):
+        train(_config(tmp_path, checkpoint_every=checkpoint_every), model=model, dataset=RandomPairs(model, 16, seed=1),
+              loss_fn=dense_label_infonce)
+    ckpt = tmp_path / "run" / "checkpoints"
+    states = sorted(n for n in os.listdir(ckpt) if n.startswith("state-")) if ckpt.exists() else []
+    assert states == ([] if last_good == "none written" else [last_good])
+    assert not (tmp_path / "run" / "ace_lora.pt").exists()
+
+
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_eps_zero_is_refused_and_its_nan_weights_never_saved(tmp_path, monkeypatch):
+    """AdamW with eps = 0 turns the LoRA A weights into 0/0 at the first step (their gradient is
+    exactly 0 while B is still 0), with a finite loss and gradient norm."""
+    from ace_model.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(tmp_path / "data", 8, seed=0)
+    config = TrainConfig(csv=str(csv_path), out_dir=str(tmp_path / "run"), model="tiny", epochs=2, batch_size=4,
+                         eps=0.0, checkpoint_every=1, progress=False, seed=0)
+    with pytest.raises(ValueError, match=r"^TrainConfig\.eps: expected a finite number > 0, got 0\.0"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    # Past the check (as a caller's own optimizer settings could be), the weights are caught after the step.
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: None)
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*lora_a.*Last good state: none written"):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "ace_lora.pt").exists()
+
+
+def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
+    model = make_model("standin")
+    with pytest.raises(ValueError, match=r"^TrainConfig\.precision: 'bf16' autocast needs a CUDA device, but this "
+                                         r"process runs on cpu \(TrainConfig\.device 'cpu'\)"):
+        train(_config(tmp_path, precision="bf16", device="cpu"), model=model, dataset=RandomPairs(model, 8),
+              loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     model = make_model("standin")
     data = RandomPairs(model, 8, seed=1)
@@ -518,6 +581,23 @@ def test_config_validation(tmp_path):
         with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected >= "):
             TrainConfig(**{field: value}).validate()
     assert TrainConfig.from_dict(TrainConfig(betas=(0.8, 0.9)).to_dict()) == TrainConfig(betas=(0.8, 0.9))
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("lr", -1e-3, "a finite number >= 0"),
+    ("lr", float("inf"), "a finite number >= 0"),
+    ("weight_decay", -0.1, "a finite number >= 0"),
+    ("weight_decay", float("nan"), "a finite number >= 0"),
+    ("eps", 0.0, "a finite number > 0"),  # AdamW then divides 0 by 0 where a gradient is exactly 0
+    ("eps", -1e-8, "a finite number > 0"),
+    ("betas", (0.9, 1.0), "two numbers in [0, 1)"),
+    ("betas", (-0.1, 0.999), "two numbers in [0, 1)"),
+    ("betas", (0.9,), "two numbers in [0, 1)"),
+])
+def test_optimizer_settings_are_validated(field, value, expected):
+    with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {re.escape(expected)}, got "):
+        TrainConfig(**{field: value}).validate()
+    TrainConfig(lr=0.0, weight_decay=0.0, betas=(0.0, 0.0), eps=1e-30).validate()  # the edges are allowed
 
 
 def test_read_metrics_keeps_only_the_last_run(tmp_path):

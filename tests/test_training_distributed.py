@@ -140,7 +140,21 @@ def test_resume_and_setup_disagreements_fail_on_every_rank(tmp_path):
         message = (tmp_path / f"rank{rank}-resume.err").read_text()
         assert "ranks disagree on the point the run resumes from" in message and "'resumed'" in message, message
     assert "must divide evenly" in (tmp_path / "rank1-setup.err").read_text()
-    assert "another rank failed the run's checks" in (tmp_path / "rank0-setup.err").read_text()
+    assert "another rank failed setting up the run" in (tmp_path / "rank0-setup.err").read_text()
+
+
+def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
+    """One launch: rank 0's checkpoint write fails (a full disk), then rank 1 alone fails to build
+    its dataset. Each time the failing rank raises its own error and the other one an error saying
+    so, instead of waiting in the next collective (the workers' group times out after 30 s)."""
+    _launch("rank_failures", 2, tmp_path, "--kind", "standin")
+    errors = {(rank, what): (tmp_path / f"rank{rank}-{what}.err").read_text()
+              for rank in range(2) for what in ("write", "build")}
+    assert errors[0, "write"] == "OSError: [Errno 28] No space left on device (simulated)", errors
+    assert errors[1, "write"].startswith("RankMismatchError: another rank failed writing the checkpoint of step 3 "
+                                         "on rank 0"), errors
+    assert errors[1, "build"].startswith("ValueError: TrainConfig.csv: "), errors
+    assert errors[0, "build"].startswith("RankMismatchError: another rank failed setting up the run"), errors
 
 
 def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
