@@ -461,23 +461,30 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
 
     Gradients are summed in their own dtype (fp64 stays fp64), except that fp16 and bf16
     are summed in fp32; one collective per such reduction dtype, in the order of first
-    appearance in ``params`` (the same on every rank).
+    appearance in ``params`` (the same on every rank), the first also carrying which
+    parameters have a gradient on some rank.
     """
     if group is None or dist.get_world_size(group) == 1:
         return
     params = list(params)
     if not params:
         return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=params[0].device)
-    dist.all_reduce(has_grad, op=dist.ReduceOp.SUM, group=group)
-    somewhere = has_grad.cpu().tolist()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     buckets: dict[torch.dtype, list[int]] = {}
     for index, g in enumerate(grads):
         buckets.setdefault(torch.promote_types(g.dtype, torch.float32), []).append(index)
+    somewhere = None
     for dtype, indices in buckets.items():
-        flat = torch.cat([grads[i].reshape(-1).to(dtype) for i in indices])
+        pieces = [grads[i].reshape(-1).to(dtype) for i in indices]
+        if somewhere is None:
+            # Which parameters have a gradient on some rank rides at the end of the first bucket
+            # (a count of ranks, exact in any float type here), not in a collective of its own.
+            pieces.append(torch.tensor([float(p.grad is not None) for p in params], dtype=dtype,
+                                       device=grads[indices[0]].device))
+        flat = torch.cat(pieces)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if somewhere is None:
+            somewhere = [count > 0 for count in flat[flat.numel() - len(params):].tolist()]
         offset = 0
         for i in indices:
             p, g = params[i], grads[i]

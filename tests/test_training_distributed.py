@@ -200,9 +200,9 @@ def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     params[3].grad = torch.full((2,), 0.5, dtype=torch.bfloat16)
     params[4].grad = torch.tensor([-3.0 - tiny_step], dtype=torch.float64)
     training.sync_gradients(params, group=object())
-    # First which parameters have a gradient on some rank, then one collective per dtype (bf16
-    # joins the fp32 one).
-    assert calls == [torch.int64, torch.float64, torch.float32]
+    # One collective per dtype (bf16 joins the fp32 one); which parameters have a gradient on
+    # some rank rides in the first.
+    assert calls == [torch.float64, torch.float32]
     assert torch.equal(params[0].grad, torch.full((3,), 2 * (1.0 + tiny_step), dtype=torch.float64))
     assert torch.equal(params[4].grad, torch.tensor([2 * (-3.0 - tiny_step)], dtype=torch.float64))
     assert params[2].grad is None  # no rank has one: left for the optimizer to skip, as in one process
