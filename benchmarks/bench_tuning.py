@@ -7,7 +7,8 @@ other kernels keep their defaults, one after the other in one process:
 
 - LoRA (``down``, the pack kernel, and ``backward``, the gradient kernel; dtype class ``16bit``): the ``lora_qkv`` step of
   family lora, M = 64*197, K = out = 768, r = 4, p = 0.1, bf16. Error: q, k, v and every
-  gradient against the reference LoRA with dropout off.
+  gradient against the reference LoRA with dropout off, and with dropout on against the
+  reference formula on the masks the configuration drew (the path the step times).
 - InfoNCE (``lse`` and ``grad``, ``16bit/one_dot``): the labelled ``label_guided_infonce`` step,
   B = 16,384, D = 512, bf16. Error: the loss and the three gradients against the torch
   backend's chunked path on fp32 copies.
@@ -66,7 +67,8 @@ def _lora_case(suite, dtype):
     reference = bench_lora.reference_parts(x, weight, bias, lora_a, lora_b, grad_out)  # once for every configuration
 
     def check():
-        return bench_lora._check_against_reference("triton", x, weight, bias, lora_a, lora_b, grad_out, reference)
+        return max(bench_lora._check_against_reference("triton", x, weight, bias, lora_a, lora_b, grad_out, reference),
+                   bench_lora._check_with_dropout("triton", x, weight, bias, lora_a, lora_b, grad_out))
 
     def step():
         outs = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=bench_lora.SCALING,
@@ -74,7 +76,7 @@ def _lora_case(suite, dtype):
         torch.autograd.backward(outs, grad_out)
 
     text = f"M={shape['m']} K={shape['k']} out={shape['out']} r={shape['r']} p={bench_lora.DROPOUT}"
-    return text, check, step, [x, lora_a, lora_b], "reference LoRA, dropout off"
+    return text, check, step, [x, lora_a, lora_b], "reference LoRA, dropout off and on (its masks)"
 
 
 def _contrastive_case(suite, dtype):
