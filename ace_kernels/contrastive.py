@@ -1115,8 +1115,12 @@ class _TritonGroupShare(torch.autograd.Function):
         saved = ctx.saved_tensors
         dtype = saved[0].dtype
         grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, wide=True)
-        grad_u = _reduce_scatter_rows(grad_u, ctx.group, ctx.sizes, ctx.rank).to(dtype)
-        grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype)
+        # Only the embeddings that need a gradient are reduced: every rank has agreed on which
+        # (the shape exchange), where the logit scale's need may differ from rank to rank.
+        grad_u = _reduce_scatter_rows(grad_u, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
+            if ctx.needs_input_grad[0] else None
+        grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
+            if ctx.needs_input_grad[1] else None
         return grad_u, grad_t, grad_scale, None, None, None, None
 
 

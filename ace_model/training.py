@@ -44,6 +44,7 @@ import datetime
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -689,7 +690,9 @@ class TrainConfig:
 
 
 def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number, Python's or NumPy's (not a bool)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:

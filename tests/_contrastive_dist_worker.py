@@ -98,6 +98,25 @@ def run_empty_global(rank, world, port, out_dir, timeout_s):
         u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
 
 
+def run_scale_grad_on_one_rank(rank, world, port, out_dir, timeout_s, backend):
+    """Frozen embeddings; only rank 0 learns the logit scale (the others pass it as a number, so
+    their loss has no graph). Then every rank enters one all-reduce: it must meet the others'."""
+    def call(ace_kernels):
+        gen = torch.Generator().manual_seed(rank)
+        u = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1)
+        t = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1)
+        scale = torch.tensor(10.0, requires_grad=True) if rank == 0 else 10.0
+        loss = ace_kernels.label_guided_infonce(u, t, scale, group=dist.group.WORLD, backend=backend)
+        if loss.requires_grad:
+            loss.backward()
+        after = torch.full((1,), float(rank + 1))
+        dist.all_reduce(after)
+        if after.item() != world * (world + 1) / 2:
+            raise RuntimeError(f"the all-reduce after the loss met another collective: {after.item()}")
+
+    _write_value_error(rank, world, port, out_dir, timeout_s, call)
+
+
 def run_one_bad_rank(rank, world, port, out_dir, timeout_s):
     """The last rank passes labels with the wrong number of rows: it must raise its own error
     and every other rank one naming it, at once (not after the collectives' timeout)."""

@@ -159,7 +159,8 @@ def _opcheck_cases(device):
                           (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, False, False, True)],
         "infonce_lse_rows": [(u, t, scale, keys, 3, 11), (u, t, scale, None, 0, 19)],
         "infonce_lse_both": [(u, t, scale, keys), (u, t, scale, None)],
-        "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, coef), (t, u, scale, None, lse, lse, 5, 9, coef)],
+        "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, coef), (t, u, scale, None, lse, lse, 5, 9, coef),
+                              (u.half(), t.half(), scale, keys, lse, lse, 5, 9, coef, True)],  # fp32 grads (group=)
         "hg_topk_incidence": [(pn, inv_norm, None, 3), (pn, inv_norm, randint(10, 2, 3), 3)],
         "hg_gather_sum": [(pn, cols, weights)],
         "hg_scatter_sum_csr": [(src, weights.reshape(2, 20), row_ptr, perm, 10, 5)],

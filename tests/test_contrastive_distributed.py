@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 import ace_kernels
 from _contrastive_dist_worker import (make_global_batch, run, run_empty_global, run_grad_mismatch, run_mismatch,
-                                     run_one_bad_rank, run_one_rank_without_its_backend)
+                                     run_one_bad_rank, run_one_rank_without_its_backend, run_scale_grad_on_one_rank)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -137,6 +137,15 @@ def test_ranks_that_differ_in_which_embeddings_need_gradients_raise_on_every_ran
     assert messages[0] == messages[1]
     assert "requires_grad of image_emb" in messages[0] and "[1, 0]" in messages[0], messages[0]
     assert "requires_grad=True" in messages[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                              pytest.mark.interpreter])])
+def test_ranks_may_differ_in_whether_the_logit_scale_needs_a_gradient(backend, tmp_path):
+    # Frozen embeddings: the backward runs no collective on any rank, so a rank that learns the
+    # scale and one that does not leave the loss in step (the next collective pairs up).
+    _spawn(run_scale_grad_on_one_rank, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S, backend))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2
 
 
 def test_empty_global_batch_raises_on_every_rank(tmp_path):

@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -598,6 +599,10 @@ def test_optimizer_settings_are_validated(field, value, expected):
     with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {re.escape(expected)}, got "):
         TrainConfig(**{field: value}).validate()
     TrainConfig(lr=0.0, weight_decay=0.0, betas=(0.0, 0.0), eps=1e-30).validate()  # the edges are allowed
+    # NumPy's numbers are numbers (its bools are not).
+    TrainConfig(lr=np.float32(1e-3), betas=(np.float32(0.9), np.float16(0.5)), eps=np.float32(1e-8)).validate()
+    with pytest.raises(ValueError, match=r"^TrainConfig\.betas: "):
+        TrainConfig(betas=(np.bool_(False), 0.9)).validate()
 
 
 def test_read_metrics_keeps_only_the_last_run(tmp_path):
