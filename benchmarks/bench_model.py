@@ -102,13 +102,14 @@ def estimates_s(suite) -> dict[str, float]:
     """Seconds each item should take here (``Suite.include`` skips one that no longer fits).
 
     GPU (H100/H200, full size): the BiomedCLIP build ~10-15 s; the training step, reference-ops,
-    up to three backends and four with recompute, each a first call (Triton autotuning at new shapes) and a
-    measurement of ~4 s at ~0.2 s a step; zero-shot, the one-image loop (two calls of ~2-4 s)
+    up to three backends, four with recompute and two CUDA graphs, each checked (an eval-mode
+    step; a graph: its build, three warm-up steps and a capture, and one eager step), a first
+    call (Triton autotuning at new shapes) and a measurement of ~4 s at ~0.2 s a step; zero-shot, the one-image loop (two calls of ~2-4 s)
     and the batched backends; PEFT, ViT-B/16 + BERT-base built and four steps measured.
     CPU and --quick: the tiny model.
     """
     if suite.is_gpu and not suite.quick:
-        return {"build": 15.0, "ace_lora_train_step": 50.0, "zero_shot_eval": 25.0, "peft_lora_train_step": 30.0,
+        return {"build": 15.0, "ace_lora_train_step": 70.0, "zero_shot_eval": 25.0, "peft_lora_train_step": 30.0,
                 "ace_lora_max_batch": _max_batch_estimate_s(suite)}
     if suite.quick:
         return {"build": 2.0, "ace_lora_train_step": 3.0, "zero_shot_eval": 3.0, "peft_lora_train_step": 4.0,
