@@ -20,15 +20,24 @@ import torch
 from ace_model import ACELoRA
 from ace_model.checkpoint import CheckpointError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RELEASED = Path(os.environ.get("ACE_LORA_RELEASED", REPO_ROOT.parent / "shared" / "reference" / "ACE_LoRA.pt"))
-RELEASED_SHA256 = "65044d097103d6fde7bca7b08a31f4ed728b5d805de371e7e5163440e5e0ee41"
+from _released import CANONICAL, RELEASED_SHA256, VENDORED, released_path
+
+RELEASED = released_path()
 
 needs_released = pytest.mark.skipif(not RELEASED.is_file(), reason=f"released checkpoint not found at {RELEASED}")
 
 
 def _sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_the_copy_kept_with_the_tests_is_the_published_file():
+    # tests/data/ACE_LoRA.pt stands in where the workplace's copy is not beside the clone: its
+    # bytes are the published ones (and, where the workplace's copy is here, the same bytes).
+    assert _sha256(VENDORED) == RELEASED_SHA256
+    assert (VENDORED.parent / "LICENSE-ACE-LoRA.txt").read_text().startswith("MIT License")
+    if CANONICAL.is_file():
+        assert _sha256(CANONICAL) == RELEASED_SHA256
 
 
 def _load(path):

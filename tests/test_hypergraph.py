@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ace_kernels
 from ace_kernels import hypergraph as hg
+from _released import released_path
 from oracle_hypergraph import oracle_hypergraph
 
 PARAM_NAMES = ("x", "cls_attn", "edge.down_weight", "edge.down_bias", "edge.up_weight", "edge.up_bias",
@@ -309,9 +310,7 @@ def test_module_default_shapes_and_init():
     assert abs(std_up - (2 / 128) ** 0.5) < 0.05 * (2 / 128) ** 0.5
 
 
-# Beside the checkpoint, as in CI: <repo>/../shared/reference (ACE_LORA_RELEASED overrides).
-RELEASED = os.environ.get("ACE_LORA_RELEASED", os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference", "ACE_LoRA.pt"))
+RELEASED = str(released_path())  # tests/_released.py: the workplace's copy, else the one in tests/data
 
 
 @pytest.mark.skipif(not os.path.exists(RELEASED), reason="the released checkpoint is not on this machine")

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import reference_model as ref  # noqa: E402
+from _released import released_path  # noqa: E402
 from ace_model import ACELoRA  # noqa: E402
 from ace_model.model import build_base_model, cls_attention_row  # noqa: E402
 
@@ -245,8 +246,7 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
         ACELoRA.from_config("tiny", pretrained=str(bad))
 
 
-RELEASED = os.environ.get("ACE_LORA_RELEASED", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                            "reference", "ACE_LoRA.pt"))
+RELEASED = str(released_path())  # tests/_released.py: the workplace's copy, else the one in tests/data
 
 
 def test_pretrained_that_is_no_open_clip_state_dict_is_named(tmp_path, tiny_model):
