@@ -8,7 +8,10 @@ forced; a GPU is not needed to build it.
 Environment switches:
   ACE_KERNELS_SKIP_CUDA=1    never build the extension
   ACE_KERNELS_FORCE_CUDA=1   build it, and fail loudly if that is impossible
-  TORCH_CUDA_ARCH_LIST       defaults to "9.0a" (Hopper: wgmma needs sm_90a)
+  TORCH_CUDA_ARCH_LIST       defaults to "9.0a" (H100/H200 machine code); "X.Y+PTX" adds PTX that
+                             newer GPUs compile at load time. The list is recorded in the module
+                             (ace_kernels._C.CUDA_ARCHS): the cuda backend declines a GPU it does
+                             not cover, and ``auto`` moves on to the next backend
   MAX_JOBS                   defaults from cores and memory (nvcc needs ~1.5 GB a job)
 
 Build with ``pip install --no-build-isolation -e .`` so that the extension is
@@ -74,10 +77,18 @@ def _cuda_extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
     arch = os.environ["TORCH_CUDA_ARCH_LIST"]
-    gencode = []
+    gencode, built = [], []
     for entry in arch.replace(";", " ").split():
         sm = entry.replace(".", "").replace("+PTX", "")
+        if not sm.rstrip("a").isdigit():
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: expected entries like 9.0, 9.0a or 9.0+PTX, got {entry!r}")
         gencode.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+        built.append(f"sm_{sm}")
+        if entry.endswith("+PTX"):
+            gencode.append(f"-gencode=arch=compute_{sm},code=compute_{sm}")
+            built.append(f"compute_{sm}")
+    # What the module holds, as one identifier (no quoting through ninja): sm_90a__compute_90.
+    archs_define = f"-DACE_KERNELS_CUDA_ARCHS={'__'.join(built)}"
     # nvidia/cu13/include of the pip CUDA runtime carries headers the system toolkit lacks.
     include_dirs = [os.path.join(ROOT, "csrc")]
     for site in sys.path:
@@ -90,7 +101,7 @@ def _cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],
+            "cxx": ["-O3", "-std=c++20", archs_define],
             # No --use_fast_math: results must match the exact torch path.
             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", *gencode],
         },

@@ -116,10 +116,56 @@ def _global_reasons(backend: str) -> list[str]:
     raise ValueError(f"argument 'backend': expected one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
+def built_cuda_archs() -> tuple[str, ...] | None:
+    """What ``ace_kernels._C`` holds code for (``sm_90a``: machine code; ``compute_90``: PTX),
+    from its build's ``TORCH_CUDA_ARCH_LIST``; None when it is not loaded or does not say."""
+    module, _ = _extension()
+    text = getattr(module, "CUDA_ARCHS", "") if module is not None else ""
+    return tuple(text.split("__")) if text else None
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``arch`` (``sm_XY``, ``sm_XYa``, ``compute_XY``) loads on a GPU of
+    compute ``capability``: machine code on the same major version and an equal or newer minor
+    one, PTX on any newer GPU (the driver compiles it), an ``a`` target only on its own."""
+    kind, _, number = arch.partition("_")
+    specific = number.endswith("a")
+    digits = number.rstrip("a")
+    built = (int(digits[:-1]), int(digits[-1]))
+    if specific:
+        return tuple(capability) == built
+    if kind == "sm":
+        return capability[0] == built[0] and capability[1] >= built[1]
+    return tuple(capability) >= built
+
+
+_ARCH_REASONS: dict = {}  # a plain dict, as _DEVICE_NAMES: compiled calls read what eager ones filled
+
+
+def _cuda_arch_reason(index: int) -> str | None:
+    """Why the extension cannot run on ``cuda:index`` (None: it can, or it does not say)."""
+    if index not in _ARCH_REASONS:
+        archs = built_cuda_archs()
+        reason = None
+        if archs:
+            capability = torch.cuda.get_device_capability(index)
+            if not any(arch_runs_on(arch, capability) for arch in archs):
+                reason = (f"ace_kernels._C holds code for {', '.join(archs)} only, not for cuda:{index} "
+                          f"(sm_{capability[0]}{capability[1]}); rebuild it with TORCH_CUDA_ARCH_LIST set for this "
+                          f"GPU (e.g. '{capability[0]}.{capability[1]}' or '9.0+PTX')")
+        _ARCH_REASONS[index] = reason
+    return _ARCH_REASONS[index]
+
+
 def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
     devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
     if backend == "cuda" and devices - {"cuda"}:
         return [f"needs CUDA tensors, got tensors on {sorted(devices)}"]
+    if backend == "cuda":
+        indices = {t.device.index for t in tensors if isinstance(t, torch.Tensor) and t.device.index is not None}
+        reasons = [r for r in (_cuda_arch_reason(i) for i in sorted(indices)) if r]
+        if reasons:
+            return reasons
     if backend == "triton":
         wanted = "cpu" if interpreter_enabled() else "cuda"
         if devices - {wanted}:

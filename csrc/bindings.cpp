@@ -130,6 +130,13 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
               "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
   TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
               row_ptr.size(1));
+  // The kernel reads weights_flat[b, perm[b, j]] for j in row_ptr[b, r]..row_ptr[b, r + 1] and
+  // src[b, perm / slots]: the shapes must agree (the values are the caller's contract, see hypergraph.h).
+  TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
+  TORCH_CHECK(weights_flat.size(1) == src.size(1) * slots, "argument 'weights_flat': expected ",
+              src.size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.size(1));
+  TORCH_CHECK(perm.size(1) == weights_flat.size(1), "argument 'perm': expected ", weights_flat.size(1),
+              " columns (as weights_flat), got ", perm.size(1));
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
     check_same_device(t, name, src, "src");
@@ -213,12 +220,26 @@ TORCH_LIBRARY_IMPL(ace_kernels, Meta, m) {
   m.impl("hg_entry_dot", &hg_entry_dot_meta);
 }
 
+// What the build compiled the kernels for (setup.py: TORCH_CUDA_ARCH_LIST), e.g. sm_90a or
+// sm_90a__compute_90 (machine code, then PTX); ace_kernels reads it as _C.CUDA_ARCHS.
+#ifndef ACE_KERNELS_CUDA_ARCHS
+#define ACE_KERNELS_CUDA_ARCHS
+#endif
+#define ACE_KERNELS_STR2(x) #x
+#define ACE_KERNELS_STR(x) ACE_KERNELS_STR2(x)
+
 // `import ace_kernels._C` loads this shared library (running the registrations above).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "ace-kernels CUDA ops, registered as torch.ops.ace_kernels.*", -1,
                                           nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr &&
+      PyModule_AddStringConstant(module, "CUDA_ARCHS", ACE_KERNELS_STR(ACE_KERNELS_CUDA_ARCHS)) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 #endif  // __cplusplus >= 202002L

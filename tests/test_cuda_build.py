@@ -48,6 +48,19 @@ def test_extension_imports_and_registers_ops():
     assert torch.ops.ace_kernels.hg_scatter_sum_csr(src, cols.float().flatten(1), rp, rp, 11, 4).shape == (2, 11, 40)
 
 
+def test_extension_records_what_it_was_built_for():
+    # setup.py's default TORCH_CUDA_ARCH_LIST ("9.0a", what CI builds with): H100/H200 machine
+    # code only, which the cuda backend compares with each GPU's compute capability.
+    _extension_path()
+    import ace_kernels._C as ext
+    from ace_kernels import _dispatch
+
+    expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a")
+    if expected == "9.0a":
+        assert ext.CUDA_ARCHS == "sm_90a"
+    assert _dispatch.built_cuda_archs() == tuple(ext.CUDA_ARCHS.split("__"))
+
+
 def test_extension_kernels_have_no_spills_for_sm90a():
     so = _extension_path()
     dump = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, timeout=120)

@@ -305,3 +305,29 @@ def test_public_api_edges_name_their_argument():
     module = ace_kernels.ACEHypergraph(dim=8, hidden=4, topk=2)
     with pytest.raises(ValueError, match="argument 'x': expected features of width 8"):
         module(torch.randn(2, 5, 9), torch.randn(2, 4))
+
+
+def test_which_gpus_the_built_extension_runs_on():
+    # Machine code: its own major version, an equal or newer minor one; an "a" target only on
+    # itself; PTX: any newer GPU.
+    runs = _dispatch.arch_runs_on
+    assert runs("sm_90a", (9, 0)) and not runs("sm_90a", (10, 0)) and not runs("sm_90a", (8, 0))
+    assert runs("sm_80", (8, 6)) and not runs("sm_86", (8, 0)) and not runs("sm_80", (9, 0))
+    assert runs("compute_90", (9, 0)) and runs("compute_90", (12, 0)) and not runs("compute_90", (8, 9))
+    assert not runs("compute_90a", (10, 0))
+
+
+def test_cuda_backend_declines_a_gpu_the_extension_has_no_code_for(monkeypatch):
+    # An sm_90a-only build on an A100 (8.0): the reason names both and how to rebuild, so that
+    # auto moves on and an explicit backend="cuda" says why; on an H200 (9.0) nothing is said.
+    monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: ("sm_90a",))
+    monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
+    capability = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
+    reason = _dispatch._cuda_arch_reason(0)
+    assert "sm_90a only, not for cuda:0 (sm_80)" in reason and "TORCH_CUDA_ARCH_LIST" in reason
+    assert _dispatch._cuda_arch_reason(1) is None
+    # An extension that does not say what it holds (built before it recorded it): no reason.
+    monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: None)
+    monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
+    assert _dispatch._cuda_arch_reason(0) is None
