@@ -82,8 +82,12 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
     report = result.stderr + result.stdout
 
     def grab(pattern: str) -> int:
+        # ptxas -v prints every one of these for every kernel: a missing line means its wording
+        # changed, and a silent 0 would pass every "no spills" check.
         match = re.search(pattern, report)
-        return int(match.group(1)) if match else 0
+        if match is None:
+            raise RuntimeError(f"ptxas -v report for {compiled.metadata.name} has no match for {pattern!r}:\n{report}")
+        return int(match.group(1))
 
     return KernelResources(
         name=compiled.metadata.name,

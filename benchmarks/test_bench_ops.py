@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import ace_kernels
-from benchmarks import baselines
+from benchmarks import baselines, harness
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -32,6 +32,26 @@ def _run(benchmark, step, leaves, rounds):
             torch.cuda.synchronize()
 
     benchmark.pedantic(call, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+def _grads_after(step, leaves):
+    for t in leaves:
+        t.grad = None
+    step()
+    grads = [t.grad.detach().clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return grads
+
+
+def _check(ours, reference, leaves, reference_leaves=None):
+    """Ours against the baseline once, before timing: every gradient within the suite's limit
+    for this dtype (``harness.check_limit``); a benchmark of wrong results measures nothing."""
+    limit = harness.check_limit(str(DTYPE))
+    got = _grads_after(ours, leaves)
+    want = _grads_after(reference, reference_leaves or leaves)
+    errors = [harness.relative_error(g, w) for g, w in zip(got, want)]
+    assert max(errors) <= limit, f"gradients off the baseline's by {errors} (limit {limit:g})"
 
 
 def _rand(generator, *size, scale=1.0, grad=True):
@@ -67,10 +87,27 @@ def test_lora_qkv(benchmark, lora_inputs, provider):
     else:
         leaves = [t["x"], t["lora_a"], t["lora_b"]]
 
-        def step():
+        def step(dropout_p=0.1):
             outs = ace_kernels.lora_qkv(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], scaling=0.5,
-                                        dropout_p=0.1, training=True, backend=provider)
+                                        dropout_p=dropout_p, training=True, backend=provider)
             torch.autograd.backward(outs, t["grad_out"])
+
+        # Checked with dropout off (the masks differ from the reference's), through x's gradient
+        # and, stacked as ours, the LoRA gradients.
+        module = baselines.ReferenceLoRAQKV(t["weight"], t["bias"], t["lora_a"], t["lora_b"], scaling=0.5,
+                                            dropout_p=0.0).train()
+
+        def reference_step():
+            torch.autograd.backward(module(t["x"]), t["grad_out"])
+
+        _check(lambda: step(0.0), reference_step, [t["x"]])
+        for t_ in module.lora_parameters():
+            t_.grad = None
+        reference_step()
+        want_a, want_b = module.stacked_grads()
+        got = _grads_after(lambda: step(0.0), leaves)
+        limit = harness.check_limit(str(DTYPE))
+        assert harness.relative_error(got[1], want_a) <= limit and harness.relative_error(got[2], want_b) <= limit
     _run(benchmark, step, leaves, rounds=10 if GPU else 5)
 
 
@@ -99,9 +136,12 @@ def test_ace_hypergraph_cls_only(benchmark, hypergraph_inputs, provider):
     else:
         fn = ace_kernels.ace_hypergraph
 
-    def step():
+    def step(fn=fn, provider=provider):
         kwargs = {} if provider == "reference" else {"backend": provider}
         fn(t["x"], t["cls_attn"], t["edge"], t["node"], topk=5, cls_only=True, **kwargs).backward(t["grad_cls"])
+
+    if provider != "reference":
+        _check(step, lambda: step(baselines.reference_ace_hypergraph_any_backend, "reference"), leaves)
     _run(benchmark, step, leaves, rounds=5 if GPU else 3)
 
 
@@ -131,6 +171,9 @@ def test_label_guided_infonce(benchmark, loss_inputs, provider):
     else:
         def step():
             ace_kernels.label_guided_infonce(t["u"], t["t"], t["scale"], t["labels"], backend=provider).backward()
+
+        _check(step, lambda: baselines.reference_label_guided_infonce(t["u"], t["t"], t["scale"],
+                                                                       t["labels"]).backward(), leaves)
     _run(benchmark, step, leaves, rounds=5 if GPU else 3)
 
 
@@ -150,4 +193,7 @@ def test_clip_loss(benchmark, loss_inputs, provider):
     else:
         def step():
             ace_kernels.label_guided_infonce(t["u"], t["t"], t["scale"], None, backend=provider).backward()
+
+        _check(step, lambda: baselines.reference_label_guided_infonce(t["u"], t["t"], t["scale"], None).backward(),
+               leaves)
     _run(benchmark, step, leaves, rounds=5 if GPU else 3)

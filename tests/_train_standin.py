@@ -74,8 +74,10 @@ def tiny_available() -> bool:
     try:
         from ace_model import ACELoRA  # noqa: F401
         from ace_model.data import make_synthetic_dataset  # noqa: F401
-    except (ImportError, AttributeError):
-        return False
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("ace_model", "ace_kernels"):
+            raise  # the package itself is broken: that must fail, not fall back to the stand-in
+        return False  # a missing optional dependency (timm, transformers, open_clip, ...)
     return True
 
 

@@ -1,9 +1,9 @@
 """The released checkpoint format: reading ACE_LoRA.pt onto the right layers, exact round trips,
 clear errors for foreign or corrupt files.
 
-The released file is not in the repository: it is looked up in ../shared/reference
-relative to the repository root (or $ACE_LORA_RELEASED), and the tests that need it
-skip, saying so, when it is absent.
+The released file is looked up as tests/_released.py says: $ACE_LORA_RELEASED, else
+../shared/reference beside the repository, else the copy kept in tests/data (its bytes
+checked against the published SHA-256), so these tests run in any clone.
 """
 
 from __future__ import annotations

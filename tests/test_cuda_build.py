@@ -55,10 +55,12 @@ def test_extension_records_what_it_was_built_for():
     import ace_kernels._C as ext
     from ace_kernels import _dispatch
 
-    expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a")
-    if expected == "9.0a":
-        assert ext.CUDA_ARCHS == "sm_90a"
-    assert _dispatch.built_cuda_archs() == tuple(ext.CUDA_ARCHS.split("__"))
+    expected = []
+    for entry in os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a").replace(";", " ").split():
+        number = entry.replace(".", "").replace("+PTX", "")
+        expected += [f"sm_{number}"] + ([f"compute_{number}"] if entry.endswith("+PTX") else [])
+    assert ext.CUDA_ARCHS == "__".join(expected)
+    assert _dispatch.built_cuda_archs() == tuple(expected)
 
 
 def test_extension_kernels_have_no_spills_for_sm90a():

@@ -324,9 +324,15 @@ def test_cuda_backend_declines_a_gpu_the_extension_has_no_code_for(monkeypatch):
     monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
     capability = {0: (8, 0), 1: (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
-    reason = _dispatch._cuda_arch_reason(0)
-    assert "sm_90a only, not for cuda:0 (sm_80)" in reason and "TORCH_CUDA_ARCH_LIST" in reason
-    assert _dispatch._cuda_arch_reason(1) is None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their devices are read
+        on_a100, on_h200 = torch.empty(2, device="cuda:0"), torch.empty(2, device="cuda:1")
+    reasons = _dispatch._device_reasons("cuda", [on_a100, None])
+    assert len(reasons) == 1
+    assert "sm_90a only, not for cuda:0 (sm_80)" in reasons[0] and "TORCH_CUDA_ARCH_LIST" in reasons[0]
+    assert _dispatch._device_reasons("cuda", [on_h200]) == []
+    assert not any("holds code" in r for r in _dispatch._device_reasons("triton", [on_a100]))  # cuda's alone
     # An extension that does not say what it holds (built before it recorded it): no reason.
     monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: None)
     monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})

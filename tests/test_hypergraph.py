@@ -259,8 +259,9 @@ def test_non_contiguous_inputs():
     x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)  # batch-strided view
     c_nc = torch.stack([c, torch.zeros_like(c)], dim=-1)[..., 0]  # stride 2 along tokens
     edge_nc = [edge[0].T.contiguous().T, edge[1], edge[2].T.contiguous().T, edge[3]]
-    node_nc = [node[0], node[1][None].expand(2, -1)[0], node[2].T.contiguous().T, node[3]]
+    node_nc = [node[0], torch.stack([node[1], node[1]], -1)[..., 0], node[2].T.contiguous().T, node[3]]
     assert not x_nc.is_contiguous() and not c_nc.is_contiguous() and not edge_nc[0].is_contiguous()
+    assert not node_nc[1].is_contiguous()  # a bias with stride 2
     for cls_only in (False, True):
         out, grads = ours_run(x_nc, c_nc, edge_nc, node_nc, k, cls_only, "torch")
         ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
