@@ -14,6 +14,7 @@ import torch
 
 import ace_kernels
 from ace_kernels import _tuning, lora as lora_module
+from _saved import saved_storage_bytes
 from oracle_lora import fp64_leaves, lora_linear_oracle, lora_qkv_oracle
 
 
@@ -247,29 +248,11 @@ def test_torch_fp16_bf16_close_to_oracle():
         compare_with_oracle(case, make_inputs(case, dtype), "torch", rtol=tol, atol=tol)
 
 
-def _saved_storage_bytes(fn, exclude):
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs (measured by a
-    saved-tensors hook, not reported by the op), leaving out those of ``exclude``: the frozen
-    weights and the trainable parameters, which exist whether or not a backward follows."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def test_saved_activation_bytes_hook():
     case = Case("bytes", "qkv", (10,), 16, 4, 2, dropout_p=0.2)
     inputs = make_inputs(case, torch.float32)
     with lora_module.saved_activation_bytes() as record:
-        measured = _saved_storage_bytes(lambda: call_op(case, inputs, "torch"), inputs[1:])
+        measured, _ = saved_storage_bytes(lambda: call_op(case, inputs, "torch"), inputs[1:])
     assert len(record) == 1
     # What the op reports is what autograd holds.
     assert record[0]["total"] == measured
@@ -644,7 +627,7 @@ def test_triton_saved_bytes_are_x_plus_rank_r(device):
     case = Case("bytes", "qkv", (10,), 16, 4, 2, dropout_p=0.2)
     inputs = make_inputs(case, torch.float32, device)
     with lora_module.saved_activation_bytes() as record:
-        measured = _saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
+        measured, _ = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
     # x_cat = [x | S | 0] (16 + 3r = 22 columns, padded to 24) and the 8-byte seed: no mask,
     # no dropped copy of x; measured by the saved-tensors hook, as reported.
     assert record == [{"backend": "triton", "total": 10 * 24 * 4 + 8, "x": 10 * 16 * 4, "extra": 10 * 8 * 4 + 8}]

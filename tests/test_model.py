@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import reference_model as ref  # noqa: E402
 from _released import released_path  # noqa: E402
+from _saved import saved_storage_bytes  # noqa: E402
 from ace_model import ACELoRA  # noqa: E402
 from ace_model.model import build_base_model, cls_attention_row  # noqa: E402
 
@@ -467,19 +468,9 @@ def test_recompute_lowers_the_peak(tiny_model):
 
 def _saved_bytes(model, images, token_ids, labels, autocast_dtype=None):
     """Bytes of the distinct storages autograd keeps for the backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     autocast = torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model.loss(images, token_ids, labels)
-    return sum(saved.values()), loss
+    with autocast:
+        return saved_storage_bytes(lambda: model.loss(images, token_ids, labels), list(model.parameters()))
 
 
 @pytest.mark.parametrize("device,autocast_dtype", [
