@@ -11,7 +11,8 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST       defaults to "9.0a" (H100/H200 machine code); "X.Y+PTX" adds PTX that
                              newer GPUs compile at load time. The list is recorded in the module
                              (ace_kernels._C.CUDA_ARCHS): the cuda backend declines a GPU it does
-                             not cover, and ``auto`` moves on to the next backend
+                             not cover, and ``auto`` moves on to the next backend. A changed list
+                             with unchanged sources needs ``build_ext --force`` (or pip install)
   MAX_JOBS                   defaults from cores and memory (nvcc needs ~1.5 GB a job)
 
 Build with ``pip install --no-build-isolation -e .`` so that the extension is

@@ -152,7 +152,8 @@ def _cuda_arch_reason(index: int) -> str | None:
             if not any(arch_runs_on(arch, capability) for arch in archs):
                 reason = (f"ace_kernels._C holds code for {', '.join(archs)} only, not for cuda:{index} "
                           f"(sm_{capability[0]}{capability[1]}); rebuild it with TORCH_CUDA_ARCH_LIST set for this "
-                          f"GPU (e.g. '{capability[0]}.{capability[1]}' or '9.0+PTX')")
+                          f"GPU (e.g. '{capability[0]}.{capability[1]}' or '9.0+PTX'): `python setup.py build_ext "
+                          f"--inplace --force` (unchanged sources are otherwise not rebuilt)")
         _ARCH_REASONS[index] = reason
     return _ARCH_REASONS[index]
 

@@ -120,6 +120,18 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
   return out;
 }
 
+// The kernel reads weights_flat[b, perm[b, j]] for j in row_ptr[b, r]..row_ptr[b, r + 1] and
+// src[b, perm / slots]: the shapes must agree (the values are the caller's contract, see hypergraph.h).
+// Checked by the meta kernel too, so that torch.compile's fake tensors meet the same refusal.
+void check_scatter_shapes(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& perm,
+                          int64_t slots) {
+  TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
+  TORCH_CHECK(weights_flat.size(1) == src.size(1) * slots, "argument 'weights_flat': expected ",
+              src.size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.size(1));
+  TORCH_CHECK(perm.size(1) == weights_flat.size(1), "argument 'perm': expected ", weights_flat.size(1),
+              " columns (as weights_flat), got ", perm.size(1));
+}
+
 at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
   const ace_hg::Feat src_type = check_feat(src, "src", 3);
@@ -130,13 +142,7 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
               "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
   TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
               row_ptr.size(1));
-  // The kernel reads weights_flat[b, perm[b, j]] for j in row_ptr[b, r]..row_ptr[b, r + 1] and
-  // src[b, perm / slots]: the shapes must agree (the values are the caller's contract, see hypergraph.h).
-  TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
-  TORCH_CHECK(weights_flat.size(1) == src.size(1) * slots, "argument 'weights_flat': expected ",
-              src.size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.size(1));
-  TORCH_CHECK(perm.size(1) == weights_flat.size(1), "argument 'perm': expected ", weights_flat.size(1),
-              " columns (as weights_flat), got ", perm.size(1));
+  check_scatter_shapes(src, weights_flat, perm, slots);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
     check_same_device(t, name, src, "src");
@@ -187,8 +193,9 @@ at::Tensor hg_gather_sum_meta(const at::Tensor& src, const at::Tensor& cols, con
   return at::empty({src.size(0), cols.size(1), src.size(2)}, src.options().dtype(at::kFloat));
 }
 
-at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   int64_t num_rows, int64_t) {
+at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor&,
+                                   const at::Tensor& perm, int64_t num_rows, int64_t slots) {
+  check_scatter_shapes(src, weights_flat, perm, slots);
   return at::empty({src.size(0), num_rows, src.size(2)}, src.options().dtype(at::kFloat));
 }
 

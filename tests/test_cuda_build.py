@@ -45,7 +45,13 @@ def test_extension_imports_and_registers_ops():
     idx, w = torch.ops.ace_kernels.hg_topk_incidence(src, src[..., 0], None, 5)
     assert idx.shape == w.shape == (2, 9, 5) and idx.dtype == torch.int64
     rp = torch.empty(2, 12, dtype=torch.int64, device="meta")
-    assert torch.ops.ace_kernels.hg_scatter_sum_csr(src, cols.float().flatten(1), rp, rp, 11, 4).shape == (2, 11, 40)
+    perm = torch.empty(2, 28, dtype=torch.int64, device="meta")
+    scattered = torch.ops.ace_kernels.hg_scatter_sum_csr(src[:, :7], cols.float().flatten(1), rp, perm, 11, 4)
+    assert scattered.shape == (2, 11, 40)
+    # The shapes the kernel would read out of bounds with are refused by the meta kernel too
+    # (what torch.compile's fake tensors meet), not only when the compiled code runs.
+    with pytest.raises(RuntimeError, match="argument 'weights_flat': expected 36 columns"):
+        torch.ops.ace_kernels.hg_scatter_sum_csr(src, cols.float().flatten(1), rp, perm, 11, 4)
 
 
 def test_extension_records_what_it_was_built_for():
@@ -55,12 +61,16 @@ def test_extension_records_what_it_was_built_for():
     import ace_kernels._C as ext
     from ace_kernels import _dispatch
 
-    expected = []
-    for entry in os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a").replace(";", " ").split():
-        number = entry.replace(".", "").replace("+PTX", "")
-        expected += [f"sm_{number}"] + ([f"compute_{number}"] if entry.endswith("+PTX") else [])
-    assert ext.CUDA_ARCHS == "__".join(expected)
-    assert _dispatch.built_cuda_archs() == tuple(expected)
+    # What the .so really holds: its machine code (cubins) and PTX, as cuobjdump lists them.
+    so = _extension_path()
+    held = set()
+    # (-res-usage names each cubin's arch with its "a"; older cuobjdumps' -lelf file names drop it.)
+    for flag, pattern in (("-res-usage", r"arch = (sm_\w+)"), ("-lptx", r"\.(compute_\w+?)\.ptx")):
+        listing = subprocess.run([_cuobjdump(), flag, so], capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stderr
+        held |= set(re.findall(pattern, listing.stdout))
+    assert held and set(ext.CUDA_ARCHS.split("__")) == held, (ext.CUDA_ARCHS, held)
+    assert _dispatch.built_cuda_archs() == tuple(ext.CUDA_ARCHS.split("__"))
 
 
 def test_extension_kernels_have_no_spills_for_sm90a():
