@@ -1228,7 +1228,8 @@ def test_contrastive_probe_takes_the_faster_strategy_at_65536(monkeypatch):
 def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
     """The training-step item: the reference-ops rows train the model as built, every one of our
     providers the copy that ``_ours_model`` gives (bf16 frozen weights on a GPU). Here, on the
-    CPU, a distinct copy stands in for it, and each model's ``loss`` records who called it."""
+    CPU, a distinct copy stands in for it, and each model's ``loss`` records who called it. The
+    checks run in eval mode, in float32, on the model as built: the reference ops and ours."""
     import ace_kernels
     from ace_model import ACELoRA
     from benchmarks import bench_model
@@ -1240,7 +1241,8 @@ def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
 
     def recording(name, loss):
         def run(*args, **kwargs):
-            seen.append((name, ace_kernels.lora_qkv is bench_model.baselines.reference_lora_qkv))
+            seen.append((name, ace_kernels.lora_qkv is bench_model.baselines.reference_lora_qkv,
+                         (model if name == "built" else ours).training))
             return loss(*args, **kwargs)
         return run
 
@@ -1248,8 +1250,12 @@ def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
     ours.loss = recording("ours", ours.loss)
     suite = _suite("all")
     bench_model._run_ace_lora(suite, model, ours)
-    assert ("built", True) in seen and ("ours", False) in seen
-    assert all(active == (name == "built") for name, active in seen)
+    # Training steps: the reference ops on the built model, ours on the copy; the checks (eval
+    # mode) run both on the built model, and never touch the copy.
+    assert ("built", True, True) in seen and ("ours", False, True) in seen
+    assert all(active == (name == "built") for name, active, training in seen if training)
+    assert ("built", True, False) in seen and ("built", False, False) in seen
+    assert not any(name == "ours" and not training for name, active, training in seen)
     rows = [r for r in suite.rows if r.op == "ace_lora_train_step"]
     assert {r.provider for r in rows} == {"reference-ops", "torch", "torch+recompute-mlp", "torch+recompute-layer"}
     # Each of ours was checked against the reference ops (loss and gradients, eval mode); every row
@@ -1258,6 +1264,7 @@ def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
         assert row.metrics["frozen_weight_dtype"] == "float32"
         if row.provider != "reference-ops":
             assert row.metrics["rel_err_vs_reference-ops"] < 1e-5, row
+            assert "float32" in row.metrics["check_note"]
     assert model.backend == ours.backend == "auto"
     assert model.recompute == ours.recompute == "none"  # switched on for its own rows only
     assert all(p.grad is None for p in model.trainable_parameters() + ours.trainable_parameters())
