@@ -436,6 +436,13 @@ def _has_call_hooks(module: nn.Module) -> bool:
                 or getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None))
 
 
+def _forward_replaced(module: nn.Module) -> bool:
+    """A ``forward`` set on the instance (how accelerate-style wrappers hook a layer): calling
+    the layer may then do more than its class's forward, which the fused call skips. (The patch
+    itself sets instance forwards only on the LoRA layers it replaces, never on their parts.)"""
+    return "forward" in module.__dict__
+
+
 def _functorch_transform_active() -> bool:
     """True inside a ``torch.func`` transform (grad, vmap, ...): the fused ops' autograd Functions
     define no ``setup_context``, which ``Function.apply`` then requires."""
@@ -622,6 +629,8 @@ class _PeftLoraKind(_LoraKind):
         lora_a, lora_b, dropout = module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
         if any(_has_call_hooks(m) for m in (base, lora_a, lora_b, dropout)):
             return "hooks on the base or LoRA sub-layers"
+        if any(_forward_replaced(m) for m in (base, lora_a, lora_b, dropout)):
+            return "forward replaced on the base or LoRA sub-layers"
         if _global_hooks_set():
             # Global module hooks would fire for lora_A/lora_B/base_layer, which the fused call skips.
             return "global module hooks registered"
@@ -690,8 +699,8 @@ class _ReferenceLoraKind(_LoraKind):
             p, training = 0.0, bool(module.training)
         if p >= 1.0:
             return "dropout p = 1"
-        if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set()):
-            return "hooks that the dropout sub-layer's call would run"
+        if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set() or _forward_replaced(dropout)):
+            return "hooks (or a replaced forward) that the dropout sub-layer's call would run"
         weight = module.weight
         if not isinstance(weight, nn.Parameter):
             # The reference's dropout-free forward swaps ``weight`` for ``W.detach() + s B A`` and
@@ -888,8 +897,12 @@ def _adapter_reason(adapter) -> str | None:
     probe = torch.randn(3, down.in_features, generator=generator).to(down.weight)
     with torch.no_grad():
         expected = up(F.leaky_relu(down(probe), 0.2))
-        got = adapter(probe)
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
+        try:
+            got = adapter(probe)
+        except Exception as exc:  # e.g. a forward that takes more arguments: not this adapter
+            return f"adapter forward fails on a [3, {down.in_features}] probe ({type(exc).__name__})"
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape \
+            or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
         return "adapter forward is not up(leaky_relu(down(z), 0.2))"
     return None
 
@@ -1453,17 +1466,22 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
     handled: set[int] = set()
     # named_modules() visits a parent before its children, so a recogniser that claims
     # children (the q/k/v group) sees them before the per-module recognisers do.
-    for name, module in model_or_module.named_modules():
-        for recogniser in _RECOGNISERS:
-            if not _family_enabled(recogniser.family, options) or not recogniser.matches(module):
-                continue
-            claimed = recogniser.claims(module) if recogniser.claims is not None else [module]
-            if any(id(m) in handled for m in claimed):
-                continue
-            recogniser.install(name, module, handle, options)
-            handled.update(id(m) for m in claimed)
-            if any(m is module for m in claimed):
-                break
+    try:
+        for name, module in model_or_module.named_modules():
+            for recogniser in _RECOGNISERS:
+                if not _family_enabled(recogniser.family, options) or not recogniser.matches(module):
+                    continue
+                claimed = recogniser.claims(module) if recogniser.claims is not None else [module]
+                if any(id(m) in handled for m in claimed):
+                    continue
+                recogniser.install(name, module, handle, options)
+                handled.update(id(m) for m in claimed)
+                if any(m is module for m in claimed):
+                    break
+    except BaseException:
+        # Nothing half-patched is left behind without a handle to undo it.
+        handle.undo()
+        raise
     return handle
 
 

@@ -426,6 +426,47 @@ def test_peft_dora_and_adapter_names_fall_back():
         assert any("extra forward arguments" in key for key in handle.stats())
 
 
+@pytest.mark.parametrize("part", ["base_layer", "lora_A", "lora_B", "lora_dropout"])
+def test_a_sub_layer_with_a_replaced_forward_falls_back(part):
+    # accelerate-style wrappers set ``forward`` on the instance instead of registering a hook: the
+    # fused call, which reads the weights and never calls the sub-layers, must not skip it.
+    model = _bert().eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    for layer in model.base_model.model.encoder.layer:
+        query = layer.attention.self.query
+        module = query.base_layer if part == "base_layer" else getattr(query, part)["default"]
+        module.forward = (lambda original: (lambda t: original(t) * 2.0))(module.forward)
+    expected = _run_bert(model, embeds)
+    with ace_kernels.patch(model) as handle:
+        torch.testing.assert_close(_run_bert(model, embeds), expected, **FP64_TOL)
+        assert any("forward replaced on the base or LoRA sub-layers" in key for key in handle.stats())
+
+
+def test_a_patch_that_fails_midway_leaves_nothing_patched(monkeypatch):
+    # A recogniser that raises after others have installed: patch() undoes what it did before
+    # raising, so no module is left with a replaced forward and no handle to undo it.
+    from ace_kernels import patching
+
+    model = _bert().eval()
+    before = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    def install(*args):
+        raise RuntimeError("boom")
+
+    last = model.base_model.model.encoder.layer[-1].output.LayerNorm  # visited after every q/k/v group
+    failing = patching.Recogniser(name="failing", family="lora", matches=lambda m: m is last, install=install)
+    patching.register_recogniser(failing)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            ace_kernels.patch(model)
+    finally:
+        patching.unregister_recogniser(failing)
+    after = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name].keys() == before[name].keys(), name
+        assert all(after[name][k] is before[name][k] for k in before[name]), name
+
+
 def test_peft_hooks_and_autocast():
     model = _bert().eval()
     attention = model.base_model.model.encoder.layer[0].attention.self
