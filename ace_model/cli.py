@@ -12,7 +12,8 @@ arguments, data, checkpoints or training states: every ``ValueError``, which our
 checks raise, and a missing file) or 1 (an expected failure while running: a non-finite
 loss, ranks that disagree, an OS error such as a full disk). Anything else is a bug or
 a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
-``ACE_LORA_DEBUG=1`` shows the traceback of the one-line errors too. Errors from
+Ctrl-C ends with one line and exit 130; what is on disk is the last complete state
+(``train --resume auto`` continues from it exactly). ``ACE_LORA_DEBUG=1`` shows the traceback of the one-line errors too. Errors from
 ``TrainConfig`` checks name the flag (``--chunk-size``), not the field.
 
 JSON output (``train``'s summary, ``zero-shot``'s metrics and ``--output``, the demo's
@@ -35,6 +36,7 @@ from typing import Sequence
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # The seed of train's model construction (TrainConfig.seed's default) and of zero-shot's,
 # so that zero-shot without --pretrained rebuilds the frozen towers that training used.
@@ -130,13 +132,14 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, under a minute)")
     demo.add_argument("--out-dir", default="ace-lora-demo")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--train-size", type=int, default=512)
-    demo.add_argument("--test-size", type=int, default=200)
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick: 150)")
+    demo.add_argument("--train-size", type=int, default=None, help="training samples (default 512; --quick: 256)")
+    demo.add_argument("--test-size", type=int, default=None, help="test samples (default 200; --quick: 100)")
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    demo.add_argument("--quick", action="store_true", help="a shortened demo (for tests): 150 steps, smaller sets")
+    demo.add_argument("--quick", action="store_true",
+                      help="a shortened demo (for tests): 150 steps, smaller sets, where not given explicitly")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -281,6 +284,11 @@ def _class_names(args: argparse.Namespace) -> list[str]:
         names = [c for c in header if c not in (args.image_column, "text")]
     if not names:
         raise CLIError(f"{args.csv}: no class columns (give --classes or add one 0/1 column per class)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CLIError(f"--classes: {', '.join(map(repr, repeated))} named more than once")
+    if args.task in ("multiclass", "multilabel") and len(names) < 2:
+        raise CLIError(f"--task {args.task} needs at least 2 classes, got {names}")
     if args.task == "binary" and len(names) != 2:
         raise CLIError(f"--task binary needs exactly 2 classes [negative, positive], got {names}")
     return names
@@ -347,8 +355,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ace_model.training import _check_out_dir
     from ace_model.zero_shot import evaluate
 
-    if args.quick:
-        args.steps, args.train_size, args.test_size = 150, 256, 100
+    # Defaults (the --quick ones with --quick), never over a value given explicitly.
+    for name, normal, quick in (("steps", 300, 150), ("train_size", 512, 256), ("test_size", 200, 100)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else normal)
+    # Checked before anything is written or evaluated, naming the flags.
+    if args.steps < 1:
+        raise CLIError(f"--steps: expected a positive number of training steps, got {args.steps}")
+    if args.batch_size < 2:
+        raise CLIError(f"--batch-size: expected at least 2 (a contrastive batch), got {args.batch_size}")
+    if args.train_size < args.batch_size:
+        raise CLIError(f"--train-size: expected at least --batch-size ({args.batch_size}) samples, got "
+                       f"{args.train_size}")
+    if args.test_size < 1:
+        raise CLIError(f"--test-size: expected a positive number of samples, got {args.test_size}")
     out = Path(args.out_dir)
     _check_out_dir(out, "--out-dir")
     out.mkdir(parents=True, exist_ok=True)
@@ -455,6 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ace-lora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # Every state, metrics line and weights file is written atomically: what is on disk is the
+        # last complete one, and `--resume auto` continues from it exactly.
+        if debug:
+            raise
+        hint = "; continue with --resume auto" if args.command == "train" else ""
+        print(f"ace-lora {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (NonFiniteLossError, RankMismatchError, OSError) as exc:
         # Expected failures while running; after a non-finite loss the last good
         # checkpoint is kept on disk. Other exceptions (bugs, out of memory) propagate

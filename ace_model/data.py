@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -146,6 +147,20 @@ def preprocess_image(image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, *, cr
     return (tensor - mean_t) / std_t
 
 
+_WIDE_MODES_WARNED: set = set()  # one warning per image mode and process, not one per file
+
+
+def _warn_if_clipped(mode: str, path) -> None:
+    """16- and 32-bit images (PIL modes I;16*, I, F: medical PNGs from DICOM often are) lose
+    everything above 255 in ``convert("RGB")``, as in the reference's preprocessing, which this
+    reproduces: say so once, naming the first such file."""
+    if (mode.startswith("I;16") or mode in ("I", "F")) and mode not in _WIDE_MODES_WARNED:
+        _WIDE_MODES_WARNED.add(mode)
+        warnings.warn(f"image file {os.fspath(path)!r} is {mode} (more than 8 bits): like the reference's "
+                      "preprocessing (PIL's convert('RGB')), values above 255 become white; convert such images "
+                      "to 8 bits first (e.g. scaled by their maximum) to keep their range", stacklevel=3)
+
+
 def load_image(path: str | os.PathLike, image_size: int, *, where: str = "", crop: bool = False) -> torch.Tensor:
     """Open and preprocess one image (``crop``: see :func:`preprocess_image`); a missing or
     unreadable file raises :class:`DataError` naming ``where`` (e.g. the CSV row) and the file."""
@@ -157,6 +172,7 @@ def load_image(path: str | os.PathLike, image_size: int, *, where: str = "", cro
     try:
         with Image.open(path) as image:
             image.load()
+            _warn_if_clipped(image.mode, path)
             return preprocess_image(image, image_size, crop=crop)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{prefix}image file {os.fspath(path)!r} cannot be read as an image "

@@ -655,6 +655,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if int(self.batch_size) < 2:
+            # The contrastive loss of a batch of one is 0 with a zero gradient: nothing would learn.
+            raise ValueError(f"TrainConfig.batch_size: expected >= 2 (a contrastive batch), got {self.batch_size}")
         for name in ("chunk_size", "max_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

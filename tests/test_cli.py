@@ -7,8 +7,10 @@ import csv
 import itertools
 import json
 import math
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,8 +191,10 @@ def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_pa
     dataset = CSVImageTextDataset(broken, tiny.tokenizer())
     with pytest.raises(DataError, match=r"broken.csv, row 1: image file .*broken.png' cannot be read"):
         dataset[0]
-    status = cli.main(["zero-shot", "--csv", str(broken), "--model", "tiny", "--classes", "edema", "--task",
-                       "multilabel"])
+    broken2 = _write_csv(tmp_path / "broken2.csv", ["image", "text", "edema", "effusion"],
+                         [["broken.png", "edema", 1, 0]])
+    status = cli.main(["zero-shot", "--csv", str(broken2), "--model", "tiny", "--classes", "edema,effusion",
+                       "--task", "multilabel"])
     assert status == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "row 1" in err and "broken.png" in err
@@ -257,8 +261,10 @@ def test_trailing_empty_header_names_are_dropped_and_inner_ones_named(tiny, synt
     header, rows = read_csv(trailing, ["image"])
     assert header == ["image", "text", "edema"] and len(rows) == 3
     assert CSVImageTextDataset(trailing, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0], [0.0]]
-    # zero-shot's default classes: every column but image and text, and '' is none of them.
-    assert cli._class_names(cli._parser().parse_args(["zero-shot", "--csv", str(trailing)])) == ["edema"]
+    # zero-shot's default classes: every column but image and text, and '' is none of them (one
+    # class, which zero-shot then refuses, naming what it found).
+    with pytest.raises(cli.CLIError, match=r"needs at least 2 classes, got \['edema'\]$"):
+        cli._class_names(cli._parser().parse_args(["zero-shot", "--csv", str(trailing)]))
     valued = tmp_path / "valued.csv"
     valued.write_text(f"image,text,edema,\n{image},fine,1,\n{image},fine,0,oops\n")
     with pytest.raises(DataError, match=r"valued.csv, row 2 \(line 3\): 4 field\(s\), expected 3.*unnamed trailing"):
@@ -429,6 +435,7 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
     (("--checkpoint-every", "-1"), "--checkpoint-every: expected >= 0, got -1"),
     (("--lr", "-0.001"), "--lr: expected a finite number >= 0, got -0.001"),
     (("--weight-decay", "nan"), "--weight-decay: expected a finite number >= 0, got nan"),
+    (("--batch-size", "1"), "--batch-size: expected >= 2 (a contrastive batch), got 1"),
     # Known only once the device is: checked in the run's set-up, still before any file.
     (("--precision", "bf16", "--device", "cpu"),
      "--precision: 'bf16' autocast needs a CUDA device, but this process runs on cpu (--device 'cpu')"),
@@ -753,3 +760,73 @@ def test_pretrained_file_finds_its_tokenizer_and_biomedclip_without_one_warns(tm
     monkeypatch.setattr(model_module, "load_base_weights", lambda base, path: None)  # no 800 MB file here
     with pytest.warns(UserWarning, match="stand-in vocabulary shipped for tests, not PubMedBERT's"):
         ACELoRA.from_config("biomedclip", pretrained=alone / "weights.bin")
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--steps", "0"), "--steps: expected a positive number of training steps, got 0"),
+    (("--train-size", "10"), "--train-size: expected at least --batch-size (32) samples, got 10"),
+    (("--batch-size", "1"), "--batch-size: expected at least 2 (a contrastive batch), got 1"),
+])
+def test_demo_flags_are_checked_before_anything_is_written(tmp_path, capsys, flags, expected):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out-dir", str(out), *flags]) == cli.EXIT_BAD_INPUT
+    assert expected in _one_error_line(capsys.readouterr().err, "demo")
+    assert not out.exists()
+
+
+def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
+    # --quick fills in only what was not given.
+    seen = {}
+
+    def stop(out, size, **kwargs):
+        seen.setdefault("sizes", []).append(size)
+        raise cli.CLIError("stop here")
+
+    monkeypatch.setattr("ace_model.data.make_synthetic_dataset", stop)
+    assert cli.main(["demo", "--quick", "--train-size", "64", "--out-dir", str(tmp_path / "demo")]) == \
+        cli.EXIT_BAD_INPUT
+    assert seen["sizes"] == [64]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--classes", "edema,edema"), "--classes: 'edema' named more than once"),
+    (("--classes", "edema", "--task", "multilabel"), "--task multilabel needs at least 2 classes, got ['edema']"),
+    (("--classes", "edema"), "--task multiclass needs at least 2 classes, got ['edema']"),
+])
+def test_zero_shot_classes_named_twice_or_too_few(synthetic, capsys, flags, expected):
+    # Before any model is built: a repeated class made every row look multi-positive, and one
+    # class under multilabel gave AUROC 0.5 from per-image min-max scores that are all 0.
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", *flags]) == cli.EXIT_BAD_INPUT
+    assert expected in _one_error_line(capsys.readouterr().err, "zero-shot")
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.main.__globals__, "cmd_train", interrupted)
+    assert cli.main(["train", "--csv", "unused.csv"]) == cli.EXIT_INTERRUPTED == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "ace-lora train: interrupted; continue with --resume auto"
+
+
+def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_path):
+    # PIL's convert("RGB") (the reference's preprocessing) clips a 16-bit image above 255: the
+    # values are kept as the reference gets them, and the user is told once per image mode.
+    from PIL import Image
+
+    from ace_model import data
+
+    pixels = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
+    path = tmp_path / "g16.png"
+    Image.fromarray(pixels).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I;16")
+    data._WIDE_MODES_WARNED.clear()
+    with pytest.warns(UserWarning, match=r"g16.png' is I;16.* values above 255 become white"):
+        first = data.load_image(path, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.load_image(path, 32)  # once per mode and process
+    with Image.open(path) as image:
+        assert torch.equal(first, data.preprocess_image(image, 32))
