@@ -318,13 +318,14 @@ def _global_lse(row_lse, col_lse, n: int, lo: int, hi: int, dtype):
     return row_ext, col_ext
 
 
-def _empty_share_grads(u, t, scale):
-    """Gradients of an empty owned range's share (a constant 0): zeros of every input's shape.
+def _empty_share_grads(u, t, scale, dtype=None):
+    """Gradients of an empty owned range's share (a constant 0): zeros of every input's shape
+    (the rows' in ``dtype`` when given).
 
     Explicit zeros, not None, so that a rank with no rows still runs the same backward
     graph as the others, including the gradient reduce-scatters of the gathered rows.
     """
-    return torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
+    return torch.zeros_like(u, dtype=dtype), torch.zeros_like(t, dtype=dtype), torch.zeros_like(scale)
 
 
 _SECOND_DERIVATIVE_ERROR = ("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
@@ -1056,10 +1057,7 @@ def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tu
 def _triton_share_grads(saved, grad_share, lo: int, hi: int, wide: bool = False):
     """Gradients of the owned share w.r.t. ``u``, ``t`` (their dtype, or fp32 when ``wide``) and the scale."""
     if lo == hi:
-        u, t, scale = saved
-        if wide:
-            u, t = u.float(), t.float()
-        return _empty_share_grads(u, t, scale)
+        return _empty_share_grads(*saved, dtype=torch.float32 if wide else None)
     u, t, scale, keys32, row_lse, col_lse = saved
     n = u.shape[0]
     scale32 = scale.detach().to(torch.float32).reshape(1)

@@ -234,6 +234,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
             with autocast:
                 loss = on.loss(images, ids, labels)
             loss.backward()
+            return loss
 
         return step
 
@@ -294,7 +295,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     graph_peaks, graph_reserved, replay_errors, graphs = {}, {}, {}, {}
 
     def loss_and_grads(loss):
-        return torch.cat([loss.detach().float().reshape(1)] + [p.grad.float().reshape(-1) for p in ours_params])
+        return harness.loss_and_grads_vector(loss, [p.grad for p in ours_params])
 
     def build_and_check_graph(provider, label):
         """Capture the plain step; then one replay against the eager step from the same generator
@@ -318,10 +319,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
         graph_peaks[label] = (torch.cuda.max_memory_allocated(device) - before) / MIB
         graph_reserved[label] = (torch.cuda.memory_reserved(device) - reserved_before) / MIB
         state = _capture_torch_rng(device)
-        with autocast:
-            loss = ours_model.loss(images, ids, labels)
-        loss.backward()
-        eager = loss_and_grads(loss)
+        eager = loss_and_grads(step_with(provider)())
         _restore_torch_rng(state, device)
         try:
             replay = loss_and_grads(graphs[label](images, ids, labels))
@@ -387,7 +385,7 @@ def _eval_vector(on, backend: str, inputs, autocast, *, reference: bool = False,
             with autocast:
                 loss = on.loss(*inputs)
             grads = torch.autograd.grad(loss, on.trainable_parameters())
-        return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
+        return harness.loss_and_grads_vector(loss, grads)
     finally:
         on.train()
         on.recompute = "none"
@@ -547,9 +545,7 @@ def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, flo
     fits = True
     try:
         inputs = device_batch(model, batch, device, seed=9)
-        backend, _, variant = (provider or "torch").partition("+")
-        model.backend = backend
-        model.recompute = {suffix: mode for mode, suffix in RECOMPUTE_SUFFIXES.items()}.get(variant, "none")
+        model.backend, model.recompute = _backend_and_recompute(provider or "torch")
         with reference_ops() if provider is None else contextlib.nullcontext():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model.loss(*inputs)
@@ -571,6 +567,12 @@ def _try_step(suite, model, batch: int, provider: str | None) -> tuple[bool, flo
     if not finite:
         raise FloatingPointError(f"the loss at B={batch} is not finite")
     return fits, elapsed_ms, peak
+
+
+def _backend_and_recompute(label: str) -> tuple[str, str]:
+    """``"triton+recompute-layer"`` -> ``("triton", "layer")``; a plain backend -> ``(backend, "none")``."""
+    backend, _, variant = label.partition("+")
+    return backend, {suffix: mode for mode, suffix in RECOMPUTE_SUFFIXES.items()}.get(variant, "none")
 
 
 def _round8(value: float) -> int:
@@ -737,8 +739,7 @@ def _run_max_batch(suite, model, ours_model) -> None:
         fp32 = contextlib.nullcontext()
         want = _eval_vector(model, "torch", inputs, fp32, reference=True)
         for label in missing:
-            backend, _, variant = label.partition("+")
-            recompute = {suffix: mode for mode, suffix in RECOMPUTE_SUFFIXES.items()}.get(variant, "none")
+            backend, recompute = _backend_and_recompute(label)
             try:
                 checks[label] = harness.relative_error(_eval_vector(model, backend, inputs, fp32,
                                                                     recompute=recompute), want)
@@ -885,7 +886,7 @@ def _run_peft_patch(suite) -> None:
         try:
             loss = loss_of(model)
             grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad] + [scale])
-            return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
+            return harness.loss_and_grads_vector(loss, grads)
         finally:
             model.train()
 

@@ -166,8 +166,7 @@ def run(suite) -> None:
                 for t in params:
                     t.grad = None
                 loss = chunked_train_step(model, images, ids, labels, chunk_size=size, precision="fp32")
-                vectors.append(torch.cat([loss.detach().float().reshape(1)]
-                                         + [t.grad.float().reshape(-1) for t in params]))
+                vectors.append(harness.loss_and_grads_vector(loss, [t.grad for t in params]))
             return harness.relative_error(vectors[1], vectors[0])
         finally:
             model.train()

@@ -638,6 +638,12 @@ def describe_error(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:limit] if text else ''}"
 
 
+def loss_and_grads_vector(loss: torch.Tensor, grads) -> torch.Tensor:
+    """A step's loss and gradients as one float32 vector: what a training step's check compares
+    (with :func:`relative_error`)."""
+    return torch.cat([loss.detach().float().reshape(1)] + [g.float().reshape(-1) for g in grads])
+
+
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """``||ours - ref|| / ||ref||`` in float64 (inf when shapes differ or ours is not finite)."""
     if ours.shape != ref.shape:
