@@ -51,7 +51,7 @@ _TRAIN_FLAGS = {
     "seed": "seed", "use_labels": "use_labels", "device": "device", "precision": "precision",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resume": "resume",
     "num_workers": "num_workers", "progress": "progress", "cuda_graph": "cuda_graph",
-    "recompute": "recompute",
+    "recompute": "recompute", "overwrite": "overwrite",
 }
 
 
@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="a state file, a run directory, or 'auto' (latest in --out-dir)")
     train.add_argument("--num-workers", type=int, default=0)
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    train.add_argument("--overwrite", action="store_true",
+                       help="let this run replace another run's files in --out-dir (refused without it)")
 
     zero = sub.add_parser("zero-shot", help="prompt-ensemble zero-shot classification with accuracy and AUROC")
     zero.add_argument("--csv", required=True, help="CSV with an image column and one 0/1 column per class")
@@ -414,7 +416,8 @@ def _demo_trainer(args, train_csv: Path, out: Path):
 
     config = TrainConfig(csv=str(train_csv), out_dir=str(out / "run"), model="tiny", epochs=10_000,
                          max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device="cpu", checkpoint_every=0, progress=args.progress)
+                         device="cpu", checkpoint_every=0, progress=args.progress,
+                         overwrite=True)  # the demo's folder is its own: a second demo replaces the first
     return train, config
 
 

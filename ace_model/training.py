@@ -50,6 +50,7 @@ import random
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -621,6 +622,7 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     cuda_graph: bool = False  # replay each step as a captured CUDA graph (GraphedTrainStep)
     recompute: str = "none"  # ACELoRA.recompute: "none", "mlp" or "layer" (rerun in the backward, not kept)
+    overwrite: bool = False  # let a new run replace the files of another run in out_dir
 
     # Fields that may change between a run and its resumption. Most leave every number of
     # the run as it was; not all: with dropout on, a new chunk_size draws other
@@ -630,7 +632,8 @@ class TrainConfig:
     # data: the dataset length is checked against the state.
     _RESUMABLE_CHANGES = frozenset(
         {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
-         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph", "recompute"}
+         "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph", "recompute",
+         "overwrite"}
     )
 
     def to_dict(self) -> dict:
@@ -679,8 +682,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"TrainConfig.cuda_graph: expected a bool, got {self.cuda_graph!r}")
+        for name in ("cuda_graph", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if self.recompute not in ("none", "mlp", "layer"):
             raise ValueError(f"TrainConfig.recompute: expected 'none', 'mlp' or 'layer', got {self.recompute!r}")
         if self.cuda_graph and self.recompute == "layer":
@@ -947,12 +951,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Step records of the last run in a ``metrics.jsonl``, one per step (the last written wins).
 
     Each fresh run into an existing ``out_dir`` appends to the same file after an
-    ``{"event": "start"}`` line, so only the records after the last such line are kept;
-    a ``{"event": "resume", "step": S}`` line continues the same run from its state at step
-    S: the records after S that came before it (of the trajectory the resume abandoned) are
-    dropped, and the resumed run's records take their place. A torn line (a crash mid-write)
-    is ignored.
+    ``{"event": "start", "run": ID}`` line, so only the records after the last such line are
+    kept; a ``{"event": "resume", "step": S, "run": ID}`` line continues run ID (the one whose
+    state was loaded, even when another run started after it) from its state at step S: the
+    records of that run after S that came before it (of the trajectory the resume abandoned)
+    are dropped, and the resumed run's records take their place. Lines without a run id
+    (written before runs had one), or with one this file never started, continue the run last
+    started. A torn line (a crash
+    mid-write) is ignored.
     """
+    runs: dict[str, dict[int, dict]] = {}
     by_step: dict[int, dict] = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:
@@ -962,9 +970,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 continue
             if not isinstance(record, dict):
                 continue
+            run = record.get("run")
             if record.get("event") == "start":
-                by_step.clear()
+                by_step = {}
+                if isinstance(run, str):
+                    runs[run] = by_step
             elif record.get("event") == "resume" and isinstance(record.get("step"), int):
+                if isinstance(run, str):
+                    # An id this file has not started (a state written before runs had ids, or
+                    # one from another directory) continues the run last started, as before ids.
+                    by_step = runs.setdefault(run, by_step)
                 for later in [s for s in by_step if s > record["step"]]:
                     del by_step[later]
             elif "step" in record and "loss" in record:
@@ -1052,6 +1067,36 @@ def _check_out_dir(out_dir: Path, name: str = "TrainConfig.out_dir") -> None:
             return
 
 
+def _check_no_other_run(config: TrainConfig, out_dir: Path) -> None:
+    """Refuse, before any work, a run that would overwrite another run's files in ``out_dir``.
+
+    ``out_dir`` holds a run when it has ``checkpoints/latest`` or ``ace_lora.pt``. Only a
+    resume from a state in its own ``checkpoints/`` continues that run; a fresh run (or a
+    resume from a state elsewhere) would replace its ``ace_lora.pt``, its ``latest`` and its
+    same-numbered checkpoints, so it needs ``overwrite=True``. A run that stopped before its
+    first checkpoint left only ``config.json`` and ``metrics.jsonl`` (appended to, never
+    overwritten): nothing to lose.
+    """
+    if config.overwrite:
+        return
+    held = [name for name in ("checkpoints/latest", "ace_lora.pt") if (out_dir / name).exists()]
+    if not held:
+        return
+    try:
+        resume_path = resolve_resume(config.resume, out_dir)
+    except Exception:  # noqa: BLE001 - reported where the state is loaded, with its own message
+        return
+    if resume_path is not None:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(Path(resume_path).parent, out_dir / "checkpoints"):
+                return
+    doing = "a fresh run" if resume_path is None else f"a run resumed from {str(resume_path)!r}"
+    raise ValueError(
+        f"TrainConfig.out_dir: {str(out_dir)!r} holds another run ({' and '.join(held)}), whose files {doing} would "
+        "overwrite; continue that run with TrainConfig.resume set to 'auto', replace it with TrainConfig.overwrite, "
+        "or choose another directory")
+
+
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
 
@@ -1079,7 +1124,7 @@ def _dataset_fingerprint(dataset) -> str | None:
 
 
 def _config_fingerprint(config: TrainConfig, dataset_len: int, trainable, dataset_fingerprint=None) -> dict:
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("out_dir", "resume", "progress", "device")}
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("out_dir", "resume", "overwrite", "progress", "device")}
     fields["dataset length"] = dataset_len
     fields["dataset fingerprint"] = dataset_fingerprint
     fields["trainable shapes"] = [(n, tuple(p.shape)) for n, p in trainable]
@@ -1149,6 +1194,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         # Everything a rank can fail on its own (its device, its model files, its CSV, its share
         # of the batch) is in here, so that it fails the other ranks through _fail_together below
         # instead of leaving them in their first collective until the timeout.
+        _check_no_other_run(config, out_dir)
         if config.cuda_graph and (device.type != "cuda" or world > 1):
             raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "
                              f"{world} process(es) on {device}")
@@ -1223,6 +1269,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
     epoch_gen_state = None
     checkpoint_steps: list[int] = []
+    run_id = uuid.uuid4().hex  # names this run's lines in metrics.jsonl and its states (read_metrics)
     resume_path = resume_error = None
     try:
         resume_path = resolve_resume(config.resume, out_dir)
@@ -1233,6 +1280,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            run_id = state.get("run_id") or run_id  # states written before runs had ids get one now
             epoch_gen_state = state["data_generator_epoch_start"]
             _rng_restore(state["rng"][rank], device)
             checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
@@ -1253,7 +1301,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         _remove_stale_temp_files(out_dir)
         atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         metrics = _open_metrics_for_append(metrics_path)
-        event = {"event": "resume" if resume_path else "start", "step": step, "time": time.time(),
+        event = {"event": "resume" if resume_path else "start", "run": run_id, "step": step, "time": time.time(),
                  "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
         if resume_path:
             event["from"] = str(resume_path)
@@ -1337,7 +1385,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        dataset_record, checkpoint_steps)
+                        dataset_record, checkpoint_steps, run_id)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0
@@ -1373,7 +1421,7 @@ def _non_finite_parameters(trainable) -> list[str]:
 
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
-                epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps):
+                epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps, run_id):
     """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it."""
     snapshot = _rng_snapshot(device)
     if group is not None:
@@ -1398,6 +1446,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
                 "rng": rng_all,
                 "world_size": world,
                 "config": config.to_dict(),
+                "run_id": run_id,
                 **dataset_record,
                 # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
             }

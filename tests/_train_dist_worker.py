@@ -73,7 +73,9 @@ def main() -> None:
     if args.mode == "resume_mismatch":
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         _train_run(args, rank, lr=1e-2)
-        for what, overrides in (("resume", {"resume": "auto" if rank == 0 else None}),
+        # Rank 1 starts afresh, as on a node without the shared directory (where nothing would be
+        # overwritten: here the directory is shared, so it says overwrite).
+        for what, overrides in (("resume", {"resume": "auto"} if rank == 0 else {"overwrite": True}),
                                 ("setup", {"batch_size": 7 if rank == 1 else 8, "out_dir": os.path.join(args.out,
                                                                                                       "run2")})):
             try:

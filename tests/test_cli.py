@@ -350,11 +350,12 @@ def test_train_flags_map_to_train_config(synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "train", fake_train)
     status = cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
                        "--batch-size", "8", "--chunk-size", "4", "--lr", "0.01", "--max-steps", "3",
-                       "--no-labels", "--resume", "auto", "--checkpoint-every", "2", "--no-progress"])
+                       "--no-labels", "--resume", "auto", "--checkpoint-every", "2", "--no-progress", "--overwrite"])
     assert status == 0
     config = seen["config"]
     assert (config.model, config.batch_size, config.chunk_size, config.lr, config.max_steps) == ("tiny", 8, 4, 0.01, 3)
     assert (config.use_labels, config.resume, config.checkpoint_every, config.progress) == (False, "auto", 2, False)
+    assert config.overwrite is True
     defaults = training.TrainConfig()
     status = cli.main(["train", "--csv", str(synthetic)])
     assert status == 0
@@ -385,6 +386,20 @@ def test_out_dir_that_is_a_file_is_a_one_line_error(synthetic, tmp_path, capsys)
             line = _one_error_line(capsys.readouterr().err, command[0])
             assert f"--out-dir: {str(out_dir)!r}" in line and "is not a directory" in line
     assert taken.read_text() == "not a directory"
+
+
+def test_a_run_into_another_runs_out_dir_is_refused_naming_the_flags(synthetic, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text('{"step": 4, "state": "state-00000004.pt"}\n')
+    status = cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
+                       "--no-progress"])
+    assert status == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert (f"--out-dir: {str(run)!r} holds another run (checkpoints/latest), whose files a fresh run would overwrite; "
+            "continue that run with --resume set to 'auto', replace it with --overwrite, or choose another "
+            "directory") in line, line
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "latest"]  # nothing written
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a state"])

@@ -620,21 +620,79 @@ def test_read_metrics_keeps_only_the_last_run(tmp_path):
              {"step": 3, "loss": 3.0}, {"event": "resume", "step": 1}, {"step": 2, "loss": 3.5}]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 5.0), (2, 3.5)]
+    # With run ids a resume continues its own run, even after another run started.
+    lines = [{"event": "start", "run": "a", "step": 0}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0},
+             {"event": "start", "run": "b", "step": 0}, {"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0},
+             {"step": 3, "loss": 7.0}, {"event": "resume", "run": "a", "step": 1}, {"step": 2, "loss": 3.9}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 5.0), (2, 3.9)]
+    # An id the file never started (a state from before run ids were saved) continues the last run.
+    lines[-2] = {"event": "resume", "run": "c", "step": 2}
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 9.0), (2, 3.9)]
 
 
-def test_a_fresh_run_into_a_used_out_dir_reads_back_alone(tmp_path):
+def test_a_fresh_run_into_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
     model = make_model("standin", seed=3)
     data = RandomPairs(model, 18, seed=1)
     first = train(_config(tmp_path, checkpoint_every=0), model=model, dataset=data, loss_fn=dense_label_infonce)
     assert [r["step"] for r in read_metrics(first["metrics"])] == list(range(1, 13))
+    run = Path(first["out_dir"])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # Refused before anything is written: a fresh run, and a resume from a state of another directory.
+    elsewhere = train(_config(tmp_path, out_dir=str(tmp_path / "other"), max_steps=2, checkpoint_every=0),
+                      model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
+    for resume in (None, elsewhere["state"]):
+        with pytest.raises(ValueError, match=r"^TrainConfig\.out_dir: .* holds another run \(checkpoints/latest and "
+                                             r"ace_lora\.pt\), whose files a (fresh run|run resumed from .*) would "
+                                             r"overwrite; continue that run with TrainConfig\.resume set to 'auto', "
+                                             r"replace it with TrainConfig\.overwrite"):
+            train(_config(tmp_path, max_steps=3, resume=resume), model=make_model("standin", seed=3), dataset=data,
+                  loss_fn=dense_label_infonce)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # A crash mid-write tore the last line: the next run's "start" line must still be read.
     with open(first["metrics"], "a", encoding="utf-8") as handle:
         handle.write('{"step": 13, "loss": 1.0, "l')
-    second = train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3), model=make_model("standin", seed=3),
-                   dataset=data, loss_fn=dense_label_infonce)
+    second = train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3, overwrite=True),
+                   model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
     records = read_metrics(second["metrics"])
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["loss"] == pytest.approx(second["final_loss"])
+
+
+def test_a_resume_after_another_run_failed_in_the_out_dir_reads_back_its_own_steps(tmp_path):
+    """Run A checkpoints at step 4 and fails at step 5; run B (overwrite) fails at its step 3, before
+    any checkpoint; resuming A reads back A's steps 1-4 and the resumed ones, none of B's."""
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+
+    def failing_at(call):
+        calls = []
+
+        def loss(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                raise RuntimeError("injected failure")
+            return dense_label_infonce(*args, **kwargs)
+        return loss
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data,
+              loss_fn=failing_at(5))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    a_losses = [r["loss"] for r in read_metrics(metrics)]
+    assert len(a_losses) == 4
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, max_steps=6, overwrite=True, lr=1e-3), model=make_model("standin", seed=3),
+              dataset=data, loss_fn=failing_at(3))
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]  # B's, the run last started
+    resumed = train(_config(tmp_path, max_steps=6, resume="auto"), model=make_model("standin", seed=3), dataset=data,
+                    loss_fn=dense_label_infonce)
+    records = read_metrics(resumed["metrics"])
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records[:4]] == a_losses
+    run_ids = {json.loads(line).get("run") for line in metrics.read_text().splitlines() if '"event"' in line}
+    assert len(run_ids) == 2 and None not in run_ids  # A's start and resume share an id; B has its own
+    assert torch.load(resumed["state"], weights_only=True)["run_id"] in run_ids
 
 
 def test_bad_device_names_the_field_before_any_work(tmp_path, monkeypatch):
