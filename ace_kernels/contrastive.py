@@ -1054,8 +1054,13 @@ def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tu
     return share, (u, t, scale, keys32, row_lse, col_lse)
 
 
-def _triton_share_grads(saved, grad_share, lo: int, hi: int, wide: bool = False):
-    """Gradients of the owned share w.r.t. ``u``, ``t`` (their dtype, or fp32 when ``wide``) and the scale."""
+def _triton_share_grads(saved, grad_share, lo: int, hi: int, wide: bool = False, needs=(True, True, True)):
+    """Gradients of the owned share w.r.t. ``u``, ``t`` (their dtype, or fp32 when ``wide``) and the scale.
+
+    ``needs`` (autograd's ``needs_input_grad`` for the three) skips a gradient kernel: the
+    first pass (``u``'s rows) also gives the scale's gradient, so it runs when either is
+    needed; the second (``t``'s rows) only for ``t``. A skipped gradient is None.
+    """
     if lo == hi:
         return _empty_share_grads(*saved, dtype=torch.float32 if wide else None)
     u, t, scale, keys32, row_lse, col_lse = saved
@@ -1065,9 +1070,14 @@ def _triton_share_grads(saved, grad_share, lo: int, hi: int, wide: bool = False)
     row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, torch.float32)
     # The kernels add the positives' terms; the first pass's logit-scale gradient is complete
     # (it meets every non-zero weight and every owned positive).
-    grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, wide)
-    grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, wide)
-    return grad_u, grad_t, grad_scale.to(scale.dtype).reshape(scale.shape)
+    grad_u = grad_t = grad_scale = None
+    if needs[0] or needs[2]:
+        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, wide)
+        grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None
+        grad_u = grad_u if needs[0] else None
+    if needs[1]:
+        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, wide)
+    return grad_u, grad_t, grad_scale
 
 
 class _TritonLossShare(torch.autograd.Function):
@@ -1083,7 +1093,7 @@ class _TritonLossShare(torch.autograd.Function):
     @staticmethod
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
-        grads = _triton_share_grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi)
+        grads = _triton_share_grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, needs=ctx.needs_input_grad[:3])
         return grads + (None, None, None)
 
 
@@ -1112,9 +1122,11 @@ class _TritonGroupShare(torch.autograd.Function):
     def backward(ctx, grad_share):
         saved = ctx.saved_tensors
         dtype = saved[0].dtype
-        grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, wide=True)
+        grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, wide=True,
+                                                         needs=ctx.needs_input_grad[:3])
         # Only the embeddings that need a gradient are reduced: every rank has agreed on which
-        # (the shape exchange), where the logit scale's need may differ from rank to rank.
+        # (the shape exchange), where the logit scale's need may differ from rank to rank. (A rank
+        # with no rows computes zeros for all three, and reduces the needed ones too.)
         grad_u = _reduce_scatter_rows(grad_u, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
             if ctx.needs_input_grad[0] else None
         grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype) \

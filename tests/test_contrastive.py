@@ -401,6 +401,32 @@ def test_triton_matches_oracle(name, batch, dim, make_labels, device):
     _check_triton_fp32(u, t, s, labels.to(device) if labels is not None else None, device)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True), (True, True, False)])
+def test_only_the_needed_gradients_are_computed(backend, needs, device, monkeypatch):
+    """Each subset of (image_emb, text_emb, logit_scale) that needs a gradient gets the same
+    gradients as when all three do; the Triton backward runs the gradient kernel of the text
+    rows only for text_emb, and that of the image rows only for image_emb or the scale."""
+    u, t, s = _inputs(19, 24, dtype=torch.float32)
+    labels = _duplicated_labels(19, 3, 4).to(device)
+    leaves = [x.detach().to(device) for x in (u, t, s)]
+    launches = []
+    real = contrastive._triton_grad_rows
+    monkeypatch.setattr(contrastive, "_triton_grad_rows", lambda a, *rest: launches.append(a) or real(a, *rest))
+    inputs = [x.clone().requires_grad_() for x in leaves]
+    want = torch.autograd.grad(ace_kernels.label_guided_infonce(*inputs, labels, backend=backend), inputs)
+    launches.clear()
+    inputs = [x.clone().requires_grad_(need) for x, need in zip(leaves, needs)]
+    wanted = [x for x in inputs if x.requires_grad]
+    got = torch.autograd.grad(ace_kernels.label_guided_infonce(*inputs, labels, backend=backend), wanted)
+    for g, w in zip(got, [w for w, need in zip(want, needs) if need]):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    if backend == "triton":
+        assert [a.data_ptr() for a in launches] == [x.data_ptr() for x, need in
+                                                    zip(inputs[:2], (needs[0] or needs[2], needs[1])) if need]
+
+
 @pytest.mark.triton
 def test_triton_strided_rows(device):
     # Row strides that are not D (views of wider buffers): the kernels take strides, not copies.
