@@ -1478,7 +1478,7 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
         if key in TrainConfig._RESUMABLE_CHANGES:
             continue
         if saved.get(key) != now.get(key):
-            raise TrainingStateError(f"resume from {path}: config field {key!r} was {saved.get(key)!r} in the saved "
+            raise TrainingStateError(f"resume from {path}: TrainConfig.{key} was {saved.get(key)!r} in the saved "
                                      f"run, now {now.get(key)!r}; resuming would not continue the same run")
     if state["world_size"] != world:
         raise TrainingStateError(f"resume from {path}: the state was written by {state['world_size']} processes, "

@@ -402,6 +402,16 @@ def test_a_run_into_another_runs_out_dir_is_refused_naming_the_flags(synthetic, 
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "latest"]  # nothing written
 
 
+def test_a_resume_with_another_setting_names_the_flag(synthetic, tmp_path, capsys):
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
+              "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    assert cli.main(common) == 0
+    capsys.readouterr()
+    assert cli.main([*common, "--resume", "auto", "--lr", "0.5"]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert line.endswith(": --lr was 0.001 in the saved run, now 0.5; resuming would not continue the same run"), line
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a state"])
 def test_corrupt_resume_state_is_a_one_line_error_naming_it(synthetic, tmp_path, capsys, damage):
     state = tmp_path / "state-00000004.pt"

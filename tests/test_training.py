@@ -380,7 +380,8 @@ def test_resume_refuses_a_different_run(tmp_path):
     model = make_model("standin")
     data = RandomPairs(model, 8, seed=1)
     train(_config(tmp_path, epochs=1), model=model, dataset=data, loss_fn=dense_label_infonce)
-    with pytest.raises(ValueError, match="'lr'"):
+    with pytest.raises(ValueError, match=r": TrainConfig\.lr was 0\.01 in the saved run, now 0\.005; resuming would "
+                                         r"not continue the same run$"):
         train(_config(tmp_path, epochs=1, lr=5e-3, resume="auto"), model=make_model("standin"), dataset=data,
               loss_fn=dense_label_infonce)
     with pytest.raises(FileNotFoundError, match="no such file"):
