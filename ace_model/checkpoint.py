@@ -122,11 +122,20 @@ def _expect_dict(where: str, value, keys) -> dict:
     return value
 
 
+def _expect_only(where: str, value: dict, keys, what: str) -> None:
+    """Refuse a key ``value`` has beyond ``keys``: loading would drop it, and the next save lose it."""
+    extra = [key for key in value if key not in keys]
+    if extra:
+        raise CheckpointError(f"{where}: unexpected key {extra[0]!r}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}"
+                              f" ({what} {list(keys)}); loading would drop it")
+
+
 def check_metadata(model, metadata, path) -> None:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: 'metadata' must be a dict, found {type(metadata).__name__}")
     rank = model.text_lora[0].rank
-    checks = (("r", rank), ("topk", model.topk), ("position", "all"))
+    # "k_nearest" is the reference's second record of the hyperedge size (5 and 5 in the release).
+    checks = (("r", rank), ("topk", model.topk), ("k_nearest", model.topk), ("position", "all"))
     for key, want in checks:
         if key in metadata and metadata[key] != want:
             raise CheckpointError(f"{path}: metadata[{key!r}] is {metadata[key]!r}, this model needs {want!r}")
@@ -167,13 +176,17 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     if extra_layers:
         raise CheckpointError(f"{path}: unexpected key weights[{extra_layers[0]!r}]: this model has "
                               f"{len(layers)} attention layers (layer_0..layer_{len(layers) - 1})")
+    _expect_only(f"{path}: weights", weights, [f"layer_{i}" for i in range(len(layers))] + [a[0] for a in ADAPTERS]
+                 + ["logit_scale"], "this model's entries are")
 
     staged: list[tuple[torch.Tensor, torch.Tensor]] = []
     for index, lora in enumerate(layers):
         layer = _expect_dict(f"{path}: weights['layer_{index}']", weights[f"layer_{index}"], PROJECTIONS)
+        _expect_only(f"{path}: weights['layer_{index}']", layer, PROJECTIONS, "this model adapts")
         for p, projection in enumerate(PROJECTIONS):
             where = f"{path}: weights['layer_{index}'][{projection!r}]"
             entry = _expect_dict(where, layer[projection], LORA_KEYS)
+            _expect_only(where, entry, LORA_KEYS, "a LoRA pair is")
             a = _expect_tensor(f"{where}['w_lora_A']", entry["w_lora_A"], tuple(lora.lora_a.shape[1:]))
             b = _expect_tensor(f"{where}['w_lora_B']", entry["w_lora_B"], tuple(lora.lora_b.shape[1:]))
             staged.append((lora.lora_a.data[p], a))
@@ -182,6 +195,7 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
         adapter = _adapter(model, attribute, which)
         target = adapter.state_dict()
         state = _expect_dict(f"{path}: weights[{key!r}]", weights[key], ADAPTER_KEYS)
+        _expect_only(f"{path}: weights[{key!r}]", state, ADAPTER_KEYS, "an adapter is")
         for name in ADAPTER_KEYS:
             value = _expect_tensor(f"{path}: weights[{key!r}][{name!r}]", state[name], tuple(target[name].shape))
             staged.append((target[name], value))

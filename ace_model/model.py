@@ -454,6 +454,7 @@ class ACELoRA(nn.Module):
         self.text_attention_dropout = float(bert.config.attention_probs_dropout_prob)
         self._tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else TOKENIZER_DIR
         self._tokenizer = None
+        self._frozen_dtype: torch.dtype | None = None  # set by cast_frozen_weights
 
         vit_width = trunk.embed_dim
         bert_width = bert.config.hidden_size
@@ -558,15 +559,16 @@ class ACELoRA(nn.Module):
         and ``nn.Conv2d`` of :attr:`clip`) in ``dtype``; returns ``self``.
 
         For a model that runs only under ``torch.autocast(dtype=dtype)``, as ``train`` runs it
-        on a GPU with bf16 (``zero_shot.evaluate`` runs without autocast: not there). Autocast
-        casts those weights to its dtype at
+        on a GPU with bf16 (``zero_shot.evaluate`` runs such a model under that autocast too).
+        Autocast casts those weights to its dtype at
         every use, and the copy made for a frozen layer is kept for the backward (``dX = dY W``);
         stored in ``dtype`` they are used as they are. The values are the same bit for bit (the
         cast rounds the same way), so losses and gradients are unchanged, without the casts of
         every step or the copies they keep alive (about 325 MiB for ``biomedclip`` in bf16, and
         half the frozen weights' own memory). LayerNorms, embeddings, positional and class
         embeddings and every trainable parameter keep their dtype (autocast computes with those
-        in float32). Outside autocast the model then needs inputs of ``dtype``.
+        in float32). Outside autocast the model no longer runs (those float32 layers and the
+        ``dtype`` weights meet in one product): the encoders say so instead of failing inside.
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"argument 'dtype': expected a floating-point torch.dtype, got {dtype!r}")
@@ -585,7 +587,21 @@ class ACELoRA(nn.Module):
                                  "a module that is neither nn.Linear nor nn.Conv2d; it is left to autocast")
         for _, _, param in params:
             param.data = param.data.to(dtype)
+        self._frozen_dtype = dtype if params else self._frozen_dtype
         return self
+
+    @property
+    def frozen_weights_dtype(self) -> torch.dtype | None:
+        """The dtype :meth:`cast_frozen_weights` stored the frozen matmul weights in (None: never cast)."""
+        return self._frozen_dtype
+
+    def _check_autocast(self, device: torch.device) -> None:
+        frozen = self._frozen_dtype
+        if frozen is None or frozen == torch.float32:
+            return
+        if not (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == frozen):
+            raise RuntimeError(f"ACELoRA: the frozen weights are stored in {frozen} (cast_frozen_weights), so the "
+                               f"model runs only under torch.autocast({device.type!r}, dtype={frozen})")
 
     # -- tokenizer ----------------------------------------------------------------------
 
@@ -611,9 +627,13 @@ class ACELoRA(nn.Module):
         -------
         tokens : ``[B, N, D]`` (N = 197 for biomedclip), c : ``[B, N-1]``.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"argument 'images': expected shape [B, 3, {self.image_size}, {self.image_size}], "
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size) or images.shape[0] == 0:
+            raise ValueError(f"argument 'images': expected shape [B, 3, {size}, {size}] with B >= 1, "
                              f"got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"argument 'images': expected preprocessed floating-point images, got {images.dtype}")
+        self._check_autocast(images.device)
         trunk = self.vision_trunk
         x = trunk.patch_embed(images)
         x = trunk._pos_embed(x)
@@ -668,6 +688,13 @@ class ACELoRA(nn.Module):
         if token_ids.ndim != 2 or token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"argument 'token_ids': expected an integer tensor [B, L], got "
                              f"{token_ids.dtype} {list(token_ids.shape)}")
+        if token_ids.shape[1] != self.context_length or token_ids.shape[0] == 0:
+            # Padding tokens take part in the hypergraph and the CLS row (spec section 3): the same text
+            # padded to another length gets another embedding.
+            raise ValueError(f"argument 'token_ids': expected [B, {self.context_length}] with B >= 1 (the "
+                             f"tokenizer's context length; the padding is part of the embedding), got "
+                             f"{list(token_ids.shape)}")
+        self._check_autocast(token_ids.device)
         bert = self.text_transformer
         token_ids = token_ids.long()
         key_keep = (token_ids != self.pad_token_id)[:, None, None, :]  # [B, 1, 1, L]
@@ -746,7 +773,13 @@ class ACELoRA(nn.Module):
 
     def loss(self, images: torch.Tensor, token_ids: torch.Tensor, labels: torch.Tensor | None = None,
              group: Any = None) -> torch.Tensor:
-        """Label-guided InfoNCE of a batch (plain CLIP loss when ``labels`` is None)."""
+        """Label-guided InfoNCE of a batch (plain CLIP loss when ``labels`` is None).
+
+        ``labels`` ``[B, C]``: pairs whose label rows are equal are not negatives of each other
+        (``ace_kernels.label_guided_infonce``). Every distinct row is its own class, so the
+        reference's 0/1 rows are expected: map uncertain labels (-1) to 0 first, as
+        ``ace_model.data`` does (values are not checked here: that would wait on the device).
+        """
         image_emb = self.encode_image(images)
         text_emb = self.encode_text(token_ids)
         kwargs = {"backend": self.backend}

@@ -34,6 +34,7 @@ classes without both positives and negatives are left out of the macro average.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Sequence
 
 import torch
@@ -48,34 +49,87 @@ TASKS = ("multiclass", "binary", "multilabel")
 # ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _evaluating(model, device):
+    """``model`` in eval mode (no dropout) inside, in the mode it had afterwards; under the
+    autocast its frozen weights need when ``ACELoRA.cast_frozen_weights`` stored them in 16 bits."""
+    frozen = getattr(model, "frozen_weights_dtype", None)
+    autocast = (torch.autocast(torch.device(device).type, dtype=frozen)
+                if frozen is not None and frozen != torch.float32 else contextlib.nullcontext())
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_names(name: str, values, *, what: str) -> list[str]:
+    """A list of at least one non-empty string, none twice (a lone string is not a list of them)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"argument {name!r}: expected a list of {what} strings, got {type(values).__name__} "
+                         f"{values!r}")
+    values = list(values)
+    if not values:
+        raise ValueError(f"argument {name!r}: expected at least one {what}, got none")
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"argument {name!r}: expected non-empty strings, got {value!r}")
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"argument {name!r}: {repeated[0]!r} is given {values.count(repeated[0])} times")
+    return values
+
+
+def check_prompts(class_names: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The class names and templates as lists, or a ``ValueError`` naming the argument: at
+    least one of each, no repeats, and each template with one ``{c}`` field for the name (a
+    template without it would give every class the same prompt)."""
+    class_names = _check_names("class_names", class_names, what="class name")
+    templates = _check_names("templates", templates, what="template")
+    for template in templates:
+        try:
+            filled = template.format(c="\0")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"argument 'templates': {template!r} is not a format string with the one field "
+                             f"{{c}} ({type(exc).__name__}: {exc})") from None
+        if "\0" not in filled:
+            raise ValueError(f"argument 'templates': {template!r} has no {{c}} field for the class name, so "
+                             "every class would get the same prompt")
+    return class_names, templates
+
+
 @torch.no_grad()
 def class_embeddings(model, class_names: Sequence[str], templates: Sequence[str] = TEMPLATES,
                      device: torch.device | str | None = None) -> torch.Tensor:
-    """Prompt-ensembled class embeddings ``[C, D]`` (normalised).
+    """Prompt-ensembled class embeddings ``[C, D]`` (normalised), in eval mode.
 
     All C x T prompts are encoded in one batch; token features and CLS rows are averaged
     over the T templates before the text ACE-HGNN.
     """
-    if not class_names:
-        raise ValueError("argument 'class_names': expected at least one class, got none")
+    class_names, templates = check_prompts(class_names, templates)
     device = device or next(model.parameters()).device
     prompts = [template.format(c=name) for name in class_names for template in templates]
     token_ids = model.tokenizer()(prompts).to(device)
-    tokens, cls_row = model.text_tokens(token_ids)
-    count = len(templates)
-    tokens = tokens.reshape(len(class_names), count, *tokens.shape[1:]).mean(dim=1)
-    cls_row = cls_row.reshape(len(class_names), count, -1).mean(dim=1)
-    return model.text_head(tokens, cls_row, cls_only=True)
+    with _evaluating(model, device):
+        tokens, cls_row = model.text_tokens(token_ids)
+        count = len(templates)
+        tokens = tokens.reshape(len(class_names), count, *tokens.shape[1:]).mean(dim=1)
+        cls_row = cls_row.reshape(len(class_names), count, -1).mean(dim=1)
+        return model.text_head(tokens, cls_row, cls_only=True)
 
 
 @torch.no_grad()
 def image_embeddings(model, batches: Iterable, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every image of ``batches`` (``(images, labels)`` pairs); returns (z [N, D], labels [N, C])."""
+    """Encode every image of ``batches`` (``(images, labels)`` pairs) in eval mode; returns
+    (z [N, D], labels [N, C])."""
     device = device or next(model.parameters()).device
     embeddings, labels = [], []
-    for images, batch_labels in batches:
-        embeddings.append(model.encode_image(images.to(device)).float().cpu())
-        labels.append(batch_labels.float().cpu())
+    with _evaluating(model, device):
+        for images, batch_labels in batches:
+            embeddings.append(model.encode_image(images.to(device)).float().cpu())
+            labels.append(batch_labels.float().cpu())
     if not embeddings:
         raise ValueError("zero-shot evaluation got no images")
     return torch.cat(embeddings), torch.cat(labels)
@@ -240,28 +294,26 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     scale = resolve_logit_scale(model, logit_scale)
     if batch_size < 1:
         raise ValueError(f"argument 'batch_size': expected >= 1, got {batch_size!r}")
+    class_names, templates = check_prompts(class_names, templates)
     dataset_labels = getattr(dataset, "labels", None)
     if isinstance(dataset_labels, torch.Tensor) and dataset_labels.dim() == 2:
+        if dataset_labels.shape[1] != len(class_names):  # before the images are encoded
+            raise ValueError(f"dataset has {dataset_labels.shape[1]} label columns but {len(class_names)} class names")
         try:
             check_single_label(dataset_labels, task)  # before the images are encoded
         except ValueError as exc:
             where = getattr(dataset, "csv_path", None)
             raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
-    was_training = model.training
-    model.eval()
-    try:
-        device = device or next(model.parameters()).device
-        text = class_embeddings(model, class_names, templates, device).float().cpu()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        start = time.perf_counter()
-        image, labels = image_embeddings(model, loader, device)
-        elapsed = time.perf_counter() - start
-        if labels.shape[1] != len(class_names):
-            raise ValueError(f"dataset has {labels.shape[1]} label columns but {len(class_names)} class names")
-        scores = zero_shot_scores(image, text, scale, task)
-        result = zero_shot_metrics(scores, labels, task)
-        result["logit_scale"] = scale
-        result["images_per_s"] = image.shape[0] / max(elapsed, 1e-9)
-        return result
-    finally:
-        model.train(was_training)
+    device = device or next(model.parameters()).device
+    text = class_embeddings(model, class_names, templates, device).float().cpu()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    start = time.perf_counter()
+    image, labels = image_embeddings(model, loader, device)
+    elapsed = time.perf_counter() - start
+    if labels.shape[1] != len(class_names):
+        raise ValueError(f"dataset has {labels.shape[1]} label columns but {len(class_names)} class names")
+    scores = zero_shot_scores(image, text, scale, task)
+    result = zero_shot_metrics(scores, labels, task)
+    result["logit_scale"] = scale
+    result["images_per_s"] = image.shape[0] / max(elapsed, 1e-9)
+    return result

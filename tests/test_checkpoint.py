@@ -186,6 +186,33 @@ def test_missing_and_foreign_keys_are_named(tiny, tmp_path):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
 
 
+@pytest.mark.parametrize("where,edit", [
+    (r"weights\['layer_0'\]: unexpected key 'o_proj' \(this model adapts \['q_proj', 'k_proj', 'v_proj'\]\)",
+     lambda w: w["layer_0"].update(o_proj={"w_lora_A": torch.zeros(4, 64), "w_lora_B": torch.zeros(64, 4)})),
+    (r"weights\['layer_1'\]\['q_proj'\]: unexpected key 'lora_magnitude' \(a LoRA pair is",
+     lambda w: w["layer_1"]["q_proj"].update(lora_magnitude=torch.ones(64))),
+    (r"weights\['img_edge_adapter'\]: unexpected key 'norm.weight' \(an adapter is",
+     lambda w: w["img_edge_adapter"].update({"norm.weight": torch.ones(64)})),
+    (r"weights: unexpected key 'img_proj_adapter' \(this model's entries are",
+     lambda w: w.update(img_proj_adapter={"down.weight": torch.zeros(16, 64)})),
+])
+def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
+    """Loading would drop them, and the next save lose them: refused, naming the key."""
+    model = copy.deepcopy(tiny)
+    before = {n: p.detach().clone() for n, p in model.named_trainable_parameters()}
+    path = _corrupt(tiny, tmp_path, lambda blob: edit(blob["weights"]))
+    with pytest.raises(CheckpointError, match=rf"{where}.*; loading would drop it$"):
+        model.load_reference_checkpoint(path)
+    for name, param in model.named_trainable_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed by a failed load"
+
+
+def test_k_nearest_must_be_the_models_topk(tiny, tmp_path):
+    path = _corrupt(tiny, tmp_path, lambda blob: blob["metadata"].update(k_nearest=3))
+    with pytest.raises(CheckpointError, match=r"metadata\['k_nearest'\] is 3, this model needs 5"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
 @needs_released
 def test_released_file_does_not_fit_the_tiny_model(tiny):
     with pytest.raises(CheckpointError, match=r"layer_\d+"):

@@ -117,6 +117,62 @@ def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
     assert result["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
 
 
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"class_names": "edema"}, r"argument 'class_names': expected a list of class name strings, got str 'edema'"),
+    ({"class_names": []}, r"argument 'class_names': expected at least one class name, got none"),
+    ({"class_names": ["edema", "edema"]}, r"argument 'class_names': 'edema' is given 2 times"),
+    ({"class_names": ["edema", ""]}, r"argument 'class_names': expected non-empty strings, got ''"),
+    ({"templates": ()}, r"argument 'templates': expected at least one template, got none"),
+    ({"templates": ("a chest X-ray.",)}, r"argument 'templates': 'a chest X-ray.' has no \{c\} field"),
+    ({"templates": ("{c} in {region}",)}, r"argument 'templates': '\{c\} in \{region\}' is not a format string"),
+])
+def test_prompts_are_checked(tiny, kwargs, expected):
+    with pytest.raises(ValueError, match=f"^{expected}"):
+        class_embeddings(tiny, **{"class_names": ["edema", "effusion"], **kwargs})
+
+
+def test_embeddings_are_taken_in_eval_mode_and_the_mode_kept(tiny, synthetic):
+    from ace_model.data import CSVImageLabelDataset
+    from ace_model.zero_shot import image_embeddings
+
+    model = copy.deepcopy(tiny)
+    dataset = CSVImageLabelDataset(synthetic, list(SYNTHETIC_CLASSES), tiny.image_size)
+    batches = [(torch.stack([dataset[i][0] for i in range(4)]), dataset.labels[:4])]
+    want = class_embeddings(model, ["edema", "effusion"]), image_embeddings(model, batches)[0]
+    model.train()  # dropout on: the embeddings must not change
+    got = class_embeddings(model, ["edema", "effusion"]), image_embeddings(model, batches)[0]
+    assert model.training
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_evaluate_checks_the_label_columns_before_encoding(tiny, synthetic, monkeypatch):
+    from ace_model.data import CSVImageLabelDataset
+
+    dataset = CSVImageLabelDataset(synthetic, list(SYNTHETIC_CLASSES), tiny.image_size)
+    monkeypatch.setattr(type(tiny), "encode_image", lambda *a, **k: pytest.fail("encoded before the check"))
+    with pytest.raises(ValueError, match=rf"dataset has {len(SYNTHETIC_CLASSES)} label columns but 2 class names"):
+        evaluate(tiny, dataset, ["edema", "effusion"], "multilabel")
+
+
+def test_evaluate_runs_a_model_with_16_bit_frozen_weights_under_autocast(tiny, synthetic):
+    from ace_model.data import CSVImageLabelDataset
+
+    classes = list(SYNTHETIC_CLASSES)
+    dataset = CSVImageLabelDataset(synthetic, classes, tiny.image_size)
+    from ace_model.zero_shot import image_embeddings
+
+    cast = copy.deepcopy(tiny).cast_frozen_weights(torch.bfloat16)
+    batches = [(torch.stack([dataset[i][0] for i in range(4)]), dataset.labels[:4])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = class_embeddings(tiny, classes), image_embeddings(tiny, batches)[0]
+    got = class_embeddings(cast, classes), image_embeddings(cast, batches)[0]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    result = evaluate(cast, dataset, classes, "multiclass")
+    assert result["n"] == len(dataset) and 0 <= result["accuracy"] <= 1
+
+
 def test_cli_zero_shot_with_a_checkpoint(tiny, synthetic, tmp_path, capsys):
     checkpoint = tmp_path / "tiny.pt"
     tiny.save_reference_checkpoint(checkpoint)

@@ -121,6 +121,12 @@ def test_equivalence_with_lora_dropout(tiny_model):
 
 def test_dropout_changes_the_loss_in_train_mode_only(tiny_model):
     model = _perturbed_fp64(tiny_model)
+    # Only the LoRA dropout is left random (the frozen towers' own dropouts are off), so that a
+    # LoRA dropout that did nothing in train mode would fail here.
+    model.text_hidden_dropout = model.text_attention_dropout = 0.0
+    for module in model.clip.visual.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     images, token_ids, labels = _batch(model, batch=3)
     model.eval()
     with torch.no_grad():
@@ -129,7 +135,45 @@ def test_dropout_changes_the_loss_in_train_mode_only(tiny_model):
         torch.manual_seed(0)
         first = model.loss(images, token_ids, labels)
         second = model.loss(images, token_ids, labels)
-    assert not torch.equal(first, second)
+        assert not torch.equal(first, second)
+        for lora in list(model.image_lora) + list(model.text_lora):
+            lora.dropout_p = 0.0
+        assert torch.equal(model.loss(images, token_ids, labels), model.loss(images, token_ids, labels))
+
+
+def test_encoders_name_bad_inputs(tiny_model):
+    model = tiny_model
+    size, length = model.image_size, model.context_length
+    ids = model.tokenizer()(["edema"])
+    for bad, expected in ((torch.zeros(2, 3, size + 8, size), rf"expected shape \[B, 3, {size}, {size}\] with B >= 1"),
+                          (torch.zeros(0, 3, size, size), r"expected shape .* with B >= 1, got \[0, "),
+                          (torch.zeros(2, 3, size, size, dtype=torch.uint8), "expected preprocessed floating-point")):
+        with pytest.raises(ValueError, match=rf"^argument 'images': {expected}"):
+            model.encode_image(bad)
+    # The padding is part of the text embedding (spec section 3): another length is refused, not
+    # encoded into another embedding.
+    for bad in (torch.nn.functional.pad(ids, (0, 16)), ids[:, :8], ids[:0]):
+        with pytest.raises(ValueError, match=rf"^argument 'token_ids': expected \[B, {length}\] with B >= 1 "):
+            model.encode_text(bad)
+
+
+def test_cast_frozen_weights_runs_under_autocast_only():
+    torch.manual_seed(0)
+    model = ACELoRA.from_config("tiny", backend="torch").eval()
+    images, token_ids, _ = _batch(model, batch=2)
+    images = images.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model.encode_image(images), model.encode_text(token_ids)
+    model.cast_frozen_weights(torch.bfloat16)
+    assert model.frozen_weights_dtype == torch.bfloat16
+    for encode, inputs in ((model.encode_image, images), (model.encode_text, token_ids)):
+        with pytest.raises(RuntimeError, match=r"stored in torch.bfloat16 \(cast_frozen_weights\), so the model runs "
+                                               r"only under torch.autocast\('cpu', dtype=torch.bfloat16\)"):
+            encode(inputs)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.encode_image(images), model.encode_text(token_ids)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same bits, as the docstring says
 
 
 def test_cls_attention_row_matches_dense_scores():
