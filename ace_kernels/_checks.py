@@ -93,7 +93,7 @@ def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
 
 def check_probability(name: str, value) -> float:
     """A real number (Python's or NumPy's, not a bool) in [0, 1), as a float."""
-    if _is_bool(value) or not isinstance(value, numbers.Real) or not (0.0 <= float(value) < 1.0):
+    if _is_bool(value) or not isinstance(value, numbers.Real) or not (0.0 <= _as_float(value) < 1.0):
         raise ValueError(f"argument '{name}': expected a float in [0, 1), got {value!r}")
     return float(value)
 
@@ -109,6 +109,14 @@ def check_finite_number(name: str, value) -> float:
     """A real number (Python's or NumPy's, not a bool) that is finite (not nan or inf), as a float."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise ValueError(f"argument '{name}': expected a Python number, got {_type_name(value)}")
-    if not math.isfinite(value):
+    if not math.isfinite(_as_float(value)):
         raise ValueError(f"argument '{name}': expected a finite number, got {value!r}")
     return float(value)
+
+
+def _as_float(value) -> float:
+    """``float(value)``, with an integer too large for a float as an infinity of its sign."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf

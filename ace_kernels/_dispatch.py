@@ -60,6 +60,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton decides between compiled kernels and its interpreter when a kernel is decorated, that
+# is when ace_kernels is imported; a later change of the variable does not reach the kernels.
+_INTERPRETER_AT_IMPORT = interpreter_enabled()
+
+
 @_once
 def _triton_import_error() -> str | None:
     try:
@@ -168,6 +173,10 @@ def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> lis
         if reasons:
             return reasons
     if backend == "triton":
+        if interpreter_enabled() != _INTERPRETER_AT_IMPORT:
+            now, then = ("1", "not 1") if interpreter_enabled() else ("not 1", "1")
+            return [f"TRITON_INTERPRET is {now} now but was {then} when ace_kernels was imported, and the Triton "
+                    "kernels took their mode then: set it before importing ace_kernels"]
         wanted = "cpu" if interpreter_enabled() else "cuda"
         if devices - {wanted}:
             mode = "under TRITON_INTERPRET=1 it needs CPU tensors" if wanted == "cpu" else "needs CUDA tensors"

@@ -32,6 +32,8 @@ Backends
     one small batched product) and the call is one GEMM. ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
+    It declines too for ``dropout_p`` above about 0.99928 in training, where its 16-bit keep
+    threshold would be off by more than 1% of ``1 - dropout_p``.
 
 Dropout randomness
 ------------------
@@ -109,6 +111,8 @@ def capture_dropout_masks() -> Iterator[list]:
     the ``triton`` backend the mask is exported by a kernel from the same Philox
     stream as the forward and backward kernels. For tests; costs an extra pass. The
     recorders are process-wide: calls made by other threads inside the block are recorded too.
+    Eager calls only: under ``torch.compile`` the ``triton`` backend's recording fails to trace
+    (the torch backend's works).
     """
     record: list = []
     _MASK_RECORDERS.append(record)
@@ -145,7 +149,8 @@ def saved_activation_bytes() -> Iterator[list]:
     ``{"backend", "total", "x", "extra"}``: ``total`` counts every tensor the op's
     ``autograd.Function`` saves except the parameters (W, b, A, B), ``x`` the bytes
     of the saved input and ``extra`` the rest (rank-r activations, masks, seed).
-    Intended for the benchmarks' saved-activation comparison.
+    Intended for the benchmarks' saved-activation comparison; eager calls only, as
+    :func:`capture_dropout_masks`.
     """
     record: list = []
     _SAVED_BYTES_RECORDERS.append(record)
@@ -775,7 +780,7 @@ def _keep_rate_error(dropout_p: float) -> float:
     return ((1 << _THRESHOLD_BITS) - _drop_threshold(dropout_p)) / (1 << _THRESHOLD_BITS) / keep - 1.0
 
 
-# Above this the Triton backend declines (dropout_p ~ 0.9999 and up); at p = 0.1 the error is 7e-6.
+# Above this the Triton backend declines (dropout_p above about 0.99928); at p = 0.1 the error is 7e-6.
 _MAX_KEEP_RATE_ERROR = 1e-2
 
 

@@ -47,6 +47,14 @@ def test_auto_never_picks_the_interpreter(toy_op, monkeypatch):
     assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
 
 
+def test_triton_interpret_changed_after_import_is_named(monkeypatch):
+    # The kernels took their mode at import: a later change would fail deep inside Triton.
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if _dispatch._INTERPRETER_AT_IMPORT else "1")
+    reasons = _dispatch._device_reasons("triton", [torch.zeros(2)])
+    assert len(reasons) == 1 and reasons[0].startswith("TRITON_INTERPRET is ") and \
+        "when ace_kernels was imported" in reasons[0] and "set it before importing ace_kernels" in reasons[0]
+
+
 def test_explicit_backend_that_cannot_run_raises_with_reason(toy_op):
     x = torch.zeros(3)
     with pytest.raises(RuntimeError, match="cuda"):

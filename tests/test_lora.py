@@ -200,21 +200,29 @@ def binomial_bound(n: int, p: float, sigmas: float = 6.0) -> float:
 
 
 def check_mask_statistics(mask: torch.Tensor, dropout_p: float):
-    """Keep rate per projection within the binomial bound; projections not copies of each other."""
+    """Keep rate per projection within the binomial bound; projections, neighbouring columns
+    (one Philox draw covers two) and neighbouring rows not copies of each other."""
     flat = mask.reshape(mask.shape[0], -1).to(torch.float64)
     n = flat.shape[1]
     for p in range(flat.shape[0]):
         assert abs(flat[p].mean().item() - (1 - dropout_p)) < binomial_bound(n, dropout_p)
+    # Independent keep bits agree on (1-p)^2 + p^2 of the elements; copies on all of them.
+    expected = (1 - dropout_p) ** 2 + dropout_p ** 2
+
+    def assert_independent(a, b, what):
+        agree = (a == b).to(torch.float64).mean().item()
+        assert abs(agree - expected) < binomial_bound(a.numel(), expected), (what, agree, expected)
+
     for p in range(flat.shape[0]):
         for q in range(p + 1, flat.shape[0]):
-            # Independent masks agree on (1-p)^2 + p^2 of the elements; a copy on all of them.
-            agree = (flat[p] == flat[q]).to(torch.float64).mean().item()
-            expected = (1 - dropout_p) ** 2 + dropout_p ** 2
-            assert abs(agree - expected) < binomial_bound(n, expected)
+            assert_independent(flat[p], flat[q], f"projections {p} and {q}")
+    columns = mask.shape[-1] - mask.shape[-1] % 2
+    assert_independent(mask[..., 0:columns:2], mask[..., 1:columns:2], "columns 2c and 2c+1")
+    assert_independent(mask[..., 1:, :], mask[..., :-1, :], "rows i and i+1")
 
 
 def test_torch_mask_statistics():
-    case = Case("stats", "qkv", (64,), 96, 4, 4, dropout_p=0.1)
+    case = Case("stats", "qkv", (64,), 97, 4, 4, dropout_p=0.1)
     inputs = make_inputs(case, torch.float32)
     _, mask = call_op(case, inputs, "torch")
     check_mask_statistics(mask, case.dropout_p)
@@ -303,6 +311,8 @@ ERROR_CASES = [
     ("scaling_bool", "qkv", "scaling", lambda v: True, "argument 'scaling'"),
     ("scaling_nan", "linear", "scaling", lambda v: float("nan"), "argument 'scaling': expected a finite number"),
     ("scaling_inf", "qkv", "scaling", lambda v: float("-inf"), "argument 'scaling': expected a finite number"),
+    ("scaling_huge_int", "qkv", "scaling", lambda v: 10**400, "argument 'scaling': expected a finite number"),
+    ("dropout_huge_int", "linear", "dropout_p", lambda v: -10**400, r"argument 'dropout_p': expected a float in \[0, 1\)"),
     ("dropout_one", "linear", "dropout_p", lambda v: 1.0, "argument 'dropout_p'"),
     ("dropout_negative", "qkv", "dropout_p", lambda v: -0.1, "argument 'dropout_p'"),
     ("dropout_string", "qkv", "dropout_p", lambda v: "0.1", "argument 'dropout_p'"),
@@ -472,7 +482,7 @@ def test_triton_bias_of_any_layout(layout, device):
 
 @pytest.mark.triton
 def test_triton_mask_statistics_and_independence(device):
-    case = Case("stats", "qkv", (64,), 96, 4, 4, dropout_p=0.1)
+    case = Case("stats", "qkv", (64,), 97, 4, 4, dropout_p=0.1)  # odd K: draws straddle row ends
     inputs = make_inputs(case, torch.float32, device)
     _, first = call_op(case, inputs, "triton")
     check_mask_statistics(first.cpu(), case.dropout_p)
