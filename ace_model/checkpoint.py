@@ -166,6 +166,11 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
         # missing files through); its reason is one line, as read_model_file's is.
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
                               f"({first_line(exc)})") from exc
+    if isinstance(blob, dict) and blob.get("format") == "ace-lora-train-state":  # training.STATE_FORMAT
+        step = blob.get("step")
+        name = f"ace_lora-{step:08d}.pt" if isinstance(step, int) else "ace_lora-<step>.pt"
+        raise CheckpointError(f"{path}: a training state (for resuming), not a released-format checkpoint; the "
+                              f"weights of that step are in {name} beside it, the run's last in its ace_lora.pt")
     blob = _expect_dict(path, blob, ("weights", "metadata"))
     metadata = blob["metadata"]
     check_metadata(model, metadata, path)

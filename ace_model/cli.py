@@ -457,11 +457,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("ACE_LORA_DEBUG", "") not in ("", "0")
 
     show_warning = warnings.showwarning
-    package_root = str(Path(__file__).resolve().parent.parent)
+    # The two packages are siblings (in the source tree and once installed); a virtual environment
+    # inside the source tree is not ours.
+    root = Path(__file__).resolve().parent.parent
+    ours = tuple(str(root / package) + os.sep for package in ("ace_model", "ace_kernels"))
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         # Ours (ace_model, ace_kernels) as one line, like the errors; others as Python shows them.
-        if str(Path(filename).resolve()).startswith(package_root):
+        if str(Path(filename).resolve()).startswith(ours):
             print(f"ace-lora {args.command}: warning: {message}", file=sys.stderr)
         else:
             show_warning(message, category, filename, lineno, file, line)

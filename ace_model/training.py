@@ -1270,6 +1270,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     epoch_gen_state = None
     checkpoint_steps: list[int] = []
     run_id = uuid.uuid4().hex  # names this run's lines in metrics.jsonl and its states (read_metrics)
+    last_loss = None  # the last step's loss (a resumed run starts with its state's)
     resume_path = resume_error = None
     try:
         resume_path = resolve_resume(config.resume, out_dir)
@@ -1281,6 +1282,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             run_id = state.get("run_id") or run_id  # states written before runs had ids get one now
+            last_loss = state.get("loss")
             epoch_gen_state = state["data_generator_epoch_start"]
             _rng_restore(state["rng"][rank], device)
             checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
@@ -1310,7 +1312,6 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
     last_state = resume_path
     last_reference = None
-    last_loss = None
     graphed = None  # the GraphedTrainStep, built at the first batch when config.cuda_graph
     pin = device.type == "cuda"
     bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and is_writer),
@@ -1385,7 +1386,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        dataset_record, checkpoint_steps, run_id)
+                        dataset_record, checkpoint_steps, run_id, last_loss)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0
@@ -1421,7 +1422,8 @@ def _non_finite_parameters(trainable) -> list[str]:
 
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
-                epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps, run_id):
+                epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps, run_id,
+                loss):
     """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it."""
     snapshot = _rng_snapshot(device)
     if group is not None:
@@ -1447,6 +1449,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
                 "world_size": world,
                 "config": config.to_dict(),
                 "run_id": run_id,
+                "loss": loss,  # this step's, for the summary of a resume with nothing left to run
                 **dataset_record,
                 # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
             }

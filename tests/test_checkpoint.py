@@ -207,6 +207,17 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
         assert torch.equal(param, before[name]), f"{name} changed by a failed load"
 
 
+def test_a_training_state_is_named_as_one(tiny, tmp_path):
+    from ace_model.training import STATE_FORMAT
+
+    path = tmp_path / "state-00000012.pt"
+    torch.save({"format": STATE_FORMAT, "version": 2, "step": 12, "trainable": {}}, path)
+    with pytest.raises(CheckpointError, match=r"state-00000012\.pt: a training state \(for resuming\), not a "
+                                              r"released-format checkpoint; the weights of that step are in "
+                                              r"ace_lora-00000012\.pt beside it"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
 def test_k_nearest_must_be_the_models_topk(tiny, tmp_path):
     path = _corrupt(tiny, tmp_path, lambda blob: blob["metadata"].update(k_nearest=3))
     with pytest.raises(CheckpointError, match=r"metadata\['k_nearest'\] is 3, this model needs 5"):

@@ -881,6 +881,25 @@ def test_zero_shot_classes_named_twice_or_too_few(synthetic, capsys, flags, expe
     assert expected in _one_error_line(capsys.readouterr().err, "zero-shot")
 
 
+def test_only_our_warnings_are_one_liners(monkeypatch, capsys):
+    root = Path(cli.__file__).resolve().parent.parent
+
+    def demo(args):
+        warnings.warn_explicit("ours", UserWarning, str(root / "ace_model" / "data.py"), 1)
+        # A library installed in a virtual environment inside the source tree (PIL's warnings).
+        warnings.warn_explicit("theirs", UserWarning, str(root / ".venv" / "lib" / "PIL" / "Image.py"), 7)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_demo", demo)
+    shown = []  # what Python's own display (here pytest's) is handed
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, *rest:
+                        shown.append((str(message), Path(filename).name, lineno)))
+    assert cli.main(["demo"]) == 0
+    err = capsys.readouterr().err
+    assert err == "ace-lora demo: warning: ours\n"
+    assert shown == [("theirs", "Image.py", 7)]
+
+
 def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt

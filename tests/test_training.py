@@ -517,8 +517,11 @@ def test_each_file_is_written_through_one_temp_file_that_a_restart_cleans_up(tmp
                   run / "checkpoints" / "notes.tmp", run / "checkpoints" / ".latest.tmp"]
     for path in lookalikes:
         path.write_text("user file")
-    train(_config(tmp_path, epochs=1, checkpoint_every=1, keep_checkpoints=1, resume="auto"), model=make_model(kind),
-          dataset=data, loss_fn=dense_label_infonce)
+    first = read_metrics(run / "metrics.jsonl")[-1]
+    again = train(_config(tmp_path, epochs=1, checkpoint_every=1, keep_checkpoints=1, resume="auto"),
+                  model=make_model(kind), dataset=data, loss_fn=dense_label_infonce)
+    # Nothing left to run: the summary gives the finished run's last step and loss, not null.
+    assert (again["steps"], again["final_loss"]) == (first["step"], first["loss"])
     assert not [tmp for tmp, _ in writes if os.path.exists(tmp)], "stale temp files must be removed"
     assert all(path.read_text() == "user file" for path in lookalikes), "only this code's temp names"
 
