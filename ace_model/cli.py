@@ -189,6 +189,9 @@ def _flag_name(field: str) -> str:
     dests = {dest for dest, mapped in _TRAIN_FLAGS.items() if mapped == field}
     for action in _subcommand_actions("train"):
         if action.dest in dests and action.option_strings:
+            if isinstance(action, argparse._StoreFalseAction):  # noqa: SLF001 - the flag inverts the field
+                # "--no-labels was False" would read backwards: name the field and how the flag sets it.
+                return f"{field} (False with {action.option_strings[0]})"
             return action.option_strings[0]
     return f"TrainConfig.{field}"  # no flag sets it: keep the field's name
 

@@ -454,7 +454,6 @@ class ACELoRA(nn.Module):
         self.text_attention_dropout = float(bert.config.attention_probs_dropout_prob)
         self._tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else TOKENIZER_DIR
         self._tokenizer = None
-        self._frozen_dtype: torch.dtype | None = None  # set by cast_frozen_weights
 
         vit_width = trunk.embed_dim
         bert_width = bert.config.hidden_size
@@ -587,17 +586,26 @@ class ACELoRA(nn.Module):
                                  "a module that is neither nn.Linear nor nn.Conv2d; it is left to autocast")
         for _, _, param in params:
             param.data = param.data.to(dtype)
-        self._frozen_dtype = dtype if params else self._frozen_dtype
         return self
 
     @property
     def frozen_weights_dtype(self) -> torch.dtype | None:
-        """The dtype :meth:`cast_frozen_weights` stored the frozen matmul weights in (None: never cast)."""
-        return self._frozen_dtype
+        """The dtype the frozen matmul weights are stored in when it is not the rest of the
+        model's (:meth:`cast_frozen_weights`; read from the weights, so a later ``.float()``
+        undoes it); None when the whole base has one dtype."""
+        pairs = ((self.vision_trunk.patch_embed.proj.weight, self.vision_trunk.norm),
+                 (self.text_transformer.encoder.layer[0].attention.self.query.weight,
+                  self.text_transformer.embeddings.LayerNorm))
+        for weight, norm in pairs:
+            norm_weight = getattr(norm, "weight", None)
+            reference = norm_weight.dtype if isinstance(norm_weight, torch.Tensor) else self.logit_scale.dtype
+            if weight.dtype != reference:
+                return weight.dtype
+        return None
 
     def _check_autocast(self, device: torch.device) -> None:
-        frozen = self._frozen_dtype
-        if frozen is None or frozen == torch.float32:
+        frozen = self.frozen_weights_dtype
+        if frozen is None:
             return
         if not (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == frozen):
             raise RuntimeError(f"ACELoRA: the frozen weights are stored in {frozen} (cast_frozen_weights), so the "

@@ -861,7 +861,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
         _atomic_reference_save(model, ckpt_dir / ref_name)
     else:
         ref_name = None
-    atomic_write_text(ckpt_dir / "latest", json.dumps({"step": step, "state": state_name, "reference": ref_name}) + "\n")
+    atomic_write_text(ckpt_dir / "latest", json.dumps({"step": step, "state": state_name, "reference": ref_name,
+                                                       "run": state.get("run_id")}) + "\n")
     for old in pruned:
         for name in _checkpoint_names(old):
             with contextlib.suppress(FileNotFoundError):
@@ -956,8 +957,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     state was loaded, even when another run started after it) from its state at step S: the
     records of that run after S that came before it (of the trajectory the resume abandoned)
     are dropped, and the resumed run's records take their place. Lines without a run id
-    (written before runs had one), or with one this file never started, continue the run last
-    started. A torn line (a crash
+    (written before runs had one), or marked ``"continues_last_start"`` (the resume of a state
+    written before runs had ids), continue the run last started; a resume of a run this file
+    never started (a state from another directory) starts its records afresh. A torn line (a crash
     mid-write) is ignored.
     """
     runs: dict[str, dict[int, dict]] = {}
@@ -977,9 +979,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                     runs[run] = by_step
             elif record.get("event") == "resume" and isinstance(record.get("step"), int):
                 if isinstance(run, str):
-                    # An id this file has not started (a state written before runs had ids, or
-                    # one from another directory) continues the run last started, as before ids.
-                    by_step = runs.setdefault(run, by_step)
+                    if record.get("continues_last_start") or run in runs:
+                        # A state written before runs had ids continues the run last started.
+                        by_step = runs.setdefault(run, by_step)
+                    else:  # a run started elsewhere (resumed from another directory's state)
+                        by_step = runs[run] = {}
                 for later in [s for s in by_step if s > record["step"]]:
                     del by_step[later]
             elif "step" in record and "loss" in record:
@@ -1067,34 +1071,61 @@ def _check_out_dir(out_dir: Path, name: str = "TrainConfig.out_dir") -> None:
             return
 
 
-def _check_no_other_run(config: TrainConfig, out_dir: Path) -> None:
-    """Refuse, before any work, a run that would overwrite another run's files in ``out_dir``.
+def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | None = None,
+                        state: dict | None = None) -> None:
+    """Refuse, before anything is written, a run that would overwrite another run's files in ``out_dir``.
 
     ``out_dir`` holds a run when it has ``checkpoints/latest`` or ``ace_lora.pt``. Only a
-    resume from a state in its own ``checkpoints/`` continues that run; a fresh run (or a
-    resume from a state elsewhere) would replace its ``ace_lora.pt``, its ``latest`` and its
+    resume of that run (a state in its own ``checkpoints/``, of the run ``latest`` names)
+    continues it; a fresh run, a resume from a state elsewhere, or of a state another run
+    left in ``checkpoints/`` would replace its ``ace_lora.pt``, its ``latest`` and its
     same-numbered checkpoints, so it needs ``overwrite=True``. A run that stopped before its
-    first checkpoint left only ``config.json`` and ``metrics.jsonl`` (appended to, never
-    overwritten): nothing to lose.
+    first checkpoint left only ``config.json`` (rewritten by the next run) and
+    ``metrics.jsonl`` (appended to): nothing to lose.
+
+    Called twice: at set-up with the configuration only, then with the loaded ``state`` (and
+    its ``resume_path``), whose run id is compared with the one ``latest`` names.
     """
     if config.overwrite:
         return
     held = [name for name in ("checkpoints/latest", "ace_lora.pt") if (out_dir / name).exists()]
     if not held:
         return
-    try:
-        resume_path = resolve_resume(config.resume, out_dir)
-    except Exception:  # noqa: BLE001 - reported where the state is loaded, with its own message
-        return
+    if state is None:
+        try:
+            resume_path = resolve_resume(config.resume, out_dir)
+        except Exception:  # noqa: BLE001 - reported where the state is loaded, with its own message
+            return
+    same_dir = False
     if resume_path is not None:
         with contextlib.suppress(OSError):
-            if os.path.samefile(Path(resume_path).parent, out_dir / "checkpoints"):
-                return
+            same_dir = os.path.samefile(Path(resume_path).parent, out_dir / "checkpoints")
+    choices = "replace it with TrainConfig.overwrite, or choose another directory"
+    if same_dir:
+        latest_run = _latest_run(out_dir / "checkpoints" / "latest")
+        if state is None or latest_run is None or state.get("run_id") in (None, latest_run):
+            return  # the run latest names (or states written before runs had ids: not comparable)
+        raise ValueError(
+            f"TrainConfig.resume: {str(resume_path)!r} is a state of another run than the one {str(out_dir)!r} now "
+            f"holds (its checkpoints/latest names run {latest_run}, this state is of run {state['run_id']}), whose "
+            f"files this run would overwrite; continue the run it holds with TrainConfig.resume set to 'auto', "
+            f"{choices}")
+    if resume_path is None and str(config.resume) == "auto":
+        raise ValueError(f"TrainConfig.out_dir: {str(out_dir)!r} holds another run's ace_lora.pt but no "
+                         f"checkpoints/latest to continue it from, and a fresh run would overwrite it; {choices}")
     doing = "a fresh run" if resume_path is None else f"a run resumed from {str(resume_path)!r}"
     raise ValueError(
         f"TrainConfig.out_dir: {str(out_dir)!r} holds another run ({' and '.join(held)}), whose files {doing} would "
-        "overwrite; continue that run with TrainConfig.resume set to 'auto', replace it with TrainConfig.overwrite, "
-        "or choose another directory")
+        f"overwrite; continue that run with TrainConfig.resume set to 'auto', {choices}")
+
+
+def _latest_run(latest: Path) -> str | None:
+    """The run id a ``latest`` pointer names (None: unreadable, or written before runs had ids)."""
+    try:
+        run = json.loads(latest.read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, str) else None
 
 
 def _build_model(config: TrainConfig) -> nn.Module:
@@ -1169,6 +1200,9 @@ def train(
         The last checkpoint and every metrics line already written stay as they were.
     RankMismatchError
         When processes disagree on the configuration or the batch.
+    ValueError
+        Naming the ``TrainConfig`` field, before anything is written: a bad setting, or an
+        ``out_dir`` that holds another run this one would overwrite (unless ``overwrite``).
     """
     config.validate()
     _check_out_dir(Path(config.out_dir))
@@ -1194,7 +1228,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
         # Everything a rank can fail on its own (its device, its model files, its CSV, its share
         # of the batch) is in here, so that it fails the other ranks through _fail_together below
         # instead of leaving them in their first collective until the timeout.
-        _check_no_other_run(config, out_dir)
+        if is_writer:  # the one whose files would be overwritten; a refusal stops every rank below
+            _check_no_other_run(config, out_dir)
         if config.cuda_graph and (device.type != "cuda" or world > 1):
             raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "
                              f"{world} process(es) on {device}")
@@ -1272,16 +1307,20 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     run_id = uuid.uuid4().hex  # names this run's lines in metrics.jsonl and its states (read_metrics)
     last_loss = None  # the last step's loss (a resumed run starts with its state's)
     resume_path = resume_error = None
+    legacy_state = False
     try:
         resume_path = resolve_resume(config.resume, out_dir)
         if resume_path is not None:
             state = load_state(resume_path)
+            if is_writer:
+                _check_no_other_run(config, out_dir, resume_path, state)
             _check_resume_config(state, config, world, dataset_record, resume_path)
             _load_trainable(trainable, state["trainable"], resume_path)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            run_id = state.get("run_id") or run_id  # states written before runs had ids get one now
+            legacy_state = "run_id" not in state  # written before runs had ids: it gets one now
+            run_id = state.get("run_id") or run_id
             last_loss = state.get("loss")
             epoch_gen_state = state["data_generator_epoch_start"]
             _rng_restore(state["rng"][rank], device)
@@ -1307,6 +1346,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                  "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
         if resume_path:
             event["from"] = str(resume_path)
+            if legacy_state:
+                event["continues_last_start"] = True
         metrics.write(json.dumps(event) + "\n")
         metrics.flush()
 

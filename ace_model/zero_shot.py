@@ -35,6 +35,8 @@ classes without both positives and negatives are left out of the macro average.
 from __future__ import annotations
 
 import contextlib
+import re
+import string
 from typing import Iterable, Sequence
 
 import torch
@@ -90,13 +92,16 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str]) -> tuple
     templates = _check_names("templates", templates, what="template")
     for template in templates:
         try:
-            filled = template.format(c="\0")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"argument 'templates': {template!r} is not a format string with the one field "
-                             f"{{c}} ({type(exc).__name__}: {exc})") from None
-        if "\0" not in filled:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as exc:
+            raise ValueError(f"argument 'templates': {template!r} is not a format string ({exc})") from None
+        names = {re.split(r"[.\[]", field, maxsplit=1)[0] for field in fields}
+        if "c" not in names:
             raise ValueError(f"argument 'templates': {template!r} has no {{c}} field for the class name, so "
                              "every class would get the same prompt")
+        if names != {"c"}:
+            raise ValueError(f"argument 'templates': {template!r} has fields other than {{c}} "
+                             f"({sorted(names - {'c'})}); only the class name is filled in")
     return class_names, templates
 
 

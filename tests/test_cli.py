@@ -124,11 +124,19 @@ def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
     ({"class_names": ["edema", ""]}, r"argument 'class_names': expected non-empty strings, got ''"),
     ({"templates": ()}, r"argument 'templates': expected at least one template, got none"),
     ({"templates": ("a chest X-ray.",)}, r"argument 'templates': 'a chest X-ray.' has no \{c\} field"),
-    ({"templates": ("{c} in {region}",)}, r"argument 'templates': '\{c\} in \{region\}' is not a format string"),
+    ({"templates": ("{c} in {region}",)}, r"argument 'templates': '\{c\} in \{region\}' has fields other than \{c\} "
+                                          r"\(\['region'\]\)"),
+    ({"templates": ("{c in",)}, r"argument 'templates': '\{c in' is not a format string"),
+    ({"templates": ("{0} x",)}, r"argument 'templates': '\{0\} x' has no \{c\} field"),
 ])
 def test_prompts_are_checked(tiny, kwargs, expected):
     with pytest.raises(ValueError, match=f"^{expected}"):
         class_embeddings(tiny, **{"class_names": ["edema", "effusion"], **kwargs})
+
+
+def test_templates_may_convert_and_format_the_name(tiny):
+    # A conversion or format spec on {c} is a template like any other (what str.format accepts).
+    class_embeddings(tiny, ["edema", "effusion"], templates=("{c!r} on a chest X-ray.", "{c:>12}."))
 
 
 def test_embeddings_are_taken_in_eval_mode_and_the_mode_kept(tiny, synthetic):
@@ -466,6 +474,11 @@ def test_a_resume_with_another_setting_names_the_flag(synthetic, tmp_path, capsy
     assert cli.main([*common, "--resume", "auto", "--lr", "0.5"]) == cli.EXIT_BAD_INPUT
     line = _one_error_line(capsys.readouterr().err, "train")
     assert line.endswith(": --lr was 0.001 in the saved run, now 0.5; resuming would not continue the same run"), line
+    capsys.readouterr()
+    assert cli.main([*common, "--resume", "auto", "--no-labels"]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert line.endswith(": use_labels (False with --no-labels) was True in the saved run, now False; resuming would "
+                         "not continue the same run"), line
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a state"])

@@ -174,6 +174,10 @@ def test_cast_frozen_weights_runs_under_autocast_only():
         got = model.encode_image(images), model.encode_text(token_ids)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same bits, as the docstring says
+    model.float()  # undone: the model runs without autocast again
+    assert model.frozen_weights_dtype is None
+    with torch.no_grad():
+        model.encode_image(images)
 
 
 def test_cls_attention_row_matches_dense_scores():

@@ -630,10 +630,14 @@ def test_read_metrics_keeps_only_the_last_run(tmp_path):
              {"step": 3, "loss": 7.0}, {"event": "resume", "run": "a", "step": 1}, {"step": 2, "loss": 3.9}]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 5.0), (2, 3.9)]
-    # An id the file never started (a state from before run ids were saved) continues the last run.
-    lines[-2] = {"event": "resume", "run": "c", "step": 2}
+    # The resume of a state written before runs had ids continues the run last started.
+    lines[-2] = {"event": "resume", "run": "c", "step": 2, "continues_last_start": True}
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 9.0), (2, 3.9)]
+    # A run this file never started (resumed from another directory's state) starts afresh here.
+    lines[-2] = {"event": "resume", "run": "c", "step": 1}
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(2, 3.9)]
 
 
 def test_a_fresh_run_into_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
@@ -662,6 +666,79 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
     records = read_metrics(second["metrics"])
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["loss"] == pytest.approx(second["final_loss"])
+
+
+def test_a_state_another_run_left_in_checkpoints_is_not_resumed_over_the_run_there(tmp_path):
+    """Run A checkpoints at 4 and 6; run B replaces it (overwrite) and checkpoints at 2. A's state
+    at step 4 is still in checkpoints/: resuming it would overwrite B's latest and ace_lora.pt."""
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+    train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data,
+          loss_fn=dense_label_infonce)
+    b = train(_config(tmp_path, max_steps=2, overwrite=True), model=make_model("standin", seed=3), dataset=data,
+              loss_fn=dense_label_infonce)
+    run = Path(b["out_dir"])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    old_state = run / "checkpoints" / "state-00000004.pt"
+    with pytest.raises(ValueError, match=r"^TrainConfig\.resume: .*state-00000004\.pt' is a state of another run than "
+                                         r"the one .* now holds \(its checkpoints/latest names run [0-9a-f]{32}, this "
+                                         r"state is of run [0-9a-f]{32}\), whose files this run would overwrite"):
+        train(_config(tmp_path, max_steps=6, resume=str(old_state)), model=make_model("standin", seed=3),
+              dataset=data, loss_fn=dense_label_infonce)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # B's own state resumes; A's with overwrite too.
+    train(_config(tmp_path, max_steps=2, resume="auto"), model=make_model("standin", seed=3), dataset=data,
+          loss_fn=dense_label_infonce)
+    resumed = train(_config(tmp_path, max_steps=6, resume=str(old_state), overwrite=True),
+                    model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
+    assert resumed["steps"] == 6
+
+
+def test_resume_auto_with_weights_but_nothing_to_resume_says_so(tmp_path):
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+    first = train(_config(tmp_path, max_steps=2), model=make_model("standin", seed=3), dataset=data,
+                  loss_fn=dense_label_infonce)
+    (Path(first["out_dir"]) / "checkpoints" / "latest").unlink()
+    with pytest.raises(ValueError, match=r"^TrainConfig\.out_dir: .* holds another run's ace_lora\.pt but no "
+                                         r"checkpoints/latest to continue it from, and a fresh run would overwrite it; "
+                                         r"replace it with TrainConfig\.overwrite, or choose another directory$"):
+        train(_config(tmp_path, max_steps=2, resume="auto"), model=make_model("standin", seed=3), dataset=data,
+              loss_fn=dense_label_infonce)
+
+
+def test_a_state_written_before_run_ids_resumes_and_reads_back(tmp_path):
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+
+    def stop_at(call):
+        calls = []
+
+        def loss(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                raise RuntimeError("injected failure")
+            return dense_label_infonce(*args, **kwargs)
+        return loss
+
+    with pytest.raises(RuntimeError):
+        train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data, loss_fn=stop_at(5))
+    run = tmp_path / "run"
+    # As the code before run ids wrote them: no id in the state, latest or the metrics lines.
+    state_path = run / "checkpoints" / "state-00000004.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["run_id"]
+    torch.save(state, state_path)
+    latest = json.loads((run / "checkpoints" / "latest").read_text())
+    del latest["run"]
+    (run / "checkpoints" / "latest").write_text(json.dumps(latest))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("run", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    first_four = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+    train(_config(tmp_path, max_steps=6, resume="auto"), model=make_model("standin", seed=3), dataset=data,
+          loss_fn=dense_label_infonce)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records[:4]] == first_four
 
 
 def test_a_resume_after_another_run_failed_in_the_out_dir_reads_back_its_own_steps(tmp_path):
