@@ -705,21 +705,23 @@ def test_resume_auto_with_weights_but_nothing_to_resume_says_so(tmp_path):
               loss_fn=dense_label_infonce)
 
 
+def _failing_at(call):
+    """dense_label_infonce that raises at its ``call``-th call (a run that fails at that step)."""
+    calls = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("injected failure")
+        return dense_label_infonce(*args, **kwargs)
+    return loss
+
+
 def test_a_state_written_before_run_ids_resumes_and_reads_back(tmp_path):
     data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
 
-    def stop_at(call):
-        calls = []
-
-        def loss(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == call:
-                raise RuntimeError("injected failure")
-            return dense_label_infonce(*args, **kwargs)
-        return loss
-
     with pytest.raises(RuntimeError):
-        train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data, loss_fn=stop_at(5))
+        train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data, loss_fn=_failing_at(5))
     run = tmp_path / "run"
     # As the code before run ids wrote them: no id in the state, latest or the metrics lines.
     state_path = run / "checkpoints" / "state-00000004.pt"
@@ -746,25 +748,15 @@ def test_a_resume_after_another_run_failed_in_the_out_dir_reads_back_its_own_ste
     any checkpoint; resuming A reads back A's steps 1-4 and the resumed ones, none of B's."""
     data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
 
-    def failing_at(call):
-        calls = []
-
-        def loss(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == call:
-                raise RuntimeError("injected failure")
-            return dense_label_infonce(*args, **kwargs)
-        return loss
-
     with pytest.raises(RuntimeError, match="injected failure"):
         train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data,
-              loss_fn=failing_at(5))
+              loss_fn=_failing_at(5))
     metrics = tmp_path / "run" / "metrics.jsonl"
     a_losses = [r["loss"] for r in read_metrics(metrics)]
     assert len(a_losses) == 4
     with pytest.raises(RuntimeError, match="injected failure"):
         train(_config(tmp_path, max_steps=6, overwrite=True, lr=1e-3), model=make_model("standin", seed=3),
-              dataset=data, loss_fn=failing_at(3))
+              dataset=data, loss_fn=_failing_at(3))
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2]  # B's, the run last started
     resumed = train(_config(tmp_path, max_steps=6, resume="auto"), model=make_model("standin", seed=3), dataset=data,
                     loss_fn=dense_label_infonce)
