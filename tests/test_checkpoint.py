@@ -218,12 +218,6 @@ def test_a_training_state_is_named_as_one(tiny, tmp_path):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
 
 
-def test_k_nearest_must_be_the_models_topk(tiny, tmp_path):
-    path = _corrupt(tiny, tmp_path, lambda blob: blob["metadata"].update(k_nearest=3))
-    with pytest.raises(CheckpointError, match=r"metadata\['k_nearest'\] is 3, this model needs 5"):
-        copy.deepcopy(tiny).load_reference_checkpoint(path)
-
-
 @needs_released
 def test_released_file_does_not_fit_the_tiny_model(tiny):
     with pytest.raises(CheckpointError, match=r"layer_\d+"):
