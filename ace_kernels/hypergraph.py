@@ -74,6 +74,12 @@ def _flat_rows(index: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
     return (index.to(torch.int64).clamp_min(0) + offsets.view(-1, *([1] * (index.dim() - 1)))).reshape(-1)
 
 
+def _use_sparse(t: torch.Tensor) -> bool:
+    """The CSR product on the CPU in eager mode; torch.compile traces neither the sparse
+    tensor nor the warnings filter around it (the per-slot loops below are traced instead)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _sparse_mm(crow, col, values, shape, dense):
     # CPU only: a block-diagonal CSR matrix (one block per sample) times the flattened rows.
     # About 2-5x faster than index_add_ / per-slot gathers on 2 cores (measured at B=64,
@@ -88,7 +94,7 @@ def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tens
     """out[b, q] = sum_s weights[b, q, s] * src[b, cols[b, q, s]]."""
     B, R, D = src.shape
     Q, S = cols.shape[1], cols.shape[2]
-    if src.device.type == "cpu":
+    if _use_sparse(src):
         crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
         return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
                           src.reshape(B * R, D)).view(B, Q, D)
@@ -106,7 +112,7 @@ def _torch_scatter_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Ten
     """out[b, cols[b, q, s]] += weights[b, q, s] * src[b, q] (the adjoint of gather_sum)."""
     B, Q, D = src.shape
     S = cols.shape[2]
-    if src.device.type == "cpu":
+    if _use_sparse(src):
         # The transposed incidence as CSR: row j of sample b lists the entries (q, s) with
         # cols[b, q, s] == j, in increasing q (sorted and unique, as CSR wants).
         row_ptr, perm = transpose if transpose is not None else _transpose_csr(cols, num_rows)
@@ -182,7 +188,7 @@ class _Primitives:
 
 
 def _torch_prepare_transpose(cols, num_rows):
-    return _transpose_csr(cols, num_rows) if cols.device.type == "cpu" else None
+    return _transpose_csr(cols, num_rows) if _use_sparse(cols) else None
 
 
 TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _torch_scatter_sum, _torch_entry_dot,
@@ -1550,8 +1556,9 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     GPU too.
 
     Autocast: the forward runs with autocast off, whatever the caller's state: it
-    reads ``x`` in its own dtype and accumulates in float32 (the adapters run in
-    their parameters' dtype), and returns ``x``'s dtype. Its sparse backwards run
+    reads ``x`` in its own dtype and accumulates in float32 (float64 for float64
+    ``x``; the adapters' parameters are cast to that compute dtype too), and
+    returns ``x``'s dtype. Its sparse backwards run
     with autocast off too; the plain-autograd parts (the adapters, and the torch
     backend's ``cls_only`` path) follow the autocast state at backward time, as
     any module's do, so run ``backward()`` outside autocast, as usual.
