@@ -18,6 +18,7 @@ released tensors were saved on a CUDA device) and written atomically.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Any, BinaryIO, Callable
 
@@ -176,6 +177,11 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     metadata = blob["metadata"]
     check_metadata(model, metadata, path)
     layers = _lora_layers(model)
+    if isinstance(blob["weights"], dict):
+        held = sum(1 for key in blob["weights"] if isinstance(key, str) and re.fullmatch(r"layer_\d+", key))
+        if 0 < held < len(layers):  # none or more: named below, by the first key missing or extra
+            raise CheckpointError(f"{path}: LoRA weights for {held} attention layers, this model has {len(layers)} "
+                                  "(a checkpoint of another model configuration? the command line's --model)")
     weights = _expect_dict(f"{path}: weights", blob["weights"],
                            [f"layer_{i}" for i in range(len(layers))] + [a[0] for a in ADAPTERS] + ["logit_scale"])
     extra_layers = [k for k in weights if k.startswith("layer_") and k not in {f"layer_{i}" for i in range(len(layers))}]

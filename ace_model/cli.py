@@ -143,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a shortened demo (for tests): 150 steps, smaller sets, where not given explicitly")
     demo.add_argument("--no-progress", dest="progress", action="store_false")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="write the demo into a non-empty --out-dir that holds no earlier demo")
     return parser
 
 
@@ -235,9 +237,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         _name_flags(exc)
         raise
     _check_train_inputs(args)
+    latest = Path(args.out_dir) / "checkpoints" / "latest"
+    if args.resume == "auto" and not latest.exists() and int(os.environ.get("RANK", "0")) == 0:
+        print(f"ace-lora train: note: no checkpoint in {str(latest.parent)!r} to resume: starting a fresh run",
+              file=sys.stderr)
     try:
         result = training.train(config)  # validates the configuration before any work
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         _name_flags(exc)
         raise
     # Under torchrun every rank returns the same summary: print it once.
@@ -324,6 +330,9 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise CLIError(f"--{flag}: {path!r} does not exist")
+    if scale == "learned" and not args.checkpoint:
+        print("ace-lora zero-shot: warning: --logit-scale learned without --checkpoint: the multiplier is the "
+              "untrained model's", file=sys.stderr)
     if not args.pretrained:
         print(f"ace-lora zero-shot: warning: no --pretrained weights: the frozen towers are random weights "
               f"(seeded with --seed {args.seed}, as train builds them with the same seed)", file=sys.stderr)
@@ -338,6 +347,11 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device,
                       logit_scale=scale)
     result["classes"] = names
+    undefined = [name for name, value in result.get("auroc_per_class", {}).items() if not math.isfinite(value)]
+    if undefined and math.isfinite(result["auroc"]):
+        print(f"ace-lora zero-shot: warning: AUROC undefined for {', '.join(undefined)} (no positive or no negative "
+              f"sample): left out of the macro AUROC, which averages the other {len(names) - len(undefined)} "
+              "classes", file=sys.stderr)
     text = _json(result)
     print(text)
     if args.output:
@@ -376,7 +390,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--test-size: expected a positive number of samples, got {args.test_size}")
     out = Path(args.out_dir)
     _check_out_dir(out, "--out-dir")
+    # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
+    # earlier demo's files only, unless told (a user's own train.csv would be replaced).
+    if out.is_dir() and any(out.iterdir()) and not (out / _DEMO_MARKER).exists() and not args.overwrite:
+        raise CLIError(f"--out-dir: {str(out)!r} is not empty and holds no earlier demo, whose files (train.csv, "
+                       f"test.csv, train/, test/, run/) the demo would replace; choose another directory or pass "
+                       f"--overwrite")
     out.mkdir(parents=True, exist_ok=True)
+    (out / _DEMO_MARKER).write_text("written by ace-lora demo: a later demo may replace this folder's files\n")
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     classes = list(SYNTHETIC_CLASSES)
@@ -414,6 +435,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEMO_MARKER = ".ace-lora-demo"
+
+
 def _demo_trainer(args, train_csv: Path, out: Path):
     from ace_model.training import TrainConfig, train
 
@@ -433,6 +457,16 @@ def _read_losses(result: dict) -> list[float]:
 # ----------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What ``--resume auto`` would continue from after an interrupted ``train``."""
+    latest = Path(args.out_dir) / "checkpoints" / "latest"
+    try:
+        step = json.loads(latest.read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "; no checkpoint was written, so a rerun starts afresh"
+    return f"; continue from step {step} with --resume auto"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -489,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # last complete one, and `--resume auto` continues from it exactly.
         if debug:
             raise
-        hint = "; continue with --resume auto" if args.command == "train" else ""
+        hint = _resume_hint(args) if args.command == "train" else ""
         print(f"ace-lora {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (NonFiniteLossError, RankMismatchError, OSError) as exc:

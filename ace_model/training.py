@@ -622,7 +622,7 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     cuda_graph: bool = False  # replay each step as a captured CUDA graph (GraphedTrainStep)
     recompute: str = "none"  # ACELoRA.recompute: "none", "mlp" or "layer" (rerun in the backward, not kept)
-    overwrite: bool = False  # let a new run replace the files of another run in out_dir
+    overwrite: bool = False  # let a new run replace another run in out_dir (its weights and checkpoints go)
 
     # Fields that may change between a run and its resumption. Most leave every number of
     # the run as it was; not all: with dropout on, a new chunk_size draws other
@@ -668,6 +668,11 @@ class TrainConfig:
         for name in ("checkpoint_every", "num_workers", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
+        if not _is_finite_number(self.warmup_epochs):
+            raise ValueError(f"TrainConfig.warmup_epochs: expected a finite number >= 0, got {self.warmup_epochs!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**32:
+            # Python's, NumPy's and torch's generators are all seeded from it (and seeds derived from it).
+            raise ValueError(f"TrainConfig.seed: expected an integer in [0, 2**32), got {self.seed!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
         for name in ("lr", "weight_decay"):
@@ -800,6 +805,7 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------
 
 _STATE_RE = re.compile(r"^state-(\d+)\.pt$")
+_REFERENCE_RE = re.compile(r"^ace_lora-(\d+)\.pt$")
 # The temp names of this module's atomic writes (see ace_model._atomic), per directory;
 # a killed run can leave these behind, and only these are removed on the next start.
 _CKPT_TEMP_RE = temp_name_pattern(r"state-\d{8,}\.pt|ace_lora-\d{8,}\.pt|latest")
@@ -902,9 +908,9 @@ def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike)
         for latest in (path / "latest", path / "checkpoints" / "latest"):
             if latest.exists():
                 return _read_latest(latest)
-        raise FileNotFoundError(f"resume={str(resume)!r}: no 'latest' file in that directory or its checkpoints/")
+        raise FileNotFoundError(f"TrainConfig.resume: {str(resume)!r} has no 'latest' file, nor has its checkpoints/")
     if not path.exists():
-        raise FileNotFoundError(f"resume={str(resume)!r}: no such file")
+        raise FileNotFoundError(f"TrainConfig.resume: {str(resume)!r} does not exist")
     return path
 
 
@@ -933,6 +939,10 @@ def load_state(path: str | os.PathLike) -> dict:
     """
     state = read_model_file(lambda: torch.load(path, map_location="cpu", weights_only=True), TrainingStateError,
                             str(path), "a training state")
+    if isinstance(state, dict) and {"weights", "metadata"} <= set(state) and "format" not in state:
+        raise TrainingStateError(f"{path}: a released-format weights file (for train --init-checkpoint or "
+                                 "zero-shot --checkpoint), not a training state; a run's states are its "
+                                 "checkpoints/state-<step>.pt")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise TrainingStateError(f"{path}: not an ace-lora training state (format field {found!r}, "
@@ -1117,6 +1127,25 @@ def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | 
     raise ValueError(
         f"TrainConfig.out_dir: {str(out_dir)!r} holds another run ({' and '.join(held)}), whose files {doing} would "
         f"overwrite; continue that run with TrainConfig.resume set to 'auto', {choices}")
+
+
+def _remove_other_run(out_dir: Path, resume_path: Path | None) -> None:
+    """``overwrite=True``: delete the files of the run this one replaces (its ``ace_lora.pt``,
+    ``checkpoints/latest`` and the checkpoints beside it), so that none of them is taken for
+    this run's if it stops early. Nothing is deleted when this run resumes a state in that
+    ``checkpoints/`` (it continues from those files); ``metrics.jsonl`` is kept (appended to)."""
+    ckpt_dir = out_dir / "checkpoints"
+    if resume_path is not None and ckpt_dir.is_dir():
+        with contextlib.suppress(OSError):
+            if os.path.samefile(Path(resume_path).parent, ckpt_dir):
+                return
+    doomed = [out_dir / "ace_lora.pt", ckpt_dir / "latest"]
+    if ckpt_dir.is_dir():
+        doomed += [ckpt_dir / name for name in sorted(os.listdir(ckpt_dir))
+                   if _STATE_RE.match(name) or _REFERENCE_RE.match(name)]
+    for path in doomed:  # latest goes before the files it names
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _latest_run(latest: Path) -> str | None:
@@ -1337,6 +1366,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None
+    if is_writer and config.overwrite:
+        _remove_other_run(out_dir, resume_path)
     if is_writer:
         makedirs_durable(out_dir)
         _remove_stale_temp_files(out_dir)

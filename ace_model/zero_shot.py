@@ -172,11 +172,16 @@ def binary_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
 
 
+def per_class_auroc(scores: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """AUROC of each column of ``scores`` [N, C] against 0/1 ``targets`` [N, C] (one-vs-rest
+    for multiclass); NaN for a column without both positives and negatives."""
+    return [binary_auroc(scores[:, j], targets[:, j]) for j in range(scores.shape[1])]
+
+
 def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean of per-column AUROCs of ``scores`` [N, C] against 0/1 ``targets`` [N, C]
     (one-vs-rest for multiclass); columns without both classes are skipped."""
-    values = [binary_auroc(scores[:, j], targets[:, j]) for j in range(scores.shape[1])]
-    values = [v for v in values if v == v]
+    values = [v for v in per_class_auroc(scores, targets) if v == v]
     return float(sum(values) / len(values)) if values else float("nan")
 
 
@@ -238,6 +243,8 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
     """Accuracy and AUROC for ``task`` from scores and 0/1 labels, both ``[N, C]``.
 
     ``multiclass`` and ``binary`` need one-hot label rows (:func:`check_single_label`).
+    ``multiclass`` and ``multilabel`` also give ``auroc_per_class`` (NaN for a class without
+    both positives and negatives, which the macro ``auroc`` leaves out).
     """
     if scores.shape != labels.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ in shape")
@@ -248,6 +255,7 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
     extra = {}
     if task == "multilabel":
         accuracy = ((scores >= 0.5).float() == labels).float().mean().item()
+        extra["auroc_per_class"] = per_class_auroc(scores, labels)
         auroc = macro_auroc(scores, labels)
     else:
         predicted = scores.argmax(dim=1)
@@ -260,7 +268,9 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
                 raise ValueError(f"binary task: expected 2 classes [negative, positive], got {scores.shape[1]}")
             auroc = binary_auroc(scores[:, 1], labels[:, 1])
         else:
-            auroc = macro_auroc(scores, F.one_hot(truth, scores.shape[1]).float())
+            one_hot = F.one_hot(truth, scores.shape[1]).float()
+            extra["auroc_per_class"] = per_class_auroc(scores, one_hot)
+            auroc = macro_auroc(scores, one_hot)
     return {"task": task, "n": int(scores.shape[0]), "accuracy": accuracy, **extra, "auroc": auroc}
 
 
@@ -289,8 +299,10 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     zero-shot scripts), ``"learned"`` (``model.logit_scale``) or a positive number.
 
     Returns a dict with ``task``, ``n``, ``accuracy`` (and ``accuracy_macro`` for
-    ``multiclass``), ``auroc``, ``logit_scale`` and ``images_per_s``; ``auroc`` is NaN when
-    undefined (no positive or no negative sample for every class).
+    ``multiclass``), ``auroc_per_class`` (``multiclass`` and ``multilabel``: class name ->
+    AUROC, NaN for a class without both positive and negative samples, left out of the macro
+    mean), ``auroc``, ``logit_scale`` and ``images_per_s``; ``auroc`` is NaN when no class
+    has both.
     """
     import time
 
@@ -319,6 +331,8 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
         raise ValueError(f"dataset has {labels.shape[1]} label columns but {len(class_names)} class names")
     scores = zero_shot_scores(image, text, scale, task)
     result = zero_shot_metrics(scores, labels, task)
+    if "auroc_per_class" in result:
+        result["auroc_per_class"] = dict(zip(class_names, result["auroc_per_class"]))
     result["logit_scale"] = scale
     result["images_per_s"] = image.shape[0] / max(elapsed, 1e-9)
     return result

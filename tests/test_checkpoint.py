@@ -207,6 +207,13 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
         assert torch.equal(param, before[name]), f"{name} changed by a failed load"
 
 
+def test_a_checkpoint_of_a_smaller_model_says_so(tiny, tmp_path):
+    path = _corrupt(tiny, tmp_path, lambda blob: [blob["weights"].pop(f"layer_{i}") for i in (2, 3)])
+    with pytest.raises(CheckpointError, match=r"LoRA weights for 2 attention layers, this model has 4 \(a checkpoint "
+                                              r"of another model configuration\? the command line's --model\)"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
 def test_a_training_state_is_named_as_one(tiny, tmp_path):
     from ace_model.training import STATE_FORMAT
 

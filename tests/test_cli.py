@@ -466,6 +466,20 @@ def test_a_run_into_another_runs_out_dir_is_refused_naming_the_flags(synthetic, 
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "latest"]  # nothing written
 
 
+def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path, capsys):
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
+              "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    assert cli.main([*common, "--resume", str(tmp_path / "missing.pt")]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert line.endswith(f"--resume: {str(tmp_path / 'missing.pt')!r} does not exist"), line
+    weights = tmp_path / "weights.pt"
+    ACELoRA.from_config("tiny").save_reference_checkpoint(weights)
+    assert cli.main([*common, "--resume", str(weights)]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "a released-format weights file (for train --init-checkpoint or zero-shot --checkpoint), not a training " \
+           "state" in line, line
+
+
 def test_a_resume_with_another_setting_names_the_flag(synthetic, tmp_path, capsys):
     common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
               "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
@@ -676,6 +690,27 @@ def test_undefined_auroc_is_written_as_null(tiny, synthetic, tmp_path, capsys):
         assert result["auroc"] is None and result["accuracy"] is not None
 
 
+def test_a_class_without_positives_is_named_and_left_out_of_the_macro_auroc(tiny, synthetic, tmp_path, capsys):
+    scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.5], [0.6, 0.4, 0.2]])
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    result = zero_shot_metrics(scores, targets, "multilabel")
+    per_class = result["auroc_per_class"]
+    assert per_class[:2] == [_pairwise_auroc([0.9, 0.2, 0.6], [1, 0, 0]), _pairwise_auroc([0.1, 0.8, 0.4], [0, 1, 0])]
+    assert math.isnan(per_class[2]) and result["auroc"] == pytest.approx(sum(per_class[:2]) / 2)
+    checkpoint = tmp_path / "tiny.pt"
+    tiny.save_reference_checkpoint(checkpoint)
+    image = str(synthetic.parent / "test" / "00000.png")
+    rows = [[image, 1, 0, 0], [image, 0, 1, 0], [image, 1, 1, 0]]
+    csv_path = _write_csv(tmp_path / "rare.csv", ["image", "edema", "effusion", "rare"], rows)
+    assert cli.main(["zero-shot", "--csv", str(csv_path), "--model", "tiny", "--checkpoint", str(checkpoint),
+                     "--task", "multilabel"]) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    assert printed["auroc_per_class"]["rare"] is None and set(printed["auroc_per_class"]) == {"edema", "effusion", "rare"}
+    assert "warning: AUROC undefined for rare (no positive or no negative sample): left out of the macro AUROC, " \
+           "which averages the other 2 classes" in err
+
+
 # ---------------------------------------------------------------------------------------
 # demo (shortened)
 # ---------------------------------------------------------------------------------------
@@ -868,6 +903,23 @@ def test_demo_flags_are_checked_before_anything_is_written(tmp_path, capsys, fla
     assert not out.exists()
 
 
+def test_demo_replaces_only_an_earlier_demos_files(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("ace_model.data.make_synthetic_dataset",
+                        lambda *a, **k: (_ for _ in ()).throw(cli.CLIError("stop before writing data")))
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "train.csv").write_text("my own data\n")
+    assert cli.main(["demo", "--quick", "--out-dir", str(mine)]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "demo")
+    assert f"--out-dir: {str(mine)!r} is not empty and holds no earlier demo" in line and "--overwrite" in line
+    assert sorted(p.name for p in mine.iterdir()) == ["train.csv"]
+    # An empty or new folder, a folder an earlier demo wrote, or --overwrite: the demo goes on.
+    for out, extra in ((tmp_path / "new", []), (tmp_path / "new", []), (mine, ["--overwrite"])):
+        assert cli.main(["demo", "--quick", "--out-dir", str(out), *extra]) == cli.EXIT_BAD_INPUT
+        assert "stop before writing data" in capsys.readouterr().err
+        assert (out / ".ace-lora-demo").exists()
+
+
 def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
     # --quick fills in only what was not given.
     seen = {}
@@ -913,14 +965,28 @@ def test_only_our_warnings_are_one_liners(monkeypatch, capsys):
     assert shown == [("theirs", "Image.py", 7)]
 
 
-def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys):
+def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
     def interrupted(args):
         raise KeyboardInterrupt
 
     monkeypatch.setitem(cli.main.__globals__, "cmd_train", interrupted)
-    assert cli.main(["train", "--csv", "unused.csv"]) == cli.EXIT_INTERRUPTED == 130
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", "unused.csv", "--out-dir", str(run)]) == cli.EXIT_INTERRUPTED == 130
     err = capsys.readouterr().err
-    assert err.strip() == "ace-lora train: interrupted; continue with --resume auto"
+    assert err.strip() == "ace-lora train: interrupted; no checkpoint was written, so a rerun starts afresh"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text('{"step": 35, "state": "state-00000035.pt"}\n')
+    assert cli.main(["train", "--csv", "unused.csv", "--out-dir", str(run)]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "ace-lora train: interrupted; continue from step 35 with --resume auto"
+
+
+def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(synthetic, tmp_path, monkeypatch, capsys):
+    from ace_model import training
+
+    monkeypatch.setattr(training, "train", lambda config: {"steps": 0})
+    assert cli.main(["train", "--csv", str(synthetic), "--out-dir", str(tmp_path / "typo"), "--resume", "auto"]) == 0
+    assert f"note: no checkpoint in {str(tmp_path / 'typo' / 'checkpoints')!r} to resume: starting a fresh run" in \
+        capsys.readouterr().err
 
 
 def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_path):

@@ -384,7 +384,7 @@ def test_resume_refuses_a_different_run(tmp_path):
                                          r"not continue the same run$"):
         train(_config(tmp_path, epochs=1, lr=5e-3, resume="auto"), model=make_model("standin"), dataset=data,
               loss_fn=dense_label_infonce)
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match=r"^TrainConfig\.resume: '.*missing\.pt' does not exist$"):
         train(_config(tmp_path, resume=str(tmp_path / "missing.pt")), model=make_model("standin"), dataset=data,
               loss_fn=dense_label_infonce)
 
@@ -598,6 +598,10 @@ def test_config_validation(tmp_path):
     ("betas", (0.9, 1.0), "two numbers in [0, 1)"),
     ("betas", (-0.1, 0.999), "two numbers in [0, 1)"),
     ("betas", (0.9,), "two numbers in [0, 1)"),
+    ("warmup_epochs", float("inf"), "a finite number >= 0"),
+    ("warmup_epochs", float("nan"), "a finite number >= 0"),
+    ("seed", 10**20, "an integer in [0, 2**32)"),
+    ("seed", -1, "an integer in [0, 2**32)"),
 ])
 def test_optimizer_settings_are_validated(field, value, expected):
     with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {re.escape(expected)}, got "):
@@ -661,7 +665,13 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
     # A crash mid-write tore the last line: the next run's "start" line must still be read.
     with open(first["metrics"], "a", encoding="utf-8") as handle:
         handle.write('{"step": 13, "loss": 1.0, "l')
-    second = train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3, overwrite=True),
+    # An overwriting run that stops before its first checkpoint leaves none of the replaced run's
+    # weights to be taken for its own.
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3, overwrite=True),
+              model=make_model("standin", seed=3), dataset=data, loss_fn=_failing_at(2))
+    assert not (run / "ace_lora.pt").exists() and not any((run / "checkpoints").iterdir())
+    second = train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3),
                    model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
     records = read_metrics(second["metrics"])
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -669,16 +679,20 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
 
 
 def test_a_state_another_run_left_in_checkpoints_is_not_resumed_over_the_run_there(tmp_path):
-    """Run A checkpoints at 4 and 6; run B replaces it (overwrite) and checkpoints at 2. A's state
-    at step 4 is still in checkpoints/: resuming it would overwrite B's latest and ace_lora.pt."""
+    """Run A checkpoints at 4 and 6; run B replaces it (overwrite: A's files go) and checkpoints at
+    2. A's state at step 4, put back into checkpoints/, would overwrite B's latest and ace_lora.pt."""
     data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
-    train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data,
-          loss_fn=dense_label_infonce)
+    a = train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data,
+              loss_fn=dense_label_infonce)
+    run = Path(a["out_dir"])
+    saved = (run / "checkpoints" / "state-00000004.pt").read_bytes()
     b = train(_config(tmp_path, max_steps=2, overwrite=True), model=make_model("standin", seed=3), dataset=data,
               loss_fn=dense_label_infonce)
-    run = Path(b["out_dir"])
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ace_lora-00000002.pt", "latest",
+                                                                      "state-00000002.pt"]
     old_state = run / "checkpoints" / "state-00000004.pt"
+    old_state.write_bytes(saved)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"^TrainConfig\.resume: .*state-00000004\.pt' is a state of another run than "
                                          r"the one .* now holds \(its checkpoints/latest names run [0-9a-f]{32}, this "
                                          r"state is of run [0-9a-f]{32}\), whose files this run would overwrite"):
@@ -744,20 +758,25 @@ def test_a_state_written_before_run_ids_resumes_and_reads_back(tmp_path):
 
 
 def test_a_resume_after_another_run_failed_in_the_out_dir_reads_back_its_own_steps(tmp_path):
-    """Run A checkpoints at step 4 and fails at step 5; run B (overwrite) fails at its step 3, before
-    any checkpoint; resuming A reads back A's steps 1-4 and the resumed ones, none of B's."""
-    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+    """Run A checkpoints at step 4 and fails at step 5; run B (overwrite, which deletes A's
+    checkpoints) fails at its step 3, before any checkpoint; A's checkpoints are put back from a
+    copy and resumed: A's steps 1-4 and the resumed ones read back, none of B's."""
+    import shutil
 
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
     with pytest.raises(RuntimeError, match="injected failure"):
         train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data,
               loss_fn=_failing_at(5))
     metrics = tmp_path / "run" / "metrics.jsonl"
     a_losses = [r["loss"] for r in read_metrics(metrics)]
     assert len(a_losses) == 4
+    shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / "copy")
     with pytest.raises(RuntimeError, match="injected failure"):
         train(_config(tmp_path, max_steps=6, overwrite=True, lr=1e-3), model=make_model("standin", seed=3),
               dataset=data, loss_fn=_failing_at(3))
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2]  # B's, the run last started
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    shutil.copytree(tmp_path / "copy", tmp_path / "run" / "checkpoints")
     resumed = train(_config(tmp_path, max_steps=6, resume="auto"), model=make_model("standin", seed=3), dataset=data,
                     loss_fn=dense_label_infonce)
     records = read_metrics(resumed["metrics"])
