@@ -238,7 +238,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     _check_train_inputs(args)
     latest = Path(args.out_dir) / "checkpoints" / "latest"
-    if args.resume == "auto" and not latest.exists() and int(os.environ.get("RANK", "0")) == 0:
+    # (With another run's ace_lora.pt there, train() refuses instead, saying why.)
+    if (args.resume == "auto" and not latest.exists() and not (Path(args.out_dir) / "ace_lora.pt").exists()
+            and int(os.environ.get("RANK", "0")) == 0):
         print(f"ace-lora train: note: no checkpoint in {str(latest.parent)!r} to resume: starting a fresh run",
               file=sys.stderr)
     try:
@@ -331,8 +333,8 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         if path and not os.path.exists(path):
             raise CLIError(f"--{flag}: {path!r} does not exist")
     if scale == "learned" and not args.checkpoint:
-        print("ace-lora zero-shot: warning: --logit-scale learned without --checkpoint: the multiplier is the "
-              "untrained model's", file=sys.stderr)
+        print("ace-lora zero-shot: warning: --logit-scale learned without --checkpoint: no trained multiplier, so "
+              "it is the base model's, as with 'base'", file=sys.stderr)
     if not args.pretrained:
         print(f"ace-lora zero-shot: warning: no --pretrained weights: the frozen towers are random weights "
               f"(seeded with --seed {args.seed}, as train builds them with the same seed)", file=sys.stderr)
@@ -348,10 +350,11 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
                       logit_scale=scale)
     result["classes"] = names
     undefined = [name for name, value in result.get("auroc_per_class", {}).items() if not math.isfinite(value)]
-    if undefined and math.isfinite(result["auroc"]):
+    if undefined:
+        rest = (f"left out of the macro AUROC, which averages the other {len(names) - len(undefined)} classes"
+                if len(undefined) < len(names) else "so the macro AUROC is undefined too (null)")
         print(f"ace-lora zero-shot: warning: AUROC undefined for {', '.join(undefined)} (no positive or no negative "
-              f"sample): left out of the macro AUROC, which averages the other {len(names) - len(undefined)} "
-              "classes", file=sys.stderr)
+              f"sample): {rest}", file=sys.stderr)
     text = _json(result)
     print(text)
     if args.output:
@@ -392,7 +395,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_out_dir(out, "--out-dir")
     # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
     # earlier demo's files only, unless told (a user's own train.csv would be replaced).
-    if out.is_dir() and any(out.iterdir()) and not (out / _DEMO_MARKER).exists() and not args.overwrite:
+    from ace_model.training import check_seed
+
+    check_seed(args.seed, "--seed")
+    earlier_demo = (out / _DEMO_MARKER).exists() or (out / "demo_summary.json").exists()  # the latter: older demos
+    if out.is_dir() and any(out.iterdir()) and not earlier_demo and not args.overwrite:
         raise CLIError(f"--out-dir: {str(out)!r} is not empty and holds no earlier demo, whose files (train.csv, "
                        f"test.csv, train/, test/, run/) the demo would replace; choose another directory or pass "
                        f"--overwrite")
@@ -460,13 +467,14 @@ def _read_losses(result: dict) -> list[float]:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    """What ``--resume auto`` would continue from after an interrupted ``train``."""
+    """What ``--resume auto`` would continue from after an interrupted ``train``: what
+    ``checkpoints/latest`` names now (this run's last checkpoint, or the one it started from)."""
     latest = Path(args.out_dir) / "checkpoints" / "latest"
     try:
         step = json.loads(latest.read_text(encoding="utf-8"))["step"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "; no checkpoint was written, so a rerun starts afresh"
-    return f"; continue from step {step} with --resume auto"
+        return f"; no checkpoint in {str(latest.parent)!r}, so --resume auto would start afresh"
+    return f"; --resume auto continues from step {step} ({str(latest)!r})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -523,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # last complete one, and `--resume auto` continues from it exactly.
         if debug:
             raise
-        hint = _resume_hint(args) if args.command == "train" else ""
+        hint = _resume_hint(args) if args.command == "train" and int(os.environ.get("RANK", "0")) == 0 else ""
         print(f"ace-lora {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (NonFiniteLossError, RankMismatchError, OSError) as exc:

@@ -670,9 +670,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
         if not _is_finite_number(self.warmup_epochs):
             raise ValueError(f"TrainConfig.warmup_epochs: expected a finite number >= 0, got {self.warmup_epochs!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**32:
-            # Python's, NumPy's and torch's generators are all seeded from it (and seeds derived from it).
-            raise ValueError(f"TrainConfig.seed: expected an integer in [0, 2**32), got {self.seed!r}")
+        check_seed(self.seed, "TrainConfig.seed")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
         for name in ("lr", "weight_decay"):
@@ -699,6 +697,14 @@ class TrainConfig:
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """An integer with ``|seed| < 2**46``: the data order's generators are seeded with
+    ``seed * 100003 + ...``, which must fit torch's 64-bit seeds."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not abs(seed) < 2**46:
+        raise ValueError(f"{name}: expected an integer with |seed| < 2**46, got {seed!r}")
+    return int(seed)
 
 
 def _is_finite_number(value) -> bool:
@@ -1129,23 +1135,31 @@ def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | 
         f"overwrite; continue that run with TrainConfig.resume set to 'auto', {choices}")
 
 
-def _remove_other_run(out_dir: Path, resume_path: Path | None) -> None:
+def _remove_other_run(out_dir: Path, resume_path: Path | None, keep: Sequence = ()) -> None:
     """``overwrite=True``: delete the files of the run this one replaces (its ``ace_lora.pt``,
     ``checkpoints/latest`` and the checkpoints beside it), so that none of them is taken for
     this run's if it stops early. Nothing is deleted when this run resumes a state in that
-    ``checkpoints/`` (it continues from those files); ``metrics.jsonl`` is kept (appended to)."""
+    ``checkpoints/`` (it continues from those files), nor a file named in ``keep`` (this run's
+    ``init_checkpoint`` or ``pretrained`` weights); ``metrics.jsonl`` is kept (appended to)."""
     ckpt_dir = out_dir / "checkpoints"
-    if resume_path is not None and ckpt_dir.is_dir():
-        with contextlib.suppress(OSError):
-            if os.path.samefile(Path(resume_path).parent, ckpt_dir):
-                return
+    if resume_path is not None and ckpt_dir.is_dir() and _same_file(Path(resume_path).parent, ckpt_dir):
+        return
     doomed = [out_dir / "ace_lora.pt", ckpt_dir / "latest"]
     if ckpt_dir.is_dir():
         doomed += [ckpt_dir / name for name in sorted(os.listdir(ckpt_dir))
                    if _STATE_RE.match(name) or _REFERENCE_RE.match(name)]
+    kept = [Path(k) for k in keep if k]
     for path in doomed:  # latest goes before the files it names
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if not any(_same_file(path, k) for k in kept):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _latest_run(latest: Path) -> str | None:
@@ -1367,7 +1381,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None
     if is_writer and config.overwrite:
-        _remove_other_run(out_dir, resume_path)
+        _remove_other_run(out_dir, resume_path, keep=(config.init_checkpoint, config.pretrained))
     if is_writer:
         makedirs_durable(out_dir)
         _remove_stale_temp_files(out_dir)

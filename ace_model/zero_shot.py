@@ -181,7 +181,11 @@ def per_class_auroc(scores: torch.Tensor, targets: torch.Tensor) -> list[float]:
 def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean of per-column AUROCs of ``scores`` [N, C] against 0/1 ``targets`` [N, C]
     (one-vs-rest for multiclass); columns without both classes are skipped."""
-    values = [v for v in per_class_auroc(scores, targets) if v == v]
+    return _mean_of_defined(per_class_auroc(scores, targets))
+
+
+def _mean_of_defined(values: Sequence[float]) -> float:
+    values = [v for v in values if v == v]
     return float(sum(values) / len(values)) if values else float("nan")
 
 
@@ -256,7 +260,7 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
     if task == "multilabel":
         accuracy = ((scores >= 0.5).float() == labels).float().mean().item()
         extra["auroc_per_class"] = per_class_auroc(scores, labels)
-        auroc = macro_auroc(scores, labels)
+        auroc = _mean_of_defined(extra["auroc_per_class"])
     else:
         predicted = scores.argmax(dim=1)
         truth = labels.argmax(dim=1)
@@ -270,7 +274,7 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
         else:
             one_hot = F.one_hot(truth, scores.shape[1]).float()
             extra["auroc_per_class"] = per_class_auroc(scores, one_hot)
-            auroc = macro_auroc(scores, one_hot)
+            auroc = _mean_of_defined(extra["auroc_per_class"])
     return {"task": task, "n": int(scores.shape[0]), "accuracy": accuracy, **extra, "auroc": auroc}
 
 

@@ -973,11 +973,13 @@ def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
     run = tmp_path / "run"
     assert cli.main(["train", "--csv", "unused.csv", "--out-dir", str(run)]) == cli.EXIT_INTERRUPTED == 130
     err = capsys.readouterr().err
-    assert err.strip() == "ace-lora train: interrupted; no checkpoint was written, so a rerun starts afresh"
+    assert err.strip() == (f"ace-lora train: interrupted; no checkpoint in {str(run / 'checkpoints')!r}, so --resume "
+                           "auto would start afresh")
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text('{"step": 35, "state": "state-00000035.pt"}\n')
     assert cli.main(["train", "--csv", "unused.csv", "--out-dir", str(run)]) == cli.EXIT_INTERRUPTED
-    assert capsys.readouterr().err.strip() == "ace-lora train: interrupted; continue from step 35 with --resume auto"
+    assert capsys.readouterr().err.strip() == \
+        f"ace-lora train: interrupted; --resume auto continues from step 35 ({str(run / 'checkpoints' / 'latest')!r})"
 
 
 def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(synthetic, tmp_path, monkeypatch, capsys):

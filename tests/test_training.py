@@ -600,8 +600,8 @@ def test_config_validation(tmp_path):
     ("betas", (0.9,), "two numbers in [0, 1)"),
     ("warmup_epochs", float("inf"), "a finite number >= 0"),
     ("warmup_epochs", float("nan"), "a finite number >= 0"),
-    ("seed", 10**20, "an integer in [0, 2**32)"),
-    ("seed", -1, "an integer in [0, 2**32)"),
+    ("seed", 10**20, "an integer with |seed| < 2**46"),
+    ("seed", -2**46, "an integer with |seed| < 2**46"),
 ])
 def test_optimizer_settings_are_validated(field, value, expected):
     with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {re.escape(expected)}, got "):
@@ -705,6 +705,27 @@ def test_a_state_another_run_left_in_checkpoints_is_not_resumed_over_the_run_the
     resumed = train(_config(tmp_path, max_steps=6, resume=str(old_state), overwrite=True),
                     model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
     assert resumed["steps"] == 6
+
+
+def test_overwrite_keeps_the_state_it_resumes_and_the_weights_it_starts_from(tmp_path, monkeypatch):
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+    first = train(_config(tmp_path, max_steps=4, checkpoint_every=2), model=make_model("standin", seed=3),
+                  dataset=data, loss_fn=dense_label_infonce)
+    checkpoints = Path(first["out_dir"]) / "checkpoints"
+    files = sorted(p.name for p in checkpoints.iterdir())
+    # A resume of a state there, with overwrite: that run's files are its own, nothing goes.
+    resumed = train(_config(tmp_path, max_steps=4, checkpoint_every=2, resume=str(checkpoints / "state-00000002.pt"),
+                            overwrite=True), model=make_model("standin", seed=3), dataset=data,
+                    loss_fn=dense_label_infonce)
+    assert resumed["steps"] == 4 and sorted(p.name for p in checkpoints.iterdir()) == files
+    # A new run starting from weights in that folder, with overwrite, keeps them (even when it fails early).
+    init = checkpoints / "ace_lora-00000002.pt"
+    kept = init.read_bytes()
+    monkeypatch.setattr(training, "_build_model", lambda config: make_model("standin", seed=3))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, max_steps=4, overwrite=True, init_checkpoint=str(init), lr=5e-3), dataset=data,
+              loss_fn=_failing_at(1))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["ace_lora-00000002.pt"] and init.read_bytes() == kept
 
 
 def test_resume_auto_with_weights_but_nothing_to_resume_says_so(tmp_path):
