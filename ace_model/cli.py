@@ -307,6 +307,23 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def _warn_if_built_otherwise(metadata: dict, args: argparse.Namespace) -> None:
+    """A checkpoint trained by ``ace-lora train`` records how its frozen towers were built:
+    warn when this evaluation builds them otherwise (other towers, other results, no error)."""
+    from ace_model.training import TRAINED_WITH
+
+    trained = metadata.get(TRAINED_WITH)
+    if not isinstance(trained, dict):
+        return
+    if trained.get("pretrained") and not args.pretrained:
+        print(f"ace-lora zero-shot: warning: --checkpoint was trained on the towers of --pretrained "
+              f"{trained['pretrained']!r}; without --pretrained they are random weights here", file=sys.stderr)
+    elif not trained.get("pretrained") and not args.pretrained and trained.get("seed") != args.seed:
+        print(f"ace-lora zero-shot: warning: --checkpoint was trained on random frozen towers built with --seed "
+              f"{trained.get('seed')}; --seed {args.seed} builds other ones (pass --seed {trained.get('seed')})",
+              file=sys.stderr)
+
+
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
     from ace_model.data import CSVImageLabelDataset, read_csv
@@ -342,7 +359,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
     if args.checkpoint:
-        model.load_reference_checkpoint(args.checkpoint)
+        _warn_if_built_otherwise(model.load_reference_checkpoint(args.checkpoint), args)
     model.to(device)
     dataset = CSVImageLabelDataset(args.csv, names, model.image_size, image_column=args.image_column,
                                    image_root=args.image_root)

@@ -69,6 +69,9 @@ STATE_FORMAT = "ace-lora-train-state"
 # dataset_fingerprint, read when present). Version 1 states are still read: the dataset check is skipped and the
 # run's checkpoints are inferred.
 STATE_VERSION = 2
+# Key of the released-format metadata entry that a trained weights file adds: {"model", "seed",
+# "pretrained"} of the run (other readers of the format ignore keys they do not know).
+TRAINED_WITH = "ace_lora_trained_with"
 _READABLE_STATE_VERSIONS = (1, 2)
 
 
@@ -1173,10 +1176,16 @@ def _latest_run(latest: Path) -> str | None:
 
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
+    from ace_model.checkpoint import default_metadata
 
     model = ACELoRA.from_config(config.model, pretrained=config.pretrained)
     if config.init_checkpoint:
         model.load_reference_checkpoint(config.init_checkpoint)
+    # The weights files this run writes say what the frozen towers were built from, so that
+    # zero-shot can rebuild them (without pretrained weights: the seed's random towers).
+    metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
+    model.reference_metadata = {**metadata, TRAINED_WITH: {"model": config.model, "seed": config.seed,
+                                                           "pretrained": config.pretrained}}
     return model
 
 

@@ -466,6 +466,21 @@ def test_a_run_into_another_runs_out_dir_is_refused_naming_the_flags(synthetic, 
     assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "latest"]  # nothing written
 
 
+def test_zero_shot_warns_when_the_checkpoints_towers_were_built_with_another_seed(synthetic, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
+                     "--max-steps", "1", "--no-progress", "--device", "cpu", "--seed", "2"]) == 0
+    metadata = torch.load(run / "ace_lora.pt", weights_only=True)["metadata"]
+    assert metadata["ace_lora_trained_with"] == {"model": "tiny", "seed": 2, "pretrained": None}
+    capsys.readouterr()
+    evaluate_it = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(run / "ace_lora.pt")]
+    assert cli.main(evaluate_it) == 0
+    assert "warning: --checkpoint was trained on random frozen towers built with --seed 2; --seed 1 builds other " \
+           "ones (pass --seed 2)" in capsys.readouterr().err
+    assert cli.main([*evaluate_it, "--seed", "2"]) == 0
+    assert "--checkpoint was trained" not in capsys.readouterr().err
+
+
 def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path, capsys):
     common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
               "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
