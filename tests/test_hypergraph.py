@@ -817,10 +817,15 @@ def test_gpu_backend_matches_oracle(backend, dtype, cls_only, shape):
     ours, scale = _errors_vs_oracle(backend, shape, dtype, cls_only, device)
     torch_err, _ = _errors_vs_oracle("torch", shape, dtype, cls_only, device)
     # The yardstick itself (float32 compute, one rounding to the dtype at the end): within twice
-    # that rounding of each tensor's scale (float32: sums over D = 512).
-    own_bound = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
-    for name, e_torch, s in zip(("output",) + PARAM_NAMES, torch_err, scale):
-        assert e_torch <= own_bound * s, f"{name}: torch backend err {e_torch:.3e} at scale {s:.3e}"
+    # that rounding of each tensor's scale (float32: sums over D = 512); unless a CLS row has a
+    # tie at the k-th place (text_b3 in bf16 has one), where torch.topk's pick on the device and
+    # the oracle's may differ (both are right; the error is then the other neighbour's, ~0.3).
+    _, cls_attn, *_ = make_inputs(shape, dtype=dtype, seed=21)
+    ranked = cls_attn.float().sort(dim=-1, descending=True).values
+    if not (ranked[:, shape[4] - 1] == ranked[:, shape[4]]).any():
+        own_bound = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+        for name, e_torch, s in zip(("output",) + PARAM_NAMES, torch_err, scale):
+            assert e_torch <= own_bound * s, f"{name}: torch backend err {e_torch:.3e} at scale {s:.3e}"
     for name, e_ours, e_torch, s in zip(("output",) + PARAM_NAMES, ours, torch_err, scale):
         # Project rule: within 2x of the torch backend's own error in the same dtype, plus a floor
         # of 1e-5 of the tensor's scale (float32 rounding of a sum over D = 512).
