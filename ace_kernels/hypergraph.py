@@ -74,12 +74,6 @@ def _flat_rows(index: torch.Tensor, rows_per_batch: int) -> torch.Tensor:
     return (index.to(torch.int64).clamp_min(0) + offsets.view(-1, *([1] * (index.dim() - 1)))).reshape(-1)
 
 
-def _use_sparse(t: torch.Tensor) -> bool:
-    """The CSR product on the CPU in eager mode; torch.compile traces neither the sparse
-    tensor nor the warnings filter around it (the per-slot loops below are traced instead)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def _sparse_mm(crow, col, values, shape, dense):
     # CPU only: a block-diagonal CSR matrix (one block per sample) times the flattened rows.
     # About 2-5x faster than index_add_ / per-slot gathers on 2 cores (measured at B=64,
@@ -94,7 +88,7 @@ def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tens
     """out[b, q] = sum_s weights[b, q, s] * src[b, cols[b, q, s]]."""
     B, R, D = src.shape
     Q, S = cols.shape[1], cols.shape[2]
-    if _use_sparse(src):
+    if src.device.type == "cpu":
         crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
         return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
                           src.reshape(B * R, D)).view(B, Q, D)
@@ -112,7 +106,7 @@ def _torch_scatter_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Ten
     """out[b, cols[b, q, s]] += weights[b, q, s] * src[b, q] (the adjoint of gather_sum)."""
     B, Q, D = src.shape
     S = cols.shape[2]
-    if _use_sparse(src):
+    if src.device.type == "cpu":
         # The transposed incidence as CSR: row j of sample b lists the entries (q, s) with
         # cols[b, q, s] == j, in increasing q (sorted and unique, as CSR wants).
         row_ptr, perm = transpose if transpose is not None else _transpose_csr(cols, num_rows)
@@ -188,7 +182,7 @@ class _Primitives:
 
 
 def _torch_prepare_transpose(cols, num_rows):
-    return _transpose_csr(cols, num_rows) if _use_sparse(cols) else None
+    return _transpose_csr(cols, num_rows) if cols.device.type == "cpu" else None
 
 
 TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _torch_scatter_sum, _torch_entry_dot,
@@ -1439,7 +1433,16 @@ def _cls_only_fused(x, cls_attn, edge_params, node_params, topk):
 def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     if cls_only:
         return _cls_only_torch(x, cls_attn, edge, node, topk)
-    return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, TORCH_PRIMITIVES)
+    return _torch_full_output(x, cls_attn, edge, node, topk)
+
+
+@torch.compiler.disable
+def _torch_full_output(x, cls_attn, edge, node, topk):
+    # Always eager, under torch.compile too (a graph break; fullgraph=True is refused): torch
+    # 2.11's dynamo traces this path into a wrong gradient of x (162 off at B=2, N=11, D=16, with
+    # the loss right; torch 2.14 traces it right), and on the CPU it reaches a sparse CSR product,
+    # which dynamo cannot trace at all.
+    return _hypergraph_impl(x, cls_attn, edge, node, topk, False, TORCH_PRIMITIVES)
 
 
 # The CUDA top-k kernel's shared memory: 8 queries x (D + 512) float32 similarities, dynamic,
