@@ -1436,7 +1436,9 @@ def _hypergraph_torch(x, cls_attn, edge, node, topk, cls_only, deterministic=Tru
     return _torch_full_output(x, cls_attn, edge, node, topk)
 
 
-@torch.compiler.disable
+# torch._disable_dynamo is torch.compiler.disable that imports torch._dynamo at the first call,
+# not at decoration (torch uses it so for the same reason: importing dynamo is slow).
+@torch._disable_dynamo
 def _torch_full_output(x, cls_attn, edge, node, topk):
     # Always eager, under torch.compile too (a graph break; fullgraph=True is refused): torch
     # 2.11's dynamo traces this path into a wrong gradient of x (162 off at B=2, N=11, D=16, with
