@@ -161,6 +161,20 @@ def _warn_if_clipped(mode: str, path) -> None:
                       "to 8 bits first (e.g. scaled by their maximum) to keep their range", stacklevel=3)
 
 
+def _image_file(csv_path, number: int, column: str, name: str, root: Path) -> Path:
+    """The image file a CSV row names (relative to ``root``), or a DataError naming the row."""
+    if not name:
+        raise DataError(f"{csv_path}, row {number}: column {column!r} is empty")
+    path = Path(name)
+    if not path.is_absolute():
+        path = root / path
+    if path.is_dir():
+        raise DataError(f"{csv_path}, row {number}: image {name!r} is a directory ({str(path)!r}), not an image file")
+    if not path.is_file():
+        raise DataError(f"{csv_path}, row {number}: image file {name!r} not found (looked for {str(path)!r})")
+    return path
+
+
 def load_image(path: str | os.PathLike, image_size: int, *, where: str = "", crop: bool = False) -> torch.Tensor:
     """Open and preprocess one image (``crop``: see :func:`preprocess_image`); a missing or
     unreadable file raises :class:`DataError` naming ``where`` (e.g. the CSV row) and the file."""
@@ -327,14 +341,7 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
         names, labels = [], []
         for number, row in enumerate(rows, start=1):
             name = (row.get(image_column) or "").strip()
-            if not name:
-                raise DataError(f"{self.csv_path}, row {number}: column {image_column!r} is empty")
-            path = Path(name)
-            if not path.is_absolute():
-                path = root / path
-            if not path.is_file():
-                raise DataError(f"{self.csv_path}, row {number}: image file {name!r} not found "
-                                f"(looked for {str(path)!r})")
+            path = _image_file(self.csv_path, number, image_column, name, root)
             names.append(name)
             self.image_paths.append(str(path))
             self.texts.append(row.get(text_column) or "")
@@ -375,12 +382,7 @@ class CSVImageLabelDataset(torch.utils.data.Dataset):
         self.image_paths, labels = [], []
         for number, row in enumerate(rows, start=1):
             name = (row.get(image_column) or "").strip()
-            path = Path(name)
-            if not path.is_absolute():
-                path = root / path
-            if not name or not path.is_file():
-                raise DataError(f"{self.csv_path}, row {number}: image file {name!r} not found "
-                                f"(looked for {str(path)!r})")
+            path = _image_file(self.csv_path, number, image_column, name, root)
             self.image_paths.append(str(path))
             labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
         self.labels = torch.tensor(labels, dtype=torch.float32)

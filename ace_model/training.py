@@ -1115,10 +1115,7 @@ def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | 
             resume_path = resolve_resume(config.resume, out_dir)
         except Exception:  # noqa: BLE001 - reported where the state is loaded, with its own message
             return
-    same_dir = False
-    if resume_path is not None:
-        with contextlib.suppress(OSError):
-            same_dir = os.path.samefile(Path(resume_path).parent, out_dir / "checkpoints")
+    same_dir = resume_path is not None and _same_file(Path(resume_path).parent, out_dir / "checkpoints")
     choices = "replace it with TrainConfig.overwrite, or choose another directory"
     if same_dir:
         latest_run = _latest_run(out_dir / "checkpoints" / "latest")

@@ -250,6 +250,18 @@ def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_pa
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
     with pytest.raises(DataError, match=r"row 2: image file 'nowhere.png' not found"):
         CSVImageTextDataset(missing, tiny.tokenizer())
+    (tmp_path / "folder").mkdir()
+    folder = _write_csv(tmp_path / "folder.csv", ["image", "text", "edema"], [["folder", "edema", 1]])
+    from ace_model.data import CSVImageLabelDataset
+
+    for make in (lambda: CSVImageTextDataset(folder, tiny.tokenizer()),
+                 lambda: CSVImageLabelDataset(folder, ["edema"], tiny.image_size)):
+        with pytest.raises(DataError, match=r"folder.csv, row 1: image 'folder' is a directory \(.*\), not an image "
+                                            r"file$"):
+            make()
+    empty = _write_csv(tmp_path / "empty.csv", ["image", "text", "edema"], [["", "edema", 1]])
+    with pytest.raises(DataError, match=r"empty.csv, row 1: column 'image' is empty$"):
+        CSVImageLabelDataset(empty, ["edema"], tiny.image_size)
     (tmp_path / "broken.png").write_bytes(b"not a png")
     broken = _write_csv(tmp_path / "broken.csv", ["image", "text", "edema"], [["broken.png", "edema", 1]])
     dataset = CSVImageTextDataset(broken, tiny.tokenizer())
