@@ -168,7 +168,9 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
         # missing files through); its reason is one line, as read_model_file's is.
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
                               f"({first_line(exc)})") from exc
-    if isinstance(blob, dict) and blob.get("format") == "ace-lora-train-state":  # training.STATE_FORMAT
+    from ace_model.training import STATE_FORMAT  # here: ace_model.training imports this module
+
+    if isinstance(blob, dict) and blob.get("format") == STATE_FORMAT:
         step = blob.get("step")
         name = f"ace_lora-{step:08d}.pt" if isinstance(step, int) else "ace_lora-<step>.pt"
         raise CheckpointError(f"{path}: a training state (for resuming), not a released-format checkpoint; the "

@@ -486,10 +486,11 @@ def _read_losses(result: dict) -> list[float]:
 def _resume_hint(args: argparse.Namespace) -> str:
     """What ``--resume auto`` would continue from after an interrupted ``train``: what
     ``checkpoints/latest`` names now (this run's last checkpoint, or the one it started from)."""
+    from ace_model.training import latest_record
+
     latest = Path(args.out_dir) / "checkpoints" / "latest"
-    try:
-        step = json.loads(latest.read_text(encoding="utf-8"))["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    step = latest_record(latest).get("step")
+    if step is None:
         return f"; no checkpoint in {str(latest.parent)!r}, so --resume auto would start afresh"
     return f"; --resume auto continues from step {step} ({str(latest)!r})"
 

@@ -887,11 +887,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
 
 def _resumed_checkpoint_steps(state: dict, state_path: Path, ckpt_dir: Path) -> list[int]:
     """Steps of the resumed run's checkpoints that live in ``ckpt_dir`` (pruning candidates)."""
-    try:
-        same_dir = ckpt_dir.is_dir() and os.path.samefile(state_path.parent, ckpt_dir)
-    except OSError:
-        same_dir = False
-    if not same_dir:
+    if not _lives_in(state_path, ckpt_dir):
         return []  # a new directory: nothing in it belongs to this run yet
     if "checkpoint_steps" in state:
         # With the steps it was deleting: a crash may have come before their files went.
@@ -1115,7 +1111,7 @@ def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | 
             resume_path = resolve_resume(config.resume, out_dir)
         except Exception:  # noqa: BLE001 - reported where the state is loaded, with its own message
             return
-    same_dir = resume_path is not None and _same_file(Path(resume_path).parent, out_dir / "checkpoints")
+    same_dir = _lives_in(resume_path, out_dir / "checkpoints")
     choices = "replace it with TrainConfig.overwrite, or choose another directory"
     if same_dir:
         latest_run = _latest_run(out_dir / "checkpoints" / "latest")
@@ -1142,7 +1138,7 @@ def _remove_other_run(out_dir: Path, resume_path: Path | None, keep: Sequence = 
     ``checkpoints/`` (it continues from those files), nor a file named in ``keep`` (this run's
     ``init_checkpoint`` or ``pretrained`` weights); ``metrics.jsonl`` is kept (appended to)."""
     ckpt_dir = out_dir / "checkpoints"
-    if resume_path is not None and ckpt_dir.is_dir() and _same_file(Path(resume_path).parent, ckpt_dir):
+    if _lives_in(resume_path, ckpt_dir):
         return
     doomed = [out_dir / "ace_lora.pt", ckpt_dir / "latest"]
     if ckpt_dir.is_dir():
@@ -1162,12 +1158,24 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _lives_in(path, directory: Path) -> bool:
+    """``path`` (a file, or None) is in ``directory`` (an existing one; links resolved)."""
+    return path is not None and _same_file(Path(path).parent, directory)
+
+
+def latest_record(latest: Path) -> dict:
+    """The JSON a ``checkpoints/latest`` pointer holds (``step``, ``state``, ``reference``, ``run``),
+    or ``{}`` when there is none or it cannot be read (:func:`resolve_resume` reports that)."""
+    try:
+        record = json.loads(latest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _latest_run(latest: Path) -> str | None:
     """The run id a ``latest`` pointer names (None: unreadable, or written before runs had ids)."""
-    try:
-        run = json.loads(latest.read_text(encoding="utf-8")).get("run")
-    except (OSError, ValueError, AttributeError):
-        return None
+    run = latest_record(latest).get("run")
     return run if isinstance(run, str) else None
 
 
