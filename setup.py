@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -116,7 +116,10 @@ setup(
     name="ace-kernels",
     version="0.1.0",
     description="Fused Triton and CUDA kernels for ACE-LoRA: LoRA q/k/v, hyperedge attention, label-guided InfoNCE",
-    packages=find_packages(include=["ace_kernels", "ace_kernels.*", "ace_model", "ace_model.*"]),
+    # Namespace packages, so that the config folders (data, no __init__.py) are packages too:
+    # setuptools warns that data in a folder not listed as a package will not be installed.
+    packages=find_namespace_packages(include=["ace_kernels", "ace_kernels.*", "ace_model", "ace_model.*"],
+                                     exclude=["*.__pycache__"]),
     package_data={"ace_model": ["configs/**/*", "configs/*"], "ace_kernels": ["dispatch_order.json", "tuned_configs.json"]},
     include_package_data=True,
     python_requires=">=3.10",

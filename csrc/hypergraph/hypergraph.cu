@@ -28,6 +28,11 @@ constexpr int kTopkThreads = 256;
 constexpr int kQueriesPerBlock = kTopkThreads / 32;  // one warp merges each query's top-k
 constexpr int kTopkChunk = 512;  // similarities per query held in shared memory per pass
 constexpr int kRowThreads = 128;
+// The top-k kernel's static __shared__ arrays (top_v, top_i, own_row below) and the 48 KiB every
+// kernel may use without opting in: a launch within it needs no attribute query.
+constexpr size_t kTopkStaticShared = kQueriesPerBlock * kMaxTopk * (sizeof(float) + sizeof(int64_t)) +
+                                     kQueriesPerBlock * sizeof(int64_t);
+constexpr size_t kDefaultShared = 48 * 1024;
 constexpr int kMaxSlots = 64;     // incidence slots per row held in shared memory
 
 struct Candidate {
@@ -78,6 +83,8 @@ topk_incidence_kernel(const T* __restrict__ pn, int64_t pn_sb, int64_t pn_sm, in
   __shared__ float top_v[kQueriesPerBlock][kMaxTopk];
   __shared__ int64_t top_i[kQueriesPerBlock][kMaxTopk];
   __shared__ int64_t own_row[kQueriesPerBlock];
+  static_assert(sizeof(top_v) + sizeof(top_i) + sizeof(own_row) == kTopkStaticShared,
+                "kTopkStaticShared must count this kernel's static shared arrays");
 
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kQueriesPerBlock;
   const int64_t b = blockIdx.y;
@@ -278,25 +285,28 @@ cudaError_t topk_incidence(const void* pn, Feat pn_type, int64_t pn_sb, int64_t 
   const int64_t blocks = (R + kQueriesPerBlock - 1) / kQueriesPerBlock;
   return with_feat(pn_type, [&](auto tag) {
     using T = decltype(tag);
-    // The kernel's own __shared__ arrays count against the same limit as the dynamic buffer:
-    // compare with what the kernel allows now, not with 48 KiB. When more is needed, raise the
-    // kernel's cap to all the device allows beside its static arrays: every call sets that same
-    // value, so host threads launching at different D cannot lower it under one another.
-    cudaFuncAttributes attr;
-    cudaError_t err = cudaFuncGetAttributes(&attr, topk_incidence_kernel<T>);
-    if (err != cudaSuccess) return err;
-    if (shared > static_cast<size_t>(attr.maxDynamicSharedSizeBytes)) {
-      int device = 0;
-      int optin = 0;
-      err = cudaGetDevice(&device);
+    // The kernel's own __shared__ arrays count against the same limit as the dynamic buffer.
+    // Within the 48 KiB any kernel may use (D up to 974) nothing is queried. Beyond it, compare with
+    // what the kernel allows now and, when more is needed, raise the kernel's cap to all the device
+    // allows beside its static arrays: every call sets that same value, so host threads launching
+    // at different D cannot lower it under one another.
+    if (shared + kTopkStaticShared > kDefaultShared) {
+      cudaFuncAttributes attr;
+      cudaError_t err = cudaFuncGetAttributes(&attr, topk_incidence_kernel<T>);
       if (err != cudaSuccess) return err;
-      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-      if (err != cudaSuccess) return err;
-      const size_t room = static_cast<size_t>(optin) - attr.sharedSizeBytes;
-      if (shared > room) return cudaErrorInvalidValue;
-      err = cudaFuncSetAttribute(topk_incidence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(room));
-      if (err != cudaSuccess) return err;
+      if (shared > static_cast<size_t>(attr.maxDynamicSharedSizeBytes)) {
+        int device = 0;
+        int optin = 0;
+        err = cudaGetDevice(&device);
+        if (err != cudaSuccess) return err;
+        err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (err != cudaSuccess) return err;
+        const size_t room = static_cast<size_t>(optin) - attr.sharedSizeBytes;
+        if (shared > room) return cudaErrorInvalidValue;
+        err = cudaFuncSetAttribute(topk_incidence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(room));
+        if (err != cudaSuccess) return err;
+      }
     }
     topk_incidence_kernel<T><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(B)), kTopkThreads, shared,
                                stream>>>(static_cast<const T*>(pn), pn_sb, pn_sm, pn_sd, inv_norm, in_sb, in_sm, rows,
