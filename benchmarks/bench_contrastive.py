@@ -10,7 +10,9 @@ CPU (fp32, D=512): B=32768 with peak extra memory under 512 MiB; B=8192 with
 at least 8x less peak memory than the dense reference; unlabeled B=8192
 against ClipLoss. GPU (bf16, D=512): B=8192 at least 4x faster than the dense
 reference; B=65536 at 50% of the measured bf16 matmul rate (8 B^2 D FLOPs) with
-at most 64 MiB beyond inputs and gradients; a one-call probe at B=1,000,000.
+at most 64 MiB beyond inputs and gradients. A probe at B=1,000,000, one call measured for both
+time and peak, runs later in the run as family ``contrastive_probe`` (:mod:`benchmarks.bench_probe`,
+``run(suite, probe=True)``): a costly item of about a minute, after the model and training families.
 
 Correctness on the timed inputs: at B=8192 every provider against the dense reference
 (``rel_err_vs_reference``: the largest relative error of the loss and the three
@@ -140,11 +142,14 @@ def _configs(suite) -> list[dict]:
     if suite.is_gpu:
         return [dict(batch=8192, dim=512, labeled=True, reference=True, clip=False),
                 dict(batch=8192, dim=512, labeled=False, reference=False, clip=True),
-                dict(batch=65536, dim=512, labeled=True, reference=False, clip=False, fp32_check=True),
-                dict(batch=1_000_000, dim=512, labeled=True, reference=False, clip=False, probe=True)]
+                dict(batch=65536, dim=512, labeled=True, reference=False, clip=False, fp32_check=True)]
     return [dict(batch=8192, dim=512, labeled=True, reference=True, clip=False),
             dict(batch=8192, dim=512, labeled=False, reference=False, clip=True),
             dict(batch=32768, dim=512, labeled=True, reference=False, clip=False)]
+
+
+PROBE = dict(batch=1_000_000, dim=512, labeled=True, reference=False, clip=False, probe=True)
+PROBE_SIZING_BATCH = 65536  # the fused rows the probe is sized from (B^2 scaling)
 
 
 def _targets(suite, config):
@@ -176,17 +181,25 @@ def _targets(suite, config):
     return targets
 
 
-def run(suite) -> None:
+def run(suite, *, probe: bool = False) -> None:
+    """The family's configurations; ``probe``: only the B=1,000,000 probe (family
+    ``contrastive_probe``, :mod:`benchmarks.bench_probe`; GPU only)."""
     device, dtype = suite.device, suite.dtype()
     generator = torch.Generator(device=device).manual_seed(2)  # inputs made on the device: 1M x 512 is slow on a host
-    for config in _configs(suite):
+    sizing_ms = None  # the probe's own B=65,536 timing, when this run has no row to size it from
+    if probe:
+        sized = _size_probe(suite, generator)
+        if sized is False:
+            return
+        sizing_ms = None if sized is True else sized
+    for config in [PROBE] if probe else _configs(suite):
         batch, dim, labeled = config["batch"], config["dim"], config["labeled"]
         shape_text = f"B={batch} D={dim} " + ("labels" if labeled else "no labels")
         if suite.out_of_time(f"label_guided_infonce {shape_text}"):
             return
         probe = config.get("probe", False)
         if probe:
-            estimate = _probe_estimate_s(suite, batch, dim)
+            estimate = _probe_estimate_s(suite, batch, dim, sizing_ms)
             if estimate is None or estimate > min(60.0, suite.seconds_left() - 10):
                 suite.skip(f"label_guided_infonce {shape_text}",
                            "no fused-kernel timing at B=65536 to size it" if estimate is None
@@ -295,7 +308,7 @@ def run(suite) -> None:
         # On a GPU each provider is checked and measured before the next (suite.measure_checked),
         # and the checks after the measurement catch their own errors: a fault loses only what
         # comes after it, and the rows measured before it are still added.
-        measured = suite.measure_checked(entries, providers, single_call=probe)
+        measured = suite.measure_checked(entries, providers, one_call=probe)
         reference_cache: dict = {}  # the probe's chunked forward, computed once for every provider
         baseline_errors = _baseline_errors(suite, comparisons, measured, image, text, scale, shape_text)
         base_results, ours = {}, {}
@@ -431,22 +444,55 @@ def _baseline_errors(suite, comparisons, measured, image, text, scale, shape_tex
     return found
 
 
-def _probe_estimate_s(suite, batch, dim):
-    """Seconds one fused call at ``batch`` should take, scaled (B^2) from this run's B=65536 row.
+def _probe_estimate_s(suite, batch, dim, sizing_ms=None):
+    """Seconds one fused call at ``batch`` should take, scaled (B^2) from this run's B=65536 row
+    (or from ``sizing_ms``, a Triton step at B=65,536 timed by :func:`_size_probe`).
 
     Both sizes run the same kernels with the same D split (10 B^2 D matmul FLOPs at D=512),
-    and the O(B) passes are negligible next to them, so the time scales as B^2.
+    and the O(B) passes are negligible next to them, so the time scales as B^2. The probe is
+    one call, measured for both time and peak (``one_call``).
     """
     blocked = _blocked_was_faster(suite)
     times = [r.median_ms for r in suite.rows
-             if r.op == "label_guided_infonce" and r.shape.startswith("B=65536 ")
+             if r.op == "label_guided_infonce" and r.shape.startswith(f"B={PROBE_SIZING_BATCH} ")
              and r.provider in ("triton", "cuda", BLOCKED) and r.median_ms and (blocked or r.provider != BLOCKED)]
+    if sizing_ms is not None:
+        times.append(sizing_ms)
     if not times:
         return None
     # The blocked strategy's row blocks shrink to one tile of rows at B=1M (thin cuBLAS products,
     # 7,800 blocks a pass): its time need not scale as B^2 from B=65,536, so twice the estimate.
     margin = 2.0 if blocked else 1.0
-    return min(times) * 1e-3 * (batch / 65536) ** 2 * 2 * margin  # the memory call (warm-up) and one timed call
+    return min(times) * 1e-3 * (batch / PROBE_SIZING_BATCH) ** 2 * margin
+
+
+def _size_probe(suite, generator):
+    """True when this run has a fused row at B=65,536 to size the probe from (family
+    ``contrastive`` ran before); else the milliseconds of one Triton step at that size timed
+    here after a warm-up call (a ``--tier costly`` run has no cheap rows; the timing makes no
+    row: it is not checked); False (the reason logged) when the probe cannot run here."""
+    shape_text = f"B={PROBE['batch']} D={PROBE['dim']} labels"
+    if not suite.is_gpu or suite.quick:
+        suite.skip(f"label_guided_infonce {shape_text}", "GPU only, not with --quick")
+        return False
+    if "triton" not in suite.providers:
+        suite.skip(f"label_guided_infonce {shape_text}", "the probe runs the Triton kernels: not a provider here")
+        return False
+    if _probe_estimate_s(suite, PROBE["batch"], PROBE["dim"]) is not None:
+        return True
+    sizing = f"B={PROBE_SIZING_BATCH} D={PROBE['dim']} labels"
+    if not suite.include(f"label_guided_infonce {sizing} (the probe's sizing)", costly=True, estimate_s=10.0):
+        return False
+    print(f" label_guided_infonce {sizing} {suite.dtype()}: one timed step, to size the probe")
+    image, text, scale, labels = _inputs(PROBE_SIZING_BATCH, PROBE["dim"], suite.dtype(), suite.device, generator)
+
+    def step():
+        ace_kernels.label_guided_infonce(image, text, scale, labels, backend="triton").backward()
+
+    meas = suite.measure("triton (sizing)", step, [image, text, scale], single_call=True)
+    del image, text, scale, labels
+    suite.release_cuda_memory()
+    return False if meas is None else meas.median_ms
 
 
 def _blocked_was_faster(suite) -> bool:

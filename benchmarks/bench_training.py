@@ -36,7 +36,6 @@ the reason, when its estimate (from row 2's time) exceeds the time left.
 
 from __future__ import annotations
 
-import gc
 import time
 
 import torch
@@ -67,24 +66,6 @@ def _setup_estimate_s(suite) -> float:
     return 60.0
 
 
-def _peak_and_time(fn, device: torch.device, grads) -> tuple[float, float]:
-    """CUDA: one call measured for both peak memory (MiB above what was live) and time (ms)."""
-    for t in grads:
-        t.grad = None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(device)
-    elapsed_ms = (time.perf_counter() - start) * 1e3
-    peak = (torch.cuda.max_memory_allocated(device) - before) / harness.MIB
-    for t in grads:
-        t.grad = None
-    return peak, elapsed_ms
-
-
 def _measure_chunked(suite, label: str, fn, grads, *, timed_calls: int, one_call: bool,
                      warmup: bool = False) -> Measurement | None:
     """Peak memory (one call, also the warm-up) then ``timed_calls`` single timed calls;
@@ -97,7 +78,7 @@ def _measure_chunked(suite, label: str, fn, grads, *, timed_calls: int, one_call
             for t in grads:
                 t.grad = None
         if one_call:
-            peak, elapsed = _peak_and_time(fn, suite.device, grads)
+            peak, elapsed = harness.peak_and_time(fn, device=suite.device, grads=grads)
             times = [elapsed]
         else:
             peak = harness.peak_memory_mib(fn, device=suite.device, grads=grads)

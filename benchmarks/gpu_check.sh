@@ -63,12 +63,14 @@
 # record; else git when the copy has .git, else the file .git_sha at the repository root).
 #
 # Costly items and an optional second call. Families run in the order lora, hypergraph,
-# contrastive, model, training, tuning, cheap items first within each, so each costly item
+# contrastive, model, training, contrastive_probe, tuning, cheap items first within each, so each costly item
 # comes at the end of its family and the sweep (tuning's) after everything (estimates for an
 # H100/H200):
 #   model: ace_lora_max_batch, the largest-batch search, reference-ops and ours (~30-80 s);
 #   training: chunked_train_step, BiomedCLIP at B=64, 512 and 16,384 with chunk 256 (model
-#     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s);
+#     build ~10 s, B=64 and B=512 ~10 s, B=16,384 one step of 30-60 s; run 1 took 41 s in all);
+#   contrastive_probe: label_guided_infonce at B=1,000,000, one call measured for time and peak
+#     (~45 s, B^2 from the B=65,536 row), then its loss against a chunked fp32 forward (up to 45 s);
 #   tuning: triton_config_sweep, the LoRA and InfoNCE kernels at each candidate launch
 #     configuration (23 of them, ~70 s).
 # Each is skipped, with the reason, when its estimate exceeds the time left. Only when the
@@ -82,7 +84,7 @@
 # so they never overwrite the first call's; a costly run times one backend per item, so it
 # holds no dispatch order and writes none (one it did write would be dispatch_order-costly.json);
 # its sweep, if it runs there, writes tuned_configs-costly.json. The sweep runs after the other
-# two costly items, so a second call of ~150 s rarely reaches it: a session that wants the
+# costly items, so a second call of ~150 s rarely reaches it: a session that wants the
 # tuned configurations rather than the largest-batch and B=16,384 numbers gives that call
 # GPU_CHECK_ONLY=tuning (the issues' own numbers come first).
 

@@ -579,17 +579,40 @@ def time_single_call(fn: Callable[[], Any], *, device: torch.device, grads: Sequ
     return (time.perf_counter() - start) * 1e3
 
 
+def peak_and_time(fn: Callable[[], Any], *, device: torch.device,
+                  grads: Sequence[torch.Tensor] = ()) -> tuple[float, float]:
+    """CUDA: one ``fn()`` measured for both its peak memory (MiB above what was live before it)
+    and its time (ms, host clock between two synchronisations), for calls too long to repeat."""
+    _reset_grads(grads)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    peak = (torch.cuda.max_memory_allocated(device) - before) / MIB
+    _reset_grads(grads)
+    return peak, elapsed_ms
+
+
 def measure(fn: Callable[[], Any], *, device: torch.device, grads: Sequence[torch.Tensor] = (),
             max_seconds: float = 20.0, min_reps: int = 5, with_memory: bool = True,
-            single_call: bool = False, min_seconds: float = 1.0) -> Measurement:
+            single_call: bool = False, min_seconds: float = 1.0, one_call: bool = False) -> Measurement:
     """Time ``fn`` and, in a separate call, measure its peak memory. Errors become ``Measurement.error``.
 
     ``single_call``: the memory call is the warm-up and one more call is timed
-    (for very large sizes; the row's ``runs`` says 1). Otherwise, on a GPU, one call runs before
+    (for very large sizes; the row's ``runs`` says 1). ``one_call`` (CUDA): no warm-up, one call
+    measured for both (``peak_and_time``; for calls of tens of seconds whose first-call work
+    is negligible beside them). Otherwise, on a GPU, one call runs before
     the memory call: what the first call of a process allocates once for good (cuBLAS's
     workspace, say) is then in no entry's peak, whichever is measured first.
     """
     try:
+        if one_call and device.type == "cuda":
+            peak, elapsed = peak_and_time(fn, device=device, grads=grads)
+            return Measurement(elapsed, peak if with_memory else None, 1, (elapsed, elapsed))
         if with_memory and not single_call and device.type == "cuda":
             fn()
             _reset_grads(grads)

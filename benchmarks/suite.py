@@ -38,12 +38,13 @@ import torch
 from benchmarks import PARENT_PID_VARIABLE, harness
 from benchmarks.harness import Environment, Measurement, Row, Target
 
-FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training", "tuning")
+FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training", "contrastive_probe", "tuning")
 RATE_FAMILIES = ("lora", "hypergraph", "contrastive")  # the families whose rows use the card's rates (family device)
 WORKER_FAMILIES = ("device",) + FAMILIES  # "device": the card's ceilings, first on a GPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --tier: "costly" items are the long GPU measurements (largest-batch search, B=16,384 chunked
-# training) that a session may run in a second call; a family lists them in ``COSTLY_ITEMS``.
+# training, the B=1,000,000 InfoNCE probe, the launch-configuration sweep) that a session may run
+# in a second call; a family lists them in ``COSTLY_ITEMS``.
 TIERS = ("all", "cheap", "costly")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -161,14 +162,15 @@ class Suite:
 
     def measure(self, label: str, fn: Callable[[], Any], grads: Sequence[torch.Tensor],
                 max_seconds: float | None = None, with_memory: bool = True,
-                single_call: bool = False) -> Measurement | None:
-        """Measure ``fn``; print a progress line; ``None`` (with the reason logged) when it failed."""
+                single_call: bool = False, one_call: bool = False) -> Measurement | None:
+        """Measure ``fn``; print a progress line; ``None`` (with the reason logged) when it failed.
+        ``single_call``/``one_call``: see ``harness.measure``."""
         start = time.monotonic()
         result = harness.measure(fn, device=self.device, grads=grads,
                                  max_seconds=max_seconds or self.max_seconds_per_call,
                                  min_reps=3 if self.quick else 5, with_memory=with_memory,
                                  min_seconds=0.2 if self.quick else 1.0,
-                                 single_call=single_call)
+                                 single_call=single_call, one_call=one_call)
         took = time.monotonic() - start
         if result.error is not None:
             self.skip(label, result.error.splitlines()[0][:300])
@@ -179,7 +181,7 @@ class Suite:
         return result
 
     def measure_group(self, entries: Sequence[tuple[str, Callable[[], Any], Sequence[torch.Tensor]]],
-                      single_call: bool = False) -> dict[str, Measurement]:
+                      single_call: bool = False, one_call: bool = False) -> dict[str, Measurement]:
         """Measure the entries of one configuration (baselines and providers) side by side.
 
         Peak memory first, one call per entry (also its warm-up); then the times.
@@ -188,9 +190,9 @@ class Suite:
         Entries that fail are logged and left out of the result.
         """
         results: dict[str, Measurement] = {}
-        if single_call or self.device.type == "cuda":
+        if single_call or one_call or self.device.type == "cuda":
             for label, fn, grads in entries:
-                meas = self.measure(label, fn, grads, single_call=single_call)
+                meas = self.measure(label, fn, grads, single_call=single_call, one_call=one_call)
                 if meas is not None:
                     results[label] = meas
             return results
@@ -220,9 +222,10 @@ class Suite:
     def measure_checked(self, baselines: Sequence[tuple[str, Callable[[], Any], Sequence[torch.Tensor]]],
                         providers: Sequence[tuple[str, Callable[[], Any] | None, Callable[[], Any],
                                                   Sequence[torch.Tensor]]],
-                        single_call: bool = False) -> dict[str, Measurement]:
+                        single_call: bool = False, one_call: bool = False) -> dict[str, Measurement]:
         """Measure one configuration: its ``baselines`` (``measure_group`` entries) and each of
         ``providers`` (``(label, check, step, grads)``) whose ``check`` (None: none) passes.
+        ``single_call``/``one_call``: see ``harness.measure``.
 
         On a GPU the baselines are measured first, then each provider is checked and measured
         before the next one is checked, in the order given (the least proven last): a fault (it
@@ -230,18 +233,19 @@ class Suite:
         measured before it still becomes rows. On the CPU, where nothing loses a context, every
         check runs first and then all entries are timed together (interleaved, ``measure_group``).
         """
-        if not (single_call or self.is_gpu):
+        if not (single_call or one_call or self.is_gpu):
             alive = [(label, step, grads) for label, check, step, grads in providers
                      if check is None or self.provider_can_run(label, check)]
             return self.measure_group(list(baselines) + alive)
-        results = self.measure_group(baselines, single_call=single_call) if baselines else {}
+        one = dict(single_call=single_call, one_call=one_call)
+        results = self.measure_group(baselines, **one) if baselines else {}
         for label, check, step, grads in providers:
             if self.cuda_lost is not None:
                 self.out_of_time(label)  # logs why it is skipped
                 continue
             if check is not None and not self.provider_can_run(label, check):
                 continue
-            results.update(self.measure_group([(label, step, grads)], single_call=single_call))
+            results.update(self.measure_group([(label, step, grads)], **one))
         return results
 
     def release_cuda_memory(self) -> None:
@@ -591,12 +595,12 @@ def _tier_skips(suite: Suite, family: str, module, tier: str) -> bool:
 
 
 def _modules() -> dict:
-    from benchmarks import (bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model, bench_training,
-                            bench_tuning)
+    from benchmarks import (bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model, bench_probe,
+                            bench_training, bench_tuning)
 
     return {"device": bench_device, "lora": bench_lora, "hypergraph": bench_hypergraph,
             "contrastive": bench_contrastive, "model": bench_model, "training": bench_training,
-            "tuning": bench_tuning}
+            "contrastive_probe": bench_probe, "tuning": bench_tuning}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

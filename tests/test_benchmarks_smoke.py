@@ -573,7 +573,8 @@ def _bench(args, tmp_path, name, env_extra=None, timeout=240):
 def test_quick_run_ran_each_family_in_its_own_process(quick_run):
     run = quick_run[0]["run"]
     assert run["isolation"] == "process per family"
-    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "model", "training", "tuning"}
+    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "model", "training", "contrastive_probe",
+                                    "tuning"}
     assert all(status["outcome"] == "ok" and status["rc"] == 0 for status in run["families"].values()), run
     # Rows of every family landed in the one file, and the training family (its own process)
     # found the model family's rows of the earlier process (its backend choice reads them).
@@ -1208,11 +1209,14 @@ def test_contrastive_probe_takes_the_faster_strategy_at_65536(monkeypatch):
     assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 60.0}))
     # Faster but outside the fp32 check's bound: not taken.
     assert not bench_contrastive._blocked_was_faster(suite_with({"triton": 180.0, "triton+blocked": 70.0}, 0.05))
-    # Sized from the faster strategy; twice that for blocked (its blocks shrink at B=1M).
+    # Sized from the faster strategy (one call: B^2 scaling); twice that for blocked (its blocks
+    # shrink at B=1M); from the sizing step's time when the run has no row at B=65,536.
     estimate = bench_contrastive._probe_estimate_s(suite_with({"triton": 180.0, "triton+blocked": 70.0}), 131072, 512)
-    assert estimate == pytest.approx(0.070 * 4 * 2 * 2)
+    assert estimate == pytest.approx(0.070 * 4 * 2)
     estimate = bench_contrastive._probe_estimate_s(suite_with({"triton": 60.0, "triton+blocked": 70.0}), 131072, 512)
-    assert estimate == pytest.approx(0.060 * 4 * 2)
+    assert estimate == pytest.approx(0.060 * 4)
+    assert bench_contrastive._probe_estimate_s(suite_with({}), 131072, 512) is None
+    assert bench_contrastive._probe_estimate_s(suite_with({}), 131072, 512, 50.0) == pytest.approx(0.050 * 4)
     # The probe step with the blocked label forces the strategy and files its results under it.
     forced = []
     monkeypatch.setattr(bench_contrastive, "blocked_strategy",
@@ -1223,6 +1227,48 @@ def test_contrastive_probe_takes_the_faster_strategy_at_65536(monkeypatch):
     bench_contrastive._probe_step(u, t, s, None, "torch", [u, t, s], "triton+blocked")()
     assert forced == [torch.float32] and set(bench_contrastive.step_results) == {"triton+blocked"}
     bench_contrastive.step_results.clear()
+
+
+def test_contrastive_probe_family_is_gpu_only_and_sized_from_this_runs_rows():
+    """Family contrastive_probe (the B=1,000,000 probe, after the model and training families):
+    skipped with the reason on a CPU; on a GPU sized from this run's B=65,536 row when there is
+    one (no sizing step then), and not run without the Triton provider."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_contrastive, bench_probe
+    from benchmarks.suite import FAMILIES, _modules
+
+    assert FAMILIES.index("contrastive_probe") > FAMILIES.index("training")
+    assert _modules()["contrastive_probe"] is bench_probe and bench_probe.ALL_COSTLY
+    cpu = _suite("all")
+    bench_probe.run(cpu)
+    assert cpu.rows == [] and any("B=1000000" in line and "GPU only" in line for line in cpu.skipped)
+
+    skipped = []
+    row = SimpleNamespace(op="label_guided_infonce", shape="B=65536 D=512 labels", provider="triton", median_ms=150.0,
+                          metrics={})
+    gpu = SimpleNamespace(is_gpu=True, quick=False, providers=["torch", "triton"], rows=[row],
+                          skip=lambda what, why: skipped.append(f"{what}: {why}"))
+    assert bench_contrastive._size_probe(gpu, None) is True and not skipped
+    assert bench_contrastive._probe_estimate_s(gpu, 1_000_000, 512) == pytest.approx(0.150 * (1e6 / 65536) ** 2)
+    gpu.providers = ["torch", "cuda"]
+    assert bench_contrastive._size_probe(gpu, None) is False and "Triton kernels" in skipped[-1]
+
+
+@pytest.mark.gpu
+def test_one_call_measures_time_and_peak_in_the_same_call():
+    from benchmarks import harness
+
+    device = torch.device("cuda")
+    calls = []
+
+    def fn():
+        calls.append(1)
+        torch.empty(64 * 2**20, dtype=torch.uint8, device=device).fill_(1)
+
+    meas = harness.measure(fn, device=device, one_call=True)
+    assert meas.error is None and len(calls) == 1 and meas.runs == 1
+    assert meas.median_ms > 0 and meas.peak_mib == pytest.approx(64.0, abs=1.0)
 
 
 def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
