@@ -70,11 +70,21 @@ variants (DoRA and the like), ``lora_bias``, ``adapter_names=`` or any other
 extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
 dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
 ``B A`` into the weight) or extra arguments. ``apply_ace_hgat``: autocast on,
-fewer than ``topk + 2`` tokens, hooks on the adapters; an adapter whose forward
-is not ``up(leaky_relu(down(z), 0.2))`` (checked once with a probe input at
-patch time) is not patched at all. States that hold at patch time are listed in
+fewer than ``topk + 2`` tokens, hooks or instance-replaced forwards on the
+adapters, an adapter (or its activation) replaced after patching by one that is
+not ``up(leaky_relu(down(z), 0.2))``. States that hold at patch time are listed in
 the summary; :meth:`PatchHandle.stats` counts fused and fallback calls by
 reason.
+
+What is never patched (recorded as skipped, with the reason): a module whose
+``forward`` (or ``apply_ace_hgat``) is already replaced on the instance (a
+wrapper such as accelerate's hooks, which the fused call would skip); a layout
+recognised by its attribute names whose computation differs, found by running
+its own method once at patch time on a small random probe: the reference
+``LinearLoRA`` forward (on a float64 copy, dropout off, random ``A`` and ``B``),
+each ``apply_ace_hgat`` encoder (against ``ace_hypergraph``'s torch backend)
+and each adapter; a reference loss whose ``forward`` is redefined below the
+class that defines ``apply_ace_hgat``.
 
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
@@ -168,6 +178,9 @@ __all__ = [
 ]
 
 _FUSED_OPS = ("lora_linear", "lora_qkv", "ace_hypergraph", "label_guided_infonce")
+# The patch flags (a recogniser's family) and the fused ops each one routes to.
+_FAMILIES = {"lora": ("lora_linear", "lora_qkv"), "hypergraph": ("ace_hypergraph",),
+             "loss": ("label_guided_infonce",)}
 
 # Marks every replacement callable so a second patch() leaves patched modules alone.
 _MARK = "__ace_kernels_patch__"
@@ -443,6 +456,19 @@ def _forward_replaced(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
+def _wrapped_reason(module: nn.Module, attr: str = "forward") -> str | None:
+    """Why a module whose ``attr`` is already set on the instance, by something other than a
+    patch, is left alone: that wrapper (accelerate's hooks, a user's) would be skipped by the
+    fused call, whose original is then the wrapper itself."""
+    if attr in module.__dict__ and not _is_patched(module, attr):
+        return f"{attr} replaced on the instance (a wrapper, e.g. accelerate's hooks): left as it runs"
+    return None
+
+
+def _defining_class(cls: type, attr: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if attr in vars(klass)), None)
+
+
 def _functorch_transform_active() -> bool:
     """True inside a ``torch.func`` transform (grad, vmap, ...): the fused ops' autograd Functions
     define no ``setup_context``, which ``Function.apply`` then requires."""
@@ -671,7 +697,7 @@ class _ReferenceLoraKind(_LoraKind):
                     f"weight {list(weight.shape)} and r={module.r}")
         if module.dropout is not None and type(module.dropout) is not nn.Dropout:
             return f"dropout is {type(module.dropout).__name__}"
-        return None
+        return _reference_lora_probe_reason(module)
 
     def features(self, module):
         return module.weight.shape[1], module.weight.shape[0]
@@ -709,6 +735,41 @@ class _ReferenceLoraKind(_LoraKind):
             # detaches it again); neither may we.
             weight = weight.detach()
         return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
+
+
+def _reference_lora_probe_reason(module) -> str | None:
+    """Why the layer's forward is not known to compute ``x W^T + b + s (x A^T) B^T`` (None: it is).
+
+    The layout is recognised by attribute names, which a subclass can keep while changing the
+    computation: its own forward runs once, on a float64 CPU copy (the layer is untouched) with
+    dropout off, unmerged, and random A and B (B starts at zeros, which would hide the branch)."""
+    # A weight the reference's merge path left attached to a graph cannot be deep-copied: the
+    # copy takes a detached one.
+    memo = {id(value): value.detach().clone() for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and not value.is_leaf}
+    try:
+        probe = copy.deepcopy(module, memo).to(device="cpu", dtype=torch.float64)
+        probe.train(True)  # the reference's train() takes s B A back out of a merged weight
+    except Exception as exc:
+        return f"its forward could not be checked on a copy ({type(exc).__name__}: {exc})"
+    if getattr(probe, "merged", False):
+        return None  # cannot unmerge the copy: each call falls back while the layer is merged
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if isinstance(probe.dropout, nn.Dropout):
+            probe.dropout.p = 0.0
+        for tensor in (probe.w_lora_A, probe.w_lora_B):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64))
+        x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=torch.float64)
+        want = F.linear(x, probe.weight, probe.bias) + probe.scaling * ((x @ probe.w_lora_A.t()) @ probe.w_lora_B.t())
+        try:
+            got = probe(x)
+        except Exception as exc:
+            return f"its forward fails on a [3, {probe.weight.shape[1]}] probe ({type(exc).__name__}: {exc})"
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9,
+                                                                                           atol=1e-9):
+        return "its forward does not compute x W^T + b + s (x A^T) B^T (a probe differs)"
+    return None
 
 
 _LORA_KINDS: list[_LoraKind] = [_PeftLoraKind(), _ReferenceLoraKind()]
@@ -881,8 +942,9 @@ _ADAPTER_NAMES = ("img_edge_adapter", "img_node_adapter", "text_edge_adapter", "
 _REFERENCE_FORWARD_PARAMS = ["clip_model", "images", "texts", "merged_df", "indices"]
 
 
-def _adapter_reason(adapter) -> str | None:
-    """Why ``adapter`` is not ``up(leaky_relu(down(z), 0.2))`` (None: it is)."""
+def _adapter_structure_reason(adapter) -> str | None:
+    """What the adapter's attributes show against ``up(leaky_relu(down(z), 0.2))`` (None: no
+    difference); cheap enough for every call."""
     down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
     if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)):
         return "adapter without down/up nn.Linear layers"
@@ -891,6 +953,21 @@ def _adapter_reason(adapter) -> str | None:
         return f"adapter activation {act!r} is not LeakyReLU(0.2)"
     if down.out_features != up.in_features or up.out_features != down.in_features:
         return "adapter down/up shapes do not chain back to the input width"
+    return None
+
+
+# Adapter classes whose forward a probe found to be up(leaky_relu(down(z), 0.2)) (with the
+# attributes _adapter_structure_reason checks): an adapter of another class, set after
+# patching, is probed at its first call.
+_PROBED_ADAPTER_CLASSES: set[type] = set()
+
+
+def _adapter_reason(adapter) -> str | None:
+    """Why ``adapter`` is not ``up(leaky_relu(down(z), 0.2))`` (None: it is)."""
+    reason = _adapter_structure_reason(adapter)
+    if reason:
+        return reason
+    down, up = adapter.down, adapter.up
     # The attributes cannot show a residual or another activation in forward: probe it once
     # (a private generator, so the caller's random stream is untouched).
     generator = torch.Generator().manual_seed(0)
@@ -904,6 +981,7 @@ def _adapter_reason(adapter) -> str | None:
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape \
             or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
         return "adapter forward is not up(leaky_relu(down(z), 0.2))"
+    _PROBED_ADAPTER_CLASSES.add(type(adapter))
     return None
 
 
@@ -920,6 +998,51 @@ def _adapters_for(module, encoder):
     raise ValueError(f"encoder must be img or text but given {encoder}")
 
 
+def _probe_tolerance(dtype: torch.dtype) -> float:
+    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+
+def _hgat_probe_reason(module) -> str | None:
+    """Why the module's ``apply_ace_hgat`` is not known to be the reference's (None: it is).
+
+    A subclass may keep the reference's names and change the computation (a residual, another
+    normalisation): run it once per encoder on a small random input (B=2, N=topk+3, no ties; a
+    private generator, so the caller's random stream is untouched) against ``ace_hypergraph``'s
+    torch backend, before anything is swapped."""
+    from ace_kernels.hypergraph import ace_hypergraph
+
+    topk = int(module.args.topk)
+    generator = torch.Generator().manual_seed(0)
+    for encoder in ("img", "text"):
+        edge, node = _adapters_for(module, encoder)
+        weight = edge.down.weight
+        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator).to(weight)
+        attn = torch.rand(2, topk + 2, generator=generator).to(weight)
+        with torch.no_grad():
+            try:
+                got = module.apply_ace_hgat(features, attn, encoder=encoder)
+            except Exception as exc:
+                return f"apply_ace_hgat fails on a [2, {topk + 3}, D] probe ({type(exc).__name__}: {exc})"
+            want = ace_hypergraph(features, attn, edge, node, topk=topk, backend="torch")
+        scale = float(want.abs().max()) or 1.0
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape \
+                or not float((got.float() - want.float()).abs().max()) <= _probe_tolerance(weight.dtype) * scale:
+            return f"apply_ace_hgat ({encoder}) does not compute the reference's hypergraph (a probe differs)"
+    return None
+
+
+def _adapter_reason_now(adapter) -> str | None:
+    """The per-call check of an adapter (it may have been replaced, or its activation, after
+    patching): its attributes, and a probe of its class when no adapter of that class was
+    probed yet (not while torch.compile traces: the call then falls back)."""
+    reason = _adapter_structure_reason(adapter)
+    if reason or type(adapter) in _PROBED_ADAPTER_CLASSES:
+        return reason
+    if torch.compiler.is_compiling():
+        return f"adapter class {type(adapter).__name__} not checked yet (set after patching)"
+    return _adapter_reason(adapter)
+
+
 def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None:
     if not isinstance(features, torch.Tensor) or features.dim() != 3:
         return "features are not a [B, N, D] tensor"
@@ -930,9 +1053,13 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
     topk = int(module.args.topk)
     if features.shape[1] < topk + 2:
         return f"N={features.shape[1]} tokens < topk + 2 = {topk + 2}"
-    if any(_has_call_hooks(m) for m in (edge, node, edge.down, edge.up, node.down, node.up)):
+    parts = [m for a in (edge, node) for m in (a, getattr(a, "down", None), getattr(a, "up", None),
+                                                getattr(a, "act", None)) if isinstance(m, nn.Module)]
+    if any(_has_call_hooks(m) for m in parts):
         return "hooks on the adapters"
-    return None
+    if any(_forward_replaced(m) for m in parts):
+        return "a forward replaced on the instance in the adapters"
+    return _adapter_reason_now(edge) or _adapter_reason_now(node)
 
 
 def _ace_hgat_forward(module, handle, original, features, attn_weights, encoder="img"):
@@ -994,6 +1121,14 @@ def _labels_from_frame(merged_df, indices, device) -> torch.Tensor:
     return torch.tensor(ids, device=device, dtype=torch.long).reshape(-1, 1)
 
 
+def _in_features_dtype(loss: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The loss in the dtype the reference's would come in: 16-bit features give 16-bit logits and
+    loss outside autocast (ours is computed in fp32); under autocast the cross-entropy is fp32."""
+    if features.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(features.device.type):
+        return loss.to(features.dtype)
+    return loss
+
+
 def _equals_itself(value) -> bool:
     try:
         return bool(value == value)
@@ -1039,7 +1174,7 @@ def _reference_loss_forward(module, handle, original, clip_model, images, texts,
     # what NaN logits produce.
     if torch.isnan(loss).item():
         raise ValueError("NaN value in logits_per_image")
-    return loss
+    return _in_features_dtype(loss, image_emb)
 
 
 def _reference_forward_signature_ok(module) -> bool:
@@ -1073,8 +1208,8 @@ def _reference_clip_loss_forward(module, handle, original, image_features, text_
         return original(image_features, text_features, merged_df, indices)
     labels = _labels_from_frame(merged_df, indices, image_features.device) if merged_df is not None else None
     handle._count("label_guided_infonce")
-    return label_guided_infonce(image_features, text_features, module.logit_scale, labels,
-                                backend=handle.backend_for("label_guided_infonce"))
+    return _in_features_dtype(label_guided_infonce(image_features, text_features, module.logit_scale, labels,
+                                                   backend=handle.backend_for("label_guided_infonce")), image_features)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1187,11 +1322,7 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
     handle._count("label_guided_infonce")
     loss = label_guided_infonce(image_features, text_features, logit_scale, None, group=group,
                                 backend=handle.backend_for("label_guided_infonce"))
-    if image_features.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(
-            image_features.device.type):
-        # open_clip's loss comes in the 16-bit features' dtype (ours is computed in fp32); under
-        # autocast its cross-entropy runs in fp32, and so does its loss.
-        loss = loss.to(image_features.dtype)
+    loss = _in_features_dtype(loss, image_features)  # as open_clip's loss comes
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -1251,7 +1382,7 @@ def _install_lora_single(name, module, handle, options, kind=None, note=""):
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind.name, "skipped", "already patched by another handle"))
         return
-    reason = kind.static_reason(module)
+    reason = _wrapped_reason(module) or kind.static_reason(module)
     if reason:
         handle.records.append(PatchRecord(name, kind.name, "skipped", reason))
         return
@@ -1280,7 +1411,7 @@ def _install_qkv_group(name, module, handle, options):
         note = (" (q/k/v not grouped: some members have a bias and some do not)"
                 if len({s[0] for s in signatures}) > 1 else
                 " (q/k/v not grouped: members differ in rank, scaling or dropout)")
-    if (any(reasons) or len(shapes) != 1 or not options["group_qkv"] or any(_is_patched(m) for m in members)
+    if (any(reasons) or len(shapes) != 1 or not options["group_qkv"] or any(_forward_replaced(m) for m in members)
             or note):
         # Not groupable: each member on its own.
         for member_name, member in zip(names, members):
@@ -1304,6 +1435,7 @@ def _install_reference_loss(name, module, handle, options):
         reason = next((r for r in (_adapter_reason(getattr(module, n)) for n in _ADAPTER_NAMES) if r), None)
         if _is_patched(module, "apply_ace_hgat"):
             reason = "already patched by another handle"
+        reason = reason or _wrapped_reason(module, "apply_ace_hgat") or _hgat_probe_reason(module)
         if reason:
             handle.records.append(PatchRecord(f"{name}.apply_ace_hgat" if name else "apply_ace_hgat", kind,
                                               "skipped", reason))
@@ -1314,8 +1446,17 @@ def _install_reference_loss(name, module, handle, options):
                                               "patched", "-> ace_hypergraph"))
     if options["loss"]:
         label = f"{name}.forward" if name else "forward"
+        defined = _defining_class(type(module), "forward")
         if _is_patched(module):
             handle.records.append(PatchRecord(label, kind, "skipped", "already patched by another handle"))
+        elif _wrapped_reason(module):
+            handle.records.append(PatchRecord(label, kind, "skipped", _wrapped_reason(module)))
+        elif defined is not _defining_class(type(module), "apply_ace_hgat"):
+            # A subclass that redefines forward may compute another loss: the fused forward would
+            # silently replace it (apply_ace_hgat itself is checked by a probe).
+            handle.records.append(PatchRecord(label, kind, "skipped",
+                                              f"forward is redefined by {defined.__name__}, not by the class that "
+                                              "defines apply_ace_hgat: not known to be the reference's loss"))
         elif not _reference_forward_signature_ok(module):
             handle.records.append(PatchRecord(label, kind, "skipped",
                                               "forward signature is not the reference's (clip_model, images, "
@@ -1332,6 +1473,9 @@ def _install_reference_clip_loss(name, module, handle, options):
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
         return
+    if _wrapped_reason(module):
+        handle.records.append(PatchRecord(name, kind, "skipped", _wrapped_reason(module)))
+        return
     original = _original(module)
     handle._swap(module, "forward", _Replacement(_reference_clip_loss_forward, module, handle, original), name)
     handle.records.append(PatchRecord(name, kind, "patched", "-> label_guided_infonce"))
@@ -1342,7 +1486,7 @@ def _install_clip_loss(name, module, handle, options):
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
         return
-    structure = _clip_loss_structure_reason(module)
+    structure = _wrapped_reason(module) or _clip_loss_structure_reason(module)
     if structure:
         handle.records.append(PatchRecord(name, kind, "skipped", structure))
         return
@@ -1381,6 +1525,10 @@ def register_recogniser(recogniser: Recogniser, *, first: bool = False) -> None:
     """Add a recogniser to the registry (tried after the built-in ones unless ``first``)."""
     if not isinstance(recogniser, Recogniser):
         raise ValueError(f"argument 'recogniser': expected a Recogniser, got {type(recogniser).__name__}")
+    family = recogniser.family
+    if not isinstance(family, str) or not family or any(f not in _FAMILIES for f in family.split("+")):
+        raise ValueError(f"argument 'recogniser': its family must be one of {list(_FAMILIES)} or several joined by "
+                         f"'+' (the patch flags that enable it), got {family!r}")
     if first:
         _RECOGNISERS.insert(0, recogniser)
     else:
@@ -1389,12 +1537,29 @@ def register_recogniser(recogniser: Recogniser, *, first: bool = False) -> None:
 
 def unregister_recogniser(recogniser: Recogniser) -> None:
     """Remove a recogniser added with :func:`register_recogniser`."""
-    _RECOGNISERS.remove(recogniser)
+    if not any(entry is recogniser for entry in _RECOGNISERS):
+        raise ValueError(f"argument 'recogniser': {getattr(recogniser, 'name', recogniser)!r} is not registered")
+    _RECOGNISERS[:] = [entry for entry in _RECOGNISERS if entry is not recogniser]
 
 
 def recognisers() -> list[Recogniser]:
     """The registry, in the order ``patch`` tries it."""
     return list(_RECOGNISERS)
+
+
+def _check_backend_has_ops(backend: str, options: dict) -> None:
+    """A named backend (not ``auto``) given for every op must implement each op the enabled
+    flags route to: ``backend="cuda"`` would otherwise fail at every LoRA call, not here."""
+    from ace_kernels import _dispatch
+
+    if backend == "auto":
+        return
+    needed = {op for flag, ops in _FAMILIES.items() if options[flag] for op in ops}
+    missing = [op for op in _FUSED_OPS if op in needed and backend not in _dispatch._OPS[op].impls]
+    if missing:
+        raise ValueError(f"argument 'backend': {backend!r} has no implementation of {', '.join(missing)} (which the "
+                         f"flags given route to); pass a dict, e.g. {{'ace_hypergraph': {backend!r}}}, for the ops "
+                         "that have one, and 'auto' for the rest")
 
 
 def _family_enabled(family: str, options: dict) -> bool:
@@ -1429,8 +1594,10 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
         ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``, passed to every fused
         op call; or a dict from op name (``"lora_linear"``, ``"lora_qkv"``,
         ``"ace_hypergraph"``, ``"label_guided_infonce"``) to backend, ``"auto"``
-        for the ops it leaves out. A named backend that cannot run a call raises
-        ``RuntimeError`` from that call, as the op itself does.
+        for the ops it leaves out. One name for every op must implement each op the
+        flags route to (``"cuda"`` has only ``ace_hypergraph``: give it in a dict).
+        A named backend that cannot run a call raises ``RuntimeError`` from that
+        call, as the op itself does.
 
     Returns
     -------
@@ -1442,7 +1609,14 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
     Raises
     ------
     ValueError
-        When ``model_or_module`` is not an ``nn.Module`` or a flag is not a bool.
+        When ``model_or_module`` is not an ``nn.Module``, a flag is not a bool, or
+        ``backend`` is not a backend name or an op-to-name dict, or names a backend
+        without an op the flags route to.
+
+    Warns
+    -----
+    UserWarning
+        When nothing in the model was recognised.
     """
     if not isinstance(model_or_module, nn.Module):
         raise ValueError(f"argument 'model_or_module': expected a torch.nn.Module, got "
@@ -1454,7 +1628,7 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
     from ace_kernels._dispatch import requested_backend
 
     if isinstance(backend, dict):
-        unknown = sorted(set(backend) - set(_FUSED_OPS))
+        unknown = [key for key in backend if key not in _FUSED_OPS]
         if unknown:
             raise ValueError(f"argument 'backend': expected keys among {list(_FUSED_OPS)}, got {unknown}")
         for name in backend.values():
@@ -1462,6 +1636,7 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
         backend = dict(backend)
     else:
         requested_backend(backend)  # validates the name (ValueError) without fixing the env choice
+        _check_backend_has_ops(backend, options)
     handle = PatchHandle(backend)
     handled: set[int] = set()
     # named_modules() visits a parent before its children, so a recogniser that claims
@@ -1482,6 +1657,10 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
         # Nothing half-patched is left behind without a handle to undo it.
         handle.undo()
         raise
+    if not handle.records:
+        warnings.warn(f"ace_kernels.patch: nothing in this {type(model_or_module).__name__} was recognised (no PEFT or "
+                      "reference LoRA linear, reference loss module or open_clip ClipLoss with the flags given): "
+                      "it runs as before", stacklevel=2)
     return handle
 
 

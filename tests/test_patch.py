@@ -590,7 +590,8 @@ def test_registry_takes_new_recognisers():
         with ace_kernels.patch(model) as handle:
             assert [r.name for r in handle.patched] == ["0", "2"]
             assert "forward" in model[0].__dict__
-            assert not ace_kernels.patch(model, lora=False).records  # family switched off
+            with pytest.warns(UserWarning, match="nothing in this Sequential was recognised"):
+                assert not ace_kernels.patch(model, lora=False).records  # family switched off
         _assert_original_forwards(model)
     finally:
         unregister_recogniser(entry)
@@ -1314,3 +1315,154 @@ def test_patched_training_model_without_dropout_never_merges(device):
         second = _run_bert(model, embeds).detach()
         assert handle.stats() == {"lora_qkv": 4, "qkv cached": 8}
     assert torch.equal(first, second)
+
+
+# ----------------------------------------------------------------------------------------
+# What is never patched: wrappers already on the instance, look-alikes that compute otherwise
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_layer_whose_forward_is_already_wrapped_is_left_as_it_runs():
+    """accelerate-style hooks set ``forward`` on the instance: the fused call would skip the
+    wrapper, so such a layer (and the q/k/v group it belongs to) is skipped, with the reason."""
+    model = _bert()
+    attention = model.base_model.model.encoder.layer[0].attention.self
+    inner = attention.query.forward
+    attention.query.forward = lambda x, *a, **k: 2.0 * inner(x, *a, **k)
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        records = {r.name: r for r in handle.records}
+        wrapped = next(r for name, r in records.items() if name.endswith("layer.0.attention.self.query"))
+        assert wrapped.status == "skipped" and "replaced on the instance" in wrapped.reason
+        # Its siblings go one by one; the other layer's triple still groups.
+        assert sum(r.kind.startswith("qkv-group") for r in handle.records) == 1
+        after = _forward_backward(model, _run_bert, (embeds,))
+    _assert_same(before, after)
+    del attention.query.forward
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    hgat = loss_fn.apply_ace_hgat
+    loss_fn.apply_ace_hgat = lambda *a, **k: hgat(*a, **k)
+    with ace_kernels.patch(loss_fn) as handle:
+        statuses = {r.name: (r.status, r.reason) for r in handle.records}
+        assert statuses["apply_ace_hgat"][0] == "skipped" and "replaced on the instance" in statuses[
+            "apply_ace_hgat"][1]
+        assert statuses["forward"][0] == "patched"
+
+
+def test_reference_look_alikes_that_compute_otherwise_are_skipped():
+    """The reference layouts are recognised by attribute names; a subclass that keeps them and
+    changes the computation is found by a probe at patch time and left alone."""
+
+    class DoubledLoRA(ReferenceLoRALinear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    class BranchOnlyScaled(ReferenceLoRALinear):
+        def forward(self, x):  # differs only in the LoRA branch, which B = 0 at init would hide
+            return F.linear(x, self.weight, self.bias) + 3.0 * self.scaling * (x @ self.w_lora_A.t()) @ \
+                self.w_lora_B.t()
+
+    for cls in (DoubledLoRA, BranchOnlyScaled):
+        layer = cls(6, 5, r=2).double()
+        with ace_kernels.patch(layer) as handle:
+            assert [(r.status, r.reason) for r in handle.records] == [
+                ("skipped", "its forward does not compute x W^T + b + s (x A^T) B^T (a probe differs)")]
+            assert "forward" not in layer.__dict__
+    plain = ReferenceLoRALinear(6, 5, r=2).double()
+    rng_before = torch.random.get_rng_state()
+    with ace_kernels.patch(plain) as handle:
+        assert [r.status for r in handle.records] == ["patched"]
+        assert torch.equal(torch.random.get_rng_state(), rng_before)  # the probe used its own generator
+        assert torch.equal(plain.w_lora_B, torch.zeros_like(plain.w_lora_B))  # on a copy
+
+    class ResidualHypergraph(ReferenceACELoss):
+        def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+            return features + super().apply_ace_hgat(features, attn_weights, encoder)
+
+    class OtherLoss(ReferenceACELoss):
+        def forward(self, clip_model, images, texts, merged_df=None, indices=None):
+            return 2.0 * super().forward(clip_model, images, texts, merged_df, indices)
+
+    residual = ResidualHypergraph(20, topk=3).double()
+    with ace_kernels.patch(residual) as handle:
+        statuses = {r.name: (r.status, r.reason) for r in handle.records}
+        assert statuses["apply_ace_hgat"] == (
+            "skipped", "apply_ace_hgat (img) does not compute the reference's hypergraph (a probe differs)")
+    other = OtherLoss(20, topk=3).double()
+    with ace_kernels.patch(other) as handle:
+        statuses = {r.name: (r.status, r.reason) for r in handle.records}
+        assert statuses["apply_ace_hgat"][0] == "patched"
+        assert statuses["forward"][0] == "skipped" and "redefined by OtherLoss" in statuses["forward"][1]
+
+
+def test_adapters_changed_after_patching_fall_back():
+    """An adapter, its activation or its forward replaced after patching: the hypergraph runs
+    the original again (checked per call; a new adapter class is probed at its first call)."""
+    _, loss_fn, _, _, _ = _reference_setup()
+    features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1).requires_grad_()
+    cls_attn = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    run = lambda m, f, c: m.apply_ace_hgat(f, c, encoder="img")  # noqa: E731
+
+    class Residual(type(loss_fn.img_node_adapter)):
+        def forward(self, z):
+            return z + super().forward(z)
+
+    def gelu(m):
+        m.img_edge_adapter.act = nn.GELU()
+
+    def residual(m):
+        replacement = Residual(20, 8).double()
+        replacement.load_state_dict(m.img_node_adapter.state_dict())
+        m.img_node_adapter = replacement
+
+    def wrapped(m):
+        adapter = m.img_edge_adapter
+        adapter.forward = lambda z: 1.5 * adapter.up(adapter.act(adapter.down(z)))
+
+    for change, reason in ((gelu, "is not LeakyReLU(0.2)"), (residual, "is not up(leaky_relu(down(z), 0.2))"),
+                           (wrapped, "replaced on the instance in the adapters")):
+        _, loss_fn, _, _, _ = _reference_setup()
+        with ace_kernels.patch(loss_fn, loss=False) as handle:
+            change(loss_fn)
+            after = _forward_backward(loss_fn, run, (features, cls_attn))
+            assert list(handle.stats()) == [next(k for k in handle.stats() if reason in k)], handle.stats()
+        before = _forward_backward(loss_fn, run, (features, cls_attn))  # the original, changed the same way
+        _assert_same(before, after, dict(rtol=0, atol=0))
+
+
+def test_reference_losses_come_in_the_features_dtype():
+    torch.manual_seed(3)
+    loss_module = ReferenceCLIPLoss(logit_scale=12.0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        image = F.normalize(torch.randn(6, 8), dim=-1).to(dtype)
+        text = F.normalize(torch.randn(6, 8), dim=-1).to(dtype)
+        want = loss_module(image, text)
+        with ace_kernels.patch(loss_module):
+            got = loss_module(image, text)
+        assert got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_patch_arguments_are_checked_up_front():
+    model = _bert()
+    with pytest.raises(ValueError, match="'cuda' has no implementation of lora_linear, lora_qkv"):
+        ace_kernels.patch(model, backend="cuda")
+    with pytest.raises(ValueError, match="'cuda' has no implementation of label_guided_infonce"):
+        ace_kernels.patch(model, lora=False, hypergraph=False, backend="cuda")
+    _, loss_fn, _, _, _ = _reference_setup()
+    with ace_kernels.patch(loss_fn, lora=False, loss=False, backend="cuda") as handle:  # the hypergraph has one
+        assert [r.name for r in handle.patched] == ["apply_ace_hgat"]
+    with pytest.raises(ValueError, match="argument 'backend': expected keys among"):
+        ace_kernels.patch(model, backend={"lora_qkv": "torch", 3: "torch"})
+
+    from ace_kernels.patching import Recogniser, register_recogniser, unregister_recogniser
+
+    with pytest.raises(ValueError, match="argument 'recogniser': its family must be one of"):
+        register_recogniser(Recogniser("x", "LoRA", lambda m: False, lambda *a: None))
+    with pytest.raises(ValueError, match="argument 'recogniser': 'x' is not registered"):
+        unregister_recogniser(Recogniser("x", "lora", lambda m: False, lambda *a: None))
+    with pytest.warns(UserWarning, match="nothing in this Linear was recognised"):
+        handle = ace_kernels.patch(nn.Linear(3, 3))
+    assert not handle.records
