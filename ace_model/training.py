@@ -577,11 +577,16 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
     for col, key in enumerate(keys, start=1):
         column = table[:, col]
         if bool((column != column[0]).any()):
-            per_rank = ", ".join(f"rank {r}: {int(column[r])}" for r in range(world))
-            raise RankMismatchError(
-                f"ranks disagree on {what}: field {key!r} differs ({per_rank}; this is rank {rank}; "
-                "non-integer fields are shown as hashes)"
-            )
+            # Every rank sees the same table, so every rank gathers the field's values here.
+            shown: list = [None] * world
+            dist.all_gather_object(shown, _shown_value(values[key]), group=group)
+            per_rank = ", ".join(f"rank {r}: {shown[r]}" for r in range(world))
+            raise RankMismatchError(f"ranks disagree on {what}: field {key!r} differs ({per_rank}; this is rank {rank})")
+
+
+def _shown_value(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------
@@ -658,6 +663,14 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise a ``ValueError`` starting with ``TrainConfig.<field>:`` for the first bad field
         (the command line rewrites that prefix to the flag's name)."""
+        for name in ("epochs", "batch_size", "keep_checkpoints", "checkpoint_every", "num_workers"):
+            _check_integer(self, name)
+        for name in ("chunk_size", "max_steps", "warmup_steps"):
+            if getattr(self, name) is not None:
+                _check_integer(self, name, "or unset (None)")
+        if not (_is_finite_number(self.dist_timeout_s) and self.dist_timeout_s > 0):
+            raise ValueError(f"TrainConfig.dist_timeout_s: expected a finite number of seconds > 0, got "
+                             f"{self.dist_timeout_s!r}")
         for name in ("epochs", "batch_size", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
@@ -700,6 +713,12 @@ class TrainConfig:
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
+
+
+def _check_integer(config, name: str, unset: str = "") -> None:
+    value = getattr(config, name)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"TrainConfig.{name}: expected an integer{' ' + unset if unset else ''}, got {value!r}")
 
 
 def check_seed(seed, name: str = "seed") -> int:
@@ -1211,8 +1230,15 @@ def _dataset_fingerprint(dataset) -> str | None:
     return None if not callable(method) else str(method())
 
 
+# Fields ranks may set differently: where a rank finds its files (the content is compared: the
+# dataset's fingerprint here, the weights broadcast from rank 0) and how it computes its own share
+# (chunk size, loader workers) or reports it.
+_PER_RANK_FIELDS = ("out_dir", "resume", "overwrite", "progress", "device", "csv", "image_root", "pretrained",
+                    "init_checkpoint", "chunk_size", "num_workers", "dist_timeout_s")
+
+
 def _config_fingerprint(config: TrainConfig, dataset_len: int, trainable, dataset_fingerprint=None) -> dict:
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("out_dir", "resume", "overwrite", "progress", "device")}
+    fields = {k: v for k, v in config.to_dict().items() if k not in _PER_RANK_FIELDS}
     fields["dataset length"] = dataset_len
     fields["dataset fingerprint"] = dataset_fingerprint
     fields["trainable shapes"] = [(n, tuple(p.shape)) for n, p in trainable]
@@ -1394,24 +1420,34 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None
-    if is_writer and config.overwrite:
-        _remove_other_run(out_dir, resume_path, keep=(config.init_checkpoint, config.pretrained))
-    if is_writer:
-        makedirs_durable(out_dir)
-        _remove_stale_temp_files(out_dir)
-        atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        metrics = _open_metrics_for_append(metrics_path)
-        event = {"event": "resume" if resume_path else "start", "run": run_id, "step": step, "time": time.time(),
-                 "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
-        if resume_path:
-            event["from"] = str(resume_path)
-            if legacy_state:
-                event["continues_last_start"] = True
-        metrics.write(json.dumps(event) + "\n")
-        metrics.flush()
+    prepare_error = None
+    try:
+        if is_writer and config.overwrite:
+            _remove_other_run(out_dir, resume_path, keep=(config.init_checkpoint, config.pretrained))
+        if is_writer:
+            makedirs_durable(out_dir)
+            _remove_stale_temp_files(out_dir)
+            atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            metrics = _open_metrics_for_append(metrics_path)
+            event = {"event": "resume" if resume_path else "start", "run": run_id, "step": step, "time": time.time(),
+                     "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                     "chunk_size": config.chunk_size}
+            if resume_path:
+                event["from"] = str(resume_path)
+                if legacy_state:
+                    event["continues_last_start"] = True
+            metrics.write(json.dumps(event) + "\n")
+            metrics.flush()
+    except Exception as exc:  # re-raised below, once every rank knows (the others would wait in step 1)
+        prepare_error = exc
+        if metrics is not None:
+            metrics.close()
+            metrics = None
+    _fail_together(prepare_error, group, "preparing the run directory (rank 0 writes it)")
 
     last_state = resume_path
     last_reference = None
+    pending_error = None  # this rank's error, raised on every rank at the next agreement
     graphed = None  # the GraphedTrainStep, built at the first batch when config.cuda_graph
     pin = device.type == "cuda"
     bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and is_writer),
@@ -1428,8 +1464,21 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 global_idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                 index_lists.append(global_idx[rank * local_batch : (rank + 1) * local_batch].tolist())
             index_lists = index_lists[: total_steps - step]
-            for images, token_ids, labels in _load_batches(dataset, index_lists, config.num_workers, pin,
-                                                             seed=config.seed * 100003 + epoch * 1009 + rank):
+            batches = _load_batches(dataset, index_lists, config.num_workers, pin,
+                                    seed=config.seed * 100003 + epoch * 1009 + rank)
+            for _ in index_lists:  # every rank has as many batches
+                # A rank that cannot load its batch (an unreadable image on its node), or whose
+                # metrics write failed after the last step, fails every rank here, before the
+                # step's collectives would leave them waiting until the timeout.
+                try:
+                    if pending_error is not None:
+                        raise pending_error
+                    images, token_ids, labels = next(batches)
+                except Exception as exc:
+                    pending_error = exc
+                if group is not None or pending_error is not None:
+                    _fail_together(pending_error, group, f"loading the batch of step {step + 1} or writing "
+                                                         "the metrics of the step before")
                 started = time.perf_counter()
                 if not config.use_labels:
                     labels = None
@@ -1460,12 +1509,15 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 last_loss = loss_value
                 elapsed = time.perf_counter() - started
                 if is_writer:
-                    metrics.write(json.dumps({
-                        "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                        "samples_per_s": config.batch_size / max(elapsed, 1e-9),
-                        "grad_norm": grad_norm_value, "logit_scale": float(scale.detach()),
-                        "time": time.time()}) + "\n")
-                    metrics.flush()
+                    try:
+                        metrics.write(json.dumps({
+                            "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                            "samples_per_s": config.batch_size / max(elapsed, 1e-9),
+                            "grad_norm": grad_norm_value, "logit_scale": float(scale.detach()),
+                            "time": time.time()}) + "\n")
+                        metrics.flush()
+                    except Exception as exc:  # raised on every rank at the next step (or after the last)
+                        pending_error = exc
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if step == total_steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -1494,16 +1546,25 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     finally:
         bar.close()
         if metrics is not None:
-            metrics.flush()
-            os.fsync(metrics.fileno())
+            try:
+                metrics.flush()
+                os.fsync(metrics.fileno())
+            except Exception as exc:
+                pending_error = pending_error or exc
             metrics.close()
 
     final_reference = None
     # Also after a resume with nothing left to train (a run killed between its last
     # checkpoint and this write): the weights loaded are the final ones.
-    if is_writer and last_state is not None:
-        final_reference = out_dir / "ace_lora.pt"
-        _atomic_reference_save(model, final_reference)
+    try:
+        if pending_error is not None:
+            raise pending_error
+        if is_writer and last_state is not None:
+            final_reference = out_dir / "ace_lora.pt"
+            _atomic_reference_save(model, final_reference)
+    except Exception as exc:
+        pending_error = exc
+    _fail_together(pending_error, group, "writing the last metrics or the final ace_lora.pt (rank 0 writes them)")
     return {
         "steps": step,
         "final_loss": last_loss,

@@ -13,8 +13,9 @@ does. Modes:
   1 starts afresh; then rank 1 alone asks for a batch that does not divide over the ranks;
   saves the error each rank got for each.
 - ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
-  then a run whose set-up fails on rank 1 alone (no dataset and no CSV); saves the error each
-  rank got for each. The group's timeout is short, so that a rank left waiting fails the test
+  then a run whose set-up fails on rank 1 alone (no dataset and no CSV); then runs where rank 0
+  cannot write the run directory, rank 1 cannot load its second batch, rank 0 cannot write the
+  final weights; saves the error each rank got for each. The group's timeout is short, so that a rank left waiting fails the test
   in seconds rather than hanging it.
 """
 
@@ -100,9 +101,40 @@ def main() -> None:
         _record_error(args, rank, "build", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
                                                                without_dataset=rank == 1,
                                                                out_dir=os.path.join(args.out, "run2")))
+        # Rank 0 cannot write the run directory; then rank 1 cannot load the batch of step 2; then
+        # rank 0 cannot write the final ace_lora.pt.
+        failures = {"prepare": (0, "atomic_write_text"), "load": (1, "_load_batches"),
+                    "final": (0, "_atomic_reference_save")}
+        for number, (what, (failing_rank, name)) in enumerate(failures.items(), start=3):
+            original = getattr(training, name)
+            if rank == failing_rank:
+                setattr(training, name, _failing(name, original))
+            _record_error(args, rank, what, lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
+                                                              out_dir=os.path.join(args.out, f"run{number}")))
+            setattr(training, name, original)
         dist.destroy_process_group()
         return
     _train_run(args, rank, lr=1e-2)
+
+
+def _failing(name, original):
+    """``original`` made to fail as a full disk (writes) or an unreadable image (the loader, at
+    its second batch) would."""
+    if name == "_load_batches":
+        def load(*args, **kwargs):
+            batches = original(*args, **kwargs)
+            yield next(batches)
+            raise OSError(errno.EIO, "cannot read image (simulated)")
+
+        return load
+
+    def write(*args, **kwargs):
+        path = str(args[1] if len(args) > 1 else "")
+        if name == "_atomic_reference_save" and not path.endswith("ace_lora.pt"):
+            return original(*args, **kwargs)  # the checkpoints' copies are written; the final one fails
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    return write
 
 
 def _record_error(args, rank: int, what: str, run) -> None:

@@ -602,6 +602,16 @@ def test_config_validation(tmp_path):
     ("warmup_epochs", float("nan"), "a finite number >= 0"),
     ("seed", 10**20, "an integer with |seed| < 2**46"),
     ("seed", -2**46, "an integer with |seed| < 2**46"),
+    ("chunk_size", 2.0, "an integer or unset (None)"),  # it failed at the first step, files written
+    ("chunk_size", True, "an integer or unset (None)"),
+    ("max_steps", 2.5, "an integer or unset (None)"),
+    ("warmup_steps", 1.5, "an integer or unset (None)"),
+    ("checkpoint_every", 1.5, "an integer"),  # it ran, checkpointing at no step
+    ("batch_size", 8.0, "an integer"),
+    ("epochs", "2", "an integer"),
+    ("num_workers", False, "an integer"),
+    ("dist_timeout_s", 0, "a finite number of seconds > 0"),  # gloo timed out at once
+    ("dist_timeout_s", float("inf"), "a finite number of seconds > 0"),
 ])
 def test_optimizer_settings_are_validated(field, value, expected):
     with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {re.escape(expected)}, got "):

@@ -126,7 +126,7 @@ def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
     """One launch: first a step with unequal local batches, then train() with a different lr on rank 1."""
     _launch("mismatch", 2, tmp_path)
     for rank in range(2):
-        for what, pattern in (("batch", "local batch size"), ("config", "'lr'")):
+        for what, pattern in (("batch", "local batch size"), ("config", "'lr' differs (rank 0: 0.01, rank 1: 0.02")):
             message = (tmp_path / f"rank{rank}-{what}.err").read_text()
             assert "ranks disagree" in message and pattern in message, message
 
@@ -149,12 +149,19 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
     so, instead of waiting in the next collective (the workers' group times out after 30 s)."""
     _launch("rank_failures", 2, tmp_path, "--kind", "standin")
     errors = {(rank, what): (tmp_path / f"rank{rank}-{what}.err").read_text()
-              for rank in range(2) for what in ("write", "build")}
+              for rank in range(2) for what in ("write", "build", "prepare", "load", "final")}
     assert errors[0, "write"] == "OSError: [Errno 28] No space left on device (simulated)", errors
     assert errors[1, "write"].startswith("RankMismatchError: another rank failed writing the checkpoint of step 3 "
                                          "on rank 0"), errors
     assert errors[1, "build"].startswith("ValueError: TrainConfig.csv: "), errors
     assert errors[0, "build"].startswith("RankMismatchError: another rank failed setting up the run"), errors
+    full = "OSError: [Errno 28] No space left on device (simulated)"
+    assert errors[0, "prepare"] == full and errors[0, "final"] == full, errors
+    assert errors[1, "prepare"].startswith("RankMismatchError: another rank failed preparing the run directory"), errors
+    assert errors[1, "load"] == "OSError: [Errno 5] cannot read image (simulated)", errors
+    assert errors[0, "load"].startswith("RankMismatchError: another rank failed loading the batch of step 2 "), errors
+    assert errors[1, "final"].startswith("RankMismatchError: another rank failed writing the last metrics or the "
+                                         "final ace_lora.pt"), errors
 
 
 def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
