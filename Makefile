@@ -24,7 +24,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) -m benchmarks --quick
+	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

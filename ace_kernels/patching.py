@@ -80,11 +80,14 @@ What is never patched (recorded as skipped, with the reason): a module whose
 ``forward`` (or ``apply_ace_hgat``) is already replaced on the instance (a
 wrapper such as accelerate's hooks, which the fused call would skip); a layout
 recognised by its attribute names whose computation differs, found by running
-its own method once at patch time on a small random probe: the reference
-``LinearLoRA`` forward (on a float64 copy, dropout off, random ``A`` and ``B``),
-each ``apply_ace_hgat`` encoder (against ``ace_hypergraph``'s torch backend)
-and each adapter; a reference loss whose ``forward`` is redefined below the
-class that defines ``apply_ace_hgat``.
+its class's method once at patch time on a small random probe, on a float64
+CPU copy without hooks (the model is untouched and its hooks do not run; not
+on the meta device): the reference ``LinearLoRA`` forward (dropout off, random
+``A`` and ``B``) and each ``apply_ace_hgat`` encoder (against
+``ace_hypergraph``'s torch backend); each adapter (once per adapter object,
+again when its class, layers or activation object change; a flag its forward
+reads is not re-read); a reference loss whose ``forward`` is redefined in a
+subclass of the class that defines ``apply_ace_hgat``.
 
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
@@ -157,6 +160,7 @@ import math
 import sys
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -737,18 +741,47 @@ class _ReferenceLoraKind(_LoraKind):
         return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _float64_copy(module: nn.Module) -> nn.Module | None:
+    """A float64 CPU copy of ``module`` for a probe, or None when a tensor of it is on the meta
+    device (nothing to compute with). Its parameters, buffers and tensor attributes are converted
+    first and handed to ``deepcopy`` (no full-size copy on the device; a weight the reference's
+    merge path left attached to a graph copies detached); the copy's hooks are removed (a probe is
+    not a call of the user's model). Raises what ``deepcopy`` raises."""
+    memo: dict = {}
+    for sub in module.modules():
+        tensors = [*sub._parameters.values(), *sub._buffers.values(),
+                   *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]
+        for tensor in tensors:
+            if tensor is None or id(tensor) in memo:
+                continue
+            if tensor.is_meta:
+                return None
+            data = tensor.detach().to("cpu", torch.float64 if tensor.is_floating_point() else tensor.dtype).clone()
+            memo[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, nn.Parameter) else data)
+    probe = copy.deepcopy(module, memo)
+    for sub in probe.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(sub, name, None)
+            if hooks:
+                hooks.clear()
+    return probe
+
+
 def _reference_lora_probe_reason(module) -> str | None:
     """Why the layer's forward is not known to compute ``x W^T + b + s (x A^T) B^T`` (None: it is).
 
     The layout is recognised by attribute names, which a subclass can keep while changing the
-    computation: its own forward runs once, on a float64 CPU copy (the layer is untouched) with
-    dropout off, unmerged, and random A and B (B starts at zeros, which would hide the branch)."""
-    # A weight the reference's merge path left attached to a graph cannot be deep-copied: the
-    # copy takes a detached one.
-    memo = {id(value): value.detach().clone() for value in vars(module).values()
-            if isinstance(value, torch.Tensor) and not value.is_leaf}
+    computation: its class's forward runs once, on a float64 CPU copy (the layer is untouched,
+    its hooks do not run) with dropout off, unmerged, and random A and B (B starts at zeros, which
+    would hide the branch). Not probed on the meta device."""
     try:
-        probe = copy.deepcopy(module, memo).to(device="cpu", dtype=torch.float64)
+        probe = _float64_copy(module)
+        if probe is None:
+            return None
         probe.train(True)  # the reference's train() takes s B A back out of a merged weight
     except Exception as exc:
         return f"its forward could not be checked on a copy ({type(exc).__name__}: {exc})"
@@ -763,7 +796,7 @@ def _reference_lora_probe_reason(module) -> str | None:
         x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=torch.float64)
         want = F.linear(x, probe.weight, probe.bias) + probe.scaling * ((x @ probe.w_lora_A.t()) @ probe.w_lora_B.t())
         try:
-            got = probe(x)
+            got = type(probe).forward(probe, x)
         except Exception as exc:
             return f"its forward fails on a [3, {probe.weight.shape[1]}] probe ({type(exc).__name__}: {exc})"
     if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9,
@@ -956,12 +989,6 @@ def _adapter_structure_reason(adapter) -> str | None:
     return None
 
 
-# Adapter classes whose forward a probe found to be up(leaky_relu(down(z), 0.2)) (with the
-# attributes _adapter_structure_reason checks): an adapter of another class, set after
-# patching, is probed at its first call.
-_PROBED_ADAPTER_CLASSES: set[type] = set()
-
-
 def _adapter_reason(adapter) -> str | None:
     """Why ``adapter`` is not ``up(leaky_relu(down(z), 0.2))`` (None: it is)."""
     reason = _adapter_structure_reason(adapter)
@@ -973,15 +1000,14 @@ def _adapter_reason(adapter) -> str | None:
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(3, down.in_features, generator=generator).to(down.weight)
     with torch.no_grad():
-        expected = up(F.leaky_relu(down(probe), 0.2))
+        expected = F.linear(F.leaky_relu(F.linear(probe, down.weight, down.bias), 0.2), up.weight, up.bias)
         try:
-            got = adapter(probe)
+            got = adapter.forward(probe)  # not through __call__: the adapter's own hooks do not run
         except Exception as exc:  # e.g. a forward that takes more arguments: not this adapter
             return f"adapter forward fails on a [3, {down.in_features}] probe ({type(exc).__name__})"
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape \
             or not torch.allclose(got, expected, rtol=1e-3, atol=1e-3):
         return "adapter forward is not up(leaky_relu(down(z), 0.2))"
-    _PROBED_ADAPTER_CLASSES.add(type(adapter))
     return None
 
 
@@ -1006,41 +1032,56 @@ def _hgat_probe_reason(module) -> str | None:
     """Why the module's ``apply_ace_hgat`` is not known to be the reference's (None: it is).
 
     A subclass may keep the reference's names and change the computation (a residual, another
-    normalisation): run it once per encoder on a small random input (B=2, N=topk+3, no ties; a
-    private generator, so the caller's random stream is untouched) against ``ace_hypergraph``'s
-    torch backend, before anything is swapped."""
+    normalisation): its class's ``apply_ace_hgat`` runs once per encoder, on a float64 CPU copy
+    of the module (hooks removed; 16-bit inputs would tie and reorder the top-k), on a small
+    random input (B=2, N=topk+3; a private generator, so the caller's random stream is untouched)
+    against ``ace_hypergraph``'s torch backend on the copy's adapters. Not probed on meta."""
     from ace_kernels.hypergraph import ace_hypergraph
 
-    topk = int(module.args.topk)
+    try:
+        probe = _float64_copy(module)
+    except Exception as exc:
+        return f"apply_ace_hgat could not be checked on a copy ({type(exc).__name__}: {exc})"
+    if probe is None:
+        return None
+    topk = int(probe.args.topk)
     generator = torch.Generator().manual_seed(0)
     for encoder in ("img", "text"):
-        edge, node = _adapters_for(module, encoder)
-        weight = edge.down.weight
-        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator).to(weight)
-        attn = torch.rand(2, topk + 2, generator=generator).to(weight)
+        edge, node = _adapters_for(probe, encoder)
+        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=torch.float64)
+        attn = torch.rand(2, topk + 2, generator=generator, dtype=torch.float64)
         with torch.no_grad():
             try:
-                got = module.apply_ace_hgat(features, attn, encoder=encoder)
+                got = type(probe).apply_ace_hgat(probe, features, attn, encoder=encoder)
             except Exception as exc:
                 return f"apply_ace_hgat fails on a [2, {topk + 3}, D] probe ({type(exc).__name__}: {exc})"
             want = ace_hypergraph(features, attn, edge, node, topk=topk, backend="torch")
         scale = float(want.abs().max()) or 1.0
         if not isinstance(got, torch.Tensor) or got.shape != want.shape \
-                or not float((got.float() - want.float()).abs().max()) <= _probe_tolerance(weight.dtype) * scale:
+                or not float((got.double() - want).abs().max()) <= 1e-9 * scale:
             return f"apply_ace_hgat ({encoder}) does not compute the reference's hypergraph (a probe differs)"
     return None
 
 
+# The adapters checked so far (at patch time, or at a call after one was replaced): the adapter,
+# to what its check depended on and its reason (None: it computes up(leaky_relu(down(z), 0.2))).
+_ADAPTER_CHECKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _adapter_reason_now(adapter) -> str | None:
-    """The per-call check of an adapter (it may have been replaced, or its activation, after
-    patching): its attributes, and a probe of its class when no adapter of that class was
-    probed yet (not while torch.compile traces: the call then falls back)."""
+    """An adapter's check, run once per adapter object and again when its class, layers or
+    activation object change (a user may reassign them after patching); its attributes are read
+    at every call. Its other state (a flag its forward reads) is not re-read. While torch.compile
+    traces, only the attributes are checked (compiled code keeps no host-side cache)."""
     reason = _adapter_structure_reason(adapter)
-    if reason or type(adapter) in _PROBED_ADAPTER_CLASSES:
+    if reason or torch.compiler.is_compiling():
         return reason
-    if torch.compiler.is_compiling():
-        return f"adapter class {type(adapter).__name__} not checked yet (set after patching)"
-    return _adapter_reason(adapter)
+    key = (type(adapter), id(adapter.down), id(adapter.up), id(getattr(adapter, "act", None)))
+    cached = _ADAPTER_CHECKS.get(adapter)
+    if cached is None or cached[0] != key:
+        cached = (key, _adapter_reason(adapter))
+        _ADAPTER_CHECKS[adapter] = cached
+    return cached[1]
 
 
 def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None:
@@ -1377,12 +1418,14 @@ def _qkv_members(module: nn.Module):
     return None
 
 
-def _install_lora_single(name, module, handle, options, kind=None, note=""):
+def _install_lora_single(name, module, handle, options, kind=None, note="", static=False):
+    """``static``: the member's ``kind.static_reason``, when the q/k/v group already has it (its
+    probe is not run twice)."""
     kind = kind or _lora_kind(module)
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind.name, "skipped", "already patched by another handle"))
         return
-    reason = _wrapped_reason(module) or kind.static_reason(module)
+    reason = _wrapped_reason(module) or (kind.static_reason(module) if static is False else static)
     if reason:
         handle.records.append(PatchRecord(name, kind.name, "skipped", reason))
         return
@@ -1403,7 +1446,7 @@ def _install_qkv_group(name, module, handle, options):
     prefix = f"{name}." if name else ""
     label = prefix + "{" + ",".join(names) + "}"
     reasons = [kind.static_reason(m) for m in members]
-    shapes = {kind.features(m) for m in members if kind.static_reason(m) is None}
+    shapes = {kind.features(m) for m, reason in zip(members, reasons) if reason is None}
     note = ""
     signatures = [kind.group_signature(m) for m in members]
     if None not in signatures and len(set(signatures)) > 1:
@@ -1414,8 +1457,8 @@ def _install_qkv_group(name, module, handle, options):
     if (any(reasons) or len(shapes) != 1 or not options["group_qkv"] or any(_forward_replaced(m) for m in members)
             or note):
         # Not groupable: each member on its own.
-        for member_name, member in zip(names, members):
-            _install_lora_single(prefix + member_name, member, handle, options, kind, note)
+        for member_name, member, reason in zip(names, members, reasons):
+            _install_lora_single(prefix + member_name, member, handle, options, kind, note, static=reason)
         return
     group = _QKVGroup(name, members, names, kind)
     group.originals = [_original(m) for m in members]
@@ -1447,11 +1490,13 @@ def _install_reference_loss(name, module, handle, options):
     if options["loss"]:
         label = f"{name}.forward" if name else "forward"
         defined = _defining_class(type(module), "forward")
+        hgat_class = _defining_class(type(module), "apply_ace_hgat")
         if _is_patched(module):
             handle.records.append(PatchRecord(label, kind, "skipped", "already patched by another handle"))
         elif _wrapped_reason(module):
             handle.records.append(PatchRecord(label, kind, "skipped", _wrapped_reason(module)))
-        elif defined is not _defining_class(type(module), "apply_ace_hgat"):
+        elif defined is not hgat_class and isinstance(defined, type) and isinstance(hgat_class, type) \
+                and issubclass(defined, hgat_class):
             # A subclass that redefines forward may compute another loss: the fused forward would
             # silently replace it (apply_ace_hgat itself is checked by a probe).
             handle.records.append(PatchRecord(label, kind, "skipped",
@@ -1547,19 +1592,23 @@ def recognisers() -> list[Recogniser]:
     return list(_RECOGNISERS)
 
 
-def _check_backend_has_ops(backend: str, options: dict) -> None:
-    """A named backend (not ``auto``) given for every op must implement each op the enabled
+def _check_backend_has_ops(backend, options: dict) -> None:
+    """A named backend (not ``auto``) must implement each op it is given for that the enabled
     flags route to: ``backend="cuda"`` would otherwise fail at every LoRA call, not here."""
     from ace_kernels import _dispatch
 
-    if backend == "auto":
-        return
     needed = {op for flag, ops in _FAMILIES.items() if options[flag] for op in ops}
-    missing = [op for op in _FUSED_OPS if op in needed and backend not in _dispatch._OPS[op].impls]
-    if missing:
-        raise ValueError(f"argument 'backend': {backend!r} has no implementation of {', '.join(missing)} (which the "
-                         f"flags given route to); pass a dict, e.g. {{'ace_hypergraph': {backend!r}}}, for the ops "
-                         "that have one, and 'auto' for the rest")
+    chosen = backend if isinstance(backend, dict) else {op: backend for op in _FUSED_OPS}
+    missing = [op for op in _FUSED_OPS
+               if op in needed and chosen.get(op, "auto") != "auto" and chosen[op] not in _dispatch._OPS[op].impls]
+    if not missing:
+        return
+    if isinstance(backend, dict):
+        raise ValueError(f"argument 'backend': {', '.join(f'{op!r}: {chosen[op]!r}' for op in missing)} names a "
+                         "backend without that op")
+    raise ValueError(f"argument 'backend': {backend!r} has no implementation of {', '.join(missing)} (which the "
+                     f"flags given route to); pass a dict, e.g. {{'ace_hypergraph': {backend!r}}}, for the ops "
+                     "that have one, and 'auto' for the rest")
 
 
 def _family_enabled(family: str, options: dict) -> bool:
@@ -1634,6 +1683,7 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
         for name in backend.values():
             requested_backend(name)
         backend = dict(backend)
+        _check_backend_has_ops(backend, options)
     else:
         requested_backend(backend)  # validates the name (ValueError) without fixing the env choice
         _check_backend_has_ops(backend, options)

@@ -578,15 +578,22 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
         column = table[:, col]
         if bool((column != column[0]).any()):
             # Every rank sees the same table, so every rank gathers the field's values here.
-            shown: list = [None] * world
-            dist.all_gather_object(shown, _shown_value(values[key]), group=group)
+            texts: list = [None] * world
+            dist.all_gather_object(texts, repr(values[key]), group=group)
+            shown = _where_they_differ(texts)
             per_rank = ", ".join(f"rank {r}: {shown[r]}" for r in range(world))
             raise RankMismatchError(f"ranks disagree on {what}: field {key!r} differs ({per_rank}; this is rank {rank})")
 
 
-def _shown_value(value, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _where_they_differ(texts: list[str], width: int = 100) -> list[str]:
+    """Each rank's text of one value, cut to ``width`` characters around where they first differ
+    (two long lists that differ near their end would otherwise read the same)."""
+    first = 0
+    while all(first < len(t) for t in texts) and len({t[first] for t in texts}) == 1:
+        first += 1
+    start = max(0, first - width // 4)
+    return [("..." if start else "") + t[start:start + width] + ("..." if len(t) > start + width else "")
+            for t in texts]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1441,7 +1448,10 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     except Exception as exc:  # re-raised below, once every rank knows (the others would wait in step 1)
         prepare_error = exc
         if metrics is not None:
-            metrics.close()
+            try:
+                metrics.close()  # flushes again what a full disk refused: raises again
+            except OSError:
+                pass
             metrics = None
     _fail_together(prepare_error, group, "preparing the run directory (rank 0 writes it)")
 
@@ -1464,15 +1474,18 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 global_idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                 index_lists.append(global_idx[rank * local_batch : (rank + 1) * local_batch].tolist())
             index_lists = index_lists[: total_steps - step]
-            batches = _load_batches(dataset, index_lists, config.num_workers, pin,
-                                    seed=config.seed * 100003 + epoch * 1009 + rank)
+            batches = None
             for _ in index_lists:  # every rank has as many batches
-                # A rank that cannot load its batch (an unreadable image on its node), or whose
-                # metrics write failed after the last step, fails every rank here, before the
-                # step's collectives would leave them waiting until the timeout.
+                # A rank that cannot load its batch (an unreadable image on its node, loader
+                # workers that cannot start), or whose metrics write failed after the last step,
+                # fails every rank here, before the step's collectives would leave them waiting
+                # until the timeout.
                 try:
                     if pending_error is not None:
                         raise pending_error
+                    if batches is None:  # starts the loader's workers: inside the try
+                        batches = _load_batches(dataset, index_lists, config.num_workers, pin,
+                                                seed=config.seed * 100003 + epoch * 1009 + rank)
                     images, token_ids, labels = next(batches)
                 except Exception as exc:
                     pending_error = exc
@@ -1551,7 +1564,10 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
                 os.fsync(metrics.fileno())
             except Exception as exc:
                 pending_error = pending_error or exc
-            metrics.close()
+            try:
+                metrics.close()
+            except OSError as exc:  # what the flush above refused
+                pending_error = pending_error or exc
 
     final_reference = None
     # Also after a resume with nothing left to train (a run killed between its last

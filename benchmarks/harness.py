@@ -796,6 +796,8 @@ def gpu_run(payload: dict) -> tuple[str, str]:
     device = environment["device"]
     if environment.get("device_type") != "cuda":
         raise ValueError(f"argument 'RESULTS': expected a GPU run, got one on {device!r}")
+    if (payload.get("run") or {}).get("quick"):
+        raise ValueError("argument 'RESULTS': a --quick run (its tiny shapes say nothing of the real ones)")
     return device, f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"
 
 
@@ -821,7 +823,12 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
               f"({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
     source = args.out if os.path.exists(args.out) else default_out
-    existing = read_payload(source) if os.path.exists(source) else None
+    try:
+        existing = read_payload(source) if os.path.exists(source) else None
+    except (OSError, ValueError) as exc:
+        print(f"{module}: argument --out: cannot read {source!r} to update it ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
     try:
         content, report = update(payload, existing)
     except NothingToWrite as exc:
@@ -831,10 +838,15 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
         print(f"{module}: {exc}", file=sys.stderr)
         return 2
     tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, args.out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, args.out)
+    except OSError as exc:
+        print(f"{module}: argument --out: cannot write {args.out!r} ({type(exc).__name__}: {exc.strerror or exc})",
+              file=sys.stderr)
+        return 2
     print("\n".join(report))
     print(f"written: {args.out}")
     return 0

@@ -13,6 +13,11 @@ import re
 from typing import Sequence
 
 
+def _missed(row: dict, kind: str, key: str) -> bool:
+    threshold, value = _threshold(row.get("target"), kind), row.get(key)
+    return threshold is not None and value is not None and value < threshold
+
+
 def _threshold(target: str | None, kind: str) -> float | None:
     """The number in a target text like 'speedup>=5' or 'mem<=1/8' for this panel."""
     if not target:
@@ -62,9 +67,11 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
         colors = []
         for r, v in zip(compared, values):
             threshold = _threshold(r.get("target"), kind)
-            # A missed target with no threshold on either axis (e.g. saved bytes): red on both.
-            missed_elsewhere = (r.get("target_pass") is False and _threshold(r.get("target"), "speedup") is None
-                                and _threshold(r.get("target"), "memory") is None)
+            # A row that failed on neither axis's threshold (a failed correctness check, saved
+            # bytes): red on both.
+            missed_elsewhere = r.get("target_pass") is False and not any(
+                _missed(r, axis, field) for axis, field in (("speedup", "speedup_vs_baseline"),
+                                                            ("memory", "memory_ratio_vs_baseline")))
             if v is None:
                 colors.append("lightgray")
             elif (threshold is not None and v < threshold) or missed_elsewhere:

@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -328,10 +329,12 @@ class Suite:
             wall_ms=None if measurement.wall_ms is None else round(measurement.wall_ms, 4),
         )
         if targets and not self.quick:
-            # Speed and memory count only for checked, correct outputs.
-            targets = list(targets) + harness.check_targets(row.metrics, row.dtype)
-            row.target = " & ".join(t.text for t in targets)
-            outcomes = [t.check(row) for t in targets]
+            # Speed and memory count only for checked, correct outputs: a row without any
+            # correctness check is not judged at all.
+            checks = harness.check_targets(row.metrics, row.dtype)
+            targets = list(targets) + checks
+            row.target = " & ".join(t.text for t in targets) + ("" if checks else " (unchecked: not judged)")
+            outcomes = [t.check(row) for t in targets] + ([] if checks else [None])
             # One target missed fails the row even when another could not be judged (no calibration).
             row.target_pass = False if False in outcomes else (None if None in outcomes else True)
         return row
@@ -522,6 +525,19 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                          f"got {args.providers!r}")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         parser.error(f"argument --out-dir: {args.out_dir!r} is a file, expected a directory")
+    # Absolute: each family's process runs from the repository root, and a relative path would
+    # send its rows to another directory than the one this process names the file in.
+    args.out_dir = os.path.abspath(args.out_dir)
+    if not args.compare:
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=args.out_dir, prefix=".write-check-", delete=True)
+            probe.close()
+        except OSError as exc:
+            parser.error(f"argument --out-dir: cannot write results into {args.out_dir!r} "
+                         f"({type(exc).__name__}: {exc.strerror or exc})")
+    if args.hard_deadline is not None and args.hard_deadline <= time.time():
+        parser.error(f"argument --hard-deadline: {args.hard_deadline:g} (seconds since the epoch) is already past")
     if args.only:
         args.only = list(dict.fromkeys(args.only))  # a family named twice runs once
     for path in args.compare or ():
@@ -713,8 +729,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  " + line)
     failed = [r for r in suite.rows if r.target_pass is False]
     judged = [r for r in suite.rows if r.target_pass is not None]
-    if judged:
-        print(f"\ntargets: {len(judged) - len(failed)} of {len(judged)} met")
+    unjudged = [r for r in suite.rows if r.target and r.target_pass is None]
+    if judged or unjudged:
+        print(f"\ntargets: {len(judged) - len(failed)} of {len(judged)} met"
+              + (f"; {len(unjudged)} not judged (a check or a calibration missing: ok column '-')" if unjudged
+                 else ""))
+    if not suite.rows:
+        print("\nnothing was measured (see 'skipped' above for why)")
     launch_bound = [r for r in suite.rows if r.metrics.get("launch_bound")]
     if launch_bound:
         print(f"\nlaunch-bound (back-to-back wall time over {harness.LAUNCH_BOUND_RATIO}x the event median; "
@@ -724,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             from benchmarks.plot import plot_rows
 
-            plot_rows([r.to_json() for r in suite.rows], png_path, title=f"{env.device} ({env.date})")
+            plot_rows([r.to_json() for r in suite.rows], png_path,
+                      title=f"{env.device} ({env.date}{', --quick shapes' if args.quick else ''})")
             print(f"plot: {png_path}")
         except Exception as exc:
             print(f"plot: not drawn ({type(exc).__name__}: {exc})")

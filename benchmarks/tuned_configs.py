@@ -5,7 +5,9 @@ for the card of that run.
 For each swept kernel, a candidate qualifies when its configuration is still one that its
 module declares (``_GPU_CANDIDATES`` of ``ace_kernels.lora`` or ``ace_kernels.contrastive``, so the
 spill check has seen it) and its error (``rel_err``, against the same reference as the
-default's) is at most twice the default's plus 1e-4.
+default's) is at most twice the default's plus 1e-4 and within the row dtype's check limit
+(``harness.check_limit``; a default over that limit lets no candidate qualify). A ``--quick``
+run is refused (its shapes are not the ones tuned).
 The fastest qualifying candidate is written when its median time is at least ``MARGIN`` below
 the default's, measured in the same run; otherwise the kernel's entry for this card is removed
 (the default is as fast). Kernels the run did not sweep, other cards and other families keep
@@ -14,7 +16,6 @@ what the file held. A result file with no sweep rows writes nothing (exit status
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import ace_kernels  # noqa: F401  (imports the kernel modules, which declare their candidates)
@@ -56,9 +57,11 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | None, str]:
     declared = _tuning.candidates(kernel_family, kernel, dtype_class)
     default_ms = float(default["median_ms"])
     default_err = float(default["metrics"].get("rel_err", float("inf")))
-    if not math.isfinite(default_err):
-        # Without a finite error for the default there is no bound to hold the candidates to.
-        return None, f"{name}: the default's error is {default_err!r}; nothing qualifies, the default stays"
+    limit = harness.check_limit(default.get("dtype", ""))
+    if not default_err <= limit:
+        # Without a correct default there is no bound to hold the candidates to.
+        return None, (f"{name}: the default's error {default_err!r} is over the check limit {limit:g}; nothing "
+                      "qualifies, the default stays")
     best, notes = None, []
     for row in sweep["candidates"]:
         metrics = row["metrics"]
@@ -67,8 +70,8 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | None, str]:
             notes.append(f"{number} is no longer a declared candidate")
             continue
         err = float(metrics.get("rel_err", float("inf")))
-        if not err <= 2 * default_err + 1e-4:
-            notes.append(f"{number} error {err:.3g} > 2 x default's {default_err:.3g} + 1e-4")
+        if not err <= min(2 * default_err + 1e-4, limit):
+            notes.append(f"{number} error {err:.3g} > min(2 x default's {default_err:.3g} + 1e-4, {limit:g})")
             continue
         if row.get("median_ms") and (best is None or float(row["median_ms"]) < float(best["median_ms"])):
             best = row

@@ -14,8 +14,9 @@ does. Modes:
   saves the error each rank got for each.
 - ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
   then a run whose set-up fails on rank 1 alone (no dataset and no CSV); then runs where rank 0
-  cannot write the run directory, rank 1 cannot load its second batch, rank 0 cannot write the
-  final weights; saves the error each rank got for each. The group's timeout is short, so that a rank left waiting fails the test
+  cannot write the run directory (its config.json, then its metrics file), rank 1 cannot load
+  its second batch or start its loader, rank 0 cannot write the final weights; saves the error
+  each rank got for each. The group's timeout is short, so that a rank left waiting fails the test
   in seconds rather than hanging it.
 """
 
@@ -103,12 +104,12 @@ def main() -> None:
                                                                out_dir=os.path.join(args.out, "run2")))
         # Rank 0 cannot write the run directory; then rank 1 cannot load the batch of step 2; then
         # rank 0 cannot write the final ace_lora.pt.
-        failures = {"prepare": (0, "atomic_write_text"), "load": (1, "_load_batches"),
-                    "final": (0, "_atomic_reference_save")}
+        failures = {"prepare": (0, "atomic_write_text"), "metrics": (0, "_open_metrics_for_append"),
+                    "load": (1, "_load_batches"), "start": (1, "_load_batches"), "final": (0, "_atomic_reference_save")}
         for number, (what, (failing_rank, name)) in enumerate(failures.items(), start=3):
             original = getattr(training, name)
             if rank == failing_rank:
-                setattr(training, name, _failing(name, original))
+                setattr(training, name, _failing(name, original, at_start=what == "start"))
             _record_error(args, rank, what, lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
                                                               out_dir=os.path.join(args.out, f"run{number}")))
             setattr(training, name, original)
@@ -117,16 +118,19 @@ def main() -> None:
     _train_run(args, rank, lr=1e-2)
 
 
-def _failing(name, original):
-    """``original`` made to fail as a full disk (writes) or an unreadable image (the loader, at
-    its second batch) would."""
+def _failing(name, original, at_start=False):
+    """``original`` made to fail as a full disk (writes; the metrics file is /dev/full, whose
+    flush and close both fail), an unreadable image (the loader, at its second batch) or loader
+    workers that cannot start (``at_start``) would."""
     if name == "_load_batches":
         def load(*args, **kwargs):
-            batches = original(*args, **kwargs)
-            yield next(batches)
-            raise OSError(errno.EIO, "cannot read image (simulated)")
+            if at_start:
+                raise OSError(errno.EMFILE, "too many open files (simulated)")
+            return _second_fails(original(*args, **kwargs))
 
         return load
+    if name == "_open_metrics_for_append":
+        return lambda path: open("/dev/full", "a", encoding="utf-8")
 
     def write(*args, **kwargs):
         path = str(args[1] if len(args) > 1 else "")
@@ -135,6 +139,11 @@ def _failing(name, original):
         raise OSError(errno.ENOSPC, "No space left on device (simulated)")
 
     return write
+
+
+def _second_fails(batches):
+    yield next(batches)
+    raise OSError(errno.EIO, "cannot read image (simulated)")
 
 
 def _record_error(args, rank: int, what: str, run) -> None:

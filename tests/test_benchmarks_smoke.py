@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -357,7 +358,8 @@ def test_a_missed_target_fails_the_row_even_when_another_is_not_judged(tmp_path)
                           ours={"triton": (meas, {})}, baselines={"ref": (base, {})},
                           targets=lambda provider, baseline: goals)
     ours = [r for r in rows if r.provider == "triton"][0]
-    assert ours.target == "rate>=50% & peak<=64" and ours.target_pass is False  # no rate measured, peak missed
+    # No rate measured, no check recorded, peak missed: a miss fails the row whatever was not judged.
+    assert ours.target == "rate>=50% & peak<=64 (unchecked: not judged)" and ours.target_pass is False
     rows = suite.add_rows(family="contrastive", op="y", shape="s", dtype=torch.bfloat16,
                           ours={"triton": (Measurement(1.0, 10.0, 5, None), {})}, baselines={"ref": (base, {})},
                           targets=lambda provider, baseline: goals)
@@ -395,6 +397,40 @@ def test_out_dir_that_is_a_file_and_cuda_without_a_gpu_are_refused(tmp_path, cap
             suite._parse(argv)
         assert fragment in capsys.readouterr().err
     assert suite._parse(["--only", "lora", "--only", "lora", "--only", "model"]).only == ["lora", "model"]
+    # Not writable, or a kill time already past: refused before anything runs.
+    for argv, fragment in ((["--out-dir", str(a_file / "sub")], "argument --out-dir: cannot write results into"),
+                           (["--hard-deadline", "5"], "argument --hard-deadline: 5 (seconds since the epoch) is "
+                                                      "already past")):
+        with pytest.raises(SystemExit):
+            suite._parse(argv)
+        assert fragment in capsys.readouterr().err
+
+
+def test_a_relative_out_dir_is_made_absolute(tmp_path, monkeypatch):
+    """Each family's process runs from the repository root: a relative --out-dir reaches it as the
+    absolute path this process meant (the rows once went to <repo>/<dir> while the table read
+    ./<dir>, empty)."""
+    from benchmarks import suite
+
+    monkeypatch.chdir(tmp_path)
+    args = suite._parse(["--out-dir", "relout", "--quick"])
+    assert args.out_dir == str(tmp_path / "relout") and (tmp_path / "relout").is_dir()
+
+
+def test_a_row_without_any_check_is_not_judged():
+    from benchmarks.harness import Measurement, Target
+
+    suite = _suite("all")
+    suite.quick = False
+    unchecked = suite._row(family="contrastive", op="op", shape="s", dtype="float32", provider="torch", baseline=None,
+                           measurement=Measurement(1.0, 10.0, 3), base_measurement=None,
+                           targets=[Target("peak_mib_max", 512, "peak<512MiB")], metrics={}, mode="fwd+bwd")
+    assert unchecked.target_pass is None and unchecked.target.endswith("(unchecked: not judged)")
+    checked = suite._row(family="contrastive", op="op", shape="s", dtype="float32", provider="torch", baseline=None,
+                         measurement=Measurement(1.0, 10.0, 3), base_measurement=None,
+                         targets=[Target("peak_mib_max", 512, "peak<512MiB")], metrics={"finite": True},
+                         mode="fwd+bwd")
+    assert checked.target_pass is True and checked.target == "peak<512MiB & finite"
 
 
 def test_family_processes_get_the_whole_device_name():
@@ -1001,7 +1037,7 @@ def test_training_median_of_two_calls_is_their_mean(monkeypatch):
 def test_hard_deadline_counts_the_start_up():
     from benchmarks.suite import _parse, budget_for_hard_limit, run_budget
 
-    now = 1_000_000.0
+    now = round(time.time()) + 3600.0  # a kill time must lie ahead (one already past is refused)
     args = _parse(["--hard-deadline", str(now + 280)])
     assert run_budget(args, now=now) == budget_for_hard_limit(280) == (235, 35)
     # 10 s later (the interpreter and torch starting): 10 s less budget, the same margin.

@@ -1456,6 +1456,8 @@ def test_patch_arguments_are_checked_up_front():
         assert [r.name for r in handle.patched] == ["apply_ace_hgat"]
     with pytest.raises(ValueError, match="argument 'backend': expected keys among"):
         ace_kernels.patch(model, backend={"lora_qkv": "torch", 3: "torch"})
+    with pytest.raises(ValueError, match="argument 'backend': 'lora_linear': 'cuda' names a backend without that op"):
+        ace_kernels.patch(model, backend={"lora_linear": "cuda", "lora_qkv": "torch"})
 
     from ace_kernels.patching import Recogniser, register_recogniser, unregister_recogniser
 
@@ -1466,3 +1468,65 @@ def test_patch_arguments_are_checked_up_front():
     with pytest.warns(UserWarning, match="nothing in this Linear was recognised"):
         handle = ace_kernels.patch(nn.Linear(3, 3))
     assert not handle.records
+
+
+def test_probes_leave_the_model_alone_and_take_real_reference_modules():
+    """The patch-time probes run on float64 CPU copies: the user's hooks do not fire, a 16-bit
+    reference hypergraph at BiomedCLIP's width is recognised (its own top-k would tie and reorder
+    in 16 bits), a subclass that only extends apply_ace_hgat keeps its loss patched, and layers
+    on the meta device are patched as before (nothing to probe there)."""
+    layer = _randomise_lora(ReferenceLoRALinear(6, 5, r=2))
+    calls = []
+    layer.register_forward_hook(lambda *a: calls.append("layer"))
+    from torch.nn.modules.module import register_module_forward_hook
+
+    remove = register_module_forward_hook(lambda *a: calls.append("global"))
+    try:
+        with ace_kernels.patch(layer) as handle:
+            assert [r.status for r in handle.records] == ["patched"]
+    finally:
+        remove.remove()
+    assert calls == []
+
+    for dtype in (torch.bfloat16, torch.float16):
+        wide = ReferenceACELoss(768, hidden=384, topk=5).to(dtype)
+        with ace_kernels.patch(wide, loss=False) as handle:
+            assert [(r.name, r.status) for r in handle.records] == [("apply_ace_hgat", "patched")], str(handle)
+
+    class LoggedHgat(ReferenceACELoss):
+        def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+            return super().apply_ace_hgat(features, attn_weights, encoder)
+
+    with ace_kernels.patch(LoggedHgat(20, topk=3).double()) as handle:
+        assert {r.name: r.status for r in handle.records} == {"apply_ace_hgat": "patched", "forward": "patched"}
+
+    meta = ReferenceLoRALinear(6, 5, r=2).to("meta")
+    with ace_kernels.patch(meta) as handle:
+        assert [r.status for r in handle.records] == ["patched"]
+
+
+def test_an_adapter_replaced_by_another_object_of_the_same_class_is_checked_again():
+    """The adapter check is per object: a new adapter of an already checked class whose forward
+    reads a flag (a residual here) is probed at its first call and falls back."""
+
+    class FlagAdapter(nn.Module):
+        def __init__(self, dim, hidden, residual=False):
+            super().__init__()
+            self.down, self.up, self.act, self.residual = nn.Linear(dim, hidden), nn.Linear(hidden, dim), \
+                nn.LeakyReLU(0.2), residual
+
+        def forward(self, z):
+            out = self.up(self.act(self.down(z)))
+            return z + out if self.residual else out
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    loss_fn.img_node_adapter = FlagAdapter(20, 8).double()
+    features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1).requires_grad_()
+    cls_attn = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    run = lambda m, f, c: m.apply_ace_hgat(f, c, encoder="img")  # noqa: E731
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [r.status for r in handle.records] == ["patched"]
+        loss_fn.img_node_adapter = FlagAdapter(20, 8, residual=True).double()
+        after = _forward_backward(loss_fn, run, (features, cls_attn))
+        assert list(handle.stats()) == ["fallback apply_ace_hgat: adapter forward is not up(leaky_relu(down(z), 0.2))"]
+    _assert_same(_forward_backward(loss_fn, run, (features, cls_attn)), after, dict(rtol=0, atol=0))

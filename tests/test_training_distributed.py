@@ -149,7 +149,7 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
     so, instead of waiting in the next collective (the workers' group times out after 30 s)."""
     _launch("rank_failures", 2, tmp_path, "--kind", "standin")
     errors = {(rank, what): (tmp_path / f"rank{rank}-{what}.err").read_text()
-              for rank in range(2) for what in ("write", "build", "prepare", "load", "final")}
+              for rank in range(2) for what in ("write", "build", "prepare", "metrics", "load", "start", "final")}
     assert errors[0, "write"] == "OSError: [Errno 28] No space left on device (simulated)", errors
     assert errors[1, "write"].startswith("RankMismatchError: another rank failed writing the checkpoint of step 3 "
                                          "on rank 0"), errors
@@ -158,6 +158,10 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
     full = "OSError: [Errno 28] No space left on device (simulated)"
     assert errors[0, "prepare"] == full and errors[0, "final"] == full, errors
     assert errors[1, "prepare"].startswith("RankMismatchError: another rank failed preparing the run directory"), errors
+    assert errors[0, "metrics"].startswith("OSError: [Errno 28] No space left on device"), errors
+    assert errors[1, "metrics"].startswith("RankMismatchError: another rank failed preparing the run directory"), errors
+    assert errors[1, "start"] == "OSError: [Errno 24] too many open files (simulated)", errors
+    assert errors[0, "start"].startswith("RankMismatchError: another rank failed loading the batch of step 1 "), errors
     assert errors[1, "load"] == "OSError: [Errno 5] cannot read image (simulated)", errors
     assert errors[0, "load"].startswith("RankMismatchError: another rank failed loading the batch of step 2 "), errors
     assert errors[1, "final"].startswith("RankMismatchError: another rank failed writing the last metrics or the "
@@ -226,3 +230,13 @@ def test_single_process_helpers_are_no_ops_without_a_group():
     training.check_ranks_agree({"x": 1}, None)
     after = trainable_grads(model)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_mismatch_shows_where_the_ranks_values_differ():
+    """Two long values that differ near their end read differently in the message (cut at the
+    first difference, not at the start)."""
+    shapes = repr([(f"layer{i}.lora_A", (4, 768)) for i in range(80)])
+    other = shapes.replace("('layer79.lora_A', (4, 768))", "('layer79.lora_A', (8, 768))")
+    shown = training._where_they_differ([shapes, other])
+    assert shown[0] != shown[1] and shown[0].startswith("...") and "(4, 768)" in shown[0] and "(8, 768)" in shown[1]
+    assert training._where_they_differ(["0.01", "0.02"]) == ["0.01", "0.02"]

@@ -222,7 +222,11 @@ def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
             assert row["speedup_vs_baseline"] > 0 and row["family"] == "tuning"
         # fp16 through the interpreter against fp32 references: a few fp16 roundings.
         assert all(0 < r["metrics"]["rel_err"] < 5e-3 for r in mine), mine
-    # The writer takes such a file (which candidate wins on interpreter times is not checked).
+    # The writer refuses a --quick run; the same rows as a full run's are taken (which candidate
+    # wins on interpreter times is not checked).
+    with pytest.raises(ValueError, match="a --quick run"):
+        tuned_configs.update(payload, None)
+    payload["run"]["quick"] = False
     content, report = tuned_configs.update(payload, None)
     assert len(report) == 1 + len(plan)
     for family, entries in content["by_device"].get(CARD, {}).items():
@@ -276,7 +280,8 @@ def test_writer_picks_the_fastest_qualifying_candidate():
     text = "\n".join(report)
     assert "lora down/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
     assert "contrastive grad/16bit/one_dot: candidate #3" in text
-    assert "#2 error 0.02 > 2 x default's 0.004 + 1e-4" in text and "#4 is no longer a declared candidate" in text
+    assert "#2 error 0.02 > min(2 x default's 0.004 + 1e-4, 0.03)" in text
+    assert "#4 is no longer a declared candidate" in text
     assert "lora backward/16bit: fastest candidate #1 takes 0.980x the default's 10 ms, not 3% less" in text
     assert "contrastive lse/16bit/one_dot: the default was not measured" in text
     # Nothing left for a card: its entry goes.
@@ -303,9 +308,32 @@ def test_writer_command_line(tmp_path):
 
 
 def test_writer_takes_nothing_when_the_default_has_no_finite_error():
-    # A default whose check gave inf or NaN bounds nothing: no candidate may be written.
-    for error in (float("inf"), float("nan")):
-        rows = [_sweep_row("down", 0, 10.0, error), _sweep_row("down", 1, 5.0, error)]
+    # A default whose check gave inf or NaN, or an error over the dtype's check limit (0.03 in
+    # bf16), bounds nothing: no candidate may be written.
+    for error in (float("inf"), float("nan"), 0.5):
+        rows = [_sweep_row("down", 0, 10.0, error), _sweep_row("down", 1, 5.0, min(error, 0.9))]
         content, report = tuned_configs.update(_payload(rows), {"by_device": {}})
         assert content["by_device"] == {}
-        assert "the default's error is" in "\n".join(report)
+        assert "is over the check limit 0.03; nothing qualifies" in "\n".join(report)
+    # Within twice the default's error, but over the limit: not taken.
+    rows = [_sweep_row("down", 0, 10.0, 0.02), _sweep_row("down", 1, 5.0, 0.035)]
+    content, report = tuned_configs.update(_payload(rows), {"by_device": {}})
+    assert content["by_device"] == {} and "#1 error 0.035 > min(" in "\n".join(report)
+
+
+def test_writers_refuse_a_quick_run(tmp_path, capsys):
+    from benchmarks import dispatch_order
+
+    payload = _payload([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 3, 5.0, 0.004)])
+    payload["run"] = {"quick": True}
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps(payload))
+    for tool in (tuned_configs, dispatch_order):
+        assert tool.main([str(results), "--out", str(tmp_path / "out.json")]) == 2
+        assert "a --quick run" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+    # An --out that cannot be written: one line, not a traceback.
+    payload["run"] = {"quick": False}
+    results.write_text(json.dumps(payload))
+    assert tuned_configs.main([str(results), "--out", str(results / "x.json")]) == 2
+    assert "argument --out: cannot write" in capsys.readouterr().err
