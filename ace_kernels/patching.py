@@ -80,14 +80,16 @@ What is never patched (recorded as skipped, with the reason): a module whose
 ``forward`` (or ``apply_ace_hgat``) is already replaced on the instance (a
 wrapper such as accelerate's hooks, which the fused call would skip); a layout
 recognised by its attribute names whose computation differs, found by running
-its class's method once at patch time on a small random probe, on a float64
-CPU copy without hooks (the model is untouched and its hooks do not run; not
-on the meta device): the reference ``LinearLoRA`` forward (dropout off, random
+its class's method once at patch time on a small random probe, on a CPU copy
+in the default dtype without hooks (the model is untouched and its hooks do
+not run): the reference ``LinearLoRA`` forward (dropout off, random
 ``A`` and ``B``) and each ``apply_ace_hgat`` encoder (against
 ``ace_hypergraph``'s torch backend); each adapter (once per adapter object,
 again when its class, layers or activation object change; a flag its forward
-reads is not re-read); a reference loss whose ``forward`` is redefined in a
-subclass of the class that defines ``apply_ace_hgat``.
+reads is not re-read); a reference loss whose ``forward`` comes from another
+class than the one that defines ``apply_ace_hgat`` or one that class extends
+(a subclass or mixin redefining the loss). Reference-layout modules on the meta
+device are skipped (nothing to probe: patch them once they have weights).
 
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
@@ -162,7 +164,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -741,66 +743,82 @@ class _ReferenceLoraKind(_LoraKind):
         return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
 
 
-def _float64_copy(module: nn.Module) -> nn.Module | None:
-    """A float64 CPU copy of ``module`` for a probe, or None when a tensor of it is on the meta
-    device (nothing to compute with). Its parameters, buffers and tensor attributes are converted
-    first and handed to ``deepcopy`` (no full-size copy on the device; a weight the reference's
-    merge path left attached to a graph copies detached); the copy's hooks are removed (a probe is
-    not a call of the user's model). Raises what ``deepcopy`` raises."""
+class _OnMeta(Exception):
+    """A tensor of a module to probe is on the meta device: there is nothing to compute with."""
+
+
+def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.Module:
+    """A CPU copy of ``module`` in torch's default dtype (float32 unless changed: the dtype a
+    module's untyped ``torch.zeros`` gives; float32 also keeps random probe inputs free of the
+    ties that 16 bits would make) for a probe. Only ``children`` (names; all when None) are
+    copied, the other submodules shared. Parameters, buffers and tensor attributes are converted
+    first (no full-size copy on the device; a weight the reference's merge path left attached to
+    a graph copies detached); hook dictionaries start empty (a probe is not a call of the user's
+    model, and a hook's owner is never copied); every other attribute (args, locks, files) is
+    shared, not copied. Raises :class:`_OnMeta` for a tensor on the meta device."""
+    dtype = torch.get_default_dtype()
     memo: dict = {}
-    for sub in module.modules():
-        tensors = [*sub._parameters.values(), *sub._buffers.values(),
-                   *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]
-        for tensor in tensors:
+    if children is not None:
+        for name, child in module._modules.items():
+            if name not in children and child is not None:
+                memo[id(child)] = child
+    copied = [module] + [m for name, child in module._modules.items()
+                         if child is not None and (children is None or name in children) for m in child.modules()]
+    for sub in copied:
+        for key, value in vars(sub).items():
+            if key in _MODULE_CONTAINERS or id(value) in memo:
+                continue
+            if "hooks" in key and isinstance(value, dict):
+                memo[id(value)] = type(value)()
+            elif not isinstance(value, (torch.Tensor, nn.Module)):
+                memo[id(value)] = value
+        for tensor in [*sub._parameters.values(), *sub._buffers.values(),
+                       *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]:
             if tensor is None or id(tensor) in memo:
                 continue
             if tensor.is_meta:
-                return None
-            data = tensor.detach().to("cpu", torch.float64 if tensor.is_floating_point() else tensor.dtype).clone()
+                raise _OnMeta
+            data = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
             memo[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
                                 if isinstance(tensor, nn.Parameter) else data)
-    probe = copy.deepcopy(module, memo)
-    for sub in probe.modules():
-        for name in _HOOK_DICTS:
-            hooks = getattr(sub, name, None)
-            if hooks:
-                hooks.clear()
-    return probe
+    return copy.deepcopy(module, memo)
 
 
 def _reference_lora_probe_reason(module) -> str | None:
     """Why the layer's forward is not known to compute ``x W^T + b + s (x A^T) B^T`` (None: it is).
 
     The layout is recognised by attribute names, which a subclass can keep while changing the
-    computation: its class's forward runs once, on a float64 CPU copy (the layer is untouched,
-    its hooks do not run) with dropout off, unmerged, and random A and B (B starts at zeros, which
-    would hide the branch). Not probed on the meta device."""
+    computation: its class's forward runs once, on a CPU copy (:func:`_probe_copy`; the layer is
+    untouched, its hooks do not run) with dropout off, unmerged, and random A and B (B starts at
+    zeros, which would hide the branch). A layer on the meta device cannot be checked: skipped."""
     try:
-        probe = _float64_copy(module)
-        if probe is None:
-            return None
+        probe = _probe_copy(module)
         probe.train(True)  # the reference's train() takes s B A back out of a merged weight
+    except _OnMeta:
+        return "on the meta device: its forward cannot be checked (patch it once it has weights)"
     except Exception as exc:
         return f"its forward could not be checked on a copy ({type(exc).__name__}: {exc})"
     if getattr(probe, "merged", False):
         return None  # cannot unmerge the copy: each call falls back while the layer is merged
     generator = torch.Generator().manual_seed(0)
+    dtype = probe.weight.dtype
     with torch.no_grad():
         if isinstance(probe.dropout, nn.Dropout):
             probe.dropout.p = 0.0
         for tensor in (probe.w_lora_A, probe.w_lora_B):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64))
-        x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=torch.float64)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=dtype))
+        x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=dtype)
         want = F.linear(x, probe.weight, probe.bias) + probe.scaling * ((x @ probe.w_lora_A.t()) @ probe.w_lora_B.t())
         try:
             got = type(probe).forward(probe, x)
         except Exception as exc:
             return f"its forward fails on a [3, {probe.weight.shape[1]}] probe ({type(exc).__name__}: {exc})"
-    if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9,
-                                                                                           atol=1e-9):
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-4
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape \
+            or not torch.allclose(got, want, rtol=tolerance, atol=tolerance):
         return "its forward does not compute x W^T + b + s (x A^T) B^T (a probe differs)"
     return None
 
@@ -1025,31 +1043,33 @@ def _adapters_for(module, encoder):
 
 
 def _probe_tolerance(dtype: torch.dtype) -> float:
-    return 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return 1e-9 if dtype == torch.float64 else 1e-4
 
 
 def _hgat_probe_reason(module) -> str | None:
     """Why the module's ``apply_ace_hgat`` is not known to be the reference's (None: it is).
 
     A subclass may keep the reference's names and change the computation (a residual, another
-    normalisation): its class's ``apply_ace_hgat`` runs once per encoder, on a float64 CPU copy
-    of the module (hooks removed; 16-bit inputs would tie and reorder the top-k), on a small
-    random input (B=2, N=topk+3; a private generator, so the caller's random stream is untouched)
-    against ``ace_hypergraph``'s torch backend on the copy's adapters. Not probed on meta."""
+    normalisation): its class's ``apply_ace_hgat`` runs once per encoder, on a CPU copy of the
+    module and its four adapters (:func:`_probe_copy`: hooks left out, 16-bit ties avoided, other
+    submodules shared), on a small random input (B=2, N=topk+3; a private generator, so the
+    caller's random stream is untouched) against ``ace_hypergraph``'s torch backend on the copy's
+    adapters. A module on the meta device cannot be checked: skipped."""
     from ace_kernels.hypergraph import ace_hypergraph
 
     try:
-        probe = _float64_copy(module)
+        probe = _probe_copy(module, children=_ADAPTER_NAMES)
+    except _OnMeta:
+        return "on the meta device: apply_ace_hgat cannot be checked (patch it once it has weights)"
     except Exception as exc:
         return f"apply_ace_hgat could not be checked on a copy ({type(exc).__name__}: {exc})"
-    if probe is None:
-        return None
     topk = int(probe.args.topk)
     generator = torch.Generator().manual_seed(0)
+    dtype = torch.get_default_dtype()
     for encoder in ("img", "text"):
         edge, node = _adapters_for(probe, encoder)
-        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=torch.float64)
-        attn = torch.rand(2, topk + 2, generator=generator, dtype=torch.float64)
+        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=dtype)
+        attn = torch.rand(2, topk + 2, generator=generator, dtype=dtype)
         with torch.no_grad():
             try:
                 got = type(probe).apply_ace_hgat(probe, features, attn, encoder=encoder)
@@ -1058,7 +1078,7 @@ def _hgat_probe_reason(module) -> str | None:
             want = ace_hypergraph(features, attn, edge, node, topk=topk, backend="torch")
         scale = float(want.abs().max()) or 1.0
         if not isinstance(got, torch.Tensor) or got.shape != want.shape \
-                or not float((got.double() - want).abs().max()) <= 1e-9 * scale:
+                or not float((got.double() - want.double()).abs().max()) <= _probe_tolerance(dtype) * scale:
             return f"apply_ace_hgat ({encoder}) does not compute the reference's hypergraph (a probe differs)"
     return None
 
@@ -1076,10 +1096,13 @@ def _adapter_reason_now(adapter) -> str | None:
     reason = _adapter_structure_reason(adapter)
     if reason or torch.compiler.is_compiling():
         return reason
-    key = (type(adapter), id(adapter.down), id(adapter.up), id(getattr(adapter, "act", None)))
+    parts = (type(adapter), adapter.down, adapter.up, getattr(adapter, "act", None))
     cached = _ADAPTER_CHECKS.get(adapter)
-    if cached is None or cached[0] != key:
-        cached = (key, _adapter_reason(adapter))
+    if cached is None or len(cached[0]) != len(parts) or any(a is not b for a, b in zip(cached[0], parts)):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # The probe synchronises, which a CUDA graph capture forbids: this call falls back.
+            return "adapter not checked yet (changed after patching; a CUDA graph is being captured)"
+        cached = (parts, _adapter_reason(adapter))  # the parts themselves: no id can be reused under us
         _ADAPTER_CHECKS[adapter] = cached
     return cached[1]
 
@@ -1475,7 +1498,8 @@ def _install_qkv_group(name, module, handle, options):
 def _install_reference_loss(name, module, handle, options):
     kind = "reference-ace-loss"
     if options["hypergraph"]:
-        reason = next((r for r in (_adapter_reason(getattr(module, n)) for n in _ADAPTER_NAMES) if r), None)
+        # Checked through the per-object cache, so the first call does not probe them again.
+        reason = next((r for r in (_adapter_reason_now(getattr(module, n)) for n in _ADAPTER_NAMES) if r), None)
         if _is_patched(module, "apply_ace_hgat"):
             reason = "already patched by another handle"
         reason = reason or _wrapped_reason(module, "apply_ace_hgat") or _hgat_probe_reason(module)
@@ -1495,13 +1519,14 @@ def _install_reference_loss(name, module, handle, options):
             handle.records.append(PatchRecord(label, kind, "skipped", "already patched by another handle"))
         elif _wrapped_reason(module):
             handle.records.append(PatchRecord(label, kind, "skipped", _wrapped_reason(module)))
-        elif defined is not hgat_class and isinstance(defined, type) and isinstance(hgat_class, type) \
-                and issubclass(defined, hgat_class):
+        elif not (defined is hgat_class or (defined is not None and hgat_class is not None
+                                            and issubclass(hgat_class, defined) and "apply_ace_hgat" in vars(defined))):
             # A subclass that redefines forward may compute another loss: the fused forward would
             # silently replace it (apply_ace_hgat itself is checked by a probe).
             handle.records.append(PatchRecord(label, kind, "skipped",
-                                              f"forward is redefined by {defined.__name__}, not by the class that "
-                                              "defines apply_ace_hgat: not known to be the reference's loss"))
+                                              f"forward comes from {getattr(defined, '__name__', defined)}, not from "
+                                              "the class that defines apply_ace_hgat or one it extends: not known to "
+                                              "be the reference's loss"))
         elif not _reference_forward_signature_ok(module):
             handle.records.append(PatchRecord(label, kind, "skipped",
                                               "forward signature is not the reference's (clip_model, images, "

@@ -333,7 +333,7 @@ class Suite:
             # correctness check is not judged at all.
             checks = harness.check_targets(row.metrics, row.dtype)
             targets = list(targets) + checks
-            row.target = " & ".join(t.text for t in targets) + ("" if checks else " (unchecked: not judged)")
+            row.target = " & ".join(t.text for t in targets) + ("" if checks else " (no correctness check)")
             outcomes = [t.check(row) for t in targets] + ([] if checks else [None])
             # One target missed fails the row even when another could not be judged (no calibration).
             row.target_pass = False if False in outcomes else (None if None in outcomes else True)
@@ -536,8 +536,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         except OSError as exc:
             parser.error(f"argument --out-dir: cannot write results into {args.out_dir!r} "
                          f"({type(exc).__name__}: {exc.strerror or exc})")
-    if args.hard_deadline is not None and args.hard_deadline <= time.time():
-        parser.error(f"argument --hard-deadline: {args.hard_deadline:g} (seconds since the epoch) is already past")
+    if args.hard_deadline is not None and not (math.isfinite(args.hard_deadline) and args.hard_deadline > time.time()):
+        parser.error(f"argument --hard-deadline: expected a kill time ahead (seconds since the epoch), got "
+                     f"{args.hard_deadline:g}")
     if args.only:
         args.only = list(dict.fromkeys(args.only))  # a family named twice runs once
     for path in args.compare or ():

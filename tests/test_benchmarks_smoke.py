@@ -359,7 +359,7 @@ def test_a_missed_target_fails_the_row_even_when_another_is_not_judged(tmp_path)
                           targets=lambda provider, baseline: goals)
     ours = [r for r in rows if r.provider == "triton"][0]
     # No rate measured, no check recorded, peak missed: a miss fails the row whatever was not judged.
-    assert ours.target == "rate>=50% & peak<=64 (unchecked: not judged)" and ours.target_pass is False
+    assert ours.target == "rate>=50% & peak<=64 (no correctness check)" and ours.target_pass is False
     rows = suite.add_rows(family="contrastive", op="y", shape="s", dtype=torch.bfloat16,
                           ours={"triton": (Measurement(1.0, 10.0, 5, None), {})}, baselines={"ref": (base, {})},
                           targets=lambda provider, baseline: goals)
@@ -399,8 +399,8 @@ def test_out_dir_that_is_a_file_and_cuda_without_a_gpu_are_refused(tmp_path, cap
     assert suite._parse(["--only", "lora", "--only", "lora", "--only", "model"]).only == ["lora", "model"]
     # Not writable, or a kill time already past: refused before anything runs.
     for argv, fragment in ((["--out-dir", str(a_file / "sub")], "argument --out-dir: cannot write results into"),
-                           (["--hard-deadline", "5"], "argument --hard-deadline: 5 (seconds since the epoch) is "
-                                                      "already past")):
+                           (["--hard-deadline", "5"], "argument --hard-deadline: expected a kill time ahead"),
+                           (["--hard-deadline", "nan"], "argument --hard-deadline: expected a kill time ahead")):
         with pytest.raises(SystemExit):
             suite._parse(argv)
         assert fragment in capsys.readouterr().err
@@ -425,7 +425,7 @@ def test_a_row_without_any_check_is_not_judged():
     unchecked = suite._row(family="contrastive", op="op", shape="s", dtype="float32", provider="torch", baseline=None,
                            measurement=Measurement(1.0, 10.0, 3), base_measurement=None,
                            targets=[Target("peak_mib_max", 512, "peak<512MiB")], metrics={}, mode="fwd+bwd")
-    assert unchecked.target_pass is None and unchecked.target.endswith("(unchecked: not judged)")
+    assert unchecked.target_pass is None and unchecked.target.endswith("(no correctness check)")
     checked = suite._row(family="contrastive", op="op", shape="s", dtype="float32", provider="torch", baseline=None,
                          measurement=Measurement(1.0, 10.0, 3), base_measurement=None,
                          targets=[Target("peak_mib_max", 512, "peak<512MiB")], metrics={"finite": True},

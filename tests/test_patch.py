@@ -1394,7 +1394,7 @@ def test_reference_look_alikes_that_compute_otherwise_are_skipped():
     with ace_kernels.patch(other) as handle:
         statuses = {r.name: (r.status, r.reason) for r in handle.records}
         assert statuses["apply_ace_hgat"][0] == "patched"
-        assert statuses["forward"][0] == "skipped" and "redefined by OtherLoss" in statuses["forward"][1]
+        assert statuses["forward"][0] == "skipped" and "forward comes from OtherLoss" in statuses["forward"][1]
 
 
 def test_adapters_changed_after_patching_fall_back():
@@ -1471,10 +1471,10 @@ def test_patch_arguments_are_checked_up_front():
 
 
 def test_probes_leave_the_model_alone_and_take_real_reference_modules():
-    """The patch-time probes run on float64 CPU copies: the user's hooks do not fire, a 16-bit
-    reference hypergraph at BiomedCLIP's width is recognised (its own top-k would tie and reorder
-    in 16 bits), a subclass that only extends apply_ace_hgat keeps its loss patched, and layers
-    on the meta device are patched as before (nothing to probe there)."""
+    """The patch-time probes run on CPU copies: the user's hooks do not fire, a 16-bit reference
+    hypergraph at BiomedCLIP's width is recognised (its own top-k would tie and reorder in 16
+    bits), a subclass that only extends apply_ace_hgat keeps its loss patched, and a layer on the
+    meta device is skipped with the reason (nothing to probe there)."""
     layer = _randomise_lora(ReferenceLoRALinear(6, 5, r=2))
     calls = []
     layer.register_forward_hook(lambda *a: calls.append("layer"))
@@ -1502,7 +1502,96 @@ def test_probes_leave_the_model_alone_and_take_real_reference_modules():
 
     meta = ReferenceLoRALinear(6, 5, r=2).to("meta")
     with ace_kernels.patch(meta) as handle:
-        assert [r.status for r in handle.records] == ["patched"]
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "on the meta device: its forward cannot be checked (patch it once it has weights)")]
+
+    # Attributes a copy cannot take (a lock, an open file, a hook bound to an object holding one)
+    # are shared by the probe's copy, not copied: the module is patched.
+    import threading
+
+    class Monitor:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def hook(self, *args):
+            return None
+
+    held = ReferenceACELoss(20, topk=3).double()
+    held.lock = threading.Lock()
+    held.register_forward_hook(Monitor().hook)
+    with ace_kernels.patch(held, loss=False) as handle:
+        assert [r.status for r in handle.records] == ["patched"], str(handle)
+
+
+class _UntypedZerosLoss(ReferenceACELoss):
+    """The released code's apply_ace_hgat builds its score matrix with an untyped ``torch.zeros``
+    (float32 whatever the features' dtype); the probe must run in the dtype that gives."""
+
+    def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+        edge, node = (self.img_edge_adapter, self.img_node_adapter) if encoder == "img" else \
+            (self.text_edge_adapter, self.text_node_adapter)
+        batch, tokens, _ = features.shape
+        patches = F.normalize(features[:, 1:], dim=-1)
+        scores = torch.zeros(size=(batch, tokens, tokens), device=features.device)  # untyped, as released
+        scores[:, 1:, 1:] = patches @ patches.transpose(1, 2)
+        scores[:, 0, 1:] = attn_weights
+        blocked = torch.eye(tokens, dtype=torch.bool, device=features.device).expand(batch, -1, -1).clone()
+        blocked[:, 1:, 0] = True
+        scores = scores.masked_fill(blocked, float("-inf"))
+        top_values, top_index = scores.topk(self.args.topk, dim=-1)
+        adjacency = torch.full_like(scores, float("-inf")).scatter(-1, top_index, top_values).softmax(dim=-1)
+        eye = torch.eye(tokens, dtype=torch.bool, device=features.device).expand(batch, -1, -1)
+        adjacency = adjacency.masked_fill(eye, 1.0)
+        first_column = torch.cat([adjacency[:, :1, 0], adjacency[:, 0, 1:]], dim=1)
+        adjacency = torch.cat([first_column.unsqueeze(-1), adjacency[:, :, 1:]], dim=2)
+        return node(adjacency.transpose(1, 2) @ edge(adjacency @ features))
+
+
+def test_loss_classes_the_probes_must_take_or_refuse():
+    """The released layout (untyped zeros) and a subclass extending apply_ace_hgat are patched; a
+    forward from a mixin or a base class that does not define apply_ace_hgat is not; the adapters
+    are probed at patch time only (the first call does not probe them again)."""
+    from ace_kernels import patching
+
+    with ace_kernels.patch(_UntypedZerosLoss(20, topk=3)) as handle:
+        assert {r.name: r.status for r in handle.records} == {"apply_ace_hgat": "patched", "forward": "patched"}, \
+            str(handle)
+
+    class OtherLoss(nn.Module):
+        def forward(self, clip_model, images, texts, merged_df=None, indices=None):
+            return torch.zeros(())
+
+    class Mixed(OtherLoss, ReferenceACELoss):
+        pass
+
+    class Base(nn.Module):
+        def forward(self, clip_model, images, texts, merged_df=None, indices=None):
+            return torch.zeros(())
+
+    class Sub(Base):
+        def __init__(self):
+            super().__init__()
+            self.__dict__.update(ReferenceACELoss(20, topk=3).double().__dict__)
+
+        apply_ace_hgat = ReferenceACELoss.apply_ace_hgat
+
+    for module in (Mixed(20, topk=3).double(), Sub()):
+        with ace_kernels.patch(module) as handle:
+            forward = next(r for r in handle.records if r.name == "forward")
+            assert forward.status == "skipped" and "not known to be the reference's loss" in forward.reason
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    probed = []
+    original = patching._adapter_reason
+    patching._adapter_reason = lambda adapter: probed.append(adapter) or original(adapter)
+    try:
+        with ace_kernels.patch(loss_fn, loss=False):
+            assert len(probed) == 4  # at patch time
+            features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1)
+            loss_fn.apply_ace_hgat(features, torch.randn(3, 8, dtype=torch.float64), encoder="img")
+            assert len(probed) == 4  # not again at the call
+    finally:
+        patching._adapter_reason = original
 
 
 def test_an_adapter_replaced_by_another_object_of_the_same_class_is_checked_again():
