@@ -190,7 +190,7 @@ def test_measured_order_per_variant(monkeypatch):
 
 
 def test_shipped_order_file_is_readable():
-    # Empty until a GPU run is recorded; whatever it holds must be a {card: {op: [backends]}} table
+    # Whatever it holds (the cards of the GPU runs recorded) must be a {card: {op: [backends]}} table
     # of known ops and backends.
     orders = _dispatch.measured_orders()
     assert isinstance(orders, dict)

@@ -6,6 +6,8 @@ compares with one process on the concatenated batch computed here.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import subprocess
@@ -240,3 +242,41 @@ def test_a_mismatch_shows_where_the_ranks_values_differ():
     shown = training._where_they_differ([shapes, other])
     assert shown[0] != shown[1] and shown[0].startswith("...") and "(4, 768)" in shown[0] and "(8, 768)" in shown[1]
     assert training._where_they_differ(["0.01", "0.02"]) == ["0.01", "0.02"]
+
+
+@pytest.mark.skipif(KIND != "tiny", reason="needs the tiny ACELoRA (open_clip and timm)")
+def test_the_command_line_trains_across_processes(tmp_path):
+    """`torchrun ... -m ace_model.cli train --csv ...` (the README's command) with 2 gloo ranks on
+    a CSV: train() creates the group from torchrun's variables, each rank reads its share of the
+    CSV's rows, rank 0 alone writes metrics, states (every rank's RNG in them) and ace_lora.pt."""
+    from ace_model.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(tmp_path / "data", 24, seed=1)
+    out = tmp_path / "run"
+    port = _free_port()
+    argv = [sys.executable, "-m", "ace_model.cli", "train", "--csv", str(csv_path), "--model", "tiny",
+            "--out-dir", str(out), "--batch-size", "8", "--max-steps", "3", "--chunk-size", "2",
+            "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
+    procs = [subprocess.Popen(argv, env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                             RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                             OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, text) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0 and "Traceback" not in text, f"rank {rank}:\n{text[-3000:]}"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line.get("event") for line in lines if "event" in line] == ["start"]
+    assert lines[0]["world_size"] == 2 and lines[0]["chunk_size"] == 2
+    steps = read_metrics(out / "metrics.jsonl")
+    assert [record["step"] for record in steps] == [1, 2, 3]  # once each: only rank 0 writes
+    assert all(math.isfinite(record["loss"]) for record in steps)
+    state = training.load_state(out / "checkpoints" / "state-00000003.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert (out / "ace_lora.pt").is_file()
