@@ -241,24 +241,29 @@ def test_kernels_decline_a_batch_over_the_grid_limit():
     assert hg._kernel_check(x[:hg._MAX_GRID_BATCH], None, None, None, 2, True) == []
 
 
-def test_all_equal_features_ties():
-    # Every token identical: every similarity is 1, so which neighbours torch.topk keeps among
-    # the ties is unspecified (and may differ between backends). Well defined regardless:
-    # token 0 of the output, the cls_only gradients of cls_attn and the adapters, and the sum of
-    # the gradient over tokens. cls_attn has distinct values so the CLS row itself has no ties.
+def check_all_equal_features_ties(backend, dtype, rel, device="cpu"):
+    """Every token identical: every similarity is 1, so which neighbours a kernel keeps among the
+    ties is unspecified (and may differ between backends). Well defined regardless: token 0 of
+    the output, the cls_only gradients of cls_attn and the adapters, and the sum of the gradient
+    over tokens. cls_attn has distinct values so the CLS row itself has no ties."""
     B, N, D, H, k = 2, 10, 24, 5, 3
-    x, c, edge, node, _ = make_inputs((B, N, D, H, k))
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), dtype=dtype, device=device)
     x = x[:, :1].expand(B, N, D).contiguous()
-    out, grads = ours_run(x, c, edge, node, k, True, "torch")
+    out, grads = ours_run(x, c, edge, node, k, True, backend)
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, True)
-    assert_close_scaled(out, ref_out, 1e-10, "output")
+    assert_close_scaled(out, ref_out, rel, "output")
     for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
-        assert_close_scaled(got, want, 1e-10, f"grad {name}")
-    assert_close_scaled(grads[0].sum(1), ref_grads[0].sum(1), 1e-10, "grad x summed over tokens")
-    full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
-    ref_full = oracle_hypergraph(x, c, edge, node, k)
-    assert_close_scaled(full[:, 0], ref_full[:, 0], 1e-10, "full output, token 0")
+        assert_close_scaled(got, want, rel, f"grad {name}")
+    assert_close_scaled(grads[0].sum(1), ref_grads[0].sum(1), rel, "grad x summed over tokens")
+    full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend=backend)
+    ref_full = oracle_hypergraph(*(t.double() if isinstance(t, torch.Tensor) else [p.double() for p in t]
+                                   for t in (x, c, edge, node)), k)
+    assert_close_scaled(full[:, 0], ref_full[:, 0], rel, "full output, token 0")
     assert torch.isfinite(full).all()
+
+
+def test_all_equal_features_ties():
+    check_all_equal_features_ties("torch", torch.float64, 1e-10)
 
 
 @pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
@@ -471,26 +476,10 @@ def test_triton_float32_matches_oracle(shape, cls_only, device):
 
 @pytest.mark.triton
 def test_triton_all_equal_features_ties(device):
-    """The ties case of the torch backend's test on the Triton kernels: every token identical,
-    so every similarity ties; token 0 of the output, the cls_only gradients of cls_attn and the
-    adapters and the gradient summed over tokens are defined whichever tied neighbours a kernel
-    keeps, and must match the oracle (float32 kernels against float64)."""
+    """The torch backend's ties case on the Triton kernels (float32 kernels against float64)."""
     if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
-    B, N, D, H, k = 2, 10, 24, 5, 3
-    x, c, edge, node, _ = make_inputs((B, N, D, H, k), dtype=torch.float32, device=device)
-    x = x[:, :1].expand(B, N, D).contiguous()
-    out, grads = ours_run(x, c, edge, node, k, True, "triton")
-    ref_out, ref_grads = oracle_run(x, c, edge, node, k, True)
-    assert_close_scaled(out, ref_out, 1e-4, "output")
-    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
-        assert_close_scaled(got, want, 1e-4, f"grad {name}")
-    assert_close_scaled(grads[0].sum(1), ref_grads[0].sum(1), 1e-4, "grad x summed over tokens")
-    full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="triton")
-    ref_full = oracle_hypergraph(*(t.double() if isinstance(t, torch.Tensor) else [p.double() for p in t]
-                                   for t in (x, c, edge, node)), k)
-    assert_close_scaled(full[:, 0], ref_full[:, 0], 1e-4, "full output, token 0")
-    assert torch.isfinite(full).all()
+    check_all_equal_features_ties("triton", torch.float32, 1e-4, device)
 
 
 @pytest.mark.triton

@@ -40,14 +40,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(mode: str, world: int, out: Path, *extra: str) -> list[str]:
+def _launch(mode: str, world: int, out: Path, *extra: str, argv: list[str] | None = None) -> list[str]:
+    """Run ``world`` ranks of the worker in ``mode`` (or of ``argv``, a command of its own), as
+    torchrun would, and return their outputs; each must exit 0."""
     port = _free_port()
+    command = argv or [sys.executable, str(WORKER), "--mode", mode, "--out", str(out), *extra]
     procs = []
     for rank in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--mode", mode, "--out", str(out), *extra],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
         for proc in procs:
@@ -253,24 +255,11 @@ def test_the_command_line_trains_across_processes(tmp_path):
 
     csv_path = make_synthetic_dataset(tmp_path / "data", 24, seed=1)
     out = tmp_path / "run"
-    port = _free_port()
     argv = [sys.executable, "-m", "ace_model.cli", "train", "--csv", str(csv_path), "--model", "tiny",
             "--out-dir", str(out), "--batch-size", "8", "--max-steps", "3", "--chunk-size", "2",
             "--checkpoint-every", "2", "--device", "cpu", "--no-progress"]
-    procs = [subprocess.Popen(argv, env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                             RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                                             OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, (proc, text) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0 and "Traceback" not in text, f"rank {rank}:\n{text[-3000:]}"
+    for rank, text in enumerate(_launch("cli", 2, out, argv=argv)):
+        assert "Traceback" not in text, f"rank {rank}:\n{text[-3000:]}"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [line.get("event") for line in lines if "event" in line] == ["start"]
     assert lines[0]["world_size"] == 2 and lines[0]["chunk_size"] == 2
