@@ -1096,6 +1096,9 @@ def _adapter_reason_now(adapter) -> str | None:
     reason = _adapter_structure_reason(adapter)
     if reason or torch.compiler.is_compiling():
         return reason
+    if any(t.is_meta for layer in (adapter.down, adapter.up) for t in layer.parameters()):
+        # Not cached: the same adapter may get its weights later (to_empty, load_state_dict(assign=True)).
+        return "adapter on the meta device: cannot be checked (patch it once it has weights)"
     parts = (type(adapter), adapter.down, adapter.up, getattr(adapter, "act", None))
     cached = _ADAPTER_CHECKS.get(adapter)
     if cached is None or len(cached[0]) != len(parts) or any(a is not b for a, b in zip(cached[0], parts)):

@@ -51,6 +51,7 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -642,7 +643,7 @@ class TrainConfig:
     # Fields that may change between a run and its resumption. Most leave every number of
     # the run as it was; not all: with dropout on, a new chunk_size draws other
     # (identically distributed) masks, so losses differ from the uninterrupted run (with
-    # dropout off only the summation order changes); a new device changes kernels, RNG
+    # dropout off only the summation order changes; the resume warns); a new device changes kernels, RNG
     # streams and, with precision "auto", autocast. csv and image_root may point at moved
     # data: the dataset length is checked against the state.
     _RESUMABLE_CHANGES = frozenset(
@@ -1660,6 +1661,15 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
         if saved.get(key) != now.get(key):
             raise TrainingStateError(f"resume from {path}: TrainConfig.{key} was {saved.get(key)!r} in the saved "
                                      f"run, now {now.get(key)!r}; resuming would not continue the same run")
+    # Allowed, but the losses from here are not the uninterrupted run's (with dropout, other masks;
+    # without, another summation order): say so. A chunk of the local batch or more is the one-pass step.
+    def passes(chunk):
+        return None if chunk is None or chunk >= config.batch_size // max(world, 1) else chunk
+
+    if passes(saved.get("chunk_size")) != passes(config.chunk_size):
+        warnings.warn(f"resume from {path}: TrainConfig.chunk_size was {saved.get('chunk_size')!r}, now "
+                      f"{config.chunk_size!r}; the run continues, but its losses will differ from an uninterrupted "
+                      "run's (dropout masks drawn in another order, sums taken in another order)", stacklevel=3)
     if state["world_size"] != world:
         raise TrainingStateError(f"resume from {path}: the state was written by {state['world_size']} processes, "
                                  f"this run has {world}")

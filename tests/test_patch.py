@@ -1504,6 +1504,19 @@ def test_probes_leave_the_model_alone_and_take_real_reference_modules():
     with ace_kernels.patch(meta) as handle:
         assert [(r.status, r.reason) for r in handle.records] == [
             ("skipped", "on the meta device: its forward cannot be checked (patch it once it has weights)")]
+    # A reference loss module on the meta device: its hypergraph is skipped with the reason (its
+    # adapters cannot be checked), its loss forward (which then calls the module's own
+    # apply_ace_hgat) is patched; once it has weights, a new patch takes both (no reason cached).
+    meta_loss = ReferenceACELoss(20, topk=3).to("meta")
+    with ace_kernels.patch(meta_loss) as handle:
+        assert {r.name: (r.status, r.reason) for r in handle.records} == {
+            "apply_ace_hgat": ("skipped", "adapter on the meta device: cannot be checked (patch it once it has "
+                                          "weights)"),
+            "forward": ("patched", "-> CLS-only ace_hypergraph + label_guided_infonce")}, str(handle)
+    meta_loss.to_empty(device="cpu")
+    meta_loss.load_state_dict(ReferenceACELoss(20, topk=3).state_dict())
+    with ace_kernels.patch(meta_loss) as handle:
+        assert {r.name: r.status for r in handle.records} == {"apply_ace_hgat": "patched", "forward": "patched"}
 
     # Attributes a copy cannot take (a lock, an open file, a hook bound to an object holding one)
     # are shared by the probe's copy, not copied: the module is patched.

@@ -389,6 +389,32 @@ def test_resume_refuses_a_different_run(tmp_path):
               loss_fn=dense_label_infonce)
 
 
+def test_resume_with_another_chunk_size_continues_and_warns(tmp_path):
+    """chunk_size may change on resume (a memory setting), but the losses from there are not the
+    uninterrupted run's (other dropout masks): the resume says so and goes on to the end; a resume
+    with the same chunk size says nothing."""
+    import warnings
+
+    data = RandomPairs(make_model("standin"), 16, seed=1)  # 4 steps per epoch, 8 in all
+    config = dict(epochs=2, chunk_size=4, checkpoint_every=2, keep_checkpoints=10)
+    train(_config(tmp_path, **config), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    state = str(tmp_path / "run" / "checkpoints" / "state-00000004.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = train(_config(tmp_path, **config, resume=state), model=make_model("standin"), dataset=data,
+                     loss_fn=dense_label_infonce)
+    assert same["steps"] == 8
+    with warnings.catch_warnings():  # a chunk of the whole batch is the one-pass step, as None is
+        warnings.simplefilter("error")
+        train(_config(tmp_path, **{**config, "chunk_size": None}, resume=state, out_dir=str(tmp_path / "b")),
+              model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    with pytest.warns(UserWarning, match=r"TrainConfig\.chunk_size was 4, now 2; the run continues, but its losses "
+                                         r"will differ from an uninterrupted run's"):
+        other = train(_config(tmp_path, **{**config, "chunk_size": 2}, resume=state), model=make_model("standin"),
+                      dataset=data, loss_fn=dense_label_infonce)
+    assert other["steps"] == 8
+
+
 def test_resume_refuses_a_dataset_of_another_size(tmp_path):
     model = make_model("standin")
     train(_config(tmp_path, epochs=2), model=model, dataset=RandomPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
