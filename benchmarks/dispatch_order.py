@@ -2,7 +2,10 @@
 on the card of a benchmark run, fastest first, written into ``ace_kernels/dispatch_order.json``.
 
 For each op with rows of two or more of our backends (``cuda``, ``triton``, ``torch``) at the
-same shape, a backend's score is the geometric mean over those shapes of its time over the
+same shape, a backend's time there is what a call costs in a loop: the row's ``wall_ms`` (calls
+back to back on the host clock, which counts the host's launch work) when it has one, else its
+``median_ms`` (CUDA events around each call, which can hide that work behind the L2 flush; see
+``benchmarks/harness.py``). Its score is the geometric mean over those shapes of its time over the
 fastest backend's time there (1.0: fastest everywhere); the order is by score. Shapes where a
 backend did not run count against it (it cannot be first if it cannot take the call). The
 file keeps what it held for other cards and ops. ``lora_linear`` runs the kernels of
@@ -55,12 +58,13 @@ def variant_of(op: str, shape: str) -> str | None:
 
 
 def backend_times(rows: Sequence[dict]) -> dict:
-    """``{op: {shape: {provider: median_ms}}}`` of our providers' rows (one time per provider and
-    shape); a row whose correctness check failed (``harness.checks_pass``) is left out: a backend
-    is never ordered first for speed it bought with wrong outputs."""
+    """``{op: {shape: {provider: ms}}}`` of our providers' rows (one time per provider and shape:
+    ``wall_ms`` when the row has it, else ``median_ms``); a row whose correctness check failed
+    (``harness.checks_pass``) is left out: a backend is never ordered first for speed it bought
+    with wrong outputs."""
     times: dict = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        provider, ms = row.get("provider"), row.get("median_ms")
+        provider, ms = row.get("provider"), row.get("wall_ms") or row.get("median_ms")
         if not harness.checks_pass(row.get("metrics") or {}, row.get("dtype", "")):
             continue
         if provider in BACKENDS + ("triton-atomic",) and ms:

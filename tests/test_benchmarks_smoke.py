@@ -1413,6 +1413,15 @@ def test_dispatch_order_ignores_rows_with_wrong_outputs():
     times = dispatch_order.backend_times([row("triton", 1.0, 0.9), row("torch", 2.0, 1e-3), row("cuda", 3.0, 1e-3)])
     assert set(times["lora_qkv"]["M=100 [bfloat16]"]) == {"torch", "cuda"}  # triton's speed bought nothing
 
+    # A call's cost in a loop decides: the back-to-back time (which counts the host's launch work)
+    # when a row has one, the event median otherwise (run 2 of stop 15, M=12,608: torch's event
+    # median was 0.81x triton's, back to back 1.01x).
+    fast_events = dict(row("torch", 1.49, 1e-3), wall_ms=1.63)
+    times = dispatch_order.backend_times([fast_events, dict(row("triton", 1.83, 1e-3), wall_ms=1.62)])
+    assert times["lora_qkv"]["M=100 [bfloat16]"] == {"torch": 1.63, "triton": 1.62}
+    assert dispatch_order.order_for(times["lora_qkv"])[0] == ["triton", "torch"]
+    assert dispatch_order.backend_times([row("cuda", 3.0, 1e-3)])["lora_qkv"]["M=100 [bfloat16]"] == {"cuda": 3.0}
+
 
 def test_compare_warns_across_hardware(tmp_path):
     from benchmarks.compare import compare_files
