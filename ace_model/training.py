@@ -868,6 +868,51 @@ def _checkpoint_names(step: int) -> tuple[str, str]:
     return f"state-{step:08d}.pt", f"ace_lora-{step:08d}.pt"
 
 
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def _lock_out_dir(out_dir: Path):
+    """Hold ``out_dir/.train.lock`` (an exclusive ``flock``) while this run writes there, so that a
+    second training process started on the same directory stops at once, naming the first,
+    instead of interleaving checkpoints and deleting its temp files. The operating system
+    releases the lock when the process ends, however it ends; the file itself stays (deleting
+    it would race with a process about to lock it). Where locks are not supported (no ``fcntl``,
+    a file system that refuses them) the run goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = out_dir / LOCK_NAME
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(f"TrainConfig.out_dir: {str(out_dir)!r} is being written by another training run "
+                             f"({holder}); wait for it to end, or choose another directory") from None
+        except OSError:  # e.g. ENOLCK on a network file system: nothing to hold
+            yield
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {_hostname()}, since "
+                     f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _remove_stale_temp_files(out_dir: Path) -> None:
     """Delete temp files of writes a crash interrupted (never a complete file, never a
     name this module does not create)."""
@@ -1301,13 +1346,14 @@ def train(
     device = resolve_device(config.device, local_rank)
     group, rank, world, created_group = _init_distributed(device, config.dist_timeout_s)
     try:
-        return _train(config, model, dataset, loss_fn, device, group, rank, world)
+        with contextlib.ExitStack() as held:  # the out_dir lock (rank 0), released however the run ends
+            return _train(config, model, dataset, loss_fn, device, group, rank, world, held)
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
+def _train(config, model, dataset, loss_fn, device, group, rank, world, held: contextlib.ExitStack) -> dict:
     from tqdm.auto import tqdm
 
     out_dir = Path(config.out_dir)
@@ -1430,11 +1476,16 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world) -> dict:
     metrics = None
     prepare_error = None
     try:
+        if is_writer:
+            makedirs_durable(out_dir)
+            held.enter_context(_lock_out_dir(out_dir))
+            # A run that ended in out_dir since the set-up's check (and released the lock) is refused
+            # as that check would have refused it.
+            _check_no_other_run(config, out_dir, resume_path, state if resume_path is not None else None)
         if is_writer and config.overwrite:
             _remove_other_run(out_dir, resume_path, keep=(config.init_checkpoint, config.pretrained))
         if is_writer:
-            makedirs_durable(out_dir)
-            _remove_stale_temp_files(out_dir)
+            _remove_stale_temp_files(out_dir)  # safe: no other run writes here while we hold the lock
             atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             metrics = _open_metrics_for_append(metrics_path)
             event = {"event": "resume" if resume_path else "start", "run": run_id, "step": step, "time": time.time(),

@@ -376,6 +376,39 @@ def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
+    """Rank 0 holds out_dir/.train.lock while it writes there: a second run on the same directory
+    (here a process holding the lock) stops before it writes anything, naming the holder; once
+    the holder dies (SIGKILL: the system releases the lock) a run goes through."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from ace_model.training import _lock_out_dir\n"
+                               f"with _lock_out_dir(Path({str(out)!r})):\n print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(training.__file__).parents[1]),
+                                                                     os.environ.get("PYTHONPATH")) if p)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        data = RandomPairs(make_model("standin"), 8, seed=1)
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.out_dir: '.*run' is being written by another training "
+                                             rf"run \(pid {holder.pid} on .+, since .+\); wait for it to end, or "
+                                             r"choose another directory$"):
+            train(_config(tmp_path, epochs=1), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+        assert sorted(p.name for p in out.iterdir()) == [training.LOCK_NAME]  # nothing of the run written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    result = train(_config(tmp_path, epochs=1), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    assert result["steps"] == 2
+    with training._lock_out_dir(out):  # the run let go of it when it ended
+        pass
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     model = make_model("standin")
     data = RandomPairs(model, 8, seed=1)
