@@ -21,6 +21,9 @@ import torch
 _TEMP_HEX_DIGITS = 12
 
 
+_NAME_MAX = 255  # bytes in one path component (Linux, macOS)
+
+
 def temp_name_pattern(name_regex: str) -> re.Pattern:
     """Regex matching the temp names :func:`atomic_write` uses for destinations whose
     base name matches ``name_regex`` (used to remove the leftovers of a killed write)."""
@@ -32,6 +35,12 @@ def create_temp_file(path: str | os.PathLike) -> tuple[int, str]:
     the umask, as any new file: the renamed file is as readable as one written in place."""
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
+    # A name within the file system's 255 bytes must get a temp name that fits too: a long one is
+    # cut (such names are no file this package cleans up after, so no pattern need match them).
+    room = _NAME_MAX - len(f"..{'0' * _TEMP_HEX_DIGITS}.tmp")
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        name = os.fsdecode(encoded[:room])  # a character cut in two stays bytes (surrogate escapes)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     for _ in range(100):
         tmp = os.path.join(directory, f".{name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp")

@@ -104,6 +104,11 @@ def _expect_tensor(where: str, value, expected_shape: tuple) -> torch.Tensor:
         raise CheckpointError(f"{where}: expected shape {tuple(expected_shape)}, found {tuple(value.shape)}")
     if not value.is_floating_point():
         raise CheckpointError(f"{where}: expected a floating-point tensor, found {value.dtype}")
+    if not bool(torch.isfinite(value).all()):
+        # Training never writes one (it stops on a non-finite loss or weight): a corrupt file.
+        bad = int((~torch.isfinite(value)).sum())
+        raise CheckpointError(f"{where}: {bad} of {value.numel()} values are not finite (NaN or inf); a trained "
+                              "checkpoint has none (a corrupt file?)")
     return value
 
 
@@ -141,7 +146,8 @@ def check_metadata(model, metadata, path) -> None:
     for key, want in checks:
         if key in metadata and metadata[key] != want:
             raise CheckpointError(f"{path}: metadata[{key!r}] is {metadata[key]!r}, this model needs {want!r}")
-    if "params" in metadata and list(metadata["params"]) != ["q", "k", "v"]:
+    if "params" in metadata and (not isinstance(metadata["params"], (list, tuple))
+                                 or list(metadata["params"]) != ["q", "k", "v"]):
         raise CheckpointError(f"{path}: metadata['params'] is {metadata['params']!r}, this model adapts ['q', 'k', 'v']")
     if "loss_type" in metadata and metadata["loss_type"] not in LOSS_TYPES:
         raise CheckpointError(f"{path}: metadata['loss_type'] is {metadata['loss_type']!r}, "
@@ -186,7 +192,8 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
                                   "(a checkpoint of another model configuration? the command line's --model)")
     weights = _expect_dict(f"{path}: weights", blob["weights"],
                            [f"layer_{i}" for i in range(len(layers))] + [a[0] for a in ADAPTERS] + ["logit_scale"])
-    extra_layers = [k for k in weights if k.startswith("layer_") and k not in {f"layer_{i}" for i in range(len(layers))}]
+    extra_layers = [k for k in weights if isinstance(k, str) and k.startswith("layer_")
+                    and k not in {f"layer_{i}" for i in range(len(layers))}]
     if extra_layers:
         raise CheckpointError(f"{path}: unexpected key weights[{extra_layers[0]!r}]: this model has "
                               f"{len(layers)} attention layers (layer_0..layer_{len(layers) - 1})")
@@ -215,6 +222,9 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
             staged.append((target[name], value))
     scale = weights["logit_scale"]
     _expect_tensor(f"{path}: weights['logit_scale']", scale, ())
+    if not float(scale) > 0:
+        raise CheckpointError(f"{path}: weights['logit_scale'] is {float(scale)!r}; expected a positive multiplier "
+                              "(the multiplier itself is stored, e.g. 78.35 in the released file)")
     staged.append((model.logit_scale.data, scale))
 
     with torch.no_grad():

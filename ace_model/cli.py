@@ -315,7 +315,16 @@ def _warn_if_built_otherwise(metadata: dict, args: argparse.Namespace) -> None:
     trained = metadata.get(TRAINED_WITH)
     if not isinstance(trained, dict):
         return
-    if trained.get("pretrained") and not args.pretrained:
+    if trained.get("model") not in (None, args.model):
+        print(f"ace-lora zero-shot: warning: --checkpoint was trained with --model {trained['model']!r}, this "
+              f"evaluation builds --model {args.model!r}", file=sys.stderr)
+    if trained.get("pretrained") and args.pretrained and not _same_path(trained["pretrained"], args.pretrained):
+        print(f"ace-lora zero-shot: warning: --checkpoint was trained on the towers of --pretrained "
+              f"{trained['pretrained']!r}; this evaluation builds them from {args.pretrained!r}", file=sys.stderr)
+    elif not trained.get("pretrained") and args.pretrained:
+        print(f"ace-lora zero-shot: warning: --checkpoint was trained on random frozen towers (no --pretrained); "
+              f"this evaluation builds them from {args.pretrained!r}", file=sys.stderr)
+    elif trained.get("pretrained") and not args.pretrained:
         print(f"ace-lora zero-shot: warning: --checkpoint was trained on the towers of --pretrained "
               f"{trained['pretrained']!r}; without --pretrained they are random weights here", file=sys.stderr)
     elif not trained.get("pretrained") and not args.pretrained and trained.get("seed") != args.seed:
@@ -324,17 +333,33 @@ def _warn_if_built_otherwise(metadata: dict, args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def _same_path(recorded: str, given: str) -> bool:
+    """Whether a path recorded at training names the file given now (the same file, or the same
+    absolute path when either is gone)."""
+    try:
+        return os.path.samefile(recorded, given)
+    except OSError:
+        return os.path.abspath(recorded) == os.path.abspath(given)
+
+
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
     from ace_model.data import CSVImageLabelDataset, read_csv
     from ace_model.training import resolve_device, seed_everything
     from ace_model.zero_shot import evaluate
 
+    from ace_model.training import check_seed
+
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    check_seed(args.seed, "--seed")
     device = resolve_device(args.device, name="--device")
     if args.output:
         _check_output_file(args.output, "--output")
+        for flag in ("csv", "checkpoint", "pretrained"):  # the results would replace an input
+            given = getattr(args, flag)
+            if given and os.path.exists(args.output) and os.path.exists(given) and os.path.samefile(args.output, given):
+                raise CLIError(f"--output: {args.output!r} is the --{flag} file; the results would replace it")
     names = _class_names(args)
     scale = args.logit_scale
     if scale not in ("base", "learned"):
@@ -367,6 +392,10 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
                       logit_scale=scale)
     result["classes"] = names
     undefined = [name for name, value in result.get("auroc_per_class", {}).items() if not math.isfinite(value)]
+    if args.task == "binary" and not math.isfinite(result["auroc"]):
+        print(f"ace-lora zero-shot: warning: AUROC undefined (null): the {result['n']} samples are all "
+              f"{'positive' if int(dataset.labels[:, 1].sum()) == result['n'] else 'negative'} ({names[1]!r} "
+              "is the positive class)", file=sys.stderr)
     if undefined:
         rest = (f"left out of the macro AUROC, which averages the other {len(names) - len(undefined)} classes"
                 if len(undefined) < len(names) else "so the macro AUROC is undefined too (null)")

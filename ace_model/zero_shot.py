@@ -19,14 +19,15 @@ Scores and metrics per dataset type, as the reference evaluates them:
     as multiclass with two classes; AUROC of the positive-class probability, as the
     reference's scripts compute it.
 ``multilabel`` (NIH ChestX-ray14)
-    scores ``exp(z_img z_text^T)`` (no multiplier) min-max normalised per image; macro
-    AUROC over labels. The reference reports no accuracy here; we report the per-entry
-    accuracy of ``score >= 0.5`` against the labels.
+    the same probabilities ``softmax(s * z_img z_text^T)`` (spec section 6, the recipe of
+    every evaluation; the reference publishes no script for this dataset); macro AUROC
+    over labels. The reference reports no accuracy here; we report the per-entry accuracy
+    of ``probability >= 0.5`` against the labels.
 
 The multiplier ``s``: by default (``logit_scale="base"``) the frozen base model's own,
 ``exp`` of its stored log scale, which the reference's zero-shot scripts use (100 for
 BiomedCLIP); ``"learned"`` takes the trained multiplier of the loss instead. Accuracy and the
-binary AUROC do not depend on it; the multiclass AUROC does, a little.
+binary AUROC do not depend on it; the multiclass and multilabel AUROCs do, a little.
 
 AUROC is computed here with ties given half credit (the Mann-Whitney statistic);
 classes without both positives and negatives are left out of the macro average.
@@ -35,6 +36,7 @@ classes without both positives and negatives are left out of the macro average.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import string
 from typing import Iterable, Sequence
@@ -195,14 +197,23 @@ def _mean_of_defined(values: Sequence[float]) -> float:
 
 
 def resolve_logit_scale(model, logit_scale: str | float) -> float:
-    """The multiplier ``evaluate`` uses: see its ``logit_scale``."""
-    if logit_scale == "base":
-        return float(model.clip.logit_scale.detach().float().exp())
-    if logit_scale == "learned":
-        return float(model.logit_scale.detach().float())
-    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and logit_scale > 0:
+    """The multiplier ``evaluate`` uses: see its ``logit_scale``. It must be finite and positive
+    whatever its source: a model's NaN or negative multiplier (a corrupt or foreign checkpoint)
+    would give NaN scores or invert every ranking, not an error."""
+    if logit_scale in ("base", "learned"):
+        if logit_scale == "base":
+            value, source = float(model.clip.logit_scale.detach().float().exp()), "the base model's exp(logit_scale)"
+        else:
+            value, source = float(model.logit_scale.detach().float()), "the model's learned logit_scale"
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"argument 'logit_scale': {logit_scale!r} takes {source}, which is {value!r}; expected a "
+                             "finite positive multiplier (are the model's weights corrupt?)")
+        return value
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and math.isfinite(logit_scale) \
+            and logit_scale > 0:
         return float(logit_scale)
-    raise ValueError(f"argument 'logit_scale': expected 'base', 'learned' or a positive number, got {logit_scale!r}")
+    raise ValueError(f"argument 'logit_scale': expected 'base', 'learned' or a finite positive number, "
+                     f"got {logit_scale!r}")
 
 
 def zero_shot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: float | torch.Tensor,
@@ -211,11 +222,6 @@ def zero_shot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_sca
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
     similarity = image_emb.float() @ class_emb.float().T
-    if task == "multilabel":
-        scores = similarity.exp()
-        low = scores.min(dim=1, keepdim=True).values
-        high = scores.max(dim=1, keepdim=True).values
-        return (scores - low) / (high - low).clamp_min(torch.finfo(scores.dtype).tiny)
     return (float(logit_scale) * similarity).softmax(dim=-1)
 
 
@@ -255,6 +261,11 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
     check_single_label(labels, task)
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        # A NaN ranks anywhere in an AUROC and never in an argmax: the metrics would look plausible.
+        raise ValueError(f"scores: {bad} of {scores.numel()} entries are not finite (NaN or inf): the model's "
+                         "outputs are not finite (corrupt weights?), so no metric can be computed")
     labels = labels.float()
     extra = {}
     if task == "multilabel":

@@ -207,6 +207,33 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
         assert torch.equal(param, before[name]), f"{name} changed by a failed load"
 
 
+@pytest.mark.parametrize("where,edit", [
+    (r"weights\['logit_scale'\]: 1 of 1 values are not finite \(NaN or inf\); a trained checkpoint has none",
+     lambda blob: blob["weights"].update(logit_scale=torch.tensor(float("nan")))),
+    (r"weights\['img_node_adapter'\]\['up.bias'\]: 1 of 64 values are not finite",
+     lambda blob: blob["weights"]["img_node_adapter"]["up.bias"].__setitem__(3, float("inf"))),
+    (r"weights\['layer_2'\]\['v_proj'\]\['w_lora_B'\]: 2 of \d+ values are not finite",
+     lambda blob: blob["weights"]["layer_2"]["v_proj"]["w_lora_B"][0, :2].fill_(float("nan"))),
+    (r"weights\['logit_scale'\] is -5\.0; expected a positive multiplier",
+     lambda blob: blob["weights"].update(logit_scale=torch.tensor(-5.0))),
+    (r"weights: unexpected key 7 \(this model's entries are",
+     lambda blob: blob["weights"].update({7: torch.zeros(2)})),
+    (r"metadata\['params'\] is 'qkv', this model adapts \['q', 'k', 'v'\]",
+     lambda blob: blob["metadata"].update(params="qkv")),
+])
+def test_corrupt_values_and_keys_are_refused_naming_them(tiny, tmp_path, where, edit):
+    """A NaN or infinite weight (training never writes one), a multiplier <= 0 (it would invert
+    every ranking), a key that is no string, params given as a string: one CheckpointError each,
+    naming the entry, and the model unchanged."""
+    model = copy.deepcopy(tiny)
+    before = {n: p.detach().clone() for n, p in model.named_trainable_parameters()}
+    path = _corrupt(tiny, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=where):
+        model.load_reference_checkpoint(path)
+    for name, param in model.named_trainable_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed by a failed load"
+
+
 def test_a_checkpoint_of_a_smaller_model_says_so(tiny, tmp_path):
     path = _corrupt(tiny, tmp_path, lambda blob: [blob["weights"].pop(f"layer_{i}") for i in (2, 3)])
     with pytest.raises(CheckpointError, match=r"LoRA weights for 2 attention layers, this model has 4 \(a checkpoint "

@@ -78,8 +78,12 @@ def test_metrics_per_task():
     binary = zero_shot_metrics(binary_probs, binary_labels, "binary")
     assert binary["accuracy"] == pytest.approx(0.5)
     assert binary["auroc"] == pytest.approx(_pairwise_auroc([0.2, 0.7, 0.6, 0.1], [0, 1, 0, 1]))
-    scores = zero_shot_scores(torch.eye(3)[:2], torch.eye(3), 1.0, "multilabel")
-    assert torch.allclose(scores.min(1).values, torch.zeros(2)) and torch.allclose(scores.max(1).values, torch.ones(2))
+    # Every task scores softmax(s * z_img z_text^T) (spec section 6; no multilabel script is published).
+    image, text = torch.nn.functional.normalize(torch.randn(4, 6), dim=1), torch.nn.functional.normalize(
+        torch.randn(3, 6), dim=1)
+    for task in ("multiclass", "binary", "multilabel"):
+        expected = torch.softmax(7.5 * image.double() @ text.double().T, dim=1)
+        assert torch.allclose(zero_shot_scores(image, text, 7.5, task).double(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="task"):
         zero_shot_scores(torch.eye(2), torch.eye(2), 1.0, "ranking")
 
@@ -635,7 +639,8 @@ def test_zero_shot_without_pretrained_rebuilds_the_towers_training_used(syntheti
             assert torch.equal(state[key], value), key
     assert results[0]["accuracy"] == results[1]["accuracy"] and results[0]["auroc"] == results[1]["auroc"]
 
-    # Another --seed builds other towers; --pretrained weights need no seed and get no warning.
+    # Another --seed builds other towers; --pretrained weights need no seed, but they are not the
+    # random towers this checkpoint was trained on: said once.
     assert cli.main(command + ["--seed", "2"]) == 0
     assert not torch.equal(evaluated[-1]["clip.visual.head.proj.weight"], trained["clip.visual.head.proj.weight"])
     capsys.readouterr()
@@ -644,7 +649,9 @@ def test_zero_shot_without_pretrained_rebuilds_the_towers_training_used(syntheti
     pretrained = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(build_base_model("tiny").state_dict(), pretrained)
     assert cli.main(command + ["--pretrained", str(pretrained)]) == 0
-    assert "warning" not in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (
+        "ace-lora zero-shot: warning: --checkpoint was trained on random frozen towers (no --pretrained); this "
+        f"evaluation builds them from {str(pretrained)!r}")
 
 
 def test_pretrained_given_a_released_checkpoint_is_a_one_line_error(tiny, synthetic, tmp_path, capsys):
@@ -719,9 +726,82 @@ def test_undefined_auroc_is_written_as_null(tiny, synthetic, tmp_path, capsys):
     def refuse(constant):
         raise AssertionError(f"bare {constant} in JSON output")
 
-    for text in (capsys.readouterr().out, output.read_text()):
+    out, err = capsys.readouterr()
+    for text in (out, output.read_text()):
         result = json.loads(text, parse_constant=refuse)
         assert result["auroc"] is None and result["accuracy"] is not None
+    assert "warning: AUROC undefined (null): the 3 samples are all negative ('pneumonia' is the positive class)" in err
+
+
+def test_non_finite_scores_or_multipliers_are_errors_not_metrics(tiny):
+    """A NaN score ranks anywhere in an AUROC (all-NaN scores gave 0.75) and a NaN or negative
+    multiplier gives NaN or inverted rankings: errors, naming what is not finite."""
+    labels = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    for task in ("binary", "multiclass", "multilabel"):
+        with pytest.raises(ValueError, match=r"^scores: 6 of 6 entries are not finite \(NaN or inf\)"):
+            zero_shot_metrics(torch.full((3, 2), float("nan")), labels, task)
+    from ace_model.zero_shot import resolve_logit_scale
+
+    model = copy.deepcopy(tiny)
+    for value in (float("nan"), -5.0, 0.0):
+        model.logit_scale.data.fill_(value)
+        with pytest.raises(ValueError, match=r"^argument 'logit_scale': 'learned' takes the model's learned "
+                                             r"logit_scale, which is .*; expected a finite positive multiplier"):
+            resolve_logit_scale(model, "learned")
+    model.clip.logit_scale.data.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"'base' takes the base model's exp\(logit_scale\), which is inf"):
+        resolve_logit_scale(model, "base")
+    for bad in (float("inf"), float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="expected 'base', 'learned' or a finite positive number"):
+            resolve_logit_scale(tiny, bad)
+
+
+def test_output_over_an_input_or_a_bad_seed_is_refused_before_evaluating(tiny, synthetic, tmp_path, monkeypatch,
+                                                                         capsys):
+    from ace_model import zero_shot
+
+    monkeypatch.setattr(zero_shot, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    checkpoint = tmp_path / "tiny.pt"
+    tiny.save_reference_checkpoint(checkpoint)
+    kept = checkpoint.read_bytes(), synthetic.read_bytes()
+    command = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(checkpoint)]
+    link = tmp_path / "link.json"
+    link.symlink_to(checkpoint)
+    for output, flag in ((synthetic, "--csv"), (checkpoint, "--checkpoint"), (link, "--checkpoint")):
+        assert cli.main([*command, "--output", str(output)]) == cli.EXIT_BAD_INPUT
+        assert f"--output: {str(output)!r} is the {flag} file; the results would replace it" in \
+            _one_error_line(capsys.readouterr().err, "zero-shot")
+    assert (checkpoint.read_bytes(), synthetic.read_bytes()) == kept
+    assert cli.main([*command, "--seed", str(2**64)]) == cli.EXIT_BAD_INPUT
+    assert "--seed: expected an integer with |seed| < 2**46" in _one_error_line(capsys.readouterr().err, "zero-shot")
+
+
+def test_zero_shot_warns_when_the_towers_are_built_from_other_weights(tmp_path, capsys):
+    """The checkpoint records how training built the frozen towers: random ones, or a --pretrained
+    file; an evaluation building them otherwise says so (same file under another name: no warning)."""
+    import argparse
+
+    from ace_model.training import TRAINED_WITH
+
+    base, other = tmp_path / "base.pt", tmp_path / "other.pt"
+    base.write_bytes(b"a")
+    other.write_bytes(b"b")
+    alias = tmp_path / "alias.pt"
+    alias.symlink_to(base)
+
+    def warnings_for(trained, pretrained, model="tiny", seed=1):
+        cli._warn_if_built_otherwise({TRAINED_WITH: trained}, argparse.Namespace(pretrained=pretrained, model=model,
+                                                                                  seed=seed))
+        return capsys.readouterr().err
+
+    assert warnings_for({"model": "tiny", "seed": 1, "pretrained": str(base)}, str(alias)) == ""
+    assert f"was trained on the towers of --pretrained {str(base)!r}; this evaluation builds them from " \
+           f"{str(other)!r}" in warnings_for({"model": "tiny", "seed": 1, "pretrained": str(base)}, str(other))
+    assert f"was trained on random frozen towers (no --pretrained); this evaluation builds them from " \
+           f"{str(base)!r}" in warnings_for({"model": "tiny", "seed": 1, "pretrained": None}, str(base))
+    assert "was trained with --model 'biomedclip', this evaluation builds --model 'tiny'" in warnings_for(
+        {"model": "biomedclip", "seed": 1, "pretrained": str(base)}, str(base))
+    assert warnings_for({"model": "tiny", "seed": 1, "pretrained": None}, None) == ""
 
 
 def test_a_class_without_positives_is_named_and_left_out_of_the_macro_auroc(tiny, synthetic, tmp_path, capsys):
@@ -992,7 +1072,7 @@ def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
 ])
 def test_zero_shot_classes_named_twice_or_too_few(synthetic, capsys, flags, expected):
     # Before any model is built: a repeated class made every row look multi-positive, and one
-    # class under multilabel gave AUROC 0.5 from per-image min-max scores that are all 0.
+    # class under multilabel scores 1.0 everywhere (a softmax over one class).
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", *flags]) == cli.EXIT_BAD_INPUT
     assert expected in _one_error_line(capsys.readouterr().err, "zero-shot")
 
@@ -1077,3 +1157,21 @@ def test_the_ace_lora_console_script_runs():
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert all(command in proc.stdout for command in ("train", "zero-shot", "demo"))
+
+
+def test_relative_image_paths_of_a_linked_csv_resolve_against_the_links_folder(synthetic, tmp_path):
+    """The default image root is the CSV's folder as the user names it: a CSV reached through a
+    symbolic link reads the images beside the link, not beside the file it points to."""
+    from ace_model.data import SYNTHETIC_CLASSES, CSVImageLabelDataset
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "real.csv").write_bytes(synthetic.read_bytes())
+    link = synthetic.parent / "linked.csv"
+    link.symlink_to(elsewhere / "real.csv")
+    try:
+        through_link = CSVImageLabelDataset(str(link), list(SYNTHETIC_CLASSES), 32)
+        direct = CSVImageLabelDataset(str(synthetic), list(SYNTHETIC_CLASSES), 32)
+        assert torch.equal(through_link[0][0], direct[0][0])
+    finally:
+        link.unlink()
