@@ -7,7 +7,10 @@ forced; a GPU is not needed to build it.
 
 Environment switches:
   ACE_KERNELS_SKIP_CUDA=1    never build the extension
-  ACE_KERNELS_FORCE_CUDA=1   build it, and fail loudly if that is impossible
+  ACE_KERNELS_FORCE_CUDA=1   build it, and fail loudly if that is impossible. Without it a build
+                             that cannot start or fails (nvcc and torch's CUDA versions differ, an
+                             unsupported host compiler, a compile error) prints why and installs
+                             the pure-Python package: the cuda backend then reports itself missing
   TORCH_CUDA_ARCH_LIST       defaults to "9.0a" (H100/H200 machine code); "X.Y+PTX" adds PTX that
                              newer GPUs compile at load time. The list is recorded in the module
                              (ace_kernels._C.CUDA_ARCHS): the cuda backend declines a GPU it does
@@ -63,10 +66,19 @@ def _cuda_extension():
         reasons.append("torch has no CUDA support")
     if not nvcc or not os.path.exists(nvcc):
         reasons.append("no nvcc found (set CUDA_HOME)")
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
-                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    found = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
+                   + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+    # Relative to the repository when run from it (pip does), so build/ mirrors csrc/; absolute otherwise.
+    here = os.path.abspath(os.getcwd()) == ROOT
+    sources = [os.path.relpath(path, ROOT) for path in found] if here else found
     if not sources:
-        reasons.append("no sources under csrc/")
+        reasons.append(f"no sources under {os.path.join(ROOT, 'csrc')}")
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0a"
+    entries = arch.replace(";", " ").split()
+    unknown = [e for e in entries if not e.replace(".", "").replace("+PTX", "").rstrip("a").isdigit()]
+    if unknown or not entries:
+        reasons.append(f"TORCH_CUDA_ARCH_LIST={arch!r}: expected entries like 9.0, 9.0a or 9.0+PTX (names such "
+                       f"as 'Hopper' or 'native' are not read here), got {unknown[0] if unknown else 'none'!r}")
     if reasons:
         if force:
             raise RuntimeError("ACE_KERNELS_FORCE_CUDA=1 but the extension cannot be built: " + "; ".join(reasons))
@@ -75,14 +87,11 @@ def _cuda_extension():
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
-    arch = os.environ["TORCH_CUDA_ARCH_LIST"]
     gencode, built = [], []
-    for entry in arch.replace(";", " ").split():
+    for entry in entries:
         sm = entry.replace(".", "").replace("+PTX", "")
-        if not sm.rstrip("a").isdigit():
-            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: expected entries like 9.0, 9.0a or 9.0+PTX, got {entry!r}")
         gencode.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
         built.append(f"sm_{sm}")
         if entry.endswith("+PTX"):
@@ -107,7 +116,22 @@ def _cuda_extension():
             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", *gencode],
         },
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """torch's BuildExtension; unless forced, a failed build leaves the pure-Python package."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # torch's version and compiler checks raise, a failed compile too
+                if force:
+                    raise
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                print(f"ace-kernels: building the CUDA extension failed ({type(exc).__name__}: {reason}); "
+                      "installing the pure-Python package without it (ACE_KERNELS_FORCE_CUDA=1 makes this an "
+                      "error)", file=sys.stderr)
+                self.extensions = []  # nothing to copy into place or to list as an output
+
+    return [ext], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = _cuda_extension()

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,6 +55,39 @@ def test_extension_imports_and_registers_ops():
         torch.ops.ace_kernels.hg_scatter_sum_csr(src, cols.float().flatten(1), rp, perm, 11, 4)
 
 
+def _held_archs(so: str) -> set[str]:
+    """What the .so really holds, as cuobjdump lists it: ``sm_XY[a]`` for machine code (cubins),
+    ``compute_XY[a]`` for PTX. -res-usage names each cubin's arch with its "a" (older cuobjdumps'
+    -lelf file names drop it) but lists the PTX under an "arch = sm_XY" line too: only its
+    "Fatbin elf code" sections count as machine code; -lptx names PTX files "<name>.sm_XY.ptx"."""
+    held, section = set(), ""
+    listing = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    for line in listing.stdout.splitlines():
+        if line.startswith("Fatbin "):
+            section = line
+        found = re.match(r"arch = (sm_\w+)", line)
+        if found and section.startswith("Fatbin elf code"):
+            held.add(found.group(1))
+    listing = subprocess.run([_cuobjdump(), "-lptx", so], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    held |= {f"compute_{arch}" for arch in re.findall(r"\.(?:sm|compute)_(\w+?)\.ptx", listing.stdout)}
+    return held
+
+
+def test_held_archs_reads_machine_code_and_ptx_apart(monkeypatch):
+    """The listing of a "9.0a+PTX" build (cuobjdump 13): its PTX section also says "arch = sm_90a"."""
+    res_usage = ("\nFatbin ptx code:\n================\narch = sm_90a\ncode version = [9,0]\n\n"
+                 "Fatbin elf code:\n================\narch = sm_90a\ncode version = [1,8]\n")
+    lptx = "PTX file    1: hypergraph.sm_90a.ptx\n"
+    outputs = {"-res-usage": res_usage, "-lptx": lptx}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, outputs[cmd[1]], ""))
+    monkeypatch.setattr(sys.modules[__name__], "_cuobjdump", lambda: "cuobjdump")
+    assert _held_archs("x.so") == {"sm_90a", "compute_90a"}
+    outputs.update({"-res-usage": "Fatbin ptx code:\narch = sm_80\n", "-lptx": "PTX file 1: k.sm_80.ptx\n"})
+    assert _held_archs("x.so") == {"compute_80"}  # PTX only: no machine code
+
+
 def test_extension_records_what_it_was_built_for():
     # setup.py's default TORCH_CUDA_ARCH_LIST ("9.0a", what CI builds with): H100/H200 machine
     # code only, which the cuda backend compares with each GPU's compute capability.
@@ -61,14 +95,7 @@ def test_extension_records_what_it_was_built_for():
     import ace_kernels._C as ext
     from ace_kernels import _dispatch
 
-    # What the .so really holds: its machine code (cubins) and PTX, as cuobjdump lists them.
-    so = _extension_path()
-    held = set()
-    # (-res-usage names each cubin's arch with its "a"; older cuobjdumps' -lelf file names drop it.)
-    for flag, pattern in (("-res-usage", r"arch = (sm_\w+)"), ("-lptx", r"\.(compute_\w+?)\.ptx")):
-        listing = subprocess.run([_cuobjdump(), flag, so], capture_output=True, text=True, timeout=120)
-        assert listing.returncode == 0, listing.stderr
-        held |= set(re.findall(pattern, listing.stdout))
+    held = _held_archs(_extension_path())
     assert held and set(ext.CUDA_ARCHS.split("__")) == held, (ext.CUDA_ARCHS, held)
     assert _dispatch.built_cuda_archs() == tuple(ext.CUDA_ARCHS.split("__"))
 
@@ -78,7 +105,11 @@ def test_extension_kernels_have_no_spills_for_sm90a():
     dump = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, timeout=120)
     assert dump.returncode == 0, dump.stderr
     text = dump.stdout
-    assert "arch = sm_90a" in text, "the extension was not built for sm_90a (TORCH_CUDA_ARCH_LIST)"
+    import ace_kernels._C as ext
+
+    if "sm_90a" not in ext.CUDA_ARCHS.split("__"):
+        pytest.skip(f"the extension was built for {ext.CUDA_ARCHS} (TORCH_CUDA_ARCH_LIST), not sm_90a")
+    assert "arch = sm_90a" in text, "CUDA_ARCHS says sm_90a but cuobjdump lists no sm_90a code"
     usage = re.findall(r"Function ([^:\s]+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     assert usage, "no kernel resource lines in cuobjdump output"
     report = []
@@ -89,3 +120,53 @@ def test_extension_kernels_have_no_spills_for_sm90a():
         assert any(wanted in name for name, *_ in usage), f"{wanted} missing from the extension"
     spilled = [line for line, (_, _, stack, _, local) in zip(report, usage) if int(local) or int(stack)]
     assert not spilled, "kernels using local memory (register spills): " + "; ".join(spilled)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_py(args, cwd, **env):
+    environment = {k: v for k, v in os.environ.items() if k not in ("ACE_KERNELS_FORCE_CUDA", "ACE_KERNELS_SKIP_CUDA")}
+    environment.update(env)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_setup_py_names_an_arch_list_it_cannot_read_and_finds_its_sources_from_anywhere(tmp_path):
+    """An arch name torch accepts but setup.py does not read ('Hopper') skips the extension with
+    the reason instead of failing the pure-Python install (and fails when the build is forced);
+    run from another folder, setup.py still finds csrc/."""
+    setup = os.path.join(ROOT, "setup.py")
+    skipped = _setup_py([setup, "--name"], ROOT, TORCH_CUDA_ARCH_LIST="Hopper")
+    assert skipped.returncode == 0 and skipped.stdout.strip().endswith("ace-kernels"), skipped.stderr
+    assert "TORCH_CUDA_ARCH_LIST='Hopper': expected entries like 9.0, 9.0a or 9.0+PTX" in skipped.stdout
+    forced = _setup_py([setup, "--name"], ROOT, TORCH_CUDA_ARCH_LIST="Hopper", ACE_KERNELS_FORCE_CUDA="1")
+    assert forced.returncode != 0 and "TORCH_CUDA_ARCH_LIST='Hopper'" in forced.stderr
+    elsewhere = _setup_py([setup, "--name"], str(tmp_path))
+    assert elsewhere.returncode == 0 and "no sources" not in elsewhere.stdout, elsewhere.stdout
+
+
+def test_a_build_that_fails_installs_the_package_without_the_extension_unless_forced(tmp_path):
+    """torch refuses to build with an nvcc of another CUDA major version than its own (here a stand-in
+    nvcc that says 'release 1.0'): without ACE_KERNELS_FORCE_CUDA the build says why and goes on
+    without the extension; forced, it fails."""
+    if torch.version.cuda is None:
+        pytest.skip("torch has no CUDA support: setup.py does not try the build")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    import shutil
+
+    shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
+    shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 1.0, V1.0.0'\n")
+    nvcc.chmod(0o755)
+    env = dict(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{nvcc.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    built = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), **env)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert "ace-kernels: building the CUDA extension failed (RuntimeError: " in built.stderr
+    assert "installing the pure-Python package without it" in built.stderr
+    assert not list(tree.rglob("_C*.so"))
+    forced = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), ACE_KERNELS_FORCE_CUDA="1", **env)
+    assert forced.returncode != 0 and "building the CUDA extension failed" not in forced.stderr
