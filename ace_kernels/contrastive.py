@@ -1325,7 +1325,10 @@ def _validate(image_emb, text_emb, logit_scale, labels, *, distributed: bool = F
     before the exchange would leave the others waiting in it)."""
     check_tensor("image_emb", image_emb, ndim=2)
     device = image_emb.device
-    check_tensor("text_emb", text_emb, ndim=2, dtypes=(image_emb.dtype,), device=device)
+    check_tensor("text_emb", text_emb, ndim=2, device=device)
+    if text_emb.dtype != image_emb.dtype:
+        raise ValueError(f"argument 'text_emb': expected dtype {str(image_emb.dtype).replace('torch.', '')} (the "
+                         f"dtype of 'image_emb'), got {str(text_emb.dtype).replace('torch.', '')}")
     if tuple(text_emb.shape) != tuple(image_emb.shape):
         raise ValueError(
             f"argument 'text_emb': expected shape {list(image_emb.shape)} (the shape of 'image_emb'), "
@@ -1345,6 +1348,12 @@ def _validate(image_emb, text_emb, logit_scale, labels, *, distributed: bool = F
     elif isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
         # numbers.Real: Python and NumPy numbers alike (as LabelGuidedInfoNCE takes them).
         raise ValueError(f"argument 'logit_scale': expected a float or a scalar tensor, got {type(logit_scale).__name__}")
+    else:
+        try:
+            float(logit_scale)
+        except OverflowError:
+            raise ValueError(f"argument 'logit_scale': expected a number a float can hold, got an integer of "
+                             f"{len(str(abs(int(logit_scale))))} digits") from None
 
 
 def _check_global_batch(dim: int, sizes: tuple) -> None:

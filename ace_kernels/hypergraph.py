@@ -1314,7 +1314,7 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, determini
     B, N, D = x.shape
     if B < 1 or D < 1:
         raise ValueError(f"argument 'x': expected a non-empty [B, N, D] tensor, got shape {list(x.shape)}")
-    check_positive_int("topk", topk)
+    topk = check_positive_int("topk", topk)  # a NumPy integer becomes an int (a Triton constexpr needs one)
     if N < topk + 2:
         raise ValueError(f"argument 'topk': expected N >= topk + 2 (each patch row has N - 2 candidates), "
                          f"got topk={topk} with N={N}")
@@ -1330,7 +1330,7 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, determini
                           "node_adapter.up_bias"), node)):
         if t.device != x.device:
             raise ValueError(f"argument '{name}': expected a tensor on {x.device} (like 'x'), got {t.device}")
-    return edge, node
+    return edge, node, topk
 
 
 def _kernel_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
@@ -1574,7 +1574,7 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     the GPU benchmark decides the final order, for ``cls_only`` and the full
     output separately).
     """
-    edge, node = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic)
+    edge, node, topk = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic)
     cls_only, deterministic = bool(cls_only), bool(deterministic)  # NumPy's bools too
     tensors = [x, cls_attn, *edge, *node]
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
@@ -1623,9 +1623,8 @@ class ACEHypergraph(nn.Module):
 
     def __init__(self, dim: int = 512, hidden: int = 128, topk: int = 5, deterministic: bool = True):
         super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("hidden", hidden)
-        check_positive_int("topk", topk)
+        dim, hidden, topk = (check_positive_int(name, value) for name, value in
+                             (("dim", dim), ("hidden", hidden), ("topk", topk)))
         deterministic = check_bool("deterministic", deterministic)
         self.dim, self.hidden, self.topk, self.deterministic = dim, hidden, topk, deterministic
         self.edge_adapter = _Adapter(dim, hidden)

@@ -357,6 +357,7 @@ ERRORS = [
     ("logit_scale", lambda u, t, s, y: (u, t, "30", y)),
     ("logit_scale", lambda u, t, s, y: (u, t, True, y)),
     ("logit_scale", lambda u, t, s, y: (u, t, torch.tensor(3), y)),
+    ("logit_scale", lambda u, t, s, y: (u, t, 10**400, y)),  # was an OverflowError naming nothing
 ]
 
 
@@ -366,6 +367,16 @@ def test_errors_name_the_argument(argument, make):
     labels = torch.zeros(10, 14)
     with pytest.raises(ValueError, match=f"argument '{argument}'"):
         ace_kernels.label_guided_infonce(*make(u.detach(), t.detach(), s.detach(), labels), backend="torch")
+
+
+def test_a_dtype_mismatch_names_the_dtype_it_follows():
+    u, t, s = _inputs(4, 4)
+    with pytest.raises(ValueError, match=r"^argument 'text_emb': expected dtype float32 \(the dtype of 'image_emb'\), "
+                                         r"got float64$"):
+        ace_kernels.label_guided_infonce(u.detach().float(), t.detach(), s.detach(), backend="torch")
+    with pytest.raises(ValueError, match=r"^argument 'logit_scale': expected a number a float can hold, got an "
+                                         r"integer of 401 digits$"):
+        ace_kernels.label_guided_infonce(u.detach(), t.detach(), -10**400, backend="torch")
 
 
 def test_unknown_backend_is_a_value_error():

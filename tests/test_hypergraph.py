@@ -482,6 +482,25 @@ def test_triton_all_equal_features_ties(device):
     check_all_equal_features_ties("triton", torch.float32, 1e-4, device)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_numpy_integer_topk_gives_the_int_result(backend, device):
+    """topk (and the module's dim, hidden, topk) may be NumPy integers: each is taken as the int it
+    holds (a numpy.int64 reached the Triton full-output kernel as a constexpr and failed there)."""
+    import numpy as np
+
+    if backend == "triton" and device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float32, device=device)
+    for cls_only in (False, True):
+        want = ace_kernels.ace_hypergraph(x, c, edge, node, topk=k, cls_only=cls_only, backend=backend)
+        for np_k in (np.int64(k), np.int32(k)):
+            got = ace_kernels.ace_hypergraph(x, c, edge, node, topk=np_k, cls_only=cls_only, backend=backend)
+            assert torch.equal(got, want), (cls_only, type(np_k))
+    module = ace_kernels.ACEHypergraph(dim=np.int64(40), hidden=np.int32(6), topk=np.int64(k))
+    assert [type(v) for v in (module.dim, module.hidden, module.topk)] == [int, int, int]
+    module.to(device)(x, c, backend=backend)
+
+
 @pytest.mark.triton
 def test_triton_non_contiguous_and_zero_norm(device):
     B, N, D, H, k = 2, 7, 20, 4, 5  # N = k + 2: the zero token's tied row has one possible selection
