@@ -1353,7 +1353,7 @@ def _validate(image_emb, text_emb, logit_scale, labels, *, distributed: bool = F
             float(logit_scale)
         except OverflowError:
             raise ValueError(f"argument 'logit_scale': expected a number a float can hold, got an integer of "
-                             f"{len(str(abs(int(logit_scale))))} digits") from None
+                             f"{int(logit_scale).bit_length()} bits") from None
 
 
 def _check_global_batch(dim: int, sizes: tuple) -> None:

@@ -335,7 +335,7 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
         if label_columns is None:
             label_columns = [c for c in header if c not in (image_column, text_column)]
         self.label_columns = list(label_columns)
-        root = Path(image_root) if image_root is not None else Path(os.path.abspath(self.csv_path)).parent
+        root = Path(image_root) if image_root is not None else Path(self.csv_path).parent.resolve()
         self.image_paths: list[str] = []
         self.texts: list[str] = []
         names, labels = [], []
@@ -378,7 +378,7 @@ class CSVImageLabelDataset(torch.utils.data.Dataset):
         self.image_size = int(image_size)
         self.label_columns = list(label_columns)
         header, rows = read_csv(self.csv_path, [image_column] + self.label_columns)
-        root = Path(image_root) if image_root is not None else Path(os.path.abspath(self.csv_path)).parent
+        root = Path(image_root) if image_root is not None else Path(self.csv_path).parent.resolve()
         self.image_paths, labels = [], []
         for number, row in enumerate(rows, start=1):
             name = (row.get(image_column) or "").strip()

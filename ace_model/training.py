@@ -870,15 +870,36 @@ def _checkpoint_names(step: int) -> tuple[str, str]:
 
 LOCK_NAME = ".train.lock"
 
+# The lock files this process holds. flock belongs to the open file, which a fork shares: a
+# forked child (a DataLoader worker) would keep the lock after the run let go of it, so each
+# child points its copies of these descriptors at /dev/null.
+_HELD_LOCKS: set = set()
+
+
+def _drop_locks_in_child() -> None:
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for fd in list(_HELD_LOCKS):
+            os.dup2(null, fd)  # the child's fd now names /dev/null; the parent's lock is its own
+    finally:
+        os.close(null)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
 
 @contextlib.contextmanager
 def _lock_out_dir(out_dir: Path):
     """Hold ``out_dir/.train.lock`` (an exclusive ``flock``) while this run writes there, so that a
     second training process started on the same directory stops at once, naming the first,
     instead of interleaving checkpoints and deleting its temp files. The operating system
-    releases the lock when the process ends, however it ends; the file itself stays (deleting
-    it would race with a process about to lock it). Where locks are not supported (no ``fcntl``,
-    a file system that refuses them) the run goes on unlocked."""
+    releases the lock when the process ends, however it ends (forked children do not keep it);
+    the file itself stays (deleting it would race with a process about to lock it). Where locks
+    are not supported (no ``fcntl``, a file system that refuses them) the run goes on unlocked."""
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -887,6 +908,7 @@ def _lock_out_dir(out_dir: Path):
     path = out_dir / LOCK_NAME
     handle = open(path, "a+", encoding="utf-8")
     try:
+        unsupported = False
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -895,8 +917,11 @@ def _lock_out_dir(out_dir: Path):
             raise ValueError(f"TrainConfig.out_dir: {str(out_dir)!r} is being written by another training run "
                              f"({holder}); wait for it to end, or choose another directory") from None
         except OSError:  # e.g. ENOLCK on a network file system: nothing to hold
-            yield
+            unsupported = True
+        if unsupported:
+            yield  # outside the except: the run's own errors are not chained to the lock's
             return
+        _HELD_LOCKS.add(handle.fileno())
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {_hostname()}, since "
@@ -904,6 +929,7 @@ def _lock_out_dir(out_dir: Path):
         handle.flush()
         yield
     finally:
+        _HELD_LOCKS.discard(handle.fileno())
         handle.close()  # releases the lock
 
 
@@ -1261,8 +1287,10 @@ def _build_model(config: TrainConfig) -> nn.Module:
     # The weights files this run writes say what the frozen towers were built from, so that
     # zero-shot can rebuild them (without pretrained weights: the seed's random towers).
     metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
+    # The absolute path: an evaluation run from another folder compares it with the file it is given.
+    pretrained = os.path.abspath(config.pretrained) if config.pretrained else config.pretrained
     model.reference_metadata = {**metadata, TRAINED_WITH: {"model": config.model, "seed": config.seed,
-                                                           "pretrained": config.pretrained}}
+                                                           "pretrained": pretrained}}
     return model
 
 
@@ -1479,9 +1507,17 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         if is_writer:
             makedirs_durable(out_dir)
             held.enter_context(_lock_out_dir(out_dir))
-            # A run that ended in out_dir since the set-up's check (and released the lock) is refused
-            # as that check would have refused it.
-            _check_no_other_run(config, out_dir, resume_path, state if resume_path is not None else None)
+            # A run that ended in out_dir since the set-up's check (and released the lock): a fresh run
+            # (this run decided so before the other's files were there) is refused unless it may
+            # overwrite; a resume is checked against the state it loaded, as before.
+            arrived = [n for n in ("checkpoints/latest", "ace_lora.pt") if (out_dir / n).exists()]
+            if resume_path is None and arrived and not config.overwrite:
+                raise ValueError(f"TrainConfig.out_dir: {str(out_dir)!r} now holds another run "
+                                 f"({' and '.join(arrived)}), written there while this run was being set up, "
+                                 "whose files this run would overwrite; choose another directory, or replace it "
+                                 "with TrainConfig.overwrite")
+            if resume_path is not None:
+                _check_no_other_run(config, out_dir, resume_path, state)
         if is_writer and config.overwrite:
             _remove_other_run(out_dir, resume_path, keep=(config.init_checkpoint, config.pretrained))
         if is_writer:

@@ -378,6 +378,11 @@ def test_single_label_tasks_reject_rows_that_are_not_one_hot(tiny, synthetic, tm
                                              r"classes \(row 3\)"):
             zero_shot_metrics(task_scores, task_labels, task)
     assert zero_shot_metrics(scores, labels, "multilabel")["n"] == 4  # multi-hot and empty rows are fine there
+    # Multilabel accuracy: the top class is one of the image's positives, over images that have one.
+    ranked = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    multi_hot = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    assert zero_shot_metrics(ranked, multi_hot, "multilabel")["accuracy"] == pytest.approx(2 / 3)
+    assert math.isnan(zero_shot_metrics(ranked, torch.zeros(4, 3), "multilabel")["accuracy"])
     # Through the command line: the CSV and the rows are named before any image is encoded.
     image = str(synthetic.parent / "test" / "00000.png")
     path = _write_csv(tmp_path / "multi.csv", ["image", "a", "b"], [[image, 1, 0], [image, 1, 1], [image, 0, 0]])
@@ -1173,5 +1178,10 @@ def test_relative_image_paths_of_a_linked_csv_resolve_against_the_links_folder(s
         through_link = CSVImageLabelDataset(str(link), list(SYNTHETIC_CLASSES), 32)
         direct = CSVImageLabelDataset(str(synthetic), list(SYNTHETIC_CLASSES), 32)
         assert torch.equal(through_link[0][0], direct[0][0])
+        # A linked folder then '..' is where the system goes, not where the text goes.
+        hop = tmp_path / "hop"
+        hop.symlink_to(synthetic.parent / "test")
+        via_folder = CSVImageLabelDataset(str(hop / ".." / synthetic.name), list(SYNTHETIC_CLASSES), 32)
+        assert torch.equal(via_folder[0][0], direct[0][0])
     finally:
         link.unlink()

@@ -375,8 +375,8 @@ def test_a_dtype_mismatch_names_the_dtype_it_follows():
                                          r"got float64$"):
         ace_kernels.label_guided_infonce(u.detach().float(), t.detach(), s.detach(), backend="torch")
     with pytest.raises(ValueError, match=r"^argument 'logit_scale': expected a number a float can hold, got an "
-                                         r"integer of 401 digits$"):
-        ace_kernels.label_guided_infonce(u.detach(), t.detach(), -10**400, backend="torch")
+                                         r"integer of 16610 bits$"):
+        ace_kernels.label_guided_infonce(u.detach(), t.detach(), -10**5000, backend="torch")
 
 
 def test_unknown_backend_is_a_value_error():

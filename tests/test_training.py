@@ -376,6 +376,7 @@ def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="flock and fork are POSIX")
 def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     """Rank 0 holds out_dir/.train.lock while it writes there: a second run on the same directory
     (here a process holding the lock) stops before it writes anything, naming the holder; once
@@ -407,6 +408,59 @@ def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     assert result["steps"] == 2
     with training._lock_out_dir(out):  # the run let go of it when it ended
         pass
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="flock and fork are POSIX")
+def test_a_forked_child_does_not_keep_the_out_dir_lock(tmp_path):
+    """flock belongs to the open file, which a fork shares: a DataLoader worker still alive after a
+    failed run (a kept traceback keeps it) held the lock. Children point their copy at /dev/null."""
+    import signal
+
+    ready, tell = os.pipe()
+    with training._lock_out_dir(tmp_path):
+        child = os.fork()
+        if child == 0:  # a worker that outlives the run (its fork hooks have run once it is here)
+            os.write(tell, b"x")
+            signal.pause()
+            os._exit(0)
+        assert os.read(ready, 1) == b"x"
+    try:
+        with training._lock_out_dir(tmp_path):  # free again, with the child alive
+            pass
+        assert os.waitpid(child, os.WNOHANG) == (0, 0)  # still running
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(tell)
+
+
+def test_a_run_that_appears_in_out_dir_during_set_up_is_not_overwritten(tmp_path, monkeypatch):
+    """Between the set-up's check and the lock another run may finish in out_dir: a fresh run (even
+    with resume='auto', which found nothing to resume at set-up) refuses instead of writing over it."""
+    other = tmp_path / "other"
+    data = RandomPairs(make_model("standin"), 8, seed=1)
+    train(_config(tmp_path, epochs=1, out_dir=str(other)), model=make_model("standin"), dataset=data,
+          loss_fn=dense_label_infonce)
+    out = tmp_path / "run"
+    make_dirs = training.makedirs_durable
+
+    def other_run_lands(path):  # the writer's makedirs_durable(out_dir), just before it takes the lock
+        make_dirs(path)
+        if Path(path) == out and not (out / "ace_lora.pt").exists():
+            import shutil
+
+            shutil.copytree(other / "checkpoints", out / "checkpoints")
+            shutil.copy(other / "ace_lora.pt", out / "ace_lora.pt")
+
+    monkeypatch.setattr(training, "makedirs_durable", other_run_lands)
+    kept = (out / "ace_lora.pt")
+    with pytest.raises(ValueError, match=r"^TrainConfig\.out_dir: '.*run' now holds another run \(checkpoints/latest "
+                                         r"and ace_lora\.pt\), written there while this run was being set up"):
+        train(_config(tmp_path, epochs=1, resume="auto"), model=make_model("standin"), dataset=data,
+              loss_fn=dense_label_infonce)
+    assert kept.read_bytes() == (other / "ace_lora.pt").read_bytes()
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_resume_refuses_a_different_run(tmp_path):
@@ -1243,3 +1297,15 @@ def test_new_directories_are_made_durable(tmp_path, monkeypatch):
     train(_config(tmp_path, out_dir=str(out), epochs=1, checkpoint_every=1), model=make_model("standin"),
           dataset=RandomPairs(make_model("standin"), 8, seed=1), loss_fn=dense_label_infonce)
     assert made[0] == out and out / "checkpoints" in made
+
+
+def test_an_atomic_write_to_a_long_name_gets_a_temp_name_that_fits(tmp_path):
+    """A name the file system takes (up to 255 bytes) gets a temp name within 255 bytes too: the
+    write no longer fails (ENAMETOOLONG) after the work; a multi-byte character cut in two is fine."""
+    from ace_model._atomic import atomic_write_text
+
+    for name in ("m" * 250 + ".json", "é" * 126 + ".j", "n" * 255):
+        target = tmp_path / name
+        atomic_write_text(target, "done\n")
+        assert target.read_text() == "done\n"
+    assert sorted(len(os.fsencode(p.name)) for p in tmp_path.iterdir()) == [254, 255, 255]
