@@ -51,7 +51,7 @@ _TRAIN_FLAGS = {
     "seed": "seed", "use_labels": "use_labels", "device": "device", "precision": "precision",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resume": "resume",
     "num_workers": "num_workers", "progress": "progress", "cuda_graph": "cuda_graph",
-    "recompute": "recompute", "overwrite": "overwrite",
+    "recompute": "recompute", "overwrite": "overwrite", "text_attention": "text_attention",
 }
 
 
@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
                             "inputs are not kept; one more fc1 GEMM per layer); 'layer', each transformer layer "
                             "whole (only its input is kept, its dropout draws replayed; one more forward of the "
                             "towers; not with --cuda-graph)")
+    train.add_argument("--text-attention", choices=("spec", "reference-code"), default="spec",
+                       help="the text tower's CLS attention row: 'spec' (pre-softmax scores, BERT's attention "
+                            "dropouts kept, as the spec describes) or 'reference-code' (masked softmax "
+                            "probabilities, no attention dropouts: what the published code, and so the released "
+                            "weights, computed)")
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--weight-decay", type=float, default=1e-2)
     train.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -126,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="the multiplier of the similarities: 'base' (the frozen base model's, as the reference's "
                            "zero-shot scripts use: 100 for BiomedCLIP), 'learned' (the trained one in the "
                            "checkpoint) or a positive number; only the multiclass AUROC depends on it")
+    zero.add_argument("--text-attention", choices=("spec", "reference-code"), default=None,
+                       help="as train's flag; default: what --checkpoint was trained with (when it says), else "
+                            "'spec'. The released ACE_LoRA.pt was trained by the published code: 'reference-code'")
     zero.add_argument("--seed", type=int, default=DEFAULT_SEED,
                       help="seed of the model's construction: without --pretrained the frozen towers are "
                            "random weights, the same as train's with the same --seed (default: train's default)")
@@ -333,6 +341,19 @@ def _warn_if_built_otherwise(metadata: dict, args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
+    """The text attention to evaluate with: --text-attention, else what the checkpoint was trained
+    with (``ace-lora train`` records it), else "spec"; a flag that differs from the record warns."""
+    from ace_model.training import TRAINED_WITH
+
+    trained = metadata.get(TRAINED_WITH)
+    recorded = trained.get("text_attention") if isinstance(trained, dict) else None
+    if args.text_attention and recorded and args.text_attention != recorded:
+        print(f"ace-lora zero-shot: warning: --checkpoint was trained with --text-attention {recorded!r}; this "
+              f"evaluation uses {args.text_attention!r}", file=sys.stderr)
+    return args.text_attention or recorded or "spec"
+
+
 def _same_path(recorded: str, given: str) -> bool:
     """Whether a path recorded at training names the file given now (the same file, or the same
     absolute path when either is gone)."""
@@ -383,14 +404,17 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     # As train does: seed, then build, so the same --seed gives the same frozen towers.
     seed_everything(args.seed)
     model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
+    metadata = model.load_reference_checkpoint(args.checkpoint) if args.checkpoint else {}
     if args.checkpoint:
-        _warn_if_built_otherwise(model.load_reference_checkpoint(args.checkpoint), args)
+        _warn_if_built_otherwise(metadata, args)
+    model.text_attention = _text_attention(metadata, args)
     model.to(device)
     dataset = CSVImageLabelDataset(args.csv, names, model.image_size, image_column=args.image_column,
                                    image_root=args.image_root)
     result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device,
                       logit_scale=scale)
     result["classes"] = names
+    result["text_attention"] = model.text_attention
     undefined = [name for name, value in result.get("auroc_per_class", {}).items() if not math.isfinite(value)]
     if args.task == "binary" and not math.isfinite(result["auroc"]):
         print(f"ace-lora zero-shot: warning: AUROC undefined (null): the {result['n']} samples are all "

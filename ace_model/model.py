@@ -385,6 +385,23 @@ def _maybe_recomputed(recompute: bool, fn, x: torch.Tensor, modules: tuple[nn.Mo
     return _Recomputed.apply(fn, x)
 
 
+TEXT_ATTENTION = ("spec", "reference-code")
+
+
+def cls_probability_row(q: torch.Tensor, k: torch.Tensor, key_keep: torch.Tensor) -> torch.Tensor:
+    """Post-softmax CLS attention row averaged over heads, without column 0 (the published
+    code's text row: its ``BertAttentionLoRA`` returns the masked attention probabilities).
+
+    q, k: ``[B, H, N, d]``; key_keep: bool, broadcastable to ``[B, 1, 1, N]`` (False: padding).
+    Returns ``mean_h softmax_j(q[b,h,0] . k[b,h,j] / sqrt(d), padding masked)[1:]``, ``[B, N-1]``,
+    in float32 (a 16-bit row would round the top-k's input)."""
+    head_dim = q.shape[-1]
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * (1.0 / math.sqrt(head_dim))
+        scores = scores.masked_fill(~key_keep.reshape(key_keep.shape[0], 1, -1), float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=1)[:, 1:]
+
+
 def cls_attention_row(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Pre-softmax CLS attention row averaged over heads, without column 0.
 
@@ -418,6 +435,14 @@ class ACELoRA(nn.Module):
         The multiplier itself, ``exp`` of the base's stored log scale (spec section 1).
     backend : str
         Passed to every ace_kernels call ("auto", "cuda", "triton", "torch").
+    text_attention : {"spec", "reference-code"}
+        ``"spec"`` (default): the text tower's CLS row is the pre-softmax scaled scores before
+        the padding mask (spec section 3) and BERT keeps its attention-probability and
+        attention-output dropouts. ``"reference-code"``: what the published code computes (its
+        ``BertAttentionLoRA`` replaces every BERT attention): the row is the head-averaged
+        post-softmax probabilities with padding masked, and neither dropout is applied. The
+        released weights were trained that way; the spec describes the other. The image side is
+        the same in both.
     recompute : {"none", "mlp", "layer"}
         What the backward recomputes instead of keeping (losses and gradients unchanged, bit for
         bit). ``"mlp"``: each layer's MLP input side (the ViT block's ``norm2 -> fc1 -> GELU``,
@@ -433,8 +458,12 @@ class ACELoRA(nn.Module):
 
     def __init__(self, base: nn.Module, config_name: str, *, tokenizer_dir: Path | None = None,
                  adapter_hidden: int | None = None, rank: int = LORA_RANK, lora_dropout: float = LORA_DROPOUT,
-                 topk: int = HGNN_TOPK, backend: str = "auto", recompute: str = "none"):
+                 topk: int = HGNN_TOPK, backend: str = "auto", recompute: str = "none",
+                 text_attention: str = "spec"):
         super().__init__()
+        if text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"argument 'text_attention': expected one of {TEXT_ATTENTION}, got {text_attention!r}")
+        self.text_attention = text_attention
         self.config_name = config_name
         self.backend = backend
         self.recompute = recompute
@@ -474,7 +503,7 @@ class ACELoRA(nn.Module):
     @classmethod
     def from_config(cls, name: str, pretrained: str | os.PathLike | None = None, *,
                     backend: str = "auto", use_open_clip: bool | None = None,
-                    recompute: str = "none") -> "ACELoRA":
+                    recompute: str = "none", text_attention: str = "spec") -> "ACELoRA":
         """Build ACE-LoRA on the shipped config ``name`` ("biomedclip" or "tiny").
 
         Parameters
@@ -490,6 +519,8 @@ class ACELoRA(nn.Module):
             ace_kernels backend for every op call.
         recompute : {"none", "mlp", "layer"}
             See the class attribute: less activation memory, the same numbers.
+        text_attention : {"spec", "reference-code"}
+            See the class attribute: the text tower's CLS row and attention dropouts.
         """
         _, config = _read_open_clip_config(name)
         base = build_base_model(name, use_open_clip=use_open_clip)
@@ -504,7 +535,7 @@ class ACELoRA(nn.Module):
                               stacklevel=2)
         extra = config.get("ace_lora", {})
         return cls(base, name, tokenizer_dir=tokenizer_dir, adapter_hidden=extra.get("adapter_hidden"),
-                   backend=backend, recompute=recompute)
+                   backend=backend, recompute=recompute, text_attention=text_attention)
 
     # -- recomputation ------------------------------------------------------------------
 
@@ -736,13 +767,24 @@ class ACELoRA(nn.Module):
         q, k, v = lora(x.reshape(batch * length, width), weight, bias, self.backend)
         heads = self_attn.num_attention_heads
         q, k, v = (t.reshape(batch, length, heads, -1).transpose(1, 2) for t in (q, k, v))
-        cls_row = cls_attention_row(q, k) if need_cls_row else None
-        drop = self.text_attention_dropout if self.training else 0.0
+        published = self.text_attention == "reference-code"
+        if not need_cls_row:
+            cls_row = None
+        elif published:
+            cls_row = cls_probability_row(q, k, key_keep)
+        else:
+            cls_row = cls_attention_row(q, k)
+        # The published code's BertAttentionLoRA has no dropout on the probabilities nor after
+        # the attention output's dense layer; BERT's own layers (spec) have both.
+        drop = self.text_attention_dropout if self.training and not published else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=drop)
         o = o.transpose(1, 2).reshape(batch, length, width)
         hidden_drop = self.text_hidden_dropout if self.training else 0.0
         out = layer.attention.output
-        s = F.dropout(out.dense(o), hidden_drop, self.training) + x
+        attn_out = out.dense(o)
+        if not published:
+            attn_out = F.dropout(attn_out, hidden_drop, self.training)
+        s = attn_out + x
         a, inter = _maybe_recomputed(self._recompute == "mlp",
                                      lambda t: _layer_norm_then(out.LayerNorm, layer.intermediate, t), s,
                                      (out.LayerNorm, layer.intermediate))

@@ -604,7 +604,8 @@ def _where_they_differ(texts: list[str], width: int = 100) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    """Everything :func:`train` needs; defaults are the paper's recipe (spec section 6).
+    """Everything :func:`train` needs; defaults are the paper's recipe (spec section 6), but for
+    ``precision``: "auto" trains under bf16 autocast on a GPU, where the paper ran fp32 ("fp32").
 
     ``batch_size`` is the global batch: with several processes each takes an equal slice
     of it, so the run computes the same loss as one process would.
@@ -638,6 +639,9 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     cuda_graph: bool = False  # replay each step as a captured CUDA graph (GraphedTrainStep)
     recompute: str = "none"  # ACELoRA.recompute: "none", "mlp" or "layer" (rerun in the backward, not kept)
+    # ACELoRA.text_attention: "spec" (section 3's pre-softmax text row, BERT's dropouts) or
+    # "reference-code" (what the published code computes: masked probabilities, no attention dropouts)
+    text_attention: str = "spec"
     overwrite: bool = False  # let a new run replace another run in out_dir (its weights and checkpoints go)
 
     # Fields that may change between a run and its resumption. Most leave every number of
@@ -712,6 +716,9 @@ class TrainConfig:
         for name in ("cuda_graph", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.text_attention not in ("spec", "reference-code"):
+            raise ValueError(f"TrainConfig.text_attention: expected 'spec' or 'reference-code', got "
+                             f"{self.text_attention!r}")
         if self.recompute not in ("none", "mlp", "layer"):
             raise ValueError(f"TrainConfig.recompute: expected 'none', 'mlp' or 'layer', got {self.recompute!r}")
         if self.cuda_graph and self.recompute == "layer":
@@ -1281,7 +1288,7 @@ def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
     from ace_model.checkpoint import default_metadata
 
-    model = ACELoRA.from_config(config.model, pretrained=config.pretrained)
+    model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
     if config.init_checkpoint:
         model.load_reference_checkpoint(config.init_checkpoint)
     # The weights files this run writes say what the frozen towers were built from, so that
@@ -1290,7 +1297,8 @@ def _build_model(config: TrainConfig) -> nn.Module:
     # The absolute path: an evaluation run from another folder compares it with the file it is given.
     pretrained = os.path.abspath(config.pretrained) if config.pretrained else config.pretrained
     model.reference_metadata = {**metadata, TRAINED_WITH: {"model": config.model, "seed": config.seed,
-                                                           "pretrained": pretrained}}
+                                                           "pretrained": pretrained,
+                                                           "text_attention": config.text_attention}}
     return model
 
 
@@ -1419,6 +1427,11 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                 raise ValueError(f"TrainConfig.recompute: the model ({type(model).__name__}) has no recompute "
                                  "attribute (ace_model.ACELoRA has)")
             model.recompute = config.recompute
+        if config.text_attention != "spec":
+            if not hasattr(model, "text_attention"):
+                raise ValueError(f"TrainConfig.text_attention: the model ({type(model).__name__}) has no "
+                                 "text_attention attribute (ace_model.ACELoRA has)")
+            model.text_attention = config.text_attention
         model.train()
         if dataset is None:
             dataset = _build_dataset(config, model)
@@ -1742,9 +1755,12 @@ def _dataset_record(dataset, n: int, steps_per_epoch: int) -> dict:
 def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path) -> None:
     saved = state["config"]
     now = config.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in sorted(set(saved) | set(now)):
         if key in TrainConfig._RESUMABLE_CHANGES:
             continue
+        if key not in saved and now.get(key) == defaults.get(key):
+            continue  # a field added since that state was written, at the value the run had
         if saved.get(key) != now.get(key):
             raise TrainingStateError(f"resume from {path}: TrainConfig.{key} was {saved.get(key)!r} in the saved "
                                      f"run, now {now.get(key)!r}; resuming would not continue the same run")

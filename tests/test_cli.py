@@ -499,7 +499,8 @@ def test_zero_shot_warns_when_the_checkpoints_towers_were_built_with_another_see
     assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
                      "--max-steps", "1", "--no-progress", "--device", "cpu", "--seed", "2"]) == 0
     metadata = torch.load(run / "ace_lora.pt", weights_only=True)["metadata"]
-    assert metadata["ace_lora_trained_with"] == {"model": "tiny", "seed": 2, "pretrained": None}
+    assert metadata["ace_lora_trained_with"] == {"model": "tiny", "seed": 2, "pretrained": None,
+                                                 "text_attention": "spec"}
     capsys.readouterr()
     evaluate_it = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(run / "ace_lora.pt")]
     assert cli.main(evaluate_it) == 0
@@ -1185,3 +1186,31 @@ def test_relative_image_paths_of_a_linked_csv_resolve_against_the_links_folder(s
         assert torch.equal(via_folder[0][0], direct[0][0])
     finally:
         link.unlink()
+
+
+def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic, tmp_path, capsys):
+    """--text-attention reference-code (what the published code computed) is recorded in the weights
+    train writes; zero-shot evaluates with it unless told otherwise, and says so when told otherwise."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
+                     "--max-steps", "1", "--no-progress", "--device", "cpu", "--text-attention",
+                     "reference-code"]) == 0
+    weights = run / "ace_lora.pt"
+    assert torch.load(weights, weights_only=True)["metadata"]["ace_lora_trained_with"]["text_attention"] == \
+        "reference-code"
+    assert json.loads((run / "config.json").read_text())["text_attention"] == "reference-code"
+    capsys.readouterr()
+    evaluate_it = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(weights)]
+    assert cli.main(evaluate_it) == 0
+    out, err = capsys.readouterr()
+    followed = json.loads(out)
+    assert followed["text_attention"] == "reference-code" and "text-attention" not in err
+    assert cli.main([*evaluate_it, "--text-attention", "spec"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text_attention"] == "spec"
+    assert "warning: --checkpoint was trained with --text-attention 'reference-code'; this evaluation uses 'spec'" \
+        in err
+    # A resume must keep it: another value is another run.
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
+                     "--max-steps", "1", "--no-progress", "--device", "cpu", "--resume", "auto"]) == cli.EXIT_BAD_INPUT
+    assert "--text-attention was 'reference-code' in the saved run, now 'spec'" in capsys.readouterr().err

@@ -188,6 +188,58 @@ def test_cls_attention_row_matches_dense_scores():
     assert torch.allclose(cls_attention_row(q, k), dense, rtol=1e-12, atol=1e-12)
 
 
+def test_reference_code_text_attention_is_the_published_codes(tiny_model):
+    """text_attention="reference-code": the text CLS row is what the published BertAttentionLoRA
+    returns, checked against transformers' own BERT (eager attention, the LoRA products folded
+    into its q/k/v weights): the head-averaged, padding-masked softmax probabilities of the last
+    layer, row 0 without column 0. Its attention-probability and attention-output dropouts are off
+    in training; the spec's model keeps them. The row carries gradients into the last layer's LoRA."""
+    model = _perturbed_fp64(tiny_model)
+    model.text_attention = "reference-code"
+    model.eval()
+    token_ids = model.tokenizer()(["a chest x-ray", "edema and effusion are seen in both lungs here"])
+    with torch.no_grad():
+        tokens, row = model.text_tokens(token_ids)
+    bert = copy.deepcopy(model.text_transformer)
+    for layer, lora in zip(bert.encoder.layer, model.text_lora):
+        attention = layer.attention.self
+        for p, linear in enumerate((attention.query, attention.key, attention.value)):
+            with torch.no_grad():
+                linear.weight += lora.scaling * lora.lora_b[p] @ lora.lora_a[p]
+    bert.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = bert(input_ids=token_ids, attention_mask=(token_ids != model.pad_token_id).long(), output_attentions=True)
+    want = out.attentions[-1].mean(dim=1)[:, 0, 1:]
+    assert row.dtype == torch.float32  # computed in float32 whatever the tower's dtype
+    assert torch.allclose(row.double(), want, rtol=0, atol=1e-6), (row - want).abs().max()
+    assert torch.allclose(tokens, torch.nn.functional.normalize(model.clip.text.proj(out.last_hidden_state), dim=-1),
+                          atol=1e-10)
+    spec = copy.deepcopy(model)
+    spec.text_attention = "spec"
+    assert not torch.allclose(spec.text_tokens(token_ids)[1].double(), want, atol=1e-3)
+
+    # Training: with the LoRA and BERT hidden dropouts off, the published code's text tower draws
+    # nothing (its train and eval outputs agree); the spec's still drops attention probabilities.
+    for variant, draws in (("reference-code", False), ("spec", True)):
+        trained = copy.deepcopy(model)
+        trained.text_attention = variant
+        trained.text_hidden_dropout = 0.0
+        for lora in trained.text_lora:
+            lora.dropout_p = 0.0
+        trained.eval()
+        with torch.no_grad():
+            evaluated = trained.text_tokens(token_ids)[0]
+        trained.train()
+        torch.manual_seed(3)
+        train_tokens, train_row = trained.text_tokens(token_ids)
+        assert torch.allclose(train_tokens.detach(), evaluated, atol=1e-12) is not draws, variant
+    trained = copy.deepcopy(model).train()
+    trained.text_tokens(token_ids)[1].sum().backward()
+    assert trained.text_lora[-1].lora_a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"argument 'text_attention': expected one of \('spec', 'reference-code'\)"):
+        ACELoRA.from_config("tiny", text_attention="published")
+
+
 def test_only_adapters_lora_and_scale_train(tiny_model):
     model = copy.deepcopy(tiny_model).train()
     images, token_ids, labels = _batch(model, batch=3)

@@ -1309,3 +1309,24 @@ def test_an_atomic_write_to_a_long_name_gets_a_temp_name_that_fits(tmp_path):
         atomic_write_text(target, "done\n")
         assert target.read_text() == "done\n"
     assert sorted(len(os.fsencode(p.name)) for p in tmp_path.iterdir()) == [254, 255, 255]
+
+
+def test_a_state_written_before_a_field_existed_resumes_at_its_default(tmp_path):
+    """A state whose config lacks a field added since (text_attention) resumes when the run keeps
+    the field's default, and is refused when it sets another value."""
+    data = RandomPairs(make_model("standin"), 16, seed=1)
+    config = dict(epochs=2, checkpoint_every=2, keep_checkpoints=10)
+    train(_config(tmp_path, **config), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    state_path = tmp_path / "run" / "checkpoints" / "state-00000004.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["config"]["text_attention"]
+    torch.save(state, state_path)
+    resumed = train(_config(tmp_path, **config, resume=str(state_path)), model=make_model("standin"), dataset=data,
+                    loss_fn=dense_label_infonce)
+    assert resumed["steps"] == 8
+    model = make_model("standin")
+    model.text_attention = "spec"  # the stand-in has no text tower: the attribute is all train() sets
+    with pytest.raises(ValueError, match=r"TrainConfig\.text_attention was None in the saved run, now "
+                                         r"'reference-code'"):
+        train(_config(tmp_path, **config, resume=str(state_path), text_attention="reference-code"),
+              model=model, dataset=data, loss_fn=dense_label_infonce)
