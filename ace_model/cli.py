@@ -351,7 +351,11 @@ def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     if args.text_attention and recorded and args.text_attention != recorded:
         print(f"ace-lora zero-shot: warning: --checkpoint was trained with --text-attention {recorded!r}; this "
               f"evaluation uses {args.text_attention!r}", file=sys.stderr)
-    return args.text_attention or recorded or "spec"
+    if args.checkpoint and not args.text_attention and recorded not in ("spec", "reference-code"):
+        print("ace-lora zero-shot: warning: --checkpoint does not record its text attention: evaluating with "
+              "'spec' (the released ACE_LoRA.pt was trained by the published code: pass --text-attention "
+              "reference-code)", file=sys.stderr)
+    return args.text_attention or (recorded if recorded in ("spec", "reference-code") else None) or "spec"
 
 
 def _same_path(recorded: str, given: str) -> bool:

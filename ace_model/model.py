@@ -10,7 +10,8 @@ patch that model: it runs its own forward over the base's frozen modules, so tha
 - attention runs through ``F.scaled_dot_product_attention``, and the last layer's
   CLS attention row (pre-softmax, head-averaged, row 0 without column 0; for text
   before the padding mask) is computed from q and k as ``q_0 . k_j``, without an
-  N x N score matrix (spec section 3);
+  N x N score matrix (spec section 3); ``text_attention="reference-code"`` takes the
+  text row as the published code does instead (masked softmax probabilities);
 - the token features go through one ACE-HGNN per encoder
   (``ace_kernels.ace_hypergraph``, ``cls_only`` for the embeddings; spec section 4)
   and the loss is ``ace_kernels.label_guided_infonce`` (spec section 5).
@@ -461,9 +462,7 @@ class ACELoRA(nn.Module):
                  topk: int = HGNN_TOPK, backend: str = "auto", recompute: str = "none",
                  text_attention: str = "spec"):
         super().__init__()
-        if text_attention not in TEXT_ATTENTION:
-            raise ValueError(f"argument 'text_attention': expected one of {TEXT_ATTENTION}, got {text_attention!r}")
-        self.text_attention = text_attention
+        self.text_attention = text_attention  # validated by the property
         self.config_name = config_name
         self.backend = backend
         self.recompute = recompute
@@ -536,6 +535,18 @@ class ACELoRA(nn.Module):
         extra = config.get("ace_lora", {})
         return cls(base, name, tokenizer_dir=tokenizer_dir, adapter_hidden=extra.get("adapter_hidden"),
                    backend=backend, recompute=recompute, text_attention=text_attention)
+
+    # -- the text tower's attention (spec or published code) -----------------------------
+
+    @property
+    def text_attention(self) -> str:
+        return self._text_attention
+
+    @text_attention.setter
+    def text_attention(self, value: str) -> None:
+        if value not in TEXT_ATTENTION:
+            raise ValueError(f"argument 'text_attention': expected one of {TEXT_ATTENTION}, got {value!r}")
+        self._text_attention = value
 
     # -- recomputation ------------------------------------------------------------------
 
@@ -714,7 +725,8 @@ class ACELoRA(nn.Module):
 
     def text_tokens(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All text tokens (padding included) through the MLP projection, L2-normalised,
-        and the last layer's CLS row (before the padding mask).
+        and the last layer's CLS row (``text_attention``: "spec", pre-softmax before the padding
+        mask; "reference-code", the masked softmax probabilities).
 
         Parameters
         ----------

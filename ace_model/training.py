@@ -886,11 +886,19 @@ _HELD_LOCKS: set = set()
 def _drop_locks_in_child() -> None:
     if not _HELD_LOCKS:
         return
-    null = os.open(os.devnull, os.O_RDONLY)
     try:
-        for fd in list(_HELD_LOCKS):
-            os.dup2(null, fd)  # the child's fd now names /dev/null; the parent's lock is its own
-    finally:
+        null = os.open(os.devnull, os.O_RDONLY)
+    except OSError:  # no descriptor left: close ours instead (the lock goes with the last copy)
+        null = None
+    for fd in list(_HELD_LOCKS):
+        try:
+            if null is None:
+                os.close(fd)
+            else:
+                os.dup2(null, fd, inheritable=False)  # the child's fd now names /dev/null
+        except OSError:
+            pass
+    if null is not None:
         os.close(null)
     _HELD_LOCKS.clear()
 
@@ -914,6 +922,8 @@ def _lock_out_dir(out_dir: Path):
         return
     path = out_dir / LOCK_NAME
     handle = open(path, "a+", encoding="utf-8")
+    # Registered before the flock (a fork in between redirects a descriptor not yet locked: harmless).
+    _HELD_LOCKS.add(handle.fileno())
     try:
         unsupported = False
         try:
@@ -928,7 +938,6 @@ def _lock_out_dir(out_dir: Path):
         if unsupported:
             yield  # outside the except: the run's own errors are not chained to the lock's
             return
-        _HELD_LOCKS.add(handle.fileno())
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {_hostname()}, since "
@@ -1427,11 +1436,14 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                 raise ValueError(f"TrainConfig.recompute: the model ({type(model).__name__}) has no recompute "
                                  "attribute (ace_model.ACELoRA has)")
             model.recompute = config.recompute
-        if config.text_attention != "spec":
-            if not hasattr(model, "text_attention"):
-                raise ValueError(f"TrainConfig.text_attention: the model ({type(model).__name__}) has no "
-                                 "text_attention attribute (ace_model.ACELoRA has)")
-            model.text_attention = config.text_attention
+        # What the run records (config.json, the weights' metadata) must be what the model computes.
+        have = getattr(model, "text_attention", None)
+        if have is None and config.text_attention != "spec":
+            raise ValueError(f"TrainConfig.text_attention: the model ({type(model).__name__}) has no "
+                             "text_attention attribute (ace_model.ACELoRA has)")
+        if have is not None and have != config.text_attention:
+            raise ValueError(f"TrainConfig.text_attention: {config.text_attention!r}, but the model passed in computes "
+                             f"{have!r}; set one to the other")
         model.train()
         if dataset is None:
             dataset = _build_dataset(config, model)

@@ -1210,6 +1210,19 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert json.loads(out)["text_attention"] == "spec"
     assert "warning: --checkpoint was trained with --text-attention 'reference-code'; this evaluation uses 'spec'" \
         in err
+    # A checkpoint that records nothing (the released file, or one saved from Python) is evaluated
+    # with the spec's row, and the command says how to get the published code's.
+    bare = tmp_path / "bare.pt"
+    ACELoRA.from_config("tiny").save_reference_checkpoint(bare)
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(bare)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text_attention"] == "spec"
+    assert "warning: --checkpoint does not record its text attention: evaluating with 'spec' (the released " \
+           "ACE_LoRA.pt was trained by the published code: pass --text-attention reference-code)" in err
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(bare),
+                     "--text-attention", "reference-code"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text_attention"] == "reference-code" and "text attention" not in err
     # A resume must keep it: another value is another run.
     assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
                      "--max-steps", "1", "--no-progress", "--device", "cpu", "--resume", "auto"]) == cli.EXIT_BAD_INPUT

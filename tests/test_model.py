@@ -218,26 +218,41 @@ def test_reference_code_text_attention_is_the_published_codes(tiny_model):
     spec.text_attention = "spec"
     assert not torch.allclose(spec.text_tokens(token_ids)[1].double(), want, atol=1e-3)
 
-    # Training: with the LoRA and BERT hidden dropouts off, the published code's text tower draws
-    # nothing (its train and eval outputs agree); the spec's still drops attention probabilities.
-    for variant, draws in (("reference-code", False), ("spec", True)):
+    # Training: the draws the text tower makes. The published code keeps BERT's embedding and FFN
+    # dropouts (one per layer) and drops nothing in its attention; the spec's BERT also drops the
+    # attention probabilities (SDPA's dropout_p) and the attention output's dense layer.
+    import torch.nn.functional as F
+
+    layers = len(model.text_lora)
+    for variant, hidden_draws, attention_draws in (("reference-code", 1 + layers, 0), ("spec", 1 + 2 * layers, layers)):
         trained = copy.deepcopy(model)
         trained.text_attention = variant
-        trained.text_hidden_dropout = 0.0
         for lora in trained.text_lora:
-            lora.dropout_p = 0.0
-        trained.eval()
-        with torch.no_grad():
-            evaluated = trained.text_tokens(token_ids)[0]
+            lora.dropout_p = 0.0  # the LoRA branch's own dropout is not BERT's
+        drawn = {"hidden": 0, "attention": 0}
+        dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+
+        def counting_dropout(x, p=0.5, training=True, inplace=False):
+            drawn["hidden"] += int(training and p > 0)
+            return dropout(x, p, training, inplace)
+
+        def counting_sdpa(*args, dropout_p=0.0, **kwargs):
+            drawn["attention"] += int(dropout_p > 0)
+            return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
         trained.train()
-        torch.manual_seed(3)
-        train_tokens, train_row = trained.text_tokens(token_ids)
-        assert torch.allclose(train_tokens.detach(), evaluated, atol=1e-12) is not draws, variant
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(F, "dropout", counting_dropout)
+            patch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+            trained.text_tokens(token_ids)
+        assert drawn == {"hidden": hidden_draws, "attention": attention_draws}, (variant, drawn)
     trained = copy.deepcopy(model).train()
     trained.text_tokens(token_ids)[1].sum().backward()
     assert trained.text_lora[-1].lora_a.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"argument 'text_attention': expected one of \('spec', 'reference-code'\)"):
         ACELoRA.from_config("tiny", text_attention="published")
+    with pytest.raises(ValueError, match=r"argument 'text_attention': expected one of"):
+        trained.text_attention = "reference_code"  # a misspelling would silently compute the spec's row
 
 
 def test_only_adapters_lora_and_scale_train(tiny_model):

@@ -1325,8 +1325,25 @@ def test_a_state_written_before_a_field_existed_resumes_at_its_default(tmp_path)
                     loss_fn=dense_label_infonce)
     assert resumed["steps"] == 8
     model = make_model("standin")
-    model.text_attention = "spec"  # the stand-in has no text tower: the attribute is all train() sets
+    model.text_attention = "reference-code"  # the stand-in has no text tower: the attribute is all train() reads
     with pytest.raises(ValueError, match=r"TrainConfig\.text_attention was None in the saved run, now "
                                          r"'reference-code'"):
         train(_config(tmp_path, **config, resume=str(state_path), text_attention="reference-code"),
               model=model, dataset=data, loss_fn=dense_label_infonce)
+
+
+def test_a_model_passed_in_must_compute_the_text_attention_the_run_records(tmp_path):
+    """config.json and the weights record TrainConfig.text_attention: a model passed in that computes
+    the other one is refused before anything is written, as is the option on a model without it."""
+    from ace_model import ACELoRA
+
+    model = ACELoRA.from_config("tiny", text_attention="reference-code")
+    with pytest.raises(ValueError, match=r"^TrainConfig\.text_attention: 'spec', but the model passed in computes "
+                                         r"'reference-code'; set one to the other$"):
+        train(_config(tmp_path, epochs=1), model=model, dataset=RandomPairs(make_model("standin"), 8, seed=1),
+              loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match=r"^TrainConfig\.text_attention: the model \(StandInModel\) has no "
+                                         r"text_attention attribute"):
+        train(_config(tmp_path, epochs=1, text_attention="reference-code"), model=make_model("standin"),
+              dataset=RandomPairs(make_model("standin"), 8, seed=1), loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run" / "config.json").exists()
