@@ -34,6 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from ace_model.model import TEXT_ATTENTION  # loaded with the package already
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -91,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                             "inputs are not kept; one more fc1 GEMM per layer); 'layer', each transformer layer "
                             "whole (only its input is kept, its dropout draws replayed; one more forward of the "
                             "towers; not with --cuda-graph)")
-    train.add_argument("--text-attention", choices=("spec", "reference-code"), default="spec",
+    train.add_argument("--text-attention", choices=TEXT_ATTENTION, default="spec",
                        help="the text tower's CLS attention row: 'spec' (pre-softmax scores, BERT's attention "
                             "dropouts kept, as the spec describes) or 'reference-code' (masked softmax "
                             "probabilities, no attention dropouts: what the published code, and so the released "
@@ -131,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="the multiplier of the similarities: 'base' (the frozen base model's, as the reference's "
                            "zero-shot scripts use: 100 for BiomedCLIP), 'learned' (the trained one in the "
                            "checkpoint) or a positive number; only the multiclass AUROC depends on it")
-    zero.add_argument("--text-attention", choices=("spec", "reference-code"), default=None,
+    zero.add_argument("--text-attention", choices=TEXT_ATTENTION, default=None,
                        help="as train's flag; default: what --checkpoint was trained with (when it says), else "
                             "'spec'. The released ACE_LoRA.pt was trained by the published code: 'reference-code'")
     zero.add_argument("--seed", type=int, default=DEFAULT_SEED,
@@ -351,11 +353,11 @@ def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     if args.text_attention and recorded and args.text_attention != recorded:
         print(f"ace-lora zero-shot: warning: --checkpoint was trained with --text-attention {recorded!r}; this "
               f"evaluation uses {args.text_attention!r}", file=sys.stderr)
-    if args.checkpoint and not args.text_attention and recorded not in ("spec", "reference-code"):
+    if args.checkpoint and not args.text_attention and recorded not in TEXT_ATTENTION:
         print("ace-lora zero-shot: warning: --checkpoint does not record its text attention: evaluating with "
               "'spec' (the released ACE_LoRA.pt was trained by the published code: pass --text-attention "
               "reference-code)", file=sys.stderr)
-    return args.text_attention or (recorded if recorded in ("spec", "reference-code") else None) or "spec"
+    return args.text_attention or (recorded if recorded in TEXT_ATTENTION else None) or "spec"
 
 
 def _same_path(recorded: str, given: str) -> bool:
@@ -370,10 +372,8 @@ def _same_path(recorded: str, given: str) -> bool:
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
     from ace_model.data import CSVImageLabelDataset, read_csv
-    from ace_model.training import resolve_device, seed_everything
+    from ace_model.training import check_seed, resolve_device, seed_everything
     from ace_model.zero_shot import evaluate
-
-    from ace_model.training import check_seed
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")

@@ -64,6 +64,7 @@ from torch import nn
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
                                fsync_directory, makedirs_durable, temp_name_pattern)
 from ace_model.checkpoint import first_line, read_model_file
+from ace_model.model import TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
 # Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps and
@@ -716,7 +717,7 @@ class TrainConfig:
         for name in ("cuda_graph", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
-        if self.text_attention not in ("spec", "reference-code"):
+        if self.text_attention not in TEXT_ATTENTION:
             raise ValueError(f"TrainConfig.text_attention: expected 'spec' or 'reference-code', got "
                              f"{self.text_attention!r}")
         if self.recompute not in ("none", "mlp", "layer"):
@@ -1200,6 +1201,11 @@ def _check_out_dir(out_dir: Path, name: str = "TrainConfig.out_dir") -> None:
             return
 
 
+def _run_files(out_dir: Path) -> list[str]:
+    """The files that mark ``out_dir`` as holding a run (``checkpoints/latest``, ``ace_lora.pt``) it has."""
+    return [name for name in ("checkpoints/latest", "ace_lora.pt") if (out_dir / name).exists()]
+
+
 def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | None = None,
                         state: dict | None = None) -> None:
     """Refuse, before anything is written, a run that would overwrite another run's files in ``out_dir``.
@@ -1217,7 +1223,7 @@ def _check_no_other_run(config: TrainConfig, out_dir: Path, resume_path: Path | 
     """
     if config.overwrite:
         return
-    held = [name for name in ("checkpoints/latest", "ace_lora.pt") if (out_dir / name).exists()]
+    held = _run_files(out_dir)
     if not held:
         return
     if state is None:
@@ -1535,7 +1541,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             # A run that ended in out_dir since the set-up's check (and released the lock): a fresh run
             # (this run decided so before the other's files were there) is refused unless it may
             # overwrite; a resume is checked against the state it loaded, as before.
-            arrived = [n for n in ("checkpoints/latest", "ace_lora.pt") if (out_dir / n).exists()]
+            arrived = _run_files(out_dir)
             if resume_path is None and arrived and not config.overwrite:
                 raise ValueError(f"TrainConfig.out_dir: {str(out_dir)!r} now holds another run "
                                  f"({' and '.join(arrived)}), written there while this run was being set up, "
