@@ -23,7 +23,7 @@ import reference_model as ref  # noqa: E402
 from _released import released_path  # noqa: E402
 from _saved import saved_storage_bytes  # noqa: E402
 from ace_model import ACELoRA  # noqa: E402
-from ace_model.model import build_base_model, cls_attention_row  # noqa: E402
+from ace_model.model import build_base_model, cls_attention_row, cls_probability_row  # noqa: E402
 
 # float64 on both sides: the two computations differ only in summation order, so
 # agreement to ~1e-10 relative is expected; 1e-9 leaves room for the softmax/LSE steps.
@@ -253,6 +253,36 @@ def test_reference_code_text_attention_is_the_published_codes(tiny_model):
         ACELoRA.from_config("tiny", text_attention="published")
     with pytest.raises(ValueError, match=r"argument 'text_attention': expected one of"):
         trained.text_attention = "reference_code"  # a misspelling would silently compute the spec's row
+
+
+def test_cls_probability_row_matches_dense_fp64_forward_and_gradients():
+    """The published code's text row (masked softmax probabilities, head mean, row 0 without column 0)
+    against the dense N x N computation in float64, forward and both gradients, on odd sizes with a
+    padded tail of different length per sample; and torch's gradcheck on the row itself."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 5, 11, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 5, 11, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    keep = torch.ones(3, 11, dtype=torch.bool)
+    keep[0, 6:], keep[1, 10:] = False, False  # sample 2 has no padding
+    key_keep = keep[:, None, None, :]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(7)
+    dense = scores.masked_fill(~key_keep, float("-inf")).softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+    got = cls_probability_row(q, k, key_keep)
+    assert got.dtype == torch.float32  # float32 by design; compared at float32's precision
+    assert torch.allclose(got.double(), dense, rtol=0, atol=1e-6)
+    assert torch.all(got[0, 5:] == 0) and torch.all(got[1, 9:] == 0)  # padding gets nothing
+    weight = torch.randn(dense.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad((dense * weight).sum(), (q, k))
+    have = torch.autograd.grad((got.double() * weight).sum(), (q, k))
+    for name, h, w in zip(("q", "k"), have, want):
+        assert torch.allclose(h, w, rtol=0, atol=1e-6 * w.abs().max()), name
+
+    def row64(q, k):  # the same formula in float64, for gradcheck's finite differences
+        s = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k) / math.sqrt(7)
+        return s.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1).mean(dim=1)[:, 1:]
+
+    assert torch.allclose(row64(q, k), dense, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(row64, (q.detach().requires_grad_(), k.detach().requires_grad_()))
 
 
 def test_only_adapters_lora_and_scale_train(tiny_model):
