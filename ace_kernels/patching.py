@@ -81,20 +81,31 @@ What is never patched (recorded as skipped, with the reason): a module whose
 wrapper such as accelerate's hooks, which the fused call would skip); a layout
 recognised by its attribute names whose computation differs, found by running
 its class's method once at patch time on a small random probe, on a CPU copy
-in the default dtype without hooks (the model is untouched and its hooks do
-not run): the reference ``LinearLoRA`` forward (dropout off, random
+in the default dtype without hooks (its tensors and hooks are untouched, the
+random streams restored; attributes other than tensors and submodules are
+shared with the copy, so a method that appends to a list or logs does so at
+patch time too): the reference ``LinearLoRA`` forward (dropout off, random
 ``A`` and ``B``) and each ``apply_ace_hgat`` encoder (against
 ``ace_hypergraph``'s torch backend); each adapter (once per adapter object,
 again when its class, layers or activation object change; a flag its forward
-reads is not re-read); a reference loss whose ``forward`` comes from another
+reads is not re-read); the reference losses' ``forward`` (the plain loss on
+random embeddings; the ACE loss with a stand-in CLIP model, in each
+``apply_gnn_encoders`` mode; both without and with a frame of repeated labels,
+against the fused forward); a reference loss whose ``forward`` comes from another
 class than the one that defines ``apply_ace_hgat`` or one that class extends
 (a subclass or mixin redefining the loss). Reference-layout modules on the meta
 device are skipped (nothing to probe: patch them once they have weights).
+A reference layer with parametrized tensors, or whose weight a forward
+pre-hook recomputes (``weight_norm``), falls back at each call.
 
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
 (see :mod:`ace_kernels.lora`), with the same distribution and the same
-independence per projection. Further deliberate differences:
+independence per projection, and exact ties at the k-th place of the
+hypergraph's top-k (all-equal tokens, say), where either side may keep another
+of the equal tokens (see :func:`ace_kernels.ace_hypergraph`: the CLS row, the
+only one the loss reads, ties only when its attention scores do). Further
+deliberate differences:
 
 * Under ``torch.autocast`` the LoRA call runs with every operand cast to the
   autocast dtype (as ``F.linear`` would) and autocast off inside the op.
@@ -133,7 +144,8 @@ patched model each keep their own. Module hooks on the members still run
 ``[..., 3*out]`` tensor (``view``/``reshape`` into heads works; they are not
 contiguous), as documented for :func:`ace_kernels.lora_qkv`; autograd refuses
 in-place changes of such views when they require grad (an error, never a wrong
-result).
+result: an attention that changes q, k or v in place needs
+``patch(..., group_qkv=False)``).
 
 Limits
 ------
@@ -733,12 +745,19 @@ class _ReferenceLoraKind(_LoraKind):
             return "dropout p = 1"
         if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set() or _forward_replaced(dropout)):
             return "hooks (or a replaced forward) that the dropout sub-layer's call would run"
+        if getattr(module, "parametrizations", None) is not None:
+            return "parametrized tensors"
         weight = module.weight
-        if not isinstance(weight, nn.Parameter):
+        if "weight" in vars(module) and weight.grad_fn is not None:
+            if module._forward_pre_hooks:
+                # weight_norm and spectral_norm recompute ``weight`` in a pre-hook, attached to
+                # their parameters: not the reference's leftover, and not known to be frozen.
+                return "weight recomputed by a forward pre-hook (weight_norm, spectral_norm?)"
             # The reference's dropout-free forward swaps ``weight`` for ``W.detach() + s B A`` and
-            # takes s B A back out of its .data afterwards: what remains is W, still attached to
-            # that call's graph. The reference never differentiates through it (its next call
-            # detaches it again); neither may we.
+            # takes s B A back out of its .data afterwards: what remains is W, an instance
+            # attribute still attached to that call's graph. The reference never differentiates
+            # through it (its next call detaches it again); neither may we. Any other weight (a
+            # tensor torch.func.functional_call put in _parameters, say) keeps its gradient.
             weight = weight.detach()
         return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
 
@@ -813,7 +832,8 @@ def _reference_lora_probe_reason(module) -> str | None:
         x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=dtype)
         want = F.linear(x, probe.weight, probe.bias) + probe.scaling * ((x @ probe.w_lora_A.t()) @ probe.w_lora_B.t())
         try:
-            got = type(probe).forward(probe, x)
+            with torch.random.fork_rng(devices=[]):
+                got = type(probe).forward(probe, x)
         except Exception as exc:
             return f"its forward fails on a [3, {probe.weight.shape[1]}] probe ({type(exc).__name__}: {exc})"
     tolerance = 1e-9 if dtype == torch.float64 else 1e-4
@@ -838,7 +858,11 @@ def _lora_kind(module: nn.Module) -> _LoraKind | None:
 # ----------------------------------------------------------------------------------------
 
 
-def _single_lora_forward(module, handle, kind, original, x, *args, **kwargs):
+def _single_lora_forward(module, handle, kind, original, *args, **kwargs):
+    if not args:
+        handle._count(f"fallback {kind.name}: input passed by keyword")
+        return original(**kwargs)
+    x, args = args[0], args[1:]
     ops = kind.operands(module, x, args, kwargs)
     if isinstance(ops, str):
         handle._count(f"fallback {kind.name}: {ops}")
@@ -902,9 +926,13 @@ class _QKVGroup:
         return new
 
 
-def _group_member_forward(module, handle, group: _QKVGroup, index: int, x, *args, **kwargs):
+def _group_member_forward(module, handle, group: _QKVGroup, index: int, *args, **kwargs):
     original = group.originals[index]
     kind = group.kind
+    if not args:
+        handle._count(f"fallback {kind.name}: input passed by keyword")
+        return original(**kwargs)
+    x, args = args[0], args[1:]
     if torch.compiler.is_compiling():
         # Under torch.compile each member runs on its own: the kept outputs are guarded by host
         # state (version counters, inference mode) that would break the graph (fullgraph=True
@@ -1070,7 +1098,7 @@ def _hgat_probe_reason(module) -> str | None:
         edge, node = _adapters_for(probe, encoder)
         features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=dtype)
         attn = torch.rand(2, topk + 2, generator=generator, dtype=dtype)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             try:
                 got = type(probe).apply_ace_hgat(probe, features, attn, encoder=encoder)
             except Exception as exc:
@@ -1113,6 +1141,9 @@ def _adapter_reason_now(adapter) -> str | None:
 def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None:
     if not isinstance(features, torch.Tensor) or features.dim() != 3:
         return "features are not a [B, N, D] tensor"
+    if not isinstance(attn_weights, torch.Tensor) or attn_weights.shape != (features.shape[0], features.shape[1] - 1):
+        # The reference broadcasts others ([1, N-1], [N-1]) into its score matrix.
+        return "attn_weights is not a [B, N-1] tensor"
     if _library.autocast_dtype(features) is not None:
         return "autocast is on"
     if _functorch_transform_active():
@@ -1277,6 +1308,154 @@ def _reference_clip_loss_forward(module, handle, original, image_features, text_
     handle._count("label_guided_infonce")
     return _in_features_dtype(label_guided_infonce(image_features, text_features, module.logit_scale, labels,
                                                    backend=handle.backend_for("label_guided_infonce")), image_features)
+
+
+class _ProbeFrame:
+    """The part of a pandas DataFrame the reference's losses read,
+    ``frame.iloc[indices, 2:].to_numpy()`` (or ``.values``), over a small table: a probe's labels."""
+
+    def __init__(self, table):
+        self.table = table
+        self.iloc = self
+
+    def __getitem__(self, key):
+        import numpy as np
+        from types import SimpleNamespace
+
+        rows, cols = key
+        part = self.table[np.asarray(rows)][:, cols]
+        return SimpleNamespace(to_numpy=lambda: part, values=part)
+
+
+class _ProbeHandle:
+    """What a replacement forward asks of its handle, for a probe: the torch backend, no counts."""
+
+    def backend_for(self, op: str) -> str:
+        return "torch"
+
+    def _count(self, key: str) -> None:
+        pass
+
+
+def _probe_frames(batch: int):
+    """(merged_df, indices) pairs a loss probe runs: no labels, and a frame whose label column
+    repeats values (false negatives to mask), read in a shuffled order."""
+    import numpy as np
+
+    table = np.array([[row, 100 + row, label] for row, label in enumerate([0, 1, 0, 2, 1, 3, 0])])
+    indices = [4, 0, 6, 2, 3, 1][:batch]
+    return [(None, None), (_ProbeFrame(table), indices)]
+
+
+def _loss_probe_copy(module):
+    """(a probe copy of a loss module, None) or (None, why it cannot be checked).
+
+    The copy (:func:`_probe_copy`) leaves out what is set on the instance in place of its class's
+    ``forward`` and ``apply_ace_hgat`` (a patch's, a wrapper's: shared with the module, they would
+    run on it, not on the copy). The probe compares the class's forward with the fused one; at a
+    call both reach the same ``apply_ace_hgat``."""
+    try:
+        probe = _probe_copy(module)
+    except _OnMeta:
+        return None, "on the meta device: its forward cannot be checked (patch it once it has weights)"
+    except Exception as exc:
+        return None, f"its forward could not be checked on a copy ({type(exc).__name__}: {exc})"
+    for attr in ("forward", "apply_ace_hgat"):
+        probe.__dict__.pop(attr, None)
+    return probe, None
+
+
+def _same_loss(got, want, dtype) -> bool:
+    return (isinstance(got, torch.Tensor) and got.numel() == 1
+            and float((got.double() - want.double()).abs()) <= _probe_tolerance(dtype) * max(1.0, float(want.abs())))
+
+
+def _clip_loss_probe_reason(module) -> str | None:
+    """Why the module's forward is not known to be the reference's plain CLIP loss (None: it is).
+
+    The loss is recognised by its attribute names and forward signature, which a look-alike can
+    keep while computing another loss (a multiplier stored as a log, say): its class's forward
+    runs on a CPU copy (:func:`_probe_copy`) with B=6 random embeddings, with no labels and with a
+    frame of repeated labels, against ``label_guided_infonce``'s torch backend. A module on the
+    meta device cannot be checked: skipped."""
+    from ace_kernels.contrastive import label_guided_infonce
+
+    probe, reason = _loss_probe_copy(module)
+    if reason:
+        return reason
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.get_default_dtype()
+    image = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype), dim=-1)
+    text = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype), dim=-1)
+    for frame, indices in _probe_frames(6):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            try:
+                got = type(probe).forward(probe, image, text, frame, indices)
+                labels = None if frame is None else _labels_from_frame(frame, indices, "cpu")
+                want = label_guided_infonce(image, text, probe.logit_scale, labels, backend="torch")
+            except Exception as exc:
+                return f"its forward fails on a probe, or the fused loss on its operands ({type(exc).__name__}: {exc})"
+        if not _same_loss(got, want, dtype):
+            return ("its forward does not compute the reference's loss (a probe "
+                    f"{'without' if frame is None else 'with'} labels differs)")
+    return None
+
+
+def _reference_loss_probe_reason(module) -> str | None:
+    """Why the module's forward is not known to be the reference's ACE loss (None: it is).
+
+    Its class's forward runs on a CPU copy (:func:`_probe_copy`) with a stand-in CLIP model that
+    answers the reference's four calls with fixed random tokens and attention scores (B=6,
+    N=topk+3 image and topk+4 text tokens), for each ``apply_gnn_encoders`` mode, with no labels
+    and with a frame of repeated labels, against the fused forward on the same copy (torch
+    backend; both call the copy's own ``apply_ace_hgat``, which its own probe checks). A
+    subclass that adds a term to the loss, or a look-alike that computes another one, is left
+    as it runs. A module on the meta device cannot be checked: skipped."""
+    from types import SimpleNamespace
+
+    probe, reason = _loss_probe_copy(module)
+    if reason:
+        return reason
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.get_default_dtype()
+    try:
+        topk = int(probe.args.topk)
+        dims = [_adapters_for(probe, encoder)[0].down.in_features for encoder in ("img", "text")]
+        args = copy.copy(probe.args)
+    except Exception as exc:
+        return f"its forward could not be checked ({type(exc).__name__}: {exc})"
+    batch, heads = 6, 2
+    tokens = []
+    for n, dim in ((topk + 3, dims[0]), (topk + 4, dims[1])):
+        tokens.append((torch.randn(batch, n, dim, generator=generator, dtype=dtype),
+                       torch.randn(batch, heads, n, n, generator=generator, dtype=dtype)))
+    (image_tokens, image_scores), (text_tokens, text_scores) = tokens
+    text_tokens = F.normalize(text_tokens, dim=-1)  # encode_text(normalize=True)
+    trunk = SimpleNamespace(global_pool="token", get_attn_scores=lambda images: (image_tokens, image_scores))
+    clip_model = SimpleNamespace(visual=SimpleNamespace(trunk=trunk, head=lambda t: t),
+                                 encode_text=lambda texts, **kwargs: (text_tokens, (text_scores,)))
+    images = torch.zeros(batch, 1, dtype=dtype)
+    texts = torch.zeros(batch, 1, dtype=torch.long)
+
+    def original(*call):
+        return type(probe).forward(probe, *call)
+
+    for mode in ("vision", "text", "both"):
+        for frame, indices in _probe_frames(batch):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                try:
+                    args.apply_gnn_encoders = mode
+                    probe.args = args
+                    got = original(clip_model, images, texts, frame, indices)
+                    want = _reference_loss_forward(probe, _ProbeHandle(), original, clip_model, images, texts,
+                                                   frame, indices)
+                except Exception as exc:
+                    return (f"its forward fails on a probe, or the fused forward on its operands "
+                            f"({type(exc).__name__}: {exc})")
+            if not _same_loss(got, want, dtype):
+                return (f"its forward does not compute the reference's loss (a probe with apply_gnn_encoders="
+                        f"{mode!r}, {'without' if frame is None else 'with'} labels, differs)")
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -1534,6 +1713,8 @@ def _install_reference_loss(name, module, handle, options):
             handle.records.append(PatchRecord(label, kind, "skipped",
                                               "forward signature is not the reference's (clip_model, images, "
                                               "texts, merged_df=None, indices=None)"))
+        elif reason := _reference_loss_probe_reason(module):
+            handle.records.append(PatchRecord(label, kind, "skipped", reason))
         else:
             original = _original(module)
             handle._swap(module, "forward", _Replacement(_reference_loss_forward, module, handle, original), name)
@@ -1546,8 +1727,9 @@ def _install_reference_clip_loss(name, module, handle, options):
     if _is_patched(module):
         handle.records.append(PatchRecord(name, kind, "skipped", "already patched by another handle"))
         return
-    if _wrapped_reason(module):
-        handle.records.append(PatchRecord(name, kind, "skipped", _wrapped_reason(module)))
+    reason = _wrapped_reason(module) or _clip_loss_probe_reason(module)
+    if reason:
+        handle.records.append(PatchRecord(name, kind, "skipped", reason))
         return
     original = _original(module)
     handle._swap(module, "forward", _Replacement(_reference_clip_loss_forward, module, handle, original), name)

@@ -9,6 +9,8 @@ models run in fp64 so the only differences are summation order.
 import copy
 import math
 import sys
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1504,15 +1506,16 @@ def test_probes_leave_the_model_alone_and_take_real_reference_modules():
     with ace_kernels.patch(meta) as handle:
         assert [(r.status, r.reason) for r in handle.records] == [
             ("skipped", "on the meta device: its forward cannot be checked (patch it once it has weights)")]
-    # A reference loss module on the meta device: its hypergraph is skipped with the reason (its
-    # adapters cannot be checked), its loss forward (which then calls the module's own
-    # apply_ace_hgat) is patched; once it has weights, a new patch takes both (no reason cached).
+    # A reference loss module on the meta device: its hypergraph and its loss forward are skipped
+    # with the reason (neither can be probed); once it has weights, a new patch takes both (no
+    # reason cached).
     meta_loss = ReferenceACELoss(20, topk=3).to("meta")
     with ace_kernels.patch(meta_loss) as handle:
         assert {r.name: (r.status, r.reason) for r in handle.records} == {
             "apply_ace_hgat": ("skipped", "adapter on the meta device: cannot be checked (patch it once it has "
                                           "weights)"),
-            "forward": ("patched", "-> CLS-only ace_hypergraph + label_guided_infonce")}, str(handle)
+            "forward": ("skipped", "on the meta device: its forward cannot be checked (patch it once it has "
+                                   "weights)")}, str(handle)
     meta_loss.to_empty(device="cpu")
     meta_loss.load_state_dict(ReferenceACELoss(20, topk=3).state_dict())
     with ace_kernels.patch(meta_loss) as handle:
@@ -1632,3 +1635,231 @@ def test_an_adapter_replaced_by_another_object_of_the_same_class_is_checked_agai
         after = _forward_backward(loss_fn, run, (features, cls_attn))
         assert list(handle.stats()) == ["fallback apply_ace_hgat: adapter forward is not up(leaky_relu(down(z), 0.2))"]
     _assert_same(_forward_backward(loss_fn, run, (features, cls_attn)), after, dict(rtol=0, atol=0))
+
+
+# ----------------------------------------------------------------------------------------
+# Review fixes (stop 23): loss look-alikes are probed; a base weight's gradient is kept
+# ----------------------------------------------------------------------------------------
+
+
+def test_loss_look_alikes_that_compute_another_loss_are_left_as_they_run():
+    """The losses are recognised by names and signatures; a probe of the class's forward now
+    decides. A plain-loss look-alike that keeps its multiplier as a log, and a subclass of the
+    reference that adds a term (and re-declares apply_ace_hgat, which the structural check
+    took as the reference's own), are skipped with the reason and compute what they did; the
+    reference itself is still patched."""
+    class LogScaleLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.args = SimpleNamespace()
+            self.logit_scale = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+        def forward(self, image_features, text_features, merged_df=None, indices=None):
+            logits = self.logit_scale.exp() * image_features @ text_features.t()
+            target = torch.arange(len(logits))
+            return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+    image = F.normalize(torch.randn(4, 6, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(4, 6, dtype=torch.float64), dim=-1)
+    look_alike = LogScaleLoss()
+    before = look_alike(image, text)
+    with ace_kernels.patch(look_alike) as handle:
+        (record,) = handle.records
+        assert record.status == "skipped" and "does not compute the reference's loss" in record.reason, str(handle)
+        torch.testing.assert_close(look_alike(image, text), before, rtol=0, atol=0)
+
+    # A reference CLIP loss whose label handling differs (it ignores the frame) is caught by the
+    # probe with labels; the reference itself is patched.
+    class NoLabels(ReferenceCLIPLoss):
+        def forward(self, image_features, text_features, merged_df=None, indices=None):
+            return super().forward(image_features, text_features)
+
+    with ace_kernels.patch(NoLabels()) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "its forward does not compute the reference's loss (a probe with labels differs)")]
+    with ace_kernels.patch(ReferenceCLIPLoss()) as handle:
+        assert [r.status for r in handle.records] == ["patched"]
+
+    class WithPenalty(ReferenceACELoss):
+        def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+            return super().apply_ace_hgat(features, attn_weights, encoder)
+
+        def forward(self, clip_model, images, texts, merged_df=None, indices=None):
+            return super().forward(clip_model, images, texts, merged_df, indices) + 0.1 * self.logit_scale ** 2
+
+    torch.manual_seed(3)
+    clip = TinyCLIP().double()
+    loss_fn = WithPenalty(20, topk=3).double()
+    images, texts = torch.randn(5, 3, 16, 16, dtype=torch.float64), torch.randint(1, 50, (5, 12))
+    before = loss_fn(clip, images, texts)
+    with ace_kernels.patch(loss_fn) as handle:
+        statuses = {r.name: (r.status, r.reason) for r in handle.records}
+        assert statuses["apply_ace_hgat"][0] == "patched"
+        assert statuses["forward"] == ("skipped", "its forward does not compute the reference's loss (a probe with "
+                                                  "apply_gnn_encoders='vision', without labels, differs)")
+        torch.testing.assert_close(loss_fn(clip, images, texts), before, **FP64_TOL)
+
+    # A forward that differs only in one mode is caught in that mode.
+    class TextModeDiffers(ReferenceACELoss):
+        def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+            return super().apply_ace_hgat(features, attn_weights, encoder)
+
+        def forward(self, clip_model, images, texts, merged_df=None, indices=None):
+            loss = super().forward(clip_model, images, texts, merged_df, indices)
+            return loss * 2 if self.args.apply_gnn_encoders == "text" else loss
+
+    with ace_kernels.patch(TextModeDiffers(20, topk=3)) as handle:
+        assert {r.name: r.status for r in handle.records} == {"apply_ace_hgat": "patched", "forward": "skipped"}
+        assert "apply_gnn_encoders='text'" in handle.records[-1].reason
+
+    # The probes leave the module's args and the random stream alone, also when the probed
+    # forward draws random numbers (a look-alike with dropout in its loss, skipped).
+    reference = ReferenceACELoss(20, topk=3, apply_gnn_encoders="vision")
+    state = torch.get_rng_state()
+    with ace_kernels.patch(reference) as handle:
+        assert {r.name: r.status for r in handle.records} == {"apply_ace_hgat": "patched", "forward": "patched"}
+    assert reference.args.apply_gnn_encoders == "vision"
+    assert torch.equal(torch.get_rng_state(), state)
+
+    class DropoutInLoss(ReferenceCLIPLoss):
+        def forward(self, image_features, text_features, merged_df=None, indices=None):
+            return super().forward(F.dropout(image_features, 0.5), text_features, merged_df, indices)
+
+    state = torch.get_rng_state()
+    with ace_kernels.patch(DropoutInLoss()) as handle:
+        assert [r.status for r in handle.records] == ["skipped"]
+    assert torch.equal(torch.get_rng_state(), state)
+
+    # A module the probe cannot run (read-only args, a multiplier that is not a number) is
+    # skipped with the reason; patch() itself does not fail.
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class FrozenArgs:
+        topk: int = 3
+        apply_gnn_encoders: str = "both"
+
+    frozen = ReferenceACELoss(20, topk=3)
+    frozen.args = FrozenArgs()
+    with ace_kernels.patch(frozen) as handle:
+        record = next(r for r in handle.records if r.name == "forward")
+        assert record.status == "skipped" and "FrozenInstanceError" in record.reason, str(handle)
+
+    class NoScale(ReferenceCLIPLoss):
+        def __init__(self):
+            super().__init__()
+            del self.logit_scale
+            self.logit_scale = None
+
+        def forward(self, image_features, text_features, merged_df=None, indices=None):
+            return _label_guided_loss(10.0 * image_features @ text_features.t(), merged_df, indices)
+
+    from reference_modules import _label_guided_loss_dense as _label_guided_loss
+
+    with ace_kernels.patch(NoScale()) as handle:
+        (record,) = handle.records
+        assert record.status == "skipped" and "the fused loss on its operands" in record.reason, str(handle)
+
+
+def test_a_reference_layer_keeps_the_gradient_of_a_weight_it_is_given():
+    """The reference layer's weight is used detached only when it is what the reference's merge
+    path leaves (an instance attribute attached to an old graph). A weight passed through
+    torch.func.functional_call gets its gradient as unpatched; a parametrized weight falls back
+    (the original forward computes it)."""
+    from torch.func import functional_call
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(5)
+    layer = _randomise_lora(ReferenceLoRALinear(6, 5, r=2).double())
+    unpatched = copy.deepcopy(layer)
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def grads(module):
+        params = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
+        out = functional_call(module, params, (x,))
+        return [out, *torch.autograd.grad(out.square().sum(), list(params.values()))]
+
+    want = grads(unpatched)
+    with ace_kernels.patch(layer) as handle:
+        got = grads(layer)
+        assert handle.stats() == {"lora_linear": 1}
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, **FP64_TOL)
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    parametrized = _randomise_lora(ReferenceLoRALinear(6, 5, r=2).double())
+    parametrized.weight.requires_grad_(True)
+    parametrize.register_parametrization(parametrized, "weight", Double())
+    reference = copy.deepcopy(parametrized)
+    reference(x).square().sum().backward()
+    with ace_kernels.patch(parametrized) as handle:
+        parametrized(x).square().sum().backward()
+        assert handle.stats() == {"fallback reference-lora-linear: parametrized tensors": 1}
+    torch.testing.assert_close(parametrized.parametrizations.weight.original.grad,
+                               reference.parametrizations.weight.original.grad, **FP64_TOL)
+
+    # weight_norm's pre-hook sets a recomputed weight on the instance, attached to weight_g and
+    # weight_v, as the reference's merge path leaves its weight: the layer falls back, and the
+    # gradients reach weight_g and weight_v.
+    def weight_normed():
+        torch.manual_seed(8)  # the same layer twice (a weight_norm module cannot be deep-copied)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+            return torch.nn.utils.weight_norm(_randomise_lora(ReferenceLoRALinear(6, 5, r=2).double()))
+
+    normed, reference = weight_normed(), weight_normed()
+    reference(x).square().sum().backward()
+    with ace_kernels.patch(normed) as handle:
+        normed(x).square().sum().backward()
+        assert handle.stats() == {
+            "fallback reference-lora-linear: weight recomputed by a forward pre-hook (weight_norm, spectral_norm?)": 1}
+    for name in ("weight_g", "weight_v"):
+        torch.testing.assert_close(getattr(normed, name).grad, getattr(reference, name).grad, **FP64_TOL)
+
+
+def test_layers_called_by_keyword_and_broadcast_attention_rows_run_as_unpatched():
+    """A LoRA layer whose forward names its input otherwise (nn.Linear's ``input``) and is
+    called by keyword, alone or as a q/k/v member, falls back instead of failing; an
+    ``attn_weights`` the reference broadcasts ([1, N-1], [N-1]) falls back instead of raising."""
+
+    class InputNamed(ReferenceLoRALinear):
+        def forward(self, input):
+            return super().forward(input)
+
+    torch.manual_seed(6)
+    layer = _randomise_lora(InputNamed(6, 5, r=2).double())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    want = layer(input=x)
+    with ace_kernels.patch(layer) as handle:
+        torch.testing.assert_close(layer(input=x), want, **FP64_TOL)
+        torch.testing.assert_close(layer(x), want, **FP64_TOL)
+        assert handle.stats() == {"fallback reference-lora-linear: input passed by keyword": 1, "lora_linear": 1}
+
+    class KeywordAttention(ReferenceAttention):
+        def __init__(self):
+            super().__init__(16, 2, r=2)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(self, name, _randomise_lora(InputNamed(16, 16, r=2)))
+
+        def forward(self, x):
+            return self.q_proj(input=x) + self.k_proj(x) * self.v_proj(x)
+
+    attention = KeywordAttention().double()
+    y = torch.randn(2, 5, 16, dtype=torch.float64)
+    want = _forward_backward(attention, lambda m, a: m(a), (y,))
+    with ace_kernels.patch(attention) as handle:
+        got = _forward_backward(attention, lambda m, a: m(a), (y,))
+        assert handle.stats()["fallback reference-lora-linear: input passed by keyword"] == 1
+    _assert_same(want, got, FP64_TOL)
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    features = torch.randn(2, 6, 20, dtype=torch.float64)
+    for shape in ((1, 5), (5,)):
+        row = torch.rand(shape, dtype=torch.float64)
+        want = loss_fn.apply_ace_hgat(features, row, encoder="img")
+        with ace_kernels.patch(loss_fn) as handle:
+            torch.testing.assert_close(loss_fn.apply_ace_hgat(features, row, encoder="img"), want, **FP64_TOL)
+            assert handle.stats() == {"fallback apply_ace_hgat: attn_weights is not a [B, N-1] tensor": 1}
