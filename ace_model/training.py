@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ace_kernels._checks import check_finite_number
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
                                fsync_directory, makedirs_durable, temp_name_pattern)
 from ace_model.checkpoint import first_line, read_model_file
@@ -545,9 +546,12 @@ def _fail_together(error: BaseException | None, group, what: str) -> None:
 def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configuration") -> None:
     """All-gather a fixed-size fingerprint of ``values`` and raise if any rank differs.
 
-    A first all-gather of two int64s (the number of fields and a hash of their names)
-    makes sure every rank then sends the same number of int64s, so a disagreement (ranks
-    running different code versions, say) cannot turn into a mismatched collective.
+    One all-gather of three int64s (the number of fields, a hash of their names and a hash
+    of their values) settles the usual case, where the ranks agree. Only when the values'
+    hashes differ does a second all-gather, of one int64 per field, find the field; the
+    first exchange has made sure by then that every rank sends as many int64s, so a
+    disagreement (ranks running different code versions, say) cannot turn into a
+    mismatched collective.
 
     Raises
     ------
@@ -558,23 +562,24 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
         return
     keys = list(values)
     world = dist.get_world_size(group)
-    header = torch.tensor([len(keys), _stable_hash(keys)], dtype=torch.int64, device=_comm_device(group))
-    headers = [torch.empty_like(header) for _ in range(world)]
-    dist.all_gather(headers, header, group=group)
-    if any(bool((h != header).any()) for h in headers):
-        counts = ", ".join(f"rank {r}: {int(h[0])}" for r, h in enumerate(headers))
-        raise RankMismatchError(f"ranks disagree on {what}: they check different fields ({counts} fields; "
-                                "different code versions?)")
     codes = [_stable_hash(keys)]
     for key in keys:
         v = values[key]
         codes.append(int(v) if isinstance(v, (int, bool)) and abs(int(v)) < 2**62 else _stable_hash(v))
+    header = torch.tensor([len(keys), codes[0], _stable_hash(codes)], dtype=torch.int64,
+                          device=_comm_device(group))
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header, group=group)
+    if any(bool((h[:2] != header[:2]).any()) for h in headers):
+        counts = ", ".join(f"rank {r}: {int(h[0])}" for r, h in enumerate(headers))
+        raise RankMismatchError(f"ranks disagree on {what}: they check different fields ({counts} fields; "
+                                "different code versions?)")
+    if all(bool((h == header).all()) for h in headers):
+        return
     mine = torch.tensor(codes, dtype=torch.int64, device=_comm_device(group))
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()
-    if bool((table == table[0]).all()):
-        return
     rank = dist.get_rank(group)
     for col, key in enumerate(keys, start=1):
         column = table[:, col]
@@ -635,6 +640,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # a state file, a run/checkpoint directory, or "auto"
+    # DataLoader worker processes. The CLI's datasets draw no random numbers; a dataset passed
+    # in that does (augmentation) resumes exactly only with 0: each worker's stream is seeded
+    # per worker and counts from the batch the run resumes at.
     num_workers: int = 0
     progress: bool = True
     dist_timeout_s: float = 600.0
@@ -746,9 +754,12 @@ def check_seed(seed, name: str = "seed") -> int:
 
 
 def _is_finite_number(value) -> bool:
-    """A finite real number, Python's or NumPy's (not a bool)."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(value))
+    """A finite real number, Python's or NumPy's (not a bool): the kernels' own check."""
+    try:
+        check_finite_number("value", value)
+    except ValueError:
+        return False
+    return True
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -1504,6 +1515,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     last_loss = None  # the last step's loss (a resumed run starts with its state's)
     resume_path = resume_error = None
     legacy_state = False
+    resumed_from = {"run": None, "trainable weights": None}  # what every rank must have loaded alike
     try:
         resume_path = resolve_resume(config.resume, out_dir)
         if resume_path is not None:
@@ -1521,6 +1533,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             epoch_gen_state = state["data_generator_epoch_start"]
             _rng_restore(state["rng"][rank], device)
             checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
+            resumed_from = {"run": state.get("run_id"), "trainable weights": _weights_digest(trainable)}
     except Exception as exc:  # re-raised below, once every rank knows
         resume_error = exc
     _fail_together(resume_error, group, "loading the state to resume from")
@@ -1528,8 +1541,12 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         # Every rank must continue the same run from the same point: a rank that found no state
         # (a node without the shared checkpoint directory) or another one would train, and write
         # checkpoints, out of step with the others.
+        # Each rank loads the state itself (after the set-up's broadcast), so two states of the
+        # same step (two runs' files) would leave the ranks training different weights: the
+        # states' run ids and the weights loaded must agree too.
         check_ranks_agree({"resumed": int(resume_path is not None), "step": step, "epoch": epoch,
-                           "batch in epoch": batch_in_epoch}, group, what="the point the run resumes from")
+                           "batch in epoch": batch_in_epoch, **resumed_from}, group,
+                          what="the point the run resumes from")
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics = None
@@ -1809,6 +1826,16 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
             f"resume from {path}: the dataset's content differs from the saved run's (same {n} samples, but "
             f"fingerprint {dataset_fingerprint[:12]}... instead of {saved_fingerprint[:12]}...: a row, its order, "
             "a text or a label changed), so resuming would not continue the same run")
+
+
+def _weights_digest(trainable) -> str:
+    """A SHA-256 of the trainable tensors' names, dtypes, shapes and bytes (once per resume)."""
+    digest = hashlib.sha256()
+    for name, p in trainable:
+        digest.update(f"{name}:{p.dtype}:{list(p.shape)}:".encode())
+        tensor = p.detach().cpu().contiguous().reshape(-1)
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def _load_trainable(trainable, saved: dict, path) -> None:

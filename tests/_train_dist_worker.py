@@ -11,7 +11,8 @@ does. Modes:
   saves the error each rank got for each.
 - ``resume_mismatch``: a short train() run with checkpoints; then rank 0 resumes it while rank
   1 starts afresh; then rank 1 alone asks for a batch that does not divide over the ranks;
-  saves the error each rank got for each.
+  then both resume at the same step, rank 1 from a state whose weights differ; saves the error
+  each rank got for each.
 - ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
   then a run whose set-up fails on rank 1 alone (no dataset and no CSV); then runs where rank 0
   cannot write the run directory (its config.json, then its metrics file), rank 1 cannot load
@@ -87,6 +88,23 @@ def main() -> None:
                 message = str(exc)
             with open(os.path.join(args.out, f"rank{rank}-{what}.err"), "w") as handle:
                 handle.write(message)
+        # Both resume at the same step, rank 1 from a copy of the state whose weights differ (as
+        # another run's state of that step would): each rank loads its own, so this is caught.
+        latest = training.resolve_resume("auto", os.path.join(args.out, "run"))
+        other = os.path.join(args.out, "other-state.pt")
+        if rank == 0:
+            state = training.load_state(latest)
+            first = next(iter(state["trainable"]))
+            state["trainable"][first] = state["trainable"][first] + 1e-3
+            torch.save(state, other)
+        dist.barrier()
+        try:
+            _train_run(args, rank, lr=1e-2, raise_errors=True, resume=str(latest if rank == 0 else other))
+            message = "no error"
+        except training.RankMismatchError as exc:
+            message = str(exc)
+        with open(os.path.join(args.out, f"rank{rank}-weights.err"), "w") as handle:
+            handle.write(message)
         dist.destroy_process_group()
         return
     if args.mode == "rank_failures":

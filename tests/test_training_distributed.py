@@ -138,13 +138,17 @@ def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
 def test_resume_and_setup_disagreements_fail_on_every_rank(tmp_path):
     """One launch: a short run writes checkpoints; then rank 0 resumes it while rank 1 starts
     afresh (a node without the shared directory); then rank 1 alone fails a check (its batch
-    size does not divide over the ranks), and rank 0 must not wait for it."""
+    size does not divide over the ranks), and rank 0 must not wait for it; then both resume at
+    the same step from states whose weights differ (each rank loads its own)."""
     _launch("resume_mismatch", 2, tmp_path)
     for rank in range(2):
         message = (tmp_path / f"rank{rank}-resume.err").read_text()
         assert "ranks disagree on the point the run resumes from" in message and "'resumed'" in message, message
     assert "must divide evenly" in (tmp_path / "rank1-setup.err").read_text()
     assert "another rank failed setting up the run" in (tmp_path / "rank0-setup.err").read_text()
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}-weights.err").read_text()
+        assert "ranks disagree on the point the run resumes from: field 'trainable weights'" in message, message
 
 
 def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
@@ -190,7 +194,39 @@ def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
     monkeypatch.setattr(training.dist, "all_gather", all_gather)
     with pytest.raises(training.RankMismatchError, match="they check different fields"):
         training.check_ranks_agree({"a": 1}, group=object())
-    assert calls == [2]
+    assert calls == [3]
+
+
+def test_check_ranks_agree_needs_one_exchange_when_the_ranks_agree(monkeypatch):
+    """The per-step check costs one all-gather of three int64s when the ranks agree (the usual
+    case); a differing value costs a second one, of one int64 per field and the names' hash,
+    and the error names the field."""
+    sent = []
+    other_rank = []  # what the simulated rank 1 sends, exchange by exchange
+
+    def all_gather(tensors, tensor, group=None):
+        sent.append(tensor.clone())
+        tensors[0].copy_(tensor)
+        tensors[1].copy_(other_rank[len(sent) - 1] if other_rank else tensor)
+
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    monkeypatch.setattr(training.dist, "all_gather_object", lambda objects, obj, group=None: objects.__setitem__(
+        slice(None), [obj, "7"]))
+    values = {"local batch size": 5, "labels": "x", "steps": 3}
+    training.check_ranks_agree(values, group=object())
+    assert [t.numel() for t in sent] == [3]
+
+    # Rank 1's local batch size is 7: rank 1 computes its codes and header the same way.
+    codes = [training._stable_hash(list(values)), 7, training._stable_hash("x"), 3]
+    other_rank[:] = [torch.tensor([3, codes[0], training._stable_hash(codes)]), torch.tensor(codes)]
+    sent.clear()
+    with pytest.raises(training.RankMismatchError, match=r"'local batch size' differs \(rank 0: 5, rank 1: 7"):
+        training.check_ranks_agree(values, group=object())
+    assert [t.numel() for t in sent] == [3, 4]
+    assert sent[1].tolist()[1:] == [5, training._stable_hash("x"), 3]
 
 
 def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
