@@ -409,7 +409,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
         first cast to the autocast dtype, as ``F.linear`` casts them, and the
         result is in that dtype. Gradients flow to ``x``, ``lora_a`` and ``lora_b``,
         and with the ``torch`` backend also to ``weight`` and ``bias`` when they
-        require grad. NaN/Inf inputs propagate (see the module docstring).
+        require grad. NaN/Inf inputs propagate (see the module docstring). The
+        ``triton`` backend's training path multiplies ``scaling`` into ``B`` in
+        ``x``'s dtype: in float16 each ``|scaling * B|`` must stay under 65504, or
+        the output is inf (the ``torch`` backend and ``training=False`` have no
+        such limit; bfloat16 has float32's range).
 
     Raises
     ------
@@ -842,7 +846,8 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     """(Y [M, P*out], x_cat [M, KP] = [x | S | 0]), both in x's dtype: the pack kernel, then one
     GEMM (torch's, so cuBLAS on a GPU) of x_cat with the packed weight. S is stored unscaled
     (``scaling`` goes into the weight), as torch's own LoRA keeps it: a large ``scaling`` cannot
-    overflow a float16 S."""
+    overflow a float16 S, but a float16 ``scaling * B`` over 65504 is inf in the packed weight
+    (documented in :func:`lora_linear`; checking would cost a device sync per call)."""
     x2d = _library.int32_safe(x2d, (1,))  # the K loop
     projections, rank, in_features = lora_a3.shape
     rows = x2d.shape[0]

@@ -8,9 +8,10 @@ later families read the rates from the result file (``run.calibration``).
 The matmul is warmed up for at least half a second first (clocks ramp up, cuBLAS
 picks its kernel), then measured twice; the faster median is the rate. The SM
 and memory clocks, power and temperature read right after it (``nvidia-smi``, else
-``torch.cuda.clock_rate``) go into the row's metrics, and a rate under 700 TFLOP/s
-on an H100/H200 (about 790 is usual on an H200 here) is logged as a warning: every
-fraction of peak in the run is against this rate. GPU only.
+``torch.cuda.clock_rate``) go into the row's metrics, and a rate under 600 TFLOP/s
+on an H100/H200 is logged as a warning: every fraction of peak in the run is against
+this rate. The two H200 runs here measured 702 and 691 TFLOP/s, at the card's 700 W
+power limit with the SM clock at 1410-1455 MHz (of 1980). GPU only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 FAMILY = "device"
 MATMUL_WARMUP_S = 0.5
-HOPPER_EXPECTED_TFLOPS = 700.0  # bf16 dense: an H100/H200 measured under this is throttled or shared
+HOPPER_EXPECTED_TFLOPS = 600.0  # bf16 dense: an H100/H200 measured under this is throttled or shared
 
 
 def run(suite) -> None:
@@ -86,7 +87,7 @@ def warm_up(fn, device, seconds: float) -> int:
 
 
 def low_rate_warning(device_name: str, tflops: float) -> str | None:
-    """The warning for a bf16 matmul rate under 700 TFLOP/s on an H100/H200, else None."""
+    """The warning for a bf16 matmul rate under 600 TFLOP/s on an H100/H200, else None."""
     name = device_name.upper()
     if ("H100" in name or "H200" in name) and tflops < HOPPER_EXPECTED_TFLOPS:
         return (f"bf16 matmul at {tflops:.0f} TFLOP/s, under the {HOPPER_EXPECTED_TFLOPS:.0f} expected of an "

@@ -136,8 +136,8 @@ TIER=${GPU_CHECK_TIER:-all}
 SUFFIX=""
 [ "$TIER" = costly ] && SUFFIX="-costly"
 say "repository $REPO, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1), budget ${BUDGET}s, tier $TIER"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi not available"; } | tee -a "$LOG"
+{ timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+    --format=csv 2>&1 || echo "nvidia-smi not available (or no answer in 20 s)"; } | tee -a "$LOG"
 
 # The sha to record: ACE_GIT_SHA, else git (plus +dirty) if the copy has .git, else ./.git_sha
 # (written by the caller with the command in the header; benchmarks/harness.py reads the same file).
@@ -194,7 +194,7 @@ extension_current() {
 cuda_home_from_nvcc() {
     local nvcc top
     nvcc=$(command -v nvcc 2>/dev/null) || return 0
-    top=$("$nvcc" -dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+    top=$(timeout 20 "$nvcc" -dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
     if [ -n "$top" ] && [ -d "$top" ]; then
         (cd "$top" && pwd -P)
     else
@@ -216,7 +216,7 @@ else
         [ -n "$CUDA_HOME" ] && [ -x "$CUDA_HOME/bin/nvcc" ] || CUDA_HOME=/usr/local/cuda
     fi
     export CUDA_HOME
-    { echo "CUDA_HOME=$CUDA_HOME"; "$CUDA_HOME/bin/nvcc" --version 2>&1 || echo "no nvcc at $CUDA_HOME/bin/nvcc"; } \
+    { echo "CUDA_HOME=$CUDA_HOME"; timeout 20 "$CUDA_HOME/bin/nvcc" --version 2>&1 || echo "no nvcc at $CUDA_HOME/bin/nvcc"; } \
         >>"$BUILD_LOG"
     say "CUDA_HOME=$CUDA_HOME ($(grep -o 'release [0-9.]*' "$BUILD_LOG" | head -n 1 || true))"
     rm -f "$STAMP"  # a failed build must not leave an older build's stamp behind
@@ -227,6 +227,11 @@ else
         else
             say "build: $EXT missing or not importable after the build; no stamp written"
         fi
+    else
+        # An older build's module would otherwise load, and the tests and the suite would run
+        # kernels from other sources than these: without it they run without the extension.
+        [ -n "$EXT" ] && [ -e "$EXT" ] && rm -f "$EXT" &&
+            say "build: failed; removed $EXT (the run goes on without the extension)"
     fi
     # ptxas register / spill report of the build, for the log reader
     grep -E "registers|spill|error" "$BUILD_LOG" | tail -n 40 >>"$LOG"
@@ -246,7 +251,7 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
     say "stage tests: skipped (GPU_CHECK_SKIP_TESTS=1)"
 else
     TIMEOUT_OPT=""
-    $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=60"
+    timeout 30 $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=60"
     FIRST="tests/test_model.py tests/test_training.py tests/test_contrastive.py"
     TEST_FILES=${GPU_CHECK_TEST_FILES:-$(for f in $FIRST; do [ -f "$f" ] && echo "$f"; done; ls tests/test_*.py | grep -v -e '/test_compile.py$' \
         -e '/test_model.py$' -e '/test_training.py$' -e '/test_contrastive.py$'; ls tests/test_compile.py 2>/dev/null)}
@@ -259,7 +264,9 @@ else
         echo "== pytest -m \"triton and not gpu\""
         $PY -m pytest $TEST_FILES -m "triton and not gpu" $common; b=$?; [ $b -eq 5 ] && b=0
         exit $((a > b ? a : b))'
-    grep -E "^== pytest|passed|failed|error" "$TESTS_LOG" | tail -n 25 >>"$LOG"
+    # The failing tests' names and each stage's summary (with -v every test's PASSED line would
+    # crowd them out of the tail).
+    grep -E "^== pytest|^(FAILED|ERROR) |passed|failed|error" "$TESTS_LOG" | tail -n 25 >>"$LOG"
 fi
 
 # 4b. with GPU_CHECK_PROFILE=1: the profiler breakdown of the LoRA, hypergraph and InfoNCE steps

@@ -482,7 +482,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                              "it is in) before it is killed (default 30)")
     parser.add_argument("--family-idle-timeout", type=float, default=None,
                         help="kill a family's process after this many seconds without output (hung); "
-                             f"default {GPU_IDLE_TIMEOUT_S:.0f} on a GPU, off (0) on a CPU")
+                             f"default on a GPU {GPU_QUICK_FAMILIES_IDLE_TIMEOUT_S:.0f} for "
+                             f"{', '.join(GPU_QUICK_FAMILIES)} and {GPU_IDLE_TIMEOUT_S:.0f} for the others, "
+                             "off (0) on a CPU")
     # A family's process (internal): which family, and the run's deadline on the wall clock.
     parser.add_argument("--worker", choices=WORKER_FAMILIES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-epoch", type=float, default=None, help=argparse.SUPPRESS)
@@ -557,6 +559,22 @@ def _free_stem(out_dir: str, stem: str) -> str:
 
 
 GPU_IDLE_TIMEOUT_S = 180.0  # longer than any single call the GPU suite makes (the B=16,384 step: 30-70 s)
+# Families whose every call (and compile) takes seconds at most: a hang there is cut sooner, so
+# that it does not eat most of a short GPU session's suite stage.
+GPU_QUICK_FAMILIES_IDLE_TIMEOUT_S = 90.0
+GPU_QUICK_FAMILIES = ("device", "lora", "hypergraph", "contrastive", "tuning")
+
+
+def family_idle_timeout(family: str, given: float | None, is_gpu: bool) -> float:
+    """Seconds without output after which ``family``'s process counts as hung (0: never):
+    ``--family-idle-timeout`` when given; on a GPU 90 s for the families of short calls, 180 s
+    for the others (model, training and the B=1,000,000 probe time calls of up to a minute);
+    never on a CPU."""
+    if given is not None:
+        return given
+    if not is_gpu:
+        return 0.0
+    return GPU_QUICK_FAMILIES_IDLE_TIMEOUT_S if family in GPU_QUICK_FAMILIES else GPU_IDLE_TIMEOUT_S
 DEFAULT_FAMILY_GRACE_S = 30.0
 
 
@@ -654,9 +672,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.deadline_epoch is not None:  # a family's process: what is left of the run's budget
         time_budget = args.deadline_epoch - time.time()
     grace = DEFAULT_FAMILY_GRACE_S if grace is None else grace
-    idle = args.family_idle_timeout
-    if idle is None:
-        idle = GPU_IDLE_TIMEOUT_S if device.type == "cuda" else 0.0
 
     if args.worker:
         return _worker(args, device=device, json_path=json_path, time_budget=time_budget, per_call=per_call,
@@ -684,8 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         suite.log(f"  (family device not run: only the {', '.join(RATE_FAMILIES)} rows use the card's rates, "
                   f"and {'--tier costly runs none of their items' if args.tier == 'costly' else 'none of them runs'})")
     worker_options = dict(device=device, stem=stem, per_call=per_call, providers=providers,
-                          compile_baselines=compile_baselines, grace=grace, idle=idle)
+                          compile_baselines=compile_baselines, grace=grace)
     terminated = None
+    loading = False
     previous_handlers = {} if args.in_process else _install_termination_handlers()
     try:
         for family in stages:
@@ -699,13 +715,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             suite.save()  # the family's process starts from this file
             started = time.monotonic()
             try:
-                status = _run_family_process(suite, family, args, **worker_options)
+                idle = family_idle_timeout(family, args.family_idle_timeout, device.type == "cuda")
+                status = _run_family_process(suite, family, args, idle=idle, **worker_options)
             except _Terminated as exc:
                 terminated = exc
                 status = {"outcome": f"was killed: the suite itself got {exc.name}", "rc": None,
                           "seconds": round(time.monotonic() - started, 1)}
+            loading = True  # a signal while the file is read: the handler below reads it again
             if os.path.exists(json_path):
                 suite.load_state(harness.read_payload(json_path))
+            loading = False
             suite.family_status[family] = status
             if status["outcome"] != "ok":
                 suite.skip(f"family {family}", f"lost: its process {status['outcome']} ({status['seconds']:.0f} s "
@@ -714,6 +733,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
     except _Terminated as exc:  # between two families: no process of this run is left
         terminated = exc
+        if loading and os.path.exists(json_path):
+            # The signal came while the last family's rows were read: without them the save below
+            # would write the rows from before that family over its file.
+            suite.load_state(harness.read_payload(json_path))
+            suite.family_status[family] = status
     finally:
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)

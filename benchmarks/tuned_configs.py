@@ -10,8 +10,8 @@ default's) is at most twice the default's plus 1e-4 and within the row dtype's c
 run is refused (its shapes are not the ones tuned).
 The fastest qualifying candidate is written when its median time is at least ``MARGIN`` below
 the default's, measured in the same run; otherwise the kernel's entry for this card is removed
-(the default is as fast). Kernels the run did not sweep, other cards and other families keep
-what the file held. A result file with no sweep rows writes nothing (exit status 3).
+(the default is as fast). Kernels the run did not sweep or whose default it did not measure,
+other cards and other families keep what the file held. A result file with no sweep rows writes nothing (exit status 3).
 """
 
 from __future__ import annotations
@@ -46,14 +46,19 @@ def _sweeps(rows: Sequence[dict]) -> dict:
     return sweeps
 
 
-def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | None, str]:
-    """(the configuration to write, or None to use the default; a line saying why), for the
-    sweep of ``where`` = (kernel family, kernel, dtype class)."""
+# choose()'s answer when the run cannot decide: the file keeps what it held for that kernel.
+KEEP = "keep"
+
+
+def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | str | None, str]:
+    """(the configuration to write, None to use the default, or :data:`KEEP` to leave the file's
+    entry as it is; a line saying why), for the sweep of ``where`` = (kernel family, kernel,
+    dtype class)."""
     kernel_family, kernel, dtype_class = where
     name = f"{kernel_family} {_tuning.key(kernel, dtype_class)}"
     default = sweep["default"]
     if default is None or not default.get("median_ms"):
-        return None, f"{name}: the default was not measured; nothing to compare with"
+        return KEEP, f"{name}: the default was not measured; nothing to compare with, the file's entry stays"
     declared = _tuning.candidates(kernel_family, kernel, dtype_class)
     default_ms = float(default["median_ms"])
     default_err = float(default["metrics"].get("rel_err", float("inf")))
@@ -102,7 +107,9 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
         report.append("  " + line)
         kernel_family, kernel, dtype_class = where
         entries = card.setdefault(kernel_family, {})
-        if config is None:
+        if config is KEEP:
+            pass
+        elif config is None:
             entries.pop(_tuning.key(kernel, dtype_class), None)
         else:
             entries[_tuning.key(kernel, dtype_class)] = config

@@ -790,7 +790,8 @@ def test_model_items_are_checked_before_the_model_is_built(monkeypatch):
 def test_low_matmul_rate_warning():
     from benchmarks.bench_device import low_rate_warning
 
-    assert "under the 700" in low_rate_warning("NVIDIA H200", 640.0)
+    assert "under the 600" in low_rate_warning("NVIDIA H200", 560.0)
+    assert low_rate_warning("NVIDIA H200", 691.0) is None  # run 2: a power-limited card, not a throttled one
     assert low_rate_warning("NVIDIA H100 80GB HBM3", 760.0) is None
     assert low_rate_warning("NVIDIA A100-SXM4-80GB", 280.0) is None
 
@@ -1176,6 +1177,31 @@ def test_gpu_check_build_stamp_ignores_mtimes(tmp_path):
     assert ".sources.sha256" in text and "build/" in open(os.path.join(ROOT, ".gitignore")).read().split()
 
 
+def test_gpu_check_failed_build_removes_the_older_extension(tmp_path):
+    """A failed build must not leave an older build's module to load: the tests and the suite
+    would run kernels built from other sources. gpu_check.sh in a minimal tree (a setup.py that
+    fails, a stand-in module from an earlier build) removes it and says so."""
+    import shutil
+    import sysconfig
+
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), tree / "benchmarks" / "gpu_check.sh")
+    (tree / "csrc").mkdir()
+    (tree / "csrc" / "k.cu").write_text("// a source\n")
+    (tree / "setup.py").write_text("raise SystemExit(1)\n")
+    (tree / "ace_kernels").mkdir()
+    old = tree / "ace_kernels" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    old.write_bytes(b"an earlier build")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"), GPU_CHECK_FORCE_BUILD="1",
+               GPU_CHECK_SKIP_TESTS="1", GPU_CHECK_BUDGET="60", CUDA_HOME=str(tmp_path / "no-cuda"))
+    proc = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=170)
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "stage build: FAILED" in log, proc.stdout + proc.stderr
+    assert not old.exists() and f"removed ace_kernels/{old.name}" in log, log
+
+
 def test_profile_ops_reports_each_op(tmp_path):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
@@ -1472,3 +1498,18 @@ def test_largest_batch_also_searches_the_plain_step_after_a_recompute_variant(tm
     assert rows["triton+recompute-layer"].metrics["max_batch"] > rows["triton"].metrics["max_batch"] > 1000
     assert all(rows[p].baseline == "reference-ops" for p in ("triton", "triton+recompute-layer"))
     assert "triton+recompute-mlp" not in searched  # the first variant that finds a batch is the row
+
+
+def test_family_idle_timeouts():
+    """A hung family of short calls is cut after 90 s on a GPU (the suite stage of a session is
+    about 235 s), the families with minute-long calls after 180 s; a given value wins; none on
+    a CPU."""
+    from benchmarks import suite
+
+    assert suite.family_idle_timeout("lora", None, True) == 90.0
+    assert suite.family_idle_timeout("device", None, True) == 90.0
+    for family in ("model", "training", "contrastive_probe"):
+        assert suite.family_idle_timeout(family, None, True) == 180.0
+    assert suite.family_idle_timeout("lora", 300.0, True) == 300.0
+    assert suite.family_idle_timeout("training", None, False) == 0.0
+    assert set(suite.GPU_QUICK_FAMILIES) <= set(suite.WORKER_FAMILIES)

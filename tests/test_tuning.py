@@ -260,7 +260,7 @@ def test_writer_picks_the_fastest_qualifying_candidate():
         _sweep_row("down", 4, 7.0, 0.004, config=dict(DEFAULT_DOWN, BLOCK_K=512)),
         # backward: the fastest candidate is within the margin; the card's old entry is removed.
         _sweep_row("backward", 0, 10.0, 0.004), _sweep_row("backward", 1, 9.8, 0.004),
-        # the InfoNCE lse kernel: its default did not run; nothing to compare with, the old entry is removed too.
+        # the InfoNCE lse kernel: its default did not run; nothing to compare with, the old entry stays.
         _sweep_row("lse", 1, 1.0, 0.004, family="contrastive", dtype_class="16bit/one_dot"),
         # the InfoNCE gradient kernel: candidate #3 wins, in its own family's entries.
         _sweep_row("grad", 0, 4.0, 0.003, family="contrastive", dtype_class="16bit/one_dot"),
@@ -275,7 +275,8 @@ def test_writer_picks_the_fastest_qualifying_candidate():
     lora = content["by_device"][CARD]["lora"]
     assert lora == {"down/16bit": DOWN[0], "mask/16bit": {"kept": True}}  # kernels not swept keep theirs
     assert content["by_device"][CARD]["contrastive"] == {
-        "grad/16bit/one_dot": contrastive_ops._GPU_CANDIDATES[("grad", "16bit/one_dot")][2]}
+        "grad/16bit/one_dot": contrastive_ops._GPU_CANDIDATES[("grad", "16bit/one_dot")][2],
+        "lse/16bit/one_dot": existing["by_device"][CARD]["contrastive"]["lse/16bit/one_dot"]}
     assert content["by_device"]["Other card"] == existing["by_device"]["Other card"] and content["about"] == "kept"
     text = "\n".join(report)
     assert "lora down/16bit: candidate #1" in text and "takes 0.900x the default's 10 ms" in text
@@ -283,7 +284,8 @@ def test_writer_picks_the_fastest_qualifying_candidate():
     assert "#2 error 0.02 > min(2 x default's 0.004 + 1e-4, 0.03)" in text
     assert "#4 is no longer a declared candidate" in text
     assert "lora backward/16bit: fastest candidate #1 takes 0.980x the default's 10 ms, not 3% less" in text
-    assert "contrastive lse/16bit/one_dot: the default was not measured" in text
+    assert "contrastive lse/16bit/one_dot: the default was not measured; nothing to compare with, the file's entry " \
+           "stays" in text
     # Nothing left for a card: its entry goes.
     content, _ = tuned_configs.update(_payload([_sweep_row("down", 0, 10.0, 0.004)]),
                                       {"by_device": {CARD: {"lora": {"down/16bit": dict(DOWN[0])}}}})
