@@ -1102,8 +1102,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     written before runs had ids), continue the run last started; a resume of a run this file
     never started (a state from another directory) starts its records afresh. A torn line (a crash
     mid-write) is ignored.
+
+    Each process's stretch of a run is a ``segment`` (its start or resume line names it, and the
+    states it writes record it); a resume line's ``from_segment`` names the stretch that wrote
+    the state it loaded. Such a resume continues exactly the records that stretch had up to the
+    state's step, whatever ran in between: a resume from an older state, then one from the
+    newest again, gives the newest's history, not a mix.
     """
     runs: dict[str, dict[int, dict]] = {}
+    segments: dict[str, dict[int, dict]] = {}  # each stretch's history, itself included
     by_step: dict[int, dict] = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:
@@ -1113,20 +1120,30 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
                 continue
             if not isinstance(record, dict):
                 continue
-            run = record.get("run")
+            run, segment = record.get("run"), record.get("segment")
             if record.get("event") == "start":
                 by_step = {}
                 if isinstance(run, str):
                     runs[run] = by_step
+                if isinstance(segment, str):
+                    segments[segment] = by_step
             elif record.get("event") == "resume" and isinstance(record.get("step"), int):
-                if isinstance(run, str):
+                source = segments.get(record.get("from_segment"))
+                if source is None and isinstance(run, str):
                     if record.get("continues_last_start") or run in runs:
                         # A state written before runs had ids continues the run last started.
-                        by_step = runs.setdefault(run, by_step)
+                        source = runs.get(run, by_step)
                     else:  # a run started elsewhere (resumed from another directory's state)
-                        by_step = runs[run] = {}
-                for later in [s for s in by_step if s > record["step"]]:
-                    del by_step[later]
+                        source = {}
+                elif source is None:
+                    source = by_step
+                # A copy: the stretch it continues keeps its own records (a later resume may
+                # continue that stretch from a later state).
+                by_step = {s: r for s, r in source.items() if s <= record["step"]}
+                if isinstance(run, str):
+                    runs[run] = by_step
+                if isinstance(segment, str):
+                    segments[segment] = by_step
             elif "step" in record and "loss" in record:
                 by_step[int(record["step"])] = record
     return [by_step[s] for s in sorted(by_step)]
@@ -1512,10 +1529,14 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     epoch_gen_state = None
     checkpoint_steps: list[int] = []
     run_id = uuid.uuid4().hex  # names this run's lines in metrics.jsonl and its states (read_metrics)
+    # Names this process's stretch of the run: its states record it, so that a resume says in
+    # metrics.jsonl which stretch's records up to its step it continues (read_metrics).
+    segment = uuid.uuid4().hex
     last_loss = None  # the last step's loss (a resumed run starts with its state's)
     resume_path = resume_error = None
     legacy_state = False
     resumed_from = {"run": None, "trainable weights": None}  # what every rank must have loaded alike
+    resumed_segment = None
     try:
         resume_path = resolve_resume(config.resume, out_dir)
         if resume_path is not None:
@@ -1534,6 +1555,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             _rng_restore(state["rng"][rank], device)
             checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
             resumed_from = {"run": state.get("run_id"), "trainable weights": _weights_digest(trainable)}
+            resumed_segment = state.get("segment")
     except Exception as exc:  # re-raised below, once every rank knows
         resume_error = exc
     _fail_together(resume_error, group, "loading the state to resume from")
@@ -1572,11 +1594,13 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             _remove_stale_temp_files(out_dir)  # safe: no other run writes here while we hold the lock
             atomic_write_text(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             metrics = _open_metrics_for_append(metrics_path)
-            event = {"event": "resume" if resume_path else "start", "run": run_id, "step": step, "time": time.time(),
-                     "world_size": world, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                     "chunk_size": config.chunk_size}
+            event = {"event": "resume" if resume_path else "start", "run": run_id, "segment": segment, "step": step,
+                     "time": time.time(), "world_size": world, "total_steps": total_steps,
+                     "steps_per_epoch": steps_per_epoch, "chunk_size": config.chunk_size}
             if resume_path:
                 event["from"] = str(resume_path)
+                if resumed_segment:
+                    event["from_segment"] = resumed_segment
                 if legacy_state:
                     event["continues_last_start"] = True
             metrics.write(json.dumps(event) + "\n")
@@ -1687,7 +1711,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        dataset_record, checkpoint_steps, run_id, last_loss)
+                        dataset_record, checkpoint_steps, run_id, last_loss, segment)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0
@@ -1736,8 +1760,9 @@ def _non_finite_parameters(trainable) -> list[str]:
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                 epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps, run_id,
-                loss):
-    """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it."""
+                loss, segment):
+    """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it
+    and the ``segment`` that wrote it (see :func:`read_metrics`)."""
     snapshot = _rng_snapshot(device)
     if group is not None:
         rng_all: list = [None] * world
@@ -1762,6 +1787,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
                 "world_size": world,
                 "config": config.to_dict(),
                 "run_id": run_id,
+                "segment": segment,
                 "loss": loss,  # this step's, for the summary of a resume with nothing left to run
                 **dataset_record,
                 # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.

@@ -1347,3 +1347,28 @@ def test_a_model_passed_in_must_compute_the_text_attention_the_run_records(tmp_p
         train(_config(tmp_path, epochs=1, text_attention="reference-code"), model=make_model("standin"),
               dataset=RandomPairs(make_model("standin"), 8, seed=1), loss_fn=dense_label_infonce)
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_read_metrics_after_resuming_an_older_state_then_the_newest(tmp_path):
+    """States at steps 2, 4 and 6, a failure in step 7; a resume from state 4 redoes step 5 and
+    fails in step 6 (no new state); a resume of the newest state (6, written by the first
+    process) then reads back the first process's steps 1-6, not the second's step 5 (and step 6,
+    which the second never finished, is not lost)."""
+    data = RandomPairs(make_model("standin", seed=3), 18, seed=1)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, max_steps=9, checkpoint_every=2, keep_checkpoints=3),
+              model=make_model("standin", seed=3), dataset=data, loss_fn=_failing_at(7))
+    first = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, max_steps=9, checkpoint_every=2, keep_checkpoints=3,
+                      resume=str(run / "checkpoints" / "state-00000004.pt")),
+              model=make_model("standin", seed=3), dataset=data, loss_fn=_failing_at(2))
+    second = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in second] == [1, 2, 3, 4, 5] and second[:4] == first[:4] and second[4] != first[4]
+    train(_config(tmp_path, max_steps=9, checkpoint_every=2, keep_checkpoints=3, resume="auto"),
+          model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 10))
+    assert records[:6] == first
