@@ -1513,3 +1513,32 @@ def test_family_idle_timeouts():
     assert suite.family_idle_timeout("lora", 300.0, True) == 300.0
     assert suite.family_idle_timeout("training", None, False) == 0.0
     assert set(suite.GPU_QUICK_FAMILIES) <= set(suite.WORKER_FAMILIES)
+
+
+def test_a_signal_while_the_results_are_read_keeps_the_last_familys_rows(tmp_path, monkeypatch):
+    """The suite reads the family's rows back from the results file after its process ends; a
+    SIGTERM landing during that read used to end the run with a save of the rows from before the
+    family, over the file. The first read is interrupted here (as the signal handler does it):
+    the family's rows and outcome are in the file the run leaves."""
+    import signal
+
+    from benchmarks import suite
+
+    real_load = suite.Suite.load_state
+    interrupted = []
+
+    def load_state(self, payload):
+        if not interrupted:
+            interrupted.append(True)
+            raise suite._Terminated(signal.SIGTERM)
+        return real_load(self, payload)
+
+    monkeypatch.setattr(suite.Suite, "load_state", load_state)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    suite.main(["--quick", "--threads", "1", "--only", "hypergraph", "--out-dir", str(tmp_path), "--name", "cut",
+                "--no-plot", "--max-seconds-per-call", "0.2"])
+    assert interrupted
+    payload = json.loads((tmp_path / "cut.json").read_text())
+    assert {r["family"] for r in payload["rows"]} == {"hypergraph"}
+    assert payload["run"]["families"]["hypergraph"]["outcome"] == "ok"
