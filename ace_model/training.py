@@ -720,6 +720,10 @@ class TrainConfig:
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
         if len(betas) != 2 or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"TrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
+        if self.lr / (1.0 - float(betas[0])) > torch.finfo(torch.float32).max:
+            # AdamW's first step moves each weight by lr / (1 - beta1) times a factor it casts to
+            # the weights' float32: torch raises there, after the set-up, with a traceback.
+            raise ValueError(f"TrainConfig.lr: {self.lr!r} / (1 - betas[0]) overflows float32 in AdamW's first step")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("cuda_graph", "overwrite"):

@@ -734,6 +734,10 @@ def test_optimizer_settings_are_validated(field, value, expected):
     TrainConfig(lr=np.float32(1e-3), betas=(np.float32(0.9), np.float16(0.5)), eps=np.float32(1e-8)).validate()
     with pytest.raises(ValueError, match=r"^TrainConfig\.betas: "):
         TrainConfig(betas=(np.bool_(False), 0.9)).validate()
+    # A finite learning rate whose first AdamW step overflows float32 (torch raised mid-run).
+    with pytest.raises(ValueError, match=r"^TrainConfig\.lr: 1e\+38 / \(1 - betas\[0\]\) overflows float32"):
+        TrainConfig(lr=1e38).validate()
+    TrainConfig(lr=1e30).validate()
 
 
 def test_read_metrics_keeps_only_the_last_run(tmp_path):
