@@ -125,20 +125,22 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--task", choices=("multiclass", "binary", "multilabel"), default="multiclass")
     zero.add_argument("--image-column", default="image")
     zero.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
-    zero.add_argument("--model", choices=("biomedclip", "tiny"), default="biomedclip")
+    zero.add_argument("--model", choices=("biomedclip", "tiny"), default=None,
+                      help="default: the model --checkpoint was trained with (train records it), else biomedclip")
     zero.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     zero.add_argument("--checkpoint", help="released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt)")
     zero.add_argument("--batch-size", type=int, default=64)
     zero.add_argument("--logit-scale", default="base",
                       help="the multiplier of the similarities: 'base' (the frozen base model's, as the reference's "
                            "zero-shot scripts use: 100 for BiomedCLIP), 'learned' (the trained one in the "
-                           "checkpoint) or a positive number; only the multiclass AUROC depends on it")
+                           "checkpoint) or a positive number; the multiclass and multilabel AUROCs depend on it")
     zero.add_argument("--text-attention", choices=TEXT_ATTENTION, default=None,
                        help="as train's flag; default: what --checkpoint was trained with (when it says), else "
                             "'spec'. The released ACE_LoRA.pt was trained by the published code: 'reference-code'")
-    zero.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    zero.add_argument("--seed", type=int, default=None,
                       help="seed of the model's construction: without --pretrained the frozen towers are "
-                           "random weights, the same as train's with the same --seed (default: train's default)")
+                           "random weights, the same as train's with the same --seed (default: the seed "
+                           "--checkpoint was trained with on random towers, else train's default)")
     zero.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     zero.add_argument("--output", help="also write the metrics as JSON to this file")
 
@@ -360,6 +362,23 @@ def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     return args.text_attention or (recorded if recorded in TEXT_ATTENTION else None) or "spec"
 
 
+def _recorded_build(path: str) -> tuple[str | None, int | None]:
+    """(model, seed) that a checkpoint written by ``ace-lora train`` records, each None where it
+    records none (or the file is unreadable: loading it names what is wrong); the seed only for
+    random frozen towers (no pretrained weights), the only ones it builds."""
+    import torch
+
+    from ace_model.training import TRAINED_WITH
+
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)["metadata"][TRAINED_WITH]
+        model, seed, pretrained = record.get("model"), record.get("seed"), record.get("pretrained")
+    except Exception:
+        return None, None
+    return (model if model in ("biomedclip", "tiny") else None,
+            seed if isinstance(seed, int) and not isinstance(seed, bool) and not pretrained else None)
+
+
 def _same_path(recorded: str, given: str) -> bool:
     """Whether a path recorded at training names the file given now (the same file, or the same
     absolute path when either is gone)."""
@@ -371,13 +390,15 @@ def _same_path(recorded: str, given: str) -> bool:
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
+    from ace_model.checkpoint import CheckpointError
     from ace_model.data import CSVImageLabelDataset, read_csv
     from ace_model.training import check_seed, resolve_device, seed_everything
     from ace_model.zero_shot import evaluate
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size: expected >= 1, got {args.batch_size}")
-    check_seed(args.seed, "--seed")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
     device = resolve_device(args.device, name="--device")
     if args.output:
         _check_output_file(args.output, "--output")
@@ -399,6 +420,11 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise CLIError(f"--{flag}: {path!r} does not exist")
+    # --model and --seed, where not given, are what the checkpoint records (as --text-attention).
+    recorded, recorded_seed = _recorded_build(args.checkpoint) if args.checkpoint else (None, None)
+    args.model = args.model or recorded or "biomedclip"
+    if args.seed is None:
+        args.seed = recorded_seed if recorded_seed is not None and abs(recorded_seed) < 2**46 else DEFAULT_SEED
     if scale == "learned" and not args.checkpoint:
         print("ace-lora zero-shot: warning: --logit-scale learned without --checkpoint: no trained multiplier, so "
               "it is the base model's, as with 'base'", file=sys.stderr)
@@ -408,7 +434,13 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     # As train does: seed, then build, so the same --seed gives the same frozen towers.
     seed_everything(args.seed)
     model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
-    metadata = model.load_reference_checkpoint(args.checkpoint) if args.checkpoint else {}
+    try:
+        metadata = model.load_reference_checkpoint(args.checkpoint) if args.checkpoint else {}
+    except CheckpointError as exc:
+        if recorded and recorded != args.model:
+            raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "
+                           f"{args.model!r}: {exc}") from None
+        raise
     if args.checkpoint:
         _warn_if_built_otherwise(metadata, args)
     model.text_attention = _text_attention(metadata, args)
@@ -448,7 +480,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ace_model import ACELoRA
     from ace_model.data import SYNTHETIC_CLASSES, CSVImageLabelDataset, make_synthetic_dataset
-    from ace_model.training import _check_out_dir
+    from ace_model.training import _check_out_dir, record_trained_with, seed_everything
     from ace_model.zero_shot import evaluate
 
     # Defaults (the --quick ones with --quick), never over a value given explicitly.
@@ -465,8 +497,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        f"{args.train_size}")
     if args.test_size < 1:
         raise CLIError(f"--test-size: expected a positive number of samples, got {args.test_size}")
+    if isinstance(args.seed, int) and args.seed < 0:  # the synthetic data's generators take seeds >= 0
+        raise CLIError(f"--seed: the demo expects an integer >= 0, got {args.seed}")
     out = Path(args.out_dir)
     _check_out_dir(out, "--out-dir")
+    try:
+        _demo_trainer(args, out / "train.csv", out)[1].validate()
+    except ValueError as exc:  # "TrainConfig.lr: ..." -> "--lr: ..."
+        field, _, rest = str(exc).partition(": ")
+        flag = "--" + field.removeprefix("TrainConfig.").replace("_", "-")
+        raise CLIError(f"{flag}: {rest}" if field.startswith("TrainConfig.") else str(exc)) from None
     # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
     # earlier demo's files only, unless told (a user's own train.csv would be replaced).
     from ace_model.training import check_seed
@@ -487,14 +527,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_csv = make_synthetic_dataset(out, args.train_size, image_size=32, seed=args.seed, name="train")
     test_csv = make_synthetic_dataset(out, args.test_size, image_size=32, seed=args.seed + 1000, name="test")
 
-    model = ACELoRA.from_config("tiny")
+    train_fn, config = _demo_trainer(args, train_csv, out)
+    # As train builds a model (seeded as zero-shot's --seed rebuilds it), with the record of how in
+    # the weights it writes: zero-shot on the demo's checkpoint follows it.
+    seed_everything(args.seed)
+    model = record_trained_with(ACELoRA.from_config("tiny"), config)
     print(f"[demo] tiny ACE-LoRA model: {model.num_trainable_parameters():,} trainable parameters")
     test_set = CSVImageLabelDataset(test_csv, classes, model.image_size)
     before = evaluate(model, test_set, classes, "multiclass")
     print(f"[demo] zero-shot before training: accuracy {before['accuracy']:.3f}, AUROC {before['auroc']:.3f} "
           f"(chance accuracy {1 / len(classes):.3f})")
 
-    train_fn, config = _demo_trainer(args, train_csv, out)
     result = train_fn(config, model=model)
     losses = _read_losses(result)
     window = max(1, min(20, len(losses) // 4))

@@ -1333,13 +1333,22 @@ def _latest_run(latest: Path) -> str | None:
 
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
-    from ace_model.checkpoint import default_metadata
 
     model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
     if config.init_checkpoint:
         model.load_reference_checkpoint(config.init_checkpoint)
-    # The weights files this run writes say what the frozen towers were built from, so that
-    # zero-shot can rebuild them (without pretrained weights: the seed's random towers).
+    return record_trained_with(model, config)
+
+
+def record_trained_with(model, config: TrainConfig):
+    """``model``, with the record of how ``config`` builds it in the metadata of the weights files
+    it writes (``config.model``, ``seed``, ``pretrained``, ``text_attention``): zero-shot follows
+    it, or warns where it builds the frozen towers otherwise (without pretrained weights they
+    are the seed's random towers). :func:`train` records the models it builds; a model passed to
+    it that was built the same way (seeded with ``config.seed``, then
+    ``ACELoRA.from_config(config.model, ...)``) may carry the record too."""
+    from ace_model.checkpoint import default_metadata
+
     metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
     # The absolute path: an evaluation run from another folder compares it with the file it is given.
     pretrained = os.path.abspath(config.pretrained) if config.pretrained else config.pretrained

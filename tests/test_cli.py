@@ -503,11 +503,25 @@ def test_zero_shot_warns_when_the_checkpoints_towers_were_built_with_another_see
                                                  "text_attention": "spec"}
     capsys.readouterr()
     evaluate_it = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(run / "ace_lora.pt")]
-    assert cli.main(evaluate_it) == 0
+    assert cli.main([*evaluate_it, "--seed", "1"]) == 0
     assert "warning: --checkpoint was trained on random frozen towers built with --seed 2; --seed 1 builds other " \
            "ones (pass --seed 2)" in capsys.readouterr().err
     assert cli.main([*evaluate_it, "--seed", "2"]) == 0
-    assert "--checkpoint was trained" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "--checkpoint was trained" not in captured.err
+    with_seed = json.loads(captured.out)
+    # Without --model and --seed, zero-shot takes the recorded ones: the same model, no warning.
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--checkpoint", str(run / "ace_lora.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "--checkpoint was trained" not in captured.err and "seeded with --seed 2" in captured.err
+    recorded = json.loads(captured.out)
+    assert recorded.pop("images_per_s") > 0 and with_seed.pop("images_per_s") > 0
+    assert recorded == with_seed
+    # Another --model given explicitly: the load's error says which model the checkpoint needs.
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "biomedclip", "--checkpoint",
+                     str(run / "ace_lora.pt")]) == cli.EXIT_BAD_INPUT
+    assert "ace-lora zero-shot: error: --checkpoint was trained with --model 'tiny', this evaluation builds --model " \
+           "'biomedclip'" in capsys.readouterr().err
 
 
 def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path, capsys):
@@ -863,6 +877,12 @@ def test_quick_demo_trains_and_beats_chance(tmp_path, capsys):
     assert summary["after"]["accuracy"] > summary["chance_accuracy"] + 0.2
     captured = capsys.readouterr()
     assert "zero-shot after training" in captured.out and "150/150" not in captured.err  # --no-progress
+    # The demo's weights record how its model was built: zero-shot on them, with no --model or
+    # --seed, rebuilds that model and reproduces the demo's own evaluation.
+    assert cli.main(["zero-shot", "--csv", str(tmp_path / "test.csv"), "--checkpoint", summary["checkpoint"]]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["accuracy"] == summary["after"]["accuracy"]
+    assert "--checkpoint was trained" not in captured.err and "does not record" not in captured.err
 
 
 # ---------------------------------------------------------------------------------------
@@ -1032,6 +1052,9 @@ def test_pretrained_file_finds_its_tokenizer_and_biomedclip_without_one_warns(tm
     (("--steps", "0"), "--steps: expected a positive number of training steps, got 0"),
     (("--train-size", "10"), "--train-size: expected at least --batch-size (32) samples, got 10"),
     (("--batch-size", "1"), "--batch-size: expected at least 2 (a contrastive batch), got 1"),
+    (("--lr", "-1"), "--lr: expected a finite number >= 0, got -1.0"),
+    (("--lr", "nan"), "--lr: expected a finite number >= 0, got nan"),
+    (("--seed", "-1"), "--seed: the demo expects an integer >= 0, got -1"),
 ])
 def test_demo_flags_are_checked_before_anything_is_written(tmp_path, capsys, flags, expected):
     out = tmp_path / "demo"
