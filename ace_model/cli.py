@@ -371,12 +371,20 @@ def _recorded_build(path: str) -> tuple[str | None, int | None]:
     from ace_model.training import TRAINED_WITH
 
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)["metadata"][TRAINED_WITH]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loader reports what is wrong with the file
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        metadata = blob.get("metadata") if isinstance(blob, dict) else None
+        record = metadata.get(TRAINED_WITH) if isinstance(metadata, dict) else None
+        if not isinstance(record, dict):
+            return None, None
         model, seed, pretrained = record.get("model"), record.get("seed"), record.get("pretrained")
+        model = model if isinstance(model, str) and model in ("biomedclip", "tiny") else None
+        random_towers = pretrained is None or (isinstance(pretrained, str) and not pretrained)
+        seed = seed if type(seed) is int and abs(seed) < 2**46 and random_towers else None
+        return model, seed
     except Exception:
         return None, None
-    return (model if model in ("biomedclip", "tiny") else None,
-            seed if isinstance(seed, int) and not isinstance(seed, bool) and not pretrained else None)
 
 
 def _same_path(recorded: str, given: str) -> bool:
@@ -424,7 +432,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     recorded, recorded_seed = _recorded_build(args.checkpoint) if args.checkpoint else (None, None)
     args.model = args.model or recorded or "biomedclip"
     if args.seed is None:
-        args.seed = recorded_seed if recorded_seed is not None and abs(recorded_seed) < 2**46 else DEFAULT_SEED
+        args.seed = recorded_seed if recorded_seed is not None else DEFAULT_SEED
     if scale == "learned" and not args.checkpoint:
         print("ace-lora zero-shot: warning: --logit-scale learned without --checkpoint: no trained multiplier, so "
               "it is the base model's, as with 'base'", file=sys.stderr)
@@ -503,10 +511,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _check_out_dir(out, "--out-dir")
     try:
         _demo_trainer(args, out / "train.csv", out)[1].validate()
-    except ValueError as exc:  # "TrainConfig.lr: ..." -> "--lr: ..."
-        field, _, rest = str(exc).partition(": ")
-        flag = "--" + field.removeprefix("TrainConfig.").replace("_", "-")
-        raise CLIError(f"{flag}: {rest}" if field.startswith("TrainConfig.") else str(exc)) from None
+    except ValueError as exc:  # "TrainConfig.lr: ..." -> "--lr: ..." (the demo's own flags)
+        import re
+
+        flags = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_steps": "--steps"}
+        raise CLIError(re.sub(r"\bTrainConfig\.(\w+)", lambda m: flags.get(m.group(1), m.group(0)), str(exc))) from None
     # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
     # earlier demo's files only, unless told (a user's own train.csv would be replaced).
     from ace_model.training import check_seed

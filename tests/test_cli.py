@@ -1250,3 +1250,32 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size", "4",
                      "--max-steps", "1", "--no-progress", "--device", "cpu", "--resume", "auto"]) == cli.EXIT_BAD_INPUT
     assert "--text-attention was 'reference-code' in the saved run, now 'spec'" in capsys.readouterr().err
+
+
+def test_zero_shot_reads_the_record_of_any_file_without_failing(tmp_path):
+    """zero-shot reads a checkpoint's build record before the loader checks the file: whatever the
+    file holds, that read gives (model, seed) or Nones, never an error or a warning of its own."""
+    import warnings
+
+    from ace_model.training import TRAINED_WITH
+
+    cases = {
+        "ok": ({"metadata": {TRAINED_WITH: {"model": "tiny", "seed": 3, "pretrained": None}}}, ("tiny", 3)),
+        "pretrained": ({"metadata": {TRAINED_WITH: {"model": "tiny", "seed": 3, "pretrained": "/w.bin"}}},
+                       ("tiny", None)),
+        "tensor-pretrained": ({"metadata": {TRAINED_WITH: {"model": "tiny", "seed": 3,
+                                                           "pretrained": torch.zeros(3)}}}, ("tiny", None)),
+        "huge-seed": ({"metadata": {TRAINED_WITH: {"model": "tiny", "seed": 2**50, "pretrained": None}}},
+                      ("tiny", None)),
+        "bool-seed": ({"metadata": {TRAINED_WITH: {"model": "other", "seed": True}}}, (None, None)),
+        "bare-tensor": (torch.zeros(3), (None, None)),
+        "no-record": ({"weights": {}, "metadata": {}}, (None, None)),
+    }
+    for name, (blob, expected) in cases.items():
+        torch.save(blob, tmp_path / f"{name}.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    cases["text"] = (None, (None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, (_, expected) in cases.items():
+            assert cli._recorded_build(str(tmp_path / f"{name}.pt")) == expected, name
