@@ -210,13 +210,13 @@ def _flag_name(field: str) -> str:
     return f"TrainConfig.{field}"  # no flag sets it: keep the field's name
 
 
-def _name_flags(exc: ValueError) -> None:
-    """Replace each ``TrainConfig.<field>`` in ``exc``'s message by the flag's name, in place
-    (same exception, same traceback for ``ACE_LORA_DEBUG=1``)."""
+def _name_flags(exc: ValueError, flag_name=_flag_name) -> None:
+    """Replace each ``TrainConfig.<field>`` in ``exc``'s message by ``flag_name(field)`` (by
+    default ``train``'s flag), in place (same exception, same traceback for ``ACE_LORA_DEBUG=1``)."""
     import re
 
     if len(exc.args) == 1 and isinstance(exc.args[0], str):
-        exc.args = (re.sub(r"\bTrainConfig\.(\w+)", lambda m: _flag_name(m.group(1)), exc.args[0]),)
+        exc.args = (re.sub(r"\bTrainConfig\.(\w+)", lambda m: flag_name(m.group(1)), exc.args[0]),)
 
 
 def _check_device(spec: str) -> None:
@@ -505,22 +505,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        f"{args.train_size}")
     if args.test_size < 1:
         raise CLIError(f"--test-size: expected a positive number of samples, got {args.test_size}")
-    if isinstance(args.seed, int) and args.seed < 0:  # the synthetic data's generators take seeds >= 0
+    if args.seed < 0:  # the synthetic data's generators take seeds >= 0
         raise CLIError(f"--seed: the demo expects an integer >= 0, got {args.seed}")
     out = Path(args.out_dir)
     _check_out_dir(out, "--out-dir")
-    try:
+    try:  # --seed's range too
         _demo_trainer(args, out / "train.csv", out)[1].validate()
     except ValueError as exc:  # "TrainConfig.lr: ..." -> "--lr: ..." (the demo's own flags)
-        import re
-
         flags = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_steps": "--steps"}
-        raise CLIError(re.sub(r"\bTrainConfig\.(\w+)", lambda m: flags.get(m.group(1), m.group(0)), str(exc))) from None
+        _name_flags(exc, lambda field: flags.get(field, f"TrainConfig.{field}"))
+        raise
     # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
     # earlier demo's files only, unless told (a user's own train.csv would be replaced).
-    from ace_model.training import check_seed
-
-    check_seed(args.seed, "--seed")
     earlier_demo = (out / _DEMO_MARKER).exists() or (out / "demo_summary.json").exists()  # the latter: older demos
     if out.is_dir() and any(out.iterdir()) and not earlier_demo and not args.overwrite:
         raise CLIError(f"--out-dir: {str(out)!r} is not empty and holds no earlier demo, whose files (train.csv, "

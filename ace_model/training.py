@@ -1548,8 +1548,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     last_loss = None  # the last step's loss (a resumed run starts with its state's)
     resume_path = resume_error = None
     legacy_state = False
-    resumed_from = {"run": None, "trainable weights": None}  # what every rank must have loaded alike
-    resumed_segment = None
+    resumed_run = resumed_segment = None
     try:
         resume_path = resolve_resume(config.resume, out_dir)
         if resume_path is not None:
@@ -1567,8 +1566,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             epoch_gen_state = state["data_generator_epoch_start"]
             _rng_restore(state["rng"][rank], device)
             checkpoint_steps = _resumed_checkpoint_steps(state, Path(resume_path), ckpt_dir)
-            resumed_from = {"run": state.get("run_id"), "trainable weights": _weights_digest(trainable)}
-            resumed_segment = state.get("segment")
+            resumed_run, resumed_segment = state.get("run_id"), state.get("segment")
     except Exception as exc:  # re-raised below, once every rank knows
         resume_error = exc
     _fail_together(resume_error, group, "loading the state to resume from")
@@ -1580,7 +1578,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         # same step (two runs' files) would leave the ranks training different weights: the
         # states' run ids and the weights loaded must agree too.
         check_ranks_agree({"resumed": int(resume_path is not None), "step": step, "epoch": epoch,
-                           "batch in epoch": batch_in_epoch, **resumed_from}, group,
+                           "batch in epoch": batch_in_epoch, "run": resumed_run,
+                           "trainable weights": _weights_digest(trainable) if resume_path else None}, group,
                           what="the point the run resumes from")
 
     metrics_path = out_dir / "metrics.jsonl"

@@ -559,6 +559,7 @@ def _free_stem(out_dir: str, stem: str) -> str:
 
 
 GPU_IDLE_TIMEOUT_S = 180.0  # longer than any single call the GPU suite makes (the B=16,384 step: 30-70 s)
+DEFAULT_FAMILY_GRACE_S = 30.0
 # Families whose every call (and compile) takes seconds at most: a hang there is cut sooner, so
 # that it does not eat most of a short GPU session's suite stage.
 GPU_QUICK_FAMILIES_IDLE_TIMEOUT_S = 90.0
@@ -575,7 +576,6 @@ def family_idle_timeout(family: str, given: float | None, is_gpu: bool) -> float
     if not is_gpu:
         return 0.0
     return GPU_QUICK_FAMILIES_IDLE_TIMEOUT_S if family in GPU_QUICK_FAMILIES else GPU_IDLE_TIMEOUT_S
-DEFAULT_FAMILY_GRACE_S = 30.0
 
 
 def budget_for_hard_limit(limit_s: float) -> tuple[float, float]:

@@ -11,7 +11,8 @@ run is refused (its shapes are not the ones tuned).
 The fastest qualifying candidate is written when its median time is at least ``MARGIN`` below
 the default's, measured in the same run; otherwise the kernel's entry for this card is removed
 (the default is as fast). Kernels the run did not sweep or whose default it did not measure,
-other cards and other families keep what the file held. A result file with no sweep rows writes nothing (exit status 3).
+other cards and other families keep what the file held. A result file with no sweep rows writes
+nothing (exit status 3).
 """
 
 from __future__ import annotations
