@@ -1366,7 +1366,11 @@ def _build_dataset(config: TrainConfig, model: nn.Module):
     kwargs = {}
     if config.image_root:
         kwargs["image_root"] = config.image_root
-    return CSVImageTextDataset(config.csv, tokenizer=model.tokenizer(), **kwargs)
+    dataset = CSVImageTextDataset(config.csv, tokenizer=model.tokenizer(), **kwargs)
+    if config.use_labels and not dataset.label_columns:
+        warnings.warn(f"TrainConfig.csv: {config.csv!r} has no label columns: training with the plain CLIP loss "
+                      "(as use_labels=False, --no-labels), which masks no false negatives", stacklevel=2)
+    return dataset
 
 
 def _dataset_fingerprint(dataset) -> str | None:

@@ -1279,3 +1279,14 @@ def test_zero_shot_reads_the_record_of_any_file_without_failing(tmp_path):
         warnings.simplefilter("error")
         for name, (_, expected) in cases.items():
             assert cli._recorded_build(str(tmp_path / f"{name}.pt")) == expected, name
+
+
+def test_accuracy_is_the_exact_share_of_hits():
+    # Counted in integers, not averaged in float32 (which gave 0.2549999952316284 for 51 of 200).
+    truth = torch.zeros(200, dtype=torch.long)
+    predicted = torch.ones(200, dtype=torch.long)
+    predicted[:51] = 0
+    scores = torch.nn.functional.one_hot(predicted, 2).float()
+    labels = torch.nn.functional.one_hot(truth, 2)
+    for task in ("multiclass", "binary", "multilabel"):
+        assert zero_shot_metrics(scores, labels, task)["accuracy"] == 51 / 200 == 0.255

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +366,27 @@ def test_eps_zero_is_refused_and_its_nan_weights_never_saved(tmp_path, monkeypat
     with pytest.raises(NonFiniteLossError, match=r"step 1 .*lora_a.*Last good state: none written"):
         train(config)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "ace_lora.pt").exists()
+
+
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_a_csv_without_label_columns_trains_the_plain_loss_and_says_so(tmp_path):
+    import csv
+
+    from ace_model.data import make_synthetic_dataset
+
+    labelled = make_synthetic_dataset(tmp_path / "data", 4, seed=0)
+    with open(labelled, newline="") as handle:
+        rows = [row[:2] for row in csv.reader(handle)]
+    plain = labelled.with_name("plain.csv")
+    with open(plain, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    config = dict(csv=str(plain), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0)
+    with pytest.warns(UserWarning, match=r"TrainConfig\.csv: .*plain\.csv' has no label columns: training with "
+                                         r"the plain CLIP loss \(as use_labels=False, --no-labels\)"):
+        assert train(TrainConfig(out_dir=str(tmp_path / "a"), **config))["steps"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        assert train(TrainConfig(out_dir=str(tmp_path / "b"), use_labels=False, **config))["steps"] == 1
 
 
 def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
