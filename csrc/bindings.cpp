@@ -27,9 +27,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace {
 
+void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
+}
+
 void check_device_and_dim(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
+  check_dim(t, name, dim);
 }
 
 void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
@@ -61,40 +65,110 @@ void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expe
               ", got shape ", t.sizes());
 }
 
+void check_batch(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(0) <= ace_hg::kMaxBatch, "argument '", name, "': expected a batch of at most ", ace_hg::kMaxBatch,
+              " (size(0)), got shape ", t.sizes());
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "ace_kernels::", what, " launch failed: ", cudaGetErrorString(err));
 }
 
 // ---------------------------------------------------------------------------------- hypergraph
+//
+// Each op's shape checks are shared by its CUDA kernel and its meta version, so that fake
+// tensors (torch.compile, opcheck) meet the same refusals as the device. What the launchers
+// would refuse is checked here first, naming the argument.
+
+void check_topk_shapes(const at::Tensor& pn, const at::Tensor& inv_norm, const c10::optional<at::Tensor>& rows,
+                       int64_t topk) {
+  check_dim(pn, "pn", 3);
+  check_dim(inv_norm, "inv_norm", 2);
+  check_batch(pn, "pn");
+  const int64_t B = pn.size(0), M = pn.size(1);
+  TORCH_CHECK(inv_norm.size(0) == B && inv_norm.size(1) == M, "argument 'inv_norm': expected shape [", B, ", ", M,
+              "], got ", inv_norm.sizes());
+  if (rows.has_value()) {
+    check_dim(*rows, "rows", 2);
+    TORCH_CHECK(rows->size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->size(0));
+  }
+  TORCH_CHECK(topk >= 1 && topk <= ace_hg::kMaxTopk && topk < M, "argument 'topk': expected 1 <= topk <= ",
+              ace_hg::kMaxTopk, " and topk < M = ", M, ", got ", topk);
+}
+
+void check_gather_shapes(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
+  check_dim(src, "src", 3);
+  check_dim(cols, "cols", 3);
+  TORCH_CHECK(weights.sizes() == cols.sizes(), "argument 'weights': expected the shape of 'cols' ", cols.sizes(),
+              ", got ", weights.sizes());
+  check_size(cols, "cols", 0, src.size(0), "B = src.size(0)");
+  check_batch(src, "src");
+  TORCH_CHECK(cols.size(2) <= ace_hg::kMaxSlots, "argument 'cols': expected at most ", ace_hg::kMaxSlots,
+              " slots per row (size(2)), got shape ", cols.sizes());
+}
+
+// The kernel reads weights_flat[b, perm[b, j]] for j in row_ptr[b, r]..row_ptr[b, r + 1] and
+// src[b, perm / slots]: the shapes must agree (the values are the caller's contract, see hypergraph.h).
+void check_scatter_shapes(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
+                          const at::Tensor& perm, int64_t num_rows, int64_t slots) {
+  check_dim(src, "src", 3);
+  check_dim(weights_flat, "weights_flat", 2);
+  check_dim(row_ptr, "row_ptr", 2);
+  check_dim(perm, "perm", 2);
+  check_batch(src, "src");
+  TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
+  TORCH_CHECK(num_rows >= 0, "argument 'num_rows': expected >= 0, got ", num_rows);
+  TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
+              row_ptr.size(1));
+  TORCH_CHECK(weights_flat.size(1) == src.size(1) * slots, "argument 'weights_flat': expected ",
+              src.size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.size(1));
+  TORCH_CHECK(perm.size(1) == weights_flat.size(1), "argument 'perm': expected ", weights_flat.size(1),
+              " columns (as weights_flat), got ", perm.size(1));
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
+                                {row_ptr, "row_ptr"}, {perm, "perm"}}) {
+    check_size(t, name, 0, src.size(0), "B = src.size(0)");
+  }
+}
+
+void check_entry_dot_shapes(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
+  check_dim(a, "a", 3);
+  check_dim(b, "b", 3);
+  check_dim(cols, "cols", 3);
+  check_batch(a, "a");
+  check_size(b, "b", 0, a.size(0), "B = a.size(0)");
+  check_size(b, "b", 2, a.size(2), "D = a.size(2)");
+  check_size(cols, "cols", 0, a.size(0), "B = a.size(0)");
+  check_size(cols, "cols", 1, a.size(1), "Q = a.size(1)");
+}
 
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const at::Tensor& inv_norm,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
   const ace_hg::Feat pn_type = check_feat(pn, "pn", 3);
   check_cuda(inv_norm, "inv_norm", at::kFloat, 2);
   check_same_device(inv_norm, "inv_norm", pn, "pn");
-  const int64_t B = pn.size(0), M = pn.size(1), D = pn.size(2);
-  TORCH_CHECK(inv_norm.size(0) == B && inv_norm.size(1) == M, "argument 'inv_norm': expected shape [", B, ", ", M,
-              "], got ", inv_norm.sizes());
-  int64_t R = M;
-  const int64_t* rows_ptr = nullptr;
-  int64_t rows_sb = 0, rows_sr = 0;
   if (rows.has_value()) {
     check_cuda(*rows, "rows", at::kLong, 2);
     check_same_device(*rows, "rows", pn, "pn");
-    TORCH_CHECK(rows->size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->size(0));
-    R = rows->size(1);
-    rows_ptr = rows->data_ptr<int64_t>();
-    rows_sb = rows->stride(0);
-    rows_sr = rows->stride(1);
   }
-  TORCH_CHECK(topk >= 1 && topk <= ace_hg::kMaxTopk && topk < M, "argument 'topk': expected 1 <= topk <= ",
-              ace_hg::kMaxTopk, " and topk < M = ", M, ", got ", topk);
+  check_topk_shapes(pn, inv_norm, rows, topk);
+  const int64_t B = pn.size(0), M = pn.size(1), D = pn.size(2);
+  const int64_t R = rows.has_value() ? rows->size(1) : M;
   c10::cuda::CUDAGuard guard(pn.device());
+  const size_t shared = ace_hg::topk_incidence_shared_bytes(D);
+  if (shared > 48 * 1024) {  // beyond what any kernel may use: the device's opt-in limit decides
+    int optin = 0;
+    const cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, pn.get_device());
+    TORCH_CHECK(err == cudaSuccess, "ace_kernels::hg_topk_incidence: ", cudaGetErrorString(err));
+    TORCH_CHECK(shared <= static_cast<size_t>(optin), "argument 'pn': feature width D = ", D, " needs ", shared,
+                " bytes of shared memory per block in the top-k kernel, over the ", optin, " this device allows");
+  }
   auto idx = at::empty({B, R, topk}, pn.options().dtype(at::kLong));
   auto w = at::empty({B, R, topk}, pn.options().dtype(at::kFloat));
   check_launch(ace_hg::topk_incidence(pn.data_ptr(), pn_type, pn.stride(0), pn.stride(1), pn.stride(2),
-                                      inv_norm.data_ptr<float>(), inv_norm.stride(0), inv_norm.stride(1), rows_ptr,
-                                      rows_sb, rows_sr, idx.data_ptr<int64_t>(), w.data_ptr<float>(), B, M, D, R,
+                                      inv_norm.data_ptr<float>(), inv_norm.stride(0), inv_norm.stride(1),
+                                      rows.has_value() ? rows->data_ptr<int64_t>() : nullptr,
+                                      rows.has_value() ? rows->stride(0) : 0, rows.has_value() ? rows->stride(1) : 0,
+                                      idx.data_ptr<int64_t>(), w.data_ptr<float>(), B, M, D, R,
                                       static_cast<int>(topk), c10::cuda::getCurrentCUDAStream()),
                "hg_topk_incidence");
   return {idx, w};
@@ -104,11 +178,9 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
   const ace_hg::Feat src_type = check_feat(src, "src", 3);
   check_cuda(cols, "cols", at::kLong, 3);
   check_cuda(weights, "weights", at::kFloat, 3);
-  TORCH_CHECK(weights.sizes() == cols.sizes(), "argument 'weights': expected the shape of 'cols' ", cols.sizes(),
-              ", got ", weights.sizes());
   check_same_device(cols, "cols", src, "src");
   check_same_device(weights, "weights", src, "src");
-  check_size(cols, "cols", 0, src.size(0), "B = src.size(0)");
+  check_gather_shapes(src, cols, weights);
   const int64_t B = src.size(0), D = src.size(2), Q = cols.size(1), S = cols.size(2);
   c10::cuda::CUDAGuard guard(src.device());
   auto out = at::empty({B, Q, D}, src.options().dtype(at::kFloat));
@@ -120,18 +192,6 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
   return out;
 }
 
-// The kernel reads weights_flat[b, perm[b, j]] for j in row_ptr[b, r]..row_ptr[b, r + 1] and
-// src[b, perm / slots]: the shapes must agree (the values are the caller's contract, see hypergraph.h).
-// Checked by the meta kernel too, so that torch.compile's fake tensors meet the same refusal.
-void check_scatter_shapes(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& perm,
-                          int64_t slots) {
-  TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
-  TORCH_CHECK(weights_flat.size(1) == src.size(1) * slots, "argument 'weights_flat': expected ",
-              src.size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.size(1));
-  TORCH_CHECK(perm.size(1) == weights_flat.size(1), "argument 'perm': expected ", weights_flat.size(1),
-              " columns (as weights_flat), got ", perm.size(1));
-}
-
 at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
   const ace_hg::Feat src_type = check_feat(src, "src", 3);
@@ -140,14 +200,11 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
   check_cuda(perm, "perm", at::kLong, 2);
   TORCH_CHECK(weights_flat.stride(1) == 1 && row_ptr.stride(1) == 1 && perm.stride(1) == 1,
               "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
-  TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
-              row_ptr.size(1));
-  check_scatter_shapes(src, weights_flat, perm, slots);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
     check_same_device(t, name, src, "src");
-    check_size(t, name, 0, src.size(0), "B = src.size(0)");
   }
+  check_scatter_shapes(src, weights_flat, row_ptr, perm, num_rows, slots);
   const int64_t B = src.size(0), D = src.size(2);
   c10::cuda::CUDAGuard guard(src.device());
   auto out = at::empty({B, num_rows, D}, src.options().dtype(at::kFloat));
@@ -166,10 +223,7 @@ at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   check_cuda(cols, "cols", at::kLong, 3);
   check_same_device(b, "b", a, "a");
   check_same_device(cols, "cols", a, "a");
-  check_size(b, "b", 0, a.size(0), "B = a.size(0)");
-  check_size(b, "b", 2, a.size(2), "D = a.size(2)");
-  check_size(cols, "cols", 0, a.size(0), "B = a.size(0)");
-  check_size(cols, "cols", 1, a.size(1), "Q = a.size(1)");
+  check_entry_dot_shapes(a, b, cols);
   const int64_t B = a.size(0), Q = a.size(1), D = a.size(2), S = cols.size(2);
   c10::cuda::CUDAGuard guard(a.device());
   auto out = at::empty({B, Q, S}, a.options().dtype(at::kFloat));
@@ -181,25 +235,28 @@ at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   return out;
 }
 
-// Shape-only versions for fake tensors (torch.compile, opcheck).
-std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const at::Tensor&,
+// Shape-only versions for fake tensors (torch.compile, opcheck), with the kernels' shape checks.
+std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const at::Tensor& inv_norm,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
+  check_topk_shapes(pn, inv_norm, rows, topk);
   const int64_t R = rows.has_value() ? rows->size(1) : pn.size(1);
   return {at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kLong)),
           at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kFloat))};
 }
 
-at::Tensor hg_gather_sum_meta(const at::Tensor& src, const at::Tensor& cols, const at::Tensor&) {
+at::Tensor hg_gather_sum_meta(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
+  check_gather_shapes(src, cols, weights);
   return at::empty({src.size(0), cols.size(1), src.size(2)}, src.options().dtype(at::kFloat));
 }
 
-at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor&,
+at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
-  check_scatter_shapes(src, weights_flat, perm, slots);
+  check_scatter_shapes(src, weights_flat, row_ptr, perm, num_rows, slots);
   return at::empty({src.size(0), num_rows, src.size(2)}, src.options().dtype(at::kFloat));
 }
 
-at::Tensor hg_entry_dot_meta(const at::Tensor& a, const at::Tensor&, const at::Tensor& cols) {
+at::Tensor hg_entry_dot_meta(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
+  check_entry_dot_shapes(a, b, cols);
   return at::empty({a.size(0), a.size(1), cols.size(2)}, a.options().dtype(at::kFloat));
 }
 
@@ -214,6 +271,15 @@ TORCH_LIBRARY(ace_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(ace_kernels, CUDA, m) {
+  m.impl("hg_topk_incidence", &hg_topk_incidence_cuda);
+  m.impl("hg_gather_sum", &hg_gather_sum_cuda);
+  m.impl("hg_scatter_sum_csr", &hg_scatter_sum_csr_cuda);
+  m.impl("hg_entry_dot", &hg_entry_dot_cuda);
+}
+
+// CPU tensors reach the CUDA kernels' argument checks, which name the argument that is not a
+// CUDA tensor (instead of the dispatcher's "could not run ... with arguments from the 'CPU' backend").
+TORCH_LIBRARY_IMPL(ace_kernels, CPU, m) {
   m.impl("hg_topk_incidence", &hg_topk_incidence_cuda);
   m.impl("hg_gather_sum", &hg_gather_sum_cuda);
   m.impl("hg_scatter_sum_csr", &hg_scatter_sum_csr_cuda);

@@ -170,3 +170,47 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
     assert not list(tree.rglob("_C*.so"))
     forced = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), ACE_KERNELS_FORCE_CUDA="1", **env)
     assert forced.returncode != 0 and "building the CUDA extension failed" not in forced.stderr
+
+
+def test_ops_refuse_what_the_kernels_cannot_take_naming_the_argument():
+    """What a launcher would refuse (or read out of bounds with) is refused before it, naming the
+    argument, on fake tensors too; CPU tensors name the argument that is not a CUDA tensor."""
+    _extension_path()
+    import ace_kernels._C  # noqa: F401 (registers the ops)
+
+    ops = torch.ops.ace_kernels
+    src = torch.empty(2, 9, 40, device="meta")
+    cols = torch.empty(2, 7, 70, dtype=torch.int64, device="meta")
+    with pytest.raises(RuntimeError, match=r"argument 'cols': expected at most 64 slots per row \(size\(2\)\)"):
+        ops.hg_gather_sum(src, cols, cols.float())
+    big = torch.empty(65536, 9, 40, device="meta")
+    with pytest.raises(RuntimeError, match=r"argument 'pn': expected a batch of at most 65535 \(size\(0\)\)"):
+        ops.hg_topk_incidence(big, big[..., 0], None, 5)
+    with pytest.raises(RuntimeError, match=r"argument 'topk': expected 1 <= topk <= 16 and topk < M = 9, got 9"):
+        ops.hg_topk_incidence(src, src[..., 0], None, 9)
+    with pytest.raises(RuntimeError, match=r"argument 'rows': expected 2 rows of indices, got 3"):
+        ops.hg_topk_incidence(src, src[..., 0], torch.empty(3, 4, dtype=torch.int64, device="meta"), 5)
+    with pytest.raises(RuntimeError, match=r"argument 'b': expected size 40 \(D = a\.size\(2\)\) at dim 2"):
+        ops.hg_entry_dot(src, torch.empty(2, 9, 41, device="meta"), cols[..., :3])
+    with pytest.raises(RuntimeError, match=r"argument 'src': expected a 3-D tensor, got 2-D"):
+        ops.hg_gather_sum(src[0], cols[..., :4], cols[..., :4].float())
+    with pytest.raises(RuntimeError, match=r"argument 'src': expected a CUDA tensor, got cpu"):
+        ops.hg_gather_sum(torch.zeros(2, 9, 40), torch.zeros(2, 7, 4, dtype=torch.int64), torch.zeros(2, 7, 4))
+    with pytest.raises(RuntimeError, match=r"argument 'pn': expected a CUDA tensor, got cpu"):
+        ops.hg_topk_incidence(torch.zeros(2, 9, 40), torch.zeros(2, 9), None, 5)
+
+
+def test_sdist_carries_every_cuda_source(tmp_path):
+    """setup.py lists only the files it compiles; MANIFEST.in brings the headers they include."""
+    import tarfile
+
+    built = _setup_py(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)],
+                      ROOT, ACE_KERNELS_SKIP_CUDA="1")
+    assert built.returncode == 0, built.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    sources = {os.path.relpath(os.path.join(folder, name), ROOT)
+               for folder, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names}
+    assert sources and {"csrc/hypergraph/hypergraph.h", "csrc/bindings.cpp"} <= sources
+    assert not sources - shipped, f"missing from the sdist: {sorted(sources - shipped)}"

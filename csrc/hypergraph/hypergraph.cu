@@ -33,7 +33,6 @@ constexpr int kRowThreads = 128;
 constexpr size_t kTopkStaticShared = kQueriesPerBlock * kMaxTopk * (sizeof(float) + sizeof(int64_t)) +
                                      kQueriesPerBlock * sizeof(int64_t);
 constexpr size_t kDefaultShared = 48 * 1024;
-constexpr int kMaxSlots = 64;     // incidence slots per row held in shared memory
 
 struct Candidate {
   float value;
@@ -260,7 +259,7 @@ entry_dot_kernel(const TA* __restrict__ a, int64_t a_sb, int64_t a_sq, int64_t a
   }
 }
 
-bool grid_ok(int64_t rows, int64_t batch) { return rows <= 0x7fffffffLL && batch <= 65535; }
+bool grid_ok(int64_t rows, int64_t batch) { return rows <= 0x7fffffffLL && batch <= kMaxBatch; }
 
 // Calls f(T{}) with T the C++ type of a feature dtype; cudaErrorInvalidValue for an unknown one.
 template <typename F>
@@ -274,6 +273,10 @@ cudaError_t with_feat(Feat type, F&& f) {
 }
 
 }  // namespace
+
+size_t topk_incidence_shared_bytes(int64_t D) {
+  return static_cast<size_t>(kQueriesPerBlock) * (D + kTopkChunk) * sizeof(float) + kTopkStaticShared;
+}
 
 cudaError_t topk_incidence(const void* pn, Feat pn_type, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
                            const float* inv_norm, int64_t in_sb, int64_t in_sm, const int64_t* rows, int64_t rows_sb,

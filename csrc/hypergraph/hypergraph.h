@@ -20,6 +20,15 @@ namespace ace_hg {
 
 // Largest top-k the incidence kernel keeps per row.
 constexpr int kMaxTopk = 16;
+// Largest batch B any launcher takes (the grid's y dimension).
+constexpr int64_t kMaxBatch = 65535;
+// Largest number of incidence slots per row gather_sum takes (held in shared memory).
+constexpr int kMaxSlots = 64;
+
+// Shared memory per block, in bytes, topk_incidence needs at feature width D (its dynamic
+// buffer and its static arrays). Beyond 48 KiB a launch needs the device's opt-in limit
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin) to cover it.
+size_t topk_incidence_shared_bytes(int64_t D);
 
 // Element type of a feature tensor.
 enum class Feat : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -27,7 +36,8 @@ enum class Feat : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 // Top-k cosine neighbours of R query patches among the M patches of each sample.
 //   pn    [B, M, D] raw patch features (strides pn_sb, pn_sm, pn_sd)
 //   inv_norm [B, M] 1 / max(|patch|, eps) (strides in_sb, in_sm): cosine = dot * inv_norm_q * inv_norm_m
-//   rows  [B, R] patch index of each query (strides rows_sb, rows_sr), or nullptr: query r is patch r
+//   rows  [B, R] patch index of each query (strides rows_sb, rows_sr), or nullptr: query r is patch r;
+//         the values must lie in [0, M) (the caller's contract: they are not checked)
 //   idx   [B, R, topk] int64 out (contiguous): selected patch indices, own patch excluded
 //   w     [B, R, topk] float out (contiguous): softmax of the selected similarities
 // Ties keep the lowest index; NaN similarities rank above every number (as torch.topk).
