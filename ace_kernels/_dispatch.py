@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -271,16 +272,34 @@ def reasons_for(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) 
 ORDER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_order.json")
 
 
-def read_by_device(path: str) -> dict:
+def read_by_device(path: str, levels: int = 1) -> dict:
     """The ``by_device`` table of a per-card JSON file beside this module ({} when the file is
-    absent, unreadable or has no such table)."""
+    absent, unreadable or has no such table).
+
+    Its first ``levels`` levels (the card's table, then ...) must be JSON objects: an entry of
+    another type (a hand edit) is left out with a warning naming it, so that a lookup never
+    meets it. Deeper entries are checked where they are used.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return {}
     by_device = data.get("by_device") if isinstance(data, dict) else None
-    return by_device if isinstance(by_device, dict) else {}
+    if not isinstance(by_device, dict):
+        return {}
+
+    def objects_only(table: dict, where: tuple, depth: int) -> dict:
+        kept = {}
+        for name, value in table.items():
+            if not isinstance(value, dict):
+                warnings.warn(f"{path}: by_device / {' / '.join(map(str, where + (name,)))}: expected a JSON object, "
+                              f"got {type(value).__name__}; left out", RuntimeWarning, stacklevel=2)
+                continue
+            kept[name] = objects_only(value, where + (name,), depth - 1) if depth > 1 else value
+        return kept
+
+    return objects_only(by_device, (), levels)
 
 
 # Read once at import (a small file; no GPU is touched), so that a first call under

@@ -29,7 +29,7 @@ from ace_kernels import _dispatch
 TUNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_configs.json")
 
 
-_TUNED = _dispatch.read_by_device(TUNED_FILE)
+_TUNED = _dispatch.read_by_device(TUNED_FILE, levels=2)  # card, then family: objects
 # Process-wide, not per thread: autograd runs a CUDA backward on its own device thread, which
 # must see what the sweep forced around its forward and backward calls.
 _FORCED: list = []

@@ -132,6 +132,30 @@ def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_ca
         assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
 
 
+def test_a_hand_edited_table_that_is_not_an_object_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    """A card's or a family's table of another type (a list, a string) is dropped when the file
+    is read, naming it, instead of failing at the first GPU call with an AttributeError."""
+    tuned, orders = tmp_path / "tuned.json", tmp_path / "orders.json"
+    tuned.write_text(json.dumps({"by_device": {CARD: {"lora": ["x"], "contrastive": {}}, "Other card": "x"}}))
+    orders.write_text(json.dumps({"by_device": {CARD: ["torch"], "Other card": {"lora_qkv": ["torch", "triton"]}}}))
+    with pytest.warns(RuntimeWarning) as caught:
+        tables = _dispatch.read_by_device(str(tuned), levels=2)
+        order_tables = _dispatch.read_by_device(str(orders))
+    assert tables == {CARD: {"contrastive": {}}}
+    assert order_tables == {"Other card": {"lora_qkv": ["torch", "triton"]}}
+    messages = [str(w.message) for w in caught]
+    assert messages == [f"{tuned}: by_device / {CARD} / lora: expected a JSON object, got list; left out",
+                        f"{tuned}: by_device / Other card: expected a JSON object, got str; left out",
+                        f"{orders}: by_device / {CARD}: expected a JSON object, got list; left out"]
+    # What is left is looked up as usual: the defaults for what was dropped.
+    monkeypatch.setattr(_tuning, "_TUNED", tables)
+    monkeypatch.setattr(_dispatch, "_MEASURED_ORDERS", order_tables)
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: {0: CARD, 1: "Other card"}[index])
+    assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
+    assert _dispatch.preference("lora_qkv", CUDA0) == _dispatch._OPS["lora_qkv"].prefer
+    assert _dispatch.preference("lora_qkv", torch.device("cuda", 1))[:2] == ("torch", "triton")
+
+
 def test_the_infonce_kernels_take_their_tuned_tiles(on_card):
     lse = contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")]
     on_card.contrastive["lse/16bit/one_dot"] = dict(lse[2])
