@@ -228,6 +228,29 @@ def test_torch_mask_statistics():
     check_mask_statistics(mask, case.dropout_p)
 
 
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_keep_rate_is_one_minus_p_within_half_a_percent(backend, dropout_p, device):
+    """On 2 * 10^6 draws per projection (6 sigma is under half a percent of the keep rate): a
+    keep rate off by 1% (a biased E[drop(x)]) fails, which the small-mask statistics above let
+    pass."""
+    rows, in_features = 6000, 333
+    if backend == "torch":
+        case = Case("rate", "qkv", (rows,), in_features, 4, 4, dropout_p=dropout_p)
+        _, mask = call_op(case, make_inputs(case, torch.float32), "torch")
+    else:
+        # The kernels' own draws, exported (the same Philox numbers whatever the tile: on the
+        # CPU, large tiles keep the interpreter fast).
+        seed = torch.tensor([20261201], dtype=torch.int64, device=device)
+        tiles = dict(BLOCK_M=256, BLOCK_K=512) if device.type == "cpu" else lora_module._GPU_CONFIGS["mask"]["fp32"]
+        with _tuning.forced("lora", "mask", "fp32", tiles):
+            mask = lora_module._export_masks(seed, rows, in_features, 3, dropout_p).cpu()
+    rates = mask.reshape(3, -1).to(torch.float64).mean(dim=1)
+    bound = binomial_bound(rows * in_features, dropout_p)
+    assert bound < 0.005 * (1 - dropout_p)
+    assert ((rates - (1 - dropout_p)).abs() < bound).all(), (rates.tolist(), 1 - dropout_p, bound)
+
+
 def test_torch_zero_rows():
     case = Case("empty", "qkv", (0,), 8, 3, 2, dropout_p=0.2)
     inputs = make_inputs(case)
