@@ -694,9 +694,10 @@ def check_two_x_torch_rule(case, dtype, device, floor):
 
 
 @pytest.mark.triton
-def test_triton_fp16_two_x_torch_rule(device):
+@pytest.mark.parametrize("dropout_p", [0.1, 0.0], ids=["p0.1", "p0"])
+def test_triton_fp16_two_x_torch_rule(device, dropout_p):
     # fp16 dots run correctly in the interpreter (bf16 ones do not: bf16 is GPU-only).
-    case = Case("half", "qkv", (37,), 45, 13, 4, dropout_p=0.1)
+    case = Case("half", "qkv", (37,), 45, 13, 4, dropout_p=dropout_p)
     check_two_x_torch_rule(case, torch.float16, device, floor=1e-3)
 
 
@@ -717,14 +718,17 @@ def test_triton_sweep_candidates_two_x_torch_rule(kernel, number, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.1, 0.0], ids=["p0.1", "p0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("rows", [8 * 197, 64 * 197 + 3])
-def test_triton_gpu_real_shapes(dtype, rows):
-    """ViT-B/BERT qkv shapes (K = out = 768, r = 4, p = 0.1), rows not a tile multiple."""
+def test_triton_gpu_real_shapes(dtype, rows, dropout_p):
+    """ViT-B/BERT qkv shapes (K = out = 768, r = 4), rows not a tile multiple; training with
+    dropout on and off (the kernels without dropout are other specialisations)."""
     # Floor: a few units of the dtype's rounding relative to the output scale, for outputs
     # where torch's own error happens to be near zero.
     floor = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-6}[dtype]
-    check_two_x_torch_rule(Case("gpu", "qkv", (rows,), 768, 768, 4, dropout_p=0.1), dtype, torch.device("cuda"), floor)
+    check_two_x_torch_rule(Case("gpu", "qkv", (rows,), 768, 768, 4, dropout_p=dropout_p), dtype, torch.device("cuda"),
+                           floor)
 
 
 @pytest.mark.gpu
