@@ -85,11 +85,13 @@ def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None])
     try:
         fill(fd, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            exc.filename = path  # a write or fsync error (a full disk) names no file by itself
         raise
     fsync_directory(directory)
 
@@ -121,8 +123,15 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+
+    Serialised in memory, then written in one call: an interrupt (Ctrl-C) that lands in a
+    write of torch's zip writer surfaces as its ``RuntimeError`` ("unexpected pos"), not as
+    the ``KeyboardInterrupt`` the command line reports as an interruption.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

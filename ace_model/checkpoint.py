@@ -97,18 +97,22 @@ def _shape(value) -> tuple | str:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _expect_tensor(where: str, value, expected_shape: tuple) -> torch.Tensor:
+def _expect_tensor(where: str, value, expected_shape: tuple, into: torch.dtype) -> torch.Tensor:
+    """``value`` as a floating tensor of ``expected_shape`` whose values are finite once copied
+    into a parameter of dtype ``into`` (a float64 1e40 is an infinity in float32)."""
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{where}: expected a tensor of shape {expected_shape}, found {type(value).__name__}")
     if tuple(value.shape) != tuple(expected_shape):
         raise CheckpointError(f"{where}: expected shape {tuple(expected_shape)}, found {tuple(value.shape)}")
     if not value.is_floating_point():
         raise CheckpointError(f"{where}: expected a floating-point tensor, found {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
+    finite = torch.isfinite(value.to(into))
+    if not bool(finite.all()):
         # Training never writes one (it stops on a non-finite loss or weight): a corrupt file.
-        bad = int((~torch.isfinite(value)).sum())
-        raise CheckpointError(f"{where}: {bad} of {value.numel()} values are not finite (NaN or inf); a trained "
-                              "checkpoint has none (a corrupt file?)")
+        bad = int((~finite).sum())
+        beyond = "" if value.dtype == into else f" in {str(into).replace('torch.', '')}"
+        raise CheckpointError(f"{where}: {bad} of {value.numel()} values are not finite (NaN or inf){beyond}; a "
+                              "trained checkpoint has none (a corrupt file?)")
     return value
 
 
@@ -187,7 +191,7 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     layers = _lora_layers(model)
     if isinstance(blob["weights"], dict):
         held = sum(1 for key in blob["weights"] if isinstance(key, str) and re.fullmatch(r"layer_\d+", key))
-        if 0 < held < len(layers):  # none or more: named below, by the first key missing or extra
+        if 0 < held != len(layers):  # none: named below, by the first key missing
             raise CheckpointError(f"{path}: LoRA weights for {held} attention layers, this model has {len(layers)} "
                                   "(a checkpoint of another model configuration? the command line's --model)")
     weights = _expect_dict(f"{path}: weights", blob["weights"],
@@ -208,8 +212,10 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
             where = f"{path}: weights['layer_{index}'][{projection!r}]"
             entry = _expect_dict(where, layer[projection], LORA_KEYS)
             _expect_only(where, entry, LORA_KEYS, "a LoRA pair is")
-            a = _expect_tensor(f"{where}['w_lora_A']", entry["w_lora_A"], tuple(lora.lora_a.shape[1:]))
-            b = _expect_tensor(f"{where}['w_lora_B']", entry["w_lora_B"], tuple(lora.lora_b.shape[1:]))
+            a = _expect_tensor(f"{where}['w_lora_A']", entry["w_lora_A"], tuple(lora.lora_a.shape[1:]),
+                               lora.lora_a.dtype)
+            b = _expect_tensor(f"{where}['w_lora_B']", entry["w_lora_B"], tuple(lora.lora_b.shape[1:]),
+                               lora.lora_b.dtype)
             staged.append((lora.lora_a.data[p], a))
             staged.append((lora.lora_b.data[p], b))
     for key, attribute, which in ADAPTERS:
@@ -218,10 +224,11 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
         state = _expect_dict(f"{path}: weights[{key!r}]", weights[key], ADAPTER_KEYS)
         _expect_only(f"{path}: weights[{key!r}]", state, ADAPTER_KEYS, "an adapter is")
         for name in ADAPTER_KEYS:
-            value = _expect_tensor(f"{path}: weights[{key!r}][{name!r}]", state[name], tuple(target[name].shape))
+            value = _expect_tensor(f"{path}: weights[{key!r}][{name!r}]", state[name], tuple(target[name].shape),
+                                   target[name].dtype)
             staged.append((target[name], value))
     scale = weights["logit_scale"]
-    _expect_tensor(f"{path}: weights['logit_scale']", scale, ())
+    _expect_tensor(f"{path}: weights['logit_scale']", scale, (), model.logit_scale.dtype)
     if not float(scale) > 0:
         raise CheckpointError(f"{path}: weights['logit_scale'] is {float(scale)!r}; expected a positive multiplier "
                               "(the multiplier itself is stored, e.g. 78.35 in the released file)")

@@ -296,6 +296,15 @@ def _check_output_file(path: str, flag: str) -> None:
     if not folder.is_dir():
         state = "is not a directory" if folder.exists() else "does not exist"
         raise CLIError(f"{flag}: {path!r}: its folder {str(folder)!r} {state}")
+    from ace_model._atomic import create_temp_file
+
+    try:  # the file is written through a temp file beside it: try one now
+        fd, probe = create_temp_file(target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CLIError(f"{flag}: {path!r} cannot be written in its folder {str(folder)!r}: "
+                       f"{exc.strerror or exc}") from None
 
 
 def _class_names(args: argparse.Namespace) -> list[str]:

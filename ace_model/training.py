@@ -1370,6 +1370,10 @@ def _build_dataset(config: TrainConfig, model: nn.Module):
     if config.use_labels and not dataset.label_columns:
         warnings.warn(f"TrainConfig.csv: {config.csv!r} has no label columns: training with the plain CLIP loss "
                       "(as use_labels=False, --no-labels), which masks no false negatives", stacklevel=2)
+    elif config.use_labels and len(dataset) > 1 and bool((dataset.labels == dataset.labels[0]).all()):
+        warnings.warn(f"TrainConfig.csv: every row of {config.csv!r} has the same labels: the label-guided loss "
+                      "masks every other sample as a false negative, so it has nothing to learn from (the plain "
+                      "CLIP loss: use_labels=False, --no-labels)", stacklevel=2)
     return dataset
 
 
@@ -1562,6 +1566,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             _check_resume_config(state, config, world, dataset_record, resume_path)
             _load_trainable(trainable, state["trainable"], resume_path)
             optimizer.load_state_dict(state["optimizer"])
+            _check_finite_optimizer(optimizer, resume_path)
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             legacy_state = "run_id" not in state  # written before runs had ids: it gets one now
@@ -1890,10 +1895,28 @@ def _load_trainable(trainable, saved: dict, path) -> None:
     with torch.no_grad():
         for name, p in trainable:
             value = saved[name]
-            if value.shape != p.shape:
-                raise TrainingStateError(f"resume from {path}: {name!r} expected shape {list(p.shape)}, "
-                                         f"found {list(value.shape)}")
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                found = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TrainingStateError(f"resume from {path}: {name!r} expected a tensor of shape {list(p.shape)}, "
+                                         f"found {found}")
             p.copy_(value)
+    # Checked as the parameters hold them (a float64 value can overflow float32): a corrupt
+    # state must not be trained on, nor (with no step left) reach ace_lora.pt.
+    non_finite = _non_finite_parameters(trainable)
+    if non_finite:
+        more = f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else ""
+        raise TrainingStateError(f"resume from {path}: the state's weights hold NaN or infinity "
+                                 f"({', '.join(non_finite[:3])}{more}): the file is corrupt; resume from an "
+                                 "earlier state")
+
+
+def _check_finite_optimizer(optimizer, path) -> None:
+    """Refuse an optimizer state holding NaN or infinity (its first step would spread it)."""
+    for index, per_param in enumerate(optimizer.state.values()):
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TrainingStateError(f"resume from {path}: the optimizer's {key!r} of parameter {index} holds "
+                                         "NaN or infinity: the file is corrupt; resume from an earlier state")
 
 
 # ----------------------------------------------------------------------------------------

@@ -214,6 +214,11 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
      lambda blob: blob["weights"]["img_node_adapter"]["up.bias"].__setitem__(3, float("inf"))),
     (r"weights\['layer_2'\]\['v_proj'\]\['w_lora_B'\]: 2 of \d+ values are not finite",
      lambda blob: blob["weights"]["layer_2"]["v_proj"]["w_lora_B"][0, :2].fill_(float("nan"))),
+    # finite in the file's float64, infinite in the model's float32
+    (r"weights\['logit_scale'\]: 1 of 1 values are not finite \(NaN or inf\) in float32; a trained",
+     lambda blob: blob["weights"].update(logit_scale=torch.tensor(1e40, dtype=torch.float64))),
+    (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: 256 of 256 values are not finite \(NaN or inf\) in float32",
+     lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=torch.full((4, 64), 1e300, dtype=torch.float64))),
     (r"weights\['logit_scale'\] is -5\.0; expected a positive multiplier",
      lambda blob: blob["weights"].update(logit_scale=torch.tensor(-5.0))),
     (r"weights: unexpected key 7 \(this model's entries are",
@@ -239,6 +244,14 @@ def test_a_checkpoint_of_a_smaller_model_says_so(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"LoRA weights for 2 attention layers, this model has 4 \(a checkpoint "
                                               r"of another model configuration\? the command line's --model\)"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
+@needs_released
+def test_a_checkpoint_of_a_larger_model_says_so(tiny):
+    # The released BiomedCLIP file into the tiny model: its 24 layers, not "unexpected key layer_4".
+    with pytest.raises(CheckpointError, match=r"ACE_LoRA\.pt: LoRA weights for 24 attention layers, this model has 4 "
+                                              r"\(a checkpoint of another model configuration\?"):
+        copy.deepcopy(tiny).load_reference_checkpoint(RELEASED)
 
 
 def test_a_training_state_is_named_as_one(tiny, tmp_path):

@@ -727,6 +727,16 @@ def test_zero_shot_batch_size_and_output_are_checked_before_evaluating(tiny, syn
         assert cli.main([*command, *flags]) == cli.EXIT_BAD_INPUT
         line = _one_error_line(capsys.readouterr().err, "zero-shot")
         assert expected in line and flags[0] in line, line
+    # A folder this user cannot write in (faked: root writes anywhere) fails before evaluating too.
+    from ace_model import _atomic
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(_atomic, "create_temp_file", denied)
+    assert cli.main([*command, "--output", str(tmp_path / "m.json")]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "zero-shot")
+    assert f"--output: '{tmp_path / 'm.json'}' cannot be written in its folder '{tmp_path}': Permission denied" in line
     from ace_model.data import CSVImageLabelDataset
 
     with pytest.raises(ValueError, match="argument 'batch_size': expected >= 1"):

@@ -369,7 +369,7 @@ def test_eps_zero_is_refused_and_its_nan_weights_never_saved(tmp_path, monkeypat
 
 
 @pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
-def test_a_csv_without_label_columns_trains_the_plain_loss_and_says_so(tmp_path):
+def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
     import csv
 
     from ace_model.data import make_synthetic_dataset
@@ -387,6 +387,14 @@ def test_a_csv_without_label_columns_trains_the_plain_loss_and_says_so(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: no warning
         assert train(TrainConfig(out_dir=str(tmp_path / "b"), use_labels=False, **config))["steps"] == 1
+    # Label columns whose rows are all alike (all empty, say): every negative is masked.
+    same = labelled.with_name("same.csv")
+    with open(same, "w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0] + ["a"]] + [row + [""] for row in rows[1:]])
+    config["csv"] = str(same)
+    with pytest.warns(UserWarning, match=r"TrainConfig\.csv: every row of .*same\.csv' has the same labels: the "
+                                         r"label-guided loss masks every other sample"):
+        assert train(TrainConfig(out_dir=str(tmp_path / "c"), **config))["steps"] == 1
 
 
 def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
@@ -483,6 +491,41 @@ def test_a_run_that_appears_in_out_dir_during_set_up_is_not_overwritten(tmp_path
               loss_fn=dense_label_infonce)
     assert kept.read_bytes() == (other / "ace_lora.pt").read_bytes()
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
+    """A state whose weights (or optimizer moments) hold NaN or infinity is refused on resume:
+    with no step left to train, its weights went to ace_lora.pt over the good ones (exit 0)."""
+    model = make_model("standin")
+    data = RandomPairs(model, 8, seed=1)
+    train(_config(tmp_path, epochs=1, checkpoint_every=1), model=model, dataset=data, loss_fn=dense_label_infonce)
+    final = tmp_path / "run" / "ace_lora.pt"
+    good = final.read_bytes()
+    path = tmp_path / "run" / "checkpoints" / "state-00000002.pt"
+    good_state = path.read_bytes()
+    name = next(iter(load_state(path)["trainable"]))
+    corruptions = {
+        "nan": (lambda s: s["trainable"][name].view(-1).__setitem__(0, float("nan")),
+                rf"the state's weights hold NaN or infinity \({re.escape(name)}\)"),
+        # finite in float64, infinite in the float32 parameter
+        "overflow": (lambda s: s["trainable"].__setitem__(name, s["trainable"][name].double().fill_(1e300)),
+                     rf"the state's weights hold NaN or infinity \({re.escape(name)}\)"),
+        "moment": (lambda s: next(iter(s["optimizer"]["state"].values()))["exp_avg_sq"].fill_(float("inf")),
+                   r"the optimizer's 'exp_avg_sq' of parameter 0 holds NaN or infinity"),
+    }
+    for corrupt, pattern in corruptions.values():
+        path.write_bytes(good_state)
+        bad = load_state(path)
+        corrupt(bad)
+        torch.save(bad, path)
+        with pytest.raises(training.TrainingStateError, match=rf"^resume from .*state-00000002\.pt: {pattern}"):
+            train(_config(tmp_path, epochs=1, checkpoint_every=1, resume="auto"), model=make_model("standin"),
+                  dataset=data, loss_fn=dense_label_infonce)
+        assert final.read_bytes() == good
+    path.write_bytes(good_state)  # resumes, with nothing left to train
+    result = train(_config(tmp_path, epochs=1, checkpoint_every=1, resume="auto"), model=make_model("standin"),
+                   dataset=data, loss_fn=dense_label_infonce)
+    assert result["steps"] == 2 and result["resumed_from"].endswith("state-00000002.pt")
 
 
 def test_resume_refuses_a_different_run(tmp_path):
@@ -1335,6 +1378,67 @@ def test_an_atomic_write_to_a_long_name_gets_a_temp_name_that_fits(tmp_path):
         atomic_write_text(target, "done\n")
         assert target.read_text() == "done\n"
     assert sorted(len(os.fsencode(p.name)) for p in tmp_path.iterdir()) == [254, 255, 255]
+
+
+def test_an_interrupt_while_a_state_is_written_is_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C landing in a write of the file: torch's zip writer turned it into a RuntimeError
+    ("unexpected pos"), which the command line reported as a crash; the earlier file stays."""
+    from ace_model._atomic import atomic_torch_save
+
+    target = tmp_path / "state.pt"
+    atomic_torch_save({"step": 1}, target)
+    before = target.read_bytes()
+    obj = {"weights": {f"w{i}": torch.randn(64, 64) for i in range(8)}, "step": 2}
+    real_fdopen = os.fdopen
+
+    class Interrupted:
+        def __init__(self, handle, at):
+            self.handle, self.at, self.writes = handle, at, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == self.at:
+                raise KeyboardInterrupt
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    for at in (1, 2, 3):
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode, at=at: Interrupted(real_fdopen(fd, mode), at))
+        try:
+            atomic_torch_save(obj, target)
+        except KeyboardInterrupt:
+            assert target.read_bytes() == before
+        else:  # fewer writes than `at`: written whole
+            assert torch.load(target, weights_only=True)["step"] == 2
+            target.write_bytes(before)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temp file left
+
+
+def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
+    """A full disk fails a write or fsync with an error naming no file ("[Errno 28] No space left
+    on device"): it names the destination; the earlier file stays and no temp file is left."""
+    import errno
+
+    from ace_model._atomic import atomic_write_text
+
+    target = tmp_path / "state.json"
+    atomic_write_text(target, "before\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=rf"No space left on device: '{re.escape(str(target))}'"):
+        atomic_write_text(target, "after\n")
+    assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
 def test_a_state_written_before_a_field_existed_resumes_at_its_default(tmp_path):
