@@ -1733,6 +1733,11 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
                         dataset_record, checkpoint_steps, run_id, last_loss, segment)
+            if batches is not None:
+                # Run out (its sampler holds just these batches): the loader stops its workers
+                # here, where a Ctrl-C meanwhile is raised. Left to garbage collection, they
+                # stopped in __del__, which swallowed it and the run went on.
+                next(batches, None)
             if batch_in_epoch >= steps_per_epoch or step < total_steps:
                 epoch += 1
                 batch_in_epoch = 0

@@ -1422,6 +1422,29 @@ def test_an_interrupt_while_a_state_is_written_is_a_keyboard_interrupt(tmp_path,
         assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no temp file left
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="loader workers started by fork")
+def test_ctrl_c_while_an_epochs_loader_workers_stop_is_raised(tmp_path, monkeypatch):
+    """The workers of an epoch's loader are stopped where a KeyboardInterrupt propagates: left to
+    the iterator's __del__ (garbage collection), one was printed as ignored and the run went on."""
+    from torch.utils.data import dataloader
+
+    real = dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    calls = []
+
+    def interrupted_shutdown(self):
+        real(self)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", interrupted_shutdown)
+    model = make_model("standin")
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, epochs=2, num_workers=1), model=model, dataset=RandomPairs(model, 8, seed=1),
+              loss_fn=dense_label_infonce)
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]  # the first epoch's
+
+
 def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     """A full disk fails a write or fsync with an error naming no file ("[Errno 28] No space left
     on device"): it names the destination; the earlier file stays and no temp file is left."""
