@@ -190,9 +190,11 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     check_metadata(model, metadata, path)
     layers = _lora_layers(model)
     if isinstance(blob["weights"], dict):
-        held = sum(1 for key in blob["weights"] if isinstance(key, str) and re.fullmatch(r"layer_\d+", key))
-        if 0 < held != len(layers):  # none: named below, by the first key missing
-            raise CheckpointError(f"{path}: LoRA weights for {held} attention layers, this model has {len(layers)} "
+        held = {key for key in blob["weights"] if isinstance(key, str) and re.fullmatch(r"layer_\d+", key)}
+        another_model = held == {f"layer_{i}" for i in range(len(held))}  # layer_0.. with none skipped
+        # Otherwise (none held, or a stray layer key): named below, by the first key missing or extra.
+        if 0 < len(held) < len(layers) or (len(held) > len(layers) and another_model):
+            raise CheckpointError(f"{path}: LoRA weights for {len(held)} attention layers, this model has {len(layers)} "
                                   "(a checkpoint of another model configuration? the command line's --model)")
     weights = _expect_dict(f"{path}: weights", blob["weights"],
                            [f"layer_{i}" for i in range(len(layers))] + [a[0] for a in ADAPTERS] + ["logit_scale"])
