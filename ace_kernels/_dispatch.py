@@ -380,6 +380,11 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, varia
     raise RuntimeError(f"{op}: no backend can run this call ({detail})")
 
 
+def backend_of(op: str, impl: Callable) -> str:
+    """The name of the backend whose implementation of ``op`` is ``impl`` (what :func:`select` returned)."""
+    return next(name for name, fn in _OPS[op].impls.items() if fn is impl)
+
+
 def available_backends(*, reasons: bool = False):
     """Backends that can run on this machine.
 

@@ -65,7 +65,14 @@ FLOPs, backward ``8 B^2 D`` (per direction: similarities ``2 B^2 D``, gradient
 ``2 B^2 D``), ``10 B^2 D`` in all against issue 5's counted ``8 B^2 D``. Wider D
 (to 1024), fp32 inputs or unaligned rows split the gradient into D chunks that
 each recompute the similarities (D = 1024 in 16 bits: two 512-wide halves,
-``14 B^2 D``); ``group=`` adds ``2 B^2 D`` (the two-pass forward) over all ranks.
+``14 B^2 D``). With ``group=`` (rank ``r`` holding ``n_r`` rows, ``W`` ranks), over all
+ranks: the forward takes ``4 B^2 D`` (its two passes); the backward, in either strategy,
+runs per direction the row tiles holding a rank's rows against every column and the other
+rows against that rank's columns only: ``2 B^2 - sum_r n_r^2`` logits (rounded out to row
+tiles) instead of ``B^2``, since a pair whose rows two ranks hold is in both their shares
+(the row's softmax on one, the column's on the other). That is ``(2 - 1/W)`` times one
+device's backward for equal shares; 16-bit, D <= 512, ``W = 8``: ``19 B^2 D`` in all,
+about ``2.4 B^2 D`` per rank.
 Extra memory of the Triton path is ``O(B)`` besides the forward's partials.
 
 Blocked strategy (a launch configuration with ``STRATEGY="blocked"``, among the
@@ -102,7 +109,8 @@ Across ranks (``group=``)
 Embeddings (and labels, so that false negatives across ranks are masked) are
 all-gathered; rank ``r`` computes the row log-sum-exps of its own rows and the
 column log-sum-exps of its own columns, i.e. its share ``l_r`` of the global
-loss, so the work is split, not repeated. A rank may hold no rows (``lo == hi``):
+loss, so the work is split, not repeated (bar the backward's pairs of rows that two ranks
+hold, which both compute: see the cost above). A rank may hold no rows (``lo == hi``):
 its share is 0 and its backward yields zero gradients, no kernel runs. Each rank's
 gradients of the gathered rows are formed in fp32 (the torch backend gathers its fp32
 copies; the Triton kernels write fp32 gradients) and reduce-scattered in fp32, so a
@@ -902,26 +910,44 @@ def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: 
     """:func:`_triton_grad_rows` by the blocked strategy: per row block, the softmax weights in
     ``b``'s dtype (``_grad_weights_kernel``), then ``grad = coef * s * (W @ b)`` accumulated in fp32
     and rounded once into ``a``'s dtype (the one-pass kernel's rounding of the weights and of the
-    result; only the order of the fp32 additions differs)."""
+    result; only the order of the fp32 additions differs).
+
+    An owned range ``lo..hi`` short of the batch (``group=``): the row tiles that hold owned rows
+    meet every column, the others only the owned columns (their rows' own softmax weights are 0),
+    as in the one-pass kernel; no row block mixes the two. A rank thus computes about
+    ``(hi - lo) x n + (n - hi + lo) x (hi - lo)`` weights, not ``n x n``. A block holds as many
+    rows as the weights buffer takes at its width (more beside the owned columns than beside
+    all); its fp32 products are formed in chunks of the rows a block of full width holds."""
     n, dim = a.shape
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    rows = _grad_block_rows(n, cfg, b.element_size())
-    weights = torch.empty(rows, n, dtype=b.dtype, device=a.device)
+    element = b.element_size()
+    full_rows = _grad_block_rows(n, cfg, element)
+    capacity = full_rows * n  # elements of the weights buffer
+    # Row tiles from 0, as on one device: the owned rows rounded out to whole tiles.
+    tiles_lo, tiles_hi = lo - lo % bm, min(n, triton.cdiv(hi, bm) * bm)
+    blocks = []  # (first row, end row, first column, end column)
+    for r_lo, r_hi, c0, c1 in ((0, tiles_lo, lo, hi), (tiles_lo, tiles_hi, 0, n), (tiles_hi, n, lo, hi)):
+        if r_lo == r_hi:
+            continue
+        # Never fewer than one tile of rows: bm * (c1 - c0) <= bm * n <= capacity.
+        rows = _block_rows(r_hi - r_lo, bm, (c1 - c0) * element, capacity * element)
+        blocks += [(r0, min(r_hi, r0 + rows), c0, c1) for r0 in range(r_lo, r_hi, rows)]
+    weights_buffer = torch.empty(capacity, dtype=b.dtype, device=a.device)
+    programs_of = [triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bn) for r0, r1, c0, c1 in blocks]
     # Per-tile logit-scale partials of one block (reused), then one sum per block: O(B) in all.
-    tile_part = torch.empty((rows // bm) * triton.cdiv(n, bn), dtype=torch.float32, device=a.device)
-    block_sums = torch.empty(triton.cdiv(n, rows), dtype=torch.float32, device=a.device)
+    tile_part = torch.empty(max(programs_of), dtype=torch.float32, device=a.device)
+    block_sums = torch.empty(len(blocks), dtype=torch.float32, device=a.device)
     factor = coef * scale
-    for block, r0 in enumerate(range(0, n, rows)):
-        r1 = min(n, r0 + rows)
-        # Rows outside lo..hi meet only the owned columns (their own softmax weights are 0).
-        c0, c1 = (0, n) if (r0 < hi and r1 > lo) else (lo, hi)
-        programs = triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bn)
+    for block, ((r0, r1, c0, c1), programs) in enumerate(zip(blocks, programs_of)):
+        weights = weights_buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
         _grad_weights_kernel[(programs,)](
             a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
             r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
             HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, **_blocked_options(cfg))
         torch.sum(tile_part[:programs], dim=0, out=block_sums[block])
-        grad_a[r0:r1] = _mm_fp32(weights[:r1 - r0, :c1 - c0], b[c0:c1]).mul_(factor)
+        for s0 in range(r0, r1, full_rows):
+            s1 = min(r1, s0 + full_rows)
+            grad_a[s0:s1] = _mm_fp32(weights[s0 - r0:s1 - r0], b[c0:c1]).mul_(factor)
     # Fixed-order sums of per-program partials: deterministic, no float atomics.
     return grad_a, block_sums.sum() * coef[0]
 
@@ -1240,7 +1266,8 @@ class _SumAcrossRanks(torch.autograd.Function):
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_LABEL_DTYPES)}
 
 
-def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception | None = None):
+def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception | None = None,
+                     backend: str | None = None):
     """Local batch sizes of every rank, after checking that the ranks agree on everything else.
 
     One small all-gather whose result is read on the host (a synchronisation).
@@ -1249,6 +1276,7 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
     rank's own error (bad arguments, or a backend it cannot run): it travels as a
     flag, so that such a rank raises its error and every other rank raises one
     naming it, instead of waiting in the next collective until the timeout.
+    ``backend`` is the one this rank resolved (without an error).
     """
     import torch.distributed as dist
 
@@ -1259,15 +1287,18 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
         # Whether each embedding gets a gradient decides which collectives the backward runs
         # (the gathered rows' reduce-scatter): ranks that differ would pair different collectives.
         grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
+        # So does the backend: torch gathers fp32 copies and reduce-scatters the text rows'
+        # gradients first, Triton gathers the rows as they are and reduces the image rows' first.
         row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
-               _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads, 0]
+               _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads,
+               _dispatch.BACKENDS.index(backend), 0]
     else:
-        row = [-1] * 8 + [1]
+        row = [-1] * 9 + [1]
     row = torch.tensor(row, dtype=torch.int64, device=_exchange_device(image_emb, group))
     table = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(table, row, group=group)
     table = [r.tolist() for r in table]
-    bad = [rank for rank, r in enumerate(table) if r[8]]
+    bad = [rank for rank, r in enumerate(table) if r[9]]
     if local_error is not None:
         raise local_error
     if bad:
@@ -1289,6 +1320,15 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
             raise ValueError(
                 f"label_guided_infonce with group=: every rank must pass the same {names[column]}; "
                 f"got {shown} on ranks 0..{world - 1}{hint}")
+    # Checked last: ranks that differ in the above may resolve backend="auto" differently for it.
+    backends = [_dispatch.BACKENDS[r[8]] for r in table]
+    if len(set(backends)) > 1:
+        agreed = " or ".join(f"backend={name!r}" for name in sorted(set(backends)))
+        raise ValueError(
+            f"label_guided_infonce with group=: every rank must run the same backend (the backends run "
+            f"different collectives); got {backends} on ranks 0..{world - 1} (each rank's backend=; under "
+            f"backend='auto', {_dispatch._ENV_VAR} or else what that rank can run). Pass the same backend= "
+            f"explicitly on every rank ({agreed}): a rank that cannot run it then says why")
     return tuple(r[0] for r in table)
 
 
@@ -1374,6 +1414,10 @@ def _check_group(group) -> None:
         return
     import torch.distributed as dist
 
+    if dist.is_available() and isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("argument 'group': this rank is not a member of the group (dist.new_group returns "
+                         "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out); call with group= only on "
+                         "the group's ranks")
     if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise ValueError(f"argument 'group': expected a torch.distributed ProcessGroup (e.g. "
                          f"dist.group.WORLD) or None, got {type(group).__name__}")
@@ -1403,8 +1447,10 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         ``ValueError`` naming the per-rank values otherwise, raised on every
         rank). A rank whose arguments are invalid, or which asks for a backend
         it cannot run, raises its own error and every other rank one naming it,
-        before any collective of the loss. ``logit_scale`` must have the same
-        value on every rank.
+        before any collective of the loss. Every rank must run the same
+        backend (as named or as ``auto`` resolves it there, which may differ
+        from rank to rank): a ``ValueError`` naming each rank's otherwise, on
+        every rank. ``logit_scale`` must have the same value on every rank.
     backend : {"auto", "triton", "torch"}
         ``auto`` takes Triton on a GPU and torch otherwise.
 
@@ -1444,6 +1490,7 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     compared exactly (a NaN label row equals no other row).
     """
     _check_group(group)
+    local_impl = None  # with group=: the backend this rank resolved before the shape exchange
     if group is None:
         _validate(image_emb, text_emb, logit_scale, labels)
     else:
@@ -1453,12 +1500,14 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
             # collectives, and travels in the exchange like an argument error. The reasons that
             # depend on the global batch are checked again below, on the gathered rows: the
             # same sizes on every rank, so every rank decides alike.
-            _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, logit_scale],
-                             args=(image_emb, text_emb), kwargs={})
+            local_impl = _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, logit_scale],
+                                          args=(image_emb, text_emb), kwargs={})
             local_error = None
         except (ValueError, RuntimeError) as exc:
-            local_error = exc
-        sizes = _exchange_shapes(image_emb, text_emb, labels, group, local_error)  # raises on every rank if any failed
+            local_impl, local_error = None, exc
+        # Raises on every rank if any failed, or if the ranks resolved different backends.
+        sizes = _exchange_shapes(image_emb, text_emb, labels, group, local_error,
+                                 backend=None if local_impl is None else _dispatch.backend_of(OP_NAME, local_impl))
     compute = _compute_dtype(image_emb.dtype)
     if isinstance(logit_scale, torch.Tensor):
         scale = logit_scale.reshape(()).to(compute)
@@ -1480,8 +1529,15 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         t_all = u_all
         keys = _label_keys(_gather_labels(labels, group, sizes)) if labels is not None else None
 
-    impl = _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, scale],
-                            args=(u_all, t_all), kwargs={})
+    if local_impl is _lse_share_torch:
+        # What every rank resolved (the exchange checked), and torch takes any batch: selecting
+        # again could pick Triton on a rank where only its local rows' strides had ruled it out.
+        impl = local_impl
+    else:
+        # The gathered batch may rule out the backend the ranks agreed on, for the same reasons
+        # on every rank: "auto" then falls back to torch on all of them, an explicit one raises.
+        impl = _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, scale],
+                                args=(u_all, t_all), kwargs={})
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
     # The loss ignores autocast (as the Triton kernels always do): the torch backend's logit

@@ -1,5 +1,6 @@
 """Worker for tests/test_contrastive_distributed.py: one gloo rank computing its share of a global batch."""
 
+import contextlib
 import os
 import sys
 from datetime import timedelta
@@ -23,11 +24,40 @@ def make_global_batch(sizes, dim, with_labels, seed=0):
     return u, t, labels
 
 
-def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60):
+@contextlib.contextmanager
+def _blocked_strategy(dtype, dim, tiles, weight_bytes):
+    """Force the Triton backend's blocked strategy (``tiles``: its BLOCK_M/N/K) for ``dtype``
+    rows of width ``dim``, with a weights buffer of ``weight_bytes`` (None: the default), and
+    count the programs of its backward: yields ``{"grad_programs": [...]}``, the grid of each
+    launch of the weights kernel."""
+    from ace_kernels import _tuning, contrastive
+
+    config = dict(STRATEGY="blocked", num_warps=4, num_stages=1, **tiles)
+    dtype_class = contrastive._config_key(dtype, dim, aligned=dim % 16 == 0)
+    counts = {"grad_programs": []}
+    kernel = contrastive._grad_weights_kernel
+
+    class CountingKernel:
+        def __getitem__(self, grid):
+            counts["grad_programs"].append(grid[0])
+            return kernel[grid]
+
+    contrastive._grad_weights_kernel = CountingKernel()
+    if weight_bytes is not None:
+        contrastive._BLOCKED_WEIGHT_BYTES = weight_bytes
+    with _tuning.forced("contrastive", "lse", dtype_class, config), \
+            _tuning.forced("contrastive", "grad", dtype_class, config):
+        yield counts
+
+
+def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
+        blocked_tiles=None, weight_bytes=None):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
     ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
     (e.g. a peer that raised before a collective) fails instead of hanging the test.
+    ``blocked_tiles``: force the Triton blocked strategy with these tiles and ``weight_bytes`` of
+    weights (:func:`_blocked_strategy`), and save its backward's program counts too.
     """
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -43,11 +73,15 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
         t_local = t[lo:hi].to(dtype).requires_grad_()
         scale = torch.tensor(30.0, dtype=dtype, requires_grad=True)
         local_labels = labels[lo:hi] if labels is not None else None
-        loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
-                                                group=dist.group.WORLD, backend=backend)
-        loss.backward()
+        counting = contextlib.nullcontext({})
+        if blocked_tiles is not None:
+            counting = _blocked_strategy(dtype, dim, blocked_tiles, weight_bytes)
+        with counting as counts:
+            loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
+                                                    group=dist.group.WORLD, backend=backend)
+            loss.backward()
         torch.save({"loss": loss.detach(), "grad_u": u_local.grad, "grad_t": t_local.grad,
-                    "grad_scale": scale.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "grad_scale": scale.grad, **counts}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     exit_now()
@@ -133,6 +167,25 @@ def run_one_rank_without_its_backend(rank, world, port, out_dir, timeout_s):
     backend = "cuda" if rank == world - 1 else "torch"
     _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, group=dist.group.WORLD, backend=backend))
+
+
+def run_backend_mismatch(rank, world, port, out_dir, timeout_s, backends):
+    """Rank r asks for ``backends[r]``; ``"auto+triton"`` is ``backend="auto"`` with
+    ACE_KERNELS_BACKEND=triton set on that rank alone. fp32 rows that need gradients: every rank
+    must raise the same ValueError before any collective of the loss."""
+    wanted = backends[rank]
+    if wanted.startswith("auto+"):
+        os.environ["ACE_KERNELS_BACKEND"] = wanted[len("auto+"):]
+        wanted = "auto"
+    gen = torch.Generator().manual_seed(rank)
+    u = torch.randn(3 + rank, 16, generator=gen, requires_grad=True)
+    t = torch.randn(3 + rank, 16, generator=gen, requires_grad=True)
+    labels = torch.arange(3 + rank) % 2
+
+    def call(ace_kernels):
+        ace_kernels.label_guided_infonce(u, t, 10.0, labels, group=dist.group.WORLD, backend=wanted).backward()
+
+    _write_value_error(rank, world, port, out_dir, timeout_s, call)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """label_guided_infonce(group=) on CPU with gloo: 2 and 3 processes versus one process on the concatenated batch."""
 
+import math
 import socket
 import time
 
@@ -9,8 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ace_kernels
-from _contrastive_dist_worker import (make_global_batch, run, run_empty_global, run_grad_mismatch, run_mismatch,
-                                     run_one_bad_rank, run_one_rank_without_its_backend, run_scale_grad_on_one_rank)
+from _contrastive_dist_worker import (make_global_batch, run, run_backend_mismatch, run_empty_global, run_grad_mismatch,
+                                     run_mismatch, run_one_bad_rank, run_one_rank_without_its_backend,
+                                     run_scale_grad_on_one_rank)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -148,6 +150,33 @@ def test_ranks_may_differ_in_whether_the_logit_scale_needs_a_gradient(backend, t
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2
 
 
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_ranks_that_resolve_different_backends_raise_on_every_rank(tmp_path):
+    # The backends run different collectives (torch reduce-scatters the text rows' gradients
+    # first and gathers fp32 copies; Triton the image rows' first, and gathers 16-bit rows):
+    # torch, triton, torch in fp32 gave the right loss and gradients off by O(1) with no error.
+    # The last rank gets Triton from ACE_KERNELS_BACKEND under backend="auto".
+    started = time.monotonic()
+    _spawn(run_backend_mismatch, 3, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S, ("torch", "triton", "auto+triton")))
+    assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
+    assert messages[0] == messages[1] == messages[2], messages
+    assert messages[0].startswith("ValueError: ") and "the same backend" in messages[0], messages[0]
+    assert "['torch', 'triton', 'triton'] on ranks 0..2" in messages[0], messages[0]
+    assert "backend='torch' or backend='triton'" in messages[0], messages[0]
+
+
+def test_a_rank_outside_the_group_is_told_so():
+    # What dist.new_group returns on the ranks it leaves out: an int, refused before any collective.
+    u = torch.randn(3, 8)
+    outside = dist.GroupMember.NON_GROUP_MEMBER
+    with pytest.raises(ValueError, match="argument 'group': this rank is not a member of the group"):
+        ace_kernels.label_guided_infonce(u, u, 10.0, group=outside)
+    with pytest.raises(ValueError, match="argument 'group': this rank is not a member of the group"):
+        ace_kernels.LabelGuidedInfoNCE(10.0, group=outside)
+
+
 def test_empty_global_batch_raises_on_every_rank(tmp_path):
     _spawn(run_empty_global, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S))
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
@@ -172,6 +201,34 @@ def test_triton_backend_with_an_empty_rank(tmp_path):
     sizes, dim = (0, 9, 7), 20
     _spawn(run, 3, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, SHORT_TIMEOUT_S))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
+
+
+# The blocked strategy forced with the interpreter's 16 x 16 tiles, on uneven ranks whose owned
+# ranges start and end inside row tiles (at 20 of 45; at 7 and 30). Weights buffer: the default
+# (each range of rows in one block) or one tile of rows (a block per tile).
+BLOCKED_CASES = [("2_ranks", (20, 25), None), ("3_ranks_one_tile_blocks", (7, 23, 15), 1)]
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name,sizes,weight_bytes", BLOCKED_CASES, ids=[c[0] for c in BLOCKED_CASES])
+def test_triton_blocked_strategy_across_ranks(name, sizes, weight_bytes, tmp_path):
+    # fp32 kernels versus the fp64 single-process loss, as in test_triton_backend_across_ranks.
+    dim, tile = 20, 16
+    _spawn(run, len(sizes), (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60,
+                             dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=tile), weight_bytes))
+    _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
+    # Per direction, a rank's backward runs the row tiles holding its rows against every column
+    # and the other row tiles against its own columns only: fewer tiles than one device's
+    # whole grid, which every rank ran when its rows were one block (the default buffer here).
+    batch, lo = sum(sizes), 0
+    tiles = math.ceil(batch / tile)
+    for rank, size in enumerate(sizes):
+        owned = math.ceil((lo + size) / tile) - lo // tile
+        per_direction = owned * tiles + (tiles - owned) * math.ceil(size / tile)
+        programs = torch.load(tmp_path / f"rank{rank}.pt")["grad_programs"]
+        assert sum(programs) == 2 * per_direction < 2 * tiles * tiles, (rank, programs)
+        lo += size
 
 
 def _ulps_fp16(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
