@@ -1,7 +1,8 @@
 """One rank of a gloo run on 127.0.0.1, launched by tests/test_training_distributed.py.
 
 The launcher sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK as torchrun
-does. Modes:
+does. Every mode builds the model as the test does, its zero-initialised trainables (LoRA B)
+perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients to compare. Modes:
 
 - ``step``: one chunked step on this rank's slice of a global batch (dropout on, per-rank
   seed 100 + rank), gradients summed over ranks; saves loss and gradients.
@@ -53,7 +54,7 @@ def main() -> None:
 
     if args.mode in ("step", "mismatch"):
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        model = make_model(args.kind, seed=0, dropout=0.3)
+        model = make_model(args.kind, seed=0, dropout=0.3, perturb=True)
         images, token_ids, labels = make_batch(model, args.global_batch, seed=1)
         local = args.global_batch // world
         lo, hi = rank * local, (rank + 1) * local
@@ -176,7 +177,7 @@ def _record_error(args, rank: int, what: str, run) -> None:
 
 def _train_run(args, rank: int, lr: float, raise_errors: bool = False, without_dataset: bool = False,
                **overrides) -> None:
-    model = make_model(args.kind, seed=0, dropout=0.0)
+    model = make_model(args.kind, seed=0, dropout=0.0, perturb=True)
     # Without a dataset (and with no CSV configured) train() fails while building one.
     data = None if without_dataset else RandomPairs(model, 20, seed=2)
     settings = dict(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,

@@ -92,7 +92,8 @@ def set_dropout(model: nn.Module, p: float) -> None:
                 setattr(module, attr, p)
 
 
-def make_model(kind: str, *, seed: int = 0, dropout: float | None = None) -> nn.Module:
+def make_model(kind: str, *, seed: int = 0, dropout: float | None = None, perturb: bool = False) -> nn.Module:
+    """The stand-in or the tiny ACELoRA, in train mode; ``perturb``: see :func:`perturb_zero_trainables`."""
     torch.manual_seed(seed)
     if kind == "standin":
         model = StandInModel(dropout=0.1 if dropout is None else dropout)
@@ -104,8 +105,38 @@ def make_model(kind: str, *, seed: int = 0, dropout: float | None = None) -> nn.
             set_dropout(model, dropout)
     else:
         raise ValueError(kind)
+    if perturb:
+        perturb_zero_trainables(model)
     model.train()
     return model
+
+
+def perturb_zero_trainables(model: nn.Module, *, seed: int = 7, scale: float = 0.5) -> list[str]:
+    """Fill every all-zero trainable parameter with seeded normal values times ``scale``, in place,
+    and return their names.
+
+    A fresh ACELoRA starts each LoRA's B at zero: every ``lora_a`` gradient is then exactly 0
+    and the LoRA branch adds nothing to the gradient of its input, so a gradient comparison on a
+    fresh model compares 0 with 0 there (tests/test_model.py's ``_perturbed_fp64`` does the same
+    for the kernels). A generator of its own: the global stream, hence the dropout masks, is
+    left as it was. The stand-in has no zero trainables.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    filled = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and not bool(param.abs().amax() > 0):
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * scale)
+                filled.append(name)
+    return filled
+
+
+def assert_no_zero_gradient(grads: dict[str, torch.Tensor]) -> None:
+    """Every gradient a test compares carries signal: an all-zero one (``lora_a`` on a model whose
+    LoRA B is zero) would make its comparison 0 == 0."""
+    assert grads, "no gradients to compare"
+    zero = [name for name, grad in grads.items() if not bool(grad.abs().amax() > 0)]
+    assert not zero, f"all-zero reference gradients, the comparison is vacuous for them: {zero}"
 
 
 class RandomPairs(torch.utils.data.Dataset):

@@ -32,6 +32,7 @@ from ace_model.training import (
 )
 from _train_standin import (
     RandomPairs,
+    assert_no_zero_gradient,
     dense_label_infonce,
     make_batch,
     make_model,
@@ -93,10 +94,11 @@ def _assert_grads_close(got: dict, want: dict):
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("batch,chunk", [(10, 3), (7, 1), (9, 4)])
 def test_chunked_step_replays_dropout(kind, batch, chunk):
-    model = make_model(kind, dropout=0.3)
+    model = make_model(kind, dropout=0.3, perturb=True)  # non-zero LoRA B: lora_a gets a gradient
     images, token_ids, labels = make_batch(model, batch, seed=1)
     want_loss, want_grads, want_rng = _one_pass_reference(model, images, token_ids, labels, seed=5,
                                                           chunk_bounds=_bounds(batch, chunk))
+    assert_no_zero_gradient(want_grads)
     got_loss, got_grads, got_rng = _chunked(model, images, token_ids, labels, seed=5, chunk_size=chunk)
     torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
     _assert_grads_close(got_grads, want_grads)
@@ -106,9 +108,10 @@ def test_chunked_step_replays_dropout(kind, batch, chunk):
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_chunked_step_equals_unchunked_step_without_dropout(kind):
-    model = make_model(kind, dropout=0.0)
+    model = make_model(kind, dropout=0.0, perturb=True)
     images, token_ids, labels = make_batch(model, 11, seed=2)
     want_loss, want_grads, _ = _one_pass_reference(model, images, token_ids, labels, seed=0, chunk_bounds=[(0, 11)])
+    assert_no_zero_gradient(want_grads)
     got_loss, got_grads, _ = _chunked(model, images, token_ids, labels, seed=0, chunk_size=4)
     torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
     _assert_grads_close(got_grads, want_grads)
@@ -117,12 +120,13 @@ def test_chunked_step_equals_unchunked_step_without_dropout(kind):
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_chunked_step_matches_model_loss_and_library_loss(kind):
     """Default loss (ace_kernels.label_guided_infonce) vs ``model.loss`` on the whole batch."""
-    model = make_model(kind, dropout=0.0)
+    model = make_model(kind, dropout=0.0, perturb=True)
     images, token_ids, labels = make_batch(model, 9, seed=3)
     model.zero_grad(set_to_none=True)
     want_loss = model.loss(images, token_ids, labels)
     want_loss.backward()
     want_grads = trainable_grads(model)
+    assert_no_zero_gradient(want_grads)
     model.zero_grad(set_to_none=True)
     got_loss = chunked_train_step(model, images, token_ids, labels, chunk_size=2)
     torch.testing.assert_close(got_loss, want_loss.detach(), rtol=RTOL, atol=ATOL)

@@ -6,6 +6,7 @@ compares with one process on the concatenated batch computed here.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,7 +20,15 @@ import torch
 
 from ace_model import training
 from ace_model.training import TrainConfig, read_metrics, train
-from _train_standin import RandomPairs, dense_label_infonce, make_batch, make_model, tiny_available, trainable_grads
+from _train_standin import (
+    RandomPairs,
+    assert_no_zero_gradient,
+    dense_label_infonce,
+    make_batch,
+    make_model,
+    tiny_available,
+    trainable_grads,
+)
 
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
@@ -70,7 +79,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     world, global_batch, chunk = 2, 10, 2
     _launch("step", world, tmp_path, "--kind", kind, "--global-batch", str(global_batch), "--chunk", str(chunk))
 
-    model = make_model(kind, seed=0, dropout=0.3)
+    model = make_model(kind, seed=0, dropout=0.3, perturb=True)  # as the worker: lora_a gets a gradient
     images, token_ids, labels = make_batch(model, global_batch, seed=1)
     local = global_batch // world
     # One graph over the global batch; each rank's slice draws its dropout masks from
@@ -86,6 +95,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
                                training.logit_scale_parameter(model), labels)
     loss.backward()
     want = trainable_grads(model)
+    assert_no_zero_gradient(want)
 
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
@@ -104,8 +114,13 @@ def test_two_rank_training_run_equals_one_process(tmp_path):
     _launch("train", 2, tmp_path, "--kind", kind, "--chunk", "3")
     dist_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
 
-    model = make_model(kind, seed=0, dropout=0.0)
+    model = make_model(kind, seed=0, dropout=0.0, perturb=True)  # as the worker
     data = RandomPairs(model, 20, seed=2)
+    # From the first step on every trainable, lora_a included, has a gradient to get right.
+    first = copy.deepcopy(model)
+    first.loss(*(t[:8] for t in (data.images, data.token_ids, data.labels))).backward()
+    assert_no_zero_gradient(trainable_grads(first))
+    del first
     config = TrainConfig(out_dir=str(tmp_path / "single"), model=kind, epochs=2, batch_size=8, chunk_size=None,
                          checkpoint_every=3, progress=False, seed=3, lr=1e-2)
     result = train(config, model=model, dataset=data)
