@@ -1070,11 +1070,12 @@ def test_chunked_step_on_cuda_replays_the_cuda_dropout_stream():
     """fp32 on the GPU: the two-pass step must replay the CUDA generator (LoRA seeds, SDPA
     and BERT dropout draw there); bf16 autocast: the same step runs and agrees loosely."""
     device = torch.device("cuda")
-    model = make_model("tiny", dropout=0.3).to(device)
+    model = make_model("tiny", dropout=0.3, perturb=True).to(device)  # non-zero LoRA B
     images, token_ids, labels = make_batch(model, 10, seed=1)
     images, token_ids, labels = images.to(device), token_ids.to(device), labels.to(device)
     want_loss, want_grads, _ = _one_pass_reference(model, images, token_ids, labels, seed=5,
                                                    chunk_bounds=_bounds(10, 3))
+    assert_no_zero_gradient(want_grads)
     want_next = torch.rand(4, device=device)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)
@@ -1145,7 +1146,7 @@ def test_cli_cuda_graph_flag_reaches_the_config(tmp_path, capsys):
 
 def _graph_inputs(kind, batch, dropout):
     device = torch.device("cuda")
-    model = _triton_ops(make_model(kind, dropout=dropout).to(device))
+    model = _triton_ops(make_model(kind, dropout=dropout, perturb=True).to(device))  # non-zero LoRA B
     images, token_ids, labels = make_batch(model, batch, seed=2)
     return model, images.to(device), token_ids.to(device), labels.to(device)
 
@@ -1178,6 +1179,7 @@ def test_graphed_step_replays_the_eager_step(kind, precision):
         model.zero_grad(set_to_none=True)
         loss = chunked_train_step(model, b_images, b_ids, b_labels, loss_fn=dense_label_infonce, precision=precision)
         eager.append((loss.clone(), trainable_grads(model)))
+        assert_no_zero_gradient(eager[-1][1])
     eager_next = torch.rand(4, device="cuda")
 
     model.zero_grad(set_to_none=True)
