@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench bench-quick test test-fast test-gpu-image info gpu-check gpu-wheels clean
+.PHONY: setup bench bench-quick test test-gpu-image info gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
