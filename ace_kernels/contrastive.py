@@ -1497,11 +1497,13 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         try:
             _validate(image_emb, text_emb, logit_scale, labels, distributed=True)
             # A backend this rank cannot run (asked for explicitly) fails here, before the
-            # collectives, and travels in the exchange like an argument error. The reasons that
-            # depend on the global batch are checked again below, on the gathered rows: the
-            # same sizes on every rank, so every rank decides alike.
+            # collectives, and travels in the exchange like an argument error. Checked on one
+            # row of the embeddings' width and dtype: what depends on the rows (their number,
+            # a local view's strides) is checked below, on the gathered batch, which has the
+            # same sizes on every rank, so every rank decides alike there.
+            row = image_emb.new_empty(()).expand(1, image_emb.shape[1])
             local_impl = _dispatch.select(OP_NAME, backend, [image_emb, text_emb, labels, logit_scale],
-                                          args=(image_emb, text_emb), kwargs={})
+                                          args=(row, row), kwargs={})
             local_error = None
         except (ValueError, RuntimeError) as exc:
             local_impl, local_error = None, exc
@@ -1530,8 +1532,7 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         keys = _label_keys(_gather_labels(labels, group, sizes)) if labels is not None else None
 
     if local_impl is _lse_share_torch:
-        # What every rank resolved (the exchange checked), and torch takes any batch: selecting
-        # again could pick Triton on a rank where only its local rows' strides had ruled it out.
+        # What every rank resolved (the exchange checked), and torch takes any batch.
         impl = local_impl
     else:
         # The gathered batch may rule out the backend the ranks agreed on, for the same reasons

@@ -11,7 +11,7 @@ import io
 import os
 import re
 import secrets
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -122,16 +122,22 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+def torch_save_to(obj, handle: BinaryIO) -> None:
+    """``torch.save(obj, handle)``, serialised in memory first and written in one call.
 
-    Serialised in memory, then written in one call: an interrupt (Ctrl-C) that lands in a
-    write of torch's zip writer surfaces as its ``RuntimeError`` ("unexpected pos"), not as
-    the ``KeyboardInterrupt`` the command line reports as an interruption.
+    Written straight to a file, an interrupt (Ctrl-C) landing in one of the zip writer's writes
+    surfaces as its ``RuntimeError`` ("unexpected pos"), not as the ``KeyboardInterrupt`` the
+    command line reports as an interruption. The cost: one serialised copy of ``obj`` in host
+    memory (megabytes for LoRA weights and their optimizer state).
     """
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    handle.write(buffer.getbuffer())
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path`` (:func:`torch_save_to`)."""
+    atomic_write(path, lambda handle: torch_save_to(obj, handle))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from ace_model._atomic import atomic_torch_save
+from ace_model._atomic import atomic_torch_save, torch_save_to
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 LORA_KEYS = ("w_lora_A", "w_lora_B")
@@ -88,7 +88,7 @@ def save_reference_checkpoint(model, path: str | os.PathLike | BinaryIO, metadat
         metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
     blob = {"weights": reference_weights(model), "metadata": dict(metadata)}
     if hasattr(path, "write"):
-        torch.save(blob, path)
+        torch_save_to(blob, path)
     else:
         atomic_torch_save(blob, path)
 

@@ -1566,7 +1566,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             _check_resume_config(state, config, world, dataset_record, resume_path)
             _load_trainable(trainable, state["trainable"], resume_path)
             optimizer.load_state_dict(state["optimizer"])
-            _check_finite_optimizer(optimizer, resume_path)
+            _check_finite_optimizer(optimizer, trainable, resume_path)
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             legacy_state = "run_id" not in state  # written before runs had ids: it gets one now
@@ -1915,13 +1915,20 @@ def _load_trainable(trainable, saved: dict, path) -> None:
                                  "earlier state")
 
 
-def _check_finite_optimizer(optimizer, path) -> None:
-    """Refuse an optimizer state holding NaN or infinity (its first step would spread it)."""
-    for index, per_param in enumerate(optimizer.state.values()):
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise TrainingStateError(f"resume from {path}: the optimizer's {key!r} of parameter {index} holds "
-                                         "NaN or infinity: the file is corrupt; resume from an earlier state")
+def _check_finite_optimizer(optimizer, trainable, path) -> None:
+    """Refuse an optimizer state holding NaN or infinity (its first step would spread it); one
+    host sync."""
+    names = {id(p): name for name, p in trainable}
+    entries = [(names.get(id(p), "?"), key, value) for p, per_param in optimizer.state.items()
+               for key, value in per_param.items() if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    if not entries:
+        return
+    finite = torch.stack([torch.isfinite(value).all() for _, _, value in entries]).cpu().tolist()
+    bad = [(name, key) for (name, key, _), ok in zip(entries, finite) if not ok]
+    if bad:
+        name, key = bad[0]
+        raise TrainingStateError(f"resume from {path}: the optimizer's {key!r} of {name} holds NaN or infinity: "
+                                 "the file is corrupt; resume from an earlier state")
 
 
 # ----------------------------------------------------------------------------------------

@@ -281,7 +281,8 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
     else:
         predicted = scores.argmax(dim=1)
         truth = labels.argmax(dim=1)
-        accuracy = int((predicted == truth).sum()) / predicted.numel()  # exact: 51/200 prints 0.255
+        hits = int((predicted == truth).sum())
+        accuracy = hits / predicted.numel() if predicted.numel() else float("nan")  # exact: 51/200 prints 0.255
         if task == "multiclass":
             extra["accuracy_macro"] = macro_accuracy(predicted, truth, scores.shape[1])
         if task == "binary":

@@ -190,3 +190,19 @@ def run_backend_mismatch(rank, world, port, out_dir, timeout_s, backends):
 
 if __name__ == "__main__":
     sys.exit("run through tests/test_contrastive_distributed.py")
+
+
+def run_strided_local_rows(rank, world, port, out_dir, timeout_s):
+    """Rank 1's rows are a view with a row stride of 2**31 (one row: any stride is allowed), which
+    the Triton kernels could not take as a batch; the gathered batch is contiguous, so every rank
+    runs backend="triton" (the backend was once chosen per rank on its local rows: an error)."""
+    gen = torch.Generator().manual_seed(rank)
+    u = torch.randn(3, 16, generator=gen)
+    if rank == 1:
+        u = torch.randn(16, generator=gen).as_strided((1, 16), (2**31, 1))
+    u = u.requires_grad_()
+
+    def call(ace_kernels):
+        ace_kernels.label_guided_infonce(u, u, 10.0, group=dist.group.WORLD, backend="triton").backward()
+
+    _write_value_error(rank, world, port, out_dir, timeout_s, call)

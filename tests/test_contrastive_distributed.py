@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import ace_kernels
 from _contrastive_dist_worker import (make_global_batch, run, run_backend_mismatch, run_empty_global, run_grad_mismatch,
                                      run_mismatch, run_one_bad_rank, run_one_rank_without_its_backend,
-                                     run_scale_grad_on_one_rank)
+                                     run_scale_grad_on_one_rank, run_strided_local_rows)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -165,6 +165,15 @@ def test_ranks_that_resolve_different_backends_raise_on_every_rank(tmp_path):
     assert messages[0].startswith("ValueError: ") and "the same backend" in messages[0], messages[0]
     assert "['torch', 'triton', 'triton'] on ranks 0..2" in messages[0], messages[0]
     assert "backend='torch' or backend='triton'" in messages[0], messages[0]
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_a_local_view_the_kernels_could_not_take_does_not_split_the_backends(tmp_path):
+    # The backend is agreed on one row of each rank's width and dtype; what depends on the rows
+    # is decided on the gathered batch, alike on every rank.
+    _spawn(run_strided_local_rows, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S))
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error", "no error"]
 
 
 def test_a_rank_outside_the_group_is_told_so():

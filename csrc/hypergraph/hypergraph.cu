@@ -284,7 +284,7 @@ cudaError_t topk_incidence(const void* pn, Feat pn_type, int64_t pn_sb, int64_t 
                            int topk, cudaStream_t stream) {
   if (topk < 1 || topk > kMaxTopk || topk > M || !grid_ok(R, B)) return cudaErrorInvalidValue;
   if (B == 0 || R == 0) return cudaSuccess;
-  const size_t shared = static_cast<size_t>(kQueriesPerBlock) * (D + kTopkChunk) * sizeof(float);
+  const size_t shared = topk_incidence_shared_bytes(D) - kTopkStaticShared;  // the dynamic buffer
   const int64_t blocks = (R + kQueriesPerBlock - 1) / kQueriesPerBlock;
   return with_feat(pn_type, [&](auto tag) {
     using T = decltype(tag);
