@@ -125,6 +125,18 @@ def git_sha(root: str | None = None) -> str:
     return "unknown"
 
 
+def nvidia_driver_version(device: torch.device) -> str | None:
+    """The driver version ``nvidia-smi`` reports for ``device`` (None where it cannot say)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i",
+                                str(index)], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    version = found.stdout.strip()
+    return version if found.returncode == 0 and version else None
+
+
 def triton_version() -> str | None:
     try:
         import triton
@@ -148,6 +160,8 @@ class Environment:
     python: str
     threads: int
     load_average: list[float] | None
+    device_memory_mib: float | None = None  # a GPU's, as torch reports it
+    driver: str | None = None  # the NVIDIA driver's version (nvidia-smi)
 
     @classmethod
     def probe(cls, device: torch.device) -> "Environment":
@@ -155,6 +169,10 @@ class Environment:
             load = [round(v, 2) for v in os.getloadavg()]
         except OSError:
             load = None
+        memory = driver = None
+        if device.type == "cuda":
+            memory = round(torch.cuda.get_device_properties(device).total_memory / 2**20, 1)
+            driver = nvidia_driver_version(device)
         return cls(
             device=device_name(device),
             device_type=device.type,
@@ -166,6 +184,8 @@ class Environment:
             python=platform.python_version(),
             threads=torch.get_num_threads(),
             load_average=load,
+            device_memory_mib=memory,
+            driver=driver,
         )
 
 

@@ -1542,3 +1542,28 @@ def test_a_signal_while_the_results_are_read_keeps_the_last_familys_rows(tmp_pat
     payload = json.loads((tmp_path / "cut.json").read_text())
     assert {r["family"] for r in payload["rows"]} == {"hypergraph"}
     assert payload["run"]["families"]["hypergraph"]["outcome"] == "ok"
+
+
+def test_a_gpu_environment_records_the_cards_memory_and_driver(monkeypatch):
+    """The card's memory and driver go in the results JSON (they were only in gpu_check.log);
+    no nvidia-smi, or one that fails, records None."""
+    class Properties:
+        total_memory = 150_121_545_728  # an H200's, as torch reports it
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    answers = {"ok": subprocess.CompletedProcess([], 0, "580.95.05\n", ""), "fails": subprocess.CompletedProcess([], 9, "", "")}
+    for answer, driver in (("ok", "580.95.05"), ("fails", None), ("missing", None)):
+        def run(cmd, **kwargs):
+            if answer == "missing":
+                raise FileNotFoundError("nvidia-smi")
+            assert cmd[:3] == ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            assert cmd[-2:] == ["-i", "0"]
+            return answers[answer]
+
+        monkeypatch.setattr(harness.subprocess, "run", run)
+        monkeypatch.setattr(harness, "git_sha", lambda: "g")
+        env = harness.Environment.probe(torch.device("cuda", 0))
+        assert env.device == "NVIDIA H200" and env.device_memory_mib == 143167.1 and env.driver == driver
+    cpu = harness.Environment.probe(torch.device("cpu"))
+    assert cpu.device_memory_mib is None and cpu.driver is None
