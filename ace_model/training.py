@@ -1724,10 +1724,9 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     # resume, then the same all-reduced gradients through the same AdamW).
                     non_finite = _non_finite_parameters(trainable)
                     if non_finite:
-                        more = f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else ""
                         raise NonFiniteLossError(
                             f"non-finite parameters after the optimizer step of step {step} (epoch {epoch}; "
-                            f"{', '.join(non_finite[:3])}{more}); they were not saved. Last good state: "
+                            f"{_first_names(non_finite)}); they were not saved. Last good state: "
                             f"{last_state or 'none written'}; no checkpoint was written after it.")
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
@@ -1782,6 +1781,12 @@ def _non_finite_parameters(trainable) -> list[str]:
     """Names of the ``(name, parameter)`` pairs holding a NaN or an infinity (one host sync)."""
     finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in trainable]).cpu().tolist()
     return [name for (name, _), ok in zip(trainable, finite) if not ok]
+
+
+def _first_names(names: list[str], shown: int = 3) -> str:
+    """``"a, b, c and 4 more"``."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
@@ -1909,26 +1914,26 @@ def _load_trainable(trainable, saved: dict, path) -> None:
     # state must not be trained on, nor (with no step left) reach ace_lora.pt.
     non_finite = _non_finite_parameters(trainable)
     if non_finite:
-        more = f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else ""
         raise TrainingStateError(f"resume from {path}: the state's weights hold NaN or infinity "
-                                 f"({', '.join(non_finite[:3])}{more}): the file is corrupt; resume from an "
-                                 "earlier state")
+                                 f"({_first_names(non_finite)}): the file is corrupt; resume from an earlier state")
 
 
 def _check_finite_optimizer(optimizer, trainable, path) -> None:
     """Refuse an optimizer state holding NaN or infinity (its first step would spread it); one
-    host sync."""
+    host sync per device the state lies on (AdamW keeps its step counts on the CPU)."""
     names = {id(p): name for name, p in trainable}
-    entries = [(names.get(id(p), "?"), key, value) for p, per_param in optimizer.state.items()
-               for key, value in per_param.items() if isinstance(value, torch.Tensor) and value.is_floating_point()]
-    if not entries:
-        return
-    finite = torch.stack([torch.isfinite(value).all() for _, _, value in entries]).cpu().tolist()
-    bad = [(name, key) for (name, key, _), ok in zip(entries, finite) if not ok]
-    if bad:
-        name, key = bad[0]
-        raise TrainingStateError(f"resume from {path}: the optimizer's {key!r} of {name} holds NaN or infinity: "
-                                 "the file is corrupt; resume from an earlier state")
+    by_device: dict = {}
+    for p, per_param in optimizer.state.items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                by_device.setdefault(value.device, []).append((names.get(id(p), "?"), key, value))
+    for entries in by_device.values():
+        finite = torch.stack([torch.isfinite(value).all() for _, _, value in entries]).cpu().tolist()
+        bad = [(name, key) for (name, key, _), ok in zip(entries, finite) if not ok]
+        if bad:
+            name, key = bad[0]
+            raise TrainingStateError(f"resume from {path}: the optimizer's {key!r} of {name} holds NaN or "
+                                     "infinity: the file is corrupt; resume from an earlier state")
 
 
 # ----------------------------------------------------------------------------------------
