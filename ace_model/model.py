@@ -435,7 +435,8 @@ class ACELoRA(nn.Module):
     logit_scale : nn.Parameter
         The multiplier itself, ``exp`` of the base's stored log scale (spec section 1).
     backend : str
-        Passed to every ace_kernels call ("auto", "cuda", "triton", "torch").
+        Passed to every ace_kernels call ("auto", "triton", "torch"; "cuda" reaches only
+        ``ace_hypergraph``, the other ops refuse it).
     text_attention : {"spec", "reference-code"}
         ``"spec"`` (default): the text tower's CLS row is the pre-softmax scaled scores before
         the padding mask (spec section 3) and BERT keeps its attention-probability and

@@ -1204,15 +1204,20 @@ def resolve_device(spec: str, local_rank: int = 0, *, name: str = "TrainConfig.d
 
 
 def _init_distributed(device: torch.device, timeout_s: float):
-    """Join the torchrun process group if WORLD_SIZE > 1; returns (group, rank, world, created)."""
+    """Join the torchrun process group if WORLD_SIZE > 1; returns (group, rank, world, created).
+
+    On CUDA the training device becomes the current one, also in a group the caller created:
+    NCCL collectives (the checks between ranks, the broadcast, the state gather) use the current
+    device, which is cuda:0 on every rank of a script that never set it.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD, dist.get_rank(), dist.get_world_size(), False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None, 0, 1, False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.group.WORLD, dist.get_rank(), dist.get_world_size(), True
 

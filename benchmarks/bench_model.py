@@ -194,15 +194,21 @@ def _ours_model(suite, model):
     return copy.deepcopy(model).cast_frozen_weights(torch.bfloat16)
 
 
+def _model_providers(suite) -> list[str]:
+    """The suite's backends a whole model can take: not ``cuda``, which only ``ace_hypergraph``
+    has (a model built with it fails its first LoRA call; the CUDA hypergraph kernels are timed
+    in family hypergraph, and a model with backend ``auto`` takes them where they were measured
+    faster)."""
+    return [p for p in suite.providers if p != "cuda"]
+
+
 def fused_provider(suite, probe, *, label: str) -> str | None:
-    """The backend an expensive single-backend item uses: on a GPU the fused one (cuda, then
-    triton) with the fastest ``ace_lora_train_step`` in this run when that ran, on a CPU torch;
-    the first that ``probe(provider)`` runs without error. None (logged) when none does."""
-    fused = [p for p in ("cuda", "triton") if p in suite.providers]
-    timed = {r.provider: r.median_ms for r in suite.rows
-             if r.op == "ace_lora_train_step" and r.provider in fused and r.median_ms}
-    order = sorted(fused, key=lambda p: (p not in timed, timed.get(p, 0.0))) if suite.is_gpu else []
-    order += [p for p in suite.providers if p not in order]
+    """The backend an expensive single-backend item uses: the first that ``probe(provider)``
+    runs without error, trying triton first on a GPU, the suite's order otherwise. None
+    (logged) when none does."""
+    providers = _model_providers(suite)
+    order = [p for p in providers if p == "triton"] if suite.is_gpu else []
+    order += [p for p in providers if p not in order]
     for provider in order:
         if suite.provider_can_run(f"{label} {provider}", lambda provider=provider: probe(provider)):
             return provider
@@ -269,7 +275,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     # (label, check, step, grads), checked and timed one after another on a GPU, the least proven
     # last: the plain steps, then each recompute mode, then the CUDA graphs.
     providers = []
-    for provider in suite.providers:
+    for provider in _model_providers(suite):
         def check(provider=provider):
             step_with(provider)()  # the training step runs
             checked[provider] = harness.relative_error(eval_step(provider), want)
@@ -282,7 +288,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
 
     # The same step with each ACELoRA.recompute mode: on a GPU for the fused backends, on a CPU for
     # each; each mode is checked on its own (its backward reruns the segments).
-    for provider in (p for p in suite.providers if not suite.is_gpu or p in ("triton", "cuda")):
+    for provider in (p for p in _model_providers(suite) if not suite.is_gpu or p == "triton"):
         for mode, suffix in RECOMPUTE_SUFFIXES.items():
             label = f"{provider}+{suffix}"
 
@@ -334,7 +340,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
         for t in ours_params:
             t.grad = None
 
-    for provider in (p for p in suite.providers if suite.is_gpu and p in ("triton", "cuda")):
+    for provider in (p for p in _model_providers(suite) if suite.is_gpu and p == "triton"):
         label = f"{provider}+cuda-graph"
         providers.append((label, lambda provider=provider, label=label: build_and_check_graph(provider, label),
                           lambda label=label: graphs[label](images, ids, labels), ours_params))
@@ -358,7 +364,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
     del entries
 
     def targets(provider, baseline):
-        if suite.is_gpu and provider.split("+")[0] in ("triton", "cuda") and baseline == "reference-ops":
+        if suite.is_gpu and provider.split("+")[0] == "triton" and baseline == "reference-ops":
             return [Target("speedup", 1.6, "throughput>=1.6x"), Target("memory_ratio", 1 / 0.6, "mem<=0.6x")]
         return []
 
@@ -471,7 +477,7 @@ def _run_zero_shot(suite, model) -> None:
     try:
         loop_entry = ("reference-loop", reference_loop, [])
         ours_entries, differences = [], {}
-        for provider in suite.providers:
+        for provider in _model_providers(suite):
             if not suite.provider_can_run(f"zero_shot_eval {provider}", batched(provider)):
                 continue
             ours_entries.append((provider, batched(provider), []))
@@ -499,7 +505,7 @@ def _run_zero_shot(suite, model) -> None:
     ours = {k: (m, metrics_for(k, m)) for k, m in measured.items() if k != "reference-loop"}
 
     def targets(provider, baseline):
-        if suite.is_gpu and provider in ("triton", "cuda") and baseline == "reference-loop":
+        if suite.is_gpu and provider == "triton" and baseline == "reference-loop":
             return [Target("speedup", 20.0, "throughput>=20x")]
         return []
 
@@ -691,7 +697,7 @@ def _run_max_batch(suite, model, ours_model) -> None:
     """The largest batch of a training step: reference ops on ``model``, our providers on
     ``ours_model`` (see :func:`_ours_model`)."""
     name = _model_name(suite)
-    order = max_batch_candidates(suite.providers, suite.rows)
+    order = max_batch_candidates(_model_providers(suite), suite.rows)
     model.train()
     ours_model.train()
     shape_text = f"{name} train step, largest B"
@@ -902,7 +908,7 @@ def _run_peft_patch(suite) -> None:
     # Each provider patches a copy of the towers, so that every entry exists at once and the
     # configuration is measured side by side (interleaved on the CPU), the original unpatched.
     handles, providers, patched_count = [], [], {}
-    for provider in suite.providers:
+    for provider in _model_providers(suite):
         label = f"patched:{provider}"
         copy_ = copy.deepcopy(towers)
         try:

@@ -73,6 +73,21 @@ def _launch(mode: str, world: int, out: Path, *extra: str, argv: list[str] | Non
     return outputs
 
 
+def test_the_training_device_becomes_current_in_a_group_the_caller_made(monkeypatch):
+    """NCCL collectives use the current CUDA device: in a group the caller created without
+    set_device, every rank's checks went through cuda:0 while its model trained on its own GPU
+    (NCCL then fails or hangs). Emulated: the calls are recorded, no GPU is needed."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device)))
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    assert training._init_distributed(torch.device("cuda", 1), 10.0) == (training.dist.group.WORLD, 1, 2, False)
+    assert calls == [torch.device("cuda", 1)]
+    training._init_distributed(torch.device("cpu"), 10.0)
+    assert calls == [torch.device("cuda", 1)]  # nothing on the CPU
+
+
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Chunked step, dropout on, labels repeated across ranks: loss and every gradient."""
     kind = KIND
