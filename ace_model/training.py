@@ -1727,7 +1727,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     # a later loss non-finite or is caught here. Every rank decides alike: they hold
                     # the same weights (broadcast from rank 0 at set-up, or one state loaded on
                     # resume, then the same all-reduced gradients through the same AdamW).
-                    non_finite = _non_finite_parameters(trainable)
+                    non_finite = _non_finite_tensors(trainable)
                     if non_finite:
                         raise NonFiniteLossError(
                             f"non-finite parameters after the optimizer step of step {step} (epoch {epoch}; "
@@ -1782,10 +1782,17 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     }
 
 
-def _non_finite_parameters(trainable) -> list[str]:
-    """Names of the ``(name, parameter)`` pairs holding a NaN or an infinity (one host sync)."""
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in trainable]).cpu().tolist()
-    return [name for (name, _), ok in zip(trainable, finite) if not ok]
+def _non_finite_tensors(named) -> list[str]:
+    """Names of the ``(name, tensor)`` pairs holding a NaN or an infinity, in order: one host sync
+    per device the tensors lie on (AdamW keeps its step counts on the CPU beside CUDA moments)."""
+    by_device: dict = {}
+    for index, (_, value) in enumerate(named):
+        by_device.setdefault(value.device, []).append(index)
+    bad = []
+    for indices in by_device.values():
+        finite = torch.stack([torch.isfinite(named[i][1].detach()).all() for i in indices]).cpu().tolist()
+        bad += [i for i, ok in zip(indices, finite) if not ok]
+    return [named[i][0] for i in sorted(bad)]
 
 
 def _first_names(names: list[str], shown: int = 3) -> str:
@@ -1917,28 +1924,22 @@ def _load_trainable(trainable, saved: dict, path) -> None:
             p.copy_(value)
     # Checked as the parameters hold them (a float64 value can overflow float32): a corrupt
     # state must not be trained on, nor (with no step left) reach ace_lora.pt.
-    non_finite = _non_finite_parameters(trainable)
+    non_finite = _non_finite_tensors(trainable)
     if non_finite:
         raise TrainingStateError(f"resume from {path}: the state's weights hold NaN or infinity "
                                  f"({_first_names(non_finite)}): the file is corrupt; resume from an earlier state")
 
 
 def _check_finite_optimizer(optimizer, trainable, path) -> None:
-    """Refuse an optimizer state holding NaN or infinity (its first step would spread it); one
-    host sync per device the state lies on (AdamW keeps its step counts on the CPU)."""
+    """Refuse an optimizer state holding NaN or infinity (its first step would spread it)."""
     names = {id(p): name for name, p in trainable}
-    by_device: dict = {}
-    for p, per_param in optimizer.state.items():
-        for key, value in per_param.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                by_device.setdefault(value.device, []).append((names.get(id(p), "?"), key, value))
-    for entries in by_device.values():
-        finite = torch.stack([torch.isfinite(value).all() for _, _, value in entries]).cpu().tolist()
-        bad = [(name, key) for (name, key, _), ok in zip(entries, finite) if not ok]
-        if bad:
-            name, key = bad[0]
-            raise TrainingStateError(f"resume from {path}: the optimizer's {key!r} of {name} holds NaN or "
-                                     "infinity: the file is corrupt; resume from an earlier state")
+    moments = [(f"the optimizer's {key!r} of {names.get(id(p), '?')}", value)
+               for p, per_param in optimizer.state.items() for key, value in per_param.items()
+               if isinstance(value, torch.Tensor) and value.is_floating_point()]
+    non_finite = _non_finite_tensors(moments)
+    if non_finite:
+        raise TrainingStateError(f"resume from {path}: {non_finite[0]} holds NaN or infinity: the file is corrupt; "
+                                 "resume from an earlier state")
 
 
 # ----------------------------------------------------------------------------------------
