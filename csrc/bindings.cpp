@@ -31,19 +31,15 @@ void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
 }
 
-void check_device_and_dim(const at::Tensor& t, const char* name, int64_t dim) {
+// Device and dtype; the dimensions are each op's shape checks' (shared with its meta kernel).
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
-  check_dim(t, name, dim);
-}
-
-void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
-  check_device_and_dim(t, name, dim);
   TORCH_CHECK(t.scalar_type() == dtype, "argument '", name, "': expected ", dtype, ", got ", t.scalar_type());
 }
 
 // A feature tensor (read by the kernels in its own dtype): float32, float16 or bfloat16.
-ace_hg::Feat check_feat(const at::Tensor& t, const char* name, int64_t dim) {
-  check_device_and_dim(t, name, dim);
+ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
   switch (t.scalar_type()) {
     case at::kFloat: return ace_hg::Feat::kF32;
     case at::kHalf: return ace_hg::Feat::kF16;
@@ -143,11 +139,11 @@ void check_entry_dot_shapes(const at::Tensor& a, const at::Tensor& b, const at::
 
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const at::Tensor& inv_norm,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
-  const ace_hg::Feat pn_type = check_feat(pn, "pn", 3);
-  check_cuda(inv_norm, "inv_norm", at::kFloat, 2);
+  const ace_hg::Feat pn_type = check_feat(pn, "pn");
+  check_cuda(inv_norm, "inv_norm", at::kFloat);
   check_same_device(inv_norm, "inv_norm", pn, "pn");
   if (rows.has_value()) {
-    check_cuda(*rows, "rows", at::kLong, 2);
+    check_cuda(*rows, "rows", at::kLong);
     check_same_device(*rows, "rows", pn, "pn");
   }
   check_topk_shapes(pn, inv_norm, rows, topk);
@@ -175,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
 }
 
 at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
-  const ace_hg::Feat src_type = check_feat(src, "src", 3);
-  check_cuda(cols, "cols", at::kLong, 3);
-  check_cuda(weights, "weights", at::kFloat, 3);
+  const ace_hg::Feat src_type = check_feat(src, "src");
+  check_cuda(cols, "cols", at::kLong);
+  check_cuda(weights, "weights", at::kFloat);
   check_same_device(cols, "cols", src, "src");
   check_same_device(weights, "weights", src, "src");
   check_gather_shapes(src, cols, weights);
@@ -194,17 +190,17 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
 
 at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
-  const ace_hg::Feat src_type = check_feat(src, "src", 3);
-  check_cuda(weights_flat, "weights_flat", at::kFloat, 2);
-  check_cuda(row_ptr, "row_ptr", at::kLong, 2);
-  check_cuda(perm, "perm", at::kLong, 2);
-  TORCH_CHECK(weights_flat.stride(1) == 1 && row_ptr.stride(1) == 1 && perm.stride(1) == 1,
-              "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
+  const ace_hg::Feat src_type = check_feat(src, "src");
+  check_cuda(weights_flat, "weights_flat", at::kFloat);
+  check_cuda(row_ptr, "row_ptr", at::kLong);
+  check_cuda(perm, "perm", at::kLong);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
     check_same_device(t, name, src, "src");
   }
   check_scatter_shapes(src, weights_flat, row_ptr, perm, num_rows, slots);
+  TORCH_CHECK(weights_flat.stride(1) == 1 && row_ptr.stride(1) == 1 && perm.stride(1) == 1,
+              "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
   const int64_t B = src.size(0), D = src.size(2);
   c10::cuda::CUDAGuard guard(src.device());
   auto out = at::empty({B, num_rows, D}, src.options().dtype(at::kFloat));
@@ -218,9 +214,9 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
 }
 
 at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
-  const ace_hg::Feat a_type = check_feat(a, "a", 3);
-  const ace_hg::Feat b_type = check_feat(b, "b", 3);
-  check_cuda(cols, "cols", at::kLong, 3);
+  const ace_hg::Feat a_type = check_feat(a, "a");
+  const ace_hg::Feat b_type = check_feat(b, "b");
+  check_cuda(cols, "cols", at::kLong);
   check_same_device(b, "b", a, "a");
   check_same_device(cols, "cols", a, "a");
   check_entry_dot_shapes(a, b, cols);
