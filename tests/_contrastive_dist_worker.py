@@ -188,10 +188,6 @@ def run_backend_mismatch(rank, world, port, out_dir, timeout_s, backends):
     _write_value_error(rank, world, port, out_dir, timeout_s, call)
 
 
-if __name__ == "__main__":
-    sys.exit("run through tests/test_contrastive_distributed.py")
-
-
 def run_strided_local_rows(rank, world, port, out_dir, timeout_s):
     """Rank 1's rows are a view with a row stride of 2**31 (one row: any stride is allowed), which
     the Triton kernels could not take as a batch; the gathered batch is contiguous, so every rank
@@ -206,3 +202,7 @@ def run_strided_local_rows(rank, world, port, out_dir, timeout_s):
         ace_kernels.label_guided_infonce(u, u, 10.0, group=dist.group.WORLD, backend="triton").backward()
 
     _write_value_error(rank, world, port, out_dir, timeout_s, call)
+
+
+if __name__ == "__main__":
+    sys.exit("run through tests/test_contrastive_distributed.py")
