@@ -452,7 +452,10 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
     try:
-        metadata = model.load_reference_checkpoint(args.checkpoint) if args.checkpoint else {}
+        with warnings.catch_warnings():
+            # Which attention the checkpoint was trained with: _text_attention decides and says below.
+            warnings.filterwarnings("ignore", message=".*: trained with text_attention=")
+            metadata = model.load_reference_checkpoint(args.checkpoint) if args.checkpoint else {}
     except CheckpointError as exc:
         if recorded and recorded != args.model:
             raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "

@@ -236,7 +236,8 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
             missing = [c for c in required if c not in header]
             if missing:
                 raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
-                                f"{', '.join(repr(c) for c in missing)} (found columns: {header})")
+                                f"{', '.join(repr(c) for c in missing)} (found columns: {header})"
+                                f"{_near_names_hint(missing, header)}")
             rows = []
             number = 0
             for fields in reader:
@@ -261,6 +262,14 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     if not rows:
         raise DataError(f"CSV file {csv_path!r} has a header but no rows")
     return header, rows
+
+
+def _near_names_hint(missing: Sequence[str], header: Sequence[str]) -> str:
+    """Names match exactly, as pandas reads them; this names the header columns that would have
+    matched a missing one but for surrounding spaces or letter case (``"image, text"``)."""
+    near = [f"{found!r} for {wanted!r}" for wanted in missing for found in header
+            if found != wanted and found.strip().lower() == wanted.lower()]
+    return f"; names must match exactly, check {', '.join(near)}" if near else ""
 
 
 def _rows_fingerprint(label_columns, rows) -> str:

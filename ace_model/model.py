@@ -856,10 +856,21 @@ class ACELoRA(nn.Module):
     # -- released checkpoint format -------------------------------------------------------
 
     def load_reference_checkpoint(self, path: str | os.PathLike) -> dict:
-        """Load a released-format ACE-LoRA checkpoint (spec section 7); returns its metadata."""
-        from ace_model.checkpoint import load_reference_checkpoint
+        """Load a released-format ACE-LoRA checkpoint (spec section 7); returns its metadata.
 
-        return load_reference_checkpoint(self, path)
+        Only weights are loaded: :attr:`text_attention` stays as it is. When the checkpoint
+        records another one (``ace-lora train`` writes it), a warning says so."""
+        from ace_model.checkpoint import load_reference_checkpoint
+        from ace_model.training import TRAINED_WITH  # here: ace_model.training imports this module
+
+        metadata = load_reference_checkpoint(self, path)
+        trained = metadata.get(TRAINED_WITH)
+        recorded = trained.get("text_attention") if isinstance(trained, dict) else None
+        if recorded in TEXT_ATTENTION and recorded != self.text_attention:
+            warnings.warn(f"{os.fspath(path)}: trained with text_attention={recorded!r}, this model computes "
+                          f"{self.text_attention!r}; set model.text_attention = {recorded!r} to evaluate it as "
+                          "trained", UserWarning, stacklevel=2)
+        return metadata
 
     def save_reference_checkpoint(self, path: str | os.PathLike | BinaryIO) -> None:
         """Write the trainable weights in the released format: to a file name atomically,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ace_model import ACELoRA, cli
-from ace_model.data import CSVImageTextDataset, DataError, make_synthetic_dataset, SYNTHETIC_CLASSES
+from ace_model.data import CSVImageTextDataset, DataError, make_synthetic_dataset, read_csv, SYNTHETIC_CLASSES
 from ace_model.zero_shot import (TEMPLATES, binary_auroc, class_embeddings, evaluate, macro_auroc,
                                  zero_shot_metrics, zero_shot_scores)
 
@@ -249,6 +249,10 @@ def test_csv_missing_columns_are_named(tiny, tmp_path, capsys):
     assert "'image', 'text'" in capsys.readouterr().err
     assert cli.main(["zero-shot", "--csv", str(bad), "--model", "tiny", "--classes", "edema"]) == cli.EXIT_BAD_INPUT
     assert "'image'" in capsys.readouterr().err
+    spaced = _write_csv(tmp_path / "spaced.csv", ["image", " text", "Label"], [["a.png", "text", "1"]])
+    with pytest.raises(DataError, match=r"missing required column\(s\) 'text', 'label' .*; names must match "
+                                        r"exactly, check ' text' for 'text', 'Label' for 'label'$"):
+        read_csv(spaced, ["image", "text", "label"])
 
 
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
@@ -1232,6 +1236,13 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert torch.load(weights, weights_only=True)["metadata"]["ace_lora_trained_with"]["text_attention"] == \
         "reference-code"
     assert json.loads((run / "config.json").read_text())["text_attention"] == "reference-code"
+    # From Python, loading the weights keeps the model's attention and says which one they were trained with.
+    with pytest.warns(UserWarning, match=r"trained with text_attention='reference-code', this model computes "
+                                         r"'spec'; set model.text_attention = 'reference-code'"):
+        ACELoRA.from_config("tiny").load_reference_checkpoint(weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ACELoRA.from_config("tiny", text_attention="reference-code").load_reference_checkpoint(weights)
     capsys.readouterr()
     evaluate_it = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(weights)]
     assert cli.main(evaluate_it) == 0
