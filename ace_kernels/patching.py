@@ -31,14 +31,18 @@ are tried:
     "q/k/v grouping" for how this stays exact. Members that differ, when the
     model is patched, in having a bias or in rank, scaling or dropout never
     group: each goes to ``lora_linear``, and its record says why.
-``peft-lora-linear``  (``lora=True``)
-    ``peft.tuners.lora.Linear`` around a plain ``nn.Linear`` (a timm fused
-    ``qkv`` with LoRA is one of these). The active adapter goes through
-    ``lora_linear``.
-``reference-lora-linear``  (``lora=True``)
-    The reference ACE-LoRA ``LinearLoRA`` layout, recognised by its attributes
-    ``weight``, ``bias``, ``w_lora_A`` [r, in], ``w_lora_B`` [out, r],
-    ``scaling``, ``r``, ``merged`` and ``dropout`` (``nn.Dropout`` or None).
+``lora-linear``  (``lora=True``)
+    One LoRA linear through ``lora_linear``, of either layout (the record's
+    kind says which):
+
+    ``peft-lora-linear``: ``peft.tuners.lora.Linear`` around a plain
+    ``nn.Linear`` (a timm fused ``qkv`` with LoRA is one of these); its active
+    adapter.
+
+    ``reference-lora-linear``: the reference ACE-LoRA ``LinearLoRA`` layout,
+    recognised by its attributes ``weight``, ``bias``, ``w_lora_A`` [r, in],
+    ``w_lora_B`` [out, r], ``scaling``, ``r``, ``merged`` and ``dropout``
+    (``nn.Dropout`` or None).
 ``reference-ace-loss``  (``hypergraph=True`` and/or ``loss=True``)
     The reference loss module (``img/text_edge/node_adapter``, ``logit_scale``,
     ``args.topk``, ``apply_ace_hgat``): ``apply_ace_hgat`` becomes
@@ -330,7 +334,7 @@ class PatchHandle:
 
     def stats(self) -> dict[str, int]:
         """Run-time call counters since patching, e.g. ``{"lora_qkv": 24,
-        "qkv cached": 48, "fallback peft-lora-linear: adapter merged": 3}``."""
+        "qkv cached": 48, "fallback peft-lora-linear: adapter merged into the base weight": 3}``."""
         return dict(self._counts)
 
     def reset_stats(self) -> None:
