@@ -1537,9 +1537,9 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     but the rows aggregated (and, for the full output, the in-degree of each
     token) do; outputs are well defined when the k-th and (k+1)-th scores of
     every row used differ. Exact ties arise from zero-norm tokens (padding: a
-    zero-norm patch has cosine 0 with every token, so its whole row ties, and
-    the CPU's ``torch.topk`` keeps the highest indices where the Triton and CUDA
-    kernels keep the lowest), from tokens that are positive multiples of each other,
+    zero-norm patch has cosine 0 with every token, so its whole row ties: the
+    Triton and CUDA kernels keep the lowest indices, the CPU's ``torch.topk`` a
+    subset that depends on the row length and the batch's shape), from tokens that are positive multiples of each other,
     and from equal ``cls_attn`` entries; with ``cls_only=True`` only the CLS
     row and the rows it selects are used.
 
