@@ -32,8 +32,8 @@ Backends
     one small batched product) and the call is one GEMM. ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
-    It declines too for ``dropout_p`` above about 0.99928 in training, where its 16-bit keep
-    threshold would be off by more than 1% of ``1 - dropout_p``.
+    It declines too for ``dropout_p`` above 0.99923 in training, where the rounding of its
+    16-bit keep threshold (up to 2**-17) can be more than 1% of ``1 - dropout_p``.
 
 Dropout randomness
 ------------------
@@ -53,7 +53,10 @@ restoring the generator state) reproduce the masks exactly:
   halve the Philox arithmetic, the main integer cost of the kernels.
 
 Each call draws once (P*M*in uniforms, or one seed), so restoring the generator state
-before a call replays its masks. The two backends give different (equally
+before a call replays its masks. Under ``torch.compile`` with inductor, the torch backend's
+``torch.rand`` becomes inductor's own generator: its masks replay within compiled code but
+differ from eager's for the same seed (``torch._inductor.config.fallback_random = True``
+keeps eager's). The two backends give different (equally
 distributed) masks for the same seed. :func:`capture_dropout_masks` records the masks a call used (a debugging and
 testing aid).
 
@@ -784,8 +787,11 @@ def _keep_rate_error(dropout_p: float) -> float:
     return ((1 << _THRESHOLD_BITS) - _drop_threshold(dropout_p)) / (1 << _THRESHOLD_BITS) / keep - 1.0
 
 
-# Above this the Triton backend declines (dropout_p above about 0.99928); at p = 0.1 the error is 7e-6.
+# The Triton backend declines a dropout_p whose threshold's rounding (at most 2**-17) can exceed
+# this share of 1 - dropout_p: above 0.99923, whatever the p's own rounding (the rule stays
+# monotonic in p); at p = 0.1 the error is 7e-6.
 _MAX_KEEP_RATE_ERROR = 1e-2
+_MAX_TRITON_DROPOUT = 1.0 - 2.0 ** -(_THRESHOLD_BITS + 1) / _MAX_KEEP_RATE_ERROR
 
 
 def _draw_seed(device: torch.device) -> torch.Tensor:
@@ -974,10 +980,10 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     rank = lora_a.shape[-2]
     if projections * rank > _MAX_BLOCK_R:
         reasons.append(f"rank {rank} is too large for the fused kernels (at most {_MAX_BLOCK_R // projections})")
-    keep_rate_error = abs(_keep_rate_error(dropout_p)) if training and dropout_p > 0.0 else 0.0
-    if keep_rate_error > _MAX_KEEP_RATE_ERROR:
-        reasons.append(f"dropout_p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (the keep "
-                       f"rate would be off by {100 * keep_rate_error:.1f}% of 1 - dropout_p)")
+    if training and dropout_p > _MAX_TRITON_DROPOUT:
+        reasons.append(f"dropout_p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (above "
+                       f"{_MAX_TRITON_DROPOUT:.5f} its rounding can put the keep rate off by more than "
+                       f"{100 * _MAX_KEEP_RATE_ERROR:g}% of 1 - dropout_p)")
     in_features = x.shape[-1]
     if in_features > _MAX_GRID_Y * 16 and x.dtype in _TRITON_DTYPES:  # cheap test first: no BLOCK_K < 16
         block_k = _config("backward", x.dtype, x.device)["BLOCK_K"]

@@ -419,7 +419,8 @@ def _probe_correctness(suite, provider, result, image, text, scale, labels, shap
 
 def _baseline_errors(suite, comparisons, measured, image, text, scale, shape_text) -> dict[str, dict]:
     """``rel_err_vs_ours`` for the unmasked baselines (inf_cl, ClipLoss): their loss and
-    gradients against our loss without labels, from the fastest of our measured providers."""
+    gradients against our loss without labels, from the first of our measured providers by name,
+    fused ones before torch (the row's ``ours_compared`` names it)."""
     ours = [p for p in sorted(suite.providers, key=lambda p: (p == "torch", p)) if p in measured]
     if not comparisons or not ours or suite.cuda_lost is not None:
         return {}

@@ -354,6 +354,7 @@ def _run_ace_lora(suite, model, ours_model) -> None:
         if name in checked:  # each row's own check (a graph's: its eager step's, and replay_errors)
             metrics["rel_err_vs_reference-ops"] = checked[name]
             metrics["check_note"] = _CHECK_NOTE
+            metrics[harness.CHECK_DTYPES] = {"rel_err_vs_reference-ops": "float32"}
         if name in replay_errors:
             metrics["rel_err_vs_eager-step"] = replay_errors[name]
         if name in graph_peaks:
@@ -783,6 +784,7 @@ def _run_max_batch(suite, model, ours_model) -> None:
             # here (None when neither could run: the target is then left unjudged, not passed).
             metrics["rel_err_vs_reference-ops"] = check_error(label)
             metrics["check_note"] = _CHECK_NOTE
+            metrics[harness.CHECK_DTYPES] = {"rel_err_vs_reference-ops": "float32"}
             suite.add_plain_row(family=FAMILY, op="ace_lora_max_batch", shape=shape_text, dtype="bf16-autocast",
                                 provider=label, measurement=Measurement(result["ms"], result["peak"], 1),
                                 metrics=metrics, mode="fwd+bwd", baseline="reference-ops",

@@ -216,6 +216,7 @@ def run(suite) -> None:
     add(small_label, small_meas, small, chunk,
         {"throughput_ratio_vs_unchunked": round(small / (small_meas.median_ms * 1e-3) / base_rate, 3),
          "unchunked_batch": unchunked, **basis, "rel_err_vs_unchunked": small_error,
+         harness.CHECK_DTYPES: {"rel_err_vs_unchunked": "float32"},
          "check": f"float32, eval mode, B={check_batch} in chunks of {check_chunk} against one pass"})
 
     # Row 3: the large batch. Time scales with the batch; the inputs and the loss add a little.
@@ -238,7 +239,7 @@ def run(suite) -> None:
              "peak_ratio_vs_small_batch": None if peak_ratio is None else round(peak_ratio, 3),
              "small_batch": small, "batch_ratio_vs_small_batch": large / small,
              # Checked: the same code at B=small (row 2's rel_err_vs_unchunked), and a finite loss here.
-             "rel_err_vs_unchunked": small_error,
+             "rel_err_vs_unchunked": small_error, harness.CHECK_DTYPES: {"rel_err_vs_unchunked": "float32"},
              "finite": bool(chunk in last_loss and torch.isfinite(last_loss[chunk]).item())}
     targets = None
     if suite.is_gpu:

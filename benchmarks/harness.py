@@ -288,12 +288,25 @@ def is_check_key(key: str) -> bool:
     return key.startswith(("rel_err_vs_", "loss_rel_err_vs_", "max_abs_score_diff_vs_"))
 
 
+# Row metric naming the dtype a check ran in where that is not the row's: {check key: dtype}
+# (a bf16-autocast row whose check compares float32 runs is judged at float32's limit).
+CHECK_DTYPES = "check_dtypes"
+
+
+def _check_limits(metrics: dict, dtype: str) -> dict[str, float]:
+    """``{check key: its limit}`` for the row's checks: ``check_limit`` of the dtype the check
+    ran in (``metrics[CHECK_DTYPES]``), else of the row's."""
+    own = metrics.get(CHECK_DTYPES)
+    own = own if isinstance(own, dict) else {}
+    return {key: check_limit(own.get(key, dtype)) for key in metrics if is_check_key(key)}
+
+
 def check_targets(metrics: dict, dtype: str) -> list[Target]:
-    """The correctness targets of a provider row: each check error at most ``check_limit``
+    """The correctness targets of a provider row: each check error at most its ``check_limit``
     (NaN or inf fail), and ``finite`` true where the row records it. A row with targets is then
     met only if its outputs were checked and right, never on speed or memory alone."""
-    limit = check_limit(dtype)
-    targets = [Target(f"metric_max:{key}", limit, f"{key}<={limit:g}") for key in metrics if is_check_key(key)]
+    targets = [Target(f"metric_max:{key}", limit, f"{key}<={limit:g}")
+               for key, limit in _check_limits(metrics, dtype).items()]
     if "finite" in metrics:
         targets.append(Target("metric_min:finite", 1, "finite"))
     return targets
@@ -301,9 +314,9 @@ def check_targets(metrics: dict, dtype: str) -> list[Target]:
 
 def checks_pass(metrics: dict, dtype: str) -> bool:
     """Whether a row's recorded checks all pass (True when it records none)."""
-    limit = check_limit(dtype)
-    for key, value in metrics.items():
-        if is_check_key(key) and not (isinstance(value, (int, float)) and value <= limit):
+    for key, limit in _check_limits(metrics, dtype).items():
+        value = metrics[key]
+        if not (isinstance(value, (int, float)) and value <= limit):
             return False
     return metrics.get("finite", True) is not False
 

@@ -644,11 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.compare import compare_files
 
         try:
-            print(compare_files(*args.compare))
+            text = compare_files(*args.compare)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"python -m benchmarks: error: argument --compare: cannot read a result file "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
             return 2
+        print(text)  # outside the try: a closed pipe (``| head``) is not the files' fault
         return 0
 
     if args.threads:

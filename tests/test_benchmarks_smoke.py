@@ -1427,6 +1427,14 @@ def test_a_row_meets_its_targets_only_with_checked_correct_outputs(tmp_path):
     assert harness.checks_pass({"rel_err_vs_peft": 1e-3}, "bf16-autocast")
     assert not harness.checks_pass({"rel_err_vs_peft": 1e-3}, "float32")
     assert not harness.checks_pass({"max_abs_score_diff_vs_reference-loop": float("nan")}, "bfloat16")
+    # A check that ran in float32 on a bf16-autocast row is judged at float32's limit, the others at the row's.
+    fp32_check = {"rel_err_vs_reference-ops": 2e-3, "rel_err_vs_eager-step": 2e-3,
+                  harness.CHECK_DTYPES: {"rel_err_vs_reference-ops": "float32"}}
+    assert not harness.checks_pass(fp32_check, "bf16-autocast")
+    assert harness.checks_pass({**fp32_check, "rel_err_vs_reference-ops": 5e-5}, "bf16-autocast")
+    row = judged(fp32_check)
+    assert row.target_pass is False
+    assert "rel_err_vs_reference-ops<=0.0001" in row.target and "rel_err_vs_eager-step<=0.03" in row.target
 
 
 def test_dispatch_order_ignores_rows_with_wrong_outputs():

@@ -574,6 +574,14 @@ def test_triton_declines_what_its_grid_and_threshold_cannot_do():
     assert any("column blocks" in r for r in reasons(torch.empty(1).expand(1, wide + 1), wide + 1))
     assert reasons(fits[:5], p=0.999) == []
     assert any("too close to 1" in r for r in reasons(fits[:5], p=0.9999))
+    # Declined from one p on, whatever the rounding of each p's threshold (0.9995's is off by
+    # 0.7%, 1 - 2**-16's by nothing): auto does not flip between backends as p nears 1.
+    from ace_kernels.lora import _keep_rate_error, _MAX_KEEP_RATE_ERROR
+    ps = [0.99920 + i * 1e-7 for i in range(800)] + [1 - 2**-16, 0.9995, 0.99984]
+    declined = [bool(reasons(fits[:5], p=p)) for p in ps]
+    first = declined.index(True)
+    assert all(declined[first:]) and 0.99923 < ps[first] < 0.99924
+    assert all(abs(_keep_rate_error(p)) <= _MAX_KEEP_RATE_ERROR for p in ps[:first])
 
 
 @pytest.mark.triton
