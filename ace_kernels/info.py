@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
 import torch
 
-from ace_kernels._dispatch import (BACKENDS, _OPS, _extension, available_backends, device_name, interpreter_enabled,
-                                   order_key, preference)
+from ace_kernels._dispatch import (_ENV_VAR, BACKENDS, _OPS, _extension, available_backends, device_name,
+                                   interpreter_enabled, order_key, preference, requested_backend)
 
 
 def report() -> str:
@@ -32,10 +33,23 @@ def report() -> str:
     for name in BACKENDS:
         why = table[name]
         lines.append(f"  {name:<7} {'available' if not why else 'unavailable: ' + '; '.join(why)}")
+    # What a call without backend= asks for: the environment variable replaces "auto".
+    lines.append("")
+    try:
+        requested = requested_backend("auto")
+    except ValueError as exc:
+        requested = None
+        lines.append(f"{exc}: every call without backend= raises")
+    if requested not in (None, "auto"):
+        lines.append(f"{_ENV_VAR}={requested}: calls without backend= use {requested} only (or raise)")
+    elif requested == "auto" and os.environ.get(_ENV_VAR, "").strip():
+        lines.append(f"{_ENV_VAR}=auto")
     # The order backend="auto" tries on this machine's first GPU (measured there, or declared).
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
-    lines.append("")
-    lines.append("auto tries, in order" + (" (on cuda:0)" if device is not None else "") + ":")
+    where = " (on cuda:0)" if device is not None else ""
+    if interpreter_enabled() and device is None:
+        where = " (it skips triton here: the interpreter runs only when asked for, backend='triton')"
+    lines.append(f"auto tries, in order{where}:")
     for op in sorted(_OPS):
         if not op.startswith("_"):
             for variant in (None, *_OPS[op].variants):

@@ -9,7 +9,7 @@ Examples::
 
 Bad input ends with a one-line ``error: ...`` on stderr and exit status 2 (bad
 arguments, data, checkpoints or training states: every ``ValueError``, which our own
-checks raise, and a missing file) or 1 (an expected failure while running: a non-finite
+checks raise, a missing file, and a package of the ``model`` extra not installed) or 1 (an expected failure while running: a non-finite
 loss, ranks that disagree, an OS error such as a full disk). Anything else is a bug or
 a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
 Ctrl-C ends with one line and exit 130; what is on disk is the last complete state
@@ -627,6 +627,12 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+# Modules the command line imports from the model extra (setup.py's extras_require["model"]),
+# by import name: their distribution's name.
+_MODEL_EXTRA = {"open_clip": "open_clip_torch", "timm": "timm", "transformers": "transformers", "tqdm": "tqdm",
+                "PIL": "pillow"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ace-lora`` console script; returns the exit status."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -660,6 +666,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"ace-lora {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModuleNotFoundError as exc:
+        # A package of the model extra (a plain `pip install ace-kernels` has only torch and numpy).
+        package = (exc.name or "").split(".")[0]
+        if debug or package not in _MODEL_EXTRA:
+            raise
+        print(f"ace-lora {args.command}: error: needs the {_MODEL_EXTRA[package]!r} package, which is not "
+              "installed: pip install 'ace-kernels[model]'", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # Every state, metrics line and weights file is written atomically: what is on disk is the

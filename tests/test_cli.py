@@ -587,8 +587,13 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
     monkeypatch.setattr(training, "train", failing(training.NonFiniteLossError("non-finite loss at step 7")))
     assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_FAILED
     assert "NonFiniteLossError: non-finite loss at step 7" in _one_error_line(capsys.readouterr().err, "train")
+    # A package of the model extra not installed (a plain `pip install ace-kernels`): one line naming it.
+    monkeypatch.setattr(training, "train", failing(ModuleNotFoundError("No module named 'PIL'", name="PIL")))
+    assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_BAD_INPUT
+    assert "needs the 'pillow' package, which is not installed: pip install 'ace-kernels[model]'" in \
+        _one_error_line(capsys.readouterr().err, "train")
     for unexpected in (RuntimeError("internal bug"), torch.OutOfMemoryError("CUDA out of memory"),
-                       KeyError("internal bug")):
+                       KeyError("internal bug"), ModuleNotFoundError("No module named 'foo'", name="foo")):
         monkeypatch.setattr(training, "train", failing(unexpected))
         with pytest.raises(type(unexpected)):
             cli.main(["train", "--csv", str(synthetic)])

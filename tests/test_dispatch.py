@@ -108,6 +108,20 @@ def test_info_reports_every_backend(capsys):
     assert tuned_block.startswith("tuned launch configurations")
 
 
+def test_info_reports_the_environment_variable(capsys, monkeypatch):
+    from ace_kernels import info
+
+    for value, expected in [("bogus", "environment variable ACE_KERNELS_BACKEND: expected one of ('auto', 'cuda', "
+                                      "'triton', 'torch'), got 'bogus': every call without backend= raises"),
+                            ("Torch", "ACE_KERNELS_BACKEND=torch: calls without backend= use torch only (or raise)")]:
+        monkeypatch.setenv("ACE_KERNELS_BACKEND", value)
+        assert info.main() == 0
+        assert expected in capsys.readouterr().out
+    monkeypatch.delenv("ACE_KERNELS_BACKEND")
+    assert info.main() == 0
+    assert "ACE_KERNELS_BACKEND" not in capsys.readouterr().out
+
+
 def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
