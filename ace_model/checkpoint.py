@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import OrderedDict
 from typing import Any, BinaryIO, Callable
 
@@ -172,7 +173,9 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     """
     path = os.fspath(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's about a plain pickle: the error below says what the file is
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         # Every error, a missing file included, is a CheckpointError here (read_model_file lets
         # missing files through); its reason is one line, as read_model_file's is.

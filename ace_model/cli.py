@@ -2,7 +2,7 @@
 
 Examples::
 
-    ace-lora demo                                   # synthetic data, tiny model, CPU, under a minute
+    ace-lora demo                                   # synthetic data, tiny model, CPU, a minute or two
     ace-lora train --csv data.csv --out-dir runs/a  # the paper's recipe by default
     ace-lora zero-shot --csv test.csv --classes "Atelectasis,Cardiomegaly" \\
         --task multiclass --checkpoint runs/a/checkpoints/ace_lora-00001000.pt
@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     zero.add_argument("--output", help="also write the metrics as JSON to this file")
 
-    demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, under a minute)")
+    demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, a minute or two)")
     demo.add_argument("--out-dir", default="ace-lora-demo")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick: 150)")
     demo.add_argument("--train-size", type=int, default=None, help="training samples (default 512; --quick: 256)")
@@ -210,13 +210,19 @@ def _flag_name(field: str) -> str:
     return f"TrainConfig.{field}"  # no flag sets it: keep the field's name
 
 
-def _name_flags(exc: ValueError, flag_name=_flag_name) -> None:
-    """Replace each ``TrainConfig.<field>`` in ``exc``'s message by ``flag_name(field)`` (by
-    default ``train``'s flag), in place (same exception, same traceback for ``ACE_LORA_DEBUG=1``)."""
+def _flags_in(text: str, flag_name=_flag_name) -> str:
+    """``text`` with each ``TrainConfig.<field>`` replaced by ``flag_name(field)`` (by default
+    ``train``'s flag)."""
     import re
 
+    return re.sub(r"\bTrainConfig\.(\w+)", lambda m: flag_name(m.group(1)), text)
+
+
+def _name_flags(exc: ValueError, flag_name=_flag_name) -> None:
+    """:func:`_flags_in` on ``exc``'s message, in place (same exception, same traceback for
+    ``ACE_LORA_DEBUG=1``)."""
     if len(exc.args) == 1 and isinstance(exc.args[0], str):
-        exc.args = (re.sub(r"\bTrainConfig\.(\w+)", lambda m: flag_name(m.group(1)), exc.args[0]),)
+        exc.args = (_flags_in(exc.args[0], flag_name),)
 
 
 def _check_device(spec: str) -> None:
@@ -249,6 +255,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _name_flags(exc)
         raise
     _check_train_inputs(args)
+    if not args.pretrained and args.model != "tiny" and int(os.environ.get("RANK", "0")) == 0:
+        print(f"ace-lora train: warning: no --pretrained weights: the frozen {args.model} towers are random weights "
+              f"(seeded with --seed {args.seed}); pass --pretrained with the model's weights for the paper's recipe",
+              file=sys.stderr)
     latest = Path(args.out_dir) / "checkpoints" / "latest"
     # (With another run's ace_lora.pt there, train() refuses instead, saying why.)
     if (args.resume == "auto" and not latest.exists() and not (Path(args.out_dir) / "ace_lora.pt").exists()
@@ -316,6 +326,8 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     else:
         # A report column, when the evaluation CSV has one, is not a class.
         names = [c for c in header if c not in (args.image_column, "text")]
+    if not names and args.classes is not None:
+        raise CLIError(f"--classes: no class names in {args.classes!r}, expected comma-separated column names")
     if not names:
         raise CLIError(f"{args.csv}: no class columns (give --classes or add one 0/1 column per class)")
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -651,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         # Ours (ace_model, ace_kernels) as one line, like the errors; others as Python shows them.
         if str(Path(filename).resolve()).startswith(ours):
-            print(f"ace-lora {args.command}: warning: {message}", file=sys.stderr)
+            text = _flags_in(str(message)) if args.command == "train" else message
+            print(f"ace-lora {args.command}: warning: {text}", file=sys.stderr)
         else:
             show_warning(message, category, filename, lineno, file, line)
 

@@ -49,6 +49,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -1228,13 +1229,22 @@ def _init_distributed(device: torch.device, timeout_s: float):
 
 
 def _check_out_dir(out_dir: Path, name: str = "TrainConfig.out_dir") -> None:
-    """Fail before any work when ``out_dir`` or a folder above it exists but is no directory."""
+    """Fail before any work when ``out_dir`` or a folder above it exists but is no directory, or
+    when the nearest existing one (``out_dir`` itself, or the folder it would be created in)
+    takes no new folder: one is made there and removed (a permission bit says less than trying:
+    root may still be refused, on a read-only mount or in /sys)."""
     for candidate in (out_dir, *out_dir.parents):
         if candidate.exists() or candidate.is_symlink():
             if not candidate.is_dir():
                 where = "it" if candidate == out_dir else f"{str(candidate)!r}"
                 raise ValueError(f"{name}: {str(out_dir)!r} cannot be a run directory: {where} "
                                  "exists and is not a directory")
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".ace-lora-probe-", dir=candidate))
+            except OSError as exc:
+                where = "it cannot be written" if candidate == out_dir else f"{str(candidate)!r} takes no new folder"
+                raise ValueError(f"{name}: {str(out_dir)!r} cannot be a run directory: {where} "
+                                 f"({exc.strerror or exc})") from None
             return
 
 

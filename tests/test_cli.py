@@ -484,6 +484,39 @@ def test_out_dir_that_is_a_file_is_a_one_line_error(synthetic, tmp_path, capsys)
     assert taken.read_text() == "not a directory"
 
 
+def test_out_dir_that_cannot_be_created_is_a_one_line_error_before_any_work(synthetic, tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+    import tempfile
+
+    from ace_model import training
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdtemp = tempfile.mkdtemp
+
+    def refusing(*args, dir=None, **kwargs):  # a read-only folder, whoever runs the test (root ignores chmod)
+        if Path(dir) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(training.tempfile, "mkdtemp", refusing)
+    monkeypatch.setattr(training, "train", lambda config: pytest.fail("train ran"))
+    for command in (["train", "--csv", str(synthetic), "--model", "tiny"], ["demo", "--quick"]):
+        for out_dir, where in ((locked / "run" / "a", f"{str(locked)!r} takes no new folder"),
+                               (locked, "it cannot be written")):
+            assert cli.main([*command, "--out-dir", str(out_dir)]) == cli.EXIT_BAD_INPUT
+            line = _one_error_line(capsys.readouterr().err, command[0])
+            assert line.endswith(f"--out-dir: {str(out_dir)!r} cannot be a run directory: {where} "
+                                 "(Permission denied)"), line
+    assert list(locked.iterdir()) == []
+    # Where it can write, the probe leaves nothing behind.
+    before = sorted(tmp_path.rglob("*"))
+    training._check_out_dir(tmp_path / "new" / "run")
+    training._check_out_dir(locked / "..")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_a_run_into_another_runs_out_dir_is_refused_naming_the_flags(synthetic, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -1115,6 +1148,7 @@ def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("flags,expected", [
     (("--classes", "edema,edema"), "--classes: 'edema' named more than once"),
+    (("--classes", " , "), "--classes: no class names in ' , ', expected comma-separated column names"),
     (("--classes", "edema", "--task", "multilabel"), "--task multilabel needs at least 2 classes, got ['edema']"),
     (("--classes", "edema"), "--task multiclass needs at least 2 classes, got ['edema']"),
 ])
@@ -1142,6 +1176,36 @@ def test_only_our_warnings_are_one_liners(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == "ace-lora demo: warning: ours\n"
     assert shown == [("theirs", "Image.py", 7)]
+
+
+def test_train_warnings_name_flags_and_random_towers(synthetic, monkeypatch, capsys):
+    """train's warnings name its flags, not TrainConfig's fields; without --pretrained it says the
+    frozen towers are random (the tiny model has no weights to load, so nothing is said there)."""
+    from ace_model import training
+
+    def train(config):  # as ace_model.training warns
+        warnings.warn_explicit("TrainConfig.chunk_size was None, now 3", UserWarning, training.__file__, 1)
+        return {}
+
+    monkeypatch.setattr(training, "train", train)
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny"]) == 0
+    assert capsys.readouterr().err == "ace-lora train: warning: --chunk-size was None, now 3\n"
+    assert cli.main(["train", "--csv", str(synthetic), "--seed", "5"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "ace-lora train: warning: no --pretrained weights: the frozen biomedclip towers are random weights (seeded "
+        "with --seed 5); pass --pretrained with the model's weights for the paper's recipe")
+
+
+def test_plain_pickle_checkpoint_is_one_line(tiny, synthetic, tmp_path, capsys):
+    import pickle
+
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"weights": {}}, protocol=4))
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(plain)]) == \
+        cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    line = _one_error_line("\n".join(x for x in err.splitlines() if "no --pretrained" not in x), "zero-shot")
+    assert str(plain) in line and "pickle protocol" not in err
 
 
 def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
