@@ -189,14 +189,15 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: a training state (for resuming), not a released-format checkpoint; the "
                               f"weights of that step are in {name} beside it, the run's last in its ace_lora.pt")
     blob = _expect_dict(path, blob, ("weights", "metadata"))
+    _expect_only(path, blob, ("weights", "metadata"), "a released checkpoint holds")
     metadata = blob["metadata"]
     check_metadata(model, metadata, path)
     layers = _lora_layers(model)
     if isinstance(blob["weights"], dict):
         held = {key for key in blob["weights"] if isinstance(key, str) and re.fullmatch(r"layer_\d+", key)}
         another_model = held == {f"layer_{i}" for i in range(len(held))}  # layer_0.. with none skipped
-        # Otherwise (none held, or a stray layer key): named below, by the first key missing or extra.
-        if 0 < len(held) < len(layers) or (len(held) > len(layers) and another_model):
+        # Otherwise (none held, a gap, or a stray layer key): named below, by the first key missing or extra.
+        if another_model and 0 < len(held) != len(layers):
             raise CheckpointError(f"{path}: LoRA weights for {len(held)} attention layers, this model has {len(layers)} "
                                   "(a checkpoint of another model configuration? the command line's --model)")
     weights = _expect_dict(f"{path}: weights", blob["weights"],

@@ -93,6 +93,8 @@ class TextTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         texts = [clean_text(str(t)) for t in texts]
+        if not texts:
+            raise ValueError("argument 'texts': expected a string or a non-empty sequence of strings, got none")
         length = int(context_length or self.context_length)
         out = self._hf(texts, max_length=length, padding="max_length", truncation=True, return_tensors="pt")
         return out["input_ids"].long()

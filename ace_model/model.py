@@ -47,6 +47,8 @@ LORA_ALPHA = 1.0
 LORA_DROPOUT = 0.1
 HGNN_TOPK = 5
 RECOMPUTE_MODES = ("none", "mlp", "layer")
+# The backends every op the model calls has (ace_kernels' BACKENDS but cuda, which LoRA lacks).
+MODEL_BACKENDS = ("auto", "triton", "torch")
 
 _TINY_VIT_NAME = "ace_vit_tiny_patch8_32"
 
@@ -128,6 +130,9 @@ class _PlainCLIP(nn.Module):
 def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Module:
     """Build the frozen CLIP base of config ``name`` with random weights, offline.
 
+    It sets ``HF_HUB_OFFLINE=1`` in the environment, for the rest of the process, unless it
+    is set already: export ``HF_HUB_OFFLINE=0`` first to keep the Hugging Face hub reachable.
+
     Parameters
     ----------
     name : {"biomedclip", "tiny"}
@@ -145,6 +150,7 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
         A model with ``visual.trunk`` (timm ViT), ``visual.head.proj``,
         ``text.transformer`` (HF BERT), ``text.proj`` (MLP) and ``logit_scale`` (a log).
     """
+    # Offline for the rest of the process unless the caller set it (HF_HUB_OFFLINE=0 keeps the hub).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, config = _read_open_clip_config(name)
     model_cfg = config["model_cfg"]
@@ -285,6 +291,14 @@ def load_base_weights(base: nn.Module, pretrained: str | os.PathLike) -> Path | 
         if key not in state:
             raise ValueError(f"pretrained checkpoint {weights_path}: missing key {key!r} "
                              f"(expected shape {tuple(value.shape)})")
+    for key, target in expected.items():  # values: a copy_ would turn an integer into a weight silently
+        value = state[key]
+        if value.is_floating_point() != target.is_floating_point() or value.is_complex():
+            raise ValueError(f"pretrained checkpoint {weights_path}: key {key!r} holds {value.dtype} values, "
+                             f"expected {'floating-point' if target.is_floating_point() else 'integer'} ones")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"pretrained checkpoint {weights_path}: key {key!r} holds non-finite values "
+                             "(NaN or inf)")
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key])
@@ -434,9 +448,9 @@ class ACELoRA(nn.Module):
     image_hgnn, text_hgnn : ace_kernels.ACEHypergraph
     logit_scale : nn.Parameter
         The multiplier itself, ``exp`` of the base's stored log scale (spec section 1).
-    backend : str
-        Passed to every ace_kernels call ("auto", "triton", "torch"; "cuda" reaches only
-        ``ace_hypergraph``, the other ops refuse it).
+    backend : {"auto", "triton", "torch"}
+        Passed to every ace_kernels call (checked when set: "cuda" is refused, as only
+        ``ace_hypergraph`` has it; "auto" takes it there where it was measured faster).
     text_attention : {"spec", "reference-code"}
         ``"spec"`` (default): the text tower's CLS row is the pre-softmax scaled scores before
         the padding mask (spec section 3) and BERT keeps its attention-probability and
@@ -549,6 +563,20 @@ class ACELoRA(nn.Module):
             raise ValueError(f"argument 'text_attention': expected one of {TEXT_ATTENTION}, got {value!r}")
         self._text_attention = value
 
+    # -- backend --------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in MODEL_BACKENDS:
+            why = " (only ace_hypergraph has a cuda backend; 'auto' takes it where it is faster)" \
+                if value == "cuda" else ""
+            raise ValueError(f"argument 'backend': expected one of {MODEL_BACKENDS}, got {value!r}{why}")
+        self._backend = value
+
     # -- recomputation ------------------------------------------------------------------
 
     @property
@@ -612,8 +640,9 @@ class ACELoRA(nn.Module):
         in float32). Outside autocast the model no longer runs (those float32 layers and the
         ``dtype`` weights meet in one product): the encoders say so instead of failing inside.
         """
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"argument 'dtype': expected a floating-point torch.dtype, got {dtype!r}")
+        if dtype not in (torch.bfloat16, torch.float16):  # autocast's dtypes
+            raise ValueError(f"argument 'dtype': expected torch.bfloat16 or torch.float16 (an autocast dtype), "
+                             f"got {dtype!r}")
         params = [(module, name, param) for module in self.clip.modules()
                   if isinstance(module, (nn.Linear, nn.Conv2d))
                   for name, param in module.named_parameters(recurse=False)]
@@ -843,6 +872,10 @@ class ACELoRA(nn.Module):
         reference's 0/1 rows are expected: map uncertain labels (-1) to 0 first, as
         ``ace_model.data`` does (values are not checked here: that would wait on the device).
         """
+        if isinstance(images, torch.Tensor) and isinstance(token_ids, torch.Tensor) and images.dim() >= 1 \
+                and token_ids.dim() >= 1 and images.shape[0] != token_ids.shape[0]:
+            raise ValueError(f"argument 'token_ids': expected {images.shape[0]} rows, one per image of 'images', "
+                             f"got {token_ids.shape[0]}")
         image_emb = self.encode_image(images)
         text_emb = self.encode_text(token_ids)
         kwargs = {"backend": self.backend}

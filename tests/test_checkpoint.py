@@ -244,6 +244,18 @@ def test_a_checkpoint_of_a_smaller_model_says_so(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"LoRA weights for 2 attention layers, this model has 4 \(a checkpoint "
                                               r"of another model configuration\? the command line's --model\)"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
+    # A gap in the layers is no configuration: the first missing one is named.
+    path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"].pop("layer_1"))
+    with pytest.raises(CheckpointError, match=r"weights: missing key 'layer_1'"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
+def test_a_top_level_entry_beyond_weights_and_metadata_is_refused(tiny, tmp_path):
+    # As one level down: loading would drop it, and the next save lose it.
+    path = _corrupt(tiny, tmp_path, lambda blob: blob.update(optimizer={"lr": 1e-3}))
+    with pytest.raises(CheckpointError, match=r"unexpected key 'optimizer' \(a released checkpoint holds "
+                                              r"\['weights', 'metadata'\]\); loading would drop it"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
 
 
 def test_a_training_state_is_named_as_one(tiny, tmp_path):

@@ -257,6 +257,24 @@ def test_reference_code_text_attention_is_the_published_codes(tiny_model):
         trained.text_attention = "reference_code"  # a misspelling would silently compute the spec's row
 
 
+def test_backend_and_batch_mismatch_are_named_when_given(tiny_model):
+    # Checked when set, not at the first forward; cuda is no backend of the LoRA ops.
+    with pytest.raises(ValueError, match=r"argument 'backend': expected one of \('auto', 'triton', 'torch'\), "
+                                         r"got 'Torch'$"):
+        ACELoRA.from_config("tiny", backend="Torch")
+    model = copy.deepcopy(tiny_model)
+    before = model.backend
+    with pytest.raises(ValueError, match=r"got 'cuda' \(only ace_hypergraph has a cuda backend"):
+        model.backend = "cuda"
+    assert model.backend == before
+    images = torch.randn(3, 3, model.image_size, model.image_size)
+    token_ids = model.tokenizer()(["a", "b"])
+    with pytest.raises(ValueError, match=r"argument 'token_ids': expected 3 rows, one per image of 'images', got 2"):
+        model.loss(images, token_ids)
+    with pytest.raises(ValueError, match=r"argument 'texts': expected a string or a non-empty sequence"):
+        model.tokenizer()([])
+
+
 def test_cls_probability_row_matches_dense_fp64_forward_and_gradients():
     """The published code's text row (masked softmax probabilities, head mean, row 0 without column 0)
     against the dense N x N computation in float64, forward and both gradients, on odd sizes with a
@@ -384,6 +402,13 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     torch.save(state, bad)
     with pytest.raises(ValueError, match=r"missing key 'visual\.head\.proj\.weight'"):
         ACELoRA.from_config("tiny", pretrained=str(bad))
+    # Values copy_ would take silently: integers (or bools) for a weight, NaN.
+    for value, found in ((torch.ones(64, 64, dtype=torch.int64), r"holds torch\.int64 values, expected "
+                                                                  r"floating-point ones"),
+                         (torch.full((64, 64), float("nan")), r"holds non-finite values")):
+        torch.save({**source.state_dict(), key: value}, bad)
+        with pytest.raises(ValueError, match=rf"bad\.bin: key 'visual\.head\.proj\.weight' {found}"):
+            ACELoRA.from_config("tiny", pretrained=str(bad))
     # Garbage and a truncated file: a ValueError naming the file, not a raw loader traceback.
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
@@ -521,9 +546,11 @@ def test_cast_frozen_weights_casts_only_the_frozen_matmul_weights(tiny_model):
     assert kinds["LayerNorm"] == {torch.float32} and kinds["Embedding"] == {torch.float32}
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
     assert model.logit_scale.dtype == torch.float32
-    # Frozen weights only, and a real floating dtype.
-    with pytest.raises(ValueError, match="argument 'dtype': expected a floating-point torch.dtype"):
-        copy.deepcopy(tiny_model).cast_frozen_weights(torch.int8)
+    # Frozen weights only, and an autocast dtype (float64 weights would run under no autocast).
+    for dtype in (torch.int8, torch.float64, torch.float32):
+        with pytest.raises(ValueError, match=r"argument 'dtype': expected torch.bfloat16 or torch.float16 \(an "
+                                             r"autocast dtype\), got torch\."):
+            copy.deepcopy(tiny_model).cast_frozen_weights(dtype)
     unfrozen = copy.deepcopy(tiny_model)
     unfrozen.clip.visual.head.proj.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="Linear.weight requires grad"):
