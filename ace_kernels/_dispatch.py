@@ -18,9 +18,10 @@ cannot run raises ``RuntimeError`` listing why. On a GPU model that the
 benchmark suite has measured, the preference order is the measured one
 (fastest first, ``dispatch_order.json`` beside this file); an op that declares
 variants (``ace_hypergraph``: ``cls_only`` and ``full``, whose fastest backends
-differ) is ordered per variant where the file has an entry ``op[variant]``. The environment variable
-``ACE_KERNELS_BACKEND`` (``auto|cuda|triton|torch``) replaces ``"auto"``
-when a call does not name a backend itself.
+differ; ``lora_linear`` and ``lora_qkv``: ``small`` and ``large``, under or from 65,536 rows)
+is ordered per variant where the file has an entry ``op[variant]``. The environment variable
+``ACE_KERNELS_BACKEND`` (``auto|cuda|triton|torch``) replaces ``"auto"``, the default
+backend of every op or passed explicitly.
 
 Nothing here touches the GPU or the extension at import time.
 """

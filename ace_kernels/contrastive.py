@@ -30,8 +30,8 @@ sums each row's ``r_i - s u_i . t_i`` (at least 0), not the difference of the su
 
 Backends: ``triton`` (GPU; the CPU interpreter when asked for explicitly, fp16/fp32
 only: the interpreter's bf16 arithmetic is wrong, so bf16 is refused there) and
-``torch`` (any device). Inputs fp16/bf16/fp32 (fp32 dots in IEEE mode), fp32
-accumulation, D <= 1024; gradients are written in the input dtype.
+``torch`` (any device, any float dtype and D). Triton: inputs fp16/bf16/fp32 (fp32 dots in
+IEEE mode), fp32 accumulation, D <= 1024; gradients are written in the input dtype.
 
 Triton forward, one device: one kernel pass over the ``B x B`` similarity tiles
 (one program per SM, each taking every G-th block of rows against all
@@ -1167,8 +1167,8 @@ def _triton_check(u, t):
     if u.shape[1] > 1024:
         reasons.append(f"the Triton kernels take D <= 1024, got D={u.shape[1]}")
     if u.dtype == torch.bfloat16 and _dispatch.interpreter_enabled():
-        # Its tl.dot on bf16 tiles returns garbage (a loss of 6e10 for 5.2); the LoRA and
-        # hypergraph kernels convert to fp32 after loading, and are right there.
+        # Its tl.dot on bf16 tiles returns garbage (a loss of 6e10 for 5.2), as in the LoRA
+        # kernels (refused there too); the hypergraph kernels convert to fp32 after loading.
         reasons.append("under TRITON_INTERPRET=1 the kernels refuse bfloat16: the interpreter's bf16 "
                        "arithmetic is wrong (use float16/float32, or backend='torch')")
     if u.shape[0] >= 2**31:

@@ -33,7 +33,10 @@ Backends
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
     It declines too for ``dropout_p`` above 0.99923 in training, where the rounding of its
-    16-bit keep threshold (up to 2**-17) can be more than 1% of ``1 - dropout_p``.
+    16-bit keep threshold (up to 2**-17) can be more than 1% of ``1 - dropout_p``; for
+    P*r > 64 (``lora_qkv``: rank at most 21, ``lora_linear``: 64); for an ``in_features``
+    with more column blocks than the grid takes; for float64; and, under the interpreter,
+    for bfloat16 (its bf16 arithmetic is wrong).
 
 Dropout randomness
 ------------------
@@ -452,7 +455,8 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
     -------
     (q, k, v) : tuple of Tensor [..., out]
         Views into one [..., 3*out] result, as ``torch.chunk`` returns them (not
-        contiguous when there is more than one row, not modifiable in place).
+        contiguous when there is more than one row; autograd refuses to modify them in
+        place when the call built a graph).
         Gradients as in :func:`lora_linear`. :func:`lora_qkv_packed` returns the
         stacked result itself.
 
@@ -976,6 +980,10 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         reasons.append("weight/bias require grad, but the fused kernels treat the base layer as frozen "
                        "(use backend='torch' to train it)")
+    if x.dtype == torch.bfloat16 and _dispatch.interpreter_enabled():
+        # The pack kernel's bf16 tl.dot returns garbage there (S off by 1e10 relative).
+        reasons.append("under TRITON_INTERPRET=1 the kernels refuse bfloat16: the interpreter's bf16 arithmetic "
+                       "is wrong (use float16/float32, or backend='torch')")
     projections = 3 if lora_a.dim() == 3 else 1
     rank = lora_a.shape[-2]
     if projections * rank > _MAX_BLOCK_R:

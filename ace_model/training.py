@@ -625,7 +625,9 @@ class TrainConfig:
     pretrained: str | None = None  # local open_clip checkpoint or HF directory
     init_checkpoint: str | None = None  # start from a released-format ACE-LoRA checkpoint
     epochs: int = 40
-    max_steps: int | None = None  # cap on total steps; the schedule spans the capped run
+    # Cap on total steps; the cosine schedule spans the capped run, the warm-up stays warmup_epochs
+    # of an epoch's steps (a run that is all warm-up warns).
+    max_steps: int | None = None
     batch_size: int = 64
     chunk_size: int | None = None  # two-pass chunked step when set and < local batch
     lr: float = 1e-3
@@ -667,8 +669,9 @@ class TrainConfig:
     )
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(d["betas"])
+        """The fields as JSON types: NumPy numbers (which ``validate`` accepts) as Python's."""
+        d = {name: _plain_number(value) for name, value in dataclasses.asdict(self).items()}
+        d["betas"] = [_plain_number(b) for b in d["betas"]]
         return d
 
     @classmethod
@@ -703,11 +706,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1 or unset (None), got {value}")
+        if not _is_finite_number(self.warmup_epochs):
+            raise ValueError(f"TrainConfig.warmup_epochs: expected a finite number >= 0, got {self.warmup_epochs!r}")
         for name in ("checkpoint_every", "num_workers", "warmup_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name}: expected >= 0, got {getattr(self, name)}")
-        if not _is_finite_number(self.warmup_epochs):
-            raise ValueError(f"TrainConfig.warmup_epochs: expected a finite number >= 0, got {self.warmup_epochs!r}")
         check_seed(self.seed, "TrainConfig.seed")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps: expected >= 0 or unset (None), got {self.warmup_steps}")
@@ -727,8 +730,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr: {self.lr!r} / (1 - betas[0]) overflows float32 in AdamW's first step")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        for name in ("cuda_graph", "overwrite"):
-            if not isinstance(getattr(self, name), bool):
+        for name in ("cuda_graph", "overwrite", "use_labels", "progress"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
         if self.text_attention not in TEXT_ATTENTION:
             raise ValueError(f"TrainConfig.text_attention: expected 'spec' or 'reference-code', got "
@@ -742,6 +745,17 @@ class TrainConfig:
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
+
+
+def _plain_number(value):
+    """A NumPy number as the Python number it holds (``json`` writes only those); else ``value``."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def _check_integer(config, name: str, unset: str = "") -> None:
@@ -1349,6 +1363,8 @@ def _latest_run(latest: Path) -> str | None:
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
 
+    if config.model not in ("biomedclip", "tiny"):  # (a model passed to train() may carry any name)
+        raise ValueError(f"TrainConfig.model: expected 'biomedclip' or 'tiny', got {config.model!r}")
     model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
     if config.init_checkpoint:
         model.load_reference_checkpoint(config.init_checkpoint)
@@ -1650,6 +1666,12 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                 pass
             metrics = None
     _fail_together(prepare_error, group, "preparing the run directory (rank 0 writes it)")
+    if warmup >= total_steps > step and config.lr > 0 and is_writer:  # said once, and only for a run that goes on
+        capped = config.max_steps is not None and config.max_steps < config.epochs * steps_per_epoch
+        given = "TrainConfig.warmup_steps" if config.warmup_steps is not None else "TrainConfig.warmup_epochs"
+        warnings.warn(f"{'TrainConfig.max_steps' if capped else 'TrainConfig.epochs'}: the run's {total_steps} "
+                      f"step(s) are all warm-up ({warmup} step(s), from {given}): the learning rate rises for the "
+                      "whole run and never decays; set a shorter TrainConfig.warmup_steps", UserWarning, stacklevel=2)
 
     last_state = resume_path
     last_reference = None

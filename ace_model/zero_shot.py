@@ -31,17 +31,24 @@ BiomedCLIP); ``"learned"`` takes the trained multiplier of the loss instead. Acc
 binary AUROC do not depend on it; the multiclass and multilabel AUROCs do, a little.
 
 AUROC is computed here with ties given half credit (the Mann-Whitney statistic);
-classes without both positives and negatives are left out of the macro average.
+classes without both positives and negatives are left out of the macro average. The metrics
+rank the log-probabilities in float64 (:func:`zero_shot_scores` with ``log=True``), in the
+probabilities' order: float32 probabilities round to exactly 1.0 once a class leads by about
+17 logits (a cosine margin of 0.17 at ``s`` = 100), and such ties would halve the credit of
+images the exact probabilities rank apart; the log-probabilities keep them apart up to a
+lead of about 700 logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 import string
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -210,31 +217,55 @@ def resolve_logit_scale(model, logit_scale: str | float) -> float:
             raise ValueError(f"argument 'logit_scale': {logit_scale!r} takes {source}, which is {value!r}; expected a "
                              "finite positive multiplier (are the model's weights corrupt?)")
         return value
-    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and math.isfinite(logit_scale) \
-            and logit_scale > 0:
+    if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() == 1 and logit_scale.dim() <= 1 \
+            and logit_scale.is_floating_point():
+        logit_scale = float(logit_scale.detach())
+    if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, (bool, np.bool_)) \
+            and math.isfinite(logit_scale) and logit_scale > 0:
         return float(logit_scale)
     raise ValueError(f"argument 'logit_scale': expected 'base', 'learned' or a finite positive number, "
                      f"got {logit_scale!r}")
 
 
 def zero_shot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: float | torch.Tensor,
-                     task: str) -> torch.Tensor:
-    """Per-image class scores ``[N, C]`` as the reference computes them for ``task``."""
+                     task: str, *, log: bool = False) -> torch.Tensor:
+    """Per-image class scores ``[N, C]`` as the reference computes them for ``task``: float32
+    probabilities; with ``log=True`` their logarithms in float64, which rank as the exact
+    probabilities do (what :func:`evaluate` hands to the metrics: see the module docstring)."""
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
     similarity = image_emb.float() @ class_emb.float().T
-    return (float(logit_scale) * similarity).softmax(dim=-1)
+    logits = float(logit_scale) * similarity
+    if not log:
+        return logits.softmax(dim=-1)
+    # log p = l - max - log1p(sum of the others' exp(l - max)): a row's top class keeps its
+    # distance from 1 (log_softmax's log(1 + tiny) rounds it to 0 past about 37 logits).
+    logits = logits.double()
+    top = logits.argmax(dim=-1, keepdim=True)
+    shifted = logits - logits.gather(-1, top)
+    others = shifted.exp().scatter(-1, top, 0.0).sum(dim=-1, keepdim=True)
+    return shifted - torch.log1p(others)
 
 
 def check_single_label(labels: torch.Tensor, task: str) -> None:
-    """For ``multiclass`` and ``binary``, every label row must be one-hot.
+    """Labels must be 0 or 1 (for every task); for ``multiclass`` and ``binary``, every label
+    row must be one-hot.
 
     Raises
     ------
     ValueError
-        Naming the dataset type and the first rows (numbered from 1 in dataset order,
-        as in the CSV) with no positive class or with several.
+        Naming the first rows (numbered from 1 in dataset order, as in the CSV) with a value
+        other than 0 and 1 (an uncertain -1 or a soft label: map them first, as
+        ``ace_model.data`` maps -1 and empty to 0), or, with the dataset type, the first rows
+        with no positive class or with several.
     """
+    odd = (labels != 0) & (labels != 1)
+    if bool(odd.any()):
+        rows = (torch.nonzero(odd.any(dim=1)).flatten() + 1).tolist()
+        first = labels[rows[0] - 1][odd[rows[0] - 1]][0].item()
+        raise ValueError(f"labels: expected 0 or 1, found {first!r} in row {rows[0]}"
+                         f"{f' and {len(rows) - 1} more row(s)' if len(rows) > 1 else ''}; rows are numbered from 1 "
+                         "in dataset order (map uncertain -1 and missing labels to 0 first)")
     if task == "multilabel":
         return
     positives = (labels.float() != 0).sum(dim=1)
@@ -252,6 +283,9 @@ def check_single_label(labels: torch.Tensor, task: str) -> None:
 
 def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> dict:
     """Accuracy and AUROC for ``task`` from scores and 0/1 labels, both ``[N, C]``.
+
+    ``scores``: probabilities, or anything that ranks as they do within each column and row
+    (``zero_shot_scores(..., log=True)``); only their order and each row's argmax are used.
 
     ``multiclass`` and ``binary`` need one-hot label rows (:func:`check_single_label`).
     ``multiclass`` and ``multilabel`` also give ``auroc_per_class`` (NaN for a class without
@@ -334,6 +368,8 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     if batch_size < 1:
         raise ValueError(f"argument 'batch_size': expected >= 1, got {batch_size!r}")
     class_names, templates = check_prompts(class_names, templates)
+    if task == "binary" and len(class_names) != 2:  # before the images are encoded
+        raise ValueError(f"binary task: expected 2 classes [negative, positive], got {len(class_names)}")
     dataset_labels = getattr(dataset, "labels", None)
     if isinstance(dataset_labels, torch.Tensor) and dataset_labels.dim() == 2:
         if dataset_labels.shape[1] != len(class_names):  # before the images are encoded
@@ -351,7 +387,7 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     elapsed = time.perf_counter() - start
     if labels.shape[1] != len(class_names):
         raise ValueError(f"dataset has {labels.shape[1]} label columns but {len(class_names)} class names")
-    scores = zero_shot_scores(image, text, scale, task)
+    scores = zero_shot_scores(image, text, scale, task, log=True)
     result = zero_shot_metrics(scores, labels, task)
     if "auroc_per_class" in result:
         result["auroc_per_class"] = dict(zip(class_names, result["auroc_per_class"]))

@@ -84,6 +84,7 @@ def test_metrics_per_task():
     for task in ("multiclass", "binary", "multilabel"):
         expected = torch.softmax(7.5 * image.double() @ text.double().T, dim=1)
         assert torch.allclose(zero_shot_scores(image, text, 7.5, task).double(), expected, atol=1e-6)
+        assert torch.allclose(zero_shot_scores(image, text, 7.5, task, log=True), expected.log(), atol=1e-6)
     with pytest.raises(ValueError, match="task"):
         zero_shot_scores(torch.eye(2), torch.eye(2), 1.0, "ranking")
 
@@ -615,25 +616,25 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
         return train
 
     monkeypatch.setattr(training, "train", failing(ValueError("TrainConfig.lr: bad")))
-    assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
     assert "--lr: bad" in _one_error_line(capsys.readouterr().err, "train")  # the flag, not the field
     monkeypatch.setattr(training, "train", failing(training.NonFiniteLossError("non-finite loss at step 7")))
-    assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_FAILED
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny"]) == cli.EXIT_FAILED
     assert "NonFiniteLossError: non-finite loss at step 7" in _one_error_line(capsys.readouterr().err, "train")
     # A package of the model extra not installed (a plain `pip install ace-kernels`): one line naming it.
     monkeypatch.setattr(training, "train", failing(ModuleNotFoundError("No module named 'PIL'", name="PIL")))
-    assert cli.main(["train", "--csv", str(synthetic)]) == cli.EXIT_BAD_INPUT
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
     assert "needs the 'pillow' package, which is not installed: pip install 'ace-kernels[model]'" in \
         _one_error_line(capsys.readouterr().err, "train")
     for unexpected in (RuntimeError("internal bug"), torch.OutOfMemoryError("CUDA out of memory"),
                        KeyError("internal bug"), ModuleNotFoundError("No module named 'foo'", name="foo")):
         monkeypatch.setattr(training, "train", failing(unexpected))
         with pytest.raises(type(unexpected)):
-            cli.main(["train", "--csv", str(synthetic)])
+            cli.main(["train", "--csv", str(synthetic), "--model", "tiny"])
     monkeypatch.setenv("ACE_LORA_DEBUG", "1")
     monkeypatch.setattr(training, "train", failing(ValueError("TrainConfig.lr: bad")))
     with pytest.raises(ValueError, match="--lr: bad"):
-        cli.main(["train", "--csv", str(synthetic)])
+        cli.main(["train", "--csv", str(synthetic), "--model", "tiny"])
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -823,9 +824,34 @@ def test_non_finite_scores_or_multipliers_are_errors_not_metrics(tiny):
     model.clip.logit_scale.data.fill_(float("inf"))
     with pytest.raises(ValueError, match=r"'base' takes the base model's exp\(logit_scale\), which is inf"):
         resolve_logit_scale(model, "base")
-    for bad in (float("inf"), float("nan"), -1.0, True):
+    for bad in (float("inf"), float("nan"), -1.0, True, np.bool_(True), torch.tensor([2.0, 3.0]), "7"):
         with pytest.raises(ValueError, match="expected 'base', 'learned' or a finite positive number"):
             resolve_logit_scale(tiny, bad)
+    for good in (np.float32(3.0), np.int64(3), torch.tensor(3.0), torch.tensor([3.0])):
+        assert resolve_logit_scale(tiny, good) == 3.0
+
+
+def test_zero_shot_metrics_rank_exact_probabilities_and_take_0_1_labels():
+    # Confident images: float32 probabilities of the positive class all round to 1.0 at s = 100,
+    # but the exact ones rank the positives (larger margins) first: the AUROC is 1 at every s.
+    theta = torch.tensor([0.95, 1.05, 1.00, 1.10])
+    images = torch.stack([torch.cos(theta), torch.sin(theta), torch.zeros(4)], 1)
+    classes = torch.eye(2, 3)  # [negative, positive]
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 1]), 2).float()
+    assert zero_shot_scores(images, classes, 100.0, "binary")[:, 1].tolist() == [1.0] * 4  # saturated
+    for scale in (1.0, 14.29, 100.0, 1000.0):
+        scores = zero_shot_scores(images, classes, scale, "binary", log=True)
+        assert scores.dtype == torch.float64
+        assert torch.equal(scores.exp().float().argmax(1), zero_shot_scores(images, classes, scale, "binary").argmax(1))
+        assert zero_shot_metrics(scores, labels, "binary")["auroc"] == 1.0, scale
+    # Labels are 0 or 1: an uncertain -1 or a soft 0.5 would be counted three ways by the metrics.
+    scores = torch.tensor([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+    for bad, value in ((torch.tensor([[1., -1., 0.], [0., 1., 0.], [0., 0., 1.]]), "-1.0"),
+                       (torch.tensor([[0., 0., 1.], [0.5, 0., 0.], [0., 0., 1.]]), "0.5")):
+        for task in ("multilabel", "multiclass"):
+            row = 1 if value == "-1.0" else 2
+            with pytest.raises(ValueError, match=rf"^labels: expected 0 or 1, found {value} in row {row}; "):
+                zero_shot_metrics(scores, bad, task)
 
 
 def test_output_over_an_input_or_a_bad_seed_is_refused_before_evaluating(tiny, synthetic, tmp_path, monkeypatch,
@@ -1049,8 +1075,8 @@ def test_a_data_loader_workers_error_is_one_line(synthetic, tmp_path, capsys):
     image = str(synthetic.parent / "test" / "00000.png")
     path = _write_csv(tmp_path / "b.csv", ["image", "text", "edema"], [[image, "edema", 1], ["broken.png", "x", 0]])
     status = cli.main(["train", "--csv", str(path), "--model", "tiny", "--out-dir", str(tmp_path / "run"),
-                       "--batch-size", "2", "--max-steps", "1", "--num-workers", "1", "--no-progress",
-                       "--device", "cpu"])
+                       "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "0", "--num-workers", "1",
+                       "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert status == cli.EXIT_BAD_INPUT
     assert len(err.splitlines()) == 1 and "row 2" in err and "broken.png" in err and "Traceback" not in err, err

@@ -584,6 +584,22 @@ def test_triton_declines_what_its_grid_and_threshold_cannot_do():
     assert all(abs(_keep_rate_error(p)) <= _MAX_KEEP_RATE_ERROR for p in ps[:first])
 
 
+def test_triton_refuses_bf16_under_the_interpreter(monkeypatch):
+    # The interpreter's bf16 tl.dot gives garbage (S off by 1e10): an explicit backend="triton"
+    # says so instead of returning it; fp16 and fp32 still run, and on a GPU bf16 takes the kernels.
+    from ace_kernels.lora import _triton_reasons
+
+    def reasons(dtype):
+        x, w, a, b = (torch.empty(shape, dtype=dtype) for shape in ((5, 8), (24, 8), (3, 2, 8), (3, 8, 2)))
+        return [r for r in _triton_reasons(x, w, None, a, b, 0.5, 0.1, True) if "triton failed to import" not in r]
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert any("refuse bfloat16" in r for r in reasons(torch.bfloat16))
+    assert reasons(torch.float16) == [] and reasons(torch.float32) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert reasons(torch.bfloat16) == []
+
+
 @pytest.mark.triton
 def test_triton_declines_trainable_base(device):
     case = Case("frozen", "qkv", (4,), 8, 3, 2, base_grads=True)

@@ -384,7 +384,9 @@ def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
     plain = labelled.with_name("plain.csv")
     with open(plain, "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
-    config = dict(csv=str(plain), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0)
+    # (No warm-up: a one-step run with one would be all warm-up, and say so.)
+    config = dict(csv=str(plain), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0,
+                  warmup_steps=0)
     with pytest.warns(UserWarning, match=r"TrainConfig\.csv: .*plain\.csv' has no label columns: training with "
                                          r"the plain CLIP loss \(as use_labels=False, --no-labels\)"):
         assert train(TrainConfig(out_dir=str(tmp_path / "a"), **config))["steps"] == 1
@@ -768,6 +770,20 @@ def test_config_validation(tmp_path):
         with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected >= "):
             TrainConfig(**{field: value}).validate()
     assert TrainConfig.from_dict(TrainConfig(betas=(0.8, 0.9)).to_dict()) == TrainConfig(betas=(0.8, 0.9))
+    # NumPy numbers, which validate() accepts, become JSON's (config.json is written from to_dict).
+    numpy_config = TrainConfig(epochs=np.int64(2), lr=np.float32(0.5), betas=(np.float32(0.5), 0.25),
+                               use_labels=np.bool_(False))
+    numpy_config.validate()
+    assert json.loads(json.dumps(numpy_config.to_dict())) == TrainConfig(
+        epochs=2, lr=0.5, betas=(0.5, 0.25), use_labels=False).to_dict()
+    # A model name train() would build is checked when it builds it (a model passed in may carry any).
+    with pytest.raises(ValueError, match=r"^TrainConfig\.model: expected 'biomedclip' or 'tiny', got 'Tiny'$"):
+        train(_config(tmp_path, model="Tiny"), dataset=data, loss_fn=dense_label_infonce)
+    # A run that is all warm-up says so, once it goes on (not before an error of its set-up).
+    with pytest.warns(UserWarning, match=r"^TrainConfig\.max_steps: the run's 1 step\(s\) are all warm-up \(2 "
+                                         r"step\(s\), from TrainConfig\.warmup_epochs\): the learning rate rises"):
+        train(_config(tmp_path, max_steps=1, out_dir=str(tmp_path / "warm")), model=model, dataset=data,
+              loss_fn=dense_label_infonce)
 
 
 @pytest.mark.parametrize("field,value,expected", [
@@ -794,6 +810,10 @@ def test_config_validation(tmp_path):
     ("num_workers", False, "an integer"),
     ("dist_timeout_s", 0, "a finite number of seconds > 0"),  # gloo timed out at once
     ("dist_timeout_s", float("inf"), "a finite number of seconds > 0"),
+    ("warmup_epochs", "1", "a finite number >= 0"),  # a TypeError from "<" before
+    ("warmup_epochs", None, "a finite number >= 0"),
+    ("use_labels", "no", "a bool"),  # "no" is true: the run used the labels
+    ("progress", 1, "a bool"),
 ])
 def test_optimizer_settings_are_validated(field, value, expected):
     with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {re.escape(expected)}, got "):
