@@ -2,7 +2,7 @@
 
 Examples::
 
-    ace-lora demo                                   # synthetic data, tiny model, CPU, a minute or two
+    ace-lora demo                                   # synthetic data, tiny model, CPU, under a minute
     ace-lora train --csv data.csv --out-dir runs/a  # the paper's recipe by default
     ace-lora zero-shot --csv test.csv --classes "Atelectasis,Cardiomegaly" \\
         --task multiclass --checkpoint runs/a/checkpoints/ace_lora-00001000.pt
@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     zero.add_argument("--output", help="also write the metrics as JSON to this file")
 
-    demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, a minute or two)")
+    demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, under a minute)")
     demo.add_argument("--out-dir", default="ace-lora-demo")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick: 150)")
     demo.add_argument("--train-size", type=int, default=None, help="training samples (default 512; --quick: 256)")
