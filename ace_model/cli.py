@@ -321,7 +321,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     from ace_model.data import read_csv
 
     header, _ = read_csv(args.csv, [args.image_column])
-    if args.classes:
+    if args.classes is not None:  # given, even empty (an unset shell variable): never the header's columns
         names = [c.strip() for c in args.classes.split(",") if c.strip()]
     else:
         # A report column, when the evaluation CSV has one, is not a class.
@@ -536,8 +536,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:  # --seed's range too
         _demo_trainer(args, out / "train.csv", out)[1].validate()
     except ValueError as exc:  # "TrainConfig.lr: ..." -> "--lr: ..." (the demo's own flags)
-        flags = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_steps": "--steps"}
-        _name_flags(exc, lambda field: flags.get(field, f"TrainConfig.{field}"))
+        _name_flags(exc, lambda field: DEMO_FLAGS.get(field, f"TrainConfig.{field}"))
         raise
     # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
     # earlier demo's files only, unless told (a user's own train.csv would be replaced).
@@ -591,12 +590,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _DEMO_MARKER = ".ace-lora-demo"
 
 
+# The demo's flags for the TrainConfig fields it sets (its errors and warnings name them).
+DEMO_FLAGS = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_steps": "--steps"}
+
+
 def _demo_trainer(args, train_csv: Path, out: Path):
     from ace_model.training import TrainConfig, train
 
+    # The warm-up: one epoch (TrainConfig's default), or a tenth of a --steps too short for that.
+    warmup = min(args.train_size // args.batch_size, args.steps // 10)
     config = TrainConfig(csv=str(train_csv), out_dir=str(out / "run"), model="tiny", epochs=10_000,
                          max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         device="cpu", checkpoint_every=0, progress=args.progress,
+                         warmup_steps=warmup, device="cpu", checkpoint_every=0, progress=args.progress,
                          overwrite=True)  # the demo's folder is its own: a second demo replaces the first
     return train, config
 
@@ -663,7 +668,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         # Ours (ace_model, ace_kernels) as one line, like the errors; others as Python shows them.
         if str(Path(filename).resolve()).startswith(ours):
-            text = _flags_in(str(message)) if args.command == "train" else message
+            text = message
+            if args.command == "train":
+                text = _flags_in(str(message))
+            elif args.command == "demo":
+                text = _flags_in(str(message), lambda field: DEMO_FLAGS.get(field, f"TrainConfig.{field}"))
             print(f"ace-lora {args.command}: warning: {text}", file=sys.stderr)
         else:
             show_warning(message, category, filename, lineno, file, line)

@@ -1367,7 +1367,15 @@ def _build_model(config: TrainConfig) -> nn.Module:
         raise ValueError(f"TrainConfig.model: expected 'biomedclip' or 'tiny', got {config.model!r}")
     model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
     if config.init_checkpoint:
-        model.load_reference_checkpoint(config.init_checkpoint)
+        with warnings.catch_warnings():  # the model's own advice (set model.text_attention), said here as the run's
+            warnings.filterwarnings("ignore", message=".*: trained with text_attention=")
+            metadata = model.load_reference_checkpoint(config.init_checkpoint)
+        trained = metadata.get(TRAINED_WITH)
+        recorded = trained.get("text_attention") if isinstance(trained, dict) else None
+        if recorded in TEXT_ATTENTION and recorded != config.text_attention:
+            warnings.warn(f"TrainConfig.init_checkpoint: {config.init_checkpoint!r} was trained with "
+                          f"text_attention={recorded!r}, this run computes {config.text_attention!r} "
+                          f"(TrainConfig.text_attention)", UserWarning, stacklevel=2)
     return record_trained_with(model, config)
 
 
@@ -1666,12 +1674,13 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                 pass
             metrics = None
     _fail_together(prepare_error, group, "preparing the run directory (rank 0 writes it)")
-    if warmup >= total_steps > step and config.lr > 0 and is_writer:  # said once, and only for a run that goes on
+    # The cosine's first step runs at the full rate: a warm-up of total - 1 steps leaves no decay either.
+    if 0 < warmup and total_steps - 1 <= warmup and total_steps > step and config.lr > 0 and is_writer:
         capped = config.max_steps is not None and config.max_steps < config.epochs * steps_per_epoch
         given = "TrainConfig.warmup_steps" if config.warmup_steps is not None else "TrainConfig.warmup_epochs"
         warnings.warn(f"{'TrainConfig.max_steps' if capped else 'TrainConfig.epochs'}: the run's {total_steps} "
-                      f"step(s) are all warm-up ({warmup} step(s), from {given}): the learning rate rises for the "
-                      "whole run and never decays; set a shorter TrainConfig.warmup_steps", UserWarning, stacklevel=2)
+                      f"step(s) end within its {warmup}-step warm-up ({given}) or one step after it: the learning "
+                      "rate never decays; set a shorter TrainConfig.warmup_steps", UserWarning, stacklevel=2)
 
     last_state = resume_path
     last_reference = None

@@ -649,7 +649,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"python -m benchmarks: error: argument --compare: cannot read a result file "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
             return 2
-        print(text)  # outside the try: a closed pipe (``| head``) is not the files' fault
+        try:  # outside the read's try: a closed pipe (``| head``) is not the files' fault
+            print(text, flush=True)
+        except BrokenPipeError:
+            # The reader has what it wanted; stdout points at nothing so that exit's flush is quiet.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
     if args.threads:

@@ -12,10 +12,12 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -1471,6 +1473,16 @@ def test_compare_warns_across_hardware(tmp_path):
     c.write_text(json.dumps(payload("NVIDIA H200")))
     assert "WARNING: the files were measured on different hardware" in compare_files(str(a), str(b))
     assert "WARNING" not in compare_files(str(a), str(c)) and "device NVIDIA H200" in compare_files(str(a), str(c))
+    # A reader that closes the pipe early (| head -1) has what it wanted: exit 0, nothing on stderr.
+    many = {"environment": {"device": "NVIDIA H200"}, "rows": [
+        dict(payload("NVIDIA H200")["rows"][0], shape=f"s{i}") for i in range(5000)]}
+    a.write_text(json.dumps(many))
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(f"{shlex.quote(sys.executable)} -m benchmarks --compare {a} {a} | head -1; "
+                            "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("old: ")
 
 
 def test_largest_batch_also_searches_the_plain_step_after_a_recompute_variant(tmp_path, monkeypatch):

@@ -1175,6 +1175,7 @@ def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
 @pytest.mark.parametrize("flags,expected", [
     (("--classes", "edema,edema"), "--classes: 'edema' named more than once"),
     (("--classes", " , "), "--classes: no class names in ' , ', expected comma-separated column names"),
+    (("--classes", ""), "--classes: no class names in '', expected comma-separated column names"),
     (("--classes", "edema", "--task", "multilabel"), "--task multilabel needs at least 2 classes, got ['edema']"),
     (("--classes", "edema"), "--task multiclass needs at least 2 classes, got ['edema']"),
 ])
@@ -1331,6 +1332,13 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert torch.load(weights, weights_only=True)["metadata"]["ace_lora_trained_with"]["text_attention"] == \
         "reference-code"
     assert json.loads((run / "config.json").read_text())["text_attention"] == "reference-code"
+    # Training on from them with another attention says so, naming the flag.
+    capsys.readouterr()
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "on"),
+                     "--batch-size", "4", "--max-steps", "1", "--no-progress", "--device", "cpu",
+                     "--init-checkpoint", str(weights)]) == 0
+    assert ("warning: --init-checkpoint: " + repr(str(weights)) + " was trained with "
+            "text_attention='reference-code', this run computes 'spec' (--text-attention)") in capsys.readouterr().err
     # From Python, loading the weights keeps the model's attention and says which one they were trained with.
     with pytest.warns(UserWarning, match=r"trained with text_attention='reference-code', this model computes "
                                          r"'spec'; set model.text_attention = 'reference-code'"):

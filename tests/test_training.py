@@ -780,10 +780,18 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match=r"^TrainConfig\.model: expected 'biomedclip' or 'tiny', got 'Tiny'$"):
         train(_config(tmp_path, model="Tiny"), dataset=data, loss_fn=dense_label_infonce)
     # A run that is all warm-up says so, once it goes on (not before an error of its set-up).
-    with pytest.warns(UserWarning, match=r"^TrainConfig\.max_steps: the run's 1 step\(s\) are all warm-up \(2 "
-                                         r"step\(s\), from TrainConfig\.warmup_epochs\): the learning rate rises"):
+    with pytest.warns(UserWarning, match=r"^TrainConfig\.max_steps: the run's 1 step\(s\) end within its 2-step "
+                                         r"warm-up \(TrainConfig\.warmup_epochs\) or one step after it: the "
+                                         r"learning rate never decays"):
         train(_config(tmp_path, max_steps=1, out_dir=str(tmp_path / "warm")), model=model, dataset=data,
               loss_fn=dense_label_infonce)
+    # The cosine's first step runs at the full rate: a warm-up one step shorter than the run is no better.
+    for warmup, warned in ((2, True), (1, False), (0, False)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            train(_config(tmp_path, max_steps=3, warmup_steps=warmup, out_dir=str(tmp_path / f"w{warmup}")),
+                  model=model, dataset=data, loss_fn=dense_label_infonce)
+        assert any("never decays" in str(w.message) for w in seen) == warned, warmup
 
 
 @pytest.mark.parametrize("field,value,expected", [
