@@ -107,6 +107,8 @@ def _expect_tensor(where: str, value, expected_shape: tuple, into: torch.dtype) 
         raise CheckpointError(f"{where}: expected shape {tuple(expected_shape)}, found {tuple(value.shape)}")
     if not value.is_floating_point():
         raise CheckpointError(f"{where}: expected a floating-point tensor, found {value.dtype}")
+    if value.layout != torch.strided:
+        raise CheckpointError(f"{where}: expected a dense tensor, found layout {value.layout}")
     finite = torch.isfinite(value.to(into))
     if not bool(finite.all()):
         # Training never writes one (it stops on a non-finite loss or weight): a corrupt file.
@@ -179,8 +181,8 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     except Exception as exc:
         # Every error, a missing file included, is a CheckpointError here (read_model_file lets
         # missing files through); its reason is one line, as read_model_file's is.
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                              f"({first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint (corrupt or truncated "
+                              f"file?): {first_line(exc)}") from exc
     from ace_model.training import STATE_FORMAT  # here: ace_model.training imports this module
 
     if isinstance(blob, dict) and blob.get("format") == STATE_FORMAT:

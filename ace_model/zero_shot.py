@@ -218,7 +218,7 @@ def resolve_logit_scale(model, logit_scale: str | float) -> float:
                              "finite positive multiplier (are the model's weights corrupt?)")
         return value
     if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() == 1 and logit_scale.dim() <= 1 \
-            and logit_scale.is_floating_point():
+            and logit_scale.dtype != torch.bool and not logit_scale.is_complex():
         logit_scale = float(logit_scale.detach())
     if isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, (bool, np.bool_)) \
             and math.isfinite(logit_scale) and logit_scale > 0:

@@ -250,6 +250,14 @@ def test_a_checkpoint_of_a_smaller_model_says_so(tiny, tmp_path):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
 
 
+def test_a_sparse_tensor_is_refused_naming_it(tiny, tmp_path):
+    path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"]["layer_0"]["q_proj"].update(
+        w_lora_A=blob["weights"]["layer_0"]["q_proj"]["w_lora_A"].to_sparse()))
+    with pytest.raises(CheckpointError, match=r"\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a dense tensor, found "
+                                              r"layout torch\.sparse_coo"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
 def test_a_top_level_entry_beyond_weights_and_metadata_is_refused(tiny, tmp_path):
     # As one level down: loading would drop it, and the next save lose it.
     path = _corrupt(tiny, tmp_path, lambda blob: blob.update(optimizer={"lr": 1e-3}))
@@ -290,6 +298,7 @@ def test_unreadable_file_is_reported(tiny, tmp_path):
     torch.save({"weights": collections.OrderedDict(), "metadata": {"x": _NotAllowed()}}, path)
     with pytest.raises(CheckpointError) as info:
         copy.deepcopy(tiny).load_reference_checkpoint(path)
-    assert "\n" not in str(info.value) and "weights-only torch checkpoint (UnpicklingError: " in str(info.value)
+    assert "\n" not in str(info.value) and "weights-only torch checkpoint (corrupt or truncated file?): UnpicklingError: " \
+        in str(info.value)
     with pytest.raises(CheckpointError, match="missing.pt"):
         copy.deepcopy(tiny).load_reference_checkpoint(tmp_path / "missing.pt")
