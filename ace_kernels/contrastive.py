@@ -1589,6 +1589,9 @@ class LabelGuidedInfoNCE(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))
         # Checked now, not at the first forward (where a bad value would surface in a training loop).
         _dispatch.check_backend(backend)
+        if backend == "cuda":
+            raise ValueError("argument 'backend': label_guided_infonce has no cuda backend; expected one of "
+                             "('auto', 'triton', 'torch')")
         _check_group(group)
         self.group = group
         self.backend = backend
@@ -1598,4 +1601,6 @@ class LabelGuidedInfoNCE(nn.Module):
                                     group=self.group, backend=self.backend)
 
     def extra_repr(self) -> str:
+        if self.logit_scale.is_meta:  # no value to print (a model built or moved to the meta device)
+            return "logit_scale=<meta>"
         return f"logit_scale={float(self.logit_scale.detach()):.4g}"

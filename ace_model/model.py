@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import ace_kernels
+from ace_kernels._checks import check_positive_int, check_probability
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_NAMES = ("biomedclip", "tiny")
@@ -481,7 +482,8 @@ class ACELoRA(nn.Module):
         self.config_name = config_name
         self.backend = backend
         self.recompute = recompute
-        self.topk = topk
+        rank = check_positive_int("rank", rank)
+        lora_dropout = check_probability("lora_dropout", lora_dropout)
         self.clip = base
         for p in self.clip.parameters():
             p.requires_grad_(False)
@@ -836,9 +838,14 @@ class ACELoRA(nn.Module):
 
     # -- ACE-HGNN heads -------------------------------------------------------------------
 
+    @property
+    def topk(self) -> int:
+        """The hypergraphs' k (their modules' ``topk``, which the released format records once)."""
+        return self.image_hgnn.topk
+
     def _hgnn(self, module: nn.Module, tokens: torch.Tensor, cls_row: torch.Tensor, cls_only: bool):
-        return ace_kernels.ace_hypergraph(tokens, cls_row, module.edge_adapter, module.node_adapter,
-                                          topk=self.topk, cls_only=cls_only, backend=self.backend)
+        # The module's own topk and deterministic: what it shows is what runs.
+        return module(tokens, cls_row, cls_only=cls_only, backend=self.backend)
 
     def image_head(self, tokens: torch.Tensor, cls_row: torch.Tensor, *, cls_only: bool = True) -> torch.Tensor:
         """Image ACE-HGNN, then L2-normalise: ``[B, D]`` (cls_only) or ``[B, N, D]``."""

@@ -228,6 +228,14 @@ def test_module_rejects_a_bad_initial_multiplier(init, fragment):
         ace_kernels.label_guided_infonce(u, u, np.bool_(True), backend="torch")
 
 
+def test_module_refuses_cuda_and_prints_on_meta():
+    # Checked at construction: this op has no cuda backend (the first forward raised).
+    with pytest.raises(ValueError, match=r"argument 'backend': label_guided_infonce has no cuda backend"):
+        ace_kernels.LabelGuidedInfoNCE(10.0, backend="cuda")
+    assert repr(ace_kernels.LabelGuidedInfoNCE(10.0).to("meta")) == "LabelGuidedInfoNCE(logit_scale=<meta>)"
+    assert repr(ace_kernels.LabelGuidedInfoNCE(10.0)) == "LabelGuidedInfoNCE(logit_scale=10)"
+
+
 def test_module_learns_the_multiplier_itself():
     module = ace_kernels.LabelGuidedInfoNCE(78.35)
     assert isinstance(module.logit_scale, torch.nn.Parameter)

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import ace_kernels  # noqa: E402
 import reference_model as ref  # noqa: E402
 from _released import released_path  # noqa: E402
 from _saved import saved_storage_bytes  # noqa: E402
@@ -273,6 +274,24 @@ def test_backend_and_batch_mismatch_are_named_when_given(tiny_model):
         model.loss(images, token_ids)
     with pytest.raises(ValueError, match=r"argument 'texts': expected a string or a non-empty sequence"):
         model.tokenizer()([])
+    for kwargs, expected in (({"rank": 0}, r"argument 'rank': expected"),
+                             ({"lora_dropout": 1.5}, r"argument 'lora_dropout': expected a float in \[0, 1\)")):
+        with pytest.raises(ValueError, match=expected):
+            ACELoRA(build_base_model("tiny"), "tiny", **kwargs)
+
+
+def test_the_hypergraph_modules_settings_are_what_runs(tiny_model):
+    # The model calls its ACEHypergraph modules: their topk (shown in the model's repr) is the one used.
+    model = copy.deepcopy(tiny_model).eval()
+    tokens, cls_row = torch.randn(2, 9, model.embed_dim), torch.rand(2, 8)
+    assert model.topk == model.image_hgnn.topk
+    model.image_hgnn.topk = 2
+    assert model.topk == 2 and "topk=2" in repr(model.image_hgnn)
+    expected = torch.nn.functional.normalize(ace_kernels.ace_hypergraph(
+        tokens, cls_row, model.image_hgnn.edge_adapter, model.image_hgnn.node_adapter, topk=2, cls_only=True,
+        backend="torch"), dim=-1)
+    model.backend = "torch"
+    torch.testing.assert_close(model.image_head(tokens, cls_row), expected, rtol=0, atol=0)
 
 
 def test_cls_probability_row_matches_dense_fp64_forward_and_gradients():
