@@ -256,21 +256,36 @@ def chunked_train_step(
     Tensor
         The loss (detached, scalar).
     """
-    _check_step_inputs(images, token_ids, labels, chunk_size)
+    try:
+        _check_step_inputs(images, token_ids, labels, chunk_size)
+        local_error = None
+    except ValueError as exc:
+        local_error = exc
+    if group is not None and check_ranks:
+        # A rank whose inputs are bad says so in the same exchange (its shapes are not read):
+        # the others raise naming it at once instead of waiting in the loss's collectives.
+        valid = local_error is None
+        try:
+            check_ranks_agree(
+                {
+                    "inputs valid": int(valid),
+                    "local batch size": images.shape[0] if valid else -2,
+                    "image shape": _shape_code(images.shape[1:]) if valid else -2,
+                    "token shape": _shape_code(token_ids.shape[1:]) if valid else -2,
+                    "labels": -2 if not valid else -1 if labels is None else _shape_code(labels.shape[1:]),
+                },
+                group,
+                what="this step's inputs",
+            )
+        except RankMismatchError:
+            if local_error is not None:
+                raise local_error from None
+            raise
+    if local_error is not None:
+        raise local_error
     loss_fn = loss_fn or _default_loss_fn(model)
     device = _model_device(model)
     batch = images.shape[0]
-    if group is not None and check_ranks:
-        check_ranks_agree(
-            {
-                "local batch size": batch,
-                "image shape": _shape_code(images.shape[1:]),
-                "token shape": _shape_code(token_ids.shape[1:]),
-                "labels": -1 if labels is None else _shape_code(labels.shape[1:]),
-            },
-            group,
-            what="this step's inputs",
-        )
     scale = logit_scale_parameter(model)
     labels_dev = None if labels is None else labels.to(device, non_blocking=True)
 
@@ -566,6 +581,9 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
     codes = [_stable_hash(keys)]
     for key in keys:
         v = values[key]
+        if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and float(v).is_integer() \
+                and abs(float(v)) < 2**62:
+            v = int(v)  # 1 and 1.0 are the same setting (a config read from JSON on one rank, code on another)
         codes.append(int(v) if isinstance(v, (int, bool)) and abs(int(v)) < 2**62 else _stable_hash(v))
     header = torch.tensor([len(keys), codes[0], _stable_hash(codes)], dtype=torch.int64,
                           device=_comm_device(group))
@@ -1431,6 +1449,7 @@ _PER_RANK_FIELDS = ("out_dir", "resume", "overwrite", "progress", "device", "csv
 
 def _config_fingerprint(config: TrainConfig, dataset_len: int, trainable, dataset_fingerprint=None) -> dict:
     fields = {k: v for k, v in config.to_dict().items() if k not in _PER_RANK_FIELDS}
+    fields["betas"] = [float(b) for b in fields["betas"]]  # (0, 0.9) and (0.0, 0.9) are one setting
     fields["dataset length"] = dataset_len
     fields["dataset fingerprint"] = dataset_fingerprint
     fields["trainable shapes"] = [(n, tuple(p.shape)) for n, p in trainable]

@@ -259,6 +259,65 @@ def test_check_ranks_agree_needs_one_exchange_when_the_ranks_agree(monkeypatch):
     assert sent[1].tolist()[1:] == [5, training._stable_hash("x"), 3]
 
 
+def _capture_first_exchange(monkeypatch, values) -> list:
+    """What rank 0 sends in check_ranks_agree's first all-gather (every rank agreeing)."""
+    sent = []
+
+    def all_gather(tensors, tensor, group=None):
+        sent.append(tensor.tolist())
+        for t in tensors:
+            t.copy_(tensor)
+
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    training.check_ranks_agree(values, group=object())
+    return sent
+
+
+def test_equal_numbers_of_other_types_agree(monkeypatch):
+    # A config read from JSON on one rank (lr 1) and built in code on another (lr 1.0) is one run.
+    assert _capture_first_exchange(monkeypatch, {"lr": 1, "betas": [0.0, 0.9]}) == _capture_first_exchange(
+        monkeypatch, {"lr": 1.0, "betas": [0.0, 0.9]})
+    assert _capture_first_exchange(monkeypatch, {"lr": 1}) != _capture_first_exchange(monkeypatch, {"lr": 1.5})
+    config = dict(model="standin", lr=1, warmup_epochs=1, betas=(0, 0.9))
+    one, other = (training._config_fingerprint(training.TrainConfig(**c), 8, []) for c in (
+        config, dict(config, lr=1.0, warmup_epochs=1.0, betas=(0.0, 0.9))))
+    assert _capture_first_exchange(monkeypatch, one) == _capture_first_exchange(monkeypatch, other)
+
+
+def test_a_rank_with_bad_step_inputs_fails_every_rank_at_once(monkeypatch):
+    """A rank whose inputs its own checks refuse says so in the step's shape exchange: it raises
+    its error, the others a RankMismatchError naming it, instead of waiting in the loss's collectives."""
+    model = make_model("standin")
+    images, token_ids, labels = make_batch(model, 4)
+    bad = {"inputs valid": 0, "local batch size": -2, "image shape": -2, "token shape": -2, "labels": -2}
+    bad_codes = [training._stable_hash(list(bad)), *bad.values()]
+    exchanges = []
+
+    def all_gather(tensors, tensor, group=None):  # rank 1 sends an invalid rank's codes
+        exchanges.append(tensor.numel())
+        tensors[0].copy_(tensor)
+        tensors[1].copy_(torch.tensor([5, bad_codes[0], training._stable_hash(bad_codes)]) if tensor.numel() == 3
+                         else torch.tensor(bad_codes))
+
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    monkeypatch.setattr(training.dist, "all_gather_object", lambda objects, obj, group=None: objects.__setitem__(
+        slice(None), [obj, "0"]))
+    with pytest.raises(training.RankMismatchError, match=r"this step's inputs: field 'inputs valid' differs "
+                                                         r"\(rank 0: 1, rank 1: 0"):
+        training.chunked_train_step(model, images, token_ids, labels, chunk_size=2, group=object(),
+                                    loss_fn=dense_label_infonce)
+    assert exchanges == [3, 6]
+    # On the rank whose labels are short: its own error, after the same exchange.
+    with pytest.raises(ValueError, match=r"argument 'labels': expected 4 rows like 'images'"):
+        training.chunked_train_step(model, images, token_ids, labels[:3], chunk_size=2, group=object(),
+                                    loss_fn=dense_label_infonce)
+
+
 def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     """Two simulated ranks (the collective doubles its buffer): fp64 gradients keep fp64
     precision, one collective per reduction dtype, bf16 summed in fp32."""
