@@ -206,6 +206,18 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
                                          "final ace_lora.pt"), errors
 
 
+def _two_simulated_ranks(monkeypatch, all_gather, other_text: str | None = None) -> None:
+    """This process as rank 0 of two over gloo, ``all_gather`` standing in for the collective and,
+    with ``other_text``, rank 1's text of a differing field in the object gather."""
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    if other_text is not None:
+        monkeypatch.setattr(training.dist, "all_gather_object", lambda objects, obj, group=None: objects.__setitem__(
+            slice(None), [obj, other_text]))
+
+
 def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
     """Two simulated ranks whose field lists differ (two code versions): a clear error from the
     first, fixed-size exchange, before any exchange whose size would differ."""
@@ -218,10 +230,7 @@ def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
         other[0] += 1  # the other rank checks one field more
         tensors[1].copy_(other)
 
-    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
-    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    _two_simulated_ranks(monkeypatch, all_gather)
     with pytest.raises(training.RankMismatchError, match="they check different fields"):
         training.check_ranks_agree({"a": 1}, group=object())
     assert calls == [3]
@@ -239,12 +248,7 @@ def test_check_ranks_agree_needs_one_exchange_when_the_ranks_agree(monkeypatch):
         tensors[0].copy_(tensor)
         tensors[1].copy_(other_rank[len(sent) - 1] if other_rank else tensor)
 
-    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
-    monkeypatch.setattr(training.dist, "all_gather", all_gather)
-    monkeypatch.setattr(training.dist, "all_gather_object", lambda objects, obj, group=None: objects.__setitem__(
-        slice(None), [obj, "7"]))
+    _two_simulated_ranks(monkeypatch, all_gather, other_text="7")
     values = {"local batch size": 5, "labels": "x", "steps": 3}
     training.check_ranks_agree(values, group=object())
     assert [t.numel() for t in sent] == [3]
@@ -268,9 +272,7 @@ def _capture_first_exchange(monkeypatch, values) -> list:
         for t in tensors:
             t.copy_(tensor)
 
-    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
-    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    _two_simulated_ranks(monkeypatch, all_gather)
     training.check_ranks_agree(values, group=object())
     return sent
 
@@ -301,12 +303,7 @@ def test_a_rank_with_bad_step_inputs_fails_every_rank_at_once(monkeypatch):
         tensors[1].copy_(torch.tensor([5, bad_codes[0], training._stable_hash(bad_codes)]) if tensor.numel() == 3
                          else torch.tensor(bad_codes))
 
-    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
-    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
-    monkeypatch.setattr(training.dist, "all_gather", all_gather)
-    monkeypatch.setattr(training.dist, "all_gather_object", lambda objects, obj, group=None: objects.__setitem__(
-        slice(None), [obj, "0"]))
+    _two_simulated_ranks(monkeypatch, all_gather, other_text="0")
     with pytest.raises(training.RankMismatchError, match=r"this step's inputs: field 'inputs valid' differs "
                                                          r"\(rank 0: 1, rank 1: 0"):
         training.chunked_train_step(model, images, token_ids, labels, chunk_size=2, group=object(),
