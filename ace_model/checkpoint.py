@@ -181,8 +181,8 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     except Exception as exc:
         # Every error, a missing file included, is a CheckpointError here (read_model_file lets
         # missing files through); its reason is one line, as read_model_file's is.
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint (corrupt or truncated "
-                              f"file?): {first_line(exc)}") from exc
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
+                              f"({first_line(exc)})") from exc
     from ace_model.training import STATE_FORMAT  # here: ace_model.training imports this module
 
     if isinstance(blob, dict) and blob.get("format") == STATE_FORMAT:

@@ -840,7 +840,11 @@ class ACELoRA(nn.Module):
 
     @property
     def topk(self) -> int:
-        """The hypergraphs' k (their modules' ``topk``, which the released format records once)."""
+        """The hypergraphs' k: their modules' ``topk``, which the released format records once, so
+        a model whose image and text modules differ has none (a ValueError)."""
+        if self.image_hgnn.topk != self.text_hgnn.topk:
+            raise ValueError(f"ACELoRA.topk: image_hgnn.topk={self.image_hgnn.topk} and text_hgnn.topk="
+                             f"{self.text_hgnn.topk} differ; the released format records one k")
         return self.image_hgnn.topk
 
     def _hgnn(self, module: nn.Module, tokens: torch.Tensor, cls_row: torch.Tensor, cls_only: bool):

@@ -196,7 +196,7 @@ def _check_step_inputs(images, token_ids, labels, chunk_size):
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() < 1 or token_ids.shape[0] != batch:
         got = list(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
         raise ValueError(f"argument 'token_ids': expected {batch} rows like 'images', got {got}")
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[0] != batch):
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() < 1 or labels.shape[0] != batch):
         got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"argument 'labels': expected {batch} rows like 'images', got {got}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -581,9 +581,11 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
     codes = [_stable_hash(keys)]
     for key in keys:
         v = values[key]
-        if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and float(v).is_integer() \
-                and abs(float(v)) < 2**62:
-            v = int(v)  # 1 and 1.0 are the same setting (a config read from JSON on one rank, code on another)
+        # 1 and 1.0 are one setting (a config read from JSON on one rank, built in code on another).
+        if isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+            v = int(v)
+        elif isinstance(v, numbers.Real) and not isinstance(v, np.bool_) and math.isfinite(v) and float(v).is_integer():
+            v = int(float(v))
         codes.append(int(v) if isinstance(v, (int, bool)) and abs(int(v)) < 2**62 else _stable_hash(v))
     header = torch.tensor([len(keys), codes[0], _stable_hash(codes)], dtype=torch.int64,
                           device=_comm_device(group))

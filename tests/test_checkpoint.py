@@ -298,7 +298,6 @@ def test_unreadable_file_is_reported(tiny, tmp_path):
     torch.save({"weights": collections.OrderedDict(), "metadata": {"x": _NotAllowed()}}, path)
     with pytest.raises(CheckpointError) as info:
         copy.deepcopy(tiny).load_reference_checkpoint(path)
-    assert "\n" not in str(info.value) and "weights-only torch checkpoint (corrupt or truncated file?): UnpicklingError: " \
-        in str(info.value)
+    assert "\n" not in str(info.value) and "weights-only torch checkpoint (UnpicklingError: " in str(info.value)
     with pytest.raises(CheckpointError, match="missing.pt"):
         copy.deepcopy(tiny).load_reference_checkpoint(tmp_path / "missing.pt")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import io
 import os
 import sys
 
@@ -286,12 +287,17 @@ def test_the_hypergraph_modules_settings_are_what_runs(tiny_model):
     tokens, cls_row = torch.randn(2, 9, model.embed_dim), torch.rand(2, 8)
     assert model.topk == model.image_hgnn.topk
     model.image_hgnn.topk = 2
-    assert model.topk == 2 and "topk=2" in repr(model.image_hgnn)
+    assert "topk=2" in repr(model.image_hgnn)
+    # The released format records one k: a model whose two modules differ has none to save.
+    with pytest.raises(ValueError, match=r"ACELoRA.topk: image_hgnn.topk=2 and text_hgnn.topk=5 differ"):
+        model.save_reference_checkpoint(io.BytesIO())
     expected = torch.nn.functional.normalize(ace_kernels.ace_hypergraph(
         tokens, cls_row, model.image_hgnn.edge_adapter, model.image_hgnn.node_adapter, topk=2, cls_only=True,
         backend="torch"), dim=-1)
     model.backend = "torch"
     torch.testing.assert_close(model.image_head(tokens, cls_row), expected, rtol=0, atol=0)
+    model.text_hgnn.topk = 2
+    assert model.topk == 2
 
 
 def test_cls_probability_row_matches_dense_fp64_forward_and_gradients():

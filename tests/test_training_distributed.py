@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -282,6 +283,9 @@ def test_equal_numbers_of_other_types_agree(monkeypatch):
     assert _capture_first_exchange(monkeypatch, {"lr": 1, "betas": [0.0, 0.9]}) == _capture_first_exchange(
         monkeypatch, {"lr": 1.0, "betas": [0.0, 0.9]})
     assert _capture_first_exchange(monkeypatch, {"lr": 1}) != _capture_first_exchange(monkeypatch, {"lr": 1.5})
+    assert _capture_first_exchange(monkeypatch, {"x": 1e20}) == _capture_first_exchange(monkeypatch, {"x": 10**20})
+    for odd in (10**400, float("nan"), float("inf"), np.float64(2.0), np.int64(3), True):  # no overflow on the way
+        _capture_first_exchange(monkeypatch, {"x": odd})
     config = dict(model="standin", lr=1, warmup_epochs=1, betas=(0, 0.9))
     one, other = (training._config_fingerprint(training.TrainConfig(**c), 8, []) for c in (
         config, dict(config, lr=1.0, warmup_epochs=1.0, betas=(0.0, 0.9))))
@@ -309,10 +313,13 @@ def test_a_rank_with_bad_step_inputs_fails_every_rank_at_once(monkeypatch):
         training.chunked_train_step(model, images, token_ids, labels, chunk_size=2, group=object(),
                                     loss_fn=dense_label_infonce)
     assert exchanges == [3, 6]
-    # On the rank whose labels are short: its own error, after the same exchange.
-    with pytest.raises(ValueError, match=r"argument 'labels': expected 4 rows like 'images'"):
-        training.chunked_train_step(model, images, token_ids, labels[:3], chunk_size=2, group=object(),
-                                    loss_fn=dense_label_infonce)
+    # On the rank whose labels are short (or 0-d): its own error, after the same exchange.
+    for short in (labels[:3], labels[0, 0]):
+        exchanges.clear()
+        with pytest.raises(ValueError, match=r"argument 'labels': expected 4 rows like 'images'"):
+            training.chunked_train_step(model, images, token_ids, short, chunk_size=2, group=object(),
+                                        loss_fn=dense_label_infonce)
+        assert exchanges == [3]
 
 
 def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
