@@ -10,8 +10,8 @@ and the gradient of every trainable parameter.
 from __future__ import annotations
 
 import copy
-import math
 import io
+import math
 import os
 import sys
 
