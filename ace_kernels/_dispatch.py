@@ -236,11 +236,24 @@ def register(op: str, backend: str, *, check: Callable[..., list[str]] | None = 
     return wrap
 
 
-def check_backend(backend) -> str:
-    """The ``backend`` argument, checked: one of ``"auto"`` and :data:`BACKENDS`."""
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"argument 'backend': expected one of {('auto',) + BACKENDS}, got {backend!r}")
+def check_backend(backend, ops: Sequence[str] = ()) -> str:
+    """The ``backend`` argument, checked: ``"auto"`` or one of :data:`BACKENDS` that every op
+    of ``ops`` declares (a module checks it when built, for the ops its forward calls)."""
+    allowed = ("auto",) + tuple(b for b in BACKENDS if all(b in _OPS[op].prefer for op in ops))
+    if not isinstance(backend, str) or backend not in allowed:
+        lacking = [op for op in ops if backend in BACKENDS and backend not in _OPS[op].prefer]
+        why = f" ({', '.join(lacking)}: no {backend} backend)" if lacking else ""
+        raise ValueError(f"argument 'backend': expected one of {allowed}, got {backend!r}{why}")
     return backend
+
+
+def interpreter_bf16_reasons(dtype: torch.dtype) -> list[str]:
+    """Why Triton kernels refuse ``dtype`` here: under the CPU interpreter, bf16 (its bf16
+    ``tl.dot`` returns garbage: a loss of 6e10 for 5.2, a LoRA S off by 1e10 relative)."""
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return ["under TRITON_INTERPRET=1 the kernels refuse bfloat16: the interpreter's bf16 arithmetic is wrong "
+                "(use float16/float32, or backend='torch')"]
+    return []
 
 
 def requested_backend(backend: str) -> str:

@@ -1166,11 +1166,7 @@ def _triton_check(u, t):
         reasons.append(f"the Triton kernels take fp16/bf16/fp32 embeddings, got {str(u.dtype).replace('torch.', '')}")
     if u.shape[1] > 1024:
         reasons.append(f"the Triton kernels take D <= 1024, got D={u.shape[1]}")
-    if u.dtype == torch.bfloat16 and _dispatch.interpreter_enabled():
-        # Its tl.dot on bf16 tiles returns garbage (a loss of 6e10 for 5.2), as in the LoRA
-        # kernels (refused there too); the hypergraph kernels convert to fp32 after loading.
-        reasons.append("under TRITON_INTERPRET=1 the kernels refuse bfloat16: the interpreter's bf16 "
-                       "arithmetic is wrong (use float16/float32, or backend='torch')")
+    reasons += _dispatch.interpreter_bf16_reasons(u.dtype)  # (the hypergraph kernels load bf16 as fp32)
     if u.shape[0] >= 2**31:
         reasons.append("the Triton kernels index keys with int32")
     elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
@@ -1588,10 +1584,7 @@ class LabelGuidedInfoNCE(nn.Module):
         init = check_finite_number("logit_scale_init", logit_scale_init)
         self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))
         # Checked now, not at the first forward (where a bad value would surface in a training loop).
-        _dispatch.check_backend(backend)
-        if backend == "cuda":
-            raise ValueError("argument 'backend': label_guided_infonce has no cuda backend; expected one of "
-                             "('auto', 'triton', 'torch')")
+        _dispatch.check_backend(backend, ops=(OP_NAME,))
         _check_group(group)
         self.group = group
         self.backend = backend

@@ -980,10 +980,7 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         reasons.append("weight/bias require grad, but the fused kernels treat the base layer as frozen "
                        "(use backend='torch' to train it)")
-    if x.dtype == torch.bfloat16 and _dispatch.interpreter_enabled():
-        # The pack kernel's bf16 tl.dot returns garbage there (S off by 1e10 relative).
-        reasons.append("under TRITON_INTERPRET=1 the kernels refuse bfloat16: the interpreter's bf16 arithmetic "
-                       "is wrong (use float16/float32, or backend='torch')")
+    reasons += _dispatch.interpreter_bf16_reasons(x.dtype)
     projections = 3 if lora_a.dim() == 3 else 1
     rank = lora_a.shape[-2]
     if projections * rank > _MAX_BLOCK_R:

@@ -369,10 +369,9 @@ def _warn_if_built_otherwise(metadata: dict, args: argparse.Namespace) -> None:
 def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     """The text attention to evaluate with: --text-attention, else what the checkpoint was trained
     with (``ace-lora train`` records it), else "spec"; a flag that differs from the record warns."""
-    from ace_model.training import TRAINED_WITH
+    from ace_model.training import recorded_text_attention
 
-    trained = metadata.get(TRAINED_WITH)
-    recorded = trained.get("text_attention") if isinstance(trained, dict) else None
+    recorded = recorded_text_attention(metadata)
     if args.text_attention and recorded and args.text_attention != recorded:
         print(f"ace-lora zero-shot: warning: --checkpoint was trained with --text-attention {recorded!r}; this "
               f"evaluation uses {args.text_attention!r}", file=sys.stderr)
@@ -419,7 +418,7 @@ def _same_path(recorded: str, given: str) -> bool:
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
-    from ace_model.checkpoint import CheckpointError
+    from ace_model.checkpoint import CheckpointError, load_reference_checkpoint
     from ace_model.data import CSVImageLabelDataset, read_csv
     from ace_model.training import check_seed, resolve_device, seed_everything
     from ace_model.zero_shot import evaluate
@@ -464,10 +463,9 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     model = ACELoRA.from_config(args.model, pretrained=args.pretrained)
     try:
-        with warnings.catch_warnings():
-            # Which attention the checkpoint was trained with: _text_attention decides and says below.
-            warnings.filterwarnings("ignore", message=".*: trained with text_attention=")
-            metadata = model.load_reference_checkpoint(args.checkpoint) if args.checkpoint else {}
+        # The loader itself, not the model's method: which attention the checkpoint was trained
+        # with is decided and said by _text_attention below.
+        metadata = load_reference_checkpoint(model, args.checkpoint) if args.checkpoint else {}
     except CheckpointError as exc:
         if recorded and recorded != args.model:
             raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "
@@ -536,7 +534,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:  # --seed's range too
         _demo_trainer(args, out / "train.csv", out)[1].validate()
     except ValueError as exc:  # "TrainConfig.lr: ..." -> "--lr: ..." (the demo's own flags)
-        _name_flags(exc, lambda field: DEMO_FLAGS.get(field, f"TrainConfig.{field}"))
+        _name_flags(exc, _demo_flag_name)
         raise
     # The demo writes train.csv, test.csv, train/, test/, run/ and demo_summary.json: over an
     # earlier demo's files only, unless told (a user's own train.csv would be replaced).
@@ -592,6 +590,10 @@ _DEMO_MARKER = ".ace-lora-demo"
 
 # The demo's flags for the TrainConfig fields it sets (its errors and warnings name them).
 DEMO_FLAGS = {"lr": "--lr", "seed": "--seed", "batch_size": "--batch-size", "max_steps": "--steps"}
+
+
+def _demo_flag_name(field: str) -> str:
+    return DEMO_FLAGS.get(field, f"TrainConfig.{field}")
 
 
 def _demo_trainer(args, train_csv: Path, out: Path):
@@ -672,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "train":
                 text = _flags_in(str(message))
             elif args.command == "demo":
-                text = _flags_in(str(message), lambda field: DEMO_FLAGS.get(field, f"TrainConfig.{field}"))
+                text = _flags_in(str(message), _demo_flag_name)
             print(f"ace-lora {args.command}: warning: {text}", file=sys.stderr)
         else:
             show_warning(message, category, filename, lineno, file, line)

@@ -48,8 +48,8 @@ LORA_ALPHA = 1.0
 LORA_DROPOUT = 0.1
 HGNN_TOPK = 5
 RECOMPUTE_MODES = ("none", "mlp", "layer")
-# The backends every op the model calls has (ace_kernels' BACKENDS but cuda, which LoRA lacks).
-MODEL_BACKENDS = ("auto", "triton", "torch")
+# The ace_kernels ops the model calls: its backend must be one all of them have.
+_MODEL_OPS = ("lora_qkv", "ace_hypergraph", "label_guided_infonce")
 
 _TINY_VIT_NAME = "ace_vit_tiny_patch8_32"
 
@@ -573,11 +573,7 @@ class ACELoRA(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in MODEL_BACKENDS:
-            why = " (only ace_hypergraph has a cuda backend; 'auto' takes it where it is faster)" \
-                if value == "cuda" else ""
-            raise ValueError(f"argument 'backend': expected one of {MODEL_BACKENDS}, got {value!r}{why}")
-        self._backend = value
+        self._backend = ace_kernels._dispatch.check_backend(value, ops=_MODEL_OPS)
 
     # -- recomputation ------------------------------------------------------------------
 
@@ -905,11 +901,10 @@ class ACELoRA(nn.Module):
         Only weights are loaded: :attr:`text_attention` stays as it is. When the checkpoint
         records another one (``ace-lora train`` writes it), a warning says so."""
         from ace_model.checkpoint import load_reference_checkpoint
-        from ace_model.training import TRAINED_WITH  # here: ace_model.training imports this module
+        from ace_model.training import recorded_text_attention  # here: ace_model.training imports this module
 
         metadata = load_reference_checkpoint(self, path)
-        trained = metadata.get(TRAINED_WITH)
-        recorded = trained.get("text_attention") if isinstance(trained, dict) else None
+        recorded = recorded_text_attention(metadata)
         if recorded in TEXT_ATTENTION and recorded != self.text_attention:
             warnings.warn(f"{os.fspath(path)}: trained with text_attention={recorded!r}, this model computes "
                           f"{self.text_attention!r}; set model.text_attention = {recorded!r} to evaluate it as "

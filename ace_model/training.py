@@ -65,7 +65,7 @@ from torch import nn
 from ace_kernels._checks import check_finite_number
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
                                fsync_directory, makedirs_durable, temp_name_pattern)
-from ace_model.checkpoint import first_line, read_model_file
+from ace_model.checkpoint import first_line, load_reference_checkpoint, read_model_file
 from ace_model.model import TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
@@ -76,6 +76,14 @@ STATE_VERSION = 2
 # Key of the released-format metadata entry that a trained weights file adds: {"model", "seed",
 # "pretrained"} of the run (other readers of the format ignore keys they do not know).
 TRAINED_WITH = "ace_lora_trained_with"
+
+
+def recorded_text_attention(metadata: dict):
+    """What a weights file's metadata records of its run's text attention (``ace-lora train``
+    writes it), as found (not checked), or None."""
+    trained = metadata.get(TRAINED_WITH)
+    return trained.get("text_attention") if isinstance(trained, dict) else None
+
 _READABLE_STATE_VERSIONS = (1, 2)
 
 
@@ -1387,11 +1395,10 @@ def _build_model(config: TrainConfig) -> nn.Module:
         raise ValueError(f"TrainConfig.model: expected 'biomedclip' or 'tiny', got {config.model!r}")
     model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
     if config.init_checkpoint:
-        with warnings.catch_warnings():  # the model's own advice (set model.text_attention), said here as the run's
-            warnings.filterwarnings("ignore", message=".*: trained with text_attention=")
-            metadata = model.load_reference_checkpoint(config.init_checkpoint)
-        trained = metadata.get(TRAINED_WITH)
-        recorded = trained.get("text_attention") if isinstance(trained, dict) else None
+        # The loader itself, not the model's method: its advice (set model.text_attention) is said
+        # here as the run's.
+        metadata = load_reference_checkpoint(model, config.init_checkpoint)
+        recorded = recorded_text_attention(metadata)
         if recorded in TEXT_ATTENTION and recorded != config.text_attention:
             warnings.warn(f"TrainConfig.init_checkpoint: {config.init_checkpoint!r} was trained with "
                           f"text_attention={recorded!r}, this run computes {config.text_attention!r} "

@@ -320,14 +320,18 @@ def zero_shot_metrics(scores: torch.Tensor, labels: torch.Tensor, task: str) -> 
         if task == "multiclass":
             extra["accuracy_macro"] = macro_accuracy(predicted, truth, scores.shape[1])
         if task == "binary":
-            if scores.shape[1] != 2:
-                raise ValueError(f"binary task: expected 2 classes [negative, positive], got {scores.shape[1]}")
+            _check_binary_classes(scores.shape[1])
             auroc = binary_auroc(scores[:, 1], labels[:, 1])
         else:
             one_hot = F.one_hot(truth, scores.shape[1]).float()
             extra["auroc_per_class"] = per_class_auroc(scores, one_hot)
             auroc = _mean_of_defined(extra["auroc_per_class"])
     return {"task": task, "n": int(scores.shape[0]), "accuracy": accuracy, **extra, "auroc": auroc}
+
+
+def _check_binary_classes(count: int) -> None:
+    if count != 2:
+        raise ValueError(f"binary task: expected 2 classes [negative, positive], got {count}")
 
 
 def macro_accuracy(predicted: torch.Tensor, truth: torch.Tensor, classes: int) -> float:
@@ -368,8 +372,8 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     if batch_size < 1:
         raise ValueError(f"argument 'batch_size': expected >= 1, got {batch_size!r}")
     class_names, templates = check_prompts(class_names, templates)
-    if task == "binary" and len(class_names) != 2:  # before the images are encoded
-        raise ValueError(f"binary task: expected 2 classes [negative, positive], got {len(class_names)}")
+    if task == "binary":  # before the images are encoded
+        _check_binary_classes(len(class_names))
     dataset_labels = getattr(dataset, "labels", None)
     if isinstance(dataset_labels, torch.Tensor) and dataset_labels.dim() == 2:
         if dataset_labels.shape[1] != len(class_names):  # before the images are encoded

@@ -230,7 +230,8 @@ def test_module_rejects_a_bad_initial_multiplier(init, fragment):
 
 def test_module_refuses_cuda_and_prints_on_meta():
     # Checked at construction: this op has no cuda backend (the first forward raised).
-    with pytest.raises(ValueError, match=r"argument 'backend': label_guided_infonce has no cuda backend"):
+    with pytest.raises(ValueError, match=r"argument 'backend': expected one of \('auto', 'triton', 'torch'\), got "
+                                         r"'cuda' \(label_guided_infonce: no cuda backend\)$"):
         ace_kernels.LabelGuidedInfoNCE(10.0, backend="cuda")
     assert repr(ace_kernels.LabelGuidedInfoNCE(10.0).to("meta")) == "LabelGuidedInfoNCE(logit_scale=<meta>)"
     assert repr(ace_kernels.LabelGuidedInfoNCE(10.0)) == "LabelGuidedInfoNCE(logit_scale=10)"
