@@ -129,6 +129,18 @@ def _cuda_extension():
                 print(f"ace-kernels: building the CUDA extension failed ({type(exc).__name__}: {reason}); "
                       "installing the pure-Python package without it (ACE_KERNELS_FORCE_CUDA=1 makes this an "
                       "error)", file=sys.stderr)
+                # An extension an earlier build left in place was built from other sources: it
+                # goes too, so that nothing (the cuda backend, the build tests) runs it as this one.
+                # Where this command builds it, and beside the sources (--inplace, pip install -e).
+                package_dir = self.get_finalized_command("build_py").get_package_dir
+                built = set()
+                for e in self.extensions:
+                    path = self.get_ext_fullpath(e.name)
+                    built |= {path, os.path.join(package_dir(e.name.rpartition(".")[0]), os.path.basename(path))}
+                for stale in sorted(built):
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                        print(f"ace-kernels: removed {stale}, built from earlier sources", file=sys.stderr)
                 self.extensions = []  # nothing to copy into place or to list as an output
 
     return [ext], {"build_ext": OptionalBuildExtension}

@@ -568,7 +568,9 @@ if _TRITON_IMPORTED:
         offs_k = tl.arange(0, BLOCK_K)
         # Padding slots hold +inf so they are never the running minimum.
         best_v = tl.where(offs_k < TOPK, float("-inf"), float("inf"))[None, :] + tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
-        best_i = tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
+        # Column indices of the kept entries; an empty slot holds -1 - slot, so that every slot's
+        # index differs and the eviction below picks exactly one.
+        best_i = (-1 - offs_k)[None, :].to(tl.int64) + tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
         tile_cols = tl.arange(0, BLOCK_M)
         pn_b = pn_ptr + b * stride_pb
         if COMPUTE_NORMS:
@@ -613,10 +615,12 @@ if _TRITON_IMPORTED:
                 # First position of the max / min (argmax and argmin made ptxas spill).
                 top = tl.max(key, axis=1)
                 top_at = tl.min(tl.where(key == top[:, None], tile_cols[None, :], BLOCK_M), axis=1)
+                # Evict the highest index among the entries tied at the worst value: the columns
+                # arrive in increasing order and a tie never displaces, so the lowest indices stay.
                 worst = tl.min(best_v, axis=1)
-                worst_at = tl.min(tl.where(best_v == worst[:, None], offs_k[None, :], BLOCK_K), axis=1)
+                worst_i = tl.max(tl.where(best_v == worst[:, None], best_i, -1 - BLOCK_K), axis=1)
                 take = top > worst
-                replace = (offs_k[None, :] == worst_at[:, None]) & take[:, None]
+                replace = (best_i == worst_i[:, None]) & take[:, None]
                 best_v = tl.where(replace, top[:, None], best_v)
                 best_i = tl.where(replace, m0 + top_at[:, None].to(tl.int64), best_i)
                 key = tl.where(tile_cols[None, :] == top_at[:, None], float("-inf"), key)
@@ -626,7 +630,7 @@ if _TRITON_IMPORTED:
         w = e / tl.sum(e, axis=1)[:, None]
         out_off = b * stride_ob + offs_q[:, None] * stride_or + offs_k[None, :] * stride_ok
         out_mask = q_mask[:, None] & slot_ok
-        tl.store(idx_ptr + out_off, best_i, mask=out_mask)
+        tl.store(idx_ptr + out_off, tl.maximum(best_i, 0), mask=out_mask)
         tl.store(w_ptr + out_off, w, mask=out_mask)
 
     @triton.jit

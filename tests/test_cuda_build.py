@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -149,7 +150,8 @@ def test_setup_py_names_an_arch_list_it_cannot_read_and_finds_its_sources_from_a
 def test_a_build_that_fails_installs_the_package_without_the_extension_unless_forced(tmp_path):
     """torch refuses to build with an nvcc of another CUDA major version than its own (here a stand-in
     nvcc that says 'release 1.0'): without ACE_KERNELS_FORCE_CUDA the build says why and goes on
-    without the extension; forced, it fails."""
+    without the extension, and removes the one an earlier build left in place (else the cuda backend
+    and these tests would run a stale build); forced, it fails."""
     if torch.version.cuda is None:
         pytest.skip("torch has no CUDA support: setup.py does not try the build")
     tree = tmp_path / "tree"
@@ -163,11 +165,15 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 1.0, V1.0.0'\n")
     nvcc.chmod(0o755)
     env = dict(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{nvcc.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    stale = tree / "ace_kernels" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier build")
     built = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), **env)
     assert built.returncode == 0, built.stderr[-2000:]
     assert "ace-kernels: building the CUDA extension failed (RuntimeError: " in built.stderr
     assert "installing the pure-Python package without it" in built.stderr
-    assert not list(tree.rglob("_C*.so"))
+    assert f"{os.path.join('ace_kernels', stale.name)}, built from earlier sources" in built.stderr, built.stderr
+    assert not stale.exists() and not list(tree.rglob("_C*.so"))
     forced = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), ACE_KERNELS_FORCE_CUDA="1", **env)
     assert forced.returncode != 0 and "building the CUDA extension failed" not in forced.stderr
 

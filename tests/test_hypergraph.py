@@ -493,6 +493,36 @@ def test_kernels_all_equal_features_ties(backend, device):
     check_all_equal_features_ties(backend, torch.float32, 1e-4, device)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_keep_the_lowest_indices_among_ties(backend, device):
+    """The kernels' top-k keeps, of several equal scores at the k-th place, the lowest column
+    indices (as the docstring of ace_hypergraph says), also when a better score arrives in a later
+    tile after the ties filled the list: the Triton kernel once evicted the lowest tied index then."""
+    _needs_kernels(backend, device)
+    topk_rows = hg._triton_topk_rows if backend == "triton" else hg._cuda_topk_rows
+    gen = torch.Generator().manual_seed(5)
+    for M, k in ((40, 2), (70, 5), (37, 3), (600, 16)):
+        # Scores as raw dots (norms given as 1) with query 0 = (1, 0): the columns' first features,
+        # small integers (exact in float32). Mostly 1 (ties) with some 0, and fewer than k better
+        # ones scattered, so that better scores arrive after ties filled the list and the k-th place
+        # falls among the ties.
+        pn = torch.zeros(2, M, 2)
+        pn[:, :, 0] = torch.randint(0, 4, (2, M), generator=gen).clamp(max=1).float()
+        for b in range(2):
+            better = torch.randperm(M - 1, generator=gen)[:k - 1] + 1
+            pn[b, better, 0] = torch.randint(2, 5, (k - 1,), generator=gen).float()
+        pn[:, :, 1] = 1.0
+        pn[:, 0] = torch.tensor([1.0, 0.0])
+        scores = (pn[:, :1] * pn).sum(-1)
+        scores[:, 0] = float("-inf")
+        rows = torch.zeros(2, 1, dtype=torch.int64, device=device)
+        idx, _ = topk_rows(pn.to(device), torch.ones(2, M, device=device), rows, k)
+        for b in range(2):
+            row = scores[b].tolist()
+            want = sorted(sorted(range(M), key=lambda j: (-row[j], j))[:k])
+            assert sorted(idx[b, 0].tolist()) == want, (M, k, b)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_numpy_integer_topk_gives_the_int_result(backend, device):
     """topk (and the module's dim, hidden, topk) may be NumPy integers: each is taken as the int it
