@@ -104,6 +104,11 @@ def forced_config(family: str, kernel: str, dtype_class: str) -> dict | None:
     return None
 
 
+def _same_config(entry: dict, declared: dict) -> bool:
+    return entry.keys() == declared.keys() and all(type(entry[k]) is type(v) and entry[k] == v
+                                                   for k, v in declared.items())
+
+
 def launch_config(family: str, kernel: str, dtype_class: str, device: torch.device | None, default: dict) -> dict:
     """The configuration to launch: a forced one (on any device), else on a CUDA ``device`` the one
     measured fastest on its card model when it is among the declared candidates, else a copy of
@@ -117,8 +122,11 @@ def launch_config(family: str, kernel: str, dtype_class: str, device: torch.devi
     entry = ((_TUNED.get(name) or {}).get(family) or {}).get(key(kernel, dtype_class))
     if entry is None:
         return dict(default)
-    if entry == default or entry in candidates(family, kernel, dtype_class):
-        return dict(entry)
+    # The declared configuration the entry names, not the entry: JSON's 32.0 and true compare
+    # equal to 32 and 1 but would reach the launch as a float and a bool.
+    for declared in (default, *candidates(family, kernel, dtype_class)):
+        if isinstance(entry, dict) and _same_config(entry, declared):
+            return dict(declared)
     where = (name, family, key(kernel, dtype_class))
     if where not in _WARNED:
         _WARNED.add(where)

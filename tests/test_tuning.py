@@ -132,6 +132,29 @@ def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_ca
         assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
 
 
+def test_a_tuned_entry_of_other_number_types_is_not_launched(on_card):
+    """JSON's 64.0 and true equal 64 and 1 but would reach the launch as a float and a bool (a
+    tensor size of 32.0 fails): such an entry is refused, and an equal one launches the declared
+    configuration itself."""
+    lse = contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")]
+    one_stage = next(c for c in lse if c["num_stages"] == 1)
+    default_lse = contrastive_ops._GPU_CONFIGS[("lse", "16bit", "one_dot")]
+    for odd in (dict(one_stage, num_stages=True), dict(one_stage, BLOCK_M=float(one_stage["BLOCK_M"]))):
+        on_card.contrastive["lse/16bit/one_dot"] = odd
+        _tuning._WARNED.clear()
+        with pytest.warns(RuntimeWarning, match="not one of the declared candidates"):
+            config = contrastive_ops._launch_config("lse", torch.bfloat16, 512, interpreter=False, device=CUDA0)
+        assert {k: config[k] for k in default_lse} == default_lse
+    for odd in (dict(DOWN[1], num_warps=float(DOWN[1]["num_warps"])), ["not", "a", "config"]):
+        on_card["down/16bit"] = odd
+        _tuning._WARNED.clear()
+        with pytest.warns(RuntimeWarning, match="not one of the declared candidates"):
+            assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
+    on_card["down/16bit"] = dict(DOWN[1])
+    config = lora_ops._config("down", torch.bfloat16, CUDA0)
+    assert config == DOWN[1] and all(type(config[k]) is type(v) for k, v in DOWN[1].items())
+
+
 def test_a_hand_edited_table_that_is_not_an_object_is_left_out_with_a_warning(tmp_path, monkeypatch):
     """A card's or a family's table of another type (a list, a string) is dropped when the file
     is read, naming it, instead of failing at the first GPU call with an AttributeError."""
