@@ -138,6 +138,11 @@ def _torch_entry_dot(a: torch.Tensor, b: torch.Tensor, cols: torch.Tensor) -> to
     return out
 
 
+# Scores in one [chunk, R, M] similarity block of the torch top-k (~32 MiB in float32); a chunk
+# holds one sample at least.
+_TOPK_CHUNK_SCORES = 8 * 2**20
+
+
 def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.Tensor | None, topk: int):
     """Top-k cosine neighbours of patch rows ``rows`` ([B, R] or None = all) among all patches.
 
@@ -146,9 +151,8 @@ def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.
     weights [B, R, k]). The own column is excluded.
     """
     B, M, D = patches.shape
-    # Bound the [chunk, R, M] similarity block to ~32 MiB of scores.
     R = M if rows is None else rows.shape[1]
-    chunk = max(1, min(B, (8 * 2**20) // max(1, R * M)))
+    chunk = max(1, min(B, _TOPK_CHUNK_SCORES // max(1, R * M)))
     idx_out = torch.empty(B, R, topk, dtype=torch.int64, device=patches.device)
     w_out = torch.empty(B, R, topk, dtype=patches.dtype, device=patches.device)
     for start in range(0, B, chunk):

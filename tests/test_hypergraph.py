@@ -127,6 +127,15 @@ def test_torch_float32_matches_oracle(shape, cls_only):
     check_against_oracle(shape, torch.float32, cls_only, "torch", rel=1e-4)
 
 
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_torch_topk_in_batch_chunks_matches_oracle(cls_only, monkeypatch):
+    """The torch top-k bounds its similarity block by splitting the batch (real shapes split at
+    B > 129 text samples, full output); one sample per chunk here, so every chunk after the first
+    runs: each must read its own samples' norms and rows."""
+    monkeypatch.setattr(hg, "_TOPK_CHUNK_SCORES", 1)
+    check_against_oracle((3, 9, 24, 5, 3), torch.float64, cls_only, "torch", rel=1e-10, seed=3)
+
+
 @pytest.mark.parametrize("prims", [
     "TORCH_PRIMITIVES",
     pytest.param("TRITON_PRIMITIVES", marks=pytest.mark.triton),
