@@ -17,7 +17,11 @@ Nothing here touches the GPU at import time; the file is read once, at import.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import os
+import sys
+import textwrap
 import threading
 import warnings
 from typing import Callable, Iterator
@@ -37,13 +41,34 @@ _FORCED_LOCK = threading.Lock()
 _WARNED: set = set()
 _CANDIDATES: dict[str, dict] = {}
 _DEFAULTS: dict[str, Callable[[str, str], dict]] = {}
+_MODULES: dict[str, str] = {}
 
 
-def register(family: str, candidates: dict, default: Callable[[str, str], dict]) -> None:
-    """Declare ``family``'s sweep candidates, ``{(kernel, dtype class): (config, ...)}``, and
-    ``default(kernel, dtype class)``, the GPU configuration they are measured against."""
+def register(family: str, candidates: dict, default: Callable[[str, str], dict], module: str) -> None:
+    """Declare ``family``'s sweep candidates, ``{(kernel, dtype class): (config, ...)}``,
+    ``default(kernel, dtype class)``, the GPU configuration they are measured against, and the
+    name of the module that holds its Triton kernels (see :func:`kernel_digest`)."""
     _CANDIDATES[family] = candidates
     _DEFAULTS[family] = default
+    _MODULES[family] = module
+
+
+def kernel_digest(family: str) -> str | None:
+    """A digest of the sources of ``family``'s Triton kernels (every ``@triton.jit`` function of its
+    module, by name), or None without Triton. A sweep records it: what it measured holds for
+    those kernels only, and the tool that writes :data:`TUNED_FILE` takes it from a run of the
+    same kernels."""
+    module = sys.modules.get(_MODULES.get(family, ""))
+    if module is None:
+        return None
+    digest = hashlib.sha256()
+    found = False
+    for name, value in sorted(vars(module).items()):
+        fn = getattr(value, "fn", None)
+        if type(value).__module__.startswith("triton.") and callable(fn):
+            digest.update(f"{name}\n{textwrap.dedent(inspect.getsource(fn))}\n".encode())
+            found = True
+    return digest.hexdigest()[:16] if found else None
 
 
 def default(family: str, kernel: str, dtype_class: str) -> dict:

@@ -765,7 +765,7 @@ _GPU_CANDIDATES = {
                                      num_stages=4)),
 }
 _tuning.register("contrastive", _GPU_CANDIDATES,
-                 lambda kernel, dtype_class: _GPU_CONFIGS[(kernel, *dtype_class.split("/"))])
+                 lambda kernel, dtype_class: _GPU_CONFIGS[(kernel, *dtype_class.split("/"))], __name__)
 # Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
 # chunk width beyond it, per (kind, aligned).
 _GPU_ONE_DOT_MAX = {"16bit": 512, "fp32": 0}

@@ -764,7 +764,7 @@ _GPU_CANDIDATES = {
 }
 
 
-_tuning.register("lora", _GPU_CANDIDATES, lambda kernel, dtype_class: _GPU_CONFIGS[kernel][dtype_class])
+_tuning.register("lora", _GPU_CANDIDATES, lambda kernel, dtype_class: _GPU_CONFIGS[kernel][dtype_class], __name__)
 
 
 def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:

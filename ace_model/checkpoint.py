@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+import zipfile
 from collections import OrderedDict
 from typing import Any, BinaryIO, Callable
 
@@ -175,14 +176,19 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     """
     path = os.fspath(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's about a plain pickle: the error below says what the file is
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+        bad_member = _failed_zip_member(path)  # see read_model_file
+        if bad_member is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's about a plain pickle: the error below says what the file is
+                blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         # Every error, a missing file included, is a CheckpointError here (read_model_file lets
         # missing files through); its reason is one line, as read_model_file's is.
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint "
                               f"({first_line(exc)})") from exc
+    if bad_member is not None:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint: its member "
+                              f"{bad_member!r} fails its CRC-32 check (corrupt file)")
     from ace_model.training import STATE_FORMAT  # here: ace_model.training imports this module
 
     if isinstance(blob, dict) and blob.get("format") == STATE_FORMAT:
@@ -249,19 +255,42 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     return dict(metadata)
 
 
-def read_model_file(load: Callable[[], Any], error: type[Exception], subject: str, what: str) -> Any:
+def read_model_file(load: Callable[[], Any], error: type[Exception], subject: str, what: str,
+                    check_zip: str | os.PathLike | None = None) -> Any:
     """``load()`` (a torch or safetensors load of one file); a file that cannot be read raises
     ``error("<subject>: cannot be read as <what> (corrupt or truncated file?): <reason>")``.
+
+    ``check_zip``: the file's path, when it is a torch file (a zip) to check first. ``torch.load``
+    does not check the CRC-32 each member carries, so a flipped bit inside a tensor would load as
+    another number; a member that fails its check raises ``error`` naming it. Reading the file
+    once more costs little at these sizes (a training state, a released-format checkpoint).
 
     A missing file, a permission or directory error and a memory error are not about the
     file's content: they pass through as they are.
     """
+    if check_zip is not None:
+        bad = _failed_zip_member(check_zip)
+        if bad is not None:
+            raise error(f"{subject}: cannot be read as {what}: its member {bad!r} fails its CRC-32 check "
+                        "(corrupt file)")
     try:
         return load()
     except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
         raise
     except Exception as exc:
         raise error(f"{subject}: cannot be read as {what} (corrupt or truncated file?): {first_line(exc)}") from exc
+
+
+def _failed_zip_member(path: str | os.PathLike) -> str | None:
+    """The first member of the zip at ``path`` whose CRC-32 does not match, or None (also when
+    the file is no zip or cannot be read as one: ``torch.load`` then says what it is)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception:
+        return None
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -207,7 +207,8 @@ def _check_step_inputs(images, token_ids, labels, chunk_size):
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.dim() < 1 or labels.shape[0] != batch):
         got = list(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"argument 'labels': expected {batch} rows like 'images', got {got}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
         raise ValueError(f"argument 'chunk_size': expected a positive int or None, got {chunk_size!r}")
 
 
@@ -291,6 +292,7 @@ def chunked_train_step(
             raise
     if local_error is not None:
         raise local_error
+    chunk_size = None if chunk_size is None else int(chunk_size)  # a NumPy integer as the int it holds
     loss_fn = loss_fn or _default_loss_fn(model)
     device = _model_device(model)
     batch = images.shape[0]
@@ -1116,7 +1118,7 @@ def load_state(path: str | os.PathLike) -> dict:
         file) or is not a training state of a version this code reads.
     """
     state = read_model_file(lambda: torch.load(path, map_location="cpu", weights_only=True), TrainingStateError,
-                            str(path), "a training state")
+                            str(path), "a training state", check_zip=path)
     if isinstance(state, dict) and {"weights", "metadata"} <= set(state) and "format" not in state:
         raise TrainingStateError(f"{path}: a released-format weights file (for train --init-checkpoint or "
                                  "zero-shot --checkpoint), not a training state; a run's states are its "
@@ -1508,6 +1510,9 @@ def train(
         ``out_dir`` that holds another run this one would overwrite (unless ``overwrite``).
     """
     config.validate()
+    # NumPy numbers (which validate accepts) as the Python ones they hold, for what follows: JSON
+    # records, the seeders, the step's own checks.
+    config = TrainConfig.from_dict(config.to_dict())
     _check_out_dir(Path(config.out_dir))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(config.device, local_rank)
@@ -1768,7 +1773,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     raise NonFiniteLossError(
                         f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step + 1} "
                         f"(epoch {epoch}, loss {loss_value}, grad norm {grad_norm_value}); stopped before the "
-                        f"optimizer step. Last good state: {last_state or 'none written'}; nothing was written after it.")
+                        f"optimizer step. {_last_state_note(last_state, resume_path)}; nothing was written after it.")
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -1800,8 +1805,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     if non_finite:
                         raise NonFiniteLossError(
                             f"non-finite parameters after the optimizer step of step {step} (epoch {epoch}; "
-                            f"{_first_names(non_finite)}); they were not saved. Last good state: "
-                            f"{last_state or 'none written'}; no checkpoint was written after it.")
+                            f"{_first_names(non_finite)}); they were not saved. "
+                            f"{_last_state_note(last_state, resume_path)}; no checkpoint was written after it.")
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
@@ -1862,6 +1867,17 @@ def _non_finite_tensors(named) -> list[str]:
         finite = torch.stack([torch.isfinite(named[i][1].detach()).all() for i in indices]).cpu().tolist()
         bad += [i for i, ok in zip(indices, finite) if not ok]
     return [named[i][0] for i in sorted(bad)]
+
+
+def _last_state_note(last_state, resume_path) -> str:
+    """Which state to go back to after a non-finite step: one this run wrote passed the finite
+    checks; the one it resumed from, when no state followed, may itself be the cause."""
+    if not last_state:
+        return "Last good state: none written"
+    if resume_path is not None and str(last_state) == str(resume_path):
+        return (f"Last state: {last_state}, the one this run resumed from (if resuming from it fails the same "
+                "way, resume from an earlier state)")
+    return f"Last good state: {last_state}"
 
 
 def _first_names(names: list[str], shown: int = 3) -> str:
@@ -2000,15 +2016,25 @@ def _load_trainable(trainable, saved: dict, path) -> None:
 
 
 def _check_finite_optimizer(optimizer, trainable, path) -> None:
-    """Refuse an optimizer state holding NaN or infinity (its first step would spread it)."""
+    """Refuse an optimizer state holding NaN or infinity, or a negative step count or second
+    moment (AdamW's sqrt would make it NaN): its first step would spread it."""
     names = {id(p): name for name, p in trainable}
-    moments = [(f"the optimizer's {key!r} of {names.get(id(p), '?')}", value)
+    moments = [(f"the optimizer's {key!r} of {names.get(id(p), '?')}", key, value)
                for p, per_param in optimizer.state.items() for key, value in per_param.items()
                if isinstance(value, torch.Tensor) and value.is_floating_point()]
-    non_finite = _non_finite_tensors(moments)
+    non_finite = _non_finite_tensors([(name, value) for name, _, value in moments])
     if non_finite:
         raise TrainingStateError(f"resume from {path}: {non_finite[0]} holds NaN or infinity: the file is corrupt; "
                                  "resume from an earlier state")
+    signed = [(name, value) for name, key, value in moments if key in _NON_NEGATIVE_OPTIMIZER_STATE]
+    negative = [name for name, value in signed if bool((value < 0).any())]
+    if negative:
+        raise TrainingStateError(f"resume from {path}: {negative[0]} holds a negative value, which AdamW never "
+                                 "writes: the file is corrupt; resume from an earlier state")
+
+
+# AdamW's per-parameter state that is never negative: the step count and the second moments.
+_NON_NEGATIVE_OPTIMIZER_STATE = ("step", "exp_avg_sq", "max_exp_avg_sq")
 
 
 # ----------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def run(suite) -> None:
             for number, config in enumerate(entry["configs"]):
                 label = provider_label(kernel, number)
                 metrics[label] = dict(kernel_family=kernel_family, kernel=kernel, dtype_class=dtype_class,
-                                      candidate=number, config=config, rel_err_against=against)
+                                      candidate=number, config=config, rel_err_against=against,
+                                      kernel_digest=_tuning.kernel_digest(kernel_family))
 
                 def check(label=label, config=config):
                     with _tuning.forced(kernel_family, kernel, dtype_class, config):

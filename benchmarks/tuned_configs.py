@@ -60,14 +60,26 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | str | None,
     default = sweep["default"]
     if default is None or not default.get("median_ms"):
         return KEEP, f"{name}: the default was not measured; nothing to compare with, the file's entry stays"
+    # The sweep holds for the kernels it timed, at the default it timed them against.
+    timed = default["metrics"].get("kernel_digest")
+    if timed != _tuning.kernel_digest(kernel_family):
+        why = "the run predates the record of them" if timed is None else "their sources differ"
+        return KEEP, (f"{name}: the sweep timed other {kernel_family} kernels than this tree's ({why}); the file's "
+                      "entry stays")
+    if default["metrics"].get("config") != _tuning.default(kernel_family, kernel, dtype_class):
+        return KEEP, (f"{name}: the sweep's default {default['metrics'].get('config')} is not this tree's "
+                      f"{_tuning.default(kernel_family, kernel, dtype_class)}; the file's entry stays")
     declared = _tuning.candidates(kernel_family, kernel, dtype_class)
     default_ms = float(default["median_ms"])
-    default_err = float(default["metrics"].get("rel_err", float("inf")))
     limit = harness.check_limit(default.get("dtype", ""))
+    if "rel_err" not in default["metrics"]:
+        return KEEP, f"{name}: the default's output was not checked; no bound for the candidates, the file's entry stays"
+    default_err = float(default["metrics"]["rel_err"])
     if not default_err <= limit:
-        # Without a correct default there is no bound to hold the candidates to.
-        return None, (f"{name}: the default's error {default_err!r} is over the check limit {limit:g}; nothing "
-                      "qualifies, the default stays")
+        # Without a correct default there is no bound to hold the candidates to, and a run whose
+        # default fails is no ground to change what an earlier run chose either.
+        return KEEP, (f"{name}: the default's error {default_err!r} is over the check limit {limit:g}; nothing "
+                      "qualifies, the file's entry stays")
     best, notes = None, []
     for row in sweep["candidates"]:
         metrics = row["metrics"]

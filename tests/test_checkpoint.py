@@ -20,6 +20,7 @@ import torch
 from ace_model import ACELoRA
 from ace_model.checkpoint import CheckpointError
 
+from _corrupt import flip_a_bit_in_a_stored_tensor
 from _released import CANONICAL, RELEASED_SHA256, VENDORED, released_path
 
 RELEASED = released_path()
@@ -301,3 +302,16 @@ def test_unreadable_file_is_reported(tiny, tmp_path):
     assert "\n" not in str(info.value) and "weights-only torch checkpoint (UnpicklingError: " in str(info.value)
     with pytest.raises(CheckpointError, match="missing.pt"):
         copy.deepcopy(tiny).load_reference_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_flipped_bit_in_a_stored_tensor_is_refused(tiny, tmp_path):
+    """torch.load does not check the zip's CRC-32s: a bit flipped in a tensor would load as another
+    weight; the loader checks them first and changes nothing."""
+    path = tmp_path / "ace_lora.pt"
+    tiny.save_reference_checkpoint(path)
+    model = copy.deepcopy(tiny)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    member = flip_a_bit_in_a_stored_tensor(path)
+    with pytest.raises(CheckpointError, match=f"ace_lora.pt: .* its member '{member}' fails its CRC-32 check"):
+        model.load_reference_checkpoint(path)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

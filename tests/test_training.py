@@ -30,6 +30,7 @@ from ace_model.training import (
     read_metrics,
     train,
 )
+from _corrupt import flip_a_bit_in_a_stored_tensor
 from _train_standin import (
     RandomPairs,
     assert_no_zero_gradient,
@@ -199,8 +200,13 @@ def test_chunked_step_input_errors():
         chunked_train_step(model, images, token_ids[:3], labels, chunk_size=2, loss_fn=dense_label_infonce)
     with pytest.raises(ValueError, match="labels"):
         chunked_train_step(model, images, token_ids, labels[:2], chunk_size=2, loss_fn=dense_label_infonce)
-    with pytest.raises(ValueError, match="chunk_size"):
-        chunked_train_step(model, images, token_ids, labels, chunk_size=0, loss_fn=dense_label_infonce)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="argument 'chunk_size': expected a positive int or None"):
+            chunked_train_step(model, images, token_ids, labels, chunk_size=bad, loss_fn=dense_label_infonce)
+    # A NumPy integer is the int it holds.
+    want = _chunked(model, images, token_ids, labels, seed=0, chunk_size=3)
+    got = _chunked(model, images, token_ids, labels, seed=0, chunk_size=np.int64(3))
+    assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][n], want[1][n]) for n in want[1])
 
 
 def test_cosine_with_warmup_schedule():
@@ -351,6 +357,41 @@ def test_non_finite_weights_after_a_step_are_never_saved(tmp_path, monkeypatch, 
     states = sorted(n for n in os.listdir(ckpt) if n.startswith("state-")) if ckpt.exists() else []
     assert states == ([] if last_good == "none written" else [last_good])
     assert not (tmp_path / "run" / "ace_lora.pt").exists()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_after(function, calls):
+    """``function``, raising _Stopped after its ``calls``-th call returns."""
+    done = []
+
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        done.append(1)
+        if len(done) == calls:
+            raise _Stopped
+        return result
+
+    return wrapped
+
+
+def test_a_non_finite_step_after_a_resume_does_not_call_the_resumed_state_good(tmp_path, monkeypatch):
+    """Nothing since the resume has checked the state it loaded (a corrupt one can load): the
+    message names it as the one resumed from and says to go further back if that fails alike."""
+    model = make_model("standin")
+    data = RandomPairs(model, 16, seed=1)
+    monkeypatch.setattr(training, "_checkpoint", _stop_after(training._checkpoint, 1))  # a run killed after state 2
+    with pytest.raises(_Stopped):
+        train(_config(tmp_path, checkpoint_every=2), model=model, dataset=data, loss_fn=dense_label_infonce)
+    monkeypatch.undo()
+    monkeypatch.setattr(_PoisonedAdamW, "poison_at", 1)
+    monkeypatch.setattr(torch.optim, "AdamW", _PoisonedAdamW)
+    with pytest.raises(NonFiniteLossError, match=r"Last state: .*state-00000002\.pt, the one this run resumed from "
+                                                 r"\(if resuming from it fails the same way, resume from an earlier"):
+        train(_config(tmp_path, checkpoint_every=2, resume="auto"), model=make_model("standin"), dataset=data,
+              loss_fn=dense_label_infonce)
 
 
 @pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
@@ -518,6 +559,9 @@ def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
                      rf"the state's weights hold NaN or infinity \({re.escape(name)}\)"),
         "moment": (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].fill_(float("inf")),
                    rf"the optimizer's 'exp_avg_sq' of {re.escape(name)} holds NaN or infinity"),
+        # finite, but AdamW's sqrt of it is NaN at the first step (a flipped sign bit)
+        "negative moment": (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].view(-1)[:1].fill_(-1e-8),
+                            rf"the optimizer's 'exp_avg_sq' of {re.escape(name)} holds a negative value"),
     }
     for corrupt, pattern in corruptions.values():
         path.write_bytes(good_state)
@@ -528,6 +572,15 @@ def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
             train(_config(tmp_path, epochs=1, checkpoint_every=1, resume="auto"), model=make_model("standin"),
                   dataset=data, loss_fn=dense_label_infonce)
         assert final.read_bytes() == good
+    # One bit flipped inside a stored tensor: torch.load reads it as another number; the zip's CRC-32 tells.
+    path.write_bytes(good_state)
+    member = flip_a_bit_in_a_stored_tensor(path)
+    with pytest.raises(training.TrainingStateError,
+                       match=rf"state-00000002\.pt: cannot be read as a training state: its member "
+                             rf"'{re.escape(member)}' fails its CRC-32 check"):
+        train(_config(tmp_path, epochs=1, checkpoint_every=1, resume="auto"), model=make_model("standin"),
+              dataset=data, loss_fn=dense_label_infonce)
+    assert final.read_bytes() == good
     path.write_bytes(good_state)  # resumes, with nothing left to train
     result = train(_config(tmp_path, epochs=1, checkpoint_every=1, resume="auto"), model=make_model("standin"),
                    dataset=data, loss_fn=dense_label_infonce)
@@ -730,6 +783,22 @@ def test_pruning_keeps_this_runs_newest_checkpoints_not_an_abandoned_runs(tmp_pa
     for step, every in ((6, 3), (8, 4), (9, 3), (12, 4)):
         assert load_state(ckpt / f"state-{step:08d}.pt")["config"]["checkpoint_every"] == every, step
     assert load_state(ckpt / "state-00000012.pt")["checkpoint_steps"] == [8, 12]
+
+
+def test_numpy_numbers_in_the_config_train_as_python_ones(tmp_path):
+    """validate accepts NumPy numbers; train runs them as the Python numbers they hold (they once
+    failed the JSON records, the seeders and the step's own checks after config.json was written)."""
+    data = RandomPairs(make_model("standin"), 8, seed=1)
+    plain = dict(batch_size=4, chunk_size=3, epochs=1, max_steps=2, lr=1e-2, seed=5, warmup_epochs=0)
+    numpy_values = dict(batch_size=np.int64(4), chunk_size=np.int32(3), epochs=np.int64(1), max_steps=np.int64(2),
+                        lr=np.float64(1e-2), seed=np.int64(5), warmup_epochs=np.float64(0))
+    runs = {}
+    for name, values in (("plain", plain), ("numpy", numpy_values)):
+        out = tmp_path / name
+        train(_config(tmp_path, out_dir=str(out), **values), model=make_model("standin"), dataset=data,
+              loss_fn=dense_label_infonce)
+        runs[name] = [(r["step"], r["loss"]) for r in read_metrics(out / "metrics.jsonl")]
+    assert len(runs["plain"]) == 2 and runs["numpy"] == runs["plain"]
 
 
 def test_a_resume_deletes_what_a_crash_left_between_latest_and_pruning(tmp_path, monkeypatch):

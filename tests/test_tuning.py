@@ -262,6 +262,7 @@ def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
         assert [r["metrics"]["candidate"] for r in mine] == list(range(len(entry["configs"])))
         assert [r["metrics"]["config"] for r in mine] == entry["configs"]
         assert {r["metrics"]["dtype_class"] for r in mine} == {entry["dtype_class"]}
+        assert {r["metrics"]["kernel_digest"] for r in mine} == {_tuning.kernel_digest(entry["kernel_family"])}
         default, *candidates = mine
         assert default["provider"] == "triton" and default["baseline"] is None
         for number, row in enumerate(candidates, start=1):
@@ -283,15 +284,20 @@ def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
 # --------------------------------------------------------------------------- the writer
 
 
-def _sweep_row(kernel, number, ms, err, config=None, family="lora", dtype_class="16bit"):
+def _sweep_row(kernel, number, ms, err, config=None, family="lora", dtype_class="16bit", digest="this tree's"):
     if config is None:
         config = (_tuning.default(family, kernel, dtype_class) if number == 0
                   else _tuning.candidates(family, kernel, dtype_class)[number - 1])
+    metrics = {"kernel_family": family, "kernel": kernel, "dtype_class": dtype_class, "candidate": number,
+               "config": dict(config), "rel_err": err, "rel_err_against": "a reference",
+               "kernel_digest": _tuning.kernel_digest(family) if digest == "this tree's" else digest}
+    if err is None:
+        del metrics["rel_err"]
+    if digest is None:
+        del metrics["kernel_digest"]
     return {"family": "tuning", "op": f"{bench_tuning.OPS[family]} sweep {kernel}", "shape": "M=12608",
             "dtype": "bfloat16", "provider": bench_tuning.provider_label(kernel, number),
-            "baseline": None if number == 0 else "triton", "median_ms": ms,
-            "metrics": {"kernel_family": family, "kernel": kernel, "dtype_class": dtype_class, "candidate": number,
-                        "config": dict(config), "rel_err": err, "rel_err_against": "a reference"}}
+            "baseline": None if number == 0 else "triton", "median_ms": ms, "metrics": metrics}
 
 
 def _payload(rows, device=CARD, device_type="cuda"):
@@ -358,16 +364,41 @@ def test_writer_command_line(tmp_path):
 
 def test_writer_takes_nothing_when_the_default_has_no_finite_error():
     # A default whose check gave inf or NaN, or an error over the dtype's check limit (0.03 in
-    # bf16), bounds nothing: no candidate may be written.
-    for error in (float("inf"), float("nan"), 0.5):
-        rows = [_sweep_row("down", 0, 10.0, error), _sweep_row("down", 1, 5.0, min(error, 0.9))]
+    # bf16), or no check at all, bounds nothing: no candidate may be written, and what the file
+    # held for the kernel stays (a failing run is no ground to change an earlier one's choice).
+    held = {"by_device": {CARD: {"lora": {"down/16bit": dict(DOWN[2])}}}}
+    for error in (float("inf"), float("nan"), 0.5, None):
+        rows = [_sweep_row("down", 0, 10.0, error), _sweep_row("down", 1, 5.0, 0.001)]
         content, report = tuned_configs.update(_payload(rows), {"by_device": {}})
         assert content["by_device"] == {}
-        assert "is over the check limit 0.03; nothing qualifies" in "\n".join(report)
+        content, report = tuned_configs.update(_payload(rows), held)
+        assert content == held
+        assert ("the default's output was not checked" if error is None
+                else "is over the check limit 0.03; nothing qualifies, the file's entry stays") in "\n".join(report)
     # Within twice the default's error, but over the limit: not taken.
     rows = [_sweep_row("down", 0, 10.0, 0.02), _sweep_row("down", 1, 5.0, 0.035)]
     content, report = tuned_configs.update(_payload(rows), {"by_device": {}})
     assert content["by_device"] == {} and "#1 error 0.035 > min(" in "\n".join(report)
+
+
+def test_writer_takes_a_sweep_of_this_trees_kernels_and_default_only():
+    """A result file of other kernels (an older run: no digest, or another one) or of another
+    default configuration says nothing about this tree's: the file's entry stays."""
+    held = {"by_device": {CARD: {"lora": {"down/16bit": dict(DOWN[2])}}}}
+    cases = {"the run predates the record of them": dict(digest=None),
+             "their sources differ": dict(digest="0123456789abcdef")}
+    for why, kw in cases.items():
+        rows = [_sweep_row("down", 0, 10.0, 0.004, **kw), _sweep_row("down", 1, 5.0, 0.004, **kw)]
+        content, report = tuned_configs.update(_payload(rows), held)
+        assert content == held
+        assert f"lora down/16bit: the sweep timed other lora kernels than this tree's ({why})" in "\n".join(report)
+    rows = [_sweep_row("down", 0, 10.0, 0.004, config=dict(DEFAULT_DOWN, num_warps=1)),
+            _sweep_row("down", 1, 5.0, 0.004)]
+    content, report = tuned_configs.update(_payload(rows), held)
+    assert content == held and "lora down/16bit: the sweep's default" in "\n".join(report)
+    # The digest covers every Triton kernel of the family's module, and only those.
+    assert _tuning.kernel_digest("lora") != _tuning.kernel_digest("contrastive")
+    assert _tuning.kernel_digest("no such family") is None
 
 
 def test_writers_refuse_a_quick_run(tmp_path, capsys):
