@@ -107,6 +107,10 @@ def _global_reasons(backend: str) -> list[str]:
         error = _triton_import_error()
         if error:
             return [error]
+        if interpreter_enabled() != _INTERPRETER_AT_IMPORT:
+            now, then = ("1", "not 1") if interpreter_enabled() else ("not 1", "1")
+            return [f"TRITON_INTERPRET is {now} now but was {then} when ace_kernels was imported, and the Triton "
+                    "kernels took their mode then: set it before importing ace_kernels"]
         if not (torch.cuda.is_available() or interpreter_enabled()):
             return ["no CUDA GPU is visible and TRITON_INTERPRET=1 is not set"]
         return []
@@ -175,10 +179,6 @@ def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> lis
         if reasons:
             return reasons
     if backend == "triton":
-        if interpreter_enabled() != _INTERPRETER_AT_IMPORT:
-            now, then = ("1", "not 1") if interpreter_enabled() else ("not 1", "1")
-            return [f"TRITON_INTERPRET is {now} now but was {then} when ace_kernels was imported, and the Triton "
-                    "kernels took their mode then: set it before importing ace_kernels"]
         wanted = "cpu" if interpreter_enabled() else "cuda"
         if devices - {wanted}:
             mode = "under TRITON_INTERPRET=1 it needs CPU tensors" if wanted == "cpu" else "needs CUDA tensors"
@@ -295,12 +295,18 @@ def read_by_device(path: str, levels: int = 1) -> dict:
     meets it. Deeper entries are checked where they are used.
     """
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: an editor's byte-order mark is no error
             data = json.load(handle)
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path}: cannot be read ({type(exc).__name__}: {exc}); left out", RuntimeWarning, stacklevel=2)
         return {}
     by_device = data.get("by_device") if isinstance(data, dict) else None
     if not isinstance(by_device, dict):
+        warnings.warn(f"{path}: expected a JSON object with a 'by_device' object, got "
+                      f"{type(data).__name__ if not isinstance(data, dict) else 'none'}; left out", RuntimeWarning,
+                      stacklevel=2)
         return {}
 
     def objects_only(table: dict, where: tuple, depth: int) -> dict:
@@ -316,9 +322,24 @@ def read_by_device(path: str, levels: int = 1) -> dict:
     return objects_only(by_device, (), levels)
 
 
+def _orders_only(path: str, by_device: dict) -> dict:
+    """The order file's cards with each entry a list of backend names; any other entry (a hand
+    edit: a string, a misspelt backend) is left out with a warning naming it."""
+    kept = {}
+    for card, orders in by_device.items():
+        kept[card] = {}
+        for key, order in orders.items():
+            if isinstance(order, list) and order and all(name in BACKENDS for name in order):
+                kept[card][key] = order
+            else:
+                warnings.warn(f"{path}: by_device / {card} / {key}: expected a list of backends from {BACKENDS}, got "
+                              f"{order!r}; left out", RuntimeWarning, stacklevel=2)
+    return kept
+
+
 # Read once at import (a small file; no GPU is touched), so that a first call under
 # torch.compile has no file to open.
-_MEASURED_ORDERS = read_by_device(ORDER_FILE)
+_MEASURED_ORDERS = _orders_only(ORDER_FILE, read_by_device(ORDER_FILE))
 
 
 def measured_orders() -> dict:
@@ -367,6 +388,8 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, varia
     ``args``/``kwargs`` go to the backends' op-specific checks; ``variant`` (one of the op's
     declared variants) picks its measured order under ``auto``.
     """
+    if backend != "auto":
+        check_backend(backend, ops=(op,))  # names the op's own backends (a ValueError, as a module's)
     wanted = requested_backend(backend)
     entry = _OPS[op]
     if wanted != "auto":

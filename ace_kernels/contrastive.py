@@ -1175,11 +1175,11 @@ def _triton_check(u, t):
     return reasons
 
 
-if triton is not None:
-
-    @_dispatch.register(OP_NAME, "triton", check=_triton_check)
-    def _lse_share_triton(u, t, scale, keys, lo: int, hi: int):
-        return _TritonLossShare.apply(u, t, scale, keys, lo, hi)
+# Registered whether or not Triton imports: without it the dispatcher refuses the backend
+# before this runs, saying why (the import error), as for the other ops.
+@_dispatch.register(OP_NAME, "triton", check=_triton_check)
+def _lse_share_triton(u, t, scale, keys, lo: int, hi: int):
+    return _TritonLossShare.apply(u, t, scale, keys, lo, hi)
 
 
 # ---------------------------------------------------------------------------

@@ -60,12 +60,15 @@ def variant_of(op: str, shape: str) -> str | None:
 def backend_times(rows: Sequence[dict]) -> dict:
     """``{op: {shape: {provider: ms}}}`` of our providers' rows (one time per provider and shape:
     ``wall_ms`` when the row has it, else ``median_ms``); a row whose correctness check failed
-    (``harness.checks_pass``) is left out: a backend is never ordered first for speed it bought
-    with wrong outputs."""
+    (``harness.checks_pass``), or a row of an op that dispatches with no check at all, is left
+    out: a backend is never ordered first for speed it bought with wrong (or unchecked) outputs."""
     times: dict = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         provider, ms = row.get("provider"), row.get("wall_ms") or row.get("median_ms")
-        if not harness.checks_pass(row.get("metrics") or {}, row.get("dtype", "")):
+        metrics = row.get("metrics") or {}
+        if not harness.checks_pass(metrics, row.get("dtype", "")):
+            continue
+        if row.get("op") in _dispatch._OPS and not any(harness.is_check_key(key) for key in metrics):
             continue
         if provider in BACKENDS + ("triton-atomic",) and ms:
             times[row["op"]][f"{row['shape']} [{row['dtype']}]"][provider] = float(ms)

@@ -872,6 +872,10 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     except ValueError as exc:
         print(f"{module}: {exc}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of another type
+        print(f"{module}: argument RESULTS.json: cannot read {args.results!r} as a result file (a row or its "
+              f"environment lacks what a run writes: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
     tmp = args.out + ".tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as handle:

@@ -456,6 +456,21 @@ def test_unreadable_result_files_are_one_line_errors(tmp_path, capsys):
         for path in (bad, tmp_path / "missing.json"):
             assert tool.main([str(path), "--out", str(tmp_path / "out.json")]) == 2
             assert "argument RESULTS.json: cannot read" in capsys.readouterr().err
+    # Valid JSON with fields missing (a hand-edited file): the same one-line error, no traceback.
+    gpu = {"device": "NVIDIA H200", "device_type": "cuda"}
+    row = dict(op="lora_qkv", shape="M=100", dtype="bfloat16", provider="triton", median_ms=1.0,
+               metrics={"rel_err_vs_reference": 1e-3})
+    sweep = dict(row, family="tuning", metrics={"kernel_family": "lora", "candidate": 0})
+    cases = {"no device": ({"device_type": "cuda"}, [row]), "a row with no shape": (gpu, [dict(row, shape=None)]),
+             "a row with no op": (gpu, [{k: v for k, v in row.items() if k != "op"}]),
+             "a sweep row with no kernel": (gpu, [sweep])}
+    for name, (environment, rows) in cases.items():
+        bad.write_text(json.dumps({"environment": environment, "rows": rows}))
+        for tool in (dispatch_order, tuned_configs):
+            status = tool.main([str(bad), "--out", str(tmp_path / "out.json")])
+            err = capsys.readouterr().err
+            if status != 3:  # a tool with nothing of its own in the file says so
+                assert status == 2 and "argument RESULTS.json: cannot read" in err, (name, tool.__name__, err)
     assert not (tmp_path / "out.json").exists()
 
 
@@ -1448,6 +1463,10 @@ def test_dispatch_order_ignores_rows_with_wrong_outputs():
 
     times = dispatch_order.backend_times([row("triton", 1.0, 0.9), row("torch", 2.0, 1e-3), row("cuda", 3.0, 1e-3)])
     assert set(times["lora_qkv"]["M=100 [bfloat16]"]) == {"torch", "cuda"}  # triton's speed bought nothing
+    # Nor does speed nobody checked, for an op that dispatches (the suite checks every such row).
+    unchecked = dict(row("triton", 1.0, 0.0), metrics={})
+    times = dispatch_order.backend_times([unchecked, row("torch", 2.0, 1e-3)])
+    assert set(times["lora_qkv"]["M=100 [bfloat16]"]) == {"torch"}
 
     # A call's cost in a loop decides: the back-to-back time (which counts the host's launch work)
     # when a row has one, the event median otherwise (run 2 of stop 15, M=12,608: torch's event

@@ -49,10 +49,18 @@ def test_auto_never_picks_the_interpreter(toy_op, monkeypatch):
 
 def test_triton_interpret_changed_after_import_is_named(monkeypatch):
     # The kernels took their mode at import: a later change would fail deep inside Triton.
+    # It is a reason of the machine, not of a call's tensors: available_backends and
+    # ace_kernels.info say so too.
     monkeypatch.setenv("TRITON_INTERPRET", "0" if _dispatch._INTERPRETER_AT_IMPORT else "1")
-    reasons = _dispatch._device_reasons("triton", [torch.zeros(2)])
+    if _dispatch._triton_import_error():
+        pytest.skip("triton does not import here")
+    reasons = ace_kernels.available_backends(reasons=True)["triton"]
     assert len(reasons) == 1 and reasons[0].startswith("TRITON_INTERPRET is ") and \
         "when ace_kernels was imported" in reasons[0] and "set it before importing ace_kernels" in reasons[0]
+    assert "triton" not in ace_kernels.available_backends()
+    with pytest.raises(RuntimeError, match="when ace_kernels was imported"):
+        ace_kernels.lora_linear(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.zeros(1, 4), torch.zeros(3, 1),
+                                scaling=1.0, backend="triton")
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reason(toy_op):
@@ -169,7 +177,7 @@ def _gpu_payload(rows, device="NVIDIA H100 80GB HBM3"):
 
 def _row(op, shape, provider, ms, baseline="reference"):
     return {"op": op, "shape": shape, "dtype": "bfloat16", "provider": provider, "median_ms": ms,
-            "baseline": baseline}
+            "baseline": baseline, "metrics": {"rel_err_vs_reference": 1e-3}}
 
 
 def test_measured_order_is_used_on_its_card_only(toy_op, monkeypatch):
@@ -211,6 +219,31 @@ def test_shipped_order_file_is_readable():
     for card, ops in orders.items():
         for op, order in ops.items():
             assert op in _dispatch.order_keys() and set(order) <= set(_dispatch.BACKENDS), (card, op, order)
+
+
+def test_a_hand_edited_order_file_is_left_out_with_a_warning(tmp_path):
+    """What the file holds that no lookup can use is named when it is read, not dropped silently."""
+    path = tmp_path / "order.json"
+    cases = {
+        '{"by_device": {"A": {"lora_qkv": ["torch"],}}}': r"cannot be read \(JSONDecodeError",
+        '["torch"]': r"expected a JSON object with a 'by_device' object, got list",
+        '{"about": "no table"}': r"expected a JSON object with a 'by_device' object, got none",
+    }
+    for text, pattern in cases.items():
+        path.write_text(text)
+        with pytest.warns(RuntimeWarning, match=pattern):
+            assert _dispatch.read_by_device(str(path)) == {}
+    # An editor's byte-order mark is no error.
+    path.write_text('\ufeff{"by_device": {"A": {"lora_qkv": ["torch", "triton"]}}}', encoding="utf-8")
+    assert _dispatch.read_by_device(str(path)) == {"A": {"lora_qkv": ["torch", "triton"]}}
+    # Entries that are not lists of backends go, naming them; the rest stays.
+    table = {"A": {"lora_qkv": "torch", "ace_hypergraph": ["Torch", "triton"], "label_guided_infonce": [],
+                   "lora_linear": ["triton", "torch"]}}
+    with pytest.warns(RuntimeWarning) as caught:
+        kept = _dispatch._orders_only(str(path), table)
+    assert kept == {"A": {"lora_linear": ["triton", "torch"]}}
+    assert [str(w.message).split(": expected")[0] for w in caught] == [
+        f"{path}: by_device / A / {key}" for key in ("lora_qkv", "ace_hypergraph", "label_guided_infonce")]
 
 
 def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
@@ -294,10 +327,24 @@ def test_import_works_with_a_broken_triton():
         "sys.meta_path.insert(0, Broken())\n"
         "import ace_kernels, runpy\n"
         "assert ace_kernels.available_backends(reasons=True)['triton']\n"
+        "x = torch.randn(3, 4)\n"
+        "calls = {'lora': lambda: ace_kernels.lora_linear(x, torch.randn(2, 4), None, torch.randn(1, 4),\n"
+        "                                                 torch.randn(2, 1), scaling=1.0, backend='triton'),\n"
+        "         'infonce': lambda: ace_kernels.label_guided_infonce(x, x, 1.0, backend='triton')}\n"
+        "for name, call in calls.items():\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as exc:\n"
+        "        print(name, 'refused:', exc)\n"
         "runpy.run_module('ace_kernels.info', run_name='__main__')\n"
     )
     assert result.returncode == 0, result.stderr
     assert "importing triton failed: RuntimeError: triton is broken here" in result.stdout, result.stdout
+    # Each op names the import error (the loss once said it had no triton implementation).
+    for name in ("lora", "infonce"):
+        assert f"{name} refused: " in result.stdout and \
+            "cannot run this call: importing triton failed: RuntimeError: triton is broken here" in \
+            result.stdout.split(f"{name} refused: ")[1].splitlines()[0], result.stdout
 
 
 def test_public_api_edges_name_their_argument():
@@ -322,6 +369,15 @@ def test_public_api_edges_name_their_argument():
         ace_kernels.label_guided_infonce(x, x, 1.0, group="world")
     with pytest.raises(ValueError, match="argument 'backend': expected one of"):
         ace_kernels.LabelGuidedInfoNCE(10.0, backend="nope")
+    # The functions name their op's own backends, as the modules do: LoRA has no cuda backend.
+    for bad in ("cuda", "bogus"):
+        with pytest.raises(ValueError, match=r"argument 'backend': expected one of \('auto', 'triton', 'torch'\), "
+                                             rf"got '{bad}'"):
+            ace_kernels.lora_qkv(x, w, b, a, bb, scaling=0.5, backend=bad)
+        with pytest.raises(ValueError, match=r"expected one of \('auto', 'triton', 'torch'\)"):
+            ace_kernels.label_guided_infonce(x, x, 1.0, backend=bad)
+    with pytest.raises(ValueError, match=r"got 'cuda' \(lora_qkv: no cuda backend\)"):
+        ace_kernels.lora_qkv(x, w, b, a, bb, scaling=0.5, backend="cuda")
     with pytest.raises(ValueError, match="argument 'group': expected a torch.distributed ProcessGroup"):
         ace_kernels.LabelGuidedInfoNCE(10.0, group="world")
     module = ace_kernels.ACEHypergraph(dim=8, hidden=4, topk=2)
