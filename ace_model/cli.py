@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ace_model.model import TEXT_ATTENTION  # loaded with the package already
+from ace_model.training import LOSS_SCOPES
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -54,6 +55,7 @@ _TRAIN_FLAGS = {
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "resume": "resume",
     "num_workers": "num_workers", "progress": "progress", "cuda_graph": "cuda_graph",
     "recompute": "recompute", "overwrite": "overwrite", "text_attention": "text_attention",
+    "loss_scope": "loss_scope",
 }
 
 
@@ -77,7 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--init-checkpoint", help="start from a released-format ACE-LoRA checkpoint")
     train.add_argument("--epochs", type=int, default=40)
     train.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule spans them)")
-    train.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    train.add_argument("--batch-size", type=int, default=64,
+                       help="global batch size (with several processes each takes an equal slice)")
+    train.add_argument("--loss-scope", choices=LOSS_SCOPES, default="global",
+                       help="with several processes: 'global', one loss over the global batch (every sample "
+                            "meets every process's negatives; the loss one process would compute); 'local', each "
+                            "process's loss over its own slice, gradients averaged (the paper's multi-GPU runs: "
+                            "batch 64 per GPU on 3 GPUs is --batch-size 192 --loss-scope local)")
     train.add_argument("--chunk-size", type=int,
                        help="two-pass chunked step with chunks of this many samples (memory follows the chunk, "
                             "not the batch). Without dropout the gradients equal the one-pass step's for any "

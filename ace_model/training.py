@@ -223,6 +223,7 @@ def chunked_train_step(
     loss_fn: Callable | None = None,
     precision: str = "auto",
     check_ranks: bool = True,
+    loss_scope: str = "global",
 ) -> torch.Tensor:
     """Forward and backward of the contrastive loss, ``chunk_size`` samples at a time.
 
@@ -259,12 +260,18 @@ def chunked_train_step(
         "auto" is bf16 autocast for the encoders on CUDA, none on the CPU.
     check_ranks : bool
         With a group, first all-gather the batch shape and fail on disagreement.
+    loss_scope : {"global", "local"}
+        With a group: "global" as above; "local", the loss of this rank's batch alone (the
+        paper's multi-GPU runs), no collective in the loss, the ranks' checks as with
+        "global"; average the gradients with ``sync_gradients(params, group, average=True)``.
 
     Returns
     -------
     Tensor
         The loss (detached, scalar).
     """
+    if loss_scope not in LOSS_SCOPES:
+        raise ValueError(f"argument 'loss_scope': expected 'global' or 'local', got {loss_scope!r}")
     try:
         _check_step_inputs(images, token_ids, labels, chunk_size)
         local_error = None
@@ -293,6 +300,8 @@ def chunked_train_step(
     if local_error is not None:
         raise local_error
     chunk_size = None if chunk_size is None else int(chunk_size)  # a NumPy integer as the int it holds
+    if loss_scope == "local":
+        group = None  # the loss's: the ranks were checked above
     loss_fn = loss_fn or _default_loss_fn(model)
     device = _model_device(model)
     batch = images.shape[0]
@@ -481,8 +490,10 @@ class GraphedTrainStep:
         return self._loss.clone()
 
 
-def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
-    """Sum the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce per dtype).
+def sync_gradients(params: Sequence[torch.Tensor], group=None, average: bool = False) -> None:
+    """Sum the gradients of ``params`` over the ranks of ``group`` (one flat all-reduce per dtype),
+    or with ``average`` take their mean (DDP's convention, for a loss computed per rank:
+    ``chunked_train_step(..., loss_scope="local")``).
 
     Gradient convention (matching ``label_guided_infonce(..., group=)``): on each rank the
     loss is the global-batch loss and the gradient it returns for the local embeddings is
@@ -517,8 +528,11 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None) -> None:
                                        device=grads[indices[0]].device))
         flat = torch.cat(pieces)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        carried = len(params) if somewhere is None else 0
         if somewhere is None:
             somewhere = [count > 0 for count in flat[flat.numel() - len(params):].tolist()]
+        if average:
+            flat[:flat.numel() - carried].div_(dist.get_world_size(group))
         offset = 0
         for i in indices:
             p, g = params[i], grads[i]
@@ -639,13 +653,22 @@ def _where_they_differ(texts: list[str], width: int = 100) -> list[str]:
 # ----------------------------------------------------------------------------------------
 
 
+# TrainConfig.loss_scope: one loss over the global batch, or one per process over its own slice.
+LOSS_SCOPES = ("global", "local")
+
+
 @dataclass
 class TrainConfig:
     """Everything :func:`train` needs; defaults are the paper's recipe (spec section 6), but for
     ``precision``: "auto" trains under bf16 autocast on a GPU, where the paper ran fp32 ("fp32").
 
     ``batch_size`` is the global batch: with several processes each takes an equal slice
-    of it, so the run computes the same loss as one process would.
+    of it. ``loss_scope`` "global" (the default) computes one loss over that whole batch, so
+    the run computes the loss one process would and every sample meets every process's
+    negatives; "local" is the paper's multi-GPU recipe ("batch 64 per GPU on 3 GPUs, loss per
+    GPU", spec section 6: ``batch_size=192`` on 3 processes): each process's loss over its own
+    slice, the gradients averaged over the processes as DDP does. With one process both are the
+    same.
     """
 
     csv: str | None = None  # CSV with image path, report text and label columns
@@ -684,6 +707,7 @@ class TrainConfig:
     # ACELoRA.text_attention: "spec" (section 3's pre-softmax text row, BERT's dropouts) or
     # "reference-code" (what the published code computes: masked probabilities, no attention dropouts)
     text_attention: str = "spec"
+    loss_scope: str = "global"  # with several processes: "global" (one loss over the global batch) or "local"
     overwrite: bool = False  # let a new run replace another run in out_dir (its weights and checkpoints go)
 
     # Fields that may change between a run and its resumption. Most leave every number of
@@ -763,6 +787,8 @@ class TrainConfig:
         for name in ("cuda_graph", "overwrite", "use_labels", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.loss_scope not in LOSS_SCOPES:
+            raise ValueError(f"TrainConfig.loss_scope: expected 'global' or 'local', got {self.loss_scope!r}")
         if self.text_attention not in TEXT_ATTENTION:
             raise ValueError(f"TrainConfig.text_attention: expected 'spec' or 'reference-code', got "
                              f"{self.text_attention!r}")
@@ -1764,8 +1790,13 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     optimizer.zero_grad(set_to_none=True)
                     loss = chunked_train_step(model, images, token_ids, labels, chunk_size=config.chunk_size,
                                               group=group, loss_fn=loss_fn, precision=config.precision,
-                                              check_ranks=group is not None)
-                sync_gradients(params, group)
+                                              check_ranks=group is not None, loss_scope=config.loss_scope)
+                local_loss = config.loss_scope == "local" and group is not None
+                sync_gradients(params, group, average=local_loss)
+                if local_loss:  # the run's loss: the mean of the ranks' (the same number on every rank)
+                    loss = loss.detach().clone()
+                    dist.all_reduce(loss, op=dist.ReduceOp.SUM, group=group)
+                    loss /= world
                 grad_norm = torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]))
                 loss_value, grad_norm_value = float(loss), float(grad_norm)

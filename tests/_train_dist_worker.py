@@ -6,7 +6,7 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
 
 - ``step``: one chunked step on this rank's slice of a global batch (dropout on, per-rank
   seed 100 + rank), gradients summed over ranks; saves loss and gradients.
-- ``train``: ``ace_model.training.train`` for a few steps (dropout off); rank 0 saves the
+- ``train``: ``ace_model.training.train`` for a few steps (dropout off, ``--loss-scope``); rank 0 saves the
   final trainable parameters.
 - ``mismatch``: rank 1 passes a smaller batch to a step, then a different lr to train();
   saves the error each rank got for each.
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--global-batch", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=2)
+    parser.add_argument("--loss-scope", default="global")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -134,7 +135,7 @@ def main() -> None:
             setattr(training, name, original)
         dist.destroy_process_group()
         return
-    _train_run(args, rank, lr=1e-2)
+    _train_run(args, rank, lr=1e-2, loss_scope=args.loss_scope)
 
 
 def _failing(name, original, at_start=False):

@@ -203,6 +203,8 @@ def test_chunked_step_input_errors():
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match="argument 'chunk_size': expected a positive int or None"):
             chunked_train_step(model, images, token_ids, labels, chunk_size=bad, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match="argument 'loss_scope': expected 'global' or 'local', got 'per-rank'"):
+        chunked_train_step(model, images, token_ids, labels, chunk_size=2, loss_scope="per-rank")
     # A NumPy integer is the int it holds.
     want = _chunked(model, images, token_ids, labels, seed=0, chunk_size=3)
     got = _chunked(model, images, token_ids, labels, seed=0, chunk_size=np.int64(3))
@@ -890,6 +892,7 @@ def test_config_validation(tmp_path):
     ("warmup_epochs", "1", "a finite number >= 0"),  # a TypeError from "<" before
     ("warmup_epochs", None, "a finite number >= 0"),
     ("use_labels", "no", "a bool"),  # "no" is true: the run used the labels
+    ("loss_scope", "Local", "'global' or 'local'"),
     ("progress", 1, "a bool"),
 ])
 def test_optimizer_settings_are_validated(field, value, expected):

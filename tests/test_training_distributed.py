@@ -157,6 +157,44 @@ def test_two_rank_training_run_equals_one_process(tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank dropout streams
 
 
+def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_path):
+    """``loss_scope="local"`` (the paper's multi-GPU recipe): each rank's loss over its own slice,
+    gradients averaged. One process reproduces it with a loss that is the mean of the two slices'
+    losses (rank r holds rows r*4 .. r*4+3 of each global batch of 8): losses step for step and the
+    final weights."""
+    import ace_kernels
+
+    kind = KIND
+    _launch("train", 2, tmp_path, "--kind", kind, "--chunk", "3", "--loss-scope", "local")
+    # The gradient norm too: Adam's steps hardly depend on the gradients' scale, so the losses
+    # and weights alone would not tell an average over the ranks from a sum.
+    dist_losses = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+
+    def per_slice_loss(image_emb, text_emb, logit_scale, labels=None):
+        halves = [slice(0, 4), slice(4, 8)]
+        return sum(ace_kernels.label_guided_infonce(image_emb[h], text_emb[h], logit_scale,
+                                                    None if labels is None else labels[h]) for h in halves) / 2
+
+    runs = {}
+    for name, loss_fn in (("local", per_slice_loss), ("global", None)):
+        model = make_model(kind, seed=0, dropout=0.0, perturb=True)  # as the worker
+        config = TrainConfig(out_dir=str(tmp_path / name), model=kind, epochs=2, batch_size=8, chunk_size=None,
+                             checkpoint_every=3, progress=False, seed=3, lr=1e-2)
+        result = train(config, model=model, dataset=RandomPairs(model, 20, seed=2), loss_fn=loss_fn)
+        runs[name] = model, [(r["loss"], r["grad_norm"]) for r in read_metrics(result["metrics"])]
+    model, single_losses = runs["local"]
+    assert len(dist_losses) == len(single_losses) == 4
+    for got, want in zip(dist_losses, single_losses):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # Not the global loss: each slice meets its own negatives only.
+    assert abs(dist_losses[0][0] - runs["global"][1][0][0]) > 1e-2
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    for name, p in training.trainable_named_parameters(model):
+        torch.testing.assert_close(final[name], p.detach(), rtol=1e-5, atol=1e-4)  # as in the global test
+    state = training.load_state(tmp_path / "run" / "checkpoints" / "state-00000004.pt")
+    assert state["config"]["loss_scope"] == "local"
+
+
 def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
     """One launch: first a step with unequal local batches, then train() with a different lr on rank 1."""
     _launch("mismatch", 2, tmp_path)
@@ -352,6 +390,14 @@ def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     assert params[2].grad is None  # no rank has one: left for the optimizer to skip, as in one process
     assert torch.equal(params[1].grad, torch.full((2,), 0.5)) and params[3].grad.dtype == torch.bfloat16
     assert torch.equal(params[3].grad, torch.full((2,), 1.0, dtype=torch.bfloat16))
+    # average=True: the mean over the ranks (here the gradient itself), the has-a-gradient
+    # counts that ride in the first bucket untouched.
+    for p, g in zip(params, (1.0 + tiny_step, 0.25, None, 0.5, -3.0 - tiny_step)):
+        p.grad = None if g is None else torch.full(p.shape, g, dtype=p.dtype)
+    training.sync_gradients(params, group=object(), average=True)
+    assert torch.equal(params[0].grad, torch.full((3,), 1.0 + tiny_step, dtype=torch.float64))
+    assert torch.equal(params[1].grad, torch.full((2,), 0.25)) and params[2].grad is None
+    assert torch.equal(params[3].grad, torch.full((2,), 0.5, dtype=torch.bfloat16))
 
 
 def test_single_process_helpers_are_no_ops_without_a_group():
