@@ -119,6 +119,11 @@ def _cuda_extension():
     class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
         """torch's BuildExtension; unless forced, a failed build leaves the pure-Python package."""
 
+        def run(self):
+            # setuptools clears inplace while building (then copies beside the sources): keep it.
+            self.inplace_requested = bool(self.inplace)
+            super().run()
+
         def build_extensions(self):
             try:
                 super().build_extensions()
@@ -131,12 +136,14 @@ def _cuda_extension():
                       "error)", file=sys.stderr)
                 # An extension an earlier build left in place was built from other sources: it
                 # goes too, so that nothing (the cuda backend, the build tests) runs it as this one.
-                # Where this command builds it, and beside the sources (--inplace, pip install -e).
-                package_dir = self.get_finalized_command("build_py").get_package_dir
+                # Where this command builds it, and beside the sources when it builds there
+                # (--inplace, pip install -e): this checkout's, wherever the command runs from.
                 built = set()
                 for e in self.extensions:
-                    path = self.get_ext_fullpath(e.name)
-                    built |= {path, os.path.join(package_dir(e.name.rpartition(".")[0]), os.path.basename(path))}
+                    path = os.path.abspath(self.get_ext_fullpath(e.name))
+                    built.add(path)
+                    if getattr(self, "inplace_requested", False):
+                        built.add(os.path.join(ROOT, *e.name.split(".")[:-1], os.path.basename(path)))
                 for stale in sorted(built):
                     if os.path.exists(stale):
                         os.remove(stale)

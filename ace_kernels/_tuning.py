@@ -16,9 +16,10 @@ Nothing here touches the GPU at import time; the file is read once, at import.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
-import inspect
 import os
 import sys
 import textwrap
@@ -41,7 +42,7 @@ _FORCED_LOCK = threading.Lock()
 _WARNED: set = set()
 _CANDIDATES: dict[str, dict] = {}
 _DEFAULTS: dict[str, Callable[[str, str], dict]] = {}
-_MODULES: dict[str, str] = {}
+_SOURCES: dict[str, tuple[str, tuple[int, int]]] = {}  # family -> (its module's file, its stat at import)
 
 
 def register(family: str, candidates: dict, default: Callable[[str, str], dict], module: str) -> None:
@@ -50,25 +51,46 @@ def register(family: str, candidates: dict, default: Callable[[str, str], dict],
     name of the module that holds its Triton kernels (see :func:`kernel_digest`)."""
     _CANDIDATES[family] = candidates
     _DEFAULTS[family] = default
-    _MODULES[family] = module
+    path = sys.modules[module].__file__
+    _SOURCES[family] = (path, _file_stamp(path))  # the file as imported (a stat: no read at import)
 
 
+def _file_stamp(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=None)
 def kernel_digest(family: str) -> str | None:
-    """A digest of the sources of ``family``'s Triton kernels (every ``@triton.jit`` function of its
-    module, by name), or None without Triton. A sweep records it: what it measured holds for
-    those kernels only, and the tool that writes :data:`TUNED_FILE` takes it from a run of the
-    same kernels."""
-    module = sys.modules.get(_MODULES.get(family, ""))
-    if module is None:
+    """A digest of the sources of ``family``'s Triton kernels (the functions its module decorates
+    with ``triton.jit``, by name), or None for a family not registered. A sweep records it: what
+    it measured holds for those kernels only, and the tool that writes :data:`TUNED_FILE` takes
+    it from a run of the same kernels. Read from the module's file (Triton need not import);
+    a ``RuntimeError`` when that file changed since it was imported (its digest would not
+    describe the kernels this process runs)."""
+    if family not in _SOURCES:
         return None
+    path, stamp = _SOURCES[family]
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if _file_stamp(path) != stamp:
+        raise RuntimeError(f"{path} changed since it was imported: its kernels' digest would not describe the "
+                           "kernels this process runs")
     digest = hashlib.sha256()
-    found = False
-    for name, value in sorted(vars(module).items()):
-        fn = getattr(value, "fn", None)
-        if type(value).__module__.startswith("triton.") and callable(fn):
-            digest.update(f"{name}\n{textwrap.dedent(inspect.getsource(fn))}\n".encode())
-            found = True
-    return digest.hexdigest()[:16] if found else None
+    for node in sorted(_jit_functions(ast.parse(text)), key=lambda n: n.name):
+        digest.update(f"{node.name}\n{textwrap.dedent(ast.get_source_segment(text, node, padded=True))}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _jit_functions(tree: ast.AST) -> list[ast.FunctionDef]:
+    """The functions of ``tree`` decorated with ``triton.jit`` (or ``triton.jit(...)``)."""
+    def is_jit(decorator) -> bool:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        return (isinstance(target, ast.Attribute) and target.attr == "jit" and isinstance(target.value, ast.Name)
+                and target.value.id == "triton")
+
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and any(is_jit(d) for d in node.decorator_list)]
 
 
 def default(family: str, kernel: str, dtype_class: str) -> dict:

@@ -283,14 +283,27 @@ def read_model_file(load: Callable[[], Any], error: type[Exception], subject: st
 
 def _failed_zip_member(path: str | os.PathLike) -> str | None:
     """The first member of the zip at ``path`` whose CRC-32 does not match, or None (also when
-    the file is no zip or cannot be read as one: ``torch.load`` then says what it is)."""
+    the file is no zip or cannot be read as one: ``torch.load`` then says what it is).
+
+    A member recorded with CRC 0 is not checked: torch writes 0 for every member when saving
+    with ``torch.utils.serialization.config.save.compute_crc32 = False``, and loads such files.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip()
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                try:
+                    with archive.open(info) as member:  # checks the CRC-32 when the member's end is read
+                        while member.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return info.filename
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception:
         return None
+    return None
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -1979,6 +1979,8 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
     for key in sorted(set(saved) | set(now)):
         if key in TrainConfig._RESUMABLE_CHANGES:
             continue
+        if key == "loss_scope" and world == 1 and state["world_size"] == 1:
+            continue  # one process: one slice, the same loss either way
         if key not in saved and now.get(key) == defaults.get(key):
             continue  # a field added since that state was written, at the value the run had
         if saved.get(key) != now.get(key):

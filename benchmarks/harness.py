@@ -836,6 +836,25 @@ def gpu_run(payload: dict) -> tuple[str, str]:
     return device, f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"
 
 
+def _check_result_fields(payload) -> None:
+    """A ``ValueError`` naming what a result file lacks of what the package-file tools read: an
+    environment naming its device, and rows naming their op, shape, dtype and provider."""
+    if not (isinstance(payload, dict) and "environment" in payload and "rows" in payload):
+        raise ValueError("it has no 'environment' and 'rows'")
+    environment, rows = payload["environment"], payload["rows"]
+    if not (isinstance(environment, dict) and isinstance(environment.get("device"), str)):
+        raise ValueError("its 'environment' names no device")
+    if not isinstance(rows, list):
+        raise ValueError(f"its 'rows' is a {type(rows).__name__}, not a list")
+    for index, row in enumerate(rows):
+        missing = [key for key in ("op", "shape", "dtype", "provider")
+                   if not (isinstance(row, dict) and isinstance(row.get(key), str))]
+        if missing:
+            raise ValueError(f"row {index} has no {missing[0]!r} text")
+        if not isinstance(row.get("metrics", {}), dict):
+            raise ValueError(f"row {index} ({row['op']}): its 'metrics' is not an object")
+
+
 def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,
                       what: str, update: Callable[[dict, dict | None], tuple[dict, list[str]]]) -> int:
     """``python -m benchmarks.<module> RESULTS.json [--out FILE]``: ``update(payload, existing)``
@@ -851,8 +870,7 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     args = parser.parse_args(argv)
     try:
         payload = read_payload(args.results)
-        if not (isinstance(payload, dict) and "environment" in payload and "rows" in payload):
-            raise ValueError("it has no 'environment' and 'rows'")
+        _check_result_fields(payload)
     except (OSError, ValueError) as exc:
         print(f"{module}: argument RESULTS.json: cannot read {args.results!r} as a result file "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -860,6 +878,10 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     source = args.out if os.path.exists(args.out) else default_out
     try:
         existing = read_payload(source) if os.path.exists(source) else None
+        by_device = existing.get("by_device", {}) if isinstance(existing, dict) else None
+        if existing is not None and not (isinstance(by_device, dict)
+                                         and all(isinstance(card, dict) for card in by_device.values())):
+            raise ValueError("expected a JSON object whose 'by_device' holds an object per card")
     except (OSError, ValueError) as exc:
         print(f"{module}: argument --out: cannot read {source!r} to update it ({type(exc).__name__}: {exc})",
               file=sys.stderr)
@@ -871,10 +893,6 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
         return 3
     except ValueError as exc:
         print(f"{module}: {exc}", file=sys.stderr)
-        return 2
-    except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of another type
-        print(f"{module}: argument RESULTS.json: cannot read {args.results!r} as a result file (a row or its "
-              f"environment lacks what a run writes: {type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
     tmp = args.out + ".tmp"
     try:

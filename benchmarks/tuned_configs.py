@@ -34,10 +34,14 @@ def _sweeps(rows: Sequence[dict]) -> dict:
     """``{(kernel family, kernel, dtype class): {"default": row or None, "candidates": [row, ...]}}``
     of the sweep rows (candidate 0 is the default)."""
     sweeps: dict = {}
-    for row in rows:
+    for index, row in enumerate(rows):
         metrics = row.get("metrics") or {}
         if row.get("family") != "tuning" or "kernel_family" not in metrics:
             continue
+        missing = [key for key in ("kernel", "dtype_class", "candidate", "config") if key not in metrics]
+        if missing:
+            raise ValueError(f"argument 'RESULTS': row {index} ({row.get('op')}) is a sweep row without "
+                             f"metrics {missing[0]!r}")
         where = (metrics["kernel_family"], metrics["kernel"], metrics["dtype_class"])
         entry = sweeps.setdefault(where, {"default": None, "candidates": []})
         if metrics.get("candidate") == 0:

@@ -161,10 +161,10 @@ def run_one_bad_rank(rank, world, port, out_dir, timeout_s):
 
 
 def run_one_rank_without_its_backend(rank, world, port, out_dir, timeout_s):
-    """The last rank asks for the CUDA backend, which cannot run on these CPU tensors: it must
-    raise its own error and every other rank one naming it, at once."""
-    u = torch.randn(4, 8)
-    backend = "cuda" if rank == world - 1 else "torch"
+    """The last rank asks for the Triton backend, which cannot run on these float64 tensors: it
+    must raise its own error and every other rank one naming it, at once."""
+    u = torch.randn(4, 8, dtype=torch.float64)
+    backend = "triton" if rank == world - 1 else "torch"
     _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, group=dist.group.WORLD, backend=backend))
 

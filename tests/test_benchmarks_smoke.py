@@ -456,21 +456,33 @@ def test_unreadable_result_files_are_one_line_errors(tmp_path, capsys):
         for path in (bad, tmp_path / "missing.json"):
             assert tool.main([str(path), "--out", str(tmp_path / "out.json")]) == 2
             assert "argument RESULTS.json: cannot read" in capsys.readouterr().err
-    # Valid JSON with fields missing (a hand-edited file): the same one-line error, no traceback.
+    # Valid JSON with fields missing (a hand-edited file): a one-line error naming what is missing.
     gpu = {"device": "NVIDIA H200", "device_type": "cuda"}
     row = dict(op="lora_qkv", shape="M=100", dtype="bfloat16", provider="triton", median_ms=1.0,
                metrics={"rel_err_vs_reference": 1e-3})
     sweep = dict(row, family="tuning", metrics={"kernel_family": "lora", "candidate": 0})
-    cases = {"no device": ({"device_type": "cuda"}, [row]), "a row with no shape": (gpu, [dict(row, shape=None)]),
-             "a row with no op": (gpu, [{k: v for k, v in row.items() if k != "op"}]),
-             "a sweep row with no kernel": (gpu, [sweep])}
-    for name, (environment, rows) in cases.items():
+    cases = {"its 'environment' names no device": ({"device_type": "cuda"}, [row]),
+             "row 0 has no 'shape' text": (gpu, [dict(row, shape=None)]),
+             "row 1 has no 'op' text": (gpu, [row, {k: v for k, v in row.items() if k != "op"}]),
+             "row 0 (lora_qkv): its 'metrics' is not an object": (gpu, [dict(row, metrics=[1])])}
+    for why, (environment, rows) in cases.items():
         bad.write_text(json.dumps({"environment": environment, "rows": rows}))
         for tool in (dispatch_order, tuned_configs):
-            status = tool.main([str(bad), "--out", str(tmp_path / "out.json")])
-            err = capsys.readouterr().err
-            if status != 3:  # a tool with nothing of its own in the file says so
-                assert status == 2 and "argument RESULTS.json: cannot read" in err, (name, tool.__name__, err)
+            assert tool.main([str(bad), "--out", str(tmp_path / "out.json")]) == 2, (why, tool.__name__)
+            assert f"argument RESULTS.json: cannot read {str(bad)!r} as a result file (ValueError: {why})" in \
+                capsys.readouterr().err
+    bad.write_text(json.dumps({"environment": gpu, "rows": [sweep]}))
+    assert tuned_configs.main([str(bad), "--out", str(tmp_path / "out.json")]) == 2
+    assert "row 0 (lora_qkv) is a sweep row without metrics 'kernel'" in capsys.readouterr().err
+    # A malformed --out file is named as such (not blamed on the results).
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"environment": gpu, "rows": [row, dict(row, provider="torch", median_ms=2.0)]}))
+    out = tmp_path / "hand-edited.json"
+    out.write_text(json.dumps({"by_device": {"NVIDIA H200": ["x"]}}))
+    for tool in (dispatch_order, tuned_configs):
+        assert tool.main([str(good), "--out", str(out)]) == 2
+        assert f"argument --out: cannot read {str(out)!r} to update it (ValueError: expected a JSON object whose " \
+               "'by_device' holds an object per card)" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
 
 
@@ -514,6 +526,21 @@ def _suite(tier, budget=None):
 
     return Suite(device=torch.device("cpu"), quick=True, json_path=None, png_path=None, time_budget_s=budget,
                  max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None, tier=tier)
+
+
+def test_a_backend_an_op_does_not_have_is_a_skip_with_its_reason():
+    """LoRA has no cuda backend: asking for it is a ValueError naming the op's backends, recorded as
+    the provider's skip (as the run-time refusals are), not as an unexpected error."""
+    suite = _suite("all")
+    x, w, a, b = torch.randn(3, 4), torch.randn(6, 4), torch.randn(3, 1, 4), torch.randn(3, 2, 1)
+    assert not suite.provider_can_run("cuda", lambda: ace_kernels.lora_qkv(x, w, None, a, b, scaling=1.0,
+                                                                         backend="cuda"))
+    assert suite.skipped == ["cuda: skipped (argument 'backend': expected one of ('auto', 'triton', 'torch'), got "
+                             "'cuda' (lora_qkv: no cuda backend))"]
+    # Another ValueError is an error of the call, described as before.
+    assert not suite.provider_can_run("torch", lambda: ace_kernels.lora_qkv(x, w, None, a, b, scaling=1.0,
+                                                                          dropout_p=2.0, backend="torch"))
+    assert suite.skipped[1].startswith("torch: skipped (ValueError: argument 'dropout_p'")
 
 
 def test_suite_tiers_choose_items():

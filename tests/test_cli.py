@@ -1027,17 +1027,30 @@ def test_accuracy_macro_is_the_mean_recall():
     assert metrics["accuracy"] == pytest.approx(4 / 6) and metrics["accuracy_macro"] == pytest.approx(0.7 / 1.2)
 
 
-def test_zero_shot_multiplier_is_the_base_models_unless_asked(tiny, synthetic, tmp_path, capsys):
+def test_zero_shot_multiplier_is_the_base_models_unless_asked(tiny, synthetic, tmp_path, capsys, monkeypatch):
     from ace_model.data import CSVImageLabelDataset
 
     model = copy.deepcopy(tiny)
     with torch.no_grad():
         model.logit_scale.fill_(3.0)
     dataset = CSVImageLabelDataset(synthetic, list(SYNTHETIC_CLASSES), model.image_size)
+    import ace_model.zero_shot as zero_shot
+
+    scored = []  # what the scores were computed with: the reported multiplier, float64 log-probabilities
+    real_scores = zero_shot.zero_shot_scores
+
+    def spy(image, text, scale, task, log=False):
+        out = real_scores(image, text, scale, task, log=log)
+        scored.append((scale, log, out.dtype))
+        return out
+
+    monkeypatch.setattr(zero_shot, "zero_shot_scores", spy)
     base = evaluate(model, dataset, list(SYNTHETIC_CLASSES))
     assert base["logit_scale"] == pytest.approx(model.clip.logit_scale.exp().item())
     assert evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale="learned")["logit_scale"] == 3.0
     assert evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale=7.5)["logit_scale"] == 7.5
+    assert scored == [(base["logit_scale"], True, torch.float64), (3.0, True, torch.float64),
+                      (7.5, True, torch.float64)]
     with pytest.raises(ValueError, match="argument 'logit_scale'"):
         evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale="learnt")
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--logit-scale", "-1"]) == \
@@ -1415,3 +1428,12 @@ def test_accuracy_is_the_exact_share_of_hits():
     labels = torch.nn.functional.one_hot(truth, 2)
     for task in ("multiclass", "binary", "multilabel"):
         assert zero_shot_metrics(scores, labels, task)["accuracy"] == 51 / 200 == 0.255
+
+
+def test_multilabel_accuracy_counts_the_images_with_a_positive_only():
+    # An image with no positive label has no class the argmax could hit: it is left out (an image
+    # counted as a miss would read 2/3 here), and with none labelled the accuracy is undefined.
+    scores = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    labels = torch.tensor([[1, 0], [0, 1], [0, 0]])
+    assert zero_shot_metrics(scores, labels, "multilabel")["accuracy"] == 1.0
+    assert math.isnan(zero_shot_metrics(scores, torch.zeros(3, 2), "multilabel")["accuracy"])

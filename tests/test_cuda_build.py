@@ -165,14 +165,23 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 1.0, V1.0.0'\n")
     nvcc.chmod(0o755)
     env = dict(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{nvcc.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    stale = tree / "ace_kernels" / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+    stale = tree / "ace_kernels" / name
     stale.parent.mkdir()
     stale.write_bytes(b"an earlier build")
+    # A build that is not in place, run from another folder, leaves the checkouts' extensions alone
+    # (this one's and the folder's: the names resolve against the checkout, not the folder).
+    other = tmp_path / "other"
+    (other / "ace_kernels").mkdir(parents=True)
+    (other / "ace_kernels" / name).write_bytes(b"another checkout's build")
+    elsewhere = _setup_py([str(tree / "setup.py"), "build_ext"], str(other), **env)
+    assert elsewhere.returncode == 0 and "building the CUDA extension failed" in elsewhere.stderr, elsewhere.stderr
+    assert stale.exists() and (other / "ace_kernels" / name).exists()
     built = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), **env)
     assert built.returncode == 0, built.stderr[-2000:]
     assert "ace-kernels: building the CUDA extension failed (RuntimeError: " in built.stderr
     assert "installing the pure-Python package without it" in built.stderr
-    assert f"{os.path.join('ace_kernels', stale.name)}, built from earlier sources" in built.stderr, built.stderr
+    assert f"removed {stale}, built from earlier sources" in built.stderr, built.stderr
     assert not stale.exists() and not list(tree.rglob("_C*.so"))
     forced = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), ACE_KERNELS_FORCE_CUDA="1", **env)
     assert forced.returncode != 0 and "building the CUDA extension failed" not in forced.stderr

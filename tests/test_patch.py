@@ -173,6 +173,29 @@ def test_peft_bert_qkv_grouped_exact_and_undo():
     handle.undo()  # idempotent
 
 
+def test_peft_members_changed_after_patching_run_ungrouped_exactly():
+    """One member's scaling (or dropout p) changed after patching: q/k/v can no longer share one
+    fused call (it takes one scaling and one p); each member runs on its own, with its own value."""
+    def triple_key_scaling(model):
+        for layer in model.base_model.model.encoder.layer:
+            layer.attention.self.key.scaling["default"] *= 3
+
+    def value_dropout(model):  # in eval mode: no mask drawn, but the p the fused call would take differs
+        for layer in model.base_model.model.encoder.layer:
+            layer.attention.self.value.lora_dropout["default"] = nn.Dropout(0.5).eval()
+
+    for change in (triple_key_scaling, value_dropout):
+        model = _bert().eval()
+        embeds = torch.randn(3, 7, 32, dtype=torch.float64, requires_grad=True)
+        with ace_kernels.patch(model) as handle:
+            change(model)
+            after = _forward_backward(model, _run_bert, (embeds,))
+            assert handle.stats() == {"qkv ungrouped: members differ in scaling, dropout or dtype": 6,
+                                      "lora_linear": 6}, handle.stats()
+        before = _forward_backward(model, _run_bert, (embeds,))  # PEFT's own forward, changed the same way
+        _assert_same(before, after)
+
+
 def test_peft_bert_gradient_checkpointing():
     """Recomputation in backward (non-reentrant checkpointing) regroups q/k/v exactly."""
     model = _bert().train()

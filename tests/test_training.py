@@ -600,6 +600,10 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^TrainConfig\.resume: '.*missing\.pt' does not exist$"):
         train(_config(tmp_path, resume=str(tmp_path / "missing.pt")), model=make_model("standin"), dataset=data,
               loss_fn=dense_label_infonce)
+    # One process has one slice: the loss scope changes nothing there, and a resume may name either.
+    result = train(_config(tmp_path, epochs=1, loss_scope="local", resume="auto"), model=make_model("standin"),
+                   dataset=data, loss_fn=dense_label_infonce)
+    assert result["resumed_from"] is not None
 
 
 def test_resume_with_another_chunk_size_continues_and_warns(tmp_path):

@@ -356,8 +356,9 @@ def test_writer_command_line(tmp_path):
                                            device_type="cpu")))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 2
     before = out.read_text()
-    results.write_text(json.dumps(_payload([{"family": "lora", "op": "lora_qkv", "provider": "triton",
-                                             "median_ms": 1.0, "metrics": {"kernel": "down"}}])))
+    results.write_text(json.dumps(_payload([{"family": "lora", "op": "lora_qkv", "shape": "M=12608",
+                                             "dtype": "bfloat16", "provider": "triton", "median_ms": 1.0,
+                                             "metrics": {"kernel": "down"}}])))
     assert tuned_configs.main([str(results), "--out", str(out)]) == 3
     assert out.read_text() == before  # nothing written
 
@@ -399,6 +400,30 @@ def test_writer_takes_a_sweep_of_this_trees_kernels_and_default_only():
     # The digest covers every Triton kernel of the family's module, and only those.
     assert _tuning.kernel_digest("lora") != _tuning.kernel_digest("contrastive")
     assert _tuning.kernel_digest("no such family") is None
+
+
+def test_the_kernel_digest_reads_the_jit_functions_of_the_file_as_imported(tmp_path, monkeypatch):
+    source = tmp_path / "kernels.py"
+
+    def digest(text):
+        source.write_text(text)
+        monkeypatch.setitem(_tuning._SOURCES, "toy", (str(source), _tuning._file_stamp(str(source))))
+        _tuning.kernel_digest.cache_clear()
+        return _tuning.kernel_digest("toy")
+
+    kernel = "@triton.jit\ndef k(x):\n    return x + 1\n"
+    base = digest(f"import triton\n{kernel}")
+    # What is not a kernel does not count: other functions, comments, the kernel's position.
+    assert digest(f"import triton\n# a note\n\ndef helper():\n    pass\n\n{kernel}") == base
+    assert digest(f"import triton\nif triton is not None:\n    {kernel.replace(chr(10), chr(10) + '    ')}") == base
+    assert digest(f"import triton\n{kernel.replace('x + 1', 'x + 2')}") != base
+    # Changed on disk after the import: refused, not the digest of other kernels than the loaded ones.
+    digest(f"import triton\n{kernel}")
+    source.write_text(f"import triton\n{kernel}\n# edited since\n")
+    _tuning.kernel_digest.cache_clear()
+    with pytest.raises(RuntimeError, match="changed since it was imported"):
+        _tuning.kernel_digest("toy")
+    _tuning.kernel_digest.cache_clear()
 
 
 def test_writers_refuse_a_quick_run(tmp_path, capsys):
