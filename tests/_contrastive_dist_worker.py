@@ -20,6 +20,14 @@ def make_global_batch(sizes, dim, with_labels, seed=0):
     if with_labels:
         # Few distinct rows so that duplicates straddle ranks (false negatives across ranks).
         table = torch.randint(0, 2, (4, 14), generator=gen)
+        if with_labels == "float64 finer than float32":
+            table = table.double() + 1.0  # 1 and 2: a float32 rounds away what 1e-9 adds to them
+            table[1] = table[0]
+            table[1, 3] += 1e-9  # a row of its own, equal to row 0 once rounded to float32
+        elif with_labels == "int64 past 2**53":
+            table = table + 2**53
+            table[1] = table[0]
+            table[1, 3] += 1  # a row of its own, equal to row 0 once rounded to float64
         labels = table[torch.randint(0, 4, (total,), generator=gen)]
     return u, t, labels
 

@@ -14,6 +14,8 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   1 starts afresh; then rank 1 alone asks for a batch that does not divide over the ranks;
   then both resume at the same step, rank 1 from a state whose weights differ; saves the error
   each rank got for each.
+- ``resume_exact``: with dropout on, a run stopped on every rank after its first checkpoint and
+  resumed, and one run through; rank 0 saves both runs' losses.
 - ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
   then a run whose set-up fails on rank 1 alone (no dataset and no CSV); then runs where rank 0
   cannot write the run directory (its config.json, then its metrics file), rank 1 cannot load
@@ -109,6 +111,38 @@ def main() -> None:
             handle.write(message)
         dist.destroy_process_group()
         return
+    if args.mode == "resume_exact":
+        # Dropout on: every rank draws its own masks, and a resume must restore each rank's own
+        # generator. A run stopped on every rank after its first checkpoint, then resumed, against
+        # one that ran through; rank 0 saves both runs' losses.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+        losses = {}
+        for name in ("through", "resumed"):
+            out_dir = os.path.join(args.out, name)
+            if name == "resumed":
+                checkpoint, calls = training._checkpoint, []
+
+                def stop_after_the_first(*a, **k):
+                    result = checkpoint(*a, **k)
+                    calls.append(1)
+                    if len(calls) == 1:
+                        raise _Stopped
+                    return result
+
+                training._checkpoint = stop_after_the_first
+                try:
+                    _train_run(args, rank, lr=1e-2, raise_errors=True, dropout=0.3, out_dir=out_dir)
+                except _Stopped:
+                    pass
+                training._checkpoint = checkpoint
+                _train_run(args, rank, lr=1e-2, raise_errors=True, dropout=0.3, out_dir=out_dir, resume="auto")
+            else:
+                _train_run(args, rank, lr=1e-2, raise_errors=True, dropout=0.3, out_dir=out_dir)
+            losses[name] = [r["loss"] for r in training.read_metrics(os.path.join(out_dir, "metrics.jsonl"))]
+        if rank == 0:
+            torch.save(losses, os.path.join(args.out, "losses.pt"))
+        dist.destroy_process_group()
+        return
     if args.mode == "rank_failures":
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
         save_checkpoint = training.save_checkpoint
@@ -176,9 +210,13 @@ def _record_error(args, rank: int, what: str, run) -> None:
         handle.write(message)
 
 
+class _Stopped(Exception):
+    pass
+
+
 def _train_run(args, rank: int, lr: float, raise_errors: bool = False, without_dataset: bool = False,
-               **overrides) -> None:
-    model = make_model(args.kind, seed=0, dropout=0.0, perturb=True)
+               dropout: float = 0.0, **overrides) -> None:
+    model = make_model(args.kind, seed=0, dropout=dropout, perturb=True)
     # Without a dataset (and with no CSV configured) train() fails while building one.
     data = None if without_dataset else RandomPairs(model, 20, seed=2)
     settings = dict(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,

@@ -84,6 +84,9 @@ CASES = [
     ("2_ranks_second_empty", (3, 0), True, SHORT_TIMEOUT_S),
     ("3_ranks_first_empty", (0, 5, 4), True, SHORT_TIMEOUT_S),
     ("3_ranks_two_empty_no_labels", (0, 7, 0), False, SHORT_TIMEOUT_S),
+    # Label rows that only an exact exchange tells apart (the keys are made from all ranks' rows).
+    ("2_ranks_float64_labels", (9, 9), "float64 finer than float32", 60),
+    ("2_ranks_int64_labels", (9, 9), "int64 past 2**53", 60),
 ]
 
 

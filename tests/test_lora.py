@@ -543,6 +543,45 @@ def test_triton_exported_mask_is_deterministic_per_seed(device):
     assert torch.equal(lora_module._export_masks(seed, 7, 33, 1, 0.3)[0], first[0])
 
 
+def _philox4x32_10(counter, seed: int) -> list:
+    """Philox4x32-10 (Salmon et al., SC 2011) of the 64-bit ``counter`` (words c0, c1 = its low and
+    high halves, c2 = c3 = 0) under the 64-bit key ``seed``, as Triton's ``randint4x`` takes
+    them; the four 32-bit output words, in NumPy (uint64 holding 32-bit values)."""
+    import numpy as np
+
+    mask = np.uint64(0xFFFFFFFF)
+    c = [counter & mask, counter >> np.uint64(32), np.zeros_like(counter), np.zeros_like(counter)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        p0, p1 = m0 * c[0], m1 * c[2]  # 32 x 32 bits: exact in 64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("in_features,rng_offset", [(33, 0), (8, 0), (33, 2**32 + 5)])
+def test_triton_masks_are_the_documented_philox_stream(device, in_features, rng_offset):
+    """A known-answer test of the masks' keying (``_keep_bits``): element (row, column) of projection
+    p is kept where the 16-bit half (low for an even column, high for an odd one) of word p of
+    Philox4x32-10(key = seed, counter = rng_offset + row * ceil(in / 2) + column // 2) is at least
+    round(p * 2**16). An odd in_features keeps its padding pair: rows do not share draws."""
+    import numpy as np
+
+    rows, dropout_p, seed = 6, 0.3, 0x1234_5678_9ABC
+    got = lora_module._export_masks(torch.tensor([seed], dtype=torch.int64, device=device), rows, in_features, 3,
+                                    dropout_p, rng_offset=rng_offset).cpu()
+    pairs = (in_features + 1) // 2
+    row, col = np.meshgrid(np.arange(rows), np.arange(in_features), indexing="ij")
+    counter = np.uint64(rng_offset) + (row * pairs + col // 2).astype(np.uint64)
+    words = _philox4x32_10(counter, seed)
+    half = np.where(col % 2 == 0, 0, 16).astype(np.uint64)
+    threshold = round(dropout_p * 2**16)
+    want = np.stack([((words[p] >> half) & np.uint64(0xFFFF)) >= threshold for p in range(3)])
+    assert torch.equal(got, torch.from_numpy(want))
+
+
 @pytest.mark.triton
 def test_triton_refuses_second_derivatives(device):
     case = Case("gg", "qkv", (3,), 5, 4, 2)

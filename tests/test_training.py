@@ -791,6 +791,34 @@ def test_pruning_keeps_this_runs_newest_checkpoints_not_an_abandoned_runs(tmp_pa
     assert load_state(ckpt / "state-00000012.pt")["checkpoint_steps"] == [8, 12]
 
 
+def test_a_fractional_warmup_rounds_to_the_nearest_step(tmp_path):
+    # 0.7 of an epoch of 4 steps is 2.8 steps: a 3-step warm-up (2 if truncated).
+    model = make_model("standin")
+    result = train(_config(tmp_path, epochs=2, warmup_epochs=0.7), model=model, dataset=RandomPairs(model, 18, seed=1),
+                   loss_fn=dense_label_infonce)
+    lrs = [r["lr"] for r in read_metrics(result["metrics"])]
+    assert lrs[:4] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2], rel=1e-12) and lrs[4] < 1e-2  # then cosine
+
+
+def test_the_rng_snapshot_restores_python_numpy_and_torch_through_a_state_file(tmp_path):
+    """A dataset or transform may draw from any of the three generators (augmentation): a resume
+    continues each stream where the saved run left it, after a round trip through the state's
+    weights-only torch file."""
+    import random
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.randn()),
+                torch.rand(2).tolist())
+
+    random.gauss(0, 1)  # leave a cached Gaussian in python's state (and below in numpy's)
+    np.random.randn()
+    torch.save({"rng": training._rng_snapshot(torch.device("cpu"))}, tmp_path / "rng.pt")
+    want = draws()
+    draws()  # move every stream on
+    training._rng_restore(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], torch.device("cpu"))
+    assert draws() == want
+
+
 def test_numpy_numbers_in_the_config_train_as_python_ones(tmp_path):
     """validate accepts NumPy numbers; train runs them as the Python numbers they hold (they once
     failed the JSON records, the seeders and the step's own checks after config.json was written)."""
@@ -828,6 +856,56 @@ def test_a_resume_deletes_what_a_crash_left_between_latest_and_pruning(tmp_path,
     train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1, resume="auto"), model=model,
           dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
     assert states() == ["state-00000012.pt"]
+
+
+def test_a_state_is_written_after_its_steps_metrics_reach_the_disk(tmp_path, monkeypatch):
+    """A resumed run skips the steps up to its state: their metric lines must be on the disk
+    (flushed and fsynced) before the state is, or a crash could lose them for good."""
+    real_save, real_fsync = training.atomic_torch_save, os.fsync
+    synced, seen = [], []
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else fd)
+        return real_fsync(fd)
+
+    def save(state, path, *args, **kwargs):
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines()]
+        seen.append((state["step"], steps[-1], str(metrics) in synced))
+        return real_save(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(training, "atomic_torch_save", save)
+    model = make_model("standin", seed=3)
+    train(_config(tmp_path, epochs=1, checkpoint_every=2, warmup_epochs=0), model=model,
+          dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    assert seen == [(2, 2, True), (4, 4, True)]
+
+
+def test_a_crash_while_latest_is_written_leaves_the_previous_state_resumable(tmp_path, monkeypatch):
+    """keep_checkpoints=1: the state that ``latest`` names is deleted only after ``latest`` names
+    the new one, so a crash while writing it leaves a pointer to a state that exists."""
+    model = make_model("standin", seed=3)
+    real_write = training.atomic_write_text
+    writes = []
+
+    def crash_at_the_second_latest(path, text, *args, **kwargs):
+        if os.path.basename(path) == "latest":
+            writes.append(text)
+            if len(writes) == 2:
+                raise KeyboardInterrupt("killed while writing latest")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(training, "atomic_write_text", crash_at_the_second_latest)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1), model=model,
+              dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    monkeypatch.setattr(training, "atomic_write_text", real_write)
+    assert training.resolve_resume("auto", tmp_path / "run").name == "state-00000003.pt"
+    model = make_model("standin", seed=3)
+    result = train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1, resume="auto"), model=model,
+                   dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    assert result["resumed_from"].endswith("state-00000003.pt") and result["steps"] == 12
 
 
 def test_config_validation(tmp_path):

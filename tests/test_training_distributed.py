@@ -195,6 +195,14 @@ def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_pat
     assert state["config"]["loss_scope"] == "local"
 
 
+def test_a_resumed_two_rank_run_continues_every_ranks_dropout_stream(tmp_path):
+    """Each rank draws its own dropout masks; the state holds every rank's generator and a resume
+    restores each rank's own: the resumed run's losses are the uninterrupted run's, step for step."""
+    _launch("resume_exact", 2, tmp_path, "--kind", KIND, "--chunk", "3")
+    losses = torch.load(tmp_path / "losses.pt", weights_only=True)
+    assert len(losses["through"]) == 4 and losses["resumed"] == losses["through"]
+
+
 def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
     """One launch: first a step with unequal local batches, then train() with a different lr on rank 1."""
     _launch("mismatch", 2, tmp_path)
@@ -398,6 +406,13 @@ def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     assert torch.equal(params[0].grad, torch.full((3,), 1.0 + tiny_step, dtype=torch.float64))
     assert torch.equal(params[1].grad, torch.full((2,), 0.25)) and params[2].grad is None
     assert torch.equal(params[3].grad, torch.full((2,), 0.5, dtype=torch.bfloat16))
+    # The other rank has no gradient at all (it contributes zeros, its has-a-gradient count 0): a
+    # gradient held by one rank alone is kept, as the sum says.
+    monkeypatch.setattr(training.dist, "all_reduce", lambda tensor, op=None, group=None: None)
+    for p, g in zip(params, (1.0, 0.25, None, 0.5, -3.0)):
+        p.grad = None if g is None else torch.full(p.shape, g, dtype=p.dtype)
+    training.sync_gradients(params, group=object())
+    assert [None if p.grad is None else p.grad.flatten()[0].item() for p in params] == [1.0, 0.25, None, 0.5, -3.0]
 
 
 def test_single_process_helpers_are_no_ops_without_a_group():
