@@ -34,7 +34,7 @@ def run(suite) -> None:
     elements = (1 if not suite.quick else 0.25) * 2**30
     source = torch.rand(int(elements) // 2, dtype=torch.bfloat16, device=device)
     target = torch.empty_like(source)
-    nbytes = 2 * source.numel() * source.element_size()
+    nbytes = copy_bytes(source)
     meas = suite.measure("copy bandwidth", lambda: target.copy_(source), grads=(), with_memory=False)
     if meas is not None:
         gbps = nbytes / (meas.median_ms * 1e-3) / 1e9
@@ -70,6 +70,11 @@ def run(suite) -> None:
                             provider="torch", measurement=best, metrics=metrics, mode="matmul")
     del a, b
     torch.cuda.empty_cache()
+
+
+def copy_bytes(source: torch.Tensor) -> int:
+    """Bytes one ``copy_`` of ``source`` moves: every byte read once and written once."""
+    return 2 * source.numel() * source.element_size()
 
 
 def warm_up(fn, device, seconds: float) -> int:

@@ -216,6 +216,16 @@ def fused_provider(suite, probe, *, label: str) -> str | None:
     return None
 
 
+def _train_step_targets(suite):
+    """Issue 6's targets of the training step (GPU, the triton rows against reference-ops)."""
+    def targets(provider, baseline):
+        if suite.is_gpu and provider.split("+")[0] == "triton" and baseline == "reference-ops":
+            return [Target("speedup", 1.6, "throughput>=1.6x"), Target("memory_ratio", 1 / 0.6, "mem<=0.6x")]
+        return []
+
+    return targets
+
+
 def _run_ace_lora(suite, model, ours_model) -> None:
     """The training step: reference ops on ``model``, our providers on ``ours_model`` (see
     :func:`_ours_model`; the same weights, trainable parameters included)."""
@@ -364,13 +374,8 @@ def _run_ace_lora(suite, model, ours_model) -> None:
         (base_results if name == "reference-ops" else ours)[name] = (meas, metrics)
     del entries
 
-    def targets(provider, baseline):
-        if suite.is_gpu and provider.split("+")[0] == "triton" and baseline == "reference-ops":
-            return [Target("speedup", 1.6, "throughput>=1.6x"), Target("memory_ratio", 1 / 0.6, "mem<=0.6x")]
-        return []
-
     suite.add_rows(family=FAMILY, op="ace_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
-                   baselines=base_results, targets=targets)
+                   baselines=base_results, targets=_train_step_targets(suite))
     for t in params + ours_params:
         t.grad = None
     model.backend = ours_model.backend = "auto"
@@ -416,6 +421,16 @@ def device_batch(model, batch: int, device: torch.device, seed: int):
 
 
 # ------------------------------------------------------------------------------ zero-shot
+
+
+def _zero_shot_targets(suite):
+    """Issue 6's zero-shot target (GPU, triton against the one-image loop)."""
+    def targets(provider, baseline):
+        if suite.is_gpu and provider == "triton" and baseline == "reference-loop":
+            return [Target("speedup", 20.0, "throughput>=20x")]
+        return []
+
+    return targets
 
 
 def _run_zero_shot(suite, model) -> None:
@@ -505,13 +520,8 @@ def _run_zero_shot(suite, model) -> None:
     base_results = {k: (m, metrics_for(k, m)) for k, m in measured.items() if k == "reference-loop"}
     ours = {k: (m, metrics_for(k, m)) for k, m in measured.items() if k != "reference-loop"}
 
-    def targets(provider, baseline):
-        if suite.is_gpu and provider == "triton" and baseline == "reference-loop":
-            return [Target("speedup", 20.0, "throughput>=20x")]
-        return []
-
     suite.add_rows(family=FAMILY, op="zero_shot_eval", shape=shape_text, dtype=dtype, mode="inference", ours=ours,
-                   baselines=base_results, targets=targets)
+                   baselines=base_results, targets=_zero_shot_targets(suite))
 
 
 # ------------------------------------------------------------------------------ largest batch
@@ -671,7 +681,7 @@ def max_batch_ratio_metrics(ours: dict, reference: dict) -> dict:
     ``max_batch_ratio_lower_bound`` (the reference's search completed) or ``..._unjudged``.
     ``max_batch_ratio_point`` is the plain ratio of the two largest batches that fitted."""
     upper = reference.get("first_oom") or reference["max_batch"]
-    ratio = round(ours["max_batch"] / upper, 3)
+    ratio = ours["max_batch"] / upper  # not rounded: the target judges it
     metrics = {"baseline_max_batch": reference["max_batch"], "baseline_first_oom": reference.get("first_oom"),
                "max_batch_ratio_point": round(ours["max_batch"] / reference["max_batch"], 3)}
     if ours["complete"] and reference["complete"]:
@@ -858,6 +868,16 @@ def _peft_towers(suite):
                                                                  else "tiny vit+bert")
 
 
+def _peft_targets(suite):
+    """Issue 8's target of the drop-in patch (GPU, the patched fused backends against PEFT)."""
+    def targets(provider, baseline):
+        if suite.is_gpu and provider in ("patched:triton", "patched:cuda") and baseline == "peft":
+            return [Target("speedup", 1.3, "speedup>=1.3")]
+        return []
+
+    return targets
+
+
 def _run_peft_patch(suite) -> None:
     try:
         towers, image_size, context, vocab, name = _peft_towers(suite)
@@ -943,12 +963,7 @@ def _run_peft_patch(suite) -> None:
                 metrics["rel_err_vs_peft"] = checked[label]
             ours[label] = (meas, metrics)
 
-    def targets(provider, baseline):
-        if suite.is_gpu and provider in ("patched:triton", "patched:cuda") and baseline == "peft":
-            return [Target("speedup", 1.3, "speedup>=1.3")]
-        return []
-
     suite.add_rows(family=FAMILY, op="peft_lora_train_step", shape=shape_text, dtype=dtype, ours=ours,
-                   baselines=base_results, targets=targets)
+                   baselines=base_results, targets=_peft_targets(suite))
     del towers
     suite.release_cuda_memory()

@@ -70,6 +70,9 @@ def test_quick_run_rows_are_complete(quick_run):
             assert len(base) == 1, row
             expected = base[0]["median_ms"] / row["median_ms"]
             assert row["speedup_vs_baseline"] == pytest.approx(expected, rel=1e-9)
+            if row["peak_mib"]:  # baseline over ours, as the speedup: larger is better
+                expected = base[0]["peak_mib"] / row["peak_mib"]
+                assert row["memory_ratio_vs_baseline"] == pytest.approx(expected, rel=1e-9)
     providers = {row["provider"] for row in rows}
     assert {"reference", "peft-style", "torch"} <= providers
     assert payload["environment"]["device_type"] == "cpu"
@@ -116,18 +119,31 @@ def test_quick_run_chunked_training_rows(quick_run):
     assert large["metrics"]["finite"] is True
     m = large["metrics"]
     assert m["small_batch"] == 64 and m["unchunked_batch"] == 16 and m["batch_ratio_vs_small_batch"] == 4
-    assert m["peak_ratio_vs_small_batch"] == pytest.approx(large["peak_mib"] / small["peak_mib"], rel=1e-2)
+    # The two ratios the GPU targets judge are not rounded.
+    assert m["peak_ratio_vs_small_batch"] == pytest.approx(large["peak_mib"] / small["peak_mib"], rel=1e-12)
     # Both sides on the host clock: on a GPU the unchunked step's back-to-back time (its wall_ms),
     # on a CPU (no wall_ms) its median, which is a host time there.
     unchunked_ms = unchunked["wall_ms"] or unchunked["median_ms"]
     assert m["unchunked_ms"] == pytest.approx(unchunked_ms, rel=1e-3)
     assert m["unchunked_ms_basis"] == ("host clock, back to back" if unchunked["wall_ms"] else "median")
     assert m["throughput_ratio_vs_unchunked"] == pytest.approx(
-        m["samples_per_s"] / (16 / (unchunked_ms * 1e-3)), rel=1e-2)
+        m["batch"] / (large["median_ms"] * 1e-3) / (m["unchunked_batch"] / (unchunked_ms * 1e-3)), rel=1e-12)
     # The point of the chunked step: 4x the batch at the same chunk needs about the same memory
     # (only the [B, 64] embeddings and their gradients grow), far from the 4x of one pass.
     assert m["peak_ratio_vs_small_batch"] < 1.5, m
     assert any(line.startswith("ace_lora_max_batch: skipped (GPU only") for line in payload["run"]["skipped"])
+
+
+def test_quick_run_contrastive_memory_metrics_are_not_rounded(quick_run):
+    # The GPU targets judge both (rounded to 2 places, an extra 64.004 MiB would meet "extra<=64MiB").
+    rows = _rows(quick_run[0], "label_guided_infonce")
+    assert rows, quick_run[2][-2000:]
+    grads_mib = 2 * 300 * 64 * 4 / 2**20  # both embeddings' gradients, B=300 D=64 in float32
+    for row in rows:
+        labels_mib = 0.0 if "no labels" in row["shape"] else 300 * 14 * 4 / 2**20
+        m = row["metrics"]
+        assert m["extra_mib_excl_grads"] == pytest.approx(row["peak_mib"] - grads_mib, rel=1e-12), row
+        assert m["total_gib"] == pytest.approx((row["peak_mib"] + grads_mib + labels_mib) / 1024, rel=1e-12), row
 
 
 def test_quick_run_ops_agree_with_baselines(quick_run):
@@ -347,6 +363,47 @@ def test_targets_are_judged():
     assert harness.Target("peak_mib_max", 99.0, "").check(row) is False
     assert harness.Target("metric_min:frac_of_matmul_peak", 0.5, "").check(row) is False
     assert harness.Target("metric_min:tflops", 0.5, "").check(row) is None  # not measured: not judged
+    # A value exactly at its threshold meets it: "at least" and "at most" include the threshold.
+    row.memory_ratio_vs_baseline = 4.0
+    row.metrics = {"frac_of_matmul_peak": 0.5, "rel_err_vs_reference": 1e-4}
+    assert harness.Target("memory_ratio", 4.0, "").check(row) is True
+    assert harness.Target("peak_mib_max", 100.0, "").check(row) is True
+    assert harness.Target("metric_min:frac_of_matmul_peak", 0.5, "").check(row) is True
+    assert harness.Target("metric_max:rel_err_vs_reference", 1e-4, "").check(row) is True
+    # float32's limit is 1e-4: an error of exactly that passes.
+    assert [t.check(row) for t in harness.check_targets(row.metrics, "float32")] == [True]
+    assert harness.checks_pass(row.metrics, "float32")
+
+
+def test_check_limits_follow_the_dtype():
+    assert harness.check_limit("bfloat16") == harness.check_limit("bf16-autocast") == 3e-2
+    assert harness.check_limit("float16") == harness.check_limit("fp16") == harness.check_limit("half") == 1e-2
+    assert harness.check_limit("float32") == 1e-4
+    assert harness.check_limit("float64") == 1e-9
+    assert harness.check_limit("int8") == 3e-2  # a dtype it does not know: the loosest limit
+
+
+def test_relative_error_of_other_shapes_or_non_finite_outputs_is_inf():
+    # Broadcast against each other, these would differ by nothing.
+    assert harness.relative_error(torch.ones(3), torch.ones(1)) == float("inf")
+    assert harness.relative_error(torch.ones(4, 1), torch.ones(4)) == float("inf")
+    assert harness.relative_error(torch.tensor([1.0, float("nan")]), torch.ones(2)) == float("inf")
+    assert harness.relative_error(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(5**-0.5)
+
+
+def test_row_ratios_are_the_baselines_over_ours():
+    from benchmarks.harness import Measurement
+
+    row = _suite("all")._row(family="lora", op="op", shape="s", dtype="float32", provider="torch",
+                             baseline="reference", measurement=Measurement(1.0, 100.0, 3),
+                             base_measurement=Measurement(3.0, 400.0, 3), targets=None, metrics={}, mode="fwd+bwd")
+    assert row.speedup_vs_baseline == 3.0 and row.memory_ratio_vs_baseline == 4.0
+
+
+def test_interleaved_cpu_timing_gives_each_entry_its_own_median():
+    measured = _suite("all").measure_group([("slow", lambda: time.sleep(0.02), []),
+                                            ("fast", lambda: time.sleep(0.001), [])])
+    assert measured["slow"].median_ms >= 19.0 and measured["fast"].median_ms < 10.0, measured
 
 
 def test_a_missed_target_fails_the_row_even_when_another_is_not_judged(tmp_path):
@@ -807,6 +864,10 @@ def test_max_batch_ratio_is_judged_conservatively():
     assert capped["max_batch_ratio"] == pytest.approx(3.0)
     partial = max_batch_ratio_metrics(ours, {"max_batch": 960, "first_oom": None, "complete": False})
     assert "max_batch_ratio" not in partial and "max_batch_ratio_unjudged" in partial
+    # Not rounded: 12,287 / 4,096 = 2.99976 misses "max batch>=3x" (rounded to 3 places it would meet it).
+    short = max_batch_ratio_metrics({"max_batch": 12287, "complete": True},
+                                    {"max_batch": 4000, "first_oom": 4096, "complete": True})
+    assert short["max_batch_ratio"] == 12287 / 4096
 
 
 def test_largest_batch_search_reports_the_first_failure():
@@ -1270,8 +1331,9 @@ def test_profile_ops_reports_each_op(tmp_path):
 @pytest.mark.interpreter
 def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypatch):
     """On a GPU the labelled shapes also time the Triton kernels with the blocked strategy forced
-    (``triton+blocked``): checked against the same reference and held to triton's targets. Here a
-    GPU suite faked on the CPU, fp16 (the interpreter's bf16 is wrong), quick shapes."""
+    (``triton+blocked``): checked against the same reference. Here a GPU suite faked on the CPU,
+    fp16 (the interpreter's bf16 is wrong), quick shapes, which judge no target: that it is held
+    to triton's targets is test_the_families_targets_in_a_full_gpu_run's."""
     from ace_kernels import contrastive
     from benchmarks import bench_contrastive
 
@@ -1292,7 +1354,6 @@ def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypa
     assert [r["shape"] for r in blocked] == ["B=300 D=64 labels"] and len(calls) > 2
     triton = [r for r in rows if r["provider"] == "triton" and r["shape"] == "B=300 D=64 labels"]
     assert [r["baseline"] for r in blocked] == [r["baseline"] for r in triton] == ["reference"]
-    assert blocked[0]["target"] == triton[0]["target"]
     # fp16 operands against the dense reference, as triton's row.
     assert blocked[0]["metrics"]["rel_err_vs_reference"] < 1e-2
     assert abs(blocked[0]["metrics"]["rel_err_vs_reference"] - triton[0]["metrics"]["rel_err_vs_reference"]) < 1e-3
@@ -1467,10 +1528,14 @@ def test_a_row_meets_its_targets_only_with_checked_correct_outputs(tmp_path):
     assert judged({"rel_err_vs_reference": 2e-3}, dtype=torch.float32).target_pass is False  # fp32: 1e-4
     assert judged({"finite": False}).target_pass is False
     assert judged({"loss_rel_err_vs_fp32_chunked": 1e-3, "finite": True}).target_pass is True
+    assert judged({"loss_rel_err_vs_fp32_chunked": 0.5, "finite": True}).target_pass is False
     assert judged({"rel_err_vs_reference": "not compared"}).target_pass is None  # a note is not judged
     assert harness.checks_pass({"rel_err_vs_peft": 1e-3}, "bf16-autocast")
     assert not harness.checks_pass({"rel_err_vs_peft": 1e-3}, "float32")
     assert not harness.checks_pass({"max_abs_score_diff_vs_reference-loop": float("nan")}, "bfloat16")
+    assert not harness.checks_pass({"finite": False}, "bfloat16")
+    assert not harness.checks_pass({"rel_err_vs_reference": 1e-3, "finite": False}, "bfloat16")
+    assert harness.checks_pass({"rel_err_vs_reference": 1e-3, "finite": True}, "bfloat16")
     # A check that ran in float32 on a bf16-autocast row is judged at float32's limit, the others at the row's.
     fp32_check = {"rel_err_vs_reference-ops": 2e-3, "rel_err_vs_eager-step": 2e-3,
                   harness.CHECK_DTYPES: {"rel_err_vs_reference-ops": "float32"}}
@@ -1479,6 +1544,114 @@ def test_a_row_meets_its_targets_only_with_checked_correct_outputs(tmp_path):
     row = judged(fp32_check)
     assert row.target_pass is False
     assert "rel_err_vs_reference-ops<=0.0001" in row.target and "rel_err_vs_eager-step<=0.03" in row.target
+
+
+def test_rates_are_work_over_the_median_time_and_fractions_of_the_calibration(tmp_path):
+    from benchmarks.harness import Measurement
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    meas = Measurement(2.0, None, 5)  # 2 ms: 1e12 FLOPs is 500 TFLOP/s, 6e9 bytes 3,000 GB/s
+    assert suite.rate_metrics(meas, flops=1e12, nbytes=6e9) == pytest.approx(
+        {"tflops": 500.0, "gbps_min_bytes": 3000.0}, rel=1e-12)  # no calibration: no fractions
+    suite.calibration.update(bf16_matmul_tflops=600.0, copy_gbps=3600.0)
+    assert suite.rate_metrics(meas, flops=1e12, nbytes=6e9) == pytest.approx(
+        {"tflops": 500.0, "frac_of_matmul_peak": 500 / 600, "gbps_min_bytes": 3000.0,
+         "frac_of_copy_bandwidth": 3000 / 3600}, rel=1e-12)
+    assert suite.rate_metrics(None, flops=1e12) == {}
+    assert _suite("all").rate_metrics(meas, flops=1e12) == {}  # a CPU run has no rates
+
+
+def test_a_rate_just_under_its_target_fails_the_row(tmp_path):
+    """Targets judge the unrounded rate: 49.978% of the matmul rate misses ">=50% matmul peak"
+    (rounded to 3 places it would read 0.5 and meet it)."""
+    from benchmarks import bench_contrastive
+    from benchmarks.harness import Measurement
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    suite.quick = False
+    suite.calibration["bf16_matmul_tflops"] = 1000.0
+    goals = bench_contrastive._targets(suite, dict(batch=65536, labeled=True))("triton", None)
+    meas = Measurement(1.0, 10.0, 5)
+
+    def judged(flops):
+        metrics = {"extra_mib_excl_grads": 10.0, "rel_err_vs_fp32_chunked": 1e-3,
+                   **suite.rate_metrics(meas, flops=flops)}
+        return suite.add_plain_row(family="contrastive", op="label_guided_infonce", shape="B=65536 D=512 labels",
+                                   dtype=torch.bfloat16, provider="triton", measurement=meas, metrics=metrics,
+                                   mode="fwd+bwd", targets=goals)
+
+    # FLOPs in the 1 ms median at a fraction of the 1,000 TFLOP/s calibrated.
+    assert judged(0.49978 * 1000e12 * 1e-3).target_pass is False
+    assert judged(0.50002 * 1000e12 * 1e-3).target_pass is True
+
+
+def test_flop_and_byte_counts_of_the_rates():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import bench_device
+
+    # LoRA: what torch's FLOP counter counts of the PEFT-style step (frozen W: no dW).
+    m, k, out, r = 64, 32, 24, 4
+    x = torch.randn(m, k, requires_grad=True)
+    module = baselines.PeftStyleLoRAQKV(torch.randn(3 * out, k), torch.randn(3 * out), torch.randn(3, r, k),
+                                        torch.randn(3, out, r), scaling=0.5, dropout_p=0.0)
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.backward(module(x), [torch.ones(m, out)] * 3)
+    assert baselines.lora_flops_fwd_bwd(m, k, out, r) == counter.get_total_flops() == 847_872
+    assert baselines.infonce_flops_fwd_bwd(300, 64) == 8 * 300**2 * 64
+    # x read twice and dx written; the full output adds out and dout, cls_only a [B, D] row each.
+    assert baselines.hypergraph_min_bytes(4, 17, 40, 2, cls_only=False) == 5 * 4 * 17 * 40 * 2
+    assert baselines.hypergraph_min_bytes(4, 17, 40, 2, cls_only=True) == 3 * 4 * 17 * 40 * 2 + 2 * 4 * 40 * 2
+    assert bench_device.copy_bytes(torch.empty(1000, dtype=torch.bfloat16)) == 2 * 2000  # read and written
+
+
+def test_the_families_targets_in_a_full_gpu_run(tmp_path):
+    """The goals of the issues each comparison is held to, as (metric, threshold, text)."""
+    from benchmarks import bench_contrastive, bench_hypergraph, bench_lora, bench_model
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    suite.quick = False
+
+    def goals(targets, provider, baseline):
+        return [(t.metric, t.threshold, t.text) for t in targets(provider, baseline)]
+
+    lora = bench_lora._targets(suite)
+    for provider in ("triton", "cuda"):
+        assert goals(lora, provider, "frozen-base") == [("speedup", 1 / 1.15, "time<=1.15x base")]
+        assert goals(lora, provider, "reference") == [("speedup", 2.0, "speedup>=2")]
+        assert goals(lora, provider, "peft-style") == [("speedup", 1.4, "speedup>=1.4"),
+                                                       ("metric_max:saved_over_x", 1.1, "saved<=1.1x bytes(x)")]
+    assert goals(lora, "torch", "reference") == []  # the GPU targets are the fused kernels'
+
+    for provider in ("triton", bench_hypergraph.ATOMIC, "cuda"):
+        for b, memory in ((64, []), (1024, [("memory_ratio", 8.0, "mem<=1/8")])):
+            shape = dict(b=b, n=197)
+            assert goals(bench_hypergraph._targets(suite, shape, False), provider, "reference") == [
+                ("speedup", 8.0, "speedup>=8")] + memory
+            assert goals(bench_hypergraph._targets(suite, shape, True), provider, "reference") == [
+                ("speedup", 25.0, "speedup>=25")] + memory
+    assert goals(bench_hypergraph._targets(suite, dict(b=1024, n=197), True), "torch", "reference") == []
+
+    # triton+blocked is held to triton's targets.
+    at_8192 = bench_contrastive._targets(suite, dict(batch=8192, labeled=True))
+    at_65536 = bench_contrastive._targets(suite, dict(batch=65536, labeled=True))
+    for provider in ("triton", bench_contrastive.BLOCKED, "cuda"):
+        assert goals(at_8192, provider, "reference") == [("speedup", 4.0, "speedup>=4")]
+        assert goals(at_8192, provider, "inf_cl") == [("speedup", 2.0, "speedup>=2")]
+        assert goals(at_65536, provider, None) == [("metric_min:frac_of_matmul_peak", 0.5, ">=50% matmul peak"),
+                                                   ("metric_max:extra_mib_excl_grads", 64, "extra<=64MiB")]
+    assert goals(bench_contrastive._targets(suite, bench_contrastive.PROBE), "triton", None) == [
+        ("metric_max:total_gib", 80.0, "fits 80GB")]
+
+    train_step = bench_model._train_step_targets(suite)
+    for provider in ("triton", "triton+recompute-mlp", "triton+cuda-graph"):
+        assert goals(train_step, provider, "reference-ops") == [("speedup", 1.6, "throughput>=1.6x"),
+                                                                ("memory_ratio", 1 / 0.6, "mem<=0.6x")]
+    assert goals(train_step, "torch", "reference-ops") == []
+    assert goals(bench_model._zero_shot_targets(suite), "triton", "reference-loop") == [
+        ("speedup", 20.0, "throughput>=20x")]
+    for provider in ("patched:triton", "patched:cuda"):
+        assert goals(bench_model._peft_targets(suite), provider, "peft") == [("speedup", 1.3, "speedup>=1.3")]
 
 
 def test_dispatch_order_ignores_rows_with_wrong_outputs():
