@@ -605,10 +605,13 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
     codes = [_stable_hash(keys)]
     for key in keys:
         v = values[key]
-        # 1 and 1.0 are one setting (a config read from JSON on one rank, built in code on another).
-        if isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)):
+        # 1 and 1.0 are one setting (a config read from JSON on one rank, built in code on another),
+        # as are True and NumPy's True (which is neither Integral nor Real).
+        if isinstance(v, np.bool_):
+            v = bool(v)
+        elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
             v = int(v)
-        elif isinstance(v, numbers.Real) and not isinstance(v, np.bool_) and math.isfinite(v) and float(v).is_integer():
+        elif isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer():
             v = int(float(v))
         codes.append(int(v) if isinstance(v, (int, bool)) and abs(int(v)) < 2**62 else _stable_hash(v))
     header = torch.tensor([len(keys), codes[0], _stable_hash(codes)], dtype=torch.int64,

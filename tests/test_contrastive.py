@@ -455,6 +455,32 @@ def test_triton_strided_rows(device):
     t_view = t.detach().to(device)[:, 5:55].requires_grad_()
     assert u_view.stride(0) == 72
     _check_triton_fp32(u_view, t_view, s, _duplicated_labels(21, 3, 4).to(device), device)
+    # Column strides other than 1 (a transposed buffer, every other column): the kernels read rows
+    # with unit stride, so such a view is copied first, never read as if contiguous.
+    u_cols = u.detach().to(device)[:, :24].t().contiguous().t().requires_grad_()
+    t_cols = t.detach().to(device)[:, ::3].requires_grad_()
+    assert u_cols.stride() == (1, 21) and t_cols.stride() == (72, 3)
+    _check_triton_fp32(u_cols, t_cols, s, _duplicated_labels(21, 3, 4).to(device), device)
+
+
+@pytest.mark.triton
+def test_blocked_tiles_write_only_the_diagonal_they_hold(device):
+    """The blocked forward's tiles run in any order on a GPU; each writes a_i . b_i only for the
+    rows whose diagonal lies in its columns. A block of rows 9..24 (a share that starts inside a
+    tile), one program: row tile 0 x column tile 0, which holds the diagonal of rows 9..15 only;
+    the interpreter runs tiles in order, so only a single launch shows a tile writing past it."""
+    if device.type == "cpu" and not contrastive._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    n, dim, r0, r1 = 40, 20, 9, 25
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, dim, generator=gen).to(device) for _ in range(2))
+    row_part = torch.empty(r1 - r0, 3, device=device)
+    diag = torch.full((r1 - r0,), float("nan"), device=device)
+    contrastive._lse_tiles_kernel[(1,)](a, b, row_part, torch.tensor([30.0], device=device), row_part, row_part, diag,
+                                       r0, r1, n, dim, dim, dim, HAS_KEYS=False, IEEE=True, WANT_COLS=False,
+                                       BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    torch.testing.assert_close(diag[:16 - r0], (a[r0:16] * b[r0:16]).sum(1), rtol=1e-6, atol=1e-6)
+    assert torch.isnan(diag[16 - r0:]).all(), diag
 
 
 @pytest.mark.triton

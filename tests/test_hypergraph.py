@@ -586,6 +586,23 @@ def test_kernels_non_finite_inputs_do_not_crash(backend, where, device):
 
 
 @pytest.mark.triton
+def test_the_transposed_incidence_lists_each_column_in_order_and_empty_slots_last():
+    """_transpose_csr (the deterministic scatter's plan): column r's entries are those whose slot
+    names r, in increasing entry order (a fixed summation order, the same on every backend), and
+    the empty slots (-1) come after every column, under none."""
+    gen = torch.Generator().manual_seed(2)
+    B, Q, S, R = 3, 11, 4, 7
+    cols = torch.randint(-1, R, (B, Q, S), generator=gen)
+    row_ptr, perm = hg._transpose_csr(cols, R)
+    flat = cols.reshape(B, Q * S)
+    for b in range(B):
+        assert row_ptr[b, 0] == 0 and row_ptr[b, -1] == int((flat[b] >= 0).sum())
+        for r in range(R):
+            entries = perm[b, row_ptr[b, r]:row_ptr[b, r + 1]]
+            assert torch.equal(entries, torch.nonzero(flat[b] == r).flatten()), (b, r)
+        assert torch.equal(perm[b, row_ptr[b, -1]:], torch.nonzero(flat[b] < 0).flatten())
+
+
 def test_triton_primitives_match_torch(device):
     # The deterministic CSR scatter and the empty-slot convention, against the torch primitives.
     gen = torch.Generator().manual_seed(11)
@@ -617,6 +634,16 @@ def test_triton_primitives_match_torch(device):
     atomic = hg.TRITON_ATOMIC_PRIMITIVES.scatter_sum(h_q, cols, w, R)
     assert atomic.dtype == torch.float32
     torch.testing.assert_close(atomic, p.scatter_sum(h_q, cols, w, R), rtol=1e-5, atol=1e-5)  # order only
+    # An empty slot adds nothing anywhere: a row of sample 1 with only empty slots holds inf, and
+    # no scatter may carry 0 * inf into another row (column 0, or sample 0's last row). Against
+    # the sums written out here, not the torch primitive (which shares the CSR transpose).
+    cols_e, w_e, src_e = cols.clone(), w.clone(), src_q.clone()
+    cols_e[1, 4], w_e[1, 4], src_e[1, 4] = -1, 0.0, float("inf")
+    want = torch.zeros(B, R, D, device=device)
+    for b, q, slot in zip(*torch.nonzero(cols_e >= 0, as_tuple=True)):
+        want[b, cols_e[b, q, slot]] += w_e[b, q, slot] * src_e[b, q]
+    for scatter in (p.scatter_sum, t.scatter_sum, hg.TRITON_ATOMIC_PRIMITIVES.scatter_sum):
+        torch.testing.assert_close(scatter(src_e, cols_e, w_e, R), want, rtol=1e-5, atol=1e-5)
     # Top-k selection agrees with torch.topk on distinct values (two similarity tiles, own column
     # excluded); slot order is unspecified, so compare sorted sets and weights.
     feats = torch.randn(B, 40, 24, generator=gen).to(device)

@@ -330,6 +330,8 @@ def test_equal_numbers_of_other_types_agree(monkeypatch):
         monkeypatch, {"lr": 1.0, "betas": [0.0, 0.9]})
     assert _capture_first_exchange(monkeypatch, {"lr": 1}) != _capture_first_exchange(monkeypatch, {"lr": 1.5})
     assert _capture_first_exchange(monkeypatch, {"x": 1e20}) == _capture_first_exchange(monkeypatch, {"x": 10**20})
+    assert _capture_first_exchange(monkeypatch, {"x": np.True_}) == _capture_first_exchange(monkeypatch, {"x": True})
+    assert _capture_first_exchange(monkeypatch, {"x": np.False_}) != _capture_first_exchange(monkeypatch, {"x": True})
     for odd in (10**400, float("nan"), float("inf"), np.float64(2.0), np.int64(3), True):  # no overflow on the way
         _capture_first_exchange(monkeypatch, {"x": odd})
     config = dict(model="standin", lr=1, warmup_epochs=1, betas=(0, 0.9))
