@@ -330,7 +330,7 @@ class Suite:
             target=None, target_pass=None, device=env.device, torch=env.torch, triton=env.triton,
             cuda=env.cuda, git_sha=env.git_sha, date=env.date, family=family, mode=mode,
             metrics={"runs": measurement.runs, **timing_metrics(measurement), **(metrics or {})},
-            wall_ms=None if measurement.wall_ms is None else round(measurement.wall_ms, 4),
+            wall_ms=measurement.wall_ms,  # not rounded: ratios are made from it
         )
         if targets and not self.quick:
             # Speed and memory count only for checked, correct outputs: a row without any

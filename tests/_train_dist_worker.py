@@ -134,7 +134,8 @@ def main() -> None:
                     _train_run(args, rank, lr=1e-2, raise_errors=True, dropout=0.3, out_dir=out_dir)
                 except _Stopped:
                     pass
-                training._checkpoint = checkpoint
+                finally:
+                    training._checkpoint = checkpoint
                 _train_run(args, rank, lr=1e-2, raise_errors=True, dropout=0.3, out_dir=out_dir, resume="auto")
             else:
                 _train_run(args, rank, lr=1e-2, raise_errors=True, dropout=0.3, out_dir=out_dir)

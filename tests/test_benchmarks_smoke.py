@@ -138,8 +138,9 @@ def test_quick_run_contrastive_memory_metrics_are_not_rounded(quick_run):
     # The GPU targets judge both (rounded to 2 places, an extra 64.004 MiB would meet "extra<=64MiB").
     rows = _rows(quick_run[0], "label_guided_infonce")
     assert rows, quick_run[2][-2000:]
-    grads_mib = 2 * 300 * 64 * 4 / 2**20  # both embeddings' gradients, B=300 D=64 in float32
     for row in rows:
+        # Both embeddings' gradients, B=300 D=64 in the row's dtype (float32 here, bf16 on a GPU).
+        grads_mib = 2 * 300 * 64 * getattr(torch, row["dtype"]).itemsize / 2**20
         labels_mib = 0.0 if "no labels" in row["shape"] else 300 * 14 * 4 / 2**20
         m = row["metrics"]
         assert m["extra_mib_excl_grads"] == pytest.approx(row["peak_mib"] - grads_mib, rel=1e-12), row

@@ -585,7 +585,6 @@ def test_kernels_non_finite_inputs_do_not_crash(backend, where, device):
         assert torch.isfinite(out[1]).all()
 
 
-@pytest.mark.triton
 def test_the_transposed_incidence_lists_each_column_in_order_and_empty_slots_last():
     """_transpose_csr (the deterministic scatter's plan): column r's entries are those whose slot
     names r, in increasing entry order (a fixed summation order, the same on every backend), and
@@ -603,6 +602,7 @@ def test_the_transposed_incidence_lists_each_column_in_order_and_empty_slots_las
         assert torch.equal(perm[b, row_ptr[b, -1]:], torch.nonzero(flat[b] < 0).flatten())
 
 
+@pytest.mark.triton
 def test_triton_primitives_match_torch(device):
     # The deterministic CSR scatter and the empty-slot convention, against the torch primitives.
     gen = torch.Generator().manual_seed(11)
