@@ -557,8 +557,10 @@ if _TRITON_IMPORTED:
         NATIVE_DOT (16-bit features only, never under the interpreter, whose bf16 dot is wrong):
         the tile dots take the features in their own dtype, on tensor cores with float32
         accumulation. A product of two fp16/bf16 numbers is exact in float32, so this is the
-        float32 dot of the upcast features up to the order of the float32 additions.
-        The similarities of a [BLOCK_Q, BLOCK_M] tile live only in registers; a running
+        float32 dot of the upcast features up to the order of the float32 additions (there the
+        query is normalised after the dot, so tokens under ~1e-19 in magnitude, whose products
+        are float32 subnormals, may score 0). Otherwise the query is normalised first, as in
+        the torch and CUDA paths. The similarities of a [BLOCK_Q, BLOCK_M] tile live only in registers; a running
         top-k of BLOCK_K (>= TOPK, power of 2) slots per query absorbs each tile.
         """
         pid_q = tl.program_id(0).to(tl.int64)
@@ -602,8 +604,11 @@ if _TRITON_IMPORTED:
                 if NATIVE_DOT:
                     sim += tl.dot(q, kt)
                 else:
-                    # ieee: tf32 would change which neighbours are selected.
-                    sim += tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+                    # The query normalised before the dot, as torch and CUDA do: the raw product
+                    # of two tokens over ~1.8e19 in norm would overflow (inf * 0 = NaN), and of
+                    # two under ~1e-22 underflow (every score 0, a tie). ieee: tf32 would
+                    # change which neighbours are selected.
+                    sim += tl.dot(q.to(tl.float32) * inv_q[:, None], kt.to(tl.float32), input_precision="ieee")
                 if COMPUTE_NORMS:
                     kt32 = kt.to(tl.float32)
                     sq_m += tl.sum(kt32 * kt32, axis=0)
@@ -611,7 +616,13 @@ if _TRITON_IMPORTED:
                 inv_m = 1.0 / tl.maximum(tl.sqrt(sq_m), 1e-12)
             else:
                 inv_m = tl.load(inv_norm_ptr + b * stride_nb + offs_m * stride_nm, mask=m_mask, other=0.0)
-            sim = sim * inv_q[:, None] * inv_m[None, :]
+            if NATIVE_DOT:
+                # The raw 16-bit dot overflows only where a token's norm does (Cauchy-Schwarz),
+                # and that token's inverse norm is 0: its cosine is 0, as torch's and CUDA's.
+                overflowed = (inv_q[:, None] == 0.0) | (inv_m[None, :] == 0.0)
+                sim = tl.where(overflowed, 0.0, sim * inv_q[:, None] * inv_m[None, :])
+            else:
+                sim = sim * inv_m[None, :]
             # NaN ranks first, as in torch.topk; its weight then comes out NaN.
             key = tl.where(sim != sim, float("inf"), sim)
             key = tl.where(m_mask[None, :] & (offs_m[None, :] != own[:, None]), key, float("-inf"))

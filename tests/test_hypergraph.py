@@ -532,6 +532,46 @@ def test_kernels_keep_the_lowest_indices_among_ties(backend, device):
             assert sorted(idx[b, 0].tolist()) == want, (M, k, b)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_select_as_torch_at_extreme_magnitudes(backend, device):
+    """Tokens whose squared norm overflows float32 (|x| ~ 1e20) have cosine 0 with everything, and
+    tokens far inside the eps clamp (|x| ~ 1e-24) are ranked by their true dots: the torch path
+    normalises the query before the dot. The Triton kernel once multiplied the raw features first:
+    inf * 0 gave NaN rows (ranked first), and underflowed dots tied every score at 0."""
+    _needs_kernels(backend, device)
+    topk_rows = hg._triton_topk_rows if backend == "triton" else hg._cuda_topk_rows
+    gen = torch.Generator().manual_seed(11)
+    B, M, D, k = 2, 12, 16, 3
+    for scale, huge in ((1.0, (4, 9)), (1e-24, ())):
+        pn = torch.randn(B, M, D, generator=gen)
+        pn[..., 0] += 3.0  # every cosine between ordinary tokens positive, so 0 is never among the best
+        pn *= scale
+        for j in huge:
+            pn[:, j] *= 1e20
+        inv = 1.0 / torch.linalg.vector_norm(pn, dim=-1).clamp_min(1e-12)
+        if huge:
+            assert (inv[:, list(huge)] == 0).all()  # the case under test: their norms overflow
+        want_idx, want_w = hg._torch_topk_rows(pn, inv, None, k)
+        variants = [("inv_norm given", lambda: topk_rows(pn.to(device), inv.to(device), None, k))]
+        if backend == "triton":
+            rows = torch.arange(M).expand(B, M)
+            variants.append(("norms in the kernel", lambda: hg._triton_cls_select(pn.to(device), rows.to(device), k)))
+        for name, run in variants:
+            idx, w = run()
+            for b in range(B):
+                for r in range(M):
+                    got = sorted(idx[b, r].tolist())
+                    if r in huge:
+                        # Every score 0, a tie: the lowest k other columns.
+                        assert got == [j for j in range(M) if j != r][:k], (scale, name, b, r)
+                        torch.testing.assert_close(w[b, r].cpu(), torch.full((k,), 1.0 / k))
+                        continue
+                    assert got == sorted(want_idx[b, r].tolist()), (scale, name, b, r)
+                    order = idx[b, r].cpu().argsort()
+                    want_order = want_idx[b, r].argsort()
+                    torch.testing.assert_close(w[b, r].cpu()[order], want_w[b, r][want_order].float())
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_numpy_integer_topk_gives_the_int_result(backend, device):
     """topk (and the module's dim, hidden, topk) may be NumPy integers: each is taken as the int it
