@@ -123,6 +123,8 @@ void check_scatter_shapes(const at::Tensor& src, const at::Tensor& weights_flat,
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
     check_size(t, name, 0, src.size(0), "B = src.size(0)");
+    // The kernel walks these rows with unit steps; the fake kernel refuses what the device one does.
+    TORCH_CHECK(t.stride(1) == 1, "argument '", name, "': expected unit stride at dim 1, got ", t.stride(1));
   }
 }
 
@@ -199,8 +201,6 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
     check_same_device(t, name, src, "src");
   }
   check_scatter_shapes(src, weights_flat, row_ptr, perm, num_rows, slots);
-  TORCH_CHECK(weights_flat.stride(1) == 1 && row_ptr.stride(1) == 1 && perm.stride(1) == 1,
-              "hg_scatter_sum_csr: weights_flat, row_ptr and perm need unit inner strides");
   const int64_t B = src.size(0), D = src.size(2);
   c10::cuda::CUDAGuard guard(src.device());
   auto out = at::empty({B, num_rows, D}, src.options().dtype(at::kFloat));
