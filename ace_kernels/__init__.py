@@ -14,6 +14,10 @@ from ace_kernels._dispatch import BACKENDS, available_backends
 from ace_kernels.lora import lora_linear, lora_qkv, lora_qkv_packed
 from ace_kernels.hypergraph import ACEHypergraph, ace_hypergraph
 from ace_kernels.contrastive import LabelGuidedInfoNCE, label_guided_infonce
+from ace_kernels import _dispatch
+
+# Now that every op is declared, the measured backend orders are read (their keys checked against the ops).
+_dispatch.load_measured_orders()
 
 __version__ = "0.1.0"
 

@@ -323,13 +323,18 @@ def read_by_device(path: str, levels: int = 1) -> dict:
 
 
 def _orders_only(path: str, by_device: dict) -> dict:
-    """The order file's cards with each entry a list of backend names; any other entry (a hand
-    edit: a string, a misspelt backend) is left out with a warning naming it."""
+    """The order file's cards with each entry a list of backend names under a key of
+    :func:`order_keys`; any other entry (a hand edit: a string, a misspelt backend, a misspelt op
+    or variant, which no lookup would ever find) is left out with a warning naming it."""
+    keys = order_keys()
     kept = {}
     for card, orders in by_device.items():
         kept[card] = {}
         for key, order in orders.items():
-            if isinstance(order, list) and order and all(name in BACKENDS for name in order):
+            if key not in keys:
+                warnings.warn(f"{path}: by_device / {card} / {key}: not an op or variant of ace_kernels (expected one "
+                              f"of {sorted(keys)}); left out", RuntimeWarning, stacklevel=2)
+            elif isinstance(order, list) and order and all(name in BACKENDS for name in order):
                 kept[card][key] = order
             else:
                 warnings.warn(f"{path}: by_device / {card} / {key}: expected a list of backends from {BACKENDS}, got "
@@ -337,9 +342,16 @@ def _orders_only(path: str, by_device: dict) -> dict:
     return kept
 
 
-# Read once at import (a small file; no GPU is touched), so that a first call under
-# torch.compile has no file to open.
-_MEASURED_ORDERS = _orders_only(ORDER_FILE, read_by_device(ORDER_FILE))
+# Read once, when ace_kernels is imported (a small file; no GPU is touched), so that a first call
+# under torch.compile has no file to open: by load_measured_orders, which ace_kernels/__init__.py
+# calls once its op modules have declared their ops (the file's keys are checked against them).
+_MEASURED_ORDERS: dict = {}
+
+
+def load_measured_orders() -> None:
+    """Read :data:`ORDER_FILE` into what :func:`measured_orders` returns."""
+    global _MEASURED_ORDERS
+    _MEASURED_ORDERS = _orders_only(ORDER_FILE, read_by_device(ORDER_FILE))
 
 
 def measured_orders() -> dict:
@@ -405,8 +417,9 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, varia
     if variant is not None and variant not in entry.variants:
         raise ValueError(f"op {op!r} has no variant {variant!r} (declared: {list(entry.variants)})")
     for name in preference(op, device, variant):
-        # The interpreter exists for testing; auto never routes real work to it.
-        if name == "triton" and interpreter_enabled() and not torch.cuda.is_available():
+        # The interpreter exists for testing; auto never routes real work to it, also where a GPU
+        # is visible (under TRITON_INTERPRET=1 the Triton backend takes CPU tensors, there too).
+        if name == "triton" and interpreter_enabled():
             tried[name] = ["the Triton interpreter is only used when asked for explicitly"]
             continue
         reasons = reasons_for(op, name, tensors, args, kwargs)

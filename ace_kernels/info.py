@@ -47,8 +47,9 @@ def report() -> str:
     # The order backend="auto" tries on this machine's first GPU (measured there, or declared).
     device = torch.device("cuda", 0) if torch.cuda.is_available() else None
     where = " (on cuda:0)" if device is not None else ""
-    if interpreter_enabled() and device is None:
-        where = " (it skips triton here: the interpreter runs only when asked for, backend='triton')"
+    if interpreter_enabled():  # with a GPU or without
+        where = (f" ({'on cuda:0; ' if device is not None else ''}it skips triton here: the interpreter runs only "
+                 "when asked for, backend='triton')")
     lines.append(f"auto tries, in order{where}:")
     for op in sorted(_OPS):
         if not op.startswith("_"):

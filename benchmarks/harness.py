@@ -47,12 +47,13 @@ import json
 import os
 import platform
 import re
+import secrets
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import torch
 
@@ -855,6 +856,28 @@ def _check_result_fields(payload) -> None:
             raise ValueError(f"row {index} ({row['op']}): its 'metrics' is not an object")
 
 
+def _replace_file(path: str, write: Callable[[TextIO], None]) -> None:
+    """``write(handle)`` a new text file, then put it in the place of ``path`` atomically: into a
+    temp file beside ``path``, flushed and fsynced, then renamed over it. A failed write (a full
+    disk) or a crash leaves ``path`` as it was, never half written; the temp file is removed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    # A name of this write alone (the pid and a random part: two runs of a tool never share a
+    # temp file), made as open() makes a file, mode 0666 less the umask (mkstemp's 0600 would
+    # leave a package file readable by its writer only), as ace_model/_atomic.py does.
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the content on the disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,
                       what: str, update: Callable[[dict, dict | None], tuple[dict, list[str]]]) -> int:
     """``python -m benchmarks.<module> RESULTS.json [--out FILE]``: ``update(payload, existing)``
@@ -894,12 +917,13 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     except ValueError as exc:
         print(f"{module}: {exc}", file=sys.stderr)
         return 2
-    tmp = args.out + ".tmp"
+
+    def dump(handle: TextIO) -> None:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, args.out)
+        _replace_file(args.out, dump)
     except OSError as exc:
         print(f"{module}: argument --out: cannot write {args.out!r} ({type(exc).__name__}: {exc.strerror or exc})",
               file=sys.stderr)

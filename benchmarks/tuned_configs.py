@@ -4,15 +4,16 @@ for the card of that run.
 
 For each swept kernel, a candidate qualifies when its configuration is still one that its
 module declares (``_GPU_CANDIDATES`` of ``ace_kernels.lora`` or ``ace_kernels.contrastive``, so the
-spill check has seen it) and its error (``rel_err``, against the same reference as the
-default's) is at most twice the default's plus 1e-4 and within the row dtype's check limit
-(``harness.check_limit``; a default over that limit lets no candidate qualify). A ``--quick``
-run is refused (its shapes are not the ones tuned).
-The fastest qualifying candidate is written when its median time is at least ``MARGIN`` below
-the default's, measured in the same run; otherwise the kernel's entry for this card is removed
-(the default is as fast). Kernels the run did not sweep or whose default it did not measure,
-other cards and other families keep what the file held. A result file with no sweep rows writes
-nothing (exit status 3).
+spill check has seen it; type for type, as the runtime compares) and its error (``rel_err``,
+against the same reference as the default's; a row without one does not qualify) is at most
+twice the default's plus 1e-4 and within the row dtype's check limit (``harness.check_limit``; a
+default over that limit lets no candidate qualify). A ``--quick`` run is refused (its shapes are
+not the ones tuned).
+The fastest qualifying candidate (its declared configuration) is written when its median time is
+at least ``MARGIN`` below the default's, measured in the same run; otherwise the kernel's entry for
+this card is removed (the default is as fast). Kernels the run did not sweep or whose default it
+did not measure, other cards and other families keep what the file held. A result file with no
+sweep rows writes nothing (exit status 3).
 """
 
 from __future__ import annotations
@@ -84,19 +85,27 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | str | None,
         # default fails is no ground to change what an earlier run chose either.
         return KEEP, (f"{name}: the default's error {default_err!r} is over the check limit {limit:g}; nothing "
                       "qualifies, the file's entry stays")
-    best, notes = None, []
+    best, best_config, notes = None, None, []
     for row in sweep["candidates"]:
         metrics = row["metrics"]
         number = f"#{metrics.get('candidate')}"
-        if metrics.get("config") not in declared:
-            notes.append(f"{number} is no longer a declared candidate")
+        # Matched type for type, as the runtime matches the file's entry (_tuning.launch_config):
+        # JSON's 8.0 and true equal 8 and 1, but an entry holding them would be refused there.
+        config = next((c for c in declared if isinstance(metrics.get("config"), dict)
+                       and _tuning._same_config(metrics["config"], c)), None)
+        if config is None:
+            notes.append(f"{number}'s {metrics.get('config')} holds other number types than the declared candidate"
+                         if metrics.get("config") in declared else f"{number} is no longer a declared candidate")
             continue
-        err = float(metrics.get("rel_err", float("inf")))
+        if "rel_err" not in metrics:
+            notes.append(f"{number}'s output was not checked")
+            continue
+        err = float(metrics["rel_err"])
         if not err <= min(2 * default_err + 1e-4, limit):
             notes.append(f"{number} error {err:.3g} > min(2 x default's {default_err:.3g} + 1e-4, {limit:g})")
             continue
         if row.get("median_ms") and (best is None or float(row["median_ms"]) < float(best["median_ms"])):
-            best = row
+            best, best_config = row, config
     extra = f" ({'; '.join(notes)})" if notes else ""
     if best is None:
         return None, f"{name}: no qualifying candidate; the default stays{extra}"
@@ -105,8 +114,9 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | str | None,
     if ratio > 1 - MARGIN:
         return None, (f"{name}: fastest candidate {number} takes {ratio:.3f}x the default's "
                       f"{default_ms:.4g} ms, not {MARGIN:.0%} less; the default stays{extra}")
-    return dict(best["metrics"]["config"]), (f"{name}: candidate {number} {best['metrics']['config']} "
-                                             f"takes {ratio:.3f}x the default's {default_ms:.4g} ms{extra}")
+    # The declared configuration itself (the row's equals it, type for type).
+    return dict(best_config), (f"{name}: candidate {number} {best_config} takes {ratio:.3f}x the default's "
+                               f"{default_ms:.4g} ms{extra}")
 
 
 def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:

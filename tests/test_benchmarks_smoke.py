@@ -838,6 +838,55 @@ def test_dispatch_order_without_orders_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_package_files_are_replaced_atomically(tmp_path, monkeypatch):
+    """The tools write their package file through a temp file of their own beside it (another
+    run's temp file is no concern of theirs), fsynced before it is renamed over the file: a write
+    that fails midway (a full disk) leaves the old file as it was, and no temp file behind."""
+    import errno
+
+    from benchmarks import dispatch_order
+
+    out, results = tmp_path / "order.json", tmp_path / "run.json"
+    old = {"about": "x", "by_device": {"Other card": {"lora_qkv": ["torch", "triton"]}}}
+    out.write_text(json.dumps(old))
+    (tmp_path / "order.json.tmp").write_text("another run's")
+    row = dict(op="lora_qkv", shape="M=100", dtype="bfloat16", provider="triton", median_ms=1.0,
+               metrics={"rel_err_vs_reference": 1e-3})
+    results.write_text(json.dumps({"environment": {"device": "NVIDIA H200", "device_type": "cuda"},
+                                   "rows": [row, dict(row, provider="torch", median_ms=2.0)]}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_dump = json.dump
+
+    def full_disk(obj, handle, **kwargs):
+        handle.write('{\n  "ab')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(harness.json, "dump", full_disk)
+    assert dispatch_order.main([str(results), "--out", str(out)]) == 2
+    assert json.loads(out.read_text()) == old and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "order.json.tmp").read_text() == "another run's"
+    monkeypatch.setattr(harness.json, "dump", real_dump)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, src, dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert dispatch_order.main([str(results), "--out", str(out)]) == 0
+    (_, synced), (_, renamed, src, dst) = events
+    assert synced == renamed and os.path.dirname(src) == str(tmp_path) and dst == str(out), events
+    assert json.loads(out.read_text())["by_device"]["NVIDIA H200"]["lora_qkv"] == ["triton", "torch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "order.json.tmp").read_text() == "another run's"
+
+
 def test_chunked_infonce_loss_matches_the_dense_reference():
     g = torch.Generator().manual_seed(16)
     batch = 300

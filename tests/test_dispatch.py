@@ -39,12 +39,17 @@ def test_cuda_backend_says_why_not():
     assert reasons and any("GPU" in r or "CUDA" in r for r in reasons)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, auto may pick triton (on CUDA tensors)")
 def test_auto_never_picks_the_interpreter(toy_op, monkeypatch):
+    """Under TRITON_INTERPRET=1 the Triton backend takes CPU tensors, on a machine with a GPU
+    too: auto passes it by there as well (only backend='triton' runs the interpreter)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("ACE_KERNELS_BACKEND", raising=False)
     x = torch.zeros(3)
     assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_dispatch, "_global_reasons", lambda backend: [])  # triton imported in this mode
+    assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
+    assert _dispatch.select(toy_op, "triton", [x], (3,))() == "triton"  # as asked for
 
 
 def test_triton_interpret_changed_after_import_is_named(monkeypatch):
@@ -91,6 +96,26 @@ def test_environment_variable_overrides_auto(toy_op, monkeypatch):
     monkeypatch.setenv("ACE_KERNELS_BACKEND", "fastest")
     with pytest.raises(ValueError, match="ACE_KERNELS_BACKEND"):
         _dispatch.select(toy_op, "auto", [x], (3,))
+    # Set but empty (`ACE_KERNELS_BACKEND= python ...`) or blank: auto, as when unset.
+    for blank in ("", "  "):
+        monkeypatch.setenv("ACE_KERNELS_BACKEND", blank)
+        assert _dispatch.requested_backend("auto") == "auto"
+        assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"
+
+
+def test_the_cuda_backend_declines_cpu_tensors(toy_op, monkeypatch):
+    """On a machine where the extension runs, the cuda backend still takes CUDA tensors only:
+    auto moves on with CPU ones, and backend='cuda' says why (a call's device reasons count as
+    well as the machine's)."""
+    _dispatch.register(toy_op, "cuda")(lambda *a: "cuda")
+    monkeypatch.setattr(_dispatch, "_global_reasons", lambda backend: [])
+    monkeypatch.delenv("ACE_KERNELS_BACKEND", raising=False)
+    x = torch.zeros(3)
+    assert _dispatch.reasons_for(toy_op, "cuda", [x, None], (3,)) == ["needs CUDA tensors, got tensors on ['cpu']"]
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run this call: needs CUDA tensors, got tensors on "
+                                           r"\['cpu'\]"):
+        _dispatch.select(toy_op, "cuda", [x], (3,))
+    assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"  # triton: the interpreter, or no CUDA tensors
 
 
 def test_unknown_backend_argument_is_a_value_error(toy_op):
@@ -188,6 +213,19 @@ def test_measured_order_is_used_on_its_card_only(toy_op, monkeypatch):
     assert _dispatch.preference(toy_op, torch.device("cuda", 1)) == ("cuda", "triton", "torch")
     assert _dispatch.preference(toy_op, torch.device("cpu")) == ("cuda", "triton", "torch")
     assert _dispatch.preference(toy_op, None) == ("cuda", "triton", "torch")
+    # A device without an index is the current one, which need not be cuda:0.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _dispatch.device_name(torch.device("cuda")) == "Card B"
+    assert _dispatch.preference(toy_op, torch.device("cuda")) == ("cuda", "triton", "torch")
+
+
+def test_a_measured_backend_the_op_does_not_have_is_not_tried(monkeypatch):
+    """A hand-edited order may name a backend the op lacks (LoRA has no cuda one): it is left out
+    of the preference, which holds the op's own backends only, measured ones first."""
+    monkeypatch.setattr(_dispatch, "measured_orders", lambda: {"Card A": {"lora_qkv": ["cuda", "torch"]}})
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: "Card A")
+    assert _dispatch.preference("lora_qkv", torch.device("cuda", 0)) == ("torch", "triton")
+    assert _dispatch.preference("lora_qkv", torch.device("cuda", 0), "small") == ("torch", "triton")
 
 
 def test_measured_order_per_variant(monkeypatch):
@@ -211,6 +249,35 @@ def test_measured_order_per_variant(monkeypatch):
         _dispatch.select("ace_hypergraph", "auto", [torch.zeros(1)], variant="half")
 
 
+def test_auto_takes_the_measured_order_of_the_card_its_tensors_are_on(monkeypatch):
+    """select() itself, not only preference(), follows the measured order: of the card the call's
+    CUDA tensors are on, for the variant it names when the file has one (fake CUDA tensors and a
+    machine where every backend can run, as on a GPU one with the extension built)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(_dispatch, "_OPS", dict(_dispatch._OPS))  # the op below goes with the test
+    _dispatch.define_op("_toy_variants", prefer=("cuda", "triton", "torch"), variants=("small", "large"))
+    for backend in _dispatch.BACKENDS:
+        _dispatch.register("_toy_variants", backend)(lambda backend=backend: backend)
+    monkeypatch.setattr(_dispatch, "_MEASURED_ORDERS", {"Card A": {
+        "_toy_variants": ["triton", "torch", "cuda"], "_toy_variants[small]": ["torch", "triton", "cuda"]}})
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: {0: "Card A", 1: "Card B"}[index])
+    monkeypatch.setattr(_dispatch, "_global_reasons", lambda backend: [])
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: None)  # the extension does not say: no reason
+    monkeypatch.delenv("ACE_KERNELS_BACKEND", raising=False)
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their devices are read
+        on_a, on_b = torch.empty(2, device="cuda:0"), torch.empty(2, device="cuda:1")
+
+    def picked(tensors, variant=None):
+        return _dispatch.select("_toy_variants", "auto", tensors, variant=variant)()
+
+    assert picked([on_a]) == "triton"  # the op's measured order, not the declared one
+    assert picked([None, on_a], "small") == "torch"  # the variant's own order
+    assert picked([on_a], "large") == "triton"  # no order of its own: the op's
+    assert picked([on_b]) == picked([on_b], "small") == "cuda"  # a card not measured: the declared order
+
+
 def test_shipped_order_file_is_readable():
     # Whatever it holds (the cards of the GPU runs recorded) must be a {card: {op: [backends]}} table
     # of known ops and backends.
@@ -219,6 +286,9 @@ def test_shipped_order_file_is_readable():
     for card, ops in orders.items():
         for op, order in ops.items():
             assert op in _dispatch.order_keys() and set(order) <= set(_dispatch.BACKENDS), (card, op, order)
+    # And all of it was taken: its keys were checked once the ops were declared (read any earlier,
+    # it would have named no op, and every entry would have been dropped).
+    assert orders == _dispatch.read_by_device(_dispatch.ORDER_FILE)
 
 
 def test_a_hand_edited_order_file_is_left_out_with_a_warning(tmp_path):
@@ -244,6 +314,17 @@ def test_a_hand_edited_order_file_is_left_out_with_a_warning(tmp_path):
     assert kept == {"A": {"lora_linear": ["triton", "torch"]}}
     assert [str(w.message).split(": expected")[0] for w in caught] == [
         f"{path}: by_device / A / {key}" for key in ("lora_qkv", "ace_hypergraph", "label_guided_infonce")]
+    # So do keys that name no op or variant (misspelt): no lookup would ever find them.
+    table = {"A": {"lora-qkv": ["torch", "triton"], "ace_hypergraph[cls-only]": ["torch"],
+                   "ace_hypergraph[cls_only]": ["torch", "triton"]}}
+    with pytest.warns(RuntimeWarning) as caught:
+        kept = _dispatch._orders_only(str(path), table)
+    assert kept == {"A": {"ace_hypergraph[cls_only]": ["torch", "triton"]}}
+    assert [str(w.message).split(" (expected")[0] for w in caught] == [
+        f"{path}: by_device / A / {key}: not an op or variant of ace_kernels"
+        for key in ("lora-qkv", "ace_hypergraph[cls-only]")]
+    assert all("'ace_hypergraph[cls_only]'" in str(w.message) and str(w.message).endswith("; left out")
+               for w in caught)  # the keys it may hold are named
 
 
 def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
@@ -293,6 +374,36 @@ def test_dispatch_order_tool_ranks_backends_by_time(tmp_path, monkeypatch):
     cpu["environment"]["device_type"] = "cpu"
     results.write_text(json.dumps(cpu))
     assert dispatch_order.main([str(results), "--out", str(out)]) == 2
+
+
+def test_dispatch_order_scores_missing_shapes_ties_and_ops_not_measured(tmp_path, monkeypatch):
+    """A backend that did not run at a shape counts there as twice the slowest that did: one
+    fastest shape does not put it ahead of a backend that ran everywhere. Equal scores keep the
+    BACKENDS order. A run that measured some ops leaves the card's orders of the others alone."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import dispatch_order
+
+    # torch ran at one shape of three (fastest there), cuda at two (1.5x triton's time).
+    order, scores, compared = dispatch_order.order_for({"a": {"triton": 1.0, "torch": 0.9},
+                                                        "b": {"triton": 1.0, "cuda": 1.5},
+                                                        "c": {"triton": 1.0, "cuda": 1.5}})
+    assert order == ["triton", "cuda", "torch"] and compared == 3
+    # triton: (1/0.9)^(1/3); cuda: (2 * 1.0/0.9 * 1.5 * 1.5)^(1/3); torch: (1 * 3 * 3)^(1/3).
+    assert scores == pytest.approx({"triton": (1 / 0.9) ** (1 / 3), "cuda": 5 ** (1 / 3), "torch": 9 ** (1 / 3)},
+                                   abs=1e-4)
+    for tied in ({"triton": 1.0, "torch": 1.0}, {"torch": 2.0, "triton": 2.0, "cuda": 2.0}):
+        order, scores, _ = dispatch_order.order_for({"a": tied})
+        assert order == [b for b in _dispatch.BACKENDS if b in tied] and set(scores.values()) == {1.0}
+    card = "NVIDIA H100 80GB HBM3"
+    existing = {"by_device": {card: {"ace_hypergraph": ["cuda", "triton", "torch"],
+                                     "ace_hypergraph[full]": ["triton", "cuda", "torch"],
+                                     "lora_qkv": ["torch", "triton"]}}}
+    content, _ = dispatch_order.update(_gpu_payload([_row("lora_qkv", "M=12608", "triton", 1.0),
+                                                     _row("lora_qkv", "M=12608", "torch", 3.0)]), existing)
+    assert content["by_device"][card] == {
+        "ace_hypergraph": ["cuda", "triton", "torch"], "ace_hypergraph[full]": ["triton", "cuda", "torch"],
+        "lora_qkv": ["triton", "torch"], "lora_linear": ["triton", "torch"],
+        "lora_qkv[small]": ["triton", "torch"], "lora_linear[small]": ["triton", "torch"]}
 
 
 def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
@@ -390,7 +501,7 @@ def test_which_gpus_the_built_extension_runs_on():
     # itself; PTX: any newer GPU.
     runs = _dispatch.arch_runs_on
     assert runs("sm_90a", (9, 0)) and not runs("sm_90a", (10, 0)) and not runs("sm_90a", (8, 0))
-    assert runs("sm_80", (8, 6)) and not runs("sm_86", (8, 0)) and not runs("sm_80", (9, 0))
+    assert runs("sm_80", (8, 0)) and runs("sm_80", (8, 6)) and not runs("sm_86", (8, 0)) and not runs("sm_80", (9, 0))
     assert runs("compute_90", (9, 0)) and runs("compute_90", (12, 0)) and not runs("compute_90", (8, 9))
     assert not runs("compute_90a", (10, 0))
 
@@ -411,6 +522,13 @@ def test_cuda_backend_declines_a_gpu_the_extension_has_no_code_for(monkeypatch):
     assert "sm_90a only, not for cuda:0 (sm_80)" in reasons[0] and "TORCH_CUDA_ARCH_LIST" in reasons[0]
     assert _dispatch._device_reasons("cuda", [on_h200]) == []
     assert not any("holds code" in r for r in _dispatch._device_reasons("triton", [on_a100]))  # cuda's alone
+    # A build for several targets runs where any one of them does: sm_80 and sm_90a on an A100,
+    # an A10 (8.6) and an H200; on a T4 (7.5), where none does, the reason names them all.
+    monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: ("sm_80", "sm_90a"))
+    monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
+    capability.update({2: (8, 6), 3: (7, 5)})
+    assert [_dispatch._cuda_arch_reason(index) for index in (0, 1, 2)] == [None, None, None]
+    assert "holds code for sm_80, sm_90a only, not for cuda:3 (sm_75)" in _dispatch._cuda_arch_reason(3)
     # An extension that does not say what it holds (built before it recorded it): no reason.
     monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: None)
     monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})

@@ -389,6 +389,7 @@ def _call(x, c, edge, node, k, **kw):
     ("topk_zero", "argument 'topk'"),
     ("topk_too_large", "argument 'topk'.*N >= topk \\+ 2"),
     ("topk_float", "argument 'topk'"),
+    ("topk_bool", "argument 'topk': expected an integer >= 1, got True"),
     ("adapter_len", "argument 'edge_adapter'"),
     ("adapter_type", "argument 'node_adapter'"),
     ("down_weight_shape", "argument 'edge_adapter.down_weight'"),
@@ -422,6 +423,8 @@ def test_value_errors(case, match):
         k = 6  # N = 7 leaves 5 candidates per patch row
     elif case == "topk_float":
         k = 2.0
+    elif case == "topk_bool":
+        k = True  # an int to Python: it would run as topk=1
     elif case == "adapter_len":
         edge = edge[:3]
     elif case == "adapter_type":
@@ -447,6 +450,17 @@ def test_value_errors(case, match):
     with pytest.raises(ValueError, match=match):
         _call(x, c, tuple(edge) if isinstance(edge, list) else edge, tuple(node) if isinstance(node, list) else node,
               k, **kw)
+
+
+def test_the_module_refuses_bools_for_its_sizes():
+    """dim, hidden and topk are integers, and a bool is none (True is an int to Python: the
+    module would be built with a 1-wide adapter or topk 1), as in ace_hypergraph itself."""
+    import numpy as np
+
+    for name in ("dim", "hidden", "topk"):
+        for flag in (True, np.bool_(True)):
+            with pytest.raises(ValueError, match=rf"argument '{name}': expected an integer >= 1, got "):
+                ace_kernels.ACEHypergraph(**{name: flag})
 
 
 def test_explicit_cuda_backend_without_gpu_says_why():

@@ -130,6 +130,13 @@ def test_an_undeclared_configuration_in_the_file_is_ignored_with_a_warning(on_ca
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per entry, not per launch
         assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
+    # The default is declared too (no candidate of the list): an entry equal to it launches it, unwarned.
+    assert DEFAULT_DOWN not in DOWN
+    on_card["down/16bit"] = dict(DEFAULT_DOWN)
+    _tuning._WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lora_ops._config("down", torch.bfloat16, CUDA0) == DEFAULT_DOWN
 
 
 def test_a_tuned_entry_of_other_number_types_is_not_launched(on_card):
@@ -382,6 +389,40 @@ def test_writer_takes_nothing_when_the_default_has_no_finite_error():
     assert content["by_device"] == {} and "#1 error 0.035 > min(" in "\n".join(report)
 
 
+def test_writer_takes_only_candidates_whose_output_was_checked():
+    """A candidate row without an error (its output was never compared with the reference) may
+    be wrong however fast it is: it is not written, and the report says why."""
+    rows = [_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, 5.0, None)]
+    content, report = tuned_configs.update(_payload(rows), None)
+    assert content["by_device"] == {}
+    assert "lora down/16bit: no qualifying candidate; the default stays (#1's output was not checked)" in report[1]
+
+
+def test_writer_writes_declared_configurations_type_for_type():
+    """The runtime takes a file entry only when it equals a declared configuration type for type
+    (JSON's 8.0 and true equal 8 and 1 but fail a launch): a result row whose configuration equals
+    a candidate only up to number types is not written (every launch would refuse it), and what
+    is written holds the declared configuration's own types."""
+    lse = contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")]
+    number, one_stage = next((n, c) for n, c in enumerate(lse, start=1) if c["num_stages"] == 1)
+    on_lse = dict(family="contrastive", dtype_class="16bit/one_dot")
+    cases = {"lora down/16bit": [_sweep_row("down", 0, 10.0, 0.004),
+                                 _sweep_row("down", 1, 5.0, 0.004, config=dict(DOWN[0], num_warps=8.0))],
+             "contrastive lse/16bit/one_dot": [_sweep_row("lse", 0, 10.0, 0.004, **on_lse),
+                                               _sweep_row("lse", number, 5.0, 0.004, **on_lse,
+                                                          config=dict(one_stage, num_stages=True))]}
+    assert DOWN[0]["num_warps"] == 8
+    for name, rows in cases.items():
+        content, report = tuned_configs.update(json.loads(json.dumps(_payload(rows))), None)
+        assert content["by_device"] == {}, name
+        assert report[1].startswith(f"  {name}: no qualifying candidate") and \
+            "holds other number types than the declared candidate" in report[1], report
+    rows = [_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, 5.0, 0.004)]
+    content, _ = tuned_configs.update(json.loads(json.dumps(_payload(rows))), None)
+    written = content["by_device"][CARD]["lora"]["down/16bit"]
+    assert written == DOWN[0] and all(type(written[k]) is type(v) for k, v in DOWN[0].items())
+
+
 def test_writer_takes_a_sweep_of_this_trees_kernels_and_default_only():
     """A result file of other kernels (an older run: no digest, or another one) or of another
     default configuration says nothing about this tree's: the file's entry stays."""
@@ -417,6 +458,9 @@ def test_the_kernel_digest_reads_the_jit_functions_of_the_file_as_imported(tmp_p
     assert digest(f"import triton\n# a note\n\ndef helper():\n    pass\n\n{kernel}") == base
     assert digest(f"import triton\nif triton is not None:\n    {kernel.replace(chr(10), chr(10) + '    ')}") == base
     assert digest(f"import triton\n{kernel.replace('x + 1', 'x + 2')}") != base
+    # A kernel decorated with arguments, @triton.jit(...), is one too.
+    called = kernel.replace("@triton.jit", "@triton.jit(do_not_specialize=['x'])")
+    assert digest(f"import triton\n{called}") != digest(f"import triton\n{called.replace('x + 1', 'x + 2')}")
     # Changed on disk after the import: refused, not the digest of other kernels than the loaded ones.
     digest(f"import triton\n{kernel}")
     source.write_text(f"import triton\n{kernel}\n# edited since\n")
