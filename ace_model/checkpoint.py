@@ -242,10 +242,14 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
                                    target[name].dtype)
             staged.append((target[name], value))
     scale = weights["logit_scale"]
-    _expect_tensor(f"{path}: weights['logit_scale']", scale, (), model.logit_scale.dtype)
-    if not float(scale) > 0:
-        raise CheckpointError(f"{path}: weights['logit_scale'] is {float(scale)!r}; expected a positive multiplier "
-                              "(the multiplier itself is stored, e.g. 78.35 in the released file)")
+    into = model.logit_scale.dtype
+    _expect_tensor(f"{path}: weights['logit_scale']", scale, (), into)
+    # Judged as the parameter will hold it, as its finiteness is: a float64 1e-50 is 0.0 in float32.
+    held = float(scale.to(into))
+    if not held > 0:
+        beyond = "" if held == float(scale) else f" ({held!r} in {str(into).replace('torch.', '')})"
+        raise CheckpointError(f"{path}: weights['logit_scale'] is {float(scale)!r}{beyond}; expected a positive "
+                              "multiplier (the multiplier itself is stored, e.g. 78.35 in the released file)")
     staged.append((model.logit_scale.data, scale))
 
     with torch.no_grad():

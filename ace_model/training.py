@@ -1873,7 +1873,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     try:
         if pending_error is not None:
             raise pending_error
-        if is_writer and last_state is not None:
+        # A model of the caller's without a released-format writer has its states only.
+        if is_writer and last_state is not None and hasattr(model, "save_reference_checkpoint"):
             final_reference = out_dir / "ace_lora.pt"
             _atomic_reference_save(model, final_reference)
     except Exception as exc:

@@ -8,12 +8,13 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   seed 100 + rank), gradients summed over ranks; saves loss and gradients.
 - ``train``: ``ace_model.training.train`` for a few steps (dropout off, ``--loss-scope``); rank 0 saves the
   final trainable parameters.
-- ``mismatch``: rank 1 passes a smaller batch to a step, then a different lr to train();
-  saves the error each rank got for each.
+- ``mismatch``: rank 1 passes a smaller batch to a step, then a different lr to train(), then a
+  different loss scope; saves the error each rank got for each.
 - ``resume_mismatch``: a short train() run with checkpoints; then rank 0 resumes it while rank
   1 starts afresh; then rank 1 alone asks for a batch that does not divide over the ranks;
-  then both resume at the same step, rank 1 from a state whose weights differ; saves the error
-  each rank got for each.
+  then both resume at the same step, rank 1 from a state whose weights differ; then both resume a
+  copy of its state made out as one process's (its world size and RNG states), then its own state
+  with another loss scope; saves the error each rank got for each.
 - ``resume_exact``: with dropout on, a run stopped on every rank after its first checkpoint and
   resumed, and one run through; rank 0 saves both runs' losses.
 - ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
@@ -75,6 +76,8 @@ def main() -> None:
                 handle.write(str(exc))
         if args.mode == "mismatch":
             _train_run(args, rank, lr=2e-2 if rank == 1 else 1e-2)  # joins the existing group
+            _record_error(args, rank, "scope", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
+                                                                   loss_scope="local" if rank == 1 else "global"))
         dist.destroy_process_group()
         return
     if args.mode == "resume_mismatch":
@@ -109,6 +112,17 @@ def main() -> None:
             message = str(exc)
         with open(os.path.join(args.out, f"rank{rank}-weights.err"), "w") as handle:
             handle.write(message)
+        # A state as one process writes it, beside the run's own (so that it continues that run).
+        one_process = os.path.join(args.out, "run", "checkpoints", "state-one-process.pt")
+        if rank == 0:
+            state = training.load_state(latest)
+            state["world_size"], state["rng"] = 1, state["rng"][:1]
+            torch.save(state, one_process)
+        dist.barrier()
+        _record_error(args, rank, "world", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
+                                                               resume=one_process))
+        _record_error(args, rank, "scope", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True, resume="auto",
+                                                               loss_scope="local"))
         dist.destroy_process_group()
         return
     if args.mode == "resume_exact":

@@ -150,7 +150,13 @@ def test_both_loss_type_spellings_load(tiny, tmp_path, loss_type):
 
 
 def _corrupt(tiny, tmp_path, edit):
+    """A file of weights other than ``tiny``'s, then edited. Other weights: a failed load must leave
+    the model unchanged, and a load that copied some entries before refusing a later one would go
+    unseen if they held the values the model already has."""
     model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.add_(1.0)  # logit_scale stays positive
     path = tmp_path / "bad.pt"
     model.save_reference_checkpoint(path)
     blob = _load(path)
@@ -179,9 +185,10 @@ def test_missing_and_foreign_keys_are_named(tiny, tmp_path):
     path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"].update(layer_99={}))
     with pytest.raises(CheckpointError, match=r"layer_99"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
-    path = _corrupt(tiny, tmp_path, lambda blob: blob["metadata"].update(r=8))
-    with pytest.raises(CheckpointError, match=r"metadata\['r'\] is 8"):
-        copy.deepcopy(tiny).load_reference_checkpoint(path)
+    for key, value, want in (("r", 8, 4), ("topk", 3, 5), ("position", "last", "all")):
+        path = _corrupt(tiny, tmp_path, lambda blob: blob["metadata"].update({key: value}))
+        with pytest.raises(CheckpointError, match=rf"metadata\['{key}'\] is {value!r}, this model needs {want!r}"):
+            copy.deepcopy(tiny).load_reference_checkpoint(path)
     path = _corrupt(tiny, tmp_path, lambda blob: blob["metadata"].update(loss_type="clip_loss"))
     with pytest.raises(CheckpointError, match="loss_type"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
@@ -222,15 +229,24 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
      lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=torch.full((4, 64), 1e300, dtype=torch.float64))),
     (r"weights\['logit_scale'\] is -5\.0; expected a positive multiplier",
      lambda blob: blob["weights"].update(logit_scale=torch.tensor(-5.0))),
+    (r"weights\['logit_scale'\] is 0\.0; expected a positive multiplier",
+     lambda blob: blob["weights"].update(logit_scale=torch.tensor(0.0))),
+    # positive in the file's float64, 0 in the model's float32
+    (r"weights\['logit_scale'\] is 1e-50 \(0\.0 in float32\); expected a positive multiplier",
+     lambda blob: blob["weights"].update(logit_scale=torch.tensor(1e-50, dtype=torch.float64))),
+    (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a floating-point tensor, found torch\.int64",
+     lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=torch.ones(4, 64, dtype=torch.int64))),
     (r"weights: unexpected key 7 \(this model's entries are",
      lambda blob: blob["weights"].update({7: torch.zeros(2)})),
     (r"metadata\['params'\] is 'qkv', this model adapts \['q', 'k', 'v'\]",
      lambda blob: blob["metadata"].update(params="qkv")),
 ])
 def test_corrupt_values_and_keys_are_refused_naming_them(tiny, tmp_path, where, edit):
-    """A NaN or infinite weight (training never writes one), a multiplier <= 0 (it would invert
-    every ranking), a key that is no string, params given as a string: one CheckpointError each,
-    naming the entry, and the model unchanged."""
+    """A NaN or infinite weight (training never writes one), a multiplier <= 0 as the model would hold
+    it (a negative one inverts every ranking, 0 ties them all), an integer tensor, a key that is no
+    string, params given as a string: one CheckpointError each, naming the entry, and the model
+    unchanged (the multiplier and the adapters are checked after the LoRA layers: nothing is copied
+    before the last check)."""
     model = copy.deepcopy(tiny)
     before = {n: p.detach().clone() for n, p in model.named_trainable_parameters()}
     path = _corrupt(tiny, tmp_path, edit)

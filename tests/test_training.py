@@ -33,6 +33,7 @@ from ace_model.training import (
 from _corrupt import flip_a_bit_in_a_stored_tensor
 from _train_standin import (
     RandomPairs,
+    StandInModel,
     assert_no_zero_gradient,
     dense_label_infonce,
     make_batch,
@@ -230,7 +231,51 @@ def _config(tmp_path, **overrides):
     return TrainConfig(**base)
 
 
-def test_train_loop_writes_metrics_and_checkpoints(tmp_path):
+class _NormRecordingAdamW(torch.optim.AdamW):
+    """AdamW that records, before each step, the norm of every gradient it is given to apply."""
+
+    norms: list = []
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.norms.append(math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)))
+        return super().step(closure)
+
+
+class _NoReferenceWriter(StandInModel):
+    """A caller's model with no ``save_reference_checkpoint``: states only."""
+
+    def __getattribute__(self, name):
+        if name == "save_reference_checkpoint":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_a_model_without_a_reference_writer_trains_and_resumes_on_its_states(tmp_path):
+    """train() documents the model's save_reference_checkpoint as optional: such a run writes its
+    states, a ``latest`` whose reference is null (never a name of a file not written) and no
+    ace_lora.pt; it once trained to the end and then failed on the final ace_lora.pt write."""
+    torch.manual_seed(3)
+    model = _NoReferenceWriter()
+    data = RandomPairs(model, 8, seed=1)
+    config = _config(tmp_path, epochs=1, batch_size=4, checkpoint_every=1, warmup_epochs=0)
+    result = train(config, model=model, dataset=data, loss_fn=dense_label_infonce)
+    assert result["steps"] == 2 and result["reference"] is None and result["state"] is not None
+    run = tmp_path / "run"
+    assert not (run / "ace_lora.pt").exists()
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith("ace_lora-")]
+    latest = json.loads((run / "checkpoints" / "latest").read_text())
+    assert latest["step"] == 2 and latest["reference"] is None and latest["state"] == "state-00000002.pt"
+    # Resumed with nothing left to train (the path of a run killed before its final write).
+    again = train(_config(tmp_path, epochs=1, batch_size=4, checkpoint_every=1, warmup_epochs=0, resume=str(run)),
+                  model=model, dataset=data, loss_fn=dense_label_infonce)
+    assert again["steps"] == 2 and again["reference"] is None and again["resumed_from"] is not None
+    assert not (run / "ace_lora.pt").exists()
+
+
+def test_train_loop_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setattr(_NormRecordingAdamW, "norms", [])
+    monkeypatch.setattr(torch.optim, "AdamW", _NormRecordingAdamW)
     model = make_model("standin", seed=3)
     data = RandomPairs(model, 18, seed=1)  # 4 steps per epoch, two samples dropped each epoch
     config = _config(tmp_path)
@@ -240,6 +285,8 @@ def test_train_loop_writes_metrics_and_checkpoints(tmp_path):
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == list(range(1, 13))
     assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
+    # The logged gradient norm is that of every gradient the optimizer applies (each trainable's, logit_scale's too).
+    assert [r["grad_norm"] for r in records] == pytest.approx(_NormRecordingAdamW.norms, rel=1e-6)
     # lr of step k (1-based) is lr * factor(k - 1): warm-up over the first epoch, then cosine.
     for r in records:
         assert math.isclose(r["lr"], 1e-2 * cosine_with_warmup(r["step"] - 1, 4, 12), rel_tol=1e-9)
@@ -288,6 +335,32 @@ def test_train_data_order_is_a_seeded_permutation_per_epoch(tmp_path):
     assert again.seen == data.seen  # the order comes from the seed alone
 
 
+class _AugmentingPairs(RandomPairs):
+    """RandomPairs drawing one random number per item (as an augmentation would), logged to a file:
+    in a loader worker, the draw happens in another process."""
+
+    def __init__(self, *a, log, **k):
+        super().__init__(*a, **k)
+        self.log = str(log)
+
+    def __getitem__(self, i):
+        with open(self.log, "a") as handle:
+            handle.write(f"{torch.rand(1).item()!r}\n")
+        return super().__getitem__(i)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="loader workers started by fork")
+def test_loader_workers_draw_new_augmentations_each_epoch(tmp_path):
+    """Each epoch's loader seeds its workers from the run's seed, the epoch and the rank: the
+    workers of the next epoch draw other numbers, not the first epoch's again."""
+    log = tmp_path / "draws.txt"
+    model = make_model("standin")
+    train(_config(tmp_path, epochs=2, batch_size=4, num_workers=1, checkpoint_every=0), model=model,
+          dataset=_AugmentingPairs(model, 8, seed=0, log=log), loss_fn=dense_label_infonce)
+    draws = log.read_text().split()
+    assert len(draws) == 16 and len(set(draws)) == 16
+
+
 def test_train_chunked_equals_unchunked_without_dropout(tmp_path):
     losses = []
     for chunk in (None, 3):
@@ -301,7 +374,10 @@ def test_train_chunked_equals_unchunked_without_dropout(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("poisoned", ["loss", "gradient norm"])
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, poisoned):
+    """A NaN loss, or a finite loss with a NaN gradient, stops the run before the optimizer step
+    would spread it into the weights: no metrics line for that step, the last state kept."""
     model = make_model("standin")
     data = RandomPairs(model, 16, seed=1)
     calls = {"n": 0}
@@ -309,10 +385,15 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     def poisoned_loss(u, t, s, labels):
         calls["n"] += 1
         loss = dense_label_infonce(u, t, s, labels)
-        return loss * float("nan") if calls["n"] == 7 else loss
+        if calls["n"] != 7:
+            return loss
+        if poisoned == "loss":
+            return loss * float("nan")
+        # Adds 0, but the branch where() leaves out has a NaN derivative: 0 * NaN reaches s.grad.
+        return loss + torch.where(torch.tensor(True), 0.0 * s, torch.sqrt(s - 100.0))
 
     config = _config(tmp_path, checkpoint_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"step 7.*state-00000006\.pt"):
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite {poisoned} at step 7 .*state-00000006\.pt"):
         train(config, model=model, dataset=data, loss_fn=poisoned_loss)
     ckpt = tmp_path / "run" / "checkpoints"
     assert json.loads((ckpt / "latest").read_text())["step"] == 6
@@ -483,8 +564,11 @@ def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
+    # The next holder replaces the dead one's line, even a longer one (a longer host name).
+    (out / training.LOCK_NAME).write_text(f"pid {holder.pid} on {'a-much-longer-host-name.' * 4}, since 2020\n")
     result = train(_config(tmp_path, epochs=1), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
     assert result["steps"] == 2
+    assert re.fullmatch(rf"pid {os.getpid()} on [^\n]+, since [^\n]+\n", (out / training.LOCK_NAME).read_text())
     with training._lock_out_dir(out):  # the run let go of it when it ended
         pass
 
@@ -544,7 +628,9 @@ def test_a_run_that_appears_in_out_dir_during_set_up_is_not_overwritten(tmp_path
 
 def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
     """A state whose weights (or optimizer moments) hold NaN or infinity is refused on resume:
-    with no step left to train, its weights went to ace_lora.pt over the good ones (exit 0)."""
+    with no step left to train, its weights went to ace_lora.pt over the good ones (exit 0). So is
+    a weight of another shape (copy_ would broadcast a [1, n] row over an [m, n] parameter) and a
+    negative step count (as a negative second moment, AdamW never writes one)."""
     model = make_model("standin")
     data = RandomPairs(model, 8, seed=1)
     train(_config(tmp_path, epochs=1, checkpoint_every=1), model=model, dataset=data, loss_fn=dense_label_infonce)
@@ -553,6 +639,8 @@ def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
     path = tmp_path / "run" / "checkpoints" / "state-00000002.pt"
     good_state = path.read_bytes()
     name = next(iter(load_state(path)["trainable"]))
+    matrix, weight = next((n, v) for n, v in load_state(path)["trainable"].items() if v.dim() == 2)
+    rows, columns = weight.shape
     corruptions = {
         "nan": (lambda s: s["trainable"][name].view(-1).__setitem__(0, float("nan")),
                 rf"the state's weights hold NaN or infinity \({re.escape(name)}\)"),
@@ -564,6 +652,10 @@ def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
         # finite, but AdamW's sqrt of it is NaN at the first step (a flipped sign bit)
         "negative moment": (lambda s: s["optimizer"]["state"][0]["exp_avg_sq"].view(-1)[:1].fill_(-1e-8),
                             rf"the optimizer's 'exp_avg_sq' of {re.escape(name)} holds a negative value"),
+        "negative step": (lambda s: s["optimizer"]["state"][0]["step"].neg_(),
+                          rf"the optimizer's 'step' of {re.escape(name)} holds a negative value"),
+        "shape": (lambda s: s["trainable"].__setitem__(matrix, s["trainable"][matrix][:1].clone()),
+                  rf"'{re.escape(matrix)}' expected a tensor of shape \[{rows}, {columns}\], found \[1, {columns}\]"),
     }
     for corrupt, pattern in corruptions.values():
         path.write_bytes(good_state)
@@ -596,6 +688,10 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(ValueError, match=r": TrainConfig\.lr was 0\.01 in the saved run, now 0\.005; resuming would "
                                          r"not continue the same run$"):
         train(_config(tmp_path, epochs=1, lr=5e-3, resume="auto"), model=make_model("standin"), dataset=data,
+              loss_fn=dense_label_infonce)
+    # max_steps sets the cosine's length: another one is another schedule.
+    with pytest.raises(ValueError, match=r": TrainConfig\.max_steps was None in the saved run, now 1; "):
+        train(_config(tmp_path, epochs=1, max_steps=1, resume="auto"), model=make_model("standin"), dataset=data,
               loss_fn=dense_label_infonce)
     with pytest.raises(FileNotFoundError, match=r"^TrainConfig\.resume: '.*missing\.pt' does not exist$"):
         train(_config(tmp_path, resume=str(tmp_path / "missing.pt")), model=make_model("standin"), dataset=data,
@@ -676,12 +772,14 @@ def test_resume_refuses_a_dataset_with_other_content(tmp_path):
 
 
 def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
-    """A state written before dataset_length/steps_per_epoch/checkpoint_steps existed."""
+    """A state written before dataset_length/steps_per_epoch/checkpoint_steps existed. The state
+    files up to its step count as its run's checkpoints, itself included: pruned as any other
+    once keep_checkpoints newer ones exist."""
     import shutil
 
-    def run(out_dir, resume=None):
+    def run(out_dir, resume=None, **overrides):
         model = make_model("standin", seed=3)
-        result = train(_config(tmp_path, out_dir=str(out_dir), resume=resume), model=model,
+        result = train(_config(tmp_path, out_dir=str(out_dir), resume=resume, **overrides), model=model,
                        dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
         return read_metrics(result["metrics"])
 
@@ -689,12 +787,13 @@ def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     old = tmp_path / "b" / "checkpoints" / "state-00000008.pt"
     state = load_state(old)
-    for key in ("dataset_length", "steps_per_epoch", "checkpoint_steps"):
+    for key in ("dataset_length", "steps_per_epoch", "checkpoint_steps", "pruned_steps"):
         del state[key]
     state["version"] = 1
     torch.save(state, old)
-    resumed = run(tmp_path / "b", resume=str(old))
+    resumed = run(tmp_path / "b", resume=str(old), keep_checkpoints=1)
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("state-*")) == ["state-00000012.pt"]
 
 
 def test_corrupt_or_foreign_state_files_are_named(tmp_path):
@@ -789,6 +888,13 @@ def test_pruning_keeps_this_runs_newest_checkpoints_not_an_abandoned_runs(tmp_pa
     for step, every in ((6, 3), (8, 4), (9, 3), (12, 4)):
         assert load_state(ckpt / f"state-{step:08d}.pt")["config"]["checkpoint_every"] == every, step
     assert load_state(ckpt / "state-00000012.pt")["checkpoint_steps"] == [8, 12]
+    # Resumed into a new directory, a run owns nothing there yet: a state file another run left in
+    # its checkpoints/ (numbered as one of the resumed state's own) is never pruned.
+    stray = tmp_path / "new" / "checkpoints" / "state-00000003.pt"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes((ckpt / "state-00000006.pt").read_bytes())
+    run(checkpoint_every=3, keep_checkpoints=1, resume=str(ckpt / "state-00000006.pt"), out_dir=str(tmp_path / "new"))
+    assert sorted(p.name for p in stray.parent.glob("state-*")) == ["state-00000003.pt", "state-00000012.pt"]
 
 
 def test_a_fractional_warmup_rounds_to_the_nearest_step(tmp_path):
@@ -860,7 +966,8 @@ def test_a_resume_deletes_what_a_crash_left_between_latest_and_pruning(tmp_path,
 
 def test_a_state_is_written_after_its_steps_metrics_reach_the_disk(tmp_path, monkeypatch):
     """A resumed run skips the steps up to its state: their metric lines must be on the disk
-    (flushed and fsynced) before the state is, or a crash could lose them for good."""
+    (flushed and fsynced) before the state is, or a crash could lose them for good. A run that
+    stops between checkpoints fsyncs the lines it wrote since the last one before it ends."""
     real_save, real_fsync = training.atomic_torch_save, os.fsync
     synced, seen = [], []
 
@@ -881,6 +988,12 @@ def test_a_state_is_written_after_its_steps_metrics_reach_the_disk(tmp_path, mon
     train(_config(tmp_path, epochs=1, checkpoint_every=2, warmup_epochs=0), model=model,
           dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
     assert seen == [(2, 2, True), (4, 4, True)]
+    synced.clear()
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(_config(tmp_path, epochs=1, checkpoint_every=2, warmup_epochs=0, out_dir=str(tmp_path / "failed")),
+              model=make_model("standin", seed=3), dataset=RandomPairs(model, 16, seed=1), loss_fn=_failing_at(4))
+    assert [step for step, _, _ in seen[2:]] == [2]  # its state of step 2; step 3's line came after it
+    assert os.path.realpath(tmp_path / "failed" / "metrics.jsonl") in synced
 
 
 def test_a_crash_while_latest_is_written_leaves_the_previous_state_resumable(tmp_path, monkeypatch):
@@ -903,6 +1016,9 @@ def test_a_crash_while_latest_is_written_leaves_the_previous_state_resumable(tmp
               dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
     monkeypatch.setattr(training, "atomic_write_text", real_write)
     assert training.resolve_resume("auto", tmp_path / "run").name == "state-00000003.pt"
+    # As do the run directory and its checkpoints/ named as the state to resume (each finds its latest).
+    for where in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        assert training.resolve_resume(str(where), tmp_path / "elsewhere").name == "state-00000003.pt", where
     model = make_model("standin", seed=3)
     result = train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1, resume="auto"), model=model,
                    dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
@@ -1050,6 +1166,9 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_unless_overwrite(tmp_path):
         train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3, overwrite=True),
               model=make_model("standin", seed=3), dataset=data, loss_fn=_failing_at(2))
     assert not (run / "ace_lora.pt").exists() and not any((run / "checkpoints").iterdir())
+    # Its start line began a line of its own (the torn one was ended first): its step 1 reads back
+    # as the run last started, not as a step of the replaced run.
+    assert [r["step"] for r in read_metrics(first["metrics"])] == [1]
     second = train(_config(tmp_path, checkpoint_every=0, max_steps=3, lr=1e-3),
                    model=make_model("standin", seed=3), dataset=data, loss_fn=dense_label_infonce)
     records = read_metrics(second["metrics"])
@@ -1662,6 +1781,43 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=rf"No space left on device: '{re.escape(str(target))}'"):
         atomic_write_text(target, "after\n")
     assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+@pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path"])
+def test_an_atomic_write_fsyncs_the_whole_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch,
+                                                                                         writer):
+    """A power loss after the rename must find the new content under the name: the temp file is
+    fsynced holding all of it (the buffered writer flushed first; a writer that takes a path has
+    its file opened again to fsync it), then renamed, then the directory is fsynced so that the
+    rename lasts too."""
+    import stat
+
+    from ace_model import _atomic
+
+    target, text = tmp_path / "latest", '{"step": 4, "state": "state-00000004.pt"}\n'
+    write = {"atomic_write_text": lambda: _atomic.atomic_write_text(target, text),
+             "atomic_write_to_path": lambda: _atomic.atomic_write_to_path(target, lambda path: Path(path).write_text(
+                 text))}[writer]
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", info.st_ino, "directory" if stat.S_ISDIR(info.st_mode) else info.st_size))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", os.stat(src).st_ino, os.fspath(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write()
+    monkeypatch.undo()
+    written = os.stat(target).st_ino
+    assert events == [("fsync", written, len(text)), ("replace", written, str(target)),
+                      ("fsync", os.stat(tmp_path).st_ino, "directory")]
+    assert target.read_text() == text
 
 
 def test_a_state_written_before_a_field_existed_resumes_at_its_default(tmp_path):

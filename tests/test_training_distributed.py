@@ -204,10 +204,12 @@ def test_a_resumed_two_rank_run_continues_every_ranks_dropout_stream(tmp_path):
 
 
 def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
-    """One launch: first a step with unequal local batches, then train() with a different lr on rank 1."""
+    """One launch: first a step with unequal local batches, then train() with a different lr on rank 1,
+    then with a different loss scope (each rank would take its own, so it must agree too)."""
     _launch("mismatch", 2, tmp_path)
     for rank in range(2):
-        for what, pattern in (("batch", "local batch size"), ("config", "'lr' differs (rank 0: 0.01, rank 1: 0.02")):
+        for what, pattern in (("batch", "local batch size"), ("config", "'lr' differs (rank 0: 0.01, rank 1: 0.02"),
+                              ("scope", "'loss_scope' differs (rank 0: 'global', rank 1: 'local'")):
             message = (tmp_path / f"rank{rank}-{what}.err").read_text()
             assert "ranks disagree" in message and pattern in message, message
 
@@ -216,7 +218,9 @@ def test_resume_and_setup_disagreements_fail_on_every_rank(tmp_path):
     """One launch: a short run writes checkpoints; then rank 0 resumes it while rank 1 starts
     afresh (a node without the shared directory); then rank 1 alone fails a check (its batch
     size does not divide over the ranks), and rank 0 must not wait for it; then both resume at
-    the same step from states whose weights differ (each rank loads its own)."""
+    the same step from states whose weights differ (each rank loads its own); then both resume a
+    state written by one process, and then the run's own state with the other loss scope (one
+    process may change it, several may not): refused on every rank, saying why."""
     _launch("resume_mismatch", 2, tmp_path)
     for rank in range(2):
         message = (tmp_path / f"rank{rank}-resume.err").read_text()
@@ -226,6 +230,13 @@ def test_resume_and_setup_disagreements_fail_on_every_rank(tmp_path):
     for rank in range(2):
         message = (tmp_path / f"rank{rank}-weights.err").read_text()
         assert "ranks disagree on the point the run resumes from: field 'trainable weights'" in message, message
+        message = (tmp_path / f"rank{rank}-world.err").read_text()
+        assert message.startswith("TrainingStateError: resume from ") and message.endswith(
+            "state-one-process.pt: the state was written by 1 processes, this run has 2"), message
+        message = (tmp_path / f"rank{rank}-scope.err").read_text()
+        assert message.startswith("TrainingStateError: resume from ") and message.endswith(
+            ": TrainConfig.loss_scope was 'global' in the saved run, now 'local'; resuming would not continue the "
+            "same run"), message
 
 
 def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
@@ -265,16 +276,22 @@ def _two_simulated_ranks(monkeypatch, all_gather, other_text: str | None = None)
             slice(None), [obj, other_text]))
 
 
-def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch):
-    """Two simulated ranks whose field lists differ (two code versions): a clear error from the
-    first, fixed-size exchange, before any exchange whose size would differ."""
+@pytest.mark.parametrize("differs", ["count", "names"])
+def test_check_ranks_agree_with_different_fields_fails_clearly(monkeypatch, differs):
+    """Two simulated ranks whose field lists differ (two code versions), in number or, as many,
+    in their names: a clear error from the first, fixed-size exchange, before any exchange whose
+    size would differ or whose columns would compare one field's value with another's."""
     calls = []
 
     def all_gather(tensors, tensor, group=None):
         calls.append(tensor.numel())
         tensors[0].copy_(tensor)
         other = tensor.clone()
-        other[0] += 1  # the other rank checks one field more
+        if tensor.numel() == 3:
+            if differs == "count":
+                other[0] += 1  # the other rank checks one field more
+            else:  # as many fields, another name among them (the same values): the names' hash differs
+                other[1] += 1
         tensors[1].copy_(other)
 
     _two_simulated_ranks(monkeypatch, all_gather)
