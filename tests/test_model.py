@@ -190,6 +190,27 @@ def test_cls_attention_row_matches_dense_scores():
     k = torch.randn(3, 4, 9, 16, generator=gen, dtype=torch.float64)
     dense = (q @ k.transpose(-2, -1) / math.sqrt(16)).mean(dim=1)[:, 0, 1:]
     assert torch.allclose(cls_attention_row(q, k), dense, rtol=1e-12, atol=1e-12)
+    assert cls_attention_row(q, k).dtype == torch.float64
+
+
+def test_cls_rows_of_16_bit_q_and_k_are_float32_under_autocast_too():
+    """The rows feed the hypergraph's top-k: from bf16 q and k (as under autocast) they are the
+    float32 rows of those values, not bf16-rounded ones, and gradients reach q and k in bf16."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 4, 33, 16, generator=gen).bfloat16().requires_grad_()
+    k = torch.randn(5, 4, 33, 16, generator=gen).bfloat16().requires_grad_()
+    dense = (q.double() @ k.double().transpose(-2, -1) / math.sqrt(16)).mean(dim=1)[:, 0, 1:]
+    keep = torch.ones(5, 1, 1, 33, dtype=torch.bool)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            row = cls_attention_row(q, k)
+            probs = cls_probability_row(q, k, keep)
+        assert row.dtype == torch.float32 and probs.dtype == torch.float32
+        # float32 sums of exact bf16 products: far closer than bf16's 2**-8 relative spacing
+        torch.testing.assert_close(row.double(), dense, rtol=1e-5, atol=1e-5)
+        (row.sum() + probs.sum()).backward()
+        assert q.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
+        q.grad = k.grad = None
 
 
 def test_reference_code_text_attention_is_the_published_codes(tiny_model):
