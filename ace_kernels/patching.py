@@ -75,7 +75,7 @@ extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
 dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
 ``B A`` into the weight) or extra arguments. ``apply_ace_hgat``: autocast on,
 fewer than ``topk + 2`` tokens, hooks or instance-replaced forwards on the
-adapters, an adapter (or its activation) replaced after patching by one that is
+adapters, global module hooks, an adapter (or its activation) replaced after patching by one that is
 not ``up(leaky_relu(down(z), 0.2))``. States that hold at patch time are listed in
 the summary; :meth:`PatchHandle.stats` counts fused and fallback calls by
 reason.
@@ -92,7 +92,8 @@ patch time too): the reference ``LinearLoRA`` forward (dropout off, random
 ``A`` and ``B``) and each ``apply_ace_hgat`` encoder (against
 ``ace_hypergraph``'s torch backend); each adapter (once per adapter object,
 again when its class, layers or activation object change; a flag its forward
-reads is not re-read); the reference losses' ``forward`` (the plain loss on
+reads is not re-read; a check made while global module hooks are registered is
+not kept); the reference losses' ``forward`` (the plain loss on
 random embeddings; the ACE loss with a stand-in CLIP model, in each
 ``apply_gnn_encoders`` mode; both without and with a frame of repeated labels,
 against the fused forward); a reference loss whose ``forward`` comes from another
@@ -1044,15 +1045,27 @@ def _adapter_reason(adapter) -> str | None:
     reason = _adapter_structure_reason(adapter)
     if reason:
         return reason
-    down, up = adapter.down, adapter.up
-    # The attributes cannot show a residual or another activation in forward: probe it once
-    # (a private generator, so the caller's random stream is untouched).
+    # The attributes cannot show a residual or another activation in forward: probe it once, on
+    # a CPU copy (:func:`_probe_copy`) whose layers have no hooks, so the user's hooks on down, up
+    # or act neither fire here nor decide the result (a private generator, so the caller's random
+    # stream is untouched). A forward set on the instance (a wrapper, a lambda over the adapter's
+    # own layers) would still run on the adapter, not the copy: it is probed on the adapter, in its
+    # dtype (every call falls back while it is there; such a check is not kept).
+    if _forward_replaced(adapter):
+        copied = adapter
+    else:
+        try:
+            copied = _probe_copy(adapter)
+        except Exception as exc:
+            return f"adapter forward could not be checked on a copy ({type(exc).__name__}: {exc})"
+    down, up = copied.down, copied.up
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(3, down.in_features, generator=generator).to(down.weight)
     with torch.no_grad():
         expected = F.linear(F.leaky_relu(F.linear(probe, down.weight, down.bias), 0.2), up.weight, up.bias)
         try:
-            got = adapter.forward(probe)  # not through __call__: the adapter's own hooks do not run
+            with torch.random.fork_rng(devices=[]):
+                got = copied.forward(probe)  # not through __call__: the adapter's own hooks do not run
         except Exception as exc:  # e.g. a forward that takes more arguments: not this adapter
             return f"adapter forward fails on a [3, {down.in_features}] probe ({type(exc).__name__})"
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape \
@@ -1138,6 +1151,11 @@ def _adapter_reason_now(adapter) -> str | None:
             # The probe synchronises, which a CUDA graph capture forbids: this call falls back.
             return "adapter not checked yet (changed after patching; a CUDA graph is being captured)"
         cached = (parts, _adapter_reason(adapter))  # the parts themselves: no id can be reused under us
+        if _global_hooks_set() or _forward_replaced(adapter):
+            # Global module hooks fire for the copy's layers in the probe, and a forward set on the
+            # instance runs the adapter's own layers with their hooks: either may have changed the
+            # result, which is not kept (the next check, a call or a new patch, probes again).
+            return cached[1]
         _ADAPTER_CHECKS[adapter] = cached
     return cached[1]
 
@@ -1159,6 +1177,9 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
                                                 getattr(a, "act", None)) if isinstance(m, nn.Module)]
     if any(_has_call_hooks(m) for m in parts):
         return "hooks on the adapters"
+    if _global_hooks_set():
+        # Global module hooks would fire for the adapters and their layers, which the fused call skips.
+        return "global module hooks registered"
     if any(_forward_replaced(m) for m in parts):
         return "a forward replaced on the instance in the adapters"
     return _adapter_reason_now(edge) or _adapter_reason_now(node)
@@ -1307,6 +1328,9 @@ def _reference_clip_loss_forward(module, handle, original, image_features, text_
 
     if not (isinstance(image_features, torch.Tensor) and image_features.dim() == 2):
         handle._count("fallback reference-clip-loss: features are not [B, D]")
+        return original(image_features, text_features, merged_df, indices)
+    if _functorch_transform_active():
+        handle._count("fallback reference-clip-loss: a torch.func transform is active")
         return original(image_features, text_features, merged_df, indices)
     labels = _labels_from_frame(merged_df, indices, image_features.device) if merged_df is not None else None
     handle._count("label_guided_infonce")

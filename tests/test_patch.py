@@ -271,7 +271,7 @@ def test_peft_grouped_qkv_compiles_as_one_graph():
 
 
 def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
-    """Members that differ at patch time in bias or rank never group: the records say lora_linear
+    """Members that differ at patch time in bias, rank or dropout p never group: the records say lora_linear
     and why, as the calls then run (they said lora_qkv and fell back on every call)."""
 
     class Attn(nn.Module):  # Whisper/BART style: k_proj has no bias
@@ -286,14 +286,16 @@ def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attn, self.attn2 = Attn(k_bias=False), Attn(k_bias=True)
+            self.attn, self.attn2, self.attn3 = Attn(k_bias=False), Attn(k_bias=True), Attn(k_bias=True)
 
         def forward(self, x):
-            return self.attn(x) + self.attn2(x)
+            return self.attn(x) + self.attn2(x) + self.attn3(x)
 
     torch.manual_seed(0)
     model = _randomise_lora(get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=[
         "q_proj", "k_proj", "v_proj"], rank_pattern={"attn2.v_proj": 2})).double())
+    # attn3: v's dropout p differs (in eval: no mask drawn, but one fused call takes one p).
+    model.base_model.model.attn3.v_proj.lora_dropout["default"] = nn.Dropout(0.3).eval()
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     run = lambda m, a: m(a)  # noqa: E731
     before = _forward_backward(model, run, (x,))
@@ -301,9 +303,10 @@ def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
         routes = {r.name.rsplit(".", 2)[-2]: r.reason for r in handle.patched}
         assert routes["attn"].endswith("(q/k/v not grouped: some members have a bias and some do not)")
         assert routes["attn2"].endswith("(q/k/v not grouped: members differ in rank, scaling or dropout)")
-        assert all(r.reason.startswith("-> lora_linear") for r in handle.patched) and len(handle.patched) == 6
+        assert routes["attn3"].endswith("(q/k/v not grouped: members differ in rank, scaling or dropout)")
+        assert all(r.reason.startswith("-> lora_linear") for r in handle.patched) and len(handle.patched) == 9
         after = _forward_backward(model, run, (x,))
-        assert handle.stats() == {"lora_linear": 6}
+        assert handle.stats() == {"lora_linear": 9}
     _assert_same(before, after)
 
 
@@ -467,6 +470,94 @@ def test_a_sub_layer_with_a_replaced_forward_falls_back(part):
         assert any("forward replaced on the base or LoRA sub-layers" in key for key in handle.stats())
 
 
+def _peft_single(**config):
+    torch.manual_seed(0)
+    return _randomise_lora(get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(
+        r=2, target_modules=["0"], **config)).double()).train()
+
+
+def _reference_single(dropout_rate):
+    torch.manual_seed(0)
+    return _randomise_lora(ReferenceLoRALinear(8, 8, r=2, dropout_rate=dropout_rate).double()).train()
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _global_linear_hook():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    return register_module_forward_hook(lambda module, args, out: out * 1.5 if isinstance(module, nn.Linear) else None)
+
+
+def _set_peft_dropout(dropout):
+    def change(model):
+        model.base_model.model[0].lora_dropout["default"] = dropout
+    return change
+
+
+def _hook_reference_dropout(layer):
+    layer.dropout.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+
+
+# name: (build, change after building, input dtype, a context around both calls, what the handle shows)
+_PER_CALL_CASES = {
+    "peft-global-module-hook": (_peft_single, None, torch.float64, _global_linear_hook, "global module hooks"),
+    "peft-AlphaDropout": (_peft_single, _set_peft_dropout(nn.AlphaDropout(0.5)), torch.float64, None,
+                          "dropout is AlphaDropout"),
+    "peft-lora_bias": (lambda: _peft_single(lora_bias=True), None, torch.float64, None, "lora_bias=True"),
+    "peft-nn.Linear-subclass": (lambda: _randomise_lora(get_peft_model(nn.Sequential(_DoubledLinear(8, 8)), LoraConfig(
+        r=2, target_modules=["0"])).double()), None, torch.float64, None, "base layer is _DoubledLinear"),
+    "peft-dropout-in-eval": (lambda: _peft_single(lora_dropout=0.5),
+                             lambda m: m.base_model.model[0].lora_dropout["default"].eval(), torch.float64, None,
+                             "lora_linear"),
+    "peft-dropout-p=1": (_peft_single, _set_peft_dropout(nn.Dropout(1.0)), torch.float64, None, "dropout p = 1"),
+    "peft-float32-input": (_peft_single, None, torch.float32, None, "input dtype torch.float32 differs"),
+    "reference-hooked-dropout": (lambda: _reference_single(0.1), _hook_reference_dropout, torch.float64, None,
+                                 "hooks (or a replaced forward)"),
+    "reference-dropout-in-eval": (lambda: _reference_single(0.5), lambda m: m.dropout.eval(), torch.float64, None,
+                                  "lora_linear"),
+}
+
+
+@pytest.mark.parametrize("case", list(_PER_CALL_CASES))
+def test_per_call_states_the_fused_path_does_not_take_run_as_unpatched(case):
+    """A LoRA layer in a state the fused call would compute otherwise (a global module hook, a
+    dropout type or a LoRA bias it does not apply, a base nn.Linear subclass, p = 1, an input
+    dtype F.linear refuses, a hook on the reference's dropout) runs its original forward; a
+    dropout put in eval on its own is applied as the layer's call applies it (no mask, though
+    the layer trains). Patched and unpatched give the same result (or the same error), from the
+    same random state."""
+    build, change, dtype, context, shown = _PER_CALL_CASES[case]
+    model = build()
+    if change is not None:
+        change(model)
+    x = torch.randn(3, 8, dtype=dtype)
+
+    def call():
+        torch.manual_seed(3)
+        hook = context() if context is not None else None
+        try:
+            return model(x)
+        except RuntimeError as exc:
+            return exc
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    want = call()
+    with ace_kernels.patch(model) as handle:
+        got = call()
+        shows = list(handle.stats()) + [r.reason for r in handle.records]
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want), got
+    else:
+        torch.testing.assert_close(got, want, **FP64_TOL)
+    assert any(shown in entry for entry in shows), shows
+
+
 def test_a_patch_that_fails_midway_leaves_nothing_patched(monkeypatch):
     # A recogniser that raises after others have installed: patch() undoes what it did before
     # raising, so no module is left with a replaced forward and no handle to undo it.
@@ -493,39 +584,38 @@ def test_a_patch_that_fails_midway_leaves_nothing_patched(monkeypatch):
 
 
 def test_peft_hooks_and_autocast():
+    """Hooks on a q/k/v member, run by BERT's own attention forward (where the members group):
+    a pre-hook on key that changes its input must not get the output kept for the original
+    input, and one that leaves the input alone but changes key's own state (as weight_norm's
+    recomputation does) must have key computed with that state, not handed the output query's
+    fused call computed before the hook ran."""
     model = _bert().eval()
-    attention = model.base_model.model.encoder.layer[0].attention.self
-    x = torch.randn(2, 5, 32, dtype=torch.float64)
-    # A pre-hook on key changes its input: the group must not hand key the output for x.
-    hook = attention.key.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
-    expected_k = attention.key(x)
-    with ace_kernels.patch(model) as handle:
-        attention.query(x)
-        torch.testing.assert_close(attention.key(x), expected_k, **FP64_TOL)
-        assert "qkv cached" not in handle.stats()
-    hook.remove()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
+    keys = [layer.attention.self.key for layer in model.base_model.model.encoder.layer]
 
-    # A pre-hook that leaves the input alone but changes the member's own state (as
-    # weight_norm's recomputation does): key must run with that state, not get kept outputs.
+    hooks = [key.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,)) for key in keys]
+    expected = _run_bert(model, embeds)
+    with ace_kernels.patch(model) as handle:
+        torch.testing.assert_close(_run_bert(model, embeds), expected, **FP64_TOL)
+        assert "qkv cached" not in handle.stats(), handle.stats()
+    for hook in hooks:
+        hook.remove()
+
     def bump_lora_b(module, args):
         with torch.no_grad():
-            module.lora_B["default"].weight.add_(0.5)
+            module.lora_B["default"].weight.mul_(2.0)
 
-    hook = attention.key.register_forward_pre_hook(bump_lora_b)
+    hooks = [key.register_forward_pre_hook(bump_lora_b) for key in keys]
+    expected = _run_bert(model, embeds)  # with each key's B doubled by its hook
+    with torch.no_grad():
+        for key in keys:
+            key.lora_B["default"].weight.div_(2.0)
     with ace_kernels.patch(model) as handle:
-        attention.query(x)
-        got_k = attention.key(x)
-        assert "qkv cached" not in handle.stats()
-    hook.remove()
-    with torch.no_grad():
-        attention.key.lora_B["default"].weight.sub_(0.5)
-    expected_k = attention.key(x)
-    assert not torch.allclose(got_k, expected_k)  # the hook's change is visible ...
-    with torch.no_grad():
-        attention.key.lora_B["default"].weight.add_(0.5)
-    torch.testing.assert_close(got_k, attention.key(x), **FP64_TOL)  # ... and exactly applied
-    with torch.no_grad():
-        attention.key.lora_B["default"].weight.sub_(0.5)
+        got = _run_bert(model, embeds)  # the hooks double B again, before key computes
+        assert handle.stats()["qkv ungrouped: hooks on a member"] == 2, handle.stats()
+    torch.testing.assert_close(got, expected, **FP64_TOL)
+    for hook in hooks:
+        hook.remove()
 
     # Under CPU autocast (bf16) the fused call runs in bf16 like F.linear would.
     model32 = _bert().float().eval()
@@ -869,38 +959,133 @@ def test_cross_attention_inputs_and_call_order():
         before = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
         with ace_kernels.patch(module) as handle:
             first = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
-            second = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
             assert any(expect in key for key in handle.stats()), handle.stats()
+            handle.reset_stats()
+            second = _forward_backward(module, lambda m, a, b: m(a, b), (x, memory))
+            # Once grouping is off, Cross runs three lora_linear calls per forward (no fused
+            # call whose kept outputs the next member throws away); Reverse keeps grouping.
+            assert handle.stats() == ({"lora_linear": 3} if cls is Cross else {"lora_qkv": 1, "qkv cached": 2}), \
+                handle.stats()
         _assert_same(before, first)
         _assert_same(before, second)
-    # After grouping turned off, Cross runs three lora_linear calls per forward.
 
 
 def test_in_place_change_of_input_invalidates_kept_outputs():
+    """Inside the attention's forward (where q/k/v group), what changes between two member calls
+    must invalidate the outputs kept by the first: an in-place change of the input (its version
+    counter) and the grad mode (q under no_grad, k and v with grad: k must not get q's
+    graph-less output, or no gradient reaches k's factors)."""
+
+    class InPlace(ReferenceAttention):
+        def forward(self, x):
+            q = self.q_proj(x)
+            x.mul_(3.0)  # bumps x._version: k and v kept for the old values would be stale
+            return torch.stack([q, self.k_proj(x), self.v_proj(x)])
+
+    class StopGradient(ReferenceAttention):
+        def forward(self, x):
+            with torch.no_grad():
+                q = self.q_proj(x)
+            return q * self.k_proj(x) + self.v_proj(x)
+
     torch.manual_seed(8)
-    attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double())
+    attention = _randomise_lora(InPlace(16, 2, r=2).double()).train()
     x = torch.randn(2, 4, 16, dtype=torch.float64)
+    with torch.no_grad():  # (autograd would refuse the in-place change of a saved input)
+        want = attention(x.clone())
+        with ace_kernels.patch(attention) as handle:
+            got = attention(x.clone())
+            assert handle.stats() == {"lora_qkv": 2, "qkv cached": 1}, handle.stats()
+    torch.testing.assert_close(got, want, **FP64_TOL)
+
+    attention = _randomise_lora(StopGradient(16, 2, r=2).double()).train()
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(attention, run, (x,))
     with ace_kernels.patch(attention) as handle:
-        attention.q_proj(x)
-        x.mul_(3.0)  # bumps x._version: kept k/v would be stale
-        k = attention.k_proj(x)
-        assert "qkv cached" not in handle.stats()
-    torch.testing.assert_close(k, attention.k_proj(x), **FP64_TOL)
+        after = _forward_backward(attention, run, (x,))
+        assert handle.stats() == {"lora_qkv": 2, "qkv cached": 1}, handle.stats()
+    _assert_same(before, after)
 
 
-def test_kept_outputs_are_dropped_when_a_member_parameter_changes():
-    """Members called outside their attention's forward keep outputs until the next call: an
-    in-place parameter change in between (an optimizer step) must invalidate them."""
-    model = _bert().eval()
-    attention = model.base_model.model.encoder.layer[0].attention.self
-    x = torch.randn(2, 5, 32, dtype=torch.float64)
-    with ace_kernels.patch(model) as handle:
-        attention.query(x)
-        with torch.no_grad():
-            attention.key.lora_B["default"].weight.add_(1.0)
-        got = attention.key(x)
-        assert "qkv cached" not in handle.stats()
-    torch.testing.assert_close(got, attention.key(x), **FP64_TOL)
+def test_kept_outputs_never_outlive_the_attention_forward():
+    """Outputs kept inside one attention forward for members it did not call are dropped when it
+    returns, and when it raises (the hook runs with always_call); members called after a forward,
+    outside any, keep nothing for each other. A weight written through .data in between (no
+    version counter shows it) is then seen by the next call, in each of the three cases."""
+
+    class Partial(ReferenceAttention):
+        def forward(self, x, names=("q_proj", "k_proj", "v_proj"), fail=False):
+            outs = [getattr(self, name)(x) for name in names]
+            if fail:
+                raise RuntimeError("a check after the projections fails")
+            return outs
+
+    torch.manual_seed(9)
+    attention = _randomise_lora(Partial(16, 2, r=2).double()).train()
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+
+    def step(name):  # an optimizer-like write that bumps no version counter
+        getattr(attention, name).w_lora_B.data.add_(1.0)
+
+    def unpatched(name):
+        layer = getattr(attention, name)
+        return ReferenceLoRALinear.forward(layer, x)
+
+    with ace_kernels.patch(attention) as handle:
+        attention(x, ("q_proj", "k_proj"))  # v's output kept inside this forward only
+        step("v_proj")
+        torch.testing.assert_close(attention(x, ("v_proj",))[0], unpatched("v_proj"), **FP64_TOL)
+        with pytest.raises(RuntimeError, match="a check after"):
+            attention(x, ("q_proj",), fail=True)  # k's and v's kept, then the forward raises
+        step("k_proj")
+        torch.testing.assert_close(attention.k_proj(x), unpatched("k_proj"), **FP64_TOL)
+        attention(x)
+        attention.q_proj(x)  # after a forward, outside any: q alone
+        step("v_proj")
+        torch.testing.assert_close(attention.v_proj(x), unpatched("v_proj"), **FP64_TOL)
+        assert handle.stats()["qkv ungrouped: called outside the attention's forward"] == 3, handle.stats()
+
+
+def test_members_whose_dropout_modes_differ_are_not_grouped():
+    """q's dropout put in eval on its own while k and v train with p = 0.5: the fused q/k/v call
+    takes one mode, so the members run one by one and k and v still drop (q does not)."""
+    torch.manual_seed(10)
+    attention = _randomise_lora(ReferenceAttention(16, 2, r=2, dropout_rate=0.5).double()).train()
+    attention.q_proj.dropout.eval()
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+
+    def no_dropout(layer):
+        return F.linear(x, layer.weight, layer.bias) + layer.scaling * (x @ layer.w_lora_A.t()) @ layer.w_lora_B.t()
+
+    with ace_kernels.patch(attention) as handle:
+        q, k, v = _inside(attention, lambda a: (attention.q_proj(a), attention.k_proj(a), attention.v_proj(a)), x)
+        assert handle.stats() == {"qkv ungrouped: members differ in scaling, dropout or dtype": 3,
+                                  "lora_linear": 3}, handle.stats()
+    torch.testing.assert_close(q, no_dropout(attention.q_proj), **FP64_TOL)
+    assert not torch.allclose(k, no_dropout(attention.k_proj)) and not torch.allclose(v, no_dropout(attention.v_proj))
+
+
+def test_group_qkv_false_keeps_members_apart():
+    """patch(..., group_qkv=False), as documented for an attention that changes q in place: each
+    member is its own lora_linear layer (a grouped q would be a view autograd refuses to change
+    in place), and the step equals the unpatched one."""
+
+    class InPlace(ReferenceAttention):
+        def forward(self, x):
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q.mul_(self.scale)
+            return (q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+    torch.manual_seed(11)
+    attention = _randomise_lora(InPlace(16, 2, r=2).double()).train()
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(attention, run, (x,))
+    with ace_kernels.patch(attention, group_qkv=False) as handle:
+        assert [r.kind for r in handle.records] == ["reference-lora-linear"] * 3
+        after = _forward_backward(attention, run, (x,))
+        assert handle.stats() == {"lora_linear": 3}
+    _assert_same(before, after)
 
 
 def test_torch_func_transforms_fall_back():
@@ -919,6 +1104,35 @@ def test_torch_func_transforms_fall_back():
         assert any("torch.func transform" in key for key in handle.stats())
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], **FP64_TOL)
+
+    # Every other patched forward too (the fused ops' autograd Functions cannot run under
+    # torch.func): apply_ace_hgat, the ACE loss (w.r.t. its parameters), the reference CLIPLoss
+    # and open_clip's ClipLoss (w.r.t. the image features).
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    clip, ace_loss, images, texts, _ = _reference_setup()
+    torch.manual_seed(15)
+    features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
+    attn = torch.rand(2, 8, dtype=torch.float64)
+    image = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    ace_params = {k: v.detach() for k, v in ace_loss.named_parameters()}
+    plain_loss, clip_loss = ReferenceCLIPLoss(logit_scale=12.0).double(), open_clip_loss.ClipLoss()
+    cases = [
+        (ace_loss, lambda: grad(lambda f: ace_loss.apply_ace_hgat(f, attn, encoder="img").square().sum())(features),
+         "fallback apply_ace_hgat: a torch.func transform is active"),
+        (ace_loss, lambda: grad(lambda p: functional_call(ace_loss, p, (clip, images, texts)))(ace_params),
+         "fallback reference-ace-loss: a torch.func transform is active"),
+        (plain_loss, lambda: grad(lambda i: plain_loss(i, text))(image),
+         "fallback reference-clip-loss: a torch.func transform is active"),
+        (clip_loss, lambda: grad(lambda i: clip_loss(i, text, 10.0))(image),
+         "fallback open_clip-ClipLoss: a torch.func transform is active"),
+    ]
+    for module, run, key in cases:
+        expected = run()
+        with ace_kernels.patch(module, lora=False) as handle:
+            got = run()
+            assert handle.stats().get(key), handle.stats()
+        torch.testing.assert_close(got, expected, **FP64_TOL)
 
 
 def test_undo_keeps_a_replacement_someone_wrapped_working():
@@ -1082,6 +1296,15 @@ def test_open_clip_clip_loss():
         assert [(r.status, r.reason) for r in handle.records] == [
             ("skipped", "ShiftedTargets changes ClipLoss's get_ground_truth")]
         torch.testing.assert_close(shifted(image, text, 7.0), ShiftedTargets()(image, text, 7.0), rtol=0, atol=0)
+    # So is a get_logits set on the instance (a temperature clamp, say).
+    clamped = open_clip_loss.ClipLoss()
+    inner = clamped.get_logits
+    clamped.get_logits = lambda i, t, s, logit_bias=None: inner(i, t, min(s, 5.0), logit_bias=logit_bias)
+    want = clamped(image, text, 10.0)
+    with ace_kernels.patch(clamped) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "ClipLoss changes ClipLoss's get_logits")]
+        torch.testing.assert_close(clamped(image, text, 10.0), want, rtol=0, atol=0)
     coca = open_clip_loss.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)
     with ace_kernels.patch(coca) as handle:
         assert handle.records[0].status == "skipped" and "CoCaLoss" in handle.records[0].reason
@@ -1121,7 +1344,8 @@ def test_benchmark_helper_runs_on_cpu():
 
 
 def test_open_clip_clip_loss_two_processes(tmp_path):
-    """gloo, 2 ranks: per-rank loss and gradients equal open_clip's own, for each setting."""
+    """gloo, 2 ranks: per-rank loss and gradients equal open_clip's own, for each setting; a
+    ClipLoss built with rank numbers torch.distributed does not have (swapped) runs its own forward."""
     import os
     import socket
     import subprocess
@@ -1145,9 +1369,10 @@ def test_open_clip_clip_loss_two_processes(tmp_path):
         assert proc.returncode == 0, log
     for rank in range(2):
         results = torch.load(f"{out}.{rank}", weights_only=False)
-        for (local_loss, gather_with_grad), (before, after, stats) in results.items():
-            if local_loss:
-                # Per-rank local losses are not the global loss: open_clip's own forward runs.
+        for (local_loss, gather_with_grad, swapped), (before, after, stats) in results.items():
+            if local_loss or swapped:
+                # Per-rank local losses are not the global loss, and a module whose rank is not
+                # torch.distributed's computes with other rows: open_clip's own forward runs.
                 assert stats and all(key.startswith("fallback open_clip-ClipLoss") for key in stats), stats
                 for b, a in zip(before, after):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -1173,8 +1398,10 @@ def _clip_loss_worker(out: str) -> None:
     text_all = F.normalize(torch.randn(world * local, 8, dtype=torch.float64), dim=-1)
     rows = slice(rank * local, (rank + 1) * local)
     results = {}
-    for local_loss, gather_with_grad in ((False, False), (False, True), (True, True)):
-        module = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+    for local_loss, gather_with_grad, swapped in ((False, False, False), (False, True, False), (True, True, False),
+                                                  (False, False, True)):
+        module = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                          rank=world - 1 - rank if swapped else rank, world_size=world)
 
         def run():
             image = image_all[rows].clone().requires_grad_()
@@ -1187,7 +1414,7 @@ def _clip_loss_worker(out: str) -> None:
         before = run()
         with ace_kernels.patch(module) as handle:
             after = run()
-            results[(local_loss, gather_with_grad)] = (before, after, handle.stats())
+            results[(local_loss, gather_with_grad, swapped)] = (before, after, handle.stats())
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -1423,8 +1650,9 @@ def test_reference_look_alikes_that_compute_otherwise_are_skipped():
 
 
 def test_adapters_changed_after_patching_fall_back():
-    """An adapter, its activation or its forward replaced after patching: the hypergraph runs
-    the original again (checked per call; a new adapter class is probed at its first call)."""
+    """An adapter, its activation, its forward or its class replaced, or a hook put on one of its
+    layers, after patching: the hypergraph runs the original again (checked per call; a new
+    adapter class is probed at its first call)."""
     _, loss_fn, _, _, _ = _reference_setup()
     features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1).requires_grad_()
     cls_attn = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
@@ -1446,8 +1674,15 @@ def test_adapters_changed_after_patching_fall_back():
         adapter = m.img_edge_adapter
         adapter.forward = lambda z: 1.5 * adapter.up(adapter.act(adapter.down(z)))
 
+    def reclassed(m):  # the same object, layers and activation; another class's forward
+        m.img_node_adapter.__class__ = Residual
+
+    def hooked(m):
+        m.img_edge_adapter.up.register_forward_hook(lambda module, args, out: out * 0.5)
+
     for change, reason in ((gelu, "is not LeakyReLU(0.2)"), (residual, "is not up(leaky_relu(down(z), 0.2))"),
-                           (wrapped, "replaced on the instance in the adapters")):
+                           (wrapped, "replaced on the instance in the adapters"),
+                           (reclassed, "is not up(leaky_relu(down(z), 0.2))"), (hooked, "hooks on the adapters")):
         _, loss_fn, _, _, _ = _reference_setup()
         with ace_kernels.patch(loss_fn, loss=False) as handle:
             change(loss_fn)
@@ -1457,7 +1692,60 @@ def test_adapters_changed_after_patching_fall_back():
         _assert_same(before, after, dict(rtol=0, atol=0))
 
 
+def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
+    """Calls the hypergraph op would compute otherwise run the original apply_ace_hgat, with the
+    same result: fewer than topk + 2 tokens, autocast on (the original's dtypes), and a global
+    module hook (the original fires it for the adapters and their layers; here it changes their
+    outputs). A global hook also sends the ACE loss's CLS-only path to the original."""
+    torch.manual_seed(14)
+    features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
+    attn = torch.rand(2, 8, dtype=torch.float64)
+
+    def few_tokens(m):
+        return m.apply_ace_hgat(features[:, :4], attn[:, :3], encoder="img")
+
+    def autocast(m):
+        m.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m.apply_ace_hgat(features.float(), attn.float(), encoder="text")
+
+    def global_hook(m):
+        hook = _global_linear_hook()
+        try:
+            return m.apply_ace_hgat(features, attn, encoder="img")
+        finally:
+            hook.remove()
+
+    for run, reason in ((few_tokens, "N=4 tokens < topk + 2 = 5"), (autocast, "autocast is on"),
+                        (global_hook, "global module hooks registered")):
+        _, loss_fn, _, _, _ = _reference_setup()
+        want = run(loss_fn)
+        with ace_kernels.patch(loss_fn, loss=False) as handle:
+            got = run(loss_fn)
+            assert handle.stats() == {f"fallback apply_ace_hgat: {reason}": 1}, handle.stats()
+        torch.testing.assert_close(got, want, **FP64_TOL)
+
+    clip, loss_fn, images, texts, frame = _reference_setup()
+    model = _Pair([clip, loss_fn]).train()
+
+    def hooked_loss():
+        hook = _global_linear_hook()
+        try:
+            return _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, [0, 1, 2, 3, 4]))
+        finally:
+            hook.remove()
+
+    before = hooked_loss()
+    with ace_kernels.patch(model, lora=False) as handle:
+        after = hooked_loss()
+        assert handle.stats() == {"fallback apply_ace_hgat: global module hooks registered": 2,
+                                  "label_guided_infonce": 1}, handle.stats()
+    _assert_same(before, after)
+
+
 def test_reference_losses_come_in_the_features_dtype():
+    """The plain and the ACE reference losses return the dtype the reference's would (16-bit
+    features: a 16-bit loss), though the fused loss computes in fp32."""
     torch.manual_seed(3)
     loss_module = ReferenceCLIPLoss(logit_scale=12.0)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -1468,6 +1756,17 @@ def test_reference_losses_come_in_the_features_dtype():
             got = loss_module(image, text)
         assert got.dtype == want.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+    # The ACE loss module on a bf16 model: a bf16 loss, as the reference's.
+    torch.manual_seed(3)
+    clip, ace_loss = TinyCLIP().bfloat16(), ReferenceACELoss(20, topk=3).bfloat16()
+    images, texts = torch.randn(5, 3, 16, 16).bfloat16(), torch.randint(1, 50, (5, 12))
+    want = ace_loss(clip, images, texts)
+    with ace_kernels.patch(ace_loss, lora=False) as handle:
+        got = ace_loss(clip, images, texts)
+        assert handle.stats()["label_guided_infonce"] == 1, handle.stats()
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
 
 
 def test_patch_arguments_are_checked_up_front():
@@ -1631,6 +1930,76 @@ def test_loss_classes_the_probes_must_take_or_refuse():
             assert len(probed) == 4  # not again at the call
     finally:
         patching._adapter_reason = original
+
+
+def test_hooks_on_adapter_layers_neither_fire_nor_decide_the_adapter_check():
+    """The adapter check probes a copy without hooks: a hook on an adapter's layer, registered
+    before patch(), does not fire at patch time and does not make the check fail (the calls fall
+    back while it is there, and once it is removed the fused op serves them, in this patch and in
+    a new one). A check made while global module hooks change the layers' outputs is not kept:
+    a patch after they are removed checks again."""
+    _, loss_fn, _, _, _ = _reference_setup()
+    torch.manual_seed(16)
+    features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
+    attn = torch.rand(2, 8, dtype=torch.float64)
+    calls = []
+
+    def halve(module, args, out):
+        calls.append(module)
+        return out * 0.5
+
+    hook = loss_fn.img_edge_adapter.up.register_forward_hook(halve)
+    want = loss_fn.apply_ace_hgat(features, attn, encoder="img")
+    calls.clear()
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert calls == []
+        assert [r.status for r in handle.records] == ["patched"], str(handle)
+        torch.testing.assert_close(loss_fn.apply_ace_hgat(features, attn, encoder="img"), want, rtol=0, atol=0)
+        hook.remove()
+        loss_fn.apply_ace_hgat(features, attn, encoder="img")
+        assert handle.stats() == {"fallback apply_ace_hgat: hooks on the adapters": 1, "ace_hypergraph": 1}
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [r.status for r in handle.records] == ["patched"], str(handle)
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    hook = _global_linear_hook()
+    try:
+        with ace_kernels.patch(loss_fn, loss=False) as handle:
+            assert [r.status for r in handle.records] == ["skipped"], str(handle)  # the probes see the hook
+    finally:
+        hook.remove()
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [r.status for r in handle.records] == ["patched"], str(handle)
+
+
+def test_each_fused_call_gets_the_backend_given_for_its_op(monkeypatch):
+    """patch's per-op backend dict: a single LoRA layer's call gets lora_linear's backend (a
+    timm-style fused qkv is one layer, not a q/k/v group), a group lora_qkv's, the ACE loss's
+    CLS-only hypergraph ace_hypergraph's and its loss label_guided_infonce's. The ops are spied
+    on (and run on the torch backend)."""
+    import importlib
+
+    seen = set()
+    for module_name, op in (("ace_kernels.lora", "lora_linear"), ("ace_kernels.lora", "lora_qkv"),
+                            ("ace_kernels.hypergraph", "ace_hypergraph"),
+                            ("ace_kernels.contrastive", "label_guided_infonce")):
+        module = importlib.import_module(module_name)
+
+        def spy(*args, backend, _op=op, _real=getattr(module, op), **kwargs):
+            seen.add((_op, backend))
+            return _real(*args, backend="torch", **kwargs)
+
+        monkeypatch.setattr(module, op, spy)
+    clip, loss_fn, images, texts, frame = _reference_setup()
+    single = _randomise_lora(ReferenceLoRALinear(8, 24, r=2).double())
+    model = nn.ModuleList([clip, loss_fn, single])
+    backend = {"lora_linear": "torch", "lora_qkv": "triton", "ace_hypergraph": "cuda", "label_guided_infonce": "auto"}
+    with ace_kernels.patch(model, backend=backend) as handle:
+        seen.clear()  # (the patch-time probes call the ops on the torch backend)
+        single(torch.randn(3, 8, dtype=torch.float64))
+        loss_fn(clip, images, texts, frame, [0, 1, 2, 3, 4])
+        assert {"lora_linear", "lora_qkv", "ace_hypergraph cls_only", "label_guided_infonce"} <= set(handle.stats())
+    assert seen == set(backend.items()), seen
 
 
 def test_an_adapter_replaced_by_another_object_of_the_same_class_is_checked_again():
