@@ -56,6 +56,15 @@ inputs: they are part of what must fit). Each search stops at B=65,536 or after 
 (``--tier``): on an H100/H200 about 15-40 s per model (6-8 tries, the last few of 2-8 s
 each near the largest batch; run 1's two searches took 10 s); it runs after the training step,
 before zero-shot and PEFT (measured in both H200 runs), and only when 40 s are left.
+
+The demo (op ``ace_lora_demo``, CPU only; issue 6: ``ace-lora demo`` trains on a CPU in under
+3 minutes): the whole command as a user runs it, defaults and all (300 steps of the tiny model
+on 512 synthetic images, zero-shot before and after on 200), in a temporary directory without
+progress bars, timed once on the host clock (``median_ms``, and ``metrics.seconds``, which the
+target judges: at most 180 s). Its check is the demo's own outcome, as the test of the demo
+has it: the training loss finite and halved, the zero-shot accuracy after training more than
+0.2 above chance (``metrics.learned``). Not with ``--quick`` (a whole demo: 13 s on the build
+machine, minutes on a loaded one); not on a GPU, where the demo still trains on the CPU.
 """
 
 from __future__ import annotations
@@ -111,12 +120,12 @@ def estimates_s(suite) -> dict[str, float]:
     """
     if suite.is_gpu and not suite.quick:
         return {"build": 15.0, "ace_lora_train_step": 70.0, "zero_shot_eval": 25.0, "peft_lora_train_step": 30.0,
-                "ace_lora_max_batch": _max_batch_estimate_s(suite)}
+                "ace_lora_max_batch": _max_batch_estimate_s(suite), "ace_lora_demo": 0.0}
     if suite.quick:
         return {"build": 2.0, "ace_lora_train_step": 3.0, "zero_shot_eval": 3.0, "peft_lora_train_step": 4.0,
-                "ace_lora_max_batch": 0.0}
+                "ace_lora_max_batch": 0.0, "ace_lora_demo": 0.0}
     return {"build": 3.0, "ace_lora_train_step": 30.0, "zero_shot_eval": 20.0, "peft_lora_train_step": 30.0,
-            "ace_lora_max_batch": 0.0}
+            "ace_lora_max_batch": 0.0, "ace_lora_demo": 60.0}
 
 
 def run(suite) -> None:
@@ -161,6 +170,7 @@ def run(suite) -> None:
     model = None
     built.clear()
     suite.release_cuda_memory()
+    _run_demo(suite, estimates["ace_lora_demo"])  # last: it builds its own model and writes its own files
 
 
 def _model_name(suite) -> str:
@@ -967,3 +977,65 @@ def _run_peft_patch(suite) -> None:
                    baselines=base_results, targets=_peft_targets(suite))
     del towers
     suite.release_cuda_memory()
+
+
+DEMO_MAX_SECONDS = 180.0  # issue 6: the demo trains on a CPU in under 3 minutes
+
+
+def _demo_targets() -> list[Target]:
+    """Issue 6's bound on the demo (CPU), and the demo's own outcome as its check."""
+    return [Target("metric_max:seconds", DEMO_MAX_SECONDS, f"demo<={DEMO_MAX_SECONDS:.0f}s"),
+            Target("metric_min:learned", 1, "loss halved & accuracy>chance+0.2")]
+
+
+def _run_demo(suite, estimate_s: float) -> None:
+    """``ace-lora demo --no-progress`` in a temporary directory, timed once; its summary's
+    numbers in ``metrics``. CPU only, not with --quick (skipped with the reason)."""
+    import io
+    import json
+    import math
+    import tempfile
+
+    if suite.is_gpu:
+        suite.skip("ace_lora_demo", "CPU only: issue 6 bounds the demo on a CPU, where it trains on any machine")
+        return
+    if suite.quick:
+        suite.skip("ace_lora_demo", "not with --quick (a whole demo run: 300 training steps, seconds to minutes)")
+        return
+    if not suite.include("ace_lora_demo", costly=False, estimate_s=estimate_s):
+        return
+    try:
+        from ace_model import cli
+    except Exception as exc:
+        suite.skip("ace_lora_demo", f"ace_model is not importable ({type(exc).__name__}: {exc})")
+        return
+    print(" ace_lora_demo: ace-lora demo --no-progress (CPU, the tiny model, defaults)")
+    output = io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="ace-lora-demo-") as out:
+        start = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                status = cli.main(["demo", "--out-dir", out, "--no-progress"])
+        except Exception as exc:
+            suite.skip("ace_lora_demo", describe_error(exc))
+            return
+        seconds = time.perf_counter() - start
+        if status != 0:
+            last = (output.getvalue().strip().splitlines() or ["no output"])[-1]
+            suite.skip("ace_lora_demo", f"exit status {status}: {last[:200]}")
+            return
+        with open(f"{out}/demo_summary.json", encoding="utf-8") as handle:
+            summary = json.load(handle)
+    first, last, after = summary["loss_first"], summary["loss_last"], summary["after"]["accuracy"]
+    chance = summary["chance_accuracy"]
+    finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (first, last, after))
+    metrics = {"seconds": seconds,  # not rounded: the target judges it
+               "demo_reported_s": round(summary["seconds"], 2), "steps": summary["steps"],
+               "loss_first": first, "loss_last": last, "accuracy_before": summary["before"]["accuracy"],
+               "accuracy_after": after, "chance_accuracy": chance, "threads": torch.get_num_threads(),
+               "learned": bool(finite and last < 0.5 * first and after > chance + 0.2), "finite": finite}
+    suite.log(f"  ace_lora_demo: {seconds:.1f} s, loss {first:.3f} -> {last:.3f}, accuracy {after:.3f} "
+              f"(chance {chance:.3f})")
+    suite.add_plain_row(family=FAMILY, op="ace_lora_demo", shape=f"tiny {summary['steps']} steps, defaults",
+                        dtype="float32", provider="torch", measurement=Measurement(seconds * 1e3, None, 1),
+                        metrics=metrics, mode="train+eval", targets=_demo_targets())

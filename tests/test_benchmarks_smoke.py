@@ -98,6 +98,9 @@ def test_quick_run_zero_shot_rows(quick_run):
     # Both are fp32 evaluations of the same model and prompts (reference ops vs the torch backend,
     # batch 1 vs batched): the class probabilities differ by rounding only.
     assert ours["metrics"]["max_abs_score_diff_vs_reference-loop"] < 1e-4
+    # The model family's demo row (issue 6's CPU bound) is a whole demo run: not in quick runs.
+    assert not _rows(payload, "ace_lora_demo")
+    assert any(line.startswith("ace_lora_demo: skipped (not with --quick") for line in payload["run"]["skipped"])
 
 
 def test_quick_run_chunked_training_rows(quick_run):
@@ -1702,6 +1705,65 @@ def test_the_families_targets_in_a_full_gpu_run(tmp_path):
         ("speedup", 20.0, "throughput>=20x")]
     for provider in ("patched:triton", "patched:cuda"):
         assert goals(bench_model._peft_targets(suite), provider, "peft") == [("speedup", 1.3, "speedup>=1.3")]
+
+
+def test_the_demo_is_a_cpu_target_of_the_model_family(tmp_path, monkeypatch, capsys):
+    """Issue 6's bound on ``ace-lora demo`` (at most 180 s on a CPU) is a benchmark row, not a timed
+    test: the whole command as a user runs it (defaults, its own temporary directory, no progress
+    bars), timed once, judged with the demo's own outcome (loss halved, accuracy 0.2 above chance)
+    as its check. Skipped with the reason with --quick and on a GPU. ``cli.main`` is a stand-in
+    here that writes a demo's summary (the real demo is test_cli.py's slow test)."""
+    from ace_model import cli
+    from benchmarks import bench_model
+    from benchmarks.harness import Measurement
+
+    summary = {"loss_first": 2.0, "loss_last": 0.5, "steps": 300, "before": {"accuracy": 0.24},
+               "after": {"accuracy": 0.9}, "chance_accuracy": 0.25, "seconds": 12.5, "checkpoint": None}
+    calls = []
+
+    def demo(argv):
+        calls.append(list(argv))
+        out = Path(argv[argv.index("--out-dir") + 1])
+        assert out.is_dir() and not any(out.iterdir())  # a fresh temporary directory
+        (out / "demo_summary.json").write_text(json.dumps(summary))
+        print("[demo] zero-shot after training: ...")  # the demo's output stays out of the suite's log
+        return 0
+
+    monkeypatch.setattr(cli, "main", demo)
+    quick, gpu = _suite("all"), _fake_gpu_suite(tmp_path, ["triton"])
+    gpu.quick = False
+    bench_model._run_demo(quick, 60.0)
+    bench_model._run_demo(gpu, 60.0)
+    assert calls == [] and quick.rows == gpu.rows == []
+    assert quick.skipped == ["ace_lora_demo: skipped (not with --quick (a whole demo run: 300 training steps, "
+                             "seconds to minutes))"]
+    assert gpu.skipped[0].startswith("ace_lora_demo: skipped (CPU only: issue 6")
+    suite = _suite("all")
+    suite.quick = False
+    bench_model._run_demo(suite, 60.0)
+    assert calls == [["demo", "--out-dir", calls[0][2], "--no-progress"]] and not os.path.exists(calls[0][2])
+    assert "[demo]" not in capsys.readouterr().out
+    (row,) = suite.rows
+    assert (row.family, row.op, row.provider, row.baseline) == ("model", "ace_lora_demo", "torch", None)
+    assert row.metrics["seconds"] == pytest.approx(row.median_ms / 1e3) and row.metrics["demo_reported_s"] == 12.5
+    assert row.metrics["learned"] is True and row.metrics["finite"] is True
+    assert row.target == "demo<=180s & loss halved & accuracy>chance+0.2 & finite" and row.target_pass is True
+    # Judged: a demo that did not learn (loss not halved, accuracy not 0.2 above chance), or over
+    # 180 s, fails the row.
+    learned = dict(summary)
+    for change in ({"loss_last": 1.01}, {"after": {"accuracy": 0.45}}):
+        summary.clear()
+        summary.update(learned, **change)
+        suite = _suite("all")
+        suite.quick = False
+        bench_model._run_demo(suite, 60.0)
+        assert suite.rows[0].metrics["learned"] is False and suite.rows[0].target_pass is False, change
+    for metrics in ({"seconds": 180.5, "learned": True, "finite": True},
+                    {"seconds": 10.0, "learned": False, "finite": True}):
+        missed = suite._row(family="model", op="ace_lora_demo", shape="s", dtype="float32", provider="torch",
+                            baseline=None, measurement=Measurement(1.0, None, 1), base_measurement=None,
+                            targets=bench_model._demo_targets(), metrics=metrics, mode="train+eval")
+        assert missed.target_pass is False, metrics
 
 
 def test_dispatch_order_ignores_rows_with_wrong_outputs():

@@ -170,6 +170,29 @@ def test_evaluate_checks_the_label_columns_before_encoding(tiny, synthetic, monk
         evaluate(tiny, dataset, ["edema", "effusion"], "multilabel")
 
 
+def test_evaluate_checks_the_binary_class_count_before_encoding(tiny, synthetic, monkeypatch):
+    """binary scores [negative, positive]: more class names is an error before any image is
+    encoded (a large test set would be encoded for nothing)."""
+    from ace_model.data import CSVImageLabelDataset
+
+    classes = list(SYNTHETIC_CLASSES)
+    dataset = CSVImageLabelDataset(synthetic, classes, tiny.image_size)
+    monkeypatch.setattr(type(tiny), "encode_image", lambda *a, **k: pytest.fail("encoded before the check"))
+    with pytest.raises(ValueError, match=rf"^binary task: expected 2 classes \[negative, positive\], "
+                                         rf"got {len(classes)}$"):
+        evaluate(tiny, dataset, classes, "binary")
+
+
+def test_evaluate_of_no_images_says_so(tiny):
+    """An empty dataset is a ValueError saying what is wrong, not torch.cat's error on no tensors."""
+    from ace_model.zero_shot import image_embeddings
+
+    with pytest.raises(ValueError, match="^zero-shot evaluation got no images$"):
+        evaluate(tiny, [], ["edema", "effusion"])
+    with pytest.raises(ValueError, match="^zero-shot evaluation got no images$"):
+        image_embeddings(tiny, [])
+
+
 def test_evaluate_runs_a_model_with_16_bit_frozen_weights_under_autocast(tiny, synthetic):
     from ace_model.data import CSVImageLabelDataset
 
@@ -931,8 +954,9 @@ def test_a_class_without_positives_is_named_and_left_out_of_the_macro_auroc(tiny
 
 @pytest.mark.slow
 def test_demo_trains_and_beats_chance(tmp_path, capsys):
-    """The newcomer's first run as it comes (issue 6: a few hundred steps on a CPU in under 3
-    minutes, the loss falling, zero-shot accuracy above chance), with its progress bars."""
+    """The newcomer's first run as it comes (issue 6: a few hundred steps on a CPU, the loss
+    falling, zero-shot accuracy above chance), with its progress bars. Issue 6's time bound (under
+    3 minutes) is a CPU target of the benchmark suite (op ``ace_lora_demo``), not a timed test."""
     status = cli.main(["demo", "--out-dir", str(tmp_path)])
     assert status == 0
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
@@ -940,8 +964,6 @@ def test_demo_trains_and_beats_chance(tmp_path, capsys):
     assert summary["loss_last"] < 0.5 * summary["loss_first"]
     assert summary["after"]["accuracy"] > summary["chance_accuracy"] + 0.2
     assert Path(summary["checkpoint"]).is_file()
-    # A requirement's bound, not a speed claim: 13 s on the build machine's 2 cores.
-    assert summary["seconds"] < 180
     captured = capsys.readouterr()
     assert "zero-shot after training" in captured.out
     assert "300/300" in captured.err  # tqdm's bar reached the end
@@ -1001,15 +1023,59 @@ def test_zero_shot_images_get_open_clips_evaluation_transform(size, mode, tmp_pa
     assert torch.equal(item, want)
 
 
+@pytest.mark.parametrize("mode", ["P", "RGBA", "I;16"])
+def test_images_of_other_modes_are_resized_in_the_mode_each_reference_transform_uses(mode):
+    """Palette, RGBA and 16-bit images, at a size that is resized: the evaluation transform
+    resizes and crops in the image's own mode and converts to RGB last, as open_clip's does (PIL
+    resizes a palette image by nearest neighbour, an RGBA one with premultiplied alpha, a 16-bit
+    one before its values are clipped at 255); the training transform converts first, as the
+    reference's ``Image.open(..).convert("RGB")`` then the resize. For each of these modes the
+    two orders give other pixels, so each transform's order is checked."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    from ace_model.data import CLIP_MEAN, CLIP_STD, preprocess_image
+
+    rng = np.random.default_rng(0)
+    image = {"P": lambda: Image.fromarray(rng.integers(0, 256, (390, 320), dtype=np.uint8), "L").convert(
+                 "P", palette=Image.ADAPTIVE, colors=64),
+             "RGBA": lambda: Image.fromarray(rng.integers(0, 256, (390, 320, 4), dtype=np.uint8), "RGBA"),
+             "I;16": lambda: Image.fromarray(rng.integers(0, 1024, (390, 320), dtype=np.uint16))}[mode]()
+    assert image.mode == mode
+    want = open_clip.image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)(image)
+    assert torch.equal(preprocess_image(image, 224, crop=True), want)
+    squashed = image.convert("RGB").resize((224, 224), 3)  # 3: bicubic
+    want_train = (torch.from_numpy(np.asarray(squashed, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                  - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    assert torch.equal(preprocess_image(image, 224), want_train)
+
+
 def test_texts_are_cleaned_as_open_clips_tokenizer_cleans_them(tiny):
     from ace_model.data import clean_text
 
-    texts = ["a &amp;lt; b", "  x\n\t y ", "caf\u00c3\u00a9 edema", "No acute\u00a0process", "&amp;amp;"]
-    assert [clean_text(t) for t in texts[:2]] == ["a < b", "x y"]
+    # ftfy unescapes entities only in text without a '<': "x < y &amp;amp; z" needs both unescapes.
+    texts = ["a &amp;lt; b", "  x\n\t y ", "x < y &amp;amp; z", "caf\u00c3\u00a9 edema", "No acute\u00a0process",
+             "&amp;amp;"]
+    assert [clean_text(t) for t in texts[:3]] == ["a < b", "x y", "x < y & z"]
     open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
     assert [clean_text(t) for t in texts] == [open_clip_tokenizer._clean_whitespace(t) for t in texts]
     tok = tiny.tokenizer()
     assert torch.equal(tok(["edema &amp; effusion"]), tok(["edema & effusion"]))
+
+
+def test_a_long_report_is_truncated_and_a_single_string_is_one_row(tiny):
+    """As open_clip's HFTokenizer: a report longer than the context is cut to it ([CLS] ... [SEP],
+    no error, and the model encodes it), and one string is one row, not a row per character."""
+    tok = tiny.tokenizer()
+    report = "There is a small left pleural effusion with adjacent atelectasis and no pneumothorax. " * 4
+    ids = tok([report, "edema"])
+    assert ids.shape == (2, tiny.context_length)
+    assert int(ids[0, -1]) == tok._hf.sep_token_id and bool((ids[0] != 0).all())  # full, [SEP] last
+    assert torch.equal(ids[1], tok(["edema"])[0])
+    with torch.no_grad():
+        assert tiny.encode_text(ids).shape == (2, tiny.embed_dim)
+    assert torch.equal(tok("edema"), tok(["edema"]))
+    assert tok("edema").shape == (1, tiny.context_length)
 
 
 def test_accuracy_macro_is_the_mean_recall():
@@ -1053,6 +1119,11 @@ def test_zero_shot_multiplier_is_the_base_models_unless_asked(tiny, synthetic, t
                       (7.5, True, torch.float64)]
     with pytest.raises(ValueError, match="argument 'logit_scale'"):
         evaluate(model, dataset, list(SYNTHETIC_CLASSES), logit_scale="learnt")
+    # Without --checkpoint there is no trained multiplier: 'learned' is the base one, and it says so.
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--logit-scale", "learned"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --logit-scale learned without --checkpoint: no trained multiplier" in captured.err
+    assert json.loads(captured.out)["logit_scale"] == pytest.approx(model.clip.logit_scale.exp().item())
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--logit-scale", "-1"]) == \
         cli.EXIT_BAD_INPUT
     assert "--logit-scale: expected 'base', 'learned' or a positive number" in capsys.readouterr().err
@@ -1074,6 +1145,19 @@ def test_unterminated_quote_and_blank_lines_before_the_header(tiny, synthetic, t
     assert len(CSVImageTextDataset(blank, tiny.tokenizer())) == 1
 
 
+def test_blank_lines_between_and_after_rows_are_skipped_and_rows_keep_their_numbers(tiny, synthetic, tmp_path):
+    """Blank lines among and after the rows (an editor's or a concatenation's) are no rows, as
+    csv.DictReader skips them; an error's row number counts rows, its line number file lines."""
+    image = str(synthetic.parent / "test" / "00000.png")
+    blank = tmp_path / "blank.csv"
+    blank.write_text(f"image,text,edema\n{image},ok,1\n\n{image},ok,0\n\n\n")
+    assert CSVImageTextDataset(blank, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0]]
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text(f"image,text,edema\n{image},ok,1\n\n{image},too few\n\n")
+    with pytest.raises(DataError, match=r"ragged.csv, row 2 \(line 4\): 2 field\(s\), expected 3"):
+        read_csv(ragged, ["image"])
+
+
 def test_an_image_too_large_to_decode_names_row_and_file(tiny, synthetic, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -1082,6 +1166,21 @@ def test_an_image_too_large_to_decode_names_row_and_file(tiny, synthetic, tmp_pa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is then over twice the limit
     with pytest.raises(DataError, match=r"big.csv, row 1: image file .*big.png' cannot be read .*DecompressionBomb"):
         CSVImageTextDataset(path, tiny.tokenizer())[0]
+
+
+def test_a_truncated_image_file_is_exit_2_naming_row_and_file(synthetic, tmp_path, capsys):
+    """A file cut short (an interrupted copy): PIL opens its header and fails decoding the pixels
+    with an OSError, which is bad input naming the CSV row and the file, not a traceback."""
+    _random_image(64, 64).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    image = str(synthetic.parent / "test" / "00000.png")
+    path = _write_csv(tmp_path / "cut.csv", ["image", "edema", "effusion"], [[image, 1, 0], ["cut.png", 0, 1]])
+    status = cli.main(["zero-shot", "--csv", str(path), "--model", "tiny", "--classes", "edema,effusion"])
+    assert status == cli.EXIT_BAD_INPUT == 2
+    line = _one_error_line("\n".join(x for x in capsys.readouterr().err.splitlines() if "no --pretrained" not in x),
+                           "zero-shot")
+    assert "cut.csv, row 2: image file" in line and "cut.png' cannot be read" in line, line
 
 
 def test_a_data_loader_workers_error_is_one_line(synthetic, tmp_path, capsys):
@@ -1186,16 +1285,30 @@ def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
     assert seen["sizes"] == [64]
 
 
+@pytest.mark.parametrize("flags,warmup", [((), 16), (("--steps", "20"), 2), (("--steps", "5"), 0)])
+def test_demo_warmup_is_an_epoch_or_a_tenth_of_a_shorter_run(flags, warmup):
+    """The demo warms up for one epoch (512 samples / 32 = 16 steps), but never for more than a
+    tenth of its steps: a short --steps run spends most of its steps at full learning rate."""
+    args = cli._parser().parse_args(["demo", *flags])
+    args.steps = args.steps or 300
+    args.train_size, args.test_size = 512, 200  # cmd_demo's defaults
+    _, config = cli._demo_trainer(args, Path("train.csv"), Path("demo"))
+    assert (config.warmup_steps, config.max_steps) == (warmup, args.steps)
+
+
 @pytest.mark.parametrize("flags,expected", [
     (("--classes", "edema,edema"), "--classes: 'edema' named more than once"),
     (("--classes", " , "), "--classes: no class names in ' , ', expected comma-separated column names"),
     (("--classes", ""), "--classes: no class names in '', expected comma-separated column names"),
     (("--classes", "edema", "--task", "multilabel"), "--task multilabel needs at least 2 classes, got ['edema']"),
     (("--classes", "edema"), "--task multiclass needs at least 2 classes, got ['edema']"),
+    (("--classes", "cardiomegaly,effusion,edema", "--task", "binary"),
+     "--task binary needs exactly 2 classes [negative, positive], got ['cardiomegaly', 'effusion', 'edema']"),
 ])
-def test_zero_shot_classes_named_twice_or_too_few(synthetic, capsys, flags, expected):
+def test_zero_shot_classes_named_twice_or_too_few(synthetic, capsys, monkeypatch, flags, expected):
     # Before any model is built: a repeated class made every row look multi-positive, and one
     # class under multilabel scores 1.0 everywhere (a softmax over one class).
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", *flags]) == cli.EXIT_BAD_INPUT
     assert expected in _one_error_line(capsys.readouterr().err, "zero-shot")
 

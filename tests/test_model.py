@@ -391,6 +391,9 @@ def test_encoders_shapes_and_normalisation(tiny_model):
     assert image_all.shape == (2, tokens, model.embed_dim)
     # cls_only is exact: token 0 of the full output is the CLS embedding (fp32 sums).
     assert torch.allclose(image_all[:, 0], image, atol=1e-5)
+    # int32 ids (what a tokenizer other than ours, or an int32 data pipeline, gives) are the same text.
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(token_ids.to(torch.int32)), text)
 
 
 def test_bad_inputs_name_the_argument(tiny_model):
@@ -464,6 +467,34 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     bad.write_bytes(bad.read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
         ACELoRA.from_config("tiny", pretrained=str(bad))
+
+
+
+@pytest.mark.parametrize("layout", ["old transformers buffers", "DistributedDataParallel", "open_clip training"])
+def test_pretrained_files_in_other_saved_layouts_load(tmp_path, layout):
+    """State dicts as other tools save them load with every weight in place: older transformers
+    kept the text tower's constant ``position_ids``/``token_type_ids`` buffers (skipped, this
+    tower has none), a DDP-wrapped model prefixes each key with ``module.``, and open_clip's
+    training script saves ``{'epoch': ..., 'state_dict': {...}}`` (DDP-prefixed too)."""
+    source = build_base_model("tiny")
+    with torch.no_grad():
+        source.logit_scale.fill_(math.log(50.0))
+    state = source.state_dict()
+    embeddings = "text.transformer.embeddings."
+    assert not any(k.endswith(("position_ids", "token_type_ids")) for k in state)  # else the first case is vacuous
+    saved = {
+        "old transformers buffers": {**state, embeddings + "position_ids": torch.arange(32)[None],
+                                     embeddings + "token_type_ids": torch.zeros(1, 32, dtype=torch.int64)},
+        "DistributedDataParallel": {"module." + k: v for k, v in state.items()},
+        "open_clip training": {"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in state.items()}},
+    }[layout]
+    path = tmp_path / "weights.pt"
+    torch.save(saved, path)
+    model = ACELoRA.from_config("tiny", pretrained=str(path))
+    loaded = model.clip.state_dict()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+    assert torch.allclose(model.logit_scale, torch.tensor(50.0))
 
 
 RELEASED = str(released_path())  # tests/_released.py: the workplace's copy, else the one in tests/data
