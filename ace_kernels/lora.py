@@ -29,7 +29,9 @@ Backends
     position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
     columns) and the seed are saved. In evaluation (``training=False``) without a graph to
     build, the LoRA term is merged into the weight instead (``W + scaling * B A``,
-    one small batched product) and the call is one GEMM. ``W`` and ``b``
+    one small batched product) and the call is one GEMM; in float16, where a merged
+    element could overflow, the term is added unmerged (``x W^T + b + scaling * S Bbd^T``,
+    three GEMMs, ``scaling`` applied in fp32). ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
     It declines too for ``dropout_p`` above 0.99923 in training, where the rounding of its
@@ -1001,8 +1003,18 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
 def _merged_forward(x2d, weight, bias, lora_a3, lora_b3, scaling):
     """y = x (W + scaling * Bbd A)^T + b: without dropout and without a graph, the LoRA term
     merged into the frozen weight (one small batched product, [P*out, in]) and one GEMM,
-    no pass over x besides the GEMM's own and no kernel of ours."""
+    no pass over x besides the GEMM's own and no kernel of ours.
+
+    Not in float16: an element of ``scaling * B A`` over 65504 is inf in a float16 merged
+    weight even where the output is far inside the range (a small x), and telling would cost
+    a device sync per call. There the term stays unmerged, with no product scaled in float16:
+    ``x W^T + b`` then ``+ scaling * S Bbd^T`` (``S = x A^T`` unscaled, as the training path
+    keeps it; ``scaling`` is the GEMM's alpha, applied to its fp32 accumulator on a GPU)."""
     projections, out_features, _ = lora_b3.shape
+    if x2d.dtype == torch.float16:
+        base = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        s_flat = x2d @ lora_a3.reshape(-1, lora_a3.shape[-1]).t()  # [M, P*r]
+        return torch.addmm(base, s_flat, _block_diagonal_b(lora_b3).t(), alpha=scaling)
     merged = torch.baddbmm(weight.reshape(projections, out_features, -1), lora_b3, lora_a3, alpha=scaling)
     merged = merged.reshape(projections * out_features, -1)
     return torch.addmm(bias, x2d, merged.t()) if bias is not None else x2d @ merged.t()

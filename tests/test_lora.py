@@ -194,6 +194,19 @@ def test_torch_dropout_replays_under_fork_rng():
     assert not torch.equal(mask_first, mask_third)
 
 
+def test_torch_mask_is_documented_rand_of_p_m_in():
+    """The torch backend's mask is ``torch.rand([P, M, in]) >= dropout_p`` on the default
+    generator (documented, so that a mask can be rebuilt from the generator's state)."""
+    case = Case("rand_layout", "qkv", (5,), 7, 4, 2, dropout_p=0.4)
+    inputs = make_inputs(case)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        _, mask = call_op(case, inputs, "torch")
+        torch.manual_seed(3)
+        want = torch.rand(3, 5, 7) >= 0.4
+    assert torch.equal(mask, want)
+
+
 def binomial_bound(n: int, p: float, sigmas: float = 6.0) -> float:
     """|observed keep-rate - (1-p)| bound: 6 standard deviations (false alarm < 1e-8)."""
     return sigmas * math.sqrt(p * (1 - p) / n)
@@ -320,9 +333,12 @@ ERROR_CASES = [
     ("bias_2d", "qkv", 2, lambda t: t[None], "argument 'bias'"),
     ("bias_2d_trailing", "linear", 2, lambda t: t[:, None], r"argument 'bias': expected shape \[6\], got \[6, 1\]"),
     ("bias_dtype", "qkv", 2, lambda t: t.half(), "argument 'bias'"),
+    ("bias_device", "linear", 2, lambda t: t.to("meta"), "argument 'bias'"),
     ("lora_a_ndim_linear", "linear", 3, lambda t: t[None], "argument 'lora_a'"),
     ("lora_a_ndim_qkv", "qkv", 3, lambda t: t[0], "argument 'lora_a'"),
     ("lora_a_in_mismatch", "qkv", 3, lambda t: t[..., :9], "argument 'lora_a'"),
+    ("lora_a_in_mismatch_linear", "linear", 3, lambda t: t[..., :9], "argument 'lora_a'"),
+    ("lora_a_device_linear", "linear", 3, lambda t: t.to("meta"), "argument 'lora_a'"),
     ("lora_a_two_projections", "qkv", 3, lambda t: t[:2], "argument 'lora_a'"),
     ("lora_a_rank_zero", "linear", 3, lambda t: t[:0], "argument 'lora_a'"),
     ("lora_a_dtype", "linear", 3, lambda t: t.bfloat16(), "argument 'lora_a'"),
@@ -330,6 +346,7 @@ ERROR_CASES = [
     ("lora_b_out_mismatch", "qkv", 4, lambda t: t[:, :5], "argument 'lora_b'"),
     ("lora_b_dtype", "qkv", 4, lambda t: t.double(), "argument 'lora_b'"),
     ("lora_b_device", "qkv", 4, lambda t: t.to("meta"), "argument 'lora_b'"),
+    ("lora_b_device_linear", "linear", 4, lambda t: t.to("meta"), "argument 'lora_b'"),
     ("scaling_tensor", "linear", "scaling", lambda v: torch.tensor(0.5), "argument 'scaling'"),
     ("scaling_none", "qkv", "scaling", lambda v: None, "argument 'scaling'"),
     ("scaling_bool", "qkv", "scaling", lambda v: True, "argument 'scaling'"),
@@ -360,6 +377,23 @@ def test_value_errors(name, op, where, replace, fragment):
     fn = ace_kernels.lora_qkv if op == "qkv" else ace_kernels.lora_linear
     with pytest.raises(ValueError, match=fragment):
         fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["numpy_float32", "fraction"])
+def test_dropout_p_of_another_number_type_is_float_of_it(kind):
+    """dropout_p may be any real number (Python's or NumPy's): the call uses float(dropout_p),
+    not the object itself (np.float32(0.1) is not 0.1: 1 / (1 - p) and the mask would differ)."""
+    import numpy as np
+    from fractions import Fraction
+
+    dropout_p = np.float32(0.1) if kind == "numpy_float32" else Fraction(1, 10)
+    args = make_inputs(Case("p_type", "qkv", (6,), 8, 3, 2))
+    outs = []
+    for p in (dropout_p, float(dropout_p)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            outs.append(lora_module.lora_qkv_packed(*args, scaling=0.5, dropout_p=p, training=True, backend="torch"))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_torch_second_derivatives():
@@ -408,12 +442,16 @@ def test_triton_large_scaling_keeps_fp16_finite(device):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-def test_autocast_casts_operands_like_linear(backend, device):
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_casts_operands_like_linear(backend, params_dtype, device):
     """Under autocast the op runs on the operands cast to the autocast dtype (as F.linear
-    does): the same result, bit for bit, as the call on explicitly cast operands, and the
-    float32 parameters still get float32 gradients."""
+    does, bfloat16 operands under float16 autocast included): the same result, bit for bit, as
+    the call on explicitly cast operands, and the parameters still get gradients in their
+    own dtype (x stays float32)."""
     case = Case("ac", "qkv", (4, 3), 24, 8, 4)
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    weight, bias = weight.to(params_dtype), bias.to(params_dtype)
+    lora_a, lora_b = (t.detach().to(params_dtype).requires_grad_(True) for t in (lora_a, lora_b))
     dtype = torch.float16  # the interpreter's bfloat16 arithmetic is wrong; fp16 autocast runs on CPU too
     with torch.autocast(device.type, dtype=dtype):
         got = lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, backend=backend)
@@ -422,7 +460,7 @@ def test_autocast_casts_operands_like_linear(backend, device):
                                        backend=backend)
     assert got.dtype == dtype and torch.equal(got, want)
     got.float().sum().backward()
-    assert lora_a.grad.dtype == torch.float32 and lora_b.grad.dtype == torch.float32
+    assert lora_a.grad.dtype == params_dtype and lora_b.grad.dtype == params_dtype
     assert x.grad.dtype == torch.float32 and lora_a.grad.abs().sum() > 0
 
 
@@ -449,6 +487,8 @@ TRITON_CASES = [
     Case("t_linear_x_frozen_no_dropout", "linear", (33,), 20, 35, 5, x_grad=False),
     # Two row blocks, two K blocks and column tiles straddling projections (interpreter tiles are 32).
     Case("t_qkv_multi_tile", "qkv", (37,), 45, 13, 4, dropout_p=0.1),
+    # Evaluation applies no dropout: a dropout_p past the training limit (0.99923) still runs.
+    Case("t_qkv_eval_p_near_one", "qkv", (4,), 8, 3, 2, dropout_p=0.9999, training=False),
 ]
 
 # fp32 kernels (IEEE dots) against the fp64 oracle: reductions over <= 45 terms of O(1)
@@ -481,13 +521,33 @@ def test_triton_backward_regenerates_forward_mask(device):
 
 
 @pytest.mark.triton
-def test_triton_strided_x(device):
+@pytest.mark.parametrize("layout", ["column_strided", "row_strided"])
+def test_triton_strided_x(layout, device):
+    """The pack kernel reads x through both its strides: every other column of a wider tensor,
+    and a column slice of one (unit column stride, row stride not in_features, as the first
+    half of a packed activation): forward and every gradient against the oracle."""
     case = Case("strided", "qkv", (10,), 20, 6, 4, dropout_p=0.3)
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
     wide = torch.randn(10, 2 * case.in_features, device=device)
-    x_strided = wide[:, ::2].detach().requires_grad_(True)
-    assert x_strided.stride() == (2 * case.in_features, 2)
+    if layout == "column_strided":
+        x_strided = wide[:, ::2].detach().requires_grad_(True)
+        assert x_strided.stride() == (2 * case.in_features, 2)
+    else:
+        x_strided = wide[:, :case.in_features].detach().requires_grad_(True)
+        assert x_strided.stride() == (2 * case.in_features, 1)
     compare_with_oracle(case, (x_strided, weight, bias, lora_a, lora_b), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", ["qkv", "linear"])
+def test_triton_non_contiguous_lora_a(op, device):
+    """The pack and gradient kernels read A through its strides: an A stored [.., in, r] and
+    transposed (column stride r) gives the oracle's forward and gradients, dA included."""
+    case = Case("a_strided", op, (10,), 20, 6, 4, dropout_p=0.3)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
+    a_strided = lora_a.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+    assert torch.equal(a_strided, lora_a) and a_strided.stride()[-2:] == (1, case.rank)
+    compare_with_oracle(case, (x, weight, bias, a_strided, lora_b), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
 
 
 @pytest.mark.triton
@@ -574,14 +634,73 @@ def test_triton_masks_are_the_documented_philox_stream(device, in_features, rng_
     rows, dropout_p, seed = 6, 0.3, 0x1234_5678_9ABC
     got = lora_module._export_masks(torch.tensor([seed], dtype=torch.int64, device=device), rows, in_features, 3,
                                     dropout_p, rng_offset=rng_offset).cpu()
+    bits = _documented_keep_bits(seed, rows, in_features, rng_offset)
+    want = bits >= round(dropout_p * 2**16)
+    assert torch.equal(got, torch.from_numpy(want))
+
+
+def _documented_keep_bits(seed: int, rows: int, in_features: int, rng_offset: int = 0):
+    """The 16 bits [P=3, rows, in] each element's keep test compares (see the test above)."""
+    import numpy as np
+
     pairs = (in_features + 1) // 2
     row, col = np.meshgrid(np.arange(rows), np.arange(in_features), indexing="ij")
     counter = np.uint64(rng_offset) + (row * pairs + col // 2).astype(np.uint64)
     words = _philox4x32_10(counter, seed)
     half = np.where(col % 2 == 0, 0, 16).astype(np.uint64)
-    threshold = round(dropout_p * 2**16)
-    want = np.stack([((words[p] >> half) & np.uint64(0xFFFF)) >= threshold for p in range(3)])
-    assert torch.equal(got, torch.from_numpy(want))
+    return np.stack([(words[p] >> half) & np.uint64(0xFFFF) for p in range(3)]).astype(np.int64)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("projection", [0, 1, 2])
+@pytest.mark.parametrize("column", [0, 1])
+def test_triton_keep_test_is_inclusive_at_the_threshold(projection, column, device):
+    """Known answer at the threshold itself (which random p almost never hits): dropout_p is
+    chosen so that round(p * 2**16) equals the 16 bits of element (0, column) of a projection
+    (each lane and half of the Philox word): that element is kept (bits >= threshold)."""
+    rows, in_features, seed = 4, 8, 0x1234_5678_9ABC
+    bits = _documented_keep_bits(seed, rows, in_features)
+    threshold = int(bits[projection, 0, column])
+    dropout_p = threshold / 2**16
+    assert 0 < threshold and round(dropout_p * 2**16) == threshold
+    got = lora_module._export_masks(torch.tensor([seed], dtype=torch.int64, device=device), rows, in_features, 3,
+                                    dropout_p).cpu()
+    assert got[projection, 0, column]
+    assert torch.equal(got, torch.from_numpy(bits >= threshold))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dropout_p", [0.3, 0.1])
+def test_triton_inverted_dropout_scale_is_exactly_one_over_keep_prob(dropout_p, device):
+    """The forward's scale is 1 / (1 - dropout_p) itself, not 1 over the 16-bit threshold's keep
+    rate (off by ~5e-6 relative, under the oracle tolerances elsewhere): in = r = 1 and
+    x = A = B = 1, so each kept output is one product, compared at rtol 1e-6."""
+    case = Case("inv_keep", "linear", (64,), 1, 1, 1, bias=False, dropout_p=dropout_p)
+    x = torch.ones(64, 1, device=device, requires_grad=True)
+    weight = torch.zeros(1, 1, device=device)
+    lora_a = torch.ones(1, 1, device=device, requires_grad=True)
+    lora_b = torch.ones(1, 1, device=device, requires_grad=True)
+    (y,), mask = call_op(case, (x, weight, None, lora_a, lora_b), "triton", scaling=1.0)
+    assert mask.any() and not mask.all()
+    (want,) = call_oracle(case, fp64_leaves(x, weight, None, lora_a, lora_b), mask.double(), scaling=1.0)
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dropout_p,training", [(0.0, True), (0.3, False)], ids=["p0", "eval"])
+def test_no_dropout_draws_no_random_numbers(backend, dropout_p, training, device):
+    """A call that applies no dropout (dropout_p = 0, or training=False) leaves torch's
+    generator as it was: downstream random numbers are those of a run without the call."""
+    case = Case("no_rng", "qkv", (4,), 8, 3, 2, dropout_p=dropout_p, training=training)
+    inputs = make_inputs(case, torch.float32, device if backend == "triton" else "cpu")
+    dev = inputs[0].device
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        call_op(case, inputs, backend)
+        after = torch.rand(4, device=dev)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(4, device=dev))
 
 
 @pytest.mark.triton
@@ -642,11 +761,66 @@ def test_triton_refuses_bf16_under_the_interpreter(monkeypatch):
 
 
 @pytest.mark.triton
-def test_triton_declines_trainable_base(device):
+@pytest.mark.parametrize("trainable", ["weight_and_bias", "bias"])
+def test_triton_declines_trainable_base(trainable, device):
+    """The kernels give no gradient to W or b: a trainable weight, or only a trainable bias
+    under a frozen weight, is declined (backend='triton' raises), and 'auto' falls back to the
+    torch backend, which gives the bias its gradient (against the oracle)."""
     case = Case("frozen", "qkv", (4,), 8, 3, 2, base_grads=True)
     inputs = make_inputs(case, torch.float32, device)
+    if trainable == "bias":
+        inputs[1].requires_grad_(False)
     with pytest.raises(RuntimeError, match="frozen"):
         ace_kernels.lora_qkv(*inputs, scaling=0.5, backend="triton")
+    _, grads = compare_with_oracle(case, inputs, "auto", rtol=TRITON_RTOL, atol=TRITON_ATOL)
+    assert "bias" in grads and ("weight" in grads) == (trainable != "bias")
+
+
+@pytest.mark.parametrize("op,rank,declined", [("qkv", 21, False), ("qkv", 22, True), ("qkv", 64, True),
+                                              ("linear", 64, False), ("linear", 65, True)])
+def test_triton_rank_limit(op, rank, declined):
+    """P*r at most 64 (documented: lora_qkv rank at most 21, lora_linear 64): the limit is on
+    the stacked rank, not on r."""
+    from ace_kernels.lora import _triton_reasons
+
+    projections = 3 if op == "qkv" else 1
+    x, w = torch.empty(5, 8), torch.empty(projections * 4, 8)
+    a = torch.empty(projections, rank, 8) if op == "qkv" else torch.empty(rank, 8)
+    b = torch.empty(projections, 4, rank) if op == "qkv" else torch.empty(4, rank)
+    reasons = [r for r in _triton_reasons(x, w, None, a, b, 0.5, 0.1, True) if "triton failed to import" not in r]
+    assert reasons == ([f"rank {rank} is too large for the fused kernels (at most {64 // projections})"]
+                       if declined else [])
+
+
+@pytest.mark.triton
+def test_triton_declines_float64(device):
+    """float64 is the torch backend's only: backend='triton' raises saying so (auto falls back)."""
+    case = Case("fp64", "qkv", (4,), 8, 3, 2)
+    inputs = make_inputs(case, torch.float64, device)
+    with pytest.raises(RuntimeError, match="float64"):
+        ace_kernels.lora_qkv(*inputs, scaling=0.5, backend="triton")
+
+
+@pytest.mark.parametrize("lead,variant", [((2, 5), "large"), ((7,), "small"), ((), "small")])
+def test_dispatch_variant_is_chosen_by_all_rows_of_x(lead, variant, monkeypatch):
+    """The dispatch variant is ``rows_variant`` of M = numel / in (every leading dimension),
+    not of x's first dimension (SMALL_ROWS_LIMIT set to 8: [2, 5, 8] has 10 rows, [8] one)."""
+    from ace_kernels import _dispatch
+
+    seen = []
+    select = _dispatch.select
+
+    def spy(op, backend, tensors, args=(), kwargs=None, variant=None):
+        seen.append(variant)
+        return select(op, backend, tensors, args, kwargs, variant=variant)
+
+    monkeypatch.setattr(_dispatch, "select", spy)
+    monkeypatch.setattr(lora_module, "SMALL_ROWS_LIMIT", 8)
+    x = torch.randn(*lead, 8)
+    with torch.no_grad():
+        ace_kernels.lora_linear(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), scaling=0.5,
+                                backend="torch")
+    assert seen == [variant]
 
 
 @pytest.mark.triton
@@ -657,7 +831,8 @@ def test_triton_declines_trainable_base(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_triton_evaluation_merges_the_weights(case, dtype, device, monkeypatch):
     """No dropout and no graph (evaluation): the LoRA term is merged into the weight and the
-    call is one GEMM, with no kernel of ours. Against fp64: fp32 tight, fp16 within twice the
+    call is one GEMM (in float16, where a merged element could overflow, three unmerged
+    GEMMs), with no kernel of ours. Against fp64: fp32 tight, fp16 within twice the
     error of torch's own formula in fp16 (plus a floor of a few fp16 ulps of the output)."""
     class NoLaunch:
         def __getitem__(self, grid):
@@ -679,6 +854,28 @@ def test_triton_evaluation_merges_the_weights(case, dtype, device, monkeypatch):
         assert err <= 1e-5 * scale
     else:
         assert err <= 2 * (torch_same.double() - want).abs().max().item() + 4e-3 * scale
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_fp16_evaluation_with_a_large_merged_term_stays_finite(backend, device):
+    """training=False has no float16 limit on scaling * B A: here |scaling * B| = 2e4 < 65504
+    but each element of scaling * B A is 8e4 (inf in a float16 merged weight) while the output,
+    x being small, is ~640. Finite, and close to the fp64 oracle (a few fp16 ulps)."""
+    case = Case("fp16_eval_big_term", "linear", (3,), 8, 6, 4, bias=True, training=False)
+    dev = device if backend == "triton" else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((3, 8), 1e-3).to(dev, torch.float16)
+    weight = (torch.randn(6, 8, generator=gen) * 0.1).to(dev, torch.float16)
+    bias = torch.randn(6, generator=gen).to(dev, torch.float16)
+    lora_a = torch.ones(4, 8, device=dev, dtype=torch.float16)  # S = x A^T = 8e-3
+    lora_b = torch.ones(6, 4, device=dev, dtype=torch.float16)  # (B A)_ij = 4
+    inputs = (x, weight, bias, lora_a, lora_b)
+    with torch.no_grad():
+        (got,), mask = call_op(case, inputs, backend, scaling=2e4)
+    (want,) = call_oracle(case, fp64_leaves(*inputs), mask, scaling=2e4)
+    assert mask is None and got.dtype == torch.float16 and torch.isfinite(got).all()
+    assert 600 < want.abs().min() and want.abs().max() < 700
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-3, atol=0)
 
 
 @pytest.mark.triton
