@@ -59,13 +59,14 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
 
 
 def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
-        blocked_tiles=None, weight_bytes=None):
+        blocked_tiles=None, weight_bytes=None, image_grad=True):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
     ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
     (e.g. a peer that raised before a collective) fails instead of hanging the test.
     ``blocked_tiles``: force the Triton blocked strategy with these tiles and ``weight_bytes`` of
     weights (:func:`_blocked_strategy`), and save its backward's program counts too.
+    ``image_grad=False``: a frozen image tower (image_emb needs no gradient; grad_u is None).
     """
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -77,7 +78,7 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
         u, t, labels = make_global_batch(sizes, dim, with_labels)
         lo = sum(sizes[:rank])
         hi = lo + sizes[rank]
-        u_local = u[lo:hi].to(dtype).requires_grad_()
+        u_local = u[lo:hi].to(dtype).requires_grad_(image_grad)
         t_local = t[lo:hi].to(dtype).requires_grad_()
         scale = torch.tensor(30.0, dtype=dtype, requires_grad=True)
         local_labels = labels[lo:hi] if labels is not None else None
@@ -123,19 +124,25 @@ def run_mismatch(rank, world, port, out_dir):
         u, u, 10.0, group=dist.group.WORLD, backend="torch"))
 
 
-def run_grad_mismatch(rank, world, port, out_dir, timeout_s):
+def run_grad_mismatch(rank, world, port, out_dir, timeout_s, no_grad=False):
     """The last rank's image embeddings do not require grad (an empty rank's placeholder, say):
-    the backward would run other collectives there, so every rank must raise the same ValueError."""
+    the backward would run other collectives there, so every rank must raise the same ValueError.
+    ``no_grad``: the call under torch.no_grad(), where no backward runs and none is raised."""
     u = torch.randn(0 if rank == world - 1 else 3, 8, requires_grad=rank != world - 1)
     t = torch.randn(u.shape[0], 8, requires_grad=True)
-    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
-        u, t, 10.0, group=dist.group.WORLD, backend="torch"))
+
+    def call(ak):
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            ak.label_guided_infonce(u, t, 10.0, group=dist.group.WORLD, backend="torch")
+
+    _write_value_error(rank, world, port, out_dir, timeout_s, call)
 
 
-def run_empty_global(rank, world, port, out_dir, timeout_s):
-    """Every rank passes an empty local batch: every rank must raise the same ValueError."""
-    u = torch.randn(0, 8, requires_grad=True)
-    labels = torch.zeros(0, 14, dtype=torch.int64)
+def run_empty_global(rank, world, port, out_dir, timeout_s, shape=(0, 8)):
+    """Every rank passes an empty local batch (``shape``: [0, D], or [B, 0] rows of no width):
+    every rank must raise the same ValueError."""
+    u = torch.randn(*shape, requires_grad=True)
+    labels = torch.zeros(shape[0], 14, dtype=torch.int64)
     _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
 

@@ -126,6 +126,27 @@ def test_fp32_loss_is_never_negative(backend):
     loss.backward()
     assert 0.0 <= loss.item() < 3e-6
     assert u32.grad.abs().max() < 1e-6 and t32.grad.abs().max() < 1e-6
+    # Random pairs at s = 100, all labels equal: each term r_i - s u_i.t_i is +-1 ulp of rounding
+    # (the log-sum-exp's dot against the positive's); summed unclamped they came to -2.3e-7 here.
+    g = torch.Generator().manual_seed(0)
+    u, t = (F.normalize(torch.randn(64, 32, generator=g), dim=1) for _ in range(2))
+    assert ace_kernels.label_guided_infonce(u, t, 100.0, torch.ones(64, 3), backend=backend).item() >= 0.0
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_upstream_gradient_scales_every_gradient(backend, device):
+    """(k * loss).backward() gives k times the gradients of loss.backward(), for both embeddings
+    and the multiplier: the backward multiplies by the incoming gradient instead of taking it as 1
+    (the loss scaled by the world size under DDP, GradScaler, a weighted sum of losses)."""
+    u, t, s = (x.detach().float().to(device) for x in _inputs(19, 24, scale=20.0))
+    labels = _duplicated_labels(19, 3, 4).to(device)
+    grads = []
+    for k in (1.0, -2.5):
+        leaves = [x.clone().requires_grad_() for x in (u, t, s)]
+        (k * ace_kernels.label_guided_infonce(*leaves, labels, backend=backend)).backward()
+        grads.append([x.grad for x in leaves])
+    for name, one, scaled in zip(("image_emb", "text_emb", "logit_scale"), *grads):
+        torch.testing.assert_close(scaled, -2.5 * one, rtol=1e-5, atol=1e-7, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_large_logit_scale(monkeypatch):
@@ -192,10 +213,35 @@ def test_float_logit_scale_and_shape_one_tensor():
     want = label_guided_infonce_oracle(u, t, s).detach()
     got_float = ace_kernels.label_guided_infonce(u, t, 30.0, backend="torch")
     torch.testing.assert_close(got_float.detach(), want, rtol=0, atol=ATOL64)
+    # 78.35 is not an fp32 number: with fp64 embeddings the multiplier is taken in fp64 (in fp32,
+    # 78.34999847, each logit is off by 2e-8 relative and the loss by ~1e-7).
+    got_float = ace_kernels.label_guided_infonce(u, t, 78.35, backend="torch")
+    want = label_guided_infonce_oracle(u, t, 78.35).detach()
+    torch.testing.assert_close(got_float.detach(), want, rtol=0, atol=ATOL64)
     s1 = torch.tensor([30.0], dtype=torch.float32, requires_grad=True)
     loss = ace_kernels.label_guided_infonce(u, t, s1, backend="torch")
     loss.backward()
     assert s1.grad.shape == (1,) and s1.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_fp16_embeddings_take_the_multiplier_in_fp32(backend, device):
+    """16-bit embeddings accumulate in fp32, the multiplier included: an fp32 logit_scale of 78.35
+    (78.375 once rounded to fp16, which moves this loss by 1.2e-2 and its gradient by 6e-5) gives
+    the fp64 oracle's loss and multiplier gradient on the same values at fp32 accuracy."""
+    u, t, _ = _inputs(32, 16, dtype=torch.float16)
+    u, t = u.detach().to(device), t.detach().to(device)
+    labels = _duplicated_labels(32, 3, 4).to(device)
+    s = torch.tensor(78.35, dtype=torch.float32, device=device, requires_grad=True)
+    s64 = s.detach().double().requires_grad_()
+    ref = label_guided_infonce_oracle(u.double(), t.double(), s64, labels)
+    ref.backward()
+    loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == torch.float32
+    # Logits up to ~78 in fp32 (~78 * 6e-8 each): the loss came within 8e-7, the gradient 9e-8.
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=0, atol=1e-6)
 
 
 def test_equals_open_clip_clip_loss():
@@ -239,7 +285,7 @@ def test_module_refuses_cuda_and_prints_on_meta():
 
 def test_module_learns_the_multiplier_itself():
     module = ace_kernels.LabelGuidedInfoNCE(78.35)
-    assert isinstance(module.logit_scale, torch.nn.Parameter)
+    assert isinstance(module.logit_scale, torch.nn.Parameter) and module.logit_scale.dtype == torch.float32
     assert abs(module.logit_scale.item() - 78.35) < 1e-5
     u, t, _ = _inputs(16, 8)
     labels = _duplicated_labels(16, 14, 3)
@@ -262,6 +308,8 @@ def _key_cases():
     nan = float("nan")
     yield "signed_zero_and_nan", torch.tensor([[0.0, 1.0], [-0.0, 1.0], [nan, 1.0], [nan, 1.0], [0.0, 1.0],
                                                 [1.0, nan], [1.0, nan]])
+    # A NaN row at index 0 (its key must not be that of the first group of ordinary rows).
+    yield "nan_row_first", torch.tensor([[nan, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [-1.0, 0.0]])
     yield "int64_extremes", torch.tensor([2**62, -2**62, 2**62, 0, -1, 2**63 - 1, -2**63, -1])
     yield "strided_view", torch.randint(0, 2, (14, 30), generator=g).t()[:, 3:9]
     yield "empty_rows", torch.zeros(6, 0)
@@ -359,13 +407,17 @@ ERRORS = [
     ("text_emb", lambda u, t, s, y: (u, t.float(), s, y)),
     ("image_emb", lambda u, t, s, y: (u.long(), t.long(), s, y)),
     ("image_emb", lambda u, t, s, y: (u[:0], t[:0], s, y[:0])),
+    ("image_emb", lambda u, t, s, y: (u[:, :0], t[:, :0], s, y)),  # D = 0
+    ("text_emb", lambda u, t, s, y: (u, t.to("meta"), s, y)),  # another device than image_emb
     ("labels", lambda u, t, s, y: (u, t, s, y[:9])),
     ("labels", lambda u, t, s, y: (u, t, s, y[:, :, None])),
     ("labels", lambda u, t, s, y: (u, t, s, y.to(torch.complex64))),
+    ("labels", lambda u, t, s, y: (u, t, s, y.to("meta"))),
     ("logit_scale", lambda u, t, s, y: (u, t, torch.ones(2), y)),
     ("logit_scale", lambda u, t, s, y: (u, t, "30", y)),
     ("logit_scale", lambda u, t, s, y: (u, t, True, y)),
     ("logit_scale", lambda u, t, s, y: (u, t, torch.tensor(3), y)),
+    ("logit_scale", lambda u, t, s, y: (u, t, s.to("meta"), y)),
     ("logit_scale", lambda u, t, s, y: (u, t, 10**400, y)),  # was an OverflowError naming nothing
 ]
 
@@ -409,6 +461,8 @@ TRITON_CASES = [
     ("row_blocks_per_program", 90, 24, lambda b: _duplicated_labels(b, 3, 5)),
     ("d_64_widest_one_dot", 19, 64, lambda b: _duplicated_labels(b, 3, 4)),
     ("odd_d_two_chunks_k_steps", 37, 77, lambda b: _duplicated_labels(b, 3, 4)),
+    # D = 5 * 16 + 1: the last K step holds a single column.
+    ("d_one_past_k_tiles", 20, 81, lambda b: _duplicated_labels(b, 3, 3)),
 ]
 
 
@@ -455,6 +509,10 @@ def test_triton_strided_rows(device):
     t_view = t.detach().to(device)[:, 5:55].requires_grad_()
     assert u_view.stride(0) == 72
     _check_triton_fp32(u_view, t_view, s, _duplicated_labels(21, 3, 4).to(device), device)
+    # Different row strides for u and t (u compact, t a view): each is read with its own stride.
+    u_compact = u.detach().to(device)[:, 3:53].contiguous().requires_grad_()
+    assert (u_compact.stride(0), t_view.stride(0)) == (50, 72)
+    _check_triton_fp32(u_compact, t_view, s, _duplicated_labels(21, 3, 4).to(device), device)
     # Column strides other than 1 (a transposed buffer, every other column): the kernels read rows
     # with unit stride, so such a view is copied first, never read as if contiguous.
     u_cols = u.detach().to(device)[:, :24].t().contiguous().t().requires_grad_()
@@ -525,6 +583,11 @@ def test_triton_check_rejects_int32_column_offsets():
     assert any("2^31" in r for r in contrastive._triton_check(u, u))
     v = torch.as_strided(torch.empty(1), (2**21, 512), (0, 0))
     assert contrastive._triton_check(v, v) == []
+    # The row strides of both: a compact u (2^30 elements) with t a view of a 1024-wide buffer.
+    u = torch.empty_strided((2**21, 512), (512, 1), device="meta")
+    t = torch.empty_strided((2**21, 512), (1024, 1), device="meta")
+    assert any("2^31" in r for r in contrastive._triton_check(u, t))
+    assert any("2^31" in r for r in contrastive._triton_check(t, u))
 
 
 def test_gpu_launch_configuration_and_its_flop_count():
@@ -544,11 +607,11 @@ def test_gpu_launch_configuration_and_its_flop_count():
     assert contrastive._triton_matmul_flops(batch, 1024, torch.bfloat16) == 14 * batch**2 * 1024
 
 
-def _check_owned_shares(batch, shares, device):
+def _check_owned_shares(batch, shares, device, dim=20):
     """The Triton backend's owned shares ``[(lo, hi), ...]`` (as with group=; they partition
     the batch) add up to the fp64 oracle's loss and gradients, with logit_scale 100 and
     duplicates; an empty share (lo == hi) is 0 with zero gradients."""
-    u, t, s = _inputs(batch, 20, scale=100.0, dtype=torch.float32)
+    u, t, s = _inputs(batch, dim, scale=100.0, dtype=torch.float32)
     u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
     s32 = s.detach().float().to(device).requires_grad_()
     labels = _duplicated_labels(batch, 14, 3).to(device)
@@ -588,6 +651,9 @@ def test_config_keys_name_the_path_a_call_takes():
 @pytest.mark.triton
 def test_triton_large_scale_and_owned_shares(device):
     _check_owned_shares(29, [(0, 17), (17, 17), (17, 29)], device)  # (17, 17): an empty rank's zero share
+    # The owned-share forward's K steps (D > 64 under the interpreter), with D and the batch one
+    # past a multiple of the 16-wide tiles: the last K step and the last column tile hold one each.
+    _check_owned_shares(33, [(0, 17), (17, 33)], device, dim=81)
 
 
 # The blocked strategy (STRATEGY="blocked", swept on a GPU), forced for both kernels with the
