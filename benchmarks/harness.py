@@ -769,15 +769,13 @@ def write_json(path: str, environment: Environment, rows: Sequence[Row], extra: 
         "run": extra or {},
         "rows": [r.to_json() for r in rows],
     })
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=1, allow_nan=False, default=_json_default)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def dump(handle: TextIO) -> None:
+        json.dump(payload, handle, indent=1, allow_nan=False, default=_json_default)
+        handle.write("\n")
+
+    _replace_file(path, dump)
 
 
 def _finite(value):
