@@ -7,10 +7,10 @@ compares with one process on the concatenated batch computed here.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,21 +44,23 @@ LAUNCH_TIMEOUT_S = 240  # generous: startup of two Python processes on a loaded 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(mode: str, world: int, out: Path, *extra: str, argv: list[str] | None = None) -> list[str]:
     """Run ``world`` ranks of the worker in ``mode`` (or of ``argv``, a command of its own), as
-    torchrun would, and return their outputs; each must exit 0."""
-    port = _free_port()
+    torchrun would, and return their outputs; each must exit 0.
+
+    As under torchrun, the launcher (this process) serves the rendezvous store and every rank is
+    a client of it (TORCHELASTIC_USE_AGENT_STORE): a rank 0 that served the store itself could
+    tear its server down while the other ranks still used it, and once aborted at exit
+    ("terminate called without an active exception") after a correct run.
+    """
+    store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=LAUNCH_TIMEOUT_S))
     command = argv or [sys.executable, str(WORKER), "--mode", mode, "--out", str(out), *extra]
     procs = []
     for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), RANK=str(rank),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   TORCHELASTIC_USE_AGENT_STORE="True")
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     try:
@@ -69,6 +71,7 @@ def _launch(mode: str, world: int, out: Path, *extra: str, argv: list[str] | Non
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        del store  # the server stops once no rank can still reach it
     for rank, (proc, text) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{text[-3000:]}"
     return outputs
