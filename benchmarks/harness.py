@@ -856,8 +856,9 @@ def _check_result_fields(payload) -> None:
 
 def _replace_file(path: str, write: Callable[[TextIO], None]) -> None:
     """``write(handle)`` a new text file, then put it in the place of ``path`` atomically: into a
-    temp file beside ``path``, flushed and fsynced, then renamed over it. A failed write (a full
-    disk) or a crash leaves ``path`` as it was, never half written; the temp file is removed."""
+    temp file beside ``path``, flushed and fsynced, then renamed over it, and the directory fsynced
+    (the rename durable too). A failed write (a full disk) or a crash leaves ``path`` as it was,
+    never half written; the temp file is removed."""
     directory, name = os.path.split(os.path.abspath(path))
     # A name of this write alone (the pid and a random part: two runs of a tool never share a
     # temp file), made as open() makes a file, mode 0666 less the umask (mkstemp's 0600 would
@@ -874,6 +875,11 @@ def _replace_file(path: str, write: Callable[[TextIO], None]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    dir_fd = os.open(directory, os.O_RDONLY)  # the rename itself durable, as ace_model/_atomic.py makes it
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,

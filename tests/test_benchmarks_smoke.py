@@ -843,7 +843,8 @@ def test_dispatch_order_without_orders_writes_nothing(tmp_path):
 
 def test_package_files_are_replaced_atomically(tmp_path, monkeypatch):
     """The tools write their package file through a temp file of their own beside it (another
-    run's temp file is no concern of theirs), fsynced before it is renamed over the file: a write
+    run's temp file is no concern of theirs), fsynced before it is renamed over the file, the
+    directory fsynced after: a write
     that fails midway (a full disk) leaves the old file as it was, and no temp file behind."""
     import errno
 
@@ -883,8 +884,9 @@ def test_package_files_are_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     assert dispatch_order.main([str(results), "--out", str(out)]) == 0
-    (_, synced), (_, renamed, src, dst) = events
+    (_, synced), (_, renamed, src, dst), (_, directory) = events
     assert synced == renamed and os.path.dirname(src) == str(tmp_path) and dst == str(out), events
+    assert directory == os.stat(tmp_path).st_ino, events  # then the rename made durable
     assert json.loads(out.read_text())["by_device"]["NVIDIA H200"]["lora_qkv"] == ["triton", "torch"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "order.json.tmp").read_text() == "another run's"
