@@ -31,8 +31,8 @@
 #      afresh for every call) and a later call compares it (a second call on a warm machine) (cap 120 s)
 #   3. python3 -m ace_kernels.info, into gpu_check.log                              (cap 30 s)
 #   4. the GPU tests: first pytest -m gpu (the GPU-only tests, bf16 among them), then
-#      -m "triton and not gpu", test_compile.py last; collection errors of modules that need
-#      packages missing there do not stop the others                                 (cap 100 s)
+#      -m "triton and not gpu", test_compile.py last, in 4 pytest-xdist processes; collection
+#      errors of modules that need packages missing there do not stop the others     (cap 100 s)
 #   5. the benchmark suite on the GPU shapes (all the time left): one process per family, each
 #      appending to one JSON (a GPU fault or a hang loses only that family), the JSON rewritten
 #      after every configuration, what no longer fits the time left skipped with the reason;
@@ -54,6 +54,7 @@
 # Switches: GPU_CHECK_BUDGET (s, default 540), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_FORCE_BUILD=1,
 # GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_TESTS_CAP (s, default 100), GPU_CHECK_TEST_FILES="tests/test_lora.py ..."
 # (the test files of both passes, in order; default all, test_compile.py last),
+# GPU_CHECK_TEST_WORKERS (pytest-xdist processes for the tests when it is importable, default 4; 1: none),
 # GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
 # GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all),
 # GPU_CHECK_PROFILE=1 (before the suite, a torch.profiler breakdown of the LoRA, hypergraph and
@@ -252,6 +253,13 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
 else
     TIMEOUT_OPT=""
     timeout 30 $PY -c "import pytest_timeout" >/dev/null 2>&1 && TIMEOUT_OPT="--timeout=60"
+    # pytest-xdist (the image has it): GPU_CHECK_TEST_WORKERS processes share the card. Much of
+    # a GPU test's time is the host's (Triton compiles, Python, launches), which 16 cores run side
+    # by side; the 2026-11-30 run's -m gpu pass alone took 85 of the 100 s on one process.
+    WORKERS=${GPU_CHECK_TEST_WORKERS:-4}
+    if [ "$WORKERS" -gt 1 ] && timeout 30 $PY -c "import xdist" >/dev/null 2>&1; then
+        TIMEOUT_OPT="$TIMEOUT_OPT -n $WORKERS"
+    fi
     FIRST="tests/test_model.py tests/test_training.py tests/test_contrastive.py"
     TEST_FILES=${GPU_CHECK_TEST_FILES:-$(for f in $FIRST; do [ -f "$f" ] && echo "$f"; done; ls tests/test_*.py | grep -v -e '/test_compile.py$' \
         -e '/test_model.py$' -e '/test_training.py$' -e '/test_contrastive.py$'; ls tests/test_compile.py 2>/dev/null)}

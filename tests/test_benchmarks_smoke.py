@@ -800,6 +800,8 @@ def test_gpu_check_budget_plan_is_in_the_script():
     assert "BUDGET=${GPU_CHECK_BUDGET:-540}" in text and "timeout_s=570" in text
     assert "run_stage build 120 " in text and 'run_stage tests "${GPU_CHECK_TESTS_CAP:-100}" ' in text
     assert text.index("-m gpu $common") < text.index('-m "triton and not gpu" $common')
+    # The tests in several pytest-xdist processes where the image has it (one took 85 of the 100 s).
+    assert 'import xdist' in text and 'TIMEOUT_OPT="$TIMEOUT_OPT -n $WORKERS"' in text
     assert '--hard-deadline "$BENCH_DEADLINE"' in text and "budget_left_s - 60" in text
     assert "~280 s, its budget ~235 s" in text  # the header's arithmetic (test_budget_arithmetic)
     assert "STEM=$(timeout 60 $PY - <<'EOF'" in text  # every python call outside a stage is bounded

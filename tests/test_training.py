@@ -1479,7 +1479,8 @@ def test_graphed_step_replays_the_eager_step(kind, precision):
     eager = []
     for b_images, b_ids, b_labels in batches:
         model.zero_grad(set_to_none=True)
-        loss = chunked_train_step(model, b_images, b_ids, b_labels, loss_fn=dense_label_infonce, precision=precision)
+        loss = chunked_train_step(model, b_images, b_ids, b_labels, chunk_size=None, loss_fn=dense_label_infonce,
+                                  precision=precision)
         eager.append((loss.clone(), trainable_grads(model)))
         assert_no_zero_gradient(eager[-1][1])
     eager_next = torch.rand(4, device="cuda")
