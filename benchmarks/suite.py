@@ -460,8 +460,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="torch CPU threads (default: torch's choice). On a shared machine use fewer threads "
                              "than idle cores: oversubscribed OpenMP threads spin and times explode")
     parser.add_argument("--tier", choices=TIERS, default="all",
-                        help="all (default); cheap: leave out the costly GPU items (largest-batch search, B=16,384 "
-                             "chunked training); costly: only those, with what they are compared with in the same run")
+                        help="all (default); cheap: leave out the costly items (the largest-batch search, the training "
+                             "family's chunked steps, the B=1,000,000 probe, the tuning sweep); costly: only those, "
+                             "with what they are compared with in the same run")
     parser.add_argument("--compile-baselines", choices=("auto", "on", "off"), default="auto",
                         help="also time the main baselines under torch.compile (inductor), named <baseline>+compile "
                              "(auto: on for full CPU runs; off with --quick and on a GPU, where compiling costs "
