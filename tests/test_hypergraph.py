@@ -8,6 +8,7 @@ tiny shapes (marked ``triton``); real-size GPU checks are marked ``gpu``.
 
 import dataclasses
 import os
+import types
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ace_kernels
 from ace_kernels import hypergraph as hg
 from _released import released_path
-from oracle_hypergraph import oracle_hypergraph
+from oracle_hypergraph import oracle_hypergraph, oracle_incidence
 
 PARAM_NAMES = ("x", "cls_attn", "edge.down_weight", "edge.down_bias", "edge.up_weight", "edge.up_bias",
                "node.down_weight", "node.down_bias", "node.up_weight", "node.up_bias")
@@ -292,6 +293,39 @@ def test_zero_norm_tokens(cls_only):
         assert_close_scaled(got, want, 1e-10, f"grad {name}")
 
 
+def check_tokens_under_the_norm_clamp(backend, dtype, cls_only, tiny_is_query, rel, device="cpu"):
+    """Tokens with 0 < |x| < 1e-12: F.normalize divides them by the clamp (x / 1e-12), so the
+    gradient through the norm is 0 there (max(|x|, eps) is constant in x) and only the 1/eps
+    term remains. Zero tokens cannot tell the two apart (x = 0 multiplies the norm's term);
+    these can. N = k + 2, so every patch row keeps all its candidates (no selection ties) and
+    the tiny token is every other patch's neighbour; ``tiny_is_query`` puts it in the CLS row's
+    top-k (a query of the cls_only path, whose own norm's term then dominates its gradient
+    row), else out of it (a neighbour only: the neighbours' norm terms)."""
+    B, N, D, H, k = 2, 7, 20, 4, 5
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), dtype=torch.float64, seed=13)
+    x[:, 2] *= 0.5e-12 / x[:, 2].norm(dim=-1, keepdim=True)  # half the clamp
+    c[:, 1] = 10.0 if tiny_is_query else -10.0  # token 2 (patch 1) in or out of the CLS row's top-k
+    x, c = x.to(dtype=dtype, device=device), c.to(dtype=dtype, device=device)
+    edge, node = [p.to(dtype=dtype, device=device) for p in edge], [p.to(dtype=dtype, device=device) for p in node]
+    tiny = x.double().norm(dim=-1) < 1e-12
+    assert tiny[:, 2].all() and (x.double().norm(dim=-1) > 0).all()
+    out, grads = ours_run(x, c, edge, node, k, cls_only, backend)
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+    assert_close_scaled(out, ref_out, rel, "output")
+    assert_grad_x_close(grads[0], ref_grads[0], tiny, rel, "grad x")
+    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+        assert_close_scaled(got, want, rel, f"grad {name}")
+
+
+TINY_TOKEN_CASES = pytest.mark.parametrize("cls_only, tiny_is_query", [(False, True), (True, True), (True, False)],
+                                           ids=["full", "cls_only-query", "cls_only-neighbour"])
+
+
+@TINY_TOKEN_CASES
+def test_tokens_under_the_norm_clamp(cls_only, tiny_is_query):
+    check_tokens_under_the_norm_clamp("torch", torch.float64, cls_only, tiny_is_query, 1e-10)
+
+
 def test_non_contiguous_inputs():
     B, N, D, H, k = 3, 11, 18, 5, 4
     x, c, edge, node, _ = make_inputs((B, N, D, H, k), seed=5)
@@ -382,6 +416,9 @@ def _call(x, c, edge, node, k, **kw):
 @pytest.mark.parametrize("case, match", [
     ("x_rank", "argument 'x'"),
     ("x_dtype", "argument 'x'"),
+    ("x_empty_batch", "argument 'x': expected a non-empty"),
+    ("x_no_features", "argument 'x': expected a non-empty"),
+    ("cls_batch", "argument 'cls_attn': expected shape \\[2, 6\\]"),
     ("cls_shape", "argument 'cls_attn'"),
     ("cls_rank", "argument 'cls_attn'"),
     ("cls_dtype", "argument 'cls_attn'"),
@@ -392,9 +429,12 @@ def _call(x, c, edge, node, k, **kw):
     ("topk_bool", "argument 'topk': expected an integer >= 1, got True"),
     ("adapter_len", "argument 'edge_adapter'"),
     ("adapter_type", "argument 'node_adapter'"),
+    ("adapter_len5", "argument 'edge_adapter'.*length 5"),
+    ("adapter_down_only", "argument 'node_adapter'.*got SimpleNamespace"),
     ("down_weight_shape", "argument 'edge_adapter.down_weight'"),
     ("down_bias_shape", "argument 'edge_adapter.down_bias'"),
     ("up_weight_shape", "argument 'node_adapter.up_weight'"),
+    ("up_weight_rows", "argument 'edge_adapter.up_weight': expected shape \\[40, 6\\]"),
     ("up_bias_shape", "argument 'node_adapter.up_bias'"),
     ("adapter_dtype", "argument 'edge_adapter.up_bias'"),
     ("adapter_device", "argument 'node_adapter.down_weight'"),
@@ -409,6 +449,14 @@ def test_value_errors(case, match):
         x = x[0]
     elif case == "x_dtype":
         x = x.to(torch.int32)
+    elif case == "x_empty_batch":
+        x, c = x[:0], c[:0]
+    elif case == "x_no_features":  # D = 0, with adapters of width 0 to match
+        x = x[..., :0]
+        edge = [edge[0][:, :0], edge[1], edge[2][:0], edge[3][:0]]
+        node = [node[0][:, :0], node[1], node[2][:0], node[3][:0]]
+    elif case == "cls_batch":
+        c = c[:1]
     elif case == "cls_shape":
         c = c[:, 1:]
     elif case == "cls_rank":
@@ -429,12 +477,18 @@ def test_value_errors(case, match):
         edge = edge[:3]
     elif case == "adapter_type":
         node = "adapter"
+    elif case == "adapter_len5":
+        edge = edge + [edge[3]]
+    elif case == "adapter_down_only":  # a .down linear but no .up
+        node = types.SimpleNamespace(down=torch.nn.Linear(40, 6))
     elif case == "down_weight_shape":
         edge[0] = edge[0][:, 1:]
     elif case == "down_bias_shape":
         edge[1] = edge[1][1:]
     elif case == "up_weight_shape":
         node[2] = node[2][:, 1:]
+    elif case == "up_weight_rows":  # right hidden width, wrong feature width
+        edge[2] = edge[2][1:]
     elif case == "up_bias_shape":
         node[3] = node[3][1:]
     elif case == "adapter_dtype":
@@ -461,6 +515,33 @@ def test_the_module_refuses_bools_for_its_sizes():
         for flag in (True, np.bool_(True)):
             with pytest.raises(ValueError, match=rf"argument '{name}': expected an integer >= 1, got "):
                 ace_kernels.ACEHypergraph(**{name: flag})
+
+
+def test_the_module_checks_the_width_of_x_and_shows_its_settings():
+    """ACEHypergraph names x (and its own dim) when x's feature width is not the module's,
+    rather than an adapter weight the caller never passed; its repr shows dim, hidden, topk
+    and a non-default deterministic."""
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3)
+    x, c, *_ = _good()
+    with pytest.raises(ValueError, match=r"argument 'x': expected features of width 40 \(this module's dim\), "
+                                         r"got shape \[2, 7, 39\]"):
+        module(x[..., 1:], c)
+    assert module.extra_repr() == "dim=40, hidden=6, topk=3"
+    assert ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3, deterministic=False).extra_repr() == (
+        "dim=40, hidden=6, topk=3, deterministic=False")
+
+
+def test_kernels_refuse_float64():
+    """float64 x goes to the torch backend only: the kernels compute in float32, so an explicit
+    triton (or cuda) backend refuses it with the reason, and auto never picks them for it (on a
+    GPU machine, where auto would otherwise route it to the kernels)."""
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"])
+    reasons = hg._kernel_check(x, c, tuple(edge), tuple(node), k, False)
+    assert any("float64" in r for r in reasons), reasons
+    assert hg._kernel_check(x.float(), c, tuple(edge), tuple(node), k, False) == []
+    if "triton" in ace_kernels.available_backends():
+        with pytest.raises(RuntimeError, match="float64 inputs are handled by the torch backend only"):
+            _call(x, c, tuple(edge), tuple(node), k, backend="triton")
 
 
 def test_explicit_cuda_backend_without_gpu_says_why():
@@ -639,6 +720,67 @@ def test_kernels_non_finite_inputs_do_not_crash(backend, where, device):
         assert torch.isfinite(out[1]).all()
 
 
+@TINY_TOKEN_CASES
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_tokens_under_the_norm_clamp(backend, cls_only, tiny_is_query, device):
+    """The torch backend's tiny-token case on the kernels (the fused cls_only backward computes
+    the norms' terms itself, and zeroes them under the clamp)."""
+    _needs_kernels(backend, device)
+    check_tokens_under_the_norm_clamp(backend, torch.float32, cls_only, tiny_is_query, 1e-4, device)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf inside the interpreter
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_rank_a_nan_score_first(backend, device):
+    """A NaN similarity ranks above every number, as in torch.topk: every row selects the NaN
+    token, and the softmax of a selection holding a NaN is NaN in every slot (torch.softmax's);
+    the other sample's rows are those of the torch top-k. Both kernel paths: norms given, and
+    computed in the kernel (the fused cls_only selection)."""
+    _needs_kernels(backend, device)
+    topk_rows = hg._triton_topk_rows if backend == "triton" else hg._cuda_topk_rows
+    gen = torch.Generator().manual_seed(17)
+    B, M, D, k = 2, 40, 12, 3  # two similarity tiles under the interpreter
+    pn = torch.randn(B, M, D, generator=gen)
+    nan_at = 23  # in the second tile
+    pn[0, nan_at, 5] = float("nan")
+    inv = 1.0 / torch.linalg.vector_norm(pn, dim=-1).clamp_min(1e-12)
+    want_idx, want_w = hg._torch_topk_rows(pn, inv, None, k)
+    rows = torch.arange(M).expand(B, M)
+    variants = [("inv_norm given", lambda: topk_rows(pn.to(device), inv.to(device), None, k))]
+    if backend == "triton":
+        variants.append(("norms in the kernel", lambda: hg._triton_cls_select(pn.to(device), rows.to(device), k)))
+    for name, run in variants:
+        idx, w = (t.cpu() for t in run())
+        for r in range(M):
+            assert torch.isnan(w[0, r]).all(), (name, r)
+            if r != nan_at:  # the NaN token's own row: every score NaN, a tie
+                assert nan_at in idx[0, r].tolist(), (name, r)
+                assert sorted(idx[0, r].tolist()) == sorted(want_idx[0, r].tolist()), (name, r)
+        assert torch.equal(idx[1].sort(-1).values, want_idx[1].sort(-1).values), name
+        torch.testing.assert_close(w[1].sort(-1).values, want_w[1].sort(-1).values)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_keep_a_non_finite_cls_token_out_of_rows_that_do_not_read_it(backend, device):
+    """The kernels skip structurally empty slots (column -1): an inf in the CLS token reaches
+    exactly the output rows j with A[i, j] != 0 for some row i with A[i, 0] != 0 (the dense
+    reference's non-zero pattern); every other row stays finite. Token 0 takes no part in the
+    patches' selection, so that pattern is the one of the finite input."""
+    _needs_kernels(backend, device)
+    B, N, D, H, k = 2, 16, 12, 4, 2
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), dtype=torch.float32, seed=19)
+    reads_x0 = []
+    for b in range(B):
+        a = oracle_incidence(x[b].double(), c[b].double(), k) != 0
+        reads_x0.append((a & a[:, :1]).any(0))  # C[j] sums A[i, j] E'[i]; E[i] reads x_0 iff A[i, 0] != 0
+    reads_x0 = torch.stack(reads_x0)
+    assert reads_x0.any(1).all() and (~reads_x0).any(1).all()  # both kinds of rows in each sample
+    x[:, 0] = float("inf")
+    out = ace_kernels.ace_hypergraph(x.to(device), c.to(device), tuple(p.to(device) for p in edge),
+                                     tuple(p.to(device) for p in node), topk=k, backend=backend).cpu()
+    assert torch.equal(torch.isfinite(out).all(-1), ~reads_x0)
+
+
 def test_the_transposed_incidence_lists_each_column_in_order_and_empty_slots_last():
     """_transpose_csr (the deterministic scatter's plan): column r's entries are those whose slot
     names r, in increasing entry order (a fixed summation order, the same on every backend), and
@@ -745,6 +887,48 @@ def test_triton_atomic_scatter_matches_oracle(shape, cls_only, monkeypatch, devi
         assert not calls  # the fused cls_only kernels have no scatter, deterministic or not
     else:
         assert len(calls) >= 2  # the forward C = A^T E' and the incidence weights' backward
+
+
+@pytest.mark.triton
+def test_triton_float16_norms_over_the_float16_range(device):
+    """float16 tokens whose norm exceeds float16's largest value (65504) while every feature is
+    finite: the norms are computed in float32 (as for x.float()), so their cosines, hence the
+    neighbours chosen, are those of the float64 reference; a float16 norm would be inf and the
+    token's cosines 0."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    shape = (2, 9, 40, 6, 3)
+    x, c, edge, node, k = make_inputs(shape, dtype=torch.float16, seed=23, device=device)
+    x[:, 1:] = x[:, 1:].clamp(-3.5, 3.5) * 2.0 ** 14  # exact in float16; norms ~ 16384 sqrt(40) > 65504
+    edge[0] = edge[0] * 2.0 ** -12  # keeps the output within float16's range
+    assert (x.float().norm(dim=-1)[:, 1:] > 65504).all() and torch.isfinite(x).all()
+    out, grads = ours_run(x, c, edge, node, k, False, "triton")
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, False)
+    assert_close_scaled(out, ref_out, 2 ** -9, "output")
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        if name != "edge.down_weight":  # ~1e6 (it multiplies x): over float16's range, inf in both
+            assert_close_scaled(got, want, 2 ** -9, f"grad {name}")
+
+
+@pytest.mark.triton
+def test_module_deterministic_default_and_override(monkeypatch, device):
+    """ACEHypergraph(deterministic=False) makes the atomic scatter its forward's default, and
+    forward(deterministic=...) overrides the module's setting either way."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    used = []
+    for name in ("TRITON_PRIMITIVES", "TRITON_ATOMIC_PRIMITIVES"):
+        prims = getattr(hg, name)
+        monkeypatch.setattr(hg, name, dataclasses.replace(
+            prims, scatter_sum=lambda *a, _name=name, _f=prims.scatter_sum: used.append(_name) or _f(*a)))
+    x, c, *_ = make_inputs(SHAPES["n7_d40"], dtype=torch.float32, device=device)
+    for module_det, call_det, want in ((False, None, "TRITON_ATOMIC_PRIMITIVES"), (True, None, "TRITON_PRIMITIVES"),
+                                       (False, True, "TRITON_PRIMITIVES"), (True, False, "TRITON_ATOMIC_PRIMITIVES")):
+        torch.manual_seed(0)
+        module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3, deterministic=module_det).to(device)
+        used.clear()
+        module(x, c, backend="triton", deterministic=call_det)
+        assert used and set(used) == {want}, (module_det, call_det, used)
 
 
 @pytest.mark.triton
