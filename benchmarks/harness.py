@@ -793,7 +793,7 @@ def _finite(value):
 
 def _json_default(value):
     if isinstance(value, torch.Tensor):
-        return value.item()
+        return _finite(value.item())  # a tensor's inf or nan as the strings too (json.dump refuses them)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

@@ -1922,3 +1922,392 @@ def test_a_gpu_environment_records_the_cards_memory_and_driver(monkeypatch):
         assert env.device == "NVIDIA H200" and env.device_memory_mib == 143167.1 and env.driver == driver
     cpu = harness.Environment.probe(torch.device("cpu"))
     assert cpu.device_memory_mib is None and cpu.driver is None
+
+# ------------------------------------------------------------------------------------------------
+# Measuring, judging and recording, pinned against a fake clock and stubbed CUDA calls (found by
+# mutation testing: each test below fails for a small plausible slip in the harness or the suite)
+# ------------------------------------------------------------------------------------------------
+
+
+class _FakeClock:
+    """``harness.time`` stand-in: ``perf_counter`` reads ``now``, which the measured calls advance."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+    def calls(self, seconds):
+        """A call that takes ``seconds[i]`` on its i-th call (the last value after that); its calls
+        are counted in ``self.made``."""
+        self.made = 0
+
+        def fn():
+            self.now += seconds[min(self.made, len(seconds) - 1)]
+            self.made += 1
+        return fn
+
+
+def test_cpu_timing_times_each_call_and_keeps_to_its_budgets(monkeypatch):
+    """The CPU loop times each call on its own (not the time since the loop began), stops at
+    ``max_reps`` and at ``max_seconds`` even when the calls grow slower than the first one, and
+    ``measure`` keeps a first call (a compile, say) out of the times: the memory call is that
+    warm-up, or one more call without ``with_memory``."""
+    clock = _FakeClock()
+    monkeypatch.setattr(harness, "time", clock)
+    cpu = torch.device("cpu")
+    timing = harness.time_call(clock.calls([0.002]), device=cpu, min_reps=5, max_reps=50, min_seconds=1.0,
+                               max_seconds=20.0, warmup_calls=0)
+    assert timing.runs == 50 and timing.median_ms == pytest.approx(2.0) and timing.spread_ms == pytest.approx((2, 2))
+    # 1 ms, then 10 s a call: at 20 s the budget is spent, after 3 of the 5 calls min_reps asks for.
+    timing = harness.time_call(clock.calls([0.001, 10.0]), device=cpu, min_reps=5, min_seconds=1.0,
+                               max_seconds=20.0, warmup_calls=0)
+    assert timing.runs == 3
+    # A first call of 50 s, then 1 s: the first call is never one of the timed ones.
+    fn = clock.calls([50.0, 1.0])
+    meas = harness.measure(fn, device=cpu, with_memory=False, min_reps=3, min_seconds=0.0, max_seconds=100.0)
+    assert meas.error is None and meas.median_ms == pytest.approx(1000.0) and meas.runs == 3 and clock.made == 4
+    fn = clock.calls([50.0, 1.0])
+    meas = harness.measure(fn, device=cpu, with_memory=True, min_reps=3, min_seconds=0.0, max_seconds=100.0)
+    assert meas.error is None and meas.median_ms == pytest.approx(1000.0) and meas.peak_mib is not None
+    assert clock.made == 1 + meas.runs  # the memory call, then the timed ones: no second warm-up
+
+
+def test_summarize_gives_the_median_spread_and_interquartile_range():
+    """Median (not mean), (min, max) of unsorted times, and an IQR from 4 times on."""
+    median, spread, iqr = harness.summarize([4.0, 1.0, 3.0, 2.0])
+    assert median == 2.5 and spread == (1.0, 4.0) and iqr is not None and iqr > 0
+    median, spread, iqr = harness.summarize([9.0, 1.0, 2.0])
+    assert median == 2.0 and spread == (1.0, 9.0) and iqr is None
+
+
+def _stub_cuda_memory(monkeypatch, *, live_mib, peak_mib):
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: live_mib * harness.MIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak_mib * harness.MIB)
+
+
+def test_gpu_peak_memory_counts_only_what_the_call_adds(monkeypatch):
+    """GPU peak memory is the allocator's peak during the call less what was live before it (the
+    call's inputs): 100 MiB live, a peak of 164 MiB, 64 MiB for the call. ``one_call`` measures
+    the same way, and reports no peak when the memory is not asked for."""
+    _stub_cuda_memory(monkeypatch, live_mib=100.0, peak_mib=164.0)
+    cuda = torch.device("cuda")
+    assert harness.peak_memory_mib(lambda: None, device=cuda) == pytest.approx(64.0)
+    peak, elapsed = harness.peak_and_time(lambda: None, device=cuda)
+    assert peak == pytest.approx(64.0) and elapsed >= 0
+    meas = harness.measure(lambda: None, device=cuda, one_call=True)
+    assert meas.error is None and meas.peak_mib == pytest.approx(64.0) and meas.runs == 1
+    meas = harness.measure(lambda: None, device=cuda, one_call=True, with_memory=False)
+    assert meas.error is None and meas.peak_mib is None and meas.median_ms is not None
+
+
+def test_saved_activations_count_each_storage_once_and_leave_out_the_excluded():
+    """``saved_mib``: the distinct storages autograd saves, once each, the weights excluded."""
+    a = torch.randn(2**18, requires_grad=True)  # 1 MiB of float32 each
+    w = torch.randn(2**18, requires_grad=True)
+
+    def forward():
+        s = torch.sin(a)  # saves a
+        s2 = s * s  # saves s twice: one storage
+        return (s2 * w).sum()  # saves s2 and w (excluded)
+
+    assert harness.saved_activation_mib(forward, exclude=[w]) == pytest.approx(3.0)
+    assert harness.saved_activation_mib(forward, exclude=[]) == pytest.approx(4.0)
+
+
+def test_gpu_back_to_back_time_is_per_call(monkeypatch):
+    """``wall_ms`` is the back-to-back loop's host time divided by its number of calls (what
+    ``launch_bound`` and the dispatch order read), here 1 ms a call on a fake clock."""
+    triton_testing = pytest.importorskip("triton.testing")
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.05
+
+    clock = _FakeClock()
+    monkeypatch.setattr(harness, "time", clock)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, grad_to_none=None, return_mode="mean":
+                        [0.05, 0.05, 0.05, 0.05])
+    timing = harness.time_call(clock.calls([0.001]), device=torch.device("cuda"), warmup_calls=0)
+    assert timing.wall_calls == 100 and timing.wall_ms == pytest.approx(1.0)
+
+
+def test_json_keeps_the_sign_of_an_infinity(tmp_path):
+    """JSON has no inf or nan: they are written as "inf", "-inf" and "nan", the sign kept, also
+    where a metric is a 0-d tensor (json.dump would refuse its non-finite value: the save after a
+    configuration would fail)."""
+    row = harness.Row(op="x", shape="s", dtype="float32", provider="torch", baseline=None, median_ms=1.0,
+                      peak_mib=1.0, speedup_vs_baseline=None, memory_ratio_vs_baseline=None, target=None,
+                      target_pass=None, device="d", torch="t", triton=None, cuda=None, git_sha="g", date="now",
+                      metrics={"up": float("inf"), "down": float("-inf"), "nan": float("nan"),
+                               "tensor": torch.tensor(float("-inf")), "plain": torch.tensor(2.5)})
+    path = tmp_path / "r.json"
+    harness.write_json(str(path), _gpu_environment(), [row])
+    metrics = harness.load_rows(str(path))[0]["metrics"]
+    assert (metrics["up"], metrics["down"], metrics["nan"]) == ("inf", "-inf", "nan")
+    assert (metrics["tensor"], metrics["plain"]) == ("-inf", 2.5)
+
+
+def test_the_table_says_pass_fail_or_nothing_for_a_target():
+    """The table's ok column: "pass" for a met target, "FAIL" for a missed one, "-" unjudged."""
+    common = dict(op="x", shape="s", dtype="float32", provider="torch", baseline="ref", median_ms=1.0,
+                  peak_mib=1.0, speedup_vs_baseline=2.0, memory_ratio_vs_baseline=1.0, target="speedup>=2")
+    lines = harness.format_table([dict(common, target_pass=True), dict(common, target_pass=False),
+                                  dict(common, target_pass=None)]).splitlines()
+    assert [line.split()[-1] for line in lines[2:]] == ["pass", "FAIL", "-"]
+
+
+def test_row_ratios_when_a_peak_is_zero():
+    """A baseline that allocates nothing against ours that does: a memory ratio of 0 (a memory
+    target on it fails), not a missing one (which would leave the target unjudged)."""
+    from benchmarks.harness import Measurement
+
+    row = _suite("all")._row(family="lora", op="op", shape="s", dtype="float32", provider="torch",
+                             baseline="reference", measurement=Measurement(2.0, 5.0, 3),
+                             base_measurement=Measurement(1.0, 0.0, 3), targets=None, metrics={}, mode="fwd+bwd")
+    assert row.speedup_vs_baseline == 0.5 and row.memory_ratio_vs_baseline == 0.0
+
+
+def test_rows_ask_each_comparison_for_its_own_targets(tmp_path):
+    """``targets(provider, baseline)`` is asked with the provider and the baseline of each
+    comparison (and ``None`` for a provider measured without baselines), and a --quick run
+    judges none of them."""
+    from benchmarks.harness import Measurement, Target
+
+    asked = []
+
+    def targets(provider, baseline):
+        asked.append((provider, baseline))
+        return [Target("speedup", 1.5, "speedup>=1.5")] if baseline == "ref" else []
+
+    suite = _fake_gpu_suite(tmp_path, ["triton"])
+    suite.quick = False
+    meas, base = Measurement(1.0, 1.0, 5), Measurement(2.0, 1.0, 5)
+    checked = {"rel_err_vs_ref": 0.0}
+    rows = suite.add_rows(family="f", op="x", shape="s", dtype=torch.bfloat16, ours={"triton": (meas, checked)},
+                          baselines={"ref": (base, {}), "other": (base, {})}, targets=targets)
+    assert asked == [("triton", "ref"), ("triton", "other")]
+    judged = {r.baseline: r.target_pass for r in rows if r.provider == "triton"}
+    assert judged == {"ref": True, "other": None}
+    asked.clear()
+    suite.add_rows(family="f", op="y", shape="s", dtype=torch.bfloat16, ours={"triton": (meas, checked)},
+                   baselines={}, targets=lambda provider, baseline: asked.append((provider, baseline)) or [
+                       Target("peak_mib_max", 0.5, "peak<=0.5")])
+    assert asked == [("triton", None)] and suite.rows[-1].target_pass is False
+    suite.quick = True  # --quick: tiny shapes, nothing judged
+    rows = suite.add_rows(family="f", op="z", shape="s", dtype=torch.bfloat16, ours={"triton": (meas, checked)},
+                          baselines={"ref": (base, {})}, targets=targets)
+    assert all(r.target is None and r.target_pass is None for r in rows)
+
+
+def test_timing_metrics_spread_and_launch_bound():
+    """min/max only for more than one timed call; ``launch_bound`` when the back-to-back time is
+    over (not at) 1.5x the event median."""
+    from benchmarks.harness import Measurement
+    from benchmarks.suite import timing_metrics
+
+    assert "min_ms" not in timing_metrics(Measurement(2.0, None, 1, (2.0, 2.0)))
+    assert timing_metrics(Measurement(2.0, None, 3, (1.0, 3.0)))["max_ms"] == 3.0
+    for wall, bound in ((2.4, False), (3.0, False), (3.2, True)):
+        meas = Measurement(2.0, None, 3, (1.0, 3.0), wall_ms=wall, wall_calls=10)
+        assert timing_metrics(meas)["launch_bound"] is bound, wall
+
+
+def test_out_of_time_once_the_deadline_has_passed():
+    suite = _suite("all", budget=100.0)
+    assert not suite.out_of_time("a")
+    suite.deadline = time.monotonic() - 1.0
+    assert suite.out_of_time("b") and suite.skipped == ["b: skipped (the run's time budget is spent)"]
+
+
+def test_a_probe_that_raises_keeps_the_provider_out_with_its_reason():
+    """Any error of the correctness probe keeps the provider out: a RuntimeError of the call, a
+    NotImplementedError, each with its reason among the skips."""
+    suite = _suite("all")
+
+    def raising(exc):
+        def call():
+            raise exc
+        return call
+
+    assert not suite.provider_can_run("triton", raising(RuntimeError("Triton Error [CUDA]: invalid argument")))
+    assert not suite.provider_can_run("cuda", raising(NotImplementedError("fp16")))
+    assert suite.skipped == ["triton: skipped (RuntimeError: Triton Error [CUDA]: invalid argument)",
+                             "cuda: skipped (not implemented yet (fp16))"]
+
+
+def test_measure_checked_on_a_gpu_measures_only_providers_that_pass_their_check(tmp_path):
+    suite = _fake_gpu_suite(tmp_path, ["triton", "cuda"])
+    x = torch.ones(4, requires_grad=True)
+    measured_calls = []
+
+    def step(name):
+        return lambda: (measured_calls.append(name), (x * 2).sum().backward())
+
+    def failing():
+        raise RuntimeError("backend 'cuda' cannot run this")
+
+    measured = suite.measure_checked([("reference", step("reference"), [x])],
+                                     [("triton", lambda: None, step("triton"), [x]),
+                                      ("cuda", failing, step("cuda"), [x])])
+    assert set(measured) == {"reference", "triton"} and "cuda" not in measured_calls
+    assert any(line.startswith("cuda: skipped (backend 'cuda' cannot run") for line in suite.skipped)
+
+
+def test_cpu_group_gives_each_entry_its_own_peak_and_logs_a_failing_one():
+    """Interleaved CPU measuring: each entry's peak memory is its own, and an entry whose memory
+    call fails is a skip with its reason while the others are measured."""
+    suite = _suite("all")
+
+    def allocating(mib):
+        return lambda: float(torch.ones(mib * 2**18)[0])  # mib MiB of float32
+
+    def broken():
+        raise ValueError("bad shape")
+
+    measured = suite.measure_group([("big", allocating(8), []), ("broken", broken, []), ("small", allocating(1), [])])
+    assert set(measured) == {"big", "small"}
+    assert measured["big"].peak_mib == pytest.approx(8.0, abs=0.5)
+    assert measured["small"].peak_mib == pytest.approx(1.0, abs=0.5)
+    assert suite.skipped == ["broken: skipped (ValueError: bad shape)"]
+
+
+def test_tiers_leave_out_whole_families():
+    """--tier cheap leaves out a family whose items are all costly; --tier costly one without any."""
+    from types import SimpleNamespace
+
+    from benchmarks.suite import _tier_skips
+
+    suite = _suite("cheap")
+    all_costly = SimpleNamespace(COSTLY_ITEMS=("item",), ALL_COSTLY=True)
+    some_costly = SimpleNamespace(COSTLY_ITEMS=("item",))
+    assert _tier_skips(suite, "training", all_costly, "cheap")
+    assert not _tier_skips(suite, "model", some_costly, "cheap")
+    assert not _tier_skips(suite, "training", all_costly, "costly")
+    assert _tier_skips(suite, "lora", SimpleNamespace(), "costly")
+    assert not _tier_skips(suite, "lora", SimpleNamespace(), "all")
+    assert suite.skipped == ["family training: skipped (its items are costly (item; --tier cheap))",
+                             "family lora: skipped (no costly items (--tier costly))"]
+
+
+def test_budget_switches_to_two_thirds_at_135_seconds():
+    from benchmarks.suite import budget_for_hard_limit
+
+    assert budget_for_hard_limit(135) == (90.0, 35.0)
+    assert budget_for_hard_limit(136) == (91.0, 35.0)
+    assert budget_for_hard_limit(120) == (80.0, 30.0)
+
+
+def test_the_summary_counts_met_missed_and_unjudged_targets(tmp_path, monkeypatch, capsys):
+    """The closing line: "targets: <met> of <judged> met", and the rows with a target that could
+    not be judged counted apart (never as met or missed), also when no row was judged."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+    from benchmarks.harness import Measurement, Target
+
+    def run(suite):
+        meas = Measurement(1.0, 10.0, 3)
+        for op, metrics in (("met", {"rel_err_vs_ref": 0.0}), ("missed", {"rel_err_vs_ref": 1.0}),
+                            ("unjudged", {})):
+            suite.add_plain_row(family="lora", op=op, shape="s", dtype="float32", provider="torch",
+                                measurement=meas, metrics=metrics, mode="fwd",
+                                targets=[Target("peak_mib_max", 64, "p")])
+
+    def main(family_run, name):
+        monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": SimpleNamespace(run=family_run)})
+        assert suite_module.main(["--in-process", "--only", "lora", "--device", "cpu", "--out-dir", str(tmp_path),
+                                  "--name", name, "--no-plot", "--compile-baselines", "off"]) == 0
+        return capsys.readouterr().out
+
+    out = main(run, "a")
+    assert "\ntargets: 1 of 2 met; 1 not judged" in out, out
+    assert [r["target_pass"] for r in harness.load_rows(str(tmp_path / "a.json"))] == [True, False, None]
+    out = main(lambda suite: suite.add_plain_row(family="lora", op="u", shape="s", dtype="float32", provider="torch",
+                                                 measurement=Measurement(1.0, 1.0, 3), metrics={}, mode="fwd",
+                                                 targets=[Target("peak_mib_max", 64, "p")]), "b")
+    assert "\ntargets: 0 of 0 met; 1 not judged" in out, out
+
+
+def test_compare_gives_new_over_old_row_by_row(tmp_path):
+    """--compare: rows matched on (op, shape, dtype, provider, baseline); time and peak as NEW /
+    OLD (below 1 is faster / smaller), each file's speedup in its own column, the vs column named,
+    a new value of 0 compared too, and the count of rows in both, only in old and only in new."""
+    from benchmarks.compare import compare_files
+
+    def row(provider, baseline, ms, mib, speedup, shape="s"):
+        return dict(op="x", shape=shape, dtype="bf16", provider=provider, baseline=baseline, median_ms=ms,
+                    peak_mib=mib, speedup_vs_baseline=speedup, device="NVIDIA H200", date="d", git_sha="g")
+
+    old = [row("ref", None, 4.0, 40.0, None), row("triton", "ref", 2.0, 10.0, 2.0),
+           row("triton", "ref", 2.0, 10.0, 2.0, shape="gone")]
+    new = [row("ref", None, 4.0, 40.0, None), row("triton", "ref", 1.0, 0.0, 4.0),
+           row("triton", "ref", 1.0, 10.0, 4.0, shape="added")]
+    a, b = tmp_path / "old.json", tmp_path / "new.json"
+    a.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": old}))
+    b.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": new}))
+    lines = compare_files(str(a), str(b)).splitlines()
+    table = {tuple(line.split()[:5]): line.split()[5:] for line in lines if line.startswith("x ")}
+    assert table[("x", "s", "bf16", "triton", "ref")] == ["2.00", "1.00", "0.50", "10.0", "0", "0.00", "2.00x",
+                                                          "4.00x"]
+    assert table[("x", "s", "bf16", "ref", "-")][2] == "1.00"
+    assert table[("x", "gone", "bf16", "triton", "ref")][1] == "-" and table[("x", "added", "bf16", "triton",
+                                                                              "ref")][0] == "-"
+    assert lines[-1] == "2 rows in both, 1 only in old, 1 only in new"
+
+
+def test_plot_marks_missed_targets_and_lists_rows_without_bars(tmp_path, monkeypatch):
+    """The PNG: each panel reads its threshold from the target text (``time<=Nx`` and ``mem<=Nx``
+    as 1/N, ``mem<=1/N`` as N, every part of an ``&``); a bar is red below its threshold (at it is
+    met) and on both panels when the row failed elsewhere (a correctness check); rows with a
+    target and no bar are listed with "met", "NOT met" or "not judged"."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    import matplotlib.figure
+
+    from benchmarks import plot
+
+    assert plot._threshold("speedup>=5", "speedup") == 5.0 and plot._threshold("speedup>=5", "memory") is None
+    assert plot._threshold("throughput>=1.6x & mem<=0.6x", "speedup") == 1.6
+    assert plot._threshold("throughput>=1.6x & mem<=0.6x", "memory") == pytest.approx(1 / 0.6)
+    assert plot._threshold("time<=1.15x base", "speedup") == pytest.approx(1 / 1.15)
+    assert plot._threshold("speedup>=8 & mem<=1/8", "memory") == 8.0
+    assert plot._threshold("mem ratio>=8", "memory") == 8.0
+    assert plot._threshold("peak<512MiB", "memory") is None
+    common = dict(shape="s", dtype="bfloat16", median_ms=1.0, peak_mib=1.0, metrics={})
+
+    def row(provider, speedup, memory, target, passed, baseline="reference"):
+        return dict(common, op="x", provider=provider, baseline=baseline, speedup_vs_baseline=speedup,
+                    memory_ratio_vs_baseline=memory, target=target, target_pass=passed)
+
+    rows = [row("met", 3.0, 9.0, "speedup>=2 & mem<=1/8", True),
+            row("at", 2.0, 8.0, "speedup>=2 & mem<=1/8", True),
+            row("slow", 1.5, 9.0, "speedup>=2 & mem<=1/8", False),
+            row("wrong", 3.0, 9.0, "speedup>=2 & mem<=1/8 & rel_err_vs_reference<=0.03", False),
+            row("batch", None, None, "max batch>=3x", None, baseline="reference-ops"),
+            row("capped", None, None, "peak<512MiB", True, baseline=None)]
+    assert not plot._missed(rows[1], "speedup", "speedup_vs_baseline")
+    assert plot._missed(rows[2], "speedup", "speedup_vs_baseline")
+    colors, notes = [], []
+    real_barh, real_text = matplotlib.axes.Axes.barh, matplotlib.figure.Figure.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh",
+                        lambda self, *a, **k: (colors.append(list(k["color"])), real_barh(self, *a, **k))[1])
+    monkeypatch.setattr(matplotlib.figure.Figure, "text",
+                        lambda self, x, y, s, *a, **k: (notes.append(s), real_text(self, x, y, s, *a, **k))[1])
+    plot.plot_rows(rows, str(tmp_path / "p.png"))
+    assert colors == [["tab:blue", "tab:blue", "tab:red", "tab:red"],
+                      ["tab:green", "tab:green", "tab:green", "tab:red"]]
+    listed = [line for text in notes for line in text.splitlines() if line.startswith("x ")]  # not the title
+    assert listed == ["x s [bfloat16] batch vs reference-ops: 1.0 ms, peak 1.0 MiB; target max batch>=3x: not judged",
+                      "x s [bfloat16] capped: 1.0 ms, peak 1.0 MiB; target peak<512MiB: met"]

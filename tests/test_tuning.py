@@ -486,3 +486,39 @@ def test_writers_refuse_a_quick_run(tmp_path, capsys):
     results.write_text(json.dumps(payload))
     assert tuned_configs.main([str(results), "--out", str(results / "x.json")]) == 2
     assert "argument --out: cannot write" in capsys.readouterr().err
+
+
+def test_writer_bounds_at_their_edges():
+    """The writer's bounds, at their edges: a candidate exactly 3% faster than the default is
+    taken (at least MARGIN less), one a hair slower than that is not; an error at most twice the
+    default's plus 1e-4 qualifies, one above does not; the check limit is the row dtype's
+    (float16's 1e-2, not bf16's 3e-2)."""
+    def chosen(rows):
+        content, report = tuned_configs.update(_payload(rows), None)
+        return content["by_device"].get(CARD, {}).get("lora", {}).get("down/16bit"), "\n".join(report)
+
+    assert chosen([_sweep_row("down", 0, 100.0, 0.004), _sweep_row("down", 1, 97.0, 0.004)])[0] == DOWN[0]
+    assert chosen([_sweep_row("down", 0, 100.0, 0.004), _sweep_row("down", 1, 97.01, 0.004)])[0] is None
+    assert chosen([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, 5.0, 0.0081)])[0] == DOWN[0]
+    config, report = chosen([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, 5.0, 0.0085)])
+    assert config is None and "#1 error 0.0085 > min(2 x default's 0.004 + 1e-4, 0.03)" in report
+
+    def fp16(row):
+        return dict(row, dtype="float16")
+
+    config, report = chosen([fp16(_sweep_row("down", 0, 10.0, 0.009)), fp16(_sweep_row("down", 1, 5.0, 0.012))])
+    assert config is None and "#1 error 0.012 > min(2 x default's 0.009 + 1e-4, 0.01)" in report
+    held = {"by_device": {CARD: {"lora": {"down/16bit": dict(DOWN[2])}}}}
+    rows = [fp16(_sweep_row("down", 0, 10.0, 0.015)), fp16(_sweep_row("down", 1, 5.0, 0.001))]
+    content, report = tuned_configs.update(_payload(rows), held)
+    assert content == held and "is over the check limit 0.01" in "\n".join(report)
+
+
+def test_writer_reads_only_the_tuning_familys_rows():
+    """Only rows of family ``tuning`` are sweep rows: another family's row that happens to carry
+    the same metrics neither bounds nor wins anything."""
+    stray = dict(_sweep_row("down", 1, 1.0, 0.0), family="lora")
+    content, report = tuned_configs.update(_payload([_sweep_row("down", 0, 10.0, 0.004), stray]), None)
+    assert content["by_device"] == {} and "no qualifying candidate" in report[1]
+    with pytest.raises(tuned_configs.NoSweep):
+        tuned_configs.update(_payload([dict(_sweep_row("down", 0, 10.0, 0.004), family="lora")]), None)
