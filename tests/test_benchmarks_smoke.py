@@ -971,19 +971,22 @@ def test_measure_frees_after_an_out_of_memory_error():
     assert not harness.is_fatal_cuda_error("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+class _StubEvent:
+    """torch.cuda.Event with no GPU: every interval is 0.05 ms (the estimate of a 50 us call)."""
+
+    def __init__(self, enable_timing=False):
+        pass
+
+    def record(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.05
+
+
 def test_gpu_timing_path_records_spread_and_wall_time(monkeypatch):
     """harness._time_cuda's bookkeeping, with the CUDA calls and do_bench stubbed (no GPU here)."""
     triton_testing = pytest.importorskip("triton.testing")
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 0.05  # the estimate: a 50 us call
 
     asked = {}
 
@@ -994,7 +997,7 @@ def test_gpu_timing_path_records_spread_and_wall_time(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Event", _StubEvent)
     monkeypatch.setattr(triton_testing, "do_bench", do_bench)
     x = torch.ones(2, requires_grad=True)
     timing = harness.time_call(lambda: calls.append(1), device=torch.device("cuda"), grads=[x], max_seconds=2.0,
@@ -2023,20 +2026,10 @@ def test_gpu_back_to_back_time_is_per_call(monkeypatch):
     ``launch_bound`` and the dispatch order read), here 1 ms a call on a fake clock."""
     triton_testing = pytest.importorskip("triton.testing")
 
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 0.05
-
     clock = _FakeClock()
     monkeypatch.setattr(harness, "time", clock)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "Event", _StubEvent)
     monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, grad_to_none=None, return_mode="mean":
                         [0.05, 0.05, 0.05, 0.05])
     timing = harness.time_call(clock.calls([0.001]), device=torch.device("cuda"), warmup_calls=0)
