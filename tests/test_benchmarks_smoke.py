@@ -30,6 +30,7 @@ if ROOT not in sys.path:  # `pytest tests` (not `python -m pytest`) does not put
     sys.path.insert(0, ROOT)
 
 from benchmarks import baselines, harness  # noqa: E402
+from _bench_stubs import StubModel  # noqa: E402
 FP64 = torch.float64
 
 
@@ -1838,19 +1839,10 @@ def test_largest_batch_also_searches_the_plain_step_after_a_recompute_variant(tm
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 141 * 2**30))
     monkeypatch.setattr(bench_model, "_try_step", try_step)
 
-    class Model:
-        backend = "auto"
-
-        def train(self):
-            pass
-
-        def to(self, device):
-            return self
-
     suite = Suite(device=torch.device("cuda"), quick=False, json_path=str(tmp_path / "mb.json"), png_path=None,
                   time_budget_s=600, max_seconds_per_call=2, providers=["torch", "triton"], log=lambda _: None,
                   environment=_gpu_environment())
-    bench_model._run_max_batch(suite, Model(), Model())
+    bench_model._run_max_batch(suite, StubModel(), StubModel())
     rows = {r.provider: r for r in suite.rows if r.op == "ace_lora_max_batch"}
     assert set(rows) == {"reference-ops", "triton+recompute-layer", "triton"}
     assert rows["triton+recompute-layer"].metrics["max_batch"] > rows["triton"].metrics["max_batch"] > 1000

@@ -1,0 +1,927 @@
+"""The benchmark families against the issues they answer: the shapes and settings each family
+measures, the targets each comparison is held to on a CPU, what each row's correctness check
+compares (a wrong provider must show a large error), and the memory, FLOP and byte accounting
+of the rows. CPU only, tiny shapes; a "GPU" suite here is a Suite that takes itself for one
+while running on the CPU (no timing is asserted)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import ace_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import baselines, harness  # noqa: E402
+from benchmarks.harness import Environment  # noqa: E402
+from benchmarks.suite import Suite  # noqa: E402
+from _bench_stubs import StubModel  # noqa: E402
+
+
+def _environment(device="NVIDIA H200", device_type="cuda"):
+    return Environment(device=device, device_type=device_type, torch="t", triton=None, cuda=None, git_sha="g",
+                       date="d", python="3", threads=1, load_average=None)
+
+
+def _gpu_suite(providers=("torch",), *, quick=True, compute_dtype=None):
+    """A Suite that takes itself for a GPU one but runs on the CPU (its rows' rates are then
+    computed, as on a GPU); ``compute_dtype`` replaces the suite's dtype (bf16 on a GPU)."""
+
+    class FakeGpuSuite(Suite):
+        @property
+        def is_gpu(self):
+            return True
+
+        def dtype(self):
+            return compute_dtype or super().dtype()
+
+    return FakeGpuSuite(device=torch.device("cpu"), quick=quick, json_path=None, png_path=None, time_budget_s=300,
+                        max_seconds_per_call=0.02, providers=list(providers), log=lambda _: None,
+                        environment=_environment())
+
+
+def _cpu_suite(*, quick=False):
+    return Suite(device=torch.device("cpu"), quick=quick, json_path=None, png_path=None, time_budget_s=None,
+                 max_seconds_per_call=0.02, providers=["torch"], log=lambda _: None,
+                 environment=_environment("cpu", "cpu"))
+
+
+def _goals(targets, provider, baseline):
+    return [(t.metric, t.threshold) for t in targets(provider, baseline)]
+
+
+# --------------------------------------------------------------------------- shapes and settings
+
+
+def test_each_family_measures_the_shapes_its_issue_names():
+    """The GPU settings of issues 3-7 and the CPU settings of the foundation issue, family by
+    family: a reader trusts that a row labelled with an issue's target ran the issue's shape."""
+    from benchmarks import bench_contrastive, bench_hypergraph, bench_lora, bench_model, bench_training
+
+    gpu, cpu = _gpu_suite(quick=False), _cpu_suite()
+    # Issue 3: M in {64*197, 64*256, 1024*197}, K = out = 768, r = 4 (p = 0.1, scaling 0.5);
+    # foundation: M = 8*197 on a CPU.
+    assert bench_lora._shapes(gpu) == [dict(m=m, k=768, out=768, r=4) for m in (64 * 197, 64 * 256, 1024 * 197)]
+    assert bench_lora._shapes(cpu) == [dict(m=8 * 197, k=768, out=768, r=4)]
+    assert bench_lora.DROPOUT == 0.1 and bench_lora.SCALING == 0.5
+    # Issue 4: B in {64, 1024} x N in {197, 256}, D = 512, k = 5, hidden 128; CPU: B = 64, N = 197.
+    assert bench_hypergraph._shapes(gpu) == [dict(b=b, n=n, d=512, k=5, hidden=128)
+                                             for b in (64, 1024) for n in (197, 256)]
+    assert bench_hypergraph._shapes(cpu) == [dict(b=64, n=197, d=512, k=5, hidden=128)]
+    # Issue 5: D = 512; B = 8192 against the dense reference (labelled) and without labels,
+    # B = 65,536 (labelled) and the B = 1,000,000 probe; CPU: B = 8192 and 32,768.
+    def configs(suite):
+        return [(c["batch"], c["dim"], c["labeled"], c["reference"], c["clip"])
+                for c in bench_contrastive._configs(suite)]
+
+    assert configs(gpu) == [(8192, 512, True, True, False), (8192, 512, False, False, True),
+                            (65536, 512, True, False, False)]
+    assert bench_contrastive._configs(gpu)[2].get("fp32_check") is True
+    assert configs(cpu) == [(8192, 512, True, True, False), (8192, 512, False, False, True),
+                            (32768, 512, True, False, False)]
+    assert bench_contrastive._configs(cpu)[2].get("finite_check") is True
+    probe = bench_contrastive.PROBE
+    assert (probe["batch"], probe["dim"], probe["labeled"]) == (1_000_000, 512, True)
+    assert bench_contrastive.PROBE_SIZING_BATCH == 65536
+    # Issue 6: the full-size model on a GPU (the tiny one on a CPU).
+    assert bench_model._model_name(gpu) == "biomedclip" and bench_model._model_name(cpu) == "tiny"
+    # Issue 7: full size, C = 256, B = 16,384 against B = 512 (same chunk) and the unchunked B = 64.
+    assert bench_training._plan(gpu) == dict(model="biomedclip", unchunked=64, chunk=256, batches=(512, 16384))
+    assert bench_training._plan(cpu) == dict(model="tiny", unchunked=64, chunk=32, batches=(512, 4096))
+    # Every GPU row of the op families is bf16, every CPU row fp32.
+    assert gpu.dtype() == torch.bfloat16 and cpu.dtype() == torch.float32
+
+
+def test_cpu_targets_are_the_foundation_issues():
+    """On a CPU: LoRA at least 1.5x the reference (not PEFT), cls_only at least 5x the reference
+    (not the full output), the loss at B=32,768 under 512 MiB and at B=8192 (labelled) at least
+    8x less memory than the dense reference. Nothing else is judged on a CPU."""
+    from benchmarks import bench_contrastive, bench_hypergraph, bench_lora
+
+    cpu = _cpu_suite()
+    lora = bench_lora._targets(cpu)
+    assert _goals(lora, "torch", "reference") == [("speedup", 1.5)]
+    assert _goals(lora, "torch", "peft-style") == [] and _goals(lora, "torch", "reference+compile") == []
+    shape = dict(b=64, n=197)
+    assert _goals(bench_hypergraph._targets(cpu, shape, True), "torch", "reference") == [("speedup", 5.0)]
+    assert _goals(bench_hypergraph._targets(cpu, shape, False), "torch", "reference") == []
+    assert _goals(bench_hypergraph._targets(cpu, shape, True), "torch", "reference+compile") == []
+    labelled = dict(batch=8192, labeled=True)
+    assert _goals(bench_contrastive._targets(cpu, labelled), "torch", "reference") == [("memory_ratio", 8.0)]
+    assert _goals(bench_contrastive._targets(cpu, dict(batch=8192, labeled=False)), "torch",
+                  "open_clip.ClipLoss") == []
+    assert _goals(bench_contrastive._targets(cpu, dict(batch=32768, labeled=True)), "torch", None) == [
+        ("peak_mib_max", 512)]
+    # The unlabelled GPU rows are held to nothing against open_clip's ClipLoss (only Inf-CL's 2x).
+    gpu = _gpu_suite(quick=False)
+    assert _goals(bench_contrastive._targets(gpu, dict(batch=8192, labeled=False)), "triton",
+                  "open_clip.ClipLoss") == []
+    assert _goals(bench_contrastive._targets(gpu, dict(batch=65536, labeled=True)), "torch", None) == []
+
+
+# --------------------------------------------------------------------------- what the checks compare
+
+
+def _lora_case(dtype=torch.float32):
+    from benchmarks import bench_lora
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(dict(m=37, k=24, out=16, r=4), dtype,
+                                                                  torch.device("cpu"), generator)
+    return x, weight, bias, lora_a, lora_b, grad_out
+
+
+def _wrong_lora(monkeypatch, *, what):
+    """Make ``ace_kernels.lora_qkv`` (the torch backend underneath, so its masks are still
+    captured) wrong in one place: ``what`` is "output" (q off), "dx", "da" or "db" (that gradient
+    doubled), everything else right."""
+    real = ace_kernels.lora_qkv
+
+    def op(x, weight, bias, lora_a, lora_b, **kwargs):
+        kwargs["backend"] = "torch"
+        for name, leaf in (("dx", x), ("da", lora_a), ("db", lora_b)):
+            if what == name and leaf.requires_grad:
+                leaf.register_hook(lambda grad: grad * 2)
+        q, k, v = real(x, weight, bias, lora_a, lora_b, **kwargs)
+        return (q * 1.5 if what == "output" else q), k, v
+
+    monkeypatch.setattr(ace_kernels, "lora_qkv", op)
+
+
+@pytest.mark.parametrize("what", ["output", "dx", "da", "db"])
+def test_lora_checks_see_a_wrong_output_or_any_wrong_gradient(monkeypatch, what):
+    """Both LoRA checks (dropout off against the reference, dropout on against the formula with
+    the provider's own masks) compare q, k, v and the gradients of x, A and B with an independent
+    computation and report the largest error: a provider wrong in any one of them is far over
+    the limit, a right one within it."""
+    from benchmarks import bench_lora
+
+    case = _lora_case()
+    reference = bench_lora.reference_parts(*case)
+    limit = harness.check_limit("float32")
+    assert bench_lora._check_against_reference("torch", *case, reference) <= limit
+    assert bench_lora._check_with_dropout("torch", *case) <= limit
+    _wrong_lora(monkeypatch, what=what)
+    assert bench_lora._check_against_reference("torch", *case, reference) > 0.1
+    assert bench_lora._check_with_dropout("torch", *case) > 0.1
+
+
+def test_lora_inputs_make_every_term_count():
+    """The LoRA family's inputs: x, A and B need gradients, W and b are frozen, and B is not zero
+    (a zero B, the usual initialisation, would hide a wrong rank-r path from the checks)."""
+    from benchmarks import bench_lora
+
+    x, weight, bias, lora_a, lora_b, grad_out = _lora_case()
+    assert x.requires_grad and lora_a.requires_grad and lora_b.requires_grad
+    assert not weight.requires_grad and not bias.requires_grad
+    assert lora_b.abs().min() > 0 and lora_a.abs().min() > 0 and bias.abs().max() > 0
+    assert [g.shape for g in grad_out] == [(37, 16)] * 3
+    # The frozen-base baseline is the op's base term (weight and bias), with dX in its backward.
+    frozen = baselines.FrozenBaseQKV(weight, bias)
+    xs = [t.detach().clone().requires_grad_() for t in (x, x)]
+    outs = ace_kernels.lora_qkv(xs[0], weight, bias, lora_a, torch.zeros_like(lora_b), scaling=bench_lora.SCALING,
+                                backend="torch")
+    torch.autograd.backward(outs, grad_out)
+    torch.autograd.backward(frozen(xs[1]), grad_out)
+    for ours, base in zip(outs, frozen(x)):
+        assert torch.allclose(ours, base, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_style_baseline_drops_x_per_layer():
+    """The PEFT-style baseline keeps a dropout per projection, as PEFT's layers do (its saved
+    dropped copies and masks are what issue 3's saved-bytes target is about): about p of each
+    layer's LoRA inputs vanish, independently for q, k and v."""
+    torch.manual_seed(12)
+    m, k, out = 4000, 8, 8
+    x = torch.ones(m, k, dtype=torch.float64)
+    w = torch.zeros(3 * out, k, dtype=torch.float64)
+    a = torch.zeros(3, 1, k, dtype=torch.float64)
+    a[:, 0, 0] = 1.0  # the LoRA branch reads x[:, 0] only
+    bb = torch.ones(3, out, 1, dtype=torch.float64)
+    q, kk, v = baselines.PeftStyleLoRAQKV(w, None, a, bb, scaling=1.0, dropout_p=0.25).train()(x)
+    kept = [(t[:, 0] != 0) for t in (q, kk, v)]
+    for mask in kept:
+        assert abs(1 - mask.double().mean().item() - 0.25) < 0.04
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
+    assert torch.allclose(q[:, 0][kept[0]], torch.full_like(q[:, 0][kept[0]], 1 / 0.75))
+
+
+def test_lora_rows_account_saved_bytes_flops_and_checks(monkeypatch):
+    """The LoRA family on a bf16 "GPU" suite: every baseline of issue 3 has its row (reference,
+    PEFT-style, the frozen base); ``saved_over_x`` is the bytes autograd keeps (x included, the
+    frozen weights and the LoRA parameters left out) over bytes(x) in x's own dtype, as the op
+    itself declares them; ``tflops`` counts ``lora_flops_fwd_bwd`` of the shape; ours carry both
+    correctness checks under names the row's judging reads."""
+    from ace_kernels.lora import saved_activation_bytes
+    from benchmarks import bench_lora
+
+    seen = []
+    real = ace_kernels.lora_qkv
+
+    def spy(x, weight, bias, lora_a, lora_b, **kwargs):
+        seen.append((weight, bias, lora_b))
+        return real(x, weight, bias, lora_a, lora_b, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "lora_qkv", spy)
+    frozen = []
+
+    class Frozen(baselines.FrozenBaseQKV):
+        def __init__(self, weight, bias):
+            super().__init__(weight, bias)
+            frozen.append((weight, bias))
+
+    monkeypatch.setattr(baselines, "FrozenBaseQKV", Frozen)
+    suite = _gpu_suite(compute_dtype=torch.bfloat16)
+    with saved_activation_bytes() as declared:
+        bench_lora.run(suite)
+    shape = bench_lora._shapes(suite)[0]
+    rows = {(r.provider, r.baseline): r for r in suite.rows}
+    assert set(rows) == {("reference", None), ("peft-style", None), ("frozen-base", None), ("torch", "reference"),
+                         ("torch", "peft-style"), ("torch", "frozen-base")}, set(rows)
+    x_bytes = shape["m"] * shape["k"] * 2  # bf16
+    ours = rows[("torch", "reference")].metrics
+    torch_calls = [d for d in declared if d["backend"] == "torch"]
+    assert torch_calls and all(d["total"] == torch_calls[-1]["total"] for d in torch_calls[-3:])
+    assert ours["saved_over_x"] == pytest.approx(torch_calls[-1]["total"] / x_bytes, rel=1e-9)
+    assert torch_calls[-1]["x"] == x_bytes and ours["saved_over_x"] > 1.0
+    # PEFT-style keeps a dropped copy of x per projection: at least 3x bytes(x).
+    assert rows[("peft-style", None)].metrics["saved_over_x"] >= 3.0
+    flops = baselines.lora_flops_fwd_bwd(shape["m"], shape["k"], shape["out"], shape["r"])
+    for row in rows.values():
+        assert row.metrics["tflops"] * row.median_ms * 1e-3 * 1e12 == pytest.approx(flops, rel=1e-9), row
+    checks = sorted(k for k in ours if harness.is_check_key(k))
+    assert checks == ["rel_err_vs_reference_p0", f"rel_err_vs_reference_p{bench_lora.DROPOUT}_masks"]
+    assert harness.checks_pass(ours, "bfloat16")
+    # The frozen base is the op's own W and b; B is the trained (non-zero) one.
+    (weight, bias), = {(id(w), id(b)): (w, b) for w, b, _ in seen}.values()
+    (f_weight, f_bias), = frozen
+    assert f_weight is weight and f_bias is bias and all(b.abs().min() > 0 for _, _, b in seen)
+
+
+def _hypergraph_case(dtype=torch.float32, cls_only=True):
+    from benchmarks import bench_hypergraph
+
+    shape = dict(b=3, n=11, d=16, k=3, hidden=8)
+    generator = torch.Generator().manual_seed(1)
+    x, cls_attn, edge, node = bench_hypergraph._inputs(shape, dtype, torch.device("cpu"), generator)
+    grad_out = torch.randn(*((3, 16) if cls_only else (3, 11, 16)), generator=generator).to(dtype)
+    return x, cls_attn, edge, node, shape["k"], cls_only, grad_out
+
+
+@pytest.mark.parametrize("what", ["output", "x", "cls_attn", "edge_up_bias", "node_down_weight"])
+@pytest.mark.parametrize("cls_only", [True, False])
+def test_hypergraph_check_sees_a_wrong_output_or_any_wrong_gradient(monkeypatch, what, cls_only):
+    """The hypergraph check compares the output and the gradient of every input (x, the CLS row,
+    each adapter parameter) with the dense reference and reports the largest error: wrong in
+    any one of them is far over the limit, right is within it."""
+    from benchmarks import bench_hypergraph
+
+    case = _hypergraph_case(cls_only=cls_only)
+    reference = bench_hypergraph.reference_parts(*case)
+    assert bench_hypergraph._check("torch", *case, reference) <= harness.check_limit("float32")
+    real = ace_kernels.ace_hypergraph
+
+    def op(x, cls_attn, edge, node, *, deterministic=True, **kwargs):
+        leaf = {"x": x, "cls_attn": cls_attn, "edge_up_bias": edge[3], "node_down_weight": node[0]}.get(what)
+        if leaf is not None:
+            leaf.register_hook(lambda grad: grad * 2)
+        out = real(x, cls_attn, edge, node, **kwargs)
+        return out * 1.5 if what == "output" else out
+
+    monkeypatch.setattr(ace_kernels, "ace_hypergraph", op)
+    assert bench_hypergraph._check("torch", *case, reference) > 0.1
+
+
+def test_hypergraph_reference_is_float32_for_16_bit_inputs():
+    """Ours run on bf16 inputs are checked against the dense reference computed in float32 on
+    the same values (in bf16 the reference's own rounding and top-k near-ties differ from any
+    fp32-accumulating kernel by 5-13%): its output and gradients are float32 and match the
+    reference run in float64 on those values."""
+    from benchmarks import bench_hypergraph
+
+    case = _hypergraph_case(torch.bfloat16)
+    parts = bench_hypergraph.reference_parts(*case)()
+    assert len(parts) == 11 and all(p.dtype == torch.float32 for p in parts)
+    x, cls_attn, edge, node, k, cls_only, grad_out = case
+    fp64 = bench_hypergraph._run_with_grads(
+        lambda a, c, e, n: baselines.reference_ace_hypergraph(a, c, e, n, topk=k, cls_only=cls_only),
+        [x, cls_attn, *edge, *node], grad_out, torch.float64)
+    assert max(harness.relative_error(p, r) for p, r in zip(parts, fp64)) < 1e-5
+
+
+def test_hypergraph_rows_count_bytes_and_carry_their_check(monkeypatch):
+    """The hypergraph family on a "GPU" suite with triton among the providers: the triton-atomic
+    provider runs the triton backend with deterministic=False (triton itself with True); every
+    row's GB/s counts ``hypergraph_min_bytes`` of its own mode (cls_only or full) and ours carry
+    ``rel_err_vs_reference``, which the row's judging reads. The op is the torch backend here."""
+    from benchmarks import bench_hypergraph
+
+    real = ace_kernels.ace_hypergraph
+    calls = []
+
+    def op(*args, backend=None, deterministic=True, **kwargs):
+        calls.append((backend, deterministic))
+        return real(*args, backend="torch", **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "ace_hypergraph", op)
+    suite = _gpu_suite(["torch", "triton"])
+    bench_hypergraph.run(suite)
+    assert ("triton", False) in calls and ("triton", True) in calls and ("torch", True) in calls
+    assert ("torch", False) not in calls
+    shape = bench_hypergraph._shapes(suite)[0]
+    providers = set()
+    for row in suite.rows:
+        cls_only = row.shape.endswith("cls_only")
+        nbytes = baselines.hypergraph_min_bytes(shape["b"], shape["n"], shape["d"], 2, cls_only=cls_only)  # bf16
+        assert row.metrics["gbps_min_bytes"] * row.median_ms * 1e-3 * 1e9 == pytest.approx(nbytes, rel=1e-9)
+        if row.baseline is not None:
+            providers.add(row.provider)
+            assert [k for k in row.metrics if harness.is_check_key(k)] == ["rel_err_vs_reference"]
+            assert harness.checks_pass(row.metrics, "bfloat16")
+    assert providers == {"torch", "triton", bench_hypergraph.ATOMIC}
+    assert {r.shape.rsplit(" ", 1)[1] for r in suite.rows} == {"cls_only", "full"}
+
+
+# --------------------------------------------------------------------------- label-guided InfoNCE
+
+
+def _loss_case(batch=40, dim=8, dtype=torch.float32):
+    from benchmarks import bench_contrastive
+
+    generator = torch.Generator().manual_seed(2)
+    return bench_contrastive._inputs(batch, dim, dtype, torch.device("cpu"), generator)
+
+
+def _nan_in_gradient(leaf):
+    """A hook putting a NaN into one element of ``leaf``'s gradient (the loss stays finite)."""
+    def hook(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    leaf.register_hook(hook)
+
+
+@pytest.mark.parametrize("what", ["loss", "d_image", "d_text", "d_scale"])
+def test_loss_check_sees_a_wrong_loss_or_any_wrong_gradient(monkeypatch, what):
+    """The loss check compares the loss and the gradients of both embeddings and of the logit
+    multiplier with the reference; the row records the largest of the four errors."""
+    from benchmarks import bench_contrastive
+
+    image, text, scale, labels = _loss_case()
+    reference = bench_contrastive.reference_parts(
+        lambda u, t, s: baselines.reference_label_guided_infonce(u, t, s, labels), image, text, scale)
+    errors = bench_contrastive._check("torch", image, text, scale, labels, reference)
+    assert set(errors) == set(bench_contrastive.PARTS) and max(errors.values()) <= harness.check_limit("float32")
+    real = ace_kernels.label_guided_infonce
+
+    def op(u, t, s, labels=None, **kwargs):
+        leaf = {"d_image": u, "d_text": t, "d_scale": s}.get(what)
+        if leaf is not None:
+            leaf.register_hook(lambda grad: grad * 2)
+        loss = real(u, t, s, labels, **kwargs)
+        return loss * 1.5 if what == "loss" else loss
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
+    errors = bench_contrastive._check("torch", image, text, scale, labels, reference)
+    assert errors[what] > 0.1 and max(errors.values()) == errors[what]
+
+
+def test_loss_inputs_have_duplicate_label_rows_but_not_one_label():
+    """Issue 5's labels: 14 binary findings drawn at 0.15, stored as float: many duplicate rows
+    (the mask has work to do) and many distinct ones (not the diagonal-only case)."""
+    image, text, scale, labels = _loss_case(batch=2000)
+    distinct = torch.unique(labels, dim=0).shape[0]
+    assert labels.shape == (2000, 14) and labels.dtype == torch.float32
+    assert 50 < distinct < 1500
+    assert abs(labels.mean().item() - 0.15) < 0.02
+    assert torch.allclose(image.norm(dim=-1), torch.ones(2000)) and image.requires_grad and text.requires_grad
+    assert scale.requires_grad and scale.item() == pytest.approx(78.35)
+
+
+def test_unmasked_baselines_are_compared_with_our_loss_without_labels():
+    """``rel_err_vs_ours`` of Inf-CL and ClipLoss (no label mask) is against our loss without
+    labels: the unlabelled dense reference standing in for one agrees to rounding."""
+    from benchmarks import bench_contrastive
+    from benchmarks.harness import Measurement
+
+    image, text, scale, labels = _loss_case()
+    suite = _cpu_suite()
+    meas = Measurement(1.0, 1.0, 1)
+    found = bench_contrastive._baseline_errors(
+        suite, {"inf_cl": lambda u, t, s: baselines.reference_label_guided_infonce(u, t, s, None)},
+        {"torch": meas, "inf_cl": meas}, image, text, scale, "B=40")
+    assert found["inf_cl"]["rel_err_vs_ours"] < 1e-5 and found["inf_cl"]["ours_compared"] == "torch, without labels"
+
+
+def test_probe_checks_report_non_finite_gradients_and_the_loss_error(monkeypatch):
+    """The B=1,000,000 probe's checks: its step records a NaN in one gradient element as not
+    finite (the loss itself finite), and its loss is compared with the chunked fp32 forward's."""
+    from benchmarks import bench_contrastive
+
+    image, text, scale, labels = _loss_case()
+    real = ace_kernels.label_guided_infonce
+
+    def op(u, t, s, labels=None, **kwargs):
+        _nan_in_gradient(t)
+        return real(u, t, s, labels, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
+    try:
+        bench_contrastive._probe_step(image, text, scale, labels, "torch", [image, text, scale])()
+        result = bench_contrastive.step_results["torch"]
+        assert torch.isfinite(result["loss"]) and not bool(result["finite"])
+    finally:
+        bench_contrastive.step_results.clear()
+        for t in (image, text, scale):
+            t.grad = None
+    suite = _gpu_suite(quick=False)
+    cache = {"loss": 4.0, "seconds": 1.0}  # the chunked fp32 forward's loss, computed before
+    metrics = bench_contrastive._probe_correctness(suite, "triton", {"finite": torch.tensor(False),
+                                                                     "loss": torch.tensor(5.0)},
+                                                   image, text, scale, labels, "B=40", cache)
+    assert metrics["finite"] is False and metrics["loss"] == 5.0
+    assert metrics["loss_rel_err_vs_fp32_chunked"] == pytest.approx(0.25) and metrics["loss_reference"] == 4.0
+    assert not harness.checks_pass(metrics, "bfloat16")
+
+
+def _small_configs(monkeypatch, *configs):
+    from benchmarks import bench_contrastive
+
+    monkeypatch.setattr(bench_contrastive, "_configs", lambda suite: list(configs))
+
+
+def test_loss_rows_account_memory_flops_and_their_checks(monkeypatch):
+    """The loss family on a bf16 "GPU" suite: ``extra_mib_excl_grads`` is the peak less both
+    embeddings' gradients, ``total_gib`` adds the inputs and labels back, ``tflops`` counts
+    8 B^2 D; the labelled rows are checked against the dense reference and, at the sizes checked
+    against the torch backend's fp32 chunked path, on fp32 copies of the inputs."""
+    from benchmarks import bench_contrastive
+
+    references = []
+    real_parts = bench_contrastive.reference_parts
+
+    def spy(reference_fn, image, text, scale, reference_dtype=None):
+        references.append(reference_dtype)
+        return real_parts(reference_fn, image, text, scale, reference_dtype)
+
+    monkeypatch.setattr(bench_contrastive, "reference_parts", spy)
+    batch, dim = 96, 16
+    _small_configs(monkeypatch, dict(batch=batch, dim=dim, labeled=True, reference=True, clip=False),
+                   dict(batch=batch, dim=dim, labeled=True, reference=False, clip=False, fp32_check=True))
+    suite = _gpu_suite(quick=False)
+    bench_contrastive.run(suite)
+    assert references == [None, torch.float32]
+    grads_mib = 2 * batch * dim * 2 / harness.MIB  # bf16
+    labels_mib = batch * bench_contrastive.LABELS * 4 / harness.MIB
+    rows = suite.rows
+    assert {(r.provider, r.baseline) for r in rows} == {("reference", None), ("torch", "reference"), ("torch", None)}
+    for row in rows:
+        m = row.metrics
+        assert m["extra_mib_excl_grads"] == pytest.approx(row.peak_mib - grads_mib, rel=1e-12)
+        assert m["total_gib"] == pytest.approx((row.peak_mib + grads_mib + labels_mib) / 1024, rel=1e-12)
+        assert m["tflops"] * row.median_ms * 1e-3 * 1e12 == pytest.approx(8 * batch**2 * dim, rel=1e-9)
+    checked = {r.baseline: r.metrics for r in rows if r.provider == "torch"}
+    assert [k for k in checked["reference"] if harness.is_check_key(k)] == ["rel_err_vs_reference"]
+    assert [k for k in checked[None] if harness.is_check_key(k)] == ["rel_err_vs_fp32_chunked"]
+    assert set(checked[None]["parts_rel_err_vs_fp32_chunked"]) == set(bench_contrastive.PARTS)
+    assert checked[None]["rel_err_vs_fp32_chunked"] == max(checked[None]["parts_rel_err_vs_fp32_chunked"].values())
+    assert harness.checks_pass(checked["reference"], "bfloat16") and harness.checks_pass(checked[None], "bfloat16")
+
+
+def test_cpu_large_batch_row_reports_non_finite_gradients(monkeypatch):
+    """The CPU's B=32,768 item (no reference fits there) is checked by finiteness: its row's
+    ``finite`` says whether the timed calls' loss and gradients were, which its judging reads."""
+    from benchmarks import bench_contrastive
+
+    real = ace_kernels.label_guided_infonce
+
+    def op(u, t, s, labels=None, **kwargs):
+        _nan_in_gradient(u)
+        return real(u, t, s, labels, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
+    _small_configs(monkeypatch, dict(batch=96, dim=8, labeled=True, reference=False, clip=False, finite_check=True))
+    suite = _cpu_suite()
+    try:
+        bench_contrastive.run(suite)
+    finally:
+        bench_contrastive.step_results.clear()
+    (row,) = suite.rows
+    assert row.provider == "torch" and row.baseline is None and row.metrics["finite"] is False
+    assert not harness.checks_pass(row.metrics, "float32")
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_torch_backend_is_timed_above_b8192_on_a_cpu_only(monkeypatch, gpu):
+    """Above B=8192 a GPU times only the fused kernels (its targets are theirs); a CPU times the
+    torch backend there: the B=32,768 row its 512 MiB target judges."""
+    from benchmarks import bench_contrastive
+
+    _small_configs(monkeypatch, dict(batch=32768, dim=4, labeled=True, reference=False, clip=False,
+                                     finite_check=not gpu))
+    timed = []
+    suite = _gpu_suite(["torch", "triton"], quick=False) if gpu else _cpu_suite()
+    monkeypatch.setattr(suite, "measure_checked",
+                        lambda entries, providers, **kw: timed.extend(p[0] for p in providers) or {})
+    bench_contrastive.run(suite)
+    assert ("torch" in timed) is not gpu
+    assert gpu is any(line.startswith("torch at B=32768") for line in suite.skipped)
+
+
+def test_chunked_infonce_loss_works_in_blocks_of_at_most_4096_rows(monkeypatch):
+    """The independent forward that checks the B=1,000,000 probe holds ``block x B`` logits at a
+    time (at most 4096 rows: 2 GiB at B=131,072; 536 rows at B=1M), never the B x B matrix, and
+    gives the dense loss across block boundaries."""
+    g = torch.Generator().manual_seed(3)
+    batch = 4100
+    u = torch.nn.functional.normalize(torch.randn(batch, 2, generator=g), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(batch, 2, generator=g), dim=-1)
+    labels = (torch.rand(batch, 2, generator=g) < 0.5).float()
+    dense = baselines.reference_label_guided_infonce(u.double(), t.double(), 10.0, labels).item()
+    rows = []
+    real_mm = torch.mm
+
+    def mm(a, b, *args, **kwargs):
+        rows.append(a.shape[0])
+        return real_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    chunked = baselines.chunked_infonce_loss(u, t, torch.tensor(10.0), labels)
+    assert rows == [4096, 4]
+    assert chunked == pytest.approx(dense, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- chunked training
+
+
+class _StubModel(torch.nn.Module):
+    """What the training and model families use of ACELoRA, at a few parameters."""
+
+    image_size, context_length, vocab_size, pad_token_id = 4, 6, 30, 0
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+        self.backend, self.recompute = "auto", "none"
+
+    def trainable_parameters(self):
+        return [self.weight]
+
+
+def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
+    """The training family on a "GPU" suite with the model and its step stood in for: row 3
+    (B=16,384 in chunks of 256) is held to peak <= 1.2x row 2's (B=512, same chunk) and samples/s
+    >= 0.8x the unchunked B=64 step's, taken on the host clock (its back-to-back ``wall_ms``);
+    the ratios are B=16,384's over B=512's and B=64's; the chunked code is checked against the
+    one-pass step in float32, eval mode, at B=80 in chunks of 32 (a partial chunk), and that
+    check and the large step's finiteness are on row 3 and judged with it."""
+    import ace_model.model
+    import ace_model.training
+    from benchmarks import bench_training
+    from benchmarks.harness import Measurement
+
+    model = _StubModel()
+    case = {}
+    calls = []
+
+    def chunked_train_step(model, images, ids, labels, *, chunk_size, precision):
+        calls.append((images.shape[0], chunk_size, precision, model.training))
+        # Off the one-pass step by ``chunk_error`` in the loss and every gradient when chunked.
+        loss = ((model.weight * images.mean()).sum() + 3.0) * (1 + (case["chunk_error"] if chunk_size else 0.0))
+        if images.shape[0] == 16384 and case["nan"]:
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+
+    monkeypatch.setattr(ace_model.model.ACELoRA, "from_config", staticmethod(lambda name: model))
+    monkeypatch.setattr(ace_model.training, "chunked_train_step", chunked_train_step)
+    suite = _gpu_suite(quick=False)
+    # B=64 unchunked: a 10 ms median (CUDA events), 12 ms per call back to back on the host clock.
+    monkeypatch.setattr(suite, "measure_group",
+                        lambda entries, **kw: {entries[0][0]: Measurement(10.0, 500.0, 5, wall_ms=12.0)})
+
+    def measure_chunked(suite_, label, fn, grads, *, timed_calls, one_call, warmup=False):
+        fn()
+        batch = int(label.split()[0][2:])
+        return Measurement(case["ms"][batch], case["peak"][batch], 1)
+
+    monkeypatch.setattr(bench_training, "_measure_chunked", measure_chunked)
+
+    def large_row(peak=1150.0, ms=3000.0, chunk_error=0.0, nan=False):
+        case.update(peak={512: 1000.0, 16384: peak}, ms={512: 100.0, 16384: ms}, chunk_error=chunk_error, nan=nan)
+        calls.clear()
+        suite.rows.clear()
+        bench_training.run(suite)
+        assert [r.shape for r in suite.rows] == ["biomedclip B=64 unchunked", "biomedclip B=512 chunk=256",
+                                                 "biomedclip B=16384 chunk=256"]
+        return suite.rows[-1]
+
+    row = large_row()
+    m = row.metrics
+    assert m["peak_ratio_vs_small_batch"] == pytest.approx(1150.0 / 1000.0, rel=1e-12)
+    assert m["throughput_ratio_vs_unchunked"] == pytest.approx((16384 / 3.0) / (64 / 0.012), rel=1e-12)
+    assert m["rel_err_vs_unchunked"] == 0.0 and m["finite"] is True
+    assert m[harness.CHECK_DTYPES] == {"rel_err_vs_unchunked": "float32"}
+    assert row.target_pass is True
+    # The inputs (images and token ids) of 16,384 samples, made on the device outside the peak.
+    per_sample = 3 * _StubModel.image_size**2 * 4 + _StubModel.context_length * 8
+    assert m["input_mib"] == round(16384 * per_sample / harness.MIB, 1)
+    # The check: float32, eval mode, B=80 one pass against chunks of 32; the timed steps bf16.
+    checks = [c for c in calls if c[2] == "fp32"]
+    assert checks == [(80, None, "fp32", False), (80, 32, "fp32", False)]
+    assert {c[2] for c in calls if c not in checks} == {"bf16"}
+    assert large_row(peak=1250.0).target_pass is False  # 1.25x the B=512 peak
+    at_079 = 16384 / (0.79 * 64 / 0.012) * 1e3  # the ms at which samples/s is 0.79x B=64's
+    assert large_row(ms=at_079).target_pass is False
+    assert large_row(ms=at_079 * 0.79 / 0.81).target_pass is True
+    row = large_row(chunk_error=1e-3)  # over float32's limit: fails whatever its ratios
+    assert row.metrics["rel_err_vs_unchunked"] == pytest.approx(1e-3, rel=1e-3) and row.target_pass is False
+    row = large_row(nan=True)
+    assert row.metrics["finite"] is False and row.target_pass is False
+
+
+# --------------------------------------------------------------------------- the model family
+
+
+class _ModelStub(_StubModel):
+    """ACELoRA as the model family's training step sees it: ``loss`` is right under the reference
+    ops and off by ``errors[recompute]`` (loss and every gradient) under ours."""
+
+    def __init__(self, errors=None):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.errors = errors or {}
+        head = SimpleNamespace(proj=SimpleNamespace(weight=self.weight))
+        self.clip = SimpleNamespace(visual=SimpleNamespace(head=head))
+        self.batches = []
+
+    def loss(self, images, ids, labels):
+        from benchmarks import bench_model
+
+        reference = ace_kernels.lora_qkv is bench_model.baselines.reference_lora_qkv
+        if self.training:
+            self.batches.append(images.shape[0])
+        factor = 1.0 if reference else 1.0 + self.errors.get(self.recompute, 0.0)
+        return ((self.weight * images.mean()).sum() + 2.0) * factor
+
+
+def test_training_step_rows_check_ours_against_the_reference_ops():
+    """Issue 6's training step runs at B=64, and each of our rows carries its own check: the
+    eval-mode loss and trainable gradients of that provider (recompute mode included) against the
+    reference ops', judged at float32's limit (``check_dtypes``) on the bf16-autocast rows."""
+    from benchmarks import bench_model
+
+    # The checks run on the model as built (float32 weights): ours there is off by 0.25 in the
+    # plain step, right in "mlp" mode and off by 0.5 in "layer" mode.
+    errors = {"none": 0.25, "mlp": 0.0, "layer": 0.5}
+    model, ours = _ModelStub(errors), _ModelStub(errors)
+    suite = _cpu_suite()
+    bench_model._run_ace_lora(suite, model, ours)
+    assert set(model.batches) == set(ours.batches) == {64}
+    rows = {r.provider: r for r in suite.rows if r.op == "ace_lora_train_step"}
+    assert set(rows) == {"reference-ops", "torch", "torch+recompute-mlp", "torch+recompute-layer"}
+    assert rows["torch"].shape == "tiny B=64" and rows["torch"].baseline == "reference-ops"
+    assert rows["torch"].metrics["rel_err_vs_reference-ops"] == pytest.approx(0.25, rel=1e-6)
+    assert rows["torch+recompute-mlp"].metrics["rel_err_vs_reference-ops"] == 0.0
+    assert rows["torch+recompute-layer"].metrics["rel_err_vs_reference-ops"] == pytest.approx(0.5, rel=1e-6)
+    for provider in ("torch", "torch+recompute-layer"):
+        assert rows[provider].metrics[harness.CHECK_DTYPES] == {"rel_err_vs_reference-ops": "float32"}
+    assert not harness.checks_pass(rows["torch+recompute-layer"].metrics, "bf16-autocast")
+
+
+def test_a_largest_batch_try_counts_the_inputs_and_only_finite_steps(monkeypatch):
+    """One try of the largest-batch search: its peak is measured from before the inputs were
+    made (they are part of what must fit), the reference ops answer when no provider is given
+    and ours with the provider's backend and recompute mode otherwise, an out-of-memory error
+    is "does not fit", and a step whose loss is not finite raises (a batch counts only if it
+    ran right)."""
+    import warnings
+
+    from benchmarks import bench_model
+
+    mib = harness.MIB
+    memory = {"now": 100 * mib, "peak": 180 * mib}
+    for name in ("empty_cache", "synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *args: memory["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: memory["peak"])
+
+    def device_batch(model, batch, device, seed):
+        memory["now"] += 30 * mib  # the inputs
+        return torch.ones(batch, 2), None, None
+
+    monkeypatch.setattr(bench_model, "device_batch", device_batch)
+    seen = []
+
+    class Model(_StubModel):
+        outcome = "ok"
+
+        def loss(self, images, ids, labels):
+            seen.append((self.backend, self.recompute, ace_kernels.lora_qkv is baselines.reference_lora_qkv))
+            if self.outcome == "oom":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return (self.weight * images.mean()).sum() * (float("nan") if self.outcome == "nan" else 1.0)
+
+    model = Model()
+    suite = _gpu_suite(quick=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast("cuda") without CUDA
+        fits, _, peak = bench_model._try_step(suite, model, 64, "triton+recompute-layer")
+        assert fits and peak == pytest.approx(80.0) and seen[-1] == ("triton", "layer", False)
+        assert bench_model._try_step(suite, model, 64, None)[0] and seen[-1] == ("torch", "none", True)
+        assert model.weight.grad is None  # dropped after each try
+        model.outcome = "oom"
+        assert bench_model._try_step(suite, model, 128, "triton")[0] is False
+        model.outcome = "nan"
+        with pytest.raises(FloatingPointError, match="B=64"):
+            bench_model._try_step(suite, model, 64, "triton")
+
+
+def _max_batch_suite(monkeypatch, limits):
+    """A "GPU" suite whose largest-batch tries fit up to ``limits[provider]`` (None: the
+    reference), with this run's training-step rows (their B=64 peaks and checks)."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_model
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 141 * 2**30))
+    monkeypatch.setattr(bench_model, "_try_step", lambda suite, model, batch, provider: (
+        batch <= limits.get(provider, 0), 10.0 * batch / 64, float(batch)))
+    suite = _gpu_suite(["torch", "triton"], quick=False)
+
+    def row(provider, peak, error):
+        return SimpleNamespace(op="ace_lora_train_step", provider=provider, peak_mib=peak,
+                               metrics={"rel_err_vs_reference-ops": error})
+
+    # The torch row first, with a wrong check: each provider's row must take its own.
+    suite.rows = [row("torch", 900.0, 0.9), row("triton+recompute-layer", 300.0, 2e-6), row("triton", 500.0, 1e-6),
+                  row("triton+recompute-mlp", 400.0, 3e-6), row("torch+recompute-layer", 700.0, 0.9),
+                  row("torch+recompute-mlp", 800.0, 0.9)]
+    return suite
+
+
+def test_largest_batch_rows_are_judged_at_3x_with_their_own_check(monkeypatch):
+    """Issue 6: our largest batch at least 3x the reference's (judged conservatively, against
+    the reference's first batch that did not fit), on a row that carries the check of the same
+    provider's training-step row."""
+    from benchmarks import bench_model
+
+    suite = _max_batch_suite(monkeypatch, {None: 1000, "triton+recompute-layer": 9000, "triton": 2500})
+    bench_model._run_max_batch(suite, StubModel(), StubModel())
+    rows = {r.provider: r for r in suite.rows if r.op == "ace_lora_max_batch"}
+    assert set(rows) == {"reference-ops", "triton+recompute-layer", "triton"}
+    layer, plain = rows["triton+recompute-layer"], rows["triton"]
+    assert layer.metrics["rel_err_vs_reference-ops"] == 2e-6 and plain.metrics["rel_err_vs_reference-ops"] == 1e-6
+    for row in (layer, plain):
+        assert row.baseline == "reference-ops" and "max batch>=3x" in row.target
+        assert row.metrics["max_batch_ratio"] == pytest.approx(
+            row.metrics["max_batch"] / rows["reference-ops"].metrics["first_oom"])
+    assert layer.metrics["max_batch_ratio"] > 3 and layer.target_pass is True
+    assert 2 < plain.metrics["max_batch_ratio"] < 3 and plain.target_pass is False
+
+
+def test_zero_shot_check_is_the_largest_probability_difference(monkeypatch):
+    """The zero-shot rows' check is the largest absolute difference of any image's class
+    probability between ours (batched) and the reference's one-image loop: one image wrong
+    shows in full, however many images are right."""
+    from ace_model import zero_shot
+    from benchmarks import bench_model
+
+    generator = torch.Generator().manual_seed(5)
+    classes = torch.nn.functional.normalize(torch.randn(len(bench_model.ZERO_SHOT_CLASSES), 8, generator=generator),
+                                            dim=-1)
+    projection = torch.randn(3 * 4 * 4, 8, generator=generator)
+
+    class Model(_StubModel):
+        logit_scale = torch.tensor(20.0)
+
+        def encode_image(self, images):
+            z = torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)
+            if ace_kernels.ace_hypergraph is not baselines.reference_ace_hypergraph_any_backend:
+                z = z.clone()
+                z[0] = -z[0]  # ours gets the first image of each batch wrong
+            return z
+
+    monkeypatch.setattr(zero_shot, "class_embeddings", lambda model, names, device=None: classes)
+    monkeypatch.setattr(zero_shot, "evaluate", lambda *args, **kwargs: None)
+    suite = _cpu_suite(quick=True)
+    bench_model._run_zero_shot(suite, Model())
+    (ours,) = [r for r in suite.rows if r.provider == "torch"]
+    images = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(8))  # the family's N=16, seed 8
+    right = torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)
+    wrong = right.clone()
+    wrong[0] = -wrong[0]  # one batch of 16: its first image
+    difference = (zero_shot.zero_shot_scores(wrong, classes, torch.tensor(20.0), "multiclass")
+                  - zero_shot.zero_shot_scores(right, classes, torch.tensor(20.0), "multiclass")).abs()
+    assert ours.metrics["max_abs_score_diff_vs_reference-loop"] == pytest.approx(difference.max().item(), rel=1e-5)
+    assert difference.max() > 10 * difference.mean()
+    assert not harness.checks_pass(ours.metrics, "float32")
+
+
+# --------------------------------------------------------------------------- the card's ceilings
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_device_rates_are_the_faster_matmul_and_the_bytes_copied(monkeypatch, quick):
+    """The ceilings every fraction of peak is against: the bf16 matmul rate is 2 n^3 FLOPs
+    (n = 8192) over the faster of its two medians, on random operands (zeros run faster); the
+    copy bandwidth is the bytes one copy reads and writes (1 GiB each way, far beyond L2) over
+    its median. The suite's calibration holds both."""
+    from benchmarks import bench_device
+    from benchmarks.harness import Measurement
+
+    made = []
+    real_rand, real_randn = torch.rand, torch.randn
+
+    def small(real):
+        def make(*size, dtype=None, device=None, **kwargs):
+            made.append((real.__name__, tuple(size), dtype))
+            return real(16, dtype=dtype)  # the shapes are recorded, the tensors kept tiny
+        return make
+
+    monkeypatch.setattr(torch, "rand", small(real_rand))
+    monkeypatch.setattr(torch, "randn", small(real_randn))
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_device, "warm_up", lambda fn, device, seconds: 10)
+    monkeypatch.setattr(bench_device, "read_clocks", lambda device: {})
+    medians = {"copy bandwidth": 2.0, "bf16 matmul (1 of 2)": 3.0, "bf16 matmul (2 of 2)": 2.5}
+    suite = _gpu_suite(quick=quick)
+    monkeypatch.setattr(suite, "measure", lambda label, fn, grads, **kwargs: Measurement(medians[label], None, 5))
+    bench_device.run(suite)
+    rows = {r.op: r for r in suite.rows}
+    copy, matmul = rows["device_copy"], rows["device_matmul"]
+    copied = copy.metrics["bytes"]
+    assert copied == 2 * 16 * 2  # the (tiny) source read once and written once, bf16
+    assert suite.calibration["copy_gbps"] == pytest.approx(copied / 2.0e-3 / 1e9, rel=1e-12)
+    assert [m for m in made if m[0] == "rand"] == [("rand", (2**27 if quick else 2**29,), torch.bfloat16)]
+    n = 4096 if quick else 8192
+    assert [m for m in made if m[0] == "randn"] == [("randn", (n, n), torch.bfloat16)] * 2
+    assert matmul.median_ms == 2.5 and matmul.metrics["medians_ms"] == [3.0, 2.5]
+    assert suite.calibration["bf16_matmul_tflops"] == pytest.approx(2 * n**3 / 2.5e-3 / 1e12, rel=1e-12)
+
+
+def test_cuda_graph_row_counts_its_build_and_checks_a_replay_against_the_eager_step(monkeypatch):
+    """The training step captured as a CUDA graph (GPU, triton): its row's peak is at least the
+    graph's build (warm-up and capture: its replays allocate nothing), and a replay is checked
+    against the eager step from the same generator state (``rel_err_vs_eager-step``), so that a
+    replay that ran nothing or read stale buffers cannot pass as a fast step. CUDA and the graph
+    are stood in for here."""
+    import warnings
+
+    import ace_model.training
+    from benchmarks import bench_model
+
+    mib = harness.MIB
+    memory = {"allocated": 1000 * mib, "reserved": 2000 * mib}
+
+    def reset_peak(*args):
+        memory["peak"] = memory["allocated"]
+
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *args: memory["allocated"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *args: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: memory["peak"])
+    monkeypatch.setattr(ace_model.training, "_capture_torch_rng", lambda device: None)
+    monkeypatch.setattr(ace_model.training, "_restore_torch_rng", lambda state, device: None)
+    replay_error = 0.5
+
+    class Graph:
+        def __init__(self, model, images, ids, labels, precision):
+            self.model = model
+            memory["peak"] = memory["allocated"] + 700 * mib  # the build's warm-up and capture
+            memory["reserved"] += 600 * mib  # the graph's private pool
+
+        def __call__(self, images, ids, labels):
+            for p in self.model.trainable_parameters():
+                p.grad = None  # a replay writes the gradients, it does not add to them
+            loss = self.model.loss(images, ids, labels) * (1 + replay_error)
+            loss.backward()
+            return loss
+
+    monkeypatch.setattr(ace_model.training, "GraphedTrainStep", Graph)
+    model, ours = _ModelStub(), _ModelStub()
+    suite = _gpu_suite(["triton"], quick=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast("cuda") without CUDA
+        bench_model._run_ace_lora(suite, model, ours)
+    rows = {r.provider: r for r in suite.rows if r.op == "ace_lora_train_step"}
+    assert set(rows) == {"reference-ops", "triton", "triton+recompute-mlp", "triton+recompute-layer",
+                         "triton+cuda-graph"}
+    graph = rows["triton+cuda-graph"]
+    assert graph.peak_mib >= 700.0 and graph.metrics["graph_reserved_mib"] == 600.0
+    assert graph.metrics["rel_err_vs_eager-step"] == pytest.approx(replay_error, rel=1e-6)
+    assert graph.metrics["rel_err_vs_reference-ops"] == rows["triton"].metrics["rel_err_vs_reference-ops"] == 0.0
+    assert graph.target_pass is False and "rel_err_vs_eager-step<=0.03" in graph.target
