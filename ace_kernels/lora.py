@@ -759,11 +759,15 @@ _INTERPRETER_CONFIGS = {
 _GPU_CANDIDATES = {
     ("down", "16bit"): (dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3),
                         dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=3),
-                        dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4)),
+                        dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=4),
+                        # 80 registers: six blocks (24 warps) per SM against the default's one (8).
+                        dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=3)),
     ("backward", "16bit"): (dict(BLOCK_M=64, BLOCK_K=128, EPILOGUE_M=32, num_warps=4, num_stages=2),
                             dict(BLOCK_M=256, BLOCK_K=128, EPILOGUE_M=32, num_warps=8, num_stages=2),
                             dict(BLOCK_M=128, BLOCK_K=64, EPILOGUE_M=16, num_warps=4, num_stages=2),
-                            dict(BLOCK_M=128, BLOCK_K=256, EPILOGUE_M=16, num_warps=8, num_stages=2)),
+                            dict(BLOCK_M=128, BLOCK_K=256, EPILOGUE_M=16, num_warps=8, num_stages=2),
+                            # 156 registers: three blocks (12 warps) per SM against the default's one (8).
+                            dict(BLOCK_M=256, BLOCK_K=128, EPILOGUE_M=16, num_warps=4, num_stages=2)),
 }
 
 
