@@ -4,7 +4,10 @@ Used by CI to reject kernel configurations that spill registers before any GPU
 sees them: ``compile_sm90(kernel, signature, constexprs)`` runs Triton's full
 pipeline for ``GPUTarget("cuda", 90, 32)`` and then ``ptxas -v`` (shipped in
 the Triton wheel) on the PTX, returning registers, spill bytes, stack frame and
-shared memory.
+shared memory. ``profile_sm90`` also disassembles the cubin (nvdisasm, from the same
+wheel) and counts the instructions of the kernel's main loop, and ``blocks_per_sm90`` says
+how many blocks of a kernel fit on one SM: static facts about the code a GPU would run,
+for judging a kernel change where no GPU is at hand (they are not timings).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Sequence
 
 
@@ -50,6 +54,95 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
     ``"i32"``, ``"fp32"``, ... or ``"constexpr"``); ``constexprs`` gives the value of
     each constexpr argument.
     """
+    return _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers)[0]
+
+
+@dataclass(frozen=True)
+class LoopProfile:
+    """What :func:`profile_sm90` read off one compiled kernel."""
+
+    resources: KernelResources
+    blocks_per_sm: int  # resident blocks per SM (registers, shared memory, warps)
+    loop_opcodes: dict = field(default_factory=dict)  # opcode (first word) -> count in the main loop's body
+
+    @property
+    def loop_instructions(self) -> int:
+        return sum(self.loop_opcodes.values())
+
+
+def profile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
+                 num_stages: int = 3, divisible_by_16: Sequence[str] = (),
+                 aligned_pointers: bool = True) -> LoopProfile:
+    """:func:`compile_sm90`, then the instruction mix of the kernel's main loop (its largest
+    loop, see :func:`main_loop_opcodes`) and its resident blocks per SM."""
+    resources, cubin = _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
+                                aligned_pointers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    return LoopProfile(resources=resources,
+                       blocks_per_sm=blocks_per_sm90(resources.registers, resources.shared_bytes, num_warps),
+                       loop_opcodes=main_loop_opcodes(sass))
+
+
+# sm_90 per-SM limits (CUDA C++ Programming Guide, compute capability 9.0): 64K 32-bit registers
+# allocated per warp in units of 256, 228 KiB of shared memory of which 1 KiB is reserved per
+# block, 64 resident warps, 32 resident blocks.
+_SM90_REGISTERS = 65536
+_SM90_REGISTER_UNIT = 256
+_SM90_SHARED_BYTES = 228 * 1024
+_SM90_SHARED_PER_BLOCK_RESERVED = 1024
+_SM90_WARPS = 64
+_SM90_BLOCKS = 32
+
+
+def blocks_per_sm90(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """How many blocks of ``num_warps`` warps, each thread holding ``registers`` registers and the
+    block ``shared_bytes`` of shared memory, are resident on one sm_90 SM at once."""
+    if registers < 1 or num_warps < 1 or shared_bytes < 0:
+        raise ValueError(f"expected registers >= 1, num_warps >= 1 and shared_bytes >= 0, got {registers}, "
+                         f"{num_warps} and {shared_bytes}")
+    per_warp = -(-registers * 32 // _SM90_REGISTER_UNIT) * _SM90_REGISTER_UNIT
+    by_registers = (_SM90_REGISTERS // per_warp) // num_warps
+    by_shared = _SM90_SHARED_BYTES // (shared_bytes + _SM90_SHARED_PER_BLOCK_RESERVED)
+    return min(by_registers, by_shared, _SM90_WARPS // num_warps, _SM90_BLOCKS)
+
+
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):\s*$")
+_BRANCH = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d)\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def main_loop_opcodes(sass: str) -> dict:
+    """Opcode counts of the longest loop body in an nvdisasm listing: the lines from a label to
+    the last branch back to it. Opcodes are the instruction's first word without its modifiers
+    (``IMAD.HI.U32`` counts as ``IMAD``). An empty dict when the listing has no backward branch."""
+    lines = sass.splitlines()
+    labels = {}
+    for number, line in enumerate(lines):
+        match = _LABEL.match(line)
+        if match:
+            labels[match.group(1)] = number
+    best = None
+    for number, line in enumerate(lines):
+        match = _BRANCH.search(line)
+        if match and match.group(1) in labels and labels[match.group(1)] < number:
+            span = (labels[match.group(1)], number)
+            if best is None or span[1] - span[0] > best[1] - best[0]:
+                best = span
+    if best is None:
+        return {}
+    counts = Counter()
+    for line in lines[best[0]:best[1] + 1]:
+        match = _INSTRUCTION.match(line)
+        if match:
+            counts[match.group(1)] += 1
+    return dict(counts)
+
+
+def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -89,7 +182,7 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
             raise RuntimeError(f"ptxas -v report for {compiled.metadata.name} has no match for {pattern!r}:\n{report}")
         return int(match.group(1))
 
-    return KernelResources(
+    resources = KernelResources(
         name=compiled.metadata.name,
         registers=grab(r"Used (\d+) registers"),
         spill_store_bytes=grab(r"(\d+) bytes spill stores"),
@@ -98,3 +191,4 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
         shared_bytes=int(compiled.metadata.shared),
         num_warps=num_warps,
     )
+    return resources, compiled.asm["cubin"]

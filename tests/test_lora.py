@@ -1006,82 +1006,28 @@ def test_triton_gpu_linear_bf16():
 # Integer arguments that are multiples of 16 at the ViT/BERT shapes (M = batch*197 or
 # batch*256 rows, K = out = 768): a real launch specialises them (and every pointer) as
 # 16-divisible, which decides vectorised, pipelined loads and so the register count.
-_DIVISIBLE_AT_REAL_SHAPES = {"M", "K", "KP", "plane", "stride_xm", "stride_cm", "stride_dxm", "stride_ap", "stride_ar",
-                             "stride_gp"}
-# Innermost strides are 1 at a real launch, which Triton turns into a constant.
-_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_gr"}
-
-
 # The most shared memory one block of an sm_90 GPU can have (227 KiB, opted in).
 HOPPER_SHARED_BYTES = 227 * 1024
-
-
-def _aot_launches(dtype):
-    """(label, kernel, signature, constexprs, num_warps, num_stages) for every launch variant, at
-    the default configurations and at each sweep candidate (``lora._GPU_CANDIDATES``)."""
-    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    dot_precision = lora_module._dot_precision(dtype)
-    pointer_types = {
-        "x_ptr": elem, "a_ptr": elem, "xcat_ptr": elem, "g_ptr": elem, "dx_ptr": elem,
-        "da_part_ptr": "fp32", "seed_ptr": "i64", "mask_ptr": "i8",
-    }
-    float_args = {"inv_keep", "lora_factor"}
-
-    def build(label, kernel, name, constexprs, cfg=None):
-        cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][_tuning.dtype_class(dtype)])
-        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        constexprs = dict(constexprs, **cfg)
-        signature = {}
-        for arg in kernel.arg_names:
-            if arg in constexprs or arg in _UNIT_STRIDES:
-                signature[arg] = "constexpr"
-                constexprs.setdefault(arg, 1)
-            elif arg in pointer_types:
-                signature[arg] = "*" + pointer_types[arg]
-            else:
-                signature[arg] = "fp32" if arg in float_args else "i32"
-        return (label, kernel, signature, constexprs, num_warps, num_stages)
-
-    launches = []
-    for projections in (3, 1):
-        block_r = lora_module._block_r(projections, 4)
-        for dropout in (True, False):
-            launches.append(build(f"down P={projections} dropout={dropout}", lora_module._lora_pack_kernel, "down",
-                                  dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, BLOCK_R=block_r,
-                                       DOT_PRECISION=dot_precision)))
-            for compute_dx in (True, False):
-                launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}",
-                                      lora_module._lora_grad_kernel, "backward",
-                                      dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, COMPUTE_DX=compute_dx,
-                                           BLOCK_R=block_r, DOT_PRECISION=dot_precision)))
-    launches.append(build("mask", lora_module._lora_mask_kernel, "mask", dict(PROJECTIONS=3)))
-    kernels = {"down": lora_module._lora_pack_kernel, "backward": lora_module._lora_grad_kernel}
-    defaults = {label.split(" ")[0]: [] for label, *_ in launches}
-    for launch in launches:
-        defaults[launch[0].split(" ")[0]].append(launch)
-    for (name, dtype_class), candidates in lora_module._GPU_CANDIDATES.items():
-        if dtype_class != _tuning.dtype_class(dtype):
-            continue
-        for number, cfg in enumerate(candidates, start=1):
-            for label, kernel, _, constexprs, _, _ in defaults[name]:
-                fixed = {k: v for k, v in constexprs.items() if k not in cfg and k not in _UNIT_STRIDES}
-                launches.append(build(f"{label} candidate {number}", kernels[name], name, fixed, cfg))
-    return launches
 
 
 def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
     """Compile every launch variant for sm_90a; runs in a process without TRITON_INTERPRET
     (under the interpreter the kernels are not JITFunctions and cannot be compiled)."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # the child process's path has tests/ only
+        sys.path.insert(0, root)
     from ace_kernels._aot import compile_sm90
+    from benchmarks.kernel_stats import divisible_arguments, lora_launches
 
     dtype = getattr(torch, dtype_name)
-    launches = _aot_launches(dtype)
+    launches = lora_launches(dtype)  # the defaults and the sweep's candidates, every launch variant
     results = []
     for label, kernel, signature, constexprs, num_warps, num_stages in launches:
-        # Besides the aligned pointers, the 16-divisible sizes and strides of the real shapes (768).
-        divisible = [name for name in kernel.arg_names if name in _DIVISIBLE_AT_REAL_SHAPES]
         res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
-                           divisible_by_16=divisible)
+                           divisible_by_16=divisible_arguments(kernel))
         results.append(dict(label=label, registers=res.registers, shared=res.shared_bytes, spills=res.spills,
                             warps=num_warps, stages=num_stages))
     return results

@@ -1,0 +1,168 @@
+"""``python -m benchmarks.kernel_stats [--json PATH]``: a static profile of the LoRA Triton
+kernels' sm_90a code, made with no GPU.
+
+Each launch variant of ``_lora_pack_kernel`` and ``_lora_grad_kernel`` (bf16, q/k/v stacked,
+dropout on and off) is compiled for sm_90a at its default configuration and at each sweep
+candidate (``ace_kernels.lora._GPU_CANDIDATES``), and the cubin is read back
+(``ace_kernels._aot.profile_sm90``): registers, shared memory, resident blocks and warps per SM,
+and the main loop's instructions, per thread and per element of x the loop step covers, with
+the share of the integer multiply-adds and logic ops (``IMAD``, ``LOP3``) that Philox is made
+of and the count of type conversions (``I2F``, ``F2F``, ``I2FP``, ``F2I``). With ``--json`` the
+rows are also written to PATH.
+
+These are facts about the code a GPU would run, for judging a kernel change where no GPU is at
+hand; they are not timings (latency, memory and the scheduler decide those) and make no speed
+claim. Run it where the Triton wheel is installed; it must not run under ``TRITON_INTERPRET=1``
+(the interpreter's kernels cannot be compiled). About a minute on 2 cores.
+
+The launch table (:func:`lora_launches`) is shared with ``tests/test_lora.py``, whose spill
+check compiles every variant in every dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Sequence
+
+import torch
+
+from ace_kernels import _tuning, lora as lora_module
+
+# Besides the aligned pointers, the 16-divisible sizes and strides of the real shapes (768).
+DIVISIBLE_AT_REAL_SHAPES = {"M", "K", "KP", "plane", "stride_xm", "stride_cm", "stride_dxm", "stride_ap", "stride_ar",
+                            "stride_gp"}
+# Innermost strides are 1 at a real launch, which Triton turns into a constant.
+UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_gr"}
+CONVERSIONS = ("I2F", "F2F", "I2FP", "F2I", "F2IP")
+PHILOX_OPS = ("IMAD", "LOP3")
+
+
+def lora_launches(dtype: torch.dtype) -> list:
+    """(label, kernel, signature, constexprs, num_warps, num_stages) for every launch variant, at
+    the default configurations and at each sweep candidate (``lora._GPU_CANDIDATES``)."""
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    dot_precision = lora_module._dot_precision(dtype)
+    pointer_types = {
+        "x_ptr": elem, "a_ptr": elem, "xcat_ptr": elem, "g_ptr": elem, "dx_ptr": elem,
+        "da_part_ptr": "fp32", "seed_ptr": "i64", "mask_ptr": "i8",
+    }
+    float_args = {"inv_keep", "lora_factor"}
+
+    def build(label, kernel, name, constexprs, cfg=None):
+        cfg = dict(cfg if cfg is not None else lora_module._GPU_CONFIGS[name][_tuning.dtype_class(dtype)])
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        constexprs = dict(constexprs, **cfg)
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs or arg in UNIT_STRIDES:
+                signature[arg] = "constexpr"
+                constexprs.setdefault(arg, 1)
+            elif arg in pointer_types:
+                signature[arg] = "*" + pointer_types[arg]
+            else:
+                signature[arg] = "fp32" if arg in float_args else "i32"
+        return (label, kernel, signature, constexprs, num_warps, num_stages)
+
+    launches = []
+    for projections in (3, 1):
+        block_r = lora_module._block_r(projections, 4)
+        for dropout in (True, False):
+            launches.append(build(f"down P={projections} dropout={dropout}", lora_module._lora_pack_kernel, "down",
+                                  dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, BLOCK_R=block_r,
+                                       DOT_PRECISION=dot_precision)))
+            for compute_dx in (True, False):
+                launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}",
+                                      lora_module._lora_grad_kernel, "backward",
+                                      dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, COMPUTE_DX=compute_dx,
+                                           BLOCK_R=block_r, DOT_PRECISION=dot_precision)))
+    launches.append(build("mask", lora_module._lora_mask_kernel, "mask", dict(PROJECTIONS=3)))
+    kernels = {"down": lora_module._lora_pack_kernel, "backward": lora_module._lora_grad_kernel}
+    defaults = {label.split(" ")[0]: [] for label, *_ in launches}
+    for launch in launches:
+        defaults[launch[0].split(" ")[0]].append(launch)
+    for (name, dtype_class), candidates in lora_module._GPU_CANDIDATES.items():
+        if dtype_class != _tuning.dtype_class(dtype):
+            continue
+        for number, cfg in enumerate(candidates, start=1):
+            for label, kernel, _, constexprs, _, _ in defaults[name]:
+                fixed = {k: v for k, v in constexprs.items() if k not in cfg and k not in UNIT_STRIDES}
+                launches.append(build(f"{label} candidate {number}", kernels[name], name, fixed, cfg))
+    return launches
+
+
+def divisible_arguments(kernel) -> list:
+    return [name for name in kernel.arg_names if name in DIVISIBLE_AT_REAL_SHAPES]
+
+
+def elements_per_step(label: str, constexprs: dict, num_warps: int) -> float:
+    """Elements of x one thread covers in one step of the main loop: the pack kernel's loop steps
+    over BLOCK_K columns of BLOCK_M rows, the gradient kernel's over EPILOGUE_M rows of BLOCK_K."""
+    rows = constexprs["BLOCK_M"] if label.startswith("down") else constexprs["EPILOGUE_M"]
+    return rows * constexprs["BLOCK_K"] / (32 * num_warps)
+
+
+def profile_row(label: str, kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    from ace_kernels._aot import profile_sm90
+
+    prof = profile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                        divisible_by_16=divisible_arguments(kernel))
+    ops = prof.loop_opcodes
+    total = prof.loop_instructions
+    per_element = elements_per_step(label, constexprs, num_warps)
+    return dict(
+        label=label, num_warps=num_warps, num_stages=num_stages,
+        config={k: constexprs[k] for k in ("BLOCK_M", "BLOCK_K", "EPILOGUE_M") if k in constexprs},
+        registers=prof.resources.registers, shared_bytes=prof.resources.shared_bytes,
+        spills=prof.resources.spills, blocks_per_sm=prof.blocks_per_sm, warps_per_sm=prof.blocks_per_sm * num_warps,
+        loop_instructions=total, loop_instructions_per_element=round(total / per_element, 2),
+        philox_op_share=round(sum(ops.get(op, 0) for op in PHILOX_OPS) / total, 3) if total else None,
+        loop_conversions=sum(ops.get(op, 0) for op in CONVERSIONS),
+        loop_opcodes=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def selected(label: str) -> bool:
+    """The variants of the profile: q/k/v stacked (P=3), dX computed, dropout on and off."""
+    return "P=3" in label and "dx=False" not in label
+
+
+def profile_lora(dtype: torch.dtype = torch.bfloat16) -> list:
+    return [profile_row(*launch) for launch in lora_launches(dtype) if selected(launch[0])]
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    head = (f"{'kernel variant':44s} {'regs':>4s} {'smem':>6s} {'blk/SM':>6s} {'warps/SM':>8s} "
+            f"{'loop instr':>10s} {'per elem':>8s} {'IMAD+LOP3':>9s} {'conv':>4s}")
+    lines = [head]
+    for r in rows:
+        share = "-" if r["philox_op_share"] is None else f"{100 * r['philox_op_share']:.0f}%"
+        lines.append(f"{r['label']:44s} {r['registers']:4d} {r['shared_bytes']:6d} {r['blocks_per_sm']:6d} "
+                     f"{r['warps_per_sm']:8d} {r['loop_instructions']:10d} {r['loop_instructions_per_element']:8.1f} "
+                     f"{share:>9s} {r['loop_conversions']:4d}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_stats", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("TRITON_INTERPRET is set: the interpreter's kernels cannot be compiled (unset it)")
+    import triton
+
+    rows = profile_lora()
+    print(f"sm_90a static profile of the LoRA kernels (bf16, q/k/v stacked), triton {triton.__version__}; "
+          "not a timing")
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(triton=triton.__version__, torch=torch.__version__, target="sm_90a", dtype="bfloat16",
+                           rows=rows), handle, indent=1)
+            handle.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The static sm_90a profile (``ace_kernels._aot.profile_sm90``, ``benchmarks.kernel_stats``):
+the loop finder and the occupancy arithmetic on hand-made inputs, then one real compile and
+disassembly of the LoRA pack kernel (in a fresh process, as the spill checks do)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ace_kernels._aot import blocks_per_sm90, main_loop_opcodes  # noqa: E402
+
+
+def _line(address: int, text: str) -> str:
+    return f"        /*{address:04x}*/                   {text} ;"
+
+
+# An nvdisasm-like listing: a short loop (.L_x_0, 2 instructions), a longer one (.L_x_1), a
+# forward branch (not a loop) and a predicated backward branch closing the long loop.
+LISTING = "\n".join([
+    _line(0x00, "MOV R1, c[0x0][0x28]"),
+    ".L_x_0:",
+    _line(0x10, "IADD3 R2, R2, 0x1, RZ"),
+    _line(0x20, "@P0 BRA `(.L_x_0)"),
+    _line(0x30, "BRA `(.L_x_2)"),
+    ".L_x_1:",
+    _line(0x40, "IMAD.HI.U32 R3, R4, -0x2daee0ad, RZ"),
+    _line(0x50, "@!P1 IMAD R5, R4, -0x2daee0ad, RZ"),
+    _line(0x60, "LOP3.LUT R6, R3, R7, R8, 0x96, !PT"),
+    _line(0x70, "@UP0 HGMMA.64x8x16.F32.BF16 R28, R32, gdesc[UR52], R28"),
+    _line(0x80, "@P6 BRA `(.L_x_1)"),
+    ".L_x_2:",
+    _line(0x90, "EXIT"),
+])
+
+
+def test_main_loop_is_the_longest_backward_branch_and_opcodes_drop_their_modifiers():
+    assert main_loop_opcodes(LISTING) == {"IMAD": 2, "LOP3": 1, "HGMMA": 1, "BRA": 1}
+
+
+def test_a_listing_without_a_backward_branch_has_no_loop():
+    assert main_loop_opcodes("\n".join([".L_x_0:", _line(0, "NOP"), _line(0x10, "BRA `(.L_x_1)"), ".L_x_1:",
+                                        _line(0x20, "EXIT")])) == {}
+
+
+@pytest.mark.parametrize("registers, shared, warps, expected", [
+    (136, 34816, 8, 1),   # 136 -> 4352 registers a warp: 15 warps fit, one block of 8
+    (127, 34816, 8, 2),   # 127 -> 4096 a warp: 16 warps, two blocks
+    (80, 15360, 4, 6),    # registers: 25 warps -> 6 blocks; shared memory: 14
+    (32, 0, 1, 32),       # the 32-block limit
+    (32, 0, 32, 2),       # the 64-warp limit
+    (40, 120_000, 4, 1),  # shared memory: 228 KiB over 120,000 + 1 KiB reserved
+])
+def test_blocks_per_sm_follow_the_sm90_limits(registers, shared, warps, expected):
+    assert blocks_per_sm90(registers, shared, warps) == expected
+
+
+def test_blocks_per_sm_refuses_an_empty_kernel():
+    with pytest.raises(ValueError, match="registers >= 1"):
+        blocks_per_sm90(0, 0, 4)
+
+
+def test_elements_per_step_and_table():
+    from benchmarks.kernel_stats import elements_per_step, format_rows
+
+    assert elements_per_step("down P=3 dropout=True", dict(BLOCK_M=64, BLOCK_K=64), 8) == 16
+    assert elements_per_step("backward P=3 dropout=True dx=True", dict(BLOCK_M=128, BLOCK_K=128, EPILOGUE_M=32),
+                             8) == 16
+    row = dict(label="down P=3 dropout=True", registers=136, shared_bytes=34816, blocks_per_sm=1, warps_per_sm=8,
+               loop_instructions=848, loop_instructions_per_element=53.0, philox_op_share=0.592, loop_conversions=0)
+    table = format_rows([row, dict(row, philox_op_share=None)]).splitlines()
+    assert table[1].split() == ["down", "P=3", "dropout=True", "136", "34816", "1", "8", "848", "53.0", "59%", "0"]
+    assert table[2].split()[-2] == "-"
+
+
+def test_the_cli_refuses_the_interpreter(monkeypatch, capsys):
+    from benchmarks import kernel_stats
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(SystemExit):
+        kernel_stats.main([])
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def _profile_pack_kernel() -> list:
+    import torch
+
+    from benchmarks.kernel_stats import lora_launches, profile_row
+
+    launch = next(launch for launch in lora_launches(torch.bfloat16) if launch[0] == "down P=3 dropout=True")
+    return [profile_row(*launch)]
+
+
+@pytest.mark.slow
+def test_the_pack_kernel_profile_reads_its_k_loop():
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    (row,) = compile_in_fresh_process("test_kernel_stats", "_profile_pack_kernel")
+    ops = row["loop_opcodes"]
+    # The K loop: the tensor-core products of the three projections, the Philox multiplies.
+    assert ops.get("HGMMA", 0) + ops.get("HMMA", 0) > 0 and ops.get("IMAD", 0) > 0, ops
+    assert row["loop_instructions"] == sum(ops.values()) > 0
+    assert row["spills"] == 0 and row["blocks_per_sm"] >= 1
+    assert row["warps_per_sm"] == row["blocks_per_sm"] * row["num_warps"]
+    # With dropout every element needs Philox bits: far more work per element than the copy.
+    assert row["loop_instructions_per_element"] > 10
