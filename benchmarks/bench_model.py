@@ -988,9 +988,21 @@ def _demo_targets() -> list[Target]:
             Target("metric_min:learned", 1, "loss halved & accuracy>chance+0.2")]
 
 
+def _demo_failed(suite, seconds: float, reason: str) -> None:
+    """A demo that raised, exited non-zero or wrote no summary: a row that misses its targets
+    (``metrics.failed`` says why), not a skip, since the demo not working is what the row judges."""
+    suite.log(f"  ace_lora_demo: failed after {seconds:.1f} s ({reason})")
+    suite.add_plain_row(family=FAMILY, op="ace_lora_demo", shape="tiny, defaults (failed)", dtype="float32",
+                        provider="torch", measurement=Measurement(seconds * 1e3, None, 1),
+                        metrics={"seconds": seconds, "failed": reason, "learned": False, "finite": False,
+                                 "threads": torch.get_num_threads()},
+                        mode="train+eval", targets=_demo_targets())
+
+
 def _run_demo(suite, estimate_s: float) -> None:
     """``ace-lora demo --no-progress`` in a temporary directory, timed once; its summary's
-    numbers in ``metrics``. CPU only, not with --quick (skipped with the reason)."""
+    numbers in ``metrics``. CPU only, not with --quick (skipped with the reason); a demo that
+    fails is a row that misses its targets (:func:`_demo_failed`)."""
     import io
     import json
     import math
@@ -1017,15 +1029,19 @@ def _run_demo(suite, estimate_s: float) -> None:
             with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
                 status = cli.main(["demo", "--out-dir", out, "--no-progress"])
         except Exception as exc:
-            suite.skip("ace_lora_demo", describe_error(exc))
+            _demo_failed(suite, time.perf_counter() - start, describe_error(exc))
             return
         seconds = time.perf_counter() - start
         if status != 0:
             last = (output.getvalue().strip().splitlines() or ["no output"])[-1]
-            suite.skip("ace_lora_demo", f"exit status {status}: {last[:200]}")
+            _demo_failed(suite, seconds, f"exit status {status}: {last[:200]}")
             return
-        with open(f"{out}/demo_summary.json", encoding="utf-8") as handle:
-            summary = json.load(handle)
+        try:
+            with open(f"{out}/demo_summary.json", encoding="utf-8") as handle:
+                summary = json.load(handle)
+        except (OSError, ValueError) as exc:
+            _demo_failed(suite, seconds, f"no readable demo_summary.json ({describe_error(exc)})")
+            return
     first, last, after = summary["loss_first"], summary["loss_last"], summary["after"]["accuracy"]
     chance = summary["chance_accuracy"]
     finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (first, last, after))

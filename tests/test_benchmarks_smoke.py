@@ -1774,6 +1774,37 @@ def test_the_demo_is_a_cpu_target_of_the_model_family(tmp_path, monkeypatch, cap
         assert missed.target_pass is False, metrics
 
 
+
+@pytest.mark.parametrize("how", ["raises", "exit status", "no summary", "bad summary"])
+def test_a_failed_demo_is_a_row_that_misses_its_targets(monkeypatch, how):
+    """A demo that raises, exits non-zero or leaves no readable summary is not skipped: its row
+    records why (``metrics.failed``) and misses issue 6's target."""
+    from ace_model import cli
+    from benchmarks import bench_model
+
+    def demo(argv):
+        out = Path(argv[argv.index("--out-dir") + 1])
+        if how == "raises":
+            raise RuntimeError("the tiny model diverged")
+        if how == "exit status":
+            print("error: no such thing")
+            return 2
+        if how == "bad summary":
+            (out / "demo_summary.json").write_text("{not json")
+        return 0
+
+    monkeypatch.setattr(cli, "main", demo)
+    suite = _suite("all")
+    suite.quick = False
+    bench_model._run_demo(suite, 60.0)
+    (row,) = suite.rows
+    assert not suite.skipped
+    assert (row.op, row.shape, row.target_pass) == ("ace_lora_demo", "tiny, defaults (failed)", False)
+    assert row.metrics["learned"] is False and row.metrics["seconds"] >= 0
+    expected = {"raises": "the tiny model diverged", "exit status": "exit status 2: error: no such thing",
+                "no summary": "no readable demo_summary.json", "bad summary": "no readable demo_summary.json"}[how]
+    assert expected in row.metrics["failed"]
+
 def test_dispatch_order_ignores_rows_with_wrong_outputs():
     from benchmarks import dispatch_order
 
