@@ -68,7 +68,12 @@ BLOCKED = "triton+blocked"
 _FP32_CHECK_LIMIT = 2e-2
 
 
+# An 80 GB card, in GiB (the decimal 80 GB: the strict reading of issue 5's "one 80 GB card").
+CARD_80GB_GIB = 80e9 / 2**30
+
+
 @contextlib.contextmanager
+
 def blocked_strategy(dtype: torch.dtype):
     """Force the Triton kernels' blocked strategy (each pass's first blocked sweep candidate of the
     16-bit one-dot path, D <= 512) for ``dtype`` inputs until the block ends."""
@@ -173,8 +178,9 @@ def _targets(suite, config):
             return [Target("metric_min:frac_of_matmul_peak", 0.5, ">=50% matmul peak"),
                     Target("metric_max:extra_mib_excl_grads", 64, "extra<=64MiB")]
         if config.get("probe") and baseline is None:
-            # Issue 5: one 80 GB card holds it (inputs, gradients and the op's own memory).
-            return [Target("metric_max:total_gib", 80.0, "fits 80GB")]
+            # Issue 5: one 80 GB card holds it (inputs, gradients and the op's own memory), read
+            # strictly: 80e9 bytes (74.5 GiB), below what an 80 GB card has for tensors.
+            return [Target("metric_max:total_gib", CARD_80GB_GIB, "fits 80GB")]
         if baseline == "inf_cl":
             return [Target("speedup", 2.0, "speedup>=2")]
         return []

@@ -1702,7 +1702,7 @@ def test_the_families_targets_in_a_full_gpu_run(tmp_path):
         assert goals(at_65536, provider, None) == [("metric_min:frac_of_matmul_peak", 0.5, ">=50% matmul peak"),
                                                    ("metric_max:extra_mib_excl_grads", 64, "extra<=64MiB")]
     assert goals(bench_contrastive._targets(suite, bench_contrastive.PROBE), "triton", None) == [
-        ("metric_max:total_gib", 80.0, "fits 80GB")]
+        ("metric_max:total_gib", pytest.approx(74.506, abs=1e-3), "fits 80GB")]
 
     train_step = bench_model._train_step_targets(suite)
     for provider in ("triton", "triton+recompute-mlp", "triton+cuda-graph"):
