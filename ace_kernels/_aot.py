@@ -64,10 +64,15 @@ class LoopProfile:
     resources: KernelResources
     blocks_per_sm: int  # resident blocks per SM (registers, shared memory, warps)
     loop_opcodes: dict = field(default_factory=dict)  # opcode (first word) -> count in the main loop's body
+    kernel_opcodes: dict = field(default_factory=dict)  # the same over the whole listing (the loop's once)
 
     @property
     def loop_instructions(self) -> int:
         return sum(self.loop_opcodes.values())
+
+    @property
+    def kernel_instructions(self) -> int:
+        return sum(self.kernel_opcodes.values())
 
 
 def profile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
@@ -84,7 +89,7 @@ def profile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
         sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
     return LoopProfile(resources=resources,
                        blocks_per_sm=blocks_per_sm90(resources.registers, resources.shared_bytes, num_warps),
-                       loop_opcodes=main_loop_opcodes(sass))
+                       loop_opcodes=main_loop_opcodes(sass), kernel_opcodes=opcode_counts(sass.splitlines()))
 
 
 # sm_90 per-SM limits (CUDA C++ Programming Guide, compute capability 9.0): 64K 32-bit registers
@@ -134,8 +139,13 @@ def main_loop_opcodes(sass: str) -> dict:
                 best = span
     if best is None:
         return {}
+    return opcode_counts(lines[best[0]:best[1] + 1])
+
+
+def opcode_counts(lines: Sequence[str]) -> dict:
+    """Opcode (first word, no modifiers) -> count over the instruction lines of an nvdisasm listing."""
     counts = Counter()
-    for line in lines[best[0]:best[1] + 1]:
+    for line in lines:
         match = _INSTRUCTION.match(line)
         if match:
             counts[match.group(1)] += 1

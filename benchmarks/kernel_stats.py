@@ -1,5 +1,5 @@
-"""``python -m benchmarks.kernel_stats [--json PATH]``: a static profile of the LoRA Triton
-kernels' sm_90a code, made with no GPU.
+"""``python -m benchmarks.kernel_stats [--json PATH]``: a static profile of the LoRA and InfoNCE
+Triton kernels' sm_90a code, made with no GPU.
 
 Each launch variant of ``_lora_pack_kernel`` and ``_lora_grad_kernel`` (bf16, q/k/v stacked,
 dropout on and off) is compiled for sm_90a at its default configuration and at each sweep
@@ -7,16 +7,25 @@ candidate (``ace_kernels.lora._GPU_CANDIDATES``), and the cubin is read back
 (``ace_kernels._aot.profile_sm90``): registers, shared memory, resident blocks and warps per SM,
 and the main loop's instructions, per thread and per element of x the loop step covers, with
 the share of the integer multiply-adds and logic ops (``IMAD``, ``LOP3``) that Philox is made
-of and the count of type conversions (``I2F``, ``F2F``, ``I2FP``, ``F2I``). With ``--json`` the
-rows are also written to PATH.
+of and the count of type conversions (``I2F``, ``F2F``, ``I2FP``, ``F2I``).
+
+The InfoNCE kernels (bf16, labels, D = 512, aligned) are profiled per logit: the one-pass
+kernels at their defaults (``_lse_both_kernel``, ``_grad_rows_kernel``: the main loop is one
+column tile, so a logit costs the loop over the tile's logits per thread) and the blocked ones at
+their first blocked candidate (``_lse_tiles_kernel``, ``_grad_weights_kernel``: one tile per
+program, the main loop a K step, so a tile costs the listing with the loop counted D / BLOCK_K
+times). Each row gives the instructions per logit per thread, the tensor-core instructions
+(``HGMMA``/``HMMA``) and ``MUFU`` ones (exponentials, logarithms) among them. With ``--json``
+the rows of both families are also written to PATH.
 
 These are facts about the code a GPU would run, for judging a kernel change where no GPU is at
 hand; they are not timings (latency, memory and the scheduler decide those) and make no speed
 claim. Run it where the Triton wheel is installed; it must not run under ``TRITON_INTERPRET=1``
 (the interpreter's kernels cannot be compiled). About a minute on 2 cores.
 
-The launch table (:func:`lora_launches`) is shared with ``tests/test_lora.py``, whose spill
-check compiles every variant in every dtype.
+The launch table (:func:`lora_launches`) and the InfoNCE signatures (:func:`contrastive_signature`)
+are shared with ``tests/test_lora.py`` and ``tests/test_contrastive.py``, whose spill checks
+compile every variant in every dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from ace_kernels import _tuning, lora as lora_module
+from ace_kernels import _tuning, contrastive, lora as lora_module
 
 # Besides the aligned pointers, the 16-divisible sizes and strides of the real shapes (768).
 DIVISIBLE_AT_REAL_SHAPES = {"M", "K", "KP", "plane", "stride_xm", "stride_cm", "stride_dxm", "stride_ap", "stride_ar",
@@ -144,6 +153,112 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def contrastive_signature(kernel: str, dtype: str) -> dict:
+    """The runtime arguments of an InfoNCE kernel (``lse_both``, ``lse``, ``lse_tiles``,
+    ``grad_weights`` or ``grad``) with ``dtype`` embeddings, as Triton type strings."""
+    if kernel == "lse_both":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "lse_ptr": "*fp32", "diag_ptr": "*fp32", "col_part_ptr": "*fp32", "n": "i32", "dim": "i32",
+               "stride_a": "i32", "stride_b": "i32"}
+    elif kernel == "lse":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "lse_ptr": "*fp32", "diag_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "n": "i32",
+               "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
+    elif kernel == "lse_tiles":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "diag_ptr": "*fp32", "row0": "i32",
+               "rows_end": "i32", "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
+    elif kernel == "grad_weights":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "w_ptr": f"*{dtype}", "part_ptr": "*fp32",
+               "row0": "i32", "rows_end": "i32", "col0": "i32", "cols_end": "i32", "own_lo": "i32",
+               "own_hi": "i32", "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32", "stride_w": "i32"}
+    elif kernel == "grad":
+        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
+               "coef_ptr": "*fp32", "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "grad_a_ptr": f"*{dtype}",
+               "grad_scale_ptr": "*fp32", "own_lo": "i32", "own_hi": "i32", "n": "i32", "dim": "i32",
+               "stride_a": "i32", "stride_b": "i32", "stride_g": "i32"}
+    else:
+        raise ValueError(f"argument 'kernel': expected one of lse_both, lse, lse_tiles, grad_weights, grad, "
+                         f"got {kernel!r}")
+    return sig
+
+
+INFONCE_DIM = 512
+
+
+def contrastive_launches(dim: int = INFONCE_DIM) -> list:
+    """(label, kernel, signature, constexprs, num_warps, num_stages, aligned strides) of the InfoNCE
+    kernels the profile covers: bf16, labels, ``dim`` a multiple of 16."""
+    launches = []
+    for name, kind in (("lse_both", "lse"), ("grad", "grad")):
+        cfg = contrastive._launch_config(kind, torch.bfloat16, dim, interpreter=False)
+        launches.append((f"{name} one-pass", name, cfg, contrastive._kernel_options(cfg)))
+    for name, kind in (("lse_tiles", "lse"), ("grad_weights", "grad")):
+        candidate = contrastive._first_blocked_candidate(kind)
+        with _tuning.forced("contrastive", kind, "16bit/one_dot", candidate):
+            cfg = contrastive._launch_config(kind, torch.bfloat16, dim, interpreter=False)
+        launches.append((f"{name} blocked", name, cfg, contrastive._blocked_options(cfg)))
+    kernels = {"lse_both": contrastive._lse_both_kernel, "grad": contrastive._grad_rows_kernel,
+               "lse_tiles": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
+    out = []
+    for label, name, cfg, options in launches:
+        const = {"HAS_KEYS": True, "IEEE": False}
+        if name == "lse_tiles":
+            const["WANT_COLS"] = True  # the single-device forward: row and column partials
+        const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+        signature = dict(contrastive_signature(name, "bf16"), **{k: "constexpr" for k in const})
+        strides = ["dim", "stride_a", "stride_b"] + {"grad": ["stride_g"], "grad_weights": ["stride_w"]}.get(name, [])
+        out.append((label, kernels[name], signature, const, options["num_warps"], options["num_stages"], strides))
+    return out
+
+
+def contrastive_row(label: str, kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
+                    strides: Sequence[str], dim: int = INFONCE_DIM) -> dict:
+    from ace_kernels._aot import profile_sm90
+
+    prof = profile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                        divisible_by_16=strides)
+    ops, loop = prof.loop_opcodes, prof.loop_instructions
+    logits = constexprs["BLOCK_M"] * constexprs["BLOCK_N"] / (32 * num_warps)  # per thread and tile
+    # One-pass: the loop is one column tile. Blocked: one tile per program, the loop a K step.
+    steps = -(-dim // constexprs["BLOCK_K"]) if label.endswith("blocked") else None
+
+    def per_tile(opcodes: Sequence[str] | None = None) -> int:
+        def count(table):
+            return sum(v for k, v in table.items() if opcodes is None or k in opcodes)
+        if steps is None:
+            return count(ops)
+        return count(prof.kernel_opcodes) + (steps - 1) * count(ops)
+
+    return dict(
+        label=label, num_warps=num_warps, num_stages=num_stages,
+        config={k: constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D") if k in constexprs},
+        registers=prof.resources.registers, shared_bytes=prof.resources.shared_bytes,
+        spills=prof.resources.spills, blocks_per_sm=prof.blocks_per_sm, warps_per_sm=prof.blocks_per_sm * num_warps,
+        loop_instructions=loop, kernel_instructions=prof.kernel_instructions,
+        instructions_per_logit=round(per_tile() / logits, 2),
+        mma_instructions_per_tile=per_tile(("HGMMA", "HMMA")),
+        mufu_per_logit=round(per_tile(("MUFU",)) / logits, 2),
+        loop_opcodes=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
+
+
+def profile_contrastive(dim: int = INFONCE_DIM) -> list:
+    return [contrastive_row(*launch, dim=dim) for launch in contrastive_launches(dim)]
+
+
+def format_contrastive(rows: Sequence[dict]) -> str:
+    lines = [f"{'kernel (bf16, labels, D=512)':30s} {'tiles':>12s} {'regs':>4s} {'blk/SM':>6s} {'warps/SM':>8s} "
+             f"{'instr/logit':>11s} {'MUFU/logit':>10s} {'MMA/tile':>8s}"]
+    for r in rows:
+        c = r["config"]
+        tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+        lines.append(f"{r['label']:30s} {tiles:>12s} {r['registers']:4d} {r['blocks_per_sm']:6d} {r['warps_per_sm']:8d} "
+                     f"{r['instructions_per_logit']:11.1f} {r['mufu_per_logit']:10.2f} {r['mma_instructions_per_tile']:8d}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_stats", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
@@ -153,13 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import triton
 
     rows = profile_lora()
-    print(f"sm_90a static profile of the LoRA kernels (bf16, q/k/v stacked), triton {triton.__version__}; "
-          "not a timing")
+    print(f"sm_90a static profile (triton {triton.__version__}); not a timing")
+    print("LoRA kernels (bf16, q/k/v stacked)")
     print(format_rows(rows))
+    infonce = profile_contrastive()
+    print("\nInfoNCE kernels")
+    print(format_contrastive(infonce))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(dict(triton=triton.__version__, torch=torch.__version__, target="sm_90a", dtype="bfloat16",
-                           rows=rows), handle, indent=1)
+                           rows=rows, infonce_dim=INFONCE_DIM, infonce_rows=infonce), handle, indent=1)
             handle.write("\n")
     return 0
 

@@ -87,6 +87,39 @@ def test_the_cli_refuses_the_interpreter(monkeypatch, capsys):
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
+def test_contrastive_signature_names_a_wrong_kernel():
+    from benchmarks.kernel_stats import contrastive_signature
+
+    assert contrastive_signature("grad", "bf16")["grad_a_ptr"] == "*bf16"
+    with pytest.raises(ValueError, match="argument 'kernel'.*'gradient'"):
+        contrastive_signature("gradient", "bf16")
+
+
+def _profile_blocked_forward() -> list:
+    from benchmarks.kernel_stats import contrastive_launches, contrastive_row
+
+    launch = next(launch for launch in contrastive_launches() if launch[0] == "lse_tiles blocked")
+    return [contrastive_row(*launch)]
+
+
+@pytest.mark.slow
+def test_the_blocked_forward_profile_counts_a_whole_tile():
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    (row,) = compile_in_fresh_process("test_kernel_stats", "_profile_blocked_forward")
+    # One tile per program: the listing with its K loop (a step of BLOCK_K of D = 512) counted
+    # 512 / BLOCK_K times, over the tile's logits per thread.
+    steps = 512 // row["config"]["BLOCK_K"]
+    logits = row["config"]["BLOCK_M"] * row["config"]["BLOCK_N"] / (32 * row["num_warps"])
+    expected = (row["kernel_instructions"] + (steps - 1) * row["loop_instructions"]) / logits
+    assert row["instructions_per_logit"] == pytest.approx(expected, abs=0.01)
+    assert row["kernel_instructions"] > row["loop_instructions"] > 0
+    assert row["mma_instructions_per_tile"] > 0 and row["loop_opcodes"].get("HGMMA", 0) + row["loop_opcodes"].get("HMMA", 0) > 0
+    # Two exponentials a logit (the row and the column log-sum-exps), as the kernel computes them.
+    assert row["mufu_per_logit"] >= 2
+
+
 def _profile_pack_kernel() -> list:
     import torch
 
