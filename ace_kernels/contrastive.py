@@ -91,6 +91,11 @@ with room for more than one per SM, and splits the ``B x B`` work into row block
   B = 65,536 in bf16), exactly as the one-pass kernel rounds them before its gradient
   dot, and one cuBLAS product per row block (fp32 accumulation, ``coef * s`` applied in
   fp32, one rounding) gives the block's gradient rows.
+Each kernel launches twice per block (``_tile_launches``): once for the interior tiles (every
+row and column inside the block, no diagonal entry), whose programs mask only by the labels and
+need no bounds (60 to 80% of the general tile's instructions a logit in the sm_90a code, and
+fewer registers: more blocks per SM), once for the others; the programs of each launch skip the
+other kind's tiles. Bit for bit the results of one launch of every tile the general way.
 Same FLOPs (``10 B^2 D`` at any D <= 1024, with no D chunks), plus writing and reading the
 weights once (``4 B^2`` bytes per direction in 16 bits); deterministic. Extra memory, at
 its peak: forward about ``2 * (8 MiB + 4 B)`` with the fold's temporaries, backward the
@@ -642,13 +647,33 @@ if triton is not None:
         return pid, pid % row_tiles, pid // row_tiles
 
     @triton.jit
+    def _interior_tile(row_start, rows_end, col_start, cols_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Whether every row of the tile is below rows_end and every column below cols_end (<= n),
+        # and no entry is on the diagonal (row == column): there the masks reduce to the label
+        # keys', and nothing needs bounds. The blocked kernels launch twice, once for these tiles
+        # (TILES=1: a leaner program, fewer registers) and once for the others (_tile_launches).
+        inside = (row_start + BLOCK_M <= rows_end) & (col_start + BLOCK_N <= cols_end)
+        return inside & ((col_start >= row_start + BLOCK_M) | (col_start + BLOCK_N <= row_start))
+
+    @triton.jit
+    def _interior_logits(sim, rows, cols, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+        # _masked_logits of an interior tile: every bound holds and rows != cols, so only the keys mask.
+        logits = sim * scale
+        if HAS_KEYS:
+            key_r = tl.load(keys_ptr + rows)
+            key_c = tl.load(keys_ptr + cols)
+            logits = tl.where(key_r[:, None] == key_c[None, :], float("-inf"), logits)
+        return logits
+
+    @triton.jit
     def _lse_tiles_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
         row0, rows_end, n, dim, stride_a, stride_b,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, WANT_COLS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
-        # Rows row0..rows_end of a against the n rows of b, one tile per program (_program_tile).
+        # Rows row0..rows_end of a against the n rows of b, one tile per program (_program_tile);
+        # TILES: 0 every tile, 1 the interior tiles only (_interior_tile), 2 the others only.
         # Outputs, fp32, indexed from row0:
         # row_part [rows, cdiv(n, BLOCK_N)]: the tile's log-sum-exp of each row;
         # col_part [cdiv(rows, BLOCK_M), n]: the tile's log-sum-exp of each column (WANT_COLS);
@@ -658,50 +683,83 @@ if triton is not None:
         rows = row_start + tl.arange(0, BLOCK_M)
         c0 = pid_n * BLOCK_N
         cols = c0 + tl.arange(0, BLOCK_N)
-        row_in = rows < rows_end
+        interior = _interior_tile(row_start, rows_end, c0, n, BLOCK_M, BLOCK_N)
+        if TILES == 1:  # the interior tiles only
+            if not interior:
+                return
+        if TILES == 2:  # the others only
+            if interior:
+                return
         scale = tl.load(scale_ptr).to(tl.float32)
         sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, n, dim, stride_a, stride_b,
                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-        # Rows past the block belong to the next one: they must not enter its column sums.
-        logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS),
-                          float("-inf"))
-        tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1), mask=row_in)
-        if WANT_COLS:
-            tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0), mask=cols < n)
-        if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
-            diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
-            tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
+        if TILES == 1:
+            logits = _interior_logits(sim, rows, cols, keys_ptr, scale, HAS_KEYS)
+            tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1))
+            if WANT_COLS:
+                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0))
+        else:
+            row_in = rows < rows_end
+            # Rows past the block belong to the next one: they must not enter its column sums.
+            logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS),
+                              float("-inf"))
+            tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1),
+                     mask=row_in)
+            if WANT_COLS:
+                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0), mask=cols < n)
+            if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+                diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
+                tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
 
     @triton.jit
     def _grad_weights_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, lse_a_ptr, lse_b_ptr, w_ptr, part_ptr,
         row0, rows_end, col0, cols_end, own_lo, own_hi, n, dim, stride_a, stride_b, stride_w,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
         # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
         # _grad_rows_kernel (both directions, -2 on the owned diagonal), stored in w_ptr's dtype at
         # [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
         # (the logit-scale gradient over coef) at part_ptr[program]. One tile per program
-        # (_program_tile).
+        # (_program_tile); TILES: 0 every tile, 1 the interior tiles only (_interior_tile), 2 the others.
         pid, pid_m, pid_n = _program_tile(rows_end - row0, BLOCK_M)
-        rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = col0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_in = rows < rows_end
-        col_in = cols < cols_end
+        row_start = row0 + pid_m * BLOCK_M
+        col_start = col0 + pid_n * BLOCK_N
+        rows = row_start + tl.arange(0, BLOCK_M)
+        cols = col_start + tl.arange(0, BLOCK_N)
+        interior = _interior_tile(row_start, rows_end, col_start, cols_end, BLOCK_M, BLOCK_N)
+        if TILES == 1:  # the interior tiles only
+            if not interior:
+                return
+        if TILES == 2:  # the others only
+            if interior:
+                return
         scale = tl.load(scale_ptr).to(tl.float32)
         sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, cols_end, dim, stride_a, stride_b,
                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-        logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
-        lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
-        weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
-        positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
-        inside = row_in[:, None] & col_in[None, :]
-        weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)
-        tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
-        tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :],
-                 weights.to(w_ptr.dtype.element_ty), mask=inside)
+        if TILES == 1:
+            # No bounds, no diagonal: the weights as below with every mask true and no -2.
+            logits = _interior_logits(sim, rows, cols, keys_ptr, scale, HAS_KEYS)
+            lse_a = tl.load(lse_a_ptr + rows)
+            lse_b = tl.load(lse_b_ptr + cols)
+            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
+            tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :],
+                     weights.to(w_ptr.dtype.element_ty))
+        else:
+            row_in = rows < rows_end
+            col_in = cols < cols_end
+            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
+            lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
+            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
+            inside = row_in[:, None] & col_in[None, :]
+            weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)
+            tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
+            tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :],
+                     weights.to(w_ptr.dtype.element_ty), mask=inside)
 
 
 # Launch configurations, chosen by compiling for sm_90a (ace_kernels._aot.compile_sm90; triton 3.8
@@ -850,6 +908,25 @@ def _blocked_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
 
 
+# Whether the blocked kernels run their interior tiles (full, off the diagonal) in a launch of their
+# own (TILES=1: no bounds or diagonal masks, fewer instructions a logit and fewer registers in
+# the sm_90a code; see benchmarks/kernel_stats.py) and the other tiles in a second (TILES=2).
+# Off: one launch, every tile the general way (TILES=0; the tests compare the two).
+_SPLIT_INTERIOR_TILES = True
+TILES_ALL, TILES_INTERIOR, TILES_EDGE = 0, 1, 2
+
+
+def _tile_launches(rows: int, cols: int, cfg: dict) -> tuple:
+    """The TILES values to launch a blocked kernel with over a block of ``rows`` x ``cols``: the
+    interior and the edge tiles apart when the block can hold an interior tile (a full tile each
+    way), else the edge tiles only (there are no others)."""
+    if not _SPLIT_INTERIOR_TILES:
+        return (TILES_ALL,)
+    if rows >= cfg["BLOCK_M"] and cols >= cfg["BLOCK_N"]:
+        return (TILES_INTERIOR, TILES_EDGE)
+    return (TILES_EDGE,)
+
+
 def _lse_block_rows(rows_total: int, n: int, cfg: dict, want_cols: bool) -> int:
     """Rows per block of the blocked forward: its per-tile row partials ([rows, cdiv(n, BLOCK_N)]
     fp32) and, with ``want_cols``, its column partials ([rows / BLOCK_M, n] fp32) within
@@ -879,11 +956,12 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: b
     for r0 in range(lo, hi, rows):
         r1 = min(hi, r0 + rows)
         tiles = triton.cdiv(r1 - r0, bm)
-        _lse_tiles_kernel[(tiles * col_tiles,)](
-            a, b, keys if keys is not None else lse, scale, row_part,
-            col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0), b.stride(0),
-            HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, WANT_COLS=want_cols,
-            **_blocked_options(cfg))
+        for tiles_kind in _tile_launches(r1 - r0, n, cfg):
+            _lse_tiles_kernel[(tiles * col_tiles,)](
+                a, b, keys if keys is not None else lse, scale, row_part,
+                col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0),
+                b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, WANT_COLS=want_cols,
+                TILES=tiles_kind, **_blocked_options(cfg))
         torch.logsumexp(row_part[:r1 - r0], dim=1, out=lse[r0 - lo:r1 - lo])
         if want_cols:
             torch.logsumexp(col_buf[:1 + tiles], dim=0, out=col_lse)
@@ -940,10 +1018,12 @@ def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: 
     factor = coef * scale
     for block, ((r0, r1, c0, c1), programs) in enumerate(zip(blocks, programs_of)):
         weights = weights_buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        _grad_weights_kernel[(programs,)](
-            a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
-            r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
-            HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, **_blocked_options(cfg))
+        for tiles_kind in _tile_launches(r1 - r0, c1 - c0, cfg):
+            _grad_weights_kernel[(programs,)](
+                a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
+                r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
+                HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, TILES=tiles_kind,
+                **_blocked_options(cfg))
         torch.sum(tile_part[:programs], dim=0, out=block_sums[block])
         for s0 in range(r0, r1, full_rows):
             s1 = min(r1, s0 + full_rows)

@@ -14,7 +14,7 @@ kernels at their defaults (``_lse_both_kernel``, ``_grad_rows_kernel``: the main
 column tile, so a logit costs the loop over the tile's logits per thread) and the blocked ones at
 their first blocked candidate (``_lse_tiles_kernel``, ``_grad_weights_kernel``: one tile per
 program, the main loop a K step, so a tile costs the listing with the loop counted D / BLOCK_K
-times). Each row gives the instructions per logit per thread, the tensor-core instructions
+times), each in its two launches: the interior tiles' and the others' (``TILES``). Each row gives the instructions per logit per thread, the tensor-core instructions
 (``HGMMA``/``HMMA``) and ``MUFU`` ones (exponentials, logarithms) among them. With ``--json``
 the rows of both families are also written to PATH.
 
@@ -198,7 +198,9 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
         candidate = contrastive._first_blocked_candidate(kind)
         with _tuning.forced("contrastive", kind, "16bit/one_dot", candidate):
             cfg = contrastive._launch_config(kind, torch.bfloat16, dim, interpreter=False)
-        launches.append((f"{name} blocked", name, cfg, contrastive._blocked_options(cfg)))
+        # The interior tiles' launch (nearly every tile at a large B) and the others'.
+        for tiles, what in ((contrastive.TILES_INTERIOR, "interior"), (contrastive.TILES_EDGE, "edge")):
+            launches.append((f"{name} blocked {what}", name, dict(cfg, TILES=tiles), contrastive._blocked_options(cfg)))
     kernels = {"lse_both": contrastive._lse_both_kernel, "grad": contrastive._grad_rows_kernel,
                "lse_tiles": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
     out = []
@@ -206,6 +208,8 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
         const = {"HAS_KEYS": True, "IEEE": False}
         if name == "lse_tiles":
             const["WANT_COLS"] = True  # the single-device forward: row and column partials
+        if "TILES" in cfg:
+            const["TILES"] = cfg["TILES"]
         const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
         signature = dict(contrastive_signature(name, "bf16"), **{k: "constexpr" for k in const})
         strides = ["dim", "stride_a", "stride_b"] + {"grad": ["stride_g"], "grad_weights": ["stride_w"]}.get(name, [])
@@ -222,7 +226,7 @@ def contrastive_row(label: str, kernel, signature: dict, constexprs: dict, num_w
     ops, loop = prof.loop_opcodes, prof.loop_instructions
     logits = constexprs["BLOCK_M"] * constexprs["BLOCK_N"] / (32 * num_warps)  # per thread and tile
     # One-pass: the loop is one column tile. Blocked: one tile per program, the loop a K step.
-    steps = -(-dim // constexprs["BLOCK_K"]) if label.endswith("blocked") else None
+    steps = -(-dim // constexprs["BLOCK_K"]) if " blocked" in label else None
 
     def per_tile(opcodes: Sequence[str] | None = None) -> int:
         def count(table):
@@ -249,12 +253,12 @@ def profile_contrastive(dim: int = INFONCE_DIM) -> list:
 
 
 def format_contrastive(rows: Sequence[dict]) -> str:
-    lines = [f"{'kernel (bf16, labels, D=512)':30s} {'tiles':>12s} {'regs':>4s} {'blk/SM':>6s} {'warps/SM':>8s} "
+    lines = [f"{'kernel (bf16, labels, D=512)':32s} {'tiles':>12s} {'regs':>4s} {'blk/SM':>6s} {'warps/SM':>8s} "
              f"{'instr/logit':>11s} {'MUFU/logit':>10s} {'MMA/tile':>8s}"]
     for r in rows:
         c = r["config"]
         tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
-        lines.append(f"{r['label']:30s} {tiles:>12s} {r['registers']:4d} {r['blocks_per_sm']:6d} {r['warps_per_sm']:8d} "
+        lines.append(f"{r['label']:32s} {tiles:>12s} {r['registers']:4d} {r['blocks_per_sm']:6d} {r['warps_per_sm']:8d} "
                      f"{r['instructions_per_logit']:11.1f} {r['mufu_per_logit']:10.2f} {r['mma_instructions_per_tile']:8d}")
     return "\n".join(lines)
 

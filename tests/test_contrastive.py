@@ -536,7 +536,7 @@ def test_blocked_tiles_write_only_the_diagonal_they_hold(device):
     diag = torch.full((r1 - r0,), float("nan"), device=device)
     contrastive._lse_tiles_kernel[(1,)](a, b, row_part, torch.tensor([30.0], device=device), row_part, row_part, diag,
                                        r0, r1, n, dim, dim, dim, HAS_KEYS=False, IEEE=True, WANT_COLS=False,
-                                       BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+                                       BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TILES=contrastive.TILES_ALL)
     torch.testing.assert_close(diag[:16 - r0], (a[r0:16] * b[r0:16]).sum(1), rtol=1e-6, atol=1e-6)
     assert torch.isnan(diag[16 - r0:]).all(), diag
 
@@ -708,6 +708,55 @@ def test_blocked_rows_are_bounded_by_the_buffer_budget():
     assert contrastive._block_rows(150, 128, 150 * 2, contrastive._BLOCKED_WEIGHT_BYTES) == 256
     # Never less than one tile, however large the batch.
     assert contrastive._block_rows(10**7, 128, 2 * 10**7, contrastive._BLOCKED_WEIGHT_BYTES) == 128
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("labeled", [False, True])
+def test_triton_blocked_interior_tiles_launched_apart_change_nothing(labeled, device, monkeypatch):
+    """The blocked kernels' interior tiles (full, off the diagonal) run in a launch of their own
+    without bounds or diagonal masks, the others in a second: bit for bit what one launch of every
+    tile the general way gives, the loss and every gradient (B = 50: blocks of one row tile, so
+    most tiles are interior and some touch the diagonal or the last partial tile)."""
+    u, t, s = _inputs(50, 40, dtype=torch.float32)
+    u, t = u.detach().to(device), t.detach().to(device)
+    labels = _duplicated_labels(50, 3, 4).to(device) if labeled else None
+    launches = []
+    tile_launches = contrastive._tile_launches
+
+    def recorded(rows, cols, cfg):
+        kinds = tile_launches(rows, cols, cfg)
+        launches.append(kinds)
+        return kinds
+
+    monkeypatch.setattr(contrastive, "_tile_launches", recorded)
+
+    def run():
+        ui, ti = u.clone().requires_grad_(), t.clone().requires_grad_()
+        return _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"), ui, ti,
+                               s.detach().to(device).requires_grad_(), labels)
+
+    with _blocked_strategy(monkeypatch, torch.float32, 40) as calls:
+        split = run()
+        assert (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE) in launches
+        launches.clear()
+        monkeypatch.setattr(contrastive, "_SPLIT_INTERIOR_TILES", False)
+        whole = run()
+        assert set(launches) == {(contrastive.TILES_ALL,)}
+    assert calls == {"lse": 2, "grad": 4}
+    assert torch.equal(split[0], whole[0])
+    for got, want in zip(split[1], whole[1]):
+        assert torch.equal(got, want)
+
+
+def test_tile_launches_split_only_blocks_that_can_hold_an_interior_tile(monkeypatch):
+    pytest.importorskip("triton")
+    cfg = dict(BLOCK_M=128, BLOCK_N=64)
+    assert contrastive._tile_launches(256, 65536, cfg) == (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE)
+    assert contrastive._tile_launches(128, 64, cfg) == (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE)
+    assert contrastive._tile_launches(127, 65536, cfg) == (contrastive.TILES_EDGE,)
+    assert contrastive._tile_launches(256, 63, cfg) == (contrastive.TILES_EDGE,)
+    monkeypatch.setattr(contrastive, "_SPLIT_INTERIOR_TILES", False)
+    assert contrastive._tile_launches(256, 65536, cfg) == (contrastive.TILES_ALL,)
 
 
 @pytest.mark.triton
@@ -962,10 +1011,16 @@ def _compile_all_for_sm90() -> list:
         if key in seen:
             continue
         seen.add(key)
-        for has_keys in (True, False):  # labels given, or the plain CLIP loss
+        # The blocked kernels launch their interior tiles and the others apart (TILES 1 and 2;
+        # 0, every tile in one launch, is for the tests' comparison only).
+        variants = [(has_keys, tiles) for has_keys in (True, False)
+                    for tiles in ((contrastive.TILES_INTERIOR, contrastive.TILES_EDGE) if blocked else (None,))]
+        for has_keys, tiles_kind in variants:  # labels given, or the plain CLIP loss
             const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32"}
             if kernel.startswith("lse_tiles"):
                 const["WANT_COLS"] = kernel == "lse_tiles"
+            if tiles_kind is not None:
+                const["TILES"] = tiles_kind
             const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
             sig = contrastive_signature("lse_tiles" if blocked and kernel != "grad_weights" else kernel, dtype)
             sig.update({k: "constexpr" for k in const})
@@ -977,7 +1032,7 @@ def _compile_all_for_sm90() -> list:
                                aligned_pointers=aligned)
             tiles = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}"
             results.append(dict(name=f"{kernel}[{dtype}, D={dim}, aligned={aligned}, keys={has_keys}, "
-                                     + (f"{tiles}, blocked]" if blocked
+                                     + (f"{tiles}, blocked, TILES={tiles_kind}]" if blocked
                                         else f"{tiles}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]"),
                                 registers=res.registers, spills=res.spills, shared=res.shared_bytes))
     return results

@@ -98,7 +98,7 @@ def test_contrastive_signature_names_a_wrong_kernel():
 def _profile_blocked_forward() -> list:
     from benchmarks.kernel_stats import contrastive_launches, contrastive_row
 
-    launch = next(launch for launch in contrastive_launches() if launch[0] == "lse_tiles blocked")
+    launch = next(launch for launch in contrastive_launches() if launch[0] == "lse_tiles blocked interior")
     return [contrastive_row(*launch)]
 
 
