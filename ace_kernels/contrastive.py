@@ -91,11 +91,13 @@ with room for more than one per SM, and splits the ``B x B`` work into row block
   B = 65,536 in bf16), exactly as the one-pass kernel rounds them before its gradient
   dot, and one cuBLAS product per row block (fp32 accumulation, ``coef * s`` applied in
   fp32, one rounding) gives the block's gradient rows.
-Each kernel launches twice per block (``_tile_launches``): once for the interior tiles (every
-row and column inside the block, no diagonal entry), whose programs mask only by the labels and
-need no bounds (60 to 80% of the general tile's instructions a logit in the sm_90a code, and
+Each kernel launches up to twice per block (``_tile_launches``): once for the interior tiles
+(every row and column inside the block, no diagonal entry), whose programs mask only by the
+labels and need no bounds (60 to 80% of the general tile's instructions a logit in the sm_90a code, and
 fewer registers: more blocks per SM), once for the others; the programs of each launch skip the
-other kind's tiles. Bit for bit the results of one launch of every tile the general way.
+other kind's tiles (a block whose rows are columns too, as every block of one device's, has
+both kinds: one launch more than before). Bit for bit the results of one launch of every tile
+the general way.
 Same FLOPs (``10 B^2 D`` at any D <= 1024, with no D chunks), plus writing and reading the
 weights once (``4 B^2`` bytes per direction in 16 bits); deterministic. Extra memory, at
 its peak: forward about ``2 * (8 MiB + 4 B)`` with the fold's temporaries, backward the
@@ -910,21 +912,25 @@ def _blocked_options(cfg: dict) -> dict:
 
 # Whether the blocked kernels run their interior tiles (full, off the diagonal) in a launch of their
 # own (TILES=1: no bounds or diagonal masks, fewer instructions a logit and fewer registers in
-# the sm_90a code; see benchmarks/kernel_stats.py) and the other tiles in a second (TILES=2).
-# Off: one launch, every tile the general way (TILES=0; the tests compare the two).
+# the sm_90a code; see benchmarks/kernel_stats.py) and the other tiles in a second (TILES=2): one
+# launch more per block where it has both kinds. (Full tiles with the diagonal's code in the first
+# launch took 162 and 177 registers, one block per SM: that is why the diagonal tiles go with the
+# partial ones.) Off: one launch, every tile the general way (TILES=0; the tests compare the two).
 _SPLIT_INTERIOR_TILES = True
 TILES_ALL, TILES_INTERIOR, TILES_EDGE = 0, 1, 2
 
 
-def _tile_launches(rows: int, cols: int, cfg: dict) -> tuple:
-    """The TILES values to launch a blocked kernel with over a block of ``rows`` x ``cols``: the
-    interior and the edge tiles apart when the block can hold an interior tile (a full tile each
-    way), else the edge tiles only (there are no others)."""
+def _tile_launches(r0: int, r1: int, c0: int, c1: int, cfg: dict) -> tuple:
+    """The TILES values to launch a blocked kernel with over the block of rows ``r0..r1`` and
+    columns ``c0..c1``: the interior tiles when the block can hold one (a full tile each way), the
+    others when it has any (a partial tile, or rows and columns that share indices: diagonal
+    tiles). Each launch's programs skip the other kind's tiles."""
     if not _SPLIT_INTERIOR_TILES:
         return (TILES_ALL,)
-    if rows >= cfg["BLOCK_M"] and cols >= cfg["BLOCK_N"]:
-        return (TILES_INTERIOR, TILES_EDGE)
-    return (TILES_EDGE,)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    interior = r1 - r0 >= bm and c1 - c0 >= bn
+    edge = (r1 - r0) % bm != 0 or (c1 - c0) % bn != 0 or (r0 < c1 and c0 < r1)
+    return ((TILES_INTERIOR,) if interior else ()) + ((TILES_EDGE,) if edge else ())
 
 
 def _lse_block_rows(rows_total: int, n: int, cfg: dict, want_cols: bool) -> int:
@@ -956,7 +962,7 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: b
     for r0 in range(lo, hi, rows):
         r1 = min(hi, r0 + rows)
         tiles = triton.cdiv(r1 - r0, bm)
-        for tiles_kind in _tile_launches(r1 - r0, n, cfg):
+        for tiles_kind in _tile_launches(r0, r1, 0, n, cfg):
             _lse_tiles_kernel[(tiles * col_tiles,)](
                 a, b, keys if keys is not None else lse, scale, row_part,
                 col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0),
@@ -1018,7 +1024,7 @@ def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: 
     factor = coef * scale
     for block, ((r0, r1, c0, c1), programs) in enumerate(zip(blocks, programs_of)):
         weights = weights_buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        for tiles_kind in _tile_launches(r1 - r0, c1 - c0, cfg):
+        for tiles_kind in _tile_launches(r0, r1, c0, c1, cfg):
             _grad_weights_kernel[(programs,)](
                 a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
                 r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),

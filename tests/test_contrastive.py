@@ -723,8 +723,8 @@ def test_triton_blocked_interior_tiles_launched_apart_change_nothing(labeled, de
     launches = []
     tile_launches = contrastive._tile_launches
 
-    def recorded(rows, cols, cfg):
-        kinds = tile_launches(rows, cols, cfg)
+    def recorded(r0, r1, c0, c1, cfg):
+        kinds = tile_launches(r0, r1, c0, c1, cfg)
         launches.append(kinds)
         return kinds
 
@@ -748,15 +748,22 @@ def test_triton_blocked_interior_tiles_launched_apart_change_nothing(labeled, de
         assert torch.equal(got, want)
 
 
-def test_tile_launches_split_only_blocks_that_can_hold_an_interior_tile(monkeypatch):
+def test_tile_launches_cover_the_kinds_of_tiles_a_block_has(monkeypatch):
     pytest.importorskip("triton")
     cfg = dict(BLOCK_M=128, BLOCK_N=64)
-    assert contrastive._tile_launches(256, 65536, cfg) == (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE)
-    assert contrastive._tile_launches(128, 64, cfg) == (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE)
-    assert contrastive._tile_launches(127, 65536, cfg) == (contrastive.TILES_EDGE,)
-    assert contrastive._tile_launches(256, 63, cfg) == (contrastive.TILES_EDGE,)
+    both = (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE)
+    # Rows 0..256 against every column: whole tiles, but the diagonal runs through the block.
+    assert contrastive._tile_launches(0, 256, 0, 65536, cfg) == both
+    # A partial last row tile or column tile is an edge tile.
+    assert contrastive._tile_launches(256, 511, 0, 65536, cfg) == both
+    assert contrastive._tile_launches(0, 128, 1000, 1100, cfg) == both
+    # Owned columns beside rows that are not theirs (group=): whole tiles, no diagonal.
+    assert contrastive._tile_launches(0, 256, 512, 1024, cfg) == (contrastive.TILES_INTERIOR,)
+    # Less than a tile either way: edge tiles only.
+    assert contrastive._tile_launches(0, 127, 512, 1024, cfg) == (contrastive.TILES_EDGE,)
+    assert contrastive._tile_launches(0, 256, 512, 575, cfg) == (contrastive.TILES_EDGE,)
     monkeypatch.setattr(contrastive, "_SPLIT_INTERIOR_TILES", False)
-    assert contrastive._tile_launches(256, 65536, cfg) == (contrastive.TILES_ALL,)
+    assert contrastive._tile_launches(0, 256, 512, 1024, cfg) == (contrastive.TILES_ALL,)
 
 
 @pytest.mark.triton
