@@ -686,11 +686,8 @@ if triton is not None:
         c0 = pid_n * BLOCK_N
         cols = c0 + tl.arange(0, BLOCK_N)
         interior = _interior_tile(row_start, rows_end, c0, n, BLOCK_M, BLOCK_N)
-        if TILES == 1:  # the interior tiles only
-            if not interior:
-                return
-        if TILES == 2:  # the others only
-            if interior:
+        if TILES != 0:  # 1: the interior tiles only; 2: the others only
+            if interior != (TILES == 1):
                 return
         scale = tl.load(scale_ptr).to(tl.float32)
         sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, n, dim, stride_a, stride_b,
@@ -731,11 +728,8 @@ if triton is not None:
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = col_start + tl.arange(0, BLOCK_N)
         interior = _interior_tile(row_start, rows_end, col_start, cols_end, BLOCK_M, BLOCK_N)
-        if TILES == 1:  # the interior tiles only
-            if not interior:
-                return
-        if TILES == 2:  # the others only
-            if interior:
+        if TILES != 0:  # 1: the interior tiles only; 2: the others only
+            if interior != (TILES == 1):
                 return
         scale = tl.load(scale_ptr).to(tl.float32)
         sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, cols_end, dim, stride_a, stride_b,
