@@ -93,10 +93,13 @@ def profile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
 
 
 # sm_90 per-SM limits (CUDA C++ Programming Guide, compute capability 9.0): 64K 32-bit registers
-# allocated per warp in units of 256, 228 KiB of shared memory of which 1 KiB is reserved per
-# block, 64 resident warps, 32 resident blocks.
+# allocated per warp in units of 256 from 4 sub-partitions of 16K each (cuda_occupancy.h), 228 KiB
+# of shared memory allocated in units of 128 bytes, of which 1 KiB is reserved per block, 64
+# resident warps, 32 resident blocks.
 _SM90_REGISTERS = 65536
 _SM90_REGISTER_UNIT = 256
+_SM90_SUB_PARTITIONS = 4
+_SM90_SHARED_UNIT = 128
 _SM90_SHARED_BYTES = 228 * 1024
 _SM90_SHARED_PER_BLOCK_RESERVED = 1024
 _SM90_WARPS = 64
@@ -110,8 +113,11 @@ def blocks_per_sm90(registers: int, shared_bytes: int, num_warps: int) -> int:
         raise ValueError(f"expected registers >= 1, num_warps >= 1 and shared_bytes >= 0, got {registers}, "
                          f"{num_warps} and {shared_bytes}")
     per_warp = -(-registers * 32 // _SM90_REGISTER_UNIT) * _SM90_REGISTER_UNIT
-    by_registers = (_SM90_REGISTERS // per_warp) // num_warps
-    by_shared = _SM90_SHARED_BYTES // (shared_bytes + _SM90_SHARED_PER_BLOCK_RESERVED)
+    # Warps fit per sub-partition (a warp's registers come from one of them), as cudaOccupancy.h counts.
+    warps = (_SM90_REGISTERS // _SM90_SUB_PARTITIONS // per_warp) * _SM90_SUB_PARTITIONS
+    by_registers = warps // num_warps
+    per_block = -(-(shared_bytes + _SM90_SHARED_PER_BLOCK_RESERVED) // _SM90_SHARED_UNIT) * _SM90_SHARED_UNIT
+    by_shared = _SM90_SHARED_BYTES // per_block
     return min(by_registers, by_shared, _SM90_WARPS // num_warps, _SM90_BLOCKS)
 
 

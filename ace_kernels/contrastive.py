@@ -658,13 +658,18 @@ if triton is not None:
         return inside & ((col_start >= row_start + BLOCK_M) | (col_start + BLOCK_N <= row_start))
 
     @triton.jit
-    def _interior_logits(sim, rows, cols, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+    def _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
         # _masked_logits of an interior tile: every bound holds and rows != cols, so only the keys mask.
         logits = sim * scale
         if HAS_KEYS:
             key_r = tl.load(keys_ptr + rows)
             key_c = tl.load(keys_ptr + cols)
             logits = tl.where(key_r[:, None] == key_c[None, :], float("-inf"), logits)
+        else:
+            # Always true here, but a select, as in _masked_logits: without one the GPU backend
+            # contracts sim * scale into the exponentials' subtractions (an FMA, one rounding fewer)
+            # and the interior tiles are no longer bit for bit the general ones.
+            logits = tl.where((rows < n)[:, None], logits, float("-inf"))
         return logits
 
     @triton.jit
@@ -693,7 +698,7 @@ if triton is not None:
         sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, n, dim, stride_a, stride_b,
                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if TILES == 1:
-            logits = _interior_logits(sim, rows, cols, keys_ptr, scale, HAS_KEYS)
+            logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1))
             if WANT_COLS:
                 tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0))
@@ -736,7 +741,7 @@ if triton is not None:
                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if TILES == 1:
             # No bounds, no diagonal: the weights as below with every mask true and no -2.
-            logits = _interior_logits(sim, rows, cols, keys_ptr, scale, HAS_KEYS)
+            logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             lse_a = tl.load(lse_a_ptr + rows)
             lse_b = tl.load(lse_b_ptr + cols)
             weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])

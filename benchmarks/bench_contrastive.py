@@ -73,7 +73,6 @@ CARD_80GB_GIB = 80e9 / 2**30
 
 
 @contextlib.contextmanager
-
 def blocked_strategy(dtype: torch.dtype):
     """Force the Triton kernels' blocked strategy (each pass's first blocked sweep candidate of the
     16-bit one-dot path, D <= 512) for ``dtype`` inputs until the block ends."""

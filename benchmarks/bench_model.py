@@ -1032,6 +1032,8 @@ def _run_demo(suite, estimate_s: float) -> None:
             _demo_failed(suite, time.perf_counter() - start, describe_error(exc))
             return
         seconds = time.perf_counter() - start
+        if status == cli.EXIT_INTERRUPTED:  # Ctrl-C, which the command turns into its exit status
+            raise KeyboardInterrupt
         if status != 0:
             last = (output.getvalue().strip().splitlines() or ["no output"])[-1]
             _demo_failed(suite, seconds, f"exit status {status}: {last[:200]}")
@@ -1050,8 +1052,11 @@ def _run_demo(suite, estimate_s: float) -> None:
                "loss_first": first, "loss_last": last, "accuracy_before": summary["before"]["accuracy"],
                "accuracy_after": after, "chance_accuracy": chance, "threads": torch.get_num_threads(),
                "learned": bool(finite and last < 0.5 * first and after > chance + 0.2), "finite": finite}
-    suite.log(f"  ace_lora_demo: {seconds:.1f} s, loss {first:.3f} -> {last:.3f}, accuracy {after:.3f} "
-              f"(chance {chance:.3f})")
+    def number(value) -> str:  # the summary writes a non-finite loss as null
+        return f"{value:.3f}" if isinstance(value, (int, float)) else repr(value)
+
+    suite.log(f"  ace_lora_demo: {seconds:.1f} s, loss {number(first)} -> {number(last)}, accuracy "
+              f"{number(after)} (chance {number(chance)})")
     suite.add_plain_row(family=FAMILY, op="ace_lora_demo", shape=f"tiny {summary['steps']} steps, defaults",
                         dtype="float32", provider="torch", measurement=Measurement(seconds * 1e3, None, 1),
                         metrics=metrics, mode="train+eval", targets=_demo_targets())

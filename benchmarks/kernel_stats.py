@@ -245,6 +245,7 @@ def contrastive_row(label: str, kernel, signature: dict, constexprs: dict, num_w
         mma_instructions_per_tile=per_tile(("HGMMA", "HMMA")),
         mufu_per_logit=round(per_tile(("MUFU",)) / logits, 2),
         loop_opcodes=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        kernel_opcodes=dict(sorted(prof.kernel_opcodes.items(), key=lambda kv: (-kv[1], kv[0]))),
     )
 
 

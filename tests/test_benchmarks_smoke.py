@@ -1774,7 +1774,6 @@ def test_the_demo_is_a_cpu_target_of_the_model_family(tmp_path, monkeypatch, cap
         assert missed.target_pass is False, metrics
 
 
-
 @pytest.mark.parametrize("how", ["raises", "exit status", "no summary", "bad summary"])
 def test_a_failed_demo_is_a_row_that_misses_its_targets(monkeypatch, how):
     """A demo that raises, exits non-zero or leaves no readable summary is not skipped: its row
@@ -1804,6 +1803,34 @@ def test_a_failed_demo_is_a_row_that_misses_its_targets(monkeypatch, how):
     expected = {"raises": "the tiny model diverged", "exit status": "exit status 2: error: no such thing",
                 "no summary": "no readable demo_summary.json", "bad summary": "no readable demo_summary.json"}[how]
     assert expected in row.metrics["failed"]
+
+
+def test_the_demo_interrupted_or_with_null_losses(monkeypatch):
+    """Ctrl-C during the demo (the command returns its interrupted status) interrupts the suite,
+    as it would anywhere else; a summary whose losses are null (non-finite, as the command writes
+    them) is a row that misses the target, logged without a formatting error."""
+    from ace_model import cli
+    from benchmarks import bench_model
+
+    monkeypatch.setattr(cli, "main", lambda argv: cli.EXIT_INTERRUPTED)
+    suite = _suite("all")
+    suite.quick = False
+    with pytest.raises(KeyboardInterrupt):
+        bench_model._run_demo(suite, 60.0)
+    assert not suite.rows and not suite.skipped
+
+    def demo(argv):
+        out = Path(argv[argv.index("--out-dir") + 1])
+        (out / "demo_summary.json").write_text(json.dumps(
+            {"loss_first": None, "loss_last": None, "steps": 300, "before": {"accuracy": 0.25},
+             "after": {"accuracy": 0.25}, "chance_accuracy": 0.25, "seconds": 1.0}))
+        return 0
+
+    monkeypatch.setattr(cli, "main", demo)
+    bench_model._run_demo(suite, 60.0)
+    (row,) = suite.rows
+    assert row.metrics["finite"] is False and row.metrics["learned"] is False and row.target_pass is False
+
 
 def test_dispatch_order_ignores_rows_with_wrong_outputs():
     from benchmarks import dispatch_order

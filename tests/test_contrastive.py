@@ -1045,6 +1045,59 @@ def _compile_all_for_sm90() -> list:
     return results
 
 
+def _blocked_fma_counts_for_sm90() -> list:
+    """(kernel, dtype, labels, TILES, FFMA count of the sm_90a listing) of the blocked kernels at
+    their first blocked candidate, every tile (TILES=0) and the interior tiles only (TILES=1).
+    Runs in a subprocess without TRITON_INTERPRET (see _compile_all_for_sm90)."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from ace_kernels import _tuning
+    from ace_kernels._aot import profile_sm90
+    from benchmarks.kernel_stats import contrastive_signature
+
+    kernels = {"lse_tiles": (contrastive._lse_tiles_kernel, "lse"),
+               "grad_weights": (contrastive._grad_weights_kernel, "grad")}
+    out = []
+    for name, (fn, kind) in kernels.items():
+        for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            with _tuning.forced("contrastive", kind, "16bit/one_dot", contrastive._first_blocked_candidate(kind)):
+                cfg = contrastive._launch_config(kind, torch.bfloat16, 512, interpreter=False)
+            options = contrastive._blocked_options(cfg)
+            for has_keys in (False, True):
+                for tiles in (contrastive.TILES_ALL, contrastive.TILES_INTERIOR):
+                    const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32", "TILES": tiles}
+                    if name == "lse_tiles":
+                        const["WANT_COLS"] = True
+                    const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+                    sig = dict(contrastive_signature(name, dtype), **{k: "constexpr" for k in const})
+                    prof = profile_sm90(fn, sig, const, num_warps=options["num_warps"],
+                                        num_stages=options["num_stages"])
+                    out.append([name, dtype, has_keys, tiles, prof.kernel_opcodes.get("FFMA", 0)])
+    return out
+
+
+@pytest.mark.slow
+def test_triton_blocked_interior_tiles_round_the_logits_as_the_general_ones():
+    """The interior tiles' launch must round ``sim * scale`` on its own, as the general tiles do
+    (their masks' select stands between the product and the exponentials' subtraction): a product
+    contracted into an FMA there (the GPU backend's default without labels) differs in the last
+    bits, and the two launches are no longer bit for bit one general launch on a GPU (the
+    interpreter never contracts, so the comparison test cannot see it). Same FFMA count."""
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    rows = compile_in_fresh_process("test_contrastive", "_blocked_fma_counts_for_sm90")
+    counts = {tuple(r[:4]): r[4] for r in rows}
+    for name, dtype, has_keys, tiles in counts:
+        if tiles == contrastive.TILES_INTERIOR:
+            general = counts[(name, dtype, has_keys, contrastive.TILES_ALL)]
+            assert counts[(name, dtype, has_keys, tiles)] == general, rows
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90_without_spills():
     pytest.importorskip("triton")

@@ -49,9 +49,11 @@ def test_a_listing_without_a_backward_branch_has_no_loop():
 
 
 @pytest.mark.parametrize("registers, shared, warps, expected", [
-    (136, 34816, 8, 1),   # 136 -> 4352 registers a warp: 15 warps fit, one block of 8
+    (136, 34816, 8, 1),   # 136 -> 4352 registers a warp: 3 warps per 16K sub-partition, 12 an SM, one block of 8
     (127, 34816, 8, 2),   # 127 -> 4096 a warp: 16 warps, two blocks
-    (80, 15360, 4, 6),    # registers: 25 warps -> 6 blocks; shared memory: 14
+    (80, 15360, 4, 6),    # registers: 6 warps a sub-partition, 24 -> 6 blocks; shared memory: 14
+    (100, 0, 2, 8),       # 100 -> 3328 a warp: 4 per sub-partition, 16 an SM (not 65536 // 3328 = 19)
+    (32, 6657, 1, 29),    # shared memory in 128-byte units: 6657 + 1024 -> 7808 a block, 29 (not 30)
     (32, 0, 1, 32),       # the 32-block limit
     (32, 0, 32, 2),       # the 64-warp limit
     (40, 120_000, 4, 1),  # shared memory: 228 KiB over 120,000 + 1 KiB reserved
