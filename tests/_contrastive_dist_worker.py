@@ -37,7 +37,8 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
     """Force the Triton backend's blocked strategy (``tiles``: its BLOCK_M/N/K) for ``dtype``
     rows of width ``dim``, with a weights buffer of ``weight_bytes`` (None: the default), and
     count the programs of its backward: yields ``{"grad_programs": [...]}``, the grid of each
-    launch of the weights kernel."""
+    block of the weights kernel (once, though a block may launch twice: its interior tiles and
+    its others, over the same grid)."""
     from ace_kernels import _tuning, contrastive
 
     config = dict(STRATEGY="blocked", num_warps=4, num_stages=1, **tiles)
@@ -45,10 +46,19 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
     counts = {"grad_programs": []}
     kernel = contrastive._grad_weights_kernel
 
+    seen = set()
+
     class CountingKernel:
         def __getitem__(self, grid):
-            counts["grad_programs"].append(grid[0])
-            return kernel[grid]
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                block = (args[0].data_ptr(), *args[8:12])  # the direction (a), rows r0..r1, columns c0..c1
+                if block not in seen:
+                    seen.add(block)
+                    counts["grad_programs"].append(grid[0])
+                return launch(*args, **kwargs)
+            return run
 
     contrastive._grad_weights_kernel = CountingKernel()
     if weight_bytes is not None:
