@@ -445,11 +445,16 @@ if triton is not None:
         return tl.where(valid, logits, float("-inf"))
 
     @triton.jit
+    def _holds_diagonal(row_start, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Whether the tile of rows row_start.. and columns col_start.. holds an entry (i, i).
+        return (col_start < row_start + BLOCK_M) & (col_start + BLOCK_N > row_start)
+
+    @triton.jit
     def _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0, row_start,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One column tile into a row block's online log-sum-exp (and its diagonal similarities).
         # A row whose entries so far are all masked keeps max -inf and shifts by 0 (no inf - inf).
-        if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+        if _holds_diagonal(row_start, c0, BLOCK_M, BLOCK_N):
             diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -655,7 +660,7 @@ if triton is not None:
         # keys', and nothing needs bounds. The blocked kernels launch twice, once for these tiles
         # (TILES=1: a leaner program, fewer registers) and once for the others (_tile_launches).
         inside = (row_start + BLOCK_M <= rows_end) & (col_start + BLOCK_N <= cols_end)
-        return inside & ((col_start >= row_start + BLOCK_M) | (col_start + BLOCK_N <= row_start))
+        return inside & ~_holds_diagonal(row_start, col_start, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
@@ -711,7 +716,7 @@ if triton is not None:
                      mask=row_in)
             if WANT_COLS:
                 tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0), mask=cols < n)
-            if (c0 < row_start + BLOCK_M) & (c0 + BLOCK_N > row_start):  # the tile holding the diagonal
+            if _holds_diagonal(row_start, c0, BLOCK_M, BLOCK_N):
                 diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
                 tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
 
