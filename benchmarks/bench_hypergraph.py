@@ -55,7 +55,7 @@ def _targets(suite, shape, cls_only):
             return []
         goals = [Target("speedup", 25.0, "speedup>=25")] if cls_only else [Target("speedup", 8.0, "speedup>=8")]
         if shape["b"] >= 1024:
-            goals.append(Target("memory_ratio", 8.0, "mem<=1/8"))
+            goals.append(Target("memory_ratio", 8.0, "mem<=1/8", invert=True))
         return goals
 
     return targets

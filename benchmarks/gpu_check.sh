@@ -41,6 +41,8 @@
 #      thirds of the time left at or under it). The PNG is drawn from the JSON even when the suite
 #      itself was cut off. On `timeout`'s SIGTERM the suite kills its family's process first (and
 #      that process dies with the suite on SIGKILL), so nothing of the run outlives the stage.
+#      Then the scorecard (python -m benchmarks.scorecard: every target with the value each part
+#      was judged on) into gpu_check.log.
 # With the build and the tests at their caps the suite stage gets 540 - (~5 start, wheels and
 # nvidia-smi + 120 build + ~8 info + 100 tests + ~5 between stages) - 21 (RESERVE and the 1 s
 # under it) = ~280 s, its budget ~235 s (grace 35 s); with a typical build (~60-90 s), ~310-340 s.
@@ -337,12 +339,19 @@ package_file "dispatch order" dispatch_order "$ORDER"
 package_file "tuned configurations" tuned_configs "$TUNED"
 
 # The PNG from whatever rows were written, even when the suite was cut off (after the package
-# files: the plot may take seconds that a suite cut off at its limit leaves few of).
+# files: the plot may take seconds that a suite cut off at its limit leaves few of). Before it, in
+# the same process (one torch import less), each target of the run with the value each of its
+# parts was judged on (python -m benchmarks.scorecard), into the main log.
 if [ -f "$OUT/$STEM.json" ]; then
     timeout "$(post_limit)" $PY - "$OUT/$STEM.json" "$OUT/$STEM.png" >>"$LOG" 2>&1 <<'EOF'
 import sys
+from benchmarks import scorecard
 from benchmarks.harness import load_rows
 from benchmarks.plot import plot_rows
+print()
+if scorecard.main([sys.argv[1]]) != 0:
+    print("scorecard: not written (see above)")
+print()
 rows = load_rows(sys.argv[1])
 if not rows:
     sys.exit("plot: not drawn (no rows)")

@@ -200,7 +200,9 @@ class Row:
     ``baseline`` names the provider this row is compared with (``None`` for a
     baseline's own row); the two ratios are baseline / this row, so larger is
     better for both. ``target`` is the goal this comparison is held to, with
-    ``target_pass`` its outcome in this run (``None`` when there is no target).
+    ``target_pass`` its outcome in this run (``None`` when there is no target), and
+    ``target_parts`` each part of the target with the value it was judged on (see
+    :meth:`Target.part`).
     ``median_ms`` is the CUDA-event median with the L2 flushed before each call on a GPU, and
     the wall-clock median on a CPU; ``wall_ms`` (GPU) the back-to-back time per call.
     """
@@ -226,6 +228,7 @@ class Row:
     mode: str = "fwd+bwd"
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_ms: float | None = None  # GPU: back-to-back calls on the host clock, per call (see the module doc)
+    target_parts: list[dict[str, Any]] = field(default_factory=list)  # [{"text", "value", "met"}]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,30 +244,45 @@ REQUIRED_ROW_FIELDS = (
 class Target:
     """A goal on one comparison: ``metric`` is ``speedup`` or ``memory_ratio`` (at least the
     threshold), ``peak_mib_max`` (at most), or ``metric_min:<key>`` / ``metric_max:<key>`` (the
-    row's ``metrics[key]`` at least / at most). ``check`` gives None when the value is missing."""
+    row's ``metrics[key]`` at least / at most). ``check`` gives None when the value is missing.
+
+    ``invert``: the text states the goal on the reciprocal of the metric ("time<=1.15x base" is
+    a speedup of at least 1/1.15, "mem<=0.6x" a memory ratio of at least 1/0.6), so the value
+    :meth:`part` records is 1/metric, the quantity the text names."""
 
     metric: str
     threshold: float
     text: str
+    invert: bool = False
 
-    def check(self, row: Row) -> bool | None:
+    def measured(self, row: Row):
+        """The row's value of ``metric``; None when it is missing or not a number (a note)."""
         if self.metric == "speedup":
-            value = row.speedup_vs_baseline
-            return None if value is None else value >= self.threshold
+            return row.speedup_vs_baseline
         if self.metric == "memory_ratio":
-            value = row.memory_ratio_vs_baseline
-            return None if value is None else value >= self.threshold
+            return row.memory_ratio_vs_baseline
         if self.metric == "peak_mib_max":
-            value = row.peak_mib
-            return None if value is None else value <= self.threshold
+            return row.peak_mib
         if self.metric.startswith(("metric_min:", "metric_max:")):
             value = row.metrics.get(self.metric.split(":", 1)[1])
-            if not isinstance(value, (bool, int, float)):
-                return None  # missing (or a note saying why it was not measured): not judged
-            if self.metric.startswith("metric_min:"):
-                return value >= self.threshold
-            return value <= self.threshold  # NaN fails
+            return value if isinstance(value, (bool, int, float)) else None
         raise ValueError(f"unknown target metric {self.metric!r}")
+
+    def check(self, row: Row) -> bool | None:
+        value = self.measured(row)
+        if value is None:
+            return None  # missing (or a note saying why it was not measured): not judged
+        if self.metric.startswith("metric_max:") or self.metric == "peak_mib_max":
+            return value <= self.threshold  # NaN fails
+        return value >= self.threshold
+
+    def part(self, row: Row) -> dict[str, Any]:
+        """``{"text", "value", "met"}``: the goal as written, the value it was judged on in the
+        text's terms (1/metric where ``invert``; a bool stays a bool), and :meth:`check`."""
+        value = self.measured(row)
+        if self.invert and value is not None and not isinstance(value, bool):
+            value = 1.0 / value if value else float("inf")
+        return {"text": self.text, "value": value, "met": self.check(row)}
 
 
 def check_limit(dtype: str) -> float:
@@ -835,7 +853,7 @@ def gpu_run(payload: dict) -> tuple[str, str]:
     return device, f"{device} (git {environment.get('git_sha')}, {environment.get('date')}):"
 
 
-def _check_result_fields(payload) -> None:
+def check_result_fields(payload) -> None:
     """A ``ValueError`` naming what a result file lacks of what the package-file tools read: an
     environment naming its device, and rows naming their op, shape, dtype and provider."""
     if not (isinstance(payload, dict) and "environment" in payload and "rows" in payload):
@@ -897,7 +915,7 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     args = parser.parse_args(argv)
     try:
         payload = read_payload(args.results)
-        _check_result_fields(payload)
+        check_result_fields(payload)
     except (OSError, ValueError) as exc:
         print(f"{module}: argument RESULTS.json: cannot read {args.results!r} as a result file "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)

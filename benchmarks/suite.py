@@ -338,7 +338,10 @@ class Suite:
             checks = harness.check_targets(row.metrics, row.dtype)
             targets = list(targets) + checks
             row.target = " & ".join(t.text for t in targets) + ("" if checks else " (no correctness check)")
-            outcomes = [t.check(row) for t in targets] + ([] if checks else [None])
+            row.target_parts = [t.part(row) for t in targets]
+            if not checks:
+                row.target_parts.append({"text": "(no correctness check)", "value": None, "met": None})
+            outcomes = [part["met"] for part in row.target_parts]
             # One target missed fails the row even when another could not be judged (no calibration).
             row.target_pass = False if False in outcomes else (None if None in outcomes else True)
         return row

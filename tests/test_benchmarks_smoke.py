@@ -424,6 +424,10 @@ def test_a_missed_target_fails_the_row_even_when_another_is_not_judged(tmp_path)
     ours = [r for r in rows if r.provider == "triton"][0]
     # No rate measured, no check recorded, peak missed: a miss fails the row whatever was not judged.
     assert ours.target == "rate>=50% & peak<=64 (no correctness check)" and ours.target_pass is False
+    # Each part with the value it was judged on; the missing check is a part that is not judged.
+    assert ours.target_parts == [{"text": "rate>=50%", "value": None, "met": None},
+                                 {"text": "peak<=64", "value": 500.0, "met": False},
+                                 {"text": "(no correctness check)", "value": None, "met": None}]
     rows = suite.add_rows(family="contrastive", op="y", shape="s", dtype=torch.bfloat16,
                           ours={"triton": (Measurement(1.0, 10.0, 5, None), {})}, baselines={"ref": (base, {})},
                           targets=lambda provider, baseline: goals)
@@ -1667,25 +1671,27 @@ def test_flop_and_byte_counts_of_the_rates():
 
 
 def test_the_families_targets_in_a_full_gpu_run(tmp_path):
-    """The goals of the issues each comparison is held to, as (metric, threshold, text)."""
+    """The goals of the issues each comparison is held to, as (metric, threshold, text), with
+    ``invert`` where the text states the reciprocal of the metric."""
     from benchmarks import bench_contrastive, bench_hypergraph, bench_lora, bench_model
 
     suite = _fake_gpu_suite(tmp_path, ["triton"])
     suite.quick = False
 
     def goals(targets, provider, baseline):
-        return [(t.metric, t.threshold, t.text) for t in targets(provider, baseline)]
+        return [(t.metric, t.threshold, t.text) + ((True,) if t.invert else ())
+                for t in targets(provider, baseline)]
 
     lora = bench_lora._targets(suite)
     for provider in ("triton", "cuda"):
-        assert goals(lora, provider, "frozen-base") == [("speedup", 1 / 1.15, "time<=1.15x base")]
+        assert goals(lora, provider, "frozen-base") == [("speedup", 1 / 1.15, "time<=1.15x base", True)]
         assert goals(lora, provider, "reference") == [("speedup", 2.0, "speedup>=2")]
         assert goals(lora, provider, "peft-style") == [("speedup", 1.4, "speedup>=1.4"),
                                                        ("metric_max:saved_over_x", 1.1, "saved<=1.1x bytes(x)")]
     assert goals(lora, "torch", "reference") == []  # the GPU targets are the fused kernels'
 
     for provider in ("triton", bench_hypergraph.ATOMIC, "cuda"):
-        for b, memory in ((64, []), (1024, [("memory_ratio", 8.0, "mem<=1/8")])):
+        for b, memory in ((64, []), (1024, [("memory_ratio", 8.0, "mem<=1/8", True)])):
             shape = dict(b=b, n=197)
             assert goals(bench_hypergraph._targets(suite, shape, False), provider, "reference") == [
                 ("speedup", 8.0, "speedup>=8")] + memory
@@ -1707,7 +1713,7 @@ def test_the_families_targets_in_a_full_gpu_run(tmp_path):
     train_step = bench_model._train_step_targets(suite)
     for provider in ("triton", "triton+recompute-mlp", "triton+cuda-graph"):
         assert goals(train_step, provider, "reference-ops") == [("speedup", 1.6, "throughput>=1.6x"),
-                                                                ("memory_ratio", 1 / 0.6, "mem<=0.6x")]
+                                                                ("memory_ratio", 1 / 0.6, "mem<=0.6x", True)]
     assert goals(train_step, "torch", "reference-ops") == []
     assert goals(bench_model._zero_shot_targets(suite), "triton", "reference-loop") == [
         ("speedup", 20.0, "throughput>=20x")]
