@@ -158,7 +158,15 @@ def opcode_counts(lines: Sequence[str]) -> dict:
     return dict(counts)
 
 
-def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers):
+def ptx_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
+             num_stages: int = 3, divisible_by_16: Sequence[str] = (), aligned_pointers: bool = True) -> str:
+    """The PTX Triton generates for ``kernel`` on sm_90a (arguments as :func:`compile_sm90`'s):
+    which instruction forms it chose, e.g. ``ex2.approx.ftz.f32`` or ``ex2.approx.f32``."""
+    return _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
+                           aligned_pointers).asm["ptx"]
+
+
+def _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -177,8 +185,13 @@ def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_
         divisible.update(name for name, kind in signature.items() if str(kind).startswith("*"))
     attrs = {(index[name],): [["tt.divisibility", 16]] for name in sorted(divisible)}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs or {}, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers):
+    compiled = _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
+                               aligned_pointers)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")

@@ -445,6 +445,16 @@ if triton is not None:
         return tl.where(valid, logits, float("-inf"))
 
     @triton.jit
+    def _exp(x):
+        # e**x in float32 as 2**(x * log2 e). tl.exp computes the same product (log2 e rounded to
+        # float32) and then ex2.approx.f32, which sm_90 expands to a compare and two multiplies
+        # around its one MUFU.EX2 so that results under 2**-126 come out subnormal; tl.exp2 is
+        # ex2.approx.ftz.f32, the MUFU.EX2 alone. The two agree bit for bit but below 2**-126,
+        # which this flushes to 0: a softmax weight or a summand under 1.2e-38 beside the
+        # largest term's 1 (every exponent here is shifted by its max or its log-sum-exp).
+        return tl.exp2(x * 1.4426950408889634)
+
+    @triton.jit
     def _holds_diagonal(row_start, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Whether the tile of rows row_start.. and columns col_start.. holds an entry (i, i).
         return (col_start < row_start + BLOCK_M) & (col_start + BLOCK_N > row_start)
@@ -458,7 +468,7 @@ if triton is not None:
             diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+        run_sum = run_sum * _exp(run_max - safe) + tl.sum(_exp(logits - safe[:, None]), axis=1)
         return new_max, run_sum, diag
 
     @triton.jit
@@ -468,9 +478,9 @@ if triton is not None:
         empty = top == float("-inf")
         safe = tl.where(empty, 0.0, top)
         if AXIS == 1:
-            total = tl.sum(tl.exp(logits - safe[:, None]), axis=1)
+            total = tl.sum(_exp(logits - safe[:, None]), axis=1)
         else:
-            total = tl.sum(tl.exp(logits - safe[None, :]), axis=0)
+            total = tl.sum(_exp(logits - safe[None, :]), axis=0)
         return tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
 
     @triton.jit
@@ -561,7 +571,7 @@ if triton is not None:
                 top = tl.maximum(old, tile_lse)
                 top_empty = top == float("-inf")
                 top_safe = tl.where(top_empty, 0.0, top)
-                both = tl.exp(old - top_safe) + tl.exp(tile_lse - top_safe)
+                both = _exp(old - top_safe) + _exp(tile_lse - top_safe)
                 merged = tl.where(top_empty, float("-inf"), top_safe + tl.log(tl.where(top_empty, 1.0, both)))
                 tl.store(part_row + cols, merged, mask=cols < n)
             lse = run_max + tl.log(tl.where(rows < n, run_sum, 1.0))
@@ -619,7 +629,7 @@ if triton is not None:
             # Softmax weights of both directions, each <= 1 (coef is applied once at the end, so that
             # fp16 weights do not underflow for large B). The positive logit s a_i . b_i of an owned
             # row adds -2 to its weight: its gradient -2 s b_i then comes out of the same dot.
-            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
             positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
             weights = tl.where(col_in[None, :], weights, 0.0) - tl.where(positive, 2.0, 0.0)
             # d loss / d s over coef: sum_ij w_ij a_i . b_j, from the fp32 similarities already here.
@@ -749,7 +759,7 @@ if triton is not None:
             logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             lse_a = tl.load(lse_a_ptr + rows)
             lse_b = tl.load(lse_b_ptr + cols)
-            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
             tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
             tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :],
                      weights.to(w_ptr.dtype.element_ty))
@@ -759,7 +769,7 @@ if triton is not None:
             logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
-            weights = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
+            weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
             positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
             inside = row_in[:, None] & col_in[None, :]
             weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)

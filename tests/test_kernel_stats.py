@@ -145,3 +145,27 @@ def test_the_pack_kernel_profile_reads_its_k_loop():
     assert row["warps_per_sm"] == row["blocks_per_sm"] * row["num_warps"]
     # With dropout every element needs Philox bits: far more work per element than the copy.
     assert row["loop_instructions_per_element"] > 10
+
+
+def _infonce_exponentials() -> list:
+    from ace_kernels._aot import ptx_sm90
+    from benchmarks.kernel_stats import contrastive_launches
+
+    out = []
+    for label, kernel, signature, constexprs, num_warps, num_stages, strides in contrastive_launches():
+        ptx = ptx_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                       divisible_by_16=strides)
+        out.append([label, ptx.count("ex2.approx.ftz.f32"), ptx.count("ex2.approx.f32")])
+    return out
+
+
+@pytest.mark.slow
+def test_the_infonce_kernels_exponentials_are_one_mufu_each():
+    """Every exponential of the InfoNCE kernels is ex2.approx.ftz (one MUFU.EX2); tl.exp's
+    ex2.approx.f32 costs three instructions more on sm_90 (contrastive._exp)."""
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    rows = compile_in_fresh_process("test_kernel_stats", "_infonce_exponentials")
+    assert len(rows) == 6, rows  # one-pass forward and gradient, each blocked kernel's two launches
+    assert all(ftz > 0 and plain == 0 for _, ftz, plain in rows), rows
