@@ -31,7 +31,11 @@ sums each row's ``r_i - s u_i . t_i`` (at least 0), not the difference of the su
 Backends: ``triton`` (GPU; the CPU interpreter when asked for explicitly, fp16/fp32
 only: the interpreter's bf16 arithmetic is wrong, so bf16 is refused there) and
 ``torch`` (any device, any float dtype and D). Triton: inputs fp16/bf16/fp32 (fp32 dots in
-IEEE mode), fp32 accumulation, D <= 1024; gradients are written in the input dtype.
+IEEE mode), fp32 accumulation, D <= 1024; gradients are written in the input dtype. The
+exponentials are ``ex2.approx.ftz`` (``_exp``: the bits of ``tl.exp`` down to 2**-126, 0 below);
+for 16-bit inputs on a GPU the log-sum-exps' logs are ``lg2.approx.ftz`` (``_log``: within
+about 1.1e-7 of ln x, against a tile's row or column LSE whose float32 rounding is of that size),
+for fp32 inputs and in the interpreter ``tl.log``.
 
 Triton forward, one device: one kernel pass over the ``B x B`` similarity tiles
 (one program per SM, each taking every G-th block of rows against all
@@ -405,6 +409,10 @@ try:
     import triton.language as tl
 except Exception:  # missing or broken: the torch backend still works; dispatch reports why triton cannot run
     triton = None
+try:
+    from triton.language.extra import libdevice
+except Exception:  # without it the forward kernels take tl.log (_fast_log)
+    libdevice = None
 
 if triton is not None:
 
@@ -455,6 +463,20 @@ if triton is not None:
         return tl.exp2(x * 1.4426950408889634)
 
     @triton.jit
+    def _log(x, FAST: tl.constexpr):
+        # ln x for the log-sum-exps, whose x (a sum of exponentials shifted by their max) is >= 1.
+        # FAST (16-bit inputs on a GPU): lg2.approx.ftz times ln 2 (libdevice's fast_logf), one
+        # MUFU.LG2 and a multiply, within about 1.1e-7 of ln x (2**-22.6 in log2), where tl.log is
+        # a polynomial of some 20 instructions. The forward kernels take a log per row and per
+        # column of every tile, in every thread that holds that row or column: a fifth of the
+        # blocked forward's instructions in the sm_90a code. The interpreter cannot run
+        # fast_logf and fp32 inputs keep the exact log (see _fast_log).
+        if FAST:
+            return libdevice.fast_logf(x)
+        else:
+            return tl.log(x)
+
+    @triton.jit
     def _holds_diagonal(row_start, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Whether the tile of rows row_start.. and columns col_start.. holds an entry (i, i).
         return (col_start < row_start + BLOCK_M) & (col_start + BLOCK_N > row_start)
@@ -472,7 +494,7 @@ if triton is not None:
         return new_max, run_sum, diag
 
     @triton.jit
-    def _tile_lse(logits, AXIS: tl.constexpr):
+    def _tile_lse(logits, AXIS: tl.constexpr, FAST_LOG: tl.constexpr):
         # Log-sum-exp of a tile along AXIS, -inf where every entry is masked (never log 0).
         top = tl.max(logits, axis=AXIS)
         empty = top == float("-inf")
@@ -481,13 +503,13 @@ if triton is not None:
             total = tl.sum(_exp(logits - safe[:, None]), axis=1)
         else:
             total = tl.sum(_exp(logits - safe[None, :]), axis=0)
-        return tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
+        return tl.where(empty, float("-inf"), safe + _log(tl.where(empty, 1.0, total), FAST_LOG))
 
     @triton.jit
     def _lse_rows_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr,
         row_lo, row_hi, n, dim, stride_a, stride_b,
-        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         ONE_DOT: tl.constexpr,
     ):
@@ -520,7 +542,7 @@ if triton is not None:
             run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0, row_start,
                                                    BLOCK_M, BLOCK_N)
         # Padding rows have run_sum 0; real rows always hold their diagonal, so run_sum > 0.
-        lse = run_max + tl.log(tl.where(rows < row_hi, run_sum, 1.0))
+        lse = run_max + _log(tl.where(rows < row_hi, run_sum, 1.0), FAST_LOG)
         tl.store(lse_ptr + (rows - row_lo), lse, mask=rows < row_hi)
         tl.store(diag_ptr + (rows - row_lo), diag, mask=rows < row_hi)
 
@@ -528,7 +550,7 @@ if triton is not None:
     def _lse_both_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr, col_part_ptr,
         n, dim, stride_a, stride_b,
-        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         ONE_DOT: tl.constexpr,
     ):
@@ -566,15 +588,16 @@ if triton is not None:
                 run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0,
                                                        row_start, BLOCK_M, BLOCK_N)
                 # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
-                tile_lse = _tile_lse(logits, 0)
+                tile_lse = _tile_lse(logits, 0, FAST_LOG)
                 old = tl.load(part_row + cols, mask=cols < n, other=float("-inf"))
                 top = tl.maximum(old, tile_lse)
                 top_empty = top == float("-inf")
                 top_safe = tl.where(top_empty, 0.0, top)
                 both = _exp(old - top_safe) + _exp(tile_lse - top_safe)
-                merged = tl.where(top_empty, float("-inf"), top_safe + tl.log(tl.where(top_empty, 1.0, both)))
+                merged = tl.where(top_empty, float("-inf"),
+                                  top_safe + _log(tl.where(top_empty, 1.0, both), FAST_LOG))
                 tl.store(part_row + cols, merged, mask=cols < n)
-            lse = run_max + tl.log(tl.where(rows < n, run_sum, 1.0))
+            lse = run_max + _log(tl.where(rows < n, run_sum, 1.0), FAST_LOG)
             tl.store(lse_ptr + rows, lse, mask=rows < n)
             tl.store(diag_ptr + rows, diag, mask=rows < n)
             # The next row block reads the column partials back, possibly in other threads of this
@@ -691,7 +714,7 @@ if triton is not None:
     def _lse_tiles_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
         row0, rows_end, n, dim, stride_a, stride_b,
-        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, WANT_COLS: tl.constexpr,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr, WANT_COLS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
         # Rows row0..rows_end of a against the n rows of b, one tile per program (_program_tile);
@@ -714,18 +737,18 @@ if triton is not None:
                                BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if TILES == 1:
             logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
-            tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1))
+            tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG))
             if WANT_COLS:
-                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0))
+                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG))
         else:
             row_in = rows < rows_end
             # Rows past the block belong to the next one: they must not enter its column sums.
             logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS),
                               float("-inf"))
-            tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1),
+            tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG),
                      mask=row_in)
             if WANT_COLS:
-                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0), mask=cols < n)
+                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG), mask=cols < n)
             if _holds_diagonal(row_start, c0, BLOCK_M, BLOCK_N):
                 diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
                 tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
@@ -980,7 +1003,8 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: b
             _lse_tiles_kernel[(tiles * col_tiles,)](
                 a, b, keys if keys is not None else lse, scale, row_part,
                 col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0),
-                b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, WANT_COLS=want_cols,
+                b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, FAST_LOG=_fast_log(a.dtype),
+                WANT_COLS=want_cols,
                 TILES=tiles_kind, **_blocked_options(cfg))
         torch.logsumexp(row_part[:r1 - r0], dim=1, out=lse[r0 - lo:r1 - lo])
         if want_cols:
@@ -1067,6 +1091,13 @@ def _aligned(dim: int, *tensors) -> bool:
     return dim % 16 == 0 and all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _fast_log(dtype: torch.dtype) -> bool:
+    """Whether the forward kernels take the log-sum-exps' logs with MUFU.LG2 (``_log``): for
+    16-bit inputs on a GPU. fp32 inputs keep the exact log, as their dots keep IEEE products;
+    the interpreter cannot run libdevice's fast_logf."""
+    return libdevice is not None and dtype != torch.float32 and not _dispatch.interpreter_enabled()
+
+
 def _kernel_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_DOT", "num_warps", "num_stages")}
 
@@ -1089,7 +1120,7 @@ def _triton_lse_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys
     _lse_rows_kernel[grid](
         a, b, keys if keys is not None else lse, scale, lse, positives, lo, hi, a.shape[0], a.shape[1],
         a.stride(0), b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
-        **_kernel_options(cfg))
+        FAST_LOG=_fast_log(a.dtype), **_kernel_options(cfg))
     return lse, positives
 
 
@@ -1124,7 +1155,7 @@ def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
     _lse_both_kernel[(programs,)](
         u, t, keys if keys is not None else row_lse, scale, row_lse, positives, col_part, n, dim,
         u.stride(0), t.stride(0), HAS_KEYS=keys is not None, IEEE=u.dtype == torch.float32,
-        **_kernel_options(cfg))
+        FAST_LOG=_fast_log(u.dtype), **_kernel_options(cfg))
     col_lse = torch.empty(n, dtype=torch.float32, device=u.device)
     step = 8192
     for start in range(0, n, step):

@@ -209,6 +209,8 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
         const = {"HAS_KEYS": True, "IEEE": False}
         if name == "lse_tiles":
             const["WANT_COLS"] = True  # the single-device forward: row and column partials
+        if name.startswith("lse"):
+            const["FAST_LOG"] = contrastive._fast_log(torch.bfloat16)  # as a launch on a GPU takes the logs
         if "TILES" in cfg:
             const["TILES"] = cfg["TILES"]
         const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})

@@ -535,8 +535,9 @@ def test_blocked_tiles_write_only_the_diagonal_they_hold(device):
     row_part = torch.empty(r1 - r0, 3, device=device)
     diag = torch.full((r1 - r0,), float("nan"), device=device)
     contrastive._lse_tiles_kernel[(1,)](a, b, row_part, torch.tensor([30.0], device=device), row_part, row_part, diag,
-                                       r0, r1, n, dim, dim, dim, HAS_KEYS=False, IEEE=True, WANT_COLS=False,
-                                       BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, TILES=contrastive.TILES_ALL)
+                                       r0, r1, n, dim, dim, dim, HAS_KEYS=False, IEEE=True, FAST_LOG=False,
+                                       WANT_COLS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                                       TILES=contrastive.TILES_ALL)
     torch.testing.assert_close(diag[:16 - r0], (a[r0:16] * b[r0:16]).sum(1), rtol=1e-6, atol=1e-6)
     assert torch.isnan(diag[16 - r0:]).all(), diag
 
@@ -1024,6 +1025,8 @@ def _compile_all_for_sm90() -> list:
                     for tiles in ((contrastive.TILES_INTERIOR, contrastive.TILES_EDGE) if blocked else (None,))]
         for has_keys, tiles_kind in variants:  # labels given, or the plain CLIP loss
             const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32"}
+            if kernel.startswith("lse"):  # the forward kernels' log, as a launch on a GPU takes it
+                const["FAST_LOG"] = contrastive._fast_log(AOT_DTYPES[dtype])
             if kernel.startswith("lse_tiles"):
                 const["WANT_COLS"] = kernel == "lse_tiles"
             if tiles_kind is not None:
@@ -1072,6 +1075,7 @@ def _blocked_fma_counts_for_sm90() -> list:
                     const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32", "TILES": tiles}
                     if name == "lse_tiles":
                         const["WANT_COLS"] = True
+                        const["FAST_LOG"] = contrastive._fast_log(torch_dtype)
                     const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
                     sig = dict(contrastive_signature(name, dtype), **{k: "constexpr" for k in const})
                     prof = profile_sm90(fn, sig, const, num_warps=options["num_warps"],

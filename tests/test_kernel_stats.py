@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -155,17 +156,36 @@ def _infonce_exponentials() -> list:
     for label, kernel, signature, constexprs, num_warps, num_stages, strides in contrastive_launches():
         ptx = ptx_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
                        divisible_by_16=strides)
-        out.append([label, ptx.count("ex2.approx.ftz.f32"), ptx.count("ex2.approx.f32")])
+        out.append([label, ptx.count("ex2.approx.ftz.f32"), ptx.count("ex2.approx.f32"),
+                    ptx.count("lg2.approx.ftz.f32")])
     return out
 
 
 @pytest.mark.slow
-def test_the_infonce_kernels_exponentials_are_one_mufu_each():
-    """Every exponential of the InfoNCE kernels is ex2.approx.ftz (one MUFU.EX2); tl.exp's
-    ex2.approx.f32 costs three instructions more on sm_90 (contrastive._exp)."""
+def test_the_infonce_kernels_exponentials_and_logs_are_one_mufu_each():
+    """Every exponential of the InfoNCE kernels is ex2.approx.ftz (one MUFU.EX2; tl.exp's
+    ex2.approx.f32 costs three instructions more on sm_90, contrastive._exp), and the 16-bit
+    forward kernels' logs are lg2.approx.ftz (contrastive._log), not tl.log's polynomial."""
     pytest.importorskip("triton")
     from _aot_helpers import compile_in_fresh_process
 
     rows = compile_in_fresh_process("test_kernel_stats", "_infonce_exponentials")
     assert len(rows) == 6, rows  # one-pass forward and gradient, each blocked kernel's two launches
-    assert all(ftz > 0 and plain == 0 for _, ftz, plain in rows), rows
+    assert all(ftz > 0 and plain == 0 for _, ftz, plain, _ in rows), rows
+    # The forward kernels (lse_*) take logs; the gradient kernels take none.
+    assert all((logs > 0) == label.startswith("lse") for label, _, _, logs in rows), rows
+
+
+def test_the_fast_log_is_for_16_bit_inputs_on_a_gpu(monkeypatch):
+    from ace_kernels import _dispatch, contrastive
+
+    if contrastive.libdevice is None:
+        pytest.skip("this triton has no triton.language.extra.libdevice")
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    assert contrastive._fast_log(torch.bfloat16) and contrastive._fast_log(torch.float16)
+    assert not contrastive._fast_log(torch.float32)  # fp32 keeps the exact log, as its IEEE dots
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: True)
+    assert not contrastive._fast_log(torch.bfloat16)  # the interpreter cannot run fast_logf
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(contrastive, "libdevice", None)
+    assert not contrastive._fast_log(torch.bfloat16)
