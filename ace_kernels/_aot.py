@@ -47,14 +47,15 @@ def _tool(name: str) -> str:
 
 def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
                  num_stages: int = 3, divisible_by_16: Sequence[str] = (),
-                 aligned_pointers: bool = True) -> KernelResources:
+                 aligned_pointers: bool = True, maxnreg: int | None = None) -> KernelResources:
     """Compile ``kernel`` (a ``@triton.jit`` function) for sm_90a and report its resources.
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``,
     ``"i32"``, ``"fp32"``, ... or ``"constexpr"``); ``constexprs`` gives the value of
-    each constexpr argument.
+    each constexpr argument; ``maxnreg`` the register cap a launch passes (Triton's option).
     """
-    return _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers)[0]
+    return _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers,
+                    maxnreg)[0]
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,8 @@ def ptx_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_war
                            aligned_pointers).asm["ptx"]
 
 
-def _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers):
+def _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers,
+                    maxnreg=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -185,13 +187,15 @@ def _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisi
         divisible.update(name for name, kind in signature.items() if str(kind).startswith("*"))
     attrs = {(index[name],): [["tt.divisibility", 16]] for name in sorted(divisible)}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs or {}, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers):
+def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers, maxnreg=None):
     compiled = _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
-                               aligned_pointers)
+                               aligned_pointers, maxnreg)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")

@@ -813,25 +813,29 @@ if triton is not None:
 # - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 64, 8 warps, 3 stages (187-237 registers one-pass,
 #   72 KiB; 128 x 128 spills in the one-pass kernel); grad 64 x 32 in two 512-wide D chunks,
 #   8 warps, 3 stages (234-250 registers, 68 KiB).
-# - fp32 (IEEE dots on CUDA cores, never the fast path): lse 64 x 32 in K steps of 16, 8 warps
-#   (94-128 registers; K steps of 32 spill 8-16 bytes in the one-pass kernel); grad 64 x 32 in
-#   K steps of 32 and 256-wide D chunks (180-186 registers; 512 wide spills).
+# - fp32 (IEEE dots on CUDA cores, never the fast path): lse 64 x 32 in K steps of 16, 4 warps,
+#   no pipelining (96-168 registers, aligned or not; with 8 warps and 2 stages the label-free
+#   one-pass kernel spilled 8 bytes under triton 3.8 when every size is a multiple of 16, with 3
+#   stages 16 under 3.6, and K steps of 32 spill); grad 64 x 32 in K steps of 32 and 256-wide D
+#   chunks (180-186 registers; 512 wide spills).
 # - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads
 #   go element by element through registers and the configurations above spill (80-800 bytes).
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
-#   256-wide chunks (200-224); fp32 lse 64 x 32 with 4 warps and no pipelining (168-180; with
-#   2 stages the label-free two-pass kernel spilled 8 bytes under ptxas 12.9), grad 64 x 32 in
-#   128-wide chunks (158-168).
+#   256-wide chunks (200-224); fp32 lse as aligned (K steps of 32 spilled 60 bytes in the one-pass
+#   kernel under 3.6 with every size a multiple of 16; with 2 stages the label-free two-pass kernel
+#   spilled 8 bytes under ptxas 12.9), grad 64 x 32 in 128-wide chunks (158-168).
 # tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
-# aligned, and at D = 500 and 1000, with and without labels; CI runs it under Triton 3.8
-# (ptxas 12.9) and 3.6 (ptxas 12.8, the GPU image's), whose register allocations differ.
+# aligned, and at D = 500 and 1000, with and without labels, each with the batch (n and the
+# bounds) not a multiple of 16 and a multiple of 16 (Triton specialises on it: other code); CI
+# runs it under Triton 3.8 (ptxas 12.9) and 3.6 (ptxas 12.8, the GPU image's), whose register
+# allocations differ.
 _GPU_CONFIGS = {
     # (kernel, "16bit" or "fp32", path): tiles
     ("lse", "16bit", "one_dot"): dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
     ("lse", "16bit", "k_steps"): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
     ("lse", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-    ("lse", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2),
-    ("lse", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    ("lse", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    ("lse", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
     ("grad", "16bit", "one_dot"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2),
     ("grad", "16bit", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
     ("grad", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),

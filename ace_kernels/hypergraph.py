@@ -1022,7 +1022,14 @@ DOT_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(
 # neighbour rows); larger K scale it down to keep the tile's size.
 CLS_EDGES_CONFIG = {"interp": dict(BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_D=128, num_warps=4)}
 CLS_COEF_CONFIG = {"interp": dict(BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_D=32, num_warps=4)}
-CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dict(BLOCK_O=32, BLOCK_D=16, num_warps=8)}
+# CLS_DX: 16 x 16 tiles, 8 warps: 112-114 registers, no spills with either triton (3.6, 3.8) at
+# any D; 32 x 16 spilled 8 bytes at k = 5 in fp32 and fp16 under 3.8 when D is a multiple of 16.
+CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dict(BLOCK_O=16, BLOCK_D=16, num_warps=8)}
+# Register cap of the float32 top-k launches: without one, ptxas held the k = 5 fused selection
+# (norms computed) to 64 registers and spilled 12 bytes under triton 3.6 when M and D are
+# multiples of 16 (a 256-token tower); 128 lets it keep them, as its other float32 variants use
+# (the 16-bit ones need more and take no cap).
+TOPK_FP32_MAXNREG = 128
 
 
 def _mode() -> str:
@@ -1060,6 +1067,7 @@ def _launch_topk(pn: torch.Tensor, inv_norm: torch.Tensor | None, rows: torch.Te
         HAS_ROWS=rows is not None, COMPUTE_NORMS=inv_norm is None,
         NATIVE_DOT=mode == "gpu" and pn.dtype in (torch.float16, torch.bfloat16),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        maxnreg=TOPK_FP32_MAXNREG if pn.dtype == torch.float32 else None,
     )
     return idx, w
 

@@ -9,7 +9,8 @@ and the main loop's instructions, per thread and per element of x the loop step 
 the share of the integer multiply-adds and logic ops (``IMAD``, ``LOP3``) that Philox is made
 of and the count of type conversions (``I2F``, ``F2F``, ``I2FP``, ``F2I``).
 
-The InfoNCE kernels (bf16, labels, D = 512, aligned) are profiled per logit: the one-pass
+The InfoNCE kernels (bf16, labels, D = 512, aligned, every integer argument a multiple of 16 as
+at B = 65,536, which Triton specialises on) are profiled per logit: the one-pass
 kernels at their defaults (``_lse_both_kernel``, ``_grad_rows_kernel``: the main loop is one
 column tile, so a logit costs the loop over the tile's logits per thread) and the blocked ones at
 their first blocked candidate (``_lse_tiles_kernel``, ``_grad_weights_kernel``: one tile per
@@ -189,8 +190,8 @@ INFONCE_DIM = 512
 
 
 def contrastive_launches(dim: int = INFONCE_DIM) -> list:
-    """(label, kernel, signature, constexprs, num_warps, num_stages, aligned strides) of the InfoNCE
-    kernels the profile covers: bf16, labels, ``dim`` a multiple of 16."""
+    """(label, kernel, signature, constexprs, num_warps, num_stages, 16-divisible arguments) of the
+    InfoNCE kernels the profile covers: bf16, labels, ``dim`` and the batch multiples of 16."""
     launches = []
     for name, kind in (("lse_both", "lse"), ("grad", "grad")):
         cfg = contrastive._launch_config(kind, torch.bfloat16, dim, interpreter=False)
@@ -215,17 +216,20 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
             const["TILES"] = cfg["TILES"]
         const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
         signature = dict(contrastive_signature(name, "bf16"), **{k: "constexpr" for k in const})
-        strides = ["dim", "stride_a", "stride_b"] + {"grad": ["stride_g"], "grad_weights": ["stride_w"]}.get(name, [])
-        out.append((label, kernels[name], signature, const, options["num_warps"], options["num_stages"], strides))
+        # At B = 65,536 every integer argument is a multiple of 16 (n, D, the row strides, and the
+        # bounds, which are block starts and ends or 0 and n), and Triton specialises a launch on
+        # that: the code a large-batch launch runs.
+        divisible = [k for k, kind in signature.items() if kind == "i32"]
+        out.append((label, kernels[name], signature, const, options["num_warps"], options["num_stages"], divisible))
     return out
 
 
 def contrastive_row(label: str, kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,
-                    strides: Sequence[str], dim: int = INFONCE_DIM) -> dict:
+                    divisible: Sequence[str], dim: int = INFONCE_DIM) -> dict:
     from ace_kernels._aot import profile_sm90
 
     prof = profile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
-                        divisible_by_16=strides)
+                        divisible_by_16=divisible)
     ops, loop = prof.loop_opcodes, prof.loop_instructions
     logits = constexprs["BLOCK_M"] * constexprs["BLOCK_N"] / (32 * num_warps)  # per thread and tile
     # One-pass: the loop is one column tile. Blocked: one tile per program, the loop a K step.

@@ -153,9 +153,9 @@ def _infonce_exponentials() -> list:
     from benchmarks.kernel_stats import contrastive_launches
 
     out = []
-    for label, kernel, signature, constexprs, num_warps, num_stages, strides in contrastive_launches():
+    for label, kernel, signature, constexprs, num_warps, num_stages, divisible in contrastive_launches():
         ptx = ptx_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
-                       divisible_by_16=strides)
+                       divisible_by_16=divisible)
         out.append([label, ptx.count("ex2.approx.ftz.f32"), ptx.count("ex2.approx.f32"),
                     ptx.count("lg2.approx.ftz.f32")])
     return out
