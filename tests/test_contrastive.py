@@ -874,6 +874,34 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
+@pytest.mark.parametrize("batch", [4096, 4097])
+def test_triton_gpu_fast_log_matches_the_exact_one(strategy, batch, monkeypatch):
+    """The 16-bit forward's logs (lg2.approx.ftz times ln 2, contrastive._log) against tl.log on
+    the same card and inputs: row and column LSEs within a few float32 ulps (the fast log is
+    within about 1.1e-7 of ln x, the sum's log is at most ln B), the positives the same bits.
+    B = 4096 and 4097: the two integer specialisations Triton compiles."""
+    dim = 512
+    config = (contrastive._first_blocked_candidate("lse") if strategy == "blocked"
+              else _tuning.default("contrastive", "lse", "16bit/one_dot"))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    u = F.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1).bfloat16()
+    t = F.normalize(torch.randn(batch, dim, device="cuda", generator=gen), dim=1).bfloat16()
+    scale = torch.tensor([100.0], device="cuda")
+    keys = torch.randint(0, batch // 3, (batch,), device="cuda", generator=gen, dtype=torch.int32)
+    outs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(contrastive, "_fast_log", lambda dtype, fast=fast: fast)
+        with _tuning.forced("contrastive", "lse", "16bit/one_dot", config):
+            outs[fast] = [x.clone() for x in contrastive._triton_lse_both(u, t, scale, keys)]
+    (row_f, col_f, pos_f), (row_e, col_e, pos_e) = outs[True], outs[False]
+    assert torch.equal(pos_f, pos_e)
+    for fast_lse, exact_lse in ((row_f, row_e), (col_f, col_e)):
+        assert torch.isfinite(fast_lse).all()
+        torch.testing.assert_close(fast_lse, exact_lse, rtol=4e-7, atol=5e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
 def test_triton_gpu_deterministic_and_bounded_memory(strategy):
     # Same inputs, same bits (no atomics anywhere); and the op's memory beyond inputs and their
     # gradients: one-pass, the forward's [SMs, B] fp32 column partials plus O(B) vectors;
