@@ -34,8 +34,8 @@ only: the interpreter's bf16 arithmetic is wrong, so bf16 is refused there) and
 IEEE mode), fp32 accumulation, D <= 1024; gradients are written in the input dtype. The
 exponentials are ``ex2.approx.ftz`` (``_exp``: the bits of ``tl.exp`` down to 2**-126, 0 below);
 for 16-bit inputs on a GPU the log-sum-exps' logs are ``lg2.approx.ftz`` (``_log``: within
-about 1.1e-7 of ln x, against a tile's row or column LSE whose float32 rounding is of that size),
-for fp32 inputs and in the interpreter ``tl.log``.
+about 1.1e-7 of ln x, less than the float32 rounding of an LSE above 2, which the logits of a
+contrastive batch give), for fp32 inputs and in the interpreter ``tl.log``.
 
 Triton forward, one device: one kernel pass over the ``B x B`` similarity tiles
 (one program per SM, each taking every G-th block of rows against all
@@ -814,10 +814,10 @@ if triton is not None:
 #   72 KiB; 128 x 128 spills in the one-pass kernel); grad 64 x 32 in two 512-wide D chunks,
 #   8 warps, 3 stages (234-250 registers, 68 KiB).
 # - fp32 (IEEE dots on CUDA cores, never the fast path): lse 64 x 32 in K steps of 16, 4 warps,
-#   no pipelining (96-168 registers, aligned or not; with 8 warps and 2 stages the label-free
-#   one-pass kernel spilled 8 bytes under triton 3.8 when every size is a multiple of 16, with 3
-#   stages 16 under 3.6, and K steps of 32 spill); grad 64 x 32 in K steps of 32 and 256-wide D
-#   chunks (180-186 registers; 512 wide spills).
+#   no pipelining (96-168 registers, aligned or not). The former 8 warps and 2 stages spilled
+#   8 bytes in the label-free one-pass kernel under triton 3.8 when every size is a multiple of
+#   16; 8 warps and 3 stages spilled 16 bytes under 3.6; K steps of 32 spill. grad 64 x 32 in K
+#   steps of 32 and 256-wide D chunks (180-186 registers; 512 wide spills).
 # - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads
 #   go element by element through registers and the configurations above spill (80-800 bytes).
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
@@ -1099,7 +1099,8 @@ def _fast_log(dtype: torch.dtype) -> bool:
     """Whether the forward kernels take the log-sum-exps' logs with MUFU.LG2 (``_log``): for
     16-bit inputs on a GPU. fp32 inputs keep the exact log, as their dots keep IEEE products;
     the interpreter cannot run libdevice's fast_logf."""
-    return libdevice is not None and dtype != torch.float32 and not _dispatch.interpreter_enabled()
+    return (libdevice is not None and dtype in (torch.float16, torch.bfloat16)
+            and not _dispatch.interpreter_enabled())
 
 
 def _kernel_options(cfg: dict) -> dict:

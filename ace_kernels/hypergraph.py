@@ -1025,10 +1025,10 @@ CLS_COEF_CONFIG = {"interp": dict(BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_D
 # CLS_DX: 16 x 16 tiles, 8 warps: 112-114 registers, no spills with either triton (3.6, 3.8) at
 # any D; 32 x 16 spilled 8 bytes at k = 5 in fp32 and fp16 under 3.8 when D is a multiple of 16.
 CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dict(BLOCK_O=16, BLOCK_D=16, num_warps=8)}
-# Register cap of the float32 top-k launches: without one, ptxas held the k = 5 fused selection
-# (norms computed) to 64 registers and spilled 12 bytes under triton 3.6 when M and D are
-# multiples of 16 (a 256-token tower); 128 lets it keep them, as its other float32 variants use
-# (the 16-bit ones need more and take no cap).
+# Register cap of the float32 top-k launches. Without a cap ptxas chose 64 registers for the
+# k = 5 fused selection (norms computed) and spilled 12 bytes under triton 3.6 when M and D are
+# multiples of 16 (a 256-token tower); with a cap of 128 it takes up to 128 and spills nothing,
+# in every float32 variant. The 16-bit variants need more than 128 and take no cap.
 TOPK_FP32_MAXNREG = 128
 
 

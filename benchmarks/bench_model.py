@@ -230,7 +230,8 @@ def _train_step_targets(suite):
     """Issue 6's targets of the training step (GPU, the triton rows against reference-ops)."""
     def targets(provider, baseline):
         if suite.is_gpu and provider.split("+")[0] == "triton" and baseline == "reference-ops":
-            return [Target("speedup", 1.6, "throughput>=1.6x"), Target("memory_ratio", 1 / 0.6, "mem<=0.6x", invert=True)]
+            return [Target("speedup", 1.6, "throughput>=1.6x"),
+                    Target("memory_ratio", 1 / 0.6, "mem<=0.6x", invert=True)]
         return []
 
     return targets

@@ -41,8 +41,8 @@
 #      thirds of the time left at or under it). The PNG is drawn from the JSON even when the suite
 #      itself was cut off. On `timeout`'s SIGTERM the suite kills its family's process first (and
 #      that process dies with the suite on SIGKILL), so nothing of the run outlives the stage.
-#      Then the scorecard (python -m benchmarks.scorecard: every target with the value each part
-#      was judged on) into gpu_check.log.
+#      Then, after the package files and before the PNG, the scorecard (python -m
+#      benchmarks.scorecard: every target with the value each part was judged on) into gpu_check.log.
 # With the build and the tests at their caps the suite stage gets 540 - (~5 start, wheels and
 # nvidia-smi + 120 build + ~8 info + 100 tests + ~5 between stages) - 21 (RESERVE and the 1 s
 # under it) = ~280 s, its budget ~235 s (grace 35 s); with a typical build (~60-90 s), ~310-340 s.
@@ -349,8 +349,11 @@ from benchmarks import scorecard
 from benchmarks.harness import load_rows
 from benchmarks.plot import plot_rows
 print()
-if scorecard.main([sys.argv[1]]) != 0:
-    print("scorecard: not written (see above)")
+try:  # whatever it meets, the PNG below is still drawn
+    if scorecard.main([sys.argv[1]]) != 0:
+        print("scorecard: not written (see above)")
+except Exception as exc:
+    print(f"scorecard: not written ({type(exc).__name__}: {exc})")
 print()
 rows = load_rows(sys.argv[1])
 if not rows:
