@@ -1000,6 +1000,9 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: b
         # Row 0 carries the column log-sum-exps of the blocks before; rows 1.. this block's tiles.
         col_buf = torch.full((1 + rows // bm, n), float("-inf"), dtype=torch.float32, device=a.device)
         col_lse = torch.empty(n, dtype=torch.float32, device=a.device)
+    # The same for every launch of the loop below (host work, once).
+    constants = dict(HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, FAST_LOG=_fast_log(a.dtype),
+                     WANT_COLS=want_cols, **_blocked_options(cfg))
     for r0 in range(lo, hi, rows):
         r1 = min(hi, r0 + rows)
         tiles = triton.cdiv(r1 - r0, bm)
@@ -1007,9 +1010,7 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: b
             _lse_tiles_kernel[(tiles * col_tiles,)](
                 a, b, keys if keys is not None else lse, scale, row_part,
                 col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0),
-                b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, FAST_LOG=_fast_log(a.dtype),
-                WANT_COLS=want_cols,
-                TILES=tiles_kind, **_blocked_options(cfg))
+                b.stride(0), TILES=tiles_kind, **constants)
         torch.logsumexp(row_part[:r1 - r0], dim=1, out=lse[r0 - lo:r1 - lo])
         if want_cols:
             torch.logsumexp(col_buf[:1 + tiles], dim=0, out=col_lse)
