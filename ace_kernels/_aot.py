@@ -159,6 +159,12 @@ def opcode_counts(lines: Sequence[str]) -> dict:
     return dict(counts)
 
 
+def integer_arguments(signature: dict, exclude: Sequence[str] = ()) -> list:
+    """The 32-bit integer arguments of ``signature`` (less ``exclude``): those Triton specialises
+    at a launch when their value is a multiple of 16, as ``divisible_by_16`` marks them."""
+    return [name for name, kind in signature.items() if kind == "i32" and name not in exclude]
+
+
 def ptx_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
              num_stages: int = 3, divisible_by_16: Sequence[str] = (), aligned_pointers: bool = True) -> str:
     """The PTX Triton generates for ``kernel`` on sm_90a (arguments as :func:`compile_sm90`'s):

@@ -1032,6 +1032,11 @@ CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dic
 TOPK_FP32_MAXNREG = 128
 
 
+def _topk_maxnreg(dtype: torch.dtype) -> int | None:
+    """The register cap a top-k launch on ``dtype`` features passes (Triton's ``maxnreg``)."""
+    return TOPK_FP32_MAXNREG if dtype == torch.float32 else None
+
+
 def _mode() -> str:
     return "interp" if _dispatch.interpreter_enabled() else "gpu"
 
@@ -1067,7 +1072,7 @@ def _launch_topk(pn: torch.Tensor, inv_norm: torch.Tensor | None, rows: torch.Te
         HAS_ROWS=rows is not None, COMPUTE_NORMS=inv_norm is None,
         NATIVE_DOT=mode == "gpu" and pn.dtype in (torch.float16, torch.bfloat16),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        maxnreg=TOPK_FP32_MAXNREG if pn.dtype == torch.float32 else None,
+        maxnreg=_topk_maxnreg(pn.dtype),
     )
     return idx, w
 

@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from ace_kernels import _tuning, contrastive, lora as lora_module
+from ace_kernels._aot import integer_arguments
 from benchmarks import harness
 
 # Besides the aligned pointers, the 16-divisible sizes and strides of the real shapes (768).
@@ -219,7 +220,7 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
         # At B = 65,536 every integer argument is a multiple of 16 (n, D, the row strides, and the
         # bounds, which are block starts and ends or 0 and n), and Triton specialises a launch on
         # that: the code a large-batch launch runs.
-        divisible = [k for k, kind in signature.items() if kind == "i32"]
+        divisible = integer_arguments(signature)
         out.append((label, kernels[name], signature, const, options["num_warps"], options["num_stages"], divisible))
     return out
 

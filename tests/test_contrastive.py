@@ -1011,7 +1011,7 @@ def _compile_all_for_sm90() -> list:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:  # the child process's path has tests/ only
         sys.path.insert(0, root)
-    from ace_kernels._aot import compile_sm90  # marks pointers 16-byte aligned, as real launches are
+    from ace_kernels._aot import compile_sm90, integer_arguments  # pointers 16-byte aligned, as launched
     from benchmarks.kernel_stats import contrastive_signature
 
     # The one-pass forward (single device) and the two-pass one (group=) share the "lse" configurations.
@@ -1072,7 +1072,7 @@ def _compile_all_for_sm90() -> list:
             # other code than one that is not, with other register counts. The two extremes are
             # checked: no size a multiple of 16, and all of them (a launch can mix the two, e.g.
             # the blocked kernels' row0 = 0 beside n = 4097; those mixes are not compiled here).
-            sizes = [k for k, kind in sig.items() if kind == "i32" and k not in strides]
+            sizes = integer_arguments(sig, exclude=strides)
             for batch, divisible in (("B%16!=0", strides if aligned else []),
                                      ("B%16==0", (strides if aligned else []) + sizes)):
                 res = compile_sm90(fn, sig, const, num_warps=options["num_warps"],

@@ -1111,7 +1111,7 @@ _UNIT_STRIDES = {"stride_pd", "stride_nm", "stride_ok", "stride_rr", "stride_sd"
 def _compile_all_for_sm90() -> list:
     """Compile every launch variant for sm_90a. Runs in a subprocess without TRITON_INTERPRET:
     under the interpreter the kernels are not JITFunctions and cannot be compiled."""
-    from ace_kernels._aot import compile_sm90  # marks pointers 16-byte aligned, as real launches are
+    from ace_kernels._aot import compile_sm90, integer_arguments  # pointers 16-byte aligned, as launched
 
     results = []
     for name, kernel, signature, constexprs, warps, stages in _aot_signatures():
@@ -1123,8 +1123,10 @@ def _compile_all_for_sm90() -> list:
         # Triton specialises every integer argument that is a multiple of 16, which the real
         # shapes' sizes and strides are (D = 512, a 256-token tower) but for S = k + 2: that code
         # as well as the one for sizes that are not (N = 197, odd D).
-        sizes = [arg for arg, kind in signature.items() if kind == "i32" and arg != "S"]
-        maxnreg = hg.TOPK_FP32_MAXNREG if name.startswith("topk") and name.endswith("fp32") else None
+        sizes = integer_arguments(signature, exclude=("S",))
+        dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
+        pn_dtype = dtypes.get(signature.get("pn_ptr"))
+        maxnreg = hg._topk_maxnreg(pn_dtype) if kernel is hg._topk_incidence_kernel else None  # as launched
         for shapes, divisible in (("sizes not /16", []), ("sizes /16", sizes)):
             res = compile_sm90(kernel, signature, constexprs, num_warps=warps, num_stages=stages,
                                divisible_by_16=divisible, maxnreg=maxnreg)
