@@ -26,8 +26,15 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist): one per core, at most 8 (each holds torch
+# and the Triton interpreter, about 1 GB). Most of their time is the interpreter's Python, which
+# one process cannot spread over cores: CI's 2 cores take 1.5x less time than one process.
+# `make test TEST_WORKERS=0` runs them in this process (pytest's own -n 0).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
+PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q $(PYTEST_WORKERS)
 
 # The GPU machines' software, here: Python 3.12, torch 2.11.0 (+cu130) and triton 3.6.0, as the
 # lent H100/H200 image has them (numpy 2.5.2 too). This second venv catches what only that
@@ -41,7 +48,7 @@ test: $(STAMP)
 VENV_GPU ?= .venv-gpu-image
 STAMP_GPU := $(VENV_GPU)/.installed
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
-GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0
+GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-xdist==3.8.0
 
 $(STAMP_GPU):
 	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv $(VENV_GPU)
@@ -57,7 +64,7 @@ test-gpu-image: $(STAMP_GPU)
 			|| { tail -n 40 build/gpu-image.log; exit 1; }; \
 		PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
 	else echo "no nvcc: the extension build against torch 2.11 is not checked"; fi
-	PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider \
+	PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) \
 		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
 		tests/test_compile.py tests/test_precision.py
 
