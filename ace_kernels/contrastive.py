@@ -1098,10 +1098,10 @@ def _aligned(dim: int, *tensors) -> bool:
 
 def _fast_log(dtype: torch.dtype) -> bool:
     """Whether the forward kernels take the log-sum-exps' logs with MUFU.LG2 (``_log``): for
-    16-bit inputs on a GPU. fp32 inputs keep the exact log, as their dots keep IEEE products;
-    the interpreter cannot run libdevice's fast_logf."""
+    16-bit inputs on an NVIDIA GPU. fp32 inputs keep the exact log, as their dots keep IEEE
+    products; the interpreter cannot run libdevice's fast_logf, and ROCm's libdevice has none."""
     return (libdevice is not None and dtype in (torch.float16, torch.bfloat16)
-            and not _dispatch.interpreter_enabled())
+            and torch.version.hip is None and not _dispatch.interpreter_enabled())
 
 
 def _kernel_options(cfg: dict) -> dict:

@@ -11,10 +11,12 @@ whether it was met (``yes``, ``no``, or ``-`` where a part could not be judged: 
 no correctness check). Nothing is measured here and nothing is carried between files: each
 file gets its own section, headed by the hardware, software and commit it ran on.
 
-Rows written before result files recorded ``target_parts`` (2026-12-01) have the target's
+Rows written before result files recorded ``target_parts`` (every committed file of 2026-12-01
+and before) have the target's
 text and verdict only; their ratio columns still give the measured speedup and memory ratio.
 ``--missed`` lists only the rows whose target was not met (missed or not judged).
-Exit status 0, or 2 when a file cannot be read as a result file.
+Exit status 0, or 2 when a file cannot be read as a result file (the others still get their
+sections).
 """
 
 from __future__ import annotations
@@ -116,18 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", metavar="RESULTS.json", help="result files of python -m benchmarks")
     parser.add_argument("--missed", action="store_true", help="list only the rows whose target was not met")
     args = parser.parse_args(argv)
-    sections = []
+    sections, failed = [], False
     for path in args.results:
         try:
             payload = harness.read_payload(path)
             section, _ = scorecard(payload, path, missed_only=args.missed)
         except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Said, and the exit status says it; the other files still get their sections.
             print(f"scorecard: argument RESULTS.json: cannot read {path!r} as a result file "
                   f"({type(exc).__name__}: {exc})", file=sys.stderr)
-            return 2
+            failed = True
+            continue
         sections.append(section)
-    print("\n\n".join(sections))
-    return 0
+    if sections:
+        print("\n\n".join(sections))
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1120,9 +1120,10 @@ def _compile_all_for_sm90() -> list:
         for arg in _UNIT_STRIDES & set(signature):
             signature[arg] = "constexpr"
             constexprs[arg] = 1
-        # Triton specialises every integer argument that is a multiple of 16, which the real
-        # shapes' sizes and strides are (D = 512, a 256-token tower) but for S = k + 2: that code
-        # as well as the one for sizes that are not (N = 197, odd D).
+        # Triton specialises every integer argument that is a multiple of 16. Two extremes are
+        # compiled, every size and stride but S = k + 2 a multiple of 16 and none: a real launch
+        # lies between them (D = 512 and a 256-token tower, but top-k strides k and R*k at k = 5;
+        # or N = 197), and those mixes are not compiled.
         sizes = integer_arguments(signature, exclude=("S",))
         dtypes = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16}
         pn_dtype = dtypes.get(signature.get("pn_ptr"))

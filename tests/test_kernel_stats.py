@@ -187,5 +187,8 @@ def test_the_fast_log_is_for_16_bit_inputs_on_a_gpu(monkeypatch):
     monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: True)
     assert not contrastive._fast_log(torch.bfloat16)  # the interpreter cannot run fast_logf
     monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert not contrastive._fast_log(torch.bfloat16)  # ROCm's libdevice has no fast_logf
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(contrastive, "libdevice", None)
     assert not contrastive._fast_log(torch.bfloat16)

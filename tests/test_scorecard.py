@@ -124,6 +124,11 @@ def test_a_file_that_is_not_a_result_file_is_refused(tmp_path, capsys):
     assert f"scorecard: argument RESULTS.json: cannot read {str(bad)!r} as a result file" in capsys.readouterr().err
     assert scorecard.main([str(tmp_path / "missing.json")]) == 2
     assert "FileNotFoundError" in capsys.readouterr().err
+    # A bad file among good ones: said, exit status 2, and the good ones still get their sections.
+    good = _gpu_payload(tmp_path)
+    assert scorecard.main([str(good), str(bad), str(good)]) == 2
+    out, err = capsys.readouterr()
+    assert out.count(f": {good}\n") == 2 and str(bad) in err and str(bad) not in out
 
 
 def test_a_run_without_targets_says_so(tmp_path, capsys):
