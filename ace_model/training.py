@@ -884,12 +884,69 @@ def collate_batch(items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return torch.stack(images), torch.stack(tokens), label_tensor
 
 
-def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: bool, seed: int) -> Iterable:
+class _SeededBatch(list):
+    """One batch's dataset indices, with the seed its items' random draws come from."""
+
+    def __init__(self, indices, seed_words):
+        super().__init__(indices)
+        self.seed_words = seed_words
+
+    def __reduce__(self):  # to a loader worker: list subclasses pickle their items, not attributes
+        return (_SeededBatch, (list(self), self.seed_words))
+
+
+def batch_seed_words(seed: int, epoch: int, rank: int, batch: int) -> np.ndarray:
+    """The 128-bit seed (four uint32 words) of batch ``batch`` of ``epoch`` on ``rank`` in a run
+    seeded ``seed``: what that batch's items draw their random numbers from (:class:`_PerBatchDraws`)."""
+    return np.random.SeedSequence([seed + 2**46, epoch, rank, batch]).generate_state(4)  # |seed| < 2**46
+
+
+class _PerBatchDraws(torch.utils.data.Dataset):
+    """``dataset``, whose items draw each batch's random numbers (an augmentation's, from torch's
+    CPU generator, Python's ``random`` or NumPy's global generator) from that batch's own seed:
+    the same draws whatever ``num_workers`` (a worker otherwise draws from its own stream, which
+    depends on the batches it fetched before), and a resumed run draws what the uninterrupted
+    one drew. In the training process itself (``num_workers=0``) the generators are put back
+    afterwards, so that loading leaves the step's dropout stream as it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, batch: _SeededBatch) -> list:
+        words = batch.seed_words
+        saved = None
+        if torch.utils.data.get_worker_info() is None:
+            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        try:
+            random.seed(int.from_bytes(words.tobytes(), "little"))
+            np.random.seed(words)
+            torch.default_generator.manual_seed(int(words[0]) | int(words[1]) << 32)
+            getitems = getattr(self.dataset, "__getitems__", None)
+            return getitems(list(batch)) if getitems else [self.dataset[i] for i in batch]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: bool, seed: int,
+                  draws: tuple[int, int, int], first_batch: int) -> Iterable:
+    """The batches of ``index_lists``, the first being batch ``first_batch`` of its epoch; their
+    items' random draws come from ``batch_seed_words(*draws, batch)``."""
+    batches = [_SeededBatch(indices, batch_seed_words(*draws, first_batch + j))
+               for j, indices in enumerate(index_lists)]
     # A private generator: a DataLoader iterator otherwise draws its base seed from the
     # global torch RNG, which would shift the dropout stream of a resumed run.
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=index_lists,
+        _PerBatchDraws(dataset),
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_batch,
         pin_memory=pin,
@@ -1774,7 +1831,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                         raise pending_error
                     if batches is None:  # starts the loader's workers: inside the try
                         batches = _load_batches(dataset, index_lists, config.num_workers, pin,
-                                                seed=config.seed * 100003 + epoch * 1009 + rank)
+                                                seed=config.seed * 100003 + epoch * 1009 + rank,
+                                                draws=(config.seed, epoch, rank), first_batch=batch_in_epoch)
                     images, token_ids, labels = next(batches)
                 except Exception as exc:
                     pending_error = exc

@@ -361,6 +361,47 @@ def test_loader_workers_draw_new_augmentations_each_epoch(tmp_path):
     assert len(draws) == 16 and len(set(draws)) == 16
 
 
+class _NoisyPairs(RandomPairs):
+    """RandomPairs whose images get noise from the three generators augmentations draw from."""
+
+    def __getitem__(self, i):
+        import random
+
+        image, tokens, labels = super().__getitem__(i)
+        noise = torch.rand(()).item() + random.random() + float(np.random.rand())
+        return image + 0.1 * noise, tokens, labels
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="loader workers started by fork")
+def test_a_dataset_that_draws_trains_alike_with_workers_and_resumes_exactly(tmp_path):
+    """A dataset's random draws come from a seed per batch (run seed, epoch, rank, batch): the
+    same losses in the training process and in two loader workers (each of which would
+    otherwise draw from its own stream), and a run resumed mid-epoch with workers continues
+    exactly (its workers would otherwise start their streams afresh at the resumed batch)."""
+    import shutil
+
+    def run(out_dir, workers, resume=None):
+        model = make_model("standin", seed=3)
+        config = _config(tmp_path, out_dir=str(out_dir), num_workers=workers, checkpoint_every=1,
+                         keep_checkpoints=20, resume=resume)
+        result = train(config, model=model, dataset=_NoisyPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+        return [(r["step"], r["loss"]) for r in read_metrics(result["metrics"])]
+
+    in_process = run(tmp_path / "a", 0)
+    with_workers = run(tmp_path / "b", 2)
+    assert len(in_process) == 12 and with_workers == in_process
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    resumed = run(tmp_path / "c", 2, resume=str(tmp_path / "c" / "checkpoints" / "state-00000006.pt"))  # epoch 2
+    assert resumed == with_workers
+    # The noise is drawn (the same data without it trains otherwise), and differs between batches.
+    plain = train(_config(tmp_path, out_dir=str(tmp_path / "d"), checkpoint_every=0), model=make_model("standin", seed=3),
+                  dataset=RandomPairs(make_model("standin", seed=3), 16, seed=1), loss_fn=dense_label_infonce)
+    assert [r["loss"] for r in read_metrics(plain["metrics"])] != [loss for _, loss in in_process]
+    words = {training.batch_seed_words(3, epoch, rank, batch).tobytes()
+             for epoch in range(2) for rank in range(2) for batch in range(4)}
+    assert len(words) == 16
+
+
 def test_train_chunked_equals_unchunked_without_dropout(tmp_path):
     losses = []
     for chunk in (None, 3):
