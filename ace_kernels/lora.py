@@ -34,11 +34,11 @@ Backends
     three GEMMs, ``scaling`` applied in fp32). ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
-    It declines too for ``dropout_p`` above 0.99923 in training, where the rounding of its
-    16-bit keep threshold (up to 2**-17) can be more than 1% of ``1 - dropout_p``; for
-    P*r > 64 (``lora_qkv``: rank at most 21, ``lora_linear``: 64); for an ``in_features``
-    with more column blocks than the grid takes; for float64; and, under the interpreter,
-    for bfloat16 (its bf16 arithmetic is wrong).
+    It declines too for ``dropout_p`` above 0.999237 (``1 - 2**-17 / 0.01``) in training,
+    where the rounding of its 16-bit keep threshold (up to 2**-17) can be more than 1% of
+    ``1 - dropout_p``; for P*r > 64 (``lora_qkv``: rank at most 21, ``lora_linear``: 64);
+    for an ``in_features`` with more column blocks than the grid takes; for float64; and,
+    under the interpreter, for bfloat16 (its bf16 arithmetic is wrong).
 
 Dropout randomness
 ------------------
@@ -799,7 +799,7 @@ def _keep_rate_error(dropout_p: float) -> float:
 
 
 # The Triton backend declines a dropout_p whose threshold's rounding (at most 2**-17) can exceed
-# this share of 1 - dropout_p: above 0.99923, whatever the p's own rounding (the rule stays
+# this share of 1 - dropout_p: above 0.999237, whatever the p's own rounding (the rule stays
 # monotonic in p); at p = 0.1 the error is 7e-6.
 _MAX_KEEP_RATE_ERROR = 1e-2
 _MAX_TRITON_DROPOUT = 1.0 - 2.0 ** -(_THRESHOLD_BITS + 1) / _MAX_KEEP_RATE_ERROR
@@ -994,7 +994,7 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
         reasons.append(f"rank {rank} is too large for the fused kernels (at most {_MAX_BLOCK_R // projections})")
     if training and dropout_p > _MAX_TRITON_DROPOUT:
         reasons.append(f"dropout_p={dropout_p} is too close to 1 for the kernels' 16-bit keep threshold (above "
-                       f"{_MAX_TRITON_DROPOUT:.5f} its rounding can put the keep rate off by more than "
+                       f"{_MAX_TRITON_DROPOUT:.6f} its rounding can put the keep rate off by more than "
                        f"{100 * _MAX_KEEP_RATE_ERROR:g}% of 1 - dropout_p)")
     in_features = x.shape[-1]
     if in_features > _MAX_GRID_Y * 16 and x.dtype in _TRITON_DTYPES:  # cheap test first: no BLOCK_K < 16
