@@ -26,11 +26,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick $(BENCH_ARGS)
 
-# The tests run in TEST_WORKERS processes (pytest-xdist): one per core, at most 8 (each holds torch
+# The tests run in TEST_WORKERS processes (pytest-xdist): one per core, at most 8, none on one core (each holds torch
 # and the Triton interpreter, about 1 GB). Most of their time is the interpreter's Python, which
-# one process cannot spread over cores: CI's 2 cores take 1.5x less time than one process.
+# one process cannot spread over cores: CI's 2 cores take 1.5-2x less time than one process.
 # `make test TEST_WORKERS=0` runs them in this process (pytest's own -n 0).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
 
 test: $(STAMP)
