@@ -30,7 +30,9 @@ bench-quick: $(STAMP)
 # and the Triton interpreter, about 1 GB). Most of their time is the interpreter's Python, which
 # one process cannot spread over cores: CI's 2 cores take 1.5-2x less time than one process.
 # `make test TEST_WORKERS=0` runs them in this process (pytest's own -n 0).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
+# (nproc without OMP_NUM_THREADS, which it would follow; a CPU quota it does not see: set TEST_WORKERS.)
+TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); \
+	[ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
 
 test: $(STAMP)
@@ -50,7 +52,8 @@ STAMP_GPU := $(VENV_GPU)/.installed
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-xdist==3.8.0
 
-$(STAMP_GPU):
+# Re-run when the pins here change (the stepwise install skips what is already there).
+$(STAMP_GPU): Makefile .ci/pip_install_stepwise.py
 	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv $(VENV_GPU)
 	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) setuptools ninja
 	touch $(STAMP_GPU)

@@ -699,9 +699,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     resume: str | None = None  # a state file, a run/checkpoint directory, or "auto"
-    # DataLoader worker processes. The CLI's datasets draw no random numbers; a dataset passed
-    # in that does (augmentation) resumes exactly only with 0: each worker's stream is seeded
-    # per worker and counts from the batch the run resumes at.
+    # DataLoader worker processes. A dataset that draws random numbers (augmentation) draws each
+    # batch's from a seed of its own (batch_seed_words): the same with any number of workers,
+    # and resumed runs continue exactly.
     num_workers: int = 0
     progress: bool = True
     dist_timeout_s: float = 600.0

@@ -68,7 +68,7 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
         yield counts
 
 
-def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
+def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
         blocked_tiles=None, weight_bytes=None, image_grad=True):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
@@ -78,10 +78,9 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
     weights (:func:`_blocked_strategy`), and save its backward's program counts too.
     ``image_grad=False``: a frozen image tower (image_emb needs no gradient; grad_u is None).
     """
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
     try:
         import ace_kernels
 
@@ -106,12 +105,11 @@ def run(rank, world, port, sizes, dim, with_labels, out_dir, backend="torch", dt
     exit_now()
 
 
-def _write_value_error(rank, world, port, out_dir, timeout_s, call):
+def _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call):
     """Run ``call(ace_kernels)`` in a gloo group and write the ValueError or RuntimeError it raises
     (``<type>: <message>``, or "no error")."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
     try:
         import ace_kernels
 
@@ -127,14 +125,14 @@ def _write_value_error(rank, world, port, out_dir, timeout_s, call):
     exit_now()
 
 
-def run_mismatch(rank, world, port, out_dir):
+def run_mismatch(rank, world, rendezvous, out_dir):
     """Ranks disagree on the embedding width: every rank must raise the same ValueError."""
     u = torch.randn(3, 8 + rank)
-    _write_value_error(rank, world, port, out_dir, 60, lambda ak: ak.label_guided_infonce(
+    _write_value_error(rank, world, rendezvous, out_dir, 60, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, group=dist.group.WORLD, backend="torch"))
 
 
-def run_grad_mismatch(rank, world, port, out_dir, timeout_s, no_grad=False):
+def run_grad_mismatch(rank, world, rendezvous, out_dir, timeout_s, no_grad=False):
     """The last rank's image embeddings do not require grad (an empty rank's placeholder, say):
     the backward would run other collectives there, so every rank must raise the same ValueError.
     ``no_grad``: the call under torch.no_grad(), where no backward runs and none is raised."""
@@ -145,19 +143,19 @@ def run_grad_mismatch(rank, world, port, out_dir, timeout_s, no_grad=False):
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             ak.label_guided_infonce(u, t, 10.0, group=dist.group.WORLD, backend="torch")
 
-    _write_value_error(rank, world, port, out_dir, timeout_s, call)
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call)
 
 
-def run_empty_global(rank, world, port, out_dir, timeout_s, shape=(0, 8)):
+def run_empty_global(rank, world, rendezvous, out_dir, timeout_s, shape=(0, 8)):
     """Every rank passes an empty local batch (``shape``: [0, D], or [B, 0] rows of no width):
     every rank must raise the same ValueError."""
     u = torch.randn(*shape, requires_grad=True)
     labels = torch.zeros(shape[0], 14, dtype=torch.int64)
-    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
 
 
-def run_scale_grad_on_one_rank(rank, world, port, out_dir, timeout_s, backend):
+def run_scale_grad_on_one_rank(rank, world, rendezvous, out_dir, timeout_s, backend):
     """Frozen embeddings; only rank 0 learns the logit scale (the others pass it as a number, so
     their loss has no graph). Then every rank enters one all-reduce: it must meet the others'."""
     def call(ace_kernels):
@@ -173,28 +171,28 @@ def run_scale_grad_on_one_rank(rank, world, port, out_dir, timeout_s, backend):
         if after.item() != world * (world + 1) / 2:
             raise RuntimeError(f"the all-reduce after the loss met another collective: {after.item()}")
 
-    _write_value_error(rank, world, port, out_dir, timeout_s, call)
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call)
 
 
-def run_one_bad_rank(rank, world, port, out_dir, timeout_s):
+def run_one_bad_rank(rank, world, rendezvous, out_dir, timeout_s):
     """The last rank passes labels with the wrong number of rows: it must raise its own error
     and every other rank one naming it, at once (not after the collectives' timeout)."""
     u = torch.randn(4, 8)
     labels = torch.zeros(3 if rank == world - 1 else 4, dtype=torch.int64)
-    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, labels, group=dist.group.WORLD, backend="torch"))
 
 
-def run_one_rank_without_its_backend(rank, world, port, out_dir, timeout_s):
+def run_one_rank_without_its_backend(rank, world, rendezvous, out_dir, timeout_s):
     """The last rank asks for the Triton backend, which cannot run on these float64 tensors: it
     must raise its own error and every other rank one naming it, at once."""
     u = torch.randn(4, 8, dtype=torch.float64)
     backend = "triton" if rank == world - 1 else "torch"
-    _write_value_error(rank, world, port, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, lambda ak: ak.label_guided_infonce(
         u, u, 10.0, group=dist.group.WORLD, backend=backend))
 
 
-def run_backend_mismatch(rank, world, port, out_dir, timeout_s, backends):
+def run_backend_mismatch(rank, world, rendezvous, out_dir, timeout_s, backends):
     """Rank r asks for ``backends[r]``; ``"auto+triton"`` is ``backend="auto"`` with
     ACE_KERNELS_BACKEND=triton set on that rank alone. fp32 rows that need gradients: every rank
     must raise the same ValueError before any collective of the loss."""
@@ -210,10 +208,10 @@ def run_backend_mismatch(rank, world, port, out_dir, timeout_s, backends):
     def call(ace_kernels):
         ace_kernels.label_guided_infonce(u, t, 10.0, labels, group=dist.group.WORLD, backend=wanted).backward()
 
-    _write_value_error(rank, world, port, out_dir, timeout_s, call)
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call)
 
 
-def run_strided_local_rows(rank, world, port, out_dir, timeout_s):
+def run_strided_local_rows(rank, world, rendezvous, out_dir, timeout_s):
     """Rank 1's rows are a view with a row stride of 2**31 (one row: any stride is allowed), which
     the Triton kernels could not take as a batch; the gathered batch is contiguous, so every rank
     runs backend="triton" (the backend was once chosen per rank on its local rows: an error)."""
@@ -226,7 +224,7 @@ def run_strided_local_rows(rank, world, port, out_dir, timeout_s):
     def call(ace_kernels):
         ace_kernels.label_guided_infonce(u, u, 10.0, group=dist.group.WORLD, backend="triton").backward()
 
-    _write_value_error(rank, world, port, out_dir, timeout_s, call)
+    _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """label_guided_infonce(group=) on CPU with gloo: 2 and 3 processes versus one process on the concatenated batch."""
 
 import math
-import socket
 import time
+import uuid
 
 import pytest
 import torch
@@ -26,10 +26,11 @@ JOIN_TIMEOUT_S = 120
 SHORT_TIMEOUT_S = 20
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """The ranks' gloo rendezvous: a file store of its own under ``tmp_path``. A free port picked
+    here could be taken by another process before the ranks bind it (the suite runs in several
+    processes at once)."""
+    return f"file://{tmp_path / f'store-{uuid.uuid4().hex}'}"
 
 
 def _spawn(target, world, args):
@@ -93,7 +94,7 @@ CASES = [
 @pytest.mark.parametrize("name,sizes,with_labels,timeout_s", CASES, ids=[c[0] for c in CASES])
 def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels, timeout_s, tmp_path):
     dim = 12
-    _spawn(run, len(sizes), (_free_port(), sizes, dim, with_labels, str(tmp_path), "torch", torch.float64,
+    _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, with_labels, str(tmp_path), "torch", torch.float64,
                              timeout_s))
     _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
 
@@ -111,7 +112,7 @@ def test_cross_rank_duplicates_are_masked(tmp_path):
 
 def test_a_rank_with_bad_arguments_makes_every_rank_raise_at_once(tmp_path):
     started = time.monotonic()
-    _spawn(run_one_bad_rank, 3, (_free_port(), str(tmp_path), 60))
+    _spawn(run_one_bad_rank, 3, (_rendezvous(tmp_path), str(tmp_path), 60))
     assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
     assert "argument 'labels'" in messages[2]
@@ -120,7 +121,7 @@ def test_a_rank_with_bad_arguments_makes_every_rank_raise_at_once(tmp_path):
 
 def test_a_rank_that_cannot_run_its_backend_makes_every_rank_raise_at_once(tmp_path):
     started = time.monotonic()
-    _spawn(run_one_rank_without_its_backend, 2, (_free_port(), str(tmp_path), 60))
+    _spawn(run_one_rank_without_its_backend, 2, (_rendezvous(tmp_path), str(tmp_path), 60))
     assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[1].startswith("RuntimeError: label_guided_infonce: backend 'triton' cannot run"), messages[1]
@@ -128,7 +129,7 @@ def test_a_rank_that_cannot_run_its_backend_makes_every_rank_raise_at_once(tmp_p
 
 
 def test_mismatched_ranks_raise_on_every_rank(tmp_path):
-    _spawn(run_mismatch, 2, (_free_port(), str(tmp_path)))
+    _spawn(run_mismatch, 2, (_rendezvous(tmp_path), str(tmp_path)))
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "embedding dim" in messages[0] and "[8, 9]" in messages[0]
@@ -139,7 +140,7 @@ def test_ranks_that_differ_in_which_embeddings_need_gradients_raise_on_every_ran
     # Otherwise the backward's all-reduces pair up differently on the ranks: a hang, or (image
     # gradients paired with text gradients) wrong gradients with no error. Under torch.no_grad()
     # no backward runs: the same ranks compute the loss, no error.
-    _spawn(run_grad_mismatch, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S, no_grad))
+    _spawn(run_grad_mismatch, 2, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, no_grad))
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     if no_grad:
         assert messages == ["no error", "no error"], messages
@@ -154,7 +155,7 @@ def test_ranks_that_differ_in_which_embeddings_need_gradients_raise_on_every_ran
 def test_ranks_may_differ_in_whether_the_logit_scale_needs_a_gradient(backend, tmp_path):
     # Frozen embeddings: the backward runs no collective on any rank, so a rank that learns the
     # scale and one that does not leave the loss in step (the next collective pairs up).
-    _spawn(run_scale_grad_on_one_rank, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S, backend))
+    _spawn(run_scale_grad_on_one_rank, 2, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, backend))
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error"] * 2
 
 
@@ -166,7 +167,7 @@ def test_ranks_that_resolve_different_backends_raise_on_every_rank(tmp_path):
     # torch, triton, torch in fp32 gave the right loss and gradients off by O(1) with no error.
     # The last rank gets Triton from ACE_KERNELS_BACKEND under backend="auto".
     started = time.monotonic()
-    _spawn(run_backend_mismatch, 3, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S, ("torch", "triton", "auto+triton")))
+    _spawn(run_backend_mismatch, 3, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, ("torch", "triton", "auto+triton")))
     assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
     assert messages[0] == messages[1] == messages[2], messages
@@ -180,7 +181,7 @@ def test_ranks_that_resolve_different_backends_raise_on_every_rank(tmp_path):
 def test_a_local_view_the_kernels_could_not_take_does_not_split_the_backends(tmp_path):
     # The backend is agreed on one row of each rank's width and dtype; what depends on the rows
     # is decided on the gathered batch, alike on every rank.
-    _spawn(run_strided_local_rows, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S))
+    _spawn(run_strided_local_rows, 2, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S))
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["no error", "no error"]
 
 
@@ -195,12 +196,12 @@ def test_a_rank_outside_the_group_is_told_so():
 
 
 def test_empty_global_batch_raises_on_every_rank(tmp_path):
-    _spawn(run_empty_global, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S))
+    _spawn(run_empty_global, 2, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S))
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "global batch is empty" in messages[0] and "[0, 0]" in messages[0]
     # Rows of width 0 on every rank (the local check leaves D to the global one): refused alike.
-    _spawn(run_empty_global, 2, (_free_port(), str(tmp_path), SHORT_TIMEOUT_S, (3, 0)))
+    _spawn(run_empty_global, 2, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, (3, 0)))
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1] and "argument 'image_emb'" in messages[0], messages
 
@@ -211,7 +212,7 @@ def test_triton_backend_across_ranks(tmp_path):
     # The Triton kernels (the interpreter here) on the owned-share path, 2 uneven ranks, fp32.
     # fp32 kernels versus the fp64 single-process loss: logits up to 30 carry ~30 * 6e-8 each.
     sizes, dim = (7, 12), 20
-    _spawn(run, 2, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32))
+    _spawn(run, 2, (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
 
 
@@ -222,7 +223,7 @@ def test_triton_backend_across_ranks_with_a_frozen_image_tower(tmp_path):
     global loss's gradient (their reduce-scatter does not wait on the image rows'), within
     the fp32 tolerance of test_triton_backend_across_ranks."""
     sizes, dim = (7, 12), 20
-    _spawn(run, 2, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60, None, None, False))
+    _spawn(run, 2, (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60, None, None, False))
     u, t, labels = make_global_batch(sizes, dim, True)
     t.requires_grad_()
     ace_kernels.label_guided_infonce(u, t, 30.0, labels, backend="torch").backward()
@@ -236,7 +237,7 @@ def test_triton_backend_across_ranks_with_a_frozen_image_tower(tmp_path):
 def test_triton_backend_with_an_empty_rank(tmp_path):
     # As above with the first rank empty: its owned range is lo == hi == 0.
     sizes, dim = (0, 9, 7), 20
-    _spawn(run, 3, (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, SHORT_TIMEOUT_S))
+    _spawn(run, 3, (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32, SHORT_TIMEOUT_S))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
 
 
@@ -252,7 +253,7 @@ BLOCKED_CASES = [("2_ranks", (20, 25), None), ("3_ranks_one_tile_blocks", (7, 23
 def test_triton_blocked_strategy_across_ranks(name, sizes, weight_bytes, tmp_path):
     # fp32 kernels versus the fp64 single-process loss, as in test_triton_backend_across_ranks.
     dim, tile = 20, 16
-    _spawn(run, len(sizes), (_free_port(), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60,
+    _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60,
                              dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=tile), weight_bytes))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
     # Per direction, a rank's backward runs the row tiles holding its rows against every column
@@ -278,7 +279,7 @@ def _ulps_fp16(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 def _fp16_ranks_and_one_process(backend, tmp_path, sizes=(6, 5, 7)):
     """3 fp16 ranks' row gradients, one fp16 process's (same backend) and the fp64 ones, all [B, D]."""
     dim = 16
-    _spawn(run, 3, (_free_port(), sizes, dim, True, str(tmp_path), backend, torch.float16))
+    _spawn(run, 3, (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), backend, torch.float16))
     u, t, labels = make_global_batch(sizes, dim, True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     ranks = [torch.cat([r[key] for r in results]) for key in ("grad_u", "grad_t")]

@@ -1028,9 +1028,11 @@ def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
     for label, kernel, signature, constexprs, num_warps, num_stages in launches:
         divisible = divisible_arguments(kernel)
         # Triton specialises M on being a multiple of 16 (a batch of 64 images: 12,608 rows) or
-        # not (a batch of 63: 12,411); the two compile to other code, with other register counts.
-        # K and the strides (768) stay multiples of 16 at every ViT/BERT shape.
-        for rows, names in (("M%16==0", divisible), ("M%16!=0", [n for n in divisible if n != "M"])):
+        # not (a batch of 63: 12,411), and with it the stride between the projections' planes
+        # of the S gradient (stride_gp = M * r, 49,644 there). K and the other strides (768 and
+        # its multiples) stay multiples of 16 at every ViT/BERT shape.
+        by_rows = ("M", "stride_gp")
+        for rows, names in (("M%16==0", divisible), ("M%16!=0", [n for n in divisible if n not in by_rows])):
             res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
                                divisible_by_16=names)
             results.append(dict(label=f"{label} {rows}", registers=res.registers, shared=res.shared_bytes,

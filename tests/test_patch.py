@@ -1347,20 +1347,17 @@ def test_open_clip_clip_loss_two_processes(tmp_path):
     """gloo, 2 ranks: per-rank loss and gradients equal open_clip's own, for each setting; a
     ClipLoss built with rank numbers torch.distributed does not have (swapped) runs its own forward."""
     import os
-    import socket
     import subprocess
     import sys
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
     pytest.importorskip("open_clip.loss")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "clip_loss"
     procs = []
     for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+        # A file store, not a free port picked here: another process could take the port first.
+        env = dict(os.environ, ACE_TEST_INIT_METHOD=f"file://{tmp_path / 'store'}", RANK=str(rank), WORLD_SIZE="2",
                    OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, __file__, "--clip-loss-worker", str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -1391,7 +1388,8 @@ def _clip_loss_worker(out: str) -> None:
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=os.environ["ACE_TEST_INIT_METHOD"], rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
     local = 4
     image_all = F.normalize(torch.randn(world * local, 8, dtype=torch.float64), dim=-1)
