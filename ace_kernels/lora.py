@@ -420,8 +420,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
         require grad. NaN/Inf inputs propagate (see the module docstring). The
         ``triton`` backend's training path multiplies ``scaling`` into ``B`` in
         ``x``'s dtype: in float16 each ``|scaling * B|`` must stay under 65504, or
-        the output is inf (the ``torch`` backend and ``training=False`` have no
-        such limit; bfloat16 has float32's range).
+        the output is inf, which can only happen for ``|scaling| > 1`` (the ``torch``
+        backend and ``training=False`` have no such limit; bfloat16 has float32's range).
 
     Raises
     ------
