@@ -1030,9 +1030,14 @@ def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
         # Triton specialises M on being a multiple of 16 (a batch of 64 images: 12,608 rows) or
         # not (a batch of 63: 12,411), and with it the stride between the projections' planes
         # of the S gradient (stride_gp = M * r, 49,644 there). K and the other strides (768 and
-        # its multiples) stay multiples of 16 at every ViT/BERT shape.
+        # its multiples) stay multiples of 16 at every ViT/BERT shape. The two give the same PTX
+        # today (M only bounds the rows): the odd M is compiled at the default configurations,
+        # the sweep's candidates (which differ from them in tiles only) at the real shapes' M.
         by_rows = ("M", "stride_gp")
-        for rows, names in (("M%16==0", divisible), ("M%16!=0", [n for n in divisible if n not in by_rows])):
+        variants = [("M%16==0", divisible)]
+        if " candidate " not in label:
+            variants.append(("M%16!=0", [n for n in divisible if n not in by_rows]))
+        for rows, names in variants:
             res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
                                divisible_by_16=names)
             results.append(dict(label=f"{label} {rows}", registers=res.registers, shared=res.shared_bytes,
@@ -1051,9 +1056,9 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
         for r in results:
             print(f"\n  sm_90a {dtype_name:8s} {r['label']:46s} registers={r['registers']:3d} "
                   f"shared={r['shared']:6d} B spills={r['spills']} warps={r['warps']} stages={r['stages']}", end="")
-    # 13 launch variants at the defaults; 16-bit also 4 * 4 + 5 * 8 at the sweep's candidates;
-    # each with M a multiple of 16 and not.
-    assert len(results) == 2 * (13 if dtype_name == "float32" else 69)
+    # 13 launch variants at the defaults, each with M a multiple of 16 and not; 16-bit also
+    # 4 * 4 + 5 * 8 at the sweep's candidates.
+    assert len(results) == 2 * 13 + (0 if dtype_name == "float32" else 56)
     assert {r["label"].split(" ")[-1] for r in results} == {"M%16==0", "M%16!=0"}
     spilling = [r for r in results if r["spills"]]
     assert not spilling, spilling
