@@ -273,11 +273,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             and int(os.environ.get("RANK", "0")) == 0):
         print(f"ace-lora train: note: no checkpoint in {str(latest.parent)!r} to resume: starting a fresh run",
               file=sys.stderr)
+    global _TRAINED_IN_A_GROUP
     try:
         result = training.train(config)  # validates the configuration before any work
     except (ValueError, FileNotFoundError) as exc:
         _name_flags(exc)
         raise
+    finally:
+        _TRAINED_IN_A_GROUP = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Under torchrun every rank returns the same summary: print it once.
     if int(os.environ.get("RANK", "0")) == 0:
         print(_json(result))
@@ -660,8 +663,30 @@ _MODEL_EXTRA = {"open_clip": "open_clip_torch", "timm": "timm", "transformers": 
                 "PIL": "pillow"}
 
 
+# Whether `train` ran in a torch.distributed group (torchrun, WORLD_SIZE > 1), which it has
+# destroyed by the time it returns or raises.
+_TRAINED_IN_A_GROUP = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ace-lora`` console script; returns the exit status."""
+    """Entry point of the ``ace-lora`` console script; returns the exit status.
+
+    Run as the program (``argv`` None: the console script, ``python -m ace_model.cli``) under
+    torchrun, ``train`` ends the process itself once its files are written and its process group
+    destroyed: standard streams flushed, then ``os._exit(status)``, without interpreter
+    finalization. gloo's worker threads can outlive ``destroy_process_group`` and abort the
+    finalization ("terminate called without an active exception", SIGABRT), which turned the
+    exit status of a complete run into -6 (torch 2.14.1, about one rank in 20 to 60; CI saw it).
+    """
+    status = _main(argv)
+    if argv is None and _TRAINED_IN_A_GROUP:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
     from ace_model.training import NonFiniteLossError, RankMismatchError

@@ -1550,3 +1550,35 @@ def test_multilabel_accuracy_counts_the_images_with_a_positive_only():
     labels = torch.tensor([[1, 0], [0, 1], [0, 0]])
     assert zero_shot_metrics(scores, labels, "multilabel")["accuracy"] == 1.0
     assert math.isnan(zero_shot_metrics(scores, torch.zeros(3, 2), "multilabel")["accuracy"])
+
+
+def test_train_under_torchrun_ends_without_finalization(synthetic, tmp_path):
+    """Run as the program under torchrun (WORLD_SIZE > 1), `train` ends the process with its
+    status and no interpreter finalization (gloo's threads can abort it after a complete run):
+    an atexit handler does not run. With one process, or called with argv, main returns."""
+    import os
+
+    script = (
+        "import atexit, pathlib, sys\n"
+        "import ace_model.cli as cli\n"
+        "from ace_model import training\n"
+        "marker = pathlib.Path(sys.argv[1])\n"
+        "atexit.register(lambda: marker.write_text('finalized'))\n"
+        "training.train = lambda config: {'steps': 0}\n"
+        "argv = ['train', '--csv', sys.argv[2], '--model', 'tiny', '--out-dir', sys.argv[3], '--device', 'cpu',\n"
+        "        '--no-progress']\n"
+        "if sys.argv[4] == 'argv':\n"
+        "    print('returned', cli.main(argv))\n"
+        "    sys.exit(0)\n"
+        "sys.argv = ['ace-lora', *argv]\n"
+        "sys.exit(cli.main())\n"
+    )
+    for world, call, finalized in (("2", "program", False), ("1", "program", True), ("2", "argv", True)):
+        marker = tmp_path / f"finalized-{world}-{call}"
+        env = dict(os.environ, WORLD_SIZE=world, RANK="0")
+        proc = subprocess.run([sys.executable, "-c", script, str(marker), str(synthetic), str(tmp_path / "run"), call],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert '"steps": 0' in proc.stdout
+        assert marker.exists() == finalized, (world, call)
+        assert ("returned 0" in proc.stdout) == (call == "argv")
