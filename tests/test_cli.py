@@ -969,6 +969,7 @@ def test_demo_trains_and_beats_chance(tmp_path, capsys):
     assert "300/300" in captured.err  # tqdm's bar reached the end
 
 
+@pytest.mark.slow
 def test_quick_demo_trains_and_beats_chance(tmp_path, capsys):
     status = cli.main(["demo", "--quick", "--out-dir", str(tmp_path), "--no-progress"])
     assert status == 0

@@ -1364,6 +1364,7 @@ def test_bad_device_names_the_field_before_any_work(tmp_path, monkeypatch):
     assert training.resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
 def test_memory_follows_the_chunk_size_not_the_batch():
     """One step per fresh process (peak RSS only grows). Measured here: ~34 MiB extra at

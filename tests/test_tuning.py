@@ -253,6 +253,7 @@ def test_sweep_is_skipped_without_a_gpu_or_without_triton(tmp_path):
     assert cheap.rows == [] and "a costly item" in cheap.skipped[0]
 
 
+@pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.interpreter
 def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
