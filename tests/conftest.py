@@ -36,10 +36,6 @@ def pytest_collection_modifyitems(config, items):
         ace_kernels.available_backends(reasons=True)["triton"]))
     skip_interpreter = pytest.mark.skip(reason="CPU tensors through the Triton kernels need the interpreter, "
                                                "which is off on a CUDA machine")
-    # Long tests first (a stable sort: the others keep their order). Under pytest-xdist (`make
-    # test`) they then start early and the short ones fill in around them, instead of one of
-    # them running alone at the end while the other workers wait.
-    items.sort(key=lambda item: "slow" not in item.keywords)
     for item in items:
         if "interpreter" in item.keywords and HAS_GPU:
             item.add_marker(skip_interpreter)
