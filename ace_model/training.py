@@ -889,10 +889,7 @@ class _SeededBatch(list):
 
     def __init__(self, indices, seed_words):
         super().__init__(indices)
-        self.seed_words = seed_words
-
-    def __reduce__(self):  # to a loader worker: list subclasses pickle their items, not attributes
-        return (_SeededBatch, (list(self), self.seed_words))
+        self.seed_words = seed_words  # pickled with the indices (a list subclass's __dict__ is)
 
 
 def batch_seed_words(seed: int, epoch: int, rank: int, batch: int) -> np.ndarray:
@@ -920,9 +917,8 @@ class _PerBatchDraws(torch.utils.data.Dataset):
 
     def __getitems__(self, batch: _SeededBatch) -> list:
         words = batch.seed_words
-        saved = None
-        if torch.utils.data.get_worker_info() is None:
-            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        cpu = torch.device("cpu")  # the CUDA generators are not touched here
+        saved = _rng_snapshot(cpu) if torch.utils.data.get_worker_info() is None else None
         try:
             random.seed(int.from_bytes(words.tobytes(), "little"))
             np.random.seed(words)
@@ -931,9 +927,7 @@ class _PerBatchDraws(torch.utils.data.Dataset):
             return getitems(list(batch)) if getitems else [self.dataset[i] for i in batch]
         finally:
             if saved is not None:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.set_rng_state(saved[2])
+                _rng_restore(saved, cpu)
 
 
 def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: bool, seed: int,
