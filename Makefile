@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench bench-quick test test-gpu-image info gpu-check gpu-wheels clean
+.PHONY: setup bench bench-quick test print-test-workers test-gpu-image info gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -30,13 +30,21 @@ bench-quick: $(STAMP)
 # and the Triton interpreter, about 1 GB). Most of their time is the interpreter's Python, which
 # one process cannot spread over cores: CI's 2 cores take 1.5-2x less time than one process.
 # `make test TEST_WORKERS=0` runs them in this process (pytest's own -n 0).
-# (nproc without OMP_NUM_THREADS, which it would follow; a CPU quota it does not see: set TEST_WORKERS.)
+# Cores: nproc (the CPUs this process may run on; without OMP_NUM_THREADS, which it would
+# follow), lowered to a container's CPU quota (cgroup v2 cpu.max "QUOTA PERIOD", rounded up),
+# which nproc does not see.
+CPU_MAX_FILE ?= /sys/fs/cgroup/cpu.max
 TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); \
+	q=$$(cat $(CPU_MAX_FILE) 2>/dev/null); set -- $$q; \
+	case "$$1$$2" in (*[!0-9]*|"") ;; (*) [ $$2 -gt 0 ] && c=$$(( ($$1 + $$2 - 1) / $$2 )) && [ $$c -lt $$n ] && n=$$c;; esac; \
 	[ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(PYTEST_WORKERS)
+
+print-test-workers:
+	@echo $(TEST_WORKERS)
 
 # The GPU machines' software, here: Python 3.12, torch 2.11.0 (+cu130) and triton 3.6.0, as the
 # lent H100/H200 image has them (numpy 2.5.2 too). This second venv catches what only that
