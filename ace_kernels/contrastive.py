@@ -214,9 +214,16 @@ def _label_keys(labels: torch.Tensor | None) -> torch.Tensor | None:
 # torch backend
 # ---------------------------------------------------------------------------
 
-def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int) -> torch.Tensor:
-    """Masked logits ``scale * a_block b_part^T`` for global rows ``a_start..``, columns ``b_start..``."""
+def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int, dots=None) -> torch.Tensor:
+    """Masked logits ``scale * a_block b_part^T`` for global rows ``a_start..``, columns ``b_start..``.
+
+    ``dots``: where to copy the unscaled global diagonal's products (the positives' ``a_i . b_i``;
+    the block must hold that diagonal for all its rows). Taken from the same product as the
+    log-sum-exps, a row whose only unmasked logit is its positive has a loss of exactly 0.
+    """
     logits = torch.mm(a_block, b_part.t())
+    if dots is not None:
+        dots.copy_(logits.diagonal(a_start - b_start))
     logits.mul_(scale)
     if keys is not None:
         same = keys[a_start:a_start + a_block.shape[0], None] == keys[None, b_start:b_start + b_part.shape[0]]
@@ -227,26 +234,30 @@ def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int) -> t
 
 
 def _torch_lse_both(u, t, scale, keys, block: int):
-    """Row and column log-sum-exps of the masked logits in one pass over row blocks."""
+    """Row and column log-sum-exps of the masked logits in one pass over row blocks, and the
+    positives' products ``u_i . t_i`` from the same products."""
     n = u.shape[0]
     row_lse = torch.empty(n, dtype=u.dtype, device=u.device)
     col_lse = torch.full((n,), float("-inf"), dtype=u.dtype, device=u.device)
+    dots = torch.empty(n, dtype=u.dtype, device=u.device)
     for start in range(0, n, block):
-        logits = _block_logits(u[start:start + block], t, scale, keys, start, 0)
+        logits = _block_logits(u[start:start + block], t, scale, keys, start, 0, dots[start:start + block])
         torch.logsumexp(logits, dim=1, out=row_lse[start:start + block])
         # logaddexp(-inf, -inf) is -inf in torch, so columns fully masked in this block stay clean.
         torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0), out=col_lse)
-    return row_lse, col_lse
+    return row_lse, col_lse, dots
 
 
 def _torch_lse_rows(a, b, scale, keys, lo: int, hi: int, block: int):
-    """Log-sum-exp over all columns for global rows ``lo..hi`` of ``scale * a b^T`` (masked)."""
+    """Log-sum-exp over all columns for global rows ``lo..hi`` of ``scale * a b^T`` (masked), and
+    those rows' positives' products ``a_i . b_i`` from the same products."""
     out = torch.empty(hi - lo, dtype=a.dtype, device=a.device)
+    dots = torch.empty(hi - lo, dtype=a.dtype, device=a.device)
     for start in range(lo, hi, block):
         stop = min(start + block, hi)
-        logits = _block_logits(a[start:stop], b, scale, keys, start, 0)
+        logits = _block_logits(a[start:stop], b, scale, keys, start, 0, dots[start - lo:stop - lo])
         torch.logsumexp(logits, dim=1, out=out[start - lo:stop - lo])
-    return out
+    return out, dots
 
 
 def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
@@ -314,16 +325,19 @@ def _fold_positive_weights(weights, start: int, stop: int, c0: int, lo: int, hi:
         weights[i0 - start:i1 - start, i0 - c0:i1 - c0].diagonal().sub_(2 * coef)
 
 
-def _loss_share(row_lse, col_lse, scale, positives, n: int):
-    """``(sum_i (r_i - s p_i) + sum_j (c_j - s p_j)) / (2 n)`` over the owned rows and columns.
+def _loss_share(row_lse, col_lse, scale, positives, n: int, col_positives=None):
+    """``(sum_i (r_i - s p_i) + sum_j (c_j - s p_j)) / (2 n)`` over the owned rows and columns
+    (``col_positives``, when given, are the columns' ``p_j``, from the products their
+    log-sum-exps came from).
 
     Each row's and column's difference is taken before the sum (the differences of the sums
     cancel to a few B ulps of the logits, which made a small loss negative), and held at 0 or
     more: a row's masked log-sum-exp includes its positive logit, so it is never below it.
     """
     positive_logits = scale * positives
+    col_logits = positive_logits if col_positives is None else scale * col_positives
     rows = (row_lse - positive_logits).clamp_min_(0).sum()
-    cols = (col_lse - positive_logits).clamp_min_(0).sum()
+    cols = (col_lse - col_logits).clamp_min_(0).sum()
     return (rows + cols) / (2 * n)
 
 
@@ -368,11 +382,12 @@ class _TorchLossShare(torch.autograd.Function):
             ctx.save_for_backward(u, t, scale)
             return torch.zeros((), dtype=u.dtype, device=u.device)
         if lo == 0 and hi == n:
-            row_lse, col_lse = _torch_lse_both(u, t, scale, keys, block)
+            row_lse, col_lse, dots = _torch_lse_both(u, t, scale, keys, block)
+            col_dots = None
         else:
-            row_lse = _torch_lse_rows(u, t, scale, keys, lo, hi, block)
-            col_lse = _torch_lse_rows(t, u, scale, keys, lo, hi, block)
-        share = _loss_share(row_lse, col_lse, scale, torch.linalg.vecdot(u[lo:hi], t[lo:hi]), n)
+            row_lse, dots = _torch_lse_rows(u, t, scale, keys, lo, hi, block)
+            col_lse, col_dots = _torch_lse_rows(t, u, scale, keys, lo, hi, block)
+        share = _loss_share(row_lse, col_lse, scale, dots, n, col_dots)
         ctx.save_for_backward(u, t, scale, keys, row_lse, col_lse)
         return share
 

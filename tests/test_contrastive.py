@@ -124,13 +124,29 @@ def test_fp32_loss_is_never_negative(backend):
     u32, t32 = u.float().requires_grad_(), t.float().requires_grad_()
     loss = ace_kernels.label_guided_infonce(u32, t32, 30.0, labels, backend=backend)
     loss.backward()
-    assert 0.0 <= loss.item() < 3e-6
+    assert loss.item() == 0.0
     assert u32.grad.abs().max() < 1e-6 and t32.grad.abs().max() < 1e-6
-    # Random pairs at s = 100, all labels equal: each term r_i - s u_i.t_i is +-1 ulp of rounding
-    # (the log-sum-exp's dot against the positive's); summed unclamped they came to -2.3e-7 here.
+    # Random pairs at s = 100, all labels equal: each term r_i - s u_i.t_i was +-1 ulp of rounding
+    # where the positive's product was not the log-sum-exp's (summed unclamped, -2.3e-7 here; the
+    # torch backend's loss was +8e-7 at B = 37). Both now take the positive from the same product.
     g = torch.Generator().manual_seed(0)
     u, t = (F.normalize(torch.randn(64, 32, generator=g), dim=1) for _ in range(2))
-    assert ace_kernels.label_guided_infonce(u, t, 100.0, torch.ones(64, 3), backend=backend).item() >= 0.0
+    assert ace_kernels.label_guided_infonce(u, t, 100.0, torch.ones(64, 3), backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("n, block", [(37, 8), (64, 16), (1, 8)])
+def test_torch_shares_with_only_positives_are_exactly_zero(n, block):
+    """The torch backend's shares (the whole batch, and the owned rows of two ranks) take each
+    positive logit from the product its log-sum-exp came from, so a batch whose labels are all
+    equal has a loss of exactly 0, not a few ulps of the scale (+8e-7 at s = 100 before)."""
+    g = torch.Generator().manual_seed(1)
+    u, t = (F.normalize(torch.randn(n, 24, generator=g), dim=1) for _ in range(2))
+    scale, keys = torch.tensor(100.0), torch.zeros(n, dtype=torch.int64)
+    assert contrastive._TorchLossShare.apply(u, t, scale, keys, 0, n, block).item() == 0.0
+    half = n // 2
+    shares = [contrastive._TorchLossShare.apply(u, t, scale, keys, lo, hi, block).item()
+              for lo, hi in ((0, half), (half, n))]
+    assert shares == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
