@@ -84,16 +84,17 @@ def scorecard(payload: dict, name: str, *, missed_only: bool = False) -> tuple[s
     missed = sum(r.get("target_pass") is False for r in rows)
     unjudged = len(rows) - met - missed
     where = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "git_sha", "date") if env.get(k))
-    lines = [f"## {env.get('device', 'unknown device')}: {name}", "", where + ("" if not where else ".")]
+    about = [where + "."] if where else []  # the run's facts, a paragraph (none: no blank lines)
     calibration = (payload.get("run") or {}).get("calibration") or {}
     if calibration.get("bf16_matmul_tflops") or calibration.get("copy_gbps"):
-        lines.append(f"Measured in the same run: bf16 matmul {harness.fmt(calibration.get('bf16_matmul_tflops'))} "
+        about.append(f"Measured in the same run: bf16 matmul {harness.fmt(calibration.get('bf16_matmul_tflops'))} "
                      f"TFLOP/s, copy {harness.fmt(calibration.get('copy_gbps'))} GB/s"
                      + (f" ({calibration['warning']})" if calibration.get("warning") else "") + ".")
     if (payload.get("run") or {}).get("quick"):
-        lines.append("A --quick run: small shapes, no target judged.")
-    lines += ["", f"Targets: {met} of {len(rows)} met, {missed} missed, {unjudged} not judged "
-                  "(a part that could not be judged: '-')."]
+        about.append("A --quick run: small shapes, no target judged.")
+    lines = [f"## {env.get('device', 'unknown device')}: {name}", "", *about, *([""] if about else []),
+             f"Targets: {met} of {len(rows)} met, {missed} missed, {unjudged} not judged "
+             "(a part that could not be judged: '-')."]
     shown = [r for r in rows if not (missed_only and r.get("target_pass") is True)]
     families = list(dict.fromkeys(r.get("family", "") for r in shown))
     for family in families:

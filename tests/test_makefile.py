@@ -1,4 +1,5 @@
-"""The Makefile's test-worker count (`make test` runs one pytest-xdist process per core)."""
+"""The Makefile's test-worker count: `make test` runs one pytest-xdist process per core, at most
+8, none on one core; the cores are nproc's, lowered to a container's CPU quota (cgroup v2)."""
 
 import os
 import shutil
@@ -10,47 +11,71 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
+# nproc as coreutils' behaves: OMP_NUM_THREADS / OMP_THREAD_LIMIT cap what it prints.
+FAKE_NPROC = """#!/bin/sh
+if [ -n "$OMP_NUM_THREADS" ]; then echo "$OMP_NUM_THREADS"; exit 0; fi
+if [ -n "$OMP_THREAD_LIMIT" ]; then echo "$OMP_THREAD_LIMIT"; exit 0; fi
+[ "$FAKE_CORES" = fail ] && exit 1
+echo "$FAKE_CORES"
+"""
 
-def _workers(tmp_path, cpu_max: str | None, **env) -> int:
-    args = ["make", "-s", "-C", ROOT, "print-test-workers"]
+
+def _pytest_workers(tmp_path, cores: str, cpu_max: str | None = None, **env) -> str:
+    """``$(PYTEST_WORKERS)`` as make expands it, with ``cores`` from a fake nproc on PATH and
+    ``cpu_max`` as the cgroup file's contents (None: no such file)."""
+    (tmp_path / "nproc").write_text(FAKE_NPROC)
+    (tmp_path / "nproc").chmod(0o755)
     if cpu_max is not None:
         (tmp_path / "cpu.max").write_text(cpu_max)
-    args.append(f"CPU_MAX_FILE={tmp_path / 'cpu.max'}")
-    run_env = {k: v for k, v in os.environ.items() if k not in ("TEST_WORKERS", "MAKEFLAGS", "MFLAGS")}
-    run_env.update(env)
-    out = subprocess.run(args, capture_output=True, text=True, env=run_env, timeout=60)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT", "TEST_WORKERS", "MAKEFLAGS", "MFLAGS")}
+    full = dict(base, PATH=f"{tmp_path}:{base['PATH']}", FAKE_CORES=cores, **env)
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", ROOT, f"CPU_MAX_FILE={tmp_path / 'cpu.max'}",
+                          "--eval=_print_workers: ; @echo '$(PYTEST_WORKERS)'", "_print_workers"],
+                         env=full, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return int(out.stdout.strip())
+    return out.stdout.strip()
 
 
-def _expected(cores: int) -> int:
-    n = min(cores, 8)
-    return 0 if n < 2 else n
-
-
-CORES = len(os.sched_getaffinity(0))
-
-
-@pytest.mark.parametrize("cpu_max, quota", [
-    (None, None),                # no cgroup v2 file: nproc alone
-    ("max 100000\n", None),      # no quota
-    ("garbage\n", None),         # unreadable: ignored
-    ("100000 0\n", None),        # a zero period: ignored
-    ("100000 100000\n", 1),      # one core: tests in this process
-    ("150000 100000\n", 2),      # 1.5 cores round up to 2
-    ("50000 100000\n", 1),
-    ("1600000 100000\n", 16),    # more than the machine: nproc and the cap of 8 decide
+@pytest.mark.parametrize("cores, env, want", [
+    ("1", {}, 0), ("2", {}, 2), ("8", {}, 8), ("9", {}, 8), ("64", {}, 8),
+    ("fail", {}, 0),                              # no nproc: one process
+    ("4", {"OMP_NUM_THREADS": "1"}, 4),           # nproc's OMP cap does not count
+    ("4", {"OMP_THREAD_LIMIT": "1"}, 4),
+    ("4", {"TEST_WORKERS": "3"}, 3),              # set in the environment
 ])
-def test_workers_follow_the_cores_and_a_cpu_quota(tmp_path, cpu_max, quota):
-    cores = CORES if quota is None else min(CORES, quota)
-    assert _workers(tmp_path, cpu_max) == _expected(cores)
+def test_one_worker_per_core_at_most_eight_none_on_one(tmp_path, cores, env, want):
+    assert _pytest_workers(tmp_path, cores, **env) == f"-n {want} --dist worksteal"
 
 
-def test_workers_ignore_omp_num_threads(tmp_path):
-    # nproc follows OMP_NUM_THREADS; the worker count must not (the suite sets it for torch).
-    assert _workers(tmp_path, None, OMP_NUM_THREADS="1") == _expected(CORES)
+@pytest.mark.parametrize("cpu_max, want", [
+    ("max 100000\n", 8),        # no quota: nproc's 16, capped at 8
+    ("garbage\n", 8),           # unreadable: ignored
+    ("100000 0\n", 8),          # a zero period: ignored
+    ("-1 100000\n", 8),
+    ("100000 100000\n", 0),     # one core: tests in this process
+    ("150000 100000\n", 2),     # 1.5 cores round up to 2
+    ("50000 100000\n", 0),
+    ("300000 100000\n", 3),
+    ("1600000 100000\n", 8),
+])
+def test_workers_follow_a_cpu_quota(tmp_path, cpu_max, want):
+    assert _pytest_workers(tmp_path, "16", cpu_max) == f"-n {want} --dist worksteal"
 
 
-def test_workers_can_be_set(tmp_path):
-    args = ["make", "-s", "-C", ROOT, "print-test-workers", "TEST_WORKERS=3"]
-    assert subprocess.run(args, capture_output=True, text=True, timeout=60).stdout.strip() == "3"
+def test_a_quota_above_the_cores_leaves_nproc_to_decide(tmp_path):
+    assert _pytest_workers(tmp_path, "3", "800000 100000\n") == "-n 3 --dist worksteal"
+
+
+def test_print_test_workers(tmp_path):
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", ROOT, "print-test-workers", "TEST_WORKERS=3"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "3", out.stderr
+
+
+@pytest.mark.parametrize("target", ["test", "test-gpu-image"])
+def test_the_test_targets_pass_the_workers_to_pytest(target):
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, target, "TEST_WORKERS=5"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert [line for line in out.stdout.splitlines() if " -m pytest " in line and "-n 5 --dist worksteal" in line]

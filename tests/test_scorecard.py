@@ -158,3 +158,65 @@ def test_gpu_check_writes_the_scorecard_into_its_main_log(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert f"## NVIDIA H200: {path}" in proc.stdout and "time<=1.15x base: 1.84 (no)" in proc.stdout, proc.stderr
     assert "plot: " in proc.stdout + proc.stderr
+
+
+def _edit(path, change):
+    payload = json.loads(path.read_text())
+    change(payload)
+    path.write_text(json.dumps(payload))
+
+
+def test_scorecard_shows_unjudged_parts_bools_missing_ratios_and_the_calibration_warning(tmp_path, capsys):
+    path = _gpu_payload(tmp_path)
+
+    def change(payload):
+        payload["run"]["calibration"]["warning"] = "the card was busy"
+        row = dict(payload["rows"][-1], op="probe_op", target_pass=None, speedup_vs_baseline=None,
+                   target_parts=[{"text": "learned", "value": True, "met": True},
+                                 {"text": "kept", "value": False, "met": False},
+                                 {"text": "tflops", "value": None, "met": None}])
+        payload["rows"].append(row)
+    _edit(path, change)
+    assert scorecard.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "copy - GB/s (the card was busy)." in out
+    assert "Targets: 1 of 4 met, 2 missed, 1 not judged" in out
+    # a plain row has no baseline ratios: "-"
+    assert "| label_guided_infonce | B=65536 D=512 labels | triton | - | 185.5 | - | - |" in out
+    assert "| - | 1.00x | learned: yes (yes); kept: no (no); tflops: - (-) | - |" in out
+    # --missed lists the rows missed *or not judged*
+    assert scorecard.main(["--missed", str(path)]) == 0
+    missed = capsys.readouterr().out
+    assert "probe_op" in missed and "zero_shot_eval" not in missed
+
+
+def test_scorecard_without_environment_details_and_rows_without_family(tmp_path, capsys):
+    path = _gpu_payload(tmp_path)
+
+    def change(payload):
+        env = payload["environment"]
+        env["device_type"] = "cpu"
+        for key in ("torch", "triton", "cuda", "git_sha", "date"):
+            env.pop(key)
+        for row in payload["rows"]:
+            row.pop("family", None)
+    _edit(path, change)
+    assert scorecard.main([str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    # No environment line, no stray ".", and never two blank lines in a row.
+    assert out.startswith(f"## NVIDIA H200: {path}\n\nMeasured in the same run: ") and "\n\n\n" not in out
+    assert "### rows without a family" in out and "(CPU targets)" not in out
+    # two sections are separated by a blank line
+    assert f"\n\n## NVIDIA H200: {path}\n" in out
+
+
+def test_a_result_file_with_malformed_target_parts_is_refused_not_a_traceback(tmp_path, capsys):
+    good = _gpu_payload(tmp_path)
+    for name, parts in (("keyerror.json", [{"value": 1.0, "met": True}]),   # no 'text'
+                        ("typeerror.json", [{"text": "t", "value": [1], "met": True}])):  # not a number
+        bad = tmp_path / name
+        bad.write_text(good.read_text())
+        _edit(bad, lambda payload: payload["rows"][-1].update(target_parts=parts))
+        assert scorecard.main([str(bad), str(good)]) == 2
+        out, err = capsys.readouterr()
+        assert f"cannot read {str(bad)!r} as a result file" in err and f": {good}\n" in out
