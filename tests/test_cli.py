@@ -1556,16 +1556,22 @@ def test_multilabel_accuracy_counts_the_images_with_a_positive_only():
 def test_train_under_torchrun_ends_without_finalization(synthetic, tmp_path):
     """Run as the program under torchrun (WORLD_SIZE > 1), `train` ends the process with its
     status and no interpreter finalization (gloo's threads can abort it after a complete run):
-    an atexit handler does not run. With one process, or called with argv, main returns."""
+    an atexit handler does not run, a failed run exits 2 with its message, and the output is
+    flushed first (stdout a block-buffered pipe: PYTHONUNBUFFERED is unset). With one process,
+    without torchrun's variables, or called with argv, main returns."""
     import os
 
     script = (
         "import atexit, pathlib, sys\n"
         "import ace_model.cli as cli\n"
         "from ace_model import training\n"
-        "marker = pathlib.Path(sys.argv[1])\n"
+        "marker, how = pathlib.Path(sys.argv[1]), sys.argv[5]\n"
         "atexit.register(lambda: marker.write_text('finalized'))\n"
-        "training.train = lambda config: {'steps': 0}\n"
+        "def fake(config):\n"
+        "    if how == 'fail':\n"
+        "        raise ValueError('TrainConfig.lr: bad')\n"
+        "    return {'steps': 0}\n"
+        "training.train = fake\n"
         "argv = ['train', '--csv', sys.argv[2], '--model', 'tiny', '--out-dir', sys.argv[3], '--device', 'cpu',\n"
         "        '--no-progress']\n"
         "if sys.argv[4] == 'argv':\n"
@@ -1574,12 +1580,21 @@ def test_train_under_torchrun_ends_without_finalization(synthetic, tmp_path):
         "sys.argv = ['ace-lora', *argv]\n"
         "sys.exit(cli.main())\n"
     )
-    for world, call, finalized in (("2", "program", False), ("1", "program", True), ("2", "argv", True)):
-        marker = tmp_path / f"finalized-{world}-{call}"
-        env = dict(os.environ, WORLD_SIZE=world, RANK="0")
-        proc = subprocess.run([sys.executable, "-c", script, str(marker), str(synthetic), str(tmp_path / "run"), call],
-                              env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert '"steps": 0' in proc.stdout
-        assert marker.exists() == finalized, (world, call)
-        assert ("returned 0" in proc.stdout) == (call == "argv")
+    cases = (("2", "program", "ok", False), ("1", "program", "ok", True), (None, "program", "ok", True),
+             ("2", "argv", "ok", True), ("2", "program", "fail", False))
+    for world, call, how, finalized in cases:
+        marker = tmp_path / f"finalized-{world}-{call}-{how}"
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "WORLD_SIZE", "RANK")}
+        if world is not None:
+            env.update(WORLD_SIZE=world, RANK="0")
+        proc = subprocess.run([sys.executable, "-c", script, str(marker), str(synthetic), str(tmp_path / "run"), call,
+                               how], env=env, capture_output=True, text=True, timeout=120)
+        case = (world, call, how)
+        if how == "fail":
+            assert proc.returncode == 2, (case, proc.stderr)
+            assert "ace-lora train: error: --lr: bad" in proc.stderr, (case, proc.stderr)  # the flag named
+        else:
+            assert proc.returncode == 0, (case, proc.stderr)
+            assert '"steps": 0' in proc.stdout, case
+        assert marker.exists() == finalized, case
+        assert ("returned 0" in proc.stdout) == (call == "argv"), case

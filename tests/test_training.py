@@ -1924,3 +1924,32 @@ def test_read_metrics_after_resuming_an_older_state_then_the_newest(tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 10))
     assert records[:6] == first
+
+
+def test_a_negative_seed_trains_a_dataset_that_draws(tmp_path):
+    """check_seed accepts |seed| < 2**46, negative ones too: the per-batch seeds must take them
+    (NumPy's SeedSequence refuses negative entropy), each seed giving its own."""
+    model = make_model("standin", seed=3)
+    result = train(_config(tmp_path, seed=-3, epochs=2, warmup_epochs=0, checkpoint_every=0), model=model,
+                   dataset=_NoisyPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
+    assert len(read_metrics(result["metrics"])) == 4
+    assert len({training.batch_seed_words(s, 0, 0, 0).tobytes() for s in (-3, 3, -(2**46) + 1)}) == 3
+
+
+class _BatchedPairs(RandomPairs):
+    """A dataset that loads a batch at once (torch's ``__getitems__`` protocol)."""
+
+    calls: list = []
+
+    def __getitems__(self, indices):
+        self.calls.append(list(indices))
+        return [super(_BatchedPairs, self).__getitem__(i) for i in indices]
+
+
+def test_a_dataset_with_getitems_is_asked_for_whole_batches(tmp_path):
+    model = make_model("standin", seed=3)
+    _BatchedPairs.calls = []
+    train(_config(tmp_path, epochs=1, warmup_epochs=0, checkpoint_every=0), model=model,
+          dataset=_BatchedPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
+    assert len(_BatchedPairs.calls) == 2 and all(len(c) == 4 for c in _BatchedPairs.calls)
+    assert sorted(i for c in _BatchedPairs.calls for i in c) == list(range(8))

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -481,3 +482,33 @@ def test_the_command_line_trains_across_processes(tmp_path):
     state = training.load_state(out / "checkpoints" / "state-00000003.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert (out / "ace_lora.pt").is_file()
+
+
+def test_each_rank_draws_its_own_augmentations(tmp_path):
+    """The per-batch seed includes the rank: batch k of two ranks draws different numbers."""
+    tests = Path(__file__).parent
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(tests)!r})
+        import torch
+        from _dist_exit import exit_now
+        from _train_standin import RandomPairs, make_model
+        from ace_model import training
+        torch.set_num_threads(1)
+        log = os.path.join({str(tmp_path)!r}, "draws-" + os.environ["RANK"])
+        class Logging(RandomPairs):
+            def __getitem__(self, i):
+                with open(log, "a") as h:
+                    h.write(repr(torch.rand(()).item()) + "\\n")
+                return super().__getitem__(i)
+        model = make_model("standin", seed=0)
+        config = training.TrainConfig(out_dir={str(tmp_path / "run")!r}, model="standin", epochs=1,
+                                      batch_size=8, checkpoint_every=0, progress=False, seed=3,
+                                      dist_timeout_s=60)
+        training.train(config, model=model, dataset=Logging(model, 16, seed=2))
+        exit_now()
+    """)
+    _launch("draws", 2, tmp_path, argv=[sys.executable, "-c", script])
+    draws = [(tmp_path / f"draws-{rank}").read_text().split() for rank in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) == 8
+    assert not set(draws[0]) & set(draws[1])
