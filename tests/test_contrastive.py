@@ -1,6 +1,7 @@
 """label_guided_infonce (torch backend) against the dense fp64 oracle of spec section 5."""
 
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -1216,3 +1217,60 @@ def test_triton_fp16_inputs(device):
     # Gradients up to ~0.7 are returned in fp16 (half ulp 2.4e-4..4.9e-4) after fp16 softmax weights.
     for got, want in zip(ours[1], ref[1]):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n", [128, 130])
+def test_the_kernels_exponentials_are_e_to_the_x_to_float32_precision(device, n):
+    """Exactly representable logits (one at 0, the rest at -5, so that about half of each row's
+    softmax mass lies 5 below its max): the row log-sum-exps of the fp32 kernels (both-ways and
+    row launches) equal log(1 + (n - 1) e**-5) to a few float32 ulps. An exponential off by a few
+    parts in 1e6 in its exponent (a wrong log2 e) moves them by ~1e-5."""
+    dim = 16
+    u = torch.zeros(n, dim, device=device)
+    u[:, 0] = 1.0
+    t = torch.zeros(n, dim, device=device)
+    t[1:, 0] = -5.0
+    scale = torch.tensor([1.0], device=device)
+    want = math.log1p((n - 1) * math.exp(-5.0))
+    row_lse, col_lse, positives = contrastive._triton_lse_both(u, t, scale, None)
+    torch.testing.assert_close(row_lse.double(), torch.full((n,), want, dtype=torch.float64, device=device),
+                               rtol=0, atol=3e-6)
+    lse, _ = contrastive._triton_lse_rows(u, t, scale, None, 0, n)
+    torch.testing.assert_close(lse.double(), torch.full((n,), want, dtype=torch.float64, device=device),
+                               rtol=0, atol=3e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_every_forward_launcher_passes_the_fast_log_choice(monkeypatch):
+    """_fast_log's answer (16-bit inputs on an NVIDIA GPU) reaches each forward kernel's FAST_LOG:
+    the one-pass row and both-ways launches and the blocked launches. Recorded without running
+    the kernels (the interpreter cannot run fast_logf)."""
+    c = contrastive
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, kwargs["FAST_LOG"]))
+
+    for name in ("_lse_rows_kernel", "_lse_both_kernel", "_lse_tiles_kernel"):
+        monkeypatch.setattr(c, name, Recorder(name))
+    monkeypatch.setattr(c, "_fast_log", lambda dtype: dtype == torch.bfloat16)
+    one_pass = dict(c._launch_config("lse", torch.bfloat16, 32, interpreter=True))
+    assert not c._blocked(one_pass)
+    blocked = dict(c._first_blocked_candidate("lse"), BLOCK_D=32, ONE_DOT=True, d_chunks=1)
+    for dtype in (torch.bfloat16, torch.float32):
+        u, t = torch.zeros(40, 32, dtype=dtype), torch.zeros(40, 32, dtype=dtype)
+        scale = torch.tensor([1.0])
+        for cfg in (one_pass, blocked):
+            monkeypatch.setattr(c, "_launch_config", lambda *a, cfg=cfg, **k: dict(cfg))
+            calls.clear()
+            c._triton_lse_rows(u, t, scale, None, 0, 40)
+            c._triton_lse_both(u, t, scale, None)
+            assert calls and all(fast == (dtype == torch.bfloat16) for _, fast in calls), (cfg, calls)
+            assert {name for name, _ in calls} == ({"_lse_tiles_kernel"} if c._blocked(cfg)
+                                                   else {"_lse_rows_kernel", "_lse_both_kernel"})

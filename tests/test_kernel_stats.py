@@ -192,3 +192,42 @@ def test_the_fast_log_is_for_16_bit_inputs_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(contrastive, "libdevice", None)
     assert not contrastive._fast_log(torch.bfloat16)
+
+
+def _infonce_log_polynomials() -> list:
+    """[label, ftz FMAs with FAST_LOG, without] of each 16-bit InfoNCE forward launch (sm_90a PTX)."""
+    from ace_kernels import _aot, contrastive
+    from benchmarks.kernel_stats import contrastive_launches, contrastive_signature
+
+    launches = list(contrastive_launches())
+    # The two-pass forward of group= (_lse_rows_kernel), which the profile does not cover.
+    cfg = contrastive._launch_config("lse", torch.bfloat16, 512, interpreter=False)
+    options = contrastive._kernel_options(cfg)
+    const = dict({"HAS_KEYS": True, "IEEE": False, "FAST_LOG": True},
+                 **{k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+    signature = dict(contrastive_signature("lse", "bf16"), **{k: "constexpr" for k in const})
+    launches.append(("lse_rows one-pass", contrastive._lse_rows_kernel, signature, const, options["num_warps"],
+                     options["num_stages"], _aot.integer_arguments(signature)))
+    out = []
+    for label, kernel, signature, constexprs, num_warps, num_stages, divisible in launches:
+        if not label.startswith("lse"):
+            continue
+        counts = []
+        for fast in (True, False):
+            ptx = _aot.ptx_sm90(kernel, signature, dict(constexprs, FAST_LOG=fast), num_warps=num_warps,
+                           num_stages=num_stages, divisible_by_16=divisible)
+            counts.append(ptx.count("fma.rn.ftz.f32"))
+        out.append([label, *counts])
+    return out
+
+
+@pytest.mark.slow
+def test_the_16_bit_forward_kernels_take_no_exact_log_anywhere():
+    """Every log of a 16-bit forward kernel is the fast one: none of tl.log's polynomial
+    (its ftz FMAs, which the same launch compiled with FAST_LOG=False has) is left."""
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    rows = compile_in_fresh_process("test_kernel_stats", "_infonce_log_polynomials")
+    assert len(rows) == 4, rows
+    assert all(fast == 0 and exact > 0 for _, fast, exact in rows), rows
