@@ -170,7 +170,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "model": ["open_clip_torch", "timm", "transformers", "tqdm", "pillow"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "peft"],  # peft: the PEFT towers' baseline rows
         "test": ["pytest", "pytest-benchmark", "peft"],
     },
     entry_points={"console_scripts": ["ace-lora=ace_model.cli:main"]},

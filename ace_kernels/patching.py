@@ -1859,7 +1859,7 @@ def _family_enabled(family: str, options: dict) -> bool:
 
 
 def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = True, loss: bool = True,
-          group_qkv: bool = True, backend: str = "auto") -> PatchHandle:
+          group_qkv: bool = True, backend: str | dict[str, str] = "auto") -> PatchHandle:
     """Swap recognised modules of a model to the fused ace_kernels ops, in place.
 
     Parameters

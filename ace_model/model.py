@@ -531,12 +531,16 @@ class ACELoRA(nn.Module):
         name : {"biomedclip", "tiny"}
         pretrained : path, optional
             A local open_clip checkpoint file (``.bin``/``.pt``/``.safetensors``) or an
-            HF-format directory holding one (``open_clip_model.safetensors`` or
-            ``open_clip_pytorch_model.bin``). A directory with ``vocab.txt`` or
+            HF-format directory holding one (the first found of ``open_clip_model.safetensors``,
+            ``open_clip_pytorch_model.bin``, ``model.safetensors``, ``pytorch_model.bin``,
+            ``open_clip_pytorch_model.pt``). A directory with ``vocab.txt`` or
             ``tokenizer.json`` also supplies the tokenizer (real BiomedCLIP weights need
             the real PubMedBERT vocabulary). ``None``: random base weights.
         backend : str
             ace_kernels backend for every op call.
+        use_open_clip : bool or None
+            How the frozen towers are built: see :func:`build_base_model` (``None``: through
+            open_clip when it imports, else timm + transformers directly).
         recompute : {"none", "mlp", "layer"}
             See the class attribute: less activation memory, the same numbers.
         text_attention : {"spec", "reference-code"}
