@@ -2360,3 +2360,17 @@ def test_plot_marks_missed_targets_and_lists_rows_without_bars(tmp_path, monkeyp
     listed = [line for text in notes for line in text.splitlines() if line.startswith("x ")]  # not the title
     assert listed == ["x s [bfloat16] batch vs reference-ops: 1.0 ms, peak 1.0 MiB; target max batch>=3x: not judged",
                       "x s [bfloat16] capped: 1.0 ms, peak 1.0 MiB; target peak<512MiB: met"]
+
+
+def test_replacing_a_file_leaves_no_descriptor_open(tmp_path):
+    """_replace_file opens the directory to fsync the rename: that descriptor is closed again (a
+    tool writing many files must not run out of them)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    path = str(tmp_path / "f.json")
+    harness._replace_file(path, lambda handle: handle.write("{}\n"))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        harness._replace_file(path, lambda handle: handle.write("{}\n"))
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert open(path).read() == "{}\n"

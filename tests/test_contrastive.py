@@ -1274,3 +1274,48 @@ def test_every_forward_launcher_passes_the_fast_log_choice(monkeypatch):
             assert calls and all(fast == (dtype == torch.bfloat16) for _, fast in calls), (cfg, calls)
             assert {name for name, _ in calls} == ({"_lse_tiles_kernel"} if c._blocked(cfg)
                                                    else {"_lse_rows_kernel", "_lse_both_kernel"})
+
+
+def test_tile_launches_leave_out_the_kinds_a_block_has_not(monkeypatch):
+    pytest.importorskip("triton")
+    cfg = dict(BLOCK_M=128, BLOCK_N=64)
+    both = (contrastive.TILES_INTERIOR, contrastive.TILES_EDGE)
+    # Rows that end where the columns start, or start where they end (group='s owned columns
+    # beside the rows before and after them, at tile bounds): no diagonal, no second launch.
+    assert contrastive._tile_launches(0, 256, 256, 512, cfg) == (contrastive.TILES_INTERIOR,)
+    assert contrastive._tile_launches(512, 768, 256, 512, cfg) == (contrastive.TILES_INTERIOR,)
+    # A partial row tile is judged by BLOCK_M, a partial column tile by BLOCK_N (not the other's):
+    # 192 rows are one and a half row tiles of 128, 192 columns three whole tiles of 64.
+    assert contrastive._tile_launches(0, 192, 512, 1024, cfg) == both
+    assert contrastive._tile_launches(0, 256, 512, 704, cfg) == (contrastive.TILES_INTERIOR,)
+    tall = dict(BLOCK_M=64, BLOCK_N=128)
+    assert contrastive._tile_launches(0, 192, 512, 1024, tall) == (contrastive.TILES_INTERIOR,)
+    assert contrastive._tile_launches(0, 256, 512, 704, tall) == both
+
+
+@pytest.mark.triton
+def test_triton_blocked_strategy_owned_shares_at_tile_bounds(device, monkeypatch):
+    # Shares that start and end on 16-row tile bounds: the blocks of rows before and after a share
+    # meet its columns in whole tiles that touch the diagonal's tiles without holding it (rows
+    # 0..16 against columns 16..48, rows 48..64 against them), so only their interior launch runs,
+    # and each of its tiles must count as interior, or no launch computes it.
+    with _blocked_strategy(monkeypatch, torch.float32, 20, part_bytes=1) as calls:
+        _check_owned_shares(64, [(0, 16), (16, 48), (48, 64)], device)
+    assert calls == {"lse": 6, "grad": 6}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)])
+def test_triton_blocked_strategy_with_tiles_not_square(block_m, block_n, device, monkeypatch):
+    # BLOCK_M != BLOCK_N, as the GPU's blocked candidates (128 x 64): each launcher passes its
+    # block's rows and columns to _tile_launches in that order. Blocks of one row tile: with
+    # 16 x 32 tiles a block's 16 rows hold interior tiles though they are fewer than BLOCK_N;
+    # with 32 x 16 the share 32..48 leaves rows 0..32 a block of one interior tile (16 columns,
+    # fewer than BLOCK_M).
+    monkeypatch.setitem(globals(), "BLOCKED", dict(BLOCKED, BLOCK_M=block_m, BLOCK_N=block_n))
+    u, t, s = _inputs(50, 20, dtype=torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    with _blocked_strategy(monkeypatch, torch.float32, 20, part_bytes=1) as calls:
+        _check_triton_fp32(u, t, s, _duplicated_labels(50, 3, 4).to(device), device)
+        _check_owned_shares(64, [(0, 32), (32, 48), (48, 64)], device)
+    assert calls["lse"] >= 4 and calls["grad"] >= 4

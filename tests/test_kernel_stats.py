@@ -4,6 +4,7 @@ disassembly of the LoRA pack kernel (in a fresh process, as the spill checks do)
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -231,3 +232,134 @@ def test_the_16_bit_forward_kernels_take_no_exact_log_anywhere():
     rows = compile_in_fresh_process("test_kernel_stats", "_infonce_log_polynomials")
     assert len(rows) == 4, rows
     assert all(fast == 0 and exact > 0 for _, fast, exact in rows), rows
+
+
+@pytest.mark.parametrize("registers, shared, warps, expected", [
+    (16, 0, 32, 2),      # the 64-warp limit with few registers (128 warps' worth of registers)
+    (8, 0, 16, 4),
+])
+def test_blocks_per_sm_keep_the_warp_limit_under_32_registers(registers, shared, warps, expected):
+    assert blocks_per_sm90(registers, shared, warps) == expected
+
+
+@pytest.mark.parametrize("registers, shared, warps", [(32, 0, 0), (32, -1, 4)])
+def test_blocks_per_sm_refuses_no_warps_and_negative_shared_memory(registers, shared, warps):
+    with pytest.raises(ValueError, match="num_warps >= 1 and shared_bytes >= 0"):
+        blocks_per_sm90(registers, shared, warps)
+
+
+def test_integer_arguments_are_the_i32_ones_less_the_excluded():
+    from ace_kernels._aot import integer_arguments
+
+    signature = {"a_ptr": "*bf16", "scale": "fp32", "n": "i32", "stride_a": "i32", "seed": "i64",
+                 "BLOCK_M": "constexpr"}
+    assert integer_arguments(signature) == ["n", "stride_a"]
+    assert integer_arguments(signature, exclude=("stride_a",)) == ["n"]
+
+
+def _fake_profile_sm90(monkeypatch, registers=136, shared=34816, listing=LISTING):
+    """profile_sm90 with its compile and nvdisasm replaced: resources as given, LISTING as the SASS."""
+    import types
+
+    from ace_kernels import _aot
+
+    resources = _aot.KernelResources(name="k", registers=registers, spill_store_bytes=0, spill_load_bytes=0,
+                                     stack_frame_bytes=0, shared_bytes=shared, num_warps=0)
+    monkeypatch.setattr(_aot, "_compile", lambda *args, **kwargs: (resources, b"cubin"))
+    monkeypatch.setattr(_aot, "_tool", lambda name: name)
+    monkeypatch.setattr(_aot.subprocess, "run",
+                        lambda *args, **kwargs: types.SimpleNamespace(stdout=listing, returncode=0))
+    return _aot
+
+
+def test_profile_sm90_counts_blocks_at_the_launch_warps(monkeypatch):
+    aot = _fake_profile_sm90(monkeypatch)
+    prof = aot.profile_sm90(None, {}, num_warps=8)
+    # 136 registers: 12 warps an SM, one block of 8 (three of 4).
+    assert prof.blocks_per_sm == blocks_per_sm90(136, 34816, 8) == 1
+    assert prof.loop_opcodes == {"IMAD": 2, "LOP3": 1, "HGMMA": 1, "BRA": 1}
+    assert prof.kernel_instructions == 10 and prof.loop_instructions == 5
+    assert aot.profile_sm90(None, {}, num_warps=4).blocks_per_sm == 3
+
+
+def test_contrastive_row_per_logit_arithmetic(monkeypatch):
+    """contrastive_row's arithmetic on a made-up profile: a blocked launch's tile is the listing
+    with its K loop counted cdiv(D, BLOCK_K) times; MUFU and MMA counts are those opcodes only."""
+    from ace_kernels import _aot
+    from benchmarks.kernel_stats import contrastive_row
+
+    resources = _aot.KernelResources(name="k", registers=128, spill_store_bytes=0, spill_load_bytes=0,
+                                     stack_frame_bytes=0, shared_bytes=1024, num_warps=8)
+    prof = _aot.LoopProfile(resources=resources, blocks_per_sm=2,
+                            loop_opcodes={"HGMMA": 4, "FFMA": 6},
+                            kernel_opcodes={"HGMMA": 4, "FFMA": 6, "MUFU": 64, "IMAD": 26})
+    monkeypatch.setattr(_aot, "profile_sm90", lambda *args, **kwargs: prof)
+    const = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)
+    # D = 96: two K steps (the second partial), 32 logits per thread and tile.
+    row = contrastive_row("lse_tiles blocked interior", None, {}, const, 8, 3, [], dim=96)
+    assert row["instructions_per_logit"] == round((100 + 10) / 32, 2)
+    assert row["mma_instructions_per_tile"] == 8
+    assert row["mufu_per_logit"] == 2.0
+    assert row["warps_per_sm"] == 16 and row["kernel_instructions"] == 100 and row["loop_instructions"] == 10
+    # One-pass: the loop is the column tile, counted once.
+    row = contrastive_row("lse_both one-pass", None, {}, const, 8, 3, [], dim=96)
+    assert row["instructions_per_logit"] == round(10 / 32, 2) and row["mufu_per_logit"] == 0
+
+
+def test_contrastive_launches_label_their_tiles_and_mark_the_integers_divisible():
+    pytest.importorskip("triton")
+    from ace_kernels import contrastive
+    from benchmarks.kernel_stats import contrastive_launches
+
+    launches = {launch[0]: launch for launch in contrastive_launches()}
+    for name in ("lse_tiles", "grad_weights"):
+        assert launches[f"{name} blocked interior"][3]["TILES"] == contrastive.TILES_INTERIOR
+        assert launches[f"{name} blocked edge"][3]["TILES"] == contrastive.TILES_EDGE
+    for label, kernel, signature, constexprs, num_warps, num_stages, divisible in launches.values():
+        # Every integer argument a multiple of 16, as at B = 65,536 (what Triton specialises on).
+        assert set(divisible) == {k for k, v in signature.items() if v == "i32"} and "n" in divisible, label
+
+
+def test_profile_selects_the_stacked_variants_that_compute_dx():
+    from benchmarks.kernel_stats import selected
+
+    assert selected("down P=3 dropout=True") and selected("backward P=3 dropout=False dx=True")
+    assert not selected("backward P=3 dropout=True dx=False")
+    assert not selected("down P=1 dropout=True") and not selected("backward P=1 dropout=True dx=True")
+
+
+def test_contrastive_table_columns():
+    from benchmarks.kernel_stats import format_contrastive
+
+    row = dict(label="lse_tiles blocked interior", config=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), registers=80,
+               blocks_per_sm=3, warps_per_sm=24, instructions_per_logit=78.25, mufu_per_logit=2.5,
+               mma_instructions_per_tile=96)
+    line = format_contrastive([row]).splitlines()[1].split()
+    assert line == ["lse_tiles", "blocked", "interior", "128x64x64", "80", "3", "24", "78.2", "2.50", "96"]
+
+
+def test_the_cli_writes_both_families_as_json_through_the_atomic_writer(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("triton")
+    from benchmarks import harness, kernel_stats
+
+    lora_row = dict(label="down P=3 dropout=True", registers=136, shared_bytes=34816, blocks_per_sm=1,
+                    warps_per_sm=8, loop_instructions=848, loop_instructions_per_element=53.0,
+                    philox_op_share=0.592, loop_conversions=0)
+    infonce_row = dict(label="lse_tiles blocked interior", config=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
+                       registers=80, blocks_per_sm=3, warps_per_sm=24, instructions_per_logit=78.0,
+                       mufu_per_logit=2.5, mma_instructions_per_tile=96)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernel_stats, "profile_lora", lambda: [lora_row])
+    monkeypatch.setattr(kernel_stats, "profile_contrastive", lambda: [infonce_row])
+    written = []
+    real = harness._replace_file
+    monkeypatch.setattr(harness, "_replace_file", lambda path, write: (written.append(path), real(path, write))[1])
+    out = tmp_path / "stats.json"
+    assert kernel_stats.main(["--json", str(out)]) == 0
+    assert written == [str(out)]
+    text = out.read_text()
+    assert text.endswith("}\n")
+    content = json.loads(text)
+    assert content["rows"] == [lora_row] and content["infonce_rows"] == [infonce_row]
+    assert content["infonce_dim"] == kernel_stats.INFONCE_DIM and content["target"] == "sm_90a"
+    assert "lse_tiles blocked interior" in capsys.readouterr().out
