@@ -174,6 +174,13 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
         Naming the first missing or mis-shaped key with the expected and found shapes,
         or a metadata entry that does not fit the model.
     """
+    return apply_reference_checkpoint(model, path, read_reference_checkpoint(path))
+
+
+def read_reference_checkpoint(path: str | os.PathLike):
+    """The object stored in checkpoint file ``path`` (``torch.load``, weights only), unchecked:
+    :func:`apply_reference_checkpoint` checks it against a model. A file that cannot be read
+    raises :class:`CheckpointError`, a missing one included."""
     path = os.fspath(path)
     try:
         bad_member = _failed_zip_member(path)  # see read_model_file
@@ -189,6 +196,13 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     if bad_member is not None:
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint: its member "
                               f"{bad_member!r} fails its CRC-32 check (corrupt file)")
+    return blob
+
+
+def apply_reference_checkpoint(model, path: str | os.PathLike, blob) -> dict:
+    """:func:`load_reference_checkpoint` of an object already read from ``path`` (by
+    :func:`read_reference_checkpoint`; ``path`` names it in errors)."""
+    path = os.fspath(path)
     from ace_model.training import STATE_FORMAT  # here: ace_model.training imports this module
 
     if isinstance(blob, dict) and blob.get("format") == STATE_FORMAT:

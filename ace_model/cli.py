@@ -393,18 +393,14 @@ def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     return args.text_attention or (recorded if recorded in TEXT_ATTENTION else None) or "spec"
 
 
-def _recorded_build(path: str) -> tuple[str | None, int | None]:
-    """(model, seed) that a checkpoint written by ``ace-lora train`` records, each None where it
-    records none (or the file is unreadable: loading it names what is wrong); the seed only for
-    random frozen towers (no pretrained weights), the only ones it builds."""
-    import torch
-
+def _recorded_build(blob) -> tuple[str | None, int | None]:
+    """(model, seed) that a checkpoint written by ``ace-lora train`` records (``blob``: the
+    file's object), each None where it records none (or in another form: applying the file to
+    the model names what is wrong); the seed only for random frozen towers (no pretrained
+    weights), the only ones it builds."""
     from ace_model.training import TRAINED_WITH
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the loader reports what is wrong with the file
-            blob = torch.load(path, map_location="cpu", weights_only=True)
         metadata = blob.get("metadata") if isinstance(blob, dict) else None
         record = metadata.get(TRAINED_WITH) if isinstance(metadata, dict) else None
         if not isinstance(record, dict):
@@ -429,7 +425,7 @@ def _same_path(recorded: str, given: str) -> bool:
 
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
-    from ace_model.checkpoint import CheckpointError, load_reference_checkpoint
+    from ace_model.checkpoint import CheckpointError, apply_reference_checkpoint, read_reference_checkpoint
     from ace_model.data import CSVImageLabelDataset, read_csv
     from ace_model.training import check_seed, resolve_device, seed_everything
     from ace_model.zero_shot import evaluate
@@ -459,8 +455,10 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise CLIError(f"--{flag}: {path!r} does not exist")
-    # --model and --seed, where not given, are what the checkpoint records (as --text-attention).
-    recorded, recorded_seed = _recorded_build(args.checkpoint) if args.checkpoint else (None, None)
+    # The checkpoint is read once, before the model is built (an unreadable file stops here);
+    # --model and --seed, where not given, are what it records (as --text-attention).
+    blob = read_reference_checkpoint(args.checkpoint) if args.checkpoint else None
+    recorded, recorded_seed = _recorded_build(blob) if args.checkpoint else (None, None)
     args.model = args.model or recorded or "biomedclip"
     if args.seed is None:
         args.seed = recorded_seed if recorded_seed is not None else DEFAULT_SEED
@@ -476,7 +474,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     try:
         # The loader itself, not the model's method: which attention the checkpoint was trained
         # with is decided and said by _text_attention below.
-        metadata = load_reference_checkpoint(model, args.checkpoint) if args.checkpoint else {}
+        metadata = apply_reference_checkpoint(model, args.checkpoint, blob) if args.checkpoint else {}
     except CheckpointError as exc:
         if recorded and recorded != args.model:
             raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "

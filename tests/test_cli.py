@@ -211,13 +211,19 @@ def test_evaluate_runs_a_model_with_16_bit_frozen_weights_under_autocast(tiny, s
     assert result["n"] == len(dataset) and 0 <= result["accuracy"] <= 1
 
 
-def test_cli_zero_shot_with_a_checkpoint(tiny, synthetic, tmp_path, capsys):
+def test_cli_zero_shot_with_a_checkpoint(tiny, synthetic, tmp_path, capsys, monkeypatch):
+    from ace_model import checkpoint as checkpoint_module
+
     checkpoint = tmp_path / "tiny.pt"
     tiny.save_reference_checkpoint(checkpoint)
     output = tmp_path / "metrics.json"
+    reads = []
+    load = checkpoint_module.torch.load
+    monkeypatch.setattr(checkpoint_module.torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     status = cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(checkpoint),
                        "--task", "multiclass", "--batch-size", "4", "--output", str(output)])
     assert status == 0
+    assert [str(r) for r in reads] == [str(checkpoint)]  # read once: its record and its weights
     result = json.loads(output.read_text())
     assert result["n"] == 12 and result["classes"] == list(SYNTHETIC_CLASSES)
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["auroc"] <= 1.0
@@ -1505,10 +1511,12 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
 
 
 def test_zero_shot_reads_the_record_of_any_file_without_failing(tmp_path):
-    """zero-shot reads a checkpoint's build record before the loader checks the file: whatever the
-    file holds, that read gives (model, seed) or Nones, never an error or a warning of its own."""
+    """zero-shot reads a checkpoint's build record before the loader checks the file: whatever a
+    readable file holds, that read gives (model, seed) or Nones, never an error or a warning of
+    its own; a file that cannot be read stops at the read, naming the file."""
     import warnings
 
+    from ace_model.checkpoint import CheckpointError, read_reference_checkpoint
     from ace_model.training import TRAINED_WITH
 
     cases = {
@@ -1525,12 +1533,13 @@ def test_zero_shot_reads_the_record_of_any_file_without_failing(tmp_path):
     }
     for name, (blob, expected) in cases.items():
         torch.save(blob, tmp_path / f"{name}.pt")
-    (tmp_path / "text.pt").write_text("not a checkpoint")
-    cases["text"] = (None, (None, None))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for name, (_, expected) in cases.items():
-            assert cli._recorded_build(str(tmp_path / f"{name}.pt")) == expected, name
+            assert cli._recorded_build(read_reference_checkpoint(tmp_path / f"{name}.pt")) == expected, name
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"text\.pt: cannot be read as a weights-only torch checkpoint"):
+        read_reference_checkpoint(tmp_path / "text.pt")
 
 
 def test_accuracy_is_the_exact_share_of_hits():
