@@ -199,7 +199,7 @@ def test_peft_members_changed_after_patching_run_ungrouped_exactly():
 def test_peft_bert_gradient_checkpointing():
     """Recomputation in backward (non-reentrant checkpointing) regroups q/k/v exactly."""
     model = _bert().train()
-    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     embeds = torch.randn(2, 6, 32, dtype=torch.float64, requires_grad=True)
     before = _forward_backward(model, _run_bert, (embeds,))
     with ace_kernels.patch(model) as handle:
