@@ -2374,3 +2374,86 @@ def test_replacing_a_file_leaves_no_descriptor_open(tmp_path):
         harness._replace_file(path, lambda handle: handle.write("{}\n"))
     assert len(os.listdir("/proc/self/fd")) == before
     assert open(path).read() == "{}\n"
+
+
+def test_a_failed_demo_row_is_timed_and_described_as_a_demo_row(monkeypatch):
+    """The row of a demo that raised, in full: the time it ran (in ms, as a demo that worked), its
+    metrics (not learned and not finite, the reason, the torch threads), float32, train+eval and
+    issue 6's targets; the log says after how long it failed and why."""
+    from ace_model import cli
+    from benchmarks import bench_model
+
+    def demo(argv):
+        time.sleep(0.05)
+        raise RuntimeError("the tiny model diverged")
+
+    monkeypatch.setattr(cli, "main", demo)
+    logged = []
+    suite = _suite("all")
+    suite.quick, suite.log = False, logged.append
+    bench_model._run_demo(suite, 60.0)
+    (row,) = suite.rows
+    seconds = row.metrics["seconds"]
+    assert seconds >= 0.05 and row.median_ms == pytest.approx(seconds * 1e3)
+    assert {k: v for k, v in row.metrics.items() if k != "runs"} == {"seconds": seconds, "failed": "RuntimeError: the tiny model diverged", "learned": False,
+                                                                      "finite": False,
+                                                                      "threads": torch.get_num_threads()}
+    assert (row.dtype, row.mode, row.provider) == ("float32", "train+eval", "torch")
+    assert row.target == "demo<=180s & loss halved & accuracy>chance+0.2 & finite" and row.target_pass is False
+    assert f"  ace_lora_demo: failed after {seconds:.1f} s (RuntimeError: the tiny model diverged)" in logged
+
+
+def test_a_demo_exit_status_quotes_the_last_line_of_its_output(monkeypatch):
+    """A demo that returns a non-zero status, negative ones included (a signal), fails its row
+    with the status and the last line of its output, cut at 200 characters; an unreadable
+    summary's row says what the reader raised."""
+    from ace_model import cli
+    from benchmarks import bench_model
+
+    last = "error: " + "x" * 300
+
+    def demo(argv):
+        print("[demo] step 1 ...")
+        print(last)
+        return -6
+
+    monkeypatch.setattr(cli, "main", demo)
+    suite = _suite("all")
+    suite.quick = False
+    bench_model._run_demo(suite, 60.0)
+    (row,) = suite.rows
+    assert row.target_pass is False and row.metrics["failed"] == f"exit status -6: {last[:200]}"
+
+    def bad_summary(argv):
+        (Path(argv[argv.index("--out-dir") + 1]) / "demo_summary.json").write_text("{not json")
+        return 0
+
+    monkeypatch.setattr(cli, "main", bad_summary)
+    suite = _suite("all")
+    suite.quick = False
+    bench_model._run_demo(suite, 60.0)
+    assert suite.rows[0].metrics["failed"].startswith("no readable demo_summary.json (JSONDecodeError: ")
+
+
+def test_the_demo_log_line_gives_three_decimals_or_null(monkeypatch):
+    """The demo's log line: losses and accuracies to three decimals, a null (non-finite) loss as None."""
+    from ace_model import cli
+    from benchmarks import bench_model
+
+    summary = {"loss_first": 2.0, "loss_last": 0.5, "steps": 300, "before": {"accuracy": 0.24},
+               "after": {"accuracy": 0.9}, "chance_accuracy": 0.25, "seconds": 1.0}
+
+    def demo(argv):
+        (Path(argv[argv.index("--out-dir") + 1]) / "demo_summary.json").write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(cli, "main", demo)
+    for change, expected in (({}, "loss 2.000 -> 0.500, accuracy 0.900 (chance 0.250)"),
+                             ({"loss_last": None}, "loss 2.000 -> None, accuracy 0.900 (chance 0.250)")):
+        summary.update(change)
+        logged = []
+        suite = _suite("all")
+        suite.quick, suite.log = False, logged.append
+        bench_model._run_demo(suite, 60.0)
+        (line,) = [text for text in logged if text.startswith("  ace_lora_demo: ")]
+        assert line.endswith(expected), line

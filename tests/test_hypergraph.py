@@ -1280,3 +1280,25 @@ def test_cuda_top_k_shared_memory_constants_match_the_kernel_source():
     assert (hg._CUDA_TOPK_QUERIES, hg._CUDA_TOPK_CHUNK) == (queries, chunk)
     assert hg._CUDA_TOPK_STATIC_BYTES == queries * max_topk * (4 + 8) + queries * 8  # top_v, top_i, own_row
     assert hg._cuda_topk_shared_bytes(974) == 48 * 1024 < hg._cuda_topk_shared_bytes(975)
+
+
+def test_topk_launches_cap_float32_registers_only(monkeypatch):
+    """The top-k launcher passes Triton's ``maxnreg`` = TOPK_FP32_MAXNREG (128) for float32
+    features and no cap for 16-bit ones (which need more than 128): without the cap ptxas spilled
+    the fp32 k = 5 fused selection under triton 3.6, which the sm_90a spill check (on whatever
+    triton is installed) cannot see. A stand-in kernel records what each launch passes."""
+    assert hg.TOPK_FP32_MAXNREG == 128
+    assert hg._topk_maxnreg(torch.float32) == 128
+    assert hg._topk_maxnreg(torch.float16) is None and hg._topk_maxnreg(torch.bfloat16) is None
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs.get("maxnreg", "not passed"))
+
+    monkeypatch.setattr(hg, "_topk_incidence_kernel", Kernel())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pn = torch.randn(2, 20, 16).to(dtype)
+        hg._launch_topk(pn, None, None, 5)  # norms computed in the kernel
+        hg._launch_topk(pn, torch.ones(2, 20), None, 5)
+    assert seen == [128, 128, None, None, None, None]

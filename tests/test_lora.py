@@ -1109,3 +1109,53 @@ def test_a_non_tensor_argument_under_autocast_is_named():
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="argument 'weight'"):
         ace_kernels.lora_qkv(x, weight.tolist(), bias, lora_a, lora_b, scaling=0.5, backend="torch")
+
+
+def test_triton_dropout_limit_is_stated_to_six_digits():
+    """The refusal of a dropout_p too close to 1 names the limit as 0.999237 (1 - 2**-17 / 0.01):
+    printed to five digits it read 0.99924, above dropout_ps (0.999238, 0.999239) it declines."""
+    from ace_kernels.lora import _MAX_TRITON_DROPOUT, _triton_reasons
+
+    w, a, b = torch.empty(1).expand(24, 8), torch.empty(1).expand(3, 2, 8), torch.empty(3, 8, 2)
+    x = torch.empty(1).expand(5, 8)
+    assert _MAX_TRITON_DROPOUT == pytest.approx(1 - 2**-17 / 0.01, abs=0)
+    (reason,) = [r for r in _triton_reasons(x, w, None, a, b, 0.5, 0.999238, True) if "too close to 1" in r]
+    assert "(above 0.999237 its rounding" in reason, reason
+
+
+def _occupancy_of_the_occupancy_candidates() -> list[dict]:
+    """Resident blocks per sm_90a SM of the 16-bit sweep candidates added for occupancy (down
+    candidate 4, backward candidate 5), every launch variant; runs in a process without
+    TRITON_INTERPRET, as _compile_all_for_sm90."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from ace_kernels._aot import blocks_per_sm90, compile_sm90
+    from benchmarks.kernel_stats import divisible_arguments, lora_launches
+
+    results = []
+    for label, kernel, signature, constexprs, num_warps, num_stages in lora_launches(torch.float16):
+        if not (label.startswith("down") and label.endswith(" candidate 4")
+                or label.startswith("backward") and label.endswith(" candidate 5")):
+            continue
+        res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                           divisible_by_16=divisible_arguments(kernel))
+        results.append(dict(label=label, registers=res.registers, spills=res.spills,
+                            blocks=blocks_per_sm90(res.registers, res.shared_bytes, num_warps)))
+    return results
+
+
+@pytest.mark.slow
+def test_the_occupancy_candidates_fit_more_blocks_per_sm():
+    """The sweep candidates declared for occupancy do what their comments say: down candidate 4
+    six blocks of 4 warps per SM (80 registers), backward candidate 5 three (at most 168)."""
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    results = compile_in_fresh_process("test_lora", "_occupancy_of_the_occupancy_candidates")
+    assert {r["label"].split(" ")[0] for r in results} == {"down", "backward"}, results
+    for r in results:
+        assert r["blocks"] >= (6 if r["label"].startswith("down") else 3) and not r["spills"], r
