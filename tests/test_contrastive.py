@@ -785,12 +785,20 @@ def test_tile_launches_cover_the_kinds_of_tiles_a_block_has(monkeypatch):
 
 
 @pytest.mark.triton
-def test_triton_blocked_strategy_owned_shares(device, monkeypatch):
+@pytest.mark.parametrize("n, shares", [
+    # Blocks of one tile of rows: shares start inside a block and whole blocks lie outside lo..hi.
+    (61, [(0, 9), (9, 40), (40, 61)]),
+    # Shares that start and end on 16-row tile bounds: the blocks of rows before and after a share
+    # meet its columns in whole tiles that touch the diagonal's tiles without holding it (rows
+    # 0..16 against columns 16..48, rows 48..64 against them), so only their interior launch runs,
+    # and each of its tiles must count as interior, or no launch computes it.
+    (64, [(0, 16), (16, 48), (48, 64)]),
+], ids=["inside_tiles", "at_tile_bounds"])
+def test_triton_blocked_strategy_owned_shares(n, shares, device, monkeypatch):
     # group='s owned shares (row LSEs of lo..hi both ways, weights of unowned rows on owned columns
-    # only) by the blocked strategy; blocks of one tile of rows, so that shares start inside a
-    # block and whole blocks lie outside lo..hi.
+    # only) by the blocked strategy.
     with _blocked_strategy(monkeypatch, torch.float32, 20, part_bytes=1) as calls:
-        _check_owned_shares(61, [(0, 9), (9, 40), (40, 61)], device)
+        _check_owned_shares(n, shares, device)
     assert calls == {"lse": 6, "grad": 6}
 
 
@@ -1291,17 +1299,6 @@ def test_tile_launches_leave_out_the_kinds_a_block_has_not(monkeypatch):
     tall = dict(BLOCK_M=64, BLOCK_N=128)
     assert contrastive._tile_launches(0, 192, 512, 1024, tall) == (contrastive.TILES_INTERIOR,)
     assert contrastive._tile_launches(0, 256, 512, 704, tall) == both
-
-
-@pytest.mark.triton
-def test_triton_blocked_strategy_owned_shares_at_tile_bounds(device, monkeypatch):
-    # Shares that start and end on 16-row tile bounds: the blocks of rows before and after a share
-    # meet its columns in whole tiles that touch the diagonal's tiles without holding it (rows
-    # 0..16 against columns 16..48, rows 48..64 against them), so only their interior launch runs,
-    # and each of its tiles must count as interior, or no launch computes it.
-    with _blocked_strategy(monkeypatch, torch.float32, 20, part_bytes=1) as calls:
-        _check_owned_shares(64, [(0, 16), (16, 48), (48, 64)], device)
-    assert calls == {"lse": 6, "grad": 6}
 
 
 @pytest.mark.triton
