@@ -32,11 +32,12 @@ bench-quick: $(STAMP)
 # `make test TEST_WORKERS=0` runs them in this process (pytest's own -n 0).
 # Cores: nproc (the CPUs this process may run on; without OMP_NUM_THREADS, which it would
 # follow), lowered to a container's CPU quota (cgroup v2 cpu.max "QUOTA PERIOD", rounded up),
-# which nproc does not see.
-CPU_MAX_FILE ?= /sys/fs/cgroup/cpu.max
+# which nproc does not see. cgroup v1's quota is not read.
+# (this process's own cgroup: /proc/self/cgroup's "0::PATH"; "/" inside a cgroup namespace)
+CPU_MAX_FILE ?= /sys/fs/cgroup$(shell sed -n 's/^0:://p' /proc/self/cgroup 2>/dev/null)/cpu.max
 TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); \
 	q=$$(cat $(CPU_MAX_FILE) 2>/dev/null); set -- $$q; \
-	case "$$1$$2" in (*[!0-9]*|"") ;; (*) [ $$2 -gt 0 ] && c=$$(( ($$1 + $$2 - 1) / $$2 )) && [ $$c -lt $$n ] && n=$$c;; esac; \
+	case "$$1$$2" in (*[!0-9]*|"") ;; (*) [ "$${2:-0}" -gt 0 ] && c=$$(( ($$1 + $$2 - 1) / $$2 )) && [ $$c -lt $$n ] && n=$$c;; esac; \
 	[ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
 

@@ -1222,13 +1222,15 @@ def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tu
     n = u.shape[0]
     if lo == hi:  # a rank with no rows (group=): no share, no kernel launch
         return torch.zeros((), dtype=torch.float32, device=u.device), (u, t, scale)
+    col_positives = None
     if lo == 0 and hi == n:
         row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32)
     else:
-        # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials.
+        # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials;
+        # each side's positives come from its own pass, as its log-sum-exps do.
         row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
-        col_lse, _ = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
-    share = _loss_share(row_lse, col_lse, scale32[0], positives, n)
+        col_lse, col_positives = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
+    share = _loss_share(row_lse, col_lse, scale32[0], positives, n, col_positives)
     return share, (u, t, scale, keys32, row_lse, col_lse)
 
 

@@ -475,6 +475,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         # The loader itself, not the model's method: which attention the checkpoint was trained
         # with is decided and said by _text_attention below.
         metadata = apply_reference_checkpoint(model, args.checkpoint, blob) if args.checkpoint else {}
+        del blob  # its tensors are copied into the model: no second copy through the evaluation
     except CheckpointError as exc:
         if recorded and recorded != args.model:
             raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "

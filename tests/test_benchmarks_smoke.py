@@ -2372,7 +2372,7 @@ def test_replacing_a_file_leaves_no_descriptor_open(tmp_path):
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
         harness._replace_file(path, lambda handle: handle.write("{}\n"))
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(os.listdir("/proc/self/fd")) <= before  # (another thread may close one meanwhile)
     assert open(path).read() == "{}\n"
 
 

@@ -150,6 +150,26 @@ def test_torch_shares_with_only_positives_are_exactly_zero(n, block):
     assert shares == [0.0, 0.0]
 
 
+def test_torch_rank_shares_score_columns_against_their_own_products(monkeypatch):
+    """A rank's column log-sum-exps come from the t u^T pass, so its columns' positives must too:
+    where t_j . u_j rounds otherwise than u_j . t_j (another BLAS kernel: on this CPU they agree,
+    so the column pass's products are shifted here by a power of two), a batch with all labels
+    equal still has shares of exactly 0."""
+    g = torch.Generator().manual_seed(2)
+    n = 24
+    u, t = (F.normalize(torch.randn(n, 16, generator=g), dim=1) for _ in range(2))
+    scale, keys = torch.tensor(10.0), torch.zeros(n, dtype=torch.int64)
+    mm = torch.mm
+
+    def column_pass_rounds_otherwise(a, b):
+        out = mm(a, b)
+        return out + 2.0**-10 if a.data_ptr() >= t.data_ptr() and a.data_ptr() < t.data_ptr() + t.nbytes else out
+
+    monkeypatch.setattr(contrastive.torch, "mm", column_pass_rounds_otherwise)
+    shares = [contrastive._TorchLossShare.apply(u, t, scale, keys, lo, hi, 8).item() for lo, hi in ((0, 10), (10, n))]
+    assert shares == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_upstream_gradient_scales_every_gradient(backend, device):
     """(k * loss).backward() gives k times the gradients of loss.backward(), for both embeddings
