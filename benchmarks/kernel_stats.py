@@ -204,25 +204,30 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
         # The interior tiles' launch (nearly every tile at a large B) and the others'.
         for tiles, what in ((contrastive.TILES_INTERIOR, "interior"), (contrastive.TILES_EDGE, "edge")):
             launches.append((f"{name} blocked {what}", name, dict(cfg, TILES=tiles), contrastive._blocked_options(cfg)))
-    kernels = {"lse_both": contrastive._lse_both_kernel, "grad": contrastive._grad_rows_kernel,
-               "lse_tiles": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
-    out = []
-    for label, name, cfg, options in launches:
-        const = {"HAS_KEYS": True, "IEEE": False}
-        if name == "lse_tiles":
-            const["WANT_COLS"] = True  # the single-device forward: row and column partials
-        if name.startswith("lse"):
-            const["FAST_LOG"] = contrastive._fast_log(torch.bfloat16)  # as a launch on a GPU takes the logs
-        if "TILES" in cfg:
-            const["TILES"] = cfg["TILES"]
-        const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
-        signature = dict(contrastive_signature(name, "bf16"), **{k: "constexpr" for k in const})
-        # At B = 65,536 every integer argument is a multiple of 16 (n, D, the row strides, and the
-        # bounds, which are block starts and ends or 0 and n), and Triton specialises a launch on
-        # that: the code a large-batch launch runs.
-        divisible = integer_arguments(signature)
-        out.append((label, kernels[name], signature, const, options["num_warps"], options["num_stages"], divisible))
-    return out
+    return [contrastive_launch(*launch) for launch in launches]
+
+
+def contrastive_launch(label: str, name: str, cfg: dict, options: dict) -> tuple:
+    """One entry of :func:`contrastive_launches`: InfoNCE kernel ``name`` (a
+    :func:`contrastive_signature` name; ``lse`` is the ``group=`` row pass) launched with
+    configuration ``cfg`` and kernel options ``options``, bf16 with labels."""
+    kernels = {"lse_both": contrastive._lse_both_kernel, "lse": contrastive._lse_rows_kernel,
+               "grad": contrastive._grad_rows_kernel, "lse_tiles": contrastive._lse_tiles_kernel,
+               "grad_weights": contrastive._grad_weights_kernel}
+    const = {"HAS_KEYS": True, "IEEE": False}
+    if name == "lse_tiles":
+        const["WANT_COLS"] = True  # the single-device forward: row and column partials
+    if name.startswith("lse"):
+        const["FAST_LOG"] = contrastive._fast_log(torch.bfloat16)  # as a launch on a GPU takes the logs
+    if "TILES" in cfg:
+        const["TILES"] = cfg["TILES"]
+    const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
+    signature = dict(contrastive_signature(name, "bf16"), **{k: "constexpr" for k in const})
+    # At B = 65,536 every integer argument is a multiple of 16 (n, D, the row strides, and the
+    # bounds, which are block starts and ends or 0 and n), and Triton specialises a launch on
+    # that: the code a large-batch launch runs.
+    divisible = integer_arguments(signature)
+    return label, kernels[name], signature, const, options["num_warps"], options["num_stages"], divisible
 
 
 def contrastive_row(label: str, kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int,

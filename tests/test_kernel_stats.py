@@ -198,17 +198,12 @@ def test_the_fast_log_is_for_16_bit_inputs_on_a_gpu(monkeypatch):
 def _infonce_log_polynomials() -> list:
     """[label, ftz FMAs with FAST_LOG, without] of each 16-bit InfoNCE forward launch (sm_90a PTX)."""
     from ace_kernels import _aot, contrastive
-    from benchmarks.kernel_stats import contrastive_launches, contrastive_signature
+    from benchmarks.kernel_stats import contrastive_launch, contrastive_launches
 
-    launches = list(contrastive_launches())
-    # The two-pass forward of group= (_lse_rows_kernel), which the profile does not cover.
+    # The profile's launches, and the two-pass forward of group= (_lse_rows_kernel), which it does not cover.
     cfg = contrastive._launch_config("lse", torch.bfloat16, 512, interpreter=False)
-    options = contrastive._kernel_options(cfg)
-    const = dict({"HAS_KEYS": True, "IEEE": False, "FAST_LOG": True},
-                 **{k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
-    signature = dict(contrastive_signature("lse", "bf16"), **{k: "constexpr" for k in const})
-    launches.append(("lse_rows one-pass", contrastive._lse_rows_kernel, signature, const, options["num_warps"],
-                     options["num_stages"], _aot.integer_arguments(signature)))
+    launches = [*contrastive_launches(),
+                contrastive_launch("lse_rows one-pass", "lse", cfg, contrastive._kernel_options(cfg))]
     out = []
     for label, kernel, signature, constexprs, num_warps, num_stages, divisible in launches:
         if not label.startswith("lse"):
@@ -216,7 +211,7 @@ def _infonce_log_polynomials() -> list:
         counts = []
         for fast in (True, False):
             ptx = _aot.ptx_sm90(kernel, signature, dict(constexprs, FAST_LOG=fast), num_warps=num_warps,
-                           num_stages=num_stages, divisible_by_16=divisible)
+                                num_stages=num_stages, divisible_by_16=divisible)
             counts.append(ptx.count("fma.rn.ftz.f32"))
         out.append([label, *counts])
     return out
