@@ -458,7 +458,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     # The checkpoint is read once, before the model is built (an unreadable file stops here);
     # --model and --seed, where not given, are what it records (as --text-attention).
     blob = read_reference_checkpoint(args.checkpoint) if args.checkpoint else None
-    recorded, recorded_seed = _recorded_build(blob) if args.checkpoint else (None, None)
+    recorded, recorded_seed = _recorded_build(blob)  # (None, None) without a checkpoint
     args.model = args.model or recorded or "biomedclip"
     if args.seed is None:
         args.seed = recorded_seed if recorded_seed is not None else DEFAULT_SEED
