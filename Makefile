@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup bench bench-quick test print-test-workers test-gpu-image info gpu-check gpu-wheels clean
+.PHONY: setup bench bench-quick test print-test-workers coverage test-gpu-image info gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,20 @@ test: $(STAMP)
 
 print-test-workers:
 	@echo $(TEST_WORKERS)
+
+# Which statements no CPU test runs: the tests of `make test` under coverage.py, a report (not a
+# gate) in build/coverage/ (report.txt, html/). .coveragerc measures the processes the tests start
+# too (the CLI's, torchrun's, the spawned ranks'). GPU-only code is never run here. coverage is
+# installed on first use (7.10 or newer, for .coveragerc's `patch`): nothing else needs it.
+COVERAGE_PIN ?= coverage==7.17.5
+coverage: $(STAMP)
+	$(PY) -c "import coverage, sys; sys.exit(coverage.version_info < (7, 10))" 2>/dev/null \
+		|| $(PY) -m pip install -q $(COVERAGE_PIN)
+	rm -rf build/coverage && mkdir -p build/coverage
+	$(PY) -m coverage run --rcfile=.coveragerc -m pytest tests -q -p no:cacheprovider $(PYTEST_WORKERS)
+	$(PY) -m coverage combine --rcfile=.coveragerc -q
+	$(PY) -m coverage report --rcfile=.coveragerc | tee build/coverage/report.txt
+	$(PY) -m coverage html --rcfile=.coveragerc -q -d build/coverage/html
 
 # The GPU machines' software, here: Python 3.12, torch 2.11.0 (+cu130) and triton 3.6.0, as the
 # lent H100/H200 image has them (numpy 2.5.2 too). This second venv catches what only that

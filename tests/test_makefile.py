@@ -87,9 +87,26 @@ def test_print_test_workers(tmp_path):
     assert out.stdout.strip() == "3", out.stderr
 
 
-@pytest.mark.parametrize("target", ["test", "test-gpu-image"])
+@pytest.mark.parametrize("target", ["test", "test-gpu-image", "coverage"])
 def test_the_test_targets_pass_the_workers_to_pytest(target):
     out = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, target, "TEST_WORKERS=5"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stdout.splitlines() if " -m pytest " in line and "-n 5 --dist worksteal" in line]
+
+
+def test_coverage_follows_the_processes_the_tests_start():
+    """`make coverage` measures the CLI's and torchrun's subprocesses and the spawned ranks (which
+    end through os._exit): without the patches their code shows as never run."""
+    import configparser
+
+    rc = configparser.ConfigParser()
+    rc.read(os.path.join(ROOT, ".coveragerc"))
+    assert {p.strip() for p in rc["run"]["patch"].split(",")} >= {"subprocess", "_exit"}
+    assert rc["run"].getboolean("parallel")
+    assert {p.strip() for p in rc["run"]["source"].split(",")} == {"ace_kernels", "ace_model", "benchmarks"}
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, "coverage"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert [line for line in out.stdout.splitlines() if "-m coverage run --rcfile=.coveragerc -m pytest tests" in line]
+    assert [line for line in out.stdout.splitlines() if "-m coverage combine --rcfile=.coveragerc" in line]
