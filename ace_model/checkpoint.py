@@ -95,10 +95,6 @@ def save_reference_checkpoint(model, path: str | os.PathLike | BinaryIO, metadat
         atomic_torch_save(blob, path)
 
 
-def _shape(value) -> tuple | str:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
 def _expect_tensor(where: str, value, expected_shape: tuple, into: torch.dtype) -> torch.Tensor:
     """``value`` as a floating tensor of ``expected_shape`` whose values are finite once copied
     into a parameter of dtype ``into`` (a float64 1e40 is an infinity in float32)."""

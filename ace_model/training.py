@@ -155,6 +155,10 @@ def _call_loss(loss_fn, image_emb, text_emb, scale, labels, group):
     return loss_fn(image_emb, text_emb, scale, labels, group=group)
 
 
+# The step's precision: "auto" (bf16 autocast on CUDA, none on the CPU), "bf16" (CUDA only) or "fp32".
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast on CUDA when ``precision`` is "bf16" (or "auto"); nothing otherwise."""
     if device.type == "cuda" and precision in ("bf16", "auto"):
@@ -272,6 +276,8 @@ def chunked_train_step(
     """
     if loss_scope not in LOSS_SCOPES:
         raise ValueError(f"argument 'loss_scope': expected 'global' or 'local', got {loss_scope!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"argument 'precision': expected 'auto', 'bf16' or 'fp32', got {precision!r}")
     try:
         _check_step_inputs(images, token_ids, labels, chunk_size)
         local_error = None
@@ -403,7 +409,7 @@ class GraphedTrainStep:
             raise ValueError(f"argument 'model': GraphedTrainStep captures a CUDA graph and needs a model on a "
                              f"CUDA device, got one on {device}")
         _check_step_inputs(images, token_ids, labels, None)
-        if precision not in ("auto", "bf16", "fp32"):
+        if precision not in PRECISIONS:
             raise ValueError(f"argument 'precision': expected 'auto', 'bf16' or 'fp32', got {precision!r}")
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"argument 'warmup': expected a positive int, got {warmup!r}")
@@ -512,8 +518,6 @@ def sync_gradients(params: Sequence[torch.Tensor], group=None, average: bool = F
     if group is None or dist.get_world_size(group) == 1:
         return
     params = list(params)
-    if not params:
-        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     buckets: dict[torch.dtype, list[int]] = {}
     for index, g in enumerate(grads):
@@ -785,7 +789,7 @@ class TrainConfig:
             # AdamW's first step moves each weight by lr / (1 - beta1) times a factor it casts to
             # the weights' float32: torch raises there, after the set-up, with a traceback.
             raise ValueError(f"TrainConfig.lr: {self.lr!r} / (1 - betas[0]) overflows float32 in AdamW's first step")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("cuda_graph", "overwrite", "use_labels", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):

@@ -240,6 +240,11 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
      lambda blob: blob["weights"].update({7: torch.zeros(2)})),
     (r"metadata\['params'\] is 'qkv', this model adapts \['q', 'k', 'v'\]",
      lambda blob: blob["metadata"].update(params="qkv")),
+    (r"bad\.pt: 'metadata' must be a dict, found str$", lambda blob: blob.update(metadata="r=4")),
+    (r"bad\.pt: weights: expected a dict with keys \['layer_0', 'layer_1', .*\], found list$",
+     lambda blob: blob.update(weights=list(blob["weights"].values()))),
+    (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a tensor of shape \(4, 64\), found list$",
+     lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=[[0.0] * 64] * 4)),
 ])
 def test_corrupt_values_and_keys_are_refused_naming_them(tiny, tmp_path, where, edit):
     """A NaN or infinite weight (training never writes one), a multiplier <= 0 as the model would hold
@@ -354,3 +359,30 @@ def test_a_file_saved_without_crcs_loads(tiny, tmp_path):
     model = copy.deepcopy(tiny)
     model.load_reference_checkpoint(path)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny.parameters()))
+
+
+def test_a_file_that_holds_no_dict_is_named(tiny, tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointError, match=r"list\.pt: expected a dict with keys \['weights', 'metadata'\], "
+                                              r"found list$"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
+def test_a_missing_file_or_a_directory_is_not_called_corrupt(tmp_path):
+    """read_model_file says "cannot be read" of a file's content only: a missing file or a directory
+    raises as the load raised it."""
+    from ace_model.checkpoint import read_model_file
+
+    for path, error in ((tmp_path / "missing.pt", FileNotFoundError), (tmp_path, IsADirectoryError)):
+        with pytest.raises(error):
+            read_model_file(lambda: torch.load(path, weights_only=True), CheckpointError, str(path), "a checkpoint")
+
+
+def test_an_error_is_cut_to_its_first_sentence_and_to_200_characters():
+    from ace_model.checkpoint import first_line
+
+    assert first_line(ValueError("Bad file. Torch explains at length.\nMore.")) == "ValueError: Bad file."
+    assert first_line(ValueError("x" * 300)) == "ValueError: " + "x" * 197 + "..."
+    assert first_line(ValueError("x" * 200)) == "ValueError: " + "x" * 200
+    assert first_line(KeyError()) == "KeyError"

@@ -1133,6 +1133,7 @@ def test_config_validation(tmp_path):
     ("warmup_epochs", None, "a finite number >= 0"),
     ("use_labels", "no", "a bool"),  # "no" is true: the run used the labels
     ("loss_scope", "Local", "'global' or 'local'"),
+    ("text_attention", "Spec", "'spec' or 'reference-code'"),
     ("progress", 1, "a bool"),
 ])
 def test_optimizer_settings_are_validated(field, value, expected):
@@ -1953,3 +1954,341 @@ def test_a_dataset_with_getitems_is_asked_for_whole_batches(tmp_path):
           dataset=_BatchedPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
     assert len(_BatchedPairs.calls) == 2 and all(len(c) == 4 for c in _BatchedPairs.calls)
     assert sorted(i for c in _BatchedPairs.calls for i in c) == list(range(8))
+
+
+# ------------------------------------------------------------------ edges the coverage run found untested
+
+def test_the_logit_scale_may_be_a_tensor_a_module_or_a_callable():
+    from types import SimpleNamespace
+
+    scale = torch.nn.Parameter(torch.tensor(3.0))
+    holder = torch.nn.Module()
+    holder.value = scale
+    assert training.logit_scale_parameter(SimpleNamespace(logit_scale=scale)) is scale
+    assert training.logit_scale_parameter(SimpleNamespace(logit_scale=holder)) is scale
+    assert training.logit_scale_parameter(SimpleNamespace(logit_scale=lambda: scale)) is scale
+    holder.other = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"^model\.logit_scale is a module with 2 parameters; expected exactly 1$"):
+        training.logit_scale_parameter(SimpleNamespace(logit_scale=holder))
+    for bad, name in ((None, "NoneType"), (lambda: 2.5, "float"), (torch.nn.Module(), None)):
+        want = (r"^model\.logit_scale is a module with 0 parameters" if name is None else
+                rf"^model\.logit_scale: expected a tensor \(the learnable logit multiplier\), got {name}$")
+        with pytest.raises(ValueError, match=want):
+            training.logit_scale_parameter(SimpleNamespace(logit_scale=bad))
+    # A model without parameters runs on the CPU.
+    assert training._model_device(torch.nn.Module()) == torch.device("cpu")
+
+
+def test_chunked_step_refuses_bad_images_and_precisions_before_any_work():
+    model = make_model("standin")
+    images, token_ids, labels = make_batch(model, 4)
+    model.zero_grad(set_to_none=True)
+    for bad, name in ((images.tolist(), "list"), (images[0, 0, 0, 0], "Tensor")):  # not batched: 0-d
+        with pytest.raises(ValueError, match=rf"^argument 'images': expected a batched tensor, got {name}$"):
+            chunked_train_step(model, bad, token_ids, labels, chunk_size=2, loss_fn=dense_label_infonce)
+    with pytest.raises(ValueError, match=r"^argument 'images': expected at least one sample, got an empty batch$"):
+        chunked_train_step(model, images[:0], token_ids[:0], labels[:0], chunk_size=2, loss_fn=dense_label_infonce)
+    # A misspelt precision ran the step in fp32 without a word (autocast only knows "auto" and "bf16").
+    for bad in ("fp16", "BF16", None):
+        with pytest.raises(ValueError, match=rf"^argument 'precision': expected 'auto', 'bf16' or 'fp32', "
+                                             rf"got {re.escape(repr(bad))}$"):
+            chunked_train_step(model, images, token_ids, labels, chunk_size=2, precision=bad,
+                               loss_fn=dense_label_infonce)
+    # bf16 autocast needs CUDA: refused on the CPU model, in one pass as in two.
+    for chunk in (None, 2):
+        with pytest.raises(ValueError, match=r"^precision 'bf16' needs a CUDA device, got cpu$"):
+            chunked_train_step(model, images, token_ids, labels, chunk_size=chunk, precision="bf16",
+                               loss_fn=dense_label_infonce)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _as_rank_0_of_2(monkeypatch, all_gather, other_text: str) -> None:
+    """This process as rank 0 of two over gloo; ``all_gather`` stands in for the collective and rank
+    1's text of a differing field comes back from the object gather."""
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(training.dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(training.dist, "all_gather", all_gather)
+    monkeypatch.setattr(training.dist, "all_gather_object",
+                        lambda objects, obj, group=None: objects.__setitem__(slice(None), [obj, other_text]))
+
+
+def test_a_rank_with_bad_inputs_raises_its_own_error_when_the_others_are_fine(monkeypatch):
+    """The rank whose inputs are bad raises its own ValueError (what to fix), not the mismatch the
+    exchange finds; the other ranks get the RankMismatchError (tests/test_training_distributed.py)."""
+    model = make_model("standin")
+    images, token_ids, labels = make_batch(model, 4)
+    good = {"inputs valid": 1, "local batch size": 4, "image shape": training._shape_code(images.shape[1:]),
+            "token shape": training._shape_code(token_ids.shape[1:]), "labels": training._shape_code(labels.shape[1:])}
+    good_codes = [training._stable_hash(list(good)), *good.values()]
+    exchanges = []
+
+    def all_gather(tensors, tensor, group=None):  # rank 1's inputs are valid
+        exchanges.append(tensor.numel())
+        tensors[0].copy_(tensor)
+        tensors[1].copy_(torch.tensor([5, good_codes[0], training._stable_hash(good_codes)]) if tensor.numel() == 3
+                         else torch.tensor(good_codes))
+
+    _as_rank_0_of_2(monkeypatch, all_gather, other_text="1")
+    with pytest.raises(ValueError, match=r"^argument 'labels': expected 4 rows like 'images', got \[3, 3\]$") as info:
+        chunked_train_step(model, images, token_ids, labels[:3], chunk_size=2, group=object(),
+                           loss_fn=dense_label_infonce)
+    assert exchanges == [3, 6] and info.value.__suppress_context__
+
+
+def test_sync_gradients_gives_a_gradient_only_another_rank_computed(monkeypatch):
+    """A parameter without a gradient here but with one on another rank gets the sum (or mean)."""
+    other_rank = torch.tensor([2.0, 2.0, 2.0, 5.0, 7.0, 1.0, 1.0])  # its two gradients, then "has one" flags
+
+    def all_reduce(tensor, op=None, group=None):
+        tensor.add_(other_rank)
+
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "all_reduce", all_reduce)
+    for average, want in ((False, ([3.0, 3.0, 3.0], [5.0, 7.0])), (True, ([1.5, 1.5, 1.5], [2.5, 3.5]))):
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+        params[0].grad = torch.ones(3)
+        training.sync_gradients(params, group=object(), average=average)
+        assert [p.grad.tolist() for p in params] == list(want), average
+        assert params[1].grad.dtype == torch.float32 and params[1].grad.shape == (2,)
+
+
+def test_config_from_a_dict_with_unknown_fields_is_refused():
+    with pytest.raises(ValueError, match=r"^TrainConfig: unknown fields \['bogus', 'learning_rate'\]$"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "learning_rate": 1e-3, "bogus": 1})
+
+
+def test_collate_batch_reads_dict_items_under_each_key_spelling():
+    def item(i, **keys):
+        values = {"image": torch.full((3, 2, 2), float(i)), "tokens": torch.tensor([i, 1]), "label": torch.tensor([i])}
+        return {spelling: values[what] for spelling, what in keys.items()}
+
+    spellings = [dict(image="image", token_ids="tokens", labels="label"),
+                 dict(images="image", tokens="tokens", label="label"),
+                 dict(image="image", input_ids="tokens", labels="label")]
+    images, tokens, labels = training.collate_batch([item(i, **s) for i, s in enumerate(spellings)])
+    assert torch.equal(images, torch.arange(3.0)[:, None, None, None].expand(3, 3, 2, 2))
+    assert tokens.tolist() == [[0, 1], [1, 1], [2, 1]] and labels.tolist() == [[0], [1], [2]]
+    # An item without labels: the batch has none (the plain CLIP loss).
+    _, _, labels = training.collate_batch([item(0, **spellings[0]), item(1, image="image", tokens="tokens")])
+    assert labels is None
+
+
+def test_the_fork_hook_points_held_lock_descriptors_at_dev_null(tmp_path, monkeypatch):
+    """What a forked child runs (tests above fork one; its coverage is not recorded): each held lock
+    descriptor now names /dev/null; with no descriptor left to open /dev/null, each is closed
+    instead, one that is closed already passed over."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    fd = os.open(lock, os.O_RDONLY)
+    held = {fd}
+    monkeypatch.setattr(training, "_HELD_LOCKS", held)
+    try:
+        training._drop_locks_in_child()
+        assert os.path.samestat(os.fstat(fd), os.stat(os.devnull)) and not held
+    finally:
+        os.close(fd)
+    fd, gone = os.open(lock, os.O_RDONLY), os.open(lock, os.O_RDONLY)
+    os.close(gone)
+    held.update({fd, gone})
+
+    def no_descriptor_left(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", no_descriptor_left)
+        training._drop_locks_in_child()
+    assert not held
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+
+
+def test_the_out_dir_lock_is_skipped_where_locks_are_unsupported(tmp_path, monkeypatch):
+    """A file system that refuses flock (ENOLCK on NFS) or no fcntl at all (not POSIX): the run goes
+    on unlocked, and its own errors are not chained to the lock's."""
+    import errno
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(RuntimeError, match="the run's own") as info:
+        with training._lock_out_dir(tmp_path):
+            raise RuntimeError("the run's own")
+    assert info.value.__context__ is None
+    assert (tmp_path / training.LOCK_NAME).read_text() == "" and not training._HELD_LOCKS  # no holder line
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError
+    with training._lock_out_dir(tmp_path / "nowhere"):
+        pass
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_resume_paths_that_hold_nothing_resumable_are_named(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"^TrainConfig\.resume: {re.escape(repr(str(empty)))} has no 'latest' "
+                                                r"file, nor has its checkpoints/$"):
+        training.resolve_resume(empty, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text(json.dumps({"step": 3, "state": "state-00000003.pt"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/latest names state-00000003\.pt, which does not exist$"):
+        training.resolve_resume("auto", tmp_path / "run")
+    for name, content, found in (("list.pt", [1, 2], "'list'"), ("other.pt", {"format": "other"}, "'other'"),
+                                 ("plain.pt", {"step": 3}, "None")):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(training.TrainingStateError, match=rf"{name}: not an ace-lora training state \(format field "
+                                                              rf"{found}, expected 'ace-lora-train-state'\)$"):
+            load_state(tmp_path / name)
+
+
+def test_read_metrics_skips_lines_that_are_json_but_no_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "start", "step": 0}\n{"step": 1, "loss": 2.0}\n[1, 2]\n7\n"x"\n{"step": 2, "loss": 1.0}\n')
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 2.0), (2, 1.0)]
+
+
+def test_a_model_with_nothing_to_train_is_refused_before_any_file_is_written(tmp_path):
+    data = RandomPairs(make_model("standin"), 8)
+    frozen = make_model("standin").requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^the model has no parameters with requires_grad=True$"):
+        train(_config(tmp_path), model=frozen, dataset=data, loss_fn=dense_label_infonce)
+    fixed_scale = make_model("standin")
+    fixed_scale.logit_scale.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^model\.logit_scale is not among the trainable parameters$"):
+        train(_config(tmp_path), model=fixed_scale, dataset=data, loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run").exists()
+
+
+class _DiskFillsUp:
+    """``metrics.jsonl`` on a disk that is full after ``lines`` lines: each later write fails (and,
+    with ``flush_fails``, each flush and the close, as a full disk's buffered writes do), every
+    error numbered so that a test sees which one a run raised."""
+
+    def __init__(self, path, lines: int, flush_fails: bool):
+        self.file = open(path, "a", encoding="utf-8")
+        self.left, self.flush_fails, self.full, self.errors = lines, flush_fails, False, []
+
+    def _error(self):
+        self.errors.append(OSError(28, f"No space left on device (simulated #{len(self.errors) + 1})"))
+        return self.errors[-1]
+
+    def write(self, text):
+        if self.left <= 0:
+            self.full = True
+            raise self._error()
+        self.left -= text.count("\n")
+        return self.file.write(text)
+
+    def flush(self):
+        if self.full and self.flush_fails:
+            raise self._error()
+        self.file.flush()
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        self.file.close()
+        if self.full and self.flush_fails:
+            raise self._error()
+
+
+def test_a_metrics_line_that_cannot_be_written_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    """The step whose line fails finishes; the next one stops before its step with that error (not
+    the flush's or close's that fail after it); a failure at the last step's line stops the run
+    before the final ace_lora.pt."""
+    model = make_model("standin")  # shapes the data
+    steps = []
+    step = training.chunked_train_step
+    monkeypatch.setattr(training, "chunked_train_step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    for name, lines, flush_fails, max_steps, ran in (("mid", 2, True, None, 2), ("last", 2, False, 2, 2)):
+        disks = []
+        monkeypatch.setattr(training, "_open_metrics_for_append",
+                            lambda path: disks.append(_DiskFillsUp(path, lines, flush_fails)) or disks[-1])
+        steps.clear()
+        out = tmp_path / name
+        data = _RecordingPairs(model, 8, seed=1)
+        with pytest.raises(OSError, match=r"simulated #1\)$"):
+            train(_config(out, max_steps=max_steps, warmup_epochs=0), model=make_model("standin"), dataset=data,
+                  loss_fn=dense_label_infonce)
+        assert len(steps) == ran and len(data.seen) == 4 * ran, name  # nor was the next batch loaded
+        assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == [1], name
+        assert len(disks[0].errors) == (3 if flush_fails else 1), name  # the flush and close after it were tried
+        assert disks[0].file.closed and not (out / "run" / "ace_lora.pt").exists(), name
+
+
+def test_a_state_for_other_trainable_parameters_is_refused(tmp_path):
+    model = make_model("standin")
+    data = RandomPairs(model, 8, seed=1)
+    train(_config(tmp_path, epochs=1, warmup_epochs=0), model=model, dataset=data, loss_fn=dense_label_infonce)
+    state = load_state(tmp_path / "run" / "checkpoints" / "state-00000002.pt")
+    state["trainable"]["image_head.scale"] = state["trainable"].pop("image_head.bias")
+    torch.save(state, tmp_path / "renamed.pt")
+    with pytest.raises(training.TrainingStateError, match=r"renamed\.pt: trainable parameters differ \(missing "
+                                                          r"\['image_head\.bias'\], unexpected \['image_head\.scale'\]\)$"):
+        train(_config(tmp_path, epochs=1, warmup_epochs=0, resume=str(tmp_path / "renamed.pt"),
+                      out_dir=str(tmp_path / "again")),
+              model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+
+
+def test_train_reads_a_csv_whose_images_live_under_image_root(tmp_path):
+    from ace_model.data import make_synthetic_dataset
+
+    if not tiny_available():
+        pytest.skip("ace_model.ACELoRA not importable")
+    csv_path = make_synthetic_dataset(tmp_path / "data", 8, seed=0)
+    moved = tmp_path / "elsewhere" / "train.csv"  # the CSV's image paths are relative to its old folder
+    moved.parent.mkdir()
+    csv_path.rename(moved)
+    config = TrainConfig(csv=str(moved), image_root=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
+                         model="tiny", epochs=1, batch_size=4, max_steps=1, warmup_epochs=0, checkpoint_every=0,
+                         progress=False)
+    result = train(config)
+    assert result["steps"] == 1 and math.isfinite(result["final_loss"])
+
+
+def test_a_failed_measurement_says_what_its_process_wrote(monkeypatch):
+    import subprocess
+
+    ran = []
+
+    def failing(cmd, **kwargs):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="x" * 5000 + "ValueError: no such model")
+
+    monkeypatch.setattr(subprocess, "run", failing)
+    with pytest.raises(RuntimeError) as info:
+        training.measure_chunked_step(8, 2, model="none")
+    assert str(info.value) == "measure_chunked_step(8, 2) failed:\n" + ("x" * 5000 + "ValueError: no such model")[-4000:]
+    assert ran[0][ran[0].index("--chunk-size") + 1] == "2" and ran[0][ran[0].index("--model") + 1] == "none"
+
+
+def test_an_atomic_write_that_finds_no_free_temp_name_says_so(tmp_path, monkeypatch):
+    from ace_model import _atomic
+
+    target = tmp_path / "state.json"
+    monkeypatch.setattr(_atomic.secrets, "token_hex", lambda n: "0" * (2 * n))
+    (tmp_path / ".state.json.000000000000.tmp").write_text("another write's")
+    tries = []
+    real_open = os.open
+    monkeypatch.setattr(_atomic.os, "open", lambda *a, **k: tries.append(1) or real_open(*a, **k))
+    with pytest.raises(FileExistsError, match=rf"^no free temporary name for {re.escape(repr(str(target)))} after 100 "
+                                              r"tries$"):
+        _atomic.atomic_write_text(target, "x")
+    assert len(tries) == 100 and not target.exists()
+
+
+def test_a_writer_that_removed_its_temp_file_fails_with_its_own_error(tmp_path):
+    from ace_model._atomic import atomic_write_to_path
+
+    def writer(tmp):
+        os.unlink(tmp)
+        raise RuntimeError("the writer's own")
+
+    with pytest.raises(RuntimeError, match="^the writer's own$") as info:
+        atomic_write_to_path(tmp_path / "weights.pt", writer)
+    assert info.value.__context__ is None and list(tmp_path.iterdir()) == []
