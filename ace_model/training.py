@@ -1900,7 +1900,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        dataset_record, checkpoint_steps, run_id, last_loss, segment)
+                        dataset_record, checkpoint_steps, run_id, last_loss, segment, pending_error)
             if batches is not None:
                 # Run out (its sampler holds just these batches): the loader stops its workers
                 # here, where a Ctrl-C meanwhile is raised. Left to garbage collection, they
@@ -1979,9 +1979,10 @@ def _first_names(names: list[str], shown: int = 3) -> str:
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                 epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps, run_id,
-                loss, segment):
+                loss, segment, metrics_error=None):
     """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it
-    and the ``segment`` that wrote it (see :func:`read_metrics`)."""
+    and the ``segment`` that wrote it (see :func:`read_metrics`). ``metrics_error``: rank 0's failed
+    write of a metrics line since the last state; then no state is written and every rank raises."""
     snapshot = _rng_snapshot(device)
     if group is not None:
         rng_all: list = [None] * world
@@ -1990,7 +1991,11 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
         rng_all = [snapshot]
     path = reference = None
     write_error = None
-    if rank == 0:
+    if rank == 0 and metrics_error is not None:
+        # A state now would resume after steps whose metrics lines are missing (a flush that
+        # succeeds does not bring back a write that failed): the last good state stays the last.
+        write_error = metrics_error
+    elif rank == 0:
         try:
             state = {
                 "format": STATE_FORMAT,
@@ -2022,7 +2027,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
             write_error = exc
     # This exchange is also the barrier (no rank runs ahead of a checkpoint that may fail), and when
     # rank 0's write fails the others stop too instead of waiting for it in the next collective.
-    _fail_together(write_error, group, f"writing the checkpoint of step {step} on rank 0")
+    _fail_together(write_error, group, f"writing the metrics or the checkpoint of step {step} on rank 0")
     return path, reference, checkpoint_steps
 
 

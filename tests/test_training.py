@@ -2200,12 +2200,14 @@ class _DiskFillsUp:
 def test_a_metrics_line_that_cannot_be_written_stops_the_run_with_its_error(tmp_path, monkeypatch):
     """The step whose line fails finishes; the next one stops before its step with that error (not
     the flush's or close's that fail after it); a failure at the last step's line stops the run
-    before the final ace_lora.pt."""
+    before the final ace_lora.pt, and at a checkpoint's step before its state, even when the
+    flush then succeeds (a resume from it would go on past a step the metrics lack)."""
     model = make_model("standin")  # shapes the data
     steps = []
     step = training.chunked_train_step
     monkeypatch.setattr(training, "chunked_train_step", lambda *a, **k: steps.append(1) or step(*a, **k))
-    for name, lines, flush_fails, max_steps, ran in (("mid", 2, True, None, 2), ("last", 2, False, 2, 2)):
+    for name, lines, flush_fails, max_steps, ran in (("mid", 2, True, None, 2), ("last", 2, False, 2, 2),
+                                                     ("checkpoint", 2, False, 3, 2)):
         disks = []
         monkeypatch.setattr(training, "_open_metrics_for_append",
                             lambda path: disks.append(_DiskFillsUp(path, lines, flush_fails)) or disks[-1])
@@ -2213,12 +2215,13 @@ def test_a_metrics_line_that_cannot_be_written_stops_the_run_with_its_error(tmp_
         out = tmp_path / name
         data = _RecordingPairs(model, 8, seed=1)
         with pytest.raises(OSError, match=r"simulated #1\)$"):
-            train(_config(out, max_steps=max_steps, warmup_epochs=0), model=make_model("standin"), dataset=data,
-                  loss_fn=dense_label_infonce)
+            train(_config(out, max_steps=max_steps, warmup_epochs=0, checkpoint_every=2 if name == "checkpoint" else 4),
+                  model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
         assert len(steps) == ran and len(data.seen) == 4 * ran, name  # nor was the next batch loaded
         assert [r["step"] for r in read_metrics(out / "run" / "metrics.jsonl")] == [1], name
         assert len(disks[0].errors) == (3 if flush_fails else 1), name  # the flush and close after it were tried
         assert disks[0].file.closed and not (out / "run" / "ace_lora.pt").exists(), name
+        assert not list((out / "run").rglob("state-*")), name  # no state past the last metrics line
 
 
 def test_a_state_for_other_trainable_parameters_is_refused(tmp_path):

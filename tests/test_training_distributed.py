@@ -251,8 +251,8 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
     errors = {(rank, what): (tmp_path / f"rank{rank}-{what}.err").read_text()
               for rank in range(2) for what in ("write", "build", "prepare", "metrics", "load", "start", "final")}
     assert errors[0, "write"] == "OSError: [Errno 28] No space left on device (simulated)", errors
-    assert errors[1, "write"].startswith("RankMismatchError: another rank failed writing the checkpoint of step 3 "
-                                         "on rank 0"), errors
+    assert errors[1, "write"].startswith("RankMismatchError: another rank failed writing the metrics or the "
+                                         "checkpoint of step 3 on rank 0"), errors
     assert errors[1, "build"].startswith("ValueError: TrainConfig.csv: "), errors
     assert errors[0, "build"].startswith("RankMismatchError: another rank failed setting up the run"), errors
     full = "OSError: [Errno 28] No space left on device (simulated)"
