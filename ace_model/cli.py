@@ -24,7 +24,6 @@ negatives) is written as ``null``, never as a bare ``NaN``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -177,15 +176,9 @@ def train_config_from_args(args: argparse.Namespace):
     """Map parsed ``train`` flags onto :class:`ace_model.training.TrainConfig`."""
     from ace_model.training import TrainConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {}
-    for dest, field in _TRAIN_FLAGS.items():
+    for dest, field in _TRAIN_FLAGS.items():  # every field is TrainConfig's (tests/test_cli.py checks it)
         value = getattr(args, dest, None)
-        if field not in fields:
-            default = _parser_defaults("train").get(dest)
-            if value is not None and value != default:
-                raise CLIError(f"--{dest.replace('_', '-')} is not supported by this version of ace_model.training")
-            continue
         if value is None and dest not in ("csv",):
             continue
         values[field] = value
@@ -199,10 +192,6 @@ def _subcommand_actions(command: str) -> list:
         if sub is not None:
             return list(sub._actions)  # noqa: SLF001
     return []
-
-
-def _parser_defaults(command: str) -> dict:
-    return {a.dest: a.default for a in _subcommand_actions(command)}
 
 
 def _flag_name(field: str) -> str:

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -1609,3 +1610,168 @@ def test_train_under_torchrun_ends_without_finalization(synthetic, tmp_path):
             assert '"steps": 0' in proc.stdout, case
         assert marker.exists() == finalized, case
         assert ("returned 0" in proc.stdout) == (call == "argv"), case
+
+
+# ---------------------------------------------------------------------------------------
+# Gaps a coverage run found: checks and fallbacks no other test reached
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--logit-scale", "abc"), "--logit-scale: expected 'base', 'learned' or a positive number, got 'abc'"),
+    (("--checkpoint", "/no/such/ace_lora.pt"), "--checkpoint: '/no/such/ace_lora.pt' does not exist"),
+    (("--pretrained", "/no/such/weights.bin"), "--pretrained: '/no/such/weights.bin' does not exist"),
+])
+def test_zero_shot_bad_scale_or_missing_file_is_named_before_the_model_is_built(synthetic, capsys, monkeypatch,
+                                                                                flags, expected):
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", *flags]) == cli.EXIT_BAD_INPUT
+    assert _one_error_line(capsys.readouterr().err, "zero-shot").endswith(expected)
+
+
+def test_zero_shot_csv_that_is_missing_empty_or_without_class_columns_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
+    missing = tmp_path / "missing.csv"
+    empty = _write_csv(tmp_path / "empty.csv", ["image", "text", "edema", "effusion"], [])
+    unlabelled = _write_csv(tmp_path / "unlabelled.csv", ["image", "text"], [["a.png", "edema"]])
+    for path, expected in ((missing, f"CSV file {str(missing)!r} does not exist"),
+                           (empty, f"CSV file {str(empty)!r} has a header but no rows"),
+                           (unlabelled, f"{unlabelled}: no class columns (give --classes or add one 0/1 column "
+                                        "per class)")):
+        assert cli.main(["zero-shot", "--csv", str(path), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
+        assert _one_error_line(capsys.readouterr().err, "zero-shot").endswith(expected)
+
+
+def test_demo_test_size_is_checked_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out-dir", str(out), "--quick", "--test-size", "0"]) == cli.EXIT_BAD_INPUT
+    assert _one_error_line(capsys.readouterr().err, "demo").endswith(
+        "--test-size: expected a positive number of samples, got 0")
+    assert not out.exists()
+
+
+def test_zero_shot_warns_when_trained_towers_are_random_here_and_follows_a_gone_file(tmp_path, capsys):
+    """Trained on --pretrained weights, evaluated without: the towers are random here, it says so.
+    A recorded file that is gone is the given one when both name the same absolute path."""
+    import argparse
+
+    from ace_model.training import TRAINED_WITH
+
+    gone, other = tmp_path / "gone.pt", tmp_path / "other.pt"
+    other.write_bytes(b"b")
+
+    def warnings_for(pretrained_then, pretrained_now):
+        cli._warn_if_built_otherwise({TRAINED_WITH: {"model": "tiny", "seed": 1, "pretrained": pretrained_then}},
+                                     argparse.Namespace(pretrained=pretrained_now, model="tiny", seed=1))
+        return capsys.readouterr().err
+
+    assert warnings_for(str(gone), None).strip() == (
+        f"ace-lora zero-shot: warning: --checkpoint was trained on the towers of --pretrained {str(gone)!r}; "
+        "without --pretrained they are random weights here")
+    assert warnings_for(str(gone), str(gone)) == ""
+    assert warnings_for(str(gone), str(tmp_path / "." / "gone.pt")) == ""  # the same absolute path
+    assert f"builds them from {str(other)!r}" in warnings_for(str(gone), str(other))
+    assert f"builds them from {str(gone)!r}" in warnings_for(str(other), str(gone))
+
+
+def test_a_workers_error_of_another_form_keeps_its_last_line():
+    """A DataLoader worker's error re-raised under another type (torch falls back to RuntimeError
+    when the original type cannot be built from one message) or with a message of several lines:
+    its last line, as it stands."""
+    text = ("Caught UnicodeDecodeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+            "last):\n  File \"x.py\", line 1, in <module>\nUnicodeDecodeError: 'utf-8' codec can't decode byte "
+            "0xff in position 0: invalid start byte\n\n")
+    assert cli._one_line(RuntimeError(text)) == ("UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in "
+                                                 "position 0: invalid start byte")
+    assert cli._one_line(DataError(text)) == ("UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in "
+                                              "position 0: invalid start byte")
+    assert cli._one_line(ValueError("Caught ValueError in DataLoader worker process 1.\nValueError: bad")) == "bad"
+    assert cli._one_line(ValueError("plain\nmessage")) == "plain\nmessage"
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt(), OSError(28, "No space left on device")],
+                         ids=["interrupt", "os-error"])
+def test_debug_shows_the_traceback_of_an_interrupt_and_an_expected_failure(monkeypatch, capsys, raised):
+    def failing(args):
+        raise raised
+
+    monkeypatch.setitem(cli.main.__globals__, "cmd_train", failing)
+    monkeypatch.delenv("ACE_LORA_DEBUG", raising=False)
+    status = cli.main(["train", "--csv", "unused.csv", "--out-dir", "unused"])
+    assert status == (cli.EXIT_INTERRUPTED if isinstance(raised, KeyboardInterrupt) else cli.EXIT_FAILED)
+    capsys.readouterr()
+    monkeypatch.setenv("ACE_LORA_DEBUG", "1")
+    with pytest.raises(type(raised)) as info:
+        cli.main(["train", "--csv", "unused.csv", "--out-dir", "unused"])
+    assert info.value is raised
+    assert capsys.readouterr().err == ""
+
+
+def test_a_field_without_a_flag_keeps_its_name_in_messages():
+    # TrainConfig.eps, .betas and .dist_timeout_s have no train flag: the message names the field.
+    assert cli._flags_in("TrainConfig.eps: expected a finite number > 0; TrainConfig.chunk_size and "
+                         "TrainConfig.use_labels") == ("TrainConfig.eps: expected a finite number > 0; --chunk-size "
+                                                       "and use_labels (False with --no-labels)")
+
+
+# zero-shot metrics: arguments that do not fit
+
+
+def test_zero_shot_metrics_name_mismatched_shapes_and_unknown_tasks(tiny):
+    with pytest.raises(ValueError, match=r"^binary_auroc: scores \(3,\) and targets \(2,\) differ$"):
+        binary_auroc(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1]))
+    scores = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    with pytest.raises(ValueError, match=r"^scores \(2, 2\) and labels \(2, 3\) differ in shape$"):
+        zero_shot_metrics(scores, torch.tensor([[1, 0, 0], [0, 1, 0]]), "multiclass")
+    for call in (lambda: zero_shot_metrics(scores, torch.tensor([[1, 0], [0, 1]]), "multi-class"),
+                 lambda: evaluate(tiny, [], ["edema", "effusion"], "multi-class")):
+        with pytest.raises(ValueError, match=r"^argument 'task': expected one of \('multiclass', 'binary', "
+                                             r"'multilabel'\), got 'multi-class'$"):
+            call()
+
+
+def test_evaluate_checks_the_label_columns_of_a_dataset_without_a_labels_tensor(tiny):
+    # A plain sequence of (image, label row) pairs: the columns are known once the images are read.
+    image = torch.zeros(3, tiny.image_size, tiny.image_size)
+    dataset = [(image, torch.tensor([1.0, 0.0, 0.0])), (image, torch.tensor([0.0, 1.0, 0.0]))]
+    with pytest.raises(ValueError, match="^dataset has 3 label columns but 2 class names$"):
+        evaluate(tiny, dataset, ["edema", "effusion"])
+
+
+# data: missing files and a missing ftfy
+
+
+def test_load_image_of_a_missing_file_names_where_and_the_file(tmp_path):
+    from ace_model.data import load_image
+
+    missing = tmp_path / "missing.png"
+    with pytest.raises(DataError, match=rf"^test\.csv, row 4: image file {re.escape(repr(str(missing)))} does not "
+                                        "exist$"):
+        load_image(missing, 32, where="test.csv, row 4")
+    with pytest.raises(DataError, match=rf"^image file {re.escape(repr(str(missing)))} does not exist$"):
+        load_image(missing, 32)
+
+
+def test_texts_are_cleaned_without_ftfy_with_one_warning(monkeypatch):
+    from ace_model import data
+
+    monkeypatch.setattr(data, "_FTFY", None)
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # `import ftfy` raises ImportError
+    with pytest.warns(RuntimeWarning, match=r"^ftfy is not installed: texts are tokenised without ftfy\.fix_text"):
+        assert data.clean_text("  a &amp;lt; b\n\t c ") == "a < b c"
+    assert data._FTFY is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert data.clean_text("caf\u00c3\u00a9 &amp;amp;") == "caf\u00c3\u00a9 &"  # mojibake kept: no fix_text
+
+
+def test_every_train_flag_sets_a_train_config_field():
+    # train_config_from_args hands every flag to TrainConfig: a flag without a field (or one the
+    # parser does not declare) would be a TypeError, or a setting silently dropped.
+    import dataclasses
+
+    from ace_model.training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(cli._TRAIN_FLAGS.values()) <= fields
+    assert {a.dest for a in cli._subcommand_actions("train")} - {"help"} == set(cli._TRAIN_FLAGS)

@@ -805,3 +805,141 @@ def test_recompute_mlp_refuses_a_trainable_mlp(tiny_model):
     with pytest.raises(ValueError, match="argument 'recompute'"):
         model.recompute = True
     assert ACELoRA.from_config("tiny", recompute="layer").recompute == "layer"
+
+
+# ---------------------------------------------------------------------------------------
+# Gaps a coverage run found: paths no other test reached
+# ---------------------------------------------------------------------------------------
+
+
+def test_tiny_vit_has_no_pretrained_weights():
+    import timm
+
+    ACELoRA.from_config("tiny")  # registers it with timm
+    with pytest.raises(ValueError, match="^ace_vit_tiny_patch8_32 has no pretrained weights$"):
+        timm.create_model("ace_vit_tiny_patch8_32", pretrained=True)
+
+
+def test_without_open_clip_the_direct_build_is_silent_and_a_broken_import_warns(monkeypatch):
+    import builtins
+    import warnings
+
+    layout = {k: tuple(v.shape) for k, v in build_base_model("tiny", use_open_clip=False).state_dict().items()}
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed: `import open_clip` raises ImportError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_base_model("tiny")
+    assert type(model).__name__ == "_PlainCLIP"
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+    monkeypatch.delitem(sys.modules, "open_clip")
+    real_import = builtins.__import__
+
+    def broken_import(name, *args, **kwargs):  # installed, but its import fails (e.g. against this timm)
+        if name == "open_clip":
+            raise AttributeError("module 'timm' has no attribute 'something_new'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken_import)
+    with pytest.warns(UserWarning, match=r"^open_clip failed to import \(AttributeError: module 'timm' has no "
+                                         r"attribute 'something_new'\); building 'tiny' through timm \+ "
+                                         r"transformers directly$"):
+        model = build_base_model("tiny")
+    assert type(model).__name__ == "_PlainCLIP"
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+
+
+def test_pretrained_safetensors_file_and_directory_load(tmp_path):
+    from safetensors.torch import save_file
+
+    source = build_base_model("tiny")
+    with torch.no_grad():
+        source.logit_scale.fill_(math.log(50.0))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "open_clip_model.safetensors"))
+    for pretrained in (tmp_path / "open_clip_model.safetensors", tmp_path):
+        loaded = ACELoRA.from_config("tiny", pretrained=str(pretrained)).clip.state_dict()
+        assert loaded.keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(loaded[key], value), key
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.safetensors: cannot be read as a safetensors "
+                                         r"file"):
+        ACELoRA.from_config("tiny", pretrained=str(tmp_path / "bad.safetensors"))
+
+
+def test_pretrained_that_is_missing_no_dict_or_has_an_unknown_key_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^pretrained weights not found: {tmp_path}/missing\.bin$"):
+        ACELoRA.from_config("tiny", pretrained=str(tmp_path / "missing.bin"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"^pretrained directory {empty} holds none of the weight files "
+                                                r"\['open_clip_model\.safetensors', 'open_clip_pytorch_model\.bin', "):
+        ACELoRA.from_config("tiny", pretrained=str(empty))
+    listed = tmp_path / "listed.pt"
+    torch.save([torch.zeros(2)], listed)
+    with pytest.raises(ValueError, match=rf"^pretrained checkpoint {listed}: expected a state dict, got list$"):
+        ACELoRA.from_config("tiny", pretrained=str(listed))
+    extra = tmp_path / "extra.pt"
+    torch.save({**build_base_model("tiny").state_dict(), "visual.head.extra": torch.zeros(3, 5)}, extra)
+    with pytest.raises(ValueError, match=rf"^pretrained checkpoint {extra}: unexpected key 'visual\.head\.extra' "
+                                         r"\(found shape \(3, 5\); this architecture has no such weight\)$"):
+        ACELoRA.from_config("tiny", pretrained=str(extra))
+
+
+def test_lora_module_repr_and_trainable_state_dict(tiny_model):
+    lora = tiny_model.image_lora[0]
+    assert repr(lora) == "LoRAQKV(in=64, out=64, r=4, scaling=0.5, dropout=0.1)"  # per projection
+    state = tiny_model.trainable_state_dict()
+    params = dict(tiny_model.named_trainable_parameters())
+    assert list(state) == list(params)
+    for name, value in state.items():
+        assert torch.equal(value, params[name]) and not value.requires_grad, name
+        assert value.data_ptr() != params[name].data_ptr(), f"{name}: not a copy"
+
+
+def test_recomputed_output_that_does_not_depend_on_the_input_gives_it_no_gradient():
+    from ace_model.model import _Recomputed
+
+    x = torch.randn(3, requires_grad=True)
+    y = _Recomputed.apply(lambda t: torch.ones(3), x)  # a function of x as autograd sees it, a constant here
+    assert y.requires_grad and torch.equal(y, torch.ones(3))
+    (grad,) = torch.autograd.grad(y.sum(), x, allow_unused=True)
+    assert grad is None
+
+
+def test_a_gated_attention_block_runs_as_timms(tiny_model):
+    """timm's gated attention (``attn.gate``: the output times sigmoid(gate(input))): the image
+    tokens equal timm's own forward of the trunk (the LoRA factors B are zero at init)."""
+    model = copy.deepcopy(tiny_model).double().eval()
+    gen = torch.Generator().manual_seed(9)
+    images = torch.randn(2, 3, model.image_size, model.image_size, generator=gen, dtype=torch.float64)
+    ungated, _ = model.image_tokens(images)
+    for block in model.vision_trunk.blocks:
+        width = block.attn.qkv.in_features
+        block.attn.gate = torch.nn.Linear(width, width, dtype=torch.float64).requires_grad_(False)
+    tokens, _ = model.image_tokens(images)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.clip.visual.head(model.vision_trunk.forward_features(images)),
+                                                 dim=-1)
+    assert torch.allclose(tokens, expected, rtol=F64_RTOL, atol=1e-15)
+    assert (tokens - ungated).abs().max() > 1e-3  # the gate is applied: the test is not vacuous
+
+
+def test_loss_passes_the_group_and_forward_is_the_loss(tiny_model, monkeypatch):
+    model = copy.deepcopy(tiny_model).eval()
+    images, token_ids, labels = _batch(model, batch=3)
+    images = images.float()
+    expected = model.loss(images, token_ids, labels)
+    assert torch.equal(model(images, token_ids, labels), expected)
+    real = ace_kernels.label_guided_infonce
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.pop("group", "no group"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", spy)
+    group = object()
+    assert torch.equal(model.loss(images, token_ids, labels, group=group), expected)
+    assert torch.equal(model.loss(images, token_ids, labels), expected)
+    assert seen[0] is group and seen[1] == "no group"
