@@ -86,12 +86,24 @@ def _sparse_mm(crow, col, values, shape, dense):
 
 def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[b, q] = sum_s weights[b, q, s] * src[b, cols[b, q, s]]."""
+    if src.device.type == "cpu":
+        return _gather_sum_sparse(src, cols, weights)
+    return _gather_sum_by_slot(src, cols, weights)
+
+
+def _gather_sum_sparse(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`_torch_gather_sum` as one block-diagonal CSR product (CPU only)."""
     B, R, D = src.shape
     Q, S = cols.shape[1], cols.shape[2]
-    if src.device.type == "cpu":
-        crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
-        return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
-                          src.reshape(B * R, D)).view(B, Q, D)
+    crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
+    return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
+                      src.reshape(B * R, D)).view(B, Q, D)
+
+
+def _gather_sum_by_slot(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`_torch_gather_sum` slot by slot (any device; the torch backend's form on a GPU)."""
+    B, R, D = src.shape
+    Q, S = cols.shape[1], cols.shape[2]
     flat = src.reshape(B * R, D)
     out = torch.zeros(B, Q, D, dtype=src.dtype, device=src.device)
     # One slot at a time: the [B, Q, S, D] gather would be S times the output.
@@ -104,24 +116,41 @@ def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tens
 def _torch_scatter_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, num_rows: int,
                        transpose=None) -> torch.Tensor:
     """out[b, cols[b, q, s]] += weights[b, q, s] * src[b, q] (the adjoint of gather_sum)."""
+    if src.device.type == "cpu":
+        return _scatter_sum_sparse(src, cols, weights, num_rows, transpose)
+    return _scatter_sum_by_slot(src, cols, weights, num_rows)
+
+
+def _scatter_sum_sparse(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, num_rows: int,
+                        transpose=None) -> torch.Tensor:
+    """:func:`_torch_scatter_sum` as one block-diagonal CSR product (CPU only)."""
     B, Q, D = src.shape
     S = cols.shape[2]
-    if src.device.type == "cpu":
-        # The transposed incidence as CSR: row j of sample b lists the entries (q, s) with
-        # cols[b, q, s] == j, in increasing q (sorted and unique, as CSR wants).
-        row_ptr, perm = transpose if transpose is not None else _transpose_csr(cols, num_rows)
-        nnz = row_ptr[:, -1]
-        start = torch.cumsum(nnz, 0) - nnz
-        crow = torch.cat([(row_ptr[:, :num_rows] + start[:, None]).reshape(-1), nnz.sum().view(1)])
-        valid = torch.arange(Q * S)[None, :] < nnz[:, None]
-        entries = (perm + (torch.arange(B) * (Q * S))[:, None])[valid]
-        values = weights.reshape(-1).to(src.dtype)[entries]
-        return _sparse_mm(crow, entries // S, values, (B * num_rows, B * Q), src.reshape(B * Q, D)).view(
-            B, num_rows, D)
+    # The transposed incidence as CSR: row j of sample b lists the entries (q, s) with
+    # cols[b, q, s] == j, in increasing q (sorted and unique, as CSR wants).
+    row_ptr, perm = transpose if transpose is not None else _transpose_csr(cols, num_rows)
+    nnz = row_ptr[:, -1]
+    start = torch.cumsum(nnz, 0) - nnz
+    crow = torch.cat([(row_ptr[:, :num_rows] + start[:, None]).reshape(-1), nnz.sum().view(1)])
+    valid = torch.arange(Q * S)[None, :] < nnz[:, None]
+    entries = (perm + (torch.arange(B) * (Q * S))[:, None])[valid]
+    values = weights.reshape(-1).to(src.dtype)[entries]
+    return _sparse_mm(crow, entries // S, values, (B * num_rows, B * Q), src.reshape(B * Q, D)).view(
+        B, num_rows, D)
+
+
+def _scatter_sum_by_slot(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor,
+                         num_rows: int) -> torch.Tensor:
+    """:func:`_torch_scatter_sum` slot by slot (any device; the torch backend's form on a GPU)."""
+    B, Q, D = src.shape
+    S = cols.shape[2]
     out = torch.zeros(B * num_rows, D, dtype=src.dtype, device=src.device)
     for s in range(S):
+        # An empty slot (column -1, weight 0) adds nothing, as in the sparse form and the kernels:
+        # not 0 * src (NaN for a non-finite row) into the row its clamped column points at.
+        part = (src * weights[:, :, s, None]).masked_fill(cols[:, :, s, None] < 0, 0)
         # index_add_ is deterministic on CPU; on CUDA it uses atomics (the kernels do not).
-        out.index_add_(0, _flat_rows(cols[:, :, s], num_rows), (src * weights[:, :, s, None]).reshape(B * Q, D))
+        out.index_add_(0, _flat_rows(cols[:, :, s], num_rows), part.reshape(B * Q, D))
     return out.view(B, num_rows, D)
 
 

@@ -628,6 +628,77 @@ def test_triton_check_rejects_int32_column_offsets():
     assert any("2^31" in r for r in contrastive._triton_check(t, u))
 
 
+def test_triton_check_rejects_2_31_rows_and_float64():
+    # Keys are indexed with int32: a batch of 2^31 rows is refused for that (and only that; a
+    # stride-only view of width 1, so B * row stride stays within the other check's bound at
+    # 2^31 - 1 rows). float64 embeddings are the torch backend's.
+    rows = torch.as_strided(torch.empty(1), (2**31, 1), (0, 0))
+    assert contrastive._triton_check(rows, rows) == ["the Triton kernels index keys with int32"]
+    fewer = torch.as_strided(torch.empty(1), (2**31 - 1, 1), (0, 0))
+    assert contrastive._triton_check(fewer, fewer) == []
+    u = torch.zeros(3, 4, dtype=torch.float64)
+    assert contrastive._triton_check(u, u) == ["the Triton kernels take fp16/bf16/fp32 embeddings, got float64"]
+
+
+@pytest.fixture
+def one_rank_group():
+    """A default gloo group of this process alone (an in-memory store), removed afterwards."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group set up already")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_passing_no_tensor_with_group_raises_its_own_error(one_rank_group, monkeypatch):
+    """image_emb that is not a tensor has no device for the shape exchange: the exchange takes
+    the group backend's (the CPU for gloo, the current GPU for NCCL), so the rank raises its
+    argument error (after telling the others) instead of failing inside the exchange."""
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match=r"^argument 'image_emb': expected a torch.Tensor, got list"):
+        ace_kernels.label_guided_infonce([[1.0, 0.0]], torch.zeros(1, 2), 10.0, group=one_rank_group)
+    assert contrastive._exchange_device([[1.0, 0.0]], one_rank_group) == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert contrastive._exchange_device([[1.0, 0.0]], one_rank_group) == torch.device("cuda", 1)
+    assert contrastive._exchange_device(torch.zeros(1, 2), one_rank_group) == torch.device("cpu")
+
+
+def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
+    """The shape exchange's table compared across ranks, with a second rank faked in the
+    all-gather: dtypes travel as codes and are named in the error (the distributed tests spawn
+    ranks that differ in width, gradients and backend, none in a dtype)."""
+    import torch.distributed as dist
+
+    u, labels = torch.zeros(3, 4), torch.zeros(3, dtype=torch.int64)
+
+    def second_rank(column=None, dtype=None):
+        def all_gather(table, row, group=None):
+            for entry in table:
+                entry.copy_(row)
+            if column is not None:
+                table[1][column] = contrastive._DTYPE_CODES[dtype]
+        return all_gather
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather", second_rank())
+    assert contrastive._exchange_shapes(u, u, labels, None, backend="torch") == (3, 3)
+    for column, dtype, what, shown in ((4, torch.float16, "embedding dtype", r"\['float32', 'float16'\]"),
+                                       (5, torch.int32, "label dtype", r"\['int64', 'int32'\]")):
+        monkeypatch.setattr(dist, "all_gather", second_rank(column, dtype))
+        with pytest.raises(ValueError, match=rf"^label_guided_infonce with group=: every rank must pass the same "
+                                             rf"{what}; got {shown} on ranks 0\.\.1$"):
+            contrastive._exchange_shapes(u, u, labels, None, backend="torch")
+
+
 def test_gpu_launch_configuration_and_its_flop_count():
     # The GPU launch configurations at D = 512 in 16 bits take all of D in one chunk (one dot per
     # similarity tile, so the FLOP count below holds), and _triton_matmul_flops (the benchmark's

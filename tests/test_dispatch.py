@@ -146,13 +146,37 @@ def test_info_reports_the_environment_variable(capsys, monkeypatch):
 
     for value, expected in [("bogus", "environment variable ACE_KERNELS_BACKEND: expected one of ('auto', 'cuda', "
                                       "'triton', 'torch'), got 'bogus': every call without backend= raises"),
-                            ("Torch", "ACE_KERNELS_BACKEND=torch: calls without backend= use torch only (or raise)")]:
+                            ("Torch", "ACE_KERNELS_BACKEND=torch: calls without backend= use torch only (or raise)"),
+                            (" auto ", "\nACE_KERNELS_BACKEND=auto\n")]:  # set, to the default: said so
         monkeypatch.setenv("ACE_KERNELS_BACKEND", value)
         assert info.main() == 0
         assert expected in capsys.readouterr().out
     monkeypatch.delenv("ACE_KERNELS_BACKEND")
     assert info.main() == 0
     assert "ACE_KERNELS_BACKEND" not in capsys.readouterr().out
+
+
+def test_info_on_a_gpu_machine_names_the_card_and_its_tuned_configurations(monkeypatch):
+    """The report's GPU lines, on a faked card: its name, compute capability and memory, and the
+    launch configurations a sweep recorded for it (or none)."""
+    import types
+
+    from ace_kernels import _tuning, info
+
+    card = types.SimpleNamespace(name="Card A", major=9, minor=0, total_memory=int(79.5 * 2**30))
+    names = {0: "Card A"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: card)
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: names[index])
+    monkeypatch.setattr(_tuning, "tuned_configs", lambda: {
+        "Card A": {"lora": {"up/fp32": {}, "down/16bit": {}}, "contrastive": {"grad/16bit/one_dot": {}}},
+        "Card B": {"lora": {"up/fp32": {}}}})
+    lines = info.report().splitlines()
+    assert "device Card A  sm_90  79.5 GiB" in lines
+    assert lines[-1] == ("tuned launch configurations on Card A: contrastive grad/16bit/one_dot, lora down/16bit, "
+                         "lora up/fp32")
+    names[0] = "Card C"
+    assert info.report().splitlines()[-1] == "tuned launch configurations on Card C: none (the defaults)"
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -533,3 +557,119 @@ def test_cuda_backend_declines_a_gpu_the_extension_has_no_code_for(monkeypatch):
     monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: None)
     monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
     assert _dispatch._cuda_arch_reason(0) is None
+
+
+# --------------------------------------------------------------------------- reasons and edges
+
+def test_an_import_error_from_inside_triton_is_named_as_such(monkeypatch):
+    """An ImportError raised by a package triton imports (not by triton itself) is no 'not
+    installed': the reason says importing triton failed, with the error."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def importing(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("numpy.core.multiarray failed to import", name="numpy.core.multiarray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_dispatch, "_ONCE", {})  # no cached answer, and this one is not kept
+    monkeypatch.setattr(builtins, "__import__", importing)
+    assert _dispatch._triton_import_error() == "importing triton failed: numpy.core.multiarray failed to import"
+    assert _dispatch._global_reasons("triton") == ["importing triton failed: numpy.core.multiarray failed to import"]
+
+
+def test_an_extension_that_does_not_load_is_named_by_every_caller(monkeypatch):
+    """ace_kernels._C failing to import: _extension says why, extension() raises it, the cuda
+    backend gives it as a reason of the machine (beside a torch built without CUDA)."""
+    import sys
+
+    built, _ = _dispatch._extension()
+    if built is not None:  # where it is built (and loads), extension() hands it over
+        assert _dispatch.extension() is built
+    monkeypatch.setattr(_dispatch, "_ONCE", {})
+    monkeypatch.delattr(ace_kernels, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "ace_kernels._C", None)  # the import fails, as an absent build's would
+    module, error = _dispatch._extension()
+    assert module is None
+    assert error == ("the CUDA extension ace_kernels._C is not built or failed to load (ModuleNotFoundError: import "
+                     "of ace_kernels._C halted; None in sys.modules)")
+    with pytest.raises(RuntimeError, match=r"^the CUDA extension ace_kernels\._C is not built or failed to load "
+                                           r"\(ModuleNotFoundError: "):
+        _dispatch.extension()
+    assert _dispatch.built_cuda_archs() is None
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _dispatch._global_reasons("cuda") == ["this torch build has no CUDA support", error]
+
+
+def test_the_triton_backend_without_a_gpu_or_the_interpreter_says_so(monkeypatch):
+    if _dispatch._triton_import_error():
+        pytest.skip("triton does not import here")
+    monkeypatch.setattr(_dispatch, "_INTERPRETER_AT_IMPORT", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _dispatch._global_reasons("triton") == ["no CUDA GPU is visible and TRITON_INTERPRET=1 is not set"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _dispatch._global_reasons("triton") == []
+
+
+def test_define_op_refuses_unknown_backends(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_OPS", dict(_dispatch._OPS))
+    with pytest.raises(ValueError, match=r"^unknown backends \['cudnn', 'Torch'\] for op '_toy_bad'$"):
+        _dispatch.define_op("_toy_bad", prefer=("cudnn", "torch", "Torch"))
+    assert "_toy_bad" not in _dispatch._OPS
+
+
+def test_auto_with_no_backend_that_can_run_lists_each_and_why(monkeypatch):
+    """An op without a torch backend, on a call no other backend takes: auto's error names every
+    backend it tried, in order, each with all of its reasons."""
+    monkeypatch.setattr(_dispatch, "_OPS", dict(_dispatch._OPS))
+    _dispatch.define_op("_toy_no_torch", prefer=("cuda", "triton"))
+    _dispatch.register("_toy_no_torch", "triton", check=lambda n: [] if n < 10 else [f"n={n} is over 9"])(
+        lambda *a: "triton")
+    monkeypatch.setattr(_dispatch, "_global_reasons", lambda backend: [])
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.delenv("ACE_KERNELS_BACKEND", raising=False)
+    with pytest.raises(RuntimeError) as caught:
+        _dispatch.select("_toy_no_torch", "auto", [torch.zeros(3)], (12,))
+    assert str(caught.value) == ("_toy_no_torch: no backend can run this call (cuda: op '_toy_no_torch' has no cuda "
+                                 "implementation; triton: needs CUDA tensors, got tensors on ['cpu'], n=12 is over 9)")
+
+
+def test_an_absent_order_file_is_no_table_and_no_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.read_by_device(str(tmp_path / "dispatch_order.json")) == {}
+
+
+def _patch_lang_tensor_of_triton_3_6(tensor, scope):
+    # The shape of the interpreter function _fix_interpreter_index replaces (its source is read).
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def test_the_interpreter_index_fix_wraps_only_an_old_interpreter_once(monkeypatch):
+    """Under an interpreter whose scalars convert with int(self.handle.data)) (1-element arrays,
+    which numpy >= 2.4 refuses), the fix wraps it so that __index__ reads the one element; it
+    wraps once, and leaves alone a function whose source cannot be read."""
+    import types
+
+    import numpy as np
+
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor_of_triton_3_6, raising=False)
+    _dispatch._fix_interpreter_index()
+    patched = interpreter._patch_lang_tensor
+    assert patched is not _patch_lang_tensor_of_triton_3_6 and patched._ace_fixed
+    attrs = {}
+    scope = types.SimpleNamespace(set_attr=lambda tensor, name, value: attrs.setdefault(name, []).append(value))
+    patched(object(), scope)
+    assert len(attrs["__index__"]) == 2  # the old one, then the fix (which wins)
+    scalar = types.SimpleNamespace(handle=types.SimpleNamespace(data=np.array([[7]], dtype=np.int32)))
+    assert attrs["__index__"][-1](scalar) == 7
+    _dispatch._fix_interpreter_index()  # already fixed: not wrapped twice
+    assert interpreter._patch_lang_tensor is patched
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", len)  # a builtin: no source to read
+    _dispatch._fix_interpreter_index()
+    assert interpreter._patch_lang_tensor is len

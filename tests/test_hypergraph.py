@@ -371,6 +371,20 @@ def test_module_and_adapter_forms_agree():
     torch.testing.assert_close(tuple_out, out, rtol=0, atol=0)
 
 
+def test_the_modules_adapters_compute_what_the_op_applies():
+    """ACEHypergraph.edge_adapter(z) (its own forward, which the op never calls: it reads the
+    parameters) is the adapter the op applies: up(leaky_relu(down(z), 0.2))."""
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    z = torch.randn(2, 5, 40, dtype=torch.float64)
+    for adapter in (module.edge_adapter, module.node_adapter):
+        params = (adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias)
+        assert torch.equal(adapter(z), hg._adapter(z, params))
+        hidden = z @ adapter.down.weight.t() + adapter.down.bias
+        want = torch.where(hidden > 0, hidden, 0.2 * hidden) @ adapter.up.weight.t() + adapter.up.bias
+        torch.testing.assert_close(adapter(z), want, rtol=1e-12, atol=1e-12)
+
+
 def test_module_default_shapes_and_init():
     module = ace_kernels.ACEHypergraph()
     assert sum(p.numel() for p in module.parameters()) == 2 * (512 * 128 + 128 + 128 * 512 + 512)
@@ -542,6 +556,49 @@ def test_kernels_refuse_float64():
     if "triton" in ace_kernels.available_backends():
         with pytest.raises(RuntimeError, match="float64 inputs are handled by the torch backend only"):
             _call(x, c, tuple(edge), tuple(node), k, backend="triton")
+
+
+@pytest.mark.triton
+def test_kernels_refuse_a_topk_over_their_limit():
+    """topk = 17 is one over what the kernels keep in registers: an explicit triton backend
+    refuses it with the reason, and auto takes the torch backend."""
+    x, c, edge, node, _ = make_inputs((1, hg.MAX_KERNEL_TOPK + 3, 8, 3, 1), dtype=torch.float32)
+    k = hg.MAX_KERNEL_TOPK + 1
+    assert hg._kernel_check(x, c, tuple(edge), tuple(node), k, True) == [
+        f"topk={k} is over the kernels' limit of {hg.MAX_KERNEL_TOPK}"]
+    assert hg._kernel_check(x, c, tuple(edge), tuple(node), k - 1, True) == []
+    with pytest.raises(RuntimeError, match=rf"backend 'triton' cannot run this call: topk={k} is over the kernels' "
+                                           rf"limit of {hg.MAX_KERNEL_TOPK}"):
+        _call(x, c, tuple(edge), tuple(node), k, cls_only=True, backend="triton")
+
+
+def test_the_cuda_check_names_the_shared_memory_limit_and_a_build_without_ops(monkeypatch):
+    """The cuda backend's own reasons, on a fake CUDA tensor (only its device and shape are read)
+    and a faked device: the top-k kernel's shared memory over the device's per-block limit, the
+    kernels' common limits, and an extension that loaded without registering its torch ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 7, 64, device="cuda:0")
+    need = hg._cuda_topk_shared_bytes(64)
+    device = types.SimpleNamespace(shared_memory_per_block_optin=need)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: device)
+    with_ops = types.SimpleNamespace(hg_gather_sum=object())
+    monkeypatch.setattr(torch.ops, "ace_kernels", with_ops)
+    monkeypatch.setattr(hg._dispatch, "_extension", lambda: (types.SimpleNamespace(), None))
+    assert hg._cuda_check(x, None, None, None, 3, False) == []  # exactly at the limit
+    device.shared_memory_per_block_optin = need - 1
+    assert hg._cuda_check(x, None, None, None, 3, False) == [
+        f"D=64 needs {need} bytes of shared memory in the CUDA top-k kernel, over this device's {need - 1} per "
+        "block (the Triton kernels tile D)"]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace())  # does not say
+    assert hg._cuda_check(x, None, None, None, 3, False) == []
+    assert hg._cuda_check(x, None, None, None, 17, False) == ["topk=17 is over the kernels' limit of 16"]
+    monkeypatch.setattr(torch.ops, "ace_kernels", types.SimpleNamespace())
+    reasons = hg._cuda_check(x, None, None, None, 3, False)
+    assert len(reasons) == 1 and reasons[0].startswith("ace_kernels._C was built without its torch ops")
+    monkeypatch.setattr(hg._dispatch, "_extension", lambda: (None, "not built"))  # the machine's reason says it
+    assert hg._cuda_check(x, None, None, None, 3, False) == []
 
 
 def test_explicit_cuda_backend_without_gpu_says_why():
@@ -796,6 +853,68 @@ def test_the_transposed_incidence_lists_each_column_in_order_and_empty_slots_las
             entries = perm[b, row_ptr[b, r]:row_ptr[b, r + 1]]
             assert torch.equal(entries, torch.nonzero(flat[b] == r).flatten()), (b, r)
         assert torch.equal(perm[b, row_ptr[b, -1]:], torch.nonzero(flat[b] < 0).flatten())
+
+
+def _incidence_with_empty_slots(B=2, Q=9, R=6, S=4, D=5, seed=4):
+    """cols [B, Q, S] with empty slots (-1, weight 0, as _hypergraph_impl builds them), one row
+    of sample 1 with only empty slots; integer-valued float64 features and weights, so that every
+    sum is exact in any order and the two forms of a primitive can be compared bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    cols = torch.randint(-1, R, (B, Q, S), generator=gen)
+    cols[1, 4] = -1
+    weights = torch.randint(-4, 5, (B, Q, S), generator=gen).double() * (cols >= 0)
+    src_q = torch.randint(-8, 9, (B, Q, D), generator=gen).double()
+    src_r = torch.randint(-8, 9, (B, R, D), generator=gen).double()
+    assert (cols < 0).any() and (cols == 0).any()
+    return cols, weights, src_q, src_r
+
+
+def test_torch_primitives_by_slot_equal_the_sparse_form():
+    """The torch backend's gather and scatter on a GPU (slot by slot) against their CPU form
+    (one sparse CSR product), run here on CPU tensors: the same sums, empty slots included."""
+    cols, w, src_q, src_r = _incidence_with_empty_slots()
+    R = src_r.shape[1]
+    gathered = hg._gather_sum_by_slot(src_r, cols, w)
+    assert torch.equal(gathered, hg._gather_sum_sparse(src_r, cols, w))
+    assert torch.equal(gathered, hg._torch_gather_sum(src_r, cols, w))  # the CPU dispatch: the sparse form
+    scattered = hg._scatter_sum_by_slot(src_q, cols, w, R)
+    assert torch.equal(scattered, hg._scatter_sum_sparse(src_q, cols, w, R))
+    assert torch.equal(scattered, hg._scatter_sum_sparse(src_q, cols, w, R, hg._transpose_csr(cols, R)))
+    # And both against the sums written out.
+    want_g, want_s = torch.zeros_like(gathered), torch.zeros_like(scattered)
+    for b, q, slot in zip(*torch.nonzero(cols >= 0, as_tuple=True)):
+        want_g[b, q] += w[b, q, slot] * src_r[b, cols[b, q, slot]]
+        want_s[b, cols[b, q, slot]] += w[b, q, slot] * src_q[b, q]
+    assert torch.equal(gathered, want_g) and torch.equal(scattered, want_s)
+
+
+def test_the_by_slot_scatter_adds_nothing_from_an_empty_slot():
+    """An empty slot's row holding inf adds nothing anywhere (as in the sparse form and the
+    kernels): the slot-by-slot scatter once added 0 * inf = NaN to row 0 of its sample, where
+    the clamped column -1 points, so the torch backend's full output on a GPU differed."""
+    cols, w, src_q, _ = _incidence_with_empty_slots()
+    R = 6
+    src_q[1, 4] = float("inf")  # its slots are all empty
+    got = hg._scatter_sum_by_slot(src_q, cols, w, R)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, hg._scatter_sum_sparse(src_q, cols, w, R))
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_torch_backend_in_its_gpu_form_matches_oracle(cls_only):
+    """The whole op over the primitives the torch backend takes on a GPU (slot-by-slot gather and
+    scatter, no prepared transpose), run on CPU tensors against the fp64 oracle."""
+    by_slot = hg._Primitives("torch-by-slot", hg._torch_topk_rows, hg._gather_sum_by_slot,
+                             lambda src, cols, w, n, transpose=None: hg._scatter_sum_by_slot(src, cols, w, n),
+                             hg._torch_entry_dot)
+    for shape in (SHAPES["n7_d40"], SHAPES["topk1"]):
+        x, c, edge, node, k = make_inputs(shape)
+        out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(x_, c_, tuple(e_), tuple(n_), k,
+                                                                              cls_only, by_slot), x, c, edge, node)
+        ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+        assert_close_scaled(out, ref_out, 1e-10, "output")
+        for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+            assert_close_scaled(got, want, 1e-10, f"grad {name}")
 
 
 @pytest.mark.triton

@@ -341,6 +341,8 @@ ERROR_CASES = [
     ("lora_a_device_linear", "linear", 3, lambda t: t.to("meta"), "argument 'lora_a'"),
     ("lora_a_two_projections", "qkv", 3, lambda t: t[:2], "argument 'lora_a'"),
     ("lora_a_rank_zero", "linear", 3, lambda t: t[:0], "argument 'lora_a'"),
+    ("lora_a_rank_zero_qkv", "qkv", 3, lambda t: t[:, :0],
+     r"argument 'lora_a': expected shape \[3, r, 10\] with r >= 1, got \[3, 0, 10\]"),
     ("lora_a_dtype", "linear", 3, lambda t: t.bfloat16(), "argument 'lora_a'"),
     ("lora_b_rank_mismatch", "linear", 4, lambda t: t[:, :1], "argument 'lora_b'"),
     ("lora_b_out_mismatch", "qkv", 4, lambda t: t[:, :5], "argument 'lora_b'"),
