@@ -1207,9 +1207,7 @@ def _ace_cls_embedding(module, handle, features, attn_weights, encoder):
         if _hypergraph_reason(module, features, attn_weights, edge, node) is None:
             handle._count("ace_hypergraph cls_only")
             cls = ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), cls_only=True,
-                                 backend=handle.backend_for("ace_hypergraph"))
-            if cls.dim() == 3:
-                cls = cls[:, 0]
+                                 backend=handle.backend_for("ace_hypergraph"))  # [B, D] on every backend
             return F.normalize(cls, dim=-1)
     out = module.apply_ace_hgat(features, attn_weights, encoder=encoder)
     return F.normalize(out, dim=-1)[:, 0]

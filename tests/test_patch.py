@@ -6,6 +6,7 @@ open_clip's or the re-created reference forward), run on the same inputs; the
 models run in fp64 so the only differences are summation order.
 """
 
+import contextlib
 import copy
 import math
 import sys
@@ -21,7 +22,7 @@ from torch import nn
 import ace_kernels
 from ace_kernels.lora import capture_dropout_masks
 
-from reference_modules import (FakeFrame, ReferenceACELoss, ReferenceAttention, ReferenceCLIPLoss,
+from reference_modules import (Adapter, FakeFrame, ReferenceACELoss, ReferenceAttention, ReferenceCLIPLoss,
                                ReferenceLoRALinear, TinyCLIP)
 
 peft = pytest.importorskip("peft")
@@ -502,6 +503,35 @@ def _hook_reference_dropout(layer):
     layer.dropout.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
 
 
+def _peft_layer(model):
+    return model.base_model.model[0]
+
+
+def _doubled_lora_a(model):
+    layer = _peft_layer(model)
+    doubled = _DoubledLinear(8, 2, bias=False).double()
+    doubled.weight = layer.lora_A["default"].weight
+    layer.lora_A["default"] = doubled
+
+
+def _tensor_scaling(model):
+    _peft_layer(model).scaling["default"] = torch.tensor(0.5, dtype=torch.float64)
+
+
+def _hook_peft_lora_a(model):
+    _peft_layer(model).lora_A["default"].register_forward_hook(lambda module, args, out: out * 3.0)
+
+
+def _parametrize_peft_base(model):
+    from torch.nn.utils import parametrize
+
+    class Halve(nn.Module):
+        def forward(self, weight):
+            return 0.5 * weight
+
+    parametrize.register_parametrization(_peft_layer(model).base_layer, "weight", Halve())
+
+
 # name: (build, change after building, input dtype, a context around both calls, what the handle shows)
 _PER_CALL_CASES = {
     "peft-global-module-hook": (_peft_single, None, torch.float64, _global_linear_hook, "global module hooks"),
@@ -519,6 +549,14 @@ _PER_CALL_CASES = {
                                  "hooks (or a replaced forward)"),
     "reference-dropout-in-eval": (lambda: _reference_single(0.5), lambda m: m.dropout.eval(), torch.float64, None,
                                   "lora_linear"),
+    "peft-lora_A-subclass": (_peft_single, _doubled_lora_a, torch.float64, None,
+                             "lora_A/lora_B are _DoubledLinear/Linear, not nn.Linear"),
+    "peft-tensor-scaling": (_peft_single, _tensor_scaling, torch.float64, None, "scaling is not a number"),
+    "peft-hooked-lora_A": (_peft_single, _hook_peft_lora_a, torch.float64, None,
+                           "hooks on the base or LoRA sub-layers"),
+    "peft-parametrized-base": (_peft_single, _parametrize_peft_base, torch.float64, None,
+                               "parametrized base weight"),
+    "reference-dropout-p=1": (lambda: _reference_single(1.0), None, torch.float64, None, "dropout p = 1"),
 }
 
 
@@ -526,7 +564,9 @@ _PER_CALL_CASES = {
 def test_per_call_states_the_fused_path_does_not_take_run_as_unpatched(case):
     """A LoRA layer in a state the fused call would compute otherwise (a global module hook, a
     dropout type or a LoRA bias it does not apply, a base nn.Linear subclass, p = 1, an input
-    dtype F.linear refuses, a hook on the reference's dropout) runs its original forward; a
+    dtype F.linear refuses, a hook on the reference's dropout or on PEFT's lora_A, a lora_A that
+    is an nn.Linear subclass, a scaling that is a tensor, a parametrized base weight) runs its
+    original forward; a
     dropout put in eval on its own is applied as the layer's call applies it (no mask, though
     the layer trains). Patched and unpatched give the same result (or the same error), from the
     same random state."""
@@ -1336,10 +1376,11 @@ def test_benchmark_helper_runs_on_cpu():
     """The GPU benchmark entry point, at toy size on the CPU (timings meaningless here)."""
     from ace_kernels.patching import benchmark_patch_speedup
 
-    result = benchmark_patch_speedup(batch=1, steps=1, warmup=0, device="cpu", dtype=torch.float32,
+    result = benchmark_patch_speedup(batch=1, steps=1, warmup=1, device="cpu", dtype=torch.float32,
                                      vision_depth=1, text_layers=1, text_len=8)
-    assert result["stats"]["lora_linear"] == 1  # the ViT's fused qkv
-    assert result["stats"]["lora_qkv"] == 1 and result["stats"]["qkv cached"] == 2  # BERT's q/k/v
+    # The patched counts cover one warm-up step and one timed step.
+    assert result["stats"]["lora_linear"] == 2  # the ViT's fused qkv
+    assert result["stats"]["lora_qkv"] == 2 and result["stats"]["qkv cached"] == 4  # BERT's q/k/v
     assert result["patched_ms"] > 0 and result["speedup"] > 0
 
 
@@ -2253,3 +2294,473 @@ def test_layers_called_by_keyword_and_broadcast_attention_rows_run_as_unpatched(
         with ace_kernels.patch(loss_fn) as handle:
             torch.testing.assert_close(loss_fn.apply_ace_hgat(features, row, encoder="img"), want, **FP64_TOL)
             assert handle.stats() == {"fallback apply_ace_hgat: attn_weights is not a [B, N-1] tensor": 1}
+
+
+# ----------------------------------------------------------------------------------------
+# Coverage gaps: the rarer branches of the swap, the per-call checks and the probes
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_recogniser_may_swap_a_method_already_set_on_the_instance():
+    """The one swap helper keeps an instance attribute it shadows: undo puts that back, and a
+    replacement someone wrapped after patching runs it once undone. A recogniser registered
+    with ``first=True`` is tried before the built-in ones; anything else is refused."""
+    from ace_kernels.patching import PatchRecord, Recogniser, _Replacement, recognisers, register_recogniser, \
+        unregister_recogniser
+
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    def install(name, module, handle, options):
+        handle._swap(module, "forward", _Replacement(lambda m, x: x * 5.0, module), name)
+        handle.records.append(PatchRecord(name, "scale", "patched", "-> x * 5"))
+
+    with pytest.raises(ValueError, match="argument 'recogniser': expected a Recogniser, got str"):
+        register_recogniser("scale")
+    entry = Recogniser("scale", "lora", lambda m: isinstance(m, Scale), install)
+    register_recogniser(entry, first=True)
+    try:
+        assert recognisers()[0] is entry
+        x = torch.ones(2)
+        module = Scale()
+        own = lambda x: x * 3.0  # noqa: E731
+        module.forward = own
+        handle = ace_kernels.patch(module)
+        assert repr(handle) == "<PatchHandle active: 1 patched, 0 skipped>"
+        assert torch.equal(module(x), x * 5.0)
+        handle.undo()
+        assert repr(handle) == "<PatchHandle undone: 1 patched, 0 skipped>"
+        assert module.__dict__["forward"] is own
+
+        handle = ace_kernels.patch(module)
+        replacement = module.forward
+        module.forward = lambda x: replacement(x) + 1.0  # wrapped after patching
+        with pytest.warns(RuntimeWarning, match="replaced again"):
+            handle.undo()
+        assert torch.equal(module(x), x * 3.0 + 1.0)  # the wrapped replacement runs the instance's own forward
+    finally:
+        unregister_recogniser(entry)
+
+
+class _ExtraArgumentLoRA(ReferenceLoRALinear):
+    def forward(self, x, gain=1.0):
+        return gain * super().forward(x)
+
+
+def _outcome(module, x, context=None):
+    """``module(x)`` (in ``context``), or the exception it raised."""
+    try:
+        with context() if context is not None else contextlib.nullcontext():
+            return module(x)
+    except Exception as exc:  # noqa: BLE001 (compared with the patched call's)
+        return exc
+
+
+def _set_scaling_tensor(layer):
+    layer.scaling = torch.tensor(0.5, dtype=torch.float64)
+
+
+def _to_float8(layer):
+    layer.to(torch.float8_e4m3fn)
+
+
+def _cpu_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+# name: (change the layer, input, context, the fallback reason)
+_OPERAND_CASES = {
+    "integer-input": (None, lambda: torch.ones(3, 8, dtype=torch.long), None, "input is not a floating-point tensor"),
+    "other-width": (None, lambda: torch.randn(3, 7, dtype=torch.float64), None,
+                    "input shape does not match the weight"),
+    "tensor-scaling": (_set_scaling_tensor, lambda: torch.randn(3, 8, dtype=torch.float64), None,
+                       "scaling is a Tensor, not a number"),
+    "meta-input": (None, lambda: torch.randn(3, 8, dtype=torch.float64, device="meta"), None,
+                   "tensors on several devices ['cpu', 'meta']"),
+    "float64-under-autocast": (None, lambda: torch.randn(3, 8, dtype=torch.float64), _cpu_autocast,
+                               "float64 input under autocast"),
+    "float8": (_to_float8, lambda: torch.randn(3, 8).to(torch.float8_e4m3fn), None,
+               "compute dtype torch.float8_e4m3fn not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(_OPERAND_CASES))
+def test_operands_the_fused_lora_call_cannot_take_run_the_original_forward(case):
+    """An input the fused call cannot take (integers, another width, another device, float64
+    under autocast, a float8 dtype) or a scaling that is a tensor: the reference layer runs its
+    own forward, with its result or its error, and the handle counts why."""
+    change, make_input, context, reason = _OPERAND_CASES[case]
+    layer = _reference_single(0.0)
+    if change is not None:
+        change(layer)
+    x = make_input()
+    want = _outcome(layer, x, context)
+    with ace_kernels.patch(layer) as handle:
+        got = _outcome(layer, x, context)
+        assert handle.stats() == {f"fallback reference-lora-linear: {reason}": 1}, handle.stats()
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want), got
+    elif want.is_meta:
+        assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+    else:
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **FP64_TOL)
+
+
+def test_extra_forward_arguments_of_a_reference_layer_run_its_own_forward():
+    torch.manual_seed(7)
+    layer = _randomise_lora(_ExtraArgumentLoRA(8, 8, r=2).double()).train()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = layer(x, 2.0)
+    with ace_kernels.patch(layer) as handle:
+        assert [r.status for r in handle.records] == ["patched"]
+        torch.testing.assert_close(layer(x, 2.0), want, **FP64_TOL)
+        assert handle.stats() == {"fallback reference-lora-linear: extra forward arguments": 1}
+
+
+class _ThreeDOnlyLoRA(ReferenceLoRALinear):
+    def forward(self, x):
+        batch, tokens, width = x.shape  # a [3, in] probe cannot be unpacked
+        return super().forward(x)
+
+
+class _NoCopies:
+    def __deepcopy__(self, memo):
+        raise RuntimeError("no copies")
+
+
+class _UncopyableLoRA(_NoCopies, ReferenceLoRALinear):
+    pass
+
+
+class _StaysMergedLoRA(ReferenceLoRALinear):
+    def train(self, mode=True):  # never takes s B A back out of the weight
+        return nn.Module.train(self, mode)
+
+
+def _merged_without_unmerge():
+    torch.manual_seed(0)
+    layer = _randomise_lora(_StaysMergedLoRA(8, 8, r=2).double())
+    layer.merged = True
+    return layer
+
+
+def _changed_reference(change):
+    def build():
+        layer = _reference_single(0.0)
+        change(layer)
+        return layer
+    return build
+
+
+def _three_d_weight(layer):
+    layer.weight = nn.Parameter(layer.weight.detach()[..., None], requires_grad=False)
+
+
+def _peft_fan_in_fan_out():
+    model = _peft_single()
+    _peft_layer(model).fan_in_fan_out = True
+    return model
+
+
+# name: (build, the record's status, its reason)
+_REFERENCE_LAYER_RECORDS = {
+    "fan_in_fan_out": (_changed_reference(lambda layer: setattr(layer, "fan_in_fan_out", True)), "skipped",
+                       "fan_in_fan_out=True"),
+    "peft-fan_in_fan_out": (_peft_fan_in_fan_out, "skipped", "fan_in_fan_out=True"),
+    "r=0": (_changed_reference(lambda layer: setattr(layer, "r", 0)), "skipped", "r=0 (no LoRA branch)"),
+    "3-D weight": (_changed_reference(_three_d_weight), "skipped", "weight is not a 2-D tensor"),
+    "A of another rank": (_changed_reference(lambda layer: setattr(layer, "w_lora_A", nn.Parameter(torch.zeros(
+        3, 8, dtype=torch.float64)))), "skipped",
+        "w_lora_A [3, 8] / w_lora_B [8, 2] do not match weight [8, 8] and r=2"),
+    "AlphaDropout": (_changed_reference(lambda layer: setattr(layer, "dropout", nn.AlphaDropout(0.1))), "skipped",
+                     "dropout is AlphaDropout"),
+    "no bias": (lambda: _randomise_lora(ReferenceLoRALinear(8, 8, r=2, bias=False).double()), "patched",
+                "-> lora_linear"),
+    "forward fails on the probe": (lambda: _ThreeDOnlyLoRA(8, 8, r=2).double(), "skipped",
+                                   "its forward fails on a [3, 8] probe (ValueError: not enough values to unpack "
+                                   "(expected 3, got 2))"),
+    "cannot be copied": (lambda: _UncopyableLoRA(8, 8, r=2).double(), "skipped",
+                         "its forward could not be checked on a copy (RuntimeError: no copies)"),
+    "merged, and train() does not unmerge": (_merged_without_unmerge, "fallback",
+                                             "merged (eval mode folds B A into the weight)"),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFERENCE_LAYER_RECORDS))
+def test_lora_layers_patch_time_checks_record_why(case):
+    """What the patch-time checks of a LoRA layer find, in its record: a layout the fused op
+    does not compute (fan_in_fan_out, no LoRA branch, a weight or A/B of other shapes, another
+    dropout), a forward the probe cannot run or a layer it cannot copy (skipped); a reference
+    layer without bias (patched: its missing bias does not upset the probe's copy); a merged
+    layer whose train() cannot unmerge the probe's copy (patched, falling back while merged)."""
+    build, status, reason = _REFERENCE_LAYER_RECORDS[case]
+    layer = build()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = layer(x) if status != "skipped" else None
+    with ace_kernels.patch(layer) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [(status, reason)], str(handle)
+        if want is not None:
+            torch.testing.assert_close(layer(x), want, **FP64_TOL)
+            shown = "lora_linear" if status == "patched" else f"fallback reference-lora-linear: {reason}"
+            assert handle.stats() == {shown: 1}, handle.stats()
+
+
+def test_reference_members_changed_after_patching_run_ungrouped_exactly():
+    """A q/k/v member that loses its bias, or gets A and B of another rank, after patching can no
+    longer share one lora_qkv call: each member runs on its own, exactly."""
+    def drop_key_bias(attention):
+        attention.k_proj.bias = None
+
+    def rank_3_value(attention):
+        generator = torch.Generator().manual_seed(2)
+        value = attention.v_proj
+        value.w_lora_A = nn.Parameter(torch.randn(3, 16, generator=generator, dtype=torch.float64))
+        value.w_lora_B = nn.Parameter(torch.randn(16, 3, generator=generator, dtype=torch.float64))
+        value.r = 3
+
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    for change, reason in ((drop_key_bias, "some members have a bias and some do not"),
+                           (rank_3_value, "members differ in shape or rank")):
+        torch.manual_seed(12)
+        attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double()).train()
+        with ace_kernels.patch(attention) as handle:
+            assert [r.reason for r in handle.records] == ["-> lora_qkv"]
+            change(attention)
+            after = _forward_backward(attention, run, (x,))
+            assert handle.stats() == {f"qkv ungrouped: {reason}": 3, "lora_linear": 3}, handle.stats()
+        _assert_same(_forward_backward(attention, run, (x,)), after)
+
+
+def test_bert_with_lora_on_query_and_value_only_patches_them_one_by_one():
+    """An attention whose query/key/value are not three LoRA layers (LoRA on query and value, a
+    common configuration) is no q/k/v group: the two LoRA layers are patched one by one."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=40, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = _randomise_lora(get_peft_model(BertModel(config, add_pooling_layer=False), LoraConfig(
+        r=4, lora_alpha=1, target_modules=["query", "value"])).double()).train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        assert [(r.name.rsplit(".", 1)[-1], r.kind, r.status) for r in handle.records] == [
+            (name, "peft-lora-linear", "patched") for name in ("query", "value") * 2]
+        after = _forward_backward(model, _run_bert, (embeds,))
+        assert handle.stats() == {"lora_linear": 4}
+    _assert_same(before, after)
+
+
+class _Uncopyable(_NoCopies, nn.Module):
+    pass
+
+
+class _UncopyableAdapter(_NoCopies, Adapter):
+    pass
+
+
+class _MaskedAdapter(Adapter):
+    def forward(self, z, mask):
+        return super().forward(z) * mask
+
+
+class _UncopyableLoss(_NoCopies, ReferenceACELoss):
+    pass
+
+
+class _CLSColumnHgat(ReferenceACELoss):
+    def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+        if attn_weights.shape[1] != features.shape[1]:
+            raise ValueError("expects attn_weights with the CLS column")
+        return super().apply_ace_hgat(features, attn_weights[:, 1:], encoder)
+
+
+class _RenamedArguments(ReferenceACELoss):
+    apply_ace_hgat = ReferenceACELoss.apply_ace_hgat
+
+    def forward(self, clip_model, images, texts, frame=None, rows=None):
+        return super().forward(clip_model, images, texts, frame, rows)
+
+
+class _BuiltinForward(ReferenceACELoss):
+    apply_ace_hgat = ReferenceACELoss.apply_ace_hgat
+    forward = torch.add  # no signature inspect can read
+
+
+def _ace_loss(change=None, cls=ReferenceACELoss):
+    def build():
+        torch.manual_seed(0)
+        loss_fn = cls(20, topk=3).double()
+        if change is not None:
+            change(loss_fn)
+        return loss_fn
+    return build
+
+
+def _set_adapter(name, make):
+    return lambda loss_fn: setattr(loss_fn, name, make())
+
+
+def _short_down(loss_fn):
+    loss_fn.img_edge_adapter.down = nn.Linear(20, 6).double()
+
+
+def _meta_logit_scale(loss_fn):
+    loss_fn.logit_scale = nn.Parameter(torch.empty((), device="meta"))
+
+
+def _wrapped_forward(loss_fn):
+    inner = loss_fn.forward
+    loss_fn.forward = lambda *args: inner(*args)
+
+
+def _patched_twice():
+    loss_fn = _ace_loss()()
+    ace_kernels.patch(loss_fn)
+    return loss_fn
+
+
+_UNPROBED = "its forward could not be checked"
+# name: (build, {record name: (status, reason; a reason ending in "..." is the start of one that
+# quotes torch's own error message)})
+_ACE_LOSS_RECORDS = {
+    "adapter without down/up": (_ace_loss(_set_adapter("img_edge_adapter", lambda: nn.Sequential(nn.Linear(20, 20)))), {
+        "apply_ace_hgat": ("skipped", "adapter without down/up nn.Linear layers"),
+        "forward": ("skipped", f"{_UNPROBED} (AttributeError: 'Sequential' object has no attribute 'down')")}),
+    "adapter shapes do not chain": (_ace_loss(_short_down), {
+        "apply_ace_hgat": ("skipped", "adapter down/up shapes do not chain back to the input width"),
+        "forward": ("skipped", "its forward fails on a probe, or the fused forward on its operands (RuntimeError: "
+                               "...")}),
+    "adapter cannot be copied": (_ace_loss(_set_adapter("text_node_adapter", lambda: _UncopyableAdapter(20, 8))), {
+        "apply_ace_hgat": ("skipped", "adapter forward could not be checked on a copy (RuntimeError: no copies)"),
+        "forward": ("skipped", f"{_UNPROBED} on a copy (RuntimeError: no copies)")}),
+    "adapter takes a mask": (_ace_loss(_set_adapter("img_node_adapter", lambda: _MaskedAdapter(20, 8).double())), {
+        "apply_ace_hgat": ("skipped", "adapter forward fails on a [3, 20] probe (TypeError)"),
+        "forward": ("skipped", "its forward fails on a probe, or the fused forward on its operands (TypeError: "
+                               "_MaskedAdapter.forward() missing 1 required positional argument: 'mask')")}),
+    "logit_scale on meta": (_ace_loss(_meta_logit_scale), {
+        "apply_ace_hgat": ("skipped", "on the meta device: apply_ace_hgat cannot be checked (patch it once it has "
+                                      "weights)"),
+        "forward": ("skipped", "on the meta device: its forward cannot be checked (patch it once it has weights)")}),
+    "module cannot be copied": (_ace_loss(cls=_UncopyableLoss), {
+        "apply_ace_hgat": ("skipped", "apply_ace_hgat could not be checked on a copy (RuntimeError: no copies)"),
+        "forward": ("skipped", f"{_UNPROBED} on a copy (RuntimeError: no copies)")}),
+    "apply_ace_hgat fails on the probe": (_ace_loss(cls=_CLSColumnHgat), {
+        "apply_ace_hgat": ("skipped", "apply_ace_hgat fails on a [2, 6, D] probe (ValueError: expects attn_weights "
+                                      "with the CLS column)"),
+        "forward": ("skipped", "its forward fails on a probe, or the fused forward on its operands (ValueError: "
+                               "expects attn_weights with the CLS column)")}),
+    "an extra child is shared by the probe": (_ace_loss(lambda m: setattr(m, "monitor", _Uncopyable())), {
+        "apply_ace_hgat": ("patched", "-> ace_hypergraph"),
+        "forward": ("skipped", f"{_UNPROBED} on a copy (RuntimeError: no copies)")}),
+    "forward arguments renamed": (_ace_loss(cls=_RenamedArguments), {
+        "apply_ace_hgat": ("patched", "-> ace_hypergraph"),
+        "forward": ("skipped", "forward signature is not the reference's (clip_model, images, texts, "
+                               "merged_df=None, indices=None)")}),
+    "forward without a signature": (_ace_loss(cls=_BuiltinForward), {
+        "apply_ace_hgat": ("patched", "-> ace_hypergraph"),
+        "forward": ("skipped", "forward signature is not the reference's (clip_model, images, texts, "
+                               "merged_df=None, indices=None)")}),
+    "forward wrapped": (_ace_loss(_wrapped_forward), {
+        "apply_ace_hgat": ("patched", "-> ace_hypergraph"),
+        "forward": ("skipped", "forward replaced on the instance (a wrapper, e.g. accelerate's hooks): left as it "
+                               "runs")}),
+    "patched by another handle": (_patched_twice, {
+        "apply_ace_hgat": ("skipped", "already patched by another handle"),
+        "forward": ("skipped", "already patched by another handle")}),
+}
+
+
+@pytest.mark.parametrize("case", list(_ACE_LOSS_RECORDS))
+def test_reference_ace_loss_patch_time_checks_record_why(case):
+    """What patch() finds on a reference ACE loss module, per record: adapters that are not
+    up(leaky_relu(down(z), 0.2)) by their structure or their probe, modules the probes cannot copy
+    or run (skipped with the exception), an extra child the hypergraph probe shares rather than
+    copies, forwards whose signature is not the reference's (or cannot be read), a wrapped forward,
+    and a module another handle patched."""
+    build, expected = _ACE_LOSS_RECORDS[case]
+    loss_fn = build()
+    with ace_kernels.patch(loss_fn) as handle:
+        got = {r.name: (r.status, r.reason) for r in handle.records}
+    assert got.keys() == expected.keys(), got
+    for name, (status, reason) in expected.items():
+        if reason.endswith("..."):
+            assert got[name][0] == status and got[name][1].startswith(reason[:-3]), got[name]
+        else:
+            assert got[name] == (status, reason), got[name]
+
+
+def test_reference_ace_loss_calls_the_fused_path_does_not_take_run_the_original():
+    """apply_ace_hgat on features that are not [B, N, D] raises the original's error; a loss
+    module whose apply_gnn_encoders is none of vision/text/both runs its own forward."""
+    clip, loss_fn, images, texts, frame = _reference_setup(mode="neither")
+    flat = torch.randn(9, 20, dtype=torch.float64)
+    attn = torch.rand(9, 8, dtype=torch.float64)
+    want_error = _outcome(lambda f: loss_fn.apply_ace_hgat(f, attn, encoder="img"), flat)
+    model = _Pair([clip, loss_fn]).train()
+    run = lambda m, *a: _run_loss(m, *a)  # noqa: E731
+    before = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
+    with ace_kernels.patch(model, lora=False) as handle:
+        assert all(r.status == "patched" for r in handle.records), str(handle)
+        got_error = _outcome(lambda f: loss_fn.apply_ace_hgat(f, attn, encoder="img"), flat)
+        after = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
+        assert handle.stats() == {"fallback apply_ace_hgat: features are not a [B, N, D] tensor": 1,
+                                  "fallback reference-ace-loss: apply_gnn_encoders not vision/text/both": 1}, \
+            handle.stats()
+    assert isinstance(want_error, ValueError) and type(got_error) is type(want_error)
+    assert str(got_error) == str(want_error)
+    _assert_same(before, after)
+
+
+class _BuiltinForwardCLIPLoss(ReferenceCLIPLoss):
+    forward = torch.add  # no signature inspect can read
+
+
+def test_reference_clip_loss_rare_states():
+    """The plain reference loss: 3-D features run its own forward (and its error); a module on the
+    meta device or patched by another handle is skipped with the reason; one whose forward has no
+    readable signature is not taken for the reference's."""
+    torch.manual_seed(2)
+    loss_module = ReferenceCLIPLoss(logit_scale=12.0).double()
+    image = torch.randn(2, 3, 8, dtype=torch.float64)
+    want = _outcome(lambda f: loss_module(f, image), image)
+    with ace_kernels.patch(loss_module) as handle:
+        got = _outcome(lambda f: loss_module(f, image), image)
+        assert handle.stats() == {"fallback reference-clip-loss: features are not [B, D]": 1}, handle.stats()
+        with ace_kernels.patch(loss_module) as second:
+            assert [(r.status, r.reason) for r in second.records] == [("skipped", "already patched by another handle")]
+    assert isinstance(want, RuntimeError) and type(got) is type(want) and str(got) == str(want)
+    with ace_kernels.patch(ReferenceCLIPLoss().to("meta")) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "on the meta device: its forward cannot be checked (patch it once it has weights)")]
+    with pytest.warns(UserWarning, match="nothing in this _BuiltinForwardCLIPLoss was recognised"):
+        assert not ace_kernels.patch(_BuiltinForwardCLIPLoss()).records
+
+
+def test_open_clip_clip_loss_rare_states():
+    """open_clip's ClipLoss: horovod and a world size torch.distributed has not been initialised
+    with are recorded as falling back, with the settings; 3-D features run open_clip's forward
+    (and its error); a second handle skips the patched module."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    assert not torch.distributed.is_initialized()
+    settings = "world_size=2, local_loss=False, gather_with_grad=False"
+    for kwargs, reason in (({"use_horovod": True}, "horovod is not supported"),
+                           ({}, "torch.distributed is not initialised")):
+        with ace_kernels.patch(open_clip_loss.ClipLoss(rank=0, world_size=2, **kwargs)) as handle:
+            assert [(r.status, r.reason) for r in handle.records] == [("fallback", f"{settings}: {reason}")]
+    loss_module = open_clip_loss.ClipLoss()
+    features = torch.randn(1, 4, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # open_clip's x.T on a 3-D tensor
+        want = _outcome(lambda f: loss_module(f, f, 2.0), features)
+        with ace_kernels.patch(loss_module) as handle:
+            got = _outcome(lambda f: loss_module(f, f, 2.0), features)
+            assert handle.stats() == {"fallback open_clip-ClipLoss: features are not [B, D]": 1}, handle.stats()
+            with ace_kernels.patch(loss_module) as second:
+                assert [(r.status, r.reason) for r in second.records] == [
+                    ("skipped", "already patched by another handle")]
+    assert isinstance(want, RuntimeError) and type(got) is type(want) and str(got) == str(want)
