@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -223,8 +222,9 @@ def reference_ace_hypergraph(x: torch.Tensor, cls_attn: torch.Tensor, edge_adapt
 
 
 def reference_ace_hypergraph_any_backend(x, cls_attn, edge_adapter, node_adapter, *, topk=5, cls_only=False,
-                                         backend=None):
-    """:func:`reference_ace_hypergraph` with the op's ``backend`` keyword accepted and ignored."""
+                                         backend=None, deterministic=None):
+    """:func:`reference_ace_hypergraph` with the op's ``backend`` and ``deterministic`` keywords
+    accepted and ignored (the dense reference has no atomics: it is deterministic)."""
     return reference_ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, topk=topk, cls_only=cls_only)
 
 
@@ -351,7 +351,3 @@ def hypergraph_min_bytes(batch: int, tokens: int, dim: int, element: int, *, cls
     tensor = batch * tokens * dim * element
     row = batch * dim * element
     return float(3 * tensor + (2 * tensor if not cls_only else 2 * row))
-
-
-def dense_rows(x: Sequence[int]) -> int:
-    return int(math.prod(x))

@@ -94,18 +94,25 @@ RECOMPUTE_SUFFIXES = {"mlp": "recompute-mlp", "layer": "recompute-layer"}
 def reference_ops():
     """Route ``ace_kernels.lora_qkv/ace_hypergraph/label_guided_infonce`` to the reference approaches.
 
-    ace_model looks these up on the ``ace_kernels`` module at call time, so
-    swapping the module attributes swaps the model's ops; they are restored on exit.
+    ace_model looks the LoRA op and the loss up on the ``ace_kernels`` module at call time, so
+    swapping the module attributes swaps the model's ops. Its hypergraphs are
+    ``ace_kernels.ACEHypergraph`` modules, whose forward calls ``ace_hypergraph`` from
+    ``ace_kernels.hypergraph``: that name is swapped too. All are restored on exit.
     """
+    from ace_kernels import hypergraph
+
     saved = {name: getattr(ace_kernels, name) for name in ("lora_qkv", "ace_hypergraph", "label_guided_infonce")}
+    saved_module_op = hypergraph.ace_hypergraph
     ace_kernels.lora_qkv = baselines.reference_lora_qkv
     ace_kernels.ace_hypergraph = baselines.reference_ace_hypergraph_any_backend
     ace_kernels.label_guided_infonce = baselines.reference_label_guided_infonce_any_backend
+    hypergraph.ace_hypergraph = baselines.reference_ace_hypergraph_any_backend
     try:
         yield
     finally:
         for name, fn in saved.items():
             setattr(ace_kernels, name, fn)
+        hypergraph.ace_hypergraph = saved_module_op
 
 
 def estimates_s(suite) -> dict[str, float]:

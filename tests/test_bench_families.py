@@ -6,7 +6,9 @@ while running on the CPU (no timing is asserted)."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 
 import pytest
@@ -126,6 +128,83 @@ def test_cpu_targets_are_the_foundation_issues():
 
 
 # --------------------------------------------------------------------------- what the checks compare
+
+
+def test_op_families_stop_once_out_of_time_or_the_cuda_context_is_lost():
+    """Before each shape: the run's spent budget stops family lora, a lost CUDA context family
+    hypergraph (its inputs are CUDA calls too), each a skip naming the shape; no rows."""
+    import time
+
+    from benchmarks import bench_hypergraph, bench_lora
+
+    spent = _gpu_suite()
+    spent.deadline = time.monotonic() - 1.0
+    bench_lora.run(spent)
+    assert spent.rows == [] and spent.skipped == ["lora_qkv {'m': 74, 'k': 96, 'out': 80, 'r': 4}: skipped (the run's "
+                                                  "time budget is spent)"]
+    lost = _gpu_suite()
+    lost.cuda_lost = "CUDA error: an illegal memory access was encountered"
+    bench_hypergraph.run(lost)
+    assert lost.rows == [] and lost.skipped == ["ace_hypergraph B=4 N=17: skipped (the CUDA context of this process "
+                                                "was lost earlier (CUDA error: an illegal memory access was "
+                                                "encountered))"]
+
+
+def test_the_fused_lora_rows_are_judged_against_the_named_baselines_only():
+    from benchmarks import bench_lora
+
+    targets = bench_lora._targets(_gpu_suite(("triton",), quick=False))
+    assert _goals(targets, "triton", "peft-style") == [("speedup", 1.4), ("metric_max:saved_over_x", 1.1)]
+    assert _goals(targets, "triton", "peft-style+compile") == [] and _goals(targets, "cuda", None) == []
+    from benchmarks import bench_contrastive
+
+    cpu = bench_contrastive._targets(_cpu_suite(), dict(batch=32768, labeled=True))
+    assert _goals(cpu, "torch", None) == [("peak_mib_max", 512)] and _goals(cpu, "triton", None) == []
+
+
+def test_the_providers_of_a_run_default_to_what_can_be_timed_on_its_device(monkeypatch):
+    """Unnamed providers: on a GPU every backend that runs, in the order torch, triton, cuda; on a
+    CPU torch only (the Triton interpreter runs here in tests, but it is never timed)."""
+    monkeypatch.setattr(ace_kernels, "available_backends", lambda: ["cuda", "torch", "triton"])
+
+    def suite_on(device):
+        return Suite(device=torch.device(device), quick=True, json_path=None, png_path=None, time_budget_s=None,
+                     max_seconds_per_call=0.02, providers=None, log=lambda _: None, environment=_environment())
+
+    assert suite_on("cuda").providers == ["torch", "triton", "cuda"]
+    assert suite_on("cpu").providers == ["torch"]
+    monkeypatch.setattr(ace_kernels, "available_backends", lambda: ["cuda", "torch"])
+    assert suite_on("cuda").providers == ["torch", "cuda"]
+
+
+def test_ours_train_a_copy_with_bf16_frozen_weights_on_a_gpu_only():
+    from benchmarks import bench_model
+
+    class Model:
+        cast = None
+
+        def cast_frozen_weights(self, dtype):
+            self.cast = dtype
+            return self
+
+    model = Model()
+    assert bench_model._ours_model(_cpu_suite(), model) is model and model.cast is None
+    ours = bench_model._ours_model(_gpu_suite(), model)
+    assert ours is not model and ours.cast == torch.bfloat16 and model.cast is None
+
+
+def test_the_dense_reference_refuses_a_process_group_and_a_broken_open_clip_is_an_import_error(monkeypatch):
+    image, text, scale, labels = _loss_case(batch=8)
+    with pytest.raises(ValueError, match=r"^argument 'group': the dense reference computes the local loss only; "
+                                         r"expected None$"):
+        baselines.reference_label_guided_infonce_any_backend(image, text, scale, labels, group=object())
+    assert baselines.reference_label_guided_infonce_any_backend(image, text, scale, labels, backend="cuda").item() \
+        == baselines.reference_label_guided_infonce(image, text, scale, labels).item()
+    monkeypatch.setitem(sys.modules, "open_clip.loss", None)
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(ImportError, match=r"^open_clip is not importable here \(ModuleNotFoundError: import of "
+                                          r"open_clip[.a-z]* halted; None in sys.modules\)$"):
+        baselines.open_clip_loss()
 
 
 def _lora_case(dtype=torch.float32):
@@ -496,6 +575,30 @@ def test_loss_rows_account_memory_flops_and_their_checks(monkeypatch):
     assert harness.checks_pass(checked["reference"], "bfloat16") and harness.checks_pass(checked[None], "bfloat16")
 
 
+def test_an_error_over_the_fp32_bound_is_a_warning_in_the_log(monkeypatch):
+    """At the sizes checked against the fp32 chunked path, a relative error over 2e-2 (bf16
+    operands stay under 1e-2) is a WARNING naming the provider, the shape and the error."""
+    from benchmarks import bench_contrastive
+
+    real = ace_kernels.label_guided_infonce
+
+    def op(u, *args, **kwargs):  # 10% off on the bf16 inputs only: the fp32 reference runs the same op
+        return real(u, *args, **kwargs) * (1.1 if u.dtype == torch.bfloat16 else 1.0)
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
+    _small_configs(monkeypatch, dict(batch=96, dim=16, labeled=True, reference=False, clip=False, fp32_check=True))
+    logged = []
+    suite = _gpu_suite(quick=False)
+    suite.log = logged.append
+    bench_contrastive.run(suite)
+    (row,) = suite.rows
+    error = row.metrics["rel_err_vs_fp32_chunked"]
+    assert error > 0.05
+    assert [line for line in logged if "WARNING" in line] == [
+        f"  WARNING: torch at B=96 D=16 labels: relative error {error:.3g} against the fp32 chunked reference "
+        "(bf16 operands: expect under 1e-2)"]
+
+
 def test_cpu_large_batch_row_reports_non_finite_gradients(monkeypatch):
     """The CPU's B=32,768 item (no reference fits there) is checked by finiteness: its row's
     ``finite`` says whether the timed calls' loss and gradients were, which its judging reads."""
@@ -517,6 +620,176 @@ def test_cpu_large_batch_row_reports_non_finite_gradients(monkeypatch):
     (row,) = suite.rows
     assert row.provider == "torch" and row.baseline is None and row.metrics["finite"] is False
     assert not harness.checks_pass(row.metrics, "float32")
+
+
+def test_without_open_clip_the_clip_shape_is_checked_against_the_dense_unmasked_reference(monkeypatch):
+    """No open_clip here: ClipLoss is a skip with its reason, and our row without labels is still
+    checked, against the dense reference approach without labels (not timed)."""
+    from benchmarks import bench_contrastive
+
+    def missing():
+        raise ImportError("open_clip is not importable here (ModuleNotFoundError: no open_clip)")
+
+    monkeypatch.setattr(baselines, "open_clip_loss", missing)
+    _small_configs(monkeypatch, dict(batch=40, dim=8, labeled=False, reference=False, clip=True))
+    suite = _cpu_suite()
+    bench_contrastive.run(suite)
+    assert suite.skipped == ["open_clip.ClipLoss: skipped (open_clip is not importable here "
+                             "(ModuleNotFoundError: no open_clip))"]
+    (row,) = suite.rows
+    assert (row.provider, row.baseline, row.shape) == ("torch", None, "B=40 D=8 no labels")
+    assert [k for k in row.metrics if harness.is_check_key(k)] == ["rel_err_vs_reference"]
+    assert row.metrics["rel_err_vs_reference"] < 1e-6
+
+
+def test_a_broken_unmasked_reference_is_a_skip_unless_it_is_a_cuda_fault(monkeypatch):
+    """The unmasked baselines' comparison with our loss never raises: a baseline that fails is
+    noted in its own metrics (the others are still compared), a fault stops the comparisons and
+    marks the context lost, and a failure of our loss leaves every baseline without one."""
+    from benchmarks import bench_contrastive
+
+    image, text, scale, _ = _loss_case(batch=24)
+    ours = ace_kernels.label_guided_infonce
+
+    def fails(message):
+        def loss(u, t, s):
+            raise RuntimeError(message)
+        return loss
+
+    def clip(u, t, s):
+        return ours(u, t, s, None, backend="torch")
+
+    measured = {"torch": None, "broken": None, "clip": None}
+    comparisons = {"broken": fails("no kernel image"), "absent": fails("never called"), "clip": clip}
+    suite = _gpu_suite()
+    found = bench_contrastive._baseline_errors(suite, comparisons, measured, image, text, scale, "B=24")
+    assert found["broken"] == {"rel_err_note": "not compared: RuntimeError: no kernel image"}
+    assert set(found) == {"broken", "clip"} and found["clip"]["rel_err_vs_ours"] == 0.0
+    assert found["clip"]["ours_compared"] == "torch, without labels" and suite.cuda_lost is None
+
+    comparisons = {"faulty": fails("CUDA error: an illegal memory access was encountered"), "clip": clip}
+    found = bench_contrastive._baseline_errors(suite, comparisons, {**measured, "faulty": None}, image, text, scale,
+                                               "B=24")
+    assert list(found) == ["faulty"] and "illegal memory access" in suite.cuda_lost
+    assert suite.skipped == ["the faulty comparison at B=24: skipped (not compared: RuntimeError: CUDA error: an "
+                             "illegal memory access was encountered)"]
+
+    logged = []
+    suite = _gpu_suite()
+    suite.log = logged.append
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", lambda *args, **kwargs: fails("out of luck")(*args[:3]))
+    assert bench_contrastive._baseline_errors(suite, {"clip": clip}, measured, image, text, scale, "B=24") == {}
+    assert logged == ["  (no baseline comparison at B=24: RuntimeError: out of luck)"] and suite.cuda_lost is None
+    fault = fails("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", lambda *args, **kwargs: fault(*args[:3]))
+    assert bench_contrastive._baseline_errors(suite, {"clip": clip}, measured, image, text, scale, "B=24") == {}
+    assert suite.skipped[-1].startswith("the baseline comparison at B=24: skipped (RuntimeError: CUDA error")
+    assert suite.cuda_lost is not None
+
+
+def test_probe_loss_is_compared_with_one_chunked_fp32_forward(monkeypatch):
+    """At the probe size each provider's timed loss is compared with the chunked fp32 forward,
+    computed once (with at most 45 s) for all of them; no result read back: nothing to compare."""
+    from benchmarks import bench_contrastive
+
+    image, text, scale, labels = _loss_case(batch=24)
+    loss = ace_kernels.label_guided_infonce(image, text, scale, labels, backend="torch")
+    result = {"loss": loss.detach(), "finite": torch.tensor(True)}
+    real, allowed = baselines.chunked_infonce_loss, []
+
+    def spy(*args, max_seconds):
+        allowed.append(max_seconds)
+        return real(*args, max_seconds=max_seconds)
+
+    monkeypatch.setattr(baselines, "chunked_infonce_loss", spy)
+    suite, cache = _gpu_suite(), {}
+    want = real(image, text, scale, labels)
+    for provider in ("triton", "cuda"):
+        metrics = bench_contrastive._probe_correctness(suite, provider, result, image, text, scale, labels, "B=24",
+                                                       cache)
+        assert metrics["finite"] is True and metrics["loss"] == loss.item() and metrics["loss_reference"] == want
+        assert metrics["loss_rel_err_vs_fp32_chunked"] == abs(loss.item() - want) / abs(want) < 1e-5
+    assert allowed == [45.0]  # 300 s left: its cap; the second provider reads the cache
+    assert bench_contrastive._probe_correctness(suite, "torch", None, image, text, scale, labels, "B=24", {}) == \
+        {"finite": None}
+
+
+def test_probe_without_a_chunked_fp32_forward_says_why(monkeypatch):
+    """No chunked forward under 20 s left; one projected too slow, or failing, is a note on the
+    row; a CUDA fault in it marks the context lost."""
+    import time
+
+    from benchmarks import bench_contrastive
+
+    result = {"loss": torch.tensor(2.5), "finite": torch.tensor(True)}
+
+    def probe(suite, raises=None):
+        def chunked(*args, max_seconds):
+            raise raises
+        monkeypatch.setattr(baselines, "chunked_infonce_loss", chunked)
+        metrics = bench_contrastive._probe_correctness(suite, "triton", result, None, None, None, None, "B=1000000", {})
+        assert metrics["finite"] is True and metrics["loss"] == 2.5 and "loss_reference" not in metrics
+        return metrics["reference_note"]
+
+    late = _gpu_suite()
+    late.deadline = time.monotonic() + 12.4  # 45 s capped at 12.4 - 15 s: under 5 s
+    assert probe(late, AssertionError("not called")) == "no chunked fp32 forward: 12 s left"
+    suite = _gpu_suite()
+    assert probe(suite, TimeoutError("projected 900 s from its first block, over the 45 s allowed")) == \
+        "no chunked fp32 forward: projected 900 s from its first block, over the 45 s allowed"
+    assert probe(suite, RuntimeError("out of host memory")) == \
+        "chunked fp32 forward failed: RuntimeError: out of host memory"
+    assert suite.skipped == [] and suite.cuda_lost is None
+    note = probe(suite, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert note == "chunked fp32 forward failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert suite.skipped == [f"the chunked fp32 forward at B=1000000: skipped ({note})"]
+    assert suite.cuda_lost == note
+
+
+@pytest.mark.triton
+def test_a_probe_sized_over_60_seconds_by_its_own_triton_step_is_a_skip(monkeypatch, capsys):
+    """A run without the B=65,536 rows sizes the probe by one Triton step at that size (here a
+    tiny stand-in: B=32, D=16) and skips the probe, saying so, when B^2 scaling puts it over 60 s;
+    the sizing step failing, or a cheap tier, leaves the probe out without running it."""
+    from benchmarks import bench_contrastive
+
+    monkeypatch.setattr(bench_contrastive, "PROBE_SIZING_BATCH", 32)
+    monkeypatch.setitem(bench_contrastive.PROBE, "dim", 16)
+    logged = []
+    suite = _gpu_suite(("torch", "triton"), quick=False, compute_dtype=torch.float32)
+    suite.log = logged.append
+    bench_contrastive.run(suite, probe=True)
+    assert capsys.readouterr().out == (" label_guided_infonce B=32 D=16 labels torch.float32: one timed step, to size "
+                                       "the probe\n")
+    (sizing,) = [re.fullmatch(r"  triton \(sizing\): ([0-9.]+) ms median of 1, peak .*", line) for line in logged
+                 if line.startswith("  triton (sizing): ")]
+    (skipped,) = [re.fullmatch(r"label_guided_infonce B=1000000 D=16 labels: skipped \(estimated (\d+) s from the "
+                               r"B=65536 timing, more than 60 s or the \d+ s left\)", line) for line in suite.skipped]
+    assert int(skipped[1]) == pytest.approx(float(sizing[1]) * 1e-3 * (1e6 / 32) ** 2, rel=1e-3)  # B^2 scaling
+    assert suite.rows == []
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no kernel for this card")
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", fails)
+    suite = _gpu_suite(("triton",), quick=False, compute_dtype=torch.float32)
+    bench_contrastive.run(suite, probe=True)
+    assert suite.skipped == ["triton (sizing): skipped (RuntimeError: no kernel for this card)"] and suite.rows == []
+    suite = _gpu_suite(("triton",), quick=False)
+    suite.tier = "cheap"
+    bench_contrastive.run(suite, probe=True)
+    assert suite.skipped == ["label_guided_infonce B=32 D=16 labels (the probe's sizing): skipped (a costly item "
+                             "(--tier cheap); run it with --tier costly)"]
+
+
+def test_without_inf_cl_its_baseline_is_a_skip_with_the_reason(monkeypatch):
+    from benchmarks import bench_contrastive
+
+    monkeypatch.setitem(sys.modules, "inf_cl", None)  # as when the wheel was not carried
+    suite = _gpu_suite(quick=False)
+    assert bench_contrastive._inf_cl_entry(suite, None, None, None, []) is None
+    assert suite.skipped == ["inf_cl: skipped (not importable here (ModuleNotFoundError: import of inf_cl halted; "
+                             "None in sys.modules))"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -646,6 +919,125 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
     assert row.metrics["rel_err_vs_unchunked"] == pytest.approx(1e-3, rel=1e-3) and row.target_pass is False
     row = large_row(nan=True)
     assert row.metrics["finite"] is False and row.target_pass is False
+
+
+@pytest.mark.parametrize("stop", ["import", "tier", "build", "no-backend", "row-1", "check", "row-2", "row-3",
+                                  "row-3-time"])
+def test_the_training_family_stops_where_an_item_fails_keeping_the_rows_before(monkeypatch, capsys, stop):
+    """Each way family training can stop early (ace_model missing, a model that cannot be built,
+    no backend that runs the step, a row that could not be measured, too little time for row 3)
+    is a skip with its reason that keeps the rows measured before it; a check that cannot run
+    leaves a NaN error on the rows (which fails them) and does not stop the family."""
+    import time
+
+    import ace_model.model
+    import ace_model.training
+    from benchmarks import bench_training
+    from benchmarks.harness import Measurement
+
+    model = _StubModel()
+
+    def chunked_train_step(model, images, ids, labels, *, chunk_size, precision):
+        if stop == "no-backend":
+            raise RuntimeError(f"backend {model.backend!r} cannot run this model here")
+        if stop == "check" and precision == "fp32":
+            raise RuntimeError("the check ran out of memory")
+        loss = (model.weight * images.mean()).sum() + 3.0
+        loss.backward()
+        return loss
+
+    def from_config(name):
+        if stop == "build":
+            raise RuntimeError(f"no weights for {name}")
+        return model
+
+    if stop == "import":
+        monkeypatch.setitem(sys.modules, "ace_model.training", None)
+    monkeypatch.setattr(ace_model.model.ACELoRA, "from_config", staticmethod(from_config))
+    monkeypatch.setattr(ace_model.training, "chunked_train_step", chunked_train_step)
+    suite = _gpu_suite(quick=False)
+    if stop == "tier":
+        suite.tier = "cheap"
+    monkeypatch.setattr(suite, "measure_group", lambda entries, **kw: {} if stop == "row-1" else
+                        {entries[0][0]: Measurement(10.0, 500.0, 5)})
+
+    def measure_chunked(suite_, label, fn, grads, *, timed_calls, one_call, warmup=False):
+        batch = int(label.split()[0][2:])
+        if (stop, batch) in (("row-2", 512), ("row-3", 16384)):
+            suite_.skip(label, "out of memory: stand-in")
+            return None
+        if stop == "row-3-time":
+            suite_.deadline = time.monotonic() + 8.4
+        return Measurement(100.0, 1000.0, 1)
+
+    monkeypatch.setattr(bench_training, "_measure_chunked", measure_chunked)
+    bench_training.run(suite)
+    shapes = ["biomedclip B=64 unchunked", "biomedclip B=512 chunk=256", "biomedclip B=16384 chunk=256"]
+    kept = {"import": 0, "tier": 0, "build": 0, "no-backend": 0, "row-1": 0, "check": 3, "row-2": 1, "row-3": 2,
+            "row-3-time": 2}[stop]
+    assert [r.shape for r in suite.rows] == shapes[:kept]
+    skipped = {
+        "import": ["training: skipped (ace_model is not importable (ModuleNotFoundError: import of "
+                   "ace_model.training halted; None in sys.modules))"],
+        "tier": ["chunked_train_step biomedclip: skipped (a costly item (--tier cheap); run it with --tier costly)"],
+        "build": ["chunked_train_step biomedclip: skipped (the model could not be built (RuntimeError: no weights "
+                  "for biomedclip))"],
+        "no-backend": ["chunked_train_step torch: skipped (backend 'torch' cannot run this model here)",
+                       "chunked_train_step: skipped (no backend ran it (tried torch))"],
+        "row-1": [], "check": [],
+        "row-2": ["B=512 chunk=256: skipped (out of memory: stand-in)"],
+        "row-3": ["B=16384 chunk=256: skipped (out of memory: stand-in)"],
+        # Row 3's estimate: row 2's 0.1 s x 32 (B=16,384 over B=512) x 1 call x 1.1, plus 5 s.
+        "row-3-time": ["chunked_train_step B=16384 chunk=256: skipped (estimated 9 s, only 8 s left in the run's "
+                       "time budget)"],
+    }[stop]
+    assert suite.skipped == skipped
+    if stop == "check":
+        assert "  B=512 chunk=256: the check against the one-pass step failed (RuntimeError: the check ran out of " \
+               "memory)" in capsys.readouterr().out.splitlines()
+        assert all(math.isnan(r.metrics["rel_err_vs_unchunked"]) for r in suite.rows[1:])
+        assert not any(r.target_pass for r in suite.rows[1:])
+
+
+def test_measure_chunked_warms_up_times_each_call_and_turns_failures_into_skips(monkeypatch):
+    """``_measure_chunked``: a warm-up call when asked, the peak call, then each timed call on its
+    own (the median of two is their mean); ``one_call``: one call for both; a failure (out of
+    memory read off its first line) is a skip that returns None; the gradients are left cleared."""
+    from benchmarks import bench_training
+
+    x = torch.ones(256, requires_grad=True)
+    calls = []
+
+    def step():
+        calls.append(x.grad)
+        (3.0 * x).sum().backward()
+
+    times = iter([4.0, 6.0])
+    monkeypatch.setattr(harness, "time_single_call", lambda fn, device, grads: (fn(), next(times))[1])
+    suite = _gpu_suite()
+    meas = bench_training._measure_chunked(suite, "B=512 chunk=256", step, [x], timed_calls=2, one_call=False,
+                                           warmup=True)
+    assert len(calls) == 4 and calls[1] is None and x.grad is None  # warm-up, peak, two timed calls
+    assert (meas.median_ms, meas.runs, meas.spread_ms) == (5.0, 2, (4.0, 6.0)) and meas.peak_mib > 0
+
+    monkeypatch.setattr(harness, "peak_and_time", lambda fn, device, grads: (fn(), (700.0, 2500.0))[1])
+    calls.clear()
+    meas = bench_training._measure_chunked(suite, "B=16384 chunk=256", step, [x], timed_calls=1, one_call=True)
+    assert len(calls) == 1 and x.grad is None
+    assert (meas.median_ms, meas.peak_mib, meas.runs) == (2500.0, 700.0, 1)
+
+    def out_of_memory():
+        (3.0 * x).sum().backward()
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    assert bench_training._measure_chunked(suite, "B=16384 chunk=256", out_of_memory, [x], timed_calls=1,
+                                           one_call=False) is None
+    assert x.grad is None
+    assert suite.skipped == ["B=16384 chunk=256: skipped (out of memory: CUDA out of memory. Tried to allocate "
+                             "2.00 GiB)"]
+    assert bench_training._measure_chunked(suite, "B=512 chunk=256", lambda: 1 / 0, [x], timed_calls=1,
+                                           one_call=False) is None
+    assert suite.skipped[-1] == "B=512 chunk=256: skipped (ZeroDivisionError: division by zero)"
 
 
 # --------------------------------------------------------------------------- the model family
@@ -788,6 +1180,241 @@ def test_largest_batch_rows_are_judged_at_3x_with_their_own_check(monkeypatch):
             row.metrics["max_batch"] / rows["reference-ops"].metrics["first_oom"])
     assert layer.metrics["max_batch_ratio"] > 3 and layer.target_pass is True
     assert 2 < plain.metrics["max_batch_ratio"] < 3 and plain.target_pass is False
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_largest_batch_search_runs_in_a_full_gpu_run_only(monkeypatch, quick):
+    """The model family on a GPU: with --quick the largest-batch search is a skip with the reason;
+    in a full run it searches on the one model built for the family (and its copy for ours)."""
+    from benchmarks import bench_model
+
+    model, ours, calls, built = StubModel(), StubModel(), [], []
+    monkeypatch.setattr(bench_model, "_build_model", lambda suite: built.append(1) or model)
+    monkeypatch.setattr(bench_model, "_ours_model", lambda suite, m: ours if m is model else None)
+    for name in ("_run_ace_lora", "_run_max_batch", "_run_zero_shot", "_run_peft_patch", "_run_demo"):
+        monkeypatch.setattr(bench_model, name, lambda suite, *args, name=name: calls.append((name, *args)))
+    suite = _gpu_suite(quick=quick)
+    bench_model.run(suite)
+    searched = [] if quick else [("_run_max_batch", model, ours)]
+    assert calls == [("_run_ace_lora", model, ours), *searched, ("_run_zero_shot", model), ("_run_peft_patch",),
+                     ("_run_demo", 0.0)]
+    assert built == [1]
+    assert suite.skipped == (["ace_lora_max_batch: skipped (not with --quick (the tiny model's largest batch says "
+                              "nothing))"] if quick else [])
+
+
+def test_a_model_that_cannot_be_built_or_imported_is_a_skip_with_the_reason(monkeypatch):
+    from ace_model.model import ACELoRA
+    from benchmarks import bench_model
+
+    def broken(name):
+        raise RuntimeError(f"no weights for {name}")
+
+    monkeypatch.setattr(ACELoRA, "from_config", broken)
+    suite = _cpu_suite(quick=True)
+    assert bench_model._build_model(suite) is None
+    assert suite.skipped == ["model tiny: skipped (could not be built (RuntimeError: no weights for tiny))"]
+    monkeypatch.setitem(sys.modules, "ace_model.model", None)
+    suite = _cpu_suite(quick=True)
+    assert bench_model._build_model(suite) is None
+    assert suite.skipped == ["model: skipped (ace_model is not importable (ModuleNotFoundError: import of "
+                             "ace_model.model halted; None in sys.modules))"]
+
+
+def test_an_item_no_backend_runs_is_a_skip_naming_every_backend_tried():
+    """``fused_provider``: triton first on a GPU, then the suite's order, never cuda (no LoRA)."""
+    from benchmarks import bench_model
+
+    tried = []
+
+    def probe(provider):
+        tried.append(provider)
+        raise RuntimeError(f"backend {provider!r} cannot run this call")
+
+    suite = _gpu_suite(("torch", "cuda", "triton"))
+    assert bench_model.fused_provider(suite, probe, label="ace_lora_max_batch") is None
+    assert tried == ["triton", "torch"]
+    assert suite.skipped[-1] == "ace_lora_max_batch: skipped (no backend ran it (tried triton, torch))"
+    suite = _gpu_suite(("cuda",))
+    assert bench_model.fused_provider(suite, probe, label="x") is None and tried == ["triton", "torch"]
+    assert suite.skipped == ["x: skipped (no backend ran it (tried none))"]
+
+
+def test_peft_towers_that_cannot_be_built_or_patched_are_skips_with_the_reason(monkeypatch):
+    """Family model's PEFT item: towers that cannot be built skip the item; a backend whose patch
+    fails is a skip, and PEFT's own row is still measured."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_model
+
+    def unbuildable(suite):
+        raise ImportError("No module named 'peft'")
+
+    monkeypatch.setattr(bench_model, "_peft_towers", unbuildable)
+    suite = _cpu_suite(quick=True)
+    bench_model._run_peft_patch(suite)
+    assert suite.rows == []
+    assert suite.skipped == ["peft_lora_train_step: skipped (PEFT towers could not be built (ImportError: No module "
+                             "named 'peft'))"]
+
+    def unpatchable(model, backend):
+        raise ValueError(f"argument 'backend': {backend!r} has no LoRA kernels here")
+
+    class Vit(torch.nn.Module):  # stand-ins for the PEFT towers: what the item calls of them
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3 * 4 * 4, 8)
+
+        def forward_features(self, images):
+            return self.proj(images.flatten(1))[:, None]
+
+    class Bert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 8)
+
+        def forward(self, input_ids):
+            return SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+    towers = torch.nn.ModuleDict({"vit": Vit(), "bert": Bert()})
+    monkeypatch.setattr(bench_model, "_peft_towers", lambda suite: (towers, 4, 6, 50, "stub"))
+    monkeypatch.setattr(ace_kernels, "patch", unpatchable)
+    suite = _cpu_suite(quick=True)
+    bench_model._run_peft_patch(suite)
+    assert [(r.op, r.provider, r.baseline) for r in suite.rows] == [("peft_lora_train_step", "peft", None)]
+    assert suite.skipped == ["patched:torch: skipped (patch failed (ValueError: argument 'backend': 'torch' has no "
+                             "LoRA kernels here))"]
+
+
+def test_a_demo_without_time_or_ace_model_is_a_skip_with_the_reason(monkeypatch):
+    import time
+
+    from ace_model import cli
+    from benchmarks import bench_model
+
+    monkeypatch.setattr(cli, "main", lambda argv: pytest.fail("the demo ran"))
+    suite = _cpu_suite()
+    suite.deadline = time.monotonic() + 30.0
+    bench_model._run_demo(suite, 60.0)
+    assert suite.rows == []
+    assert suite.skipped == ["ace_lora_demo: skipped (estimated 60 s, only 30 s left in the run's time budget)"]
+    monkeypatch.setitem(sys.modules, "ace_model", None)
+    suite = _cpu_suite()
+    bench_model._run_demo(suite, 60.0)
+    assert suite.rows == []
+    assert suite.skipped == ["ace_lora_demo: skipped (ace_model is not importable (ModuleNotFoundError: import of "
+                             "ace_model halted; None in sys.modules))"]
+
+
+def test_largest_batch_checks_here_the_candidates_without_a_training_step_check(monkeypatch, capsys):
+    """A candidate whose training-step row has no check (a costly-tier run has no such rows) is
+    checked at B=8 here against the reference ops, once; one whose check fails is left unchecked
+    (its row then has no error to pass on), the others keep theirs."""
+    from benchmarks import bench_model
+
+    suite = _max_batch_suite(monkeypatch, {None: 1000, "triton+recompute-layer": 9000, "triton": 2500})
+    for row in suite.rows:
+        if row.provider.startswith("triton+recompute-layer") or row.provider == "triton":
+            row.metrics = {}
+    want, evaluated = torch.tensor([2.0, -1.0, 0.5]), []
+
+    def eval_vector(model, backend, inputs, autocast, *, reference=False, recompute="none"):
+        evaluated.append((backend, recompute, reference, inputs))
+        if backend == "triton" and recompute == "none":
+            raise RuntimeError("no kernel image")
+        return want if reference else want + torch.tensor([0.0, 3e-3, 0.0])
+
+    monkeypatch.setattr(bench_model, "device_batch", lambda model, batch, device, seed: (batch, seed))
+    monkeypatch.setattr(bench_model, "_eval_vector", eval_vector)
+    bench_model._run_max_batch(suite, StubModel(), StubModel())
+    assert evaluated == [("torch", "none", True, (8, 3)), ("triton", "layer", False, (8, 3)),
+                         ("triton", "none", False, (8, 3))]
+    assert "  triton: its check failed (RuntimeError: no kernel image)" in capsys.readouterr().out.splitlines()
+    rows = {r.provider: r.metrics for r in suite.rows if r.op == "ace_lora_max_batch"}
+    assert rows["triton+recompute-layer"]["rel_err_vs_reference-ops"] == harness.relative_error(
+        want + torch.tensor([0.0, 3e-3, 0.0]), want)
+    assert rows["triton"]["rel_err_vs_reference-ops"] is None
+
+
+@pytest.mark.parametrize("limits,left_s,rows,skipped", [
+    ({None: 0}, None, [], ["ace_lora_max_batch reference-ops: skipped (B=64 does not fit)"]),
+    ({None: 1000}, None, ["reference-ops"],
+     [f"ace_lora_max_batch {p}: skipped (B=64 does not fit)" for p in (
+         "triton+recompute-layer", "triton+recompute-mlp", "triton", "torch+recompute-layer", "torch+recompute-mlp",
+         "torch")]),
+    ({None: 1000, "triton+recompute-layer": 9000}, None, ["reference-ops", "triton+recompute-layer"],
+     ["ace_lora_max_batch triton: skipped (B=64 does not fit)"]),
+    ({None: 1000, "triton+recompute-layer": 9000, "triton": 2500}, -1.0, ["reference-ops", "triton+recompute-layer"],
+     ["ace_lora_max_batch triton: skipped (no time left for a second search (the plain one-pass step))"]),
+], ids=["reference-fits-nothing", "no-candidate-fits", "plain-step-fits-nothing", "no-time-for-the-plain-step"])
+def test_largest_batch_searches_that_find_nothing_are_skips_with_the_reason(monkeypatch, limits, left_s, rows,
+                                                                            skipped):
+    """A search that fits nothing is a skip naming its first failure: the reference's ends the
+    item, a candidate's passes to the next candidate; the plain step's second search is a skip
+    too when the time left would not hold it. The one model of a CPU run stays where it is."""
+    import time
+
+    from benchmarks import bench_model
+
+    suite = _max_batch_suite(monkeypatch, limits)
+    if left_s is not None:
+        suite.deadline = time.monotonic() + bench_model._max_batch_estimate_s(suite) + 5 + left_s
+    model = StubModel()
+    model.to = lambda device: pytest.fail("the one model was moved")
+    bench_model._run_max_batch(suite, model, model)
+    assert [r.provider for r in suite.rows if r.op == "ace_lora_max_batch"] == rows
+    assert suite.skipped == skipped
+
+
+def test_a_fault_in_a_candidates_search_ends_the_item(monkeypatch):
+    """A candidate's search that faults before any batch fitted: a skip with the fault, the context
+    marked lost, and no further candidate is searched (every CUDA call would fail)."""
+    from benchmarks import bench_model
+
+    suite = _max_batch_suite(monkeypatch, {None: 1000})
+    tried = []
+
+    def try_step(suite_, model, batch, provider):
+        tried.append(provider)
+        if provider is not None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return batch <= 1000, 10.0 * batch / 64, float(batch)
+
+    monkeypatch.setattr(bench_model, "_try_step", try_step)
+    model = StubModel()
+    bench_model._run_max_batch(suite, model, model)
+    assert set(tried) == {None, "triton+recompute-layer"}
+    assert [r.provider for r in suite.rows if r.op == "ace_lora_max_batch"] == ["reference-ops"]
+    note = "fault at B=64: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert suite.skipped == [f"ace_lora_max_batch triton+recompute-layer: skipped ({note})"]
+    assert suite.cuda_lost == note
+
+
+def test_reference_ops_route_the_models_hypergraph_modules_to_the_dense_reference(monkeypatch):
+    """The model's hypergraphs are ACEHypergraph modules: under ``reference_ops`` they run the dense
+    reference (with the module's adapters), not our op, and get our op back afterwards."""
+    from ace_kernels import hypergraph
+    from benchmarks import bench_model
+
+    reference, calls = baselines.reference_ace_hypergraph, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(baselines, "reference_ace_hypergraph", spy)
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=8, hidden=4, topk=2).double()
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 8, generator=generator, dtype=torch.float64)
+    cls_attn = torch.rand(2, 8, generator=generator, dtype=torch.float64)
+    ours = hypergraph.ace_hypergraph
+    with bench_model.reference_ops():
+        out = module(x, cls_attn, cls_only=True, backend="torch")
+    assert calls == [{"topk": 2, "cls_only": True}]
+    want = reference(x, cls_attn, module.edge_adapter, module.node_adapter, topk=2, cls_only=True)
+    assert torch.equal(out, want)
+    assert hypergraph.ace_hypergraph is ours and ace_kernels.ace_hypergraph is ours
 
 
 def test_zero_shot_check_is_the_largest_probability_difference(monkeypatch):

@@ -1505,6 +1505,23 @@ def test_one_call_measures_time_and_peak_in_the_same_call():
     assert meas.median_ms > 0 and meas.peak_mib == pytest.approx(64.0, abs=1.0)
 
 
+def test_single_call_measures_the_peak_then_times_one_more_call():
+    """``single_call`` (sizes too large to repeat): the memory call is the warm-up, one more call is
+    timed, and the gradients it leaves are cleared."""
+    x = torch.ones(1024, requires_grad=True)
+    calls = []
+
+    def fn():
+        calls.append(x.grad)
+        (x * 2.0).sum().backward()
+
+    meas = harness.measure(fn, device=torch.device("cpu"), grads=[x], single_call=True, max_seconds=10.0,
+                           min_seconds=1.0, min_reps=5)
+    assert meas.error is None and calls == [None, None] and x.grad is None
+    assert meas.runs == 1 and meas.median_ms > 0 and meas.spread_ms == (meas.median_ms, meas.median_ms)
+    assert meas.peak_mib > 0
+
+
 def test_training_step_item_runs_ours_on_its_own_model(tmp_path):
     """The training-step item: the reference-ops rows train the model as built, every one of our
     providers the copy that ``_ours_model`` gives (bf16 frozen weights on a GPU). Here, on the
@@ -2457,3 +2474,293 @@ def test_the_demo_log_line_gives_three_decimals_or_null(monkeypatch):
         bench_model._run_demo(suite, 60.0)
         (line,) = [text for text in logged if text.startswith("  ace_lora_demo: ")]
         assert line.endswith(expected), line
+
+
+# --------------------------------------------------------------------------- pytest benchmarks --benchmark-only
+
+
+def test_pytest_benchmark_view_runs_every_cpu_provider():
+    """README's `pytest benchmarks --benchmark-only`: every op's baselines and ours run, checked, none skipped."""
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed in this environment")
+    if torch.cuda.is_available():
+        pytest.skip("the provider list pinned here is the CPU's (gpu_check.sh runs the GPU's)")
+    try:
+        baselines.open_clip_loss()
+        clip_baseline = ["open_clip.ClipLoss"]
+    except ImportError:
+        clip_baseline = []
+    expected = {f"test_lora_qkv[{p}]" for p in ("reference", "peft-style", "torch")}
+    expected |= {f"test_ace_hypergraph_cls_only[{p}]" for p in ("reference", "torch")}
+    expected |= {f"test_label_guided_infonce[{p}]" for p in ("reference", "torch")}
+    expected |= {f"test_clip_loss[{p}]" for p in clip_baseline + ["torch"]}
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # as a user runs it: the interpreter is never timed
+    env["ACE_BENCH_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider", "-q", "-rA",
+         "--benchmark-columns", "median"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    prefix = "PASSED benchmarks/test_bench_ops.py::"
+    passed = {line[len(prefix):].strip() for line in output.splitlines() if line.startswith(prefix)}
+    assert passed == expected, output[-3000:]
+    assert f"{len(expected)} passed in " in output and "skipped" not in output, output[-3000:]
+
+
+# --------------------------------------------------------------------------- small helpers at their edges
+
+
+def test_device_slug_is_a_file_name_of_the_hardware(monkeypatch):
+    """The default result-file stem: lower case, runs of other characters one dash, at most 60
+    characters, ``device`` when nothing is left."""
+    monkeypatch.setattr(harness, "cpu_model_name", lambda: "AMD EPYC 9654 96-Core Processor")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert harness.device_slug(torch.device("cpu")) == "cpu-amd-epyc-9654-96-core-processor-2c"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 (" + "x" * 80 + ")")
+    assert harness.device_slug(torch.device("cuda")) == "nvidia-h200-" + "x" * 48
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "???")
+    assert harness.device_slug(torch.device("cuda")) == "device"
+
+
+def test_environment_fallbacks_when_the_system_cannot_say(monkeypatch, tmp_path):
+    """No /proc/cpuinfo: platform's name; no git: the SHA file; no triton: None; no load average: None."""
+    import builtins
+    import platform
+
+    from benchmarks import suite
+
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert harness.cpu_model_name() == "aarch64"
+    monkeypatch.setattr(platform, "machine", lambda: "")
+    assert harness.cpu_model_name() == "cpu"
+    monkeypatch.setattr(builtins, "open", real_open)
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.delenv("ACE_GIT_SHA", raising=False)
+    monkeypatch.setattr(subprocess, "run", no_git)
+    (tmp_path / harness.SHA_FILE).write_text("0123abc\n")
+    assert harness.git_sha(str(tmp_path)) == "0123abc"
+    monkeypatch.setitem(sys.modules, "triton", None)
+    assert harness.triton_version() is None
+
+    def no_load_average():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", no_load_average)
+    assert suite._load_average() is None
+    assert harness.Environment.probe(torch.device("cpu")).load_average is None
+
+    def no_descriptor(fd):
+        raise OSError(9, "Bad file descriptor")
+
+    ran, redirected = [], []
+    with monkeypatch.context() as patch:  # undone at once: pytest's own capturing uses dup and dup2
+        patch.setattr(os, "dup", no_descriptor)
+        patch.setattr(os, "dup2", lambda *args: redirected.append(args))
+        with harness._quiet_stderr():  # no fd 2 to save: the body runs with stderr as it is
+            ran.append(1)
+    assert ran == [1] and redirected == []
+
+
+def test_fmt_json_and_result_fields_at_their_edges(tmp_path):
+    assert [harness.fmt(v) for v in (float("nan"), 1234.5, -98765.4, 0.5, None, True)] == \
+        ["nan", "1,234", "-98,765", "0.5", "-", "pass"]
+    with pytest.raises(TypeError, match="^not JSON serialisable: set$"):
+        harness._json_default({1})
+    with pytest.raises(ValueError, match="^its 'rows' is a dict, not a list$"):
+        harness.check_result_fields({"environment": {"device": "cpu"}, "rows": {}})
+
+
+def test_a_device_index_past_the_visible_gpus_is_refused(monkeypatch, capsys):
+    from benchmarks import suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as exit_info:
+        suite._parse(["--device", "cuda:2"])
+    assert exit_info.value.code == 2
+    assert "argument --device: 'cuda:2' asked for, but only 2 GPU(s) are visible" in capsys.readouterr().err
+    assert suite._parse(["--device", "cuda:1"]).device == "cuda:1"
+
+
+def test_group_measuring_one_entry_at_a_time_and_with_every_entry_failing():
+    """``single_call`` (or a GPU) measures each entry on its own, a failing one a skip; on the CPU a
+    group whose every memory call fails measures nothing and says why for each."""
+    suite = _suite("all")
+    x = torch.ones(8, requires_grad=True)
+
+    def fails():
+        raise RuntimeError("no kernel image")
+
+    entries = [("ok", lambda: (x * 2).sum().backward(), [x]), ("broken", fails, [x])]
+    measured = suite.measure_group(entries, single_call=True)
+    assert list(measured) == ["ok"] and measured["ok"].runs == 1
+    assert suite.skipped == ["broken: skipped (RuntimeError: no kernel image)"]
+    suite = _suite("all")
+    assert suite.measure_group([("broken", fails, [x]), ("also broken", fails, [x])]) == {}
+    assert suite.skipped == ["broken: skipped (RuntimeError: no kernel image)",
+                             "also broken: skipped (RuntimeError: no kernel image)"]
+
+
+def test_gpu_suite_faults_outside_a_measurement_are_recorded(tmp_path, monkeypatch, capsys):
+    """A fault surfacing in ``empty_cache`` between configurations marks the context lost; a
+    baseline that does not compile is a skip; ``ACE_BENCH_TRACEBACK`` prints a failing probe's
+    traceback."""
+    def fault():
+        raise RuntimeError(FAULT)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", fault)
+    suite = _fake_gpu_suite(tmp_path, ["torch"])
+    suite.release_cuda_memory()
+    assert suite.skipped == [f"releasing CUDA memory: skipped (RuntimeError: {FAULT})"] and suite.cuda_lost == \
+        f"RuntimeError: {FAULT}"
+    suite.release_cuda_memory()  # nothing once the context is lost
+    assert len(suite.skipped) == 1
+
+    suite = _fake_gpu_suite(tmp_path, ["torch"])
+    suite.compile_baselines = True
+    monkeypatch.setattr(torch, "compile", lambda forward, dynamic: fault)
+    assert suite.compiled_entry("reference", lambda: None, lambda out: out, []) is None
+    assert suite.skipped == [f"reference+compile: skipped (torch.compile failed: RuntimeError: {FAULT})"]
+
+    monkeypatch.setenv("ACE_BENCH_TRACEBACK", "1")
+    suite = _suite("all")
+    assert suite.provider_can_run("lora_qkv torch", lambda: {}["missing"]) is False
+    assert suite.skipped == ["lora_qkv torch: skipped (KeyError: 'missing')"]
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_family_process_plumbing_at_its_edges(capsys):
+    """The worker command carries --providers; signal numbers without a name are named by number;
+    handlers are installed from the main thread only; a family that raises is a skip of it."""
+    from benchmarks import suite
+
+    args = suite._parse(["--out-dir", "runs", "--quick"])
+    command = suite._worker_command("lora", args, device=torch.device("cpu"), stem="s", per_call=1.0,
+                                    providers=["torch", "triton"], compile_baselines=False, deadline_epoch=None)
+    assert command[command.index("--providers") + 1] == "torch,triton"
+    assert suite._signal_name(9) == "SIGKILL" and suite._signal_name(99) == "signal 99"
+    installed = []
+    thread = threading.Thread(target=lambda: installed.append(suite._install_termination_handlers()))
+    thread.start()
+    thread.join()
+    assert installed == [{}]
+
+    class Broken:
+        @staticmethod
+        def run(suite_):
+            raise KeyError("shape")
+
+    run = _suite("all")
+    suite._run_family(run, "lora", Broken)
+    assert run.skipped == ["family lora: skipped (KeyError: 'shape')"]
+    assert "KeyError: 'shape'" in capsys.readouterr().err
+
+
+def test_profile_ops_reports_a_failing_step_and_goes_on(monkeypatch, capsys):
+    from benchmarks import profile_ops
+
+    def profile(factory, backend, device, dtype, quick):
+        if factory.__name__ == "_lora_step":
+            raise RuntimeError("no kernel image")
+        return f"== {factory.__name__} backend {backend}: fine\n"
+
+    monkeypatch.setattr(profile_ops, "profile", profile)
+    assert profile_ops.main(["--quick", "--only", "lora", "hypergraph"]) == 0
+    out = capsys.readouterr().out
+    assert "== _lora_step backend auto: failed: RuntimeError: no kernel image\n" in out
+    assert "== _hypergraph_step backend auto: fine\n" in out
+
+
+def test_a_family_process_whose_suite_is_gone_exits_at_once(tmp_path):
+    """``python -m benchmarks`` as a family's process, its suite's pid not its parent's (the suite
+    died before the death signal was armed): exit status 1, before anything runs."""
+    from benchmarks import PARENT_PID_VARIABLE
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env[PARENT_PID_VARIABLE] = "1"  # init: not the child's parent (this process)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--only", "lora", "--out-dir",
+                           str(tmp_path), "--name", "gone"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and proc.stdout == "", (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert time.monotonic() - started < 30 and list(tmp_path.iterdir()) == []
+
+
+def test_device_family_and_clock_reading(monkeypatch):
+    """Family device runs on a GPU only; the clocks are nvidia-smi's five fields, an unreadable one
+    ("[N/A]") left out, and torch's SM clock when nvidia-smi says nothing."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_device
+
+    cpu = _suite("all")
+    bench_device.run(cpu)
+    assert cpu.rows == [] and cpu.skipped == []
+    queried = []
+
+    def smi(command, **kwargs):
+        queried.append(command[1])
+        return SimpleNamespace(returncode=0, stdout="1980, 1980, 2619, [N/A], 41\n")
+
+    monkeypatch.setattr(subprocess, "run", smi)
+    assert bench_device.read_clocks(torch.device("cuda", 1)) == {
+        "sm_clock_mhz": 1980.0, "sm_clock_max_mhz": 1980.0, "mem_clock_mhz": 2619.0, "temperature_c": 41.0}
+    assert queried == ["--id=1"]
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: SimpleNamespace(returncode=9, stdout=""))
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1755, raising=False)
+    assert bench_device.read_clocks(torch.device("cuda", 0)) == {"sm_clock_mhz": 1755.0}
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1 / 0, raising=False)
+    assert bench_device.read_clocks(torch.device("cuda", 0)) == {}
+
+
+def test_compare_notes_two_gpu_runs_of_one_card(tmp_path):
+    """Same card, other dates: a GPU's times are comparable within a run only (clocks, neighbours),
+    which a note says; two CPU runs of one machine get no such note."""
+    from benchmarks.compare import compare_files
+
+    def write(name, device, date):
+        path = tmp_path / name
+        path.write_text(json.dumps({"environment": {"device": device}, "rows": [
+            dict(op="x", shape="s", dtype="bf16", provider="triton", baseline=None, median_ms=1.0, device=device,
+                 date=date, git_sha="g")]}))
+        return str(path)
+
+    note = "note: two GPU runs: a time is comparable only within one run (compare each file's ratios)"
+    gpu = compare_files(write("a.json", "NVIDIA H200", "2026-11-30"), write("b.json", "NVIDIA H200", "2026-12-01"))
+    assert note in gpu.splitlines() and "WARNING" not in gpu
+    same_day = compare_files(write("c.json", "NVIDIA H200", "2026-11-30"), write("d.json", "NVIDIA H200", "2026-11-30"))
+    assert note not in same_day.splitlines()
+    cpu = compare_files(write("e.json", "AMD EPYC (2 cores)", "2026-11-30"),
+                        write("f.json", "AMD EPYC (2 cores)", "2026-12-01"))
+    assert note not in cpu.splitlines()
+
+
+def test_plot_draws_a_gray_bar_for_a_row_without_that_ratio(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from benchmarks import plot
+
+    common = dict(op="x", shape="s", dtype="bfloat16", median_ms=1.0, peak_mib=1.0, metrics={}, baseline="reference")
+    rows = [dict(common, provider="timed only", speedup_vs_baseline=3.0, memory_ratio_vs_baseline=None,
+                 target="speedup>=2", target_pass=True),
+            dict(common, provider="both", speedup_vs_baseline=3.0, memory_ratio_vs_baseline=9.0, target=None,
+                 target_pass=None)]
+    colors, real_barh = [], matplotlib.axes.Axes.barh
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh",
+                        lambda self, *a, **k: (colors.append(list(k["color"])), real_barh(self, *a, **k))[1])
+    plot.plot_rows(rows, str(tmp_path / "p.png"))
+    assert colors == [["tab:blue", "tab:blue"], ["lightgray", "tab:green"]]

@@ -38,6 +38,13 @@ def test_a_part_records_the_value_its_text_names():
         Target("speed", 1, "").part(row)
 
 
+def test_a_part_value_written_as_text_is_shown_as_it_is():
+    """Result files write a non-finite value as text ("inf", "nan"): shown as it is, not as a percentage."""
+    assert scorecard._value({"text": ">=50% matmul peak", "value": "inf"}) == "inf"
+    assert scorecard._value({"text": "speedup>=2", "value": "nan"}) == "nan"
+    assert scorecard._value({"text": ">=50% matmul peak", "value": 0.4567}) == "45.7%"
+
+
 def _gpu_payload(tmp_path):
     """A result file of a (fake) GPU run written by the suite's own row and save code: LoRA's
     frozen-base target missed, the InfoNCE rate missed, a met zero-shot row, a baseline row."""

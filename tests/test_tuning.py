@@ -523,3 +523,25 @@ def test_writer_reads_only_the_tuning_familys_rows():
     assert content["by_device"] == {} and "no qualifying candidate" in report[1]
     with pytest.raises(tuned_configs.NoSweep):
         tuned_configs.update(_payload([dict(_sweep_row("down", 0, 10.0, 0.004), family="lora")]), None)
+
+
+def test_sweep_stops_at_the_budget_between_kernel_families_and_kernels(tmp_path, monkeypatch):
+    """Out of time for a kernel family: its inputs are not even made; out of time before a kernel:
+    the sweep ends there (what was measured before is kept)."""
+    suite = _suite(tmp_path, gpu=True)
+    asked, made = [], []
+    plan = bench_tuning.sweep_plan()
+    first_contrastive = next(p["kernel"] for p in plan if p["kernel_family"] == "contrastive")
+
+    def out_of_time(what):
+        asked.append(what)
+        return what == f"{bench_tuning.ITEM} lora" or what.startswith(f"{bench_tuning.ITEM} contrastive ")
+
+    monkeypatch.setattr(suite, "out_of_time", out_of_time)
+    for family in ("lora", "contrastive"):
+        monkeypatch.setitem(bench_tuning.CASES, family, lambda suite_, dtype, family=family: (
+            made.append(family), ("B=8", None, None, [], "nothing"))[1])
+    bench_tuning.run(suite)
+    assert made == ["contrastive"] and suite.rows == []
+    assert asked == [bench_tuning.ITEM, f"{bench_tuning.ITEM} lora", f"{bench_tuning.ITEM} contrastive",
+                     f"{bench_tuning.ITEM} contrastive {first_contrastive}"]
