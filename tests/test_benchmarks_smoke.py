@@ -2493,8 +2493,10 @@ def test_pytest_benchmark_view_runs_every_cpu_provider():
     expected |= {f"test_ace_hypergraph_cls_only[{p}]" for p in ("reference", "torch")}
     expected |= {f"test_label_guided_infonce[{p}]" for p in ("reference", "torch")}
     expected |= {f"test_clip_loss[{p}]" for p in clip_baseline + ["torch"]}
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # as a user runs it: the interpreter is never timed
+    # As a user runs it: the interpreter is never timed, and no pytest-xdist worker's variables
+    # (pytest-benchmark reads PYTEST_XDIST_WORKER as "xdist is on" and refuses --benchmark-only).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env.pop("TRITON_INTERPRET", None)
     env["ACE_BENCH_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider", "-q", "-rA",
