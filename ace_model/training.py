@@ -159,6 +159,12 @@ def _call_loss(loss_fn, image_emb, text_emb, scale, labels, group):
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def _check_precision(where: str, precision) -> None:
+    """Raise ValueError naming ``where`` (the argument or field) unless ``precision`` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: expected 'auto', 'bf16' or 'fp32', got {precision!r}")
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast on CUDA when ``precision`` is "bf16" (or "auto"); nothing otherwise."""
     if device.type == "cuda" and precision in ("bf16", "auto"):
@@ -276,8 +282,7 @@ def chunked_train_step(
     """
     if loss_scope not in LOSS_SCOPES:
         raise ValueError(f"argument 'loss_scope': expected 'global' or 'local', got {loss_scope!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"argument 'precision': expected 'auto', 'bf16' or 'fp32', got {precision!r}")
+    _check_precision("argument 'precision'", precision)
     try:
         _check_step_inputs(images, token_ids, labels, chunk_size)
         local_error = None
@@ -409,8 +414,7 @@ class GraphedTrainStep:
             raise ValueError(f"argument 'model': GraphedTrainStep captures a CUDA graph and needs a model on a "
                              f"CUDA device, got one on {device}")
         _check_step_inputs(images, token_ids, labels, None)
-        if precision not in PRECISIONS:
-            raise ValueError(f"argument 'precision': expected 'auto', 'bf16' or 'fp32', got {precision!r}")
+        _check_precision("argument 'precision'", precision)
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"argument 'warmup': expected a positive int, got {warmup!r}")
         self.model, self.device, self.precision = model, device, precision
@@ -789,8 +793,7 @@ class TrainConfig:
             # AdamW's first step moves each weight by lr / (1 - beta1) times a factor it casts to
             # the weights' float32: torch raises there, after the set-up, with a traceback.
             raise ValueError(f"TrainConfig.lr: {self.lr!r} / (1 - betas[0]) overflows float32 in AdamW's first step")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        _check_precision("TrainConfig.precision", self.precision)
         for name in ("cuda_graph", "overwrite", "use_labels", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")

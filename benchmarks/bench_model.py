@@ -101,18 +101,18 @@ def reference_ops():
     """
     from ace_kernels import hypergraph
 
-    saved = {name: getattr(ace_kernels, name) for name in ("lora_qkv", "ace_hypergraph", "label_guided_infonce")}
-    saved_module_op = hypergraph.ace_hypergraph
-    ace_kernels.lora_qkv = baselines.reference_lora_qkv
-    ace_kernels.ace_hypergraph = baselines.reference_ace_hypergraph_any_backend
-    ace_kernels.label_guided_infonce = baselines.reference_label_guided_infonce_any_backend
-    hypergraph.ace_hypergraph = baselines.reference_ace_hypergraph_any_backend
+    swaps = [(ace_kernels, "lora_qkv", baselines.reference_lora_qkv),
+             (ace_kernels, "ace_hypergraph", baselines.reference_ace_hypergraph_any_backend),
+             (hypergraph, "ace_hypergraph", baselines.reference_ace_hypergraph_any_backend),
+             (ace_kernels, "label_guided_infonce", baselines.reference_label_guided_infonce_any_backend)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in swaps]
+    for module, name, reference in swaps:
+        setattr(module, name, reference)
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(ace_kernels, name, fn)
-        hypergraph.ace_hypergraph = saved_module_op
+        for module, name, fn in saved:
+            setattr(module, name, fn)
 
 
 def estimates_s(suite) -> dict[str, float]:
