@@ -47,10 +47,9 @@ chunks. The key mask is applied in registers; fully masked tiles and columns
 shift by 0 and stay ``-inf`` (no ``inf - inf``, no ``log 0``). Exact
 (no fixed shift that could underflow), deterministic, no atomics; extra
 memory ``4 B * programs`` bytes (33 MiB at B = 65,536 on a 132-SM H100).
-With ``group=`` a rank owns rows ``lo..hi`` and columns ``lo..hi``, whose
-column LSEs need every rank's rows, so it runs a row-LSE kernel twice (``U``
-against ``T``, then ``T`` against ``U``: the mask is symmetric) over its
-``(hi - lo) x B`` tiles instead.
+With ``group=`` a rank runs the same kernel over its rows ``lo..hi`` only: their
+row LSEs, and every column's LSE over those rows, which the ranks combine
+(see "Across ranks").
 
 Triton backward: one gradient kernel twice (``dU`` then ``dT``). A program owns
 a block of 64 rows and accumulates their gradient over the whole of D
@@ -69,14 +68,9 @@ FLOPs, backward ``8 B^2 D`` (per direction: similarities ``2 B^2 D``, gradient
 ``2 B^2 D``), ``10 B^2 D`` in all against issue 5's counted ``8 B^2 D``. Wider D
 (to 1024), fp32 inputs or unaligned rows split the gradient into D chunks that
 each recompute the similarities (D = 1024 in 16 bits: two 512-wide halves,
-``14 B^2 D``). With ``group=`` (rank ``r`` holding ``n_r`` rows, ``W`` ranks), over all
-ranks: the forward takes ``4 B^2 D`` (its two passes); the backward, in either strategy,
-runs per direction the row tiles holding a rank's rows against every column and the other
-rows against that rank's columns only: ``2 B^2 - sum_r n_r^2`` logits (rounded out to row
-tiles) instead of ``B^2``, since a pair whose rows two ranks hold is in both their shares
-(the row's softmax on one, the column's on the other). That is ``(2 - 1/W)`` times one
-device's backward for equal shares; 16-bit, D <= 512, ``W = 8``: ``19 B^2 D`` in all,
-about ``2.4 B^2 D`` per rank.
+``14 B^2 D``). With ``group=`` the ranks split this work without repeating any of it
+(rank ``r`` holding ``n_r`` rows: ``10 n_r B D``, ``1.25 B^2 D`` per rank at ``W = 8`` equal
+ranks); see "Across ranks".
 Extra memory of the Triton path is ``O(B)`` besides the forward's partials.
 
 Blocked strategy (a launch configuration with ``STRATEGY="blocked"``, among the
@@ -86,8 +80,8 @@ D, which holds their column tiles to 32 wide at D = 512 and leaves one block per
 alternate between tensor-core work and the softmax. The blocked strategy computes each
 similarity tile (128 x 64, say) as an ordinary pipelined GEMM over D, one program per tile,
 with room for more than one per SM, and splits the ``B x B`` work into row blocks:
-- forward: each tile's row and column log-sum-exps (exact per-row and per-column shifts)
-  go to an fp32 row buffer of at most ``_BLOCKED_PART_BYTES`` (8 MiB) and a column buffer
+- forward (rows ``lo..hi``: every row on one device): each tile's row and column
+  log-sum-exps (exact per-row and per-column shifts) go to an fp32 row buffer of at most ``_BLOCKED_PART_BYTES`` (8 MiB) and a column buffer
   of that much plus one running row of B, which torch folds into the row LSEs and the running
   column LSE after each row block (each fold allocates a temporary of its input's size);
 - backward, per direction: each row block's softmax weights are written in the inputs'
@@ -118,19 +112,32 @@ is the private knob ``_TORCH_BLOCK_ROWS``.
 Across ranks (``group=``)
 -------------------------
 Embeddings (and labels, so that false negatives across ranks are masked) are
-all-gathered; rank ``r`` computes the row log-sum-exps of its own rows and the
-column log-sum-exps of its own columns, i.e. its share ``l_r`` of the global
-loss, so the work is split, not repeated (bar the backward's pairs of rows that two ranks
-hold, which both compute: see the cost above). A rank may hold no rows (``lo == hi``):
-its share is 0 and its backward yields zero gradients, no kernel runs. Each rank's
-gradients of the gathered rows are formed in fp32 (the torch backend gathers its fp32
-copies; the Triton kernels write fp32 gradients) and reduce-scattered in fp32, so a
-16-bit row gradient is rounded once, after the sum over ranks, as on one device. See
-:func:`label_guided_infonce` for the value and gradient convention.
+all-gathered; rank ``r`` owns rows ``lo..hi`` of the global batch and every logit in
+them, and each logit is computed by one rank per pass:
+- forward: one pass over its rows' logits (the one-device kernels, over ``lo..hi``) gives
+  their row log-sum-exps and each column's log-sum-exp over those rows; those ``[B]`` fp32
+  partials are all-gathered (``4 W B`` bytes) and folded in rank order into every column's
+  log-sum-exp, the same bits on every rank. Rank ``r``'s share ``l_r`` of the loss is
+  that of its rows and of the columns of the same indices; the shares sum to the loss.
+- backward, two passes: its rows against every column give its rows' ``dU`` whole, and
+  with them the logit-scale gradient of its rows' logits; every row against its columns
+  (its rows of ``U``) gives its part of every ``dT``, which a reduce-scatter sums. Both
+  directions' softmax weights of a logit come from the rank that owns its row, so each
+  rank's backward applies its own upstream gradient to weights of other ranks' shares:
+  the summed gradients are the loss's when every rank backpropagates the same multiple
+  of it (see :func:`label_guided_infonce`).
+Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
+device's ``10 B^2 D`` split by rows; communication: the gathers of both embeddings and of the
+labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none).
+A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; no kernel
+runs, but it joins every collective. The ``dT`` parts are formed in fp32 (the torch backend
+gathers its fp32 copies; the Triton kernel writes fp32 there) and reduce-scattered in fp32,
+so a 16-bit row gradient is rounded once, after the sum over ranks, as on one device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -233,31 +240,22 @@ def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int, dots
     return logits
 
 
-def _torch_lse_both(u, t, scale, keys, block: int):
-    """Row and column log-sum-exps of the masked logits in one pass over row blocks, and the
-    positives' products ``u_i . t_i`` from the same products."""
+def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0, hi: int | None = None):
+    """Row log-sum-exps of the masked logits' rows ``lo..hi`` (default: every row), each column's
+    log-sum-exp over those rows (the whole batch's with every row), and the rows' positives'
+    products ``u_i . t_i`` from the same products, in one pass over row blocks."""
     n = u.shape[0]
-    row_lse = torch.empty(n, dtype=u.dtype, device=u.device)
+    hi = n if hi is None else hi
+    row_lse = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
     col_lse = torch.full((n,), float("-inf"), dtype=u.dtype, device=u.device)
-    dots = torch.empty(n, dtype=u.dtype, device=u.device)
-    for start in range(0, n, block):
-        logits = _block_logits(u[start:start + block], t, scale, keys, start, 0, dots[start:start + block])
-        torch.logsumexp(logits, dim=1, out=row_lse[start:start + block])
+    dots = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
+    for start in range(lo, hi, block):
+        stop = min(start + block, hi)
+        logits = _block_logits(u[start:stop], t, scale, keys, start, 0, dots[start - lo:stop - lo])
+        torch.logsumexp(logits, dim=1, out=row_lse[start - lo:stop - lo])
         # logaddexp(-inf, -inf) is -inf in torch, so columns fully masked in this block stay clean.
         torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0), out=col_lse)
     return row_lse, col_lse, dots
-
-
-def _torch_lse_rows(a, b, scale, keys, lo: int, hi: int, block: int):
-    """Log-sum-exp over all columns for global rows ``lo..hi`` of ``scale * a b^T`` (masked), and
-    those rows' positives' products ``a_i . b_i`` from the same products."""
-    out = torch.empty(hi - lo, dtype=a.dtype, device=a.device)
-    dots = torch.empty(hi - lo, dtype=a.dtype, device=a.device)
-    for start in range(lo, hi, block):
-        stop = min(start + block, hi)
-        logits = _block_logits(a[start:stop], b, scale, keys, start, 0, dots[start - lo:stop - lo])
-        torch.logsumexp(logits, dim=1, out=out[start - lo:stop - lo])
-    return out, dots
 
 
 def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
@@ -283,37 +281,37 @@ def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
     return grad_u, grad_t, grad_scale
 
 
-def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, block: int):
-    """Gradient w.r.t. every row of ``a`` of ``coef * (sum_{i in lo..hi} lse_a_i + sum_{j in lo..hi} lse_b_j)``.
+def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coef, block: int):
+    """Gradient w.r.t. rows ``r0..r1`` of ``a`` (``[r1 - r0, D]``) through their logits against
+    columns ``c0..c1`` of ``b``, whose weights are ``G_ij = coef (exp(L_ij - lse_a_i) +
+    exp(L_ij - lse_b_j) - 2 [i == j])``, and this pass's ``sum_ij G_ij a_i . b_j`` (the
+    logit-scale gradient over ``scale``).
 
-    ``lse_a``/``lse_b`` are full length with ``+inf`` outside ``lo..hi`` so the
-    unowned softmax weights are exactly zero. Rows outside ``lo..hi`` only meet
-    the owned columns, so only those are visited. Also returns this pass's
-    ``sum_ij G_ij a_i . b_j`` (the logit-scale gradient over ``scale``).
+    ``lse_a``/``lse_b`` are full length; a row or column whose entry is ``+inf`` adds nothing.
+    One device: every row against every column, once per direction. A rank (``group=``): its
+    rows against every column (``a = u``), then every row against its columns (``a = t``).
     """
-    n = a.shape[0]
-    grad_a = torch.empty_like(a)
+    (r0, r1), (c0, c1) = rows, cols
+    grad_a = torch.empty((r1 - r0, a.shape[1]), dtype=a.dtype, device=a.device)
     grad_scale = torch.zeros((), dtype=a.dtype, device=a.device)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
+    for start in range(r0, r1, block):
+        stop = min(start + block, r1)
         a_block = a[start:stop]
-        owned_rows = start < hi and stop > lo
-        c0, c1 = (0, n) if owned_rows else (lo, hi)
         logits = _block_logits(a_block, b[c0:c1], scale, keys, start, c0)
         row_prob = torch.sub(logits, lse_a[start:stop, None]).exp_()
         weights = logits.sub_(lse_b[None, c0:c1]).exp_().add_(row_prob)
         del row_prob
         weights.mul_(coef)
-        _fold_positive_weights(weights, start, stop, c0, lo, hi, coef)
+        _fold_positive_weights(weights, start, stop, c0, c0, c1, coef)
         g_b = torch.mm(weights, b[c0:c1])
         grad_scale += torch.linalg.vecdot(g_b, a_block).sum()
-        torch.mul(g_b, scale, out=grad_a[start:stop])
+        torch.mul(g_b, scale, out=grad_a[start - r0:stop - r0])
     return grad_a, grad_scale
 
 
 def _fold_positive_weights(weights, start: int, stop: int, c0: int, lo: int, hi: int, coef) -> None:
-    """Subtract the positive logits' weight ``2 coef`` from ``G_ii`` in place, for the owned
-    ``i`` among this block's rows ``start..stop`` (columns from ``c0``).
+    """Subtract the positive logits' weight ``2 coef`` from ``G_ii`` in place, for the ``i``
+    in ``lo..hi`` among this block's rows ``start..stop`` (columns from ``c0``).
 
     The gradient of ``-2 coef s u_i . t_i`` then rides in the same products as the softmax
     terms, and where the positives win (``G_ii`` close to ``2 coef``) the two cancel before
@@ -325,40 +323,39 @@ def _fold_positive_weights(weights, start: int, stop: int, c0: int, lo: int, hi:
         weights[i0 - start:i1 - start, i0 - c0:i1 - c0].diagonal().sub_(2 * coef)
 
 
-def _loss_share(row_lse, col_lse, scale, positives, n: int, col_positives=None):
-    """``(sum_i (r_i - s p_i) + sum_j (c_j - s p_j)) / (2 n)`` over the owned rows and columns
-    (``col_positives``, when given, are the columns' ``p_j``, from the products their
-    log-sum-exps came from).
+def _loss_share(row_lse, col_lse, scale, positives, n: int):
+    """``(sum_i (r_i - s p_i) + sum_j (c_j - s p_j)) / (2 n)`` over the owned rows and the
+    columns of the same indices (``p``: the owned rows' products ``u_i . t_i``, from the
+    products both kinds of log-sum-exps came from).
 
     Each row's and column's difference is taken before the sum (the differences of the sums
     cancel to a few B ulps of the logits, which made a small loss negative), and held at 0 or
     more: a row's masked log-sum-exp includes its positive logit, so it is never below it.
     """
     positive_logits = scale * positives
-    col_logits = positive_logits if col_positives is None else scale * col_positives
     rows = (row_lse - positive_logits).clamp_min_(0).sum()
-    cols = (col_lse - col_logits).clamp_min_(0).sum()
+    cols = (col_lse - positive_logits).clamp_min_(0).sum()
     return (rows + cols) / (2 * n)
 
 
-def _global_lse(row_lse, col_lse, n: int, lo: int, hi: int, dtype):
-    """This rank's row/column LSEs placed at [lo, hi) of length-n vectors; +inf elsewhere,
-    so exp(logit - lse) is 0 for the rows and columns other ranks own."""
-    row_ext = torch.full((n,), float("inf"), dtype=dtype, device=row_lse.device)
-    col_ext = torch.full((n,), float("inf"), dtype=dtype, device=row_lse.device)
-    row_ext[lo:hi] = row_lse
-    col_ext[lo:hi] = col_lse
-    return row_ext, col_ext
+def _owned_lse(row_lse, n: int, lo: int, hi: int):
+    """The owned rows' log-sum-exps at ``lo..hi`` of a length-``n`` vector, ``+inf`` elsewhere
+    (where no weight is formed: a ``+inf`` entry would give 0)."""
+    ext = torch.full((n,), float("inf"), dtype=row_lse.dtype, device=row_lse.device)
+    ext[lo:hi] = row_lse
+    return ext
 
 
-def _empty_share_grads(u, t, scale, dtype=None):
-    """Gradients of an empty owned range's share (a constant 0): zeros of every input's shape
-    (the rows' in ``dtype`` when given).
+def _column_lse_across_ranks(col_part: torch.Tensor, group) -> torch.Tensor:
+    """Every column's log-sum-exp over the global batch's rows, from each rank's over its own rows
+    (``[n]`` fp32 or fp64 on every rank, ``-inf`` from a rank with no rows): all-gathered, then one
+    log-sum-exp per column over the ranks in rank order, so every rank gets the same bits.
+    ``W * n`` elements at once (2 MiB at W = 8, n = 65,536)."""
+    import torch.distributed as dist
 
-    Explicit zeros, not None, so that a rank with no rows still runs the same backward
-    graph as the others, including the gradient reduce-scatters of the gathered rows.
-    """
-    return torch.zeros_like(u, dtype=dtype), torch.zeros_like(t, dtype=dtype), torch.zeros_like(scale)
+    parts = [torch.empty_like(col_part) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, col_part.contiguous(), group=group)
+    return torch.logsumexp(torch.stack(parts), dim=0)
 
 
 _SECOND_DERIVATIVE_ERROR = ("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
@@ -368,26 +365,34 @@ _SECOND_DERIVATIVE_ERROR = ("label_guided_infonce: second derivatives (create_gr
 class _TorchLossShare(torch.autograd.Function):
     """The owned share of the loss: ``(sum_{i in lo..hi} (r_i - L_ii) + sum_{j in lo..hi} (c_j - L_jj)) / (2 n)``.
 
-    With ``lo = 0, hi = n`` this is the whole loss; across ranks each rank owns
-    its slice of the global batch and the shares add up to the loss. The
-    positive logits are handled inside so that each input receives a single
-    gradient buffer (autograd would otherwise sum two ``B x D`` gradients).
+    One device (``combine`` None): ``lo = 0, hi = n``, the whole loss, one pass over the
+    logits forward and one backward (both directions' gradients from each block).
+
+    A rank of ``group=`` (``combine`` given; ``u``, ``t`` the gathered batch): one pass over its
+    rows' logits gives their row log-sum-exps and each column's over its rows, and
+    ``combine`` (:func:`_column_lse_across_ranks`, a collective) turns those into every
+    column's over all rows; the shares add up to the loss. Backward, two passes: its rows
+    against every column (their ``u`` gradients, complete; the logit-scale gradient of their
+    logits) and every row against its columns (its rows' parts of every ``t`` gradient, which
+    the gathered rows' reduce-scatter sums). Each logit is visited by one rank per direction,
+    so the ranks together do one device's work, and each rank backpropagates its rows' logits
+    through both softmaxes: the gradients summed over ranks are the loss's when every rank
+    backpropagates the same multiple of it (the documented convention).
+
+    The positive logits are handled inside so that each input receives a single gradient buffer
+    (autograd would otherwise sum two ``B x D`` gradients).
     """
 
     @staticmethod
-    def forward(ctx, u, t, scale, keys, lo: int, hi: int, block: int):
+    def forward(ctx, u, t, scale, keys, lo: int, hi: int, block: int, combine=None):
         n = u.shape[0]
-        ctx.lo, ctx.hi, ctx.block = lo, hi, block
-        if lo == hi:  # a rank with no rows (group=): no share, nothing to compute
-            ctx.save_for_backward(u, t, scale)
-            return torch.zeros((), dtype=u.dtype, device=u.device)
-        if lo == 0 and hi == n:
+        ctx.lo, ctx.hi, ctx.block, ctx.grouped = lo, hi, block, combine is not None
+        if combine is None:
             row_lse, col_lse, dots = _torch_lse_both(u, t, scale, keys, block)
-            col_dots = None
         else:
-            row_lse, dots = _torch_lse_rows(u, t, scale, keys, lo, hi, block)
-            col_lse, col_dots = _torch_lse_rows(t, u, scale, keys, lo, hi, block)
-        share = _loss_share(row_lse, col_lse, scale, dots, n, col_dots)
+            row_lse, col_part, dots = _torch_lse_both(u, t, scale, keys, block, lo, hi)
+            col_lse = combine(col_part)  # every rank joins, a rank with no rows too
+        share = _loss_share(row_lse, col_lse[lo:hi], scale, dots, n)
         ctx.save_for_backward(u, t, scale, keys, row_lse, col_lse)
         return share
 
@@ -395,24 +400,27 @@ class _TorchLossShare(torch.autograd.Function):
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
-        if lo == hi:
-            return _empty_share_grads(*ctx.saved_tensors) + (None, None, None, None)
         u, t, scale, keys, row_lse, col_lse = ctx.saved_tensors
         n = u.shape[0]
         coef = grad_share / (2 * n)
-        if lo == 0 and hi == n:
+        if not ctx.grouped:
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
+        elif lo == hi:
+            # No rows, no share: explicit zeros, so that this rank's backward still runs the
+            # gathered rows' reduce-scatters as the others' do.
+            grad_u, grad_t, grad_scale = torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
         else:
-            row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, u.dtype)
-            grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_ext, lo, hi, coef, block)
-            # The logit-scale gradient is complete after the first pass (it saw every non-zero G_ij).
-            grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_ext, row_ext, lo, hi, coef, block)
-        return grad_u, grad_t, grad_scale, None, None, None, None
+            row_ext = _owned_lse(row_lse, n, lo, hi)
+            grad_u = torch.zeros_like(u)
+            grad_u[lo:hi], grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n),
+                                                         coef, block)
+            grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_lse, row_ext, (0, n), (lo, hi), coef, block)
+        return grad_u, grad_t, grad_scale, None, None, None, None, None
 
 
 @_dispatch.register(OP_NAME, "torch")
-def _lse_share_torch(u, t, scale, keys, lo: int, hi: int):
-    return _TorchLossShare.apply(u, t, scale, keys, lo, hi, _TORCH_BLOCK_ROWS)
+def _lse_share_torch(u, t, scale, keys, lo: int, hi: int, combine=None):
+    return _TorchLossShare.apply(u, t, scale, keys, lo, hi, _TORCH_BLOCK_ROWS, combine)
 
 
 # ---------------------------------------------------------------------------
@@ -457,11 +465,13 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+    def _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+        # Rows where row_in is false and columns past n are -inf, as are the pairs of equal keys off
+        # the diagonal.
         logits = sim * scale
-        valid = (rows[:, None] < n) & (cols[None, :] < n)
+        valid = row_in[:, None] & (cols[None, :] < n)
         if HAS_KEYS:
-            key_r = tl.load(keys_ptr + rows, mask=rows < n, other=-1)
+            key_r = tl.load(keys_ptr + rows, mask=row_in, other=-1)
             key_c = tl.load(keys_ptr + cols, mask=cols < n, other=-2)
             same = (key_r[:, None] == key_c[None, :]) & (rows[:, None] != cols[None, :])
             valid = valid & (~same)
@@ -521,72 +531,35 @@ if triton is not None:
         return tl.where(empty, float("-inf"), safe + _log(tl.where(empty, 1.0, total), FAST_LOG))
 
     @triton.jit
-    def _lse_rows_kernel(
-        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr,
+    def _lse_both_kernel(
+        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr, col_part_ptr,
         row_lo, row_hi, n, dim, stride_a, stride_b,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         ONE_DOT: tl.constexpr,
     ):
-        # a_ptr/b_ptr: [n, dim] with row strides; rows row_lo..row_hi of a against every row of b.
-        # lse_ptr, diag_ptr: [row_hi - row_lo] fp32 outputs (masked row LSE; a_i . b_i, the
-        # positive's similarity). keys_ptr: [n] int32 label keys (unused without keys).
-        # ONE_DOT: BLOCK_D >= dim, the row block of a is loaded once and each tile is one dot over
-        # all of D; otherwise K steps of BLOCK_K reload both operands (D wider than the GPU's one-dot limit).
-        pid = tl.program_id(0).to(tl.int64)
-        row_start = row_lo + pid * BLOCK_M
-        rows = row_start + tl.arange(0, BLOCK_M)
-        scale = tl.load(scale_ptr).to(tl.float32)
-        if ONE_DOT:
-            dcols = tl.arange(0, BLOCK_D)
-            a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
-                             mask=(rows[:, None] < row_hi) & (dcols[None, :] < dim), other=0.0)
-        run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c0 in range(0, n, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            if ONE_DOT:
-                b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
-                            mask=(cols[:, None] < n) & (dcols[None, :] < dim), other=0.0)
-                sim = _dot(a_rows, tl.trans(b), IEEE)
-            else:
-                sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
-            run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0, row_start,
-                                                   BLOCK_M, BLOCK_N)
-        # Padding rows have run_sum 0; real rows always hold their diagonal, so run_sum > 0.
-        lse = run_max + _log(tl.where(rows < row_hi, run_sum, 1.0), FAST_LOG)
-        tl.store(lse_ptr + (rows - row_lo), lse, mask=rows < row_hi)
-        tl.store(diag_ptr + (rows - row_lo), diag, mask=rows < row_hi)
-
-    @triton.jit
-    def _lse_both_kernel(
-        a_ptr, b_ptr, keys_ptr, scale_ptr, lse_ptr, diag_ptr, col_part_ptr,
-        n, dim, stride_a, stride_b,
-        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        ONE_DOT: tl.constexpr,
-    ):
-        # Row and column log-sum-exps of the masked logits of a (rows) against b (columns), one pass.
-        # Program g takes row blocks g, g + G, ... (G = number of programs) against every column:
-        # row LSEs (and the similarities a_i . b_i) go straight to lse_ptr/diag_ptr ([n] fp32);
-        # column LSEs over this program's rows accumulate in col_part_ptr[g, :] ([G, n] fp32,
-        # -inf on entry), which only this program touches: deterministic, no atomics. Every column
-        # gets its own shift (its max in the tile), so nothing underflows that an exact
-        # log-sum-exp would keep.
+        # Row and column log-sum-exps of the masked logits of rows row_lo..row_hi of a against the
+        # n rows of b (columns), one pass. Program g takes row blocks g, g + G, ... (G = number of
+        # programs) of the BLOCK_M-aligned blocks that hold the range (started at row_lo, not
+        # aligned, the blocks cost up to 40 more registers) against every column: row LSEs (and the similarities a_i . b_i)
+        # go straight to lse_ptr/diag_ptr ([row_hi - row_lo] fp32); column LSEs over this
+        # program's rows accumulate in col_part_ptr[g, :] ([G, n] fp32, -inf on entry), which only
+        # this program touches: deterministic, no atomics. Every column gets its own shift (its
+        # max in the tile), so nothing underflows that an exact log-sum-exp would keep.
         pid = tl.program_id(0).to(tl.int64)
         programs = tl.num_programs(0)
         scale = tl.load(scale_ptr).to(tl.float32)
         part_row = col_part_ptr + pid * n
-        for step in range(0, tl.cdiv(tl.cdiv(n, BLOCK_M) - pid, programs)):
-            row_start = (pid + step * programs) * BLOCK_M  # int64, from pid
+        first_tile = row_lo // BLOCK_M
+        for step in range(0, tl.cdiv(tl.cdiv(row_hi, BLOCK_M) - first_tile - pid, programs)):
+            row_start = (first_tile + pid + step * programs) * BLOCK_M  # int64, from pid
             rows = row_start + tl.arange(0, BLOCK_M)
+            # row_lo <= rows < row_hi in one unsigned compare (two spill in some sweep candidates)
+            row_in = (rows - row_lo).to(tl.uint32) < (row_hi - row_lo).to(tl.uint32)
             if ONE_DOT:
                 dcols = tl.arange(0, BLOCK_D)
                 a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
-                                 mask=(rows[:, None] < n) & (dcols[None, :] < dim), other=0.0)
+                                 mask=row_in[:, None] & (dcols[None, :] < dim), other=0.0)
             run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -597,9 +570,10 @@ if triton is not None:
                                 mask=(cols[:, None] < n) & (dcols[None, :] < dim), other=0.0)
                     sim = _dot(a_rows, tl.trans(b), IEEE)
                 else:
-                    sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, n, dim, stride_a, stride_b,
+                    sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
                                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-                logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+                # Rows past row_hi (another range's) are -inf: they must not enter the columns' sums.
+                logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
                 run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0,
                                                        row_start, BLOCK_M, BLOCK_N)
                 # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
@@ -612,9 +586,9 @@ if triton is not None:
                 merged = tl.where(top_empty, float("-inf"),
                                   top_safe + _log(tl.where(top_empty, 1.0, both), FAST_LOG))
                 tl.store(part_row + cols, merged, mask=cols < n)
-            lse = run_max + _log(tl.where(rows < n, run_sum, 1.0), FAST_LOG)
-            tl.store(lse_ptr + rows, lse, mask=rows < n)
-            tl.store(diag_ptr + rows, diag, mask=rows < n)
+            lse = run_max + _log(tl.where(row_in, run_sum, 1.0), FAST_LOG)
+            tl.store(lse_ptr + (rows - row_lo), lse, mask=row_in)
+            tl.store(diag_ptr + (rows - row_lo), diag, mask=row_in)
             # The next row block reads the column partials back, possibly in other threads of this
             # program (replicated layouts, asynchronous copies): make this block's stores visible.
             tl.debug_barrier()
@@ -622,53 +596,56 @@ if triton is not None:
     @triton.jit
     def _grad_rows_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, coef_ptr, lse_a_ptr, lse_b_ptr, grad_a_ptr, grad_scale_ptr,
-        own_lo, own_hi, n, dim, stride_a, stride_b, stride_g,
+        row_lo, row_hi, col_lo, col_hi, n, dim, stride_a, stride_b, stride_g,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         ONE_DOT: tl.constexpr,
     ):
-        # Gradient w.r.t. rows of a of coef * (sum owned lse_a + sum owned lse_b - 2 s sum owned a_i . b_i);
-        # lse_* are fp32 [n] with +inf outside own_lo..own_hi. Program (row block, D chunk) writes
-        # grad_a[rows, chunk] in grad_a's dtype (row stride stride_g) and its part of the logit-scale
-        # gradient, coef * sum_ij w_ij a_i . b_j, to grad_scale_ptr[pid] (0 from chunks other than 0).
+        # Gradient w.r.t. rows row_lo..row_hi of a through their logits against columns
+        # col_lo..col_hi of b, with weights coef * (exp(L - lse_a_i) + exp(L - lse_b_j) - 2 [i == j]);
+        # lse_* are fp32 [n] (+inf: no weight). Row blocks are BLOCK_M-aligned (as in
+        # _lse_both_kernel: started at row_lo, the 16-bit one-dot default spilled); the rows of a
+        # block outside the range load as 0 and are not stored. Program (row block, D chunk) writes
+        # grad_a[rows - row_lo, chunk] in grad_a's dtype (row stride stride_g) and its part of the
+        # logit-scale gradient, coef * sum_ij w_ij a_i . b_j, to grad_scale_ptr[pid] (0 from chunks
+        # other than 0).
         # ONE_DOT: one chunk covers D, so each similarity tile is one dot from the b tile that the
         # gradient dot uses too, computed once. Otherwise (D over the one-dot limit) each of the
         # cdiv(D, BLOCK_D) chunks recomputes the similarities in K steps of BLOCK_K.
         pid_m = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1).to(tl.int64)
-        row_start = pid_m * BLOCK_M
+        row_start = (row_lo // BLOCK_M + pid_m) * BLOCK_M
         rows = row_start + tl.arange(0, BLOCK_M)
         dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        row_in = rows < n
+        row_in = (rows >= row_lo) & (rows < row_hi)
         d_in = dcols < dim
         scale = tl.load(scale_ptr).to(tl.float32)
         coef = tl.load(coef_ptr).to(tl.float32)
         lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
-        owned = (row_start < own_hi) & (row_start + BLOCK_M > own_lo)
-        c_lo = tl.where(owned, 0, own_lo)
-        c_hi = tl.where(owned, n, own_hi)
         if ONE_DOT:
             a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
                              mask=row_in[:, None] & d_in[None, :], other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         scale_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for c0 in range(c_lo, c_hi, BLOCK_N):
+        for c0 in range(col_lo, col_hi, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            col_in = cols < c_hi
+            col_in = cols < col_hi
             b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
                         mask=col_in[:, None] & d_in[None, :], other=0.0)
             if ONE_DOT:
                 sim = _dot(a_rows, tl.trans(b), IEEE)
             else:
-                sim = _similarity_tile(a_ptr, b_ptr, rows, cols, n, c_hi, dim, stride_a, stride_b,
+                sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, col_hi, dim, stride_a, stride_b,
                                        BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            logits = _masked_logits(sim, rows, cols, rows < n, n, keys_ptr, scale, HAS_KEYS)
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
             # Softmax weights of both directions, each <= 1 (coef is applied once at the end, so that
-            # fp16 weights do not underflow for large B). The positive logit s a_i . b_i of an owned
-            # row adds -2 to its weight: its gradient -2 s b_i then comes out of the same dot.
+            # fp16 weights do not underflow for large B). The positive logit s a_i . b_i adds -2 to
+            # its weight: its gradient -2 s b_i then comes out of the same dot. (An entry i == i
+            # outside the ranges is a padding row's or column's, whose a or b is loaded as 0 and
+            # whose gradient row is not stored: its -2 adds nothing.)
             weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
-            positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
+            positive = rows[:, None] == cols[None, :]
             weights = tl.where(col_in[None, :], weights, 0.0) - tl.where(positive, 2.0, 0.0)
             # d loss / d s over coef: sum_ij w_ij a_i . b_j, from the fp32 similarities already here.
             scale_acc += tl.sum(weights * sim, axis=1)
@@ -677,9 +654,13 @@ if triton is not None:
             else:
                 acc += tl.dot(weights.to(b.dtype), b)
         # Every D chunk sees the same weights: only chunk 0 reports the logit-scale part.
+        if not ONE_DOT:
+            # The rows of the block outside the range must add nothing: the one-dot path loads them
+            # as 0 (similarities 0), the K steps load them whole.
+            scale_acc = tl.where(row_in, scale_acc, 0.0)
         partial = tl.where(pid_d == 0, tl.sum(scale_acc, axis=0) * coef, 0.0)
         tl.store(grad_scale_ptr + pid_m * tl.num_programs(1) + pid_d, partial)
-        tl.store(grad_a_ptr + rows[:, None] * stride_g + dcols[None, :],
+        tl.store(grad_a_ptr + (rows - row_lo)[:, None] * stride_g + dcols[None, :],
                  (acc * (coef * scale)).to(grad_a_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
 
     # -- Blocked strategy: large tiles with a K loop, the B x B work split into row blocks. --
@@ -729,14 +710,14 @@ if triton is not None:
     def _lse_tiles_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
         row0, rows_end, n, dim, stride_a, stride_b,
-        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr, WANT_COLS: tl.constexpr,
+        HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
         # Rows row0..rows_end of a against the n rows of b, one tile per program (_program_tile);
         # TILES: 0 every tile, 1 the interior tiles only (_interior_tile), 2 the others only.
         # Outputs, fp32, indexed from row0:
         # row_part [rows, cdiv(n, BLOCK_N)]: the tile's log-sum-exp of each row;
-        # col_part [cdiv(rows, BLOCK_M), n]: the tile's log-sum-exp of each column (WANT_COLS);
+        # col_part [cdiv(rows, BLOCK_M), n]: the tile's log-sum-exp of each column;
         # diag [rows]: a_i . b_i, written by the tile that holds (i, i).
         _, pid_m, pid_n = _program_tile(rows_end - row0, BLOCK_M)
         row_start = row0 + pid_m * BLOCK_M
@@ -753,17 +734,15 @@ if triton is not None:
         if TILES == 1:
             logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG))
-            if WANT_COLS:
-                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG))
+            tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG))
         else:
             row_in = rows < rows_end
             # Rows past the block belong to the next one: they must not enter its column sums.
-            logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS),
+            logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, rows < n, n, keys_ptr, scale, HAS_KEYS),
                               float("-inf"))
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG),
                      mask=row_in)
-            if WANT_COLS:
-                tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG), mask=cols < n)
+            tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG), mask=cols < n)
             if _holds_diagonal(row_start, c0, BLOCK_M, BLOCK_N):
                 diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
                 tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
@@ -771,13 +750,13 @@ if triton is not None:
     @triton.jit
     def _grad_weights_kernel(
         a_ptr, b_ptr, keys_ptr, scale_ptr, lse_a_ptr, lse_b_ptr, w_ptr, part_ptr,
-        row0, rows_end, col0, cols_end, own_lo, own_hi, n, dim, stride_a, stride_b, stride_w,
+        row0, rows_end, col0, cols_end, diag_lo, diag_hi, n, dim, stride_a, stride_b, stride_w,
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
         # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
-        # _grad_rows_kernel (both directions, -2 on the owned diagonal), stored in w_ptr's dtype at
-        # [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
+        # _grad_rows_kernel (both directions, -2 on the diagonal's entries diag_lo..diag_hi),
+        # stored in w_ptr's dtype at [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
         # (the logit-scale gradient over coef) at part_ptr[program]. One tile per program
         # (_program_tile); TILES: 0 every tile, 1 the interior tiles only (_interior_tile), 2 the others.
         pid, pid_m, pid_n = _program_tile(rows_end - row0, BLOCK_M)
@@ -804,11 +783,11 @@ if triton is not None:
         else:
             row_in = rows < rows_end
             col_in = cols < cols_end
-            logits = _masked_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            logits = _masked_logits(sim, rows, cols, rows < n, n, keys_ptr, scale, HAS_KEYS)
             lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
             weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
-            positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= own_lo) & (rows[:, None] < own_hi)
+            positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= diag_lo) & (rows[:, None] < diag_hi)
             inside = row_in[:, None] & col_in[None, :]
             weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)
             tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
@@ -818,9 +797,9 @@ if triton is not None:
 
 # Launch configurations, chosen by compiling for sm_90a (ace_kernels._aot.compile_sm90; triton 3.8
 # and 3.6 agree within a few registers and every one below has 0 spill bytes in both). "lse" is
-# shared by the one-pass forward (_lse_both_kernel) and the two-pass one (_lse_rows_kernel).
+# the one-pass forward's (_lse_both_kernel), "grad" the gradient kernel's (_grad_rows_kernel).
 # - 16-bit, D <= 512, one dot per similarity tile (the row block of a stays in shared memory):
-#   lse 128 x 32, 8 warps, 2 stages: 142-154 registers one-pass (~100 two-pass), 193 KiB
+#   lse 128 x 32, 8 warps, 2 stages: 142-154 registers, 193 KiB
 #   shared (each 32 x 512 b tile feeds 128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages:
 #   254-255 registers (the 64 x 512 fp32 accumulator alone is 128 per thread), 128 KiB shared.
 #   There BLOCK_N 64 spills 32-128 bytes, a third stage does not fit beside a larger tile,
@@ -837,7 +816,7 @@ if triton is not None:
 #   go element by element through registers and the configurations above spill (80-800 bytes).
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
 #   256-wide chunks (200-224); fp32 lse as aligned (K steps of 32 spilled 60 bytes in the one-pass
-#   kernel under 3.6 with every size a multiple of 16; with 2 stages the label-free two-pass kernel
+#   kernel under 3.6 with every size a multiple of 16; with 2 stages a label-free forward kernel
 #   spilled 8 bytes under ptxas 12.9), grad 64 x 32 in 128-wide chunks (158-168).
 # tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
 # aligned, and at D = 500 and 1000, with and without labels, each with the batch (n and the
@@ -989,47 +968,41 @@ def _tile_launches(r0: int, r1: int, c0: int, c1: int, cfg: dict) -> tuple:
     return ((TILES_INTERIOR,) if interior else ()) + ((TILES_EDGE,) if edge else ())
 
 
-def _lse_block_rows(rows_total: int, n: int, cfg: dict, want_cols: bool) -> int:
+def _lse_block_rows(rows_total: int, n: int, cfg: dict) -> int:
     """Rows per block of the blocked forward: its per-tile row partials ([rows, cdiv(n, BLOCK_N)]
-    fp32) and, with ``want_cols``, its column partials ([rows / BLOCK_M, n] fp32) within
-    ``_BLOCKED_PART_BYTES`` each, or one tile of rows when even that is more."""
+    fp32) and column partials ([rows / BLOCK_M, n] fp32) within ``_BLOCKED_PART_BYTES`` each, or
+    one tile of rows when even that is more."""
     bm = cfg["BLOCK_M"]
     rows = _block_rows(rows_total, bm, 4 * triton.cdiv(n, cfg["BLOCK_N"]), _BLOCKED_PART_BYTES)
-    if want_cols:
-        rows = min(rows, bm * max(1, _BLOCKED_PART_BYTES // (4 * n)))
-    return rows
+    return min(rows, bm * max(1, _BLOCKED_PART_BYTES // (4 * n)))
 
 
-def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict, *, want_cols: bool):
-    """Row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``;
-    with ``want_cols`` (``lo..hi`` the whole batch) also the column log-sum-exps. Blocked strategy."""
+def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict):
+    """:func:`_triton_lse_both` by the blocked strategy: the row log-sum-exps of rows ``lo..hi``
+    of ``a`` against ``b``, each column's over those rows, and the similarities ``a_i . b_i``."""
     n, dim = a.shape
     bm = cfg["BLOCK_M"]
     col_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    rows = _lse_block_rows(hi - lo, n, cfg, want_cols)
+    rows = _lse_block_rows(hi - lo, n, cfg)
     row_part = torch.empty(rows, col_tiles, dtype=torch.float32, device=a.device)
     lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
     positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
-    col_lse = col_buf = None
-    if want_cols:
-        # Row 0 carries the column log-sum-exps of the blocks before; rows 1.. this block's tiles.
-        col_buf = torch.full((1 + rows // bm, n), float("-inf"), dtype=torch.float32, device=a.device)
-        col_lse = torch.empty(n, dtype=torch.float32, device=a.device)
+    # Row 0 carries the column log-sum-exps of the blocks before; rows 1.. this block's tiles.
+    col_buf = torch.full((1 + rows // bm, n), float("-inf"), dtype=torch.float32, device=a.device)
+    col_lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=a.device)
     # The same for every launch of the loop below (host work, once).
     constants = dict(HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, FAST_LOG=_fast_log(a.dtype),
-                     WANT_COLS=want_cols, **_blocked_options(cfg))
+                     **_blocked_options(cfg))
     for r0 in range(lo, hi, rows):
         r1 = min(hi, r0 + rows)
         tiles = triton.cdiv(r1 - r0, bm)
         for tiles_kind in _tile_launches(r0, r1, 0, n, cfg):
             _lse_tiles_kernel[(tiles * col_tiles,)](
-                a, b, keys if keys is not None else lse, scale, row_part,
-                col_buf[1:] if want_cols else row_part, positives[r0 - lo:], r0, r1, n, dim, a.stride(0),
-                b.stride(0), TILES=tiles_kind, **constants)
+                a, b, keys if keys is not None else lse, scale, row_part, col_buf[1:], positives[r0 - lo:],
+                r0, r1, n, dim, a.stride(0), b.stride(0), TILES=tiles_kind, **constants)
         torch.logsumexp(row_part[:r1 - r0], dim=1, out=lse[r0 - lo:r1 - lo])
-        if want_cols:
-            torch.logsumexp(col_buf[:1 + tiles], dim=0, out=col_lse)
-            col_buf[0].copy_(col_lse)
+        torch.logsumexp(col_buf[:1 + tiles], dim=0, out=col_lse)
+        col_buf[0].copy_(col_lse)
     return lse, col_lse, positives
 
 
@@ -1048,50 +1021,47 @@ def _grad_block_rows(n: int, cfg: dict, element_size: int) -> int:
     return _block_rows(n, cfg["BLOCK_M"], n * element_size, _BLOCKED_WEIGHT_BYTES)
 
 
-def _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo: int, hi: int, coef, cfg: dict, grad_a: torch.Tensor):
-    """:func:`_triton_grad_rows` by the blocked strategy: per row block, the softmax weights in
+def _grad_blocked(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coef, cfg: dict,
+                  grad_a: torch.Tensor):
+    """:func:`_triton_grad_rows` by the blocked strategy: per block of rows, the softmax weights in
     ``b``'s dtype (``_grad_weights_kernel``), then ``grad = coef * s * (W @ b)`` accumulated in fp32
-    and rounded once into ``a``'s dtype (the one-pass kernel's rounding of the weights and of the
-    result; only the order of the fp32 additions differs).
+    and rounded once into ``grad_a``'s dtype (the one-pass kernel's rounding of the weights and of
+    the result; only the order of the fp32 additions differs).
 
-    An owned range ``lo..hi`` short of the batch (``group=``): the row tiles that hold owned rows
-    meet every column, the others only the owned columns (their rows' own softmax weights are 0),
-    as in the one-pass kernel; no row block mixes the two. A rank thus computes about
-    ``(hi - lo) x n + (n - hi + lo) x (hi - lo)`` weights, not ``n x n``. A block holds as many
-    rows as the weights buffer takes at its width (more beside the owned columns than beside
-    all); its fp32 products are formed in chunks of the rows a block of full width holds."""
+    Rows ``r0..r1`` of ``a`` against columns ``c0..c1`` of ``b`` (``group=``: a rank's rows against
+    every column, or every row against its columns). A block holds as many rows as the weights
+    buffer takes at the columns' width (more beside a rank's columns than beside all); its fp32
+    products are formed in chunks of the rows a block of full width holds."""
     n, dim = a.shape
+    (r_lo, r_hi), (c_lo, c_hi) = rows, cols
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     element = b.element_size()
     full_rows = _grad_block_rows(n, cfg, element)
     capacity = full_rows * n  # elements of the weights buffer
-    # Row tiles from 0, as on one device: the owned rows rounded out to whole tiles.
-    tiles_lo, tiles_hi = lo - lo % bm, min(n, triton.cdiv(hi, bm) * bm)
-    blocks = []  # (first row, end row, first column, end column)
-    for r_lo, r_hi, c0, c1 in ((0, tiles_lo, lo, hi), (tiles_lo, tiles_hi, 0, n), (tiles_hi, n, lo, hi)):
-        if r_lo == r_hi:
-            continue
-        # Never fewer than one tile of rows: bm * (c1 - c0) <= bm * n <= capacity.
-        rows = _block_rows(r_hi - r_lo, bm, (c1 - c0) * element, capacity * element)
-        blocks += [(r0, min(r_hi, r0 + rows), c0, c1) for r0 in range(r_lo, r_hi, rows)]
+    # Never fewer than one tile of rows: bm * (c_hi - c_lo) <= bm * n <= capacity.
+    block_rows = _block_rows(r_hi - r_lo, bm, (c_hi - c_lo) * element, capacity * element)
+    blocks = [(r0, min(r_hi, r0 + block_rows)) for r0 in range(r_lo, r_hi, block_rows)]
     weights_buffer = torch.empty(capacity, dtype=b.dtype, device=a.device)
-    programs_of = [triton.cdiv(r1 - r0, bm) * triton.cdiv(c1 - c0, bn) for r0, r1, c0, c1 in blocks]
+    col_tiles = triton.cdiv(c_hi - c_lo, bn)
+    programs_of = [triton.cdiv(r1 - r0, bm) * col_tiles for r0, r1 in blocks]
     # Per-tile logit-scale partials of one block (reused), then one sum per block: O(B) in all.
     tile_part = torch.empty(max(programs_of), dtype=torch.float32, device=a.device)
     block_sums = torch.empty(len(blocks), dtype=torch.float32, device=a.device)
     factor = coef * scale
-    for block, ((r0, r1, c0, c1), programs) in enumerate(zip(blocks, programs_of)):
-        weights = weights_buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        for tiles_kind in _tile_launches(r0, r1, c0, c1, cfg):
+    # The diagonal entries inside both ranges: the positives whose weight takes the -2.
+    diag_lo, diag_hi = max(r_lo, c_lo), min(r_hi, c_hi)
+    for block, ((r0, r1), programs) in enumerate(zip(blocks, programs_of)):
+        weights = weights_buffer[:(r1 - r0) * (c_hi - c_lo)].view(r1 - r0, c_hi - c_lo)
+        for tiles_kind in _tile_launches(r0, r1, c_lo, c_hi, cfg):
             _grad_weights_kernel[(programs,)](
                 a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
-                r0, r1, c0, c1, lo, hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
+                r0, r1, c_lo, c_hi, diag_lo, diag_hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
                 HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, TILES=tiles_kind,
                 **_blocked_options(cfg))
         torch.sum(tile_part[:programs], dim=0, out=block_sums[block])
         for s0 in range(r0, r1, full_rows):
             s1 = min(r1, s0 + full_rows)
-            grad_a[s0:s1] = _mm_fp32(weights[s0 - r0:s1 - r0], b[c0:c1]).mul_(factor)
+            grad_a[s0 - r_lo:s1 - r_lo] = _mm_fp32(weights[s0 - r0:s1 - r0], b[c_lo:c_hi]).mul_(factor)
     # Fixed-order sums of per-program partials: deterministic, no float atomics.
     return grad_a, block_sums.sum() * coef[0]
 
@@ -1123,28 +1093,6 @@ def _kernel_options(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "ONE_DOT", "num_warps", "num_stages")}
 
 
-def _lse_rows_fake(a, b, scale, keys, lo, hi):
-    return a.new_empty((hi - lo,), dtype=torch.float32), a.new_empty((hi - lo,), dtype=torch.float32)
-
-
-@_library.launcher("infonce_lse_rows", _lse_rows_fake)
-def _triton_lse_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None, lo: int,
-                     hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked row log-sum-exps of rows ``lo..hi`` of ``a`` against ``b`` and the similarities ``a_i . b_i``."""
-    cfg = _launch_config("lse", a.dtype, a.shape[1], aligned=_aligned(a.shape[1], a, b), device=a.device)
-    if _blocked(cfg):
-        lse, _, positives = _lse_blocked(a, b, scale, keys, lo, hi, cfg, want_cols=False)
-        return lse, positives
-    lse = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
-    positives = torch.empty(hi - lo, dtype=torch.float32, device=a.device)
-    grid = (triton.cdiv(hi - lo, cfg["BLOCK_M"]),)
-    _lse_rows_kernel[grid](
-        a, b, keys if keys is not None else lse, scale, lse, positives, lo, hi, a.shape[0], a.shape[1],
-        a.stride(0), b.stride(0), HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
-        FAST_LOG=_fast_log(a.dtype), **_kernel_options(cfg))
-    return lse, positives
-
-
 def _lse_programs(device: torch.device, blocks: int) -> int:
     """Programs of the one-pass forward: one per SM (its tiles leave room for one block per SM);
     3 under the interpreter, so that tests see programs owning several row blocks."""
@@ -1153,28 +1101,33 @@ def _lse_programs(device: torch.device, blocks: int) -> int:
     return min(blocks, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _lse_both_fake(u, t, scale, keys):
-    return tuple(u.new_empty((u.shape[0],), dtype=torch.float32) for _ in range(3))
+def _lse_both_fake(u, t, scale, keys, lo, hi):
+    rows = u.new_empty((hi - lo,), dtype=torch.float32)
+    return rows, u.new_empty((u.shape[0],), dtype=torch.float32), torch.empty_like(rows)
 
 
 @_library.launcher("infonce_lse_both", _lse_both_fake)
-def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
-                     keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row LSEs, column LSEs and the similarities ``u_i . t_i`` of the whole batch in one pass.
+def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None, lo: int,
+                     hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row log-sum-exps of rows ``lo..hi``, each column's log-sum-exp over those rows (the whole
+    batch's when they are every row) and the rows' similarities ``u_i . t_i``, in one pass.
 
     Extra memory: the ``[programs, B]`` fp32 column partials (33 MiB at B = 65,536 on a
     132-SM H100), combined in column chunks so that no second buffer of that size appears.
     """
     n, dim = u.shape
+    if lo == hi:  # a rank with no rows (group=): -inf columns, no kernel launch
+        return (u.new_empty((0,), dtype=torch.float32), u.new_full((n,), float("-inf"), dtype=torch.float32),
+                u.new_empty((0,), dtype=torch.float32))
     cfg = _launch_config("lse", u.dtype, dim, aligned=_aligned(dim, u, t), device=u.device)
     if _blocked(cfg):
-        return _lse_blocked(u, t, scale, keys, 0, n, cfg, want_cols=True)
-    programs = _lse_programs(u.device, triton.cdiv(n, cfg["BLOCK_M"]))
+        return _lse_blocked(u, t, scale, keys, lo, hi, cfg)
+    programs = _lse_programs(u.device, triton.cdiv(hi, cfg["BLOCK_M"]) - lo // cfg["BLOCK_M"])
     col_part = torch.full((programs, n), float("-inf"), dtype=torch.float32, device=u.device)
-    row_lse = torch.empty(n, dtype=torch.float32, device=u.device)
-    positives = torch.empty(n, dtype=torch.float32, device=u.device)
+    row_lse = torch.empty(hi - lo, dtype=torch.float32, device=u.device)
+    positives = torch.empty(hi - lo, dtype=torch.float32, device=u.device)
     _lse_both_kernel[(programs,)](
-        u, t, keys if keys is not None else row_lse, scale, row_lse, positives, col_part, n, dim,
+        u, t, keys if keys is not None else row_lse, scale, row_lse, positives, col_part, lo, hi, n, dim,
         u.stride(0), t.stride(0), HAS_KEYS=keys is not None, IEEE=u.dtype == torch.float32,
         FAST_LOG=_fast_log(u.dtype), **_kernel_options(cfg))
     col_lse = torch.empty(n, dtype=torch.float32, device=u.device)
@@ -1184,35 +1137,39 @@ def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor,
     return row_lse, col_lse, positives
 
 
-def _grad_rows_fake(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, wide=False):
-    grad = a.new_empty(a.shape, dtype=torch.float32 if wide else a.dtype)
+def _grad_rows_fake(a, b, scale, keys, lse_a, lse_b, r0, r1, c0, c1, coef, wide=False):
+    grad = a.new_empty((r1 - r0, a.shape[1]), dtype=torch.float32 if wide else a.dtype)
     return grad, a.new_empty((), dtype=torch.float32)
 
 
 @_library.launcher("infonce_grad_rows", _grad_rows_fake)
 def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
-                      lse_a: torch.Tensor, lse_b: torch.Tensor, lo: int, hi: int,
+                      lse_a: torch.Tensor, lse_b: torch.Tensor, r0: int, r1: int, c0: int, c1: int,
                       coef: torch.Tensor, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient w.r.t. ``a`` (in ``a``'s dtype, or fp32 when ``wide``) and the logit-scale
-    gradient of this direction."""
+    """Gradient w.r.t. rows ``r0..r1`` of ``a`` through their logits against columns ``c0..c1`` of
+    ``b`` (``[r1 - r0, D]`` in ``a``'s dtype, or fp32 when ``wide``; the weights are
+    :func:`_torch_grad_rows`'), and this pass's logit-scale gradient."""
     n, dim = a.shape
-    grad_a = torch.empty(n, dim, dtype=torch.float32 if wide else a.dtype, device=a.device)
+    grad_a = torch.empty(r1 - r0, dim, dtype=torch.float32 if wide else a.dtype, device=a.device)
+    if r0 == r1 or c0 == c1:
+        return grad_a.zero_(), torch.zeros((), dtype=torch.float32, device=a.device)
     cfg = _launch_config("grad", a.dtype, dim, aligned=_aligned(dim, a, b, grad_a), device=a.device)
     if _blocked(cfg):
-        return _grad_blocked(a, b, scale, keys, lse_a, lse_b, lo, hi, coef, cfg, grad_a)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), cfg["d_chunks"])
+        return _grad_blocked(a, b, scale, keys, lse_a, lse_b, (r0, r1), (c0, c1), coef, cfg, grad_a)
+    grid = (triton.cdiv(r1, cfg["BLOCK_M"]) - r0 // cfg["BLOCK_M"], cfg["d_chunks"])
     partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _grad_rows_kernel[grid](
         a, b, keys if keys is not None else lse_a, scale, coef, lse_a, lse_b, grad_a, partial,
-        lo, hi, n, dim, a.stride(0), b.stride(0), grad_a.stride(0),
+        r0, r1, c0, c1, n, dim, a.stride(0), b.stride(0), grad_a.stride(0),
         HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32,
         **_kernel_options(cfg))
     # Fixed-order sum of per-program partials: deterministic, no float atomics.
     return grad_a, partial.sum()
 
 
-def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tuple]:
-    """The owned share (fp32) and what its backward needs (:func:`_triton_share_grads`)."""
+def _triton_share(u, t, scale, keys, lo: int, hi: int, combine=None) -> tuple[torch.Tensor, tuple]:
+    """The owned share (fp32) and what its backward needs (:func:`_triton_share_grads`): one
+    device (``combine`` None, every row) or a rank of ``group=`` (:class:`_TorchLossShare`)."""
     if u.stride(1) != 1:
         u = u.contiguous()
     if t.stride(1) != 1:
@@ -1220,43 +1177,37 @@ def _triton_share(u, t, scale, keys, lo: int, hi: int) -> tuple[torch.Tensor, tu
     keys32 = keys.to(torch.int32) if keys is not None else None
     scale32 = scale.detach().to(torch.float32).reshape(1)
     n = u.shape[0]
-    if lo == hi:  # a rank with no rows (group=): no share, no kernel launch
-        return torch.zeros((), dtype=torch.float32, device=u.device), (u, t, scale)
-    col_positives = None
-    if lo == 0 and hi == n:
-        row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32)
-    else:
-        # Owned rows and owned columns: two passes over (hi - lo) x n tiles, no column partials;
-        # each side's positives come from its own pass, as its log-sum-exps do.
-        row_lse, positives = _triton_lse_rows(u, t, scale32, keys32, lo, hi)
-        col_lse, col_positives = _triton_lse_rows(t, u, scale32, keys32, lo, hi)
-    share = _loss_share(row_lse, col_lse, scale32[0], positives, n, col_positives)
+    row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32, lo, hi)
+    if combine is not None:
+        col_lse = combine(col_lse)  # every rank joins, a rank with no rows too
+    share = _loss_share(row_lse, col_lse[lo:hi], scale32[0], positives, n)
     return share, (u, t, scale, keys32, row_lse, col_lse)
 
 
-def _triton_share_grads(saved, grad_share, lo: int, hi: int, wide: bool = False, needs=(True, True, True)):
-    """Gradients of the owned share w.r.t. ``u``, ``t`` (their dtype, or fp32 when ``wide``) and the scale.
+def _triton_share_grads(saved, grad_share, lo: int, hi: int, grouped: bool, needs=(True, True, True)):
+    """Gradients of the owned share w.r.t. ``u``, ``t`` and the scale (:class:`_TorchLossShare`'s
+    passes). One device: ``[n, D]`` each in the inputs' dtype. A rank of ``group=``: its own
+    rows' ``u`` gradient (``[hi - lo, D]``, complete, in the inputs' dtype) and its part of
+    every row's ``t`` gradient (``[n, D]`` fp32, for the reduce-scatter to sum).
 
     ``needs`` (autograd's ``needs_input_grad`` for the three) skips a gradient kernel: the
     first pass (``u``'s rows) also gives the scale's gradient, so it runs when either is
     needed; the second (``t``'s rows) only for ``t``. A skipped gradient is None.
     """
-    if lo == hi:
-        return _empty_share_grads(*saved, dtype=torch.float32 if wide else None)
     u, t, scale, keys32, row_lse, col_lse = saved
     n = u.shape[0]
     scale32 = scale.detach().to(torch.float32).reshape(1)
     coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
-    row_ext, col_ext = _global_lse(row_lse, col_lse, n, lo, hi, torch.float32)
-    # The kernels add the positives' terms; the first pass's logit-scale gradient is complete
-    # (it meets every non-zero weight and every owned positive).
+    row_ext = _owned_lse(row_lse, n, lo, hi) if grouped else row_lse
+    # The kernels add the positives' terms; the first pass gives the logit-scale gradient of the
+    # owned rows' logits (every weight of theirs and their positives): the whole one on one device.
     grad_u = grad_t = grad_scale = None
     if needs[0] or needs[2]:
-        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_ext, lo, hi, coef, wide)
+        grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_lse, lo, hi, 0, n, coef)
         grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None
         grad_u = grad_u if needs[0] else None
     if needs[1]:
-        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_ext, row_ext, lo, hi, coef, wide)
+        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_lse, row_ext, 0, n, lo, hi, coef, grouped)
     return grad_u, grad_t, grad_scale
 
 
@@ -1264,26 +1215,33 @@ class _TritonLossShare(torch.autograd.Function):
     """Triton version of :class:`_TorchLossShare` (same value, fp32 accumulation, any input float dtype)."""
 
     @staticmethod
-    def forward(ctx, u, t, scale, keys, lo: int, hi: int):
-        ctx.lo, ctx.hi = lo, hi
-        share, saved = _triton_share(u, t, scale, keys, lo, hi)
+    def forward(ctx, u, t, scale, keys, lo: int, hi: int, combine=None):
+        ctx.lo, ctx.hi, ctx.grouped = lo, hi, combine is not None
+        share, saved = _triton_share(u, t, scale, keys, lo, hi, combine)
         ctx.save_for_backward(*saved)
         return share
 
     @staticmethod
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
-        grads = _triton_share_grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, needs=ctx.needs_input_grad[:3])
-        return grads + (None, None, None)
+        grad_u, grad_t, grad_scale = _triton_share_grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, ctx.grouped,
+                                                         needs=ctx.needs_input_grad[:3])
+        if ctx.grouped:  # one process standing in for a rank (tests): gradients of the whole inputs
+            u = ctx.saved_tensors[0]
+            if grad_u is not None:
+                grad_u = torch.zeros_like(u).index_copy_(0, torch.arange(ctx.lo, ctx.hi, device=u.device), grad_u)
+            grad_t = grad_t.to(u.dtype) if grad_t is not None else None
+        return grad_u, grad_t, grad_scale, None, None, None, None
 
 
 class _TritonGroupShare(torch.autograd.Function):
     """The owned share of the global loss from this rank's rows (``group=``, Triton).
 
-    The rows are all-gathered inside; the backward computes the gathered copies'
-    gradients in fp32 and reduce-scatters them in fp32, so that a 16-bit gradient is
-    rounded once, after the sum over ranks, as one process's is (autograd would round a
-    gathered 16-bit input's gradient before the reduction).
+    The rows are all-gathered inside. The backward's first pass gives this rank's own rows'
+    ``u`` gradient whole (no reduction); the second its part of every row's ``t`` gradient, in
+    fp32, which is reduce-scattered in fp32, so that a 16-bit gradient is rounded once, after
+    the sum over ranks, as one process's is (autograd would round a gathered 16-bit input's
+    gradient before the reduction).
     """
 
     @staticmethod
@@ -1293,7 +1251,8 @@ class _TritonGroupShare(torch.autograd.Function):
         ctx.hi = ctx.lo + sizes[rank]
         u = _all_gather_padded(u_local.contiguous(), group, sizes)
         t = _all_gather_padded(t_local.contiguous(), group, sizes)
-        share, saved = _triton_share(u, t, scale, keys, ctx.lo, ctx.hi)
+        share, saved = _triton_share(u, t, scale, keys, ctx.lo, ctx.hi,
+                                     functools.partial(_column_lse_across_ranks, group=group))
         ctx.save_for_backward(*saved)
         return share
 
@@ -1302,13 +1261,11 @@ class _TritonGroupShare(torch.autograd.Function):
     def backward(ctx, grad_share):
         saved = ctx.saved_tensors
         dtype = saved[0].dtype
-        grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, wide=True,
+        grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, grouped=True,
                                                          needs=ctx.needs_input_grad[:3])
-        # Only the embeddings that need a gradient are reduced: every rank has agreed on which
-        # (the shape exchange), where the logit scale's need may differ from rank to rank. (A rank
-        # with no rows computes zeros for all three, and reduces the needed ones too.)
-        grad_u = _reduce_scatter_rows(grad_u, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
-            if ctx.needs_input_grad[0] else None
+        # Only the text rows are reduced, and only when they need a gradient: every rank has
+        # agreed on which (the shape exchange), where the logit scale's need may differ from rank
+        # to rank. (A rank with no rows computes zeros, and reduces them too.)
         grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
             if ctx.needs_input_grad[1] else None
         return grad_u, grad_t, grad_scale, None, None, None, None
@@ -1332,8 +1289,8 @@ def _triton_check(u, t):
 # Registered whether or not Triton imports: without it the dispatcher refuses the backend
 # before this runs, saying why (the import error), as for the other ops.
 @_dispatch.register(OP_NAME, "triton", check=_triton_check)
-def _lse_share_triton(u, t, scale, keys, lo: int, hi: int):
-    return _TritonLossShare.apply(u, t, scale, keys, lo, hi)
+def _lse_share_triton(u, t, scale, keys, lo: int, hi: int, combine=None):
+    return _TritonLossShare.apply(u, t, scale, keys, lo, hi, combine)
 
 
 # ---------------------------------------------------------------------------
@@ -1611,15 +1568,20 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
 
     Notes
     -----
-    Distributed convention: every rank returns the *global* loss value.
-    Backward on a rank gives its local ``image_emb``/``text_emb`` exactly the
+    Distributed convention: every rank returns the *global* loss value, and
+    every rank backpropagates the same multiple of it (``loss.backward()``, or
+    ``(k * loss).backward()`` with one ``k`` on all ranks). Backward on a rank
+    then gives its local ``image_emb``/``text_emb`` exactly that multiple of the
     gradient of the global loss, and its ``logit_scale`` this rank's share of
-    that gradient. Hence **summing** every parameter gradient over ranks
-    (``all_reduce(SUM)``) gives exactly the single-process gradient of the
-    concatenated batch, for encoder parameters and ``logit_scale`` alike.
-    DDP *averages* gradients: under DDP multiply the loss by the world size
-    before ``backward()`` (or all-reduce ``logit_scale.grad`` and the other
-    parameters with SUM yourself). Every rank must run the backward.
+    that gradient (the part through its rows' logits). Hence **summing** every
+    parameter gradient over ranks (``all_reduce(SUM)``) gives exactly the
+    single-process gradient of the concatenated batch, for encoder parameters
+    and ``logit_scale`` alike. DDP *averages* gradients: under DDP multiply the
+    loss by the world size before ``backward()`` (or all-reduce
+    ``logit_scale.grad`` and the other parameters with SUM yourself). Every
+    rank must run the backward. (Ranks that weight the loss differently get
+    a mix: each rank's weight applies to the gradients through its own rows'
+    logits.)
 
     A rank whose local batch is empty (``B = 0``, e.g. the last batch of a
     sampler split over ranks) contributes no rows and owns no share: it still
@@ -1698,10 +1660,12 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
             # The torch backend works in the compute dtype (with group=, gathered in it too, so
             # that the rows' gradients are summed over ranks before they are rounded to 16 bits).
             u_in, t_in = image_emb.to(compute), text_emb.to(compute)
+            combine = None
             if group is not None:
                 u_in = _GatherRows.apply(u_in, group, sizes, rank)
                 t_in = _GatherRows.apply(t_in, group, sizes, rank)
-            share = impl(u_in, t_in, scale, keys, lo, hi)
+                combine = functools.partial(_column_lse_across_ranks, group=group)
+            share = impl(u_in, t_in, scale, keys, lo, hi, combine)
         elif group is None:
             share = impl(image_emb, text_emb, scale, keys, lo, hi)
         else:

@@ -157,16 +157,12 @@ def format_rows(rows: Sequence[dict]) -> str:
 
 
 def contrastive_signature(kernel: str, dtype: str) -> dict:
-    """The runtime arguments of an InfoNCE kernel (``lse_both``, ``lse``, ``lse_tiles``,
+    """The runtime arguments of an InfoNCE kernel (``lse_both``, ``lse_tiles``,
     ``grad_weights`` or ``grad``) with ``dtype`` embeddings, as Triton type strings."""
     if kernel == "lse_both":
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
-               "lse_ptr": "*fp32", "diag_ptr": "*fp32", "col_part_ptr": "*fp32", "n": "i32", "dim": "i32",
-               "stride_a": "i32", "stride_b": "i32"}
-    elif kernel == "lse":
-        sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
-               "lse_ptr": "*fp32", "diag_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "n": "i32",
-               "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
+               "lse_ptr": "*fp32", "diag_ptr": "*fp32", "col_part_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32",
+               "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32"}
     elif kernel == "lse_tiles":
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
                "row_part_ptr": "*fp32", "col_part_ptr": "*fp32", "diag_ptr": "*fp32", "row0": "i32",
@@ -174,15 +170,15 @@ def contrastive_signature(kernel: str, dtype: str) -> dict:
     elif kernel == "grad_weights":
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
                "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "w_ptr": f"*{dtype}", "part_ptr": "*fp32",
-               "row0": "i32", "rows_end": "i32", "col0": "i32", "cols_end": "i32", "own_lo": "i32",
-               "own_hi": "i32", "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32", "stride_w": "i32"}
+               "row0": "i32", "rows_end": "i32", "col0": "i32", "cols_end": "i32", "diag_lo": "i32",
+               "diag_hi": "i32", "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32", "stride_w": "i32"}
     elif kernel == "grad":
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "keys_ptr": "*i32", "scale_ptr": "*fp32",
                "coef_ptr": "*fp32", "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "grad_a_ptr": f"*{dtype}",
-               "grad_scale_ptr": "*fp32", "own_lo": "i32", "own_hi": "i32", "n": "i32", "dim": "i32",
-               "stride_a": "i32", "stride_b": "i32", "stride_g": "i32"}
+               "grad_scale_ptr": "*fp32", "row_lo": "i32", "row_hi": "i32", "col_lo": "i32", "col_hi": "i32",
+               "n": "i32", "dim": "i32", "stride_a": "i32", "stride_b": "i32", "stride_g": "i32"}
     else:
-        raise ValueError(f"argument 'kernel': expected one of lse_both, lse, lse_tiles, grad_weights, grad, "
+        raise ValueError(f"argument 'kernel': expected one of lse_both, lse_tiles, grad_weights, grad, "
                          f"got {kernel!r}")
     return sig
 
@@ -209,14 +205,11 @@ def contrastive_launches(dim: int = INFONCE_DIM) -> list:
 
 def contrastive_launch(label: str, name: str, cfg: dict, options: dict) -> tuple:
     """One entry of :func:`contrastive_launches`: InfoNCE kernel ``name`` (a
-    :func:`contrastive_signature` name; ``lse`` is the ``group=`` row pass) launched with
-    configuration ``cfg`` and kernel options ``options``, bf16 with labels."""
-    kernels = {"lse_both": contrastive._lse_both_kernel, "lse": contrastive._lse_rows_kernel,
-               "grad": contrastive._grad_rows_kernel, "lse_tiles": contrastive._lse_tiles_kernel,
-               "grad_weights": contrastive._grad_weights_kernel}
+    :func:`contrastive_signature` name) launched with configuration ``cfg`` and kernel options
+    ``options``, bf16 with labels."""
+    kernels = {"lse_both": contrastive._lse_both_kernel, "grad": contrastive._grad_rows_kernel,
+               "lse_tiles": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
     const = {"HAS_KEYS": True, "IEEE": False}
-    if name == "lse_tiles":
-        const["WANT_COLS"] = True  # the single-device forward: row and column partials
     if name.startswith("lse"):
         const["FAST_LOG"] = contrastive._fast_log(torch.bfloat16)  # as a launch on a GPU takes the logs
     if "TILES" in cfg:

@@ -171,10 +171,13 @@ def _opcheck_cases(device):
         "lora_backward": [(grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, True, True, True),
                           (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.0, False, False, True, False),
                           (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, False, False, True)],
-        "infonce_lse_rows": [(u, t, scale, keys, 3, 11), (u, t, scale, None, 0, 19)],
-        "infonce_lse_both": [(u, t, scale, keys), (u, t, scale, None)],
-        "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, coef), (t, u, scale, None, lse, lse, 5, 9, coef),
-                              (u.half(), t.half(), scale, keys, lse, lse, 5, 9, coef, True)],  # fp32 grads (group=)
+        # Every row (one device), a rank's rows (group=) and a rank with none.
+        "infonce_lse_both": [(u, t, scale, keys, 0, 19), (u, t, scale, None, 3, 11), (u, t, scale, keys, 7, 7)],
+        # One device's pass; a rank's rows against every column; every row against a rank's columns
+        # (fp32 gradients, as group= takes them).
+        "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, 0, 19, coef),
+                              (t, u, scale, None, lse, lse, 5, 9, 0, 19, coef),
+                              (u.half(), t.half(), scale, keys, lse, lse, 0, 19, 5, 9, coef, True)],
         "hg_topk_incidence": [(pn, inv_norm, None, 3), (pn, inv_norm, randint(10, 2, 3), 3)],
         "hg_gather_sum": [(pn, cols, weights)],
         "hg_scatter_sum_csr": [(src, weights.reshape(2, 20), row_ptr, perm, 10, 5)],

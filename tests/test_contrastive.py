@@ -135,6 +135,31 @@ def test_fp32_loss_is_never_negative(backend):
     assert ace_kernels.label_guided_infonce(u, t, 100.0, torch.ones(64, 3), backend=backend).item() == 0.0
 
 
+def _rank_shares(backend, u, t, scale, keys, ranges, block=8):
+    """The shares of the ranks of ``group=`` that own the ``ranges`` of the batch (``[(lo, hi), ...]``,
+    a partition), in one process: each rank's column log-sum-exps over its rows, combined as
+    ``_column_lse_across_ranks`` combines the all-gathered ones (one log-sum-exp over the ranks
+    in rank order). The shares keep their graphs (``u``, ``t``, ``scale`` may require grad)."""
+    def column_parts(lo, hi):
+        if backend == "torch":
+            return contrastive._torch_lse_both(u.detach(), t.detach(), scale.detach(), keys, block, lo, hi)[1]
+        keys32 = keys.to(torch.int32) if keys is not None else None
+        return contrastive._triton_lse_both(u.detach(), t.detach(), scale.detach().float().reshape(1), keys32,
+                                            lo, hi)[1]
+
+    parts = [column_parts(lo, hi) for lo, hi in ranges]
+    shares = []
+    for part, (lo, hi) in zip(parts, ranges):
+        def combine(mine, part=part):
+            assert torch.equal(mine, part)  # what this rank's pass over its rows gave
+            return torch.logsumexp(torch.stack(parts), dim=0)
+        if backend == "torch":
+            shares.append(contrastive._TorchLossShare.apply(u, t, scale, keys, lo, hi, block, combine))
+        else:
+            shares.append(contrastive._TritonLossShare.apply(u, t, scale, keys, lo, hi, combine))
+    return shares
+
+
 @pytest.mark.parametrize("n, block", [(37, 8), (64, 16), (1, 8)])
 def test_torch_shares_with_only_positives_are_exactly_zero(n, block):
     """The torch backend's shares (the whole batch, and the owned rows of two ranks) take each
@@ -145,29 +170,8 @@ def test_torch_shares_with_only_positives_are_exactly_zero(n, block):
     scale, keys = torch.tensor(100.0), torch.zeros(n, dtype=torch.int64)
     assert contrastive._TorchLossShare.apply(u, t, scale, keys, 0, n, block).item() == 0.0
     half = n // 2
-    shares = [contrastive._TorchLossShare.apply(u, t, scale, keys, lo, hi, block).item()
-              for lo, hi in ((0, half), (half, n))]
-    assert shares == [0.0, 0.0]
-
-
-def test_torch_rank_shares_score_columns_against_their_own_products(monkeypatch):
-    """A rank's column log-sum-exps come from the t u^T pass, so its columns' positives must too:
-    where t_j . u_j rounds otherwise than u_j . t_j (another BLAS kernel: on this CPU they agree,
-    so the column pass's products are shifted here by a power of two), a batch with all labels
-    equal still has shares of exactly 0."""
-    g = torch.Generator().manual_seed(2)
-    n = 24
-    u, t = (F.normalize(torch.randn(n, 16, generator=g), dim=1) for _ in range(2))
-    scale, keys = torch.tensor(10.0), torch.zeros(n, dtype=torch.int64)
-    mm = torch.mm
-
-    def column_pass_rounds_otherwise(a, b):
-        out = mm(a, b)
-        return out + 2.0**-10 if a.data_ptr() >= t.data_ptr() and a.data_ptr() < t.data_ptr() + t.nbytes else out
-
-    monkeypatch.setattr(contrastive.torch, "mm", column_pass_rounds_otherwise)
-    shares = [contrastive._TorchLossShare.apply(u, t, scale, keys, lo, hi, 8).item() for lo, hi in ((0, 10), (10, n))]
-    assert shares == [0.0, 0.0]
+    shares = _rank_shares("torch", u, t, scale, keys, ((0, half), (half, n)), block)
+    assert [share.item() for share in shares] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
@@ -398,8 +402,8 @@ def test_owned_shares_add_up_to_the_loss():
     ref = _loss_and_grads(label_guided_infonce_oracle, u, t, s, labels)
     total, grads = 0.0, [0, 0, 0]
     # (13, 13): a rank with no rows (group= with an empty local batch) owns a zero share.
-    for lo, hi in [(0, 13), (13, 13), (13, 14), (14, 41)]:
-        share = contrastive._TorchLossShare.apply(u, t, s, keys, lo, hi, 8)
+    ranges = [(0, 13), (13, 13), (13, 14), (14, 41)]
+    for (lo, hi), share in zip(ranges, _rank_shares("torch", u, t, s, keys, ranges)):
         g = torch.autograd.grad(share, [u, t, s])
         if lo == hi:
             assert share.item() == 0.0 and all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s]))
@@ -408,6 +412,59 @@ def test_owned_shares_add_up_to_the_loss():
     torch.testing.assert_close(total, ref[0], rtol=0, atol=ATOL64)
     for got, want in zip(grads, ref[1]):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_ranks_compute_each_logit_once_per_pass(backend, device, monkeypatch):
+    """With group=, the ranks together do one device's work: a rank forms its rows' logits once
+    in the forward (row and column log-sum-exps from the same pass) and once per backward
+    direction (its rows against every column for dU, every row against its columns for dT), so
+    each pass's rectangles of logits, over the ranks, tile the batch's ``n x n`` once. Before,
+    a rank's forward ran twice over its rows and its backward took both softmaxes of its
+    columns too (``(2 - 1/W)`` times one device's backward)."""
+    n = 41
+    u, t, s = _inputs(n, 12, dtype=torch.float64 if backend == "torch" else torch.float32)
+    u, t = u.detach().to(device).requires_grad_(), t.detach().to(device).requires_grad_()
+    s = s.detach().to(u.dtype).to(device).requires_grad_()
+    keys = contrastive._label_keys(_duplicated_labels(n, 14, 5).to(device))
+    ranges = [(0, 13), (13, 13), (13, 14), (14, n)]
+    passes = {"forward": [], "grad_u": [], "grad_t": []}
+    if backend == "torch":
+        real = contrastive._block_logits
+
+        def record(a_block, b_part, scale, keys_, a_start, b_start, dots=None):
+            which = "forward" if dots is not None else ("grad_u" if a_block.data_ptr() >= u.data_ptr()
+                                                        and a_block.data_ptr() < u.data_ptr() + u.nbytes
+                                                        else "grad_t")
+            passes[which].append((a_start, a_start + a_block.shape[0], b_start, b_start + b_part.shape[0]))
+            return real(a_block, b_part, scale, keys_, a_start, b_start, dots)
+
+        monkeypatch.setattr(contrastive, "_block_logits", record)
+    else:
+        real_lse, real_grad = contrastive._triton_lse_both, contrastive._triton_grad_rows
+
+        def record_lse(a, b, scale, keys_, lo, hi):
+            passes["forward"].append((lo, hi, 0, n))
+            return real_lse(a, b, scale, keys_, lo, hi)
+
+        def record_grad(a, b, scale, keys_, lse_a, lse_b, r0, r1, c0, c1, coef, wide=False):
+            passes["grad_u" if a.data_ptr() == u.data_ptr() else "grad_t"].append((r0, r1, c0, c1))
+            return real_grad(a, b, scale, keys_, lse_a, lse_b, r0, r1, c0, c1, coef, wide)
+
+        monkeypatch.setattr(contrastive, "_triton_lse_both", record_lse)
+        monkeypatch.setattr(contrastive, "_triton_grad_rows", record_grad)
+    shares = _rank_shares(backend, u, t, s, keys, ranges)
+    for share in shares:
+        share.backward()
+    for name, rects in passes.items():
+        covered = torch.zeros(n, n, dtype=torch.int64)
+        for r0, r1, c0, c1 in rects:
+            covered[r0:r1, c0:c1] += 1
+        if name == "forward":
+            # The test's own pass per rank (its column partials, _rank_shares) and the ranks' own.
+            assert covered.eq(2).all(), name
+        else:
+            assert covered.eq(1).all(), (name, rects)
 
 
 def test_never_builds_batch_squared(monkeypatch):
@@ -573,7 +630,7 @@ def test_blocked_tiles_write_only_the_diagonal_they_hold(device):
     diag = torch.full((r1 - r0,), float("nan"), device=device)
     contrastive._lse_tiles_kernel[(1,)](a, b, row_part, torch.tensor([30.0], device=device), row_part, row_part, diag,
                                        r0, r1, n, dim, dim, dim, HAS_KEYS=False, IEEE=True, FAST_LOG=False,
-                                       WANT_COLS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
+                                       BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
                                        TILES=contrastive.TILES_ALL)
     torch.testing.assert_close(diag[:16 - r0], (a[r0:16] * b[r0:16]).sum(1), rtol=1e-6, atol=1e-6)
     assert torch.isnan(diag[16 - r0:]).all(), diag
@@ -728,8 +785,7 @@ def _check_owned_shares(batch, shares, device, dim=20):
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     total, grads = 0.0, [0, 0, 0]
-    for lo, hi in shares:
-        share = contrastive._TritonLossShare.apply(u, t, s32, keys, lo, hi)
+    for (lo, hi), share in zip(shares, _rank_shares("triton", u, t, s32, keys, shares)):
         g = torch.autograd.grad(share, [u, t, s32])
         if lo == hi:
             assert share.item() == 0.0 and all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s32]))
@@ -984,7 +1040,7 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
                                     lambda *a: ace_kernels.label_guided_infonce(*a, backend="triton"),
                                     lambda: _tuning.forced("contrastive", kernel, "16bit/one_dot", config))
     assert len(calls) == (1 if kernel == "lse" else 2)
-    assert contrastive._lse_block_rows(batch, batch, config, True) < batch
+    assert contrastive._lse_block_rows(batch, batch, config) < batch
     assert contrastive._grad_block_rows(batch, config, 2) < batch
 
 
@@ -993,8 +1049,8 @@ def test_triton_gpu_blocked_candidates_within_twice_torch_error(kernel, number, 
 @pytest.mark.parametrize("batch", [4096, 4097])
 def test_triton_gpu_fast_log_matches_the_exact_one(strategy, batch, monkeypatch):
     """The 16-bit forward's logs (lg2.approx.ftz times ln 2, contrastive._log) against tl.log on
-    the same card and inputs, in the one-pass forward and in the two-pass one of group= (rows
-    lo..hi): the LSEs within a few float32 ulps (the fast log is within about 1.1e-7 of ln x).
+    the same card and inputs, over the whole batch and over rows lo..hi (a rank's of group=):
+    the LSEs within a few float32 ulps (the fast log is within about 1.1e-7 of ln x).
     B = 4096 and 4097, with rows lo..hi multiples of 16 or not: the two integer specialisations
     Triton compiles."""
     dim = 512
@@ -1010,9 +1066,9 @@ def test_triton_gpu_fast_log_matches_the_exact_one(strategy, batch, monkeypatch)
     for fast in (True, False):
         monkeypatch.setattr(contrastive, "_fast_log", lambda dtype, fast=fast: fast)
         with _tuning.forced("contrastive", "lse", "16bit/one_dot", config):
-            row, col, _ = contrastive._triton_lse_both(u, t, scale, keys)
-            share, _ = contrastive._triton_lse_rows(u, t, scale, keys, lo, hi)
-            outs[fast] = [row.clone(), col.clone(), share.clone()]
+            row, col, _ = contrastive._triton_lse_both(u, t, scale, keys, 0, batch)
+            share, share_col, _ = contrastive._triton_lse_both(u, t, scale, keys, lo, hi)
+            outs[fast] = [row.clone(), col.clone(), share.clone(), share_col.clone()]
     for fast_lse, exact_lse in zip(outs[True], outs[False]):
         assert torch.isfinite(fast_lse).all() and not torch.equal(fast_lse, torch.zeros_like(fast_lse))
         torch.testing.assert_close(fast_lse, exact_lse, rtol=4e-7, atol=5e-7)
@@ -1054,7 +1110,7 @@ def test_triton_gpu_deterministic_and_bounded_memory(strategy):
     for first, second in zip(*runs):
         assert torch.equal(first, second)
     if strategy == "blocked":
-        rows_f = contrastive._lse_block_rows(batch, batch, configs["lse"], True)
+        rows_f = contrastive._lse_block_rows(batch, batch, configs["lse"])
         rows_b = contrastive._grad_block_rows(batch, configs["grad"], 2)
         forward = 2 * (contrastive._BLOCKED_PART_BYTES + (1 + rows_f // configs["lse"]["BLOCK_M"]) * 4 * batch)
         backward = contrastive._BLOCKED_WEIGHT_BYTES + 8 * rows_b * dim
@@ -1082,7 +1138,7 @@ def test_triton_gpu_no_host_sync_on_one_device(strategy, monkeypatch):
         # 512 KiB: four in the backward.
         monkeypatch.setattr(contrastive, "_BLOCKED_PART_BYTES", 16 << 10)
         monkeypatch.setattr(contrastive, "_BLOCKED_WEIGHT_BYTES", 512 << 10)
-        assert contrastive._lse_block_rows(1000, 1000, configs["lse"], True) < 1000
+        assert contrastive._lse_block_rows(1000, 1000, configs["lse"]) < 1000
     else:
         configs = {kernel: _tuning.default("contrastive", kernel, "16bit/one_dot") for kernel in ("lse", "grad")}
     with _tuning.forced("contrastive", "lse", "16bit/one_dot", configs["lse"]), \
@@ -1131,16 +1187,13 @@ def _compile_all_for_sm90() -> list:
     from ace_kernels._aot import compile_sm90, integer_arguments  # pointers 16-byte aligned, as launched
     from benchmarks.kernel_stats import contrastive_signature
 
-    # The one-pass forward (single device) and the two-pass one (group=) share the "lse" configurations.
-    # The blocked strategy's kernels: "lse_tiles" with and without the column partials (the
-    # one-pass forward, and group='s two-pass one), "grad_weights".
-    kernels = {"lse_both": contrastive._lse_both_kernel, "lse": contrastive._lse_rows_kernel,
-               "grad": contrastive._grad_rows_kernel, "lse_tiles": contrastive._lse_tiles_kernel,
-               "lse_tiles_rows": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
+    # The one-pass kernels (one device, and a rank's rows with group=) and the blocked strategy's.
+    kernels = {"lse_both": contrastive._lse_both_kernel, "grad": contrastive._grad_rows_kernel,
+               "lse_tiles": contrastive._lse_tiles_kernel, "grad_weights": contrastive._grad_weights_kernel}
     launches = []
     for dtype, torch_dtype in AOT_DTYPES.items():
         for dim, aligned in AOT_DIMS:
-            for kernel in ("lse_both", "lse", "grad"):
+            for kernel in ("lse_both", "grad"):
                 launches.append((kernel, dtype, dim, aligned, contrastive._launch_config(
                     "grad" if kernel == "grad" else "lse", torch_dtype, dim, aligned=aligned, interpreter=False)))
     # The sweep's candidates (contrastive._GPU_CANDIDATES: the 16-bit one-dot path) at D = 512.
@@ -1149,9 +1202,9 @@ def _compile_all_for_sm90() -> list:
         for candidate in candidates:
             for dtype in ("bf16", "fp16"):
                 if contrastive._blocked(candidate):
-                    names = ("grad_weights",) if name == "grad" else ("lse_tiles", "lse_tiles_rows")
+                    names = ("grad_weights",) if name == "grad" else ("lse_tiles",)
                 else:
-                    names = ("grad",) if name == "grad" else ("lse_both", "lse")
+                    names = ("grad",) if name == "grad" else ("lse_both",)
                 for kernel in names:
                     with _tuning.forced("contrastive", name, dtype_class, candidate):
                         cfg = contrastive._launch_config(name, AOT_DTYPES[dtype], 512, interpreter=False)
@@ -1160,7 +1213,7 @@ def _compile_all_for_sm90() -> list:
     results, seen = [], set()
     for kernel, dtype, dim, aligned, cfg in launches:
         fn = kernels[kernel]
-        blocked = kernel in ("lse_tiles", "lse_tiles_rows", "grad_weights")
+        blocked = kernel in ("lse_tiles", "grad_weights")
         options = contrastive._blocked_options(cfg) if blocked else contrastive._kernel_options(cfg)
         key = (kernel, dtype, aligned, tuple(sorted(options.items())))  # aligned: other code
         if key in seen:
@@ -1174,8 +1227,6 @@ def _compile_all_for_sm90() -> list:
             const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32"}
             if kernel.startswith("lse"):  # the forward kernels' log, as a launch on a GPU takes it
                 const["FAST_LOG"] = contrastive._fast_log(AOT_DTYPES[dtype])
-            if kernel.startswith("lse_tiles"):
-                const["WANT_COLS"] = kernel == "lse_tiles"
             if tiles_kind is not None:
                 const["TILES"] = tiles_kind
             const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
@@ -1229,7 +1280,6 @@ def _blocked_fma_counts_for_sm90() -> list:
                 for tiles in (contrastive.TILES_ALL, contrastive.TILES_INTERIOR):
                     const = {"HAS_KEYS": has_keys, "IEEE": dtype == "fp32", "TILES": tiles}
                     if name == "lse_tiles":
-                        const["WANT_COLS"] = True
                         const["FAST_LOG"] = contrastive._fast_log(torch_dtype)
                     const.update({k: v for k, v in options.items() if k not in ("num_warps", "num_stages")})
                     sig = dict(contrastive_signature(name, dtype), **{k: "constexpr" for k in const})
@@ -1266,11 +1316,10 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     report = [f"{r['name']}: {r['registers']} registers, {r['spills']} B spilled, {r['shared']} B shared"
               for r in results]
     print("\n".join(report))
-    # Each kernel at the defaults, in each dtype, plus the candidates (2 dtypes x 2 label modes x
-    # 2 forward kernels for lse's, x 1 for grad's).
+    # Each kernel at the defaults, in each dtype, plus the candidates (2 dtypes x 2 label modes).
     candidates = contrastive._GPU_CANDIDATES
-    swept = 8 * len(candidates[("lse", "16bit/one_dot")]) + 4 * len(candidates[("grad", "16bit/one_dot")])
-    assert len(results) >= 2 * (2 * 3 * len(AOT_DTYPES) + swept)  # each in both specialisations
+    swept = 4 * len(candidates[("lse", "16bit/one_dot")]) + 4 * len(candidates[("grad", "16bit/one_dot")])
+    assert len(results) >= 2 * (2 * 2 * len(AOT_DTYPES) + swept)  # each in both specialisations
     assert all(r["spills"] == 0 for r in results), report
     # H100/H200 give a block at most 227 KiB of shared memory.
     assert all(r["shared"] <= 227 * 1024 for r in results), report
@@ -1323,7 +1372,7 @@ def test_triton_fp16_inputs(device):
 def test_the_kernels_exponentials_are_e_to_the_x_to_float32_precision(device, n):
     """Exactly representable logits (one at 0, the rest at -5, so that about half of each row's
     softmax mass lies 5 below its max): the row log-sum-exps of the fp32 kernels (both-ways and
-    row launches) equal log(1 + (n - 1) e**-5) to a few float32 ulps. An exponential off by a few
+    a range of rows) equal log(1 + (n - 1) e**-5) to a few float32 ulps. An exponential off by a few
     parts in 1e6 in its exponent (a wrong log2 e) moves them by ~1e-5."""
     dim = 16
     u = torch.zeros(n, dim, device=device)
@@ -1332,11 +1381,11 @@ def test_the_kernels_exponentials_are_e_to_the_x_to_float32_precision(device, n)
     t[1:, 0] = -5.0
     scale = torch.tensor([1.0], device=device)
     want = math.log1p((n - 1) * math.exp(-5.0))
-    row_lse, col_lse, positives = contrastive._triton_lse_both(u, t, scale, None)
+    row_lse, col_lse, positives = contrastive._triton_lse_both(u, t, scale, None, 0, n)
     torch.testing.assert_close(row_lse.double(), torch.full((n,), want, dtype=torch.float64, device=device),
                                rtol=0, atol=3e-6)
-    lse, _ = contrastive._triton_lse_rows(u, t, scale, None, 0, n)
-    torch.testing.assert_close(lse.double(), torch.full((n,), want, dtype=torch.float64, device=device),
+    lse, _, _ = contrastive._triton_lse_both(u, t, scale, None, 3, n)
+    torch.testing.assert_close(lse.double(), torch.full((n - 3,), want, dtype=torch.float64, device=device),
                                rtol=0, atol=3e-6)
 
 
@@ -1356,7 +1405,7 @@ def test_every_forward_launcher_passes_the_fast_log_choice(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.name, kwargs["FAST_LOG"]))
 
-    for name in ("_lse_rows_kernel", "_lse_both_kernel", "_lse_tiles_kernel"):
+    for name in ("_lse_both_kernel", "_lse_tiles_kernel"):
         monkeypatch.setattr(c, name, Recorder(name))
     monkeypatch.setattr(c, "_fast_log", lambda dtype: dtype == torch.bfloat16)
     one_pass = dict(c._launch_config("lse", torch.bfloat16, 32, interpreter=True))
@@ -1368,11 +1417,11 @@ def test_every_forward_launcher_passes_the_fast_log_choice(monkeypatch):
         for cfg in (one_pass, blocked):
             monkeypatch.setattr(c, "_launch_config", lambda *a, cfg=cfg, **k: dict(cfg))
             calls.clear()
-            c._triton_lse_rows(u, t, scale, None, 0, 40)
-            c._triton_lse_both(u, t, scale, None)
+            c._triton_lse_both(u, t, scale, None, 0, 40)
+            c._triton_lse_both(u, t, scale, None, 5, 40)
             assert calls and all(fast == (dtype == torch.bfloat16) for _, fast in calls), (cfg, calls)
             assert {name for name, _ in calls} == ({"_lse_tiles_kernel"} if c._blocked(cfg)
-                                                   else {"_lse_rows_kernel", "_lse_both_kernel"})
+                                                   else {"_lse_both_kernel"})
 
 
 def test_tile_launches_leave_out_the_kinds_a_block_has_not(monkeypatch):

@@ -256,17 +256,14 @@ def test_triton_blocked_strategy_across_ranks(name, sizes, weight_bytes, tmp_pat
     _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60,
                              dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=tile), weight_bytes))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
-    # Per direction, a rank's backward runs the row tiles holding its rows against every column
-    # and the other row tiles against its own columns only: fewer tiles than one device's
-    # whole grid, which every rank ran when its rows were one block (the default buffer here).
-    batch, lo = sum(sizes), 0
-    tiles = math.ceil(batch / tile)
+    # A rank's backward runs its rows against every column (dU), then every row against its
+    # columns (its part of dT): per direction its rows' tiles times the batch's, so that the
+    # ranks together run one device's tiles (no logit twice, as before 2026-12-02, when each rank
+    # also ran the row tiles of other ranks against its columns and its own against every column).
+    tiles = math.ceil(sum(sizes) / tile)
     for rank, size in enumerate(sizes):
-        owned = math.ceil((lo + size) / tile) - lo // tile
-        per_direction = owned * tiles + (tiles - owned) * math.ceil(size / tile)
         programs = torch.load(tmp_path / f"rank{rank}.pt")["grad_programs"]
-        assert sum(programs) == 2 * per_direction < 2 * tiles * tiles, (rank, programs)
-        lo += size
+        assert sum(programs) == 2 * math.ceil(size / tile) * tiles, (rank, programs)
 
 
 def _ulps_fp16(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
