@@ -637,13 +637,17 @@ if triton is not None:
             else:
                 sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, col_hi, dim, stride_a, stride_b,
                                        BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-            logits = _masked_logits(sim, rows, cols, rows < n, n, keys_ptr, scale, HAS_KEYS)
+            # Rows of the block outside the range are -inf, so both their weights are 0 (with logit 0,
+            # the one-dot path's loaded zeros, e**-lse_b_j is inf where a column's log-sum-exp is
+            # under -88.7, and inf * 0 a NaN in the logit-scale part).
+            logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
             # Softmax weights of both directions, each <= 1 (coef is applied once at the end, so that
             # fp16 weights do not underflow for large B). The positive logit s a_i . b_i adds -2 to
             # its weight: its gradient -2 s b_i then comes out of the same dot. (An entry i == i
-            # outside the ranges is a padding row's or column's, whose a or b is loaded as 0 and
-            # whose gradient row is not stored: its -2 adds nothing.)
+            # outside the ranges is a padding column's, whose b is loaded as 0, or a row's of the
+            # block outside row_lo..row_hi, whose gradient row is not stored and whose logit-scale
+            # part is 0 (one dot) or dropped after the loop (K steps): its -2 adds nothing.)
             weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
             positive = rows[:, None] == cols[None, :]
             weights = tl.where(col_in[None, :], weights, 0.0) - tl.where(positive, 2.0, 0.0)

@@ -821,6 +821,40 @@ def test_triton_large_scale_and_owned_shares(device):
     _check_owned_shares(33, [(0, 17), (17, 33)], device, dim=81)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dim", [8, 81], ids=["one_dot", "k_steps"])  # K steps: D > 64 under the interpreter
+def test_triton_owned_shares_with_every_column_lse_below_exp_range(dim, device):
+    """Every image against every text near cosine -1 at s = 100: each logit, so each column's
+    log-sum-exp, is about -100, under -88.7, where e**-lse overflows float32. The ranks' rows
+    start and end inside the gradient kernel's aligned row blocks (16 rows under the interpreter,
+    64 or 32 on a GPU), whose rows outside the range must add nothing: in the one-dot path they
+    load as 0, and with logit 0 (unmasked) their column weights were e**100 = inf, so inf * 0 made
+    the summed logit-scale gradient NaN, where one device's is finite. Shares and gradients
+    against the fp64 oracle, an empty rank included."""
+    n = 37
+    gen = torch.Generator().manual_seed(3)
+    v = F.normalize(torch.randn(dim, generator=gen, dtype=torch.float64), dim=0)
+    u = F.normalize(v + 0.02 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
+    t = F.normalize(-v + 0.02 * torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1)
+    s = torch.tensor(100.0, dtype=torch.float64)
+    ref = _loss_and_grads(label_guided_infonce_oracle, u.to(device).requires_grad_(),
+                          t.to(device).requires_grad_(), s.to(device).requires_grad_(), None)
+    u32, t32, s32 = (x.float().to(device).requires_grad_() for x in (u, t, s))
+    ranges = [(0, 5), (5, 5), (5, 21), (21, n)]
+    shares = _rank_shares("triton", u32, t32, s32, None, ranges)
+    col_lse = contrastive._triton_lse_both(u32.detach(), t32.detach(), s32.detach().reshape(1), None, 0, n)[1]
+    assert col_lse.max() < -88.8  # the case: every column's log-sum-exp under float32's exp range
+    total, grads = 0.0, [0, 0, 0]
+    for share in shares:
+        g = torch.autograd.grad(share, [u32, t32, s32])
+        assert all(torch.isfinite(x).all() for x in g), [x.isfinite().all().item() for x in g]
+        total = total + share.detach()
+        grads = [a + b for a, b in zip(grads, g)]
+    torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
+    for got, want in zip(grads, ref[1]):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
+
+
 # The blocked strategy (STRATEGY="blocked", swept on a GPU), forced for both kernels with the
 # interpreter's tiles and buffers so small that every case takes several row blocks: the
 # forward's column log-sum-exps are merged across blocks (two row tiles a block up to B = 90),
