@@ -128,7 +128,9 @@ them, and each logit is computed by one rank per pass:
   of it (see :func:`label_guided_infonce`).
 Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
 device's ``10 B^2 D`` split by rows; communication: the gathers of both embeddings and of the
-labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none).
+labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (the Triton backend's
+``dU`` needs none; the torch backend's gathered ``U`` still reduce-scatters its gradient, zero
+outside each rank's rows, so it runs two).
 A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; no kernel
 runs, but it joins every collective. The ``dT`` parts are formed in fp32 (the torch backend
 gathers its fp32 copies; the Triton kernel writes fp32 there) and reduce-scattered in fp32,
@@ -1399,7 +1401,8 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
         # (the gathered rows' reduce-scatter): ranks that differ would pair different collectives.
         grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
         # So does the backend: torch gathers fp32 copies and reduce-scatters the text rows'
-        # gradients first, Triton gathers the rows as they are and reduces the image rows' first.
+        # gradients, then the image rows'; Triton gathers the rows as they are and reduces the
+        # text rows' only (each rank's image rows' gradient is whole where it is computed).
         row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
                _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads,
                _dispatch.BACKENDS.index(backend), 0]

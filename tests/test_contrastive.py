@@ -976,8 +976,8 @@ def test_tile_launches_cover_the_kinds_of_tiles_a_block_has(monkeypatch):
     (64, [(0, 16), (16, 48), (48, 64)]),
 ], ids=["inside_tiles", "at_tile_bounds"])
 def test_triton_blocked_strategy_owned_shares(n, shares, device, monkeypatch):
-    # group='s owned shares (row LSEs of lo..hi both ways, weights of unowned rows on owned columns
-    # only) by the blocked strategy.
+    # group='s owned shares (a forward over rows lo..hi with their column partials; a backward of
+    # rows lo..hi against every column, then every row against columns lo..hi) by the blocked strategy.
     with _blocked_strategy(monkeypatch, torch.float32, 20, part_bytes=1) as calls:
         _check_owned_shares(n, shares, device)
     assert calls == {"lse": 6, "grad": 6}
