@@ -241,6 +241,21 @@ def test_triton_backend_with_an_empty_rank(tmp_path):
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
 
 
+@pytest.mark.triton
+@pytest.mark.interpreter
+@pytest.mark.parametrize("sizes", [(0, 21, 12), (0, 33, 0)], ids=["ranges_inside_tiles", "one_rank_all_rows"])
+def test_triton_k_steps_across_ranks(sizes, tmp_path):
+    """The one-pass kernels' K steps (D = 81 > 64 under the interpreter) across real ranks: the
+    row blocks of a rank's range are aligned to 16 rows, so rank 2's (21..33) holds rows 16..20 of
+    rank 1, which the K steps load whole and which must add nothing to its column partials, its
+    gradients or its logit-scale part; and one rank holding every row beside two empty ones (the
+    others' column partials all -inf)."""
+    dim = 81
+    _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32,
+                             SHORT_TIMEOUT_S))
+    _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
+
+
 # The blocked strategy forced with the interpreter's 16 x 16 tiles, on uneven ranks whose owned
 # ranges start and end inside row tiles (at 20 of 45; at 7 and 30). Weights buffer: the default
 # (each range of rows in one block) or one tile of rows (a block per tile).
