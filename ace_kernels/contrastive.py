@@ -1235,7 +1235,9 @@ class _TritonLossShare(torch.autograd.Function):
         if ctx.grouped:  # one process standing in for a rank (tests): gradients of the whole inputs
             u = ctx.saved_tensors[0]
             if grad_u is not None:
-                grad_u = torch.zeros_like(u).index_copy_(0, torch.arange(ctx.lo, ctx.hi, device=u.device), grad_u)
+                full = torch.zeros_like(u)
+                full[ctx.lo:ctx.hi] = grad_u
+                grad_u = full
             grad_t = grad_t.to(u.dtype) if grad_t is not None else None
         return grad_u, grad_t, grad_scale, None, None, None, None
 
