@@ -128,9 +128,8 @@ them, and each logit is computed by one rank per pass:
   of it (see :func:`label_guided_infonce`).
 Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
 device's ``10 B^2 D`` split by rows; communication: the gathers of both embeddings and of the
-labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (the Triton backend's
-``dU`` needs none; the torch backend's gathered ``U`` still reduce-scatters its gradient, zero
-outside each rank's rows, so it runs two).
+labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none, on
+either backend).
 A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; no kernel
 runs, but it joins every collective. The ``dT`` parts are formed in fp32 (the torch backend
 gathers its fp32 copies; the Triton kernel writes fp32 there) and reduce-scattered in fp32,
@@ -376,7 +375,7 @@ class _TorchLossShare(torch.autograd.Function):
     column's over all rows; the shares add up to the loss. Backward, two passes: its rows
     against every column (their ``u`` gradients, complete; the logit-scale gradient of their
     logits) and every row against its columns (its rows' parts of every ``t`` gradient, which
-    the gathered rows' reduce-scatter sums). Each logit is visited by one rank per direction,
+    the gathered text rows' reduce-scatter sums). Each logit is visited by one rank per direction,
     so the ranks together do one device's work, and each rank backpropagates its rows' logits
     through both softmaxes: the gradients summed over ranks are the loss's when every rank
     backpropagates the same multiple of it (the documented convention).
@@ -409,7 +408,7 @@ class _TorchLossShare(torch.autograd.Function):
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
         elif lo == hi:
             # No rows, no share: explicit zeros, so that this rank's backward still runs the
-            # gathered rows' reduce-scatters as the others' do.
+            # text rows' reduce-scatter as the others' do.
             grad_u, grad_t, grad_scale = torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
         else:
             row_ext = _owned_lse(row_lse, n, lo, hi)
@@ -1249,18 +1248,18 @@ class _TritonGroupShare(torch.autograd.Function):
     ``u`` gradient whole (no reduction); the second its part of every row's ``t`` gradient, in
     fp32, which is reduce-scattered in fp32, so that a 16-bit gradient is rounded once, after
     the sum over ranks, as one process's is (autograd would round a gathered 16-bit input's
-    gradient before the reduction).
+    gradient before the reduction). ``combine`` folds the column partials across the ranks
+    (:func:`_column_lse_across_ranks` over ``group``).
     """
 
     @staticmethod
-    def forward(ctx, u_local, t_local, scale, keys, group, sizes: tuple, rank: int):
+    def forward(ctx, u_local, t_local, scale, keys, group, sizes: tuple, rank: int, combine):
         ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
         ctx.lo = sum(sizes[:rank])
         ctx.hi = ctx.lo + sizes[rank]
         u = _all_gather_padded(u_local.contiguous(), group, sizes)
         t = _all_gather_padded(t_local.contiguous(), group, sizes)
-        share, saved = _triton_share(u, t, scale, keys, ctx.lo, ctx.hi,
-                                     functools.partial(_column_lse_across_ranks, group=group))
+        share, saved = _triton_share(u, t, scale, keys, ctx.lo, ctx.hi, combine)
         ctx.save_for_backward(*saved)
         return share
 
@@ -1276,7 +1275,7 @@ class _TritonGroupShare(torch.autograd.Function):
         # to rank. (A rank with no rows computes zeros, and reduces them too.)
         grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
             if ctx.needs_input_grad[1] else None
-        return grad_u, grad_t, grad_scale, None, None, None, None
+        return grad_u, grad_t, grad_scale, None, None, None, None, None
 
 
 def _triton_check(u, t):
@@ -1306,25 +1305,31 @@ def _lse_share_triton(u, t, scale, keys, lo: int, hi: int, combine=None):
 # ---------------------------------------------------------------------------
 
 class _GatherRows(torch.autograd.Function):
-    """All-gather rows of every rank (local sizes may differ); backward sums each rank's rows.
+    """All-gather rows of every rank (local sizes may differ); the backward returns this rank's
+    rows of the gathered copy's gradient.
 
-    Every rank's share of the loss depends on every rank's rows, so the
-    gradient of a rank's own rows is the sum over ranks of the gradients of
-    the gathered copy: a reduce-scatter (each rank receives the sum of its own
-    rows only; deterministic for a fixed world size), padded to the largest
-    local batch. 16-bit gradients are summed in fp32 and rounded once, as one
-    process's gradient is, not once per step of the reduction.
+    ``reduce`` True: every rank's part of the gradient reaches every row, so a rank's rows get
+    the sum over ranks of the gathered copy's gradients: a reduce-scatter (deterministic for a
+    fixed world size), padded to the largest local batch; 16-bit gradients are summed in fp32
+    and rounded once, as one process's gradient is, not once per step of the reduction.
+    ``reduce`` False: the caller computes its own rows' gradient whole and leaves every other
+    row's zero, so the rank keeps its rows' slice and no collective runs.
     """
 
     @staticmethod
-    def forward(ctx, local, group, sizes: tuple, rank: int):
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+    def forward(ctx, local, group, sizes: tuple, rank: int, reduce: bool = True):
+        ctx.group, ctx.sizes, ctx.rank, ctx.reduce = group, sizes, rank, reduce
         return _all_gather_padded(local.contiguous(), group, sizes)
 
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_all):
-        return _reduce_scatter_rows(grad_all, ctx.group, ctx.sizes, ctx.rank).to(grad_all.dtype), None, None, None
+        if not ctx.reduce:
+            lo = sum(ctx.sizes[:ctx.rank])
+            # A copy: the slice alone would keep the whole gathered gradient alive.
+            return grad_all[lo:lo + ctx.sizes[ctx.rank]].clone(), None, None, None, None
+        return (_reduce_scatter_rows(grad_all, ctx.group, ctx.sizes, ctx.rank).to(grad_all.dtype),
+                None, None, None, None)
 
 
 def _reduce_scatter_rows(grad_all: torch.Tensor, group, sizes: tuple, rank: int) -> torch.Tensor:
@@ -1402,9 +1407,9 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
         # Whether each embedding gets a gradient decides which collectives the backward runs
         # (the gathered rows' reduce-scatter): ranks that differ would pair different collectives.
         grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
-        # So does the backend: torch gathers fp32 copies and reduce-scatters the text rows'
-        # gradients, then the image rows'; Triton gathers the rows as they are and reduces the
-        # text rows' only (each rank's image rows' gradient is whole where it is computed).
+        # So does the backend: torch gathers copies in its compute dtype, Triton the rows as they
+        # are (both reduce the text rows' gradients only: each rank's image rows' gradient is
+        # whole where it is computed).
         row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
                _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads,
                _dispatch.BACKENDS.index(backend), 0]
@@ -1662,25 +1667,26 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
                                 args=(u_all, t_all), kwargs={})
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
+    combine = None if group is None else functools.partial(_column_lse_across_ranks, group=group)
     # The loss ignores autocast (as the Triton kernels always do): the torch backend's logit
     # matmuls would otherwise drop to the autocast dtype.
     with _library.autocast_off(image_emb.device.type):
         if impl is _lse_share_torch:
             # The torch backend works in the compute dtype (with group=, gathered in it too, so
-            # that the rows' gradients are summed over ranks before they are rounded to 16 bits).
+            # that the text rows' gradients are summed over ranks before they are rounded to 16 bits).
             u_in, t_in = image_emb.to(compute), text_emb.to(compute)
-            combine = None
             if group is not None:
-                u_in = _GatherRows.apply(u_in, group, sizes, rank)
-                t_in = _GatherRows.apply(t_in, group, sizes, rank)
-                combine = functools.partial(_column_lse_across_ranks, group=group)
+                # The share's backward gives this rank's image rows their gradient whole
+                # (zero elsewhere): only the text rows' parts are summed over ranks.
+                u_in = _GatherRows.apply(u_in, group, sizes, rank, False)
+                t_in = _GatherRows.apply(t_in, group, sizes, rank, True)
             share = impl(u_in, t_in, scale, keys, lo, hi, combine)
         elif group is None:
             share = impl(image_emb, text_emb, scale, keys, lo, hi)
         else:
             # Triton loads the inputs as they are; its group function gathers them and rounds
             # the rows' gradients once, after the sum over ranks.
-            share = _TritonGroupShare.apply(image_emb, text_emb, scale, keys, group, sizes, rank)
+            share = _TritonGroupShare.apply(image_emb, text_emb, scale, keys, group, sizes, rank, combine)
     if group is None:
         return share
     return _SumAcrossRanks.apply(share, group)

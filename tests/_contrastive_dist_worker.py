@@ -68,8 +68,26 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
         yield counts
 
 
+@contextlib.contextmanager
+def _counting_reduce_scatters():
+    """Record the shapes of every ``dist.reduce_scatter``'s inputs: yields
+    ``{"reduce_scatters": [[shape, ...], ...]}``."""
+    counts = {"reduce_scatters": []}
+    real = dist.reduce_scatter
+
+    def reduce_scatter(output, inputs, *args, **kwargs):
+        counts["reduce_scatters"].append([tuple(t.shape) for t in inputs])
+        return real(output, inputs, *args, **kwargs)
+
+    dist.reduce_scatter = reduce_scatter
+    try:
+        yield counts
+    finally:
+        dist.reduce_scatter = real
+
+
 def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
-        blocked_tiles=None, weight_bytes=None, image_grad=True):
+        blocked_tiles=None, weight_bytes=None, image_grad=True, count_reduce_scatters=False):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
     ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
@@ -77,6 +95,7 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
     ``blocked_tiles``: force the Triton blocked strategy with these tiles and ``weight_bytes`` of
     weights (:func:`_blocked_strategy`), and save its backward's program counts too.
     ``image_grad=False``: a frozen image tower (image_emb needs no gradient; grad_u is None).
+    ``count_reduce_scatters``: save the input shapes of every reduce-scatter the call runs.
     """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
@@ -94,6 +113,8 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
         counting = contextlib.nullcontext({})
         if blocked_tiles is not None:
             counting = _blocked_strategy(dtype, dim, blocked_tiles, weight_bytes)
+        elif count_reduce_scatters:
+            counting = _counting_reduce_scatters()
         with counting as counts:
             loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
                                                     group=dist.group.WORLD, backend=backend)

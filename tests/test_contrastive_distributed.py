@@ -99,6 +99,21 @@ def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels
     _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                            pytest.mark.interpreter])])
+def test_only_the_text_rows_gradients_are_reduced_across_ranks(backend, tmp_path):
+    """A rank's own image rows get their gradient whole from its pass over its rows, on either
+    backend: one reduce-scatter a step (the text rows', padded to the largest local batch),
+    with the gradients still those of one process."""
+    sizes, dim = (5, 1, 8), 12
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), backend, dtype, 60,
+                             None, None, True, True))
+    for rank in range(len(sizes)):
+        assert torch.load(tmp_path / f"rank{rank}.pt")["reduce_scatters"] == [[(8, dim)] * 3]
+    _check_against_single_process(tmp_path, sizes, dim, True, ATOL if backend == "torch" else 2e-5)
+
+
 def test_cross_rank_duplicates_are_masked(tmp_path):
     # Guard that the test above can fail: the same batch without global label keys
     # (per-rank local losses) differs from the global loss.
@@ -348,7 +363,16 @@ def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "reduce_scatter", reduce_scatter)
     grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).bfloat16() / 7
-    ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1})()
+    ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1, "reduce": True})()
     got = contrastive._GatherRows.backward(ctx, grad)[0]
     assert seen == [[((3, 2), torch.float32)] * 3]
     assert got.dtype == torch.bfloat16 and torch.equal(got, (grad[2:5].float() * 3).bfloat16())
+
+    # reduce=False (rows whose gradient the caller formed whole): rank 1's rows, as they are,
+    # in a buffer of their own, and no collective.
+    seen.clear()
+    ctx.reduce = False
+    got = contrastive._GatherRows.backward(ctx, grad)[0]
+    assert seen == []
+    assert got.dtype == torch.bfloat16 and torch.equal(got, grad[2:5])
+    assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
