@@ -16,7 +16,10 @@ How it is computed here (every backend): A is never formed. Each row r of A
 has at most k + 2 non-zeros, kept as a sparse incidence ``cols, weights`` of
 shape [B, rows, k + 2]: slot 0 is the self loop (weight 1), slots 1..k the
 selected columns with their softmax weights, slot k+1 column 0 with the copied
-CLS weight (0 for row 0). E = A X is then a weighted gather of k + 2 rows
+CLS weight (0 for row 0). Where N <= k + 1 a row has fewer finite scores than k
+(torch.topk keeps -inf ones too, which weigh 0): every row keeps min(k, N - 1)
+slots (``_row_slots``), and a patch row's slot past its N - 2 candidates is empty
+(column -1, weight 0). E = A X is then a weighted gather of k + 2 rows
 (``gather_sum``) and C = A^T E' the adjoint scatter (``scatter_sum``); their
 backward passes are each other plus a per-entry dot product (``entry_dot``).
 For the full output both aggregations run in the adapters' hidden width (the
@@ -61,6 +64,18 @@ OP_NAME = "ace_hypergraph"
 MAX_KERNEL_TOPK = 16
 _NEG_SLOPE = 0.2
 _NORM_EPS = 1e-12  # F.normalize's default, as the reference uses it
+
+
+def _row_slots(topk: int, num_tokens: int) -> int:
+    """Selected slots per row of A: ``topk``, or N - 1 when N = topk.
+
+    torch.topk over a row of the N x N scores keeps k entries, but row 0 has N - 1 finite
+    scores and a patch row N - 2: the -inf entries it keeps beside them weigh exactly 0 after
+    the softmax (the diagonal and column 0 are overwritten by steps 4-5 anyway), so keeping
+    min(k, N - 1) per row gives the same A. The CLS row then has no empty slot; a patch row
+    has one (column -1, weight 0) when N <= k + 1.
+    """
+    return min(topk, num_tokens - 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +192,8 @@ def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.
 
     ``patches`` [B, M, D] raw features, ``inv_norm`` [B, M] = 1 / max(|patch|, eps): the cosine
     is <x_i, x_j> inv_norm_i inv_norm_j. Returns (indices [B, R, k] into the patches, softmax
-    weights [B, R, k]). The own column is excluded.
+    weights [B, R, k]). The own column is excluded: where a row has fewer than k candidates
+    (k = M), the slot left over is empty (index -1, weight 0).
     """
     B, M, D = patches.shape
     R = M if rows is None else rows.shape[1]
@@ -197,7 +213,7 @@ def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.
         sim = torch.bmm(queries, block.transpose(1, 2)) * scale[:, None, :]
         sim.scatter_(2, own[..., None], float("-inf"))
         vals, idx = sim.topk(topk, dim=-1)
-        idx_out[start:stop] = idx
+        idx_out[start:stop] = idx.masked_fill(vals == float("-inf"), -1)  # the own column, kept at k = M
         w_out[start:stop] = torch.softmax(vals, dim=-1)
     return idx_out, w_out
 
@@ -410,6 +426,7 @@ class _IncidenceWeights(torch.autograd.Function):
     d n_q += sum_t d s <x_q, x_j> n_j and d n_j += d s <x_q, x_j> n_q (entry_dot); ``_InvNorm``
     takes d n through n = 1 / max(|x|, eps). No normalised copy of the patches is kept.
     ``patches`` is the gradient route, ``data`` the features read (see ``_GatherSum``).
+    An empty slot (idx -1, weight 0) has d s = 0; its torch gathers and scatters use patch 0.
     """
 
     @staticmethod
@@ -428,7 +445,8 @@ class _IncidenceWeights(torch.autograd.Function):
         all_rows = rows.numel() == 0
         grad_s = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
         n_q = inv_norm if all_rows else torch.gather(inv_norm, 1, rows)
-        n_j = torch.gather(inv_norm, 1, idx.reshape(B, -1)).view(idx.shape)
+        flat_idx = idx.reshape(B, -1).clamp_min(0)
+        n_j = torch.gather(inv_norm, 1, flat_idx).view(idx.shape)
         coef = grad_s * n_q[..., None] * n_j
         # The kernels take strides: no contiguous copy of the (sliced) patches.
         queries = patches if all_rows else torch.gather(patches, 1, rows[..., None].expand(-1, -1, D))
@@ -436,7 +454,7 @@ class _IncidenceWeights(torch.autograd.Function):
         grad_x = prims.scatter_sum(queries, idx, coef, M, None)
         dots_gs = grad_s * prims.entry_dot(queries, patches, idx)  # d s * <x_q, x_j>
         grad_n = torch.zeros(B, M, dtype=inv_norm.dtype, device=inv_norm.device)
-        grad_n.scatter_add_(1, idx.reshape(B, -1), (dots_gs * n_q[..., None]).reshape(B, -1))
+        grad_n.scatter_add_(1, flat_idx, (dots_gs * n_q[..., None]).reshape(B, -1))
         grad_nq = (dots_gs * n_j).sum(-1)
         if all_rows:
             grad_x += grad_q
@@ -459,7 +477,7 @@ def _adapter(z, params):
 def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prims: _Primitives):
     B, N, D = x.shape
     M = N - 1
-    k = topk
+    k = _row_slots(topk, N)
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     # Kernel backends read half inputs in their own dtype (converted in registers, float32
     # accumulation): x_data is x itself and x_route its float32 gradient route. Otherwise
@@ -488,6 +506,7 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     no_rows = torch.empty(0, dtype=torch.int64, device=device)
     nbr_w = _IncidenceWeights.apply(patches, patches_data, inv_norm, rows if rows is not None else no_rows, nbr_idx,
                                     nbr_w, prims)
+    nbr_cols = torch.where(nbr_idx >= 0, nbr_idx + 1, -1)  # token columns; an empty slot stays -1
 
     zeros_w = torch.zeros(B, 1, 1, dtype=compute_dtype, device=device)
     ones_w = torch.ones(B, 1, 1, dtype=compute_dtype, device=device)
@@ -502,7 +521,7 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     if cls_only:
         # Rows 1 + cls_idx[t]: self loop, their top-k, column 0 with weight A[0, 1 + cls_idx[t]] = cls_w[t].
         own = cls_idx[..., None] + 1
-        sel_cols = torch.cat([own, nbr_idx + 1, zero_col.expand(B, k, 1)], dim=2)
+        sel_cols = torch.cat([own, nbr_cols, zero_col.expand(B, k, 1)], dim=2)
         sel_wts = torch.cat([ones_w.expand(B, k, 1), nbr_w, cls_w[..., None]], dim=2)
         cols = torch.cat([cls_cols, sel_cols], dim=1)  # [B, k+1, k+2]
         wts = torch.cat([cls_wts, sel_wts], dim=1)
@@ -520,7 +539,7 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     cls_col_w = torch.zeros(B, M, dtype=compute_dtype, device=device).scatter(1, cls_idx, cls_w)
     in_cls_topk = torch.zeros(B, M, dtype=torch.bool, device=device).scatter(1, cls_idx, True)
     cls_slot = torch.where(in_cls_topk, 0, -1)[..., None]
-    patch_cols = torch.cat([own, nbr_idx + 1, cls_slot], dim=2)
+    patch_cols = torch.cat([own, nbr_cols, cls_slot], dim=2)
     patch_wts = torch.cat([ones_w.expand(B, M, 1), nbr_w, cls_col_w[..., None]], dim=2)
     cols = torch.cat([cls_cols, patch_cols], dim=1).contiguous()
     wts = torch.cat([cls_wts, patch_wts], dim=1)
@@ -581,8 +600,9 @@ if _TRITON_IMPORTED:
             With COMPUTE_NORMS it is not read: the norms come from the same loads as the dots
             (sqrt of the float32 sum of squares), so no pass over the patches precedes the kernel.
         rows_ptr [B, R] patch index of each query (HAS_ROWS); else query r is patch r (R = M).
-        idx_ptr  [B, R, TOPK] int64 out: selected patch indices (slot order unspecified).
-        w_ptr    [B, R, TOPK] float32 out: softmax of the selected similarities.
+        idx_ptr  [B, R, TOPK] int64 out: selected patch indices (slot order unspecified); -1 in the
+            slots a row with fewer than TOPK candidates (TOPK = M) leaves empty.
+        w_ptr    [B, R, TOPK] float32 out: softmax of the selected similarities (0 in an empty slot).
         NATIVE_DOT (16-bit features only, never under the interpreter, whose bf16 dot is wrong):
         the tile dots take the features in their own dtype, on tensor cores with float32
         accumulation. A product of two fp16/bf16 numbers is exact in float32, so this is the
@@ -674,7 +694,7 @@ if _TRITON_IMPORTED:
         w = e / tl.sum(e, axis=1)[:, None]
         out_off = b * stride_ob + offs_q[:, None] * stride_or + offs_k[None, :] * stride_ok
         out_mask = q_mask[:, None] & slot_ok
-        tl.store(idx_ptr + out_off, tl.maximum(best_i, 0), mask=out_mask)
+        tl.store(idx_ptr + out_off, tl.maximum(best_i, -1), mask=out_mask)  # never taken: -1
         tl.store(w_ptr + out_off, w, mask=out_mask)
 
     @triton.jit
@@ -811,7 +831,8 @@ if _TRITON_IMPORTED:
     # ---- cls_only, fused: the k + 1 hyperedges token 0 needs, and their backward ----------
     # Shapes: x [B, N, D] (any float dtype, strided), cls_idx [B, K] int64 (the CLS row's top-k,
     # patch indices), cls_w [B, K] float32 (its softmax), nbr_idx / nbr_w [B, K, K] (each
-    # selected patch's own top-k), edges and their gradient [B, K + 1, D] float32; K = TOPK.
+    # selected patch's own top-k; -1 / 0 in an empty slot, where K = N - 1), edges and their
+    # gradient [B, K + 1, D] float32; K = TOPK. An empty slot reads and writes no row of x.
     # The small tensors are contiguous (the launchers make them so).
 
     @triton.jit
@@ -845,10 +866,10 @@ if _TRITON_IMPORTED:
         acc = q + cls_w[:, None] * x0[None, :]
         for u in tl.static_range(TOPK):
             slot = (b * TOPK + offs_t) * TOPK + u
-            n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=t_mask, other=0)
+            n_idx = tl.load(nbr_idx_ptr + slot, mask=t_mask, other=-1)
             n_w = tl.load(nbr_w_ptr + slot, mask=t_mask, other=0.0)
-            rows = tl.load(x_b + n_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
-                           other=0.0).to(tl.float32)
+            rows = tl.load(x_b + (1 + n_idx)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                           mask=tile_mask & (n_idx >= 0)[:, None], other=0.0).to(tl.float32)
             acc += n_w[:, None] * rows
         out_b = out_ptr + b * (TOPK + 1) * D
         tl.store(out_b + offs_d, e0, mask=d_mask)
@@ -881,7 +902,8 @@ if _TRITON_IMPORTED:
         x_b = x_ptr + b * stride_xb
         g_b = grad_ptr + b * (TOPK + 1) * D
         q_row = 1 + tl.load(cls_idx_ptr + b * TOPK + offs_t, mask=t_mask, other=0)
-        n_row = 1 + tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=0)
+        n_idx = tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=-1)
+        n_live = tu_mask & (n_idx >= 0)  # an empty slot reads zeros: weight 0, so ds = a = cn = 0
         gn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
         qn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
         nn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
@@ -896,8 +918,8 @@ if _TRITON_IMPORTED:
             q = tl.load(x_b + q_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
                         other=0.0).to(tl.float32)
             gt = tl.load(g_b + (1 + offs_t[:, None]) * D + offs_d[None, :], mask=tile_mask, other=0.0)
-            pn = tl.load(x_b + n_row[:, :, None] * stride_xn + offs_d[None, None, :] * stride_xd,
-                         mask=tu_mask[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+            pn = tl.load(x_b + (1 + n_idx)[:, :, None] * stride_xn + offs_d[None, None, :] * stride_xd,
+                         mask=n_live[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
             gn += tl.sum(gt[:, None, :] * pn, axis=2)
             qn += tl.sum(q[:, None, :] * pn, axis=2)
             nn += tl.sum(pn * pn, axis=2)
@@ -924,7 +946,8 @@ if _TRITON_IMPORTED:
         the rows of x they name (q(t), n(t, u)) and their destination row in dx.
 
         Occurrence t < K is the selected patch q(t); occurrence K + t K + u is its neighbour
-        n(t, u); beyond K + K^2, none (destination -1). A patch can occur several times.
+        n(t, u); beyond K + K^2, none (destination -1), nor is an empty slot's n(t, u) (is_n
+        False, destination -1). A patch can occur several times.
         """
         num = TOPK + TOPK * TOPK
         live = o < num
@@ -935,7 +958,8 @@ if _TRITON_IMPORTED:
         base_t = b * TOPK + t
         slot = base_t * TOPK + u
         q_row = 1 + tl.load(cls_idx_ptr + base_t, mask=live, other=0)
-        n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=is_n, other=0)
+        n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=is_n, other=-1)
+        is_n = is_n & (n_row > 0)  # an empty slot (-1) names no row
         dest = tl.where(is_q, q_row, tl.where(is_n, n_row, -1))
         return live, is_q, is_n, t, base_t, slot, q_row, n_row, dest
 
@@ -968,10 +992,10 @@ if _TRITON_IMPORTED:
         contrib = c_g0[:, None] * g0[None, :] + c_gt[:, None] * gt + c_q[:, None] * xq + c_n[:, None] * xn
         for v in tl.static_range(TOPK):
             slot_v = base_t * TOPK + v
-            v_row = 1 + tl.load(nbr_idx_ptr + slot_v, mask=is_q, other=0)
+            v_row = 1 + tl.load(nbr_idx_ptr + slot_v, mask=is_q, other=-1)
             a_v = tl.load(a_ptr + slot_v, mask=is_q, other=0.0)
-            xv = tl.load(x_b + v_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=q_d,
-                         other=0.0).to(tl.float32)
+            xv = tl.load(x_b + v_row[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=q_d & (v_row > 0)[:, None], other=0.0).to(tl.float32)
             contrib += a_v[:, None] * xv
         return dest, contrib
 
@@ -1376,8 +1400,11 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, determini
     if B < 1 or D < 1:
         raise ValueError(f"argument 'x': expected a non-empty [B, N, D] tensor, got shape {list(x.shape)}")
     topk = check_positive_int("topk", topk)  # a NumPy integer becomes an int (a Triton constexpr needs one)
-    if N < topk + 2:
-        raise ValueError(f"argument 'topk': expected N >= topk + 2 (each patch row has N - 2 candidates), "
+    if N < 3:
+        raise ValueError(f"argument 'x': expected N >= 3 tokens (a CLS token and two patches: each patch row "
+                         f"selects among the N - 2 other patches), got shape {list(x.shape)}")
+    if topk > N:
+        raise ValueError(f"argument 'topk': expected topk <= N (torch.topk over a row of the N x N scores), "
                          f"got topk={topk} with N={N}")
     check_tensor("cls_attn", cls_attn, ndim=2, shape=(B, N - 1))
     check_bool("cls_only", cls_only)
@@ -1418,7 +1445,7 @@ _dispatch.define_op(OP_NAME, prefer=("triton", "cuda", "torch"), variants=("cls_
 def _cls_only_torch(x, cls_attn, edge_params, node_params, topk):
     """Token 0 only, in plain autograd: every tensor is [B, k(+1), ...] except two passes
     over the patches (their norms and one [B, k, N-1] similarity bmm)."""
-    k = topk
+    k = _row_slots(topk, x.shape[1])
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(compute_dtype)
     c = cls_attn.to(compute_dtype)
@@ -1435,7 +1462,7 @@ def _cls_only_torch(x, cls_attn, edge_params, node_params, topk):
     q_scaled = queries * torch.gather(inv_norm, 1, cls_idx)[..., None]
     sims = torch.bmm(q_scaled, patches.transpose(1, 2)) * inv_norm[:, None, :]
     sims = sims.scatter(2, cls_idx[..., None], float("-inf"))  # own column
-    nbr_vals, nbr_idx = sims.topk(k, dim=-1)  # [B, k, k]
+    nbr_vals, nbr_idx = sims.topk(k, dim=-1)  # [B, k, k]; at k = N - 1 the own column, weight 0
     nbr_w = torch.softmax(nbr_vals, dim=-1)
     neighbours = torch.gather(patches, 1, nbr_idx.reshape(B, k * k, 1).expand(B, k * k, D)).view(B, k, k, D)
     x0 = xc[:, :1]
@@ -1485,7 +1512,7 @@ def _cls_only_fused(x, cls_attn, edge_params, node_params, topk):
     c = cls_attn.float()
     edge_params = tuple(p.float() for p in edge_params)
     node_params = tuple(p.float() for p in node_params)
-    cls_vals, cls_idx = c.topk(topk, dim=-1)
+    cls_vals, cls_idx = c.topk(_row_slots(topk, x.shape[1]), dim=-1)
     cls_w = torch.softmax(cls_vals, dim=-1)
     return _cls_output(_ClsEdges.apply(x, cls_idx, cls_w), cls_w, edge_params, node_params, x.dtype)
 
@@ -1520,6 +1547,11 @@ def _cuda_topk_shared_bytes(dim: int) -> int:
 
 def _cuda_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     reasons = _kernel_check(x, cls_attn, edge, node, topk, cls_only)
+    if x.dim() == 3 and x.shape[1] < topk + 2:
+        # Untested: its top-k kernel keeps the own column (weight 0) in the slot a short row
+        # leaves empty, and refuses N = topk.
+        reasons.append(f"N={x.shape[1]} tokens < topk + 2 = {topk + 2}: the CUDA kernels need N - 2 candidates "
+                       "per patch row (the Triton and torch backends take N >= max(3, topk))")
     if x.is_cuda and x.dim() == 3:
         limit = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None)
         if limit is not None and _cuda_topk_shared_bytes(x.shape[-1]) > limit:
@@ -1566,8 +1598,11 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         ``(down_weight [H, D], down_bias [H], up_weight [D, H], up_bias [D])`` or a
         module with ``.down`` and ``.up`` ``nn.Linear``. Cast to the compute dtype.
     topk : int
-        Neighbours kept per row (k). Needs ``N >= topk + 2``; the Triton and CUDA
-        backends take ``topk <= 16``.
+        Neighbours kept per row (k). Needs ``3 <= N`` and ``topk <= N`` (the
+        reference's ``torch.topk`` over a row of the N x N scores). Where a row
+        has fewer than k finite scores (N <= topk + 1) it keeps them all, as
+        the reference's softmax gives the -inf ones it keeps weight 0. The Triton
+        and CUDA backends take ``topk <= 16``; the CUDA backend ``N >= topk + 2``.
     cls_only : bool
         Return only token 0, ``[B, D]``, computing only the k + 1 rows of A it
         depends on.
@@ -1635,7 +1670,7 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     any module's do, so run ``backward()`` outside autocast, as usual.
 
     Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
-    ``topk <= 16``; ``torch`` takes everything. ``auto`` prefers triton, then
+    ``topk <= 16``, ``cuda`` only ``N >= topk + 2``; ``torch`` takes everything. ``auto`` prefers triton, then
     cuda, then torch (both kernel backends are validated against the oracle;
     the GPU benchmark decides the final order, for ``cls_only`` and the full
     output separately).

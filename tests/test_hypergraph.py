@@ -438,7 +438,9 @@ def _call(x, c, edge, node, k, **kw):
     ("cls_dtype", "argument 'cls_attn'"),
     ("cls_device", "argument 'cls_attn'"),
     ("topk_zero", "argument 'topk'"),
-    ("topk_too_large", "argument 'topk'.*N >= topk \\+ 2"),
+    ("x_two_tokens", "argument 'x': expected N >= 3 tokens .*got shape \\[2, 2, 40\\]"),
+    ("x_two_tokens_topk2", "argument 'x': expected N >= 3 tokens"),
+    ("topk_too_large", "argument 'topk': expected topk <= N .*got topk=8 with N=7"),
     ("topk_float", "argument 'topk'"),
     ("topk_bool", "argument 'topk': expected an integer >= 1, got True"),
     ("adapter_len", "argument 'edge_adapter'"),
@@ -481,8 +483,10 @@ def test_value_errors(case, match):
         c = c.to("meta")
     elif case == "topk_zero":
         k = 0
+    elif case in ("x_two_tokens", "x_two_tokens_topk2"):  # a patch row would have no candidate
+        x, c, k = x[:, :2], c[:, :1], 1 if case == "x_two_tokens" else 2
     elif case == "topk_too_large":
-        k = 6  # N = 7 leaves 5 candidates per patch row
+        k = 8  # torch.topk over a row of N = 7 scores takes k <= 7
     elif case == "topk_float":
         k = 2.0
     elif case == "topk_bool":
@@ -579,7 +583,7 @@ def test_the_cuda_check_names_the_shared_memory_limit_and_a_build_without_ops(mo
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        x = torch.empty(2, 7, 64, device="cuda:0")
+        x = torch.empty(2, 19, 64, device="cuda:0")  # N = 17 + 2: topk = 17 fails on its limit only
     need = hg._cuda_topk_shared_bytes(64)
     device = types.SimpleNamespace(shared_memory_per_block_optin=need)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: device)
@@ -915,6 +919,159 @@ def test_torch_backend_in_its_gpu_form_matches_oracle(cls_only):
         assert_close_scaled(out, ref_out, 1e-10, "output")
         for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
             assert_close_scaled(got, want, 1e-10, f"grad {name}")
+
+
+# ---------------------------------------------------------------------------- short sequences
+
+# (B, N, D, hidden, topk) with N < topk + 2 (and N = 3, topk = 1): a patch row has N - 2 finite
+# scores and the CLS row N - 1, fewer than topk, so the reference's torch.topk also keeps -inf
+# entries, which weigh 0; ours keep min(topk, N - 1) slots per row, and a patch row's last one
+# is empty (column -1, weight 0). N = topk + 1, N = topk, and N = 3.
+SHORT_SHAPES = {
+    "n3_topk1": (3, 3, 11, 3, 1),
+    "n3_topk2": (2, 3, 11, 3, 2),
+    "n3_topk3": (2, 3, 11, 3, 3),
+    "n5_topk4": (2, 5, 11, 3, 4),
+    "n4_topk4": (2, 4, 11, 3, 4),
+    "n6_topk5": (2, 6, 11, 3, 5),
+    "n5_topk5": (2, 5, 11, 3, 5),
+}
+
+
+def _torch_by_slot_primitives():
+    """The torch primitives in the form the torch backend takes on a GPU (slot by slot)."""
+    return hg._Primitives("torch-by-slot", hg._torch_topk_rows, hg._gather_sum_by_slot,
+                          lambda src, cols, w, n, transpose=None: hg._scatter_sum_by_slot(src, cols, w, n),
+                          hg._torch_entry_dot)
+
+
+def test_the_oracle_keeps_every_finite_score_of_a_short_row():
+    """The oracle follows the reference where a row has fewer finite scores than topk (N = topk):
+    torch.topk keeps the -inf ones too, with weight 0, so row 0 of A is [1, softmax(c)] and patch
+    row i the softmax of its cosines with the other patches, 1 on the diagonal and A[0, i] in
+    column 0."""
+    B, N, _, _, k = SHORT_SHAPES["n5_topk5"]
+    x, c, _, _, _ = make_inputs(SHORT_SHAPES["n5_topk5"])
+    for b in range(B):
+        cosine = torch.nn.functional.normalize(x[b, 1:], dim=-1) @ torch.nn.functional.normalize(x[b, 1:], dim=-1).T
+        want = torch.eye(N, dtype=torch.float64)
+        want[0, 1:] = torch.softmax(c[b], 0)
+        for i in range(1, N):
+            others = [j for j in range(1, N) if j != i]
+            want[i, others] = torch.softmax(cosine[i - 1, [j - 1 for j in others]], 0)
+            want[i, 0] = want[0, i]
+        torch.testing.assert_close(oracle_incidence(x[b], c[b], k), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("shape", list(SHORT_SHAPES.values()), ids=list(SHORT_SHAPES))
+def test_torch_short_sequences_match_oracle(shape, cls_only):
+    # float64 rounding only, as test_torch_float64_matches_oracle.
+    check_against_oracle(shape, torch.float64, cls_only, "torch", rel=1e-10)
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_short_sequences_over_the_torch_primitives_match_oracle(cls_only):
+    """The shared implementation over the torch primitives in their CPU (sparse) and GPU
+    (by-slot) forms, on every short shape: the empty slots pass through every gather, scatter and
+    entry dot and the incidence weights' backward (cls_only: the path the CUDA backend takes)."""
+    for prims in (hg.TORCH_PRIMITIVES, _torch_by_slot_primitives()):
+        for name, shape in SHORT_SHAPES.items():
+            x, c, edge, node, k = make_inputs(shape)
+            out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(  # noqa: B023 (called here)
+                x_, c_, tuple(e_), tuple(n_), k, cls_only, prims), x, c, edge, node)
+            ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+            assert_close_scaled(out, ref_out, 1e-10, f"{prims.name} {name}: output")
+            for param, got, want in zip(PARAM_NAMES, grads, ref_grads):
+                assert_close_scaled(got, want, 1e-10, f"{prims.name} {name}: grad {param}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("shape", list(SHORT_SHAPES.values()), ids=list(SHORT_SHAPES))
+def test_triton_short_sequences_match_oracle(shape, cls_only, device):
+    """The Triton backend: the primitives (full output) and the fused cls_only kernels, whose
+    neighbour rows have an empty slot here."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    # As test_triton_float32_matches_oracle: ~1e-6 of scale; 1e-4 margin.
+    check_against_oracle(shape, torch.float32, cls_only, "triton", rel=1e-4, device=device)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_triton_atomic_and_unfused_short_sequences_match_oracle(cls_only, device):
+    """The Triton primitives' other users on a short shape: deterministic=False (atomic scatter,
+    full output) and cls_only through the shared implementation (not the fused kernels)."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    prims = hg.TRITON_PRIMITIVES if cls_only else hg.TRITON_ATOMIC_PRIMITIVES
+    x, c, edge, node, k = make_inputs(SHORT_SHAPES["n5_topk5"], dtype=torch.float32, device=device)
+    out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(x_, c_, tuple(e_), tuple(n_), k, cls_only,
+                                                                          prims), x, c, edge, node)
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+    assert_close_scaled(out, ref_out, 1e-4, "output")
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        assert_close_scaled(got, want, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_a_short_rows_extra_slot_is_empty(backend, device):
+    """topk = M (N = topk + 1): each patch row has M - 1 candidates, so its last slot is empty,
+    column -1 and weight 0, from every selection (all rows, given rows, norms computed inline);
+    the other slots hold the row's other patches."""
+    if backend == "triton" and device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    B, M, D = 2, 5, 7
+    patches = torch.randn(B, M, D, generator=torch.Generator().manual_seed(6)).to(device)
+    inv_norm = 1.0 / patches.norm(dim=-1)
+    rows = torch.tensor([[4, 0, 2], [1, 1, 3]], device=device)
+    if backend == "torch":
+        runs = {"all rows": hg._torch_topk_rows(patches, inv_norm, None, M),
+                "given rows": hg._torch_topk_rows(patches, inv_norm, rows, M)}
+    else:
+        runs = {"all rows": hg._triton_topk_rows(patches, inv_norm, None, M),
+                "given rows": hg._triton_topk_rows(patches, inv_norm, rows, M),
+                "norms inline": hg._triton_cls_select(patches, rows, M)}
+    for name, (idx, w) in runs.items():
+        own = torch.arange(M, device=device).expand(B, M) if name == "all rows" else rows
+        empty = idx == -1
+        assert torch.equal(empty.sum(-1), torch.ones_like(own)), name
+        assert torch.equal(w[empty], torch.zeros_like(w[empty])), name
+        kept = idx.sort(-1).values[..., 1:]
+        want = torch.stack([torch.stack([torch.tensor([j for j in range(M) if j != i]) for i in r])
+                            for r in own.cpu().tolist()]).to(device)
+        assert torch.equal(kept, want), name
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]))
+
+
+def test_the_cuda_backend_declines_short_sequences(monkeypatch):
+    """N < topk + 2 is the CUDA kernels' own limit (its top-k refuses N = topk and keeps the own
+    column in the slot N = topk + 1 leaves empty; untested): the cuda check names it, an explicit
+    backend='cuda' raises it, and auto takes another backend. The machine's and the tensors'
+    reasons are passed here (no GPU), so that the check itself decides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(2, 6, 64, device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace())
+    monkeypatch.setattr(torch.ops, "ace_kernels", types.SimpleNamespace(hg_gather_sum=object()))
+    monkeypatch.setattr(hg._dispatch, "_extension", lambda: (types.SimpleNamespace(), None))
+    reason = ("N=6 tokens < topk + 2 = 7: the CUDA kernels need N - 2 candidates per patch row (the Triton and "
+              "torch backends take N >= max(3, topk))")
+    assert hg._cuda_check(fake, None, None, None, 5, False) == [reason]
+    assert hg._cuda_check(fake, None, None, None, 4, False) == []
+    global_reasons, device_reasons = hg._dispatch._global_reasons, hg._dispatch._device_reasons
+    monkeypatch.setattr(hg._dispatch, "_global_reasons", lambda name: [] if name == "cuda" else global_reasons(name))
+    monkeypatch.setattr(hg._dispatch, "_device_reasons",
+                        lambda name, tensors: [] if name == "cuda" else device_reasons(name, tensors))
+    x, c, edge, node, k = make_inputs(SHORT_SHAPES["n6_topk5"], dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run this call: N=6 tokens < topk \+ 2 = 7"):
+        _call(x, c, tuple(edge), tuple(node), k, backend="cuda")
+    args = (x, c, tuple(edge), tuple(node), k, False, True)
+    assert hg._dispatch.select(hg.OP_NAME, "auto", [x], args, variant="full") is not hg._hypergraph_cuda
+    torch.testing.assert_close(_call(x, c, tuple(edge), tuple(node), k), _call(x, c, tuple(edge), tuple(node), k,
+                                                                               backend="torch"))
 
 
 @pytest.mark.triton
