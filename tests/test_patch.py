@@ -1731,9 +1731,29 @@ def test_adapters_changed_after_patching_fall_back():
         _assert_same(before, after, dict(rtol=0, atol=0))
 
 
+@pytest.mark.parametrize("tokens", [3, 4], ids=["N_eq_topk", "N_eq_topk_plus_1"])
+def test_apply_ace_hgat_on_short_sequences_is_fused_and_matches_the_original(tokens):
+    """N = topk and topk + 1 (topk = 3): rows with fewer finite scores than topk, where the
+    original's torch.topk keeps -inf scores (weight 0). The fused op takes them, with the
+    original's output and gradients."""
+    torch.manual_seed(15)
+    features = F.normalize(torch.randn(2, tokens, 20, dtype=torch.float64), dim=-1).requires_grad_()
+    attn = torch.rand(2, tokens - 1, dtype=torch.float64, requires_grad=True)
+
+    def run(m, f, a):
+        return m.apply_ace_hgat(f, a, encoder="img")
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    want = _forward_backward(loss_fn, run, (features, attn))
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        got = _forward_backward(loss_fn, run, (features, attn))
+        assert handle.stats() == {"ace_hypergraph": 1}, handle.stats()
+    _assert_same(want, got)
+
+
 def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
     """Calls the hypergraph op would compute otherwise run the original apply_ace_hgat, with the
-    same result: fewer than topk + 2 tokens, autocast on (the original's dtypes), and a global
+    same result: fewer than max(3, topk) tokens (the op's domain), autocast on (the original's dtypes), and a global
     module hook (the original fires it for the adapters and their layers; here it changes their
     outputs). A global hook also sends the ACE loss's CLS-only path to the original."""
     torch.manual_seed(14)
@@ -1741,7 +1761,8 @@ def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
     attn = torch.rand(2, 8, dtype=torch.float64)
 
     def few_tokens(m):
-        return m.apply_ace_hgat(features[:, :4], attn[:, :3], encoder="img")
+        m.args.topk = 2  # (the original's torch.topk needs topk <= N)
+        return m.apply_ace_hgat(features[:, :2], attn[:, :1], encoder="img")
 
     def autocast(m):
         m.float()
@@ -1755,7 +1776,7 @@ def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
         finally:
             hook.remove()
 
-    for run, reason in ((few_tokens, "N=4 tokens < topk + 2 = 5"), (autocast, "autocast is on"),
+    for run, reason in ((few_tokens, "N=2 tokens < max(3, topk) = 3"), (autocast, "autocast is on"),
                         (global_hook, "global module hooks registered")):
         _, loss_fn, _, _, _ = _reference_setup()
         want = run(loss_fn)
