@@ -41,8 +41,9 @@ TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>
 	[ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
 
+# --durations: the slowest tests, at the end of every run (CI's time budget is watched from them).
 test: $(STAMP)
-	$(PY) -m pytest tests -q $(PYTEST_WORKERS)
+	$(PY) -m pytest tests -q --durations=15 $(PYTEST_WORKERS)
 
 print-test-workers:
 	@echo $(TEST_WORKERS)
@@ -90,7 +91,7 @@ test-gpu-image: $(STAMP_GPU)
 			|| { tail -n 40 build/gpu-image.log; exit 1; }; \
 		PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
 	else echo "no nvcc: the extension build against torch 2.11 is not checked"; fi
-	PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_WORKERS) \
+	PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_WORKERS) \
 		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
 		tests/test_compile.py tests/test_precision.py
 

@@ -66,7 +66,7 @@
 # record; else git when the copy has .git, else the file .git_sha at the repository root).
 #
 # Costly items and an optional second call. Families run in the order lora, hypergraph,
-# contrastive, model, training, contrastive_probe, tuning, cheap items first within each, so each costly item
+# contrastive, distributed (skipped, saying so, on a machine with one card), model, training, contrastive_probe, tuning, cheap items first within each, so each costly item
 # comes at the end of its family and the sweep (tuning's) after everything (estimates for an
 # H100/H200):
 #   model: ace_lora_max_batch, the largest-batch search, reference-ops and ours (~30-80 s);

@@ -33,6 +33,7 @@ ISSUES = {
     "hypergraph": ("4", "hyperedge-attention kernels"),
     "contrastive": ("5", "tiled label-guided InfoNCE"),
     "contrastive_probe": ("5", "tiled label-guided InfoNCE"),
+    "distributed": ("5", "tiled label-guided InfoNCE across ranks (group=)"),
     "model": ("6", "ace_model and the command line; issue 8's patched PEFT step"),
     "training": ("7", "large-batch training"),
 }

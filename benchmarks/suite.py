@@ -39,7 +39,7 @@ import torch
 from benchmarks import PARENT_PID_VARIABLE, harness
 from benchmarks.harness import Environment, Measurement, Row, Target
 
-FAMILIES = ("lora", "hypergraph", "contrastive", "model", "training", "contrastive_probe", "tuning")
+FAMILIES = ("lora", "hypergraph", "contrastive", "distributed", "model", "training", "contrastive_probe", "tuning")
 RATE_FAMILIES = ("lora", "hypergraph", "contrastive")  # the families whose rows use the card's rates (family device)
 WORKER_FAMILIES = ("device",) + FAMILIES  # "device": the card's ceilings, first on a GPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -638,12 +638,12 @@ def _tier_skips(suite: Suite, family: str, module, tier: str) -> bool:
 
 
 def _modules() -> dict:
-    from benchmarks import (bench_contrastive, bench_device, bench_hypergraph, bench_lora, bench_model, bench_probe,
-                            bench_training, bench_tuning)
+    from benchmarks import (bench_contrastive, bench_device, bench_distributed, bench_hypergraph, bench_lora,
+                            bench_model, bench_probe, bench_training, bench_tuning)
 
     return {"device": bench_device, "lora": bench_lora, "hypergraph": bench_hypergraph,
-            "contrastive": bench_contrastive, "model": bench_model, "training": bench_training,
-            "contrastive_probe": bench_probe, "tuning": bench_tuning}
+            "contrastive": bench_contrastive, "distributed": bench_distributed, "model": bench_model,
+            "training": bench_training, "contrastive_probe": bench_probe, "tuning": bench_tuning}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1552,3 +1552,72 @@ def test_cuda_graph_row_counts_its_build_and_checks_a_replay_against_the_eager_s
     assert graph.metrics["rel_err_vs_eager-step"] == pytest.approx(replay_error, rel=1e-6)
     assert graph.metrics["rel_err_vs_reference-ops"] == rows["triton"].metrics["rel_err_vs_reference-ops"] == 0.0
     assert graph.target_pass is False and "rel_err_vs_eager-step<=0.03" in graph.target
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("cards", [0, 1, 2, 12])
+def test_distributed_family_on_a_gpu_needs_two_cards_and_takes_up_to_eight(cards, monkeypatch):
+    from benchmarks import bench_distributed
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cards)
+    suite = _gpu_suite()
+    plan = bench_distributed._plan(suite)
+    if cards < 2:
+        assert plan is None
+        assert suite.skipped == [f"label_guided_infonce group=: skipped (needs 2 or more CUDA devices, one per rank; "
+                                 f"this machine has {cards})"]
+    else:
+        # Issue 5's setting (bf16, D = 512, B = 65,536), one NCCL rank per card.
+        assert (plan["world"], plan["dist_backend"], plan["dtype"], plan["batch"], plan["dim"]) == \
+            (min(cards, 8), "nccl", "bfloat16", 65536, 512)
+        assert suite.skipped == []
+
+
+def test_distributed_family_on_the_cpu_splits_the_cores_between_two_ranks(monkeypatch):
+    from benchmarks import bench_distributed
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    suite = Suite(device=torch.device("cpu"), quick=False, json_path=None, png_path=None, time_budget_s=None,
+                  max_seconds_per_call=1.0, providers=["torch"], log=lambda _: None)
+    plan = bench_distributed._plan(suite)
+    assert (plan["world"], plan["dist_backend"], plan["backend"], plan["dtype"]) == (2, "gloo", "torch", "float32")
+    assert (plan["batch"], plan["dim"], plan["threads_per_rank"], plan["one_threads"]) == (4096, 512, 2, 5)
+    assert bench_distributed._sizes(7, 3) == [3, 2, 2] and bench_distributed._sizes(4096, 2) == [2048, 2048]
+
+
+def test_distributed_family_check_catches_a_wrong_rank(tmp_path):
+    """The row's check puts the ranks' gradients together (image and text rows in rank order,
+    the logit scale's summed) and compares them with the one-process step's: right ones give
+    rounding, one rank's wrong rows or a scale gradient not summed give a large error."""
+    import json
+
+    from benchmarks import bench_distributed
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, 2]
+    grad_u, grad_t = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    grad_scale, loss = torch.tensor(0.5), torch.tensor(2.0)
+    torch.save({"loss": loss, "grad_u": grad_u, "grad_t": grad_t, "grad_scale": grad_scale}, tmp_path / "one.pt")
+    with open(tmp_path / "times.json", "w") as f:
+        json.dump({"group_ms": [2.0, 1.0, 3.0], "one_ms": [4.0, 5.0, 6.0], "group_peak_mib": 1.5,
+                   "one_peak_mib": 2.5}, f)
+    plan = {"world": 2}
+
+    def ranks(u, t, scales):
+        lo = 0
+        for rank, (size, scale) in enumerate(zip(sizes, scales)):
+            torch.save({"loss": loss, "grad_u": u[lo:lo + size], "grad_t": t[lo:lo + size],
+                        "grad_scale": torch.tensor(scale)}, tmp_path / f"rank{rank}.pt")
+            lo += size
+        return bench_distributed._results(plan, str(tmp_path))
+
+    ours, base, error = ranks(grad_u, grad_t, [0.2, 0.3])
+    assert error < 1e-7
+    assert (ours.median_ms, ours.peak_mib, ours.runs, ours.spread_ms) == (2.0, 1.5, 3, (1.0, 3.0))
+    assert (base.median_ms, base.peak_mib, base.runs) == (5.0, 2.5, 3)
+    wrong_rows = grad_t.clone()
+    wrong_rows[3:] *= -1  # rank 1's text rows
+    assert ranks(grad_u, wrong_rows, [0.2, 0.3])[2] > 0.1
+    assert ranks(grad_u, grad_t, [0.5, 0.5])[2] > 0.01  # each rank's whole scale gradient, not its part

@@ -43,7 +43,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out-dir", str(out), "--name", "smoke",
          "--max-seconds-per-call", "0.5"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "smoke.json", encoding="utf-8") as fh:
         payload = json.load(fh)
@@ -716,11 +716,28 @@ def _bench(args, tmp_path, name, env_extra=None, timeout=240):
         return json.load(fh), proc.stdout
 
 
+def test_quick_run_times_the_global_batch_loss_across_two_gloo_ranks(quick_run):
+    """Family distributed on the CPU: 2 gloo ranks (torch backend, fp32) against one process on
+    the concatenated batch, both timed in the same processes, checked against each other."""
+    rows = [r for r in quick_run[0]["rows"] if r["family"] == "distributed"]
+    assert [(r["provider"], r["baseline"]) for r in rows] == [("torch, one process", None),
+                                                              ("torch x2 gloo", "torch, one process")], rows
+    base, ours = rows
+    assert ours["op"] == "label_guided_infonce group=" and ours["shape"] == "B=256 D=64 labels W=2"
+    assert ours["dtype"] == "float32" and ours["mode"] == "fwd+bwd"
+    assert ours["metrics"]["world"] == 2 and ours["metrics"]["dist_backend"] == "gloo"
+    assert ours["metrics"]["flops_per_rank"] == 10 * 128 * 256 * 64
+    assert ours["metrics"]["rel_err_vs_one_process"] <= harness.check_limit("float32")
+    assert ours["speedup_vs_baseline"] == pytest.approx(base["median_ms"] / ours["median_ms"])
+    assert ours["memory_ratio_vs_baseline"] == pytest.approx(base["peak_mib"] / ours["peak_mib"])
+    assert ours["metrics"]["runs"] == base["metrics"]["runs"] == 3
+
+
 def test_quick_run_ran_each_family_in_its_own_process(quick_run):
     run = quick_run[0]["run"]
     assert run["isolation"] == "process per family"
-    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "model", "training", "contrastive_probe",
-                                    "tuning"}
+    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "distributed", "model", "training",
+                                    "contrastive_probe", "tuning"}
     assert all(status["outcome"] == "ok" and status["rc"] == 0 for status in run["families"].values()), run
     # Rows of every family landed in the one file, and the training family (its own process)
     # found the model family's rows of the earlier process (its backend choice reads them).
