@@ -1045,6 +1045,65 @@ def test_a_short_rows_extra_slot_is_empty(backend, device):
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]))
 
 
+def _short_edge_cases(dtype, device="cpu"):
+    """Inputs at N = topk (every row keeps all its finite scores) for the edge cases the short
+    shapes do not reach: all tokens equal (every cosine 1, a tie in every row), zero-norm tokens
+    (one of them patch 0, where a torch empty slot's clamped index points) and a zero CLS token,
+    and a non-contiguous x. Each row keeps every candidate, so the selection is well defined."""
+    B, N, D, H, k = SHORT_SHAPES["n5_topk5"]
+    x, c, edge, node, _ = make_inputs((B, N, D, H, k), seed=21)
+    ties = x[:, :1].expand(B, N, D).contiguous()
+    zeros = x.clone()
+    zeros[0, 1] = 0.0
+    zeros[1, 3] = 0.0
+    zeros[1, 0] = 0.0
+    cases = {"ties": ties, "zero-norm": zeros, "non-contiguous": x.transpose(0, 1).contiguous().transpose(0, 1)}
+    for name, xs in cases.items():
+        yield (name, xs.to(dtype=dtype, device=device), c.to(dtype=dtype, device=device),
+               [p.to(dtype=dtype, device=device) for p in edge], [p.to(dtype=dtype, device=device) for p in node], k)
+
+
+def check_short_edge_cases(backend, dtype, rel, device="cpu"):
+    for name, x, c, edge, node, k in _short_edge_cases(dtype, device):
+        for cls_only in (False, True):
+            out, grads = ours_run(x, c, edge, node, k, cls_only, backend)
+            ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+            tag = f"{name}, cls_only={cls_only}"
+            assert_close_scaled(out, ref_out, rel, f"{tag}: output")
+            zero = x.double().norm(dim=-1).cpu() == 0
+            if zero.any():
+                assert_grad_x_close(grads[0].cpu(), ref_grads[0].cpu(), zero, rel, f"{tag}: grad x")
+            else:
+                assert_close_scaled(grads[0], ref_grads[0], rel, f"{tag}: grad x")
+            for param, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+                assert_close_scaled(got, want, rel, f"{tag}: grad {param}")
+
+
+def test_torch_short_sequences_edge_cases_match_oracle():
+    check_short_edge_cases("torch", torch.float64, 1e-10)
+
+
+@pytest.mark.triton
+def test_triton_short_sequences_edge_cases_match_oracle(device):
+    """As the torch test, on the kernels (deterministic full output and the fused cls_only)."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    check_short_edge_cases("triton", torch.float32, 1e-4, device)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_triton_float16_short_sequences_match_oracle(cls_only, monkeypatch, device):
+    """The native half path at N = topk + 1 and N = topk: the kernels read float16 x, the fused
+    cls_only kernels included (their empty neighbour slot read from a float16 x)."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    monkeypatch.setattr(hg, "_UPCAST_CHUNK_ELEMENTS", 1)
+    for name in ("n5_topk4", "n5_topk5"):
+        # As test_triton_float16_matches_oracle: 2^-9 of scale.
+        check_against_oracle(SHORT_SHAPES[name], torch.float16, cls_only, "triton", rel=2 ** -9, device=device)
+
+
 def test_the_cuda_backend_declines_short_sequences(monkeypatch):
     """N < topk + 2 is the CUDA kernels' own limit (its top-k refuses N = topk and keeps the own
     column in the slot N = topk + 1 leaves empty; untested): the cuda check names it, an explicit
