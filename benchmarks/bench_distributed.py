@@ -7,9 +7,10 @@ W-rank step, then rank 0 alone runs the one-process step while the other ranks w
 barrier. A step's time is the slowest rank's (an all-reduce of the times).
 
 - CPU: W = 2 gloo ranks, the torch backend in float32, B = 4096, D = 512, labels. The ranks
-  share the machine's cores (each gets ``threads // W`` torch threads; the one-process step
-  gets them all), so the ideal ratio is 1x: the row shows what the split, the collectives and
-  the second pass cost against one process, not a speed-up. ``--quick``: B = 256, D = 64.
+  share the machine's cores: each gets ``max(1, threads // W)`` torch threads (``threads``: the
+  suite's ``--threads``) and the one-process step as many as the ranks together, so the ideal
+  ratio is 1x: the row shows what the split and the collectives cost against one process on
+  the same cores, not a speed-up. ``--quick``: B = 256, D = 64.
 - GPU: W = every visible card (at least 2), NCCL, one card per rank, bf16, B = 65,536,
   D = 512, labels; the ideal ratio is W. With one card the family is skipped, saying so.
   This branch has not run yet: no machine lent here has two cards.
@@ -56,10 +57,10 @@ def _plan(suite) -> dict | None:
             return None
         return dict(world=min(cards, 8), dist_backend="nccl", device="cuda", backend="auto", dtype="bfloat16",
                     batch=65536, dim=512, threads_per_rank=1, one_threads=1, warmup=1, reps=5)
-    threads = torch.get_num_threads()
+    per_rank = max(1, torch.get_num_threads() // 2)
     batch, dim, reps = (256, 64, 3) if suite.quick else (4096, 512, 5)
     return dict(world=2, dist_backend="gloo", device="cpu", backend="torch", dtype="float32", batch=batch, dim=dim,
-                threads_per_rank=max(1, threads // 2), one_threads=threads, warmup=0, reps=reps)
+                threads_per_rank=per_rank, one_threads=2 * per_rank, warmup=0, reps=reps)
 
 
 def _global_batch(plan: dict, device: torch.device):

@@ -1575,15 +1575,19 @@ def test_distributed_family_on_a_gpu_needs_two_cards_and_takes_up_to_eight(cards
         assert suite.skipped == []
 
 
-def test_distributed_family_on_the_cpu_splits_the_cores_between_two_ranks(monkeypatch):
+@pytest.mark.parametrize("threads,per_rank", [(1, 1), (2, 1), (5, 2)])
+def test_distributed_family_on_the_cpu_gives_one_process_the_ranks_threads(threads, per_rank, monkeypatch):
+    """The one-process step gets as many torch threads as the two ranks together (the same
+    cores), whatever --threads says."""
     from benchmarks import bench_distributed
 
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     suite = Suite(device=torch.device("cpu"), quick=False, json_path=None, png_path=None, time_budget_s=None,
                   max_seconds_per_call=1.0, providers=["torch"], log=lambda _: None)
     plan = bench_distributed._plan(suite)
     assert (plan["world"], plan["dist_backend"], plan["backend"], plan["dtype"]) == (2, "gloo", "torch", "float32")
-    assert (plan["batch"], plan["dim"], plan["threads_per_rank"], plan["one_threads"]) == (4096, 512, 2, 5)
+    assert (plan["batch"], plan["dim"]) == (4096, 512)
+    assert (plan["threads_per_rank"], plan["one_threads"]) == (per_rank, 2 * per_rank)
     assert bench_distributed._sizes(7, 3) == [3, 2, 2] and bench_distributed._sizes(4096, 2) == [2048, 2048]
 
 
