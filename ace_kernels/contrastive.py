@@ -1404,8 +1404,10 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
     if local_error is None:
         has_labels = labels is not None
         label_width = math.prod(labels.shape[1:]) if has_labels else -1
-        # Whether each embedding gets a gradient decides which collectives the backward runs
-        # (the gathered rows' reduce-scatter): ranks that differ would pair different collectives.
+        # Whether the text rows get a gradient decides whether the backward runs their
+        # reduce-scatter: ranks that differ would pair different collectives. (The image rows'
+        # need runs none, on either backend; ranks that differ there are told so all the same,
+        # as a configuration that differs.)
         grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
         # So does the backend: torch gathers copies in its compute dtype, Triton the rows as they
         # are (both reduce the text rows' gradients only: each rank's image rows' gradient is
