@@ -999,14 +999,16 @@ def test_triton_short_sequences_match_oracle(shape, cls_only, device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("shape", ["n3_topk3", "n5_topk4", "n5_topk5"])
 @pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
-def test_triton_atomic_and_unfused_short_sequences_match_oracle(cls_only, device):
-    """The Triton primitives' other users on a short shape: deterministic=False (atomic scatter,
-    full output) and cls_only through the shared implementation (not the fused kernels)."""
+def test_triton_atomic_and_unfused_short_sequences_match_oracle(cls_only, shape, device):
+    """The Triton primitives' other users on short shapes (N = topk and topk + 1):
+    deterministic=False (atomic scatter, full output) and cls_only through the shared
+    implementation (not the fused kernels)."""
     if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
     prims = hg.TRITON_PRIMITIVES if cls_only else hg.TRITON_ATOMIC_PRIMITIVES
-    x, c, edge, node, k = make_inputs(SHORT_SHAPES["n5_topk5"], dtype=torch.float32, device=device)
+    x, c, edge, node, k = make_inputs(SHORT_SHAPES[shape], dtype=torch.float32, device=device)
     out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(x_, c_, tuple(e_), tuple(n_), k, cls_only,
                                                                           prims), x, c, edge, node)
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
