@@ -832,7 +832,8 @@ if _TRITON_IMPORTED:
     # Shapes: x [B, N, D] (any float dtype, strided), cls_idx [B, K] int64 (the CLS row's top-k,
     # patch indices), cls_w [B, K] float32 (its softmax), nbr_idx / nbr_w [B, K, K] (each
     # selected patch's own top-k; -1 / 0 in an empty slot, where K = N - 1), edges and their
-    # gradient [B, K + 1, D] float32; K = TOPK. An empty slot reads and writes no row of x.
+    # gradient [B, K + 1, D] float32; K = TOPK. An empty slot reads row 0 (weight 0) and writes no
+    # row of dx.
     # The small tensors are contiguous (the launchers make them so).
 
     @triton.jit
@@ -866,10 +867,12 @@ if _TRITON_IMPORTED:
         acc = q + cls_w[:, None] * x0[None, :]
         for u in tl.static_range(TOPK):
             slot = (b * TOPK + offs_t) * TOPK + u
-            n_idx = tl.load(nbr_idx_ptr + slot, mask=t_mask, other=-1)
+            # An empty slot (-1, weight 0) reads row 0, the CLS token: finite unless E[0], and so
+            # the output, is not finite anyway; masking it cost registers (72 -> 144 at k = 16).
+            n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=t_mask, other=0)
             n_w = tl.load(nbr_w_ptr + slot, mask=t_mask, other=0.0)
-            rows = tl.load(x_b + (1 + n_idx)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                           mask=tile_mask & (n_idx >= 0)[:, None], other=0.0).to(tl.float32)
+            rows = tl.load(x_b + n_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
+                           other=0.0).to(tl.float32)
             acc += n_w[:, None] * rows
         out_b = out_ptr + b * (TOPK + 1) * D
         tl.store(out_b + offs_d, e0, mask=d_mask)
@@ -902,8 +905,9 @@ if _TRITON_IMPORTED:
         x_b = x_ptr + b * stride_xb
         g_b = grad_ptr + b * (TOPK + 1) * D
         q_row = 1 + tl.load(cls_idx_ptr + b * TOPK + offs_t, mask=t_mask, other=0)
-        n_idx = tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=-1)
-        n_live = tu_mask & (n_idx >= 0)  # an empty slot reads zeros: weight 0, so ds = a = cn = 0
+        # An empty slot (-1) reads row 0, the CLS token, as _cls_edges_kernel does: its weight is
+        # 0, so ds = a = cn = 0 there (r = 0, and 1 / max(|x_0|, eps) is finite).
+        n_row = 1 + tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=0)
         gn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
         qn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
         nn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
@@ -918,8 +922,8 @@ if _TRITON_IMPORTED:
             q = tl.load(x_b + q_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
                         other=0.0).to(tl.float32)
             gt = tl.load(g_b + (1 + offs_t[:, None]) * D + offs_d[None, :], mask=tile_mask, other=0.0)
-            pn = tl.load(x_b + (1 + n_idx)[:, :, None] * stride_xn + offs_d[None, None, :] * stride_xd,
-                         mask=n_live[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
+            pn = tl.load(x_b + n_row[:, :, None] * stride_xn + offs_d[None, None, :] * stride_xd,
+                         mask=tu_mask[:, :, None] & d_mask[None, None, :], other=0.0).to(tl.float32)
             gn += tl.sum(gt[:, None, :] * pn, axis=2)
             qn += tl.sum(q[:, None, :] * pn, axis=2)
             nn += tl.sum(pn * pn, axis=2)
