@@ -102,8 +102,10 @@ def _rank_main(rank: int, world: int, rendezvous: str, plan: dict, out_dir: str)
         t_local = t[lo:hi].clone().requires_grad_()
         scale = torch.tensor(LOGIT_SCALE, device=device, requires_grad=True)
         leaves = (u_local, t_local, scale)
+        # The one-process step's inputs: rank 0's only (it alone runs it).
         one_leaves = (u.clone().requires_grad_(), t.clone().requires_grad_(),
-                      torch.tensor(LOGIT_SCALE, device=device, requires_grad=True))
+                      torch.tensor(LOGIT_SCALE, device=device, requires_grad=True)) if rank == 0 else ()
+        del u, t  # each rank keeps its own rows only
 
         def sync():
             if device.type == "cuda":
