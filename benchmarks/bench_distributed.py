@@ -107,29 +107,18 @@ def _rank_main(rank: int, world: int, rendezvous: str, plan: dict, out_dir: str)
                       torch.tensor(LOGIT_SCALE, device=device, requires_grad=True)) if rank == 0 else ()
         del u, t  # each rank keeps its own rows only
 
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        def timed(fn, tensors):
-            for x in tensors:
-                x.grad = None
-            sync()
-            start = time.perf_counter()
-            loss = fn()
-            sync()
-            return (time.perf_counter() - start) * 1e3, loss
+        losses = {}  # each step's last loss
 
         def group_step():
             loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, labels[lo:hi], group=dist.group.WORLD,
                                                     backend=plan["backend"])
             loss.backward()
-            return loss.detach()
+            losses["group"] = loss.detach()
 
         def one_step():
             loss = ace_kernels.label_guided_infonce(*one_leaves, labels, backend=plan["backend"])
             loss.backward()
-            return loss.detach()
+            losses["one"] = loss.detach()
 
         # Peak memory first, one call each (also a warm-up): the largest rank's, then rank 0's alone.
         dist.barrier()
@@ -145,23 +134,23 @@ def _rank_main(rank: int, world: int, rendezvous: str, plan: dict, out_dir: str)
         group_ms, one_ms = [], []
         for rep in range(plan["warmup"] + plan["reps"]):
             dist.barrier()
-            ms, group_loss = timed(group_step, leaves)
+            ms = harness.time_single_call(group_step, device=device, grads=leaves)
             slowest = torch.tensor([ms], dtype=torch.float64, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             dist.barrier()
             if rank == 0:
                 torch.set_num_threads(plan["one_threads"])
-                ms_one, one_loss = timed(one_step, one_leaves)
+                ms_one = harness.time_single_call(one_step, device=device, grads=one_leaves)
                 torch.set_num_threads(plan["threads_per_rank"])
             dist.barrier()
             if rep >= plan["warmup"]:
                 group_ms.append(slowest.item())
                 if rank == 0:
                     one_ms.append(ms_one)
-        torch.save({"loss": group_loss.cpu(), "grad_u": u_local.grad.cpu(), "grad_t": t_local.grad.cpu(),
+        torch.save({"loss": losses["group"].cpu(), "grad_u": u_local.grad.cpu(), "grad_t": t_local.grad.cpu(),
                     "grad_scale": scale.grad.cpu()}, os.path.join(out_dir, f"rank{rank}.pt"))
         if rank == 0:
-            torch.save({"loss": one_loss.cpu(), "grad_u": one_leaves[0].grad.cpu(),
+            torch.save({"loss": losses["one"].cpu(), "grad_u": one_leaves[0].grad.cpu(),
                         "grad_t": one_leaves[1].grad.cpu(), "grad_scale": one_leaves[2].grad.cpu()},
                        os.path.join(out_dir, "one.pt"))
             with open(os.path.join(out_dir, "times.json"), "w") as f:
