@@ -1427,8 +1427,11 @@ def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, determini
 
 def _kernel_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     reasons = []
-    if topk > MAX_KERNEL_TOPK:
-        reasons.append(f"topk={topk} is over the kernels' limit of {MAX_KERNEL_TOPK}")
+    # The kernels keep a row's slots, min(topk, N - 1), in registers: topk = N = 17 takes 16.
+    slots = _row_slots(topk, x.shape[1]) if x.dim() == 3 else topk
+    if slots > MAX_KERNEL_TOPK:
+        at = "" if slots == topk else f" ({slots} slots a row at N={x.shape[1]})"
+        reasons.append(f"topk={topk}{at} is over the kernels' limit of {MAX_KERNEL_TOPK}")
     if x.dtype == torch.float64:
         reasons.append("float64 inputs are handled by the torch backend only")
     if x.shape[0] > _MAX_GRID_BATCH:
@@ -1606,7 +1609,8 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         reference's ``torch.topk`` over a row of the N x N scores). Where a row
         has fewer than k finite scores (N <= topk + 1) it keeps them all, as
         the reference's softmax gives the -inf ones it keeps weight 0. The Triton
-        and CUDA backends take ``topk <= 16``; the CUDA backend ``N >= topk + 2``.
+        and CUDA backends take ``min(topk, N - 1) <= 16`` slots a row; the CUDA
+        backend ``N >= topk + 2``.
     cls_only : bool
         Return only token 0, ``[B, D]``, computing only the k + 1 rows of A it
         depends on.
@@ -1674,7 +1678,7 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     any module's do, so run ``backward()`` outside autocast, as usual.
 
     Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
-    ``topk <= 16``, ``cuda`` only ``N >= topk + 2``; ``torch`` takes everything. ``auto`` prefers triton, then
+    ``min(topk, N - 1) <= 16``, ``cuda`` only ``N >= topk + 2``; ``torch`` takes everything. ``auto`` prefers triton, then
     cuda, then torch (both kernel backends are validated against the oracle;
     the GPU benchmark decides the final order, for ``cls_only`` and the full
     output separately).

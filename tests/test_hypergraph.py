@@ -576,6 +576,24 @@ def test_kernels_refuse_a_topk_over_their_limit():
         _call(x, c, tuple(edge), tuple(node), k, cls_only=True, backend="triton")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+def test_kernels_take_a_topk_over_their_limit_when_a_row_has_fewer_slots(cls_only, device):
+    """The limit is on a row's slots, min(topk, N - 1): topk = N = 17 keeps 16 a row, which the
+    kernels take (and match the fp64 oracle, the patch rows with one empty slot); topk = N = 18
+    keeps 17, which they refuse, naming both."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    limit = hg.MAX_KERNEL_TOPK
+    shape = (1, limit + 1, 6, 3, limit + 1)
+    x, c, edge, node, k = make_inputs(shape, dtype=torch.float32)
+    assert hg._kernel_check(x, c, tuple(edge), tuple(node), k, cls_only) == []
+    check_against_oracle(shape, torch.float32, cls_only, "triton", rel=1e-4, device=device)
+    x, c, edge, node, k = make_inputs((1, limit + 2, 6, 3, limit + 2), dtype=torch.float32)
+    assert hg._kernel_check(x, c, tuple(edge), tuple(node), k, cls_only) == [
+        f"topk={k} ({limit + 1} slots a row at N={limit + 2}) is over the kernels' limit of {limit}"]
+
+
 def test_the_cuda_check_names_the_shared_memory_limit_and_a_build_without_ops(monkeypatch):
     """The cuda backend's own reasons, on a fake CUDA tensor (only its device and shape are read)
     and a faked device: the top-k kernel's shared memory over the device's per-block limit, the
