@@ -2,9 +2,9 @@
 
 Used by CI to reject kernel configurations that spill registers before any GPU
 sees them: ``compile_sm90(kernel, signature, constexprs)`` runs Triton's full
-pipeline for ``GPUTarget("cuda", 90, 32)`` and then ``ptxas -v`` (shipped in
-the Triton wheel) on the PTX, returning registers, spill bytes, stack frame and
-shared memory. ``profile_sm90`` also disassembles the cubin (nvdisasm, from the same
+pipeline for ``GPUTarget("cuda", 90, 32)``, down to the cubin its ptxas (shipped in
+the Triton wheel) makes, and reads that ptxas run's ``-v`` report: registers, spill bytes,
+stack frame; shared memory comes from Triton's metadata. ``profile_sm90`` also disassembles the cubin (nvdisasm, from the same
 wheel) and counts the instructions of the kernel's main loop, and ``blocks_per_sm90`` says
 how many blocks of a kernel fit on one SM: static facts about the code a GPU would run,
 for judging a kernel change where no GPU is at hand (they are not timings).
@@ -199,19 +199,33 @@ def _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisi
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def _compile_with_report(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers,
+                         maxnreg=None):
+    """Compile as Triton does for a launch and return (compiled kernel, Triton's own ``ptxas -v`` report).
+
+    The report is the one of the ptxas run that made the cubin, with Triton's flags (``-lineinfo``;
+    triton 3.8 adds ``--regAllocOptLevel=2``), so the counts are those of the code a launch would
+    load, and ptxas runs once per kernel. A kernel in Triton's cache would skip ptxas and print no
+    report, so the cache is not read here (it is still written).
+    """
+    import contextlib
+    import io
+
+    from triton import knobs
+
+    report = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope():
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True  # Triton prints the report to stdout
+        with contextlib.redirect_stdout(report):
+            compiled = _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
+                                       aligned_pointers, maxnreg)
+    return compiled, report.getvalue()
+
+
 def _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16, aligned_pointers, maxnreg=None):
-    compiled = _triton_compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
-                               aligned_pointers, maxnreg)
-    ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx_path = os.path.join(tmp, "kernel.ptx")
-        with open(ptx_path, "w") as handle:
-            handle.write(ptx)
-        result = subprocess.run(
-            [_tool("ptxas"), "-v", "--gpu-name", "sm_90a", ptx_path, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True, text=True, check=True,
-        )
-    report = result.stderr + result.stdout
+    compiled, report = _compile_with_report(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
+                                            aligned_pointers, maxnreg)
 
     def grab(pattern: str) -> int:
         # ptxas -v prints every one of these for every kernel: a missing line means its wording

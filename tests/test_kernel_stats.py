@@ -149,6 +149,50 @@ def test_the_pack_kernel_profile_reads_its_k_loop():
     assert row["loop_instructions_per_element"] > 10
 
 
+def _pack_kernel_resources_cold_and_cached() -> list:
+    """compile_sm90 of the LoRA pack kernel twice in a fresh Triton cache (the second compile
+    would be a cache hit), beside a standalone ``ptxas -v`` of the same PTX."""
+    import dataclasses
+    import re
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from ace_kernels import _aot
+    from benchmarks.kernel_stats import divisible_arguments, lora_launches
+
+    label, kernel, signature, constexprs, num_warps, num_stages = next(
+        launch for launch in lora_launches(torch.bfloat16) if launch[0] == "down P=3 dropout=True")
+    divisible = divisible_arguments(kernel)
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        runs = [dataclasses.asdict(_aot.compile_sm90(kernel, signature, constexprs, num_warps=num_warps,
+                                                      num_stages=num_stages, divisible_by_16=divisible))
+                for _ in range(2)]
+        ptx = _aot.ptx_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+                            divisible_by_16=divisible)
+        path = os.path.join(cache, "kernel.ptx")
+        with open(path, "w") as handle:
+            handle.write(ptx)
+        alone = subprocess.run([_aot._tool("ptxas"), "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"],
+                               capture_output=True, text=True, check=True)
+    return runs + [int(re.search(r"Used (\d+) registers", alone.stderr + alone.stdout).group(1))]
+
+
+@pytest.mark.slow
+def test_resources_are_read_from_tritons_own_ptxas_run_even_for_a_cached_kernel():
+    """compile_sm90 reads the report of the ptxas run that made Triton's cubin, so a kernel
+    already in Triton's cache (which would skip ptxas) is compiled again, not reported empty;
+    the registers agree with a standalone ptxas -v of the same PTX."""
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    cold, cached, alone = compile_in_fresh_process("test_kernel_stats", "_pack_kernel_resources_cold_and_cached")
+    assert cold == cached, (cold, cached)
+    assert cold["registers"] == alone > 0 and cold["spill_store_bytes"] == cold["spill_load_bytes"] == 0, cold
+
+
 def _infonce_exponentials() -> list:
     from ace_kernels._aot import ptx_sm90
     from benchmarks.kernel_stats import contrastive_launches
