@@ -1678,8 +1678,8 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     any module's do, so run ``backward()`` outside autocast, as usual.
 
     Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
-    ``min(topk, N - 1) <= 16``, ``cuda`` only ``N >= topk + 2``; ``torch`` takes everything. ``auto`` prefers triton, then
-    cuda, then torch (both kernel backends are validated against the oracle;
+    ``min(topk, N - 1) <= 16``, ``cuda`` only ``N >= topk + 2``; ``torch`` takes everything.
+    ``auto`` prefers triton, then cuda, then torch (both kernel backends are validated against the oracle;
     the GPU benchmark decides the final order, for ``cls_only`` and the full
     output separately).
     """
