@@ -19,8 +19,9 @@ selected columns with their softmax weights, slot k+1 column 0 with the copied
 CLS weight (0 for row 0). Where N <= k + 1 a row has fewer finite scores than k
 (torch.topk keeps -inf ones too, which weigh 0): every row keeps min(k, N - 1)
 slots (``_row_slots``), and a patch row's slot past its N - 2 candidates is empty
-(column -1, weight 0). E = A X is then a weighted gather of k + 2 rows
-(``gather_sum``) and C = A^T E' the adjoint scatter (``scatter_sum``); their
+(column -1, weight 0); at N = 2 a patch row has no candidate and every such slot is
+empty (the torch backend only: the kernels take N >= 3). E = A X is then a weighted
+gather of k + 2 rows (``gather_sum``) and C = A^T E' the adjoint scatter (``scatter_sum``); their
 backward passes are each other plus a per-entry dot product (``entry_dot``).
 For the full output both aggregations run in the adapters' hidden width (the
 down-projections commute with A, and up_e folds into down_n), so no [B, N, D]
@@ -110,6 +111,8 @@ def _gather_sum_sparse(src: torch.Tensor, cols: torch.Tensor, weights: torch.Ten
     """:func:`_torch_gather_sum` as one block-diagonal CSR product (CPU only)."""
     B, R, D = src.shape
     Q, S = cols.shape[1], cols.shape[2]
+    if S == 0:  # no slot: rows of A with no entry (the neighbour slots at N = 1)
+        return src.new_zeros(B, Q, D)
     crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
     return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
                       src.reshape(B * R, D)).view(B, Q, D)
@@ -214,8 +217,20 @@ def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.
         sim.scatter_(2, own[..., None], float("-inf"))
         vals, idx = sim.topk(topk, dim=-1)
         idx_out[start:stop] = idx.masked_fill(vals == float("-inf"), -1)  # the own column, kept at k = M
-        w_out[start:stop] = torch.softmax(vals, dim=-1)
+        w_out[start:stop] = _softmax_of_kept(vals)
     return idx_out, w_out
+
+
+def _softmax_of_kept(vals: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with 0 for a ``-inf`` entry, also in a row of nothing else.
+
+    A patch row at N = 2 has no candidate (its scores are the diagonal and column 0, both
+    ``-inf``): the reference's softmax gives that row NaN, which steps 4-5 then overwrite, so
+    its top-k slots weigh 0 here. Other rows keep ``torch.softmax``'s values; the gradient
+    stays finite (no NaN is formed, so none reaches the backward)."""
+    empty = vals == float("-inf")
+    none_kept = empty.all(dim=-1, keepdim=True)
+    return torch.softmax(vals.masked_fill(empty & none_kept, 0.0), dim=-1).masked_fill(empty & none_kept, 0.0)
 
 
 @dataclass(frozen=True)
@@ -1401,12 +1416,9 @@ def _adapter_params(name: str, adapter, dim: int):
 def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic):
     check_tensor("x", x, ndim=3)
     B, N, D = x.shape
-    if B < 1 or D < 1:
+    if B < 1 or N < 1 or D < 1:
         raise ValueError(f"argument 'x': expected a non-empty [B, N, D] tensor, got shape {list(x.shape)}")
     topk = check_positive_int("topk", topk)  # a NumPy integer becomes an int (a Triton constexpr needs one)
-    if N < 3:
-        raise ValueError(f"argument 'x': expected N >= 3 tokens (a CLS token and two patches: each patch row "
-                         f"selects among the N - 2 other patches), got shape {list(x.shape)}")
     if topk > N:
         raise ValueError(f"argument 'topk': expected topk <= N (torch.topk over a row of the N x N scores), "
                          f"got topk={topk} with N={N}")
@@ -1432,6 +1444,9 @@ def _kernel_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     if slots > MAX_KERNEL_TOPK:
         at = "" if slots == topk else f" ({slots} slots a row at N={x.shape[1]})"
         reasons.append(f"topk={topk}{at} is over the kernels' limit of {MAX_KERNEL_TOPK}")
+    if x.dim() == 3 and x.shape[1] < 3:
+        reasons.append(f"N={x.shape[1]} tokens: a patch row with no other patch to select (N < 3) is handled by the "
+                       "torch backend only")
     if x.dtype == torch.float64:
         reasons.append("float64 inputs are handled by the torch backend only")
     if x.shape[0] > _MAX_GRID_BATCH:
@@ -1470,7 +1485,7 @@ def _cls_only_torch(x, cls_attn, edge_params, node_params, topk):
     sims = torch.bmm(q_scaled, patches.transpose(1, 2)) * inv_norm[:, None, :]
     sims = sims.scatter(2, cls_idx[..., None], float("-inf"))  # own column
     nbr_vals, nbr_idx = sims.topk(k, dim=-1)  # [B, k, k]; at k = N - 1 the own column, weight 0
-    nbr_w = torch.softmax(nbr_vals, dim=-1)
+    nbr_w = _softmax_of_kept(nbr_vals)
     neighbours = torch.gather(patches, 1, nbr_idx.reshape(B, k * k, 1).expand(B, k * k, D)).view(B, k, k, D)
     x0 = xc[:, :1]
     # E rows: 0 and 1 + cls_idx[t] (self loop + neighbours + column 0 with weight cls_w[t]).
@@ -1558,7 +1573,7 @@ def _cuda_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
         # Untested: its top-k kernel keeps the own column (weight 0) in the slot a short row
         # leaves empty, and refuses N = topk.
         reasons.append(f"N={x.shape[1]} tokens < topk + 2 = {topk + 2}: the CUDA kernels need N - 2 candidates "
-                       "per patch row (the Triton and torch backends take N >= max(3, topk))")
+                       "per patch row (the Triton backend takes N >= max(3, topk), the torch backend N >= topk)")
     if x.is_cuda and x.dim() == 3:
         limit = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None)
         if limit is not None and _cuda_topk_shared_bytes(x.shape[-1]) > limit:
@@ -1605,12 +1620,14 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         ``(down_weight [H, D], down_bias [H], up_weight [D, H], up_bias [D])`` or a
         module with ``.down`` and ``.up`` ``nn.Linear``. Cast to the compute dtype.
     topk : int
-        Neighbours kept per row (k). Needs ``3 <= N`` and ``topk <= N`` (the
-        reference's ``torch.topk`` over a row of the N x N scores). Where a row
-        has fewer than k finite scores (N <= topk + 1) it keeps them all, as
-        the reference's softmax gives the -inf ones it keeps weight 0. The Triton
-        and CUDA backends take ``min(topk, N - 1) <= 16`` slots a row; the CUDA
-        backend ``N >= topk + 2``.
+        Neighbours kept per row (k). Needs ``topk <= N`` (the reference's
+        ``torch.topk`` over a row of the N x N scores). Where a row has fewer
+        than k finite scores (N <= topk + 1) it keeps them all, as the
+        reference's softmax gives the -inf ones it keeps weight 0; at N = 2 a
+        patch row has none, and only its self loop and column 0 (steps 4-5) are
+        non-zero, as in the reference, which overwrites that row's NaN softmax.
+        The Triton and CUDA backends take ``N >= 3`` and ``min(topk, N - 1) <= 16``
+        slots a row; the CUDA backend ``N >= topk + 2``.
     cls_only : bool
         Return only token 0, ``[B, D]``, computing only the k + 1 rows of A it
         depends on.
@@ -1677,7 +1694,7 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     backend's ``cls_only`` path) follow the autocast state at backward time, as
     any module's do, so run ``backward()`` outside autocast, as usual.
 
-    Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs and
+    Backends: ``triton`` and ``cuda`` take float16/bfloat16/float32 inputs, ``N >= 3`` and
     ``min(topk, N - 1) <= 16``, ``cuda`` only ``N >= topk + 2``; ``torch`` takes everything.
     ``auto`` prefers triton, then cuda, then torch (both kernel backends are validated against the oracle;
     the GPU benchmark decides the final order, for ``cls_only`` and the full

@@ -74,7 +74,7 @@ variants (DoRA and the like), ``lora_bias``, ``adapter_names=`` or any other
 extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
 dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
 ``B A`` into the weight) or extra arguments. ``apply_ace_hgat``: autocast on,
-fewer than ``max(3, topk)`` tokens, hooks or instance-replaced forwards on the
+fewer than ``topk`` tokens, hooks or instance-replaced forwards on the
 adapters, global module hooks, an adapter (or its activation) replaced after patching by one that is
 not ``up(leaky_relu(down(z), 0.2))``. States that hold at patch time are listed in
 the summary; :meth:`PatchHandle.stats` counts fused and fallback calls by
@@ -1171,9 +1171,9 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
     if _functorch_transform_active():
         return "a torch.func transform is active"
     topk = int(module.args.topk)
-    if features.shape[1] < max(3, topk):
-        # What the op refuses (ace_hypergraph's domain, the reference's where its softmax is defined).
-        return f"N={features.shape[1]} tokens < max(3, topk) = {max(3, topk)}"
+    if features.shape[1] < topk:
+        # What the op refuses, as the reference's torch.topk does (the original raises its own error).
+        return f"N={features.shape[1]} tokens < topk = {topk}"
     parts = [m for a in (edge, node) for m in (a, getattr(a, "down", None), getattr(a, "up", None),
                                                 getattr(a, "act", None)) if isinstance(m, nn.Module)]
     if any(_has_call_hooks(m) for m in parts):

@@ -84,6 +84,9 @@ def ours_run(x, cls_attn, edge, node, k, cls_only, backend, deterministic=True):
 def assert_close_scaled(ours, ref, rel, name):
     """|ours - ref| <= rel * max|ref| (+ tiny floor): errors relative to the tensor's scale."""
     ours = ours.double()
+    assert ours.shape == ref.shape, f"{name}: shape {list(ours.shape)} vs {list(ref.shape)}"
+    if ref.numel() == 0:  # e.g. the gradient of cls_attn [B, 0] at N = 1
+        return
     scale = ref.abs().max().item()
     err = (ours - ref).abs().max().item()
     assert err <= rel * scale + 1e-12, f"{name}: max error {err:.3e} vs scale {scale:.3e} (rel {rel})"
@@ -192,10 +195,12 @@ def test_half_inputs_compute_in_float32(dtype):
     assert_close_scaled(out, ref, 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11, "output")
 
 
-def test_torch_cls_only_second_derivatives():
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3, 3), (2, 2, 6, 3, 2)], ids=["n8_topk3", "n2_topk2"])
+def test_torch_cls_only_second_derivatives(shape):
     """cls_only on the torch backend is plain autograd: gradgradcheck in fp64 (distinct scores,
-    so the top-k selection is constant around the point)."""
-    x, c, edge, node, k = make_inputs((2, 8, 6, 3, 3))
+    so the top-k selection is constant around the point). N = 2: the patch row with no
+    candidate stays finite to second order."""
+    x, c, edge, node, k = make_inputs(shape)
     inputs = leaves([x, c, *edge, *node])
 
     def fn(*t):
@@ -438,8 +443,8 @@ def _call(x, c, edge, node, k, **kw):
     ("cls_dtype", "argument 'cls_attn'"),
     ("cls_device", "argument 'cls_attn'"),
     ("topk_zero", "argument 'topk'"),
-    ("x_two_tokens", "argument 'x': expected N >= 3 tokens .*got shape \\[2, 2, 40\\]"),
-    ("x_two_tokens_topk2", "argument 'x': expected N >= 3 tokens"),
+    ("x_no_tokens", "argument 'x': expected a non-empty \\[B, N, D\\] tensor, got shape \\[2, 0, 40\\]"),
+    ("topk_over_two_tokens", "argument 'topk': expected topk <= N .*got topk=3 with N=2"),
     ("topk_too_large", "argument 'topk': expected topk <= N .*got topk=8 with N=7"),
     ("topk_float", "argument 'topk'"),
     ("topk_bool", "argument 'topk': expected an integer >= 1, got True"),
@@ -483,8 +488,10 @@ def test_value_errors(case, match):
         c = c.to("meta")
     elif case == "topk_zero":
         k = 0
-    elif case in ("x_two_tokens", "x_two_tokens_topk2"):  # a patch row would have no candidate
-        x, c, k = x[:, :2], c[:, :1], 1 if case == "x_two_tokens" else 2
+    elif case == "x_no_tokens":
+        x, c = x[:, :0], c[:, :0]
+    elif case == "topk_over_two_tokens":
+        x, c, k = x[:, :2], c[:, :1], 3
     elif case == "topk_too_large":
         k = 8  # torch.topk over a row of N = 7 scores takes k <= 7
     elif case == "topk_float":
@@ -1065,6 +1072,62 @@ def test_a_short_rows_extra_slot_is_empty(backend, device):
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w[..., 0]))
 
 
+# (B, N, D, hidden, topk) with N < 3: at N = 2 the one patch row has no candidate (its scores
+# are the diagonal and column 0, both -inf), so the reference's softmax gives it NaN, which steps
+# 4-5 overwrite (A = [[1, 1], [1, 1]]); at N = 1 A = [[1]]. The torch backend only.
+TINY_SHAPES = {
+    "n2_topk1": (3, 2, 11, 3, 1),
+    "n2_topk2": (2, 2, 11, 3, 2),
+    "n1_topk1": (2, 1, 11, 3, 1),
+}
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("shape", list(TINY_SHAPES.values()), ids=list(TINY_SHAPES))
+def test_torch_one_and_two_tokens_match_oracle(shape, cls_only):
+    """N = 2 and N = 1, where the reference is finite although a row's softmax is NaN before
+    steps 4-5: the output and every gradient match the oracle's, finite, over the torch
+    primitives in both forms (CPU sparse, GPU by-slot) and the cls_only path."""
+    x, c, edge, node, k = make_inputs(shape)
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
+    assert all(torch.isfinite(t).all() for t in (ref_out, *ref_grads))
+    check_against_oracle(shape, torch.float64, cls_only, "torch", rel=1e-10)
+    check_against_oracle(shape, torch.float32, cls_only, "torch", rel=1e-5)
+    for prims in (hg.TORCH_PRIMITIVES, _torch_by_slot_primitives()):
+        out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(  # noqa: B023 (called here)
+            x_, c_, tuple(e_), tuple(n_), k, cls_only, prims), x, c, edge, node)
+        assert_close_scaled(out, ref_out, 1e-10, f"{prims.name}: output")
+        for param, got, want in zip(PARAM_NAMES, grads, ref_grads):
+            assert_close_scaled(got, want, 1e-10, f"{prims.name}: grad {param}")
+
+
+def test_a_patch_row_with_no_candidate_weighs_nothing():
+    """At N = 2 (one patch) the torch selection's slots are all empty: column -1, weight 0,
+    never NaN, for all rows and for given rows."""
+    patches = torch.randn(3, 1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    inv_norm = 1.0 / patches.norm(dim=-1)
+    for rows in (None, torch.zeros(3, 1, dtype=torch.int64)):
+        idx, w = hg._torch_topk_rows(patches, inv_norm, rows, 1)  # topk = 1 or 2 keeps min(topk, N - 1) = 1
+        assert torch.equal(idx, torch.full((3, 1, 1), -1))
+        assert torch.equal(w, torch.zeros(3, 1, 1, dtype=torch.float64))
+
+
+def test_the_kernels_decline_fewer_than_three_tokens(device):
+    """The Triton and CUDA kernels take N >= 3: their check names N < 3, an explicit kernel
+    backend raises it, and auto runs the torch backend (same numbers)."""
+    x, c, edge, node, k = make_inputs(TINY_SHAPES["n2_topk1"], dtype=torch.float32, device=device)
+    reason = "N=2 tokens: a patch row with no other patch to select (N < 3) is handled by the torch backend only"
+    assert hg._kernel_check(x, c, edge, node, k, False) == [reason]
+    assert hg._kernel_check(x[:, :1], c[:, :0], edge, node, k, True) == [reason.replace("N=2", "N=1")]
+    assert reason in hg._cuda_check(x, c, edge, node, k, False)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run this call: N=2 tokens"):
+        _call(x, c, tuple(edge), tuple(node), k, backend="triton")
+    for cls_only in (False, True):
+        torch.testing.assert_close(_call(x, c, tuple(edge), tuple(node), k, cls_only=cls_only),
+                                   _call(x, c, tuple(edge), tuple(node), k, cls_only=cls_only, backend="torch"),
+                                   rtol=0, atol=0)
+
+
 def _short_edge_cases(dtype, device="cpu"):
     """Inputs at N = topk (every row keeps all its finite scores) for the edge cases the short
     shapes do not reach: all tokens equal (every cosine 1, a tie in every row), zero-norm tokens
@@ -1136,8 +1199,8 @@ def test_the_cuda_backend_declines_short_sequences(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace())
     monkeypatch.setattr(torch.ops, "ace_kernels", types.SimpleNamespace(hg_gather_sum=object()))
     monkeypatch.setattr(hg._dispatch, "_extension", lambda: (types.SimpleNamespace(), None))
-    reason = ("N=6 tokens < topk + 2 = 7: the CUDA kernels need N - 2 candidates per patch row (the Triton and "
-              "torch backends take N >= max(3, topk))")
+    reason = ("N=6 tokens < topk + 2 = 7: the CUDA kernels need N - 2 candidates per patch row (the Triton "
+              "backend takes N >= max(3, topk), the torch backend N >= topk)")
     assert hg._cuda_check(fake, None, None, None, 5, False) == [reason]
     assert hg._cuda_check(fake, None, None, None, 4, False) == []
     global_reasons, device_reasons = hg._dispatch._global_reasons, hg._dispatch._device_reasons

@@ -9,6 +9,7 @@ models run in fp64 so the only differences are summation order.
 import contextlib
 import copy
 import math
+import re
 import sys
 import warnings
 from types import SimpleNamespace
@@ -1753,16 +1754,32 @@ def test_apply_ace_hgat_on_short_sequences_is_fused_and_matches_the_original(tok
 
 def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
     """Calls the hypergraph op would compute otherwise run the original apply_ace_hgat, with the
-    same result: fewer than max(3, topk) tokens (the op's domain), autocast on (the original's dtypes), and a global
-    module hook (the original fires it for the adapters and their layers; here it changes their
-    outputs). A global hook also sends the ACE loss's CLS-only path to the original."""
+    same result: autocast on (the original's dtypes), and a global module hook (the original fires it for the
+    adapters and their layers; here it changes their outputs); and fewer than topk tokens, where the original
+    raises its own error. A global hook also sends the ACE loss's CLS-only path to the original. Two tokens
+    with topk <= 2 (a patch row with no candidate) are the op's, and match."""
     torch.manual_seed(14)
     features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
     attn = torch.rand(2, 8, dtype=torch.float64)
 
-    def few_tokens(m):
-        m.args.topk = 2  # (the original's torch.topk needs topk <= N)
+    def few_tokens(m, topk):
+        m.args.topk = topk
         return m.apply_ace_hgat(features[:, :2], attn[:, :1], encoder="img")
+
+    for topk in (1, 2):
+        _, loss_fn, _, _, _ = _reference_setup()
+        want = few_tokens(loss_fn, topk)
+        with ace_kernels.patch(loss_fn, loss=False) as handle:
+            got = few_tokens(loss_fn, topk)
+            assert handle.stats() == {"ace_hypergraph": 1}, handle.stats()
+        torch.testing.assert_close(got, want, **FP64_TOL)
+    _, loss_fn, _, _, _ = _reference_setup()
+    with pytest.raises(RuntimeError) as original:
+        few_tokens(loss_fn, 3)
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        with pytest.raises(type(original.value), match=re.escape(str(original.value))):
+            few_tokens(loss_fn, 3)
+        assert handle.stats() == {"fallback apply_ace_hgat: N=2 tokens < topk = 3": 1}, handle.stats()
 
     def autocast(m):
         m.float()
@@ -1776,8 +1793,7 @@ def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
         finally:
             hook.remove()
 
-    for run, reason in ((few_tokens, "N=2 tokens < max(3, topk) = 3"), (autocast, "autocast is on"),
-                        (global_hook, "global module hooks registered")):
+    for run, reason in ((autocast, "autocast is on"), (global_hook, "global module hooks registered")):
         _, loss_fn, _, _, _ = _reference_setup()
         want = run(loss_fn)
         with ace_kernels.patch(loss_fn, loss=False) as handle:
