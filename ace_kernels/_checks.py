@@ -39,6 +39,11 @@ def check_tensor(
     if value.layout != torch.strided:
         raise ValueError(f"argument '{name}': expected a dense (strided) tensor, got layout {value.layout}; "
                          "call .to_dense() first")
+    if value.is_nested:
+        # torch.nested.nested_tensor's default layout is torch.strided: the layout test above lets it
+        # through, and its .shape then fails with torch's "Internal error: NestedTensorImpl doesn't support sizes".
+        raise ValueError(f"argument '{name}': expected a dense (strided) tensor, got a nested tensor; pad it "
+                         "(torch.nested.to_padded_tensor) or stack its components first")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.dim() not in allowed:

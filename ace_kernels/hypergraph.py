@@ -1758,7 +1758,7 @@ class ACEHypergraph(nn.Module):
 
     def forward(self, x, cls_attn, cls_only: bool = False, backend: str = "auto", deterministic: bool | None = None):
         deterministic = self.deterministic if deterministic is None else deterministic
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] != self.dim:
+        if isinstance(x, torch.Tensor) and not x.is_nested and x.dim() == 3 and x.shape[-1] != self.dim:
             raise ValueError(f"argument 'x': expected features of width {self.dim} (this module's dim), got shape "
                              f"{list(x.shape)}")
         return ace_hypergraph(x, cls_attn, self.edge_adapter, self.node_adapter, topk=self.topk,

@@ -673,3 +673,26 @@ def test_the_interpreter_index_fix_wraps_only_an_old_interpreter_once(monkeypatc
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", len)  # a builtin: no source to read
     _dispatch._fix_interpreter_index()
     assert interpreter._patch_lang_tensor is len
+
+
+def test_nested_tensors_are_refused_naming_the_argument():
+    # torch.nested.nested_tensor reports layout torch.strided: each op once failed on its .shape with torch's
+    # "Internal error: NestedTensorImpl doesn't support sizes" instead of naming the argument.
+    def nested(*shapes):
+        return torch.nested.nested_tensor([torch.randn(*s) for s in shapes])
+
+    assert nested((2, 8), (3, 8)).layout == torch.strided
+    w, a, bb = torch.randn(24, 8), torch.randn(3, 2, 8), torch.randn(3, 8, 2)
+    module = ace_kernels.ACEHypergraph(dim=8, hidden=4, topk=2)
+    u = torch.randn(2, 8)
+    cases = [
+        ("x", lambda: ace_kernels.lora_qkv(nested((2, 8), (3, 8)), w, None, a, bb, scaling=0.5)),
+        ("weight", lambda: ace_kernels.lora_linear(u, nested((8,), (8,)), None, a[0], bb[0, :2], scaling=0.5)),
+        ("image_emb", lambda: ace_kernels.label_guided_infonce(nested((8,), (8,)), u, 1.0)),
+        ("labels", lambda: ace_kernels.label_guided_infonce(u, u, 1.0, nested((1,), (2,)))),
+        ("logit_scale", lambda: ace_kernels.label_guided_infonce(u, u, nested((1,)))),
+        ("x", lambda: module(nested((5, 8), (6, 8)), torch.randn(2, 4))),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=f"argument '{name}': expected a dense \\(strided\\) tensor, got a nested"):
+            call()
