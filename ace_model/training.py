@@ -69,9 +69,9 @@ from ace_model.checkpoint import first_line, load_reference_checkpoint, read_mod
 from ace_model.model import TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
-# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps and
-# dataset_fingerprint, read when present). Version 1 states are still read: the dataset check is skipped and the
-# run's checkpoints are inferred.
+# Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps,
+# dataset_fingerprint and frozen_weights_digest, read when present). Version 1 states are still
+# read: the dataset check is skipped and the run's checkpoints are inferred.
 STATE_VERSION = 2
 # Key of the released-format metadata entry that a trained weights file adds: {"model", "seed",
 # "pretrained"} of the run (other readers of the format ignore keys they do not know).
@@ -1639,6 +1639,9 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         built_here = model is None
         if built_here:
             model = _build_model(config)
+        # As built (or given), before the bf16 cast below, which a resume on another device may
+        # not make: a resume compares it with the saved run's (see _check_resume_config).
+        frozen_digest = _frozen_weights_digest(model)
         model = model.to(device)
         if built_here and device.type == "cuda" and config.precision in ("bf16", "auto"):
             # Every forward of this run is under bf16 autocast: the frozen matmul weights stored in
@@ -1722,7 +1725,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             state = load_state(resume_path)
             if is_writer:
                 _check_no_other_run(config, out_dir, resume_path, state)
-            _check_resume_config(state, config, world, dataset_record, resume_path)
+            _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest)
             _load_trainable(trainable, state["trainable"], resume_path)
             optimizer.load_state_dict(state["optimizer"])
             _check_finite_optimizer(optimizer, trainable, resume_path)
@@ -1903,7 +1906,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
                     last_state, last_reference, checkpoint_steps = _checkpoint(
                         config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                         epoch_gen_state, device, group, rank, world, metrics,
-                        dataset_record, checkpoint_steps, run_id, last_loss, segment, pending_error)
+                        dataset_record, checkpoint_steps, run_id, last_loss, segment, pending_error,
+                        frozen_digest)
             if batches is not None:
                 # Run out (its sampler holds just these batches): the loader stops its workers
                 # here, where a Ctrl-C meanwhile is raised. Left to garbage collection, they
@@ -1982,10 +1986,11 @@ def _first_names(names: list[str], shown: int = 3) -> str:
 
 def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, epoch, batch_in_epoch,
                 epoch_gen_state, device, group, rank, world, metrics, dataset_record, checkpoint_steps, run_id,
-                loss, segment, metrics_error=None):
+                loss, segment, metrics_error=None, frozen_digest=None):
     """Write this step's state (rank 0), with ``dataset_record`` (see :func:`_dataset_record`) in it
     and the ``segment`` that wrote it (see :func:`read_metrics`). ``metrics_error``: rank 0's failed
-    write of a metrics line since the last state; then no state is written and every rank raises."""
+    write of a metrics line since the last state; then no state is written and every rank raises.
+    ``frozen_digest``: :func:`_frozen_weights_digest` of the model as the run built it."""
     snapshot = _rng_snapshot(device)
     if group is not None:
         rng_all: list = [None] * world
@@ -2016,6 +2021,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
                 "run_id": run_id,
                 "segment": segment,
                 "loss": loss,  # this step's, for the summary of a resume with nothing left to run
+                "frozen_weights_digest": frozen_digest,
                 **dataset_record,
                 # "checkpoint_steps" (this run's checkpoints kept after this one) is set by save_checkpoint.
             }
@@ -2040,13 +2046,29 @@ def _dataset_record(dataset, n: int, steps_per_epoch: int) -> dict:
             "steps_per_epoch": steps_per_epoch}
 
 
-def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path) -> None:
+def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path,
+                         frozen_digest: str | None = None) -> None:
     saved = state["config"]
     now = config.to_dict()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved_digest = state.get("frozen_weights_digest")
+    # The frozen weights themselves are compared when both runs recorded them (states written before
+    # the digest was recorded compare the pretrained path as given): the same weights under another
+    # path (moved, or named otherwise: 'w.pt' and './w.pt') continue the run; other weights under the
+    # same path (a relative path from another folder, a replaced file) do not.
+    if saved_digest is not None and frozen_digest is not None and saved_digest != frozen_digest:
+        source = (f"TrainConfig.pretrained {config.pretrained!r} holds other weights than the saved run's "
+                  f"{saved.get('pretrained')!r} did" if config.pretrained or saved.get("pretrained")
+                  else "the frozen towers built now are not the saved run's (a model passed in with other "
+                  "weights, or another version of timm, transformers or open_clip drawing other random ones?)")
+        raise TrainingStateError(f"resume from {path}: the frozen weights differ from the saved run's (digest "
+                                 f"{frozen_digest[:12]}... instead of {saved_digest[:12]}...): {source}; resuming "
+                                 "would not continue the same run")
     for key in sorted(set(saved) | set(now)):
         if key in TrainConfig._RESUMABLE_CHANGES:
             continue
+        if key == "pretrained" and saved_digest is not None and frozen_digest is not None:
+            continue  # compared above by content
         if key == "loss_scope" and world == 1 and state["world_size"] == 1:
             continue  # one process: one slice, the same loss either way
         if key not in saved and now.get(key) == defaults.get(key):
@@ -2084,13 +2106,22 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
 
 
 def _weights_digest(trainable) -> str:
-    """A SHA-256 of the trainable tensors' names, dtypes, shapes and bytes (once per resume)."""
+    """A SHA-256 of the ``(name, tensor)`` pairs' names, dtypes, shapes and bytes (the bytes hashed
+    in place: no copy of a CPU tensor)."""
     digest = hashlib.sha256()
     for name, p in trainable:
         digest.update(f"{name}:{p.dtype}:{list(p.shape)}:".encode())
         tensor = p.detach().cpu().contiguous().reshape(-1)
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _frozen_weights_digest(model: nn.Module) -> str:
+    """:func:`_weights_digest` of ``model``'s frozen parameters (those without ``requires_grad``): the
+    towers that pretrained weights (or, without them, the seed) built, which a resume must find again.
+    About half a second for BiomedCLIP's 196M weights on the build machine's CPU, once per run."""
+    return _weights_digest([(name, p) for name, p in model.named_parameters() if not p.requires_grad])
 
 
 def _load_trainable(trainable, saved: dict, path) -> None:

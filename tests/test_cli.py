@@ -623,6 +623,29 @@ def test_a_resume_with_another_setting_names_the_flag(synthetic, tmp_path, capsy
                          "not continue the same run"), line
 
 
+def test_a_resume_follows_the_pretrained_weights_not_their_path(synthetic, tmp_path, capsys, monkeypatch):
+    """--pretrained is compared by what it holds: the same file named otherwise resumes (it was
+    refused as another setting), other weights under the same relative path (a resume started in
+    another folder) are refused naming the flag (they were trained on silently)."""
+    for folder, seed in (("a", 3), ("b", 4)):
+        (tmp_path / folder).mkdir()
+        torch.manual_seed(seed)
+        torch.save(ACELoRA.from_config("tiny").clip.state_dict(), tmp_path / folder / "w.pt")
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
+              "4", "--max-steps", "2", "--no-progress", "--device", "cpu"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert cli.main([*common, "--pretrained", "w.pt"]) == 0
+    capsys.readouterr()  # resumed from its last state below: nothing left to train, the checks all the same
+    monkeypatch.chdir(tmp_path / "b")
+    assert cli.main([*common, "--pretrained", "w.pt", "--resume", "auto"]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "the frozen weights differ from the saved run's" in line and \
+           line.endswith("--pretrained 'w.pt' holds other weights than the saved run's 'w.pt' did; resuming would not "
+                         "continue the same run"), line
+    assert cli.main([*common, "--pretrained", "../a/./w.pt", "--resume", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"].endswith("state-00000002.pt")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a state"])
 def test_corrupt_resume_state_is_a_one_line_error_naming_it(synthetic, tmp_path, capsys, damage):
     state = tmp_path / "state-00000004.pt"

@@ -812,6 +812,26 @@ def test_resume_refuses_a_dataset_with_other_content(tmp_path):
         assert (result["steps"], result["resumed_from"]) == (6, str(state_path))
 
 
+def test_resume_refuses_other_frozen_weights(tmp_path):
+    """The frozen towers are the run's too: a resume on other ones (pretrained weights found anew
+    under the same path, from another folder or replaced) would train the LoRA factors for other
+    towers. Their digest is saved and compared; the same towers resume."""
+    data = RandomPairs(make_model("standin"), 8, seed=1)
+    train(_config(tmp_path), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    state_path = tmp_path / "run" / "checkpoints" / "state-00000004.pt"
+    saved = load_state(state_path)["frozen_weights_digest"]
+    assert saved == training._frozen_weights_digest(make_model("standin"))
+    other = make_model("standin", seed=1)  # other frozen (and trainable) weights
+    resume = _config(tmp_path, resume=str(state_path))
+    with pytest.raises(training.TrainingStateError,
+                       match=rf"^resume from {state_path}: the frozen weights differ from the saved run's \(digest "
+                             rf"\w{{12}}\.\.\. instead of {saved[:12]}\.\.\.\): the frozen towers built now are not "
+                             r"the saved run's .*; resuming would not continue the same run$"):
+        train(resume, model=other, dataset=data, loss_fn=dense_label_infonce)
+    result = train(resume, model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    assert (result["steps"], result["resumed_from"]) == (6, str(state_path))
+
+
 def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
     """A state written before dataset_length/steps_per_epoch/checkpoint_steps existed. The state
     files up to its step count as its run's checkpoints, itself included: pruned as any other
