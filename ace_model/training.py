@@ -726,11 +726,13 @@ class TrainConfig:
     # (identically distributed) masks, so losses differ from the uninterrupted run (with
     # dropout off only the summation order changes; the resume warns); a new device changes kernels, RNG
     # streams and, with precision "auto", autocast. csv and image_root may point at moved
-    # data: the dataset length is checked against the state.
+    # data: the dataset length is checked against the state. init_checkpoint only starts a run:
+    # a resume replaces every weight it loads with the state's (it may be left out, moved, or
+    # named per rank, as _PER_RANK_FIELDS allows; given, it must still be readable).
     _RESUMABLE_CHANGES = frozenset(
         {"out_dir", "resume", "num_workers", "progress", "dist_timeout_s", "checkpoint_every",
          "keep_checkpoints", "chunk_size", "csv", "image_root", "device", "cuda_graph", "recompute",
-         "overwrite"}
+         "overwrite", "init_checkpoint"}
     )
 
     def to_dict(self) -> dict:

@@ -646,6 +646,27 @@ def test_a_resume_follows_the_pretrained_weights_not_their_path(synthetic, tmp_p
     assert json.loads(capsys.readouterr().out)["resumed_from"].endswith("state-00000002.pt")
 
 
+def test_a_resume_needs_no_init_checkpoint(synthetic, tmp_path, capsys, monkeypatch):
+    """--init-checkpoint only starts a run (a resume replaces its weights with the state's): the
+    resume may leave it out or name it otherwise, as each rank may name its own (both were refused
+    as another setting), and continues exactly."""
+    from ace_model.training import read_metrics
+
+    torch.manual_seed(5)
+    ACELoRA.from_config("tiny").save_reference_checkpoint(tmp_path / "init.pt")
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--batch-size", "4", "--max-steps", "3",
+              "--checkpoint-every", "1", "--keep-checkpoints", "5", "--no-progress", "--device", "cpu"]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*common, "--out-dir", "whole", "--init-checkpoint", "init.pt"]) == 0
+    state = str(tmp_path / "whole" / "checkpoints" / "state-00000001.pt")
+    for name, init in (("without", []), ("renamed", ["--init-checkpoint", "./init.pt"])):
+        capsys.readouterr()
+        assert cli.main([*common, "--out-dir", name, "--resume", state, *init]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["steps"] == 3
+        assert [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")] == \
+               [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")][1:]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "not a state"])
 def test_corrupt_resume_state_is_a_one_line_error_naming_it(synthetic, tmp_path, capsys, damage):
     state = tmp_path / "state-00000004.pt"
