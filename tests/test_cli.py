@@ -1479,6 +1479,16 @@ def test_the_ace_lora_console_script_runs():
     assert all(command in proc.stdout for command in ("train", "zero-shot", "demo"))
 
 
+def test_python_dash_m_ace_model_is_the_command_line():
+    """`python -m ace_model` runs what `ace-lora` and `python -m ace_model.cli` run (it had no __main__)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "ace_model", "zero-shot", "--csv", "missing.csv"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == cli.EXIT_BAD_INPUT, proc.stderr
+    assert proc.stderr.strip() == "ace-lora zero-shot: error: CSV file 'missing.csv' does not exist", proc.stderr
+
+
 def test_relative_image_paths_of_a_linked_csv_resolve_against_the_links_folder(synthetic, tmp_path):
     """The default image root is the CSV's folder as the user names it: a CSV reached through a
     symbolic link reads the images beside the link, not beside the file it points to."""
