@@ -1642,8 +1642,9 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         if built_here:
             model = _build_model(config)
         # As built (or given), before the bf16 cast below, which a resume on another device may
-        # not make: a resume compares it with the saved run's (see _check_resume_config).
-        frozen_digest = _frozen_weights_digest(model)
+        # not make: a resume compares it with the saved run's (see _check_resume_config). Rank 0's
+        # only: every rank trains the weights rank 0 broadcasts at set-up.
+        frozen_digest = _frozen_weights_digest(model) if rank == 0 else None
         model = model.to(device)
         if built_here and device.type == "cuda" and config.precision in ("bf16", "auto"):
             # Every forward of this run is under bf16 autocast: the frozen matmul weights stored in
@@ -1727,7 +1728,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             state = load_state(resume_path)
             if is_writer:
                 _check_no_other_run(config, out_dir, resume_path, state)
-            _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest)
+            _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest, rank)
             _load_trainable(trainable, state["trainable"], resume_path)
             optimizer.load_state_dict(state["optimizer"])
             _check_finite_optimizer(optimizer, trainable, resume_path)
@@ -2049,7 +2050,7 @@ def _dataset_record(dataset, n: int, steps_per_epoch: int) -> dict:
 
 
 def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path,
-                         frozen_digest: str | None = None) -> None:
+                         frozen_digest: str | None = None, rank: int = 0) -> None:
     saved = state["config"]
     now = config.to_dict()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -2057,8 +2058,10 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
     # The frozen weights themselves are compared when both runs recorded them (states written before
     # the digest was recorded compare the pretrained path as given): the same weights under another
     # path (moved, or named otherwise: 'w.pt' and './w.pt') continue the run; other weights under the
-    # same path (a relative path from another folder, a replaced file) do not.
-    if saved_digest is not None and frozen_digest is not None and saved_digest != frozen_digest:
+    # same path (a relative path from another folder, a replaced file) do not. On rank 0 only (the
+    # saved digest is rank 0's): the other ranks' weights are replaced by rank 0's broadcast.
+    by_content = saved_digest is not None and (frozen_digest is not None or rank != 0)
+    if by_content and frozen_digest is not None and saved_digest != frozen_digest:
         source = (f"TrainConfig.pretrained {config.pretrained!r} holds other weights than the saved run's "
                   f"{saved.get('pretrained')!r} did" if config.pretrained or saved.get("pretrained")
                   else "the frozen towers built now are not the saved run's (a model passed in with other "
@@ -2069,8 +2072,8 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
     for key in sorted(set(saved) | set(now)):
         if key in TrainConfig._RESUMABLE_CHANGES:
             continue
-        if key == "pretrained" and saved_digest is not None and frozen_digest is not None:
-            continue  # compared above by content
+        if key == "pretrained" and by_content:
+            continue  # compared above by content (on rank 0)
         if key == "loss_scope" and world == 1 and state["world_size"] == 1:
             continue  # one process: one slice, the same loss either way
         if key not in saved and now.get(key) == defaults.get(key):

@@ -832,6 +832,25 @@ def test_resume_refuses_other_frozen_weights(tmp_path):
     assert (result["steps"], result["resumed_from"]) == (6, str(state_path))
 
 
+def test_only_rank_0_compares_the_frozen_weights_on_resume():
+    """The saved digest is rank 0's, and every rank trains the weights rank 0 broadcasts: the other
+    ranks skip the comparison, so their own copies under their own paths (a per-rank field) resume.
+    A state without a digest (written before it was recorded) compares the path on every rank."""
+    digest = "a" * 64
+    state = {"config": TrainConfig(pretrained="/r0/w.pt").to_dict(), "world_size": 2, "frozen_weights_digest": digest}
+    record = {"dataset_length": 8, "steps_per_epoch": 1, "dataset_fingerprint": None}
+    own_copy = TrainConfig(pretrained="/r1/w.pt")
+    training._check_resume_config(state, own_copy, 2, record, "s.pt", None, rank=1)
+    training._check_resume_config(state, own_copy, 2, record, "s.pt", digest, rank=0)
+    with pytest.raises(training.TrainingStateError, match=r"the frozen weights differ from the saved run's"):
+        training._check_resume_config(state, own_copy, 2, record, "s.pt", "b" * 64, rank=0)
+    del state["frozen_weights_digest"]
+    for rank, frozen in ((0, digest), (1, None)):
+        with pytest.raises(training.TrainingStateError,
+                           match=r"TrainConfig.pretrained was '/r0/w.pt' in the saved run, now '/r1/w.pt'"):
+            training._check_resume_config(state, own_copy, 2, record, "s.pt", frozen, rank=rank)
+
+
 def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
     """A state written before dataset_length/steps_per_epoch/checkpoint_steps existed. The state
     files up to its step count as its run's checkpoints, itself included: pruned as any other
