@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import ace_kernels
-from ace_kernels._checks import check_positive_int, check_probability
+from ace_kernels._checks import check_finite_number, check_positive_int, check_probability
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_NAMES = ("biomedclip", "tiny")
@@ -321,9 +321,12 @@ class LoRAQKV(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int = LORA_RANK,
                  alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT):
         super().__init__()
+        in_features = check_positive_int("in_features", in_features)
+        out_features = check_positive_int("out_features", out_features)
+        rank = check_positive_int("rank", rank)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.scaling = alpha / math.sqrt(rank)  # rsLoRA-style, as the reference (quirk)
-        self.dropout_p = dropout
+        self.scaling = check_finite_number("alpha", alpha) / math.sqrt(rank)  # rsLoRA-style, as the reference (quirk)
+        self.dropout_p = check_probability("dropout", dropout)
         self.lora_a = nn.Parameter(torch.empty(3, rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(3, out_features, rank))
         self.reset_parameters()

@@ -886,6 +886,23 @@ def test_pretrained_that_is_missing_no_dict_or_has_an_unknown_key_is_named(tmp_p
         ACELoRA.from_config("tiny", pretrained=str(extra))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=0), "argument 'rank': expected an integer >= 1, got 0"),
+    (dict(rank=-1), "argument 'rank': expected an integer >= 1, got -1"),
+    (dict(rank=2.5), "argument 'rank': expected an integer >= 1, got 2.5"),
+    (dict(in_features=0), "argument 'in_features': expected an integer >= 1, got 0"),
+    (dict(out_features=True), "argument 'out_features': expected an integer >= 1, got True"),
+    (dict(alpha=float("nan")), "argument 'alpha': expected a finite number, got nan"),
+    (dict(dropout=1.0), r"argument 'dropout': expected a float in \[0, 1\), got 1.0"),
+])
+def test_lora_module_refuses_bad_sizes_naming_the_argument(kwargs, match):
+    """rank=0 was a ZeroDivisionError, rank=-1 a 'math domain error', 2.5 a TypeError from torch.empty."""
+    from ace_model.model import LoRAQKV
+
+    with pytest.raises(ValueError, match=f"^{match}$"):
+        LoRAQKV(**{"in_features": 8, "out_features": 6, **kwargs})
+
+
 def test_lora_module_repr_and_trainable_state_dict(tiny_model):
     lora = tiny_model.image_lora[0]
     assert repr(lora) == "LoRAQKV(in=64, out=64, r=4, scaling=0.5, dropout=0.1)"  # per projection
