@@ -446,7 +446,10 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
             raise CLIError(f"--{flag}: {path!r} does not exist")
     # The checkpoint is read once, before the model is built (an unreadable file stops here);
     # --model and --seed, where not given, are what it records (as --text-attention).
-    blob = read_reference_checkpoint(args.checkpoint) if args.checkpoint else None
+    try:
+        blob = read_reference_checkpoint(args.checkpoint) if args.checkpoint else None
+    except CheckpointError as exc:
+        raise CLIError(f"--checkpoint: {exc}") from None
     recorded, recorded_seed = _recorded_build(blob)  # (None, None) without a checkpoint
     args.model = args.model or recorded or "biomedclip"
     if args.seed is None:
@@ -469,7 +472,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         if recorded and recorded != args.model:
             raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "
                            f"{args.model!r}: {exc}") from None
-        raise
+        raise CLIError(f"--checkpoint: {exc}") from None
     if args.checkpoint:
         _warn_if_built_otherwise(metadata, args)
     model.text_attention = _text_attention(metadata, args)

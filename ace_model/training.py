@@ -65,7 +65,7 @@ from torch import nn
 from ace_kernels._checks import check_finite_number
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
                                fsync_directory, makedirs_durable, temp_name_pattern)
-from ace_model.checkpoint import first_line, load_reference_checkpoint, read_model_file
+from ace_model.checkpoint import CheckpointError, first_line, load_reference_checkpoint, read_model_file
 from ace_model.model import TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
@@ -1488,7 +1488,10 @@ def _build_model(config: TrainConfig) -> nn.Module:
     if config.init_checkpoint:
         # The loader itself, not the model's method: its advice (set model.text_attention) is said
         # here as the run's.
-        metadata = load_reference_checkpoint(model, config.init_checkpoint)
+        try:
+            metadata = load_reference_checkpoint(model, config.init_checkpoint)
+        except CheckpointError as exc:  # it names the file; the CLI says --init-checkpoint for the field
+            raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
         recorded = recorded_text_attention(metadata)
         if recorded in TEXT_ATTENTION and recorded != config.text_attention:
             warnings.warn(f"TrainConfig.init_checkpoint: {config.init_checkpoint!r} was trained with "

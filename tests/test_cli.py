@@ -805,6 +805,25 @@ def test_pretrained_given_a_released_checkpoint_is_a_one_line_error(tiny, synthe
         assert "--checkpoint" in line and "--init-checkpoint" in line
 
 
+def test_an_unreadable_or_unfit_weights_file_names_its_flag(synthetic, tmp_path, capsys):
+    """train --init-checkpoint and zero-shot --checkpoint: a file that is no torch checkpoint, or
+    one without the released format's keys, is a one-line error naming the flag, then the file
+    (the file alone was named before)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    empty = tmp_path / "empty.pt"
+    torch.save({"weights": {}, "metadata": {}}, empty)
+    for flag, command in (("--checkpoint", ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--device", "cpu"]),
+                          ("--init-checkpoint", ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir",
+                                                 str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "1",
+                                                 "--no-progress", "--device", "cpu"])):
+        for path, what in ((text, "cannot be read as a weights-only torch checkpoint"),
+                           (empty, "weights: missing key 'layer_0'")):
+            assert cli.main([*command, flag, str(path)]) == cli.EXIT_BAD_INPUT
+            line = capsys.readouterr().err.strip().splitlines()[-1]  # (zero-shot warns of random towers first)
+            assert line.startswith(f"ace-lora {command[0]}: error: {flag}: {path}: {what}"), line
+
+
 def test_bad_device_is_a_one_line_error_naming_the_flag(synthetic, tmp_path, monkeypatch, capsys):
     from ace_model import zero_shot
 
