@@ -813,7 +813,8 @@ def test_an_unreadable_or_unfit_weights_file_names_its_flag(synthetic, tmp_path,
     text.write_text("not a checkpoint")
     empty = tmp_path / "empty.pt"
     torch.save({"weights": {}, "metadata": {}}, empty)
-    for flag, command in (("--checkpoint", ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--device", "cpu"]),
+    zero_shot = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--device", "cpu"]
+    for flag, command in (("--checkpoint", zero_shot),
                           ("--init-checkpoint", ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir",
                                                  str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "1",
                                                  "--no-progress", "--device", "cpu"])):
