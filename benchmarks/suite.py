@@ -690,6 +690,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(args, device=device, json_path=json_path, time_budget=time_budget, per_call=per_call,
                        providers=providers, compile_baselines=compile_baselines)
 
+    # This run writes the stem's JSON anew: a PNG an earlier run of the same name left beside it
+    # would show that run's numbers next to this run's rows (with --no-plot, or when nothing is
+    # measured, none is drawn below to replace it).
+    stale_png = os.path.join(args.out_dir, stem + ".png")
+    if os.path.isfile(stale_png):
+        try:
+            os.remove(stale_png)
+        except OSError as exc:
+            print(f"note: {stale_png} is from an earlier run and could not be removed ({exc.strerror or exc})")
     isolation = "in-process" if args.in_process else "process per family"
     suite = Suite(device=device, quick=args.quick, json_path=json_path, png_path=png_path,
                   time_budget_s=time_budget, max_seconds_per_call=per_call, providers=providers,

@@ -763,6 +763,16 @@ def test_a_lost_family_costs_only_that_family(tmp_path, fault, options, outcome)
     assert any(line.startswith("family lora: skipped (lost: its process") for line in payload["run"]["skipped"])
 
 
+def test_a_named_run_removes_the_png_an_earlier_run_of_that_name_left(tmp_path):
+    """--name writes the stem's JSON over: a PNG from the earlier run must not stay beside it
+    (with --no-plot, or with nothing measured, none is drawn to replace it)."""
+    stale = tmp_path / "again.png"
+    stale.write_bytes(b"an earlier run's plot")
+    payload, _ = _bench(["--only", "lora", "--tier", "costly"], tmp_path, "again")
+    assert payload["rows"] == []
+    assert not stale.exists()
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
