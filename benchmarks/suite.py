@@ -798,7 +798,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             print(f"plot: not drawn ({type(exc).__name__}: {exc})")
     print(f"rows: {json_path}")
-    return 0 if terminated is None else 128 + terminated.signum
+    if terminated is not None:
+        return 128 + terminated.signum
+    # A family whose process crashed or hung is a failure of the run (its rows are kept above); one
+    # stopped at the run's own time budget is not.
+    failed_families = [family for family, status in suite.family_status.items()
+                       if status["outcome"] != "ok" and not status["outcome"].endswith("after the run's time budget")]
+    if failed_families:
+        print(f"failed: the process of family {', '.join(failed_families)} was lost (see 'skipped'); exit status 1")
+        return 1
+    return 0
 
 
 def _worker(args, *, device, json_path, time_budget, per_call, providers, compile_baselines) -> int:

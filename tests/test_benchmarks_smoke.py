@@ -701,7 +701,7 @@ def test_out_of_memory_is_recognised():
 # --------------------------------------------------------------------------- one process per family
 
 
-def _bench(args, tmp_path, name, env_extra=None, timeout=240):
+def _bench(args, tmp_path, name, env_extra=None, timeout=240, returncode=0):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.pop("ACE_BENCH_FAULT", None)
@@ -711,7 +711,7 @@ def _bench(args, tmp_path, name, env_extra=None, timeout=240):
         [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out-dir", str(tmp_path), "--name", name,
          "--no-plot", "--max-seconds-per-call", "0.2", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / f"{name}.json", encoding="utf-8") as fh:
         return json.load(fh), proc.stdout
 
@@ -754,8 +754,11 @@ def test_quick_run_ran_each_family_in_its_own_process(quick_run):
     ("hang", ["--family-idle-timeout", "10"], "without output (hung?)"),
 ])
 def test_a_lost_family_costs_only_that_family(tmp_path, fault, options, outcome):
+    """The other families run and their rows are written; the run then exits with status 1 (a
+    crashed or hung family is a failure, as a failed test is), naming the family."""
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", *options], tmp_path, fault,
-                             env_extra={"ACE_BENCH_FAULT": f"lora:{fault}"})
+                             env_extra={"ACE_BENCH_FAULT": f"lora:{fault}"}, returncode=1)
+    assert stdout.rstrip().endswith("failed: the process of family lora was lost (see 'skipped'); exit status 1")
     families = payload["run"]["families"]
     assert outcome in families["lora"]["outcome"] and families["lora"]["rc"] != 0, families
     assert families["hypergraph"]["outcome"] == "ok"
