@@ -828,8 +828,17 @@ def read_payload(path: str):
 
 
 def load_rows(path: str) -> list[dict]:
+    """A result file's rows (a payload of ``python -m benchmarks`` or a bare list of rows); a
+    ``ValueError`` naming the file where they are not rows (another JSON file of the results folder)."""
     payload = read_payload(path)
-    return payload["rows"] if isinstance(payload, dict) else payload
+    rows = payload.get("rows") if isinstance(payload, dict) else payload
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} holds no list of 'rows' (not a result file of python -m benchmarks?)")
+    for index, row in enumerate(rows):
+        missing = [key for key in ("op", "shape", "dtype", "provider") if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(f"{path}: row {index} has no {missing[0]!r} (not a result file of python -m benchmarks?)")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------

@@ -518,6 +518,12 @@ def test_unreadable_result_files_are_one_line_errors(tmp_path, capsys):
     bad.write_text("{not json")
     assert suite.main(["--compare", str(bad), str(bad)]) == 2
     assert "argument --compare: cannot read a result file (JSONDecodeError" in capsys.readouterr().err
+    # Another JSON file of the results folder (a static kernel profile), or rows without their keys.
+    for payload, says in (({"environment": {}, "kernels": []}, f"{tmp_path / 'other.json'} holds no list of 'rows'"),
+                          ({"rows": [{"op": "x", "shape": "s"}]}, f"{tmp_path / 'other.json'}: row 0 has no 'dtype'")):
+        (tmp_path / "other.json").write_text(json.dumps(payload))
+        assert suite.main(["--compare", str(tmp_path / "other.json"), str(tmp_path / "other.json")]) == 2
+        assert f"argument --compare: cannot read a result file (ValueError: {says}" in capsys.readouterr().err
     for tool in (dispatch_order, tuned_configs):
         for path in (bad, tmp_path / "missing.json"):
             assert tool.main([str(path), "--out", str(tmp_path / "out.json")]) == 2
