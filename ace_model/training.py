@@ -321,6 +321,12 @@ def chunked_train_step(
 
     if chunk_size is None or chunk_size >= batch:
         image_emb, text_emb = _encode_pair(model, images, token_ids, device, precision)
+        if group is not None:
+            # The loss gets what the chunked step passes it, leaves that need a gradient, also from a
+            # frozen tower: its collectives follow which embeddings need one, and ranks may differ in
+            # chunk_size (one rank chunked, another not: an error on every rank at the first step).
+            image_emb, text_emb = (emb if emb.requires_grad else emb.detach().requires_grad_(True)
+                                   for emb in (image_emb, text_emb))
         loss = _call_loss(loss_fn, image_emb, text_emb, scale, labels_dev, group)
         loss.backward()
         return loss.detach()

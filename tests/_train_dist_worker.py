@@ -17,6 +17,8 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   with another loss scope; saves the error each rank got for each.
 - ``resume_exact``: with dropout on, a run stopped on every rank after its first checkpoint and
   resumed, and one run through; rank 0 saves both runs' losses.
+- ``frozen_text_tower``: train() as ``train`` (global loss) with the text tower frozen, rank 0
+  chunked and rank 1 running the one-pass step; rank 0 saves the final trainable parameters.
 - ``rank_failures``: a run whose checkpoint write fails on rank 0 (a full disk, simulated);
   then a run whose set-up fails on rank 1 alone (no dataset and no CSV); then runs where rank 0
   cannot write the run directory (its config.json, then its metrics file), rank 1 cannot load
@@ -184,6 +186,11 @@ def main() -> None:
             setattr(training, name, original)
         dist.destroy_process_group()
         return
+    if args.mode == "frozen_text_tower":
+        # Ranks may differ in chunk_size: rank 0 chunked, rank 1 the one-pass step, text tower frozen.
+        _train_run(args, rank, lr=1e-2, raise_errors=True, freeze="text_head",
+                   chunk_size=args.chunk if rank == 0 else None)
+        return
     _train_run(args, rank, lr=1e-2, loss_scope=args.loss_scope)
 
 
@@ -230,8 +237,10 @@ class _Stopped(Exception):
 
 
 def _train_run(args, rank: int, lr: float, raise_errors: bool = False, without_dataset: bool = False,
-               dropout: float = 0.0, **overrides) -> None:
+               dropout: float = 0.0, freeze: str | None = None, **overrides) -> None:
     model = make_model(args.kind, seed=0, dropout=dropout, perturb=True)
+    if freeze is not None:
+        getattr(model, freeze).requires_grad_(False)
     # Without a dataset (and with no CSV configured) train() fails while building one.
     data = None if without_dataset else RandomPairs(model, 20, seed=2)
     settings = dict(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,

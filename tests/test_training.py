@@ -194,6 +194,36 @@ def test_another_chunk_size_draws_other_masks_with_dropout():
     _assert_grads_close(without[0], without[1])
 
 
+@pytest.mark.parametrize("frozen", ["image_head", "text_head"])
+def test_a_frozen_towers_embeddings_need_a_gradient_across_ranks_chunked_or_not(frozen):
+    """With a group the loss's collectives follow which embeddings need a gradient, and ranks may
+    differ in chunk_size: the one-pass step passes what the chunked step's leaves are, embeddings
+    that need one, also from a frozen tower (it passed that tower's output as it was: the loss then
+    raised on every rank of a run whose ranks differed in chunk_size). The group is a stand-in
+    here (no check between ranks; the loss function records what it gets); trainables' gradients
+    are those of the step without a group."""
+    seen = {}
+
+    def loss_fn(image_emb, text_emb, logit_scale, labels=None, group=None):
+        seen[chunk] = (image_emb.requires_grad, text_emb.requires_grad)
+        return dense_label_infonce(image_emb, text_emb, logit_scale, labels)
+
+    grads = {}
+    for chunk in (None, 2):
+        model = make_model("standin", dropout=0.0)
+        getattr(model, frozen).requires_grad_(False)
+        images, token_ids, labels = make_batch(model, 6, seed=4)
+        training.chunked_train_step(model, images, token_ids, labels, chunk_size=chunk, group=object(),
+                                    check_ranks=False, loss_fn=loss_fn)
+        grads[chunk] = trainable_grads(model)
+    assert seen == {None: (True, True), 2: (True, True)}
+    model = make_model("standin", dropout=0.0)
+    getattr(model, frozen).requires_grad_(False)
+    training.chunked_train_step(model, images, token_ids, labels, chunk_size=None, loss_fn=dense_label_infonce)
+    _assert_grads_close(grads[None], trainable_grads(model))
+    _assert_grads_close(grads[2], trainable_grads(model))
+
+
 def test_chunked_step_input_errors():
     model = make_model("standin")
     images, token_ids, labels = make_batch(model, 4)

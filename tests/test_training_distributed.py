@@ -199,6 +199,27 @@ def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_pat
     assert state["config"]["loss_scope"] == "local"
 
 
+def test_ranks_may_differ_in_chunk_size_with_a_frozen_tower(tmp_path):
+    """The README lets --chunk-size differ between ranks. With a frozen text tower, rank 0
+    chunked (its loss gets leaves that need a gradient) and rank 1 running the one-pass step
+    (the frozen tower's output as it was) made every rank raise at the first step that they
+    disagree on whether text_emb requires grad. The run equals one process's, step for step."""
+    _launch("frozen_text_tower", 2, tmp_path, "--kind", "standin", "--chunk", "3")
+    dist_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    model = make_model("standin", seed=0, dropout=0.0, perturb=True)  # as the worker
+    model.text_head.requires_grad_(False)
+    config = TrainConfig(out_dir=str(tmp_path / "single"), model="standin", epochs=2, batch_size=8,
+                         chunk_size=None, checkpoint_every=3, progress=False, seed=3, lr=1e-2)
+    result = train(config, model=model, dataset=RandomPairs(model, 20, seed=2))
+    single_losses = [r["loss"] for r in read_metrics(result["metrics"])]
+    assert len(dist_losses) == len(single_losses) == 4
+    assert dist_losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert final.keys() == {n for n, _ in training.trainable_named_parameters(model)}
+    for name, p in training.trainable_named_parameters(model):
+        torch.testing.assert_close(final[name], p.detach(), rtol=1e-5, atol=1e-4)  # as in the tests above
+
+
 def test_a_resumed_two_rank_run_continues_every_ranks_dropout_stream(tmp_path):
     """Each rank draws its own dropout masks; the state holds every rank's generator and a resume
     restores each rank's own: the resumed run's losses are the uninterrupted run's, step for step."""
