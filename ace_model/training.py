@@ -2005,10 +2005,14 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
     ``frozen_digest``: :func:`_frozen_weights_digest` of the model as the run built it."""
     snapshot = _rng_snapshot(device)
     if group is not None:
-        rng_all: list = [None] * world
-        dist.all_gather_object(rng_all, snapshot, group=group)
+        # Each rank's chunk size rides with its generators (ranks may differ in it; the config saved is
+        # rank 0's): a resume compares its own (_check_resume_config).
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (snapshot, config.chunk_size), group=group)
+        rng_all = [rng for rng, _ in gathered]
+        chunk_sizes = [chunk for _, chunk in gathered]
     else:
-        rng_all = [snapshot]
+        rng_all, chunk_sizes = [snapshot], [config.chunk_size]
     path = reference = None
     write_error = None
     if rank == 0 and metrics_error is not None:
@@ -2028,6 +2032,7 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_all,
+                "chunk_sizes": chunk_sizes,  # each rank's TrainConfig.chunk_size, in rank order
                 "world_size": world,
                 "config": config.to_dict(),
                 "run_id": run_id,
@@ -2095,8 +2100,13 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
     def passes(chunk):
         return None if chunk is None or chunk >= config.batch_size // max(world, 1) else chunk
 
-    if passes(saved.get("chunk_size")) != passes(config.chunk_size):
-        warnings.warn(f"resume from {path}: TrainConfig.chunk_size was {saved.get('chunk_size')!r}, now "
+    # This rank's own chunk size in the saved run (ranks may differ in it); states that did not record
+    # every rank's have rank 0's, in the config.
+    saved_chunks = state.get("chunk_sizes")
+    saved_chunk = saved_chunks[rank] if isinstance(saved_chunks, list) and rank < len(saved_chunks) \
+        else saved.get("chunk_size")
+    if passes(saved_chunk) != passes(config.chunk_size):
+        warnings.warn(f"resume from {path}: TrainConfig.chunk_size was {saved_chunk!r}, now "
                       f"{config.chunk_size!r}; the run continues, but its losses will differ from an uninterrupted "
                       "run's (dropout masks drawn in another order, sums taken in another order)", stacklevel=3)
     if state["world_size"] != world:

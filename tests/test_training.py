@@ -862,6 +862,27 @@ def test_resume_refuses_other_frozen_weights(tmp_path):
     assert (result["steps"], result["resumed_from"]) == (6, str(state_path))
 
 
+def test_each_rank_compares_its_own_chunk_size_on_resume():
+    """Ranks may differ in chunk_size, and the saved config is rank 0's: a state records every
+    rank's, and a resume warns on the rank whose own chunk size changed, not on one that kept
+    its own (comparing rank 0's, rank 1 warned when nothing changed and said nothing when its
+    chunk size did). A state that recorded rank 0's alone compares that, as before."""
+    import warnings
+
+    state = {"config": TrainConfig(batch_size=8, chunk_size=2).to_dict(), "world_size": 2, "chunk_sizes": [2, None]}
+    record = {"dataset_length": 8, "steps_per_epoch": 1, "dataset_fingerprint": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=2), 2, record, "s.pt", rank=0)
+        training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=None), 2, record, "s.pt", rank=1)
+        training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=4), 2, record, "s.pt", rank=1)
+    with pytest.warns(UserWarning, match=r"TrainConfig\.chunk_size was None, now 2; the run continues"):
+        training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=2), 2, record, "s.pt", rank=1)
+    del state["chunk_sizes"]
+    with pytest.warns(UserWarning, match=r"TrainConfig\.chunk_size was 2, now None; the run continues"):
+        training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=None), 2, record, "s.pt", rank=1)
+
+
 def test_only_rank_0_compares_the_frozen_weights_on_resume():
     """The saved digest is rank 0's, and every rank trains the weights rank 0 broadcasts: the other
     ranks skip the comparison, so their own copies under their own paths (a per-rank field) resume.

@@ -159,6 +159,7 @@ def test_two_rank_training_run_equals_one_process(tmp_path):
     state = training.load_state(tmp_path / "run" / "checkpoints" / "state-00000004.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank dropout streams
+    assert state["chunk_sizes"] == [3, 3]  # every rank's (a resume compares each rank's own)
 
 
 def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_path):
