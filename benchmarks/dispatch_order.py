@@ -148,7 +148,7 @@ class NoOrders(harness.NothingToWrite):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.package_file_tool(argv, module="dispatch_order", description=__doc__.splitlines()[0],
+    return harness.package_file_tool(argv, module="dispatch_order", description=__doc__.split("\n\n")[0],
                                      default_out=_dispatch.ORDER_FILE, what="order", update=update)
 
 

@@ -151,7 +151,7 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.package_file_tool(argv, module="tuned_configs", description=__doc__.splitlines()[0],
+    return harness.package_file_tool(argv, module="tuned_configs", description=__doc__.split("\n\n")[0],
                                      default_out=_tuning.TUNED_FILE, what="tuned-configuration", update=update)
 
 

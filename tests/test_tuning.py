@@ -545,3 +545,17 @@ def test_sweep_stops_at_the_budget_between_kernel_families_and_kernels(tmp_path,
     assert made == ["contrastive"] and suite.rows == []
     assert asked == [bench_tuning.ITEM, f"{bench_tuning.ITEM} lora", f"{bench_tuning.ITEM} contrastive",
                      f"{bench_tuning.ITEM} contrastive {first_contrastive}"]
+
+
+@pytest.mark.parametrize("module", ["tuned_configs", "dispatch_order"])
+def test_the_writers_help_states_their_whole_first_paragraph(module, capsys):
+    # The description was the docstring's first line, which ends mid-sentence ("the launch
+    # configurations that the sweep of"): --help must say what the tool writes and where.
+    import importlib
+
+    tool = importlib.import_module(f"benchmarks.{module}")
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"written into ace_kernels/{module}.json" in text.replace("``", "")
