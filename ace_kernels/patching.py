@@ -24,6 +24,11 @@ are tried:
     ``target_modules`` naming the attention): not fused, recorded as skipped
     with the reason, with its whole subtree (the LoRA layer PEFT puts on the
     ``out_proj`` never runs: the attention reads ``out_proj.weight`` itself).
+``lora-out-proj-of-multihead-attention``  (``lora=True``)
+    A LoRA linear (PEFT's, say, from ``target_modules=["out_proj"]``) as the
+    ``out_proj`` of a plain ``nn.MultiheadAttention``: recorded as skipped with
+    the reason (the attention reads ``out_proj.weight`` itself, so the layer's
+    forward never runs, patched or not).
 ``qkv-group``  (``lora=True``)
     An attention module whose children ``query/key/value``, ``q_proj/k_proj/
     v_proj`` or ``q/k/v`` are three LoRA linears of one kind (below) with equal
@@ -1791,9 +1796,24 @@ def _install_peft_mha(name, module, handle, options):
                                       "attention's own projections around each call): left as PEFT runs it"))
 
 
+def _lora_out_proj_of_mha(module) -> bool:
+    out_proj = module._modules.get("out_proj") if isinstance(module, nn.MultiheadAttention) else None
+    return out_proj is not None and _lora_kind(out_proj) is not None
+
+
+def _install_lora_out_proj_of_mha(name, module, handle, options):
+    # Claims the out_proj alone (the attention itself has nothing to patch).
+    handle.records.append(PatchRecord(f"{name}.out_proj" if name else "out_proj",
+                                      _lora_kind(module.out_proj).name, "skipped",
+                                      "the out_proj of an nn.MultiheadAttention, which reads out_proj.weight itself: "
+                                      "this LoRA layer's forward never runs, patched or not"))
+
+
 _RECOGNISERS: list[Recogniser] = [
     Recogniser("peft-lora-multihead-attention", "lora", _peft_mha_matches, _install_peft_mha,
                claims=lambda m: list(m.modules())),
+    Recogniser("lora-out-proj-of-multihead-attention", "lora", _lora_out_proj_of_mha, _install_lora_out_proj_of_mha,
+               claims=lambda m: [m.out_proj]),
     Recogniser("qkv-group", "lora", lambda m: _qkv_members(m) is not None, _install_qkv_group,
                claims=lambda m: list(_qkv_members(m)[1])),
     Recogniser("lora-linear", "lora", lambda m: _lora_kind(m) is not None, _install_lora_single),

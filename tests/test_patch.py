@@ -340,6 +340,36 @@ def test_peft_lora_on_multihead_attention_is_reported_skipped():
     _assert_same(before, after)
 
 
+def test_a_lora_out_proj_of_a_plain_multihead_attention_is_reported_skipped():
+    """PEFT's LoRA on the out_proj alone of a plain nn.MultiheadAttention (target_modules=["out_proj"]):
+    the attention reads out_proj.weight itself, so the layer's forward never runs. It is recorded as
+    skipped with that reason (it was listed as patched, with no call ever counted); outputs unchanged."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = _randomise_lora(get_peft_model(Block(), LoraConfig(r=4, target_modules=["out_proj", "fc"])).double())
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    with ace_kernels.patch(model) as handle:
+        assert [r.name for r in handle.patched] == ["base_model.model.fc"]
+        skipped = [(r.name, r.kind, r.reason) for r in handle.skipped]
+        assert skipped == [("base_model.model.attn.out_proj", "peft-lora-linear",
+                            "the out_proj of an nn.MultiheadAttention, which reads out_proj.weight itself: this LoRA "
+                            "layer's forward never runs, patched or not")]
+        after = _forward_backward(model, run, (x,))
+        assert handle.stats() == {"lora_linear": 1}
+    _assert_same(before, after)
+
+
 def test_peft_dropout_on_matches_masks_and_trains():
     """With dropout on, the fused path's output equals PEFT's formula with the masks it drew."""
     model = _bert(lora_dropout=0.5).train()
