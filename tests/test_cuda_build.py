@@ -222,8 +222,8 @@ def test_ops_refuse_what_the_kernels_cannot_take_naming_the_argument():
         ops.hg_topk_incidence(torch.zeros(2, 9, 40), torch.zeros(2, 9), None, 5)
 
 
-def test_sdist_carries_every_cuda_source(tmp_path):
-    """setup.py lists only the files it compiles; MANIFEST.in brings the headers they include."""
+def _sdist_names(tmp_path) -> set[str]:
+    """The paths an sdist of this checkout holds, relative to its top folder."""
     import tarfile
 
     built = _setup_py(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)],
@@ -231,8 +231,23 @@ def test_sdist_carries_every_cuda_source(tmp_path):
     assert built.returncode == 0, built.stderr
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
-        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+
+
+def test_sdist_carries_every_cuda_source(tmp_path):
+    """setup.py lists only the files it compiles; MANIFEST.in brings the headers they include."""
+    shipped = _sdist_names(tmp_path)
     sources = {os.path.relpath(os.path.join(folder, name), ROOT)
                for folder, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names}
     assert sources and {"csrc/hypergraph/hypergraph.h", "csrc/bindings.cpp"} <= sources
     assert not sources - shipped, f"missing from the sdist: {sorted(sources - shipped)}"
+
+
+def test_sdist_ships_no_partial_test_suite(tmp_path):
+    """setuptools adds tests/test*.py to an sdist by default, but not what they import (conftest.py,
+    the oracle and reference modules, tests/data, pytest.ini, benchmarks/): such a suite fails at
+    collection. The tests need the repository, so the sdist leaves them out."""
+    shipped = _sdist_names(tmp_path)
+    assert "setup.py" in shipped and "ace_kernels/__init__.py" in shipped
+    tests = sorted(name for name in shipped if name == "tests" or name.startswith("tests/"))
+    assert not tests, f"the sdist ships part of the test suite: {tests}"
