@@ -243,6 +243,28 @@ def test_sdist_carries_every_cuda_source(tmp_path):
     assert not sources - shipped, f"missing from the sdist: {sorted(sources - shipped)}"
 
 
+def test_wheel_ships_every_package_file_and_the_command(tmp_path):
+    """A pure wheel of this checkout holds every tracked file of both packages, the data a run
+    reads included (the dispatch order and tuned configurations, the model configs and the
+    tokenizer), and declares the ``ace-lora`` command."""
+    import zipfile
+
+    built = _setup_py(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build", "--build-base",
+                       str(tmp_path / "build"), "bdist_wheel", "--bdist-dir", str(tmp_path / "bdist"), "-d",
+                       str(tmp_path)], ROOT, ACE_KERNELS_SKIP_CUDA="1")
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+        (entry_points,) = [name for name in shipped if name.endswith(".dist-info/entry_points.txt")]
+        commands = archive.read(entry_points).decode()
+    tracked = subprocess.run(["git", "ls-files", "ace_kernels", "ace_model"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert {"ace_kernels/tuned_configs.json", "ace_model/configs/tokenizer/vocab.txt"} <= set(tracked)
+    assert not set(tracked) - shipped, f"missing from the wheel: {sorted(set(tracked) - shipped)}"
+    assert "ace-lora = ace_model.cli:main" in commands, commands
+
+
 def test_sdist_ships_no_partial_test_suite(tmp_path):
     """setuptools adds tests/test*.py to an sdist by default, but not what they import (conftest.py,
     the oracle and reference modules, tests/data, pytest.ini, benchmarks/): such a suite fails at
