@@ -312,59 +312,40 @@ def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
     _assert_same(before, after)
 
 
-def test_peft_lora_on_multihead_attention_is_reported_skipped():
+class _AttentionBlock(nn.Module):
+    """nn.MultiheadAttention, then a linear (open_clip's residual block, reduced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.c_fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.c_fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("targets, skipped_name, kind, reason", [
+    (["attn", "c_fc"], "base_model.model.attn", "peft-lora-multihead-attention",
+     "PEFT LoRA on nn.MultiheadAttention (it merges the LoRA weights into the attention's own projections around "
+     "each call): left as PEFT runs it"),
+    (["out_proj", "c_fc"], "base_model.model.attn.out_proj", "peft-lora-linear",
+     "the out_proj of an nn.MultiheadAttention, which reads out_proj.weight itself: this LoRA layer's forward never "
+     "runs, patched or not"),
+], ids=["attention", "out_proj"])
+def test_peft_lora_on_multihead_attention_is_reported_skipped(targets, skipped_name, kind, reason):
     """PEFT's LoRA on nn.MultiheadAttention (open_clip's towers) is left as PEFT runs it and said so;
-    the LoRA layer PEFT puts on its out_proj, which never runs, is not counted as patched."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.c_fc = nn.Linear(16, 16)
-
-        def forward(self, x):
-            return self.c_fc(self.attn(x, x, x, need_weights=False)[0])
-
+    the LoRA layer PEFT puts on its out_proj, which never runs, is not counted as patched. The same for
+    a LoRA on the out_proj alone of a plain nn.MultiheadAttention (target_modules=["out_proj"]): the
+    attention reads out_proj.weight itself (it was listed as patched, with no call ever counted)."""
     torch.manual_seed(0)
-    model = _randomise_lora(get_peft_model(Block(), LoraConfig(r=4, target_modules=["attn", "c_fc"])).double())
+    model = _randomise_lora(get_peft_model(_AttentionBlock(), LoraConfig(r=4, target_modules=targets)).double())
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     run = lambda m, a: m(a)  # noqa: E731
     before = _forward_backward(model, run, (x,))
     with ace_kernels.patch(model) as handle:
         assert [r.name for r in handle.patched] == ["base_model.model.c_fc"]
-        skipped = [(r.name, r.kind) for r in handle.records if r.status == "skipped"]
-        assert skipped == [("base_model.model.attn", "peft-lora-multihead-attention")]
+        assert [(r.name, r.kind, r.reason) for r in handle.skipped] == [(skipped_name, kind, reason)]
         assert "nn.MultiheadAttention" in handle.summary()
-        after = _forward_backward(model, run, (x,))
-        assert handle.stats() == {"lora_linear": 1}
-    _assert_same(before, after)
-
-
-def test_a_lora_out_proj_of_a_plain_multihead_attention_is_reported_skipped():
-    """PEFT's LoRA on the out_proj alone of a plain nn.MultiheadAttention (target_modules=["out_proj"]):
-    the attention reads out_proj.weight itself, so the layer's forward never runs. It is recorded as
-    skipped with that reason (it was listed as patched, with no call ever counted); outputs unchanged."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.fc = nn.Linear(16, 16)
-
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x, need_weights=False)[0])
-
-    torch.manual_seed(0)
-    model = _randomise_lora(get_peft_model(Block(), LoraConfig(r=4, target_modules=["out_proj", "fc"])).double())
-    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-    run = lambda m, a: m(a)  # noqa: E731
-    before = _forward_backward(model, run, (x,))
-    with ace_kernels.patch(model) as handle:
-        assert [r.name for r in handle.patched] == ["base_model.model.fc"]
-        skipped = [(r.name, r.kind, r.reason) for r in handle.skipped]
-        assert skipped == [("base_model.model.attn.out_proj", "peft-lora-linear",
-                            "the out_proj of an nn.MultiheadAttention, which reads out_proj.weight itself: this LoRA "
-                            "layer's forward never runs, patched or not")]
         after = _forward_backward(model, run, (x,))
         assert handle.stats() == {"lora_linear": 1}
     _assert_same(before, after)
