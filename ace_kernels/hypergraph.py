@@ -229,8 +229,8 @@ def _softmax_of_kept(vals: torch.Tensor) -> torch.Tensor:
     its top-k slots weigh 0 here. Other rows keep ``torch.softmax``'s values; the gradient
     stays finite (no NaN is formed, so none reaches the backward)."""
     empty = vals == float("-inf")
-    none_kept = empty.all(dim=-1, keepdim=True)
-    return torch.softmax(vals.masked_fill(empty & none_kept, 0.0), dim=-1).masked_fill(empty & none_kept, 0.0)
+    in_empty_row = empty & empty.all(dim=-1, keepdim=True)
+    return torch.softmax(vals.masked_fill(in_empty_row, 0.0), dim=-1).masked_fill(in_empty_row, 0.0)
 
 
 @dataclass(frozen=True)
