@@ -834,10 +834,10 @@ def load_rows(path: str) -> list[dict]:
     rows = payload.get("rows") if isinstance(payload, dict) else payload
     if not isinstance(rows, list):
         raise ValueError(f"{path} holds no list of 'rows' (not a result file of python -m benchmarks?)")
-    for index, row in enumerate(rows):
-        missing = [key for key in ("op", "shape", "dtype", "provider") if not isinstance(row, dict) or key not in row]
-        if missing:
-            raise ValueError(f"{path}: row {index} has no {missing[0]!r} (not a result file of python -m benchmarks?)")
+    try:
+        _check_rows(rows)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (not a result file of python -m benchmarks?)") from None
     return rows
 
 
@@ -872,6 +872,12 @@ def check_result_fields(payload) -> None:
         raise ValueError("its 'environment' names no device")
     if not isinstance(rows, list):
         raise ValueError(f"its 'rows' is a {type(rows).__name__}, not a list")
+    _check_rows(rows)
+
+
+def _check_rows(rows: list) -> None:
+    """A ``ValueError`` naming the first row without its op, shape, dtype or provider text, or with
+    'metrics' that are not an object."""
     for index, row in enumerate(rows):
         missing = [key for key in ("op", "shape", "dtype", "provider")
                    if not (isinstance(row, dict) and isinstance(row.get(key), str))]

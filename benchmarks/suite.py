@@ -803,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A family whose process crashed or hung is a failure of the run (its rows are kept above); one
     # stopped at the run's own time budget is not.
     failed_families = [family for family, status in suite.family_status.items()
-                       if status["outcome"] != "ok" and not status["outcome"].endswith("after the run's time budget")]
+                       if status["outcome"] != "ok" and not status["outcome"].endswith(_AFTER_BUDGET)]
     if failed_families:
         print(f"failed: the process of family {', '.join(failed_families)} was lost (see 'skipped'); exit status 1")
         return 1
@@ -904,7 +904,7 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
         while proc.poll() is None:
             now = time.monotonic()
             if kill_at is not None and now > kill_at:
-                killed = f"was killed {grace:.0f} s after the run's time budget"
+                killed = f"was killed {grace:.0f} s {_AFTER_BUDGET}"
             elif idle and now - last_output[0] > idle:
                 killed = f"was killed after {idle:.0f} s without output (hung?)"
             if killed:
@@ -938,6 +938,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
+
+# How a family's outcome ends when the suite stopped it at the run's own time budget (not a failure).
+_AFTER_BUDGET = "after the run's time budget"
 
 _WORKERS: list[subprocess.Popen] = []  # the family process running now (killed on SIGTERM/SIGINT)
 
