@@ -141,6 +141,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import struct
 
 import torch
 from torch import nn
@@ -1386,7 +1387,7 @@ class _SumAcrossRanks(torch.autograd.Function):
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(_LABEL_DTYPES)}
 
 
-def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception | None = None,
+def _exchange_shapes(image_emb, text_emb, logit_scale, labels, group, local_error: Exception | None = None,
                      backend: str | None = None):
     """Local batch sizes of every rank, after checking that the ranks agree on everything else.
 
@@ -1396,7 +1397,9 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
     rank's own error (bad arguments, or a backend it cannot run): it travels as a
     flag, so that such a rank raises its error and every other rank raises one
     naming it, instead of waiting in the next collective until the timeout.
-    ``backend`` is the one this rank resolved (without an error).
+    ``backend`` is the one this rank resolved (without an error). ``logit_scale`` travels as the
+    bits of its float64 value (a copy on its device when it is a tensor, no extra synchronisation),
+    so ranks whose scales differ raise instead of computing different losses.
     """
     import torch.distributed as dist
 
@@ -1415,9 +1418,14 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
         row = [image_emb.shape[0], image_emb.shape[1], int(has_labels), label_width,
                _DTYPE_CODES[image_emb.dtype], _DTYPE_CODES[labels.dtype] if has_labels else -1, *grads,
                _dispatch.BACKENDS.index(backend), 0]
+        if not isinstance(logit_scale, torch.Tensor):
+            row.append(struct.unpack("<q", struct.pack("<d", float(logit_scale)))[0])
     else:
-        row = [-1] * 9 + [1]
+        row = [-1] * 9 + [1, 0]
     row = torch.tensor(row, dtype=torch.int64, device=_exchange_device(image_emb, group))
+    if local_error is None and isinstance(logit_scale, torch.Tensor):
+        scale_bits = logit_scale.detach().reshape(1).to(device=row.device, dtype=torch.float64).view(torch.int64)
+        row = torch.cat([row, scale_bits])
     table = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(table, row, group=group)
     table = [r.tolist() for r in table]
@@ -1443,6 +1451,10 @@ def _exchange_shapes(image_emb, text_emb, labels, group, local_error: Exception 
             raise ValueError(
                 f"label_guided_infonce with group=: every rank must pass the same {names[column]}; "
                 f"got {shown} on ranks 0..{world - 1}{hint}")
+    scales = [struct.unpack("<d", struct.pack("<q", r[10]))[0] for r in table]
+    if any(not (value == scales[0] or (math.isnan(value) and math.isnan(scales[0]))) for value in scales):
+        raise ValueError(f"label_guided_infonce with group=: every rank must pass the same logit_scale (each rank's "
+                         f"loss would use its own); got {scales} on ranks 0..{world - 1}")
     # Checked last: ranks that differ in the above may resolve backend="auto" differently for it.
     backends = [_dispatch.BACKENDS[r[8]] for r in table]
     if len(set(backends)) > 1:
@@ -1573,7 +1585,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         before any collective of the loss. Every rank must run the same
         backend (as named or as ``auto`` resolves it there, which may differ
         from rank to rank): a ``ValueError`` naming each rank's otherwise, on
-        every rank. ``logit_scale`` must have the same value on every rank.
+        every rank. ``logit_scale`` must have the same value on every rank
+        (compared exactly, NaN equal to NaN: a ``ValueError`` naming each
+        rank's otherwise, on every rank).
     backend : {"auto", "triton", "torch"}
         ``auto`` takes Triton on a GPU and torch otherwise.
 
@@ -1614,7 +1628,8 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     on the torch backend).
 
     Non-finite inputs never raise or hang: NaN or +-inf in the embeddings or
-    ``logit_scale`` give a NaN (or inf) loss and NaN gradients. Labels are
+    ``logit_scale`` give a NaN (or inf) loss and NaN gradients (with ``group``,
+    a scale that is NaN on some ranks only differs, see above). Labels are
     compared exactly (a NaN label row equals no other row).
     """
     _check_group(group)
@@ -1636,7 +1651,7 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         except (ValueError, RuntimeError) as exc:
             local_impl, local_error = None, exc
         # Raises on every rank if any failed, or if the ranks resolved different backends.
-        sizes = _exchange_shapes(image_emb, text_emb, labels, group, local_error,
+        sizes = _exchange_shapes(image_emb, text_emb, logit_scale, labels, group, local_error,
                                  backend=None if local_impl is None else _dispatch.backend_of(OP_NAME, local_impl))
     compute = _compute_dtype(image_emb.dtype)
     if isinstance(logit_scale, torch.Tensor):

@@ -153,6 +153,15 @@ def run_mismatch(rank, world, rendezvous, out_dir):
         u, u, 10.0, group=dist.group.WORLD, backend="torch"))
 
 
+def run_scale_mismatch(rank, world, rendezvous, out_dir):
+    """Rank 1's learnt scale is one step of an optimizer ahead (a tensor against a number): every
+    rank must raise the same ValueError instead of computing a loss with its own scale."""
+    u = torch.randn(3, 8)
+    scale = 10.0 if rank == 0 else torch.tensor(10.5, requires_grad=True)
+    _write_value_error(rank, world, rendezvous, out_dir, 60, lambda ak: ak.label_guided_infonce(
+        u, u, scale, group=dist.group.WORLD, backend="torch"))
+
+
 def run_grad_mismatch(rank, world, rendezvous, out_dir, timeout_s, no_grad=False):
     """The last rank's image embeddings do not require grad (an empty rank's placeholder, say):
     the backward would run other collectives there, so every rank must raise the same ValueError.

@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import re
 
 import numpy as np
 import pytest
@@ -747,13 +748,58 @@ def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
 
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_gather", second_rank())
-    assert contrastive._exchange_shapes(u, u, labels, None, backend="torch") == (3, 3)
+    assert contrastive._exchange_shapes(u, u, 10.0, labels, None, backend="torch") == (3, 3)
     for column, dtype, what, shown in ((4, torch.float16, "embedding dtype", r"\['float32', 'float16'\]"),
                                        (5, torch.int32, "label dtype", r"\['int64', 'int32'\]")):
         monkeypatch.setattr(dist, "all_gather", second_rank(column, dtype))
         with pytest.raises(ValueError, match=rf"^label_guided_infonce with group=: every rank must pass the same "
                                              rf"{what}; got {shown} on ranks 0\.\.1$"):
-            contrastive._exchange_shapes(u, u, labels, None, backend="torch")
+            contrastive._exchange_shapes(u, u, 10.0, labels, None, backend="torch")
+
+
+@pytest.mark.parametrize("mine, theirs, differ", [
+    (10.0, 11.0, True), (torch.tensor(10.0), torch.tensor(10.0 + 2 ** -20), True), (10.0, float("nan"), True),
+    (torch.tensor(10.0, dtype=torch.bfloat16), 10.0, False), (0.0, -0.0, False), (float("nan"), float("nan"), False),
+])
+def test_ranks_that_differ_in_the_logit_scale_are_told_so(mine, theirs, differ, monkeypatch):
+    """The scale travels in the shape exchange as the bits of its float64 value (a tensor's or a
+    number's alike): a rank whose scale differs by one ulp of fp32 makes every rank raise, naming
+    the values; equal values (+0 and -0, NaN and NaN, a bf16 tensor and the number) do not."""
+    import torch.distributed as dist
+
+    u = torch.zeros(3, 4)
+    _, theirs_row = _exchange_row(monkeypatch, u, theirs)
+
+    def all_gather(table, row, group=None):
+        table[0].copy_(row)
+        table[1].copy_(theirs_row)
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    if not differ:
+        assert contrastive._exchange_shapes(u, u, mine, None, None, backend="torch") == (3, 3)
+        return
+    shown = re.escape(str([float(mine), float(theirs)]))
+    with pytest.raises(ValueError, match=rf"^label_guided_infonce with group=: every rank must pass the same "
+                                         rf"logit_scale \(each rank's loss would use its own\); got {shown} "
+                                         rf"on ranks 0\.\.1$"):
+        contrastive._exchange_shapes(u, u, mine, None, None, backend="torch")
+
+
+def _exchange_row(monkeypatch, u, logit_scale):
+    """(the table, the row) one rank of two sends for ``logit_scale`` (captured from the exchange)."""
+    import torch.distributed as dist
+
+    sent = []
+
+    def capture(table, row, group=None):
+        sent.append(row.clone())
+        for entry in table:
+            entry.copy_(row)
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather", capture)
+    contrastive._exchange_shapes(u, u, logit_scale, None, None, backend="torch")
+    return sent, sent[0]
 
 
 def test_gpu_launch_configuration_and_its_flop_count():

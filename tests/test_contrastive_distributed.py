@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import ace_kernels
 from _contrastive_dist_worker import (make_global_batch, run, run_backend_mismatch, run_empty_global, run_grad_mismatch,
                                      run_mismatch, run_one_bad_rank, run_one_rank_without_its_backend,
-                                     run_scale_grad_on_one_rank, run_strided_local_rows)
+                                     run_scale_grad_on_one_rank, run_scale_mismatch, run_strided_local_rows)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -148,6 +148,13 @@ def test_mismatched_ranks_raise_on_every_rank(tmp_path):
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
     assert "embedding dim" in messages[0] and "[8, 9]" in messages[0]
+
+
+def test_ranks_whose_logit_scales_differ_raise_on_every_rank(tmp_path):
+    _spawn(run_scale_mismatch, 2, (_rendezvous(tmp_path), str(tmp_path)))
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "the same logit_scale" in messages[0] and "[10.0, 10.5]" in messages[0], messages[0]
 
 
 @pytest.mark.parametrize("no_grad", [False, True])
