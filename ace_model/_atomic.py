@@ -11,6 +11,7 @@ import io
 import os
 import re
 import secrets
+import stat
 from typing import BinaryIO, Callable
 
 import torch
@@ -32,7 +33,7 @@ def temp_name_pattern(name_regex: str) -> re.Pattern:
 
 def create_temp_file(path: str | os.PathLike) -> tuple[int, str]:
     """Create (exclusively) the temp file for a write to ``path``; ``(fd, temp path)``. Mode 0666 less
-    the umask, as any new file: the renamed file is as readable as one written in place."""
+    the umask, as any new file; a write over an existing file then takes that file's mode."""
     path = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(path)
     # A name within the file system's 255 bytes must get a temp name that fits too: a long one is
@@ -84,6 +85,7 @@ def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None])
     fd, tmp = create_temp_file(path)
     try:
         fill(fd, tmp)
+        _keep_mode(path, tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -94,6 +96,16 @@ def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None])
             exc.filename = path  # a write or fsync error (a full disk) names no file by itself
         raise
     fsync_directory(directory)
+
+
+def _keep_mode(path: str, tmp: str) -> None:
+    """Give ``tmp`` the permission bits of the file it will replace, as a write in place keeps
+    them (a checkpoint made private with ``chmod 600`` stays private); a new file keeps its own."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
 
 
 def makedirs_durable(directory: str | os.PathLike) -> None:

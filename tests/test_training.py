@@ -1917,6 +1917,31 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
+@pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path", "atomic_torch_save"])
+def test_an_atomic_write_over_a_file_keeps_its_permission_bits(tmp_path, writer):
+    """Written in place, a file keeps its mode; replaced by a rename it would get a new file's
+    (0666 less the umask): a checkpoint made private (0600) or read-only for the group must stay so."""
+    import stat
+
+    from ace_model import _atomic
+
+    target = tmp_path / "state.pt"
+    write = {"atomic_write_text": lambda: _atomic.atomic_write_text(target, "x\n"),
+             "atomic_write_to_path": lambda: _atomic.atomic_write_to_path(target, lambda path: Path(path).write_text(
+                 "x\n")),
+             "atomic_torch_save": lambda: _atomic.atomic_torch_save({"step": 1}, target)}[writer]
+    umask = os.umask(0o022)
+    try:
+        write()
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644  # a new file: 0666 less the umask
+        for mode in (0o600, 0o640, 0o755):
+            target.chmod(mode)
+            write()
+            assert stat.S_IMODE(target.stat().st_mode) == mode
+    finally:
+        os.umask(umask)
+
+
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path"])
 def test_an_atomic_write_fsyncs_the_whole_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch,
                                                                                          writer):
