@@ -154,11 +154,16 @@ def _cuda_extension():
 
 
 ext_modules, cmdclass = _cuda_extension()
+_MODEL = ["open_clip_torch", "timm", "transformers", "tqdm", "pillow"]
+_README_PATH = os.path.join(ROOT, "README.md")  # in every checkout and sdist; absent from trimmed copies
+_README = open(_README_PATH, encoding="utf-8").read() if os.path.exists(_README_PATH) else ""
 
 setup(
     name="ace-kernels",
     version="0.1.0",
     description="Fused Triton and CUDA kernels for ACE-LoRA: LoRA q/k/v, hyperedge attention, label-guided InfoNCE",
+    long_description=_README,
+    long_description_content_type="text/markdown",
     # Namespace packages, so that the config folders (data, no __init__.py) are packages too:
     # setuptools warns that data in a folder not listed as a package will not be installed.
     packages=find_namespace_packages(include=["ace_kernels", "ace_kernels.*", "ace_model", "ace_model.*"],
@@ -169,9 +174,12 @@ setup(
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "model": ["open_clip_torch", "timm", "transformers", "tqdm", "pillow"],
+        "model": _MODEL,
         "bench": ["pytest-benchmark", "matplotlib", "peft"],  # peft: the PEFT towers' baseline rows
-        "test": ["pytest", "pytest-benchmark", "peft"],
+        # What the test-suite imports: requirements.txt less torch and setuptools/wheel (the tests build
+        # wheels and the extension, run the kernels, the model, the benchmarks and pytest-xdist workers).
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "peft", "matplotlib", "triton>=3.6", "ninja",
+                 "torchvision", *_MODEL],
     },
     entry_points={"console_scripts": ["ace-lora=ace_model.cli:main"]},
     ext_modules=ext_modules,

@@ -258,11 +258,28 @@ def test_wheel_ships_every_package_file_and_the_command(tmp_path):
         shipped = set(archive.namelist())
         (entry_points,) = [name for name in shipped if name.endswith(".dist-info/entry_points.txt")]
         commands = archive.read(entry_points).decode()
+        (metadata_name,) = [name for name in shipped if name.endswith(".dist-info/METADATA")]
+        metadata = archive.read(metadata_name).decode()
     tracked = subprocess.run(["git", "ls-files", "ace_kernels", "ace_model"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.split()
     assert {"ace_kernels/tuned_configs.json", "ace_model/configs/tokenizer/vocab.txt"} <= set(tracked)
     assert not set(tracked) - shipped, f"missing from the wheel: {sorted(set(tracked) - shipped)}"
     assert "ace-lora = ace_model.cli:main" in commands, commands
+    # `pip install -e '.[test]'` installs what the suite imports: every pin of requirements.txt but
+    # the package's own requirements (torch, numpy) and the packaging tools.
+    def name(requirement):
+        return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+    pinned = {name(line) for line in open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8")
+              if line.strip() and not line.startswith("#")}
+    extra = {name(line.split(":", 1)[1]) for line in metadata.splitlines()
+             if line.startswith("Requires-Dist:") and 'extra == "test"' in line}
+    own = {name(line.split(":", 1)[1]) for line in metadata.splitlines()
+           if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    assert own == {"torch", "numpy"}, own
+    missing = pinned - own - {"setuptools", "wheel"} - extra
+    assert not missing, f"requirements.txt pins what the [test] extra lacks: {sorted(missing)}"
+    assert "Description-Content-Type: text/markdown" in metadata and "# ace-kernels" in metadata
 
 
 def test_sdist_ships_no_partial_test_suite(tmp_path):
