@@ -170,9 +170,16 @@ def _image_file(csv_path, number: int, column: str, name: str, root: Path) -> Pa
     path = Path(name)
     if not path.is_absolute():
         path = root / path
-    if path.is_dir():
+    try:
+        # stat() raises for a name too long for the file system (a report text in the image
+        # column) or a folder the user may not enter; Path.is_dir() passes those errors on.
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:
+        raise DataError(f"{csv_path}, row {number}: image file {name!r} cannot be looked up ({str(path)!r}: "
+                        f"{exc.strerror or exc})") from None
+    if is_dir:
         raise DataError(f"{csv_path}, row {number}: image {name!r} is a directory ({str(path)!r}), not an image file")
-    if not path.is_file():
+    if not is_file:
         raise DataError(f"{csv_path}, row {number}: image file {name!r} not found (looked for {str(path)!r})")
     return path
 

@@ -319,6 +319,19 @@ def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_pa
     assert "row 1" in err and "broken.png" in err
 
 
+def test_an_image_name_the_file_system_cannot_look_up_names_the_row(tiny, tmp_path, capsys):
+    # A report in the image column (columns swapped): one name longer than a file name may be
+    # (255 bytes) makes stat() fail with ENAMETOOLONG rather than "not found".
+    report = "Heart size is normal. " * 20
+    swapped = _write_csv(tmp_path / "swapped.csv", ["image", "text", "edema"], [[report, "a.png", 1]])
+    with pytest.raises(DataError, match=r"swapped.csv, row 1: image file 'Heart size .*' cannot be looked up"):
+        CSVImageTextDataset(swapped, tiny.tokenizer())
+    assert cli.main(["train", "--csv", str(swapped), "--model", "tiny", "--batch-size", "2",
+                     "--out-dir", str(tmp_path / "run")]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "row 1" in line and "cannot be looked up" in line
+
+
 def test_bad_label_value_and_bad_checkpoint(tiny, synthetic, tmp_path, capsys):
     labels = _write_csv(tmp_path / "labels.csv", ["image", "text", "edema"],
                         [[str(synthetic.parent / "test" / "00000.png"), "edema", "maybe"]])
