@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="seeds the model's construction (the frozen towers too, without --pretrained), "
                             "the data order and dropout")
     train.add_argument("--no-labels", dest="use_labels", action="store_false",
-                       help="plain CLIP loss instead of the label-guided InfoNCE")
+                       help="plain CLIP loss instead of the label-guided InfoNCE (columns other than image "
+                            "and text are then not read)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="auto: bf16 autocast on GPU, fp32 on CPU")

@@ -1532,6 +1532,10 @@ def _build_dataset(config: TrainConfig, model: nn.Module):
     kwargs = {}
     if config.image_root:
         kwargs["image_root"] = config.image_root
+    if not config.use_labels:
+        # The plain CLIP loss reads no labels: columns beside image and text (study ids, say) are not
+        # parsed as 0/1 labels, which would refuse them.
+        kwargs["label_columns"] = []
     dataset = CSVImageTextDataset(config.csv, tokenizer=model.tokenizer(), **kwargs)
     if config.use_labels and not dataset.label_columns:
         warnings.warn(f"TrainConfig.csv: {config.csv!r} has no label columns: training with the plain CLIP loss "

@@ -598,6 +598,26 @@ def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
         assert train(TrainConfig(out_dir=str(tmp_path / "c"), **config))["steps"] == 1
 
 
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_without_labels_other_columns_are_not_read_as_labels(tmp_path):
+    import csv
+
+    from ace_model.data import DataError, make_synthetic_dataset
+
+    labelled = make_synthetic_dataset(tmp_path / "data", 4, seed=0)
+    with open(labelled, newline="") as handle:
+        rows = [row[:2] for row in csv.reader(handle)]
+    # Metadata beside the pairs (MIMIC-CXR's study ids): no labels, so nothing the plain CLIP loss reads.
+    study = labelled.with_name("study.csv")
+    with open(study, "w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0] + ["study_id"]] + [row + [f"s{i}"] for i, row in enumerate(rows[1:])])
+    config = dict(csv=str(study), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0,
+                  warmup_steps=0)
+    assert train(TrainConfig(out_dir=str(tmp_path / "a"), use_labels=False, **config))["steps"] == 1
+    with pytest.raises(DataError, match=r"row 1: label column 'study_id' holds 's0'"):  # with labels it is one
+        train(TrainConfig(out_dir=str(tmp_path / "b"), **config))
+
+
 def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
     model = make_model("standin")
     with pytest.raises(ValueError, match=r"^TrainConfig\.precision: 'bf16' autocast needs a CUDA device, but this "
