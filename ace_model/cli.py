@@ -223,6 +223,23 @@ def _name_flags(exc: ValueError, flag_name=_flag_name) -> None:
         exc.args = (_flags_in(exc.args[0], flag_name),)
 
 
+# The flags that name a file or folder, per command (argparse dests).
+_PATH_FLAGS = {"train": ("csv", "image_root", "out_dir", "pretrained", "init_checkpoint", "resume"),
+               "zero-shot": ("csv", "image_root", "pretrained", "checkpoint", "output"),
+               "demo": ("out_dir",)}
+
+
+def _check_no_empty_paths(args: argparse.Namespace) -> None:
+    """An empty path (an unset shell variable: ``--checkpoint "$CKPT"``) is refused: read as the flag
+    left out, zero-shot would evaluate untrained adapters, train start afresh, and an empty folder is the
+    working directory."""
+    for dest in _PATH_FLAGS.get(args.command, ()):
+        value = getattr(args, dest, None)
+        if value == "":
+            raise CLIError(f"--{dest.replace('_', '-')}: got an empty path {value!r}, expected a file or folder "
+                           "name (or leave the flag out)")
+
+
 def _check_device(spec: str) -> None:
     from ace_model.training import resolve_device
 
@@ -708,6 +725,7 @@ def _main(argv: Sequence[str] | None) -> int:
         with warnings.catch_warnings():
             if not debug:
                 warnings.showwarning = one_line_warning
+            _check_no_empty_paths(args)
             return handlers[args.command](args)
     except (CLIError, ValueError, FileNotFoundError) as exc:
         # Our own checks (CLIError, DataError, CheckpointError, TrainingStateError and

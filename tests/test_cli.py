@@ -332,6 +332,19 @@ def test_an_image_name_the_file_system_cannot_look_up_names_the_row(tiny, tmp_pa
     assert "row 1" in line and "cannot be looked up" in line
 
 
+@pytest.mark.parametrize("command,flag", [
+    (["zero-shot", "--model", "tiny"], "--checkpoint"), (["zero-shot", "--model", "tiny"], "--output"),
+    (["zero-shot", "--model", "tiny"], "--image-root"), (["train", "--model", "tiny"], "--init-checkpoint"),
+    (["train", "--model", "tiny"], "--out-dir"), (["train", "--model", "tiny"], "--resume")])
+def test_an_empty_path_is_refused_not_read_as_the_flag_left_out(synthetic, capsys, command, flag):
+    # "--checkpoint $CKPT" with CKPT unset: evaluating untrained adapters would print metrics, exit 0.
+    assert cli.main([*command, "--csv", str(synthetic), flag, ""]) == cli.EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert _one_error_line(captured.err, command[0]).endswith(f"error: {flag}: got an empty path '', expected a "
+                                                               "file or folder name (or leave the flag out)")
+    assert captured.out == ""
+
+
 def test_bad_label_value_and_bad_checkpoint(tiny, synthetic, tmp_path, capsys):
     labels = _write_csv(tmp_path / "labels.csv", ["image", "text", "edema"],
                         [[str(synthetic.parent / "test" / "00000.png"), "edema", "maybe"]])
