@@ -2067,6 +2067,22 @@ def _dataset_record(dataset, n: int, steps_per_epoch: int) -> dict:
             "steps_per_epoch": steps_per_epoch}
 
 
+def _fingerprint_with_every_label_column(config: TrainConfig) -> str | None:
+    """For states of ``use_labels=False`` runs saved before 2026-12-03, when every CSV column beside
+    image and text was parsed as labels even without labels (they are not read now, so the rows'
+    fingerprint has none): the fingerprint such a run recorded. None for a labelled run, without a
+    CSV, or where that parse fails (such a CSV could not train then)."""
+    if config.use_labels or not config.csv:
+        return None
+    from ace_model.data import CSVImageTextDataset, DataError
+
+    kwargs = {"image_root": config.image_root} if config.image_root else {}
+    try:
+        return CSVImageTextDataset(config.csv, tokenizer=None, **kwargs).fingerprint()
+    except DataError:
+        return None
+
+
 def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path,
                          frozen_digest: str | None = None, rank: int = 0) -> None:
     saved = state["config"]
@@ -2126,7 +2142,8 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
             "continue the same run")
     # Checked when both runs' datasets have a fingerprint (the CSV datasets do; a custom one may not).
     saved_fingerprint, dataset_fingerprint = state.get("dataset_fingerprint"), dataset_record["dataset_fingerprint"]
-    if saved_fingerprint is not None and dataset_fingerprint is not None and saved_fingerprint != dataset_fingerprint:
+    if saved_fingerprint is not None and dataset_fingerprint is not None and saved_fingerprint != dataset_fingerprint \
+            and saved_fingerprint != _fingerprint_with_every_label_column(config):
         raise TrainingStateError(
             f"resume from {path}: the dataset's content differs from the saved run's (same {n} samples, but "
             f"fingerprint {dataset_fingerprint[:12]}... instead of {saved_fingerprint[:12]}...: a row, its order, "

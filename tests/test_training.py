@@ -903,6 +903,34 @@ def test_each_rank_compares_its_own_chunk_size_on_resume():
         training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=None), 2, record, "s.pt", rank=1)
 
 
+def test_a_no_labels_state_from_before_label_columns_were_skipped_still_resumes(tmp_path):
+    """Until 2026-12-03 a use_labels=False run parsed every column beside image and text as labels
+    and its state's dataset fingerprint holds them; the same CSV now reads no label column. Such a
+    state resumes (its fingerprint is the with-labels parse's); another CSV's is still refused."""
+    from ace_model.data import CSVImageTextDataset, make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(tmp_path / "data", 4, seed=0)
+    other_csv = make_synthetic_dataset(tmp_path / "other", 4, seed=1)
+    with_labels = CSVImageTextDataset(csv_path, tokenizer=None)
+    now = CSVImageTextDataset(csv_path, tokenizer=None, label_columns=[]).fingerprint()
+    assert with_labels.label_columns and with_labels.fingerprint() != now
+    config = TrainConfig(csv=str(csv_path), use_labels=False, batch_size=4)
+    record = {"dataset_length": 4, "steps_per_epoch": 1, "dataset_fingerprint": now}
+    state = {"config": config.to_dict(), "world_size": 1, "dataset_length": 4, "steps_per_epoch": 1,
+             "dataset_fingerprint": with_labels.fingerprint()}
+    training._check_resume_config(state, config, 1, record, "s.pt")
+    state["dataset_fingerprint"] = CSVImageTextDataset(other_csv, tokenizer=None).fingerprint()
+    with pytest.raises(training.TrainingStateError, match=r"the dataset's content differs from the saved run's"):
+        training._check_resume_config(state, config, 1, record, "s.pt")
+    # A labelled run has no such past: its fingerprint has always held the labels.
+    labelled = TrainConfig(csv=str(csv_path), batch_size=4)
+    state = {"config": labelled.to_dict(), "world_size": 1, "dataset_length": 4, "steps_per_epoch": 1,
+             "dataset_fingerprint": now}
+    with pytest.raises(training.TrainingStateError, match=r"the dataset's content differs from the saved run's"):
+        training._check_resume_config(state, labelled, 1, dict(record, dataset_fingerprint=with_labels.fingerprint()),
+                                      "s.pt")
+
+
 def test_only_rank_0_compares_the_frozen_weights_on_resume():
     """The saved digest is rank 0's, and every rank trains the weights rank 0 broadcasts: the other
     ranks skip the comparison, so their own copies under their own paths (a per-rank field) resume.
