@@ -405,10 +405,12 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
     training : bool, default False
         Dropout is applied only when True and ``dropout_p > 0``.
     backend : {"auto", "triton", "torch"}
-        ``auto`` (or the ``ACE_KERNELS_BACKEND`` environment variable) picks the
-        first backend that can run the call; a named one that cannot raises
-        ``RuntimeError`` with the reason (LoRA has no ``cuda`` kernels: cuBLAS does
-        its GEMMs under the Triton backend).
+        ``auto`` picks the first backend that can run the call; a named one that
+        cannot raises ``RuntimeError`` with the reason. ``ACE_KERNELS_BACKEND``
+        replaces ``auto`` and counts as naming its backend (so it raises too). LoRA
+        has no ``cuda`` kernels (cuBLAS does its GEMMs under the Triton backend):
+        ``backend="cuda"`` is a ``ValueError``, ``ACE_KERNELS_BACKEND=cuda`` a
+        ``RuntimeError`` at the call.
 
     Returns
     -------
