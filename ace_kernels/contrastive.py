@@ -1572,9 +1572,10 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         The logit multiplier itself (not its log), a one-element tensor (may
         require grad; its gradient keeps its dtype and shape) or a number.
     labels : torch.Tensor, optional
-        ``[B, L]`` (or ``[B]``) labels of any bool/int/float dtype. Rows are
-        compared as whole vectors; an off-diagonal pair with equal rows is not
-        a negative. ``None`` gives the plain CLIP loss.
+        ``[B, L]`` (or ``[B]``) labels of dtype bool, uint8, int8, int16, int32,
+        int64, float16, bfloat16, float32 or float64 (torch's uint16/32/64 are
+        refused). Rows are compared as whole vectors; an off-diagonal pair with
+        equal rows is not a negative. ``None`` gives the plain CLIP loss.
     group : torch.distributed.ProcessGroup, optional
         Compute the loss of the global batch (every rank's rows, concatenated
         in rank order) instead of the local one. Ranks may hold different
@@ -1589,7 +1590,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         (compared exactly, NaN equal to NaN: a ``ValueError`` naming each
         rank's otherwise, on every rank).
     backend : {"auto", "triton", "torch"}
-        ``auto`` takes Triton on a GPU and torch otherwise.
+        ``auto`` takes Triton where it can run the call (on a GPU: fp16/bf16/fp32
+        embeddings with D <= 1024) and torch otherwise (fp64, wider D, the CPU);
+        ``ACE_KERNELS_BACKEND`` replaces ``auto`` (see :mod:`ace_kernels._dispatch`).
 
     Returns
     -------
