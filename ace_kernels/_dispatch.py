@@ -439,7 +439,8 @@ def available_backends(*, reasons: bool = False):
     """Backends that can run on this machine.
 
     Returns the names of the usable backends (``["torch"]`` on a machine with no
-    GPU). With ``reasons=True`` returns a dict mapping every backend to the list
+    GPU, ``["triton", "torch"]`` there when ``TRITON_INTERPRET=1`` was set before
+    ``ace_kernels`` was imported). With ``reasons=True`` returns a dict mapping every backend to the list
     of reasons it cannot run here; an empty list means it can.
     """
     table = {name: _global_reasons(name) for name in BACKENDS}
