@@ -218,7 +218,8 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     position, from 1); the row (numbered from 1 after the header) and its file line when it
     has fewer fields than the header or more non-empty ones (an empty surplus field, from a
     trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
-    line (e.g. an unterminated quote). Blank lines before the header are skipped.
+    line (e.g. an unterminated quote); a file with no header (empty, or blank lines only).
+    Blank lines before the header are skipped.
     """
     csv_path = os.fspath(csv_path)
     if os.path.isdir(csv_path):
@@ -230,6 +231,9 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
             # strict: an unterminated quote is an error, not a field that swallows the rest of the file.
             reader = csv.reader(handle, strict=True)
             header = next((fields for fields in reader if fields), [])
+            if not header:
+                raise DataError(f"CSV file {csv_path!r} is empty, expected a header naming its columns "
+                                f"({', '.join(repr(c) for c in required) or 'any'}) and then rows")
             unnamed_tail = 0
             while header and not header[-1].strip():
                 header.pop()

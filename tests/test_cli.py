@@ -282,6 +282,14 @@ def test_csv_missing_columns_are_named(tiny, tmp_path, capsys):
     assert "'image', 'text'" in capsys.readouterr().err
     assert cli.main(["zero-shot", "--csv", str(bad), "--model", "tiny", "--classes", "edema"]) == cli.EXIT_BAD_INPUT
     assert "'image'" in capsys.readouterr().err
+    for name, content in (("empty.csv", ""), ("blank.csv", "\n\r\n\n")):
+        empty = tmp_path / name
+        empty.write_text(content)
+        with pytest.raises(DataError, match=rf"^CSV file {re.escape(repr(str(empty)))} is empty, expected a header "
+                                            r"naming its columns \('image', 'text'\) and then rows$"):
+            read_csv(empty, ["image", "text"])
+        assert cli.main(["train", "--csv", str(empty), "--model", "tiny"]) == cli.EXIT_BAD_INPUT
+        assert "is empty, expected a header" in capsys.readouterr().err
     spaced = _write_csv(tmp_path / "spaced.csv", ["image", " text", "Label"], [["a.png", "text", "1"]])
     with pytest.raises(DataError, match=r"missing required column\(s\) 'text', 'label' .*; names must match "
                                         r"exactly, check ' text' for 'text', 'Label' for 'label'$"):
