@@ -99,6 +99,11 @@ BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/runs/gpu_check}
 mkdir -p "$OUT"
+# The sweep at the end removes whatever else landed under $OUT, but only where this run had $OUT
+# to itself (the lent machine's starts empty): in a folder that held files already (OUT=. or
+# OUT=benchmarks/results) it would delete them.
+OUT_WAS_EMPTY=1
+[ -n "$(ls -A "$OUT" 2>/dev/null)" ] && OUT_WAS_EMPTY=0
 LOG=$OUT/gpu_check.log
 : >"$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -369,8 +374,12 @@ else
 fi
 
 # Nothing else may land under $OUT (at most 8 files come back).
-find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' \
-    ! -name 'tests.log' ! -name 'bench.log' ! -name "$STEM.json" ! -name "$STEM.png" \
-    ! -name "$ORDER" ! -name "$TUNED" -exec rm -rf {} +
+if [ "$OUT_WAS_EMPTY" = 1 ]; then
+    find "$OUT" -mindepth 1 -maxdepth 1 ! -name 'gpu_check.log' ! -name 'build.log' \
+        ! -name 'tests.log' ! -name 'bench.log' ! -name "$STEM.json" ! -name "$STEM.png" \
+        ! -name "$ORDER" ! -name "$TUNED" -exec rm -rf {} +
+else
+    say "$OUT held other files before this run: none removed (only an \$OUT that starts empty is swept)"
+fi
 say "done in $(($(date +%s) - START))s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit 0

@@ -1408,6 +1408,59 @@ def test_gpu_check_failed_build_removes_the_older_extension(tmp_path):
     assert not old.exists() and f"removed ace_kernels/{old.name}" in log, log
 
 
+# A stand-in for `python -m benchmarks` in a minimal tree: it records its arguments (outside $OUT)
+# and leaves a stray file in its --out-dir, as a write cut short leaves its temp file.
+_FAKE_SUITE = """import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_SUITE_ARGV"], "w") as fh:
+    json.dump(args, fh)
+open(os.path.join(args[args.index("--out-dir") + 1], ".stray.tmp"), "w").close()
+"""
+
+
+def _gpu_check_tree(tmp_path):
+    """A tree holding gpu_check.sh and the fake suite only: every other stage fails at once."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), tree / "benchmarks" / "gpu_check.sh")
+    (tree / "benchmarks" / "__init__.py").write_text("")
+    (tree / "benchmarks" / "__main__.py").write_text(_FAKE_SUITE)
+    return tree
+
+
+def _run_gpu_check(tmp_path, tree, out, **switches):
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), GPU_CHECK_SKIP_BUILD="1", GPU_CHECK_SKIP_TESTS="1",
+               FAKE_SUITE_ARGV=str(tmp_path / "argv.json"))
+    env.update(switches)
+    proc = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=170)
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    argv = json.loads((tmp_path / "argv.json").read_text()) if (tmp_path / "argv.json").exists() else None
+    return proc, log, argv
+
+
+def test_gpu_check_sweeps_only_an_out_dir_it_had_to_itself(tmp_path):
+    """The sweep at the end (at most 8 files come back) removes what else landed in an $OUT that
+    started empty (the lent machine's); in one that held files already (OUT=benchmarks/results,
+    OUT=.) it removes nothing of them."""
+    tree = _gpu_check_tree(tmp_path)
+    fresh = tmp_path / "fresh"
+    proc, log, argv = _run_gpu_check(tmp_path, tree, fresh, GPU_CHECK_BUDGET="80")
+    assert argv is not None, proc.stdout + proc.stderr
+    assert not (fresh / ".stray.tmp").exists() and (fresh / "gpu_check.log").exists(), log
+
+    shared = tmp_path / "shared"
+    (shared / "older").mkdir(parents=True)
+    (shared / "older" / "run.json").write_text("{}")
+    (shared / "notes.txt").write_text("mine")
+    proc, log, argv = _run_gpu_check(tmp_path, tree, shared, GPU_CHECK_BUDGET="80")
+    assert argv is not None, proc.stdout + proc.stderr
+    assert (shared / "notes.txt").read_text() == "mine" and (shared / "older" / "run.json").exists(), log
+    assert "held other files before this run" in log, log
+
+
 def test_profile_ops_reports_each_op(tmp_path):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
