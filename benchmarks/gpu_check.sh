@@ -53,7 +53,7 @@
 # kernels' fastest launch configurations on this card; only written when the run swept them,
 # family tuning).
 #
-# Switches: GPU_CHECK_BUDGET (s, default 540), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_FORCE_BUILD=1,
+# Switches: GPU_CHECK_BUDGET (s, default 540, at most 570), GPU_CHECK_SKIP_BUILD=1, GPU_CHECK_FORCE_BUILD=1,
 # GPU_CHECK_SKIP_TESTS=1, GPU_CHECK_TESTS_CAP (s, default 100), GPU_CHECK_TEST_FILES="tests/test_lora.py ..."
 # (the test files of both passes, in order; default all, test_compile.py last),
 # GPU_CHECK_TEST_WORKERS (pytest-xdist processes for the tests when it is importable, default 4; 1: none),
@@ -81,7 +81,8 @@
 # machine stays warm 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left):
 # read status.budget_left_s, then
 #   run(command="GPU_CHECK_TIER=costly GPU_CHECK_SKIP_TESTS=1 GPU_CHECK_BUDGET=<B> bash benchmarks/gpu_check.sh",
-#       carry=[".whl"], timeout_s=<B + 30>)   with   B = status.budget_left_s - 60
+#       carry=[".whl"], timeout_s=<B + 30>)   with   B = min(status.budget_left_s - 60, 570)
+#   (a call lasts 600 s at most: the script cuts a larger budget to 570 s, saying so)
 # (skip it when B is under ~120 s), then give_back. Its build is skipped on its own (the
 # extension from the first call is still in place), and its files are named <device>-<date>-costly.*
 # so they never overwrite the first call's; a costly run times one backend per item, so it
@@ -95,7 +96,6 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-python3}
 OUT=${OUT:-$REPO/runs/gpu_check}
 mkdir -p "$OUT"
@@ -111,6 +111,29 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 say() { echo "[gpu_check $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 min() { echo $(($1 < $2 ? $1 : $2)); }
+
+# The numeric switches: whole numbers (a decimal part is dropped: B = budget_left_s - 60 may be
+# a float). Anything else stops the script before its first stage: bash arithmetic on "300s" fails,
+# and every stage would be skipped or run without its cap.
+for switch in GPU_CHECK_BUDGET GPU_CHECK_TESTS_CAP GPU_CHECK_PROFILE_CAP GPU_CHECK_TEST_WORKERS; do
+    value=${!switch:-}
+    [ -z "$value" ] && continue
+    if [[ ! $value =~ ^[0-9]+(\.[0-9]*)?$ ]]; then
+        say "error: $switch=$value: expected a number (of seconds; of processes for the workers); nothing was run"
+        exit 2
+    fi
+    printf -v "$switch" '%d' "$((10#${value%%.*}))"
+done
+BUDGET=${GPU_CHECK_BUDGET:-540}
+# One run call lasts 600 s at most, and the script needs 30 s above its budget (timeout_s =
+# budget + 30): a larger budget would have the call cut off before the scorecard, the plot and
+# the package files.
+MAX_BUDGET=570
+if [ "$BUDGET" -gt "$MAX_BUDGET" ]; then
+    say "GPU_CHECK_BUDGET=$BUDGET: over the $MAX_BUDGET s that fit in one run call (600 s at most, 30 s margin);" \
+        "$MAX_BUDGET s used"
+    BUDGET=$MAX_BUDGET
+fi
 
 # run_stage NAME MAX_SECONDS LOGFILE CMD...: run under timeout min(MAX, time left - RESERVE).
 RESERVE=20

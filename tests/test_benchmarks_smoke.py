@@ -1461,6 +1461,34 @@ def test_gpu_check_sweeps_only_an_out_dir_it_had_to_itself(tmp_path):
     assert "held other files before this run" in log, log
 
 
+def test_gpu_check_budget_fits_one_run_call_and_bad_numbers_stop_it_at_once(tmp_path):
+    """One run call lasts 600 s at most and the script needs 30 s above its budget: a larger budget
+    (the second call's B = budget_left_s - 60 with 700 s left) is cut to 570 s, so the call is not
+    killed before the scorecard, plot and package files. A budget with a decimal part (B computed
+    from a float) counts its whole seconds; a value that is no number stops the script before any
+    stage (bash arithmetic on it failed, and every stage was skipped with "only  s left")."""
+    import re
+
+    tree = _gpu_check_tree(tmp_path)
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "a", GPU_CHECK_BUDGET="700", GPU_CHECK_TIER="costly")
+    assert argv is not None and "budget 570s" in log, proc.stdout + proc.stderr + log
+    limit = int(re.search(r"stage bench: start \(limit (\d+)s\)", log).group(1))
+    assert limit <= 570 - 21, log
+
+    (tmp_path / "argv.json").unlink()
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "b", GPU_CHECK_BUDGET="252.6")
+    assert argv is not None and "budget 252s" in log and "stage bench: start" in log, proc.stderr + log
+    assert "error" not in proc.stderr, proc.stderr
+
+    for switch, value in (("GPU_CHECK_BUDGET", "300s"), ("GPU_CHECK_TESTS_CAP", "1m"),
+                          ("GPU_CHECK_TEST_WORKERS", "four")):
+        (tmp_path / "argv.json").unlink(missing_ok=True)
+        out = tmp_path / f"bad-{switch}"
+        proc, log, argv = _run_gpu_check(tmp_path, tree, out, **{switch: value})
+        assert proc.returncode == 2 and argv is None, (switch, proc.stdout + proc.stderr)
+        assert f"{switch}={value}: expected" in log and "stage " not in log, log
+
+
 def test_profile_ops_reports_each_op(tmp_path):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
