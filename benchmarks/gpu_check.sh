@@ -58,7 +58,8 @@
 # (the test files of both passes, in order; default all, test_compile.py last),
 # GPU_CHECK_TEST_WORKERS (pytest-xdist processes for the tests when it is importable, default 4; 1: none),
 # GPU_CHECK_QUICK=1 (benchmark --quick), GPU_CHECK_ONLY="lora hypergraph" (families),
-# GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all),
+# GPU_CHECK_TIER=all|cheap|costly (benchmark --tier; default all; a family or tier the suite
+# does not know, or a numeric switch that is no number, stops the script before its first stage),
 # GPU_CHECK_PROFILE=1 (before the suite, a torch.profiler breakdown of the LoRA, hypergraph and
 # InfoNCE steps per backend or strategy into gpu_check.log, cap GPU_CHECK_PROFILE_CAP s, default 60; its time comes
 # out of the suite's), GPU_CHECK_COMPILE=1 (also time the baselines under torch.compile: off by default, compiling
@@ -124,6 +125,23 @@ for switch in GPU_CHECK_BUDGET GPU_CHECK_TESTS_CAP GPU_CHECK_PROFILE_CAP GPU_CHE
     fi
     printf -v "$switch" '%d' "$((10#${value%%.*}))"
 done
+# The suite's families and tiers (benchmarks/suite.py's FAMILIES and TIERS; a test keeps them
+# equal): a name it does not know would stop it with argparse's error after the build and the
+# tests had run, losing the results of the call. Commas between families count as spaces.
+FAMILIES="lora hypergraph contrastive distributed model training contrastive_probe tuning"
+TIERS="all cheap costly"
+ONLY=${GPU_CHECK_ONLY:-}
+ONLY=${ONLY//,/ }
+for family in $ONLY; do
+    if [[ " $FAMILIES " != *" $family "* ]]; then
+        say "error: GPU_CHECK_ONLY=${GPU_CHECK_ONLY}: expected families among $FAMILIES, got '$family'; nothing was run"
+        exit 2
+    fi
+done
+if [[ " $TIERS " != *" ${GPU_CHECK_TIER:-all} "* ]]; then
+    say "error: GPU_CHECK_TIER=${GPU_CHECK_TIER}: expected one of $TIERS, got '${GPU_CHECK_TIER}'; nothing was run"
+    exit 2
+fi
 BUDGET=${GPU_CHECK_BUDGET:-540}
 # One run call lasts 600 s at most, and the script needs 30 s above its budget (timeout_s =
 # budget + 30): a larger budget would have the call cut off before the scorecard, the plot and
@@ -329,7 +347,7 @@ EOF
 STEM=${STEM:-benchmarks}$SUFFIX
 BENCH_ARGS=(--out-dir "$OUT" --name "$STEM" --no-plot --tier "$TIER")
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && BENCH_ARGS+=(--quick)
-for family in ${GPU_CHECK_ONLY:-}; do BENCH_ARGS+=(--only "$family"); done
+for family in $ONLY; do BENCH_ARGS+=(--only "$family"); done
 [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && BENCH_ARGS+=(--compile-baselines on)
 # The stage's kill time goes to the suite, which stops starting configurations in time for the
 # one in progress to finish (benchmarks/suite.py: budget_for_hard_limit). As an absolute time:

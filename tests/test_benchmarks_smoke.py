@@ -1489,6 +1489,30 @@ def test_gpu_check_budget_fits_one_run_call_and_bad_numbers_stop_it_at_once(tmp_
         assert f"{switch}={value}: expected" in log and "stage " not in log, log
 
 
+def test_gpu_check_refuses_an_unknown_family_or_tier_before_any_stage(tmp_path):
+    """A family or tier the suite does not know stopped the suite with argparse's error, after the
+    build and the tests had taken their ~220 s: the run's results were lost. The script checks
+    them first (against the suite's own lists) and stops at once; commas between families count
+    as the spaces the header asks for."""
+    import re
+
+    from benchmarks.suite import FAMILIES, TIERS
+
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
+    assert tuple(re.search(r'^FAMILIES="([^"]*)"', text, re.M).group(1).split()) == FAMILIES
+    assert tuple(re.search(r'^TIERS="([^"]*)"', text, re.M).group(1).split()) == TIERS
+    tree = _gpu_check_tree(tmp_path)
+    for switch, value, named in (("GPU_CHECK_ONLY", "lora probe", "'probe'"), ("GPU_CHECK_TIER", "Costly", "'Costly'")):
+        out = tmp_path / f"bad-{switch}"
+        proc, log, argv = _run_gpu_check(tmp_path, tree, out, **{switch: value})
+        assert proc.returncode == 2 and argv is None, (switch, proc.stdout + proc.stderr)
+        assert f"{switch}={value}: expected" in log and named in log and "stage " not in log, log
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "commas", GPU_CHECK_BUDGET="80",
+                                     GPU_CHECK_ONLY="lora,hypergraph")
+    assert argv is not None, proc.stdout + proc.stderr + log
+    assert argv[argv.index("--only"):argv.index("--only") + 4] == ["--only", "lora", "--only", "hypergraph"], argv
+
+
 def test_profile_ops_reports_each_op(tmp_path):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
