@@ -21,7 +21,8 @@
 #      ace_kernels/tuned_configs.json.
 #
 # Stages, each under its own `timeout`, each logged; a failing stage never stops the next:
-#   1. carried wheels in .whl/ installed into /tmp/site (PYTHONPATH), if any       (cap 60 s)
+#   1. carried wheels in .whl/ installed, each on its own, into /tmp/site (GPU_CHECK_SITE;
+#      on PYTHONPATH), if any                                                    (cap 60 s)
 #   2. the CUDA extension built in place for sm_90a (TORCH_CUDA_ARCH_LIST=9.0a, MAX_JOBS=16;
 #      3 source files), CUDA_HOME (when unset) from the nvcc on PATH (`command -v nvcc`, the
 #      install it runs from), else /usr/local/cuda, and `nvcc --version` in build.log; skipped
@@ -213,11 +214,18 @@ say "git sha: $ACE_GIT_SHA"
 
 # 1. carried wheels
 export PYTHONPATH=$REPO
+SITE=${GPU_CHECK_SITE:-/tmp/site}
 if ls .whl/*.whl >/dev/null 2>&1; then
-    if run_stage wheels 60 "$LOG" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target /tmp/site .whl/*.whl; then
-        export PYTHONPATH=/tmp/site:$REPO
-    fi
+    # One pip call per wheel: a wheel pip refuses (corrupt, built for another platform) costs
+    # only itself, not the others (one call for all of them installed none).
+    export PY SITE
+    run_stage wheels 60 "$LOG" bash -c 'rc=0
+        for wheel in .whl/*.whl; do
+            $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+                "$wheel" || { echo "wheels: $(basename "$wheel"): not installed"; rc=1; }
+        done
+        exit $rc'
+    [ -n "$(ls -A "$SITE" 2>/dev/null)" ] && export PYTHONPATH=$SITE:$REPO
 else
     say "stage wheels: none carried (.whl/ empty or absent)"
 fi

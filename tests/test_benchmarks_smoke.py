@@ -1414,6 +1414,8 @@ _FAKE_SUITE = """import json, os, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_SUITE_ARGV"], "w") as fh:
     json.dump(args, fh)
+with open(os.environ["FAKE_SUITE_ARGV"] + ".pythonpath", "w") as fh:
+    fh.write(os.environ.get("PYTHONPATH", ""))
 open(os.path.join(args[args.index("--out-dir") + 1], ".stray.tmp"), "w").close()
 """
 
@@ -1511,6 +1513,33 @@ def test_gpu_check_refuses_an_unknown_family_or_tier_before_any_stage(tmp_path):
                                      GPU_CHECK_ONLY="lora,hypergraph")
     assert argv is not None, proc.stdout + proc.stderr + log
     assert argv[argv.index("--only"):argv.index("--only") + 4] == ["--only", "lora", "--only", "hypergraph"], argv
+
+
+def test_gpu_check_installs_each_carried_wheel_on_its_own(tmp_path):
+    """One wheel pip refuses (corrupt, or built for another platform) cost every carried wheel
+    (one pip call for all: open_clip, Inf-CL and their imports lost together). Each is installed
+    on its own: the others still land on the run's PYTHONPATH, and the log names the refused one."""
+    import zipfile
+
+    tree = _gpu_check_tree(tmp_path)
+    (tree / ".whl").mkdir()
+    files = {"goodpkg/__init__.py": "X = 1\n",
+             "goodpkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: goodpkg\nVersion: 1.0\n",
+             "goodpkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                            "Tag: py3-none-any\n"}
+    files["goodpkg-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + "goodpkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(tree / ".whl" / "goodpkg-1.0-py3-none-any.whl", "w") as wheel:
+        for name, content in files.items():
+            wheel.writestr(name, content)
+    (tree / ".whl" / "aaa_broken-1.0-py3-none-any.whl").write_bytes(b"not a zip file")
+    site = tmp_path / "site"
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "out", GPU_CHECK_BUDGET="120",
+                                     GPU_CHECK_SITE=str(site))
+    assert argv is not None, proc.stdout + proc.stderr + log
+    assert (site / "goodpkg" / "__init__.py").exists(), log
+    assert "aaa_broken-1.0-py3-none-any.whl: not installed" in log and "stage wheels: FAILED" in log, log
+    pythonpath = (tmp_path / "argv.json.pythonpath").read_text().split(os.pathsep)
+    assert pythonpath[0] == str(site), pythonpath
 
 
 def test_profile_ops_reports_each_op(tmp_path):
