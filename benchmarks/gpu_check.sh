@@ -48,7 +48,7 @@
 # nvidia-smi + 120 build + ~8 info + 100 tests + ~5 between stages) - 21 (RESERVE and the 1 s
 # under it) = ~280 s, its budget ~235 s (grace 35 s); with a typical build (~60-90 s), ~310-340 s.
 # The Triton kernels the tests compile stay in the cache, so the suite does not compile them again.
-# Files back (at most 8): gpu_check.log, build.log, tests.log, bench.log, <device>-<date>.json
+# Files back (at most 8): gpu_check.log, build.log, tests.log, bench.log, <device>-<date>[-quick].json
 # and .png, dispatch_order.json (the measured backend order of backend="auto" on this card; only
 # written when the run timed two backends at one shape) and tuned_configs.json (the Triton
 # kernels' fastest launch configurations on this card; only written when the run swept them,
@@ -184,7 +184,9 @@ run_stage() {
 
 TIER=${GPU_CHECK_TIER:-all}
 SUFFIX=""
-[ "$TIER" = costly ] && SUFFIX="-costly"
+# -quick as the suite names a --quick run (benchmarks/results/README.md; git ignores such files there)
+[ "${GPU_CHECK_QUICK:-0}" = 1 ] && SUFFIX="-quick"
+[ "$TIER" = costly ] && SUFFIX="$SUFFIX-costly"
 say "repository $REPO, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1), budget ${BUDGET}s, tier $TIER"
 { timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
     --format=csv 2>&1 || echo "nvidia-smi not available (or no answer in 20 s)"; } | tee -a "$LOG"

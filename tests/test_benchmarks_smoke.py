@@ -1542,6 +1542,17 @@ def test_gpu_check_installs_each_carried_wheel_on_its_own(tmp_path):
     assert pythonpath[0] == str(site), pythonpath
 
 
+def test_gpu_check_names_a_quick_run_as_the_suite_does(tmp_path):
+    """A --quick run's files end in -quick (benchmarks/results/README.md; .gitignore keeps them out
+    of the results): GPU_CHECK_QUICK=1 named them as a full run of that day, whose files a commit of
+    the quick run's would replace."""
+    tree = _gpu_check_tree(tmp_path)
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "out", GPU_CHECK_BUDGET="80", GPU_CHECK_QUICK="1",
+                                     GPU_CHECK_TIER="costly")
+    assert argv is not None, proc.stdout + proc.stderr + log
+    assert "--quick" in argv and argv[argv.index("--name") + 1].endswith("-quick-costly"), argv
+
+
 def test_profile_ops_reports_each_op(tmp_path):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
