@@ -94,6 +94,8 @@
 # tuned configurations rather than the largest-batch and B=16,384 numbers gives that call
 # GPU_CHECK_ONLY=tuning (the issues' own numbers come first).
 
+# Run by sh (dash), the script would stop at its first bash-only line, after some stages ran.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -u
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD

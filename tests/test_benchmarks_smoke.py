@@ -1432,11 +1432,11 @@ def _gpu_check_tree(tmp_path):
     return tree
 
 
-def _run_gpu_check(tmp_path, tree, out, **switches):
+def _run_gpu_check(tmp_path, tree, out, shell="bash", **switches):
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), GPU_CHECK_SKIP_BUILD="1", GPU_CHECK_SKIP_TESTS="1",
                FAKE_SUITE_ARGV=str(tmp_path / "argv.json"))
     env.update(switches)
-    proc = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+    proc = subprocess.run([shell, str(tree / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
                           text=True, timeout=170)
     log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
     argv = json.loads((tmp_path / "argv.json").read_text()) if (tmp_path / "argv.json").exists() else None
@@ -1551,6 +1551,16 @@ def test_gpu_check_names_a_quick_run_as_the_suite_does(tmp_path):
                                      GPU_CHECK_TIER="costly")
     assert argv is not None, proc.stdout + proc.stderr + log
     assert "--quick" in argv and argv[argv.index("--name") + 1].endswith("-quick-costly"), argv
+
+
+def test_gpu_check_run_by_sh_runs_under_bash(tmp_path):
+    """`sh benchmarks/gpu_check.sh` (dash on Debian) stopped at the first bash-only line, after
+    some stages had run and before the suite: the script runs itself again under bash."""
+    tree = _gpu_check_tree(tmp_path)
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "out", shell="sh", GPU_CHECK_BUDGET="80",
+                                     GPU_CHECK_ONLY="lora")
+    assert argv is not None and "stage bench: start" in log, proc.stdout + proc.stderr + log
+    assert "Syntax error" not in proc.stderr, proc.stderr
 
 
 def test_profile_ops_reports_each_op(tmp_path):
