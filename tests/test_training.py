@@ -567,8 +567,9 @@ def test_eps_zero_is_refused_and_its_nan_weights_never_saved(tmp_path, monkeypat
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "ace_lora.pt").exists()
 
 
-@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
-def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
+def _pairs_csv(tmp_path, name: str, column: str | None = None, cell=lambda row: "") -> dict:
+    """A one-step tiny run's config on 4 synthetic pairs (image and text columns only) written to
+    ``name``, with one more column ``column`` holding ``cell(row)`` when given."""
     import csv
 
     from ace_model.data import make_synthetic_dataset
@@ -576,12 +577,19 @@ def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
     labelled = make_synthetic_dataset(tmp_path / "data", 4, seed=0)
     with open(labelled, newline="") as handle:
         rows = [row[:2] for row in csv.reader(handle)]
-    plain = labelled.with_name("plain.csv")
-    with open(plain, "w", newline="") as handle:
+    if column is not None:
+        rows = [rows[0] + [column]] + [row + [cell(i)] for i, row in enumerate(rows[1:])]
+    path = labelled.with_name(name)
+    with open(path, "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     # (No warm-up: a one-step run with one would be all warm-up, and say so.)
-    config = dict(csv=str(plain), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0,
-                  warmup_steps=0)
+    return dict(csv=str(path), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0,
+                warmup_steps=0)
+
+
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
+    config = _pairs_csv(tmp_path, "plain.csv")
     with pytest.warns(UserWarning, match=r"TrainConfig\.csv: .*plain\.csv' has no label columns: training with "
                                          r"the plain CLIP loss \(as use_labels=False, --no-labels\)"):
         assert train(TrainConfig(out_dir=str(tmp_path / "a"), **config))["steps"] == 1
@@ -589,10 +597,7 @@ def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
         warnings.simplefilter("error")  # asked for: no warning
         assert train(TrainConfig(out_dir=str(tmp_path / "b"), use_labels=False, **config))["steps"] == 1
     # Label columns whose rows are all alike (all empty, say): every negative is masked.
-    same = labelled.with_name("same.csv")
-    with open(same, "w", newline="") as handle:
-        csv.writer(handle).writerows([rows[0] + ["a"]] + [row + [""] for row in rows[1:]])
-    config["csv"] = str(same)
+    config = _pairs_csv(tmp_path, "same.csv", "a")
     with pytest.warns(UserWarning, match=r"TrainConfig\.csv: every row of .*same\.csv' has the same labels: the "
                                          r"label-guided loss masks every other sample"):
         assert train(TrainConfig(out_dir=str(tmp_path / "c"), **config))["steps"] == 1
@@ -600,19 +605,10 @@ def test_a_csv_without_usable_labels_trains_and_says_so(tmp_path):
 
 @pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
 def test_without_labels_other_columns_are_not_read_as_labels(tmp_path):
-    import csv
+    from ace_model.data import DataError
 
-    from ace_model.data import DataError, make_synthetic_dataset
-
-    labelled = make_synthetic_dataset(tmp_path / "data", 4, seed=0)
-    with open(labelled, newline="") as handle:
-        rows = [row[:2] for row in csv.reader(handle)]
     # Metadata beside the pairs (MIMIC-CXR's study ids): no labels, so nothing the plain CLIP loss reads.
-    study = labelled.with_name("study.csv")
-    with open(study, "w", newline="") as handle:
-        csv.writer(handle).writerows([rows[0] + ["study_id"]] + [row + [f"s{i}"] for i, row in enumerate(rows[1:])])
-    config = dict(csv=str(study), model="tiny", epochs=1, batch_size=4, checkpoint_every=0, progress=False, seed=0,
-                  warmup_steps=0)
+    config = _pairs_csv(tmp_path, "study.csv", "study_id", lambda row: f"s{row}")
     assert train(TrainConfig(out_dir=str(tmp_path / "a"), use_labels=False, **config))["steps"] == 1
     with pytest.raises(DataError, match=r"row 1: label column 'study_id' holds 's0'"):  # with labels it is one
         train(TrainConfig(out_dir=str(tmp_path / "b"), **config))
