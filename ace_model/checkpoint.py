@@ -100,12 +100,17 @@ def _expect_tensor(where: str, value, expected_shape: tuple, into: torch.dtype) 
     into a parameter of dtype ``into`` (a float64 1e40 is an infinity in float32)."""
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{where}: expected a tensor of shape {expected_shape}, found {type(value).__name__}")
+    if value.is_nested:  # its .shape raises
+        raise CheckpointError(f"{where}: expected a dense tensor of shape {expected_shape}, found a nested tensor")
     if tuple(value.shape) != tuple(expected_shape):
         raise CheckpointError(f"{where}: expected shape {tuple(expected_shape)}, found {tuple(value.shape)}")
     if not value.is_floating_point():
         raise CheckpointError(f"{where}: expected a floating-point tensor, found {value.dtype}")
     if value.layout != torch.strided:
         raise CheckpointError(f"{where}: expected a dense tensor, found layout {value.layout}")
+    if value.is_meta:  # saved from a model built on the 'meta' device (no weights allocated)
+        raise CheckpointError(f"{where}: a tensor without values (device 'meta'), saved from a model whose weights "
+                              "were never allocated; expected stored values")
     finite = torch.isfinite(value.to(into))
     if not bool(finite.all()):
         # Training never writes one (it stops on a non-finite loss or weight): a corrupt file.

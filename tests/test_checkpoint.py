@@ -12,6 +12,7 @@ import collections
 import copy
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,12 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
         assert torch.equal(param, before[name]), f"{name} changed by a failed load"
 
 
+def _nested_rows(rows: int, width: int) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's: nested tensors are a prototype
+        return torch.nested.nested_tensor([torch.ones(width)] * rows)
+
+
 @pytest.mark.parametrize("where,edit", [
     (r"weights\['logit_scale'\]: 1 of 1 values are not finite \(NaN or inf\); a trained checkpoint has none",
      lambda blob: blob["weights"].update(logit_scale=torch.tensor(float("nan")))),
@@ -245,6 +252,13 @@ def test_entries_the_model_would_drop_are_refused(tiny, tmp_path, where, edit):
      lambda blob: blob.update(weights=list(blob["weights"].values()))),
     (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a tensor of shape \(4, 64\), found list$",
      lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=[[0.0] * 64] * 4)),
+    # A foreign file saved from a model built on the meta device has tensors without values.
+    (r"weights\['layer_1'\]\['k_proj'\]\['w_lora_B'\]: a tensor without values \(device 'meta'\)",
+     lambda blob: blob["weights"]["layer_1"]["k_proj"].update(w_lora_B=torch.empty(64, 4, device="meta"))),
+    (r"weights\['logit_scale'\]: a tensor without values \(device 'meta'\)",
+     lambda blob: blob["weights"].update(logit_scale=torch.empty((), device="meta"))),
+    (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a dense tensor of shape \(4, 64\), found a nested",
+     lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=_nested_rows(4, 64))),
 ])
 def test_corrupt_values_and_keys_are_refused_naming_them(tiny, tmp_path, where, edit):
     """A NaN or infinite weight (training never writes one), a multiplier <= 0 as the model would hold
