@@ -1371,7 +1371,12 @@ def _check_out_dir(out_dir: Path, name: str = "TrainConfig.out_dir") -> None:
     """Fail before any work when ``out_dir`` or a folder above it exists but is no directory, or
     when the nearest existing one (``out_dir`` itself, or the folder it would be created in)
     takes no new folder: one is made there and removed (a permission bit says less than trying:
-    root may still be refused, on a read-only mount or in /sys)."""
+    root may still be refused, on a read-only mount or in /sys). Its ``checkpoints``, where one exists, must be
+    a directory too: a file of that name would stop the run only at its first checkpoint."""
+    checkpoints = out_dir / "checkpoints"
+    if (checkpoints.exists() or checkpoints.is_symlink()) and not checkpoints.is_dir():
+        raise ValueError(f"{name}: {str(out_dir)!r} cannot be a run directory: {str(checkpoints)!r} exists and is "
+                         "not a directory (the run's checkpoints go there)")
     for candidate in (out_dir, *out_dir.parents):
         if candidate.exists() or candidate.is_symlink():
             if not candidate.is_dir():

@@ -999,6 +999,22 @@ def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_a_checkpoints_entry_that_is_no_directory_is_refused_before_any_step(tmp_path):
+    """A file (or a dangling link) named checkpoints in out_dir stopped the run only at its first checkpoint,
+    its steps lost."""
+    model = make_model("standin")
+    for name, make in (("file", lambda at: at.write_text("keep me")),
+                       ("link", lambda at: at.symlink_to(tmp_path / "nowhere"))):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        make(out_dir / "checkpoints")
+        with pytest.raises(ValueError, match=rf"TrainConfig.out_dir: '{out_dir}' cannot be a run directory: "
+                                             rf"'{out_dir / 'checkpoints'}' exists and is not a directory"):
+            train(_config(tmp_path, out_dir=str(out_dir), max_steps=4, checkpoint_every=2), model=model,
+                  dataset=RandomPairs(model, 8), loss_fn=dense_label_infonce)
+        assert sorted(p.name for p in out_dir.iterdir()) == ["checkpoints"]
+
+
 def _record_atomic_writes(monkeypatch) -> list[tuple[str, str]]:
     """(temp path, final path) of every os.replace, i.e. of every atomic write."""
     done = []
