@@ -1212,8 +1212,12 @@ def load_state(path: str | os.PathLike) -> dict:
         Naming ``path``, when the file cannot be read (corrupt, truncated, not a torch
         file) or is not a training state of a version this code reads.
     """
-    state = read_model_file(lambda: torch.load(path, map_location="cpu", weights_only=True), TrainingStateError,
-                            str(path), "a training state", check_zip=path)
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's about a plain pickle: the error says what the file is
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+    state = read_model_file(load, TrainingStateError, str(path), "a training state", check_zip=path)
     if isinstance(state, dict) and {"weights", "metadata"} <= set(state) and "format" not in state:
         raise TrainingStateError(f"{path}: a released-format weights file (for train --init-checkpoint or "
                                  "zero-shot --checkpoint), not a training state; a run's states are its "
