@@ -14,6 +14,8 @@ file gets its own section, headed by the hardware, software and commit it ran on
 Rows written before result files recorded ``target_parts`` (every committed file of 2026-12-01
 and before) have the target's
 text and verdict only; their ratio columns still give the measured speedup and memory ratio.
+Under the counts, the run's skip lines (``run.skipped``): what it did not measure, whose targets
+have no row here and are in none of the counts.
 ``--missed`` lists only the rows whose target was not met (missed or not judged).
 Exit status 0, or 2 when a file cannot be read as a result file (the others still get their
 sections).
@@ -96,6 +98,12 @@ def scorecard(payload: dict, name: str, *, missed_only: bool = False) -> tuple[s
     lines = [f"## {env.get('device', 'unknown device')}: {name}", "", *about, *([""] if about else []),
              f"Targets: {met} of {len(rows)} met, {missed} missed, {unjudged} not judged "
              "(a part that could not be judged: '-')."]
+    # A target whose row never came (its item skipped, its family's process lost) has no line below
+    # and is in none of the counts: the run's skip lines say what it did not measure.
+    skipped = [str(line) for line in (payload.get("run") or {}).get("skipped") or []]
+    if skipped:
+        lines += ["", f"Not measured in this run ({len(skipped)} skip lines of the run; a target of a row that "
+                      "is not here was not judged):", "", *(f"- {_escape(line)}" for line in skipped)]
     shown = [r for r in rows if not (missed_only and r.get("target_pass") is True)]
     families = list(dict.fromkeys(r.get("family", "") for r in shown))
     for family in families:

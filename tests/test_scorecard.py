@@ -227,3 +227,27 @@ def test_a_result_file_with_malformed_target_parts_is_refused_not_a_traceback(tm
         assert scorecard.main([str(bad), str(good)]) == 2
         out, err = capsys.readouterr()
         assert f"cannot read {str(bad)!r} as a result file" in err and f": {good}\n" in out
+
+
+def test_the_scorecard_names_what_the_run_did_not_measure(tmp_path, capsys):
+    """A target whose row never came (its item skipped for time, its family's process lost) has no
+    line in the tables: the section names the run's skip lines under the counts, so that "1 of 3
+    met" is not read as all the issue's targets judged."""
+    path = _gpu_payload(tmp_path)
+    payload = json.loads(path.read_text())
+    payload["run"]["skipped"] = [
+        "label_guided_infonce B=1000000 D=512 labels: skipped (the run's time budget is spent)",
+        "family hypergraph: skipped (lost: its process died of SIGABRT (12 s); rows it saved are kept)"]
+    path.write_text(json.dumps(payload))
+    for argv in ([str(path)], ["--missed", str(path)]):
+        assert scorecard.main(argv) == 0
+        out = capsys.readouterr().out
+        counts = out.index("Targets: 1 of 3 met")
+        listed = out.index("Not measured in this run (2 skip lines of the run")
+        assert counts < listed < out.index("### lora")
+        assert "- label_guided_infonce B=1000000 D=512 labels: skipped (the run's time budget is spent)" in out
+        assert "- family hypergraph: skipped (lost: its process died of SIGABRT" in out
+    payload["run"]["skipped"] = []
+    path.write_text(json.dumps(payload))
+    assert scorecard.main([str(path)]) == 0
+    assert "Not measured in this run" not in capsys.readouterr().out
