@@ -8,9 +8,11 @@ barrier. A step's time is the slowest rank's (an all-reduce of the times).
 
 - CPU: W = 2 gloo ranks, the torch backend in float32, B = 4096, D = 512, labels. The ranks
   share the machine's cores: each gets ``max(1, threads // W)`` torch threads (``threads``: the
-  suite's ``--threads``) and the one-process step as many as the ranks together, so the ideal
-  ratio is 1x: the row shows what the split and the collectives cost against one process on
-  the same cores, not a speed-up. ``--quick``: B = 256, D = 64.
+  suite's ``--threads``) and the one-process step as many as the ranks together, at most
+  ``threads``, so the ideal ratio is 1x: the row shows what the split and the collectives cost
+  against one process on the same cores, not a speed-up. With ``--threads 1`` the ranks have a
+  thread each and the one process one: ideal 2x (``metrics.ideal_speedup``). ``--quick``:
+  B = 256, D = 64.
 - GPU: W = every visible card (at least 2), NCCL, one card per rank, bf16, B = 65,536,
   D = 512, labels; the ideal ratio is W. With one card the family is skipped, saying so.
   This branch has not run yet: no machine lent here has two cards.
@@ -57,10 +59,21 @@ def _plan(suite) -> dict | None:
             return None
         return dict(world=min(cards, 8), dist_backend="nccl", device="cuda", backend="auto", dtype="bfloat16",
                     batch=65536, dim=512, threads_per_rank=1, one_threads=1, warmup=1, reps=5)
-    per_rank = max(1, torch.get_num_threads() // 2)
+    threads = torch.get_num_threads()  # the suite's --threads
+    per_rank = max(1, threads // 2)
     batch, dim, reps = (256, 64, 3) if suite.quick else (4096, 512, 5)
+    # The ranks' threads together, but never more than --threads: with --threads 1 (a busy machine)
+    # two OpenMP threads spin against the other load, 100x slower a step, and the row flattered the ranks.
     return dict(world=2, dist_backend="gloo", device="cpu", backend="torch", dtype="float32", batch=batch, dim=dim,
-                threads_per_rank=per_rank, one_threads=2 * per_rank, warmup=0, reps=reps)
+                threads_per_rank=per_rank, one_threads=min(2 * per_rank, threads), warmup=0, reps=reps)
+
+
+def ideal_speedup(plan: dict) -> float:
+    """The ratio the W-rank step would reach with free collectives: W on GPUs (a card per rank);
+    on a CPU the ranks' threads over the one-process step's (1 when they are the same cores)."""
+    if plan["device"] == "cuda":
+        return float(plan["world"])
+    return plan["world"] * plan["threads_per_rank"] / plan["one_threads"]
 
 
 def _global_batch(plan: dict, device: torch.device):
@@ -234,6 +247,6 @@ def run(suite) -> None:
     sizes = _sizes(batch, world)
     metrics = {"world": world, "dist_backend": plan["dist_backend"], "threads_per_rank": plan["threads_per_rank"],
                "one_process_threads": plan["one_threads"], "flops_per_rank": 10 * max(sizes) * batch * dim,
-               "ideal_speedup": world if plan["device"] == "cuda" else 1.0, "rel_err_vs_one_process": error}
+               "ideal_speedup": ideal_speedup(plan), "rel_err_vs_one_process": error}
     suite.add_rows(family=FAMILY, op=OP, shape=shape, dtype=plan["dtype"], ours={provider: (ours, metrics)},
                    baselines={baseline: (base, {})})
