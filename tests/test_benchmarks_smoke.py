@@ -1527,7 +1527,8 @@ def test_gpu_check_installs_each_carried_wheel_on_its_own(tmp_path):
              "goodpkg-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: goodpkg\nVersion: 1.0\n",
              "goodpkg-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                             "Tag: py3-none-any\n"}
-    files["goodpkg-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + "goodpkg-1.0.dist-info/RECORD,,\n"
+    record = "goodpkg-1.0.dist-info/RECORD"
+    files[record] = "".join(f"{name},,\n" for name in [*files, record])
     with zipfile.ZipFile(tree / ".whl" / "goodpkg-1.0-py3-none-any.whl", "w") as wheel:
         for name, content in files.items():
             wheel.writestr(name, content)
