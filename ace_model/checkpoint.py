@@ -178,6 +178,14 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     return apply_reference_checkpoint(model, path, read_reference_checkpoint(path))
 
 
+def load_weights_only(path: str | os.PathLike):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` without torch's warnings (the one
+    about a plain pickle's protocol: the caller's error says what the file is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_reference_checkpoint(path: str | os.PathLike):
     """The object stored in checkpoint file ``path`` (``torch.load``, weights only), unchecked:
     :func:`apply_reference_checkpoint` checks it against a model. A file that cannot be read
@@ -186,9 +194,7 @@ def read_reference_checkpoint(path: str | os.PathLike):
     try:
         bad_member = _failed_zip_member(path)  # see read_model_file
         if bad_member is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's about a plain pickle: the error below says what the file is
-                blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = load_weights_only(path)
     except Exception as exc:
         # Every error, a missing file included, is a CheckpointError here (read_model_file lets
         # missing files through); its reason is one line, as read_model_file's is.

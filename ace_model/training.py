@@ -65,7 +65,8 @@ from torch import nn
 from ace_kernels._checks import check_finite_number
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
                                fsync_directory, makedirs_durable, temp_name_pattern)
-from ace_model.checkpoint import CheckpointError, first_line, load_reference_checkpoint, read_model_file
+from ace_model.checkpoint import (CheckpointError, first_line, load_reference_checkpoint, load_weights_only,
+                                 read_model_file)
 from ace_model.model import TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
@@ -1212,12 +1213,8 @@ def load_state(path: str | os.PathLike) -> dict:
         Naming ``path``, when the file cannot be read (corrupt, truncated, not a torch
         file) or is not a training state of a version this code reads.
     """
-    def load():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's about a plain pickle: the error says what the file is
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-    state = read_model_file(load, TrainingStateError, str(path), "a training state", check_zip=path)
+    state = read_model_file(lambda: load_weights_only(path), TrainingStateError, str(path), "a training state",
+                            check_zip=path)
     if isinstance(state, dict) and {"weights", "metadata"} <= set(state) and "format" not in state:
         raise TrainingStateError(f"{path}: a released-format weights file (for train --init-checkpoint or "
                                  "zero-shot --checkpoint), not a training state; a run's states are its "
