@@ -200,14 +200,14 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    from ace_model.checkpoint import read_model_file
+    from ace_model.checkpoint import load_weights_only, read_model_file
 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return read_model_file(lambda: load_file(str(path), device="cpu"), ValueError,
                                f"pretrained checkpoint {path}", "a safetensors file")
-    state = read_model_file(lambda: torch.load(str(path), map_location="cpu", weights_only=True), ValueError,
+    state = read_model_file(lambda: load_weights_only(path), ValueError,
                             f"pretrained checkpoint {path}", "a torch checkpoint")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -463,6 +464,13 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
         ACELoRA.from_config("tiny", pretrained=str(bad))
+    # A plain pickle: the one-line error alone, without torch's warning about its pickle protocol above it.
+    bad.write_bytes(__import__("pickle").dumps({"step": 4}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
+            ACELoRA.from_config("tiny", pretrained=str(bad))
+    assert not [w for w in caught if "pickle" in str(w.message)], [str(w.message) for w in caught]
     torch.save(source.state_dict(), bad)
     bad.write_bytes(bad.read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
