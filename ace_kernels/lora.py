@@ -46,8 +46,8 @@ Both backends draw their randomness from torch's default generator of ``x``'s
 device, so ``torch.manual_seed`` and ``torch.random.fork_rng`` (or saving and
 restoring the generator state) reproduce the masks exactly:
 
-* ``torch``: ``torch.rand`` of shape [P, M, in] (P projections, M = rows of the
-  flattened ``x``), element kept where the number is ``>= dropout_p``.
+* ``torch``: ``torch.rand`` of shape [P, M, in] in float32 (whatever the default dtype; P
+  projections, M = rows of the flattened ``x``), element kept where the number is ``>= dropout_p``.
 * ``triton``: one ``torch.randint`` seed (a 1-element int64 tensor on the device,
   read by the kernels, so there is no host synchronisation). Philox4x32-10 keyed by
   the seed, counter ``rng_offset + row * ceil(in / 2) + col // 2``: lane p serves
@@ -286,8 +286,9 @@ class _LoraTorchFunction(torch.autograd.Function):
             y = x2d @ weight.t()
         keep = None
         if apply_dropout:
-            # torch.rand on the default generator: fork_rng / manual_seed replay it exactly.
-            keep = torch.rand((projections, rows, in_features), device=x2d.device) >= dropout_p
+            # torch.rand on the default generator: fork_rng / manual_seed replay it exactly. float32 whatever
+            # the default dtype: bfloat16 uniforms (steps of 2**-8) would bias the keep rate (none kept at 0.999).
+            keep = torch.rand((projections, rows, in_features), dtype=torch.float32, device=x2d.device) >= dropout_p
         s_flat = _down_projection(x2d, lora_a3, keep, keep_prob)
         if torch.compiler.is_compiling():
             # Out of place while tracing: torch 2.11's AOTAutograd returned zero gradients for

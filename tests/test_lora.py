@@ -207,6 +207,26 @@ def test_torch_mask_is_documented_rand_of_p_m_in():
     assert torch.equal(mask, want)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_torch_mask_does_not_depend_on_the_default_dtype(default_dtype):
+    """The uniforms are float32 whatever torch.set_default_dtype says: bfloat16 ones (steps of
+    2**-8) kept nothing at dropout_p=0.999 and biased the keep rate of dropout_p=0.1 by 0.2%."""
+    case = Case("default_dtype", "linear", (200,), 50, 3, 2, dropout_p=0.999)
+    inputs = make_inputs(case, torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        _, want = call_op(case, inputs, "torch")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default_dtype)
+        try:
+            torch.manual_seed(11)
+            _, mask = call_op(case, inputs, "torch")
+        finally:
+            torch.set_default_dtype(previous)
+    assert want.any()
+    assert torch.equal(mask, want)
+
+
 def binomial_bound(n: int, p: float, sigmas: float = 6.0) -> float:
     """|observed keep-rate - (1-p)| bound: 6 standard deviations (false alarm < 1e-8)."""
     return sigmas * math.sqrt(p * (1 - p) / n)
