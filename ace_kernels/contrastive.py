@@ -581,7 +581,9 @@ if triton is not None:
                 # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
                 tile_lse = _tile_lse(logits, 0, FAST_LOG)
                 old = tl.load(part_row + cols, mask=cols < n, other=float("-inf"))
-                top = tl.maximum(old, tile_lse)
+                # A NaN on either side stays NaN: tl.maximum's default takes the other operand, and
+                # beside an empty side (-inf) the merge then stored -inf, as if the column held nothing.
+                top = tl.maximum(old, tile_lse, propagate_nan=tl.PropagateNan.ALL)
                 top_empty = top == float("-inf")
                 top_safe = tl.where(top_empty, 0.0, top)
                 both = _exp(old - top_safe) + _exp(tile_lse - top_safe)

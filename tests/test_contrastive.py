@@ -495,6 +495,26 @@ def test_non_finite_inputs_give_nan_not_hang():
     assert not torch.isfinite(inf_loss)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_a_nan_image_row_makes_every_gradient_nan(backend, device):
+    """A NaN in one image row enters every column log-sum-exp that its logits are not masked from,
+    and through them every gradient: NaN throughout, as documented. The one-pass Triton forward
+    merged a column's NaN log-sum-exp into its still empty (-inf) partial with tl.maximum, which
+    takes the operand that is not NaN: those columns read -inf, and rows of other labels got
+    gradients of +inf (row 7 here: text rows of positive entries, so that the infinite weights
+    add up to inf, not to a NaN)."""
+    u, t, s = (x.detach().float().to(device) for x in _inputs(9, 6))
+    u[2, 0] = float("nan")
+    t = F.normalize(t.abs(), dim=1)
+    labels = torch.tensor([0, 1, 0, 0, 0, 1, 0, 2, 1], device=device)
+    u, t, s = (x.requires_grad_() for x in (u, t, s))
+    loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss)
+    for name, grad in (("image_emb", u.grad), ("text_emb", t.grad), ("logit_scale", s.grad)):
+        assert grad.isnan().all(), f"grad {name}: {grad}"
+
+
 ERRORS = [
     ("image_emb", lambda u, t, s, y: (u[0], t, s, y)),
     ("text_emb", lambda u, t, s, y: (u, t[:, :5], s, y)),
