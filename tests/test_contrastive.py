@@ -298,7 +298,11 @@ def test_equals_open_clip_clip_loss():
 
 @pytest.mark.parametrize("init,fragment", [("abc", "expected a Python number, got str"),
                                             (float("nan"), "expected a finite number"),
-                                            (torch.tensor([1.0, 2.0]), "expected a Python number, got torch.Tensor")])
+                                            (torch.tensor([1.0, 2.0]), "expected a Python number, got torch.Tensor"),
+                                            # finite as a float, inf as the float32 parameter (whose losses were NaN)
+                                            (1e39, r"expected a finite number within float32's range \(\|x\| <= "
+                                                   r"3\.40282e\+38\), got 1e\+39$"),
+                                            (-1e39, "expected a finite number within float32's range")])
 def test_module_rejects_a_bad_initial_multiplier(init, fragment):
     with pytest.raises(ValueError, match=f"argument 'logit_scale_init': {fragment}"):
         ace_kernels.LabelGuidedInfoNCE(init)
