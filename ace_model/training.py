@@ -795,6 +795,11 @@ class TrainConfig:
             # AdamW divides by sqrt(v) + eps, and v stays 0 where a gradient is exactly 0 (ACE-LoRA's
             # LoRA A at the first step, its B starting at zero): eps = 0 turns those weights into 0/0.
             raise ValueError(f"TrainConfig.eps: expected a finite number > 0, got {self.eps!r}")
+        if float(self.eps) < torch.finfo(torch.float32).tiny:
+            # AdamW adds eps to the float32 sqrt(v): below 1.4e-45 it rounds to 0 there (a flush-to-zero
+            # mode drops any subnormal), and the weights become 0/0 as with eps = 0.
+            raise ValueError(f"TrainConfig.eps: expected a number >= {torch.finfo(torch.float32).tiny:.7g} (float32's "
+                             f"smallest normal; AdamW adds eps in the weights' float32), got {self.eps!r}")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
         if len(betas) != 2 or not all(_is_finite_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"TrainConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")

@@ -1300,6 +1300,18 @@ def test_optimizer_settings_are_validated(field, value, expected):
     TrainConfig(lr=1e30).validate()
 
 
+@pytest.mark.parametrize("eps", [1e-50, 1e-46, 1e-40, np.float64(1e-39)])
+def test_an_eps_that_float32_loses_is_refused(eps):
+    """AdamW adds eps to the weights' float32 sqrt(v): 1e-50 rounds to 0 there (a subnormal one is flushed
+    to 0 in a flush-to-zero mode), so the LoRA A weights, whose first gradient is exactly 0, became 0/0
+    as with eps = 0, and the run stopped at step 2 on a "non-finite loss" instead of naming the setting."""
+    with pytest.raises(ValueError, match=r"^TrainConfig\.eps: expected a number >= 1\.175494e-38 \(float32's "
+                                         r"smallest normal; .*\), got "):
+        TrainConfig(eps=eps).validate()
+    TrainConfig(eps=float(torch.finfo(torch.float32).tiny)).validate()
+    TrainConfig(eps=np.float32(1e-37)).validate()
+
+
 def test_read_metrics_keeps_only_the_last_run(tmp_path):
     """A fresh run appends after a "start" line; a "resume" line continues the same run."""
     path = tmp_path / "metrics.jsonl"
