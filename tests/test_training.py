@@ -623,6 +623,17 @@ def test_bf16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warm_up_of_more_steps_than_a_float_holds_is_refused_before_any_file_is_written(tmp_path):
+    """validate() takes any finite warmup_epochs; 1e308 epochs of 2 steps is inf steps, and the step count
+    was an OverflowError (a traceback from ace-lora train) instead of an error naming the setting."""
+    model = make_model("standin")
+    with pytest.raises(ValueError, match=r"^TrainConfig\.warmup_epochs: 1e\+308 epochs of 2 steps each overflows "
+                                         r"a float; expected"):
+        train(_config(tmp_path, warmup_epochs=1e308), model=model, dataset=RandomPairs(model, 8),
+              loss_fn=dense_label_infonce)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="flock and fork are POSIX")
 def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     """Rank 0 holds out_dir/.train.lock while it writes there: a second run on the same directory
