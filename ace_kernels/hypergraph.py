@@ -96,7 +96,7 @@ def _sparse_mm(crow, col, values, shape, dense):
     # N=197, H=128). torch flags sparse CSR as beta; the warning says nothing actionable here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        matrix = torch.sparse_csr_tensor(crow, col, values, shape)
+        matrix = torch.sparse_csr_tensor(crow, col, values, shape, device=dense.device)  # not the default device
         return torch.sparse.mm(matrix, dense)
 
 
@@ -113,7 +113,7 @@ def _gather_sum_sparse(src: torch.Tensor, cols: torch.Tensor, weights: torch.Ten
     Q, S = cols.shape[1], cols.shape[2]
     if S == 0:  # no slot: rows of A with no entry (the neighbour slots at N = 1)
         return src.new_zeros(B, Q, D)
-    crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64)
+    crow = torch.arange(0, B * Q * S + 1, S, dtype=torch.int64, device=src.device)  # not the default device
     return _sparse_mm(crow, _flat_rows(cols, R), weights.reshape(-1).to(src.dtype), (B * Q, B * R),
                       src.reshape(B * R, D)).view(B, Q, D)
 
@@ -150,8 +150,8 @@ def _scatter_sum_sparse(src: torch.Tensor, cols: torch.Tensor, weights: torch.Te
     nnz = row_ptr[:, -1]
     start = torch.cumsum(nnz, 0) - nnz
     crow = torch.cat([(row_ptr[:, :num_rows] + start[:, None]).reshape(-1), nnz.sum().view(1)])
-    valid = torch.arange(Q * S)[None, :] < nnz[:, None]
-    entries = (perm + (torch.arange(B) * (Q * S))[:, None])[valid]
+    valid = torch.arange(Q * S, device=src.device)[None, :] < nnz[:, None]
+    entries = (perm + (torch.arange(B, device=src.device) * (Q * S))[:, None])[valid]
     values = weights.reshape(-1).to(src.dtype)[entries]
     return _sparse_mm(crow, entries // S, values, (B * num_rows, B * Q), src.reshape(B * Q, D)).view(
         B, num_rows, D)

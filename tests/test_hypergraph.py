@@ -929,6 +929,25 @@ def test_the_by_slot_scatter_adds_nothing_from_an_empty_slot():
     assert torch.equal(got, hg._scatter_sum_sparse(src_q, cols, w, R))
 
 
+def test_torch_backend_on_cpu_tensors_ignores_the_default_device():
+    """CPU inputs under another default device (torch.set_default_device("cuda"); the meta device
+    stands in for it here): the full output's sparse CSR products built their row pointers and
+    entry indices with torch.arange on the default device, mixing it with the CPU operands."""
+    x, cls_attn, edge, node, k = make_inputs(SHAPES["n7_d40"], torch.float32)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        inputs = leaves([x, cls_attn, *edge, *node])
+        out = ace_kernels.ace_hypergraph(inputs[0], inputs[1], inputs[2:6], inputs[6:10], topk=k, backend="torch")
+        return [out, *torch.autograd.grad((out * g).sum(), inputs)]
+
+    want = run()
+    with torch.device("meta"):
+        got = run()
+    for name, a, b in zip(("out",) + PARAM_NAMES, got, want):
+        assert a.device.type == "cpu" and torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
 def test_torch_backend_in_its_gpu_form_matches_oracle(cls_only):
     """The whole op over the primitives the torch backend takes on a GPU (slot-by-slot gather and
