@@ -90,10 +90,10 @@ What is never patched (recorded as skipped, with the reason): a module whose
 wrapper such as accelerate's hooks, which the fused call would skip); a layout
 recognised by its attribute names whose computation differs, found by running
 its class's method once at patch time on a small random probe, on a CPU copy
-in the default dtype without hooks (its tensors and hooks are untouched, the
-random streams restored; attributes other than tensors and submodules are
-shared with the copy, so a method that appends to a list or logs does so at
-patch time too): the reference ``LinearLoRA`` forward (dropout off, random
+in the default dtype (float32 for a 16-bit default) without hooks (its tensors
+and hooks are untouched, the random streams restored; attributes other than
+tensors and submodules are shared with the copy, so a method that appends to a
+list or logs does so at patch time too): the reference ``LinearLoRA`` forward (dropout off, random
 ``A`` and ``B``) and each ``apply_ace_hgat`` encoder (against
 ``ace_hypergraph``'s torch backend); each adapter (once per adapter object,
 again when its class, layers or activation object change; a flag its forward
@@ -779,16 +779,23 @@ class _OnMeta(Exception):
     """A tensor of a module to probe is on the meta device: there is nothing to compute with."""
 
 
+def _probe_dtype() -> torch.dtype:
+    """The probes' dtype: torch's default (the dtype a module's untyped ``torch.zeros`` gives),
+    but float32 for a 16-bit default, whose copies, inputs and arithmetic would differ from the
+    fused ops' float32 accumulation (and make ties) in modules that compute what they do."""
+    return torch.promote_types(torch.get_default_dtype(), torch.float32)
+
+
 def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.Module:
-    """A CPU copy of ``module`` in torch's default dtype (float32 unless changed: the dtype a
-    module's untyped ``torch.zeros`` gives; float32 also keeps random probe inputs free of the
-    ties that 16 bits would make) for a probe. Only ``children`` (names; all when None) are
-    copied, the other submodules shared. Parameters, buffers and tensor attributes are converted
-    first (no full-size copy on the device; a weight the reference's merge path left attached to
-    a graph copies detached); hook dictionaries start empty (a probe is not a call of the user's
-    model, and a hook's owner is never copied); every other attribute (args, locks, files) is
-    shared, not copied. Raises :class:`_OnMeta` for a tensor on the meta device."""
-    dtype = torch.get_default_dtype()
+    """A CPU copy of ``module`` in :func:`_probe_dtype` (float32 unless the default dtype is
+    float64; float32 also keeps random probe inputs free of the ties that 16 bits would make) for a
+    probe. Only ``children`` (names; all when None) are copied, the other submodules shared.
+    Parameters, buffers and tensor attributes are converted first (no full-size copy on the device;
+    a weight the reference's merge path left attached to a graph copies detached); hook dictionaries
+    start empty (a probe is not a call of the user's model, and a hook's owner is never copied);
+    every other attribute (args, locks, files) is shared, not copied. Raises :class:`_OnMeta` for a
+    tensor on the meta device."""
+    dtype = _probe_dtype()
     memo: dict = {}
     if children is not None:
         for name, child in module._modules.items():
@@ -1115,7 +1122,7 @@ def _hgat_probe_reason(module) -> str | None:
         return f"apply_ace_hgat could not be checked on a copy ({type(exc).__name__}: {exc})"
     topk = int(probe.args.topk)
     generator = torch.Generator().manual_seed(0)
-    dtype = torch.get_default_dtype()
+    dtype = _probe_dtype()
     for encoder in ("img", "text"):
         edge, node = _adapters_for(probe, encoder)
         features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=dtype)
@@ -1416,7 +1423,7 @@ def _clip_loss_probe_reason(module) -> str | None:
     if reason:
         return reason
     generator = torch.Generator().manual_seed(0)
-    dtype = torch.get_default_dtype()
+    dtype = _probe_dtype()
     image = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype), dim=-1)
     text = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype), dim=-1)
     for frame, indices in _probe_frames(6):
@@ -1449,7 +1456,7 @@ def _reference_loss_probe_reason(module) -> str | None:
     if reason:
         return reason
     generator = torch.Generator().manual_seed(0)
-    dtype = torch.get_default_dtype()
+    dtype = _probe_dtype()
     try:
         topk = int(probe.args.topk)
         dims = [_adapters_for(probe, encoder)[0].down.in_features for encoder in ("img", "text")]

@@ -1948,6 +1948,33 @@ def test_probes_leave_the_model_alone_and_take_real_reference_modules():
         assert [r.status for r in handle.records] == ["patched"], str(handle)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float16])
+def test_probes_do_not_run_in_a_16_bit_default_dtype(default_dtype):
+    """The probes copy a module into the default dtype; under torch.set_default_dtype(bfloat16)
+    (or float16) the copies, their random inputs and the reference's arithmetic were 16-bit, so
+    the loss modules, which compute exactly what the fused ops do, were refused ("does not compute
+    the reference's loss"), while the same modules were patched under a float32 default."""
+    def records():
+        torch.manual_seed(0)
+        modules = [ReferenceLoRALinear(6, 5, r=2), ReferenceAttention(8, 2, r=2), ReferenceACELoss(20, topk=3),
+                   ReferenceCLIPLoss()]
+        found = []
+        for module in modules:
+            with ace_kernels.patch(module) as handle:
+                found.append([(r.name, r.status, r.reason) for r in handle.records])
+        return found
+
+    want = records()
+    assert all(status == "patched" for found in want for _, status, _ in found), want
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        got = records()
+    finally:
+        torch.set_default_dtype(previous)
+    assert got == want
+
+
 class _UntypedZerosLoss(ReferenceACELoss):
     """The released code's apply_ace_hgat builds its score matrix with an untyped ``torch.zeros``
     (float32 whatever the features' dtype); the probe must run in the dtype that gives."""
