@@ -794,7 +794,8 @@ def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.
     a weight the reference's merge path left attached to a graph copies detached); hook dictionaries
     start empty (a probe is not a call of the user's model, and a hook's owner is never copied);
     every other attribute (args, locks, files) is shared, not copied. Raises :class:`_OnMeta` for a
-    tensor on the meta device."""
+    tensor on the meta device. The probes' inputs are made on the CPU too (``device="cpu"``: not
+    on a default device set with ``torch.set_default_device``)."""
     dtype = _probe_dtype()
     memo: dict = {}
     if children is not None:
@@ -845,8 +846,8 @@ def _reference_lora_probe_reason(module) -> str | None:
         if isinstance(probe.dropout, nn.Dropout):
             probe.dropout.p = 0.0
         for tensor in (probe.w_lora_A, probe.w_lora_B):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=dtype))
-        x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=dtype)
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=dtype, device="cpu"))
+        x = torch.randn(3, probe.weight.shape[1], generator=generator, dtype=dtype, device="cpu")
         want = F.linear(x, probe.weight, probe.bias) + probe.scaling * ((x @ probe.w_lora_A.t()) @ probe.w_lora_B.t())
         try:
             with torch.random.fork_rng(devices=[]):
@@ -1072,7 +1073,7 @@ def _adapter_reason(adapter) -> str | None:
             return f"adapter forward could not be checked on a copy ({type(exc).__name__}: {exc})"
     down, up = copied.down, copied.up
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(3, down.in_features, generator=generator).to(down.weight)
+    probe = torch.randn(3, down.in_features, generator=generator, device="cpu").to(down.weight)
     with torch.no_grad():
         expected = F.linear(F.leaky_relu(F.linear(probe, down.weight, down.bias), 0.2), up.weight, up.bias)
         try:
@@ -1125,8 +1126,8 @@ def _hgat_probe_reason(module) -> str | None:
     dtype = _probe_dtype()
     for encoder in ("img", "text"):
         edge, node = _adapters_for(probe, encoder)
-        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=dtype)
-        attn = torch.rand(2, topk + 2, generator=generator, dtype=dtype)
+        features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=dtype, device="cpu")
+        attn = torch.rand(2, topk + 2, generator=generator, dtype=dtype, device="cpu")
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             try:
                 got = type(probe).apply_ace_hgat(probe, features, attn, encoder=encoder)
@@ -1424,8 +1425,8 @@ def _clip_loss_probe_reason(module) -> str | None:
         return reason
     generator = torch.Generator().manual_seed(0)
     dtype = _probe_dtype()
-    image = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype), dim=-1)
-    text = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype), dim=-1)
+    image = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype, device="cpu"), dim=-1)
+    text = F.normalize(torch.randn(6, 8, generator=generator, dtype=dtype, device="cpu"), dim=-1)
     for frame, indices in _probe_frames(6):
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             try:
@@ -1466,15 +1467,15 @@ def _reference_loss_probe_reason(module) -> str | None:
     batch, heads = 6, 2
     tokens = []
     for n, dim in ((topk + 3, dims[0]), (topk + 4, dims[1])):
-        tokens.append((torch.randn(batch, n, dim, generator=generator, dtype=dtype),
-                       torch.randn(batch, heads, n, n, generator=generator, dtype=dtype)))
+        tokens.append((torch.randn(batch, n, dim, generator=generator, dtype=dtype, device="cpu"),
+                       torch.randn(batch, heads, n, n, generator=generator, dtype=dtype, device="cpu")))
     (image_tokens, image_scores), (text_tokens, text_scores) = tokens
     text_tokens = F.normalize(text_tokens, dim=-1)  # encode_text(normalize=True)
     trunk = SimpleNamespace(global_pool="token", get_attn_scores=lambda images: (image_tokens, image_scores))
     clip_model = SimpleNamespace(visual=SimpleNamespace(trunk=trunk, head=lambda t: t),
                                  encode_text=lambda texts, **kwargs: (text_tokens, (text_scores,)))
-    images = torch.zeros(batch, 1, dtype=dtype)
-    texts = torch.zeros(batch, 1, dtype=torch.long)
+    images = torch.zeros(batch, 1, dtype=dtype, device="cpu")
+    texts = torch.zeros(batch, 1, dtype=torch.long, device="cpu")
 
     def original(*call):
         return type(probe).forward(probe, *call)

@@ -1975,6 +1975,30 @@ def test_probes_do_not_run_in_a_16_bit_default_dtype(default_dtype):
     assert got == want
 
 
+def test_probes_of_cpu_modules_ignore_the_default_device():
+    """Under torch.set_default_device("cuda") (the meta device stands in for it here) the probes
+    drew their random inputs with a CPU generator on the default device: patch() raised (a CUDA
+    default: the generator's device; meta: no data to copy) instead of probing the CPU copies."""
+    def records(modules):
+        found = []
+        for module in modules:
+            with ace_kernels.patch(module) as handle:
+                found.append([(r.name, r.status, r.reason) for r in handle.records])
+        return found
+
+    def build():  # new modules each time: an adapter's check is kept once made
+        torch.manual_seed(0)
+        return [ReferenceLoRALinear(6, 5, r=2), ReferenceAttention(8, 2, r=2), ReferenceACELoss(20, topk=3),
+                ReferenceCLIPLoss()]
+
+    want = records(build())
+    assert all(status == "patched" for found in want for _, status, _ in found), want
+    modules = build()
+    with torch.device("meta"):
+        got = records(modules)
+    assert got == want
+
+
 class _UntypedZerosLoss(ReferenceACELoss):
     """The released code's apply_ace_hgat builds its score matrix with an untyped ``torch.zeros``
     (float32 whatever the features' dtype); the probe must run in the dtype that gives."""
