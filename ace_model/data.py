@@ -144,8 +144,9 @@ def preprocess_image(image, image_size: int, mean=CLIP_MEAN, std=CLIP_STD, *, cr
         image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    # On the image's device (the CPU), not on a default device set with torch.set_default_device.
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=tensor.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32, device=tensor.device)[:, None, None]
     return (tensor - mean_t) / std_t
 
 

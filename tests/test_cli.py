@@ -1162,6 +1162,19 @@ def test_images_of_other_modes_are_resized_in_the_mode_each_reference_transform_
     assert torch.equal(preprocess_image(image, 224), want_train)
 
 
+@pytest.mark.parametrize("crop", [False, True])
+def test_preprocessed_images_ignore_the_default_device(crop):
+    """Under torch.set_default_device("cuda") (the meta device stands in for it here) the mean and
+    std were made on the default device and subtracted from the CPU image: a device error."""
+    from ace_model.data import preprocess_image
+
+    image = _random_image(390, 320, "RGB")
+    want = preprocess_image(image, 32, crop=crop)
+    with torch.device("meta"):
+        got = preprocess_image(image, 32, crop=crop)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
 def test_texts_are_cleaned_as_open_clips_tokenizer_cleans_them(tiny):
     from ace_model.data import clean_text
 
