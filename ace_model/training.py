@@ -1501,7 +1501,14 @@ def _build_model(config: TrainConfig) -> nn.Module:
 
     if config.model not in ("biomedclip", "tiny"):  # (a model passed to train() may carry any name)
         raise ValueError(f"TrainConfig.model: expected 'biomedclip' or 'tiny', got {config.model!r}")
-    model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
+    # In float32 whatever torch.set_default_dtype says: the run's images are float32 and its trainable
+    # parameters are (a float64 or bfloat16 default gave a model that refused the first batch).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
+    finally:
+        torch.set_default_dtype(previous)
     if config.init_checkpoint:
         # The loader itself, not the model's method: its advice (set model.text_attention) is said
         # here as the run's.
@@ -1593,10 +1600,11 @@ def train(
     ----------
     config : TrainConfig
     model : nn.Module, optional
-        Used instead of ``ACELoRA.from_config(config.model, ...)``. It must have the
-        same parameters on every rank (built from the same seed); the frozen weights are
-        broadcast from rank 0 anyway. Its ``save_reference_checkpoint(path)``, if it has
-        one, is called with a temp path that the loop fsyncs and renames.
+        Used instead of ``ACELoRA.from_config(config.model, ...)`` (which is built in float32
+        whatever ``torch.set_default_dtype`` says). It must have the same parameters on
+        every rank (built from the same seed); the frozen weights are broadcast from rank 0
+        anyway. Its ``save_reference_checkpoint(path)``, if it has one, is called with a temp
+        path that the loop fsyncs and renames.
     dataset : Dataset, optional
         Map-style dataset of ``(image, token_ids, labels)`` items, used instead of
         ``CSVImageTextDataset(config.csv)``. When it has a ``fingerprint()`` method (the CSV

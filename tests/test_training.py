@@ -567,6 +567,34 @@ def test_eps_zero_is_refused_and_its_nan_weights_never_saved(tmp_path, monkeypat
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "ace_lora.pt").exists()
 
 
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+def test_a_run_does_not_depend_on_the_default_dtype(tmp_path):
+    """train() builds its model in float32 (its trainable parameters are float32, as its images
+    are): under torch.set_default_dtype(float64) or (bfloat16) the model followed the default
+    and the first float32 image batch failed in the patch embedding ("Input type (float) and bias
+    type (double) should be the same"). The losses are those of a float32 default, bit for bit."""
+    from ace_model.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(tmp_path / "data", 8, seed=0)
+
+    def losses(name):
+        config = TrainConfig(csv=str(csv_path), out_dir=str(tmp_path / name), model="tiny", epochs=1, batch_size=4,
+                             warmup_steps=0, progress=False, seed=0)
+        return [record["loss"] for record in read_metrics(train(config)["metrics"]) if "loss" in record]
+
+    want = losses("float32")
+    assert len(want) == 2
+    previous = torch.get_default_dtype()
+    for dtype in (torch.float64, torch.bfloat16):
+        torch.set_default_dtype(dtype)
+        try:
+            got = losses(str(dtype))
+        finally:
+            torch.set_default_dtype(previous)
+        assert got == want, dtype
+    assert torch.get_default_dtype() == previous
+
+
 def _pairs_csv(tmp_path, name: str, column: str | None = None, cell=lambda row: "") -> dict:
     """A one-step tiny run's config on 4 synthetic pairs (image and text columns only) written to
     ``name``, with one more column ``column`` holding ``cell(row)`` when given."""
