@@ -369,7 +369,9 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
             self.image_paths.append(str(path))
             self.texts.append(row.get(text_column) or "")
             labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
-        self.labels = torch.tensor(labels, dtype=torch.float32).reshape(len(rows), len(self.label_columns))
+        # On the CPU (as the images are made) whatever torch.set_default_device says.
+        self.labels = torch.tensor(labels, dtype=torch.float32, device="cpu").reshape(len(rows),
+                                                                                    len(self.label_columns))
         self._fingerprint = _rows_fingerprint(self.label_columns, zip(names, self.texts, labels))
 
     def fingerprint(self) -> str:
@@ -408,7 +410,7 @@ class CSVImageLabelDataset(torch.utils.data.Dataset):
             path = _image_file(self.csv_path, number, image_column, name, root)
             self.image_paths.append(str(path))
             labels.append([_label_value(row.get(c), self.csv_path, number, c) for c in self.label_columns])
-        self.labels = torch.tensor(labels, dtype=torch.float32)
+        self.labels = torch.tensor(labels, dtype=torch.float32, device="cpu")  # as above
 
     def __len__(self) -> int:
         return len(self.image_paths)

@@ -106,6 +106,20 @@ class TrainingStateError(ValueError):
 # ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def cpu_default_device():
+    """Tensor factories without ``device=`` make CPU tensors inside, as the code of :func:`train`
+    and :func:`ace_model.zero_shot.evaluate` expects (their data is made on the CPU, their model
+    moved to the run's device), whatever ``torch.set_default_device`` (or a ``torch.device``
+    context around the call) says. Nothing is entered when the default device is already the CPU,
+    so the usual call pays no per-op cost."""
+    if torch.get_default_device().type == "cpu":
+        yield
+    else:
+        with torch.device("cpu"):
+            yield
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -1629,7 +1643,15 @@ def train(
     ValueError
         Naming the ``TrainConfig`` field, before anything is written: a bad setting, or an
         ``out_dir`` that holds another run this one would overwrite (unless ``overwrite``).
+
+    A default device set with ``torch.set_default_device`` does not apply inside: the model is
+    built on the CPU and moved to ``config.device``, as it is without one.
     """
+    with cpu_default_device():
+        return _train_entry(config, model, dataset, loss_fn)
+
+
+def _train_entry(config, model, dataset, loss_fn) -> dict:
     config.validate()
     # NumPy numbers (which validate accepts) as the Python ones they hold, for what follows: JSON
     # records, the seeders, the step's own checks.

@@ -363,7 +363,17 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     AUROC, NaN for a class without both positive and negative samples, left out of the macro
     mean), ``auroc``, ``logit_scale`` and ``images_per_s``; ``auroc`` is NaN when no class
     has both.
+
+    A default device set with ``torch.set_default_device`` does not apply inside: the scores
+    and metrics are computed on the CPU, as they are without one.
     """
+    from ace_model.training import cpu_default_device
+
+    with cpu_default_device():
+        return _evaluate(model, dataset, class_names, task, batch_size, templates, device, num_workers, logit_scale)
+
+
+def _evaluate(model, dataset, class_names, task, batch_size, templates, device, num_workers, logit_scale) -> dict:
     import time
 
     if task not in TASKS:

@@ -110,6 +110,22 @@ def test_class_embeddings_average_tokens_and_cls_rows_over_templates(tiny):
             assert torch.allclose(batched[index], one, atol=1e-5), name
 
 
+def test_evaluate_does_not_depend_on_the_default_device(tiny, synthetic):
+    """evaluate() and the CSV datasets make their tensors on the CPU whatever
+    torch.set_default_device says (a torch.device context stands in for a CUDA default here):
+    the labels, scores and metrics were made on the default device and evaluation raised."""
+    from ace_model.data import CSVImageLabelDataset
+
+    classes = list(SYNTHETIC_CLASSES)
+    want = evaluate(tiny, CSVImageLabelDataset(synthetic, classes, tiny.image_size), classes, "multiclass")
+    with torch.device("meta"):
+        dataset = CSVImageLabelDataset(synthetic, classes, tiny.image_size)
+        got = evaluate(tiny, dataset, classes, "multiclass")
+    assert dataset.labels.device.type == "cpu"
+    assert {key: got[key] for key in ("n", "accuracy", "accuracy_macro", "auroc", "auroc_per_class")} == {
+        key: want[key] for key in ("n", "accuracy", "accuracy_macro", "auroc", "auroc_per_class")}
+
+
 def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
     from ace_model.data import CSVImageLabelDataset
 

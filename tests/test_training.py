@@ -595,6 +595,28 @@ def test_a_run_does_not_depend_on_the_default_dtype(tmp_path):
     assert torch.get_default_dtype() == previous
 
 
+def test_a_run_does_not_depend_on_the_default_device(tmp_path):
+    """train() builds its model on the CPU and moves it to config.device whatever
+    torch.set_default_device says (a torch.device context stands in for a CUDA default here):
+    the model, its data and its digests were made on the default device, and the run raised
+    ("Cannot copy out of meta tensor"). The losses are those of a CPU default, bit for bit."""
+    from ace_model.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(tmp_path / "data", 8, seed=0)
+
+    def losses(name):
+        config = TrainConfig(csv=str(csv_path), out_dir=str(tmp_path / name), model="tiny", epochs=1, batch_size=4,
+                             warmup_steps=0, progress=False, seed=0)
+        return [record["loss"] for record in read_metrics(train(config)["metrics"]) if "loss" in record]
+
+    want = losses("cpu")
+    assert len(want) == 2
+    with torch.device("meta"):
+        got = losses("meta")
+        assert torch.empty(1).device.type == "meta"  # the caller's default is back after the run
+    assert got == want
+
+
 def _pairs_csv(tmp_path, name: str, column: str | None = None, cell=lambda row: "") -> dict:
     """A one-step tiny run's config on 4 synthetic pairs (image and text columns only) written to
     ``name``, with one more column ``column`` holding ``cell(row)`` when given."""
