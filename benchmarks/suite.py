@@ -533,6 +533,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if unknown or not names:
             parser.error(f"argument --providers: expected a comma-separated list of {', '.join(BACKENDS)}, "
                          f"got {args.providers!r}")
+    if args.name is not None and (not args.name or any(s in args.name for s in (os.sep, os.altsep) if s)):
+        parser.error(f"argument --name: expected a file stem (the file goes into --out-dir), got {args.name!r}")
+    if not args.out_dir:
+        parser.error("argument --out-dir: expected a directory, got ''")
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         parser.error(f"argument --out-dir: {args.out_dir!r} is a file, expected a directory")
     # Absolute: each family's process runs from the repository root, and a relative path would
@@ -546,6 +550,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         except OSError as exc:
             parser.error(f"argument --out-dir: cannot write results into {args.out_dir!r} "
                          f"({type(exc).__name__}: {exc.strerror or exc})")
+        named = None if args.name is None else os.path.join(args.out_dir, args.name + ".json")
+        if named is not None and os.path.isdir(named):
+            parser.error(f"argument --name: {named!r} is a directory, expected a results file to write")
     if args.hard_deadline is not None and not (math.isfinite(args.hard_deadline) and args.hard_deadline > time.time()):
         parser.error(f"argument --hard-deadline: expected a kill time ahead (seconds since the epoch), got "
                      f"{args.hard_deadline:g}")

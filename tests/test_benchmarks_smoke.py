@@ -2984,3 +2984,27 @@ def test_plot_draws_a_gray_bar_for_a_row_without_that_ratio(tmp_path, monkeypatc
                         lambda self, *a, **k: (colors.append(list(k["color"])), real_barh(self, *a, **k))[1])
     plot.plot_rows(rows, str(tmp_path / "p.png"))
     assert colors == [["tab:blue", "tab:blue"], ["lightgray", "tab:green"]]
+
+
+def test_an_empty_or_path_like_name_or_out_dir_is_refused(tmp_path, capsys):
+    """--name is a file stem: an empty one once fell back to the default name without a word, and
+    one holding a '/' wrote the rows elsewhere (an absolute one outside --out-dir altogether); an
+    empty --out-dir once wrote into the working directory. A stem whose JSON path is a directory
+    once ran and died with a traceback at the first save."""
+    from benchmarks import suite
+
+    (tmp_path / "taken.json").mkdir()
+    cases = [(["--name", ""], "argument --name: expected a file stem"),
+             (["--name", "sub/run"], "argument --name: expected a file stem"),
+             (["--name", str(tmp_path / "abs")], "argument --name: expected a file stem"),
+             (["--out-dir", ""], "argument --out-dir: expected a directory, got ''"),
+             (["--out-dir", str(tmp_path), "--name", "taken"], "argument --name: "
+              f"{str(tmp_path / 'taken.json')!r} is a directory")]
+    for argv, fragment in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            suite._parse(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert fragment in err, (argv, err)
+    assert suite._parse(["--out-dir", str(tmp_path), "--name", "run-1.b"]).name == "run-1.b"
+
