@@ -533,6 +533,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if unknown or not names:
             parser.error(f"argument --providers: expected a comma-separated list of {', '.join(BACKENDS)}, "
                          f"got {args.providers!r}")
+        args.providers = ",".join(dict.fromkeys(names))  # a backend named twice is measured once
     if args.name is not None and (not args.name or any(s in args.name for s in (os.sep, os.altsep) if s)):
         parser.error(f"argument --name: expected a file stem (the file goes into --out-dir), got {args.name!r}")
     if not args.out_dir:

@@ -3008,3 +3008,10 @@ def test_an_empty_or_path_like_name_or_out_dir_is_refused(tmp_path, capsys):
         assert fragment in err, (argv, err)
     assert suite._parse(["--out-dir", str(tmp_path), "--name", "run-1.b"]).name == "run-1.b"
 
+
+def test_a_backend_named_twice_in_providers_is_measured_once():
+    """As with --only, a provider given twice runs once (it was measured twice, the second
+    measurement silently replacing the first in the row, and run.providers listed it twice)."""
+    from benchmarks import suite
+
+    assert suite._parse(["--providers", "torch, torch,triton"]).providers == "torch,triton"
