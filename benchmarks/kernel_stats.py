@@ -276,6 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: the interpreter's kernels cannot be compiled (unset it)")
+    if args.json is not None:  # checked before the minute of compiling, not after it
+        if not args.json:
+            parser.error("argument --json: expected a file path, got ''")
+        if os.path.isdir(args.json):
+            parser.error(f"argument --json: {args.json!r} is a directory, expected a file path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            parser.error(f"argument --json: no directory {os.path.dirname(os.path.abspath(args.json))!r} to write "
+                         f"{os.path.basename(args.json)!r} into")
     import triton
 
     rows = profile_lora()
@@ -293,7 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(content, handle, indent=1)
             handle.write("\n")
 
-        harness._replace_file(args.json, dump)  # atomically, as the suite writes its result files
+        try:
+            harness._replace_file(args.json, dump)  # atomically, as the suite writes its result files
+        except OSError as exc:
+            parser.error(f"argument --json: cannot write {args.json!r} ({type(exc).__name__}: {exc.strerror or exc})")
     return 0
 
 

@@ -399,3 +399,35 @@ def test_the_cli_writes_both_families_as_json_through_the_atomic_writer(monkeypa
     assert content["rows"] == [lora_row] and content["infonce_rows"] == [infonce_row]
     assert content["infonce_dim"] == kernel_stats.INFONCE_DIM and content["target"] == "sm_90a"
     assert "lse_tiles blocked interior" in capsys.readouterr().out
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_profile(monkeypatch, tmp_path, capsys):
+    """--json naming a directory, a file in a missing directory or nothing: a one-line error before
+    the minute of compiling (it once compiled every kernel, then died with a traceback)."""
+    pytest.importorskip("triton")
+    from benchmarks import kernel_stats
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    profiled = []
+    monkeypatch.setattr(kernel_stats, "profile_lora", lambda: profiled.append("lora") or [])
+    monkeypatch.setattr(kernel_stats, "profile_contrastive", lambda: profiled.append("infonce") or [])
+    for path, why in ((str(tmp_path), "is a directory"), (str(tmp_path / "missing" / "s.json"), "no directory"),
+                      ("", "expected a file path")):
+        with pytest.raises(SystemExit) as exit_info:
+            kernel_stats.main(["--json", path])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --json: " in err and why in err, err
+    assert profiled == []
+    # A write that fails after the profile (a full disk): one line too, not a traceback.
+    from benchmarks import harness
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(harness, "_replace_file", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        kernel_stats.main(["--json", str(tmp_path / "s.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --json: cannot write" in err and "No space left on device" in err, err
