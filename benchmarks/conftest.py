@@ -16,12 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HAS_GPU = torch.cuda.is_available()
 
-# On a shared CPU, oversubscribed OpenMP threads spin and times explode: ACE_BENCH_THREADS=1 helps.
-if os.environ.get("ACE_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["ACE_BENCH_THREADS"]))
 
 
 def pytest_configure(config):
+    # On a shared CPU, oversubscribed OpenMP threads spin and times explode: ACE_BENCH_THREADS=1 helps.
+    threads = os.environ.get("ACE_BENCH_THREADS")
+    if threads:
+        if not (threads.strip().isdigit() and int(threads) >= 1):  # a usage error, not a conftest traceback
+            raise pytest.UsageError(f"ACE_BENCH_THREADS: expected a positive integer (torch's CPU threads), "
+                                    f"got {threads!r}")
+        torch.set_num_threads(int(threads))
     for line in (
         "gpu: needs a CUDA GPU (skipped, and reported as skipped, without one)",
         "triton: runs Triton kernels (on CPU under TRITON_INTERPRET=1)",

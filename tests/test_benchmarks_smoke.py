@@ -3015,3 +3015,17 @@ def test_a_backend_named_twice_in_providers_is_measured_once():
     from benchmarks import suite
 
     assert suite._parse(["--providers", "torch, torch,triton"]).providers == "torch,triton"
+
+
+@pytest.mark.parametrize("threads", ["abc", "0", "-2"])
+def test_pytest_benchmark_view_refuses_a_bad_thread_count_in_one_line(threads):
+    """ACE_BENCH_THREADS (benchmarks/conftest.py) that is no positive integer: pytest's one-line usage
+    error naming the variable (it was an ImportError traceback while loading the conftest)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env["ACE_BENCH_THREADS"] = threads
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p",
+                           "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 4, output[-3000:]
+    assert f"ACE_BENCH_THREADS: expected a positive integer (torch's CPU threads), got {threads!r}" in output
+    assert "Traceback" not in output and "ImportError" not in output, output[-3000:]
