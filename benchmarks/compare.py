@@ -8,22 +8,32 @@ comparable only within one run on one card).
 
 from __future__ import annotations
 
-from benchmarks.harness import fmt, load_rows
+from benchmarks.harness import fmt, load_rows, read_payload
 
 
 def _key(row: dict) -> tuple:
     return (row["op"], row["shape"], row["dtype"], row["provider"], row.get("baseline"))
 
 
-def _where(rows: dict) -> str:
-    """The hardware, software and code of a file's rows, for its header line."""
-    first = next(iter(rows.values()), {})
-    return ", ".join(f"{k} {first.get(k)}" for k in ("device", "torch", "triton", "git_sha", "date") if first.get(k))
+def _facts(path: str, rows: dict) -> dict:
+    """Where a file's rows ran: its first row, or, in a file without rows (nothing measured, e.g. a
+    --tier costly run on a CPU), its environment."""
+    if rows:
+        return next(iter(rows.values()))
+    payload = read_payload(path)
+    environment = payload.get("environment") if isinstance(payload, dict) else None
+    return environment if isinstance(environment, dict) else {}
+
+
+def _where(facts: dict) -> str:
+    """The hardware, software and code of a file, for its header line."""
+    return ", ".join(f"{k} {facts.get(k)}" for k in ("device", "torch", "triton", "git_sha", "date") if facts.get(k))
 
 
 def compare_files(old_path: str, new_path: str) -> str:
     old = {_key(r): r for r in load_rows(old_path)}
     new = {_key(r): r for r in load_rows(new_path)}
+    facts = (_facts(old_path, old), _facts(new_path, new))
     header = ["op", "shape", "dtype", "provider", "vs", "old ms", "new ms", "new/old", "old MiB", "new MiB",
               "new/old", "old speedup", "new speedup"]
     lines = [header]
@@ -40,9 +50,9 @@ def compare_files(old_path: str, new_path: str) -> str:
                       fmt(a and a.get("peak_mib")), fmt(b and b.get("peak_mib")), ratio("peak_mib"),
                       speed(a), speed(b)])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = [f"old: {old_path} ({_where(old)})", f"new: {new_path} ({_where(new)})"]
-    devices = ({r.get("device") for r in old.values()}, {r.get("device") for r in new.values()})
-    if devices[0] != devices[1]:
+    out = [f"old: {old_path} ({_where(facts[0])})", f"new: {new_path} ({_where(facts[1])})"]
+    devices = tuple({r.get("device") for r in rows.values()} or {f.get("device")} for rows, f in zip((old, new), facts))
+    if devices[0] != devices[1] and None not in devices[0] | devices[1]:  # a file that names no device: unknown
         out.append(f"WARNING: the files were measured on different hardware ({sorted(map(str, devices[0]))} against "
                    f"{sorted(map(str, devices[1]))}): their times are not comparable, only each file's own ratios")
     elif {r.get("date") for r in old.values()} != {r.get("date") for r in new.values()} and any(

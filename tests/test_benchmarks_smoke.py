@@ -3029,3 +3029,24 @@ def test_pytest_benchmark_view_refuses_a_bad_thread_count_in_one_line(threads):
     assert proc.returncode == 4, output[-3000:]
     assert f"ACE_BENCH_THREADS: expected a positive integer (torch's CPU threads), got {threads!r}" in output
     assert "Traceback" not in output and "ImportError" not in output, output[-3000:]
+
+
+def test_compare_names_the_hardware_of_a_file_without_rows(tmp_path):
+    """A run that measured nothing (a --tier costly run on a CPU) has its hardware in its environment:
+    compared with a run of the same machine it got an empty header and a false warning that the
+    files were measured on different hardware ([...] against [])."""
+    from benchmarks.compare import compare_files
+
+    cpu = "AMD EPYC (2 cores, 1 torch threads)"
+    row = dict(op="x", shape="s", dtype="float32", provider="torch", baseline=None, median_ms=1.0, device=cpu,
+               date="d", git_sha="g")
+    full, empty = tmp_path / "full.json", tmp_path / "empty.json"
+    full.write_text(json.dumps({"environment": {"device": cpu, "date": "d"}, "rows": [row]}))
+    empty.write_text(json.dumps({"environment": {"device": cpu, "date": "e"}, "rows": []}))
+    text = compare_files(str(full), str(empty))
+    assert "WARNING" not in text, text
+    assert f"new: {empty} (device {cpu}, date e)" in text
+    empty.write_text(json.dumps({"environment": {"device": "NVIDIA H200", "device_type": "cuda"}, "rows": []}))
+    assert "WARNING: the files were measured on different hardware" in compare_files(str(full), str(empty))
+    empty.write_text(json.dumps([]))  # a bare list of rows: no hardware named, none claimed
+    assert "WARNING" not in compare_files(str(full), str(empty))
