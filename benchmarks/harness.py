@@ -938,7 +938,9 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
     source = args.out if os.path.exists(args.out) else default_out
     try:
         existing = read_payload(source) if os.path.exists(source) else None
-        by_device = existing.get("by_device", {}) if isinstance(existing, dict) else None
+        # An object without 'by_device' is no package file (a result file, say), unless it is
+        # empty: it would be rewritten, its own content kept, with a by_device table added.
+        by_device = existing.get("by_device", {} if existing == {} else None) if isinstance(existing, dict) else None
         if existing is not None and not (isinstance(by_device, dict)
                                          and all(isinstance(card, dict) for card in by_device.values())):
             raise ValueError("expected a JSON object whose 'by_device' holds an object per card")

@@ -3050,3 +3050,29 @@ def test_compare_names_the_hardware_of_a_file_without_rows(tmp_path):
     assert "WARNING: the files were measured on different hardware" in compare_files(str(full), str(empty))
     empty.write_text(json.dumps([]))  # a bare list of rows: no hardware named, none claimed
     assert "WARNING" not in compare_files(str(full), str(empty))
+
+
+def test_package_file_tools_refuse_an_out_file_that_is_no_package_file(tmp_path, capsys):
+    """--out naming an existing JSON object without 'by_device' (a result file, e.g. RESULTS.json
+    itself): it was taken as an empty package file and rewritten, rows and all, with a by_device
+    table added. A one-line error now, and the file is left as it was; an empty object still
+    starts a package file."""
+    from benchmarks import dispatch_order, tuned_configs
+
+    gpu = {"device": "NVIDIA H200", "device_type": "cuda"}
+    row = dict(op="lora_qkv", shape="M=100", dtype="bfloat16", provider="triton", median_ms=1.0,
+               metrics={"rel_err_vs_reference": 1e-3})
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"schema": "ace-kernels-benchmarks/1", "environment": gpu,
+                                   "rows": [row, dict(row, provider="torch", median_ms=2.0)]}))
+    before = results.read_bytes()
+    for tool in (dispatch_order, tuned_configs):
+        assert tool.main([str(results), "--out", str(results)]) == 2
+        err = capsys.readouterr().err
+        assert f"argument --out: cannot read {str(results)!r} to update it (ValueError: expected a JSON object " \
+               "whose 'by_device' holds an object per card)" in err, err
+        assert results.read_bytes() == before
+    fresh = tmp_path / "fresh.json"
+    fresh.write_text("{}")
+    assert dispatch_order.main([str(results), "--out", str(fresh)]) == 0
+    assert json.loads(fresh.read_text())["by_device"]["NVIDIA H200"]["lora_qkv"] == ["triton", "torch"]
