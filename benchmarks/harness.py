@@ -779,10 +779,13 @@ def format_table(rows: Sequence[Row | dict]) -> str:
     return "\n".join(out)
 
 
+SCHEMA = "ace-kernels-benchmarks/1"  # the layout of a result file (benchmarks/results/README.md)
+
+
 def write_json(path: str, environment: Environment, rows: Sequence[Row], extra: dict | None = None) -> None:
     """Write ``{"schema", "environment", "rows"}`` atomically (temp file, fsync, rename)."""
     payload = _finite({
-        "schema": "ace-kernels-benchmarks/1",
+        "schema": SCHEMA,
         "environment": dataclasses.asdict(environment),
         "run": extra or {},
         "rows": [r.to_json() for r in rows],
@@ -835,6 +838,7 @@ def load_rows(path: str) -> list[dict]:
     if not isinstance(rows, list):
         raise ValueError(f"{path} holds no list of 'rows' (not a result file of python -m benchmarks?)")
     try:
+        _check_schema(payload)
         _check_rows(rows)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc} (not a result file of python -m benchmarks?)") from None
@@ -867,12 +871,21 @@ def check_result_fields(payload) -> None:
     environment naming its device, and rows naming their op, shape, dtype and provider."""
     if not (isinstance(payload, dict) and "environment" in payload and "rows" in payload):
         raise ValueError("it has no 'environment' and 'rows'")
+    _check_schema(payload)
     environment, rows = payload["environment"], payload["rows"]
     if not (isinstance(environment, dict) and isinstance(environment.get("device"), str)):
         raise ValueError("its 'environment' names no device")
     if not isinstance(rows, list):
         raise ValueError(f"its 'rows' is a {type(rows).__name__}, not a list")
     _check_rows(rows)
+
+
+def _check_schema(payload) -> None:
+    """A ``ValueError`` for a result file of another layout than this version's (a file that
+    names none, a bare list of rows or a hand-made one, is read as this layout)."""
+    schema = payload.get("schema", SCHEMA) if isinstance(payload, dict) else SCHEMA
+    if schema != SCHEMA:
+        raise ValueError(f"its schema is {schema!r}, expected {SCHEMA!r}")
 
 
 def _check_rows(rows: list) -> None:

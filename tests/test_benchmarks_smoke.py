@@ -3076,3 +3076,32 @@ def test_package_file_tools_refuse_an_out_file_that_is_no_package_file(tmp_path,
     fresh.write_text("{}")
     assert dispatch_order.main([str(results), "--out", str(fresh)]) == 0
     assert json.loads(fresh.read_text())["by_device"]["NVIDIA H200"]["lora_qkv"] == ["triton", "torch"]
+
+
+def test_result_readers_refuse_a_file_of_another_schema(tmp_path, capsys):
+    """A result file names its layout ("schema"); one of another layout was read as if it were this
+    one (its numbers taken in this version's terms) by --compare, the scorecard and the package-file
+    tools. Now a one-line error naming the schema; a file without one (a bare list of rows, a
+    hand-made file) is still read."""
+    from benchmarks import dispatch_order, scorecard, suite, tuned_configs
+
+    gpu = {"device": "NVIDIA H200", "device_type": "cuda"}
+    row = dict(op="lora_qkv", shape="M=100", dtype="bfloat16", provider="triton", median_ms=1.0, target="t",
+               target_pass=True, metrics={"rel_err_vs_reference": 1e-3})
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": "ace-kernels-benchmarks/2", "environment": gpu,
+                                 "rows": [row, dict(row, provider="torch", median_ms=2.0)]}))
+    says = f"its schema is 'ace-kernels-benchmarks/2', expected {harness.SCHEMA!r}"
+    assert suite.main(["--compare", str(other), str(other)]) == 2
+    assert says in capsys.readouterr().err
+    assert scorecard.main([str(other)]) == 2
+    assert says in capsys.readouterr().err
+    for tool in (dispatch_order, tuned_configs):
+        assert tool.main([str(other), "--out", str(tmp_path / "out.json")]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+    this = tmp_path / "this.json"
+    this.write_text(json.dumps({"schema": harness.SCHEMA, "environment": gpu, "rows": [row]}))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps([row]))
+    assert suite.main(["--compare", str(this), str(bare)]) == 0 and scorecard.main([str(this)]) == 0
