@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HAS_GPU = torch.cuda.is_available()
 
 
-
 def pytest_configure(config):
     # On a shared CPU, oversubscribed OpenMP threads spin and times explode: ACE_BENCH_THREADS=1 helps.
     threads = os.environ.get("ACE_BENCH_THREADS")
