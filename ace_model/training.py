@@ -1652,13 +1652,25 @@ def train(
 
 
 def _train_entry(config, model, dataset, loss_fn) -> dict:
-    config.validate()
-    # NumPy numbers (which validate accepts) as the Python ones they hold, for what follows: JSON
-    # records, the seeders, the step's own checks.
-    config = TrainConfig.from_dict(config.to_dict())
-    _check_out_dir(Path(config.out_dir))
+    # Settings a rank may hold on its own (its out_dir, device, chunk_size, ...), checked before the process
+    # group is joined: a rank that fails them tells the others (_fail_before_setup), which would otherwise
+    # wait for it in the group's rendezvous or the set-up's first exchange until the timeout.
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(config.device, local_rank)
+    device = early_error = None
+    try:
+        config.validate()
+        # NumPy numbers (which validate accepts) as the Python ones they hold, for what follows: JSON
+        # records, the seeders, the step's own checks.
+        config = TrainConfig.from_dict(config.to_dict())
+        _check_out_dir(Path(config.out_dir))
+    except Exception as exc:
+        early_error = exc
+    try:
+        device = resolve_device(config.device, local_rank)
+    except Exception as exc:
+        early_error = early_error or exc
+    if early_error is not None:
+        _fail_before_setup(early_error, config, device)
     group, rank, world, created_group = _init_distributed(device, config.dist_timeout_s)
     try:
         with contextlib.ExitStack() as held:  # the out_dir lock (rank 0), released however the run ends
@@ -1666,6 +1678,27 @@ def _train_entry(config, model, dataset, loss_fn) -> dict:
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _fail_before_setup(error: BaseException, config: TrainConfig, device: torch.device | None) -> None:
+    """Raise ``error``, this rank's failed check of its own settings before the set-up, once the other ranks
+    know: in the caller's group, or in the group torchrun's variables name (joined for this, when this rank's
+    device resolved), they fail the set-up's first exchange with an error saying so."""
+    if dist.is_available() and dist.is_initialized():
+        _fail_together(error, dist.group.WORLD, "setting up the run (model, data and checks)")
+    elif dist.is_available() and device is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        timeout = config.dist_timeout_s
+        if not (_is_finite_number(timeout) and timeout > 0):
+            timeout = TrainConfig.dist_timeout_s  # the bad setting may be this one
+        try:
+            group = _init_distributed(device, float(timeout))[0]
+        except Exception:  # noqa: BLE001 - this rank's own error is the one to report
+            raise error from None
+        try:
+            _fail_together(error, group, "setting up the run (model, data and checks)")
+        finally:
+            dist.destroy_process_group()
+    raise error
 
 
 def _train(config, model, dataset, loss_fn, device, group, rank, world, held: contextlib.ExitStack) -> dict:

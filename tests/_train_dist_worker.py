@@ -25,6 +25,9 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   its second batch or start its loader, rank 0 cannot write the final weights; saves the error
   each rank got for each. The group's timeout is short, so that a rank left waiting fails the test
   in seconds rather than hanging it.
+- ``early_failure_joined``, ``early_failure_created``: a rank whose own settings fail train()'s first checks
+  (before the set-up): rank 0's device, in a group of the worker's; rank 1's chunk_size (validate()), in the
+  group train() creates (as under torchrun); saves the error each rank got (the group's timeout is short).
 """
 
 from __future__ import annotations
@@ -185,6 +188,16 @@ def main() -> None:
                                                               out_dir=os.path.join(args.out, f"run{number}")))
             setattr(training, name, original)
         dist.destroy_process_group()
+        return
+    if args.mode == "early_failure_joined":
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+        _record_error(args, rank, "device", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
+                                                                device="cuda:99" if rank == 0 else "cpu"))
+        dist.destroy_process_group()
+        return
+    if args.mode == "early_failure_created":
+        _record_error(args, rank, "created", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True, dist_timeout_s=20,
+                                                                 chunk_size=0 if rank == 1 else args.chunk))
         return
     if args.mode == "frozen_text_tower":
         # Ranks may differ in chunk_size: rank 0 chunked, rank 1 the one-pass step, text tower frozen.

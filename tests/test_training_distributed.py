@@ -290,6 +290,23 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
                                          "final ace_lora.pt"), errors
 
 
+
+def test_a_rank_whose_own_settings_fail_the_first_checks_stops_every_rank(tmp_path):
+    """Per-rank settings (chunk_size, device, out_dir) are checked by train() before the set-up: a rank
+    that failed them raised at once without telling the others, which waited for it in the group's
+    rendezvous (a group train() creates) or in the set-up's first exchange (the caller's group) until the
+    timeout, then failed with gloo's own error. Now they stop at once, saying a rank failed its set-up."""
+    # Two launches: a process's second group on the same store is not a fresh rendezvous.
+    _launch("early_failure_joined", 2, tmp_path, "--kind", "standin")
+    _launch("early_failure_created", 2, tmp_path, "--kind", "standin")
+    errors = {(rank, what): (tmp_path / f"rank{rank}-{what}.err").read_text()
+              for rank in range(2) for what in ("created", "device")}
+    assert errors[1, "created"].startswith("ValueError: TrainConfig.chunk_size: expected >= 1"), errors
+    assert errors[0, "created"].startswith("RankMismatchError: another rank failed setting up the run"), errors
+    assert errors[0, "device"].startswith("ValueError: TrainConfig.device: 'cuda:99'"), errors
+    assert errors[1, "device"].startswith("RankMismatchError: another rank failed setting up the run"), errors
+    assert not (tmp_path / "run").exists()  # nothing written
+
 def _two_simulated_ranks(monkeypatch, all_gather, other_text: str | None = None) -> None:
     """This process as rank 0 of two over gloo, ``all_gather`` standing in for the collective and,
     with ``other_text``, rank 1's text of a differing field in the object gather."""
