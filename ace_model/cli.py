@@ -252,7 +252,8 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
     from ace_model.training import _check_out_dir
 
     _check_device(args.device)
-    _check_out_dir(Path(args.out_dir), "--out-dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other ranks write nothing there
+        _check_out_dir(Path(args.out_dir), "--out-dir")
     read_csv(args.csv, ["image", "text"])
     for flag in ("pretrained", "init_checkpoint"):
         path = getattr(args, flag)

@@ -1652,9 +1652,10 @@ def train(
 
 
 def _train_entry(config, model, dataset, loss_fn) -> dict:
-    # Settings a rank may hold on its own (its out_dir, device, chunk_size, ...), checked before the process
-    # group is joined: a rank that fails them tells the others (_fail_before_setup), which would otherwise
-    # wait for it in the group's rendezvous or the set-up's first exchange until the timeout.
+    # Settings a rank may hold on its own (its device, chunk_size, ...), checked before the process group
+    # is joined: a rank that fails them tells the others (_fail_before_setup), which would otherwise wait
+    # for it in the group's rendezvous or the set-up's first exchange until the timeout. (The out_dir,
+    # which only rank 0 writes, rank 0 checks first thing in the set-up.)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = early_error = None
     try:
@@ -1662,7 +1663,6 @@ def _train_entry(config, model, dataset, loss_fn) -> dict:
         # NumPy numbers (which validate accepts) as the Python ones they hold, for what follows: JSON
         # records, the seeders, the step's own checks.
         config = TrainConfig.from_dict(config.to_dict())
-        _check_out_dir(Path(config.out_dir))
     except Exception as exc:
         early_error = exc
     try:
@@ -1713,7 +1713,8 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         # Everything a rank can fail on its own (its device, its model files, its CSV, its share
         # of the batch) is in here, so that it fails the other ranks through _fail_together below
         # instead of leaving them in their first collective until the timeout.
-        if is_writer:  # the one whose files would be overwritten; a refusal stops every rank below
+        if is_writer:  # who writes out_dir, whose files would be overwritten; a refusal stops every rank below
+            _check_out_dir(out_dir)
             _check_no_other_run(config, out_dir)
         if config.cuda_graph and (device.type != "cuda" or world > 1):
             raise ValueError("TrainConfig.cuda_graph: needs one process on a CUDA device, got "

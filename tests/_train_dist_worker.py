@@ -25,6 +25,8 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   its second batch or start its loader, rank 0 cannot write the final weights; saves the error
   each rank got for each. The group's timeout is short, so that a rank left waiting fails the test
   in seconds rather than hanging it.
+- ``read_only_out_dir``: ``train`` (global loss) where rank 1's view of the run directory is read-only (a
+  mount that only rank 0's node may write); rank 0 saves the final trainable parameters.
 - ``early_failure_joined``, ``early_failure_created``: a rank whose own settings fail train()'s first checks
   (before the set-up): rank 0's device, in a group of the worker's; rank 1's chunk_size (validate()), in the
   group train() creates (as under torchrun); saves the error each rank got (the group's timeout is short).
@@ -37,6 +39,7 @@ import datetime
 import errno
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,6 +192,11 @@ def main() -> None:
             setattr(training, name, original)
         dist.destroy_process_group()
         return
+    if args.mode == "read_only_out_dir":
+        if rank == 1:
+            _read_only_below(args.out)
+        _train_run(args, rank, lr=1e-2, raise_errors=True)
+        return
     if args.mode == "early_failure_joined":
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
         _record_error(args, rank, "device", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
@@ -228,6 +236,20 @@ def _failing(name, original, at_start=False):
         raise OSError(errno.ENOSPC, "No space left on device (simulated)")
 
     return write
+
+
+def _read_only_below(root: str) -> None:
+    """This process may not create folders below ``root`` (as on a read-only mount); the only creation
+    train() attempts on a rank that writes nothing is its probe of the run directory."""
+    make_folder = tempfile.mkdtemp
+
+    def refuse(*args, **kwargs):
+        where = os.path.abspath(str(kwargs.get("dir") or ""))
+        if where == os.path.abspath(root) or where.startswith(os.path.abspath(root) + os.sep):
+            raise OSError(errno.EROFS, "Read-only file system (simulated)")
+        return make_folder(*args, **kwargs)
+
+    tempfile.mkdtemp = refuse
 
 
 def _second_fails(batches):

@@ -291,6 +291,39 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
 
 
 
+
+def test_only_rank_0_needs_a_writable_run_directory(tmp_path):
+    """Only rank 0 writes the run directory, but every rank probed it for writing (a folder made there and
+    removed) before the set-up: a rank whose node sees it read-only stopped the run, through train() and
+    through ace-lora train. Now rank 0 alone checks it; the run equals the one where every rank may write."""
+    _launch("read_only_out_dir", 2, tmp_path, "--kind", "standin", "--chunk", "3")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (tmp_path / "final.pt").is_file() and (tmp_path / "run" / "ace_lora.pt").is_file()
+    if KIND != "tiny":
+        return  # the command line builds the tiny ACELoRA
+    from ace_model.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(tmp_path / "data", 16, seed=1)
+    out = tmp_path / "cli-run"
+    out.mkdir()  # (read-only for rank 1)
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import _train_dist_worker
+        from _dist_exit import exit_now
+        from ace_model import cli
+        if os.environ["RANK"] == "1":
+            _train_dist_worker._read_only_below({str(out)!r})
+        status = cli.main(["train", "--csv", {str(csv_path)!r}, "--model", "tiny", "--out-dir", {str(out)!r},
+                           "--batch-size", "8", "--max-steps", "2", "--device", "cpu", "--no-progress"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    """)
+    _launch("cli", 2, out, argv=[sys.executable, "-c", script])
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
 def test_a_rank_whose_own_settings_fail_the_first_checks_stops_every_rank(tmp_path):
     """Per-rank settings (chunk_size, device, out_dir) are checked by train() before the set-up: a rank
     that failed them raised at once without telling the others, which waited for it in the group's
