@@ -1630,7 +1630,8 @@ def train(
     -------
     dict
         ``steps`` (the last step run), ``final_loss``, ``out_dir``, ``metrics`` (path),
-        ``state`` and ``reference`` (paths of the last checkpoint), ``resumed_from``.
+        ``state`` and ``reference`` (paths of the last checkpoint; on every rank the files rank 0
+        wrote), ``resumed_from``.
 
     Raises
     ------
@@ -2040,6 +2041,10 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     except Exception as exc:
         pending_error = exc
     _fail_together(pending_error, group, "writing the last metrics or the final ace_lora.pt (rank 0 writes them)")
+    if group is not None:  # as the states' paths (_checkpoint)
+        names = [final_reference]
+        dist.broadcast_object_list(names, src=0, group=group)
+        final_reference = names[0]
     return {
         "steps": step,
         "final_loss": last_loss,
@@ -2139,6 +2144,10 @@ def _checkpoint(config, ckpt_dir, model, trainable, optimizer, scheduler, step, 
     # This exchange is also the barrier (no rank runs ahead of a checkpoint that may fail), and when
     # rank 0's write fails the others stop too instead of waiting for it in the next collective.
     _fail_together(write_error, group, f"writing the metrics or the checkpoint of step {step} on rank 0")
+    if group is not None:  # every rank names the files rank 0 wrote (its errors, train()'s result)
+        names = [path, reference]
+        dist.broadcast_object_list(names, src=0, group=group)
+        path, reference = names
     return path, reference, checkpoint_steps
 
 

@@ -27,6 +27,8 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   in seconds rather than hanging it.
 - ``read_only_out_dir``: ``train`` (global loss) where rank 1's view of the run directory is read-only (a
   mount that only rank 0's node may write); rank 0 saves the final trainable parameters.
+- ``last_state``: a complete run (each rank saves the paths train() returned), then one whose loss turns
+  NaN at step 4, after the checkpoint of step 3; saves the error each rank got.
 - ``early_failure_joined``, ``early_failure_created``: a rank whose own settings fail train()'s first checks
   (before the set-up): rank 0's device, in a group of the worker's; rank 1's chunk_size (validate()), in the
   group train() creates (as under torchrun); saves the error each rank got (the group's timeout is short).
@@ -46,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import ace_kernels  # noqa: E402
 from _dist_exit import exit_now  # noqa: E402
 from _train_standin import RandomPairs, make_batch, make_model, trainable_grads  # noqa: E402
 from ace_model import training  # noqa: E402
@@ -196,6 +199,27 @@ def main() -> None:
         if rank == 1:
             _read_only_below(args.out)
         _train_run(args, rank, lr=1e-2, raise_errors=True)
+        return
+    if args.mode == "last_state":
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+        model = make_model(args.kind, seed=0, perturb=True)
+        settings = dict(model=args.kind, epochs=2, batch_size=8, checkpoint_every=3, progress=False, seed=3,
+                        lr=1e-2, dist_timeout_s=30)
+        result = training.train(training.TrainConfig(out_dir=os.path.join(args.out, "run"), **settings), model=model,
+                                 dataset=RandomPairs(model, 20, seed=2))
+        torch.save({key: result[key] for key in ("state", "reference")}, os.path.join(args.out, f"rank{rank}.pt"))
+        calls = []
+
+        def nan_at_step_4(image_emb, text_emb, logit_scale, labels=None, group=None):
+            calls.append(1)
+            loss = ace_kernels.label_guided_infonce(image_emb, text_emb, logit_scale, labels, group=group)
+            return loss * float("nan") if len(calls) == 4 else loss
+
+        model = make_model(args.kind, seed=0, perturb=True)
+        _record_error(args, rank, "nan", lambda: training.train(
+            training.TrainConfig(out_dir=os.path.join(args.out, "run2"), **settings), model=model,
+            dataset=RandomPairs(model, 20, seed=2), loss_fn=nan_at_step_4))
+        dist.destroy_process_group()
         return
     if args.mode == "early_failure_joined":
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))

@@ -324,6 +324,21 @@ def test_only_rank_0_needs_a_writable_run_directory(tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 
+
+def test_every_rank_names_the_state_rank_0_wrote(tmp_path):
+    """Rank 0 writes the states, but only rank 0 knew their paths: the other ranks' train() returned
+    state and reference None, and after a non-finite loss their error said "Last good state: none
+    written" where rank 0's named the state of step 3."""
+    _launch("last_state", 2, tmp_path, "--kind", "standin")
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert results[0]["state"] == str(tmp_path / "run" / "checkpoints" / "state-00000004.pt"), results
+    assert results[1] == results[0], results
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}-nan.err").read_text()
+        assert message.startswith("NonFiniteLossError: non-finite loss at step 4 "), message
+        assert f"Last good state: {tmp_path / 'run2' / 'checkpoints' / 'state-00000003.pt'};" in message, message
+
+
 def test_a_rank_whose_own_settings_fail_the_first_checks_stops_every_rank(tmp_path):
     """Per-rank settings (chunk_size, device, out_dir) are checked by train() before the set-up: a rank
     that failed them raised at once without telling the others, which waited for it in the group's
