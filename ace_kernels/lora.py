@@ -79,6 +79,7 @@ arithmetic. Nothing hangs or raises on non-finite values.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -107,6 +108,9 @@ def rows_variant(rows: int) -> str:
 
 _MASK_RECORDERS: list[list] = []
 _SAVED_BYTES_RECORDERS: list[list] = []
+# Opening and closing: two threads closing at once would each search a list the other shifts (a
+# recorder missed stays open for good). Recording reads a tuple copy and needs no lock.
+_RECORDERS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -123,7 +127,8 @@ def capture_dropout_masks() -> Iterator[list]:
     (the torch backend's works).
     """
     record: list = []
-    _MASK_RECORDERS.append(record)
+    with _RECORDERS_LOCK:
+        _MASK_RECORDERS.append(record)
     try:
         yield record
     finally:
@@ -133,10 +138,11 @@ def capture_dropout_masks() -> Iterator[list]:
 def _remove_recorder(recorders: list, record: list) -> None:
     # By identity: two recorders holding equal contents (both empty, or nested ones that saw the
     # same calls) compare equal, and list.remove would take the outer one.
-    for index, candidate in enumerate(recorders):
-        if candidate is record:
-            del recorders[index]
-            return
+    with _RECORDERS_LOCK:
+        for index, candidate in enumerate(recorders):
+            if candidate is record:
+                del recorders[index]
+                return
 
 
 def _record_mask(mask_or_none, lead_shape, in_features) -> None:
@@ -161,7 +167,8 @@ def saved_activation_bytes() -> Iterator[list]:
     :func:`capture_dropout_masks`.
     """
     record: list = []
-    _SAVED_BYTES_RECORDERS.append(record)
+    with _RECORDERS_LOCK:
+        _SAVED_BYTES_RECORDERS.append(record)
     try:
         yield record
     finally:

@@ -1117,6 +1117,53 @@ def test_nested_recorders_each_keep_their_own_calls():
     assert not lora_module._MASK_RECORDERS and not lora_module._SAVED_BYTES_RECORDERS
 
 
+@pytest.mark.parametrize("recorders, open_recorder", [
+    ("_MASK_RECORDERS", lora_module.capture_dropout_masks),
+    ("_SAVED_BYTES_RECORDERS", lora_module.saved_activation_bytes),
+], ids=["masks", "saved-bytes"])
+def test_recorders_closed_by_two_threads_at_once_are_both_removed(monkeypatch, recorders, open_recorder):
+    # Thread A closes its recorder (second in the list) while thread B closes the first one.
+    # A's search is paused after it looked at the first entry, for B to close meanwhile: a
+    # search that B's removal shifted under it would miss A's recorder and leave it recording
+    # (every later LoRA call appending to it) for the rest of the process.
+    import threading
+
+    class PausingList(list):
+        pause_in = None  # the thread whose search pauses after its first entry
+
+        def __iter__(self):
+            index = 0
+            while index < len(self):
+                yield self[index]
+                if index == 0 and threading.current_thread() is self.pause_in:
+                    b_closed.wait(timeout=1.0)  # a fixed version makes B wait for A instead
+                index += 1
+
+    live = PausingList()
+    monkeypatch.setattr(lora_module, recorders, live)
+    b_opened, a_opened, b_may_close, b_closed = (threading.Event() for _ in range(4))
+    errors = []
+
+    def thread_b():
+        try:
+            with open_recorder():
+                b_opened.set()
+                b_may_close.wait(timeout=10)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        b_closed.set()
+
+    b = threading.Thread(target=thread_b)
+    b.start()
+    assert b_opened.wait(timeout=10)
+    live.pause_in = threading.current_thread()
+    with open_recorder():
+        b_may_close.set()
+    b.join(timeout=10)
+    assert not errors and not b.is_alive()
+    assert list(live) == [], f"{len(live)} recorder(s) left open after both blocks ended"
+
+
 def test_a_dtype_error_under_autocast_says_what_autocast_did():
     case = Case("mixed", "qkv", (4,), 8, 3, 2)
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, "cpu")
