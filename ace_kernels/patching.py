@@ -291,6 +291,7 @@ class PatchHandle:
         self._swaps: list[_Swap] = []
         self._hooks: list = []
         self._undone = False
+        self._undo_lock = threading.Lock()  # two threads undoing at once: one reverts, the other waits
         self._counts: collections.Counter = collections.Counter()
 
     def backend_for(self, op: str) -> str:
@@ -353,27 +354,28 @@ class PatchHandle:
         (another wrapper), that module is left as it is and a ``RuntimeWarning``
         names it.
         """
-        if self._undone:
-            return
-        conflicts, reverted = [], []
-        for swap in reversed(self._swaps):
-            if swap.revert():
-                reverted.append(swap)
-            else:
-                conflicts.append(f"{type(swap.module).__name__}.{swap.attr}")
+        with self._undo_lock:
+            if self._undone:
+                return
+            conflicts, reverted = [], []
+            for swap in reversed(self._swaps):
+                if swap.revert():
+                    reverted.append(swap)
+                else:
+                    conflicts.append(f"{type(swap.module).__name__}.{swap.attr}")
+                    if isinstance(swap.replacement, _Replacement):
+                        # Still called by its wrapper: from now on it runs the original method.
+                        swap.replacement.bypass = swap.original()
+            for hook in self._hooks:
+                hook.remove()
+            # A replacement left in place is still called by whatever wrapped it (accelerate's hooks,
+            # say): only the reverted ones are released.
+            for swap in reverted:
                 if isinstance(swap.replacement, _Replacement):
-                    # Still called by its wrapper: from now on it runs the original method.
-                    swap.replacement.bypass = swap.original()
-        for hook in self._hooks:
-            hook.remove()
-        # A replacement left in place is still called by whatever wrapped it (accelerate's hooks,
-        # say): only the reverted ones are released.
-        for swap in reverted:
-            if isinstance(swap.replacement, _Replacement):
-                swap.replacement.release()
-        self._swaps.clear()
-        self._hooks.clear()
-        self._undone = True
+                    swap.replacement.release()
+            self._swaps.clear()
+            self._hooks.clear()
+            self._undone = True
         if conflicts:
             warnings.warn(
                 "ace_kernels.patch undo: these methods were replaced again after patching and were left "

@@ -1556,6 +1556,49 @@ def test_kept_outputs_belong_to_the_thread_that_computed_them():
             group.leave()
 
 
+def test_undo_from_two_threads_at_once_restores_once_without_warnings(monkeypatch):
+    # Thread A's undo is paused after its first revert, for thread B's undo to run meanwhile: B
+    # must neither revert again (an AttributeError when both delete the same attribute) nor
+    # report A's reverts as "replaced again after patching".
+    import threading
+
+    from ace_kernels import patching
+
+    model = nn.Sequential(*[ReferenceLoRALinear(4, 4, r=2).double() for _ in range(3)])
+    handle = ace_kernels.patch(model, backend="torch")
+    thread_a = threading.current_thread()
+    b_done = threading.Event()
+    revert = patching._Swap.revert
+    paused = []
+
+    def revert_pausing_a(swap):
+        reverted = revert(swap)
+        if threading.current_thread() is thread_a and not paused:
+            paused.append(True)
+            thread_b.start()
+            b_done.wait(timeout=1.0)  # a fixed undo makes B wait for A instead
+        return reverted
+
+    monkeypatch.setattr(patching._Swap, "revert", revert_pausing_a)
+    errors = []
+
+    def undo_b():
+        try:
+            handle.undo()
+        except BaseException as exc:
+            errors.append(exc)
+        b_done.set()
+
+    thread_b = threading.Thread(target=undo_b)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle.undo()  # B starts once A is inside it
+        thread_b.join(timeout=10)
+    assert paused and not errors and not thread_b.is_alive()
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    _assert_original_forwards(model)
+
+
 def test_deep_copies_of_a_patched_model_or_part_of_it():
     model = _bert().train()
     embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
