@@ -357,22 +357,18 @@ class PatchHandle:
         with self._undo_lock:
             if self._undone:
                 return
-            conflicts, reverted = [], []
+            conflicts = []
             for swap in reversed(self._swaps):
-                if swap.revert():
-                    reverted.append(swap)
-                else:
+                if not swap.revert():
                     conflicts.append(f"{type(swap.module).__name__}.{swap.attr}")
-                    if isinstance(swap.replacement, _Replacement):
-                        # Still called by its wrapper: from now on it runs the original method.
-                        swap.replacement.bypass = swap.original()
+                if isinstance(swap.replacement, _Replacement):
+                    # From now on it runs the original method: a wrapper installed after patching
+                    # still calls it (a conflict), and so does a call that looked it up before this
+                    # undo (nn.Module.__call__ runs the forward pre-hooks in between: one of them
+                    # undoing, or another thread's undo meanwhile).
+                    swap.replacement.bypass = swap.original()
             for hook in self._hooks:
                 hook.remove()
-            # A replacement left in place is still called by whatever wrapped it (accelerate's hooks,
-            # say): only the reverted ones are released.
-            for swap in reverted:
-                if isinstance(swap.replacement, _Replacement):
-                    swap.replacement.release()
             self._swaps.clear()
             self._hooks.clear()
             self._undone = True
@@ -434,11 +430,6 @@ class _Replacement:
                              "handle.summary() lists what was patched)")
                 exc._ace_kernels_noted = True
             raise
-
-    def release(self) -> None:
-        # Break the module -> replacement -> module cycle once undone.
-        self.module = None
-        self.state = ()
 
     def __reduce__(self):
         # Unpickled, the saved "original" forward would resolve to this replacement itself and

@@ -1556,6 +1556,50 @@ def test_kept_outputs_belong_to_the_thread_that_computed_them():
             group.leave()
 
 
+@pytest.mark.parametrize("where", ["hook of the call", "other thread"])
+def test_a_call_already_on_its_way_when_undo_runs_computes_the_original(where):
+    # nn.Module.__call__ looks the forward up before it runs the forward pre-hooks: a hook that
+    # undoes the patch, or an undo in another thread while a pre-hook runs, leaves the call with
+    # the replacement, which must still compute the layer's output.
+    import threading
+
+    torch.manual_seed(3)
+    layer = _randomise_lora(ReferenceLoRALinear(6, 5, r=2).double())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    want = layer(x)
+    handle = ace_kernels.patch(layer, backend="torch")
+    hook_running, undone = threading.Event(), threading.Event()
+
+    def pre_hook(module, args):
+        if where == "hook of the call":
+            handle.undo()
+        else:
+            hook_running.set()
+            assert undone.wait(timeout=10)
+
+    layer.register_forward_pre_hook(pre_hook)
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(layer(x))
+        except Exception as exc:
+            outcome.append(exc)
+
+    if where == "hook of the call":
+        call()
+    else:
+        thread = threading.Thread(target=call)
+        thread.start()
+        assert hook_running.wait(timeout=10)
+        handle.undo()
+        undone.set()
+        thread.join(timeout=10)
+    assert not handle.active and "forward" not in layer.__dict__
+    assert isinstance(outcome[0], torch.Tensor), f"{type(outcome[0]).__name__}: {outcome[0]}"
+    torch.testing.assert_close(outcome[0], want, **FP64_TOL)
+
+
 def test_undo_from_two_threads_at_once_restores_once_without_warnings(monkeypatch):
     # Thread A's undo is paused after its first revert, for thread B's undo to run meanwhile: B
     # must neither revert again (an AttributeError when both delete the same attribute) nor
