@@ -8,6 +8,7 @@ and the tiny ACELoRA (the real towers, LoRA dropout and ACE-HGNN).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -567,39 +568,26 @@ def test_eps_zero_is_refused_and_its_nan_weights_never_saved(tmp_path, monkeypat
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "ace_lora.pt").exists()
 
 
-@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
-def test_a_run_does_not_depend_on_the_default_dtype(tmp_path):
-    """train() builds its model in float32 (its trainable parameters are float32, as its images
-    are): under torch.set_default_dtype(float64) or (bfloat16) the model followed the default
-    and the first float32 image batch failed in the patch embedding ("Input type (float) and bias
-    type (double) should be the same"). The losses are those of a float32 default, bit for bit."""
-    from ace_model.data import make_synthetic_dataset
-
-    csv_path = make_synthetic_dataset(tmp_path / "data", 8, seed=0)
-
-    def losses(name):
-        config = TrainConfig(csv=str(csv_path), out_dir=str(tmp_path / name), model="tiny", epochs=1, batch_size=4,
-                             warmup_steps=0, progress=False, seed=0)
-        return [record["loss"] for record in read_metrics(train(config)["metrics"]) if "loss" in record]
-
-    want = losses("float32")
-    assert len(want) == 2
+@contextlib.contextmanager
+def _default_dtype(dtype):
     previous = torch.get_default_dtype()
-    for dtype in (torch.float64, torch.bfloat16):
-        torch.set_default_dtype(dtype)
-        try:
-            got = losses(str(dtype))
-        finally:
-            torch.set_default_dtype(previous)
-        assert got == want, dtype
-    assert torch.get_default_dtype() == previous
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
-def test_a_run_does_not_depend_on_the_default_device(tmp_path):
-    """train() builds its model on the CPU and moves it to config.device whatever
-    torch.set_default_device says (a torch.device context stands in for a CUDA default here):
-    the model, its data and its digests were made on the default device, and the run raised
-    ("Cannot copy out of meta tensor"). The losses are those of a CPU default, bit for bit."""
+@pytest.mark.skipif(not tiny_available(), reason="ace_model.ACELoRA not importable")
+@pytest.mark.parametrize("default", ["float64 dtype", "bfloat16 dtype", "meta device"])
+def test_a_run_does_not_depend_on_torch_defaults(tmp_path, default):
+    """train() builds its model in float32 on the CPU and moves it to config.device, whatever
+    torch.set_default_dtype or torch.set_default_device says (a torch.device context stands in
+    for a CUDA default here). Under a float64 or bfloat16 default the model followed it and the
+    first float32 image batch failed in the patch embedding ("Input type (float) and bias type
+    (double) should be the same"); under another default device the model, its data and its
+    digests were made there ("Cannot copy out of meta tensor"). The losses are those of the
+    usual defaults, bit for bit, and the caller's defaults are back afterwards."""
     from ace_model.data import make_synthetic_dataset
 
     csv_path = make_synthetic_dataset(tmp_path / "data", 8, seed=0)
@@ -609,12 +597,16 @@ def test_a_run_does_not_depend_on_the_default_device(tmp_path):
                              warmup_steps=0, progress=False, seed=0)
         return [record["loss"] for record in read_metrics(train(config)["metrics"]) if "loss" in record]
 
-    want = losses("cpu")
+    want = losses("usual")
     assert len(want) == 2
-    with torch.device("meta"):
-        got = losses("meta")
-        assert torch.empty(1).device.type == "meta"  # the caller's default is back after the run
+    kind, what = default.split()
+    context = _default_dtype(getattr(torch, kind)) if what == "dtype" else torch.device(kind)
+    with context:
+        got = losses("other")
+        assert torch.empty(1).dtype == (getattr(torch, kind) if what == "dtype" else torch.float32)
+        assert torch.empty(1).device.type == ("cpu" if what == "dtype" else kind)
     assert got == want
+    assert torch.empty(1).dtype == torch.float32 and torch.empty(1).device.type == "cpu"
 
 
 def _pairs_csv(tmp_path, name: str, column: str | None = None, cell=lambda row: "") -> dict:
