@@ -413,11 +413,12 @@ def cls_probability_row(q: torch.Tensor, k: torch.Tensor, key_keep: torch.Tensor
 
     q, k: ``[B, H, N, d]``; key_keep: bool, broadcastable to ``[B, 1, 1, N]`` (False: padding).
     Returns ``mean_h softmax_j(q[b,h,0] . k[b,h,j] / sqrt(d), padding masked)[1:]``, ``[B, N-1]``,
-    in float32 (a 16-bit row would round the top-k's input)."""
+    in float32 (a 16-bit row would round the top-k's input). Padding is masked with float32's
+    lowest value, as BERT's additive mask: an all-padding row is uniform, not NaN."""
     head_dim = q.shape[-1]
     with torch.autocast(q.device.type, enabled=False):
         scores = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].float(), k.float()) * (1.0 / math.sqrt(head_dim))
-        scores = scores.masked_fill(~key_keep.reshape(key_keep.shape[0], 1, -1), float("-inf"))
+        scores = scores.masked_fill(~key_keep.reshape(key_keep.shape[0], 1, -1), torch.finfo(scores.dtype).min)
         return scores.softmax(dim=-1).mean(dim=1)[:, 1:]
 
 

@@ -353,6 +353,29 @@ def test_cls_probability_row_matches_dense_fp64_forward_and_gradients():
     assert torch.autograd.gradcheck(row64, (q.detach().requires_grad_(), k.detach().requires_grad_()))
 
 
+def test_an_all_padding_text_row_stays_finite_with_the_published_codes_row(tiny_model):
+    """A token row of padding only (pad id 0 throughout): every key is masked. The published code's
+    BERT masks with a large finite negative, so its row is uniform (transformers' eager attention
+    agrees); a -inf mask made it NaN, and with it the whole batch's loss and every gradient."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 3, 6, 4, generator=gen) for _ in range(2))
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[1] = False
+    row = cls_probability_row(q, k, keep)
+    assert torch.allclose(row[1], torch.full((5,), 1 / 6), rtol=1e-6, atol=0)
+    keep[1, ..., :3] = True  # rows with a key kept: masked columns get exactly 0, as with -inf
+    want = torch.einsum("bhd,bhnd->bhn", q[:, :, 0], k).div(2).masked_fill(~keep[:, 0], float("-inf"))
+    assert torch.equal(cls_probability_row(q, k, keep), want.softmax(-1).mean(1)[:, 1:])
+    model = copy.deepcopy(tiny_model).train()
+    model.text_attention = "reference-code"
+    token_ids = model.tokenizer()(["edema", "no finding"])
+    token_ids[1] = model.pad_token_id
+    loss = model.loss(torch.randn(2, 3, model.image_size, model.image_size), token_ids)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.trainable_parameters())
+
+
 def test_only_adapters_lora_and_scale_train(tiny_model):
     model = copy.deepcopy(tiny_model).train()
     images, token_ids, labels = _batch(model, batch=3)
