@@ -90,9 +90,12 @@ class TextTokenizer:
         self._hf = AutoTokenizer.from_pretrained(self.directory)
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [clean_text(str(t)) for t in texts]
+        texts = [texts] if isinstance(texts, (str, bytes, bytearray)) else list(texts)
+        for item in texts:  # no str(): a missing report (None, NaN) or bytes would become other words
+            if not isinstance(item, str):
+                raise ValueError(f"argument 'texts': expected a string or a sequence of strings, got "
+                                 f"{type(item).__name__} {item!r:.40}")
+        texts = [clean_text(t) for t in texts]
         if not texts:
             raise ValueError("argument 'texts': expected a string or a non-empty sequence of strings, got none")
         length = int(context_length or self.context_length)

@@ -376,6 +376,20 @@ def test_an_all_padding_text_row_stays_finite_with_the_published_codes_row(tiny_
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.trainable_parameters())
 
 
+def test_the_tokenizer_refuses_what_is_not_a_string(tiny_model):
+    # str() made a missing report (None, or pandas' NaN) the words "none" and "nan", a bytes text
+    # its repr "b'...'", and a bytes object one row of digits per byte: each a wrong text, silently.
+    tok = tiny_model.tokenizer()
+    for bad, kind in (([None], "NoneType"), (["edema", float("nan")], "float"), ([b"edema"], "bytes"),
+                      (b"edema", "bytes")):
+        with pytest.raises(ValueError, match=rf"^argument 'texts': expected a string or a sequence of strings, "
+                                             rf"got {kind}"):
+            tok(bad)
+    assert torch.equal(tok(("edema", "no finding")), tok(["edema", "no finding"]))
+    assert torch.equal(tok("edema"), tok(["edema"]))
+    assert torch.equal(tok(t for t in ("edema", "no finding")), tok(["edema", "no finding"]))
+
+
 def test_only_adapters_lora_and_scale_train(tiny_model):
     model = copy.deepcopy(tiny_model).train()
     images, token_ids, labels = _batch(model, batch=3)
