@@ -522,7 +522,9 @@ if triton is not None:
 
     @triton.jit
     def _tile_lse(logits, AXIS: tl.constexpr, FAST_LOG: tl.constexpr):
-        # Log-sum-exp of a tile along AXIS, -inf where every entry is masked (never log 0).
+        # Log-sum-exp of a tile along AXIS, -inf where every entry is masked (never log 0), NaN where
+        # one is NaN. tl.max skips NaN, so a line whose unmasked entries are all NaN has top -inf
+        # as an empty one does; its total (exp(NaN) = NaN, the masked entries' 0) tells them apart.
         top = tl.max(logits, axis=AXIS)
         empty = top == float("-inf")
         safe = tl.where(empty, 0.0, top)
@@ -530,7 +532,8 @@ if triton is not None:
             total = tl.sum(_exp(logits - safe[:, None]), axis=1)
         else:
             total = tl.sum(_exp(logits - safe[None, :]), axis=0)
-        return tl.where(empty, float("-inf"), safe + _log(tl.where(empty, 1.0, total), FAST_LOG))
+        return tl.where(empty, tl.where(total == 0.0, float("-inf"), total),
+                        safe + _log(tl.where(empty, 1.0, total), FAST_LOG))
 
     @triton.jit
     def _lse_both_kernel(

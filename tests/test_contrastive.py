@@ -1560,3 +1560,25 @@ def test_triton_blocked_strategy_with_tiles_not_square(block_m, block_n, device,
         _check_triton_fp32(u, t, s, _duplicated_labels(50, 3, 4).to(device), device)
         _check_owned_shares(64, [(0, 32), (32, 48), (48, 64)], device)
     assert calls["lse"] >= 4 and calls["grad"] >= 4
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
+def test_a_tile_whose_only_open_entries_are_nan_stays_nan(strategy, device, monkeypatch):
+    """A tile's log-sum-exp of a row or column whose unmasked entries there are all NaN is NaN, not
+    -inf as for an empty one: tl.max skips NaN, so such a tile looked empty and the NaN was lost
+    when the tiles were merged. Row 16 (NaN, alone in its row tile) is the only unmasked entry
+    of columns 0..15 but 3 in that tile; they read a finite log-sum-exp, and image rows 0..15 got
+    finite gradients where the torch backend (and the docs) give NaN."""
+    u, t, s = (x.detach().float().to(device) for x in _inputs(17, 6))
+    u[16, 0] = float("nan")
+    labels = torch.zeros(17, dtype=torch.long, device=device)
+    labels[[3, 16]] = 1
+    u, t, s = (x.requires_grad_() for x in (u, t, s))
+    strategy_context = _blocked_strategy(monkeypatch, u.dtype, 6) if strategy == "blocked" else contextlib.nullcontext()
+    with strategy_context:
+        loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
+        loss.backward()
+    assert torch.isnan(loss)
+    for name, grad in (("image_emb", u.grad), ("text_emb", t.grad), ("logit_scale", s.grad)):
+        assert grad.isnan().all(), f"grad {name}: {grad}"
