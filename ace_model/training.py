@@ -1686,6 +1686,8 @@ def _fail_before_setup(error: BaseException, config: TrainConfig, device: torch.
     know: in the caller's group, or in the group torchrun's variables name (joined for this, when this rank's
     device resolved), they fail the set-up's first exchange with an error saying so."""
     if dist.is_available() and dist.is_initialized():
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL exchanges on the current device, as _init_distributed says
         _fail_together(error, dist.group.WORLD, "setting up the run (model, data and checks)")
     elif dist.is_available() and device is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         timeout = config.dist_timeout_s

@@ -93,6 +93,30 @@ def test_the_training_device_becomes_current_in_a_group_the_caller_made(monkeypa
     assert calls == [torch.device("cuda", 1)]  # nothing on the CPU
 
 
+def test_a_rank_failing_its_first_checks_in_the_callers_group_tells_them_on_its_own_device(monkeypatch):
+    """A rank whose settings fail train()'s first checks tells the others in the caller's group;
+    on NCCL that exchange goes through the current CUDA device, which the rank had not made its
+    training device (as _init_distributed does): in a script that never set it, cuda:0 on every
+    rank, beside rank 0's own exchange there. Emulated: the calls are recorded, no GPU is needed."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device)))
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
+
+    def fail_together(error, group, what):
+        calls.append(what)
+        raise error
+
+    monkeypatch.setattr(training, "_fail_together", fail_together)
+    config = TrainConfig(csv="unused.csv", out_dir="unused")
+    with pytest.raises(ValueError, match="its own"):
+        training._fail_before_setup(ValueError("its own"), config, torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1), "setting up the run (model, data and checks)"]
+    calls.clear()
+    with pytest.raises(ValueError, match="its own"):
+        training._fail_before_setup(ValueError("its own"), config, torch.device("cpu"))
+    assert calls == ["setting up the run (model, data and checks)"]  # nothing on the CPU
+
+
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Chunked step, dropout on, labels repeated across ranks: loss and every gradient."""
     kind = KIND
