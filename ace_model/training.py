@@ -1780,12 +1780,13 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             total_steps = min(total_steps, config.max_steps)
         warmup = config.warmup_steps
         if warmup is None:
-            warmup = config.warmup_epochs * steps_per_epoch
-            if not math.isfinite(warmup):  # a finite warmup_epochs (validate's check) times the steps can overflow
-                raise ValueError(f"TrainConfig.warmup_epochs: {config.warmup_epochs!r} epochs of {steps_per_epoch} "
-                                 "steps each overflows a float; expected a warm-up of finitely many steps (the run has "
-                                 "TrainConfig.epochs epochs), or set TrainConfig.warmup_steps")
-            warmup = int(round(warmup))
+            warmup = config.warmup_epochs * steps_per_epoch  # an int's product is exact, however large
+            if isinstance(warmup, float):
+                if not math.isfinite(warmup):  # a finite warmup_epochs (validate's check) times the steps can overflow
+                    raise ValueError(f"TrainConfig.warmup_epochs: {config.warmup_epochs!r} epochs of {steps_per_epoch} "
+                                     "steps each overflows a float; expected a warm-up of finitely many steps (the run "
+                                     "has TrainConfig.epochs epochs), or set TrainConfig.warmup_steps")
+                warmup = int(round(warmup))
         dataset_record = _dataset_record(dataset, n, steps_per_epoch)
     except Exception as exc:  # re-raised below, once every rank knows
         setup_error = exc

@@ -676,6 +676,18 @@ def test_a_warm_up_of_more_steps_than_a_float_holds_is_refused_before_any_file_i
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warm_up_of_a_huge_whole_number_of_epochs_still_runs(tmp_path):
+    """An int warmup_epochs times the steps is an exact int however large (the warm-up then never ends,
+    as for any warm-up longer than the run): 10**308 epochs ran before the float overflow check, which
+    then raised OverflowError ('int too large to convert to float') converting the product."""
+    model = make_model("standin")
+    with pytest.warns(UserWarning, match="end within its 2000"):
+        result = train(_config(tmp_path, warmup_epochs=10**308, epochs=1), model=model,
+                       dataset=RandomPairs(model, 8), loss_fn=dense_label_infonce)
+    rates = [record["lr"] for record in read_metrics(result["metrics"]) if "loss" in record]
+    assert len(rates) == 2 and all(0 < rate < 1e-300 for rate in rates), rates
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="flock and fork are POSIX")
 def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     """Rank 0 holds out_dir/.train.lock while it writes there: a second run on the same directory
