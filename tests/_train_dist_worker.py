@@ -228,7 +228,8 @@ def main() -> None:
         dist.destroy_process_group()
         return
     if args.mode == "early_failure_created":
-        _record_error(args, rank, "created", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True, dist_timeout_s=20,
+        _record_error(args, rank, "created", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
+                                                                 dist_timeout_s=20,
                                                                  chunk_size=0 if rank == 1 else args.chunk))
         return
     if args.mode == "frozen_text_tower":

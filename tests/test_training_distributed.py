@@ -314,8 +314,6 @@ def test_a_rank_that_fails_alone_stops_every_rank(tmp_path):
                                          "final ace_lora.pt"), errors
 
 
-
-
 def test_only_rank_0_needs_a_writable_run_directory(tmp_path):
     """Only rank 0 writes the run directory, but every rank probed it for writing (a folder made there and
     removed) before the set-up: a rank whose node sees it read-only stopped the run, through train() and
@@ -348,7 +346,6 @@ def test_only_rank_0_needs_a_writable_run_directory(tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
 
 
-
 def test_every_rank_names_the_state_rank_0_wrote(tmp_path):
     """Rank 0 writes the states, but only rank 0 knew their paths: the other ranks' train() returned
     state and reference None, and after a non-finite loss their error said "Last good state: none
@@ -364,7 +361,7 @@ def test_every_rank_names_the_state_rank_0_wrote(tmp_path):
 
 
 def test_a_rank_whose_own_settings_fail_the_first_checks_stops_every_rank(tmp_path):
-    """Per-rank settings (chunk_size, device, out_dir) are checked by train() before the set-up: a rank
+    """Per-rank settings (chunk_size, device) are checked by train() before the set-up: a rank
     that failed them raised at once without telling the others, which waited for it in the group's
     rendezvous (a group train() creates) or in the set-up's first exchange (the caller's group) until the
     timeout, then failed with gloo's own error. Now they stop at once, saying a rank failed its set-up."""
@@ -378,6 +375,7 @@ def test_a_rank_whose_own_settings_fail_the_first_checks_stops_every_rank(tmp_pa
     assert errors[0, "device"].startswith("ValueError: TrainConfig.device: 'cuda:99'"), errors
     assert errors[1, "device"].startswith("RankMismatchError: another rank failed setting up the run"), errors
     assert not (tmp_path / "run").exists()  # nothing written
+
 
 def _two_simulated_ranks(monkeypatch, all_gather, other_text: str | None = None) -> None:
     """This process as rank 0 of two over gloo, ``all_gather`` standing in for the collective and,
