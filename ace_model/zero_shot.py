@@ -162,8 +162,11 @@ def binary_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
     ties counting one half (so it does not depend on how ties are ordered). NaN when
     ``targets`` has no positives or no negatives.
     """
-    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    targets = torch.as_tensor(targets).flatten() > 0.5
+    # A tensor stays on its device (torch.as_tensor would move it to a default device set with
+    # torch.set_default_device); anything else becomes a CPU tensor.
+    scores = (scores.double() if isinstance(scores, torch.Tensor)
+              else torch.as_tensor(scores, dtype=torch.float64, device="cpu")).flatten()
+    targets = (targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets, device="cpu")).flatten() > 0.5
     if scores.shape != targets.shape:
         raise ValueError(f"binary_auroc: scores {tuple(scores.shape)} and targets {tuple(targets.shape)} differ")
     positives = int(targets.sum())
@@ -338,9 +341,10 @@ def macro_accuracy(predicted: torch.Tensor, truth: torch.Tensor, classes: int) -
     """Mean over classes of ``tp / (tp + fn)`` (recall), as torchmetrics' ``MulticlassAccuracy``
     averages by default: a class that is neither labelled nor predicted is left out; one that is
     only predicted counts with recall 0."""
-    hits = torch.zeros(classes, dtype=torch.float64)
-    support = torch.zeros(classes, dtype=torch.float64)
-    predicted_count = torch.zeros(classes, dtype=torch.float64)
+    # On truth's device (not the default one, nor the CPU for CUDA labels).
+    hits = torch.zeros(classes, dtype=torch.float64, device=truth.device)
+    support = torch.zeros(classes, dtype=torch.float64, device=truth.device)
+    predicted_count = torch.zeros(classes, dtype=torch.float64, device=truth.device)
     support.index_add_(0, truth, torch.ones_like(truth, dtype=torch.float64))
     predicted_count.index_add_(0, predicted, torch.ones_like(predicted, dtype=torch.float64))
     hits.index_add_(0, truth, (predicted == truth).double())

@@ -124,6 +124,13 @@ def test_evaluate_does_not_depend_on_the_default_device(tiny, synthetic):
     assert dataset.labels.device.type == "cpu"
     assert {key: got[key] for key in ("n", "accuracy", "accuracy_macro", "auroc", "auroc_per_class")} == {
         key: want[key] for key in ("n", "accuracy", "accuracy_macro", "auroc", "auroc_per_class")}
+    # The public metrics too, on CPU scores: macro_accuracy's counters were made on the default device.
+    scores = torch.rand(6, 3, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 1]), 3).float()
+    want = zero_shot_metrics(scores, labels, "multiclass")
+    with torch.device("meta"):
+        got = zero_shot_metrics(scores, labels, "multiclass")
+    assert got == want
 
 
 def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
