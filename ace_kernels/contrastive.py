@@ -1291,8 +1291,11 @@ def _triton_check(u, t):
     if u.shape[1] > 1024:
         reasons.append(f"the Triton kernels take D <= 1024, got D={u.shape[1]}")
     reasons += _dispatch.interpreter_bf16_reasons(u.dtype)  # (the hypergraph kernels load bf16 as fp32)
-    if u.shape[0] >= 2**31:
-        reasons.append("the Triton kernels index keys with int32")
+    if u.shape[0] >= 2**30:
+        # int32 keys, and int32 row/column counters: tl.cdiv(row_hi, BLOCK_M) and the column loops'
+        # c0 + BLOCK_N wrap within a tile of 2^31. Only a width of 1 gets here (the test below
+        # keeps B under 2^30 from D = 2 on).
+        reasons.append("the Triton kernels count rows in int32 (tile loops, block counts): B must be < 2^30")
     elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
         # Row offsets are int64, but column tiles are offset in int32 (registers are tight).
         reasons.append("the Triton kernels offset column tiles in int32: B * row stride must be < 2^31")

@@ -710,13 +710,17 @@ def test_triton_check_rejects_int32_column_offsets():
     assert any("2^31" in r for r in contrastive._triton_check(t, u))
 
 
-def test_triton_check_rejects_2_31_rows_and_float64():
-    # Keys are indexed with int32: a batch of 2^31 rows is refused for that (and only that; a
-    # stride-only view of width 1, so B * row stride stays within the other check's bound at
-    # 2^31 - 1 rows). float64 embeddings are the torch backend's.
-    rows = torch.as_strided(torch.empty(1), (2**31, 1), (0, 0))
-    assert contrastive._triton_check(rows, rows) == ["the Triton kernels index keys with int32"]
-    fewer = torch.as_strided(torch.empty(1), (2**31 - 1, 1), (0, 0))
+def test_triton_check_rejects_2_30_rows_and_float64():
+    # The kernels count rows and columns in int32: tl.cdiv(row_hi, BLOCK_M) is row_hi + 127 in int32
+    # and the column loop steps c0 += BLOCK_N up to n, so a batch within a tile of 2^31 wraps (at
+    # row_hi = 2^31 - 1 the one-pass forward wrote no row log-sum-exp at all). Refused from 2^30 rows,
+    # which only a width of 1 reaches (B * row stride < 2^31 holds B under 2^30 from D = 2); stride-only
+    # views of width 1, nothing allocated. float64 embeddings are the torch backend's.
+    message = "the Triton kernels count rows in int32 (tile loops, block counts): B must be < 2^30"
+    for batch in (2**31 - 1, 2**31 - 128, 2**30):
+        rows = torch.as_strided(torch.empty(1), (batch, 1), (0, 0))
+        assert contrastive._triton_check(rows, rows) == [message], batch
+    fewer = torch.as_strided(torch.empty(1), (2**30 - 1, 1), (0, 0))
     assert contrastive._triton_check(fewer, fewer) == []
     u = torch.zeros(3, 4, dtype=torch.float64)
     assert contrastive._triton_check(u, u) == ["the Triton kernels take fp16/bf16/fp32 embeddings, got float64"]
