@@ -29,8 +29,10 @@ Nothing here touches the GPU or the extension at import time.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -81,10 +83,46 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def _cut_short(path: str) -> str | None:
+    """Why the shared library at ``path`` is cut short (None: it is whole, or not a 64-bit ELF file).
+
+    The loader maps such a file (an interrupted build or copy) and the process dies of SIGBUS when it
+    reads the missing pages: no exception to catch. Its ELF header says where the file ends: the
+    section header table, and each segment of the program header table.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header = handle.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2:  # the loader refuses these itself
+                return None
+            order = "<" if header[5] == 1 else ">"
+            phoff, shoff = struct.unpack_from(order + "QQ", header, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, 54)
+            end = max(shoff + shnum * shentsize, phoff + phnum * phentsize)
+            handle.seek(phoff)
+            table = handle.read(phnum * phentsize)
+    except OSError:
+        return None
+    if phentsize >= 56:  # Elf64_Phdr: p_offset at byte 8, p_filesz at byte 32
+        for start in range(0, len(table) - phentsize + 1, phentsize):
+            offset, filesz = (struct.unpack_from(order + "Q", table, start + at)[0] for at in (8, 32))
+            end = max(end, offset + filesz)
+    if size >= end:
+        return None
+    return (f"{path} is cut short ({size} bytes, its ELF headers place data up to byte {end}: an interrupted build "
+            "or copy); loading it would kill the process. Rebuild or reinstall it (`pip install --no-build-isolation "
+            "-e .`, `python setup.py build_ext --inplace --force`), or delete it")
+
+
 @_once
 def _extension():
     """Import the compiled extension lazily; returns (module, error)."""
     try:
+        spec = importlib.util.find_spec("ace_kernels._C")
+        short = _cut_short(spec.origin) if spec is not None and spec.origin else None
+        if short:
+            return None, f"the CUDA extension ace_kernels._C is not loaded: {short}"
         from ace_kernels import _C  # type: ignore[attr-defined]
     except Exception as exc:
         return None, f"the CUDA extension ace_kernels._C is not built or failed to load ({type(exc).__name__}: {exc})"

@@ -217,6 +217,34 @@ def test_module_entry_point_runs():
     assert "torch" in result.stdout and "available" in result.stdout
 
 
+def test_an_extension_cut_short_is_named_and_not_loaded(tmp_path):
+    """An ace_kernels._C cut short (an interrupted build or copy) is not loaded: the loader maps it
+    and the process died of SIGBUS (python -m ace_kernels.info, and the first ace_hypergraph call
+    under auto, which asks whether the cuda backend can run), with nothing to catch. The cuda
+    backend names the file instead; a whole library loads as before."""
+    import sysconfig
+
+    whole = open(torch._C.__file__, "rb").read()  # a 64-bit ELF shared library exporting PyInit__C
+    name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / name).write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / name).write_bytes(whole)
+    code = ("import sys, ace_kernels\n"
+            "ace_kernels.__path__.insert(0, sys.argv[1])\n"
+            "from ace_kernels import _dispatch, info\n"
+            "report = info.report()\n"
+            "print(_dispatch._extension()[1])\n")
+    short = subprocess.run([sys.executable, "-c", code, str(tmp_path / "short")], capture_output=True, text=True,
+                           timeout=300)
+    assert short.returncode == 0, (short.returncode, short.stderr)
+    assert f"{tmp_path / 'short' / name} is cut short ({len(whole) // 2} bytes" in short.stdout, short.stdout
+    from ace_kernels._dispatch import _cut_short
+
+    assert _cut_short(str(tmp_path / "whole" / name)) is None and _cut_short(torch._C.__file__) is None
+    assert _cut_short(__file__) is None  # not an ELF file: the loader's own error says so
+
+
 # --------------------------------------------------------------------------- measured backend order
 
 def _gpu_payload(rows, device="NVIDIA H100 80GB HBM3"):
