@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/*/*.cu csrc/*/*.h csrc/*.cpp csrc/*.h)
+$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(wildcard csrc/*/*.cu csrc/*/*.h csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt

@@ -23,6 +23,7 @@ compiled against the torch already installed.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -99,6 +100,11 @@ def _cuda_extension():
             built.append(f"compute_{sm}")
     # What the module holds, as one identifier (no quoting through ninja): sm_90a__compute_90.
     archs_define = f"-DACE_KERNELS_CUDA_ARCHS={'__'.join(built)}"
+    # And what it was built from (ace_kernels/_sources.py, loaded by path: the package needs torch).
+    spec = importlib.util.spec_from_file_location("_ace_sources", os.path.join(ROOT, "ace_kernels", "_sources.py"))
+    sources_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sources_module)
+    sources_define = f"-DACE_KERNELS_SOURCES_SHA256={sources_module.sources_sha256(os.path.join(ROOT, 'csrc'))}"
     # nvidia/cu13/include of the pip CUDA runtime carries headers the system toolkit lacks.
     include_dirs = [os.path.join(ROOT, "csrc")]
     for site in sys.path:
@@ -111,7 +117,7 @@ def _cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20", archs_define],
+            "cxx": ["-O3", "-std=c++20", archs_define, sources_define],
             # No --use_fast_math: results must match the exact torch path.
             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", *gencode],
         },

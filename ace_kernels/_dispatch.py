@@ -33,11 +33,14 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+
+from ace_kernels._sources import sources_sha256
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
 _ENV_VAR = "ACE_KERNELS_BACKEND"
@@ -119,14 +122,40 @@ def _cut_short(path: str) -> str | None:
 def _extension():
     """Import the compiled extension lazily; returns (module, error)."""
     try:
-        spec = importlib.util.find_spec("ace_kernels._C")
+        spec = importlib.util.find_spec("ace_kernels._C") if "ace_kernels._C" not in sys.modules else None
         short = _cut_short(spec.origin) if spec is not None and spec.origin else None
         if short:
             return None, f"the CUDA extension ace_kernels._C is not loaded: {short}"
         from ace_kernels import _C  # type: ignore[attr-defined]
     except Exception as exc:
         return None, f"the CUDA extension ace_kernels._C is not built or failed to load ({type(exc).__name__}: {exc})"
+    stale = _other_sources(getattr(_C, "__file__", None), getattr(_C, "SOURCES_SHA256", ""))
+    if stale:
+        return None, stale
     return _C, None
+
+
+def _other_sources(path: str | None, built_from: str) -> str | None:
+    """Why the extension at ``path``, built from sources of sha256 ``built_from``, is not this
+    checkout's (None: it is, or it lies outside a checkout, as in an installed wheel, where pip
+    put it together with this code). A checkout is the folder holding setup.py, csrc/ and the
+    package folder the extension lies in: an in-place build (``pip install -e .``) that the
+    sources have moved on from (a pull, an edit, a build that skipped the extension) is declined
+    there, not run as this one."""
+    if not path:
+        return None
+    package = os.path.dirname(os.path.abspath(path))
+    checkout = os.path.dirname(package)
+    csrc = os.path.join(checkout, "csrc")
+    if os.path.basename(package) != "ace_kernels" or not os.path.isfile(os.path.join(checkout, "setup.py")):
+        return None
+    here = sources_sha256(csrc) if os.path.isdir(csrc) else None
+    if here is None or here == built_from:
+        return None
+    recorded = f"sources of sha256 {built_from[:12]}..." if built_from else "sources it does not record"
+    return (f"the CUDA extension ace_kernels._C at {path} was built from {recorded}, not from {csrc} (sha256 "
+            f"{here[:12]}...): rebuild it (`pip install --no-build-isolation -e .` or `python setup.py build_ext "
+            "--inplace`) or delete it")
 
 
 def extension():

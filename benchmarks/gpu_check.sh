@@ -239,11 +239,12 @@ BUILD_LOG=$OUT/build.log
 : >"$BUILD_LOG"
 EXT=$(timeout 60 $PY -c 'import sysconfig; print("ace_kernels/_C" + sysconfig.get_config_var("EXT_SUFFIX"))' \
     2>/dev/null)
-# The sources' fingerprint, stored after a good build beside the build tree (git ignores build/).
+# The sources' fingerprint (with the code that fingerprints them into the module), stored after a good
+# build beside the build tree (git ignores build/).
 STAMP=build/$(basename "${EXT:-_C}").sources.sha256
 sources_sha256() {
-    find csrc setup.py -type f -print0 2>/dev/null | LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum |
-        cut -d' ' -f1
+    find csrc setup.py ace_kernels/_sources.py -type f -print0 2>/dev/null | LC_ALL=C sort -z |
+        xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1
 }
 extension_loads() {  # the built module exists and imports (its output to the caller's redirection)
     [ -n "$EXT" ] && [ -f "$EXT" ] && timeout 60 $PY -c "import ace_kernels._C"

@@ -294,6 +294,11 @@ TORCH_LIBRARY_IMPL(ace_kernels, Meta, m) {
 #ifndef ACE_KERNELS_CUDA_ARCHS
 #define ACE_KERNELS_CUDA_ARCHS
 #endif
+// The sha256 of the csrc/ it was built from (ace_kernels/_sources.py), read as _C.SOURCES_SHA256: in a
+// checkout, the cuda backend declines an extension built from other sources than those beside it.
+#ifndef ACE_KERNELS_SOURCES_SHA256
+#define ACE_KERNELS_SOURCES_SHA256
+#endif
 #define ACE_KERNELS_STR2(x) #x
 #define ACE_KERNELS_STR(x) ACE_KERNELS_STR2(x)
 
@@ -304,7 +309,8 @@ PyMODINIT_FUNC PyInit__C(void) {
                                           nullptr};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr &&
-      PyModule_AddStringConstant(module, "CUDA_ARCHS", ACE_KERNELS_STR(ACE_KERNELS_CUDA_ARCHS)) != 0) {
+      (PyModule_AddStringConstant(module, "CUDA_ARCHS", ACE_KERNELS_STR(ACE_KERNELS_CUDA_ARCHS)) != 0 ||
+       PyModule_AddStringConstant(module, "SOURCES_SHA256", ACE_KERNELS_STR(ACE_KERNELS_SOURCES_SHA256)) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -101,6 +101,21 @@ def test_extension_records_what_it_was_built_for():
     assert _dispatch.built_cuda_archs() == tuple(ext.CUDA_ARCHS.split("__"))
 
 
+def test_extension_records_the_sources_it_was_built_from():
+    """setup.py compiles the sha256 of csrc/ into the module; in a checkout the cuda backend
+    declines an extension whose sources are not those beside it."""
+    path = _extension_path()
+    import ace_kernels._C as ext
+    from ace_kernels import _dispatch
+    from ace_kernels._sources import sources_sha256
+
+    here = sources_sha256(os.path.join(ROOT, "csrc"))
+    assert here and len(ext.SOURCES_SHA256) == 64
+    if os.path.dirname(path) == os.path.join(ROOT, "ace_kernels"):  # built in place, in this checkout
+        assert ext.SOURCES_SHA256 == here, "ace_kernels._C was built from other sources: rebuild it"
+        assert _dispatch._extension() == (ext, None)
+
+
 def test_extension_kernels_have_no_spills_for_sm90a():
     so = _extension_path()
     dump = subprocess.run([_cuobjdump(), "-res-usage", so], capture_output=True, text=True, timeout=120)
@@ -160,6 +175,8 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
 
     shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
     shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
+    (tree / "ace_kernels").mkdir()  # setup.py reads the sources' fingerprint from ace_kernels/_sources.py
+    shutil.copy(os.path.join(ROOT, "ace_kernels", "_sources.py"), tree / "ace_kernels" / "_sources.py")
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 1.0, V1.0.0'\n")
@@ -167,7 +184,6 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
     env = dict(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{nvcc.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
     stale = tree / "ace_kernels" / name
-    stale.parent.mkdir()
     stale.write_bytes(b"an earlier build")
     # A build that is not in place, run from another folder, leaves the checkouts' extensions alone
     # (this one's and the folder's: the names resolve against the checkout, not the folder).

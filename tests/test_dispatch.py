@@ -630,6 +630,52 @@ def test_an_extension_that_does_not_load_is_named_by_every_caller(monkeypatch):
     assert _dispatch._global_reasons("cuda") == ["this torch build has no CUDA support", error]
 
 
+def test_an_extension_built_from_other_sources_is_declined_in_a_checkout(tmp_path, monkeypatch):
+    """In a checkout (setup.py, csrc/ and the package folder the extension lies in), an extension
+    whose recorded sources' sha256 is not that of csrc/ (an in-place build the sources moved on
+    from: a pull, an edit) is declined with the reason; it was loaded and run as this one. An
+    installed package (no csrc/ beside it) is not compared."""
+    import sys
+    import types
+
+    from ace_kernels._sources import sources_sha256
+
+    (tmp_path / "csrc" / "family").mkdir(parents=True)
+    (tmp_path / "csrc" / "family" / "kernel.cu").write_text("// the kernels\n")
+    (tmp_path / "csrc" / "bindings.cpp").write_text("// the bindings\n")
+    (tmp_path / "setup.py").write_text("")
+    so = str(tmp_path / "ace_kernels" / "_C.so")
+    built_from = sources_sha256(str(tmp_path / "csrc"))
+    assert built_from and _dispatch._other_sources(so, built_from) is None
+    (tmp_path / "csrc" / "family" / "kernel.cu").write_text("// the kernels, edited\n")
+    now = sources_sha256(str(tmp_path / "csrc"))
+    assert now != built_from
+    assert _dispatch._other_sources(so, built_from) == (
+        f"the CUDA extension ace_kernels._C at {so} was built from sources of sha256 {built_from[:12]}..., not from "
+        f"{tmp_path / 'csrc'} (sha256 {now[:12]}...): rebuild it (`pip install --no-build-isolation -e .` or "
+        "`python setup.py build_ext --inplace`) or delete it")
+    assert "was built from sources it does not record, not from" in _dispatch._other_sources(so, "")  # older build
+    assert _dispatch._other_sources(str(tmp_path / "site-packages" / "ace_kernels" / "_C.so"), "") is None
+    assert _dispatch._other_sources(str(tmp_path / "elsewhere" / "_C.so"), "") is None
+    (tmp_path / "setup.py").unlink()
+    assert _dispatch._other_sources(so, "") is None
+    # Loaded from this checkout's package folder: the cuda backend gives it as a reason of the machine.
+    fake = types.ModuleType("ace_kernels._C")
+    fake.__file__ = os.path.join(os.path.dirname(_dispatch.__file__), "_C.so")
+    fake.SOURCES_SHA256 = "0" * 64
+    monkeypatch.setattr(_dispatch, "_ONCE", {})
+    monkeypatch.delattr(ace_kernels, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "ace_kernels._C", fake)
+    module, error = _dispatch._extension()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_dispatch.__file__)))
+    assert module is None and error.startswith(f"the CUDA extension ace_kernels._C at {fake.__file__} was built "
+                                               f"from sources of sha256 000000000000..., not from {root}"), error
+    assert error in _dispatch._global_reasons("cuda")
+    monkeypatch.setattr(_dispatch, "_ONCE", {})
+    fake.SOURCES_SHA256 = sources_sha256(os.path.join(root, "csrc"))
+    assert _dispatch._extension() == (fake, None)
+
+
 def test_the_triton_backend_without_a_gpu_or_the_interpreter_says_so(monkeypatch):
     if _dispatch._triton_import_error():
         pytest.skip("triton does not import here")
