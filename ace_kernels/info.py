@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-from ace_kernels._dispatch import (_ENV_VAR, BACKENDS, _OPS, _extension, available_backends, device_name,
-                                   interpreter_enabled, order_key, preference, requested_backend)
+from ace_kernels._dispatch import (_ENV_VAR, BACKENDS, _OPS, _cuda_arch_reason, _extension, available_backends,
+                                   built_cuda_archs, device_name, interpreter_enabled, order_key, preference,
+                                   requested_backend)
 
 
 def report() -> str:
@@ -27,9 +28,16 @@ def report() -> str:
     else:
         lines.append("device none (CPU only)")
     module, error = _extension()
-    lines.append("extension ace_kernels._C: " + ("loaded from " + module.__file__ if module else "not loaded"))
+    archs = built_cuda_archs()
+    lines.append("extension ace_kernels._C: " + ("loaded from " + module.__file__ if module else "not loaded")
+                 + (f" (code for {', '.join(archs)})" if archs else ""))
     lines.append("")
     table = available_backends(reasons=True)
+    if not table["cuda"]:
+        # Code for other GPUs than every visible one: each call declines the backend (auto moves on).
+        arch_reasons = [_cuda_arch_reason(index) for index in range(torch.cuda.device_count())]
+        if arch_reasons and all(arch_reasons):
+            table["cuda"] = arch_reasons
     for name in BACKENDS:
         why = table[name]
         lines.append(f"  {name:<7} {'available' if not why else 'unavailable: ' + '; '.join(why)}")

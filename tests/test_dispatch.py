@@ -179,6 +179,35 @@ def test_info_on_a_gpu_machine_names_the_card_and_its_tuned_configurations(monke
     assert info.report().splitlines()[-1] == "tuned launch configurations on Card C: none (the defaults)"
 
 
+def test_info_says_cuda_is_unavailable_where_the_extension_has_code_for_no_visible_gpu(monkeypatch):
+    """An sm_90a build on a machine of A100s (8.0): every call declines the cuda backend, so the
+    report says it is unavailable and why (it said 'available'), and what the extension holds. One
+    GPU it runs on is enough for 'available' (each call's devices decide)."""
+    import types
+
+    from ace_kernels import info
+
+    card = types.SimpleNamespace(name="Card A", major=8, minor=0, total_memory=40 * 2**30)
+    capability = {0: (8, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capability))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: card)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: "Card A")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_dispatch, "_ONCE", {"_extension": (types.SimpleNamespace(CUDA_ARCHS="sm_90a",
+                                                                                 __file__="/x/_C.so"), None)})
+    monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
+    lines = info.report().splitlines()
+    assert "extension ace_kernels._C: loaded from /x/_C.so (code for sm_90a)" in lines
+    (cuda,) = [line for line in lines if line.split()[:1] == ["cuda"]]
+    assert cuda.startswith("  cuda    unavailable: ace_kernels._C holds code for sm_90a only, not for cuda:0 (sm_80)")
+    assert "not for cuda:1 (sm_80)" in cuda
+    capability[1] = (9, 0)
+    monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
+    assert "  cuda    available" in info.report().splitlines()
+
+
 def _run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
