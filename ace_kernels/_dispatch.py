@@ -228,9 +228,11 @@ def _cuda_arch_reason(index: int) -> str | None:
         if archs:
             capability = torch.cuda.get_device_capability(index)
             if not any(arch_runs_on(arch, capability) for arch in archs):
+                # PTX for 9.0 runs on newer GPUs only: no alternative for an older one.
+                ptx = " or '9.0+PTX'" if tuple(capability) > (9, 0) else ""
                 reason = (f"ace_kernels._C holds code for {', '.join(archs)} only, not for cuda:{index} "
                           f"(sm_{capability[0]}{capability[1]}); rebuild it with TORCH_CUDA_ARCH_LIST set for this "
-                          f"GPU (e.g. '{capability[0]}.{capability[1]}' or '9.0+PTX'): `python setup.py build_ext "
+                          f"GPU (e.g. '{capability[0]}.{capability[1]}'{ptx}): `python setup.py build_ext "
                           f"--inplace --force` (unchanged sources are otherwise not rebuilt)")
         _ARCH_REASONS[index] = reason
     return _ARCH_REASONS[index]

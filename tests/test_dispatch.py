@@ -601,6 +601,10 @@ def test_cuda_backend_declines_a_gpu_the_extension_has_no_code_for(monkeypatch):
     reasons = _dispatch._device_reasons("cuda", [on_a100, None])
     assert len(reasons) == 1
     assert "sm_90a only, not for cuda:0 (sm_80)" in reasons[0] and "TORCH_CUDA_ARCH_LIST" in reasons[0]
+    # Its example arch lists run there: '9.0+PTX' (said before) does not on an 8.0 GPU, only on a newer one.
+    assert "for this GPU (e.g. '8.0'): `python setup.py build_ext" in reasons[0]
+    capability[4] = (12, 0)
+    assert "for this GPU (e.g. '12.0' or '9.0+PTX'): `python" in _dispatch._cuda_arch_reason(4)
     assert _dispatch._device_reasons("cuda", [on_h200]) == []
     assert not any("holds code" in r for r in _dispatch._device_reasons("triton", [on_a100]))  # cuda's alone
     # A build for several targets runs where any one of them does: sm_80 and sm_90a on an A100,
