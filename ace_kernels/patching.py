@@ -81,7 +81,9 @@ dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
 ``B A`` into the weight) or extra arguments. ``apply_ace_hgat``: autocast on,
 fewer than ``topk`` tokens, hooks or instance-replaced forwards on the
 adapters, global module hooks, an adapter (or its activation) replaced after patching by one that is
-not ``up(leaky_relu(down(z), 0.2))``. States that hold at patch time are listed in
+not ``up(leaky_relu(down(z), 0.2))``. Every patched forward: a ``torch.func``
+transform, or a forward-mode AD level (``torch.autograd.forward_ad``: the fused ops'
+autograd Functions define no ``jvp``). States that hold at patch time are listed in
 the summary; :meth:`PatchHandle.stats` counts fused and fallback calls by
 reason.
 
@@ -191,6 +193,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
 from ace_kernels import _library
 
@@ -497,6 +500,17 @@ def _functorch_transform_active() -> bool:
     return active is not None and active()
 
 
+def _transform_reason() -> str | None:
+    """Why the fused ops cannot run under the autograd machinery now in force, or None: a ``torch.func``
+    transform, or a forward-mode AD level (``torch.autograd.forward_ad.dual_level``; the ops' autograd
+    Functions define no ``jvp``, and the original forward propagates the tangents of dual tensors)."""
+    if _functorch_transform_active():
+        return "a torch.func transform is active"
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD is active (torch.autograd.forward_ad.dual_level)"
+    return None
+
+
 def _global_hooks_set() -> bool:
     from torch.nn.modules import module as module_mod
 
@@ -533,8 +547,9 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
         return f"scaling is a {type(scaling).__name__}, not a number"
     if not math.isfinite(scaling):  # the ops refuse it; the original forward computes with it
         return f"scaling is {scaling!r}, not finite"
-    if _functorch_transform_active():
-        return "a torch.func transform is active"
+    transform = _transform_reason()
+    if transform:
+        return transform
     devices = {t.device for t in (x, weight, bias, lora_a, lora_b) if t is not None}
     if len(devices) != 1:
         return f"tensors on several devices {sorted(str(d) for d in devices)}"
@@ -1174,8 +1189,9 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
         return "attn_weights is not a [B, N-1] tensor"
     if _library.autocast_dtype(features) is not None:
         return "autocast is on"
-    if _functorch_transform_active():
-        return "a torch.func transform is active"
+    transform = _transform_reason()
+    if transform:
+        return transform
     topk = int(module.args.topk)
     if features.shape[1] < topk:
         # What the op refuses, as the reference's torch.topk does (the original raises its own error).
@@ -1271,8 +1287,9 @@ def _reference_loss_forward(module, handle, original, clip_model, images, texts,
     if mode not in ("vision", "text", "both"):
         handle._count("fallback reference-ace-loss: apply_gnn_encoders not vision/text/both")
         return original(clip_model, images, texts, merged_df, indices)
-    if _functorch_transform_active():
-        handle._count("fallback reference-ace-loss: a torch.func transform is active")
+    transform = _transform_reason()
+    if transform:
+        handle._count(f"fallback reference-ace-loss: {transform}")
         return original(clip_model, images, texts, merged_df, indices)
     device = images.device
     # The same calls into the CLIP model as the reference forward, in the same order
@@ -1334,8 +1351,9 @@ def _reference_clip_loss_forward(module, handle, original, image_features, text_
     if not (isinstance(image_features, torch.Tensor) and image_features.dim() == 2):
         handle._count("fallback reference-clip-loss: features are not [B, D]")
         return original(image_features, text_features, merged_df, indices)
-    if _functorch_transform_active():
-        handle._count("fallback reference-clip-loss: a torch.func transform is active")
+    transform = _transform_reason()
+    if transform:
+        handle._count(f"fallback reference-clip-loss: {transform}")
         return original(image_features, text_features, merged_df, indices)
     labels = _labels_from_frame(merged_df, indices, image_features.device) if merged_df is not None else None
     handle._count("label_guided_infonce")
@@ -1577,8 +1595,8 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
         reason = "logit_bias given (SigLIP-style bias is not part of label_guided_infonce)"
     if reason is None and (not isinstance(image_features, torch.Tensor) or image_features.dim() != 2):
         reason = "features are not [B, D]"
-    if reason is None and _functorch_transform_active():
-        reason = "a torch.func transform is active"
+    if reason is None:
+        reason = _transform_reason()
     if reason is not None:
         handle._count(f"fallback open_clip-ClipLoss: {reason}")
         return original(image_features, text_features, logit_scale, logit_bias=logit_bias, output_dict=output_dict)

@@ -1187,6 +1187,48 @@ def test_torch_func_transforms_fall_back():
         torch.testing.assert_close(got, expected, **FP64_TOL)
 
 
+def test_forward_mode_ad_falls_back():
+    """torch.autograd.forward_ad (dual tensors) through a patched model: the fused ops' autograd Functions
+    define no jvp, so every patched forward runs the original under a dual level, whose tangents are exact."""
+    import torch.autograd.forward_ad as fwAD
+
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    torch.manual_seed(16)
+    attention = _randomise_lora(ReferenceAttention(16, 4).double()).train()
+    mlp = _randomise_lora(get_peft_model(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).double(),
+                                         LoraConfig(r=2, lora_alpha=1, target_modules=["0", "2"])))
+    clip, ace_loss, images, texts, frame = _reference_setup()
+    tokens = torch.randn(2, 5, 16, dtype=torch.float64)
+    features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
+    attn = torch.rand(2, 8, dtype=torch.float64)
+    image = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
+    plain_loss, clip_loss = ReferenceCLIPLoss(logit_scale=12.0).double(), open_clip_loss.ClipLoss()
+
+    def tangent_of(fn, primal):
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(primal, torch.ones_like(primal)))
+            return fwAD.unpack_dual(out).tangent
+
+    cases = [
+        (attention, lambda: tangent_of(attention, tokens), "fallback reference-lora-linear"),
+        (mlp, lambda: tangent_of(mlp, tokens), "fallback peft-lora-linear"),
+        (ace_loss, lambda: tangent_of(lambda f: ace_loss.apply_ace_hgat(f, attn, encoder="img"), features),
+         "fallback apply_ace_hgat"),
+        (ace_loss, lambda: tangent_of(lambda i: ace_loss(clip, i, texts, frame, [0, 1, 2, 3, 4]), images),
+         "fallback reference-ace-loss"),
+        (plain_loss, lambda: tangent_of(lambda i: plain_loss(i, text), image), "fallback reference-clip-loss"),
+        (clip_loss, lambda: tangent_of(lambda i: clip_loss(i, text, 10.0), image), "fallback open_clip-ClipLoss"),
+    ]
+    for module, run, key in cases:
+        expected = run()
+        assert expected is not None
+        with ace_kernels.patch(module, hypergraph=module is ace_loss) as handle:
+            got = run()
+            assert any(k.startswith(key) and "forward-mode AD" in k for k in handle.stats()), handle.stats()
+        torch.testing.assert_close(got, expected, **FP64_TOL)
+
+
 def test_undo_keeps_a_replacement_someone_wrapped_working():
     model = _bert().eval()
     query = model.base_model.model.encoder.layer[0].attention.self.query
