@@ -144,8 +144,9 @@ invalidates them), grad mode and autocast state. When the other two members are
 then called with that same tensor, they return the kept outputs; the autograd
 graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
 else (a different input, as in cross-attention; a member whose state forbids
-the fused path; hooks on another member; mismatched scaling or dropout; an
-inference-mode input, which has no version counter; a member called outside its
+the fused path; hooks on another member; full backward hooks on the member
+called, module or global ones, which wrap its input in a new tensor;
+mismatched scaling or dropout; an inference-mode input, which has no version counter; a member called outside its
 attention's forward, where the mode or a weight written through ``.data`` could
 change between calls unseen) computes per member. A group that once sees its
 members called with different inputs stops grouping. Kept outputs are dropped
@@ -471,6 +472,18 @@ def _original(module: nn.Module, attr: str = "forward") -> Callable:
 def _has_call_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or getattr(module, "_backward_hooks", None) or getattr(module, "_backward_pre_hooks", None))
+
+
+def _wraps_inputs(module: nn.Module) -> bool:
+    """Whether the module's call hands its forward other input tensors than its caller's: full backward
+    (pre-)hooks, the module's own or global ones, wrap them in a ``BackwardHookFunction`` on every call."""
+    from torch.nn.modules import module as module_mod
+
+    full_backward = module._backward_hooks and getattr(module, "_is_full_backward_hook", None) is True
+    global_full_backward = (module_mod._global_backward_hooks
+                            and getattr(module_mod, "_global_is_full_backward_hook", None) is True)
+    return bool(getattr(module, "_backward_pre_hooks", None) or full_backward
+                or getattr(module_mod, "_global_backward_pre_hooks", None) or global_full_backward)
 
 
 def _forward_replaced(module: nn.Module) -> bool:
@@ -992,7 +1005,10 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, *args, *
         all_ops = []
         for j, member in enumerate(group.members):
             all_ops.append(ops if j == index else kind.operands(member, x, (), {}))
-        reason = _group_reason(all_ops, [_has_call_hooks(m) for j, m in enumerate(group.members) if j != index])
+        # Hooks on another member could change its input or output; this one's backward hooks wrap x in a new
+        # tensor, which the other members' calls would never match (turning grouping off for good).
+        reason = _group_reason(all_ops, [_has_call_hooks(m) for j, m in enumerate(group.members) if j != index]
+                               + [_wraps_inputs(module)])
         if reason is None:
             handle._count("lora_qkv")
             outs = _run_lora_qkv(handle, x, all_ops)

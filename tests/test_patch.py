@@ -681,6 +681,56 @@ def test_peft_hooks_and_autocast():
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
 
 
+def test_backward_hooks_on_the_first_member_leave_grouping_on():
+    """A full backward (pre-)hook on the member the attention calls first hands its forward another tensor than
+    the one the other members get (the hook's wrapper): computed per member while the hook is there, exactly, and
+    grouped again once it is removed (it once turned grouping off for good, as cross-attention does)."""
+    model = _bert().train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    query = model.base_model.model.encoder.layer[0].attention.self.query
+    for register in (lambda: query.register_full_backward_hook(lambda m, gi, go: seen.append(gi[0].clone())),
+                     lambda: query.register_full_backward_pre_hook(lambda m, go: seen.append(go[0].clone()))):
+        seen = []
+        hook = register()
+        expected = _forward_backward(model, _run_bert, (embeds,))
+        want = list(seen)
+        seen.clear()
+        with ace_kernels.patch(model) as handle:
+            _assert_same(expected, _forward_backward(model, _run_bert, (embeds,)))
+            torch.testing.assert_close(seen, want, **FP64_TOL)
+            # Layer 0's members one by one (a hook on a member ungroups the others too), layer 1 grouped.
+            assert handle.stats() == {"qkv ungrouped: hooks on a member": 3, "lora_linear": 3, "lora_qkv": 1,
+                                      "qkv cached": 2}, handle.stats()
+            hook.remove()
+            handle.reset_stats()
+            _forward_backward(model, _run_bert, (embeds,))
+            assert handle.stats() == {"lora_qkv": 2, "qkv cached": 4}, handle.stats()
+
+    # A global full backward hook wraps every member's input (PEFT layers fall back under global hooks; the
+    # reference layout's do not).
+    from torch.nn.modules.module import register_module_full_backward_hook
+
+    torch.manual_seed(17)
+    attention = _randomise_lora(ReferenceAttention(16, 4).double()).train()
+    tokens = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    seen = []
+    hook = register_module_full_backward_hook(lambda m, gi, go: seen.append(type(m).__name__))
+    try:
+        expected = _forward_backward(attention, lambda m, t: m(t), (tokens,))
+        want = list(seen)
+        seen.clear()
+        with ace_kernels.patch(attention) as handle:
+            _assert_same(expected, _forward_backward(attention, lambda m, t: m(t), (tokens,)))
+            assert seen == want
+            assert handle.stats() == {"qkv ungrouped: hooks on a member": 3, "lora_linear": 3}, handle.stats()
+            hook.remove()
+            handle.reset_stats()
+            _forward_backward(attention, lambda m, t: m(t), (tokens,))
+            assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}, handle.stats()
+    finally:
+        hook.remove()
+
+
 def test_peft_fp32_adapters_on_bf16_base():
     """PEFT keeps adapters in fp32 on a bf16 base (autocast_adapter_dtype); gradients reach them in fp32."""
     from transformers import BertConfig, BertModel
