@@ -31,6 +31,7 @@ class Case:
     training: bool = True
     base_grads: bool = False  # weight and bias require grad too
     x_grad: bool = True
+    lora_grads: str = "ab"  # which of lora_a ("a") and lora_b ("b") require grad
 
 
 CASES = [
@@ -45,6 +46,11 @@ CASES = [
     Case("qkv_1d_x", "qkv", (), 12, 6, 3, dropout_p=0.3),
     Case("qkv_base_grads", "qkv", (2, 5), 16, 8, 4, dropout_p=0.2, base_grads=True),
     Case("linear_base_grads_x_frozen", "linear", (7,), 10, 3, 2, dropout_p=0.3, base_grads=True, x_grad=False),
+    # One LoRA factor frozen, or both (x's gradient alone, through the frozen branch).
+    Case("qkv_a_frozen", "qkv", (2, 3), 17, 5, 3, dropout_p=0.3, lora_grads="b"),
+    Case("linear_b_frozen", "linear", (5,), 11, 4, 2, dropout_p=0.2, lora_grads="a"),
+    Case("qkv_lora_frozen", "qkv", (4,), 9, 3, 2, dropout_p=0.4, lora_grads=""),
+    Case("qkv_in1_out1", "qkv", (3,), 1, 1, 1, dropout_p=0.5),  # every size 1 but the rows
 ]
 
 
@@ -64,8 +70,8 @@ def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=0):
     else:
         lora_a = rnd(case.rank, case.in_features, scale=case.in_features ** -0.5)
         lora_b = rnd(case.out_features, case.rank)
-    lora_a.requires_grad_(True)
-    lora_b.requires_grad_(True)
+    lora_a.requires_grad_("a" in case.lora_grads)
+    lora_b.requires_grad_("b" in case.lora_grads)
     weight.requires_grad_(case.base_grads)
     if bias is not None:
         bias.requires_grad_(case.base_grads)
@@ -429,6 +435,31 @@ def test_torch_second_derivatives():
     assert torch.autograd.gradgradcheck(op, (x, lora_a, lora_b))
 
 
+def test_torch_create_graph_with_dropout_matches_oracle():
+    """With create_graph=True the torch backward recomputes S = drop(x) A^T with a graph (for a
+    differentiable dB), which must apply the forward's mask: the first-order gradients taken so
+    and the second derivatives of <grads, v> match the fp64 oracle's with the exported mask.
+    (gradgradcheck cannot tell: a backward that recomputed S without the mask is wrong but
+    differentiated consistently.)"""
+    case = Case("gg_dropout", "qkv", (2, 3), 7, 4, 2, dropout_p=0.4)
+    inputs = make_inputs(case)
+    outputs, mask = call_op(case, inputs, "torch")
+    oracle_inputs = fp64_leaves(*inputs)
+    expected = call_oracle(case, oracle_inputs, mask.to(torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in expected]
+    names, wrt = ("x", "lora_a", "lora_b"), (0, 3, 4)
+    got = torch.autograd.grad(outputs, [inputs[i] for i in wrt], grads_out, create_graph=True)
+    want = torch.autograd.grad(expected, [oracle_inputs[i] for i in wrt], grads_out, create_graph=True)
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+    probes = [torch.randn(g.shape, generator=gen, dtype=torch.float64) for g in want]
+    got2 = torch.autograd.grad(sum((g * v).sum() for g, v in zip(got, probes)), [inputs[i] for i in wrt])
+    want2 = torch.autograd.grad(sum((w * v).sum() for w, v in zip(want, probes)), [oracle_inputs[i] for i in wrt])
+    for name, g, w in zip(names, got2, want2):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"second derivative {name}: {m}")
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_backward_inside_autocast_matches_backward_outside(backend, device):
     """A forward outside autocast and its backward() called inside an autocast region: the
@@ -511,6 +542,11 @@ TRITON_CASES = [
     Case("t_qkv_multi_tile", "qkv", (37,), 45, 13, 4, dropout_p=0.1),
     # Evaluation applies no dropout: a dropout_p past the training limit (0.999237) still runs.
     Case("t_qkv_eval_p_near_one", "qkv", (4,), 8, 3, 2, dropout_p=0.9999, training=False),
+    # One LoRA factor frozen, or both: the kernels' dX and dA/dB switches taken apart.
+    Case("t_qkv_a_frozen", "qkv", (2, 3), 17, 5, 3, dropout_p=0.3, lora_grads="b"),
+    Case("t_linear_b_frozen", "linear", (5,), 11, 4, 2, dropout_p=0.2, lora_grads="a"),
+    Case("t_qkv_lora_frozen", "qkv", (4,), 9, 3, 2, dropout_p=0.4, lora_grads=""),
+    Case("t_qkv_in1_out1", "qkv", (3,), 1, 1, 1, dropout_p=0.5),
 ]
 
 # fp32 kernels (IEEE dots) against the fp64 oracle: reductions over <= 45 terms of O(1)
