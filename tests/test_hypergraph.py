@@ -30,6 +30,7 @@ SHAPES = {
     "batch1": (1, 12, 33, 7, 4),
     "topk16": (2, 19, 12, 3, 16),
     "n33_d64": (2, 33, 64, 16, 5),
+    "hidden1": (2, 6, 5, 1, 2),  # a one-unit adapter bottleneck
 }
 
 
@@ -160,6 +161,34 @@ def test_cls_only_through_the_primitives_matches_oracle(prims, device):
         assert_close_scaled(out, ref_out, rel, "output")
         for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
             assert_close_scaled(got, want, rel, f"grad {name}")
+
+
+# Inputs that require grad (indices into PARAM_NAMES), the others frozen: features frozen (the
+# adapters and the CLS row trained on precomputed tokens), the CLS row alone, x alone. The
+# backward's branches on which inputs need a gradient, which the all-trainable tests never leave.
+GRAD_SUBSETS = {"x_frozen": tuple(range(1, 10)), "cls_attn_only": (1,), "x_only": (0,)}
+
+
+@pytest.mark.parametrize("subset", list(GRAD_SUBSETS))
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_gradients_of_some_inputs_match_oracle(backend, cls_only, subset, device):
+    trainable = GRAD_SUBSETS[subset]
+    dtype, rel = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 1e-4)
+    x, c, edge, node, k = make_inputs((2, 9, 12, 5, 3), dtype=dtype, device=device if backend == "triton" else "cpu")
+    flat = [x, c, *edge, *node]
+    ours = [t.detach().clone().requires_grad_(i in trainable) for i, t in enumerate(flat)]
+    refs = [t.detach().double().requires_grad_(i in trainable) for i, t in enumerate(flat)]
+    out = ace_kernels.ace_hypergraph(ours[0], ours[1], tuple(ours[2:6]), tuple(ours[6:]), topk=k, cls_only=cls_only,
+                                     backend=backend)
+    ref = oracle_hypergraph(refs[0], refs[1], refs[2:6], refs[6:], k)
+    ref = ref[:, 0] if cls_only else ref
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
+    got = torch.autograd.grad((out * g.to(out.dtype)).sum(), [ours[i] for i in trainable])
+    want = torch.autograd.grad((ref * g).sum(), [refs[i] for i in trainable])
+    assert_close_scaled(out, ref, rel, "output")
+    for i, got_i, want_i in zip(trainable, got, want):
+        assert_close_scaled(got_i, want_i, rel, f"grad {PARAM_NAMES[i]}")
 
 
 def test_cls_only_equals_row_zero_of_full_output():
@@ -651,6 +680,7 @@ TRITON_SHAPES = {
     "wide_d_k9": (2, 12, 150, 6, 9),
     # Odd N, D and H: masked tails in every D and hidden loop.
     "odd_d33": (2, 9, 33, 7, 4),
+    "hidden1": SHAPES["hidden1"],
 }
 
 
