@@ -14,7 +14,8 @@ Every public op is implemented by up to three backends:
 Each backend answers ``reasons(*tensors) -> list[str]``: an empty list means it
 can run the call. ``backend="auto"`` takes the first backend of the op's
 preference order that has no reasons; an explicitly requested backend that
-cannot run raises ``RuntimeError`` listing why. On a GPU model that the
+cannot run raises ``RuntimeError`` listing why (for Triton, among others: a launch configuration
+needing more shared memory per block than the call's GPU gives, :func:`shared_memory_reasons`). On a GPU model that the
 benchmark suite has measured, the preference order is the measured one
 (fastest first, ``dispatch_order.json`` beside this file); an op that declares
 variants (``ace_hypergraph``: ``cls_only`` and ``full``, whose fastest backends
@@ -236,6 +237,33 @@ def _cuda_arch_reason(index: int) -> str | None:
                           f"--inplace --force` (unchanged sources are otherwise not rebuilt)")
         _ARCH_REASONS[index] = reason
     return _ARCH_REASONS[index]
+
+
+_SHARED_LIMITS: dict = {}  # a plain dict, as _ARCH_REASONS
+
+
+def _shared_memory_limit(index: int) -> int | None:
+    """The most shared memory one block may have on ``cuda:index`` (opted in), in bytes, cached;
+    None where the device properties do not say."""
+    if index not in _SHARED_LIMITS:
+        properties = torch.cuda.get_device_properties(index)
+        _SHARED_LIMITS[index] = getattr(properties, "shared_memory_per_block_optin", None)
+    return _SHARED_LIMITS[index]
+
+
+def shared_memory_reasons(device: torch.device, need: int | None, what: str) -> list[str]:
+    """Why a Triton launch (``what``) whose blocks need ``need`` bytes of shared memory cannot run
+    on ``device``: a CUDA device that gives a block less (Triton would fail at the launch with
+    OutOfResources). Empty where it fits, off CUDA, under the interpreter, or ``need`` None (a
+    configuration forced by a sweep, whose need is not recorded)."""
+    if need is None or device.type != "cuda" or interpreter_enabled():
+        return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = _shared_memory_limit(index)
+    if limit is None or need <= limit:
+        return []
+    return [f"{what} needs {need} bytes of shared memory per block, cuda:{index} allows {limit} "
+            f"(shared_memory_per_block_optin)"]
 
 
 def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:

@@ -103,6 +103,14 @@ def candidates(family: str, kernel: str, dtype_class: str) -> tuple:
     return tuple(_CANDIDATES.get(family, {}).get((kernel, dtype_class), ()))
 
 
+def declared_number(family: str, kernel: str, dtype_class: str, config: dict) -> int | None:
+    """Which declared configuration ``config`` is, by the keys they declare (keys a launch derives,
+    such as a D width, are not compared): 0 the default, n the n-th candidate, None neither."""
+    declared = (_DEFAULTS[family](kernel, dtype_class), *candidates(family, kernel, dtype_class))
+    return next((number for number, entry in enumerate(declared)
+                 if all(k in config and config[k] == v for k, v in entry.items())), None)
+
+
 def registered() -> dict:
     """``{family: {(kernel, dtype class): (config, ...)}}`` of every kernel module imported."""
     return {family: dict(table) for family, table in _CANDIDATES.items()}

@@ -872,6 +872,26 @@ _GPU_CANDIDATES = {
 }
 _tuning.register("contrastive", _GPU_CANDIDATES,
                  lambda kernel, dtype_class: _GPU_CONFIGS[(kernel, *dtype_class.split("/"))], __name__)
+# Shared memory per block, in bytes, of each configuration above, as compiled for sm_90a at the
+# path's widest D (the one-dot path's row block and b tiles are BLOCK_D wide: a narrower D needs
+# less, but the bound is the path's), the most over dtypes, labels and batch specialisations:
+# (kernel, "<16bit|fp32>/<path>"): (the default's, then each candidate's in order). A GPU that
+# gives a block less cannot launch the configuration (OutOfResources): the Triton backend
+# declines the call there (_triton_check). On sm_80 Triton's shared use can differ slightly
+# from sm_90a's; these are the sm_90a needs. tests/test_contrastive.py checks each against the
+# compiles.
+_GPU_SHARED_BYTES = {
+    ("lse", "16bit/one_dot"): (197120, 196608, 164096, 197120, 180736, 73728, 65536),
+    ("lse", "16bit/k_steps"): (73728,),
+    ("lse", "16bit/unaligned"): (8192,),
+    ("lse", "fp32/k_steps"): (6144,),
+    ("lse", "fp32/unaligned"): (6144,),
+    ("grad", "16bit/one_dot"): (131328, 164352, 100864, 102912, 131456, 73728, 49152),
+    ("grad", "16bit/k_steps"): (69632,),
+    ("grad", "16bit/unaligned"): (22528,),
+    ("grad", "fp32/k_steps"): (45056,),
+    ("grad", "fp32/unaligned"): (28672,),
+}
 # Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
 # chunk width beyond it, per (kind, aligned).
 _GPU_ONE_DOT_MAX = {"16bit": 512, "fp32": 0}
@@ -1299,6 +1319,35 @@ def _triton_check(u, t):
     elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
         # Row offsets are int64, but column tiles are offset in int32 (registers are tight).
         reasons.append("the Triton kernels offset column tiles in int32: B * row stride must be < 2^31")
+    if not reasons:
+        reasons += _shared_memory_reasons(u, t)
+    return reasons
+
+
+def _shared_need(kernel: str, dtype: torch.dtype, dim: int, config: dict, *, aligned: bool) -> int | None:
+    """Shared memory per block (bytes, sm_90a) of ``kernel``'s launch ``config`` on ``dtype``
+    embeddings of width ``dim`` (:data:`_GPU_SHARED_BYTES`); None for a configuration not declared."""
+    key = _config_key(dtype, dim, aligned=aligned, interpreter=False)
+    number = _tuning.declared_number("contrastive", kernel, key, config)
+    return None if number is None else _GPU_SHARED_BYTES[(kernel, key)][number]
+
+
+def _shared_memory_reasons(u, t) -> list[str]:
+    """Why the forward's or the backward's launches of a call on CUDA embeddings ``u``, ``t``
+    need more shared memory per block than their GPU gives (empty elsewhere)."""
+    if u.device.type != "cuda" or _dispatch.interpreter_enabled():
+        return []
+    dim = u.shape[1]
+    # As _aligned at the launches (the pointers aside: a misaligned one takes the unaligned path,
+    # which needs less): rows that are not contiguous are copied first, with D as their stride.
+    aligned = dim % 16 == 0 and all(x.stride(1) != 1 or x.stride(0) % 16 == 0 for x in (u, t))
+    reasons = []
+    for kernel in ("lse", "grad"):
+        config = _launch_config(kernel, u.dtype, dim, aligned=aligned, device=u.device)
+        need = _shared_need(kernel, u.dtype, dim, config, aligned=aligned)
+        what = "the forward" if kernel == "lse" else "the backward"
+        reasons += _dispatch.shared_memory_reasons(u.device, need, f"{what}'s launch configuration ({dim=}, "
+                                                   f"{str(u.dtype).replace('torch.', '')})")
     return reasons
 
 

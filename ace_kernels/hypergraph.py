@@ -1102,6 +1102,12 @@ CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dic
 # multiples of 16 (a 256-token tower); with a cap of 128 it takes up to 128 and spills nothing,
 # in every float32 variant. The 16-bit variants need more than 128 and take no cap.
 TOPK_FP32_MAXNREG = 128
+# Shared memory per block, in bytes, that the configurations above need at most, as compiled for
+# sm_90a (every kernel, dtype and k up to MAX_KERNEL_TOPK; D is tiled): a GPU that gives a block
+# less cannot launch them, and the Triton backend declines the call there (_triton_check). On
+# sm_80 Triton's shared use can differ slightly; this is the sm_90a need, checked against the
+# compiles by tests/test_hypergraph.py.
+GPU_SHARED_BYTES = 10240
 
 
 def _topk_maxnreg(dtype: torch.dtype) -> int | None:
@@ -1591,7 +1597,12 @@ def _hypergraph_cuda(x, cls_attn, edge, node, topk, cls_only, deterministic=True
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, CUDA_PRIMITIVES)
 
 
-@_dispatch.register(OP_NAME, "triton", check=_kernel_check)
+def _triton_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
+    return _kernel_check(x, cls_attn, edge, node, topk, cls_only) + _dispatch.shared_memory_reasons(
+        x.device, GPU_SHARED_BYTES, "the Triton kernels' launch configuration")
+
+
+@_dispatch.register(OP_NAME, "triton", check=_triton_check)
 def _hypergraph_triton(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     if cls_only:
         return _cls_only_fused(x, cls_attn, edge, node, topk)  # deterministic whatever is asked

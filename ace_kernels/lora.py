@@ -782,6 +782,12 @@ _GPU_CANDIDATES = {
 
 
 _tuning.register("lora", _GPU_CANDIDATES, lambda kernel, dtype_class: _GPU_CONFIGS[kernel][dtype_class], __name__)
+# Shared memory per block, in bytes, that the configurations above (defaults and candidates) need
+# at most, as compiled for sm_90a at the largest BLOCK_R (_MAX_BLOCK_R: smaller ranks need less),
+# every kernel, dtype and launch variant: a GPU that gives a block less cannot launch them, and
+# the Triton backend declines the call there (_triton_reasons). On sm_80 Triton's shared use can
+# differ slightly; this is the sm_90a need, checked against the compiles by tests/test_lora.py.
+_GPU_SHARED_BYTES = 73728
 
 
 def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
@@ -1012,6 +1018,7 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
         if -(-in_features // block_k) > _MAX_GRID_Y:
             reasons.append(f"in_features {in_features} needs more than {_MAX_GRID_Y} column blocks of {block_k} "
                            f"(the grid's y dimension): at most {_MAX_GRID_Y * block_k}")
+    reasons += _dispatch.shared_memory_reasons(x.device, _GPU_SHARED_BYTES, "the fused kernels' launch configuration")
     return reasons
 
 

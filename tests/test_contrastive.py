@@ -1320,6 +1320,9 @@ def _compile_all_for_sm90() -> list:
                     launches.append((kernel, dtype, 512, True, cfg))
     results, seen = [], set()
     for kernel, dtype, dim, aligned, cfg in launches:
+        # The shared memory recorded for this configuration (contrastive._GPU_SHARED_BYTES).
+        need = contrastive._shared_need("grad" if kernel in ("grad", "grad_weights") else "lse", AOT_DTYPES[dtype],
+                                        dim, cfg, aligned=aligned)
         fn = kernels[kernel]
         blocked = kernel in ("lse_tiles", "grad_weights")
         options = contrastive._blocked_options(cfg) if blocked else contrastive._kernel_options(cfg)
@@ -1358,7 +1361,8 @@ def _compile_all_for_sm90() -> list:
                 results.append(dict(name=f"{kernel}[{dtype}, D={dim}, aligned={aligned}, keys={has_keys}, {batch}, "
                                          + (f"{tiles}, blocked, TILES={tiles_kind}]" if blocked
                                             else f"{tiles}/{cfg['BLOCK_D']}, one_dot={cfg['ONE_DOT']}]"),
-                                    registers=res.registers, spills=res.spills, shared=res.shared_bytes))
+                                    registers=res.registers, spills=res.spills, shared=res.shared_bytes,
+                                    need=need))
     return results
 
 
@@ -1431,6 +1435,9 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     assert all(r["spills"] == 0 for r in results), report
     # H100/H200 give a block at most 227 KiB of shared memory.
     assert all(r["shared"] <= 227 * 1024 for r in results), report
+    # What the Triton backend's check takes each configuration to need (contrastive._GPU_SHARED_BYTES).
+    stale = [r for r in results if r["need"] is None or r["shared"] > r["need"]]
+    assert not stale, stale
 
 
 @pytest.mark.triton

@@ -803,3 +803,119 @@ def test_nested_tensors_are_refused_naming_the_argument():
     for name, call in cases:
         with pytest.raises(ValueError, match=f"argument '{name}': expected a dense \\(strided\\) tensor, got a nested"):
             call()
+
+
+# --------------------------------------------------------------------------- shared memory per block
+
+def _fake_cards(monkeypatch, optin_kib: dict, names: dict | None = None):
+    """A machine where Triton and torch can run and ``cuda:i`` gives a block ``optin_kib[i]`` KiB of
+    shared memory (opted in): fake CUDA tensors, the properties read from a table that counts its
+    reads. Returns the counter."""
+    import types
+
+    reads = []
+
+    def properties(index):
+        reads.append(index)
+        return types.SimpleNamespace(shared_memory_per_block_optin=optin_kib[index] * 1024)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(_dispatch, "_SHARED_LIMITS", {})
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: (names or {}).get(index, f"Card {index}"))
+    monkeypatch.setattr(_dispatch, "_global_reasons", lambda backend: ["not here"] if backend == "cuda" else [])
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.delenv("ACE_KERNELS_BACKEND", raising=False)
+    return reads
+
+
+def test_infonce_triton_declines_a_gpu_whose_blocks_have_too_little_shared_memory(monkeypatch):
+    """The 16-bit one-pass forward at D = 512 needs 193 KiB of shared memory per block (sm_90a): on
+    an A100 (163 KiB) or an sm_86/89 card (99 KiB) Triton would fail at the launch. auto takes torch
+    there, backend='triton' says why; on an H100/H200 (227 KiB) nothing changes. The property is
+    read once per device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ace_kernels import contrastive
+
+    reads = _fake_cards(monkeypatch, {0: 99, 1: 163, 2: 227})
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their devices, shapes and strides are read
+        on = [torch.empty(64, 512, dtype=torch.bfloat16, device=f"cuda:{i}") for i in range(3)]
+        narrow = torch.empty(64, 500, dtype=torch.bfloat16, device="cuda:0")  # unaligned path: 8 KiB
+    need = contrastive._GPU_SHARED_BYTES[("lse", "16bit/one_dot")][0]
+    assert 163 * 1024 < need <= 227 * 1024
+    for index, limit in ((0, 99), (1, 163)):
+        u = on[index]
+        impl = _dispatch.select(contrastive.OP_NAME, "auto", [u, u, None, None], args=(u, u))
+        assert _dispatch.backend_of(contrastive.OP_NAME, impl) == "torch"
+        with pytest.raises(RuntimeError, match=rf"^label_guided_infonce: backend 'triton' cannot run this call: the "
+                                               rf"forward's launch configuration \(dim=512, bfloat16\) needs {need} "
+                                               rf"bytes of shared memory per block, cuda:{index} allows "
+                                               rf"{limit * 1024} \(shared_memory_per_block_optin\)"):
+            _dispatch.select(contrastive.OP_NAME, "triton", [u, u], args=(u, u))
+    u = on[2]
+    assert contrastive._triton_check(u, u) == []
+    assert _dispatch.backend_of(contrastive.OP_NAME, _dispatch.select(
+        contrastive.OP_NAME, "auto", [u, u], args=(u, u))) == "triton"
+    assert contrastive._triton_check(narrow, narrow) == []
+    for _ in range(3):
+        contrastive._triton_check(on[0], on[0])
+    assert sorted(reads) == [0, 1, 2]  # once per device
+
+
+def test_shared_memory_needs_are_not_checked_under_the_interpreter_or_off_cuda(monkeypatch):
+    """Under TRITON_INTERPRET=1 the kernels run on CPU tensors, where no block limit applies:
+    no device property is read, and the check says nothing."""
+    from ace_kernels import contrastive
+
+    def no_properties(index):
+        raise AssertionError("no device property is read for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_properties)
+    monkeypatch.setattr(_dispatch, "_SHARED_LIMITS", {})
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: True)
+    u = torch.zeros(8, 512, dtype=torch.float16)
+    assert contrastive._triton_check(u, u) == []
+    assert _dispatch.shared_memory_reasons(u.device, 10**9, "a launch") == []
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    assert _dispatch.shared_memory_reasons(u.device, 10**9, "a launch") == []
+
+
+def test_lora_and_hypergraph_triton_check_their_shared_memory_needs_too(monkeypatch):
+    """LoRA's and the hypergraph's configurations need less (72 and 10 KiB at most on sm_90a), which
+    every card from sm_80 on gives a block: nothing changes there. A card that gives less (a T4's
+    64 KiB for LoRA; a made-up 8 KiB one for the hypergraph) is declined like the InfoNCE's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ace_kernels import hypergraph as hg, lora
+
+    _fake_cards(monkeypatch, {0: 99, 1: 163, 2: 227, 3: 64, 4: 8})
+    assert 64 * 1024 < lora._GPU_SHARED_BYTES <= 99 * 1024 and 8 * 1024 < hg.GPU_SHARED_BYTES <= 64 * 1024
+    with FakeTensorMode():
+        cards = []
+        for index in range(5):
+            dev = f"cuda:{index}"
+            x, weight = torch.empty(4, 16, device=dev), torch.empty(8, 16, device=dev)
+            lora_args = (x, weight, None, torch.empty(4, 16, device=dev), torch.empty(8, 4, device=dev), 1.0, 0.0, True)
+            hg_args = (torch.empty(2, 9, 16, device=dev), torch.empty(2, 8, device=dev), (), (), 3, True)
+            cards.append((lora_args, hg_args))
+    for index, (lora_args, hg_args) in enumerate(cards):
+        picked = {op: _dispatch.backend_of(op, _dispatch.select(op, "auto", [a for a in args if
+                                                                               isinstance(a, torch.Tensor)], args))
+                  for op, args in (("lora_linear", lora_args), ("ace_hypergraph", hg_args))}
+        if index < 3:
+            assert picked == {"lora_linear": "triton", "ace_hypergraph": "triton"}
+    assert picked == {"lora_linear": "torch", "ace_hypergraph": "torch"}
+    lora_args, hg_args = cards[3]
+    with pytest.raises(RuntimeError, match=rf"^lora_linear: backend 'triton' cannot run this call: the fused kernels' "
+                                           rf"launch configuration needs {lora._GPU_SHARED_BYTES} bytes of shared "
+                                           rf"memory per block, cuda:3 allows 65536 "
+                                           rf"\(shared_memory_per_block_optin\)$"):
+        _dispatch.select("lora_linear", "triton", [lora_args[0]], lora_args)
+    assert _dispatch.backend_of("ace_hypergraph", _dispatch.select("ace_hypergraph", "auto", [hg_args[0]],
+                                                                   hg_args)) == "triton"
+    lora_args, hg_args = cards[4]
+    with pytest.raises(RuntimeError, match=rf"^ace_hypergraph: backend 'triton' cannot run this call: the Triton "
+                                           rf"kernels' launch configuration needs {hg.GPU_SHARED_BYTES} bytes of "
+                                           rf"shared memory per block, cuda:4 allows 8192"):
+        _dispatch.select("ace_hypergraph", "triton", [hg_args[0]], hg_args)

@@ -1095,8 +1095,13 @@ def _compile_all_for_sm90(dtype_name: str) -> list[dict]:
         variants = [("M%16==0", divisible)]
         if " candidate " not in label:
             variants.append(("M%16!=0", [n for n in divisible if n not in by_rows]))
+        # And at the largest BLOCK_R (ranks up to _MAX_BLOCK_R / P), for the shared memory the
+        # Triton backend's check takes them to need (lora._GPU_SHARED_BYTES).
+        if "BLOCK_R" in constexprs:
+            variants.append(("R=max M%16==0", divisible))
         for rows, names in variants:
-            res = compile_sm90(kernel, signature, constexprs, num_warps=num_warps, num_stages=num_stages,
+            widest = dict(constexprs, BLOCK_R=lora_module._MAX_BLOCK_R) if rows.startswith("R=max") else constexprs
+            res = compile_sm90(kernel, signature, widest, num_warps=num_warps, num_stages=num_stages,
                                divisible_by_16=names)
             results.append(dict(label=f"{label} {rows}", registers=res.registers, shared=res.shared_bytes,
                                 spills=res.spills, warps=num_warps, stages=num_stages))
@@ -1115,12 +1120,14 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
             print(f"\n  sm_90a {dtype_name:8s} {r['label']:46s} registers={r['registers']:3d} "
                   f"shared={r['shared']:6d} B spills={r['spills']} warps={r['warps']} stages={r['stages']}", end="")
     # 13 launch variants at the defaults, each with M a multiple of 16 and not; 16-bit also
-    # 4 * 4 + 5 * 8 at the sweep's candidates.
-    assert len(results) == 2 * 13 + (0 if dtype_name == "float32" else 56)
+    # 4 * 4 + 5 * 8 at the sweep's candidates; and each but the mask's at the largest BLOCK_R.
+    assert len(results) == 2 * 13 + 12 + (0 if dtype_name == "float32" else 56 + 28)
     assert {r["label"].split(" ")[-1] for r in results} == {"M%16==0", "M%16!=0"}
-    spilling = [r for r in results if r["spills"]]
+    # Spills at rank 4 (the largest BLOCK_R's launches are checked for shared memory only: some
+    # spill, e.g. 40 bytes in the 16-bit gradient kernel with dropout and dx at triton 3.8).
+    spilling = [r for r in results if r["spills"] and " R=max " not in r["label"]]
     assert not spilling, spilling
-    too_much_shared = [r for r in results if r["shared"] > HOPPER_SHARED_BYTES]
+    too_much_shared = [r for r in results if r["shared"] > min(HOPPER_SHARED_BYTES, lora_module._GPU_SHARED_BYTES)]
     assert not too_much_shared, too_much_shared
 
 
