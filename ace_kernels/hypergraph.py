@@ -847,8 +847,8 @@ if _TRITON_IMPORTED:
     # Shapes: x [B, N, D] (any float dtype, strided), cls_idx [B, K] int64 (the CLS row's top-k,
     # patch indices), cls_w [B, K] float32 (its softmax), nbr_idx / nbr_w [B, K, K] (each
     # selected patch's own top-k; -1 / 0 in an empty slot, where K = N - 1), edges and their
-    # gradient [B, K + 1, D] float32; K = TOPK. An empty slot reads row 0 (weight 0) and writes no
-    # row of dx.
+    # gradient [B, K + 1, D] float32; K = TOPK. An empty slot reads its selected patch's own row
+    # (weight 0; never the CLS token, which may be non-finite) and writes no row of dx.
     # The small tensors are contiguous (the launchers make them so).
 
     @triton.jit
@@ -882,8 +882,10 @@ if _TRITON_IMPORTED:
         acc = q + cls_w[:, None] * x0[None, :]
         for u in tl.static_range(TOPK):
             slot = (b * TOPK + offs_t) * TOPK + u
-            # An empty slot (-1, weight 0) reads row 0, the CLS token: finite unless E[0], and so
-            # the output, is not finite anyway; masking it cost registers (72 -> 144 at k = 16).
+            # An empty slot (-1, weight 0) would read row 0, the CLS token (0 * inf = NaN for an
+            # inf one, where torch's edge is inf): the launcher passes the selected patch's own
+            # index there instead (N = k + 1 only). Masking the load here cost registers at k = 16
+            # (144 against 72), selecting the row 168 and a spill.
             n_row = 1 + tl.load(nbr_idx_ptr + slot, mask=t_mask, other=0)
             n_w = tl.load(nbr_w_ptr + slot, mask=t_mask, other=0.0)
             rows = tl.load(x_b + n_row[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask,
@@ -920,9 +922,13 @@ if _TRITON_IMPORTED:
         x_b = x_ptr + b * stride_xb
         g_b = grad_ptr + b * (TOPK + 1) * D
         q_row = 1 + tl.load(cls_idx_ptr + b * TOPK + offs_t, mask=t_mask, other=0)
-        # An empty slot (-1) reads row 0, the CLS token, as _cls_edges_kernel does: its weight is
-        # 0, so ds = a = cn = 0 there (r = 0, and 1 / max(|x_0|, eps) is finite).
-        n_row = 1 + tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=0)
+        # An empty slot (-1) reads the selected patch's own row, as _cls_edges_kernel does: its
+        # weight is 0, so ds = a = cn = 0 there (r = 0, and 1 / max(|x_q|, eps) is finite). Not
+        # row 0: a non-finite CLS token made G_t . x_0 NaN, and 0 * NaN in the softmax backward's
+        # sum turned the whole row's ds NaN, where torch's gradient is finite. A non-finite x_q
+        # makes row t's weights NaN anyway.
+        n_idx = tl.load(nbr_idx_ptr + tu_off, mask=tu_mask, other=0)
+        n_row = tl.where(n_idx >= 0, 1 + n_idx, q_row[:, None])
         gn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
         qn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
         nn = tl.zeros([BLOCK_T, BLOCK_T], tl.float32)
@@ -1522,7 +1528,14 @@ class _ClsEdges(torch.autograd.Function):
     def forward(ctx, x, cls_idx, cls_w):
         nbr_idx, nbr_w = _triton_cls_select(x[:, 1:], cls_idx, cls_idx.shape[1])
         ctx.save_for_backward(x, cls_idx, cls_w, nbr_idx, nbr_w)
-        return _triton_cls_edges(x, cls_idx, cls_w, nbr_idx, nbr_w)
+        edge_idx = nbr_idx
+        if cls_idx.shape[1] == x.shape[1] - 1:
+            # N = k + 1: each neighbour list has an empty slot (-1, weight 0), which the edges kernel
+            # would read as row 0. It reads the selected patch's own row, as the torch path's own-column
+            # slot does: 0 * x_q adds nothing non-finite that the edge (x_q + ...) lacks, where 0 * an
+            # inf CLS token made an edge NaN that torch keeps inf.
+            edge_idx = torch.where(nbr_idx >= 0, nbr_idx, cls_idx[..., None])
+        return _triton_cls_edges(x, cls_idx, cls_w, edge_idx, nbr_w)
 
     @staticmethod
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)

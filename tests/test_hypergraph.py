@@ -897,6 +897,39 @@ def test_kernels_keep_a_non_finite_cls_token_out_of_rows_that_do_not_read_it(bac
     assert torch.equal(torch.isfinite(out).all(-1), ~reads_x0)
 
 
+
+def _non_finite_kind(t):
+    """0 finite, 1 NaN, 2 +inf, 3 -inf, per element."""
+    kind = torch.zeros(t.shape, dtype=torch.int8)
+    kind[torch.isnan(t)], kind[torch.isposinf(t)], kind[torch.isneginf(t)] = 1, 2, 3
+    return kind
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's inf - inf inside the interpreter
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_triton_cls_only_empty_slots_do_not_read_the_cls_token(value, device):
+    """At N = topk + 1 each selected patch's neighbour list has an empty slot (-1, weight 0). The
+    fused cls_only kernels read the CLS token's row for it: with a non-finite x_0, the coefficient
+    kernel's sum over the slots took 0 * (G_t . x_0) = NaN, so every patch row of dx was NaN where
+    the torch backend's gradient is finite (the output is NaN, but its backward to the patches
+    runs through linear maps and the selection weights, which never meet x_0's value), and the
+    edges kernel's 0 * inf made edges NaN where torch's are inf. Every output and gradient must be
+    NaN, inf and finite where the torch backend's are, and close where finite."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    x, c, edge, node, k = make_inputs((2, 6, 20, 4, 5), dtype=torch.float32, seed=3)
+    x[0, 0, 2] = float(value)
+    ref_out, ref_grads = ours_run(x, c, edge, node, k, True, "torch")
+    out, grads = ours_run(*(t.to(device) if isinstance(t, torch.Tensor) else [p.to(device) for p in t]
+                            for t in (x, c, edge, node)), k, True, "triton")
+    assert torch.isfinite(ref_grads[0][0, 1:]).all()  # the patches' gradient in the sample holding x_0
+    for name, got, want in zip(("output", *PARAM_NAMES), (out, *grads), (ref_out, *ref_grads)):
+        got = got.cpu()
+        assert torch.equal(_non_finite_kind(got), _non_finite_kind(want)), name
+        both = torch.isfinite(want)
+        torch.testing.assert_close(got[both], want[both], rtol=1e-4, atol=1e-5, msg=name)
+
 def test_the_transposed_incidence_lists_each_column_in_order_and_empty_slots_last():
     """_transpose_csr (the deterministic scatter's plan): column r's entries are those whose slot
     names r, in increasing entry order (a fixed summation order, the same on every backend), and
