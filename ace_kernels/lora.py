@@ -74,6 +74,16 @@ the affected output columns non-finite). Dropped elements are selected away
 kernels (so a dropped NaN still reaches ``S`` there, as with ``nn.Dropout``); the
 base term makes the row non-finite either way, and gradients then follow the same
 arithmetic. Nothing hangs or raises on non-finite values.
+
+Whether a non-finite element comes out NaN or inf follows the arithmetic of the path
+that ran, and two paths differ from three separate layers there. ``lora_qkv``'s three
+LoRA terms are one block-diagonal product (``S Bbd^T``) in the ``torch`` backend and in
+the ``triton`` training and float16 paths: a non-finite rank-r activation of one
+projection (from its ``A_p``, or from ``x``) makes the same rows of all three outputs
+NaN (``0 * inf``), where separate layers, and the ``triton`` merged evaluation, keep the
+other two projections finite. And the merged weight folds the LoRA term into ``W``: a
+non-finite element of ``x`` gives +-inf there where the unmerged sum
+``x W^T + scaling * (x A^T) B^T`` meets ``inf - inf``, NaN in the ``torch`` backend.
 """
 
 from __future__ import annotations
@@ -448,7 +458,8 @@ def lora_qkv(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trainin
 
     For p in (q, k, v): ``y_p = x W_p^T + b_p + scaling * (drop_p(x) A_p^T) B_p^T`` with
     an independent dropout mask per projection, exactly as three separate
-    :func:`lora_linear` layers.
+    :func:`lora_linear` layers (for finite values: a non-finite LoRA term of one
+    projection can reach the others' rows as NaN, see the module docstring).
 
     Parameters
     ----------

@@ -974,6 +974,34 @@ def test_triton_non_finite_rows_propagate(device):
         assert not torch.isfinite(y[1]).any() and not torch.isfinite(y[2]).any()
 
 
+
+# (backend, training): the torch backend; the triton training path (x_cat against [W | scaling * Bbd]);
+# the triton merged evaluation (float32, no graph: W + scaling * B A).
+NON_FINITE_PATHS = [pytest.param("torch", False, id="torch"),
+                    pytest.param("triton", True, marks=pytest.mark.triton, id="triton-training"),
+                    pytest.param("triton", False, marks=pytest.mark.triton, id="triton-merged")]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on NaN arithmetic
+@pytest.mark.parametrize("backend, training", NON_FINITE_PATHS)
+def test_non_finite_values_follow_each_paths_arithmetic_as_documented(backend, training, device):
+    """The module docstring's last non-finite paragraph, path by path: a NaN in A_q makes q NaN
+    everywhere, and k and v too where the three LoRA terms are one block-diagonal product, but not
+    in the merged evaluation; an inf in x gives NaN where the unmerged sum meets inf - inf, and inf
+    in the merged evaluation (W + scaling * B A = 0.5 here)."""
+    case = Case("nan", "qkv", (4,), 8, 3, 2)
+    x, weight, bias, lora_a, lora_b = (t.detach().clone() for t in make_inputs(case, torch.float32, device))
+    lora_a[0, 1, 5] = float("nan")
+    q, k, v = ace_kernels.lora_qkv(x, weight, bias, lora_a, lora_b, scaling=0.5, training=training, backend=backend)
+    merged = backend == "triton" and not training
+    assert torch.isnan(q).all()
+    assert torch.isfinite(torch.cat([k, v])).all() if merged else torch.isnan(torch.cat([k, v])).all()
+    one = torch.ones(1, 1, device=device)
+    y = ace_kernels.lora_linear(torch.tensor([[float("inf"), 1.0]], device=device), torch.tensor([[1.0, 0.0]],
+                                device=device), None, torch.tensor([[-1.0, 0.0]], device=device), one, scaling=0.5,
+                                training=training, backend=backend)
+    assert torch.isposinf(y).all() if merged else torch.isnan(y).all()  # inf + 0.5 * (-inf * 1) in the unmerged sum
+
 def test_triton_saved_bytes_are_x_plus_rank_r(device):
     if "triton" not in ace_kernels.available_backends():
         pytest.skip("triton cannot run here")
