@@ -575,7 +575,10 @@ _MAX_PROJECTIONS = 3
 # Keep test: a 16-bit half of a Philox number >= round(p * 2**16) (see _keep_bits).
 _THRESHOLD_BITS = 16
 # BLOCK_R is P*r padded to a power of two >= 16 (tl.dot's smallest dimension); above 64
-# the epilogue tiles get large enough to spill, so such ranks go to the torch backend.
+# the epilogue tiles get large enough to spill, so such ranks go to the torch backend. At 64
+# itself (q/k/v ranks 11-21, one projection's 33-64) the 16-bit gradient kernel with dropout
+# and dX already spills 40 bytes (sm_90a, triton 3.8; the compile test asserts no spills at
+# the ranks measured, and records shared memory only at 64).
 _MAX_BLOCK_R = 64
 
 
