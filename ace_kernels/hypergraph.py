@@ -1619,7 +1619,10 @@ def _triton_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
 def _hypergraph_triton(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
     if cls_only:
         return _cls_only_fused(x, cls_attn, edge, node, topk)  # deterministic whatever is asked
-    prims = TRITON_PRIMITIVES if deterministic else TRITON_ATOMIC_PRIMITIVES
+    # torch.use_deterministic_algorithms(True) takes the deterministic scatter, as torch's own ops
+    # that have a deterministic path do (warn_only or not).
+    use_atomics = not deterministic and not torch.are_deterministic_algorithms_enabled()
+    prims = TRITON_ATOMIC_PRIMITIVES if use_atomics else TRITON_PRIMITIVES
     return _hypergraph_impl(x, cls_attn, edge, node, topk, cls_only, prims)
 
 
@@ -1666,7 +1669,8 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         runs. Whether it is faster is decided by the GPU benchmark (provider
         ``triton-atomic`` in ``benchmarks/bench_hypergraph.py``). The cuda
         backend and the torch backend ignore it, and so does the triton backend's
-        ``cls_only`` path, which has no scatter (see Determinism below).
+        ``cls_only`` path, which has no scatter (see Determinism below). Under
+        ``torch.use_deterministic_algorithms(True)`` False is overridden: no atomics.
 
     Returns
     -------
@@ -1708,7 +1712,9 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     in its last bits between repeated calls on every backend but one; on the CPU it
     is reproducible. The exception is ``cls_only`` on the triton backend: its fused
     kernels use no atomics, so its output and every gradient are reproducible on a
-    GPU too.
+    GPU too. Under ``torch.use_deterministic_algorithms(True)`` torch runs its
+    deterministic ``index_add_`` and ``scatter_add_`` on a GPU, and the triton
+    backend's ``deterministic=False`` is overridden (no atomics).
 
     Autocast: the forward runs with autocast off, whatever the caller's state: it
     reads ``x`` in its own dtype and accumulates in float32 (float64 for float64

@@ -1432,6 +1432,35 @@ def test_module_deterministic_default_and_override(monkeypatch, device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("warn_only", [False, True], ids=["strict", "warn_only"])
+def test_use_deterministic_algorithms_overrides_deterministic_false(warn_only, monkeypatch, device):
+    """Under torch.use_deterministic_algorithms(True) (strict or warn_only) the triton backend's
+    deterministic=False takes the deterministic CSR scatter, as torch's own ops with a deterministic
+    path do: it ran the float atomics, whose summation order varies between runs on a GPU."""
+    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    used = []
+    for name in ("TRITON_PRIMITIVES", "TRITON_ATOMIC_PRIMITIVES"):
+        prims = getattr(hg, name)
+        monkeypatch.setattr(hg, name, dataclasses.replace(
+            prims, scatter_sum=lambda *a, _name=name, _f=prims.scatter_sum: used.append(_name) or _f(*a)))
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float32, device=device)
+    x = x.requires_grad_(True)
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        out = ace_kernels.ace_hypergraph(x, c, edge, node, topk=k, backend="triton", deterministic=False)
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+    assert used and set(used) == {"TRITON_PRIMITIVES"}, used
+    used.clear()
+    ace_kernels.ace_hypergraph(x.detach(), c, edge, node, topk=k, backend="triton", deterministic=False)
+    assert set(used) == {"TRITON_ATOMIC_PRIMITIVES"}  # the global setting off again: the caller's choice
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_triton_cls_only_is_fused_and_reproducible(deterministic, monkeypatch, device):
     # cls_only on the triton backend runs _ClsEdges's four kernels, never the primitives, and is
