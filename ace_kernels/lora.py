@@ -58,11 +58,13 @@ restoring the generator state) reproduce the masks exactly:
   halve the Philox arithmetic, the main integer cost of the kernels.
 
 Each call draws once (P*M*in uniforms, or one seed), so restoring the generator state
-before a call replays its masks. Under ``torch.compile`` with inductor, the torch backend's
-``torch.rand`` becomes inductor's own generator: its masks replay within compiled code but
-differ from eager's for the same seed (``torch._inductor.config.fallback_random = True``
-keeps eager's). The two backends give different (equally
-distributed) masks for the same seed. :func:`capture_dropout_masks` records the masks a call used (a debugging and
+before a call replays its masks. Under ``torch.compile`` with inductor, that draw (the
+torch backend's ``torch.rand``, the triton backend's seed) becomes inductor's own generator:
+its masks replay within compiled code but differ from eager's for the same seed
+(``torch._inductor.config.fallback_random = True`` keeps eager's). The two backends give
+different (equally distributed) masks for the same seed, and leave the generator in
+different states: random numbers drawn after the call (another layer's dropout) differ too.
+:func:`capture_dropout_masks` records the masks a call used (a debugging and
 testing aid).
 
 Non-finite inputs

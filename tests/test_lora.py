@@ -761,6 +761,27 @@ def test_no_dropout_draws_no_random_numbers(backend, dropout_p, training, device
         assert torch.equal(after, torch.rand(4, device=dev))
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_a_dropout_call_advances_the_generator_by_its_documented_draw(backend, device):
+    """The generator after a call is where the documented draw leaves it (torch: rand [P, M, in]
+    in float32; triton: one randint seed on x's device), so the two backends leave it in
+    different states and what is drawn after the call depends on the backend."""
+    case = Case("rng_after", "qkv", (2, 3), 10, 4, 2, dropout_p=0.3)
+    inputs = make_inputs(case, torch.float32, device if backend == "triton" else "cpu")
+    dev = inputs[0].device
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(4)
+        call_op(case, inputs, backend)
+        after = torch.rand(5, device=dev)
+        torch.manual_seed(4)
+        if backend == "torch":
+            torch.rand((3, 6, 10), dtype=torch.float32, device=dev)
+        else:
+            torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=dev)
+        assert torch.equal(after, torch.rand(5, device=dev))
+
+
 @pytest.mark.triton
 def test_triton_refuses_second_derivatives(device):
     case = Case("gg", "qkv", (3,), 5, 4, 2)
