@@ -863,6 +863,29 @@ def test_infonce_triton_declines_a_gpu_whose_blocks_have_too_little_shared_memor
     assert sorted(reads) == [0, 1, 2]  # once per device
 
 
+def test_infonce_shared_memory_check_traces_with_a_symbolic_width(monkeypatch):
+    """torch.compile(dynamic=True) traces the Triton check with a symbolic D: a D that is not a multiple
+    of 16 made the alignment a SymBool that keyed the launch configuration's tables, and the trace
+    failed (TypeError: BooleanAtom not allowed in this context) on every GPU call. make_fx's symbolic
+    tracing is the same as dynamo's here, without a GPU."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ace_kernels import contrastive
+
+    _fake_cards(monkeypatch, {0: 227})
+    seen = []
+
+    def check(x):
+        u = x.to("cuda:0")
+        seen.append((type(u.shape[1]), contrastive._triton_check(u, u)))
+        return x + 1
+
+    for dim in (512, 500):
+        seen.clear()
+        make_fx(check, tracing_mode="symbolic")(torch.zeros(8, dim, dtype=torch.float16))
+        assert seen == [(torch.SymInt, [])], (dim, seen)
+
+
 def test_shared_memory_needs_are_not_checked_under_the_interpreter_or_off_cuda(monkeypatch):
     """Under TRITON_INTERPRET=1 the kernels run on CPU tensors, where no block limit applies:
     no device property is read, and the check says nothing."""
