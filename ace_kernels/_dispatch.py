@@ -156,7 +156,7 @@ def _other_sources(path: str | None, built_from: str) -> str | None:
     recorded = f"sources of sha256 {built_from[:12]}..." if built_from else "sources it does not record"
     return (f"the CUDA extension ace_kernels._C at {path} was built from {recorded}, not from {csrc} (sha256 "
             f"{here[:12]}...): rebuild it (`pip install --no-build-isolation -e .` or `python setup.py build_ext "
-            "--inplace`) or delete it")
+            "--inplace --force`) or delete it")
 
 
 def extension():
@@ -256,14 +256,22 @@ def shared_memory_reasons(device: torch.device, need: int | None, what: str) -> 
     on ``device``: a CUDA device that gives a block less (Triton would fail at the launch with
     OutOfResources). Empty where it fits, off CUDA, under the interpreter, or ``need`` None (a
     configuration forced by a sweep, whose need is not recorded)."""
-    if need is None or device.type != "cuda" or interpreter_enabled():
+    if need is None:
         return []
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    limit = _shared_memory_limit(index)
+    limit = shared_memory_limit(device)
     if limit is None or need <= limit:
         return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
     return [f"{what} needs {need} bytes of shared memory per block, cuda:{index} allows {limit} "
             f"(shared_memory_per_block_optin)"]
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """The most shared memory a Triton block may have on ``device`` (bytes, cached per device); None
+    off CUDA, under the interpreter, or where the device properties do not say."""
+    if device.type != "cuda" or interpreter_enabled():
+        return None
+    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:

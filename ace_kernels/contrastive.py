@@ -892,6 +892,7 @@ _GPU_SHARED_BYTES = {
     ("grad", "fp32/k_steps"): (45056,),
     ("grad", "fp32/unaligned"): (28672,),
 }
+_GPU_SHARED_MOST = max(max(needs) for needs in _GPU_SHARED_BYTES.values())
 # Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
 # chunk width beyond it, per (kind, aligned).
 _GPU_ONE_DOT_MAX = {"16bit": 512, "fp32": 0}
@@ -1313,8 +1314,8 @@ def _triton_check(u, t):
     reasons += _dispatch.interpreter_bf16_reasons(u.dtype)  # (the hypergraph kernels load bf16 as fp32)
     if u.shape[0] >= 2**30:
         # int32 keys, and int32 row/column counters: tl.cdiv(row_hi, BLOCK_M) and the column loops'
-        # c0 + BLOCK_N wrap within a tile of 2^31. Only a width of 1 gets here (the test below
-        # keeps B under 2^30 from D = 2 on).
+        # c0 + BLOCK_N wrap within a tile of 2^31. The bound is new for a width of 1 only: from
+        # D = 2 on, the row-stride check below refused such batches already.
         reasons.append("the Triton kernels count rows in int32 (tile loops, block counts): B must be < 2^30")
     elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
         # Row offsets are int64, but column tiles are offset in int32 (registers are tight).
@@ -1335,7 +1336,8 @@ def _shared_need(kernel: str, dtype: torch.dtype, dim: int, config: dict, *, ali
 def _shared_memory_reasons(u, t) -> list[str]:
     """Why the forward's or the backward's launches of a call on CUDA embeddings ``u``, ``t``
     need more shared memory per block than their GPU gives (empty elsewhere)."""
-    if u.device.type != "cuda" or _dispatch.interpreter_enabled():
+    limit = _dispatch.shared_memory_limit(u.device)
+    if limit is None or limit >= _GPU_SHARED_MOST:  # (an H100/H200 fits every configuration: no per-call cost)
         return []
     dim = u.shape[1]
     # As _aligned at the launches (the pointers aside: a misaligned one takes the unaligned path,

@@ -686,7 +686,7 @@ def test_an_extension_built_from_other_sources_is_declined_in_a_checkout(tmp_pat
     assert _dispatch._other_sources(so, built_from) == (
         f"the CUDA extension ace_kernels._C at {so} was built from sources of sha256 {built_from[:12]}..., not from "
         f"{tmp_path / 'csrc'} (sha256 {now[:12]}...): rebuild it (`pip install --no-build-isolation -e .` or "
-        "`python setup.py build_ext --inplace`) or delete it")
+        "`python setup.py build_ext --inplace --force`) or delete it")
     assert "was built from sources it does not record, not from" in _dispatch._other_sources(so, "")  # older build
     assert _dispatch._other_sources(str(tmp_path / "site-packages" / "ace_kernels" / "_C.so"), "") is None
     assert _dispatch._other_sources(str(tmp_path / "elsewhere" / "_C.so"), "") is None
@@ -863,6 +863,27 @@ def test_infonce_triton_declines_a_gpu_whose_blocks_have_too_little_shared_memor
     assert sorted(reads) == [0, 1, 2]  # once per device
 
 
+def test_infonce_shared_memory_check_costs_nothing_on_a_card_that_fits_every_configuration(monkeypatch):
+    """On an H100/H200 (227 KiB) every recorded configuration fits: the per-call check returns before
+    resolving the two launch configurations (about 40 us a call on the CPU side)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ace_kernels import contrastive
+
+    _fake_cards(monkeypatch, {0: 227, 1: 163})
+
+    def resolved(*args, **kwargs):
+        raise AssertionError("a launch configuration was resolved")
+
+    monkeypatch.setattr(contrastive, "_launch_config", resolved)
+    with FakeTensorMode():
+        big = torch.empty(8, 512, dtype=torch.float16, device="cuda:0")
+        small = torch.empty(8, 512, dtype=torch.float16, device="cuda:1")
+    assert contrastive._shared_memory_reasons(big, big) == []
+    with pytest.raises(AssertionError, match="resolved"):
+        contrastive._shared_memory_reasons(small, small)
+
+
 def test_infonce_shared_memory_check_traces_with_a_symbolic_width(monkeypatch):
     """torch.compile(dynamic=True) traces the Triton check with a symbolic D: a D that is not a multiple
     of 16 made the alignment a SymBool that keyed the launch configuration's tables, and the trace
@@ -872,7 +893,7 @@ def test_infonce_shared_memory_check_traces_with_a_symbolic_width(monkeypatch):
 
     from ace_kernels import contrastive
 
-    _fake_cards(monkeypatch, {0: 227})
+    _fake_cards(monkeypatch, {0: 163})  # (a card that fits every configuration skips the lookup)
     seen = []
 
     def check(x):
@@ -880,10 +901,10 @@ def test_infonce_shared_memory_check_traces_with_a_symbolic_width(monkeypatch):
         seen.append((type(u.shape[1]), contrastive._triton_check(u, u)))
         return x + 1
 
-    for dim in (512, 500):
+    for dim, refused in ((512, True), (500, False)):  # 512: the one-dot forward needs 193 KiB
         seen.clear()
         make_fx(check, tracing_mode="symbolic")(torch.zeros(8, dim, dtype=torch.float16))
-        assert seen == [(torch.SymInt, [])], (dim, seen)
+        assert [(kind, bool(reasons)) for kind, reasons in seen] == [(torch.SymInt, refused)], (dim, seen)
 
 
 def test_shared_memory_needs_are_not_checked_under_the_interpreter_or_off_cuda(monkeypatch):

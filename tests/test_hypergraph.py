@@ -897,7 +897,6 @@ def test_kernels_keep_a_non_finite_cls_token_out_of_rows_that_do_not_read_it(bac
     assert torch.equal(torch.isfinite(out).all(-1), ~reads_x0)
 
 
-
 def _non_finite_kind(t):
     """0 finite, 1 NaN, 2 +inf, 3 -inf, per element."""
     kind = torch.zeros(t.shape, dtype=torch.int8)
