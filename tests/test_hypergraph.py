@@ -1409,10 +1409,9 @@ def test_triton_float16_norms_over_the_float16_range(device):
             assert_close_scaled(got, want, 2 ** -9, f"grad {name}")
 
 
-@pytest.mark.triton
-def test_module_deterministic_default_and_override(monkeypatch, device):
-    """ACEHypergraph(deterministic=False) makes the atomic scatter its forward's default, and
-    forward(deterministic=...) overrides the module's setting either way."""
+def _watch_scatters(monkeypatch, device) -> list:
+    """The names of the primitive sets (TRITON_PRIMITIVES, TRITON_ATOMIC_PRIMITIVES) whose scatter
+    runs, appended to the returned list at each call."""
     if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
         pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
     used = []
@@ -1420,6 +1419,14 @@ def test_module_deterministic_default_and_override(monkeypatch, device):
         prims = getattr(hg, name)
         monkeypatch.setattr(hg, name, dataclasses.replace(
             prims, scatter_sum=lambda *a, _name=name, _f=prims.scatter_sum: used.append(_name) or _f(*a)))
+    return used
+
+
+@pytest.mark.triton
+def test_module_deterministic_default_and_override(monkeypatch, device):
+    """ACEHypergraph(deterministic=False) makes the atomic scatter its forward's default, and
+    forward(deterministic=...) overrides the module's setting either way."""
+    used = _watch_scatters(monkeypatch, device)
     x, c, *_ = make_inputs(SHAPES["n7_d40"], dtype=torch.float32, device=device)
     for module_det, call_det, want in ((False, None, "TRITON_ATOMIC_PRIMITIVES"), (True, None, "TRITON_PRIMITIVES"),
                                        (False, True, "TRITON_PRIMITIVES"), (True, False, "TRITON_ATOMIC_PRIMITIVES")):
@@ -1436,13 +1443,7 @@ def test_use_deterministic_algorithms_overrides_deterministic_false(warn_only, m
     """Under torch.use_deterministic_algorithms(True) (strict or warn_only) the triton backend's
     deterministic=False takes the deterministic CSR scatter, as torch's own ops with a deterministic
     path do: it ran the float atomics, whose summation order varies between runs on a GPU."""
-    if device.type == "cpu" and not hg._dispatch.interpreter_enabled():
-        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
-    used = []
-    for name in ("TRITON_PRIMITIVES", "TRITON_ATOMIC_PRIMITIVES"):
-        prims = getattr(hg, name)
-        monkeypatch.setattr(hg, name, dataclasses.replace(
-            prims, scatter_sum=lambda *a, _name=name, _f=prims.scatter_sum: used.append(_name) or _f(*a)))
+    used = _watch_scatters(monkeypatch, device)
     x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float32, device=device)
     x = x.requires_grad_(True)
     before = torch.are_deterministic_algorithms_enabled()

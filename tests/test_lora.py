@@ -750,15 +750,21 @@ def test_no_dropout_draws_no_random_numbers(backend, dropout_p, training, device
     """A call that applies no dropout (dropout_p = 0, or training=False) leaves torch's
     generator as it was: downstream random numbers are those of a run without the call."""
     case = Case("no_rng", "qkv", (4,), 8, 3, 2, dropout_p=dropout_p, training=training)
+    _assert_generator_after_call(case, backend, device, lambda dev: None)
+
+
+def _assert_generator_after_call(case, backend, device, draw):
+    """After ``case``'s call from seed 0, torch's generator (on the inputs' device) is where ``draw(device)``
+    from seed 0 leaves it: the next numbers drawn are the same."""
     inputs = make_inputs(case, torch.float32, device if backend == "triton" else "cpu")
     dev = inputs[0].device
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(0)
         call_op(case, inputs, backend)
-        after = torch.rand(4, device=dev)
+        after = torch.rand(5, device=dev)
         torch.manual_seed(0)
-        assert torch.equal(after, torch.rand(4, device=dev))
+        draw(dev)
+        assert torch.equal(after, torch.rand(5, device=dev))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
@@ -767,19 +773,12 @@ def test_a_dropout_call_advances_the_generator_by_its_documented_draw(backend, d
     in float32; triton: one randint seed on x's device), so the two backends leave it in
     different states and what is drawn after the call depends on the backend."""
     case = Case("rng_after", "qkv", (2, 3), 10, 4, 2, dropout_p=0.3)
-    inputs = make_inputs(case, torch.float32, device if backend == "triton" else "cpu")
-    dev = inputs[0].device
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(4)
-        call_op(case, inputs, backend)
-        after = torch.rand(5, device=dev)
-        torch.manual_seed(4)
-        if backend == "torch":
-            torch.rand((3, 6, 10), dtype=torch.float32, device=dev)
-        else:
-            torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=dev)
-        assert torch.equal(after, torch.rand(5, device=dev))
+    if backend == "torch":
+        _assert_generator_after_call(case, backend, device,
+                                     lambda dev: torch.rand((3, 6, 10), dtype=torch.float32, device=dev))
+    else:
+        _assert_generator_after_call(case, backend, device,
+                                     lambda dev: torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=dev))
 
 
 @pytest.mark.triton
