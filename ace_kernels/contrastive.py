@@ -1341,9 +1341,10 @@ def _shared_memory_reasons(u, t) -> list[str]:
         return []
     dim = u.shape[1]
     # As _aligned at the launches (the pointers aside: a misaligned one takes the unaligned path,
-    # which needs less): rows that are not contiguous are copied first, with D as their stride. bool():
-    # under torch.compile(dynamic=True) a symbolic D made it a SymBool, which keys no table.
-    aligned = bool(dim % 16 == 0) and all(x.stride(1) != 1 or x.stride(0) % 16 == 0 for x in (u, t))
+    # which needs less): rows that are not contiguous are copied first, with D as their stride. A branch:
+    # under torch.compile(dynamic=True) a symbolic D makes `dim % 16 == 0` a SymBool, which keys no table,
+    # and Dynamo's bool() keeps it one (make_fx's guards); a branch guards in both.
+    aligned = all(x.stride(1) != 1 or x.stride(0) % 16 == 0 for x in (u, t)) if dim % 16 == 0 else False
     reasons = []
     for kernel in ("lse", "grad"):
         config = _launch_config(kernel, u.dtype, dim, aligned=aligned, device=u.device)

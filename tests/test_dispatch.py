@@ -888,7 +888,7 @@ def test_infonce_shared_memory_check_traces_with_a_symbolic_width(monkeypatch):
     """torch.compile(dynamic=True) traces the Triton check with a symbolic D: a D that is not a multiple
     of 16 made the alignment a SymBool that keyed the launch configuration's tables, and the trace
     failed (TypeError: BooleanAtom not allowed in this context) on every GPU call. make_fx's symbolic
-    tracing is the same as dynamo's here, without a GPU."""
+    tracing shows it without a GPU (Dynamo itself: the next test)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from ace_kernels import contrastive
@@ -905,6 +905,35 @@ def test_infonce_shared_memory_check_traces_with_a_symbolic_width(monkeypatch):
         seen.clear()
         make_fx(check, tracing_mode="symbolic")(torch.zeros(8, dim, dtype=torch.float16))
         assert [(kind, bool(reasons)) for kind, reasons in seen] == [(torch.SymInt, refused)], (dim, seen)
+
+
+def test_infonce_shared_memory_check_traces_under_dynamo_with_a_symbolic_width(monkeypatch):
+    """The same under Dynamo itself (torch.compile(dynamic=True), fullgraph), where bool() of a SymBool
+    stays one (make_fx's guards): a D not a multiple of 16 still keyed the configuration tables with the
+    SymBool `D % 16 == 0`, and the trace failed (TypeError: BooleanAtom not allowed in this context) on
+    a card that does not fit every configuration (an A100). Dynamo takes fake CUDA tensors as inputs;
+    the block limit is read eagerly first, as an eager call fills it (Dynamo folds the real read)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ace_kernels import contrastive
+
+    available = torch.cuda.is_available
+    _fake_cards(monkeypatch, {0: 163})
+    monkeypatch.setattr(torch.cuda, "is_available", available)  # Dynamo saves a visible GPU's RNG state
+    assert _dispatch.shared_memory_limit(torch.device("cuda:0")) == 163 * 1024
+    seen = []
+
+    def check(u):
+        seen.append(contrastive._triton_check(u, u))
+        return u + 1
+
+    for dim, refused in ((512, True), (500, False), (17, False)):  # 512: the one-dot forward needs 193 KiB
+        with FakeTensorMode():
+            u = torch.empty(8, dim, dtype=torch.float16, device="cuda:0")
+        seen.clear()
+        torch._dynamo.reset()
+        torch.compile(check, backend="eager", dynamic=True, fullgraph=True)(u)
+        assert [bool(reasons) for reasons in seen] == [refused], (dim, seen)
 
 
 def test_shared_memory_needs_are_not_checked_under_the_interpreter_or_off_cuda(monkeypatch):
