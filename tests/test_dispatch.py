@@ -936,6 +936,72 @@ def test_infonce_shared_memory_check_traces_under_dynamo_with_a_symbolic_width(m
         assert [bool(reasons) for reasons in seen] == [refused], (dim, seen)
 
 
+def test_every_op_selects_alike_under_dynamo_with_symbolic_shapes(monkeypatch):
+    """Each public op's dispatch (its checks, the measured order, the variant) traced by Dynamo with
+    dynamic=True, on fake CUDA tensors of odd sizes (D or in_features not a multiple of 16, N = topk + 1,
+    B = 1) on an H200-like and an A100-like card, picks what an eager call picks (or raises alike): a
+    check that fails only with symbolic sizes breaks torch.compile(dynamic=True), and the automatic
+    dynamic shapes Dynamo switches to on a second shape, on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    available = torch.cuda.is_available
+    _fake_cards(monkeypatch, {0: 227, 1: 163}, names={0: "NVIDIA H200"})  # card 0 has a measured order
+    monkeypatch.setattr(torch.cuda, "is_available", available)  # Dynamo saves a visible GPU's RNG state
+    for index in (0, 1):
+        _dispatch.shared_memory_limit(torch.device(f"cuda:{index}"))  # as an eager call fills it
+    picked = []
+    select = _dispatch.select
+
+    def recording(op, *args, **kwargs):
+        picked.append(_dispatch.backend_of(op, select(op, *args, **kwargs)))
+        return lambda *call_args: call_args[0] + 0
+
+    monkeypatch.setattr(_dispatch, "select", recording)
+
+    def lora_call(op, qkv):
+        def call(x, d):
+            p = 3 if qkv else 1
+            w, a, b = (d.new_empty(p * 8, 500), d.new_empty(*((3,) if qkv else ()), 4, 500),
+                       d.new_empty(*((3,) if qkv else ()), 8, 4))
+            return op(x, w, None, a, b, scaling=2.0, dropout_p=0.1, training=True, backend=backend)
+        return call
+
+    def hypergraph(x, d):
+        adapter = (d.new_empty(8, 500), d.new_empty(8), d.new_empty(500, 8), d.new_empty(500))
+        return ace_kernels.ace_hypergraph(x, d.new_empty(1, 4), adapter, adapter, topk=4, cls_only=cls_only,
+                                          backend=backend)
+
+    def infonce(x, d):
+        return ace_kernels.label_guided_infonce(x[0], x[0], d.new_ones(()), backend=backend)
+
+    calls = [("lora_linear", lora_call(ace_kernels.lora_linear, False), (1, 3, 500)),
+             ("lora_qkv", lora_call(ace_kernels.lora_qkv, True), (1, 3, 500)),
+             ("lora_qkv_packed", lora_call(ace_kernels.lora_qkv_packed, True), (1, 3, 500)),
+             ("ace_hypergraph", hypergraph, (1, 5, 500)), ("label_guided_infonce", infonce, (1, 1, 500))]
+    outcomes = []
+    for name, call, shape in calls:
+        for index in (0, 1):
+            for backend in ("auto", "triton"):  # (torch has no check)
+                for cls_only in (False, True) if name == "ace_hypergraph" else (False,):
+                    with FakeTensorMode():
+                        x = torch.empty(shape, dtype=torch.float16, device=f"cuda:{index}")
+                        d = torch.empty(0, dtype=torch.float16, device=f"cuda:{index}")
+                    answers = []
+                    for run in (call, torch.compile(call, backend="eager", dynamic=True, fullgraph=True)):
+                        picked.clear()
+                        torch._dynamo.reset()
+                        try:
+                            run(x, d)
+                            answers.append(list(picked))
+                        except RuntimeError as exc:  # a backend that cannot run the call, or a failed trace
+                            answers.append(str(exc).splitlines()[0])
+                    assert answers[0] == answers[1], (name, index, backend, cls_only, answers)
+                    outcomes.append(answers[0])
+    # Not vacuous: the Triton backend takes every call here, on both cards (D = 500 takes the loss's
+    # unaligned path, which fits 163 KiB), and a trace that failed would be an error, not a pick.
+    assert outcomes.count(["triton"]) == len(outcomes), outcomes
+
+
 def test_shared_memory_needs_are_not_checked_under_the_interpreter_or_off_cuda(monkeypatch):
     """Under TRITON_INTERPRET=1 the kernels run on CPU tensors, where no block limit applies:
     no device property is read, and the check says nothing."""
