@@ -119,18 +119,46 @@ def _cut_short(path: str) -> str | None:
             "-e .`, `python setup.py build_ext --inplace --force`), or delete it")
 
 
+def _run_eagerly(fn):
+    """Mark a function without arguments whose result (a string or None) torch.compile is to take
+    as a constant, calling it eagerly at trace time (what ``torch._dynamo.assume_constant_result``
+    does, without importing torch._dynamo here): the checks below read files, which Dynamo cannot
+    trace, and an op's first call may come inside a compiled function (fullgraph refused it)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_run_eagerly
+def _extension_cut_short() -> str | None:
+    """Why the ace_kernels._C file that an import would load is cut short (None: it is whole, absent,
+    or already loaded)."""
+    if "ace_kernels._C" in sys.modules:
+        return None
+    try:
+        spec = importlib.util.find_spec("ace_kernels._C")
+    except Exception:  # (the import below says why)
+        return None
+    return _cut_short(spec.origin) if spec is not None and spec.origin else None
+
+
+@_run_eagerly
+def _extension_stale() -> str | None:
+    """:func:`_other_sources` of the loaded ace_kernels._C."""
+    module = sys.modules.get("ace_kernels._C")
+    return _other_sources(getattr(module, "__file__", None), getattr(module, "SOURCES_SHA256", ""))
+
+
 @_once
 def _extension():
     """Import the compiled extension lazily; returns (module, error)."""
+    short = _extension_cut_short()
+    if short:
+        return None, f"the CUDA extension ace_kernels._C is not loaded: {short}"
     try:
-        spec = importlib.util.find_spec("ace_kernels._C") if "ace_kernels._C" not in sys.modules else None
-        short = _cut_short(spec.origin) if spec is not None and spec.origin else None
-        if short:
-            return None, f"the CUDA extension ace_kernels._C is not loaded: {short}"
         from ace_kernels import _C  # type: ignore[attr-defined]
     except Exception as exc:
         return None, f"the CUDA extension ace_kernels._C is not built or failed to load ({type(exc).__name__}: {exc})"
-    stale = _other_sources(getattr(_C, "__file__", None), getattr(_C, "SOURCES_SHA256", ""))
+    stale = _extension_stale()
     if stale:
         return None, stale
     return _C, None

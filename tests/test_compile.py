@@ -249,3 +249,23 @@ def test_triton_fullgraph_inductor(device):
     eager = _run(fn, inputs)
     compiled = _run(torch.compile(fn, fullgraph=True), inputs)
     _assert_same(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_the_first_call_of_each_op_may_come_inside_fullgraph():
+    """In a fresh process whose first call of an op is inside torch.compile(fullgraph=True), backend
+    selection asks whether the extension loads: its file checks (whole, built from these sources)
+    read files, which Dynamo cannot trace ('builtin open' refused the graph); they run eagerly."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, ace_kernels\n"
+            "m = ace_kernels.ACEHypergraph(16, 8, 3)\n"
+            "x, c = torch.randn(2, 9, 16), torch.rand(2, 8)\n"
+            "f = torch.compile(lambda x: m(x, c, cls_only=True), fullgraph=True, backend='eager')\n"
+            "torch.testing.assert_close(f(x), m(x, c, cls_only=True), rtol=0, atol=0)\n"
+            "loss = torch.compile(ace_kernels.label_guided_infonce, fullgraph=True, backend='eager')\n"
+            "print(float(loss(torch.randn(4, 8), torch.randn(4, 8), torch.tensor(2.0))))\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(ace_kernels.__file__))))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
