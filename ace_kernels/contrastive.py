@@ -878,10 +878,11 @@ _tuning.register("contrastive", _GPU_CANDIDATES,
 # (kernel, "<16bit|fp32>/<path>"): (the default's, then each candidate's in order). A GPU that
 # gives a block less cannot launch the configuration (OutOfResources): the Triton backend
 # declines the call there (_triton_check). On sm_80 Triton's shared use can differ slightly
-# from sm_90a's; these are the sm_90a needs. tests/test_contrastive.py checks each against the
-# compiles.
+# from sm_90a's; these are the sm_90a needs, the larger of triton 3.8's (this project's pin) and
+# 3.6's (the GPU machine's: up to 512 bytes more in three one-dot forwards). tests/test_contrastive.py
+# checks each against the compiles, under both in CI.
 _GPU_SHARED_BYTES = {
-    ("lse", "16bit/one_dot"): (197120, 196608, 164096, 197120, 180736, 73728, 65536),
+    ("lse", "16bit/one_dot"): (197632, 196608, 164352, 197632, 180736, 73728, 65536),
     ("lse", "16bit/k_steps"): (73728,),
     ("lse", "16bit/unaligned"): (8192,),
     ("lse", "fp32/k_steps"): (6144,),
