@@ -270,6 +270,11 @@ def _cuda_arch_reason(index: int) -> str | None:
 _SHARED_LIMITS: dict = {}  # a plain dict, as _ARCH_REASONS
 
 
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA ``device``: its own, else the current device's."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _shared_memory_limit(index: int) -> int | None:
     """The most shared memory one block may have on ``cuda:index`` (opted in), in bytes, cached;
     None where the device properties do not say."""
@@ -289,7 +294,7 @@ def shared_memory_reasons(device: torch.device, need: int | None, what: str) -> 
     limit = shared_memory_limit(device)
     if limit is None or need <= limit:
         return []
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     return [f"{what} needs {need} bytes of shared memory per block, cuda:{index} allows {limit} "
             f"(shared_memory_per_block_optin)"]
 
@@ -299,7 +304,7 @@ def shared_memory_limit(device: torch.device) -> int | None:
     off CUDA, under the interpreter, or where the device properties do not say."""
     if device.type != "cuda" or interpreter_enabled():
         return None
-    return _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device())
+    return _shared_memory_limit(cuda_index(device))
 
 
 def _device_reasons(backend: str, tensors: Sequence[torch.Tensor | None]) -> list[str]:
@@ -506,7 +511,7 @@ def _cuda_device_name(index: int) -> str:
 
 def device_name(device: torch.device) -> str:
     """The model name of a CUDA ``device`` (the current one when it has no index), cached."""
-    return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_device_name(cuda_index(device))
 
 
 def preference(op: str, device: torch.device | None = None, variant: str | None = None) -> tuple[str, ...]:

@@ -1594,7 +1594,7 @@ def _cuda_check(x, cls_attn, edge, node, topk, cls_only, deterministic=True):
         reasons.append(f"N={x.shape[1]} tokens < topk + 2 = {topk + 2}: the CUDA kernels need N - 2 candidates "
                        "per patch row (the Triton backend takes N >= max(3, topk), the torch backend N >= topk)")
     if x.is_cuda and x.dim() == 3:
-        limit = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None)
+        limit = _dispatch._shared_memory_limit(_dispatch.cuda_index(x.device))  # cached per device
         if limit is not None and _cuda_topk_shared_bytes(x.shape[-1]) > limit:
             reasons.append(f"D={x.shape[-1]} needs {_cuda_topk_shared_bytes(x.shape[-1])} bytes of shared memory in "
                            f"the CUDA top-k kernel, over this device's {limit} per block (the Triton kernels tile D)")

@@ -640,16 +640,21 @@ def test_the_cuda_check_names_the_shared_memory_limit_and_a_build_without_ops(mo
         x = torch.empty(2, 19, 64, device="cuda:0")  # N = 17 + 2: topk = 17 fails on its limit only
     need = hg._cuda_topk_shared_bytes(64)
     device = types.SimpleNamespace(shared_memory_per_block_optin=need)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: device)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or device)
+    monkeypatch.setattr(hg._dispatch, "_SHARED_LIMITS", {})
     with_ops = types.SimpleNamespace(hg_gather_sum=object())
     monkeypatch.setattr(torch.ops, "ace_kernels", with_ops)
     monkeypatch.setattr(hg._dispatch, "_extension", lambda: (types.SimpleNamespace(), None))
     assert hg._cuda_check(x, None, None, None, 3, False) == []  # exactly at the limit
+    assert hg._cuda_check(x, None, None, None, 3, False) == [] and asked == [0]  # read once per device
     device.shared_memory_per_block_optin = need - 1
+    monkeypatch.setattr(hg._dispatch, "_SHARED_LIMITS", {})
     assert hg._cuda_check(x, None, None, None, 3, False) == [
         f"D=64 needs {need} bytes of shared memory in the CUDA top-k kernel, over this device's {need - 1} per "
         "block (the Triton kernels tile D)"]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace())  # does not say
+    monkeypatch.setattr(hg._dispatch, "_SHARED_LIMITS", {})
     assert hg._cuda_check(x, None, None, None, 3, False) == []
     assert hg._cuda_check(x, None, None, None, 17, False) == ["topk=17 is over the kernels' limit of 16"]
     monkeypatch.setattr(torch.ops, "ace_kernels", types.SimpleNamespace())
@@ -1278,6 +1283,7 @@ def test_the_cuda_backend_declines_short_sequences(monkeypatch):
     with FakeTensorMode():
         fake = torch.empty(2, 6, 64, device="cuda:0")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace())
+    monkeypatch.setattr(hg._dispatch, "_SHARED_LIMITS", {})
     monkeypatch.setattr(torch.ops, "ace_kernels", types.SimpleNamespace(hg_gather_sum=object()))
     monkeypatch.setattr(hg._dispatch, "_extension", lambda: (types.SimpleNamespace(), None))
     reason = ("N=6 tokens < topk + 2 = 7: the CUDA kernels need N - 2 candidates per patch row (the Triton "
