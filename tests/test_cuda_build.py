@@ -230,6 +230,11 @@ def test_ops_refuse_what_the_kernels_cannot_take_naming_the_argument():
     with pytest.raises(RuntimeError, match=r"argument 'perm': expected unit stride at dim 1, got 2"):
         ops.hg_scatter_sum_csr(src[:, :7], strided.contiguous(), rp, torch.empty(2, 56, dtype=torch.int64,
                                                                                   device="meta")[:, ::2], 11, 4)
+    one = torch.empty_strided((2, 1), (1, 5), device="meta")  # one column of stride 5: contiguous to torch
+    assert one.is_contiguous() and one.stride(1) == 5
+    out = ops.hg_scatter_sum_csr(src[:, :1], one, torch.empty(2, 1, dtype=torch.int64, device="meta"),
+                                 one.long(), 0, 1)
+    assert out.shape == (2, 0, 40)
     with pytest.raises(RuntimeError, match=r"argument 'src': expected a 3-D tensor, got 2-D"):
         ops.hg_gather_sum(src[0], cols[..., :4], cols[..., :4].float())
     with pytest.raises(RuntimeError, match=r"argument 'src': expected a CUDA tensor, got cpu"):
