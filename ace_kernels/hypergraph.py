@@ -54,6 +54,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from ace_kernels import _dispatch, _library
 from ace_kernels._checks import check_bool, check_positive_int, check_tensor
@@ -100,9 +101,15 @@ def _sparse_mm(crow, col, values, shape, dense):
         return torch.sparse.mm(matrix, dense)
 
 
+def _sparse_form(src: torch.Tensor) -> bool:
+    """Whether the torch primitives take their CSR form: on a CPU tensor with data (a fake one,
+    as torch.export traces with, has no sparse kernels; the slot-by-slot form traces)."""
+    return src.device.type == "cpu" and not is_fake(src)
+
+
 def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[b, q] = sum_s weights[b, q, s] * src[b, cols[b, q, s]]."""
-    if src.device.type == "cpu":
+    if _sparse_form(src):
         return _gather_sum_sparse(src, cols, weights)
     return _gather_sum_by_slot(src, cols, weights)
 
@@ -134,7 +141,7 @@ def _gather_sum_by_slot(src: torch.Tensor, cols: torch.Tensor, weights: torch.Te
 def _torch_scatter_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, num_rows: int,
                        transpose=None) -> torch.Tensor:
     """out[b, cols[b, q, s]] += weights[b, q, s] * src[b, q] (the adjoint of gather_sum)."""
-    if src.device.type == "cpu":
+    if _sparse_form(src):
         return _scatter_sum_sparse(src, cols, weights, num_rows, transpose)
     return _scatter_sum_by_slot(src, cols, weights, num_rows)
 
@@ -246,7 +253,7 @@ class _Primitives:
 
 
 def _torch_prepare_transpose(cols, num_rows):
-    return _transpose_csr(cols, num_rows) if cols.device.type == "cpu" else None
+    return _transpose_csr(cols, num_rows) if _sparse_form(cols) else None
 
 
 TORCH_PRIMITIVES = _Primitives("torch", _torch_topk_rows, _torch_gather_sum, _torch_scatter_sum, _torch_entry_dot,
