@@ -193,7 +193,9 @@ def _label_keys(labels: torch.Tensor | None) -> torch.Tensor | None:
     if rows.is_floating_point():
         nan = rows.isnan()
         nan_rows = nan.any(dim=1)
-        rows = torch.where(nan, 0.0, rows) + 0.0  # -0.0 + 0.0 is +0.0: equal values, equal bytes
+        # -0.0 == 0: both zeros become +0.0 (equal values, equal bytes). Not `x + 0.0`, which inductor
+        # drops as a no-op: compiled, -0.0 kept its sign bit and its own key (a negative left unmasked).
+        rows = torch.where(nan | (rows == 0), 0.0, rows)
     elif rows.dtype == torch.bool:
         rows = rows.to(torch.uint8)
     # The bytes go into a fresh zero-padded buffer: reinterpreting them as int64 needs an 8-byte

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ace_kernels
-from ace_kernels import _library, hypergraph
+from ace_kernels import _library, contrastive, hypergraph
 
 
 def _lora_case(dropout_p: float, backend: str, device="cpu"):
@@ -225,6 +225,19 @@ def test_label_keys_need_no_graph_break():
                    torch.randint(0, 2, (12, 5), generator=g).float()):
         compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(u, t, labels), loss_fn(u, t, labels), rtol=0, atol=0)
+
+
+def test_inductor_label_keys_equal_signed_zeros():
+    # Label rows compare as ``==`` does, compiled too: [-0.0, 1] equals [0.0, 1] (a multiplied-out
+    # uncertain label gives -0.0), so the pair is masked. The keys mapped -0.0 to +0.0 with
+    # ``x + 0.0``, which inductor drops as a no-op: compiled, the two rows got keys of their own.
+    torch._dynamo.reset()
+    nan = float("nan")
+    labels = torch.tensor([[0.0, 1.0], [-0.0, 1.0], [1.0, -0.0], [1.0, 0.0], [nan, 1.0], [nan, 1.0]])
+    keys = torch.compile(contrastive._label_keys, fullgraph=True)(labels)
+    want = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(keys[:, None] == keys[None, :], want), keys
 
 
 @pytest.mark.triton
