@@ -153,3 +153,13 @@ def refuse_second_derivative(message: str) -> None:
     on), since a second derivative through it would come back silently incomplete."""
     if torch.is_grad_enabled():
         raise RuntimeError(message)
+
+
+def spans(lo, hi, step: int) -> list:
+    """``(start, stop)`` pairs covering ``range(lo, hi)`` ``step`` at a time. A range within one
+    step is one pair, with no loop over its length, so that a symbolic size (torch.export with a
+    dynamic batch, torch.compile(dynamic=True)) stays symbolic, guarded by ``hi - lo <= step``,
+    where a loop would specialise it to the traced value."""
+    if hi - lo <= step:
+        return [(lo, hi)]
+    return [(start, min(start + step, hi)) for start in range(lo, hi, step)]

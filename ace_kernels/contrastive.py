@@ -253,8 +253,7 @@ def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0, hi: int | None =
     row_lse = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
     col_lse = torch.full((n,), float("-inf"), dtype=u.dtype, device=u.device)
     dots = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
-    for start in range(lo, hi, block):
-        stop = min(start + block, hi)
+    for start, stop in _library.spans(lo, hi, block):
         logits = _block_logits(u[start:stop], t, scale, keys, start, 0, dots[start - lo:stop - lo])
         torch.logsumexp(logits, dim=1, out=row_lse[start - lo:stop - lo])
         # logaddexp(-inf, -inf) is -inf in torch, so columns fully masked in this block stay clean.
@@ -268,18 +267,18 @@ def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
     grad_u = torch.empty_like(u)
     grad_t = torch.zeros_like(t)
     grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
-    for start in range(0, n, block):
-        u_block = u[start:start + block]
+    for start, stop in _library.spans(0, n, block):
+        u_block = u[start:stop]
         logits = _block_logits(u_block, t, scale, keys, start, 0)
-        row_prob = torch.sub(logits, row_lse[start:start + block, None]).exp_()
+        row_prob = torch.sub(logits, row_lse[start:stop, None]).exp_()
         weights = logits.sub_(col_lse[None, :]).exp_().add_(row_prob)  # reuses the logits buffer
         del row_prob
         weights.mul_(coef)
-        _fold_positive_weights(weights, start, start + u_block.shape[0], 0, 0, n, coef)
+        _fold_positive_weights(weights, start, stop, 0, 0, n, coef)
         g_t = torch.mm(weights, t)
         # ds = sum_ij G_ij u_i.t_j = sum_i u_i . (G t)_i: no need to keep the raw similarities.
         grad_scale += torch.linalg.vecdot(g_t, u_block).sum()
-        torch.mul(g_t, scale, out=grad_u[start:start + block])
+        torch.mul(g_t, scale, out=grad_u[start:stop])
         grad_t.addmm_(weights.t(), u_block)
     grad_t.mul_(scale)
     return grad_u, grad_t, grad_scale
@@ -298,8 +297,7 @@ def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, 
     (r0, r1), (c0, c1) = rows, cols
     grad_a = torch.empty((r1 - r0, a.shape[1]), dtype=a.dtype, device=a.device)
     grad_scale = torch.zeros((), dtype=a.dtype, device=a.device)
-    for start in range(r0, r1, block):
-        stop = min(start + block, r1)
+    for start, stop in _library.spans(r0, r1, block):
         a_block = a[start:stop]
         logits = _block_logits(a_block, b[c0:c1], scale, keys, start, c0)
         row_prob = torch.sub(logits, lse_a[start:stop, None]).exp_()

@@ -207,11 +207,9 @@ def _torch_topk_rows(patches: torch.Tensor, inv_norm: torch.Tensor, rows: torch.
     """
     B, M, D = patches.shape
     R = M if rows is None else rows.shape[1]
-    chunk = max(1, min(B, _TOPK_CHUNK_SCORES // max(1, R * M)))
     idx_out = torch.empty(B, R, topk, dtype=torch.int64, device=patches.device)
     w_out = torch.empty(B, R, topk, dtype=patches.dtype, device=patches.device)
-    for start in range(0, B, chunk):
-        stop = min(B, start + chunk)
+    for start, stop in _library.spans(0, B, max(1, _TOPK_CHUNK_SCORES // max(1, R * M))):
         block = patches[start:stop]
         scale = inv_norm[start:stop]
         if rows is None:
@@ -328,9 +326,7 @@ _UPCAST_CHUNK_ELEMENTS = 8 * 2**20  # 32 MiB of float32
 
 
 def _batch_chunks(t: torch.Tensor):
-    per_sample = max(1, t[0].numel())
-    step = max(1, _UPCAST_CHUNK_ELEMENTS // per_sample)
-    return [(start, min(start + step, t.shape[0])) for start in range(0, t.shape[0], step)]
+    return _library.spans(0, t.shape[0], max(1, _UPCAST_CHUNK_ELEMENTS // max(1, t[0].numel())))
 
 
 class _Float32GradRoute(torch.autograd.Function):
