@@ -47,12 +47,24 @@ def launcher(name: str, fake: Callable) -> Callable:
         def call(*args):
             if torch.compiler.is_compiling():
                 return op(*args)
-            return fn(*args)
+            return fn(*_resolve_neg(args))
 
         call.op = op
         return call
 
     return wrap
+
+
+def _resolve_neg(args: tuple) -> tuple:
+    """``args`` with every tensor that has the negative bit set resolved (copied with its values).
+
+    The kernels read a tensor's memory; a negative-bit view (``z.conj().imag`` of a complex ``z``,
+    say) stores the negation of its values. Through the dispatcher (the custom op) torch resolves
+    such inputs before the launcher runs; the eager call bypasses it, so it resolves them here.
+    """
+    if any(isinstance(arg, torch.Tensor) and arg.is_neg() for arg in args):
+        return tuple(arg.resolve_neg() if isinstance(arg, torch.Tensor) else arg for arg in args)
+    return args
 
 
 def _on_inputs_device(fn: Callable) -> Callable:

@@ -202,6 +202,28 @@ def test_every_launcher_op_passes_opcheck(device):
             torch.library.opcheck(_library.REGISTERED[name], args)
 
 
+def _negative_bit_view(t: torch.Tensor) -> torch.Tensor:
+    """A leaf holding ``t``'s values as a view with the negative bit set (the imaginary part of a
+    conjugated complex tensor, column stride 2): its memory holds the negated values."""
+    values = t.detach()
+    view = torch.complex(torch.zeros_like(values), -values).conj().imag
+    assert view.is_neg() and view.is_leaf and torch.equal(view, values)
+    return view.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_eager_calls_read_negative_bit_views_as_their_values(name, device):
+    # The launchers' custom ops get such inputs resolved by the dispatcher; eager calls skip it and
+    # the kernels read memory: x and A of the LoRA ops, the hypergraph's x (cls_only; the full output's
+    # backward) and the loss's logit scale were read negated (other values' results, no error).
+    fn, inputs = TRITON_CASES[name](device)
+    want = _run(fn, inputs)
+    got = _run(fn, [_negative_bit_view(t) for t in inputs])
+    exact = device.type == "cpu"  # a GPU's hypergraph backward adds with scatter_add_'s atomics
+    _assert_same(got, want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
+
+
 @pytest.mark.slow
 def test_fullgraph_inductor_matches_eager():
     # Generated code (C++ on the CPU): same values up to reassociation; dropout off.
