@@ -78,8 +78,10 @@ merged adapters, ``disable_adapters``, several (or no) active adapters, LoRA
 variants (DoRA and the like), ``lora_bias``, ``adapter_names=`` or any other
 extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
 dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
-``B A`` into the weight) or extra arguments. ``apply_ace_hgat``: autocast on,
-fewer than ``topk`` tokens, hooks or instance-replaced forwards on the
+``B A`` into the weight), extra arguments, or ``w_lora_A``/``w_lora_B`` in a dtype its
+matmuls refuse (not ``x``'s; under autocast, float64). Both: a weight or bias dtype
+``F.linear`` refuses (not ``x``'s; under autocast, float64, which it does not cast).
+``apply_ace_hgat``: autocast on, fewer than ``topk`` tokens, hooks or instance-replaced forwards on the
 adapters, global module hooks, an adapter (or its activation) replaced after patching by one that is
 not ``up(leaky_relu(down(z), 0.2))``. Every patched forward: a ``torch.func``
 transform, or a forward-mode AD level (``torch.autograd.forward_ad``: the fused ops'
@@ -197,6 +199,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from ace_kernels import _library
+from ace_kernels.lora import _AUTOCAST_CASTS
 
 __all__ = [
     "patch",
@@ -550,8 +553,11 @@ class _LoraOperands:
     autocast: bool
 
 
-def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
-    """Cast the operands to the dtype the original forward computes in, or give a reason."""
+def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, *, lora_matmul=False):
+    """Cast the operands to the dtype the original forward computes in, or give a reason.
+
+    ``lora_matmul``: the original multiplies ``x`` by ``lora_a`` and ``lora_b`` as they are (the
+    reference layout), so their dtypes must be the ones its matmuls accept (PEFT casts ``x`` to theirs)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return "input is not a floating-point tensor"
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -571,10 +577,17 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training):
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             # F.linear would raise; let the original forward raise its own error.
             return f"input dtype {x.dtype} differs from the weight's {weight.dtype}"
+        if lora_matmul and (lora_a.dtype != x.dtype or lora_b.dtype != x.dtype):
+            return f"input dtype {x.dtype} differs from the LoRA weights' {lora_a.dtype}/{lora_b.dtype}"
         compute = x.dtype
     elif x.dtype == torch.float64:
         return "float64 input under autocast"
     else:
+        # Autocast casts float32/16 operands only: F.linear (and a matmul) refuses a float64 one beside them.
+        for what, tensors in (("weight", (weight, bias)), ("LoRA weight", (lora_a, lora_b) if lora_matmul else ())):
+            odd = next((t.dtype for t in tensors if t is not None and t.dtype not in _AUTOCAST_CASTS), None)
+            if odd is not None:
+                return f"{odd} {what} under autocast"
         compute = cast
     if compute not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"compute dtype {compute} not supported"
@@ -790,7 +803,8 @@ class _ReferenceLoraKind(_LoraKind):
             # through it (its next call detaches it again); neither may we. Any other weight (a
             # tensor torch.func.functional_call put in _parameters, say) keeps its gradient.
             weight = weight.detach()
-        return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training)
+        return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training,
+                         lora_matmul=True)
 
 
 _MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")

@@ -505,6 +505,20 @@ def _global_linear_hook():
     return register_module_forward_hook(lambda module, args, out: out * 1.5 if isinstance(module, nn.Linear) else None)
 
 
+def _bf16_autocast():
+    # A CPU autocast region, entered now and left by .remove() (as the hook contexts below are).
+    region = torch.autocast("cpu", dtype=torch.bfloat16)
+    region.__enter__()
+    return SimpleNamespace(remove=lambda: region.__exit__(None, None, None))
+
+
+def _reference_lora_to(dtype):
+    def change(layer):
+        with torch.no_grad():
+            layer.w_lora_A.data, layer.w_lora_B.data = layer.w_lora_A.to(dtype), layer.w_lora_B.to(dtype)
+    return change
+
+
 def _set_peft_dropout(dropout):
     def change(model):
         model.base_model.model[0].lora_dropout["default"] = dropout
@@ -569,6 +583,17 @@ _PER_CALL_CASES = {
     "peft-parametrized-base": (_peft_single, _parametrize_peft_base, torch.float64, None,
                                "parametrized base weight"),
     "reference-dropout-p=1": (lambda: _reference_single(1.0), None, torch.float64, None, "dropout p = 1"),
+    # F.linear under autocast casts float32/16 operands only: a float64 weight beside them is refused.
+    "peft-float64-weight-under-autocast": (_peft_single, None, torch.float32, _bf16_autocast,
+                                           "torch.float64 weight under autocast"),
+    "reference-float64-weight-under-autocast": (lambda: _reference_single(0.0), None, torch.float32, _bf16_autocast,
+                                                "torch.float64 weight under autocast"),
+    # The reference multiplies by w_lora_A/B with matmul, which refuses mixed dtypes (PEFT casts x to theirs).
+    "reference-float32-lora-float64-input": (lambda: _reference_single(0.0), _reference_lora_to(torch.float32),
+                                             torch.float64, None, "differs from the LoRA weights'"),
+    "reference-float64-lora-under-autocast": (lambda: _reference_single(0.0).float(),
+                                              _reference_lora_to(torch.float64), torch.float32, _bf16_autocast,
+                                              "torch.float64 LoRA weight under autocast"),
 }
 
 
@@ -576,7 +601,8 @@ _PER_CALL_CASES = {
 def test_per_call_states_the_fused_path_does_not_take_run_as_unpatched(case):
     """A LoRA layer in a state the fused call would compute otherwise (a global module hook, a
     dropout type or a LoRA bias it does not apply, a base nn.Linear subclass, p = 1, an input
-    dtype F.linear refuses, a hook on the reference's dropout or on PEFT's lora_A, a lora_A that
+    dtype F.linear refuses (or, under autocast, a float64 weight), LoRA weights in a dtype the
+    reference's matmuls refuse, a hook on the reference's dropout or on PEFT's lora_A, a lora_A that
     is an nn.Linear subclass, a scaling that is a tensor, a parametrized base weight) runs its
     original forward; a
     dropout put in eval on its own is applied as the layer's call applies it (no mask, though
