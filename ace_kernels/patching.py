@@ -81,8 +81,9 @@ dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
 ``B A`` into the weight), extra arguments, or ``w_lora_A``/``w_lora_B`` in a dtype its
 matmuls refuse (not ``x``'s; under autocast, float64). Both: a weight or bias dtype
 ``F.linear`` refuses (not ``x``'s; under autocast, float64, which it does not cast).
-``apply_ace_hgat``: autocast on, fewer than ``topk`` tokens, hooks or instance-replaced forwards on the
-adapters, global module hooks, an adapter (or its activation) replaced after patching by one that is
+``apply_ace_hgat``: autocast on, fewer than ``topk`` tokens, adapters in another dtype than the
+features (which their layers refuse), hooks or instance-replaced forwards on the adapters, global
+module hooks, an adapter (or its activation) replaced after patching by one that is
 not ``up(leaky_relu(down(z), 0.2))``. Every patched forward: a ``torch.func``
 transform, or a forward-mode AD level (``torch.autograd.forward_ad``: the fused ops'
 autograd Functions define no ``jvp``). States that hold at patch time are listed in
@@ -1235,7 +1236,16 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
         return "global module hooks registered"
     if any(_forward_replaced(m) for m in parts):
         return "a forward replaced on the instance in the adapters"
-    return _adapter_reason_now(edge) or _adapter_reason_now(node)
+    reason = _adapter_reason_now(edge) or _adapter_reason_now(node)
+    if reason:
+        return reason
+    # The original runs the adapters' nn.Linear layers on tensors in the features' dtype, which F.linear
+    # refuses beside another parameter dtype (the op would cast the parameters): its own error, then.
+    odd = next((p.dtype for a in (edge, node) for layer in (a.down, a.up) for p in (layer.weight, layer.bias)
+                if p is not None and p.dtype != features.dtype), None)
+    if odd is not None:
+        return f"adapter dtype {odd} differs from the features' {features.dtype}"
+    return None
 
 
 def _ace_hgat_forward(module, handle, original, features, attn_weights, encoder="img"):

@@ -1971,9 +1971,10 @@ def test_apply_ace_hgat_on_short_sequences_is_fused_and_matches_the_original(tok
 def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
     """Calls the hypergraph op would compute otherwise run the original apply_ace_hgat, with the
     same result: autocast on (the original's dtypes), and a global module hook (the original fires it for the
-    adapters and their layers; here it changes their outputs); and fewer than topk tokens, where the original
-    raises its own error. A global hook also sends the ACE loss's CLS-only path to the original. Two tokens
-    with topk <= 2 (a patch row with no candidate) are the op's, and match."""
+    adapters and their layers; here it changes their outputs); and fewer than topk tokens, or an adapter in
+    another dtype than the features, where the original raises its own error. A global hook also sends the ACE
+    loss's CLS-only path to the original. Two tokens with topk <= 2 (a patch row with no candidate) are the
+    op's, and match."""
     torch.manual_seed(14)
     features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
     attn = torch.rand(2, 8, dtype=torch.float64)
@@ -1996,6 +1997,17 @@ def test_apply_ace_hgat_calls_the_fused_op_does_not_take_run_as_unpatched():
         with pytest.raises(type(original.value), match=re.escape(str(original.value))):
             few_tokens(loss_fn, 3)
         assert handle.stats() == {"fallback apply_ace_hgat: N=2 tokens < topk = 3": 1}, handle.stats()
+
+    # An adapter in another dtype than the features: its nn.Linear refuses them (the op would cast it).
+    _, loss_fn, _, _, _ = _reference_setup()
+    loss_fn.img_edge_adapter.float()
+    with pytest.raises(RuntimeError) as original:
+        loss_fn.apply_ace_hgat(features, attn, encoder="img")
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        with pytest.raises(type(original.value), match=re.escape(str(original.value))):
+            loss_fn.apply_ace_hgat(features, attn, encoder="img")
+        assert handle.stats() == {"fallback apply_ace_hgat: adapter dtype torch.float32 differs from the features' "
+                                  "torch.float64": 1}, handle.stats()
 
     def autocast(m):
         m.float()
