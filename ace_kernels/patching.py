@@ -123,7 +123,9 @@ only one the loss reads, ties only when its attention scores do). Further
 deliberate differences:
 
 * Under ``torch.autocast`` the LoRA call runs with every operand cast to the
-  autocast dtype (as ``F.linear`` would) and autocast off inside the op.
+  autocast dtype (as ``F.linear`` would) and autocast off inside the op. The
+  losses read the features in their own dtype, except a pair of two float32/16
+  dtypes, which the originals' logit matmul casts: both in the autocast dtype.
 * PEFT keeps adapters in fp32 on a bf16/fp16 base by default and adds the
   branch in fp32; the fused call casts the adapter weights to ``x``'s dtype
   (the cast is differentiable, gradients still reach the fp32 parameters) and
@@ -1313,6 +1315,17 @@ def _in_features_dtype(loss: torch.Tensor, features: torch.Tensor) -> torch.Tens
     return loss
 
 
+def _autocast_features(image: torch.Tensor, text):
+    """The features as the original's logit matmul reads them under autocast: two different float32/16
+    dtypes (which it casts to the autocast dtype, and computes) both in that dtype; otherwise as given
+    (the same dtype, read as it is; or a pair the original refuses too, which the loss's check names)."""
+    cast = _library.autocast_dtype(image)
+    if (cast is not None and isinstance(text, torch.Tensor) and text.dtype != image.dtype
+            and image.dtype in _AUTOCAST_CASTS and text.dtype in _AUTOCAST_CASTS):
+        return image.to(cast), text.to(cast)
+    return image, text
+
+
 def _equals_itself(value) -> bool:
     try:
         return bool(value == value)
@@ -1352,6 +1365,7 @@ def _reference_loss_forward(module, handle, original, clip_model, images, texts,
     else:
         text_emb = text_tokens[:, 0]
     labels = _labels_from_frame(merged_df, indices, device) if merged_df is not None else None
+    image_emb, text_emb = _autocast_features(image_emb, text_emb)
     handle._count("label_guided_infonce")
     loss = label_guided_infonce(image_emb, text_emb, module.logit_scale, labels,
                                 backend=handle.backend_for("label_guided_infonce"))
@@ -1396,6 +1410,7 @@ def _reference_clip_loss_forward(module, handle, original, image_features, text_
         handle._count(f"fallback reference-clip-loss: {transform}")
         return original(image_features, text_features, merged_df, indices)
     labels = _labels_from_frame(merged_df, indices, image_features.device) if merged_df is not None else None
+    image_features, text_features = _autocast_features(image_features, text_features)
     handle._count("label_guided_infonce")
     return _in_features_dtype(label_guided_infonce(image_features, text_features, module.logit_scale, labels,
                                                    backend=handle.backend_for("label_guided_infonce")), image_features)
@@ -1640,6 +1655,7 @@ def _clip_loss_forward(module, handle, original, image_features, text_features, 
     if reason is not None:
         handle._count(f"fallback open_clip-ClipLoss: {reason}")
         return original(image_features, text_features, logit_scale, logit_bias=logit_bias, output_dict=output_dict)
+    image_features, text_features = _autocast_features(image_features, text_features)
     group = None
     if module.world_size > 1:
         import torch.distributed as dist

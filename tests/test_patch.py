@@ -1810,6 +1810,32 @@ def test_open_clip_clip_loss_dtype_under_autocast():
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_clip_losses_take_features_of_two_dtypes_under_autocast():
+    """Under autocast the originals' logit matmul casts bf16 image and fp32 text features alike and computes:
+    the patched losses take both in the autocast dtype (they once refused the pair), and each feature gets its
+    gradient in its own dtype."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    torch.manual_seed(13)
+    image = F.normalize(torch.randn(6, 16), dim=-1).bfloat16().requires_grad_()
+    text = F.normalize(torch.randn(6, 16), dim=-1).requires_grad_()
+    frame = FakeFrame(np.array([[i, 0, i % 3] for i in range(6)], dtype=np.float64))
+    for loss_module, run in ((open_clip_loss.ClipLoss(), lambda m: m(image, text, 10.0)),
+                             (ReferenceCLIPLoss(), lambda m: m(image, text, frame, list(range(6))))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = run(loss_module)
+            want_grads = torch.autograd.grad(want, [image, text])
+        with ace_kernels.patch(loss_module) as handle:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = run(loss_module)
+                got_grads = torch.autograd.grad(got, [image, text])
+            assert handle.stats() == {"label_guided_infonce": 1}, handle.stats()
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for g, w in zip(got_grads, want_grads):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.triton
 def test_patched_training_model_without_dropout_never_merges(device):
     # PEFT's LoRA with dropout 0 (an nn.Identity) in a training model: a pass without a graph
