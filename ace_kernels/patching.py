@@ -95,7 +95,7 @@ What is never patched (recorded as skipped, with the reason): a module whose
 wrapper such as accelerate's hooks, which the fused call would skip); a layout
 recognised by its attribute names whose computation differs, found by running
 its class's method once at patch time on a small random probe, on a CPU copy
-in the default dtype (float32 for a 16-bit default) without hooks (its tensors
+in the default dtype (float32 for a 16-bit default), autocast off, without hooks (its tensors
 and hooks are untouched, the random streams restored; attributes other than
 tensors and submodules are shared with the copy, so a method that appends to a
 list or logs does so at patch time too): the reference ``LinearLoRA`` forward (dropout off, random
@@ -187,6 +187,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import inspect
 import math
 import sys
@@ -817,6 +818,19 @@ class _OnMeta(Exception):
     """A tensor of a module to probe is on the meta device: there is nothing to compute with."""
 
 
+def _probe(check: Callable) -> Callable:
+    """Decorator for a probe, which runs a module's own method on CPU copies: with the CPU's autocast
+    off, as the fused ops compute (inside a caller's autocast region the original's products would drop
+    to 16 bits, differ, and the module be skipped as computing something else)."""
+
+    @functools.wraps(check)
+    def run(*args):
+        with _library.autocast_off("cpu"):
+            return check(*args)
+
+    return run
+
+
 def _probe_dtype() -> torch.dtype:
     """The probes' dtype: torch's default (the dtype a module's untyped ``torch.zeros`` gives),
     but float32 for a 16-bit default, whose copies, inputs and arithmetic would differ from the
@@ -862,6 +876,7 @@ def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.
     return copy.deepcopy(module, memo)
 
 
+@_probe
 def _reference_lora_probe_reason(module) -> str | None:
     """Why the layer's forward is not known to compute ``x W^T + b + s (x A^T) B^T`` (None: it is).
 
@@ -1094,6 +1109,7 @@ def _adapter_structure_reason(adapter) -> str | None:
     return None
 
 
+@_probe
 def _adapter_reason(adapter) -> str | None:
     """Why ``adapter`` is not ``up(leaky_relu(down(z), 0.2))`` (None: it is)."""
     reason = _adapter_structure_reason(adapter)
@@ -1145,6 +1161,7 @@ def _probe_tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
 
+@_probe
 def _hgat_probe_reason(module) -> str | None:
     """Why the module's ``apply_ace_hgat`` is not known to be the reference's (None: it is).
 
@@ -1476,6 +1493,7 @@ def _same_loss(got, want, dtype) -> bool:
             and float((got.double() - want.double()).abs()) <= _probe_tolerance(dtype) * max(1.0, float(want.abs())))
 
 
+@_probe
 def _clip_loss_probe_reason(module) -> str | None:
     """Why the module's forward is not known to be the reference's plain CLIP loss (None: it is).
 
@@ -1507,6 +1525,7 @@ def _clip_loss_probe_reason(module) -> str | None:
     return None
 
 
+@_probe
 def _reference_loss_probe_reason(module) -> str | None:
     """Why the module's forward is not known to be the reference's ACE loss (None: it is).
 

@@ -1836,6 +1836,16 @@ def test_clip_losses_take_features_of_two_dtypes_under_autocast():
             torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_patch_called_inside_autocast_recognises_what_it_recognises_outside():
+    """The patch-time probes run on CPU copies with the CPU's autocast off: called inside a CPU autocast region,
+    patch() skipped the reference losses and apply_ace_hgat (their probes ran the originals in bf16 against the
+    fused ops), saying they compute something else."""
+    torch.manual_seed(2)
+    for module in (ReferenceCLIPLoss(), ReferenceACELoss(20, topk=3), _Pair([TinyCLIP()])):
+        with torch.autocast("cpu", dtype=torch.bfloat16), ace_kernels.patch(module) as handle:
+            assert handle.records and all(r.status == "patched" for r in handle.records), handle.summary()
+
+
 @pytest.mark.triton
 def test_patched_training_model_without_dropout_never_merges(device):
     # PEFT's LoRA with dropout 0 (an nn.Identity) in a training model: a pass without a graph
