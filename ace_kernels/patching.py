@@ -77,10 +77,12 @@ original forward would; otherwise it runs the original forward unchanged. PEFT:
 merged adapters, ``disable_adapters``, several (or no) active adapters, LoRA
 variants (DoRA and the like), ``lora_bias``, ``adapter_names=`` or any other
 extra argument, forward hooks on the LoRA sub-layers, or a non-``nn.Dropout``
-dropout, global module hooks. Reference layout: ``merged`` (eval mode merges
-``B A`` into the weight), extra arguments, or ``w_lora_A``/``w_lora_B`` in a dtype its
-matmuls refuse (not ``x``'s; under autocast, float64). Both: a weight or bias dtype
-``F.linear`` refuses (not ``x``'s; under autocast, float64, which it does not cast).
+dropout, global module hooks, LoRA weights in a dtype ``F.linear`` refuses beside
+``x`` while its input casting is off (``peft.helpers.disable_input_dtype_casting``).
+Reference layout: ``merged`` (eval mode merges ``B A`` into the weight), extra arguments,
+or ``w_lora_A``/``w_lora_B`` in a dtype its matmuls refuse (not ``x``'s; under autocast, float64).
+Both: a weight or bias dtype ``F.linear`` refuses (not ``x``'s; under autocast, float64, which it
+does not cast).
 ``apply_ace_hgat``: autocast on, fewer than ``topk`` tokens, adapters in another dtype than the
 features (which their layers refuse), hooks or instance-replaced forwards on the adapters, global
 module hooks, an adapter (or its activation) replaced after patching by one that is
@@ -561,7 +563,8 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, *, 
     """Cast the operands to the dtype the original forward computes in, or give a reason.
 
     ``lora_matmul``: the original multiplies ``x`` by ``lora_a`` and ``lora_b`` as they are (the
-    reference layout), so their dtypes must be the ones its matmuls accept (PEFT casts ``x`` to theirs)."""
+    reference layout; PEFT with its input casting off), so their dtypes must be the ones its products
+    accept (PEFT otherwise casts ``x`` to theirs)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return "input is not a floating-point tensor"
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -736,8 +739,9 @@ class _PeftLoraKind(_LoraKind):
             p, training = 0.0, module.training
         if p >= 1.0:
             return "dropout p = 1"
+        # With its input casting off (peft.helpers.disable_input_dtype_casting), x meets lora_A as it is.
         return _operands(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[adapter], p,
-                         training)
+                         training, lora_matmul=not getattr(module, "cast_input_dtype_enabled", True))
 
 
 class _ReferenceLoraKind(_LoraKind):

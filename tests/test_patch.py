@@ -519,6 +519,13 @@ def _reference_lora_to(dtype):
     return change
 
 
+def _peft_fp32_lora_without_input_casting(model):
+    # peft.helpers.disable_input_dtype_casting's switch: the layer's x then meets its float32 lora_A as it is.
+    layer = _peft_layer(model)
+    layer.lora_A.float(), layer.lora_B.float()
+    layer.cast_input_dtype_enabled = False
+
+
 def _set_peft_dropout(dropout):
     def change(model):
         model.base_model.model[0].lora_dropout["default"] = dropout
@@ -591,6 +598,8 @@ _PER_CALL_CASES = {
     # The reference multiplies by w_lora_A/B with matmul, which refuses mixed dtypes (PEFT casts x to theirs).
     "reference-float32-lora-float64-input": (lambda: _reference_single(0.0), _reference_lora_to(torch.float32),
                                              torch.float64, None, "differs from the LoRA weights'"),
+    "peft-float32-lora-without-input-casting": (_peft_single, _peft_fp32_lora_without_input_casting, torch.float64,
+                                                None, "differs from the LoRA weights'"),
     "reference-float64-lora-under-autocast": (lambda: _reference_single(0.0).float(),
                                               _reference_lora_to(torch.float64), torch.float32, _bf16_autocast,
                                               "torch.float64 LoRA weight under autocast"),
