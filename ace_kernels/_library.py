@@ -7,7 +7,8 @@ and calls Triton's own launch code. Wrapped by :func:`launcher`, it is called
 * directly in eager mode (no dispatcher overhead on the hot path), and
 * through a custom op ``ace_triton::<name>`` while ``torch.compile`` traces: one opaque
   node whose output shapes come from a fake implementation, so Dynamo never looks inside
-  and inductor calls it as an extern kernel.
+  and inductor calls it as an extern kernel; so too under a torch dispatch mode
+  (``FakeTensorMode`` takes the fake implementation; other modes see the op).
 
 Both paths run the same launcher, so compiled and eager results are bit-identical. The ops
 are registered for every device: under ``TRITON_INTERPRET=1`` they take CPU tensors, which
@@ -45,7 +46,9 @@ def launcher(name: str, fake: Callable) -> Callable:
 
         @functools.wraps(fn)
         def call(*args):
-            if torch.compiler.is_compiling():
+            # Through the op while compiling, and under a dispatch mode (FakeTensorMode, which has
+            # no memory to launch on, takes the fake implementation; FlopCounterMode sees the call).
+            if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
                 return op(*args)
             return fn(*_resolve_neg(args))
 

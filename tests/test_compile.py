@@ -224,6 +224,39 @@ def test_triton_eager_calls_read_negative_bit_views_as_their_values(name, device
     _assert_same(got, want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_calls_under_a_dispatch_mode_go_through_the_custom_ops(name, device):
+    """Under FakeTensorMode (shape inference, memory planning) the eager launchers ran on fake
+    tensors and failed ('Attempted to set the storage of a tensor on device "meta"...'); under a
+    dispatch mode they now go through their custom ops: fake tensors of eager's shapes and dtypes,
+    forward and every gradient. Under another dispatch mode they give eager's results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn, inputs = TRITON_CASES[name](device)
+    eager = _run(fn, inputs)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fakes = [mode.from_tensor(t).requires_grad_(t.requires_grad) for t in inputs]
+        out = fn(*fakes)
+        grads = torch.autograd.grad(out, fakes)
+    for got, want in zip((out, *grads), (eager[0], *eager[1])):
+        assert type(got).__name__ == "FakeTensor" and (got.shape, got.dtype) == (want.shape, want.dtype)
+    seen = []
+
+    class Watch(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        _assert_same(_run(fn, inputs), eager, rtol=0, atol=0)
+    assert _library.NAMESPACE in seen
+    torch.manual_seed(5)  # _run's seed (dropout)
+    with FlopCounterMode(display=False):  # forward only: its module hooks refuse autograd.grad of a leaf
+        torch.testing.assert_close(fn(*inputs).detach(), eager[0], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_fullgraph_inductor_matches_eager():
     # Generated code (C++ on the CPU): same values up to reassociation; dropout off.
