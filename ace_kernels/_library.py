@@ -7,8 +7,8 @@ and calls Triton's own launch code. Wrapped by :func:`launcher`, it is called
 * directly in eager mode (no dispatcher overhead on the hot path), and
 * through a custom op ``ace_triton::<name>`` while ``torch.compile`` traces: one opaque
   node whose output shapes come from a fake implementation, so Dynamo never looks inside
-  and inductor calls it as an extern kernel; so too under a torch dispatch mode
-  (``FakeTensorMode`` takes the fake implementation; other modes see the op).
+  and inductor calls it as an extern kernel; so too under ``FakeTensorMode`` (the fake
+  implementation gives the outputs).
 
 Both paths run the same launcher, so compiled and eager results are bit-identical. The ops
 are registered for every device: under ``TRITON_INTERPRET=1`` they take CPU tensors, which
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 NAMESPACE = "ace_triton"
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 # name -> custom op, for the tests (every registered op is checked with torch.library.opcheck).
 REGISTERED: dict[str, object] = {}
 
@@ -46,9 +47,11 @@ def launcher(name: str, fake: Callable) -> Callable:
 
         @functools.wraps(fn)
         def call(*args):
-            # Through the op while compiling, and under a dispatch mode (FakeTensorMode, which has
-            # no memory to launch on, takes the fake implementation; FlopCounterMode sees the call).
-            if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            # Through the op while compiling, and under FakeTensorMode, which has no memory to
+            # launch on (the op takes the fake implementation). Other dispatch modes keep the direct
+            # call, which lets them see the torch ops inside the launcher (FlopCounterMode counts its
+            # GEMMs; through the op they would be hidden).
+            if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None:
                 return op(*args)
             return fn(*_resolve_neg(args))
 

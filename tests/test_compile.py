@@ -226,11 +226,12 @@ def test_triton_eager_calls_read_negative_bit_views_as_their_values(name, device
 
 @pytest.mark.triton
 @pytest.mark.parametrize("name", list(TRITON_CASES))
-def test_triton_calls_under_a_dispatch_mode_go_through_the_custom_ops(name, device):
+def test_triton_calls_under_fake_tensor_mode_take_the_fake_implementations(name, device):
     """Under FakeTensorMode (shape inference, memory planning) the eager launchers ran on fake
-    tensors and failed ('Attempted to set the storage of a tensor on device "meta"...'); under a
-    dispatch mode they now go through their custom ops: fake tensors of eager's shapes and dtypes,
-    forward and every gradient. Under another dispatch mode they give eager's results."""
+    tensors and failed ('Attempted to set the storage of a tensor on device "meta"...'); they now
+    go through their custom ops: fake tensors of eager's shapes and dtypes, forward and every
+    gradient. Under another dispatch mode the launchers are still called directly, so the torch
+    ops inside them stay visible (FlopCounterMode counts the same FLOPs as without the change)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -251,7 +252,7 @@ def test_triton_calls_under_a_dispatch_mode_go_through_the_custom_ops(name, devi
 
     with Watch():
         _assert_same(_run(fn, inputs), eager, rtol=0, atol=0)
-    assert _library.NAMESPACE in seen
+    assert seen and _library.NAMESPACE not in seen
     torch.manual_seed(5)  # _run's seed (dropout)
     with FlopCounterMode(display=False):  # forward only: its module hooks refuse autograd.grad of a leaf
         torch.testing.assert_close(fn(*inputs).detach(), eager[0], rtol=0, atol=0)
