@@ -320,7 +320,7 @@ def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
         # Any other number (2, 0.5) is no label of the reference's CheXpert convention;
         # mapping it to 0 or 1 would silently change the loss's label mask.
         raise DataError(f"{csv_path}, row {row_number}: label column {column!r} holds {text!r}, "
-                        f"expected 0, 1, -1 or empty")
+                        f"expected 0, 1, -1, NaN or empty")
     # CheXpert convention of the reference: uncertain (-1) and missing count as negative.
     return 1.0 if value == 1.0 else 0.0
 
