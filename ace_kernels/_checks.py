@@ -114,9 +114,16 @@ def check_finite_number(name: str, value) -> float:
     """A real number (Python's or NumPy's, not a bool) that is finite (not nan or inf), as a float."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise ValueError(f"argument '{name}': expected a Python number, got {_type_name(value)}")
-    if not math.isfinite(_as_float(value)):
+    if not is_finite(_as_float(value)):
         raise ValueError(f"argument '{name}': expected a finite number, got {value!r}")
     return float(value)
+
+
+def is_finite(number: float) -> bool:
+    """``math.isfinite`` in a form Dynamo traces: under torch.compile a float argument may be a
+    symbolic float (a second value of it, or ``dynamic=True``), which math.isfinite refuses (a
+    graph break, an error with ``fullgraph=True``); a comparison guards on it instead."""
+    return abs(number) < math.inf
 
 
 def _as_float(value) -> float:

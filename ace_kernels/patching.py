@@ -191,7 +191,6 @@ import collections
 import copy
 import functools
 import inspect
-import math
 import sys
 import threading
 import warnings
@@ -205,6 +204,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from ace_kernels import _library
+from ace_kernels._checks import is_finite
 from ace_kernels.lora import _AUTOCAST_CASTS
 
 __all__ = [
@@ -571,7 +571,7 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, *, 
         return "input shape does not match the weight"
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         return f"scaling is a {type(scaling).__name__}, not a number"
-    if not math.isfinite(scaling):  # the ops refuse it; the original forward computes with it
+    if not is_finite(scaling):  # the ops refuse it; the original forward computes with it
         return f"scaling is {scaling!r}, not finite"
     transform = _transform_reason()
     if transform:

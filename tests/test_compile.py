@@ -423,3 +423,23 @@ def test_export_with_a_dynamic_batch_runs_other_batch_sizes(name):
         exact = name != "ace_hypergraph full"
         torch.testing.assert_close(program.module()(*inputs), fn(*inputs), rtol=0 if exact else 1e-5,
                                    atol=0 if exact else 1e-5)
+
+
+def test_lora_float_arguments_traced_as_symbolic_floats():
+    """A float argument that changes between calls (a second scaling) or any under dynamic=True
+    becomes a symbolic float; the finiteness check of scaling called math.isfinite on it, which
+    Dynamo refuses (an error under fullgraph=True, a graph break otherwise). Inductor's results
+    are eager's for each value."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 8, generator=g).requires_grad_()
+    w, a, b = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+
+    def fn(x, scaling, dropout_p):
+        return ace_kernels.lora_linear(x, w, None, a, b, scaling=scaling, dropout_p=dropout_p, training=False,
+                                       backend="torch").square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for scaling, dropout_p in ((0.5, 0.0), (2.0, 0.25)):
+        results = [_run(lambda x: f(x, scaling, dropout_p), (x,)) for f in (compiled, fn)]
+        _assert_same(*results, rtol=1e-5, atol=1e-5)

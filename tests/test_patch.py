@@ -272,6 +272,22 @@ def test_peft_grouped_qkv_compiles_as_one_graph():
     _assert_same(eager, compiled)
 
 
+def test_changed_scaling_compiles_as_one_graph():
+    """A PEFT layer's scaling changed after a compile (set_scale, a schedule) is traced as a symbolic
+    float on the recompile; patch's finiteness check called math.isfinite on it, which Dynamo refuses
+    (fullgraph=True failed, a graph break otherwise)."""
+    model = _peft_single()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with ace_kernels.patch(model) as handle:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        for scaling in (0.5, 2.0):
+            _peft_layer(model).scaling["default"] = scaling
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        assert handle.stats()["lora_linear"] == 4  # two traces (a recompile for the new value), two eager calls
+    torch._dynamo.reset()
+
+
 def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
     """Members that differ at patch time in bias, rank or dropout p never group: the records say lora_linear
     and why, as the calls then run (they said lora_qkv and fell back on every call)."""
