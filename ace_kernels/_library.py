@@ -142,7 +142,13 @@ def autocast_off_backward(backward: Callable) -> Callable:
     @functools.wraps(backward)
     def run(ctx, *grads):
         device_type = next((g.device.type for g in grads if isinstance(g, torch.Tensor)), "cpu")
-        with autocast_off(device_type):
+        if torch.compiler.is_compiling() and device_type != "meta":
+            # Dynamo traces the backward where autocast reads as off, and AOTAutograd then runs
+            # that trace under the forward's autocast: the check would leave it on there.
+            context = torch.autocast(device_type, enabled=False)
+        else:
+            context = autocast_off(device_type)
+        with context:
             return backward(ctx, *grads)
 
     return run

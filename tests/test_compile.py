@@ -443,3 +443,23 @@ def test_lora_float_arguments_traced_as_symbolic_floats():
     for scaling, dropout_p in ((0.5, 0.0), (2.0, 0.25)):
         results = [_run(lambda x: f(x, scaling, dropout_p), (x,)) for f in (compiled, fn)]
         _assert_same(*results, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_compiled_under_autocast_keeps_float32_backward():
+    """The loss ignores autocast, backward included, compiled too. Dynamo traces an autograd
+    Function's backward where autocast reads as off, and AOTAutograd runs that trace under the
+    forward's autocast: the backward's check left autocast on there, its block products came out
+    bfloat16 and the in-place update of the float32 gradient failed (mat1 and mat2 must have the
+    same dtype). Called under autocast, backward outside it (as a training step does)."""
+    fn, inputs = _infonce_case("torch")
+    torch._dynamo.reset()
+
+    def under_autocast(fn):
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args)
+        return run
+
+    eager = _run(under_autocast(fn), inputs)
+    compiled = _run(under_autocast(torch.compile(fn, fullgraph=True, backend="aot_eager")), inputs)
+    _assert_same(compiled, eager, rtol=0, atol=0)
