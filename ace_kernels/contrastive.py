@@ -264,7 +264,9 @@ def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0, hi: int | None =
 def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
     """dU, dT, ds of ``coef * (sum r + sum c)`` in one pass (single device, every row owned)."""
     n = u.shape[0]
-    grad_u = torch.empty_like(u)
+    # Contiguous whatever u's layout: rows of it are written with out=, which Dynamo refuses on
+    # a non-contiguous tensor (empty_like keeps a transposed u's strides; a graph break).
+    grad_u = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     grad_t = torch.zeros_like(t)
     grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
     for start, stop in _library.spans(0, n, block):

@@ -463,3 +463,20 @@ def test_loss_compiled_under_autocast_keeps_float32_backward():
     eager = _run(under_autocast(fn), inputs)
     compiled = _run(under_autocast(torch.compile(fn, fullgraph=True, backend="aot_eager")), inputs)
     _assert_same(compiled, eager, rtol=0, atol=0)
+
+
+def test_loss_of_transposed_embeddings_traces_whole():
+    """Embeddings stored transposed ([D, B] memory, a dense non-contiguous layout): the torch
+    backend's backward wrote row blocks of the image gradient with out= into empty_like(u), which
+    kept u's strides, and Dynamo refuses a non-contiguous out= (fullgraph=True failed, a graph
+    break otherwise)."""
+    fn, (u, t, s) = _infonce_case("torch")
+    u_columns = u.detach().t().contiguous().requires_grad_()  # [D, B]: u_columns.t() is u
+
+    def transposed(u_columns, t, s):
+        return fn(u_columns.t(), t, s)
+
+    torch._dynamo.reset()
+    eager = _run(transposed, (u_columns, t, s))
+    _assert_same(_run(torch.compile(transposed, fullgraph=True, backend="aot_eager"), (u_columns, t, s)), eager,
+                 rtol=0, atol=0)
