@@ -211,6 +211,42 @@ def test_peft_bert_gradient_checkpointing():
     _assert_same(before, after)
 
 
+def test_peft_bert_selective_checkpointing_saving_matmuls_with_dropout():
+    """Selective activation checkpointing whose policy keeps the matmuls (torch's own example): the fused
+    forward updated an addmm's (and a bmm's) result in place, which the policy kept, and the recomputation
+    raised "Tensor cached during selective activation checkpoint has been mutated". The recomputed dropout
+    masks are the forward's: gradients equal the same patched step without checkpointing, bit for bit."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    saved = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    model = _bert(lora_dropout=0.3).train()
+    layers = model.base_model.model.encoder.layer
+    embeds = torch.randn(2, 6, 32, dtype=torch.float64, requires_grad=True)
+    with ace_kernels.patch(model) as handle:
+        torch.manual_seed(5)
+        plain = _forward_backward(model, _run_bert, (embeds,))
+        for layer in layers:
+            layer.forward = functools.partial(
+                lambda run, *a, **k: checkpoint(run, *a, use_reentrant=False, context_fn=context_fn, **k),
+                layer.forward)
+        try:
+            torch.manual_seed(5)
+            recomputed = _forward_backward(model, _run_bert, (embeds,))
+        finally:
+            for layer in layers:
+                del layer.forward
+        # Two steps, each one lora_qkv call per layer; the recomputation adds one per layer.
+        assert handle.stats() == {"lora_qkv": 6, "qkv cached": 12}, handle.stats()
+    _assert_same(plain, recomputed, tol=dict(rtol=0, atol=0))
+
+
 def test_non_finite_scaling_falls_back_to_the_original_forward():
     # lora_linear refuses a nan scaling; the patched layer runs PEFT's own forward, as unpatched.
     model = _vit().train()
