@@ -137,7 +137,8 @@ deliberate differences:
   ``Parameter`` by a plain tensor after the first call; the patched forward
   computes the exact gradient and leaves the parameter registered (a weight
   already replaced, still attached to that call's graph, is used detached, as
-  the reference's next call would).
+  the reference's next call would; a weight set on the instance from other trainable
+  tensors, whose graph reaches more than the layer's A and B, keeps its gradient).
 * A fused op's error raised inside a patched forward carries a note naming the
   module (``exc.add_note``).
 
@@ -809,10 +810,34 @@ class _ReferenceLoraKind(_LoraKind):
             # takes s B A back out of its .data afterwards: what remains is W, an instance
             # attribute still attached to that call's graph. The reference never differentiates
             # through it (its next call detaches it again); neither may we. Any other weight (a
-            # tensor torch.func.functional_call put in _parameters, say) keeps its gradient.
-            weight = weight.detach()
+            # tensor torch.func.functional_call put in _parameters, one computed from another
+            # layer's trainable weight) keeps its gradient.
+            if _left_by_merge_path(module, weight):
+                weight = weight.detach()
         return _operands(x, weight, module.bias, module.w_lora_A, module.w_lora_B, module.scaling, p, training,
                          lora_matmul=True)
+
+
+def _left_by_merge_path(module: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``weight``, an instance attribute attached to a graph, is what the reference's merge path
+    leaves (``W.detach() + s B A``): a graph whose only leaves are the layer's own ``w_lora_A`` and
+    ``w_lora_B``. A weight computed from other trainable tensors (tied to another layer's, say) is not."""
+    own = {id(module.w_lora_A), id(module.w_lora_B)}
+    seen: dict[int, Any] = {}  # holds the nodes visited, so that no id is reused while walking
+    stack = [weight.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if len(seen) > 256:
+            return False  # far larger than W.detach() + s B A makes
+        seen[id(node)] = node
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf that requires grad
+            if id(node.variable) not in own:
+                return False
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return True
 
 
 _MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")

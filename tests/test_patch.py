@@ -2664,6 +2664,34 @@ def test_a_reference_layer_keeps_the_gradient_of_a_weight_it_is_given():
         torch.testing.assert_close(getattr(normed, name).grad, getattr(reference, name).grad, **FP64_TOL)
 
 
+def test_a_reference_layer_weight_computed_from_a_trainable_tensor_keeps_its_gradient():
+    """A weight set on the instance from another trainable tensor (tied to a shared, trained matrix) is
+    attached to a graph as the reference's merge-path leftover is, but reaches other leaves than the
+    layer's A and B: the patched call used it detached, so the shared tensor silently got no gradient."""
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def tied():
+        torch.manual_seed(9)
+        shared = nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+        layer = _randomise_lora(ReferenceLoRALinear(6, 5, r=2).double())
+        del layer.weight
+        layer.weight = shared.t()  # a view of the shared matrix, differentiable
+        return shared, layer
+
+    shared, layer = tied()
+    torch.manual_seed(3)
+    layer(x).square().sum().backward()
+    want = shared.grad
+    shared, layer = tied()
+    with ace_kernels.patch(layer) as handle:
+        torch.manual_seed(3)
+        out = layer(x)
+        assert handle.stats() == {"lora_linear": 1}
+    out.square().sum().backward()
+    assert shared.grad is not None and want.abs().max() > 1e-3
+    torch.testing.assert_close(shared.grad, want, **FP64_TOL)
+
+
 def test_layers_called_by_keyword_and_broadcast_attention_rows_run_as_unpatched():
     """A LoRA layer whose forward names its input otherwise (nn.Linear's ``input``) and is
     called by keyword, alone or as a q/k/v member, falls back instead of failing; an
