@@ -154,7 +154,9 @@ graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
 else (a different input, as in cross-attention; a member whose state forbids
 the fused path; hooks on another member; full backward hooks on the member
 called, module or global ones, which wrap its input in a new tensor;
-mismatched scaling or dropout; an inference-mode input, which has no version counter; a member called outside its
+mismatched scaling or dropout; an inference-mode input, which has no version counter; a member called inside a
+``torch.utils.checkpoint`` of its own, under another grad mode or saved-tensor hooks than its attention's forward
+(its recomputation reruns that member alone); a member called outside its
 attention's forward, where the mode or a weight written through ``.data`` could
 change between calls unseen) computes per member. A group that once sees its
 members called with different inputs stops grouping. Kept outputs are dropped
@@ -971,6 +973,13 @@ def _single_lora_forward(module, handle, kind, original, *args, **kwargs):
     return _run_lora_linear(handle, x, ops)
 
 
+def _call_scope() -> tuple:
+    """What a checkpoint around part of a forward changes: grad mode (the reentrant one runs the
+    forward without a graph) and the innermost saved-tensor hooks (the non-reentrant one's)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return torch.is_grad_enabled(), hooks[0] if hooks is not None else None
+
+
 class _QKVCallState(threading.local):
     """Per thread: the depth of the attention module's forward calls in progress, and the
     outputs one lora_qkv call computed for the members not called yet (kept only inside that
@@ -978,6 +987,7 @@ class _QKVCallState(threading.local):
 
     def __init__(self):
         self.inside = 0
+        self.scopes: list[tuple] = []  # _call_scope() at each attention forward in progress, innermost last
         self.pending: dict[int, torch.Tensor] = {}
         self.pending_key = None
         self.pending_input = None
@@ -1003,6 +1013,8 @@ class _QKVGroup:
 
     def enter(self, *unused) -> None:
         self.calls.inside += 1
+        # While compiling nothing groups (see _group_member_forward), and Dynamo cannot trace the hooks' query.
+        self.calls.scopes.append(None if torch.compiler.is_compiling() else _call_scope())
 
     def clear(self, *unused) -> None:
         calls = self.calls
@@ -1012,6 +1024,8 @@ class _QKVGroup:
 
     def leave(self, *unused) -> None:
         self.calls.inside = max(0, self.calls.inside - 1)
+        if self.calls.scopes:
+            self.calls.scopes.pop()
         self.clear()
 
     def __deepcopy__(self, memo):
@@ -1059,6 +1073,12 @@ def _group_member_forward(module, handle, group: _QKVGroup, index: int, *args, *
         return original(x, *args, **kwargs)
     if group.grouping and not calls.inside:
         handle._count("qkv ungrouped: called outside the attention's forward")
+    elif group.grouping and calls.scopes and calls.scopes[-1] != _call_scope():
+        # The member runs inside a region its attention's forward is not in: checkpoint() (or
+        # checkpoint_wrapper) around the member alone, whose recomputation reruns this member only,
+        # outside the attention's forward (it would find other tensors saved than the grouped call's).
+        handle._count("qkv ungrouped: called under another grad mode or saved-tensor hooks (a checkpoint "
+                      "around the member?) than its attention's forward")
     elif group.grouping and x.is_inference():
         # Inference tensors have no version counter to guard the kept outputs with.
         handle._count("qkv ungrouped: inference-mode input")

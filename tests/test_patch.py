@@ -247,6 +247,49 @@ def test_peft_bert_selective_checkpointing_saving_matmuls_with_dropout():
     _assert_same(plain, recomputed, tol=dict(rtol=0, atol=0))
 
 
+class _Checkpointed(nn.Module):
+    """A layer run under torch.utils.checkpoint (as checkpoint_wrapper / apply_activation_checkpointing do)."""
+
+    def __init__(self, inner, reentrant):
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_peft_bert_checkpoint_around_each_qkv_member(reentrant):
+    """A checkpoint around each q/k/v layer, not the attention: the first member's grouped call computed
+    the other two inside its own checkpoint, whose recomputation (outside the attention's forward) runs that
+    member alone, and non-reentrant checkpointing raised "Recomputed values for the following tensors have
+    different metadata". Members called under another checkpoint than their attention run one by one:
+    the step equals the same model's with grouping off, without checkpointing, bit for bit."""
+    model = _bert(lora_dropout=0.3).train()
+    embeds = torch.randn(2, 6, 32, dtype=torch.float64, requires_grad=True)
+
+    def step():  # .backward(): reentrant checkpointing refuses autograd.grad
+        for tensor in [*_trainable(model), embeds]:
+            tensor.grad = None
+        torch.manual_seed(5)
+        out = _run_bert(model, embeds)
+        (out * _fixed_weights(out)).sum().backward()
+        return out.detach(), [t.grad for t in [*_trainable(model), embeds]]
+
+    with ace_kernels.patch(model, group_qkv=False):
+        want = step()
+    with ace_kernels.patch(model) as handle:
+        for layer in model.base_model.model.encoder.layer:
+            attention = layer.attention.self
+            for name in BERT_TARGETS:
+                setattr(attention, name, _Checkpointed(getattr(attention, name), reentrant))
+        got = step()
+        assert "lora_qkv" not in handle.stats(), handle.stats()
+    _assert_same(want, got, tol=dict(rtol=0, atol=0))
+
+
 def test_non_finite_scaling_falls_back_to_the_original_forward():
     # lora_linear refuses a nan scaling; the patched layer runs PEFT's own forward, as unpatched.
     model = _vit().train()
@@ -1192,7 +1235,10 @@ def test_in_place_change_of_input_invalidates_kept_outputs():
     before = _forward_backward(attention, run, (x,))
     with ace_kernels.patch(attention) as handle:
         after = _forward_backward(attention, run, (x,))
-        assert handle.stats() == {"lora_qkv": 2, "qkv cached": 1}, handle.stats()
+        # q, under another grad mode than the attention's forward, runs alone; k groups with v.
+        assert handle.stats() == {"qkv ungrouped: called under another grad mode or saved-tensor hooks (a checkpoint "
+                                  "around the member?) than its attention's forward": 1, "lora_linear": 1,
+                                  "lora_qkv": 1, "qkv cached": 1}, handle.stats()
     _assert_same(before, after)
 
 
