@@ -111,7 +111,8 @@ random embeddings; the ACE loss with a stand-in CLIP model, in each
 against the fused forward); a reference loss whose ``forward`` comes from another
 class than the one that defines ``apply_ace_hgat`` or one that class extends
 (a subclass or mixin redefining the loss). Reference-layout modules on the meta
-device are skipped (nothing to probe: patch them once they have weights).
+device are skipped (nothing to probe: patch them once they have weights), and so are those
+holding DTensor shards (FSDP2's ``fully_shard``, tensor parallelism: patch before sharding).
 A reference layer with parametrized tensors, or whose weight a forward
 pre-hook recomputes (``weight_norm``), falls back at each call.
 
@@ -869,6 +870,12 @@ def _probe_dtype() -> torch.dtype:
     return torch.promote_types(torch.get_default_dtype(), torch.float32)
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (only a model that imported it can hold one)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
 def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.Module:
     """A CPU copy of ``module`` in :func:`_probe_dtype` (float32 unless the default dtype is
     float64; float32 also keeps random probe inputs free of the ties that 16 bits would make) for a
@@ -901,6 +908,11 @@ def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.
                 continue
             if tensor.is_meta:
                 raise _OnMeta
+            if _is_dtensor(tensor):
+                # A shard: its values are not the layer's (gathering them is a collective, which a probe on
+                # one rank cannot start), and a DTensor copy refuses the probe's plain tensors.
+                raise ValueError(f"{tensor.__class__.__name__} {type(sub).__name__} tensors (sharded by fully_shard "
+                                 "or tensor parallelism): patch the model before sharding it")
             data = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
             memo[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
                                 if isinstance(tensor, nn.Parameter) else data)

@@ -2738,6 +2738,32 @@ def test_a_reference_layer_weight_computed_from_a_trainable_tensor_keeps_its_gra
     torch.testing.assert_close(shared.grad, want, **FP64_TOL)
 
 
+def test_reference_layers_sharded_by_fully_shard_are_skipped_with_the_reason(tmp_path):
+    """patch() after FSDP2's fully_shard (one gloo rank): the reference layout's probe copied the DTensor
+    shards and patch() itself raised "aten.copy_.default got mixed torch.Tensor and DTensor". The layers
+    are now skipped, saying to patch before sharding, and run as unpatched."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(4)
+    attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double()).train()
+    plain = copy.deepcopy(attention)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fully_shard(attention, mesh=init_device_mesh("cpu", (1,)))
+        with ace_kernels.patch(attention) as handle:
+            assert not handle.patched and len(handle.skipped) == 3, handle.summary()
+            assert all("patch the model before sharding it" in r.reason for r in handle.skipped), handle.summary()
+            torch.testing.assert_close(attention(x), plain(x), rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_layers_called_by_keyword_and_broadcast_attention_rows_run_as_unpatched():
     """A LoRA layer whose forward names its input otherwise (nn.Linear's ``input``) and is
     called by keyword, alone or as a q/k/v member, falls back instead of failing; an
