@@ -501,7 +501,8 @@ def test_label_values_other_than_0_1_minus1_or_empty_are_refused(tiny, synthetic
 
     image = str(synthetic.parent / "test" / "00000.png")
     path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b"], [[image, "x", "1", "0"], [image, "x", "0", value]])
-    with pytest.raises(DataError, match=rf"l.csv, row 2: label column 'b' holds '{value}', expected 0, 1, -1, NaN or empty"):
+    expected = rf"l.csv, row 2: label column 'b' holds '{value}', expected 0, 1, -1, NaN or empty"
+    with pytest.raises(DataError, match=expected):
         CSVImageTextDataset(path, tiny.tokenizer())
     with pytest.raises(DataError, match=r"row 2: label column 'b'"):
         CSVImageLabelDataset(path, ["a", "b"], tiny.image_size)
