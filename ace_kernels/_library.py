@@ -8,7 +8,7 @@ and calls Triton's own launch code. Wrapped by :func:`launcher`, it is called
 * through a custom op ``ace_triton::<name>`` while ``torch.compile`` traces: one opaque
   node whose output shapes come from a fake implementation, so Dynamo never looks inside
   and inductor calls it as an extern kernel; so too under ``FakeTensorMode`` (the fake
-  implementation gives the outputs).
+  implementation gives the outputs) and ``make_fx``'s tracing (one node per launch).
 
 Both paths run the same launcher, so compiled and eager results are bit-identical. The ops
 are registered for every device: under ``TRITON_INTERPRET=1`` they take CPU tensors, which
@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 NAMESPACE = "ace_triton"
-_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+# Dispatch modes that record or fake ops rather than run them: a launch under them reaches no node.
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
 # name -> custom op, for the tests (every registered op is checked with torch.library.opcheck).
 REGISTERED: dict[str, object] = {}
 
@@ -47,11 +48,13 @@ def launcher(name: str, fake: Callable) -> Callable:
 
         @functools.wraps(fn)
         def call(*args):
-            # Through the op while compiling, and under FakeTensorMode, which has no memory to
-            # launch on (the op takes the fake implementation). Other dispatch modes keep the direct
-            # call, which lets them see the torch ops inside the launcher (FlopCounterMode counts its
-            # GEMMs; through the op they would be hidden).
-            if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(_FAKE_MODE) is not None:
+            # Through the op while compiling; under FakeTensorMode, which has no memory to launch on
+            # (the op takes the fake implementation); and under make_fx's proxy mode, whose graph holds
+            # torch ops only (a kernel launched directly would be in no node). Other dispatch modes keep
+            # the direct call, which lets them see the torch ops inside the launcher (FlopCounterMode
+            # counts its GEMMs; through the op they would be hidden).
+            if torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(key) is not None
+                                                    for key in _TRACING_MODES):
                 return op(*args)
             return fn(*_resolve_neg(args))
 

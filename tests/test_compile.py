@@ -230,8 +230,8 @@ def test_triton_calls_under_fake_tensor_mode_take_the_fake_implementations(name,
     """Under FakeTensorMode (shape inference, memory planning) the eager launchers ran on fake
     tensors and failed ('Attempted to set the storage of a tensor on device "meta"...'); they now
     go through their custom ops: fake tensors of eager's shapes and dtypes, forward and every
-    gradient. Under another dispatch mode the launchers are still called directly, so the torch
-    ops inside them stay visible (FlopCounterMode counts the same FLOPs as without the change)."""
+    gradient. Under another dispatch mode (a watching one, FlopCounterMode) the launchers are still
+    called directly, so the torch ops inside them stay visible to it, and give eager's results."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -480,3 +480,27 @@ def test_loss_of_transposed_embeddings_traces_whole():
     eager = _run(transposed, (u_columns, t, s))
     _assert_same(_run(torch.compile(transposed, fullgraph=True, backend="aot_eager"), (u_columns, t, s)), eager,
                  rtol=0, atol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_calls_traced_by_make_fx_replay_eager_results(name, device):
+    # make_fx's real tracing (a proxy dispatch mode, no fake tensors) records torch ops only: a launcher
+    # called directly put its kernels in no node (the interpreter's launch failed on the proxies, a GPU's
+    # graph would replay empty outputs). Traced as the custom ops, the graph gives eager's results.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fn, inputs = TRITON_CASES[name](device)
+    eager = _run(fn, inputs)
+
+    def step(*leaves):
+        torch.manual_seed(5)  # _run's seed (dropout)
+        out = fn(*leaves)
+        return (out, *torch.autograd.grad(out, leaves))
+
+    graph = make_fx(step, tracing_mode="real")(*inputs)
+    assert f"{_library.NAMESPACE}." in graph.code
+    torch.manual_seed(5)  # the graph draws the dropout seed as the eager call did
+    replay = graph(*inputs)
+    exact = device.type == "cpu"
+    _assert_same((replay[0], replay[1:]), eager, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
