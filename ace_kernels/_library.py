@@ -190,3 +190,13 @@ def spans(lo, hi, step: int) -> list:
     if hi - lo <= step:
         return [(lo, hi)]
     return [(start, min(start + step, hi)) for start in range(lo, hi, step)]
+
+
+def in_place_ok() -> bool:
+    """Whether a forward may update its own intermediates in place (one buffer less): not while
+    tracing (torch 2.11's AOTAutograd returned zero gradients for a Function's output updated in
+    place), nor under a torch dispatch mode. Selective activation checkpointing
+    (``create_selective_checkpoint_contexts``) runs the forward under one that keeps the results of
+    the ops its policy saves (matmuls, as in torch's own example) and refuses, when it recomputes,
+    a kept result that was changed in place since."""
+    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0

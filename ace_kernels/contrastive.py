@@ -235,7 +235,8 @@ def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int, dots
     logits = torch.mm(a_block, b_part.t())
     if dots is not None:
         dots.copy_(logits.diagonal(a_start - b_start))
-    logits.mul_(scale)
+    in_place = _library.in_place_ok()  # not the product a selective checkpoint keeps
+    logits = logits.mul_(scale) if in_place else logits * scale
     if keys is not None:
         same = keys[a_start:a_start + a_block.shape[0], None] == keys[None, b_start:b_start + b_part.shape[0]]
         # The global diagonal (a_start + x == b_start + y) is always kept.

@@ -261,21 +261,12 @@ def _block_diagonal_view(full: torch.Tensor, projections: int, rank: int) -> tor
     return torch.diagonal(full.view(projections, out_features, projections, rank), dim1=0, dim2=2)
 
 
-def _in_place_ok() -> bool:
-    """Whether the forward may update its own intermediates in place (one buffer less): not while
-    tracing (see :class:`_LoraTorchFunction`), nor under a torch dispatch mode. Selective activation
-    checkpointing (``create_selective_checkpoint_contexts``) runs the forward under one that keeps the
-    results of the ops its policy saves (matmuls, as in torch's own example) and refuses, when it
-    recomputes, a kept result that was changed in place since."""
-    return not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-
-
 def _block_diagonal_b(lora_b3: torch.Tensor) -> torch.Tensor:
     """[P, out, r] -> [P*out, P*r] with B_p on the diagonal: one GEMM for every projection."""
     projections, out_features, rank = lora_b3.shape
     if projections == 1:
         return lora_b3[0]
-    if not _in_place_ok():
+    if not _library.in_place_ok():
         return torch.block_diag(*lora_b3.unbind(0))
     full = lora_b3.new_zeros((projections * out_features, projections * rank))
     _block_diagonal_view(full, projections, rank).copy_(lora_b3.permute(1, 2, 0))
@@ -295,7 +286,7 @@ def _down_projection(x2d, lora_a3, keep, keep_prob):
     # where() is several times faster than multiplying by the bool mask on the CPU.
     x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)  # [P, M, in]; 1/keep_prob folded into S
     s_act = torch.bmm(x_dropped, lora_a3.transpose(1, 2))  # [P, M, r]
-    s_act = s_act.mul_(1.0 / keep_prob) if _in_place_ok() else s_act * (1.0 / keep_prob)
+    s_act = s_act.mul_(1.0 / keep_prob) if _library.in_place_ok() else s_act * (1.0 / keep_prob)
     s_flat = s_act.transpose(0, 1).reshape(x2d.shape[0], projections * rank)
     # With one projection that reshape is a view of s_act (P > 1 copies): a view of an intermediate
     # must not be saved or returned by the Function, which torch.compile refuses ([M, r]: cheap).
@@ -321,7 +312,7 @@ class _LoraTorchFunction(torch.autograd.Function):
             # the default dtype: bfloat16 uniforms (steps of 2**-8) would bias the keep rate (none kept at 0.999).
             keep = torch.rand((projections, rows, in_features), dtype=torch.float32, device=x2d.device) >= dropout_p
         s_flat = _down_projection(x2d, lora_a3, keep, keep_prob)
-        if not _in_place_ok():
+        if not _library.in_place_ok():
             # Out of place while tracing: torch 2.11's AOTAutograd returned zero gradients for
             # every input when the Function's output was updated in place (fixed by 2.13;
             # inductor re-inplaces it anyway); and under a dispatch mode (selective checkpointing

@@ -1593,3 +1593,33 @@ def test_a_tile_whose_only_open_entries_are_nan_stays_nan(strategy, device, monk
     assert torch.isnan(loss)
     for name, grad in (("image_emb", u.grad), ("text_emb", t.grad), ("logit_scale", s.grad)):
         assert grad.isnan().all(), f"grad {name}: {grad}"
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_torch_backend_under_selective_activation_checkpointing(labelled):
+    """A selective checkpoint whose policy keeps the matmuls (torch's own example) runs the forward
+    under a dispatch mode that caches their results: the torch backend scaled each block's product
+    in place, and the recomputation raised 'Tensor cached during selective activation checkpoint
+    has been mutated'. Out of place under a dispatch mode, the gradients are the plain step's, bit
+    for bit (three row blocks of 128)."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        kept = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+    g = torch.Generator().manual_seed(4)
+    u, t = (torch.randn(300, 8, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2))
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (300,), generator=g) if labelled else None
+
+    def loss(u, t, scale):
+        return ace_kernels.label_guided_infonce(u * 1.0, t * 1.0, scale, labels, backend="torch")
+
+    want = torch.autograd.grad(loss(u, t, scale), (u, t, scale))
+    checkpointed = checkpoint(loss, u, t, scale, use_reentrant=False,
+                              context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+    for got, expected in zip(torch.autograd.grad(checkpointed, (u, t, scale)), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
