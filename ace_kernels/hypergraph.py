@@ -573,7 +573,9 @@ def _hypergraph_impl(x, cls_attn, edge_params, node_params, topk, cls_only, prim
     else:
         x_down = F.linear(x_data, down_we)
     hidden_e = F.leaky_relu(_GatherSum.apply(x_down.contiguous(), cols, wts, prims, transpose) + down_be, _NEG_SLOPE)
-    folded = F.linear(hidden_e, down_wn @ up_we, F.linear(up_be, down_wn))  # = E' W_dn^T
+    # W_dn b_ue as a [1, H] product: F.linear of a 1-D input squeezes its mm's result in place, which
+    # a selective checkpoint that keeps the matmuls refuses when it recomputes.
+    folded = F.linear(hidden_e, down_wn @ up_we, F.linear(up_be[None], down_wn)[0])  # = E' W_dn^T
     hidden_n = F.leaky_relu(_ScatterSum.apply(folded.contiguous(), cols, wts, N, prims, transpose) + down_bn,
                             _NEG_SLOPE)
     if native:

@@ -1840,3 +1840,34 @@ def test_topk_launches_cap_float32_registers_only(monkeypatch):
         hg._launch_topk(pn, None, None, 5)  # norms computed in the kernel
         hg._launch_topk(pn, torch.ones(2, 20), None, 5)
     assert seen == [128, 128, None, None, None, None]
+
+
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_torch_backend_under_selective_activation_checkpointing(cls_only):
+    """A selective checkpoint whose policy keeps the matmuls (torch's own example) caches their
+    results: the full output's F.linear of a 1-D bias squeezed its mm's result in place, and the
+    recomputation raised 'Tensor cached during selective activation checkpoint has been mutated'.
+    Every gradient is now the plain step's, bit for bit."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    kept = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(7)
+    module = ace_kernels.ACEHypergraph(dim=16, hidden=8, topk=3).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)
+    cls_attn = torch.rand(2, 10, dtype=torch.float64)
+    leaves = (x, *module.parameters())
+
+    def step(x):
+        return module(x * 1.0, cls_attn, cls_only=cls_only, backend="torch").square().sum()
+
+    want = torch.autograd.grad(step(x), leaves)
+    checkpointed = checkpoint(step, x, use_reentrant=False,
+                              context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+    for got, expected in zip(torch.autograd.grad(checkpointed, leaves), want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
