@@ -998,11 +998,15 @@ class _QKVCallState(threading.local):
     forward, which drops them when it returns)."""
 
     def __init__(self):
-        self.inside = 0
         self.scopes: list[tuple] = []  # _call_scope() at each attention forward in progress, innermost last
         self.pending: dict[int, torch.Tensor] = {}
         self.pending_key = None
         self.pending_input = None
+
+    @property
+    def inside(self) -> int:
+        """The depth of the attention module's forward calls in progress."""
+        return len(self.scopes)
 
 
 class _QKVGroup:
@@ -1024,7 +1028,6 @@ class _QKVGroup:
         self.calls = _QKVCallState()
 
     def enter(self, *unused) -> None:
-        self.calls.inside += 1
         # While compiling nothing groups (see _group_member_forward), and Dynamo cannot trace the hooks' query.
         self.calls.scopes.append(None if torch.compiler.is_compiling() else _call_scope())
 
@@ -1035,7 +1038,6 @@ class _QKVGroup:
         calls.pending_input = None
 
     def leave(self, *unused) -> None:
-        self.calls.inside = max(0, self.calls.inside - 1)
         if self.calls.scopes:
             self.calls.scopes.pop()
         self.clear()
