@@ -89,8 +89,18 @@ def _type_name(value) -> str:
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
+def _check_not_traced_numpy(name: str, value) -> None:
+    """Under ``torch.compile``, Dynamo traces a NumPy scalar argument as a 0-d array (a graph
+    input whose value it cannot read at trace time), which no number check could accept: say so."""
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ == "ndarray" and torch.compiler.is_compiling():
+        raise ValueError(f"argument '{name}': expected a Python number; under torch.compile a NumPy scalar is "
+                         f"traced as an array, pass float(...) or int(...) of it")
+
+
 def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
     """An integer (Python's or NumPy's, not a bool) >= ``minimum``, as an int."""
+    _check_not_traced_numpy(name, value)
     if _is_bool(value) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"argument '{name}': expected an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -98,6 +108,7 @@ def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
 
 def check_probability(name: str, value) -> float:
     """A real number (Python's or NumPy's, not a bool) in [0, 1), as a float."""
+    _check_not_traced_numpy(name, value)
     if _is_bool(value) or not isinstance(value, numbers.Real) or not (0.0 <= _as_float(value) < 1.0):
         raise ValueError(f"argument '{name}': expected a float in [0, 1), got {value!r}")
     return float(value)
@@ -112,6 +123,7 @@ def check_bool(name: str, value) -> bool:
 
 def check_finite_number(name: str, value) -> float:
     """A real number (Python's or NumPy's, not a bool) that is finite (not nan or inf), as a float."""
+    _check_not_traced_numpy(name, value)
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise ValueError(f"argument '{name}': expected a Python number, got {_type_name(value)}")
     if not is_finite(_as_float(value)):

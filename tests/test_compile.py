@@ -445,6 +445,27 @@ def test_lora_float_arguments_traced_as_symbolic_floats():
         _assert_same(*results, rtol=1e-5, atol=1e-5)
 
 
+def test_numpy_scalar_arguments_under_compile():
+    """Dynamo traces a NumPy scalar argument as a 0-d array whose value it cannot read, so no number
+    check can accept it: under fullgraph=True the error names the argument and the fix (it said
+    "expected a Python number, got numpy.ndarray"); without fullgraph the call runs eagerly, as eager."""
+    np = pytest.importorskip("numpy")
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 8, generator=g)
+    w, a, b = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+
+    def fn(x, scaling, dropout_p):
+        return ace_kernels.lora_linear(x, w, None, a, b, scaling=scaling, dropout_p=dropout_p, backend="torch")
+
+    for name, args in (("scaling", (np.float32(0.5), 0.0)), ("dropout_p", (0.5, np.float64(0.0)))):
+        torch._dynamo.reset()  # the cache is per code object: each compile below must trace afresh
+        with pytest.raises(Exception, match=rf"argument '{name}'.*pass float"):
+            torch.compile(fn, fullgraph=True)(x, *args)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn)(x, *args), fn(x, *args), rtol=0, atol=0)
+
+
 def test_loss_compiled_under_autocast_keeps_float32_backward():
     """The loss ignores autocast, backward included, compiled too. Dynamo traces an autograd
     Function's backward where autocast reads as off, and AOTAutograd runs that trace under the
