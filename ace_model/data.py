@@ -82,12 +82,10 @@ class TextTokenizer:
     """
 
     def __init__(self, directory: str | os.PathLike, context_length: int, image_size: int | None = None):
-        from transformers import AutoTokenizer
-
         self.directory = str(directory)
         self.context_length = int(context_length)
         self.image_size = image_size
-        self._hf = AutoTokenizer.from_pretrained(self.directory)
+        self._hf = _load_hf_tokenizer(self.directory)
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         texts = [texts] if isinstance(texts, (str, bytes, bytearray)) else list(texts)
@@ -109,10 +107,23 @@ class TextTokenizer:
         return state
 
     def __setstate__(self, state):
-        from transformers import AutoTokenizer
-
         self.__dict__.update(state)
-        self._hf = AutoTokenizer.from_pretrained(self.directory)
+        self._hf = _load_hf_tokenizer(self.directory)
+
+
+def _load_hf_tokenizer(directory: str):
+    """``AutoTokenizer.from_pretrained(directory)``; a folder whose ``tokenizer_config.json`` names no
+    ``tokenizer_class`` (or that has none: PubMedBERT's ``vocab.txt`` or ``tokenizer.json`` put beside
+    BiomedCLIP's weights) is read as BERT's, the text towers' tokenizer. AutoTokenizer cannot tell
+    what a lone ``vocab.txt`` is, and makes a lone ``tokenizer.json`` a tokenizer without a padding token."""
+    from transformers import AutoTokenizer
+
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as handle:
+            named = bool(json.load(handle).get("tokenizer_class"))
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a JSON object
+        named = False
+    return AutoTokenizer.from_pretrained(directory, **({} if named else {"tokenizer_type": "bert"}))
 
 
 # ----------------------------------------------------------------------------------------

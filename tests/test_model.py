@@ -591,6 +591,33 @@ def test_pretrained_directory_supplies_its_tokenizer(tmp_path):
     assert ids.shape == (1, model.context_length)
 
 
+@pytest.mark.parametrize("tokenizer_file", ["vocab.txt", "tokenizer.json", "vocab.txt, tokenizer_config.json"])
+def test_a_vocabulary_file_alone_beside_the_weights_supplies_the_tokenizer(tmp_path, tokenizer_file):
+    # What the warning for BiomedCLIP weights without a tokenizer asks for: PubMedBERT's vocab.txt (or its
+    # tokenizer.json) beside the weights, with no tokenizer_config.json naming a class. AutoTokenizer could
+    # not tell what such a vocab.txt is, and read a lone tokenizer.json without a padding token.
+    from transformers import AutoTokenizer
+
+    source = build_base_model("tiny")
+    torch.save(source.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "pneumothorax"]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "vocab.txt").write_text("\n".join(words) + "\n")
+    (full / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
+    if tokenizer_file.startswith("vocab.txt"):
+        (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+        if "tokenizer_config.json" in tokenizer_file:  # one that names no tokenizer class
+            (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true, "model_max_length": 512}')
+    else:
+        AutoTokenizer.from_pretrained(str(full)).backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    model = ACELoRA.from_config("tiny", pretrained=str(tmp_path))
+    ids = model.tokenizer()(["Pneumothorax", "a"])
+    assert ids[0, :3].tolist() == [101, 104, 102] and ids[0, 3:].eq(0).all()  # [PAD] = 0 pads the row
+    assert ids[1, :3].tolist() == [101, 100, 102]  # a word not in the vocabulary is [UNK]
+    assert ids.shape == (2, model.context_length)
+
+
 def test_biomedclip_full_size_forward_and_backward():
     """One small step of the full architecture: 197 image tokens, 256 text tokens, 512-d."""
     torch.manual_seed(0)
