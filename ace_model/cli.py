@@ -431,6 +431,19 @@ def _same_path(recorded: str, given: str) -> bool:
         return os.path.abspath(recorded) == os.path.abspath(given)
 
 
+def _input_file(args: argparse.Namespace, flag: str) -> str | None:
+    """The file zero-shot reads for ``flag``: for a ``--pretrained`` directory, the weights file in it."""
+    given = getattr(args, flag)
+    if flag == "pretrained" and given and os.path.isdir(given):
+        from ace_model.model import resolve_pretrained
+
+        try:
+            return str(resolve_pretrained(given)[0])
+        except FileNotFoundError:  # none in it: said when the model is built
+            return None
+    return given
+
+
 def cmd_zero_shot(args: argparse.Namespace) -> int:
     from ace_model import ACELoRA
     from ace_model.checkpoint import CheckpointError, apply_reference_checkpoint, read_reference_checkpoint
@@ -446,7 +459,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     if args.output:
         _check_output_file(args.output, "--output")
         for flag in ("csv", "checkpoint", "pretrained"):  # the results would replace an input
-            given = getattr(args, flag)
+            given = _input_file(args, flag)
             if given and os.path.exists(args.output) and os.path.exists(given) and os.path.samefile(args.output, given):
                 raise CLIError(f"--output: {args.output!r} is the --{flag} file; the results would replace it")
     names = _class_names(args)

@@ -1029,6 +1029,16 @@ def test_output_over_an_input_or_a_bad_seed_is_refused_before_evaluating(tiny, s
         assert f"--output: {str(output)!r} is the {flag} file; the results would replace it" in \
             _one_error_line(capsys.readouterr().err, "zero-shot")
     assert (checkpoint.read_bytes(), synthetic.read_bytes()) == kept
+    # --pretrained a directory: its weights file is the input (it was compared with the directory).
+    folder = tmp_path / "towers"
+    folder.mkdir()
+    weights = folder / "open_clip_pytorch_model.bin"
+    torch.save(tiny.clip.state_dict(), weights)
+    before = weights.read_bytes()
+    assert cli.main([*command, "--pretrained", str(folder), "--output", str(weights)]) == cli.EXIT_BAD_INPUT
+    assert f"--output: {str(weights)!r} is the --pretrained file; the results would replace it" in \
+        _one_error_line(capsys.readouterr().err, "zero-shot")
+    assert weights.read_bytes() == before
     assert cli.main([*command, "--seed", str(2**64)]) == cli.EXIT_BAD_INPUT
     assert "--seed: expected an integer with |seed| < 2**46" in _one_error_line(capsys.readouterr().err, "zero-shot")
 
