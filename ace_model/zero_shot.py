@@ -20,7 +20,8 @@ Scores and metrics per dataset type, as the reference evaluates them:
     reference's scripts compute it.
 ``multilabel`` (NIH ChestX-ray14)
     the same probabilities ``softmax(s * z_img z_text^T)`` (spec section 6, the recipe of
-    every evaluation; the reference publishes no script for this dataset); macro AUROC
+    every evaluation; the reference scores this dataset only in a validation pass of its
+    training, with per-image min-max scaled ``exp`` similarities); macro AUROC
     over labels. The reference reports no accuracy here; ``accuracy`` is the share of images
     with at least one positive label whose top class (the argmax) is one of them (NaN when
     no image has a positive label).
