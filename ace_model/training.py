@@ -2269,6 +2269,14 @@ def _load_trainable(trainable, saved: dict, path) -> None:
     if missing or extra:
         raise TrainingStateError(f"resume from {path}: trainable parameters differ (missing {missing[:3]}, "
                                  f"unexpected {extra[:3]})")
+    # The optimizer's state holds the moments by position, in this order: another order (a model
+    # class changed between the runs) would give same-shaped parameters each other's moments.
+    order = [n for n, _ in trainable]
+    if list(saved) != order:
+        at = next(i for i, (now, then) in enumerate(zip(order, saved)) if now != then)
+        raise TrainingStateError(f"resume from {path}: the trainable parameters come in another order than the "
+                                 f"state's (position {at}: {order[at]!r} now, {list(saved)[at]!r} in the state), "
+                                 "and the optimizer's moments are stored by position")
     with torch.no_grad():
         for name, p in trainable:
             value = saved[name]

@@ -2490,6 +2490,24 @@ def test_a_state_for_other_trainable_parameters_is_refused(tmp_path):
               model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
 
 
+def test_a_state_with_its_trainable_parameters_in_another_order_is_refused(tmp_path):
+    """The optimizer's moments are stored by position: a model whose trainable parameters come in
+    another order than the state's (the same names) would resume with moments swapped between
+    same-shaped parameters; it is refused, naming the first position that differs."""
+    model = make_model("standin")
+    data = RandomPairs(model, 8, seed=1)
+    train(_config(tmp_path, epochs=1, warmup_epochs=0), model=model, dataset=data, loss_fn=dense_label_infonce)
+    state = load_state(tmp_path / "run" / "checkpoints" / "state-00000002.pt")
+    first = next(iter(state["trainable"]))
+    state["trainable"][first] = state["trainable"].pop(first)  # the same entries, the first moved last
+    torch.save(state, tmp_path / "reordered.pt")
+    with pytest.raises(training.TrainingStateError, match=rf"reordered\.pt: the trainable parameters come in another "
+                                                          rf"order than the state's \(position 0: '{first}' now"):
+        train(_config(tmp_path, epochs=1, warmup_epochs=0, resume=str(tmp_path / "reordered.pt"),
+                      out_dir=str(tmp_path / "again")),
+              model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+
+
 def test_train_reads_a_csv_whose_images_live_under_image_root(tmp_path):
     from ace_model.data import make_synthetic_dataset
 
