@@ -284,7 +284,7 @@ def chunked_train_step(
     precision : {"auto", "bf16", "fp32"}
         "auto" is bf16 autocast for the encoders on CUDA, none on the CPU.
     check_ranks : bool
-        With a group, first all-gather the batch shape and fail on disagreement.
+        With a group, first all-gather the batch shape and the loss scope, and fail on disagreement.
     loss_scope : {"global", "local"}
         With a group: "global" as above; "local", the loss of this rank's batch alone (the
         paper's multi-GPU runs), no collective in the loss, the ranks' checks as with
@@ -295,17 +295,19 @@ def chunked_train_step(
     Tensor
         The loss (detached, scalar).
     """
-    if loss_scope not in LOSS_SCOPES:
-        raise ValueError(f"argument 'loss_scope': expected 'global' or 'local', got {loss_scope!r}")
-    _check_precision("argument 'precision'", precision)
     try:
+        if loss_scope not in LOSS_SCOPES:
+            raise ValueError(f"argument 'loss_scope': expected 'global' or 'local', got {loss_scope!r}")
+        _check_precision("argument 'precision'", precision)
+        autocast_context(_model_device(model), precision)  # bf16 off CUDA raises here, not in the encoders
         _check_step_inputs(images, token_ids, labels, chunk_size)
         local_error = None
     except ValueError as exc:
         local_error = exc
     if group is not None and check_ranks:
-        # A rank whose inputs are bad says so in the same exchange (its shapes are not read):
-        # the others raise naming it at once instead of waiting in the loss's collectives.
+        # A rank whose inputs or options are bad says so in the same exchange (its shapes are not
+        # read): the others raise naming it at once instead of waiting in the loss's collectives.
+        # The loss scope too: a "global" rank waits in the loss's collectives, a "local" one not.
         valid = local_error is None
         try:
             check_ranks_agree(
@@ -315,6 +317,7 @@ def chunked_train_step(
                     "image shape": _shape_code(images.shape[1:]) if valid else -2,
                     "token shape": _shape_code(token_ids.shape[1:]) if valid else -2,
                     "labels": -2 if not valid else -1 if labels is None else _shape_code(labels.shape[1:]),
+                    "loss scope": loss_scope if valid else -2,
                 },
                 group,
                 what="this step's inputs",

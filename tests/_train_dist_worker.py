@@ -86,6 +86,11 @@ def main() -> None:
             with open(os.path.join(args.out, f"rank{rank}-batch.err"), "w") as handle:
                 handle.write(str(exc))
         if args.mode == "mismatch":
+            # Equal batches, but rank 1 computes its loss alone: rank 0 would wait in the loss's collectives.
+            _record_error(args, rank, "step-scope", lambda: training.chunked_train_step(
+                model, images[rank * local:(rank + 1) * local], token_ids[rank * local:(rank + 1) * local],
+                labels[rank * local:(rank + 1) * local], chunk_size=args.chunk, group=dist.group.WORLD,
+                loss_scope="local" if rank == 1 else "global"))
             _train_run(args, rank, lr=2e-2 if rank == 1 else 1e-2)  # joins the existing group
             _record_error(args, rank, "scope", lambda: _train_run(args, rank, lr=1e-2, raise_errors=True,
                                                                    loss_scope="local" if rank == 1 else "global"))

@@ -2271,21 +2271,31 @@ def test_a_rank_with_bad_inputs_raises_its_own_error_when_the_others_are_fine(mo
     model = make_model("standin")
     images, token_ids, labels = make_batch(model, 4)
     good = {"inputs valid": 1, "local batch size": 4, "image shape": training._shape_code(images.shape[1:]),
-            "token shape": training._shape_code(token_ids.shape[1:]), "labels": training._shape_code(labels.shape[1:])}
+            "token shape": training._shape_code(token_ids.shape[1:]), "labels": training._shape_code(labels.shape[1:]),
+            "loss scope": training._stable_hash("global")}
     good_codes = [training._stable_hash(list(good)), *good.values()]
     exchanges = []
 
     def all_gather(tensors, tensor, group=None):  # rank 1's inputs are valid
         exchanges.append(tensor.numel())
         tensors[0].copy_(tensor)
-        tensors[1].copy_(torch.tensor([5, good_codes[0], training._stable_hash(good_codes)]) if tensor.numel() == 3
+        tensors[1].copy_(torch.tensor([6, good_codes[0], training._stable_hash(good_codes)]) if tensor.numel() == 3
                          else torch.tensor(good_codes))
 
     _as_rank_0_of_2(monkeypatch, all_gather, other_text="1")
     with pytest.raises(ValueError, match=r"^argument 'labels': expected 4 rows like 'images', got \[3, 3\]$") as info:
         chunked_train_step(model, images, token_ids, labels[:3], chunk_size=2, group=object(),
                            loss_fn=dense_label_infonce)
-    assert exchanges == [3, 6] and info.value.__suppress_context__
+    assert exchanges == [3, 7] and info.value.__suppress_context__
+    # So does a rank whose options are bad (they were checked before the exchange, which the other
+    # ranks then waited in until the timeout): a loss scope of none, bf16 on the CPU.
+    for options, message in (({"loss_scope": "locale"}, "argument 'loss_scope': expected 'global' or 'local'"),
+                             ({"precision": "bf16"}, "precision 'bf16' needs a CUDA device")):
+        exchanges.clear()
+        with pytest.raises(ValueError, match=message):
+            chunked_train_step(model, images, token_ids, labels, chunk_size=2, group=object(),
+                               loss_fn=dense_label_infonce, **options)
+        assert exchanges == [3, 7], options
 
 
 def test_sync_gradients_gives_a_gradient_only_another_rank_computed(monkeypatch):

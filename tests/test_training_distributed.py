@@ -254,11 +254,14 @@ def test_a_resumed_two_rank_run_continues_every_ranks_dropout_stream(tmp_path):
 
 
 def test_ranks_that_disagree_fail_clearly_instead_of_hanging(tmp_path):
-    """One launch: first a step with unequal local batches, then train() with a different lr on rank 1,
-    then with a different loss scope (each rank would take its own, so it must agree too)."""
+    """One launch: first a step with unequal local batches, then one with a different loss scope on
+    rank 1 (rank 0 waited in the loss's collectives until the timeout), then train() with a different
+    lr on rank 1, then with a different loss scope (each rank would take its own, so it must agree too)."""
     _launch("mismatch", 2, tmp_path)
     for rank in range(2):
-        for what, pattern in (("batch", "local batch size"), ("config", "'lr' differs (rank 0: 0.01, rank 1: 0.02"),
+        for what, pattern in (("batch", "local batch size"),
+                              ("step-scope", "'loss scope' differs (rank 0: 'global', rank 1: 'local'"),
+                              ("config", "'lr' differs (rank 0: 0.01, rank 1: 0.02"),
                               ("scope", "'loss_scope' differs (rank 0: 'global', rank 1: 'local'")):
             message = (tmp_path / f"rank{rank}-{what}.err").read_text()
             assert "ranks disagree" in message and pattern in message, message
@@ -475,14 +478,15 @@ def test_a_rank_with_bad_step_inputs_fails_every_rank_at_once(monkeypatch):
     its error, the others a RankMismatchError naming it, instead of waiting in the loss's collectives."""
     model = make_model("standin")
     images, token_ids, labels = make_batch(model, 4)
-    bad = {"inputs valid": 0, "local batch size": -2, "image shape": -2, "token shape": -2, "labels": -2}
+    bad = {"inputs valid": 0, "local batch size": -2, "image shape": -2, "token shape": -2, "labels": -2,
+           "loss scope": -2}
     bad_codes = [training._stable_hash(list(bad)), *bad.values()]
     exchanges = []
 
     def all_gather(tensors, tensor, group=None):  # rank 1 sends an invalid rank's codes
         exchanges.append(tensor.numel())
         tensors[0].copy_(tensor)
-        tensors[1].copy_(torch.tensor([5, bad_codes[0], training._stable_hash(bad_codes)]) if tensor.numel() == 3
+        tensors[1].copy_(torch.tensor([6, bad_codes[0], training._stable_hash(bad_codes)]) if tensor.numel() == 3
                          else torch.tensor(bad_codes))
 
     _two_simulated_ranks(monkeypatch, all_gather, other_text="0")
@@ -490,7 +494,7 @@ def test_a_rank_with_bad_step_inputs_fails_every_rank_at_once(monkeypatch):
                                                          r"\(rank 0: 1, rank 1: 0"):
         training.chunked_train_step(model, images, token_ids, labels, chunk_size=2, group=object(),
                                     loss_fn=dense_label_infonce)
-    assert exchanges == [3, 6]
+    assert exchanges == [3, 7]
     # On the rank whose labels are short (or 0-d): its own error, after the same exchange.
     for short in (labels[:3], labels[0, 0]):
         exchanges.clear()
