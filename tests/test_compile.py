@@ -525,3 +525,36 @@ def test_triton_calls_traced_by_make_fx_replay_eager_results(name, device):
     replay = graph(*inputs)
     exact = device.type == "cpu"
     _assert_same((replay[0], replay[1:]), eager, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
+
+
+def test_loss_across_ranks_breaks_the_graph_at_its_shape_exchange():
+    """label_guided_infonce(group=) reads its shape exchange on the host: under torch.compile a graph
+    break (the loss and its gradients are eager's bit for bit), which fullgraph=True refuses (the
+    README said that nothing in the loss breaks the graph). One gloo rank of this process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group set up already")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        g = torch.Generator().manual_seed(1)
+        u, t = (torch.nn.functional.normalize(torch.randn(19, 8, generator=g), dim=-1).requires_grad_()
+                for _ in range(2))
+        inputs = (u, t, torch.tensor(10.0, requires_grad=True))
+        labels = torch.randint(0, 3, (19, 2), generator=g)
+
+        def grouped(u, t, s):
+            return ace_kernels.label_guided_infonce(u, t, s, labels, group=dist.group.WORLD, backend="torch")
+
+        torch._dynamo.reset()
+        eager = _run(grouped, inputs)
+        _assert_same(_run(torch.compile(grouped, backend="aot_eager"), inputs), eager, rtol=0, atol=0)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="data-dependent"):
+            torch.compile(grouped, fullgraph=True, backend="aot_eager")(*inputs)
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()
