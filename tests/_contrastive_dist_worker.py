@@ -87,7 +87,7 @@ def _counting_reduce_scatters():
 
 
 def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
-        blocked_tiles=None, weight_bytes=None, image_grad=True, count_reduce_scatters=False):
+        blocked_tiles=None, weight_bytes=None, image_grad=True, count_reduce_scatters=False, members=None):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
     ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
@@ -96,6 +96,8 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
     weights (:func:`_blocked_strategy`), and save its backward's program counts too.
     ``image_grad=False``: a frozen image tower (image_emb needs no gradient; grad_u is None).
     ``count_reduce_scatters``: save the input shapes of every reduce-scatter the call runs.
+    ``members``: the global ranks of a subgroup (``dist.new_group``) that computes the loss, ``sizes``
+    and the saved files following its own ranks; a rank outside it saves the error the call raises there.
     """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
@@ -103,6 +105,20 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
     try:
         import ace_kernels
 
+        group = dist.group.WORLD
+        if members is not None:
+            group = dist.new_group(list(members))  # every rank takes part in making it
+            if rank not in members:
+                try:
+                    ace_kernels.label_guided_infonce(torch.zeros(1, dim), torch.zeros(1, dim), 30.0, group=group)
+                    message = "no error"
+                except ValueError as exc:
+                    message = str(exc)
+                with open(os.path.join(out_dir, f"outside{rank}.txt"), "w") as handle:
+                    handle.write(message)
+                dist.destroy_process_group()
+                exit_now()
+            rank = dist.get_rank(group)
         u, t, labels = make_global_batch(sizes, dim, with_labels)
         lo = sum(sizes[:rank])
         hi = lo + sizes[rank]
@@ -117,7 +133,7 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
             counting = _counting_reduce_scatters()
         with counting as counts:
             loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
-                                                    group=dist.group.WORLD, backend=backend)
+                                                    group=group, backend=backend)
             loss.backward()
         torch.save({"loss": loss.detach(), "grad_u": u_local.grad, "grad_t": t_local.grad,
                     "grad_scale": scale.grad, **counts}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -99,6 +99,16 @@ def test_global_loss_and_gradients_match_single_process(name, sizes, with_labels
     _check_against_single_process(tmp_path, sizes, dim, with_labels, ATOL)
 
 
+def test_a_subgroup_computes_the_loss_of_its_own_ranks(tmp_path):
+    """group= a subgroup of global ranks 0 and 2 out of 3 (global rank 2 is the group's rank 1): the
+    loss and gradients of its ranks' concatenated batches; rank 1, outside it, is refused at once."""
+    sizes, dim = (4, 3), 12
+    _spawn(run, 3, (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "torch", torch.float64, SHORT_TIMEOUT_S,
+                    None, None, True, False, (0, 2)))
+    _check_against_single_process(tmp_path, sizes, dim, True, ATOL)
+    assert "this rank is not a member of the group" in (tmp_path / "outside1.txt").read_text()
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
                                                                             pytest.mark.interpreter])])
 def test_only_the_text_rows_gradients_are_reduced_across_ranks(backend, tmp_path):
