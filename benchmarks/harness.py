@@ -818,10 +818,29 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+_NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+# Row fields that hold numbers (or hold them nested): what ``_finite`` wrote as strings is read back there.
+_NUMBER_FIELDS = ("median_ms", "peak_mib", "speedup_vs_baseline", "memory_ratio_vs_baseline", "wall_ms", "metrics",
+                  "target_parts")
+
+
+def _non_finite(value):
+    """``_finite`` undone: the strings "inf", "-inf", "nan" (nested too) as the floats they were."""
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: _non_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_non_finite(v) for v in value]
+    return value
+
+
 def row_from_json(record: dict) -> Row:
-    """A :class:`Row` from its JSON form (keys this version does not know are dropped)."""
+    """A :class:`Row` from its JSON form (keys this version does not know are dropped), its
+    numbers as the process that measured them had them: an infinite or NaN value, which the
+    file holds as a string, is a float again (a later family's process compares such numbers)."""
     names = {f.name for f in dataclasses.fields(Row)}
-    return Row(**{k: v for k, v in record.items() if k in names})
+    return Row(**{k: _non_finite(v) if k in _NUMBER_FIELDS else v for k, v in record.items() if k in names})
 
 
 def read_payload(path: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -814,6 +815,34 @@ def test_family_state_passes_through_the_json_file(tmp_path):
     row = second.rows[0]
     assert row.wall_ms == 2.0 and row.metrics["launch_bound"] is True and row.metrics["wall_calls"] == 50
     assert row.metrics["min_ms"] == 0.9 and row.metrics["max_ms"] == 1.4 and row.metrics["iqr_ms"] == 0.1
+
+
+def test_non_finite_numbers_of_an_earlier_family_read_back_as_floats(tmp_path):
+    """JSON holds inf and NaN as strings; the next family's process reads them back as the floats
+    they were: the B=1,000,000 probe compares the B=65,536 blocked row's error with a bound, and
+    an infinite error (non-finite outputs) made it raise TypeError, losing the probe."""
+    from benchmarks import bench_contrastive
+    from benchmarks.harness import Measurement
+    from benchmarks.suite import Suite
+
+    def suite(json_path=None):
+        return Suite(device=torch.device("cpu"), quick=True, json_path=json_path, png_path=None, time_budget_s=None,
+                     max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None)
+
+    first = suite(str(tmp_path / "s.json"))
+    for provider, ms, error in (("triton", 180.0, 1e-3), (bench_contrastive.BLOCKED, 70.0, float("inf"))):
+        first.add_plain_row(family="contrastive", op="label_guided_infonce", shape="B=65536 D=512 labels",
+                            dtype=torch.bfloat16, provider=provider, measurement=Measurement(ms, 10.0, 3),
+                            metrics={"rel_err_vs_fp32_chunked": error, "parts": {"loss": float("nan")},
+                                     "note": "inf and nan as text stay text"}, mode="fwd+bwd")
+    assert '"inf"' in (tmp_path / "s.json").read_text()
+    second = suite()
+    second.load_state(harness.read_payload(str(tmp_path / "s.json")))
+    metrics = second.rows[1].metrics
+    assert metrics["rel_err_vs_fp32_chunked"] == float("inf") and math.isnan(metrics["parts"]["loss"])
+    assert metrics["note"] == "inf and nan as text stay text" and second.rows[1].shape == "B=65536 D=512 labels"
+    assert not bench_contrastive._blocked_was_faster(second)  # wrong outputs: never taken, and no TypeError
+    assert bench_contrastive._probe_estimate_s(second, 131072, 512) == pytest.approx(0.180 * 4)
 
 
 def test_budget_arithmetic():
