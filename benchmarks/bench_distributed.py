@@ -68,6 +68,18 @@ def _plan(suite) -> dict | None:
                 threads_per_rank=per_rank, one_threads=min(2 * per_rank, threads), warmup=0, reps=reps)
 
 
+def unavailable(suite) -> bool:
+    """Whether this machine cannot run the family (the reason logged): no torch.distributed, or a
+    GPU run with one card. The suite's process asks before it starts the family's own, whose
+    start-up (torch and CUDA, 4-5 s a family on the H200) would otherwise buy only this line."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        suite.skip(OP, "torch.distributed is not available in this build of torch")
+        return True
+    return suite.is_gpu and _plan(suite) is None
+
+
 def ideal_speedup(plan: dict) -> float:
     """The ratio the W-rank step would reach with free collectives: W on GPUs (a card per rank);
     on a CPU the ranks' threads over the one-process step's (1 when they are the same cores)."""
@@ -217,10 +229,7 @@ def _results(plan: dict, out_dir: str):
 
 
 def run(suite) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        suite.skip(OP, "torch.distributed is not available in this build of torch")
+    if unavailable(suite):
         return
     plan = _plan(suite)
     if plan is None:

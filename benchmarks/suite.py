@@ -739,6 +739,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             if family != "device" and _tier_skips(suite, family, modules[family], args.tier):
                 continue
+            # A family that says it cannot run here (the reason logged) gets no process to say so.
+            if getattr(modules[family], "unavailable", lambda _: False)(suite):
+                continue
             if args.in_process:
                 _run_family(suite, family, modules[family])
                 continue

@@ -1296,6 +1296,32 @@ def test_costly_tier_runs_no_device_family():
     assert run_stages(list(FAMILIES), is_gpu=False, tier="all") == list(FAMILIES)
 
 
+def test_a_gpu_run_with_one_card_starts_no_process_for_the_distributed_family(tmp_path, monkeypatch, capsys):
+    """Family distributed needs two cards: on the lent one-card machine the suite's own process
+    skips it, saying so, instead of starting the family's process (4-5 s of torch and CUDA
+    start-up on the H200, device time) only for that process to say it."""
+    from benchmarks import suite as suite_module
+
+    started = []
+
+    def run_family_process(suite, family, args, **kwargs):
+        started.append(family)
+        return {"outcome": "ok", "rc": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(suite_module, "_run_family_process", run_family_process)
+    monkeypatch.setattr(suite_module.Suite, "is_gpu", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert suite_module.main(["--only", "distributed", "--only", "tuning", "--out-dir", str(tmp_path), "--name", "r",
+                              "--no-plot"]) == 0
+    assert started == ["tuning"]
+    skipped = json.loads((tmp_path / "r.json").read_text())["run"]["skipped"]
+    assert skipped == ["label_guided_infonce group=: skipped (needs 2 or more CUDA devices, one per rank; this "
+                       "machine has 1)"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two cards: its process runs it
+    assert suite_module.main(["--only", "distributed", "--out-dir", str(tmp_path), "--name", "r", "--no-plot"]) == 0
+    assert started == ["tuning", "distributed"]
+
+
 def _alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
     try:
