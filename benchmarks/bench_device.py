@@ -39,7 +39,7 @@ def run(suite) -> None:
     if meas is not None:
         gbps = nbytes / (meas.median_ms * 1e-3) / 1e9
         suite.calibration["copy_gbps"] = gbps
-        suite.add_plain_row(family=FAMILY, op="device_copy", shape=f"{nbytes / 2**30:.0f} GiB moved",
+        suite.add_plain_row(family=FAMILY, op="device_copy", shape=copy_shape(nbytes),
                             dtype=torch.bfloat16, provider="torch", measurement=meas,
                             metrics={"gbps": round(gbps, 1), "bytes": nbytes}, mode="copy")
     del source, target
@@ -75,6 +75,11 @@ def run(suite) -> None:
 def copy_bytes(source: torch.Tensor) -> int:
     """Bytes one ``copy_`` of ``source`` moves: every byte read once and written once."""
     return 2 * source.numel() * source.element_size()
+
+
+def copy_shape(nbytes: int) -> str:
+    """The copy row's shape: the GiB one copy moves ("2 GiB moved"; --quick's half GiB is "0.5", not "0")."""
+    return f"{nbytes / 2**30:g} GiB moved"
 
 
 def warm_up(fn, device, seconds: float) -> int:

@@ -2984,6 +2984,9 @@ def test_device_family_and_clock_reading(monkeypatch):
     cpu = _suite("all")
     bench_device.run(cpu)
     assert cpu.rows == [] and cpu.skipped == []
+    # The copy row names the bytes it moved: 2 GiB (1 GiB read, 1 written), --quick's 0.5 GiB (once "0 GiB").
+    assert bench_device.copy_bytes(torch.empty(2**29, dtype=torch.bfloat16, device="meta")) == 2 * 2**30
+    assert bench_device.copy_shape(2 * 2**30) == "2 GiB moved" and bench_device.copy_shape(2**29) == "0.5 GiB moved"
     queried = []
 
     def smi(command, **kwargs):
