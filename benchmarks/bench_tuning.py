@@ -23,7 +23,7 @@ them into ``ace_kernels/tuned_configs.json``.
 GPU only: on the CPU the family is skipped with the reason (the interpreter's times say nothing
 about a GPU's). Its one item, ``triton_config_sweep``, is costly (``--tier``): it runs last in a
 default run, in whatever time is left, or in a ``--tier costly`` call. Estimate: about 3 s per
-configuration (compiling the kernel at it, the probe, about 1 s of timed calls), 23 of them.
+configuration (compiling the kernel at it, the probe, about 1 s of timed calls), 25 of them.
 """
 
 from __future__ import annotations

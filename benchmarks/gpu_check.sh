@@ -77,7 +77,7 @@
 #   contrastive_probe: label_guided_infonce at B=1,000,000, one call measured for time and peak
 #     (~45 s, B^2 from the B=65,536 row), then its loss against a chunked fp32 forward (up to 45 s);
 #   tuning: triton_config_sweep, the LoRA and InfoNCE kernels at each candidate launch
-#     configuration (23 of them, ~70 s).
+#     configuration (25 of them, ~75 s).
 # Each is skipped, with the reason, when its estimate exceeds the time left. Only when the
 # first call skipped them AND the session's device time allows, call again AT ONCE (the
 # machine stays warm 30 s after a call; a fresh start costs 1-2 minutes and needs 4 left):

@@ -878,6 +878,17 @@ def test_gpu_check_budget_plan_is_in_the_script():
     # The build is skipped by the sources' sha256, stored under build/ (git-ignored), not by mtimes.
     assert "STAMP=build/" in text and "-newer" not in text
     assert "git diff --quiet HEAD || echo +dirty" in text and '"$REPO/.git_sha"' in text
+    # The sweep's size and time in the header and bench_tuning's doc are the plan's (they said 23
+    # configurations, ~70 s, after the candidates had grown to 25): what a session budgets by.
+    import re
+
+    from benchmarks import bench_tuning
+
+    configs = sum(len(entry["configs"]) for entry in bench_tuning.sweep_plan())
+    found = re.search(r"configuration \((\d+) of them, ~(\d+) s\)", text)
+    assert found and int(found.group(1)) == configs, (found and found.group(0), configs)
+    assert int(found.group(2)) == round(configs * bench_tuning.SECONDS_PER_CONFIG)
+    assert f"), {configs} of them." in bench_tuning.__doc__
 
 
 def test_git_sha_file_and_override(tmp_path, monkeypatch):
