@@ -106,6 +106,7 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     orders = {key: order for key, order in (by_device.get(device) or {}).items() if key in _dispatch.order_keys()}
     report = [heading]
     measured = 0
+    ranked = set()
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
         found = order_for(shapes)
         if found is not None:
@@ -113,6 +114,7 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
             written = op in known
             if written:
                 measured += 1
+                ranked.add(op)
                 for name in (op,) + SHARED_ORDER.get(op, ()):
                     orders[name] = order
             report.append(_order_line(op, order, scores, compared)
@@ -130,6 +132,12 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
             ratio = math.exp(sum(math.log(r) for r in atomic) / len(atomic))
             report.append(f"  {op}: triton-atomic takes {ratio:.3g}x the time of triton (geometric mean over "
                           f"{len(atomic)} shapes; below 1 favours deterministic=False)")
+    # An op this run timed that got no order (its rows' checks failed, or one backend ran): say
+    # what the card's file keeps for it, rather than keep its earlier order without a word.
+    timed = {row.get("op") for row in payload["rows"] if row.get("provider") in BACKENDS}
+    for op in sorted((timed & known) - ranked):
+        report.append(f"  {op}: timed but not ranked (no shape with two of our backends whose checks passed): "
+                      + ("the card's earlier order kept" if op in orders else "no order for this card"))
     if not measured:
         raise NoOrders(f"no op of this run was timed on two of our backends at one shape ({device}): "
                        "no order to write")

@@ -485,6 +485,16 @@ def test_dispatch_order_scores_missing_shapes_ties_and_ops_not_measured(tmp_path
         "ace_hypergraph": ["cuda", "triton", "torch"], "ace_hypergraph[full]": ["triton", "cuda", "torch"],
         "lora_qkv": ["triton", "torch"], "lora_linear": ["triton", "torch"],
         "lora_qkv[small]": ["triton", "torch"], "lora_linear[small]": ["triton", "torch"]}
+    # An op timed with one backend's rows left out (a failed check) keeps the card's earlier order,
+    # and the report says so rather than nothing.
+    failed = dict(_row("ace_hypergraph", "B=64", "cuda", 0.5), metrics={"rel_err_vs_reference": 0.9})
+    content, report = dispatch_order.update(_gpu_payload([_row("lora_qkv", "M=12608", "triton", 1.0),
+                                                          _row("lora_qkv", "M=12608", "torch", 3.0),
+                                                          _row("ace_hypergraph", "B=64", "triton", 1.0), failed]),
+                                            existing)
+    assert content["by_device"][card]["ace_hypergraph"] == ["cuda", "triton", "torch"]
+    assert "  ace_hypergraph: timed but not ranked (no shape with two of our backends whose checks passed): " \
+           "the card's earlier order kept" in report
 
 
 def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
