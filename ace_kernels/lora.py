@@ -664,8 +664,9 @@ if triton is not None:
             x_tile = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                              mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             tl.store(out_rows + ks[None, :], x_tile, mask=row_ok[:, None] & k_ok[None, :])
-            # int64: a projection's offset (proj_j * stride) may pass 2^31 for a strided A.
-            a_tile = tl.load(a_ptr + proj_j[None, :].to(tl.int64) * stride_ap + r_j[None, :] * stride_ar
+            # int64: a projection's or a rank row's offset (proj_j * stride, r_j * stride) may pass 2^31
+            # for a strided A (a narrow view of a wide tensor).
+            a_tile = tl.load(a_ptr + proj_j[None, :].to(tl.int64) * stride_ap + r_j[None, :].to(tl.int64) * stride_ar
                              + ks[:, None] * stride_ak,
                              mask=k_ok[:, None] & j_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
             if APPLY_DROPOUT:
@@ -713,7 +714,7 @@ if triton is not None:
         j_ok = js < rank_total
         proj_j = js // RANK
         r_j = js - proj_j * RANK
-        a_tile = tl.load(a_ptr + proj_j[:, None].to(tl.int64) * stride_ap + r_j[:, None] * stride_ar
+        a_tile = tl.load(a_ptr + proj_j[:, None].to(tl.int64) * stride_ap + r_j[:, None].to(tl.int64) * stride_ar
                          + ks[None, :] * stride_ak,
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         if APPLY_DROPOUT:

@@ -608,6 +608,51 @@ def test_triton_non_contiguous_lora_a(op, device):
     compare_with_oracle(case, (x, weight, bias, a_strided, lora_b), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
 
 
+def in_wide_storage(values: torch.Tensor, strides: tuple, offset: int) -> torch.Tensor:
+    """``values`` copied into a view with ``strides`` and storage ``offset`` of a storage just large
+    enough for it (never written elsewhere: on a CPU its untouched pages take no memory)."""
+    size = offset + sum((n - 1) * s for n, s in zip(values.shape, strides)) + 1
+    storage = torch.empty(size, dtype=values.dtype, device=values.device)
+    return storage.as_strided(values.shape, strides, offset).copy_(values)
+
+
+# A stride just under 2**31 elements (a 32-bit kernel argument) whose double wraps in int32 to
+# -128: the storage starts 128 elements before the view, so a wrapped offset reads the storage's
+# own (unwritten) first elements, silently, rather than memory outside it.
+_WIDE_STRIDE, _WIDE_OFFSET = 2**31 - 64, 128
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", ["qkv", "linear"])
+@pytest.mark.parametrize("layout", ["rows"])
+def test_triton_lora_a_offsets_past_int32(op, layout, device):
+    """An A whose rank rows lie 2**31 - 64 elements apart, as in a narrow view of a very wide
+    tensor (fp16: an 8 GiB storage, of which a few pages are touched): the kernels give what
+    they give for a contiguous copy of it, bit for bit, forward and every gradient, dropout on
+    (the same seed). Rank row 2's offset, 2 * stride, wrapped in int32 in both kernels, which
+    read other memory for it."""
+    rank, in_features = 3, 20
+    case = Case("a_wide", op, (10,), in_features, 6, rank, dropout_p=0.3)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float16, device)
+    projections = 3 if op == "qkv" else 1
+    if layout == "rows":  # projections side by side in each rank row: [P, r, K] strides (K, stride, 1)
+        strides = (in_features, _WIDE_STRIDE, 1)
+    lora_a3 = lora_a.detach().reshape(projections, rank, in_features)
+    wide = in_wide_storage(lora_a3, strides, _WIDE_OFFSET)
+    wide = (wide if op == "qkv" else wide[0]).requires_grad_(True)
+    assert torch.equal(wide, lora_a) and sum((n - 1) * s for n, s in zip(wide.shape, wide.stride())) >= 2**31
+    devices = [device] if device.type == "cuda" else []
+    results = []
+    for a in (wide, lora_a):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(3)
+            outputs, _ = call_op(case, (x, weight, bias, a, lora_b), "triton")
+        grads_out = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o) for o in outputs]
+        results.append(outputs + torch.autograd.grad(outputs, (x, a, lora_b), grads_out))
+    for name, got, want in zip(["out"] * len(outputs) + ["grad x", "grad lora_a", "grad lora_b"], *results):
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("layout", ["strided", "expanded"])
 def test_triton_bias_of_any_layout(layout, device):
