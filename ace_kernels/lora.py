@@ -903,6 +903,7 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     overflow a float16 S, but a float16 ``scaling * B`` over 65504 is inf in the packed weight
     (documented in :func:`lora_linear`; checking would cost a device sync per call)."""
     x2d = _library.int32_safe(x2d, (1,))  # the K loop
+    lora_a3 = _library.int32_safe(lora_a3, (2,))  # the K loop too (the gradient kernel's K offsets are int64)
     projections, rank, in_features = lora_a3.shape
     rows = x2d.shape[0]
     width = _packed_width(in_features, projections * rank)

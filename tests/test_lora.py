@@ -624,19 +624,21 @@ _WIDE_STRIDE, _WIDE_OFFSET = 2**31 - 64, 128
 
 @pytest.mark.triton
 @pytest.mark.parametrize("op", ["qkv", "linear"])
-@pytest.mark.parametrize("layout", ["rows"])
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 def test_triton_lora_a_offsets_past_int32(op, layout, device):
-    """An A whose rank rows lie 2**31 - 64 elements apart, as in a narrow view of a very wide
-    tensor (fp16: an 8 GiB storage, of which a few pages are touched): the kernels give what
-    they give for a contiguous copy of it, bit for bit, forward and every gradient, dropout on
-    (the same seed). Rank row 2's offset, 2 * stride, wrapped in int32 in both kernels, which
-    read other memory for it."""
-    rank, in_features = 3, 20
+    """An A whose rank rows, or columns, lie 2**31 - 64 elements apart, as in a narrow view of a
+    very wide tensor (fp16: an 8 GiB storage, of which a few pages are touched): the kernels
+    give what they give for a contiguous copy of it, bit for bit, forward and every gradient,
+    dropout on (the same seed). Rank row 2's offset, 2 * stride, wrapped in int32 in both
+    kernels, and column 2's in the pack kernel's K loop, which read other memory for them."""
+    rank, in_features = 3, 20 if layout == "rows" else 3
     case = Case("a_wide", op, (10,), in_features, 6, rank, dropout_p=0.3)
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float16, device)
     projections = 3 if op == "qkv" else 1
     if layout == "rows":  # projections side by side in each rank row: [P, r, K] strides (K, stride, 1)
         strides = (in_features, _WIDE_STRIDE, 1)
+    else:  # A^T stored, as a few columns of a wide [K, *] tensor: strides (r, 1, stride)
+        strides = (rank, 1, _WIDE_STRIDE)
     lora_a3 = lora_a.detach().reshape(projections, rank, in_features)
     wide = in_wide_storage(lora_a3, strides, _WIDE_OFFSET)
     wide = (wide if op == "qkv" else wide[0]).requires_grad_(True)
