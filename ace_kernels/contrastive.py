@@ -1701,6 +1701,8 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     compared exactly (a NaN label row equals no other row).
     """
     _check_group(group)
+    if group is not None and torch.compiler.is_compiling():
+        return _eager_across_ranks(image_emb, text_emb, logit_scale, labels, group=group, backend=backend)
     local_impl = None  # with group=: the backend this rank resolved before the shape exchange
     if group is None:
         _validate(image_emb, text_emb, logit_scale, labels)
@@ -1775,6 +1777,16 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     if group is None:
         return share
     return _SumAcrossRanks.apply(share, group)
+
+
+# torch._disable_dynamo: torch.compiler.disable, importing dynamo at the first call (see hypergraph.py).
+@torch._disable_dynamo
+def _eager_across_ranks(image_emb, text_emb, logit_scale, labels, *, group, backend):
+    # The loss with group= always runs eagerly, under torch.compile too (a graph break; fullgraph=True
+    # is refused): its shape exchange is read on the host, and torch 2.11's dynamo traced the
+    # collectives' autograd functions (around a pybind11 options object it cannot trace) into
+    # gradients of zero for the embeddings and the scale, with the loss right.
+    return label_guided_infonce(image_emb, text_emb, logit_scale, labels, group=group, backend=backend)
 
 
 class LabelGuidedInfoNCE(nn.Module):

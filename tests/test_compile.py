@@ -528,9 +528,10 @@ def test_triton_calls_traced_by_make_fx_replay_eager_results(name, device):
 
 
 def test_loss_across_ranks_breaks_the_graph_at_its_shape_exchange():
-    """label_guided_infonce(group=) reads its shape exchange on the host: under torch.compile a graph
-    break (the loss and its gradients are eager's bit for bit), which fullgraph=True refuses (the
-    README said that nothing in the loss breaks the graph). One gloo rank of this process."""
+    """label_guided_infonce(group=) reads its shape exchange on the host: under torch.compile it runs
+    eagerly, a graph break (the loss and its gradients are eager's bit for bit), which fullgraph=True
+    refuses (the README said that nothing in the loss breaks the graph). Traced instead, torch 2.11's
+    dynamo gave gradients of zero for every input, the loss right. One gloo rank of this process."""
     import datetime
 
     import torch.distributed as dist
@@ -553,7 +554,7 @@ def test_loss_across_ranks_breaks_the_graph_at_its_shape_exchange():
         eager = _run(grouped, inputs)
         _assert_same(_run(torch.compile(grouped, backend="aot_eager"), inputs), eager, rtol=0, atol=0)
         torch._dynamo.reset()
-        with pytest.raises(Exception, match="data-dependent"):
+        with pytest.raises(Exception, match="_eager_across_ranks"):
             torch.compile(grouped, fullgraph=True, backend="aot_eager")(*inputs)
     finally:
         torch._dynamo.reset()
