@@ -191,6 +191,33 @@ def test_gradients_of_some_inputs_match_oracle(backend, cls_only, subset, device
         assert_close_scaled(got_i, want_i, rel, f"grad {PARAM_NAMES[i]}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("subset", ["adapters", "cls_attn_too"])
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_tokens_made_under_inference_mode_train_the_rest(backend, cls_only, subset, dtype, device):
+    # Tokens from a frozen encoder run under torch.inference_mode, the adapters (and the CLS row) trained
+    # on them: autograd cannot save such a tensor, and the full output's folded down projection saved x
+    # (the reference saves E = A X), as the CLS weights' gradient did on every path.
+    x, c, edge, node, k = make_inputs((2, 9, 12, 5, 3), dtype=dtype, device=device if backend == "triton" else "cpu")
+    with torch.inference_mode():
+        x_inf = x.clone()
+    trainable = leaves([c, *edge, *node]) if subset == "cls_attn_too" else [c, *leaves([*edge, *node])]
+    refs = [t.detach().double().requires_grad_(t.requires_grad) for t in trainable]
+    out = ace_kernels.ace_hypergraph(x_inf, trainable[0], tuple(trainable[1:5]), tuple(trainable[5:]), topk=k,
+                                     cls_only=cls_only, backend=backend)
+    ref = oracle_hypergraph(x.double(), refs[0], refs[1:5], refs[5:], k)
+    ref = ref[:, 0] if cls_only else ref
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
+    wrt = [i for i, t in enumerate(trainable) if t.requires_grad]
+    got = torch.autograd.grad((out.float() * g.float()).sum(), [trainable[i] for i in wrt])
+    want = torch.autograd.grad((ref * g).sum(), [refs[i] for i in wrt])
+    rel = 1e-4 if dtype == torch.float32 else 2 ** -8
+    assert_close_scaled(out, ref, rel, "output")
+    for i, got_i, want_i in zip(wrt, got, want):
+        assert_close_scaled(got_i, want_i, rel, f"grad {PARAM_NAMES[1 + i]}")
+
+
 def test_cls_only_equals_row_zero_of_full_output():
     x, c, edge, node, k = make_inputs(SHAPES["n33_d64"])
     full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
