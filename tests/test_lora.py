@@ -299,6 +299,18 @@ def test_torch_zero_rows():
     assert torch.all(inputs[3].grad == 0) and torch.all(inputs[4].grad == 0)
 
 
+@pytest.mark.parametrize("lora_grads", ["b", "ab"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_x_made_under_inference_mode_trains_the_factors(backend, lora_grads, device):
+    # Features of a frozen trunk run under torch.inference_mode: the torch backend saved x itself,
+    # which autograd refuses for such a tensor, even with A frozen, where the reference saves only S.
+    case = Case("inference_x", "qkv", (2, 3), 17, 5, 3, dropout_p=0.3, x_grad=False, lora_grads=lora_grads)
+    inputs = make_inputs(case, torch.float32, device=device if backend == "triton" else "cpu")
+    with torch.inference_mode():
+        x = inputs[0].clone()
+    compare_with_oracle(case, (x, *inputs[1:]), backend, rtol=1e-4, atol=1e-5)
+
+
 def test_torch_non_finite_rows_propagate():
     case = Case("nan", "linear", (4,), 8, 3, 2, dropout_p=0.2)
     x, weight, bias, lora_a, lora_b = make_inputs(case)
