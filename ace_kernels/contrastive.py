@@ -1703,6 +1703,13 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     _check_group(group)
     if group is not None and torch.compiler.is_compiling():
         return _eager_across_ranks(image_emb, text_emb, logit_scale, labels, group=group, backend=backend)
+    if (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                        for t in (image_emb, text_emb, logit_scale))
+            and not torch.compiler.is_compiling()):
+        # Embeddings made under torch.inference_mode (a locked tower's cached outputs): autograd cannot
+        # save them, and both backends save the embeddings and the multiplier whichever of them trains.
+        image_emb, text_emb, logit_scale = (t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+                                            for t in (image_emb, text_emb, logit_scale))
     local_impl = None  # with group=: the backend this rank resolved before the shape exchange
     if group is None:
         _validate(image_emb, text_emb, logit_scale, labels)

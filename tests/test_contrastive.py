@@ -620,6 +620,25 @@ def test_only_the_needed_gradients_are_computed(backend, needs, device, monkeypa
                                                     zip(inputs[:2], (needs[0] or needs[2], needs[1])) if need]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_embeddings_made_under_inference_mode_train_the_rest(backend, dtype, device):
+    # A locked image tower's embeddings cached under torch.inference_mode, the text tower and the
+    # multiplier trained: the reference ((s * u) @ t^T) trains the text side; the backends saved u itself.
+    u, t, s = _inputs(19, 24, dtype=dtype)
+    labels = _duplicated_labels(19, 3, 4).to(device)
+    with torch.inference_mode():
+        u_inf = u.detach().to(device).clone()
+    for needs_scale in (False, True):
+        t_in, s_in = t.detach().to(device).requires_grad_(), s.detach().float().to(device).requires_grad_(needs_scale)
+        wrt = [t_in, s_in] if needs_scale else [t_in]
+        got = torch.autograd.grad(ace_kernels.label_guided_infonce(u_inf, t_in, s_in, labels, backend=backend), wrt)
+        refs = [x.detach().double().requires_grad_(x.requires_grad) for x in (u_inf, t_in, s_in)]
+        want = torch.autograd.grad(label_guided_infonce_oracle(*refs, labels), [x for x in refs if x.requires_grad])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
 @pytest.mark.triton
 def test_triton_strided_rows(device):
     # Row strides that are not D (views of wider buffers): the kernels take strides, not copies.
