@@ -1706,6 +1706,12 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     torch.topk does), so a row that selects one gets NaN weights; the torch
     backend also spreads a non-finite token through zero-weight slots
     (0 * inf = NaN, as the dense reference does), the kernels skip those slots.
+    A CLS row whose softmax is NaN (a NaN or +inf in ``cls_attn``, or no
+    finite entry) is NaN in every column of the reference's row 0, which
+    step 5 copies into column 0 of every row, so its full output of that
+    sample is NaN throughout; every backend keeps only the k selected columns
+    of row 0, so there token 0, its k tokens and the rows they reach are NaN
+    and other rows may stay finite (``cls_only`` is NaN, as the reference).
 
     Determinism: with ``deterministic=True`` the Triton and CUDA kernels use no
     float atomics (C = A^T E' walks a transposed incidence built with a stable

@@ -419,6 +419,24 @@ def test_non_finite_inputs_do_not_crash(where):
         assert all(g.shape == t.shape for g, t in zip(grads, [x, c, *edge, *node]))
 
 
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), None], ids=["nan", "inf", "none_finite"])
+def test_a_non_finite_cls_row_is_nan_where_documented(score):
+    # The reference's row 0 is NaN in every column and step 5 copies it into column 0 of every row;
+    # the backends keep its k selected columns only (the docstring's Notes say which rows are NaN).
+    x, c, edge, node, _ = make_inputs((1, 20, 6, 3, 2))
+    if score is None:
+        c[0] = float("-inf")
+    else:
+        c[0, 4] = score
+    ref = oracle_hypergraph(x, c, edge, node, 2)
+    out = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=2, backend="torch")
+    cls = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=2, cls_only=True, backend="torch")
+    assert torch.isnan(ref).all() and torch.isnan(cls).all()
+    nan_rows = torch.isnan(out[0]).any(dim=-1)
+    assert nan_rows[0] and nan_rows[1 + c[0].topk(2).indices].all()
+    assert not nan_rows.all()
+
+
 def test_module_and_adapter_forms_agree():
     torch.manual_seed(0)
     module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
