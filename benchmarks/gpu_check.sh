@@ -165,7 +165,11 @@ run_stage() {
     local limit
     limit=$(min "$max" "$avail")
     if [ "$limit" -lt 10 ]; then
-        say "stage $name: SKIPPED (only $(left) s left)"
+        if [ "$max" -lt 10 ]; then
+            say "stage $name: SKIPPED (its cap is ${max} s)"
+        else
+            say "stage $name: SKIPPED (only $(left) s left)"
+        fi
         return 124
     fi
     say "stage $name: start (limit ${limit}s)"

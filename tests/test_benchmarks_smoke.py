@@ -1449,6 +1449,25 @@ def test_gpu_check_build_stamp_ignores_mtimes(tmp_path):
     assert ".sources.sha256" in text and "build/" in open(os.path.join(ROOT, ".gitignore")).read().split()
 
 
+def test_gpu_check_stage_skip_says_why():
+    """A stage skipped for its own cap (GPU_CHECK_TESTS_CAP=0) says so; it said "only N s left"
+    with most of the budget still there. A stage skipped for want of time still says that."""
+    import re
+
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
+    function = re.search(r"^run_stage\(\) \{\n.*?^\}\n", text, re.S | re.M).group(0)
+    helpers = "say() { echo \"$*\"; }; min() { echo $(($1 < $2 ? $1 : $2)); }; RESERVE=20; "
+
+    def skip_line(left_s, cap_s):
+        script = helpers + f"left() {{ echo {left_s}; }}; " + function + f"run_stage tests {cap_s} /dev/null true"
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 124, (proc.returncode, proc.stdout, proc.stderr)
+        return proc.stdout.strip()
+
+    assert skip_line(500, 0) == "stage tests: SKIPPED (its cap is 0 s)"
+    assert skip_line(25, 100) == "stage tests: SKIPPED (only 25 s left)"
+
+
 def test_gpu_check_failed_build_removes_the_older_extension(tmp_path):
     """A failed build must not leave an older build's module to load: the tests and the suite
     would run kernels built from other sources. gpu_check.sh in a minimal tree (a setup.py that
