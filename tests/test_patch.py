@@ -1920,27 +1920,33 @@ def test_open_clip_clip_loss_dtype_under_autocast():
 def test_clip_losses_take_features_of_two_dtypes_under_autocast():
     """Under autocast the originals' logit matmul casts bf16 image and fp32 text features alike and computes:
     the patched losses take both in the autocast dtype (they once refused the pair), and each feature gets its
-    gradient in its own dtype."""
+    gradient in its own dtype. Their loss is the original's in fp64 on the bf16-rounded features (fp32 text
+    read as it is is off by 4e-4), their gradients that one's to bf16 precision."""
     open_clip_loss = pytest.importorskip("open_clip.loss")
     torch.manual_seed(13)
     image = F.normalize(torch.randn(6, 16), dim=-1).bfloat16().requires_grad_()
     text = F.normalize(torch.randn(6, 16), dim=-1).requires_grad_()
     frame = FakeFrame(np.array([[i, 0, i % 3] for i in range(6)], dtype=np.float64))
-    for loss_module, run in ((open_clip_loss.ClipLoss(), lambda m: m(image, text, 10.0)),
-                             (ReferenceCLIPLoss(), lambda m: m(image, text, frame, list(range(6))))):
+    for loss_module, run in ((open_clip_loss.ClipLoss(), lambda m, u, t: m(u, t, 10.0)),
+                             (ReferenceCLIPLoss(), lambda m, u, t: m(u, t, frame, list(range(6))))):
+        exact_inputs = [image.detach().double().requires_grad_(), text.detach().bfloat16().double().requires_grad_()]
+        exact = run(loss_module, *exact_inputs)
+        exact_grads = torch.autograd.grad(exact, exact_inputs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            want = run(loss_module)
+            want = run(loss_module, image, text)
             want_grads = torch.autograd.grad(want, [image, text])
         with ace_kernels.patch(loss_module) as handle:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                got = run(loss_module)
+                got = run(loss_module, image, text)
                 got_grads = torch.autograd.grad(got, [image, text])
             assert handle.stats() == {"label_guided_infonce": 1}, handle.stats()
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-        for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+        for g, w, e in zip(got_grads, want_grads, exact_grads):
             assert g.dtype == w.dtype
             torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(g.double(), e, rtol=0, atol=2 ** -7 * e.abs().max().item())
 
 
 def test_patch_called_inside_autocast_recognises_what_it_recognises_outside():
