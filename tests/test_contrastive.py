@@ -1606,9 +1606,10 @@ def test_a_tile_whose_only_open_entries_are_nan_stays_nan(strategy, device, monk
     labels[[3, 16]] = 1
     u, t, s = (x.requires_grad_() for x in (u, t, s))
     strategy_context = _blocked_strategy(monkeypatch, u.dtype, 6) if strategy == "blocked" else contextlib.nullcontext()
-    with strategy_context:
+    with strategy_context as calls:
         loss = ace_kernels.label_guided_infonce(u, t, s, labels, backend="triton")
         loss.backward()
+    assert calls is None or (calls["lse"] >= 1 and calls["grad"] >= 1), calls  # the blocked kernels ran
     assert torch.isnan(loss)
     for name, grad in (("image_emb", u.grad), ("text_emb", t.grad), ("logit_scale", s.grad)):
         assert grad.isnan().all(), f"grad {name}: {grad}"
