@@ -1202,6 +1202,47 @@ def test_triton_gpu_fast_log_matches_the_exact_one(strategy, batch, monkeypatch)
     torch.testing.assert_close(outs[True][2], outs[True][0][lo:hi], rtol=4e-7, atol=5e-7)  # the same rows
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                              pytest.mark.interpreter])])
+@pytest.mark.parametrize("grouped", [False, True], ids=["one_device", "group"])
+def test_no_batch_by_batch_tensor_is_saved_or_made(backend, grouped, request, monkeypatch):
+    # The O(B) claim on the CPU, forward and backward, with labels and without, in 16 and 32 bits,
+    # under autocast, with group= (one gloo rank: the gathered rows): no op makes a tensor of half a
+    # float32 B x B (the torch backend's blocks of 16 rows are a fifth of one at B = 80; the label
+    # keys' [B, 14 * 8] bytes are the largest O(B) buffer) and autograd keeps nothing bigger than an
+    # embedding's [B, D] float32 copy.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    group = request.getfixturevalue("one_rank_group") if grouped else None
+    monkeypatch.setattr(contrastive, "_TORCH_BLOCK_ROWS", 16)
+    batch, dim = 80, 8
+    largest, saved = [], []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.extend((t.numel() * t.element_size(), str(func)) for t in torch.utils._pytree.tree_leaves(out)
+                           if isinstance(t, torch.Tensor))
+            return out
+
+    def pack(t):
+        saved.append((t.untyped_storage().nbytes(), tuple(t.shape), t.dtype))
+        return t
+
+    for dtype in (torch.float32, torch.float16):
+        for labels in (None, _duplicated_labels(batch, 14, 20)):
+            for autocast in (False, True):
+                u, t, _ = _inputs(batch, dim, dtype=dtype, seed=3)
+                s = torch.tensor(30.0, requires_grad=True)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Largest():
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        loss = ace_kernels.label_guided_infonce(u, t, s, labels, group=group, backend=backend)
+                    loss.backward()
+                assert torch.isfinite(loss) and u.grad.shape == (batch, dim)
+    assert max(largest)[0] < batch * batch * 4 // 2, max(largest)
+    assert max(saved)[0] <= batch * dim * 4, max(saved)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
 def test_triton_gpu_deterministic_and_bounded_memory(strategy):
