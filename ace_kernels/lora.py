@@ -362,15 +362,19 @@ class _LoraTorchFunction(torch.autograd.Function):
                 grad_a = (grad_s.t() @ x2d).mul_(scaling).reshape(projections, rank, in_features)
         else:
             factor = scaling / keep_prob
+            # Projection by projection: one [M, in] temporary at a time (the masked G_p A_p, the
+            # dropped x), where the batched form held two [P, M, in] ones, the backward's peak.
             if need_x:
                 grad_x = grad_y @ weight
-                lora_part = torch.where(keep, torch.bmm(grad_s3, lora_a3), 0.0)  # [P, M, in]
+                lora_sum = torch.where(keep[0], grad_s3[0] @ lora_a3[0], 0.0)
+                for p in range(1, projections):
+                    lora_sum.add_(torch.where(keep[p], grad_s3[p] @ lora_a3[p], 0.0))
                 # mul_ then add_ (not add_(alpha=)): torch 2.11 compiles alpha= to other roundings.
-                grad_x.add_(lora_part.sum(0).mul_(factor))
-                del lora_part
+                grad_x.add_(lora_sum.mul_(factor))
+                del lora_sum
             if need_a:
-                x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)
-                grad_a = torch.bmm(grad_s3.transpose(1, 2), x_dropped).mul_(factor)
+                grad_a = torch.stack([grad_s3[p].t() @ torch.where(keep[p], x2d, 0.0)
+                                      for p in range(projections)]).mul_(factor)
         if need_w:
             grad_weight = grad_y.t() @ x2d
         if need_bias and ctx.has_bias:
