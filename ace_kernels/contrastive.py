@@ -1819,11 +1819,11 @@ class LabelGuidedInfoNCE(nn.Module):
         elif isinstance(logit_scale_init, numbers.Real) and not isinstance(logit_scale_init, (bool, int, float)):
             logit_scale_init = float(logit_scale_init)  # a NumPy scalar, taken before the check as before it
         init = check_finite_number("logit_scale_init", logit_scale_init)
-        value = torch.tensor(init, dtype=torch.float32)
-        if not torch.isfinite(value):  # finite as a Python float, inf in the parameter's float32
+        # Checked on the CPU: under a default device of meta (deferred init) the value cannot be read.
+        if not torch.isfinite(torch.tensor(init, dtype=torch.float32, device="cpu")):  # inf in float32 only
             raise ValueError(f"argument 'logit_scale_init': expected a finite number within float32's range "
                              f"(|x| <= {torch.finfo(torch.float32).max:.6g}), got {init!r}")
-        self.logit_scale = nn.Parameter(value)
+        self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))  # on the default device
         # Checked now, not at the first forward (where a bad value would surface in a training loop).
         _dispatch.check_backend(backend, ops=(OP_NAME,))
         _check_group(group)

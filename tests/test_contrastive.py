@@ -329,6 +329,19 @@ def test_module_refuses_cuda_and_prints_on_meta():
     assert repr(ace_kernels.LabelGuidedInfoNCE(10.0)) == "LabelGuidedInfoNCE(logit_scale=10)"
 
 
+def test_module_builds_under_a_meta_default_device():
+    # Deferred initialisation (build under torch.device("meta"), then to_empty and a state dict): the
+    # float32 range check read the meta parameter's value and raised 'Tensor.item() cannot be called'.
+    with torch.device("meta"):
+        module = ace_kernels.LabelGuidedInfoNCE(10.0)
+        with pytest.raises(ValueError, match="expected a finite number within float32's range"):
+            ace_kernels.LabelGuidedInfoNCE(1e39)
+    assert module.logit_scale.is_meta and isinstance(module.logit_scale, torch.nn.Parameter)
+    module = module.to_empty(device="cpu")
+    module.load_state_dict(ace_kernels.LabelGuidedInfoNCE(10.0).state_dict(), strict=True)
+    assert repr(module) == "LabelGuidedInfoNCE(logit_scale=10)"
+
+
 def test_module_learns_the_multiplier_itself():
     module = ace_kernels.LabelGuidedInfoNCE(78.35)
     assert isinstance(module.logit_scale, torch.nn.Parameter) and module.logit_scale.dtype == torch.float32
