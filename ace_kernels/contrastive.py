@@ -1836,5 +1836,11 @@ class LabelGuidedInfoNCE(nn.Module):
 
     def extra_repr(self) -> str:
         if self.logit_scale.is_meta:  # no value to print (a model built or moved to the meta device)
-            return "logit_scale=<meta>"
-        return f"logit_scale={float(self.logit_scale.detach()):.4g}"
+            scale = "logit_scale=<meta>"
+        else:
+            scale = f"logit_scale={float(self.logit_scale.detach()):.4g}"
+        # The settings that change what runs, when not the defaults (as ACEHypergraph's deterministic).
+        backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
+        ranks = None if self.group is None else self.group.size()
+        group = "" if ranks is None else f", group=<{ranks} rank{'' if ranks == 1 else 's'}>"
+        return scale + backend + group

@@ -790,6 +790,16 @@ def test_a_rank_passing_no_tensor_with_group_raises_its_own_error(one_rank_group
     assert contrastive._exchange_device(torch.zeros(1, 2), one_rank_group) == torch.device("cpu")
 
 
+def test_module_repr_names_a_backend_or_group_it_was_given(one_rank_group):
+    # The repr showed the multiplier only: a module forced onto one backend, or computing the loss over a
+    # process group's global batch, printed as a plain local one.
+    assert repr(ace_kernels.LabelGuidedInfoNCE(10.0, backend="torch")) == (
+        "LabelGuidedInfoNCE(logit_scale=10, backend='torch')")
+    assert repr(ace_kernels.LabelGuidedInfoNCE(2.5, group=one_rank_group).to("meta")) == (
+        "LabelGuidedInfoNCE(logit_scale=<meta>, group=<1 rank>)")
+    assert repr(ace_kernels.LabelGuidedInfoNCE(10.0, backend="auto")) == "LabelGuidedInfoNCE(logit_scale=10)"
+
+
 def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
     """The shape exchange's table compared across ranks, with a second rank faked in the
     all-gather: dtypes travel as codes and are named in the error (the distributed tests spawn
