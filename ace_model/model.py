@@ -522,6 +522,15 @@ class ACELoRA(nn.Module):
         # that a load/save round trip is exact (see ace_model.checkpoint).
         self.reference_metadata: dict | None = None
 
+    def extra_repr(self) -> str:
+        # The settings that change what runs, when not the defaults (the tree below shows the modules only).
+        settings = [f"config={self.config_name!r}"]
+        for name, value, default in (("backend", self.backend, "auto"), ("text_attention", self.text_attention, "spec"),
+                                     ("recompute", self.recompute, "none")):
+            if value != default:
+                settings.append(f"{name}={value!r}")
+        return ", ".join(settings)
+
     # -- construction -------------------------------------------------------------------
 
     @classmethod

@@ -1005,6 +1005,17 @@ def test_lora_module_repr_and_trainable_state_dict(tiny_model):
         assert value.data_ptr() != params[name].data_ptr(), f"{name}: not a copy"
 
 
+def test_model_repr_names_the_settings_that_change_what_runs(tiny_model):
+    # ACELoRA's repr was the module tree alone: a model computing the published code's text row, recomputing
+    # in the backward or forced onto one backend printed as the default one.
+    assert repr(tiny_model).startswith("ACELoRA(\n  config='tiny', backend='torch'\n  (clip): ")
+    model = copy.deepcopy(tiny_model)
+    model.backend, model.text_attention, model.recompute = "auto", "reference-code", "layer"
+    assert model.extra_repr() == "config='tiny', text_attention='reference-code', recompute='layer'"
+    model.text_attention, model.recompute = "spec", "none"
+    assert model.extra_repr() == "config='tiny'"
+
+
 def test_recomputed_output_that_does_not_depend_on_the_input_gives_it_no_gradient():
     from ace_model.model import _Recomputed
 
