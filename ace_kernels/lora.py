@@ -283,9 +283,9 @@ def _down_projection(x2d, lora_a3, keep, keep_prob):
     projections, rank, in_features = lora_a3.shape
     if keep is None:
         return x2d @ lora_a3.reshape(projections * rank, in_features).t()
-    # where() is several times faster than multiplying by the bool mask on the CPU.
-    x_dropped = torch.where(keep, x2d.unsqueeze(0), 0.0)  # [P, M, in]; 1/keep_prob folded into S
-    s_act = torch.bmm(x_dropped, lora_a3.transpose(1, 2))  # [P, M, r]
+    # where() is several times faster than multiplying by the bool mask on the CPU. Projection by
+    # projection: one dropped copy of x ([M, in]) at a time; 1/keep_prob folded into S.
+    s_act = torch.stack([torch.where(keep[p], x2d, 0.0) @ lora_a3[p].t() for p in range(projections)])  # [P, M, r]
     s_act = s_act.mul_(1.0 / keep_prob) if _library.in_place_ok() else s_act * (1.0 / keep_prob)
     s_flat = s_act.transpose(0, 1).reshape(x2d.shape[0], projections * rank)
     # With one projection that reshape is a view of s_act (P > 1 copies): a view of an intermediate
