@@ -102,9 +102,10 @@ def _sparse_mm(crow, col, values, shape, dense):
 
 
 def _sparse_form(src: torch.Tensor) -> bool:
-    """Whether the torch primitives take their CSR form: on a CPU tensor with data (a fake one,
-    as torch.export traces with, has no sparse kernels; the slot-by-slot form traces)."""
-    return src.device.type == "cpu" and not is_fake(src)
+    """Whether the torch primitives take their CSR form: on a CPU tensor with data, not traced (a fake
+    one, as torch.export traces with, has no sparse kernels, and make_fx's real tracing records no
+    sparse tensor: it has no strides; the slot-by-slot form traces)."""
+    return src.device.type == "cpu" and not is_fake(src) and not _library._tracing_mode_active()
 
 
 def _torch_gather_sum(src: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
