@@ -503,23 +503,28 @@ def test_loss_of_transposed_embeddings_traces_whole():
                  rtol=0, atol=0)
 
 
-@pytest.mark.triton
-@pytest.mark.parametrize("name", list(TRITON_CASES))
-def test_triton_calls_traced_by_make_fx_replay_eager_results(name, device):
-    # make_fx's real tracing (a proxy dispatch mode, no fake tensors) records torch ops only: a launcher
-    # called directly put its kernels in no node (the interpreter's launch failed on the proxies, a GPU's
-    # graph would replay empty outputs). Traced as the custom ops, the graph gives eager's results.
+def _trace_step(fn, inputs):
+    """make_fx's real tracing (a proxy dispatch mode, no fake tensors) of ``fn`` and its gradients
+    with respect to ``inputs``, seeded as :func:`_run` seeds the eager call."""
     from torch.fx.experimental.proxy_tensor import make_fx
-
-    fn, inputs = TRITON_CASES[name](device)
-    eager = _run(fn, inputs)
 
     def step(*leaves):
         torch.manual_seed(5)  # _run's seed (dropout)
         out = fn(*leaves)
         return (out, *torch.autograd.grad(out, leaves))
 
-    graph = make_fx(step, tracing_mode="real")(*inputs)
+    return make_fx(step, tracing_mode="real")(*inputs)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_calls_traced_by_make_fx_replay_eager_results(name, device):
+    # make_fx's real tracing (a proxy dispatch mode, no fake tensors) records torch ops only: a launcher
+    # called directly put its kernels in no node (the interpreter's launch failed on the proxies, a GPU's
+    # graph would replay empty outputs). Traced as the custom ops, the graph gives eager's results.
+    fn, inputs = TRITON_CASES[name](device)
+    eager = _run(fn, inputs)
+    graph = _trace_step(fn, inputs)
     assert f"{_library.NAMESPACE}." in graph.code
     torch.manual_seed(5)  # the graph draws the dropout seed as the eager call did
     replay = graph(*inputs)
@@ -532,17 +537,9 @@ def test_torch_backend_traced_by_make_fx_replays_eager_results(name):
     # make_fx's real tracing of the torch backend, backward included: the full hypergraph output's CPU
     # form builds sparse CSR products, which the proxy mode cannot record ("Sparse CSR tensors do not
     # have strides"); traced, it takes the slot-by-slot form, as under fake tensors.
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     fn, inputs = EXPORT_CASES[name]("torch")
     eager = _run(fn, inputs)
-
-    def step(*leaves):
-        torch.manual_seed(5)  # _run's seed (dropout)
-        out = fn(*leaves)
-        return (out, *torch.autograd.grad(out, leaves))
-
-    graph = make_fx(step, tracing_mode="real")(*inputs)
+    graph = _trace_step(fn, inputs)
     torch.manual_seed(5)
     with torch.no_grad():  # the graph holds the backward's ops: replayed as they are, no autograd
         replay = graph(*(t.detach() for t in inputs))

@@ -2486,36 +2486,33 @@ def test_a_metrics_line_that_cannot_be_written_stops_the_run_with_its_error(tmp_
         assert not list((out / "run").rglob("state-*")), name  # no state past the last metrics line
 
 
-def test_a_state_for_other_trainable_parameters_is_refused(tmp_path):
+def test_a_state_for_other_or_reordered_trainable_parameters_is_refused(tmp_path):
+    """Another parameter name is refused; so is another order of the same names: the optimizer's
+    moments are stored by position, so such a model would resume with moments swapped between
+    same-shaped parameters (the error names the first position that differs)."""
     model = make_model("standin")
     data = RandomPairs(model, 8, seed=1)
     train(_config(tmp_path, epochs=1, warmup_epochs=0), model=model, dataset=data, loss_fn=dense_label_infonce)
-    state = load_state(tmp_path / "run" / "checkpoints" / "state-00000002.pt")
-    state["trainable"]["image_head.scale"] = state["trainable"].pop("image_head.bias")
-    torch.save(state, tmp_path / "renamed.pt")
-    with pytest.raises(training.TrainingStateError, match=r"renamed\.pt: trainable parameters differ \(missing "
-                                                          r"\['image_head\.bias'\], unexpected \['image_head\.scale'\]\)$"):
-        train(_config(tmp_path, epochs=1, warmup_epochs=0, resume=str(tmp_path / "renamed.pt"),
-                      out_dir=str(tmp_path / "again")),
-              model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
 
+    def renamed(trainable):
+        trainable["image_head.scale"] = trainable.pop("image_head.bias")
+        return (r"renamed\.pt: trainable parameters differ \(missing \['image_head\.bias'\], "
+                r"unexpected \['image_head\.scale'\]\)$")
 
-def test_a_state_with_its_trainable_parameters_in_another_order_is_refused(tmp_path):
-    """The optimizer's moments are stored by position: a model whose trainable parameters come in
-    another order than the state's (the same names) would resume with moments swapped between
-    same-shaped parameters; it is refused, naming the first position that differs."""
-    model = make_model("standin")
-    data = RandomPairs(model, 8, seed=1)
-    train(_config(tmp_path, epochs=1, warmup_epochs=0), model=model, dataset=data, loss_fn=dense_label_infonce)
-    state = load_state(tmp_path / "run" / "checkpoints" / "state-00000002.pt")
-    first = next(iter(state["trainable"]))
-    state["trainable"][first] = state["trainable"].pop(first)  # the same entries, the first moved last
-    torch.save(state, tmp_path / "reordered.pt")
-    with pytest.raises(training.TrainingStateError, match=rf"reordered\.pt: the trainable parameters come in another "
-                                                          rf"order than the state's \(position 0: '{first}' now"):
-        train(_config(tmp_path, epochs=1, warmup_epochs=0, resume=str(tmp_path / "reordered.pt"),
-                      out_dir=str(tmp_path / "again")),
-              model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    def reordered(trainable):
+        first = next(iter(trainable))
+        trainable[first] = trainable.pop(first)  # the same entries, the first moved last
+        return (r"reordered\.pt: the trainable parameters come in another order than the state's "
+                rf"\(position 0: '{first}' now")
+
+    for edit in (renamed, reordered):
+        state = load_state(tmp_path / "run" / "checkpoints" / "state-00000002.pt")
+        pattern = edit(state["trainable"])
+        torch.save(state, tmp_path / f"{edit.__name__}.pt")
+        with pytest.raises(training.TrainingStateError, match=pattern):
+            train(_config(tmp_path, epochs=1, warmup_epochs=0, resume=str(tmp_path / f"{edit.__name__}.pt"),
+                          out_dir=str(tmp_path / f"again-{edit.__name__}")),
+                  model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
 
 
 def test_train_reads_a_csv_whose_images_live_under_image_root(tmp_path):
