@@ -1701,7 +1701,9 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     compared exactly (a NaN label row equals no other row).
     """
     _check_group(group)
-    if group is not None and torch.compiler.is_compiling():
+    # Dynamo's tracing only: non-strict torch.export sets is_compiling() but runs this Python as it is, where
+    # the disabled _eager_across_ranks would come back here while the flag stays set (a RecursionError).
+    if group is not None and torch.compiler.is_dynamo_compiling():
         return _eager_across_ranks(image_emb, text_emb, logit_scale, labels, group=group, backend=backend)
     if (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                         for t in (image_emb, text_emb, logit_scale))
