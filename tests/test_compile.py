@@ -548,64 +548,42 @@ def test_torch_backend_traced_by_make_fx_replays_eager_results(name):
     _assert_same((replay[0], replay[1:]), eager, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
 
 
-def test_loss_across_ranks_breaks_the_graph_at_its_shape_exchange():
+def test_loss_across_ranks_breaks_the_graph_at_its_shape_exchange(one_rank_group):
     """label_guided_infonce(group=) reads its shape exchange on the host: under torch.compile it runs
     eagerly, a graph break (the loss and its gradients are eager's bit for bit), which fullgraph=True
     refuses (the README said that nothing in the loss breaks the graph). Traced instead, torch 2.11's
     dynamo gave gradients of zero for every input, the loss right. One gloo rank of this process."""
-    import datetime
+    g = torch.Generator().manual_seed(1)
+    u, t = (torch.nn.functional.normalize(torch.randn(19, 8, generator=g), dim=-1).requires_grad_()
+            for _ in range(2))
+    inputs = (u, t, torch.tensor(10.0, requires_grad=True))
+    labels = torch.randint(0, 3, (19, 2), generator=g)
 
-    import torch.distributed as dist
+    def grouped(u, t, s):
+        return ace_kernels.label_guided_infonce(u, t, s, labels, group=one_rank_group, backend="torch")
 
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group set up already")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        g = torch.Generator().manual_seed(1)
-        u, t = (torch.nn.functional.normalize(torch.randn(19, 8, generator=g), dim=-1).requires_grad_()
-                for _ in range(2))
-        inputs = (u, t, torch.tensor(10.0, requires_grad=True))
-        labels = torch.randint(0, 3, (19, 2), generator=g)
-
-        def grouped(u, t, s):
-            return ace_kernels.label_guided_infonce(u, t, s, labels, group=dist.group.WORLD, backend="torch")
-
-        torch._dynamo.reset()
-        eager = _run(grouped, inputs)
-        _assert_same(_run(torch.compile(grouped, backend="aot_eager"), inputs), eager, rtol=0, atol=0)
-        torch._dynamo.reset()
-        with pytest.raises(Exception, match="_eager_across_ranks"):
-            torch.compile(grouped, fullgraph=True, backend="aot_eager")(*inputs)
-    finally:
-        torch._dynamo.reset()
-        dist.destroy_process_group()
+    torch._dynamo.reset()
+    eager = _run(grouped, inputs)
+    _assert_same(_run(torch.compile(grouped, backend="aot_eager"), inputs), eager, rtol=0, atol=0)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="_eager_across_ranks"):
+        torch.compile(grouped, fullgraph=True, backend="aot_eager")(*inputs)
+    torch._dynamo.reset()  # nothing compiled over the group outlives it
 
 
-def test_loss_across_ranks_under_non_strict_export_raises_no_recursion_error():
+def test_loss_across_ranks_under_non_strict_export_raises_no_recursion_error(one_rank_group):
     """Non-strict torch.export sets torch.compiler.is_compiling() but runs no Dynamo: the grouped loss
     handed itself to its disabled eager twin, which called the loss again under the same flag, a
     RecursionError. It now traces as eager code does, up to the host read of its shape exchange."""
-    import datetime
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.tensor(10.0))
 
-    import torch.distributed as dist
+    def grouped(u, t, s):
+        return ace_kernels.label_guided_infonce(u, t, s, group=one_rank_group, backend="torch")
 
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group set up already")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
     try:
-        g = torch.Generator().manual_seed(1)
-        inputs = (torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.tensor(10.0))
-
-        def grouped(u, t, s):
-            return ace_kernels.label_guided_infonce(u, t, s, group=dist.group.WORLD, backend="torch")
-
-        try:
-            torch.export.export(_Function(grouped), inputs, strict=False)
-        except RecursionError as exc:
-            pytest.fail(f"non-strict export recursed: {exc}")
-        except Exception:
-            pass  # the shape exchange read on the host: torch's own data-dependent error
-    finally:
-        dist.destroy_process_group()
+        torch.export.export(_Function(grouped), inputs, strict=False)
+    except RecursionError as exc:
+        pytest.fail(f"non-strict export recursed: {exc}")
+    except Exception:
+        pass  # the shape exchange read on the host: torch's own data-dependent error

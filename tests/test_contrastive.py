@@ -758,23 +758,6 @@ def test_triton_check_rejects_2_30_rows_and_float64():
     assert contrastive._triton_check(u, u) == ["the Triton kernels take fp16/bf16/fp32 embeddings, got float64"]
 
 
-@pytest.fixture
-def one_rank_group():
-    """A default gloo group of this process alone (an in-memory store), removed afterwards."""
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed and no process group set up already")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_rank_passing_no_tensor_with_group_raises_its_own_error(one_rank_group, monkeypatch):
     """image_emb that is not a tensor has no device for the shape exchange: the exchange takes
     the group backend's (the CPU for gloo, the current GPU for NCCL), so the rank raises its
