@@ -103,6 +103,19 @@ def _on_inputs_device(fn: Callable) -> Callable:
     return run
 
 
+def builds_graph(tensors) -> bool:
+    """Whether an eager call on ``tensors`` (non-tensors among them are ignored) records an autograd
+    graph: grad mode on and one of them requiring grad. False while compiling."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors))
+
+
+def out_of_inference(t):
+    """``t``, or a copy of it made outside inference mode when ``t`` is an inference tensor (made under
+    ``torch.inference_mode``, such as a frozen tower's cached outputs), which autograd cannot save."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
 def int32_safe(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """``t``, or a contiguous copy of it when an element offset along one of ``dims`` reaches 2**31.
 

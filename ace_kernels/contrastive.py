@@ -1705,13 +1705,10 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     # the disabled _eager_across_ranks would come back here while the flag stays set (a RecursionError).
     if group is not None and torch.compiler.is_dynamo_compiling():
         return _eager_across_ranks(image_emb, text_emb, logit_scale, labels, group=group, backend=backend)
-    if (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                        for t in (image_emb, text_emb, logit_scale))
-            and not torch.compiler.is_compiling()):
-        # Embeddings made under torch.inference_mode (a locked tower's cached outputs): autograd cannot
-        # save them, and both backends save the embeddings and the multiplier whichever of them trains.
-        image_emb, text_emb, logit_scale = (t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
-                                            for t in (image_emb, text_emb, logit_scale))
+    if _library.builds_graph((image_emb, text_emb, logit_scale)):
+        # Both backends save the embeddings and the multiplier whichever of them trains: those made
+        # under torch.inference_mode (a locked tower's cached outputs) are copied out of it.
+        image_emb, text_emb, logit_scale = map(_library.out_of_inference, (image_emb, text_emb, logit_scale))
     local_impl = None  # with group=: the backend this rank resolved before the shape exchange
     if group is None:
         _validate(image_emb, text_emb, logit_scale, labels)

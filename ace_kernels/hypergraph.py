@@ -1745,11 +1745,10 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     edge, node, topk = _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic)
     cls_only, deterministic = bool(cls_only), bool(deterministic)  # NumPy's bools too
     tensors = [x, cls_attn, *edge, *node]
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.compiler.is_compiling()
-            and x.is_inference()):
-        # Tokens made under torch.inference_mode: autograd cannot save them, and the paths save x where
-        # the reference saves E = A X (the full output's folded down projection, for W_de's gradient).
-        x = x.clone()
+    if _library.builds_graph(tensors):
+        # Tokens made under torch.inference_mode: the paths save x where the reference saves E = A X
+        # (the full output's folded down projection, for W_de's gradient).
+        x = _library.out_of_inference(x)
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
     impl = _dispatch.select(OP_NAME, backend, tensors, args, variant="cls_only" if cls_only else "full")
     with _library.autocast_off(x.device.type):  # see Notes: autocast

@@ -385,11 +385,10 @@ class _LoraTorchFunction(torch.autograd.Function):
 def _torch_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, training):
     in_features = x.shape[-1]
     lead_shape = x.shape[:-1]
-    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, bias, lora_a3, lora_b3))
-            and not torch.compiler.is_compiling() and x.is_inference()):
-        # The Function saves x whatever trains (B alone needs only S, which the reference saves), and
-        # autograd cannot save a tensor made under torch.inference_mode: such an x is copied out of it.
-        x = x.clone()
+    if _library.builds_graph((weight, bias, lora_a3, lora_b3)):
+        # The Function saves x whatever trains (B alone needs only S, which the reference saves): an x
+        # made under torch.inference_mode is copied out of it.
+        x = _library.out_of_inference(x)
     x2d = x.reshape(-1, in_features)
     apply_dropout = training and dropout_p > 0.0
     side: dict = {}
