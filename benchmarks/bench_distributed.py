@@ -231,9 +231,7 @@ def _results(plan: dict, out_dir: str):
 def run(suite) -> None:
     if unavailable(suite):
         return
-    plan = _plan(suite)
-    if plan is None:
-        return
+    plan = _plan(suite)  # there is one: unavailable() said so
     world, batch, dim = plan["world"], plan["batch"], plan["dim"]
     shape = f"B={batch} D={dim} labels W={world}"
     # One repetition is about two one-process steps (the W ranks' step, then rank 0's alone):

@@ -105,15 +105,13 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     known = set(_dispatch._OPS)
     orders = {key: order for key, order in (by_device.get(device) or {}).items() if key in _dispatch.order_keys()}
     report = [heading]
-    measured = 0
-    ranked = set()
+    ranked = set()  # the ops given an order by this run
     for op, shapes in sorted(backend_times(payload["rows"]).items()):
         found = order_for(shapes)
         if found is not None:
             order, scores, compared = found
             written = op in known
             if written:
-                measured += 1
                 ranked.add(op)
                 for name in (op,) + SHARED_ORDER.get(op, ()):
                     orders[name] = order
@@ -138,7 +136,7 @@ def update(payload: dict, existing: dict | None) -> tuple[dict, list[str]]:
     for op in sorted((timed & known) - ranked):
         report.append(f"  {op}: timed but not ranked (no shape with two of our backends whose checks passed): "
                       + ("the card's earlier order kept" if op in orders else "no order for this card"))
-    if not measured:
+    if not ranked:
         raise NoOrders(f"no op of this run was timed on two of our backends at one shape ({device}): "
                        "no order to write")
     by_device[device] = orders
