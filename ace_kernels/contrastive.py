@@ -1834,12 +1834,13 @@ class LabelGuidedInfoNCE(nn.Module):
                                     group=self.group, backend=self.backend)
 
     def extra_repr(self) -> str:
-        if self.logit_scale.is_meta:  # no value to print (a model built or moved to the meta device)
-            scale = "logit_scale=<meta>"
-        else:
-            scale = f"logit_scale={float(self.logit_scale.detach()):.4g}"
+        # No value to print on the meta device (a model built or moved there).
+        scale = "<meta>" if self.logit_scale.is_meta else f"{float(self.logit_scale.detach()):.4g}"
+        settings = [f"logit_scale={scale}"]
         # The settings that change what runs, when not the defaults (as ACEHypergraph's deterministic).
-        backend = "" if self.backend == "auto" else f", backend={self.backend!r}"
-        ranks = None if self.group is None else self.group.size()
-        group = "" if ranks is None else f", group=<{ranks} rank{'' if ranks == 1 else 's'}>"
-        return scale + backend + group
+        if self.backend != "auto":
+            settings.append(f"backend={self.backend!r}")
+        if self.group is not None:
+            ranks = self.group.size()
+            settings.append(f"group=<{ranks} rank{'' if ranks == 1 else 's'}>")
+        return ", ".join(settings)

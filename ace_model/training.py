@@ -2274,11 +2274,11 @@ def _load_trainable(trainable, saved: dict, path) -> None:
                                  f"unexpected {extra[:3]})")
     # The optimizer's state holds the moments by position, in this order: another order (a model
     # class changed between the runs) would give same-shaped parameters each other's moments.
-    order = [n for n, _ in trainable]
-    if list(saved) != order:
-        at = next(i for i, (now, then) in enumerate(zip(order, saved)) if now != then)
+    order, saved_order = [n for n, _ in trainable], list(saved)
+    if saved_order != order:
+        at = next(i for i, (now, then) in enumerate(zip(order, saved_order)) if now != then)
         raise TrainingStateError(f"resume from {path}: the trainable parameters come in another order than the "
-                                 f"state's (position {at}: {order[at]!r} now, {list(saved)[at]!r} in the state), "
+                                 f"state's (position {at}: {order[at]!r} now, {saved_order[at]!r} in the state), "
                                  "and the optimizer's moments are stored by position")
     with torch.no_grad():
         for name, p in trainable:
