@@ -1321,8 +1321,9 @@ def _triton_check(u, t):
         # c0 + BLOCK_N wrap within a tile of 2^31. The bound is new for a width of 1 only: from
         # D = 2 on, the row-stride check below refused such batches already.
         reasons.append("the Triton kernels count rows in int32 (tile loops, block counts): B must be < 2^30")
-    elif u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
-        # Row offsets are int64, but column tiles are offset in int32 (registers are tight).
+    elif u.shape[0] > 1 and u.shape[0] * max(u.stride(0), t.stride(0), u.shape[1]) >= 2**31:
+        # Row offsets are int64, but column tiles are offset in int32 (registers are tight). One row
+        # is only ever read at offset 0: its stride never enters an offset (as _library.int32_safe).
         reasons.append("the Triton kernels offset column tiles in int32: B * row stride must be < 2^31")
     if not reasons:
         reasons += _shared_memory_reasons(u, t)

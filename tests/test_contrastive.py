@@ -742,6 +742,20 @@ def test_triton_check_rejects_int32_column_offsets():
     assert any("2^31" in r for r in contrastive._triton_check(t, u))
 
 
+@pytest.mark.triton
+def test_triton_takes_one_row_of_any_stride(device):
+    # A batch of one row is read at offset 0 only: its row stride (here 2^31, a stride-only view of D
+    # elements) reaches nothing, and the check took it as B * row stride >= 2^31 (torch instead).
+    u, t, s = _inputs(1, 24, dtype=torch.float32)
+    u_one, t_one = (torch.as_strided(x.detach().to(device).reshape(-1).clone(), (1, 24), (2**31, 1))
+                    .requires_grad_() for x in (u, t))
+    assert contrastive._triton_check(u_one, t_one) == []
+    _check_triton_fp32(u_one, t_one, s, None, device)
+    assert contrastive._triton_check(u_one.expand(2, 24), t_one.expand(2, 24)) == []  # (stride 0)
+    two = torch.empty_strided((2, 24), (2**31, 1), device="meta")  # two rows: the stride counts
+    assert any("2^31" in r for r in contrastive._triton_check(two, two))
+
+
 def test_triton_check_rejects_2_30_rows_and_float64():
     # The kernels count rows and columns in int32: tl.cdiv(row_hi, BLOCK_M) is row_hi + 127 in int32
     # and the column loop steps c0 += BLOCK_N up to n, so a batch within a tile of 2^31 wraps (at
