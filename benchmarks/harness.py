@@ -951,9 +951,10 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
                       what: str, update: Callable[[dict, dict | None], tuple[dict, list[str]]]) -> int:
     """``python -m benchmarks.<module> RESULTS.json [--out FILE]``: ``update(payload, existing)``
     gives the new content of ``FILE`` (default ``default_out``, also the base when ``FILE`` does
-    not exist yet) and a report. Exit status 0 when written (atomically), 3 when the run holds
-    nothing to write (:class:`NothingToWrite`; the file is left as it was), 2 for a bad result
-    file (another ``ValueError``, e.g. a CPU run)."""
+    not exist yet) and a report. Exit status 0 when written (atomically), or ``unchanged`` when
+    ``FILE`` holds that content already (not rewritten), 3 when the run holds nothing to write
+    (:class:`NothingToWrite`; the file is left as it was), 2 for a bad result file (another
+    ``ValueError``, e.g. a CPU run)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=description)
@@ -993,12 +994,18 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
         json.dump(content, handle, indent=2, sort_keys=True)
         handle.write("\n")
 
-    try:
-        _replace_file(args.out, dump)
-    except OSError as exc:
-        print(f"{module}: argument --out: cannot write {args.out!r} ({type(exc).__name__}: {exc.strerror or exc})",
-              file=sys.stderr)
-        return 2
+    try:  # what dump() would write, against what the file holds
+        with open(args.out, encoding="utf-8") as handle:
+            unchanged = handle.read() == json.dumps(content, indent=2, sort_keys=True) + "\n"
+    except (OSError, UnicodeDecodeError):  # (no such file yet: written)
+        unchanged = False
+    if not unchanged:
+        try:
+            _replace_file(args.out, dump)
+        except OSError as exc:
+            print(f"{module}: argument --out: cannot write {args.out!r} ({type(exc).__name__}: "
+                  f"{exc.strerror or exc})", file=sys.stderr)
+            return 2
     print("\n".join(report))
-    print(f"written: {args.out}")
+    print(f"{'unchanged' if unchanged else 'written'}: {args.out}")
     return 0

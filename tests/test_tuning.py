@@ -371,6 +371,24 @@ def test_writer_command_line(tmp_path):
     assert out.read_text() == before  # nothing written
 
 
+def test_writer_leaves_a_file_that_holds_its_content_already(tmp_path, capsys):
+    # A second run of the tool on the same result file would write what the file holds: it says
+    # "unchanged" and leaves the file alone (the same inode), where it said "written" and replaced it.
+    results, out = tmp_path / "run.json", tmp_path / "tuned.json"
+    results.write_text(json.dumps(_payload([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 3, 5.0, 0.004)])))
+    assert tuned_configs.main([str(results), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"written: {out}\n")
+    inode, before = os.stat(out).st_ino, out.read_text()
+    assert tuned_configs.main([str(results), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"unchanged: {out}\n")
+    assert (os.stat(out).st_ino, out.read_text()) == (inode, before)
+    # Another content (the candidate no longer faster): written again.
+    results.write_text(json.dumps(_payload([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 3, 9.9, 0.004)])))
+    assert tuned_configs.main([str(results), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"written: {out}\n")
+    assert "lora" not in json.loads(out.read_text())["by_device"].get(CARD, {})
+
+
 def test_writer_takes_nothing_when_the_default_has_no_finite_error():
     # A default whose check gave inf or NaN, or an error over the dtype's check limit (0.03 in
     # bf16), or no check at all, bounds nothing: no candidate may be written, and what the file
