@@ -354,13 +354,37 @@ fi
 # 5. the benchmark suite
 BENCH_LOG=$OUT/bench.log
 : >"$BENCH_LOG"
-STEM=$(timeout 60 $PY - <<'EOF' 2>>"$BENCH_LOG"
+# The files' stem: the suite's device as benchmarks/harness.py's device_slug names it, and the UTC date.
+# slug NAME: device_slug's file name of the card NAME (a test keeps the two equal).
+slug() {
+    local s
+    s=$(printf '%s' "$1" | LC_ALL=C tr 'A-Z' 'a-z' | LC_ALL=C sed -E 's/[^a-z0-9]+/-/g; s/^-//; s/-$//')
+    s=${s:0:60}
+    echo "${s:-device}"
+}
+# card_name: the name torch.cuda.get_device_name gives the suite's card (the first that CUDA_VISIBLE_DEVICES
+# leaves, by index or UUID), from nvidia-smi; nothing where nvidia-smi cannot say it for certain (no card or
+# no nvidia-smi, a MIG mode on, whose devices CUDA names otherwise, cards of two models, whose order may differ).
+card_name() {
+    local first=${CUDA_VISIBLE_DEVICES-0}
+    timeout 20 nvidia-smi --query-gpu=index,uuid,name,mig.mode.current --format=csv,noheader 2>/dev/null |
+        awk -F', ' -v first="${first%%,*}" '
+            NF != 4 || $4 == "Enabled" { bad = 1 } { names[$3] = 1 }
+            first != "" && ($1 == first || index($2, first) == 1) { name = $3 }
+            END { n = 0; for (k in names) n++; if (!bad && n == 1 && name != "") print name }'
+}
+CARD=$(card_name)
+if [ -n "$CARD" ]; then
+    STEM=$(slug "$CARD")-$(date -u +%Y-%m-%d)  # no Python start (3-4 s of the card's time) to name a file
+else
+    STEM=$(timeout 60 $PY - <<'EOF' 2>>"$BENCH_LOG"
 import datetime, torch
 from benchmarks.harness import device_slug
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(f"{device_slug(dev)}-{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}")
 EOF
 )
+fi
 STEM=${STEM:-benchmarks}$SUFFIX
 BENCH_ARGS=(--out-dir "$OUT" --name "$STEM" --no-plot --tier "$TIER")
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && BENCH_ARGS+=(--quick)

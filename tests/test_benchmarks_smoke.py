@@ -1639,6 +1639,64 @@ def test_gpu_check_names_a_quick_run_as_the_suite_does(tmp_path):
     assert "--quick" in argv and argv[argv.index("--name") + 1].endswith("-quick-costly"), argv
 
 
+def _fake_nvidia_smi(tmp_path, cards: str) -> str:
+    """A directory for PATH whose nvidia-smi answers gpu_check.sh's card query with ``cards`` (its CSV
+    lines: index, uuid, name, MIG mode) and any other query with one line."""
+    bin_dir = tmp_path / "fake_bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "cards.csv").write_text(cards)
+    script = bin_dir / "nvidia-smi"
+    script.write_text('#!/bin/sh\ncase "$*" in *index,uuid,name*) cat "$(dirname "$0")/cards.csv" ;; '
+                      '*) echo "a fake card" ;; esac\n')
+    script.chmod(0o755)
+    return str(bin_dir)
+
+
+def test_gpu_check_names_its_files_as_device_slug_without_python(tmp_path, monkeypatch):
+    """The result files' stem (<device>-<date>) was named by a Python process that imported torch: 3-4 s
+    of the lent card's time. On a card nvidia-smi names for certain the script names it itself, as
+    harness.device_slug does; where it cannot (no card, MIG, two models, every card hidden) Python names it."""
+    import datetime
+    import re
+
+    # No Python start names the stem of a card nvidia-smi knows (the tree's own device_slug would say
+    # "python-named"), and Python still names it where nvidia-smi cannot (here a MIG mode on).
+    h200 = "0, GPU-1b2c, NVIDIA H200, [N/A]\n"
+    tree = _gpu_check_tree(tmp_path)
+    (tree / "benchmarks" / "harness.py").write_text("def device_slug(device):\n    return 'python-named'\n")
+    for cards, stem in ((h200, "nvidia-h200"), ("0, GPU-1b2c, NVIDIA H200, Enabled\n", "python-named")):
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / f"out-{stem}", GPU_CHECK_BUDGET="80",
+                                         PATH=_fake_nvidia_smi(tmp_path, cards) + os.pathsep + os.environ["PATH"])
+        assert argv is not None, proc.stdout + proc.stderr + log
+        assert argv[argv.index("--name") + 1] == f"{stem}-{date}", argv
+
+    # The script's own functions: slug as device_slug, card_name where it is certain.
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
+    functions = "".join(re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", text, re.S | re.M).group(0)
+                        for name in ("slug", "card_name"))
+
+    def bash(command, **env):
+        proc = subprocess.run(["bash", "-c", functions + command], env=dict(os.environ, **env), capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.rstrip("\n")
+
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "Tesla V100-SXM2-16GB", "  --Odd__Card!! (rev 2) ", "???",
+                 "NVIDIA H200 (" + "x" * 80 + ")", "a" * 59 + " b", "X" * 100):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bash(f"slug {shlex.quote(name)}") == harness.device_slug(torch.device("cuda")), name
+    for cards, visible, named in ((h200, None, "NVIDIA H200"), (h200, "GPU-1b", "NVIDIA H200"),
+                                  (h200, "0,1", "NVIDIA H200"), (h200, "", ""), (h200, "1", ""), (h200, "-1", ""),
+                                  ("0, GPU-1b2c, NVIDIA H200, Enabled\n", None, ""),
+                                  (h200 + "1, GPU-9f, NVIDIA H100 80GB HBM3, Disabled\n", None, ""),
+                                  (h200 + "1, GPU-9f, NVIDIA H200, Disabled\n", "1", "NVIDIA H200"), ("", None, "")):
+        env = {"PATH": _fake_nvidia_smi(tmp_path, cards) + os.pathsep + os.environ["PATH"]}
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+        assert bash("card_name", **env) == named, (cards, visible)
+
+
 def test_gpu_check_run_by_sh_runs_under_bash(tmp_path):
     """`sh benchmarks/gpu_check.sh` (dash on Debian) stopped at the first bash-only line, after
     some stages had run and before the suite: the script runs itself again under bash."""
