@@ -481,17 +481,25 @@ def _probe_estimate_s(suite, batch, dim, sizing_ms=None):
     return min(times) * 1e-3 * (batch / PROBE_SIZING_BATCH) ** 2 * margin
 
 
+def probe_unavailable(suite) -> bool:
+    """Whether the probe cannot run in this run (the reason logged): no GPU, ``--quick``, or
+    provider triton not selected."""
+    shape_text = f"B={PROBE['batch']} D={PROBE['dim']} labels"
+    if not suite.is_gpu or suite.quick:
+        suite.skip(f"label_guided_infonce {shape_text}", "GPU only, not with --quick")
+        return True
+    if "triton" not in suite.providers:
+        suite.skip(f"label_guided_infonce {shape_text}", "the probe runs the Triton kernels: not a provider here")
+        return True
+    return False
+
+
 def _size_probe(suite, generator):
     """True when this run has a fused row at B=65,536 to size the probe from (family
     ``contrastive`` ran before); else the milliseconds of one Triton step at that size timed
     here after a warm-up call (a ``--tier costly`` run has no cheap rows; the timing makes no
     row: it is not checked); False (the reason logged) when the probe cannot run here."""
-    shape_text = f"B={PROBE['batch']} D={PROBE['dim']} labels"
-    if not suite.is_gpu or suite.quick:
-        suite.skip(f"label_guided_infonce {shape_text}", "GPU only, not with --quick")
-        return False
-    if "triton" not in suite.providers:
-        suite.skip(f"label_guided_infonce {shape_text}", "the probe runs the Triton kernels: not a provider here")
+    if probe_unavailable(suite):
         return False
     if _probe_estimate_s(suite, PROBE["batch"], PROBE["dim"]) is not None:
         return True

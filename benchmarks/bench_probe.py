@@ -20,5 +20,12 @@ COSTLY_ITEMS = ("label_guided_infonce B=1000000",)
 ALL_COSTLY = True
 
 
+def unavailable(suite) -> bool:
+    """Whether this run cannot run the probe (the reason logged): no GPU, ``--quick``, or provider
+    triton not selected. The suite's process asks before it starts the family's own, whose
+    start-up (torch's import; 4-5 s of device time on a GPU, with --quick) would buy only this line."""
+    return bench_contrastive.probe_unavailable(suite)
+
+
 def run(suite) -> None:
     bench_contrastive.run(suite, probe=True)

@@ -100,13 +100,22 @@ def _contrastive_case(suite, dtype):
 CASES = {"lora": _lora_case, "contrastive": _contrastive_case}
 
 
-def run(suite) -> None:
+def unavailable(suite) -> bool:
+    """Whether this run cannot sweep (the reason logged): no GPU, or provider triton not selected.
+    The suite's process asks before it starts the family's own, whose start-up (torch's import)
+    would otherwise buy only this line."""
     if not suite.is_gpu:
         suite.skip(ITEM, "a sweep of GPU launch configurations: needs a GPU (the interpreter's times say nothing "
                          "about a GPU's)")
-        return
+        return True
     if "triton" not in suite.providers:
         suite.skip(ITEM, "provider triton not selected (--providers)")
+        return True
+    return False
+
+
+def run(suite) -> None:
+    if unavailable(suite):
         return
     plan = sweep_plan()
     if not suite.include(ITEM, costly=True, estimate_s=SECONDS_PER_CONFIG * sum(len(p["configs"]) for p in plan)):

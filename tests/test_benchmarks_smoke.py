@@ -743,8 +743,8 @@ def test_quick_run_times_the_global_batch_loss_across_two_gloo_ranks(quick_run):
 def test_quick_run_ran_each_family_in_its_own_process(quick_run):
     run = quick_run[0]["run"]
     assert run["isolation"] == "process per family"
-    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "distributed", "model", "training",
-                                    "contrastive_probe", "tuning"}
+    # (The GPU's families, the probe and the sweep, get no process on the CPU: the suite says why they skip.)
+    assert set(run["families"]) == {"lora", "hypergraph", "contrastive", "distributed", "model", "training"}
     assert all(status["outcome"] == "ok" and status["rc"] == 0 for status in run["families"].values()), run
     # Rows of every family landed in the one file, and the training family (its own process)
     # found the model family's rows of the earlier process (its backend choice reads them).
@@ -1323,7 +1323,7 @@ def test_a_gpu_run_with_one_card_starts_no_process_for_the_distributed_family(tm
     monkeypatch.setattr(suite_module.Suite, "is_gpu", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert suite_module.main(["--only", "distributed", "--only", "tuning", "--out-dir", str(tmp_path), "--name", "r",
-                              "--no-plot"]) == 0
+                              "--no-plot", "--providers", "torch,triton"]) == 0
     assert started == ["tuning"]
     skipped = json.loads((tmp_path / "r.json").read_text())["run"]["skipped"]
     assert skipped == ["label_guided_infonce group=: skipped (needs 2 or more CUDA devices, one per rank; this "
@@ -1331,6 +1331,40 @@ def test_a_gpu_run_with_one_card_starts_no_process_for_the_distributed_family(tm
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two cards: its process runs it
     assert suite_module.main(["--only", "distributed", "--out-dir", str(tmp_path), "--name", "r", "--no-plot"]) == 0
     assert started == ["tuning", "distributed"]
+
+
+def test_families_that_cannot_run_here_get_no_process(tmp_path, monkeypatch):
+    """The sweep (family tuning) needs a GPU and provider triton; the B=1,000,000 probe (family
+    contrastive_probe) a GPU, triton and no --quick. Where they cannot run, the suite's own process
+    skips them with the lines their processes wrote (a torch start-up each for that line: device
+    time on a GPU with --quick or --providers torch); where they can, their processes run them."""
+    from benchmarks import suite as suite_module
+
+    started = []
+
+    def run_family_process(suite, family, args, **kwargs):
+        started.append(family)
+        return {"outcome": "ok", "rc": 0, "seconds": 0.0}
+
+    def skipped(*options):
+        started.clear()
+        assert suite_module.main(["--only", "tuning", "--only", "contrastive_probe", "--out-dir", str(tmp_path),
+                                  "--name", "r", "--no-plot", *options]) == 0
+        return json.loads((tmp_path / "r.json").read_text())["run"]["skipped"]
+
+    monkeypatch.setattr(suite_module, "_run_family_process", run_family_process)
+    probe = "label_guided_infonce B=1000000 D=512 labels: skipped "
+    assert skipped() == ["triton_config_sweep: skipped (a sweep of GPU launch configurations: needs a GPU (the "
+                         "interpreter's times say nothing about a GPU's))", probe + "(GPU only, not with --quick)"]
+    assert started == []
+    monkeypatch.setattr(suite_module.Suite, "is_gpu", property(lambda self: True))
+    assert skipped("--providers", "torch") == ["triton_config_sweep: skipped (provider triton not selected "
+                                               "(--providers))",
+                                               probe + "(the probe runs the Triton kernels: not a provider here)"]
+    assert started == []
+    assert skipped("--quick", "--providers", "torch,triton") == [probe + "(GPU only, not with --quick)"]
+    assert started == ["tuning"]
+    assert skipped("--providers", "torch,triton") == [] and started == ["tuning", "contrastive_probe"]
 
 
 def _alive(pid: int) -> bool:
