@@ -794,11 +794,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  else ""))
     if not suite.rows:
         print("\nnothing was measured (see 'skipped' above for why)")
-    launch_bound = [r for r in suite.rows if r.metrics.get("launch_bound")]
+    # Each measurement once: a provider's has a row per baseline it is compared with, all alike.
+    launch_bound = dict.fromkeys(f"{r.op} {r.shape} {r.provider}" for r in suite.rows if r.metrics.get("launch_bound"))
     if launch_bound:
         print(f"\nlaunch-bound (back-to-back wall time over {harness.LAUNCH_BOUND_RATIO}x the event median; "
-              "their event-time ratios may flatter): "
-              + "; ".join(f"{r.op} {r.shape} {r.provider}" for r in launch_bound))
+              "their event-time ratios may flatter): " + "; ".join(launch_bound))
     if png_path and suite.rows:
         try:
             from benchmarks.plot import plot_rows

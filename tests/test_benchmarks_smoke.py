@@ -817,6 +817,26 @@ def test_family_state_passes_through_the_json_file(tmp_path):
     assert row.metrics["min_ms"] == 0.9 and row.metrics["max_ms"] == 1.4 and row.metrics["iqr_ms"] == 0.1
 
 
+def test_the_launch_bound_note_names_each_measurement_once(tmp_path, monkeypatch, capsys):
+    """A provider's measurement has a row per baseline (three on a GPU for lora_qkv): the note under
+    the table named a launch-bound provider once per row, as if each were another measurement."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+    from benchmarks.harness import Measurement
+
+    def run(suite):
+        bound, fine = (Measurement(1.0, None, 20, (0.9, 1.4), wall_ms=wall, wall_calls=50) for wall in (2.0, 1.1))
+        suite.add_rows(family="lora", op="lora_qkv", shape="M=1", dtype=torch.float32, ours={"triton": (bound, {})},
+                       baselines={name: (fine, {}) for name in ("reference", "peft-style", "frozen-base")})
+
+    monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": SimpleNamespace(run=run)})
+    assert suite_module.main(["--only", "lora", "--in-process", "--out-dir", str(tmp_path), "--name", "r",
+                              "--no-plot"]) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("launch-bound"))
+    assert note.endswith("may flatter): lora_qkv M=1 triton"), note
+
+
 def test_non_finite_numbers_of_an_earlier_family_read_back_as_floats(tmp_path):
     """JSON holds inf and NaN as strings; the next family's process reads them back as the floats
     they were: the B=1,000,000 probe compares the B=65,536 blocked row's error with a bound, and
