@@ -951,10 +951,10 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
                       what: str, update: Callable[[dict, dict | None], tuple[dict, list[str]]]) -> int:
     """``python -m benchmarks.<module> RESULTS.json [--out FILE]``: ``update(payload, existing)``
     gives the new content of ``FILE`` (default ``default_out``, also the base when ``FILE`` does
-    not exist yet) and a report. Exit status 0 when written (atomically), or ``unchanged`` when
-    ``FILE`` holds that content already (not rewritten), 3 when the run holds nothing to write
-    (:class:`NothingToWrite`; the file is left as it was), 2 for a bad result file (another
-    ``ValueError``, e.g. a CPU run)."""
+    not exist yet) and a report. Exit status 0 when written (atomically; said when a new ``FILE``
+    holds what ``default_out`` does), or ``unchanged`` when ``FILE`` holds that content already
+    (not rewritten), 3 when the run holds nothing to write (:class:`NothingToWrite`; the file is
+    left as it was), 2 for a bad result file (another ``ValueError``, e.g. a CPU run)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=description)
@@ -994,11 +994,12 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
         json.dump(content, handle, indent=2, sort_keys=True)
         handle.write("\n")
 
-    try:  # what dump() would write, against what the file holds
-        with open(args.out, encoding="utf-8") as handle:
-            unchanged = handle.read() == json.dumps(content, indent=2, sort_keys=True) + "\n"
-    except (OSError, UnicodeDecodeError):  # (no such file yet: written)
-        unchanged = False
+    try:  # what dump() would write, against what the file it updates holds
+        with open(source, encoding="utf-8") as handle:
+            same = handle.read() == json.dumps(content, indent=2, sort_keys=True) + "\n"
+    except (OSError, UnicodeDecodeError):  # (no such file: written)
+        same = False
+    unchanged = same and source == args.out
     if not unchanged:
         try:
             _replace_file(args.out, dump)
@@ -1007,5 +1008,8 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
                   f"{exc.strerror or exc})", file=sys.stderr)
             return 2
     print("\n".join(report))
-    print(f"{'unchanged' if unchanged else 'written'}: {args.out}")
+    if unchanged:
+        print(f"unchanged: {args.out}")
+    else:  # a new FILE from the package's own: the same content says there is nothing to commit over it
+        print(f"written: {args.out}" + (f" (the same as {source}, which it updates)" if same else ""))
     return 0

@@ -387,6 +387,14 @@ def test_writer_leaves_a_file_that_holds_its_content_already(tmp_path, capsys):
     assert tuned_configs.main([str(results), "--out", str(out)]) == 0
     assert capsys.readouterr().out.endswith(f"written: {out}\n")
     assert "lora" not in json.loads(out.read_text())["by_device"].get(CARD, {})
+    # A new file from the package's own (gpu_check.sh's --out under $OUT) that holds what the package's does:
+    # written, and said to be the same (nothing to commit over it).
+    fresh = tmp_path / "fresh.json"
+    results.write_text(json.dumps(_payload([_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 3, 9.9, 0.004)],
+                                           device="NVIDIA B300")))
+    assert tuned_configs.main([str(results), "--out", str(fresh)]) == 0
+    assert capsys.readouterr().out.endswith(f"written: {fresh} (the same as {_tuning.TUNED_FILE}, which it updates)\n")
+    assert fresh.read_text() == open(_tuning.TUNED_FILE, encoding="utf-8").read()
 
 
 def test_writer_takes_nothing_when_the_default_has_no_finite_error():
