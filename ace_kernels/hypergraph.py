@@ -1759,13 +1759,33 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
 # Module
 # --------------------------------------------------------------------------------------
 
+class _AdapterLinear(nn.Linear):
+    """An adapter's ``nn.Linear`` whose :meth:`reset_parameters` gives the reference's init: FSDP's
+    meta-device materialisation (and ``to_empty`` then ``reset_parameters`` on each module) gave
+    nn.Linear's kaiming-uniform weight instead of the kaiming-normal one."""
+
+    # nn.Linear.__init__ calls reset_parameters: construction keeps nn.Linear's init there and
+    # _Adapter draws the kaiming-normal weights after both layers, as it always has (same numbers).
+    _kaiming_normal = False
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+        self._kaiming_normal = True
+
+    def reset_parameters(self) -> None:
+        # The draws of construction, this layer's own: nn.Linear's weight and bias, then the weight again.
+        super().reset_parameters()
+        if self._kaiming_normal:
+            nn.init.kaiming_normal_(self.weight)
+
+
 class _Adapter(nn.Module):
     """up(leaky_relu(down(z), 0.2)); state dict keys down.weight/bias, up.weight/bias."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.down = nn.Linear(dim, hidden)
-        self.up = nn.Linear(hidden, dim)
+        self.down = _AdapterLinear(dim, hidden)
+        self.up = _AdapterLinear(hidden, dim)
         # The reference initialises the weights with kaiming_normal_ and keeps nn.Linear's biases.
         nn.init.kaiming_normal_(self.down.weight)
         nn.init.kaiming_normal_(self.up.weight)

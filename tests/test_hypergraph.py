@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ace_kernels
 from ace_kernels import hypergraph as hg
+from _meta_init import materialise_like_fsdp
 from _released import released_path
 from oracle_hypergraph import oracle_hypergraph, oracle_incidence
 
@@ -475,6 +476,42 @@ def test_module_default_shapes_and_init():
     std_up = module.node_adapter.up.weight.std().item()
     assert abs(std_down - (2 / 512) ** 0.5) < 0.05 * (2 / 512) ** 0.5
     assert abs(std_up - (2 / 128) ** 0.5) < 0.05 * (2 / 128) ** 0.5
+
+
+@pytest.mark.parametrize("how", ["torch's FSDP1", "each module"])
+def test_module_materialised_from_meta_has_the_construction_init(how):
+    """Deferred init: built on the meta device, then ``to_empty`` and ``reset_parameters`` on each
+    module with parameters of its own (what FSDP1 does by default: the adapters' down and up
+    layers), the adapters' weights were nn.Linear's kaiming-uniform (std 1 / sqrt(3 fan_in)), not the
+    reference's kaiming-normal (std sqrt(2 / fan_in)), silently. Each layer now draws what it draws
+    at construction (its own draws: the generator ends where construction leaves it)."""
+    torch.manual_seed(0)
+    eager = ace_kernels.ACEHypergraph()
+    after_construction = torch.get_rng_state()
+    with torch.device("meta"):
+        module = ace_kernels.ACEHypergraph()
+    torch.manual_seed(0)
+    if how == "each module":
+        assert materialise_like_fsdp(module) == [module.edge_adapter.down, module.edge_adapter.up,
+                                                 module.node_adapter.down, module.node_adapter.up]
+    else:
+        init_utils = pytest.importorskip("torch.distributed.fsdp._init_utils")
+        init_utils._materialize_meta_module(module, torch.device("cpu"), set(), None)
+    for name, want in eager.named_parameters():
+        got = module.get_parameter(name)
+        assert got.device.type == "cpu" and got.shape == want.shape, name
+        fan_in = module.get_submodule(name.rsplit(".", 1)[0]).in_features
+        for tensor in (got, want):
+            if name.endswith("weight"):  # kaiming_normal_: std sqrt(2 / fan_in), beyond nn.Linear's bound
+                assert abs(tensor.std().item() - (2 / fan_in) ** 0.5) < 0.05 * (2 / fan_in) ** 0.5, name
+                assert tensor.abs().max().item() > 2 / fan_in ** 0.5, name
+            else:  # nn.Linear's bias: uniform within 1 / sqrt(fan_in)
+                assert tensor.abs().max().item() <= 1 / fan_in ** 0.5, name
+                assert abs(tensor.std().item() - (1 / (3 * fan_in)) ** 0.5) < 0.15 * (1 / (3 * fan_in)) ** 0.5, name
+    assert torch.equal(torch.get_rng_state(), after_construction)
+    # The layers stay nn.Linear (patching checks it) and the state dict keys are the same.
+    assert isinstance(module.edge_adapter.down, torch.nn.Linear)
+    assert list(module.state_dict()) == list(eager.state_dict())
 
 
 RELEASED = str(released_path())  # tests/_released.py: the workplace's copy, else the one in tests/data
