@@ -1824,11 +1824,18 @@ class LabelGuidedInfoNCE(nn.Module):
             raise ValueError(f"argument 'logit_scale_init': expected a finite number within float32's range "
                              f"(|x| <= {torch.finfo(torch.float32).max:.6g}), got {init!r}")
         self.logit_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32))  # on the default device
+        self._logit_scale_init = init  # for reset_parameters (a module built on the meta device has no value)
         # Checked now, not at the first forward (where a bad value would surface in a training loop).
         _dispatch.check_backend(backend, ops=(OP_NAME,))
         _check_group(group)
         self.group = group
         self.backend = backend
+
+    def reset_parameters(self) -> None:
+        """Set ``logit_scale`` back to ``logit_scale_init``, as at construction (what FSDP's meta-device
+        materialisation and ``to_empty`` then ``reset_parameters`` rely on)."""
+        with torch.no_grad():
+            self.logit_scale.fill_(self._logit_scale_init)
 
     def forward(self, image_emb, text_emb, labels=None):
         return label_guided_infonce(image_emb, text_emb, self.logit_scale, labels,

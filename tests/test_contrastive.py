@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ace_kernels
 from ace_kernels import _tuning, contrastive
+from _meta_init import materialise_like_fsdp
 from oracle_contrastive import label_guided_infonce_oracle
 
 # fp64 end to end: blocked log-sum-exp versus dense cross-entropy differ only
@@ -340,6 +341,24 @@ def test_module_builds_under_a_meta_default_device():
     module = module.to_empty(device="cpu")
     module.load_state_dict(ace_kernels.LabelGuidedInfoNCE(10.0).state_dict(), strict=True)
     assert repr(module) == "LabelGuidedInfoNCE(logit_scale=10)"
+
+
+def test_module_materialised_from_meta_has_its_initial_multiplier():
+    """Deferred init without a state dict: FSDP1 (to_empty, then reset_parameters on each module
+    with parameters of its own) raised AttributeError, as the module had no reset_parameters; after
+    to_empty alone the multiplier is garbage. reset_parameters gives the value of construction, bit
+    for bit, also to a module whose multiplier has been trained since."""
+    init = 1 / 0.07
+    want = ace_kernels.LabelGuidedInfoNCE(init).logit_scale
+    with torch.device("meta"):
+        module = ace_kernels.LabelGuidedInfoNCE(init, backend="torch")
+    assert materialise_like_fsdp(module) == [module]
+    assert module.logit_scale.device.type == "cpu" and isinstance(module.logit_scale, torch.nn.Parameter)
+    assert torch.equal(module.logit_scale, want)
+    with torch.no_grad():
+        module.logit_scale.add_(3.0)
+    module.reset_parameters()
+    assert torch.equal(module.logit_scale, want) and module.logit_scale.requires_grad
 
 
 def test_module_learns_the_multiplier_itself():
