@@ -127,6 +127,11 @@ class _PlainCLIP(nn.Module):
         self.text = _HFTextTower(bert_config, embed_dim)
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
 
+    def reset_parameters(self) -> None:
+        # Its own parameter only (its towers' modules have their own): the value of construction.
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1 / 0.07))
+
 
 def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Module:
     """Build the frozen CLIP base of config ``name`` with random weights, offline.
@@ -518,9 +523,21 @@ class ACELoRA(nn.Module):
         self.image_hgnn = ace_kernels.ACEHypergraph(dim=self.embed_dim, hidden=hidden, topk=topk)
         self.text_hgnn = ace_kernels.ACEHypergraph(dim=self.embed_dim, hidden=hidden, topk=topk)
         self.logit_scale = nn.Parameter(self.clip.logit_scale.detach().clone().float().exp())
+        # What reset_parameters sets it to again: its value here. A base on the meta device has no value yet:
+        # that of its random init, log(1 / 0.07) (_PlainCLIP's and open_clip's), stands in.
+        self._logit_scale_init = (
+            torch.full(self.logit_scale.shape, math.log(1 / 0.07), dtype=torch.float32, device="cpu").exp()
+            if self.logit_scale.is_meta else self.logit_scale.detach().clone())
         # Metadata of the last released-format checkpoint loaded, written back on save so
         # that a load/save round trip is exact (see ace_model.checkpoint).
         self.reference_metadata: dict | None = None
+
+    def reset_parameters(self) -> None:
+        """Set ``logit_scale`` (this module's own parameter) back to its value at construction, the
+        LoRA factors and adapters having their own ``reset_parameters`` (FSDP's meta-device
+        materialisation calls it on each module with parameters; the frozen base's are its own)."""
+        with torch.no_grad():
+            self.logit_scale.copy_(self._logit_scale_init)
 
     def extra_repr(self) -> str:
         # The settings that change what runs, when not the defaults (the tree below shows the modules only).

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import ace_kernels  # noqa: E402
 import reference_model as ref  # noqa: E402
+from _meta_init import materialise_like_fsdp  # noqa: E402
 from _released import released_path  # noqa: E402
 from _saved import saved_storage_bytes  # noqa: E402
 from ace_model import ACELoRA  # noqa: E402
@@ -413,6 +414,49 @@ def test_lora_init_and_logit_multiplier(tiny_model):
         assert not torch.equal(lora.lora_a[0], lora.lora_a[1])
     assert torch.allclose(model.logit_scale, model.clip.logit_scale.exp())
     assert model.logit_scale.requires_grad and not model.clip.logit_scale.requires_grad
+
+
+def test_trainable_modules_materialised_from_meta_have_the_construction_init():
+    """Deferred init: ACELoRA built on the meta device, its frozen base given its weights (a state
+    dict), then its own modules materialised as FSDP1 does by default (to_empty, then
+    reset_parameters on each module with parameters of its own). ACELoRA itself had no
+    reset_parameters (AttributeError, and to_empty alone leaves the multiplier garbage) and the
+    adapters came out kaiming-uniform. Now the LoRA factors and the multiplier are those of an eager
+    build with the same seed, bit for bit, and the adapters kaiming-normal; the generator ends where
+    construction leaves it. The direct build's base resets its own log scale too."""
+    torch.manual_seed(0)
+    base = build_base_model("tiny", use_open_clip=False)
+    before = torch.get_rng_state()
+    eager = ACELoRA(base, "tiny", backend="torch")
+    after = torch.get_rng_state()
+    with torch.device("meta"):
+        model = ACELoRA(build_base_model("tiny", use_open_clip=False), "tiny", backend="torch")
+    model.clip.to_empty(device="cpu")
+    model.clip.load_state_dict(base.state_dict())
+    torch.set_rng_state(before)
+    called = materialise_like_fsdp(model, skip=[model.clip])
+    assert called[:1 + len(model.image_lora) + len(model.text_lora)] == [model, *model.image_lora, *model.text_lora]
+    assert torch.equal(torch.get_rng_state(), after)
+    assert not any(p.is_meta for p in model.parameters())
+    for name, param in eager.named_trainable_parameters():
+        got = model.get_parameter(name)
+        if "_hgnn." not in name:
+            assert torch.equal(got, param), name
+        elif name.endswith("weight"):  # kaiming_normal_ (nn.Linear's kaiming-uniform has a 2.4x smaller std)
+            std = (2 / got.shape[1]) ** 0.5
+            assert abs(got.std().item() - std) < 0.1 * std and abs(param.std().item() - std) < 0.1 * std, name
+    # The multiplier of a model whose base had another scale (loaded weights) resets to that one's.
+    with torch.no_grad():
+        base.logit_scale.fill_(4.5)
+    model = ACELoRA(base, "tiny", backend="torch")
+    want = model.logit_scale.detach().clone()
+    with torch.no_grad():
+        model.logit_scale.mul_(2.0)
+        base.logit_scale.fill_(-1.0)
+    model.reset_parameters()
+    base.reset_parameters()
+    assert torch.equal(model.logit_scale, want) and torch.equal(want, torch.tensor(4.5).exp())
+    assert torch.equal(base.logit_scale, eager.clip.logit_scale)
 
 
 def test_encoders_shapes_and_normalisation(tiny_model):
