@@ -15,7 +15,8 @@ Backends
     Exact PyTorch on any device, one ``autograd.Function``. The frozen base is one
     stacked GEMM; the LoRA branch runs at rank r (``B A`` is never formed). Saved
     for backward: ``x``, the rank-r activations ``S = drop(x) A^T`` and the keep
-    masks as ``bool`` (1 byte per element and projection). Storing the masks was
+    masks as ``bool`` (1 byte per element and projection), each only when a wanted
+    gradient reads it (B alone trained: ``S`` alone). Storing the masks was
     measured faster on the CPU than regenerating them in backward: drawing the
     random numbers costs about as much as a quarter of the base GEMM there.
 ``triton``
@@ -187,12 +188,12 @@ def saved_activation_bytes() -> Iterator[list]:
         _remove_recorder(_SAVED_BYTES_RECORDERS, record)
 
 
-def _record_saved(backend: str, y: torch.Tensor, x_saved: torch.Tensor, extras) -> None:
-    """Record what the call that produced ``y`` saved, if it built a graph and a recorder is on.
-    (The recorders are checked first: ``torch.compile`` cannot trace ``y.grad_fn``.)"""
+def _record_saved(backend: str, y: torch.Tensor, x_saved: torch.Tensor | None, extras) -> None:
+    """Record what the call that produced ``y`` saved (``x_saved`` None: x was not saved), if it built a
+    graph and a recorder is on. (The recorders are checked first: ``torch.compile`` cannot trace ``y.grad_fn``.)"""
     if not _SAVED_BYTES_RECORDERS or y.grad_fn is None:
         return
-    x_bytes = x_saved.numel() * x_saved.element_size()
+    x_bytes = 0 if x_saved is None else x_saved.numel() * x_saved.element_size()
     extra = sum(t.numel() * t.element_size() for t in extras if t is not None)
     for record in tuple(_SAVED_BYTES_RECORDERS):
         record.append({"backend": backend, "total": x_bytes + extra, "x": x_bytes, "extra": extra})
@@ -320,31 +321,41 @@ class _LoraTorchFunction(torch.autograd.Function):
             y = torch.addmm(y, s_flat, _block_diagonal_b(lora_b3).t(), alpha=scaling)
         else:
             y.addmm_(s_flat, _block_diagonal_b(lora_b3).t(), alpha=scaling)
-        ctx.save_for_backward(x2d, weight, lora_a3, lora_b3, s_flat, keep)
+        # Only what the wanted gradients read (a frozen weight made under torch.inference_mode cannot be
+        # saved; nor need it be when x needs no gradient): W for dX; x for dA, dW and (create_graph=True,
+        # x trained too) S's recomputation; A, B and the masks for dX and dA; S for dB.
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        save_x = need_a or need_w or (need_b and need_x)
+        need_branch = need_x or need_a
+        saved = (x2d if save_x else None, weight if need_x else None, lora_a3 if need_branch else None,
+                 lora_b3 if need_branch else None, s_flat if need_b else None, keep if need_branch else None)
+        ctx.save_for_backward(*saved)
+        ctx.shape = (projections, rank, in_features, out_features)
         ctx.scaling = scaling
         ctx.keep_prob = keep_prob
         ctx.has_bias = bias is not None
         # Hand the mask and the saved tensors to the caller for the debug hooks.
         side["keep"] = keep
-        side["saved"] = (x2d, (s_flat, keep))
+        side["saved"] = (saved[0], saved[4:])
         return y
 
     @staticmethod
     @_library.autocast_off_backward  # the forward ran with autocast off; so must the products here
     def backward(ctx, grad_y):
         x2d, weight, lora_a3, lora_b3, s_flat, keep = ctx.saved_tensors
-        projections, rank, in_features = lora_a3.shape
-        rows = x2d.shape[0]
+        projections, rank, in_features, out_features = ctx.shape
+        rows = grad_y.shape[0]
         scaling, keep_prob = ctx.scaling, ctx.keep_prob
         grad_y = grad_y.contiguous()
-        out_features = lora_b3.shape[1]
-        # G_p = dY_p B_p for every projection: one batched product over a view of dY
-        # (measured faster on the CPU than dY times the block-diagonal B).
-        grad_s3 = torch.bmm(grad_y.view(rows, projections, out_features).transpose(0, 1), lora_b3)  # [P, M, r]
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        need_branch = need_x or need_a  # the LoRA branch's way back (A, B and the masks are saved for it)
+        if need_branch:
+            # G_p = dY_p B_p for every projection: one batched product over a view of dY
+            # (measured faster on the CPU than dY times the block-diagonal B).
+            grad_s3 = torch.bmm(grad_y.view(rows, projections, out_features).transpose(0, 1), lora_b3)  # [P, M, r]
         if need_b:
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and need_branch:
                 # create_graph=True: S was computed without a graph in forward; recompute it
                 # with one, so that dB is differentiable in x and A too (every other term
                 # below is built from differentiable ops on the saved inputs).
@@ -352,7 +363,7 @@ class _LoraTorchFunction(torch.autograd.Function):
             # dB_p = s dY_p^T S_p: the diagonal blocks of dY^T S.
             full = grad_y.t() @ s_flat  # [P*out, P*r]
             grad_b = _diagonal_blocks(full, projections, rank).mul_(scaling)
-        if keep is None:
+        if need_branch and keep is None:
             a_flat = lora_a3.reshape(projections * rank, in_features)
             grad_s = grad_s3.transpose(0, 1).reshape(rows, projections * rank)  # [M, P*r]
             if need_x:
@@ -360,7 +371,7 @@ class _LoraTorchFunction(torch.autograd.Function):
                 grad_x.addmm_(grad_s, a_flat, alpha=scaling)
             if need_a:
                 grad_a = (grad_s.t() @ x2d).mul_(scaling).reshape(projections, rank, in_features)
-        else:
+        elif need_branch:
             factor = scaling / keep_prob
             # Projection by projection: one [M, in] temporary at a time (the masked G_p A_p, the
             # dropped x), where the batched form held two [P, M, in] ones, the backward's peak.
@@ -385,9 +396,9 @@ class _LoraTorchFunction(torch.autograd.Function):
 def _torch_forward(x, weight, bias, lora_a3, lora_b3, scaling, dropout_p, training):
     in_features = x.shape[-1]
     lead_shape = x.shape[:-1]
-    if _library.builds_graph((weight, bias, lora_a3, lora_b3)):
-        # The Function saves x whatever trains (B alone needs only S, which the reference saves): an x
-        # made under torch.inference_mode is copied out of it.
+    if _library.builds_graph((weight, lora_a3)) or (lora_b3.requires_grad and _library.builds_graph((x,))):
+        # The Function saves x for the gradients of A and W, and of B beside x's (create_graph=True recomputes
+        # S; B alone needs only S, which the reference saves): an x made under torch.inference_mode is copied.
         x = _library.out_of_inference(x)
     x2d = x.reshape(-1, in_features)
     apply_dropout = training and dropout_p > 0.0
@@ -938,12 +949,12 @@ def _lora_backward_fake(grad_y, x_cat, weight, lora_a3, lora_b3, seed, scaling, 
 
 
 @_library.launcher("lora_backward", _lora_backward_fake)
-def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: torch.Tensor, lora_a3: torch.Tensor,
-                          lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
-                          apply_dropout: bool, compute_dx: bool, compute_da: bool,
+def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: torch.Tensor | None,
+                          lora_a3: torch.Tensor, lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float,
+                          dropout_p: float, apply_dropout: bool, compute_dx: bool, compute_da: bool,
                           compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dX [M, K]; dA [P*r, K] fp32; dB [P, out, r] in x's dtype), each an empty tensor when its
-    ``compute_*`` is off.
+    ``compute_*`` is off. ``weight`` is read for dX only (None without it).
 
     Three products (torch's): dY W, G_p = dY_p B_p and dB_p = scaling * dY_p^T S_p, the last
     two batched over the projections on views of dY; then one kernel adds
@@ -993,7 +1004,8 @@ class _LoraTritonFunction(torch.autograd.Function):
             seed = torch.zeros(1, dtype=torch.int64, device=x2d.device)
         y, x_cat = _lora_forward_launch(x2d, weight, bias, lora_a3, lora_b3, seed, float(scaling), float(dropout_p),
                                         bool(apply_dropout))
-        ctx.save_for_backward(x_cat, weight, lora_a3, lora_b3, seed)
+        # W is read for dX alone: not saved otherwise (a frozen W made under torch.inference_mode cannot be).
+        ctx.save_for_backward(x_cat, weight if ctx.needs_input_grad[0] else None, lora_a3, lora_b3, seed)
         ctx.scaling = float(scaling)
         ctx.dropout_p = dropout_p
         ctx.apply_dropout = apply_dropout

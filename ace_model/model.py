@@ -670,10 +670,11 @@ class ACELoRA(nn.Module):
         every use, and the copy made for a frozen layer is kept for the backward (``dX = dY W``);
         stored in ``dtype`` they are used as they are. The values are the same bit for bit (the
         cast rounds the same way), so losses and gradients are unchanged, without the casts of
-        every step or the copies they keep alive (about 286 MiB for ``biomedclip`` in bf16, and
+        every step or the copies they keep alive (about 282 MiB for ``biomedclip`` in bf16, and
         half the frozen weights' own memory; not the text layers' q, k and v weights, which
         :meth:`text_tokens` stacks into a new tensor at every call, kept for the backward in
-        either case, nor the patch embedding's, whose input needs no gradient). LayerNorms,
+        either case but in the first layer, nor the patch embedding's or the first vision
+        layer's qkv, whose inputs need no gradient). LayerNorms,
         embeddings, positional and class embeddings and every trainable parameter keep their
         dtype (autocast computes with those in float32). Outside autocast the model no longer
         runs (those float32 layers and the ``dtype`` weights meet in one product): the encoders

@@ -311,6 +311,62 @@ def test_x_made_under_inference_mode_trains_the_factors(backend, lora_grads, dev
     compare_with_oracle(case, (x, *inputs[1:]), backend, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora_grads", ["ab", "a", "b"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_frozen_base_made_under_inference_mode_trains_the_factors(backend, lora_grads, device):
+    # The first LoRA layer of a frozen tower loaded under torch.inference_mode: x (the patch embedding's
+    # output) needs no gradient, so the backward reads neither W nor b; both backends saved W anyway,
+    # which autograd refuses for an inference tensor ("Inference tensors cannot be saved for backward").
+    case = Case("inference_base", "qkv", (2, 3), 17, 5, 3, dropout_p=0.3, x_grad=False, lora_grads=lora_grads)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device=device if backend == "triton" else "cpu")
+    with torch.inference_mode():
+        weight, bias = weight.clone(), bias.clone()
+    compare_with_oracle(case, (x, weight, bias, lora_a, lora_b), backend, rtol=1e-4, atol=1e-5)
+
+
+def _saved_storages(fn):
+    """The data pointers of the storages autograd saves while ``fn()`` runs."""
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+# (x, W, A, B needing a gradient) -> (x saved, W saved) by the torch backend: W for dX alone; x for dA, dW
+# and dB beside dX (create_graph=True recomputes S from it); B alone keeps S only, no mask.
+SAVED_BY_NEEDS = [((False, False, True, True), (True, False)), ((False, False, False, True), (False, False)),
+                  ((True, False, False, False), (False, True)), ((True, False, False, True), (True, True)),
+                  ((False, True, False, False), (True, False))]
+
+
+@pytest.mark.parametrize("needs,saved", SAVED_BY_NEEDS, ids=lambda v: "".join("ny"[b] for b in v))
+def test_torch_saves_only_what_the_wanted_gradients_read(needs, saved):
+    case = Case("saved", "qkv", (10,), 16, 4, 2, dropout_p=0.2)
+    x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32)
+    need_x, need_w, need_a, need_b = needs
+    inputs = (x.requires_grad_(need_x), weight.requires_grad_(need_w), bias, lora_a.requires_grad_(need_a),
+              lora_b.requires_grad_(need_b))
+    with lora_module.saved_activation_bytes() as record:
+        kept = _saved_storages(lambda: call_op(case, inputs, "torch"))
+    assert (inputs[0].untyped_storage().data_ptr() in kept, inputs[1].untyped_storage().data_ptr() in kept) == saved
+    if needs == (False, False, False, True):  # S [M, 3r] alone, as reported
+        assert record[0] == {"backend": "torch", "total": 10 * 3 * 2 * 4, "x": 0, "extra": 10 * 3 * 2 * 4}
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_triton_saves_the_weight_for_dx_only(x_grad, device):
+    case = Case("saved", "qkv", (10,), 16, 4, 2, dropout_p=0.2, x_grad=x_grad)
+    inputs = make_inputs(case, torch.float32, device)
+    kept = _saved_storages(lambda: call_op(case, inputs, "triton"))
+    assert (inputs[1].untyped_storage().data_ptr() in kept) == x_grad
+
+
 def test_torch_non_finite_rows_propagate():
     case = Case("nan", "linear", (4,), 8, 3, 2, dropout_p=0.2)
     x, weight, bias, lora_a, lora_b = make_inputs(case)
