@@ -271,14 +271,16 @@ class _GatherSum(torch.autograd.Function):
     """E = A src for a sparse A given as (cols, weights): src [B, R, D] -> [B, Q, D].
 
     ``data``, when given, is the tensor the kernels read in place of ``src`` (x in its own
-    half dtype, with ``src`` its float32 gradient route, see ``_Float32GradRoute``).
+    half dtype, with ``src`` its float32 gradient route, see ``_Float32GradRoute``). Saved: ``src``
+    for the weights' gradient, ``weights`` for src's, only as needed (``cols`` for both).
     """
 
     @staticmethod
     def forward(ctx, src, cols, weights, prims, transpose, data=None):
         data = src if data is None else data
-        ctx.save_for_backward(data, cols, weights)
-        ctx.prims, ctx.transpose = prims, transpose
+        need_src, _, need_w = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(data if need_w else None, cols, weights if need_src else None)
+        ctx.prims, ctx.transpose, ctx.src_rows = prims, transpose, data.shape[1]
         return prims.gather_sum(data, cols, weights)
 
     @staticmethod
@@ -290,19 +292,21 @@ class _GatherSum(torch.autograd.Function):
         grad_src = grad_w = None
         if ctx.needs_input_grad[0]:
             if ctx.transpose is None:
-                ctx.transpose = prims.prepare_transpose(cols, src.shape[1])
-            grad_src = prims.scatter_sum(grad_out, cols, weights, src.shape[1], ctx.transpose)
+                ctx.transpose = prims.prepare_transpose(cols, ctx.src_rows)
+            grad_src = prims.scatter_sum(grad_out, cols, weights, ctx.src_rows, ctx.transpose)
         if ctx.needs_input_grad[2]:
             grad_w = prims.entry_dot(grad_out, src, cols)
         return grad_src, None, grad_w, None, None, None
 
 
 class _ScatterSum(torch.autograd.Function):
-    """C = A^T src for a sparse A given as (cols, weights): src [B, Q, D] -> [B, R, D]."""
+    """C = A^T src for a sparse A given as (cols, weights): src [B, Q, D] -> [B, R, D]. Saved: ``src``
+    for the weights' gradient, ``weights`` for src's, only as needed (``cols`` for both)."""
 
     @staticmethod
     def forward(ctx, src, cols, weights, num_rows, prims, transpose):
-        ctx.save_for_backward(src, cols, weights)
+        need_src, _, need_w = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(src if need_w else None, cols, weights if need_src else None)
         ctx.prims = prims
         return prims.scatter_sum(src, cols, weights, num_rows, transpose)
 
@@ -378,7 +382,8 @@ class _NativeLinear(torch.autograd.Function):
     """F.linear(data.float(), weight) (no bias) for a half ``data`` that is never upcast whole.
 
     Forward and the weight gradient upcast one batch chunk at a time; ``data`` is saved in its
-    own dtype. The gradient goes to ``route`` (the ``_Float32GradRoute`` of data), in float32.
+    own dtype, for the weight's gradient only. The gradient goes to ``route`` (the
+    ``_Float32GradRoute`` of data), in float32.
     """
 
     @staticmethod
@@ -386,7 +391,7 @@ class _NativeLinear(torch.autograd.Function):
         out = torch.empty(*data.shape[:-1], weight.shape[0], dtype=weight.dtype, device=data.device)
         for start, stop in _batch_chunks(data):
             out[start:stop] = F.linear(data[start:stop].to(weight.dtype), weight)
-        ctx.save_for_backward(data, weight)
+        ctx.save_for_backward(data if ctx.needs_input_grad[2] else None, weight)
         return out
 
     @staticmethod
@@ -408,7 +413,8 @@ class _LinearToHalf(torch.autograd.Function):
     """F.linear(z, weight, bias).to(dtype) for a half ``dtype``, one batch chunk at a time.
 
     The float32 product and, in the backward, the float32 upcast of the gradient exist one
-    chunk at a time, so neither a float32 [B, N, D] output nor its gradient is formed.
+    chunk at a time, so neither a float32 [B, N, D] output nor its gradient is formed. ``z`` is
+    saved for the weight's gradient only; each gradient is formed only when needed.
     """
 
     @staticmethod
@@ -416,22 +422,26 @@ class _LinearToHalf(torch.autograd.Function):
         out = torch.empty(*z.shape[:-1], weight.shape[0], dtype=dtype, device=z.device)
         for start, stop in _batch_chunks(out):
             out[start:stop] = F.linear(z[start:stop], weight, bias)
-        ctx.save_for_backward(z, weight)
+        ctx.save_for_backward(z if ctx.needs_input_grad[1] else None, weight)
         return out
 
     @staticmethod
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad):
         z, weight = ctx.saved_tensors
-        grad_z = torch.empty_like(z)
-        grad_w = torch.zeros_like(weight)
-        grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        need_z, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_z = grad.new_empty((*grad.shape[:-1], weight.shape[1]), dtype=weight.dtype) if need_z else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if need_b else None
         for start, stop in _batch_chunks(grad):
             g = grad[start:stop].to(weight.dtype)
-            grad_z[start:stop] = g @ weight
+            if need_z:
+                grad_z[start:stop] = g @ weight
             g = g.reshape(-1, weight.shape[0])
-            grad_w.addmm_(g.T, z[start:stop].reshape(-1, z.shape[-1]))
-            grad_b += g.sum(0)
+            if need_w:
+                grad_w.addmm_(g.T, z[start:stop].reshape(-1, z.shape[-1]))
+            if need_b:
+                grad_b += g.sum(0)
         return grad_z, grad_w, grad_b, None
 
 
@@ -1533,7 +1543,8 @@ class _ClsEdges(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cls_idx, cls_w):
         nbr_idx, nbr_w = _triton_cls_select(x[:, 1:], cls_idx, cls_idx.shape[1])
-        ctx.save_for_backward(x, cls_idx, cls_w, nbr_idx, nbr_w)
+        # cls_w is read for dx alone; x for both gradients (the dot products).
+        ctx.save_for_backward(x, cls_idx, cls_w if ctx.needs_input_grad[0] else None, nbr_idx, nbr_w)
         edge_idx = nbr_idx
         if cls_idx.shape[1] == x.shape[1] - 1:
             # N = k + 1: each neighbour list has an empty slot (-1, weight 0), which the edges kernel

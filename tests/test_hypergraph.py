@@ -1604,6 +1604,83 @@ def _saved_and_created(fn, backward_created=None):
     return saved, created
 
 
+def _saved_pointers(fn):
+    """(fn(), the storage pointers of the tensors autograd saved while it ran)."""
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("trained", ["src", "weights"])
+@pytest.mark.parametrize("function", ["gather", "scatter"])
+def test_sparse_sums_keep_only_what_the_wanted_gradient_reads(function, trained):
+    # src for the weights' gradient, the weights for src's: with frozen tokens (no gradient) and the adapters
+    # trained, the full output's down projections ([B, N, H] twice) were kept for nothing.
+    B, Q, R, D, k = 2, 4, 5, 3, 3
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(B, R if function == "gather" else Q, D, generator=gen, dtype=torch.float64)
+    cols = torch.randint(0, R, (B, Q, k), generator=gen)
+    weights = torch.randn(B, Q, k, generator=gen, dtype=torch.float64)
+    src.requires_grad_(trained == "src")
+    weights.requires_grad_(trained == "weights")
+    prims = hg.TORCH_PRIMITIVES
+    if function == "gather":
+        out, saved = _saved_pointers(lambda: hg._GatherSum.apply(src, cols, weights, prims, None))
+    else:
+        transpose = prims.prepare_transpose(cols, R)
+        out, saved = _saved_pointers(lambda: hg._ScatterSum.apply(src, cols, weights, R, prims, transpose))
+    assert (src.untyped_storage().data_ptr() in saved) == (trained == "weights")
+    assert (weights.untyped_storage().data_ptr() in saved) == (trained == "src")
+    dense = torch.zeros(B, Q, R, dtype=torch.float64).scatter_add(2, cols, weights)  # A
+    want = dense @ src if function == "gather" else dense.transpose(1, 2) @ src
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    leaf = src if trained == "src" else weights
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out, leaf, g)[0], torch.autograd.grad(want, leaf, g)[0])
+
+
+@pytest.mark.parametrize("function", ["native_linear", "linear_to_half"])
+def test_half_linears_keep_their_input_for_the_weights_gradient_only(function):
+    # The kernel backends' half-input linears (the full output's down projection of x, the node adapter's up
+    # projection): with their weight frozen, the input was kept for nothing (x itself; a float32 [B, N, H]).
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=gen)
+    if function == "native_linear":
+        data = torch.randn(2, 4, 5, generator=gen).half()
+        route = torch.zeros(()).expand(data.shape).requires_grad_(True)  # as _Float32GradRoute's
+        out, saved = _saved_pointers(lambda: hg._NativeLinear.apply(route, data, weight))
+        want = torch.nn.functional.linear(data.float(), weight)
+        leaf = route
+    else:
+        data = torch.randn(2, 4, 5, generator=gen, requires_grad=True)
+        bias = torch.randn(6, generator=gen)
+        out, saved = _saved_pointers(lambda: hg._LinearToHalf.apply(data, weight, bias, torch.float16))
+        want = torch.nn.functional.linear(data, weight, bias).half()
+        leaf = data
+    assert data.untyped_storage().data_ptr() not in saved
+    g = torch.randn(want.shape, generator=gen).to(want.dtype)
+    assert torch.equal(out, want)
+    torch.testing.assert_close(torch.autograd.grad(out, leaf, g)[0], (g.float() @ weight).expand(leaf.shape))
+
+
+@pytest.mark.triton
+def test_cls_edges_keep_the_cls_weights_for_dx_only(device):
+    # The CLS row trained on frozen tokens: its weights (read for dx alone) were kept too.
+    x, c, _, _, k = make_inputs((2, 9, 12, 5, 3), dtype=torch.float32, device=device)
+    cls_idx = c.topk(k, dim=-1).indices
+    cls_w = torch.softmax(torch.randn(2, k, device=device), dim=-1).requires_grad_(True)
+    out, saved = _saved_pointers(lambda: hg._ClsEdges.apply(x, cls_idx, cls_w))
+    assert cls_w.untyped_storage().data_ptr() not in saved
+    assert x.untyped_storage().data_ptr() in saved
+    torch.autograd.grad(out.sum(), cls_w)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
