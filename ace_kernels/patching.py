@@ -173,20 +173,21 @@ result: an attention that changes q, k or v in place needs
 
 Limits
 ------
-Patched modules hold the replacement as an instance attribute. ``torch.save``
-of a whole pickled module raises a ``TypeError`` (save the ``state_dict()``,
-which patching leaves unchanged, or ``undo()`` first). ``copy.deepcopy`` gives a
-patched copy that computes with its own weights, with a handle of its own
-(empty: no swaps to undo), which nothing returns: ``undo()`` on the original
-leaves it patched, so deep-copy after ``undo()`` to get a plain copy. Copying a
-part of a patched model copies that part only. ``nn.DataParallel`` replicas copy
-instance attributes and would call the original module's replacement: use
-DDP (or patch after replicating). Under ``torch.compile`` a patched module
-compiles as the original does (``fullgraph=True`` included): the members of a
-q/k/v group then run one by one through ``lora_linear`` (keeping outputs across
-module calls needs host-side guards that would break the graph), so their dropout
-masks are drawn per member, and ``stats()`` counts only the calls made while
-tracing. Tested with ``aot_eager`` on PEFT BERT (grouped) and timm ViT (fused qkv).
+Patched modules hold the replacement as an instance attribute. ``copy.deepcopy``
+and pickling (``torch.save`` of the whole module, then ``torch.load`` with
+``weights_only=False``) give a patched copy that computes with its own weights,
+with a handle of its own (empty: no swaps to undo; fresh counters), which
+nothing returns: ``undo()`` on the original leaves it patched, so copy or save
+after ``undo()`` to get a plain model (or save the ``state_dict()``, whose keys
+patching leaves unchanged). Copying a part of a patched model copies that part
+only. ``nn.DataParallel`` replicas copy instance attributes and would call the
+original module's replacement: use DDP (or patch after replicating). Under
+``torch.compile`` a patched module compiles as the original does
+(``fullgraph=True`` included): the members of a q/k/v group then run one by one
+through ``lora_linear`` (keeping outputs across module calls needs host-side
+guards that would break the graph), so their dropout masks are drawn per member,
+and ``stats()`` counts only the calls made while tracing. Tested with
+``aot_eager`` on PEFT BERT (grouped) and timm ViT (fused qkv).
 """
 
 from __future__ import annotations
@@ -334,11 +335,13 @@ class PatchHandle:
         # The handle of a deep-copied patched model (or part of one): nothing returns it and the
         # copy stays patched, so it holds no swaps or hooks (copying them would copy every module
         # the original patched, whatever part of the model was copied); fresh counters.
-        new = PatchHandle(copy.deepcopy(self.backend, memo))
+        new = _copied_handle(copy.deepcopy(self.backend, memo), self.records, self._undone)
         memo[id(self)] = new
-        new.records = list(self.records)
-        new._undone = self._undone
         return new
+
+    def __reduce__(self):
+        # Pickled (torch.save of a patched model) as deep-copied: its lock, hook handles and swaps stay here.
+        return _copied_handle, (self.backend, self.records, self._undone)
 
     # -- public --
     @property
@@ -424,6 +427,49 @@ class PatchHandle:
         self.undo()
 
 
+def _copied_handle(backend, records, undone) -> PatchHandle:
+    """The handle of a copy of a patched model: its records and state, no swaps or hooks."""
+    new = PatchHandle(backend)
+    new.records = list(records)
+    new._undone = undone
+    return new
+
+
+def _class_method(module: nn.Module, name: str) -> Callable:
+    """``module``'s class method ``name`` bound to it, whatever its instance attributes hold."""
+    return inspect.getattr_static(type(module), name).__get__(module, type(module))
+
+
+class _ClassMethod:
+    """How an original method (a method of a module's class bound to the module) is pickled.
+
+    Pickle's own form of a bound method looks its name up on the instance when it loads; once the
+    module's attributes are back, that finds the replacement shadowing it, which would then call
+    itself. This looks it up on the class."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module = module
+        self.name = name
+
+    def __reduce__(self):
+        return _class_method, (self.module, self.name)
+
+
+def _picklable(value):
+    """``value``, or its :class:`_ClassMethod` when it is a method of a module's class bound to the module."""
+    func = getattr(value, "__func__", None)
+    module = getattr(value, "__self__", None)
+    if func is None or not isinstance(module, nn.Module):
+        return value
+    cls = type(module)
+    for name in dict.fromkeys([func.__name__] + [n for klass in cls.__mro__ for n in vars(klass)]):
+        if inspect.getattr_static(cls, name, None) is func:
+            return _ClassMethod(module, name)
+    return value
+
+
 class _Replacement:
     """A replacement method bound to its module (a callable stored as an instance attribute)."""
 
@@ -448,11 +494,18 @@ class _Replacement:
                 exc._ace_kernels_noted = True
             raise
 
-    def __reduce__(self):
-        # Unpickled, the saved "original" forward would resolve to this replacement itself and
-        # recurse: refuse at save time instead.
-        raise TypeError("a model patched by ace_kernels.patch cannot be pickled (torch.save(model)): save its "
-                        "state_dict, whose keys patching leaves unchanged, or call handle.undo() first")
+    def __getstate__(self):
+        # Pickled (torch.save of a patched model), the original methods come back as the class's.
+        state = dict(vars(self))
+        state["state"] = tuple(_picklable(value) for value in self.state)
+        state["bypass"] = _picklable(self.bypass)
+        return state
+
+    def __copy__(self):
+        # Shares everything (copy.copy would otherwise take __getstate__'s pickling form).
+        new = _Replacement.__new__(_Replacement)
+        vars(new).update(vars(self))
+        return new
 
     def __deepcopy__(self, memo):
         new = _Replacement.__new__(_Replacement)
@@ -1051,6 +1104,23 @@ class _QKVGroup:
         new.members = copy.deepcopy(self.members, memo)
         new.originals = copy.deepcopy(self.originals, memo)
         new.calls = _QKVCallState()
+        return new
+
+    def __getstate__(self):
+        # Pickled as deep-copied: no call in progress, nothing kept; the originals as the class's.
+        state = dict(vars(self))
+        del state["calls"]
+        state["originals"] = [_picklable(original) for original in self.originals]
+        return state
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self.calls = _QKVCallState()
+
+    def __copy__(self):
+        # Shares everything, the call state included (copy.copy would otherwise take __getstate__'s form).
+        new = _QKVGroup.__new__(_QKVGroup)
+        vars(new).update(vars(self))
         return new
 
 

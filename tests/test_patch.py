@@ -8,6 +8,7 @@ models run in fp64 so the only differences are summation order.
 
 import contextlib
 import copy
+import inspect
 import math
 import re
 import sys
@@ -1429,23 +1430,115 @@ def test_undo_keeps_a_replacement_someone_wrapped_working():
     del query.forward
 
 
-def test_patched_model_refuses_pickling_but_deep_copies():
+def _saved_and_loaded(obj, path=None):
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=False)`` (a whole pickled module)."""
     import io
 
-    model = _bert().eval()
-    embeds = torch.randn(2, 5, 32, dtype=torch.float64)
-    with ace_kernels.patch(model):
-        with pytest.raises(TypeError, match="cannot be pickled"):
-            torch.save(model, io.BytesIO())
-        torch.save(model.state_dict(), io.BytesIO())  # the state dict saves while patched
-        expected = _run_bert(model, embeds)
-        clone = copy.deepcopy(model)
-        torch.testing.assert_close(_run_bert(clone, embeds), expected, rtol=0, atol=0)
-        with torch.no_grad():  # the copy computes with its own weights
-            for p in clone.parameters():
-                p.mul_(0.5)
-        assert not torch.allclose(_run_bert(clone, embeds), expected)
-        torch.testing.assert_close(_run_bert(model, embeds), expected, rtol=0, atol=0)
+    target = path if path is not None else io.BytesIO()
+    torch.save(obj, target)
+    if path is None:
+        target.seek(0)
+    return torch.load(target, weights_only=False)
+
+
+def _assert_originals_are_the_class_methods(model):
+    """Every original method a patched module's replacement (or its q/k/v group) holds is its class's
+    method bound to that module (pickle's own form would look the name up on the module: the replacement)."""
+    from ace_kernels.patching import _Replacement
+
+    seen = 0
+    for module in model.modules():
+        for attr in ("forward", "apply_ace_hgat"):
+            replacement = module.__dict__.get(attr)
+            if not isinstance(replacement, _Replacement):
+                continue
+            group = next((v for v in replacement.state if hasattr(v, "originals")), None)
+            originals = [v for v in replacement.state if inspect.ismethod(v)]
+            pairs = [(module, o) for o in originals] + (list(zip(group.members, group.originals)) if group else [])
+            for owner, original in pairs:
+                assert original.__self__ is owner and original.__func__ is getattr(type(owner), attr), (attr, original)
+                seen += 1
+    assert seen > 0
+
+
+def _pickled_and_deep_copied(model, check):
+    """``check(copy)`` on the patched model pickled and on its deep copy; the copy runs on its own handle."""
+    for copied in (_saved_and_loaded(model), copy.deepcopy(model)):
+        _assert_originals_are_the_class_methods(copied)
+        check(copied)
+
+
+def test_patched_peft_model_pickles_and_deep_copies(tmp_path):
+    """torch.save of a whole patched model (some trainers save the module) and copy.deepcopy: the copy runs the
+    fused path, and its per-call fallback the original forward, with the same results."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = _bert().train()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    unpatched_keys = list(model.state_dict())
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with model.disable_adapter():
+        disabled = _run_bert(model, embeds).detach()
+    path = tmp_path / "model.pt"
+    torch.save({"weights": model.state_dict()}, path)
+    with ace_kernels.patch(model) as handle:
+        assert list(model.state_dict()) == unpatched_keys  # the state dict saves while patched, with the same keys
+        state = _saved_and_loaded(model.state_dict())
+        assert list(state) == unpatched_keys
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        # Saved over an existing file: the whole model saves (it used to raise with the file already truncated).
+        assert isinstance(_saved_and_loaded(model, path), type(model))
+        replacement = model.base_model.model.encoder.layer[0].attention.self.query.__dict__["forward"]
+        group = replacement.state[1]  # copy.copy shares them as they are (not in their pickled form)
+        assert copy.copy(replacement).state == replacement.state and copy.copy(group).originals == group.originals
+
+        def check(copied):
+            after = _forward_backward(copied, _run_bert, (embeds,))
+            _assert_same(before, after)
+            member = copied.base_model.model.encoder.layer[0].attention.self.query
+            copy_handle, copy_group = member.__dict__["forward"].state[:2]
+            assert copy_handle is not handle and copy_handle._swaps == [] and copy_handle.active
+            assert copy_handle.stats() == {"lora_qkv": 2, "qkv cached": 4}  # fused, counted on the copy's handle
+            assert copy_group.members[0] is member and copy_group.calls.pending == {}
+            with copied.disable_adapter():  # every member falls back to its original forward
+                torch.testing.assert_close(_run_bert(copied, embeds).detach(), disabled, rtol=0, atol=0)
+            with fwAD.dual_level():  # every patched forward falls back
+                torch.testing.assert_close(_run_bert(copied, embeds).detach(), before[0], rtol=0, atol=0)
+            with torch.no_grad():  # the copy computes with its own weights
+                for p in copied.parameters():
+                    p.mul_(0.5)
+            assert not torch.allclose(_run_bert(copied, embeds), before[0])
+
+        _pickled_and_deep_copied(model, check)
+        torch.testing.assert_close(_run_bert(model, embeds).detach(), before[0], **FP64_TOL)
+    assert handle.stats()["lora_qkv"] == 2  # the original's one call only: the copies count on their own
+    undone = _saved_and_loaded(handle)
+    assert not undone.active and undone.summary() == handle.summary()
+    _assert_original_forwards(_saved_and_loaded(model))
+
+
+def test_patched_reference_layout_pickles_and_deep_copies():
+    import torch.autograd.forward_ad as fwAD
+
+    clip, loss_fn, images, texts, frame = _reference_setup()
+    model = _Pair([clip, loss_fn]).train()
+    run = lambda m, *a: _run_loss(m, *a)  # noqa: E731
+    inputs = (images, texts, frame, [0, 1, 2, 3, 4])
+    before = _forward_backward(model, run, inputs)
+    with ace_kernels.patch(model) as handle:
+        assert all(r.status == "patched" for r in handle.records), str(handle)
+
+        def check(copied):
+            _assert_same(before, _forward_backward(copied, run, inputs))
+            copy_handle = copied[1].__dict__["forward"].state[0]
+            assert copy_handle is not handle and copy_handle._swaps == [] and copy_handle.active
+            stats = copy_handle.stats()
+            assert stats["lora_qkv"] == 4 and stats["ace_hypergraph cls_only"] == 2, stats
+            with fwAD.dual_level():  # every patched forward (loss, apply_ace_hgat, q/k/v) falls back
+                torch.testing.assert_close(run(copied, *inputs).detach(), before[0], rtol=0, atol=0)
+            assert any(key.startswith("fallback apply_ace_hgat") for key in copy_handle.stats()), stats
+
+        _pickled_and_deep_copied(model, check)
 
 
 def test_reference_labels_compare_as_numpys_equality():
