@@ -497,6 +497,13 @@ def test_module_materialised_from_meta_has_the_construction_init(how):
     else:
         init_utils = pytest.importorskip("torch.distributed.fsdp._init_utils")
         init_utils._materialize_meta_module(module, torch.device("cpu"), set(), None)
+        # tests/_meta_init.py's stand-in (the other tests' FSDP1) gives torch's tensors, bit for bit.
+        with torch.device("meta"):
+            twin = ace_kernels.ACEHypergraph()
+        torch.manual_seed(0)
+        materialise_like_fsdp(twin)
+        for name, param in module.named_parameters():
+            assert torch.equal(twin.get_parameter(name), param), name
     for name, want in eager.named_parameters():
         got = module.get_parameter(name)
         assert got.device.type == "cpu" and got.shape == want.shape, name
