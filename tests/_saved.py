@@ -21,3 +21,17 @@ def saved_storage_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
     return sum(seen.values()), result
+
+
+def saved_storages(fn):
+    """``(pointers, fn())``: the data pointers of the storages autograd saves while ``fn()`` runs
+    (which of the inputs an op keeps for its backward)."""
+    seen = set()
+
+    def pack(t):
+        seen.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return seen, result

@@ -18,6 +18,7 @@ import ace_kernels
 from ace_kernels import hypergraph as hg
 from _meta_init import materialise_like_fsdp
 from _released import released_path
+from _saved import saved_storages
 from oracle_hypergraph import oracle_hypergraph, oracle_incidence
 
 PARAM_NAMES = ("x", "cls_attn", "edge.down_weight", "edge.down_bias", "edge.up_weight", "edge.up_bias",
@@ -1611,19 +1612,6 @@ def _saved_and_created(fn, backward_created=None):
     return saved, created
 
 
-def _saved_pointers(fn):
-    """(fn(), the storage pointers of the tensors autograd saved while it ran)."""
-    saved = set()
-
-    def pack(t):
-        saved.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 @pytest.mark.parametrize("trained", ["src", "weights"])
 @pytest.mark.parametrize("function", ["gather", "scatter"])
 def test_sparse_sums_keep_only_what_the_wanted_gradient_reads(function, trained):
@@ -1638,10 +1626,10 @@ def test_sparse_sums_keep_only_what_the_wanted_gradient_reads(function, trained)
     weights.requires_grad_(trained == "weights")
     prims = hg.TORCH_PRIMITIVES
     if function == "gather":
-        out, saved = _saved_pointers(lambda: hg._GatherSum.apply(src, cols, weights, prims, None))
+        saved, out = saved_storages(lambda: hg._GatherSum.apply(src, cols, weights, prims, None))
     else:
         transpose = prims.prepare_transpose(cols, R)
-        out, saved = _saved_pointers(lambda: hg._ScatterSum.apply(src, cols, weights, R, prims, transpose))
+        saved, out = saved_storages(lambda: hg._ScatterSum.apply(src, cols, weights, R, prims, transpose))
     assert (src.untyped_storage().data_ptr() in saved) == (trained == "weights")
     assert (weights.untyped_storage().data_ptr() in saved) == (trained == "src")
     dense = torch.zeros(B, Q, R, dtype=torch.float64).scatter_add(2, cols, weights)  # A
@@ -1661,13 +1649,13 @@ def test_half_linears_keep_their_input_for_the_weights_gradient_only(function):
     if function == "native_linear":
         data = torch.randn(2, 4, 5, generator=gen).half()
         route = torch.zeros(()).expand(data.shape).requires_grad_(True)  # as _Float32GradRoute's
-        out, saved = _saved_pointers(lambda: hg._NativeLinear.apply(route, data, weight))
+        saved, out = saved_storages(lambda: hg._NativeLinear.apply(route, data, weight))
         want = torch.nn.functional.linear(data.float(), weight)
         leaf = route
     else:
         data = torch.randn(2, 4, 5, generator=gen, requires_grad=True)
         bias = torch.randn(6, generator=gen)
-        out, saved = _saved_pointers(lambda: hg._LinearToHalf.apply(data, weight, bias, torch.float16))
+        saved, out = saved_storages(lambda: hg._LinearToHalf.apply(data, weight, bias, torch.float16))
         want = torch.nn.functional.linear(data, weight, bias).half()
         leaf = data
     assert data.untyped_storage().data_ptr() not in saved
@@ -1682,7 +1670,7 @@ def test_cls_edges_keep_the_cls_weights_for_dx_only(device):
     x, c, _, _, k = make_inputs((2, 9, 12, 5, 3), dtype=torch.float32, device=device)
     cls_idx = c.topk(k, dim=-1).indices
     cls_w = torch.softmax(torch.randn(2, k, device=device), dim=-1).requires_grad_(True)
-    out, saved = _saved_pointers(lambda: hg._ClsEdges.apply(x, cls_idx, cls_w))
+    saved, out = saved_storages(lambda: hg._ClsEdges.apply(x, cls_idx, cls_w))
     assert cls_w.untyped_storage().data_ptr() not in saved
     assert x.untyped_storage().data_ptr() in saved
     torch.autograd.grad(out.sum(), cls_w)

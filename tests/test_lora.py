@@ -14,7 +14,7 @@ import torch
 
 import ace_kernels
 from ace_kernels import _tuning, lora as lora_module
-from _saved import saved_storage_bytes
+from _saved import saved_storage_bytes, saved_storages
 from oracle_lora import fp64_leaves, lora_linear_oracle, lora_qkv_oracle
 
 
@@ -324,19 +324,6 @@ def test_frozen_base_made_under_inference_mode_trains_the_factors(backend, lora_
     compare_with_oracle(case, (x, weight, bias, lora_a, lora_b), backend, rtol=1e-4, atol=1e-5)
 
 
-def _saved_storages(fn):
-    """The data pointers of the storages autograd saves while ``fn()`` runs."""
-    saved = set()
-
-    def pack(t):
-        saved.add(t.untyped_storage().data_ptr())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
-
-
 # (x, W, A, B needing a gradient) -> (x saved, W saved) by the torch backend: W for dX alone; x for dA, dW
 # and dB beside dX (create_graph=True recomputes S from it); B alone keeps S only, no mask.
 SAVED_BY_NEEDS = [((False, False, True, True), (True, False)), ((False, False, False, True), (False, False)),
@@ -352,7 +339,7 @@ def test_torch_saves_only_what_the_wanted_gradients_read(needs, saved):
     inputs = (x.requires_grad_(need_x), weight.requires_grad_(need_w), bias, lora_a.requires_grad_(need_a),
               lora_b.requires_grad_(need_b))
     with lora_module.saved_activation_bytes() as record:
-        kept = _saved_storages(lambda: call_op(case, inputs, "torch"))
+        kept, _ = saved_storages(lambda: call_op(case, inputs, "torch"))
     assert (inputs[0].untyped_storage().data_ptr() in kept, inputs[1].untyped_storage().data_ptr() in kept) == saved
     if needs == (False, False, False, True):  # S [M, 3r] alone, as reported
         assert record[0] == {"backend": "torch", "total": 10 * 3 * 2 * 4, "x": 0, "extra": 10 * 3 * 2 * 4}
@@ -363,7 +350,7 @@ def test_torch_saves_only_what_the_wanted_gradients_read(needs, saved):
 def test_triton_saves_the_weight_for_dx_only(x_grad, device):
     case = Case("saved", "qkv", (10,), 16, 4, 2, dropout_p=0.2, x_grad=x_grad)
     inputs = make_inputs(case, torch.float32, device)
-    kept = _saved_storages(lambda: call_op(case, inputs, "triton"))
+    kept, _ = saved_storages(lambda: call_op(case, inputs, "triton"))
     assert (inputs[1].untyped_storage().data_ptr() in kept) == x_grad
 
 
