@@ -1664,6 +1664,23 @@ def test_half_linears_keep_their_input_for_the_weights_gradient_only(function):
     torch.testing.assert_close(torch.autograd.grad(out, leaf, g)[0], (g.float() @ weight).expand(leaf.shape))
 
 
+@pytest.mark.parametrize("needs", [(False, True, False), (False, False, True), (False, True, True), (True, True, True)],
+                         ids=lambda v: "".join("ny"[b] for b in v))
+def test_linear_to_half_forms_each_wanted_gradient(needs):
+    # _LinearToHalf forms only the gradients asked for and keeps z for the weight's alone: the adapters'
+    # weight or bias trained on frozen tokens (z needs none), and all three, against F.linear's.
+    gen = torch.Generator().manual_seed(1)
+    z, weight, bias = (torch.randn(*shape, generator=gen) for shape in ((2, 4, 5), (6, 5), (6,)))
+    inputs = [t.requires_grad_(need) for t, need in zip((z, weight, bias), needs)]
+    saved, out = saved_storages(lambda: hg._LinearToHalf.apply(*inputs, torch.float16))
+    assert (z.untyped_storage().data_ptr() in saved) == needs[1]
+    g = torch.randn(out.shape, generator=gen).half()
+    leaves = [t for t in inputs if t.requires_grad]
+    want = torch.autograd.grad(torch.nn.functional.linear(*inputs), leaves, g.float())
+    for got, expected in zip(torch.autograd.grad(out, leaves, g), want):
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.triton
 def test_cls_edges_keep_the_cls_weights_for_dx_only(device):
     # The CLS row trained on frozen tokens: its weights (read for dx alone) were kept too.
