@@ -2,11 +2,14 @@
 
 Write to a temporary file in the same directory, flush and fsync it, rename it
 over the destination (atomic on POSIX), then fsync the directory so the rename
-itself survives a power loss.
+itself survives a power loss (where the file system allows it: see :func:`fsync_directory`).
+A destination that is a symbolic link is replaced by the new file; the file it pointed to is
+left as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -125,11 +128,36 @@ def makedirs_durable(directory: str | os.PathLike) -> None:
         fsync_directory(os.path.dirname(created))
 
 
+# What fsync of a directory (or opening one to sync it) fails with where the file system or the
+# directory's permissions do not allow it: some network and FUSE file systems refuse fsync of a
+# directory (EINVAL, ENOTSUP), and a directory that may be written but not read cannot be opened.
+_DIRECTORY_SYNC_UNSUPPORTED = frozenset(getattr(errno, name) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP",
+                                                                          "EBADF", "EACCES", "EPERM", "EISDIR")
+                                        if hasattr(errno, name))
+
+
 def fsync_directory(directory: str | os.PathLike) -> None:
-    """fsync a directory, making a rename inside it durable."""
-    dir_fd = os.open(directory, os.O_RDONLY)
+    """fsync a directory, making a rename inside it durable.
+
+    Where it cannot be done (:data:`_DIRECTORY_SYNC_UNSUPPORTED`: the file system refuses it, or
+    the directory cannot be opened for reading), nothing is synced and nothing is raised: the
+    rename is made, as durable as that file system makes it, and reporting the write as failed
+    would stop a run whose file is in place. Any other error (EIO) names the directory.
+    """
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno in _DIRECTORY_SYNC_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno in _DIRECTORY_SYNC_UNSUPPORTED:
+            return
+        if exc.filename is None:
+            exc.filename = os.fspath(directory)
+        raise
     finally:
         os.close(dir_fd)
 

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -2780,6 +2781,38 @@ def test_replacing_a_file_leaves_no_descriptor_open(tmp_path):
         harness._replace_file(path, lambda handle: handle.write("{}\n"))
     assert len(os.listdir("/proc/self/fd")) <= before  # (another thread may close one meanwhile)
     assert open(path).read() == "{}\n"
+
+
+@pytest.mark.parametrize("refused", ["EINVAL", "ENOTSUP"])
+def test_replacing_a_file_in_a_directory_that_cannot_be_fsynced(tmp_path, monkeypatch, refused):
+    """Some file systems refuse fsync of a directory: the file, renamed into place before it, was written,
+    yet _replace_file raised "[Errno 22] Invalid argument" naming no file (a suite's save, and so its
+    family, failed; a tool said it could not write the file it had written). It is done; another error of
+    the directory's fsync (EIO) still raises, naming the directory."""
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+    code = getattr(errno, refused)
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = str(tmp_path / "f.json")
+    harness._replace_file(path, lambda handle: handle.write("{}\n"))
+    assert open(path).read() == "{}\n" and os.listdir(tmp_path) == ["f.json"]
+
+    def failing_disk(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    with pytest.raises(OSError, match=rf"Input/output error: '{re.escape(str(tmp_path))}'"):
+        harness._replace_file(path, lambda handle: handle.write("[]\n"))
 
 
 def test_a_failed_demo_row_is_timed_and_described_as_a_demo_row(monkeypatch):

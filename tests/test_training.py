@@ -2054,6 +2054,55 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
+@pytest.mark.parametrize("refused", ["EINVAL", "ENOTSUP", "EACCES"])
+def test_a_directory_that_cannot_be_fsynced_still_takes_atomic_writes(tmp_path, monkeypatch, refused):
+    """Some file systems refuse fsync of a directory (EINVAL, ENOTSUP), and a directory that may be
+    written but not read cannot be opened for it: the write, renamed into place before the directory's
+    fsync, raised "[Errno 22] Invalid argument" naming no file, so every checkpoint of a run there
+    failed though it was on disk. It is done, as durable as that file system makes it; another error
+    of the directory's fsync (EIO) still raises, naming the directory."""
+    import errno
+    import stat
+
+    from ace_model import _atomic
+
+    real_open, real_fsync = os.open, os.fsync
+    code = getattr(errno, refused)
+
+    def open_(path, flags, *a, **k):
+        if refused == "EACCES" and os.path.isdir(path):
+            raise PermissionError(code, os.strerror(code), os.fspath(path))
+        return real_open(path, flags, *a, **k)
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    target = tmp_path / "new" / "state.json"
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    _atomic.atomic_write_text(target, "before\n")  # makedirs_durable syncs the parent of new/ too
+    _atomic.atomic_write_text(target, "after\n")
+    _atomic.atomic_torch_save({"step": 1}, tmp_path / "state.pt")
+    assert target.read_text() == "after\n" and os.listdir(target.parent) == ["state.json"]
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {"step": 1}
+    model = make_model("standin")
+    summary = train(_config(tmp_path, max_steps=4, checkpoint_every=2), model=model, dataset=RandomPairs(model, 8),
+                    loss_fn=dense_label_infonce)
+    assert summary["steps"] == 4 and summary["state"].endswith("state-00000004.pt")
+
+    def failing_disk(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    with pytest.raises(OSError, match=rf"Input/output error: '{re.escape(str(target.parent))}'"):
+        _atomic.atomic_write_text(target, "again\n")
+
+
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path", "atomic_torch_save"])
 def test_an_atomic_write_over_a_file_keeps_its_permission_bits(tmp_path, writer):
     """Written in place, a file keeps its mode; replaced by a rename it would get a new file's
