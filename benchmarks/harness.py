@@ -937,9 +937,11 @@ def _replace_file(path: str, write: Callable[[TextIO], None]) -> None:
             handle.flush()
             os.fsync(handle.fileno())  # the content on the disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            exc.filename = path  # a write or fsync error (a full disk) names no file by itself
         raise
     _fsync_directory(directory)
 

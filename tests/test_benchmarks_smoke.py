@@ -2783,6 +2783,26 @@ def test_replacing_a_file_leaves_no_descriptor_open(tmp_path):
     assert open(path).read() == "{}\n"
 
 
+@pytest.mark.parametrize("fails", ["write", "fsync"])
+def test_a_failed_replace_names_its_file(tmp_path, monkeypatch, fails):
+    """A full disk fails a write or an fsync with an error naming no file: a suite's save then skipped
+    its family with "OSError: [Errno 28] No space left on device", never saying which file. The error
+    names the file being replaced (as ace_model/_atomic.py's do); the old file stays, no temp file."""
+    import errno
+
+    path = str(tmp_path / "results.json")
+    harness._replace_file(path, lambda handle: handle.write("{}\n"))
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if fails == "fsync":
+        monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=rf"No space left on device: '{re.escape(path)}'"):
+        harness._replace_file(path, full_disk if fails == "write" else lambda handle: handle.write("[]\n"))
+    assert open(path).read() == "{}\n" and os.listdir(tmp_path) == ["results.json"]
+
+
 @pytest.mark.parametrize("refused", ["EINVAL", "ENOTSUP"])
 def test_replacing_a_file_in_a_directory_that_cannot_be_fsynced(tmp_path, monkeypatch, refused):
     """Some file systems refuse fsync of a directory: the file, renamed into place before it, was written,
