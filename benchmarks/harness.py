@@ -929,7 +929,7 @@ def _replace_file(path: str, write: Callable[[TextIO], None]) -> None:
     # A name of this write alone (the pid and a random part: two runs of a tool never share a
     # temp file), made as open() makes a file, mode 0666 less the umask (mkstemp's 0600 would
     # leave a package file readable by its writer only), as ace_model/_atomic.py does.
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # see remove_temp_files_of
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -973,6 +973,22 @@ def _fsync_directory(directory: str) -> None:
         raise
     finally:
         os.close(dir_fd)
+
+
+def remove_temp_files_of(path: str, pid: int) -> None:
+    """Remove the temp files :func:`_replace_file` of ``path`` left in process ``pid``, once that process
+    has ended: one killed while it wrote (a family's process at the suite's time budget) leaves its temp
+    file beside ``path``, where nothing else would ever remove it. Only that process's names are matched."""
+    directory, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(name)}\.{int(pid)}\.[0-9a-f]{{8}}\.tmp$")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for entry in names:
+        if pattern.match(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, entry))
 
 
 def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,

@@ -926,6 +926,8 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
         if proc.poll() is None:
             _kill_group(proc)
         proc.wait()
+        # A process killed while it saved the rows leaves its temp file beside the JSON (its pid in the name).
+        harness.remove_temp_files_of(os.path.join(args.out_dir, stem + ".json"), proc.pid)
         if proc in _WORKERS:
             _WORKERS.remove(proc)
         reader.join(timeout=5)

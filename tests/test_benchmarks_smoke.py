@@ -784,6 +784,33 @@ def test_a_named_run_removes_the_png_an_earlier_run_of_that_name_left(tmp_path):
     assert not stale.exists()
 
 
+def test_a_family_process_killed_while_saving_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A family's process killed in the middle of its save (the suite kills it at the time budget) left
+    its temp file (.<stem>.json.<pid>.<hex>.tmp) in the results folder for good, one more each time, not
+    ignored by git. Once the process has ended the suite removes the temp files of that process's pid,
+    and only those (another process's, a file of the user's stay)."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    json_path = tmp_path / "run.json"
+    json_path.write_text("{}\n")
+    others = [tmp_path / ".run.json.1.0123abcd.tmp", tmp_path / ".run.json.tmp", tmp_path / "notes.tmp"]
+    for other in others:
+        other.write_text("not this process's")
+    script = ("import os, signal\nfrom benchmarks import harness\n"
+              f"harness._replace_file({str(json_path)!r}, lambda handle: (handle.write('{{\"rows'), handle.flush(), "
+              "os.kill(os.getpid(), signal.SIGKILL)))\n")
+    monkeypatch.setattr(suite_module, "_worker_command", lambda *a, **k: [sys.executable, "-c", script])
+    status = suite_module._run_family_process(SimpleNamespace(deadline=None), "lora",
+                                              SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
+                                              per_call=1.0, providers=None, compile_baselines=False, grace=1.0,
+                                              idle=0)
+    assert status["outcome"] == "died of SIGKILL", status
+    assert json_path.read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.json", *(p.name for p in others)])
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
