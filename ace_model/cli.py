@@ -770,7 +770,11 @@ def _main(argv: Sequence[str] | None) -> int:
         # with their traceback.
         if debug:
             raise
-        print(f"ace-lora {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # A failed write (a full disk) may leave a newer state file that no pointer names: say which
+        # checkpoint --resume auto takes, as after an interruption.
+        hint = (_resume_hint(args) if isinstance(exc, OSError) and args.command == "train"
+                and int(os.environ.get("RANK", "0")) == 0 else "")
+        print(f"ace-lora {args.command}: error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
         return EXIT_FAILED
 
 

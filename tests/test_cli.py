@@ -1538,6 +1538,32 @@ def test_ctrl_c_ends_with_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
         f"ace-lora train: interrupted; --resume auto continues from step 35 ({str(run / 'checkpoints' / 'latest')!r})"
 
 
+def test_a_failed_checkpoint_write_says_which_step_resume_auto_continues_from(synthetic, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A full disk while writing step 2's checkpoint left state-00000002.pt complete beside a latest that
+    still names step 1 (its weights file failed); the error named the file alone, so that a --resume
+    auto continuing from step 1 came unannounced. The error line says where --resume auto continues,
+    as the line of an interrupted run does."""
+    import errno
+
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "ace_lora-00000002.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), None, str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), "--batch-size",
+                     "4", "--max-steps", "3", "--warmup-steps", "1", "--checkpoint-every", "1",
+                     "--no-progress"]) == cli.EXIT_FAILED
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "No space left on device" in line and "ace_lora-00000002.pt" in line, line
+    assert line.endswith(f"; --resume auto continues from step 1 ({str(run / 'checkpoints' / 'latest')!r})"), line
+    assert (run / "checkpoints" / "state-00000002.pt").exists()
+
+
 def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(synthetic, tmp_path, monkeypatch, capsys):
     from ace_model import training
 
