@@ -106,12 +106,25 @@ def low_rate_warning(device_name: str, tflops: float) -> str | None:
     return None
 
 
-def read_clocks(device) -> dict:
-    """SM/memory clocks (MHz), power (W) and temperature (C) just after the matmul, where readable."""
+def smi_id(device) -> str | None:
+    """The card's ``nvidia-smi --id``: its UUID ("GPU-" before torch's form of it), not torch's index, which counts
+    only the cards CUDA_VISIBLE_DEVICES leaves, in its order (and CUDA's, fastest first unless CUDA_DEVICE_ORDER
+    says otherwise), where nvidia-smi counts every card in PCI order. None where torch does not give the UUID."""
     try:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+    except Exception:
+        return None
+
+
+def read_clocks(device) -> dict:
+    """SM/memory clocks (MHz), power (W) and temperature (C) just after the matmul, where readable: nvidia-smi's
+    for the card ``smi_id`` names, else torch's SM clock."""
+    try:
+        card = smi_id(device)
+        if card is None:
+            raise OSError("no UUID to name the card to nvidia-smi")
         out = subprocess.run(
-            ["nvidia-smi", f"--id={index}", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu",
+            ["nvidia-smi", f"--id={card}", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu",
              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
         fields = [f.strip() for f in out.stdout.strip().splitlines()[0].split(",")] if out.returncode == 0 else []
         if len(fields) == 5:

@@ -3216,14 +3216,50 @@ def test_device_family_and_clock_reading(monkeypatch):
         return SimpleNamespace(returncode=0, stdout="1980, 1980, 2619, [N/A], 41\n")
 
     monkeypatch.setattr(subprocess, "run", smi)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(uuid=f"{torch.device(device).index}-uuid"))
     assert bench_device.read_clocks(torch.device("cuda", 1)) == {
         "sm_clock_mhz": 1980.0, "sm_clock_max_mhz": 1980.0, "mem_clock_mhz": 2619.0, "temperature_c": 41.0}
-    assert queried == ["--id=1"]
+    assert queried == ["--id=GPU-1-uuid"]
     monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: SimpleNamespace(returncode=9, stdout=""))
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1755, raising=False)
     assert bench_device.read_clocks(torch.device("cuda", 0)) == {"sm_clock_mhz": 1755.0}
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1 / 0, raising=False)
     assert bench_device.read_clocks(torch.device("cuda", 0)) == {}
+
+
+def test_device_clocks_are_the_cards_torch_measured_with_cards_hidden(tmp_path, monkeypatch):
+    """The clocks were asked of nvidia-smi by torch's index, which counts only the cards CUDA_VISIBLE_DEVICES
+    leaves: with CUDA_VISIBLE_DEVICES=1, torch's card 0 is nvidia-smi's card 1, and the row carried card 0's
+    clocks and temperature. nvidia-smi is asked by the card's UUID; with none from torch, torch's SM clock."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_device
+
+    bin_dir = tmp_path / "fake_bin"
+    bin_dir.mkdir()
+    script = bin_dir / "nvidia-smi"  # two cards: 0 (GPU-aaaa...) idle, 1 (GPU-bbbb...) busy
+    script.write_text('#!/bin/sh\ncase "$1" in\n'
+                      '  --id=0|--id=GPU-aaaaaaaa-0000-0000-0000-000000000000) echo "345, 1980, 2619, 75.5, 30" ;;\n'
+                      '  --id=1|--id=GPU-bbbbbbbb-0000-0000-0000-000000000000) echo "1410, 1980, 2619, 699.8, 61" ;;\n'
+                      '  *) echo "No devices were found"; exit 6 ;;\nesac\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(uuid="bbbbbbbb-0000-0000-0000-000000000000"))
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1755, raising=False)
+    busy = {"sm_clock_mhz": 1410.0, "sm_clock_max_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 699.8,
+            "temperature_c": 61.0}
+    assert bench_device.read_clocks(torch.device("cuda", 0)) == busy
+    assert bench_device.read_clocks(torch.device("cuda")) == busy
+
+    def no_uuid(device):
+        raise AttributeError("uuid")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_uuid)
+    assert bench_device.read_clocks(torch.device("cuda", 0)) == {"sm_clock_mhz": 1755.0}
 
 
 def test_compare_notes_two_gpu_runs_of_one_card(tmp_path):
