@@ -10,7 +10,7 @@ and operator. LoRA: M = 64 * 197 (host-bound on an H200), triton and torch. Hype
 Triton kernels' default one-pass strategy and the blocked one (each pass's first blocked sweep
 candidate, forced). A diagnosis aid for the benchmark's
 ratios, not a benchmark: no baseline, no target. Runs on the CPU too (CPU time only; the ops'
-``auto`` backend, each shape once), where it says little; ``--quick`` takes tiny shapes (a
+``auto`` backend, each shape once, no blocked strategy), where it says little; ``--quick`` takes tiny shapes (a
 smoke test of the tool). ``gpu_check.sh`` runs it with ``GPU_CHECK_PROFILE=1``.
 """
 
@@ -81,6 +81,9 @@ STEPS = {"lora": [(_lora_step, "triton"), (_lora_step, "torch")],
          "hypergraph": [(_hypergraph_step, "triton"), (_hypergraph_step, "cuda"),
                         (_hypergraph_full_step, "triton"), (_hypergraph_full_step, "cuda")],
          "contrastive": [(_infonce_step, "triton"), (_infonce_blocked_step, "triton")]}
+# Steps that only differ from another on a GPU: a CPU's "auto" is the torch backend, which has no blocked
+# strategy to force (the step would time the other's torch loss again under another label).
+GPU_ONLY = (_infonce_blocked_step,)
 
 
 def _sync(device):
@@ -113,12 +116,14 @@ def profile(factory, backend: str, device: torch.device, dtype: torch.dtype, qui
 
 
 def _plan(names, device):
-    """(factory, backend) pairs to profile: every listed backend on a GPU, each factory once with
-    ``auto`` elsewhere."""
+    """(factory, backend) pairs to profile: every listed backend on a GPU, each factory but the
+    ``GPU_ONLY`` ones once with ``auto`` elsewhere."""
     plan = []
     for name in names:
         for factory, backend in STEPS[name]:
             if device.type != "cuda":
+                if factory in GPU_ONLY:
+                    continue
                 backend = "auto"
             if (factory, backend) not in plan:
                 plan.append((factory, backend))

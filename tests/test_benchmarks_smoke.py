@@ -1798,15 +1798,16 @@ def test_profile_ops_reports_each_op(tmp_path):
     assert profile_ops.main(["--quick", "--out", str(out)]) == 0
     text = out.read_text()
     for label in ("== ace_hypergraph B=4 N=17 D=40 k=3 h=8 cls_only", "== ace_hypergraph B=4 N=17 D=40 k=3 h=8 full",
-                  "== lora_qkv M=74 K=96", "== label_guided_infonce B=150 D=64 labels, backend",
-                  "== label_guided_infonce B=150 D=64 labels (blocked strategy), backend"):
+                  "== lora_qkv M=74 K=96", "== label_guided_infonce B=150 D=64 labels, backend auto"):
         assert label in text, text[:2000]
-    # On a CPU each step runs once, with backend "auto"; on a GPU once per listed backend.
-    assert "failed" not in text and text.count("median of 10") == 5
-    plan = profile_ops._plan(["lora", "hypergraph"], torch.device("cuda"))
+    # On a CPU each step runs once, with backend "auto" (the torch loss: no blocked strategy, once labelled
+    # "(blocked strategy)" on a second run of the same loss); on a GPU once per listed backend.
+    assert "failed" not in text and "blocked" not in text and text.count("median of 10") == 4
+    plan = profile_ops._plan(["lora", "hypergraph", "contrastive"], torch.device("cuda"))
     assert [(f.__name__, b) for f, b in plan] == [
         ("_lora_step", "triton"), ("_lora_step", "torch"), ("_hypergraph_step", "triton"), ("_hypergraph_step", "cuda"),
-        ("_hypergraph_full_step", "triton"), ("_hypergraph_full_step", "cuda")]
+        ("_hypergraph_full_step", "triton"), ("_hypergraph_full_step", "cuda"), ("_infonce_step", "triton"),
+        ("_infonce_blocked_step", "triton")]
 
 
 @pytest.mark.triton
