@@ -1,4 +1,5 @@
-"""``python -m benchmarks --compare OLD.json NEW.json``: the same rows side by side.
+"""``python -m benchmarks --compare OLD.json NEW.json`` (or ``python -m benchmarks.compare OLD.json NEW.json``):
+the same rows side by side.
 
 Rows are matched on (op, shape, dtype, provider, baseline); the change is
 NEW / OLD for time and peak memory (below 1.00 is faster / smaller). Each file's hardware,
@@ -7,6 +8,11 @@ comparable only within one run on one card).
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
 
 from benchmarks.harness import fmt, load_rows, read_payload
 
@@ -68,3 +74,36 @@ def compare_files(old_path: str, new_path: str) -> str:
     out.append("")
     out.append(f"{len(old) - len(only_old)} rows in both, {len(only_old)} only in old, {len(only_new)} only in new")
     return "\n".join(out)
+
+
+def report(old_path: str, new_path: str, error: str) -> int:
+    """Print the comparison of two result files: exit status 0, or 2 where one cannot be read (said on stderr
+    after ``error``, the command's "<prog>: error:")."""
+    try:
+        text = compare_files(old_path, new_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{error} cannot read a result file "
+              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
+        return 2
+    try:  # outside the read's try: a closed pipe (``| head``) is not the files' fault
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader has what it wanted; stdout points at nothing so that exit's flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.compare OLD.json NEW.json``, as ``python -m benchmarks --compare`` (it ran nothing)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("old", metavar="OLD.json", help="a result file of python -m benchmarks")
+    parser.add_argument("new", metavar="NEW.json", help="another, compared with OLD.json")
+    args = parser.parse_args(argv)
+    for path in (args.old, args.new):
+        if not os.path.isfile(path):
+            parser.error(f"{path!r} is not a file")
+    return report(args.old, args.new, f"{parser.prog}: error:")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

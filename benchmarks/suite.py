@@ -657,20 +657,9 @@ def _modules() -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if args.compare:
-        from benchmarks.compare import compare_files
+        from benchmarks.compare import report
 
-        try:
-            text = compare_files(*args.compare)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"python -m benchmarks: error: argument --compare: cannot read a result file "
-                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", file=sys.stderr)
-            return 2
-        try:  # outside the read's try: a closed pipe (``| head``) is not the files' fault
-            print(text, flush=True)
-        except BrokenPipeError:
-            # The reader has what it wanted; stdout points at nothing so that exit's flush is quiet.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return report(*args.compare, "python -m benchmarks: error: argument --compare:")
 
     if args.threads:
         torch.set_num_threads(args.threads)

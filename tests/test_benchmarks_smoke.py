@@ -2323,6 +2323,31 @@ def test_compare_warns_across_hardware(tmp_path):
     assert result.stdout.startswith("old: ")
 
 
+def test_compare_module_run_as_a_command_compares(tmp_path, capsys):
+    """``python -m benchmarks.compare OLD.json NEW.json`` (as ``python -m benchmarks.scorecard`` is run) had no
+    main: it printed nothing and exited 0, as if the files had no rows. It compares as --compare does."""
+    from benchmarks import compare
+
+    row = dict(op="x", shape="s", dtype="bf16", provider="triton", baseline=None, median_ms=1.0, device="NVIDIA H200",
+               date="d", git_sha="g")
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": [row]}))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compare", str(a), str(a)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith(f"old: {a} (device NVIDIA H200"), result
+    assert "1 rows in both, 0 only in old, 0 only in new" in result.stdout
+    (tmp_path / "bad.json").write_text("[1]")
+    unreadable = "python -m benchmarks.compare: error: cannot read a result file (ValueError"
+    for argv, said in (([str(a)], "the following arguments are required: NEW.json"),
+                       ([str(a), str(tmp_path / "none.json")], "is not a file"),
+                       ([str(a), str(tmp_path / "bad.json")], unreadable)):
+        try:
+            assert compare.main(argv) == 2
+        except SystemExit as exit_info:
+            assert exit_info.code == 2
+        assert said in capsys.readouterr().err, argv
+
+
 def test_largest_batch_also_searches_the_plain_step_after_a_recompute_variant(tmp_path, monkeypatch):
     from benchmarks import bench_model
     from benchmarks.suite import Suite
