@@ -31,6 +31,16 @@ def _facts(path: str, rows: dict) -> dict:
     return environment if isinstance(environment, dict) else {}
 
 
+def _on_gpu(path: str, devices: set) -> bool:
+    """Whether a file's rows ran on a GPU: its environment's device_type (a Tesla T4 or an AMD Instinct card
+    names neither NVIDIA nor CUDA), else, in a file without one, its device's name."""
+    payload = read_payload(path)
+    environment = payload.get("environment") if isinstance(payload, dict) else None
+    if isinstance(environment, dict) and environment.get("device_type"):
+        return environment["device_type"] == "cuda"
+    return any("cuda" in str(d).lower() or "nvidia" in str(d).lower() for d in devices)
+
+
 def _where(facts: dict) -> str:
     """The hardware, software and code of a file, for its header line."""
     return ", ".join(f"{k} {facts.get(k)}" for k in ("device", "torch", "triton", "git_sha", "date") if facts.get(k))
@@ -61,8 +71,8 @@ def compare_files(old_path: str, new_path: str) -> str:
     if devices[0] != devices[1] and None not in devices[0] | devices[1]:  # a file that names no device: unknown
         out.append(f"WARNING: the files were measured on different hardware ({sorted(map(str, devices[0]))} against "
                    f"{sorted(map(str, devices[1]))}): their times are not comparable, only each file's own ratios")
-    elif {r.get("date") for r in old.values()} != {r.get("date") for r in new.values()} and any(
-            "cuda" in str(d).lower() or "nvidia" in str(d).lower() for d in devices[0]):
+    elif {r.get("date") for r in old.values()} != {r.get("date") for r in new.values()} and _on_gpu(
+            old_path, devices[0]):
         out.append("note: two GPU runs: a time is comparable only within one run (compare each file's ratios)")
     out.append("")
     for index, line in enumerate(lines):

@@ -3293,9 +3293,10 @@ def test_compare_notes_two_gpu_runs_of_one_card(tmp_path):
     which a note says; two CPU runs of one machine get no such note."""
     from benchmarks.compare import compare_files
 
-    def write(name, device, date):
+    def write(name, device, date, device_type=None):
         path = tmp_path / name
-        path.write_text(json.dumps({"environment": {"device": device}, "rows": [
+        environment = {"device": device, **({"device_type": device_type} if device_type else {})}
+        path.write_text(json.dumps({"environment": environment, "rows": [
             dict(op="x", shape="s", dtype="bf16", provider="triton", baseline=None, median_ms=1.0, device=device,
                  date=date, git_sha="g")]}))
         return str(path)
@@ -3303,10 +3304,18 @@ def test_compare_notes_two_gpu_runs_of_one_card(tmp_path):
     note = "note: two GPU runs: a time is comparable only within one run (compare each file's ratios)"
     gpu = compare_files(write("a.json", "NVIDIA H200", "2026-11-30"), write("b.json", "NVIDIA H200", "2026-12-01"))
     assert note in gpu.splitlines() and "WARNING" not in gpu
+    # A GPU whose name says neither NVIDIA nor CUDA (torch names a T4 "Tesla T4", a ROCm card "AMD Instinct
+    # MI300X") got no note: the environment's device_type says it is one.
+    for card in ("Tesla T4", "AMD Instinct MI300X"):
+        named = compare_files(write("g.json", card, "2026-11-30", "cuda"), write("h.json", card, "2026-12-01", "cuda"))
+        assert note in named.splitlines() and "WARNING" not in named, card
     same_day = compare_files(write("c.json", "NVIDIA H200", "2026-11-30"), write("d.json", "NVIDIA H200", "2026-11-30"))
     assert note not in same_day.splitlines()
     cpu = compare_files(write("e.json", "AMD EPYC (2 cores)", "2026-11-30"),
                         write("f.json", "AMD EPYC (2 cores)", "2026-12-01"))
+    assert note not in cpu.splitlines()
+    cpu = compare_files(write("e.json", "AMD EPYC (2 cores)", "2026-11-30", "cpu"),
+                        write("f.json", "AMD EPYC (2 cores)", "2026-12-01", "cpu"))
     assert note not in cpu.splitlines()
 
 
