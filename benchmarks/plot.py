@@ -88,8 +88,11 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
                 ax.text(v, pos, f" {v:.2f}x", va="center", fontsize=7)
         finite = [v for v in values if v]
         if finite:
-            low = min(min(finite), 1.0) / 1.5
-            high = max(max(finite), 1.0) * 3
+            # The axis takes in every target's tick too (one far beyond the bars, a 25x goal met 3x, was drawn
+            # out of view).
+            ticks = [t for t in (_threshold(r.get("target"), kind) for r in compared) if t]
+            low = min(min(finite + ticks), 1.0) / 1.5
+            high = max(max(finite + ticks), 1.0) * 3
             ax.set_xscale("log")
             ax.set_xlim(low, high)
         ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)

@@ -3337,6 +3337,28 @@ def test_plot_draws_a_gray_bar_for_a_row_without_that_ratio(tmp_path, monkeypatc
     assert colors == [["tab:blue", "tab:blue"], ["lightgray", "tab:green"]]
 
 
+def test_plot_axes_show_every_targets_tick(tmp_path, monkeypatch):
+    """A target's threshold far from every bar (the hypergraph's speedup>=25 with bars of at most 3.3x, as in a
+    --only hypergraph run on the H200) was drawn outside the axis' limits (1 to 3x the largest bar): the missed
+    goal's tick was not in the PNG. Each panel's limits take in its ticks."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from benchmarks import plot
+
+    common = dict(op="x", shape="s", dtype="bfloat16", median_ms=1.0, peak_mib=1.0, metrics={}, baseline="reference")
+    rows = [dict(common, provider="cuda", speedup_vs_baseline=3.3, memory_ratio_vs_baseline=1.5,
+                 target="speedup>=25 & mem<=1/8", target_pass=False),
+            dict(common, provider="torch", speedup_vs_baseline=2.0, memory_ratio_vs_baseline=1.2,
+                 target="time<=10x base", target_pass=True)]
+    axes, real_savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (axes.extend(self.axes), real_savefig(self, *a, **k))[1])
+    plot.plot_rows(rows, str(tmp_path / "p.png"))
+    (speed_low, speed_high), (memory_low, memory_high) = (ax.get_xlim() for ax in axes)
+    assert speed_low < 0.1 < 25 < speed_high and memory_low < 1 < 8 < memory_high, (speed_high, memory_high)
+
+
 def test_an_empty_or_path_like_name_or_out_dir_is_refused(tmp_path, capsys):
     """--name is a file stem: an empty one once fell back to the default name without a word, and
     one holding a '/' wrote the rows elsewhere (an absolute one outside --out-dir altogether); an
