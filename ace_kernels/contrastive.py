@@ -1815,6 +1815,9 @@ class LabelGuidedInfoNCE(nn.Module):
     def __init__(self, logit_scale_init: float, *, group=None, backend: str = "auto"):
         super().__init__()
         if isinstance(logit_scale_init, torch.Tensor) and logit_scale_init.numel() == 1:
+            if logit_scale_init.is_meta:  # .item() raised torch's "cannot be called on meta tensors"
+                raise ValueError("argument 'logit_scale_init': expected a number or a one-element tensor with a "
+                                 "value, got a tensor on the meta device (pass the number itself)")
             logit_scale_init = logit_scale_init.item()
         elif isinstance(logit_scale_init, numbers.Real) and not isinstance(logit_scale_init, (bool, int, float)):
             logit_scale_init = float(logit_scale_init)  # a NumPy scalar, taken before the check as before it

@@ -303,7 +303,10 @@ def test_equals_open_clip_clip_loss():
                                             # finite as a float, inf as the float32 parameter (whose losses were NaN)
                                             (1e39, r"expected a finite number within float32's range \(\|x\| <= "
                                                    r"3\.40282e\+38\), got 1e\+39$"),
-                                            (-1e39, "expected a finite number within float32's range")])
+                                            (-1e39, "expected a finite number within float32's range"),
+                                            # .item() of it raised torch's RuntimeError, naming no argument
+                                            (torch.tensor(2.5, device="meta"), "expected a number or a one-element "
+                                             r"tensor with a value, got a tensor on the meta device")])
 def test_module_rejects_a_bad_initial_multiplier(init, fragment):
     with pytest.raises(ValueError, match=f"argument 'logit_scale_init': {fragment}"):
         ace_kernels.LabelGuidedInfoNCE(init)
