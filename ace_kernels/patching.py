@@ -209,7 +209,7 @@ from torch import nn
 from torch.autograd import forward_ad
 
 from ace_kernels import _library
-from ace_kernels._checks import is_finite
+from ace_kernels._checks import check_bool, is_finite
 from ace_kernels.lora import _AUTOCAST_CASTS
 
 __all__ = [
@@ -2154,10 +2154,9 @@ def patch(model_or_module: nn.Module, *, lora: bool = True, hypergraph: bool = T
     if not isinstance(model_or_module, nn.Module):
         raise ValueError(f"argument 'model_or_module': expected a torch.nn.Module, got "
                          f"{type(model_or_module).__name__}")
-    options = {"lora": lora, "hypergraph": hypergraph, "loss": loss, "group_qkv": group_qkv}
-    for key, value in options.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"argument '{key}': expected a bool, got {type(value).__name__}")
+    # NumPy's bools too, as the ops take them (a NumPy bool was refused as "expected a bool, got bool").
+    options = {key: check_bool(key, value) for key, value in
+               (("lora", lora), ("hypergraph", hypergraph), ("loss", loss), ("group_qkv", group_qkv))}
     from ace_kernels._dispatch import requested_backend
 
     if isinstance(backend, dict):

@@ -917,6 +917,20 @@ def test_summary_lists_skips_and_double_patch():
         ace_kernels.patch(model, lora="yes")
 
 
+
+def test_flags_take_numpy_bools_as_the_ops_do():
+    # A NumPy bool (a flag read from an array or a config loaded through NumPy) was refused with
+    # "argument 'lora': expected a bool, got bool"; the ops take them (check_bool), and so does patch.
+    with pytest.warns(UserWarning, match="nothing in this Linear was recognised"):
+        handle = ace_kernels.patch(nn.Linear(2, 2), lora=np.bool_(False), hypergraph=np.bool_(True),
+                                   loss=np.bool_(True), group_qkv=np.bool_(False))
+    assert handle.records == []
+    for key in ("lora", "hypergraph", "loss", "group_qkv"):
+        with pytest.raises(ValueError, match=rf"^argument '{key}': expected a bool, got int$"):
+            ace_kernels.patch(nn.Linear(2, 2), **{key: 1})
+        with pytest.raises(ValueError, match=rf"^argument '{key}': expected a bool, got numpy.ndarray$"):
+            ace_kernels.patch(nn.Linear(2, 2), **{key: np.array([True])})
+
 def test_registry_takes_new_recognisers():
     """A new model family is one registry entry using the same swap and undo."""
     from ace_kernels.patching import PatchRecord, Recogniser, _Replacement, recognisers, register_recogniser, \
