@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import ace_kernels
-from ace_kernels._checks import check_finite_number, check_positive_int, check_probability
+from ace_kernels._checks import check_finite_number, check_positive_int, check_probability, check_tensor
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_NAMES = ("biomedclip", "tiny")
@@ -412,6 +412,16 @@ def _maybe_recomputed(recompute: bool, fn, x: torch.Tensor, modules: tuple[nn.Mo
 TEXT_ATTENTION = ("spec", "reference-code")
 
 
+def _check_tower_input(name: str, value, weight: torch.Tensor) -> None:
+    """``value`` a dense tensor on the device of its tower's first ``weight``: torch raises an AttributeError
+    for a non-tensor and an error of its own from inside the tower for another device, or, for token ids on
+    the meta device with the model on the CPU, returns uninitialised memory as the embeddings."""
+    check_tensor(name, value, dtypes=None)
+    if value.device != weight.device:
+        raise ValueError(f"argument '{name}': expected a tensor on {weight.device} (the model's device), "
+                         f"got {value.device}")
+
+
 def cls_probability_row(q: torch.Tensor, k: torch.Tensor, key_keep: torch.Tensor) -> torch.Tensor:
     """Post-softmax CLS attention row averaged over heads, without column 0 (the published
     code's text row: its ``BertAttentionLoRA`` returns the masked attention probabilities).
@@ -748,12 +758,20 @@ class ACELoRA(nn.Module):
         tokens : ``[B, N, D]`` (N = 197 for biomedclip), c : ``[B, N-1]``.
         """
         size = self.image_size
+        weight = self.vision_trunk.patch_embed.proj.weight
+        _check_tower_input("images", images, weight)
         if images.ndim != 4 or images.shape[1:] != (3, size, size) or images.shape[0] == 0:
             raise ValueError(f"argument 'images': expected shape [B, 3, {size}, {size}] with B >= 1, "
                              f"got {list(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"argument 'images': expected preprocessed floating-point images, got {images.dtype}")
         self._check_autocast(images.device)
+        if images.dtype != weight.dtype and ace_kernels._library.autocast_dtype(images) is None:
+            # Outside autocast the patch embedding's convolution takes its weight's dtype only (autocast_dtype:
+            # torch.is_autocast_enabled raises for the meta device).
+            raise ValueError(f"argument 'images': expected dtype {str(weight.dtype).replace('torch.', '')} (the "
+                             f"dtype of the model's weights; or run under torch.autocast), got "
+                             f"{str(images.dtype).replace('torch.', '')}")
         trunk = self.vision_trunk
         x = trunk.patch_embed(images)
         x = trunk._pos_embed(x)
@@ -806,6 +824,7 @@ class ACELoRA(nn.Module):
         -------
         tokens : ``[B, L, D]``, c : ``[B, L-1]``.
         """
+        _check_tower_input("token_ids", token_ids, self.text_transformer.embeddings.word_embeddings.weight)
         if token_ids.ndim != 2 or token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"argument 'token_ids': expected an integer tensor [B, L], got "
                              f"{token_ids.dtype} {list(token_ids.shape)}")

@@ -163,6 +163,39 @@ def test_encoders_name_bad_inputs(tiny_model):
             model.encode_text(bad)
 
 
+def test_encoders_name_inputs_of_another_kind_device_or_dtype(tiny_model):
+    # A non-tensor raised AttributeError ('NoneType' object has no attribute 'ndim'), a NumPy array of ids
+    # was refused as "expected an integer tensor [B, L], got int64 [2, L]", images of another dtype or device
+    # failed inside the patch embedding, and token ids on the meta device gave uninitialised CPU memory.
+    model = tiny_model
+    size, length = model.image_size, model.context_length
+    images, ids = torch.zeros(2, 3, size, size), torch.ones(2, length, dtype=torch.long)
+    for bad, expected in ((None, "expected a torch.Tensor, got NoneType"), (images.tolist(), "expected a torch.Tensor"),
+                          (images.numpy(), "expected a torch.Tensor, got ndarray"),
+                          (images.to_sparse(), "expected a dense"),
+                          (images.to("meta"), r"expected a tensor on cpu \(the model's device\), got meta"),
+                          (images.double(), r"expected dtype float32 \(the dtype of the model's weights; or run under "
+                                            r"torch.autocast\), got float64"),
+                          (images.half(), "expected dtype float32 .* got float16")):
+        with pytest.raises(ValueError, match=rf"^argument 'images': {expected}"):
+            model.encode_image(bad)
+    for bad, expected in ((None, "expected a torch.Tensor, got NoneType"), (ids.numpy(), "expected a torch.Tensor"),
+                          (ids.to_sparse(), "expected a dense"),
+                          (ids.to("meta"), r"expected a tensor on cpu \(the model's device\), got meta")):
+        with pytest.raises(ValueError, match=rf"^argument 'token_ids': {expected}"):
+            model.encode_text(bad)
+    with pytest.raises(ValueError, match="^argument 'images': expected a torch.Tensor, got NoneType"):
+        model.loss(None, ids)
+    with pytest.raises(ValueError, match="^argument 'token_ids': expected a torch.Tensor, got list"):
+        model.loss(images, ids.tolist())
+    # Under autocast the convolution casts float32 images itself (what cast_frozen_weights relies on).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.encode_image(images).shape == (2, model.embed_dim)
+    # A model on the meta device: the dtype check reads no autocast state there (torch raises for "meta").
+    with pytest.raises(ValueError, match="^argument 'images': expected dtype float32 .* got float64$"):
+        copy.deepcopy(model).to("meta").encode_image(images.to("meta", torch.float64))
+
+
 def test_cast_frozen_weights_runs_under_autocast_only():
     torch.manual_seed(0)
     model = ACELoRA.from_config("tiny", backend="torch").eval()
