@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import ace_kernels
-from ace_kernels._checks import check_finite_number, check_positive_int, check_probability, check_tensor
+from ace_kernels._checks import check_bool, check_finite_number, check_positive_int, check_probability, check_tensor
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 CONFIG_NAMES = ("biomedclip", "tiny")
@@ -159,6 +159,8 @@ def build_base_model(name: str, *, use_open_clip: bool | None = None) -> nn.Modu
     # Offline for the rest of the process unless the caller set it (HF_HUB_OFFLINE=0 keeps the hub).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory, config = _read_open_clip_config(name)
+    if use_open_clip is not None:  # a string such as "false" took the open_clip path, being truthy
+        use_open_clip = check_bool("use_open_clip", use_open_clip)
     model_cfg = config["model_cfg"]
     if name == "tiny":
         _register_tiny_vit()

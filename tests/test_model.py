@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -543,6 +544,17 @@ def test_a_broken_open_clip_falls_back_to_the_direct_build(monkeypatch):
     with pytest.raises(AttributeError, match="something_new"):
         build_base_model("tiny", use_open_clip=True)
 
+
+
+def test_use_open_clip_takes_bools_only():
+    # A string was taken for its truth: use_open_clip="false" built through open_clip, silently.
+    for bad in ("false", "no", 0, 1.0):
+        with pytest.raises(ValueError, match=rf"^argument 'use_open_clip': expected a bool, got {type(bad).__name__}$"):
+            build_base_model("tiny", use_open_clip=bad)
+    with pytest.raises(ValueError, match="^argument 'use_open_clip': expected a bool, got str$"):
+        ACELoRA.from_config("tiny", use_open_clip="False")
+    # A NumPy bool is a bool, as for the ops' flags.
+    assert type(build_base_model("tiny", use_open_clip=np.bool_(False))).__name__ == "_PlainCLIP"
 
 def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     source = build_base_model("tiny")
