@@ -503,6 +503,17 @@ class ACELoRA(nn.Module):
                  topk: int = HGNN_TOPK, backend: str = "auto", recompute: str = "none",
                  text_attention: str = "spec"):
         super().__init__()
+        # Named here: the config, the adapters and the towers would fail under other names (the config's
+        # 'name', ACEHypergraph's 'hidden') or as an AttributeError from the attribute lookups below.
+        if config_name not in CONFIG_NAMES:
+            raise ValueError(f"argument 'config_name': expected one of {CONFIG_NAMES}, got {config_name!r}")
+        if adapter_hidden is not None:
+            adapter_hidden = check_positive_int("adapter_hidden", adapter_hidden)
+        if not all(isinstance(getattr(getattr(base, tower, None), part, None), nn.Module)
+                   for tower, part in (("visual", "trunk"), ("visual", "head"), ("text", "transformer"),
+                                       ("text", "proj"))):
+            raise ValueError(f"argument 'base': expected a CLIP base as build_base_model builds it (visual.trunk, "
+                             f"visual.head, text.transformer, text.proj), got {type(base).__name__}")
         self.text_attention = text_attention  # validated by the property
         self.config_name = config_name
         self.backend = backend

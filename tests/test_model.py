@@ -334,9 +334,21 @@ def test_backend_and_batch_mismatch_are_named_when_given(tiny_model):
     with pytest.raises(ValueError, match=r"argument 'texts': expected a string or a non-empty sequence"):
         model.tokenizer()([])
     for kwargs, expected in (({"rank": 0}, r"argument 'rank': expected"),
-                             ({"lora_dropout": 1.5}, r"argument 'lora_dropout': expected a float in \[0, 1\)")):
+                             ({"lora_dropout": 1.5}, r"argument 'lora_dropout': expected a float in \[0, 1\)"),
+                             # These were named 'hidden' and 'name' (ACEHypergraph's and the config reader's).
+                             ({"adapter_hidden": 0}, r"^argument 'adapter_hidden': expected an integer >= 1, got 0$"),
+                             ({"adapter_hidden": 2.0}, r"^argument 'adapter_hidden': expected an integer >= 1"),
+                             ({"config_name": "vit-huge"}, r"^argument 'config_name': expected one of \('biomedclip', "
+                                                           r"'tiny'\), got 'vit-huge'$")):
+        config_name = kwargs.pop("config_name", "tiny")
         with pytest.raises(ValueError, match=expected):
-            ACELoRA(build_base_model("tiny"), "tiny", **kwargs)
+            ACELoRA(build_base_model("tiny"), config_name, **kwargs)
+    # Not a base of build_base_model's layout: an AttributeError ('NoneType' object has no attribute 'parameters',
+    # or "'ACELoRA' object has no attribute 'vision_trunk'" from the property's own failing lookup).
+    for base, name in ((None, "NoneType"), (torch.nn.Linear(2, 2), "Linear")):
+        with pytest.raises(ValueError, match=rf"^argument 'base': expected a CLIP base as build_base_model builds "
+                                             rf"it .*, got {name}$"):
+            ACELoRA(base, "tiny")
 
 
 def test_the_hypergraph_modules_settings_are_what_runs(tiny_model):
