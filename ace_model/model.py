@@ -934,11 +934,13 @@ class ACELoRA(nn.Module):
 
         ``all_tokens=True`` returns every token of the HGNN output, ``[B, N, D]``.
         """
+        all_tokens = check_bool("all_tokens", all_tokens)  # "False" was taken for its truth: every token
         tokens, cls_row = self.image_tokens(images)
         return self.image_head(tokens, cls_row, cls_only=not all_tokens)
 
     def encode_text(self, token_ids: torch.Tensor, *, all_tokens: bool = False) -> torch.Tensor:
         """Text embeddings ``[B, D]``, normalised, after the text ACE-HGNN (spec 4.7)."""
+        all_tokens = check_bool("all_tokens", all_tokens)
         tokens, cls_row = self.text_tokens(token_ids)
         return self.text_head(tokens, cls_row, cls_only=not all_tokens)
 

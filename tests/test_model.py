@@ -187,6 +187,11 @@ def test_encoders_name_inputs_of_another_kind_device_or_dtype(tiny_model):
             model.encode_text(bad)
     with pytest.raises(ValueError, match="^argument 'images': expected a torch.Tensor, got NoneType"):
         model.loss(None, ids)
+    # all_tokens was taken for its truth (the string "False" gave every token), before the encoder ran.
+    for encode, inputs in ((model.encode_image, images), (model.encode_text, ids)):
+        for bad, kind in (("False", "str"), (None, "NoneType"), (1, "int")):
+            with pytest.raises(ValueError, match=rf"^argument 'all_tokens': expected a bool, got {kind}$"):
+                encode(inputs, all_tokens=bad)
     with pytest.raises(ValueError, match="^argument 'token_ids': expected a torch.Tensor, got list"):
         model.loss(images, ids.tolist())
     # Under autocast the convolution casts float32 images itself (what cast_frozen_weights relies on).
