@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ace_kernels._checks import check_bool
 from ace_kernels._sources import sources_sha256
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
@@ -581,6 +582,8 @@ def available_backends(*, reasons: bool = False):
     ``ace_kernels`` was imported). With ``reasons=True`` returns a dict mapping every backend to the list
     of reasons it cannot run here; an empty list means it can.
     """
+    # reasons="no" returned the table, being truthy, where a list of names was asked for.
+    reasons = check_bool("reasons", reasons)
     table = {name: _global_reasons(name) for name in BACKENDS}
     if reasons:
         return table

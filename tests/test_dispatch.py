@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,6 +32,11 @@ def test_torch_backend_always_available():
     assert table["torch"] == []
     for name in ace_kernels.BACKENDS:
         assert (name in ace_kernels.available_backends()) == (table[name] == [])
+    # A bool (NumPy's too): the string "no" gave the reasons table, being truthy.
+    assert ace_kernels.available_backends(reasons=np.bool_(False)) == ace_kernels.available_backends()
+    for bad, kind in (("no", "str"), (None, "NoneType"), (1, "int")):
+        with pytest.raises(ValueError, match=rf"^argument 'reasons': expected a bool, got {kind}$"):
+            ace_kernels.available_backends(reasons=bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reasons given on a machine with no GPU")
