@@ -1420,6 +1420,36 @@ CUDA_PRIMITIVES = _Primitives("cuda", _cuda_topk_rows, _cuda_gather_sum, _cuda_s
 # Validation and the public functional
 # --------------------------------------------------------------------------------------
 
+_CALL_HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", "a forward hook"),
+               ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook"))
+
+
+def _check_not_hooked(name: str, adapter) -> None:
+    """The op reads the adapter's ``down``/``up`` weights and never calls the modules, so hooks on the
+    adapter, its layers or its activation would be skipped, silently: raise instead, naming the submodule
+    (a check of four dictionaries each, cheap enough for every call). Global module hooks
+    (``register_module_forward_hook``: ``FlopCounterMode``, profilers) are not checked: they do not fire
+    for the adapters, as they do not for the ``out_proj`` of ``nn.MultiheadAttention``."""
+    act = adapter._modules.get("act") if isinstance(adapter, nn.Module) else getattr(adapter, "act", None)
+    for part, module in ((name, adapter), (f"{name}.down", adapter.down), (f"{name}.up", adapter.up),
+                         (f"{name}.act", act)):
+        if not isinstance(module, nn.Module):
+            continue
+        kind = next((what for attr, what in _CALL_HOOKS if getattr(module, attr, None)), None)
+        if kind is None:
+            continue
+        hooks = [h for attr, _ in _CALL_HOOKS for h in (getattr(module, attr, None) or {}).values()]
+        names = ", ".join(getattr(h, "__qualname__", None) or type(h).__qualname__ for h in hooks)
+        advice = "remove it to call the op"
+        if any(type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in hooks):
+            # torch.nn.utils.weight_norm / spectral_norm recompute the weight in a pre-hook, so the op would read
+            # the one of the layer's last call; their parametrizations recompute it whenever it is read.
+            advice = ("use torch.nn.utils.parametrizations.weight_norm / spectral_norm instead, which recompute "
+                      "the weight when it is read")
+        raise ValueError(f"argument '{name}': {part} has {kind} ({names}), which ace_hypergraph would not run: it "
+                         f"reads the adapters' down/up weights and never calls the modules; {advice}")
+
+
 def _adapter_params(name: str, adapter, dim: int):
     if isinstance(adapter, (tuple, list)):
         if len(adapter) != 4:
@@ -1427,6 +1457,7 @@ def _adapter_params(name: str, adapter, dim: int):
                              f"or a module with .down and .up linears, got a sequence of length {len(adapter)}")
         params = tuple(adapter)
     elif hasattr(adapter, "down") and hasattr(adapter, "up"):
+        _check_not_hooked(name, adapter)
         params = (getattr(adapter.down, "weight", None), getattr(adapter.down, "bias", None),
                   getattr(adapter.up, "weight", None), getattr(adapter.up, "bias", None))
     else:
@@ -1663,6 +1694,15 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     edge_adapter, node_adapter : tuple or module
         ``(down_weight [H, D], down_bias [H], up_weight [D, H], up_bias [D])`` or a
         module with ``.down`` and ``.up`` ``nn.Linear``. Cast to the compute dtype.
+        A module's weights are read, the modules never called (the full output folds
+        ``up`` of the edge adapter into ``down`` of the node adapter; ``cls_only``
+        applies them to k + 1 rows): a hook on an adapter, its ``down``, ``up`` or
+        ``act`` (forward, pre-forward or backward; the old
+        ``torch.nn.utils.weight_norm``'s pre-hook too) raises a ``ValueError`` naming
+        it. Parametrized weights (``torch.nn.utils.parametrizations.weight_norm``,
+        ``spectral_norm``) are recomputed when read, as a call would. Global module
+        hooks do not fire for the adapters (as for ``nn.MultiheadAttention``'s
+        ``out_proj``) and are not refused.
     topk : int
         Neighbours kept per row (k). Needs ``topk <= N`` (the reference's
         ``torch.topk`` over a row of the N x N scores). Where a row has fewer
@@ -1822,6 +1862,10 @@ class ACEHypergraph(nn.Module):
     The released checkpoint's adapter state dicts (keys ``down.weight``,
     ``down.bias``, ``up.weight``, ``up.bias``) load into ``edge_adapter`` and
     ``node_adapter`` unchanged.
+
+    The forward reads the adapters' weights and never calls them: hooks registered on
+    ``edge_adapter``/``node_adapter`` or their layers raise (see :func:`ace_hypergraph`);
+    hooks on this module itself run as usual.
     """
 
     def __init__(self, dim: int = 512, hidden: int = 128, topk: int = 5, deterministic: bool = True):

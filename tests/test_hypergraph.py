@@ -466,6 +466,96 @@ def test_the_modules_adapters_compute_what_the_op_applies():
         torch.testing.assert_close(adapter(z), want, rtol=1e-12, atol=1e-12)
 
 
+def _hook_cases():
+    """(what is hooked, how): hooks the op never ran, each of which changes what calling the adapters gives."""
+    def forward_hook(m):
+        return m.edge_adapter.up.register_forward_hook(lambda module, args, out: out * 3.0)
+
+    def pre_hook(m):
+        return m.node_adapter.register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+
+    def backward_hook(m):
+        return m.node_adapter.down.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+
+    def old_weight_norm(m):
+        with pytest.warns(FutureWarning):  # deprecated, still shipped: recomputes weight in a forward pre-hook
+            torch.nn.utils.weight_norm(m.edge_adapter.down)
+        with torch.no_grad():
+            m.edge_adapter.down.weight_g.mul_(2.0)  # an optimizer step: the weight is recomputed at the next call
+        return None
+
+    weight_norm = r"edge_adapter.down has a forward pre-hook \(WeightNorm\).*parametrizations.weight_norm"
+    return [("edge_adapter.up has a forward hook", forward_hook), ("node_adapter has a forward pre-hook", pre_hook),
+            ("node_adapter.down has a backward hook", backward_hook), (weight_norm, old_weight_norm)]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["forward_hook", "pre_hook", "backward_hook", "old_weight_norm"])
+def test_hooks_on_the_adapters_raise_instead_of_being_skipped(case):
+    """The op reads the adapters' down/up weights and never calls them: hooks on an adapter or its layers
+    never ran (the output was that of the unhooked adapters, silently; the old weight_norm's weight was the
+    one of its last recomputation). It now raises, naming the hooked submodule, from the module and the
+    functional, for both outputs; without the hook it runs as before."""
+    match, register = _hook_cases()[case]
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    before = module(x, c)
+    handle = register(module)
+    for cls_only in (False, True):
+        with pytest.raises(ValueError, match=match):
+            module(x, c, cls_only=cls_only, backend="torch")
+        with pytest.raises(ValueError, match=match):
+            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
+    if handle is not None:
+        handle.remove()
+        torch.testing.assert_close(module(x, c), before, rtol=0, atol=0)
+
+
+def test_hooks_on_a_reference_adapters_activation_raise():
+    """An adapter with an activation module (the reference's ``act``): a hook there would be skipped too."""
+    from reference_modules import Adapter
+
+    torch.manual_seed(0)
+    edge, node = Adapter(40, 6).double(), Adapter(40, 6).double()
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    handle = node.act.register_forward_hook(lambda module, args, out: out + 1.0)
+    with pytest.raises(ValueError, match="node_adapter.act has a forward hook"):
+        ace_kernels.ace_hypergraph(x, c, edge, node, topk=3)
+    handle.remove()
+    ace_kernels.ace_hypergraph(x, c, edge, node, topk=3)
+
+
+def test_parametrized_adapter_weights_and_global_hooks():
+    """torch.nn.utils.parametrize (the new weight_norm, spectral_norm) recomputes a weight when it is read,
+    so the op reads the current one and its gradient reaches the parametrization's tensors: the oracle's
+    output and gradients on the weights read. Global module hooks (FlopCounterMode's module tracking) do not
+    fire for the adapters, which the op never calls, and are not refused."""
+    from torch.nn.utils import parametrizations
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    parametrizations.weight_norm(module.node_adapter.down)
+    parametrizations.spectral_norm(module.edge_adapter.up)
+    module.eval()  # spectral_norm's power iteration runs at each read in training mode only
+    with torch.no_grad():
+        module.node_adapter.down.parametrizations.weight.original0.mul_(2.0)
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    params = lambda a: (a.down.weight, a.down.bias, a.up.weight, a.up.bias)  # noqa: E731
+    leaves = (module.node_adapter.down.parametrizations.weight.original0,
+              module.edge_adapter.up.parametrizations.weight.original)
+    for cls_only in (False, True):
+        ref = oracle_hypergraph(x, c, params(module.edge_adapter), params(module.node_adapter), 3)
+        ref = ref[:, 0] if cls_only else ref
+        want = torch.autograd.grad(ref.square().sum(), leaves)
+        out = module(x, c, cls_only=cls_only)
+        assert_close_scaled(out, ref, 1e-10, "parametrized output")
+        for got, wanted in zip(torch.autograd.grad(out.square().sum(), leaves), want):
+            assert_close_scaled(got, wanted, 1e-10, "parametrized gradient")
+        with FlopCounterMode(display=False):
+            torch.testing.assert_close(module(x, c, cls_only=cls_only).detach(), out.detach(), rtol=0, atol=0)
+
+
 def test_module_default_shapes_and_init():
     module = ace_kernels.ACEHypergraph()
     assert sum(p.numel() for p in module.parameters()) == 2 * (512 * 128 + 128 + 128 * 512 + 512)
