@@ -114,7 +114,9 @@ class than the one that defines ``apply_ace_hgat`` or one that class extends
 device are skipped (nothing to probe: patch them once they have weights), and so are those
 holding DTensor shards (FSDP2's ``fully_shard``, tensor parallelism: patch before sharding).
 A reference layer with parametrized tensors, or whose weight a forward
-pre-hook recomputes (``weight_norm``), falls back at each call.
+pre-hook recomputes (``weight_norm``), falls back at each call. Parametrized adapter weights
+(``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``) are fused, each computed once a
+call (and once a probe), as the original computes it; hooks on the adapters fall back (see above).
 
 Results equal the original forward up to floating-point rounding (a different
 summation order), except dropout masks: the fused ops draw their own masks
@@ -193,6 +195,7 @@ and ``stats()`` counts only the calls made while tracing. Tested with
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import inspect
@@ -207,6 +210,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
+from torch.nn.utils import parametrize
 
 from ace_kernels import _library
 from ace_kernels._checks import check_bool, is_finite
@@ -1264,7 +1268,7 @@ def _adapter_reason(adapter) -> str | None:
     down, up = copied.down, copied.up
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(3, down.in_features, generator=generator, device="cpu").to(down.weight)
-    with torch.no_grad():
+    with torch.no_grad(), parametrize.cached():  # a parametrized weight computed once, for both (see _read_once)
         expected = F.linear(F.leaky_relu(F.linear(probe, down.weight, down.bias), 0.2), up.weight, up.bias)
         try:
             with torch.random.fork_rng(devices=[]):
@@ -1319,7 +1323,7 @@ def _hgat_probe_reason(module) -> str | None:
         edge, node = _adapters_for(probe, encoder)
         features = torch.randn(2, topk + 3, edge.down.in_features, generator=generator, dtype=dtype, device="cpu")
         attn = torch.rand(2, topk + 2, generator=generator, dtype=dtype, device="cpu")
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), parametrize.cached():
             try:
                 got = type(probe).apply_ace_hgat(probe, features, attn, encoder=encoder)
             except Exception as exc:
@@ -1400,17 +1404,29 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
     return None
 
 
+def _read_once(edge, node):
+    """A context in which each parametrized adapter weight is computed once (``parametrize.cached``):
+    the per-call check reads the weights (their dtype) before the op or the original does, and a
+    ``spectral_norm`` in training mode runs a power iteration at each read, which the original runs
+    once a call. A plain context otherwise (a dictionary lookup per layer)."""
+    layers = (getattr(a, name, None) for a in (edge, node) for name in ("down", "up"))
+    if any(isinstance(layer, nn.Module) and "parametrizations" in layer._modules for layer in layers):
+        return parametrize.cached()
+    return contextlib.nullcontext()
+
+
 def _ace_hgat_forward(module, handle, original, features, attn_weights, encoder="img"):
     from ace_kernels.hypergraph import ace_hypergraph
 
     edge, node = _adapters_for(module, encoder)
-    reason = _hypergraph_reason(module, features, attn_weights, edge, node)
-    if reason:
-        handle._count(f"fallback apply_ace_hgat: {reason}")
-        return original(features, attn_weights, encoder)
-    handle._count("ace_hypergraph")
-    return ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk),
-                          backend=handle.backend_for("ace_hypergraph"))
+    with _read_once(edge, node):
+        reason = _hypergraph_reason(module, features, attn_weights, edge, node)
+        if reason:
+            handle._count(f"fallback apply_ace_hgat: {reason}")
+            return original(features, attn_weights, encoder)
+        handle._count("ace_hypergraph")
+        return ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk),
+                              backend=handle.backend_for("ace_hypergraph"))
 
 
 def _ace_cls_embedding(module, handle, features, attn_weights, encoder):
@@ -1419,11 +1435,14 @@ def _ace_cls_embedding(module, handle, features, attn_weights, encoder):
 
     if _is_patched(module, "apply_ace_hgat"):
         edge, node = _adapters_for(module, encoder)
-        if _hypergraph_reason(module, features, attn_weights, edge, node) is None:
-            handle._count("ace_hypergraph cls_only")
-            cls = ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), cls_only=True,
-                                 backend=handle.backend_for("ace_hypergraph"))  # [B, D] on every backend
-            return F.normalize(cls, dim=-1)
+        with _read_once(edge, node):
+            if _hypergraph_reason(module, features, attn_weights, edge, node) is None:
+                handle._count("ace_hypergraph cls_only")
+                cls = ace_hypergraph(features, attn_weights, edge, node, topk=int(module.args.topk), cls_only=True,
+                                     backend=handle.backend_for("ace_hypergraph"))  # [B, D] on every backend
+                return F.normalize(cls, dim=-1)
+            out = module.apply_ace_hgat(features, attn_weights, encoder=encoder)  # falls back: read there
+            return F.normalize(out, dim=-1)[:, 0]
     out = module.apply_ace_hgat(features, attn_weights, encoder=encoder)
     return F.normalize(out, dim=-1)[:, 0]
 
@@ -1700,7 +1719,7 @@ def _reference_loss_probe_reason(module) -> str | None:
 
     for mode in ("vision", "text", "both"):
         for frame, indices in _probe_frames(batch):
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), torch.random.fork_rng(devices=[]), parametrize.cached():
                 try:
                     args.apply_gnn_encoders = mode
                     probe.args = args

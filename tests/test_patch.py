@@ -2543,6 +2543,47 @@ def test_loss_classes_the_probes_must_take_or_refuse():
         patching._adapter_reason = original
 
 
+def test_parametrized_adapters_are_computed_once_a_call():
+    """A parametrized adapter weight is computed at each read, and spectral_norm's, in training mode, runs
+    a power iteration each time (updating its u and v). The original reads each weight once a call; the
+    fused paths read it in the per-call check too (the dtype), then in the op, so the power iteration ran
+    twice a call: the output differed from the original's beyond rounding (1e-5 in float64) and u drifted
+    away; and the patch-time probes, which compare the original with the op on a copy, saw two weights
+    and skipped apply_ace_hgat as not the reference's. The check and the op (each probe's two sides) now
+    share one computation (parametrize.cached), in apply_ace_hgat and in the loss's CLS-only path: the
+    original's outputs, and the same u, call after call."""
+    from torch.nn.utils import parametrizations
+
+    def parametrize(loss_fn):
+        for adapter in ("img_edge_adapter", "text_node_adapter"):
+            parametrizations.spectral_norm(getattr(loss_fn, adapter).up)
+            parametrizations.weight_norm(getattr(loss_fn, adapter).down)
+
+    torch.manual_seed(16)
+    features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
+    attn = torch.rand(2, 8, dtype=torch.float64)
+    for before_patch in (True, False):
+        clip, loss_fn, images, texts, frame = _reference_setup()
+        twin = copy.deepcopy(loss_fn)
+        parametrize(twin)
+        if before_patch:
+            parametrize(loss_fn)
+        with ace_kernels.patch(loss_fn) as handle:
+            if not before_patch:
+                parametrize(loss_fn)  # the same layer objects: the adapter checks made at patch time still hold
+            twin.load_state_dict(loss_fn.state_dict())  # the u and v as they are now
+            for _ in range(2):
+                want = twin.apply_ace_hgat(features, attn, encoder="img")
+                torch.testing.assert_close(loss_fn.apply_ace_hgat(features, attn, encoder="img"), want, **FP64_TOL)
+                want = twin(clip, images, texts, frame, [0, 1, 2, 3, 4])
+                torch.testing.assert_close(loss_fn(clip, images, texts, frame, [0, 1, 2, 3, 4]), want, **FP64_TOL)
+                for key, value in twin.state_dict().items():
+                    torch.testing.assert_close(loss_fn.state_dict()[key], value, **FP64_TOL)
+            stats = {"ace_hypergraph": 2, "ace_hypergraph cls_only": 4, "label_guided_infonce": 2}
+            assert [r.status for r in handle.records] == ["patched", "patched"] and handle.stats() == stats, \
+                str(handle)
+
+
 def test_hooks_on_adapter_layers_neither_fire_nor_decide_the_adapter_check():
     """The adapter check probes a copy without hooks: a hook on an adapter's layer, registered
     before patch(), does not fire at patch time and does not make the check fail (the calls fall
