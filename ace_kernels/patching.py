@@ -807,7 +807,9 @@ class _PeftLoraKind(_LoraKind):
 
 class _ReferenceLoraKind(_LoraKind):
     name = "reference-lora-linear"
-    _ATTRS = ("weight", "bias", "w_lora_A", "w_lora_B", "scaling", "r", "merged", "dropout")
+    # The LoRA attributes first: every other layer is told apart without reading its weight, which a
+    # parametrization computes at each read (spectral_norm's power iteration updates its u and v).
+    _ATTRS = ("w_lora_A", "w_lora_B", "scaling", "r", "merged", "dropout", "weight", "bias")
 
     def matches(self, module):
         if not all(hasattr(module, a) for a in self._ATTRS):

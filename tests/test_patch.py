@@ -2584,6 +2584,25 @@ def test_parametrized_adapters_are_computed_once_a_call():
                 str(handle)
 
 
+def test_patch_leaves_parametrized_weights_uncomputed():
+    """patch() recognised a reference LoRA layer by its attributes, 'weight' first: on every other layer
+    that read a parametrized weight, so each spectral_norm (training mode) ran a power iteration at patch
+    time, changing its u and v (the unpatched run's differ from then on). The LoRA attributes are now
+    looked up first: patch() leaves the state dict bit for bit as it was."""
+    from torch.nn.utils import parametrizations
+
+    _, loss_fn, _, _, _ = _reference_setup()
+    torch.manual_seed(17)
+    model = nn.ModuleDict({"loss": loss_fn, "head": nn.Linear(64, 48).double()})
+    for layer in (model["head"], loss_fn.img_edge_adapter.up, loss_fn.text_node_adapter.down):
+        parametrizations.spectral_norm(layer)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with ace_kernels.patch(model) as handle:
+        assert [r.status for r in handle.records] == ["patched", "patched"], str(handle)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key]), key
+
+
 def test_hooks_on_adapter_layers_neither_fire_nor_decide_the_adapter_check():
     """The adapter check probes a copy without hooks: a hook on an adapter's layer, registered
     before patch(), does not fire at patch time and does not make the check fail (the calls fall
