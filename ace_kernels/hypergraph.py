@@ -1441,7 +1441,12 @@ def _check_not_hooked(name: str, adapter) -> None:
         hooks = [h for attr, _ in _CALL_HOOKS for h in (getattr(module, attr, None) or {}).values()]
         names = ", ".join(getattr(h, "__qualname__", None) or type(h).__qualname__ for h in hooks)
         advice = "remove it to call the op"
-        if any(type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in hooks):
+        from torch.nn.utils import prune
+
+        if any(isinstance(h, prune.BasePruningMethod) for h in hooks):
+            # Pruning recomputes weight = weight_orig * weight_mask in a pre-hook, as the old weight_norm does.
+            advice = "torch.nn.utils.prune.remove(layer, 'weight') makes the pruning permanent (no hook)"
+        elif any(type(h).__name__ in ("WeightNorm", "SpectralNorm") for h in hooks):
             # torch.nn.utils.weight_norm / spectral_norm recompute the weight in a pre-hook, so the op would read
             # the one of the layer's last call; their parametrizations recompute it whenever it is read.
             advice = ("use torch.nn.utils.parametrizations.weight_norm / spectral_norm instead, which recompute "
@@ -1697,9 +1702,10 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         A module's weights are read, the modules never called (the full output folds
         ``up`` of the edge adapter into ``down`` of the node adapter; ``cls_only``
         applies them to k + 1 rows): a hook on an adapter, its ``down``, ``up`` or
-        ``act`` (forward, pre-forward or backward; the old
-        ``torch.nn.utils.weight_norm``'s pre-hook too) raises a ``ValueError`` naming
-        it. Parametrized weights (``torch.nn.utils.parametrizations.weight_norm``,
+        ``act`` (forward, pre-forward or backward; the pre-hooks of the old
+        ``torch.nn.utils.weight_norm`` and of ``torch.nn.utils.prune`` too, which
+        recompute ``weight`` at each call) raises a ``ValueError`` naming it.
+        Parametrized weights (``torch.nn.utils.parametrizations.weight_norm``,
         ``spectral_norm``) are recomputed when read, as a call would. Global module
         hooks do not fire for the adapters (as for ``nn.MultiheadAttention``'s
         ``out_proj``) and are not refused.

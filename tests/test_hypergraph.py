@@ -484,12 +484,20 @@ def _hook_cases():
             m.edge_adapter.down.weight_g.mul_(2.0)  # an optimizer step: the weight is recomputed at the next call
         return None
 
+    def pruned(m):
+        from torch.nn.utils import prune
+
+        prune.l1_unstructured(m.node_adapter.up, "weight", amount=0.5)  # weight recomputed in a pre-hook
+        return None
+
     weight_norm = r"edge_adapter.down has a forward pre-hook \(WeightNorm\).*parametrizations.weight_norm"
     return [("edge_adapter.up has a forward hook", forward_hook), ("node_adapter has a forward pre-hook", pre_hook),
-            ("node_adapter.down has a backward hook", backward_hook), (weight_norm, old_weight_norm)]
+            ("node_adapter.down has a backward hook", backward_hook), (weight_norm, old_weight_norm),
+            (r"node_adapter.up has a forward pre-hook \(L1Unstructured\).*prune.remove", pruned)]
 
 
-@pytest.mark.parametrize("case", range(4), ids=["forward_hook", "pre_hook", "backward_hook", "old_weight_norm"])
+@pytest.mark.parametrize("case", range(5), ids=["forward_hook", "pre_hook", "backward_hook", "old_weight_norm",
+                                             "pruned"])
 def test_hooks_on_the_adapters_raise_instead_of_being_skipped(case):
     """The op reads the adapters' down/up weights and never calls them: hooks on an adapter or its layers
     never ran (the output was that of the unhooked adapters, silently; the old weight_norm's weight was the
