@@ -1430,11 +1430,16 @@ def _check_not_hooked(name: str, adapter) -> None:
     (a check of four dictionaries each, cheap enough for every call). Global module hooks
     (``register_module_forward_hook``: ``FlopCounterMode``, profilers) are not checked: they do not fire
     for the adapters, as they do not for the ``out_proj`` of ``nn.MultiheadAttention``."""
-    act = adapter._modules.get("act") if isinstance(adapter, nn.Module) else getattr(adapter, "act", None)
-    for part, module in ((name, adapter), (f"{name}.down", adapter.down), (f"{name}.up", adapter.up),
-                         (f"{name}.act", act)):
-        if not isinstance(module, nn.Module):
-            continue
+    if isinstance(adapter, nn.Module):  # its submodules straight from its dictionary (no __getattr__)
+        children = adapter._modules
+        modules = (adapter, children["down"] if "down" in children else adapter.down,
+                   children["up"] if "up" in children else adapter.up, children.get("act"))
+    else:
+        modules = (adapter, adapter.down, adapter.up, getattr(adapter, "act", None))
+    if not any(isinstance(m, nn.Module) and (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                                             or m._backward_hooks) for m in modules):
+        return
+    for part, module in zip((name, f"{name}.down", f"{name}.up", f"{name}.act"), modules):
         kind = next((what for attr, what in _CALL_HOOKS if getattr(module, attr, None)), None)
         if kind is None:
             continue
