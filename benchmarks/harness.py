@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import errno
 import gc
 import json
 import os
@@ -943,36 +942,10 @@ def _replace_file(path: str, write: Callable[[TextIO], None]) -> None:
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             exc.filename = path  # a write or fsync error (a full disk) names no file by itself
         raise
-    _fsync_directory(directory)
+    # The rename durable too, where the file system allows it (ace_model's atomic writes' own function).
+    from ace_model._atomic import fsync_directory
 
-
-# Errors of a directory's fsync (or of opening it for one) where the file system or its permissions do not
-# allow it (some network and FUSE file systems; a directory written but not readable), as ace_model/_atomic.py.
-_DIRECTORY_SYNC_UNSUPPORTED = frozenset(getattr(errno, name) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP",
-                                                                          "EBADF", "EACCES", "EPERM", "EISDIR")
-                                        if hasattr(errno, name))
-
-
-def _fsync_directory(directory: str) -> None:
-    """fsync ``directory``, the rename in it durable, as ace_model/_atomic.py makes it. Where that cannot be
-    done (:data:`_DIRECTORY_SYNC_UNSUPPORTED`) nothing is raised: the file is in place, and reporting its
-    write as failed would be wrong. Any other error (EIO) names the directory."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError as exc:
-        if exc.errno in _DIRECTORY_SYNC_UNSUPPORTED:
-            return
-        raise
-    try:
-        os.fsync(dir_fd)
-    except OSError as exc:
-        if exc.errno in _DIRECTORY_SYNC_UNSUPPORTED:
-            return
-        if exc.filename is None:
-            exc.filename = directory
-        raise
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)
 
 
 def remove_temp_files_of(path: str, pid: int) -> None:
