@@ -1007,19 +1007,16 @@ def package_file_tool(argv: Sequence[str] | None, *, module: str, description: s
         print(f"{module}: {exc}", file=sys.stderr)
         return 2
 
-    def dump(handle: TextIO) -> None:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-
-    try:  # what dump() would write, against what the file it updates holds
+    text = json.dumps(content, indent=2, sort_keys=True) + "\n"
+    try:  # what would be written, against what the file it updates holds
         with open(source, encoding="utf-8") as handle:
-            same = handle.read() == json.dumps(content, indent=2, sort_keys=True) + "\n"
+            same = handle.read() == text
     except (OSError, UnicodeDecodeError):  # (no such file: written)
         same = False
     unchanged = same and source == args.out
     if not unchanged:
         try:
-            _replace_file(args.out, dump)
+            _replace_file(args.out, lambda handle: handle.write(text))
         except OSError as exc:
             print(f"{module}: argument --out: cannot write {args.out!r} ({type(exc).__name__}: "
                   f"{exc.strerror or exc})", file=sys.stderr)

@@ -990,19 +990,17 @@ def test_package_files_are_replaced_atomically(tmp_path, monkeypatch):
     results.write_text(json.dumps({"environment": {"device": "NVIDIA H200", "device_type": "cuda"},
                                    "rows": [row, dict(row, provider="torch", median_ms=2.0)]}))
     before = sorted(p.name for p in tmp_path.iterdir())
-    real_dump = json.dump
+    real_fsync, real_replace = os.fsync, os.replace
 
-    def full_disk(obj, handle, **kwargs):
-        handle.write('{\n  "ab')
+    def full_disk(fd):  # the temp file written, its blocks refused at fsync (delayed allocation)
+        assert os.fstat(fd).st_size > 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(harness.json, "dump", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     assert dispatch_order.main([str(results), "--out", str(out)]) == 2
     assert json.loads(out.read_text()) == old and sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "order.json.tmp").read_text() == "another run's"
-    monkeypatch.setattr(harness.json, "dump", real_dump)
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd):
         events.append(("fsync", os.fstat(fd).st_ino))
