@@ -83,11 +83,17 @@ def save_reference_checkpoint(model, path: str | os.PathLike | BinaryIO, metadat
     training loop writes through one temp file this way, not a temp file of a temp file).
 
     The metadata is, in order of preference: ``metadata``, the metadata of the last
-    released-format file loaded into the model (so a load/save round trip is exact),
-    or :func:`default_metadata`.
+    released-format file loaded into the model (so a load/save round trip is exact) with its
+    ``r`` and ``topk`` entries set to the model's own (a k changed after the load is what the
+    weights were trained with, and what loading checks), or :func:`default_metadata`.
     """
     if metadata is None:
-        metadata = model.reference_metadata if model.reference_metadata is not None else default_metadata(model)
+        if model.reference_metadata is not None:
+            own = default_metadata(model)
+            metadata = {key: (own[key] if key in ("r", "topk") else value)
+                        for key, value in model.reference_metadata.items()}
+        else:
+            metadata = default_metadata(model)
     blob = {"weights": reference_weights(model), "metadata": dict(metadata)}
     if hasattr(path, "write"):
         torch_save_to(blob, path)

@@ -400,3 +400,23 @@ def test_an_error_is_cut_to_its_first_sentence_and_to_200_characters():
     assert first_line(ValueError("x" * 300)) == "ValueError: " + "x" * 197 + "..."
     assert first_line(ValueError("x" * 200)) == "ValueError: " + "x" * 200
     assert first_line(KeyError()) == "KeyError"
+
+
+def test_a_k_changed_after_a_load_is_the_one_saved(tiny, tmp_path):
+    """The metadata of the file last loaded is written back, but with the model's own r and topk: a k
+    set after the load was saved as the file's old one (topk 5), so the model refused its own file
+    ("metadata['topk'] is 5, this model needs 3") and a topk-5 model took it silently."""
+    model = copy.deepcopy(tiny)
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    model.save_reference_checkpoint(first)
+    blob = _load(first)
+    blob["metadata"]["loss_type"] = "clip_loss_ace_hgat"  # the released spelling, kept as loaded
+    torch.save(blob, first)
+    model.load_reference_checkpoint(first)
+    model.image_hgnn.topk = model.text_hgnn.topk = 3
+    model.save_reference_checkpoint(second)
+    metadata = _load(second)["metadata"]
+    assert metadata == {**blob["metadata"], "topk": 3} and list(metadata) == list(blob["metadata"])
+    assert model.load_reference_checkpoint(second)["topk"] == 3
+    with pytest.raises(CheckpointError, match=r"metadata\['topk'\] is 3, this model needs 5"):
+        copy.deepcopy(tiny).load_reference_checkpoint(second)
