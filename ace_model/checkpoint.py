@@ -151,6 +151,16 @@ def _expect_only(where: str, value: dict, keys, what: str) -> None:
                               f" ({what} {list(keys)}); loading would drop it")
 
 
+def _differs(value, want) -> bool:
+    """``value != want`` as a bool; a value whose comparison has no single truth (a tensor or array of
+    several values raised torch's 'Boolean value of Tensor with more than one value is ambiguous',
+    naming neither the file nor the entry) differs."""
+    try:
+        return bool(value != want)
+    except Exception:
+        return True
+
+
 def check_metadata(model, metadata, path) -> None:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: 'metadata' must be a dict, found {type(metadata).__name__}")
@@ -159,7 +169,7 @@ def check_metadata(model, metadata, path) -> None:
     # sets, and it is written back as it was loaded.
     checks = (("r", rank), ("topk", model.topk), ("position", "all"))
     for key, want in checks:
-        if key in metadata and metadata[key] != want:
+        if key in metadata and _differs(metadata[key], want):
             raise CheckpointError(f"{path}: metadata[{key!r}] is {metadata[key]!r}, this model needs {want!r}")
     if "params" in metadata and (not isinstance(metadata["params"], (list, tuple))
                                  or list(metadata["params"]) != ["q", "k", "v"]):

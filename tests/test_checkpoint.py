@@ -248,6 +248,11 @@ def _nested_rows(rows: int, width: int) -> torch.Tensor:
     (r"metadata\['params'\] is 'qkv', this model adapts \['q', 'k', 'v'\]",
      lambda blob: blob["metadata"].update(params="qkv")),
     (r"bad\.pt: 'metadata' must be a dict, found str$", lambda blob: blob.update(metadata="r=4")),
+    # A comparison with no single truth raised torch's RuntimeError, naming neither the file nor the entry.
+    (r"metadata\['r'\] is tensor\(\[4, 4\]\), this model needs 4",
+     lambda blob: blob["metadata"].update(r=torch.tensor([4, 4]))),
+    (r"metadata\['topk'\] is tensor\(\[5, 5\]\), this model needs 5",
+     lambda blob: blob["metadata"].update(topk=torch.tensor([5, 5]))),
     (r"bad\.pt: weights: expected a dict with keys \['layer_0', 'layer_1', .*\], found list$",
      lambda blob: blob.update(weights=list(blob["weights"].values()))),
     (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a tensor of shape \(4, 64\), found list$",
