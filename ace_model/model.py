@@ -891,7 +891,12 @@ class ACELoRA(nn.Module):
         # The published code's BertAttentionLoRA has no dropout on the probabilities nor after
         # the attention output's dense layer; BERT's own layers (spec) have both.
         drop = self.text_attention_dropout if self.training and not published else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_keep, dropout_p=drop)
+        # BERT's additive mask (the dtype's lowest value on padding keys), not a boolean one: the same
+        # output where a row keeps a key, and a row of padding only attends uniformly, as transformers'
+        # BERT (the towers' own forward) does, where SDPA's boolean mask gave it a zero attention output.
+        mask = torch.zeros(key_keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_keep,
+                                                                                      torch.finfo(q.dtype).min)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         o = o.transpose(1, 2).reshape(batch, length, width)
         hidden_drop = self.text_hidden_dropout if self.training else 0.0
         out = layer.attention.output

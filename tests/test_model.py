@@ -28,7 +28,7 @@ from _meta_init import materialise_like_fsdp  # noqa: E402
 from _released import released_path  # noqa: E402
 from _saved import saved_storage_bytes  # noqa: E402
 from ace_model import ACELoRA  # noqa: E402
-from ace_model.model import build_base_model, cls_attention_row, cls_probability_row  # noqa: E402
+from ace_model.model import TEXT_ATTENTION, build_base_model, cls_attention_row, cls_probability_row  # noqa: E402
 
 # float64 on both sides: the two computations differ only in summation order, so
 # agreement to ~1e-10 relative is expected; 1e-9 leaves room for the softmax/LSE steps.
@@ -426,6 +426,31 @@ def test_an_all_padding_text_row_stays_finite_with_the_published_codes_row(tiny_
     loss.backward()
     assert torch.isfinite(loss)
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.trainable_parameters())
+
+
+@pytest.mark.parametrize("text_attention", TEXT_ATTENTION)
+def test_a_text_row_of_padding_only_attends_as_berts_own_forward(tiny_model, text_attention):
+    """Token ids of padding only (pad id 0 throughout; the tokenizer never writes them, a caller's ids may):
+    transformers' BERT, which the towers run (the published code's and open_clip's forward), masks with
+    the dtype's lowest value, so every key of such a row weighs the same. SDPA's boolean mask gave the row
+    a zero attention output instead: its tokens, hence its embedding, were another text's (in either
+    text_attention, 0.016 off here). The other row is the same either way."""
+    model = _perturbed_fp64(tiny_model).eval()
+    model.text_attention = text_attention
+    token_ids = model.tokenizer()(["edema", "effusion"])
+    token_ids[1] = model.pad_token_id
+    bert = copy.deepcopy(model.text_transformer)
+    for layer, lora in zip(bert.encoder.layer, model.text_lora):
+        attention = layer.attention.self
+        for p, linear in enumerate((attention.query, attention.key, attention.value)):
+            with torch.no_grad():
+                linear.weight += lora.scaling * lora.lora_b[p] @ lora.lora_a[p]
+    bert.config._attn_implementation = "eager"
+    with torch.no_grad():
+        tokens, _ = model.text_tokens(token_ids)
+        out = bert(input_ids=token_ids, attention_mask=(token_ids != model.pad_token_id).long())
+    want = torch.nn.functional.normalize(model.clip.text.proj(out.last_hidden_state), dim=-1)
+    assert torch.allclose(tokens, want, rtol=0, atol=1e-10), (tokens - want).abs().amax(dim=(1, 2))
 
 
 def test_the_tokenizer_refuses_what_is_not_a_string(tiny_model):
