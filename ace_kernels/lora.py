@@ -28,11 +28,11 @@ Backends
     ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
     ``x`` and ``A``. The dropout mask comes from Philox keyed by a seed and the element
     position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
-    columns) and the seed are saved. In evaluation (``training=False``) without a graph to
-    build, the LoRA term is merged into the weight instead (``W + scaling * B A``,
-    one small batched product) and the call is one GEMM; in float16, where a merged
-    element could overflow, the term is added unmerged (``x W^T + b + scaling * S Bbd^T``,
-    three GEMMs, ``scaling`` applied in fp32). ``W`` and ``b``
+    columns) and the seed are saved (B alone trained: a copy of S's columns alone). In
+    evaluation (``training=False``) without a graph to build, the LoRA term is merged into
+    the weight instead (``W + scaling * B A``, one small batched product) and the call is
+    one GEMM; in float16, where a merged element could overflow, the term is added unmerged
+    (``x W^T + b + scaling * S Bbd^T``, three GEMMs, ``scaling`` applied in fp32). ``W`` and ``b``
     are treated as frozen: when either requires grad this backend declines the call
     (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
     It declines too for ``dropout_p`` above 0.999237 (``1 - 2**-17 / 0.01``) in training,
@@ -569,7 +569,7 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 #     one pass over x (KP = in + P*r rounded up to a multiple of 8). Then one GEMM
 #     y = x_cat W_cat^T + b with W_cat = [W | scaling * Bbd | 0] (Bbd: the block-diagonal
 #     [P*out, P*r] matrix of the B_p) gives x W^T + b + scaling * S Bbd^T. x_cat is all the
-#     op saves for backward (with the seed): x plus P*r columns.
+#     op saves for backward (with the seed): x plus P*r columns (S's alone when only B trains).
 # Backward: dY W (one GEMM), G_p = dY_p B_p and dB_p = scaling * dY_p^T S_p (two products
 #     batched over the projections on views of dY), each only when its gradient is wanted; then
 # _lora_grad_kernel      one program per [BLOCK_M, BLOCK_K] tile of dX, EPILOGUE_M rows at a
@@ -970,8 +970,7 @@ def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: tor
     grad_a = torch.empty((0,), dtype=torch.float32, device=x_cat.device)
     grad_b = x_cat.new_empty((0,))
     if compute_db:
-        s_act = x_cat[:, in_features:in_features + rank_total].view(rows, projections, rank)
-        grad_b = torch.bmm(grad_y3.permute(1, 2, 0), s_act.transpose(0, 1)).mul_(scaling)  # [P, out, r]
+        grad_b = _lora_grad_b(grad_y, x_cat[:, in_features:], projections, rank, scaling)
     if compute_dx or compute_da:
         grad_s = torch.bmm(grad_y3.transpose(0, 1), lora_b3)  # [P, M, r]
         cfg = _config("backward", x_cat.dtype, x_cat.device)
@@ -993,8 +992,20 @@ def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: tor
     return grad_x, grad_a, grad_b
 
 
+def _lora_grad_b(grad_y: torch.Tensor, s_cols: torch.Tensor, projections: int, rank: int,
+                 scaling: float) -> torch.Tensor:
+    """dB_p = scaling * dY_p^T S_p for every projection, one product batched over a view of dY: [P, out, r].
+    ``grad_y`` [M, P*out] contiguous; ``s_cols`` [M, >= P*r] starts with S's P*r columns (x_cat's tail, a
+    view of it or the copy the Function keeps when dB alone is wanted: the same product either way)."""
+    rows = grad_y.shape[0]
+    grad_y3 = grad_y.view(rows, projections, grad_y.shape[1] // projections)
+    s_act = s_cols[:, :projections * rank].view(rows, projections, rank)
+    return torch.bmm(grad_y3.permute(1, 2, 0), s_act.transpose(0, 1)).mul_(scaling)
+
+
 class _LoraTritonFunction(torch.autograd.Function):
-    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (in x's dtype) and the seed only."""
+    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (in x's dtype) and the seed only, or a copy
+    of its tail [S | 0] alone when dB alone is wanted."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
@@ -1004,25 +1015,37 @@ class _LoraTritonFunction(torch.autograd.Function):
             seed = torch.zeros(1, dtype=torch.int64, device=x2d.device)
         y, x_cat = _lora_forward_launch(x2d, weight, bias, lora_a3, lora_b3, seed, float(scaling), float(dropout_p),
                                         bool(apply_dropout))
-        # W is read for dX alone: not saved otherwise (a frozen W made under torch.inference_mode cannot be).
-        ctx.save_for_backward(x_cat, weight if ctx.needs_input_grad[0] else None, lora_a3, lora_b3, seed)
+        need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
+        if need_x or need_a:
+            # W is read for dX alone: not saved otherwise (a frozen W made under torch.inference_mode cannot be).
+            ctx.save_for_backward(x_cat, weight if need_x else None, lora_a3, lora_b3, seed)
+            # For the saved-bytes hook: x's share of x_cat, and the rest (S, the pad, the seed).
+            side["saved"] = (x2d, (x_cat[:, x2d.shape[1]:], seed))
+        else:
+            # dB alone reads S only (as the torch backend keeps it): a copy of x_cat's tail [S | pad] is
+            # saved, and x_cat itself, A, B and the seed are not.
+            s_tail = x_cat[:, x2d.shape[1]:].clone() if need_b else None
+            ctx.save_for_backward(s_tail, None, None, None, None)
+            side["saved"] = (None, (s_tail,))
+        ctx.shape = tuple(lora_a3.shape)
         ctx.scaling = float(scaling)
         ctx.dropout_p = dropout_p
         ctx.apply_dropout = apply_dropout
         side["seed"] = seed
-        # For the saved-bytes hook: x's share of x_cat, and the rest (S, the pad, the seed).
-        side["saved"] = (x2d, (x_cat[:, x2d.shape[1]:], seed))
         return y
 
     @staticmethod
     @_library.kernel_backward("lora_qkv/lora_linear (backend 'triton'): second derivatives (create_graph=True) "
                               "are not supported by the Triton kernels; use backend='torch'")
     def backward(ctx, grad_y):
-        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors
-        projections, rank, in_features = lora_a3.shape
+        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors  # x_cat: the copy of its tail for dB alone
+        projections, rank, in_features = ctx.shape
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         # The products and the kernel need dY in the inputs' dtype (autocast can hand back another).
         grad_y = grad_y.to(x_cat.dtype)
+        if not (need_x or need_a):
+            return (None, None, None, None, _lora_grad_b(grad_y.contiguous(), x_cat, projections, rank, ctx.scaling),
+                    None, None, None, None)
         grad_x, grad_a_flat, grad_b = _lora_backward_launch(
             grad_y, x_cat, weight, lora_a3, lora_b3, seed, ctx.scaling, float(ctx.dropout_p),
             bool(ctx.apply_dropout), bool(need_x), bool(need_a), bool(need_b))

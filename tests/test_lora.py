@@ -354,6 +354,33 @@ def test_triton_saves_the_weight_for_dx_only(x_grad, device):
     assert (inputs[1].untyped_storage().data_ptr() in kept) == x_grad
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("op", ["qkv", "linear"])
+def test_triton_saves_s_alone_when_only_b_trains(op, device):
+    # dB = scaling * dY^T S reads S only: x_cat ([x | S | 0]), W, A, B and the seed were all kept anyway.
+    case = Case("saved_b", op, (10,), 16, 4, 2, dropout_p=0.2, x_grad=False, lora_grads="b")
+    inputs = make_inputs(case, torch.float32, device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        with lora_module.saved_activation_bytes() as record:
+            measured, (outputs, _) = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
+        kept, _ = saved_storages(lambda: call_op(case, inputs, "triton"))
+    tail = 8  # x_cat [x | S | 0] is 24 columns (16 + 6 or 16 + 2, rounded up to 8): S and the pad after x
+    assert measured == 10 * tail * 4
+    assert record == [{"backend": "triton", "total": 10 * tail * 4, "x": 0, "extra": 10 * tail * 4}]
+    assert not kept & {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    # Bit for bit the outputs and dB of the same call with A trained too (x_cat kept, the launcher's dB).
+    grads_out = [torch.randn_like(o) for o in outputs]
+    (grad_b,) = torch.autograd.grad(outputs, inputs[4], grads_out)
+    both = (*inputs[:3], inputs[3].detach().requires_grad_(True), inputs[4])
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        outputs_both, _ = call_op(case, both, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both))
+    assert torch.equal(grad_b, torch.autograd.grad(outputs_both, inputs[4], grads_out)[0])
+
+
 def test_torch_non_finite_rows_propagate():
     case = Case("nan", "linear", (4,), 8, 3, 2, dropout_p=0.2)
     x, weight, bias, lora_a, lora_b = make_inputs(case)
