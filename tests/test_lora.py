@@ -983,6 +983,21 @@ def test_triton_declines_trainable_base(trainable, device):
     assert "bias" in grads and ("weight" in grads) == (trainable != "bias")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("training", [False, True])
+def test_triton_runs_a_trainable_base_without_grad_mode(training, device):
+    # Under torch.no_grad nothing is differentiated: a base layer left trainable (nn.Linear's default) was
+    # refused all the same, with "use backend='torch' to train it", and 'auto' silently took the torch backend.
+    case = Case("no_grad_base", "qkv", (4,), 8, 3, 2, dropout_p=0.3, training=training, base_grads=True)
+    inputs = make_inputs(case, torch.float32, device)
+    with torch.no_grad():
+        outputs, mask = call_op(case, inputs, "triton")
+    want = call_oracle(case, fp64_leaves(*inputs), None if mask is None else mask.double())
+    for got, expected in zip(outputs, want):
+        assert not got.requires_grad
+        torch.testing.assert_close(got.double(), expected.detach(), rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
 @pytest.mark.parametrize("op,rank,declined", [("qkv", 21, False), ("qkv", 22, True), ("qkv", 64, True),
                                               ("linear", 64, False), ("linear", 65, True)])
 def test_triton_rank_limit(op, rank, declined):
