@@ -941,10 +941,11 @@ def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.
     probe. Only ``children`` (names; all when None) are copied, the other submodules shared.
     Parameters, buffers and tensor attributes are converted first (no full-size copy on the device;
     a weight the reference's merge path left attached to a graph copies detached); hook dictionaries
-    start empty (a probe is not a call of the user's model, and a hook's owner is never copied);
-    every other attribute (args, locks, files) is shared, not copied. Raises :class:`_OnMeta` for a
-    tensor on the meta device. The probes' inputs are made on the CPU too (``device="cpu"``: not
-    on a default device set with ``torch.set_default_device``)."""
+    start empty (a probe is not a call of the user's model, and a hook's owner is never copied), and a
+    ``forward`` set on a copied module's instance is left out (the class's runs); every other attribute
+    (args, locks, files) is shared, not copied. Raises :class:`_OnMeta` for a tensor on the meta device.
+    The probes' inputs are made on the CPU too (``device="cpu"``: not on a default device set with
+    ``torch.set_default_device``)."""
     dtype = _probe_dtype()
     memo: dict = {}
     if children is not None:
@@ -975,7 +976,14 @@ def _probe_copy(module: nn.Module, children: Sequence[str] | None = None) -> nn.
             data = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).clone()
             memo[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
                                 if isinstance(tensor, nn.Parameter) else data)
-    return copy.deepcopy(module, memo)
+    probe = copy.deepcopy(module, memo)
+    for sub in copied:
+        # A forward set on the instance (a wrapper's, a lambda over the module's own layers) is shared with the
+        # copy and would run on the module, in its dtype and with its hooks: left out, as the hooks are.
+        clone = memo.get(id(sub))
+        if clone is not None and clone is not sub:
+            clone.__dict__.pop("forward", None)
+    return probe
 
 
 @_probe

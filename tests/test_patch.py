@@ -3450,3 +3450,40 @@ def test_open_clip_clip_loss_rare_states():
                 assert [(r.status, r.reason) for r in second.records] == [
                     ("skipped", "already patched by another handle")]
     assert isinstance(want, RuntimeError) and type(got) is type(want) and str(got) == str(want)
+
+
+# ----------------------------------------------------------------------------------------
+# Audit fixes: adapters hooked or wrapped on the instance; what the summary says
+# ----------------------------------------------------------------------------------------
+
+
+def _wrap_adapter_forward(adapter, calls):
+    """A forward set on the adapter's instance (as accelerate's hooks do) that computes what its class's does."""
+    def forward(z):
+        calls.append(z.dtype)
+        return type(adapter).forward(adapter, z)
+    adapter.forward = forward
+
+
+def test_a_wrapped_adapter_forward_is_left_out_of_the_probes_and_run_at_each_call():
+    """An adapter whose forward is set on the instance: the patch-time probes copy the loss module and run the
+    class's methods, and the copy shared the wrapper, which ran on the float64 adapter with the probe's float32
+    input, so apply_ace_hgat and the loss were skipped as failing on a probe. The copies now leave the instance
+    forward out (as they leave hooks out); the calls run the wrapper (the original) while it is there and the
+    fused op once it is removed."""
+    _, loss_fn, _, _, _ = _reference_setup()
+    calls = []
+    _wrap_adapter_forward(loss_fn.img_edge_adapter, calls)
+    features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1).requires_grad_()
+    cls_attn = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    run = lambda m, f, c: m.apply_ace_hgat(f, c, encoder="img")  # noqa: E731
+    want = _forward_backward(loss_fn, run, (features, cls_attn))
+    with ace_kernels.patch(loss_fn) as handle:
+        assert [r.status for r in handle.records] == ["patched", "patched"], str(handle)
+        calls.clear()
+        _assert_same(want, _forward_backward(loss_fn, run, (features, cls_attn)), dict(rtol=0, atol=0))
+        assert calls == [torch.float64]  # the user's forward ran
+        del loss_fn.img_edge_adapter.forward
+        _assert_same(want, _forward_backward(loss_fn, run, (features, cls_attn)))
+        assert handle.stats() == {"fallback apply_ace_hgat: a forward replaced on the instance in the adapters": 1,
+                                  "ace_hypergraph": 1}, handle.stats()
