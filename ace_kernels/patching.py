@@ -1378,6 +1378,22 @@ def _adapter_reason_now(adapter) -> str | None:
     return cached[1]
 
 
+def _adapter_calls_reason(edge, node) -> str | None:
+    """Why calling the adapters would do more than the fused op computes (None: nothing more): hooks, or a
+    forward set on an instance, on the adapters, their layers or activations (they run in the original), or
+    global module hooks."""
+    parts = [m for a in (edge, node) for m in (a, getattr(a, "down", None), getattr(a, "up", None),
+                                                getattr(a, "act", None)) if isinstance(m, nn.Module)]
+    if any(_has_call_hooks(m) for m in parts):
+        return "hooks on the adapters"
+    if _global_hooks_set():
+        # Global module hooks would fire for the adapters and their layers, which the fused call skips.
+        return "global module hooks registered"
+    if any(_forward_replaced(m) for m in parts):
+        return "a forward replaced on the instance in the adapters"
+    return None
+
+
 def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None:
     if not isinstance(features, torch.Tensor) or features.dim() != 3:
         return "features are not a [B, N, D] tensor"
@@ -1393,16 +1409,7 @@ def _hypergraph_reason(module, features, attn_weights, edge, node) -> str | None
     if features.shape[1] < topk:
         # What the op refuses, as the reference's torch.topk does (the original raises its own error).
         return f"N={features.shape[1]} tokens < topk = {topk}"
-    parts = [m for a in (edge, node) for m in (a, getattr(a, "down", None), getattr(a, "up", None),
-                                                getattr(a, "act", None)) if isinstance(m, nn.Module)]
-    if any(_has_call_hooks(m) for m in parts):
-        return "hooks on the adapters"
-    if _global_hooks_set():
-        # Global module hooks would fire for the adapters and their layers, which the fused call skips.
-        return "global module hooks registered"
-    if any(_forward_replaced(m) for m in parts):
-        return "a forward replaced on the instance in the adapters"
-    reason = _adapter_reason_now(edge) or _adapter_reason_now(node)
+    reason = _adapter_calls_reason(edge, node) or _adapter_reason_now(edge) or _adapter_reason_now(node)
     if reason:
         return reason
     # The original runs the adapters' nn.Linear layers on tensors in the features' dtype, which F.linear
@@ -1979,8 +1986,11 @@ def _install_reference_loss(name, module, handle, options):
         else:
             original = _original(module, "apply_ace_hgat")
             handle._swap(module, "apply_ace_hgat", _Replacement(_ace_hgat_forward, module, handle, original), name)
-            handle.records.append(PatchRecord(f"{name}.apply_ace_hgat" if name else "apply_ace_hgat", kind,
-                                              "patched", "-> ace_hypergraph"))
+            # Hooks or wrapped forwards on an encoder's adapters make its calls run the original until removed.
+            state = "; ".join(f"{encoder} calls: {why}" for encoder in ("img", "text")
+                              if (why := _adapter_calls_reason(*_adapters_for(module, encoder))))
+            _record_state(handle, f"{name}.apply_ace_hgat" if name else "apply_ace_hgat", kind, state,
+                          "-> ace_hypergraph")
     if options["loss"]:
         label = f"{name}.forward" if name else "forward"
         defined = _defining_class(type(module), "forward")

@@ -2624,7 +2624,9 @@ def test_hooks_on_adapter_layers_neither_fire_nor_decide_the_adapter_check():
     calls.clear()
     with ace_kernels.patch(loss_fn, loss=False) as handle:
         assert calls == []
-        assert [r.status for r in handle.records] == ["patched"], str(handle)
+        # Patched, and recorded as falling back while the hook is there.
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("fallback", "img calls: hooks on the adapters")], str(handle)
         torch.testing.assert_close(loss_fn.apply_ace_hgat(features, attn, encoder="img"), want, rtol=0, atol=0)
         hook.remove()
         loss_fn.apply_ace_hgat(features, attn, encoder="img")
@@ -3469,8 +3471,8 @@ def test_a_wrapped_adapter_forward_is_left_out_of_the_probes_and_run_at_each_cal
     """An adapter whose forward is set on the instance: the patch-time probes copy the loss module and run the
     class's methods, and the copy shared the wrapper, which ran on the float64 adapter with the probe's float32
     input, so apply_ace_hgat and the loss were skipped as failing on a probe. The copies now leave the instance
-    forward out (as they leave hooks out); the calls run the wrapper (the original) while it is there and the
-    fused op once it is removed."""
+    forward out (as they leave hooks out); apply_ace_hgat is recorded as falling back, and its calls run the
+    wrapper (the original) while it is there and the fused op once it is removed."""
     _, loss_fn, _, _, _ = _reference_setup()
     calls = []
     _wrap_adapter_forward(loss_fn.img_edge_adapter, calls)
@@ -3479,7 +3481,9 @@ def test_a_wrapped_adapter_forward_is_left_out_of_the_probes_and_run_at_each_cal
     run = lambda m, f, c: m.apply_ace_hgat(f, c, encoder="img")  # noqa: E731
     want = _forward_backward(loss_fn, run, (features, cls_attn))
     with ace_kernels.patch(loss_fn) as handle:
-        assert [r.status for r in handle.records] == ["patched", "patched"], str(handle)
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("fallback", "img calls: a forward replaced on the instance in the adapters"),
+            ("patched", "-> CLS-only ace_hypergraph + label_guided_infonce")], str(handle)
         calls.clear()
         _assert_same(want, _forward_backward(loss_fn, run, (features, cls_attn)), dict(rtol=0, atol=0))
         assert calls == [torch.float64]  # the user's forward ran
@@ -3487,3 +3491,24 @@ def test_a_wrapped_adapter_forward_is_left_out_of_the_probes_and_run_at_each_cal
         _assert_same(want, _forward_backward(loss_fn, run, (features, cls_attn)))
         assert handle.stats() == {"fallback apply_ace_hgat: a forward replaced on the instance in the adapters": 1,
                                   "ace_hypergraph": 1}, handle.stats()
+
+
+@pytest.mark.parametrize("encoder", ["img", "text"])
+def test_apply_ace_hgat_with_hooked_adapters_at_patch_time_is_recorded_as_falling_back(encoder):
+    """apply_ace_hgat was recorded (and summarised) as patched -> ace_hypergraph while a hook on an adapter made
+    every call of that encoder run the original: it is now recorded as falling back, naming the encoder and the
+    reason, and the calls go as recorded (the original while the hook is there, the fused op once removed)."""
+    _, loss_fn, _, _, _ = _reference_setup()
+    hook = getattr(loss_fn, f"{encoder}_node_adapter").act.register_forward_pre_hook(lambda module, args: None)
+    features = F.normalize(torch.randn(2, 9, 20, dtype=torch.float64), dim=-1)
+    attn = torch.rand(2, 8, dtype=torch.float64)
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [(r.name, r.status, r.reason) for r in handle.records] == [
+            ("apply_ace_hgat", "fallback", f"{encoder} calls: hooks on the adapters")], str(handle)
+        assert "0 patched, 1 patched but currently falling back" in handle.summary()
+        loss_fn.apply_ace_hgat(features, attn, encoder=encoder)
+        hook.remove()
+        loss_fn.apply_ace_hgat(features, attn, encoder=encoder)
+        assert handle.stats() == {"fallback apply_ace_hgat: hooks on the adapters": 1, "ace_hypergraph": 1}
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [("patched", "-> ace_hypergraph")], str(handle)
