@@ -54,7 +54,8 @@ are tried:
     ``ace_hypergraph``; its ``forward`` (signature ``(clip_model, images, texts,
     merged_df=None, indices=None)``) keeps the reference's calls into the CLIP
     model and replaces the dense hypergraph + numpy-mask loss with the CLS-only
-    ``ace_hypergraph`` and ``label_guided_infonce``.
+    ``ace_hypergraph`` (where ``apply_ace_hgat`` is patched; else the module's
+    own) and ``label_guided_infonce``.
 ``reference-clip-loss``  (``loss=True``)
     The reference's plain ``CLIPLoss`` (``logit_scale``, ``args`` and
     ``forward(image_features, text_features, merged_df=None, indices=None)``):
@@ -2016,8 +2017,12 @@ def _install_reference_loss(name, module, handle, options):
         else:
             original = _original(module)
             handle._swap(module, "forward", _Replacement(_reference_loss_forward, module, handle, original), name)
-            handle.records.append(PatchRecord(label, kind, "patched",
-                                              "-> CLS-only ace_hypergraph + label_guided_infonce"))
+            # The CLS-only op serves the hypergraph only where apply_ace_hgat is patched (_ace_cls_embedding).
+            route = ("-> CLS-only ace_hypergraph + label_guided_infonce" if _is_patched(module, "apply_ace_hgat")
+                     else "-> label_guided_infonce (apply_ace_hgat not patched: its own, full output)")
+            mode = getattr(module.args, "apply_gnn_encoders", None)
+            state = None if mode in ("vision", "text", "both") else "apply_gnn_encoders not vision/text/both"
+            _record_state(handle, label, kind, state, route)
 
 
 def _install_reference_clip_loss(name, module, handle, options):

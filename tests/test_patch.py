@@ -1135,7 +1135,8 @@ def test_reference_loss_without_hypergraph_patch():
     model = _Pair([clip, loss_fn]).train()
     before = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, [4, 3, 2, 1, 0]))
     with ace_kernels.patch(model, hypergraph=False, lora=False) as handle:
-        assert [r.name for r in handle.records] == ["1.forward"]
+        assert [(r.name, r.status, r.reason) for r in handle.records] == [
+            ("1.forward", "patched", "-> label_guided_infonce (apply_ace_hgat not patched: its own, full output)")]
         after = _forward_backward(model, lambda m, *a: _run_loss(m, *a), (images, texts, frame, [4, 3, 2, 1, 0]))
         assert handle.stats() == {"label_guided_infonce": 1}
     _assert_same(before, after)
@@ -3393,7 +3394,9 @@ def test_reference_ace_loss_calls_the_fused_path_does_not_take_run_the_original(
     run = lambda m, *a: _run_loss(m, *a)  # noqa: E731
     before = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
     with ace_kernels.patch(model, lora=False) as handle:
-        assert all(r.status == "patched" for r in handle.records), str(handle)
+        # Every forward call falls back while apply_gnn_encoders is none of the three: recorded so.
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("patched", "-> ace_hypergraph"), ("fallback", "apply_gnn_encoders not vision/text/both")], str(handle)
         got_error = _outcome(lambda f: loss_fn.apply_ace_hgat(f, attn, encoder="img"), flat)
         after = _forward_backward(model, run, (images, texts, frame, [0, 1, 2, 3, 4]))
         assert handle.stats() == {"fallback apply_ace_hgat: features are not a [B, N, D] tensor": 1,
