@@ -1426,8 +1426,9 @@ _CALL_HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", 
 
 def _check_not_hooked(name: str, adapter) -> None:
     """The op reads the adapter's ``down``/``up`` weights and never calls the modules, so hooks on the
-    adapter, its layers or its activation would be skipped, silently: raise instead, naming the submodule
-    (a check of four dictionaries each, cheap enough for every call). Global module hooks
+    adapter, its layers or its activation would be skipped, silently, and so would a ``forward`` set on one
+    of their instances (a wrapper's): raise instead, naming the submodule (a check of four dictionaries
+    and the instance's each, cheap enough for every call). Global module hooks
     (``register_module_forward_hook``: ``FlopCounterMode``, profilers) are not checked: they do not fire
     for the adapters, as they do not for the ``out_proj`` of ``nn.MultiheadAttention``."""
     if isinstance(adapter, nn.Module):  # its submodules straight from its dictionary (no __getattr__)
@@ -1437,9 +1438,16 @@ def _check_not_hooked(name: str, adapter) -> None:
     else:
         modules = (adapter, adapter.down, adapter.up, getattr(adapter, "act", None))
     if not any(isinstance(m, nn.Module) and (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
-                                             or m._backward_hooks) for m in modules):
+                                             or m._backward_hooks or "forward" in m.__dict__) for m in modules):
         return
     for part, module in zip((name, f"{name}.down", f"{name}.up", f"{name}.act"), modules):
+        if isinstance(module, nn.Module) and "forward" in module.__dict__:
+            # A forward set on the instance (accelerate's hooks, a user's wrapper) is skipped as a hook would be.
+            forward = module.__dict__["forward"]
+            what = getattr(forward, "__qualname__", None) or type(forward).__qualname__
+            raise ValueError(f"argument '{name}': {part} has a forward set on the instance ({what}), which "
+                             "ace_hypergraph would not run: it reads the adapters' down/up weights and never calls "
+                             f"the modules; delete it (del {part}.forward) to call the op")
         kind = next((what for attr, what in _CALL_HOOKS if getattr(module, attr, None)), None)
         if kind is None:
             continue
@@ -1709,7 +1717,8 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         applies them to k + 1 rows): a hook on an adapter, its ``down``, ``up`` or
         ``act`` (forward, pre-forward or backward; the pre-hooks of the old
         ``torch.nn.utils.weight_norm`` and of ``torch.nn.utils.prune`` too, which
-        recompute ``weight`` at each call) raises a ``ValueError`` naming it.
+        recompute ``weight`` at each call), or a ``forward`` set on one of their
+        instances (accelerate's hooks, a wrapper), raises a ``ValueError`` naming it.
         Parametrized weights (``torch.nn.utils.parametrizations.weight_norm``,
         ``spectral_norm``) are recomputed when read, as a call would. Global module
         hooks do not fire for the adapters (as for ``nn.MultiheadAttention``'s
@@ -1875,7 +1884,8 @@ class ACEHypergraph(nn.Module):
     ``node_adapter`` unchanged.
 
     The forward reads the adapters' weights and never calls them: hooks registered on
-    ``edge_adapter``/``node_adapter`` or their layers raise (see :func:`ace_hypergraph`);
+    ``edge_adapter``/``node_adapter`` or their layers, and forwards set on their instances,
+    raise (see :func:`ace_hypergraph`);
     hooks on this module itself run as usual.
     """
 

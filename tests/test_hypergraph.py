@@ -533,6 +533,32 @@ def test_hooks_on_a_reference_adapters_activation_raise():
     ace_kernels.ace_hypergraph(x, c, edge, node, topk=3)
 
 
+@pytest.mark.parametrize("part", ["edge_adapter", "node_adapter.up", "act"])
+def test_a_forward_set_on_an_adapters_instance_raises_instead_of_being_skipped(part):
+    """A forward set on an adapter's or its layer's instance (accelerate's hooks, a user's wrapper) never ran: the
+    op reads the weights, so the output was that of the unwrapped adapters, silently. It now raises as a hook does,
+    naming the submodule, from the module and the functional, for both outputs; deleted, the op runs as before."""
+    from reference_modules import Adapter
+
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    if part == "act":
+        module.node_adapter = Adapter(40, 6).double()
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    before = module(x, c)
+    part = "node_adapter.act" if part == "act" else part
+    target = module.get_submodule(part)
+    target.forward = lambda z: 2.0 * type(target).forward(target, z)
+    match = rf"argument '{part.split('.')[0]}': {part} has a forward set on the instance .*del {part}.forward"
+    for cls_only in (False, True):
+        with pytest.raises(ValueError, match=match):
+            module(x, c, cls_only=cls_only, backend="torch")
+        with pytest.raises(ValueError, match=match):
+            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
+    del target.forward
+    torch.testing.assert_close(module(x, c), before, rtol=0, atol=0)
+
+
 def test_parametrized_adapter_weights_and_global_hooks():
     """torch.nn.utils.parametrize (the new weight_norm, spectral_norm) recomputes a weight when it is read,
     so the op reads the current one and its gradient reaches the parametrization's tensors: the oracle's
