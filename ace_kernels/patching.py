@@ -766,7 +766,21 @@ class _PeftLoraKind(_LoraKind):
         return adapter, None
 
     def state_reason(self, module):
-        return self._adapter(module)[1]
+        adapter, reason = self._adapter(module)
+        if reason:
+            return reason
+        base = module.get_base_layer()
+        parts = (base, module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter])
+        if any(_has_call_hooks(m) for m in parts):
+            return "hooks on the base or LoRA sub-layers"
+        if any(_forward_replaced(m) for m in parts):
+            return "forward replaced on the base or LoRA sub-layers"
+        if _global_hooks_set():
+            # Global module hooks would fire for lora_A/lora_B/base_layer, which the fused call skips.
+            return "global module hooks registered"
+        if getattr(base, "parametrizations", None) is not None:
+            return "parametrized base weight"
+        return None
 
     def group_signature(self, module):
         adapter, reason = self._adapter(module)
@@ -779,20 +793,12 @@ class _PeftLoraKind(_LoraKind):
     def operands(self, module, x, args, kwargs):
         if args or kwargs:
             return "extra forward arguments (" + ", ".join(list(kwargs) or ["positional"]) + ")"
-        adapter, reason = self._adapter(module)
+        reason = self.state_reason(module)
         if reason:
             return reason
+        adapter = self._adapter(module)[0]
         base = module.get_base_layer()
         lora_a, lora_b, dropout = module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
-        if any(_has_call_hooks(m) for m in (base, lora_a, lora_b, dropout)):
-            return "hooks on the base or LoRA sub-layers"
-        if any(_forward_replaced(m) for m in (base, lora_a, lora_b, dropout)):
-            return "forward replaced on the base or LoRA sub-layers"
-        if _global_hooks_set():
-            # Global module hooks would fire for lora_A/lora_B/base_layer, which the fused call skips.
-            return "global module hooks registered"
-        if getattr(base, "parametrizations", None) is not None:
-            return "parametrized base weight"
         if isinstance(dropout, nn.Dropout):
             p, training = dropout.p, dropout.training
         else:
@@ -839,6 +845,15 @@ class _ReferenceLoraKind(_LoraKind):
     def state_reason(self, module):
         if module.merged:
             return "merged (eval mode folds B A into the weight)"
+        dropout = module.dropout
+        if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set() or _forward_replaced(dropout)):
+            return "hooks (or a replaced forward) that the dropout sub-layer's call would run"
+        if getattr(module, "parametrizations", None) is not None:
+            return "parametrized tensors"
+        if "weight" in vars(module) and module.weight.grad_fn is not None and module._forward_pre_hooks:
+            # weight_norm and spectral_norm recompute ``weight`` in a pre-hook, attached to their parameters:
+            # not the reference's leftover, and not known to be frozen.
+            return "weight recomputed by a forward pre-hook (weight_norm, spectral_norm?)"
         return None
 
     def group_signature(self, module):
@@ -859,16 +874,8 @@ class _ReferenceLoraKind(_LoraKind):
             p, training = 0.0, bool(module.training)
         if p >= 1.0:
             return "dropout p = 1"
-        if dropout is not None and (_has_call_hooks(dropout) or _global_hooks_set() or _forward_replaced(dropout)):
-            return "hooks (or a replaced forward) that the dropout sub-layer's call would run"
-        if getattr(module, "parametrizations", None) is not None:
-            return "parametrized tensors"
         weight = module.weight
-        if "weight" in vars(module) and weight.grad_fn is not None:
-            if module._forward_pre_hooks:
-                # weight_norm and spectral_norm recompute ``weight`` in a pre-hook, attached to
-                # their parameters: not the reference's leftover, and not known to be frozen.
-                return "weight recomputed by a forward pre-hook (weight_norm, spectral_norm?)"
+        if "weight" in vars(module) and weight.grad_fn is not None:  # no pre-hook recomputes it (state_reason)
             # The reference's dropout-free forward swaps ``weight`` for ``W.detach() + s B A`` and
             # takes s B A back out of its .data afterwards: what remains is W, an instance
             # attribute still attached to that call's graph. The reference never differentiates

@@ -3515,3 +3515,49 @@ def test_apply_ace_hgat_with_hooked_adapters_at_patch_time_is_recorded_as_fallin
         assert handle.stats() == {"fallback apply_ace_hgat: hooks on the adapters": 1, "ace_hypergraph": 1}
     with ace_kernels.patch(loss_fn, loss=False) as handle:
         assert [(r.status, r.reason) for r in handle.records] == [("patched", "-> ace_hypergraph")], str(handle)
+
+
+def _wrap_peft_base(model):
+    base = _peft_layer(model).base_layer
+    base.forward = lambda x: nn.Linear.forward(base, x)
+
+
+def _parametrize_reference(layer):
+    from torch.nn.utils import parametrize
+
+    class Halve(nn.Module):
+        def forward(self, weight):
+            return 0.5 * weight
+
+    parametrize.register_parametrization(layer, "weight", Halve())
+
+
+@pytest.mark.parametrize("case", [
+    (_peft_single, _hook_peft_lora_a, "hooks on the base or LoRA sub-layers"),
+    (_peft_single, _wrap_peft_base, "forward replaced on the base or LoRA sub-layers"),
+    (_peft_single, _parametrize_peft_base, "parametrized base weight"),
+    (lambda: _reference_single(0.1), _hook_reference_dropout,
+     "hooks (or a replaced forward) that the dropout sub-layer's call would run"),
+    (lambda: _reference_single(0.1), _parametrize_reference, "parametrized tensors"),
+], ids=["peft-hooked-lora_A", "peft-wrapped-base", "peft-parametrized-base", "reference-hooked-dropout",
+        "reference-parametrized"])
+def test_lora_layers_whose_calls_all_fall_back_are_recorded_so(case):
+    """A LoRA layer whose sub-layers had hooks or a wrapped forward, or whose weight was parametrized, when it was
+    patched was recorded (and summarised) as patched -> lora_linear while every call ran its original forward;
+    it is now recorded as falling back with the reason its calls give, and the calls do as recorded."""
+    build, change, reason = case
+    model = build()
+    change(model)
+    with ace_kernels.patch(model) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [("fallback", reason)], str(handle)
+        model(torch.randn(3, 8, dtype=torch.float64))
+        assert handle.stats() == {f"fallback {handle.records[0].kind}: {reason}": 1}, handle.stats()
+
+
+def test_a_qkv_group_with_a_hooked_sub_layer_is_recorded_as_falling_back():
+    model = _bert()
+    model.base_model.model.encoder.layer[0].attention.self.query.lora_A["default"].register_forward_hook(
+        lambda module, args, out: out * 3.0)
+    with ace_kernels.patch(model) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("fallback", "query: hooks on the base or LoRA sub-layers"), ("patched", "-> lora_qkv")], str(handle)
