@@ -138,6 +138,7 @@ so a 16-bit row gradient is rounded once, after the sum over ranks, as on one de
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -1796,6 +1797,14 @@ def _eager_across_ranks(image_emb, text_emb, logit_scale, labels, *, group, back
     return label_guided_infonce(image_emb, text_emb, logit_scale, labels, group=group, backend=backend)
 
 
+class _GroupNotSaved:
+    """What a pickled :class:`LabelGuidedInfoNCE` holds in place of its process group, which cannot
+    be pickled (a communicator of the process that made it): the number of its ranks, for the error."""
+
+    def __init__(self, ranks: int):
+        self.ranks = ranks
+
+
 class LabelGuidedInfoNCE(nn.Module):
     """Label-guided InfoNCE with a learnable logit multiplier (spec section 5).
 
@@ -1807,7 +1816,13 @@ class LabelGuidedInfoNCE(nn.Module):
         ``logit_scale`` is learnt directly: no log parameterisation, no clamp
         (as in the reference).
     group : torch.distributed.ProcessGroup, optional
-        See :func:`label_guided_infonce`.
+        See :func:`label_guided_infonce`. ``copy.deepcopy`` and ``copy.copy`` of
+        the module share the group. Pickled (``torch.save`` of the module or of
+        a model holding it), the module is saved without it (a process group
+        cannot be pickled); the loaded one raises a ``ValueError`` at its first
+        call until its ``group`` attribute is set again (to this process's group,
+        or None for the loss of the local batch), never computing the local loss
+        in place of the global one.
     backend : str
         See :func:`label_guided_infonce`.
     """
@@ -1841,8 +1856,40 @@ class LabelGuidedInfoNCE(nn.Module):
             self.logit_scale.fill_(self._logit_scale_init)
 
     def forward(self, image_emb, text_emb, labels=None):
+        if isinstance(self.group, _GroupNotSaved):
+            raise ValueError(f"LabelGuidedInfoNCE.group: this module was pickled (torch.save) with group= a process "
+                             f"group of {self.group.ranks} rank(s), which pickling cannot keep; set its 'group' "
+                             f"attribute to this process's group (e.g. dist.group.WORLD), or to None for the loss "
+                             f"of the local batch alone, before calling it")
         return label_guided_infonce(image_emb, text_emb, self.logit_scale, labels,
                                     group=self.group, backend=self.backend)
+
+    def __getstate__(self):
+        # Pickled (torch.save of the module or of a model holding it; pickling the group itself raised
+        # "cannot pickle 'ProcessGroup' object"): without the group, whose place keeps its size.
+        state = super().__getstate__()
+        group = state.get("group")
+        if group is not None and not isinstance(group, _GroupNotSaved):
+            state["group"] = _GroupNotSaved(group.size())
+        return state
+
+    def __copy__(self):
+        # Shares everything, the group included (copy.copy would otherwise take __getstate__'s pickling form).
+        new = type(self).__new__(type(self))
+        new.__setstate__(nn.Module.__getstate__(self))
+        return new
+
+    def __deepcopy__(self, memo):
+        # A copy in this process (an averaged or EMA model, a snapshot) shares the group, a
+        # communicator rather than state; everything else is deep-copied as nn.Module's would be.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = nn.Module.__getstate__(self)
+        group = state.pop("group", None)
+        state = copy.deepcopy(state, memo)
+        state["group"] = group
+        new.__setstate__(state)
+        return new
 
     def extra_repr(self) -> str:
         # No value to print on the meta device (a model built or moved there).
@@ -1851,7 +1898,9 @@ class LabelGuidedInfoNCE(nn.Module):
         # The settings that change what runs, when not the defaults (as ACEHypergraph's deterministic).
         if self.backend != "auto":
             settings.append(f"backend={self.backend!r}")
-        if self.group is not None:
+        if isinstance(self.group, _GroupNotSaved):
+            settings.append(f"group=<{self.group.ranks} rank{'' if self.group.ranks == 1 else 's'}, not saved>")
+        elif self.group is not None:
             ranks = self.group.size()
             settings.append(f"group=<{ranks} rank{'' if ranks == 1 else 's'}>")
         return ", ".join(settings)

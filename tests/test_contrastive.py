@@ -819,6 +819,40 @@ def test_module_repr_names_a_backend_or_group_it_was_given(one_rank_group):
     assert repr(ace_kernels.LabelGuidedInfoNCE(10.0, backend="auto")) == "LabelGuidedInfoNCE(logit_scale=10)"
 
 
+def test_module_with_a_group_deep_copies_and_pickles(one_rank_group):
+    # copy.deepcopy and torch.save of a module holding a process group raised "cannot pickle
+    # 'ProcessGroup' object" (an EMA/averaged copy of a model, a whole-model checkpoint). A copy in
+    # this process shares the group; a pickled one is saved without it and refuses to run until it
+    # is given a group again (or None), rather than computing the local batch's loss.
+    import copy
+    import io
+
+    module = ace_kernels.LabelGuidedInfoNCE(2.5, group=one_rank_group, backend="torch")
+    u, t, _ = _inputs(6, 8)
+    want = module(u.detach(), t.detach())
+    for copied in (copy.deepcopy(module), copy.copy(module)):
+        assert copied.group is one_rank_group
+        assert torch.equal(copied(u.detach(), t.detach()), want)
+    deep = copy.deepcopy(module)
+    assert deep.logit_scale is not module.logit_scale and torch.equal(deep.logit_scale, module.logit_scale)
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    assert module.group is one_rank_group  # the saved module keeps its own
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert repr(loaded) == "LabelGuidedInfoNCE(logit_scale=2.5, backend='torch', group=<1 rank, not saved>)"
+    with pytest.raises(ValueError, match=r"^LabelGuidedInfoNCE.group: this module was pickled .* group of 1 rank"):
+        loaded(u.detach(), t.detach())
+    copied = copy.deepcopy(loaded)  # still without a group, and still saying so
+    with pytest.raises(ValueError, match=r"^LabelGuidedInfoNCE.group: this module was pickled"):
+        copied(u.detach(), t.detach())
+    loaded.group = one_rank_group
+    assert torch.equal(loaded(u.detach(), t.detach()), want)
+    loaded.group = None
+    assert torch.equal(loaded(u.detach(), t.detach()), want)  # one rank: the local batch is the global one
+
+
 def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
     """The shape exchange's table compared across ranks, with a second rank faked in the
     all-gather: dtypes travel as codes and are named in the error (the distributed tests spawn
