@@ -1822,7 +1822,10 @@ class LabelGuidedInfoNCE(nn.Module):
         cannot be pickled); the loaded one raises a ``ValueError`` at its first
         call until its ``group`` attribute is set again (to this process's group,
         or None for the loss of the local batch), never computing the local loss
-        in place of the global one.
+        in place of the global one. ``dist.group.WORLD`` is None until
+        ``init_process_group`` has run: a module built before it with
+        ``group=dist.group.WORLD`` holds None and computes each rank's local loss
+        (set ``.group`` after the initialisation).
     backend : str
         See :func:`label_guided_infonce`.
     """
