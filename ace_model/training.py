@@ -1152,7 +1152,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
     ``previous_steps`` are the steps of this run's checkpoints in ``ckpt_dir`` (the
     ``checkpoint_steps`` of the state it continues). The newest ``keep`` of them and
     ``step`` are kept; ``state["checkpoint_steps"]`` is set to those before it is written,
-    and the others' files are deleted once ``latest`` names the new state; those steps are
+    and the others' files are deleted once ``latest`` names the new state (a file that cannot be
+    deleted is left, with a warning naming it: the new state is safe); those steps are
     recorded too (``state["pruned_steps"]``), so that a resume after a crash between the
     two deletes them again. Files of any other step (an abandoned run resumed from an older
     state, another run's files) are never deleted: they do not count towards ``keep``.
@@ -1173,8 +1174,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
                                                        "run": state.get("run_id")}) + "\n")
     for old in pruned:
         for name in _checkpoint_names(old):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(ckpt_dir / name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # The new checkpoint is complete and named by latest: a file that cannot go (its
+                # folder made read-only, a file system that refuses) is left, and the run goes on.
+                warnings.warn(f"could not delete the pruned checkpoint {str(ckpt_dir / name)!r} "
+                              f"({exc.strerror or exc}); it is left in place (delete it by hand)",
+                              UserWarning, stacklevel=2)
     return ckpt_dir / state_name
 
 

@@ -1220,6 +1220,30 @@ def test_a_resume_deletes_what_a_crash_left_between_latest_and_pruning(tmp_path,
     assert states() == ["state-00000012.pt"]
 
 
+def test_a_pruned_checkpoint_that_cannot_be_deleted_warns_naming_it_and_the_run_goes_on(tmp_path, monkeypatch):
+    """The new state is complete and named by latest when the old ones are deleted: a refused
+    delete (a read-only folder, a file system's EPERM) leaves that file with a warning naming it,
+    instead of stopping a run whose checkpoints are safe."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    model = make_model("standin", seed=3)
+    real_unlink = os.unlink
+
+    def refuse_step_3(path, *args, **kwargs):
+        if os.path.basename(path) == "state-00000003.pt":
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_step_3)
+    with pytest.warns(UserWarning, match=rf"^could not delete the pruned checkpoint "
+                                         rf"'{re.escape(str(ckpt / 'state-00000003.pt'))}' \(Operation not "
+                                         r"permitted\); it is left in place"):
+        result = train(_config(tmp_path, epochs=3, checkpoint_every=3, keep_checkpoints=1), model=model,
+                       dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    assert result["steps"] == 12 and (tmp_path / "run" / "ace_lora.pt").exists()
+    assert sorted(n for n in os.listdir(ckpt) if n.startswith(("state-", "ace_lora-"))) == [
+        "ace_lora-00000012.pt", "state-00000003.pt", "state-00000012.pt"]
+
+
 def test_a_state_is_written_after_its_steps_metrics_reach_the_disk(tmp_path, monkeypatch):
     """A resumed run skips the steps up to its state: their metric lines must be on the disk
     (flushed and fsynced) before the state is, or a crash could lose them for good. A run that
