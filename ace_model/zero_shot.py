@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ace_kernels._checks import check_positive_int
+
 TEMPLATES = ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
 TASKS = ("multiclass", "binary", "multilabel")
 
@@ -384,8 +386,10 @@ def _evaluate(model, dataset, class_names, task, batch_size, templates, device, 
     if task not in TASKS:
         raise ValueError(f"argument 'task': expected one of {TASKS}, got {task!r}")
     scale = resolve_logit_scale(model, logit_scale)
-    if batch_size < 1:
-        raise ValueError(f"argument 'batch_size': expected >= 1, got {batch_size!r}")
+    # Before any work: None or a string would fail this comparison with a TypeError naming no argument,
+    # True would pass as batches of one.
+    batch_size = check_positive_int("batch_size", batch_size)
+    num_workers = check_positive_int("num_workers", num_workers, minimum=0)
     class_names, templates = check_prompts(class_names, templates)
     if task == "binary":  # before the images are encoded
         _check_binary_classes(len(class_names))

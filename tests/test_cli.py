@@ -940,9 +940,28 @@ def test_zero_shot_batch_size_and_output_are_checked_before_evaluating(tiny, syn
     assert f"--output: '{tmp_path / 'm.json'}' cannot be written in its folder '{tmp_path}': Permission denied" in line
     from ace_model.data import CSVImageLabelDataset
 
-    with pytest.raises(ValueError, match="argument 'batch_size': expected >= 1"):
+    with pytest.raises(ValueError, match="argument 'batch_size': expected an integer >= 1, got 0"):
         evaluate(tiny, CSVImageLabelDataset(synthetic, ["edema"], tiny.image_size), ["edema"], "multilabel",
                  batch_size=0)
+
+
+def test_evaluate_names_a_batch_size_or_num_workers_that_is_no_count(tiny, synthetic, monkeypatch):
+    """None or a string (a value read from a config) failed evaluate's comparison with a TypeError
+    naming no argument, True ran batches of one, and a negative or non-integer num_workers reached
+    the DataLoader; each is refused naming its argument before any image is encoded."""
+    from ace_model import zero_shot
+    from ace_model.data import CSVImageLabelDataset
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("encoded despite a bad argument")
+
+    monkeypatch.setattr(zero_shot, "class_embeddings", must_not_run)
+    dataset = CSVImageLabelDataset(synthetic, ["edema"], tiny.image_size)
+    for name, value in (("batch_size", None), ("batch_size", "64"), ("batch_size", True), ("batch_size", 2.0),
+                        ("num_workers", -1), ("num_workers", "2"), ("num_workers", None)):
+        with pytest.raises(ValueError, match=rf"^argument '{name}': expected an integer >= {int(name == 'batch_size')}"
+                                             rf", got {re.escape(repr(value))}$"):
+            evaluate(tiny, dataset, ["edema"], "multilabel", **{name: value})
 
 
 def test_undefined_auroc_is_written_as_null(tiny, synthetic, tmp_path, capsys):
