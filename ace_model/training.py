@@ -1233,6 +1233,26 @@ def _read_latest(latest: Path) -> Path:
     return path
 
 
+def _earlier_state_note(path) -> str:
+    """For an error about the state at ``path`` (unreadable or corrupt): the newest state beside it
+    of an earlier step, which a resume can be pointed at (``--resume auto`` takes only the one
+    ``latest`` names), or ``""`` when there is none."""
+    path = Path(path)
+    match = _STATE_RE.match(path.name)
+    if match is None:  # not a run's state-<step>.pt: no order to go by
+        return ""
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return ""
+    steps = [int(m.group(1)) for name in names if (m := _STATE_RE.match(name))]
+    earlier = [s for s in steps if s < int(match.group(1))]
+    if not earlier:
+        return ""
+    return (f"; the newest earlier state beside it is {str(path.parent / _checkpoint_names(max(earlier))[0])!r}: "
+            "resume from it by setting TrainConfig.resume to that file")
+
+
 def load_state(path: str | os.PathLike) -> dict:
     """Load a full training state written by :func:`train` (``weights_only=True``).
 
@@ -1835,7 +1855,11 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     try:
         resume_path = resolve_resume(config.resume, out_dir)
         if resume_path is not None:
-            state = load_state(resume_path)
+            try:
+                state = load_state(resume_path)
+            except TrainingStateError as exc:
+                exc.args = (f"{exc.args[0]}{_earlier_state_note(resume_path)}",)
+                raise
             if is_writer:
                 _check_no_other_run(config, out_dir, resume_path, state)
             _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest, rank)
@@ -2302,7 +2326,8 @@ def _load_trainable(trainable, saved: dict, path) -> None:
     non_finite = _non_finite_tensors(trainable)
     if non_finite:
         raise TrainingStateError(f"resume from {path}: the state's weights hold NaN or infinity "
-                                 f"({_first_names(non_finite)}): the file is corrupt; resume from an earlier state")
+                                 f"({_first_names(non_finite)}): the file is corrupt; resume from an earlier state"
+                                 f"{_earlier_state_note(path)}")
 
 
 def _check_finite_optimizer(optimizer, trainable, path) -> None:
@@ -2315,12 +2340,13 @@ def _check_finite_optimizer(optimizer, trainable, path) -> None:
     non_finite = _non_finite_tensors([(name, value) for name, _, value in moments])
     if non_finite:
         raise TrainingStateError(f"resume from {path}: {non_finite[0]} holds NaN or infinity: the file is corrupt; "
-                                 "resume from an earlier state")
+                                 f"resume from an earlier state{_earlier_state_note(path)}")
     signed = [(name, value) for name, key, value in moments if key in _NON_NEGATIVE_OPTIMIZER_STATE]
     negative = [name for name, value in signed if bool((value < 0).any())]
     if negative:
         raise TrainingStateError(f"resume from {path}: {negative[0]} holds a negative value, which AdamW never "
-                                 "writes: the file is corrupt; resume from an earlier state")
+                                 "writes: the file is corrupt; resume from an earlier state"
+                                 f"{_earlier_state_note(path)}")
 
 
 # AdamW's per-parameter state that is never negative: the step count and the second moments.

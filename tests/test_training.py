@@ -1036,6 +1036,39 @@ def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("state-*")) == ["state-00000012.pt"]
 
 
+def test_an_unreadable_or_corrupt_latest_state_names_the_earlier_state_to_resume_from(tmp_path):
+    """--resume auto takes only the state latest names; when that one is truncated (or holds NaN) the
+    error names the newest earlier state of the run beside it, and a resume from that one continues
+    the run to the uninterrupted run's weights."""
+    def run(**overrides):
+        model = make_model("standin", seed=3)
+        return train(_config(tmp_path, epochs=2, **overrides), model=model, dataset=RandomPairs(model, 16, seed=1),
+                     loss_fn=dense_label_infonce)
+
+    run()
+    ckpt = tmp_path / "run" / "checkpoints"
+    final = torch.load(tmp_path / "run" / "ace_lora.pt", weights_only=True)
+    newest, earlier = ckpt / "state-00000008.pt", ckpt / "state-00000004.pt"
+    good = newest.read_bytes()
+    note = rf"; the newest earlier state beside it is '{re.escape(str(earlier))}': resume from it by setting " \
+           r"TrainConfig\.resume to that file$"
+    bad = load_state(newest)  # a readable state holding NaN: the same note
+    bad["trainable"][next(iter(bad["trainable"]))].view(-1)[0] = float("nan")
+    torch.save(bad, newest)
+    with pytest.raises(training.TrainingStateError, match=rf"weights hold NaN or infinity .*{note}"):
+        run(resume="auto")
+    newest.write_bytes(good[: len(good) // 2])
+    with pytest.raises(training.TrainingStateError, match=rf"state-00000008\.pt: cannot be read .*{note}"):
+        run(resume="auto")
+    assert run(resume=str(earlier))["steps"] == 8  # the run goes on, and its step 8 replaces the bad file
+    assert load_state(newest)["step"] == 8
+    again = torch.load(tmp_path / "run" / "ace_lora.pt", weights_only=True)
+    assert again.keys() == final.keys() and all(torch.equal(again[k], v) for k, v in final.items())
+    earlier.write_bytes(b"")  # the earliest state: no earlier one to name
+    with pytest.raises(training.TrainingStateError, match=r"state-00000004\.pt: cannot be read [^;]*$"):
+        run(resume=str(earlier))
+
+
 def test_corrupt_or_foreign_state_files_are_named(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"format": training.STATE_FORMAT, "version": training.STATE_VERSION, "pad": torch.zeros(500)}, good)
