@@ -787,11 +787,12 @@ class TrainConfig:
         if not (_is_finite_number(self.dist_timeout_s) and self.dist_timeout_s > 0):
             raise ValueError(f"TrainConfig.dist_timeout_s: expected a finite number of seconds > 0, got "
                              f"{self.dist_timeout_s!r}")
-        for name in ("epochs", "batch_size", "keep_checkpoints"):
+        for name in ("epochs", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}: expected >= 1, got {getattr(self, name)}")
         if int(self.batch_size) < 2:
-            # The contrastive loss of a batch of one is 0 with a zero gradient: nothing would learn.
+            # The contrastive loss of a batch of one is 0 with a zero gradient: nothing would learn. (0 and
+            # below get this message too: "expected >= 1" would send the user to 1, refused next.)
             raise ValueError(f"TrainConfig.batch_size: expected >= 2 (a contrastive batch), got {self.batch_size}")
         for name in ("chunk_size", "max_steps"):
             value = getattr(self, name)

@@ -783,6 +783,7 @@ def test_only_our_errors_are_one_liners(synthetic, monkeypatch, capsys):
     (("--lr", "-0.001"), "--lr: expected a finite number >= 0, got -0.001"),
     (("--weight-decay", "nan"), "--weight-decay: expected a finite number >= 0, got nan"),
     (("--batch-size", "1"), "--batch-size: expected >= 2 (a contrastive batch), got 1"),
+    (("--batch-size", "0"), "--batch-size: expected >= 2 (a contrastive batch), got 0"),
     # Known only once the device is: checked in the run's set-up, still before any file.
     (("--precision", "bf16", "--device", "cpu"),
      "--precision: 'bf16' autocast needs a CUDA device, but this process runs on cpu (--device 'cpu')"),
