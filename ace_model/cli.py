@@ -259,6 +259,15 @@ def _check_train_inputs(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and not os.path.exists(path):
             raise CLIError(f"--{flag.replace('_', '-')}: {path!r} does not exist")
+    if args.resume is not None and args.resume != "auto":
+        # A missing state, or a folder without 'latest': said here, not after the model is built.
+        from ace_model.training import resolve_resume
+
+        try:
+            resolve_resume(args.resume, args.out_dir)
+        except (ValueError, FileNotFoundError) as exc:
+            _name_flags(exc)
+            raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -666,6 +666,22 @@ def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path
            "state" in line, line
 
 
+def test_a_missing_resume_state_or_folder_is_named_before_the_model_is_built(synthetic, tmp_path, capsys,
+                                                                             monkeypatch):
+    """As a missing --pretrained or --init-checkpoint: a mistyped --resume is said before the model is
+    built (BiomedCLIP's random towers take seconds) and before the CSV's image files are checked."""
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
+              "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    (tmp_path / "empty").mkdir()
+    for given, expected in ((tmp_path / "missing.pt", f"--resume: {str(tmp_path / 'missing.pt')!r} does not exist"),
+                            (tmp_path / "empty", f"--resume: {str(tmp_path / 'empty')!r} has no 'latest' file, nor "
+                                                 "has its checkpoints/")):
+        assert cli.main([*common, "--resume", str(given)]) == cli.EXIT_BAD_INPUT
+        assert _one_error_line(capsys.readouterr().err, "train").endswith(expected)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_resume_with_another_setting_names_the_flag(synthetic, tmp_path, capsys):
     common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
               "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
