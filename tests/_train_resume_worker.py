@@ -3,6 +3,7 @@
 ``--kill-at-step K``: SIGKILL inside the loss of step K (mid-step, after earlier states).
 ``--kill-in-save K``: SIGKILL halfway through writing the state file of step K.
 ``--step-sleep S``: sleep S seconds per step, so the parent can kill the run from outside.
+``--where``: print the file ``ace_model.training`` was imported from, and exit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The checkout's packages before an installed copy (an editable install of another checkout would
+# otherwise be imported: the tests would run that code, not this one's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -35,7 +39,11 @@ def main() -> None:
     parser.add_argument("--kill-at-step", type=int, default=None)
     parser.add_argument("--kill-in-save", type=int, default=None)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--where", action="store_true")
     args = parser.parse_args()
+    if args.where:
+        print(training.__file__)
+        return
     torch.set_num_threads(1)
 
     calls = {"n": 0}

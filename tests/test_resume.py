@@ -109,6 +109,15 @@ def assert_equal_nested(got, want):
         assert got == want
 
 
+def test_the_worker_runs_this_checkouts_code(tmp_path):
+    """The worker is a script (its sys.path starts at tests/): it must import the ace_model of the
+    checkout under test, not an installed copy of another checkout, or these tests check that one."""
+    from ace_model import training
+
+    where = _run(tmp_path, "--where").stdout.strip().splitlines()[-1]
+    assert os.path.samefile(where, training.__file__), (where, training.__file__)
+
+
 def test_sigkill_mid_step_then_resume_matches(tmp_path, uninterrupted):
     _run(tmp_path, "--kill-at-step", "11", expect_kill=True)
     # Killed inside step 11: steps 1-10 logged, states 4 and 8 on disk, 8 the latest.
