@@ -1137,13 +1137,20 @@ def _hostname() -> str:
 
 def _remove_stale_temp_files(out_dir: Path) -> None:
     """Delete temp files of writes a crash interrupted (never a complete file, never a
-    name this module does not create)."""
+    name this module does not create). One that cannot be deleted is left with a warning: no
+    write reads it (each takes a new temp name), so it is no reason to stop the run."""
     for directory, pattern in ((out_dir, _RUN_TEMP_RE), (out_dir / "checkpoints", _CKPT_TEMP_RE)):
         if directory.is_dir():
             for name in os.listdir(directory):
                 if pattern.match(name):
-                    with contextlib.suppress(FileNotFoundError):
+                    try:
                         os.unlink(directory / name)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        warnings.warn(f"could not delete {str(directory / name)!r}, the temp file of a write that "
+                                      f"was interrupted ({exc.strerror or exc}); it is left in place (delete it by "
+                                      "hand)", UserWarning, stacklevel=2)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | None, keep: int,

@@ -1277,6 +1277,29 @@ def test_a_pruned_checkpoint_that_cannot_be_deleted_warns_naming_it_and_the_run_
         "ace_lora-00000012.pt", "state-00000003.pt", "state-00000012.pt"]
 
 
+def test_a_stale_temp_file_that_cannot_be_deleted_warns_naming_it_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A killed run's temp file is deleted at the next start; when that is refused, it is left with a
+    warning naming it (no write reads it) instead of stopping the run before its first step."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    stale = ckpt / ".latest.0123456789ab.tmp"
+    stale.write_text("half a pointer")
+    real_unlink = os.unlink
+
+    def refuse_stale(path, *args, **kwargs):
+        if os.path.basename(path) == stale.name:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse_stale)
+    model = make_model("standin", seed=3)
+    with pytest.warns(UserWarning, match=rf"^could not delete '{re.escape(str(stale))}', the temp file of a write "
+                                         r"that was interrupted \(Operation not permitted\); it is left in place"):
+        result = train(_config(tmp_path, epochs=1), model=model, dataset=RandomPairs(model, 16, seed=1),
+                       loss_fn=dense_label_infonce)
+    assert result["steps"] == 4 and stale.read_text() == "half a pointer"
+
+
 def test_a_state_is_written_after_its_steps_metrics_reach_the_disk(tmp_path, monkeypatch):
     """A resumed run skips the steps up to its state: their metric lines must be on the disk
     (flushed and fsynced) before the state is, or a crash could lose them for good. A run that
