@@ -1743,8 +1743,11 @@ def test_open_clip_clip_loss_two_processes(tmp_path):
     procs = []
     for rank in range(2):
         # A file store, not a free port picked here: another process could take the port first.
+        # The checkout's packages first: run as a script, the worker would import an installed copy (an
+        # editable install of another checkout) and test that code, not this one's.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, ACE_TEST_INIT_METHOD=f"file://{tmp_path / 'store'}", RANK=str(rank), WORLD_SIZE="2",
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
         procs.append(subprocess.Popen([sys.executable, __file__, "--clip-loss-worker", str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [proc.communicate(timeout=240)[0] for proc in procs]  # two interpreters on a loaded 2-core box
