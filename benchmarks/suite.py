@@ -732,7 +732,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(modules[family], "unavailable", lambda _: False)(suite):
                 continue
             if args.in_process:
-                _run_family(suite, family, modules[family])
+                started = time.monotonic()
+                if not _run_family(suite, family, modules[family]):
+                    suite.family_status[family] = {"outcome": _RAISED, "rc": None,
+                                                   "seconds": round(time.monotonic() - started, 1)}
                 continue
             suite.save()  # the family's process starts from this file
             started = time.monotonic()
@@ -748,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 suite.load_state(harness.read_payload(json_path))
             loading = False
             suite.family_status[family] = status
-            if status["outcome"] != "ok":
+            if status["outcome"] not in ("ok", _RAISED):  # a raised error is a skip line of its process already
                 suite.skip(f"family {family}", f"lost: its process {status['outcome']} ({status['seconds']:.0f} s "
                                                 "in all); the rows it saved before are kept")
             if terminated is not None:
@@ -800,14 +803,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"rows: {json_path}")
     if terminated is not None:
         return 128 + terminated.signum
-    # A family whose process crashed or hung is a failure of the run (its rows are kept above); one
-    # stopped at the run's own time budget is not.
+    # A family that raised, or whose process crashed or hung, is a failure of the run (its rows are
+    # kept above); one stopped at the run's own time budget is not.
+    raised = [family for family, status in suite.family_status.items() if status["outcome"] == _RAISED]
     failed_families = [family for family, status in suite.family_status.items()
-                       if status["outcome"] != "ok" and not status["outcome"].endswith(_AFTER_BUDGET)]
+                       if status["outcome"] not in ("ok", _RAISED) and not status["outcome"].endswith(_AFTER_BUDGET)]
+    if raised:
+        print(f"failed: family {', '.join(raised)} raised an error (see 'skipped'); exit status 1")
     if failed_families:
         print(f"failed: the process of family {', '.join(failed_families)} was lost (see 'skipped'); exit status 1")
-        return 1
-    return 0
+    return 1 if raised or failed_families else 0
 
 
 def _worker(args, *, device, json_path, time_budget, per_call, providers, compile_baselines) -> int:
@@ -820,9 +825,9 @@ def _worker(args, *, device, json_path, time_budget, per_call, providers, compil
     if payload:
         suite.load_state(payload)
     _inject_fault(args.worker)
-    _run_family(suite, args.worker, _modules()[args.worker])
+    ok = _run_family(suite, args.worker, _modules()[args.worker])
     suite.save()
-    return 0
+    return 0 if ok else _RAISED_RC
 
 
 def _inject_fault(family: str) -> None:
@@ -926,6 +931,8 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
         outcome = killed
     elif rc == 0:
         outcome = "ok"
+    elif rc == _RAISED_RC:
+        outcome = _RAISED
     elif rc < 0:
         outcome = f"died of {_signal_name(-rc)}"
     else:
@@ -943,6 +950,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 # How a family's outcome ends when the suite stopped it at the run's own time budget (not a failure).
 _AFTER_BUDGET = "after the run's time budget"
+# A family whose run() raised (its error is a skip line, its traceback in the output): the outcome,
+# and the exit status of its process that says so.
+_RAISED = "raised an error"
+_RAISED_RC = 3
 
 _WORKERS: list[subprocess.Popen] = []  # the family process running now (killed on SIGTERM/SIGINT)
 
@@ -992,12 +1003,16 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _run_family(suite: Suite, family: str, module) -> None:
+def _run_family(suite: Suite, family: str, module) -> bool:
+    """Run ``family``; False when it raised (logged as a skip of it, with the traceback)."""
     print(f"\n== {family}")
     start = time.monotonic()
+    ok = True
     try:
         module.run(suite)
     except Exception as exc:  # one broken family must not cost the others their numbers
         suite.skip(f"family {family}", f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
+        ok = False
     print(f"== {family} done in {time.monotonic() - start:.1f} s")
+    return ok

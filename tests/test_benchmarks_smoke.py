@@ -774,6 +774,44 @@ def test_a_lost_family_costs_only_that_family(tmp_path, fault, options, outcome)
     assert any(line.startswith("family lora: skipped (lost: its process") for line in payload["run"]["skipped"])
 
 
+def test_a_family_that_raises_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A family whose run() raised (a bug, a package missing) was a skip line and nothing more: its
+    process returned 0 (outcome "ok") and the run exited with status 0, in a process per family and
+    with --in-process alike, where a crashed one fails the run. Now its process exits with status 3,
+    its outcome is "raised an error", and the run exits with status 1 naming it; the others' rows stay."""
+    from benchmarks import suite as suite_module
+
+    real_command = suite_module._worker_command
+    broken = ("from benchmarks import suite\n"
+              "class Broken:\n    run = staticmethod(lambda s: {}['shape'])\n"
+              "class Fine:\n    run = staticmethod(lambda s: print('fine ran'))\n"
+              "suite._modules = lambda: {'lora': Broken, 'hypergraph': Fine}\n"
+              "raise SystemExit(suite.main(__import__('sys').argv[1:]))\n")
+
+    def worker_command(*args, **kwargs):  # the real worker's command line, its families replaced
+        return [sys.executable, "-c", broken, *real_command(*args, **kwargs)[3:]]
+
+    monkeypatch.setattr(suite_module, "_worker_command", worker_command)
+    argv = ["--only", "lora", "--only", "hypergraph", "--quick", "--out-dir", str(tmp_path), "--no-plot"]
+    assert suite_module.main([*argv, "--name", "p"]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("failed: family lora raised an error (see 'skipped'); exit status 1"), out
+    assert "fine ran" in out and "KeyError: 'shape'" in out
+    run = json.loads((tmp_path / "p.json").read_text())["run"]
+    assert run["families"]["lora"]["outcome"] == "raised an error" and run["families"]["lora"]["rc"] == 3, run
+    assert run["families"]["hypergraph"]["outcome"] == "ok"
+    assert run["skipped"] == ["family lora: skipped (KeyError: 'shape')"]
+
+    families = {}
+    exec(broken.rsplit("raise", 1)[0].split("suite._modules")[0], families)  # the same families in this process
+    monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": families["Broken"], "hypergraph": families["Fine"]})
+    assert suite_module.main([*argv, "--name", "i", "--in-process"]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("failed: family lora raised an error (see 'skipped'); exit status 1"), out
+    run = json.loads((tmp_path / "i.json").read_text())["run"]
+    assert list(run["families"]) == ["lora"] and run["families"]["lora"]["outcome"] == "raised an error", run
+
+
 def test_a_named_run_removes_the_png_an_earlier_run_of_that_name_left(tmp_path):
     """--name writes the stem's JSON over: a PNG from the earlier run must not stay beside it
     (with --no-plot, or with nothing measured, none is drawn to replace it)."""
