@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import uuid
 from datetime import timedelta
@@ -243,7 +242,7 @@ def run(suite) -> None:
     print(f" {OP} {shape} {plan['dtype']}: {world} ranks ({plan['dist_backend']}, {plan['threads_per_rank']} "
           f"torch threads each) against one process ({plan['one_threads']} threads), {plan['reps']} repetitions")
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="ace-bench-dist-") as out_dir:
+    with harness.temp_dir("dist") as out_dir:
         failure = _spawn_ranks(plan, out_dir)
         if failure is not None:
             suite.skip(f"{OP} {shape}", failure)

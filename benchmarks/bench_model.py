@@ -1014,7 +1014,6 @@ def _run_demo(suite, estimate_s: float) -> None:
     import io
     import json
     import math
-    import tempfile
 
     if suite.is_gpu:
         suite.skip("ace_lora_demo", "CPU only: issue 6 bounds the demo on a CPU, where it trains on any machine")
@@ -1031,7 +1030,7 @@ def _run_demo(suite, estimate_s: float) -> None:
         return
     print(" ace_lora_demo: ace-lora demo --no-progress (CPU, the tiny model, defaults)")
     output = io.StringIO()
-    with tempfile.TemporaryDirectory(prefix="ace-lora-demo-") as out:
+    with harness.temp_dir("demo") as out:
         start = time.perf_counter()
         try:
             with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):

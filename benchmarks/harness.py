@@ -48,9 +48,11 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, TextIO
@@ -962,6 +964,29 @@ def remove_temp_files_of(path: str, pid: int) -> None:
         if pattern.match(entry):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, entry))
+
+
+def temp_dir(what: str) -> tempfile.TemporaryDirectory:
+    """A temporary directory of this process, ``ace-bench-<what>-<pid>-*`` under the system's temp
+    directory, removed when its ``with`` ends. A family's process killed while one exists (SIGKILL,
+    at the run's time budget or on the suite's own SIGTERM/SIGINT) cannot remove it: the suite then
+    does, by this process's pid (:func:`remove_temp_dirs_of`)."""
+    return tempfile.TemporaryDirectory(prefix=f"ace-bench-{what}-{os.getpid()}-")
+
+
+def remove_temp_dirs_of(pid: int) -> None:
+    """Remove the directories :func:`temp_dir` made in process ``pid``, once that process has ended
+    (only that process's names are matched)."""
+    root = tempfile.gettempdir()
+    pattern = re.compile(rf"^ace-bench-[a-z]+-{int(pid)}-[^/]+$")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for entry in names:
+        path = os.path.join(root, entry)
+        if pattern.match(entry) and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def package_file_tool(argv: Sequence[str] | None, *, module: str, description: str, default_out: str,

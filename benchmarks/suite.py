@@ -922,6 +922,7 @@ def _run_family_process(suite: Suite, family: str, args, *, device, stem, per_ca
         proc.wait()
         # A process killed while it saved the rows leaves its temp file beside the JSON (its pid in the name).
         harness.remove_temp_files_of(os.path.join(args.out_dir, stem + ".json"), proc.pid)
+        harness.remove_temp_dirs_of(proc.pid)  # and the temporary directories of its items (harness.temp_dir)
         if proc in _WORKERS:
             _WORKERS.remove(proc)
         reader.join(timeout=5)

@@ -849,6 +849,35 @@ def test_a_family_process_killed_while_saving_leaves_no_temp_file(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.json", *(p.name for p in others)])
 
 
+def test_a_family_process_killed_in_an_item_leaves_no_temp_dir(tmp_path, monkeypatch):
+    """The demo (family model) and the distributed ranks (family distributed) work in a temporary
+    directory: a family's process killed in such an item (the suite's SIGKILL at the time budget, or
+    on its own SIGTERM/SIGINT) left it under /tmp for good (the demo's checkpoints, the ranks' tensors).
+    Once the process has ended the suite removes the directories of that process's pid (harness.temp_dir),
+    and only those."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    others = [tmp_path / "ace-bench-demo-1-0123abcd", tmp_path / "ace-lora-demo-x", tmp_path / "mine"]
+    for other in others:
+        other.mkdir()
+    script = ("import os, signal\nfrom benchmarks import harness\n"
+              "held = [harness.temp_dir(what) for what in ('demo', 'dist')]\n"
+              "for held_dir in held:\n    os.mkdir(os.path.join(held_dir.name, 'summary'))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    monkeypatch.setattr(suite_module, "_worker_command", lambda *a, **k: [sys.executable, "-c", script])
+    status = suite_module._run_family_process(SimpleNamespace(deadline=None), "model",
+                                              SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
+                                              per_call=1.0, providers=None, compile_baselines=False, grace=1.0,
+                                              idle=0)
+    assert status["outcome"] == "died of SIGKILL", status
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
