@@ -16,6 +16,8 @@ bf16 matmul rate) are measured once, by the first process (family ``device``; no
 the rows it saved stay. A family's process is in a process group of its own: on SIGTERM/SIGINT
 this process kills that group, then writes the JSON and the table and exits; if this process is
 killed outright, the family's process dies with it (``PR_SET_PDEATHSIG``, benchmarks/__main__.py).
+With ``--in-process`` SIGTERM/SIGINT stop the family in progress (its temporary directories
+removed as it unwinds), then the JSON and the table are written the same way.
 """
 
 from __future__ import annotations
@@ -721,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           compile_baselines=compile_baselines, grace=grace)
     terminated = None
     loading = False
-    previous_handlers = {} if args.in_process else _install_termination_handlers()
+    previous_handlers = _install_termination_handlers()
     try:
         for family in stages:
             if suite.out_of_time(f"family {family}"):
@@ -767,8 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)
     if terminated is not None:
-        print(f"\n{terminated.name}: the suite stops (its family process was killed with it); the table below "
-              "holds the rows saved so far", flush=True)
+        stopped = "the family in progress stops" if args.in_process else "its family process was killed with it"
+        print(f"\n{terminated.name}: the suite stops ({stopped}); the table below holds the rows saved so far",
+              flush=True)
 
     suite.save()
     print()

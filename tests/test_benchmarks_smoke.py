@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -1558,6 +1559,46 @@ def test_the_family_process_dies_with_the_suite(tmp_path, how):
             os.kill(worker, signal.SIGKILL)
         for pid in _workers_writing_to(tmp_path):  # one the suite did not name (or left behind)
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+def test_an_in_process_run_stopped_by_a_signal_writes_its_rows_and_table(tmp_path, how):
+    """--in-process ran with the default handlers: SIGTERM (timeout's) killed it at once, with no table
+    and the temporary directory of the item in progress (the demo's, the ranks') left under /tmp, and
+    Ctrl-C ended in a KeyboardInterrupt traceback. Now it stops as a run of family processes does: the
+    family in progress unwinds (its directory removed), the rows so far and the table are written, and
+    the exit status is 128 + the signal's number."""
+    script = ("import sys, time\nfrom benchmarks import harness, suite\n"
+              "class Sleeper:\n    @staticmethod\n    def run(s):\n"
+              "        with harness.temp_dir('demo') as held:\n"
+              "            print('holding', held, flush=True)\n            time.sleep(120)\n"
+              "suite._modules = lambda: {'lora': Sleeper}\n"
+              "raise SystemExit(suite.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=str(tmp_path))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", script, "--in-process", "--only", "lora", "--quick", "--out-dir",
+                             str(out), "--name", "r", "--no-plot"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("holding "):
+                held = Path(line.split(" ", 1)[1].strip())
+                break
+        assert held.is_dir(), "".join(lines)
+        proc.send_signal(getattr(signal, how))
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines) + rest
+    assert proc.returncode == 128 + getattr(signal, how), text
+    assert f"{how}: the suite stops (the family in progress stops)" in text and "Traceback" not in text, text
+    assert "rows: " in text and not held.exists(), text
+    assert json.loads((out / "r.json").read_text())["run"]["isolation"] == "in-process"
+    assert sorted(p.name for p in out.iterdir()) == ["r.json"]
 
 
 def test_a_line_that_is_not_utf8_is_passed_on(tmp_path):
