@@ -1,7 +1,7 @@
 """The card's own ceilings, measured in the same run: copy bandwidth and bf16 matmul rate.
 
-Rows of the other families report GB/s or TFLOP/s against these (METHOD.md:
-datasheet rates are leads; measure the ceilings on the card itself). With one
+Rows of the other families report GB/s or TFLOP/s against these (datasheet
+rates are leads only: the ceilings are measured on the card itself). With one
 process per family (the default) this runs first, in its own process, and the
 later families read the rates from the result file (``run.calibration``).
 
