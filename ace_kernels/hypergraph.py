@@ -1468,6 +1468,27 @@ def _check_not_hooked(name: str, adapter) -> None:
                          f"reads the adapters' down/up weights and never calls the modules; {advice}")
 
 
+def _check_plain_layers(name: str, adapter) -> None:
+    """The op applies ``up(leaky_relu(down(z), 0.2))`` from the layers' weights and biases and never calls
+    them: a ``down``/``up`` module that is not an ``nn.Linear`` (PEFT's LoRA layer, whose ``weight`` is its
+    base layer's) or an ``act`` module other than ``LeakyReLU(0.2)`` computes something the op would skip,
+    silently: raise instead, naming it (isinstance checks, cheap enough for every call)."""
+    is_module = isinstance(adapter, nn.Module)  # then its submodules straight from its dictionary, as above
+    children = adapter._modules if is_module else {}
+    for part in ("down", "up"):
+        layer = children[part] if part in children else getattr(adapter, part)
+        if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
+            kind = type(layer)
+            raise ValueError(f"argument '{name}': {name}.{part} is a {kind.__module__}.{kind.__qualname__}, not an "
+                             "nn.Linear, which ace_hypergraph would not call: it reads the layer's weight and bias "
+                             "(a wrapper's own terms, such as a LoRA branch, would be skipped; merge them into the "
+                             "layer first, e.g. PEFT's merge_and_unload)")
+    act = children.get("act") if is_module else getattr(adapter, "act", None)
+    if isinstance(act, nn.Module) and not (isinstance(act, nn.LeakyReLU) and act.negative_slope == _NEG_SLOPE):
+        raise ValueError(f"argument '{name}': {name}.act is {act!r}, which ace_hypergraph would not call: it applies "
+                         f"leaky_relu with slope {_NEG_SLOPE} between down and up (spec section 4)")
+
+
 def _adapter_params(name: str, adapter, dim: int):
     if isinstance(adapter, (tuple, list)):
         if len(adapter) != 4:
@@ -1476,6 +1497,7 @@ def _adapter_params(name: str, adapter, dim: int):
         params = tuple(adapter)
     elif hasattr(adapter, "down") and hasattr(adapter, "up"):
         _check_not_hooked(name, adapter)
+        _check_plain_layers(name, adapter)
         params = (getattr(adapter.down, "weight", None), getattr(adapter.down, "bias", None),
                   getattr(adapter.up, "weight", None), getattr(adapter.up, "bias", None))
     else:
@@ -1718,7 +1740,10 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         ``act`` (forward, pre-forward or backward; the pre-hooks of the old
         ``torch.nn.utils.weight_norm`` and of ``torch.nn.utils.prune`` too, which
         recompute ``weight`` at each call), or a ``forward`` set on one of their
-        instances (accelerate's hooks, a wrapper), raises a ``ValueError`` naming it.
+        instances (accelerate's hooks, a wrapper), raises a ``ValueError`` naming it,
+        and so does a ``down``/``up`` module that is not an ``nn.Linear`` (PEFT's LoRA
+        layer, whose ``weight`` is its base layer's: merge it first) or an ``act``
+        module other than ``LeakyReLU(0.2)``.
         Parametrized weights (``torch.nn.utils.parametrizations.weight_norm``,
         ``spectral_norm``) are recomputed when read, as a call would. Global module
         hooks do not fire for the adapters (as for ``nn.MultiheadAttention``'s

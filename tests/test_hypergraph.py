@@ -8,6 +8,7 @@ tiny shapes (marked ``triton``); real-size GPU checks are marked ``gpu``.
 
 import dataclasses
 import os
+import re
 import types
 
 import pytest
@@ -557,6 +558,37 @@ def test_a_forward_set_on_an_adapters_instance_raises_instead_of_being_skipped(p
             ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
     del target.forward
     torch.testing.assert_close(module(x, c), before, rtol=0, atol=0)
+
+
+def test_adapter_layers_the_op_would_not_call_raise():
+    """The op reads the adapters' down/up weights and applies leaky_relu(0.2) itself: PEFT's LoRA on an
+    adapter layer (its ``weight`` is the base layer's) was skipped, the output that of the base layers and
+    the LoRA weights without a gradient, silently, and so was an adapter ``act`` other than LeakyReLU(0.2).
+    Each now raises, naming the layer, from the module and the functional, for both outputs; the
+    reference's LeakyReLU(0.2) runs as before."""
+    from reference_modules import Adapter
+
+    torch.manual_seed(0)
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    edge, node = Adapter(40, 6).double(), Adapter(40, 6).double()
+    want = ace_kernels.ace_hypergraph(x, c, edge, node, topk=3)  # the reference's LeakyReLU(0.2)
+    params = lambda a: (a.down.weight, a.down.bias, a.up.weight, a.up.bias)  # noqa: E731
+    assert_close_scaled(want, oracle_hypergraph(x, c, params(edge), params(node), 3), 1e-10, "reference adapters")
+    for act in (torch.nn.ReLU(), torch.nn.LeakyReLU(0.1)):
+        node.act = act
+        match = rf"argument 'node_adapter': node_adapter.act is {re.escape(repr(act))}.*slope 0.2"
+        with pytest.raises(ValueError, match=match):
+            ace_kernels.ace_hypergraph(x, c, edge, node, topk=3, cls_only=True)
+    peft = pytest.importorskip("peft")
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["down"], init_lora_weights=False), module)
+    assert not isinstance(module.edge_adapter.down, torch.nn.Linear)  # a module around the base nn.Linear
+    match = r"edge_adapter.down is a peft\.tuners\.lora\.layer\.Linear, not an nn.Linear.*merge_and_unload"
+    for cls_only in (False, True):
+        with pytest.raises(ValueError, match=match):
+            module(x, c, cls_only=cls_only, backend="torch")
+        with pytest.raises(ValueError, match=match):
+            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
 
 
 def test_parametrized_adapter_weights_and_global_hooks():
