@@ -163,7 +163,8 @@ def binary_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
     Equal to the probability that a random positive scores above a random negative,
     ties counting one half (so it does not depend on how ties are ordered). NaN when
-    ``targets`` has no positives or no negatives.
+    ``targets`` has no positives or no negatives. A NaN score is a ``ValueError`` (it has no
+    rank: sorted last, it would pass for the highest score); infinities rank as usual.
     """
     # A tensor stays on its device (torch.as_tensor would move it to a default device set with
     # torch.set_default_device); anything else becomes a CPU tensor.
@@ -172,6 +173,10 @@ def binary_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
     targets = (targets if isinstance(targets, torch.Tensor) else torch.as_tensor(targets, device="cpu")).flatten() > 0.5
     if scores.shape != targets.shape:
         raise ValueError(f"binary_auroc: scores {tuple(scores.shape)} and targets {tuple(targets.shape)} differ")
+    nan = int(torch.isnan(scores).sum())
+    if nan:
+        raise ValueError(f"binary_auroc: {nan} of {scores.numel()} scores are NaN, which have no rank (expected "
+                         "finite scores or infinities)")
     positives = int(targets.sum())
     negatives = targets.numel() - positives
     if positives == 0 or negatives == 0:

@@ -70,6 +70,17 @@ def test_auroc_edge_cases():
     assert macro_auroc(scores, targets) == pytest.approx(expected)
 
 
+
+def test_auroc_refuses_nan_scores_and_ranks_infinities():
+    # A NaN has no rank: argsort put it last, so it counted as the highest score (1.0 here, not an error).
+    with pytest.raises(ValueError, match=r"binary_auroc: 1 of 4 scores are NaN"):
+        binary_auroc(torch.tensor([0.2, float("nan"), 0.1, 0.3]), torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(ValueError, match="NaN"):
+        macro_auroc(torch.tensor([[0.2, float("nan")], [0.1, 0.3]]), torch.tensor([[0, 1], [1, 0]]))
+    inf = float("inf")
+    scores, targets = [-inf, 0.5, inf, inf, 0.1, -inf], [0, 1, 1, 0, 1, 0]
+    assert binary_auroc(torch.tensor(scores), torch.tensor(targets)) == _pairwise_auroc(scores, targets)
+
 def test_metrics_per_task():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]])
     labels = torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 1]), 3).float()
