@@ -196,6 +196,10 @@ def binary_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 def per_class_auroc(scores: torch.Tensor, targets: torch.Tensor) -> list[float]:
     """AUROC of each column of ``scores`` [N, C] against 0/1 ``targets`` [N, C] (one-vs-rest
     for multiclass); NaN for a column without both positives and negatives."""
+    # Checked: fewer score columns than target columns would leave the others out unsaid.
+    if scores.dim() != 2 or tuple(scores.shape) != tuple(targets.shape):
+        raise ValueError(f"per_class_auroc: expected scores and targets of one shape [N, C], got scores "
+                         f"{tuple(scores.shape)} and targets {tuple(targets.shape)}")
     return [binary_auroc(scores[:, j], targets[:, j]) for j in range(scores.shape[1])]
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ace_model import ACELoRA, cli
 from ace_model.data import CSVImageTextDataset, DataError, make_synthetic_dataset, read_csv, SYNTHETIC_CLASSES
-from ace_model.zero_shot import (TEMPLATES, binary_auroc, class_embeddings, evaluate, macro_auroc,
+from ace_model.zero_shot import (TEMPLATES, binary_auroc, class_embeddings, evaluate, macro_auroc, per_class_auroc,
                                  zero_shot_metrics, zero_shot_scores)
 
 
@@ -80,6 +80,16 @@ def test_auroc_refuses_nan_scores_and_ranks_infinities():
     inf = float("inf")
     scores, targets = [-inf, 0.5, inf, inf, 0.1, -inf], [0, 1, 1, 0, 1, 0]
     assert binary_auroc(torch.tensor(scores), torch.tensor(targets)) == _pairwise_auroc(scores, targets)
+
+
+def test_per_class_auroc_refuses_scores_and_targets_of_other_shapes():
+    # Two score columns against three target columns gave 1.0 from the first two, the third left out unsaid.
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    targets = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match=r"scores \(3, 2\) and targets \(3, 3\)"):
+        macro_auroc(scores, targets)
+    with pytest.raises(ValueError, match=r"scores \(3,\) and targets \(3,\)"):  # was an IndexError
+        per_class_auroc(scores[:, 0], targets[:, 0])
 
 def test_metrics_per_task():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]])
