@@ -371,6 +371,9 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
              num_workers: int = 0, logit_scale: str | float = "base") -> dict:
     """Zero-shot evaluation of ``model`` on ``dataset`` (items ``(image, labels [C])``).
 
+    ``class_names`` name the label columns in order; a dataset with ``label_columns`` (the CSV
+    datasets) that has one of them at another position is refused.
+
     ``logit_scale``: ``"base"`` (the frozen base model's multiplier, as the reference's
     zero-shot scripts), ``"learned"`` (``model.logit_scale``) or a positive number.
 
@@ -411,6 +414,15 @@ def _evaluate(model, dataset, class_names, task, batch_size, templates, device, 
         except ValueError as exc:
             where = getattr(dataset, "csv_path", None)
             raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+    columns = getattr(dataset, "label_columns", None)  # the CSV datasets' names of their label columns
+    if isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns):
+        # Scores column j is class_names[j], labels column j is columns[j]: a class named like another
+        # position's column would score each class against another class's labels, with no error.
+        moved = [name for j, name in enumerate(class_names) if name in columns and columns.index(name) != j]
+        if moved:
+            raise ValueError(f"argument 'class_names': {moved[0]!r} is class {class_names.index(moved[0]) + 1} but "
+                             f"label column {list(columns).index(moved[0]) + 1} of the dataset (label columns: "
+                             f"{list(columns)}); give the class names in the order of the label columns")
     device = device or next(model.parameters()).device
     text = class_embeddings(model, class_names, templates, device).float().cpu()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -216,6 +216,20 @@ def test_evaluate_checks_the_label_columns_before_encoding(tiny, synthetic, monk
         evaluate(tiny, dataset, ["edema", "effusion"], "multilabel")
 
 
+
+def test_evaluate_refuses_class_names_in_another_order_than_the_label_columns(tiny, synthetic, monkeypatch):
+    """Scores column j is class_names[j], the labels' column j the dataset's j-th label column: class names
+    given in another order scored each class against another class's labels, with plausible metrics."""
+    from ace_model.data import CSVImageLabelDataset
+
+    classes = list(SYNTHETIC_CLASSES)
+    dataset = CSVImageLabelDataset(synthetic, classes, tiny.image_size)
+    monkeypatch.setattr(type(tiny), "encode_image", lambda *a, **k: pytest.fail("encoded before the check"))
+    swapped = [classes[1], classes[0], *classes[2:]]
+    with pytest.raises(ValueError, match=rf"^argument 'class_names': {classes[1]!r} is class 1 but label column 2 "
+                                         rf"of the dataset \(label columns: "):
+        evaluate(tiny, dataset, swapped, "multiclass")
+
 def test_evaluate_checks_the_binary_class_count_before_encoding(tiny, synthetic, monkeypatch):
     """binary scores [negative, positive]: more class names is an error before any image is
     encoded (a large test set would be encoded for nothing)."""
