@@ -2,9 +2,10 @@
 
 CSV layout (:class:`CSVImageTextDataset`): one row per image, a column with the image
 path (absolute, or relative to ``image_root``, default the CSV's directory), a column
-with the report text, and label columns (0/1; empty, NaN or -1 count as 0, as the
-reference does with CheXpert's missing and uncertain labels; any other value, e.g. 2
-or 0.5, is an error naming its row and column).
+with the report text, and label columns (0/1; -1 and a missing value count as 0, as the
+reference does with CheXpert's missing and uncertain labels: empty, NaN, or another cell
+pandas reads as missing, such as R's NA or null; any other value, e.g. 2 or 0.5, is an
+error naming its row and column).
 """
 
 from __future__ import annotations
@@ -319,9 +320,15 @@ def _first_non_utf8(path: str) -> str:
     return "a byte that is not UTF-8"
 
 
+# The cells pandas.read_csv reads as missing by default (the reference reads its CSVs with pandas and fills
+# missing labels with 0): R's NA, SQL's NULL, Python's None, spreadsheets' #N/A and the like.
+_MISSING_LABELS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                             "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
 def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
     text = "" if raw is None else str(raw).strip()
-    if text == "" or text.lower() == "nan":
+    if text in _MISSING_LABELS or text.lower() == "nan":
         return 0.0
     try:
         value = float(text)
@@ -331,7 +338,7 @@ def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
         # Any other number (2, 0.5) is no label of the reference's CheXpert convention;
         # mapping it to 0 or 1 would silently change the loss's label mask.
         raise DataError(f"{csv_path}, row {row_number}: label column {column!r} holds {text!r}, "
-                        f"expected 0, 1, -1, NaN or empty")
+                        f"expected 0, 1, -1, NaN or empty (or another of pandas' missing values: NA, null, ...)")
     # CheXpert convention of the reference: uncertain (-1) and missing count as negative.
     return 1.0 if value == 1.0 else 0.0
 

@@ -550,6 +550,16 @@ def test_labels_written_as_floats_or_nan_are_accepted(tiny, synthetic, tmp_path)
     assert CSVImageTextDataset(path, tiny.tokenizer()).labels.tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
+def test_labels_pandas_reads_as_missing_count_as_negative(tiny, synthetic, tmp_path):
+    # The reference reads its CSV with pandas and fills missing labels with 0: R's NA, null, None, #N/A were
+    # refused here as "expected 0, 1, -1, NaN or empty".
+    image = str(synthetic.parent / "test" / "00000.png")
+    cells = ["NA", "N/A", "null", "NULL", "None", "#N/A", "<NA>", "-nan", "n/a"]
+    path = _write_csv(tmp_path / "l.csv", ["image", "text", "first", *map(str, range(len(cells)))],
+                      [[image, "x", "1", *cells]])
+    assert CSVImageTextDataset(path, tiny.tokenizer()).labels.tolist() == [[1.0] + [0.0] * len(cells)]
+
+
 # ---------------------------------------------------------------------------------------
 # train: flags map onto TrainConfig (the loop itself is tested in test_training*)
 # ---------------------------------------------------------------------------------------
