@@ -17,6 +17,9 @@ Environment switches:
                              not cover, and ``auto`` moves on to the next backend. A changed list
                              with unchanged sources needs ``build_ext --force`` (or pip install)
   MAX_JOBS                   defaults from cores and memory (nvcc needs ~1.5 GB a job)
+  CUDA_HOME, CUDA_PATH       the toolkit, read as torch reads them (the first set); neither set,
+                             /usr/local/cuda, else the nvcc on PATH. One without bin/nvcc skips
+                             the extension, saying so
 
 Build with ``pip install --no-build-isolation -e .`` so that the extension is
 compiled against the torch already installed.
@@ -59,14 +62,20 @@ def _cuda_extension():
             raise RuntimeError("ACE_KERNELS_FORCE_CUDA=1 but torch is not importable (use --no-build-isolation)")
         print("ace-kernels: torch not importable at build time, building the pure-Python package only")
         return [], {}
-    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    nvcc = shutil.which("nvcc") or (os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"))
+    # The toolkit torch's cpp_extension builds with: CUDA_HOME's, else CUDA_PATH's, else that of the nvcc on
+    # PATH, which here comes after /usr/local/cuda (an nvcc wrapper script in /usr/local/bin is no toolkit).
+    variable = next((name for name in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(name)), None)
+    if variable is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        variable, os.environ["CUDA_HOME"] = "CUDA_HOME", "/usr/local/cuda"
+    home = os.environ[variable] if variable else None
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
     reasons = []
     if torch.version.cuda is None:
         reasons.append("torch has no CUDA support")
-    if not nvcc or not os.path.exists(nvcc):
-        reasons.append("no nvcc found (set CUDA_HOME)")
+    if home and not os.path.exists(nvcc):
+        reasons.append(f"no nvcc at {nvcc} ({variable}={home!r})")
+    elif not nvcc:
+        reasons.append("no nvcc found (put it on PATH or set CUDA_HOME)")
     found = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
                    + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     # Relative to the repository when run from it (pip does), so build/ mirrors csrc/; absolute otherwise.

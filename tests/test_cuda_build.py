@@ -162,6 +162,23 @@ def test_setup_py_names_an_arch_list_it_cannot_read_and_finds_its_sources_from_a
     assert elsewhere.returncode == 0 and "no sources" not in elsewhere.stdout, elsewhere.stdout
 
 
+def test_setup_py_checks_the_nvcc_that_torch_builds_with(tmp_path):
+    """torch builds with CUDA_HOME's nvcc, else CUDA_PATH's, else the one on PATH: a CUDA_HOME or
+    CUDA_PATH without one skips the extension naming the variable and the nvcc it lacks (an nvcc on
+    PATH, or /usr/local/cuda, used to pass the check instead, or a CUDA_PATH was replaced by
+    /usr/local/cuda), and fails the build when it is forced."""
+    setup = os.path.join(ROOT, "setup.py")
+    missing = str(tmp_path / "no-toolkit")
+    nvcc = os.path.join(missing, "bin", "nvcc")
+    for variable, env in (("CUDA_HOME", dict(CUDA_HOME=missing)), ("CUDA_PATH", dict(CUDA_HOME="", CUDA_PATH=missing))):
+        skipped = _setup_py([setup, "--name"], str(tmp_path), **env)
+        assert skipped.returncode == 0 and skipped.stdout.strip().endswith("ace-kernels"), skipped.stderr
+        assert "skipping the CUDA extension: " in skipped.stdout, skipped.stdout
+        assert f"no nvcc at {nvcc} ({variable}={missing!r})" in skipped.stdout, skipped.stdout
+        forced = _setup_py([setup, "--name"], str(tmp_path), ACE_KERNELS_FORCE_CUDA="1", **env)
+        assert forced.returncode != 0 and f"no nvcc at {nvcc} ({variable}=" in forced.stderr, forced.stderr[-2000:]
+
+
 def test_a_build_that_fails_installs_the_package_without_the_extension_unless_forced(tmp_path):
     """torch refuses to build with an nvcc of another CUDA major version than its own (here a stand-in
     nvcc that says 'release 1.0'): without ACE_KERNELS_FORCE_CUDA the build says why and goes on
