@@ -16,11 +16,14 @@ SUFFIXES = (".cu", ".cuh", ".cpp", ".hpp", ".h")
 
 def sources_sha256(csrc: str) -> str | None:
     """sha256 over every source file under ``csrc``: each one's path (relative, ``/``-separated)
-    and bytes, in path order. None when it holds no source file."""
+    and bytes, in path order. None when it holds no source file. Hidden files and folders (a name
+    starting with '.') are left out, as setup.py's glob leaves them out of the build: an editor's
+    lock file (Emacs's ``.#hypergraph.cu``, a link to nowhere) is no source."""
     found = {}
-    for folder, _, names in os.walk(csrc):
+    for folder, folders, names in os.walk(csrc):
+        folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
-            if name.endswith(SUFFIXES):
+            if name.endswith(SUFFIXES) and not name.startswith("."):
                 path = os.path.join(folder, name)
                 found[os.path.relpath(path, csrc).replace(os.sep, "/")] = path
     if not found:

@@ -725,6 +725,23 @@ def test_an_extension_built_from_other_sources_is_declined_in_a_checkout(tmp_pat
     assert _dispatch._extension() == (fake, None)
 
 
+def test_the_sources_fingerprint_leaves_hidden_files_out(tmp_path):
+    """setup.py compiles what glob finds, which skips hidden names: an editor's lock file beside a
+    source (Emacs's .#kernel.cu, a link to nowhere) or a hidden folder is not part of the build, and
+    hashing it raised FileNotFoundError from the cuda backend's check of an in-place build."""
+    from ace_kernels._sources import sources_sha256
+
+    (tmp_path / "csrc" / "family").mkdir(parents=True)
+    (tmp_path / "csrc" / "family" / "kernel.cu").write_text("// the kernels\n")
+    built_from = sources_sha256(str(tmp_path / "csrc"))
+    os.symlink("someone@host.1234:1700000000", tmp_path / "csrc" / "family" / ".#kernel.cu")
+    (tmp_path / "csrc" / ".old").mkdir()
+    (tmp_path / "csrc" / ".old" / "kernel.cu").write_text("// a hidden copy\n")
+    assert sources_sha256(str(tmp_path / "csrc")) == built_from
+    (tmp_path / "setup.py").write_text("")
+    assert _dispatch._other_sources(str(tmp_path / "ace_kernels" / "_C.so"), built_from) is None
+
+
 def test_the_triton_backend_without_a_gpu_or_the_interpreter_says_so(monkeypatch):
     if _dispatch._triton_import_error():
         pytest.skip("triton does not import here")
