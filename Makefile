@@ -10,7 +10,11 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(wildcard csrc/*/*.cu csrc/*/*.h csrc/*.cpp csrc/*.h)
+# What setup.py compiles and fingerprints (csrc/**/*.cu and *.cpp; ace_kernels/_sources.py's suffixes), at any depth.
+CSRC_FILES := $(shell find csrc -name '.*' -prune -o -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' \
+	-o -name '*.hpp' -o -name '*.h' \) -print 2>/dev/null)
+
+$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt

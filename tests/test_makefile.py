@@ -1,5 +1,6 @@
 """The Makefile's test-worker count: `make test` runs one pytest-xdist process per core, at most
-8, none on one core; the cores are nproc's, lowered to a container's CPU quota (cgroup v2)."""
+8, none on one core; the cores are nproc's, lowered to a container's CPU quota (cgroup v2). And
+what makes the set-up run again."""
 
 import os
 import shutil
@@ -110,3 +111,31 @@ def test_coverage_follows_the_processes_the_tests_start():
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stdout.splitlines() if "-m coverage run --rcfile=.coveragerc -m pytest tests" in line]
     assert [line for line in out.stdout.splitlines() if "-m coverage combine --rcfile=.coveragerc" in line]
+
+
+@pytest.mark.parametrize("source", ["csrc/bindings.cpp", "csrc/hypergraph/hypergraph.h", "csrc/lora/lora.cpp",
+                                    "csrc/lora/tiles.cuh", "csrc/kernels.cu", "csrc/lora/sm90/gemm.cu"])
+def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source):
+    """`make test` re-runs the set-up (the in-place build of the extension) when a file that setup.py
+    compiles (csrc/**/*.cu, *.cpp) or fingerprints (headers) is newer than the last one: the stamp
+    listed csrc/*/*.cu, csrc/*.cpp and .h files one or two levels down only, so a new csrc/lora/lora.cpp
+    or .cuh header left the old build in place (which the cuda backend then declines as stale)."""
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp",
+                 "csrc/hypergraph/hypergraph.h", source, ".venv/.installed"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))
+    os.utime(tmp_path / ".venv" / ".installed", (1_000_000_100, 1_000_000_100))
+
+    def pending():
+        out = subprocess.run(["make", "-q", "-C", str(tmp_path), "setup"], capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
+        return out.returncode  # -q: 0 up to date, 1 something to do
+
+    assert pending() == 0
+    os.utime(tmp_path / source, (1_000_000_200, 1_000_000_200))
+    assert pending() == 1
+    os.utime(tmp_path / source, (1_000_000_000, 1_000_000_000))
+    os.symlink("someone@host.1234", tmp_path / (source.rsplit("/", 1)[0] + "/.#editing.cu"))  # a lock: no source
+    assert pending() == 0
