@@ -281,6 +281,31 @@ def test_sdist_carries_every_cuda_source(tmp_path):
     assert not sources - shipped, f"missing from the sdist: {sorted(sources - shipped)}"
 
 
+def test_sdist_carries_a_source_of_every_suffix_the_fingerprint_reads(tmp_path):
+    """A .cuh or .hpp header under csrc/ is one of the extension's sources (ace_kernels/_sources.py
+    fingerprints them), so an sdist carries it too: MANIFEST.in listed .h, .cu and .cpp only, and an
+    sdist of a tree with such a header could not compile its sources."""
+    import shutil
+    import tarfile
+
+    from ace_kernels._sources import SUFFIXES
+
+    tree = tmp_path / "tree"
+    for name in ("setup.py", "MANIFEST.in", "requirements.txt", "ace_kernels/__init__.py"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+    sources = {f"csrc/family/source{suffix}" for suffix in SUFFIXES} | {f"csrc/top{suffix}" for suffix in SUFFIXES}
+    for name in sources:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("// a source\n")
+    built = _setup_py(["setup.py", "-q", "sdist", "-d", str(tmp_path)], str(tree), ACE_KERNELS_SKIP_CUDA="1")
+    assert built.returncode == 0, built.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    assert not sources - shipped, f"missing from the sdist: {sorted(sources - shipped)}"
+
+
 def test_wheel_ships_every_package_file_and_the_command(tmp_path):
     """A pure wheel of this checkout holds every tracked file of both packages, the data a run
     reads included (the dispatch order and tuned configurations, the model configs and the
