@@ -143,6 +143,35 @@ def _extension_cut_short() -> str | None:
 
 
 @_run_eagerly
+def _extension_elsewhere() -> str | None:
+    """Why the ace_kernels._C that an import finds (or found) is not this package's (None: it lies in
+    this package's folder, or there is none). An editable install (``pip install -e``) of another
+    checkout adds an import hook that hands that checkout's extension to any copy of ace_kernels
+    without one of its own (a clone or worktree run with the same environment, an unpacked sdist),
+    where it would run as built from this copy's sources."""
+    module = sys.modules.get("ace_kernels._C")
+    if module is not None:
+        path = getattr(module, "__file__", None)
+    else:
+        try:
+            spec = importlib.util.find_spec("ace_kernels._C")
+        except Exception:  # (the import says why)
+            return None
+        path = spec.origin if spec is not None else None
+    if not path:
+        return None
+    found, here = os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.abspath(__file__))
+    try:
+        if found == here or os.path.samefile(found, here):
+            return None
+    except OSError:
+        pass
+    return (f"the CUDA extension ace_kernels._C found at {path} is another copy's, not that of this ace_kernels "
+            f"({here}; an editable install of that copy finds it for others): build this copy's (`pip install "
+            "--no-build-isolation -e .` or `python setup.py build_ext --inplace`) or run that copy")
+
+
+@_run_eagerly
 def _extension_stale() -> str | None:
     """:func:`_other_sources` of the loaded ace_kernels._C."""
     module = sys.modules.get("ace_kernels._C")
@@ -155,6 +184,9 @@ def _extension():
     short = _extension_cut_short()
     if short:
         return None, f"the CUDA extension ace_kernels._C is not loaded: {short}"
+    elsewhere = _extension_elsewhere()
+    if elsewhere:
+        return None, elsewhere
     try:
         from ace_kernels import _C  # type: ignore[attr-defined]
     except Exception as exc:

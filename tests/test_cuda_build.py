@@ -22,6 +22,11 @@ def _extension_path():
     spec = importlib.util.find_spec("ace_kernels._C")
     if spec is None or not spec.origin:
         pytest.skip("ace_kernels._C is not built (no nvcc or CUDA torch at install time, or a skipped build)")
+    from ace_kernels import _dispatch
+
+    elsewhere = _dispatch._extension_elsewhere()  # another checkout's build, through its editable install
+    if elsewhere:
+        pytest.skip(elsewhere)
     return spec.origin
 
 

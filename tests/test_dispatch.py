@@ -725,6 +725,49 @@ def test_an_extension_built_from_other_sources_is_declined_in_a_checkout(tmp_pat
     assert _dispatch._extension() == (fake, None)
 
 
+def test_another_copys_extension_is_declined(tmp_path, monkeypatch):
+    """An editable install (``pip install -e``) of one checkout adds an import hook that finds that
+    checkout's ace_kernels._C for any copy of ace_kernels without one of its own (a clone or worktree
+    run with the same environment): the cuda backend ran it as this copy's, checked against that
+    checkout's csrc/, and info reported it loaded. It is declined before it is imported, naming both."""
+    import importlib.abc
+    import importlib.machinery
+
+    from ace_kernels._sources import sources_sha256
+
+    other = tmp_path / "other"
+    (other / "ace_kernels").mkdir(parents=True)
+    (other / "csrc").mkdir()
+    (other / "csrc" / "kernel.cu").write_text("// that checkout's kernels\n")
+    (other / "setup.py").write_text("")
+    (other / "ace_kernels" / "_C.py").write_text(f"SOURCES_SHA256 = {sources_sha256(str(other / 'csrc'))!r}\n"
+                                                 "CUDA_ARCHS = 'sm_90a'\n")
+
+    class EditableFinder(importlib.abc.MetaPathFinder):  # what setuptools' editable finder does for it
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != "ace_kernels._C":
+                return None
+            return importlib.machinery.PathFinder.find_spec(fullname, [str(other / "ace_kernels")])
+
+    monkeypatch.setattr(sys, "meta_path", [EditableFinder(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "ace_kernels._C", raising=False)
+    monkeypatch.delattr(ace_kernels, "_C", raising=False)
+    monkeypatch.setattr(_dispatch, "_ONCE", {})
+    try:
+        module, error = _dispatch._extension()
+        assert module is None and "ace_kernels._C" not in sys.modules, error
+        here = os.path.dirname(os.path.abspath(_dispatch.__file__))
+        assert error == (f"the CUDA extension ace_kernels._C found at {other / 'ace_kernels' / '_C.py'} is another "
+                         f"copy's, not that of this ace_kernels ({here}; an editable install of that copy finds it "
+                         "for others): build this copy's (`pip install --no-build-isolation -e .` or `python setup.py "
+                         "build_ext --inplace`) or run that copy")
+        assert error in _dispatch._global_reasons("cuda") and _dispatch.built_cuda_archs() is None
+    finally:  # the old code imported it
+        if str(getattr(sys.modules.get("ace_kernels._C"), "__file__", "")).startswith(str(other)):
+            del sys.modules["ace_kernels._C"]
+            vars(ace_kernels).pop("_C", None)
+
+
 def test_the_sources_fingerprint_leaves_hidden_files_out(tmp_path):
     """setup.py compiles what glob finds, which skips hidden names: an editor's lock file beside a
     source (Emacs's .#kernel.cu, a link to nowhere) or a hidden folder is not part of the build, and
