@@ -53,7 +53,11 @@ _ONCE: dict = {}
 
 def _once(fn):
     """Cache a no-argument function's result for the process (what ``functools.lru_cache``
-    would do, in a plain dict that ``torch.compile`` reads without warning)."""
+    would do, in a plain dict that ``torch.compile`` reads without warning).
+
+    Under torch.compile the cached function runs eagerly at trace time and its result is taken as a
+    constant (as :func:`_run_eagerly`'s): traced, a first call inside a compiled function guarded on
+    the dict lacking the key, which the replayed store then filled, so the next call recompiled."""
 
     @functools.wraps(fn)
     def cached():
@@ -61,6 +65,7 @@ def _once(fn):
             _ONCE[fn.__name__] = fn()
         return _ONCE[fn.__name__]
 
+    cached._dynamo_marked_constant = True
     return cached
 
 

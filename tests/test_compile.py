@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ace_kernels
-from ace_kernels import _library, contrastive, hypergraph
+from ace_kernels import _dispatch, _library, contrastive, hypergraph
 
 
 def _lora_case(dropout_p: float, backend: str, device="cpu"):
@@ -341,6 +341,26 @@ def test_the_first_call_of_each_op_may_come_inside_fullgraph():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+
+
+@pytest.mark.parametrize("name", ["ace_hypergraph auto", "lora_linear triton"])
+def test_a_first_call_inside_compile_compiles_once(name, monkeypatch):
+    """Backend selection reads process-wide caches (whether triton imports, whether the extension
+    loads). Traced while still empty, they were guarded as empty and filled by the replayed store,
+    so the compiled function's second call, the same inputs, recompiled it (twice the compile time
+    of a whole model); they are now read eagerly at trace time, as constants."""
+    from torch._dynamo.testing import CompileCounter
+
+    if name == "lora_linear triton" and "triton" not in ace_kernels.available_backends():
+        pytest.skip("triton cannot run here")
+    monkeypatch.setattr(_dispatch, "_ONCE", {})  # as in a fresh process
+    torch._dynamo.reset()
+    fn, inputs = _hypergraph_case("auto") if name == "ace_hypergraph auto" else _lora_linear_case(0.0, "triton")
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for _ in range(3):
+        compiled(*inputs)
+    assert counter.frame_count == 1
 
 
 class _Function(torch.nn.Module):
