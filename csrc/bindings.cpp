@@ -56,14 +56,15 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
 }
 
 // t.size(dim) == expected; `what` names the quantity (e.g. "B = src.size(0)").
-void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what) {
-  TORCH_CHECK(t.size(dim) == expected, "argument '", name, "': expected size ", expected, " (", what, ") at dim ", dim,
-              ", got shape ", t.sizes());
+void check_size(const at::Tensor& t, const char* name, int64_t dim, const c10::SymInt& expected,
+                const char* what) {
+  TORCH_CHECK(t.sym_size(dim) == expected, "argument '", name, "': expected size ", expected, " (", what, ") at dim ",
+              dim, ", got shape ", t.sym_sizes());
 }
 
 void check_batch(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(0) <= ace_hg::kMaxBatch, "argument '", name, "': expected a batch of at most ", ace_hg::kMaxBatch,
-              " (size(0)), got shape ", t.sizes());
+  TORCH_CHECK(t.sym_size(0) <= ace_hg::kMaxBatch, "argument '", name, "': expected a batch of at most ",
+              ace_hg::kMaxBatch, " (size(0)), got shape ", t.sym_sizes());
 }
 
 void check_launch(cudaError_t err, const char* what) {
@@ -81,12 +82,12 @@ void check_topk_shapes(const at::Tensor& pn, const at::Tensor& inv_norm, const c
   check_dim(pn, "pn", 3);
   check_dim(inv_norm, "inv_norm", 2);
   check_batch(pn, "pn");
-  const int64_t B = pn.size(0), M = pn.size(1);
-  TORCH_CHECK(inv_norm.size(0) == B && inv_norm.size(1) == M, "argument 'inv_norm': expected shape [", B, ", ", M,
-              "], got ", inv_norm.sizes());
+  const c10::SymInt B = pn.sym_size(0), M = pn.sym_size(1);
+  TORCH_CHECK(inv_norm.sym_size(0) == B && inv_norm.sym_size(1) == M, "argument 'inv_norm': expected shape [", B,
+              ", ", M, "], got ", inv_norm.sym_sizes());
   if (rows.has_value()) {
     check_dim(*rows, "rows", 2);
-    TORCH_CHECK(rows->size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->size(0));
+    TORCH_CHECK(rows->sym_size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->sym_size(0));
   }
   TORCH_CHECK(topk >= 1 && topk <= ace_hg::kMaxTopk && topk < M, "argument 'topk': expected 1 <= topk <= ",
               ace_hg::kMaxTopk, " and topk < M = ", M, ", got ", topk);
@@ -95,12 +96,12 @@ void check_topk_shapes(const at::Tensor& pn, const at::Tensor& inv_norm, const c
 void check_gather_shapes(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
   check_dim(src, "src", 3);
   check_dim(cols, "cols", 3);
-  TORCH_CHECK(weights.sizes() == cols.sizes(), "argument 'weights': expected the shape of 'cols' ", cols.sizes(),
-              ", got ", weights.sizes());
-  check_size(cols, "cols", 0, src.size(0), "B = src.size(0)");
+  TORCH_CHECK(weights.sym_sizes() == cols.sym_sizes(), "argument 'weights': expected the shape of 'cols' ",
+              cols.sym_sizes(), ", got ", weights.sym_sizes());
+  check_size(cols, "cols", 0, src.sym_size(0), "B = src.size(0)");
   check_batch(src, "src");
-  TORCH_CHECK(cols.size(2) <= ace_hg::kMaxSlots, "argument 'cols': expected at most ", ace_hg::kMaxSlots,
-              " slots per row (size(2)), got shape ", cols.sizes());
+  TORCH_CHECK(cols.sym_size(2) <= ace_hg::kMaxSlots, "argument 'cols': expected at most ", ace_hg::kMaxSlots,
+              " slots per row (size(2)), got shape ", cols.sym_sizes());
 }
 
 // The kernel reads weights_flat[b, perm[b, j]] for j in row_ptr[b, r]..row_ptr[b, r + 1] and
@@ -114,19 +115,19 @@ void check_scatter_shapes(const at::Tensor& src, const at::Tensor& weights_flat,
   check_batch(src, "src");
   TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
   TORCH_CHECK(num_rows >= 0, "argument 'num_rows': expected >= 0, got ", num_rows);
-  TORCH_CHECK(row_ptr.size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
-              row_ptr.size(1));
-  TORCH_CHECK(weights_flat.size(1) == src.size(1) * slots, "argument 'weights_flat': expected ",
-              src.size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.size(1));
-  TORCH_CHECK(perm.size(1) == weights_flat.size(1), "argument 'perm': expected ", weights_flat.size(1),
-              " columns (as weights_flat), got ", perm.size(1));
+  TORCH_CHECK(row_ptr.sym_size(1) == num_rows + 1, "argument 'row_ptr': expected ", num_rows + 1, " columns, got ",
+              row_ptr.sym_size(1));
+  TORCH_CHECK(weights_flat.sym_size(1) == src.sym_size(1) * slots, "argument 'weights_flat': expected ",
+              src.sym_size(1) * slots, " columns (src.size(1) * slots), got ", weights_flat.sym_size(1));
+  TORCH_CHECK(perm.sym_size(1) == weights_flat.sym_size(1), "argument 'perm': expected ", weights_flat.sym_size(1),
+              " columns (as weights_flat), got ", perm.sym_size(1));
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
-    check_size(t, name, 0, src.size(0), "B = src.size(0)");
+    check_size(t, name, 0, src.sym_size(0), "B = src.size(0)");
     // The kernel walks these rows with unit steps; the fake kernel refuses what the device one does.
     // A row of one element has no step (torch calls it contiguous whatever its stride).
-    TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "argument '", name, "': expected unit stride at dim 1, got ",
-                t.stride(1));
+    TORCH_CHECK(t.sym_size(1) <= 1 || t.sym_stride(1) == 1, "argument '", name,
+                "': expected unit stride at dim 1, got ", t.sym_stride(1));
   }
 }
 
@@ -135,10 +136,10 @@ void check_entry_dot_shapes(const at::Tensor& a, const at::Tensor& b, const at::
   check_dim(b, "b", 3);
   check_dim(cols, "cols", 3);
   check_batch(a, "a");
-  check_size(b, "b", 0, a.size(0), "B = a.size(0)");
-  check_size(b, "b", 2, a.size(2), "D = a.size(2)");
-  check_size(cols, "cols", 0, a.size(0), "B = a.size(0)");
-  check_size(cols, "cols", 1, a.size(1), "Q = a.size(1)");
+  check_size(b, "b", 0, a.sym_size(0), "B = a.size(0)");
+  check_size(b, "b", 2, a.sym_size(2), "D = a.size(2)");
+  check_size(cols, "cols", 0, a.sym_size(0), "B = a.size(0)");
+  check_size(cols, "cols", 1, a.sym_size(1), "Q = a.size(1)");
 }
 
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const at::Tensor& inv_norm,
@@ -233,29 +234,31 @@ at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   return out;
 }
 
-// Shape-only versions for fake tensors (torch.compile, opcheck), with the kernels' shape checks.
+// Shape-only versions for fake tensors (torch.compile, opcheck), with the kernels' shape checks. Sizes are
+// read as SymInts (sym_size, empty_symint), here and in the checks: size() specialised every dimension of a
+// symbolic tensor to its traced value, so a dynamic batch recompiled at each size (mark_dynamic: an error).
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_meta(const at::Tensor& pn, const at::Tensor& inv_norm,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
   check_topk_shapes(pn, inv_norm, rows, topk);
-  const int64_t R = rows.has_value() ? rows->size(1) : pn.size(1);
-  return {at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kLong)),
-          at::empty({pn.size(0), R, topk}, pn.options().dtype(at::kFloat))};
+  const c10::SymInt R = rows.has_value() ? rows->sym_size(1) : pn.sym_size(1);
+  return {at::empty_symint({pn.sym_size(0), R, c10::SymInt(topk)}, pn.options().dtype(at::kLong)),
+          at::empty_symint({pn.sym_size(0), R, c10::SymInt(topk)}, pn.options().dtype(at::kFloat))};
 }
 
 at::Tensor hg_gather_sum_meta(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
   check_gather_shapes(src, cols, weights);
-  return at::empty({src.size(0), cols.size(1), src.size(2)}, src.options().dtype(at::kFloat));
+  return at::empty_symint({src.sym_size(0), cols.sym_size(1), src.sym_size(2)}, src.options().dtype(at::kFloat));
 }
 
 at::Tensor hg_scatter_sum_csr_meta(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
   check_scatter_shapes(src, weights_flat, row_ptr, perm, num_rows, slots);
-  return at::empty({src.size(0), num_rows, src.size(2)}, src.options().dtype(at::kFloat));
+  return at::empty_symint({src.sym_size(0), c10::SymInt(num_rows), src.sym_size(2)}, src.options().dtype(at::kFloat));
 }
 
 at::Tensor hg_entry_dot_meta(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
   check_entry_dot_shapes(a, b, cols);
-  return at::empty({a.size(0), a.size(1), cols.size(2)}, a.options().dtype(at::kFloat));
+  return at::empty_symint({a.sym_size(0), a.sym_size(1), cols.sym_size(2)}, a.options().dtype(at::kFloat));
 }
 
 }  // namespace

@@ -265,6 +265,38 @@ def test_ops_refuse_what_the_kernels_cannot_take_naming_the_argument():
         ops.hg_topk_incidence(torch.zeros(2, 9, 40), torch.zeros(2, 9), None, 5)
 
 
+def test_meta_kernels_keep_a_symbolic_batch():
+    """The meta kernels and the shape checks they share read sizes with size(), which specialised every
+    dimension of a symbolic tensor to its traced value: torch.compile with a dynamic batch (auto runs the cuda
+    backend of ace_hypergraph on the H200) recompiled at each batch size, and mark_dynamic or export's Dim
+    raised. Traced with symbolic shapes (fake CPU tensors reach the meta kernels), the batch stays a symbol."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils._pytree import tree_leaves
+
+    _extension_path()
+    import ace_kernels._C  # noqa: F401 (registers the ops)
+    from ace_kernels import hypergraph
+
+    ops = torch.ops.ace_kernels
+    g = torch.Generator().manual_seed(8)
+    pn, inv_norm = torch.randn(2, 10, 16, generator=g), torch.rand(2, 10, generator=g) + 0.5
+    src, cols, weights = torch.randn(2, 4, 16), torch.randint(0, 10, (2, 4, 5), generator=g), torch.rand(2, 4, 5)
+    row_ptr, perm = hypergraph._transpose_csr(cols, 10)
+    cases = {
+        "hg_topk_incidence": (lambda pn, inv_norm: ops.hg_topk_incidence(pn, inv_norm, None, 3), (pn, inv_norm)),
+        "hg_gather_sum": (ops.hg_gather_sum, (pn, cols, weights)),
+        "hg_scatter_sum_csr": (lambda *args: ops.hg_scatter_sum_csr(*args, 10, 5),
+                               (src, weights.reshape(2, 20), row_ptr, perm)),
+        "hg_entry_dot": (ops.hg_entry_dot, (src, pn, cols)),
+    }
+    for name, (fn, args) in cases.items():
+        graph = make_fx(fn, tracing_mode="symbolic")(*args).graph
+        nodes = [n for n in graph.nodes if n.op == "placeholder"]
+        nodes += tree_leaves([n.args[0] for n in graph.nodes if n.op == "output"])
+        for node in nodes:
+            shape = node.meta["val"].shape
+            assert isinstance(shape[0], torch.SymInt), f"{name}: {node.name}'s batch specialised, shape {shape}"
+
 def _sdist_names(tmp_path) -> set[str]:
     """The paths an sdist of this checkout holds, relative to its top folder."""
     import tarfile
