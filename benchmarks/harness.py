@@ -955,15 +955,18 @@ def remove_temp_files_of(path: str, pid: int) -> None:
     has ended: one killed while it wrote (a family's process at the suite's time budget) leaves its temp
     file beside ``path``, where nothing else would ever remove it. Only that process's names are matched."""
     directory, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(rf"^\.{re.escape(name)}\.{int(pid)}\.[0-9a-f]{{8}}\.tmp$")
+    for entry in _names_matching(directory, rf"^\.{re.escape(name)}\.{int(pid)}\.[0-9a-f]{{8}}\.tmp$"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry)
+
+
+def _names_matching(directory: str, pattern: str) -> list[str]:
+    """The paths of the entries of ``directory`` whose names match ``pattern`` (none where it cannot be read)."""
     try:
         names = os.listdir(directory)
     except OSError:
-        return
-    for entry in names:
-        if pattern.match(entry):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, entry))
+        return []
+    return [os.path.join(directory, entry) for entry in names if re.match(pattern, entry)]
 
 
 def temp_dir(what: str) -> tempfile.TemporaryDirectory:
@@ -977,15 +980,8 @@ def temp_dir(what: str) -> tempfile.TemporaryDirectory:
 def remove_temp_dirs_of(pid: int) -> None:
     """Remove the directories :func:`temp_dir` made in process ``pid``, once that process has ended
     (only that process's names are matched)."""
-    root = tempfile.gettempdir()
-    pattern = re.compile(rf"^ace-bench-[a-z]+-{int(pid)}-[^/]+$")
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for entry in names:
-        path = os.path.join(root, entry)
-        if pattern.match(entry) and os.path.isdir(path) and not os.path.islink(path):
+    for path in _names_matching(tempfile.gettempdir(), rf"^ace-bench-[a-z]+-{int(pid)}-[^/]+$"):
+        if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -266,13 +266,7 @@ def test_reference_code_text_attention_is_the_published_codes(tiny_model):
     token_ids = model.tokenizer()(["a chest x-ray", "edema and effusion are seen in both lungs here"])
     with torch.no_grad():
         tokens, row = model.text_tokens(token_ids)
-    bert = copy.deepcopy(model.text_transformer)
-    for layer, lora in zip(bert.encoder.layer, model.text_lora):
-        attention = layer.attention.self
-        for p, linear in enumerate((attention.query, attention.key, attention.value)):
-            with torch.no_grad():
-                linear.weight += lora.scaling * lora.lora_b[p] @ lora.lora_a[p]
-    bert.config._attn_implementation = "eager"
+    bert = _eager_bert_with_lora_folded(model)
     with torch.no_grad():
         out = bert(input_ids=token_ids, attention_mask=(token_ids != model.pad_token_id).long(), output_attentions=True)
     want = out.attentions[-1].mean(dim=1)[:, 0, 1:]
@@ -428,6 +422,19 @@ def test_an_all_padding_text_row_stays_finite_with_the_published_codes_row(tiny_
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.trainable_parameters())
 
 
+def _eager_bert_with_lora_folded(model):
+    """A copy of the text tower's transformers BERT with each layer's q/k/v LoRA folded into its weights
+    (W + s B A), run by transformers' eager attention: the towers' own forward, as an oracle."""
+    bert = copy.deepcopy(model.text_transformer)
+    for layer, lora in zip(bert.encoder.layer, model.text_lora):
+        attention = layer.attention.self
+        for p, linear in enumerate((attention.query, attention.key, attention.value)):
+            with torch.no_grad():
+                linear.weight += lora.scaling * lora.lora_b[p] @ lora.lora_a[p]
+    bert.config._attn_implementation = "eager"
+    return bert
+
+
 @pytest.mark.parametrize("text_attention", TEXT_ATTENTION)
 def test_a_text_row_of_padding_only_attends_as_berts_own_forward(tiny_model, text_attention):
     """Token ids of padding only (pad id 0 throughout; the tokenizer never writes them, a caller's ids may):
@@ -439,13 +446,7 @@ def test_a_text_row_of_padding_only_attends_as_berts_own_forward(tiny_model, tex
     model.text_attention = text_attention
     token_ids = model.tokenizer()(["edema", "effusion"])
     token_ids[1] = model.pad_token_id
-    bert = copy.deepcopy(model.text_transformer)
-    for layer, lora in zip(bert.encoder.layer, model.text_lora):
-        attention = layer.attention.self
-        for p, linear in enumerate((attention.query, attention.key, attention.value)):
-            with torch.no_grad():
-                linear.weight += lora.scaling * lora.lora_b[p] @ lora.lora_a[p]
-    bert.config._attn_implementation = "eager"
+    bert = _eager_bert_with_lora_folded(model)
     with torch.no_grad():
         tokens, _ = model.text_tokens(token_ids)
         out = bert(input_ids=token_ids, attention_mask=(token_ids != model.pad_token_id).long())
