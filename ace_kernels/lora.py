@@ -998,7 +998,7 @@ def _lora_grad_b(grad_y: torch.Tensor, s_cols: torch.Tensor, projections: int, r
                  scaling: float) -> torch.Tensor:
     """dB_p = scaling * dY_p^T S_p for every projection, one product batched over a view of dY: [P, out, r].
     ``grad_y`` [M, P*out] contiguous; ``s_cols`` [M, >= P*r] starts with S's P*r columns (x_cat's tail, a
-    view of it or the copy the Function keeps when dB alone is wanted: the same product either way)."""
+    view of it, or the copy of S's columns the Function keeps when dB alone is wanted: the same product)."""
     rows = grad_y.shape[0]
     grad_y3 = grad_y.view(rows, projections, grad_y.shape[1] // projections)
     s_act = s_cols[:, :projections * rank].view(rows, projections, rank)
@@ -1007,7 +1007,7 @@ def _lora_grad_b(grad_y: torch.Tensor, s_cols: torch.Tensor, projections: int, r
 
 class _LoraTritonFunction(torch.autograd.Function):
     """LoRA for P stacked projections; saves x_cat = [x | S | 0] (in x's dtype) and the seed only, or a copy
-    of its tail [S | 0] alone when dB alone is wanted."""
+    of its S columns alone when dB alone is wanted."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
@@ -1024,9 +1024,10 @@ class _LoraTritonFunction(torch.autograd.Function):
             # For the saved-bytes hook: x's share of x_cat, and the rest (S, the pad, the seed).
             side["saved"] = (x2d, (x_cat[:, x2d.shape[1]:], seed))
         else:
-            # dB alone reads S only (as the torch backend keeps it): a copy of x_cat's tail [S | pad] is
-            # saved, and x_cat itself, A, B and the seed are not.
-            s_tail = x_cat[:, x2d.shape[1]:].clone() if need_b else None
+            # dB alone reads S only (as the torch backend keeps it): a copy of x_cat's S columns is saved (not
+            # the pad after them, up to 7 more columns a row), and x_cat itself, A, B and the seed are not.
+            s_cols = x2d.shape[1] + lora_a3.shape[0] * lora_a3.shape[1]
+            s_tail = x_cat[:, x2d.shape[1]:s_cols].clone() if need_b else None
             ctx.save_for_backward(s_tail, None, None, None, None)
             side["saved"] = (None, (s_tail,))
         ctx.shape = tuple(lora_a3.shape)
@@ -1040,7 +1041,7 @@ class _LoraTritonFunction(torch.autograd.Function):
     @_library.kernel_backward("lora_qkv/lora_linear (backend 'triton'): second derivatives (create_graph=True) "
                               "are not supported by the Triton kernels; use backend='torch'")
     def backward(ctx, grad_y):
-        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors  # x_cat: the copy of its tail for dB alone
+        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors  # x_cat: the copy of S's columns for dB alone
         projections, rank, in_features = ctx.shape
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         # The products and the kernel need dY in the inputs' dtype (autocast can hand back another).

@@ -366,9 +366,11 @@ def test_triton_saves_s_alone_when_only_b_trains(op, device):
         with lora_module.saved_activation_bytes() as record:
             measured, (outputs, _) = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
         kept, _ = saved_storages(lambda: call_op(case, inputs, "triton"))
-    tail = 8  # x_cat [x | S | 0] is 24 columns (16 + 6 or 16 + 2, rounded up to 8): S and the pad after x
-    assert measured == 10 * tail * 4
-    assert record == [{"backend": "triton", "total": 10 * tail * 4, "x": 0, "extra": 10 * tail * 4}]
+    # S's columns alone (3 * 2 or 2), not the pad after them in x_cat = [x | S | 0] (24 columns: 16 + 6 or 16 + 2,
+    # rounded up to 8), which was kept too (8 columns a row, 4x S for the linear).
+    s_cols = 6 if op == "qkv" else 2
+    assert measured == 10 * s_cols * 4
+    assert record == [{"backend": "triton", "total": 10 * s_cols * 4, "x": 0, "extra": 10 * s_cols * 4}]
     assert not kept & {t.untyped_storage().data_ptr() for t in inputs if t is not None}
     # Bit for bit the outputs and dB of the same call with A trained too (x_cat kept, the launcher's dB).
     grads_out = [torch.randn_like(o) for o in outputs]
