@@ -33,8 +33,9 @@ Backends
     the weight instead (``W + scaling * B A``, one small batched product) and the call is
     one GEMM; in float16, where a merged element could overflow, the term is added unmerged
     (``x W^T + b + scaling * S Bbd^T``, three GEMMs, ``scaling`` applied in fp32). ``W`` and ``b``
-    are treated as frozen: when either requires grad with grad mode on this backend declines the call
-    (``auto`` falls back to ``torch``; ``backend="triton"`` raises ``RuntimeError`` saying why).
+    are treated as frozen: when either requires grad this backend declines the call, except in
+    evaluation with grad mode off (``auto`` falls back to ``torch``; ``backend="triton"``
+    raises ``RuntimeError`` saying why).
     It declines too for ``dropout_p`` above 0.999237 (``1 - 2**-17 / 0.01``) in training,
     where the rounding of its 16-bit keep threshold (up to 2**-17) can be more than 1% of
     ``1 - dropout_p``; for P*r > 64 (``lora_qkv``: rank at most 21, ``lora_linear``: 64);
@@ -1068,8 +1069,11 @@ def _triton_reasons(x, weight, bias, lora_a, lora_b, scaling, dropout_p, trainin
         reasons.append(f"triton failed to import ({_TRITON_IMPORT_ERROR})")
     if x.dtype not in _TRITON_DTYPES:
         reasons.append(f"the fused kernels take float16, bfloat16 or float32, got {str(x.dtype).replace('torch.', '')}")
-    # Under torch.no_grad / inference_mode no gradient is recorded: a trainable base is as good as frozen there.
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+    # Evaluating under torch.no_grad / inference_mode records no gradient: a trainable base is as good as frozen
+    # there. Not in training mode: a first pass without a graph (a reentrant checkpoint, a chunked step) must take
+    # the backend its recomputation with one takes (its dropout mask, its rounding).
+    if ((training or torch.is_grad_enabled())
+            and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         reasons.append("weight/bias require grad, but the fused kernels treat the base layer as frozen "
                        "(use backend='torch' to train it)")
     reasons += _dispatch.interpreter_bf16_reasons(x.dtype)

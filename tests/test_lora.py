@@ -986,11 +986,11 @@ def test_triton_declines_trainable_base(trainable, device):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("training", [False, True])
-def test_triton_runs_a_trainable_base_without_grad_mode(training, device):
+def test_triton_runs_a_trainable_base_without_grad_mode(device):
     # Under torch.no_grad nothing is differentiated: a base layer left trainable (nn.Linear's default) was
-    # refused all the same, with "use backend='torch' to train it", and 'auto' silently took the torch backend.
-    case = Case("no_grad_base", "qkv", (4,), 8, 3, 2, dropout_p=0.3, training=training, base_grads=True)
+    # refused all the same in evaluation, with "use backend='torch' to train it", and 'auto' took the torch
+    # backend. (Declined in training mode: see test_triton_declines_a_trainable_base_in_training_mode_with_or_...)
+    case = Case("no_grad_base", "qkv", (4,), 8, 3, 2, dropout_p=0.3, training=False, base_grads=True)
     inputs = make_inputs(case, torch.float32, device)
     with torch.no_grad():
         outputs, mask = call_op(case, inputs, "triton")
@@ -998,6 +998,51 @@ def test_triton_runs_a_trainable_base_without_grad_mode(training, device):
     for got, expected in zip(outputs, want):
         assert not got.requires_grad
         torch.testing.assert_close(got.double(), expected.detach(), rtol=TRITON_RTOL, atol=TRITON_ATOL)
+
+
+@pytest.mark.triton
+@pytest.mark.interpreter
+def test_triton_declines_a_trainable_base_in_training_mode_with_or_without_grad(monkeypatch):
+    # A first pass without a graph and its recomputation with one (a reentrant checkpoint, a chunked step) must
+    # take the same backend: with the base's grad check skipped under torch.no_grad, 'auto' ran the first pass
+    # on triton (its Philox dropout mask) and the recomputation on torch (another mask), so the output returned
+    # was not the one differentiated (loss and gradients of two different dropout draws).
+    from torch.utils.checkpoint import checkpoint
+
+    from ace_kernels import _dispatch
+
+    select = _dispatch.select
+
+    def as_on_a_gpu(op, backend, tensors, args=(), kwargs=None, variant=None):
+        # 'auto' as on a GPU (triton first where it can run), which never takes the interpreter on its own.
+        if backend == "auto" and not _dispatch.reasons_for(op, "triton", tensors, args, kwargs):
+            backend = "triton"
+        return select(op, backend, tensors, args, kwargs, variant=variant)
+
+    monkeypatch.setattr(_dispatch, "select", as_on_a_gpu)
+    case = Case("ckpt_base", "linear", (6,), 8, 4, 2, dropout_p=0.5, base_grads=True)
+    inputs = make_inputs(case, torch.float32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="frozen"):
+        ace_kernels.lora_linear(*inputs, scaling=0.5, dropout_p=0.5, training=True, backend="triton")
+
+    def op(x):
+        return ace_kernels.lora_linear(x, *inputs[1:], scaling=0.5, dropout_p=0.5, training=True)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        plain = op(inputs[0])
+        torch.manual_seed(3)
+        kept = checkpoint(op, inputs[0], use_reentrant=True)
+    assert torch.equal(kept, plain)
+    grad_out = torch.randn_like(plain)
+    grads = []
+    for out in (kept, plain):  # (a reentrant checkpoint's backward fills .grad: no torch.autograd.grad)
+        out.backward(grad_out)
+        grads.append([t.grad for t in inputs if t is not None and t.requires_grad])
+        for t in inputs:
+            if t is not None:
+                t.grad = None
+    assert len(grads[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*grads))  # x, W, b, A, B
 
 
 @pytest.mark.parametrize("op,rank,declined", [("qkv", 21, False), ("qkv", 22, True), ("qkv", 64, True),
