@@ -2504,9 +2504,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     measure.add_argument("--steps", type=int, default=1)
     measure.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = parser.parse_args(argv)
-    for flag, least in (("batch", 1), ("steps", 1), ("threads", 1)):
-        if getattr(args, flag) < least:  # (--steps 0 divided by zero after building the model)
-            parser.error(f"argument --{flag}: expected >= {least}, got {getattr(args, flag)}")
+    for flag, least in (("batch", 1), ("steps", 1), ("threads", 1), ("chunk_size", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < least:  # (--steps 0 divided by zero after building the model)
+            parser.error(f"argument --{flag.replace('_', '-')}: expected >= {least}, got {value}")
     result = _measure_in_this_process(args.batch, args.chunk_size, args.model, args.seed, args.threads,
                                       args.device, args.steps, args.precision)
     print(json.dumps(result))

@@ -2676,11 +2676,11 @@ def test_a_failed_measurement_says_what_its_process_wrote(monkeypatch):
     assert ran[0][ran[0].index("--chunk-size") + 1] == "2" and ran[0][ran[0].index("--model") + 1] == "none"
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--batch", "--threads"])
+@pytest.mark.parametrize("flag", ["--steps", "--batch", "--threads", "--chunk-size"])
 def test_the_measuring_command_refuses_counts_below_one_naming_the_flag(flag, monkeypatch, capsys):
     # --steps 0 built the model, then divided by zero.
     monkeypatch.setattr(training, "_measure_in_this_process", lambda *a: pytest.fail("measured"))
-    argv = ["measure", "--batch", "2", "--steps", "1", "--threads", "1"]
+    argv = ["measure", "--batch", "2", "--steps", "1", "--threads", "1", "--chunk-size", "1"]
     argv[argv.index(flag) + 1] = "0"
     with pytest.raises(SystemExit) as info:
         training._main(argv)
