@@ -291,10 +291,10 @@ def _down_projection(x2d, lora_a3, keep, keep_prob):
     s_act = s_act.mul_(1.0 / keep_prob) if _library.in_place_ok() else s_act * (1.0 / keep_prob)
     rows = x2d.shape[0]
     s_flat = s_act.transpose(0, 1).reshape(rows, projections * rank)
-    # With one projection, or at most one row, that reshape is a view of s_act (P > 1 projections of
-    # M > 1 rows copy): a view of an intermediate must not be saved or returned by the Function, which
-    # torch.compile refuses (an InternalTorchDynamoError at M = 1 for lora_qkv; [M, P*r]: cheap).
-    return s_flat.clone() if projections == 1 or rows <= 1 else s_flat
+    # With one projection, at most one row or rank 1, that reshape is a view of s_act (P > 1 projections
+    # of M > 1 rows at r > 1 copy): a view of an intermediate must not be saved or returned by the Function,
+    # which torch.compile refuses (an InternalTorchDynamoError for lora_qkv; [M, P*r]: cheap).
+    return s_flat.clone() if projections == 1 or rows <= 1 or rank == 1 else s_flat
 
 
 class _LoraTorchFunction(torch.autograd.Function):

@@ -121,22 +121,24 @@ def test_fullgraph_aot_eager_matches_eager_exactly(name, backend):
     _assert_aot_eager_exact(*CASES[name](backend))
 
 
-@pytest.mark.parametrize("rows", [1, 0])
-def test_lora_qkv_dropout_on_at_most_one_row_compiles(rows):
+@pytest.mark.parametrize("rows, rank", [(1, 4), (0, 4), (3, 1)])
+def test_lora_qkv_dropout_compiles_where_s_is_a_view(rows, rank):
     """The torch backend's S with dropout is a reshape of the stacked per-projection products, a copy for
-    q/k/v but a view of them at M <= 1 rows: the Function saved a view of an intermediate, which Dynamo
-    refused (InternalTorchDynamoError "'s_flat' ... aliases an input or output") for one token's q/k/v."""
+    q/k/v but a view of them at M <= 1 rows or rank 1: the Function saved a view of an intermediate, which
+    Dynamo refused (InternalTorchDynamoError "'s_flat' ... aliases an input or output") for one token's q/k/v
+    and for a rank-1 LoRA at any batch."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(rows, 1, 40, generator=g).requires_grad_()
     w, b = torch.randn(3 * 24, 40, generator=g), torch.randn(3 * 24, generator=g)
-    a = (0.1 * torch.randn(3, 4, 40, generator=g)).requires_grad_()
-    bb = (0.1 * torch.randn(3, 24, 4, generator=g)).requires_grad_()
+    a = (0.1 * torch.randn(3, rank, 40, generator=g)).requires_grad_()
+    bb = (0.1 * torch.randn(3, 24, rank, generator=g)).requires_grad_()
 
     def fn(x, a, bb):
         q, k, v = ace_kernels.lora_qkv(x, w, b, a, bb, scaling=0.5, dropout_p=0.3, training=True, backend="torch")
         return (q * k + v).sum()
 
     _assert_aot_eager_exact(fn, (x, a, bb))
+
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_hypergraph_full_output_of_the_torch_backend_runs_eagerly_under_compile(backend):
