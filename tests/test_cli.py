@@ -70,7 +70,6 @@ def test_auroc_edge_cases():
     assert macro_auroc(scores, targets) == pytest.approx(expected)
 
 
-
 def test_auroc_refuses_nan_scores_and_ranks_infinities():
     # A NaN has no rank: argsort put it last, so it counted as the highest score (1.0 here, not an error).
     with pytest.raises(ValueError, match=r"binary_auroc: 1 of 4 scores are NaN"):
@@ -90,6 +89,7 @@ def test_per_class_auroc_refuses_scores_and_targets_of_other_shapes():
         macro_auroc(scores, targets)
     with pytest.raises(ValueError, match=r"scores \(3,\) and targets \(3,\)"):  # was an IndexError
         per_class_auroc(scores[:, 0], targets[:, 0])
+
 
 def test_metrics_per_task():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]])
@@ -216,7 +216,6 @@ def test_evaluate_checks_the_label_columns_before_encoding(tiny, synthetic, monk
         evaluate(tiny, dataset, ["edema", "effusion"], "multilabel")
 
 
-
 def test_evaluate_refuses_class_names_in_another_order_than_the_label_columns(tiny, synthetic, monkeypatch):
     """Scores column j is class_names[j], the labels' column j the dataset's j-th label column: class names
     given in another order scored each class against another class's labels, with plausible metrics."""
@@ -229,6 +228,7 @@ def test_evaluate_refuses_class_names_in_another_order_than_the_label_columns(ti
     with pytest.raises(ValueError, match=rf"^argument 'class_names': {classes[1]!r} is class 1 but label column 2 "
                                          rf"of the dataset \(label columns: "):
         evaluate(tiny, dataset, swapped, "multiclass")
+
 
 def test_evaluate_checks_the_binary_class_count_before_encoding(tiny, synthetic, monkeypatch):
     """binary scores [negative, positive]: more class names is an error before any image is

@@ -361,7 +361,6 @@ def test_the_first_call_of_each_op_may_come_inside_fullgraph():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-
 @pytest.mark.parametrize("name", ["ace_hypergraph auto", "lora_linear triton"])
 def test_a_first_call_inside_compile_compiles_once(name, monkeypatch):
     """Backend selection reads process-wide caches (whether triton imports, whether the extension

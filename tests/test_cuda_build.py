@@ -297,6 +297,7 @@ def test_meta_kernels_keep_a_symbolic_batch():
             shape = node.meta["val"].shape
             assert isinstance(shape[0], torch.SymInt), f"{name}: {node.name}'s batch specialised, shape {shape}"
 
+
 def _sdist_names(tmp_path) -> set[str]:
     """The paths an sdist of this checkout holds, relative to its top folder."""
     import tarfile
