@@ -1143,14 +1143,7 @@ def _remove_stale_temp_files(out_dir: Path) -> None:
         if directory.is_dir():
             for name in os.listdir(directory):
                 if pattern.match(name):
-                    try:
-                        os.unlink(directory / name)
-                    except FileNotFoundError:
-                        pass
-                    except OSError as exc:
-                        warnings.warn(f"could not delete {str(directory / name)!r}, the temp file of a write that "
-                                      f"was interrupted ({exc.strerror or exc}); it is left in place (delete it by "
-                                      "hand)", UserWarning, stacklevel=2)
+                    _unlink_or_warn(directory / name, "the temp file of a write that was interrupted")
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | None, keep: int,
@@ -1182,17 +1175,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, model: nn.Module | N
                                                        "run": state.get("run_id")}) + "\n")
     for old in pruned:
         for name in _checkpoint_names(old):
-            try:
-                os.unlink(ckpt_dir / name)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                # The new checkpoint is complete and named by latest: a file that cannot go (its
-                # folder made read-only, a file system that refuses) is left, and the run goes on.
-                warnings.warn(f"could not delete the pruned checkpoint {str(ckpt_dir / name)!r} "
-                              f"({exc.strerror or exc}); it is left in place (delete it by hand)",
-                              UserWarning, stacklevel=2)
+            # The new checkpoint is complete and named by latest: a file that cannot go (its folder
+            # made read-only, a file system that refuses) is left, and the run goes on.
+            _unlink_or_warn(ckpt_dir / name, "a pruned checkpoint")
     return ckpt_dir / state_name
+
+
+def _unlink_or_warn(path: Path, what: str) -> None:
+    """Delete ``path`` (gone already: fine); one that cannot be deleted is left, with a warning naming it
+    as ``what``: no reason to stop a run whose own files are safe."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        warnings.warn(f"could not delete {str(path)!r}, {what} ({exc.strerror or exc}); it is left in place "
+                      "(delete it by hand)", UserWarning, stacklevel=3)
 
 
 def _resumed_checkpoint_steps(state: dict, state_path: Path, ckpt_dir: Path) -> list[int]:
