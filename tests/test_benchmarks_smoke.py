@@ -823,15 +823,25 @@ def test_a_named_run_removes_the_png_an_earlier_run_of_that_name_left(tmp_path):
     assert not stale.exists()
 
 
+def _run_family_script(monkeypatch, tmp_path, family, script):
+    """The suite's family process for ``family`` running ``script`` (python -c) in its place, with its
+    results file run.json in ``tmp_path``; its status."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    monkeypatch.setattr(suite_module, "_worker_command", lambda *a, **k: [sys.executable, "-c", script])
+    return suite_module._run_family_process(SimpleNamespace(deadline=None), family,
+                                            SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
+                                            per_call=1.0, providers=None, compile_baselines=False, grace=1.0,
+                                            idle=0)
+
+
 def test_a_family_process_killed_while_saving_leaves_no_temp_file(tmp_path, monkeypatch):
     """A family's process killed in the middle of its save (the suite kills it at the time budget) left
     its temp file (.<stem>.json.<pid>.<hex>.tmp) in the results folder for good, one more each time, not
     ignored by git. Once the process has ended the suite removes the temp files of that process's pid,
     and only those (another process's, a file of the user's stay)."""
-    from types import SimpleNamespace
-
-    from benchmarks import suite as suite_module
-
     json_path = tmp_path / "run.json"
     json_path.write_text("{}\n")
     others = [tmp_path / ".run.json.1.0123abcd.tmp", tmp_path / ".run.json.tmp", tmp_path / "notes.tmp"]
@@ -840,11 +850,7 @@ def test_a_family_process_killed_while_saving_leaves_no_temp_file(tmp_path, monk
     script = ("import os, signal\nfrom benchmarks import harness\n"
               f"harness._replace_file({str(json_path)!r}, lambda handle: (handle.write('{{\"rows'), handle.flush(), "
               "os.kill(os.getpid(), signal.SIGKILL)))\n")
-    monkeypatch.setattr(suite_module, "_worker_command", lambda *a, **k: [sys.executable, "-c", script])
-    status = suite_module._run_family_process(SimpleNamespace(deadline=None), "lora",
-                                              SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
-                                              per_call=1.0, providers=None, compile_baselines=False, grace=1.0,
-                                              idle=0)
+    status = _run_family_script(monkeypatch, tmp_path, "lora", script)
     assert status["outcome"] == "died of SIGKILL", status
     assert json_path.read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.json", *(p.name for p in others)])
@@ -857,10 +863,6 @@ def test_a_family_process_killed_in_an_item_leaves_no_temp_dir(tmp_path, monkeyp
     Once the process has ended the suite removes the directories of that process's pid (harness.temp_dir),
     and only those."""
     import tempfile
-    from types import SimpleNamespace
-
-    from benchmarks import suite as suite_module
-
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     others = [tmp_path / "ace-bench-demo-1-0123abcd", tmp_path / "ace-lora-demo-x", tmp_path / "mine"]
@@ -870,11 +872,7 @@ def test_a_family_process_killed_in_an_item_leaves_no_temp_dir(tmp_path, monkeyp
               "held = [harness.temp_dir(what) for what in ('demo', 'dist')]\n"
               "for held_dir in held:\n    os.mkdir(os.path.join(held_dir.name, 'summary'))\n"
               "os.kill(os.getpid(), signal.SIGKILL)\n")
-    monkeypatch.setattr(suite_module, "_worker_command", lambda *a, **k: [sys.executable, "-c", script])
-    status = suite_module._run_family_process(SimpleNamespace(deadline=None), "model",
-                                              SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
-                                              per_call=1.0, providers=None, compile_baselines=False, grace=1.0,
-                                              idle=0)
+    status = _run_family_script(monkeypatch, tmp_path, "model", script)
     assert status["outcome"] == "died of SIGKILL", status
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
 

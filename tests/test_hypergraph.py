@@ -498,6 +498,16 @@ def _hook_cases():
             (r"node_adapter.up has a forward pre-hook \(L1Unstructured\).*prune.remove", pruned)]
 
 
+def _assert_module_and_functional_raise(module, x, c, match):
+    """``module`` (an ACEHypergraph of topk 3) and the functional on its adapters raise a ValueError matching
+    ``match``, for the full output and for cls_only."""
+    for cls_only in (False, True):
+        with pytest.raises(ValueError, match=match):
+            module(x, c, cls_only=cls_only, backend="torch")
+        with pytest.raises(ValueError, match=match):
+            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
+
+
 @pytest.mark.parametrize("case", range(5), ids=["forward_hook", "pre_hook", "backward_hook", "old_weight_norm",
                                              "pruned"])
 def test_hooks_on_the_adapters_raise_instead_of_being_skipped(case):
@@ -511,11 +521,7 @@ def test_hooks_on_the_adapters_raise_instead_of_being_skipped(case):
     x, c, *_ = make_inputs(SHAPES["n7_d40"])
     before = module(x, c)
     handle = register(module)
-    for cls_only in (False, True):
-        with pytest.raises(ValueError, match=match):
-            module(x, c, cls_only=cls_only, backend="torch")
-        with pytest.raises(ValueError, match=match):
-            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
+    _assert_module_and_functional_raise(module, x, c, match)
     if handle is not None:
         handle.remove()
         torch.testing.assert_close(module(x, c), before, rtol=0, atol=0)
@@ -552,11 +558,7 @@ def test_a_forward_set_on_an_adapters_instance_raises_instead_of_being_skipped(p
     target = module.get_submodule(part)
     target.forward = lambda z: 2.0 * type(target).forward(target, z)
     match = rf"argument '{part.split('.')[0]}': {part} has a forward set on the instance .*del {part}.forward"
-    for cls_only in (False, True):
-        with pytest.raises(ValueError, match=match):
-            module(x, c, cls_only=cls_only, backend="torch")
-        with pytest.raises(ValueError, match=match):
-            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
+    _assert_module_and_functional_raise(module, x, c, match)
     del target.forward
     torch.testing.assert_close(module(x, c), before, rtol=0, atol=0)
 
@@ -585,11 +587,7 @@ def test_adapter_layers_the_op_would_not_call_raise():
     peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["down"], init_lora_weights=False), module)
     assert not isinstance(module.edge_adapter.down, torch.nn.Linear)  # a module around the base nn.Linear
     match = r"edge_adapter.down is a peft\.tuners\.lora\.layer\.Linear, not an nn.Linear.*merge_and_unload"
-    for cls_only in (False, True):
-        with pytest.raises(ValueError, match=match):
-            module(x, c, cls_only=cls_only, backend="torch")
-        with pytest.raises(ValueError, match=match):
-            ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
+    _assert_module_and_functional_raise(module, x, c, match)
 
 
 def test_parametrized_adapter_weights_and_global_hooks():
