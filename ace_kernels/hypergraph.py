@@ -1424,19 +1424,28 @@ _CALL_HOOKS = (("_forward_pre_hooks", "a forward pre-hook"), ("_forward_hooks", 
                ("_backward_pre_hooks", "a backward pre-hook"), ("_backward_hooks", "a backward hook"))
 
 
-def _check_not_hooked(name: str, adapter) -> None:
-    """The op reads the adapter's ``down``/``up`` weights and never calls the modules, so hooks on the
-    adapter, its layers or its activation would be skipped, silently, and so would a ``forward`` set on one
-    of their instances (a wrapper's): raise instead, naming the submodule (a check of four dictionaries
-    and the instance's each, cheap enough for every call). Global module hooks
-    (``register_module_forward_hook``: ``FlopCounterMode``, profilers) are not checked: they do not fire
-    for the adapters, as they do not for the ``out_proj`` of ``nn.MultiheadAttention``."""
-    if isinstance(adapter, nn.Module):  # its submodules straight from its dictionary (no __getattr__)
+def _adapter_parts(adapter) -> tuple:
+    """``(adapter, down, up, act)`` (act None when it has none); a module's submodules straight from its
+    dictionary (no ``nn.Module.__getattr__``: read at every call)."""
+    if isinstance(adapter, nn.Module):
         children = adapter._modules
-        modules = (adapter, children["down"] if "down" in children else adapter.down,
-                   children["up"] if "up" in children else adapter.up, children.get("act"))
-    else:
-        modules = (adapter, adapter.down, adapter.up, getattr(adapter, "act", None))
+        return (adapter, children["down"] if "down" in children else adapter.down,
+                children["up"] if "up" in children else adapter.up, children.get("act"))
+    return (adapter, adapter.down, adapter.up, getattr(adapter, "act", None))
+
+
+def _is_op_activation(act) -> bool:
+    """Whether the activation module ``act`` is what the op applies between down and up: LeakyReLU(0.2)."""
+    return isinstance(act, nn.LeakyReLU) and act.negative_slope == _NEG_SLOPE
+
+
+def _check_not_hooked(name: str, modules: tuple) -> None:
+    """The op reads the adapter's ``down``/``up`` weights and never calls the modules, so hooks on the
+    adapter, its layers or its activation (``modules``: :func:`_adapter_parts`) would be skipped, silently,
+    and so would a ``forward`` set on one of their instances (a wrapper's): raise instead, naming the
+    submodule (a check of four dictionaries and the instance's each, cheap enough for every call). Global
+    module hooks (``register_module_forward_hook``: ``FlopCounterMode``, profilers) are not checked: they do
+    not fire for the adapters, as they do not for the ``out_proj`` of ``nn.MultiheadAttention``."""
     if not any(isinstance(m, nn.Module) and (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
                                              or m._backward_hooks or "forward" in m.__dict__) for m in modules):
         return
@@ -1468,23 +1477,20 @@ def _check_not_hooked(name: str, adapter) -> None:
                          f"reads the adapters' down/up weights and never calls the modules; {advice}")
 
 
-def _check_plain_layers(name: str, adapter) -> None:
+def _check_plain_layers(name: str, modules: tuple) -> None:
     """The op applies ``up(leaky_relu(down(z), 0.2))`` from the layers' weights and biases and never calls
     them: a ``down``/``up`` module that is not an ``nn.Linear`` (PEFT's LoRA layer, whose ``weight`` is its
     base layer's) or an ``act`` module other than ``LeakyReLU(0.2)`` computes something the op would skip,
     silently: raise instead, naming it (isinstance checks, cheap enough for every call)."""
-    is_module = isinstance(adapter, nn.Module)  # then its submodules straight from its dictionary, as above
-    children = adapter._modules if is_module else {}
-    for part in ("down", "up"):
-        layer = children[part] if part in children else getattr(adapter, part)
+    _, down, up, act = modules
+    for part, layer in (("down", down), ("up", up)):
         if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
             kind = type(layer)
             raise ValueError(f"argument '{name}': {name}.{part} is a {kind.__module__}.{kind.__qualname__}, not an "
                              "nn.Linear, which ace_hypergraph would not call: it reads the layer's weight and bias "
                              "(a wrapper's own terms, such as a LoRA branch, would be skipped; merge them into the "
                              "layer first, e.g. PEFT's merge_and_unload)")
-    act = children.get("act") if is_module else getattr(adapter, "act", None)
-    if isinstance(act, nn.Module) and not (isinstance(act, nn.LeakyReLU) and act.negative_slope == _NEG_SLOPE):
+    if isinstance(act, nn.Module) and not _is_op_activation(act):
         raise ValueError(f"argument '{name}': {name}.act is {act!r}, which ace_hypergraph would not call: it applies "
                          f"leaky_relu with slope {_NEG_SLOPE} between down and up (spec section 4)")
 
@@ -1496,8 +1502,9 @@ def _adapter_params(name: str, adapter, dim: int):
                              f"or a module with .down and .up linears, got a sequence of length {len(adapter)}")
         params = tuple(adapter)
     elif hasattr(adapter, "down") and hasattr(adapter, "up"):
-        _check_not_hooked(name, adapter)
-        _check_plain_layers(name, adapter)
+        modules = _adapter_parts(adapter)
+        _check_not_hooked(name, modules)
+        _check_plain_layers(name, modules)
         params = (getattr(adapter.down, "weight", None), getattr(adapter.down, "bias", None),
                   getattr(adapter.up, "weight", None), getattr(adapter.up, "bias", None))
     else:

@@ -1253,11 +1253,13 @@ _REFERENCE_FORWARD_PARAMS = ["clip_model", "images", "texts", "merged_df", "indi
 def _adapter_structure_reason(adapter) -> str | None:
     """What the adapter's attributes show against ``up(leaky_relu(down(z), 0.2))`` (None: no
     difference); cheap enough for every call."""
+    from ace_kernels.hypergraph import _is_op_activation
+
     down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
     if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)):
         return "adapter without down/up nn.Linear layers"
     act = getattr(adapter, "act", None)
-    if act is not None and not (isinstance(act, nn.LeakyReLU) and act.negative_slope == 0.2):
+    if act is not None and not _is_op_activation(act):
         return f"adapter activation {act!r} is not LeakyReLU(0.2)"
     if down.out_features != up.in_features or up.out_features != down.in_features:
         return "adapter down/up shapes do not chain back to the input width"
