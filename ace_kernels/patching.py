@@ -765,22 +765,27 @@ class _PeftLoraKind(_LoraKind):
             return None, "scaling is not a number"
         return adapter, None
 
-    def state_reason(self, module):
+    def _state(self, module):
+        """(adapter name, None), or (None, why its calls run the original): :meth:`_adapter`, then what its
+        sub-layers' calls would do that the fused call skips."""
         adapter, reason = self._adapter(module)
         if reason:
-            return reason
+            return None, reason
         base = module.get_base_layer()
         parts = (base, module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter])
         if any(_has_call_hooks(m) for m in parts):
-            return "hooks on the base or LoRA sub-layers"
+            return None, "hooks on the base or LoRA sub-layers"
         if any(_forward_replaced(m) for m in parts):
-            return "forward replaced on the base or LoRA sub-layers"
+            return None, "forward replaced on the base or LoRA sub-layers"
         if _global_hooks_set():
             # Global module hooks would fire for lora_A/lora_B/base_layer, which the fused call skips.
-            return "global module hooks registered"
+            return None, "global module hooks registered"
         if getattr(base, "parametrizations", None) is not None:
-            return "parametrized base weight"
-        return None
+            return None, "parametrized base weight"
+        return adapter, None
+
+    def state_reason(self, module):
+        return self._state(module)[1]
 
     def group_signature(self, module):
         adapter, reason = self._adapter(module)
@@ -793,10 +798,9 @@ class _PeftLoraKind(_LoraKind):
     def operands(self, module, x, args, kwargs):
         if args or kwargs:
             return "extra forward arguments (" + ", ".join(list(kwargs) or ["positional"]) + ")"
-        reason = self.state_reason(module)
+        adapter, reason = self._state(module)
         if reason:
             return reason
-        adapter = self._adapter(module)[0]
         base = module.get_base_layer()
         lora_a, lora_b, dropout = module.lora_A[adapter], module.lora_B[adapter], module.lora_dropout[adapter]
         if isinstance(dropout, nn.Dropout):
