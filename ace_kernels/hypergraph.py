@@ -1458,8 +1458,8 @@ def _check_not_hooked(name: str, modules: tuple) -> None:
                              "ace_hypergraph would not run: it reads the adapters' down/up weights and never calls "
                              f"the modules; delete it (del {part}.forward) to call the op")
         kind = next((what for attr, what in _CALL_HOOKS if getattr(module, attr, None)), None)
-        if kind is None:
-            continue
+        if kind is None or _is_uninitialised_lazy(module):
+            continue  # a lazy layer's pre-hook creates its weight: _check_plain_layers says so
         hooks = [h for attr, _ in _CALL_HOOKS for h in (getattr(module, attr, None) or {}).values()]
         names = ", ".join(getattr(h, "__qualname__", None) or type(h).__qualname__ for h in hooks)
         advice = "remove it to call the op"
@@ -1477,19 +1477,38 @@ def _check_not_hooked(name: str, modules: tuple) -> None:
                          f"reads the adapters' down/up weights and never calls the modules; {advice}")
 
 
+def _is_uninitialised_lazy(module) -> bool:
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+
+
 def _check_plain_layers(name: str, modules: tuple) -> None:
     """The op applies ``up(leaky_relu(down(z), 0.2))`` from the layers' weights and biases and never calls
     them: a ``down``/``up`` module that is not an ``nn.Linear`` (PEFT's LoRA layer, whose ``weight`` is its
-    base layer's) or an ``act`` module other than ``LeakyReLU(0.2)`` computes something the op would skip,
-    silently: raise instead, naming it (isinstance checks, cheap enough for every call)."""
+    base layer's) or whose class overrides ``nn.Linear.forward`` (torch.ao's QAT ``Linear``), or an ``act``
+    module other than ``LeakyReLU(0.2)`` computes something the op would skip, silently: raise instead,
+    naming it (isinstance and class checks, cheap enough for every call)."""
     _, down, up, act = modules
     for part, layer in (("down", down), ("up", up)):
-        if isinstance(layer, nn.Module) and not isinstance(layer, nn.Linear):
-            kind = type(layer)
+        if not isinstance(layer, nn.Module):
+            continue
+        kind = type(layer)
+        if _is_uninitialised_lazy(layer):
+            # Its weight has no shape until its first call, which the op never makes (a pre-hook infers it).
+            raise ValueError(f"argument '{name}': {name}.{part} is an uninitialised {kind.__qualname__} (no weight "
+                             "yet: it infers its shape at its first call), which ace_hypergraph would not call: call "
+                             f"the adapter once on an input of the features' width ({name}(x)) first, which makes "
+                             "it an nn.Linear")
+        if not isinstance(layer, nn.Linear):
             raise ValueError(f"argument '{name}': {name}.{part} is a {kind.__module__}.{kind.__qualname__}, not an "
                              "nn.Linear, which ace_hypergraph would not call: it reads the layer's weight and bias "
                              "(a wrapper's own terms, such as a LoRA branch, would be skipped; merge them into the "
                              "layer first, e.g. PEFT's merge_and_unload)")
+        if kind.forward is not nn.Linear.forward:
+            # A subclass's own forward (torch.ao's QAT Linear fake-quantises the weight; a user's adds noise).
+            raise ValueError(f"argument '{name}': {name}.{part} is a {kind.__module__}.{kind.__qualname__}, an "
+                             "nn.Linear subclass with its own forward, which ace_hypergraph would not call: it reads "
+                             "the layer's weight and bias; give it a plain nn.Linear holding the weight that "
+                             "forward would use, or call the adapters themselves")
     if isinstance(act, nn.Module) and not _is_op_activation(act):
         raise ValueError(f"argument '{name}': {name}.act is {act!r}, which ace_hypergraph would not call: it applies "
                          f"leaky_relu with slope {_NEG_SLOPE} between down and up (spec section 4)")
@@ -1749,8 +1768,9 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         recompute ``weight`` at each call), or a ``forward`` set on one of their
         instances (accelerate's hooks, a wrapper), raises a ``ValueError`` naming it,
         and so does a ``down``/``up`` module that is not an ``nn.Linear`` (PEFT's LoRA
-        layer, whose ``weight`` is its base layer's: merge it first) or an ``act``
-        module other than ``LeakyReLU(0.2)``.
+        layer, whose ``weight`` is its base layer's: merge it first) or whose class
+        overrides ``nn.Linear.forward`` (torch.ao's QAT ``Linear``, a subclass adding
+        noise), or an ``act`` module other than ``LeakyReLU(0.2)``.
         Parametrized weights (``torch.nn.utils.parametrizations.weight_norm``,
         ``spectral_norm``) are recomputed when read, as a call would. Global module
         hooks do not fire for the adapters (as for ``nn.MultiheadAttention``'s

@@ -95,7 +95,9 @@ reason.
 
 What is never patched (recorded as skipped, with the reason): a module whose
 ``forward`` (or ``apply_ace_hgat``) is already replaced on the instance (a
-wrapper such as accelerate's hooks, which the fused call would skip); a layout
+wrapper such as accelerate's hooks, which the fused call would skip); an adapter whose
+``down`` or ``up`` class overrides ``nn.Linear.forward`` (torch.ao's QAT ``Linear``, a
+subclass reading a flag: the fused op reads the weights and would skip that forward); a layout
 recognised by its attribute names whose computation differs, found by running
 its class's method once at patch time on a small random probe, on a CPU copy
 in the default dtype (float32 for a 16-bit default), autocast off, without hooks (its tensors
@@ -732,7 +734,8 @@ class _PeftLoraKind(_LoraKind):
             return f"subclass {type(module).__name__} of peft's lora.Linear"
         base = module.get_base_layer()
         if type(base).forward is not nn.Linear.forward or not isinstance(base, nn.Linear):
-            return f"base layer is {type(base).__name__}, not a plain nn.Linear"
+            # The module too: torch.ao's QAT layer is also called Linear.
+            return f"base layer is {type(base).__name__} ({type(base).__module__}), not a plain nn.Linear"
         if getattr(module, "fan_in_fan_out", False):
             return "fan_in_fan_out=True"
         return None
@@ -1257,11 +1260,19 @@ _REFERENCE_FORWARD_PARAMS = ["clip_model", "images", "texts", "merged_df", "indi
 def _adapter_structure_reason(adapter) -> str | None:
     """What the adapter's attributes show against ``up(leaky_relu(down(z), 0.2))`` (None: no
     difference); cheap enough for every call."""
-    from ace_kernels.hypergraph import _is_op_activation
+    from ace_kernels.hypergraph import _is_op_activation, _is_uninitialised_lazy
 
     down, up = getattr(adapter, "down", None), getattr(adapter, "up", None)
+    for part, layer in (("down", down), ("up", up)):
+        if _is_uninitialised_lazy(layer):
+            return f"adapter {part} is an uninitialised {type(layer).__name__} (patch it once it has weights)"
     if not (isinstance(down, nn.Linear) and isinstance(up, nn.Linear)):
         return "adapter without down/up nn.Linear layers"
+    for part, layer in (("down", down), ("up", up)):
+        if type(layer).forward is not nn.Linear.forward:
+            # Its own forward (QAT's fake quantisation, a flag it reads) is what the op, reading the weights, skips.
+            kind = type(layer)
+            return f"adapter {part} is a {kind.__module__}.{kind.__qualname__}, whose forward is not nn.Linear's"
     act = getattr(adapter, "act", None)
     if act is not None and not _is_op_activation(act):
         return f"adapter activation {act!r} is not LeakyReLU(0.2)"

@@ -590,6 +590,55 @@ def test_adapter_layers_the_op_would_not_call_raise():
     _assert_module_and_functional_raise(module, x, c, match)
 
 
+class _NoisyLinear(torch.nn.Linear):
+    """A user's nn.Linear subclass whose own forward adds a term the weights do not show."""
+
+    def forward(self, z):
+        return super().forward(z) + 0.5
+
+
+@pytest.mark.parametrize("layer", ["subclass", "qat"])
+def test_adapter_linear_subclasses_with_their_own_forward_raise(layer):
+    """An nn.Linear subclass that overrides forward (torch.ao's QAT Linear fake-quantises its weight, a user's adds
+    noise) passed the isinstance check and was read as a plain nn.Linear: its forward skipped, the output that of
+    the bare weights, silently. It now raises, naming the layer, from the module and the functional, for both
+    outputs; the module's own adapter layers (an nn.Linear subclass keeping nn.Linear's forward) run as before."""
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    params = lambda a: (a.down.weight, a.down.bias, a.up.weight, a.up.bias)  # noqa: E731
+    want = oracle_hypergraph(x, c, params(module.edge_adapter), params(module.node_adapter), 3)
+    assert_close_scaled(module(x, c), want, 1e-10, "the module's own adapter layers")
+    if layer == "qat":
+        from torch.ao.nn.qat import Linear as QATLinear
+        from torch.ao.quantization import get_default_qat_qconfig
+
+        replacement, qualified = QATLinear(6, 40, qconfig=get_default_qat_qconfig()), "torch.ao.nn.qat"
+    else:
+        replacement, qualified = _NoisyLinear(6, 40), "test_hypergraph._NoisyLinear"
+    replacement.load_state_dict(module.node_adapter.up.state_dict(), strict=False)
+    module.node_adapter.up = replacement.double()
+    match = rf"argument 'node_adapter': node_adapter.up is a {re.escape(qualified)}.*its own forward"
+    _assert_module_and_functional_raise(module, x, c, match)
+
+
+def test_an_uninitialised_lazy_adapter_layer_says_to_call_it_first():
+    """An uninitialised LazyLinear as an adapter layer was refused for its pre-hook, with the advice to remove it
+    (which leaves the layer without a weight). It is now named as uninitialised, with the advice to call the
+    adapter once; after that call (the layer is then an nn.Linear) the op runs."""
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
+    x, c, *_ = make_inputs(SHAPES["n7_d40"])
+    module.edge_adapter.down = torch.nn.LazyLinear(6).double()
+    match = r"argument 'edge_adapter': edge_adapter.down is an uninitialised LazyLinear.*edge_adapter\(x\)"
+    _assert_module_and_functional_raise(module, x, c, match)
+    module.edge_adapter(x)
+    assert type(module.edge_adapter.down) is torch.nn.Linear
+    params = lambda a: (a.down.weight, a.down.bias, a.up.weight, a.up.bias)  # noqa: E731
+    want = oracle_hypergraph(x, c, params(module.edge_adapter), params(module.node_adapter), 3)
+    assert_close_scaled(module(x, c), want, 1e-10, "the initialised lazy layer")
+
+
 def test_parametrized_adapter_weights_and_global_hooks():
     """torch.nn.utils.parametrize (the new weight_norm, spectral_norm) recomputes a weight when it is read,
     so the op reads the current one and its gradient reaches the parametrization's tensors: the oracle's

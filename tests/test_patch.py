@@ -595,6 +595,16 @@ class _DoubledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
+def _peft_on_qat_base():
+    # torch.ao's QAT Linear (float32 only) fake-quantises its weight in its forward; its class is named Linear too.
+    from torch.ao.nn.qat import Linear as QATLinear
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(QATLinear(8, 8, qconfig=get_default_qat_qconfig()))
+    return _randomise_lora(get_peft_model(base, LoraConfig(r=2, target_modules=["0"])))
+
+
 def _global_linear_hook():
     from torch.nn.modules.module import register_module_forward_hook
 
@@ -669,6 +679,8 @@ _PER_CALL_CASES = {
     "peft-lora_bias": (lambda: _peft_single(lora_bias=True), None, torch.float64, None, "lora_bias=True"),
     "peft-nn.Linear-subclass": (lambda: _randomise_lora(get_peft_model(nn.Sequential(_DoubledLinear(8, 8)), LoraConfig(
         r=2, target_modules=["0"])).double()), None, torch.float64, None, "base layer is _DoubledLinear"),
+    "peft-qat-base": (_peft_on_qat_base, None, torch.float32, None,
+                      "base layer is Linear (torch.ao.nn.qat.modules.linear), not a plain nn.Linear"),
     "peft-dropout-in-eval": (lambda: _peft_single(lora_dropout=0.5),
                              lambda m: m.base_model.model[0].lora_dropout["default"].eval(), torch.float64, None,
                              "lora_linear"),
@@ -705,11 +717,11 @@ _PER_CALL_CASES = {
 @pytest.mark.parametrize("case", list(_PER_CALL_CASES))
 def test_per_call_states_the_fused_path_does_not_take_run_as_unpatched(case):
     """A LoRA layer in a state the fused call would compute otherwise (a global module hook, a
-    dropout type or a LoRA bias it does not apply, a base nn.Linear subclass, p = 1, an input
-    dtype F.linear refuses (or, under autocast, a float64 weight), LoRA weights in a dtype the
-    reference's matmuls refuse, a hook on the reference's dropout or on PEFT's lora_A, a lora_A that
-    is an nn.Linear subclass, a scaling that is a tensor, a parametrized base weight) runs its
-    original forward; a
+    dropout type or a LoRA bias it does not apply, a base nn.Linear subclass (torch.ao's QAT Linear,
+    also named Linear: the reason names its module), p = 1, an input dtype F.linear refuses (or, under
+    autocast, a float64 weight), LoRA weights in a dtype the reference's matmuls refuse, a hook on the
+    reference's dropout or on PEFT's lora_A, a lora_A that is an nn.Linear subclass, a scaling that is
+    a tensor, a parametrized base weight) runs its original forward; a
     dropout put in eval on its own is applied as the layer's call applies it (no mask, though
     the layer trains). Patched and unpatched give the same result (or the same error), from the
     same random state."""
@@ -1127,6 +1139,49 @@ def test_reference_adapter_with_residual_is_skipped():
         assert [(r.status, r.reason) for r in handle.records] == [
             ("skipped", "adapter forward is not up(leaky_relu(down(z), 0.2))")]
         assert "apply_ace_hgat" not in loss_fn.__dict__
+
+
+class _GainLinear(nn.Linear):
+    """An nn.Linear subclass whose own forward reads a flag (as a QAT layer reads its fake-quantise switch)."""
+
+    gain = 1.0
+
+    def forward(self, z):
+        return self.gain * super().forward(z)
+
+
+def test_reference_adapter_layer_with_its_own_forward_is_not_fused():
+    """An adapter layer whose class overrides nn.Linear.forward passed the patch-time probe while its flag was off
+    (gain 1): apply_ace_hgat was patched and the fused op, reading the weights, skipped that forward once the flag
+    changed. It is now skipped at patch time with the reason, and such a layer set after patching makes the calls
+    fall back; an uninitialised LazyLinear is named as such. Results are the original forward's."""
+    _, loss_fn, _, _, _ = _reference_setup()
+    features = F.normalize(torch.randn(3, 9, 20, dtype=torch.float64), dim=-1)
+    cls_attn = torch.randn(3, 8, dtype=torch.float64)
+    adapter = loss_fn.text_node_adapter
+    plain = adapter.down
+    gained = _GainLinear(plain.in_features, plain.out_features).double()
+    gained.load_state_dict(plain.state_dict())
+    adapter.down = gained
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", f"adapter down is a {__name__}._GainLinear, whose forward is not nn.Linear's")]
+        gained.gain = 2.0
+        got = loss_fn.apply_ace_hgat(features, cls_attn, encoder="text")
+    want = loss_fn.apply_ace_hgat(features, cls_attn, encoder="text")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    adapter.down = plain
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [r.status for r in handle.records] == ["patched"]
+        adapter.down = gained
+        got = loss_fn.apply_ace_hgat(features, cls_attn, encoder="text")
+        assert handle.stats() == {
+            f"fallback apply_ace_hgat: adapter down is a {__name__}._GainLinear, whose forward is not nn.Linear's": 1}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    adapter.down = nn.LazyLinear(plain.out_features).double()
+    with ace_kernels.patch(loss_fn, loss=False) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "adapter down is an uninitialised LazyLinear (patch it once it has weights)")]
 
 
 def test_reference_loss_without_hypergraph_patch():
