@@ -412,12 +412,13 @@ def register(op: str, backend: str, *, check: Callable[..., list[str]] | None = 
     return wrap
 
 
-def check_backend(backend, ops: Sequence[str] = ()) -> str:
+def check_backend(backend, ops: Sequence[str] = (), caller: str | None = None) -> str:
     """The ``backend`` argument, checked: ``"auto"`` or one of :data:`BACKENDS` that every op
-    of ``ops`` declares (a module checks it when built, for the ops its forward calls)."""
+    of ``ops`` declares (a module checks it when built, for the ops its forward calls).
+    ``caller``: the function the user called, which the message names for the op (one op)."""
     allowed = ("auto",) + tuple(b for b in BACKENDS if all(b in _OPS[op].prefer for op in ops))
     if not isinstance(backend, str) or backend not in allowed:
-        lacking = [op for op in ops if backend in BACKENDS and backend not in _OPS[op].prefer]
+        lacking = [caller or op for op in ops if backend in BACKENDS and backend not in _OPS[op].prefer]
         why = f" ({', '.join(lacking)}: no {backend} backend)" if lacking else ""
         raise ValueError(f"argument 'backend': expected one of {allowed}, got {backend!r}{why}")
     return backend
@@ -442,10 +443,10 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def reasons_for(op: str, backend: str, tensors: Sequence, args=(), kwargs=None) -> list[str]:
+def reasons_for(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, caller: str | None = None) -> list[str]:
     entry = _OPS[op]
     if backend not in entry.impls:
-        return [f"op {op!r} has no {backend} implementation"]
+        return [f"op {caller or op!r} has no {backend} implementation"]
     reasons = _global_reasons(backend)
     if reasons:
         return reasons
@@ -569,22 +570,25 @@ def preference(op: str, device: torch.device | None = None, variant: str | None 
     return tuple(first + [name for name in entry.prefer if name not in first])
 
 
-def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, variant: str | None = None) -> Callable:
+def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, variant: str | None = None,
+           caller: str | None = None) -> Callable:
     """Return the implementation of ``op`` that takes this call.
 
     ``tensors`` are the call's tensors (their devices decide what can run);
     ``args``/``kwargs`` go to the backends' op-specific checks; ``variant`` (one of the op's
-    declared variants) picks its measured order under ``auto``.
+    declared variants) picks its measured order under ``auto``; ``caller``, the function the
+    user called, is what the errors name (the op by default: ``lora_qkv_packed`` runs ``lora_qkv``).
     """
+    caller = caller or op
     if backend != "auto":
-        check_backend(backend, ops=(op,))  # names the op's own backends (a ValueError, as a module's)
+        check_backend(backend, ops=(op,), caller=caller)  # names the op's own backends (a ValueError, as a module's)
     wanted = requested_backend(backend)
     entry = _OPS[op]
     if wanted != "auto":
-        reasons = reasons_for(op, wanted, tensors, args, kwargs)
+        reasons = reasons_for(op, wanted, tensors, args, kwargs, caller)
         if reasons:
             source = f" (from the environment variable {_ENV_VAR})" if backend == "auto" else ""
-            raise RuntimeError(f"{op}: backend {wanted!r}{source} cannot run this call: " + "; ".join(reasons))
+            raise RuntimeError(f"{caller}: backend {wanted!r}{source} cannot run this call: " + "; ".join(reasons))
         return entry.impls[wanted]
     tried = {}
     device = None
@@ -598,12 +602,12 @@ def select(op: str, backend: str, tensors: Sequence, args=(), kwargs=None, varia
         if name == "triton" and interpreter_enabled():
             tried[name] = ["the Triton interpreter is only used when asked for explicitly"]
             continue
-        reasons = reasons_for(op, name, tensors, args, kwargs)
+        reasons = reasons_for(op, name, tensors, args, kwargs, caller)
         if not reasons:
             return entry.impls[name]
         tried[name] = reasons
     detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in tried.items())
-    raise RuntimeError(f"{op}: no backend can run this call ({detail})")
+    raise RuntimeError(f"{caller}: no backend can run this call ({detail})")
 
 
 def backend_of(op: str, impl: Callable) -> str:

@@ -525,13 +525,15 @@ def lora_qkv_packed(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, 
     """:func:`lora_qkv` returning the stacked [..., 3*out] result (q, k, v along the last
     dimension), as a packed ``qkv`` linear does: no split and no ``torch.cat`` for callers
     that reshape it themselves (timm's attention). Same arguments, errors and gradients."""
-    return _call("lora_qkv", 3, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend)
+    return _call("lora_qkv", 3, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend,
+                 caller="lora_qkv_packed")
 
 
-def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend):
+def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend, caller=None):
     """Validate, dispatch and run. Under ``torch.autocast`` the float32/16 operands are first cast
     to the autocast dtype (as ``F.linear`` would cast them; the casts are differentiable, so
-    fp32 master weights get their gradients) and the op runs with autocast off."""
+    fp32 master weights get their gradients) and the op runs with autocast off. ``caller``: the public
+    function called, which the dispatch errors name (``op`` by default)."""
     autocast_dtype = _library.autocast_dtype(x)
     if autocast_dtype is not None:
         # Non-tensors pass through uncast, for _validate to name them.
@@ -549,7 +551,7 @@ def _call(op, projections, x, weight, bias, lora_a, lora_b, scaling, dropout_p, 
     training, scaling = bool(training), float(scaling)  # NumPy numbers as Python ones from here on
     args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     impl = _dispatch.select(op, backend, [x, weight, bias, lora_a, lora_b], args,
-                            variant=rows_variant(x.numel() // max(1, x.shape[-1])))
+                            variant=rows_variant(x.numel() // max(1, x.shape[-1])), caller=caller)
     with _library.autocast_off(x.device.type):
         return impl(*args)
 
@@ -1039,8 +1041,8 @@ class _LoraTritonFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @_library.kernel_backward("lora_qkv/lora_linear (backend 'triton'): second derivatives (create_graph=True) "
-                              "are not supported by the Triton kernels; use backend='torch'")
+    @_library.kernel_backward("lora_linear/lora_qkv/lora_qkv_packed (backend 'triton'): second derivatives "
+                              "(create_graph=True) are not supported by the Triton kernels; use backend='torch'")
     def backward(ctx, grad_y):
         x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors  # x_cat: the copy of S's columns for dB alone
         projections, rank, in_features = ctx.shape

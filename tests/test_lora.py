@@ -608,6 +608,23 @@ def test_cuda_backend_is_refused_naming_the_ops_backends():
         ace_kernels.lora_linear(*_good("linear"), scaling=0.5, backend="cuda")
 
 
+def test_lora_qkv_packed_errors_name_lora_qkv_packed(monkeypatch):
+    """lora_qkv_packed runs lora_qkv's op, whose name its backend errors gave: a caller of lora_qkv_packed read of
+    a function it did not call. Each now names lora_qkv_packed (lora_qkv's still name lora_qkv)."""
+    inputs = _good("qkv")
+    with pytest.raises(ValueError, match=r"got 'cuda' \(lora_qkv_packed: no cuda backend\)"):
+        ace_kernels.lora_qkv_packed(*inputs, scaling=0.5, backend="cuda")
+    with pytest.raises(ValueError, match=r"got 'cuda' \(lora_qkv: no cuda backend\)"):
+        ace_kernels.lora_qkv(*inputs, scaling=0.5, backend="cuda")
+    # Under the interpreter (the conftest's) Triton refuses bfloat16; without it, it needs a GPU: refused either way.
+    with pytest.raises(RuntimeError, match=r"^lora_qkv_packed: backend 'triton' cannot run this call: "):
+        ace_kernels.lora_qkv_packed(*(t.bfloat16() for t in inputs), scaling=0.5, backend="triton")
+    monkeypatch.setenv("ACE_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"^lora_qkv_packed: backend 'cuda' \(from the environment variable "
+                                           r"ACE_KERNELS_BACKEND\) cannot run this call: op 'lora_qkv_packed' has no "):
+        ace_kernels.lora_qkv_packed(*inputs, scaling=0.5)
+
+
 # ----------------------------------------------------------------------------------------
 # triton backend (CPU: interpreter, fp32, tiny shapes; GPU: bf16 at real shapes)
 # ----------------------------------------------------------------------------------------
@@ -917,7 +934,7 @@ def test_triton_refuses_second_derivatives(device):
     case = Case("gg", "qkv", (3,), 5, 4, 2)
     x, weight, bias, lora_a, lora_b = make_inputs(case, torch.float32, device)
     y = lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, backend="triton")
-    with pytest.raises(RuntimeError, match="second derivatives"):
+    with pytest.raises(RuntimeError, match=r"lora_qkv_packed \(backend 'triton'\): second derivatives"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
     # A plain backward still works after the refusal.
     y = lora_module.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, backend="triton")
