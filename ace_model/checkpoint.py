@@ -36,6 +36,9 @@ ADAPTERS = (("img_edge_adapter", "image_hgnn", "edge_adapter"),
             ("text_edge_adapter", "text_hgnn", "edge_adapter"),
             ("text_node_adapter", "text_hgnn", "node_adapter"))
 LOSS_TYPES = ("clip_loss_ace_hgnn", "clip_loss_ace_hgat")
+# The metadata every released-format writer records (the released file, the reference code's save_lora, ours)
+# and check_metadata checks against the model; "k_nearest" is in the released file only.
+RECORDED = ("r", "topk", "params", "position", "loss_type")
 
 
 class CheckpointError(ValueError):
@@ -84,14 +87,15 @@ def save_reference_checkpoint(model, path: str | os.PathLike | BinaryIO, metadat
 
     The metadata is, in order of preference: ``metadata``, the metadata of the last
     released-format file loaded into the model (so a load/save round trip is exact) with its
-    ``r`` and ``topk`` entries set to the model's own (a k changed after the load is what the
-    weights were trained with, and what loading checks), or :func:`default_metadata`.
+    ``r`` and ``topk`` entries set to the model's own, added where that file had none (a k
+    changed after the load is what the weights were trained with, and what loading checks),
+    or :func:`default_metadata`.
     """
     if metadata is None:
         if model.reference_metadata is not None:
             own = default_metadata(model)
-            metadata = {key: (own[key] if key in ("r", "topk") else value)
-                        for key, value in model.reference_metadata.items()}
+            metadata = dict(model.reference_metadata)
+            metadata.update(r=own["r"], topk=own["topk"])  # in place where present, else after the others
         else:
             metadata = default_metadata(model)
     blob = {"weights": reference_weights(model), "metadata": dict(metadata)}
@@ -166,7 +170,8 @@ def check_metadata(model, metadata, path) -> None:
         raise CheckpointError(f"{path}: 'metadata' must be a dict, found {type(metadata).__name__}")
     rank = model.text_lora[0].rank
     # "k_nearest" (5 in the release, beside topk 5) is not checked: the spec does not say what it
-    # sets, and it is written back as it was loaded.
+    # sets, the reference code neither writes nor reads it (its save_lora records the RECORDED keys;
+    # the released run's hyperparameters list topk alone), and it is written back as it was loaded.
     checks = (("r", rank), ("topk", model.topk), ("position", "all"))
     for key, want in checks:
         if key in metadata and _differs(metadata[key], want):
@@ -183,7 +188,8 @@ def load_reference_checkpoint(model, path: str | os.PathLike) -> dict:
     """Load a released-format checkpoint into ``model``; return its metadata.
 
     Every key and shape is checked before anything is copied, so a bad file leaves the
-    model unchanged.
+    model unchanged. A file whose metadata lacks one of :data:`RECORDED` loads with a
+    ``UserWarning`` naming them: the model's ``r`` and ``topk`` could not be checked.
 
     Raises
     ------
@@ -292,6 +298,12 @@ def apply_reference_checkpoint(model, path: str | os.PathLike, blob) -> dict:
     with torch.no_grad():
         for destination, source in staged:
             destination.copy_(source)
+    missing = [key for key in RECORDED if key not in metadata]
+    if missing:
+        # Loaded, but what check_metadata would have refused (another k, another rank) could not be seen.
+        warnings.warn(f"{path}: its metadata records no {', '.join(map(repr, missing))} (a released-format file "
+                      f"always does), so they were not checked against this model's (r={model.text_lora[0].rank}, "
+                      f"topk={model.topk}); a save records the model's r and topk", UserWarning, stacklevel=3)
     model.reference_metadata = dict(metadata)
     return dict(metadata)
 

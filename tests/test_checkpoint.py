@@ -407,6 +407,29 @@ def test_an_error_is_cut_to_its_first_sentence_and_to_200_characters():
     assert first_line(KeyError()) == "KeyError"
 
 
+def test_metadata_without_r_or_topk_loads_with_a_warning_and_saves_them(tiny, tmp_path):
+    """A file whose metadata has no r and topk (every released-format writer records them) loaded without a word,
+    though the model's k and rank were then checked against nothing, and a save wrote the gap back. It now loads
+    with a warning naming them, and a save records the model's own. A file without k_nearest (the reference code's
+    save_lora writes none) loads silently, as the released file does."""
+    def without(*keys):
+        return lambda blob: [blob["metadata"].pop(key) for key in keys]
+
+    path = _corrupt(tiny, tmp_path, without("r", "topk"))
+    model = copy.deepcopy(tiny)
+    with pytest.warns(UserWarning, match=r"bad\.pt: its metadata records no 'r', 'topk' \(a released-format file "
+                                         r"always does\), so they were not checked .*\(r=4, topk=5\)"):
+        assert "topk" not in model.load_reference_checkpoint(path)
+    saved = tmp_path / "saved.pt"
+    model.save_reference_checkpoint(saved)
+    assert _load(saved)["metadata"] == {**_load(path)["metadata"], "r": 4, "topk": 5}
+    path = _corrupt(tiny, tmp_path, without("k_nearest"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy.deepcopy(tiny).load_reference_checkpoint(saved)
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
 def test_a_k_changed_after_a_load_is_the_one_saved(tiny, tmp_path):
     """The metadata of the file last loaded is written back, but with the model's own r and topk: a k
     set after the load was saved as the file's old one (topk 5), so the model refused its own file
