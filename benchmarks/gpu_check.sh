@@ -343,12 +343,10 @@ else
 fi
 
 # 4b. with GPU_CHECK_PROFILE=1: the profiler breakdown of the LoRA, hypergraph and InfoNCE steps
-#     per backend or strategy (benchmarks/profile_ops.py), appended to gpu_check.log (no file of its own: 8 come back).
+#     per backend or strategy (benchmarks/profile_ops.py), into gpu_check.log (no file of its own: 8 come back;
+#     a stage that fails or times out then names the log its output is in, the one that comes back).
 if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
-    PROFILE_LOG=$OUT/profile.log
-    run_stage profile "${GPU_CHECK_PROFILE_CAP:-60}" "$PROFILE_LOG" $PY -m benchmarks.profile_ops
-    cat "$PROFILE_LOG" >>"$LOG"
-    rm -f "$PROFILE_LOG"
+    run_stage profile "${GPU_CHECK_PROFILE_CAP:-60}" "$LOG" $PY -m benchmarks.profile_ops
 fi
 
 # 5. the benchmark suite

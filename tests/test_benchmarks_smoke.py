@@ -1762,6 +1762,19 @@ def test_gpu_check_budget_fits_one_run_call_and_bad_numbers_stop_it_at_once(tmp_
         assert f"{switch}={value}: expected" in log and "stage " not in log, log
 
 
+def test_gpu_check_profile_stage_output_and_its_pointer_are_in_the_main_log(tmp_path):
+    """GPU_CHECK_PROFILE=1: the profiler stage's output is in gpu_check.log (no file of its own comes
+    back), and a profile that fails or times out points there; it said 'see profile.log', a file
+    the script had already deleted."""
+    tree = _gpu_check_tree(tmp_path)  # no benchmarks/profile_ops.py: the stage fails at once
+    out = tmp_path / "out"
+    proc, log, argv = _run_gpu_check(tmp_path, tree, out, GPU_CHECK_BUDGET="80", GPU_CHECK_PROFILE="1")
+    assert argv is not None, proc.stdout + proc.stderr + log
+    assert "stage profile: FAILED rc 1" in log and "see gpu_check.log" in log, log
+    assert "No module named benchmarks.profile_ops" in log and "profile.log" not in log, log
+    assert "profile.log" not in os.listdir(out)
+
+
 def test_gpu_check_refuses_an_unknown_family_or_tier_before_any_stage(tmp_path):
     """A family or tier the suite does not know stopped the suite with argparse's error, after the
     build and the tests had taken their ~220 s: the run's results were lost. The script checks
