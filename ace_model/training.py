@@ -2498,7 +2498,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     measure.add_argument("--model", default="tiny")
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--threads", type=int, default=1)
-    measure.add_argument("--device", default="cpu")
+    measure.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     measure.add_argument("--steps", type=int, default=1)
     measure.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = parser.parse_args(argv)
@@ -2506,8 +2506,16 @@ def _main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < least:  # (--steps 0 divided by zero after building the model)
             parser.error(f"argument --{flag.replace('_', '-')}: expected >= {least}, got {value}")
+    # Before anything is built, as train and zero-shot check theirs: a device type torch does not know, CUDA
+    # or a card this machine lacks, and bf16 autocast off CUDA were tracebacks (the last three after the build).
+    try:
+        device = resolve_device(args.device, name="argument --device")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.precision == "bf16" and device.type != "cuda":
+        parser.error(f"argument --precision: 'bf16' autocast needs a CUDA device, got --device {args.device!r}")
     result = _measure_in_this_process(args.batch, args.chunk_size, args.model, args.seed, args.threads,
-                                      args.device, args.steps, args.precision)
+                                      str(device), args.steps, args.precision)
     print(json.dumps(result))
     return 0
 

@@ -2686,6 +2686,24 @@ def test_the_measuring_command_refuses_counts_below_one_naming_the_flag(flag, mo
     assert info.value.code == 2 and f"argument {flag}: expected >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--device", "gpu"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    (["--device", "cuda:99"], "argument --device: 'cuda:99'"),
+    (["--device", "cpu", "--precision", "bf16"], "argument --precision: 'bf16' autocast needs a CUDA device, got "
+                                                 "--device 'cpu'")])
+def test_the_measuring_command_refuses_a_device_or_precision_it_cannot_run_before_building(flags, message,
+                                                                                        monkeypatch, capsys):
+    # Each was a traceback from torch or the step, the last two after the model was built.
+    monkeypatch.setattr(training, "_measure_in_this_process", lambda *a: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as info:
+        training._main(["measure", "--batch", "2", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    measured = []
+    monkeypatch.setattr(training, "_measure_in_this_process", lambda *a: measured.append(a) or {})
+    assert training._main(["measure", "--batch", "2", "--device", "auto"]) == 0
+    assert measured[0][5] == str(training.resolve_device("auto"))  # a device torch.device takes
+
+
 def test_an_atomic_write_that_finds_no_free_temp_name_says_so(tmp_path, monkeypatch):
     from ace_model import _atomic
 
