@@ -2389,6 +2389,8 @@ def _measure_in_this_process(batch: int, chunk_size: int | None, model_name: str
 
     dev = torch.device(device)
     model = ACELoRA.from_config(model_name).to(dev)
+    if dev.type == "cuda" and precision in ("bf16", "auto"):
+        model.cast_frozen_weights(torch.bfloat16)  # as train runs it under bf16 autocast (see train)
     model.train()
     image_shape, context = _input_geometry(model)
     # Inputs stay on the host (pinned on CUDA): chunks travel to the device one at a time.
@@ -2459,7 +2461,8 @@ def measure_chunked_step(batch: int, chunk_size: int | None, *, model: str = "ti
     model : {"tiny", "biomedclip"}
     device : str
         "cpu" or "cuda[:N]". On CUDA one small warm-up step runs first and memory is
-        ``torch.cuda.max_memory_allocated``.
+        ``torch.cuda.max_memory_allocated``; with ``precision`` "bf16" or "auto" the frozen
+        weights are stored in bf16 first, as :func:`train` stores them.
     steps : int
         Timed steps (``seconds`` is their mean).
     precision : {"auto", "bf16", "fp32"}

@@ -843,10 +843,19 @@ class _StubModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+        self.frozen = torch.nn.Parameter(torch.tensor([1.0 / 3.0]), requires_grad=False)
         self.backend, self.recompute = "auto", "none"
 
     def trainable_parameters(self):
         return [self.weight]
+
+    def cast_frozen_weights(self, dtype):
+        self.frozen.data = self.frozen.data.to(dtype)
+        return self
+
+    @property
+    def frozen_weights_dtype(self):
+        return None if self.frozen.dtype == self.weight.dtype else self.frozen.dtype
 
 
 def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
@@ -864,9 +873,11 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
     model = _StubModel()
     case = {}
     calls = []
+    frozen = []  # (precision, the frozen weights' stored dtype, their value) at each step
 
     def chunked_train_step(model, images, ids, labels, *, chunk_size, precision):
         calls.append((images.shape[0], chunk_size, precision, model.training))
+        frozen.append((precision, model.frozen_weights_dtype, model.frozen.item()))
         # Off the one-pass step by ``chunk_error`` in the loss and every gradient when chunked.
         loss = ((model.weight * images.mean()).sum() + 3.0) * (1 + (case["chunk_error"] if chunk_size else 0.0))
         if images.shape[0] == 16384 and case["nan"]:
@@ -911,6 +922,12 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
     checks = [c for c in calls if c[2] == "fp32"]
     assert checks == [(80, None, "fp32", False), (80, 32, "fp32", False)]
     assert {c[2] for c in calls if c not in checks} == {"bf16"}
+    # The timed steps with the frozen weights stored in bf16, as ace-lora train stores them on a GPU; the
+    # float32 check with them stored in float32 (their bf16 value), and cast back after it.
+    in_bf16 = torch.tensor(1.0 / 3.0).bfloat16().item()
+    assert {f for f in frozen if f[0] == "bf16"} == {("bf16", torch.bfloat16, in_bf16)}
+    assert {f for f in frozen if f[0] == "fp32"} == {("fp32", None, in_bf16)}
+    assert model.frozen_weights_dtype == torch.bfloat16
     assert large_row(peak=1250.0).target_pass is False  # 1.25x the B=512 peak
     at_079 = 16384 / (0.79 * 64 / 0.012) * 1e3  # the ms at which samples/s is 0.79x B=64's
     assert large_row(ms=at_079).target_pass is False

@@ -2704,6 +2704,21 @@ def test_the_measuring_command_refuses_a_device_or_precision_it_cannot_run_befor
     assert measured[0][5] == str(training.resolve_device("auto"))  # a device torch.device takes
 
 
+@pytest.mark.gpu
+def test_the_measuring_command_stores_the_frozen_weights_in_bf16_on_cuda_as_train_does(monkeypatch):
+    # It measured a model with float32 frozen weights under bf16 autocast: every step's peak carried
+    # autocast's copies of them, which ace-lora train (cast_frozen_weights) never makes.
+    from ace_model.model import ACELoRA
+
+    cast, real = [], ACELoRA.cast_frozen_weights
+    monkeypatch.setattr(ACELoRA, "cast_frozen_weights", lambda self, dtype: cast.append(dtype) or real(self, dtype))
+    result = training._measure_in_this_process(4, 2, "tiny", 0, 1, "cuda", 1, "auto")
+    assert cast == [torch.bfloat16] and math.isfinite(result["loss"])
+    cast.clear()
+    training._measure_in_this_process(4, 2, "tiny", 0, 1, "cuda", 1, "fp32")
+    assert cast == []
+
+
 def test_an_atomic_write_that_finds_no_free_temp_name_says_so(tmp_path, monkeypatch):
     from ace_model import _atomic
 
