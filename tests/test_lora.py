@@ -1030,11 +1030,11 @@ def test_triton_declines_a_trainable_base_in_training_mode_with_or_without_grad(
 
     select = _dispatch.select
 
-    def as_on_a_gpu(op, backend, tensors, args=(), kwargs=None, variant=None):
+    def as_on_a_gpu(op, backend, tensors, args=(), kwargs=None, variant=None, caller=None):
         # 'auto' as on a GPU (triton first where it can run), which never takes the interpreter on its own.
         if backend == "auto" and not _dispatch.reasons_for(op, "triton", tensors, args, kwargs):
             backend = "triton"
-        return select(op, backend, tensors, args, kwargs, variant=variant)
+        return select(op, backend, tensors, args, kwargs, variant=variant, caller=caller)
 
     monkeypatch.setattr(_dispatch, "select", as_on_a_gpu)
     case = Case("ckpt_base", "linear", (6,), 8, 4, 2, dropout_p=0.5, base_grads=True)
@@ -1096,9 +1096,9 @@ def test_dispatch_variant_is_chosen_by_all_rows_of_x(lead, variant, monkeypatch)
     seen = []
     select = _dispatch.select
 
-    def spy(op, backend, tensors, args=(), kwargs=None, variant=None):
+    def spy(op, backend, tensors, args=(), kwargs=None, variant=None, caller=None):
         seen.append(variant)
-        return select(op, backend, tensors, args, kwargs, variant=variant)
+        return select(op, backend, tensors, args, kwargs, variant=variant, caller=caller)
 
     monkeypatch.setattr(_dispatch, "select", spy)
     monkeypatch.setattr(lora_module, "SMALL_ROWS_LIMIT", 8)
