@@ -680,6 +680,38 @@ def test_triton_backward_regenerates_forward_mask(device):
 
 
 @pytest.mark.triton
+def test_triton_fp16_dx_adds_the_lora_term_in_fp32(device):
+    """dX = dY W + scaling * sum_p G_p A_p is rounded twice in float16 (module notes): dY W by the GEMM, then
+    once after the LoRA term is added to it in fp32, not rounded to float16 on its own first. dY, W and B
+    are small dyadic numbers, so dY W and G_p = dY_p B_p are exact in float16 and the only roundings left are
+    the sum's and the fp32 sums in the dots G_p A_p: each element of dX is the float16 nearest the exact value
+    (up to those fp32 sums). A LoRA term rounded to float16 before the add is off by half an ulp of the term,
+    many ulp of dX where dY W nearly cancels it."""
+    gen = torch.Generator().manual_seed(7)
+    rows, in_features, out_features, rank = 37, 40, 13, 4
+
+    def dyadic(*shape, scale):
+        return torch.randint(-4, 5, shape, generator=gen).to(torch.float64) * scale
+
+    x = torch.randn(rows, in_features, generator=gen, dtype=torch.float64)
+    weight = dyadic(3 * out_features, in_features, scale=1 / 8)
+    lora_a = torch.randn(3, rank, in_features, generator=gen, dtype=torch.float64)
+    lora_b = dyadic(3, out_features, rank, scale=1 / 4)
+    grad_y = dyadic(rows, 3 * out_features, scale=1 / 2)
+    x16 = x.to(device, torch.float16).requires_grad_(True)
+    outputs = ace_kernels.lora_qkv(x16, weight.to(device, torch.float16), None, lora_a.to(device, torch.float16),
+                                   lora_b.to(device, torch.float16), scaling=0.5, training=True, backend="triton")
+    (got,) = torch.autograd.grad(outputs, x16, grad_y.to(device, torch.float16).chunk(3, dim=-1))
+    lora_a64 = lora_a.to(torch.float16).double()  # the values the kernels read
+    g = [grad_y[:, p * out_features:(p + 1) * out_features] @ lora_b[p] for p in range(3)]
+    want = grad_y @ weight + 0.5 * sum(g[p] @ lora_a64[p] for p in range(3))
+    fp32_dots = 2.0 ** -19 * 0.5 * sum(g[p].abs() @ lora_a64[p].abs() for p in range(3))  # the terms' fp32 sums
+    ulp = torch.ldexp(torch.ones_like(want), torch.frexp(want).exponent - 11).clamp_min(2.0 ** -24)
+    err = (got.cpu().double() - want).abs()
+    assert (err <= 0.5 * ulp + fp32_dots).all(), f"up to {(err / ulp).max().item():.3f} ulp of dX"
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("layout", ["column_strided", "row_strided"])
 def test_triton_strided_x(layout, device):
     """The pack kernel reads x through both its strides: every other column of a wider tensor,
