@@ -712,6 +712,37 @@ def test_triton_fp16_dx_adds_the_lora_term_in_fp32(device):
 
 
 @pytest.mark.triton
+def test_triton_fp16_da_sums_its_row_blocks_in_fp32(device):
+    """dA_p = scaling * G_p^T x in float16 is rounded once (module notes): the gradient kernel's per-row-block
+    partials are float32 and summed in float32 before the one rounding to float16. dY and B are small dyadic
+    numbers, so G_p = dY_p B_p is exact in float16 and each product with x in float32: each element of dA is
+    the float16 nearest the exact value, up to the fp32 sums. Partials rounded to float16 (70 rows: three row
+    blocks under the interpreter) add half an ulp of each partial, many ulp of dA where they cancel."""
+    gen = torch.Generator().manual_seed(8)
+    rows, in_features, out_features, rank = 70, 40, 13, 4
+
+    def dyadic(*shape, scale):
+        return torch.randint(-4, 5, shape, generator=gen).to(torch.float64) * scale
+
+    x = torch.randn(rows, in_features, generator=gen, dtype=torch.float64).to(torch.float16)
+    weight = torch.randn(3 * out_features, in_features, generator=gen, dtype=torch.float64)
+    lora_a = torch.randn(3, rank, in_features, generator=gen, dtype=torch.float64).to(device, torch.float16)
+    lora_b = dyadic(3, out_features, rank, scale=1 / 4)
+    grad_y = dyadic(rows, 3 * out_features, scale=1 / 2)
+    lora_a.requires_grad_(True)
+    outputs = ace_kernels.lora_qkv(x.to(device), weight.to(device, torch.float16), None, lora_a,
+                                   lora_b.to(device, torch.float16), scaling=0.5, training=True, backend="triton")
+    (got,) = torch.autograd.grad(outputs, lora_a, grad_y.to(device, torch.float16).chunk(3, dim=-1))
+    x64 = x.double()
+    g = [grad_y[:, p * out_features:(p + 1) * out_features] @ lora_b[p] for p in range(3)]
+    want = torch.stack([0.5 * g[p].t() @ x64 for p in range(3)])
+    fp32_sums = torch.stack([2.0 ** -19 * 0.5 * g[p].abs().t() @ x64.abs() for p in range(3)])
+    ulp = torch.ldexp(torch.ones_like(want), torch.frexp(want).exponent - 11).clamp_min(2.0 ** -24)
+    err = (got.cpu().double() - want).abs()
+    assert (err <= 0.5 * ulp + fp32_sums).all(), f"up to {(err / ulp).max().item():.3f} ulp of dA"
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("layout", ["column_strided", "row_strided"])
 def test_triton_strided_x(layout, device):
     """The pack kernel reads x through both its strides: every other column of a wider tensor,
