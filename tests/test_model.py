@@ -126,6 +126,23 @@ def test_equivalence_with_lora_dropout(tiny_model):
     _compare(model, reference, loss, ref_loss)
 
 
+def test_a_multiplier_above_open_clips_clamp_is_used_as_it_is(tiny_model):
+    """Spec section 1: the loss learns the multiplier itself, with no clamp (open_clip clamps at 100, and a
+    multiplier trained from the base's 14.3 or the released 78.35 can pass it): at 150 the loss and every
+    gradient, the multiplier's too (zero through a clamp), are the reference's."""
+    model = _perturbed_fp64(tiny_model).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(150.0)
+    reference = copy.deepcopy(model)
+    images, token_ids, labels = _batch(model)
+    loss = model.loss(images, token_ids, labels)
+    loss.backward()
+    ref_loss = ref.reference_loss(reference, images, token_ids, labels)
+    ref_loss.backward()
+    _compare(model, reference, loss, ref_loss)
+    assert model.logit_scale.grad.abs().item() > 0
+
+
 def test_dropout_changes_the_loss_in_train_mode_only(tiny_model):
     model = _perturbed_fp64(tiny_model)
     # Only the LoRA dropout is left random (the frozen towers' own dropouts are off), so that a
