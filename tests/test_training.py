@@ -136,6 +136,27 @@ def test_chunked_step_matches_model_loss_and_library_loss(kind):
     _assert_grads_close(trainable_grads(model), want_grads)
 
 
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_the_step_uses_a_multiplier_above_100_unclamped(chunk):
+    """Spec section 1: no clamp on the learned multiplier. At 150 the step's loss and its gradient
+    (which a clamp at open_clip's 100 would make zero) are those of the dense loss on that multiplier."""
+    model = make_model("standin", dropout=0.0, perturb=True)
+    with torch.no_grad():
+        model.logit_scale.fill_(150.0)
+    images, token_ids, labels = make_batch(model, 6, seed=4)
+    want_loss, want_grads, _ = _one_pass_reference(model, images, token_ids, labels, seed=0, chunk_bounds=[(0, 6)])
+    assert want_grads["logit_scale"].abs().item() > 0
+    for loss_fn in (dense_label_infonce, None):  # the caller's loss and the default (ace_kernels)
+        model.zero_grad(set_to_none=True)
+        got_loss = chunked_train_step(model, images, token_ids, labels, chunk_size=chunk, loss_fn=loss_fn)
+        torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
+        got_grads = trainable_grads(model)
+        assert got_grads.keys() == want_grads.keys()
+        for name, want in want_grads.items():  # fp32 at a multiplier of 150: rounding grows with it
+            torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
+                                       msg=lambda m: f"{name}: {m}")
+
+
 def test_chunked_step_keeps_the_losss_own_draws():
     # A loss that draws random numbers (ours draws none) leaves the generator after its draws in
     # the one-pass step; the chunked step must too, not rewind to the end of its first pass.
