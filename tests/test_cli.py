@@ -70,6 +70,29 @@ def test_auroc_edge_cases():
     assert macro_auroc(scores, targets) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_the_auroc_is_the_mean_of_the_classes_not_one_pooled_over_them(task):
+    """Spec section 6: macro AUROC (CheXpert 5x200 multiclass, ChestX-ray14 multilabel): each class's
+    one-vs-rest AUROC, then their mean. Here one AUROC pooled over every (image, class) pair differs from
+    it, as it does on real scores (the classes' score ranges differ), and so does a mean weighted by the
+    classes' positives (torchmetrics' average="weighted")."""
+    scores = torch.tensor([[0.70, 0.20, 0.10], [0.50, 0.30, 0.20], [0.40, 0.35, 0.25], [0.30, 0.30, 0.40],
+                           [0.60, 0.25, 0.15], [0.20, 0.45, 0.35]])
+    if task == "multiclass":
+        labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 2, 2, 0]), 3).float()
+    else:
+        labels = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]]).float()
+    per_class = [_pairwise_auroc(scores[:, j].tolist(), labels[:, j].tolist()) for j in range(3)]
+    pooled = _pairwise_auroc(scores.flatten().tolist(), labels.flatten().tolist())
+    support = labels.sum(dim=0).tolist()
+    weighted = sum(a * w for a, w in zip(per_class, support)) / sum(support)
+    # The three readings differ on these scores (the classes have 2, 1, 3 or 4, 2, 1 positives).
+    assert abs(sum(per_class) / 3 - pooled) > 0.05 and abs(sum(per_class) / 3 - weighted) > 0.02
+    result = zero_shot_metrics(scores, labels, task)
+    assert result["auroc_per_class"] == pytest.approx(per_class, abs=1e-12)
+    assert result["auroc"] == pytest.approx(sum(per_class) / 3, abs=1e-12)
+
+
 def test_auroc_refuses_nan_scores_and_ranks_infinities():
     # A NaN has no rank: argsort put it last, so it counted as the highest score (1.0 here, not an error).
     with pytest.raises(ValueError, match=r"binary_auroc: 1 of 4 scores are NaN"):
