@@ -485,6 +485,25 @@ def test_the_tokenizer_refuses_what_is_not_a_string(tiny_model):
     assert torch.equal(tok(t for t in ("edema", "no finding")), tok(["edema", "no finding"]))
 
 
+def test_the_loss_runs_each_hypergraph_for_its_cls_output_only(tiny_model, monkeypatch):
+    """Spec section 4: the loss needs only the CLS output, whose k+1-row shortcut is exact. An encoder that
+    ran the full N-token hypergraph and took its row 0 gives the same loss, at O(N^2 D) work and memory per
+    sample instead of O(k N D): only the calls tell the two apart."""
+    model = copy.deepcopy(tiny_model).train()
+    calls = []
+    for name in ("image_hgnn", "text_hgnn"):
+        module = getattr(model, name)
+
+        def spy(*args, _real=module.forward, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("cls_only")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "forward", spy)
+    images, token_ids, labels = _batch(model, batch=3)
+    model.loss(images.float(), token_ids, labels).backward()
+    assert calls == [("image_hgnn", True), ("text_hgnn", True)]
+
+
 def test_only_adapters_lora_and_scale_train(tiny_model):
     model = copy.deepcopy(tiny_model).train()
     images, token_ids, labels = _batch(model, batch=3)
