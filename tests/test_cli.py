@@ -1250,6 +1250,24 @@ def _random_image(width, height, mode="L", seed=0):
     return Image.fromarray(array[..., 0] if mode == "L" else array, mode)
 
 
+def test_images_are_normalised_with_openai_clips_mean_and_std():
+    """Spec section 1: OpenAI CLIP's image mean and std, as BiomedCLIP's open_clip config records them. The
+    transform tests take CLIP_MEAN and CLIP_STD from ace_model.data itself, so another pair there (ImageNet's
+    0.485/0.456/0.406, a typo) shifted every image the model sees without failing them."""
+    from ace_model.data import CLIP_MEAN, CLIP_STD
+    from ace_model.model import CONFIG_ROOT
+
+    for name in ("biomedclip", "tiny"):
+        preprocess = json.loads((CONFIG_ROOT / name / "open_clip_config.json").read_text())["preprocess_cfg"]
+        assert (list(CLIP_MEAN), list(CLIP_STD)) == (preprocess["mean"], preprocess["std"]), name
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    try:
+        import open_clip
+    except ImportError:
+        return
+    assert (CLIP_MEAN, CLIP_STD) == (tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD))
+
+
 @pytest.mark.parametrize("size,mode", [((390, 320), "L"), ((320, 390), "RGB"), ((225, 1000), "L"), ((100, 77), "L"),
                                        ((224, 224), "RGB")])
 def test_zero_shot_images_get_open_clips_evaluation_transform(size, mode, tmp_path):
