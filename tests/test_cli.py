@@ -140,6 +140,16 @@ def test_metrics_per_task():
 # ---------------------------------------------------------------------------------------
 
 
+def test_the_default_prompt_ensemble_is_the_papers():
+    """Spec section 6: the zero-shot prompts are "a chest X-ray image of {c}." and "Findings suggesting {c}.".
+    The ensemble's tests take their prompts from TEMPLATES itself, so another wording there passed them."""
+    import inspect
+
+    assert TEMPLATES == ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
+    for function in (class_embeddings, evaluate):
+        assert inspect.signature(function).parameters["templates"].default is TEMPLATES, function.__name__
+
+
 def test_class_embeddings_average_tokens_and_cls_rows_over_templates(tiny):
     classes = ["edema", "pleural effusion", "no finding"]
     batched = class_embeddings(tiny, classes)
