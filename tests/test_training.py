@@ -630,6 +630,26 @@ def test_a_run_does_not_depend_on_torch_defaults(tmp_path, default):
     assert torch.empty(1).dtype == torch.float32 and torch.empty(1).device.type == "cpu"
 
 
+def test_use_labels_false_trains_a_labelled_dataset_with_the_plain_clip_loss(tmp_path):
+    """A dataset passed to train() with labels (as a CSV one with label columns) and use_labels=False
+    (--no-labels): every step's loss gets no labels, the plain CLIP loss. Only CSV runs had been tried, whose
+    dataset then reads no label columns: a loop that passed a caller's labels on anyway trained the
+    label-guided loss unnoticed."""
+    for use_labels in (False, True):
+        seen = []
+
+        def loss_fn(image_emb, text_emb, logit_scale, labels=None):
+            seen.append(labels)
+            return dense_label_infonce(image_emb, text_emb, logit_scale, labels)
+
+        model = make_model("standin", seed=3)
+        train(_config(tmp_path, out_dir=str(tmp_path / f"run-{use_labels}"), epochs=1, checkpoint_every=0,
+                      warmup_epochs=0, use_labels=use_labels),
+              model=model, dataset=RandomPairs(model, 8, seed=1), loss_fn=loss_fn)
+        assert len(seen) == 2
+        assert all((labels is not None) == use_labels for labels in seen), use_labels
+
+
 def _pairs_csv(tmp_path, name: str, column: str | None = None, cell=lambda row: "") -> dict:
     """A one-step tiny run's config on 4 synthetic pairs (image and text columns only) written to
     ``name``, with one more column ``column`` holding ``cell(row)`` when given."""
