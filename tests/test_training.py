@@ -363,6 +363,35 @@ def test_train_loop_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 4
 
 
+def test_a_run_is_adamw_with_its_settings_on_the_cosine_schedule_step_by_step(tmp_path):
+    """train() against the recipe written out (spec section 6): per step zero the gradients, the loss of the
+    batch, backward, AdamW with the config's lr, betas, eps and weight decay, then the schedule. A batch of the
+    whole dataset (one step an epoch) makes the data order irrelevant to the loss (a permutation of its rows).
+    The other tests compare runs with runs, so an optimizer that dropped the weight decay (or the betas, or
+    kept the last step's gradients) passed them; settings other than the defaults tell those apart."""
+    settings = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    model = make_model("standin", dropout=0.0, seed=3)
+    data = RandomPairs(model, 8, seed=1)
+    ref = make_model("standin", dropout=0.0, seed=3)
+    train(_config(tmp_path, epochs=4, batch_size=8, warmup_steps=1, checkpoint_every=0, **settings), model=model,
+          dataset=data, loss_fn=dense_label_infonce)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, **settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, 1, 4))
+    for _ in range(4):
+        optimizer.zero_grad(set_to_none=True)
+        dense_label_infonce(ref.encode_image(data.images), ref.encode_text(data.token_ids), ref.logit_scale,
+                            data.labels).backward()
+        optimizer.step()
+        scheduler.step()
+    moved = False
+    for (name, got), want in zip(training.trainable_named_parameters(model), params):
+        # Row order changes only the summation order; Adam turns that into at most ~1e-6 of a weight here.
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        moved |= not torch.equal(want.detach(), make_model("standin", dropout=0.0, seed=3).get_parameter(name))
+    assert moved
+
+
 class _RecordingPairs(RandomPairs):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
