@@ -76,10 +76,11 @@ def _compare(model, reference, loss, ref_loss):
         assert error <= F64_RTOL * max(scale, 1e-12) + 1e-14, f"{name}: max error {error:.3e} vs scale {scale:.3e}"
 
 
-def test_equivalence_eval_mode(tiny_model):
-    model = _perturbed_fp64(tiny_model).eval()
+def _check_against_reference(model, batch=5, labelled=True):
+    """The loss and every trainable gradient of `model` (in eval mode) against the reference's, on a copy."""
     reference = copy.deepcopy(model)
-    images, token_ids, labels = _batch(model)
+    images, token_ids, labels = _batch(model, batch=batch)
+    labels = labels if labelled else None
     loss = model.loss(images, token_ids, labels)
     loss.backward()
     ref_loss = ref.reference_loss(reference, images, token_ids, labels)
@@ -87,15 +88,12 @@ def test_equivalence_eval_mode(tiny_model):
     _compare(model, reference, loss, ref_loss)
 
 
+def test_equivalence_eval_mode(tiny_model):
+    _check_against_reference(_perturbed_fp64(tiny_model).eval())
+
+
 def test_equivalence_plain_clip_loss_without_labels(tiny_model):
-    model = _perturbed_fp64(tiny_model).eval()
-    reference = copy.deepcopy(model)
-    images, token_ids, _ = _batch(model, batch=3)
-    loss = model.loss(images, token_ids)
-    loss.backward()
-    ref_loss = ref.reference_loss(reference, images, token_ids)
-    ref_loss.backward()
-    _compare(model, reference, loss, ref_loss)
+    _check_against_reference(_perturbed_fp64(tiny_model).eval(), batch=3, labelled=False)
 
 
 def test_equivalence_with_lora_dropout(tiny_model):
@@ -133,13 +131,7 @@ def test_a_multiplier_above_open_clips_clamp_is_used_as_it_is(tiny_model):
     model = _perturbed_fp64(tiny_model).eval()
     with torch.no_grad():
         model.logit_scale.fill_(150.0)
-    reference = copy.deepcopy(model)
-    images, token_ids, labels = _batch(model)
-    loss = model.loss(images, token_ids, labels)
-    loss.backward()
-    ref_loss = ref.reference_loss(reference, images, token_ids, labels)
-    ref_loss.backward()
-    _compare(model, reference, loss, ref_loss)
+    _check_against_reference(model)
     assert model.logit_scale.grad.abs().item() > 0
 
 
