@@ -1175,6 +1175,36 @@ def test_triton_blocked_strategy_fp16_rounds_like_the_one_pass_kernels(device, m
         torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend,blocked", [("torch", False), pytest.param("triton", False, marks=pytest.mark.triton),
+                                             pytest.param("triton", True, marks=pytest.mark.triton)],
+                         ids=["torch", "triton_one_pass", "triton_blocked"])
+def test_fp16_gradients_are_rounded_once_after_the_factor(backend, blocked, device, monkeypatch):
+    """fp16 embeddings: each gradient is ``coef * s * (W @ b)`` with ``W @ b`` accumulated in fp32 and
+    rounded to fp16 once, after the factor. Every similarity is 1 (``u_i = (1, 0, y_i)``, ``t_j = (1,
+    x_j, 0)``), so the softmax weights are 2/n and 2/n - 2 exactly in fp16, every fp32 sum is exact,
+    and the factor 3/8 is exact: the result must be the exact value rounded once. Rounding ``W @ b``
+    to fp16 before the factor moves every element of the x and y columns by an fp16 ulp."""
+    n, s = 4, 3.0
+    x = torch.tensor([1.0, 1.0, 3 * 2**-12, 3 * 2**-12], dtype=torch.float64)
+    y = torch.tensor([1.0, 2**-11, 2**-11, 2**-13], dtype=torch.float64)
+    u64 = torch.stack([torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), y], dim=1)
+    t64 = torch.stack([torch.ones(n, dtype=torch.float64), x, torch.zeros(n, dtype=torch.float64)], dim=1)
+    weights = torch.full((n, n), 2 / n, dtype=torch.float64) - 2 * torch.eye(n, dtype=torch.float64)
+    factor = s / (2 * n)  # the loss is the mean of 2n cross-entropies
+    want = [(factor * (weights @ t64)).half(), (factor * (weights.T @ u64)).half()]
+    # The double rounding would differ in every row (what makes this test able to fail).
+    assert all((((weights @ b).float().half().double() * factor).half() != w)[:, col].all()
+               for b, w, col in ((t64, want[0], 1), (u64, want[1], 2)))
+    u, t = (a.half().to(device).requires_grad_() for a in (u64, t64))
+    scale = torch.tensor(s, device=device)
+    with _blocked_strategy(monkeypatch, torch.float16, 3) if blocked else contextlib.nullcontext() as calls:
+        got = torch.autograd.grad(ace_kernels.label_guided_infonce(u, t, scale, backend=backend), [u, t])
+    assert calls == ({"lse": 1, "grad": 2} if blocked else None)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float16
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+
+
 def _check_within_twice_torch_error(batch, dim, dtype, op, context=contextlib.nullcontext):
     """``op(u, t, s, labels)`` (GPU, ``dtype`` embeddings, fp32 scale; forward and backward inside
     ``context()``) against the fp64 oracle: each of the loss and the three gradients at most 2x
