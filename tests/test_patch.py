@@ -1313,6 +1313,32 @@ def test_in_place_change_of_input_invalidates_kept_outputs():
     _assert_same(before, after)
 
 
+def test_kept_outputs_are_not_served_to_a_member_called_under_autocast():
+    """The kept outputs are keyed on the autocast state too: a member called with the same input
+    inside an autocast region its attention opens after the first member's call computes in the
+    autocast dtype, as its original does, not the full-precision output kept for it."""
+
+    class AutocastKey(ReferenceAttention):
+        def forward(self, x):
+            q = self.q_proj(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                k = self.k_proj(x)
+            return q, k, self.v_proj(x)
+
+    torch.manual_seed(9)
+    attention = _randomise_lora(AutocastKey(16, 2, r=2)).train()
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        want = attention(x)
+        with ace_kernels.patch(attention) as handle:
+            got = attention(x)
+            # k misses q's kept outputs (autocast on) and v k's (autocast off again): three calls.
+            assert handle.stats() == {"lora_qkv": 3}, handle.stats()
+    assert [t.dtype for t in got] == [torch.float32, torch.bfloat16, torch.float32]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
 def test_kept_outputs_never_outlive_the_attention_forward():
     """Outputs kept inside one attention forward for members it did not call are dropped when it
     returns, and when it raises (the hook runs with always_call); members called after a forward,
