@@ -506,6 +506,7 @@ def test_peft_merged_disabled_multi_adapter_fall_back_exactly():
     with ace_kernels.patch(model) as handle:
         fallback = [r for r in handle.records if r.status == "fallback"]
         assert len(fallback) == 2 and all("merged" in r.reason for r in fallback)
+        assert handle.patched == fallback and not handle.skipped  # swapped, falling back for now
         text = handle.summary()
         assert "falling back" in text and "merged" in text and "{query,key,value}" in text
         # Same code path as PEFT's own forward: bitwise equal.
