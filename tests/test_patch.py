@@ -2093,6 +2093,14 @@ def test_errors_inside_a_patched_forward_name_the_module():
     if sys.version_info >= (3, 11):  # BaseException.add_note
         notes = getattr(info.value, "__notes__", [])
         assert len(notes) == 1 and "'base_model.model.encoder.layer.0.attention.self.query.forward'" in notes[0], notes
+    # Raised in a patched layer that a patched loss forward calls: one note, naming the layer that raised.
+    clip, loss_fn, images, texts, frame = _reference_setup()
+    with ace_kernels.patch(nn.ModuleList([clip, loss_fn]), backend={"lora_qkv": "triton", "lora_linear": "triton"}):
+        with pytest.raises(RuntimeError, match="float64") as info:
+            loss_fn(clip, images, texts, frame, [0, 1, 2, 3, 4])
+    if sys.version_info >= (3, 11):
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1 and "(raised in ReferenceLoRALinear '0." in notes[0], notes
 
 
 def test_open_clip_clip_loss_dtype_under_autocast():
