@@ -2767,6 +2767,10 @@ def test_each_fused_call_gets_the_backend_given_for_its_op(monkeypatch):
         loss_fn(clip, images, texts, frame, [0, 1, 2, 3, 4])
         assert {"lora_linear", "lora_qkv", "ace_hypergraph cls_only", "label_guided_infonce"} <= set(handle.stats())
     assert seen == set(backend.items()), seen
+    with ace_kernels.patch(single, backend={"lora_qkv": "torch"}):
+        seen.clear()
+        single(torch.randn(3, 8, dtype=torch.float64))
+    assert seen == {("lora_linear", "auto")}, seen  # an op the dict leaves out gets "auto"
 
 
 def test_an_adapter_replaced_by_another_object_of_the_same_class_is_checked_again():
