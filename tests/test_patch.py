@@ -2150,6 +2150,30 @@ def test_clip_losses_take_features_of_two_dtypes_under_autocast():
             torch.testing.assert_close(g.double(), e, rtol=0, atol=2 ** -7 * e.abs().max().item())
 
 
+def test_clip_losses_read_features_of_one_dtype_as_they_are_under_autocast():
+    """Two float32 features under autocast are read as they are (a documented difference: the originals'
+    logit matmul computes in bf16): the patched losses give the float32 loss of those features, not the
+    loss of their bf16 roundings (off by about 1e-3 here)."""
+    from ace_kernels.contrastive import label_guided_infonce
+
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    torch.manual_seed(13)
+    image = F.normalize(torch.randn(6, 16), dim=-1)
+    text = F.normalize(torch.randn(6, 16), dim=-1)
+    frame = FakeFrame(np.array([[i, 0, i % 3] for i in range(6)], dtype=np.float64))
+    labels = torch.tensor([[i % 3] for i in range(6)], dtype=torch.float64)
+    for loss_module, run, want in (
+            (open_clip_loss.ClipLoss(), lambda m: m(image, text, 10.0),
+             label_guided_infonce(image, text, 10.0, None, backend="torch")),
+            (ReferenceCLIPLoss(), lambda m: m(image, text, frame, list(range(6))),
+             label_guided_infonce(image, text, 10.0, labels, backend="torch"))):
+        with ace_kernels.patch(loss_module) as handle, torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run(loss_module)
+        assert handle.stats() == {"label_guided_infonce": 1}, handle.stats()
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_patch_called_inside_autocast_recognises_what_it_recognises_outside():
     """The patch-time probes run on CPU copies with the CPU's autocast off: called inside a CPU autocast region,
     patch() skipped the reference losses and apply_ace_hgat (their probes ran the originals in bf16 against the
