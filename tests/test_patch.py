@@ -3578,6 +3578,21 @@ def test_open_clip_clip_loss_rare_states():
     assert isinstance(want, RuntimeError) and type(got) is type(want) and str(got) == str(want)
 
 
+def test_open_clip_clip_loss_of_another_rank_than_torch_distributeds_falls_back(monkeypatch):
+    """A ClipLoss whose rank is not torch.distributed's (its world size the same) is recorded as falling back,
+    naming both (open_clip places the local rows by its own rank, the fused loss by the process group's).
+    torch.distributed is stubbed: no process group is started."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    for rank, status, reason in ((0, "patched", "-> label_guided_infonce"),
+                                 (1, "fallback", "world_size=2, local_loss=False, gather_with_grad=False: rank/world "
+                                                 "size differ from torch.distributed's (0/2)")):
+        with ace_kernels.patch(open_clip_loss.ClipLoss(rank=rank, world_size=2)) as handle:
+            assert [(r.status, r.reason) for r in handle.records] == [(status, reason)]
+
+
 # ----------------------------------------------------------------------------------------
 # Audit fixes: adapters hooked or wrapped on the instance; what the summary says
 # ----------------------------------------------------------------------------------------
