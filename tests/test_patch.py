@@ -1398,6 +1398,26 @@ def test_members_whose_dropout_modes_differ_are_not_grouped():
     assert not torch.allclose(k, no_dropout(attention.k_proj)) and not torch.allclose(v, no_dropout(attention.v_proj))
 
 
+def test_a_member_shared_by_two_attentions_is_claimed_by_the_first_group_only():
+    """A LoRA layer in two attentions' q/k/v triples (a shared q_proj) belongs to the first one's group: the
+    second attention's other members are patched one by one, the shared layer is not patched again, and
+    the two attentions compute what they did unpatched."""
+    torch.manual_seed(12)
+    first, second = ReferenceAttention(16, 2, r=2), ReferenceAttention(16, 2, r=2)
+    second.q_proj = first.q_proj
+    model = _randomise_lora(nn.ModuleList([first, second]).double()).train()
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+    run = lambda m, a: m[1](m[0](a))  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    with ace_kernels.patch(model) as handle:
+        assert [(r.name, r.kind, r.status) for r in handle.records] == [
+            ("0.{q_proj,k_proj,v_proj}", "qkv-group (reference-lora-linear x3)", "patched"),
+            ("1.k_proj", "reference-lora-linear", "patched"), ("1.v_proj", "reference-lora-linear", "patched")]
+        after = _forward_backward(model, run, (x,))
+    _assert_same(before, after)
+    _assert_original_forwards(model)
+
+
 def test_group_qkv_false_keeps_members_apart():
     """patch(..., group_qkv=False), as documented for an attention that changes q in place: each
     member is its own lora_linear layer (a grouped q would be a view autograd refuses to change
