@@ -2110,9 +2110,14 @@ def test_errors_inside_a_patched_forward_name_the_module():
     with ace_kernels.patch(model, backend={"lora_qkv": "triton", "lora_linear": "triton"}):
         with pytest.raises(RuntimeError, match="float64") as info:
             _run_bert(model, embeds)
+        copied = copy.deepcopy(model)  # a patched copy names its modules too
+    with pytest.raises(RuntimeError, match="float64") as copied_info:
+        _run_bert(copied, embeds)
     if sys.version_info >= (3, 11):  # BaseException.add_note
-        notes = getattr(info.value, "__notes__", [])
-        assert len(notes) == 1 and "'base_model.model.encoder.layer.0.attention.self.query.forward'" in notes[0], notes
+        for raised in (info.value, copied_info.value):
+            notes = getattr(raised, "__notes__", [])
+            assert len(notes) == 1 and "'base_model.model.encoder.layer.0.attention.self.query.forward'" in notes[0], \
+                notes
     # Raised in a patched layer that a patched loss forward calls: one note, naming the layer that raised.
     clip, loss_fn, images, texts, frame = _reference_setup()
     with ace_kernels.patch(nn.ModuleList([clip, loss_fn]), backend={"lora_qkv": "triton", "lora_linear": "triton"}):
