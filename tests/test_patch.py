@@ -509,6 +509,8 @@ def test_peft_merged_disabled_multi_adapter_fall_back_exactly():
         assert handle.patched == fallback and not handle.skipped  # swapped, falling back for now
         text = handle.summary()
         assert "falling back" in text and "merged" in text and "{query,key,value}" in text
+        # Listed under their own heading, not among the fused ones.
+        assert "\nfalling back to the original forward:\n" in text and "\npatched:" not in text, text
         # Same code path as PEFT's own forward: bitwise equal.
         torch.testing.assert_close(_run_bert(model, embeds), merged_out, rtol=0, atol=0)
         assert set(handle.stats()) == {"fallback peft-lora-linear: adapter merged into the base weight"}
