@@ -2299,6 +2299,16 @@ def test_reference_look_alikes_that_compute_otherwise_are_skipped():
         statuses = {r.name: (r.status, r.reason) for r in handle.records}
         assert statuses["apply_ace_hgat"] == (
             "skipped", "apply_ace_hgat (img) does not compute the reference's hypergraph (a probe differs)")
+
+    class TextResidualHypergraph(ReferenceACELoss):
+        def apply_ace_hgat(self, features, attn_weights, encoder="img"):
+            out = super().apply_ace_hgat(features, attn_weights, encoder)
+            return features + out if encoder == "text" else out
+
+    with ace_kernels.patch(TextResidualHypergraph(20, topk=3).double()) as handle:  # the probe tries both encoders
+        statuses = {r.name: (r.status, r.reason) for r in handle.records}
+        assert statuses["apply_ace_hgat"] == (
+            "skipped", "apply_ace_hgat (text) does not compute the reference's hypergraph (a probe differs)")
     other = OtherLoss(20, topk=3).double()
     with ace_kernels.patch(other) as handle:
         statuses = {r.name: (r.status, r.reason) for r in handle.records}
