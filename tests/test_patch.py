@@ -1662,7 +1662,7 @@ def test_patched_reference_layout_pickles_and_deep_copies():
 
 def test_reference_labels_compare_as_numpys_equality():
     """Label cells compare as the reference's numpy == does: None equals None, "1" is not 1,
-    int64 above 2**53 stays exact, a NaN matches nothing."""
+    int64 above 2**53 stays exact, float64 cells equal in float32 differ, a NaN matches nothing."""
     torch.manual_seed(0)
     loss_module = ReferenceCLIPLoss(logit_scale=12.0).double()
     image = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
@@ -1672,6 +1672,7 @@ def test_reference_labels_compare_as_numpys_equality():
         np.array([[0, 0, "1", 0], [1, 0, 1, 0], [2, 0, 1.0, 1], [3, 0, "0", 1]], dtype=object),
         np.array([[0, 0, 2**53], [1, 0, 2**53 + 1], [2, 0, 5], [3, 0, 6]], dtype=np.int64),
         np.array([[0, 0, np.nan, 1], [1, 0, np.nan, 1], [2, 0, 1, 0], [3, 0, 0, 0]]),
+        np.array([[0, 0, 1.0], [1, 0, 1.0 + 1e-12], [2, 0, 0.5], [3, 0, 1.0]]),  # float64 cells compare as float64
         np.array([[0, 0, True], [1, 0, False], [2, 0, True], [3, 0, True]]),
     ]
     dates = np.array(["2024-01-01", "NaT", "2024-01-01", "NaT"], dtype="datetime64[ns]")
