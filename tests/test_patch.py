@@ -2234,7 +2234,7 @@ def test_patched_training_model_without_dropout_never_merges(device):
 
 def test_a_layer_whose_forward_is_already_wrapped_is_left_as_it_runs():
     """accelerate-style hooks set ``forward`` on the instance: the fused call would skip the
-    wrapper, so such a layer (and the q/k/v group it belongs to) is skipped, with the reason."""
+    wrapper, so such a layer (and the q/k/v group it belongs to), or loss, is skipped, with the reason."""
     model = _bert()
     attention = model.base_model.model.encoder.layer[0].attention.self
     inner = attention.query.forward
@@ -2259,6 +2259,13 @@ def test_a_layer_whose_forward_is_already_wrapped_is_left_as_it_runs():
         assert statuses["apply_ace_hgat"][0] == "skipped" and "replaced on the instance" in statuses[
             "apply_ace_hgat"][1]
         assert statuses["forward"][0] == "patched"
+    # A loss whose forward is wrapped on the instance: the fused forward would skip the wrapper.
+    for loss_module in (ReferenceCLIPLoss(), loss_fn):
+        inner = loss_module.forward
+        loss_module.forward = lambda *a, _inner=inner, **k: _inner(*a, **k)
+        with ace_kernels.patch(loss_module, hypergraph=False) as handle:
+            assert [(r.status, "replaced on the instance" in r.reason) for r in handle.records] == [("skipped", True)]
+            assert loss_module.forward.__name__ == "<lambda>"
 
 
 def test_reference_look_alikes_that_compute_otherwise_are_skipped():
