@@ -280,6 +280,29 @@ def test_an_extension_cut_short_is_named_and_not_loaded(tmp_path):
     assert _cut_short(__file__) is None  # not an ELF file: the loader's own error says so
 
 
+def test_the_cut_short_check_reads_the_segments_and_takes_a_file_of_exactly_its_length_as_whole(tmp_path):
+    """A library whose section header table is stripped (sstrip: no section headers) says where it
+    ends by its segments only; a file exactly as long as its headers say is whole, one byte less is not."""
+    import struct
+
+    def library(data_end: int, size: int) -> str:
+        header = bytearray(64)
+        header[:6] = b"\x7fELF\x02\x01"  # 64-bit, little-endian
+        struct.pack_into("<QQ", header, 32, 64, 0)  # the program headers right after this one; no section headers
+        struct.pack_into("<HHHH", header, 54, 56, 1, 64, 0)
+        segment = bytearray(56)
+        struct.pack_into("<QQ", segment, 8, 0, 0)
+        struct.pack_into("<Q", segment, 32, data_end)  # p_filesz of a segment from byte 0
+        path = tmp_path / f"lib_{size}.so"
+        path.write_bytes(bytes(header + segment).ljust(size, b"\0"))
+        return str(path)
+
+    assert _dispatch._cut_short(library(4096, 4096)) is None
+    assert _dispatch._cut_short(library(4096, 5000)) is None
+    short = _dispatch._cut_short(library(4096, 4095))
+    assert short is not None and "is cut short (4095 bytes, its ELF headers place data up to byte 4096" in short
+
+
 # --------------------------------------------------------------------------- measured backend order
 
 def _gpu_payload(rows, device="NVIDIA H100 80GB HBM3"):
