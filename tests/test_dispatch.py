@@ -929,6 +929,17 @@ def _fake_cards(monkeypatch, optin_kib: dict, names: dict | None = None):
     return reads
 
 
+def test_a_launch_needing_exactly_the_blocks_shared_memory_fits(monkeypatch):
+    """A block may use all the shared memory the card gives it (opted in): a need equal to the limit
+    runs, one byte more is declined naming both."""
+    _fake_cards(monkeypatch, {0: 227})
+    device = torch.device("cuda", 0)
+    assert _dispatch.shared_memory_reasons(device, 227 * 1024, "a launch") == []
+    assert _dispatch.shared_memory_reasons(device, 227 * 1024 + 1, "a launch") == [
+        f"a launch needs {227 * 1024 + 1} bytes of shared memory per block, cuda:0 allows {227 * 1024} "
+        "(shared_memory_per_block_optin)"]
+
+
 def test_infonce_triton_declines_a_gpu_whose_blocks_have_too_little_shared_memory(monkeypatch):
     """The 16-bit one-pass forward at D = 512 needs 193 KiB of shared memory per block (sm_90a): on
     an A100 (163 KiB) or an sm_86/89 card (99 KiB) Triton would fail at the launch. auto takes torch
