@@ -1123,6 +1123,9 @@ def test_shared_memory_needs_are_not_checked_under_the_interpreter_or_off_cuda(m
     u = torch.zeros(8, 512, dtype=torch.float16)
     assert contrastive._triton_check(u, u) == []
     assert _dispatch.shared_memory_reasons(u.device, 10**9, "a launch") == []
+    # A CUDA device too (a GPU machine under the interpreter, whose Triton backend declines CUDA tensors).
+    assert _dispatch.shared_memory_limit(torch.device("cuda", 0)) is None
+    assert _dispatch.shared_memory_reasons(torch.device("cuda", 0), 10**9, "a launch") == []
     monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
     assert _dispatch.shared_memory_reasons(u.device, 10**9, "a launch") == []
 
