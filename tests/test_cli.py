@@ -208,6 +208,7 @@ def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
     ({"class_names": []}, r"argument 'class_names': expected at least one class name, got none"),
     ({"class_names": ["edema", "edema"]}, r"argument 'class_names': 'edema' is given 2 times"),
     ({"class_names": ["edema", ""]}, r"argument 'class_names': expected non-empty strings, got ''"),
+    ({"class_names": ["edema", " \t"]}, r"argument 'class_names': expected non-empty strings, got ' \\t'"),
     ({"templates": ()}, r"argument 'templates': expected at least one template, got none"),
     ({"templates": ("a chest X-ray.",)}, r"argument 'templates': 'a chest X-ray.' has no \{c\} field"),
     ({"templates": ("{c} in {region}",)}, r"argument 'templates': '\{c\} in \{region\}' has fields other than \{c\} "
