@@ -82,6 +82,15 @@ def test_a_forced_configuration_reaches_other_threads():
     assert _tuning.forced_config("lora", "backward", "16bit") is None
 
 
+def test_a_forced_configuration_ends_with_its_block_when_the_block_raises():
+    # A candidate that fails inside the sweep's block (an error at its launch) must not stay forced
+    # for every later launch of the kernel in the process.
+    with pytest.raises(RuntimeError, match="^the launch failed$"):
+        with _tuning.forced("lora", "down", "16bit", DOWN[0]):
+            raise RuntimeError("the launch failed")
+    assert _tuning.forced_config("lora", "down", "16bit") is None
+
+
 @pytest.mark.triton
 def test_forced_configurations_reach_the_backward_kernels(device, monkeypatch):
     """What the sweep forces around a step reaches the kernels of its backward (on a GPU,
