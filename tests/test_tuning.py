@@ -494,6 +494,11 @@ def test_the_kernel_digest_reads_the_jit_functions_of_the_file_as_imported(tmp_p
     assert digest(f"import triton\n# a note\n\ndef helper():\n    pass\n\n{kernel}") == base
     assert digest(f"import triton\nif triton is not None:\n    {kernel.replace(chr(10), chr(10) + '    ')}") == base
     assert digest(f"import triton\n{kernel.replace('x + 1', 'x + 2')}") != base
+    # Only triton's jit: another library's jit decorator does not make a kernel.
+    assert digest(f"import triton\nimport numba\n{kernel}\n@numba.jit\ndef other(y):\n    return y\n") == base
+    # Kernels count by name, not by their order in the file.
+    second = "@triton.jit\ndef a(y):\n    return y * 2\n"
+    assert digest(f"import triton\n{kernel}\n{second}") == digest(f"import triton\n{second}\n{kernel}")
     # A kernel decorated with arguments, @triton.jit(...), is one too.
     called = kernel.replace("@triton.jit", "@triton.jit(do_not_specialize=['x'])")
     assert digest(f"import triton\n{called}") != digest(f"import triton\n{called.replace('x + 1', 'x + 2')}")
