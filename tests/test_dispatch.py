@@ -791,6 +791,21 @@ def test_another_copys_extension_is_declined(tmp_path, monkeypatch):
             vars(ace_kernels).pop("_C", None)
 
 
+def test_this_copys_extension_reached_through_a_symlink_is_its_own(tmp_path, monkeypatch):
+    """The package folder named by another path (a symlink to it, as a checkout under a linked home
+    folder) is still this copy's: its extension is not declined as another copy's."""
+    import types
+
+    here = os.path.dirname(os.path.abspath(_dispatch.__file__))
+    (tmp_path / "linked").symlink_to(here, target_is_directory=True)
+    module = types.ModuleType("ace_kernels._C")
+    module.__file__ = str(tmp_path / "linked" / "_C.so")
+    monkeypatch.setitem(sys.modules, "ace_kernels._C", module)
+    assert _dispatch._extension_elsewhere() is None
+    module.__file__ = str(tmp_path / "_C.so")  # a folder of its own: another copy's
+    assert "is another copy's" in _dispatch._extension_elsewhere()
+
+
 def test_the_sources_fingerprint_leaves_hidden_files_out(tmp_path):
     """setup.py compiles what glob finds, which skips hidden names: an editor's lock file beside a
     source (Emacs's .#kernel.cu, a link to nowhere) or a hidden folder is not part of the build, and
