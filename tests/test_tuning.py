@@ -91,6 +91,13 @@ def test_a_forced_configuration_ends_with_its_block_when_the_block_raises():
     assert _tuning.forced_config("lora", "down", "16bit") is None
 
 
+def test_a_forced_configuration_is_handed_out_as_a_copy():
+    # A launch that completes the configuration it gets (a derived key, say) leaves the forced one as it was.
+    with _tuning.forced("lora", "down", "16bit", DOWN[0]):
+        _tuning.forced_config("lora", "down", "16bit")["BLOCK_M"] = 1
+        assert _tuning.launch_config("lora", "down", "16bit", None, DEFAULT_DOWN) == DOWN[0]
+
+
 @pytest.mark.triton
 def test_forced_configurations_reach_the_backward_kernels(device, monkeypatch):
     """What the sweep forces around a step reaches the kernels of its backward (on a GPU,
