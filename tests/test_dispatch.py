@@ -145,6 +145,14 @@ def test_info_reports_every_backend(capsys):
     assert all(line.split()[-1] == "torch" for line in order_lines)  # the exact path is always last
     # And the launch configurations a sweep recorded (for which cards, or on this one).
     assert tuned_block.startswith("tuned launch configurations")
+    if not torch.cuda.is_available():  # the CPU suite: no card, so every card the file has
+        from ace_kernels import _tuning
+
+        cards = ", ".join(sorted(_tuning.tuned_configs())) or "no card"
+        assert tuned_block.strip() == f"tuned launch configurations: recorded for {cards}"
+        if _dispatch.interpreter_enabled():
+            assert ("\nauto tries, in order (it skips triton here: the interpreter runs only when asked for, "
+                    "backend='triton'):\n") in out
 
 
 def test_info_reports_the_environment_variable(capsys, monkeypatch):
