@@ -209,13 +209,15 @@ def test_info_says_cuda_is_unavailable_where_the_extension_has_code_for_no_visib
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability[index])
     monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: "Card A")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(_dispatch, "_ONCE", {"_extension": (types.SimpleNamespace(CUDA_ARCHS="sm_90a",
-                                                                                 __file__="/x/_C.so"), None)})
+    # (machine code, then PTX, as setup.py joins TORCH_CUDA_ARCH_LIST's targets)
+    extension = types.SimpleNamespace(CUDA_ARCHS="sm_90a__compute_90", __file__="/x/_C.so")
+    monkeypatch.setattr(_dispatch, "_ONCE", {"_extension": (extension, None)})
     monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
     lines = info.report().splitlines()
-    assert "extension ace_kernels._C: loaded from /x/_C.so (code for sm_90a)" in lines
+    assert "extension ace_kernels._C: loaded from /x/_C.so (code for sm_90a, compute_90)" in lines
     (cuda,) = [line for line in lines if line.split()[:1] == ["cuda"]]
-    assert cuda.startswith("  cuda    unavailable: ace_kernels._C holds code for sm_90a only, not for cuda:0 (sm_80)")
+    assert cuda.startswith("  cuda    unavailable: ace_kernels._C holds code for sm_90a, compute_90 only, not for "
+                           "cuda:0 (sm_80)")
     assert "not for cuda:1 (sm_80)" in cuda
     capability[1] = (9, 0)
     monkeypatch.setattr(_dispatch, "_ARCH_REASONS", {})
