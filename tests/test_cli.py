@@ -205,6 +205,7 @@ def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
 
 @pytest.mark.parametrize("kwargs,expected", [
     ({"class_names": "edema"}, r"argument 'class_names': expected a list of class name strings, got str 'edema'"),
+    ({"class_names": b"edema"}, r"argument 'class_names': expected a list of class name strings, got bytes b'edema'"),
     ({"class_names": []}, r"argument 'class_names': expected at least one class name, got none"),
     ({"class_names": ["edema", "edema"]}, r"argument 'class_names': 'edema' is given 2 times"),
     ({"class_names": ["edema", ""]}, r"argument 'class_names': expected non-empty strings, got ''"),
