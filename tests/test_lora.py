@@ -465,6 +465,7 @@ ERROR_CASES = [
     ("scaling_nan", "linear", "scaling", lambda v: float("nan"), "argument 'scaling': expected a finite number"),
     ("scaling_inf", "qkv", "scaling", lambda v: float("-inf"), "argument 'scaling': expected a finite number"),
     ("scaling_huge_int", "qkv", "scaling", lambda v: 10**400, "argument 'scaling': expected a finite number"),
+    ("scaling_complex", "linear", "scaling", lambda v: 1j, "argument 'scaling': expected a Python number, got complex"),
     ("dropout_huge_int", "linear", "dropout_p", lambda v: -10**400, r"argument 'dropout_p': expected a float in \[0, 1\)"),
     ("dropout_one", "linear", "dropout_p", lambda v: 1.0, "argument 'dropout_p'"),
     ("dropout_negative", "qkv", "dropout_p", lambda v: -0.1, "argument 'dropout_p'"),
