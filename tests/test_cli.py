@@ -240,6 +240,11 @@ def test_embeddings_are_taken_in_eval_mode_and_the_mode_kept(tiny, synthetic):
     assert model.training
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # Also when the encoding fails: the model is left in the mode it had, not in eval mode.
+    model.text_tokens = lambda token_ids: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="^out of memory$"):
+        class_embeddings(model, ["edema", "effusion"])
+    assert model.training
 
 
 def test_evaluate_checks_the_label_columns_before_encoding(tiny, synthetic, monkeypatch):
