@@ -130,6 +130,23 @@ def test_tiny_round_trip_and_default_metadata(tiny, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_default_metadata_records_the_models_own_rank_and_k(tmp_path):
+    """A model never loaded from a file records its own r, topk and k_nearest: the tiny model's rank 4 and k 5 are
+    the defaults, so a save that wrote those constants passed every other test, and its file was then refused by the
+    model that wrote it ("metadata['r'] is 4, this model needs 2")."""
+    from ace_model.model import build_base_model
+
+    torch.manual_seed(3)
+    model = ACELoRA(build_base_model("tiny"), "tiny", rank=2, topk=3)
+    path = tmp_path / "r2.pt"
+    model.save_reference_checkpoint(path)
+    assert _load(path)["metadata"] == {"r": 2, "topk": 3, "k_nearest": 3, "params": ["q", "k", "v"],
+                                       "position": "all", "loss_type": "clip_loss_ace_hgnn"}
+    model.load_reference_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"metadata\['r'\] is 2, this model needs 4"):
+        ACELoRA.from_config("tiny").load_reference_checkpoint(path)
+
+
 def test_save_into_an_open_file_writes_the_same_checkpoint(tiny, tmp_path):
     """The training loop writes through its own temp file by handing over the open file."""
     tiny.save_reference_checkpoint(tmp_path / "by_path.pt")
