@@ -147,6 +147,26 @@ def test_default_metadata_records_the_models_own_rank_and_k(tmp_path):
         ACELoRA.from_config("tiny").load_reference_checkpoint(path)
 
 
+def test_weights_are_saved_as_float32_from_a_model_of_another_dtype(tiny, tmp_path):
+    """The released format holds float32 tensors: a float64 model (as the tests' reference comparisons build)
+    writes its weights rounded to float32, every entry, not its own dtype; every other test saved a float32
+    model, where a writer that kept the parameters' dtype wrote the same file."""
+    model = copy.deepcopy(tiny).double()
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.add_(torch.randn_like(param))
+    path = tmp_path / "fp64.pt"
+    model.save_reference_checkpoint(path)
+    weights = _load(path)["weights"]
+    stored = [t for index in range(len(model.text_lora) + len(model.image_lora))
+              for pair in weights[f"layer_{index}"].values() for t in pair.values()]
+    stored += [t for key in ("img_edge_adapter", "img_node_adapter", "text_edge_adapter", "text_node_adapter")
+               for t in weights[key].values()] + [weights["logit_scale"]]
+    assert len(stored) == 6 * (len(model.text_lora) + len(model.image_lora)) + 4 * 4 + 1
+    assert {t.dtype for t in stored} == {torch.float32}
+    assert torch.equal(weights["layer_0"]["q_proj"]["w_lora_A"], model.text_lora[0].lora_a[0].float())
+
+
 def test_save_into_an_open_file_writes_the_same_checkpoint(tiny, tmp_path):
     """The training loop writes through its own temp file by handing over the open file."""
     tiny.save_reference_checkpoint(tmp_path / "by_path.pt")
