@@ -439,6 +439,9 @@ def test_an_error_is_cut_to_its_first_sentence_and_to_200_characters():
     from ace_model.checkpoint import first_line
 
     assert first_line(ValueError("Bad file. Torch explains at length.\nMore.")) == "ValueError: Bad file."
+    # A sentence ends at a full stop and a space: not at the dot of a file name or a version number.
+    assert first_line(RuntimeError("torch 2.14 cannot read /tmp/run/ace_lora.pt: bad header. Details.")) == \
+        "RuntimeError: torch 2.14 cannot read /tmp/run/ace_lora.pt: bad header."
     assert first_line(ValueError("x" * 300)) == "ValueError: " + "x" * 197 + "..."
     assert first_line(ValueError("x" * 200)) == "ValueError: " + "x" * 200
     assert first_line(KeyError()) == "KeyError"
