@@ -2252,6 +2252,33 @@ def test_a_directory_that_cannot_be_fsynced_still_takes_atomic_writes(tmp_path, 
         _atomic.atomic_write_text(target, "again\n")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the descriptors in /proc/self/fd")
+@pytest.mark.parametrize("refused", [None, "EINVAL"])
+def test_atomic_writes_close_every_descriptor_they_open(tmp_path, monkeypatch, refused):
+    """Each write opens its temp file and its directory (to fsync the rename): both are closed again, also where
+    the file system refuses the directory's fsync, or a run writing a state every few steps there leaks one
+    descriptor per file until it fails with EMFILE (too many open files)."""
+    import errno
+    import stat
+
+    from ace_model import _atomic
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if refused and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, refused), os.strerror(getattr(errno, refused)))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    before = sorted(os.listdir("/proc/self/fd"))
+    for step in range(5):
+        _atomic.atomic_write_text(tmp_path / "latest", f"{step}\n")
+        _atomic.atomic_torch_save({"step": step}, tmp_path / "state.pt")
+        _atomic.atomic_write_to_path(tmp_path / "w.pt", lambda path: Path(path).write_text("x"))
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path", "atomic_torch_save"])
 def test_an_atomic_write_over_a_file_keeps_its_permission_bits(tmp_path, writer):
     """Written in place, a file keeps its mode; replaced by a rename it would get a new file's
