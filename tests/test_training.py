@@ -2096,6 +2096,22 @@ def test_new_directories_are_made_durable(tmp_path, monkeypatch):
     assert made[0] == out and out / "checkpoints" in made
 
 
+def test_the_temp_name_pattern_matches_the_temp_names_atomic_writes_make_and_no_other(tmp_path):
+    """A restart removes the files temp_name_pattern matches: the temp names create_temp_file makes (12 hex
+    digits), never a user's file that only looks alike (the clean-up test's lookalikes hold no hex part, so a
+    pattern taking any number of hex digits passed it and would delete '.latest.beef.tmp')."""
+    from ace_model._atomic import create_temp_file, temp_name_pattern
+
+    pattern = temp_name_pattern(r"latest|state-\d{8,}\.pt")
+    for name in ("latest", "state-00000004.pt"):
+        fd, tmp = create_temp_file(tmp_path / name)
+        os.close(fd)
+        assert pattern.match(os.path.basename(tmp)), tmp
+    for name in (".latest.beef.tmp", ".latest.0123456789abcd.tmp", ".latest.0123456789AB.tmp", ".latest..tmp",
+                 "latest.0123456789ab.tmp", ".latest.0123456789ab.tmp.bak", ".state-4.pt.0123456789ab.tmp"):
+        assert not pattern.match(name), name
+
+
 def test_an_atomic_write_to_a_long_name_gets_a_temp_name_that_fits(tmp_path):
     """A name the file system takes (up to 255 bytes) gets a temp name within 255 bytes too: the
     write no longer fails (ENAMETOOLONG) after the work; a multi-byte character cut in two is fine."""
