@@ -1581,6 +1581,9 @@ def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
     assert cli.main(["demo", "--quick", "--train-size", "64", "--out-dir", str(tmp_path / "demo")]) == \
         cli.EXIT_BAD_INPUT
     assert seen["sizes"] == [64]
+    # A training set of exactly one batch is enough: at least --batch-size (32) samples.
+    assert cli.main(["demo", "--train-size", "32", "--out-dir", str(tmp_path / "one")]) == cli.EXIT_BAD_INPUT
+    assert seen["sizes"] == [64, 32]
 
 
 @pytest.mark.parametrize("flags,warmup", [((), 16), (("--steps", "20"), 2), (("--steps", "5"), 0)])
