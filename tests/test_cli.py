@@ -394,6 +394,18 @@ def test_csv_missing_columns_are_named(tiny, tmp_path, capsys):
         read_csv(spaced, ["image", "text", "label"])
 
 
+def test_a_train_csv_without_its_columns_is_named_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    """As a missing --pretrained or --resume: the CSV's header is checked before the model is built (BiomedCLIP's
+    random towers take seconds) and before anything is written; train() names it too, later, so a train command
+    that left the early check out still ended with the same error, and passed the tests above."""
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
+    bad = _write_csv(tmp_path / "bad.csv", ["path", "report"], [["a.png", "text"]])
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", str(bad), "--model", "tiny", "--out-dir", str(run)]) == cli.EXIT_BAD_INPUT
+    assert "missing required column(s) 'image', 'text'" in _one_error_line(capsys.readouterr().err, "train")
+    assert not run.exists()
+
+
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
     missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
