@@ -1852,6 +1852,23 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert "--text-attention was 'reference-code' in the saved run, now 'spec'" in capsys.readouterr().err
 
 
+def test_zero_shot_follows_a_recorded_seed_of_0(synthetic, tmp_path, capsys):
+    """Seed 0 is a seed: a checkpoint trained with --seed 0 on random towers is evaluated on the towers --seed 0
+    builds, without a warning. The tests above record seeds 2 and 3 only, so taking a recorded 0 for none (train's
+    default seed 1: other towers, and a warning asking for --seed 0) passed them."""
+    from ace_model.checkpoint import default_metadata, save_reference_checkpoint
+    from ace_model.training import TRAINED_WITH
+
+    torch.manual_seed(0)
+    model = ACELoRA.from_config("tiny")
+    path = tmp_path / "ace_lora.pt"
+    record = {"model": "tiny", "seed": 0, "pretrained": None, "text_attention": "spec"}
+    save_reference_checkpoint(model, path, metadata={**default_metadata(model), TRAINED_WITH: record})
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--checkpoint", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "(seeded with --seed 0," in err and "--checkpoint was trained" not in err, err
+
+
 def test_zero_shot_reads_the_record_of_any_file_without_failing(tmp_path):
     """zero-shot reads a checkpoint's build record before the loader checks the file: whatever a
     readable file holds, that read gives (model, seed) or Nones, never an error or a warning of
