@@ -1788,6 +1788,8 @@ def test_relative_image_paths_of_a_linked_csv_resolve_against_the_links_folder(s
         through_link = CSVImageLabelDataset(str(link), list(SYNTHETIC_CLASSES), 32)
         direct = CSVImageLabelDataset(str(synthetic), list(SYNTHETIC_CLASSES), 32)
         assert torch.equal(through_link[0][0], direct[0][0])
+        # So does the training dataset (its own code for the same default).
+        assert CSVImageTextDataset(str(link), None).image_paths == CSVImageTextDataset(str(synthetic), None).image_paths
         # A linked folder then '..' is where the system goes, not where the text goes.
         hop = tmp_path / "hop"
         hop.symlink_to(synthetic.parent / "test")
