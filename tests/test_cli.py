@@ -1386,6 +1386,10 @@ def test_a_long_report_is_truncated_and_a_single_string_is_one_row(tiny):
         assert tiny.encode_text(ids).shape == (2, tiny.embed_dim)
     assert torch.equal(tok("edema"), tok(["edema"]))
     assert tok("edema").shape == (1, tiny.context_length)
+    # A context given per call (as open_clip's tokenizer(texts, context_length)) is the one used.
+    short = tok([report, "edema"], context_length=8)
+    assert short.shape == (2, 8) and int(short[0, -1]) == tok._hf.sep_token_id
+    assert torch.equal(short[1], ids[1, :8])
 
 
 def test_accuracy_macro_is_the_mean_recall():
