@@ -1751,6 +1751,16 @@ def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_p
         data.load_image(path, 32)  # once per mode and process
     with Image.open(path) as image:
         assert torch.equal(first, data.preprocess_image(image, 32))
+    # Every wide mode PIL opens (big- and little-endian 16 bits from TIFFs, 32-bit integer and float) warns once;
+    # 8-bit modes never.
+    data._WIDE_MODES_WARNED.clear()
+    for mode in ("I;16B", "I;16L", "I;16N", "I", "F"):
+        with pytest.warns(UserWarning, match=rf"scan.tif' is {re.escape(mode)} \(more than 8 bits\)"):
+            data._warn_if_clipped(mode, tmp_path / "scan.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mode in ("L", "LA", "P", "RGB", "RGBA", "CMYK", "1"):
+            data._warn_if_clipped(mode, tmp_path / "scan.tif")
 
 
 def test_the_ace_lora_console_script_runs():
