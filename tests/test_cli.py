@@ -582,6 +582,21 @@ def test_uncertain_and_missing_labels_count_as_negative(tiny, synthetic, tmp_pat
     assert token_ids.shape == (tiny.context_length,) and token_ids[0].item() == 101
 
 
+def test_a_csv_without_label_columns_gives_items_without_labels(tiny, synthetic, tmp_path):
+    """With no label columns (none in the CSV, or label_columns=[]), items are (image, token_ids) and a batch has
+    no labels, so training uses the plain CLIP loss. An item with an empty label row instead makes every pair of
+    samples share their (empty) labels: the label-guided loss then has no negatives and is 0, and trains nothing."""
+    from ace_model.training import collate_batch
+
+    image = str(synthetic.parent / "test" / "00000.png")
+    plain = _write_csv(tmp_path / "plain.csv", ["image", "text"], [[image, "edema"], [image, "effusion"]])
+    for dataset in (CSVImageTextDataset(plain, tiny.tokenizer()),
+                    CSVImageTextDataset(synthetic, tiny.tokenizer(), label_columns=[])):
+        assert dataset.label_columns == [] and [len(dataset[i]) for i in range(2)] == [2, 2]
+        images, token_ids, labels = collate_batch([dataset[0], dataset[1]])
+        assert images.shape[0] == token_ids.shape[0] == 2 and labels is None
+
+
 @pytest.mark.parametrize("value", ["2", "0.5", "inf", "-2"])
 def test_label_values_other_than_0_1_minus1_or_empty_are_refused(tiny, synthetic, tmp_path, value):
     from ace_model.data import CSVImageLabelDataset
