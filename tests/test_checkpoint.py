@@ -167,6 +167,21 @@ def test_weights_are_saved_as_float32_from_a_model_of_another_dtype(tiny, tmp_pa
     assert torch.equal(weights["layer_0"]["q_proj"]["w_lora_A"], model.text_lora[0].lora_a[0].float())
 
 
+def test_metadata_given_to_the_writer_is_the_one_saved(tiny, tmp_path):
+    """save_reference_checkpoint's metadata argument comes first, before the metadata of a file loaded into the model
+    and the defaults; no caller in the package passes one, so a writer that ignored it passed every test."""
+    from ace_model.checkpoint import default_metadata, save_reference_checkpoint
+
+    model = copy.deepcopy(tiny)
+    given = {**default_metadata(model), "loss_type": "clip_loss_ace_hgat", "note": "given"}
+    for loaded in (False, True):
+        if loaded:
+            model.save_reference_checkpoint(tmp_path / "plain.pt")
+            model.load_reference_checkpoint(tmp_path / "plain.pt")
+        save_reference_checkpoint(model, tmp_path / "given.pt", metadata=given)
+        assert _load(tmp_path / "given.pt")["metadata"] == given
+
+
 def test_save_into_an_open_file_writes_the_same_checkpoint(tiny, tmp_path):
     """The training loop writes through its own temp file by handing over the open file."""
     tiny.save_reference_checkpoint(tmp_path / "by_path.pt")
