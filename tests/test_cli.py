@@ -2009,6 +2009,9 @@ def test_train_under_torchrun_ends_without_finalization(synthetic, tmp_path):
     (("--logit-scale", "0"), "--logit-scale: expected 'base', 'learned' or a positive number, got '0'"),
     (("--checkpoint", "/no/such/ace_lora.pt"), "--checkpoint: '/no/such/ace_lora.pt' does not exist"),
     (("--pretrained", "/no/such/weights.bin"), "--pretrained: '/no/such/weights.bin' does not exist"),
+    # A class the CSV has no column for (the dataset would say so too, but only after the model is built).
+    (("--classes", "edema,nodule"), "is missing required column(s) 'nodule' (found columns: ['image', 'text', "
+                                    "'cardiomegaly', 'effusion', 'pneumothorax', 'edema'])"),
 ])
 def test_zero_shot_bad_scale_or_missing_file_is_named_before_the_model_is_built(synthetic, capsys, monkeypatch,
                                                                                 flags, expected):
