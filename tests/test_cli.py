@@ -1405,6 +1405,11 @@ def test_a_long_report_is_truncated_and_a_single_string_is_one_row(tiny):
     short = tok([report, "edema"], context_length=8)
     assert short.shape == (2, 8) and int(short[0, -1]) == tok._hf.sep_token_id
     assert torch.equal(short[1], ids[1, :8])
+    # A text that is no string (a missing report read as None or NaN, bytes) is refused naming the argument, not
+    # turned into other words or left to fail deep in the tokenizer.
+    for bad in (None, float("nan"), b"edema"):
+        with pytest.raises(ValueError, match=r"^argument 'texts': expected a string or a sequence of strings, got "):
+            tok(["edema", bad])
 
 
 def test_accuracy_macro_is_the_mean_recall():
