@@ -406,6 +406,17 @@ def test_a_train_csv_without_its_columns_is_named_before_the_model_is_built(tmp_
     assert not run.exists()
 
 
+def test_label_columns_the_csv_lacks_are_named_not_read_as_negatives(tiny, synthetic):
+    """A label column the CSV has not (a class name mistyped in Python, where zero-shot's own check does not run)
+    is an error naming it: read cell by cell it would be missing in every row, so every image a negative of it."""
+    from ace_model.data import CSVImageLabelDataset
+
+    with pytest.raises(DataError, match=r"is missing required column\(s\) 'nodule' \(found columns"):
+        CSVImageLabelDataset(synthetic, ["edema", "nodule"], tiny.image_size)
+    with pytest.raises(DataError, match=r"is missing required column\(s\) 'nodule' \(found columns"):
+        CSVImageTextDataset(synthetic, tiny.tokenizer(), label_columns=["edema", "nodule"])
+
+
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
     missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
