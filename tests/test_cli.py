@@ -681,6 +681,18 @@ def test_missing_pretrained_path_is_named(synthetic, capsys):
     assert "/no/such/weights.bin" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--pretrained", "--init-checkpoint"])
+def test_a_missing_weights_file_is_named_before_the_model_is_built(synthetic, tmp_path, capsys, monkeypatch, flag):
+    """train names a missing --pretrained or --init-checkpoint before building the model (BiomedCLIP's towers take
+    seconds) or writing anything; the load would fail later anyway, so a check that skipped one passed the tests."""
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(run), flag,
+                     "/no/such/weights.pt"]) == cli.EXIT_BAD_INPUT
+    assert _one_error_line(capsys.readouterr().err, "train").endswith(f"{flag}: '/no/such/weights.pt' does not exist")
+    assert not run.exists()
+
+
 def _one_error_line(err: str, command: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ace-lora {command}: error: "), err
