@@ -417,6 +417,21 @@ def test_label_columns_the_csv_lacks_are_named_not_read_as_negatives(tiny, synth
         CSVImageTextDataset(synthetic, tiny.tokenizer(), label_columns=["edema", "nodule"])
 
 
+def test_spaces_around_an_image_name_are_not_part_of_it(tiny, synthetic, tmp_path):
+    """An image cell padded with spaces (a spreadsheet's alignment) names the same file, and the same rows for a
+    resume's fingerprint, in both datasets; they strip it each in their own code, which no test padded."""
+    from ace_model.data import CSVImageLabelDataset
+
+    header, *rows = list(csv.reader(open(synthetic, newline="")))
+    padded = _write_csv(tmp_path / "padded.csv", header, [[f"  {row[0]} "] + row[1:] for row in rows])
+    plain, spaced = (CSVImageTextDataset(path, tiny.tokenizer(), image_root=synthetic.parent)
+                     for path in (synthetic, padded))
+    assert spaced.image_paths == plain.image_paths and spaced.fingerprint() == plain.fingerprint()
+    classes = list(SYNTHETIC_CLASSES)
+    assert CSVImageLabelDataset(padded, classes, 32, image_root=synthetic.parent).image_paths == \
+        CSVImageLabelDataset(synthetic, classes, 32).image_paths
+
+
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
     missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
