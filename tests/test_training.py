@@ -2287,12 +2287,13 @@ def test_atomic_writes_close_every_descriptor_they_open(tmp_path, monkeypatch, r
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    before = sorted(os.listdir("/proc/self/fd"))
+    before = set(os.listdir("/proc/self/fd"))
     for step in range(5):
         _atomic.atomic_write_text(tmp_path / "latest", f"{step}\n")
         _atomic.atomic_torch_save({"step": step}, tmp_path / "state.pt")
         _atomic.atomic_write_to_path(tmp_path / "w.pt", lambda path: Path(path).write_text("x"))
-    assert sorted(os.listdir("/proc/self/fd")) == before
+    # (A subset: a descriptor the garbage collector closes meanwhile is no leak.)
+    assert set(os.listdir("/proc/self/fd")) <= before, sorted(set(os.listdir("/proc/self/fd")) - before)
 
 
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path", "atomic_torch_save"])
