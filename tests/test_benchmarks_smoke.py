@@ -408,6 +408,21 @@ def test_row_ratios_are_the_baselines_over_ours():
     assert row.speedup_vs_baseline == 3.0 and row.memory_ratio_vs_baseline == 4.0
 
 
+def test_each_provider_row_takes_the_time_and_peak_of_its_own_baseline():
+    """Against two baselines of different times and peaks, a provider's two rows give two different
+    ratios, each of the baseline that row names; each baseline's own row is its measurement, unrated."""
+    from benchmarks.harness import Measurement
+
+    rows = _suite("all").add_rows(family="f", op="x", shape="s", dtype=torch.float32,
+                                  ours={"torch": (Measurement(1.0, 10.0, 5), {})},
+                                  baselines={"ref": (Measurement(3.0, 40.0, 5), {}),
+                                             "peft": (Measurement(5.0, 20.0, 5), {})})
+    got = {(r.provider, r.baseline): (r.median_ms, r.peak_mib, r.speedup_vs_baseline, r.memory_ratio_vs_baseline)
+           for r in rows}
+    assert got == {("ref", None): (3.0, 40.0, None, None), ("peft", None): (5.0, 20.0, None, None),
+                   ("torch", "ref"): (1.0, 10.0, 3.0, 4.0), ("torch", "peft"): (1.0, 10.0, 5.0, 2.0)}
+
+
 def test_interleaved_cpu_timing_gives_each_entry_its_own_median():
     measured = _suite("all").measure_group([("slow", lambda: time.sleep(0.02), []),
                                             ("fast", lambda: time.sleep(0.001), [])])
