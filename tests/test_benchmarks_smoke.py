@@ -2191,6 +2191,9 @@ def test_rates_are_work_over_the_median_time_and_fractions_of_the_calibration(tm
          "frac_of_copy_bandwidth": 3000 / 3600}, rel=1e-12)
     assert suite.rate_metrics(None, flops=1e12) == {}
     assert _suite("all").rate_metrics(meas, flops=1e12) == {}  # a CPU run has no rates
+    # Of the event median, not of the back-to-back wall time (4x longer for a launch-bound call).
+    launch_bound = Measurement(2.0, None, 5, wall_ms=8.0)
+    assert suite.rate_metrics(launch_bound, flops=1e12)["tflops"] == pytest.approx(500.0, rel=1e-12)
 
 
 def test_a_rate_just_under_its_target_fails_the_row(tmp_path):
