@@ -2878,6 +2878,9 @@ def test_the_summary_counts_met_missed_and_unjudged_targets(tmp_path, monkeypatc
             suite.add_plain_row(family="lora", op=op, shape="s", dtype="float32", provider="torch",
                                 measurement=meas, metrics=metrics, mode="fwd",
                                 targets=[Target("peak_mib_max", 64, "p")])
+        # A row held to no target (a baseline's) is in none of the counts, not one "not judged".
+        suite.add_plain_row(family="lora", op="base", shape="s", dtype="float32", provider="torch",
+                            measurement=meas, metrics={}, mode="fwd")
 
     def main(family_run, name):
         monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": SimpleNamespace(run=family_run)})
@@ -2887,7 +2890,7 @@ def test_the_summary_counts_met_missed_and_unjudged_targets(tmp_path, monkeypatc
 
     out = main(run, "a")
     assert "\ntargets: 1 of 2 met; 1 not judged" in out, out
-    assert [r["target_pass"] for r in harness.load_rows(str(tmp_path / "a.json"))] == [True, False, None]
+    assert [r["target_pass"] for r in harness.load_rows(str(tmp_path / "a.json"))] == [True, False, None, None]
     out = main(lambda suite: suite.add_plain_row(family="lora", op="u", shape="s", dtype="float32", provider="torch",
                                                  measurement=Measurement(1.0, 1.0, 3), metrics={}, mode="fwd",
                                                  targets=[Target("peak_mib_max", 64, "p")]), "b")
