@@ -2910,7 +2910,7 @@ def test_compare_gives_new_over_old_row_by_row(tmp_path):
     old = [row("ref", None, 4.0, 40.0, None), row("triton", "ref", 2.0, 10.0, 2.0),
            row("triton", "ref", 2.0, 10.0, 2.0, shape="gone")]
     new = [row("ref", None, 4.0, 40.0, None), row("triton", "ref", 1.0, 0.0, 4.0),
-           row("triton", "ref", 1.0, 10.0, 4.0, shape="added")]
+           row("triton", "ref", 1.0, 10.0, 4.0, shape="added"), row("triton", "ref", 1.0, 10.0, 4.0, shape="added2")]
     a, b = tmp_path / "old.json", tmp_path / "new.json"
     a.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": old}))
     b.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": new}))
@@ -2921,7 +2921,8 @@ def test_compare_gives_new_over_old_row_by_row(tmp_path):
     assert table[("x", "s", "bf16", "ref", "-")][2] == "1.00"
     assert table[("x", "gone", "bf16", "triton", "ref")][1] == "-" and table[("x", "added", "bf16", "triton",
                                                                               "ref")][0] == "-"
-    assert lines[-1] == "2 rows in both, 1 only in old, 1 only in new"
+    assert lines[-1] == "2 rows in both, 1 only in old, 2 only in new"
+
 
 
 def test_plot_marks_missed_targets_and_lists_rows_without_bars(tmp_path, monkeypatch):
