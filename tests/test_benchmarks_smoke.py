@@ -2924,6 +2924,21 @@ def test_compare_gives_new_over_old_row_by_row(tmp_path):
     assert lines[-1] == "2 rows in both, 1 only in old, 2 only in new"
 
 
+def test_compare_gives_no_ratio_against_an_old_value_of_nothing_or_zero(tmp_path):
+    """An old row without a time (its measurement failed) or with a peak of 0 MiB has no new/old
+    ratio ('-'), not a crash of the whole comparison."""
+    from benchmarks.compare import compare_files
+
+    def row(ms, mib):
+        return dict(op="x", shape="s", dtype="bf16", provider="triton", baseline=None, median_ms=ms, peak_mib=mib,
+                    speedup_vs_baseline=None, device="NVIDIA H200", date="d", git_sha="g")
+
+    a, b = tmp_path / "old.json", tmp_path / "new.json"
+    a.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": [row(None, 0.0)]}))
+    b.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "rows": [row(1.0, 10.0)]}))
+    line = next(line for line in compare_files(str(a), str(b)).splitlines() if line.startswith("x "))
+    assert line.split()[5:] == ["-", "1.00", "-", "0", "10.0", "-", "-", "-"]
+
 
 def test_plot_marks_missed_targets_and_lists_rows_without_bars(tmp_path, monkeypatch):
     """The PNG: each panel reads its threshold from the target text (``time<=Nx`` and ``mem<=Nx``
