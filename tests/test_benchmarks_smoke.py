@@ -2638,6 +2638,38 @@ def test_cpu_timing_times_each_call_and_keeps_to_its_budgets(monkeypatch):
     assert clock.made == 1 + meas.runs  # the memory call, then the timed ones: no second warm-up
 
 
+def test_interleaved_cpu_timing_keeps_to_per_entry_budgets_and_resets_gradients(monkeypatch):
+    """``time_interleaved``: ``min_seconds`` is per entry (two entries of 0.3 s a call reach 1 s each
+    after 4 rounds, not 2), the rounds ``max_seconds`` allows are per entry of the whole first round
+    (first calls of 10 s each: 2 rounds of a 20 s budget, though later calls take 0.1 s), and every
+    call starts with its gradients reset to None, as ``time_call``'s do."""
+    clock = _FakeClock()
+    monkeypatch.setattr(harness, "time", clock)
+    x = torch.zeros(1, requires_grad=True)
+    fresh = []
+
+    def step():
+        fresh.append(x.grad is None)
+        x.grad = torch.ones(1)
+        clock.now += 0.3
+
+    timed = harness.time_interleaved([(step, [x]), (clock.calls([0.3]), [])], min_reps=2, max_reps=50,
+                                     min_seconds=1.0, max_seconds=20.0)
+    assert [t.runs for t in timed] == [4, 4] and timed[0].median_ms == pytest.approx(300.0)
+    assert fresh == [True] * 4
+
+    def slow_then_fast():
+        made = []
+
+        def fn():
+            clock.now += 0.1 if made else 10.0
+            made.append(1)
+        return fn
+
+    timed = harness.time_interleaved([(slow_then_fast(), []), (slow_then_fast(), [])], min_reps=5,
+                                     min_seconds=1.0, max_seconds=20.0)
+    assert [t.runs for t in timed] == [2, 2]
+
 
 
 def test_summarize_gives_the_median_spread_and_interquartile_range():
