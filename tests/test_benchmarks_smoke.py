@@ -2671,6 +2671,19 @@ def test_interleaved_cpu_timing_keeps_to_per_entry_budgets_and_resets_gradients(
     assert [t.runs for t in timed] == [2, 2]
 
 
+def test_peak_memory_resets_gradients_before_its_call():
+    """The memory call starts from no gradients (a check or a warm-up left some): backward then
+    allocates them within the call, as a training step does, and they are counted."""
+    x = torch.zeros(2**18, requires_grad=True)  # 1 MiB
+    x.grad = torch.ones_like(x)
+    fresh = []
+
+    def step():
+        fresh.append(x.grad is None)
+        (x * 2).sum().backward()
+
+    assert harness.peak_memory_mib(step, device=torch.device("cpu"), grads=[x]) >= 1.0 and fresh == [True]
+
 
 def test_summarize_gives_the_median_spread_and_interquartile_range():
     """Median (not mean), (min, max) of unsorted times, and an IQR from 4 times on."""
