@@ -2767,6 +2767,9 @@ def test_the_table_says_pass_fail_or_nothing_for_a_target():
     lines = harness.format_table([dict(common, target_pass=True), dict(common, target_pass=False),
                                   dict(common, target_pass=None)]).splitlines()
     assert [line.split()[-1] for line in lines[2:]] == ["pass", "FAIL", "-"]
+    # The ratio columns print the row's ratios as they are (baseline / ours), time and then memory.
+    line = harness.format_table([dict(common, speedup_vs_baseline=4.0, memory_ratio_vs_baseline=0.5)]).splitlines()[2]
+    assert line.split()[5:9] == ["1.00", "1.00", "4.00x", "0.50x"]
 
 
 def test_row_ratios_when_a_peak_is_zero():
