@@ -946,6 +946,33 @@ def test_the_launch_bound_note_names_each_measurement_once(tmp_path, monkeypatch
     assert note.endswith("may flatter): lora_qkv M=1 triton"), note
 
 
+def test_a_family_process_keeps_the_runs_date_and_commit(tmp_path, monkeypatch):
+    """A family's process takes the run's environment (one date and sha for every row) from the file
+    the suite wrote before it, not a probe of its own: its rows and the file keep the run's."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+    from benchmarks.harness import Measurement
+
+    monkeypatch.delenv("ACE_BENCH_FAULT", raising=False)
+    path = str(tmp_path / "run.json")
+    env = harness.Environment.probe(torch.device("cpu"))
+    env.date, env.git_sha = "2026-01-02T03:04:05+00:00", "the-run's-sha"
+    harness.write_json(path, env, [], extra={})
+
+    def run(suite):
+        suite.add_plain_row(family="lora", op="x", shape="s", dtype="float32", provider="torch",
+                            measurement=Measurement(1.0, 1.0, 3), metrics={}, mode="fwd")
+
+    monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": SimpleNamespace(run=run)})
+    assert suite_module._worker(SimpleNamespace(worker="lora", quick=True, tier="all"), device=torch.device("cpu"),
+                                json_path=path, time_budget=None, per_call=0.1, providers=["torch"],
+                                compile_baselines=False) == 0
+    payload = harness.read_payload(path)
+    assert (payload["environment"]["date"], payload["environment"]["git_sha"]) == (env.date, env.git_sha)
+    assert [(r["date"], r["git_sha"]) for r in payload["rows"]] == [(env.date, env.git_sha)]
+
+
 def test_non_finite_numbers_of_an_earlier_family_read_back_as_floats(tmp_path):
     """JSON holds inf and NaN as strings; the next family's process reads them back as the floats
     they were: the B=1,000,000 probe compares the B=65,536 blocked row's error with a bound, and
