@@ -989,13 +989,15 @@ def test_non_finite_numbers_of_an_earlier_family_read_back_as_floats(tmp_path):
     for provider, ms, error in (("triton", 180.0, 1e-3), (bench_contrastive.BLOCKED, 70.0, float("inf"))):
         first.add_plain_row(family="contrastive", op="label_guided_infonce", shape="B=65536 D=512 labels",
                             dtype=torch.bfloat16, provider=provider, measurement=Measurement(ms, 10.0, 3),
-                            metrics={"rel_err_vs_fp32_chunked": error, "parts": {"loss": float("nan")},
+                            metrics={"rel_err_vs_fp32_chunked": error,
+                                     "parts": {"loss": float("nan"), "floor": float("-inf")},
                                      "note": "inf and nan as text stay text"}, mode="fwd+bwd")
     assert '"inf"' in (tmp_path / "s.json").read_text()
     second = suite()
     second.load_state(harness.read_payload(str(tmp_path / "s.json")))
     metrics = second.rows[1].metrics
     assert metrics["rel_err_vs_fp32_chunked"] == float("inf") and math.isnan(metrics["parts"]["loss"])
+    assert metrics["parts"]["floor"] == float("-inf")  # the sign kept
     assert metrics["note"] == "inf and nan as text stay text" and second.rows[1].shape == "B=65536 D=512 labels"
     assert not bench_contrastive._blocked_was_faster(second)  # wrong outputs: never taken, and no TypeError
     assert bench_contrastive._probe_estimate_s(second, 131072, 512) == pytest.approx(0.180 * 4)
