@@ -421,6 +421,8 @@ def test_each_provider_row_takes_the_time_and_peak_of_its_own_baseline():
            for r in rows}
     assert got == {("ref", None): (3.0, 40.0, None, None), ("peft", None): (5.0, 20.0, None, None),
                    ("torch", "ref"): (1.0, 10.0, 3.0, 4.0), ("torch", "peft"): (1.0, 10.0, 5.0, 2.0)}
+    # torch.float32 is written as result files name it ("float32"): what compare and the package tools match on.
+    assert {r.dtype for r in rows} == {"float32"}
 
 
 def test_interleaved_cpu_timing_gives_each_entry_its_own_median():
