@@ -214,8 +214,10 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
         return read_model_file(lambda: load_file(str(path), device="cpu"), ValueError,
                                f"pretrained checkpoint {path}", "a safetensors file")
+    # The CRC-32s checked first: a bit flipped in BiomedCLIP's weights would load as another number (the cost is one
+    # more read of the file).
     state = read_model_file(lambda: load_weights_only(path), ValueError,
-                            f"pretrained checkpoint {path}", "a torch checkpoint")
+                            f"pretrained checkpoint {path}", "a torch checkpoint", check_zip=path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

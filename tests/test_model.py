@@ -13,6 +13,7 @@ import copy
 import io
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -671,6 +672,14 @@ def test_pretrained_file_loads_and_mismatch_names_key(tmp_path, tiny_model):
     torch.save(source.state_dict(), bad)
     bad.write_bytes(bad.read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"pretrained checkpoint .*bad\.bin: cannot be read"):
+        ACELoRA.from_config("tiny", pretrained=str(bad))
+    # One bit flipped inside a stored tensor: torch.load reads it as another number; the zip's CRC-32 tells.
+    from _corrupt import flip_a_bit_in_a_stored_tensor
+
+    torch.save(source.state_dict(), bad)
+    member = flip_a_bit_in_a_stored_tensor(bad)
+    with pytest.raises(ValueError, match=rf"^pretrained checkpoint .*bad\.bin: cannot be read as a torch checkpoint: "
+                                         rf"its member '{re.escape(member)}' fails its CRC-32 check \(corrupt file\)$"):
         ACELoRA.from_config("tiny", pretrained=str(bad))
 
 
