@@ -315,9 +315,9 @@ def read_model_file(load: Callable[[], Any], error: type[Exception], subject: st
 
     ``check_zip``: the file's path, when it is a torch file (a zip) to check first. ``torch.load``
     does not check the CRC-32 each member carries, so a flipped bit inside a tensor would load as
-    another number; a member that fails its check raises ``error`` naming it. Reading the file
-    once more costs little at these sizes (a training state, a released-format checkpoint, a
-    pretrained tower's weights).
+    another number; a member that fails its check raises ``error`` naming it. The check costs one
+    more read of the file (a training state, a released-format checkpoint, a pretrained tower's
+    weights; the last, hundreds of MB, was not timed here).
 
     A missing file, a permission or directory error and a memory error are not about the
     file's content: they pass through as they are.
