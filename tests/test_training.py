@@ -2293,7 +2293,8 @@ def test_atomic_writes_close_every_descriptor_they_open(tmp_path, monkeypatch, r
         _atomic.atomic_torch_save({"step": step}, tmp_path / "state.pt")
         _atomic.atomic_write_to_path(tmp_path / "w.pt", lambda path: Path(path).write_text("x"))
     # (A subset: a descriptor the garbage collector closes meanwhile is no leak.)
-    assert set(os.listdir("/proc/self/fd")) <= before, sorted(set(os.listdir("/proc/self/fd")) - before)
+    after = set(os.listdir("/proc/self/fd"))
+    assert after <= before, sorted(after - before)
 
 
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path", "atomic_torch_save"])
