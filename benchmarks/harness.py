@@ -128,16 +128,19 @@ def git_sha(root: str | None = None) -> str:
     return "unknown"
 
 
-def nvidia_driver_version(device: torch.device) -> str | None:
-    """The driver version ``nvidia-smi`` reports for ``device`` (None where it cannot say)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA driver's version, as ``nvidia-smi`` reports it (None where it cannot say).
+
+    One driver serves every card of a machine, so the first card's line is read. No ``-i``: torch's card
+    indices follow ``CUDA_VISIBLE_DEVICES`` and nvidia-smi's do not, so an index could name a card that is not
+    there (or another one)."""
     try:
-        found = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i",
-                                str(index)], capture_output=True, text=True, timeout=20)
+        found = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
-    version = found.stdout.strip()
-    return version if found.returncode == 0 and version else None
+    lines = found.stdout.split()
+    return lines[0] if found.returncode == 0 and lines else None
 
 
 def triton_version() -> str | None:
@@ -175,7 +178,7 @@ class Environment:
         memory = driver = None
         if device.type == "cuda":
             memory = round(torch.cuda.get_device_properties(device).total_memory / 2**20, 1)
-            driver = nvidia_driver_version(device)
+            driver = nvidia_driver_version()
         return cls(
             device=device_name(device),
             device_type=device.type,

@@ -2602,18 +2602,20 @@ def test_a_gpu_environment_records_the_cards_memory_and_driver(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
-    answers = {"ok": subprocess.CompletedProcess([], 0, "580.95.05\n", ""), "fails": subprocess.CompletedProcess([], 9, "", "")}
-    for answer, driver in (("ok", "580.95.05"), ("fails", None), ("missing", None)):
+    answers = {"ok": subprocess.CompletedProcess([], 0, "580.95.05\n", ""),
+               "two cards": subprocess.CompletedProcess([], 0, "580.95.05\n580.95.05\n", ""),
+               "fails": subprocess.CompletedProcess([], 9, "", "")}
+    for answer, driver in (("ok", "580.95.05"), ("two cards", "580.95.05"), ("fails", None), ("missing", None)):
         def run(cmd, **kwargs):
             if answer == "missing":
                 raise FileNotFoundError("nvidia-smi")
-            assert cmd[:3] == ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-            assert cmd[-2:] == ["-i", "0"]
+            # No -i: torch's card index (after CUDA_VISIBLE_DEVICES) is not nvidia-smi's.
+            assert cmd == ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
             return answers[answer]
 
         monkeypatch.setattr(harness.subprocess, "run", run)
         monkeypatch.setattr(harness, "git_sha", lambda: "g")
-        env = harness.Environment.probe(torch.device("cuda", 0))
+        env = harness.Environment.probe(torch.device("cuda", 1))
         assert env.device == "NVIDIA H200" and env.device_memory_mib == 143167.1 and env.driver == driver
     cpu = harness.Environment.probe(torch.device("cpu"))
     assert cpu.device_memory_mib is None and cpu.driver is None
