@@ -337,9 +337,10 @@ else
         echo "== pytest -m \"triton and not gpu\""
         $PY -m pytest $TEST_FILES -m "triton and not gpu" $common; b=$?; [ $b -eq 5 ] && b=0
         exit $((a > b ? a : b))'
-    # The failing tests' names and each stage's summary (with -v every test's PASSED line would
-    # crowd them out of the tail).
-    grep -E "^== pytest|^(FAILED|ERROR) |passed|failed|error" "$TESTS_LOG" | tail -n 25 >>"$LOG"
+    # The failing tests' names and each stage's summary line (with -v every test's PASSED line would
+    # crowd them out of the tail, so a test whose name says "error" or "failed" must not match).
+    grep -E "^== pytest|^(FAILED|ERROR) |^=+ ([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s" "$TESTS_LOG" \
+        | tail -n 25 >>"$LOG"
 fi
 
 # 4b. with GPU_CHECK_PROFILE=1: the profiler breakdown of the LoRA, hypergraph and InfoNCE steps

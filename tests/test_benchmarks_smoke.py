@@ -610,6 +610,34 @@ def test_gpu_check_script_parses():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_gpu_check_tests_summary_keeps_failures_and_totals_only():
+    """gpu_check.log's tests summary is the script's own grep over the verbose pytest log: the stage headers,
+    the failures and each stage's totals, and not the PASSED lines of tests whose names say "error" or
+    "failed" (they crowded the failures out of the summary's last 25 lines)."""
+    text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
+    pattern = re.search(r'grep -E "(\^== pytest[^"]*)" "\$TESTS_LOG"', text).group(1)
+    log = "\n".join([
+        "== pytest -m gpu",
+        "tests/test_lora.py::test_bad_rank_error_names_the_argument PASSED [  1%]",
+        "tests/test_lora.py::test_failed_launch_is_reported PASSED [  2%]",
+        "tests/test_lora.py::test_forward FAILED [  3%]",
+        "FAILED tests/test_lora.py::test_forward - AssertionError",
+        "ERROR tests/test_hypergraph.py - ImportError",
+        "=========== 1 failed, 2 passed, 1 error in 12.34s ===========",
+        "== pytest -m \"triton and not gpu\"",
+        "============ no tests ran in 0.50s ============",
+    ]) + "\n"
+    found = subprocess.run(["grep", "-E", pattern], input=log, capture_output=True, text=True, timeout=30)
+    assert found.stdout.splitlines() == [
+        "== pytest -m gpu",
+        "FAILED tests/test_lora.py::test_forward - AssertionError",
+        "ERROR tests/test_hypergraph.py - ImportError",
+        "=========== 1 failed, 2 passed, 1 error in 12.34s ===========",
+        "== pytest -m \"triton and not gpu\"",
+        "============ no tests ran in 0.50s ============",
+    ]
+
+
 # --------------------------------------------------------------------------- tiers and the largest-batch search
 
 
