@@ -1802,7 +1802,7 @@ def test_resume_auto_with_nothing_to_resume_says_it_starts_afresh(synthetic, tmp
         capsys.readouterr().err
 
 
-def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_path):
+def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_path, monkeypatch):
     # PIL's convert("RGB") (the reference's preprocessing) clips a 16-bit image above 255: the
     # values are kept as the reference gets them, and the user is told once per image mode.
     from PIL import Image
@@ -1814,7 +1814,8 @@ def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_p
     Image.fromarray(pixels).save(path)
     with Image.open(path) as image:
         assert image.mode.startswith("I;16")
-    data._WIDE_MODES_WARNED.clear()
+    # An empty set of warned modes for this test only: the process's own set is put back afterwards.
+    monkeypatch.setattr(data, "_WIDE_MODES_WARNED", set())
     with pytest.warns(UserWarning, match=r"g16.png' is I;16.* values above 255 become white"):
         first = data.load_image(path, 32)
     with warnings.catch_warnings():
@@ -1824,7 +1825,7 @@ def test_16_bit_images_are_read_as_the_reference_reads_them_with_a_warning(tmp_p
         assert torch.equal(first, data.preprocess_image(image, 32))
     # Every wide mode PIL opens (big- and little-endian 16 bits from TIFFs, 32-bit integer and float) warns once;
     # 8-bit modes never.
-    data._WIDE_MODES_WARNED.clear()
+    monkeypatch.setattr(data, "_WIDE_MODES_WARNED", set())
     for mode in ("I;16B", "I;16L", "I;16N", "I", "F"):
         with pytest.warns(UserWarning, match=rf"scan.tif' is {re.escape(mode)} \(more than 8 bits\)"):
             data._warn_if_clipped(mode, tmp_path / "scan.tif")
