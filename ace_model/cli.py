@@ -403,7 +403,11 @@ def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     if args.text_attention and recorded and args.text_attention != recorded:
         print(f"ace-lora zero-shot: warning: --checkpoint was trained with --text-attention {recorded!r}; this "
               f"evaluation uses {args.text_attention!r}", file=sys.stderr)
-    if args.checkpoint and not args.text_attention and recorded not in TEXT_ATTENTION:
+    if args.checkpoint and not args.text_attention and recorded is not None and recorded not in TEXT_ATTENTION:
+        print(f"ace-lora zero-shot: warning: --checkpoint records --text-attention {recorded!r}, which this version "
+              f"does not know (expected one of {TEXT_ATTENTION}): evaluating with 'spec' (pass --text-attention "
+              "to choose)", file=sys.stderr)
+    elif args.checkpoint and not args.text_attention and recorded not in TEXT_ATTENTION:
         print("ace-lora zero-shot: warning: --checkpoint does not record its text attention: evaluating with "
               "'spec' (the released ACE_LoRA.pt was trained by the published code: pass --text-attention "
               "reference-code)", file=sys.stderr)

@@ -982,13 +982,18 @@ class ACELoRA(nn.Module):
         """Load a released-format ACE-LoRA checkpoint (spec section 7); returns its metadata.
 
         Only weights are loaded: :attr:`text_attention` stays as it is. When the checkpoint
-        records another one (``ace-lora train`` writes it), a warning says so."""
+        records another one (``ace-lora train`` writes it), or one this version does not know, a
+        warning says so."""
         from ace_model.checkpoint import load_reference_checkpoint
         from ace_model.training import recorded_text_attention  # here: ace_model.training imports this module
 
         metadata = load_reference_checkpoint(self, path)
         recorded = recorded_text_attention(metadata)
-        if recorded in TEXT_ATTENTION and recorded != self.text_attention:
+        if recorded is not None and recorded not in TEXT_ATTENTION:
+            warnings.warn(f"{os.fspath(path)}: records text_attention={recorded!r}, which this version does not "
+                          f"know (expected one of {TEXT_ATTENTION}); this model computes {self.text_attention!r}",
+                          UserWarning, stacklevel=2)
+        elif recorded in TEXT_ATTENTION and recorded != self.text_attention:
             warnings.warn(f"{os.fspath(path)}: trained with text_attention={recorded!r}, this model computes "
                           f"{self.text_attention!r}; set model.text_attention = {recorded!r} to evaluate it as "
                           "trained", UserWarning, stacklevel=2)

@@ -1569,7 +1569,12 @@ def _build_model(config: TrainConfig) -> nn.Module:
         except CheckpointError as exc:  # it names the file; the CLI says --init-checkpoint for the field
             raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
         recorded = recorded_text_attention(metadata)
-        if recorded in TEXT_ATTENTION and recorded != config.text_attention:
+        if recorded is not None and recorded not in TEXT_ATTENTION:
+            warnings.warn(f"TrainConfig.init_checkpoint: {config.init_checkpoint!r} records text_attention="
+                          f"{recorded!r}, which this version does not know (expected one of {TEXT_ATTENTION}); "
+                          f"this run computes {config.text_attention!r} (TrainConfig.text_attention)",
+                          UserWarning, stacklevel=2)
+        elif recorded in TEXT_ATTENTION and recorded != config.text_attention:
             warnings.warn(f"TrainConfig.init_checkpoint: {config.init_checkpoint!r} was trained with "
                           f"text_attention={recorded!r}, this run computes {config.text_attention!r} "
                           f"(TrainConfig.text_attention)", UserWarning, stacklevel=2)

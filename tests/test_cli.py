@@ -1940,6 +1940,34 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert "--text-attention was 'reference-code' in the saved run, now 'spec'" in capsys.readouterr().err
 
 
+def test_a_recorded_text_attention_this_version_does_not_know_is_said(synthetic, tmp_path, capsys):
+    """A checkpoint recording a text attention outside TEXT_ATTENTION (a hand-edited file, or one from a later
+    version) is said as such by zero-shot, by training on from it and by loading it from Python, instead of
+    being taken for no record (zero-shot used to say it records none) or passing in silence."""
+    from ace_model.checkpoint import default_metadata, save_reference_checkpoint
+    from ace_model.training import TRAINED_WITH
+
+    torch.manual_seed(0)
+    model = ACELoRA.from_config("tiny")
+    path = tmp_path / "ace_lora.pt"
+    record = {"model": "tiny", "seed": 0, "pretrained": None, "text_attention": "sparse"}
+    save_reference_checkpoint(model, path, metadata={**default_metadata(model), TRAINED_WITH: record})
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--checkpoint", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text_attention"] == "spec"
+    assert ("warning: --checkpoint records --text-attention 'sparse', which this version does not know (expected "
+            "one of ('spec', 'reference-code')): evaluating with 'spec'") in err and "does not record" not in err
+    assert cli.main(["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "on"),
+                     "--batch-size", "4", "--max-steps", "1", "--no-progress", "--device", "cpu",
+                     "--init-checkpoint", str(path)]) == 0
+    assert ("warning: --init-checkpoint: " + repr(str(path)) + " records text_attention='sparse', which this "
+            "version does not know") in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"records text_attention='sparse', which this version does not know "
+                                         r"\(expected one of \('spec', 'reference-code'\)\); this model computes "
+                                         r"'reference-code'"):
+        ACELoRA.from_config("tiny", text_attention="reference-code").load_reference_checkpoint(path)
+
+
 def test_zero_shot_follows_a_recorded_seed_of_0(synthetic, tmp_path, capsys):
     """Seed 0 is a seed: a checkpoint trained with --seed 0 on random towers is evaluated on the towers --seed 0
     builds, without a warning. The tests above record seeds 2 and 3 only, so taking a recorded 0 for none (train's
