@@ -31,15 +31,14 @@ void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "argument '", name, "': expected a ", dim, "-D tensor, got ", t.dim(), "-D");
 }
 
-// Device and dtype; the dimensions are each op's shape checks' (shared with its meta kernel).
-void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+// Dtypes are checked by each op's shape checks, shared with its meta kernel, so that fake tensors
+// meet the device's refusals; the device, and the dtype once more, by the CUDA versions below.
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.scalar_type() == dtype, "argument '", name, "': expected ", dtype, ", got ", t.scalar_type());
 }
 
 // A feature tensor (read by the kernels in its own dtype): float32, float16 or bfloat16.
-ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+ace_hg::Feat feat_type(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return ace_hg::Feat::kF32;
     case at::kHalf: return ace_hg::Feat::kF16;
@@ -47,6 +46,16 @@ ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
     default:
       TORCH_CHECK(false, "argument '", name, "': expected float32, float16 or bfloat16, got ", t.scalar_type());
   }
+}
+
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+  check_dtype(t, name, dtype);
+}
+
+ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+  return feat_type(t, name);
 }
 
 // `t` on the device of `ref` (the kernels read both through one device's address space).
@@ -81,12 +90,15 @@ void check_topk_shapes(const at::Tensor& pn, const at::Tensor& inv_norm, const c
                        int64_t topk) {
   check_dim(pn, "pn", 3);
   check_dim(inv_norm, "inv_norm", 2);
+  feat_type(pn, "pn");
+  check_dtype(inv_norm, "inv_norm", at::kFloat);
   check_batch(pn, "pn");
   const c10::SymInt B = pn.sym_size(0), M = pn.sym_size(1);
   TORCH_CHECK(inv_norm.sym_size(0) == B && inv_norm.sym_size(1) == M, "argument 'inv_norm': expected shape [", B,
               ", ", M, "], got ", inv_norm.sym_sizes());
   if (rows.has_value()) {
     check_dim(*rows, "rows", 2);
+    check_dtype(*rows, "rows", at::kLong);
     TORCH_CHECK(rows->sym_size(0) == B, "argument 'rows': expected ", B, " rows of indices, got ", rows->sym_size(0));
   }
   TORCH_CHECK(topk >= 1 && topk <= ace_hg::kMaxTopk && topk < M, "argument 'topk': expected 1 <= topk <= ",
@@ -96,6 +108,9 @@ void check_topk_shapes(const at::Tensor& pn, const at::Tensor& inv_norm, const c
 void check_gather_shapes(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
   check_dim(src, "src", 3);
   check_dim(cols, "cols", 3);
+  feat_type(src, "src");
+  check_dtype(cols, "cols", at::kLong);
+  check_dtype(weights, "weights", at::kFloat);
   TORCH_CHECK(weights.sym_sizes() == cols.sym_sizes(), "argument 'weights': expected the shape of 'cols' ",
               cols.sym_sizes(), ", got ", weights.sym_sizes());
   check_size(cols, "cols", 0, src.sym_size(0), "B = src.size(0)");
@@ -112,6 +127,10 @@ void check_scatter_shapes(const at::Tensor& src, const at::Tensor& weights_flat,
   check_dim(weights_flat, "weights_flat", 2);
   check_dim(row_ptr, "row_ptr", 2);
   check_dim(perm, "perm", 2);
+  feat_type(src, "src");
+  check_dtype(weights_flat, "weights_flat", at::kFloat);
+  check_dtype(row_ptr, "row_ptr", at::kLong);
+  check_dtype(perm, "perm", at::kLong);
   check_batch(src, "src");
   TORCH_CHECK(slots >= 1, "argument 'slots': expected >= 1, got ", slots);
   TORCH_CHECK(num_rows >= 0, "argument 'num_rows': expected >= 0, got ", num_rows);
@@ -135,6 +154,9 @@ void check_entry_dot_shapes(const at::Tensor& a, const at::Tensor& b, const at::
   check_dim(a, "a", 3);
   check_dim(b, "b", 3);
   check_dim(cols, "cols", 3);
+  feat_type(a, "a");
+  feat_type(b, "b");
+  check_dtype(cols, "cols", at::kLong);
   check_batch(a, "a");
   check_size(b, "b", 0, a.sym_size(0), "B = a.size(0)");
   check_size(b, "b", 2, a.sym_size(2), "D = a.size(2)");

@@ -265,6 +265,49 @@ def test_ops_refuse_what_the_kernels_cannot_take_naming_the_argument():
         ops.hg_topk_incidence(torch.zeros(2, 9, 40), torch.zeros(2, 9), None, 5)
 
 
+def test_meta_kernels_refuse_the_dtypes_the_device_kernels_refuse():
+    """The meta kernels (what torch.compile's fake tensors and opcheck reach) checked shapes only: an int32
+    index or a float64 weight traced without a word and failed only when the compiled code ran on the GPU.
+    They now refuse every dtype the CUDA versions refuse, naming the argument."""
+    _extension_path()
+    import ace_kernels._C  # noqa: F401 (registers the ops)
+
+    ops = torch.ops.ace_kernels
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    src, cols = meta(2, 9, 40), meta(2, 7, 4, dtype=torch.int64)
+    rp, perm = meta(2, 12, dtype=torch.int64), meta(2, 28, dtype=torch.int64)
+    refused = [
+        ("pn", "float32, float16 or bfloat16, got Double",
+         lambda: ops.hg_topk_incidence(src.double(), src[..., 0], None, 5)),
+        ("inv_norm", "Float, got Half", lambda: ops.hg_topk_incidence(src, src[..., 0].half(), None, 5)),
+        ("rows", "Long, got Int", lambda: ops.hg_topk_incidence(src, src[..., 0], meta(2, 4, dtype=torch.int32), 5)),
+        ("src", "float32, float16 or bfloat16, got Long", lambda: ops.hg_gather_sum(src.long(), cols, cols.float())),
+        ("cols", "Long, got Int", lambda: ops.hg_gather_sum(src, cols.int(), cols.float())),
+        ("weights", "Float, got BFloat16", lambda: ops.hg_gather_sum(src, cols, cols.bfloat16())),
+        ("src", "float32, float16 or bfloat16, got Double",
+         lambda: ops.hg_scatter_sum_csr(src[:, :7].double(), meta(2, 28), rp, perm, 11, 4)),
+        ("weights_flat", "Float, got Half", lambda: ops.hg_scatter_sum_csr(src[:, :7], meta(2, 28).half(), rp, perm,
+                                                                           11, 4)),
+        ("row_ptr", "Long, got Int", lambda: ops.hg_scatter_sum_csr(src[:, :7], meta(2, 28), rp.int(), perm, 11, 4)),
+        ("perm", "Long, got Int", lambda: ops.hg_scatter_sum_csr(src[:, :7], meta(2, 28), rp, perm.int(), 11, 4)),
+        ("a", "float32, float16 or bfloat16, got Double", lambda: ops.hg_entry_dot(src[:, :7].double(), src, cols)),
+        ("b", "float32, float16 or bfloat16, got Int", lambda: ops.hg_entry_dot(src[:, :7], src.int(), cols)),
+        ("cols", "Long, got Float", lambda: ops.hg_entry_dot(src[:, :7], src, cols.float())),
+    ]
+    for name, expected, call in refused:
+        with pytest.raises(RuntimeError, match=rf"argument '{name}': expected {expected}"):
+            call()
+    # What the device kernels take passes: the feature tensors in float32, float16 or bfloat16.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert ops.hg_gather_sum(src.to(dtype), cols, cols.float()).dtype == torch.float32
+        assert ops.hg_entry_dot(src[:, :7].to(dtype), src.half(), cols).shape == (2, 7, 4)
+        assert ops.hg_topk_incidence(src.to(dtype), src[..., 0], rp[:, :4], 5)[0].shape == (2, 4, 5)
+        assert ops.hg_scatter_sum_csr(src[:, :7].to(dtype), meta(2, 28), rp, perm, 11, 4).shape == (2, 11, 40)
+
+
 def test_meta_kernels_keep_a_symbolic_batch():
     """The meta kernels and the shape checks they share read sizes with size(), which specialised every
     dimension of a symbolic tensor to its traced value: torch.compile with a dynamic batch (auto runs the cuda
