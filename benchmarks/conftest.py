@@ -2,8 +2,8 @@
 
 Registers the markers this directory uses (the root pytest.ini runs with
 ``--strict-markers``; tests/conftest.py is not loaded when only benchmarks/ is
-collected). ``ACE_BENCH_THREADS=N`` sets torch's CPU threads. Unlike tests/, nothing here turns on the Triton interpreter:
-interpreter timings mean nothing, so on a CPU only the torch backend and the
+collected). ``ACE_BENCH_THREADS=N`` sets torch's CPU threads. Unlike tests/, nothing here turns
+on the Triton interpreter: interpreter timings mean nothing, so on a CPU only the torch backend and the
 baselines are timed.
 """
 

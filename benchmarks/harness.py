@@ -778,7 +778,8 @@ def format_table(rows: Sequence[Row | dict]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
     out = []
     for index, row in enumerate(cells):
-        out.append("  ".join(c.ljust(w) if i < 5 or i >= 9 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        out.append("  ".join(c.ljust(w) if i < 5 or i >= 9 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))))
         if index == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

@@ -15,9 +15,10 @@ kernels at their defaults (``_lse_both_kernel``, ``_grad_rows_kernel``: the main
 column tile, so a logit costs the loop over the tile's logits per thread) and the blocked ones at
 their first blocked candidate (``_lse_tiles_kernel``, ``_grad_weights_kernel``: one tile per
 program, the main loop a K step, so a tile costs the listing with the loop counted D / BLOCK_K
-times), each in its two launches: the interior tiles' and the others' (``TILES``). Each row gives the instructions per logit per thread, the tensor-core instructions
-(``HGMMA``/``HMMA``) and ``MUFU`` ones (exponentials, logarithms) among them. With ``--json``
-the rows of both families are also written to PATH.
+times), each in its two launches: the interior tiles' and the others' (``TILES``). Each row gives
+the instructions per logit per thread, the tensor-core instructions (``HGMMA``/``HMMA``) and
+``MUFU`` ones (exponentials, logarithms) among them. With ``--json`` the rows of both families are
+also written to PATH.
 
 These are facts about the code a GPU would run, for judging a kernel change where no GPU is at
 hand; they are not timings (latency, memory and the scheduler decide those) and make no speed
@@ -265,8 +266,9 @@ def format_contrastive(rows: Sequence[dict]) -> str:
     for r in rows:
         c = r["config"]
         tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
-        lines.append(f"{r['label']:32s} {tiles:>12s} {r['registers']:4d} {r['blocks_per_sm']:6d} {r['warps_per_sm']:8d} "
-                     f"{r['instructions_per_logit']:11.1f} {r['mufu_per_logit']:10.2f} {r['mma_instructions_per_tile']:8d}")
+        lines.append(f"{r['label']:32s} {tiles:>12s} {r['registers']:4d} {r['blocks_per_sm']:6d} "
+                     f"{r['warps_per_sm']:8d} {r['instructions_per_logit']:11.1f} {r['mufu_per_logit']:10.2f} "
+                     f"{r['mma_instructions_per_tile']:8d}")
     return "\n".join(lines)
 
 

@@ -51,7 +51,8 @@ def plot_rows(rows: Sequence[dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    compared = [r for r in rows if r.get("baseline") and (r.get("speedup_vs_baseline") or r.get("memory_ratio_vs_baseline"))]
+    compared = [r for r in rows
+                if r.get("baseline") and (r.get("speedup_vs_baseline") or r.get("memory_ratio_vs_baseline"))]
     compared_ids = {id(r) for r in compared}
     labels = [f"{r['op']} {r['shape']} [{r['dtype']}]\n{r['provider']} vs {r['baseline']}" for r in compared]
     height = max(3.0, 0.42 * len(compared) + 1.5)

@@ -13,7 +13,10 @@ def label_guided_infonce_oracle(image_emb, text_emb, logit_scale, labels=None):
     """Loss in fp64; differentiable w.r.t. its (fp64) inputs."""
     u = image_emb.double()
     t = text_emb.double()
-    s = logit_scale.double().reshape(()) if isinstance(logit_scale, torch.Tensor) else torch.tensor(float(logit_scale), dtype=torch.float64)
+    if isinstance(logit_scale, torch.Tensor):
+        s = logit_scale.double().reshape(())
+    else:
+        s = torch.tensor(float(logit_scale), dtype=torch.float64)
     logits = s * u @ t.T
     batch = u.shape[0]
     if labels is not None:

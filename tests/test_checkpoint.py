@@ -225,7 +225,8 @@ def test_wrong_shape_names_the_key_and_shapes_and_changes_nothing(tiny, tmp_path
     path = _corrupt(tiny, tmp_path, edit)
     model = copy.deepcopy(tiny)
     before = {n: p.detach().clone() for n, p in model.named_trainable_parameters()}
-    with pytest.raises(CheckpointError, match=r"\['layer_2'\]\['k_proj'\]\['w_lora_A'\]: expected shape \(4, 64\), found \(4, 768\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"\['layer_2'\]\['k_proj'\]\['w_lora_A'\]: expected shape \(4, 64\), found \(4, 768\)"):
         model.load_reference_checkpoint(path)
     for name, param in model.named_trainable_parameters():
         assert torch.equal(param, before[name]), f"{name} changed by a failed load"
@@ -287,7 +288,8 @@ def _nested_rows(rows: int, width: int) -> torch.Tensor:
     (r"weights\['logit_scale'\]: 1 of 1 values are not finite \(NaN or inf\) in float32; a trained",
      lambda blob: blob["weights"].update(logit_scale=torch.tensor(1e40, dtype=torch.float64))),
     (r"weights\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: 256 of 256 values are not finite \(NaN or inf\) in float32",
-     lambda blob: blob["weights"]["layer_0"]["q_proj"].update(w_lora_A=torch.full((4, 64), 1e300, dtype=torch.float64))),
+     lambda blob: blob["weights"]["layer_0"]["q_proj"].update(
+         w_lora_A=torch.full((4, 64), 1e300, dtype=torch.float64))),
     (r"weights\['logit_scale'\] is -5\.0; expected a positive multiplier",
      lambda blob: blob["weights"].update(logit_scale=torch.tensor(-5.0))),
     (r"weights\['logit_scale'\] is 0\.0; expected a positive multiplier",
@@ -348,8 +350,8 @@ def test_a_checkpoint_of_a_smaller_model_says_so(tiny, tmp_path):
 def test_a_sparse_tensor_is_refused_naming_it(tiny, tmp_path):
     path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"]["layer_0"]["q_proj"].update(
         w_lora_A=blob["weights"]["layer_0"]["q_proj"]["w_lora_A"].to_sparse()))
-    with pytest.raises(CheckpointError, match=r"\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a dense tensor, found "
-                                              r"layout torch\.sparse_coo"):
+    with pytest.raises(CheckpointError, match=r"\['layer_0'\]\['q_proj'\]\['w_lora_A'\]: expected a dense tensor, "
+                                              r"found layout torch\.sparse_coo"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
 
 

@@ -641,7 +641,8 @@ def test_label_values_other_than_0_1_minus1_or_empty_are_refused(tiny, synthetic
     from ace_model.data import CSVImageLabelDataset
 
     image = str(synthetic.parent / "test" / "00000.png")
-    path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b"], [[image, "x", "1", "0"], [image, "x", "0", value]])
+    path = _write_csv(tmp_path / "l.csv", ["image", "text", "a", "b"],
+                      [[image, "x", "1", "0"], [image, "x", "0", value]])
     expected = rf"l.csv, row 2: label column 'b' holds '{value}', expected 0, 1, -1, NaN or empty"
     with pytest.raises(DataError, match=expected):
         CSVImageTextDataset(path, tiny.tokenizer())
@@ -1286,7 +1287,8 @@ def test_a_class_without_positives_is_named_and_left_out_of_the_macro_auroc(tiny
                      "--task", "multilabel"]) == 0
     out, err = capsys.readouterr()
     printed = json.loads(out)
-    assert printed["auroc_per_class"]["rare"] is None and set(printed["auroc_per_class"]) == {"edema", "effusion", "rare"}
+    assert printed["auroc_per_class"]["rare"] is None
+    assert set(printed["auroc_per_class"]) == {"edema", "effusion", "rare"}
     assert "warning: AUROC undefined for rare (no positive or no negative sample): left out of the macro AUROC, " \
            "which averages the other 2 classes" in err
 

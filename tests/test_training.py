@@ -211,7 +211,8 @@ def test_another_chunk_size_draws_other_masks_with_dropout():
         return _chunked(model, images, token_ids, labels, seed=5, chunk_size=chunk)[1]
 
     with_dropout = [grads_for(c, 0.5) for c in (3, 5)]
-    assert any(not torch.allclose(with_dropout[0][n], with_dropout[1][n], rtol=RTOL, atol=ATOL) for n in with_dropout[0])
+    assert any(not torch.allclose(with_dropout[0][n], with_dropout[1][n], rtol=RTOL, atol=ATOL)
+               for n in with_dropout[0])
     without = [grads_for(c, 0.0) for c in (3, 5)]
     _assert_grads_close(without[0], without[1])
 
@@ -475,8 +476,9 @@ def test_a_dataset_that_draws_trains_alike_with_workers_and_resumes_exactly(tmp_
     resumed = run(tmp_path / "c", 2, resume=str(tmp_path / "c" / "checkpoints" / "state-00000006.pt"))  # epoch 2
     assert resumed == with_workers
     # The noise is drawn (the same data without it trains otherwise), and differs between batches.
-    plain = train(_config(tmp_path, out_dir=str(tmp_path / "d"), checkpoint_every=0), model=make_model("standin", seed=3),
-                  dataset=RandomPairs(make_model("standin", seed=3), 16, seed=1), loss_fn=dense_label_infonce)
+    plain = train(_config(tmp_path, out_dir=str(tmp_path / "d"), checkpoint_every=0),
+                  model=make_model("standin", seed=3), dataset=RandomPairs(make_model("standin", seed=3), 16, seed=1),
+                  loss_fn=dense_label_infonce)
     assert [r["loss"] for r in read_metrics(plain["metrics"])] != [loss for _, loss in in_process]
     words = {training.batch_seed_words(3, epoch, rank, batch).tobytes()
              for epoch in range(2) for rank in range(2) for batch in range(4)}
@@ -770,8 +772,9 @@ def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from ace_model.training import _lock_out_dir\n"
-                               f"with _lock_out_dir(Path({str(out)!r})):\n print('held', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from ace_model.training import _lock_out_dir\n"
+         f"with _lock_out_dir(Path({str(out)!r})):\n print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(training.__file__).parents[1]),
                                                                      os.environ.get("PYTHONPATH")) if p)})
@@ -1146,7 +1149,8 @@ def test_corrupt_or_foreign_state_files_are_named(tmp_path):
     cases = {"truncated.pt": data[: len(data) // 2], "empty.pt": b"", "garbage.pt": b"\x80\x02 not a pickle" * 5}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(training.TrainingStateError, match=rf"{tmp_path / name}: cannot be read as a training state"):
+        with pytest.raises(training.TrainingStateError,
+                           match=rf"{tmp_path / name}: cannot be read as a training state"):
             load_state(tmp_path / name)
     torch.save({"format": training.STATE_FORMAT, "version": 99}, tmp_path / "future.pt")
     with pytest.raises(training.TrainingStateError, match=r"future.pt: training state version 99"):
@@ -2652,7 +2656,8 @@ def test_resume_paths_that_hold_nothing_resumable_are_named(tmp_path):
 
 def test_read_metrics_skips_lines_that_are_json_but_no_record(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"event": "start", "step": 0}\n{"step": 1, "loss": 2.0}\n[1, 2]\n7\n"x"\n{"step": 2, "loss": 1.0}\n')
+    path.write_text('{"event": "start", "step": 0}\n{"step": 1, "loss": 2.0}\n[1, 2]\n7\n"x"\n'
+                    '{"step": 2, "loss": 1.0}\n')
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 2.0), (2, 1.0)]
 
 
@@ -2786,7 +2791,8 @@ def test_a_failed_measurement_says_what_its_process_wrote(monkeypatch):
     monkeypatch.setattr(subprocess, "run", failing)
     with pytest.raises(RuntimeError) as info:
         training.measure_chunked_step(8, 2, model="none")
-    assert str(info.value) == "measure_chunked_step(8, 2) failed:\n" + ("x" * 5000 + "ValueError: no such model")[-4000:]
+    assert str(info.value) == ("measure_chunked_step(8, 2) failed:\n"
+                               + ("x" * 5000 + "ValueError: no such model")[-4000:])
     assert ran[0][ran[0].index("--chunk-size") + 1] == "2" and ran[0][ran[0].index("--model") + 1] == "none"
 
 

@@ -344,9 +344,10 @@ def test_writer_picks_the_fastest_qualifying_candidate():
         _sweep_row("grad", 3, 3.0, 0.003, family="contrastive", dtype_class="16bit/one_dot"),
     ]
     old_backward = dict(lora_ops._GPU_CANDIDATES[("backward", "16bit")][2])
+    old_lse = dict(contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")][0])
     existing = {"about": "kept", "by_device": {
         CARD: {"lora": {"backward/16bit": old_backward, "mask/16bit": {"kept": True}},
-               "contrastive": {"lse/16bit/one_dot": dict(contrastive_ops._GPU_CANDIDATES[("lse", "16bit/one_dot")][0])}},
+               "contrastive": {"lse/16bit/one_dot": old_lse}},
         "Other card": {"lora": {"down/16bit": dict(DOWN[2])}}}}
     content, report = tuned_configs.update(_payload(rows), existing)
     lora = content["by_device"][CARD]["lora"]
