@@ -49,7 +49,8 @@ def check_tensor(
         if value.dim() not in allowed:
             want = " or ".join(str(a) for a in allowed)
             raise ValueError(
-                f"argument '{name}': expected a {want}-D tensor, got {value.dim()}-D with shape {_fmt_shape(value.shape)}"
+                f"argument '{name}': expected a {want}-D tensor, got {value.dim()}-D with shape "
+                f"{_fmt_shape(value.shape)}"
             )
     if min_ndim is not None and value.dim() < min_ndim:
         raise ValueError(
@@ -64,7 +65,8 @@ def check_tensor(
             raise ValueError(f"argument '{name}': expected shape {want}, got {_fmt_shape(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"argument '{name}': expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+        got = str(value.dtype).replace("torch.", "")
+        raise ValueError(f"argument '{name}': expected dtype in ({names}), got {got}")
     if device is not None and value.device != device:
         raise ValueError(f"argument '{name}': expected a tensor on {device} (like the first input), got {value.device}")
     return value

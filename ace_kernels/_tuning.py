@@ -2,10 +2,11 @@
 
 A kernel module declares, per kernel and dtype class, its default GPU configuration and a
 short list of alternatives (``register(family, {(kernel, dtype class): candidates})``), every
-one compiled ahead of time for sm_90a without register spills by the test-suite. A benchmark run on a GPU times the alternatives
-side by side (``python -m benchmarks --only tuning``) and ``python -m benchmarks.tuned_configs
-RESULTS.json`` writes the fastest correct one per card into ``tuned_configs.json`` beside this
-file. :func:`launch_config` returns that choice for the card a call runs on, the default otherwise.
+one compiled ahead of time for sm_90a without register spills by the test-suite. A benchmark run
+on a GPU times the alternatives side by side (``python -m benchmarks --only tuning``) and
+``python -m benchmarks.tuned_configs RESULTS.json`` writes the fastest correct one per card into
+``tuned_configs.json`` beside this file. :func:`launch_config` returns that choice for the card a
+call runs on, the default otherwise.
 
 Only a configuration among the declared candidates is taken from the file: an entry that is
 not one of them (edited by hand, or left from an older candidate list) is ignored with a

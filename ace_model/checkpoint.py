@@ -151,8 +151,9 @@ def _expect_only(where: str, value: dict, keys, what: str) -> None:
     """Refuse a key ``value`` has beyond ``keys``: loading would drop it, and the next save lose it."""
     extra = [key for key in value if key not in keys]
     if extra:
-        raise CheckpointError(f"{where}: unexpected key {extra[0]!r}{f' and {len(extra) - 1} more' if len(extra) > 1 else ''}"
-                              f" ({what} {list(keys)}); loading would drop it")
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected key {extra[0]!r}{more} ({what} {list(keys)}); loading would "
+                              "drop it")
 
 
 def _differs(value, want) -> bool:
@@ -178,7 +179,8 @@ def check_metadata(model, metadata, path) -> None:
             raise CheckpointError(f"{path}: metadata[{key!r}] is {metadata[key]!r}, this model needs {want!r}")
     if "params" in metadata and (not isinstance(metadata["params"], (list, tuple))
                                  or list(metadata["params"]) != ["q", "k", "v"]):
-        raise CheckpointError(f"{path}: metadata['params'] is {metadata['params']!r}, this model adapts ['q', 'k', 'v']")
+        raise CheckpointError(f"{path}: metadata['params'] is {metadata['params']!r}, this model adapts "
+                              "['q', 'k', 'v']")
     if "loss_type" in metadata and metadata["loss_type"] not in LOSS_TYPES:
         raise CheckpointError(f"{path}: metadata['loss_type'] is {metadata['loss_type']!r}, "
                               f"expected one of {LOSS_TYPES}")
@@ -249,8 +251,9 @@ def apply_reference_checkpoint(model, path: str | os.PathLike, blob) -> dict:
         another_model = held == {f"layer_{i}" for i in range(len(held))}  # layer_0.. with none skipped
         # Otherwise (none held, a gap, or a stray layer key): named below, by the first key missing or extra.
         if another_model and 0 < len(held) != len(layers):
-            raise CheckpointError(f"{path}: LoRA weights for {len(held)} attention layers, this model has {len(layers)} "
-                                  "(a checkpoint of another model configuration? the command line's --model)")
+            raise CheckpointError(f"{path}: LoRA weights for {len(held)} attention layers, this model has "
+                                  f"{len(layers)} (a checkpoint of another model configuration? the command line's "
+                                  "--model)")
     weights = _expect_dict(f"{path}: weights", blob["weights"],
                            [f"layer_{i}" for i in range(len(layers))] + [a[0] for a in ADAPTERS] + ["logit_scale"])
     extra_layers = [k for k in weights if isinstance(k, str) and k.startswith("layer_")

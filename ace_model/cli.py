@@ -9,12 +9,14 @@ Examples::
 
 Bad input ends with a one-line ``error: ...`` on stderr and exit status 2 (bad
 arguments, data, checkpoints or training states: every ``ValueError``, which our own
-checks raise, a missing file, and a package of the ``model`` extra not installed) or 1 (an expected failure while running: a non-finite
-loss, ranks that disagree, an OS error such as a full disk). Anything else is a bug or
+checks raise, a missing file, and a package of the ``model`` extra not installed) or 1 (an
+expected failure while running: a non-finite loss, ranks that disagree, an OS error such as a
+full disk). Anything else is a bug or
 a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
 Ctrl-C ends with one line and exit 130; what is on disk is the last complete state
-(``train --resume auto`` continues from it exactly). ``ACE_LORA_DEBUG=1`` shows the traceback of the one-line errors too. Errors from
-``TrainConfig`` checks name the flag (``--chunk-size``), not the field.
+(``train --resume auto`` continues from it exactly). ``ACE_LORA_DEBUG=1`` shows the traceback
+of the one-line errors too. Errors from ``TrainConfig`` checks name the flag (``--chunk-size``),
+not the field.
 
 JSON output (``train``'s summary, ``zero-shot``'s metrics and ``--output``, the demo's
 summary) is strict JSON: an undefined metric (AUROC of a class without positives or

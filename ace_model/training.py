@@ -141,7 +141,8 @@ def logit_scale_parameter(model: nn.Module) -> torch.Tensor:
     elif callable(scale) and not isinstance(scale, torch.Tensor):
         scale = scale()
     if not isinstance(scale, torch.Tensor):
-        raise ValueError(f"model.logit_scale: expected a tensor (the learnable logit multiplier), got {type(scale).__name__}")
+        raise ValueError("model.logit_scale: expected a tensor (the learnable logit multiplier), got "
+                         f"{type(scale).__name__}")
     return scale
 
 
@@ -669,7 +670,8 @@ def check_ranks_agree(values: dict[str, Any], group, *, what: str = "configurati
             dist.all_gather_object(texts, repr(values[key]), group=group)
             shown = _where_they_differ(texts)
             per_rank = ", ".join(f"rank {r}: {shown[r]}" for r in range(world))
-            raise RankMismatchError(f"ranks disagree on {what}: field {key!r} differs ({per_rank}; this is rank {rank})")
+            raise RankMismatchError(f"ranks disagree on {what}: field {key!r} differs ({per_rank}; this is rank "
+                                    f"{rank})")
 
 
 def _where_they_differ(texts: list[str], width: int = 100) -> list[str]:
@@ -2437,7 +2439,8 @@ def _measure_in_this_process(batch: int, chunk_size: int | None, model_name: str
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
         result.update(baseline_cuda_mib=baseline, peak_cuda_mib=peak, step_extra_mib=peak - baseline)
     else:
-        result.update(baseline_rss_mib=baseline, peak_rss_mib=_peak_rss_mib(), step_extra_mib=_peak_rss_mib() - baseline)
+        peak = _peak_rss_mib()
+        result.update(baseline_rss_mib=baseline, peak_rss_mib=peak, step_extra_mib=peak - baseline)
     return result
 
 

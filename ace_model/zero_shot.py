@@ -139,7 +139,8 @@ def class_embeddings(model, class_names: Sequence[str], templates: Sequence[str]
 
 
 @torch.no_grad()
-def image_embeddings(model, batches: Iterable, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def image_embeddings(model, batches: Iterable,
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every image of ``batches`` (``(images, labels)`` pairs) in eval mode; returns
     (z [N, D], labels [N, C])."""
     device = device or next(model.parameters()).device

@@ -78,7 +78,8 @@ def choose(where: tuple[str, str, str], sweep: dict) -> tuple[dict | str | None,
     default_ms = float(default["median_ms"])
     limit = harness.check_limit(default.get("dtype", ""))
     if "rel_err" not in default["metrics"]:
-        return KEEP, f"{name}: the default's output was not checked; no bound for the candidates, the file's entry stays"
+        return KEEP, (f"{name}: the default's output was not checked; no bound for the candidates, the file's "
+                      "entry stays")
     default_err = float(default["metrics"]["rel_err"])
     if not default_err <= limit:
         # Without a correct default there is no bound to hold the candidates to, and a run whose
