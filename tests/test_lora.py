@@ -260,6 +260,24 @@ def check_mask_statistics(mask: torch.Tensor, dropout_p: float):
     assert_independent(mask[..., 1:, :], mask[..., :-1, :], "rows i and i+1")
 
 
+def test_torch_keep_test_is_inclusive_at_dropout_p():
+    """Known answer at the threshold itself (which random p almost never hits): dropout_p is set to
+    the uniform that element (0, 0) draws, and that element is kept (documented: kept where the
+    number is >= dropout_p), as is every other element whose uniform is at least dropout_p."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        uniforms = torch.rand(1, 3, 5)
+    dropout_p = uniforms[0, 0, 0].item()  # a float32 value: exact as a Python float
+    assert 0 < dropout_p < 1
+    case = Case("inclusive", "linear", (3,), 5, 2, 1, dropout_p=dropout_p)
+    inputs = make_inputs(case)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        _, mask = call_op(case, inputs, "torch")
+    assert mask[0, 0, 0]
+    assert torch.equal(mask, uniforms >= dropout_p)
+
+
 def test_torch_mask_statistics():
     case = Case("stats", "qkv", (64,), 97, 4, 4, dropout_p=0.1)
     inputs = make_inputs(case, torch.float32)
