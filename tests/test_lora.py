@@ -568,6 +568,27 @@ def test_torch_create_graph_with_dropout_matches_oracle():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"second derivative {name}: {m}")
 
 
+def test_torch_create_graph_with_b_alone_trained_matches_oracle():
+    """create_graph=True with x and A frozen (B alone trained): the Function saved S alone, neither x
+    nor A, so the backward must use that S and not recompute it (which reads x and A): dB matches the
+    fp64 oracle's with the exported mask, and is differentiable in the output gradient."""
+    case = Case("gg_b_alone", "qkv", (2, 3), 7, 4, 2, dropout_p=0.4, x_grad=False, lora_grads="b")
+    inputs = make_inputs(case)
+    outputs, mask = call_op(case, inputs, "torch")
+    oracle_inputs = fp64_leaves(*inputs)
+    expected = call_oracle(case, oracle_inputs, mask.to(torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    grads_out = [torch.randn(o.shape, generator=gen, dtype=torch.float64).requires_grad_(True) for o in expected]
+    (got,) = torch.autograd.grad(outputs, inputs[4], grads_out, create_graph=True)
+    (want,) = torch.autograd.grad(expected, oracle_inputs[4], grads_out, create_graph=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    probe = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    got2 = torch.autograd.grad((got * probe).sum(), grads_out)
+    want2 = torch.autograd.grad((want * probe).sum(), grads_out)
+    for g, w in zip(got2, want2):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_backward_inside_autocast_matches_backward_outside(backend, device):
     """A forward outside autocast and its backward() called inside an autocast region: the
