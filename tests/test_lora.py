@@ -909,6 +909,23 @@ def test_triton_same_seed_same_output(device):
 
 
 @pytest.mark.triton
+def test_triton_masks_come_from_the_documented_seed_draw(device):
+    """The triton backend's masks are Philox's for one seed drawn as documented (torch.randint(0, 2**63 - 1)
+    on x's device), so they can be rebuilt from the generator's state: the masks of a call equal the
+    export for the seed that draw gives from the same state (a seed drawn from another range, 31 bits say,
+    leaves the generator where this one does but gives other masks)."""
+    case = Case("seed_draw", "qkv", (6,), 16, 5, 2, dropout_p=0.4)
+    inputs = make_inputs(case, torch.float32, device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(13)
+        _, mask = call_op(case, inputs, "triton")
+        torch.manual_seed(13)
+        seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, device=device)
+    assert torch.equal(mask, lora_module._export_masks(seed, 6, 16, 3, 0.4))
+
+
+@pytest.mark.triton
 def test_triton_exported_mask_is_deterministic_per_seed(device):
     seed = torch.tensor([1234], dtype=torch.int64, device=device)
     first = lora_module._export_masks(seed, 7, 33, 3, 0.3)
