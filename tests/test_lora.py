@@ -1212,10 +1212,11 @@ def test_triton_declines_float64(device):
         ace_kernels.lora_qkv(*inputs, scaling=0.5, backend="triton")
 
 
-@pytest.mark.parametrize("lead,variant", [((2, 5), "large"), ((7,), "small"), ((), "small")])
+@pytest.mark.parametrize("lead,variant", [((2, 5), "large"), ((7,), "small"), ((), "small"), ((2, 4), "large")])
 def test_dispatch_variant_is_chosen_by_all_rows_of_x(lead, variant, monkeypatch):
     """The dispatch variant is ``rows_variant`` of M = numel / in (every leading dimension),
-    not of x's first dimension (SMALL_ROWS_LIMIT set to 8: [2, 5, 8] has 10 rows, [8] one)."""
+    not of x's first dimension (SMALL_ROWS_LIMIT set to 8: [2, 5, 8] has 10 rows, [8] one); a call of exactly
+    SMALL_ROWS_LIMIT rows ([2, 4, 8]) is large ("below this many rows" is small)."""
     from ace_kernels import _dispatch
 
     seen = []
