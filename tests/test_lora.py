@@ -329,6 +329,18 @@ def test_x_made_under_inference_mode_trains_the_factors(backend, lora_grads, dev
     compare_with_oracle(case, (x, *inputs[1:]), backend, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora_grads", ["b", ""])
+def test_torch_x_made_under_inference_mode_trains_the_base(lora_grads):
+    # A trainable base (the torch backend's only) under frozen A: dW = dY^T x reads x, which the Function saves,
+    # so an x made under torch.inference_mode must be copied there too, not only when A trains.
+    case = Case("inference_x_base", "qkv", (2, 3), 17, 5, 3, dropout_p=0.3, base_grads=True, x_grad=False,
+                lora_grads=lora_grads)
+    inputs = make_inputs(case, torch.float32)  # float32: the oracle's float64 copy of x is not an inference tensor
+    with torch.inference_mode():
+        x = inputs[0].clone()
+    compare_with_oracle(case, (x, *inputs[1:]), "torch", rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("lora_grads", ["ab", "a", "b"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_frozen_base_made_under_inference_mode_trains_the_factors(backend, lora_grads, device):
