@@ -191,7 +191,9 @@ def _opcheck_cases(device):
                           (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.0, False, False, True, False),
                           (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, False, False, True),
                           # x frozen: W is not saved (None; the launcher reads it for dX alone).
-                          (grad_y, x_cat, None, a3, b3, seed, 0.5, 0.3, True, False, True, True)],
+                          (grad_y, x_cat, None, a3, b3, seed, 0.5, 0.3, True, False, True, True),
+                          # float16: dA is float32 (its row blocks' partials summed in fp32), dX and dB float16.
+                          (*(t.half() for t in (grad_y, x_cat, w, a3, b3)), seed, 0.5, 0.3, True, True, True, True)],
         # Every row (one device), a rank's rows (group=) and a rank with none.
         "infonce_lse_both": [(u, t, scale, keys, 0, 19), (u, t, scale, None, 3, 11), (u, t, scale, keys, 7, 7)],
         # One device's pass; a rank's rows against every column; every row against a rank's columns
