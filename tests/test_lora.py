@@ -415,6 +415,39 @@ def test_triton_saves_s_alone_when_only_b_trains(op, training, device):
     assert torch.equal(grad_b, torch.autograd.grad(outputs_both, inputs[4], grads_out)[0])
 
 
+def test_torch_selective_checkpointing_that_keeps_every_result():
+    """Selective activation checkpointing whose policy keeps the result of every op (not only the matmuls): the
+    torch backend updates none of its intermediates in place under it (the block-diagonal B written into zeros,
+    S scaled by 1 / keep_prob), or the recomputation raises "Tensor cached during selective activation checkpoint
+    has been mutated". Output and gradients equal the plain call's, bit for bit, dropout included."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def keep_every_result(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, keep_every_result)
+    case = Case("sac_keep_all", "qkv", (2, 3), 8, 4, 2, dropout_p=0.3)
+    x, weight, bias, lora_a, lora_b = make_inputs(case)
+
+    def op(x_, a_, b_):
+        return lora_module.lora_qkv_packed(x_, weight, bias, a_, b_, scaling=0.5, dropout_p=0.3, training=True,
+                                           backend="torch")
+
+    results = []
+    for checkpointed in (False, True):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            if checkpointed:
+                y = checkpoint(op, x, lora_a, lora_b, use_reentrant=False, context_fn=context_fn)
+            else:
+                y = op(x, lora_a, lora_b)
+            results.append((y, *torch.autograd.grad(y.square().sum(), (x, lora_a, lora_b))))
+    for name, got, want in zip(("out", "grad x", "grad lora_a", "grad lora_b"), results[1], results[0]):
+        assert torch.equal(got, want), name
+
+
 def test_torch_non_finite_rows_propagate():
     case = Case("nan", "linear", (4,), 8, 3, 2, dropout_p=0.2)
     x, weight, bias, lora_a, lora_b = make_inputs(case)
