@@ -880,6 +880,30 @@ def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
             contrastive._exchange_shapes(u, u, 10.0, labels, None, backend="torch")
 
 
+@pytest.mark.parametrize("embedding", ["image_emb", "text_emb"])
+def test_ranks_that_differ_in_either_embeddings_need_of_a_gradient_are_told_so(embedding, monkeypatch):
+    """A second rank faked in the shape exchange whose image or text rows need no gradient where
+    this rank's do: every rank raises, naming the embedding (whether the text rows need one decides
+    whether the backward runs their reduce-scatter; the spawned ranks of the distributed tests
+    differ in image_emb's only)."""
+    import torch.distributed as dist
+
+    u = torch.zeros(3, 4, requires_grad=True)
+    column = 6 if embedding == "image_emb" else 7
+
+    def all_gather(table, row, group=None):
+        for entry in table:
+            entry.copy_(row)
+        table[1][column] = 0
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    with pytest.raises(ValueError, match=rf"^label_guided_infonce with group=: every rank must pass the same "
+                                         rf"requires_grad of {embedding} \(with grad mode on\); got \[1, 0\] on "
+                                         rf"ranks 0\.\.1 \(a rank with an empty batch"):
+        contrastive._exchange_shapes(u, u, 10.0, None, None, backend="torch")
+
+
 @pytest.mark.parametrize("mine, theirs, differ", [
     (10.0, 11.0, True), (torch.tensor(10.0), torch.tensor(10.0 + 2 ** -20), True), (10.0, float("nan"), True),
     (torch.tensor(10.0, dtype=torch.bfloat16), 10.0, False), (0.0, -0.0, False), (float("nan"), float("nan"), False),
