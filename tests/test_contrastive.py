@@ -1102,6 +1102,24 @@ def test_blocked_rows_are_bounded_by_the_buffer_budget():
     assert contrastive._block_rows(10**7, 128, 2 * 10**7, contrastive._BLOCKED_WEIGHT_BYTES) == 128
 
 
+def test_blocked_launchers_size_their_blocks_by_both_buffers_and_the_dtype():
+    pytest.importorskip("triton")
+    n = 65536
+    # Backward: the weights are in the inputs' dtype, so 32 MiB hold 256 rows of B = 65,536 in bf16, 128 in fp32.
+    wide = dict(BLOCK_M=128, BLOCK_N=64)
+    assert contrastive._grad_block_rows(n, wide, 2) == 256
+    assert contrastive._grad_block_rows(n, wide, 4) == 128
+    # Forward: 8 MiB of row partials ([rows, B / BLOCK_N] fp32) hold 2048 rows at 128 x 64 tiles, and as
+    # much of column partials ([rows / BLOCK_M, B] fp32) 4096. With tiles taller than wide (64 x 128)
+    # the row partials would hold 4096 rows, the column partials 2048: the smaller bound wins.
+    tall = dict(BLOCK_M=64, BLOCK_N=128)
+    for cfg, rows in ((wide, 2048), (tall, 2048)):
+        got = contrastive._lse_block_rows(n, n, cfg)
+        assert got == rows, cfg
+        assert 4 * got * (n // cfg["BLOCK_N"]) <= contrastive._BLOCKED_PART_BYTES
+        assert 4 * (got // cfg["BLOCK_M"]) * n <= contrastive._BLOCKED_PART_BYTES
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("labeled", [False, True])
 def test_triton_blocked_interior_tiles_launched_apart_change_nothing(labeled, device, monkeypatch):
