@@ -853,6 +853,18 @@ def test_module_with_a_group_deep_copies_and_pickles(one_rank_group):
     assert torch.equal(loaded(u.detach(), t.detach()), want)  # one rank: the local batch is the global one
 
 
+def test_module_computes_the_loss_with_its_group_and_backend(one_rank_group):
+    # The module's group= and backend= reach the loss. With a group, an empty local batch is judged on
+    # the global batch (one rank of one: that one is empty too); backend="triton" refuses fp64
+    # embeddings, which backend="auto" gives to torch.
+    empty = torch.zeros(0, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="^label_guided_infonce with group=: the global batch is empty"):
+        ace_kernels.LabelGuidedInfoNCE(10.0, group=one_rank_group, backend="torch")(empty, empty)
+    u, t, _ = _inputs(6, 8)
+    with pytest.raises(RuntimeError, match="^label_guided_infonce: backend 'triton' cannot run this call"):
+        ace_kernels.LabelGuidedInfoNCE(10.0, backend="triton")(u, t)
+
+
 def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
     """The shape exchange's table compared across ranks, with a second rank faked in the
     all-gather: dtypes travel as codes and are named in the error (the distributed tests spawn
