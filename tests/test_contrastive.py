@@ -853,6 +853,40 @@ def test_module_with_a_group_deep_copies_and_pickles(one_rank_group):
     assert torch.equal(loaded(u.detach(), t.detach()), want)  # one rank: the local batch is the global one
 
 
+def test_a_module_pickled_again_without_its_group_still_says_so(one_rank_group):
+    # A loaded module whose group was not saved (a checkpoint of a checkpoint) pickles again as it is.
+    import io
+
+    module = ace_kernels.LabelGuidedInfoNCE(2.5, group=one_rank_group, backend="torch")
+    for _ in range(2):
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        module = torch.load(buffer, weights_only=False)
+        assert repr(module) == "LabelGuidedInfoNCE(logit_scale=2.5, backend='torch', group=<1 rank, not saved>)"
+
+
+def test_module_counts_the_ranks_of_its_group_in_its_repr_and_when_pickled():
+    # The other tests hold a group of one rank, whose count a constant 1 would print too.
+    import io
+
+    class ThreeRanks:  # all that the repr and pickling read of a process group
+        def size(self):
+            return 3
+
+    module = ace_kernels.LabelGuidedInfoNCE(2.5)
+    module.group = ThreeRanks()
+    assert repr(module) == "LabelGuidedInfoNCE(logit_scale=2.5, group=<3 ranks>)"
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert repr(loaded) == "LabelGuidedInfoNCE(logit_scale=2.5, group=<3 ranks, not saved>)"
+    u, t, _ = _inputs(4, 8)
+    with pytest.raises(ValueError, match=r"^LabelGuidedInfoNCE.group: this module was pickled .* group of 3 rank\(s\)"):
+        loaded(u, t)
+
+
 def test_module_computes_the_loss_with_its_group_and_backend(one_rank_group):
     # The module's group= and backend= reach the loss. With a group, an empty local batch is judged on
     # the global batch (one rank of one: that one is empty too); backend="triton" refuses fp64
