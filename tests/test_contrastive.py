@@ -1269,6 +1269,30 @@ def test_triton_blocked_strategy_owned_shares(n, shares, device, monkeypatch):
 
 
 @pytest.mark.triton
+def test_triton_blocked_backward_beside_a_ranks_columns_takes_taller_blocks(device, monkeypatch):
+    """The blocked backward fits its row blocks to the columns they meet: a weights buffer of one
+    16-row tile of the whole batch (64 x 64 fp32) holds every row against a rank's 16 columns
+    (its part of dT: one block), and one tile of rows against every column (its rows' dU)."""
+    blocks = set()
+    kernel = contrastive._grad_weights_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                blocks.add(tuple(args[8:12]))  # rows r0..r1 against columns c0..c1
+                return launch(*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(contrastive, "_grad_weights_kernel", RecordingKernel())
+    with _blocked_strategy(monkeypatch, torch.float32, 20, part_bytes=1, weight_bytes=4 * 16 * 64):
+        _check_owned_shares(64, [(0, 16), (16, 32), (32, 64)], device)
+    assert {b for b in blocks if b[2:] == (16, 32)} == {(0, 64, 16, 32)}
+    assert {b for b in blocks if b[2:] == (0, 64)} == {(r, r + 16, 0, 64) for r in range(0, 64, 16)}
+
+
+@pytest.mark.triton
 def test_triton_blocked_strategy_fp16_rounds_like_the_one_pass_kernels(device, monkeypatch):
     # fp16 inputs: the blocked backward rounds the softmax weights to fp16 and the gradient once,
     # as the one-pass kernel does; only the order of the fp32 additions differs.
