@@ -366,9 +366,10 @@ def test_triton_16bit_row_gradients_across_ranks_as_accurate_as_one_process(tmp_
         assert _ulps_fp16(got, want).max().item() <= 1.25 * _ulps_fp16(single, want).max().item() + 4.0
 
 
-def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(dtype, monkeypatch):
     """The backward of the gathered rows, with the collective simulated for rank 1 of 3 (local
-    sizes 2, 3 and 0; the other ranks hold the same gradient): bf16 gradients are summed in fp32,
+    sizes 2, 3 and 0; the other ranks hold the same gradient): 16-bit gradients are summed in fp32,
     each rank's rows padded to the largest local batch, and rank 1 gets its rows, once rounded."""
     from ace_kernels import contrastive
 
@@ -379,11 +380,11 @@ def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(monkeypatch):
         output.copy_(inputs[1] * 3)  # rank 1's rows, summed over 3 identical ranks
 
     monkeypatch.setattr(torch.distributed, "reduce_scatter", reduce_scatter)
-    grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).bfloat16() / 7
+    grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).to(dtype) / 7
     ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1, "reduce": True})()
     got = contrastive._GatherRows.backward(ctx, grad)[0]
     assert seen == [[((3, 2), torch.float32)] * 3]
-    assert got.dtype == torch.bfloat16 and torch.equal(got, (grad[2:5].float() * 3).bfloat16())
+    assert got.dtype == dtype and torch.equal(got, (grad[2:5].float() * 3).to(dtype))
 
     # reduce=False (rows whose gradient the caller formed whole): rank 1's rows, as they are,
     # in a buffer of their own, and no collective.
@@ -391,5 +392,5 @@ def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(monkeypatch):
     ctx.reduce = False
     got = contrastive._GatherRows.backward(ctx, grad)[0]
     assert seen == []
-    assert got.dtype == torch.bfloat16 and torch.equal(got, grad[2:5])
+    assert got.dtype == dtype and torch.equal(got, grad[2:5])
     assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
