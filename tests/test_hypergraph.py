@@ -854,6 +854,26 @@ def test_value_errors(case, match):
               k, **kw)
 
 
+
+ADAPTER_TENSORS = tuple(f"{adapter}.{part}" for adapter in ("edge_adapter", "node_adapter")
+                        for part in ("down_weight", "down_bias", "up_weight", "up_bias"))
+
+
+@pytest.mark.parametrize("name", ["cls_attn", *ADAPTER_TENSORS])
+def test_a_tensor_on_another_gpu_than_x_is_refused_by_name(name):
+    """cls_attn and each adapter tensor on cuda:1 beside x on cuda:0 (whose kernels would read it as cuda:0
+    memory) is refused naming that tensor, not another one. Fake tensors: the check reads devices only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, c, edge, node, k = _good()
+        tensors = dict(zip(("x", "cls_attn", *ADAPTER_TENSORS), (t.to("cuda:0") for t in (x, c, *edge, *node))))
+        tensors[name] = tensors[name].to("cuda:1")
+        t = list(tensors.values())
+        with pytest.raises(ValueError, match=rf"argument '{name}': expected a tensor on cuda:0 \(like 'x'\), "
+                                             "got cuda:1"):
+            _call(t[0], t[1], tuple(t[2:6]), tuple(t[6:]), k, backend="torch")
+
 def test_the_module_refuses_bools_for_its_sizes():
     """dim, hidden and topk are integers, and a bool is none (True is an int to Python: the
     module would be built with a 1-wide adapter or topk 1), as in ace_hypergraph itself."""
