@@ -479,6 +479,9 @@ def _hook_cases():
     def backward_hook(m):
         return m.node_adapter.down.register_full_backward_hook(lambda module, grad_in, grad_out: None)
 
+    def backward_pre_hook(m):
+        return m.edge_adapter.up.register_full_backward_pre_hook(lambda module, grad_out: (grad_out[0] * 2.0,))
+
     def old_weight_norm(m):
         with pytest.warns(FutureWarning):  # deprecated, still shipped: recomputes weight in a forward pre-hook
             torch.nn.utils.weight_norm(m.edge_adapter.down)
@@ -492,10 +495,17 @@ def _hook_cases():
         prune.l1_unstructured(m.node_adapter.up, "weight", amount=0.5)  # weight recomputed in a pre-hook
         return None
 
+    def old_spectral_norm(m):
+        torch.nn.utils.spectral_norm(m.node_adapter.down)  # the weight is recomputed in a forward pre-hook
+        return None
+
     weight_norm = r"edge_adapter.down has a forward pre-hook \(WeightNorm\).*parametrizations.weight_norm"
     return [("edge_adapter.up has a forward hook", forward_hook), ("node_adapter has a forward pre-hook", pre_hook),
             ("node_adapter.down has a backward hook", backward_hook), (weight_norm, old_weight_norm),
-            (r"node_adapter.up has a forward pre-hook \(L1Unstructured\).*prune.remove", pruned)]
+            (r"node_adapter.up has a forward pre-hook \(L1Unstructured\).*prune.remove", pruned),
+            ("edge_adapter.up has a backward pre-hook", backward_pre_hook),
+            (r"node_adapter.down has a forward pre-hook \(SpectralNorm\).*parametrizations.weight_norm / "
+             "spectral_norm", old_spectral_norm)]
 
 
 def _assert_module_and_functional_raise(module, x, c, match):
@@ -508,8 +518,8 @@ def _assert_module_and_functional_raise(module, x, c, match):
             ace_kernels.ace_hypergraph(x, c, module.edge_adapter, module.node_adapter, topk=3, cls_only=cls_only)
 
 
-@pytest.mark.parametrize("case", range(5), ids=["forward_hook", "pre_hook", "backward_hook", "old_weight_norm",
-                                             "pruned"])
+@pytest.mark.parametrize("case", range(7), ids=["forward_hook", "pre_hook", "backward_hook", "old_weight_norm",
+                                             "pruned", "backward_pre_hook", "old_spectral_norm"])
 def test_hooks_on_the_adapters_raise_instead_of_being_skipped(case):
     """The op reads the adapters' down/up weights and never calls them: hooks on an adapter or its layers
     never ran (the output was that of the unhooked adapters, silently; the old weight_norm's weight was the
