@@ -988,6 +988,23 @@ def test_the_cuda_check_names_the_shared_memory_limit_and_a_build_without_ops(mo
     assert hg._cuda_check(x, None, None, None, 3, False) == []
 
 
+def test_the_triton_check_names_a_gpu_with_too_little_shared_memory(monkeypatch):
+    """The Triton backend declines a GPU whose blocks get less shared memory than its launch configurations
+    need (GPU_SHARED_BYTES), saying so, and takes one that gives exactly that (a fake CUDA tensor, a faked
+    device limit, the interpreter off as on a GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 9, 64, device="cuda:0")
+    monkeypatch.setattr(hg._dispatch, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(hg._dispatch, "_SHARED_LIMITS", {0: hg.GPU_SHARED_BYTES})
+    assert hg._triton_check(x, None, None, None, 3, False) == []
+    monkeypatch.setattr(hg._dispatch, "_SHARED_LIMITS", {0: hg.GPU_SHARED_BYTES - 1})
+    assert hg._triton_check(x, None, None, None, 3, False) == [
+        f"the Triton kernels' launch configuration needs {hg.GPU_SHARED_BYTES} bytes of shared memory per block, "
+        f"cuda:0 allows {hg.GPU_SHARED_BYTES - 1} (shared_memory_per_block_optin)"]
+
+
 def test_explicit_cuda_backend_without_gpu_says_why():
     if "cuda" in ace_kernels.available_backends():
         pytest.skip("the CUDA backend can run here")
