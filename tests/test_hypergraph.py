@@ -1013,6 +1013,21 @@ def test_explicit_cuda_backend_without_gpu_says_why():
         _call(x, c, tuple(edge), tuple(node), k, backend="cuda")
 
 
+def test_auto_tries_the_documented_order_for_the_variant_it_computes(monkeypatch):
+    """auto prefers triton, then cuda, then torch (ace_hypergraph's docstring), and each call asks the
+    dispatcher for the measured order of the output it computes: cls_only and the full output run different
+    kernels, and the other variant's order would pick the other's fastest backend on a measured GPU."""
+    assert hg._dispatch.preference(hg.OP_NAME) == ("triton", "cuda", "torch")
+    asked = []
+    select = hg._dispatch.select
+    monkeypatch.setattr(hg._dispatch, "select", lambda *args, **kwargs: asked.append(kwargs["variant"]) or select(
+        *args, **kwargs))
+    x, c, edge, node, k = _good()
+    for cls_only in (True, False):
+        _call(x, c, tuple(edge), tuple(node), k, cls_only=cls_only)
+    assert asked == ["cls_only", "full"]
+
+
 # ---------------------------------------------------------------------------- Triton kernels
 
 TRITON_SHAPES = {
