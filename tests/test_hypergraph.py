@@ -166,6 +166,22 @@ def test_cls_only_through_the_primitives_matches_oracle(prims, device):
             assert_close_scaled(got, want, rel, f"grad {name}")
 
 
+
+@pytest.mark.triton
+def test_float16_cls_only_through_the_kernel_primitives_matches_oracle(device):
+    """The CUDA backend's cls_only path for a float16 x (the shared implementation over kernel primitives, which
+    read x in its own dtype), here over the Triton primitives: the output comes back in float16, the forward and
+    every gradient within the float16 rounding of the oracle's (inputs exact in float16, float32 compute)."""
+    x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float16, device=device)
+    out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(x_, c_, tuple(e_), tuple(n_), k, True,
+                                                                          hg.TRITON_PRIMITIVES), x, c, edge, node)
+    ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only=True)
+    assert out.dtype == torch.float16 and out.shape == ref_out.shape
+    assert_close_scaled(out, ref_out, 2 ** -9, "output")  # one float16 rounding (2^-11): 4x margin
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        assert got.dtype == torch.float16, name
+        assert_close_scaled(got, want, 2 ** -9, f"grad {name}")
+
 # Inputs that require grad (indices into PARAM_NAMES), the others frozen: features frozen (the
 # adapters and the CLS row trained on precomputed tokens), the CLS row alone, x alone. The
 # backward's branches on which inputs need a gradient, which the all-trainable tests never leave.
