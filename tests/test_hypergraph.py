@@ -698,6 +698,9 @@ def test_parametrized_adapter_weights_and_global_hooks():
 
 def test_module_default_shapes_and_init():
     module = ace_kernels.ACEHypergraph()
+    # The released model's settings (spec section 4): D = 512, a 128-wide bottleneck, k = 5, no atomics.
+    assert (module.dim, module.hidden, module.topk, module.deterministic) == (512, 128, 5, True)
+    assert module.extra_repr() == "dim=512, hidden=128, topk=5"
     assert sum(p.numel() for p in module.parameters()) == 2 * (512 * 128 + 128 + 128 * 512 + 512)
     keys = set(module.state_dict())
     assert keys == {f"{a}.{l}.{p}" for a in ("edge_adapter", "node_adapter") for l in ("down", "up")
