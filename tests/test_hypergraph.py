@@ -745,7 +745,9 @@ def test_module_materialised_from_meta_has_the_construction_init(how):
         for tensor in (got, want):
             if name.endswith("weight"):  # kaiming_normal_: std sqrt(2 / fan_in), beyond nn.Linear's bound
                 assert abs(tensor.std().item() - (2 / fan_in) ** 0.5) < 0.05 * (2 / fan_in) ** 0.5, name
-                assert tensor.abs().max().item() > 2 / fan_in ** 0.5, name
+                # and beyond kaiming_uniform_'s bound sqrt(6 / fan_in), whose std is the same: a normal
+                # draw passes 1.73 std once in 12 (these weights hold 65536 each).
+                assert tensor.abs().max().item() > (6 / fan_in) ** 0.5, name
             else:  # nn.Linear's bias: uniform within 1 / sqrt(fan_in)
                 assert tensor.abs().max().item() <= 1 / fan_in ** 0.5, name
                 assert abs(tensor.std().item() - (1 / (3 * fan_in)) ** 0.5) < 0.15 * (1 / (3 * fan_in)) ** 0.5, name
