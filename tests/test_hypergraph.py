@@ -608,6 +608,10 @@ def test_adapter_layers_the_op_would_not_call_raise():
         match = rf"argument 'node_adapter': node_adapter.act is {re.escape(repr(act))}.*slope 0.2"
         with pytest.raises(ValueError, match=match):
             ace_kernels.ace_hypergraph(x, c, edge, node, topk=3, cls_only=True)
+    # An adapter that is no nn.Module but holds the layers (a namespace): its act is checked all the same.
+    plain = types.SimpleNamespace(down=node.down, up=node.up, act=torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"argument 'node_adapter': node_adapter.act is ReLU\(\).*slope 0.2"):
+        ace_kernels.ace_hypergraph(x, c, edge, plain, topk=3)
     peft = pytest.importorskip("peft")
     module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).double()
     peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["down"], init_lora_weights=False), module)
