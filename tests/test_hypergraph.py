@@ -166,7 +166,6 @@ def test_cls_only_through_the_primitives_matches_oracle(prims, device):
             assert_close_scaled(got, want, rel, f"grad {name}")
 
 
-
 @pytest.mark.triton
 def test_float16_cls_only_through_the_kernel_primitives_matches_oracle(device):
     """The CUDA backend's cls_only path for a float16 x (the shared implementation over kernel primitives, which
@@ -181,6 +180,7 @@ def test_float16_cls_only_through_the_kernel_primitives_matches_oracle(device):
     for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
         assert got.dtype == torch.float16, name
         assert_close_scaled(got, want, 2 ** -9, f"grad {name}")
+
 
 # Inputs that require grad (indices into PARAM_NAMES), the others frozen: features frozen (the
 # adapters and the CLS row trained on precomputed tokens), the CLS row alone, x alone. The
@@ -889,7 +889,6 @@ def test_value_errors(case, match):
               k, **kw)
 
 
-
 ADAPTER_TENSORS = tuple(f"{adapter}.{part}" for adapter in ("edge_adapter", "node_adapter")
                         for part in ("down_weight", "down_bias", "up_weight", "up_bias"))
 
@@ -908,6 +907,7 @@ def test_a_tensor_on_another_gpu_than_x_is_refused_by_name(name):
         with pytest.raises(ValueError, match=rf"argument '{name}': expected a tensor on cuda:0 \(like 'x'\), "
                                              "got cuda:1"):
             _call(t[0], t[1], tuple(t[2:6]), tuple(t[6:]), k, backend="torch")
+
 
 def test_the_module_refuses_bools_for_its_sizes():
     """dim, hidden and topk are integers, and a bool is none (True is an int to Python: the
