@@ -434,3 +434,99 @@ def test_sdist_ships_no_partial_test_suite(tmp_path):
     assert "setup.py" in shipped and "ace_kernels/__init__.py" in shipped
     tests = sorted(name for name in shipped if name == "tests" or name.startswith("tests/"))
     assert not tests, f"the sdist ships part of the test suite: {tests}"
+
+
+# setup.py run with setuptools' setup() replaced by one that prints what it was handed: the extension's
+# configuration, read without compiling anything (a build takes minutes).
+_CONFIGURE = """
+import json, os, runpy, sys
+import setuptools
+
+handed = {}
+setuptools.setup = lambda **kw: handed.update(kw)
+sys.argv = [sys.argv[1], "--name"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+ext = [dict(name=e.name, sources=e.sources, args=e.extra_compile_args, include_dirs=e.include_dirs)
+       for e in handed["ext_modules"]]
+print("CONFIG:" + json.dumps(dict(ext=ext, cmdclass=sorted(handed["cmdclass"]), max_jobs=os.environ.get("MAX_JOBS"),
+                                  arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                                  cuda_home=os.environ.get("CUDA_HOME"))))
+"""
+
+
+def _configured(cwd, **env) -> tuple[dict, str]:
+    """What setup.py (this checkout's, run from ``cwd``) hands to setuptools, and what it printed."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("ACE_KERNELS_FORCE_CUDA", "ACE_KERNELS_SKIP_CUDA", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS",
+                                "CUDA_HOME", "CUDA_PATH")}
+    environment.update(env)
+    setup = os.path.join(ROOT, "setup.py")
+    run = subprocess.run([sys.executable, "-c", _CONFIGURE, setup], cwd=cwd, env=environment, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    return json.loads(run.stdout.split("CONFIG:", 1)[1]), run.stdout.split("CONFIG:", 1)[0]
+
+
+def _needs_a_toolkit():
+    if torch.version.cuda is None or not os.path.exists("/usr/local/cuda/bin/nvcc"):
+        pytest.skip("setup.py configures the extension only with a CUDA torch and a toolkit (/usr/local/cuda here)")
+
+
+def test_setup_py_compiles_every_source_and_records_the_archs_and_the_sources_fingerprint():
+    """The extension's configuration as setup.py hands it over (the built module's CUDA_ARCHS and
+    SOURCES_SHA256 come from these defines): every .cu and .cpp under csrc/ at any depth, relative
+    when run from the checkout; sm_90a machine code by default; the fingerprint that the cuda backend
+    compares with csrc/; no fast math (results must match the torch path)."""
+    from ace_kernels._sources import sources_sha256
+
+    _needs_a_toolkit()
+    config, _ = _configured(ROOT, MAX_JOBS="3")
+    (ext,) = config["ext"]
+    compiled = sorted(os.path.relpath(os.path.join(folder, name), ROOT)
+                      for folder, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names
+                      if name.endswith((".cu", ".cpp")))
+    assert ext["name"] == "ace_kernels._C" and sorted(ext["sources"]) == compiled and len(compiled) >= 2, ext
+    cxx, nvcc = ext["args"]["cxx"], ext["args"]["nvcc"]
+    assert "-DACE_KERNELS_CUDA_ARCHS=sm_90a" in cxx, cxx
+    assert f"-DACE_KERNELS_SOURCES_SHA256={sources_sha256(os.path.join(ROOT, 'csrc'))}" in cxx, cxx
+    assert [flag for flag in nvcc if flag.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"], nvcc
+    assert not [flag for flag in nvcc + cxx if "fast_math" in flag or "fast-math" in flag], nvcc
+    assert config["arch_list"] == "9.0a" and config["cmdclass"] == ["build_ext"]
+    assert config["max_jobs"] == "3"  # set, it is left alone
+    # Neither CUDA_HOME nor CUDA_PATH set: /usr/local/cuda's toolkit, for torch too (not the nvcc on PATH,
+    # which may be a wrapper script outside any toolkit).
+    assert config["cuda_home"] == "/usr/local/cuda"
+    # The pip CUDA runtime's headers (nvidia/cu13/include), which the system toolkit may lack.
+    pip_headers = [os.path.join(site, "nvidia", "cu13", "include") for site in sys.path]
+    assert set([folder for folder in pip_headers if os.path.isdir(folder)][:1]) <= set(ext["include_dirs"]), ext
+
+
+def test_setup_py_builds_machine_code_and_ptx_for_each_arch_listed():
+    """TORCH_CUDA_ARCH_LIST "8.0;9.0a+PTX": machine code for both and PTX for 9.0a, recorded in that
+    order (the module's CUDA_ARCHS, which the cuda backend checks each GPU against); torch reads the
+    same list. Run from another folder, the sources are named by their absolute paths."""
+    _needs_a_toolkit()
+    config, _ = _configured(ROOT, TORCH_CUDA_ARCH_LIST="8.0;9.0a+PTX")
+    (ext,) = config["ext"]
+    assert [flag for flag in ext["args"]["nvcc"] if flag.startswith("-gencode")] == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_90a,code=compute_90a"]
+    assert "-DACE_KERNELS_CUDA_ARCHS=sm_80__sm_90a__compute_90a" in ext["args"]["cxx"]
+    assert config["arch_list"] == "8.0;9.0a+PTX"
+    (elsewhere,) = _configured(os.path.dirname(ROOT))[0]["ext"]
+    assert sorted(elsewhere["sources"]) == sorted(os.path.join(ROOT, source) for source in ext["sources"])
+
+
+def test_setup_py_skips_the_extension_for_an_empty_arch_list_and_when_told_to():
+    """A TORCH_CUDA_ARCH_LIST of no entries skips the extension naming it (it built one for no GPU),
+    and ACE_KERNELS_SKIP_CUDA=1 (or true, yes, on, in any case) skips it whatever else is set,
+    ACE_KERNELS_FORCE_CUDA too."""
+    _needs_a_toolkit()
+    config, printed = _configured(ROOT, TORCH_CUDA_ARCH_LIST=";")
+    assert config["ext"] == [] and "TORCH_CUDA_ARCH_LIST=';': expected entries like 9.0" in printed, printed
+    assert "got 'none'" in printed, printed
+    config, printed = _configured(ROOT, ACE_KERNELS_SKIP_CUDA=" Yes", ACE_KERNELS_FORCE_CUDA="1")  # 1, true, yes, on
+    assert config["ext"] == [] and config["cmdclass"] == [], config
+    assert "ACE_KERNELS_SKIP_CUDA=1, building the pure-Python package only" in printed, printed
