@@ -503,6 +503,34 @@ def test_setup_py_compiles_every_source_and_records_the_archs_and_the_sources_fi
     assert set([folder for folder in pip_headers if os.path.isdir(folder)][:1]) <= set(ext["include_dirs"]), ext
 
 
+def _setup_py_function(name: str):
+    """The function ``name`` of setup.py, alone (running the file would call setup())."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    (node,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    namespace = {"os": os}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace[name]
+
+
+@pytest.mark.parametrize("cores, memory_gib, jobs", [(16, 6.5, "4"), (2, 64, "2"), (4, 1, "1"), (None, 64, "1")])
+def test_setup_py_runs_a_build_job_per_core_within_memory(monkeypatch, cores, memory_gib, jobs):
+    """MAX_JOBS unset: one nvcc job a core, at most one per 1.5 GiB of memory (what a job needs), at least one."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": int(memory_gib * 2**30) // 4096}
+    monkeypatch.setattr(os, "sysconf", pages.__getitem__)
+    assert _setup_py_function("_default_max_jobs")() == jobs
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), (" Yes", True), ("ON", True), ("0", False),
+                                       ("", False), ("no", False), ("2", False)])
+def test_setup_py_switches_read_1_true_yes_on_in_any_case(monkeypatch, value, on):
+    monkeypatch.setenv("ACE_KERNELS_FORCE_CUDA", value)
+    assert _setup_py_function("_flag")("ACE_KERNELS_FORCE_CUDA") is on
+
+
 def test_setup_py_builds_machine_code_and_ptx_for_each_arch_listed():
     """TORCH_CUDA_ARCH_LIST "8.0;9.0a+PTX": machine code for both and PTX for 9.0a, recorded in that
     order (the module's CUDA_ARCHS, which the cuda backend checks each GPU against); torch reads the
