@@ -184,6 +184,33 @@ def test_setup_py_checks_the_nvcc_that_torch_builds_with(tmp_path):
         assert forced.returncode != 0 and f"no nvcc at {nvcc} ({variable}=" in forced.stderr, forced.stderr[-2000:]
 
 
+def test_setup_py_reads_cuda_home_before_cuda_path(tmp_path):
+    """As torch's cpp_extension does: with both set, CUDA_HOME names the toolkit (here one without
+    nvcc, so the extension is skipped naming it) even where CUDA_PATH's has an nvcc."""
+    setup = os.path.join(ROOT, "setup.py")
+    missing = str(tmp_path / "no-toolkit")
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    skipped = _setup_py([setup, "--name"], str(tmp_path), CUDA_HOME=missing, CUDA_PATH=str(tmp_path / "cuda"))
+    assert skipped.returncode == 0 and skipped.stdout.strip().endswith("ace-kernels"), skipped.stderr
+    nvcc = os.path.join(missing, "bin", "nvcc")
+    assert f"no nvcc at {nvcc} (CUDA_HOME={missing!r})" in skipped.stdout, skipped.stdout
+
+
+def test_setup_py_without_torch_installs_the_pure_python_package_unless_forced(tmp_path):
+    """A build environment where torch does not import (pip's build isolation) skips the extension
+    saying so; forced, it fails naming the cause."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in this environment')\n")
+    setup = os.path.join(ROOT, "setup.py")
+    skipped = _setup_py([setup, "--name"], str(tmp_path), PYTHONPATH=str(tmp_path))
+    assert skipped.returncode == 0 and skipped.stdout.strip().endswith("ace-kernels"), skipped.stderr
+    assert "torch not importable at build time, building the pure-Python package only" in skipped.stdout
+    forced = _setup_py([setup, "--name"], str(tmp_path), PYTHONPATH=str(tmp_path), ACE_KERNELS_FORCE_CUDA="True")
+    assert forced.returncode != 0, forced.stdout
+    assert "ACE_KERNELS_FORCE_CUDA=1 but torch is not importable (use --no-build-isolation)" in forced.stderr
+
+
 def test_a_build_that_fails_installs_the_package_without_the_extension_unless_forced(tmp_path):
     """torch refuses to build with an nvcc of another CUDA major version than its own (here a stand-in
     nvcc that says 'release 1.0'): without ACE_KERNELS_FORCE_CUDA the build says why and goes on
@@ -558,3 +585,14 @@ def test_setup_py_skips_the_extension_for_an_empty_arch_list_and_when_told_to():
     config, printed = _configured(ROOT, ACE_KERNELS_SKIP_CUDA=" Yes", ACE_KERNELS_FORCE_CUDA="1")  # 1, true, yes, on
     assert config["ext"] == [] and config["cmdclass"] == [], config
     assert "ACE_KERNELS_SKIP_CUDA=1, building the pure-Python package only" in printed, printed
+
+
+def test_setup_py_without_sources_skips_the_extension_naming_the_folder(tmp_path):
+    """setup.py alone (a trimmed copy, no csrc/): the extension is skipped, naming where the sources
+    were looked for, and the pure-Python package still installs."""
+    import shutil
+
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+    skipped = _setup_py(["setup.py", "--name"], str(tmp_path))
+    assert skipped.returncode == 0 and skipped.stdout.strip().endswith("ace-kernels"), skipped.stderr
+    assert f"no sources under {tmp_path / 'csrc'}" in skipped.stdout, skipped.stdout
