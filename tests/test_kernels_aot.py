@@ -46,3 +46,21 @@ def test_a_ptxas_report_without_a_line_it_reads_is_an_error_not_a_zero(monkeypat
     with pytest.raises(RuntimeError, match=r"^ptxas -v report for _scale_kernel has no match for "
                                            r"'Used \(\\\\d\+\) registers'"):
         _aot.compile_sm90(_scale_kernel, {})
+
+
+def test_each_resource_is_read_from_its_own_line_of_the_ptxas_report(monkeypatch):
+    """Registers, spill stores, spill loads and the stack frame each come from their own words of
+    the ``ptxas -v`` report (distinct numbers here), shared memory from Triton's metadata, and the
+    warps are the ones asked for: a spill reported under the wrong name would hide one kind of it."""
+    report = ("ptxas info    : Compiling entry function '_scale_kernel' for 'sm_90a'\n"
+              "ptxas info    : Function properties for _scale_kernel\n"
+              "    24 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+              "ptxas info    : Used 72 registers, used 1 barriers, 24 bytes cumulative stack size\n")
+    compiled = types.SimpleNamespace(asm={"ptx": "// no code", "cubin": b""},
+                                     metadata=types.SimpleNamespace(name="_scale_kernel", shared=4096))
+    monkeypatch.setattr(_aot, "_compile_with_report", lambda *args: (compiled, report))
+    resources = _aot.compile_sm90(_scale_kernel, {}, num_warps=8)
+    assert resources == _aot.KernelResources(name="_scale_kernel", registers=72, spill_store_bytes=8,
+                                             spill_load_bytes=4, stack_frame_bytes=24, shared_bytes=4096,
+                                             num_warps=8)
+    assert resources.spills == 12
