@@ -64,3 +64,31 @@ def test_each_resource_is_read_from_its_own_line_of_the_ptxas_report(monkeypatch
                                              spill_load_bytes=4, stack_frame_bytes=24, shared_bytes=4096,
                                              num_warps=8)
     assert resources.spills == 12
+
+
+def test_compile_sm90_asks_triton_for_sm90a_with_the_options_and_alignments_given(monkeypatch):
+    """What reaches ``triton.compile`` (faked here, so nothing compiles): the sm_90a target, the warps,
+    stages and register cap asked for, and 16-divisibility for every pointer argument (aligned_pointers)
+    and for each integer named in ``divisible_by_16``: a spill check run with other options than a
+    launch's would judge other code."""
+    from triton.runtime.jit import JITFunction
+
+    seen = {}
+
+    def compile(source, target, options):
+        seen.update(source=source, target=target, options=options)
+        print("    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+              "ptxas info    : Used 40 registers, used 0 barriers")
+        return types.SimpleNamespace(asm={"cubin": b""}, metadata=types.SimpleNamespace(name="_scale_kernel", shared=0))
+
+    monkeypatch.setattr(triton, "compile", compile)
+    signature = {"x_ptr": "*fp32", "n": "i32", "factor": "fp32", "BLOCK": "constexpr"}
+    resources = _aot.compile_sm90(JITFunction(_scale_kernel), signature, {"BLOCK": 16}, num_warps=8, num_stages=2,
+                                  divisible_by_16=("n",), maxnreg=128)
+    assert resources.registers == 40 and resources.num_warps == 8
+    assert (seen["target"].backend, seen["target"].arch, seen["target"].warp_size) == ("cuda", 90, 32)
+    assert seen["options"] == {"num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    assert seen["source"].attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    assert seen["source"].signature == signature and seen["source"].constants == {(3,): 16}
+    _aot.compile_sm90(JITFunction(_scale_kernel), signature, {"BLOCK": 16}, aligned_pointers=False)
+    assert seen["options"] == {"num_warps": 4, "num_stages": 3} and seen["source"].attrs == {}
