@@ -26,7 +26,7 @@ def _scale_kernel(x_ptr, n, factor, BLOCK: triton.language.constexpr):
 
 
 def test_divisible_by_16_must_name_arguments_of_the_kernel_inside_a_wrapper():
-    """The kernel is found inside a heuristics (or autotune) wrapper, and a name in
+    """The kernel is found inside a heuristics (or autotune, or both) wrapper, and a name in
     ``divisible_by_16`` that is not one of its arguments is refused before any compile."""
     from triton.runtime.jit import JITFunction
 
@@ -35,6 +35,10 @@ def test_divisible_by_16_must_name_arguments_of_the_kernel_inside_a_wrapper():
     with pytest.raises(ValueError, match=r"^argument 'divisible_by_16': \['m', 'BLOCK_N'\] are not arguments of "
                                          r"_scale_kernel$"):
         _aot.ptx_sm90(wrapped, signature, {"BLOCK": 16}, divisible_by_16=("n", "m", "BLOCK_N"))
+    # Wrappers stacked (autotune over heuristics): the kernel is found under both.
+    stacked = triton.autotune(configs=[triton.Config({})], key=["n"])(wrapped)
+    with pytest.raises(ValueError, match=r"^argument 'divisible_by_16': \['m'\] are not arguments of _scale_kernel$"):
+        _aot.ptx_sm90(stacked, signature, {"BLOCK": 16}, divisible_by_16=("n", "m"))
 
 
 def test_a_ptxas_report_without_a_line_it_reads_is_an_error_not_a_zero(monkeypatch):
