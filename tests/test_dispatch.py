@@ -256,6 +256,18 @@ def test_import_works_without_triton():
     assert "ok" in result.stdout
 
 
+def test_an_unknown_package_attribute_raises_attribute_error_and_the_version_is_setup_pys():
+    """The lazy ``ace_kernels.patch`` hook answers only that name: any other raises AttributeError (so
+    ``hasattr`` and ``getattr(..., default)`` work), and ``__version__`` is the version setup.py installs."""
+    import re
+
+    assert not hasattr(ace_kernels, "no_such_op")
+    with pytest.raises(AttributeError, match=r"^module 'ace_kernels' has no attribute 'no_such_op'$"):
+        ace_kernels.no_such_op  # noqa: B018
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    assert re.findall(r'^    version="([^"]+)",$', setup, re.M) == [ace_kernels.__version__]
+
+
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "ace_kernels.info"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
