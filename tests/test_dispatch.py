@@ -845,6 +845,32 @@ def test_the_sources_fingerprint_leaves_hidden_files_out(tmp_path):
     assert _dispatch._other_sources(str(tmp_path / "ace_kernels" / "_C.so"), built_from) is None
 
 
+def test_the_sources_fingerprint_is_none_without_sources_and_the_same_in_any_listing_order(tmp_path, monkeypatch):
+    """No source file under csrc/: no fingerprint (None), not the hash of nothing. With sources, the
+    fingerprint does not depend on the order the file system lists them in (setup.py's build and the
+    cuda backend's check may run on different file systems, or after a copy that reorders them)."""
+    from ace_kernels import _sources
+
+    csrc = tmp_path / "csrc"
+    (csrc / "docs").mkdir(parents=True)
+    (csrc / "docs" / "notes.md").write_text("not a source\n")
+    assert _sources.sources_sha256(str(csrc)) is None
+    for name in ("bindings.cpp", "b/kernel.cu", "b/kernel.cuh", "a/tiles.h", "a/z.hpp"):
+        (csrc / name).parent.mkdir(parents=True, exist_ok=True)
+        (csrc / name).write_text(f"// {name}\n")
+    listed = _sources.sources_sha256(str(csrc))
+    walk = os.walk
+
+    def walk_reversed(top):
+        for folder, folders, names in walk(top):
+            folders.reverse()  # in place: os.walk descends in this order
+            names.reverse()
+            yield folder, folders, names
+
+    monkeypatch.setattr(_sources.os, "walk", walk_reversed)
+    assert _sources.sources_sha256(str(csrc)) == listed
+
+
 def test_the_triton_backend_without_a_gpu_or_the_interpreter_says_so(monkeypatch):
     if _dispatch._triton_import_error():
         pytest.skip("triton does not import here")
