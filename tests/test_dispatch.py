@@ -845,6 +845,19 @@ def test_the_sources_fingerprint_leaves_hidden_files_out(tmp_path):
     assert _dispatch._other_sources(str(tmp_path / "ace_kernels" / "_C.so"), built_from) is None
 
 
+def test_an_extension_beside_a_setup_py_but_no_sources_is_not_compared(tmp_path):
+    """A folder with setup.py and the package but no csrc/ (or a csrc/ without sources: a trimmed copy)
+    is no checkout whose sources could have moved on: its extension is taken as it is, not declined
+    (nor does the check fail on the missing fingerprint)."""
+    (tmp_path / "setup.py").write_text("")
+    so = str(tmp_path / "ace_kernels" / "_C.so")
+    assert _dispatch._other_sources(so, "") is None
+    assert _dispatch._other_sources(so, "0" * 64) is None
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "README.md").write_text("the sources are elsewhere\n")
+    assert _dispatch._other_sources(so, "0" * 64) is None
+
+
 def test_the_sources_fingerprint_is_none_without_sources_and_the_same_in_any_listing_order(tmp_path, monkeypatch):
     """No source file under csrc/: no fingerprint (None), not the hash of nothing. With sources, the
     fingerprint does not depend on the order the file system lists them in (setup.py's build and the
