@@ -114,7 +114,8 @@ def test_coverage_follows_the_processes_the_tests_start():
 
 
 @pytest.mark.parametrize("source", ["csrc/bindings.cpp", "csrc/hypergraph/hypergraph.h", "csrc/lora/lora.cpp",
-                                    "csrc/lora/tiles.cuh", "csrc/kernels.cu", "csrc/lora/sm90/gemm.cu"])
+                                    "csrc/lora/tiles.cuh", "csrc/lora/tiles.hpp", "csrc/kernels.cu",
+                                    "csrc/lora/sm90/gemm.cu"])
 def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source):
     """`make test` re-runs the set-up (the in-place build of the extension) when a file that setup.py
     compiles (csrc/**/*.cu, *.cpp) or fingerprints (headers) is newer than the last one: the stamp
@@ -139,3 +140,29 @@ def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source
     os.utime(tmp_path / source, (1_000_000_000, 1_000_000_000))
     os.symlink("someone@host.1234", tmp_path / (source.rsplit("/", 1)[0] + "/.#editing.cu"))  # a lock: no source
     assert pending() == 0
+    # Nor is a file in a hidden folder (an editor's or a tool's copy), which the fingerprint leaves out too.
+    (tmp_path / "csrc" / ".old").mkdir(exist_ok=True)
+    (tmp_path / "csrc" / ".old" / "kernel.cu").write_text("")
+    os.utime(tmp_path / "csrc" / ".old" / "kernel.cu", (1_000_000_200, 1_000_000_200))
+    assert pending() == 0
+
+
+@pytest.mark.parametrize("prerequisite", ["setup.py", "requirements.txt", "ace_kernels/_sources.py"])
+def test_setup_reinstalls_when_what_decides_the_build_changes(tmp_path, prerequisite):
+    """The pins, setup.py (the build's flags) and the sources' fingerprint code are prerequisites of
+    the set-up's stamp too: a change to one of them re-runs the install and the extension's build."""
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp", ".venv/.installed"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))
+    os.utime(tmp_path / ".venv" / ".installed", (1_000_000_100, 1_000_000_100))
+
+    def pending():
+        out = subprocess.run(["make", "-q", "-C", str(tmp_path), "setup"], capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
+        return out.returncode  # -q: 0 up to date, 1 something to do
+
+    assert pending() == 0
+    os.utime(tmp_path / prerequisite, (1_000_000_200, 1_000_000_200))
+    assert pending() == 1
