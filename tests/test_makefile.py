@@ -166,3 +166,13 @@ def test_setup_reinstalls_when_what_decides_the_build_changes(tmp_path, prerequi
     assert pending() == 0
     os.utime(tmp_path / prerequisite, (1_000_000_200, 1_000_000_200))
     assert pending() == 1
+
+
+def test_the_gpu_image_target_forces_the_extension_build():
+    """`make test-gpu-image` builds the extension against torch 2.11 with ACE_KERNELS_FORCE_CUDA=1: a build
+    that fails there fails the target, where unforced it would install without the extension and pass."""
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, "test-gpu-image"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert [line for line in out.stdout.splitlines()
+            if "ACE_KERNELS_FORCE_CUDA=1 " in line and " setup.py -q build_ext --inplace" in line], out.stdout
