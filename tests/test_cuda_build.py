@@ -242,6 +242,13 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
     elsewhere = _setup_py([str(tree / "setup.py"), "build_ext"], str(other), **env)
     assert elsewhere.returncode == 0 and "building the CUDA extension failed" in elsewhere.stderr, elsewhere.stderr
     assert stale.exists() and (other / "ace_kernels" / name).exists()
+    # In place, run from another folder: the checkout's earlier build goes all the same (it lies beside
+    # the sources, where the cuda backend would load it from).
+    inplace_elsewhere = _setup_py([str(tree / "setup.py"), "build_ext", "--inplace"], str(other), **env)
+    assert inplace_elsewhere.returncode == 0, inplace_elsewhere.stderr[-2000:]
+    assert f"removed {stale}, built from earlier sources" in inplace_elsewhere.stderr, inplace_elsewhere.stderr
+    assert not stale.exists()
+    stale.write_bytes(b"an earlier build")
     built = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), **env)
     assert built.returncode == 0, built.stderr[-2000:]
     assert "ace-kernels: building the CUDA extension failed (RuntimeError: " in built.stderr
