@@ -560,6 +560,16 @@ def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
     assert int32_safe(row_major, (1,)) is row_major
 
 
+def test_the_kernels_grid_limit_is_cudas_65535_blocks():
+    """CUDA caps a grid's y and z dimensions at 65535 blocks: the hypergraph kernels, which put the batch
+    there, decline a batch of 65536 (a launch would fail on the GPU) and take one of 65535."""
+    from ace_kernels import hypergraph
+
+    x = torch.empty(65536, 4, 3)
+    assert any("split the batch" in r for r in hypergraph._kernel_check(x, None, None, None, 2, True))
+    assert hypergraph._kernel_check(x[:65535], None, None, None, 2, True) == []
+
+
 def test_import_works_with_a_broken_triton():
     # Installed but failing at import (a driver or compiler mismatch): still importable, and
     # ace_kernels.info still says why triton cannot run.
