@@ -570,6 +570,14 @@ def test_the_kernels_grid_limit_is_cudas_65535_blocks():
     assert hypergraph._kernel_check(x[:65535], None, None, None, 2, True) == []
 
 
+def test_spans_cover_the_range_exactly_in_steps():
+    from ace_kernels._library import spans
+
+    assert spans(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]  # the last one stops at hi
+    assert spans(3, 7, 4) == spans(3, 7, 10) == [(3, 7)]
+    assert spans(5, 5, 4) == [(5, 5)]
+
+
 def test_import_works_with_a_broken_triton():
     # Installed but failing at import (a driver or compiler mismatch): still importable, and
     # ace_kernels.info still says why triton cannot run.
