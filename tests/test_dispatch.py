@@ -578,6 +578,20 @@ def test_spans_cover_the_range_exactly_in_steps():
     assert spans(5, 5, 4) == [(5, 5)]
 
 
+def test_autocast_helpers_give_no_dtype_for_integer_or_meta_tensors():
+    """Under autocast, a floating-point tensor reads the autocast dtype; an integer one (label ids, say) has
+    none, and a meta tensor (which autocast does not know: asking it raises) has none either."""
+    from ace_kernels import _library
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _library.autocast_dtype(torch.zeros(2)) is torch.bfloat16
+        assert _library.autocast_dtype(torch.zeros(2, dtype=torch.int64)) is None
+        assert _library.autocast_dtype(torch.zeros(2, device="meta")) is None
+        with _library.autocast_off("meta"):
+            pass
+    assert _library.autocast_dtype(torch.zeros(2)) is None
+
+
 def test_import_works_with_a_broken_triton():
     # Installed but failing at import (a driver or compiler mismatch): still importable, and
     # ace_kernels.info still says why triton cannot run.
