@@ -248,6 +248,8 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
     assert inplace_elsewhere.returncode == 0, inplace_elsewhere.stderr[-2000:]
     assert f"removed {stale}, built from earlier sources" in inplace_elsewhere.stderr, inplace_elsewhere.stderr
     assert not stale.exists()
+    # and the folder's own build is not this checkout's: it stays.
+    assert (other / "ace_kernels" / name).exists(), inplace_elsewhere.stderr
     stale.write_bytes(b"an earlier build")
     built = _setup_py(["setup.py", "build_ext", "--inplace"], str(tree), **env)
     assert built.returncode == 0, built.stderr[-2000:]
