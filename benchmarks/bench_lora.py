@@ -171,7 +171,9 @@ def run(suite) -> None:
 
             entries.append((name, step, [x] + params))
             forwards[name] = lambda module=module: module(x)
-            frozen_of[name] = list(module.buffers()) + params
+            # Every parameter, frozen ones too: PEFT's base weight is a parameter without a gradient, not a
+            # buffer, and what autograd keeps of it for dX is a weight, not an activation.
+            frozen_of[name] = list(module.buffers()) + list(module.parameters())
 
         grads_of = {name: grads for name, _, grads in entries}
         for name in ("peft-style", "reference"):
