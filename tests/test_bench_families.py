@@ -155,6 +155,13 @@ def test_the_fused_lora_rows_are_judged_against_the_named_baselines_only():
 
     targets = bench_lora._targets(_gpu_suite(("triton",), quick=False))
     assert _goals(targets, "triton", "peft-style") == [("speedup", 1.4), ("metric_max:saved_over_x", 1.1)]
+    # Issue 3: at least 2x the reference, and at most 1.15x the frozen base's time, a goal stated on
+    # the reciprocal of the speed-up (``invert``: the row shows the time ratio its text names).
+    for provider in ("triton", "cuda"):
+        assert _goals(targets, provider, "reference") == [("speedup", 2.0)]
+        (base,) = targets(provider, "frozen-base")
+        assert (base.metric, base.threshold, base.invert) == ("speedup", 1 / 1.15, True)
+    assert _goals(targets, "torch", "reference") == [] and _goals(targets, "torch", "frozen-base") == []
     assert _goals(targets, "triton", "peft-style+compile") == [] and _goals(targets, "cuda", None) == []
     from benchmarks import bench_contrastive
 
@@ -379,6 +386,26 @@ def test_hypergraph_check_sees_a_wrong_output_or_any_wrong_gradient(monkeypatch,
 
     monkeypatch.setattr(ace_kernels, "ace_hypergraph", op)
     assert bench_hypergraph._check("torch", *case, reference) > 0.1
+
+
+def test_hypergraph_gpu_targets_are_issue_4s_by_mode_and_batch():
+    """Issue 4 on a GPU, the fused rows against the dense reference only: cls_only at least 25x,
+    the full output at least 8x, and at B=1024 (not B=64) memory at most 1/8 of the reference's,
+    a goal stated on the reciprocal of the memory ratio (``invert``); nothing for torch."""
+    from benchmarks import bench_hypergraph
+
+    gpu = _gpu_suite(("triton",), quick=False)
+
+    def goals(batch, cls_only, provider="triton", baseline="reference"):
+        targets = bench_hypergraph._targets(gpu, dict(b=batch, n=197), cls_only)
+        return [(t.metric, t.threshold, t.invert) for t in targets(provider, baseline)]
+
+    for provider in ("triton", bench_hypergraph.ATOMIC, "cuda"):
+        assert goals(64, True, provider) == [("speedup", 25.0, False)]
+        assert goals(64, False, provider) == [("speedup", 8.0, False)]
+        assert goals(1024, True, provider) == [("speedup", 25.0, False), ("memory_ratio", 8.0, True)]
+        assert goals(1024, False, provider) == [("speedup", 8.0, False), ("memory_ratio", 8.0, True)]
+    assert goals(1024, True, "torch") == [] and goals(1024, True, baseline="reference+compile") == []
 
 
 def test_hypergraph_reference_is_float32_for_16_bit_inputs():
