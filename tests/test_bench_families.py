@@ -408,6 +408,15 @@ def test_hypergraph_gpu_targets_are_issue_4s_by_mode_and_batch():
     assert goals(1024, True, "torch") == [] and goals(1024, True, baseline="reference+compile") == []
 
 
+def test_hypergraph_inputs_all_need_a_gradient():
+    """Issue 4's step differentiates every input: x, the CLS attention row and all eight adapter
+    tensors need gradients (a frozen one would drop its gradient's work from the timed backward),
+    and the adapter biases are not zero."""
+    x, cls_attn, edge, node, *_ = _hypergraph_case()
+    assert all(t.requires_grad for t in (x, cls_attn, *edge, *node))
+    assert all(t.abs().min() > 0 for t in (edge[1], edge[3], node[1], node[3]))
+
+
 def test_hypergraph_reference_is_float32_for_16_bit_inputs():
     """Ours run on bf16 inputs are checked against the dense reference computed in float32 on
     the same values (in bf16 the reference's own rounding and top-k near-ties differ from any
