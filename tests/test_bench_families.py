@@ -331,6 +331,9 @@ def test_lora_rows_account_saved_bytes_flops_and_checks(monkeypatch):
     rows = {(r.provider, r.baseline): r for r in suite.rows}
     assert set(rows) == {("reference", None), ("peft-style", None), ("frozen-base", None), ("torch", "reference"),
                          ("torch", "peft-style"), ("torch", "frozen-base")}, set(rows)
+    # Each row names its shape and its settings (the dropout drawn in the timed step), and its dtype.
+    assert {(r.shape, r.dtype) for r in suite.rows} == {
+        (f"M={shape['m']} K={shape['k']} out={shape['out']} r={shape['r']} p=0.1", "bfloat16")}
     x_bytes = shape["m"] * shape["k"] * 2  # bf16
     ours = rows[("torch", "reference")].metrics
     torch_calls = [d for d in declared if d["backend"] == "torch"]
