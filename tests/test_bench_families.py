@@ -445,17 +445,26 @@ def test_hypergraph_rows_count_bytes_and_carry_their_check(monkeypatch):
     from benchmarks import bench_hypergraph
 
     real = ace_kernels.ace_hypergraph
-    calls = []
+    real_inputs = bench_hypergraph._inputs
+    calls, timed_x = [], []
 
-    def op(*args, backend=None, deterministic=True, **kwargs):
-        calls.append((backend, deterministic))
-        return real(*args, backend="torch", **kwargs)
+    def inputs(*args):
+        made = real_inputs(*args)
+        timed_x.append(made[0])
+        return made
 
+    def op(x, *args, backend=None, deterministic=True, **kwargs):
+        # The checks run on copies of the inputs; the timed steps on the family's own x.
+        calls.append((backend, deterministic, "timed" if any(x is t for t in timed_x) else "check"))
+        return real(x, *args, backend="torch", **kwargs)
+
+    monkeypatch.setattr(bench_hypergraph, "_inputs", inputs)
     monkeypatch.setattr(ace_kernels, "ace_hypergraph", op)
     suite = _gpu_suite(["torch", "triton"])
     bench_hypergraph.run(suite)
-    assert ("triton", False) in calls and ("triton", True) in calls and ("torch", True) in calls
-    assert ("torch", False) not in calls
+    for what in ("check", "timed"):
+        assert {c for c in calls if c[2] == what} == {("triton", False, what), ("triton", True, what),
+                                                      ("torch", True, what)}, calls
     shape = bench_hypergraph._shapes(suite)[0]
     providers = set()
     for row in suite.rows:
@@ -467,7 +476,10 @@ def test_hypergraph_rows_count_bytes_and_carry_their_check(monkeypatch):
             assert [k for k in row.metrics if harness.is_check_key(k)] == ["rel_err_vs_reference"]
             assert harness.checks_pass(row.metrics, "bfloat16")
     assert providers == {"torch", "triton", bench_hypergraph.ATOMIC}
-    assert {r.shape.rsplit(" ", 1)[1] for r in suite.rows} == {"cls_only", "full"}
+    # Each mode has its own reference row, and every provider is compared with it.
+    pairs = {(r.shape.rsplit(" ", 1)[1], r.provider, r.baseline) for r in suite.rows}
+    assert pairs == {(mode, provider, "reference") for mode in ("cls_only", "full") for provider in providers} | {
+        (mode, "reference", None) for mode in ("cls_only", "full")}, pairs
 
 
 # --------------------------------------------------------------------------- label-guided InfoNCE
