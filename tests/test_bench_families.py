@@ -461,6 +461,13 @@ def test_hypergraph_rows_count_bytes_and_carry_their_check(monkeypatch):
     monkeypatch.setattr(bench_hypergraph, "_inputs", inputs)
     monkeypatch.setattr(ace_kernels, "ace_hypergraph", op)
     suite = _gpu_suite(["torch", "triton"])
+    added, add_rows = [], suite.add_rows
+
+    def spy_add_rows(**kwargs):
+        added.append((kwargs["shape"], kwargs["targets"]))
+        return add_rows(**kwargs)
+
+    suite.add_rows = spy_add_rows
     bench_hypergraph.run(suite)
     for what in ("check", "timed"):
         assert {c for c in calls if c[2] == what} == {("triton", False, what), ("triton", True, what),
@@ -480,6 +487,10 @@ def test_hypergraph_rows_count_bytes_and_carry_their_check(monkeypatch):
     pairs = {(r.shape.rsplit(" ", 1)[1], r.provider, r.baseline) for r in suite.rows}
     assert pairs == {(mode, provider, "reference") for mode in ("cls_only", "full") for provider in providers} | {
         (mode, "reference", None) for mode in ("cls_only", "full")}, pairs
+    # ... and is held to its own mode's targets (issue 4 at B=4: no memory goal; --quick judges none).
+    judged = {(shape_text.rsplit(" ", 1)[1], tuple(_goals(targets, "triton", "reference")))
+              for shape_text, targets in added}
+    assert judged == {("cls_only", (("speedup", 25.0),)), ("full", (("speedup", 8.0),))}, judged
 
 
 # --------------------------------------------------------------------------- label-guided InfoNCE
