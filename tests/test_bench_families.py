@@ -258,6 +258,21 @@ def test_lora_checks_see_a_wrong_output_or_any_wrong_gradient(monkeypatch, what)
     assert bench_lora._check_with_dropout("torch", *case) > 0.1
 
 
+def test_lora_flops_count_each_gemm_of_the_step_once():
+    """``lora_flops_fwd_bwd`` counts 2 M N K per GEMM of one forward+backward, per projection: the
+    frozen x W^T and its dX (no dW: W is frozen), then x A^T and h B^T forward, and dh, dB, dA and
+    the rank-r part of dX backward. Sizes all different, so a swapped or dropped term shows."""
+    m, k, out, r = 2, 3, 5, 7
+
+    def gemm(a, b, c):
+        return 2 * a * b * c
+
+    frozen = gemm(m, k, out) + gemm(m, out, k)
+    low_rank = gemm(m, k, r) + gemm(m, r, out) + gemm(m, out, r) + gemm(out, m, r) + gemm(r, m, k) + gemm(m, r, k)
+    assert baselines.lora_flops_fwd_bwd(m, k, out, r) == 3 * (frozen + low_rank)
+    assert baselines.lora_flops_fwd_bwd(m, k, out, r, projections=1) == frozen + low_rank
+
+
 def test_lora_inputs_make_every_term_count():
     """The LoRA family's inputs: x, A and B need gradients, W and b are frozen, and B is not zero
     (a zero B, the usual initialisation, would hide a wrong rank-r path from the checks)."""
