@@ -1514,6 +1514,34 @@ def test_reference_ops_route_the_models_hypergraph_modules_to_the_dense_referenc
     assert hypergraph.ace_hypergraph is ours and ace_kernels.ace_hypergraph is ours
 
 
+def test_model_gpu_targets_are_issue_6_and_8s():
+    """Issues 6 and 8 on a GPU: the triton training steps (recompute variants too) at least 1.6x the
+    reference ops' throughput and at most 0.6x their peak (the memory ratio's reciprocal, ``invert``),
+    zero-shot triton at least 20x the one-image loop, the patched fused backends at least 1.3x PEFT;
+    nothing for torch, and nothing on a CPU."""
+    from benchmarks import bench_model
+
+    def goals(targets, provider, baseline):
+        return [(t.metric, t.threshold, t.invert) for t in targets(provider, baseline)]
+
+    gpu, cpu = _gpu_suite(("torch", "triton"), quick=False), _cpu_suite()
+    train = bench_model._train_step_targets(gpu)
+    for provider in ("triton", "triton+recompute-mlp", "triton+cuda-graph"):
+        assert goals(train, provider, "reference-ops") == [("speedup", 1.6, False),
+                                                            ("memory_ratio", 1 / 0.6, True)]
+    assert goals(train, "torch", "reference-ops") == [] and goals(bench_model._train_step_targets(cpu), "triton",
+                                                                  "reference-ops") == []
+    zero_shot = bench_model._zero_shot_targets(gpu)
+    assert goals(zero_shot, "triton", "reference-loop") == [("speedup", 20.0, False)]
+    assert goals(zero_shot, "torch", "reference-loop") == []
+    assert goals(bench_model._zero_shot_targets(cpu), "triton", "reference-loop") == []
+    peft = bench_model._peft_targets(gpu)
+    for provider in ("patched:triton", "patched:cuda"):
+        assert goals(peft, provider, "peft") == [("speedup", 1.3, False)]
+    assert goals(peft, "patched:torch", "peft") == [] and goals(bench_model._peft_targets(cpu), "patched:triton",
+                                                                "peft") == []
+
+
 def test_zero_shot_check_is_the_largest_probability_difference(monkeypatch):
     """The zero-shot rows' check is the largest absolute difference of any image's class
     probability between ours (batched) and the reference's one-image loop: one image wrong
