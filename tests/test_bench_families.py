@@ -1185,6 +1185,10 @@ def test_training_step_rows_check_ours_against_the_reference_ops():
     for provider in ("torch", "torch+recompute-layer"):
         assert rows[provider].metrics[harness.CHECK_DTYPES] == {"rel_err_vs_reference-ops": "float32"}
     assert not harness.checks_pass(rows["torch+recompute-layer"].metrics, "bf16-autocast")
+    # Throughput is the batch over each row's own median time, baseline and ours alike.
+    for row in rows.values():
+        assert row.metrics["samples_per_s"] == round(64 / (row.median_ms * 1e-3), 2), row
+        assert row.dtype == "float32"
 
 
 def test_a_largest_batch_try_counts_the_inputs_and_only_finite_steps(monkeypatch):
