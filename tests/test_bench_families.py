@@ -435,6 +435,16 @@ def test_hypergraph_inputs_all_need_a_gradient():
     assert all(t.abs().min() > 0 for t in (edge[1], edge[3], node[1], node[3]))
 
 
+def test_hypergraph_min_bytes_count_each_activation_pass():
+    """The bytes a hypergraph forward+backward must move at least: x read twice and dx written
+    (3 B N D elements), plus the output written and its gradient read, [B, N, D] each for the full
+    output and [B, D] each for cls_only; adapters left out. Sizes all different."""
+    b, n, d, element = 2, 3, 5, 4
+    tensor, row = b * n * d * element, b * d * element
+    assert baselines.hypergraph_min_bytes(b, n, d, element, cls_only=False) == 5 * tensor
+    assert baselines.hypergraph_min_bytes(b, n, d, element, cls_only=True) == 3 * tensor + 2 * row
+
+
 def test_hypergraph_reference_is_float32_for_16_bit_inputs():
     """Ours run on bf16 inputs are checked against the dense reference computed in float32 on
     the same values (in bf16 the reference's own rounding and top-k near-ties differ from any
