@@ -1183,6 +1183,9 @@ def test_training_step_rows_check_ours_against_the_reference_ops():
     # plain step, right in "mlp" mode and off by 0.5 in "layer" mode.
     errors = {"none": 0.25, "mlp": 0.0, "layer": 0.5}
     model, ours = _ModelStub(errors), _ModelStub(errors)
+    from types import SimpleNamespace
+
+    ours.clip.visual.head.proj = SimpleNamespace(weight=torch.zeros(1, dtype=torch.bfloat16))  # as cast on a GPU
     suite = _cpu_suite()
     bench_model._run_ace_lora(suite, model, ours)
     assert set(model.batches) == set(ours.batches) == {64}
@@ -1195,6 +1198,10 @@ def test_training_step_rows_check_ours_against_the_reference_ops():
     for provider in ("torch", "torch+recompute-layer"):
         assert rows[provider].metrics[harness.CHECK_DTYPES] == {"rel_err_vs_reference-ops": "float32"}
     assert not harness.checks_pass(rows["torch+recompute-layer"].metrics, "bf16-autocast")
+    # Each row says which frozen weights it trained: the reference ops the model's, ours their copy's.
+    assert {p: r.metrics["frozen_weight_dtype"] for p, r in rows.items()} == {
+        "reference-ops": "float32", "torch": "bfloat16", "torch+recompute-mlp": "bfloat16",
+        "torch+recompute-layer": "bfloat16"}
     # Throughput is the batch over each row's own median time, baseline and ours alike.
     for row in rows.values():
         assert row.metrics["samples_per_s"] == round(64 / (row.median_ms * 1e-3), 2), row
