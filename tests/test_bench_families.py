@@ -899,6 +899,29 @@ def test_the_torch_backend_is_timed_above_b8192_on_a_cpu_only(monkeypatch, gpu):
     assert gpu is any(line.startswith("torch at B=32768") for line in suite.skipped)
 
 
+def test_chunked_infonce_loss_stops_by_its_first_blocks_projection_and_restores_tf32(monkeypatch):
+    """``max_seconds``: the first block's time times the number of blocks is the projection; over
+    the limit is a TimeoutError saying both, at the limit the loss is computed. Either way the tf32
+    setting it turns on for its products is put back as it found it."""
+    import itertools
+
+    clock = itertools.count()  # each perf_counter() call one second later: the first block takes 1 s
+    monkeypatch.setattr(baselines.time, "perf_counter", lambda: float(next(clock)))
+    image, text, scale, labels = _loss_case(batch=40)
+    saved = torch.backends.cuda.matmul.allow_tf32  # a flag behind __getattr__: monkeypatch cannot set it
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with pytest.raises(TimeoutError, match=r"^projected 4 s from its first block, over the 4 s allowed$"):
+            baselines.chunked_infonce_loss(image, text, scale, labels, block_rows=10, max_seconds=3.9)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        loss = baselines.chunked_infonce_loss(image, text, scale, labels, block_rows=10, max_seconds=4.0)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert loss == pytest.approx(baselines.reference_label_guided_infonce(image, text, scale, labels).item(),
+                                 rel=1e-5)
+
+
 def test_chunked_infonce_loss_works_in_blocks_of_at_most_4096_rows(monkeypatch):
     """The independent forward that checks the B=1,000,000 probe holds ``block x B`` logits at a
     time (at most 4096 rows: 2 GiB at B=131,072; 536 rows at B=1M), never the B x B matrix, and
