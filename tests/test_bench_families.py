@@ -1531,6 +1531,27 @@ def test_a_fault_in_a_candidates_search_ends_the_item(monkeypatch):
     assert suite.cuda_lost == note
 
 
+def test_a_providers_model_check_runs_in_eval_mode_and_restores_the_model():
+    """A model row's check is one step in eval mode (no dropout, so ours and the reference ops draw
+    nothing), with the provider's backend and recompute mode; the model is put back in training
+    mode with recompute off afterwards."""
+    from benchmarks import bench_model
+
+    seen = []
+
+    class Model(_ModelStub):
+        def loss(self, images, ids, labels):
+            seen.append((self.training, self.backend, self.recompute))
+            return super().loss(images, ids, labels)
+
+    model = Model().train()
+    inputs = (torch.ones(2, 3, 4, 4), torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 14))
+    vector = bench_model._eval_vector(model, "triton", inputs, torch.autocast("cpu", enabled=False),
+                                      recompute="mlp")
+    assert seen == [(False, "triton", "mlp")] and vector.numel() == 3
+    assert model.training and model.recompute == "none"
+
+
 def test_reference_ops_route_the_models_hypergraph_modules_to_the_dense_reference(monkeypatch):
     """The model's hypergraphs are ACEHypergraph modules: under ``reference_ops`` they run the dense
     reference (with the module's adapters), not our op, and get our op back afterwards."""
