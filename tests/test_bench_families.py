@@ -1623,16 +1623,26 @@ def test_zero_shot_check_is_the_largest_probability_difference(monkeypatch):
         logit_scale = torch.tensor(20.0)
 
         def encode_image(self, images):
+            reference = ace_kernels.ace_hypergraph is baselines.reference_ace_hypergraph_any_backend
+            batches.add(("reference" if reference else "ours", images.shape[0]))
             z = torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)
-            if ace_kernels.ace_hypergraph is not baselines.reference_ace_hypergraph_any_backend:
+            if not reference:
                 z = z.clone()
                 z[0] = -z[0]  # ours gets the first image of each batch wrong
             return z
 
+    batches = set()
     monkeypatch.setattr(zero_shot, "class_embeddings", lambda model, names, device=None: classes)
     monkeypatch.setattr(zero_shot, "evaluate", lambda *args, **kwargs: None)
     suite = _cpu_suite(quick=True)
     bench_model._run_zero_shot(suite, Model())
+    # The reference is the one-image loop; ours (its check's batches) 16 at a time.
+    assert batches == {("reference", 1), ("ours", 16)}, batches
+    rows = {r.provider: r for r in suite.rows}
+    assert {p: r.metrics["batch"] for p, r in rows.items()} == {"reference-loop": 1, "torch": 16}
+    for row in rows.values():
+        assert row.shape == f"tiny N=16 C=5x{len(zero_shot.TEMPLATES)} prompts" and row.dtype == "float32"
+        assert row.metrics["images_per_s"] == round(16 / (row.median_ms * 1e-3), 1)
     (ours,) = [r for r in suite.rows if r.provider == "torch"]
     images = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(8))  # the family's N=16, seed 8
     right = torch.nn.functional.normalize(images.flatten(1) @ projection, dim=-1)
