@@ -295,6 +295,35 @@ def test_lora_inputs_make_every_term_count():
     assert torch.allclose(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
 
 
+def test_reference_lora_drops_x_in_training_only_and_scales_its_update():
+    """The reference LoRA (module and the function the model's reference ops use): in training
+    with dropout, ``x W_p^T + b_p + drop(x) (s B_p A_p)^T`` with a fresh draw per projection; in
+    eval mode, or with the function's ``training=False``, the merged ``x (W_p + s B_p A_p)^T + b_p``."""
+    x, weight, bias, lora_a, lora_b, _ = _lora_case()
+    x = x.detach()
+    scaling, p, out = 0.5, 0.5, weight.shape[0] // 3
+
+    def expected(dropped):
+        rows = [slice(i * out, (i + 1) * out) for i in range(3)]
+        return [torch.nn.functional.linear(x, weight[r], bias[r])
+                + torch.nn.functional.linear(dropped(), scaling * lora_b[i] @ lora_a[i]) for i, r in enumerate(rows)]
+
+    module = baselines.ReferenceLoRAQKV(weight, bias, lora_a, lora_b, scaling=scaling, dropout_p=p)
+    merged = expected(lambda: x)
+    for outs in (module.eval()(x), baselines.reference_lora_qkv(x, weight, bias, lora_a, lora_b, scaling=scaling,
+                                                                dropout_p=p, training=False)):
+        for got, want in zip(outs, merged):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(3)
+    dropped = expected(lambda: torch.nn.functional.dropout(x, p, True))
+    for run in (lambda: module.train()(x), lambda: baselines.reference_lora_qkv(
+            x, weight, bias, lora_a, lora_b, scaling=scaling, dropout_p=p, training=True)):
+        torch.manual_seed(3)
+        for got, want in zip(run(), dropped):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dropped[0], merged[0], rtol=1e-3, atol=1e-3)
+
+
 def test_peft_style_baseline_drops_x_per_layer():
     """The PEFT-style baseline keeps a dropout per projection, as PEFT's layers do (its saved
     dropped copies and masks are what issue 3's saved-bytes target is about): about p of each
