@@ -1687,6 +1687,20 @@ def test_zero_shot_check_is_the_largest_probability_difference(monkeypatch):
 # --------------------------------------------------------------------------- the card's ceilings
 
 
+def test_the_matmul_warm_up_runs_until_its_seconds_are_spent(monkeypatch):
+    """The card's matmul is warmed up in rounds of 10 calls until ``seconds`` have passed on the
+    host clock (each round synchronised), however many rounds that takes."""
+    import itertools
+
+    from benchmarks import bench_device
+
+    clock = itertools.count()  # one second per reading: the start, then one per round
+    monkeypatch.setattr(bench_device.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+    assert bench_device.warm_up(lambda: calls.append(1), "cuda", 3.0) == 30 and len(calls) == 30
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_device_rates_are_the_faster_matmul_and_the_bytes_copied(monkeypatch, quick):
     """The ceilings every fraction of peak is against: the bf16 matmul rate is 2 n^3 FLOPs
