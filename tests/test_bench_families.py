@@ -1536,6 +1536,24 @@ def test_largest_batch_searches_that_find_nothing_are_skips_with_the_reason(monk
     assert suite.skipped == skipped
 
 
+def test_the_largest_batch_search_steps_from_its_prediction_and_stops_before_its_deadline():
+    """The search's steps: B=64, then 0.8x the batch the free memory holds at B=64's peak per
+    sample, x1.25 until one does not fit, bisection to within B/16. A try whose time at the slowest
+    rate so far (1.5x margin) would pass the deadline is not started: the result says so."""
+    from benchmarks import bench_model
+
+    def try_step(batch):  # fits up to B=1100; 1 MiB and 10 ms a sample
+        return batch <= 1100, batch * 10.0, float(batch)
+
+    result = bench_model._largest_batch(try_step, lambda: 1000 * harness.MIB, 1e6, log=lambda _: None)
+    assert [t[0] for t in result["tries"]] == [64, 800, 1000, 1248, 1120, 1056]
+    assert (result["max_batch"], result["first_oom"], result["complete"]) == (1056, 1120, True)
+    # B=1000 at 10 ms a sample, with the margin: 15 s, over a 14 s limit.
+    stopped = bench_model._largest_batch(try_step, lambda: 1000 * harness.MIB, 14.0, log=lambda _: None)
+    assert [t[0] for t in stopped["tries"]] == [64, 800] and stopped["max_batch"] == 800
+    assert not stopped["complete"] and stopped["note"] == "the next try (B=1000) would pass the 14 s limit"
+
+
 def test_a_fault_in_a_candidates_search_ends_the_item(monkeypatch):
     """A candidate's search that faults before any batch fitted: a skip with the fault, the context
     marked lost, and no further candidate is searched (every CUDA call would fail)."""
