@@ -1858,6 +1858,28 @@ def test_distributed_family_on_the_cpu_gives_one_process_the_ranks_threads(threa
     assert bench_distributed._sizes(7, 3) == [3, 2, 2] and bench_distributed._sizes(4096, 2) == [2048, 2048]
 
 
+def test_distributed_rows_time_the_ranks_against_one_process(monkeypatch):
+    """The family's rows from the ranks' results: the W-rank step is ours, the one-process step its
+    baseline (speed-up one-process time over the ranks'), shape and dtype named, the check and
+    ``flops_per_rank`` (10 n_r B D of the largest rank) in ours' metrics."""
+    from benchmarks import bench_distributed
+
+    ranks = harness.Measurement(2.0, 1.5, 3, (1.0, 3.0))
+    one = harness.Measurement(5.0, 3.0, 3, (4.0, 6.0))
+    monkeypatch.setattr(bench_distributed, "_spawn_ranks", lambda plan, out_dir: None)
+    monkeypatch.setattr(bench_distributed, "_results", lambda plan, out_dir: (ranks, one, 1e-7))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    suite = _cpu_suite(quick=True)
+    bench_distributed.run(suite)
+    rows = {(r.provider, r.baseline): r for r in suite.rows}
+    assert set(rows) == {("torch, one process", None), ("torch x2 gloo", "torch, one process")}
+    ours = rows[("torch x2 gloo", "torch, one process")]
+    assert (ours.shape, ours.dtype, ours.median_ms) == ("B=256 D=64 labels W=2", "float32", 2.0)
+    assert ours.speedup_vs_baseline == pytest.approx(2.5) and ours.memory_ratio_vs_baseline == pytest.approx(2.0)
+    assert ours.metrics["rel_err_vs_one_process"] == 1e-7 and ours.metrics["flops_per_rank"] == 10 * 128 * 256 * 64
+    assert ours.metrics["ideal_speedup"] == 1.0
+
+
 def test_distributed_family_check_catches_a_wrong_rank(tmp_path):
     """The row's check puts the ranks' gradients together (image and text rows in rank order,
     the logit scale's summed) and compares them with the one-process step's: right ones give
