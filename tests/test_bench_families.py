@@ -1034,7 +1034,10 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
     monkeypatch.setattr(suite, "measure_group",
                         lambda entries, **kw: {entries[0][0]: Measurement(10.0, 500.0, 5, wall_ms=12.0)})
 
+    measured = []
+
     def measure_chunked(suite_, label, fn, grads, *, timed_calls, one_call, warmup=False):
+        measured.append((label, timed_calls, one_call, warmup))
         fn()
         batch = int(label.split()[0][2:])
         return Measurement(case["ms"][batch], case["peak"][batch], 1)
@@ -1051,6 +1054,12 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
         return suite.rows[-1]
 
     row = large_row()
+    # Row 2: two timed calls after a warm-up; row 3: one call measured for time and peak together.
+    assert measured == [("B=512 chunk=256", 2, False, True), ("B=16384 chunk=256", 1, True, False)]
+    for each, batch in zip(suite.rows, (64, 512, 16384)):
+        assert each.metrics["batch"] == batch and each.dtype == "bf16-autocast"
+        assert each.metrics["samples_per_s"] == round(batch / (each.median_ms * 1e-3), 2)
+        assert each.metrics["ms_per_sample"] == round(each.median_ms / batch, 4)
     m = row.metrics
     assert m["peak_ratio_vs_small_batch"] == pytest.approx(1150.0 / 1000.0, rel=1e-12)
     assert m["throughput_ratio_vs_unchunked"] == pytest.approx((16384 / 3.0) / (64 / 0.012), rel=1e-12)
