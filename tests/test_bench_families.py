@@ -901,6 +901,25 @@ def test_a_probe_sized_over_60_seconds_by_its_own_triton_step_is_a_skip(monkeypa
                              "(--tier cheap); run it with --tier costly)"]
 
 
+def test_loss_gpu_targets_are_issue_5s():
+    """Issue 5 on a GPU, for the fused rows (triton, cuda, triton+blocked): B=8192 at least 4x the
+    dense reference and 2x Inf-CL; B=65,536 at least 50% of the measured matmul rate with at most
+    64 MiB beyond inputs and gradients; the B=1,000,000 probe within an 80 GB card (80e9 bytes, in
+    GiB); nothing for torch."""
+    from benchmarks import bench_contrastive
+
+    gpu = _gpu_suite(("torch", "triton"), quick=False)
+    small, large = dict(batch=8192, labeled=True), dict(batch=65536, labeled=True)
+    for provider in ("triton", "cuda", bench_contrastive.BLOCKED):
+        assert _goals(bench_contrastive._targets(gpu, small), provider, "reference") == [("speedup", 4.0)]
+        assert _goals(bench_contrastive._targets(gpu, small), provider, "inf_cl") == [("speedup", 2.0)]
+        assert _goals(bench_contrastive._targets(gpu, large), provider, None) == [
+            ("metric_min:frac_of_matmul_peak", 0.5), ("metric_max:extra_mib_excl_grads", 64)]
+        assert _goals(bench_contrastive._targets(gpu, bench_contrastive.PROBE), provider, None) == [
+            ("metric_max:total_gib", 80e9 / 2**30)]
+    assert _goals(bench_contrastive._targets(gpu, small), "torch", "reference") == []
+
+
 def test_without_inf_cl_its_baseline_is_a_skip_with_the_reason(monkeypatch):
     from benchmarks import bench_contrastive
 
