@@ -681,6 +681,8 @@ def test_loss_rows_account_memory_flops_and_their_checks(monkeypatch):
     labels_mib = batch * bench_contrastive.LABELS * 4 / harness.MIB
     rows = suite.rows
     assert {(r.provider, r.baseline) for r in rows} == {("reference", None), ("torch", "reference"), ("torch", None)}
+    # Each row names its batch, width and whether labels mask the logits, and its dtype.
+    assert {(r.shape, r.dtype) for r in rows} == {(f"B={batch} D={dim} labels", "bfloat16")}
     for row in rows:
         m = row.metrics
         assert m["extra_mib_excl_grads"] == pytest.approx(row.peak_mib - grads_mib, rel=1e-12)
