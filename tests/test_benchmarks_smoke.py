@@ -3182,9 +3182,9 @@ def test_a_failed_demo_row_is_timed_and_described_as_a_demo_row(monkeypatch):
     (row,) = suite.rows
     seconds = row.metrics["seconds"]
     assert seconds >= 0.05 and row.median_ms == pytest.approx(seconds * 1e3)
-    assert {k: v for k, v in row.metrics.items() if k != "runs"} == {"seconds": seconds, "failed": "RuntimeError: the tiny model diverged", "learned": False,
-                                                                      "finite": False,
-                                                                      "threads": torch.get_num_threads()}
+    assert {k: v for k, v in row.metrics.items() if k != "runs"} == {
+        "seconds": seconds, "failed": "RuntimeError: the tiny model diverged", "learned": False, "finite": False,
+        "threads": torch.get_num_threads()}
     assert (row.dtype, row.mode, row.provider) == ("float32", "train+eval", "torch")
     assert row.target == "demo<=180s & loss halved & accuracy>chance+0.2 & finite" and row.target_pass is False
     assert f"  ace_lora_demo: failed after {seconds:.1f} s (RuntimeError: the tiny model diverged)" in logged

@@ -1374,8 +1374,8 @@ def _check_within_twice_torch_error(batch, dim, dtype, op, context=contextlib.nu
     # up to fp32 accumulation and one rounding of each gradient to the dtype, relative to each
     # tensor's scale (measured in the interpreter, fp16 B = 333: 4e-4 of the 2**-10 allowed).
     rounded = _loss_and_grads(label_guided_infonce_oracle, u.to(dtype).double().requires_grad_(),
-                              t.to(dtype).double().requires_grad_(), s.detach().float().double().cuda().requires_grad_(),
-                              labels)
+                              t.to(dtype).double().requires_grad_(),
+                              s.detach().float().double().cuda().requires_grad_(), labels)
     own_bound = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
     for name, got, want in zip(("loss", "grad u", "grad t", "grad logit_scale"), [ours[0]] + ours[1],
                                [rounded[0]] + rounded[1]):

@@ -199,7 +199,8 @@ def test_ranks_that_resolve_different_backends_raise_on_every_rank(tmp_path):
     # torch, triton, torch in fp32 gave the right loss and gradients off by O(1) with no error.
     # The last rank gets Triton from ACE_KERNELS_BACKEND under backend="auto".
     started = time.monotonic()
-    _spawn(run_backend_mismatch, 3, (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, ("torch", "triton", "auto+triton")))
+    _spawn(run_backend_mismatch, 3,
+           (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, ("torch", "triton", "auto+triton")))
     assert time.monotonic() - started < 45, "a rank waited for the collectives' timeout"
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(3)]
     assert messages[0] == messages[1] == messages[2], messages
@@ -255,7 +256,8 @@ def test_triton_backend_across_ranks_with_a_frozen_image_tower(tmp_path):
     global loss's gradient (their reduce-scatter does not wait on the image rows'), within
     the fp32 tolerance of test_triton_backend_across_ranks."""
     sizes, dim = (7, 12), 20
-    _spawn(run, 2, (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60, None, None, False))
+    _spawn(run, 2,
+           (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "triton", torch.float32, 60, None, None, False))
     u, t, labels = make_global_batch(sizes, dim, True)
     t.requires_grad_()
     ace_kernels.label_guided_infonce(u, t, 30.0, labels, backend="torch").backward()

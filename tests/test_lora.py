@@ -124,7 +124,8 @@ def compare_with_oracle(case: Case, inputs, backend, *, rtol, atol, scaling=0.5)
     names = ["x", "weight", "bias", "lora_a", "lora_b"]
     for i, got, want in zip(wrt, got_grads, want_grads):
         assert got.shape == inputs[i].shape, names[i]
-        torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol, msg=lambda m: f"grad {names[i]}: {m}")
+        torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"grad {names[i]}: {m}")
     return mask, {names[i]: g for i, g in zip(wrt, got_grads)}
 
 
@@ -534,7 +535,8 @@ ERROR_CASES = [
     ("scaling_inf", "qkv", "scaling", lambda v: float("-inf"), "argument 'scaling': expected a finite number"),
     ("scaling_huge_int", "qkv", "scaling", lambda v: 10**400, "argument 'scaling': expected a finite number"),
     ("scaling_complex", "linear", "scaling", lambda v: 1j, "argument 'scaling': expected a Python number, got complex"),
-    ("dropout_huge_int", "linear", "dropout_p", lambda v: -10**400, r"argument 'dropout_p': expected a float in \[0, 1\)"),
+    ("dropout_huge_int", "linear", "dropout_p", lambda v: -10**400,
+     r"argument 'dropout_p': expected a float in \[0, 1\)"),
     ("dropout_one", "linear", "dropout_p", lambda v: 1.0, "argument 'dropout_p'"),
     ("dropout_negative", "qkv", "dropout_p", lambda v: -0.1, "argument 'dropout_p'"),
     ("dropout_string", "qkv", "dropout_p", lambda v: "0.1", "argument 'dropout_p'"),
