@@ -183,7 +183,8 @@ setup(
     # setuptools warns that data in a folder not listed as a package will not be installed.
     packages=find_namespace_packages(include=["ace_kernels", "ace_kernels.*", "ace_model", "ace_model.*"],
                                      exclude=["*.__pycache__"]),
-    package_data={"ace_model": ["configs/**/*", "configs/*"], "ace_kernels": ["dispatch_order.json", "tuned_configs.json"]},
+    package_data={"ace_model": ["configs/**/*", "configs/*"],
+                  "ace_kernels": ["dispatch_order.json", "tuned_configs.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],

@@ -5,9 +5,10 @@ sees them: ``compile_sm90(kernel, signature, constexprs)`` runs Triton's full
 pipeline for ``GPUTarget("cuda", 90, 32)``, down to the cubin its ptxas (shipped in
 the Triton wheel) makes, and reads that ptxas run's ``-v`` report: registers, spill bytes,
 stack frame; shared memory comes from Triton's metadata. ``profile_sm90`` also
-disassembles the cubin (nvdisasm, from the same wheel) and counts the instructions of the kernel's main loop, and ``blocks_per_sm90`` says
-how many blocks of a kernel fit on one SM: static facts about the code a GPU would run,
-for judging a kernel change where no GPU is at hand (they are not timings).
+disassembles the cubin (nvdisasm, from the same wheel) and counts the instructions of the
+kernel's main loop, and ``blocks_per_sm90`` says how many blocks of a kernel fit on one SM:
+static facts about the code a GPU would run, for judging a kernel change where no GPU is at
+hand (they are not timings).
 """
 
 from __future__ import annotations

@@ -81,9 +81,10 @@ alternate between tensor-core work and the softmax. The blocked strategy compute
 similarity tile (128 x 64, say) as an ordinary pipelined GEMM over D, one program per tile,
 with room for more than one per SM, and splits the ``B x B`` work into row blocks:
 - forward (rows ``lo..hi``: every row on one device): each tile's row and column
-  log-sum-exps (exact per-row and per-column shifts) go to an fp32 row buffer of at most ``_BLOCKED_PART_BYTES`` (8 MiB) and a column buffer
-  of that much plus one running row of B, which torch folds into the row LSEs and the running
-  column LSE after each row block (each fold allocates a temporary of its input's size);
+  log-sum-exps (exact per-row and per-column shifts) go to an fp32 row buffer of at most
+  ``_BLOCKED_PART_BYTES`` (8 MiB) and a column buffer of that much plus one running row of B,
+  which torch folds into the row LSEs and the running column LSE after each row block (each
+  fold allocates a temporary of its input's size);
 - backward, per direction: each row block's softmax weights are written in the inputs'
   dtype to a buffer of at most ``_BLOCKED_WEIGHT_BYTES`` (32 MiB; 256 rows at
   B = 65,536 in bf16), exactly as the one-pass kernel rounds them before its gradient
@@ -550,8 +551,8 @@ if triton is not None:
         # Row and column log-sum-exps of the masked logits of rows row_lo..row_hi of a against the
         # n rows of b (columns), one pass. Program g takes row blocks g, g + G, ... (G = number of
         # programs) of the BLOCK_M-aligned blocks that hold the range (started at row_lo, not
-        # aligned, the blocks cost up to 40 more registers) against every column: row LSEs (and the similarities a_i . b_i)
-        # go straight to lse_ptr/diag_ptr ([row_hi - row_lo] fp32); column LSEs over this
+        # aligned, the blocks cost up to 40 more registers) against every column: row LSEs (and the
+        # similarities a_i . b_i) go straight to lse_ptr/diag_ptr ([row_hi - row_lo] fp32); column LSEs over this
         # program's rows accumulate in col_part_ptr[g, :] ([G, n] fp32, -inf on entry), which only
         # this program touches: deterministic, no atomics. Every column gets its own shift (its
         # max in the tile), so nothing underflows that an exact log-sum-exp would keep.
@@ -771,8 +772,8 @@ if triton is not None:
     ):
         # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
         # _grad_rows_kernel (both directions, -2 on the diagonal's entries diag_lo..diag_hi),
-        # stored in w_ptr's dtype at [row - row0, col - col0] (row stride stride_w); and the tile's sum_ij w_ij a_i . b_j
-        # (the logit-scale gradient over coef) at part_ptr[program]. One tile per program
+        # stored in w_ptr's dtype at [row - row0, col - col0] (row stride stride_w); and the tile's
+        # sum_ij w_ij a_i . b_j (the logit-scale gradient over coef) at part_ptr[program]. One tile per program
         # (_program_tile); TILES: 0 every tile, 1 the interior tiles only (_interior_tile), 2 the others.
         pid, pid_m, pid_n = _program_tile(rows_end - row0, BLOCK_M)
         row_start = row0 + pid_m * BLOCK_M
@@ -1589,7 +1590,8 @@ def _validate(image_emb, text_emb, logit_scale, labels, *, distributed: bool = F
         check_tensor("logit_scale", logit_scale, dtypes=FLOAT_DTYPES, device=device)
     elif isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
         # numbers.Real: Python and NumPy numbers alike (as LabelGuidedInfoNCE takes them).
-        raise ValueError(f"argument 'logit_scale': expected a float or a scalar tensor, got {type(logit_scale).__name__}")
+        raise ValueError("argument 'logit_scale': expected a float or a scalar tensor, got "
+                         f"{type(logit_scale).__name__}")
     else:
         try:
             float(logit_scale)

@@ -653,7 +653,8 @@ if _TRITON_IMPORTED:
             own = offs_q
         offs_k = tl.arange(0, BLOCK_K)
         # Padding slots hold +inf so they are never the running minimum.
-        best_v = tl.where(offs_k < TOPK, float("-inf"), float("inf"))[None, :] + tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
+        best_v = (tl.where(offs_k < TOPK, float("-inf"), float("inf"))[None, :]
+                  + tl.zeros([BLOCK_Q, BLOCK_K], tl.float32))
         # Column indices of the kept entries; an empty slot holds -1 - slot, so that every slot's
         # index differs and the eviction below picks exactly one.
         best_i = (-1 - offs_k)[None, :].to(tl.int64) + tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
@@ -1107,8 +1108,10 @@ def _transpose_csr(cols: torch.Tensor, num_rows: int):
 # Other top-k tilings (BLOCK_D=64, 4 warps, 2+ stages) spill on sm_90a (measured with ace_kernels._aot).
 TOPK_CONFIG = {"interp": dict(BLOCK_Q=16, BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1),
                "gpu": dict(BLOCK_Q=16, BLOCK_M=64, BLOCK_D=32, num_warps=8, num_stages=1)}
-GATHER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
-SCATTER_CONFIG = {"interp": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_R=4, BLOCK_D=128, num_warps=4)}
+GATHER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4),
+                 "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
+SCATTER_CONFIG = {"interp": dict(BLOCK_R=32, BLOCK_D=128, num_warps=4),
+                  "gpu": dict(BLOCK_R=4, BLOCK_D=128, num_warps=4)}
 ATOMIC_SCATTER_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4),
                          "gpu": dict(BLOCK_Q=4, BLOCK_D=128, num_warps=4)}
 DOT_CONFIG = {"interp": dict(BLOCK_Q=32, BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_Q=8, BLOCK_D=128, num_warps=4)}

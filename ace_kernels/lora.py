@@ -225,22 +225,24 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, pro
         )
     out_features = weight.shape[0] // projections
     if out_features < 1:
-        raise ValueError(f"argument 'weight': expected at least one output row{' per projection' if projections == 3 else ''}, "
-                         f"got shape {list(weight.shape)}")
+        per = " per projection" if projections == 3 else ""
+        raise ValueError(f"argument 'weight': expected at least one output row{per}, got shape {list(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=[weight.shape[0]], device=device)
     if projections == 1:
         check_tensor("lora_a", lora_a, ndim=2, device=device)
         rank = lora_a.shape[0]
         if rank < 1:
-            raise ValueError(f"argument 'lora_a': expected shape [r, {in_features}] with r >= 1, got {list(lora_a.shape)}")
+            raise ValueError(f"argument 'lora_a': expected shape [r, {in_features}] with r >= 1, got "
+                             f"{list(lora_a.shape)}")
         check_tensor("lora_a", lora_a, shape=["r", in_features])
         check_tensor("lora_b", lora_b, shape=[out_features, rank], device=device)
     else:
         check_tensor("lora_a", lora_a, ndim=3, device=device)
         rank = lora_a.shape[1]
         if rank < 1:
-            raise ValueError(f"argument 'lora_a': expected shape [3, r, {in_features}] with r >= 1, got {list(lora_a.shape)}")
+            raise ValueError(f"argument 'lora_a': expected shape [3, r, {in_features}] with r >= 1, got "
+                             f"{list(lora_a.shape)}")
         check_tensor("lora_a", lora_a, shape=[3, "r", in_features])
         check_tensor("lora_b", lora_b, shape=[3, out_features, rank], device=device)
     check_same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)

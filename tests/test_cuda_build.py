@@ -281,7 +281,8 @@ def test_ops_refuse_what_the_kernels_cannot_take_naming_the_argument():
         ops.hg_topk_incidence(src, src[..., 0], torch.empty(3, 4, dtype=torch.int64, device="meta"), 5)
     with pytest.raises(RuntimeError, match=r"argument 'b': expected size 40 \(D = a\.size\(2\)\) at dim 2"):
         ops.hg_entry_dot(src, torch.empty(2, 9, 41, device="meta"), cols[..., :3])
-    rp, perm = torch.empty(2, 12, dtype=torch.int64, device="meta"), torch.empty(2, 28, dtype=torch.int64, device="meta")
+    rp = torch.empty(2, 12, dtype=torch.int64, device="meta")
+    perm = torch.empty(2, 28, dtype=torch.int64, device="meta")
     strided = torch.empty(2, 56, device="meta")[:, ::2]  # the CUDA kernel walks it with unit steps
     with pytest.raises(RuntimeError, match=r"argument 'weights_flat': expected unit stride at dim 1, got 2"):
         ops.hg_scatter_sum_csr(src[:, :7], strided, rp, perm, 11, 4)
