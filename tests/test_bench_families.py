@@ -1830,7 +1830,9 @@ def test_cuda_graph_row_counts_its_build_and_checks_a_replay_against_the_eager_s
             return loss
 
     monkeypatch.setattr(ace_model.training, "GraphedTrainStep", Graph)
-    model, ours = _ModelStub(), _ModelStub()
+    # The plain triton step 2% off the reference ops (its check runs on ``model``): the graph's row
+    # carries that check, not a check of its own that could not fail.
+    model, ours = _ModelStub(errors={"none": 0.02}), _ModelStub()
     suite = _gpu_suite(["triton"], quick=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # autocast("cuda") without CUDA
@@ -1841,7 +1843,8 @@ def test_cuda_graph_row_counts_its_build_and_checks_a_replay_against_the_eager_s
     graph = rows["triton+cuda-graph"]
     assert graph.peak_mib >= 700.0 and graph.metrics["graph_reserved_mib"] == 600.0
     assert graph.metrics["rel_err_vs_eager-step"] == pytest.approx(replay_error, rel=1e-6)
-    assert graph.metrics["rel_err_vs_reference-ops"] == rows["triton"].metrics["rel_err_vs_reference-ops"] == 0.0
+    assert graph.metrics["rel_err_vs_reference-ops"] == rows["triton"].metrics["rel_err_vs_reference-ops"]
+    assert graph.metrics["rel_err_vs_reference-ops"] == pytest.approx(0.02, rel=1e-5)
     assert graph.target_pass is False and "rel_err_vs_eager-step<=0.03" in graph.target
 
 
