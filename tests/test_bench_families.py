@@ -1440,27 +1440,11 @@ def test_an_item_no_backend_runs_is_a_skip_naming_every_backend_tried():
     assert suite.skipped == ["x: skipped (no backend ran it (tried none))"]
 
 
-def test_peft_towers_that_cannot_be_built_or_patched_are_skips_with_the_reason(monkeypatch):
-    """Family model's PEFT item: towers that cannot be built skip the item; a backend whose patch
-    fails is a skip, and PEFT's own row is still measured."""
+def _peft_stub_towers():
+    """Stand-ins for the PEFT towers (4x4 images, 50 token ids): what the PEFT item calls of them."""
     from types import SimpleNamespace
 
-    from benchmarks import bench_model
-
-    def unbuildable(suite):
-        raise ImportError("No module named 'peft'")
-
-    monkeypatch.setattr(bench_model, "_peft_towers", unbuildable)
-    suite = _cpu_suite(quick=True)
-    bench_model._run_peft_patch(suite)
-    assert suite.rows == []
-    assert suite.skipped == ["peft_lora_train_step: skipped (PEFT towers could not be built (ImportError: No module "
-                             "named 'peft'))"]
-
-    def unpatchable(model, backend):
-        raise ValueError(f"argument 'backend': {backend!r} has no LoRA kernels here")
-
-    class Vit(torch.nn.Module):  # stand-ins for the PEFT towers: what the item calls of them
+    class Vit(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(3 * 4 * 4, 8)
@@ -1476,7 +1460,29 @@ def test_peft_towers_that_cannot_be_built_or_patched_are_skips_with_the_reason(m
         def forward(self, input_ids):
             return SimpleNamespace(last_hidden_state=self.embed(input_ids))
 
-    towers = torch.nn.ModuleDict({"vit": Vit(), "bert": Bert()})
+    torch.manual_seed(6)
+    return torch.nn.ModuleDict({"vit": Vit(), "bert": Bert()})
+
+
+def test_peft_towers_that_cannot_be_built_or_patched_are_skips_with_the_reason(monkeypatch):
+    """Family model's PEFT item: towers that cannot be built skip the item; a backend whose patch
+    fails is a skip, and PEFT's own row is still measured."""
+    from benchmarks import bench_model
+
+    def unbuildable(suite):
+        raise ImportError("No module named 'peft'")
+
+    monkeypatch.setattr(bench_model, "_peft_towers", unbuildable)
+    suite = _cpu_suite(quick=True)
+    bench_model._run_peft_patch(suite)
+    assert suite.rows == []
+    assert suite.skipped == ["peft_lora_train_step: skipped (PEFT towers could not be built (ImportError: No module "
+                             "named 'peft'))"]
+
+    def unpatchable(model, backend):
+        raise ValueError(f"argument 'backend': {backend!r} has no LoRA kernels here")
+
+    towers = _peft_stub_towers()
     monkeypatch.setattr(bench_model, "_peft_towers", lambda suite: (towers, 4, 6, 50, "stub"))
     monkeypatch.setattr(ace_kernels, "patch", unpatchable)
     suite = _cpu_suite(quick=True)
@@ -1484,6 +1490,48 @@ def test_peft_towers_that_cannot_be_built_or_patched_are_skips_with_the_reason(m
     assert [(r.op, r.provider, r.baseline) for r in suite.rows] == [("peft_lora_train_step", "peft", None)]
     assert suite.skipped == ["patched:torch: skipped (patch failed (ValueError: argument 'backend': 'torch' has no "
                              "LoRA kernels here))"]
+
+
+def test_the_patched_peft_row_checks_its_loss_and_gradients_against_peft(monkeypatch):
+    """Family model's PEFT item: each patched row carries its own check, the eval-mode loss and
+    every trainable gradient (the logit scale's included) of the patched copy against PEFT's, so a
+    patch that changes the step shows. Here the patch scales the copy's image projection by 1.1."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_model
+
+    towers = _peft_stub_towers()
+    monkeypatch.setattr(bench_model, "_peft_towers", lambda suite: (towers, 4, 6, 50, "stub"))
+    undone = []
+
+    def patch(model, backend):
+        with torch.no_grad():
+            model["vit"].proj.weight.mul_(1.1)
+        return SimpleNamespace(patched=["vit.proj"], undo=lambda: undone.append(backend))
+
+    monkeypatch.setattr(ace_kernels, "patch", patch)
+    suite = _cpu_suite(quick=True)
+    bench_model._run_peft_patch(suite)
+    rows = {r.provider: r for r in suite.rows}
+    assert set(rows) == {"peft", "patched:torch"} and undone == ["torch"]
+    ours = rows["patched:torch"]
+    assert ours.baseline == "peft" and ours.metrics["modules_patched"] == 1
+    assert ours.metrics["rel_err_vs_peft"] > 0.01
+
+
+def test_the_peft_towers_adapt_q_k_v_at_rank_4_with_dropout_0_1():
+    """Issue 8's PEFT baseline: both towers' q/k/v adapted with r=4 and lora_dropout 0.1 (dropout
+    on x is part of the training step the patched kernels replace)."""
+    from benchmarks import bench_model
+
+    towers, image_size, context, vocab, name = bench_model._peft_towers(_cpu_suite(quick=True))
+    assert (image_size, context, vocab, name) == (32, 32, 1000, "tiny vit+bert")
+    for tower, count in (("vit", 2), ("bert", 6)):  # 2 layers: the ViT's fused qkv, BERT's query, key, value
+        adapters = [m for n, m in towers[tower].named_modules() if n.endswith(".lora_A.default")]
+        dropouts = [m for n, m in towers[tower].named_modules() if n.endswith(".lora_dropout.default")]
+        assert len(adapters) == len(dropouts) == count, tower
+        assert {m.out_features for m in adapters} == {4}, tower
+        assert all(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in dropouts), tower
 
 
 def test_a_demo_without_time_or_ace_model_is_a_skip_with_the_reason(monkeypatch):
