@@ -1338,6 +1338,27 @@ def test_a_largest_batch_try_counts_the_inputs_and_only_finite_steps(monkeypatch
             bench_model._try_step(suite, model, 64, "triton")
 
 
+def test_model_batches_pad_the_tail_of_each_report():
+    """The model family's inputs: each row of token ids is real tokens (never the pad id) up to
+    its length, drawn in [L/4, L] from the same generator, then the pad id to the context's end;
+    labels are 14-way multi-hot."""
+    from benchmarks import bench_model
+
+    class Model:
+        image_size, context_length, vocab_size, pad_token_id = 4, 12, 30, 0
+
+    images, ids, labels = bench_model.device_batch(Model(), 64, torch.device("cpu"), seed=3)
+    assert images.shape == (64, 3, 4, 4) and ids.shape == (64, 12) and labels.shape == (64, 14)
+    generator = torch.Generator().manual_seed(3)  # the draws before the lengths, then the lengths
+    torch.randn(64, 3, 4, 4, generator=generator)
+    torch.randint(1, 30, (64, 12), generator=generator)
+    lengths = torch.randint(12 // 4, 12 + 1, (64,), generator=generator)
+    padded = torch.arange(12)[None, :] >= lengths[:, None]
+    assert padded.any() and not padded.all(dim=1).any()
+    assert (ids[padded] == 0).all() and (ids[~padded] != 0).all()
+    assert set(labels.unique().tolist()) == {0.0, 1.0}
+
+
 def _max_batch_suite(monkeypatch, limits):
     """A "GPU" suite whose largest-batch tries fit up to ``limits[provider]`` (None: the
     reference), with this run's training-step rows (their B=64 peaks and checks)."""
