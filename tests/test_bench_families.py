@@ -1807,6 +1807,33 @@ def test_zero_shot_check_is_the_largest_probability_difference(monkeypatch):
     assert not harness.checks_pass(ours.metrics, "float32")
 
 
+def test_zero_shot_rates_count_images_not_batches(monkeypatch):
+    """A full CPU run evaluates N=128 images in batches of 64: each row's images_per_s is the N
+    images over its median time, whatever its batch (the loop's 1, ours 64)."""
+    from ace_model import zero_shot
+    from benchmarks import bench_model
+
+    class Model(_StubModel):
+        logit_scale = torch.tensor(20.0)
+
+        def encode_image(self, images):
+            return torch.nn.functional.normalize(images.flatten(1)[:, :8], dim=-1)
+
+    generator = torch.Generator().manual_seed(5)
+    classes = torch.nn.functional.normalize(torch.randn(len(bench_model.ZERO_SHOT_CLASSES), 8, generator=generator),
+                                            dim=-1)
+    monkeypatch.setattr(zero_shot, "class_embeddings", lambda model, names, device=None: classes)
+    monkeypatch.setattr(zero_shot, "evaluate", lambda *args, **kwargs: None)
+    suite = _cpu_suite(quick=False)
+    bench_model._run_zero_shot(suite, Model())
+    rows = {r.provider: r for r in suite.rows}
+    assert {p: (r.metrics["images"], r.metrics["batch"]) for p, r in rows.items()} == {
+        "reference-loop": (128, 1), "torch": (128, 64)}
+    for row in rows.values():
+        assert row.shape.startswith("tiny N=128 ")
+        assert row.metrics["images_per_s"] == round(128 / (row.median_ms * 1e-3), 1)
+
+
 # --------------------------------------------------------------------------- the card's ceilings
 
 
