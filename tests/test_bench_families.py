@@ -949,6 +949,29 @@ def test_the_torch_backend_is_timed_above_b8192_on_a_cpu_only(monkeypatch, gpu):
     assert gpu is any(line.startswith("torch at B=32768") for line in suite.skipped)
 
 
+def test_the_triton_loss_rows_carry_the_rate_of_the_flops_their_kernels_execute(monkeypatch):
+    """On a GPU both Triton rows, the blocked strategy's included, also give the rate of the matmul
+    FLOPs the kernels execute (``executed_tflops``: the backward recomputes the similarities per D
+    chunk); the torch rows give the 8 B^2 D rate only."""
+    from ace_kernels import contrastive
+    from benchmarks import bench_contrastive
+    from benchmarks.harness import Measurement
+
+    _small_configs(monkeypatch, dict(batch=96, dim=16, labeled=True, reference=False, clip=False))
+    suite = _gpu_suite(["torch", "triton"], quick=False)
+    monkeypatch.setattr(suite, "measure_checked",
+                        lambda entries, providers, **kw: {p[0]: Measurement(2.0, 10.0, 3) for p in providers})
+    bench_contrastive.run(suite)
+    rows = {r.provider: r for r in suite.rows}
+    assert set(rows) == {"torch", "triton", bench_contrastive.BLOCKED}
+    executed = contrastive._triton_matmul_flops(96, 16, torch.bfloat16)
+    assert executed > 8 * 96**2 * 16
+    for name in ("triton", bench_contrastive.BLOCKED):
+        assert rows[name].metrics["executed_tflops"] == pytest.approx(executed / 2e-3 / 1e12, rel=1e-12), name
+    assert not any(key.startswith("executed_") for key in rows["torch"].metrics)
+    assert rows["torch"].metrics["tflops"] == pytest.approx(8 * 96**2 * 16 / 2e-3 / 1e12, rel=1e-12)
+
+
 def test_chunked_infonce_loss_stops_by_its_first_blocks_projection_and_restores_tf32(monkeypatch):
     """``max_seconds``: the first block's time times the number of blocks is the projection; over
     the limit is a TimeoutError saying both, at the limit the loss is computed. Either way the tf32
