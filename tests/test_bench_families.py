@@ -935,18 +935,21 @@ def test_without_inf_cl_its_baseline_is_a_skip_with_the_reason(monkeypatch):
 @pytest.mark.parametrize("gpu", [False, True])
 def test_the_torch_backend_is_timed_above_b8192_on_a_cpu_only(monkeypatch, gpu):
     """Above B=8192 a GPU times only the fused kernels (its targets are theirs); a CPU times the
-    torch backend there: the B=32,768 row its 512 MiB target judges."""
+    torch backend there: the B=32,768 row its 512 MiB target judges. At B=8192 both time it."""
     from benchmarks import bench_contrastive
 
-    _small_configs(monkeypatch, dict(batch=32768, dim=4, labeled=True, reference=False, clip=False,
-                                     finite_check=not gpu))
+    monkeypatch.setitem(sys.modules, "inf_cl", None)  # B=8192 on a GPU: no Inf-CL baseline here
+    _small_configs(monkeypatch, dict(batch=8192, dim=4, labeled=True, reference=False, clip=False),
+                   dict(batch=32768, dim=4, labeled=True, reference=False, clip=False, finite_check=not gpu))
     timed = []
     suite = _gpu_suite(["torch", "triton"], quick=False) if gpu else _cpu_suite()
     monkeypatch.setattr(suite, "measure_checked",
-                        lambda entries, providers, **kw: timed.extend(p[0] for p in providers) or {})
+                        lambda entries, providers, **kw: timed.append([p[0] for p in providers]) or {})
     bench_contrastive.run(suite)
-    assert ("torch" in timed) is not gpu
-    assert gpu is any(line.startswith("torch at B=32768") for line in suite.skipped)
+    assert len(timed) == 2 and "torch" in timed[0]
+    assert ("torch" in timed[1]) is not gpu
+    assert [line.split(":")[0] for line in suite.skipped if line.startswith("torch at ")] == (
+        ["torch at B=32768 D=4 labels"] if gpu else [])
 
 
 def test_the_triton_loss_rows_carry_the_rate_of_the_flops_their_kernels_execute(monkeypatch):
