@@ -619,6 +619,39 @@ def test_unmasked_baselines_are_compared_with_our_loss_without_labels():
     assert found["inf_cl"]["rel_err_vs_ours"] < 1e-5 and found["inf_cl"]["ours_compared"] == "torch, without labels"
 
 
+def test_unmasked_baselines_are_compared_with_a_fused_provider_on_loss_and_every_gradient(monkeypatch):
+    """``rel_err_vs_ours`` is against the first measured fused provider (here triton, listed after
+    torch, whose loss is made 50% off), over the loss and all three gradients: a baseline with
+    the right loss and a text gradient twice too large shows in full."""
+    from benchmarks import bench_contrastive
+    from benchmarks.harness import Measurement
+
+    real = ace_kernels.label_guided_infonce
+
+    def op(u, t, s, labels=None, *, backend=None):
+        assert labels is None  # compared without labels
+        return real(u, t, s, None, backend="torch") * (1.5 if backend == "torch" else 1.0)
+
+    def doubled_text_gradient(u, t, s):
+        return baselines.reference_label_guided_infonce(u, t + (t - t.detach()), s, None)
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
+    image, text, scale, _ = _loss_case()
+    meas = Measurement(1.0, 1.0, 1)
+    suite = _gpu_suite(["torch", "triton"], quick=False, compute_dtype=torch.float32)
+    found = bench_contrastive._baseline_errors(
+        suite, {"inf_cl": lambda u, t, s: baselines.reference_label_guided_infonce(u, t, s, None),
+                "open_clip.ClipLoss": doubled_text_gradient},
+        {"torch": meas, "triton": meas, "inf_cl": meas, "open_clip.ClipLoss": meas}, image, text, scale, "B=40")
+    right, wrong = found["inf_cl"], found["open_clip.ClipLoss"]
+    assert right["ours_compared"] == wrong["ours_compared"] == "triton, without labels"
+    assert right["rel_err_vs_ours"] < 1e-5
+    assert set(wrong["parts_rel_err_vs_ours"]) == set(bench_contrastive.PARTS)
+    parts = wrong["parts_rel_err_vs_ours"]
+    assert parts["loss"] < 1e-5 and parts["d_text"] == pytest.approx(1.0, rel=1e-4)
+    assert wrong["rel_err_vs_ours"] == parts["d_text"]
+
+
 def test_probe_checks_report_non_finite_gradients_and_the_loss_error(monkeypatch):
     """The B=1,000,000 probe's checks: its step records a NaN in one gradient element as not
     finite (the loss itself finite), and its loss is compared with the chunked fp32 forward's."""
