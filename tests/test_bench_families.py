@@ -683,6 +683,33 @@ def test_probe_checks_report_non_finite_gradients_and_the_loss_error(monkeypatch
     assert not harness.checks_pass(metrics, "bfloat16")
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_probe_step_reports_an_infinite_gradient_element_of_either_sign(monkeypatch, value):
+    """The probe's finiteness check reads each gradient's largest and smallest element: one
+    element at +inf or -inf (the rest, and the loss, finite) makes the step not finite."""
+    from benchmarks import bench_contrastive
+
+    image, text, scale, labels = _loss_case()
+    real = ace_kernels.label_guided_infonce
+
+    def hook(grad):
+        grad = grad.clone()
+        grad.view(-1)[3] = value
+        return grad
+
+    def op(u, t, s, labels=None, **kwargs):
+        u.register_hook(hook)
+        return real(u, t, s, labels, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
+    try:
+        bench_contrastive._probe_step(image, text, scale, labels, "torch", [image, text, scale])()
+        result = bench_contrastive.step_results["torch"]
+        assert torch.isfinite(result["loss"]) and not bool(result["finite"])
+    finally:
+        bench_contrastive.step_results.clear()
+
+
 def _small_configs(monkeypatch, *configs):
     from benchmarks import bench_contrastive
 
