@@ -963,6 +963,82 @@ def test_a_probe_sized_over_60_seconds_by_its_own_triton_step_is_a_skip(monkeypa
                              "(--tier cheap); run it with --tier costly)"]
 
 
+def _probe_sized_by(monkeypatch, triton_ms, blocked_ms=None, blocked_error=1e-2):
+    """A "GPU" suite whose rows at the probe's sizing batch (B=65,536; the probe a stand-in at
+    B=131,072, D=16) timed triton in ``triton_ms`` and the blocked strategy in ``blocked_ms`` (checked
+    within ``blocked_error`` of the fp32 reference); its probe measurements are recorded, not run."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_contrastive
+
+    monkeypatch.setitem(bench_contrastive.PROBE, "batch", 2 * 65536)
+    monkeypatch.setitem(bench_contrastive.PROBE, "dim", 16)
+    suite = _gpu_suite(("torch", "triton"), quick=False)
+
+    def row(provider, ms, error):
+        return SimpleNamespace(op="label_guided_infonce", shape="B=65536 D=16 labels", provider=provider, median_ms=ms,
+                               metrics={"rel_err_vs_fp32_chunked": error})
+
+    suite.rows = [row("triton", triton_ms, 1e-3)]
+    if blocked_ms is not None:
+        suite.rows.append(row(bench_contrastive.BLOCKED, blocked_ms, blocked_error))
+    suite.timed = []
+    monkeypatch.setattr(suite, "measure_checked",
+                        lambda entries, providers, **kw: suite.timed.append([p[0] for p in providers]) or {})
+    return suite
+
+
+def test_the_probe_estimate_doubles_when_it_runs_the_blocked_strategy(monkeypatch):
+    """The probe's time is the fastest fused row at the sizing batch scaled by B^2; twice that when
+    the blocked strategy, faster and checked within 2e-2 there, is what the probe runs (its row
+    blocks shrink at B=1M). A blocked row over that bound is neither used nor counted."""
+    from benchmarks import bench_contrastive
+
+    blocked = _probe_sized_by(monkeypatch, 100.0, blocked_ms=80.0)
+    assert bench_contrastive._blocked_was_faster(blocked)
+    assert bench_contrastive._probe_estimate_s(blocked, 2 * 65536, 16) == pytest.approx(80e-3 * 4 * 2)
+    unchecked = _probe_sized_by(monkeypatch, 100.0, blocked_ms=80.0, blocked_error=3e-2)
+    assert not bench_contrastive._blocked_was_faster(unchecked)
+    assert bench_contrastive._probe_estimate_s(unchecked, 2 * 65536, 16) == pytest.approx(100e-3 * 4)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_probe_runs_the_blocked_strategy_only_when_it_was_faster(monkeypatch, blocked):
+    """The probe runs the Triton kernels as ``triton+blocked`` when the blocked strategy was faster
+    (and checked) at the sizing batch, as plain ``triton`` otherwise; never the torch backend."""
+    from benchmarks import bench_contrastive
+
+    suite = _probe_sized_by(monkeypatch, 100.0, blocked_ms=80.0 if blocked else None)
+    bench_contrastive.run(suite, probe=True)
+    assert suite.timed == [[bench_contrastive.BLOCKED if blocked else "triton"]]
+    assert suite.skipped == ["torch at B=131072 D=16 labels: skipped (the GPU targets at this size are the fused "
+                             "kernels')"]
+
+
+def test_a_probe_estimated_over_the_time_left_is_a_skip(monkeypatch):
+    """A probe estimated under 60 s but over the run's time left less 10 s is not started."""
+    import time
+
+    from benchmarks import bench_contrastive
+
+    suite = _probe_sized_by(monkeypatch, 11250.0)  # x4 (B^2): 45 s
+    suite.deadline = time.monotonic() + 40.5
+    bench_contrastive.run(suite, probe=True)
+    assert suite.timed == []
+    (line,) = suite.skipped
+    assert re.fullmatch(r"label_guided_infonce B=131072 D=16 labels: skipped \(estimated 45 s from the B=65536 timing, "
+                        r"more than 60 s or the (40|39) s left\)", line), line
+
+
+def test_the_probe_is_gpu_only_and_not_run_with_quick():
+    from benchmarks import bench_contrastive
+
+    for suite in (_gpu_suite(("triton",), quick=True), _cpu_suite()):
+        assert bench_contrastive.probe_unavailable(suite)
+        assert suite.skipped == ["label_guided_infonce B=1000000 D=512 labels: skipped (GPU only, not with --quick)"]
+    assert not bench_contrastive.probe_unavailable(_gpu_suite(("triton",), quick=False))
+
+
 def test_loss_gpu_targets_are_issue_5s():
     """Issue 5 on a GPU, for the fused rows (triton, cuda, triton+blocked): B=8192 at least 4x the
     dense reference and 2x Inf-CL; B=65,536 at least 50% of the measured matmul rate with at most
