@@ -1272,6 +1272,35 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
     assert row.metrics["finite"] is False and row.target_pass is False
 
 
+def test_the_cpu_training_check_runs_row_2s_batch_in_several_chunks(monkeypatch):
+    """On a CPU the chunked code is checked against the one-pass step at row 2's batch and chunk
+    (B=512 in chunks of 32: sixteen of them), in float32 and eval mode; the row says so."""
+    import ace_model.model
+    import ace_model.training
+    from benchmarks import bench_training
+    from benchmarks.harness import Measurement
+
+    model, calls = _StubModel(), []
+
+    def chunked_train_step(model, images, ids, labels, *, chunk_size, precision):
+        calls.append((images.shape[0], chunk_size, precision, model.training))
+        loss = (model.weight * images.mean()).sum() + 3.0
+        loss.backward()
+        return loss
+
+    monkeypatch.setattr(ace_model.model.ACELoRA, "from_config", staticmethod(lambda name: model))
+    monkeypatch.setattr(ace_model.training, "chunked_train_step", chunked_train_step)
+    suite = _cpu_suite()
+    monkeypatch.setattr(suite, "measure_group", lambda entries, **kw: {entries[0][0]: Measurement(10.0, None, 5)})
+    monkeypatch.setattr(bench_training, "_measure_chunked",
+                        lambda suite_, label, fn, grads, **kw: (fn(), Measurement(100.0, None, 1))[1])
+    bench_training.run(suite)
+    assert [r.shape for r in suite.rows] == ["tiny B=64 unchunked", "tiny B=512 chunk=32", "tiny B=4096 chunk=32"]
+    # The check's steps are the ones in eval mode (on a CPU the timed steps are float32 too).
+    assert [c for c in calls if not c[3]] == [(512, None, "fp32", False), (512, 32, "fp32", False)]
+    assert suite.rows[1].metrics["check"] == "float32, eval mode, B=512 in chunks of 32 against one pass"
+
+
 @pytest.mark.parametrize("stop", ["import", "tier", "build", "no-backend", "row-1", "check", "row-2", "row-3",
                                   "row-3-time"])
 def test_the_training_family_stops_where_an_item_fails_keeping_the_rows_before(monkeypatch, capsys, stop):
