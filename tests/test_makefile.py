@@ -113,17 +113,12 @@ def test_coverage_follows_the_processes_the_tests_start():
     assert [line for line in out.stdout.splitlines() if "-m coverage combine --rcfile=.coveragerc" in line]
 
 
-@pytest.mark.parametrize("source", ["csrc/bindings.cpp", "csrc/hypergraph/hypergraph.h", "csrc/lora/lora.cpp",
-                                    "csrc/lora/tiles.cuh", "csrc/lora/tiles.hpp", "csrc/kernels.cu",
-                                    "csrc/lora/sm90/gemm.cu"])
-def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source):
-    """`make test` re-runs the set-up (the in-place build of the extension) when a file that setup.py
-    compiles (csrc/**/*.cu, *.cpp) or fingerprints (headers) is newer than the last one: the stamp
-    listed csrc/*/*.cu, csrc/*.cpp and .h files one or two levels down only, so a new csrc/lora/lora.cpp
-    or .cuh header left the old build in place (which the cuda backend then declines as stale)."""
+def _installed_tree(tmp_path, *sources):
+    """The Makefile in ``tmp_path`` with the set-up's prerequisites (and ``sources``) older than its
+    stamp; returns a function giving `make -q setup`'s status there (0 up to date, 1 something to do)."""
     shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
-    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp",
-                 "csrc/hypergraph/hypergraph.h", source, ".venv/.installed"):
+    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp", *sources,
+                 ".venv/.installed"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("")
         os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))
@@ -132,8 +127,20 @@ def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source
     def pending():
         out = subprocess.run(["make", "-q", "-C", str(tmp_path), "setup"], capture_output=True, text=True, timeout=60,
                              env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
-        return out.returncode  # -q: 0 up to date, 1 something to do
+        return out.returncode
 
+    return pending
+
+
+@pytest.mark.parametrize("source", ["csrc/bindings.cpp", "csrc/hypergraph/hypergraph.h", "csrc/lora/lora.cpp",
+                                    "csrc/lora/tiles.cuh", "csrc/lora/tiles.hpp", "csrc/kernels.cu",
+                                    "csrc/lora/sm90/gemm.cu"])
+def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source):
+    """`make test` re-runs the set-up (the in-place build of the extension) when a file that setup.py
+    compiles (csrc/**/*.cu, *.cpp) or fingerprints (headers) is newer than the last one: the stamp
+    listed csrc/*/*.cu, csrc/*.cpp and .h files one or two levels down only, so a new csrc/lora/lora.cpp
+    or .cuh header left the old build in place (which the cuda backend then declines as stale)."""
+    pending = _installed_tree(tmp_path, "csrc/hypergraph/hypergraph.h", source)
     assert pending() == 0
     os.utime(tmp_path / source, (1_000_000_200, 1_000_000_200))
     assert pending() == 1
@@ -151,18 +158,7 @@ def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source
 def test_setup_reinstalls_when_what_decides_the_build_changes(tmp_path, prerequisite):
     """The pins, setup.py (the build's flags) and the sources' fingerprint code are prerequisites of
     the set-up's stamp too: a change to one of them re-runs the install and the extension's build."""
-    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
-    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp", ".venv/.installed"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("")
-        os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))
-    os.utime(tmp_path / ".venv" / ".installed", (1_000_000_100, 1_000_000_100))
-
-    def pending():
-        out = subprocess.run(["make", "-q", "-C", str(tmp_path), "setup"], capture_output=True, text=True, timeout=60,
-                             env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
-        return out.returncode  # -q: 0 up to date, 1 something to do
-
+    pending = _installed_tree(tmp_path)
     assert pending() == 0
     os.utime(tmp_path / prerequisite, (1_000_000_200, 1_000_000_200))
     assert pending() == 1
