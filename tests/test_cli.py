@@ -1942,18 +1942,25 @@ def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic
     assert "--text-attention was 'reference-code' in the saved run, now 'spec'" in capsys.readouterr().err
 
 
-def test_a_recorded_text_attention_this_version_does_not_know_is_said(synthetic, tmp_path, capsys):
-    """A checkpoint recording a text attention outside TEXT_ATTENTION (a hand-edited file, or one from a later
-    version) is said as such by zero-shot, by training on from it and by loading it from Python, instead of
-    being taken for no record (zero-shot used to say it records none) or passing in silence."""
+def _weights_trained_with(tmp_path, **record):
+    """A tiny model's weights (seeded 0) saved with ``record`` as the run that trained them (model tiny, no
+    pretrained towers, and the given fields), as ``ace-lora train`` records it."""
     from ace_model.checkpoint import default_metadata, save_reference_checkpoint
     from ace_model.training import TRAINED_WITH
 
     torch.manual_seed(0)
     model = ACELoRA.from_config("tiny")
     path = tmp_path / "ace_lora.pt"
-    record = {"model": "tiny", "seed": 0, "pretrained": None, "text_attention": "sparse"}
-    save_reference_checkpoint(model, path, metadata={**default_metadata(model), TRAINED_WITH: record})
+    trained = {"model": "tiny", "pretrained": None, **record}
+    save_reference_checkpoint(model, path, metadata={**default_metadata(model), TRAINED_WITH: trained})
+    return path
+
+
+def test_a_recorded_text_attention_this_version_does_not_know_is_said(synthetic, tmp_path, capsys):
+    """A checkpoint recording a text attention outside TEXT_ATTENTION (a hand-edited file, or one from a later
+    version) is said as such by zero-shot, by training on from it and by loading it from Python, instead of
+    being taken for no record (zero-shot used to say it records none) or passing in silence."""
+    path = _weights_trained_with(tmp_path, seed=0, text_attention="sparse")
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--checkpoint", str(path)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["text_attention"] == "spec"
@@ -1974,14 +1981,7 @@ def test_zero_shot_follows_a_recorded_seed_of_0(synthetic, tmp_path, capsys):
     """Seed 0 is a seed: a checkpoint trained with --seed 0 on random towers is evaluated on the towers --seed 0
     builds, without a warning. The tests above record seeds 2 and 3 only, so taking a recorded 0 for none (train's
     default seed 1: other towers, and a warning asking for --seed 0) passed them."""
-    from ace_model.checkpoint import default_metadata, save_reference_checkpoint
-    from ace_model.training import TRAINED_WITH
-
-    torch.manual_seed(0)
-    model = ACELoRA.from_config("tiny")
-    path = tmp_path / "ace_lora.pt"
-    record = {"model": "tiny", "seed": 0, "pretrained": None, "text_attention": "spec"}
-    save_reference_checkpoint(model, path, metadata={**default_metadata(model), TRAINED_WITH: record})
+    path = _weights_trained_with(tmp_path, seed=0, text_attention="spec")
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--checkpoint", str(path)]) == 0
     err = capsys.readouterr().err
     assert "(seeded with --seed 0," in err and "--checkpoint was trained" not in err, err
