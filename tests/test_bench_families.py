@@ -652,27 +652,35 @@ def test_unmasked_baselines_are_compared_with_a_fused_provider_on_loss_and_every
     assert wrong["rel_err_vs_ours"] == parts["d_text"]
 
 
-def test_probe_checks_report_non_finite_gradients_and_the_loss_error(monkeypatch):
-    """The B=1,000,000 probe's checks: its step records a NaN in one gradient element as not
-    finite (the loss itself finite), and its loss is compared with the chunked fp32 forward's."""
+def _probe_step_result(monkeypatch, poison):
+    """The probe's torch step over ``_loss_case()``, with ``poison(image_emb, text_emb)`` applied inside the
+    loss call (a gradient hook, say): the step's recorded result, and the inputs."""
     from benchmarks import bench_contrastive
 
-    image, text, scale, labels = _loss_case()
+    inputs = image, text, scale, labels = _loss_case()
     real = ace_kernels.label_guided_infonce
 
     def op(u, t, s, labels=None, **kwargs):
-        _nan_in_gradient(t)
+        poison(u, t)
         return real(u, t, s, labels, **kwargs)
 
     monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
     try:
         bench_contrastive._probe_step(image, text, scale, labels, "torch", [image, text, scale])()
-        result = bench_contrastive.step_results["torch"]
-        assert torch.isfinite(result["loss"]) and not bool(result["finite"])
+        return dict(bench_contrastive.step_results["torch"]), inputs
     finally:
         bench_contrastive.step_results.clear()
         for t in (image, text, scale):
             t.grad = None
+
+
+def test_probe_checks_report_non_finite_gradients_and_the_loss_error(monkeypatch):
+    """The B=1,000,000 probe's checks: its step records a NaN in one gradient element as not
+    finite (the loss itself finite), and its loss is compared with the chunked fp32 forward's."""
+    from benchmarks import bench_contrastive
+
+    result, (image, text, scale, labels) = _probe_step_result(monkeypatch, lambda u, t: _nan_in_gradient(t))
+    assert torch.isfinite(result["loss"]) and not bool(result["finite"])
     suite = _gpu_suite(quick=False)
     cache = {"loss": 4.0, "seconds": 1.0}  # the chunked fp32 forward's loss, computed before
     metrics = bench_contrastive._probe_correctness(suite, "triton", {"finite": torch.tensor(False),
@@ -687,27 +695,13 @@ def test_probe_checks_report_non_finite_gradients_and_the_loss_error(monkeypatch
 def test_probe_step_reports_an_infinite_gradient_element_of_either_sign(monkeypatch, value):
     """The probe's finiteness check reads each gradient's largest and smallest element: one
     element at +inf or -inf (the rest, and the loss, finite) makes the step not finite."""
-    from benchmarks import bench_contrastive
-
-    image, text, scale, labels = _loss_case()
-    real = ace_kernels.label_guided_infonce
-
     def hook(grad):
         grad = grad.clone()
         grad.view(-1)[3] = value
         return grad
 
-    def op(u, t, s, labels=None, **kwargs):
-        u.register_hook(hook)
-        return real(u, t, s, labels, **kwargs)
-
-    monkeypatch.setattr(ace_kernels, "label_guided_infonce", op)
-    try:
-        bench_contrastive._probe_step(image, text, scale, labels, "torch", [image, text, scale])()
-        result = bench_contrastive.step_results["torch"]
-        assert torch.isfinite(result["loss"]) and not bool(result["finite"])
-    finally:
-        bench_contrastive.step_results.clear()
+    result, _ = _probe_step_result(monkeypatch, lambda u, t: u.register_hook(hook))
+    assert torch.isfinite(result["loss"]) and not bool(result["finite"])
 
 
 def _small_configs(monkeypatch, *configs):
