@@ -1111,9 +1111,12 @@ def test_chunked_infonce_loss_stops_by_its_first_blocks_projection_and_restores_
     the limit is a TimeoutError saying both, at the limit the loss is computed. Either way the tf32
     setting it turns on for its products is put back as it found it."""
     import itertools
+    from types import SimpleNamespace
 
     clock = itertools.count()  # each perf_counter() call one second later: the first block takes 1 s
-    monkeypatch.setattr(baselines.time, "perf_counter", lambda: float(next(clock)))
+    # baselines' own clock only: patching time.perf_counter itself would let any other reader in the
+    # process (a thread, torch) advance the count between the function's two readings.
+    monkeypatch.setattr(baselines, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     image, text, scale, labels = _loss_case(batch=40)
     saved = torch.backends.cuda.matmul.allow_tf32  # a flag behind __getattr__: monkeypatch cannot set it
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -2027,11 +2030,13 @@ def test_the_matmul_warm_up_runs_until_its_seconds_are_spent(monkeypatch):
     """The card's matmul is warmed up in rounds of 10 calls until ``seconds`` have passed on the
     host clock (each round synchronised), however many rounds that takes."""
     import itertools
+    from types import SimpleNamespace
 
     from benchmarks import bench_device
 
     clock = itertools.count()  # one second per reading: the start, then one per round
-    monkeypatch.setattr(bench_device.time, "perf_counter", lambda: float(next(clock)))
+    # bench_device's clock only, not the process's time.perf_counter (whose other readers would skip rounds).
+    monkeypatch.setattr(bench_device, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     calls = []
     assert bench_device.warm_up(lambda: calls.append(1), "cuda", 3.0) == 30 and len(calls) == 30
