@@ -1830,11 +1830,17 @@ def test_largest_batch_searches_that_find_nothing_are_skips_with_the_reason(monk
     assert suite.skipped == skipped
 
 
-def test_the_largest_batch_search_steps_from_its_prediction_and_stops_before_its_deadline():
+def test_the_largest_batch_search_steps_from_its_prediction_and_stops_before_its_deadline(monkeypatch):
     """The search's steps: B=64, then 0.8x the batch the free memory holds at B=64's peak per
     sample, x1.25 until one does not fit, bisection to within B/16. A try whose time at the slowest
     rate so far (1.5x margin) would pass the deadline is not started: the result says so."""
+    from types import SimpleNamespace
+
     from benchmarks import bench_model
+
+    # The tries are faked and take no time: a clock that stands still, so that a pause of the machine
+    # between the search's start and a try (2 s would do at the 14 s limit) cannot stop it early.
+    monkeypatch.setattr(bench_model, "time", SimpleNamespace(monotonic=lambda: 1000.0))
 
     def try_step(batch):  # fits up to B=1100; 1 MiB and 10 ms a sample
         return batch <= 1100, batch * 10.0, float(batch)
