@@ -908,6 +908,8 @@ def test_probe_without_a_chunked_fp32_forward_says_why(monkeypatch):
 
     late = _gpu_suite()
     late.deadline = time.monotonic() + 12.4  # 45 s capped at 12.4 - 15 s: under 5 s
+    # The time left read as a constant: the clock between the line above and the check is the machine's.
+    monkeypatch.setattr(late, "seconds_left", lambda: 12.4)
     assert probe(late, AssertionError("not called")) == "no chunked fp32 forward: 12 s left"
     suite = _gpu_suite()
     assert probe(suite, TimeoutError("projected 900 s from its first block, over the 45 s allowed")) == \
@@ -1346,6 +1348,8 @@ def test_the_training_family_stops_where_an_item_fails_keeping_the_rows_before(m
             return None
         if stop == "row-3-time":
             suite_.deadline = time.monotonic() + 8.4
+            # Read as a constant: the clock between here and row 3's check is the machine's.
+            monkeypatch.setattr(suite_, "seconds_left", lambda: 8.4)
         return Measurement(100.0, 1000.0, 1)
 
     monkeypatch.setattr(bench_training, "_measure_chunked", measure_chunked)
