@@ -46,8 +46,8 @@ reference's): the largest B at which one bf16 training step fits on the card, fo
 the reference-ops model and for ours (the fused backend, with or without
 ``recompute``, with the smallest B=64 peak in this run; when that one recomputes, then also
 the same backend's plain one-pass step if the time allows), found by steps at growing B
-(from 0.8x a linear prediction out of the B=64 peak, x1.25 each; x0.8 down when that first one does not fit) then bisection to within
-1/16, each out-of-memory error cleaned up (gradients dropped, cache emptied) before the
+(from 0.8x a linear prediction out of the B=64 peak, x1.25 each; x0.8 down when that first one
+does not fit) then bisection to within 1/16, each out-of-memory error cleaned up (gradients dropped, cache emptied) before the
 next try. ``metrics`` hold ``max_batch`` (ours: also ``baseline_max_batch`` and
 ``max_batch_ratio``, which the target judges) and the tries; ``median_ms`` and
 ``peak_mib`` are those of the one step at the largest batch (its peak includes the
@@ -121,8 +121,8 @@ def estimates_s(suite) -> dict[str, float]:
     GPU (H100/H200, full size): the BiomedCLIP build ~10-15 s; the training step, reference-ops,
     up to three backends, four with recompute and two CUDA graphs, each checked (an eval-mode
     step; a graph: its build, three warm-up steps and a capture, and one eager step), a first
-    call (Triton autotuning at new shapes) and a measurement of ~4 s at ~0.2 s a step; zero-shot, the one-image loop (two calls of ~2-4 s)
-    and the batched backends; PEFT, ViT-B/16 + BERT-base built and four steps measured.
+    call (Triton autotuning at new shapes) and a measurement of ~4 s at ~0.2 s a step; zero-shot,
+    the one-image loop (two calls of ~2-4 s) and the batched backends; PEFT, ViT-B/16 + BERT-base built and four steps measured.
     CPU and --quick: the tiny model.
     """
     if suite.is_gpu and not suite.quick:
