@@ -47,8 +47,8 @@ the reference-ops model and for ours (the fused backend, with or without
 ``recompute``, with the smallest B=64 peak in this run; when that one recomputes, then also
 the same backend's plain one-pass step if the time allows), found by steps at growing B
 (from 0.8x a linear prediction out of the B=64 peak, x1.25 each; x0.8 down when that first one
-does not fit) then bisection to within 1/16, each out-of-memory error cleaned up (gradients dropped, cache emptied) before the
-next try. ``metrics`` hold ``max_batch`` (ours: also ``baseline_max_batch`` and
+does not fit) then bisection to within 1/16, each out-of-memory error cleaned up (gradients
+dropped, cache emptied) before the next try. ``metrics`` hold ``max_batch`` (ours: also ``baseline_max_batch`` and
 ``max_batch_ratio``, which the target judges) and the tries; ``median_ms`` and
 ``peak_mib`` are those of the one step at the largest batch (its peak includes the
 inputs: they are part of what must fit). Each search stops at B=65,536 or after 75 s
@@ -122,7 +122,8 @@ def estimates_s(suite) -> dict[str, float]:
     up to three backends, four with recompute and two CUDA graphs, each checked (an eval-mode
     step; a graph: its build, three warm-up steps and a capture, and one eager step), a first
     call (Triton autotuning at new shapes) and a measurement of ~4 s at ~0.2 s a step; zero-shot,
-    the one-image loop (two calls of ~2-4 s) and the batched backends; PEFT, ViT-B/16 + BERT-base built and four steps measured.
+    the one-image loop (two calls of ~2-4 s) and the batched backends; PEFT, ViT-B/16 + BERT-base
+    built and four steps measured.
     CPU and --quick: the tiny model.
     """
     if suite.is_gpu and not suite.quick:
