@@ -561,6 +561,22 @@ def test_writer_bounds_at_their_edges():
     rows = [fp16(_sweep_row("down", 0, 10.0, 0.015)), fp16(_sweep_row("down", 1, 5.0, 0.001))]
     content, report = tuned_configs.update(_payload(rows), held)
     assert content == held and "is over the check limit 0.01" in "\n".join(report)
+    # A default exactly at the row dtype's limit (bf16's 0.03) is correct: it bounds its candidates.
+    assert chosen([_sweep_row("down", 0, 10.0, 0.03), _sweep_row("down", 1, 5.0, 0.03)])[0] == DOWN[0]
+
+
+def test_writer_passes_over_rows_that_were_not_timed():
+    """A row without a time (its measurement did not run) is no ground for a choice: a default
+    without one keeps the file's entry, a candidate without one is passed over for a timed one."""
+    held = {"by_device": {CARD: {"lora": {"down/16bit": dict(DOWN[2])}}}}
+    content, report = tuned_configs.update(_payload([_sweep_row("down", 0, None, 0.004),
+                                                     _sweep_row("down", 1, 5.0, 0.004)]), held)
+    assert content == held and "lora down/16bit: the default was not measured" in report[1]
+    rows = [_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, None, 0.004), _sweep_row("down", 2, 6.0, 0.004)]
+    content, report = tuned_configs.update(_payload(rows), None)
+    assert content["by_device"][CARD]["lora"] == {"down/16bit": DOWN[1]} and "candidate #2" in report[1]
+    content, report = tuned_configs.update(_payload(rows[:2]), held)
+    assert content["by_device"] == {} and "no qualifying candidate; the default stays" in report[1]
 
 
 def test_writer_reads_only_the_tuning_familys_rows():
