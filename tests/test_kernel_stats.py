@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -338,9 +339,39 @@ def test_contrastive_row_per_logit_arithmetic(monkeypatch):
     assert row["mma_instructions_per_tile"] == 8
     assert row["mufu_per_logit"] == 2.0
     assert row["warps_per_sm"] == 16 and row["kernel_instructions"] == 100 and row["loop_instructions"] == 10
+    # Opcodes most frequent first.
+    assert list(row["loop_opcodes"]) == ["FFMA", "HGMMA"] and list(row["kernel_opcodes"]) == ["MUFU", "IMAD", "FFMA",
+                                                                                             "HGMMA"]
     # One-pass: the loop is the column tile, counted once.
     row = contrastive_row("lse_both one-pass", None, {}, const, 8, 3, [], dim=96)
     assert row["instructions_per_logit"] == round(10 / 32, 2) and row["mufu_per_logit"] == 0
+    # Tensor-core products issued as HMMA (mma.sync, not wgmma) count as well.
+    monkeypatch.setattr(_aot, "profile_sm90", lambda *args, **kwargs: _aot.LoopProfile(
+        resources=resources, blocks_per_sm=2, loop_opcodes={"HMMA": 4}, kernel_opcodes={"HMMA": 4, "FFMA": 6}))
+    assert contrastive_row("lse_tiles blocked interior", None, {}, const, 8, 3, [], dim=96)[
+        "mma_instructions_per_tile"] == 8
+
+
+def test_lora_row_per_element_arithmetic(monkeypatch):
+    """profile_row's arithmetic on a made-up profile: loop instructions over the elements of x one
+    thread covers in a step, the share of every Philox opcode, every conversion opcode, the warps of
+    every resident block; opcodes listed most frequent first."""
+    from ace_kernels import _aot
+    from benchmarks.kernel_stats import profile_row
+
+    resources = _aot.KernelResources(name="k", registers=128, spill_store_bytes=0, spill_load_bytes=0,
+                                     stack_frame_bytes=0, shared_bytes=1024, num_warps=4)
+    opcodes = {"FFMA": 10, "IMAD": 30, "LOP3": 20, "I2F": 1, "F2F": 2, "I2FP": 3, "F2I": 4, "F2IP": 5, "HMMA": 5}
+    prof = _aot.LoopProfile(resources=resources, blocks_per_sm=3, loop_opcodes=opcodes, kernel_opcodes=opcodes)
+    monkeypatch.setattr(_aot, "profile_sm90", lambda *args, **kwargs: prof)
+    # 64 x 64 elements a step over 4 warps: 32 a thread; 80 loop instructions.
+    kernel = types.SimpleNamespace(arg_names=["x_ptr", "M"])
+    row = profile_row("down P=3 dropout=True", kernel, {}, dict(BLOCK_M=64, BLOCK_K=64), 4, 3)
+    assert row["loop_instructions"] == 80 and row["loop_instructions_per_element"] == 2.5
+    assert row["philox_op_share"] == round(50 / 80, 3) and row["loop_conversions"] == 15
+    assert row["blocks_per_sm"] == 3 and row["warps_per_sm"] == 12 and row["registers"] == 128
+    assert list(row["loop_opcodes"]) == ["IMAD", "LOP3", "FFMA", "F2IP", "HMMA", "F2I", "I2FP", "F2F", "I2F"]
+    assert row["config"] == dict(BLOCK_M=64, BLOCK_K=64)
 
 
 def test_contrastive_launches_label_their_tiles_and_mark_the_integers_divisible():
