@@ -548,6 +548,25 @@ def test_dispatch_order_scores_missing_shapes_ties_and_ops_not_measured(tmp_path
            "the card's earlier order kept" in report
 
 
+def test_dispatch_order_report_means_atomic_ratios_geometrically_and_names_an_op_with_no_order(monkeypatch):
+    """triton-atomic's time against triton is a geometric mean over the shapes (0.5x and 2x: even);
+    an op timed but not ranked on a card with no earlier order says so, not that one is kept."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import dispatch_order
+
+    rows = [_row("lora_qkv", "M=12608", "triton", 1.0), _row("lora_qkv", "M=12608", "torch", 3.0),
+            _row("ace_hypergraph", "B=64 cls_only", "triton", 2.0),
+            _row("ace_hypergraph", "B=64 cls_only", "triton-atomic", 1.0),
+            _row("ace_hypergraph", "B=1024 full", "triton", 1.0),
+            _row("ace_hypergraph", "B=1024 full", "triton-atomic", 2.0)]
+    content, report = dispatch_order.update(_gpu_payload(rows), {"by_device": {"Other card": {"ace_hypergraph": []}}})
+    assert "ace_hypergraph" not in content["by_device"]["NVIDIA H100 80GB HBM3"]
+    assert any("ace_hypergraph: triton-atomic takes 1x the time of triton (geometric mean over 2 shapes" in line
+               for line in report), report
+    assert "  ace_hypergraph: timed but not ranked (no shape with two of our backends whose checks passed): " \
+           "no order for this card" in report
+
+
 def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
     from ace_kernels._library import int32_safe
 
