@@ -3097,6 +3097,23 @@ def test_plot_marks_missed_targets_and_lists_rows_without_bars(tmp_path, monkeyp
                       "x s [bfloat16] capped: 1.0 ms, peak 1.0 MiB; target peak<512MiB: met"]
 
 
+def test_plot_draws_the_first_row_on_top(tmp_path, monkeypatch):
+    """The bars read in the rows' order, top down, on both panels (their y axis is shared)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from benchmarks import plot
+
+    inverted = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (
+        inverted.extend(ax.yaxis_inverted() for ax in self.axes), real_savefig(self, *a, **k))[1])
+    rows = [dict(op="x", shape=f"s{i}", dtype="bfloat16", provider="triton", baseline="reference", median_ms=1.0,
+                 speedup_vs_baseline=2.0, memory_ratio_vs_baseline=1.0) for i in range(2)]
+    plot.plot_rows(rows, str(tmp_path / "p.png"))
+    assert inverted == [True, True]
+
+
 def test_replacing_a_file_leaves_no_descriptor_open(tmp_path):
     """_replace_file opens the directory to fsync the rename: that descriptor is closed again (a
     tool writing many files must not run out of them)."""
