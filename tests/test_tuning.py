@@ -589,6 +589,33 @@ def test_writer_reads_only_the_tuning_familys_rows():
         tuned_configs.update(_payload([dict(_sweep_row("down", 0, 10.0, 0.004), family="lora")]), None)
 
 
+def test_writer_names_a_sweep_rows_missing_metric_and_passes_over_a_config_that_is_no_object():
+    """A sweep row without one of its metrics is refused with its name; a candidate whose config is
+    not an object (a hand-edited file) is no declared candidate."""
+    broken = _sweep_row("down", 1, 5.0, 0.004)
+    del broken["metrics"]["config"]
+    with pytest.raises(ValueError, match=r"row 1 \(lora_qkv sweep down\) is a sweep row without metrics 'config'"):
+        tuned_configs.update(_payload([_sweep_row("down", 0, 10.0, 0.004), broken]), None)
+    for config in (None, [1, 2]):
+        row = _sweep_row("down", 1, 5.0, 0.004)
+        row["metrics"]["config"] = config
+        content, report = tuned_configs.update(_payload([_sweep_row("down", 0, 10.0, 0.004), row]), None)
+        assert content["by_device"] == {} and "(#1 is no longer a declared candidate)" in report[1]
+
+
+def test_writer_leaves_the_existing_content_unchanged_and_reports_in_sorted_order():
+    """update() builds new content (the caller's dict is not edited in place) and reports the
+    kernels in a fixed order, whatever the order of the rows."""
+    existing = {"by_device": {CARD: {"lora": {"backward/16bit": dict(DOWN[0]), "mask/16bit": {"kept": True}}}}}
+    before = json.loads(json.dumps(existing))
+    rows = [_sweep_row("down", 0, 10.0, 0.004), _sweep_row("down", 1, 5.0, 0.004),
+            _sweep_row("backward", 0, 10.0, 0.004), _sweep_row("backward", 1, 9.9, 0.004)]
+    content, report = tuned_configs.update(_payload(rows), existing)
+    assert existing == before and content["by_device"][CARD]["lora"] == {"down/16bit": DOWN[0],
+                                                                         "mask/16bit": {"kept": True}}
+    assert [line.split(":")[0] for line in report[1:]] == ["  lora backward/16bit", "  lora down/16bit"]
+
+
 def test_sweep_stops_at_the_budget_between_kernel_families_and_kernels(tmp_path, monkeypatch):
     """Out of time for a kernel family: its inputs are not even made; out of time before a kernel:
     the sweep ends there (what was measured before is kept)."""
