@@ -2001,6 +2001,21 @@ def test_profile_ops_reports_each_op(tmp_path):
         ("_infonce_blocked_step", "triton")]
 
 
+def test_profile_ops_times_ten_steps_after_three_warm_ups_and_profiles_one():
+    """profile(): 3 warm-up steps, the 10 timed ones its line reports the median of, then one step
+    under the profiler."""
+    from benchmarks import profile_ops
+
+    calls = []
+
+    def factory(device, dtype, backend, quick):
+        return "toy step", lambda: calls.append(torch.ones(2).sum())
+
+    text = profile_ops.profile(factory, "auto", torch.device("cpu"), torch.float32)
+    assert len(calls) == 3 + 10 + 1
+    assert text.startswith("== toy step, backend auto (torch.float32, cpu): step ") and "median of 10 (min " in text
+
+
 @pytest.mark.triton
 @pytest.mark.interpreter
 def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypatch):
