@@ -567,6 +567,21 @@ def test_dispatch_order_report_means_atomic_ratios_geometrically_and_names_an_op
            "no order for this card" in report
 
 
+def test_dispatch_order_reports_ops_in_sorted_order_and_skips_an_atomic_ratio_without_triton(monkeypatch):
+    """The report lists ops in a fixed order whatever the rows' order; a triton-atomic row whose
+    triton row was left out (a failed check) gives no ratio, and no error."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import dispatch_order
+
+    failed = dict(_row("ace_hypergraph", "B=64 cls_only", "triton", 1.0), metrics={"rel_err_vs_reference": 0.9})
+    rows = [_row("lora_qkv", "M=12608", "triton", 1.0), _row("lora_qkv", "M=12608", "torch", 3.0),
+            _row("ace_hypergraph", "B=64 cls_only", "cuda", 2.0), _row("ace_hypergraph", "B=64 cls_only", "torch", 3.0),
+            failed, _row("ace_hypergraph", "B=64 cls_only", "triton-atomic", 1.5)]
+    _, report = dispatch_order.update(_gpu_payload(rows), None)
+    assert [line.split(":")[0] for line in report[1:]] == ["  ace_hypergraph", "  ace_hypergraph[cls_only]",
+                                                           "  lora_qkv", "  lora_qkv[small]"], report
+
+
 def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
     from ace_kernels._library import int32_safe
 
