@@ -569,15 +569,19 @@ def test_dispatch_order_report_means_atomic_ratios_geometrically_and_names_an_op
 
 def test_dispatch_order_reports_ops_in_sorted_order_and_skips_an_atomic_ratio_without_triton(monkeypatch):
     """The report lists ops in a fixed order whatever the rows' order; a triton-atomic row whose
-    triton row was left out (a failed check) gives no ratio, and no error."""
+    triton row was left out (a failed check) gives no ratio, and no error; so does an untimed row."""
     monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks import dispatch_order
 
     failed = dict(_row("ace_hypergraph", "B=64 cls_only", "triton", 1.0), metrics={"rel_err_vs_reference": 0.9})
     rows = [_row("lora_qkv", "M=12608", "triton", 1.0), _row("lora_qkv", "M=12608", "torch", 3.0),
             _row("ace_hypergraph", "B=64 cls_only", "cuda", 2.0), _row("ace_hypergraph", "B=64 cls_only", "torch", 3.0),
-            failed, _row("ace_hypergraph", "B=64 cls_only", "triton-atomic", 1.5)]
-    _, report = dispatch_order.update(_gpu_payload(rows), None)
+            failed, _row("ace_hypergraph", "B=64 cls_only", "triton-atomic", 1.5),
+            # A row with no time is no time of its backend; a whole-model row (no op reads an
+            # order for it) is not reported as an op left unranked.
+            _row("lora_qkv", "M=12608", "cuda", None), _row("ace_lora_train_step", "B=64", "triton", 2.0)]
+    content, report = dispatch_order.update(_gpu_payload(rows), None)
+    assert content["by_device"]["NVIDIA H100 80GB HBM3"]["lora_qkv"] == ["triton", "torch"]
     assert [line.split(":")[0] for line in report[1:]] == ["  ace_hypergraph", "  ace_hypergraph[cls_only]",
                                                            "  lora_qkv", "  lora_qkv[small]"], report
 
