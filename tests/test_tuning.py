@@ -638,6 +638,23 @@ def test_sweep_stops_at_the_budget_between_kernel_families_and_kernels(tmp_path,
                      f"{bench_tuning.ITEM} contrastive {first_contrastive}"]
 
 
+def test_sweep_checks_each_candidate_at_its_own_configuration(tmp_path, monkeypatch):
+    """A candidate's error is measured with that candidate forced, not the default."""
+    suite = _suite(tmp_path, gpu=True)
+    entry = next(p for p in bench_tuning.sweep_plan() if p["kernel_family"] == "lora")
+    entry = dict(entry, configs=entry["configs"][:2])
+    monkeypatch.setattr(bench_tuning, "sweep_plan", lambda: [entry])
+
+    def check():  # an "error" that names the configuration in force: its place in the plan
+        return float(entry["configs"].index(_tuning.forced_config("lora", entry["kernel"], entry["dtype_class"])))
+
+    monkeypatch.setitem(bench_tuning.CASES, "lora", lambda suite_, dtype: ("M=8", check, lambda: None, [], "nothing"))
+    bench_tuning.run(suite)
+    rows = [r for r in suite.rows if r.op.endswith(f"sweep {entry['kernel']}")]
+    assert entry["configs"][0] != entry["configs"][1]
+    assert sorted(r.metrics["rel_err"] for r in rows) == [0.0, 1.0]
+
+
 @pytest.mark.parametrize("module", ["tuned_configs", "dispatch_order"])
 def test_the_writers_help_states_their_whole_first_paragraph(module, capsys):
     # The description was the docstring's first line, which ends mid-sentence ("the launch
