@@ -5,8 +5,8 @@ configuration and once at each declared candidate (``_GPU_CANDIDATES`` of ``ace_
 and ``ace_kernels.contrastive``), every one forced with ``ace_kernels._tuning.forced`` while the
 other kernels keep their defaults, one after the other in one process:
 
-- LoRA (``down``, the pack kernel, and ``backward``, the gradient kernel; dtype class ``16bit``): the ``lora_qkv`` step of
-  family lora, M = 64*197, K = out = 768, r = 4, p = 0.1, bf16. Error: q, k, v and every
+- LoRA (``down``, the pack kernel, and ``backward``, the gradient kernel; dtype class ``16bit``): the
+  ``lora_qkv`` step of family lora, M = 64*197, K = out = 768, r = 4, p = 0.1, bf16. Error: q, k, v and every
   gradient against the reference LoRA with dropout off, and with dropout on against the
   reference formula on the masks the configuration drew (the path the step times).
 - InfoNCE (``lse`` and ``grad``, ``16bit/one_dot``): the labelled ``label_guided_infonce`` step,
