@@ -2016,6 +2016,27 @@ def test_profile_ops_times_ten_steps_after_three_warm_ups_and_profiles_one():
     assert text.startswith("== toy step, backend auto (torch.float32, cpu): step ") and "median of 10 (min " in text
 
 
+def test_profile_ops_reports_the_median_and_the_fastest_of_its_timed_steps(monkeypatch):
+    """The line's two times, on profile_ops' own clock made to read set step times (ms): the three warm-ups
+    (100 ms each, left out), the ten timed steps (median 5.5, mean 7.5, fastest 1) and the profiled one (left out)."""
+    from types import SimpleNamespace
+
+    from benchmarks import profile_ops
+
+    durations = iter([100.0] * 3 + [5.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0, 30.0] + [100.0])
+    now = [0.0]
+    monkeypatch.setattr(profile_ops, "time", SimpleNamespace(perf_counter=lambda: now[0] / 1e3))
+
+    def factory(device, dtype, backend, quick):
+        def step():
+            now[0] += next(durations)
+        return "toy step", step
+
+    text = profile_ops.profile(factory, "auto", torch.device("cpu"), torch.float32)
+    assert text.startswith("== toy step, backend auto (torch.float32, cpu): step 5.500 ms median of 10 (min 1.000); "
+                           "0 kernels launched in one step\n"), text.splitlines()[0]
+
+
 @pytest.mark.triton
 @pytest.mark.interpreter
 def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypatch):
