@@ -32,7 +32,7 @@ void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
 }
 
 // Dtypes are checked by each op's shape checks, shared with its meta kernel, so that fake tensors
-// meet the device's refusals; the device, and the dtype once more, by the CUDA versions below.
+// meet the device's refusals; the device by the CUDA versions below (check_cuda, check_feat).
 void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.scalar_type() == dtype, "argument '", name, "': expected ", dtype, ", got ", t.scalar_type());
 }
@@ -48,11 +48,11 @@ ace_hg::Feat feat_type(const at::Tensor& t, const char* name) {
   }
 }
 
-void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
-  check_dtype(t, name, dtype);
 }
 
+// A feature tensor on the GPU, and the dtype the kernels read it in (the shape checks check it too).
 ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
   return feat_type(t, name);
@@ -167,10 +167,10 @@ void check_entry_dot_shapes(const at::Tensor& a, const at::Tensor& b, const at::
 std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, const at::Tensor& inv_norm,
                                                           const c10::optional<at::Tensor>& rows, int64_t topk) {
   const ace_hg::Feat pn_type = check_feat(pn, "pn");
-  check_cuda(inv_norm, "inv_norm", at::kFloat);
+  check_cuda(inv_norm, "inv_norm");
   check_same_device(inv_norm, "inv_norm", pn, "pn");
   if (rows.has_value()) {
-    check_cuda(*rows, "rows", at::kLong);
+    check_cuda(*rows, "rows");
     check_same_device(*rows, "rows", pn, "pn");
   }
   check_topk_shapes(pn, inv_norm, rows, topk);
@@ -199,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor> hg_topk_incidence_cuda(const at::Tensor& pn, 
 
 at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, const at::Tensor& weights) {
   const ace_hg::Feat src_type = check_feat(src, "src");
-  check_cuda(cols, "cols", at::kLong);
-  check_cuda(weights, "weights", at::kFloat);
+  check_cuda(cols, "cols");
+  check_cuda(weights, "weights");
   check_same_device(cols, "cols", src, "src");
   check_same_device(weights, "weights", src, "src");
   check_gather_shapes(src, cols, weights);
@@ -218,9 +218,9 @@ at::Tensor hg_gather_sum_cuda(const at::Tensor& src, const at::Tensor& cols, con
 at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weights_flat, const at::Tensor& row_ptr,
                                    const at::Tensor& perm, int64_t num_rows, int64_t slots) {
   const ace_hg::Feat src_type = check_feat(src, "src");
-  check_cuda(weights_flat, "weights_flat", at::kFloat);
-  check_cuda(row_ptr, "row_ptr", at::kLong);
-  check_cuda(perm, "perm", at::kLong);
+  check_cuda(weights_flat, "weights_flat");
+  check_cuda(row_ptr, "row_ptr");
+  check_cuda(perm, "perm");
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{weights_flat, "weights_flat"},
                                 {row_ptr, "row_ptr"}, {perm, "perm"}}) {
     check_same_device(t, name, src, "src");
@@ -241,7 +241,7 @@ at::Tensor hg_scatter_sum_csr_cuda(const at::Tensor& src, const at::Tensor& weig
 at::Tensor hg_entry_dot_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cols) {
   const ace_hg::Feat a_type = check_feat(a, "a");
   const ace_hg::Feat b_type = check_feat(b, "b");
-  check_cuda(cols, "cols", at::kLong);
+  check_cuda(cols, "cols");
   check_same_device(b, "b", a, "a");
   check_same_device(cols, "cols", a, "a");
   check_entry_dot_shapes(a, b, cols);
