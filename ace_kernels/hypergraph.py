@@ -1873,8 +1873,11 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     tensors = [x, cls_attn, *edge, *node]
     if _library.builds_graph(tensors):
         # Tokens made under torch.inference_mode: the paths save x where the reference saves E = A X
-        # (the full output's folded down projection, for W_de's gradient).
+        # (the full output's folded down projection, for W_de's gradient). Likewise a frozen edge adapter's
+        # up projection made under it: the full output folds W_ue and b_ue into the node adapter's down
+        # weight (W_dn W_ue, W_dn b_ue), whose gradient saves them where the reference saves neither.
         x = _library.out_of_inference(x)
+        edge = (*edge[:2], *map(_library.out_of_inference, edge[2:]))
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
     impl = _dispatch.select(OP_NAME, backend, tensors, args, variant="cls_only" if cls_only else "full")
     with _library.autocast_off(x.device.type):  # see Notes: autocast

@@ -237,6 +237,30 @@ def test_tokens_made_under_inference_mode_train_the_rest(backend, cls_only, subs
         assert_close_scaled(got_i, want_i, rel, f"grad {PARAM_NAMES[1 + i]}")
 
 
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_a_frozen_edge_adapter_made_under_inference_mode_trains_the_node_adapter(backend, cls_only, device):
+    # An edge adapter loaded (or copied) under torch.inference_mode and kept frozen, the node adapter trained:
+    # the full output folds the edge adapter's up projection into the node adapter's down weight
+    # (W_dn W_ue, W_dn b_ue), whose gradient saved W_ue and b_ue, which autograd refuses for inference
+    # tensors; the reference applies each adapter on its own and saves neither.
+    dtype, rel = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 1e-4)
+    x, c, edge, node, k = make_inputs((2, 9, 12, 5, 3), dtype=dtype, device=device if backend == "triton" else "cpu")
+    with torch.inference_mode():
+        edge_inf = [t.clone() for t in edge]
+    node_ours, node_refs = leaves(node), [t.detach().double().requires_grad_(True) for t in node]
+    out = ace_kernels.ace_hypergraph(x, c, tuple(edge_inf), tuple(node_ours), topk=k, cls_only=cls_only,
+                                     backend=backend)
+    ref = oracle_hypergraph(x.double(), c.double(), [t.double() for t in edge], node_refs, k)
+    ref = ref[:, 0] if cls_only else ref
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
+    got = torch.autograd.grad((out * g.to(out.dtype)).sum(), node_ours)
+    want = torch.autograd.grad((ref * g).sum(), node_refs)
+    assert_close_scaled(out, ref, rel, "output")
+    for name, got_i, want_i in zip(PARAM_NAMES[6:], got, want):
+        assert_close_scaled(got_i, want_i, rel, f"grad {name}")
+
+
 def test_cls_only_equals_row_zero_of_full_output():
     x, c, edge, node, k = make_inputs(SHAPES["n33_d64"])
     full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
