@@ -171,6 +171,29 @@ def test_torch_non_contiguous_x():
     compare_with_oracle(case, (x_strided, weight, bias, lora_a, lora_b), "torch", rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_stride_zero_x_and_a_retained_graph_run_twice(backend, device):
+    """x broadcast over its rows (expand: stride 0, one token repeated; the kernels must not write
+    through it) gives the oracle's forward and gradients under dropout; a second backward through
+    the same graph (retain_graph=True) gives the first's gradients bit for bit (the saved masks,
+    or the seed, are read again and not consumed)."""
+    case = Case("qkv_expanded", "qkv", (6,), 20, 6, 4, dropout_p=0.3)
+    dtype, tol = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, TRITON_RTOL)
+    on = device if backend == "triton" else "cpu"
+    _, weight, bias, lora_a, lora_b = make_inputs(case, dtype, on)
+    token = torch.randn(1, case.in_features, dtype=dtype, device=on, requires_grad=True)
+    x = token.expand(6, case.in_features)
+    assert x.stride() == (0, 1)
+    compare_with_oracle(case, (x, weight, bias, lora_a, lora_b), backend, rtol=tol, atol=tol)
+    out = ace_kernels.lora_qkv_packed(x, weight, bias, lora_a, lora_b, scaling=0.5, dropout_p=0.3, training=True,
+                                      backend=backend)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype).to(on)
+    first = torch.autograd.grad(out, (token, lora_a, lora_b), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, (token, lora_a, lora_b), grad_out)
+    for name, a, b in zip(("x", "lora_a", "lora_b"), first, second):
+        assert torch.equal(a, b), name
+
+
 def test_torch_gradcheck_with_dropout():
     case = Case("gc", "qkv", (3,), 6, 4, 2, dropout_p=0.3)
     x, weight, bias, lora_a, lora_b = make_inputs(case)
