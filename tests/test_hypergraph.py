@@ -261,6 +261,33 @@ def test_a_frozen_edge_adapter_made_under_inference_mode_trains_the_node_adapter
         assert_close_scaled(got_i, want_i, rel, f"grad {name}")
 
 
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_stride_zero_tokens_and_a_retained_graph_run_twice(backend, cls_only, device):
+    # One sample broadcast over the batch (x and cls_attn expanded: batch stride 0) against the oracle, every
+    # input trained; then a second backward through the same graph (retain_graph=True) gives the first's
+    # gradients bit for bit: no backward may update what it saved in place.
+    dtype, rel = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 1e-4)
+    on = device if backend == "triton" else "cpu"
+    x, c, edge, node, k = make_inputs((1, 9, 12, 5, 3), dtype=dtype, device=on)
+    ours = leaves([x, c, *edge, *node])
+    refs = [t.detach().double().requires_grad_(True) for t in ours]
+    x_b, c_b = ours[0].expand(3, 9, 12), ours[1].expand(3, 8)
+    assert x_b.stride(0) == 0 and c_b.stride(0) == 0
+    out = ace_kernels.ace_hypergraph(x_b, c_b, tuple(ours[2:6]), tuple(ours[6:]), topk=k, cls_only=cls_only,
+                                     backend=backend)
+    ref = oracle_hypergraph(refs[0].expand(3, 9, 12), refs[1].expand(3, 8), refs[2:6], refs[6:], k)
+    ref = ref[:, 0] if cls_only else ref
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(ref.device)
+    first = torch.autograd.grad((out * g.to(out.dtype)).sum(), ours, retain_graph=True)
+    second = torch.autograd.grad((out * g.to(out.dtype)).sum(), ours)
+    want = torch.autograd.grad((ref * g).sum(), refs)
+    assert_close_scaled(out, ref, rel, "output")
+    for name, got_i, again, want_i in zip(PARAM_NAMES, first, second, want):
+        assert_close_scaled(got_i, want_i, rel, f"grad {name}")
+        assert torch.equal(got_i, again), f"second backward: grad {name}"
+
+
 def test_cls_only_equals_row_zero_of_full_output():
     x, c, edge, node, k = make_inputs(SHAPES["n33_d64"])
     full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend="torch")
