@@ -1750,7 +1750,8 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     Parameters
     ----------
     x : Tensor [B, N, D]
-        Token features, token 0 is CLS. float16, bfloat16, float32 or float64;
+        Token features, token 0 is CLS; B, N and D at least 1 (an empty batch is
+        refused, where ``lora_qkv`` takes zero rows). float16, bfloat16, float32 or float64;
         computed in float32 (float64 for float64 input), returned in ``x.dtype``.
         The triton and cuda backends read float16/bfloat16 ``x`` in its own dtype
         and convert in registers (no float32 copy of x is made or kept for the
