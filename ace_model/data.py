@@ -501,7 +501,25 @@ def make_synthetic_dataset(directory: str | os.PathLike, n: int, *, image_size: 
     classes : sequence of str
     name : str
         Basename of the CSV and of the image folder.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, when ``n`` or ``image_size`` is not an integer >= 1, ``seed``
+        not an integer >= 0 (NumPy's generator takes no other), ``classes`` not a sequence
+        of distinct non-empty names, or ``name`` empty or more than one path component.
     """
+    from ace_kernels._checks import check_positive_int
+
+    n = check_positive_int("n", n)
+    image_size = check_positive_int("image_size", image_size)
+    seed = check_positive_int("seed", seed, minimum=0)
+    if isinstance(classes, str) or not all(isinstance(c, str) and c.strip() for c in classes) or not classes:
+        raise ValueError(f"argument 'classes': expected a sequence of non-empty class names, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"argument 'classes': expected distinct class names, got {list(classes)!r}")
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+        raise ValueError(f"argument 'name': expected a plain file stem (no folder), got {name!r}")
     directory = Path(directory)
     image_dir = directory / name
     image_dir.mkdir(parents=True, exist_ok=True)

@@ -445,6 +445,24 @@ def test_the_synthetic_set_of_a_seed_is_the_same_every_time(tmp_path):
     assert other.keys() == first.keys() and other[Path("train.csv")] != first[Path("train.csv")]
 
 
+def test_synthetic_set_arguments_are_checked_naming_each_before_anything_is_written(tmp_path):
+    """make_synthetic_dataset (the README's own way to make data) wrote a CSV of no rows for n = 0 or -1 and a
+    '.csv' for name='', and failed inside NumPy ("expected non-negative integer": a negative seed), PIL ("cannot
+    write empty image": image_size = 0) or with a ZeroDivisionError (no classes): each is now a ValueError naming
+    its argument, raised before the folder is made."""
+    bad = [({"n": 0}, "n"), ({"n": -1}, "n"), ({"n": 2.5}, "n"), ({"image_size": 0}, "image_size"),
+           ({"seed": -1}, "seed"), ({"classes": ()}, "classes"), ({"classes": "edema"}, "classes"),
+           ({"classes": ("edema", "")}, "classes"), ({"classes": ("edema", "edema")}, "classes"),
+           ({"name": ""}, "name"), ({"name": "a/b"}, "name"), ({"name": ".."}, "name")]
+    for change, argument in bad:
+        arguments = {"n": 4, "image_size": 8, "seed": 0, "classes": SYNTHETIC_CLASSES, "name": "train", **change}
+        n = arguments.pop("n")
+        with pytest.raises(ValueError, match=rf"^argument '{argument}': expected"):
+            make_synthetic_dataset(tmp_path / "out", n, **arguments)
+    assert not (tmp_path / "out").exists()
+    assert make_synthetic_dataset(tmp_path / "out", 1, image_size=1, seed=0, classes=("edema",)).is_file()
+
+
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
     missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
