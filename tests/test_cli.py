@@ -463,6 +463,24 @@ def test_synthetic_set_arguments_are_checked_naming_each_before_anything_is_writ
     assert make_synthetic_dataset(tmp_path / "out", 1, image_size=1, seed=0, classes=("edema",)).is_file()
 
 
+def test_dataset_image_size_and_one_string_of_label_columns_are_named(tiny, synthetic):
+    """Both datasets took label_columns="edema" as the columns 'e', 'd', 'm', 'a' (an error listing letters as
+    missing columns), and an image_size of 0 or below (the text dataset silently read 0 as its default, 224)."""
+    from ace_model.data import CSVImageLabelDataset
+
+    makers = {"text": lambda **kw: CSVImageTextDataset(synthetic, tiny.tokenizer(), **kw),
+              "label": lambda image_size=32, label_columns=("edema",): CSVImageLabelDataset(synthetic, label_columns,
+                                                                                            image_size)}
+    for kind, make in makers.items():
+        with pytest.raises(ValueError, match=r"^argument 'label_columns': expected a sequence of column names, got "
+                                             r"the string 'edema' \(pass \['edema'\] for one column\)$"):
+            make(label_columns="edema")
+        for size in (0, -3, 2.5):
+            with pytest.raises(ValueError, match=rf"^argument 'image_size': expected an integer >= 1, got {size}$"):
+                make(image_size=size)
+        assert make(image_size=16, label_columns=["edema"]).labels.shape[1] == 1, kind
+
+
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
     missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
