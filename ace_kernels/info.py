@@ -79,10 +79,17 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    """Print :func:`report`. ``argv``: the command line's arguments (none besides ``-h``/``--help``; None, as a
+    caller in Python passes, reads none)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ace_kernels.info",
+                                     description="Say which backends can run on this machine, and why not.")
+    parser.parse_args([] if argv is None else argv)  # --help prints the usage; any other flag is an error
     print(report())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -129,6 +129,23 @@ def test_unknown_backend_argument_is_a_value_error(toy_op):
         _dispatch.select(toy_op, "cudnn", [torch.zeros(1)])
 
 
+def test_info_command_line_answers_help_and_refuses_unknown_flags(capsys):
+    """python -m ace_kernels.info ignored its arguments: --help printed the report instead of a usage, and a
+    misspelt flag passed silently with status 0."""
+    from ace_kernels import info
+
+    with pytest.raises(SystemExit) as exited:
+        info.main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m ace_kernels.info [-h]") and "auto tries" not in out
+    with pytest.raises(SystemExit) as exited:
+        info.main(["--bogus"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert info.main([]) == 0 and "auto tries, in order" in capsys.readouterr().out
+
+
 def test_info_reports_every_backend(capsys):
     from ace_kernels import info
 
