@@ -762,8 +762,10 @@ class TrainConfig:
     )
 
     def to_dict(self) -> dict:
-        """The fields as JSON types: NumPy numbers (which ``validate`` accepts) as Python's."""
-        d = {name: _plain_number(value) for name, value in dataclasses.asdict(self).items()}
+        """The fields as JSON types: NumPy numbers (which ``validate`` accepts) as Python's, and paths given
+        as ``os.PathLike`` (a ``pathlib.Path``, which ``make_synthetic_dataset`` returns) as strings."""
+        d = {name: os.fspath(value) if name in _PATH_FIELDS and isinstance(value, os.PathLike)
+             else _plain_number(value) for name, value in dataclasses.asdict(self).items()}
         d["betas"] = [_plain_number(b) for b in d["betas"]]
         return d
 
@@ -781,6 +783,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise a ``ValueError`` starting with ``TrainConfig.<field>:`` for the first bad field
         (the command line rewrites that prefix to the flag's name)."""
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if not (isinstance(value, (str, os.PathLike)) or (value is None and name != "out_dir")):
+                allowed = "a path (str or os.PathLike)" + (" or None" if name != "out_dir" else "")
+                raise ValueError(f"TrainConfig.{name}: expected {allowed}, got {type(value).__name__} {value!r}")
         for name in ("epochs", "batch_size", "keep_checkpoints", "checkpoint_every", "num_workers"):
             _check_integer(self, name)
         for name in ("chunk_size", "max_steps", "warmup_steps"):
@@ -845,6 +852,10 @@ class TrainConfig:
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
                              f"combined with chunk_size={self.chunk_size}")
+
+
+# The TrainConfig fields that name a file or folder: a str, an os.PathLike or (but out_dir) None.
+_PATH_FIELDS = ("csv", "image_root", "out_dir", "pretrained", "init_checkpoint", "resume")
 
 
 def _plain_number(value):

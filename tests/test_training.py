@@ -1434,6 +1434,23 @@ def test_a_crash_while_latest_is_written_leaves_the_previous_state_resumable(tmp
     assert result["resumed_from"].endswith("state-00000003.pt") and result["steps"] == 12
 
 
+def test_config_paths_may_be_path_objects_and_other_types_are_named(tmp_path):
+    """A pathlib.Path (what make_synthetic_dataset returns) as out_dir or csv passed validate() and then failed
+    deep in train(), after taking the out_dir lock, with "Object of type PosixPath is not JSON serializable"; and
+    out_dir=None or resume=5 ended in pathlib's TypeError. Paths are now taken as strings, other types named."""
+    model = make_model("standin")
+    result = train(_config(tmp_path, out_dir=tmp_path / "run", epochs=1), model=model,
+                   dataset=RandomPairs(model, 8), loss_fn=dense_label_infonce)
+    assert result["steps"] == 2 and result["out_dir"] == str(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["out_dir"] == str(tmp_path / "run")
+    assert TrainConfig(csv=tmp_path / "a.csv").to_dict()["csv"] == str(tmp_path / "a.csv")
+    for field, value, allowed in (("out_dir", None, "a path \\(str or os.PathLike\\)"),
+                                  ("resume", 5, "a path \\(str or os.PathLike\\) or None"),
+                                  ("csv", b"a.csv", "a path \\(str or os.PathLike\\) or None")):
+        with pytest.raises(ValueError, match=rf"^TrainConfig\.{field}: expected {allowed}, got "):
+            TrainConfig(**{field: value}).validate()
+
+
 def test_config_validation(tmp_path):
     model = make_model("standin")
     data = RandomPairs(model, 8)
