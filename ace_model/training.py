@@ -2517,7 +2517,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     measure = sub.add_parser("measure", help="one chunked step in this process; prints JSON")
     measure.add_argument("--batch", type=int, required=True)
     measure.add_argument("--chunk-size", type=int, default=None)
-    measure.add_argument("--model", default="tiny")
+    from ace_model.model import CONFIG_NAMES
+
+    measure.add_argument("--model", default="tiny", choices=CONFIG_NAMES)  # (another was a traceback, after torch)
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--threads", type=int, default=1)
     measure.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

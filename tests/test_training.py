@@ -2828,10 +2828,12 @@ def test_the_measuring_command_refuses_counts_below_one_naming_the_flag(flag, mo
     (["--device", "gpu"], "argument --device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     (["--device", "cuda:99"], "argument --device: 'cuda:99'"),
     (["--device", "cpu", "--precision", "bf16"], "argument --precision: 'bf16' autocast needs a CUDA device, got "
-                                                 "--device 'cpu'")])
+                                                 "--device 'cpu'"),
+    (["--model", "huge"], "argument --model: invalid choice: 'huge' (choose from 'biomedclip', 'tiny')")])
 def test_the_measuring_command_refuses_a_device_or_precision_it_cannot_run_before_building(flags, message,
                                                                                         monkeypatch, capsys):
-    # Each was a traceback from torch or the step, the last two after the model was built.
+    # Each was a traceback from torch or the step, the last two after the model was built (a --model that
+    # ACELoRA.from_config does not know: its ValueError's traceback).
     monkeypatch.setattr(training, "_measure_in_this_process", lambda *a: pytest.fail("measured"))
     with pytest.raises(SystemExit) as info:
         training._main(["measure", "--batch", "2", *flags])
