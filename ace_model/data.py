@@ -343,12 +343,12 @@ def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
     return 1.0 if value == 1.0 else 0.0
 
 
-def _check_dataset_arguments(image_size, label_columns) -> None:
-    """A dataset's ``image_size`` (an integer >= 1, or None where a default applies) and ``label_columns``
-    (a sequence of names: one string would be read as its characters, each a missing column)."""
+def _check_dataset_arguments(image_size, label_columns, *, size_optional: bool) -> None:
+    """A dataset's ``image_size`` (an integer >= 1, or None where ``size_optional``: a default applies) and
+    ``label_columns`` (a sequence of names: one string would be read as its characters, each a missing column)."""
     from ace_kernels._checks import check_positive_int
 
-    if image_size is not None:
+    if image_size is not None or not size_optional:
         check_positive_int("image_size", image_size)
     if isinstance(label_columns, (str, bytes)):
         raise ValueError(f"argument 'label_columns': expected a sequence of column names, got the string "
@@ -383,7 +383,7 @@ class CSVImageTextDataset(torch.utils.data.Dataset):
     def __init__(self, csv_path: str | os.PathLike, tokenizer, image_size: int | None = None, *,
                  image_column: str = "image", text_column: str = "text",
                  label_columns: Sequence[str] | None = None, image_root: str | os.PathLike | None = None):
-        _check_dataset_arguments(image_size, label_columns)
+        _check_dataset_arguments(image_size, label_columns, size_optional=True)
         self.csv_path = os.fspath(csv_path)
         self.tokenizer = tokenizer
         self.image_size = int(image_size or getattr(tokenizer, "image_size", None) or 224)
@@ -433,7 +433,7 @@ class CSVImageLabelDataset(torch.utils.data.Dataset):
 
     def __init__(self, csv_path: str | os.PathLike, label_columns: Sequence[str], image_size: int, *,
                  image_column: str = "image", image_root: str | os.PathLike | None = None):
-        _check_dataset_arguments(image_size if image_size is not None else 0, label_columns)
+        _check_dataset_arguments(image_size, label_columns, size_optional=False)
         self.csv_path = os.fspath(csv_path)
         self.image_size = int(image_size)
         self.label_columns = list(label_columns)

@@ -479,6 +479,9 @@ def test_dataset_image_size_and_one_string_of_label_columns_are_named(tiny, synt
             with pytest.raises(ValueError, match=rf"^argument 'image_size': expected an integer >= 1, got {size}$"):
                 make(image_size=size)
         assert make(image_size=16, label_columns=["edema"]).labels.shape[1] == 1, kind
+    # The label dataset has no default size (the text dataset takes the tokenizer's): None is named as it is.
+    with pytest.raises(ValueError, match=r"^argument 'image_size': expected an integer >= 1, got None$"):
+        makers["label"](image_size=None)
 
 
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
