@@ -235,7 +235,7 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     has fewer fields than the header or more non-empty ones (an empty surplus field, from a
     trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
     line (e.g. an unterminated quote); a file with no header (empty, or blank lines only).
-    Blank lines before the header are skipped.
+    Blank lines (empty, or spaces and tabs alone) before the header and among the rows are skipped.
     """
     csv_path = os.fspath(csv_path)
     if os.path.isdir(csv_path):
@@ -246,7 +246,7 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             # strict: an unterminated quote is an error, not a field that swallows the rest of the file.
             reader = csv.reader(handle, strict=True)
-            header = next((fields for fields in reader if fields), [])
+            header = next((fields for fields in reader if not _blank_record(fields)), [])
             if not header:
                 raise DataError(f"CSV file {csv_path!r} is empty, expected a header naming its columns "
                                 f"({', '.join(repr(c) for c in required) or 'any'}) and then rows")
@@ -270,7 +270,7 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
             rows = []
             number = 0
             for fields in reader:
-                if not fields:  # a blank line, skipped as csv.DictReader does
+                if _blank_record(fields):  # a blank line, skipped as csv.DictReader and pandas do
                     continue
                 number += 1
                 # Empty surplus fields (a trailing comma, or the column of a trailing comma
@@ -291,6 +291,13 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     if not rows:
         raise DataError(f"CSV file {csv_path!r} has a header but no rows")
     return header, rows
+
+
+def _blank_record(fields: list[str]) -> bool:
+    """A blank line: no field at all, or (spaces or tabs alone on the line) one field of whitespace,
+    which pandas.read_csv also skips; read as a header it would name no column, as a row it would
+    be one field short of every column."""
+    return not fields or (len(fields) == 1 and not fields[0].strip())
 
 
 def _near_names_hint(missing: Sequence[str], header: Sequence[str]) -> str:

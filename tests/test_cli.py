@@ -1584,6 +1584,19 @@ def test_blank_lines_between_and_after_rows_are_skipped_and_rows_keep_their_numb
         read_csv(ragged, ["image"])
 
 
+def test_lines_of_spaces_or_tabs_alone_are_blank_before_the_header_and_among_the_rows(tiny, synthetic, tmp_path):
+    """A line of whitespace alone is a blank line, as pandas (the reference's reader) skips it: before
+    the header it was read as a header naming no column, among the rows as a row of one field."""
+    image = str(synthetic.parent / "test" / "00000.png")
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text(f"  \n\t\nimage,text,edema\n{image},ok,1\n   \n{image},ok,0\n \t \n")
+    assert CSVImageTextDataset(spaced, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0]]
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text(f"image,text,edema\n{image},ok,1\n  \n{image},too few\n")
+    with pytest.raises(DataError, match=r"ragged.csv, row 2 \(line 4\): 2 field\(s\), expected 3"):
+        read_csv(ragged, ["image"])
+
+
 def test_an_image_too_large_to_decode_names_row_and_file(tiny, synthetic, tmp_path, monkeypatch):
     from PIL import Image
 
