@@ -231,7 +231,7 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
 
     Raises :class:`DataError` naming the file and: every missing required column; a column
     named twice; a column with an empty name that is not at the end of the header (its
-    position, from 1); the row (numbered from 1 after the header) and its file line when it
+    position, from 1); the row (numbered from 1 after the header) and its file line(s) when it
     has fewer fields than the header or more non-empty ones (an empty surplus field, from a
     trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
     line (e.g. an unterminated quote); a file with no header (empty, or blank lines only).
@@ -269,7 +269,9 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
                                 f"{_near_names_hint(missing, header)}")
             rows = []
             number = 0
+            last_line = reader.line_num  # a row starts on the line after the last one read
             for fields in reader:
+                first_line, last_line = last_line + 1, reader.line_num
                 if _blank_record(fields):  # a blank line, skipped as csv.DictReader and pandas do
                     continue
                 number += 1
@@ -280,7 +282,9 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
                     count = min(len(fields), len(header)) + len(surplus)
                     note = (f" (the header's {unnamed_tail} unnamed trailing column(s) must be empty)"
                             if surplus and unnamed_tail else "")
-                    raise DataError(f"{csv_path}, row {number} (line {reader.line_num}): {count} field(s), "
+                    # A quoted field (a report) may span lines: name them all, not the last alone.
+                    lines = f"line {last_line}" if first_line == last_line else f"lines {first_line}-{last_line}"
+                    raise DataError(f"{csv_path}, row {number} ({lines}): {count} field(s), "
                                     f"expected {len(header)}, one per column {header}{note}")
                 rows.append(dict(zip(header, fields)))
     except UnicodeDecodeError:

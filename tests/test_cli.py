@@ -581,6 +581,15 @@ def test_row_with_wrong_field_count_names_the_row(tiny, synthetic, tmp_path, fie
         CSVImageLabelDataset(path, ["edema"], tiny.image_size)
 
 
+def test_a_row_of_a_report_over_several_lines_names_the_lines_it_spans(tmp_path):
+    """A quoted report may run over several file lines; a row's field count error names the first of
+    them as well as the last, where the row starts rather than only where it ends."""
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('image,text,edema\nx.png,"one line",1\n\nx.png,"first\nsecond\nthird"\n')
+    with pytest.raises(DataError, match=r"ragged.csv, row 2 \(lines 4-6\): 2 field\(s\), expected 3"):
+        read_csv(ragged, ["image"])
+
+
 def test_trailing_comma_is_accepted_and_a_repeated_column_is_named(tiny, synthetic, tmp_path):
     image = str(synthetic.parent / "test" / "00000.png")
     trailing = tmp_path / "trailing.csv"
