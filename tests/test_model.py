@@ -478,6 +478,16 @@ def test_the_tokenizer_refuses_what_is_not_a_string(tiny_model):
     assert torch.equal(tok(t for t in ("edema", "no finding")), tok(["edema", "no finding"]))
 
 
+def test_the_tokenizer_pads_to_a_context_length_given_per_call_and_refuses_no_texts(tiny_model):
+    tok = tiny_model.tokenizer()
+    short = tok(["pleural effusion"], context_length=7)
+    assert short.shape == (1, 7) and torch.equal(short[0, :3], tok(["pleural effusion"])[0, :3])
+    assert tok(["pleural effusion"]).shape == (1, tiny_model.context_length)
+    for empty in ([], ()):  # no rows: an empty batch the model would fail on later, far from its cause
+        with pytest.raises(ValueError, match=r"^argument 'texts': expected a string or a non-empty sequence"):
+            tok(empty)
+
+
 def test_the_loss_runs_each_hypergraph_for_its_cls_output_only(tiny_model, monkeypatch):
     """Spec section 4: the loss needs only the CLS output, whose k+1-row shortcut is exact. An encoder that
     ran the full N-token hypergraph and took its row 0 gives the same loss, at O(N^2 D) work and memory per
