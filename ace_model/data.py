@@ -116,14 +116,24 @@ def _load_hf_tokenizer(directory: str):
     """``AutoTokenizer.from_pretrained(directory)``; a folder whose ``tokenizer_config.json`` names no
     ``tokenizer_class`` (or that has none: PubMedBERT's ``vocab.txt`` or ``tokenizer.json`` put beside
     BiomedCLIP's weights) is read as BERT's, the text towers' tokenizer. AutoTokenizer cannot tell
-    what a lone ``vocab.txt`` is, and makes a lone ``tokenizer.json`` a tokenizer without a padding token."""
+    what a lone ``vocab.txt`` is, and makes a lone ``tokenizer.json`` a tokenizer without a padding token.
+    A ``tokenizer_config.json`` that is not a JSON object is a ValueError naming it."""
     from transformers import AutoTokenizer
 
+    config = os.path.join(directory, "tokenizer_config.json")
     try:
-        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as handle:
-            named = bool(json.load(handle).get("tokenizer_class"))
-    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a JSON object
-        named = False
+        with open(config, encoding="utf-8") as handle:
+            settings = json.load(handle)
+    except (FileNotFoundError, NotADirectoryError):  # none (or no folder: AutoTokenizer names the problem)
+        settings = {}
+    except (OSError, ValueError) as exc:
+        # AutoTokenizer reads the same file and fails on it with a bare JSON error (or a TypeError
+        # for JSON that is not an object) that names no file.
+        raise ValueError(f"tokenizer config {config!r} cannot be read as JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"tokenizer config {config!r} is not a JSON object of tokenizer settings (it holds a "
+                         f"{type(settings).__name__})")
+    named = bool(settings.get("tokenizer_class"))
     return AutoTokenizer.from_pretrained(directory, **({} if named else {"tokenizer_type": "bert"}))
 
 

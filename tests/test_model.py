@@ -797,6 +797,23 @@ def test_a_vocabulary_file_alone_beside_the_weights_supplies_the_tokenizer(tmp_p
     assert ids.shape == (2, model.context_length)
 
 
+@pytest.mark.parametrize("config,problem", [('{"tokenizer_class": ', "cannot be read as JSON"),
+                                            ('["BertTokenizer"]', "is not a JSON object"),
+                                            (b'{"tokenizer_class": "Bert\xe9"}', "cannot be read as JSON")])
+def test_a_tokenizer_config_that_is_no_json_object_is_an_error_naming_it(tmp_path, config, problem):
+    # AutoTokenizer read it again and failed with a bare JSON error, or a TypeError, naming no file.
+    from ace_model.data import TextTokenizer
+
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "pneumothorax"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    path = tmp_path / "tokenizer_config.json"
+    path.write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(ValueError, match=rf"^tokenizer config '{re.escape(str(path))}' {problem}"):
+        TextTokenizer(tmp_path, 8)
+    path.unlink()  # none at all: read as BERT's, as before
+    assert TextTokenizer(tmp_path, 8)(["Pneumothorax"])[0, :3].tolist() == [101, 104, 102]
+
+
 def test_biomedclip_full_size_forward_and_backward():
     """One small step of the full architecture: 197 image tokens, 256 text tokens, 512-d."""
     torch.manual_seed(0)
