@@ -484,6 +484,26 @@ def test_dataset_image_size_and_one_string_of_label_columns_are_named(tiny, synt
         makers["label"](image_size=None)
 
 
+def test_each_synthetic_row_has_its_class_in_label_report_and_image_pattern(tmp_path):
+    """Row i is class i mod C: a one-hot label under the class's column, a report naming it, and an image with
+    the class's pattern (a bright central disc, horizontal stripes, vertical stripes, a dark top-left block)."""
+    from PIL import Image
+
+    classes = ("alpha", "beta", "gamma", "delta", "epsilon")
+    path = make_synthetic_dataset(tmp_path, 10, image_size=40, seed=3, classes=classes, name="demo")
+    header, *rows = list(csv.reader(open(path, newline="")))
+    assert path == tmp_path / "demo.csv" and header == ["image", "text", *classes]
+    for index, row in enumerate(rows):
+        assert row[0] == f"demo/{index:05d}.png" and classes[index % 5] in row[1], row
+        assert row[2:] == ["1" if j == index % 5 else "0" for j in range(5)], row
+    pixels = {index: np.asarray(Image.open(tmp_path / rows[index][0]), dtype=np.float64) for index in range(4)}
+    disc, horizontal, vertical, block = pixels[0], pixels[1], pixels[2], pixels[3]
+    assert disc[16:24, 16:24].mean() > disc[:6, :6].mean() + 60  # a bright disc about the centre
+    assert np.abs(np.diff(horizontal.mean(axis=1))).max() > 40 > np.abs(np.diff(horizontal.mean(axis=0))).max()
+    assert np.abs(np.diff(vertical.mean(axis=0))).max() > 40 > np.abs(np.diff(vertical.mean(axis=1))).max()
+    assert block[:10, :10].mean() < block[-10:, -10:].mean() - 40  # a dark top-left block
+
+
 def test_missing_and_unreadable_images_name_row_and_file(tiny, synthetic, tmp_path, capsys):
     missing = _write_csv(tmp_path / "missing.csv", ["image", "text", "edema"],
                          [[str(synthetic.parent / "test" / "00000.png"), "edema", 1], ["nowhere.png", "x", 0]])
