@@ -639,6 +639,11 @@ def test_trailing_empty_header_names_are_dropped_and_inner_ones_named(tiny, synt
     valued.write_text(f"image,text,edema,\n{image},fine,1,\n{image},fine,0,oops\n")
     with pytest.raises(DataError, match=r"valued.csv, row 2 \(line 3\): 4 field\(s\), expected 3.*unnamed trailing"):
         read_csv(valued, ["image"])
+    short = tmp_path / "short.csv"  # too few fields: the unnamed trailing columns are not what is wrong
+    short.write_text(f"image,text,edema,\n{image},fine\n")
+    with pytest.raises(DataError, match=r"short.csv, row 1 \(line 2\): 2 field\(s\), expected 3, one per column "
+                                        r"\['image', 'text', 'edema'\]$"):
+        read_csv(short, ["image"])
     inner = tmp_path / "inner.csv"
     inner.write_text(f"image,,edema\n{image},x,1\n")
     with pytest.raises(DataError, match=r"inner.csv': header column 2 has an empty name"):
