@@ -372,6 +372,19 @@ def test_csv_fingerprint_follows_the_rows_not_the_location(tiny, synthetic, tmp_
         assert CSVImageTextDataset(path, tiny.tokenizer()).fingerprint() != fingerprint, name
 
 
+def test_csv_fingerprint_of_known_rows_is_a_fixed_value(tmp_path):
+    """Resumed runs compare the fingerprint a state saved, maybe by an earlier version: a change in what is hashed
+    or how (the separators, the image path the CSV gives rather than where it was found) refuses every saved run.
+    The value is sha256 of json(label columns), then json([image name, text, labels]) + newline per row."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    rows = "image,text,edema,effusion\na.png,Small effusion.,1,-1\n a.png ,caf\u00e9,,1.0\n"
+    (tmp_path / "rows.csv").write_text(rows, encoding="utf-8")
+    dataset = CSVImageTextDataset(tmp_path / "rows.csv", None, 8)
+    assert dataset.fingerprint() == "fd35c20e93a458f11c0d27df084a7f6f173f64bed63f36e5e44933109145f916"
+
+
 def test_csv_missing_columns_are_named(tiny, tmp_path, capsys):
     bad = _write_csv(tmp_path / "bad.csv", ["path", "report"], [["a.png", "text"]])
     with pytest.raises(DataError, match=r"missing required column\(s\) 'image', 'text'"):
