@@ -1986,6 +1986,21 @@ def test_relative_image_paths_of_a_linked_csv_resolve_against_the_links_folder(s
         link.unlink()
 
 
+def test_a_relative_image_not_found_names_where_it_was_looked_for(tmp_path):
+    """A relative image name is looked for under image_root, else the CSV's folder: the error says where, as the
+    name alone does not tell which root was taken."""
+    from ace_model.data import CSVImageLabelDataset
+
+    path = _write_csv(tmp_path / "rows.csv", ["image", "text", "edema"], [["scans/a.png", "x", "1"]])
+    for root, dataset in ((tmp_path / "elsewhere", lambda: CSVImageLabelDataset(path, ["edema"], 32,
+                                                                               image_root=tmp_path / "elsewhere")),
+                          (tmp_path.resolve(), lambda: CSVImageTextDataset(path, None, 32))):
+        looked = re.escape(repr(str(root / "scans" / "a.png")))
+        with pytest.raises(DataError, match=rf"rows.csv, row 1: image file 'scans/a.png' not found "
+                                            rf"\(looked for {looked}\)$"):
+            dataset()
+
+
 def test_text_attention_is_recorded_by_train_and_followed_by_zero_shot(synthetic, tmp_path, capsys):
     """--text-attention reference-code (what the published code computed) is recorded in the weights
     train writes; zero-shot evaluates with it unless told otherwise, and says so when told otherwise."""
