@@ -753,6 +753,20 @@ def test_labels_pandas_reads_as_missing_count_as_negative(tiny, synthetic, tmp_p
     assert CSVImageTextDataset(path, tiny.tokenizer()).labels.tolist() == [[1.0] + [0.0] * len(cells)]
 
 
+
+def test_label_cells_padded_with_spaces_read_as_the_bare_value(tmp_path):
+    """A spreadsheet's aligned cells: ' NA ', ' nan' and blanks are missing (0), ' 1 ' and ' -1' their numbers;
+    the strip before the lookup matters, as float() takes ' 1 ' but not ' NA ' or '  '."""
+    from PIL import Image
+
+    from ace_model.data import CSVImageLabelDataset
+
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    cells = [" 1 ", " NA ", " nan", "   ", " -1", "\t1"]
+    path = _write_csv(tmp_path / "l.csv", ["image", *map(str, range(len(cells)))], [["a.png", *cells]])
+    assert CSVImageLabelDataset(path, list(map(str, range(len(cells)))), 8).labels.tolist() == \
+        [[1.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
+
 # ---------------------------------------------------------------------------------------
 # train: flags map onto TrainConfig (the loop itself is tested in test_training*)
 # ---------------------------------------------------------------------------------------
