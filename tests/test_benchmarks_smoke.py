@@ -3520,6 +3520,45 @@ def test_family_process_plumbing_at_its_edges(capsys):
     assert "KeyError: 'shape'" in capsys.readouterr().err
 
 
+def test_main_sets_the_suites_per_call_budget_compiled_baselines_and_a_family_processs_deadline(tmp_path,
+                                                                                                  monkeypatch):
+    """The suite that main() builds: 20 s per measurement on a full CPU run and 2 s with --quick (unless
+    --max-seconds-per-call says), compiled baselines on by default only for a full CPU run, and in a
+    family's process (--worker) a budget of what is left until --deadline-epoch; float32 on the CPU,
+    bfloat16 on a GPU."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    seen = {}
+    monkeypatch.setattr(suite_module, "_modules",
+                        lambda: {"lora": SimpleNamespace(run=lambda suite: seen.update(suite=suite))})
+
+    def suite_of(*options):
+        argv = ["--only", "lora", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "m", "--no-plot"]
+        assert suite_module.main([*argv, *options]) == 0
+        return seen.pop("suite")
+
+    full = suite_of("--in-process")
+    assert full.max_seconds_per_call == 20.0 and full.compile_baselines is True and full.deadline is None
+    assert full.dtype() == torch.float32
+    quick = suite_of("--in-process", "--quick")
+    assert quick.max_seconds_per_call == 2.0 and quick.compile_baselines is False
+    given = suite_of("--in-process", "--quick", "--max-seconds-per-call", "7", "--compile-baselines", "on")
+    assert given.max_seconds_per_call == 7.0 and given.compile_baselines is True
+    worker = suite_of("--worker", "lora", "--deadline-epoch", f"{time.time() + 100:.3f}")
+    assert 90 < worker.seconds_left() <= 100 and worker.isolation == "process per family"
+
+    class FakeGpuSuite(suite_module.Suite):
+        @property
+        def is_gpu(self):
+            return True
+
+    gpu = FakeGpuSuite(device=torch.device("cpu"), quick=True, json_path=None, png_path=None, time_budget_s=None,
+                       max_seconds_per_call=0.1, providers=["torch"], log=lambda _: None)
+    assert gpu.dtype() == torch.bfloat16
+
+
 def test_profile_ops_reports_a_failing_step_and_goes_on(monkeypatch, capsys):
     from benchmarks import profile_ops
 
