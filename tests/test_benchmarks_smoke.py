@@ -922,6 +922,38 @@ def test_a_family_process_killed_in_an_item_leaves_no_temp_dir(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
 
 
+def test_a_family_process_gets_the_runs_deadline_and_is_killed_grace_seconds_after_it(tmp_path, monkeypatch):
+    """A family's process is told the run's own deadline (not one grace later) and is killed ``grace``
+    seconds after it; the idle timeout counts from its last line of output, not from its start."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    told = []
+
+    def worker_command(*args, deadline_epoch, **kwargs):
+        told.append(None if deadline_epoch is None else deadline_epoch - time.time())
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(suite_module, "_worker_command", worker_command)
+
+    def run(deadline, grace, idle):
+        return suite_module._run_family_process(SimpleNamespace(deadline=deadline), "lora",
+                                                SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
+                                                per_call=1.0, providers=None, compile_baselines=False, grace=grace,
+                                                idle=idle)
+
+    script = "import time\ntime.sleep(60)\n"
+    status = run(time.monotonic() + 1.0, 2.0, 0)
+    assert status["outcome"] == "was killed 2 s after the run's time budget", status
+    assert 2.5 <= status["seconds"] < 30, status
+    assert told[0] == pytest.approx(1.0, abs=0.5)
+    # A line every 0.2 s for 3 s: never 1.5 s without output, so not taken for hung.
+    script = "import time\nfor _ in range(15):\n    print('.', flush=True)\n    time.sleep(0.2)\n"
+    status = run(None, 2.0, 1.5)
+    assert status["outcome"] == "ok" and status["seconds"] >= 3, status
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
