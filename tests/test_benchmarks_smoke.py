@@ -2964,6 +2964,22 @@ def test_out_of_time_once_the_deadline_has_passed():
     assert suite.out_of_time("b") and suite.skipped == ["b: skipped (the run's time budget is spent)"]
 
 
+def test_a_measurement_gets_the_suites_repetitions_and_its_own_time_cap(monkeypatch):
+    """Suite.measure asks the harness for at least 3 timed calls over 0.2 s with --quick, 5 over 1 s in a
+    full run, within the item's own max_seconds when it gives one, else the run's per-call cap."""
+    from benchmarks.harness import Measurement
+
+    asked = []
+    monkeypatch.setattr(harness, "measure", lambda fn, **kw: asked.append(kw) or Measurement(1.0, 1.0, 5))
+    quick = _suite("all")
+    quick.measure("a", lambda: None, [])
+    quick.measure("b", lambda: None, [], max_seconds=3.0)
+    quick.quick = False
+    quick.measure("c", lambda: None, [])
+    assert [(kw["min_reps"], kw["min_seconds"], kw["max_seconds"]) for kw in asked] == [
+        (3, 0.2, 0.1), (3, 0.2, 3.0), (5, 1.0, 0.1)]
+
+
 def test_a_probe_that_raises_keeps_the_provider_out_with_its_reason():
     """Any error of the correctness probe keeps the provider out: a RuntimeError of the call, a
     NotImplementedError, each with its reason among the skips."""
