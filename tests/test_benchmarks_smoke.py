@@ -3015,8 +3015,8 @@ def test_measure_checked_on_a_gpu_measures_only_providers_that_pass_their_check(
 
 
 def test_cpu_group_gives_each_entry_its_own_peak_and_logs_a_failing_one():
-    """Interleaved CPU measuring: each entry's peak memory is its own, and an entry whose memory
-    call fails is a skip with its reason while the others are measured."""
+    """Interleaved CPU measuring: each entry's peak memory is its own, an entry whose memory call
+    fails is a skip with its reason while the others are measured, and no gradient is left set."""
     suite = _suite("all")
 
     def allocating(mib):
@@ -3030,6 +3030,10 @@ def test_cpu_group_gives_each_entry_its_own_peak_and_logs_a_failing_one():
     assert measured["big"].peak_mib == pytest.approx(8.0, abs=0.5)
     assert measured["small"].peak_mib == pytest.approx(1.0, abs=0.5)
     assert suite.skipped == ["broken: skipped (ValueError: bad shape)"]
+    # The last timed call's gradients are not left behind, holding memory into the next configuration.
+    x = torch.ones(4, requires_grad=True)
+    assert set(suite.measure_group([("grad", lambda: (x * 2).sum().backward(), [x])])) == {"grad"}
+    assert x.grad is None
 
 
 def test_tiers_leave_out_whole_families():
