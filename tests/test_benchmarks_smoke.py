@@ -3546,14 +3546,24 @@ def test_gpu_suite_faults_outside_a_measurement_are_recorded(tmp_path, monkeypat
 
 
 def test_family_process_plumbing_at_its_edges(capsys):
-    """The worker command carries --providers; signal numbers without a name are named by number;
-    handlers are installed from the main thread only; a family that raises is a skip of it."""
+    """The worker command carries the run's options (--quick, --threads, --providers, the deadline);
+    signal numbers without a name are named by number; handlers are installed from the main thread
+    only; a family that raises is a skip of it."""
     from benchmarks import suite
 
     args = suite._parse(["--out-dir", "runs", "--quick"])
     command = suite._worker_command("lora", args, device=torch.device("cpu"), stem="s", per_call=1.0,
                                     providers=["torch", "triton"], compile_baselines=False, deadline_epoch=None)
     assert command[command.index("--providers") + 1] == "torch,triton"
+    assert "--quick" in command and "--threads" not in command and "--deadline-epoch" not in command
+    args = suite._parse(["--out-dir", "runs", "--threads", "2", "--tier", "cheap"])
+    command = suite._worker_command("lora", args, device=torch.device("cpu"), stem="s", per_call=20.0,
+                                    providers=None, compile_baselines=True, deadline_epoch=1234.5678)
+    assert "--quick" not in command and "--providers" not in command
+    assert {flag: command[command.index(flag) + 1] for flag in ("--threads", "--tier", "--compile-baselines",
+                                                                "--max-seconds-per-call", "--deadline-epoch")} == {
+        "--threads": "2", "--tier": "cheap", "--compile-baselines": "on", "--max-seconds-per-call": "20.0",
+        "--deadline-epoch": "1234.568"}
     assert suite._signal_name(9) == "SIGKILL" and suite._signal_name(99) == "signal 99"
     installed = []
     thread = threading.Thread(target=lambda: installed.append(suite._install_termination_handlers()))
