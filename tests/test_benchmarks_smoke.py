@@ -2980,6 +2980,34 @@ def test_a_measurement_gets_the_suites_repetitions_and_its_own_time_cap(monkeypa
         (3, 0.2, 0.1), (3, 0.2, 3.0), (5, 1.0, 0.1)]
 
 
+def test_a_compiled_baseline_is_built_only_when_compiled_baselines_are_on(monkeypatch):
+    """Off (--quick, a GPU, --compile-baselines off): no entry and nothing compiled. On: the entry
+    ``<label>+compile`` whose step finishes the compiled forward, run once beforehand (compile time
+    out of its measurement), the gradients it left cleared."""
+    compiled = []
+
+    def fake_compile(forward, dynamic):
+        compiled.append(dynamic)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x = torch.ones(3, requires_grad=True)
+    calls = []
+
+    def forward():
+        calls.append("forward")
+        return (x * 2).sum()
+
+    suite = _suite("all")
+    assert suite.compiled_entry("reference", forward, lambda out: out.backward(), [x]) is None
+    assert compiled == [] and calls == []
+    suite.compile_baselines = True
+    name, step, grads = suite.compiled_entry("reference", forward, lambda out: out.backward(), [x])
+    assert (name, grads, compiled, calls) == ("reference+compile", [x], [False], ["forward"]) and x.grad is None
+    step()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
 def test_a_probe_that_raises_keeps_the_provider_out_with_its_reason():
     """Any error of the correctness probe keeps the provider out: a RuntimeError of the call, a
     NotImplementedError, each with its reason among the skips."""
