@@ -954,6 +954,43 @@ def test_a_family_process_gets_the_runs_deadline_and_is_killed_grace_seconds_aft
     assert status["outcome"] == "ok" and status["seconds"] >= 3, status
 
 
+def test_the_termination_handler_kills_the_running_familys_group_and_is_undone_after_the_run(tmp_path,
+                                                                                              monkeypatch):
+    """While a family's process runs it is the one SIGTERM/SIGINT kill (``_WORKERS``); the handler kills
+    its group, puts the default handlers back (a second signal ends the suite at once) and raises
+    ``_Terminated``; once the run is over the handlers from before it are back."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    running, real_sleep = [], time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (running.append(list(suite_module._WORKERS)),
+                                                        real_sleep(seconds)))
+    status = _run_family_script(monkeypatch, tmp_path, "lora", "import time\ntime.sleep(1)\n")
+    monkeypatch.undo()
+    assert status["outcome"] == "ok" and running and all(len(workers) == 1 for workers in running), running
+    assert suite_module._WORKERS == []
+
+    killed = []
+    monkeypatch.setattr(suite_module, "_kill_group", killed.append)
+    monkeypatch.setattr(suite_module, "_WORKERS", ["the family's process"])
+    before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    previous = suite_module._install_termination_handlers()
+    try:
+        with pytest.raises(suite_module._Terminated) as stopped:
+            suite_module._on_termination(signal.SIGINT, None)
+        assert stopped.value.signum == signal.SIGINT and stopped.value.name == "SIGINT"
+        assert killed == ["the family's process"]
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": SimpleNamespace(run=lambda suite: None)})
+    assert suite_module.main(["--in-process", "--only", "lora", "--device", "cpu", "--out-dir", str(tmp_path),
+                              "--name", "h", "--no-plot"]) == 0
+    assert {number: signal.getsignal(number) for number in before} == before
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
