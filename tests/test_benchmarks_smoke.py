@@ -1023,6 +1023,12 @@ def test_family_state_passes_through_the_json_file(tmp_path):
     row = second.rows[0]
     assert row.wall_ms == 2.0 and row.metrics["launch_bound"] is True and row.metrics["wall_calls"] == 50
     assert row.metrics["min_ms"] == 0.9 and row.metrics["max_ms"] == 1.4 and row.metrics["iqr_ms"] == 0.1
+    # Each configuration's rows are in the file as soon as they are added (a run cut short keeps them).
+    first.add_rows(family="lora", op="lora_qkv", shape="s", dtype=torch.float32,
+                   ours={"torch": (Measurement(1.0, 1.0, 3), {})},
+                   baselines={"reference": (Measurement(2.0, 1.0, 3), {})})
+    assert [(r["provider"], r["baseline"]) for r in harness.load_rows(str(tmp_path / "s.json"))[1:]] == [
+        ("reference", None), ("torch", "reference")]
 
 
 def test_the_launch_bound_note_names_each_measurement_once(tmp_path, monkeypatch, capsys):
