@@ -456,6 +456,8 @@ def test_a_missed_target_fails_the_row_even_when_another_is_not_judged(tmp_path)
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--time-budget", "0"], "argument --time-budget: expected a positive number of seconds, got 0"),
+    (["--time-budget", "nan"], "argument --time-budget: expected a positive number of seconds, got nan"),
+    (["--family-grace", "inf"], "argument --family-grace: expected a number of seconds >= 0, got inf"),
     (["--max-seconds-per-call", "-1"], "argument --max-seconds-per-call: expected a positive number"),
     (["--family-idle-timeout", "-1"], "argument --family-idle-timeout: expected a number of seconds >= 0"),
     (["--threads", "0"], "argument --threads: expected >= 1, got 0"),
@@ -485,6 +487,9 @@ def test_out_dir_that_is_a_file_and_cuda_without_a_gpu_are_refused(tmp_path, cap
             suite._parse(argv)
         assert fragment in capsys.readouterr().err
     assert suite._parse(["--only", "lora", "--only", "lora", "--only", "model"]).only == ["lora", "model"]
+    # No grace and no idle timeout are values of their own (killed at the budget; never taken for hung).
+    zero = suite._parse(["--out-dir", str(tmp_path), "--family-grace", "0", "--family-idle-timeout", "0"])
+    assert zero.family_grace == zero.family_idle_timeout == 0.0
     # Not writable, or a kill time already past: refused before anything runs.
     for argv, fragment in ((["--out-dir", str(a_file / "sub")], "argument --out-dir: cannot write results into"),
                            (["--hard-deadline", "5"], "argument --hard-deadline: expected a kill time ahead"),
@@ -1555,6 +1560,9 @@ def test_hard_deadline_counts_the_start_up():
     assert run_budget(_parse(["--hard-limit", "200", "--hard-deadline", str(now + 280)]), now=now) == (155, 35)
     assert run_budget(_parse(["--time-budget", "100", "--hard-deadline", str(now + 280)]), now=now) == (100, 35)
     assert run_budget(_parse([]), now=now) == (None, None)
+    # A given --family-grace is kept when it fits in the margin, capped to the margin's when it does not.
+    assert run_budget(_parse(["--family-grace", "5", "--hard-limit", "280"]), now=now) == (235, 5)
+    assert run_budget(_parse(["--family-grace", "60", "--hard-limit", "280"]), now=now) == (235, 35)
 
 
 def test_costly_tier_runs_no_device_family():
@@ -2700,6 +2708,7 @@ def test_family_idle_timeouts():
     for family in ("model", "training", "contrastive_probe"):
         assert suite.family_idle_timeout(family, None, True) == 180.0
     assert suite.family_idle_timeout("lora", 300.0, True) == 300.0
+    assert suite.family_idle_timeout("lora", 0.0, True) == 0.0  # --family-idle-timeout 0: never, on a GPU too
     assert suite.family_idle_timeout("training", None, False) == 0.0
     assert set(suite.GPU_QUICK_FAMILIES) <= set(suite.WORKER_FAMILIES)
 
