@@ -45,6 +45,17 @@ def test_a_part_value_written_as_text_is_shown_as_it_is():
     assert scorecard._value({"text": ">=50% matmul peak", "value": 0.4567}) == "45.7%"
 
 
+def test_each_family_is_headed_by_its_issue_on_a_gpu_only():
+    """On a GPU a family's targets are one issue's (lora 3, hypergraph 4, the contrastive families 5,
+    model 6, training 7); on a CPU they are headed as CPU targets; a family of no issue by its name."""
+    families = ("lora", "hypergraph", "contrastive", "contrastive_probe", "distributed", "model", "training")
+    assert [scorecard._title(family, True).split(",")[0] for family in families] == [
+        "lora: issue 3", "hypergraph: issue 4", "contrastive: issue 5", "contrastive_probe: issue 5",
+        "distributed: issue 5", "model: issue 6", "training: issue 7"]
+    assert scorecard._title("training", False) == "training (CPU targets)"
+    assert scorecard._title("tuning", True) == "tuning" and scorecard._title("", True) == "rows without a family"
+
+
 def _gpu_payload(tmp_path):
     """A result file of a (fake) GPU run written by the suite's own row and save code: LoRA's
     frozen-base target missed, the InfoNCE rate missed, a met zero-shot row, a baseline row."""
