@@ -700,6 +700,7 @@ def test_tier_costly_skips_cheap_families(tmp_path):
     for expected in ("family lora: skipped (no costly items", "ace_lora_train_step: skipped (a cheap item",
                      "zero_shot_eval: skipped (a cheap item", "ace_lora_max_batch: skipped (GPU only"):
         assert expected in skipped, skipped
+    assert "\nnothing was measured (see 'skipped' above for why)\n" in proc.stdout, proc.stdout[-3000:]
 
 
 def _fake_step(limit, calls, per_sample_mib=10.0):
@@ -3169,6 +3170,7 @@ def test_the_summary_counts_met_missed_and_unjudged_targets(tmp_path, monkeypatc
 
     out = main(run, "a")
     assert "\ntargets: 1 of 2 met; 1 not judged" in out, out
+    assert "nothing was measured" not in out
     assert [r["target_pass"] for r in harness.load_rows(str(tmp_path / "a.json"))] == [True, False, None, None]
     out = main(lambda suite: suite.add_plain_row(family="lora", op="u", shape="s", dtype="float32", provider="torch",
                                                  measurement=Measurement(1.0, 1.0, 3), metrics={}, mode="fwd",
