@@ -997,6 +997,35 @@ def test_the_termination_handler_kills_the_running_familys_group_and_is_undone_a
     assert {number: signal.getsignal(number) for number in before} == before
 
 
+def test_a_killed_family_process_takes_its_children_with_it(tmp_path, monkeypatch):
+    """A family's process is killed with its whole process group: a child it started (a demo, a
+    distributed rank) does not outlive it."""
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+              "print('started', flush=True)\ntime.sleep(60)\n")
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    monkeypatch.setattr(suite_module, "_worker_command", lambda *a, **k: [sys.executable, "-c", script])
+    status = suite_module._run_family_process(SimpleNamespace(deadline=None), "model",
+                                              SimpleNamespace(out_dir=str(tmp_path)), device="cpu", stem="run",
+                                              per_call=1.0, providers=None, compile_baselines=False, grace=1.0,
+                                              idle=5)
+    child = int(pid_file.read_text())
+    try:
+        assert "without output" in status["outcome"], status
+        waited = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < waited:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
