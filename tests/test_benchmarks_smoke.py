@@ -1026,6 +1026,31 @@ def test_a_killed_family_process_takes_its_children_with_it(tmp_path, monkeypatc
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_suite_stopped_by_a_signal_starts_no_further_family(tmp_path, monkeypatch, capsys):
+    """SIGTERM/SIGINT during a family's process: that family's outcome says so, no later family is
+    started, and the run exits with 128 + the signal's number."""
+    from types import SimpleNamespace
+
+    from benchmarks import suite as suite_module
+
+    started = []
+
+    def run_family_process(suite, family, args, **kwargs):
+        started.append(family)
+        raise suite_module._Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(suite_module, "_run_family_process", run_family_process)
+    monkeypatch.setattr(suite_module, "_modules",
+                        lambda: {name: SimpleNamespace(run=None) for name in ("lora", "model")})
+    assert suite_module.main(["--only", "lora", "--only", "model", "--device", "cpu", "--out-dir", str(tmp_path),
+                              "--name", "t", "--no-plot"]) == 128 + signal.SIGTERM
+    assert started == ["lora"]
+    run = json.loads((tmp_path / "t.json").read_text())["run"]
+    assert run["families"]["lora"]["outcome"] == "was killed: the suite itself got SIGTERM" and "model" not in \
+        run["families"]
+    assert "SIGTERM: the suite stops" in capsys.readouterr().out
+
+
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
                               "--family-idle-timeout", "0"], tmp_path, "budget",
