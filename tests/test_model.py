@@ -1241,6 +1241,45 @@ def test_a_gated_attention_block_runs_as_timms(tiny_model):
     assert (tokens - ungated).abs().max() > 1e-3  # the gate is applied: the test is not vacuous
 
 
+def test_timms_optional_block_pieces_run_as_timms(tiny_model):
+    """The pieces of a timm ViT that the tiny and BiomedCLIP towers leave as identities (the pre-norm, q/k
+    norms, the attention output's norm, layer scales, the MLP's norm; an attention dropout, off in eval mode):
+    given weights, each is applied where timm applies it, so the image tokens equal timm's own forward of the
+    trunk (the LoRA factors B are zero)."""
+    from timm.layers import LayerScale
+
+    model = copy.deepcopy(tiny_model).double().eval()
+    trunk = model.vision_trunk
+    gen = torch.Generator().manual_seed(10)
+    images = torch.randn(2, 3, model.image_size, model.image_size, generator=gen, dtype=torch.float64)
+    plain, _ = model.image_tokens(images)
+
+    def norm(width):
+        layer = torch.nn.LayerNorm(width, dtype=torch.float64).requires_grad_(False)
+        layer.weight.copy_(1 + 0.5 * torch.randn(width, generator=gen, dtype=torch.float64))
+        layer.bias.copy_(0.5 * torch.randn(width, generator=gen, dtype=torch.float64))
+        return layer
+
+    def scale(width):
+        layer = LayerScale(width, init_values=1.0).double().requires_grad_(False)
+        layer.gamma.copy_(0.5 + torch.rand(width, generator=gen, dtype=torch.float64))
+        return layer
+
+    width = trunk.embed_dim
+    trunk.norm_pre = norm(width)
+    for block in trunk.blocks:
+        head_dim = width // block.attn.num_heads
+        block.attn.q_norm, block.attn.k_norm, block.attn.norm = norm(head_dim), norm(head_dim), norm(width)
+        block.ls1, block.ls2 = scale(width), scale(width)
+        block.mlp.norm = norm(block.mlp.fc1.out_features)
+        block.attn.attn_drop.p = 0.5  # in eval mode, as timm's: no draw
+    tokens, _ = model.image_tokens(images)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.clip.visual.head(trunk.forward_features(images)), dim=-1)
+    assert torch.allclose(tokens, expected, rtol=F64_RTOL, atol=1e-15)
+    assert (tokens - plain).abs().max() > 1e-2  # the pieces change the tokens: the test is not vacuous
+
+
 def test_loss_passes_the_group_and_forward_is_the_loss(tiny_model, monkeypatch):
     model = copy.deepcopy(tiny_model).eval()
     images, token_ids, labels = _batch(model, batch=3)
