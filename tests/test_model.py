@@ -609,6 +609,22 @@ def test_builder_without_open_clip_has_the_same_layout():
     assert {k: tuple(v.shape) for k, v in with_open_clip.items()} == {k: tuple(v.shape) for k, v in plain.items()}
 
 
+def test_the_open_clip_build_leaves_the_root_loggers_level_as_it_was():
+    """open_clip's warning about the local config's missing weights is silenced by raising the root logger's
+    level for the build only: the caller's level (INFO here) is restored, or its own log records would be
+    dropped for the rest of the process."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.INFO)
+        build_base_model("tiny", use_open_clip=True)
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(level)
+
+
 def test_a_broken_open_clip_falls_back_to_the_direct_build(monkeypatch):
     # An installed open_clip that cannot build the model (e.g. against an older timm, as a GPU
     # image with carried wheels may have): the default path warns and builds through timm +
