@@ -293,20 +293,25 @@ def test_reference_code_text_attention_is_the_published_codes(tiny_model):
     # attention probabilities (SDPA's dropout_p) and the attention output's dense layer.
     import torch.nn.functional as F
 
+    # Each draw at its own probability: the hidden ones at hidden_dropout_prob, the attention ones at
+    # attention_probs_dropout_prob (set apart here; the config has 0.1 for both).
     layers = len(model.text_lora)
     for variant, hidden_draws, attention_draws in (("reference-code", 1 + layers, 0), ("spec", 1 + 2 * layers, layers)):
         trained = copy.deepcopy(model)
         trained.text_attention = variant
+        trained.text_hidden_dropout, trained.text_attention_dropout = 0.2, 0.3
         for lora in trained.text_lora:
             lora.dropout_p = 0.0  # the LoRA branch's own dropout is not BERT's
         drawn = {"hidden": 0, "attention": 0}
         dropout, sdpa = F.dropout, F.scaled_dot_product_attention
 
         def counting_dropout(x, p=0.5, training=True, inplace=False):
+            assert p == 0.2 or not training, p
             drawn["hidden"] += int(training and p > 0)
             return dropout(x, p, training, inplace)
 
         def counting_sdpa(*args, dropout_p=0.0, **kwargs):
+            assert dropout_p in (0.0, 0.3), dropout_p
             drawn["attention"] += int(dropout_p > 0)
             return sdpa(*args, dropout_p=dropout_p, **kwargs)
 
