@@ -163,6 +163,7 @@ def test_encoders_name_bad_inputs(tiny_model):
     size, length = model.image_size, model.context_length
     ids = model.tokenizer()(["edema"])
     for bad, expected in ((torch.zeros(2, 3, size + 8, size), rf"expected shape \[B, 3, {size}, {size}\] with B >= 1"),
+                          (torch.zeros(2, 1, size, size), rf"expected shape \[B, 3, {size}, {size}\] .* got \[2, 1, "),
                           (torch.zeros(0, 3, size, size), r"expected shape .* with B >= 1, got \[0, "),
                           (torch.zeros(2, 3, size, size, dtype=torch.uint8), "expected preprocessed floating-point")):
         with pytest.raises(ValueError, match=rf"^argument 'images': {expected}"):
