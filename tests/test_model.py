@@ -470,6 +470,21 @@ def test_a_text_row_of_padding_only_attends_as_berts_own_forward(tiny_model, tex
     assert torch.allclose(tokens, want, rtol=0, atol=1e-10), (tokens - want).abs().amax(dim=(1, 2))
 
 
+def test_the_padding_masked_is_the_text_configs_pad_token(tiny_model):
+    """The padding the published code's row masks is the BERT config's pad_token_id (0 in both shipped configs):
+    with 5 in the config, the keys of id 5 get probability 0 and every other key keeps its share."""
+    base = copy.deepcopy(tiny_model.clip)
+    base.text.transformer.config.pad_token_id = 5
+    model = ACELoRA(base, "tiny", backend="torch", text_attention="reference-code").eval()
+    assert model.pad_token_id == 5
+    ids = model.tokenizer()(["edema"])
+    length = int((ids != 0).sum())
+    ids[ids == 0] = 5
+    with torch.no_grad():
+        _, row = model.text_tokens(ids)
+    assert row[0, length - 1:].eq(0).all() and row[0, :length - 1].gt(0).all()
+
+
 def test_the_tokenizer_refuses_what_is_not_a_string(tiny_model):
     # str() made a missing report (None, or pandas' NaN) the words "none" and "nan", a bytes text
     # its repr "b'...'", and a bytes object one row of digits per byte: each a wrong text, silently.
