@@ -226,6 +226,9 @@ def test_cast_frozen_weights_runs_under_autocast_only():
         with pytest.raises(RuntimeError, match=r"stored in torch.bfloat16 \(cast_frozen_weights\), so the model runs "
                                                r"only under torch.autocast\('cpu', dtype=torch.bfloat16\)"):
             encode(inputs)
+        # An autocast of the other 16-bit dtype would round the bf16 weights to float16 at every use.
+        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(RuntimeError, match=r"stored in torch.bfloat16"):
+            encode(inputs)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = model.encode_image(images), model.encode_text(token_ids)
     for g, w in zip(got, want):
