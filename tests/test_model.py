@@ -556,6 +556,12 @@ def test_lora_init_and_logit_multiplier(tiny_model):
     assert model.logit_scale.requires_grad and not model.clip.logit_scale.requires_grad
 
 
+def test_the_rank_and_lora_dropout_given_reach_every_layer():
+    model = ACELoRA(build_base_model("tiny", use_open_clip=False), "tiny", rank=2, lora_dropout=0.25)
+    for lora in list(model.image_lora) + list(model.text_lora):
+        assert lora.rank == 2 and lora.lora_a.shape[1] == 2 and lora.dropout_p == 0.25
+
+
 def test_trainable_modules_materialised_from_meta_have_the_construction_init():
     """Deferred init: ACELoRA built on the meta device, its frozen base given its weights (a state
     dict), then its own modules materialised as FSDP1 does by default (to_empty, then
