@@ -612,6 +612,7 @@ def test_encoders_shapes_and_normalisation(tiny_model):
         image = model.encode_image(images.float())
         text = model.encode_text(token_ids)
         image_all = model.encode_image(images.float(), all_tokens=True)
+        text_all = model.encode_text(token_ids, all_tokens=True)
     assert image.shape == (2, model.embed_dim) and text.shape == (2, model.embed_dim)
     assert torch.allclose(image.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -619,6 +620,8 @@ def test_encoders_shapes_and_normalisation(tiny_model):
     assert image_all.shape == (2, tokens, model.embed_dim)
     # cls_only is exact: token 0 of the full output is the CLS embedding (fp32 sums).
     assert torch.allclose(image_all[:, 0], image, atol=1e-5)
+    assert text_all.shape == (2, model.context_length, model.embed_dim)
+    assert torch.allclose(text_all[:, 0], text, atol=1e-5)
     # int32 ids (what a tokenizer other than ours, or an int32 data pipeline, gives) are the same text.
     with torch.no_grad():
         assert torch.equal(model.encode_text(token_ids.to(torch.int32)), text)
