@@ -642,6 +642,20 @@ def test_builder_without_open_clip_has_the_same_layout():
     assert {k: tuple(v.shape) for k, v in with_open_clip.items()} == {k: tuple(v.shape) for k, v in plain.items()}
 
 
+def test_builder_without_open_clip_computes_as_open_clips_towers():
+    # The same layout is not enough: the direct build's modules (the text MLP projection's activation, say) run
+    # the same functions too, so one set of weights gives the same embeddings and loss through either base.
+    bases = [build_base_model("tiny", use_open_clip=flag) for flag in (True, False)]
+    bases[1].load_state_dict(bases[0].state_dict())
+    losses = []
+    for base in bases:
+        torch.manual_seed(0)
+        model = ACELoRA(base, "tiny", backend="torch").double().eval()
+        with torch.no_grad():
+            losses.append(model.loss(*_batch(model, batch=3)))
+    assert torch.allclose(losses[0], losses[1], rtol=F64_RTOL, atol=0), losses
+
+
 def test_the_open_clip_build_leaves_the_root_loggers_level_as_it_was():
     """open_clip's warning about the local config's missing weights is silenced by raising the root logger's
     level for the build only: the caller's level (INFO here) is restored, or its own log records would be
