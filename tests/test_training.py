@@ -196,10 +196,17 @@ def test_chunk_size_of_batch_or_more_is_the_one_pass_step(chunk, dropout):
     images, token_ids, labels = make_batch(model, 6, seed=4)
     want_loss, want_grads, want_rng = _one_pass_reference(model, images, token_ids, labels, seed=9,
                                                           chunk_bounds=[(0, 6)])
+    calls = []
+    for tower in ("encode_image", "encode_text"):
+        encode = getattr(model, tower)
+        setattr(model, tower, lambda x, encode=encode: calls.append(len(x)) or encode(x))
     got_loss, got_grads, got_rng = _chunked(model, images, token_ids, labels, seed=9, chunk_size=chunk)
     torch.testing.assert_close(got_loss, want_loss, rtol=RTOL, atol=ATOL)
     _assert_grads_close(got_grads, want_grads)
     assert torch.equal(got_rng, want_rng)
+    # One pass indeed: each tower runs once on the whole batch (not a first pass and its replay), and the
+    # loss comes back detached, as the docstring says.
+    assert calls == [6, 6] and not got_loss.requires_grad
 
 
 def test_another_chunk_size_draws_other_masks_with_dropout():
