@@ -350,7 +350,8 @@ def test_train_loop_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
     # lr of step k (1-based) is lr * factor(k - 1): warm-up over the first epoch, then cosine.
     for r in records:
         assert math.isclose(r["lr"], 1e-2 * cosine_with_warmup(r["step"] - 1, 4, 12), rel_tol=1e-9)
-    assert records[-1]["epoch"] == 2
+    # Each line's epoch is its step's (0-based, 4 steps each).
+    assert [r["epoch"] for r in records] == [(r["step"] - 1) // 4 for r in records]
 
     ckpt = tmp_path / "run" / "checkpoints"
     latest = json.loads((ckpt / "latest").read_text())
@@ -366,6 +367,12 @@ def test_train_loop_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(state["trainable"][name], p.detach())
+    # A line's logit_scale is the multiplier itself (spec section 1: not its log) after its step's update,
+    # as the state of that step holds it.
+    for step in (8, 12):
+        saved = load_state(ckpt / f"state-{step:08d}.pt")["trainable"]["logit_scale"]
+        assert records[step - 1]["logit_scale"] == saved.item()
+    assert records[7]["logit_scale"] != records[6]["logit_scale"]  # it is learned
     final = torch.load(result["reference"], weights_only=True)
     assert torch.equal(final["logit_scale"], model.logit_scale.detach())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 4
