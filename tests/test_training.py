@@ -429,6 +429,11 @@ def test_train_data_order_is_a_seeded_permutation_per_epoch(tmp_path):
     train(_config(tmp_path, out_dir=str(tmp_path / "again"), epochs=2, batch_size=4, checkpoint_every=0),
           model=make_model("standin"), dataset=again, loss_fn=dense_label_infonce)
     assert again.seen == data.seen  # the order comes from the seed alone
+    # From the run's seed, not a fixed one: another seed, another order (the same model and data).
+    other = _RecordingPairs(make_model("standin"), 12, seed=0)
+    train(_config(tmp_path, out_dir=str(tmp_path / "other"), epochs=2, batch_size=4, checkpoint_every=0, seed=4),
+          model=make_model("standin"), dataset=other, loss_fn=dense_label_infonce)
+    assert sorted(other.seen[:12]) == list(range(12)) and other.seen[:12] != data.seen[:12]
 
 
 class _AugmentingPairs(RandomPairs):
