@@ -436,6 +436,22 @@ def test_train_data_order_is_a_seeded_permutation_per_epoch(tmp_path):
     assert sorted(other.seen[:12]) == list(range(12)) and other.seen[:12] != data.seen[:12]
 
 
+def test_a_model_passed_in_eval_mode_is_trained_in_train_mode(tmp_path):
+    """train() puts the model it is given in train mode: one left in eval mode by its caller (loaded
+    and evaluated first, say) would otherwise train without its dropout, silently. Its losses are
+    those of the same model passed in train mode, and they differ from a run without dropout."""
+    def losses(out, mode, dropout=0.3):
+        model = make_model("standin", seed=3, dropout=dropout).train(mode)
+        config = _config(tmp_path, out_dir=str(tmp_path / out), max_steps=4, warmup_steps=1, checkpoint_every=0)
+        result = train(config, model=model, dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+        assert model.training
+        return [r["loss"] for r in read_metrics(result["metrics"])]
+
+    in_train_mode = losses("train", True)
+    assert losses("eval", False) == in_train_mode
+    assert losses("no_dropout", True, dropout=0.0) != in_train_mode  # the dropout is drawn in these steps
+
+
 class _AugmentingPairs(RandomPairs):
     """RandomPairs drawing one random number per item (as an augmentation would), logged to a file:
     in a loader worker, the draw happens in another process."""
