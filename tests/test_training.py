@@ -407,6 +407,19 @@ def test_a_run_is_adamw_with_its_settings_on_the_cosine_schedule_step_by_step(tm
     assert moved
 
 
+@pytest.mark.parametrize("max_steps,steps", [(6, 6), (50, 12)])
+def test_max_steps_caps_the_run_and_the_cosine_spans_the_capped_run(tmp_path, max_steps, steps):
+    """TrainConfig.max_steps caps the run's 3 epochs of 4 steps, and the cosine decays over the steps the run
+    takes (the capped count, not the epochs'); a cap above the epochs' steps changes nothing."""
+    model = make_model("standin", seed=3)
+    result = train(_config(tmp_path, max_steps=max_steps, warmup_steps=2, checkpoint_every=0), model=model,
+                   dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+    records = read_metrics(result["metrics"])
+    assert result["steps"] == steps and [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:
+        assert math.isclose(r["lr"], 1e-2 * cosine_with_warmup(r["step"] - 1, 2, steps), rel_tol=1e-9), r
+
+
 class _RecordingPairs(RandomPairs):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
