@@ -282,6 +282,8 @@ def test_cosine_with_warmup_schedule():
         assert math.isclose(factors[s], (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2, rel_tol=1e-12)
     assert cosine_with_warmup(0, 0, 5) == 1.0  # no warm-up starts at the full rate
     assert cosine_with_warmup(total, warmup, total) == 0.0
+    # Past the end it stays at 0 (an uncapped cosine would climb back towards the full rate).
+    assert [cosine_with_warmup(s, warmup, total) for s in (total + 1, total + 5, 2 * total)] == [0.0, 0.0, 0.0]
 
 
 def _config(tmp_path, **overrides):
