@@ -802,6 +802,8 @@ def test_train_flags_map_to_train_config(synthetic, tmp_path, monkeypatch):
     paper = dict(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), warmup_epochs=1.0, epochs=40, batch_size=64, seed=1,
                  model="biomedclip", use_labels=True)
     assert {field: getattr(defaults, field) for field in paper} == paper
+    # The spec names no eps: TrainConfig keeps AdamW's own (torch's default).
+    assert defaults.eps == 1e-8 == torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults["eps"]
 
 
 def test_missing_pretrained_path_is_named(synthetic, capsys):
