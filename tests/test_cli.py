@@ -797,6 +797,10 @@ def test_train_flags_map_to_train_config(synthetic, tmp_path, monkeypatch):
     # The CLI's defaults are the paper's recipe, the same as TrainConfig's.
     for field in ("lr", "weight_decay", "epochs", "batch_size", "warmup_epochs", "seed", "model"):
         assert getattr(config, field) == getattr(defaults, field), field
+    # Every other field with a flag too: the CLI writes its own defaults, which must not drift from TrainConfig's
+    # (a TrainConfig whose precision, loss scope or kept checkpoints changed alone would give API runs another run).
+    flagged = set(cli._TRAIN_FLAGS.values()) - {"csv"}
+    assert {f: getattr(config, f) for f in flagged} == {f: getattr(defaults, f) for f in flagged}
     # And those are the paper's (spec section 6): AdamW lr 1e-3, weight decay 1e-2, betas
     # 0.9/0.999, one epoch of cosine warm-up, 40 epochs, 64 samples per loss, seed 1.
     paper = dict(lr=1e-3, weight_decay=1e-2, betas=(0.9, 0.999), warmup_epochs=1.0, epochs=40, batch_size=64, seed=1,
