@@ -2131,6 +2131,8 @@ def test_resuming_a_finished_run_writes_its_final_weights(tmp_path):
     again = train(_config(tmp_path, epochs=2, checkpoint_every=2, resume="auto"), model=make_model("standin"),
                   dataset=data, loss_fn=dense_label_infonce)
     assert again["steps"] == first["steps"] and again["reference"] == str(final)
+    # Its summary's final loss is the last step's, which the state keeps for this case.
+    assert again["final_loss"] == first["final_loss"] == read_metrics(first["metrics"])[-1]["loss"]
     got = torch.load(final, weights_only=True)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
