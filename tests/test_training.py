@@ -1745,10 +1745,11 @@ def test_a_state_written_before_run_ids_resumes_and_reads_back(tmp_path):
     with pytest.raises(RuntimeError):
         train(_config(tmp_path, max_steps=6), model=make_model("standin", seed=3), dataset=data, loss_fn=_failing_at(5))
     run = tmp_path / "run"
-    # As the code before run ids wrote them: no id in the state, latest or the metrics lines.
+    # As the code before run ids wrote them: no id in the state, latest or the metrics lines, and no segment
+    # (segments came later still; left in, the resume line's from_segment finds the history without the id).
     state_path = run / "checkpoints" / "state-00000004.pt"
     state = torch.load(state_path, weights_only=True)
-    del state["run_id"]
+    del state["run_id"], state["segment"]
     torch.save(state, state_path)
     latest = json.loads((run / "checkpoints" / "latest").read_text())
     del latest["run"]
@@ -1756,6 +1757,7 @@ def test_a_state_written_before_run_ids_resumes_and_reads_back(tmp_path):
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
         line.pop("run", None)
+        line.pop("segment", None)
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     first_four = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     train(_config(tmp_path, max_steps=6, resume="auto"), model=make_model("standin", seed=3), dataset=data,
