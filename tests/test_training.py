@@ -346,6 +346,7 @@ def test_train_loop_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
 
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == list(range(1, 13))
+    assert result["final_loss"] == records[-1]["loss"] != records[0]["loss"]  # the last step's
     assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
     # The logged gradient norm is that of every gradient the optimizer applies (each trainable's, logit_scale's too).
     assert [r["grad_norm"] for r in records] == pytest.approx(_NormRecordingAdamW.norms, rel=1e-6)
