@@ -645,9 +645,11 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, *, 
         return f"tensors on several devices {sorted(str(d) for d in devices)}"
     cast = _library.autocast_dtype(x)
     if cast is None:
-        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-            # F.linear would raise; let the original forward raise its own error.
+        # F.linear would raise; let the original forward raise its own error.
+        if weight.dtype != x.dtype:
             return f"input dtype {x.dtype} differs from the weight's {weight.dtype}"
+        if bias is not None and bias.dtype != x.dtype:
+            return f"input dtype {x.dtype} differs from the bias's {bias.dtype}"
         if lora_matmul and (lora_a.dtype != x.dtype or lora_b.dtype != x.dtype):
             return f"input dtype {x.dtype} differs from the LoRA weights' {lora_a.dtype}/{lora_b.dtype}"
         compute = x.dtype

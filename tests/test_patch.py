@@ -628,6 +628,11 @@ def _reference_lora_to(dtype):
     return change
 
 
+def _peft_bias_to_float32(model):
+    base = _peft_layer(model).base_layer
+    base.bias = nn.Parameter(base.bias.detach().float())
+
+
 def _peft_fp32_lora_without_input_casting(model):
     # peft.helpers.disable_input_dtype_casting's switch: the layer's x then meets its float32 lora_A as it is.
     layer = _peft_layer(model)
@@ -689,6 +694,9 @@ _PER_CALL_CASES = {
                              "lora_linear"),
     "peft-dropout-p=1": (_peft_single, _set_peft_dropout(nn.Dropout(1.0)), torch.float64, None, "dropout p = 1"),
     "peft-float32-input": (_peft_single, None, torch.float32, None, "input dtype torch.float32 differs"),
+    # F.linear refuses a bias in another dtype than x and the weight.
+    "peft-float32-bias": (_peft_single, _peft_bias_to_float32, torch.float64, None,
+                          "input dtype torch.float64 differs from the bias's torch.float32"),
     "reference-hooked-dropout": (lambda: _reference_single(0.1), _hook_reference_dropout, torch.float64, None,
                                  "hooks (or a replaced forward)"),
     "reference-dropout-in-eval": (lambda: _reference_single(0.5), lambda m: m.dropout.eval(), torch.float64, None,
