@@ -628,6 +628,11 @@ def _reference_lora_to(dtype):
     return change
 
 
+def _reference_lora_b_to_float32(layer):
+    # w_lora_A stays in x's dtype: the second matmul alone refuses the pair.
+    layer.w_lora_B = nn.Parameter(layer.w_lora_B.detach().float())
+
+
 def _peft_bias_to_float32(model):
     base = _peft_layer(model).base_layer
     base.bias = nn.Parameter(base.bias.detach().float())
@@ -717,6 +722,9 @@ _PER_CALL_CASES = {
     # The reference multiplies by w_lora_A/B with matmul, which refuses mixed dtypes (PEFT casts x to theirs).
     "reference-float32-lora-float64-input": (lambda: _reference_single(0.0), _reference_lora_to(torch.float32),
                                              torch.float64, None, "differs from the LoRA weights'"),
+    "reference-float32-lora_B-float64-input": (lambda: _reference_single(0.0), _reference_lora_b_to_float32,
+                                               torch.float64, None,
+                                               "differs from the LoRA weights' torch.float64/torch.float32"),
     "peft-float32-lora-without-input-casting": (_peft_single, _peft_fp32_lora_without_input_casting, torch.float64,
                                                 None, "differs from the LoRA weights'"),
     "reference-float64-lora-under-autocast": (lambda: _reference_single(0.0).float(),
