@@ -633,9 +633,11 @@ def _reference_lora_b_to_float32(layer):
     layer.w_lora_B = nn.Parameter(layer.w_lora_B.detach().float())
 
 
-def _peft_bias_to_float32(model):
-    base = _peft_layer(model).base_layer
-    base.bias = nn.Parameter(base.bias.detach().float())
+def _peft_bias_to(dtype):
+    def change(model):
+        base = _peft_layer(model).base_layer
+        base.bias = nn.Parameter(base.bias.detach().to(dtype))
+    return change
 
 
 def _peft_fp32_lora_without_input_casting(model):
@@ -700,7 +702,7 @@ _PER_CALL_CASES = {
     "peft-dropout-p=1": (_peft_single, _set_peft_dropout(nn.Dropout(1.0)), torch.float64, None, "dropout p = 1"),
     "peft-float32-input": (_peft_single, None, torch.float32, None, "input dtype torch.float32 differs"),
     # F.linear refuses a bias in another dtype than x and the weight.
-    "peft-float32-bias": (_peft_single, _peft_bias_to_float32, torch.float64, None,
+    "peft-float32-bias": (_peft_single, _peft_bias_to(torch.float32), torch.float64, None,
                           "input dtype torch.float64 differs from the bias's torch.float32"),
     "reference-hooked-dropout": (lambda: _reference_single(0.1), _hook_reference_dropout, torch.float64, None,
                                  "hooks (or a replaced forward)"),
@@ -717,6 +719,8 @@ _PER_CALL_CASES = {
     # F.linear under autocast casts float32/16 operands only: a float64 weight beside them is refused.
     "peft-float64-weight-under-autocast": (_peft_single, None, torch.float32, _bf16_autocast,
                                            "torch.float64 weight under autocast"),
+    "peft-float64-bias-under-autocast": (lambda: _peft_single().float(), _peft_bias_to(torch.float64), torch.float32,
+                                         _bf16_autocast, "torch.float64 weight under autocast"),
     "reference-float64-weight-under-autocast": (lambda: _reference_single(0.0), None, torch.float32, _bf16_autocast,
                                                 "torch.float64 weight under autocast"),
     # The reference multiplies by w_lora_A/B with matmul, which refuses mixed dtypes (PEFT casts x to theirs).
