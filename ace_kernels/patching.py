@@ -657,7 +657,8 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, *, 
         return "float64 input under autocast"
     else:
         # Autocast casts float32/16 operands only: F.linear (and a matmul) refuses a float64 one beside them.
-        for what, tensors in (("weight", (weight, bias)), ("LoRA weight", (lora_a, lora_b) if lora_matmul else ())):
+        for what, tensors in (("weight", (weight,)), ("bias", (bias,)),
+                              ("LoRA weight", (lora_a, lora_b) if lora_matmul else ())):
             odd = next((t.dtype for t in tensors if t is not None and t.dtype not in _AUTOCAST_CASTS), None)
             if odd is not None:
                 return f"{odd} {what} under autocast"

@@ -720,7 +720,7 @@ _PER_CALL_CASES = {
     "peft-float64-weight-under-autocast": (_peft_single, None, torch.float32, _bf16_autocast,
                                            "torch.float64 weight under autocast"),
     "peft-float64-bias-under-autocast": (lambda: _peft_single().float(), _peft_bias_to(torch.float64), torch.float32,
-                                         _bf16_autocast, "torch.float64 weight under autocast"),
+                                         _bf16_autocast, "torch.float64 bias under autocast"),
     "reference-float64-weight-under-autocast": (lambda: _reference_single(0.0), None, torch.float32, _bf16_autocast,
                                                 "torch.float64 weight under autocast"),
     # The reference multiplies by w_lora_A/B with matmul, which refuses mixed dtypes (PEFT casts x to theirs).
