@@ -3297,6 +3297,26 @@ def test_extra_forward_arguments_of_a_reference_layer_run_its_own_forward():
         assert handle.stats() == {"fallback reference-lora-linear: extra forward arguments": 1}
 
 
+def test_an_extra_positional_argument_of_a_peft_layer_runs_its_own_forward():
+    """PEFT's lora.Linear hands extra positional arguments on to its base layer: such a call runs PEFT's
+    forward (here the base nn.Linear refusing the argument), never a fused call that would drop it."""
+    layer = _peft_layer(_peft_single())
+    x = torch.randn(3, 8, dtype=torch.float64)
+
+    def call():
+        try:
+            return layer(x, 2.0)
+        except TypeError as exc:
+            return exc
+
+    want = call()
+    assert isinstance(want, TypeError)
+    with ace_kernels.patch(layer) as handle:
+        got = call()
+        assert handle.stats() == {"fallback peft-lora-linear: extra forward arguments (positional)": 1}
+    assert type(got) is TypeError and str(got) == str(want)
+
+
 class _ThreeDOnlyLoRA(ReferenceLoRALinear):
     def forward(self, x):
         batch, tokens, width = x.shape  # a [3, in] probe cannot be unpacked
