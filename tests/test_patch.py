@@ -3297,6 +3297,27 @@ def test_extra_forward_arguments_of_a_reference_layer_run_its_own_forward():
         assert handle.stats() == {"fallback reference-lora-linear: extra forward arguments": 1}
 
 
+def test_a_peft_lora_variant_other_than_dora_falls_back():
+    """PEFT's LoRA variants besides DoRA are named in its lora_variant dict only (use_dora stays False): KaSA
+    scales the rank-r intermediate by its lora_diag, which the fused call would drop. Such a layer is recorded
+    as falling back and runs PEFT's forward, with its output and gradients."""
+    kasa = getattr(pytest.importorskip("peft.tuners.lora.config"), "KasaConfig", None)
+    if kasa is None:
+        pytest.skip("this PEFT has no KaSA variant")
+    torch.manual_seed(0)
+    model = _randomise_lora(get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(
+        r=2, target_modules=["0"], kasa_config=kasa())).double()).train()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    with ace_kernels.patch(model) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [("fallback", "a LoRA variant (DoRA or similar) "
+                                                                              "is active")]
+        after = _forward_backward(model, run, (x,))
+        assert handle.stats() == {"fallback peft-lora-linear: a LoRA variant (DoRA or similar) is active": 1}
+    _assert_same(before, after, dict(rtol=0, atol=0))
+
+
 def test_an_extra_positional_argument_of_a_peft_layer_runs_its_own_forward():
     """PEFT's lora.Linear hands extra positional arguments on to its base layer: such a call runs PEFT's
     forward (here the base nn.Linear refusing the argument), never a fused call that would drop it."""
