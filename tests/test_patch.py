@@ -408,6 +408,21 @@ def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
     _assert_same(before, after)
 
 
+def test_qkv_members_that_differ_in_scaling_alone_are_recorded_as_single_layers():
+    """A key with its own lora_alpha (alpha_pattern) has query's and value's rank and dropout but another
+    scaling, which one lora_qkv call cannot take: the members are recorded, and run, as single lora_linear
+    layers saying why (a group record would list a lora_qkv call that none of their calls makes)."""
+    model = _bert(alpha_pattern={"key": 3}).eval()
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    before = _forward_backward(model, _run_bert, (embeds,))
+    with ace_kernels.patch(model) as handle:
+        assert [r.reason for r in handle.records] == [
+            "-> lora_linear (q/k/v not grouped: members differ in rank, scaling or dropout)"] * 6
+        after = _forward_backward(model, _run_bert, (embeds,))
+        assert handle.stats() == {"lora_linear": 6}, handle.stats()
+    _assert_same(before, after)
+
+
 class _AttentionBlock(nn.Module):
     """nn.MultiheadAttention, then a linear (open_clip's residual block, reduced)."""
 
