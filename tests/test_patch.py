@@ -672,6 +672,13 @@ def _hook_reference_dropout(layer):
     layer.dropout.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
 
 
+def _reference_eval_unmerged(layer):
+    # nn.Module's own train(False) (the reference's merges B A into the weight), then the dropout alone back in
+    # training: the reference applies its dropout only while the layer itself trains, so no mask is drawn.
+    nn.Module.train(layer, False)
+    layer.dropout.train()
+
+
 def _peft_layer(model):
     return model.base_model.model[0]
 
@@ -723,6 +730,8 @@ _PER_CALL_CASES = {
                                  "hooks (or a replaced forward)"),
     "reference-dropout-in-eval": (lambda: _reference_single(0.5), lambda m: m.dropout.eval(), torch.float64, None,
                                   "lora_linear"),
+    "reference-layer-in-eval-dropout-in-training": (lambda: _reference_single(0.5), _reference_eval_unmerged,
+                                                    torch.float64, None, "lora_linear"),
     "peft-lora_A-subclass": (_peft_single, _doubled_lora_a, torch.float64, None,
                              "lora_A/lora_B are _DoubledLinear/Linear, not nn.Linear"),
     "peft-tensor-scaling": (_peft_single, _tensor_scaling, torch.float64, None, "scaling is not a number"),
