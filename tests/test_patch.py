@@ -2273,6 +2273,18 @@ def test_patched_training_model_without_dropout_never_merges(device):
         assert handle.stats() == {"lora_qkv": 4, "qkv cached": 8}
     assert torch.equal(first, second)
 
+    # The reference layout without dropout (dropout=None) likewise: its layers' own mode reaches the op.
+    torch.manual_seed(0)
+    attention = _randomise_lora(ReferenceAttention(32, 4)).train().to(device)
+    for layer in (attention.q_proj, attention.k_proj, attention.v_proj):
+        layer.bias.requires_grad_(False)  # the Triton kernels take a frozen base layer
+    with ace_kernels.patch(attention, backend="triton") as handle:
+        with torch.no_grad():
+            first = attention(embeds)
+        second = attention(embeds).detach()
+        assert handle.stats() == {"lora_qkv": 2, "qkv cached": 4}
+    assert torch.equal(first, second)
+
 
 # ----------------------------------------------------------------------------------------
 # What is never patched: wrappers already on the instance, look-alikes that compute otherwise
