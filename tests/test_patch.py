@@ -728,6 +728,9 @@ _PER_CALL_CASES = {
                           "input dtype torch.float64 differs from the bias's torch.float32"),
     "reference-hooked-dropout": (lambda: _reference_single(0.1), _hook_reference_dropout, torch.float64, None,
                                  "hooks (or a replaced forward)"),
+    # Global module hooks fire for the reference's dropout sub-layer too (its masks then come from its own call).
+    "reference-global-module-hook": (lambda: _reference_single(0.1), None, torch.float64, _global_linear_hook,
+                                     "hooks (or a replaced forward)"),
     "reference-dropout-in-eval": (lambda: _reference_single(0.5), lambda m: m.dropout.eval(), torch.float64, None,
                                   "lora_linear"),
     "reference-layer-in-eval-dropout-in-training": (lambda: _reference_single(0.5), _reference_eval_unmerged,
