@@ -2349,6 +2349,14 @@ def test_reference_look_alikes_that_compute_otherwise_are_skipped():
             assert [(r.status, r.reason) for r in handle.records] == [
                 ("skipped", "its forward does not compute x W^T + b + s (x A^T) B^T (a probe differs)")]
             assert "forward" not in layer.__dict__
+    # Patched in eval mode (merged: s B A folded into the weight), the probe runs on an unmerged copy; the layer is
+    # left as it was, and a later train() runs its own forward.
+    merged = DoubledLoRA(6, 5, r=2).double().eval()
+    weight = merged.weight.detach().clone()
+    with ace_kernels.patch(merged) as handle:
+        assert [(r.status, r.reason) for r in handle.records] == [
+            ("skipped", "its forward does not compute x W^T + b + s (x A^T) B^T (a probe differs)")]
+        assert merged.merged and torch.equal(merged.weight, weight)
     plain = ReferenceLoRALinear(6, 5, r=2).double()
     rng_before = torch.random.get_rng_state()
     with ace_kernels.patch(plain) as handle:
