@@ -3446,6 +3446,11 @@ def _peft_fan_in_fan_out():
 
 
 # name: (build, the record's status, its reason)
+class _HalvingDropout(nn.Dropout):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
 _REFERENCE_LAYER_RECORDS = {
     "fan_in_fan_out": (_changed_reference(lambda layer: setattr(layer, "fan_in_fan_out", True)), "skipped",
                        "fan_in_fan_out=True"),
@@ -3457,6 +3462,9 @@ _REFERENCE_LAYER_RECORDS = {
         "w_lora_A [3, 8] / w_lora_B [8, 2] do not match weight [8, 8] and r=2"),
     "AlphaDropout": (_changed_reference(lambda layer: setattr(layer, "dropout", nn.AlphaDropout(0.1))), "skipped",
                      "dropout is AlphaDropout"),
+    # A subclass of nn.Dropout may compute otherwise; the probe, with dropout off, would not see it.
+    "nn.Dropout subclass": (_changed_reference(lambda layer: setattr(layer, "dropout", _HalvingDropout(0.1))),
+                            "skipped", "dropout is _HalvingDropout"),
     "no bias": (lambda: _randomise_lora(ReferenceLoRALinear(8, 8, r=2, bias=False).double()), "patched",
                 "-> lora_linear"),
     "forward fails on the probe": (lambda: _ThreeDOnlyLoRA(8, 8, r=2).double(), "skipped",
