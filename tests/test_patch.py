@@ -1341,6 +1341,22 @@ def test_cross_attention_inputs_and_call_order():
         _assert_same(before, second)
 
 
+def test_a_member_called_with_extra_arguments_never_gets_a_kept_output():
+    """Inside the attention's forward, key called with adapter_names= (PEFT's mixed-batch inference: the first
+    sample through the base layer alone) after query's grouped call runs PEFT's forward with them, never the
+    output query's call kept for a plain call of key."""
+    model = _bert().eval()
+    layer = model.base_model.model.encoder.layer[0].attention.self
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    names = ["__base__", "default"]
+    want = layer.query(x), layer.key(x, adapter_names=names), layer.value(x)
+    with ace_kernels.patch(model) as handle:
+        got = _inside(layer, lambda a: (layer.query(a), layer.key(a, adapter_names=names), layer.value(a)), x)
+        assert handle.stats()["fallback peft-lora-linear: extra forward arguments (adapter_names)"] == 1
+    for out, expected in zip(got, want):
+        torch.testing.assert_close(out, expected, **FP64_TOL)
+
+
 def test_in_place_change_of_input_invalidates_kept_outputs():
     """Inside the attention's forward (where q/k/v group), what changes between two member calls
     must invalidate the outputs kept by the first: an in-place change of the input (its version
