@@ -1481,6 +1481,33 @@ def test_members_whose_dropout_modes_differ_are_not_grouped():
     assert not torch.allclose(k, no_dropout(attention.k_proj)) and not torch.allclose(v, no_dropout(attention.v_proj))
 
 
+def test_a_qkv_triple_of_two_lora_layouts_patches_each_member_on_its_own():
+    """A q_proj that is PEFT's LoRA layer beside a reference k_proj and v_proj is no group (one fused call reads
+    one layout): each member is patched as a single layer of its own kind, and the step equals the unpatched one."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = get_peft_model(nn.Sequential(nn.Linear(16, 16)), LoraConfig(
+                r=2, target_modules=["0"])).base_model.model[0]
+            self.k_proj, self.v_proj = ReferenceLoRALinear(16, 16, r=2), ReferenceLoRALinear(16, 16, r=2)
+
+        def forward(self, x):
+            return self.q_proj(x) * self.k_proj(x) + self.v_proj(x)
+
+    torch.manual_seed(0)
+    module = _randomise_lora(Mixed().double()).train()
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(module, run, (x,))
+    with ace_kernels.patch(module) as handle:
+        assert [(r.name, r.kind, r.status) for r in handle.records] == [
+            ("q_proj", "peft-lora-linear", "patched"), ("k_proj", "reference-lora-linear", "patched"),
+            ("v_proj", "reference-lora-linear", "patched")]
+        after = _forward_backward(module, run, (x,))
+        assert handle.stats() == {"lora_linear": 3}, handle.stats()
+    _assert_same(before, after)
+
+
 def test_a_member_shared_by_two_attentions_is_claimed_by_the_first_group_only():
     """A LoRA layer in two attentions' q/k/v triples (a shared q_proj) belongs to the first one's group: the
     second attention's other members are patched one by one, the shared layer is not patched again, and
