@@ -1357,6 +1357,28 @@ def test_a_member_called_with_extra_arguments_never_gets_a_kept_output():
         torch.testing.assert_close(out, expected, **FP64_TOL)
 
 
+def test_a_member_called_under_no_grad_never_gets_a_kept_output_with_a_graph():
+    """k_proj called under torch.no_grad() inside its attention's forward, after q_proj's grouped call made
+    with grad: it computes its own projection, without a graph, as its unpatched call does (not the output
+    kept from the call with grad, which would carry a graph into a no-grad region)."""
+    torch.manual_seed(0)
+    attention = _randomise_lora(ReferenceAttention(16, 4).double()).train()
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+
+    def members(a):
+        q = attention.q_proj(a)
+        with torch.no_grad():
+            k = attention.k_proj(a)
+        return q, k, attention.v_proj(a)
+
+    want = members(x)
+    with ace_kernels.patch(attention):
+        got = _inside(attention, members, x)
+    assert [t.requires_grad for t in got] == [t.requires_grad for t in want] == [True, False, True]
+    for out, expected in zip(got, want):
+        torch.testing.assert_close(out, expected, **FP64_TOL)
+
+
 def test_in_place_change_of_input_invalidates_kept_outputs():
     """Inside the attention's forward (where q/k/v group), what changes between two member calls
     must invalidate the outputs kept by the first: an in-place change of the input (its version
