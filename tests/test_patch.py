@@ -410,9 +410,9 @@ def test_qkv_triples_that_cannot_group_are_recorded_as_single_layers():
 
 def test_qkv_members_that_differ_in_scaling_alone_are_recorded_as_single_layers():
     """A key with its own lora_alpha (alpha_pattern; a reference k_proj with its own scaling) has query's and
-    value's rank and dropout but another scaling, which one lora_qkv call cannot take: the members are recorded,
-    and run, as single lora_linear layers saying why (a group record would list a lora_qkv call that none of
-    their calls makes)."""
+    value's rank and dropout but another scaling, which one lora_qkv call cannot take (nor a reference v_proj's
+    own dropout p): the members are recorded, and run, as single lora_linear layers saying why (a group record
+    would list a lora_qkv call that none of their calls makes)."""
     model = _bert(alpha_pattern={"key": 3}).eval()
     embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     before = _forward_backward(model, _run_bert, (embeds,))
@@ -423,19 +423,27 @@ def test_qkv_members_that_differ_in_scaling_alone_are_recorded_as_single_layers(
         assert handle.stats() == {"lora_linear": 6}, handle.stats()
     _assert_same(before, after)
 
-    # The reference layout: k_proj's scaling set on its own.
-    attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double()).train()
-    attention.k_proj.scaling = 0.9
-    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-    run = lambda m, a: m(a)  # noqa: E731
-    before = _forward_backward(attention, run, (x,))
-    with ace_kernels.patch(attention) as handle:
-        assert [(r.name, r.reason) for r in handle.records] == [
-            (name, "-> lora_linear (q/k/v not grouped: members differ in rank, scaling or dropout)")
-            for name in ("q_proj", "k_proj", "v_proj")]
-        after = _forward_backward(attention, run, (x,))
-        assert handle.stats() == {"lora_linear": 3}, handle.stats()
-    _assert_same(before, after)
+    # The reference layout: k_proj's scaling set on its own; or v_proj's dropout p (in eval: no mask drawn, but
+    # one fused call takes one p).
+    def set_k_scaling(attention):
+        attention.k_proj.scaling = 0.9
+
+    def set_v_dropout(attention):
+        attention.v_proj.dropout = nn.Dropout(0.3).eval()
+
+    for change in (set_k_scaling, set_v_dropout):
+        attention = _randomise_lora(ReferenceAttention(16, 2, r=2).double()).train()
+        change(attention)
+        x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+        run = lambda m, a: m(a)  # noqa: E731
+        before = _forward_backward(attention, run, (x,))
+        with ace_kernels.patch(attention) as handle:
+            assert [(r.name, r.reason) for r in handle.records] == [
+                (name, "-> lora_linear (q/k/v not grouped: members differ in rank, scaling or dropout)")
+                for name in ("q_proj", "k_proj", "v_proj")]
+            after = _forward_backward(attention, run, (x,))
+            assert handle.stats() == {"lora_linear": 3}, handle.stats()
+        _assert_same(before, after)
 
 
 class _AttentionBlock(nn.Module):
