@@ -1815,6 +1815,10 @@ def test_reference_labels_compare_as_numpys_equality():
     ]
     dates = np.array(["2024-01-01", "NaT", "2024-01-01", "NaT"], dtype="datetime64[ns]")
     frames.append(np.stack([dates, dates, dates], axis=1))  # NaT equals nothing, not even NaT
+    # A NaT in one label column of two: rows 0 and 1 agree in every other cell and still match nothing.
+    first = np.array(["2024-01-01", "2024-01-01", "2024-01-02", "2024-01-02"], dtype="datetime64[ns]")
+    second = np.array(["NaT", "NaT", "2024-01-03", "2024-01-03"], dtype="datetime64[ns]")
+    frames.append(np.stack([first, first, first, second], axis=1))
     for table in frames:
         frame = FakeFrame(table)
         expected = loss_module(image, text, frame, [0, 1, 2, 3])
