@@ -676,7 +676,7 @@ def _operands(x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, *, 
 def _run_lora_linear(handle, x, ops: _LoraOperands):
     from ace_kernels.lora import lora_linear
 
-    # The op itself runs with autocast off (its operands are already in the compute dtype).
+    # lora_linear turns autocast off around its own work; the operands are already in the compute dtype.
     x_in = x if x.dtype == ops.compute_dtype else x.to(ops.compute_dtype)
     return lora_linear(x_in, ops.weight, ops.bias, ops.lora_a, ops.lora_b, scaling=ops.scaling,
                        dropout_p=ops.dropout_p, training=ops.training, backend=handle.backend_for("lora_linear"))
