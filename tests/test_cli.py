@@ -1638,28 +1638,18 @@ def test_unterminated_quote_and_blank_lines_before_the_header(tiny, synthetic, t
     assert len(CSVImageTextDataset(blank, tiny.tokenizer())) == 1
 
 
-def test_blank_lines_between_and_after_rows_are_skipped_and_rows_keep_their_numbers(tiny, synthetic, tmp_path):
-    """Blank lines among and after the rows (an editor's or a concatenation's) are no rows, as
-    csv.DictReader skips them; an error's row number counts rows, its line number file lines."""
-    image = str(synthetic.parent / "test" / "00000.png")
-    blank = tmp_path / "blank.csv"
-    blank.write_text(f"image,text,edema\n{image},ok,1\n\n{image},ok,0\n\n\n")
-    assert CSVImageTextDataset(blank, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0]]
-    ragged = tmp_path / "ragged.csv"
-    ragged.write_text(f"image,text,edema\n{image},ok,1\n\n{image},too few\n\n")
-    with pytest.raises(DataError, match=r"ragged.csv, row 2 \(line 4\): 2 field\(s\), expected 3"):
-        read_csv(ragged, ["image"])
-
-
-def test_lines_of_spaces_or_tabs_alone_are_blank_before_the_header_and_among_the_rows(tiny, synthetic, tmp_path):
-    """A line of whitespace alone is a blank line, as pandas (the reference's reader) skips it: before
-    the header it was read as a header naming no column, among the rows as a row of one field."""
+@pytest.mark.parametrize("blank", ["", "   ", " \t "], ids=["empty", "spaces", "spaces_and_a_tab"])
+def test_blank_lines_around_the_rows_are_skipped_and_rows_keep_their_numbers(blank, tiny, synthetic, tmp_path):
+    """Blank lines before the header, among and after the rows (an editor's or a concatenation's) are no rows,
+    as csv.DictReader and pandas (the reference's reader) skip them; so is a line of spaces or tabs alone (it
+    was read as a header naming no column, among the rows as a row of one field). An error's row number
+    counts rows, its line number file lines."""
     image = str(synthetic.parent / "test" / "00000.png")
     spaced = tmp_path / "spaced.csv"
-    spaced.write_text(f"  \n\t\nimage,text,edema\n{image},ok,1\n   \n{image},ok,0\n \t \n")
+    spaced.write_text(f"{blank}\n{blank}\nimage,text,edema\n{image},ok,1\n{blank}\n{image},ok,0\n{blank}\n{blank}\n")
     assert CSVImageTextDataset(spaced, tiny.tokenizer()).labels.tolist() == [[1.0], [0.0]]
     ragged = tmp_path / "ragged.csv"
-    ragged.write_text(f"image,text,edema\n{image},ok,1\n  \n{image},too few\n")
+    ragged.write_text(f"image,text,edema\n{image},ok,1\n{blank}\n{image},too few\n{blank}\n")
     with pytest.raises(DataError, match=r"ragged.csv, row 2 \(line 4\): 2 field\(s\), expected 3"):
         read_csv(ragged, ["image"])
 
