@@ -731,11 +731,19 @@ def _parametrize_peft_base(model):
     parametrize.register_parametrization(_peft_layer(model).base_layer, "weight", Halve())
 
 
+# A subclass of nn.Dropout may compute otherwise; the probe, with dropout off, would not see it.
+class _HalvingDropout(nn.Dropout):
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
 # name: (build, change after building, input dtype, a context around both calls, what the handle shows)
 _PER_CALL_CASES = {
     "peft-global-module-hook": (_peft_single, None, torch.float64, _global_linear_hook, "global module hooks"),
     "peft-AlphaDropout": (_peft_single, _set_peft_dropout(nn.AlphaDropout(0.5)), torch.float64, None,
                           "dropout is AlphaDropout"),
+    "peft-nn.Dropout-subclass": (_peft_single, _set_peft_dropout(_HalvingDropout(0.5)), torch.float64, None,
+                                 "dropout is _HalvingDropout"),
     "peft-lora_bias": (lambda: _peft_single(lora_bias=True), None, torch.float64, None, "lora_bias=True"),
     "peft-nn.Linear-subclass": (lambda: _randomise_lora(get_peft_model(nn.Sequential(_DoubledLinear(8, 8)), LoraConfig(
         r=2, target_modules=["0"])).double()), None, torch.float64, None, "base layer is _DoubledLinear"),
@@ -3523,11 +3531,6 @@ def _peft_fan_in_fan_out():
 
 
 # name: (build, the record's status, its reason)
-class _HalvingDropout(nn.Dropout):
-    def forward(self, x):
-        return 0.5 * super().forward(x)
-
-
 _REFERENCE_LAYER_RECORDS = {
     "fan_in_fan_out": (_changed_reference(lambda layer: setattr(layer, "fan_in_fan_out", True)), "skipped",
                        "fan_in_fan_out=True"),
