@@ -3312,8 +3312,10 @@ def test_layers_called_by_keyword_and_broadcast_attention_rows_run_as_unpatched(
     _assert_same(want, got, FP64_TOL)
 
     _, loss_fn, _, _, _ = _reference_setup()
-    features = torch.randn(2, 6, 20, dtype=torch.float64)
-    for shape in ((1, 5), (5,)):
+    # The reference broadcasts a [1, N-1] or [N-1] row over the batch; the last case has B = N - 1, where a
+    # check of the batch size alone would take the 1-D row for [B, N-1] rows.
+    for batch, shape in ((2, (1, 5)), (2, (5,)), (5, (5,))):
+        features = torch.randn(batch, 6, 20, dtype=torch.float64)
         row = torch.rand(shape, dtype=torch.float64)
         want = loss_fn.apply_ace_hgat(features, row, encoder="img")
         with ace_kernels.patch(loss_fn) as handle:
