@@ -54,7 +54,8 @@ def check_tensor(
             )
     if min_ndim is not None and value.dim() < min_ndim:
         raise ValueError(
-            f"argument '{name}': expected at least {min_ndim} dimensions, got shape {_fmt_shape(value.shape)}"
+            f"argument '{name}': expected at least {min_ndim} dimension{'' if min_ndim == 1 else 's'}, got "
+            f"{value.dim()}-D with shape {_fmt_shape(value.shape)}"
         )
     if shape is not None:
         ok = value.dim() == len(shape) and all(

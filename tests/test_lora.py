@@ -521,7 +521,7 @@ def _good(op):
 ERROR_CASES = [
     # (name, op, argument index or kwarg, replacement factory, message fragment)
     ("x_not_tensor", "linear", 0, lambda t: t.tolist(), "argument 'x'"),
-    ("x_0d", "linear", 0, lambda t: t[0, 0], "argument 'x'"),
+    ("x_0d", "linear", 0, lambda t: t[0, 0], r"^argument 'x': expected at least 1 dimension, got 0-D with shape \[\]$"),
     ("x_int", "linear", 0, lambda t: t.to(torch.int64), "argument 'x'"),
     ("weight_1d", "linear", 1, lambda t: t[0], "argument 'weight'"),
     ("weight_in_mismatch", "linear", 1, lambda t: t[:, :9],
