@@ -93,9 +93,9 @@ test-gpu-image: $(STAMP_GPU)
 		ACE_KERNELS_FORCE_CUDA=1 CFLAGS=-g0 $(VENV_GPU)/bin/python setup.py -q build_ext --inplace \
 			--build-temp build/gpu-image/temp >build/gpu-image.log 2>&1 \
 			|| { tail -n 40 build/gpu-image.log; exit 1; }; \
-		PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
+		PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
 	else echo "no nvcc: the extension build against torch 2.11 is not checked"; fi
-	PYTHONPATH=$(CURDIR) $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_WORKERS) \
+	PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_WORKERS) \
 		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
 		tests/test_compile.py tests/test_precision.py
 

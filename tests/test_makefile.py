@@ -172,3 +172,35 @@ def test_the_gpu_image_target_forces_the_extension_build():
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stdout.splitlines()
             if "ACE_KERNELS_FORCE_CUDA=1 " in line and " setup.py -q build_ext --inplace" in line], out.stdout
+
+
+# A venv's python that runs nothing: it writes the PYTHONPATH it was given and its arguments to the log.
+FAKE_VENV_PYTHON = """#!/bin/sh
+printf '%s|%s\\n' "$PYTHONPATH" "$*" >> "$FAKE_PYTHON_LOG"
+"""
+
+
+def test_the_gpu_image_target_runs_from_a_path_with_spaces(tmp_path):
+    """`make test-gpu-image` hands the clone to Python as PYTHONPATH: unquoted, a clone under a folder
+    whose name has a space set PYTHONPATH to the part before it and ran the rest as a command."""
+    tree = tmp_path / "a clone with spaces"
+    (tree / ".ci").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "Makefile"), tree / "Makefile")
+    shutil.copy(os.path.join(ROOT, ".ci", "pip_install_stepwise.py"), tree / ".ci" / "pip_install_stepwise.py")
+    python = tree / ".venv-gpu-image" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_VENV_PYTHON)
+    python.chmod(0o755)
+    for name in ("Makefile", ".ci/pip_install_stepwise.py"):
+        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
+    (tree / ".venv-gpu-image" / ".installed").write_text("")  # the venv is set up: no install
+    log = tmp_path / "python.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "PYTHONPATH")}
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tree), "test-gpu-image", "TEST_WORKERS=0"],
+                         env=dict(env, FAKE_PYTHON_LOG=str(log)), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # The tests, and the extension's import where nvcc is found (the build itself runs with the tree as its cwd).
+    calls = [call.split("|", 1) for call in log.read_text().splitlines()]
+    calls = [(path, args) for path, args in calls if not args.startswith("setup.py ")]
+    assert [args for _, args in calls if args.startswith("-m pytest ")], calls
+    assert all(path == str(tree) for path, _ in calls), calls
