@@ -14,8 +14,9 @@ setup: $(STAMP)
 CSRC_FILES := $(shell find csrc -name '.*' -prune -o -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' \
 	-o -name '*.hpp' -o -name '*.h' \) -print 2>/dev/null)
 
+# A venv whose Python is gone (removed or upgraded) is made anew: `venv` alone leaves its links dangling.
 $(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	CFLAGS=-g0 $(PY) -m pip install -q --no-build-isolation -e .
@@ -82,7 +83,7 @@ GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-
 
 # Re-run when the pins here change (the stepwise install skips what is already there).
 $(STAMP_GPU): Makefile .ci/pip_install_stepwise.py
-	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv $(VENV_GPU)
+	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv --clear $(VENV_GPU)
 	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) setuptools ninja
 	touch $(STAMP_GPU)
 

@@ -5,6 +5,7 @@ what makes the set-up run again."""
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -204,3 +205,30 @@ def test_the_gpu_image_target_runs_from_a_path_with_spaces(tmp_path):
     calls = [(path, args) for path, args in calls if not args.startswith("setup.py ")]
     assert [args for _, args in calls if args.startswith("-m pytest ")], calls
     assert all(path == str(tree) for path, _ in calls), calls
+
+
+@pytest.mark.parametrize("target, venv, python_variable, inputs", [
+    ("setup", ".venv", "PYTHON", ["requirements.txt", "setup.py", "ace_kernels/_sources.py"]),
+    ("test-gpu-image", ".venv-gpu-image", "PYTHON312", [".ci/pip_install_stepwise.py"]),
+])
+def test_a_venv_whose_python_is_gone_is_made_anew(tmp_path, target, venv, python_variable, inputs):
+    """A venv whose interpreter was removed (a pyenv or system Python upgraded) has a dangling bin/python:
+    the set-up saw it was not executable and ran `python3 -m venv` over it, which leaves existing links as
+    they are, so the install went on with no Python ('No such file or directory'). It is cleared and made
+    anew. (pip is left out here, so the install after it fails: what counts is the venv's Python.)"""
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    for name in inputs:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    bin_dir = tmp_path / venv / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python3").symlink_to("/nonexistent/python3")
+    (bin_dir / "python").symlink_to("python3")
+    (tmp_path / "python-without-pip").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@" --without-pip\n')
+    (tmp_path / "python-without-pip").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")}
+    subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tmp_path), target,
+                    f"{python_variable}={tmp_path / 'python-without-pip'}"],
+                   env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([str(bin_dir / "python"), "-c", "print('runs')"], capture_output=True, text=True)
+    assert out.stdout.strip() == "runs"
