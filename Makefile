@@ -64,7 +64,8 @@ coverage: $(STAMP)
 	rm -rf build/coverage && mkdir -p build/coverage
 	$(PY) -m coverage run --rcfile=.coveragerc -m pytest tests -q -p no:cacheprovider $(PYTEST_WORKERS)
 	$(PY) -m coverage combine --rcfile=.coveragerc -q
-	$(PY) -m coverage report --rcfile=.coveragerc | tee build/coverage/report.txt
+	$(PY) -m coverage report --rcfile=.coveragerc >build/coverage/report.txt; status=$$?; \
+		cat build/coverage/report.txt; exit $$status
 	$(PY) -m coverage html --rcfile=.coveragerc -q -d build/coverage/html
 
 # The GPU machines' software, here: Python 3.12, torch 2.11.0 (+cu130) and triton 3.6.0, as the

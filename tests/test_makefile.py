@@ -232,3 +232,17 @@ def test_a_venv_whose_python_is_gone_is_made_anew(tmp_path, target, venv, python
                    env=env, capture_output=True, text=True, timeout=120)
     out = subprocess.run([str(bin_dir / "python"), "-c", "print('runs')"], capture_output=True, text=True)
     assert out.stdout.strip() == "runs"
+
+
+def test_coverage_fails_when_its_report_fails(tmp_path):
+    """`make coverage` piped the report into tee, whose status the shell returned: a report that failed
+    (no data combined, an unreadable file) left an empty report.txt and the target passed."""
+    _installed_tree(tmp_path)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text('#!/bin/sh\n[ "$*" = "-m coverage report --rcfile=.coveragerc" ] && exit 1\nexit 0\n')
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tmp_path), "coverage", "TEST_WORKERS=0"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, out.stdout + out.stderr
