@@ -79,7 +79,9 @@ coverage: $(STAMP)
 # torch's CUDA wheels never lie on the disk all at once beside what they unpack to.
 VENV_GPU ?= .venv-gpu-image
 STAMP_GPU := $(VENV_GPU)/.installed
-PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
+# pyenv's 3.12, else a python3.12 on PATH, else (not that stack's Python) $(PYTHON).
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+	$(shell command -v python3.12 2>/dev/null) $(PYTHON))
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-xdist==3.8.0
 
 # Re-run when the pins here change (the stepwise install skips what is already there).

@@ -246,3 +246,21 @@ def test_coverage_fails_when_its_report_fails(tmp_path):
     out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tmp_path), "coverage", "TEST_WORKERS=0"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0, out.stdout + out.stderr
+
+
+def test_the_gpu_image_venv_takes_a_python3_12_on_path(tmp_path):
+    """The GPU-image venv is the GPU machines' Python 3.12: it was looked for in pyenv only, so a machine
+    with python3.12 on PATH (a system or deadsnakes one) and no pyenv made it with python3 instead,
+    another Python, and its tests passed as if on that stack."""
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "pip_install_stepwise.py").write_text("")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3.12").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "python3.12").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "PYTHON312")}
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(tmp_path), "test-gpu-image"],
+                         env=dict(env, HOME=str(tmp_path / "home"), PATH=f"{tmp_path / 'bin'}:{env['PATH']}"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"|| {tmp_path / 'bin' / 'python3.12'} -m venv --clear .venv-gpu-image" in out.stdout, out.stdout
