@@ -14,8 +14,11 @@ setup: $(STAMP)
 CSRC_FILES := $(shell find csrc -name '.*' -prune -o -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.cpp' \
 	-o -name '*.hpp' -o -name '*.h' \) -print 2>/dev/null)
 
-# A venv whose Python is gone (removed or upgraded) is made anew: `venv` alone leaves its links dangling.
-$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES)
+# A venv whose Python is gone (removed or upgraded) is set up anew, its stamp notwithstanding (a
+# phony prerequisite), and made with --clear: `venv` alone leaves its links dangling.
+NO_PYTHON_IN = $(shell test -x $(1)/bin/python || echo venv-without-python)
+.PHONY: venv-without-python
+$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES) $(call NO_PYTHON_IN,$(VENV))
 	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -85,7 +88,7 @@ PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-xdist==3.8.0
 
 # Re-run when the pins here change (the stepwise install skips what is already there).
-$(STAMP_GPU): Makefile .ci/pip_install_stepwise.py
+$(STAMP_GPU): Makefile .ci/pip_install_stepwise.py $(call NO_PYTHON_IN,$(VENV_GPU))
 	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv --clear $(VENV_GPU)
 	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) setuptools ninja
 	touch $(STAMP_GPU)

@@ -119,10 +119,11 @@ def _installed_tree(tmp_path, *sources):
     stamp; returns a function giving `make -q setup`'s status there (0 up to date, 1 something to do)."""
     shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
     for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp", *sources,
-                 ".venv/.installed"):
+                 ".venv/bin/python", ".venv/.installed"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("")
         os.utime(tmp_path / name, (1_000_000_000, 1_000_000_000))
+    (tmp_path / ".venv" / "bin" / "python").chmod(0o755)
     os.utime(tmp_path / ".venv" / ".installed", (1_000_000_100, 1_000_000_100))
 
     def pending():
@@ -239,7 +240,6 @@ def test_coverage_fails_when_its_report_fails(tmp_path):
     (no data combined, an unreadable file) left an empty report.txt and the target passed."""
     _installed_tree(tmp_path)
     python = tmp_path / ".venv" / "bin" / "python"
-    python.parent.mkdir()
     python.write_text('#!/bin/sh\n[ "$*" = "-m coverage report --rcfile=.coveragerc" ] && exit 1\nexit 0\n')
     python.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")}
@@ -264,3 +264,13 @@ def test_the_gpu_image_venv_takes_a_python3_12_on_path(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"|| {tmp_path / 'bin' / 'python3.12'} -m venv --clear .venv-gpu-image" in out.stdout, out.stdout
+
+
+def test_setup_runs_again_when_the_venv_python_is_gone(tmp_path):
+    """A venv whose interpreter was removed, its stamp still newer than every prerequisite: make said the
+    set-up was done and `make test` failed with '.venv/bin/python: No such file or directory'."""
+    pending = _installed_tree(tmp_path)
+    assert pending() == 0
+    (tmp_path / ".venv" / "bin" / "python").unlink()
+    (tmp_path / ".venv" / "bin" / "python").symlink_to("/nonexistent/python3")
+    assert pending() == 1
