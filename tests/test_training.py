@@ -2190,14 +2190,16 @@ def test_the_temp_name_pattern_matches_the_temp_names_atomic_writes_make_and_no_
 
 def test_an_atomic_write_to_a_long_name_gets_a_temp_name_that_fits(tmp_path):
     """A name the file system takes (up to 255 bytes) gets a temp name within 255 bytes too: the
-    write no longer fails (ENAMETOOLONG) after the work; a multi-byte character cut in two is fine."""
+    write no longer fails (ENAMETOOLONG) after the work; a multi-byte character cut in two is fine. A name of 237
+    bytes is the longest whose temp name fits uncut ('.' + name + '.' + 12 hex digits + '.tmp': 255 bytes), one of
+    238 the shortest that must be cut."""
     from ace_model._atomic import atomic_write_text
 
-    for name in ("m" * 250 + ".json", "é" * 126 + ".j", "n" * 255):
+    for name in ("m" * 250 + ".json", "é" * 126 + ".j", "n" * 255, "o" * 237, "p" * 238):
         target = tmp_path / name
         atomic_write_text(target, "done\n")
         assert target.read_text() == "done\n"
-    assert sorted(len(os.fsencode(p.name)) for p in tmp_path.iterdir()) == [254, 255, 255]
+    assert sorted(len(os.fsencode(p.name)) for p in tmp_path.iterdir()) == [237, 238, 254, 255, 255]
 
 
 @pytest.mark.parametrize("what", ["state", "weights"])
