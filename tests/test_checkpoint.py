@@ -507,3 +507,32 @@ def test_a_k_changed_after_a_load_is_the_one_saved(tiny, tmp_path):
     assert model.load_reference_checkpoint(second)["topk"] == 3
     with pytest.raises(CheckpointError, match=r"metadata\['topk'\] is 3, this model needs 5"):
         copy.deepcopy(tiny).load_reference_checkpoint(second)
+
+
+def test_each_saved_tensor_is_a_copy_in_its_own_storage_as_in_the_released_file(tiny, tmp_path):
+    """reference_weights gives copies, and the file holds one storage per tensor, as the released file does: the
+    lora_b factors of a float32 model on the CPU were saved as views of the parameter without the clone (its .to is
+    then no copy), which loaded with the right values but shared one storage per layer, and changed as the model
+    trained on after the call."""
+    from ace_model.checkpoint import reference_weights
+
+    def tensors(tree):
+        for value in tree.values():
+            yield from tensors(value) if isinstance(value, dict) else [value]
+
+    model = copy.deepcopy(tiny)
+    weights = reference_weights(model)
+    before = [t.clone() for t in tensors(weights)]
+    with torch.no_grad():
+        for param in model.trainable_parameters():
+            param.add_(1.0)
+    assert all(torch.equal(t, b) for t, b in zip(tensors(weights), before))
+    path = tmp_path / "tiny.pt"
+    model.save_reference_checkpoint(path)
+    for name, blob in (("saved", _load(path)), ("released", _load(RELEASED) if RELEASED.is_file() else None)):
+        if blob is None:
+            continue
+        stored = list(tensors(blob["weights"]))
+        assert len({t.untyped_storage().data_ptr() for t in stored}) == len(stored), name
+        assert all(t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                   for t in stored), name
