@@ -2400,6 +2400,23 @@ def test_an_atomic_write_over_a_file_keeps_its_permission_bits(tmp_path, writer)
         os.umask(umask)
 
 
+def test_an_atomic_write_over_a_symbolic_link_takes_the_mode_of_the_file_it_points_to(tmp_path):
+    """A link's own mode is 0777: a write that read the mode of the link (lstat), not of its file, left the new file
+    writable by anyone. The link is replaced by a file with the mode of the one it pointed to, left as it was."""
+    import stat
+
+    from ace_model import _atomic
+
+    pointed, link = tmp_path / "kept.pt", tmp_path / "ace_lora.pt"
+    pointed.write_text("old\n")
+    pointed.chmod(0o600)
+    link.symlink_to(pointed)
+    _atomic.atomic_write_text(link, "new\n")
+    assert not link.is_symlink() and link.read_text() == "new\n"
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+    assert pointed.read_text() == "old\n" and stat.S_IMODE(pointed.stat().st_mode) == 0o600
+
+
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path"])
 def test_an_atomic_write_fsyncs_the_whole_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch,
                                                                                          writer):
