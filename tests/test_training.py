@@ -2417,6 +2417,21 @@ def test_an_atomic_write_over_a_symbolic_link_takes_the_mode_of_the_file_it_poin
     assert pointed.read_text() == "old\n" and stat.S_IMODE(pointed.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path", "atomic_torch_save"])
+def test_an_atomic_write_to_a_bare_relative_name_writes_in_the_working_directory(tmp_path, monkeypatch, writer):
+    """A file name without a directory ('ace_lora.pt') has '' for its directory: a writer that took it as it is,
+    not from the absolute path, fsynced '' (FileNotFoundError) after the rename, so a save into the working
+    directory failed though its file was written; every other test writes under tmp_path, an absolute path."""
+    from ace_model import _atomic
+
+    monkeypatch.chdir(tmp_path)
+    {"atomic_write_text": lambda: _atomic.atomic_write_text("latest", "x\n"),
+     "atomic_write_to_path": lambda: _atomic.atomic_write_to_path("latest", lambda path: Path(path).write_text("x\n")),
+     "atomic_torch_save": lambda: _atomic.atomic_torch_save({"step": 1}, "latest")}[writer]()
+    assert os.listdir(tmp_path) == ["latest"]
+    assert (tmp_path / "latest").read_bytes() != b""
+
+
 @pytest.mark.parametrize("writer", ["atomic_write_text", "atomic_write_to_path"])
 def test_an_atomic_write_fsyncs_the_whole_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch,
                                                                                          writer):
