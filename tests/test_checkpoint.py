@@ -232,6 +232,27 @@ def test_wrong_shape_names_the_key_and_shapes_and_changes_nothing(tiny, tmp_path
         assert torch.equal(param, before[name]), f"{name} changed by a failed load"
 
 
+@pytest.mark.parametrize("key", ["w_lora_A", "w_lora_B"])
+def test_a_transposed_factor_is_refused_naming_both_shapes_and_changes_nothing(tiny, tmp_path, key):
+    """A factor stored transposed ([in, r] for w_lora_A, as nn.Linear's weight is laid out) holds as many values as
+    the right one: a check of the number of values alone let it through to the copy, which failed (or, were the
+    two sides equal, loaded it transposed) after the earlier layers had been copied. The last layer's is."""
+    last = len(tiny.text_lora) + len(tiny.image_lora) - 1
+
+    def edit(blob):
+        blob["weights"][f"layer_{last}"]["v_proj"][key] = blob["weights"][f"layer_{last}"]["v_proj"][key].t().clone()
+    path = _corrupt(tiny, tmp_path, edit)
+    model = copy.deepcopy(tiny)
+    before = {n: p.detach().clone() for n, p in model.named_trainable_parameters()}
+    factor = model.image_lora[-1].lora_a if key == "w_lora_A" else model.image_lora[-1].lora_b
+    rows, columns = factor.shape[1:]
+    with pytest.raises(CheckpointError, match=rf"\['layer_{last}'\]\['v_proj'\]\['{key}'\]: expected shape "
+                                              rf"\({rows}, {columns}\), found \({columns}, {rows}\)"):
+        model.load_reference_checkpoint(path)
+    for name, param in model.named_trainable_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed by a failed load"
+
+
 def test_missing_and_foreign_keys_are_named(tiny, tmp_path):
     path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"]["img_node_adapter"].pop("up.bias"))
     with pytest.raises(CheckpointError, match=r"img_node_adapter.*missing key 'up.bias'"):
