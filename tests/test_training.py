@@ -2283,7 +2283,7 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     on device"): it names the destination; the earlier file stays and no temp file is left."""
     import errno
 
-    from ace_model._atomic import atomic_write_text
+    from ace_model._atomic import atomic_write, atomic_write_text
 
     target = tmp_path / "state.json"
     atomic_write_text(target, "before\n")
@@ -2294,6 +2294,13 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match=rf"No space left on device: '{re.escape(str(target))}'"):
         atomic_write_text(target, "after\n")
+    assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    monkeypatch.undo()
+    # An error that names a file already (the writer's own input, missing) keeps its name: the destination is
+    # only given to errors that name none.
+    source = tmp_path / "missing.csv"
+    with pytest.raises(FileNotFoundError, match=rf"No such file or directory: '{re.escape(str(source))}'$"):
+        atomic_write(target, lambda handle: handle.write(source.read_bytes()))
     assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
