@@ -2968,6 +2968,20 @@ def test_an_atomic_write_that_finds_no_free_temp_name_says_so(tmp_path, monkeypa
                                               r"tries$"):
         _atomic.atomic_write_text(target, "x")
     assert len(tries) == 100 and not target.exists()
+    # Any other error (a read-only file system, a directory it may not write) is no taken name: raised at once, as it
+    # is, not tried 100 times and then reported as no free name.
+    import errno
+
+    tries.clear()
+
+    def read_only(*args, **kwargs):
+        tries.append(1)
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), args[0])
+
+    monkeypatch.setattr(_atomic.os, "open", read_only)
+    with pytest.raises(OSError, match="Read-only file system") as info:
+        _atomic.atomic_write_text(target, "x")
+    assert info.value.errno == errno.EROFS and len(tries) == 1
 
 
 def test_a_writer_that_removed_its_temp_file_fails_with_its_own_error(tmp_path):
