@@ -434,6 +434,23 @@ def test_a_flipped_bit_in_a_stored_tensor_is_refused(tiny, tmp_path):
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+def test_a_flipped_bit_after_an_empty_member_is_refused(tiny, tmp_path):
+    """An empty member's CRC-32 is 0, as is every member's in a file saved without CRCs: a check that stopped at the
+    first such member (not only skipped it) left every later member unchecked, and the file of the test above holds
+    no empty tensor. Here an empty tensor is stored first; the flipped bit in the weights after it is found."""
+    import zipfile
+
+    path = tmp_path / "ace_lora.pt"
+    tiny.save_reference_checkpoint(path)
+    torch.save({"empty": torch.zeros(0), **_load(path)}, path)
+    with zipfile.ZipFile(path) as archive:
+        assert [i.CRC for i in archive.infolist() if i.filename.endswith("/data/0")] == [0]
+    member = flip_a_bit_in_a_stored_tensor(path)
+    assert not member.endswith("/data/0")
+    with pytest.raises(CheckpointError, match=f"ace_lora.pt: .* its member '{member}' fails its CRC-32 check"):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
+
+
 def test_a_file_saved_without_crcs_loads(tiny, tmp_path):
     """torch can save without computing CRC-32s (it writes 0 for each member) and loads such
     files: so does the loader (nothing to check there)."""
