@@ -257,6 +257,11 @@ def test_missing_and_foreign_keys_are_named(tiny, tmp_path):
     path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"]["img_node_adapter"].pop("up.bias"))
     with pytest.raises(CheckpointError, match=r"img_node_adapter.*missing key 'up.bias'"):
         copy.deepcopy(tiny).load_reference_checkpoint(path)
+    # Each top-level entry of weights is asked for: a layer (one in the middle), an adapter, logit_scale (read apart).
+    for key in ("layer_1", "text_node_adapter", "logit_scale"):
+        path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"].pop(key))
+        with pytest.raises(CheckpointError, match=rf"bad\.pt: weights: missing key '{key}' \(found keys \["):
+            copy.deepcopy(tiny).load_reference_checkpoint(path)
     path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"].update(layer_99={}))
     # A layer beyond the model's is named with the layers it has (not only as one more unexpected entry).
     with pytest.raises(CheckpointError, match=r"unexpected key weights\['layer_99'\]: this model has 4 attention "
