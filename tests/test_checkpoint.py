@@ -525,6 +525,10 @@ def test_metadata_without_r_or_topk_loads_with_a_warning_and_saves_them(tiny, tm
     saved = tmp_path / "saved.pt"
     model.save_reference_checkpoint(saved)
     assert _load(saved)["metadata"] == {**_load(path)["metadata"], "r": 4, "topk": 5}
+    # The other recorded entries (what check_metadata checks) are named when missing too.
+    path = _corrupt(tiny, tmp_path, without("params", "position", "loss_type"))
+    with pytest.warns(UserWarning, match=r"its metadata records no 'params', 'position', 'loss_type' \("):
+        copy.deepcopy(tiny).load_reference_checkpoint(path)
     path = _corrupt(tiny, tmp_path, without("k_nearest"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
