@@ -506,6 +506,7 @@ def test_an_error_is_cut_to_its_first_sentence_and_to_200_characters():
         "RuntimeError: torch 2.14 cannot read /tmp/run/ace_lora.pt: bad header."
     assert first_line(ValueError("x" * 300)) == "ValueError: " + "x" * 197 + "..."
     assert first_line(ValueError("x" * 200)) == "ValueError: " + "x" * 200
+    assert first_line(ValueError("x" * 201)) == "ValueError: " + "x" * 197 + "..."  # the first one cut
     assert first_line(KeyError()) == "KeyError"
 
 
