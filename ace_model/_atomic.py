@@ -95,6 +95,11 @@ def _fill_then_rename(path: str | os.PathLike, fill: Callable[[int, str], None])
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        except OSError as cleanup:
+            # The write's own error (a full disk) is the one to see, not the clean-up's (a file system
+            # turned read-only, EIO); the temp file left behind is named (a run's restart removes it).
+            if hasattr(exc, "add_note"):  # Python 3.11 on
+                exc.add_note(f"and its temp file {tmp!r} could not be removed: {cleanup}")
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             exc.filename = path  # a write or fsync error (a full disk) names no file by itself
         raise

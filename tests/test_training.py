@@ -2304,6 +2304,34 @@ def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     assert target.read_text() == "before\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
 
 
+def test_a_failed_atomic_write_whose_temp_file_cannot_be_removed_raises_the_writes_error(tmp_path, monkeypatch):
+    """A write that fails (a full disk) and whose temp file then cannot be removed (the file system turned
+    read-only) raises the write's error, naming the destination, with a note naming the temp file left behind;
+    the clean-up's error used to take its place."""
+    import errno
+
+    from ace_model import _atomic
+
+    target = tmp_path / "state.json"
+    _atomic.atomic_write_text(target, "before\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def read_only(name):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    monkeypatch.setattr(_atomic.os, "unlink", read_only)
+    with pytest.raises(OSError, match=rf"No space left on device: '{re.escape(str(target))}'") as caught:
+        _atomic.atomic_write_text(target, "after\n")
+    monkeypatch.undo()
+    left = [p for p in tmp_path.iterdir() if p.name != "state.json"]
+    assert len(left) == 1 and target.read_text() == "before\n"
+    assert caught.value.__notes__ == [f"and its temp file {str(left[0])!r} could not be removed: [Errno 30] "
+                                      f"{os.strerror(errno.EROFS)}: {str(left[0])!r}"]
+
+
 @pytest.mark.parametrize("refused", ["EINVAL", "ENOTSUP", "EACCES"])
 def test_a_directory_that_cannot_be_fsynced_still_takes_atomic_writes(tmp_path, monkeypatch, refused):
     """Some file systems refuse fsync of a directory (EINVAL, ENOTSUP), and a directory that may be
