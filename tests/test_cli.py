@@ -201,6 +201,9 @@ def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
     assert result["n"] == len(dataset) == 12
     assert result["accuracy"] == pytest.approx(expected["accuracy"])
     assert result["auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+    # Each class's AUROC under its own name, in the order given (not sorted: "edema" is last here).
+    assert list(result["auroc_per_class"]) == classes != sorted(classes)
+    assert list(result["auroc_per_class"].values()) == pytest.approx(expected["auroc_per_class"], abs=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,expected", [
