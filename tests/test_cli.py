@@ -1291,7 +1291,7 @@ def test_non_finite_scores_or_multipliers_are_errors_not_metrics(tiny):
     model.clip.logit_scale.data.fill_(float("inf"))
     with pytest.raises(ValueError, match=r"'base' takes the base model's exp\(logit_scale\), which is inf"):
         resolve_logit_scale(model, "base")
-    for bad in (float("inf"), float("nan"), -1.0, True, np.bool_(True), torch.tensor([2.0, 3.0]), "7",
+    for bad in (float("inf"), float("nan"), -1.0, 0.0, 0, True, np.bool_(True), torch.tensor([2.0, 3.0]), "7",
                 torch.tensor(True)):
         with pytest.raises(ValueError, match="expected 'base', 'learned' or a finite positive number"):
             resolve_logit_scale(tiny, bad)
