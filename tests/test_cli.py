@@ -93,6 +93,22 @@ def test_the_auroc_is_the_mean_of_the_classes_not_one_pooled_over_them(task):
     assert result["auroc"] == pytest.approx(sum(per_class) / 3, abs=1e-12)
 
 
+def test_the_macro_auroc_leaves_out_classes_without_positives_and_is_nan_without_any_defined():
+    # Multiclass: class 2 is never the label, so its one-vs-rest AUROC is undefined and left out of the
+    # mean (a plain mean over the classes gave NaN). With no class defined, the macro AUROC is NaN, not 0.
+    scores = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.3, 0.4, 0.3]])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 1]), 3).float()
+    result = zero_shot_metrics(scores, labels, "multiclass")
+    assert math.isnan(result["auroc_per_class"][2])
+    per_class = [_pairwise_auroc(scores[:, j].tolist(), labels[:, j].tolist()) for j in range(2)]
+    assert result["auroc"] == pytest.approx(sum(per_class) / 2, abs=1e-12)
+    for task in ("multiclass", "multilabel"):
+        all_first = torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), 3).float()
+        result = zero_shot_metrics(scores, all_first, task)
+        assert all(math.isnan(value) for value in result["auroc_per_class"]) and math.isnan(result["auroc"])
+    assert math.isnan(macro_auroc(scores, torch.zeros(4, 3)))
+
+
 def test_auroc_refuses_nan_scores_and_ranks_infinities():
     # A NaN has no rank: argsort put it last, so it counted as the highest score (1.0 here, not an error).
     with pytest.raises(ValueError, match=r"binary_auroc: 1 of 4 scores are NaN"):
