@@ -226,6 +226,23 @@ def test_evaluate_batched_equals_one_image_at_a_time(tiny, synthetic):
     assert list(result["auroc_per_class"].values()) == pytest.approx(expected["auroc_per_class"], abs=1e-6)
 
 
+def test_evaluate_encodes_the_classes_with_the_templates_given(tiny, synthetic, monkeypatch):
+    from ace_model.data import CSVImageLabelDataset
+    import ace_model.zero_shot as zero_shot
+
+    used = []
+    real = zero_shot.class_embeddings
+
+    def spy(model, class_names, templates, device=None):
+        used.append(tuple(templates))
+        return real(model, class_names, templates, device)
+
+    monkeypatch.setattr(zero_shot, "class_embeddings", spy)
+    dataset = CSVImageLabelDataset(synthetic, list(SYNTHETIC_CLASSES), tiny.image_size)
+    evaluate(tiny, dataset, list(SYNTHETIC_CLASSES), templates=("{c} on a radiograph.",))
+    assert used == [("{c} on a radiograph.",)]
+
+
 @pytest.mark.parametrize("kwargs,expected", [
     ({"class_names": "edema"}, r"argument 'class_names': expected a list of class name strings, got str 'edema'"),
     ({"class_names": b"edema"}, r"argument 'class_names': expected a list of class name strings, got bytes b'edema'"),
