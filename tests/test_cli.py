@@ -1660,6 +1660,9 @@ def test_zero_shot_multiplier_is_the_base_models_unless_asked(tiny, synthetic, t
     assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--logit-scale", "-1"]) == \
         cli.EXIT_BAD_INPUT
     assert "--logit-scale: expected 'base', 'learned' or a positive number" in capsys.readouterr().err
+    # A number given to the command is the multiplier the evaluation uses (not the default 'base').
+    assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--logit-scale", "7.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["logit_scale"] == 7.5
 
 
 # ---------------------------------------------------------------------------------------
