@@ -2261,6 +2261,8 @@ def test_train_under_torchrun_ends_without_finalization(synthetic, tmp_path):
 @pytest.mark.parametrize("flags,expected", [
     (("--logit-scale", "abc"), "--logit-scale: expected 'base', 'learned' or a positive number, got 'abc'"),
     (("--logit-scale", "0"), "--logit-scale: expected 'base', 'learned' or a positive number, got '0'"),
+    (("--logit-scale", "inf"), "--logit-scale: expected 'base', 'learned' or a positive number, got 'inf'"),
+    (("--logit-scale", "nan"), "--logit-scale: expected 'base', 'learned' or a positive number, got 'nan'"),
     (("--checkpoint", "/no/such/ace_lora.pt"), "--checkpoint: '/no/such/ace_lora.pt' does not exist"),
     (("--pretrained", "/no/such/weights.bin"), "--pretrained: '/no/such/weights.bin' does not exist"),
     # A class the CSV has no column for (the dataset would say so too, but only after the model is built).
