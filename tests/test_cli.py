@@ -1827,6 +1827,30 @@ def test_demo_quick_keeps_explicit_sizes(monkeypatch, tmp_path):
     assert seen["sizes"] == [64, 32]
 
 
+def test_demo_test_set_is_drawn_apart_from_its_training_set(monkeypatch, tmp_path):
+    """The demo's test samples come from another seed than its training samples: the same seed would make each
+    test image a copy of the training image of its row, and the accuracy after training a recall of seen images."""
+    from PIL import Image
+
+    from ace_model import data
+
+    real, written = data.make_synthetic_dataset, []
+
+    def write_then_stop_after_the_test_set(out, size, **kwargs):
+        written.append(real(out, size, **kwargs))
+        if len(written) == 2:
+            raise cli.CLIError("stop after the data")
+        return written[-1]
+
+    monkeypatch.setattr("ace_model.data.make_synthetic_dataset", write_then_stop_after_the_test_set)
+    assert cli.main(["demo", "--quick", "--train-size", "32", "--test-size", "8",
+                     "--out-dir", str(tmp_path / "demo")]) == cli.EXIT_BAD_INPUT
+    train_csv, test_csv = written
+    pixels = {name: [np.asarray(Image.open(csv_path.parent / name / f"{i:05d}.png")) for i in range(8)]
+              for name, csv_path in (("train", train_csv), ("test", test_csv))}
+    assert not any(np.array_equal(a, b) for a, b in zip(pixels["train"], pixels["test"]))
+
+
 @pytest.mark.parametrize("flags,warmup", [((), 16), (("--steps", "20"), 2), (("--steps", "5"), 0)])
 def test_demo_warmup_is_an_epoch_or_a_tenth_of_a_shorter_run(flags, warmup):
     """The demo warms up for one epoch (512 samples / 32 = 16 steps), but never for more than a
