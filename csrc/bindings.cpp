@@ -54,7 +54,7 @@ void check_cuda(const at::Tensor& t, const char* name) {
 
 // A feature tensor on the GPU, and the dtype the kernels read it in (the shape checks check it too).
 ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "argument '", name, "': expected a CUDA tensor, got ", t.device());
+  check_cuda(t, name);
   return feat_type(t, name);
 }
 
