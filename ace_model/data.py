@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from ace_kernels._checks import check_positive_int
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,8 +45,6 @@ def clean_text(text: str) -> str:
     collapsed to one space, ends stripped. Without ftfy (open_clip needs it, so it is there
     wherever open_clip is) the ``fix_text`` step is skipped: that changes only mis-decoded
     text, and a one-time warning says so."""
-    import html
-
     global _FTFY
     if _FTFY is None:
         try:
@@ -51,8 +52,6 @@ def clean_text(text: str) -> str:
 
             _FTFY = ftfy.fix_text
         except ImportError:
-            import warnings
-
             warnings.warn("ftfy is not installed: texts are tokenised without ftfy.fix_text (open_clip's "
                           "tokenizer applies it); only mis-decoded text (mojibake) tokenises differently",
                           RuntimeWarning, stacklevel=3)
@@ -367,8 +366,6 @@ def _label_value(raw, csv_path: str, row_number: int, column: str) -> float:
 def _check_dataset_arguments(image_size, label_columns, *, size_optional: bool) -> None:
     """A dataset's ``image_size`` (an integer >= 1, or None where ``size_optional``: a default applies) and
     ``label_columns`` (a sequence of names: one string would be read as its characters, each a missing column)."""
-    from ace_kernels._checks import check_positive_int
-
     if image_size is not None or not size_optional:
         check_positive_int("image_size", image_size)
     if isinstance(label_columns, (str, bytes)):
@@ -544,8 +541,6 @@ def make_synthetic_dataset(directory: str | os.PathLike, n: int, *, image_size: 
         not an integer >= 0 (NumPy's generator takes no other), ``classes`` not a sequence
         of distinct non-empty names, or ``name`` empty or more than one path component.
     """
-    from ace_kernels._checks import check_positive_int
-
     n = check_positive_int("n", n)
     image_size = check_positive_int("image_size", image_size)
     seed = check_positive_int("seed", seed, minimum=0)
