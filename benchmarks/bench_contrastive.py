@@ -520,11 +520,11 @@ def _size_probe(suite, generator):
 
 
 def _blocked_was_faster(suite) -> bool:
-    """Whether this run's B=65,536 rows timed the blocked strategy faster than triton's default,
-    and checked it within the fp32 reference's bound (then the probe runs the Triton kernels with
-    it, as ``triton+blocked``)."""
+    """Whether this run's B=PROBE_SIZING_BATCH rows timed the blocked strategy faster than triton's
+    default, and checked it within the fp32 reference's bound (then the probe runs the Triton kernels
+    with it, as ``triton+blocked``)."""
     rows = {r.provider: r for r in suite.rows
-            if r.op == "label_guided_infonce" and r.shape.startswith("B=65536 ") and r.median_ms}
+            if r.op == "label_guided_infonce" and r.shape.startswith(f"B={PROBE_SIZING_BATCH} ") and r.median_ms}
     if BLOCKED not in rows or "triton" not in rows:
         return False
     error = rows[BLOCKED].metrics.get("rel_err_vs_fp32_chunked")
