@@ -3,9 +3,9 @@
 ``python .ci/pip_install_stepwise.py torch==2.11.0 triton==3.6.0 ...`` installs each argument
 and then, breadth first, each dependency not yet satisfied (those whose markers hold here), one
 ``pip install --no-deps`` call per distribution, then runs ``pip check``. One pip call
-downloads every wheel it resolves before it installs any, so a CUDA build of torch in one call needs its ~3 GB of wheels on the
-disk beside the ~5 GB they unpack to; here the disk holds the installed packages and one
-package's wheels at a time. CI's machines differ in free disk, and stop 13's CI ran out of it
+downloads every wheel it resolves before it installs any, so a CUDA build of torch in one call
+needs its ~3 GB of wheels on the disk beside the ~5 GB they unpack to; here the disk holds the
+installed packages and one package's wheels at a time. CI's machines differ in free disk, and stop 13's CI ran out of it
 installing torch 2.11 in one call.
 """
 

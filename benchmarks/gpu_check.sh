@@ -68,8 +68,9 @@
 # record; else git when the copy has .git, else the file .git_sha at the repository root).
 #
 # Costly items and an optional second call. Families run in the order lora, hypergraph,
-# contrastive, distributed (skipped, saying so, on a machine with one card), model, training, contrastive_probe, tuning, cheap items first within each, so each costly item
-# comes at the end of its family and the sweep (tuning's) after everything (estimates for an
+# contrastive, distributed (skipped, saying so, on a machine with one card), model, training,
+# contrastive_probe, tuning, cheap items first within each, so each costly item comes at the end
+# of its family and the sweep (tuning's) after everything (estimates for an
 # H100/H200):
 #   model: ace_lora_max_batch, the largest-batch search, reference-ops and ours (~30-80 s);
 #   training: chunked_train_step, BiomedCLIP at B=64, 512 and 16,384 with chunk 256 (model
@@ -194,8 +195,9 @@ SUFFIX=""
 [ "${GPU_CHECK_QUICK:-0}" = 1 ] && SUFFIX="-quick"
 [ "$TIER" = costly ] && SUFFIX="$SUFFIX-costly"
 say "repository $REPO, python $($PY -c 'import sys; print(sys.version.split()[0])' 2>&1), budget ${BUDGET}s, tier $TIER"
-{ timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
-    --format=csv 2>&1 || echo "nvidia-smi not available (or no answer in 20 s)"; } | tee -a "$LOG"
+GPU_FIELDS=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu
+{ timeout 20 nvidia-smi --query-gpu=$GPU_FIELDS --format=csv 2>&1 \
+    || echo "nvidia-smi not available (or no answer in 20 s)"; } | tee -a "$LOG"
 
 # The sha to record: ACE_GIT_SHA, else git (plus +dirty) if the copy has .git, else ./.git_sha
 # (written by the caller with the command in the header; benchmarks/harness.py reads the same file).
@@ -282,8 +284,8 @@ else
         [ -n "$CUDA_HOME" ] && [ -x "$CUDA_HOME/bin/nvcc" ] || CUDA_HOME=/usr/local/cuda
     fi
     export CUDA_HOME
-    { echo "CUDA_HOME=$CUDA_HOME"; timeout 20 "$CUDA_HOME/bin/nvcc" --version 2>&1 || echo "no nvcc at $CUDA_HOME/bin/nvcc"; } \
-        >>"$BUILD_LOG"
+    { echo "CUDA_HOME=$CUDA_HOME"
+      timeout 20 "$CUDA_HOME/bin/nvcc" --version 2>&1 || echo "no nvcc at $CUDA_HOME/bin/nvcc"; } >>"$BUILD_LOG"
     say "CUDA_HOME=$CUDA_HOME ($(grep -o 'release [0-9.]*' "$BUILD_LOG" | head -n 1 || true))"
     rm -f "$STAMP"  # a failed build must not leave an older build's stamp behind
     if run_stage build 120 "$BUILD_LOG" env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 ACE_KERNELS_FORCE_CUDA=1 \
@@ -326,8 +328,9 @@ else
         TIMEOUT_OPT="$TIMEOUT_OPT -n $WORKERS"
     fi
     FIRST="tests/test_model.py tests/test_training.py tests/test_contrastive.py"
-    TEST_FILES=${GPU_CHECK_TEST_FILES:-$(for f in $FIRST; do [ -f "$f" ] && echo "$f"; done; ls tests/test_*.py | grep -v -e '/test_compile.py$' \
-        -e '/test_model.py$' -e '/test_training.py$' -e '/test_contrastive.py$'; ls tests/test_compile.py 2>/dev/null)}
+    TEST_FILES=${GPU_CHECK_TEST_FILES:-$(for f in $FIRST; do [ -f "$f" ] && echo "$f"; done
+        ls tests/test_*.py | grep -v -e '/test_compile.py$' -e '/test_model.py$' -e '/test_training.py$' \
+            -e '/test_contrastive.py$'; ls tests/test_compile.py 2>/dev/null)}
     export PY TIMEOUT_OPT TEST_FILES
     # pytest's rc 5 (nothing selected) is not a failure.
     run_stage tests "${GPU_CHECK_TESTS_CAP:-100}" "$TESTS_LOG" bash -c '

@@ -60,8 +60,8 @@ ace_hg::Feat check_feat(const at::Tensor& t, const char* name) {
 
 // `t` on the device of `ref` (the kernels read both through one device's address space).
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "argument '", name, "': expected a tensor on ", ref.device(), " (the device of '",
-              ref_name, "'), got ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), "argument '", name, "': expected a tensor on ", ref.device(),
+              " (the device of '", ref_name, "'), got ", t.device());
 }
 
 // t.size(dim) == expected; `what` names the quantity (e.g. "B = src.size(0)").

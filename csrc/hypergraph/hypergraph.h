@@ -42,7 +42,8 @@ enum class Feat : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 //   w     [B, R, topk] float out (contiguous): softmax of the selected similarities
 // Ties keep the lowest index; NaN similarities rank above every number (as torch.topk).
 cudaError_t topk_incidence(const void* pn, Feat pn_type, int64_t pn_sb, int64_t pn_sm, int64_t pn_sd,
-                           const float* inv_norm, int64_t in_sb, int64_t in_sm, const int64_t* rows, int64_t rows_sb, int64_t rows_sr,
+                           const float* inv_norm, int64_t in_sb, int64_t in_sm,
+                           const int64_t* rows, int64_t rows_sb, int64_t rows_sr,
                            int64_t* idx, float* w, int64_t B, int64_t M, int64_t D, int64_t R, int topk,
                            cudaStream_t stream);
 
