@@ -1544,7 +1544,7 @@ def _adapter_params(name: str, adapter, dim: int):
 def _validate(x, cls_attn, edge_adapter, node_adapter, topk, cls_only, deterministic):
     check_tensor("x", x, ndim=3)
     B, N, D = x.shape
-    if B < 1 or N < 1 or D < 1:
+    if N < 1 or D < 1:  # B = 0 is an empty batch, which gives an empty output (_empty_batch)
         raise ValueError(f"argument 'x': expected a non-empty [B, N, D] tensor, got shape {list(x.shape)}")
     topk = check_positive_int("topk", topk)  # a NumPy integer becomes an int (a Triton constexpr needs one)
     if topk > N:
@@ -1750,8 +1750,11 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
     Parameters
     ----------
     x : Tensor [B, N, D]
-        Token features, token 0 is CLS; B, N and D at least 1 (an empty batch is
-        refused, where ``lora_qkv`` takes zero rows). float16, bfloat16, float32 or float64;
+        Token features, token 0 is CLS; N and D at least 1. An empty batch (B = 0,
+        with ``cls_attn`` [0, N - 1]) is checked as any other and gives an empty
+        output, with no kernel launched on any backend; its backward gives ``x``
+        and ``cls_attn`` empty gradients and each adapter parameter that requires
+        grad a zero one, as the reference does. float16, bfloat16, float32 or float64;
         computed in float32 (float64 for float64 input), returned in ``x.dtype``.
         The triton and cuda backends read float16/bfloat16 ``x`` in its own dtype
         and convert in registers (no float32 copy of x is made or kept for the
@@ -1880,9 +1883,26 @@ def ace_hypergraph(x, cls_attn, edge_adapter, node_adapter, *, topk: int = 5, cl
         x = _library.out_of_inference(x)
         edge = (*edge[:2], *map(_library.out_of_inference, edge[2:]))
     args = (x, cls_attn, edge, node, topk, cls_only, deterministic)
+    # Selected at B = 0 too, so that a backend that cannot run the call raises as it would for B >= 1.
     impl = _dispatch.select(OP_NAME, backend, tensors, args, variant="cls_only" if cls_only else "full")
     with _library.autocast_off(x.device.type):  # see Notes: autocast
+        if x.shape[0] == 0:
+            return _empty_batch(x, cls_attn, edge, node, cls_only)
         return impl(*args)
+
+
+def _empty_batch(x, cls_attn, edge_params, node_params, cls_only):
+    """The output of an empty batch (B = 0) without a kernel (its grid would have no block): the adapters
+    applied in plain autograd to the empty rows, x's (token 0's for ``cls_only``) plus cls_attn's row sums
+    (over N - 1 >= 0 columns). As in the reference's graph, the backward then gives x and cls_attn empty
+    gradients and each adapter parameter that requires grad a zero one (a sum over no rows), in its dtype."""
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x[:, 0] if cls_only else x  # [0, D] or [0, N, D]
+    attn = cls_attn.to(compute_dtype).sum(dim=-1)  # [0]
+    attn = attn[:, None] if cls_only else attn[:, None, None]
+    edge_params = tuple(p.to(compute_dtype) for p in edge_params)
+    node_params = tuple(p.to(compute_dtype) for p in node_params)
+    return _adapter(_adapter(rows.to(compute_dtype) + attn, edge_params), node_params).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------

@@ -160,6 +160,42 @@ def test_triton_fullgraph_aot_eager_matches_eager_exactly(name, device):
     _assert_aot_eager_exact(*TRITON_CASES[name](device))
 
 
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_hypergraph_of_an_empty_batch_compiles_and_runs_under_fake_tensors(backend, cls_only, device):
+    """B = 0 runs no backend's computation (no kernel, and not the torch backend's full output, which
+    breaks the graph): torch.compile(fullgraph=True) gives eager's empty output and gradients (zeros for
+    the adapters), and FakeTensorMode the output's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if backend == "triton" and device.type == "cpu" and not _dispatch.interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on a machine with no GPU")
+    torch.manual_seed(2)
+    module = ace_kernels.ACEHypergraph(dim=16, hidden=8, topk=3).to(device)
+    x = torch.randn(0, 11, 16, device=device, requires_grad=True)
+    cls_attn = torch.rand(0, 10, device=device, requires_grad=True)
+    inputs = (x, cls_attn, *module.parameters())
+
+    def fn(x, cls_attn):
+        return module(x, cls_attn, cls_only=cls_only, backend=backend)
+
+    def run(f):
+        out = f(x, cls_attn)
+        return (out, *torch.autograd.grad(out.sum(), inputs))
+
+    torch._dynamo.reset()
+    eager = run(fn)
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, eager):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    assert eager[0].shape == ((0, 16) if cls_only else (0, 11, 16))
+    assert all(g.numel() > 0 and not g.any() for g in eager[3:])
+    with FakeTensorMode(), torch.device(device):
+        out = ace_kernels.ACEHypergraph(dim=16, hidden=8, topk=3)(torch.empty(0, 11, 16), torch.empty(0, 10),
+                                                                  cls_only=cls_only, backend=backend)
+        assert out.shape == eager[0].shape and out.device == x.device
+
+
 def _opcheck_cases(device):
     """Small arguments for every launcher op, with the optional inputs both given and absent."""
     g = torch.Generator().manual_seed(7)

@@ -844,7 +844,6 @@ def _call(x, c, edge, node, k, **kw):
 @pytest.mark.parametrize("case, match", [
     ("x_rank", "argument 'x'"),
     ("x_dtype", "argument 'x'"),
-    ("x_empty_batch", "argument 'x': expected a non-empty"),
     ("x_no_features", "argument 'x': expected a non-empty"),
     ("cls_batch", "argument 'cls_attn': expected shape \\[2, 6\\]"),
     ("cls_shape", "argument 'cls_attn'"),
@@ -879,8 +878,6 @@ def test_value_errors(case, match):
         x = x[0]
     elif case == "x_dtype":
         x = x.to(torch.int32)
-    elif case == "x_empty_batch":
-        x, c = x[:0], c[:0]
     elif case == "x_no_features":  # D = 0, with adapters of width 0 to match
         x = x[..., :0]
         edge = [edge[0][:, :0], edge[1], edge[2][:0], edge[3][:0]]
@@ -1644,6 +1641,145 @@ def test_the_kernels_decline_fewer_than_three_tokens(device):
         torch.testing.assert_close(_call(x, c, tuple(edge), tuple(node), k, cls_only=cls_only),
                                    _call(x, c, tuple(edge), tuple(node), k, cls_only=cls_only, backend="torch"),
                                    rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- an empty batch (B = 0)
+
+def _reference_run_of_an_empty_batch(x, c, edge, node, k, cls_only, frozen=()):
+    """The output and the gradients (None where a tensor takes none) of tests/reference_modules.py's dense
+    ACE-HGNN, in float64, for the leaves ``x`` and ``c``; the adapters named in ``frozen`` ("edge", "node")
+    do not require grad. The oracle stacks its per-sample outputs, which needs a sample; at B = 0 no value
+    reaches the output, so the reference's own adapter parameters (of ``edge``'s and ``node``'s shapes) serve."""
+    from reference_modules import ReferenceACELoss
+
+    ref = ReferenceACELoss(x.shape[-1], hidden=edge[0].shape[0], topk=k).double()
+    params = []
+    for name, adapter in (("edge", ref.img_edge_adapter), ("node", ref.img_node_adapter)):
+        adapter.requires_grad_(name not in frozen)
+        params += [adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias]
+    out = ref.apply_ace_hgat(x.double(), c.double())
+    out = out[:, 0] if cls_only else out
+    inputs = [x, c, *params]
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(out.sum(), wanted))
+    return out, [next(grads) if t.requires_grad else None for t in inputs]
+
+
+def _fail_if_called(monkeypatch):
+    """Make every backend's computation (the kernels' launchers sit below these) raise if it is entered."""
+    for name in ("_hypergraph_impl", "_torch_full_output", "_cls_only_torch", "_cls_only_fused"):
+        monkeypatch.setattr(hg, name, lambda *args, _name=name: pytest.fail(f"{_name} ran for an empty batch"))
+
+
+EMPTY_BATCH_CASES = [pytest.param("torch", torch.float64, id="torch-float64"),
+                     pytest.param("torch", torch.float32, id="torch-float32"),
+                     pytest.param("triton", torch.float32, marks=pytest.mark.triton, id="triton-float32"),
+                     pytest.param("triton", torch.float16, marks=pytest.mark.triton, id="triton-float16"),
+                     pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-float32")]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend, dtype", EMPTY_BATCH_CASES)
+def test_an_empty_batch_gives_an_empty_output_and_the_references_gradients(backend, dtype, cls_only, deterministic,
+                                                                           monkeypatch, device):
+    """B = 0 (x [0, N, D], cls_attn [0, N - 1]), as torch ops take it: an empty output of x's dtype and
+    device, empty gradients of x and cls_attn and a zero gradient of each adapter parameter, in its dtype,
+    as the reference's (an all-zero tensor, not None); no backend computation runs (no kernel launched on
+    a grid with no block, nor compiled for it)."""
+    if backend != "torch":
+        _needs_kernels(backend, device)
+    x, c, edge, node, k = make_inputs((0, 7, 40, 6, 3), dtype=dtype, device=device)
+    ref_out, ref_grads = _reference_run_of_an_empty_batch(*leaves([x, c]), edge, node, k, cls_only)
+    _fail_if_called(monkeypatch)
+    out, grads = ours_run(x, c, edge, node, k, cls_only, backend, deterministic)
+    assert (out.shape, out.dtype, out.device) == (ref_out.shape, dtype, x.device)
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        assert (got.shape, got.dtype, got.device) == (want.shape, dtype, x.device), name
+        assert torch.equal(got.cpu().double(), want), name
+        assert name in ("x", "cls_attn") or (got.numel() > 0 and not got.any()), name
+
+
+@pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_the_module_trains_on_an_empty_batch_as_the_reference(backend, cls_only, monkeypatch, device):
+    """ACEHypergraph with its edge adapter frozen, on B = 0, float32: after backward() the node adapter's
+    parameters hold zero gradients, the frozen ones None, x an empty gradient and cls_attn (which requires
+    no grad) None, each as the reference module's."""
+    if backend != "torch":
+        _needs_kernels(backend, device)
+    torch.manual_seed(0)
+    module = ace_kernels.ACEHypergraph(dim=40, hidden=6, topk=3).to(device)
+    module.edge_adapter.requires_grad_(False)
+    x = torch.randn(0, 7, 40, device=device, requires_grad=True)
+    c = torch.randn(0, 6, device=device)
+    adapters = (module.edge_adapter, module.node_adapter)
+    params = [t for a in adapters for t in (a.down.weight, a.down.bias, a.up.weight, a.up.bias)]
+    _, ref_grads = _reference_run_of_an_empty_batch(x, c, params[:4], params[4:], 3, cls_only, frozen=("edge",))
+    _fail_if_called(monkeypatch)
+    out = module(x, c, cls_only=cls_only, backend=backend)
+    assert out.shape == ((0, 40) if cls_only else (0, 7, 40)) and out.dtype == torch.float32
+    out.sum().backward()
+    for name, got, want in zip(PARAM_NAMES, (x.grad, c.grad, *(p.grad for p in params)), ref_grads):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert got.shape == want.shape and got.dtype == torch.float32 and torch.equal(got.cpu().double(), want)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("x_no_tokens", r"argument 'x': expected a non-empty \[B, N, D\] tensor, got shape \[0, 0, 40\]"),
+    ("x_no_features", r"argument 'x': expected a non-empty \[B, N, D\] tensor, got shape \[0, 7, 0\]"),
+    ("x_dtype", r"argument 'x': expected dtype in \(float16, bfloat16, float32, float64\), got int32"),
+    ("topk_zero", r"argument 'topk': expected an integer >= 1, got 0"),
+    ("topk_too_large", r"argument 'topk': expected topk <= N .*got topk=8 with N=7"),
+    ("cls_batch", r"argument 'cls_attn': expected shape \[0, 6\]"),
+    ("cls_shape", r"argument 'cls_attn': expected shape \[0, 6\]"),
+    ("cls_device", r"argument 'cls_attn': expected a tensor on cpu \(like 'x'\), got meta"),
+    ("up_weight_rows", r"argument 'edge_adapter.up_weight': expected shape \[40, 6\]"),
+    ("backend_name", r"argument 'backend'"),
+])
+def test_an_empty_batch_is_checked_as_any_other(case, match):
+    """Every argument check holds at B = 0 with its message: N, D, topk, dtypes, shapes, devices."""
+    x, c, edge, node, k = _good()
+    x, c, kw = x[:0], c[:0], {}
+    if case == "x_no_tokens":
+        x, c = x[:, :0], c[:, :0]
+    elif case == "x_no_features":  # D = 0, with adapters of width 0 to match
+        x = x[..., :0]
+        edge = [edge[0][:, :0], edge[1], edge[2][:0], edge[3][:0]]
+        node = [node[0][:, :0], node[1], node[2][:0], node[3][:0]]
+    elif case == "x_dtype":
+        x = x.to(torch.int32)
+    elif case == "topk_zero":
+        k = 0
+    elif case == "topk_too_large":
+        k = 8
+    elif case == "cls_batch":
+        c = _good()[1]  # [2, 6] beside x [0, 7, 40]
+    elif case == "cls_shape":
+        c = c[:, 1:]
+    elif case == "cls_device":
+        c = c.to("meta")
+    elif case == "up_weight_rows":
+        edge[2] = edge[2][1:]
+    elif case == "backend_name":
+        kw["backend"] = "cudnn"
+    with pytest.raises(ValueError, match=match):
+        _call(x, c, tuple(edge), tuple(node), k, **kw)
+
+
+def test_a_backend_that_cannot_run_an_empty_batch_says_why():
+    """At B = 0 an explicit backend is checked as at B >= 1: the kernels refuse float64 and N < 3, and the
+    cuda backend says why it cannot run on a machine without it."""
+    x, c, edge, node, k = make_inputs((0, 7, 40, 6, 3))
+    if "triton" in ace_kernels.available_backends():
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run this call: float64 inputs"):
+            _call(x, c, tuple(edge), tuple(node), k, backend="triton")
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run this call: N=2 tokens"):
+            _call(x[:, :2].float(), c[:, :1].float(), tuple(edge), tuple(node), 1, backend="triton")
+    if "cuda" not in ace_kernels.available_backends():
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call"):
+            _call(x, c, tuple(edge), tuple(node), k, backend="cuda")
 
 
 def _short_edge_cases(dtype, device="cpu"):
