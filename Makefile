@@ -17,13 +17,22 @@ CSRC_FILES := $(shell find csrc -name '.*' -prune -o -type f \( -name '*.cu' -o 
 # A venv whose Python is gone (removed or upgraded) is set up anew, its stamp notwithstanding (a
 # phony prerequisite), and made with --clear: `venv` alone leaves its links dangling.
 NO_PYTHON_IN = $(shell test -x $(1)/bin/python || echo venv-without-python)
-.PHONY: venv-without-python
-$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES) $(call NO_PYTHON_IN,$(VENV))
+# What setup.py is told by the environment (or make's command line), as set: the stamp holds the values
+# the set-up built with, and other values (ACE_KERNELS_FORCE_CUDA=1 after a build that went without
+# the extension, another TORCH_CUDA_ARCH_LIST or CUDA_HOME) make it run again (a phony prerequisite).
+SETUP_SWITCH_NAMES := ACE_KERNELS_SKIP_CUDA ACE_KERNELS_FORCE_CUDA TORCH_CUDA_ARCH_LIST CUDA_HOME CUDA_PATH
+SETUP_SWITCHES := $(strip $(foreach v,$(SETUP_SWITCH_NAMES),$(if $($(v)),$(v)=$($(v)))))
+STAMP_SWITCHES := $(strip $(shell cat $(STAMP) 2>/dev/null))
+DIFFERENT = $(subst x$(1),,x$(2))$(subst x$(2),,x$(1))
+SWITCHES_CHANGED := $(if $(call DIFFERENT,$(SETUP_SWITCHES),$(STAMP_SWITCHES)),setup-switches-changed)
+.PHONY: venv-without-python setup-switches-changed
+$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES) $(call NO_PYTHON_IN,$(VENV)) \
+		$(SWITCHES_CHANGED)
 	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	CFLAGS=-g0 $(PY) -m pip install -q --no-build-isolation -e .
-	touch $(STAMP)
+	printf '%s\n' '$(subst ','\'',$(SETUP_SWITCHES))' >$(STAMP)
 
 # One torch thread by default, as the committed CPU results were measured: on a shared machine
 # oversubscribed OpenMP threads spin and times explode. `make bench BENCH_ARGS=` for torch's choice.

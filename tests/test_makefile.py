@@ -114,9 +114,19 @@ def test_coverage_follows_the_processes_the_tests_start():
     assert [line for line in out.stdout.splitlines() if "-m coverage combine --rcfile=.coveragerc" in line]
 
 
+# What setup.py reads from the environment to decide the extension's build (CI sets ACE_KERNELS_FORCE_CUDA=1).
+SETUP_SWITCHES = ("ACE_KERNELS_SKIP_CUDA", "ACE_KERNELS_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH")
+
+
+def _make_env(**env):
+    """This environment with ``env``, without make's flags from a calling make or setup.py's switches."""
+    return dict({k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", *SETUP_SWITCHES)}, **env)
+
+
 def _installed_tree(tmp_path, *sources):
     """The Makefile in ``tmp_path`` with the set-up's prerequisites (and ``sources``) older than its
-    stamp; returns a function giving `make -q setup`'s status there (0 up to date, 1 something to do)."""
+    stamp, made with none of setup.py's switches set; returns a function giving `make -q setup`'s
+    status there (0 up to date, 1 something to do) under the environment variables it is given."""
     shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
     for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp", *sources,
                  ".venv/bin/python", ".venv/.installed"):
@@ -126,9 +136,9 @@ def _installed_tree(tmp_path, *sources):
     (tmp_path / ".venv" / "bin" / "python").chmod(0o755)
     os.utime(tmp_path / ".venv" / ".installed", (1_000_000_100, 1_000_000_100))
 
-    def pending():
-        out = subprocess.run(["make", "-q", "-C", str(tmp_path), "setup"], capture_output=True, text=True, timeout=60,
-                             env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")})
+    def pending(*variables, **env):
+        out = subprocess.run(["make", "-q", "-C", str(tmp_path), "setup", *variables], capture_output=True, text=True,
+                             timeout=60, env=_make_env(**env))
         return out.returncode
 
     return pending
@@ -164,6 +174,38 @@ def test_setup_reinstalls_when_what_decides_the_build_changes(tmp_path, prerequi
     assert pending() == 0
     os.utime(tmp_path / prerequisite, (1_000_000_200, 1_000_000_200))
     assert pending() == 1
+
+
+# A venv's python that installs nothing: it logs its arguments and the value of the variable named WATCHED.
+FAKE_SETUP_PYTHON = """#!/bin/sh
+printf '%s|%s\\n' "$*" "$(printenv "$WATCHED")" >> "$FAKE_PYTHON_LOG"
+"""
+
+
+@pytest.mark.parametrize("switch, value", [("ACE_KERNELS_FORCE_CUDA", "1"), ("ACE_KERNELS_SKIP_CUDA", "1"),
+                                           ("TORCH_CUDA_ARCH_LIST", "9.0a 10.0+PTX"), ("CUDA_HOME", "/opt/cuda-13.0"),
+                                           ("CUDA_PATH", "/opt/cuda-13.0")])
+def test_setup_reinstalls_when_what_setup_py_is_told_changes(tmp_path, switch, value):
+    """setup.py's switches decide the extension's build as its files do: the stamp ignored them, so
+    `ACE_KERNELS_FORCE_CUDA=1 make test` after a set-up whose build quietly went without the extension
+    (or another TORCH_CUDA_ARCH_LIST, another toolkit) said the set-up was done and kept the old build.
+    The set-up runs again, with the value, records it, and runs again when it changes back."""
+    pending = _installed_tree(tmp_path)
+    assert pending() == 0
+    assert pending(**{switch: value}) == 1
+    assert pending(f"{switch}={value}") == 1  # on make's command line
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text(FAKE_SETUP_PYTHON)
+    log = tmp_path / "python.log"
+    env = _make_env(WATCHED=switch, FAKE_PYTHON_LOG=str(log), **{switch: value})
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tmp_path), "setup"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"-m pip install -q --no-build-isolation -e .|{value}" in log.read_text().splitlines(), log.read_text()
+    assert pending(**{switch: value}) == 0
+    assert pending(f"{switch}={value}") == 0
+    assert pending() == 1
+    assert pending(**{switch: value + "0"}) == 1
 
 
 def test_the_gpu_image_target_forces_the_extension_build():
