@@ -26,8 +26,8 @@ STAMP_SWITCHES := $(strip $(shell cat $(STAMP) 2>/dev/null))
 DIFFERENT = $(subst x$(1),,x$(2))$(subst x$(2),,x$(1))
 SWITCHES_CHANGED := $(if $(call DIFFERENT,$(SETUP_SWITCHES),$(STAMP_SWITCHES)),setup-switches-changed)
 .PHONY: venv-without-python setup-switches-changed
-$(STAMP): requirements.txt setup.py ace_kernels/_sources.py $(CSRC_FILES) $(call NO_PYTHON_IN,$(VENV)) \
-		$(SWITCHES_CHANGED)
+$(STAMP): requirements.txt setup.py ace_kernels/_sources.py ace_kernels/_cuda_toolkit.py $(CSRC_FILES) \
+		$(call NO_PYTHON_IN,$(VENV)) $(SWITCHES_CHANGED)
 	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -85,8 +85,9 @@ coverage: $(STAMP)
 # stack does: Triton 3.6's ptxas (12.8) allocates registers differently from 3.8's (12.9), so a
 # tile can spill under one and not the other (the sm_90a AOT checks); torch 2.11 traces the
 # ops differently under torch.compile; and the CUDA extension must compile and link against
-# torch 2.11's headers (built here when nvcc is found; it cannot run without a GPU). It runs
-# the op and compile tests with the package from this tree. CI runs it after `make test`. Its
+# torch 2.11's headers (built here when there is a toolkit: ace_kernels/_cuda_toolkit.py, setup.py's
+# own rule, says so; it cannot run without a GPU). It runs the op and compile tests with the package
+# from this tree. CI runs it after `make test`. Its
 # packages go in one distribution at a time (.ci/pip_install_stepwise.py), so that the ~3 GB of
 # torch's CUDA wheels never lie on the disk all at once beside what they unpack to.
 VENV_GPU ?= .venv-gpu-image
@@ -103,14 +104,14 @@ $(STAMP_GPU): Makefile .ci/pip_install_stepwise.py $(call NO_PYTHON_IN,$(VENV_GP
 	touch $(STAMP_GPU)
 
 test-gpu-image: $(STAMP_GPU)
-	@if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then \
-		echo "building ace_kernels._C against torch 2.11 (sm_90a)"; \
+	@if nvcc=$$($(VENV_GPU)/bin/python ace_kernels/_cuda_toolkit.py); then \
+		echo "building ace_kernels._C against torch 2.11 (sm_90a) with $$nvcc"; \
 		rm -rf build/gpu-image; mkdir -p build; \
 		ACE_KERNELS_FORCE_CUDA=1 CFLAGS=-g0 $(VENV_GPU)/bin/python setup.py -q build_ext --inplace \
 			--build-temp build/gpu-image/temp >build/gpu-image.log 2>&1 \
 			|| { tail -n 40 build/gpu-image.log; exit 1; }; \
 		PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
-	else echo "no nvcc: the extension build against torch 2.11 is not checked"; fi
+	else echo "$$nvcc: the extension build against torch 2.11 is not checked"; fi
 	PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_WORKERS) \
 		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
 		tests/test_compile.py tests/test_precision.py

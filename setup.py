@@ -19,7 +19,8 @@ Environment switches:
   MAX_JOBS                   defaults from cores and memory (nvcc needs ~1.5 GB a job)
   CUDA_HOME, CUDA_PATH       the toolkit, read as torch reads them (the first set); neither set,
                              /usr/local/cuda, else the nvcc on PATH. One without bin/nvcc skips
-                             the extension, saying so
+                             the extension, saying so (the rule is ace_kernels/_cuda_toolkit.py's,
+                             which the Makefile asks too)
 
 Build with ``pip install --no-build-isolation -e .`` so that the extension is
 compiled against the torch already installed.
@@ -28,7 +29,6 @@ compiled against the torch already installed.
 import glob
 import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import find_namespace_packages, setup
@@ -49,6 +49,18 @@ def _default_max_jobs():
     return str(max(1, min(cores, int(mem_gib // 1.5))))
 
 
+def _package_module(name):
+    """ace_kernels/<name>.py, loaded by path (the package itself needs torch); None where it is missing
+    (a trimmed copy: setup.py alone)."""
+    path = os.path.join(ROOT, "ace_kernels", f"{name}.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"_ace_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _cuda_extension():
     """Return ([ext_modules], {cmdclass}) or ([], {}) with a printed reason."""
     if _flag("ACE_KERNELS_SKIP_CUDA"):
@@ -62,20 +74,19 @@ def _cuda_extension():
             raise RuntimeError("ACE_KERNELS_FORCE_CUDA=1 but torch is not importable (use --no-build-isolation)")
         print("ace-kernels: torch not importable at build time, building the pure-Python package only")
         return [], {}
-    # The toolkit torch's cpp_extension builds with: CUDA_HOME's, else CUDA_PATH's, else that of the nvcc on
-    # PATH, which here comes after /usr/local/cuda (an nvcc wrapper script in /usr/local/bin is no toolkit).
-    variable = next((name for name in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(name)), None)
-    if variable is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        variable, os.environ["CUDA_HOME"] = "CUDA_HOME", "/usr/local/cuda"
-    home = os.environ[variable] if variable else None
-    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
+    # The toolkit torch's cpp_extension builds with (ace_kernels/_cuda_toolkit.py, which the Makefile asks
+    # too): its variable is set, /usr/local/cuda's included, so that torch reads the same.
+    toolkit_module = _package_module("_cuda_toolkit")
+    toolkit = toolkit_module.find() if toolkit_module else None
+    if toolkit and toolkit.home:
+        os.environ[toolkit.variable] = toolkit.home
     reasons = []
     if torch.version.cuda is None:
         reasons.append("torch has no CUDA support")
-    if home and not os.path.exists(nvcc):
-        reasons.append(f"no nvcc at {nvcc} ({variable}={home!r})")
-    elif not nvcc:
-        reasons.append("no nvcc found (put it on PATH or set CUDA_HOME)")
+    if toolkit is None:
+        reasons.append(f"no {os.path.join(ROOT, 'ace_kernels', '_cuda_toolkit.py')}, which finds the toolkit")
+    elif toolkit.reason:
+        reasons.append(toolkit.reason)
     found = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
                    + glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     # Relative to the repository when run from it (pip does), so build/ mirrors csrc/; absolute otherwise.
@@ -109,11 +120,9 @@ def _cuda_extension():
             built.append(f"compute_{sm}")
     # What the module holds, as one identifier (no quoting through ninja): sm_90a__compute_90.
     archs_define = f"-DACE_KERNELS_CUDA_ARCHS={'__'.join(built)}"
-    # And what it was built from (ace_kernels/_sources.py, loaded by path: the package needs torch).
-    spec = importlib.util.spec_from_file_location("_ace_sources", os.path.join(ROOT, "ace_kernels", "_sources.py"))
-    sources_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sources_module)
-    sources_define = f"-DACE_KERNELS_SOURCES_SHA256={sources_module.sources_sha256(os.path.join(ROOT, 'csrc'))}"
+    # And what it was built from (ace_kernels/_sources.py).
+    sources_sha256 = _package_module("_sources").sources_sha256(os.path.join(ROOT, "csrc"))
+    sources_define = f"-DACE_KERNELS_SOURCES_SHA256={sources_sha256}"
     # nvidia/cu13/include of the pip CUDA runtime carries headers the system toolkit lacks.
     include_dirs = [os.path.join(ROOT, "csrc")]
     for site in sys.path:

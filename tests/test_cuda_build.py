@@ -224,8 +224,9 @@ def test_a_build_that_fails_installs_the_package_without_the_extension_unless_fo
 
     shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
     shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
-    (tree / "ace_kernels").mkdir()  # setup.py reads the sources' fingerprint from ace_kernels/_sources.py
-    shutil.copy(os.path.join(ROOT, "ace_kernels", "_sources.py"), tree / "ace_kernels" / "_sources.py")
+    (tree / "ace_kernels").mkdir()  # setup.py reads the sources' fingerprint and the toolkit's rule there
+    for name in ("_sources.py", "_cuda_toolkit.py"):
+        shutil.copy(os.path.join(ROOT, "ace_kernels", name), tree / "ace_kernels" / name)
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 1.0, V1.0.0'\n")

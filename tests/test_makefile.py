@@ -128,7 +128,8 @@ def _installed_tree(tmp_path, *sources):
     stamp, made with none of setup.py's switches set; returns a function giving `make -q setup`'s
     status there (0 up to date, 1 something to do) under the environment variables it is given."""
     shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
-    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "csrc/bindings.cpp", *sources,
+    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "ace_kernels/_cuda_toolkit.py",
+                 "csrc/bindings.cpp", *sources,
                  ".venv/bin/python", ".venv/.installed"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("")
@@ -166,10 +167,12 @@ def test_setup_reinstalls_when_a_source_setup_py_builds_changes(tmp_path, source
     assert pending() == 0
 
 
-@pytest.mark.parametrize("prerequisite", ["setup.py", "requirements.txt", "ace_kernels/_sources.py"])
+@pytest.mark.parametrize("prerequisite", ["setup.py", "requirements.txt", "ace_kernels/_sources.py",
+                                          "ace_kernels/_cuda_toolkit.py"])
 def test_setup_reinstalls_when_what_decides_the_build_changes(tmp_path, prerequisite):
-    """The pins, setup.py (the build's flags) and the sources' fingerprint code are prerequisites of
-    the set-up's stamp too: a change to one of them re-runs the install and the extension's build."""
+    """The pins, setup.py (the build's flags), the sources' fingerprint code and the toolkit's rule are
+    prerequisites of the set-up's stamp too: a change to one of them re-runs the install and the
+    extension's build."""
     pending = _installed_tree(tmp_path)
     assert pending() == 0
     os.utime(tmp_path / prerequisite, (1_000_000_200, 1_000_000_200))
@@ -245,13 +248,74 @@ def test_the_gpu_image_target_runs_from_a_path_with_spaces(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     # The tests, and the extension's import where nvcc is found (the build itself runs with the tree as its cwd).
     calls = [call.split("|", 1) for call in log.read_text().splitlines()]
-    calls = [(path, args) for path, args in calls if not args.startswith("setup.py ")]
+    calls = [(path, args) for path, args in calls
+             if not args.startswith(("setup.py ", "ace_kernels/_cuda_toolkit.py"))]
     assert [args for _, args in calls if args.startswith("-m pytest ")], calls
     assert all(path == str(tree) for path, _ in calls), calls
 
 
+# A venv's python that runs the toolkit's rule (any script but setup.py) and logs, without running, the
+# rest: setup.py (the extension's build), pytest and the extension's import.
+FAKE_GPU_IMAGE_PYTHON = """#!/bin/sh
+case "$1" in setup.py|-m|-c) printf '%s\\n' "$*" >> "$FAKE_PYTHON_LOG"; exit 0;; esac
+exec "{python}" "$@"
+"""
+
+
+def _gpu_image_builds_the_extension(tmp_path, **env) -> bool:
+    """Whether `make test-gpu-image` (its venv set up, its Python :data:`FAKE_GPU_IMAGE_PYTHON`) builds the
+    extension under ``env``."""
+    tree = tmp_path / "tree"
+    (tree / ".ci").mkdir(parents=True)
+    (tree / "ace_kernels").mkdir()
+    for name in ("Makefile", ".ci/pip_install_stepwise.py", "ace_kernels/_cuda_toolkit.py"):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
+    python = tree / ".venv-gpu-image" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_GPU_IMAGE_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    (tree / ".venv-gpu-image" / ".installed").write_text("")
+    log = tmp_path / "python.log"
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tree), "test-gpu-image", "TEST_WORKERS=0"],
+                         env=_make_env(FAKE_PYTHON_LOG=str(log), **env), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = log.read_text().splitlines()
+    assert [call for call in calls if call.startswith("-m pytest ")], calls
+    return any(call.startswith("setup.py ") for call in calls)
+
+
+def _setup_py_finds_a_toolkit(**env) -> bool:
+    """Whether setup.py finds the nvcc it builds with under ``env`` (whatever else it lacks)."""
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=_make_env(**env), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ace-kernels"), out.stdout + out.stderr
+    return "no nvcc" not in out.stdout
+
+
+@pytest.mark.parametrize("case", ["as here", "CUDA_HOME without nvcc", "CUDA_PATH without nvcc",
+                                  "CUDA_HOME with nvcc, none on PATH", "nvcc on PATH only",
+                                  "no CUDA_HOME or PATH nvcc"])
+def test_the_gpu_image_target_finds_the_toolkit_as_setup_py_does(tmp_path, case):
+    """`make test-gpu-image` forces the extension's build where it finds nvcc: it looked on PATH and in
+    /usr/local/cuda, ignoring the CUDA_HOME and CUDA_PATH that setup.py reads first, so a CUDA_HOME
+    without nvcc forced a build that setup.py refused (the target failed), and a toolkit named by
+    CUDA_HOME alone went unchecked. Both now ask ace_kernels/_cuda_toolkit.py, and agree."""
+    missing = str(tmp_path / "no-toolkit")
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    (tmp_path / "cuda" / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (tmp_path / "cuda" / "bin" / "nvcc").chmod(0o755)
+    env = {"as here": {}, "CUDA_HOME without nvcc": {"CUDA_HOME": missing},
+           "CUDA_PATH without nvcc": {"CUDA_HOME": "", "CUDA_PATH": missing},
+           "CUDA_HOME with nvcc, none on PATH": {"CUDA_HOME": str(tmp_path / "cuda"), "PATH": "/usr/bin:/bin"},
+           "nvcc on PATH only": {"PATH": f"{tmp_path / 'cuda' / 'bin'}:/usr/bin:/bin"},
+           "no CUDA_HOME or PATH nvcc": {"PATH": "/usr/bin:/bin"}}[case]
+    assert _gpu_image_builds_the_extension(tmp_path, **env) == _setup_py_finds_a_toolkit(**env)
+
+
 @pytest.mark.parametrize("target, venv, python_variable, inputs", [
-    ("setup", ".venv", "PYTHON", ["requirements.txt", "setup.py", "ace_kernels/_sources.py"]),
+    ("setup", ".venv", "PYTHON", ["requirements.txt", "setup.py", "ace_kernels/_sources.py",
+                                  "ace_kernels/_cuda_toolkit.py"]),
     ("test-gpu-image", ".venv-gpu-image", "PYTHON312", [".ci/pip_install_stepwise.py"]),
 ])
 def test_a_venv_whose_python_is_gone_is_made_anew(tmp_path, target, venv, python_variable, inputs):
