@@ -103,15 +103,27 @@ $(STAMP_GPU): Makefile .ci/pip_install_stepwise.py $(call NO_PYTHON_IN,$(VENV_GP
 	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) setuptools ninja
 	touch $(STAMP_GPU)
 
+# The GPU image's build goes in place, where the tests below import it from, for this target's length
+# only: the tree's own builds (ace_kernels/_C*.so; that of a python3 of 3.12 has the very name this
+# one takes) wait in $(GPU_IMAGE_KEPT) meanwhile and go back at the end, whatever the outcome (after a
+# run cut short, at the start of the next one).
+GPU_IMAGE_KEPT := build/gpu-image-kept
 test-gpu-image: $(STAMP_GPU)
-	@if nvcc=$$($(VENV_GPU)/bin/python ace_kernels/_cuda_toolkit.py); then \
+	@kept="$(GPU_IMAGE_KEPT)"; \
+	restore() { [ -d "$$kept" ] || return 0; rm -f ace_kernels/_C*.so; \
+		for so in "$$kept"/_C*.so; do [ ! -e "$$so" ] || mv "$$so" ace_kernels/; done; rmdir "$$kept"; }; \
+	restore; mkdir -p "$$kept"; \
+	for so in ace_kernels/_C*.so; do [ ! -e "$$so" ] || mv "$$so" "$$kept"/; done; \
+	trap restore EXIT; trap 'exit 130' INT TERM HUP; \
+	if nvcc=$$($(VENV_GPU)/bin/python ace_kernels/_cuda_toolkit.py); then \
 		echo "building ace_kernels._C against torch 2.11 (sm_90a) with $$nvcc"; \
 		rm -rf build/gpu-image; mkdir -p build; \
 		ACE_KERNELS_FORCE_CUDA=1 CFLAGS=-g0 $(VENV_GPU)/bin/python setup.py -q build_ext --inplace \
 			--build-temp build/gpu-image/temp >build/gpu-image.log 2>&1 \
 			|| { tail -n 40 build/gpu-image.log; exit 1; }; \
-		PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)"; \
-	else echo "$$nvcc: the extension build against torch 2.11 is not checked"; fi
+		PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -c "import ace_kernels._C as m; print('loaded', m.__file__)" \
+			|| exit 1; \
+	else echo "$$nvcc: the extension build against torch 2.11 is not checked"; fi; \
 	PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_WORKERS) \
 		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
 		tests/test_compile.py tests/test_precision.py

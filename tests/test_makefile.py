@@ -254,6 +254,56 @@ def test_the_gpu_image_target_runs_from_a_path_with_spaces(tmp_path):
     assert all(path == str(tree) for path, _ in calls), calls
 
 
+# A venv's python that stands in for the GPU image's: the toolkit's rule finds an nvcc, an in-place build writes
+# the extension under the name a 3.12 build takes, and pytest records which extension it would import, and
+# exits with $PYTEST_STATUS.
+GPU_IMAGE_BUILD_PYTHON = """#!/bin/sh
+so=ace_kernels/_C.cpython-312-x86_64-linux-gnu.so
+case "$1" in
+    ace_kernels/_cuda_toolkit.py) echo /opt/cuda/bin/nvcc;;
+    setup.py) for arg in "$@"; do [ "$arg" != --inplace ] || echo "the GPU image's build" > "$so"; done;;
+    -m) cat ace_kernels/_C*.so > "$TESTS_SAW" 2>/dev/null; exit "$PYTEST_STATUS";;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("pytest_status", [0, 1])
+def test_the_gpu_image_target_puts_back_the_trees_own_extension(tmp_path, pytest_status):
+    """`make test-gpu-image` builds the extension against torch 2.11 in place, where its tests import it:
+    where python3 is 3.12, as the GPU image's, that build took the name of the tree's own (built against the
+    first venv's torch by `make setup`) and replaced it for good, so that the first venv then loaded a build
+    for another torch. The tests still see the GPU image's build alone; the tree's builds come back after
+    them, whether they pass or fail."""
+    tree = tmp_path / "tree"
+    (tree / ".ci").mkdir(parents=True)
+    (tree / "ace_kernels").mkdir()
+    for name in ("Makefile", ".ci/pip_install_stepwise.py"):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
+    python = tree / ".venv-gpu-image" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(GPU_IMAGE_BUILD_PYTHON)
+    python.chmod(0o755)
+    (tree / ".venv-gpu-image" / ".installed").write_text("")
+    own = {"_C.cpython-312-x86_64-linux-gnu.so": "the tree's 3.12 build\n",
+           "_C.cpython-311-x86_64-linux-gnu.so": "the tree's 3.11 build\n"}
+    for name, text in own.items():
+        (tree / "ace_kernels" / name).write_text(text)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")  # for a Makefile that looks on PATH
+    (tmp_path / "bin" / "nvcc").chmod(0o755)
+    saw = tmp_path / "tests_saw.txt"
+    env = _make_env(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", TESTS_SAW=str(saw),
+                    PYTEST_STATUS=str(pytest_status))
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tree), "test-gpu-image", "TEST_WORKERS=0"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert (out.returncode != 0) == bool(pytest_status), out.stdout + out.stderr
+    assert {path.name: path.read_text() for path in (tree / "ace_kernels").glob("_C*.so")} == own
+    assert saw.read_text() == "the GPU image's build\n"
+    assert not (tree / "build" / "gpu-image-kept").exists()
+
+
 # A venv's python that runs the toolkit's rule (any script but setup.py) and logs, without running, the
 # rest: setup.py (the extension's build), pytest and the extension's import.
 FAKE_GPU_IMAGE_PYTHON = """#!/bin/sh
