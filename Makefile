@@ -26,10 +26,12 @@ STAMP_SWITCHES := $(strip $(shell cat $(STAMP) 2>/dev/null))
 DIFFERENT = $(subst x$(1),,x$(2))$(subst x$(2),,x$(1))
 SWITCHES_CHANGED := $(if $(call DIFFERENT,$(SETUP_SWITCHES),$(STAMP_SWITCHES)),setup-switches-changed)
 .PHONY: venv-without-python setup-switches-changed
+# pip itself, before the pins of requirements.txt (setuptools and wheel among them) go in with it.
+PIP_PIN ?= pip==26.3
 $(STAMP): requirements.txt setup.py ace_kernels/_sources.py ace_kernels/_cuda_toolkit.py $(CSRC_FILES) \
 		$(call NO_PYTHON_IN,$(VENV)) $(SWITCHES_CHANGED)
 	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_PIN)
 	$(PY) -m pip install -q -r requirements.txt
 	CFLAGS=-g0 $(PY) -m pip install -q --no-build-isolation -e .
 	printf '%s\n' '$(subst ','\'',$(SETUP_SWITCHES))' >$(STAMP)
@@ -96,11 +98,13 @@ STAMP_GPU := $(VENV_GPU)/.installed
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
 	$(shell command -v python3.12 2>/dev/null) $(PYTHON))
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-xdist==3.8.0
+# What builds the extension there: requirements.txt's versions.
+GPU_IMAGE_BUILD_PINS := setuptools==84.2.1 ninja==1.13.2
 
 # Re-run when the pins here change (the stepwise install skips what is already there).
 $(STAMP_GPU): Makefile .ci/pip_install_stepwise.py $(call NO_PYTHON_IN,$(VENV_GPU))
 	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv --clear $(VENV_GPU)
-	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) setuptools ninja
+	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) $(GPU_IMAGE_BUILD_PINS)
 	touch $(STAMP_GPU)
 
 # The GPU image's build goes in place, where the tests below import it from, for this target's length

@@ -3,6 +3,7 @@
 what makes the set-up run again."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,6 +210,33 @@ def test_setup_reinstalls_when_what_setup_py_is_told_changes(tmp_path, switch, v
     assert pending(f"{switch}={value}") == 0
     assert pending() == 1
     assert pending(**{switch: value + "0"}) == 1
+
+
+def test_the_set_up_pins_every_package_it_installs(tmp_path):
+    """Every package that the set-ups (`make setup`, `make test-gpu-image`'s venv, `make coverage`) install
+    is pinned, in the Makefile and in requirements.txt: pip, setuptools and wheel went in at whatever
+    version the index had that day (setuptools builds the extension through torch's cpp_extension)."""
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "ace_kernels/_cuda_toolkit.py",
+                 ".ci/pip_install_stepwise.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(tmp_path), "setup", "test-gpu-image",
+                          "coverage", "TEST_WORKERS=0"], capture_output=True, text=True, timeout=60, env=_make_env())
+    assert out.returncode == 0, out.stderr
+    installed = []
+    for line in out.stdout.splitlines():
+        for command in (" -m pip install ", " .ci/pip_install_stepwise.py "):
+            if command in line:
+                words = line.split(command, 1)[1].split()
+                files = {i + 1 for i, word in enumerate(words) if word in ("-r", "-e")}
+                installed += [word for i, word in enumerate(words) if not word.startswith("-") and i not in files]
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as handle:
+        installed += [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in installed}
+    assert {"pip", "setuptools", "wheel", "ninja", "torch", "coverage"} <= names, installed
+    unpinned = [requirement for requirement in installed if not re.fullmatch(r"[\w.-]+==[\w.+]+", requirement)]
+    assert not unpinned, f"installed at no fixed version: {unpinned}"
 
 
 def test_the_gpu_image_target_forces_the_extension_build():
