@@ -464,6 +464,53 @@ def test_wheel_ships_every_package_file_and_the_command(tmp_path):
     assert "Description-Content-Type: text/markdown" in metadata and "# ace-kernels" in metadata
 
 
+def _lowest_python(requires_python: str) -> tuple[int, int]:
+    """The lowest Python (major, minor) that a Requires-Python such as ">=3.10,<3.15" allows."""
+    (lowest,) = re.findall(r">=\s*(\d+\.\d+)", requires_python)
+    return tuple(int(part) for part in lowest.split("."))
+
+
+def test_the_pythons_the_readme_asks_for_are_setup_pys_and_the_pins():
+    """The README asks `make` for a python3 of 3.11 or newer, naming the pins that need it, and says the
+    package alone needs what setup.py's python_requires says (3.10): it named numpy and matplotlib only,
+    and not setup.py's 3.10, which read as a contradiction. Its versions are checked against
+    python_requires and the Requires-Python of the pins installed here, and the packages' files against
+    python_requires' grammar (3.11's `except*` would need it raised)."""
+    import ast
+    import importlib.metadata
+
+    with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as handle:
+        (python_requires,) = re.findall(r'python_requires="([^"]+)"', handle.read())
+    package_lowest = _lowest_python(python_requires)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = " ".join(handle.read().split())
+    found = re.search(r"with `python3`, which must be (\d+\.\d+) or newer, as the pinned ([\w, -]+?) are: the package "
+                      r"alone, setup\.py's `python_requires`, runs on (\d+\.\d+) or newer", readme)
+    assert found, "the README's sentence on python3's version is gone or reworded"
+    make_lowest, alone = (tuple(int(part) for part in found.group(i).split(".")) for i in (1, 3))
+    named = set(re.split(r", | and ", found.group(2)))
+    assert alone == package_lowest and package_lowest <= make_lowest, (found.group(0), python_requires)
+    lowest = {}  # the pins installed at their pinned version here: the lowest Python each allows
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as handle:
+        for name, version in re.findall(r"^([\w.-]+)==(\S+)$", handle.read(), flags=re.MULTILINE):
+            try:
+                if importlib.metadata.version(name) == version:
+                    lowest[name.lower()] = _lowest_python(importlib.metadata.metadata(name)["Requires-Python"])
+            except (importlib.metadata.PackageNotFoundError, TypeError, ValueError):
+                continue  # not installed at its pin, or no lower bound stated
+    if not lowest:
+        pytest.skip("no pin of requirements.txt is installed at its version here")
+    assert make_lowest == max(lowest.values()), lowest
+    assert {name for name, version in lowest.items() if version == make_lowest} <= named, lowest
+    assert all(lowest[name] == make_lowest for name in named & set(lowest)), lowest
+    tracked = subprocess.run(["git", "ls-files", "ace_kernels/*.py", "ace_model/*.py", "setup.py"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert "setup.py" in tracked and "ace_kernels/__init__.py" in tracked, tracked
+    for path in tracked:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as handle:
+            ast.parse(handle.read(), path, feature_version=package_lowest)  # raises SyntaxError naming the line
+
+
 def test_sdist_ships_no_partial_test_suite(tmp_path):
     """setuptools adds tests/test*.py to an sdist by default, but not what they import (conftest.py,
     the oracle and reference modules, tests/data, pytest.ini, benchmarks/): such a suite fails at
