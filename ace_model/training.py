@@ -1700,10 +1700,16 @@ def train(
     ValueError
         Naming the ``TrainConfig`` field, before anything is written: a bad setting, or an
         ``out_dir`` that holds another run this one would overwrite (unless ``overwrite``).
+    TypeError
+        When ``config`` is no :class:`TrainConfig` (None, a dict of its fields), before anything is done.
 
     A default device set with ``torch.set_default_device`` does not apply inside: the model is
     built on the CPU and moved to ``config.device``, as it is without one.
     """
+    if not isinstance(config, TrainConfig):
+        # Its fields are read below (validate, to_dict): None or a dict failed there with an AttributeError.
+        hint = " (TrainConfig.from_dict builds one from a dict of its fields)" if isinstance(config, dict) else ""
+        raise TypeError(f"train: argument 'config': expected a TrainConfig, got {type(config).__name__}{hint}")
     with cpu_default_device():
         return _train_entry(config, model, dataset, loss_fn)
 

@@ -1502,6 +1502,16 @@ def test_config_paths_may_be_path_objects_and_other_types_are_named(tmp_path):
             TrainConfig(**{field: value}).validate()
 
 
+def test_train_given_no_train_config_raises_a_type_error_naming_the_argument(tmp_path):
+    """train(None), or a dict of the fields, ended in an AttributeError ('NoneType' object has no attribute
+    'validate'), naming neither the argument nor what it takes."""
+    fields = _config(tmp_path).to_dict()
+    for given, named in ((None, "NoneType"), (fields, "dict \\(TrainConfig\\.from_dict builds one"), ("cfg", "str")):
+        with pytest.raises(TypeError, match=rf"^train: argument 'config': expected a TrainConfig, got {named}"):
+            train(given)
+    assert not Path(fields["out_dir"]).exists()  # nothing done
+
+
 def test_config_validation(tmp_path):
     model = make_model("standin")
     data = RandomPairs(model, 8)
