@@ -421,15 +421,14 @@ def _recorded_build(blob) -> tuple[str | None, int | None]:
     file's object), each None where it records none (or in another form: applying the file to
     the model names what is wrong); the seed only for random frozen towers (no pretrained
     weights), the only ones it builds."""
-    from ace_model.training import TRAINED_WITH
+    from ace_model.training import TRAINED_WITH, recorded_model
 
     try:
         metadata = blob.get("metadata") if isinstance(blob, dict) else None
         record = metadata.get(TRAINED_WITH) if isinstance(metadata, dict) else None
         if not isinstance(record, dict):
             return None, None
-        model, seed, pretrained = record.get("model"), record.get("seed"), record.get("pretrained")
-        model = model if isinstance(model, str) and model in ("biomedclip", "tiny") else None
+        model, seed, pretrained = recorded_model(blob), record.get("seed"), record.get("pretrained")
         random_towers = pretrained is None or (isinstance(pretrained, str) and not pretrained)
         seed = seed if type(seed) is int and abs(seed) < 2**46 and random_towers else None
         return model, seed
@@ -498,6 +497,11 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         raise CLIError(f"--checkpoint: {exc}") from None
     recorded, recorded_seed = _recorded_build(blob)  # (None, None) without a checkpoint
+    if recorded and args.model and args.model != recorded:
+        # Said before the model is built (BiomedCLIP's towers take seconds), not by the load after it.
+        raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "
+                       f"{args.model!r}: {args.checkpoint} (its metadata records its model) fits only the LoRA layers "
+                       f"and adapters of a {recorded!r} model; leave --model out to build that one")
     args.model = args.model or recorded or "biomedclip"
     if args.seed is None:
         args.seed = recorded_seed if recorded_seed is not None else DEFAULT_SEED
@@ -516,9 +520,6 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
         metadata = apply_reference_checkpoint(model, args.checkpoint, blob) if args.checkpoint else {}
         del blob  # its tensors are copied into the model: no second copy through the evaluation
     except CheckpointError as exc:
-        if recorded and recorded != args.model:
-            raise CLIError(f"--checkpoint was trained with --model {recorded!r}, this evaluation builds --model "
-                           f"{args.model!r}: {exc}") from None
         raise CLIError(f"--checkpoint: {exc}") from None
     if args.checkpoint:
         _warn_if_built_otherwise(metadata, args)

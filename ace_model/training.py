@@ -65,8 +65,8 @@ from torch import nn
 from ace_kernels._checks import check_finite_number
 from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_text, atomic_write_to_path,
                                fsync_directory, makedirs_durable, temp_name_pattern)
-from ace_model.checkpoint import (CheckpointError, first_line, load_reference_checkpoint, load_weights_only,
-                                 read_model_file)
+from ace_model.checkpoint import (CheckpointError, apply_reference_checkpoint, first_line, load_weights_only,
+                                 read_model_file, read_reference_checkpoint)
 from ace_model.model import TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
@@ -84,6 +84,18 @@ def recorded_text_attention(metadata: dict):
     writes it), as found (not checked), or None."""
     trained = metadata.get(TRAINED_WITH)
     return trained.get("text_attention") if isinstance(trained, dict) else None
+
+
+def recorded_model(blob) -> str | None:
+    """The model configuration ("biomedclip" or "tiny") that a released-format file's object (``blob``,
+    as :func:`ace_model.checkpoint.read_reference_checkpoint` returns it) records its run built, or
+    None where it records none (the released ACE_LoRA.pt) or none of these (the load then names what
+    does not fit)."""
+    metadata = blob.get("metadata") if isinstance(blob, dict) else None
+    trained = metadata.get(TRAINED_WITH) if isinstance(metadata, dict) else None
+    model = trained.get("model") if isinstance(trained, dict) else None
+    return model if isinstance(model, str) and model in ("biomedclip", "tiny") else None
+
 
 _READABLE_STATE_VERSIONS = (1, 2)
 
@@ -1272,6 +1284,15 @@ def _earlier_state_note(path) -> str:
             "resume from it by setting TrainConfig.resume to that file")
 
 
+def _read_resume_state(path: Path) -> dict:
+    """:func:`load_state`, its error naming the newest earlier state beside it (if any) to resume from."""
+    try:
+        return load_state(path)
+    except TrainingStateError as exc:
+        exc.args = (f"{exc.args[0]}{_earlier_state_note(path)}",)
+        raise
+
+
 def load_state(path: str | os.PathLike) -> dict:
     """Load a full training state written by :func:`train` (``weights_only=True``).
 
@@ -1566,6 +1587,19 @@ def _build_model(config: TrainConfig) -> nn.Module:
 
     if config.model not in ("biomedclip", "tiny"):  # (a model passed to train() may carry any name)
         raise ValueError(f"TrainConfig.model: expected 'biomedclip' or 'tiny', got {config.model!r}")
+    blob = None
+    if config.init_checkpoint:
+        # Read, and the model it records compared, before the model is built (BiomedCLIP's towers take
+        # seconds): an unreadable file, or one of the other configuration, is refused without that wait.
+        try:
+            blob = read_reference_checkpoint(config.init_checkpoint)
+        except CheckpointError as exc:  # it names the file; the CLI says --init-checkpoint for the field
+            raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
+        recorded = recorded_model(blob)
+        if recorded is not None and recorded != config.model:
+            raise CheckpointError(f"TrainConfig.init_checkpoint: {os.fspath(config.init_checkpoint)}: trained with "
+                                  f"TrainConfig.model {recorded!r} (its metadata records it), this run builds "
+                                  f"{config.model!r}: its LoRA layers and adapters fit only a {recorded!r} model")
     # In float32 whatever torch.set_default_dtype says: the run's images are float32 and its trainable
     # parameters are (a float64 or bfloat16 default gave a model that refused the first batch).
     previous = torch.get_default_dtype()
@@ -1574,13 +1608,14 @@ def _build_model(config: TrainConfig) -> nn.Module:
         model = ACELoRA.from_config(config.model, pretrained=config.pretrained, text_attention=config.text_attention)
     finally:
         torch.set_default_dtype(previous)
-    if config.init_checkpoint:
+    if blob is not None:
         # The loader itself, not the model's method: its advice (set model.text_attention) is said
         # here as the run's.
         try:
-            metadata = load_reference_checkpoint(model, config.init_checkpoint)
-        except CheckpointError as exc:  # it names the file; the CLI says --init-checkpoint for the field
+            metadata = apply_reference_checkpoint(model, config.init_checkpoint, blob)
+        except CheckpointError as exc:
             raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
+        del blob  # copied into the model
         recorded = recorded_text_attention(metadata)
         if recorded is not None and recorded not in TEXT_ATTENTION:
             warnings.warn(f"TrainConfig.init_checkpoint: {config.init_checkpoint!r} records text_attention="
@@ -1774,6 +1809,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     is_writer = rank == 0
 
     setup_error = None
+    resume_path = state = None
     try:
         # Everything a rank can fail on its own (its device, its model files, its CSV, its share
         # of the batch) is in here, so that it fails the other ranks through _fail_together below
@@ -1788,6 +1824,13 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
             # Checked here, not at the first step: by then config.json and metrics.jsonl are written.
             raise ValueError(f"TrainConfig.precision: 'bf16' autocast needs a CUDA device, but this process runs "
                              f"on {device} (TrainConfig.device {config.device!r}); use 'auto' or 'fp32' there")
+        # The state to resume from is read, and the model it records compared, before the model is built
+        # (BiomedCLIP's towers take seconds): an unreadable state, or one of the other configuration, is
+        # refused without that wait. The rest of it is checked against the run once the run is set up.
+        resume_path = resolve_resume(config.resume, out_dir)
+        if resume_path is not None:
+            state = _read_resume_state(resume_path)
+            _check_resume_model(state, config, resume_path)
         # The model is built under the base seed on every rank, so ranks start identical;
         # dropout then draws per-rank streams (seed + rank) so ranks do not share masks.
         seed_everything(config.seed)
@@ -1879,17 +1922,11 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
     # metrics.jsonl which stretch's records up to its step it continues (read_metrics).
     segment = uuid.uuid4().hex
     last_loss = None  # the last step's loss (a resumed run starts with its state's)
-    resume_path = resume_error = None
+    resume_error = None
     legacy_state = False
     resumed_run = resumed_segment = None
     try:
-        resume_path = resolve_resume(config.resume, out_dir)
-        if resume_path is not None:
-            try:
-                state = load_state(resume_path)
-            except TrainingStateError as exc:
-                exc.args = (f"{exc.args[0]}{_earlier_state_note(resume_path)}",)
-                raise
+        if resume_path is not None:  # its state read at set-up
             if is_writer:
                 _check_no_other_run(config, out_dir, resume_path, state)
             _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest, rank)
@@ -2240,6 +2277,17 @@ def _fingerprint_with_every_label_column(config: TrainConfig) -> str | None:
         return CSVImageTextDataset(config.csv, tokenizer=None, **kwargs).fingerprint()
     except DataError:
         return None
+
+
+def _check_resume_model(state: dict, config: TrainConfig, path) -> None:
+    """The saved run's TrainConfig.model against this run's, before the model is built (as
+    :func:`_check_resume_config`, which compares every field once it is, would say it)."""
+    saved = state.get("config")
+    saved_model = saved.get("model") if isinstance(saved, dict) else None
+    if saved_model is not None and saved_model != config.model:
+        raise TrainingStateError(f"resume from {path}: TrainConfig.model was {saved_model!r} in the saved run, now "
+                                 f"{config.model!r}; resuming would not continue the same run (its trainable "
+                                 "weights fit only its model)")
 
 
 def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path,

@@ -962,6 +962,37 @@ def test_zero_shot_warns_when_the_checkpoints_towers_were_built_with_another_see
            "'biomedclip'" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_the_model_is_built(synthetic, tmp_path, capsys,
+                                                                          monkeypatch):
+    """zero-shot --checkpoint, train --init-checkpoint and --resume of a run that records another --model
+    (a tiny run's files given to --model biomedclip): refused naming both models before the model is built
+    (BiomedCLIP's random towers take seconds; it was built first, then the load or the resume refused it, the
+    resume naming the frozen weights' digest rather than the model)."""
+    run = tmp_path / "run"
+    common = ["train", "--csv", str(synthetic), "--batch-size", "4", "--max-steps", "1", "--no-progress",
+              "--device", "cpu"]
+    assert cli.main([*common, "--model", "tiny", "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(ACELoRA, "from_config", lambda *a, **k: pytest.fail("model built before the check"))
+    weights, state = run / "ace_lora.pt", run / "checkpoints" / "state-00000001.pt"
+    for command, expected in (
+            (["zero-shot", "--csv", str(synthetic), "--model", "biomedclip", "--checkpoint", str(weights)],
+             f"--checkpoint was trained with --model 'tiny', this evaluation builds --model 'biomedclip': {weights} "
+             "(its metadata records its model) fits only the LoRA layers and adapters of a 'tiny' model"),
+            ([*common, "--model", "biomedclip", "--out-dir", str(tmp_path / "a"), "--init-checkpoint", str(weights)],
+             f"--init-checkpoint: {weights}: trained with --model 'tiny' (its metadata records it), this run builds "
+             "'biomedclip'"),
+            ([*common, "--model", "biomedclip", "--out-dir", str(tmp_path / "b"), "--resume", str(run)],
+             f"resume from {state}: --model was 'tiny' in the saved run, now 'biomedclip'"),
+            ([*common, "--model", "biomedclip", "--out-dir", str(run), "--resume", "auto"],
+             f"resume from {state}: --model was 'tiny' in the saved run, now 'biomedclip'")):
+        assert cli.main(command) == cli.EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]  # (train warns of random towers first)
+        assert line.startswith(f"ace-lora {command[0]}: error: {expected}") and "Traceback" not in err, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path, capsys):
     common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
               "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
