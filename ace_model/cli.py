@@ -153,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
                            "--checkpoint was trained with on random towers, else train's default)")
     zero.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     zero.add_argument("--output", help="also write the metrics as JSON to this file")
+    zero.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
 
     demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, under a minute)")
     demo.add_argument("--out-dir", default="ace-lora-demo")
@@ -528,7 +529,7 @@ def cmd_zero_shot(args: argparse.Namespace) -> int:
     dataset = CSVImageLabelDataset(args.csv, names, model.image_size, image_column=args.image_column,
                                    image_root=args.image_root)
     result = evaluate(model, dataset, names, args.task, batch_size=args.batch_size, device=device,
-                      logit_scale=scale)
+                      logit_scale=scale, progress=args.progress)
     result["classes"] = names
     result["text_attention"] = model.text_attention
     undefined = [name for name, value in result.get("auroc_per_class", {}).items() if not math.isfinite(value)]

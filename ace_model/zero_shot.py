@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ace_kernels._checks import check_positive_int
+from ace_kernels._checks import check_bool, check_positive_int
 
 TEMPLATES = ("a chest X-ray image of {c}.", "Findings suggesting {c}.")
 TASKS = ("multiclass", "binary", "multilabel")
@@ -369,7 +369,7 @@ def macro_accuracy(predicted: torch.Tensor, truth: torch.Tensor, classes: int) -
 @torch.no_grad()
 def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass", *, batch_size: int = 64,
              templates: Sequence[str] = TEMPLATES, device: torch.device | str | None = None,
-             num_workers: int = 0, logit_scale: str | float = "base") -> dict:
+             num_workers: int = 0, logit_scale: str | float = "base", progress: bool = False) -> dict:
     """Zero-shot evaluation of ``model`` on ``dataset`` (items ``(image, labels [C])``).
 
     ``class_names`` name the label columns in order; a dataset with ``label_columns`` (the CSV
@@ -377,6 +377,9 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
 
     ``logit_scale``: ``"base"`` (the frozen base model's multiplier, as the reference's
     zero-shot scripts), ``"learned"`` (``model.logit_scale``) or a positive number.
+
+    ``progress``: a tqdm bar over the image batches on stderr (``ace-lora zero-shot`` shows it
+    unless ``--no-progress``, as ``train`` shows its steps'); off by default.
 
     Returns a dict with ``task``, ``n``, ``accuracy`` (and ``accuracy_macro`` for
     ``multiclass``), ``auroc_per_class`` (``multiclass`` and ``multilabel``: class name ->
@@ -390,10 +393,12 @@ def evaluate(model, dataset, class_names: Sequence[str], task: str = "multiclass
     from ace_model.training import cpu_default_device
 
     with cpu_default_device():
-        return _evaluate(model, dataset, class_names, task, batch_size, templates, device, num_workers, logit_scale)
+        return _evaluate(model, dataset, class_names, task, batch_size, templates, device, num_workers, logit_scale,
+                         progress)
 
 
-def _evaluate(model, dataset, class_names, task, batch_size, templates, device, num_workers, logit_scale) -> dict:
+def _evaluate(model, dataset, class_names, task, batch_size, templates, device, num_workers, logit_scale,
+              progress) -> dict:
     import time
 
     if task not in TASKS:
@@ -403,6 +408,7 @@ def _evaluate(model, dataset, class_names, task, batch_size, templates, device, 
     # True would pass as batches of one.
     batch_size = check_positive_int("batch_size", batch_size)
     num_workers = check_positive_int("num_workers", num_workers, minimum=0)
+    progress = check_bool("progress", progress)
     class_names, templates = check_prompts(class_names, templates)
     if task == "binary":  # before the images are encoded
         _check_binary_classes(len(class_names))
@@ -427,8 +433,21 @@ def _evaluate(model, dataset, class_names, task, batch_size, templates, device, 
     device = device or next(model.parameters()).device
     text = class_embeddings(model, class_names, templates, device).float().cpu()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        try:
+            total = len(loader)
+        except TypeError:  # an iterable dataset without a length
+            total = None
+        batches = tqdm(loader, total=total, desc="zero-shot", unit="batch")
     start = time.perf_counter()
-    image, labels = image_embeddings(model, loader, device)
+    try:
+        image, labels = image_embeddings(model, batches, device)
+    finally:
+        if progress:
+            batches.close()  # the loop's end closes it too, an error does not
     elapsed = time.perf_counter() - start
     if labels.shape[1] != len(class_names):
         raise ValueError(f"dataset has {labels.shape[1]} label columns but {len(class_names)} class names")

@@ -1154,6 +1154,20 @@ def test_train_config_errors_name_the_flag_before_any_file_is_written(synthetic,
     assert not run.exists()
 
 
+def test_zero_shot_shows_a_progress_bar_unless_no_progress(synthetic, capsys):
+    """As train's and demo's --no-progress: zero-shot had no such flag (refused as unknown); its tqdm bar over
+    the image batches is on stderr by default and absent with the flag, where only the warnings remain."""
+    command = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--batch-size", "4", "--device", "cpu"]
+    assert cli.main(command) == 0
+    shown = capsys.readouterr()
+    assert "3/3" in shown.err  # tqdm's bar over the 12 images' 3 batches reached the end
+    assert cli.main([*command, "--no-progress"]) == 0
+    hidden = capsys.readouterr()
+    assert "3/3" not in hidden.err and all(line.startswith("ace-lora zero-shot: warning: ")
+                                           for line in hidden.err.strip().splitlines()), hidden.err
+    assert json.loads(hidden.out)["auroc"] == json.loads(shown.out)["auroc"]
+
+
 def test_zero_shot_without_pretrained_rebuilds_the_towers_training_used(synthetic, tmp_path, monkeypatch, capsys):
     """The released format holds only the trainable weights: without --pretrained the frozen
     towers are random, and zero-shot must rebuild the ones training used (same --seed)."""
@@ -1182,7 +1196,7 @@ def test_zero_shot_without_pretrained_rebuilds_the_towers_training_used(syntheti
 
     monkeypatch.setattr(zero_shot, "evaluate", recording_evaluate)
     command = ["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", checkpoint,
-               "--batch-size", "6", "--device", "cpu"]
+               "--batch-size", "6", "--device", "cpu", "--no-progress"]
     results = []
     for global_seed in (5, 6):  # the RNG state before the command must not matter
         torch.manual_seed(global_seed)
@@ -1746,7 +1760,8 @@ def test_a_truncated_image_file_is_exit_2_naming_row_and_file(synthetic, tmp_pat
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     image = str(synthetic.parent / "test" / "00000.png")
     path = _write_csv(tmp_path / "cut.csv", ["image", "edema", "effusion"], [[image, 1, 0], ["cut.png", 0, 1]])
-    status = cli.main(["zero-shot", "--csv", str(path), "--model", "tiny", "--classes", "edema,effusion"])
+    status = cli.main(["zero-shot", "--csv", str(path), "--model", "tiny", "--classes", "edema,effusion",
+                       "--no-progress"])
     assert status == cli.EXIT_BAD_INPUT == 2
     line = _one_error_line("\n".join(x for x in capsys.readouterr().err.splitlines() if "no --pretrained" not in x),
                            "zero-shot")
