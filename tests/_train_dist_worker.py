@@ -25,6 +25,8 @@ perturbed (``make_model(..., perturb=True)``) so that ``lora_a`` has gradients t
   its second batch or start its loader, rank 0 cannot write the final weights; saves the error
   each rank got for each. The group's timeout is short, so that a rank left waiting fails the test
   in seconds rather than hanging it.
+- ``step_time``: ``train`` (global loss) where every rank's clock of train() moves ``--clock-step`` seconds at
+  each reading of ``time.perf_counter`` (:class:`_SteppingClock`), so that each step takes that long.
 - ``read_only_out_dir``: ``train`` (global loss) where rank 1's view of the run directory is read-only (a
   mount that only rank 0's node may write); rank 0 saves the final trainable parameters.
 - ``last_state``: a complete run (each rank saves the paths train() returned), then one whose loss turns
@@ -42,6 +44,7 @@ import errno
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The checkout's packages before an installed copy (an editable install of another checkout would
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--loss-scope", default="global")
+    parser.add_argument("--clock-step", type=float, default=0.25)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -203,6 +207,10 @@ def main() -> None:
             setattr(training, name, original)
         dist.destroy_process_group()
         return
+    if args.mode == "step_time":
+        training.time = _SteppingClock(args.clock_step)
+        _train_run(args, rank, lr=1e-2, raise_errors=True)
+        return
     if args.mode == "read_only_out_dir":
         if rank == 1:
             _read_only_below(args.out)
@@ -269,6 +277,21 @@ def _failing(name, original, at_start=False):
         raise OSError(errno.ENOSPC, "No space left on device (simulated)")
 
     return write
+
+
+class _SteppingClock:
+    """The ``time`` module as train() sees it, but for ``perf_counter``, which moves ``step_s``
+    seconds at each reading (train() reads it at the start and the end of each step)."""
+
+    def __init__(self, step_s: float):
+        self.step_s, self.now = step_s, 0.0
+
+    def perf_counter(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
 
 
 def _read_only_below(root: str) -> None:

@@ -327,6 +327,17 @@ def test_only_rank_0_needs_a_writable_run_directory(tmp_path):
     assert (tmp_path / "final.pt").is_file() and (tmp_path / "run" / "ace_lora.pt").is_file()
 
 
+def test_samples_per_s_counts_the_global_batch_of_every_rank(tmp_path):
+    """A step record's samples_per_s is the run's: the global batch (TrainConfig.batch_size, every
+    rank's slice) over the step's time, not the slice of the rank that writes it. Every rank's clock
+    moves 0.25 s at each reading, so each step takes 0.25 s: 8 samples on 2 ranks are 32 a second
+    (one rank's 4, 16)."""
+    _launch("step_time", 2, tmp_path, "--kind", "standin", "--chunk", "3", "--clock-step", "0.25")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["samples_per_s"] for r in records] == [8 / 0.25] * 4
+
+
 @pytest.mark.skipif(KIND != "tiny", reason="needs the tiny ACELoRA (open_clip and timm): the command line builds it")
 def test_only_rank_0_needs_a_writable_out_dir_through_the_command_line(tmp_path):
     """As above, through ace-lora train (the test returned early, as passed, without the tiny ACELoRA)."""
