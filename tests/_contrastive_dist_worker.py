@@ -142,6 +142,42 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
     exit_now()
 
 
+def gather_rows_16bit_inputs(sizes, dim, dtype, rank, world):
+    """Rank ``rank``'s rows (``[sizes[rank], dim]``) and its gradient of the gathered rows
+    (``[sum(sizes), dim]``) for :func:`run_gather_rows_16bit`, in ``dtype``: values in [-4, 4]
+    on a grid of 2**-10 rounded to the dtype. The fp32 sum of a few is exact; a sum in 16 bits
+    (fp16 keeps 2**-8 above 4, bf16 2**-5) rounds."""
+    gen = torch.Generator().manual_seed(1000 * world + rank)
+    rows = (torch.randint(-4096, 4097, (sizes[rank], dim), generator=gen) / 1024).to(dtype)
+    grad = (torch.randint(-4096, 4097, (sum(sizes), dim), generator=gen) / 1024).to(dtype)
+    return rows, grad
+
+
+def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_s):
+    """The helper that gathers the rows of every rank (``_GatherRows``, ``reduce=True``) on
+    fp16 and bf16 rows of :func:`gather_rows_16bit_inputs`: saves the gathered rows and this
+    rank's rows' gradient for each dtype. (Through the loss, the torch backend gathers fp32
+    copies and Triton reduces fp32 gradients: this is the helper's 16-bit path with real
+    collectives.)"""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        from ace_kernels import contrastive
+
+        saved = {}
+        for dtype in (torch.float16, torch.bfloat16):
+            rows, grad = gather_rows_16bit_inputs(sizes, dim, dtype, rank, world)
+            rows.requires_grad_()
+            gathered = contrastive._GatherRows.apply(rows, dist.group.WORLD, tuple(sizes), rank, True)
+            gathered.backward(grad)
+            saved[str(dtype)] = {"gathered": gathered.detach(), "grad": rows.grad}
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    exit_now()
+
+
 def _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call):
     """Run ``call(ace_kernels)`` in a gloo group and write the ValueError or RuntimeError it raises
     (``<type>: <message>``, or "no error")."""

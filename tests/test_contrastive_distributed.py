@@ -10,9 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ace_kernels
-from _contrastive_dist_worker import (make_global_batch, run, run_backend_mismatch, run_empty_global, run_grad_mismatch,
-                                     run_mismatch, run_one_bad_rank, run_one_rank_without_its_backend,
-                                     run_scale_grad_on_one_rank, run_scale_mismatch, run_strided_local_rows)
+from _contrastive_dist_worker import (gather_rows_16bit_inputs, make_global_batch, run, run_backend_mismatch,
+                                     run_empty_global, run_gather_rows_16bit, run_grad_mismatch, run_mismatch,
+                                     run_one_bad_rank, run_one_rank_without_its_backend, run_scale_grad_on_one_rank,
+                                     run_scale_mismatch, run_strided_local_rows)
+from oracle_contrastive import label_guided_infonce_oracle
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -353,6 +355,47 @@ def test_16bit_row_gradients_are_rounded_once_after_the_sum_over_ranks(tmp_path)
         assert _ulps_fp16(got, want).max().item() <= 1.0
 
 
+# (dtype, unit roundoff u): a value rounded once to the dtype is within u of it, relatively; one
+# rounded after a few fp32 errors within one unit in the last place, 2u.
+SIXTEEN_BIT = [pytest.param(torch.float16, 2.0**-11, id="float16"),
+               pytest.param(torch.bfloat16, 2.0**-8, id="bfloat16")]
+
+
+@pytest.mark.parametrize("dtype,unit_roundoff", SIXTEEN_BIT)
+def test_16bit_ranks_with_an_empty_one_match_the_fp64_oracle(dtype, unit_roundoff, tmp_path):
+    """16-bit embeddings on the torch backend (the Triton interpreter's bf16 arithmetic is not the
+    GPU's), 3 uneven ranks, the middle one empty: the loss and every gradient against the dense fp64
+    oracle of the concatenated batch of the same 16-bit values. (Gathering the 16-bit rows, so that
+    each rank's part of a text row's gradient is rounded before the sum over ranks, fails it.)"""
+    sizes, dim = (6, 0, 9), 12
+    _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), "torch", dtype, SHORT_TIMEOUT_S))
+    u, t, labels = make_global_batch(sizes, dim, True)
+    u = u.to(dtype).double().requires_grad_()
+    t = t.to(dtype).double().requires_grad_()
+    scale = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+    loss = label_guided_infonce_oracle(u, t, scale, labels)
+    loss.backward()
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
+    lo = 0
+    for result, size in zip(results, sizes):
+        # The loss is fp32, computed in fp32 from the 16-bit values: logits up to 30 carry ~30 * 6e-8 each.
+        assert result["loss"].dtype == torch.float32
+        torch.testing.assert_close(result["loss"].double(), loss.detach(), rtol=0, atol=2e-5)
+        # Each gradient is summed in fp32 and rounded once to the dtype; atol covers the fp32
+        # errors of entries whose terms cancel (the smallest here are ~3e-5, the largest ~2.6).
+        for key, full in (("grad_u", u.grad), ("grad_t", t.grad)):
+            assert result[key].dtype == dtype and result[key].shape == (size, dim)
+            torch.testing.assert_close(result[key].double(), full[lo:lo + size], rtol=2 * unit_roundoff, atol=1e-6,
+                                       msg=lambda m: f"{key} of the rank of {size} rows: {m}")
+        assert result["grad_scale"].dtype == dtype
+        lo += size
+    assert results[1]["grad_scale"].item() == 0.0  # the empty rank owns no share
+    # The ranks' shares of the scale's gradient, each rounded once (both positive here): their sum.
+    summed = sum(r["grad_scale"].double() for r in results)
+    torch.testing.assert_close(summed, scale.grad, rtol=2 * unit_roundoff, atol=0)
+
+
 @pytest.mark.triton
 @pytest.mark.interpreter
 def test_triton_16bit_row_gradients_across_ranks_as_accurate_as_one_process(tmp_path):
@@ -396,3 +439,25 @@ def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(dtype, monkeypatch
     assert seen == []
     assert got.dtype == dtype and torch.equal(got, grad[2:5])
     assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
+
+
+def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_path):
+    """The gathered rows' helper with real collectives on fp16 and bf16 rows (the loss never
+    hands it 16-bit gradients: see the worker), 3 uneven ranks, the middle one empty: every rank
+    gets every rank's rows in rank order, bit for bit, and its rows' gradient is the sum of the
+    ranks' gradients of the gathered rows rounded once (exact here: the fp32 sums are exact).
+    Summed in 16 bits, or with a rank's rows dropped or misplaced, some entries differ."""
+    sizes, dim = (4, 0, 6), 8
+    _spawn(run_gather_rows_16bit, len(sizes), (_rendezvous(tmp_path), sizes, dim, str(tmp_path), SHORT_TIMEOUT_S))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
+    for dtype in (torch.float16, torch.bfloat16):
+        inputs = [gather_rows_16bit_inputs(sizes, dim, dtype, r, len(sizes)) for r in range(len(sizes))]
+        rows = torch.cat([local for local, _ in inputs])
+        summed = sum(grad.float() for _, grad in inputs).to(dtype)
+        lo = 0
+        for rank, size in enumerate(sizes):
+            got = results[rank][str(dtype)]
+            assert got["gathered"].dtype == got["grad"].dtype == dtype
+            assert torch.equal(got["gathered"], rows), (dtype, rank)
+            assert got["grad"].shape == (size, dim) and torch.equal(got["grad"], summed[lo:lo + size]), (dtype, rank)
+            lo += size
