@@ -1339,6 +1339,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     never started (a state from another directory) starts its records afresh. A torn line (a crash
     mid-write) is ignored.
 
+    A step record holds ``step``, ``epoch``, ``loss`` (the run's: with ``loss_scope="local"`` the
+    mean of the ranks'), ``lr`` (the rate the step used), ``samples_per_s`` (the global batch,
+    ``TrainConfig.batch_size`` over every rank, over rank 0's time from its batch in hand to the
+    optimizer step done), ``grad_norm`` (of the synchronised gradients), ``logit_scale`` and ``time``
+    (Unix seconds); rank 0 writes it.
+
     Each process's stretch of a run is a ``segment`` (its start or resume line names it, and the
     states it writes record it); a resume line's ``from_segment`` names the stretch that wrote
     the state it loaded. Such a resume continues exactly the records that stretch had up to the
