@@ -69,9 +69,15 @@ def _once(fn):
     return cached
 
 
+# The values of TRITON_INTERPRET that Triton reads as on (its getenv_bool, case-insensitive): "true"
+# there ran the kernels under the interpreter while the checks here took them for compiled ones.
+_TRUE_WORDS = ("1", "true", "on", "yes", "y")
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run under the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run under the CPU interpreter: TRITON_INTERPRET set to a value
+    Triton reads as on (``1``, ``true``, ``on``, ``yes``, ``y``, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE_WORDS
 
 
 # Triton decides between compiled kernels and its interpreter when a kernel is decorated, that

@@ -74,6 +74,18 @@ def test_triton_interpret_changed_after_import_is_named(monkeypatch):
                                 scaling=1.0, backend="triton")
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("Yes", True), ("y", True),
+                                      ("0", False), ("false", False), ("", False), ("2", False), (" 1", False)])
+def test_the_interpreter_is_on_for_every_value_triton_reads_as_on(value, on, monkeypatch):
+    # TRITON_INTERPRET=true ran the kernels under the interpreter while the checks took them for compiled ones:
+    # auto routed GPU work to the interpreter, bf16 went unrefused, and a CPU machine was told to set it to 1.
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _dispatch.interpreter_enabled() is on
+    knobs = getattr(pytest.importorskip("triton"), "knobs", None)
+    if knobs is not None:  # (Triton 3.4 on): its own reading of the variable
+        assert knobs.runtime.interpret is on
+
+
 def test_explicit_backend_that_cannot_run_raises_with_reason(toy_op):
     x = torch.zeros(3)
     with pytest.raises(RuntimeError, match="cuda"):
