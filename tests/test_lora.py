@@ -585,6 +585,34 @@ def test_value_errors(name, op, where, replace, fragment):
         fn(*args, **kwargs)
 
 
+@pytest.mark.parametrize("op,index,name", [("linear", 1, "weight"), ("qkv", 2, "bias"), ("linear", 3, "lora_a"),
+                                           ("qkv", 4, "lora_b")])
+def test_a_tensor_on_another_gpu_than_x_is_refused_by_name(op, index, name):
+    """A tensor on cuda:1 beside x on cuda:0 (whose kernels would read it as cuda:0 memory) is refused naming
+    it and both devices: a check of the device type alone let it through. Fake tensors: the check reads devices
+    only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn = ace_kernels.lora_qkv if op == "qkv" else ace_kernels.lora_linear
+    with FakeTensorMode():
+        args = [t.to("cuda:0") for t in _good(op)]
+        args[index] = args[index].to("cuda:1")
+        with pytest.raises(ValueError, match=rf"^argument '{name}': expected a tensor on cuda:0 \(like the first "
+                                             r"input\), got cuda:1$"):
+            fn(*args, scaling=0.5, backend="torch")
+
+
+@pytest.mark.parametrize("op,index,name", [("linear", 1, "weight"), ("qkv", 2, "bias"), ("qkv", 3, "lora_a"),
+                                           ("linear", 4, "lora_b")])
+def test_a_dtype_mismatch_names_the_argument_and_the_dtype_of_x(op, index, name):
+    args = _good(op)
+    args[index] = args[index].double()
+    fn = ace_kernels.lora_qkv if op == "qkv" else ace_kernels.lora_linear
+    with pytest.raises(ValueError, match=rf"^argument '{name}': expected dtype float32 \(the dtype of 'x'\), "
+                                         r"got float64$"):
+        fn(*args, scaling=0.5, backend="torch")
+
+
 @pytest.mark.parametrize("kind", ["numpy_float32", "fraction"])
 def test_dropout_p_of_another_number_type_is_float_of_it(kind):
     """dropout_p may be any real number (Python's or NumPy's): the call uses float(dropout_p),
