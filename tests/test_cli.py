@@ -512,6 +512,10 @@ def test_synthetic_set_arguments_are_checked_naming_each_before_anything_is_writ
         n = arguments.pop("n")
         with pytest.raises(ValueError, match=rf"^argument '{argument}': expected"):
             make_synthetic_dataset(tmp_path / "out", n, **arguments)
+    # Each bound as the argument has it (the message once said >= 1 for the seed, which takes 0).
+    for n, seed, argument, bound, got in ((4, -1, "seed", 0, -1), (0, 0, "n", 1, 0)):
+        with pytest.raises(ValueError, match=rf"^argument '{argument}': expected an integer >= {bound}, got {got}$"):
+            make_synthetic_dataset(tmp_path / "out", n, image_size=8, seed=seed)
     assert not (tmp_path / "out").exists()
     assert make_synthetic_dataset(tmp_path / "out", 1, image_size=1, seed=0, classes=("edema",)).is_file()
 
