@@ -1254,6 +1254,19 @@ def test_lora_module_refuses_bad_sizes_naming_the_argument(kwargs, match):
         LoRAQKV(**{"in_features": 8, "out_features": 6, **kwargs})
 
 
+def test_lora_module_takes_numpy_numbers_as_python_ones():
+    """NumPy numbers are numbers: the module keeps Python ones (a np.float32 alpha kept as it is made the scaling
+    alpha / sqrt(rank) in float32, not the float64 a Python alpha gives)."""
+    import numpy as np
+
+    from ace_model.model import LoRAQKV
+
+    lora = LoRAQKV(np.int64(8), np.int64(6), rank=np.int64(3), alpha=np.float32(0.1), dropout=np.float32(0.25))
+    assert (lora.in_features, lora.out_features, lora.rank) == (8, 6, 3)
+    assert type(lora.rank) is int and type(lora.scaling) is float and type(lora.dropout_p) is float
+    assert lora.scaling == float(np.float32(0.1)) / math.sqrt(3) and lora.dropout_p == 0.25
+
+
 def test_lora_module_repr_and_trainable_state_dict(tiny_model):
     lora = tiny_model.image_lora[0]
     assert repr(lora) == "LoRAQKV(in=64, out=64, r=4, scaling=0.5, dropout=0.1)"  # per projection
