@@ -544,6 +544,26 @@ def test_numpy_scalar_arguments_under_compile():
         torch.testing.assert_close(torch.compile(fn)(x, *args), fn(x, *args), rtol=0, atol=0)
 
 
+def test_numpy_integer_topk_under_compile_names_the_argument_and_the_fix():
+    """As for the float arguments above: a NumPy integer topk is traced as a 0-d array, which the integer check
+    would refuse as 'expected an integer >= 1, got array(...)'; it names the fix instead."""
+    np = pytest.importorskip("numpy")
+    module = ace_kernels.ACEHypergraph(dim=16, hidden=8, topk=3)
+    g = torch.Generator().manual_seed(2)
+    x, cls_attn = torch.randn(2, 11, 16, generator=g), torch.rand(2, 10, generator=g)
+
+    def fn(x, topk):
+        return ace_kernels.ace_hypergraph(x, cls_attn, module.edge_adapter, module.node_adapter, topk=topk,
+                                          cls_only=True, backend="torch")
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"argument 'topk': expected a Python number; under torch.compile a NumPy "
+                                        r"scalar is traced as an array, pass float\(\.\.\.\) or int\(\.\.\.\) of it"):
+        torch.compile(fn, fullgraph=True)(x, np.int64(3))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(x, np.int64(3)), fn(x, 3), rtol=0, atol=0)
+
+
 def test_loss_compiled_under_autocast_keeps_float32_backward():
     """The loss ignores autocast, backward included, compiled too. Dynamo traces an autograd
     Function's backward where autocast reads as off, and AOTAutograd runs that trace under the
