@@ -137,6 +137,27 @@ def test_the_cuda_backend_declines_cpu_tensors(toy_op, monkeypatch):
     assert _dispatch.select(toy_op, "auto", [x], (3,))() == "torch"  # triton: the interpreter, or no CUDA tensors
 
 
+def test_device_reasons_name_every_device_a_call_mixes_and_what_the_mode_needs(monkeypatch):
+    """A CUDA tensor beside a CPU one is no call for the cuda backend (one CUDA tensor did not make it one);
+    the Triton backend says which devices it needs under the interpreter and without it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a CUDA tensor without a GPU: only its device is read
+        on_gpu = torch.empty(2, device="cuda:0")
+    monkeypatch.setattr(_dispatch, "built_cuda_archs", lambda: None)
+    on_cpu, on_meta = torch.zeros(2), torch.zeros(2, device="meta")
+    assert _dispatch._device_reasons("cuda", [on_gpu, None, on_cpu]) == [
+        "needs CUDA tensors, got tensors on ['cpu', 'cuda']"]
+    assert _dispatch._device_reasons("cuda", [on_gpu]) == []
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: True)
+    assert _dispatch._device_reasons("triton", [on_cpu, on_meta]) == [
+        "under TRITON_INTERPRET=1 it needs CPU tensors, got tensors on ['cpu', 'meta']"]
+    monkeypatch.setattr(_dispatch, "interpreter_enabled", lambda: False)
+    assert _dispatch._device_reasons("triton", [on_gpu, on_cpu]) == [
+        "needs CUDA tensors, got tensors on ['cpu', 'cuda']"]
+    assert _dispatch._device_reasons("triton", [on_gpu]) == []
+
+
 def test_unknown_backend_argument_is_a_value_error(toy_op):
     with pytest.raises(ValueError, match="argument 'backend'"):
         _dispatch.select(toy_op, "cudnn", [torch.zeros(1)])
