@@ -188,6 +188,8 @@ def test_info_reports_every_backend(capsys):
     for name in ace_kernels.BACKENDS:
         assert name in out
     # And the order auto tries for each public op.
+    # The interpreter's state as the backends take it.
+    assert f"  interpreter {'on' if _dispatch.interpreter_enabled() else 'off'}\n" in out
     order_block, tuned_block = out.split("auto tries, in order")[1].split("\n\n")
     order_lines = order_block.splitlines()[1:]
     assert {line.split()[0] for line in order_lines} == {
@@ -242,6 +244,27 @@ def test_info_on_a_gpu_machine_names_the_card_and_its_tuned_configurations(monke
                          "lora up/fp32")
     names[0] = "Card C"
     assert info.report().splitlines()[-1] == "tuned launch configurations on Card C: none (the defaults)"
+
+
+def test_info_on_a_gpu_machine_lists_the_measured_order_of_each_variant(monkeypatch):
+    """The orders the report lists are those auto tries on cuda:0: a variant's own measured order where the
+    file has one, the op's otherwise (a faked card)."""
+    import types
+
+    from ace_kernels import _tuning, info
+
+    card = types.SimpleNamespace(name="Card A", major=9, minor=0, total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: card)
+    monkeypatch.setattr(_dispatch, "_cuda_device_name", lambda index: "Card A")
+    monkeypatch.setattr(_tuning, "tuned_configs", lambda: {})
+    monkeypatch.setattr(_dispatch, "_MEASURED_ORDERS", {"Card A": {
+        "ace_hypergraph": ["cuda", "torch", "triton"], "ace_hypergraph[cls_only]": ["torch", "triton", "cuda"]}})
+    orders = {line.split()[0]: line.split(None, 1)[1] for line in info.report().split("auto tries, in order")[1]
+              .split("\n\n")[0].splitlines()[1:]}
+    assert orders["ace_hypergraph"] == orders["ace_hypergraph[full]"] == "cuda, torch, triton"
+    assert orders["ace_hypergraph[cls_only]"] == "torch, triton, cuda"
+    assert orders["lora_qkv[small]"] == "triton, torch"  # not measured on this card: declared
 
 
 def test_info_says_cuda_is_unavailable_where_the_extension_has_code_for_no_visible_gpu(monkeypatch):
