@@ -670,6 +670,11 @@ def test_int32_safe_copies_only_layouts_whose_loop_offsets_overflow():
     assert int32_safe(col_major, (0,)) is col_major  # the row dimension is indexed in 64 bits
     row_major = torch.empty((2**16, 2**15 + 1), device="meta")
     assert int32_safe(row_major, (1,)) is row_major
+    # The bound is on the last row's offset, (rows - 1) * stride: just under 2**31 keeps the layout (no copy of
+    # what fits, though rows * stride is over), just over does not.
+    for rows, copied in ((2**15, False), (2**15 + 1, True)):
+        t = torch.empty((rows, 2**16 + 1), device="meta")[:, :2**16]
+        assert (int32_safe(t, (0,)) is not t) is copied
 
 
 def test_the_kernels_grid_limit_is_cudas_65535_blocks():
