@@ -231,22 +231,27 @@ def _opcheck_cases(device):
                           # float16: dA is float32 (its row blocks' partials summed in fp32), dX and dB float16.
                           (*(t.half() for t in (grad_y, x_cat, w, a3, b3)), seed, 0.5, 0.3, True, True, True, True)],
         # Every row (one device), a rank's rows (group=) and a rank with none.
-        "infonce_lse_both": [(u, t, scale, keys, 0, 19), (u, t, scale, None, 3, 11), (u, t, scale, keys, 7, 7)],
+        "infonce_lse_both": [(u, t, scale, keys, 0, 19), (u, t, scale, None, 3, 11), (u, t, scale, keys, 7, 7),
+                             (u.half(), t.half(), scale, keys, 0, 19)],
         # One device's pass; a rank's rows against every column; every row against a rank's columns
         # (fp32 gradients, as group= takes them).
         "infonce_grad_rows": [(u, t, scale, keys, lse, lse, 0, 19, 0, 19, coef),
                               (t, u, scale, None, lse, lse, 5, 9, 0, 19, coef),
                               (u.half(), t.half(), scale, keys, lse, lse, 0, 19, 5, 9, coef, True)],
-        "hg_topk_incidence": [(pn, inv_norm, None, 3), (pn, inv_norm, randint(10, 2, 3), 3)],
-        "hg_gather_sum": [(pn, cols, weights)],
-        "hg_scatter_sum_csr": [(src, weights.reshape(2, 20), row_ptr, perm, 10, 5)],
-        "hg_scatter_sum_atomic": [(src, cols, weights, 10)],
-        "hg_entry_dot": [(src, pn, cols)],
+        # And float16 features: the outputs the fakes declare float32 are float32 there too (not the input's).
+        "hg_topk_incidence": [(pn, inv_norm, None, 3), (pn, inv_norm, randint(10, 2, 3), 3),
+                              (pn.half(), None, None, 3)],
+        "hg_gather_sum": [(pn, cols, weights), (pn.half(), cols, weights)],
+        "hg_scatter_sum_csr": [(src, weights.reshape(2, 20), row_ptr, perm, 10, 5),
+                               (src.half(), weights.reshape(2, 20), row_ptr, perm, 10, 5)],
+        "hg_scatter_sum_atomic": [(src, cols, weights, 10), (src.half(), cols, weights, 10)],
+        "hg_entry_dot": [(src, pn, cols), (src.half(), pn.half(), cols)],
         # The fused cls_only kernels: x [2, 11, 16], k = 3 (the CLS row's top-k, their neighbours).
-        "hg_cls_select": [(pn, cls_idx, 3)],
-        "hg_cls_edges": [(x_hg, cls_idx, cls_w, nbr_idx, nbr_w)],
-        "hg_cls_coef": [(x_hg, grad_e, cls_idx, nbr_idx, nbr_w)],
-        "hg_cls_dx": [(x_hg, grad_e, cls_idx, cls_w, nbr_idx, nbr_w, *coef_hg[:3])],
+        "hg_cls_select": [(pn, cls_idx, 3), (pn.half(), cls_idx, 3)],
+        "hg_cls_edges": [(x_hg, cls_idx, cls_w, nbr_idx, nbr_w), (x_hg.half(), cls_idx, cls_w, nbr_idx, nbr_w)],
+        "hg_cls_coef": [(x_hg, grad_e, cls_idx, nbr_idx, nbr_w), (x_hg.half(), grad_e, cls_idx, nbr_idx, nbr_w)],
+        "hg_cls_dx": [(x_hg, grad_e, cls_idx, cls_w, nbr_idx, nbr_w, *coef_hg[:3]),
+                      (x_hg.half(), grad_e, cls_idx, cls_w, nbr_idx, nbr_w, *coef_hg[:3])],
     }
 
 
