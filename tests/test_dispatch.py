@@ -217,7 +217,9 @@ def test_info_reports_the_environment_variable(capsys, monkeypatch):
                             (" auto ", "\nACE_KERNELS_BACKEND=auto\n")]:  # set, to the default: said so
         monkeypatch.setenv("ACE_KERNELS_BACKEND", value)
         assert info.main() == 0
-        assert expected in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert expected in out
+        assert out.count("ACE_KERNELS_BACKEND") == 1, out  # one line about it (no "=None" after a bad value)
     monkeypatch.delenv("ACE_KERNELS_BACKEND")
     assert info.main() == 0
     assert "ACE_KERNELS_BACKEND" not in capsys.readouterr().out
