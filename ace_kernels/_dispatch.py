@@ -248,7 +248,7 @@ def _global_reasons(backend: str) -> list[str]:
         if error:
             return [error]
         if interpreter_enabled() != _INTERPRETER_AT_IMPORT:
-            now, then = ("1", "not 1") if interpreter_enabled() else ("not 1", "1")
+            now, then = ("on", "off") if interpreter_enabled() else ("off", "on")
             return [f"TRITON_INTERPRET is {now} now but was {then} when ace_kernels was imported, and the Triton "
                     "kernels took their mode then: set it before importing ace_kernels"]
         if not (torch.cuda.is_available() or interpreter_enabled()):

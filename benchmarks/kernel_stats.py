@@ -41,6 +41,7 @@ import torch
 
 from ace_kernels import _tuning, contrastive, lora as lora_module
 from ace_kernels._aot import integer_arguments
+from ace_kernels._dispatch import interpreter_enabled
 from benchmarks import harness
 
 # Besides the aligned pointers, the 16-divisible sizes and strides of the real shapes (768).
@@ -276,8 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_stats", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("TRITON_INTERPRET is set: the interpreter's kernels cannot be compiled (unset it)")
+    if interpreter_enabled():  # read as Triton reads it: "false" or "off" leaves the kernels compiled
+        parser.error("TRITON_INTERPRET is on: the interpreter's kernels cannot be compiled (unset it)")
     if args.json is not None:  # checked before the minute of compiling, not after it
         if not args.json:
             parser.error("argument --json: expected a file path, got ''")

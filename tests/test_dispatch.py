@@ -66,7 +66,7 @@ def test_triton_interpret_changed_after_import_is_named(monkeypatch):
     if _dispatch._triton_import_error():
         pytest.skip("triton does not import here")
     reasons = ace_kernels.available_backends(reasons=True)["triton"]
-    now, then = ("not 1", "1") if _dispatch._INTERPRETER_AT_IMPORT else ("1", "not 1")
+    now, then = ("off", "on") if _dispatch._INTERPRETER_AT_IMPORT else ("on", "off")
     assert reasons == [f"TRITON_INTERPRET is {now} now but was {then} when ace_kernels was imported, and the Triton "
                        "kernels took their mode then: set it before importing ace_kernels"]
     assert "triton" not in ace_kernels.available_backends()

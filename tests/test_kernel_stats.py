@@ -83,13 +83,31 @@ def test_elements_per_step_and_table():
     assert table[2].split()[-2] == "-"
 
 
-def test_the_cli_refuses_the_interpreter(monkeypatch, capsys):
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "on"])
+def test_the_cli_refuses_the_interpreter(monkeypatch, capsys, value):
     from benchmarks import kernel_stats
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
     with pytest.raises(SystemExit):
         kernel_stats.main([])
-    assert "TRITON_INTERPRET" in capsys.readouterr().err
+    assert "TRITON_INTERPRET is on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off", ""])
+def test_the_cli_takes_a_triton_interpret_that_triton_reads_as_off(monkeypatch, value):
+    # Triton compiles its kernels for these: the profile can run (stopped here at its first kernel).
+    from benchmarks import kernel_stats
+
+    class Profiled(Exception):
+        pass
+
+    def stop():
+        raise Profiled
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    monkeypatch.setattr(kernel_stats, "profile_lora", stop)
+    with pytest.raises(Profiled):
+        kernel_stats.main([])
 
 
 def test_contrastive_signature_names_a_wrong_kernel():
