@@ -4043,3 +4043,27 @@ def test_result_readers_refuse_a_file_of_another_schema(tmp_path, capsys):
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps([row]))
     assert suite.main(["--compare", str(this), str(bare)]) == 0 and scorecard.main([str(this)]) == 0
+
+
+def test_a_cpu_environment_names_the_cpu_model_its_cores_threads_and_versions(monkeypatch):
+    """A CPU run's environment: the model name as /proc/cpuinfo gives it (after the colon, no
+    whitespace), with the cores and torch's threads (what its times depend on), torch's own
+    threads and versions; the git sha override is read without its surrounding whitespace."""
+    import builtins
+    import io
+
+    real_open = builtins.open
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+
+    def fake_open(path, *args, **kwargs):
+        return io.StringIO(cpuinfo) if path == "/proc/cpuinfo" else real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setenv("ACE_GIT_SHA", " 0123abcd+dirty\n")
+    assert harness.cpu_model_name() == "AMD EPYC 7B13 64-Core Processor"
+    env = harness.Environment.probe(torch.device("cpu"))
+    assert env.device == "AMD EPYC 7B13 64-Core Processor (3 cores, 2 torch threads)" and env.device_type == "cpu"
+    assert (env.threads, env.torch, env.cuda, env.git_sha) == (2, torch.__version__, torch.version.cuda,
+                                                              "0123abcd+dirty")
