@@ -4067,3 +4067,12 @@ def test_a_cpu_environment_names_the_cpu_model_its_cores_threads_and_versions(mo
     assert env.device == "AMD EPYC 7B13 64-Core Processor (3 cores, 2 torch threads)" and env.device_type == "cpu"
     assert (env.threads, env.torch, env.cuda, env.git_sha) == (2, torch.__version__, torch.version.cuda,
                                                               "0123abcd+dirty")
+
+
+def test_a_failing_nvidia_smi_records_no_driver_even_with_text_on_stdout(monkeypatch):
+    """nvidia-smi that cannot reach the driver exits non-zero with its complaint on stdout: the
+    driver is then unknown (None), not the complaint's first word."""
+    failed = subprocess.CompletedProcess([], 9, "NVIDIA-SMI has failed because it couldn't communicate with the "
+                                                "NVIDIA driver.\n", "")
+    monkeypatch.setattr(harness.subprocess, "run", lambda cmd, **kwargs: failed)
+    assert harness.nvidia_driver_version() is None
