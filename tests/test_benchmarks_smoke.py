@@ -4076,3 +4076,27 @@ def test_a_failing_nvidia_smi_records_no_driver_even_with_text_on_stdout(monkeyp
                                                 "NVIDIA driver.\n", "")
     monkeypatch.setattr(harness.subprocess, "run", lambda cmd, **kwargs: failed)
     assert harness.nvidia_driver_version() is None
+
+
+def test_gpu_peak_memory_starts_from_a_fresh_peak_each_measurement(monkeypatch):
+    """The allocator's peak is reset before each measured call: a peak an earlier provider (or its
+    warm-up) reached is not this call's. Here the allocator's all-time peak is 900 MiB, 100 MiB are
+    live, and the call adds 64 MiB: 64 MiB for ``peak_memory_mib``, ``peak_and_time`` and ``one_call``."""
+    memory = {"live": 100 * harness.MIB, "peak": 900 * harness.MIB}
+
+    def reset_peak(device=None):
+        memory["peak"] = memory["live"]
+
+    def call():
+        memory["peak"] = max(memory["peak"], memory["live"] + 64 * harness.MIB)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["live"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    cuda = torch.device("cuda")
+    assert harness.peak_memory_mib(call, device=cuda) == pytest.approx(64.0)
+    memory["peak"] = 900 * harness.MIB
+    assert harness.peak_and_time(call, device=cuda)[0] == pytest.approx(64.0)
+    memory["peak"] = 900 * harness.MIB
+    assert harness.measure(call, device=cuda, one_call=True).peak_mib == pytest.approx(64.0)
