@@ -4100,3 +4100,35 @@ def test_gpu_peak_memory_starts_from_a_fresh_peak_each_measurement(monkeypatch):
     assert harness.peak_and_time(call, device=cuda)[0] == pytest.approx(64.0)
     memory["peak"] = 900 * harness.MIB
     assert harness.measure(call, device=cuda, one_call=True).peak_mib == pytest.approx(64.0)
+
+
+def test_every_timed_call_starts_without_gradients_on_cpu_and_gpu(monkeypatch):
+    """Each timed call (the CPU loop, and on a GPU the estimate and the back-to-back ``wall_ms``
+    loop) starts with its gradients reset to None, so that each allocates and writes them as a
+    training step does (accumulating into old ones is another, cheaper operation); ``peak_and_time``
+    leaves none behind, which the next measurement would count as live before its call."""
+    triton_testing = pytest.importorskip("triton.testing")
+    clock = _FakeClock()
+    monkeypatch.setattr(harness, "time", clock)
+    x = torch.zeros(1, requires_grad=True)
+    fresh = []
+
+    def step():
+        fresh.append(x.grad is None)
+        x.grad = torch.ones(1)
+        clock.now += 0.002
+
+    timing = harness.time_call(step, device=torch.device("cpu"), grads=[x], min_reps=5, max_reps=7,
+                               min_seconds=1.0, max_seconds=20.0, warmup_calls=1)
+    assert timing.runs == 7 and fresh == [True] * 8
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", _StubEvent)
+    monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, grad_to_none=None, return_mode="mean":
+                        [0.05, 0.05, 0.05, 0.05])
+    fresh.clear()
+    timing = harness.time_call(step, device=torch.device("cuda"), grads=[x], warmup_calls=0)
+    assert timing.wall_calls == 100 and fresh == [True] * (1 + 100)  # the estimate, then the loop
+    _stub_cuda_memory(monkeypatch, live_mib=1.0, peak_mib=2.0)
+    fresh.clear()
+    harness.peak_and_time(step, device=torch.device("cuda"), grads=[x])
+    assert fresh == [True] and x.grad is None
