@@ -4165,3 +4165,18 @@ def test_gpu_measure_warms_up_before_its_memory_call_and_keeps_the_wall_time(mon
     meas = harness.measure(call, device=torch.device("cuda"))
     assert meas.error is None and meas.peak_mib == pytest.approx(64.0)
     assert meas.median_ms == pytest.approx(0.05) and meas.wall_calls == 100 and meas.wall_ms == pytest.approx(1.0)
+
+
+def test_measure_passes_its_repetition_budgets_to_the_cpu_timing(monkeypatch):
+    """``measure``'s ``min_reps``/``min_seconds``/``max_seconds`` are the timing loop's: 0.1 s calls
+    with ``min_seconds=0`` stop at ``min_reps`` (3), not after a second's worth of calls; with
+    ``max_seconds=0.55`` they stop at 5 whatever ``min_reps`` asks."""
+    clock = _FakeClock()
+    monkeypatch.setattr(harness, "time", clock)
+    cpu = torch.device("cpu")
+    meas = harness.measure(clock.calls([0.1]), device=cpu, with_memory=False, min_reps=3, min_seconds=0.0,
+                           max_seconds=100.0)
+    assert meas.runs == 3 and meas.median_ms == pytest.approx(100.0)
+    meas = harness.measure(clock.calls([0.1]), device=cpu, with_memory=False, min_reps=30, min_seconds=0.0,
+                           max_seconds=0.55)
+    assert meas.runs == 5
