@@ -4180,3 +4180,15 @@ def test_measure_passes_its_repetition_budgets_to_the_cpu_timing(monkeypatch):
     meas = harness.measure(clock.calls([0.1]), device=cpu, with_memory=False, min_reps=30, min_seconds=0.0,
                            max_seconds=0.55)
     assert meas.runs == 5
+
+
+def test_skip_reasons_are_the_errors_first_line_and_cuda_faults_are_found_in_any_case():
+    """``describe_error``: the exception's type and the first line of its message, cut to ``limit``
+    (a skip reason is one line); ``is_fatal_cuda_error`` matches its patterns in any case."""
+    assert harness.describe_error(RuntimeError("out of memory\nTraceback (most recent call last): ...")) == \
+        "RuntimeError: out of memory"
+    assert harness.describe_error(ValueError("x" * 50), limit=10) == "ValueError: " + "x" * 10
+    assert harness.describe_error(KeyError()) == "KeyError: "
+    assert harness.is_fatal_cuda_error("Triton Error [CUDA]: Unspecified Launch Failure")
+    assert harness.is_fatal_cuda_error("CUDA ERROR: AN ILLEGAL MEMORY ACCESS WAS ENCOUNTERED")
+    assert not harness.is_fatal_cuda_error("CUDA out of memory. Tried to allocate 2.00 GiB")
