@@ -4192,3 +4192,11 @@ def test_skip_reasons_are_the_errors_first_line_and_cuda_faults_are_found_in_any
     assert harness.is_fatal_cuda_error("Triton Error [CUDA]: Unspecified Launch Failure")
     assert harness.is_fatal_cuda_error("CUDA ERROR: AN ILLEGAL MEMORY ACCESS WAS ENCOUNTERED")
     assert not harness.is_fatal_cuda_error("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_relative_error_of_a_small_reference_is_relative():
+    """A reference whose norm is under 1 (small gradients) is still divided by: 10% off 0.01 is an
+    error of 0.1, not the 0.001 an absolute difference gives (which every check limit would pass);
+    only a zero reference falls back to the absolute difference."""
+    assert harness.relative_error(torch.tensor([0.011, 0.0]), torch.tensor([0.01, 0.0])) == pytest.approx(0.1)
+    assert harness.relative_error(torch.tensor([0.5, 0.0]), torch.zeros(2)) == pytest.approx(0.5)
