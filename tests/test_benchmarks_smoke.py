@@ -4200,3 +4200,12 @@ def test_relative_error_of_a_small_reference_is_relative():
     only a zero reference falls back to the absolute difference."""
     assert harness.relative_error(torch.tensor([0.011, 0.0]), torch.tensor([0.01, 0.0])) == pytest.approx(0.1)
     assert harness.relative_error(torch.tensor([0.5, 0.0]), torch.zeros(2)) == pytest.approx(0.5)
+
+
+def test_a_steps_check_vector_holds_its_loss_then_its_gradients():
+    """``loss_and_grads_vector``: the loss first, then every gradient flattened, in float32, so that
+    a check on it sees a wrong loss as well as a wrong gradient."""
+    loss = torch.tensor(2.0, dtype=FP64, requires_grad=True) * 1.0
+    vector = harness.loss_and_grads_vector(loss, [torch.tensor([[1.0, 3.0]], dtype=FP64), torch.tensor([4.0])])
+    assert vector.dtype == torch.float32 and not vector.requires_grad
+    assert vector.tolist() == [2.0, 1.0, 3.0, 4.0]
