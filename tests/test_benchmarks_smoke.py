@@ -4209,3 +4209,7 @@ def test_a_steps_check_vector_holds_its_loss_then_its_gradients():
     vector = harness.loss_and_grads_vector(loss, [torch.tensor([[1.0, 3.0]], dtype=FP64), torch.tensor([4.0])])
     assert vector.dtype == torch.float32 and not vector.requires_grad
     assert vector.tolist() == [2.0, 1.0, 3.0, 4.0]
+
+
+def test_fmt_groups_thousands_from_1000_on():
+    assert [harness.fmt(v) for v in (999.5, 1000.0, 12.345, 0.012345)] == ["999.5", "1,000", "12.3", "0.0123"]
