@@ -4213,3 +4213,16 @@ def test_a_steps_check_vector_holds_its_loss_then_its_gradients():
 
 def test_fmt_groups_thousands_from_1000_on():
     assert [harness.fmt(v) for v in (999.5, 1000.0, 12.345, 0.012345)] == ["999.5", "1,000", "12.3", "0.0123"]
+
+
+def test_a_replaced_file_gets_the_mode_open_gives_under_the_umask(tmp_path):
+    """A result or package file written through ``_replace_file`` is 0666 less the umask (0644
+    under 022), as ``open`` makes it, not the 0600 of a private temp file: others on the machine
+    (and a later run as another user) can read it."""
+    path = tmp_path / "f.json"
+    old = os.umask(0o022)
+    try:
+        harness._replace_file(str(path), lambda handle: handle.write("{}\n"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and path.read_text() == "{}\n"
