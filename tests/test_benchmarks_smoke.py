@@ -4226,3 +4226,27 @@ def test_a_replaced_file_gets_the_mode_open_gives_under_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and path.read_text() == "{}\n"
+
+
+def test_plot_bars_run_from_1x_to_each_ratio_and_name_the_baseline(tmp_path, monkeypatch):
+    """Each bar spans 1x (as fast or as small as the baseline) to its ratio, to the left when worse
+    (0.5x runs from 1 down to 0.5); a row with a memory ratio and no time ratio still gets its bar
+    (gray on the speedup panel); each bar's label names provider and baseline, so a provider's two
+    comparisons (reference and PEFT-style) can be told apart."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from benchmarks import plot
+
+    common = dict(op="x", shape="s", dtype="bfloat16", median_ms=1.0, peak_mib=1.0, metrics={}, target=None,
+                  target_pass=None)
+    rows = [dict(common, provider="torch", baseline="reference", speedup_vs_baseline=0.5, memory_ratio_vs_baseline=4.0),
+            dict(common, provider="torch", baseline="peft", speedup_vs_baseline=None, memory_ratio_vs_baseline=3.0)]
+    axes, real_savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (axes.extend(self.axes), real_savefig(self, *a, **k))[1])
+    plot.plot_rows(rows, str(tmp_path / "p.png"))
+    spans = [[(bar.get_x(), bar.get_x() + bar.get_width()) for bar in ax.patches] for ax in axes]
+    assert spans[0] == [(1.0, 0.5), (1.0, 1.0)] and spans[1] == [(1.0, 4.0), (1.0, 3.0)]
+    labels = [tick.get_text() for tick in axes[0].get_yticklabels()]
+    assert labels == ["x s [bfloat16]\ntorch vs reference", "x s [bfloat16]\ntorch vs peft"]
