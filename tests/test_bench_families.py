@@ -2250,3 +2250,40 @@ def test_distributed_family_check_catches_a_wrong_rank(tmp_path):
     wrong_rows[3:] *= -1  # rank 1's text rows
     assert ranks(grad_u, wrong_rows, [0.2, 0.3])[2] > 0.1
     assert ranks(grad_u, grad_t, [0.5, 0.5])[2] > 0.01  # each rank's whole scale gradient, not its part
+
+
+def test_device_matmul_row_records_its_clocks_medians_and_a_low_rate_warning(monkeypatch):
+    """The matmul row carries what its rate is read with: the faster attempt's time, the clocks
+    read right after it, both medians to 0.1 us (rounded to 0.1 ms, 0.31 and 0.33 ms would both
+    read 0.3), and on an H200 under 600 TFLOP/s the warning, in the row's metrics and in the run's
+    calibration (which every later family's fraction of peak is against). An nvidia-smi line of
+    other than five fields is not read as the clocks (torch's SM clock instead)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from benchmarks import bench_device
+    from benchmarks.harness import Measurement
+
+    real_rand, real_randn = torch.rand, torch.randn
+    monkeypatch.setattr(torch, "rand", lambda *size, dtype=None, device=None: real_rand(16, dtype=dtype))
+    monkeypatch.setattr(torch, "randn", lambda *size, dtype=None, device=None: real_randn(16, dtype=dtype))
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_device, "warm_up", lambda fn, device, seconds: 10)
+    monkeypatch.setattr(bench_device, "read_clocks", lambda device: {"sm_clock_mhz": 1410.0, "power_w": 699.8})
+    medians = {"copy bandwidth": 2.0, "bf16 matmul (1 of 2)": 0.31234, "bf16 matmul (2 of 2)": 0.33456}
+    suite = _gpu_suite(quick=True)
+    monkeypatch.setattr(suite, "measure", lambda label, fn, grads, **kwargs: Measurement(medians[label], None, 5))
+    bench_device.run(suite)
+    row = {r.op: r for r in suite.rows}["device_matmul"]
+    metrics = row.metrics
+    assert row.median_ms == 0.31234  # the faster attempt's, here the first
+    assert metrics["medians_ms"] == [0.3123, 0.3346] and metrics["sm_clock_mhz"] == 1410.0
+    assert metrics["power_w"] == 699.8 and metrics["warmup_calls"] == 10
+    assert "under the 600" in metrics["warning"] and suite.calibration["warning"] == metrics["warning"]
+    monkeypatch.undo()
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: SimpleNamespace(returncode=0,
+                                                                                     stdout="1980, 1980, 2619, 41\n"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="aaaa"))
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1755, raising=False)
+    assert bench_device.read_clocks(torch.device("cuda", 0)) == {"sm_clock_mhz": 1755.0}
