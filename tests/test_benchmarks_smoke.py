@@ -4250,3 +4250,18 @@ def test_plot_bars_run_from_1x_to_each_ratio_and_name_the_baseline(tmp_path, mon
     assert spans[0] == [(1.0, 0.5), (1.0, 1.0)] and spans[1] == [(1.0, 4.0), (1.0, 3.0)]
     labels = [tick.get_text() for tick in axes[0].get_yticklabels()]
     assert labels == ["x s [bfloat16]\ntorch vs reference", "x s [bfloat16]\ntorch vs peft"]
+
+
+def test_the_probe_family_is_a_costly_tier_family_and_says_so_when_left_out():
+    """The B=1,000,000 probe is the probe family's one item, a costly one: ``--tier costly`` runs the
+    family (an empty COSTLY_ITEMS would skip it as "no costly items", so the probe never ran), and
+    ``--tier cheap`` leaves it out naming that item; on a CPU it cannot run, which the suite's
+    process asks before it starts the family's own."""
+    from benchmarks import bench_probe
+    from benchmarks.suite import _tier_skips
+
+    costly, cheap = _suite("all"), _suite("all")
+    assert _tier_skips(costly, "contrastive_probe", bench_probe, "costly") is False and costly.skipped == []
+    assert _tier_skips(cheap, "contrastive_probe", bench_probe, "cheap") is True
+    assert any("label_guided_infonce B=1000000" in line for line in cheap.skipped), cheap.skipped
+    assert bench_probe.unavailable(_suite("all")) is True
