@@ -2287,3 +2287,20 @@ def test_device_matmul_row_records_its_clocks_medians_and_a_low_rate_warning(mon
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid="aaaa"))
     monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1755, raising=False)
     assert bench_device.read_clocks(torch.device("cuda", 0)) == {"sm_clock_mhz": 1755.0}
+
+
+def test_chunked_infonce_loss_projects_a_partial_last_block_and_never_stops_after_its_only_one(monkeypatch):
+    """The projection counts a partial last block as a block (35 rows in blocks of 10 are 4 blocks: 4 s
+    at 1 s each, over a 3.5 s limit), and a loss computed in one block is never refused after the fact:
+    with nothing left to project, ``max_seconds`` does not apply."""
+    import itertools
+    from types import SimpleNamespace
+
+    clock = itertools.count()
+    monkeypatch.setattr(baselines, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    image, text, scale, labels = _loss_case(batch=35)
+    with pytest.raises(TimeoutError, match=r"^projected 4 s from its first block"):
+        baselines.chunked_infonce_loss(image, text, scale, labels, block_rows=10, max_seconds=3.5)
+    loss = baselines.chunked_infonce_loss(image, text, scale, labels, block_rows=64, max_seconds=0.0)
+    assert loss == pytest.approx(baselines.reference_label_guided_infonce(image, text, scale, labels).item(),
+                                 rel=1e-5)
