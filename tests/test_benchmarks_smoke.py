@@ -4265,3 +4265,20 @@ def test_the_probe_family_is_a_costly_tier_family_and_says_so_when_left_out():
     assert _tier_skips(cheap, "contrastive_probe", bench_probe, "cheap") is True
     assert any("label_guided_infonce B=1000000" in line for line in cheap.skipped), cheap.skipped
     assert bench_probe.unavailable(_suite("all")) is True
+
+
+def test_gpu_timing_with_an_older_triton_counts_the_calls_its_rep_time_holds(monkeypatch):
+    """A Triton whose do_bench has no ``return_mode="all"`` gives its median alone: the row's
+    ``runs`` is then the number of calls do_bench's rep time holds (100 ms of 0.05 ms calls), not 1."""
+    triton_testing = pytest.importorskip("triton.testing")
+
+    def old_do_bench(fn, warmup, rep, grad_to_none=None, return_mode="mean"):
+        if return_mode == "all":
+            raise TypeError("unknown return_mode")
+        return 0.05
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", _StubEvent)
+    monkeypatch.setattr(triton_testing, "do_bench", old_do_bench)
+    timing = harness.time_call(lambda: None, device=torch.device("cuda"), warmup_calls=0)
+    assert timing.median_ms == pytest.approx(0.05) and timing.runs == int(harness.cuda_rep_ms(0.05, 20.0) / 0.05)
