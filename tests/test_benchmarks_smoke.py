@@ -4282,3 +4282,18 @@ def test_gpu_timing_with_an_older_triton_counts_the_calls_its_rep_time_holds(mon
     monkeypatch.setattr(triton_testing, "do_bench", old_do_bench)
     timing = harness.time_call(lambda: None, device=torch.device("cuda"), warmup_calls=0)
     assert timing.median_ms == pytest.approx(0.05) and timing.runs == int(harness.cuda_rep_ms(0.05, 20.0) / 0.05)
+
+
+def test_rows_read_back_with_fields_of_a_later_version_and_tuples_of_non_finite_numbers(tmp_path):
+    """``row_from_json`` drops keys this version does not know (a newer file's field), and a tuple
+    in a row's metrics holding inf is written as JSON can hold it ("inf"), not refused at the save."""
+    row = harness.Row(op="x", shape="s", dtype="float32", provider="torch", baseline=None, median_ms=1.0,
+                      peak_mib=1.0, speedup_vs_baseline=None, memory_ratio_vs_baseline=None, target=None,
+                      target_pass=None, device="d", torch="t", triton=None, cuda=None, git_sha="g", date="now",
+                      metrics={"spread_ms": (1.0, float("inf"))})
+    path = tmp_path / "r.json"
+    harness.write_json(str(path), _gpu_environment(), [row])
+    record = harness.load_rows(str(path))[0]
+    assert record["metrics"]["spread_ms"] == [1.0, "inf"]
+    back = harness.row_from_json(dict(record, added_in_a_later_version=1))
+    assert back.metrics["spread_ms"] == [1.0, float("inf")] and back.median_ms == 1.0
