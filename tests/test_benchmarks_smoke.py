@@ -4297,3 +4297,16 @@ def test_rows_read_back_with_fields_of_a_later_version_and_tuples_of_non_finite_
     assert record["metrics"]["spread_ms"] == [1.0, "inf"]
     back = harness.row_from_json(dict(record, added_in_a_later_version=1))
     assert back.metrics["spread_ms"] == [1.0, float("inf")] and back.median_ms == 1.0
+
+
+def test_the_table_right_aligns_its_number_columns():
+    """Times, peaks and ratios are right-aligned under their headers (digits line up); text columns are
+    left-aligned."""
+    rows = [dict(op="lora_qkv", shape="s", dtype="float32", provider="torch", baseline="reference", median_ms=1.5,
+                 peak_mib=12.25, speedup_vs_baseline=3.0, memory_ratio_vs_baseline=1.0, target=None, target_pass=None),
+            dict(op="x", shape="s", dtype="float32", provider="torch", baseline=None, median_ms=1234.0,
+                 peak_mib=1.0, speedup_vs_baseline=None, memory_ratio_vs_baseline=None, target=None, target_pass=None)]
+    header, _, first, second = harness.format_table(rows).splitlines()
+    end = header.index("median ms") + len("median ms")
+    assert first[:end].endswith(" 1.50") and second[:end].endswith(" 1,234")
+    assert first.startswith("lora_qkv") and second.startswith("x ")
