@@ -4310,3 +4310,16 @@ def test_the_table_right_aligns_its_number_columns():
     end = header.index("median ms") + len("median ms")
     assert first[:end].endswith(" 1.50") and second[:end].endswith(" 1,234")
     assert first.startswith("lora_qkv") and second.startswith("x ")
+
+
+def test_saved_activations_leave_out_an_excluded_view_of_a_larger_storage():
+    """Weights excluded from ``saved_mib`` are matched by their storage, so a weight that is a view
+    at an offset into a larger tensor (q's rows of a stacked q/k/v weight) is still left out."""
+    stacked = torch.randn(3, 2**18)  # 1 MiB of float32 a row
+    weight = stacked[1].requires_grad_()
+    x = torch.randn(2**18, requires_grad=True)
+
+    def forward():
+        return (x * weight).sum()  # saves x and weight
+
+    assert harness.saved_activation_mib(forward, exclude=[weight]) == pytest.approx(1.0)
