@@ -4323,3 +4323,10 @@ def test_saved_activations_leave_out_an_excluded_view_of_a_larger_storage():
         return (x * weight).sum()  # saves x and weight
 
     assert harness.saved_activation_mib(forward, exclude=[weight]) == pytest.approx(1.0)
+
+
+def test_the_environment_date_is_utc_with_its_offset():
+    """The date every row carries is UTC, written with its offset: runs on machines in other time
+    zones compare by it."""
+    date = harness.Environment.probe(torch.device("cpu")).date
+    assert date.endswith("+00:00") and "." not in date
