@@ -2848,6 +2848,18 @@ class _FakeClock:
             self.made += 1
         return fn
 
+    def grad_step(self, seconds):
+        """``(x, fresh, step)``: a call of ``seconds`` that sets ``x.grad``, having recorded in ``fresh``
+        whether it found it reset to None."""
+        x = torch.zeros(1, requires_grad=True)
+        fresh = []
+
+        def step():
+            fresh.append(x.grad is None)
+            x.grad = torch.ones(1)
+            self.now += seconds
+        return x, fresh, step
+
 
 def test_cpu_timing_times_each_call_and_keeps_to_its_budgets(monkeypatch):
     """The CPU loop times each call on its own (not the time since the loop began), stops at
@@ -2881,14 +2893,7 @@ def test_interleaved_cpu_timing_keeps_to_per_entry_budgets_and_resets_gradients(
     call starts with its gradients reset to None, as ``time_call``'s do."""
     clock = _FakeClock()
     monkeypatch.setattr(harness, "time", clock)
-    x = torch.zeros(1, requires_grad=True)
-    fresh = []
-
-    def step():
-        fresh.append(x.grad is None)
-        x.grad = torch.ones(1)
-        clock.now += 0.3
-
+    x, fresh, step = clock.grad_step(0.3)
     timed = harness.time_interleaved([(step, [x]), (clock.calls([0.3]), [])], min_reps=2, max_reps=50,
                                      min_seconds=1.0, max_seconds=20.0)
     assert [t.runs for t in timed] == [4, 4] and timed[0].median_ms == pytest.approx(300.0)
@@ -4110,14 +4115,7 @@ def test_every_timed_call_starts_without_gradients_on_cpu_and_gpu(monkeypatch):
     triton_testing = pytest.importorskip("triton.testing")
     clock = _FakeClock()
     monkeypatch.setattr(harness, "time", clock)
-    x = torch.zeros(1, requires_grad=True)
-    fresh = []
-
-    def step():
-        fresh.append(x.grad is None)
-        x.grad = torch.ones(1)
-        clock.now += 0.002
-
+    x, fresh, step = clock.grad_step(0.002)
     timing = harness.time_call(step, device=torch.device("cpu"), grads=[x], min_reps=5, max_reps=7,
                                min_seconds=1.0, max_seconds=20.0, warmup_calls=1)
     assert timing.runs == 7 and fresh == [True] * 8
