@@ -1301,9 +1301,13 @@ def load_state(path: str | os.PathLike) -> dict:
     FileNotFoundError
         When ``path`` does not exist.
     TrainingStateError (a ValueError)
-        Naming ``path``, when the file cannot be read (corrupt, truncated, not a torch
-        file) or is not a training state of a version this code reads.
+        Naming ``path``, when it is a directory, when the file cannot be read (corrupt,
+        truncated, not a torch file) or is not a training state of a version this code reads.
     """
+    if os.path.isdir(path):  # (open() would say only IsADirectoryError) a run's or a `latest` naming one
+        raise TrainingStateError(f"{path}: a directory, not a training state file (a run's states are its "
+                                 "checkpoints/state-<step>.pt; TrainConfig.resume also takes a run directory, "
+                                 "whose 'latest' it follows)")
     state = read_model_file(lambda: load_weights_only(path), TrainingStateError, str(path), "a training state",
                             check_zip=path)
     if isinstance(state, dict) and {"weights", "metadata"} <= set(state) and "format" not in state:

@@ -1212,6 +1212,17 @@ def test_corrupt_or_foreign_state_files_are_named(tmp_path):
         training.resolve_resume("auto", tmp_path / "run")
 
 
+def test_a_directory_given_or_named_as_a_state_is_refused_naming_it(tmp_path):
+    # open() said only IsADirectoryError; the command line then exited 1, as for a fault, not 2.
+    with pytest.raises(training.TrainingStateError, match=rf"{tmp_path}: a directory, not a training state file"):
+        load_state(tmp_path)
+    (tmp_path / "run" / "checkpoints" / "state-3.pt").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(json.dumps({"state": "state-3.pt"}))
+    named = training.resolve_resume("auto", tmp_path / "run")
+    with pytest.raises(training.TrainingStateError, match=r"state-3.pt: a directory, not a training state file"):
+        load_state(named)
+
+
 def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("keep me")
     model = make_model("standin")
