@@ -56,7 +56,8 @@ bench-quick: $(STAMP)
 CPU_MAX_FILE ?= /sys/fs/cgroup$(shell sed -n 's/^0:://p' /proc/self/cgroup 2>/dev/null)/cpu.max
 TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); \
 	q=$$(cat $(CPU_MAX_FILE) 2>/dev/null); set -- $$q; \
-	case "$$1$$2" in (*[!0-9]*|"") ;; (*) [ "$${2:-0}" -gt 0 ] && c=$$(( ($$1 + $$2 - 1) / $$2 )) && [ $$c -lt $$n ] && n=$$c;; esac; \
+	case "$$1$$2" in (*[!0-9]*|"") ;; \
+		(*) [ "$${2:-0}" -gt 0 ] && c=$$(( ($$1 + $$2 - 1) / $$2 )) && [ $$c -lt $$n ] && n=$$c;; esac; \
 	[ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 PYTEST_WORKERS = -n $(TEST_WORKERS) --dist worksteal
 
