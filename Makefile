@@ -30,6 +30,9 @@ SWITCHES_CHANGED := $(if $(call DIFFERENT,$(SETUP_SWITCHES),$(STAMP_SWITCHES)),s
 PIP_PIN ?= pip==26.3
 $(STAMP): requirements.txt setup.py ace_kernels/_sources.py ace_kernels/_cuda_toolkit.py $(CSRC_FILES) \
 		$(call NO_PYTHON_IN,$(VENV)) $(SWITCHES_CHANGED)
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: $(PYTHON)" \
+		"must be Python 3.11 or newer, as the pinned requirements are (make PYTHON=python3.12 picks another)" >&2; \
+		exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q $(PIP_PIN)
 	$(PY) -m pip install -q -r requirements.txt

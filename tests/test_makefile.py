@@ -419,6 +419,25 @@ def test_a_venv_whose_python_is_gone_is_made_anew(tmp_path, target, venv, python
     assert out.stdout.strip() == "runs"
 
 
+def test_the_set_up_refuses_a_python_older_than_the_pins_need_before_making_the_venv(tmp_path):
+    """A python3 of 3.10 made the venv, then pip failed on numpy's pin ('no matching distribution'),
+    naming no Python; the set-up now says which one and what it needs, and makes no venv."""
+    shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
+    for name in ("requirements.txt", "setup.py", "ace_kernels/_sources.py", "ace_kernels/_cuda_toolkit.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    old = tmp_path / "python3.10"  # answers a version check as 3.10 does; runs anything else
+    old.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec "{sys.executable}" -c "import sys; sys.exit(True)"\n'
+                   f'exec "{sys.executable}" "$@"\n')
+    old.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tmp_path), "setup", f"PYTHON={old}"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert f"make: {old} must be Python 3.11 or newer" in out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
 def test_coverage_fails_when_its_report_fails(tmp_path):
     """`make coverage` piped the report into tee, whose status the shell returned: a report that failed
     (no data combined, an unreadable file) left an empty report.txt and the target passed."""
