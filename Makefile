@@ -102,11 +102,11 @@ STAMP_GPU := $(VENV_GPU)/.installed
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
 	$(shell command -v python3.12 2>/dev/null) $(PYTHON))
 GPU_IMAGE_PINS := torch==2.11.0 triton==3.6.0 numpy==2.5.2 pytest==9.2.0 pytest-xdist==3.8.0
-# What builds the extension there: requirements.txt's versions.
-GPU_IMAGE_BUILD_PINS := setuptools==84.2.1 ninja==1.13.2
+# What builds the extension there: requirements.txt's pins, read from it.
+GPU_IMAGE_BUILD_PINS = $(shell grep -E '^(setuptools|ninja)==' requirements.txt)
 
-# Re-run when the pins here change (the stepwise install skips what is already there).
-$(STAMP_GPU): Makefile .ci/pip_install_stepwise.py $(call NO_PYTHON_IN,$(VENV_GPU))
+# Re-run when the pins here or there change (the stepwise install skips what is already there).
+$(STAMP_GPU): Makefile requirements.txt .ci/pip_install_stepwise.py $(call NO_PYTHON_IN,$(VENV_GPU))
 	test -x $(VENV_GPU)/bin/python || $(PYTHON312) -m venv --clear $(VENV_GPU)
 	$(VENV_GPU)/bin/python .ci/pip_install_stepwise.py $(GPU_IMAGE_PINS) $(GPU_IMAGE_BUILD_PINS)
 	touch $(STAMP_GPU)

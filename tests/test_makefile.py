@@ -262,11 +262,12 @@ def test_the_gpu_image_target_runs_from_a_path_with_spaces(tmp_path):
     (tree / ".ci").mkdir(parents=True)
     shutil.copy(os.path.join(ROOT, "Makefile"), tree / "Makefile")
     shutil.copy(os.path.join(ROOT, ".ci", "pip_install_stepwise.py"), tree / ".ci" / "pip_install_stepwise.py")
+    shutil.copy(os.path.join(ROOT, "requirements.txt"), tree / "requirements.txt")
     python = tree / ".venv-gpu-image" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text(FAKE_VENV_PYTHON)
     python.chmod(0o755)
-    for name in ("Makefile", ".ci/pip_install_stepwise.py"):
+    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt"):
         os.utime(tree / name, (1_000_000_000, 1_000_000_000))
     (tree / ".venv-gpu-image" / ".installed").write_text("")  # the venv is set up: no install
     log = tmp_path / "python.log"
@@ -306,7 +307,7 @@ def test_the_gpu_image_target_puts_back_the_trees_own_extension(tmp_path, pytest
     tree = tmp_path / "tree"
     (tree / ".ci").mkdir(parents=True)
     (tree / "ace_kernels").mkdir()
-    for name in ("Makefile", ".ci/pip_install_stepwise.py"):
+    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt"):
         shutil.copy(os.path.join(ROOT, name), tree / name)
         os.utime(tree / name, (1_000_000_000, 1_000_000_000))
     python = tree / ".venv-gpu-image" / "bin" / "python"
@@ -346,7 +347,7 @@ def _gpu_image_builds_the_extension(tmp_path, **env) -> bool:
     tree = tmp_path / "tree"
     (tree / ".ci").mkdir(parents=True)
     (tree / "ace_kernels").mkdir()
-    for name in ("Makefile", ".ci/pip_install_stepwise.py", "ace_kernels/_cuda_toolkit.py"):
+    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt", "ace_kernels/_cuda_toolkit.py"):
         shutil.copy(os.path.join(ROOT, name), tree / name)
         os.utime(tree / name, (1_000_000_000, 1_000_000_000))
     python = tree / ".venv-gpu-image" / "bin" / "python"
@@ -394,7 +395,7 @@ def test_the_gpu_image_target_finds_the_toolkit_as_setup_py_does(tmp_path, case)
 @pytest.mark.parametrize("target, venv, python_variable, inputs", [
     ("setup", ".venv", "PYTHON", ["requirements.txt", "setup.py", "ace_kernels/_sources.py",
                                   "ace_kernels/_cuda_toolkit.py"]),
-    ("test-gpu-image", ".venv-gpu-image", "PYTHON312", [".ci/pip_install_stepwise.py"]),
+    ("test-gpu-image", ".venv-gpu-image", "PYTHON312", [".ci/pip_install_stepwise.py", "requirements.txt"]),
 ])
 def test_a_venv_whose_python_is_gone_is_made_anew(tmp_path, target, venv, python_variable, inputs):
     """A venv whose interpreter was removed (a pyenv or system Python upgraded) has a dangling bin/python:
@@ -458,6 +459,7 @@ def test_the_gpu_image_venv_takes_a_python3_12_on_path(tmp_path):
     shutil.copy(os.path.join(ROOT, "Makefile"), tmp_path / "Makefile")
     (tmp_path / ".ci").mkdir()
     (tmp_path / ".ci" / "pip_install_stepwise.py").write_text("")
+    (tmp_path / "requirements.txt").write_text("")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python3.12").write_text("#!/bin/sh\n")
     (tmp_path / "bin" / "python3.12").chmod(0o755)
