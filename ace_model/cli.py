@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from ace_model.model import TEXT_ATTENTION  # loaded with the package already
+from ace_model.model import CONFIG_NAMES, TEXT_ATTENTION  # loaded with the package already
 from ace_model.training import LOSS_SCOPES
 
 EXIT_BAD_INPUT = 2
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--csv", required=True, help="CSV with columns image, text and label columns")
     train.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
     train.add_argument("--out-dir", default="runs/ace-lora", help="metrics.jsonl and checkpoints/ go here")
-    train.add_argument("--model", choices=("biomedclip", "tiny"), default="biomedclip")
+    train.add_argument("--model", choices=CONFIG_NAMES, default="biomedclip")
     train.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     train.add_argument("--init-checkpoint", help="start from a released-format ACE-LoRA checkpoint")
     train.add_argument("--epochs", type=int, default=40)
@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--task", choices=("multiclass", "binary", "multilabel"), default="multiclass")
     zero.add_argument("--image-column", default="image")
     zero.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
-    zero.add_argument("--model", choices=("biomedclip", "tiny"), default=None,
+    zero.add_argument("--model", choices=CONFIG_NAMES, default=None,
                       help="default: the model --checkpoint was trained with (train records it), else biomedclip")
     zero.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     zero.add_argument("--checkpoint", help="released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt)")

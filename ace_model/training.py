@@ -67,7 +67,7 @@ from ace_model._atomic import (atomic_torch_save, atomic_write, atomic_write_tex
                                fsync_directory, makedirs_durable, temp_name_pattern)
 from ace_model.checkpoint import (CheckpointError, apply_reference_checkpoint, first_line, load_weights_only,
                                  read_model_file, read_reference_checkpoint)
-from ace_model.model import TEXT_ATTENTION
+from ace_model.model import CONFIG_NAMES, TEXT_ATTENTION
 
 STATE_FORMAT = "ace-lora-train-state"
 # Version 2 added dataset_length, steps_per_epoch and checkpoint_steps (and pruned_steps,
@@ -94,7 +94,7 @@ def recorded_model(blob) -> str | None:
     metadata = blob.get("metadata") if isinstance(blob, dict) else None
     trained = metadata.get(TRAINED_WITH) if isinstance(metadata, dict) else None
     model = trained.get("model") if isinstance(trained, dict) else None
-    return model if isinstance(model, str) and model in ("biomedclip", "tiny") else None
+    return model if isinstance(model, str) and model in CONFIG_NAMES else None
 
 
 _READABLE_STATE_VERSIONS = (1, 2)
@@ -1595,7 +1595,7 @@ def _latest_run(latest: Path) -> str | None:
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
 
-    if config.model not in ("biomedclip", "tiny"):  # (a model passed to train() may carry any name)
+    if config.model not in CONFIG_NAMES:  # (a model passed to train() may carry any name)
         raise ValueError(f"TrainConfig.model: expected 'biomedclip' or 'tiny', got {config.model!r}")
     blob = None
     if config.init_checkpoint:
