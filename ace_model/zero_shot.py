@@ -437,11 +437,8 @@ def _evaluate(model, dataset, class_names, task, batch_size, templates, device, 
     if progress:
         from tqdm.auto import tqdm
 
-        try:
-            total = len(loader)
-        except TypeError:  # an iterable dataset without a length
-            total = None
-        batches = tqdm(loader, total=total, desc="zero-shot", unit="batch")
+        # tqdm takes the loader's length itself, and goes without a total for a dataset that has none.
+        batches = tqdm(loader, desc="zero-shot", unit="batch")
     start = time.perf_counter()
     try:
         image, labels = image_embeddings(model, batches, device)
