@@ -1777,11 +1777,17 @@ def test_an_in_process_run_stopped_by_a_signal_writes_its_rows_and_table(tmp_pat
     and the temporary directory of the item in progress (the demo's, the ranks') left under /tmp, and
     Ctrl-C ended in a KeyboardInterrupt traceback. Now it stops as a run of family processes does: the
     family in progress unwinds (its directory removed), the rows so far and the table are written, and
-    the exit status is 128 + the signal's number."""
+    the exit status is 128 + the signal's number.
+
+    The family waits in steps of 0.1 s, as a real family returns to the interpreter between its calls:
+    Python runs a handler in the main thread only, and the kernel may hand a process's signal to
+    another thread (importing torch starts one), so one long sleep could hold the handler for its
+    whole length (stop 46's CI: the run was still asleep 60 s after SIGTERM)."""
     script = ("import sys, time\nfrom benchmarks import harness, suite\n"
               "class Sleeper:\n    @staticmethod\n    def run(s):\n"
               "        with harness.temp_dir('demo') as held:\n"
-              "            print('holding', held, flush=True)\n            time.sleep(120)\n"
+              "            print('holding', held, flush=True)\n"
+              "            for _ in range(1200):\n                time.sleep(0.1)\n"
               "suite._modules = lambda: {'lora': Sleeper}\n"
               "raise SystemExit(suite.main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=str(tmp_path))
@@ -1798,7 +1804,12 @@ def test_an_in_process_run_stopped_by_a_signal_writes_its_rows_and_table(tmp_pat
                 break
         assert held.is_dir(), "".join(lines)
         proc.send_signal(getattr(signal, how))
-        rest, _ = proc.communicate(timeout=60)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+            pytest.fail(f"still running 60 s after {how}; its output:\n{''.join(lines)}{rest}")
     finally:
         if proc.poll() is None:
             proc.kill()
