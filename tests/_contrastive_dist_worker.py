@@ -3,6 +3,7 @@
 import contextlib
 import os
 import sys
+import time
 from datetime import timedelta
 
 import torch
@@ -180,19 +181,26 @@ def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_
 
 def _write_value_error(rank, world, rendezvous, out_dir, timeout_s, call):
     """Run ``call(ace_kernels)`` in a gloo group and write the ValueError or RuntimeError it raises
-    (``<type>: <message>``, or "no error")."""
+    (``<type>: <message>``, or "no error") to ``rank<r>.txt``, and the call's own seconds to
+    ``rank<r>.seconds``: timed from a barrier, so that neither a loaded machine's start-up nor
+    the ranks' skew counts, only a rank left waiting for a collective's timeout."""
+    import ace_kernels
+
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     try:
-        import ace_kernels
-
+        dist.barrier()
+        started = time.monotonic()
         try:
             call(ace_kernels)
             message = "no error"
         except (ValueError, RuntimeError) as exc:
             message = f"{type(exc).__name__}: {exc}"
+        seconds = time.monotonic() - started
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
             handle.write(message)
+        with open(os.path.join(out_dir, f"rank{rank}.seconds"), "w") as handle:
+            handle.write(repr(seconds))
     finally:
         dist.destroy_process_group()
     exit_now()
