@@ -2088,11 +2088,12 @@ def test_gpu_check_names_its_files_as_device_slug_without_python(tmp_path, monke
     tree = _gpu_check_tree(tmp_path)
     (tree / "benchmarks" / "harness.py").write_text("def device_slug(device):\n    return 'python-named'\n")
     for cards, stem in ((h200, "nvidia-h200"), ("0, GPU-1b2c, NVIDIA H200, Enabled\n", "python-named")):
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        dates = [datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")]
         proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / f"out-{stem}", GPU_CHECK_BUDGET="80",
                                          PATH=_fake_nvidia_smi(tmp_path, cards) + os.pathsep + os.environ["PATH"])
+        dates.append(datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))  # a run across midnight
         assert argv is not None, proc.stdout + proc.stderr + log
-        assert argv[argv.index("--name") + 1] == f"{stem}-{date}", argv
+        assert argv[argv.index("--name") + 1] in {f"{stem}-{date}" for date in dates}, argv
 
     # The script's own functions: slug as device_slug, card_name where it is certain.
     text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
