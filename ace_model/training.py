@@ -1257,10 +1257,10 @@ def _read_latest(latest: Path) -> Path:
         record = json.loads(latest.read_text(encoding="utf-8"))
         path = latest.parent / record["state"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise TrainingStateError(f"{latest}: unreadable checkpoint pointer, expected JSON with a 'state' "
-                                 f"file name ({first_line(exc)})") from exc
+        raise TrainingStateError(f"TrainConfig.resume: {latest}: unreadable checkpoint pointer, expected JSON with "
+                                 f"a 'state' file name ({first_line(exc)})") from exc
     if not path.exists():
-        raise FileNotFoundError(f"{latest} names {record['state']}, which does not exist")
+        raise FileNotFoundError(f"TrainConfig.resume: {latest} names {record['state']}, which does not exist")
     return path
 
 
@@ -1285,11 +1285,12 @@ def _earlier_state_note(path) -> str:
 
 
 def _read_resume_state(path: Path) -> dict:
-    """:func:`load_state`, its error naming the newest earlier state beside it (if any) to resume from."""
+    """:func:`load_state`, its error naming the setting (``TrainConfig.resume``, the command line's
+    ``--resume``) and the newest earlier state beside it (if any) to resume from."""
     try:
         return load_state(path)
     except TrainingStateError as exc:
-        exc.args = (f"{exc.args[0]}{_earlier_state_note(path)}",)
+        exc.args = (f"TrainConfig.resume: {exc.args[0]}{_earlier_state_note(path)}",)
         raise
 
 

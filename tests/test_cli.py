@@ -997,7 +997,7 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_model_is_built(synt
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path, capsys):
+def test_resume_of_a_missing_file_or_a_weights_file_names_it_and_the_flag(synthetic, tmp_path, capsys):
     common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
               "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
     assert cli.main([*common, "--resume", str(tmp_path / "missing.pt")]) == cli.EXIT_BAD_INPUT
@@ -1007,8 +1007,20 @@ def test_resume_of_a_missing_file_or_a_weights_file_names_it(synthetic, tmp_path
     ACELoRA.from_config("tiny").save_reference_checkpoint(weights)
     assert cli.main([*common, "--resume", str(weights)]) == cli.EXIT_BAD_INPUT
     line = _one_error_line(capsys.readouterr().err, "train")
-    assert "a released-format weights file (for train --init-checkpoint or zero-shot --checkpoint), not a training " \
-           "state" in line, line
+    assert line.startswith(f"ace-lora train: error: --resume: {weights}: a released-format weights file (for train "
+                           "--init-checkpoint or zero-shot --checkpoint), not a training state"), line
+    # A state that cannot be read, and a run's 'latest' that cannot be followed, name the flag too.
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02 not a pickle")
+    assert cli.main([*common, "--resume", str(tmp_path / "garbage.pt")]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert line.startswith(f"ace-lora train: error: --resume: {tmp_path / 'garbage.pt'}: cannot be read"), line
+    for latest, said in (("{not json", "unreadable checkpoint pointer"), ('{"state": "gone.pt"}', "names gone.pt")):
+        (tmp_path / "old" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "old" / "checkpoints" / "latest").write_text(latest)
+        assert cli.main([*common, "--resume", str(tmp_path / "old")]) == cli.EXIT_BAD_INPUT
+        line = _one_error_line(capsys.readouterr().err, "train")
+        assert line.startswith(f"ace-lora train: error: --resume: {tmp_path / 'old' / 'checkpoints' / 'latest'}"
+                               f"{':' if latest.startswith('{not') else ''} {said}"), line
 
 
 def test_a_missing_resume_state_or_folder_is_named_before_the_model_is_built(synthetic, tmp_path, capsys,
