@@ -5,10 +5,18 @@ which reads TRITON_INTERPRET when the kernels are decorated: so it is set here,
 before anything imports ace_kernels.
 """
 
+import faulthandler
 import os
 
 import pytest
 import torch
+
+# A test still running after this many seconds (ACE_TEST_TIMEOUT_S; 0: no limit) is taken for hung,
+# a deadlocked collective or a child that never ends: its process writes every thread's traceback
+# to stderr and exits, which fails it (pytest-xdist reports that its worker crashed while running
+# that test, and starts another) instead of holding CI to CI's own limit with no word of where.
+# The slowest test, the InfoNCE kernels' sm_90a spill check, took up to 474 s on 2 cores.
+TEST_TIMEOUT_S = float(os.environ.get("ACE_TEST_TIMEOUT_S", "1800"))
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
@@ -22,6 +30,10 @@ CUDA_EXT_RUNS = "cuda" in ace_kernels.available_backends()
 
 
 def pytest_configure(config):
+    if TEST_TIMEOUT_S > 0:
+        # The terminal's stderr, kept now: while a test runs, pytest captures file descriptor 2 into a
+        # file that an exiting process would take with it.
+        config.ace_timeout_stderr = os.dup(2)
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, and reported as skipped, without one)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (on CPU under TRITON_INTERPRET=1)")
     config.addinivalue_line("markers", "slow: long CPU test, still part of CI")
@@ -43,6 +55,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "triton" in item.keywords and not TRITON_RUNS:
             item.add_marker(skip_triton)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The test's set-up, call and tear-down, ended past ``TEST_TIMEOUT_S`` (see above)."""
+    stderr = getattr(item.config, "ace_timeout_stderr", None)
+    if stderr is not None:
+        faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True, file=stderr)
+    try:
+        yield
+    finally:
+        if stderr is not None:
+            faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

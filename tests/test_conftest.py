@@ -1,0 +1,39 @@
+"""The test suite's own set-up (tests/conftest.py): the time limit of one test."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pytest(tmp_path, tests: str, limit: str) -> subprocess.CompletedProcess:
+    """``tests`` (a test module's text) run by pytest in one process under this suite's conftest,
+    with ACE_TEST_TIMEOUT_S=``limit``."""
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_limit.py").write_text(tests)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env.update(ACE_TEST_TIMEOUT_S=limit, PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_test_past_the_limit_fails_with_every_threads_traceback_and_each_test_has_its_own(tmp_path):
+    """A hung test ends at ACE_TEST_TIMEOUT_S: its process writes the tracebacks (to the terminal's
+    stderr, not pytest's capture of it) and exits 1; two tests that each stay under the limit, but
+    not together, both pass (the limit is one test's)."""
+    tests = ("import pathlib, time\n"
+             "def test_a():\n    time.sleep(2.5)\n    pathlib.Path('a.done').touch()\n"
+             "def test_b():\n    time.sleep(2.5)\n    pathlib.Path('b.done').touch()\n"
+             "def test_hung():\n    time.sleep(60)\n")
+    proc = _pytest(tmp_path, tests, "4")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = proc.stderr
+    assert "Timeout (0:00:04)!" in said and "test_limit.py\", line 9 in test_hung" in said, said[-3000:]
+    assert (tmp_path / "a.done").exists() and (tmp_path / "b.done").exists()
+
+
+def test_a_limit_of_zero_sets_none(tmp_path):
+    proc = _pytest(tmp_path, "def test_fine():\n    pass\n", "0")
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
