@@ -17,7 +17,9 @@ the rows it saved stay. A family's process is in a process group of its own: on 
 this process kills that group, then writes the JSON and the table and exits; if this process is
 killed outright, the family's process dies with it (``PR_SET_PDEATHSIG``, benchmarks/__main__.py).
 With ``--in-process`` SIGTERM/SIGINT stop the family in progress (its temporary directories
-removed as it unwinds), then the JSON and the table are written the same way.
+removed as it unwinds), then the JSON and the table are written the same way. Python runs the
+handler between two lines of Python: a family inside one long call (a kernel, a wait on a child)
+stops when that call returns, and may not stop before if the signal reached another thread.
 """
 
 from __future__ import annotations
