@@ -1,10 +1,13 @@
 """The README's Python examples run as written: the API one with the tensors it names made up
-front, the training one as it stands (it makes its own data), each in a fresh process."""
+front, the training one as it stands (it makes its own data), each in a fresh process; and its
+`ace-lora` command lines parse."""
 
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,3 +72,41 @@ def test_the_training_example_runs(tmp_path):
     proc = _run(_block("TrainConfig(") + TRAINING_CHECKS, tmp_path)
     assert proc.returncode == 0 and "training example ran" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "run1" / "metrics.jsonl").is_file()
+
+
+def _command_lines() -> list[list[str]]:
+    """The README's `ace-lora` command lines (bash blocks; continuation lines joined, comments and
+    a `...` dropped), as the argument lists the command line parses; `torchrun ... -m
+    ace_model.cli` lines from the module's name on."""
+    import shlex
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```$", text, re.S | re.M):
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            words = shlex.split(line, comments=True)
+            if "ace-lora" in words:
+                commands.append(words[words.index("ace-lora") + 1:])
+            elif "ace_model.cli" in words:
+                commands.append(words[words.index("ace_model.cli") + 1:])
+    return [[word for word in words if word != "..."] for words in commands]
+
+
+def test_the_readme_command_lines_parse_with_whole_flag_names():
+    """Each parses, and names each flag in full (argparse would also take `--loss-scop`)."""
+    import argparse
+
+    from ace_model import cli
+
+    parser = cli._parser()
+    (commands_action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {name: set(sub._option_string_actions) for name, sub in commands_action.choices.items()}
+    commands = _command_lines()
+    assert len(commands) == 9 and {words[0] for words in commands} == {"demo", "train", "zero-shot"}, commands
+    for words in commands:
+        try:
+            parser.parse_args(words)
+        except SystemExit as exc:  # argparse's usage error
+            pytest.fail(f"the README's `ace-lora {' '.join(words)}` does not parse (exit {exc.code})")
+        partial = [w for w in words if w.startswith("--") and w.split("=", 1)[0] not in flags[words[0]]]
+        assert not partial, f"the README's `ace-lora {' '.join(words)}` abbreviates {partial}"
