@@ -1593,6 +1593,16 @@ def _latest_run(latest: Path) -> str | None:
     return run if isinstance(run, str) else None
 
 
+@contextlib.contextmanager
+def _named_init_checkpoint():
+    """A CheckpointError (it names the file) raised again naming the setting too (the command line
+    says --init-checkpoint for it)."""
+    try:
+        yield
+    except CheckpointError as exc:
+        raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
+
+
 def _build_model(config: TrainConfig) -> nn.Module:
     from ace_model import ACELoRA
 
@@ -1602,10 +1612,8 @@ def _build_model(config: TrainConfig) -> nn.Module:
     if config.init_checkpoint:
         # Read, and the model it records compared, before the model is built (BiomedCLIP's towers take
         # seconds): an unreadable file, or one of the other configuration, is refused without that wait.
-        try:
+        with _named_init_checkpoint():
             blob = read_reference_checkpoint(config.init_checkpoint)
-        except CheckpointError as exc:  # it names the file; the CLI says --init-checkpoint for the field
-            raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
         recorded = recorded_model(blob)
         if recorded is not None and recorded != config.model:
             raise CheckpointError(f"TrainConfig.init_checkpoint: {os.fspath(config.init_checkpoint)}: trained with "
@@ -1622,10 +1630,8 @@ def _build_model(config: TrainConfig) -> nn.Module:
     if blob is not None:
         # The loader itself, not the model's method: its advice (set model.text_attention) is said
         # here as the run's.
-        try:
+        with _named_init_checkpoint():
             metadata = apply_reference_checkpoint(model, config.init_checkpoint, blob)
-        except CheckpointError as exc:
-            raise CheckpointError(f"TrainConfig.init_checkpoint: {exc}") from exc
         del blob  # copied into the model
         recorded = recorded_text_attention(metadata)
         if recorded is not None and recorded not in TEXT_ATTENTION:
