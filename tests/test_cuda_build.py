@@ -381,10 +381,22 @@ def test_meta_kernels_keep_a_symbolic_batch():
 
 def _sdist_names(tmp_path) -> set[str]:
     """The paths an sdist of this checkout holds, relative to its top folder."""
+    import fcntl
     import tarfile
 
-    built = _setup_py(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)],
-                      ROOT, ACE_KERNELS_SKIP_CUDA="1")
+    # sdist builds its release tree in the checkout itself (ROOT/ace_kernels-<version>/) and removes it
+    # when done: two at once (two tests here, in two pytest-xdist processes) remove it under each other
+    # ("No such file or directory: 'ace_kernels-0.1.0/tmp...'"). One at a time: a lock on ROOT.
+    root = os.open(ROOT, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(root, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock on folders (NFS emulates it with write locks)
+            pass
+        built = _setup_py(["setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)],
+                          ROOT, ACE_KERNELS_SKIP_CUDA="1")
+    finally:
+        os.close(root)  # (releases the lock)
     assert built.returncode == 0, built.stderr
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
