@@ -6,17 +6,18 @@ before anything imports ace_kernels.
 """
 
 import faulthandler
+import math
 import os
 
 import pytest
 import torch
 
-# A test still running after this many seconds (ACE_TEST_TIMEOUT_S; 0: no limit) is taken for hung,
+# A test still running after ACE_TEST_TIMEOUT_S seconds (default below; 0: no limit) is taken for hung,
 # a deadlocked collective or a child that never ends: its process writes every thread's traceback
 # to stderr and exits, which fails it (pytest-xdist reports that its worker crashed while running
 # that test, and starts another) instead of holding CI to CI's own limit with no word of where.
 # The slowest test, the InfoNCE kernels' sm_90a spill check, took up to 474 s on 2 cores.
-TEST_TIMEOUT_S = float(os.environ.get("ACE_TEST_TIMEOUT_S", "1800"))
+DEFAULT_TEST_TIMEOUT_S = 1800.0
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
@@ -29,8 +30,22 @@ TRITON_RUNS = "triton" in ace_kernels.available_backends()
 CUDA_EXT_RUNS = "cuda" in ace_kernels.available_backends()
 
 
+def _test_timeout_s() -> float:
+    said = os.environ.get("ACE_TEST_TIMEOUT_S", "").strip()
+    if not said:
+        return DEFAULT_TEST_TIMEOUT_S
+    try:
+        seconds = float(said)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):  # a usage error, not a conftest traceback
+        raise pytest.UsageError(f"ACE_TEST_TIMEOUT_S: expected a number of seconds, 0 for no limit, got {said!r}")
+    return seconds
+
+
 def pytest_configure(config):
-    if TEST_TIMEOUT_S > 0:
+    config.ace_timeout_s = _test_timeout_s()
+    if config.ace_timeout_s > 0:
         # The terminal's stderr, kept now: while a test runs, pytest captures file descriptor 2 into a
         # file that an exiting process would take with it.
         config.ace_timeout_stderr = os.dup(2)
@@ -59,10 +74,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """The test's set-up, call and tear-down, ended past ``TEST_TIMEOUT_S`` (see above)."""
+    """The test's set-up, call and tear-down, ended past ACE_TEST_TIMEOUT_S seconds (see above)."""
     stderr = getattr(item.config, "ace_timeout_stderr", None)
     if stderr is not None:
-        faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True, file=stderr)
+        faulthandler.dump_traceback_later(item.config.ace_timeout_s, exit=True, file=stderr)
     try:
         yield
     finally:

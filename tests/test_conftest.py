@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,3 +39,12 @@ def test_a_test_past_the_limit_fails_with_every_threads_traceback_and_each_test_
 def test_a_limit_of_zero_sets_none(tmp_path):
     proc = _pytest(tmp_path, "def test_fine():\n    pass\n", "0")
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("limit", ["abc", "-1", "nan"])
+def test_a_limit_that_is_no_number_of_seconds_is_a_usage_error_naming_the_variable(tmp_path, limit):
+    proc = _pytest(tmp_path, "def test_fine():\n    pass\n", limit)
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert f"ACE_TEST_TIMEOUT_S: expected a number of seconds, 0 for no limit, got {limit!r}" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
