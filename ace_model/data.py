@@ -10,6 +10,7 @@ error naming its row and column).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import html
@@ -243,7 +244,8 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
     position, from 1); the row (numbered from 1 after the header) and its file line(s) when it
     has fewer fields than the header or more non-empty ones (an empty surplus field, from a
     trailing comma, is ignored); the line of the first byte that is not UTF-8; a malformed
-    line (e.g. an unterminated quote); a file with no header (empty, or blank lines only).
+    line (e.g. an unterminated quote); a file with no header (empty, or blank lines only). A header
+    separated by ';', tabs or '|' and a UTF-16 or UTF-32 file are said to be such.
     Blank lines (empty, or spaces and tabs alone) before the header and among the rows are skipped.
     """
     csv_path = os.fspath(csv_path)
@@ -275,7 +277,7 @@ def read_csv(csv_path: str | os.PathLike, required: Sequence[str]) -> tuple[list
             if missing:
                 raise DataError(f"CSV file {csv_path!r} is missing required column(s) "
                                 f"{', '.join(repr(c) for c in missing)} (found columns: {header})"
-                                f"{_near_names_hint(missing, header)}")
+                                f"{_near_names_hint(missing, header)}{_separator_hint(missing, header)}")
             rows = []
             number = 0
             last_line = reader.line_num  # a row starts on the line after the last one read
@@ -321,6 +323,16 @@ def _near_names_hint(missing: Sequence[str], header: Sequence[str]) -> str:
     return f"; names must match exactly, check {', '.join(near)}" if near else ""
 
 
+def _separator_hint(missing: Sequence[str], header: Sequence[str]) -> str:
+    """Columns are separated by commas; this names the separator a header holds the missing names
+    behind instead (a spreadsheet's export in a locale whose decimal mark is the comma uses ';')."""
+    for separator, name in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")):
+        parts = {part.strip() for field in header for part in field.split(separator)}
+        if any(separator in field for field in header) and any(c in parts for c in missing):
+            return f"; the header is separated by {name}, not commas: save the file comma-separated"
+    return ""
+
+
 def _rows_fingerprint(label_columns, rows) -> str:
     digest = hashlib.sha256(json.dumps(list(label_columns)).encode())
     for row in rows:
@@ -332,6 +344,10 @@ def _rows_fingerprint(label_columns, rows) -> str:
 def _first_non_utf8(path: str) -> str:
     with open(path, "rb") as handle:
         data = handle.read()
+    for marks, encoding in (((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE), "UTF-32"),
+                            ((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE), "UTF-16")):
+        if data.startswith(marks):
+            return f"it is {encoding} (it starts with {encoding}'s byte-order mark)"
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -644,6 +644,32 @@ def test_non_utf8_csv_names_the_file_and_line(tiny, synthetic, tmp_path, capsys)
     assert CSVImageTextDataset(bom, tiny.tokenizer()).labels.tolist() == [[1.0]]
 
 
+@pytest.mark.parametrize("separator,name", [(";", "';'"), ("\t", "tabs"), ("|", "'|'")])
+def test_a_csv_separated_otherwise_than_by_commas_is_said_to_be(tmp_path, separator, name):
+    """A spreadsheet's export where the comma is the decimal mark uses ';': the error said only that
+    'image' and 'text' were missing, beside one column named 'image;text;edema'."""
+    path = tmp_path / "other.csv"
+    path.write_text(separator.join(["image", "text", "edema"]) + "\n" + separator.join(["x.png", "t", "1"]) + "\n")
+    for required in (["image", "text"], ["image", "label"]):
+        with pytest.raises(DataError, match=rf"is missing required column\(s\) .*; the header is separated by "
+                                            rf"{re.escape(name)}, not commas: save the file comma-separated$"):
+            read_csv(path, required)
+    # Commas, with a ';' in a column's name: only the name that is missing is said.
+    path.write_text(f"image,text{separator}note\nx.png,t\n")
+    with pytest.raises(DataError, match=r"is missing required column\(s\) 'label' \(found columns: .*\)$"):
+        read_csv(path, ["image", "label"])
+
+
+@pytest.mark.parametrize("encoding,name", [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])
+def test_a_utf16_or_utf32_csv_is_said_to_be(tmp_path, encoding, name):
+    path = tmp_path / "wide.csv"
+    text = "image,text\nx.png,t\n"
+    path.write_bytes(("\ufeff" + text).encode(encoding) if encoding.endswith("-be") else text.encode(encoding))
+    with pytest.raises(DataError, match=rf"wide.csv' is not UTF-8 text: it is {name} \(it starts with {name}'s "
+                                        r"byte-order mark\); save it as UTF-8$"):
+        read_csv(path, ["image", "text"])
+
+
 @pytest.mark.parametrize("fields,count", [(["x.png", "too few"], 2), (["x.png", "too many", "1", "0"], 4)])
 def test_row_with_wrong_field_count_names_the_row(tiny, synthetic, tmp_path, fields, count):
     image = str(synthetic.parent / "test" / "00000.png")
