@@ -796,9 +796,9 @@ class TrainConfig:
         """Raise a ``ValueError`` starting with ``TrainConfig.<field>:`` for the first bad field
         (the command line rewrites that prefix to the flag's name)."""
         for name in _PATH_FIELDS:
-            value = getattr(self, name)
-            if not (isinstance(value, (str, os.PathLike)) or (value is None and name != "out_dir")):
-                allowed = "a path (str or os.PathLike)" + (" or None" if name != "out_dir" else "")
+            value, optional = getattr(self, name), name != "out_dir"
+            if not (isinstance(value, (str, os.PathLike)) or (value is None and optional)):
+                allowed = "a path (str or os.PathLike)" + (" or None" if optional else "")
                 raise ValueError(f"TrainConfig.{name}: expected {allowed}, got {type(value).__name__} {value!r}")
         for name in ("epochs", "batch_size", "keep_checkpoints", "checkpoint_every", "num_workers"):
             _check_integer(self, name)
