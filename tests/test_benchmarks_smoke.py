@@ -2965,6 +2965,21 @@ def _stub_cuda_memory(monkeypatch, *, live_mib, peak_mib):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak_mib * harness.MIB)
 
 
+def _stub_cuda_allocator(monkeypatch, *, live_mib, peak_mib) -> dict:
+    """A CUDA allocator stand-in whose ``reset_peak_memory_stats`` lowers the peak to what is live:
+    its ``{"live": bytes, "peak": bytes}``, returned, are what the test's calls move."""
+    memory = {"live": live_mib * harness.MIB, "peak": peak_mib * harness.MIB}
+
+    def reset_peak(device=None):
+        memory["peak"] = memory["live"]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["live"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    return memory
+
+
 def test_gpu_peak_memory_counts_only_what_the_call_adds(monkeypatch):
     """GPU peak memory is the allocator's peak during the call less what was live before it (the
     call's inputs): 100 MiB live, a peak of 164 MiB, 64 MiB for the call. ``one_call`` measures
@@ -4111,18 +4126,11 @@ def test_gpu_peak_memory_starts_from_a_fresh_peak_each_measurement(monkeypatch):
     """The allocator's peak is reset before each measured call: a peak an earlier provider (or its
     warm-up) reached is not this call's. Here the allocator's all-time peak is 900 MiB, 100 MiB are
     live, and the call adds 64 MiB: 64 MiB for ``peak_memory_mib``, ``peak_and_time`` and ``one_call``."""
-    memory = {"live": 100 * harness.MIB, "peak": 900 * harness.MIB}
-
-    def reset_peak(device=None):
-        memory["peak"] = memory["live"]
+    memory = _stub_cuda_allocator(monkeypatch, live_mib=100, peak_mib=900)
 
     def call():
         memory["peak"] = max(memory["peak"], memory["live"] + 64 * harness.MIB)
 
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["live"])
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
     cuda = torch.device("cuda")
     assert harness.peak_memory_mib(call, device=cuda) == pytest.approx(64.0)
     memory["peak"] = 900 * harness.MIB
@@ -4164,10 +4172,7 @@ def test_gpu_measure_warms_up_before_its_memory_call_and_keeps_the_wall_time(mon
     triton_testing = pytest.importorskip("triton.testing")
     clock = _FakeClock()
     monkeypatch.setattr(harness, "time", clock)
-    memory = {"live": 100 * harness.MIB, "peak": 100 * harness.MIB}
-
-    def reset_peak(device=None):
-        memory["peak"] = memory["live"]
+    memory = _stub_cuda_allocator(monkeypatch, live_mib=100, peak_mib=100)
 
     def call():
         if not calls:
@@ -4177,10 +4182,6 @@ def test_gpu_measure_warms_up_before_its_memory_call_and_keeps_the_wall_time(mon
         clock.now += 0.001
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset_peak)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: memory["live"])
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
     monkeypatch.setattr(torch.cuda, "Event", _StubEvent)
     monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, grad_to_none=None, return_mode="mean":
                         [0.05, 0.05, 0.05, 0.05])
