@@ -255,21 +255,26 @@ printf '%s|%s\\n' "$PYTHONPATH" "$*" >> "$FAKE_PYTHON_LOG"
 """
 
 
+def _gpu_image_tree(tree, venv_python: str, *extra: str) -> None:
+    """A tree whose `make test-gpu-image` finds its venv set up (no install): the Makefile, what that venv's
+    stamp depends on and ``extra`` files copied with old mtimes, and ``venv_python`` as the venv's Python."""
+    (tree / ".ci").mkdir(parents=True)
+    (tree / "ace_kernels").mkdir()
+    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt", *extra):
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
+    python = tree / ".venv-gpu-image" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(venv_python)
+    python.chmod(0o755)
+    (tree / ".venv-gpu-image" / ".installed").write_text("")
+
+
 def test_the_gpu_image_target_runs_from_a_path_with_spaces(tmp_path):
     """`make test-gpu-image` hands the clone to Python as PYTHONPATH: unquoted, a clone under a folder
     whose name has a space set PYTHONPATH to the part before it and ran the rest as a command."""
     tree = tmp_path / "a clone with spaces"
-    (tree / ".ci").mkdir(parents=True)
-    shutil.copy(os.path.join(ROOT, "Makefile"), tree / "Makefile")
-    shutil.copy(os.path.join(ROOT, ".ci", "pip_install_stepwise.py"), tree / ".ci" / "pip_install_stepwise.py")
-    shutil.copy(os.path.join(ROOT, "requirements.txt"), tree / "requirements.txt")
-    python = tree / ".venv-gpu-image" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text(FAKE_VENV_PYTHON)
-    python.chmod(0o755)
-    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt"):
-        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
-    (tree / ".venv-gpu-image" / ".installed").write_text("")  # the venv is set up: no install
+    _gpu_image_tree(tree, FAKE_VENV_PYTHON)
     log = tmp_path / "python.log"
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "PYTHONPATH")}
     out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tree), "test-gpu-image", "TEST_WORKERS=0"],
@@ -305,16 +310,7 @@ def test_the_gpu_image_target_puts_back_the_trees_own_extension(tmp_path, pytest
     for another torch. The tests still see the GPU image's build alone; the tree's builds come back after
     them, whether they pass or fail."""
     tree = tmp_path / "tree"
-    (tree / ".ci").mkdir(parents=True)
-    (tree / "ace_kernels").mkdir()
-    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt"):
-        shutil.copy(os.path.join(ROOT, name), tree / name)
-        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
-    python = tree / ".venv-gpu-image" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text(GPU_IMAGE_BUILD_PYTHON)
-    python.chmod(0o755)
-    (tree / ".venv-gpu-image" / ".installed").write_text("")
+    _gpu_image_tree(tree, GPU_IMAGE_BUILD_PYTHON)
     own = {"_C.cpython-312-x86_64-linux-gnu.so": "the tree's 3.12 build\n",
            "_C.cpython-311-x86_64-linux-gnu.so": "the tree's 3.11 build\n"}
     for name, text in own.items():
@@ -345,16 +341,7 @@ def _gpu_image_builds_the_extension(tmp_path, **env) -> bool:
     """Whether `make test-gpu-image` (its venv set up, its Python :data:`FAKE_GPU_IMAGE_PYTHON`) builds the
     extension under ``env``."""
     tree = tmp_path / "tree"
-    (tree / ".ci").mkdir(parents=True)
-    (tree / "ace_kernels").mkdir()
-    for name in ("Makefile", ".ci/pip_install_stepwise.py", "requirements.txt", "ace_kernels/_cuda_toolkit.py"):
-        shutil.copy(os.path.join(ROOT, name), tree / name)
-        os.utime(tree / name, (1_000_000_000, 1_000_000_000))
-    python = tree / ".venv-gpu-image" / "bin" / "python"
-    python.parent.mkdir(parents=True)
-    python.write_text(FAKE_GPU_IMAGE_PYTHON.format(python=sys.executable))
-    python.chmod(0o755)
-    (tree / ".venv-gpu-image" / ".installed").write_text("")
+    _gpu_image_tree(tree, FAKE_GPU_IMAGE_PYTHON.format(python=sys.executable), "ace_kernels/_cuda_toolkit.py")
     log = tmp_path / "python.log"
     out = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(tree), "test-gpu-image", "TEST_WORKERS=0"],
                          env=_make_env(FAKE_PYTHON_LOG=str(log), **env), capture_output=True, text=True, timeout=60)
