@@ -43,8 +43,20 @@ def _test_timeout_s() -> float:
     return seconds
 
 
+def _threads_per_worker(threads: int, workers: int) -> int:
+    """Torch threads for each of ``workers`` test processes that share ``threads``."""
+    return max(1, threads // workers) if workers > 1 else threads
+
+
 def pytest_configure(config):
     config.ace_timeout_s = _test_timeout_s()
+    # pytest-xdist's workers share the cores that torch's default thread count counts in each of them.
+    # With 2 workers on 2 cores, each worker's 2 OpenMP threads spin against the other worker: the demo
+    # (tests/test_cli.py) took 255 s in CI's tests, 26 s alone, and 69 s beside one busy process with
+    # 2 threads against 31 s with 1.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if workers.isdigit():
+        torch.set_num_threads(_threads_per_worker(torch.get_num_threads(), int(workers)))
     if config.ace_timeout_s > 0:
         # The terminal's stderr, kept now: while a test runs, pytest captures file descriptor 2 into a
         # file that an exiting process would take with it.

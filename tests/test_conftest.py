@@ -1,4 +1,4 @@
-"""The test suite's own set-up (tests/conftest.py): the time limit of one test."""
+"""The test suite's own set-up (tests/conftest.py): the time limit of one test, torch's threads."""
 
 import os
 import shutil
@@ -10,13 +10,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _pytest(tmp_path, tests: str, limit: str) -> subprocess.CompletedProcess:
+def _pytest(tmp_path, tests: str, limit: str, **env_extra: str) -> subprocess.CompletedProcess:
     """``tests`` (a test module's text) run by pytest in one process under this suite's conftest,
-    with ACE_TEST_TIMEOUT_S=``limit``."""
+    with ACE_TEST_TIMEOUT_S=``limit`` and ``env_extra``."""
     shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "test_limit.py").write_text(tests)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
-    env.update(ACE_TEST_TIMEOUT_S=limit, PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(ACE_TEST_TIMEOUT_S=limit, PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **env_extra)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
@@ -48,3 +48,24 @@ def test_a_limit_that_is_no_number_of_seconds_is_a_usage_error_naming_the_variab
     said = proc.stdout + proc.stderr
     assert f"ACE_TEST_TIMEOUT_S: expected a number of seconds, 0 for no limit, got {limit!r}" in said, said[-3000:]
     assert "Traceback" not in said, said[-3000:]
+
+
+
+@pytest.mark.parametrize("threads,workers,each", [(8, 0, 8), (8, 1, 8), (8, 2, 4), (8, 3, 2), (2, 2, 1), (1, 4, 1)])
+def test_the_workers_of_a_parallel_run_share_the_threads(threads, workers, each):
+    from conftest import _threads_per_worker
+
+    assert _threads_per_worker(threads, workers) == each
+
+
+@pytest.mark.parametrize("workers", [None, "1", "2", "3"])
+def test_each_worker_of_a_parallel_run_sets_torchs_threads_to_its_share(tmp_path, workers):
+    """Each of pytest-xdist's W workers (PYTEST_XDIST_WORKER_COUNT, which xdist sets in them) takes
+    torch's default thread count divided by W, at least 1; one process keeps the default."""
+    default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                 capture_output=True, text=True, check=True, timeout=120).stdout)
+    threads = max(1, default // int(workers)) if workers else default
+    extra = {"PYTEST_XDIST_WORKER_COUNT": workers} if workers else {}
+    tests = f"import torch\ndef test_threads():\n    assert torch.get_num_threads() == {threads}\n"
+    proc = _pytest(tmp_path, tests, "0", **extra)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
