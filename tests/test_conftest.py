@@ -58,7 +58,7 @@ def test_the_workers_of_a_parallel_run_share_the_threads(threads, workers, each)
     assert _threads_per_worker(threads, workers) == each
 
 
-@pytest.mark.parametrize("workers", [None, "1", "2", "3"])
+@pytest.mark.parametrize("workers", [None, "2"])
 def test_each_worker_of_a_parallel_run_sets_torchs_threads_to_its_share(tmp_path, workers):
     """Each of pytest-xdist's W workers (PYTEST_XDIST_WORKER_COUNT, which xdist sets in them) takes
     torch's default thread count divided by W, at least 1; one process keeps the default."""
