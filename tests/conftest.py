@@ -50,8 +50,8 @@ def _threads_per_worker(threads: int, workers: int) -> int:
 
 def pytest_configure(config):
     config.ace_timeout_s = _test_timeout_s()
-    # pytest-xdist's workers share the cores that torch's default thread count counts in each of them.
-    # With 2 workers on 2 cores, each worker's 2 OpenMP threads spin against the other worker: the demo
+    # pytest-xdist's workers share the cores, and torch's default thread count counts all of them in
+    # each worker. With 2 workers on 2 cores, each worker's 2 OpenMP threads spin against the other: the demo
     # (tests/test_cli.py) took 255 s in CI's tests, 26 s alone, and 69 s beside one busy process with
     # 2 threads against 31 s with 1.
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")

@@ -50,7 +50,6 @@ def test_a_limit_that_is_no_number_of_seconds_is_a_usage_error_naming_the_variab
     assert "Traceback" not in said, said[-3000:]
 
 
-
 @pytest.mark.parametrize("threads,workers,each", [(8, 0, 8), (8, 1, 8), (8, 2, 4), (8, 3, 2), (2, 2, 1), (1, 4, 1)])
 def test_the_workers_of_a_parallel_run_share_the_threads(threads, workers, each):
     from conftest import _threads_per_worker
