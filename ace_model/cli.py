@@ -403,18 +403,20 @@ def _text_attention(metadata: dict, args: argparse.Namespace) -> str:
     from ace_model.training import recorded_text_attention
 
     recorded = recorded_text_attention(metadata)
+    known = recorded if recorded in TEXT_ATTENTION else None
     if args.text_attention and recorded and args.text_attention != recorded:
         print(f"ace-lora zero-shot: warning: --checkpoint was trained with --text-attention {recorded!r}; this "
               f"evaluation uses {args.text_attention!r}", file=sys.stderr)
-    if args.checkpoint and not args.text_attention and recorded is not None and recorded not in TEXT_ATTENTION:
-        print(f"ace-lora zero-shot: warning: --checkpoint records --text-attention {recorded!r}, which this version "
-              f"does not know (expected one of {TEXT_ATTENTION}): evaluating with 'spec' (pass --text-attention "
-              "to choose)", file=sys.stderr)
-    elif args.checkpoint and not args.text_attention and recorded not in TEXT_ATTENTION:
-        print("ace-lora zero-shot: warning: --checkpoint does not record its text attention: evaluating with "
-              "'spec' (the released ACE_LoRA.pt was trained by the published code: pass --text-attention "
-              "reference-code)", file=sys.stderr)
-    return args.text_attention or (recorded if recorded in TEXT_ATTENTION else None) or "spec"
+    if args.checkpoint and not args.text_attention and known is None:
+        if recorded is not None:
+            print(f"ace-lora zero-shot: warning: --checkpoint records --text-attention {recorded!r}, which this "
+                  f"version does not know (expected one of {TEXT_ATTENTION}): evaluating with 'spec' (pass "
+                  "--text-attention to choose)", file=sys.stderr)
+        else:
+            print("ace-lora zero-shot: warning: --checkpoint does not record its text attention: evaluating with "
+                  "'spec' (the released ACE_LoRA.pt was trained by the published code: pass --text-attention "
+                  "reference-code)", file=sys.stderr)
+    return args.text_attention or known or "spec"
 
 
 def _recorded_build(blob) -> tuple[str | None, int | None]:
