@@ -360,9 +360,10 @@ def _column_lse_across_ranks(col_part: torch.Tensor, group) -> torch.Tensor:
     ``W * n`` elements at once (2 MiB at W = 8, n = 65,536)."""
     import torch.distributed as dist
 
-    parts = [torch.empty_like(col_part) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, col_part.contiguous(), group=group)
-    return torch.logsumexp(torch.stack(parts), dim=0)
+    world = dist.get_world_size(group)
+    parts = col_part.new_empty((world * col_part.numel(),))  # gathered flat (gloo takes no [W, n] form)
+    _collective("all_gather_single")(parts, col_part.contiguous(), group=group)
+    return torch.logsumexp(parts.view(world, col_part.numel()), dim=0)
 
 
 _SECOND_DERIVATIVE_ERROR = ("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
@@ -1409,30 +1410,46 @@ def _reduce_scatter_rows(grad_all: torch.Tensor, group, sizes: tuple, rank: int)
     """
     import torch.distributed as dist
 
-    sizes = list(sizes)
     reduce_dtype = torch.float32 if grad_all.dtype in (torch.float16, torch.bfloat16) else grad_all.dtype
-    biggest = max(sizes)
-    pieces = []
-    for piece, size in zip(grad_all.to(reduce_dtype).split(sizes), sizes):
-        piece = piece.contiguous()
-        if size < biggest:
-            piece = torch.cat([piece, piece.new_zeros((biggest - size,) + tuple(piece.shape[1:]))])
-        pieces.append(piece)
-    mine = pieces[0].new_empty((biggest,) + tuple(grad_all.shape[1:]))
-    dist.reduce_scatter(mine, pieces, op=dist.ReduceOp.SUM, group=group)
+    biggest, row = max(sizes), tuple(grad_all.shape[1:])
+    if biggest == 0:  # every rank has the same sizes: none enters the collective
+        return grad_all.new_empty((0,) + row, dtype=reduce_dtype)
+    grad_all = grad_all.to(reduce_dtype)
+    if min(sizes) == biggest:  # no rank short: the rows are already laid out as the collective takes them
+        padded = grad_all.contiguous()
+    else:  # each rank's rows at the start of a block of ``biggest``
+        padded = grad_all.new_zeros((len(sizes) * biggest,) + row)
+        for number, (piece, size) in enumerate(zip(grad_all.split(list(sizes)), sizes)):
+            padded[number * biggest:number * biggest + size] = piece
+    mine = padded.new_empty((biggest,) + row)
+    _collective("reduce_scatter_single")(mine, padded, op=dist.ReduceOp.SUM, group=group)
     return mine[:sizes[rank]]
 
 
 def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor:
+    """Every rank's rows in rank order, ``[sum(sizes), ...]``. A rank short of the largest local batch pads
+    with zero rows for the collective, which writes into one buffer: that buffer is the result when no rank
+    is short, else the real rows are copied out of it."""
+    biggest, row = max(sizes), tuple(local.shape[1:])
+    if biggest == 0:  # every rank has the same sizes: none enters the collective
+        return local.new_empty((0,) + row)
+    if local.shape[0] < biggest:
+        local = torch.cat([local, local.new_zeros((biggest - local.shape[0],) + row)])
+    gathered = local.new_empty((len(sizes) * biggest,) + row)
+    _collective("all_gather_single")(gathered, local, group=group)
+    if min(sizes) == biggest:
+        return gathered
+    return torch.cat([piece[:size] for piece, size in zip(gathered.split(biggest), sizes)])
+
+
+def _collective(name: str):
+    """torch.distributed's single-tensor all-gather or reduce-scatter (one buffer in or out, no list of
+    pieces to copy through): ``all_gather_single`` and ``reduce_scatter_single`` from torch 2.14, which
+    deprecates the older names ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` that torch 2.11 has."""
     import torch.distributed as dist
 
-    biggest = max(sizes)
-    if local.shape[0] < biggest:
-        pad = local.new_zeros((biggest - local.shape[0],) + tuple(local.shape[1:]))
-        local = torch.cat([local, pad])
-    pieces = [torch.empty_like(local) for _ in sizes]
-    dist.all_gather(pieces, local, group=group)
-    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)])
+    older = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
+    return getattr(dist, name, None) or getattr(dist, older[name])
 
 
 class _SumAcrossRanks(torch.autograd.Function):

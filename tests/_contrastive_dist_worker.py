@@ -71,20 +71,29 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
 
 @contextlib.contextmanager
 def _counting_reduce_scatters():
-    """Record the shapes of every ``dist.reduce_scatter``'s inputs: yields
-    ``{"reduce_scatters": [[shape, ...], ...]}``."""
+    """Record the shape of every reduce-scatter's input (one tensor, each rank's rows padded to the
+    largest local batch): yields ``{"reduce_scatters": [shape, ...]}``."""
+    from ace_kernels import contrastive
+
     counts = {"reduce_scatters": []}
-    real = dist.reduce_scatter
+    real = contrastive._collective
 
-    def reduce_scatter(output, inputs, *args, **kwargs):
-        counts["reduce_scatters"].append([tuple(t.shape) for t in inputs])
-        return real(output, inputs, *args, **kwargs)
+    def collective(name):
+        function = real(name)
+        if name != "reduce_scatter_single":
+            return function
 
-    dist.reduce_scatter = reduce_scatter
+        def reduce_scatter(output, padded, *args, **kwargs):
+            counts["reduce_scatters"].append(tuple(padded.shape))
+            return function(output, padded, *args, **kwargs)
+
+        return reduce_scatter
+
+    contrastive._collective = collective
     try:
         yield counts
     finally:
-        dist.reduce_scatter = real
+        contrastive._collective = real
 
 
 def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,

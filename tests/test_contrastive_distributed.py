@@ -130,7 +130,7 @@ def test_only_the_text_rows_gradients_are_reduced_across_ranks(backend, tmp_path
     _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), backend, dtype, 60,
                              None, None, True, True))
     for rank in range(len(sizes)):
-        assert torch.load(tmp_path / f"rank{rank}.pt")["reduce_scatters"] == [[(8, dim)] * 3]
+        assert torch.load(tmp_path / f"rank{rank}.pt")["reduce_scatters"] == [(3 * 8, dim)]
     _check_against_single_process(tmp_path, sizes, dim, True, ATOL if backend == "torch" else 2e-5)
 
 
@@ -413,24 +413,52 @@ def test_triton_16bit_row_gradients_across_ranks_as_accurate_as_one_process(tmp_
         assert _ulps_fp16(got, want).max().item() <= 1.25 * _ulps_fp16(single, want).max().item() + 4.0
 
 
+@pytest.mark.parametrize("sizes", [(3, 3, 3), (3, 1, 2), (0, 2, 1), (0, 0, 0)])
+def test_rows_are_gathered_into_one_buffer(sizes, monkeypatch):
+    """The rows' all-gather as rank 0 of 3, the collective simulated: each rank's rows, padded with
+    zeros to the largest local batch, land in one buffer, which is the result itself when no rank is
+    short (the global batch is not copied a second time); else the real rows come out of it in rank
+    order. Ranks that all hold no rows run no collective."""
+    from ace_kernels import contrastive
+
+    biggest = max(sizes)
+    ranks = [torch.arange(size * 2, dtype=torch.float64).reshape(size, 2) + 100 * r for r, size in enumerate(sizes)]
+    written = []
+
+    def all_gather(output, local, group=None):
+        assert local.shape == (biggest, 2) and torch.equal(local[:sizes[0]], ranks[0]) and not local[sizes[0]:].any()
+        output.copy_(torch.cat([torch.cat([rows, rows.new_zeros(biggest - len(rows), 2)]) for rows in ranks]))
+        written.append(output)
+
+    monkeypatch.setattr(contrastive, "_collective", {"all_gather_single": all_gather}.__getitem__)
+    got = contrastive._all_gather_padded(ranks[0], None, sizes)
+    assert got.dtype == torch.float64 and torch.equal(got, torch.cat(ranks))
+    assert len(written) == (biggest > 0)
+    if written:
+        assert (got.data_ptr() == written[0].data_ptr()) == (min(sizes) == biggest)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(dtype, monkeypatch):
     """The backward of the gathered rows, with the collective simulated for rank 1 of 3 (local
     sizes 2, 3 and 0; the other ranks hold the same gradient): 16-bit gradients are summed in fp32,
-    each rank's rows padded to the largest local batch, and rank 1 gets its rows, once rounded."""
+    each rank's rows padded to the largest local batch in one tensor, and rank 1 gets its rows,
+    once rounded."""
     from ace_kernels import contrastive
 
     seen = []
 
-    def reduce_scatter(output, inputs, op=None, group=None):
-        seen.append([(tuple(t.shape), t.dtype) for t in inputs])
-        output.copy_(inputs[1] * 3)  # rank 1's rows, summed over 3 identical ranks
+    def reduce_scatter(output, padded, op=None, group=None):
+        seen.append(padded.clone())
+        output.copy_(padded[3:6] * 3)  # rank 1's block, summed over 3 identical ranks
 
-    monkeypatch.setattr(torch.distributed, "reduce_scatter", reduce_scatter)
+    monkeypatch.setattr(contrastive, "_collective", {"reduce_scatter_single": reduce_scatter}.__getitem__)
     grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).to(dtype) / 7
     ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1, "reduce": True})()
     got = contrastive._GatherRows.backward(ctx, grad)[0]
-    assert seen == [[((3, 2), torch.float32)] * 3]
+    zero = torch.zeros(1, 2)
+    assert len(seen) == 1 and seen[0].dtype == torch.float32
+    assert torch.equal(seen[0], torch.cat([grad[:2].float(), zero, grad[2:5].float(), zero, zero, zero]))
     assert got.dtype == dtype and torch.equal(got, (grad[2:5].float() * 3).to(dtype))
 
     # reduce=False (rows whose gradient the caller formed whole): rank 1's rows, as they are,
