@@ -3621,6 +3621,9 @@ def test_environment_fallbacks_when_the_system_cannot_say(monkeypatch, tmp_path)
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "processor", lambda: "i386")  # macOS's answer on an Intel Mac
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert harness.cpu_model_name() == "i386"
     monkeypatch.setattr(platform, "processor", lambda: "")
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert harness.cpu_model_name() == "aarch64"
