@@ -363,7 +363,7 @@ def _column_lse_across_ranks(col_part: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     parts = col_part.new_empty((world * col_part.numel(),))  # gathered flat (gloo takes no [W, n] form)
     _collective("all_gather_single")(parts, col_part.contiguous(), group=group)
-    return torch.logsumexp(parts.view(world, col_part.numel()), dim=0)
+    return torch.logsumexp(parts.view((world,) + tuple(col_part.shape)), dim=0)
 
 
 _SECOND_DERIVATIVE_ERROR = ("label_guided_infonce: second derivatives (create_graph=True) are not supported; "
