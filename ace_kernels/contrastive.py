@@ -112,9 +112,10 @@ is the private knob ``_TORCH_BLOCK_ROWS``.
 
 Across ranks (``group=``)
 -------------------------
-Embeddings (and labels, so that false negatives across ranks are masked) are
-all-gathered; rank ``r`` owns rows ``lo..hi`` of the global batch and every logit in
-them, and each logit is computed by one rank per pass:
+The text embeddings (and labels, so that false negatives across ranks are masked) are
+all-gathered, the image embeddings are not: rank ``r`` owns rows ``lo..hi`` of the global
+batch (its own image rows) and every logit in them, and each logit is computed by one rank
+per pass:
 - forward: one pass over its rows' logits (the one-device kernels, over ``lo..hi``) gives
   their row log-sum-exps and each column's log-sum-exp over those rows; those ``[B]`` fp32
   partials are all-gathered (``4 W B`` bytes) and folded in rank order into every column's
@@ -128,9 +129,10 @@ them, and each logit is computed by one rank per pass:
   the summed gradients are the loss's when every rank backpropagates the same multiple
   of it (see :func:`label_guided_infonce`).
 Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
-device's ``10 B^2 D`` split by rows; communication: the gathers of both embeddings and of the
-labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none, on
-either backend).
+device's ``10 B^2 D`` split by rows; communication: the gathers of the text embeddings and of
+the labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none, on
+either backend). Memory per rank: the gathered ``[B, D]`` text rows (kept for the backward)
+and, in the backward, the ``[B, D]`` fp32 parts of ``dT``.
 A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; no kernel
 runs, but it joins every collective. The ``dT`` parts are formed in fp32 (the torch backend
 gathers its fp32 copies; the Triton kernel writes fp32 there) and reduce-scattered in fp32,
@@ -247,17 +249,18 @@ def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int, dots
     return logits
 
 
-def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0, hi: int | None = None):
-    """Row log-sum-exps of the masked logits' rows ``lo..hi`` (default: every row), each column's
-    log-sum-exp over those rows (the whole batch's with every row), and the rows' positives'
-    products ``u_i . t_i`` from the same products, in one pass over row blocks."""
-    n = u.shape[0]
-    hi = n if hi is None else hi
+def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0):
+    """Row log-sum-exps of the masked logits' rows ``lo..lo + len(u)`` (``u`` holds those rows,
+    every row by default), each column's log-sum-exp over those rows (the whole batch's with every
+    row), and the rows' positives' products ``u_i . t_i`` from the same products, in one pass over
+    row blocks."""
+    n = t.shape[0]
+    hi = lo + u.shape[0]
     row_lse = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
     col_lse = torch.full((n,), float("-inf"), dtype=u.dtype, device=u.device)
     dots = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
     for start, stop in _library.spans(lo, hi, block):
-        logits = _block_logits(u[start:stop], t, scale, keys, start, 0, dots[start - lo:stop - lo])
+        logits = _block_logits(u[start - lo:stop - lo], t, scale, keys, start, 0, dots[start - lo:stop - lo])
         torch.logsumexp(logits, dim=1, out=row_lse[start - lo:stop - lo])
         # logaddexp(-inf, -inf) is -inf in torch, so columns fully masked in this block stay clean.
         torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0), out=col_lse)
@@ -290,27 +293,27 @@ def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
 
 
 def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coef, block: int):
-    """Gradient w.r.t. rows ``r0..r1`` of ``a`` (``[r1 - r0, D]``) through their logits against
-    columns ``c0..c1`` of ``b``, whose weights are ``G_ij = coef (exp(L_ij - lse_a_i) +
-    exp(L_ij - lse_b_j) - 2 [i == j])``, and this pass's ``sum_ij G_ij a_i . b_j`` (the
-    logit-scale gradient over ``scale``).
+    """Gradient w.r.t. rows ``r0..r1`` (``[r1 - r0, D]``) through their logits against columns
+    ``c0..c1`` (``a`` holds those rows only and ``b`` those columns), whose weights are
+    ``G_ij = coef (exp(L_ij - lse_a_i) + exp(L_ij - lse_b_j) - 2 [i == j])``, and this pass's
+    ``sum_ij G_ij a_i . b_j`` (the logit-scale gradient over ``scale``).
 
     ``lse_a``/``lse_b`` are full length; a row or column whose entry is ``+inf`` adds nothing.
-    One device: every row against every column, once per direction. A rank (``group=``): its
-    rows against every column (``a = u``), then every row against its columns (``a = t``).
+    A rank (``group=``): its rows against every column (``a`` its own rows of ``U``, ``b`` all of
+    ``T``), then every row against its columns (``a`` all of ``T``, ``b`` its own rows of ``U``).
     """
     (r0, r1), (c0, c1) = rows, cols
     grad_a = torch.empty((r1 - r0, a.shape[1]), dtype=a.dtype, device=a.device)
     grad_scale = torch.zeros((), dtype=a.dtype, device=a.device)
     for start, stop in _library.spans(r0, r1, block):
-        a_block = a[start:stop]
-        logits = _block_logits(a_block, b[c0:c1], scale, keys, start, c0)
+        a_block = a[start - r0:stop - r0]
+        logits = _block_logits(a_block, b, scale, keys, start, c0)
         row_prob = torch.sub(logits, lse_a[start:stop, None]).exp_()
         weights = logits.sub_(lse_b[None, c0:c1]).exp_().add_(row_prob)
         del row_prob
         weights.mul_(coef)
         _fold_positive_weights(weights, start, stop, c0, c0, c1, coef)
-        g_b = torch.mm(weights, b[c0:c1])
+        g_b = torch.mm(weights, b)
         grad_scale += torch.linalg.vecdot(g_b, a_block).sum()
         torch.mul(g_b, scale, out=grad_a[start - r0:stop - r0])
     return grad_a, grad_scale
@@ -376,10 +379,10 @@ class _TorchLossShare(torch.autograd.Function):
     One device (``combine`` None): ``lo = 0, hi = n``, the whole loss, one pass over the
     logits forward and one backward (both directions' gradients from each block).
 
-    A rank of ``group=`` (``combine`` given; ``u``, ``t`` the gathered batch): one pass over its
-    rows' logits gives their row log-sum-exps and each column's over its rows, and
-    ``combine`` (:func:`_column_lse_across_ranks`, a collective) turns those into every
-    column's over all rows; the shares add up to the loss. Backward, two passes: its rows
+    A rank of ``group=`` (``combine`` given; ``u`` its own rows ``lo..hi``, ``t`` the gathered
+    batch): one pass over its rows' logits gives their row log-sum-exps and each column's over
+    its rows, and ``combine`` (:func:`_column_lse_across_ranks`, a collective) turns those into
+    every column's over all rows; the shares add up to the loss. Backward, two passes: its rows
     against every column (their ``u`` gradients, complete; the logit-scale gradient of their
     logits) and every row against its columns (its rows' parts of every ``t`` gradient, which
     the gathered text rows' reduce-scatter sums). Each logit is visited by one rank per direction,
@@ -393,12 +396,12 @@ class _TorchLossShare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, t, scale, keys, lo: int, hi: int, block: int, combine=None):
-        n = u.shape[0]
+        n = t.shape[0]
         ctx.lo, ctx.hi, ctx.block, ctx.grouped = lo, hi, block, combine is not None
         if combine is None:
             row_lse, col_lse, dots = _torch_lse_both(u, t, scale, keys, block)
         else:
-            row_lse, col_part, dots = _torch_lse_both(u, t, scale, keys, block, lo, hi)
+            row_lse, col_part, dots = _torch_lse_both(u, t, scale, keys, block, lo)
             col_lse = combine(col_part)  # every rank joins, a rank with no rows too
         share = _loss_share(row_lse, col_lse[lo:hi], scale, dots, n)
         ctx.save_for_backward(u, t, scale, keys, row_lse, col_lse)
@@ -409,7 +412,7 @@ class _TorchLossShare(torch.autograd.Function):
     def backward(ctx, grad_share):
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
         u, t, scale, keys, row_lse, col_lse = ctx.saved_tensors
-        n = u.shape[0]
+        n = t.shape[0]
         coef = grad_share / (2 * n)
         if not ctx.grouped:
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
@@ -419,9 +422,7 @@ class _TorchLossShare(torch.autograd.Function):
             grad_u, grad_t, grad_scale = torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
         else:
             row_ext = _owned_lse(row_lse, n, lo, hi)
-            grad_u = torch.zeros_like(u)
-            grad_u[lo:hi], grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n),
-                                                         coef, block)
+            grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block)
             grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_lse, row_ext, (0, n), (lo, hi), coef, block)
         return grad_u, grad_t, grad_scale, None, None, None, None, None
 
@@ -457,18 +458,19 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _similarity_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, dim, stride_a, stride_b,
+    def _similarity_tile(a_ptr, b_ptr, a_rows, b_rows, a_in, b_in, dim, stride_a, stride_b,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          IEEE: tl.constexpr):
-        # a[rows] . b[cols] over all of D in K steps (used when D is too wide for one dot).
+        # a[a_rows] . b[b_rows] over all of D in K steps (used when D is too wide for one dot), where
+        # a_in and b_in say which rows exist (the others load as 0).
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         ks = tl.arange(0, BLOCK_K)
         for k0 in range(0, dim, BLOCK_K):
             kk = k0 + ks
-            a = tl.load(a_ptr + rows[:, None] * stride_a + kk[None, :],
-                        mask=(rows[:, None] < n_a) & (kk[None, :] < dim), other=0.0)
-            b = tl.load(b_ptr + cols[None, :] * stride_b + kk[:, None],
-                        mask=(cols[None, :] < n_b) & (kk[:, None] < dim), other=0.0)
+            a = tl.load(a_ptr + a_rows[:, None] * stride_a + kk[None, :],
+                        mask=a_in[:, None] & (kk[None, :] < dim), other=0.0)
+            b = tl.load(b_ptr + b_rows[None, :] * stride_b + kk[:, None],
+                        mask=b_in[None, :] & (kk[:, None] < dim), other=0.0)
             acc += _dot(a, b, IEEE)
         return acc
 
@@ -549,9 +551,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         ONE_DOT: tl.constexpr,
     ):
-        # Row and column log-sum-exps of the masked logits of rows row_lo..row_hi of a against the
-        # n rows of b (columns), one pass. Program g takes row blocks g, g + G, ... (G = number of
-        # programs) of the BLOCK_M-aligned blocks that hold the range (started at row_lo, not
+        # Row and column log-sum-exps of the masked logits of rows row_lo..row_hi against the n rows
+        # of b (columns), one pass; a holds those rows only (its row 0 is row row_lo: a rank's own
+        # rows with group=, every row on one device). Program g takes row blocks g, g + G, ...
+        # (G = number of programs) of the BLOCK_M-aligned blocks that hold the range (started at row_lo, not
         # aligned, the blocks cost up to 40 more registers) against every column: row LSEs (and the
         # similarities a_i . b_i) go straight to lse_ptr/diag_ptr ([row_hi - row_lo] fp32); column LSEs over this
         # program's rows accumulate in col_part_ptr[g, :] ([G, n] fp32, -inf on entry), which only
@@ -561,6 +564,10 @@ if triton is not None:
         programs = tl.num_programs(0)
         scale = tl.load(scale_ptr).to(tl.float32)
         part_row = col_part_ptr + pid * n
+        # Row r of the batch at a_base + r * stride_a (a's row 0 is row row_lo; the rows before it
+        # that a row block starting below row_lo holds are masked, never loaded). row_lo * stride_a
+        # is within int32: B * row stride < 2^31 (_triton_check).
+        a_base = a_ptr - row_lo * stride_a
         first_tile = row_lo // BLOCK_M
         for step in range(0, tl.cdiv(tl.cdiv(row_hi, BLOCK_M) - first_tile - pid, programs)):
             row_start = (first_tile + pid + step * programs) * BLOCK_M  # int64, from pid
@@ -569,7 +576,7 @@ if triton is not None:
             row_in = (rows - row_lo).to(tl.uint32) < (row_hi - row_lo).to(tl.uint32)
             if ONE_DOT:
                 dcols = tl.arange(0, BLOCK_D)
-                a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
+                a_rows = tl.load(a_base + rows[:, None] * stride_a + dcols[None, :],
                                  mask=row_in[:, None] & (dcols[None, :] < dim), other=0.0)
             run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -581,7 +588,7 @@ if triton is not None:
                                 mask=(cols[:, None] < n) & (dcols[None, :] < dim), other=0.0)
                     sim = _dot(a_rows, tl.trans(b), IEEE)
                 else:
-                    sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, n, dim, stride_a, stride_b,
+                    sim = _similarity_tile(a_base, b_ptr, rows, cols, row_in, cols < n, dim, stride_a, stride_b,
                                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
                 # Rows past row_hi (another range's) are -inf: they must not enter the columns' sums.
                 logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
@@ -614,11 +621,13 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         ONE_DOT: tl.constexpr,
     ):
-        # Gradient w.r.t. rows row_lo..row_hi of a through their logits against columns
-        # col_lo..col_hi of b, with weights coef * (exp(L - lse_a_i) + exp(L - lse_b_j) - 2 [i == j]);
-        # lse_* are fp32 [n] (+inf: no weight). Row blocks are BLOCK_M-aligned (as in
-        # _lse_both_kernel: started at row_lo, the 16-bit one-dot default spilled); the rows of a
-        # block outside the range load as 0 and are not stored. Program (row block, D chunk) writes
+        # Gradient w.r.t. rows row_lo..row_hi through their logits against columns col_lo..col_hi (a
+        # holds those rows only and b those columns: their row 0 is row row_lo and column col_lo; with
+        # group=, one of them is a rank's own rows), with weights
+        # coef * (exp(L - lse_a_i) + exp(L - lse_b_j) - 2 [i == j]); lse_* are fp32 [n] (+inf: no
+        # weight). Row blocks are BLOCK_M-aligned (as in _lse_both_kernel: started at row_lo, the
+        # 16-bit one-dot default spilled); the rows of a block outside the range load as 0 and are
+        # not stored. Program (row block, D chunk) writes
         # grad_a[rows - row_lo, chunk] in grad_a's dtype (row stride stride_g) and its part of the
         # logit-scale gradient, coef * sum_ij w_ij a_i . b_j, to grad_scale_ptr[pid] (0 from chunks
         # other than 0).
@@ -635,23 +644,26 @@ if triton is not None:
         scale = tl.load(scale_ptr).to(tl.float32)
         coef = tl.load(coef_ptr).to(tl.float32)
         lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
+        # Row r at a_base + r * stride_a, column c at b_base + c * stride_b (see _lse_both_kernel).
+        a_base = a_ptr - row_lo * stride_a
+        b_base = b_ptr - col_lo * stride_b
         if ONE_DOT:
-            a_rows = tl.load(a_ptr + rows[:, None] * stride_a + dcols[None, :],
+            a_rows = tl.load(a_base + rows[:, None] * stride_a + dcols[None, :],
                              mask=row_in[:, None] & d_in[None, :], other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         scale_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(col_lo, col_hi, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             col_in = cols < col_hi
-            b = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :],
+            b = tl.load(b_base + cols[:, None] * stride_b + dcols[None, :],
                         mask=col_in[:, None] & d_in[None, :], other=0.0)
             if ONE_DOT:
                 sim = _dot(a_rows, tl.trans(b), IEEE)
             else:
-                sim = _similarity_tile(a_ptr, b_ptr, rows, cols, row_hi, col_hi, dim, stride_a, stride_b,
+                sim = _similarity_tile(a_base, b_base, rows, cols, row_in, col_in, dim, stride_a, stride_b,
                                        BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
             # Rows of the block outside the range are -inf, so both their weights are 0 (with logit 0,
-            # the one-dot path's loaded zeros, e**-lse_b_j is inf where a column's log-sum-exp is
+            # their loaded zeros', e**-lse_b_j is inf where a column's log-sum-exp is
             # under -88.7, and inf * 0 a NaN in the logit-scale part).
             logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
@@ -659,8 +671,8 @@ if triton is not None:
             # fp16 weights do not underflow for large B). The positive logit s a_i . b_i adds -2 to
             # its weight: its gradient -2 s b_i then comes out of the same dot. (An entry i == i
             # outside the ranges is a padding column's, whose b is loaded as 0, or a row's of the
-            # block outside row_lo..row_hi, whose gradient row is not stored and whose logit-scale
-            # part is 0 (one dot) or dropped after the loop (K steps): its -2 adds nothing.)
+            # block outside row_lo..row_hi, loaded as 0 too, whose gradient row is not stored and
+            # whose logit-scale part is 0: its -2 adds nothing.)
             weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
             positive = rows[:, None] == cols[None, :]
             weights = tl.where(col_in[None, :], weights, 0.0) - tl.where(positive, 2.0, 0.0)
@@ -671,10 +683,6 @@ if triton is not None:
             else:
                 acc += tl.dot(weights.to(b.dtype), b)
         # Every D chunk sees the same weights: only chunk 0 reports the logit-scale part.
-        if not ONE_DOT:
-            # The rows of the block outside the range must add nothing: the one-dot path loads them
-            # as 0 (similarities 0), the K steps load them whole.
-            scale_acc = tl.where(row_in, scale_acc, 0.0)
         partial = tl.where(pid_d == 0, tl.sum(scale_acc, axis=0) * coef, 0.0)
         tl.store(grad_scale_ptr + pid_m * tl.num_programs(1) + pid_d, partial)
         tl.store(grad_a_ptr + (rows - row_lo)[:, None] * stride_g + dcols[None, :],
@@ -730,7 +738,8 @@ if triton is not None:
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr, FAST_LOG: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
-        # Rows row0..rows_end of a against the n rows of b, one tile per program (_program_tile);
+        # Rows row0..rows_end against the n rows of b, one tile per program (_program_tile); a_ptr is
+        # row row0's (the block's first row; a holds rows from there on, at least to rows_end);
         # TILES: 0 every tile, 1 the interior tiles only (_interior_tile), 2 the others only.
         # Outputs, fp32, indexed from row0:
         # row_part [rows, cdiv(n, BLOCK_N)]: the tile's log-sum-exp of each row;
@@ -746,8 +755,9 @@ if triton is not None:
             if interior != (TILES == 1):
                 return
         scale = tl.load(scale_ptr).to(tl.float32)
-        sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, n, dim, stride_a, stride_b,
-                               BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        # Row r at a_ptr + (r - row0) * stride_a (a_ptr is row row0's).
+        sim = _similarity_tile(a_ptr - row0 * stride_a, b_ptr, rows, cols, rows < rows_end, cols < n, dim, stride_a,
+                               stride_b, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if TILES == 1:
             logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG))
@@ -771,7 +781,8 @@ if triton is not None:
         HAS_KEYS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
-        # Softmax weights of rows row0..rows_end of a against columns col0..cols_end of b, as in
+        # Softmax weights of rows row0..rows_end against columns col0..cols_end (a_ptr is row row0's,
+        # b_ptr column col0's: a holds the rows from row0 on, b the columns from col0 on), as in
         # _grad_rows_kernel (both directions, -2 on the diagonal's entries diag_lo..diag_hi),
         # stored in w_ptr's dtype at [row - row0, col - col0] (row stride stride_w); and the tile's
         # sum_ij w_ij a_i . b_j (the logit-scale gradient over coef) at part_ptr[program]. One tile per program
@@ -786,8 +797,9 @@ if triton is not None:
             if interior != (TILES == 1):
                 return
         scale = tl.load(scale_ptr).to(tl.float32)
-        sim = _similarity_tile(a_ptr, b_ptr, rows, cols, rows_end, cols_end, dim, stride_a, stride_b,
-                               BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+        # Row r at a_ptr + (r - row0) * stride_a, column c at b_ptr + (c - col0) * stride_b.
+        sim = _similarity_tile(a_ptr - row0 * stride_a, b_ptr - col0 * stride_b, rows, cols, rows < rows_end,
+                               cols < cols_end, dim, stride_a, stride_b, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if TILES == 1:
             # No bounds, no diagonal: the weights as below with every mask true and no -2.
             logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
@@ -834,7 +846,9 @@ if triton is not None:
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
 #   256-wide chunks (200-224); fp32 lse as aligned (K steps of 32 spilled 60 bytes in the one-pass
 #   kernel under 3.6 with every size a multiple of 16; with 2 stages a label-free forward kernel
-#   spilled 8 bytes under ptxas 12.9), grad 64 x 32 in 128-wide chunks (158-168).
+#   spilled 8 bytes under ptxas 12.9), grad 32 x 32 in 128-wide chunks (128 registers; 64 x 32 took
+#   138-196 and, since a rank's own rows load from their own tensor with group=, ptxas capped one
+#   specialisation at 128 and spilled 40 bytes under 12.9; 4 warps, one stage or K steps of 16 spilled too).
 # tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
 # aligned, and at D = 500 and 1000, with and without labels, each with the batch (n and the
 # bounds) not a multiple of 16 and a multiple of 16 (Triton specialises on it: other code); CI
@@ -851,7 +865,7 @@ _GPU_CONFIGS = {
     ("grad", "16bit", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3),
     ("grad", "16bit", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
     ("grad", "fp32", "k_steps"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
-    ("grad", "fp32", "unaligned"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
+    ("grad", "fp32", "unaligned"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
 }
 # Alternatives that a GPU benchmark run times side by side for the one-dot path of 16-bit inputs
 # (D <= 512, aligned: the benchmarks' D = 512 in bf16); ``_tuning`` then launches the fastest on
@@ -897,7 +911,7 @@ _GPU_SHARED_BYTES = {
     ("grad", "16bit/k_steps"): (69632,),
     ("grad", "16bit/unaligned"): (22528,),
     ("grad", "fp32/k_steps"): (45056,),
-    ("grad", "fp32/unaligned"): (28672,),
+    ("grad", "fp32/unaligned"): (24576,),
 }
 _GPU_SHARED_MOST = max(max(needs) for needs in _GPU_SHARED_BYTES.values())
 # Widest D done with one dot per similarity tile (aligned inputs only), and the gradient's D
@@ -1018,8 +1032,9 @@ def _lse_block_rows(rows_total: int, n: int, cfg: dict) -> int:
 
 def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict):
     """:func:`_triton_lse_both` by the blocked strategy: the row log-sum-exps of rows ``lo..hi``
-    of ``a`` against ``b``, each column's over those rows, and the similarities ``a_i . b_i``."""
-    n, dim = a.shape
+    (``a``, its row 0 row ``lo``) against ``b``, each column's over those rows, and the similarities
+    ``a_i . b_i``."""
+    n, dim = b.shape
     bm = cfg["BLOCK_M"]
     col_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     rows = _lse_block_rows(hi - lo, n, cfg)
@@ -1037,7 +1052,7 @@ def _lse_blocked(a, b, scale, keys, lo: int, hi: int, cfg: dict):
         tiles = triton.cdiv(r1 - r0, bm)
         for tiles_kind in _tile_launches(r0, r1, 0, n, cfg):
             _lse_tiles_kernel[(tiles * col_tiles,)](
-                a, b, keys if keys is not None else lse, scale, row_part, col_buf[1:], positives[r0 - lo:],
+                a[r0 - lo:], b, keys if keys is not None else lse, scale, row_part, col_buf[1:], positives[r0 - lo:],
                 r0, r1, n, dim, a.stride(0), b.stride(0), TILES=tiles_kind, **constants)
         torch.logsumexp(row_part[:r1 - r0], dim=1, out=lse[r0 - lo:r1 - lo])
         torch.logsumexp(col_buf[:1 + tiles], dim=0, out=col_lse)
@@ -1067,11 +1082,12 @@ def _grad_blocked(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coe
     and rounded once into ``grad_a``'s dtype (the one-pass kernel's rounding of the weights and of
     the result; only the order of the fp32 additions differs).
 
-    Rows ``r0..r1`` of ``a`` against columns ``c0..c1`` of ``b`` (``group=``: a rank's rows against
-    every column, or every row against its columns). A block holds as many rows as the weights
-    buffer takes at the columns' width (more beside a rank's columns than beside all); its fp32
-    products are formed in chunks of the rows a block of full width holds."""
-    n, dim = a.shape
+    Rows ``r0..r1`` (``a``, its row 0 row ``r0``) against columns ``c0..c1`` (``b``, from ``c0``;
+    ``group=``: a rank's rows against every column, or every row against its columns). A block
+    holds as many rows as the weights buffer takes at the columns' width (more beside a rank's
+    columns than beside all); its fp32 products are formed in chunks of the rows a block of full
+    width holds."""
+    n, dim = lse_a.shape[0], a.shape[1]
     (r_lo, r_hi), (c_lo, c_hi) = rows, cols
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     element = b.element_size()
@@ -1093,14 +1109,14 @@ def _grad_blocked(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coe
         weights = weights_buffer[:(r1 - r0) * (c_hi - c_lo)].view(r1 - r0, c_hi - c_lo)
         for tiles_kind in _tile_launches(r0, r1, c_lo, c_hi, cfg):
             _grad_weights_kernel[(programs,)](
-                a, b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
+                a[r0 - r_lo:], b, keys if keys is not None else lse_a, scale, lse_a, lse_b, weights, tile_part,
                 r0, r1, c_lo, c_hi, diag_lo, diag_hi, n, dim, a.stride(0), b.stride(0), weights.stride(0),
                 HAS_KEYS=keys is not None, IEEE=a.dtype == torch.float32, TILES=tiles_kind,
                 **_blocked_options(cfg))
         torch.sum(tile_part[:programs], dim=0, out=block_sums[block])
         for s0 in range(r0, r1, full_rows):
             s1 = min(r1, s0 + full_rows)
-            grad_a[s0 - r_lo:s1 - r_lo] = _mm_fp32(weights[s0 - r0:s1 - r0], b[c_lo:c_hi]).mul_(factor)
+            grad_a[s0 - r_lo:s1 - r_lo] = _mm_fp32(weights[s0 - r0:s1 - r0], b).mul_(factor)
     # Fixed-order sums of per-program partials: deterministic, no float atomics.
     return grad_a, block_sums.sum() * coef[0]
 
@@ -1142,19 +1158,20 @@ def _lse_programs(device: torch.device, blocks: int) -> int:
 
 def _lse_both_fake(u, t, scale, keys, lo, hi):
     rows = u.new_empty((hi - lo,), dtype=torch.float32)
-    return rows, u.new_empty((u.shape[0],), dtype=torch.float32), torch.empty_like(rows)
+    return rows, u.new_empty((t.shape[0],), dtype=torch.float32), torch.empty_like(rows)
 
 
 @_library.launcher("infonce_lse_both", _lse_both_fake)
 def _triton_lse_both(u: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None, lo: int,
                      hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row log-sum-exps of rows ``lo..hi``, each column's log-sum-exp over those rows (the whole
-    batch's when they are every row) and the rows' similarities ``u_i . t_i``, in one pass.
+    """Row log-sum-exps of rows ``lo..hi`` (``u``: those rows only), each column's log-sum-exp over
+    those rows (the whole batch's when they are every row) and the rows' similarities ``u_i . t_i``,
+    in one pass.
 
     Extra memory: the ``[programs, B]`` fp32 column partials (33 MiB at B = 65,536 on a
     132-SM H100), combined in column chunks so that no second buffer of that size appears.
     """
-    n, dim = u.shape
+    n, dim = t.shape
     if lo == hi:  # a rank with no rows (group=): -inf columns, no kernel launch
         return (u.new_empty((0,), dtype=torch.float32), u.new_full((n,), float("-inf"), dtype=torch.float32),
                 u.new_empty((0,), dtype=torch.float32))
@@ -1185,10 +1202,10 @@ def _grad_rows_fake(a, b, scale, keys, lse_a, lse_b, r0, r1, c0, c1, coef, wide=
 def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
                       lse_a: torch.Tensor, lse_b: torch.Tensor, r0: int, r1: int, c0: int, c1: int,
                       coef: torch.Tensor, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient w.r.t. rows ``r0..r1`` of ``a`` through their logits against columns ``c0..c1`` of
-    ``b`` (``[r1 - r0, D]`` in ``a``'s dtype, or fp32 when ``wide``; the weights are
-    :func:`_torch_grad_rows`'), and this pass's logit-scale gradient."""
-    n, dim = a.shape
+    """Gradient w.r.t. rows ``r0..r1`` through their logits against columns ``c0..c1`` (``a`` holds
+    those rows only and ``b`` those columns; ``[r1 - r0, D]`` in ``a``'s dtype, or fp32 when
+    ``wide``; the weights are :func:`_torch_grad_rows`'), and this pass's logit-scale gradient."""
+    n, dim = lse_a.shape[0], a.shape[1]
     grad_a = torch.empty(r1 - r0, dim, dtype=torch.float32 if wide else a.dtype, device=a.device)
     if r0 == r1 or c0 == c1:
         return grad_a.zero_(), torch.zeros((), dtype=torch.float32, device=a.device)
@@ -1208,14 +1225,15 @@ def _triton_grad_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, key
 
 def _triton_share(u, t, scale, keys, lo: int, hi: int, combine=None) -> tuple[torch.Tensor, tuple]:
     """The owned share (fp32) and what its backward needs (:func:`_triton_share_grads`): one
-    device (``combine`` None, every row) or a rank of ``group=`` (:class:`_TorchLossShare`)."""
+    device (``combine`` None, every row) or a rank of ``group=`` (:class:`_TorchLossShare`; ``u``
+    holds the owned rows ``lo..hi`` only, ``t`` every row)."""
     if u.stride(1) != 1:
         u = u.contiguous()
     if t.stride(1) != 1:
         t = t.contiguous()
     keys32 = keys.to(torch.int32) if keys is not None else None
     scale32 = scale.detach().to(torch.float32).reshape(1)
-    n = u.shape[0]
+    n = t.shape[0]
     row_lse, col_lse, positives = _triton_lse_both(u, t, scale32, keys32, lo, hi)
     if combine is not None:
         col_lse = combine(col_lse)  # every rank joins, a rank with no rows too
@@ -1225,16 +1243,16 @@ def _triton_share(u, t, scale, keys, lo: int, hi: int, combine=None) -> tuple[to
 
 def _triton_share_grads(saved, grad_share, lo: int, hi: int, grouped: bool, needs=(True, True, True)):
     """Gradients of the owned share w.r.t. ``u``, ``t`` and the scale (:class:`_TorchLossShare`'s
-    passes). One device: ``[n, D]`` each in the inputs' dtype. A rank of ``group=``: its own
-    rows' ``u`` gradient (``[hi - lo, D]``, complete, in the inputs' dtype) and its part of
-    every row's ``t`` gradient (``[n, D]`` fp32, for the reduce-scatter to sum).
+    passes). One device: ``[n, D]`` each in the inputs' dtype. A rank of ``group=`` (``u`` its
+    own rows): their ``u`` gradient (``[hi - lo, D]``, complete, in the inputs' dtype) and its part
+    of every row's ``t`` gradient (``[n, D]`` fp32, for the reduce-scatter to sum).
 
     ``needs`` (autograd's ``needs_input_grad`` for the three) skips a gradient kernel: the
     first pass (``u``'s rows) also gives the scale's gradient, so it runs when either is
     needed; the second (``t``'s rows) only for ``t``. A skipped gradient is None.
     """
     u, t, scale, keys32, row_lse, col_lse = saved
-    n = u.shape[0]
+    n = t.shape[0]
     scale32 = scale.detach().to(torch.float32).reshape(1)
     coef = (grad_share.to(torch.float32) / (2 * n)).reshape(1)
     row_ext = _owned_lse(row_lse, n, lo, hi) if grouped else row_lse
@@ -1265,20 +1283,16 @@ class _TritonLossShare(torch.autograd.Function):
     def backward(ctx, grad_share):
         grad_u, grad_t, grad_scale = _triton_share_grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, ctx.grouped,
                                                          needs=ctx.needs_input_grad[:3])
-        if ctx.grouped:  # one process standing in for a rank (tests): gradients of the whole inputs
-            u = ctx.saved_tensors[0]
-            if grad_u is not None:
-                full = torch.zeros_like(u)
-                full[ctx.lo:ctx.hi] = grad_u
-                grad_u = full
-            grad_t = grad_t.to(u.dtype) if grad_t is not None else None
+        if ctx.grouped and grad_t is not None:  # one process standing in for a rank (tests)
+            grad_t = grad_t.to(ctx.saved_tensors[1].dtype)
         return grad_u, grad_t, grad_scale, None, None, None, None
 
 
 class _TritonGroupShare(torch.autograd.Function):
     """The owned share of the global loss from this rank's rows (``group=``, Triton).
 
-    The rows are all-gathered inside. The backward's first pass gives this rank's own rows'
+    The text rows are all-gathered inside; the image rows stay this rank's (each rank forms only
+    its own rows' logits). The backward's first pass gives this rank's own rows'
     ``u`` gradient whole (no reduction); the second its part of every row's ``t`` gradient, in
     fp32, which is reduce-scattered in fp32, so that a 16-bit gradient is rounded once, after
     the sum over ranks, as one process's is (autograd would round a gathered 16-bit input's
@@ -1291,9 +1305,10 @@ class _TritonGroupShare(torch.autograd.Function):
         ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
         ctx.lo = sum(sizes[:rank])
         ctx.hi = ctx.lo + sizes[rank]
-        u = _all_gather_padded(u_local.contiguous(), group, sizes)
         t = _all_gather_padded(t_local.contiguous(), group, sizes)
-        share, saved = _triton_share(u, t, scale, keys, ctx.lo, ctx.hi, combine)
+        # Contiguous, as the gathered rows are: the checks (_triton_check) saw the gathered batch's
+        # strides, on every rank alike.
+        share, saved = _triton_share(u_local.contiguous(), t, scale, keys, ctx.lo, ctx.hi, combine)
         ctx.save_for_backward(*saved)
         return share
 
@@ -1376,30 +1391,23 @@ def _lse_share_triton(u, t, scale, keys, lo: int, hi: int, combine=None):
 
 class _GatherRows(torch.autograd.Function):
     """All-gather rows of every rank (local sizes may differ); the backward returns this rank's
-    rows of the gathered copy's gradient.
-
-    ``reduce`` True: every rank's part of the gradient reaches every row, so a rank's rows get
-    the sum over ranks of the gathered copy's gradients: a reduce-scatter (deterministic for a
-    fixed world size), padded to the largest local batch; 16-bit gradients are summed in fp32
-    and rounded once, as one process's gradient is, not once per step of the reduction.
-    ``reduce`` False: the caller computes its own rows' gradient whole and leaves every other
-    row's zero, so the rank keeps its rows' slice and no collective runs.
+    rows of the gathered copy's gradient: every rank's part of the gradient reaches every row, so
+    a rank's rows get the sum over ranks of the gathered copy's gradients, a reduce-scatter
+    (deterministic for a fixed world size), padded to the largest local batch; 16-bit gradients
+    are summed in fp32 and rounded once, as one process's gradient is, not once per step of the
+    reduction.
     """
 
     @staticmethod
-    def forward(ctx, local, group, sizes: tuple, rank: int, reduce: bool = True):
-        ctx.group, ctx.sizes, ctx.rank, ctx.reduce = group, sizes, rank, reduce
+    def forward(ctx, local, group, sizes: tuple, rank: int):
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
         return _all_gather_padded(local.contiguous(), group, sizes)
 
     @staticmethod
     @_library.autocast_off_backward
     def backward(ctx, grad_all):
-        if not ctx.reduce:
-            lo = sum(ctx.sizes[:ctx.rank])
-            # A copy: the slice alone would keep the whole gathered gradient alive.
-            return grad_all[lo:lo + ctx.sizes[ctx.rank]].clone(), None, None, None, None
         return (_reduce_scatter_rows(grad_all, ctx.group, ctx.sizes, ctx.rank).to(grad_all.dtype),
-                None, None, None, None)
+                None, None, None)
 
 
 def _reduce_scatter_rows(grad_all: torch.Tensor, group, sizes: tuple, rank: int) -> torch.Tensor:
@@ -1790,16 +1798,15 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
             # that the text rows' gradients are summed over ranks before they are rounded to 16 bits).
             u_in, t_in = image_emb.to(compute), text_emb.to(compute)
             if group is not None:
-                # The share's backward gives this rank's image rows their gradient whole
-                # (zero elsewhere): only the text rows' parts are summed over ranks.
-                u_in = _GatherRows.apply(u_in, group, sizes, rank, False)
-                t_in = _GatherRows.apply(t_in, group, sizes, rank, True)
+                # The image rows stay this rank's (the share's backward gives them their gradient
+                # whole); the text rows are gathered, and their gradients' parts summed over ranks.
+                t_in = _GatherRows.apply(t_in, group, sizes, rank)
             share = impl(u_in, t_in, scale, keys, lo, hi, combine)
         elif group is None:
             share = impl(image_emb, text_emb, scale, keys, lo, hi)
         else:
-            # Triton loads the inputs as they are; its group function gathers them and rounds
-            # the rows' gradients once, after the sum over ranks.
+            # Triton loads the inputs as they are; its group function gathers the text rows and
+            # rounds their gradients once, after the sum over ranks.
             share = _TritonGroupShare.apply(image_emb, text_emb, scale, keys, group, sizes, rank, combine)
     if group is None:
         return share

@@ -70,24 +70,24 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
 
 
 @contextlib.contextmanager
-def _counting_reduce_scatters():
-    """Record the shape of every reduce-scatter's input (one tensor, each rank's rows padded to the
-    largest local batch): yields ``{"reduce_scatters": [shape, ...]}``."""
+def _counting_collectives():
+    """Record the shape of every reduce-scatter's and all-gather's input (one tensor: each rank's
+    rows padded to the largest local batch, or the column partials): yields
+    ``{"reduce_scatters": [shape, ...], "all_gathers": [shape, ...]}``."""
     from ace_kernels import contrastive
 
-    counts = {"reduce_scatters": []}
+    counts = {"reduce_scatters": [], "all_gathers": []}
     real = contrastive._collective
+    kinds = {"reduce_scatter_single": "reduce_scatters", "all_gather_single": "all_gathers"}
 
     def collective(name):
         function = real(name)
-        if name != "reduce_scatter_single":
-            return function
 
-        def reduce_scatter(output, padded, *args, **kwargs):
-            counts["reduce_scatters"].append(tuple(padded.shape))
-            return function(output, padded, *args, **kwargs)
+        def counted(output, local, *args, **kwargs):
+            counts[kinds[name]].append(tuple(local.shape))
+            return function(output, local, *args, **kwargs)
 
-        return reduce_scatter
+        return counted
 
     contrastive._collective = collective
     try:
@@ -97,7 +97,7 @@ def _counting_reduce_scatters():
 
 
 def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
-        blocked_tiles=None, weight_bytes=None, image_grad=True, count_reduce_scatters=False, members=None):
+        blocked_tiles=None, weight_bytes=None, image_grad=True, count_collectives=False, members=None):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
     ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
@@ -105,7 +105,7 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
     ``blocked_tiles``: force the Triton blocked strategy with these tiles and ``weight_bytes`` of
     weights (:func:`_blocked_strategy`), and save its backward's program counts too.
     ``image_grad=False``: a frozen image tower (image_emb needs no gradient; grad_u is None).
-    ``count_reduce_scatters``: save the input shapes of every reduce-scatter the call runs.
+    ``count_collectives``: save the input shapes of every reduce-scatter and all-gather the call runs.
     ``members``: the global ranks of a subgroup (``dist.new_group``) that computes the loss, ``sizes``
     and the saved files following its own ranks; a rank outside it saves the error the call raises there.
     """
@@ -139,8 +139,8 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
         counting = contextlib.nullcontext({})
         if blocked_tiles is not None:
             counting = _blocked_strategy(dtype, dim, blocked_tiles, weight_bytes)
-        elif count_reduce_scatters:
-            counting = _counting_reduce_scatters()
+        elif count_collectives:
+            counting = _counting_collectives()
         with counting as counts:
             loss = ace_kernels.label_guided_infonce(u_local, t_local, scale, local_labels,
                                                     group=group, backend=backend)
@@ -164,7 +164,7 @@ def gather_rows_16bit_inputs(sizes, dim, dtype, rank, world):
 
 
 def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_s):
-    """The helper that gathers the rows of every rank (``_GatherRows``, ``reduce=True``) on
+    """The helper that gathers the rows of every rank (``_GatherRows``) on
     fp16 and bf16 rows of :func:`gather_rows_16bit_inputs`: saves the gathered rows and this
     rank's rows' gradient for each dtype. (Through the loss, the torch backend gathers fp32
     copies and Triton reduces fp32 gradients: this is the helper's 16-bit path with real
@@ -179,7 +179,7 @@ def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_
         for dtype in (torch.float16, torch.bfloat16):
             rows, grad = gather_rows_16bit_inputs(sizes, dim, dtype, rank, world)
             rows.requires_grad_()
-            gathered = contrastive._GatherRows.apply(rows, dist.group.WORLD, tuple(sizes), rank, True)
+            gathered = contrastive._GatherRows.apply(rows, dist.group.WORLD, tuple(sizes), rank)
             gathered.backward(grad)
             saved[str(dtype)] = {"gathered": gathered.detach(), "grad": rows.grad}
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))

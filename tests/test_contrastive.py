@@ -141,12 +141,14 @@ def _rank_shares(backend, u, t, scale, keys, ranges, block=8):
     """The shares of the ranks of ``group=`` that own the ``ranges`` of the batch (``[(lo, hi), ...]``,
     a partition), in one process: each rank's column log-sum-exps over its rows, combined as
     ``_column_lse_across_ranks`` combines the all-gathered ones (one log-sum-exp over the ranks
-    in rank order). The shares keep their graphs (``u``, ``t``, ``scale`` may require grad)."""
+    in rank order). Each rank's share takes its own rows of ``u`` (a rank's image rows are not
+    gathered) and every row of ``t``. The shares keep their graphs (``u``, ``t``, ``scale`` may
+    require grad)."""
     def column_parts(lo, hi):
         if backend == "torch":
-            return contrastive._torch_lse_both(u.detach(), t.detach(), scale.detach(), keys, block, lo, hi)[1]
+            return contrastive._torch_lse_both(u[lo:hi].detach(), t.detach(), scale.detach(), keys, block, lo)[1]
         keys32 = keys.to(torch.int32) if keys is not None else None
-        return contrastive._triton_lse_both(u.detach(), t.detach(), scale.detach().float().reshape(1), keys32,
+        return contrastive._triton_lse_both(u[lo:hi].detach(), t.detach(), scale.detach().float().reshape(1), keys32,
                                             lo, hi)[1]
 
     parts = [column_parts(lo, hi) for lo, hi in ranges]
@@ -156,9 +158,9 @@ def _rank_shares(backend, u, t, scale, keys, ranges, block=8):
             assert torch.equal(mine, part)  # what this rank's pass over its rows gave
             return torch.logsumexp(torch.stack(parts), dim=0)
         if backend == "torch":
-            shares.append(contrastive._TorchLossShare.apply(u, t, scale, keys, lo, hi, block, combine))
+            shares.append(contrastive._TorchLossShare.apply(u[lo:hi], t, scale, keys, lo, hi, block, combine))
         else:
-            shares.append(contrastive._TritonLossShare.apply(u, t, scale, keys, lo, hi, combine))
+            shares.append(contrastive._TritonLossShare.apply(u[lo:hi], t, scale, keys, lo, hi, combine))
     return shares
 
 
@@ -488,7 +490,8 @@ def test_ranks_compute_each_logit_once_per_pass(backend, device, monkeypatch):
             return real_lse(a, b, scale, keys_, lo, hi)
 
         def record_grad(a, b, scale, keys_, lse_a, lse_b, r0, r1, c0, c1, coef, wide=False):
-            passes["grad_u" if a.data_ptr() == u.data_ptr() else "grad_t"].append((r0, r1, c0, c1))
+            in_u = u.data_ptr() <= a.data_ptr() < u.data_ptr() + u.nbytes  # a rank's own rows of u
+            passes["grad_u" if in_u else "grad_t"].append((r0, r1, c0, c1))
             return real_grad(a, b, scale, keys_, lse_a, lse_b, r0, r1, c0, c1, coef, wide)
 
         monkeypatch.setattr(contrastive, "_triton_lse_both", record_lse)
@@ -707,7 +710,8 @@ def test_blocked_tiles_write_only_the_diagonal_they_hold(device):
     a, b = (torch.randn(n, dim, generator=gen).to(device) for _ in range(2))
     row_part = torch.empty(r1 - r0, 3, device=device)
     diag = torch.full((r1 - r0,), float("nan"), device=device)
-    contrastive._lse_tiles_kernel[(1,)](a, b, row_part, torch.tensor([30.0], device=device), row_part, row_part, diag,
+    scale = torch.tensor([30.0], device=device)
+    contrastive._lse_tiles_kernel[(1,)](a[r0:], b, row_part, scale, row_part, row_part, diag,  # a from row r0 on
                                        r0, r1, n, dim, dim, dim, HAS_KEYS=False, IEEE=True, FAST_LOG=False,
                                        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
                                        TILES=contrastive.TILES_ALL)
@@ -1439,7 +1443,7 @@ def test_triton_gpu_fast_log_matches_the_exact_one(strategy, batch, monkeypatch)
         monkeypatch.setattr(contrastive, "_fast_log", lambda dtype, fast=fast: fast)
         with _tuning.forced("contrastive", "lse", "16bit/one_dot", config):
             row, col, _ = contrastive._triton_lse_both(u, t, scale, keys, 0, batch)
-            share, share_col, _ = contrastive._triton_lse_both(u, t, scale, keys, lo, hi)
+            share, share_col, _ = contrastive._triton_lse_both(u[lo:hi], t, scale, keys, lo, hi)
             outs[fast] = [row.clone(), col.clone(), share.clone(), share_col.clone()]
     for fast_lse, exact_lse in zip(outs[True], outs[False]):
         assert torch.isfinite(fast_lse).all() and not torch.equal(fast_lse, torch.zeros_like(fast_lse))
@@ -1804,7 +1808,7 @@ def test_the_kernels_exponentials_are_e_to_the_x_to_float32_precision(device, n)
     row_lse, col_lse, positives = contrastive._triton_lse_both(u, t, scale, None, 0, n)
     torch.testing.assert_close(row_lse.double(), torch.full((n,), want, dtype=torch.float64, device=device),
                                rtol=0, atol=3e-6)
-    lse, _, _ = contrastive._triton_lse_both(u, t, scale, None, 3, n)
+    lse, _, _ = contrastive._triton_lse_both(u[3:], t, scale, None, 3, n)
     torch.testing.assert_close(lse.double(), torch.full((n - 3,), want, dtype=torch.float64, device=device),
                                rtol=0, atol=3e-6)
 
@@ -1838,7 +1842,7 @@ def test_every_forward_launcher_passes_the_fast_log_choice(monkeypatch):
             monkeypatch.setattr(c, "_launch_config", lambda *a, cfg=cfg, **k: dict(cfg))
             calls.clear()
             c._triton_lse_both(u, t, scale, None, 0, 40)
-            c._triton_lse_both(u, t, scale, None, 5, 40)
+            c._triton_lse_both(u[5:], t, scale, None, 5, 40)
             assert calls and all(fast == (dtype == torch.bfloat16) for _, fast in calls), (cfg, calls)
             assert {name for name, _ in calls} == ({"_lse_tiles_kernel"} if c._blocked(cfg)
                                                    else {"_lse_both_kernel"})

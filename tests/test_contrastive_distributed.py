@@ -121,16 +121,19 @@ def test_a_subgroup_computes_the_loss_of_its_own_ranks(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
                                                                             pytest.mark.interpreter])])
-def test_only_the_text_rows_gradients_are_reduced_across_ranks(backend, tmp_path):
+def test_only_the_text_rows_are_gathered_and_reduced_across_ranks(backend, tmp_path):
     """A rank's own image rows get their gradient whole from its pass over its rows, on either
-    backend: one reduce-scatter a step (the text rows', padded to the largest local batch),
-    with the gradients still those of one process."""
+    backend, and no other rank needs them: per step, one all-gather of rows (the text rows', padded
+    to the largest local batch) beside the labels' and the column partials', and one reduce-scatter
+    (the text rows' gradients), with the loss and gradients still those of one process."""
     sizes, dim = (5, 1, 8), 12
     dtype = torch.float64 if backend == "torch" else torch.float32
     _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), backend, dtype, 60,
                              None, None, True, True))
     for rank in range(len(sizes)):
-        assert torch.load(tmp_path / f"rank{rank}.pt")["reduce_scatters"] == [(3 * 8, dim)]
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["all_gathers"] == [(8, 14), (8, dim), (sum(sizes),)], saved["all_gathers"]
+        assert saved["reduce_scatters"] == [(3 * 8, dim)]
     _check_against_single_process(tmp_path, sizes, dim, True, ATOL if backend == "torch" else 2e-5)
 
 
@@ -454,21 +457,12 @@ def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(dtype, monkeypatch
 
     monkeypatch.setattr(contrastive, "_collective", {"reduce_scatter_single": reduce_scatter}.__getitem__)
     grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).to(dtype) / 7
-    ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1, "reduce": True})()
+    ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1})()
     got = contrastive._GatherRows.backward(ctx, grad)[0]
     zero = torch.zeros(1, 2)
     assert len(seen) == 1 and seen[0].dtype == torch.float32
     assert torch.equal(seen[0], torch.cat([grad[:2].float(), zero, grad[2:5].float(), zero, zero, zero]))
     assert got.dtype == dtype and torch.equal(got, (grad[2:5].float() * 3).to(dtype))
-
-    # reduce=False (rows whose gradient the caller formed whole): rank 1's rows, as they are,
-    # in a buffer of their own, and no collective.
-    seen.clear()
-    ctx.reduce = False
-    got = contrastive._GatherRows.backward(ctx, grad)[0]
-    assert seen == []
-    assert got.dtype == dtype and torch.equal(got, grad[2:5])
-    assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
 
 
 def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_path):
