@@ -840,15 +840,15 @@ if triton is not None:
 #   no pipelining (96-168 registers, aligned or not). The former 8 warps and 2 stages spilled
 #   8 bytes in the label-free one-pass kernel under triton 3.8 when every size is a multiple of
 #   16; 8 warps and 3 stages spilled 16 bytes under 3.6; K steps of 32 spill. grad 64 x 32 in K
-#   steps of 32 and 256-wide D chunks (180-186 registers; 512 wide spills).
+#   steps of 32 and 256-wide D chunks (178-196 registers; 512 wide spills).
 # - D or a row stride not a multiple of 16 elements: Triton cannot prove 16-byte alignment, loads
 #   go element by element through registers and the configurations above spill (80-800 bytes).
 #   Then K steps of 32 and narrower chunks: 16-bit lse 64 x 64 (~128 registers), grad 64 x 32 in
 #   256-wide chunks (200-224); fp32 lse as aligned (K steps of 32 spilled 60 bytes in the one-pass
 #   kernel under 3.6 with every size a multiple of 16; with 2 stages a label-free forward kernel
-#   spilled 8 bytes under ptxas 12.9), grad 32 x 32 in 128-wide chunks (128 registers; 64 x 32 took
-#   138-196 and, since a rank's own rows load from their own tensor with group=, ptxas capped one
-#   specialisation at 128 and spilled 40 bytes under 12.9; 4 warps, one stage or K steps of 16 spilled too).
+#   spilled 8 bytes under ptxas 12.9), grad 32 x 32 in 128-wide chunks (128 registers; 64 x 32
+#   spilled 40 bytes in one specialisation under ptxas 12.9 once a rank's own rows came in a tensor
+#   of their own with group=, 2026-12-05, and so did it with 4 warps, one stage or K steps of 16).
 # tests/test_contrastive.py compiles exactly these for every input dtype at D = 512 and 1024,
 # aligned, and at D = 500 and 1000, with and without labels, each with the batch (n and the
 # bounds) not a multiple of 16 and a multiple of 16 (Triton specialises on it: other code); CI
