@@ -416,14 +416,23 @@ class _TorchLossShare(torch.autograd.Function):
         coef = grad_share / (2 * n)
         if not ctx.grouped:
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
-        elif lo == hi:
+            return grad_u, grad_t, grad_scale, None, None, None, None, None
+        # A rank: each pass only where a gradient of it is wanted, as the Triton backend's
+        # (_triton_share_grads): a frozen tower's rows are not differentiated.
+        need_u, need_t, need_scale = ctx.needs_input_grad[:3]
+        grad_u = grad_t = grad_scale = None
+        if lo == hi:
             # No rows, no share: explicit zeros, so that this rank's backward still runs the
             # text rows' reduce-scatter as the others' do.
-            grad_u, grad_t, grad_scale = torch.zeros_like(u), torch.zeros_like(t), torch.zeros_like(scale)
+            grad_u, grad_scale = torch.zeros_like(u), torch.zeros_like(scale)
+            grad_t = torch.zeros_like(t) if need_t else None
         else:
             row_ext = _owned_lse(row_lse, n, lo, hi)
-            grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block)
-            grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_lse, row_ext, (0, n), (lo, hi), coef, block)
+            if need_u or need_scale:
+                grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef,
+                                                      block)
+            if need_t:
+                grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_lse, row_ext, (0, n), (lo, hi), coef, block)
         return grad_u, grad_t, grad_scale, None, None, None, None, None
 
 

@@ -798,31 +798,37 @@ def test_triton_check_rejects_2_30_rows_and_float64():
     assert contrastive._triton_check(u, u) == ["the Triton kernels take fp16/bf16/fp32 embeddings, got float64"]
 
 
-@pytest.mark.triton
-@pytest.mark.interpreter
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)])
-def test_triton_backward_with_group_runs_only_the_needed_passes(needs, one_rank_group, monkeypatch):
-    """With group= (one rank of one), as without it: the image rows' gradient kernel runs only for
-    image_emb or the scale, the text rows' kernel and their reduce-scatter only for text_emb, and
-    the gradients are those of the call without group=."""
-    u, t, s = (x.detach().float() for x in _inputs(19, 24))
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                            pytest.mark.interpreter])])
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, True)])
+def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_rank_group, monkeypatch):
+    """With group= (one rank of one): the image rows' gradient pass runs only for image_emb or the
+    scale, the text rows' pass and their reduce-scatter only for text_emb (the torch backend ran
+    both whatever was wanted before 2026-12-05), and the gradients are those of the call without
+    group= (bit for bit on Triton, which passes alike there; the torch backend takes both
+    directions in one pass without group=: fp64 rounding apart)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    u, t, s = (x.detach().to(dtype) for x in _inputs(19, 24))
     labels = _duplicated_labels(19, 3, 4)
-    launches, reduced = [], []
-    real_grad, real_collective = contrastive._triton_grad_rows, contrastive._collective
-    monkeypatch.setattr(contrastive, "_triton_grad_rows", lambda a, *rest: launches.append(a) or real_grad(a, *rest))
+    passes, reduced = [], []
+    name = "_torch_grad_rows" if backend == "torch" else "_triton_grad_rows"
+    real_pass, real_collective = getattr(contrastive, name), contrastive._collective
+    monkeypatch.setattr(contrastive, name, lambda a, *rest: passes.append(a) or real_pass(a, *rest))
     monkeypatch.setattr(contrastive, "_collective", lambda name: (
         lambda *a, **k: reduced.append(name) or real_collective(name)(*a, **k)))
     grads = []
     for group in (None, one_rank_group):
         inputs = [x.clone().requires_grad_(need) for x, need in zip((u, t, s), needs)]
-        launches.clear()
-        loss = ace_kernels.label_guided_infonce(*inputs, labels, group=group, backend="triton")
+        passes.clear()
+        loss = ace_kernels.label_guided_infonce(*inputs, labels, group=group, backend=backend)
         grads.append(torch.autograd.grad(loss, [x for x in inputs if x.requires_grad]))
-        # By value: with group= the kernels take the gathered copies.
-        assert [torch.equal(a, u) for a in launches] == [True] * (needs[0] or needs[2]) + [False] * needs[1]
+        if group is not None or backend == "triton":
+            # By value: with group= the text rows are a gathered copy.
+            assert [torch.equal(a, u) for a in passes] == [True] * (needs[0] or needs[2]) + [False] * needs[1]
     assert reduced.count("reduce_scatter_single") == int(needs[1])
     for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL64 if backend == "torch" else 0)
 
 
 def test_a_rank_passing_no_tensor_with_group_raises_its_own_error(one_rank_group, monkeypatch):
