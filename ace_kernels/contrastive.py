@@ -132,7 +132,7 @@ Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 5
 device's ``10 B^2 D`` split by rows; communication: the gathers of the text embeddings and of
 the labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none, on
 either backend). Memory per rank: the gathered ``[B, D]`` text rows (kept for the backward)
-and, in the backward, the ``[B, D]`` fp32 parts of ``dT``.
+and, in the backward, the ``[B, D]`` parts of ``dT`` (fp32; fp64 for fp64 inputs).
 A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; no kernel
 runs, but it joins every collective. The ``dT`` parts are formed in fp32 (the torch backend
 gathers its fp32 copies; the Triton kernel writes fp32 there) and reduce-scattered in fp32,
@@ -672,7 +672,7 @@ if triton is not None:
                 sim = _similarity_tile(a_base, b_base, rows, cols, row_in, col_in, dim, stride_a, stride_b,
                                        BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
             # Rows of the block outside the range are -inf, so both their weights are 0 (with logit 0,
-            # their loaded zeros', e**-lse_b_j is inf where a column's log-sum-exp is
+            # as their loaded zeros give, e**-lse_b_j is inf where a column's log-sum-exp is
             # under -88.7, and inf * 0 a NaN in the logit-scale part).
             logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
