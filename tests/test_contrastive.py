@@ -1164,19 +1164,18 @@ def _blocked_strategy(monkeypatch, dtype, dim, *, part_bytes=4 * 16 * 2 * 6, wei
 
 
 @pytest.mark.triton
-@pytest.mark.interpreter
 @pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
 @pytest.mark.parametrize("dim", [32, 81], ids=["one_dot", "k_steps"])  # K steps: D > 64 under the interpreter
-def test_triton_reads_nothing_around_a_ranks_own_rows(dim, strategy, monkeypatch):
+def test_triton_reads_nothing_around_a_ranks_own_rows(dim, strategy, device, monkeypatch):
     """With group= a rank's image rows come in a tensor of their own, and the one-pass kernels' row
     blocks, aligned in the global batch, start before its first row: nothing outside that tensor may
     be read (the second backward pass takes those rows as its columns). Here they are a view into
     NaN rows on both sides: the share, both log-sum-exps, the gradients and the logit-scale gradient
     are a clean copy's, bit for bit."""
-    n, lo, hi = 45, 21, 38  # rows 16..20 of the 16-row block that holds row 21 are another rank's
-    u, t, s = (x.detach().float() for x in _inputs(n, dim))
-    keys = contrastive._label_keys(_duplicated_labels(n, 14, 5))
-    padded = torch.full((hi - lo + 40, dim), float("nan"))
+    n, lo, hi = 45, 21, 38  # rows 16..20 of the interpreter's 16-row block that holds row 21 are another rank's
+    u, t, s = (x.detach().float().to(device) for x in _inputs(n, dim))
+    keys = contrastive._label_keys(_duplicated_labels(n, 14, 5).to(device))
+    padded = torch.full((hi - lo + 40, dim), float("nan"), device=device)
     view = padded[20:20 + hi - lo]
     view.copy_(u[lo:hi])
     forcing = _blocked_strategy(monkeypatch, torch.float32, dim) if strategy == "blocked" else contextlib.nullcontext()
@@ -1184,7 +1183,7 @@ def test_triton_reads_nothing_around_a_ranks_own_rows(dim, strategy, monkeypatch
     with forcing:
         for mine in (view, u[lo:hi].clone()):
             share, saved = contrastive._triton_share(mine, t, s, keys, lo, hi, combine=lambda part: part)
-            grads = contrastive._triton_share_grads(saved, torch.tensor(1.0), lo, hi, grouped=True)
+            grads = contrastive._triton_share_grads(saved, torch.tensor(1.0, device=device), lo, hi, grouped=True)
             results.append((share, *saved[4:], *grads))
     for got, want in zip(*results):
         assert torch.isfinite(want).all() and torch.equal(got, want)
