@@ -1783,7 +1783,8 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
 
         rank = dist.get_rank(group)
         _check_global_batch(image_emb.shape[1], sizes)
-        # What the backends' checks see: the gathered rows' shape, dtype and (contiguous) strides.
+        # What the backends' checks see: the global batch's shape and dtype, no row stride over D (the
+        # text rows are gathered into one buffer, the rank's own image rows made contiguous).
         u_all = image_emb.new_empty(()).expand(sum(sizes), image_emb.shape[1])
         t_all = u_all
         keys = _label_keys(_gather_labels(labels, group, sizes)) if labels is not None else None
