@@ -123,20 +123,26 @@ per pass:
   that of its rows and of the columns of the same indices; the shares sum to the loss.
 - backward, two passes: its rows against every column give its rows' ``dU`` whole, and
   with them the logit-scale gradient of its rows' logits; every row against its columns
-  (its rows of ``U``) gives its part of every ``dT``, which a reduce-scatter sums. Both
+  (its rows of ``U``) gives its part of every ``dT``, formed 16,384 rows at a time
+  (``_REDUCE_CHUNK_ROWS``), each rank's rows of a chunk reduced to that rank while the next chunk
+  is formed. Both
   directions' softmax weights of a logit come from the rank that owns its row, so each
   rank's backward applies its own upstream gradient to weights of other ranks' shares:
   the summed gradients are the loss's when every rank backpropagates the same multiple
   of it (see :func:`label_guided_infonce`).
 Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
 device's ``10 B^2 D`` split by rows; communication: the gathers of the text embeddings and of
-the labels, the ``[B]`` column partials, and one reduce-scatter of ``dT`` (``dU`` needs none, on
-either backend). Memory per rank: the gathered ``[B, D]`` text rows (kept for the backward)
-and, in the backward, the ``[B, D]`` parts of ``dT`` (fp32; fp64 for fp64 inputs).
-A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; no kernel
-runs, but it joins every collective. The ``dT`` parts are formed in fp32 (the torch backend
-gathers its fp32 copies; the Triton kernel writes fp32 there) and reduce-scattered in fp32,
-so a 16-bit row gradient is rounded once, after the sum over ranks, as on one device.
+the labels, the ``[B]`` column partials, and the reductions of ``dT``'s parts to each rank's
+rows (one per rank and chunk; ``dU`` needs none, on either backend). Memory per rank: the
+gathered ``[B, D]`` text rows (kept for the backward) and, in the backward, its own rows' sum
+of ``dT`` and two chunks' parts at most (fp32, 32 MiB a chunk at D = 512; fp64 for fp64
+inputs): every row's parts at once only up to B = 32,768 (before 2026-12-05 they were always
+one ``[B, D]`` buffer, reduce-scattered, and padded into a second one when the local batches
+differed). A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; it
+forms zero parts and joins every collective. The ``dT`` parts
+are formed in fp32 (the torch backend gathers fp32 copies of 16-bit rows; the Triton kernel
+writes fp32 there) and summed in fp32, so a 16-bit row gradient is rounded once, after the sum
+over ranks, as on one device.
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ import functools
 import math
 import numbers
 import struct
+import typing
 
 import torch
 from torch import nn
@@ -164,6 +171,12 @@ _dispatch.define_op(OP_NAME, prefer=("triton", "torch"))
 # bool mask); 128 keeps B = 32768 under ~50 MiB and B = 8192 under ~13 MiB while
 # the block matmul (128 x D x B) still runs at full speed on a CPU.
 _TORCH_BLOCK_ROWS = 128
+
+# With group=, the backward forms a rank's part of the text rows' gradient (fp32, D wide) this
+# many rows at a time (_reduce_to_owners): 32 MiB at D = 512, and on an H100/H200 a few waves of
+# the gradient kernel's row tiles per launch (a rank's rows at a time would leave most SMs idle
+# at B/W of a few thousand); a multiple of every BLOCK_M, so no row tile is split between launches.
+_REDUCE_CHUNK_ROWS = 16384
 
 _LABEL_DTYPES = (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -385,7 +398,7 @@ class _TorchLossShare(torch.autograd.Function):
     every column's over all rows; the shares add up to the loss. Backward, two passes: its rows
     against every column (their ``u`` gradients, complete; the logit-scale gradient of their
     logits) and every row against its columns (its rows' parts of every ``t`` gradient, which
-    the gathered text rows' reduce-scatter sums). Each logit is visited by one rank per direction,
+    :func:`_reduce_to_owners` sums). Each logit is visited by one rank per direction,
     so the ranks together do one device's work, and each rank backpropagates its rows' logits
     through both softmaxes: the gradients summed over ranks are the loss's when every rank
     backpropagates the same multiple of it (the documented convention).
@@ -396,15 +409,9 @@ class _TorchLossShare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, t, scale, keys, lo: int, hi: int, block: int, combine=None):
-        n = t.shape[0]
         ctx.lo, ctx.hi, ctx.block, ctx.grouped = lo, hi, block, combine is not None
-        if combine is None:
-            row_lse, col_lse, dots = _torch_lse_both(u, t, scale, keys, block)
-        else:
-            row_lse, col_part, dots = _torch_lse_both(u, t, scale, keys, block, lo)
-            col_lse = combine(col_part)  # every rank joins, a rank with no rows too
-        share = _loss_share(row_lse, col_lse[lo:hi], scale, dots, n)
-        ctx.save_for_backward(u, t, scale, keys, row_lse, col_lse)
+        share, saved = _torch_share(u, t, scale, keys, lo, hi, block, combine)
+        ctx.save_for_backward(*saved)
         return share
 
     @staticmethod
@@ -412,28 +419,54 @@ class _TorchLossShare(torch.autograd.Function):
     def backward(ctx, grad_share):
         lo, hi, block = ctx.lo, ctx.hi, ctx.block
         u, t, scale, keys, row_lse, col_lse = ctx.saved_tensors
-        n = t.shape[0]
-        coef = grad_share / (2 * n)
         if not ctx.grouped:
+            coef = grad_share / (2 * t.shape[0])
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
             return grad_u, grad_t, grad_scale, None, None, None, None, None
-        # A rank: each pass only where a gradient of it is wanted, as the Triton backend's
-        # (_triton_share_grads): a frozen tower's rows are not differentiated.
         need_u, need_t, need_scale = ctx.needs_input_grad[:3]
-        grad_u = grad_t = grad_scale = None
-        if lo == hi:
-            # No rows, no share: explicit zeros, so that this rank's backward still runs the
-            # text rows' reduce-scatter as the others' do.
-            grad_u, grad_scale = torch.zeros_like(u), torch.zeros_like(scale)
-            grad_t = torch.zeros_like(t) if need_t else None
-        else:
-            row_ext = _owned_lse(row_lse, n, lo, hi)
-            if need_u or need_scale:
-                grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef,
-                                                      block)
-            if need_t:
-                grad_t, _ = _torch_grad_rows(t, u, scale, keys, col_lse, row_ext, (0, n), (lo, hi), coef, block)
+        grad_u, grad_scale, t_part = _torch_rank_grads(ctx.saved_tensors, grad_share, lo, hi, block,
+                                                       (need_u, need_t, need_scale))
+        grad_t = t_part(0, t.shape[0]) if need_t else None  # one process standing in for a rank (tests)
         return grad_u, grad_t, grad_scale, None, None, None, None, None
+
+
+def _torch_share(u, t, scale, keys, lo: int, hi: int, block: int, combine=None) -> tuple[torch.Tensor, tuple]:
+    """The owned share and what its backward needs (:class:`_TorchLossShare`): one device
+    (``combine`` None, every row) or a rank of ``group=`` (``u`` its own rows ``lo..hi``,
+    ``t`` every row)."""
+    if combine is None:
+        row_lse, col_lse, dots = _torch_lse_both(u, t, scale, keys, block)
+    else:
+        row_lse, col_part, dots = _torch_lse_both(u, t, scale, keys, block, lo)
+        col_lse = combine(col_part)  # every rank joins, a rank with no rows too
+    share = _loss_share(row_lse, col_lse[lo:hi], scale, dots, t.shape[0])
+    return share, (u, t, scale, keys, row_lse, col_lse)
+
+
+def _torch_rank_grads(saved, grad_share, lo: int, hi: int, block: int, needs: tuple):
+    """A rank's backward (:class:`_TorchLossShare`'s two passes), each pass only where its gradient
+    is wanted, as the Triton backend's (:func:`_triton_rank_grads`): a frozen tower's rows are not
+    differentiated. Returns the own rows' ``u`` gradient (complete) and the scale's (None where
+    neither is wanted), and ``t_part(r0, r1)``: this rank's part of the ``t`` gradient of the
+    rows ``r0..r1`` (``[r1 - r0, D]``, every row against this rank's columns)."""
+    u, t, scale, keys, row_lse, col_lse = saved
+    n = t.shape[0]
+    coef = grad_share / (2 * n)
+    need_u, _, need_scale = needs
+    if lo == hi:
+        # No rows, no share: explicit zeros, so that this rank's backward still joins the
+        # text rows' reductions as the others' do.
+        return (torch.zeros_like(u), torch.zeros_like(scale),
+                lambda r0, r1: t.new_zeros((r1 - r0,) + tuple(t.shape[1:])))
+    row_ext = _owned_lse(row_lse, n, lo, hi)
+    grad_u = grad_scale = None
+    if need_u or need_scale:
+        grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block)
+
+    def t_part(r0: int, r1: int) -> torch.Tensor:
+        return _torch_grad_rows(t[r0:r1], u, scale, keys, col_lse, row_ext, (r0, r1), (lo, hi), coef, block)[0]
+
+    return grad_u, grad_scale, t_part
 
 
 @_dispatch.register(OP_NAME, "torch")
@@ -1254,12 +1287,22 @@ def _triton_share_grads(saved, grad_share, lo: int, hi: int, grouped: bool, need
     """Gradients of the owned share w.r.t. ``u``, ``t`` and the scale (:class:`_TorchLossShare`'s
     passes). One device: ``[n, D]`` each in the inputs' dtype. A rank of ``group=`` (``u`` its
     own rows): their ``u`` gradient (``[hi - lo, D]``, complete, in the inputs' dtype) and its part
-    of every row's ``t`` gradient (``[n, D]`` fp32, for the reduce-scatter to sum).
+    of every row's ``t`` gradient (``[n, D]`` fp32; :class:`_GroupShare` forms it a chunk of rows
+    at a time instead, :func:`_triton_rank_grads`).
 
     ``needs`` (autograd's ``needs_input_grad`` for the three) skips a gradient kernel: the
     first pass (``u``'s rows) also gives the scale's gradient, so it runs when either is
     needed; the second (``t``'s rows) only for ``t``. A skipped gradient is None.
     """
+    grad_u, grad_scale, t_part = _triton_rank_grads(saved, grad_share, lo, hi, grouped, needs)
+    grad_t = t_part(0, saved[1].shape[0]) if needs[1] else None
+    return grad_u, grad_t, grad_scale
+
+
+def _triton_rank_grads(saved, grad_share, lo: int, hi: int, grouped: bool, needs: tuple):
+    """:func:`_triton_share_grads`' first pass (the ``u`` and scale gradients, None where not
+    wanted), and ``t_part(r0, r1)``: the second pass over the rows ``r0..r1`` only (``[r1 - r0, D]``;
+    fp32 for a rank, whose parts are summed over ranks before they are rounded)."""
     u, t, scale, keys32, row_lse, col_lse = saved
     n = t.shape[0]
     scale32 = scale.detach().to(torch.float32).reshape(1)
@@ -1267,14 +1310,16 @@ def _triton_share_grads(saved, grad_share, lo: int, hi: int, grouped: bool, need
     row_ext = _owned_lse(row_lse, n, lo, hi) if grouped else row_lse
     # The kernels add the positives' terms; the first pass gives the logit-scale gradient of the
     # owned rows' logits (every weight of theirs and their positives): the whole one on one device.
-    grad_u = grad_t = grad_scale = None
+    grad_u = grad_scale = None
     if needs[0] or needs[2]:
         grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_lse, lo, hi, 0, n, coef)
         grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None
         grad_u = grad_u if needs[0] else None
-    if needs[1]:
-        grad_t, _ = _triton_grad_rows(t, u, scale32, keys32, col_lse, row_ext, 0, n, lo, hi, coef, grouped)
-    return grad_u, grad_t, grad_scale
+
+    def t_part(r0: int, r1: int) -> torch.Tensor:
+        return _triton_grad_rows(t[r0:r1], u, scale32, keys32, col_lse, row_ext, r0, r1, lo, hi, coef, grouped)[0]
+
+    return grad_u, grad_scale, t_part
 
 
 class _TritonLossShare(torch.autograd.Function):
@@ -1297,43 +1342,60 @@ class _TritonLossShare(torch.autograd.Function):
         return grad_u, grad_t, grad_scale, None, None, None, None
 
 
-class _TritonGroupShare(torch.autograd.Function):
-    """The owned share of the global loss from this rank's rows (``group=``, Triton).
+class _GroupShare(torch.autograd.Function):
+    """The owned share of the global loss from this rank's rows (``group=``), on either backend
+    (``passes``: :data:`_TORCH_PASSES` or :data:`_TRITON_PASSES`).
 
     The text rows are all-gathered inside; the image rows stay this rank's (each rank forms only
-    its own rows' logits). The backward's first pass gives this rank's own rows'
-    ``u`` gradient whole (no reduction); the second its part of every row's ``t`` gradient, in
-    fp32, which is reduce-scattered in fp32, so that a 16-bit gradient is rounded once, after
-    the sum over ranks, as one process's is (autograd would round a gathered 16-bit input's
-    gradient before the reduction). ``combine`` folds the column partials across the ranks
-    (:func:`_column_lse_across_ranks` over ``group``).
+    its own rows' logits). The backward's first pass gives this rank's own rows' ``u`` gradient
+    whole (no reduction). Its part of every text row's gradient (every row against its columns)
+    is formed a chunk of rows at a time, each rank's rows reduced to it while the next chunk is
+    formed (:func:`_reduce_to_owners`): the parts are summed in fp32 (fp64 for fp64 inputs) and a 16-bit
+    gradient is rounded once, after the sum over ranks, as one process's is (autograd would
+    round a gathered 16-bit input's gradient before the reduction). ``combine`` folds the column
+    partials across the ranks (:func:`_column_lse_across_ranks` over ``group``).
     """
 
     @staticmethod
-    def forward(ctx, u_local, t_local, scale, keys, group, sizes: tuple, rank: int, combine):
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+    def forward(ctx, u_local, t_local, scale, keys, group, sizes: tuple, rank: int, combine, passes):
+        ctx.group, ctx.sizes, ctx.rank, ctx.passes, ctx.dtype = group, sizes, rank, passes, t_local.dtype
         ctx.lo = sum(sizes[:rank])
         ctx.hi = ctx.lo + sizes[rank]
         t = _all_gather_padded(t_local.contiguous(), group, sizes)
         # Contiguous, as the gathered rows are: the checks (_triton_check) saw the gathered batch's
         # strides, on every rank alike.
-        share, saved = _triton_share(u_local.contiguous(), t, scale, keys, ctx.lo, ctx.hi, combine)
+        share, saved = passes.share(u_local.contiguous(), t, scale, keys, ctx.lo, ctx.hi, combine)
         ctx.save_for_backward(*saved)
         return share
 
     @staticmethod
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
-        saved = ctx.saved_tensors
-        dtype = saved[0].dtype
-        grad_u, grad_t, grad_scale = _triton_share_grads(saved, grad_share, ctx.lo, ctx.hi, grouped=True,
-                                                         needs=ctx.needs_input_grad[:3])
+        needs = ctx.needs_input_grad[:3]
+        grad_u, grad_scale, t_part = ctx.passes.grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, needs)
         # Only the text rows are reduced, and only when they need a gradient: every rank has
         # agreed on which (the shape exchange), where the logit scale's need may differ from rank
-        # to rank. (A rank with no rows computes zeros, and reduces them too.)
-        grad_t = _reduce_scatter_rows(grad_t, ctx.group, ctx.sizes, ctx.rank).to(dtype) \
-            if ctx.needs_input_grad[1] else None
-        return grad_u, grad_t, grad_scale, None, None, None, None, None
+        # to rank. (A rank with no rows forms zeros, and joins the reductions too.)
+        grad_t = _reduce_to_owners(t_part, ctx.group, ctx.sizes, ctx.rank).to(ctx.dtype) if needs[1] else None
+        return grad_u, grad_t, grad_scale, None, None, None, None, None, None
+
+
+class _Passes(typing.NamedTuple):
+    """A backend's two halves of :class:`_GroupShare`: ``share(u, t, scale, keys, lo, hi, combine)``
+    gives the owned share and what its backward saves; ``grads(saved, grad_share, lo, hi, needs)``
+    the ``u`` and scale gradients and ``t_part(r0, r1)``."""
+    share: typing.Callable
+    grads: typing.Callable
+
+
+_TORCH_PASSES = _Passes(
+    share=lambda u, t, scale, keys, lo, hi, combine: _torch_share(u, t, scale, keys, lo, hi, _TORCH_BLOCK_ROWS,
+                                                                  combine),
+    grads=lambda saved, grad_share, lo, hi, needs: _torch_rank_grads(saved, grad_share, lo, hi, _TORCH_BLOCK_ROWS,
+                                                                     needs))
+_TRITON_PASSES = _Passes(
+    share=_triton_share,
+    grads=lambda saved, grad_share, lo, hi, needs: _triton_rank_grads(saved, grad_share, lo, hi, True, needs))
 
 
 def _triton_check(u, t):
@@ -1398,49 +1460,51 @@ def _lse_share_triton(u, t, scale, keys, lo: int, hi: int, combine=None):
 # distributed helpers
 # ---------------------------------------------------------------------------
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather rows of every rank (local sizes may differ); the backward returns this rank's
-    rows of the gathered copy's gradient: every rank's part of the gradient reaches every row, so
-    a rank's rows get the sum over ranks of the gathered copy's gradients, a reduce-scatter
-    (deterministic for a fixed world size), padded to the largest local batch; 16-bit gradients
-    are summed in fp32 and rounded once, as one process's gradient is, not once per step of the
-    reduction.
-    """
+def _reduce_to_owners(part, group, sizes: tuple, rank: int) -> torch.Tensor:
+    """This rank's rows of a gradient whose parts every rank holds, summed over ranks: ``part(r0, r1)``
+    gives this rank's part of the rows ``r0..r1`` (``[r1 - r0, ...]``, in the dtype to sum in).
 
-    @staticmethod
-    def forward(ctx, local, group, sizes: tuple, rank: int):
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
-        return _all_gather_padded(local.contiguous(), group, sizes)
-
-    @staticmethod
-    @_library.autocast_off_backward
-    def backward(ctx, grad_all):
-        return (_reduce_scatter_rows(grad_all, ctx.group, ctx.sizes, ctx.rank).to(grad_all.dtype),
-                None, None, None)
-
-
-def _reduce_scatter_rows(grad_all: torch.Tensor, group, sizes: tuple, rank: int) -> torch.Tensor:
-    """This rank's rows of the sum over ranks of ``grad_all`` (the gradient of a gathered copy).
-
-    16-bit gradients are summed in fp32 and returned in fp32 (the caller rounds once). Each
-    rank's rows are padded to the largest local batch; deterministic for a fixed world size.
-    """
+    It is called for :data:`_REDUCE_CHUNK_ROWS` rows at a time (fewer in the last chunk), in order,
+    every rank alike; each rank's rows of a chunk are reduced to that rank while the next chunk is
+    formed (on a GPU its kernels overlap the reductions), and copied into its sum once they
+    arrive. So two chunks' parts and this rank's sum are held at once at most, not every row's
+    parts (a reduce-scatter's input, padded to the largest local batch where they differ); the
+    order of the sums is fixed for a fixed world size (deterministic). Returns this rank's rows
+    in the parts' dtype: the caller rounds once, after the sum."""
     import torch.distributed as dist
 
-    reduce_dtype = torch.float32 if grad_all.dtype in (torch.float16, torch.bfloat16) else grad_all.dtype
-    biggest, row = max(sizes), tuple(grad_all.shape[1:])
-    if biggest == 0:  # every rank has the same sizes: none enters the collective
-        return grad_all.new_empty((0,) + row, dtype=reduce_dtype)
-    grad_all = grad_all.to(reduce_dtype)
-    if min(sizes) == biggest:  # no rank short: the rows are already laid out as the collective takes them
-        padded = grad_all.contiguous()
-    else:  # each rank's rows at the start of a block of ``biggest``
-        padded = grad_all.new_zeros((len(sizes) * biggest,) + row)
-        for number, (piece, size) in enumerate(zip(grad_all.split(list(sizes)), sizes)):
-            padded[number * biggest:number * biggest + size] = piece
-    mine = padded.new_empty((biggest,) + row)
-    _collective("reduce_scatter_single")(mine, padded, op=dist.ReduceOp.SUM, group=group)
-    return mine[:sizes[rank]]
+    reduce = _collective("reduce")
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    lo = starts[rank]
+    mine = None
+    pending = []  # (work, piece, where the piece goes in this rank's sum; None for another rank's)
+    for c0 in range(0, starts[-1], _REDUCE_CHUNK_ROWS):
+        c1 = min(c0 + _REDUCE_CHUNK_ROWS, starts[-1])
+        chunk = part(c0, c1).contiguous()
+        if mine is None:
+            mine = chunk.new_empty((sizes[rank],) + tuple(chunk.shape[1:]))
+        _take_reduced(pending, mine)
+        pending = []
+        for owner in range(len(sizes)):
+            p0, p1 = max(c0, starts[owner]), min(c1, starts[owner + 1])
+            if p0 < p1:
+                piece = chunk[p0 - c0:p1 - c0]
+                work = reduce(piece, op=dist.ReduceOp.SUM, group=group, async_op=True, group_dst=owner)
+                pending.append((work, piece, p0 - lo if owner == rank else None))
+    if mine is None:  # no rows on any rank
+        return part(0, 0)
+    _take_reduced(pending, mine)
+    return mine
+
+
+def _take_reduced(pending: list, mine: torch.Tensor) -> None:
+    """Wait for :func:`_reduce_to_owners`' reductions in flight, copying this rank's into its sum."""
+    for work, piece, at in pending:
+        work.wait()
+        if at is not None:
+            mine[at:at + piece.shape[0]].copy_(piece)
 
 
 def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor:
@@ -1460,12 +1524,12 @@ def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor
 
 
 def _collective(name: str):
-    """torch.distributed's single-tensor all-gather or reduce-scatter (one buffer in or out, no list of
-    pieces to copy through): ``all_gather_single`` and ``reduce_scatter_single`` from torch 2.14, which
-    deprecates the older names ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` that torch 2.11 has."""
+    """A torch.distributed collective by name (one place, which the tests count through): the
+    single-buffer all-gather (``all_gather_single`` from torch 2.14, which deprecates the older
+    ``all_gather_into_tensor`` that torch 2.11 has) or ``reduce``."""
     import torch.distributed as dist
 
-    older = {"all_gather_single": "all_gather_into_tensor", "reduce_scatter_single": "reduce_scatter_tensor"}
+    older = {"all_gather_single": "all_gather_into_tensor"}
     return getattr(dist, name, None) or getattr(dist, older[name])
 
 
@@ -1510,7 +1574,7 @@ def _exchange_shapes(image_emb, text_emb, logit_scale, labels, group, local_erro
         has_labels = labels is not None
         label_width = math.prod(labels.shape[1:]) if has_labels else -1
         # Whether the text rows get a gradient decides whether the backward runs their
-        # reduce-scatter: ranks that differ would pair different collectives. (The image rows'
+        # reductions: ranks that differ would pair different collectives. (The image rows'
         # need runs none, on either backend; ranks that differ there are told so all the same,
         # as a configuration that differs.)
         grads = [int(torch.is_grad_enabled() and t.requires_grad) for t in (image_emb, text_emb)]
@@ -1803,21 +1867,19 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
     # The loss ignores autocast (as the Triton kernels always do): the torch backend's logit
     # matmuls would otherwise drop to the autocast dtype.
     with _library.autocast_off(image_emb.device.type):
+        u_in, t_in = image_emb, text_emb
         if impl is _lse_share_torch:
             # The torch backend works in the compute dtype (with group=, gathered in it too, so
             # that the text rows' gradients are summed over ranks before they are rounded to 16 bits).
             u_in, t_in = image_emb.to(compute), text_emb.to(compute)
-            if group is not None:
-                # The image rows stay this rank's (the share's backward gives them their gradient
-                # whole); the text rows are gathered, and their gradients' parts summed over ranks.
-                t_in = _GatherRows.apply(t_in, group, sizes, rank)
-            share = impl(u_in, t_in, scale, keys, lo, hi, combine)
-        elif group is None:
-            share = impl(image_emb, text_emb, scale, keys, lo, hi)
+        if group is None:
+            share = impl(u_in, t_in, scale, keys, lo, hi)
         else:
-            # Triton loads the inputs as they are; its group function gathers the text rows and
-            # rounds their gradients once, after the sum over ranks.
-            share = _TritonGroupShare.apply(image_emb, text_emb, scale, keys, group, sizes, rank, combine)
+            # Triton loads the inputs as they are. The image rows stay this rank's (the share's
+            # backward gives them their gradient whole); the text rows are gathered, and their
+            # gradients' parts summed over ranks before they are rounded.
+            passes = _TORCH_PASSES if impl is _lse_share_torch else _TRITON_PASSES
+            share = _GroupShare.apply(u_in, t_in, scale, keys, group, sizes, rank, combine, passes)
     if group is None:
         return share
     return _SumAcrossRanks.apply(share, group)

@@ -71,21 +71,23 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
 
 @contextlib.contextmanager
 def _counting_collectives():
-    """Record the shape of every reduce-scatter's and all-gather's input (one tensor: each rank's
-    rows padded to the largest local batch, or the column partials): yields
-    ``{"reduce_scatters": [shape, ...], "all_gathers": [shape, ...]}``."""
+    """Record every all-gather's input shape (one tensor: each rank's rows padded to the largest
+    local batch, or the column partials) and every reduction's (shape, owner): yields
+    ``{"reductions": [(shape, owner), ...], "all_gathers": [shape, ...]}``."""
     from ace_kernels import contrastive
 
-    counts = {"reduce_scatters": [], "all_gathers": []}
+    counts = {"reductions": [], "all_gathers": []}
     real = contrastive._collective
-    kinds = {"reduce_scatter_single": "reduce_scatters", "all_gather_single": "all_gathers"}
 
     def collective(name):
         function = real(name)
 
-        def counted(output, local, *args, **kwargs):
-            counts[kinds[name]].append(tuple(local.shape))
-            return function(output, local, *args, **kwargs)
+        def counted(tensor, *args, **kwargs):
+            if name == "reduce":
+                counts["reductions"].append((tuple(tensor.shape), kwargs["group_dst"]))
+            else:
+                counts["all_gathers"].append(tuple(args[0].shape))
+            return function(tensor, *args, **kwargs)
 
         return counted
 
@@ -97,7 +99,8 @@ def _counting_collectives():
 
 
 def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torch", dtype=torch.float64, timeout_s=60,
-        blocked_tiles=None, weight_bytes=None, image_grad=True, count_collectives=False, members=None):
+        blocked_tiles=None, weight_bytes=None, image_grad=True, count_collectives=False, members=None,
+        reduce_chunk_rows=None):
     """This rank's slice of ``make_global_batch(sizes, ...)`` (possibly empty) through ``group=``.
 
     ``timeout_s`` bounds every collective: a rank left waiting for one that never comes
@@ -105,16 +108,20 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
     ``blocked_tiles``: force the Triton blocked strategy with these tiles and ``weight_bytes`` of
     weights (:func:`_blocked_strategy`), and save its backward's program counts too.
     ``image_grad=False``: a frozen image tower (image_emb needs no gradient; grad_u is None).
-    ``count_collectives``: save the input shapes of every reduce-scatter and all-gather the call runs.
+    ``count_collectives``: save the input shapes of every reduction and all-gather the call runs.
     ``members``: the global ranks of a subgroup (``dist.new_group``) that computes the loss, ``sizes``
     and the saved files following its own ranks; a rank outside it saves the error the call raises there.
+    ``reduce_chunk_rows``: the backward's rows per chunk of the text rows' gradient parts (``_REDUCE_CHUNK_ROWS``).
     """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     try:
         import ace_kernels
+        from ace_kernels import contrastive
 
+        if reduce_chunk_rows is not None:
+            contrastive._REDUCE_CHUNK_ROWS = reduce_chunk_rows
         group = dist.group.WORLD
         if members is not None:
             group = dist.new_group(list(members))  # every rank takes part in making it
@@ -164,11 +171,11 @@ def gather_rows_16bit_inputs(sizes, dim, dtype, rank, world):
 
 
 def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_s):
-    """The helper that gathers the rows of every rank (``_GatherRows``) on
-    fp16 and bf16 rows of :func:`gather_rows_16bit_inputs`: saves the gathered rows and this
-    rank's rows' gradient for each dtype. (Through the loss, the torch backend gathers fp32
-    copies and Triton reduces fp32 gradients: this is the helper's 16-bit path with real
-    collectives.)"""
+    """The helpers that gather the rows of every rank (``_all_gather_padded``) and sum each rank's
+    rows' gradient parts to it (``_reduce_to_owners``), on fp16 and bf16 rows and gradients of
+    :func:`gather_rows_16bit_inputs`: saves the gathered rows and this rank's rows' gradient for
+    each dtype. The parts are fp32 copies of the 16-bit gradients (as both backends form fp32
+    parts), and the sum is rounded once, as the loss's backward does."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
@@ -178,10 +185,10 @@ def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_
         saved = {}
         for dtype in (torch.float16, torch.bfloat16):
             rows, grad = gather_rows_16bit_inputs(sizes, dim, dtype, rank, world)
-            rows.requires_grad_()
-            gathered = contrastive._GatherRows.apply(rows, dist.group.WORLD, tuple(sizes), rank)
-            gathered.backward(grad)
-            saved[str(dtype)] = {"gathered": gathered.detach(), "grad": rows.grad}
+            gathered = contrastive._all_gather_padded(rows, dist.group.WORLD, tuple(sizes))
+            mine = contrastive._reduce_to_owners(lambda r0, r1: grad[r0:r1].float(), dist.group.WORLD, tuple(sizes),
+                                                 rank)
+            saved[str(dtype)] = {"gathered": gathered, "grad": mine.to(dtype), "sum_dtype": mine.dtype}
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -804,7 +804,7 @@ def test_triton_check_rejects_2_30_rows_and_float64():
                                    (True, True, True)])
 def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_rank_group, monkeypatch):
     """With group= (one rank of one): the image rows' gradient pass runs only for image_emb or the
-    scale, the text rows' pass and their reduce-scatter only for text_emb (the torch backend ran
+    scale, the text rows' pass and their reduction only for text_emb (the torch backend ran
     both whatever was wanted before 2026-12-05), and the gradients are those of the call without
     group= (bit for bit on Triton, which passes alike there; the torch backend takes both
     directions in one pass without group=: fp64 rounding apart)."""
@@ -826,7 +826,7 @@ def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_ran
         if group is not None or backend == "triton":
             # By value: with group= the text rows are a gathered copy.
             assert [torch.equal(a, u) for a in passes] == [True] * (needs[0] or needs[2]) + [False] * needs[1]
-    assert reduced.count("reduce_scatter_single") == int(needs[1])
+    assert reduced.count("reduce") == int(needs[1])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64 if backend == "torch" else 0)
 
@@ -967,7 +967,7 @@ def test_ranks_that_differ_in_a_dtype_are_told_which_by_name(monkeypatch):
 def test_ranks_that_differ_in_either_embeddings_need_of_a_gradient_are_told_so(embedding, monkeypatch):
     """A second rank faked in the shape exchange whose image or text rows need no gradient where
     this rank's do: every rank raises, naming the embedding (whether the text rows need one decides
-    whether the backward runs their reduce-scatter; the spawned ranks of the distributed tests
+    whether the backward runs their reductions; the spawned ranks of the distributed tests
     differ in image_emb's only)."""
     import torch.distributed as dist
 

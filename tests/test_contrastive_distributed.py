@@ -119,21 +119,31 @@ def test_a_subgroup_computes_the_loss_of_its_own_ranks(tmp_path):
     assert "this rank is not a member of the group" in (tmp_path / "outside1.txt").read_text()
 
 
+# The text rows' gradient parts (sizes 5, 1, 8) in one chunk (the default), or in chunks of 6
+# rows: rank 0's and 1's rows, then 6 of rank 2's, then its other 2; or a row at a time.
+REDUCE_CASES = [(None, [((5, 12), 0), ((1, 12), 1), ((8, 12), 2)]),
+                (6, [((5, 12), 0), ((1, 12), 1), ((6, 12), 2), ((2, 12), 2)]),
+                (1, [((1, 12), 0)] * 5 + [((1, 12), 1)] + [((1, 12), 2)] * 8)]
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
                                                                             pytest.mark.interpreter])])
-def test_only_the_text_rows_are_gathered_and_reduced_across_ranks(backend, tmp_path):
+@pytest.mark.parametrize("chunk_rows,reductions", REDUCE_CASES, ids=["one_chunk", "chunks_of_6", "a_row_per_chunk"])
+def test_only_the_text_rows_are_gathered_and_reduced_across_ranks(backend, chunk_rows, reductions, tmp_path):
     """A rank's own image rows get their gradient whole from its pass over its rows, on either
     backend, and no other rank needs them: per step, one all-gather of rows (the text rows', padded
-    to the largest local batch) beside the labels' and the column partials', and one reduce-scatter
-    (the text rows' gradients), with the loss and gradients still those of one process."""
+    to the largest local batch) beside the labels' and the column partials', and the reductions of
+    this rank's part of the text rows' gradients to each rank's rows, a chunk of rows at a time (one
+    [B, D] reduce-scatter before 2026-12-05), with the loss and gradients still those of one
+    process, whatever the chunks."""
     sizes, dim = (5, 1, 8), 12
     dtype = torch.float64 if backend == "torch" else torch.float32
     _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), backend, dtype, 60,
-                             None, None, True, True))
+                             None, None, True, True, None, chunk_rows))
     for rank in range(len(sizes)):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["all_gathers"] == [(8, 14), (8, dim), (sum(sizes),)], saved["all_gathers"]
-        assert saved["reduce_scatters"] == [(3 * 8, dim)]
+        assert saved["reductions"] == reductions, saved["reductions"]
     _check_against_single_process(tmp_path, sizes, dim, True, ATOL if backend == "torch" else 2e-5)
 
 
@@ -205,9 +215,10 @@ def test_ranks_may_differ_in_whether_the_logit_scale_needs_a_gradient(backend, t
 @pytest.mark.triton
 @pytest.mark.interpreter
 def test_ranks_that_resolve_different_backends_raise_on_every_rank(tmp_path):
-    # The backends run different collectives (torch reduce-scatters the text rows' gradients
-    # first and gathers fp32 copies; Triton the image rows' first, and gathers 16-bit rows):
-    # torch, triton, torch in fp32 gave the right loss and gradients off by O(1) with no error.
+    # The backends ran different collectives (before 2026-12-05 torch reduce-scattered the text
+    # rows' gradients first, Triton the image rows'; torch gathers fp32 copies of 16-bit rows,
+    # Triton the rows as they are): torch, triton, torch in fp32 gave the right loss and gradients
+    # off by O(1) with no error.
     # The last rank gets Triton from ACE_KERNELS_BACKEND under backend="auto".
     _spawn(run_backend_mismatch, 3,
            (_rendezvous(tmp_path), str(tmp_path), SHORT_TIMEOUT_S, ("torch", "triton", "auto+triton")))
@@ -263,7 +274,7 @@ def test_triton_backend_across_ranks(tmp_path):
 @pytest.mark.interpreter
 def test_triton_backend_across_ranks_with_a_frozen_image_tower(tmp_path):
     """image_emb needs no gradient on any rank, text_emb does: the text rows still get the
-    global loss's gradient (their reduce-scatter does not wait on the image rows'), within
+    global loss's gradient (their reductions do not wait on the image rows'), within
     the fp32 tolerance of test_triton_backend_across_ranks."""
     sizes, dim = (7, 12), 20
     _spawn(run, 2,
@@ -316,9 +327,10 @@ def test_triton_blocked_strategy_across_ranks(name, sizes, weight_bytes, tmp_pat
                              dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=tile), weight_bytes))
     _check_against_single_process(tmp_path, sizes, dim, True, 2e-5)
     # A rank's backward runs its rows against every column (dU), then every row against its
-    # columns (its part of dT): per direction its rows' tiles times the batch's, so that the
-    # ranks together run one device's tiles (no logit twice, as before 2026-12-02, when each rank
-    # also ran the row tiles of other ranks against its columns and its own against every column).
+    # columns (its part of dT; every row in one chunk at this batch): per direction its rows' tiles
+    # times the batch's, so that the ranks together run one device's tiles (no logit twice, as before
+    # 2026-12-02, when each rank also ran the row tiles of other ranks against its columns and its
+    # own against every column).
     tiles = math.ceil(sum(sizes) / tile)
     for rank, size in enumerate(sizes):
         programs = torch.load(tmp_path / f"rank{rank}.pt")["grad_programs"]
@@ -441,36 +453,68 @@ def test_rows_are_gathered_into_one_buffer(sizes, monkeypatch):
         assert (got.data_ptr() == written[0].data_ptr()) == (min(sizes) == biggest)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gathered_rows_gradients_are_reduce_scattered_in_fp32(dtype, monkeypatch):
-    """The backward of the gathered rows, with the collective simulated for rank 1 of 3 (local
-    sizes 2, 3 and 0; the other ranks hold the same gradient): 16-bit gradients are summed in fp32,
-    each rank's rows padded to the largest local batch in one tensor, and rank 1 gets its rows,
-    once rounded."""
+class _FakeReduction:
+    """A reduction's stand-in for :func:`_reduce_to_owners` on rank ``rank`` of ranks that all
+    hold the same parts: waiting on it writes ``ranks`` times the part into the owner's block."""
+
+    def __init__(self, events, rank, ranks):
+        self.events, self.rank, self.ranks = events, rank, ranks
+
+    def __call__(self, block, op=None, group=None, async_op=False, group_dst=None):
+        assert async_op and group_dst is not None
+        self.events.append(f"reduce {group_dst}")
+        owner, events, rank, ranks = group_dst, self.events, self.rank, self.ranks
+
+        class Work:
+            def wait(self):
+                events.append(f"wait {owner}")
+                if owner == rank:
+                    block.mul_(ranks)
+
+        return Work()
+
+
+@pytest.mark.parametrize("chunk_rows,events", [
+    (4, ["part 0:4", "reduce 0", "reduce 1", "part 4:8", "wait 0", "wait 1", "reduce 1", "reduce 3", "part 8:9",
+         "wait 1", "wait 3", "reduce 3", "wait 3"]),
+    (5, ["part 0:5", "reduce 0", "reduce 1", "part 5:9", "wait 0", "wait 1", "reduce 3", "wait 3"]),
+    (16, ["part 0:9", "reduce 0", "reduce 1", "reduce 3", "wait 0", "wait 1", "wait 3"]),
+], ids=["chunks_across_ranks", "chunks_at_ranks", "one_chunk"])
+def test_text_gradients_are_reduced_to_their_owners_a_chunk_at_a_time(chunk_rows, events, monkeypatch):
+    """Rank 1 of 4 (local sizes 2, 3, 0 and 4): its part of the rows is formed _REDUCE_CHUNK_ROWS rows
+    at a time, in order; each rank's rows of a chunk are sent to it before the next chunk is formed
+    and waited for only after it (the reductions overlap the next chunk's work), an empty rank's rows
+    never reduced; rank 1's sum is its rows' (from one chunk or two), in the parts' dtype, in a
+    buffer of its own (not a view into a chunk's parts)."""
     from ace_kernels import contrastive
 
     seen = []
+    monkeypatch.setattr(contrastive, "_REDUCE_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(contrastive, "_collective", {"reduce": _FakeReduction(seen, 1, 4)}.__getitem__)
+    grad = torch.arange(18, dtype=torch.float32).reshape(9, 2) / 7
 
-    def reduce_scatter(output, padded, op=None, group=None):
-        seen.append(padded.clone())
-        output.copy_(padded[3:6] * 3)  # rank 1's block, summed over 3 identical ranks
+    def part(r0, r1):
+        seen.append(f"part {r0}:{r1}")
+        return grad[r0:r1].clone()
 
-    monkeypatch.setattr(contrastive, "_collective", {"reduce_scatter_single": reduce_scatter}.__getitem__)
-    grad = torch.arange(10, dtype=torch.float32).reshape(5, 2).to(dtype) / 7
-    ctx = type("Ctx", (), {"group": None, "sizes": (2, 3, 0), "rank": 1})()
-    got = contrastive._GatherRows.backward(ctx, grad)[0]
-    zero = torch.zeros(1, 2)
-    assert len(seen) == 1 and seen[0].dtype == torch.float32
-    assert torch.equal(seen[0], torch.cat([grad[:2].float(), zero, grad[2:5].float(), zero, zero, zero]))
-    assert got.dtype == dtype and torch.equal(got, (grad[2:5].float() * 3).to(dtype))
+    got = contrastive._reduce_to_owners(part, None, (2, 3, 0, 4), 1)
+    assert seen == events
+    assert got.dtype == torch.float32 and torch.equal(got, grad[2:5] * 4)
+    assert got.untyped_storage().nbytes() == got.nbytes
+    # A rank with no rows joins every reduction and keeps an empty [0, D] sum.
+    seen.clear()
+    monkeypatch.setattr(contrastive, "_collective", {"reduce": _FakeReduction(seen, 2, 4)}.__getitem__)
+    got = contrastive._reduce_to_owners(part, None, (2, 3, 0, 4), 2)
+    assert [e for e in seen if e.startswith("reduce")] == [e for e in events if e.startswith("reduce")]
+    assert got.shape == (0, 2)
 
 
 def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_path):
-    """The gathered rows' helper with real collectives on fp16 and bf16 rows (the loss never
-    hands it 16-bit gradients: see the worker), 3 uneven ranks, the middle one empty: every rank
-    gets every rank's rows in rank order, bit for bit, and its rows' gradient is the sum of the
-    ranks' gradients of the gathered rows rounded once (exact here: the fp32 sums are exact).
-    Summed in 16 bits, or with a rank's rows dropped or misplaced, some entries differ."""
+    """The gathering and reducing helpers with real collectives on fp16 and bf16 rows and fp32
+    parts of 16-bit gradients, 3 uneven ranks, the middle one empty: every rank gets every rank's
+    rows in rank order, bit for bit, and its rows' gradient is the sum of the ranks' parts, in
+    fp32, rounded once (exact here: the fp32 sums are exact). Summed in 16 bits, or with a rank's
+    rows dropped or misplaced, some entries differ."""
     sizes, dim = (4, 0, 6), 8
     _spawn(run_gather_rows_16bit, len(sizes), (_rendezvous(tmp_path), sizes, dim, str(tmp_path), SHORT_TIMEOUT_S))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
@@ -481,7 +525,7 @@ def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_
         lo = 0
         for rank, size in enumerate(sizes):
             got = results[rank][str(dtype)]
-            assert got["gathered"].dtype == got["grad"].dtype == dtype
+            assert got["gathered"].dtype == got["grad"].dtype == dtype and got["sum_dtype"] == torch.float32
             assert torch.equal(got["gathered"], rows), (dtype, rank)
             assert got["grad"].shape == (size, dim) and torch.equal(got["grad"], summed[lo:lo + size]), (dtype, rank)
             lo += size
