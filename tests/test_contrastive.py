@@ -1098,14 +1098,18 @@ def test_triton_large_scale_and_owned_shares(device):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("dim", [8, 81], ids=["one_dot", "k_steps"])  # K steps: D > 64 under the interpreter
-def test_triton_owned_shares_with_every_column_lse_below_exp_range(dim, device):
+# K steps: D > 64 under the interpreter. The blocked strategy: tiles of 16 rows, one block per row tile.
+@pytest.mark.parametrize("dim, strategy", [(8, "one_pass"), (81, "one_pass"), (8, "blocked")],
+                         ids=["one_dot", "k_steps", "blocked"])
+def test_triton_owned_shares_with_every_column_lse_below_exp_range(dim, strategy, device, monkeypatch):
     """Every image against every text near cosine -1 at s = 100: each logit, so each column's
     log-sum-exp, is about -100, under -88.7, where e**-lse overflows float32. The ranks' rows
-    start and end inside the gradient kernel's aligned row blocks (16 rows under the interpreter,
-    64 or 32 on a GPU), whose rows outside the range must add nothing: in the one-dot path they
-    load as 0, and with logit 0 (unmasked) their column weights were e**100 = inf, so inf * 0 made
-    the summed logit-scale gradient NaN, where one device's is finite. Shares and gradients
+    start and end inside the kernels' row tiles (16 rows under the interpreter, 32 to 128 on a
+    GPU), whose rows outside the range must add nothing: they load as 0, and with logit 0
+    (unmasked) their column weights were e**100 = inf in the one-dot gradient pass, so inf * 0
+    made the summed logit-scale gradient NaN, where one device's is finite; a forward that let
+    them into the column log-sum-exps would add e**0 to sums of about e**-100 (at a usual scale,
+    e**0 beside sums of e**30 to e**100, no test tolerance sees it). Shares and gradients
     against the fp64 oracle, an empty rank included."""
     n = 37
     gen = torch.Generator().manual_seed(3)
@@ -1117,15 +1121,19 @@ def test_triton_owned_shares_with_every_column_lse_below_exp_range(dim, device):
                           t.to(device).requires_grad_(), s.to(device).requires_grad_(), None)
     u32, t32, s32 = (x.float().to(device).requires_grad_() for x in (u, t, s))
     ranges = [(0, 5), (5, 5), (5, 21), (21, n)]
-    shares = _rank_shares("triton", u32, t32, s32, None, ranges)
-    col_lse = contrastive._triton_lse_both(u32.detach(), t32.detach(), s32.detach().reshape(1), None, 0, n)[1]
-    assert col_lse.max() < -88.8  # the case: every column's log-sum-exp under float32's exp range
-    total, grads = 0.0, [0, 0, 0]
-    for share in shares:
-        g = torch.autograd.grad(share, [u32, t32, s32])
-        assert all(torch.isfinite(x).all() for x in g), [x.isfinite().all().item() for x in g]
-        total = total + share.detach()
-        grads = [a + b for a, b in zip(grads, g)]
+    forcing = (_blocked_strategy(monkeypatch, torch.float32, dim, part_bytes=1) if strategy == "blocked"
+               else contextlib.nullcontext())
+    with forcing as calls:
+        shares = _rank_shares("triton", u32, t32, s32, None, ranges)
+        col_lse = contrastive._triton_lse_both(u32.detach(), t32.detach(), s32.detach().reshape(1), None, 0, n)[1]
+        assert col_lse.max() < -88.8  # the case: every column's log-sum-exp under float32's exp range
+        total, grads = 0.0, [0, 0, 0]
+        for share in shares:
+            g = torch.autograd.grad(share, [u32, t32, s32])
+            assert all(torch.isfinite(x).all() for x in g), [x.isfinite().all().item() for x in g]
+            total = total + share.detach()
+            grads = [a + b for a, b in zip(grads, g)]
+    assert calls is None or (calls["lse"] and calls["grad"])  # the blocked kernels ran
     torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
     for got, want in zip(grads, ref[1]):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
