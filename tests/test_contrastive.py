@@ -698,6 +698,23 @@ def test_triton_strided_rows(device):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("strategy", ["one_pass", "blocked"])
+def test_triton_k_steps_read_each_side_with_its_own_row_stride(strategy, device, monkeypatch):
+    """As test_triton_strided_rows (u compact, t a view of wider rows) where the similarity tiles
+    are formed in K steps (_similarity_tile): D = 81 > 64 under the interpreter, as every fp32
+    call on a GPU, and every tile of the blocked strategy. The one-dot test above never reaches them."""
+    u, t, s = _inputs(21, 96, dtype=torch.float32)
+    u_compact = u.detach().to(device)[:, :81].contiguous().requires_grad_()
+    t_view = t.detach().to(device)[:, 7:88].requires_grad_()
+    assert (u_compact.stride(0), t_view.stride(0)) == (81, 96)
+    forcing = (_blocked_strategy(monkeypatch, torch.float32, 81) if strategy == "blocked"
+               else contextlib.nullcontext())
+    with forcing as calls:
+        _check_triton_fp32(u_compact, t_view, s, _duplicated_labels(21, 3, 4).to(device), device)
+    assert calls is None or calls == {"lse": 1, "grad": 2}
+
+
+@pytest.mark.triton
 def test_blocked_tiles_write_only_the_diagonal_they_hold(device):
     """The blocked forward's tiles run in any order on a GPU; each writes a_i . b_i only for the
     rows whose diagonal lies in its columns. A block of rows 9..24 (a share that starts inside a
