@@ -125,7 +125,8 @@ per pass:
   with them the logit-scale gradient of its rows' logits; every row against its columns
   (its rows of ``U``) gives its part of every ``dT``, formed 16,384 rows at a time
   (``_REDUCE_CHUNK_ROWS``), each rank's rows of a chunk reduced to that rank while the next chunk
-  is formed. Both
+  is formed; this pass runs first, and the ``dU`` pass while the last chunk's reductions (all of
+  them up to B = 16,384) are in flight. Both
   directions' softmax weights of a logit come from the rank that owns its row, so each
   rank's backward applies its own upstream gradient to weights of other ranks' shares:
   the summed gradients are the loss's when every rank backpropagates the same multiple
@@ -423,9 +424,9 @@ class _TorchLossShare(torch.autograd.Function):
             coef = grad_share / (2 * t.shape[0])
             grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
             return grad_u, grad_t, grad_scale, None, None, None, None, None
-        need_u, need_t, need_scale = ctx.needs_input_grad[:3]
-        grad_u, grad_scale, t_part = _torch_rank_grads(ctx.saved_tensors, grad_share, lo, hi, block,
-                                                       (need_u, need_t, need_scale))
+        need_t = ctx.needs_input_grad[1]
+        u_pass, t_part = _torch_rank_grads(ctx.saved_tensors, grad_share, lo, hi, block, ctx.needs_input_grad[:3])
+        grad_u, grad_scale = u_pass()
         grad_t = t_part(0, t.shape[0]) if need_t else None  # one process standing in for a rank (tests)
         return grad_u, grad_t, grad_scale, None, None, None, None, None
 
@@ -446,9 +447,10 @@ def _torch_share(u, t, scale, keys, lo: int, hi: int, block: int, combine=None) 
 def _torch_rank_grads(saved, grad_share, lo: int, hi: int, block: int, needs: tuple):
     """A rank's backward (:class:`_TorchLossShare`'s two passes), each pass only where its gradient
     is wanted, as the Triton backend's (:func:`_triton_rank_grads`): a frozen tower's rows are not
-    differentiated. Returns the own rows' ``u`` gradient (complete) and the scale's (None where
-    neither is wanted), and ``t_part(r0, r1)``: this rank's part of the ``t`` gradient of the
-    rows ``r0..r1`` (``[r1 - r0, D]``, every row against this rank's columns)."""
+    differentiated. Returns ``u_pass()``, which gives the own rows' ``u`` gradient (complete) and
+    the scale's (None where neither is wanted), and ``t_part(r0, r1)``: this rank's part of the
+    ``t`` gradient of the rows ``r0..r1`` (``[r1 - r0, D]``, every row against this rank's
+    columns)."""
     u, t, scale, keys, row_lse, col_lse = saved
     n = t.shape[0]
     coef = grad_share / (2 * n)
@@ -456,17 +458,19 @@ def _torch_rank_grads(saved, grad_share, lo: int, hi: int, block: int, needs: tu
     if lo == hi:
         # No rows, no share: explicit zeros, so that this rank's backward still joins the
         # text rows' reductions as the others' do.
-        return (torch.zeros_like(u), torch.zeros_like(scale),
+        return (lambda: (torch.zeros_like(u), torch.zeros_like(scale)),
                 lambda r0, r1: t.new_zeros((r1 - r0,) + tuple(t.shape[1:])))
     row_ext = _owned_lse(row_lse, n, lo, hi)
-    grad_u = grad_scale = None
-    if need_u or need_scale:
-        grad_u, grad_scale = _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block)
+
+    def u_pass() -> tuple:
+        if not (need_u or need_scale):
+            return None, None
+        return _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block)
 
     def t_part(r0: int, r1: int) -> torch.Tensor:
         return _torch_grad_rows(t[r0:r1], u, scale, keys, col_lse, row_ext, (r0, r1), (lo, hi), coef, block)[0]
 
-    return grad_u, grad_scale, t_part
+    return u_pass, t_part
 
 
 @_dispatch.register(OP_NAME, "torch")
@@ -1294,15 +1298,17 @@ def _triton_share_grads(saved, grad_share, lo: int, hi: int, grouped: bool, need
     first pass (``u``'s rows) also gives the scale's gradient, so it runs when either is
     needed; the second (``t``'s rows) only for ``t``. A skipped gradient is None.
     """
-    grad_u, grad_scale, t_part = _triton_rank_grads(saved, grad_share, lo, hi, grouped, needs)
+    u_pass, t_part = _triton_rank_grads(saved, grad_share, lo, hi, grouped, needs)
+    grad_u, grad_scale = u_pass()
     grad_t = t_part(0, saved[1].shape[0]) if needs[1] else None
     return grad_u, grad_t, grad_scale
 
 
 def _triton_rank_grads(saved, grad_share, lo: int, hi: int, grouped: bool, needs: tuple):
-    """:func:`_triton_share_grads`' first pass (the ``u`` and scale gradients, None where not
-    wanted), and ``t_part(r0, r1)``: the second pass over the rows ``r0..r1`` only (``[r1 - r0, D]``;
-    fp32 for a rank, whose parts are summed over ranks before they are rounded)."""
+    """:func:`_triton_share_grads`' two passes, to run in either order: ``u_pass()``, the first (the
+    ``u`` and scale gradients, None where not wanted), and ``t_part(r0, r1)``, the second over the
+    rows ``r0..r1`` only (``[r1 - r0, D]``; fp32 for a rank, whose parts are summed over ranks
+    before they are rounded)."""
     u, t, scale, keys32, row_lse, col_lse = saved
     n = t.shape[0]
     scale32 = scale.detach().to(torch.float32).reshape(1)
@@ -1310,16 +1316,17 @@ def _triton_rank_grads(saved, grad_share, lo: int, hi: int, grouped: bool, needs
     row_ext = _owned_lse(row_lse, n, lo, hi) if grouped else row_lse
     # The kernels add the positives' terms; the first pass gives the logit-scale gradient of the
     # owned rows' logits (every weight of theirs and their positives): the whole one on one device.
-    grad_u = grad_scale = None
-    if needs[0] or needs[2]:
+    def u_pass() -> tuple:
+        if not (needs[0] or needs[2]):
+            return None, None
         grad_u, grad_scale = _triton_grad_rows(u, t, scale32, keys32, row_ext, col_lse, lo, hi, 0, n, coef)
-        grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None
-        grad_u = grad_u if needs[0] else None
+        return (grad_u if needs[0] else None,
+                grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None)
 
     def t_part(r0: int, r1: int) -> torch.Tensor:
         return _triton_grad_rows(t[r0:r1], u, scale32, keys32, col_lse, row_ext, r0, r1, lo, hi, coef, grouped)[0]
 
-    return grad_u, grad_scale, t_part
+    return u_pass, t_part
 
 
 class _TritonLossShare(torch.autograd.Function):
@@ -1372,18 +1379,23 @@ class _GroupShare(torch.autograd.Function):
     @_library.kernel_backward(_SECOND_DERIVATIVE_ERROR)
     def backward(ctx, grad_share):
         needs = ctx.needs_input_grad[:3]
-        grad_u, grad_scale, t_part = ctx.passes.grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, needs)
+        u_pass, t_part = ctx.passes.grads(ctx.saved_tensors, grad_share, ctx.lo, ctx.hi, needs)
         # Only the text rows are reduced, and only when they need a gradient: every rank has
         # agreed on which (the shape exchange), where the logit scale's need may differ from rank
-        # to rank. (A rank with no rows forms zeros, and joins the reductions too.)
-        grad_t = _reduce_to_owners(t_part, ctx.group, ctx.sizes, ctx.rank).to(ctx.dtype) if needs[1] else None
+        # to rank. (A rank with no rows forms zeros, and joins the reductions too.) Their pass
+        # runs first, so that the image rows' pass overlaps the last chunk's reductions.
+        if needs[1]:
+            grad_t, (grad_u, grad_scale) = _reduce_to_owners(t_part, ctx.group, ctx.sizes, ctx.rank, meanwhile=u_pass)
+            grad_t = grad_t.to(ctx.dtype)
+        else:
+            grad_t, (grad_u, grad_scale) = None, u_pass()
         return grad_u, grad_t, grad_scale, None, None, None, None, None, None
 
 
 class _Passes(typing.NamedTuple):
     """A backend's two halves of :class:`_GroupShare`: ``share(u, t, scale, keys, lo, hi, combine)``
     gives the owned share and what its backward saves; ``grads(saved, grad_share, lo, hi, needs)``
-    the ``u`` and scale gradients and ``t_part(r0, r1)``."""
+    the two passes of its backward, ``u_pass()`` (the ``u`` and scale gradients) and ``t_part(r0, r1)``."""
     share: typing.Callable
     grads: typing.Callable
 
@@ -1460,7 +1472,7 @@ def _lse_share_triton(u, t, scale, keys, lo: int, hi: int, combine=None):
 # distributed helpers
 # ---------------------------------------------------------------------------
 
-def _reduce_to_owners(part, group, sizes: tuple, rank: int) -> torch.Tensor:
+def _reduce_to_owners(part, group, sizes: tuple, rank: int, meanwhile=None) -> tuple:
     """This rank's rows of a gradient whose parts every rank holds, summed over ranks: ``part(r0, r1)``
     gives this rank's part of the rows ``r0..r1`` (``[r1 - r0, ...]``, in the dtype to sum in).
 
@@ -1469,8 +1481,9 @@ def _reduce_to_owners(part, group, sizes: tuple, rank: int) -> torch.Tensor:
     formed (on a GPU its kernels overlap the reductions), and copied into its sum once they
     arrive. So two chunks' parts and this rank's sum are held at once at most, not every row's
     parts (a reduce-scatter's input, padded to the largest local batch where they differ); the
-    order of the sums is fixed for a fixed world size (deterministic). Returns this rank's rows
-    in the parts' dtype: the caller rounds once, after the sum."""
+    order of the sums is fixed for a fixed world size (deterministic). ``meanwhile()`` runs while
+    the last chunk's reductions are in flight. Returns this rank's rows in the parts' dtype (the
+    caller rounds once, after the sum) and what ``meanwhile`` returned (None without it)."""
     import torch.distributed as dist
 
     reduce = _collective("reduce")
@@ -1493,10 +1506,11 @@ def _reduce_to_owners(part, group, sizes: tuple, rank: int) -> torch.Tensor:
                 piece = chunk[p0 - c0:p1 - c0]
                 work = reduce(piece, op=dist.ReduceOp.SUM, group=group, async_op=True, group_dst=owner)
                 pending.append((work, piece, p0 - lo if owner == rank else None))
+    during = meanwhile() if meanwhile is not None else None
     if mine is None:  # no rows on any rank
-        return part(0, 0)
+        return part(0, 0), during
     _take_reduced(pending, mine)
-    return mine
+    return mine, during
 
 
 def _take_reduced(pending: list, mine: torch.Tensor) -> None:

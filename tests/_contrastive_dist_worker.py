@@ -186,8 +186,8 @@ def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_
         for dtype in (torch.float16, torch.bfloat16):
             rows, grad = gather_rows_16bit_inputs(sizes, dim, dtype, rank, world)
             gathered = contrastive._all_gather_padded(rows, dist.group.WORLD, tuple(sizes))
-            mine = contrastive._reduce_to_owners(lambda r0, r1: grad[r0:r1].float(), dist.group.WORLD, tuple(sizes),
-                                                 rank)
+            mine, _ = contrastive._reduce_to_owners(lambda r0, r1: grad[r0:r1].float(), dist.group.WORLD,
+                                                    tuple(sizes), rank)
             saved[str(dtype)] = {"gathered": gathered, "grad": mine.to(dtype), "sum_dtype": mine.dtype}
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

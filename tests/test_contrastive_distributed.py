@@ -476,16 +476,17 @@ class _FakeReduction:
 
 @pytest.mark.parametrize("chunk_rows,events", [
     (4, ["part 0:4", "reduce 0", "reduce 1", "part 4:8", "wait 0", "wait 1", "reduce 1", "reduce 3", "part 8:9",
-         "wait 1", "wait 3", "reduce 3", "wait 3"]),
-    (5, ["part 0:5", "reduce 0", "reduce 1", "part 5:9", "wait 0", "wait 1", "reduce 3", "wait 3"]),
-    (16, ["part 0:9", "reduce 0", "reduce 1", "reduce 3", "wait 0", "wait 1", "wait 3"]),
+         "wait 1", "wait 3", "reduce 3", "meanwhile", "wait 3"]),
+    (5, ["part 0:5", "reduce 0", "reduce 1", "part 5:9", "wait 0", "wait 1", "reduce 3", "meanwhile", "wait 3"]),
+    (16, ["part 0:9", "reduce 0", "reduce 1", "reduce 3", "meanwhile", "wait 0", "wait 1", "wait 3"]),
 ], ids=["chunks_across_ranks", "chunks_at_ranks", "one_chunk"])
 def test_text_gradients_are_reduced_to_their_owners_a_chunk_at_a_time(chunk_rows, events, monkeypatch):
     """Rank 1 of 4 (local sizes 2, 3, 0 and 4): its part of the rows is formed _REDUCE_CHUNK_ROWS rows
     at a time, in order; each rank's rows of a chunk are sent to it before the next chunk is formed
-    and waited for only after it (the reductions overlap the next chunk's work), an empty rank's rows
-    never reduced; rank 1's sum is its rows' (from one chunk or two), in the parts' dtype, in a
-    buffer of its own (not a view into a chunk's parts)."""
+    and waited for only after it (the reductions overlap the next chunk's work; the last chunk's,
+    the work given as ``meanwhile``: the image rows' pass), an empty rank's rows never reduced;
+    rank 1's sum is its rows' (from one chunk or two), in the parts' dtype, in a buffer of its own
+    (not a view into a chunk's parts)."""
     from ace_kernels import contrastive
 
     seen = []
@@ -497,16 +498,17 @@ def test_text_gradients_are_reduced_to_their_owners_a_chunk_at_a_time(chunk_rows
         seen.append(f"part {r0}:{r1}")
         return grad[r0:r1].clone()
 
-    got = contrastive._reduce_to_owners(part, None, (2, 3, 0, 4), 1)
-    assert seen == events
+    got, during = contrastive._reduce_to_owners(part, None, (2, 3, 0, 4), 1,
+                                                meanwhile=lambda: seen.append("meanwhile") or "its result")
+    assert seen == events and during == "its result"
     assert got.dtype == torch.float32 and torch.equal(got, grad[2:5] * 4)
     assert got.untyped_storage().nbytes() == got.nbytes
     # A rank with no rows joins every reduction and keeps an empty [0, D] sum.
     seen.clear()
     monkeypatch.setattr(contrastive, "_collective", {"reduce": _FakeReduction(seen, 2, 4)}.__getitem__)
-    got = contrastive._reduce_to_owners(part, None, (2, 3, 0, 4), 2)
+    got, during = contrastive._reduce_to_owners(part, None, (2, 3, 0, 4), 2)
     assert [e for e in seen if e.startswith("reduce")] == [e for e in events if e.startswith("reduce")]
-    assert got.shape == (0, 2)
+    assert got.shape == (0, 2) and during is None
 
 
 def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_path):
