@@ -140,10 +140,9 @@ of ``dT`` and two chunks' parts at most (fp32, 32 MiB a chunk at D = 512; fp64 f
 inputs): every row's parts at once only up to B = 32,768 (before 2026-12-05 they were always
 one ``[B, D]`` buffer, reduce-scattered, and padded into a second one when the local batches
 differed). A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; it
-forms zero parts and joins every collective. The ``dT`` parts
-are formed in fp32 (the torch backend gathers fp32 copies of 16-bit rows; the Triton kernel
-writes fp32 there) and summed in fp32, so a 16-bit row gradient is rounded once, after the sum
-over ranks, as on one device.
+forms zero parts and joins every collective. The ``dT`` parts are formed in fp32 (the torch
+backend gathers fp32 copies of 16-bit rows; the Triton kernel writes fp32 there) and summed in
+fp32, so a 16-bit row gradient is rounded once, after the sum over ranks, as on one device.
 """
 
 from __future__ import annotations
