@@ -851,6 +851,56 @@ def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_ran
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64 if backend == "torch" else 0)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
+                                                                            pytest.mark.interpreter])])
+def test_group_of_one_on_the_suites_device_in_chunks(backend, device, monkeypatch):
+    """group= over a process group of this process alone on the suite's device: gloo on the CPU, NCCL
+    on a GPU (bf16 there; the interpreter's bf16 is not the GPU's), whose all-gathers, column-partial
+    fold, asynchronous reductions of the text rows' gradients (in chunks of 16 rows here, so that
+    they overlap the next chunk's kernels and are waited for on NCCL's stream) and all-reduce of
+    the shares run nowhere else in the suite (several ranks need several GPUs). With one rank every
+    sum is the rank's own: the loss and gradients are the call's without group=, up to rounding."""
+    import datetime
+
+    import torch.distributed as dist
+
+    pg_backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_available() or (pg_backend == "nccl" and not dist.is_nccl_available()):
+        pytest.skip(f"needs torch.distributed with {pg_backend}")
+    if dist.is_initialized():
+        pytest.skip("needs no process group set up already")
+    dtype = torch.bfloat16 if device.type == "cuda" else (torch.float64 if backend == "torch" else torch.float32)
+    u, t, s = (x.detach().to(device) for x in _inputs(83, 24))
+    u, t = u.to(dtype), t.to(dtype)
+    labels = _duplicated_labels(83, 3, 4).to(device)
+    monkeypatch.setattr(contrastive, "_REDUCE_CHUNK_ROWS", 16)
+    chunks = []
+    real_reduce = contrastive._reduce_to_owners
+    monkeypatch.setattr(contrastive, "_reduce_to_owners", lambda part, *a, **k: real_reduce(
+        lambda r0, r1: chunks.append((r0, r1)) or part(r0, r1), *a, **k))
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    dist.init_process_group(pg_backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        results = []
+        for group in (None, dist.group.WORLD):
+            inputs = [x.clone().requires_grad_() for x in (u, t, s)]
+            loss = ace_kernels.label_guided_infonce(*inputs, labels, group=group, backend=backend)
+            results.append([loss.detach(), *torch.autograd.grad(loss, inputs)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()
+    assert chunks == [(r0, min(r0 + 16, 83)) for r0 in range(0, 83, 16)]
+    # bf16: a gradient one rounding apart (the group path sums in fp32 in other blocks) differs by an
+    # ulp, under 0.8% of it; the gradients' entries average 0.07.
+    rtol, atol = {torch.bfloat16: (1e-2, 1e-3), torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12)}[dtype]
+    for name, got, want in zip(("loss", "grad u", "grad t", "grad scale"), *reversed(results)):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=name)
+
+
 def test_a_rank_passing_no_tensor_with_group_raises_its_own_error(one_rank_group, monkeypatch):
     """image_emb that is not a tensor has no device for the shape exchange: the exchange takes
     the group backend's (the CPU for gloo, the current GPU for NCCL), so the rank raises its
