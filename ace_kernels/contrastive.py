@@ -454,11 +454,8 @@ def _torch_rank_grads(saved, grad_share, lo: int, hi: int, block: int, needs: tu
     n = t.shape[0]
     coef = grad_share / (2 * n)
     need_u, _, need_scale = needs
-    if lo == hi:
-        # No rows, no share: explicit zeros, so that this rank's backward still joins the
-        # text rows' reductions as the others' do.
-        return (lambda: (torch.zeros_like(u), torch.zeros_like(scale)),
-                lambda r0, r1: t.new_zeros((r1 - r0,) + tuple(t.shape[1:])))
+    # A rank with no rows (lo == hi) forms zeros: no logits, so empty products (its image rows'
+    # gradient [0, D], zero parts of every text row's), and it joins the reductions as the others do.
     row_ext = _owned_lse(row_lse, n, lo, hi)
 
     def u_pass() -> tuple:
