@@ -27,6 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ace_kernels  # noqa: E402  (after TRITON_INTERPRET)
 
 TRITON_RUNS = "triton" in ace_kernels.available_backends()
+# Every load and store of an interpreted kernel is checked against its tensor arguments' storages
+# (tests/_bounds.py); ACE_TEST_BOUNDS=0 turns that off, e.g. to time the kernels alone.
+BOUNDS_CHECK = (TRITON_RUNS and os.environ.get("TRITON_INTERPRET") == "1"
+                and os.environ.get("ACE_TEST_BOUNDS", "1") != "0")
+if BOUNDS_CHECK:
+    from _bounds import install as _install_bounds_check
+
+    _install_bounds_check()
 CUDA_EXT_RUNS = "cuda" in ace_kernels.available_backends()
 
 

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _pytest(tmp_path, tests: str, limit: str, **env_extra: str) -> subprocess.CompletedProcess:
     """``tests`` (a test module's text) run by pytest in one process under this suite's conftest,
     with ACE_TEST_TIMEOUT_S=``limit`` and ``env_extra``."""
-    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tmp_path / "conftest.py")
+    for name in ("conftest.py", "_bounds.py"):  # the conftest and the module it installs
+        shutil.copy(os.path.join(ROOT, "tests", name), tmp_path / name)
     (tmp_path / "test_limit.py").write_text(tests)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
     env.update(ACE_TEST_TIMEOUT_S=limit, PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **env_extra)
