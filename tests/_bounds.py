@@ -15,6 +15,7 @@ range: a kernel may reach past its view into the rest of the storage unnoticed, 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import numpy as np
@@ -80,13 +81,26 @@ def _check(access: str, ptrs, mask, itemsize: int) -> None:
                             + _where(int(stray[0]), itemsize, starts, ends, names))
 
 
+def wanted() -> bool:
+    """Whether this process's launches are to be checked: under the interpreter, unless ACE_TEST_BOUNDS=0."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("ACE_TEST_BOUNDS", "1") != "0"
+
+
+def installed() -> bool:
+    try:
+        from triton.runtime.interpreter import GridExecutor
+    except ImportError:
+        return False
+    return getattr(GridExecutor.__call__, "_ace_bounds_check", False)
+
+
 def install() -> None:
     """Check every interpreted launch in this process from now on (idempotent)."""
     from triton.runtime.interpreter import GridExecutor, InterpreterBuilder, _get_np_dtype
 
-    launch = GridExecutor.__call__
-    if getattr(launch, "_ace_bounds_check", False):
+    if installed():
         return
+    launch = GridExecutor.__call__
 
     @functools.wraps(launch)
     def checked_launch(self, *args, **kwargs):

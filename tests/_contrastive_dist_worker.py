@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+import _bounds
 from _dist_exit import exit_now
 
 
@@ -120,6 +121,8 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
         import ace_kernels
         from ace_kernels import contrastive
 
+        if backend == "triton" and _bounds.wanted():
+            _bounds.install()  # this rank's launches checked as the suite's own are
         if reduce_chunk_rows is not None:
             contrastive._REDUCE_CHUNK_ROWS = reduce_chunk_rows
         group = dist.group.WORLD
@@ -153,7 +156,8 @@ def run(rank, world, rendezvous, sizes, dim, with_labels, out_dir, backend="torc
                                                     group=group, backend=backend)
             loss.backward()
         torch.save({"loss": loss.detach(), "grad_u": u_local.grad, "grad_t": t_local.grad,
-                    "grad_scale": scale.grad, **counts}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "grad_scale": scale.grad, "bounds_checked": _bounds.installed(), **counts},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     exit_now()

@@ -24,17 +24,16 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _bounds  # noqa: E402
 import ace_kernels  # noqa: E402  (after TRITON_INTERPRET)
 
 TRITON_RUNS = "triton" in ace_kernels.available_backends()
 # Every load and store of an interpreted kernel is checked against its tensor arguments' storages
-# (tests/_bounds.py); ACE_TEST_BOUNDS=0 turns that off, e.g. to time the kernels alone.
-BOUNDS_CHECK = (TRITON_RUNS and os.environ.get("TRITON_INTERPRET") == "1"
-                and os.environ.get("ACE_TEST_BOUNDS", "1") != "0")
+# (tests/_bounds.py); ACE_TEST_BOUNDS=0 turns that off, e.g. to time the kernels alone. Worker
+# processes that run Triton kernels install it too (tests/_contrastive_dist_worker.py).
+BOUNDS_CHECK = TRITON_RUNS and _bounds.wanted()
 if BOUNDS_CHECK:
-    from _bounds import install as _install_bounds_check
-
-    _install_bounds_check()
+    _bounds.install()
 CUDA_EXT_RUNS = "cuda" in ace_kernels.available_backends()
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import _bounds
 import ace_kernels
 from _contrastive_dist_worker import (gather_rows_16bit_inputs, make_global_batch, run, run_backend_mismatch,
                                      run_empty_global, run_gather_rows_16bit, run_grad_mismatch, run_mismatch,
@@ -144,6 +145,8 @@ def test_only_the_text_rows_are_gathered_and_reduced_across_ranks(backend, chunk
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["all_gathers"] == [(8, 14), (8, dim), (sum(sizes),)], saved["all_gathers"]
         assert saved["reductions"] == reductions, saved["reductions"]
+        # The ranks' launches are checked as the suite's are (tests/_bounds.py).
+        assert saved["bounds_checked"] == (backend == "triton" and _bounds.wanted())
     _check_against_single_process(tmp_path, sizes, dim, True, ATOL if backend == "torch" else 2e-5)
 
 
