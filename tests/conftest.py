@@ -5,6 +5,7 @@ which reads TRITON_INTERPRET when the kernels are decorated: so it is set here,
 before anything imports ace_kernels.
 """
 
+import contextlib
 import faulthandler
 import math
 import os
@@ -107,6 +108,33 @@ def pytest_runtest_protocol(item, nextitem):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_GPU else "cpu")
+
+
+@contextlib.contextmanager
+def poisoning_empty():
+    """Every uninitialised tensor made inside is filled with NaN (the largest value for integers).
+
+    torch's own ``fill_uninitialized_memory``, which needs ``use_deterministic_algorithms`` (here
+    warn_only, so that no op is refused): a kernel or launcher that reads memory nothing wrote, e.g. a
+    partial sum that a skipped program never stored, then gives NaN, where a fresh CPU allocation (zeros)
+    would hide it. The settings before are restored after."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
+
+@pytest.fixture
+def poisoned_empty():
+    """The test runs under :func:`poisoning_empty`. The LoRA and InfoNCE tests do; not the hypergraph's,
+    whose Triton backend leaves its atomic scatter for the deterministic one under that setting."""
+    with poisoning_empty():
+        yield
 
 
 @pytest.fixture(scope="module")

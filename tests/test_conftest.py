@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,3 +70,18 @@ def test_each_worker_of_a_parallel_run_sets_torchs_threads_to_its_share(tmp_path
     tests = f"import torch\ndef test_threads():\n    assert torch.get_num_threads() == {threads}\n"
     proc = _pytest(tmp_path, tests, "0", **extra)
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_poisoning_empty_fills_what_nothing_wrote_and_restores_the_settings():
+    from conftest import poisoning_empty
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    with poisoning_empty():
+        assert torch.empty(3).isnan().all() and torch.empty(2, 2, dtype=torch.float16).isnan().all()
+        assert torch.empty(2, dtype=torch.int64).tolist() == [2**63 - 1] * 2
+        assert torch.zeros(3).new_empty(2).isnan().all() and torch.empty_like(torch.zeros(4)).isnan().all()
+        # A partial sum that one program never stored: NaN, not the zeros a fresh allocation may hold.
+        partials = torch.empty(3)
+        partials[:2] = 1.0
+        assert partials.sum().isnan()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before

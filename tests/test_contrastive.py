@@ -14,6 +14,9 @@ from ace_kernels import _tuning, contrastive
 from _meta_init import materialise_like_fsdp
 from oracle_contrastive import label_guided_infonce_oracle
 
+# Memory that nothing wrote reads as NaN (conftest.poisoned_empty).
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
 # fp64 end to end: blocked log-sum-exp versus dense cross-entropy differ only
 # by summation order, so a few ulps of the loss magnitude (~1..10).
 ATOL64 = 1e-10

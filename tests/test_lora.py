@@ -17,6 +17,9 @@ from ace_kernels import _tuning, lora as lora_module
 from _saved import saved_storage_bytes, saved_storages
 from oracle_lora import fp64_leaves, lora_linear_oracle, lora_qkv_oracle
 
+# Memory that nothing wrote reads as NaN (conftest.poisoned_empty).
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
 
 @dataclass(frozen=True)
 class Case:
