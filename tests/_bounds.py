@@ -117,20 +117,23 @@ def install() -> None:
     atomic_rmw = InterpreterBuilder.create_atomic_rmw
     atomic_cas = InterpreterBuilder.create_atomic_cas
 
+    def itemsize(ptrs) -> int:  # the pointers' element type (a stored value is cast to it first)
+        return _get_np_dtype(ptrs.get_element_ty()).itemsize
+
     def create_masked_load(self, ptrs, mask, other, *rest, **kw):
-        _check("a load", ptrs, mask, _get_np_dtype(ptrs.get_element_ty()).itemsize)
+        _check("a load", ptrs, mask, itemsize(ptrs))
         return masked_load(self, ptrs, mask, other, *rest, **kw)
 
     def create_masked_store(self, ptrs, value, mask, *rest, **kw):
-        _check("a store", ptrs, mask, np.asarray(value.data).dtype.itemsize)
+        _check("a store", ptrs, mask, itemsize(ptrs))
         return masked_store(self, ptrs, value, mask, *rest, **kw)
 
     def create_atomic_rmw(self, op, ptr, val, mask, *rest, **kw):
-        _check("an atomic read-modify-write", ptr, mask, np.asarray(val.data).dtype.itemsize)
+        _check("an atomic read-modify-write", ptr, mask, itemsize(ptr))
         return atomic_rmw(self, op, ptr, val, mask, *rest, **kw)
 
     def create_atomic_cas(self, ptr, cmp, val, *rest, **kw):
-        _check("an atomic compare-and-swap", ptr, None, np.asarray(val.data).dtype.itemsize)
+        _check("an atomic compare-and-swap", ptr, None, itemsize(ptr))
         return atomic_cas(self, ptr, cmp, val, *rest, **kw)
 
     checked_launch._ace_bounds_check = True
