@@ -134,7 +134,7 @@ test-gpu-image: $(STAMP_GPU)
 	else echo "$$nvcc: the extension build against torch 2.11 is not checked"; fi; \
 	PYTHONPATH="$(CURDIR)" $(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_WORKERS) \
 		tests/test_lora.py tests/test_hypergraph.py tests/test_contrastive.py tests/test_dispatch.py \
-		tests/test_compile.py tests/test_precision.py
+		tests/test_compile.py tests/test_precision.py tests/test_bounds.py
 
 info: $(STAMP)
 	$(PY) -m ace_kernels.info
