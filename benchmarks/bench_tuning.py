@@ -40,6 +40,10 @@ COSTLY_ITEMS = (ITEM,)
 ALL_COSTLY = True
 SECONDS_PER_CONFIG = 3.0
 OPS = {"lora": "lora_qkv", "contrastive": "label_guided_infonce"}
+# A --quick run's shapes (a check of the rows, not a measurement). The InfoNCE batch gives every
+# candidate's tile height more than one row block, the last one partial.
+QUICK_LORA = dict(m=2 * 37, k=96, out=80, r=4)
+QUICK_CONTRASTIVE = (150, 64)
 
 
 def sweep_plan() -> list[dict]:
@@ -60,7 +64,7 @@ def provider_label(kernel: str, number: int) -> str:
 
 
 def _lora_case(suite, dtype):
-    shape = dict(m=2 * 37, k=96, out=80, r=4) if suite.quick else dict(m=64 * 197, k=768, out=768, r=4)
+    shape = dict(QUICK_LORA) if suite.quick else dict(m=64 * 197, k=768, out=768, r=4)
     generator = torch.Generator(device=suite.device).manual_seed(0)
     x, weight, bias, lora_a, lora_b, grad_out = bench_lora._inputs(shape, dtype, suite.device, generator)
 
@@ -80,7 +84,7 @@ def _lora_case(suite, dtype):
 
 
 def _contrastive_case(suite, dtype):
-    batch, dim = (150, 64) if suite.quick else (16384, 512)
+    batch, dim = QUICK_CONTRASTIVE if suite.quick else (16384, 512)
     generator = torch.Generator(device=suite.device).manual_seed(0)
     image, text, scale, labels = bench_contrastive._inputs(batch, dim, dtype, suite.device, generator)
     # The reference's loss and gradients: computed once for every configuration.

@@ -272,7 +272,10 @@ def test_sweep_is_skipped_without_a_gpu_or_without_triton(tmp_path):
 @pytest.mark.slow
 @pytest.mark.triton
 @pytest.mark.interpreter
-def test_sweep_rows_time_every_candidate_against_the_default(tmp_path):
+def test_sweep_rows_time_every_candidate_against_the_default(tmp_path, monkeypatch):
+    # A smaller InfoNCE batch than a --quick run's, for the interpreter's sake: this test checks the
+    # rows; each candidate's results at B = 150 are test_contrastive.test_triton_sweep_candidates_fp16's.
+    monkeypatch.setattr(bench_tuning, "QUICK_CONTRASTIVE", (70, 64))
     suite = _suite(tmp_path, gpu=True)
     bench_tuning.run(suite)
     payload = json.loads((tmp_path / "sweep.json").read_text())
