@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -2213,6 +2214,9 @@ def test_contrastive_times_the_blocked_strategy_beside_triton(tmp_path, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(contrastive, "_grad_blocked", spy)
+    # The labelled quick shape only: the plain CLIP one times no blocked row.
+    labelled = [c for c in bench_contrastive._configs(types.SimpleNamespace(quick=True)) if c["labeled"]]
+    monkeypatch.setattr(bench_contrastive, "_configs", lambda suite: labelled)
     suite = _fake_gpu_suite(tmp_path, ["triton"])
     monkeypatch.setattr(type(suite), "dtype", lambda self: torch.float16)
     bench_contrastive.run(suite)
