@@ -72,6 +72,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped, and reported as skipped, without one)")
     config.addinivalue_line("markers", "triton: runs Triton kernels (on CPU under TRITON_INTERPRET=1)")
     config.addinivalue_line("markers", "slow: long CPU test, still part of CI")
+    config.addinivalue_line("markers", "not_poisoned(reason): runs without the poisoned_empty fixture of its module")
     config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors, which only the interpreter "
                                        "takes (skipped on a CUDA machine, where the tests taking the `device` "
                                        "fixture run the same kernels on the GPU)")
@@ -130,9 +131,13 @@ def poisoning_empty():
 
 
 @pytest.fixture
-def poisoned_empty():
-    """The test runs under :func:`poisoning_empty`. The LoRA and InfoNCE tests do; not the hypergraph's,
-    whose Triton backend leaves its atomic scatter for the deterministic one under that setting."""
+def poisoned_empty(request):
+    """The test runs under :func:`poisoning_empty`, unless it is marked ``not_poisoned``: the tests of
+    the hypergraph's atomic scatter, which its Triton backend leaves for the deterministic one under
+    that setting (as torch's own ops with a deterministic path do)."""
+    if request.node.get_closest_marker("not_poisoned") is not None:
+        yield
+        return
     with poisoning_empty():
         yield
 

@@ -85,3 +85,14 @@ def test_poisoning_empty_fills_what_nothing_wrote_and_restores_the_settings():
         partials[:2] = 1.0
         assert partials.sum().isnan()
     assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before
+
+
+def test_the_poisoned_empty_fixture_poisons_unless_the_test_is_marked_not_poisoned(tmp_path):
+    tests = ("import pytest, torch\n"
+             "pytestmark = pytest.mark.usefixtures('poisoned_empty')\n"
+             "def test_poisoned():\n    assert torch.empty(4).isnan().all()\n"
+             "@pytest.mark.not_poisoned(reason='a test of the marker')\n"
+             "def test_not_poisoned():\n"
+             "    assert not torch.are_deterministic_algorithms_enabled()\n")  # without it nothing is filled
+    proc = _pytest(tmp_path, tests, "0")
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
