@@ -263,8 +263,15 @@ def test_prompts_are_checked(tiny, kwargs, expected):
 
 
 def test_templates_may_convert_and_format_the_name(tiny):
-    # A conversion or format spec on {c} is a template like any other (what str.format accepts).
-    class_embeddings(tiny, ["edema", "effusion"], templates=("{c!r} on a chest X-ray.", "{c:>12}."))
+    # A conversion or format spec on {c} is a template like any other (what str.format accepts):
+    # the prompts are the names formatted so.
+    names = ["edema", "effusion"]
+    assert class_embeddings(tiny, names, templates=("{c!r} on a chest X-ray.", "{c:>12}.")).shape[0] == 2
+    cases = {"{c!r} on a chest X-ray.": (["'edema'", "'effusion'"], "{c} on a chest X-ray."),
+             "{c:>12}.": (["       edema", "    effusion"], "{c}.")}
+    for template, (spelled, plain) in cases.items():
+        torch.testing.assert_close(class_embeddings(tiny, names, templates=(template,)),
+                                   class_embeddings(tiny, spelled, templates=(plain,)), rtol=0, atol=1e-6)
 
 
 def test_embeddings_are_taken_in_eval_mode_and_the_mode_kept(tiny, synthetic):
