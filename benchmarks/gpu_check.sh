@@ -12,7 +12,7 @@
 #          { git rev-parse HEAD; git diff --quiet HEAD || echo +dirty; } | tr -d '\n' > .git_sha
 #   2. run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570); the script
 #      keeps inside GPU_CHECK_BUDGET=540 s (default), the 30 s above it are margin. Raising
-#      GPU_CHECK_TESTS_CAP or adding GPU_CHECK_PROFILE=1 takes that time from the suite (see the
+#      GPU_CHECK_TESTS_CAP or adding GPU_CHECK_PROFILE=1 or GPU_CHECK_MEMCHECK=1 takes that time from the suite (see the
 #      arithmetic below): with a 200 s test cap and the profile, the suite keeps ~185 s and its
 #      model family (issue 6's rows) is likely cut. Keep the defaults unless the tests are the point.
 #   3. give_back right after (unless making the second call below at once).
@@ -63,9 +63,12 @@
 # does not know, or a numeric switch that is no number, stops the script before its first stage),
 # GPU_CHECK_PROFILE=1 (before the suite, a torch.profiler breakdown of the LoRA, hypergraph and
 # InfoNCE steps per backend or strategy into gpu_check.log, cap GPU_CHECK_PROFILE_CAP s, default 60; its time comes
-# out of the suite's), GPU_CHECK_COMPILE=1 (also time the baselines under torch.compile: off by default, compiling
-# costs ~10-30 s a shape of device time), PYTHON (default python3), ACE_GIT_SHA (the sha to
-# record; else git when the copy has .git, else the file .git_sha at the repository root).
+# out of the suite's), GPU_CHECK_MEMCHECK=1 (after the tests, the op files' GPU tests again under
+# compute-sanitizer's memcheck, cap GPU_CHECK_MEMCHECK_CAP s, default 90, out of the suite's time;
+# GPU_CHECK_MEMCHECK_FILES picks the files), GPU_CHECK_COMPILE=1 (also time the baselines under
+# torch.compile: off by default, compiling costs ~10-30 s a shape of device time), PYTHON (default
+# python3), ACE_GIT_SHA (the sha to record; else git when the copy has .git, else the file .git_sha
+# at the repository root).
 #
 # Costly items and an optional second call. Families run in the order lora, hypergraph,
 # contrastive, distributed (skipped, saying so, on a machine with one card), model, training,
@@ -120,7 +123,8 @@ min() { echo $(($1 < $2 ? $1 : $2)); }
 # The numeric switches: whole numbers (a decimal part is dropped: B = budget_left_s - 60 may be
 # a float). Anything else stops the script before its first stage: bash arithmetic on "300s" fails,
 # and every stage would be skipped or run without its cap.
-for switch in GPU_CHECK_BUDGET GPU_CHECK_TESTS_CAP GPU_CHECK_PROFILE_CAP GPU_CHECK_TEST_WORKERS; do
+for switch in GPU_CHECK_BUDGET GPU_CHECK_TESTS_CAP GPU_CHECK_PROFILE_CAP GPU_CHECK_MEMCHECK_CAP \
+        GPU_CHECK_TEST_WORKERS; do
     value=${!switch:-}
     [ -z "$value" ] && continue
     if [[ ! $value =~ ^[0-9]+(\.[0-9]*)?$ ]]; then
@@ -351,6 +355,35 @@ fi
 #     a stage that fails or times out then names the log its output is in, the one that comes back).
 if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
     run_stage profile "${GPU_CHECK_PROFILE_CAP:-60}" "$LOG" $PY -m benchmarks.profile_ops
+fi
+
+# 4c. with GPU_CHECK_MEMCHECK=1: the GPU tests (-m gpu) of the op files again under compute-sanitizer's
+#     memcheck, which sees what the CPU cannot: the CUDA extension's kernels (tests/_bounds.py checks
+#     the Triton kernels under the interpreter only) and the GPU's own addressing. torch's caching
+#     allocator is off there (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so every tensor is an allocation of
+#     its own and an access past one lies outside any. compute-sanitizer from PATH, else
+#     $CUDA_HOME/bin (default /usr/local/cuda); skipped, saying so, without one. Output in tests.log,
+#     its summary lines in gpu_check.log; cap GPU_CHECK_MEMCHECK_CAP s (default 90), out of the suite's
+#     time. A stage cut by its cap keeps (-v) what it checked.
+if [ "${GPU_CHECK_MEMCHECK:-0}" = 1 ]; then
+    SANITIZER=$(command -v compute-sanitizer 2>/dev/null)
+    if [ -z "$SANITIZER" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then
+        SANITIZER=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
+    fi
+    if [ -z "$SANITIZER" ]; then
+        say "stage memcheck: skipped (no compute-sanitizer on PATH or in ${CUDA_HOME:-/usr/local/cuda}/bin)"
+    else
+        MEMCHECK_FILES=${GPU_CHECK_MEMCHECK_FILES:-tests/test_hypergraph.py tests/test_lora.py \
+tests/test_contrastive.py}
+        echo "== memcheck: $SANITIZER on pytest -m gpu $MEMCHECK_FILES" >>"$TESTS_LOG"
+        # shellcheck disable=SC2086  # the file list splits on spaces
+        run_stage memcheck "${GPU_CHECK_MEMCHECK_CAP:-90}" "$TESTS_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+            "$SANITIZER" --tool memcheck --target-processes all --error-exitcode 1 --print-limit 20 \
+            $PY -m pytest $MEMCHECK_FILES -m gpu -v -rfEs -p no:cacheprovider
+        # Its summary: the sanitizer's error lines and totals, the failing tests, pytest's last line.
+        sed -n '/^== memcheck/,$p' "$TESTS_LOG" | grep -E "^== memcheck|^========= (ERROR SUMMARY|Invalid|Program hit)|\
+^(FAILED|ERROR) |^=+ ([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s" | tail -n 25 >>"$LOG"
+    fi
 fi
 
 # 5. the benchmark suite

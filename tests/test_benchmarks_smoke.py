@@ -1985,7 +1985,7 @@ def test_gpu_check_budget_fits_one_run_call_and_bad_numbers_stop_it_at_once(tmp_
     assert argv is not None and "budget 252s" in log and "stage bench: start" in log, proc.stderr + log
     assert "error" not in proc.stderr, proc.stderr
 
-    for switch, value in (("GPU_CHECK_BUDGET", "300s"), ("GPU_CHECK_TESTS_CAP", "1m"),
+    for switch, value in (("GPU_CHECK_BUDGET", "300s"), ("GPU_CHECK_TESTS_CAP", "1m"), ("GPU_CHECK_MEMCHECK_CAP", "-5"),
                           ("GPU_CHECK_TEST_WORKERS", "four")):
         (tmp_path / "argv.json").unlink(missing_ok=True)
         out = tmp_path / f"bad-{switch}"
@@ -2005,6 +2005,39 @@ def test_gpu_check_profile_stage_output_and_its_pointer_are_in_the_main_log(tmp_
     assert "stage profile: FAILED rc 1" in log and "see gpu_check.log" in log, log
     assert "No module named benchmarks.profile_ops" in log and "profile.log" not in log, log
     assert "profile.log" not in os.listdir(out)
+
+
+def test_gpu_check_memcheck_stage_runs_the_gpu_tests_under_compute_sanitizer_or_says_why_not(tmp_path):
+    """GPU_CHECK_MEMCHECK=1: pytest -m gpu of the op files under compute-sanitizer's memcheck (from
+    PATH, else $CUDA_HOME/bin) with torch's caching allocator off; the sanitizer's summary and a
+    failure in gpu_check.log; without a sanitizer the stage is skipped, saying so, and the suite runs."""
+    tree = _gpu_check_tree(tmp_path)
+    cuda = tmp_path / "cuda"
+    (cuda / "bin").mkdir(parents=True)
+    sanitizer = cuda / "bin" / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/sh\n"
+                         f"printf '%s\\n' \"$PYTORCH_NO_CUDA_MEMORY_CACHING\" \"$@\" > {tmp_path / 'sanitized'}\n"
+                         "echo '========= Invalid __global__ read of size 4 bytes'\n"
+                         "echo '========= ERROR SUMMARY: 1 error'\nexit 1\n")
+    sanitizer.chmod(0o755)
+    out = tmp_path / "out"
+    proc, log, argv = _run_gpu_check(tmp_path, tree, out, GPU_CHECK_BUDGET="80", GPU_CHECK_MEMCHECK="1",
+                                     GPU_CHECK_MEMCHECK_CAP="30", CUDA_HOME=str(cuda))
+    assert argv is not None, proc.stdout + proc.stderr + log  # the suite ran after it
+    said = (tmp_path / "sanitized").read_text().splitlines()
+    assert said[0] == "1" and said[1:5] == ["--tool", "memcheck", "--target-processes", "all"], said
+    assert said[said.index(sys.executable) + 1:] == ["-m", "pytest", "tests/test_hypergraph.py", "tests/test_lora.py",
+                                                     "tests/test_contrastive.py", "-m", "gpu", "-v", "-rfEs",
+                                                     "-p", "no:cacheprovider"], said
+    assert "stage memcheck: FAILED rc 1" in log and "see tests.log" in log, log
+    assert "========= ERROR SUMMARY: 1 error" in log and "========= Invalid __global__ read" in log, log
+    assert "========= ERROR SUMMARY: 1 error" in (out / "tests.log").read_text()
+
+    sanitizer.unlink()
+    proc, log, argv = _run_gpu_check(tmp_path, tree, tmp_path / "bare", GPU_CHECK_BUDGET="80", GPU_CHECK_MEMCHECK="1",
+                                     CUDA_HOME=str(cuda))
+    assert argv is not None, proc.stdout + proc.stderr + log
+    assert f"stage memcheck: skipped (no compute-sanitizer on PATH or in {cuda}/bin)" in log, log
 
 
 def test_gpu_check_refuses_an_unknown_family_or_tier_before_any_stage(tmp_path):
