@@ -22,8 +22,9 @@ from _released import released_path
 from _saved import saved_storages
 from oracle_hypergraph import oracle_hypergraph, oracle_incidence
 
-# Memory that nothing wrote reads as NaN (conftest.poisoned_empty), but in the atomic scatter's tests:
-# poisoning needs torch.use_deterministic_algorithms, under which the Triton backend takes the deterministic scatter.
+# Memory that nothing wrote reads as NaN (conftest.poisoned_empty), but in the atomic scatter's tests and
+# cases (deterministic=False): poisoning needs torch.use_deterministic_algorithms, under which the Triton
+# backend takes the deterministic scatter. ours_run refuses deterministic=False in a poisoned test.
 pytestmark = pytest.mark.usefixtures("poisoned_empty")
 NOT_POISONED = pytest.mark.not_poisoned(reason="the atomic scatter: see pytestmark")
 
@@ -83,6 +84,10 @@ def oracle_run(x, cls_attn, edge, node, k, cls_only):
 
 
 def ours_run(x, cls_attn, edge, node, k, cls_only, backend, deterministic=True):
+    if not deterministic and torch.are_deterministic_algorithms_enabled():  # poisoned_empty's setting
+        raise AssertionError("deterministic=False would take the deterministic scatter under "
+                             "torch.use_deterministic_algorithms: mark the test or case NOT_POISONED")
+
     def fn(x_, c_, e_, n_):
         return ace_kernels.ace_hypergraph(x_, c_, tuple(e_), tuple(n_), topk=k, cls_only=cls_only, backend=backend,
                                           deterministic=deterministic)
@@ -1683,7 +1688,7 @@ EMPTY_BATCH_CASES = [pytest.param("torch", torch.float64, id="torch-float64"),
                      pytest.param("cuda", torch.float32, marks=pytest.mark.gpu, id="cuda-float32")]
 
 
-@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("deterministic", [True, pytest.param(False, marks=NOT_POISONED)])
 @pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
 @pytest.mark.parametrize("backend, dtype", EMPTY_BATCH_CASES)
 def test_an_empty_batch_gives_an_empty_output_and_the_references_gradients(backend, dtype, cls_only, deterministic,
@@ -2063,7 +2068,7 @@ def test_use_deterministic_algorithms_overrides_deterministic_false(warn_only, m
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("deterministic", [True, pytest.param(False, marks=NOT_POISONED)])
 def test_triton_cls_only_is_fused_and_reproducible(deterministic, monkeypatch, device):
     # cls_only on the triton backend runs _ClsEdges's four kernels, never the primitives, and is
     # bit-reproducible (no atomics) whatever `deterministic` says. N = k + 2 with k = 5: every
@@ -2393,7 +2398,7 @@ def test_gpu_inputs_have_no_tie_in_a_cls_row():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "triton-atomic", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", pytest.param("triton-atomic", marks=NOT_POISONED), "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("cls_only", [False, True], ids=["full", "cls_only"])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES.values()), ids=list(GPU_SHAPES))
