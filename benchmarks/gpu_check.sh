@@ -319,6 +319,10 @@ run_stage info 30 "$LOG" $PY -m ace_kernels.info
 #    result of every test that ran (-q's dots and the -r summary are lost with the killed pytest).
 TESTS_LOG=$OUT/tests.log
 : >"$TESTS_LOG"
+# What gpu_check.log keeps of a verbose pytest log (this stage's and the memcheck's): the failing tests'
+# names and each run's totals line (with -v every test's PASSED line would crowd them out of the tail, so
+# a test whose name says "error" or "failed" must not match).
+PYTEST_SUMMARY='^(FAILED|ERROR) |^=+ ([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s'
 if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
     say "stage tests: skipped (GPU_CHECK_SKIP_TESTS=1)"
 else
@@ -344,10 +348,8 @@ else
         echo "== pytest -m \"triton and not gpu\""
         $PY -m pytest $TEST_FILES -m "triton and not gpu" $common; b=$?; [ $b -eq 5 ] && b=0
         exit $((a > b ? a : b))'
-    # The failing tests' names and each stage's summary line (with -v every test's PASSED line would
-    # crowd them out of the tail, so a test whose name says "error" or "failed" must not match).
-    grep -E "^== pytest|^(FAILED|ERROR) |^=+ ([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s" "$TESTS_LOG" \
-        | tail -n 25 >>"$LOG"
+    # Each pass's header, its failing tests and its totals.
+    grep -E "^== pytest|$PYTEST_SUMMARY" "$TESTS_LOG" | tail -n 25 >>"$LOG"
 fi
 
 # 4b. with GPU_CHECK_PROFILE=1: the profiler breakdown of the LoRA, hypergraph and InfoNCE steps
@@ -381,8 +383,8 @@ tests/test_contrastive.py}
             "$SANITIZER" --tool memcheck --target-processes all --error-exitcode 1 --print-limit 20 \
             $PY -m pytest $MEMCHECK_FILES -m gpu -v -rfEs -p no:cacheprovider
         # Its summary: the sanitizer's error lines and totals, the failing tests, pytest's last line.
-        sed -n '/^== memcheck/,$p' "$TESTS_LOG" | grep -E "^== memcheck|^========= (ERROR SUMMARY|Invalid|Program hit)|\
-^(FAILED|ERROR) |^=+ ([0-9]+ [a-z]+|no tests ran).* in [0-9.]+s" | tail -n 25 >>"$LOG"
+        sed -n '/^== memcheck/,$p' "$TESTS_LOG" |
+            grep -E "^== memcheck|^========= (ERROR SUMMARY|Invalid|Program hit)|$PYTEST_SUMMARY" | tail -n 25 >>"$LOG"
     fi
 fi
 

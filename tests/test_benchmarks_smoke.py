@@ -621,7 +621,10 @@ def test_gpu_check_tests_summary_keeps_failures_and_totals_only():
     the failures and each stage's totals, and not the PASSED lines of tests whose names say "error" or
     "failed" (they crowded the failures out of the summary's last 25 lines)."""
     text = open(os.path.join(ROOT, "benchmarks", "gpu_check.sh"), encoding="utf-8").read()
-    pattern = re.search(r'grep -E "(\^== pytest[^"]*)" "\$TESTS_LOG"', text).group(1)
+    grep = re.search(r'grep -E "(\^== pytest[^"]*)" "\$TESTS_LOG"', text).group(1)
+    summary = re.search(r"^PYTEST_SUMMARY='([^']*)'$", text, re.MULTILINE).group(1)
+    assert grep == "^== pytest|$PYTEST_SUMMARY", grep
+    pattern = grep.replace("$PYTEST_SUMMARY", summary)
     log = "\n".join([
         "== pytest -m gpu",
         "tests/test_lora.py::test_bad_rank_error_names_the_argument PASSED [  1%]",
