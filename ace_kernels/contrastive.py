@@ -47,9 +47,11 @@ chunks. The key mask is applied in registers; fully masked tiles and columns
 shift by 0 and stay ``-inf`` (no ``inf - inf``, no ``log 0``). Exact
 (no fixed shift that could underflow), deterministic, no atomics; extra
 memory ``4 B * programs`` bytes (33 MiB at B = 65,536 on a 132-SM H100).
-With ``group=`` a rank runs the same kernel over its rows ``lo..hi`` only: their
-row LSEs, and every column's LSE over those rows, which the ranks combine
-(see "Across ranks").
+With ``group=`` a rank runs the same kernel over its rows ``lo..hi`` only, against
+each rank's columns in turn: their row LSEs over each rank's columns, and every
+column's LSE over those rows, which the ranks combine (see "Across ranks"). A row
+of a chunk whose every logit is masked has LSE ``-inf`` (its diagonal is in another
+chunk), as a fully masked column has.
 
 Triton backward: one gradient kernel twice (``dU`` then ``dT``). A program owns
 a block of 64 rows and accumulates their gradient over the whole of D
@@ -112,15 +114,21 @@ is the private knob ``_TORCH_BLOCK_ROWS``.
 
 Across ranks (``group=``)
 -------------------------
-The text embeddings (and labels, so that false negatives across ranks are masked) are
-all-gathered, the image embeddings are not: rank ``r`` owns rows ``lo..hi`` of the global
-batch (its own image rows) and every logit in them, and each logit is computed by one rank
-per pass:
-- forward: one pass over its rows' logits (the one-device kernels, over ``lo..hi``) gives
-  their row log-sum-exps and each column's log-sum-exp over those rows; those ``[B]`` fp32
-  partials are all-gathered (``4 W B`` bytes) and folded in rank order into every column's
-  log-sum-exp, the same bits on every rank. Rank ``r``'s share ``l_r`` of the loss is
-  that of its rows and of the columns of the same indices; the shares sum to the loss.
+The text embeddings go round the ranks' ring (and the labels are all-gathered, so that false
+negatives across ranks are masked), the image embeddings stay where they are: rank ``r`` owns
+rows ``lo..hi`` of the global batch (its own image rows) and every logit in them, and each
+logit is computed by one rank per pass:
+- forward: one pass over its rows' logits, a rank's columns at a time as their text rows
+  arrive (``_ring_all_gather``: ``W - 1`` point-to-point steps, each rank sending the rows it
+  got last to the next rank; its own columns first, each chunk's kernels running while the
+  next chunk is in flight), gives its rows' log-sum-exps over each chunk, folded in rank order
+  into their row log-sum-exps, and each column's log-sum-exp over its rows; those ``[B]``
+  fp32 partials are all-gathered (``4 W B`` bytes) and folded in rank order into every
+  column's log-sum-exp, the same bits on every rank. The one-device kernels take a chunk with
+  the rows and columns numbered from the chunk's first column (rows after it), or as its
+  transpose (rows before it: the chunk's rows are the kernel's rows). Rank ``r``'s share
+  ``l_r`` of the loss is that of its rows and of the columns of the same indices; the shares
+  sum to the loss.
 - backward, two passes: its rows against every column give its rows' ``dU`` whole, and
   with them the logit-scale gradient of its rows' logits; every row against its columns
   (its rows of ``U``) gives its part of every ``dT``, formed 16,384 rows at a time
@@ -132,10 +140,13 @@ per pass:
   the summed gradients are the loss's when every rank backpropagates the same multiple
   of it (see :func:`label_guided_infonce`).
 Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
-device's ``10 B^2 D`` split by rows; communication: the gathers of the text embeddings and of
-the labels, the ``[B]`` column partials, and the reductions of ``dT``'s parts to each rank's
-rows (one per rank and chunk; ``dU`` needs none, on either backend). Memory per rank: the
-gathered ``[B, D]`` text rows (kept for the backward) and, in the backward, its own rows' sum
+device's ``10 B^2 D`` split by rows, in ``W`` forward launches (one per non-empty rank's
+columns) where one device makes one; communication: the ring's text embeddings (``B - n_r``
+rows received and as many sent per rank, as an all-gather moves: the one it replaces, padded
+to the largest local batch, overlapped nothing), the gather of the labels, the ``[B]`` column partials,
+and the reductions of ``dT``'s parts to each rank's rows (one per rank and chunk; ``dU`` needs
+none, on either backend). Memory per rank: the gathered ``[B, D]`` text rows (kept for the
+backward), ``W`` row partials of its rows (``4 W n_r`` bytes) and, in the backward, its own rows' sum
 of ``dT`` and two chunks' parts at most (fp32, 32 MiB a chunk at D = 512; fp64 for fp64
 inputs): every row's parts at once only up to B = 32,768 (before 2026-12-05 they were always
 one ``[B, D]`` buffer, reduce-scattered, and padded into a second one when the local batches
@@ -262,18 +273,21 @@ def _block_logits(a_block, b_part, scale, keys, a_start: int, b_start: int, dots
     return logits
 
 
-def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0):
+def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0, c0: int = 0):
     """Row log-sum-exps of the masked logits' rows ``lo..lo + len(u)`` (``u`` holds those rows,
-    every row by default), each column's log-sum-exp over those rows (the whole batch's with every
+    every row by default) over the columns ``c0..c0 + len(t)`` (``t`` holds those, every column by
+    default), each of those columns' log-sum-exp over those rows (the whole batch's with every
     row), and the rows' positives' products ``u_i . t_i`` from the same products, in one pass over
-    row blocks."""
+    row blocks; None for the products where the columns do not hold every row's own (a chunk of
+    another rank's columns, ``group=``)."""
     n = t.shape[0]
     hi = lo + u.shape[0]
     row_lse = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
     col_lse = torch.full((n,), float("-inf"), dtype=u.dtype, device=u.device)
-    dots = torch.empty(hi - lo, dtype=u.dtype, device=u.device)
+    dots = torch.empty(hi - lo, dtype=u.dtype, device=u.device) if c0 <= lo and hi <= c0 + n else None
     for start, stop in _library.spans(lo, hi, block):
-        logits = _block_logits(u[start - lo:stop - lo], t, scale, keys, start, 0, dots[start - lo:stop - lo])
+        logits = _block_logits(u[start - lo:stop - lo], t, scale, keys, start, c0,
+                               None if dots is None else dots[start - lo:stop - lo])
         torch.logsumexp(logits, dim=1, out=row_lse[start - lo:stop - lo])
         # logaddexp(-inf, -inf) is -inf in torch, so columns fully masked in this block stay clean.
         torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0), out=col_lse)
@@ -759,8 +773,9 @@ if triton is not None:
         return inside & ~_holds_diagonal(row_start, col_start, BLOCK_M, BLOCK_N)
 
     @triton.jit
-    def _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+    def _interior_logits(sim, rows, cols, row_bound, keys_ptr, scale, HAS_KEYS: tl.constexpr):
         # _masked_logits of an interior tile: every bound holds and rows != cols, so only the keys mask.
+        # row_bound: one that every row of the tile is below (its block's end, or the batch's).
         logits = sim * scale
         if HAS_KEYS:
             key_r = tl.load(keys_ptr + rows)
@@ -770,7 +785,7 @@ if triton is not None:
             # Always true here, but a select, as in _masked_logits: without one the GPU backend
             # contracts sim * scale into the exponentials' subtractions (an FMA, one rounding fewer)
             # and the interior tiles are no longer bit for bit the general ones.
-            logits = tl.where((rows < n)[:, None], logits, float("-inf"))
+            logits = tl.where((rows < row_bound)[:, None], logits, float("-inf"))
         return logits
 
     @triton.jit
@@ -801,14 +816,14 @@ if triton is not None:
         sim = _similarity_tile(a_ptr - row0 * stride_a, b_ptr, rows, cols, rows < rows_end, cols < n, dim, stride_a,
                                stride_b, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
         if TILES == 1:
-            logits = _interior_logits(sim, rows, cols, n, keys_ptr, scale, HAS_KEYS)
+            logits = _interior_logits(sim, rows, cols, rows_end, keys_ptr, scale, HAS_KEYS)
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG))
             tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG))
         else:
+            # Rows past the block belong to the next one: they must not enter its column sums. (Rows are
+            # not bounded by n: those of a chunk of columns with group= may come after every column.)
             row_in = rows < rows_end
-            # Rows past the block belong to the next one: they must not enter its column sums.
-            logits = tl.where(row_in[:, None], _masked_logits(sim, rows, cols, rows < n, n, keys_ptr, scale, HAS_KEYS),
-                              float("-inf"))
+            logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG),
                      mask=row_in)
             tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG), mask=cols < n)
@@ -1349,26 +1364,45 @@ class _GroupShare(torch.autograd.Function):
     """The owned share of the global loss from this rank's rows (``group=``), on either backend
     (``passes``: :data:`_TORCH_PASSES` or :data:`_TRITON_PASSES`).
 
-    The text rows are all-gathered inside; the image rows stay this rank's (each rank forms only
-    its own rows' logits). The backward's first pass gives this rank's own rows' ``u`` gradient
-    whole (no reduction). Its part of every text row's gradient (every row against its columns)
-    is formed a chunk of rows at a time, each rank's rows reduced to it while the next chunk is
-    formed (:func:`_reduce_to_owners`): the parts are summed in fp32 (fp64 for fp64 inputs) and a 16-bit
-    gradient is rounded once, after the sum over ranks, as one process's is (autograd would
-    round a gathered 16-bit input's gradient before the reduction). ``combine`` folds the column
-    partials across the ranks (:func:`_column_lse_across_ranks` over ``group``).
+    The text rows go round the ranks' ring (:func:`_ring_all_gather`); the image rows stay this
+    rank's (each rank forms only its own rows' logits). The forward takes its rows' logits against
+    each rank's text rows as they arrive, its own first, while the next rows are in flight: per
+    chunk of columns, its rows' log-sum-exps over those columns and each column's over its rows,
+    folded afterwards in rank order (the same order whatever the arrival), so no rank waits for a
+    whole gather before its first kernel. The backward's first pass gives this rank's own rows'
+    ``u`` gradient whole (no reduction). Its part of every text row's gradient (every row against
+    its columns) is formed a chunk of rows at a time, each rank's rows reduced to it while the
+    next chunk is formed (:func:`_reduce_to_owners`): the parts are summed in fp32 (fp64 for fp64
+    inputs) and a 16-bit gradient is rounded once, after the sum over ranks, as one process's is
+    (autograd would round a gathered 16-bit input's gradient before the reduction). ``combine``
+    folds the column partials across the ranks (:func:`_column_lse_across_ranks` over ``group``).
     """
 
     @staticmethod
     def forward(ctx, u_local, t_local, scale, keys, group, sizes: tuple, rank: int, combine, passes):
         ctx.group, ctx.sizes, ctx.rank, ctx.passes, ctx.dtype = group, sizes, rank, passes, t_local.dtype
-        ctx.lo = sum(sizes[:rank])
-        ctx.hi = ctx.lo + sizes[rank]
-        t = _all_gather_padded(t_local.contiguous(), group, sizes)
+        starts = _starts(sizes)
+        lo, hi, n = starts[rank], starts[rank + 1], starts[-1]
+        ctx.lo, ctx.hi = lo, hi
         # Contiguous, as the gathered rows are: the checks (_triton_check) saw the gathered batch's
         # strides, on every rank alike.
-        share, saved = passes.share(u_local.contiguous(), t, scale, keys, ctx.lo, ctx.hi, combine)
-        ctx.save_for_backward(*saved)
+        u = u_local.contiguous()
+        kernel_scale, kernel_keys = passes.prepare(scale, keys)
+        row_parts, col_parts, positives = {}, {}, []
+
+        def take(owner: int, t_rows: torch.Tensor) -> None:
+            row_parts[owner], col_parts[owner], own = passes.chunk(u, t_rows, kernel_scale, kernel_keys, lo,
+                                                                   starts[owner])
+            if owner == rank:
+                positives.append(own)
+
+        t = _ring_all_gather(t_local.contiguous(), group, sizes, rank, take)
+        owners = sorted(row_parts)  # rank order: every rank folds alike, whatever came first
+        row_lse = torch.logsumexp(torch.stack([row_parts[o] for o in owners]), dim=0)
+        col_lse = combine(torch.cat([col_parts[o] for o in owners]))  # every rank joins, one with no rows too
+        own = positives[0] if positives else row_lse.new_empty((0,))  # a rank with no rows takes no chunk of its own
+        share = _loss_share(row_lse, col_lse[lo:hi], kernel_scale.reshape(()), own, n)
+        ctx.save_for_backward(u, t, scale, kernel_keys, row_lse, col_lse)
         return share
 
     @staticmethod
@@ -1389,21 +1423,49 @@ class _GroupShare(torch.autograd.Function):
 
 
 class _Passes(typing.NamedTuple):
-    """A backend's two halves of :class:`_GroupShare`: ``share(u, t, scale, keys, lo, hi, combine)``
-    gives the owned share and what its backward saves; ``grads(saved, grad_share, lo, hi, needs)``
-    the two passes of its backward, ``u_pass()`` (the ``u`` and scale gradients) and ``t_part(r0, r1)``."""
-    share: typing.Callable
+    """A backend's parts of :class:`_GroupShare`: ``prepare(scale, keys)`` gives the multiplier and
+    keys its kernels take; ``chunk(u, t_rows, scale, keys, lo, c0)`` the row log-sum-exps of the rows
+    ``lo..`` (``u``) over the columns ``c0..`` (``t_rows``), each of those columns' over the rows, and
+    the rows' positives' products where the columns are the rows' own (None otherwise);
+    ``grads(saved, grad_share, lo, hi, needs)`` the two passes of its backward, ``u_pass()`` (the
+    ``u`` and scale gradients) and ``t_part(r0, r1)``."""
+    prepare: typing.Callable
+    chunk: typing.Callable
     grads: typing.Callable
 
 
 _TORCH_PASSES = _Passes(
-    share=lambda u, t, scale, keys, lo, hi, combine: _torch_share(u, t, scale, keys, lo, hi, _TORCH_BLOCK_ROWS,
-                                                                  combine),
+    prepare=lambda scale, keys: (scale, keys),
+    chunk=lambda u, t_rows, scale, keys, lo, c0: _torch_lse_both(u, t_rows, scale, keys, _TORCH_BLOCK_ROWS, lo, c0),
     grads=lambda saved, grad_share, lo, hi, needs: _torch_rank_grads(saved, grad_share, lo, hi, _TORCH_BLOCK_ROWS,
                                                                      needs))
 _TRITON_PASSES = _Passes(
-    share=_triton_share,
+    prepare=lambda scale, keys: (scale.detach().to(torch.float32).reshape(1),
+                                 keys.to(torch.int32) if keys is not None else None),
+    chunk=lambda u, t_rows, scale, keys, lo, c0: _triton_lse_cols(u, t_rows, scale, keys, lo, c0),
     grads=lambda saved, grad_share, lo, hi, needs: _triton_rank_grads(saved, grad_share, lo, hi, True, needs))
+
+
+def _triton_lse_cols(u, t_rows, scale32, keys32, lo: int, c0: int):
+    """:func:`_triton_lse_both` over a chunk of the columns: the row log-sum-exps of the rows
+    ``lo..`` (``u``) over the columns ``c0..`` (``t_rows``), each of those columns' over the rows, and
+    the rows' products ``u_i . t_i`` where the columns are the rows' own (``c0 == lo``; None
+    otherwise). The kernels number rows and columns from the columns' first, and rows may not come
+    before it: a block of rows at or after its columns is passed as it is (row offset ``lo - c0``,
+    the keys from ``c0`` on), and one before them the other way round (the columns as rows from
+    ``c0 - lo``, the keys from ``lo`` on; a logit is the same either way), its two kinds of
+    log-sum-exps swapped back."""
+    hi, c1 = lo + u.shape[0], c0 + t_rows.shape[0]
+    if lo == hi:  # a rank with no rows: -inf columns, no kernel launch
+        return (u.new_empty((0,), dtype=torch.float32),
+                u.new_full((c1 - c0,), float("-inf"), dtype=torch.float32), None)
+    if lo >= c0:
+        row_lse, col_lse, positives = _triton_lse_both(u, t_rows, scale32, None if keys32 is None else keys32[c0:],
+                                                       lo - c0, hi - c0)
+        return row_lse, col_lse, positives if lo == c0 else None
+    col_lse, row_lse, _ = _triton_lse_both(t_rows, u, scale32, None if keys32 is None else keys32[lo:],
+                                           c0 - lo, c1 - lo)
+    return row_lse, col_lse, None
 
 
 def _triton_check(u, t):
@@ -1483,9 +1545,7 @@ def _reduce_to_owners(part, group, sizes: tuple, rank: int, meanwhile=None) -> t
     import torch.distributed as dist
 
     reduce = _collective("reduce")
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
+    starts = _starts(sizes)
     lo = starts[rank]
     mine = None
     pending = []  # (work, piece, where the piece goes in this rank's sum; None for another rank's)
@@ -1517,6 +1577,53 @@ def _take_reduced(pending: list, mine: torch.Tensor) -> None:
             mine[at:at + piece.shape[0]].copy_(piece)
 
 
+def _starts(sizes: tuple) -> list:
+    """Each rank's first row in the global batch, and the batch's size last: ``[0, n_0, n_0 + n_1, ..., B]``."""
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    return starts
+
+
+def _ring_all_gather(local: torch.Tensor, group, sizes: tuple, rank: int, take) -> torch.Tensor:
+    """Every rank's rows in rank order, ``[sum(sizes), ...]``, passed round the ranks' ring: at each of
+    ``W - 1`` steps a rank sends the rows it got last to the next rank and receives the previous
+    rank's (one point-to-point exchange each way, ``batch_isend_irecv``), so every rank sends and
+    receives ``B - n_r`` rows, as in an all-gather. ``take(owner, rows)`` is called on each rank's
+    rows (a view of the result), this rank's first and then each rank's before it in the ring, each
+    while the next exchange is in flight (on a GPU its kernels overlap the transfer), and never on
+    rows still in flight. Ranks without rows send and receive nothing of their own, and pass the
+    others' on; rows are never padded."""
+    import torch.distributed as dist
+
+    starts = _starts(sizes)
+    gathered = local.new_empty((starts[-1],) + tuple(local.shape[1:]))
+
+    def rows(owner: int) -> torch.Tensor:
+        return gathered[starts[owner]:starts[owner + 1]]
+
+    rows(rank).copy_(local)
+    world = len(sizes)
+    exchange = _collective("batch_isend_irecv")
+    held = rank
+    for step in range(1, world):
+        incoming = (rank - step) % world
+        ops = []
+        if sizes[held]:
+            ops.append(dist.P2POp(dist.isend, rows(held), group=group, group_peer=(rank + 1) % world))
+        if sizes[incoming]:
+            ops.append(dist.P2POp(dist.irecv, rows(incoming), group=group, group_peer=(rank - 1) % world))
+        works = exchange(ops) if ops else []
+        if sizes[held]:
+            take(held, rows(held))
+        for work in works:
+            work.wait()
+        held = incoming
+    if sizes[held]:
+        take(held, rows(held))
+    return gathered
+
+
 def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor:
     """Every rank's rows in rank order, ``[sum(sizes), ...]``. A rank short of the largest local batch pads
     with zero rows for the collective, which writes into one buffer: that buffer is the result when no rank
@@ -1536,7 +1643,7 @@ def _all_gather_padded(local: torch.Tensor, group, sizes: tuple) -> torch.Tensor
 def _collective(name: str):
     """A torch.distributed collective by name (one place, which the tests count through): the
     single-buffer all-gather (``all_gather_single`` from torch 2.14, which deprecates the older
-    ``all_gather_into_tensor`` that torch 2.11 has) or ``reduce``."""
+    ``all_gather_into_tensor`` that torch 2.11 has), ``reduce`` or ``batch_isend_irecv``."""
     import torch.distributed as dist
 
     older = {"all_gather_single": "all_gather_into_tensor"}

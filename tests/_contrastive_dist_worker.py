@@ -73,11 +73,15 @@ def _blocked_strategy(dtype, dim, tiles, weight_bytes):
 @contextlib.contextmanager
 def _counting_collectives():
     """Record every all-gather's input shape (one tensor: each rank's rows padded to the largest
-    local batch, or the column partials) and every reduction's (shape, owner): yields
-    ``{"reductions": [(shape, owner), ...], "all_gathers": [shape, ...]}``."""
+    local batch, or the column partials), every reduction's (shape, owner) and every
+    point-to-point exchange's operations (kind, shape, peer in the group): yields
+    ``{"reductions": [(shape, owner), ...], "all_gathers": [shape, ...], "exchanges": [[(kind, shape,
+    peer), ...], ...]}``."""
+    import torch.distributed as dist
+
     from ace_kernels import contrastive
 
-    counts = {"reductions": [], "all_gathers": []}
+    counts = {"reductions": [], "all_gathers": [], "exchanges": []}
     real = contrastive._collective
 
     def collective(name):
@@ -86,6 +90,9 @@ def _counting_collectives():
         def counted(tensor, *args, **kwargs):
             if name == "reduce":
                 counts["reductions"].append((tuple(tensor.shape), kwargs["group_dst"]))
+            elif name == "batch_isend_irecv":
+                counts["exchanges"].append([("send" if op.op is dist.isend else "recv", tuple(op.tensor.shape),
+                                             op.group_peer) for op in tensor])
             else:
                 counts["all_gathers"].append(tuple(args[0].shape))
             return function(tensor, *args, **kwargs)
@@ -175,11 +182,12 @@ def gather_rows_16bit_inputs(sizes, dim, dtype, rank, world):
 
 
 def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_s):
-    """The helpers that gather the rows of every rank (``_all_gather_padded``) and sum each rank's
-    rows' gradient parts to it (``_reduce_to_owners``), on fp16 and bf16 rows and gradients of
-    :func:`gather_rows_16bit_inputs`: saves the gathered rows and this rank's rows' gradient for
-    each dtype. The parts are fp32 copies of the 16-bit gradients (as both backends form fp32
-    parts), and the sum is rounded once, as the loss's backward does."""
+    """The helpers that pass the rows of every rank round the ring (``_ring_all_gather``) and sum each
+    rank's rows' gradient parts to it (``_reduce_to_owners``), on fp16 and bf16 rows and gradients of
+    :func:`gather_rows_16bit_inputs`: saves the gathered rows, the rows each call of its ``take`` saw
+    (``[(owner, rows), ...]``) and this rank's rows' gradient for each dtype. The parts are fp32
+    copies of the 16-bit gradients (as both backends form fp32 parts), and the sum is rounded once,
+    as the loss's backward does."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
@@ -189,10 +197,13 @@ def run_gather_rows_16bit(rank, world, rendezvous, sizes, dim, out_dir, timeout_
         saved = {}
         for dtype in (torch.float16, torch.bfloat16):
             rows, grad = gather_rows_16bit_inputs(sizes, dim, dtype, rank, world)
-            gathered = contrastive._all_gather_padded(rows, dist.group.WORLD, tuple(sizes))
+            taken = []
+            gathered = contrastive._ring_all_gather(rows, dist.group.WORLD, tuple(sizes), rank,
+                                                    lambda owner, chunk: taken.append((owner, chunk.clone())))
             mine, _ = contrastive._reduce_to_owners(lambda r0, r1: grad[r0:r1].float(), dist.group.WORLD,
                                                     tuple(sizes), rank)
-            saved[str(dtype)] = {"gathered": gathered, "grad": mine.to(dtype), "sum_dtype": mine.dtype}
+            saved[str(dtype)] = {"gathered": gathered, "taken": taken, "grad": mine.to(dtype),
+                                 "sum_dtype": mine.dtype}
         torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -132,18 +132,25 @@ REDUCE_CASES = [(None, [((5, 12), 0), ((1, 12), 1), ((8, 12), 2)]),
 @pytest.mark.parametrize("chunk_rows,reductions", REDUCE_CASES, ids=["one_chunk", "chunks_of_6", "a_row_per_chunk"])
 def test_only_the_text_rows_are_gathered_and_reduced_across_ranks(backend, chunk_rows, reductions, tmp_path):
     """A rank's own image rows get their gradient whole from its pass over its rows, on either
-    backend, and no other rank needs them: per step, one all-gather of rows (the text rows', padded
-    to the largest local batch) beside the labels' and the column partials', and the reductions of
-    this rank's part of the text rows' gradients to each rank's rows, a chunk of rows at a time (one
-    [B, D] reduce-scatter before 2026-12-05), with the loss and gradients still those of one
-    process, whatever the chunks."""
+    backend, and no other rank needs them: per step, the text rows go round the ring (two
+    exchanges of 3 ranks: each rank sends the rows it holds to the next and receives the previous
+    one's; before the ring, one all-gather padded to the largest local batch), beside the
+    all-gathers of the labels and of the column partials, and the reductions of this rank's part of
+    the text rows' gradients to each rank's rows, a chunk of rows at a time (one [B, D]
+    reduce-scatter before 2026-12-05), with the loss and gradients still those of one process,
+    whatever the chunks."""
     sizes, dim = (5, 1, 8), 12
     dtype = torch.float64 if backend == "torch" else torch.float32
     _spawn(run, len(sizes), (_rendezvous(tmp_path), sizes, dim, True, str(tmp_path), backend, dtype, 60,
                              None, None, True, True, None, chunk_rows))
     for rank in range(len(sizes)):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert saved["all_gathers"] == [(8, 14), (8, dim), (sum(sizes),)], saved["all_gathers"]
+        assert saved["all_gathers"] == [(8, 14), (sum(sizes),)], saved["all_gathers"]
+        after, before = (rank + 1) % 3, (rank - 1) % 3
+        assert saved["exchanges"] == [
+            [("send", (sizes[rank], dim), after), ("recv", (sizes[before], dim), before)],
+            [("send", (sizes[before], dim), after), ("recv", (sizes[(rank - 2) % 3], dim), before)],
+        ], saved["exchanges"]
         assert saved["reductions"] == reductions, saved["reductions"]
         # The ranks' launches are checked as the suite's are (tests/_bounds.py).
         assert saved["bounds_checked"] == (backend == "triton" and _bounds.wanted())
@@ -456,6 +463,109 @@ def test_rows_are_gathered_into_one_buffer(sizes, monkeypatch):
         assert (got.data_ptr() == written[0].data_ptr()) == (min(sizes) == biggest)
 
 
+class _FakeP2POp:
+    """torch.distributed.P2POp without a process group: the operation, the tensor and the peer."""
+
+    def __init__(self, op, tensor, group=None, group_peer=None):
+        self.op, self.tensor, self.group_peer = op, tensor, group_peer
+
+
+def _ring_in_threads(sizes, dim, monkeypatch):
+    """Every rank of ``sizes`` running :func:`_ring_all_gather` in a thread of its own, the exchanges
+    simulated by a queue per pair of ranks (a send puts a copy, a receive takes it when waited for:
+    until then the receiving buffer holds NaN). Returns each rank's (gathered rows, events): its
+    exchanges posted, its waits and its ``take`` calls (``take`` checks that the rows it is given are
+    the owner's, complete), in order, and the rows every rank holds."""
+    import queue
+    import threading
+
+    from ace_kernels import contrastive
+
+    world = len(sizes)
+    data = [torch.randn(size, dim, dtype=torch.float64) for size in sizes]
+    links = {(src, dst): queue.Queue() for src in range(world) for dst in range(world)}
+    local = threading.local()
+
+    class Work:
+        def __init__(self, op, src):
+            self.op, self.src = op, src
+
+        def wait(self):
+            local.events.append(f"wait {self.op.op.__name__}")
+            if self.op.op is dist.irecv:
+                self.op.tensor.copy_(links[(self.src, local.rank)].get(timeout=10))
+
+    def exchange(ops):
+        assert ops, "an exchange of nothing is posted"
+        local.events.append("post " + " ".join(f"{op.op.__name__}:{op.group_peer}:{op.tensor.shape[0]}" for op in ops))
+        for op in ops:
+            if op.op is dist.isend:
+                links[(local.rank, op.group_peer)].put(op.tensor.clone())
+        return [Work(op, op.group_peer) for op in ops]
+
+    results = [None] * world
+    failures = []
+
+    def rank_main(rank):
+        local.rank, local.events = rank, []
+
+        def take(owner, rows):
+            local.events.append(f"take {owner}")
+            assert torch.equal(rows, data[owner]), (rank, owner)
+
+        try:
+            gathered = contrastive._ring_all_gather(data[rank], None, sizes, rank, take)
+            results[rank] = (gathered, local.events)
+        except BaseException as exc:  # reported by the main thread
+            failures.append((rank, exc))
+
+    monkeypatch.setattr(dist, "P2POp", _FakeP2POp)
+    monkeypatch.setattr(contrastive, "_collective", {"batch_isend_irecv": exchange}.__getitem__)
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, size, **kw: real_new_empty(self, size, **kw).fill_(
+        float("nan")))
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failures, failures
+    assert not any(thread.is_alive() for thread in threads)
+    return results, torch.cat(data)
+
+
+@pytest.mark.parametrize("sizes", [(5, 1, 8), (4, 0, 5), (0, 7, 0), (3,), (2, 3, 4, 1), (6, 6)])
+def test_the_text_rows_go_round_the_ring_each_taken_once_complete(sizes, monkeypatch):
+    """Every rank ends with every rank's rows in rank order, takes each non-empty rank's rows exactly
+    once (its own first, then the ring's order: the rank before it, the one before that, ...) and
+    only once they have arrived, and posts no exchange of nothing; ranks without rows pass the
+    others' on."""
+    results, rows = _ring_in_threads(sizes, 3, monkeypatch)
+    world = len(sizes)
+    for rank, (gathered, events) in enumerate(results):
+        assert torch.equal(gathered, rows), rank
+        ring = [(rank - step) % world for step in range(world)]
+        assert [e for e in events if e.startswith("take")] == [f"take {o}" for o in ring if sizes[o]], events
+
+
+@pytest.mark.parametrize("sizes,rank,events", [
+    ((5, 1, 8), 0, ["post isend:1:5 irecv:2:8", "take 0", "wait isend", "wait irecv",
+                    "post isend:1:8 irecv:2:1", "take 2", "wait isend", "wait irecv", "take 1"]),
+    ((5, 1, 8), 1, ["post isend:2:1 irecv:0:5", "take 1", "wait isend", "wait irecv",
+                    "post isend:2:5 irecv:0:8", "take 0", "wait isend", "wait irecv", "take 2"]),
+    # The empty rank 1 only passes rank 0's rows on; rank 2 receives nothing at the first step.
+    ((4, 0, 5), 1, ["post irecv:0:4", "wait irecv", "post isend:2:4 irecv:0:5", "take 0", "wait isend",
+                    "wait irecv", "take 2"]),
+    ((4, 0, 5), 2, ["post isend:0:5", "take 2", "wait isend", "post irecv:1:4", "wait irecv", "take 0"]),
+], ids=["first_rank", "middle_rank", "empty_rank", "after_the_empty_rank"])
+def test_each_rows_are_taken_while_the_next_are_in_flight(sizes, rank, events, monkeypatch):
+    """The order of a rank's work: each step posts its exchange (the rows it holds to the next rank,
+    the previous rank's from it), then takes the rows it holds, and only then waits: a rank's
+    kernels on its rows run while the next rows travel (on a GPU, the transfer overlaps them)."""
+    results, _ = _ring_in_threads(sizes, 2, monkeypatch)
+    assert results[rank][1] == events
+
+
 class _FakeReduction:
     """A reduction's stand-in for :func:`_reduce_to_owners` on rank ``rank`` of ranks that all
     hold the same parts: waiting on it writes ``ranks`` times the part into the owner's block."""
@@ -515,11 +625,12 @@ def test_text_gradients_are_reduced_to_their_owners_a_chunk_at_a_time(chunk_rows
 
 
 def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_path):
-    """The gathering and reducing helpers with real collectives on fp16 and bf16 rows and fp32
-    parts of 16-bit gradients, 3 uneven ranks, the middle one empty: every rank gets every rank's
-    rows in rank order, bit for bit, and its rows' gradient is the sum of the ranks' parts, in
-    fp32, rounded once (exact here: the fp32 sums are exact). Summed in 16 bits, or with a rank's
-    rows dropped or misplaced, some entries differ."""
+    """The ring and the reducing helper with real point-to-point exchanges and collectives on fp16
+    and bf16 rows and fp32 parts of 16-bit gradients, 3 uneven ranks, the middle one empty: every
+    rank gets every rank's rows in rank order, bit for bit (and takes each non-empty rank's, its own
+    first, as they arrived), and its rows' gradient is the sum of the ranks' parts, in fp32, rounded
+    once (exact here: the fp32 sums are exact). Summed in 16 bits, or with a rank's rows dropped or
+    misplaced, some entries differ."""
     sizes, dim = (4, 0, 6), 8
     _spawn(run_gather_rows_16bit, len(sizes), (_rendezvous(tmp_path), sizes, dim, str(tmp_path), SHORT_TIMEOUT_S))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
@@ -532,5 +643,9 @@ def test_gathered_16bit_rows_across_ranks_get_their_gradient_summed_in_fp32(tmp_
             got = results[rank][str(dtype)]
             assert got["gathered"].dtype == got["grad"].dtype == dtype and got["sum_dtype"] == torch.float32
             assert torch.equal(got["gathered"], rows), (dtype, rank)
+            ring = [(rank - step) % 3 for step in range(3)]
+            assert [owner for owner, _ in got["taken"]] == [o for o in ring if sizes[o]], (dtype, rank)
+            for owner, taken in got["taken"]:
+                assert torch.equal(taken, inputs[owner][0]), (dtype, rank, owner)
             assert got["grad"].shape == (size, dim) and torch.equal(got["grad"], summed[lo:lo + size]), (dtype, rank)
             lo += size
