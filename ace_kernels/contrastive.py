@@ -141,13 +141,14 @@ logit is computed by one rank per pass:
   of it (see :func:`label_guided_infonce`).
 Per rank: ``2 n_r B D`` forward FLOPs and ``8 n_r B D`` backward (16-bit, D <= 512), one
 device's ``10 B^2 D`` split by rows, in ``W`` forward launches (one per non-empty rank's
-columns) where one device makes one; communication: the ring's text embeddings (``B - n_r``
-rows received and as many sent per rank, as an all-gather moves: the one it replaces, padded
-to the largest local batch, overlapped nothing), the gather of the labels, the ``[B]`` column partials,
-and the reductions of ``dT``'s parts to each rank's rows (one per rank and chunk; ``dU`` needs
-none, on either backend). Memory per rank: the gathered ``[B, D]`` text rows (kept for the
-backward), ``W`` row partials of its rows (``4 W n_r`` bytes) and, in the backward, its own rows' sum
-of ``dT`` and two chunks' parts at most (fp32, 32 MiB a chunk at D = 512; fp64 for fp64
+columns) where one device makes one; communication: the ring's text embeddings (a rank
+receives the others' ``B - n_r`` rows and sends ``B - n_{r+1}``, every rank's but the next one's,
+as a ring all-gather does: the one it replaces, padded to the largest local batch, overlapped
+nothing), the gather of the labels, the ``[B]`` column partials, and the reductions of ``dT``'s
+parts to each rank's rows (one per rank and chunk; ``dU`` needs none, on either backend).
+Memory per rank: the gathered ``[B, D]`` text rows (kept for the backward), ``W`` row partials
+of its rows (``4 W n_r`` bytes) and, in the backward, its own rows' sum of ``dT`` and two
+chunks' parts at most (fp32, 32 MiB a chunk at D = 512; fp64 for fp64
 inputs): every row's parts at once only up to B = 32,768 (before 2026-12-05 they were always
 one ``[B, D]`` buffer, reduce-scattered, and padded into a second one when the local batches
 differed). A rank may hold no rows (``lo == hi``): its share is 0 and its gradients zero; it
@@ -1588,12 +1589,13 @@ def _starts(sizes: tuple) -> list:
 def _ring_all_gather(local: torch.Tensor, group, sizes: tuple, rank: int, take) -> torch.Tensor:
     """Every rank's rows in rank order, ``[sum(sizes), ...]``, passed round the ranks' ring: at each of
     ``W - 1`` steps a rank sends the rows it got last to the next rank and receives the previous
-    rank's (one point-to-point exchange each way, ``batch_isend_irecv``), so every rank sends and
-    receives ``B - n_r`` rows, as in an all-gather. ``take(owner, rows)`` is called on each rank's
-    rows (a view of the result), this rank's first and then each rank's before it in the ring, each
-    while the next exchange is in flight (on a GPU its kernels overlap the transfer), and never on
-    rows still in flight. Ranks without rows send and receive nothing of their own, and pass the
-    others' on; rows are never padded."""
+    rank's (one point-to-point exchange each way, ``batch_isend_irecv``), so rank ``r`` receives the
+    others' ``B - n_r`` rows and sends ``B - n_{r+1}`` (every rank's but the next one's, which that
+    one holds already). ``take(owner, rows)`` is called on each non-empty rank's rows (a view of the
+    result), this rank's first and then each rank's before it in the ring, each while the next
+    exchange is in flight (on a GPU its kernels overlap the transfer), and never on rows still in
+    flight. Ranks without rows send and receive nothing of their own, and pass the others' on; rows
+    are never padded."""
     import torch.distributed as dist
 
     starts = _starts(sizes)
