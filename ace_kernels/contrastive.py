@@ -556,7 +556,9 @@ if triton is not None:
 
     @triton.jit
     def _log(x, FAST: tl.constexpr):
-        # ln x for the log-sum-exps, whose x (a sum of exponentials shifted by their max) is >= 1.
+        # ln x for the log-sum-exps, whose x (a sum of exponentials shifted by their max) is >= 1, or 0
+        # for a row of the one-pass forward whose every logit is masked (a chunk of another rank's
+        # columns with group=): ln 0 is -inf on both paths (lg2.approx of +0 too), that row's LSE.
         # FAST (16-bit inputs on a GPU): lg2.approx.ftz times ln 2 (libdevice's fast_logf), one
         # MUFU.LG2 and a multiply, within about 1.1e-7 of ln x (2**-22.6 in log2), where tl.log is
         # a polynomial of some 20 instructions. The forward kernels take a log per row and per
