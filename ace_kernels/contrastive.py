@@ -147,7 +147,7 @@ as a ring all-gather does: the one it replaces, padded to the largest local batc
 nothing), the gather of the labels, the ``[B]`` column partials, and the reductions of ``dT``'s
 parts to each rank's rows (one per rank and chunk; ``dU`` needs none, on either backend).
 Memory per rank: the gathered ``[B, D]`` text rows (kept for the backward), ``W`` row partials
-of its rows (``4 W n_r`` bytes) and, in the backward, its own rows' sum of ``dT`` and two
+of its rows (``4 W n_r`` bytes; 8 for fp64 inputs) and, in the backward, its own rows' sum of ``dT`` and two
 chunks' parts at most (fp32, 32 MiB a chunk at D = 512; fp64 for fp64
 inputs): every row's parts at once only up to B = 32,768 (before 2026-12-05 they were always
 one ``[B, D]`` buffer, reduce-scattered, and padded into a second one when the local batches
