@@ -479,10 +479,13 @@ def _ring_in_threads(sizes, dim, monkeypatch):
     import queue
     import threading
 
+    from conftest import poisoning_empty
+
     from ace_kernels import contrastive
 
     world = len(sizes)
-    data = [torch.randn(size, dim, dtype=torch.float64) for size in sizes]
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(size, dim, dtype=torch.float64, generator=gen) for size in sizes]
     links = {(src, dst): queue.Queue() for src in range(world) for dst in range(world)}
     local = threading.local()
 
@@ -521,14 +524,12 @@ def _ring_in_threads(sizes, dim, monkeypatch):
 
     monkeypatch.setattr(dist, "P2POp", _FakeP2POp)
     monkeypatch.setattr(contrastive, "_collective", {"batch_isend_irecv": exchange}.__getitem__)
-    real_new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, size, **kw: real_new_empty(self, size, **kw).fill_(
-        float("nan")))
     threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    with poisoning_empty():  # the gathered buffer is NaN until the rows arrive
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
     assert not failures, failures
     assert not any(thread.is_alive() for thread in threads)
     return results, torch.cat(data)
@@ -558,7 +559,7 @@ def test_the_text_rows_go_round_the_ring_each_taken_once_complete(sizes, monkeyp
                     "wait irecv", "take 2"]),
     ((4, 0, 5), 2, ["post isend:0:5", "take 2", "wait isend", "post irecv:1:4", "wait irecv", "take 0"]),
 ], ids=["first_rank", "middle_rank", "empty_rank", "after_the_empty_rank"])
-def test_each_rows_are_taken_while_the_next_are_in_flight(sizes, rank, events, monkeypatch):
+def test_each_ranks_rows_are_taken_while_the_next_are_in_flight(sizes, rank, events, monkeypatch):
     """The order of a rank's work: each step posts its exchange (the rows it holds to the next rank,
     the previous rank's from it), then takes the rows it holds, and only then waits: a rank's
     kernels on its rows run while the next rows travel (on a GPU, the transfer overlaps them)."""
