@@ -1876,7 +1876,11 @@ def label_guided_infonce(image_emb, text_emb, logit_scale, labels=None, *, group
         from rank to rank): a ``ValueError`` naming each rank's otherwise, on
         every rank. ``logit_scale`` must have the same value on every rank
         (compared exactly, NaN equal to NaN: a ``ValueError`` naming each
-        rank's otherwise, on every rank).
+        rank's otherwise, on every rank). The text embeddings go round the
+        ranks' ring by point-to-point exchanges (``batch_isend_irecv``): with
+        NCCL, each rank must have made its GPU the current device
+        (``torch.cuda.set_device``) before the call, as torch requires for
+        those exchanges (a hang otherwise).
     backend : {"auto", "triton", "torch"}
         ``auto`` takes Triton where it can run the call (on a GPU: fp16/bf16/fp32
         embeddings with D <= 1024) and torch otherwise (fp64, wider D, the CPU);
