@@ -1429,7 +1429,7 @@ class _Passes(typing.NamedTuple):
     """A backend's parts of :class:`_GroupShare`: ``prepare(scale, keys)`` gives the multiplier and
     keys its kernels take; ``chunk(u, t_rows, scale, keys, lo, c0)`` the row log-sum-exps of the rows
     ``lo..`` (``u``) over the columns ``c0..`` (``t_rows``), each of those columns' over the rows, and
-    the rows' positives' products where the columns are the rows' own (None otherwise);
+    the rows' positives' products where the columns hold every row's own (None otherwise);
     ``grads(saved, grad_share, lo, hi, needs)`` the two passes of its backward, ``u_pass()`` (the
     ``u`` and scale gradients) and ``t_part(r0, r1)``."""
     prepare: typing.Callable
@@ -1450,22 +1450,22 @@ _TRITON_PASSES = _Passes(
 
 
 def _triton_lse_cols(u, t_rows, scale32, keys32, lo: int, c0: int):
-    """:func:`_triton_lse_both` over a chunk of the columns: the row log-sum-exps of the rows
-    ``lo..`` (``u``) over the columns ``c0..`` (``t_rows``), each of those columns' over the rows, and
-    the rows' products ``u_i . t_i`` where the columns are the rows' own (``c0 == lo``; None
-    otherwise). The kernels number rows and columns from the columns' first, and rows may not come
-    before it: a block of rows at or after its columns is passed as it is (row offset ``lo - c0``,
-    the keys from ``c0`` on), and one before them the other way round (the columns as rows from
-    ``c0 - lo``, the keys from ``lo`` on; a logit is the same either way), its two kinds of
-    log-sum-exps swapped back."""
+    """:func:`_triton_lse_both` over a chunk of the columns: the row log-sum-exps of the rows ``lo..``
+    (``u``) over the columns ``c0..`` (``t_rows``), each of those columns' over the rows, and the rows'
+    products ``u_i . t_i`` where the columns hold every row's own (``c0 <= lo`` and ``hi <= c1``, as
+    :func:`_torch_lse_both`; None otherwise). The kernels number rows and columns from the columns'
+    first, and rows may not come before it: a block of rows at or after its columns is passed as it is
+    (row offset ``lo - c0``, the keys from ``c0`` on), and one before them the other way round (the
+    columns as rows from ``c0 - lo``, the keys from ``lo`` on; a logit is the same either way), its two
+    kinds of log-sum-exps swapped back."""
     hi, c1 = lo + u.shape[0], c0 + t_rows.shape[0]
     if lo == hi:  # a rank with no rows: -inf columns, no kernel launch
-        return (u.new_empty((0,), dtype=torch.float32),
-                u.new_full((c1 - c0,), float("-inf"), dtype=torch.float32), None)
+        none = u.new_empty((0,), dtype=torch.float32)
+        return none, u.new_full((c1 - c0,), float("-inf"), dtype=torch.float32), none if c0 <= lo <= c1 else None
     if lo >= c0:
         row_lse, col_lse, positives = _triton_lse_both(u, t_rows, scale32, None if keys32 is None else keys32[c0:],
                                                        lo - c0, hi - c0)
-        return row_lse, col_lse, positives if lo == c0 else None
+        return row_lse, col_lse, positives if hi <= c1 else None
     col_lse, row_lse, _ = _triton_lse_both(t_rows, u, scale32, None if keys32 is None else keys32[lo:],
                                            c0 - lo, c1 - lo)
     return row_lse, col_lse, None

@@ -1280,12 +1280,13 @@ CHUNK_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton),
 @pytest.mark.parametrize("labels", ["none", "duplicates", "all_equal"])
 @pytest.mark.parametrize("sizes", [(7, 23, 15), (16, 32, 20)], ids=["inside_tiles", "whole_tiles"])
 def test_a_ranks_rows_against_a_chunk_of_columns_match_the_dense_logits(backend, labels, sizes, device, monkeypatch):
-    """Each of 3 uneven ranks' rows against each rank's columns: the rows' log-sum-exps over those
-    columns and the columns' over those rows are the dense fp64 masked logits' (rows before their
-    columns, after them and their own), and the positives' products come with the rank's own
-    columns only. The ranks' rows start and end inside the interpreter's 16-row tiles, or on them
-    (the blocked strategy's interior tiles then hold rows numbered past the chunk's columns). With
-    every label equal, the other ranks' columns are all masked: -inf both ways, never NaN."""
+    """Each of 3 uneven ranks' rows against each rank's columns, and against every column at once:
+    the rows' log-sum-exps over those columns and the columns' over those rows are the dense fp64
+    masked logits' (rows before their columns, after them and their own), and the positives'
+    products come with columns that hold every row's own only (the same rule on both backends).
+    The ranks' rows start and end inside the interpreter's 16-row tiles, or on them (the blocked
+    strategy's interior tiles then hold rows numbered past the chunk's columns). With every label
+    equal, the other ranks' columns are all masked: -inf both ways, never NaN."""
     n, dim = sum(sizes), 20
     u, t, s = (x.detach().to(device) for x in _inputs(n, dim))
     make = {"none": lambda: None, "duplicates": lambda: _duplicated_labels(n, 14, 5),
@@ -1305,20 +1306,21 @@ def test_a_ranks_rows_against_a_chunk_of_columns_match_the_dense_logits(backend,
     starts = contrastive._starts(sizes)
     with forcing as calls:
         for lo, hi in zip(starts, starts[1:]):
-            for c0, c1 in zip(starts, starts[1:]):
+            for c0, c1 in list(zip(starts, starts[1:])) + [(0, n)]:
                 rows, cols, own = passes.chunk(u[lo:hi].to(dtype), t[c0:c1].to(dtype), scale, kernel_keys, lo, c0)
                 block = logits[lo:hi, c0:c1]
                 atol = 0 if backend == "torch" else 2e-5
                 torch.testing.assert_close(rows.double(), torch.logsumexp(block, dim=1), rtol=1e-7, atol=atol)
                 torch.testing.assert_close(cols.double(), torch.logsumexp(block, dim=0), rtol=1e-7, atol=atol)
-                if labels == "all_equal" and lo != c0:
+                holds_own = c0 <= lo and hi <= c1
+                if labels == "all_equal" and not holds_own:
                     assert (rows == float("-inf")).all() and (cols == float("-inf")).all()
-                if lo == c0:
+                if holds_own:
                     torch.testing.assert_close(own.double(), (u[lo:hi] * t[lo:hi]).sum(1), rtol=0, atol=atol or 1e-12)
                 else:
                     assert own is None
     if backend == "triton_blocked":
-        assert calls["lse"] == 9
+        assert calls["lse"] == 12
 
 
 @pytest.mark.triton
