@@ -1946,7 +1946,7 @@ def _train(config, model, dataset, loss_fn, device, group, rank, world, held: co
         if resume_path is not None:  # its state read at set-up
             if is_writer:
                 _check_no_other_run(config, out_dir, resume_path, state)
-            _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest, rank)
+            _check_resume_config(state, config, world, dataset_record, resume_path, frozen_digest, rank, device)
             _load_trainable(trainable, state["trainable"], resume_path)
             optimizer.load_state_dict(state["optimizer"])
             _check_finite_optimizer(optimizer, trainable, resume_path)
@@ -2308,7 +2308,8 @@ def _check_resume_model(state: dict, config: TrainConfig, path) -> None:
 
 
 def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_record: dict, path,
-                         frozen_digest: str | None = None, rank: int = 0) -> None:
+                         frozen_digest: str | None = None, rank: int = 0,
+                         device: torch.device | None = None) -> None:
     saved = state["config"]
     now = config.to_dict()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -2353,6 +2354,16 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
         warnings.warn(f"resume from {path}: TrainConfig.chunk_size was {saved_chunk!r}, now "
                       f"{config.chunk_size!r}; the run continues, but its losses will differ from an uninterrupted "
                       "run's (dropout masks drawn in another order, sums taken in another order)", stacklevel=3)
+    # The device may change too, but a CUDA run draws its dropout masks from the GPU's generator, which
+    # a state written on the CPU does not hold (nor a CPU run's the one it does), and the arithmetic
+    # differs (bf16 autocast on a GPU): say so, as for the chunk size. Another GPU takes the state as is.
+    if device is not None:
+        saved_on = "cuda" if state["rng"][rank].get("cuda") is not None else "cpu"
+        if saved_on != device.type:
+            where = "a CUDA GPU" if saved_on == "cuda" else "the CPU"
+            warnings.warn(f"resume from {path}: the saved run ran on {where}, this one on {device}; the run "
+                          "continues, but its losses will differ from an uninterrupted run's (dropout masks from "
+                          "another generator, other arithmetic)", stacklevel=3)
     if state["world_size"] != world:
         raise TrainingStateError(f"resume from {path}: the state was written by {state['world_size']} processes, "
                                  f"this run has {world}")

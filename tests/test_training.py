@@ -1004,6 +1004,39 @@ def test_resume_with_another_chunk_size_continues_and_warns(tmp_path):
     assert other["steps"] == 8
 
 
+def test_resume_on_another_kind_of_device_continues_and_warns(tmp_path):
+    """A state written on a GPU holds the CUDA generator its dropout masks came from, one written on
+    the CPU none: resumed on the other kind of device the losses are not the uninterrupted run's,
+    and the resume says so (as for another chunk size) and goes on; on the same kind it says nothing."""
+    data = RandomPairs(make_model("standin"), 16, seed=1)
+    config = dict(epochs=2, checkpoint_every=2, keep_checkpoints=10)
+    train(_config(tmp_path, **config), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
+    state_path = tmp_path / "run" / "checkpoints" / "state-00000004.pt"
+    state = load_state(state_path)
+    assert state["rng"][0]["cuda"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 1, _record(state), "s.pt",
+                                      device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match=r"^resume from s\.pt: the saved run ran on the CPU, this one on cuda:1; "
+                                         r"the run continues, but its losses will differ from an uninterrupted run's"):
+        training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 1, _record(state), "s.pt",
+                                      device=torch.device("cuda", 1))
+    state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a GPU run's state holds its generator's
+    torch.save(state, state_path)
+    with pytest.warns(UserWarning, match=rf"^resume from {state_path}: the saved run ran on a CUDA GPU, this one "
+                                         r"on cpu; the run continues"):
+        resumed = train(_config(tmp_path, **config, resume=str(state_path)), model=make_model("standin"),
+                        dataset=data, loss_fn=dense_label_infonce)
+    assert (resumed["steps"], resumed["resumed_from"]) == (8, str(state_path))
+
+
+def _record(state: dict) -> dict:
+    """The dataset record a resume compares with ``state``'s: the saved run's own."""
+    return {"dataset_length": state["dataset_length"], "steps_per_epoch": state["steps_per_epoch"],
+            "dataset_fingerprint": state.get("dataset_fingerprint")}
+
+
 def test_resume_refuses_a_dataset_of_another_size(tmp_path):
     model = make_model("standin")
     train(_config(tmp_path, epochs=2), model=model, dataset=RandomPairs(model, 8, seed=1), loss_fn=dense_label_infonce)
