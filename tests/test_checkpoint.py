@@ -329,6 +329,9 @@ def _nested_rows(rows: int, width: int) -> torch.Tensor:
      lambda blob: blob["weights"].update({7: torch.zeros(2)})),
     (r"metadata\['params'\] is 'qkv', this model adapts \['q', 'k', 'v'\]",
      lambda blob: blob["metadata"].update(params="qkv")),
+    # LoRA on q and v only (common elsewhere): named by the metadata, which lists fewer than this model adapts.
+    (r"metadata\['params'\] is \['q', 'v'\], this model adapts \['q', 'k', 'v'\]",
+     lambda blob: blob["metadata"].update(params=["q", "v"])),
     (r"bad\.pt: 'metadata' must be a dict, found str$", lambda blob: blob.update(metadata="r=4")),
     # A comparison with no single truth raised torch's RuntimeError, naming neither the file nor the entry.
     (r"metadata\['r'\] is tensor\(\[4, 4\]\), this model needs 4",
