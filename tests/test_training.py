@@ -932,6 +932,10 @@ def test_resume_refuses_a_corrupt_state_and_keeps_the_final_weights(tmp_path):
                           rf"the optimizer's 'step' of {re.escape(name)} holds a negative value"),
         "shape": (lambda s: s["trainable"].__setitem__(matrix, s["trainable"][matrix][:1].clone()),
                   rf"'{re.escape(matrix)}' expected a tensor of shape \[{rows}, {columns}\], found \[1, {columns}\]"),
+        # as many values, another shape: copy_ raised its own RuntimeError, naming neither file nor parameter
+        "transposed": (lambda s: s["trainable"].__setitem__(matrix, s["trainable"][matrix].t().contiguous()),
+                       rf"'{re.escape(matrix)}' expected a tensor of shape \[{rows}, {columns}\], found "
+                       rf"\[{columns}, {rows}\]"),
     }
     for corrupt, pattern in corruptions.values():
         path.write_bytes(good_state)
