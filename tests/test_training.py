@@ -1125,6 +1125,17 @@ def test_each_rank_compares_its_own_chunk_size_on_resume():
         training._check_resume_config(state, TrainConfig(batch_size=8, chunk_size=None), 2, record, "s.pt", rank=1)
 
 
+def test_a_state_of_another_number_of_processes_is_refused():
+    """The state holds one generator snapshot per rank and each rank's dropout stream: resumed by
+    another number of processes, the run would not be the one saved, whichever way the count changed."""
+    record = {"dataset_length": 8, "steps_per_epoch": 1, "dataset_fingerprint": None}
+    for saved, now in ((2, 1), (1, 2)):
+        state = {"config": TrainConfig(batch_size=8).to_dict(), "world_size": saved}
+        with pytest.raises(training.TrainingStateError, match=rf"^resume from s\.pt: the state was written by "
+                                                              rf"{saved} processes, this run has {now}$"):
+            training._check_resume_config(state, TrainConfig(batch_size=8), now, record, "s.pt")
+
+
 def test_a_no_labels_state_from_before_label_columns_were_skipped_still_resumes(tmp_path):
     """Until 2026-12-03 a use_labels=False run parsed every column beside image and text as labels
     and its state's dataset fingerprint holds them; the same CSV now reads no label column. Such a
