@@ -1398,6 +1398,24 @@ def test_the_rng_snapshot_restores_python_numpy_and_torch_through_a_state_file(t
     assert draws() == want
 
 
+def test_the_rng_snapshot_carries_the_cuda_generator_through_a_state_file(tmp_path, monkeypatch):
+    """On a CUDA device the dropout masks come from the device's generator: its state is saved with
+    the others and put back on that device. Checked with torch.cuda's two calls stood in for, so that
+    a CPU-only machine checks it too (no GPU test resumes a run)."""
+    cuda = torch.device("cuda", 0)
+    saved_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    torch.save({"rng": training._rng_snapshot(cuda)}, tmp_path / "rng.pt")
+    training._rng_restore(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], cuda)
+    assert len(restored) == 1
+    assert torch.equal(restored[0][0], saved_state) and restored[0][1] == cuda
+    # On the CPU no CUDA state is taken, and none put back.
+    training._rng_restore(training._rng_snapshot(torch.device("cpu")), torch.device("cpu"))
+    assert len(restored) == 1
+
+
 def test_numpy_numbers_in_the_config_train_as_python_ones(tmp_path):
     """validate accepts NumPy numbers; train runs them as the Python numbers they hold (they once
     failed the JSON records, the seeders and the step's own checks after config.json was written)."""
