@@ -829,6 +829,12 @@ def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(training.__file__).parents[1]),
                                                                      os.environ.get("PYTHONPATH")) if p)})
+    # The holder's writes in flight: their temp files are the clean-up's names, but not stale while it runs
+    # (deleting them would fail its renames).
+    in_flight = [out / ".config.json.0123456789ab.tmp", out / "checkpoints" / ".state-00000004.pt.0123456789ab.tmp"]
+    in_flight[1].parent.mkdir()
+    for path in in_flight:
+        path.write_bytes(b"half written")
     try:
         assert holder.stdout.readline().strip() == "held"
         data = RandomPairs(make_model("standin"), 8, seed=1)
@@ -836,7 +842,9 @@ def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
                                              rf"run \(pid {holder.pid} on .+, since .+\); wait for it to end, or "
                                              r"choose another directory$"):
             train(_config(tmp_path, epochs=1), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
-        assert sorted(p.name for p in out.iterdir()) == [training.LOCK_NAME]  # nothing of the run written
+        # nothing of the run written, nothing of the holder's removed
+        assert sorted(p.name for p in out.iterdir()) == sorted([training.LOCK_NAME, "checkpoints", in_flight[0].name])
+        assert all(path.read_bytes() == b"half written" for path in in_flight)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
@@ -844,6 +852,7 @@ def test_a_second_run_into_a_busy_out_dir_stops_naming_the_first(tmp_path):
     (out / training.LOCK_NAME).write_text(f"pid {holder.pid} on {'a-much-longer-host-name.' * 4}, since 2020\n")
     result = train(_config(tmp_path, epochs=1), model=make_model("standin"), dataset=data, loss_fn=dense_label_infonce)
     assert result["steps"] == 2
+    assert not any(path.exists() for path in in_flight)  # stale once the holder is dead: removed
     assert re.fullmatch(rf"pid {os.getpid()} on [^\n]+, since [^\n]+\n", (out / training.LOCK_NAME).read_text())
     with training._lock_out_dir(out):  # the run let go of it when it ended
         pass
