@@ -2984,13 +2984,17 @@ def test_a_state_for_other_or_reordered_trainable_parameters_is_refused(tmp_path
         return (r"renamed\.pt: trainable parameters differ \(missing \['image_head\.bias'\], "
                 r"unexpected \['image_head\.scale'\]\)$")
 
+    def added(trainable):  # every parameter there, and one more the model lacks: loading would drop it
+        trainable["image_head.scale"] = torch.ones(8)
+        return r"added\.pt: trainable parameters differ \(missing \[\], unexpected \['image_head\.scale'\]\)$"
+
     def reordered(trainable):
         first = next(iter(trainable))
         trainable[first] = trainable.pop(first)  # the same entries, the first moved last
         return (r"reordered\.pt: the trainable parameters come in another order than the state's "
                 rf"\(position 0: '{first}' now")
 
-    for edit in (renamed, reordered):
+    for edit in (renamed, added, reordered):
         state = load_state(tmp_path / "run" / "checkpoints" / "state-00000002.pt")
         pattern = edit(state["trainable"])
         torch.save(state, tmp_path / f"{edit.__name__}.pt")
