@@ -1195,7 +1195,9 @@ def test_only_rank_0_compares_the_frozen_weights_on_resume():
 def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
     """A state written before dataset_length/steps_per_epoch/checkpoint_steps existed. The state
     files up to its step count as its run's checkpoints, itself included: pruned as any other
-    once keep_checkpoints newer ones exist."""
+    once keep_checkpoints newer ones exist. One of a later step (another run's, which went on
+    further) is not its run's: counted, it would have been kept as the newest and the resumed
+    run's own state pruned."""
     import shutil
 
     def run(out_dir, resume=None, **overrides):
@@ -1212,9 +1214,12 @@ def test_version_1_state_without_the_new_fields_still_resumes_exactly(tmp_path):
         del state[key]
     state["version"] = 1
     torch.save(state, old)
+    later = tmp_path / "b" / "checkpoints" / "state-00000016.pt"
+    shutil.copy(tmp_path / "a" / "checkpoints" / "state-00000012.pt", later)
     resumed = run(tmp_path / "b", resume=str(old), keep_checkpoints=1)
     assert [(r["step"], r["loss"]) for r in resumed] == [(r["step"], r["loss"]) for r in uninterrupted]
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("state-*")) == ["state-00000012.pt"]
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("state-*")) == ["state-00000012.pt",
+                                                                                        later.name]
 
 
 def test_an_unreadable_or_corrupt_latest_state_names_the_earlier_state_to_resume_from(tmp_path):
