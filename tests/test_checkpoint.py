@@ -262,6 +262,13 @@ def test_missing_and_foreign_keys_are_named(tiny, tmp_path):
         path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"].pop(key))
         with pytest.raises(CheckpointError, match=rf"bad\.pt: weights: missing key '{key}' \(found keys \["):
             copy.deepcopy(tiny).load_reference_checkpoint(path)
+    # So is each key below a layer: a projection, and a projection's factor.
+    for edit, where in ((lambda w: w["layer_2"].pop("k_proj"), r"weights\['layer_2'\]: missing key 'k_proj'"),
+                        (lambda w: w["layer_0"]["v_proj"].pop("w_lora_B"),
+                         r"weights\['layer_0'\]\['v_proj'\]: missing key 'w_lora_B'")):
+        path = _corrupt(tiny, tmp_path, lambda blob: edit(blob["weights"]))
+        with pytest.raises(CheckpointError, match=rf"bad\.pt: {where} \(found keys \["):
+            copy.deepcopy(tiny).load_reference_checkpoint(path)
     path = _corrupt(tiny, tmp_path, lambda blob: blob["weights"].update(layer_99={}))
     # A layer beyond the model's is named with the layers it has (not only as one more unexpected entry).
     with pytest.raises(CheckpointError, match=r"unexpected key weights\['layer_99'\]: this model has 4 attention "
