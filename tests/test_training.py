@@ -2888,6 +2888,12 @@ def test_resume_paths_that_hold_nothing_resumable_are_named(tmp_path):
     (ckpt / "latest").write_text(json.dumps({"step": 3, "state": "state-00000003.pt"}) + "\n")
     with pytest.raises(FileNotFoundError, match=r"checkpoints/latest names state-00000003\.pt, which does not exist$"):
         training.resolve_resume("auto", tmp_path / "run")
+    # JSON naming no state (hand-edited, or another tool's): named as unreadable, not a bare KeyError.
+    (ckpt / "latest").write_text(json.dumps({"step": 3}) + "\n")
+    with pytest.raises(training.TrainingStateError, match=r"checkpoints/latest: unreadable checkpoint pointer, "
+                                                          r"expected JSON with a 'state' file name \(KeyError: "
+                                                          r"'state'\)$"):
+        training.resolve_resume("auto", tmp_path / "run")
     for name, content, found in (("list.pt", [1, 2], "'list'"), ("other.pt", {"format": "other"}, "'other'"),
                                  ("plain.pt", {"step": 3}, "None")):
         torch.save(content, tmp_path / name)
