@@ -2354,9 +2354,10 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
         warnings.warn(f"resume from {path}: TrainConfig.chunk_size was {saved_chunk!r}, now "
                       f"{config.chunk_size!r}; the run continues, but its losses will differ from an uninterrupted "
                       "run's (dropout masks drawn in another order, sums taken in another order)", stacklevel=3)
-    # The device may change too, but a CUDA run draws its dropout masks from the GPU's generator, which
-    # a state written on the CPU does not hold (nor a CPU run's the one it does), and the arithmetic
-    # differs (bf16 autocast on a GPU): say so, as for the chunk size. Another GPU takes the state as is.
+    # The device may change too, but a CUDA run draws its dropout masks from the GPU's generator: a state
+    # written on the CPU holds none, and a CPU run cannot use the one a GPU run's state holds; the
+    # arithmetic differs too (bf16 autocast on a GPU). Say so, as for the chunk size. Another GPU of
+    # the run's takes the state as it is.
     if device is not None:
         saved_on = "cuda" if state["rng"][rank].get("cuda") is not None else "cpu"
         if saved_on != device.type:
