@@ -3396,6 +3396,10 @@ def _cpu_autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def _float32_weight(layer):
+    layer.weight = nn.Parameter(layer.weight.detach().float(), requires_grad=False)
+
+
 # name: (change the layer, input, context, the fallback reason)
 _OPERAND_CASES = {
     "integer-input": (None, lambda: torch.ones(3, 8, dtype=torch.long), None, "input is not a floating-point tensor"),
@@ -3407,6 +3411,9 @@ _OPERAND_CASES = {
                    "tensors on several devices ['cpu', 'meta']"),
     "float64-under-autocast": (None, lambda: torch.randn(3, 8, dtype=torch.float64), _cpu_autocast,
                                "float64 input under autocast"),
+    # F.linear refuses a float32 weight beside a float64 input; the fused call would cast the weight and compute.
+    "float32-weight": (_float32_weight, lambda: torch.randn(3, 8, dtype=torch.float64), None,
+                       "input dtype torch.float64 differs from the weight's torch.float32"),
     "float8": (_to_float8, lambda: torch.randn(3, 8).to(torch.float8_e4m3fn), None,
                "compute dtype torch.float8_e4m3fn not supported"),
 }
@@ -3415,8 +3422,8 @@ _OPERAND_CASES = {
 @pytest.mark.parametrize("case", list(_OPERAND_CASES))
 def test_operands_the_fused_lora_call_cannot_take_run_the_original_forward(case):
     """An input the fused call cannot take (integers, another width, another device, float64
-    under autocast, a float8 dtype) or a scaling that is a tensor: the reference layer runs its
-    own forward, with its result or its error, and the handle counts why."""
+    under autocast, another dtype than the weight's, a float8 dtype) or a scaling that is a tensor:
+    the reference layer runs its own forward, with its result or its error, and the handle counts why."""
     change, make_input, context, reason = _OPERAND_CASES[case]
     layer = _reference_single(0.0)
     if change is not None:
