@@ -485,6 +485,35 @@ def test_peft_lora_on_multihead_attention_is_reported_skipped(targets, skipped_n
     _assert_same(before, after)
 
 
+class _OwnAttention(nn.Module):
+    """An attention of its own whose forward calls its out_proj (as HF CLIP's and BART's do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out_proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out_proj(torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v)
+
+
+def test_a_lora_out_proj_of_another_attention_than_multihead_attention_is_patched():
+    """Only nn.MultiheadAttention reads out_proj.weight itself: an attention of another class calls its
+    out_proj, whose LoRA layer is patched (not skipped as one whose forward never runs) and computes exactly."""
+    torch.manual_seed(0)
+    model = _randomise_lora(get_peft_model(_OwnAttention(), LoraConfig(r=4, target_modules=["out_proj"])).double())
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    with ace_kernels.patch(model) as handle:
+        assert [(r.name, r.status, r.reason) for r in handle.records] == [
+            ("base_model.model.out_proj", "patched", "-> lora_linear")], str(handle)
+        after = _forward_backward(model, run, (x,))
+        assert handle.stats() == {"lora_linear": 1}
+    _assert_same(before, after)
+
+
 def test_peft_dropout_on_matches_masks_and_trains():
     """With dropout on, the fused path's output equals PEFT's formula with the masks it drew."""
     model = _bert(lora_dropout=0.5).train()
