@@ -3987,10 +3987,17 @@ def test_lora_layers_whose_calls_all_fall_back_are_recorded_so(case):
         assert handle.stats() == {f"fallback {handle.records[0].kind}: {reason}": 1}, handle.stats()
 
 
-def test_a_qkv_group_with_a_hooked_sub_layer_is_recorded_as_falling_back():
+@pytest.mark.parametrize("member", ["query", "value"])
+def test_a_qkv_group_with_a_hooked_sub_layer_is_recorded_as_falling_back(member):
+    """Whichever member's sub-layer is hooked (not only the first one's), the group's record says it falls back,
+    naming that member, and its calls compute what the unpatched model does."""
     model = _bert()
-    model.base_model.model.encoder.layer[0].attention.self.query.lora_A["default"].register_forward_hook(
+    getattr(model.base_model.model.encoder.layer[0].attention.self, member).lora_A["default"].register_forward_hook(
         lambda module, args, out: out * 3.0)
+    embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    before = _forward_backward(model, _run_bert, (embeds,))
     with ace_kernels.patch(model) as handle:
         assert [(r.status, r.reason) for r in handle.records] == [
-            ("fallback", "query: hooks on the base or LoRA sub-layers"), ("patched", "-> lora_qkv")], str(handle)
+            ("fallback", f"{member}: hooks on the base or LoRA sub-layers"), ("patched", "-> lora_qkv")], str(handle)
+        after = _forward_backward(model, _run_bert, (embeds,))
+    _assert_same(before, after)
