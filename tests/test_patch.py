@@ -612,6 +612,27 @@ def test_peft_merged_disabled_multi_adapter_fall_back_exactly():
         assert handle.stats()["lora_qkv"] == 2
 
 
+def test_a_peft_layer_without_the_active_adapter_runs_its_base_layer():
+    """PEFT's set_adapter makes an adapter active in every LoRA layer, also those it does not target, whose
+    forward then runs the base layer alone: such a layer falls back (no adapter of its own is active, and the
+    active one's weights are not there to read), the targeted one is fused, and the model computes as PEFT's."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["1"]))
+    model.set_adapter("other")
+    model = _randomise_lora(model.double())
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    run = lambda m, a: m(a)  # noqa: E731
+    before = _forward_backward(model, run, (x,))
+    reason = "0 active adapters (the fused path takes exactly one)"
+    with ace_kernels.patch(model) as handle:
+        assert [(r.name, r.status, r.reason) for r in handle.records] == [
+            ("base_model.model.0", "fallback", reason), ("base_model.model.1", "patched", "-> lora_linear")]
+        after = _forward_backward(model, run, (x,))
+        assert handle.stats() == {f"fallback peft-lora-linear: {reason}": 1, "lora_linear": 1}, handle.stats()
+    _assert_same(before, after)
+
+
 def test_peft_dora_and_adapter_names_fall_back():
     model = _bert(use_dora=True).train()
     embeds = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
