@@ -2354,17 +2354,6 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
         warnings.warn(f"resume from {path}: TrainConfig.chunk_size was {saved_chunk!r}, now "
                       f"{config.chunk_size!r}; the run continues, but its losses will differ from an uninterrupted "
                       "run's (dropout masks drawn in another order, sums taken in another order)", stacklevel=3)
-    # The device may change too, but a CUDA run draws its dropout masks from the GPU's generator: a state
-    # written on the CPU holds none, and a CPU run cannot use the one a GPU run's state holds; the
-    # arithmetic differs too (bf16 autocast on a GPU). Say so, as for the chunk size. Another GPU of
-    # the run's takes the state as it is.
-    if device is not None:
-        saved_on = "cuda" if state["rng"][rank].get("cuda") is not None else "cpu"
-        if saved_on != device.type:
-            where = "a CUDA GPU" if saved_on == "cuda" else "the CPU"
-            warnings.warn(f"resume from {path}: the saved run ran on {where}, this one on {device}; the run "
-                          "continues, but its losses will differ from an uninterrupted run's (dropout masks from "
-                          "another generator, other arithmetic)", stacklevel=3)
     if state["world_size"] != world:
         raise TrainingStateError(f"resume from {path}: the state was written by {state['world_size']} processes, "
                                  f"this run has {world}")
@@ -2384,6 +2373,18 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
             f"resume from {path}: the dataset's content differs from the saved run's (same {n} samples, but "
             f"fingerprint {dataset_fingerprint[:12]}... instead of {saved_fingerprint[:12]}...: a row, its order, "
             "a text or a label changed), so resuming would not continue the same run")
+    # Last, once nothing above refused the state (it holds the generators of as many ranks as wrote it).
+    # The device may change, but a CUDA run draws its dropout masks from the GPU's generator: a state
+    # written on the CPU holds none, and a CPU run cannot use the one a GPU run's state holds; the
+    # arithmetic differs too (bf16 autocast on a GPU). Say so, as for the chunk size. A resume on
+    # another GPU takes the state as it is.
+    if device is not None:
+        saved_on = "cuda" if state["rng"][rank].get("cuda") is not None else "cpu"
+        if saved_on != device.type:
+            where = "a CUDA GPU" if saved_on == "cuda" else "the CPU"
+            warnings.warn(f"resume from {path}: the saved run ran on {where}, this one on {device}; the run "
+                          "continues, but its losses will differ from an uninterrupted run's (dropout masks from "
+                          "another generator, other arithmetic)", stacklevel=3)
 
 
 def _weights_digest(trainable) -> str:

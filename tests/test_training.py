@@ -1035,6 +1035,10 @@ def test_resume_on_another_kind_of_device_continues_and_warns(tmp_path):
                                          r"the run continues, but its losses will differ from an uninterrupted run's"):
         training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 1, _record(state), "s.pt",
                                       device=torch.device("cuda", 1))
+    # A state of another number of processes is refused as such, before its ranks' generators are read.
+    with pytest.raises(training.TrainingStateError, match=r"the state was written by 1 processes, this run has 2$"):
+        training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 2, _record(state), "s.pt",
+                                      rank=1, device=torch.device("cpu"))
     state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a GPU run's state holds its generator's
     torch.save(state, state_path)
     with pytest.warns(UserWarning, match=rf"^resume from {state_path}: the saved run ran on a CUDA GPU, this one "
