@@ -1027,18 +1027,16 @@ def test_resume_on_another_kind_of_device_continues_and_warns(tmp_path):
     state_path = tmp_path / "run" / "checkpoints" / "state-00000004.pt"
     state = load_state(state_path)
     assert state["rng"][0]["cuda"] is None
+    same, record = TrainConfig.from_dict(state["config"]), training._dataset_record(data, 16, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 1, _record(state), "s.pt",
-                                      device=torch.device("cpu"))
+        training._check_resume_config(state, same, 1, record, "s.pt", device=torch.device("cpu"))
     with pytest.warns(UserWarning, match=r"^resume from s\.pt: the saved run ran on the CPU, this one on cuda:1; "
                                          r"the run continues, but its losses will differ from an uninterrupted run's"):
-        training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 1, _record(state), "s.pt",
-                                      device=torch.device("cuda", 1))
+        training._check_resume_config(state, same, 1, record, "s.pt", device=torch.device("cuda", 1))
     # A state of another number of processes is refused as such, before its ranks' generators are read.
     with pytest.raises(training.TrainingStateError, match=r"the state was written by 1 processes, this run has 2$"):
-        training._check_resume_config(state, TrainConfig.from_dict(state["config"]), 2, _record(state), "s.pt",
-                                      rank=1, device=torch.device("cpu"))
+        training._check_resume_config(state, same, 2, record, "s.pt", rank=1, device=torch.device("cpu"))
     state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as a GPU run's state holds its generator's
     torch.save(state, state_path)
     with pytest.warns(UserWarning, match=rf"^resume from {state_path}: the saved run ran on a CUDA GPU, this one "
@@ -1046,12 +1044,6 @@ def test_resume_on_another_kind_of_device_continues_and_warns(tmp_path):
         resumed = train(_config(tmp_path, **config, resume=str(state_path)), model=make_model("standin"),
                         dataset=data, loss_fn=dense_label_infonce)
     assert (resumed["steps"], resumed["resumed_from"]) == (8, str(state_path))
-
-
-def _record(state: dict) -> dict:
-    """The dataset record a resume compares with ``state``'s: the saved run's own."""
-    return {"dataset_length": state["dataset_length"], "steps_per_epoch": state["steps_per_epoch"],
-            "dataset_fingerprint": state.get("dataset_fingerprint")}
 
 
 def test_resume_refuses_a_dataset_of_another_size(tmp_path):
