@@ -1411,7 +1411,8 @@ def test_the_rng_snapshot_restores_python_numpy_and_torch_through_a_state_file(t
 def test_the_rng_snapshot_carries_the_cuda_generator_through_a_state_file(tmp_path, monkeypatch):
     """On a CUDA device the dropout masks come from the device's generator: its state is saved with
     the others and put back on that device. Checked with torch.cuda's two calls stood in for, so that
-    a CPU-only machine checks it too (no GPU test resumes a run)."""
+    a CPU-only machine checks it too (test_a_run_resumed_on_cuda_continues_as_the_uninterrupted_one
+    resumes a run on a GPU)."""
     cuda = torch.device("cuda", 0)
     saved_state = torch.arange(16, dtype=torch.uint8)
     restored = []
@@ -1424,6 +1425,70 @@ def test_the_rng_snapshot_carries_the_cuda_generator_through_a_state_file(tmp_pa
     # On the CPU no CUDA state is taken, and none put back.
     training._rng_restore(training._rng_snapshot(torch.device("cpu")), torch.device("cpu"))
     assert len(restored) == 1
+
+
+def _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind: str, device: str, **overrides):
+    """A run of 12 steps with dropout on ``device``; a copy of it resumed from its state at step 8
+    must log the same losses and end on the same weights, bit for bit. Then the same resume with the
+    generator that draws the masks on that device (the CUDA one on a GPU, torch's on the CPU) set to
+    another state in the state file must log other losses from step 9 on: the saved generator state
+    is what made them equal."""
+    import shutil
+
+    def run(out_dir, resume=None):
+        model = make_model(kind, seed=3, dropout=0.3, perturb=True)
+        if device != "cpu":
+            _triton_ops(model)  # not the cuda hypergraph `auto` may pick: its norm gradients add with atomics
+        config = _config(tmp_path, out_dir=str(out_dir), device=device, resume=resume, **overrides)
+        result = train(config, model=model, dataset=RandomPairs(model, 16, seed=1), loss_fn=dense_label_infonce)
+        final = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        return [(r["step"], r["loss"]) for r in read_metrics(result["metrics"])], final
+
+    uninterrupted, want = run(tmp_path / "a")
+    assert [step for step, _ in uninterrupted] == list(range(1, 13))
+    state = tmp_path / "a" / "checkpoints" / "state-00000008.pt"
+    generator = "cuda" if device.startswith("cuda") else "torch"
+    assert load_state(state)["rng"][0][generator] is not None
+    for copy in ("b", "c"):
+        shutil.copytree(tmp_path / "a", tmp_path / copy)
+    resumed, got = run(tmp_path / "b", resume=str(tmp_path / "b" / state.relative_to(tmp_path / "a")))
+    assert resumed == uninterrupted
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+    altered = tmp_path / "c" / state.relative_to(tmp_path / "a")
+    saved = load_state(altered)
+    saved["rng"][0][generator] = torch.Generator(device=device).manual_seed(12345).get_state()
+    torch.save(saved, altered)
+    otherwise, _ = run(tmp_path / "c", resume=str(altered))
+    assert otherwise[:8] == uninterrupted[:8]
+    assert all(a != b for a, b in zip(otherwise[8:], uninterrupted[8:])), (otherwise, uninterrupted)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_run_resumed_from_the_middle_continues_as_the_uninterrupted_one(tmp_path, kind):
+    _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda_graph"])
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_run_resumed_on_cuda_continues_as_the_uninterrupted_one(tmp_path, kind, graph):
+    """On a GPU the masks come from the CUDA generator (nn.Dropout's, SDPA's, and the seeds the LoRA
+    kernels draw), which the state holds and the resume puts back; with TrainConfig.cuda_graph the
+    resumed run captures its graph from the restored generator state and each replay moves it on as
+    an eager step does. Attention runs on SDPA's math backend and torch in its deterministic mode:
+    the fused attention kernels' backward adds with atomics, which would make two uninterrupted runs
+    differ in the last bits already."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # warn_only: ops without a deterministic version
+            _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind, "cuda", cuda_graph=graph)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def test_numpy_numbers_in_the_config_train_as_python_ones(tmp_path):
