@@ -1446,16 +1446,16 @@ def _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind: str, device: s
 
     uninterrupted, want = run(tmp_path / "a")
     assert [step for step, _ in uninterrupted] == list(range(1, 13))
-    state = tmp_path / "a" / "checkpoints" / "state-00000008.pt"
+    state = Path("checkpoints", "state-00000008.pt")  # in each run's directory
     generator = "cuda" if device.startswith("cuda") else "torch"
-    assert load_state(state)["rng"][0][generator] is not None
+    assert load_state(tmp_path / "a" / state)["rng"][0][generator] is not None
     for copy in ("b", "c"):
         shutil.copytree(tmp_path / "a", tmp_path / copy)
-    resumed, got = run(tmp_path / "b", resume=str(tmp_path / "b" / state.relative_to(tmp_path / "a")))
+    resumed, got = run(tmp_path / "b", resume=str(tmp_path / "b" / state))
     assert resumed == uninterrupted
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
 
-    altered = tmp_path / "c" / state.relative_to(tmp_path / "a")
+    altered = tmp_path / "c" / state
     saved = load_state(altered)
     saved["rng"][0][generator] = torch.Generator(device=device).manual_seed(12345).get_state()
     torch.save(saved, altered)
@@ -1479,16 +1479,12 @@ def test_a_run_resumed_on_cuda_continues_as_the_uninterrupted_one(tmp_path, kind
     an eager step does. Attention runs on SDPA's math backend and torch in its deterministic mode:
     the fused attention kernels' backward adds with atomics, which would make two uninterrupted runs
     differ in the last bits already."""
+    from conftest import poisoning_empty  # deterministic mode (warn_only), the settings before restored after
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # warn_only: ops without a deterministic version
-            _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind, "cuda", cuda_graph=graph)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    with poisoning_empty(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # warn_only: ops without a deterministic version
+        _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind, "cuda", cuda_graph=graph)
 
 
 def test_numpy_numbers_in_the_config_train_as_python_ones(tmp_path):
