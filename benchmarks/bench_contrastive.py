@@ -108,7 +108,7 @@ def _loss_and_grads(fn, image, text, scale, dtype=None) -> list[torch.Tensor]:
 
 
 def _rel_errors(ours, ref) -> dict[str, float]:
-    return {name: harness.relative_error(o, r) for name, o, r in zip(PARTS, ours, ref)}
+    return {name: harness.relative_error(o, r) for name, o, r in zip(PARTS, ours, ref, strict=True)}
 
 
 def reference_parts(reference_fn, image, text, scale, reference_dtype=None):

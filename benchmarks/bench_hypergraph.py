@@ -113,7 +113,7 @@ def _check(provider, x, cls_attn, edge, node, k, cls_only, grad_out, reference) 
                                                                           backend=backend,
                                                                           deterministic=deterministic),
                            [x, cls_attn, *edge, *node], grad_out)
-    return max(harness.relative_error(o, r) for o, r in zip(ours, reference()))
+    return max(harness.relative_error(o, r) for o, r in zip(ours, reference(), strict=True))
 
 
 def run(suite) -> None:

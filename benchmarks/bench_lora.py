@@ -104,7 +104,8 @@ def _provider_step(provider, x, weight, bias, lora_a, lora_b, grad_out, dropout_
 
 
 def _max_error(outs, outs_ref, grads, grads_ref) -> float:
-    return max(harness.relative_error(a, b) for a, b in zip(list(outs) + list(grads), list(outs_ref) + list(grads_ref)))
+    pairs = zip([*outs, *grads], [*outs_ref, *grads_ref], strict=True)
+    return max(harness.relative_error(a, b) for a, b in pairs)
 
 
 def _check_against_reference(provider, x, weight, bias, lora_a, lora_b, grad_out, reference) -> float:

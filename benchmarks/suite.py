@@ -215,7 +215,7 @@ class Suite:
         timed = harness.time_interleaved([(fn, grads) for _, fn, grads in alive],
                                          min_reps=3 if self.quick else 5, min_seconds=0.2 if self.quick else 1.0,
                                          max_seconds=self.max_seconds_per_call)
-        for (label, _, grads), timing in zip(alive, timed):
+        for (label, _, grads), timing in zip(alive, timed, strict=True):
             for t in grads:
                 t.grad = None
             results[label] = Measurement(timing.median_ms, peaks[label], timing.runs, timing.spread_ms,

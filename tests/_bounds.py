@@ -37,7 +37,8 @@ _LAUNCH = _Launch()
 def _storages(arg_names, args, kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The tensor arguments' storages as sorted [start, end) byte ranges, each with its arguments' names."""
     named: dict[tuple[int, int], list[str]] = {}
-    for name, arg in [*zip(arg_names, args), *kwargs.items()]:
+    # A launch may pass its last arguments by keyword: fewer positional ones than names.
+    for name, arg in [*zip(arg_names, args, strict=False), *kwargs.items()]:
         if isinstance(arg, torch.Tensor) and arg.device.type == "cpu":
             storage = arg.untyped_storage()
             named.setdefault((storage.data_ptr(), storage.nbytes()), []).append(name)

@@ -70,7 +70,7 @@ def reference_image_tokens(model, images, feed: MaskFeed):
     trunk = model.clip.visual.trunk
     x = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(images)))
     cls_row = None
-    for block, lora in zip(trunk.blocks, model.image_lora):
+    for block, lora in zip(trunk.blocks, model.image_lora, strict=True):
         attn = block.attn
         batch, length, width = x.shape
         h = block.norm1(x).reshape(batch * length, width)
@@ -97,7 +97,7 @@ def reference_text_tokens(model, token_ids, feed: MaskFeed):
     x = emb.LayerNorm(x)
     key_keep = (token_ids != 0)[:, None, None, :]
     cls_row = None
-    for layer, lora in zip(bert.encoder.layer, model.text_lora):
+    for layer, lora in zip(bert.encoder.layer, model.text_lora, strict=True):
         sa = layer.attention.self
         batch, length, width = x.shape
         flat = x.reshape(batch * length, width)

@@ -290,7 +290,7 @@ def test_lora_inputs_make_every_term_count():
                                 backend="torch")
     torch.autograd.backward(outs, grad_out)
     torch.autograd.backward(frozen(xs[1]), grad_out)
-    for ours, base in zip(outs, frozen(x)):
+    for ours, base in zip(outs, frozen(x), strict=True):
         assert torch.allclose(ours, base, rtol=1e-5, atol=1e-5)
     assert torch.allclose(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
 
@@ -312,14 +312,14 @@ def test_reference_lora_drops_x_in_training_only_and_scales_its_update():
     merged = expected(lambda: x)
     for outs in (module.eval()(x), baselines.reference_lora_qkv(x, weight, bias, lora_a, lora_b, scaling=scaling,
                                                                 dropout_p=p, training=False)):
-        for got, want in zip(outs, merged):
+        for got, want in zip(outs, merged, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.manual_seed(3)
     dropped = expected(lambda: torch.nn.functional.dropout(x, p, True))
     for run in (lambda: module.train()(x), lambda: baselines.reference_lora_qkv(
             x, weight, bias, lora_a, lora_b, scaling=scaling, dropout_p=p, training=True)):
         torch.manual_seed(3)
-        for got, want in zip(run(), dropped):
+        for got, want in zip(run(), dropped, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(dropped[0], merged[0], rtol=1e-3, atol=1e-3)
 
@@ -488,7 +488,7 @@ def test_hypergraph_reference_is_float32_for_16_bit_inputs():
     fp64 = bench_hypergraph._run_with_grads(
         lambda a, c, e, n: baselines.reference_ace_hypergraph(a, c, e, n, topk=k, cls_only=cls_only),
         [x, cls_attn, *edge, *node], grad_out, torch.float64)
-    assert max(harness.relative_error(p, r) for p, r in zip(parts, fp64)) < 1e-5
+    assert max(harness.relative_error(p, r) for p, r in zip(parts, fp64, strict=True)) < 1e-5
 
 
 def test_hypergraph_rows_count_bytes_and_carry_their_check(monkeypatch):
@@ -1239,7 +1239,7 @@ def test_chunked_training_rows_judge_issue_7s_ratios(monkeypatch):
     row = large_row()
     # Row 2: two timed calls after a warm-up; row 3: one call measured for time and peak together.
     assert measured == [("B=512 chunk=256", 2, False, True), ("B=16384 chunk=256", 1, True, False)]
-    for each, batch in zip(suite.rows, (64, 512, 16384)):
+    for each, batch in zip(suite.rows, (64, 512, 16384), strict=True):
         assert each.metrics["batch"] == batch and each.dtype == "bf16-autocast"
         assert each.metrics["samples_per_s"] == round(batch / (each.median_ms * 1e-3), 2)
         assert each.metrics["ms_per_sample"] == round(each.median_ms / batch, 4)
@@ -2239,7 +2239,7 @@ def test_distributed_family_check_catches_a_wrong_rank(tmp_path):
 
     def ranks(u, t, scales):
         lo = 0
-        for rank, (size, scale) in enumerate(zip(sizes, scales)):
+        for rank, (size, scale) in enumerate(zip(sizes, scales, strict=True)):
             torch.save({"loss": loss, "grad_u": u[lo:lo + size], "grad_t": t[lo:lo + size],
                         "grad_scale": torch.tensor(scale)}, tmp_path / f"rank{rank}.pt")
             lo += size

@@ -235,14 +235,14 @@ def test_reference_lora_qkv_matches_op(rank):
         xo, ao, bo = _leaves(x, a, bb)
         outs = ace_kernels.lora_qkv(xo, w, b, ao, bo, scaling=0.5, dropout_p=0.0, training=True, backend="torch")
         torch.autograd.backward(outs, grads)
-        for o, r in zip(outs, outs_ref):
+        for o, r in zip(outs, outs_ref, strict=True):
             _assert_close(o, r, f"{cls.__name__} output")
         _assert_close(xo.grad, xr.grad, f"{cls.__name__} dx")
         _assert_close(ao.grad, a_ref, f"{cls.__name__} dA")
         _assert_close(bo.grad, b_ref, f"{cls.__name__} dB")
     # The functional reference (used inside the model benchmark) is the same function.
     fn_outs = baselines.reference_lora_qkv(x, w, b, a, bb, scaling=0.5, dropout_p=0.0, training=True)
-    for o, r in zip(fn_outs, outs):
+    for o, r in zip(fn_outs, outs, strict=True):
         _assert_close(o, r, "reference_lora_qkv")
 
 
@@ -280,7 +280,7 @@ def test_reference_hypergraph_matches_op(cls_only):
         out.backward(grad_out)
         results.append([out] + [t.grad for t in leaves])
     names = ["out", "x", "cls_attn"] + [f"{a}.{p}" for a in ("edge", "node") for p in ("dw", "db", "uw", "ub")]
-    for name, ours, ref in zip(names, results[1], results[0]):
+    for name, ours, ref in zip(names, results[1], results[0], strict=True):
         _assert_close(ours, ref, name)
 
 
@@ -326,7 +326,7 @@ def test_reference_infonce_matches_op(labeled):
         loss = fn(*leaves, labels)
         loss.backward()
         results.append([loss] + [x.grad for x in leaves])
-    for name, ours, ref in zip(["loss", "d_image", "d_text", "d_scale"], results[1], results[0]):
+    for name, ours, ref in zip(["loss", "d_image", "d_text", "d_scale"], results[1], results[0], strict=True):
         _assert_close(ours, ref, name)
 
 

@@ -126,7 +126,7 @@ def test_tiny_round_trip_and_default_metadata(tiny, tmp_path):
     assert [k for k in blob["weights"] if k.startswith("layer_")] == [f"layer_{i}" for i in range(layers)]
     target = copy.deepcopy(tiny)
     target.load_reference_checkpoint(path)
-    for (name, a), (_, b) in zip(source.named_trainable_parameters(), target.named_trainable_parameters()):
+    for (name, a), (_, b) in zip(source.named_trainable_parameters(), target.named_trainable_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -486,7 +486,7 @@ def test_a_file_saved_without_crcs_loads(tiny, tmp_path):
         assert archive.testzip() is not None  # zipfile's own check calls it corrupt
     model = copy.deepcopy(tiny)
     model.load_reference_checkpoint(path)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), tiny.parameters(), strict=True))
 
 
 def test_a_file_that_holds_no_dict_is_named(tiny, tmp_path):
@@ -584,7 +584,7 @@ def test_each_saved_tensor_is_a_copy_in_its_own_storage_as_in_the_released_file(
     with torch.no_grad():
         for param in model.trainable_parameters():
             param.add_(1.0)
-    assert all(torch.equal(t, b) for t, b in zip(tensors(weights), before))
+    assert all(torch.equal(t, b) for t, b in zip(tensors(weights), before, strict=True))
     path = tmp_path / "tiny.pt"
     model.save_reference_checkpoint(path)
     for name, blob in (("saved", _load(path)), ("released", _load(RELEASED) if RELEASED.is_file() else None)):

@@ -43,8 +43,8 @@ def synthetic(tmp_path_factory):
 
 
 def _pairwise_auroc(scores, targets):
-    pos = [s for s, t in zip(scores, targets) if t]
-    neg = [s for s, t in zip(scores, targets) if not t]
+    pos = [s for s, t in zip(scores, targets, strict=True) if t]
+    neg = [s for s, t in zip(scores, targets, strict=True) if not t]
     wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
     return wins / (len(pos) * len(neg))
 
@@ -86,7 +86,7 @@ def test_the_auroc_is_the_mean_of_the_classes_not_one_pooled_over_them(task):
     per_class = [_pairwise_auroc(scores[:, j].tolist(), labels[:, j].tolist()) for j in range(3)]
     pooled = _pairwise_auroc(scores.flatten().tolist(), labels.flatten().tolist())
     support = labels.sum(dim=0).tolist()
-    weighted = sum(a * w for a, w in zip(per_class, support)) / sum(support)
+    weighted = sum(a * w for a, w in zip(per_class, support, strict=True)) / sum(support)
     # The three readings differ on these scores (the classes have 2, 1, 3 or 4, 2, 1 positives).
     assert abs(sum(per_class) / 3 - pooled) > 0.05 and abs(sum(per_class) / 3 - weighted) > 0.02
     result = zero_shot_metrics(scores, labels, task)
@@ -285,7 +285,7 @@ def test_embeddings_are_taken_in_eval_mode_and_the_mode_kept(tiny, synthetic):
     model.train()  # dropout on: the embeddings must not change
     got = class_embeddings(model, ["edema", "effusion"]), image_embeddings(model, batches)[0]
     assert model.training
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     # Also when the encoding fails: the model is left in the mode it had, not in eval mode.
     model.text_tokens = lambda token_ids: (_ for _ in ()).throw(RuntimeError("out of memory"))
@@ -352,7 +352,7 @@ def test_evaluate_runs_a_model_with_16_bit_frozen_weights_under_autocast(tiny, s
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = class_embeddings(tiny, classes), image_embeddings(tiny, batches)[0]
     got = class_embeddings(cast, classes), image_embeddings(cast, batches)[0]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     result = evaluate(cast, dataset, classes, "multiclass")
     assert result["n"] == len(dataset) and 0 <= result["accuracy"] <= 1
@@ -1943,7 +1943,7 @@ def test_demo_test_set_is_drawn_apart_from_its_training_set(monkeypatch, tmp_pat
     train_csv, test_csv = written
     pixels = {name: [np.asarray(Image.open(csv_path.parent / name / f"{i:05d}.png")) for i in range(8)]
               for name, csv_path in (("train", train_csv), ("test", test_csv))}
-    assert not any(np.array_equal(a, b) for a, b in zip(pixels["train"], pixels["test"]))
+    assert not any(np.array_equal(a, b) for a, b in zip(pixels["train"], pixels["test"], strict=True))
 
 
 @pytest.mark.parametrize("flags,warmup", [((), 16), (("--steps", "20"), 2), (("--steps", "5"), 0)])

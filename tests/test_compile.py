@@ -84,7 +84,7 @@ def _run(fn, inputs, seed=5):
 
 def _assert_same(compiled, eager, rtol, atol):
     torch.testing.assert_close(compiled[0], eager[0], rtol=rtol, atol=atol)
-    for i, (got, want) in enumerate(zip(compiled[1], eager[1])):
+    for i, (got, want) in enumerate(zip(compiled[1], eager[1], strict=True)):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"gradient {i}: {m}")
 
 
@@ -186,7 +186,7 @@ def test_hypergraph_of_an_empty_batch_compiles_and_runs_under_fake_tensors(backe
     torch._dynamo.reset()
     eager = run(fn)
     compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
-    for got, want in zip(compiled, eager):
+    for got, want in zip(compiled, eager, strict=True):
         assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
     assert eager[0].shape == ((0, 16) if cls_only else (0, 11, 16))
     assert all(g.numel() > 0 and not g.any() for g in eager[3:])
@@ -305,7 +305,7 @@ def test_triton_calls_under_fake_tensor_mode_take_the_fake_implementations(name,
         fakes = [mode.from_tensor(t).requires_grad_(t.requires_grad) for t in inputs]
         out = fn(*fakes)
         grads = torch.autograd.grad(out, fakes)
-    for got, want in zip((out, *grads), (eager[0], *eager[1])):
+    for got, want in zip((out, *grads), (eager[0], *eager[1]), strict=True):
         assert type(got).__name__ == "FakeTensor" and (got.shape, got.dtype) == (want.shape, want.dtype)
     seen = []
 
@@ -374,7 +374,7 @@ def test_triton_fullgraph_inductor(device):
 
     def fn(*tensors):
         total, start = 0.0, 0
-        for (case_fn, _), size in zip(cases, sizes):
+        for (case_fn, _), size in zip(cases, sizes, strict=True):
             total = total + case_fn(*tensors[start:start + size])
             start += size
         return total

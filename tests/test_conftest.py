@@ -1,5 +1,8 @@
-"""The test suite's own set-up (tests/conftest.py): the time limit of one test, torch's threads."""
+"""The test suite's own set-up (tests/conftest.py): the time limit of one test, torch's threads; and a rule
+of its comparisons."""
 
+import ast
+import glob
 import os
 import shutil
 import subprocess
@@ -96,3 +99,17 @@ def test_the_poisoned_empty_fixture_poisons_unless_the_test_is_marked_not_poison
              "    assert not torch.are_deterministic_algorithms_enabled()\n")  # without it nothing is filled
     proc = _pytest(tmp_path, tests, "0")
     assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_every_zip_in_the_tests_says_whether_its_sequences_must_be_as_long():
+    """A comparison over ``zip(got, want)`` passes on what a shorter side leaves out (a gradient missing,
+    a run that logged fewer steps): every zip in the tests names ``strict=``, True unless one side is
+    meant to be longer."""
+    loose = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        loose += [f"{os.path.basename(path)}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "zip"
+                  and not any(keyword.arg == "strict" for keyword in node.keywords)]
+    assert not loose, f"zip() without strict= at {loose}"

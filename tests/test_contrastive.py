@@ -1,6 +1,7 @@
 """label_guided_infonce (torch backend) against the dense fp64 oracle of spec section 5."""
 
 import contextlib
+import itertools
 import math
 import re
 
@@ -45,7 +46,7 @@ def _check_triton_fp32(u, t, s, labels, device):
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
-    for name, got, want in zip(("image_emb", "text_emb", "logit_scale"), ours[1], ref[1]):
+    for name, got, want in zip(("image_emb", "text_emb", "logit_scale"), ours[1], ref[1], strict=True):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
@@ -56,7 +57,7 @@ def _compare(u, t, s, labels, *, block=None, atol=ATOL64, monkeypatch=None):
     ref = _loss_and_grads(label_guided_infonce_oracle, u, t, s, labels)
     assert torch.isfinite(ours[0])
     torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=atol)
-    for name, got, want in zip(("image_emb", "text_emb", "logit_scale"), ours[1], ref[1]):
+    for name, got, want in zip(("image_emb", "text_emb", "logit_scale"), ours[1], ref[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"grad {name}: {m}")
     return ours, ref
 
@@ -156,7 +157,7 @@ def _rank_shares(backend, u, t, scale, keys, ranges, block=8):
 
     parts = [column_parts(lo, hi) for lo, hi in ranges]
     shares = []
-    for part, (lo, hi) in zip(parts, ranges):
+    for part, (lo, hi) in zip(parts, ranges, strict=True):
         def combine(mine, part=part):
             assert torch.equal(mine, part)  # what this rank's pass over its rows gave
             return torch.logsumexp(torch.stack(parts), dim=0)
@@ -193,7 +194,7 @@ def test_upstream_gradient_scales_every_gradient(backend, device):
         leaves = [x.clone().requires_grad_() for x in (u, t, s)]
         (k * ace_kernels.label_guided_infonce(*leaves, labels, backend=backend)).backward()
         grads.append([x.grad for x in leaves])
-    for name, one, scaled in zip(("image_emb", "text_emb", "logit_scale"), *grads):
+    for name, one, scaled in zip(("image_emb", "text_emb", "logit_scale"), *grads, strict=True):
         torch.testing.assert_close(scaled, -2.5 * one, rtol=1e-5, atol=1e-7, msg=lambda m: f"grad {name}: {m}")
 
 
@@ -225,7 +226,7 @@ def test_fp32_matches_oracle():
                           labels)
     # fp32: logits up to 30 carry ~30 * 6e-8 absolute error each; gradients are O(s / B).
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
-    for got, want in zip(ours[1], ref[1]):
+    for got, want in zip(ours[1], ref[1], strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
@@ -252,7 +253,7 @@ def test_autocast_is_ignored(backend, device):
         got = ace_kernels.label_guided_infonce(u, t, s, labels, backend=backend)
         got_grads = torch.autograd.grad(got, [u, t, s])
     assert got.dtype == torch.float32 and torch.equal(got, want)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
@@ -298,7 +299,7 @@ def test_equals_open_clip_clip_loss():
     ours = _loss_and_grads(lambda *a: ace_kernels.label_guided_infonce(*a, backend="torch"), u, t, s, None)
     theirs = _loss_and_grads(lambda u_, t_, s_, _: open_clip_loss.ClipLoss()(u_, t_, s_), u, t, s, None)
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=ATOL64)
-    for got, want in zip(ours[1], theirs[1]):
+    for got, want in zip(ours[1], theirs[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64)
 
 
@@ -448,14 +449,15 @@ def test_owned_shares_add_up_to_the_loss():
     total, grads = 0.0, [0, 0, 0]
     # (13, 13): a rank with no rows (group= with an empty local batch) owns a zero share.
     ranges = [(0, 13), (13, 13), (13, 14), (14, 41)]
-    for (lo, hi), share in zip(ranges, _rank_shares("torch", u, t, s, keys, ranges)):
+    for (lo, hi), share in zip(ranges, _rank_shares("torch", u, t, s, keys, ranges), strict=True):
         g = torch.autograd.grad(share, [u, t, s])
         if lo == hi:
-            assert share.item() == 0.0 and all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s]))
+            assert share.item() == 0.0
+            assert all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s], strict=True))
         total = total + share.detach()
-        grads = [a + b for a, b in zip(grads, g)]
+        grads = [a + b for a, b in zip(grads, g, strict=True)]
     torch.testing.assert_close(total, ref[0], rtol=0, atol=ATOL64)
-    for got, want in zip(grads, ref[1]):
+    for got, want in zip(grads, ref[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64)
 
 
@@ -651,14 +653,14 @@ def test_only_the_needed_gradients_are_computed(backend, needs, device, monkeypa
     inputs = [x.clone().requires_grad_() for x in leaves]
     want = torch.autograd.grad(ace_kernels.label_guided_infonce(*inputs, labels, backend=backend), inputs)
     launches.clear()
-    inputs = [x.clone().requires_grad_(need) for x, need in zip(leaves, needs)]
+    inputs = [x.clone().requires_grad_(need) for x, need in zip(leaves, needs, strict=True)]
     wanted = [x for x in inputs if x.requires_grad]
     got = torch.autograd.grad(ace_kernels.label_guided_infonce(*inputs, labels, backend=backend), wanted)
-    for g, w in zip(got, [w for w, need in zip(want, needs) if need]):
+    for g, w in zip(got, [w for w, need in zip(want, needs, strict=True) if need], strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     if backend == "triton":
-        assert [a.data_ptr() for a in launches] == [x.data_ptr() for x, need in
-                                                    zip(inputs[:2], (needs[0] or needs[2], needs[1])) if need]
+        wanted = zip(inputs[:2], (needs[0] or needs[2], needs[1]), strict=True)
+        assert [a.data_ptr() for a in launches] == [x.data_ptr() for x, need in wanted if need]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -676,7 +678,7 @@ def test_embeddings_made_under_inference_mode_train_the_rest(backend, dtype, dev
         got = torch.autograd.grad(ace_kernels.label_guided_infonce(u_inf, t_in, s_in, labels, backend=backend), wrt)
         refs = [x.detach().double().requires_grad_(x.requires_grad) for x in (u_inf, t_in, s_in)]
         want = torch.autograd.grad(label_guided_infonce_oracle(*refs, labels), [x for x in refs if x.requires_grad])
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-3)
 
 
@@ -839,7 +841,7 @@ def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_ran
         lambda *a, **k: reduced.append(name) or real_collective(name)(*a, **k)))
     grads = []
     for group in (None, one_rank_group):
-        inputs = [x.clone().requires_grad_(need) for x, need in zip((u, t, s), needs)]
+        inputs = [x.clone().requires_grad_(need) for x, need in zip((u, t, s), needs, strict=True)]
         passes.clear()
         loss = ace_kernels.label_guided_infonce(*inputs, labels, group=group, backend=backend)
         grads.append(torch.autograd.grad(loss, [x for x in inputs if x.requires_grad]))
@@ -850,7 +852,7 @@ def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_ran
         elif backend == "triton":
             assert [torch.equal(a, u) for a in passes] == [True] * (needs[0] or needs[2]) + [False] * needs[1]
     assert reduced.count("reduce") == int(needs[1])
-    for got, want in zip(*grads):
+    for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64 if backend == "torch" else 0)
 
 
@@ -899,7 +901,7 @@ def test_group_of_one_on_the_suites_device_in_chunks(backend, device, monkeypatc
     # bf16: a gradient one rounding apart (the group path sums in fp32 in other blocks) differs by an
     # ulp, under 0.8% of it; the gradients' entries average 0.07.
     rtol, atol = {torch.bfloat16: (1e-2, 1e-3), torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12)}[dtype]
-    for name, got, want in zip(("loss", "grad u", "grad t", "grad scale"), *reversed(results)):
+    for name, got, want in zip(("loss", "grad u", "grad t", "grad scale"), *reversed(results), strict=True):
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=name)
 
@@ -1134,15 +1136,16 @@ def _check_owned_shares(batch, shares, device, dim=20):
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     total, grads = 0.0, [0, 0, 0]
-    for (lo, hi), share in zip(shares, _rank_shares("triton", u, t, s32, keys, shares)):
+    for (lo, hi), share in zip(shares, _rank_shares("triton", u, t, s32, keys, shares), strict=True):
         g = torch.autograd.grad(share, [u, t, s32])
         if lo == hi:
-            assert share.item() == 0.0 and all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s32]))
+            assert share.item() == 0.0
+            assert all(not x.any() and x.shape == y.shape for x, y in zip(g, [u, t, s32], strict=True))
         total = total + share.detach()
-        grads = [a + b for a, b in zip(grads, g)]
+        grads = [a + b for a, b in zip(grads, g, strict=True)]
     # fp32 with logits up to 100: ~100 * 6e-8 per logit.
     torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
-    for got, want in zip(grads, ref[1]):
+    for got, want in zip(grads, ref[1], strict=True):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
 
 
@@ -1205,10 +1208,10 @@ def test_triton_owned_shares_with_every_column_lse_below_exp_range(dim, strategy
             g = torch.autograd.grad(share, [u32, t32, s32])
             assert all(torch.isfinite(x).all() for x in g), [x.isfinite().all().item() for x in g]
             total = total + share.detach()
-            grads = [a + b for a, b in zip(grads, g)]
+            grads = [a + b for a, b in zip(grads, g, strict=True)]
     assert calls is None or (calls["lse"] and calls["grad"])  # the blocked kernels ran
     torch.testing.assert_close(total.double(), ref[0], rtol=0, atol=3e-5)
-    for got, want in zip(grads, ref[1]):
+    for got, want in zip(grads, ref[1], strict=True):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-5)
 
 
@@ -1266,7 +1269,7 @@ def test_triton_reads_nothing_around_a_ranks_own_rows(dim, strategy, device, mon
             share, saved = contrastive._triton_share(mine, t, s, keys, lo, hi, combine=lambda part: part)
             grads = contrastive._triton_share_grads(saved, torch.tensor(1.0, device=device), lo, hi, grouped=True)
             results.append((share, *saved[4:], *grads))
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         assert torch.isfinite(want).all() and torch.equal(got, want)
 
 
@@ -1305,8 +1308,8 @@ def test_a_ranks_rows_against_a_chunk_of_columns_match_the_dense_logits(backend,
     scale, kernel_keys = passes.prepare(s.to(dtype), keys)
     starts = contrastive._starts(sizes)
     with forcing as calls:
-        for lo, hi in zip(starts, starts[1:]):
-            for c0, c1 in list(zip(starts, starts[1:])) + [(0, n)]:
+        for lo, hi in itertools.pairwise(starts):
+            for c0, c1 in [*itertools.pairwise(starts), (0, n)]:
                 rows, cols, own = passes.chunk(u[lo:hi].to(dtype), t[c0:c1].to(dtype), scale, kernel_keys, lo, c0)
                 block = logits[lo:hi, c0:c1]
                 atol = 0 if backend == "torch" else 2e-5
@@ -1397,7 +1400,7 @@ def test_triton_blocked_interior_tiles_launched_apart_change_nothing(labeled, de
         assert set(launches) == {(contrastive.TILES_ALL,)}
     assert calls == {"lse": 2, "grad": 4}
     assert torch.equal(split[0], whole[0])
-    for got, want in zip(split[1], whole[1]):
+    for got, want in zip(split[1], whole[1], strict=True):
         assert torch.equal(got, want)
 
 
@@ -1480,7 +1483,7 @@ def test_triton_blocked_strategy_fp16_rounds_like_the_one_pass_kernels(device, m
     assert blocked[1][0].dtype == torch.float16
     # The losses differ in the order of fp32 additions (tile shapes, the fold): ulps of ~4.
     torch.testing.assert_close(blocked[0], one_pass[0], rtol=1e-5, atol=1e-6)
-    for got, want in zip(blocked[1], one_pass[1]):  # at most an fp16 ulp or so of ~0.5
+    for got, want in zip(blocked[1], one_pass[1], strict=True):  # at most an fp16 ulp or so of ~0.5
         torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-3)
 
 
@@ -1509,7 +1512,7 @@ def test_fp16_gradients_are_rounded_once_after_the_factor(backend, blocked, devi
     with _blocked_strategy(monkeypatch, torch.float16, 3) if blocked else contextlib.nullcontext() as calls:
         got = torch.autograd.grad(ace_kernels.label_guided_infonce(u, t, scale, backend=backend), [u, t])
     assert calls == ({"lse": 1, "grad": 2} if blocked else None)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == torch.float16
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
 
@@ -1534,7 +1537,7 @@ def _check_within_twice_torch_error(batch, dim, dtype, op, context=contextlib.nu
         ours = run(op)
     # torch at the same dtype: the dense oracle evaluated in that dtype.
     theirs = run(_dense_same_dtype)
-    for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1]):
+    for got, base, want in zip([ours[0]] + ours[1], [theirs[0]] + theirs[1], [ref[0]] + ref[1], strict=True):
         err = (got.double() - want).abs().max().item()
         err_torch = (base.double() - want).abs().max().item()
         assert err <= 2 * err_torch + 1e-6, (err, err_torch)
@@ -1547,7 +1550,7 @@ def _check_within_twice_torch_error(batch, dim, dtype, op, context=contextlib.nu
                               s.detach().float().double().cuda().requires_grad_(), labels)
     own_bound = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
     for name, got, want in zip(("loss", "grad u", "grad t", "grad logit_scale"), [ours[0]] + ours[1],
-                               [rounded[0]] + rounded[1]):
+                               [rounded[0]] + rounded[1], strict=True):
         err, scale = (got.double() - want).abs().max().item(), want.abs().max().item()
         assert err <= own_bound * scale, f"{name}: err {err:.3e} on its rounded inputs, at scale {scale:.3e}"
 
@@ -1611,7 +1614,7 @@ def test_triton_gpu_fast_log_matches_the_exact_one(strategy, batch, monkeypatch)
             row, col, _ = contrastive._triton_lse_both(u, t, scale, keys, 0, batch)
             share, share_col, _ = contrastive._triton_lse_both(u[lo:hi], t, scale, keys, lo, hi)
             outs[fast] = [row.clone(), col.clone(), share.clone(), share_col.clone()]
-    for fast_lse, exact_lse in zip(outs[True], outs[False]):
+    for fast_lse, exact_lse in zip(outs[True], outs[False], strict=True):
         assert torch.isfinite(fast_lse).all() and not torch.equal(fast_lse, torch.zeros_like(fast_lse))
         torch.testing.assert_close(fast_lse, exact_lse, rtol=4e-7, atol=5e-7)
     torch.testing.assert_close(outs[True][2], outs[True][0][lo:hi], rtol=4e-7, atol=5e-7)  # the same rows
@@ -1690,7 +1693,7 @@ def test_triton_gpu_deterministic_and_bounded_memory(strategy):
             continue
         extra = torch.cuda.max_memory_allocated() - base - 2 * u.numel() * u.element_size()
         runs.append([loss.detach().clone(), u.grad.clone(), t.grad.clone(), s.grad.clone()])
-    for first, second in zip(*runs):
+    for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
     if strategy == "blocked":
         rows_f = contrastive._lse_block_rows(batch, batch, configs["lse"])
@@ -1936,7 +1939,7 @@ def test_triton_sweep_candidates_fp16(kernel, number, device):
     ref = _loss_and_grads(label_guided_infonce_oracle, u.double(), t.double(),
                           s.detach().to(device).requires_grad_(), labels)
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
-    for got, want in zip(ours[1], ref[1]):  # fp16 gradients, as in test_triton_fp16_inputs
+    for got, want in zip(ours[1], ref[1], strict=True):  # fp16 gradients, as in test_triton_fp16_inputs
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-3)
 
 
@@ -1953,7 +1956,7 @@ def test_triton_fp16_inputs(device):
     assert ours[0].dtype == torch.float32 and ours[1][0].dtype == torch.float16
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=0, atol=1e-5)
     # Gradients up to ~0.7 are returned in fp16 (half ulp 2.4e-4..4.9e-4) after fp16 softmax weights.
-    for got, want in zip(ours[1], ref[1]):
+    for got, want in zip(ours[1], ref[1], strict=True):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-3)
 
 
@@ -2097,5 +2100,5 @@ def test_torch_backend_under_selective_activation_checkpointing(labelled):
     want = torch.autograd.grad(loss(u, t, scale), (u, t, scale))
     checkpointed = checkpoint(loss, u, t, scale, use_reentrant=False,
                               context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
-    for got, expected in zip(torch.autograd.grad(checkpointed, (u, t, scale)), want):
+    for got, expected in zip(torch.autograd.grad(checkpointed, (u, t, scale)), want, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -70,7 +70,7 @@ def _check_against_single_process(tmp_path, sizes, dim, with_labels, atol):
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     lo = 0
-    for rank, (result, size) in enumerate(zip(results, sizes)):
+    for rank, (result, size) in enumerate(zip(results, sizes, strict=True)):
         # Every rank returns the global loss.
         torch.testing.assert_close(result["loss"].double(), loss.detach(), rtol=0, atol=atol)
         # Local embeddings get exactly the gradient of the global loss ([0, D] on an empty rank).
@@ -380,7 +380,7 @@ def test_16bit_row_gradients_are_rounded_once_after_the_sum_over_ranks(tmp_path)
     # before the sum over ranks (what autograd does to a gathered fp16 input's gradient) was 331
     # ulps off on these rows: the partial sums cancel.
     ranks, one, exact = _fp16_ranks_and_one_process("torch", tmp_path)
-    for got, single, want in zip(ranks, one, exact):
+    for got, single, want in zip(ranks, one, exact, strict=True):
         assert _ulps_fp16(got, single).max().item() <= 1.0
         assert _ulps_fp16(got, want).max().item() <= 1.0
 
@@ -405,7 +405,7 @@ def test_16bit_ranks_with_an_empty_one_match_the_fp64_oracle(dtype, tmp_path):
 
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(sizes))]
     lo = 0
-    for result, size in zip(results, sizes):
+    for result, size in zip(results, sizes, strict=True):
         # The loss is fp32, computed in fp32 from the 16-bit values: logits up to 30 carry ~30 * 6e-8 each.
         assert result["loss"].dtype == torch.float32
         torch.testing.assert_close(result["loss"].double(), loss.detach(), rtol=0, atol=2e-5)
@@ -434,7 +434,7 @@ def test_triton_16bit_row_gradients_across_ranks_as_accurate_as_one_process(tmp_
     # rounding each rank's partial gradient of the gathered rows to fp16 before the sum gave 288
     # ulps on the image rows (on (6, 5, 7) rows it stayed within the bound).
     ranks, one, exact = _fp16_ranks_and_one_process("triton", tmp_path, (16, 16, 16))
-    for got, single, want in zip(ranks, one, exact):
+    for got, single, want in zip(ranks, one, exact, strict=True):
         assert _ulps_fp16(got, want).max().item() <= 1.25 * _ulps_fp16(single, want).max().item() + 4.0
 
 

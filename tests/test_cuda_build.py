@@ -139,7 +139,7 @@ def test_extension_kernels_have_no_spills_for_sm90a():
     print("\n".join(report))
     for wanted in HYPERGRAPH_KERNELS:
         assert any(wanted in name for name, *_ in usage), f"{wanted} missing from the extension"
-    spilled = [line for line, (_, _, stack, _, local) in zip(report, usage) if int(local) or int(stack)]
+    spilled = [line for line, (_, _, stack, _, local) in zip(report, usage, strict=True) if int(local) or int(stack)]
     assert not spilled, "kernels using local memory (register spills): " + "; ".join(spilled)
 
 

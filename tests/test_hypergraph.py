@@ -123,7 +123,7 @@ def check_against_oracle(shape, dtype, cls_only, backend, rel, seed=0, determini
     B, N, D = shape[:3]
     assert out.shape == ((B, D) if cls_only else (B, N, D))
     assert_close_scaled(out, ref_out, rel, "output")
-    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
         assert got.shape == want.shape, name
         assert_close_scaled(got, want, rel, f"grad {name}")
 
@@ -172,7 +172,7 @@ def test_cls_only_through_the_primitives_matches_oracle(prims, device):
         ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only=True)
         rel = 1e-10 if dtype == torch.float64 else 1e-4
         assert_close_scaled(out, ref_out, rel, "output")
-        for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
             assert_close_scaled(got, want, rel, f"grad {name}")
 
 
@@ -187,7 +187,7 @@ def test_float16_cls_only_through_the_kernel_primitives_matches_oracle(device):
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only=True)
     assert out.dtype == torch.float16 and out.shape == ref_out.shape
     assert_close_scaled(out, ref_out, 2 ** -9, "output")  # one float16 rounding (2^-11): 4x margin
-    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
         assert got.dtype == torch.float16, name
         assert_close_scaled(got, want, 2 ** -9, f"grad {name}")
 
@@ -216,7 +216,7 @@ def test_gradients_of_some_inputs_match_oracle(backend, cls_only, subset, device
     got = torch.autograd.grad((out * g.to(out.dtype)).sum(), [ours[i] for i in trainable])
     want = torch.autograd.grad((ref * g).sum(), [refs[i] for i in trainable])
     assert_close_scaled(out, ref, rel, "output")
-    for i, got_i, want_i in zip(trainable, got, want):
+    for i, got_i, want_i in zip(trainable, got, want, strict=True):
         assert_close_scaled(got_i, want_i, rel, f"grad {PARAM_NAMES[i]}")
 
 
@@ -243,7 +243,7 @@ def test_tokens_made_under_inference_mode_train_the_rest(backend, cls_only, subs
     want = torch.autograd.grad((ref * g).sum(), [refs[i] for i in wrt])
     rel = 1e-4 if dtype == torch.float32 else 2 ** -8
     assert_close_scaled(out, ref, rel, "output")
-    for i, got_i, want_i in zip(wrt, got, want):
+    for i, got_i, want_i in zip(wrt, got, want, strict=True):
         assert_close_scaled(got_i, want_i, rel, f"grad {PARAM_NAMES[1 + i]}")
 
 
@@ -267,7 +267,7 @@ def test_a_frozen_edge_adapter_made_under_inference_mode_trains_the_node_adapter
     got = torch.autograd.grad((out * g.to(out.dtype)).sum(), node_ours)
     want = torch.autograd.grad((ref * g).sum(), node_refs)
     assert_close_scaled(out, ref, rel, "output")
-    for name, got_i, want_i in zip(PARAM_NAMES[6:], got, want):
+    for name, got_i, want_i in zip(PARAM_NAMES[6:], got, want, strict=True):
         assert_close_scaled(got_i, want_i, rel, f"grad {name}")
 
 
@@ -293,7 +293,7 @@ def test_stride_zero_tokens_and_a_retained_graph_run_twice(backend, cls_only, de
     second = torch.autograd.grad((out * g.to(out.dtype)).sum(), ours)
     want = torch.autograd.grad((ref * g).sum(), refs)
     assert_close_scaled(out, ref, rel, "output")
-    for name, got_i, again, want_i in zip(PARAM_NAMES, first, second, want):
+    for name, got_i, again, want_i in zip(PARAM_NAMES, first, second, want, strict=True):
         assert_close_scaled(got_i, want_i, rel, f"grad {name}")
         assert torch.equal(got_i, again), f"second backward: grad {name}"
 
@@ -381,7 +381,7 @@ def test_autocast_leaves_the_op_unchanged(backend, cls_only, device):
     # A backward inside the region runs (the sparse products once failed on bf16 there), but
     # the op's plain-autograd parts (the adapters) follow the autocast state at backward time,
     # as any module's do: bf16-level differences. Run backward outside autocast, as usual.
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
 
@@ -403,7 +403,7 @@ def check_all_equal_features_ties(backend, dtype, rel, device="cpu"):
     out, grads = ours_run(x, c, edge, node, k, True, backend)
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, True)
     assert_close_scaled(out, ref_out, rel, "output")
-    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads, strict=True))[1:]:
         assert_close_scaled(got, want, rel, f"grad {name}")
     assert_close_scaled(grads[0].sum(1), ref_grads[0].sum(1), rel, "grad x summed over tokens")
     full = ace_kernels.ace_hypergraph(x, c, tuple(edge), tuple(node), topk=k, backend=backend)
@@ -430,7 +430,7 @@ def test_zero_norm_tokens(cls_only):
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
     assert_close_scaled(out, ref_out, 1e-10, "output")
     assert_grad_x_close(grads[0], ref_grads[0], x.norm(dim=-1) == 0, 1e-10, "grad x")
-    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads, strict=True))[1:]:
         assert_close_scaled(got, want, 1e-10, f"grad {name}")
 
 
@@ -454,7 +454,7 @@ def check_tokens_under_the_norm_clamp(backend, dtype, cls_only, tiny_is_query, r
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
     assert_close_scaled(out, ref_out, rel, "output")
     assert_grad_x_close(grads[0], ref_grads[0], tiny, rel, "grad x")
-    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+    for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads, strict=True))[1:]:
         assert_close_scaled(got, want, rel, f"grad {name}")
 
 
@@ -480,7 +480,7 @@ def test_non_contiguous_inputs():
         out, grads = ours_run(x_nc, c_nc, edge_nc, node_nc, k, cls_only, "torch")
         ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
         assert_close_scaled(out, ref_out, 1e-10, "output")
-        for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
             assert_close_scaled(got, want, 1e-10, f"grad {name}")
 
 
@@ -496,7 +496,7 @@ def test_non_finite_inputs_do_not_crash(where):
         out, grads = ours_run(x, c, edge, node, k, cls_only, "torch")
         # A NaN score ranks first in torch.topk and a NaN/inf feature poisons every row it reaches.
         assert torch.isnan(out).any()
-        assert all(g.shape == t.shape for g, t in zip(grads, [x, c, *edge, *node]))
+        assert all(g.shape == t.shape for g, t in zip(grads, [x, c, *edge, *node], strict=True))
 
 
 @pytest.mark.parametrize("score", [float("nan"), float("inf"), None], ids=["nan", "inf", "none_finite"])
@@ -755,7 +755,7 @@ def test_parametrized_adapter_weights_and_global_hooks():
         want = torch.autograd.grad(ref.square().sum(), leaves)
         out = module(x, c, cls_only=cls_only)
         assert_close_scaled(out, ref, 1e-10, "parametrized output")
-        for got, wanted in zip(torch.autograd.grad(out.square().sum(), leaves), want):
+        for got, wanted in zip(torch.autograd.grad(out.square().sum(), leaves), want, strict=True):
             assert_close_scaled(got, wanted, 1e-10, "parametrized gradient")
         with FlopCounterMode(display=False):
             torch.testing.assert_close(module(x, c, cls_only=cls_only).detach(), out.detach(), rtol=0, atol=0)
@@ -959,7 +959,8 @@ def test_a_tensor_on_another_gpu_than_x_is_refused_by_name(name):
 
     with FakeTensorMode():
         x, c, edge, node, k = _good()
-        tensors = dict(zip(("x", "cls_attn", *ADAPTER_TENSORS), (t.to("cuda:0") for t in (x, c, *edge, *node))))
+        tensors = dict(zip(("x", "cls_attn", *ADAPTER_TENSORS), (t.to("cuda:0") for t in (x, c, *edge, *node)),
+                           strict=True))
         tensors[name] = tensors[name].to("cuda:1")
         t = list(tensors.values())
         with pytest.raises(ValueError, match=rf"argument '{name}': expected a tensor on cuda:0 \(like 'x'\), "
@@ -1259,7 +1260,7 @@ def test_kernels_non_contiguous_and_zero_norm(backend, device):
         ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
         assert_close_scaled(out, ref_out, 1e-4, "output")  # float32 vs float64
         assert_grad_x_close(grads[0], ref_grads[0], x.norm(dim=-1) == 0, 1e-4, "grad x")
-        for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+        for name, got, want in list(zip(PARAM_NAMES, grads, ref_grads, strict=True))[1:]:
             assert_close_scaled(got, want, 1e-4, f"grad {name}")
 
 
@@ -1367,7 +1368,7 @@ def test_triton_cls_only_empty_slots_do_not_read_the_cls_token(value, device):
     out, grads = ours_run(*(t.to(device) if isinstance(t, torch.Tensor) else [p.to(device) for p in t]
                             for t in (x, c, edge, node)), k, True, "triton")
     assert torch.isfinite(ref_grads[0][0, 1:]).all()  # the patches' gradient in the sample holding x_0
-    for name, got, want in zip(("output", *PARAM_NAMES), (out, *grads), (ref_out, *ref_grads)):
+    for name, got, want in zip(("output", *PARAM_NAMES), (out, *grads), (ref_out, *ref_grads), strict=True):
         got = got.cpu()
         assert torch.equal(_non_finite_kind(got), _non_finite_kind(want)), name
         both = torch.isfinite(want)
@@ -1417,7 +1418,7 @@ def test_torch_primitives_by_slot_equal_the_sparse_form():
     assert torch.equal(scattered, hg._scatter_sum_sparse(src_q, cols, w, R, hg._transpose_csr(cols, R)))
     # And both against the sums written out.
     want_g, want_s = torch.zeros_like(gathered), torch.zeros_like(scattered)
-    for b, q, slot in zip(*torch.nonzero(cols >= 0, as_tuple=True)):
+    for b, q, slot in zip(*torch.nonzero(cols >= 0, as_tuple=True), strict=True):
         want_g[b, q] += w[b, q, slot] * src_r[b, cols[b, q, slot]]
         want_s[b, cols[b, q, slot]] += w[b, q, slot] * src_q[b, q]
     assert torch.equal(gathered, want_g) and torch.equal(scattered, want_s)
@@ -1450,7 +1451,7 @@ def test_torch_backend_on_cpu_tensors_ignores_the_default_device():
     want = run()
     with torch.device("meta"):
         got = run()
-    for name, a, b in zip(("out",) + PARAM_NAMES, got, want):
+    for name, a, b in zip(("out",) + PARAM_NAMES, got, want, strict=True):
         assert a.device.type == "cpu" and torch.equal(a, b), name
 
 
@@ -1467,7 +1468,7 @@ def test_torch_backend_in_its_gpu_form_matches_oracle(cls_only):
                                                                               cls_only, by_slot), x, c, edge, node)
         ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
         assert_close_scaled(out, ref_out, 1e-10, "output")
-        for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
             assert_close_scaled(got, want, 1e-10, f"grad {name}")
 
 
@@ -1532,7 +1533,7 @@ def test_short_sequences_over_the_torch_primitives_match_oracle(cls_only):
                 x_, c_, tuple(e_), tuple(n_), k, cls_only, prims), x, c, edge, node)
             ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
             assert_close_scaled(out, ref_out, 1e-10, f"{prims.name} {name}: output")
-            for param, got, want in zip(PARAM_NAMES, grads, ref_grads):
+            for param, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
                 assert_close_scaled(got, want, 1e-10, f"{prims.name} {name}: grad {param}")
 
 
@@ -1563,7 +1564,7 @@ def test_triton_atomic_and_unfused_short_sequences_match_oracle(cls_only, shape,
                                                                           prims), x, c, edge, node)
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
     assert_close_scaled(out, ref_out, 1e-4, "output")
-    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
         assert_close_scaled(got, want, 1e-4, f"grad {name}")
 
 
@@ -1622,7 +1623,7 @@ def test_torch_one_and_two_tokens_match_oracle(shape, cls_only):
         out, grads = run_with_grads(lambda x_, c_, e_, n_: hg._hypergraph_impl(  # noqa: B023 (called here)
             x_, c_, tuple(e_), tuple(n_), k, cls_only, prims), x, c, edge, node)
         assert_close_scaled(out, ref_out, 1e-10, f"{prims.name}: output")
-        for param, got, want in zip(PARAM_NAMES, grads, ref_grads):
+        for param, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
             assert_close_scaled(got, want, 1e-10, f"{prims.name}: grad {param}")
 
 
@@ -1704,7 +1705,7 @@ def test_an_empty_batch_gives_an_empty_output_and_the_references_gradients(backe
     _fail_if_called(monkeypatch)
     out, grads = ours_run(x, c, edge, node, k, cls_only, backend, deterministic)
     assert (out.shape, out.dtype, out.device) == (ref_out.shape, dtype, x.device)
-    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
         assert (got.shape, got.dtype, got.device) == (want.shape, dtype, x.device), name
         assert torch.equal(got.cpu().double(), want), name
         assert name in ("x", "cls_attn") or (got.numel() > 0 and not got.any()), name
@@ -1730,7 +1731,7 @@ def test_the_module_trains_on_an_empty_batch_as_the_reference(backend, cls_only,
     out = module(x, c, cls_only=cls_only, backend=backend)
     assert out.shape == ((0, 40) if cls_only else (0, 7, 40)) and out.dtype == torch.float32
     out.sum().backward()
-    for name, got, want in zip(PARAM_NAMES, (x.grad, c.grad, *(p.grad for p in params)), ref_grads):
+    for name, got, want in zip(PARAM_NAMES, (x.grad, c.grad, *(p.grad for p in params)), ref_grads, strict=True):
         assert (got is None) == (want is None), name
         if want is not None:
             assert got.shape == want.shape and got.dtype == torch.float32 and torch.equal(got.cpu().double(), want)
@@ -1822,7 +1823,7 @@ def check_short_edge_cases(backend, dtype, rel, device="cpu"):
                 assert_grad_x_close(grads[0].cpu(), ref_grads[0].cpu(), zero, rel, f"{tag}: grad x")
             else:
                 assert_close_scaled(grads[0], ref_grads[0], rel, f"{tag}: grad x")
-            for param, got, want in list(zip(PARAM_NAMES, grads, ref_grads))[1:]:
+            for param, got, want in list(zip(PARAM_NAMES, grads, ref_grads, strict=True))[1:]:
                 assert_close_scaled(got, want, rel, f"{tag}: grad {param}")
 
 
@@ -1919,7 +1920,7 @@ def test_triton_primitives_match_torch(device):
     cols_e, w_e, src_e = cols.clone(), w.clone(), src_q.clone()
     cols_e[1, 4], w_e[1, 4], src_e[1, 4] = -1, 0.0, float("inf")
     want = torch.zeros(B, R, D, device=device)
-    for b, q, slot in zip(*torch.nonzero(cols_e >= 0, as_tuple=True)):
+    for b, q, slot in zip(*torch.nonzero(cols_e >= 0, as_tuple=True), strict=True):
         want[b, cols_e[b, q, slot]] += w_e[b, q, slot] * src_e[b, q]
     for scatter in (p.scatter_sum, t.scatter_sum, hg.TRITON_ATOMIC_PRIMITIVES.scatter_sum):
         torch.testing.assert_close(scatter(src_e, cols_e, w_e, R), want, rtol=1e-5, atol=1e-5)
@@ -2009,7 +2010,7 @@ def test_triton_float16_norms_over_the_float16_range(device):
     out, grads = ours_run(x, c, edge, node, k, False, "triton")
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, False)
     assert_close_scaled(out, ref_out, 2 ** -9, "output")
-    for name, got, want in zip(PARAM_NAMES, grads, ref_grads):
+    for name, got, want in zip(PARAM_NAMES, grads, ref_grads, strict=True):
         if name != "edge.down_weight":  # ~1e6 (it multiplies x): over float16's range, inf in both
             assert_close_scaled(got, want, 2 ** -9, f"grad {name}")
 
@@ -2085,11 +2086,11 @@ def test_triton_cls_only_is_fused_and_reproducible(deterministic, monkeypatch, d
     x, c, edge, node, k = make_inputs(shape, dtype=torch.float32, seed=9, device=device)
     first = ours_run(x, c, edge, node, k, True, "triton", deterministic)
     again = ours_run(x, c, edge, node, k, True, "triton", deterministic)
-    for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+    for a, b in zip([first[0], *first[1]], [again[0], *again[1]], strict=True):
         assert torch.equal(a, b)
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, True)
     assert_close_scaled(first[0], ref_out, 1e-4, "output")
-    for name, got, want in zip(PARAM_NAMES, first[1], ref_grads):
+    for name, got, want in zip(PARAM_NAMES, first[1], ref_grads, strict=True):
         assert_close_scaled(got, want, 1e-4, f"grad {name}")
 
 
@@ -2182,13 +2183,13 @@ def test_linear_to_half_forms_each_wanted_gradient(needs):
     # weight or bias trained on frozen tokens (z needs none), and all three, against F.linear's.
     gen = torch.Generator().manual_seed(1)
     z, weight, bias = (torch.randn(*shape, generator=gen) for shape in ((2, 4, 5), (6, 5), (6,)))
-    inputs = [t.requires_grad_(need) for t, need in zip((z, weight, bias), needs)]
+    inputs = [t.requires_grad_(need) for t, need in zip((z, weight, bias), needs, strict=True)]
     saved, out = saved_storages(lambda: hg._LinearToHalf.apply(*inputs, torch.float16))
     assert (z.untyped_storage().data_ptr() in saved) == needs[1]
     g = torch.randn(out.shape, generator=gen).half()
     leaves = [t for t in inputs if t.requires_grad]
     want = torch.autograd.grad(torch.nn.functional.linear(*inputs), leaves, g.float())
-    for got, expected in zip(torch.autograd.grad(out, leaves, g), want):
+    for got, expected in zip(torch.autograd.grad(out, leaves, g), want, strict=True):
         torch.testing.assert_close(got, expected)
 
 
@@ -2383,7 +2384,7 @@ def _errors_vs_oracle(backend, shape, dtype, cls_only, device):
     backend = "triton" if backend == "triton-atomic" else backend
     out, grads = ours_run(x, c, edge, node, k, cls_only, backend, deterministic)
     ref_out, ref_grads = oracle_run(x, c, edge, node, k, cls_only)
-    return [(o.double() - r).abs().max().item() for o, r in zip([out, *grads], [ref_out, *ref_grads])], \
+    return [(o.double() - r).abs().max().item() for o, r in zip([out, *grads], [ref_out, *ref_grads], strict=True)], \
         [r.abs().max().item() for r in [ref_out, *ref_grads]]
 
 
@@ -2414,9 +2415,9 @@ def test_gpu_backend_matches_oracle(backend, dtype, cls_only, shape):
     # that rounding of each tensor's scale (float32: sums over D = 512). This bounds the 2x rule
     # below: a yardstick off by a different tie-break would let almost any result pass.
     own_bound = {torch.float32: 1e-4, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
-    for name, e_torch, s in zip(("output",) + PARAM_NAMES, torch_err, scale):
+    for name, e_torch, s in zip(("output",) + PARAM_NAMES, torch_err, scale, strict=True):
         assert e_torch <= own_bound * s, f"{name}: torch backend err {e_torch:.3e} at scale {s:.3e}"
-    for name, e_ours, e_torch, s in zip(("output",) + PARAM_NAMES, ours, torch_err, scale):
+    for name, e_ours, e_torch, s in zip(("output",) + PARAM_NAMES, ours, torch_err, scale, strict=True):
         # Project rule: within 2x of the torch backend's own error in the same dtype, plus a floor
         # of 1e-5 of the tensor's scale (float32 rounding of a sum over D = 512).
         assert e_ours <= 2 * e_torch + 1e-5 * s, f"{name}: {backend} err {e_ours:.3e}, torch err {e_torch:.3e}"
@@ -2551,5 +2552,5 @@ def test_torch_backend_under_selective_activation_checkpointing(cls_only):
     want = torch.autograd.grad(step(x), leaves)
     checkpointed = checkpoint(step, x, use_reentrant=False,
                               context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
-    for got, expected in zip(torch.autograd.grad(checkpointed, leaves), want):
+    for got, expected in zip(torch.autograd.grad(checkpointed, leaves), want, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)

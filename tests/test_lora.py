@@ -114,7 +114,7 @@ def compare_with_oracle(case: Case, inputs, backend, *, rtol, atol, scaling=0.5)
         assert mask is None
     oracle_inputs = fp64_leaves(*inputs)
     expected = call_oracle(case, oracle_inputs, None if mask is None else mask.to(torch.float64), scaling)
-    for got, want in zip(outputs, expected):
+    for got, want in zip(outputs, expected, strict=True):
         assert got.shape == want.shape and got.dtype == inputs[0].dtype
         torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol)
     gen = torch.Generator().manual_seed(1)
@@ -125,11 +125,11 @@ def compare_with_oracle(case: Case, inputs, backend, *, rtol, atol, scaling=0.5)
                                     [g.to(device=outputs[0].device, dtype=outputs[0].dtype) for g in grads_out])
     want_grads = torch.autograd.grad(expected, [oracle_inputs[i] for i in wrt], grads_out)
     names = ["x", "weight", "bias", "lora_a", "lora_b"]
-    for i, got, want in zip(wrt, got_grads, want_grads):
+    for i, got, want in zip(wrt, got_grads, want_grads, strict=True):
         assert got.shape == inputs[i].shape, names[i]
         torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol,
                                    msg=lambda m: f"grad {names[i]}: {m}")
-    return mask, {names[i]: g for i, g in zip(wrt, got_grads)}
+    return mask, {names[i]: g for i, g in zip(wrt, got_grads, strict=True)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_stride_zero_x_and_a_retained_graph_run_twice(backend, device):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype).to(on)
     first = torch.autograd.grad(out, (token, lora_a, lora_b), grad_out, retain_graph=True)
     second = torch.autograd.grad(out, (token, lora_a, lora_b), grad_out)
-    for name, a, b in zip(("x", "lora_a", "lora_b"), first, second):
+    for name, a, b in zip(("x", "lora_a", "lora_b"), first, second, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -222,7 +222,7 @@ def test_torch_dropout_replays_under_fork_rng():
         second, mask_second = call_op(case, inputs, "torch")
     third, mask_third = call_op(case, inputs, "torch")
     assert torch.equal(mask_first, mask_second)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(mask_first, mask_third)
 
@@ -438,7 +438,7 @@ def test_triton_saves_s_alone_when_only_b_trains(op, training, device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(5)
         outputs_both, _ = call_op(case, both, "triton")
-    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both))
+    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both, strict=True))
     assert torch.equal(grad_b, torch.autograd.grad(outputs_both, inputs[4], grads_out)[0])
 
 
@@ -471,7 +471,7 @@ def test_torch_selective_checkpointing_that_keeps_every_result():
             else:
                 y = op(x, lora_a, lora_b)
             results.append((y, *torch.autograd.grad(y.square().sum(), (x, lora_a, lora_b))))
-    for name, got, want in zip(("out", "grad x", "grad lora_a", "grad lora_b"), results[1], results[0]):
+    for name, got, want in zip(("out", "grad x", "grad lora_a", "grad lora_b"), results[1], results[0], strict=True):
         assert torch.equal(got, want), name
 
 
@@ -660,12 +660,13 @@ def test_torch_create_graph_with_dropout_matches_oracle():
     names, wrt = ("x", "lora_a", "lora_b"), (0, 3, 4)
     got = torch.autograd.grad(outputs, [inputs[i] for i in wrt], grads_out, create_graph=True)
     want = torch.autograd.grad(expected, [oracle_inputs[i] for i in wrt], grads_out, create_graph=True)
-    for name, g, w in zip(names, got, want):
+    for name, g, w in zip(names, got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
     probes = [torch.randn(g.shape, generator=gen, dtype=torch.float64) for g in want]
-    got2 = torch.autograd.grad(sum((g * v).sum() for g, v in zip(got, probes)), [inputs[i] for i in wrt])
-    want2 = torch.autograd.grad(sum((w * v).sum() for w, v in zip(want, probes)), [oracle_inputs[i] for i in wrt])
-    for name, g, w in zip(names, got2, want2):
+    got2 = torch.autograd.grad(sum((g * v).sum() for g, v in zip(got, probes, strict=True)), [inputs[i] for i in wrt])
+    want2 = torch.autograd.grad(sum((w * v).sum() for w, v in zip(want, probes, strict=True)),
+                                [oracle_inputs[i] for i in wrt])
+    for name, g, w in zip(names, got2, want2, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"second derivative {name}: {m}")
 
 
@@ -686,7 +687,7 @@ def test_torch_create_graph_with_b_alone_trained_matches_oracle():
     probe = torch.randn(want.shape, generator=gen, dtype=torch.float64)
     got2 = torch.autograd.grad((got * probe).sum(), grads_out)
     want2 = torch.autograd.grad((want * probe).sum(), grads_out)
-    for g, w in zip(got2, want2):
+    for g, w in zip(got2, want2, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
@@ -704,7 +705,7 @@ def test_backward_inside_autocast_matches_backward_outside(backend, device):
         leaves = [t for t in inputs if t is not None and t.requires_grad]
         with torch.autocast(device.type, dtype=torch.float16, enabled=inside):
             grads.append(torch.autograd.grad(y.square().sum(), leaves))
-    for want, got in zip(*grads):
+    for want, got in zip(*grads, strict=True):
         assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
@@ -921,7 +922,7 @@ def test_triton_non_contiguous_lora_a(op, device):
 def in_wide_storage(values: torch.Tensor, strides: tuple, offset: int) -> torch.Tensor:
     """``values`` copied into a view with ``strides`` and storage ``offset`` of a storage just large
     enough for it (never written elsewhere: on a CPU its untouched pages take no memory)."""
-    size = offset + sum((n - 1) * s for n, s in zip(values.shape, strides)) + 1
+    size = offset + sum((n - 1) * s for n, s in zip(values.shape, strides, strict=True)) + 1
     storage = torch.empty(size, dtype=values.dtype, device=values.device)
     return storage.as_strided(values.shape, strides, offset).copy_(values)
 
@@ -952,7 +953,8 @@ def test_triton_lora_a_offsets_past_int32(op, layout, device):
     lora_a3 = lora_a.detach().reshape(projections, rank, in_features)
     wide = in_wide_storage(lora_a3, strides, _WIDE_OFFSET)
     wide = (wide if op == "qkv" else wide[0]).requires_grad_(True)
-    assert torch.equal(wide, lora_a) and sum((n - 1) * s for n, s in zip(wide.shape, wide.stride())) >= 2**31
+    assert torch.equal(wide, lora_a)
+    assert sum((n - 1) * s for n, s in zip(wide.shape, wide.stride(), strict=True)) >= 2**31
     devices = [device] if device.type == "cuda" else []
     results = []
     for a in (wide, lora_a):
@@ -961,7 +963,8 @@ def test_triton_lora_a_offsets_past_int32(op, layout, device):
             outputs, _ = call_op(case, (x, weight, bias, a, lora_b), "triton")
         grads_out = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o) for o in outputs]
         results.append(outputs + torch.autograd.grad(outputs, (x, a, lora_b), grads_out))
-    for name, got, want in zip(["out"] * len(outputs) + ["grad x", "grad lora_a", "grad lora_b"], *results):
+    names = ["out"] * len(outputs) + ["grad x", "grad lora_a", "grad lora_b"]
+    for name, got, want in zip(names, *results, strict=True):
         assert torch.equal(got, want), name
 
 
@@ -1005,7 +1008,7 @@ def test_triton_same_seed_same_output(device):
             results.append(call_op(case, inputs, "triton"))
     (out_a, mask_a), (out_b, mask_b) = results
     assert torch.equal(mask_a, mask_b)
-    for a, b in zip(out_a, out_b):
+    for a, b in zip(out_a, out_b, strict=True):
         assert torch.equal(a, b)
 
 
@@ -1238,7 +1241,7 @@ def test_triton_runs_a_trainable_base_without_grad_mode(device):
     with torch.no_grad():
         outputs, mask = call_op(case, inputs, "triton")
     want = call_oracle(case, fp64_leaves(*inputs), None if mask is None else mask.double())
-    for got, expected in zip(outputs, want):
+    for got, expected in zip(outputs, want, strict=True):
         assert not got.requires_grad
         torch.testing.assert_close(got.double(), expected.detach(), rtol=TRITON_RTOL, atol=TRITON_ATOL)
 
@@ -1285,7 +1288,7 @@ def test_triton_declines_a_trainable_base_in_training_mode_with_or_without_grad(
         for t in inputs:
             if t is not None:
                 t.grad = None
-    assert len(grads[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*grads))  # x, W, b, A, B
+    assert len(grads[0]) == 5 and all(torch.equal(a, b) for a, b in zip(*grads, strict=True))  # x, W, b, A, B
 
 
 @pytest.mark.parametrize("op,rank,declined", [("qkv", 21, False), ("qkv", 22, True), ("qkv", 64, True),
@@ -1401,7 +1404,7 @@ def test_triton_training_mode_never_merges(device):
         first, _ = call_op(case, inputs, "triton")
     second, _ = call_op(case, inputs, "triton")
     assert second[0].grad_fn is not None and first[0].grad_fn is None
-    assert all(torch.equal(a, b.detach()) for a, b in zip(first, second))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(first, second, strict=True))
 
 
 @pytest.mark.triton
@@ -1471,7 +1474,7 @@ def test_triton_saved_bytes_are_x_plus_rank_r(device):
 
 
 def _max_error(got, want):
-    return max((g.double() - w).abs().max().item() for g, w in zip(got, want))
+    return max((g.double() - w).abs().max().item() for g, w in zip(got, want, strict=True))
 
 
 def check_two_x_torch_rule(case, dtype, device, floor):
@@ -1491,7 +1494,7 @@ def check_two_x_torch_rule(case, dtype, device, floor):
     got = torch.autograd.grad(outputs, [inputs[i] for i in wrt], grads)
     ref = torch.autograd.grad(want, [fp64[i] for i in wrt], [g.double() for g in grads])
     same = torch.autograd.grad(torch_same, [same_dtype[i] for i in wrt], grads)
-    for index, g, r, t in zip(wrt, got, ref, same):
+    for index, g, r, t in zip(wrt, got, ref, same, strict=True):
         err, err_torch = (g.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
         assert err <= 2 * err_torch + floor * r.abs().max().item(), (index, err, err_torch)
 

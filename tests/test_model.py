@@ -231,7 +231,7 @@ def test_cast_frozen_weights_runs_under_autocast_only():
             encode(inputs)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = model.encode_image(images), model.encode_text(token_ids)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same bits, as the docstring says
     model.float()  # undone: the model runs without autocast again
     assert model.frozen_weights_dtype is None
@@ -407,7 +407,7 @@ def test_cls_probability_row_matches_dense_fp64_forward_and_gradients():
     weight = torch.randn(dense.shape, generator=gen, dtype=torch.float64)
     want = torch.autograd.grad((dense * weight).sum(), (q, k))
     have = torch.autograd.grad((got.double() * weight).sum(), (q, k))
-    for name, h, w in zip(("q", "k"), have, want):
+    for name, h, w in zip(("q", "k"), have, want, strict=True):
         assert torch.allclose(h, w, rtol=0, atol=1e-6 * w.abs().max()), name
 
     def row64(q, k):  # the same formula in float64, for gradcheck's finite differences
@@ -445,7 +445,7 @@ def _eager_bert_with_lora_folded(model):
     """A copy of the text tower's transformers BERT with each layer's q/k/v LoRA folded into its weights
     (W + s B A), run by transformers' eager attention: the towers' own forward, as an oracle."""
     bert = copy.deepcopy(model.text_transformer)
-    for layer, lora in zip(bert.encoder.layer, model.text_lora):
+    for layer, lora in zip(bert.encoder.layer, model.text_lora, strict=True):
         attention = layer.attention.self
         for p, linear in enumerate((attention.query, attention.key, attention.value)):
             with torch.no_grad():
@@ -941,7 +941,7 @@ def test_cast_frozen_weights_is_bit_identical_under_autocast(tiny_model):
     (loss, grads), (cast_loss, cast_grads) = run(model), run(cast)
     assert torch.equal(loss, cast_loss)
     assert len(grads) == len(cast_grads) and all(g.abs().max() > 0 for g in grads[:1])
-    for name, got, want in zip([n for n, _ in cast.named_trainable_parameters()], cast_grads, grads):
+    for name, got, want in zip([n for n, _ in cast.named_trainable_parameters()], cast_grads, grads, strict=True):
         assert torch.equal(got, want), name
 
 
@@ -1030,7 +1030,7 @@ def test_recompute_is_bit_identical(tiny_model, autocast, mode):
     assert torch.equal(loss, rerun_loss) and torch.equal(after, rerun_after)
     names = [n for n, _ in model.named_trainable_parameters()]
     assert len(grads) == len(rerun_grads) == len(names)
-    for name, got, want in zip(names, rerun_grads, grads):
+    for name, got, want in zip(names, rerun_grads, grads, strict=True):
         assert want.abs().max() > 0 or name.endswith("lora_a"), f"{name}: zero gradient, test is vacuous"
         assert torch.equal(got, want), name
 
@@ -1048,7 +1048,7 @@ def test_recompute_layer_replays_the_dropout_draws(tiny_model, monkeypatch):
     monkeypatch.setattr(model_module, "checkpoint",
                         lambda run, *args, **kwargs: checkpoint(run, *args, **{**kwargs, "preserve_rng_state": False}))
     _, got, _ = _step_with(model, "layer", *inputs)
-    assert any(not torch.equal(g, w) for g, w in zip(got, want))
+    assert any(not torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_recompute_lowers_the_peak(tiny_model):
@@ -1133,7 +1133,7 @@ def test_recompute_on_cuda_gives_the_eager_numbers(tiny_model, mode):
     (loss, grads), (again_loss, again), (rerun_loss, rerun) = run("none"), run("none"), run(mode)
     assert torch.equal(loss, again_loss) and torch.equal(loss, rerun_loss)
     names = [n for n, _ in model.named_trainable_parameters()]
-    for name, want, other, got in zip(names, grads, again, rerun):
+    for name, want, other, got in zip(names, grads, again, rerun, strict=True):
         noise = (other - want).norm().item()
         assert (got - want).norm().item() <= max(4 * noise, 1e-3 * want.norm().item()), name
 

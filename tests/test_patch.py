@@ -88,7 +88,7 @@ def _forward_backward(model, run, inputs):
     loss = out if out.dim() == 0 else (out * _fixed_weights(out)).sum()
     targets = _trainable(model) + [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(loss, targets, allow_unused=True)
-    return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets)]
+    return out.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, targets, strict=True)]
 
 
 def _inside(parent, fn, *args):
@@ -108,7 +108,7 @@ def _assert_same(before, after, tol=FP64_TOL):
     assert max(g.abs().max().item() for g in grads_a) > 1e-3
     torch.testing.assert_close(out_b, out_a, **tol)
     assert len(grads_a) == len(grads_b)
-    for ga, gb in zip(grads_a, grads_b):
+    for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(gb, ga, **tol)
 
 
@@ -524,7 +524,7 @@ def test_peft_dropout_on_matches_masks_and_trains():
     assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
     assert len(masks) == 1 and masks[0].shape == (3, 4, 9, 32)
     keep = masks[0].double()
-    for index, (proj, out) in enumerate(zip((layer.query, layer.key, layer.value), (q, k, v))):
+    for index, (proj, out) in enumerate(zip((layer.query, layer.key, layer.value), (q, k, v), strict=True)):
         base = proj.base_layer
         lora_a, lora_b = proj.lora_A["default"].weight, proj.lora_B["default"].weight
         expected = F.linear(x, base.weight, base.bias) + proj.scaling["default"] * (
@@ -1028,7 +1028,7 @@ def test_peft_fp32_adapters_on_bf16_base():
     # PEFT adds the branch in fp32, the fused call in bf16 inputs: a few bf16 ulps (2^-8) of
     # O(1) values after two layers; the loss-gradient sums over 320 outputs, hence the wider atol.
     torch.testing.assert_close(after[0].float(), before[0].float(), rtol=0.03, atol=0.03)
-    for got, want in zip(after[1], before[1]):
+    for got, want in zip(after[1], before[1], strict=True):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
@@ -1156,7 +1156,7 @@ def test_peft_bert_bf16_gpu_tolerance():
     with ace_kernels.patch(model16) as handle:
         fused = _forward_backward(model16, _run_bert, (embeds.to(torch.bfloat16).requires_grad_(),))
         assert handle.stats()["lora_qkv"] == 2
-    for ref, base, ours in zip([oracle[0]] + oracle[1], [plain[0]] + plain[1], [fused[0]] + fused[1]):
+    for ref, base, ours in zip([oracle[0]] + oracle[1], [plain[0]] + plain[1], [fused[0]] + fused[1], strict=True):
         err_torch = (base.double() - ref).abs().max().item()
         err_ours = (ours.double() - ref).abs().max().item()
         # Floor: one bf16 ulp (2^-8 relative) of the largest value, for the rare exact torch result.
@@ -1339,7 +1339,8 @@ def test_reference_lora_dropout_and_merge_states():
         q, v, k = _inside(attention, lambda a: (attention.q_proj(a), attention.v_proj(a), attention.k_proj(a)), x)
     assert handle.stats() == {"lora_qkv": 1, "qkv cached": 2}
     keep = masks[0].double()
-    for index, (proj, out) in enumerate(zip((attention.q_proj, attention.k_proj, attention.v_proj), (q, k, v))):
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    for index, (proj, out) in enumerate(zip(projections, (q, k, v), strict=True)):
         expected = F.linear(x, proj.weight, proj.bias) + proj.scaling * (
             (x * keep[index] / 0.75) @ proj.w_lora_A.t()) @ proj.w_lora_B.t()
         torch.testing.assert_close(out, expected, **FP64_TOL)
@@ -1419,7 +1420,7 @@ def test_a_member_called_with_extra_arguments_never_gets_a_kept_output():
     with ace_kernels.patch(model) as handle:
         got = _inside(layer, lambda a: (layer.query(a), layer.key(a, adapter_names=names), layer.value(a)), x)
         assert handle.stats()["fallback peft-lora-linear: extra forward arguments (adapter_names)"] == 1
-    for out, expected in zip(got, want):
+    for out, expected in zip(got, want, strict=True):
         torch.testing.assert_close(out, expected, **FP64_TOL)
 
 
@@ -1441,7 +1442,7 @@ def test_a_member_called_under_no_grad_never_gets_a_kept_output_with_a_graph():
     with ace_kernels.patch(attention):
         got = _inside(attention, members, x)
     assert [t.requires_grad for t in got] == [t.requires_grad for t in want] == [True, False, True]
-    for out, expected in zip(got, want):
+    for out, expected in zip(got, want, strict=True):
         torch.testing.assert_close(out, expected, **FP64_TOL)
 
 
@@ -1507,7 +1508,7 @@ def test_kept_outputs_are_not_served_to_a_member_called_under_autocast():
             # k misses q's kept outputs (autocast on) and v k's (autocast off again): three calls.
             assert handle.stats() == {"lora_qkv": 3}, handle.stats()
     assert [t.dtype for t in got] == [torch.float32, torch.bfloat16, torch.float32]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
 
@@ -1769,7 +1770,8 @@ def _assert_originals_are_the_class_methods(model):
                 continue
             group = next((v for v in replacement.state if hasattr(v, "originals")), None)
             originals = [v for v in replacement.state if inspect.ismethod(v)]
-            pairs = [(module, o) for o in originals] + (list(zip(group.members, group.originals)) if group else [])
+            pairs = [(module, o) for o in originals]
+            pairs += list(zip(group.members, group.originals, strict=True)) if group else []
             for owner, original in pairs:
                 assert original.__self__ is owner and original.__func__ is getattr(type(owner), attr), (attr, original)
                 seen += 1
@@ -2056,7 +2058,7 @@ def test_open_clip_clip_loss_two_processes(tmp_path):
         procs.append(subprocess.Popen([sys.executable, __file__, "--clip-loss-worker", str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [proc.communicate(timeout=240)[0] for proc in procs]  # two interpreters on a loaded 2-core box
-    for proc, log in zip(procs, logs):
+    for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log
     for rank in range(2):
         results = torch.load(f"{out}.{rank}", weights_only=False)
@@ -2065,11 +2067,11 @@ def test_open_clip_clip_loss_two_processes(tmp_path):
                 # Per-rank local losses are not the global loss, and a module whose rank is not
                 # torch.distributed's computes with other rows: open_clip's own forward runs.
                 assert stats and all(key.startswith("fallback open_clip-ClipLoss") for key in stats), stats
-                for b, a in zip(before, after):
+                for b, a in zip(before, after, strict=True):
                     torch.testing.assert_close(a, b, rtol=0, atol=0)
             else:
                 assert stats == {"label_guided_infonce": 1}, stats
-                for b, a in zip(before, after):  # loss, d image, d text, d logit_scale
+                for b, a in zip(before, after, strict=True):  # loss, d image, d text, d logit_scale
                     torch.testing.assert_close(a, b, **FP64_TOL)
 
 
@@ -2372,7 +2374,7 @@ def test_clip_losses_take_features_of_two_dtypes_under_autocast():
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
-        for g, w, e in zip(got_grads, want_grads, exact_grads):
+        for g, w, e in zip(got_grads, want_grads, exact_grads, strict=True):
             assert g.dtype == w.dtype
             torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
             torch.testing.assert_close(g.double(), e, rtol=0, atol=2 ** -7 * e.abs().max().item())
@@ -3235,7 +3237,7 @@ def test_a_reference_layer_keeps_the_gradient_of_a_weight_it_is_given():
     with ace_kernels.patch(layer) as handle:
         got = grads(layer)
         assert handle.stats() == {"lora_linear": 1}
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(b, a, **FP64_TOL)
 
     class Double(nn.Module):

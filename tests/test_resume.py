@@ -92,7 +92,7 @@ def _assert_same_run(out: Path, uninterrupted):
     reference_dir, reference = uninterrupted
     resumed = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, TOTAL_STEPS + 1))
-    for got, want in zip(resumed, reference):
+    for got, want in zip(resumed, reference, strict=True):
         # Exact: same data, same masks, same optimizer state, same thread count.
         assert (got["step"], got["loss"], got["lr"]) == (want["step"], want["loss"], want["lr"])
     assert_equal_nested(_final_weights(out), _final_weights(reference_dir))

@@ -403,7 +403,7 @@ def test_a_run_is_adamw_with_its_settings_on_the_cosine_schedule_step_by_step(tm
         optimizer.step()
         scheduler.step()
     moved = False
-    for (name, got), want in zip(training.trainable_named_parameters(model), params):
+    for (name, got), want in zip(training.trainable_named_parameters(model), params, strict=True):
         # Row order changes only the summation order; Adam turns that into at most ~1e-6 of a weight here.
         torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
         moved |= not torch.equal(want.detach(), make_model("standin", dropout=0.0, seed=3).get_parameter(name))
@@ -1461,7 +1461,7 @@ def _run_resumed_from_the_middle_as_uninterrupted(tmp_path, kind: str, device: s
     torch.save(saved, altered)
     otherwise, _ = run(tmp_path / "c", resume=str(altered))
     assert otherwise[:8] == uninterrupted[:8]
-    assert all(a != b for a, b in zip(otherwise[8:], uninterrupted[8:])), (otherwise, uninterrupted)
+    assert all(a != b for a, b in zip(otherwise[8:], uninterrupted[8:], strict=True)), (otherwise, uninterrupted)
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
@@ -2143,7 +2143,7 @@ def test_graphed_step_replays_the_eager_step(kind, precision):
     # Building it changed nothing: no gradients, the parameters as they were.
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
-    for (b_images, b_ids, b_labels), (want_loss, want_grads) in zip(batches, eager):
+    for (b_images, b_ids, b_labels), (want_loss, want_grads) in zip(batches, eager, strict=True):
         model.zero_grad(set_to_none=True)  # harmless: the call points .grad at the graph's buffers
         got_loss = step(b_images, b_ids, b_labels)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)

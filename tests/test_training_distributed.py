@@ -73,7 +73,7 @@ def _launch(mode: str, world: int, out: Path, *extra: str, argv: list[str] | Non
                 proc.kill()
                 proc.wait()
         del store  # the server stops once no rank can still reach it
-    for rank, (proc, text) in enumerate(zip(procs, outputs)):
+    for rank, (proc, text) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{text[-3000:]}"
     return outputs
 
@@ -213,7 +213,7 @@ def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_pat
         runs[name] = model, [(r["loss"], r["grad_norm"]) for r in read_metrics(result["metrics"])]
     model, single_losses = runs["local"]
     assert len(dist_losses) == len(single_losses) == 4
-    for got, want in zip(dist_losses, single_losses):
+    for got, want in zip(dist_losses, single_losses, strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
     # Not the global loss: each slice meets its own negatives only.
     assert abs(dist_losses[0][0] - runs["global"][1][0][0]) > 1e-2
@@ -551,7 +551,7 @@ def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     assert torch.equal(params[3].grad, torch.full((2,), 1.0, dtype=torch.bfloat16))
     # average=True: the mean over the ranks (here the gradient itself), the has-a-gradient
     # counts that ride in the first bucket untouched.
-    for p, g in zip(params, (1.0 + tiny_step, 0.25, None, 0.5, -3.0 - tiny_step)):
+    for p, g in zip(params, (1.0 + tiny_step, 0.25, None, 0.5, -3.0 - tiny_step), strict=True):
         p.grad = None if g is None else torch.full(p.shape, g, dtype=p.dtype)
     training.sync_gradients(params, group=object(), average=True)
     assert torch.equal(params[0].grad, torch.full((3,), 1.0 + tiny_step, dtype=torch.float64))
@@ -560,7 +560,7 @@ def test_sync_gradients_reduces_each_dtype_in_its_own_precision(monkeypatch):
     # The other rank has no gradient at all (it contributes zeros, its has-a-gradient count 0): a
     # gradient held by one rank alone is kept, as the sum says.
     monkeypatch.setattr(training.dist, "all_reduce", lambda tensor, op=None, group=None: None)
-    for p, g in zip(params, (1.0, 0.25, None, 0.5, -3.0)):
+    for p, g in zip(params, (1.0, 0.25, None, 0.5, -3.0), strict=True):
         p.grad = None if g is None else torch.full(p.shape, g, dtype=p.dtype)
     training.sync_gradients(params, group=object())
     assert [None if p.grad is None else p.grad.flatten()[0].item() for p in params] == [1.0, 0.25, None, 0.5, -3.0]
