@@ -168,7 +168,6 @@ import typing
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ace_kernels import _dispatch, _library, _tuning
 from ace_kernels._checks import FLOAT_DTYPES, check_finite_number, check_tensor

@@ -470,7 +470,6 @@ class _IncidenceWeights(torch.autograd.Function):
         patches, inv_norm, rows, idx, weights = ctx.saved_tensors
         prims = ctx.prims
         B, M, D = patches.shape
-        k = idx.shape[2]
         all_rows = rows.numel() == 0
         grad_s = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))
         n_q = inv_norm if all_rows else torch.gather(inv_norm, 1, rows)
