@@ -3132,6 +3132,7 @@ def test_rows_ask_each_comparison_for_its_own_targets(tmp_path):
     suite.quick = True  # --quick: tiny shapes, nothing judged
     rows = suite.add_rows(family="f", op="z", shape="s", dtype=torch.bfloat16, ours={"triton": (meas, checked)},
                           baselines={"ref": (base, {})}, targets=targets)
+    assert [r.provider for r in rows] == ["ref", "triton"]
     assert all(r.target is None and r.target_pass is None for r in rows)
 
 
