@@ -1658,17 +1658,19 @@ def test_the_kernels_decline_fewer_than_three_tokens(device):
 
 def _reference_run_of_an_empty_batch(x, c, edge, node, k, cls_only, frozen=()):
     """The output and the gradients (None where a tensor takes none) of tests/reference_modules.py's dense
-    ACE-HGNN, in float64, for the leaves ``x`` and ``c``; the adapters named in ``frozen`` ("edge", "node")
-    do not require grad. The oracle stacks its per-sample outputs, which needs a sample; at B = 0 no value
-    reaches the output, so the reference's own adapter parameters (of ``edge``'s and ``node``'s shapes) serve."""
+    ACE-HGNN, in float64 on the CPU, for copies of ``x`` and ``c`` (each requiring grad as it does); the adapters
+    named in ``frozen`` ("edge", "node") do not require grad. The oracle stacks its per-sample outputs, which needs
+    a sample; at B = 0 no value reaches the output, so the reference's own adapter parameters (of ``edge``'s and
+    ``node``'s shapes, on the CPU, where a CUDA input would meet them in one op) serve."""
     from reference_modules import ReferenceACELoss
 
+    x, c = (t.detach().cpu().double().requires_grad_(t.requires_grad) for t in (x, c))
     ref = ReferenceACELoss(x.shape[-1], hidden=edge[0].shape[0], topk=k).double()
     params = []
     for name, adapter in (("edge", ref.img_edge_adapter), ("node", ref.img_node_adapter)):
         adapter.requires_grad_(name not in frozen)
         params += [adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias]
-    out = ref.apply_ace_hgat(x.double(), c.double())
+    out = ref.apply_ace_hgat(x, c)
     out = out[:, 0] if cls_only else out
     inputs = [x, c, *params]
     wanted = [t for t in inputs if t.requires_grad]
