@@ -2054,6 +2054,9 @@ def test_use_deterministic_algorithms_overrides_deterministic_false(warn_only, m
     deterministic=False takes the deterministic CSR scatter, as torch's own ops with a deterministic
     path do: it ran the float atomics, whose summation order varies between runs on a GPU."""
     used = _watch_scatters(monkeypatch, device)
+    # On a GPU the adapters' matmuls run in cuBLAS, which strict mode refused (RuntimeError) without this
+    # setting in torch releases before that check was dropped (2.14 has none); read at each call.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     x, c, edge, node, k = make_inputs(SHAPES["n7_d40"], dtype=torch.float32, device=device)
     x = x.requires_grad_(True)
     before = torch.are_deterministic_algorithms_enabled()
