@@ -314,8 +314,9 @@ def test_triton_calls_under_fake_tensor_mode_take_the_fake_implementations(name,
             seen.append(func.namespace)
             return func(*args, **(kwargs or {}))
 
+    exact = device.type == "cpu"  # a GPU's hypergraph backward adds with scatter_add_'s atomics
     with Watch():
-        _assert_same(_run(fn, inputs), eager, rtol=0, atol=0)
+        _assert_same(_run(fn, inputs), eager, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
     assert seen and _library.NAMESPACE not in seen
     torch.manual_seed(5)  # _run's seed (dropout)
     with FlopCounterMode(display=False):  # forward only: its module hooks refuse autograd.grad of a leaf
