@@ -287,8 +287,10 @@ def test_cosine_with_warmup_schedule():
 
 
 def _config(tmp_path, **overrides):
+    # On the CPU unless a test names another device: "auto" (TrainConfig's default) would take a GPU where
+    # there is one, and the tests that compare a run with CPU tensors or CPU expectations would then fail.
     base = dict(out_dir=str(tmp_path / "run"), model="standin", epochs=3, batch_size=4, lr=1e-2,
-                warmup_epochs=1, checkpoint_every=4, keep_checkpoints=2, progress=False, seed=3)
+                warmup_epochs=1, checkpoint_every=4, keep_checkpoints=2, progress=False, seed=3, device="cpu")
     base.update(overrides)
     return TrainConfig(**base)
 
