@@ -334,8 +334,11 @@ def _train_run(args, rank: int, lr: float, raise_errors: bool = False, without_d
         getattr(model, freeze).requires_grad_(False)
     # Without a dataset (and with no CSV configured) train() fails while building one.
     data = None if without_dataset else RandomPairs(model, 20, seed=2)
+    # The ranks train on the CPU over gloo whatever the machine has: device "auto" would put rank r on
+    # cuda:r over NCCL (a one-GPU machine has no cuda:1), and the tests compare with one process on the CPU.
     settings = dict(out_dir=os.path.join(args.out, "run"), model=args.kind, epochs=2, batch_size=8,
-                    chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3, dist_timeout_s=60, lr=lr)
+                    chunk_size=args.chunk, checkpoint_every=3, progress=False, seed=3, dist_timeout_s=60, lr=lr,
+                    device="cpu")
     config = training.TrainConfig(**{**settings, **overrides})
     try:
         training.train(config, model=model, dataset=data)
