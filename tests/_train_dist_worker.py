@@ -219,8 +219,9 @@ def main() -> None:
     if args.mode == "last_state":
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
         model = make_model(args.kind, seed=0, perturb=True)
+        # On the CPU whatever the machine has, as in _train_run (device "auto" puts rank 1 on cuda:1).
         settings = dict(model=args.kind, epochs=2, batch_size=8, checkpoint_every=3, progress=False, seed=3,
-                        lr=1e-2, dist_timeout_s=30)
+                        lr=1e-2, dist_timeout_s=30, device="cpu")
         result = training.train(training.TrainConfig(out_dir=os.path.join(args.out, "run"), **settings), model=model,
                                  dataset=RandomPairs(model, 20, seed=2))
         torch.save({key: result[key] for key in ("state", "reference")}, os.path.join(args.out, f"rank{rank}.pt"))
