@@ -165,8 +165,9 @@ def test_two_rank_training_run_equals_one_process(tmp_path):
     first.loss(*(t[:8] for t in (data.images, data.token_ids, data.labels))).backward()
     assert_no_zero_gradient(trainable_grads(first))
     del first
+    # On the CPU, as the ranks: device "auto" would train on a GPU, in bf16 autocast.
     config = TrainConfig(out_dir=str(tmp_path / "single"), model=kind, epochs=2, batch_size=8, chunk_size=None,
-                         checkpoint_every=3, progress=False, seed=3, lr=1e-2)
+                         checkpoint_every=3, progress=False, seed=3, lr=1e-2, device="cpu")
     result = train(config, model=model, dataset=data)
     single_losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert len(dist_losses) == len(single_losses) == 4
