@@ -208,8 +208,9 @@ def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_pat
     runs = {}
     for name, loss_fn in (("local", per_slice_loss), ("global", None)):
         model = make_model(kind, seed=0, dropout=0.0, perturb=True)  # as the worker
+        # On the CPU, as the ranks: device "auto" would train on a GPU, in bf16 autocast.
         config = TrainConfig(out_dir=str(tmp_path / name), model=kind, epochs=2, batch_size=8, chunk_size=None,
-                             checkpoint_every=3, progress=False, seed=3, lr=1e-2)
+                             checkpoint_every=3, progress=False, seed=3, lr=1e-2, device="cpu")
         result = train(config, model=model, dataset=RandomPairs(model, 20, seed=2), loss_fn=loss_fn)
         runs[name] = model, [(r["loss"], r["grad_norm"]) for r in read_metrics(result["metrics"])]
     model, single_losses = runs["local"]
