@@ -235,8 +235,9 @@ def test_ranks_may_differ_in_chunk_size_with_a_frozen_tower(tmp_path):
     dist_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     model = make_model("standin", seed=0, dropout=0.0, perturb=True)  # as the worker
     model.text_head.requires_grad_(False)
+    # On the CPU, as the ranks: device "auto" would train on a GPU, in bf16 autocast.
     config = TrainConfig(out_dir=str(tmp_path / "single"), model="standin", epochs=2, batch_size=8,
-                         chunk_size=None, checkpoint_every=3, progress=False, seed=3, lr=1e-2)
+                         chunk_size=None, checkpoint_every=3, progress=False, seed=3, lr=1e-2, device="cpu")
     result = train(config, model=model, dataset=RandomPairs(model, 20, seed=2))
     single_losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert len(dist_losses) == len(single_losses) == 4
