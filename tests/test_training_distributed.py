@@ -633,9 +633,10 @@ def test_each_rank_draws_its_own_augmentations(tmp_path):
                     h.write(repr(torch.rand(()).item()) + "\\n")
                 return super().__getitem__(i)
         model = make_model("standin", seed=0)
+        # On the CPU over gloo: device "auto" would put rank 1 on cuda:1.
         config = training.TrainConfig(out_dir={str(tmp_path / "run")!r}, model="standin", epochs=1,
                                       batch_size=8, checkpoint_every=0, progress=False, seed=3,
-                                      dist_timeout_s=60)
+                                      dist_timeout_s=60, device="cpu")
         training.train(config, model=model, dataset=Logging(model, 16, seed=2))
         exit_now()
     """)
