@@ -44,9 +44,10 @@ def quick_run(tmp_path_factory):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the suite never times the interpreter; keep it as a user runs it
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # The CPU run the tests below read (rows, providers, skips): without --device it takes the GPU where there is one.
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out-dir", str(out), "--name", "smoke",
-         "--max-seconds-per-call", "0.5"],
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--device", "cpu", "--out-dir", str(out),
+         "--name", "smoke", "--max-seconds-per-call", "0.5"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "smoke.json", encoding="utf-8") as fh:
