@@ -695,7 +695,7 @@ def test_tier_costly_skips_cheap_families(tmp_path):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--tier", "costly", "--only", "lora", "--only", "model",
-         "--threads", "1", "--out-dir", str(tmp_path), "--name", "tier", "--no-plot"],
+         "--threads", "1", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "tier", "--no-plot"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "tier.json", encoding="utf-8") as fh:
