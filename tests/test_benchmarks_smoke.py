@@ -850,7 +850,8 @@ def test_a_family_that_raises_fails_the_run(tmp_path, monkeypatch, capsys):
         return [sys.executable, "-c", broken, *real_command(*args, **kwargs)[3:]]
 
     monkeypatch.setattr(suite_module, "_worker_command", worker_command)
-    argv = ["--only", "lora", "--only", "hypergraph", "--quick", "--out-dir", str(tmp_path), "--no-plot"]
+    argv = ["--only", "lora", "--only", "hypergraph", "--quick", "--device", "cpu", "--out-dir", str(tmp_path),
+            "--no-plot"]
     assert suite_module.main([*argv, "--name", "p"]) == 1
     out = capsys.readouterr().out
     assert out.rstrip().endswith("failed: family lora raised an error (see 'skipped'); exit status 1"), out
