@@ -1116,8 +1116,8 @@ def test_the_launch_bound_note_names_each_measurement_once(tmp_path, monkeypatch
                        baselines={name: (fine, {}) for name in ("reference", "peft-style", "frozen-base")})
 
     monkeypatch.setattr(suite_module, "_modules", lambda: {"lora": SimpleNamespace(run=run)})
-    assert suite_module.main(["--only", "lora", "--in-process", "--out-dir", str(tmp_path), "--name", "r",
-                              "--no-plot"]) == 0
+    assert suite_module.main(["--only", "lora", "--in-process", "--device", "cpu", "--out-dir", str(tmp_path),
+                              "--name", "r", "--no-plot"]) == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("launch-bound"))
     assert note.endswith("may flatter): lora_qkv M=1 triton"), note
 
