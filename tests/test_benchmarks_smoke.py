@@ -1686,8 +1686,8 @@ def test_families_that_cannot_run_here_get_no_process(tmp_path, monkeypatch):
 
     def skipped(*options):
         started.clear()
-        assert suite_module.main(["--only", "tuning", "--only", "contrastive_probe", "--out-dir", str(tmp_path),
-                                  "--name", "r", "--no-plot", *options]) == 0
+        assert suite_module.main(["--only", "tuning", "--only", "contrastive_probe", "--device", "cpu", "--out-dir",
+                                  str(tmp_path), "--name", "r", "--no-plot", *options]) == 0
         return json.loads((tmp_path / "r.json").read_text())["run"]["skipped"]
 
     monkeypatch.setattr(suite_module, "_run_family_process", run_family_process)
