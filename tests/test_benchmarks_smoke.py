@@ -1806,9 +1806,9 @@ def test_an_in_process_run_stopped_by_a_signal_writes_its_rows_and_table(tmp_pat
               "raise SystemExit(suite.main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TMPDIR=str(tmp_path))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", script, "--in-process", "--only", "lora", "--quick", "--out-dir",
-                             str(out), "--name", "r", "--no-plot"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script, "--in-process", "--only", "lora", "--quick", "--device",
+                             "cpu", "--out-dir", str(out), "--name", "r", "--no-plot"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in proc.stdout:
