@@ -2853,8 +2853,8 @@ def test_a_signal_while_the_results_are_read_keeps_the_last_familys_rows(tmp_pat
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     threads = torch.get_num_threads()
     try:  # main() sets --threads in this process too: the tests run after this one in it keep theirs
-        suite.main(["--quick", "--threads", "1", "--only", "hypergraph", "--out-dir", str(tmp_path), "--name", "cut",
-                    "--no-plot", "--max-seconds-per-call", "0.2"])
+        suite.main(["--quick", "--threads", "1", "--device", "cpu", "--only", "hypergraph", "--out-dir", str(tmp_path),
+                    "--name", "cut", "--no-plot", "--max-seconds-per-call", "0.2"])
     finally:
         torch.set_num_threads(threads)
     assert interrupted
