@@ -1063,8 +1063,9 @@ def test_a_suite_stopped_by_a_signal_starts_no_further_family(tmp_path, monkeypa
 
 
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
+    # On the CPU: on a GPU family device would run first, and its start-up alone takes the 3 s budget.
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
-                              "--family-idle-timeout", "0"], tmp_path, "budget",
+                              "--family-idle-timeout", "0", "--device", "cpu"], tmp_path, "budget",
                              env_extra={"ACE_BENCH_FAULT": "lora:hang"})
     families = payload["run"]["families"]
     assert "2 s after the run's time budget" in families["lora"]["outcome"], families
