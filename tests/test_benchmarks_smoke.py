@@ -2178,11 +2178,13 @@ def test_gpu_check_run_by_sh_runs_under_bash(tmp_path):
     assert "Syntax error" not in proc.stderr, proc.stderr
 
 
-def test_profile_ops_reports_each_op(tmp_path):
+def test_profile_ops_reports_each_op(tmp_path, monkeypatch):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
     from benchmarks import profile_ops
 
+    # The CPU's plan: profile_ops takes the GPU where there is one, and has no flag to choose.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "profile.txt"
     assert profile_ops.main(["--quick", "--out", str(out)]) == 0
     text = out.read_text()
@@ -3857,6 +3859,7 @@ def test_profile_ops_reports_a_failing_step_and_goes_on(monkeypatch, capsys):
         return f"== {factory.__name__} backend {backend}: fine\n"
 
     monkeypatch.setattr(profile_ops, "profile", profile)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's plan: backend auto, each step once
     assert profile_ops.main(["--quick", "--only", "lora", "hypergraph"]) == 0
     out = capsys.readouterr().out
     assert "== _lora_step backend auto: failed: RuntimeError: no kernel image\n" in out
