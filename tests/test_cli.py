@@ -1566,8 +1566,9 @@ def test_quick_demo_trains_and_beats_chance(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "zero-shot after training" in captured.out and "150/150" not in captured.err  # --no-progress
     # The demo's weights record how its model was built: zero-shot on them, with no --model or
-    # --seed, rebuilds that model and reproduces the demo's own evaluation.
-    assert cli.main(["zero-shot", "--csv", str(tmp_path / "test.csv"), "--checkpoint", summary["checkpoint"]]) == 0
+    # --seed, rebuilds that model and reproduces the demo's own evaluation (on the demo's device, the CPU).
+    assert cli.main(["zero-shot", "--csv", str(tmp_path / "test.csv"), "--checkpoint", summary["checkpoint"],
+                     "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["accuracy"] == summary["after"]["accuracy"]
     assert "--checkpoint was trained" not in captured.err and "does not record" not in captured.err
