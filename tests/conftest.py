@@ -38,6 +38,30 @@ if BOUNDS_CHECK:
 CUDA_EXT_RUNS = "cuda" in ace_kernels.available_backends()
 
 
+def _real_cuda_context_for_fakes_of_present_cards_only():
+    """Tests make fake CUDA tensors (FakeTensorMode) on cards a machine may lack, cuda:1 to cuda:4, to check
+    what the ops say about them. Where CUDA is available, torch 2.11's FakeTensor allocates one real element on
+    each fake tensor's card first (fake_tensor.init_gpu_context): on a machine with fewer cards that raised
+    "invalid device ordinal". That allocation is skipped for a card past torch.cuda.device_count(), where it
+    could only fail; a present card's, and every other use of fake tensors, are as torch has them."""
+    from torch._subclasses import fake_tensor
+
+    init = getattr(fake_tensor, "init_gpu_context", None)
+    if init is None or getattr(init, "_present_cards_only", False):
+        return
+
+    def init_present_cards_only(device):
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            return None
+        return init(device)
+
+    init_present_cards_only._present_cards_only = True
+    fake_tensor.init_gpu_context = init_present_cards_only
+
+
+_real_cuda_context_for_fakes_of_present_cards_only()
+
+
 def _test_timeout_s() -> float:
     said = os.environ.get("ACE_TEST_TIMEOUT_S", "").strip()
     if not said:

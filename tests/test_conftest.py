@@ -113,3 +113,18 @@ def test_every_zip_in_the_tests_says_whether_its_sequences_must_be_as_long():
                   if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "zip"
                   and not any(keyword.arg == "strict" for keyword in node.keywords)]
     assert not loose, f"zip() without strict= at {loose}"
+
+
+def test_a_fake_tensor_on_a_card_the_machine_lacks_allocates_nothing_real(monkeypatch):
+    """conftest's guard: with CUDA available and one card, a fake tensor made on cuda:1 makes no real allocation
+    there (torch 2.11 made one, which raised on such a machine; on the GPU image's stack, where this CPU build then
+    raises for any real CUDA tensor, the test fails without the guard)."""
+    from torch._subclasses import fake_tensor
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert getattr(fake_tensor.init_gpu_context, "_present_cards_only", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, device="cuda:1")
+    assert fake.device == torch.device("cuda", 1) and fake.shape == (2, 3)
