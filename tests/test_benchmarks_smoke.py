@@ -189,7 +189,7 @@ def test_compiled_baselines_are_rows_beside_the_eager_ones(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--only", "hypergraph",
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--device", "cpu", "--only", "hypergraph",
          "--compile-baselines", "on", "--out-dir", str(tmp_path), "--name", "compiled", "--no-plot",
          "--max-seconds-per-call", "0.3"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -767,14 +767,16 @@ def test_out_of_memory_is_recognised():
 
 
 def _bench(args, tmp_path, name, env_extra=None, timeout=240, returncode=0):
+    """The suite run in a process of its own, on the CPU (without --device it takes the GPU where there is one,
+    and these tests read a CPU run's rows, skips and family processes)."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env.pop("ACE_BENCH_FAULT", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out-dir", str(tmp_path), "--name", name,
-         "--no-plot", "--max-seconds-per-call", "0.2", *args],
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--device", "cpu", "--out-dir", str(tmp_path),
+         "--name", name, "--no-plot", "--max-seconds-per-call", "0.2", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / f"{name}.json", encoding="utf-8") as fh:
@@ -1063,9 +1065,9 @@ def test_a_suite_stopped_by_a_signal_starts_no_further_family(tmp_path, monkeypa
 
 
 def test_a_hung_family_is_killed_at_the_budget_plus_grace(tmp_path):
-    # On the CPU: on a GPU family device would run first, and its start-up alone takes the 3 s budget.
+    # On the CPU (_bench): on a GPU family device would run first, and its start-up alone takes the 3 s budget.
     payload, stdout = _bench(["--only", "lora", "--only", "hypergraph", "--time-budget", "3", "--family-grace", "2",
-                              "--family-idle-timeout", "0", "--device", "cpu"], tmp_path, "budget",
+                              "--family-idle-timeout", "0"], tmp_path, "budget",
                              env_extra={"ACE_BENCH_FAULT": "lora:hang"})
     families = payload["run"]["families"]
     assert "2 s after the run's time budget" in families["lora"]["outcome"], families
@@ -1744,8 +1746,8 @@ def test_the_family_process_dies_with_the_suite(tmp_path, how):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["ACE_BENCH_FAULT"] = "lora:hang"
     suite = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--only", "lora", "--out-dir", str(tmp_path),
-         "--name", "term", "--no-plot", "--family-idle-timeout", "0"],
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--device", "cpu", "--only", "lora",
+         "--out-dir", str(tmp_path), "--name", "term", "--no-plot", "--family-idle-timeout", "0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     worker = None
     lines = []
