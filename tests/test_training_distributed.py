@@ -152,6 +152,13 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
                                        msg=lambda m: f"rank {rank}, {name}: {m}")
 
 
+def _one_process_config(out_dir, kind: str) -> TrainConfig:
+    """The one-process run the 2-rank runs are compared with: the worker's settings (tests/_train_dist_worker.py's
+    _train_run), unchunked, on the CPU as the ranks are ("auto" would train on a GPU, in bf16 autocast)."""
+    return TrainConfig(out_dir=str(out_dir), model=kind, epochs=2, batch_size=8, chunk_size=None, checkpoint_every=3,
+                       progress=False, seed=3, lr=1e-2, device="cpu")
+
+
 def test_two_rank_training_run_equals_one_process(tmp_path):
     """``train()`` on 2 gloo ranks (global batch 8, chunked) vs 1 process: losses step for step."""
     kind = KIND
@@ -165,10 +172,7 @@ def test_two_rank_training_run_equals_one_process(tmp_path):
     first.loss(*(t[:8] for t in (data.images, data.token_ids, data.labels))).backward()
     assert_no_zero_gradient(trainable_grads(first))
     del first
-    # On the CPU, as the ranks: device "auto" would train on a GPU, in bf16 autocast.
-    config = TrainConfig(out_dir=str(tmp_path / "single"), model=kind, epochs=2, batch_size=8, chunk_size=None,
-                         checkpoint_every=3, progress=False, seed=3, lr=1e-2, device="cpu")
-    result = train(config, model=model, dataset=data)
+    result = train(_one_process_config(tmp_path / "single", kind), model=model, dataset=data)
     single_losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert len(dist_losses) == len(single_losses) == 4
     # Summation order differs (per-rank shares, chunked backward); Adam over 4 steps
@@ -208,10 +212,8 @@ def test_a_local_loss_run_equals_one_process_averaging_the_slices_losses(tmp_pat
     runs = {}
     for name, loss_fn in (("local", per_slice_loss), ("global", None)):
         model = make_model(kind, seed=0, dropout=0.0, perturb=True)  # as the worker
-        # On the CPU, as the ranks: device "auto" would train on a GPU, in bf16 autocast.
-        config = TrainConfig(out_dir=str(tmp_path / name), model=kind, epochs=2, batch_size=8, chunk_size=None,
-                             checkpoint_every=3, progress=False, seed=3, lr=1e-2, device="cpu")
-        result = train(config, model=model, dataset=RandomPairs(model, 20, seed=2), loss_fn=loss_fn)
+        result = train(_one_process_config(tmp_path / name, kind), model=model, dataset=RandomPairs(model, 20, seed=2),
+                       loss_fn=loss_fn)
         runs[name] = model, [(r["loss"], r["grad_norm"]) for r in read_metrics(result["metrics"])]
     model, single_losses = runs["local"]
     assert len(dist_losses) == len(single_losses) == 4
@@ -235,10 +237,8 @@ def test_ranks_may_differ_in_chunk_size_with_a_frozen_tower(tmp_path):
     dist_losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     model = make_model("standin", seed=0, dropout=0.0, perturb=True)  # as the worker
     model.text_head.requires_grad_(False)
-    # On the CPU, as the ranks: device "auto" would train on a GPU, in bf16 autocast.
-    config = TrainConfig(out_dir=str(tmp_path / "single"), model="standin", epochs=2, batch_size=8,
-                         chunk_size=None, checkpoint_every=3, progress=False, seed=3, lr=1e-2, device="cpu")
-    result = train(config, model=model, dataset=RandomPairs(model, 20, seed=2))
+    result = train(_one_process_config(tmp_path / "single", "standin"), model=model,
+                   dataset=RandomPairs(model, 20, seed=2))
     single_losses = [r["loss"] for r in read_metrics(result["metrics"])]
     assert len(dist_losses) == len(single_losses) == 4
     assert dist_losses == pytest.approx(single_losses, rel=1e-5, abs=1e-6)
