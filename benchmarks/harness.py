@@ -77,6 +77,24 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def parse_device(value: str | None) -> torch.device:
+    """The device a ``--device`` option names: ``cpu``, ``cuda`` or ``cuda:N`` (the GPU when one is
+    visible for None). ValueError, saying what was expected, for another name or a GPU that is not here."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{value!r} asked for, but no CUDA GPU is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{value!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -1,6 +1,6 @@
 """Where one forward+backward step of each op spends its time: a torch.profiler breakdown.
 
-    python -m benchmarks.profile_ops [--out FILE] [--only lora hypergraph] [--quick]
+    python -m benchmarks.profile_ops [--out FILE] [--only lora hypergraph] [--quick] [--device cpu]
 
 For each op at the GPU shapes that decide its dispatch (``bench_lora``, ``bench_hypergraph``,
 bf16), once per backend on a GPU: the step's wall time (CUDA-synchronised, median of 10, after
@@ -25,7 +25,7 @@ import time
 import torch
 
 import ace_kernels
-from benchmarks import bench_contrastive, bench_hypergraph, bench_lora
+from benchmarks import bench_contrastive, bench_hypergraph, bench_lora, harness
 
 
 def _lora_step(device, dtype, backend, quick=False):
@@ -135,8 +135,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=list(STEPS))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = harness.parse_device(args.device)
+    except ValueError as exc:
+        parser.error(f"argument --device: {exc}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report = []
     for factory, backend in _plan(args.only, device):

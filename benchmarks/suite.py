@@ -455,7 +455,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"run only this family (repeatable): {', '.join(FAMILIES)}")
     parser.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                         help="compare two result files instead of measuring")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     parser.add_argument("--providers", default=None,
                         help="comma-separated backends to measure (default: every one that runs here)")
     parser.add_argument("--out-dir", default=RESULTS_DIR, help="where the JSON and PNG go (default: %(default)s)")
@@ -519,16 +519,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"argument --threads: expected >= 1, got {args.threads}")
     if args.device is not None:
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            parser.error(f"argument --device: expected cpu, cuda or cuda:N, got {args.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"argument --device: {args.device!r} asked for, but no CUDA GPU is visible")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            parser.error(f"argument --device: {args.device!r} asked for, but only {torch.cuda.device_count()} "
-                         "GPU(s) are visible")
+            harness.parse_device(args.device)
+        except ValueError as exc:
+            parser.error(f"argument --device: {exc}")
     if args.providers is not None:
         from ace_kernels._dispatch import BACKENDS
 
@@ -667,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = harness.parse_device(args.device)  # checked by _check_args
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in every row
         if device.index is not None:

@@ -2180,15 +2180,14 @@ def test_gpu_check_run_by_sh_runs_under_bash(tmp_path):
     assert "Syntax error" not in proc.stderr, proc.stderr
 
 
-def test_profile_ops_reports_each_op(tmp_path, monkeypatch):
+def test_profile_ops_reports_each_op(tmp_path):
     """benchmarks/profile_ops.py (a diagnosis aid for GPU runs) on tiny shapes: a report per op
     with the step time and the profiler's table, written to --out."""
     from benchmarks import profile_ops
 
-    # The CPU's plan: profile_ops takes the GPU where there is one, and has no flag to choose.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The CPU's plan (without --device the tool takes the GPU where there is one).
     out = tmp_path / "profile.txt"
-    assert profile_ops.main(["--quick", "--out", str(out)]) == 0
+    assert profile_ops.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     text = out.read_text()
     for label in ("== ace_hypergraph B=4 N=17 D=40 k=3 h=8 cls_only", "== ace_hypergraph B=4 N=17 D=40 k=3 h=8 full",
                   "== lora_qkv M=74 K=96", "== label_guided_infonce B=150 D=64 labels, backend auto"):
@@ -2201,6 +2200,42 @@ def test_profile_ops_reports_each_op(tmp_path, monkeypatch):
         ("_lora_step", "triton"), ("_lora_step", "torch"), ("_hypergraph_step", "triton"), ("_hypergraph_step", "cuda"),
         ("_hypergraph_full_step", "triton"), ("_hypergraph_full_step", "cuda"), ("_infonce_step", "triton"),
         ("_infonce_blocked_step", "triton")]
+
+
+@pytest.mark.parametrize("value, gpus, fragment", [
+    ("gpu", 0, "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    ("cuda", 0, "argument --device: 'cuda' asked for, but no CUDA GPU is visible"),
+    ("cuda:1", 1, "argument --device: 'cuda:1' asked for, but only 1 GPU(s) are visible"),
+])
+def test_profile_ops_refuses_a_device_it_cannot_use(monkeypatch, capsys, value, gpus, fragment):
+    """--device as the suite's: another name, or a GPU that is not here, stops the tool before it profiles
+    anything (argparse's exit status 2, the argument named)."""
+    from benchmarks import profile_ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(profile_ops, "profile", lambda *args, **kwargs: pytest.fail("profiled"))
+    with pytest.raises(SystemExit) as exit_info:
+        profile_ops.main(["--quick", "--device", value])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_profile_ops_profiles_on_the_device_named(monkeypatch):
+    """--device picks the plan's device and dtype: cpu (fp32, each step once with "auto") even where a GPU is
+    visible; no --device takes the GPU there (bf16, every listed backend)."""
+    from benchmarks import profile_ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = []
+    monkeypatch.setattr(profile_ops, "profile",
+                        lambda factory, backend, device, dtype, quick: seen.append((backend, str(device), dtype)) or "")
+    assert profile_ops.main(["--quick", "--only", "lora", "--device", "cpu"]) == 0
+    assert seen == [("auto", "cpu", torch.float32)]
+    seen.clear()
+    assert profile_ops.main(["--quick", "--only", "lora"]) == 0
+    assert seen == [("triton", "cuda", torch.bfloat16), ("torch", "cuda", torch.bfloat16)]
 
 
 def test_profile_ops_times_ten_steps_after_three_warm_ups_and_profiles_one():
