@@ -74,19 +74,24 @@ def _parser() -> argparse.ArgumentParser:
                                        "cosine schedule with one epoch of warm-up, 40 epochs, batch 64.")
     train.add_argument("--csv", required=True, help="CSV with columns image, text and label columns")
     train.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
-    train.add_argument("--out-dir", default="runs/ace-lora", help="metrics.jsonl and checkpoints/ go here")
-    train.add_argument("--model", choices=CONFIG_NAMES, default="biomedclip")
+    train.add_argument("--out-dir", default="runs/ace-lora",
+                       help="metrics.jsonl and checkpoints/ go here (default: %(default)s)")
+    train.add_argument("--model", choices=CONFIG_NAMES, default="biomedclip",
+                       help="the architecture; 'tiny' (2 layers of width 64) is for tests and demos "
+                            "(default: %(default)s)")
     train.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     train.add_argument("--init-checkpoint", help="start from a released-format ACE-LoRA checkpoint")
-    train.add_argument("--epochs", type=int, default=40)
+    train.add_argument("--epochs", type=int, default=40, help="passes over the data (default: %(default)s)")
     train.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule spans them)")
     train.add_argument("--batch-size", type=int, default=64,
-                       help="global batch size (with several processes each takes an equal slice)")
+                       help="global batch size (with several processes each takes an equal slice; "
+                            "default: %(default)s)")
     train.add_argument("--loss-scope", choices=LOSS_SCOPES, default="global",
                        help="with several processes: 'global', one loss over the global batch (every sample "
                             "meets every process's negatives; the loss one process would compute); 'local', each "
                             "process's loss over its own slice, gradients averaged (the paper's multi-GPU runs: "
-                            "batch 64 per GPU on 3 GPUs is --batch-size 192 --loss-scope local)")
+                            "batch 64 per GPU on 3 GPUs is --batch-size 192 --loss-scope local; default: "
+                            "%(default)s)")
     train.add_argument("--chunk-size", type=int,
                        help="two-pass chunked step with chunks of this many samples (memory follows the chunk, "
                             "not the batch). Without dropout the gradients equal the one-pass step's for any "
@@ -101,29 +106,36 @@ def _parser() -> argparse.ArgumentParser:
                             "same losses and gradients: 'mlp', each MLP's LayerNorm, fc1 and GELU (the GELU "
                             "inputs are not kept; one more fc1 GEMM per layer); 'layer', each transformer layer "
                             "whole (only its input is kept, its dropout draws replayed; one more forward of the "
-                            "towers; not with --cuda-graph)")
+                            "towers; not with --cuda-graph); default: %(default)s")
     train.add_argument("--text-attention", choices=TEXT_ATTENTION, default="spec",
                        help="the text tower's CLS attention row: 'spec' (pre-softmax scores, BERT's attention "
                             "dropouts kept, as the spec describes) or 'reference-code' (masked softmax "
                             "probabilities, no attention dropouts: what the published code, and so the released "
-                            "weights, computed)")
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--weight-decay", type=float, default=1e-2)
-    train.add_argument("--warmup-epochs", type=float, default=1.0)
+                            "weights, computed); default: %(default)s")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="AdamW's learning rate, the cosine schedule's peak (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW's weight decay (default: %(default)s)")
+    train.add_argument("--warmup-epochs", type=float, default=1.0,
+                       help="epochs of linear warm-up before the cosine decay (default: %(default)s)")
     train.add_argument("--warmup-steps", type=int, help="overrides --warmup-epochs")
     train.add_argument("--seed", type=int, default=DEFAULT_SEED,
                        help="seeds the model's construction (the frozen towers too, without --pretrained), "
-                            "the data order and dropout")
+                            "the data order and dropout (default: %(default)s)")
     train.add_argument("--no-labels", dest="use_labels", action="store_false",
                        help="plain CLIP loss instead of the label-guided InfoNCE (columns other than image "
                             "and text are then not read)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--device", default="auto",
+                       help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N (default: %(default)s)")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="auto: bf16 autocast on GPU, fp32 on CPU")
-    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: end only)")
-    train.add_argument("--keep-checkpoints", type=int, default=2)
+                       help="auto: bf16 autocast on GPU, fp32 on CPU (default: %(default)s)")
+    train.add_argument("--checkpoint-every", type=int, default=500,
+                       help="steps between checkpoints (0: at the end only; default: %(default)s)")
+    train.add_argument("--keep-checkpoints", type=int, default=2,
+                       help="how many of this run's newest checkpoints stay; older ones are deleted once a newer "
+                            "one is written (default: %(default)s)")
     train.add_argument("--resume", help="a state file, a run directory, or 'auto' (latest in --out-dir)")
-    train.add_argument("--num-workers", type=int, default=0)
+    train.add_argument("--num-workers", type=int, default=0,
+                       help="DataLoader worker processes (default: %(default)s: the training process loads)")
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     train.add_argument("--overwrite", action="store_true",
                        help="let this run replace another run's files in --out-dir (refused without it)")
@@ -132,18 +144,22 @@ def _parser() -> argparse.ArgumentParser:
     zero.add_argument("--csv", required=True, help="CSV with an image column and one 0/1 column per class")
     zero.add_argument("--classes", help="comma-separated class names = label columns "
                                         "(default: every column but the image and text columns)")
-    zero.add_argument("--task", choices=("multiclass", "binary", "multilabel"), default="multiclass")
-    zero.add_argument("--image-column", default="image")
+    zero.add_argument("--task", choices=("multiclass", "binary", "multilabel"), default="multiclass",
+                      help="multiclass and binary: one positive class per row (binary: two classes, the second "
+                           "the positive one, whose probability the AUROC ranks); multilabel: any number "
+                           "(default: %(default)s)")
+    zero.add_argument("--image-column", default="image", help="the CSV's column of image paths (default: %(default)s)")
     zero.add_argument("--image-root", help="base of relative image paths (default: the CSV's folder)")
     zero.add_argument("--model", choices=CONFIG_NAMES, default=None,
                       help="default: the model --checkpoint was trained with (train records it), else biomedclip")
     zero.add_argument("--pretrained", help="local open_clip checkpoint file or HF-format directory")
     zero.add_argument("--checkpoint", help="released-format ACE-LoRA checkpoint (e.g. ACE_LoRA.pt)")
-    zero.add_argument("--batch-size", type=int, default=64)
+    zero.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
     zero.add_argument("--logit-scale", default="base",
                       help="the multiplier of the similarities: 'base' (the frozen base model's, as the reference's "
                            "zero-shot scripts use: 100 for BiomedCLIP), 'learned' (the trained one in the "
-                           "checkpoint) or a positive number; the multiclass and multilabel AUROCs depend on it")
+                           "checkpoint) or a positive number; the multiclass and multilabel AUROCs depend on it "
+                           "(default: %(default)s)")
     zero.add_argument("--text-attention", choices=TEXT_ATTENTION, default=None,
                        help="as train's flag; default: what --checkpoint was trained with (when it says), else "
                             "'spec'. The released ACE_LoRA.pt was trained by the published code: 'reference-code'")
@@ -151,21 +167,23 @@ def _parser() -> argparse.ArgumentParser:
                       help="seed of the model's construction: without --pretrained the frozen towers are "
                            "random weights, the same as train's with the same --seed (default: the seed "
                            "--checkpoint was trained with on random towers, else train's default)")
-    zero.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    zero.add_argument("--device", default="auto",
+                      help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N (default: %(default)s)")
     zero.add_argument("--output", help="also write the metrics as JSON to this file")
     zero.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
 
     demo = sub.add_parser("demo", help="train the tiny model on synthetic data and evaluate it (CPU, under a minute)")
-    demo.add_argument("--out-dir", default="ace-lora-demo")
+    demo.add_argument("--out-dir", default="ace-lora-demo",
+                      help="the demo's data, run and summary go here (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 300; --quick: 150)")
     demo.add_argument("--train-size", type=int, default=None, help="training samples (default 512; --quick: 256)")
     demo.add_argument("--test-size", type=int, default=None, help="test samples (default 200; --quick: 100)")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=3e-3)
-    demo.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    demo.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    demo.add_argument("--lr", type=float, default=3e-3, help="default: %(default)s")
+    demo.add_argument("--seed", type=int, default=DEFAULT_SEED, help="default: %(default)s")
     demo.add_argument("--quick", action="store_true",
                       help="a shortened demo (for tests): 150 steps, smaller sets, where not given explicitly")
-    demo.add_argument("--no-progress", dest="progress", action="store_false")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     demo.add_argument("--overwrite", action="store_true",
                       help="write the demo into a non-empty --out-dir that holds no earlier demo")
     return parser

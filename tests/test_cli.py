@@ -2532,6 +2532,30 @@ def test_texts_are_cleaned_without_ftfy_with_one_warning(monkeypatch):
         assert data.clean_text("caf\u00c3\u00a9 &amp;amp;") == "caf\u00c3\u00a9 &"  # mojibake kept: no fix_text
 
 
+@pytest.mark.parametrize("command", ["train", "zero-shot", "demo"])
+def test_every_option_says_what_it_does_and_its_default(command, capsys):
+    """`ace-lora <command> --help` describes every option, and an option with a default (not None, not a
+    switch's) names it: --lr or --keep-checkpoints without a word left the user to read the source."""
+    import argparse
+
+    actions = [a for a in cli._subcommand_actions(command) if a.dest != "help"]
+    assert actions
+    for action in actions:
+        flag = action.option_strings[-1]
+        assert action.help and action.help.strip(), flag
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.default is not None and not switch:
+            assert "%(default)s" in action.help, flag
+    # The help as printed: each default filled in (a stray % in a help text would raise here instead).
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    for action in actions:
+        if "%(default)s" in action.help:
+            assert f"default: {action.default}" in printed, action.option_strings[-1]
+
+
 def test_every_train_flag_sets_a_train_config_field():
     # train_config_from_args hands every flag to TrainConfig: a flag without a field (or one the
     # parser does not declare) would be a TypeError, or a setting silently dropped.
