@@ -133,7 +133,8 @@ def _plan(names, device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the report to this file")
-    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=list(STEPS))
+    parser.add_argument("--only", nargs="+", choices=sorted(STEPS), default=list(STEPS),
+                        help=f"the ops to profile (default: all, in the order {' '.join(STEPS)})")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
     args = parser.parse_args(argv)

@@ -473,7 +473,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-baselines", choices=("auto", "on", "off"), default="auto",
                         help="also time the main baselines under torch.compile (inductor), named <baseline>+compile "
                              "(auto: on for full CPU runs; off with --quick and on a GPU, where compiling costs "
-                             "scarce device time)")
+                             "scarce device time; default: %(default)s)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds after which remaining configurations are skipped")
     parser.add_argument("--hard-limit", type=float, default=None,
