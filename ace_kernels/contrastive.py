@@ -531,16 +531,35 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS: tl.constexpr):
-        # Rows where row_in is false and columns past n are -inf, as are the pairs of equal keys off
-        # the diagonal.
-        logits = sim * scale
-        valid = row_in[:, None] & (cols[None, :] < n)
+    def _on_diagonal(row_start, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # rows[:, None] == cols[None, :] for the tile of rows row_start.. and columns col_start.., in 32
+        # bits: the rows and often the columns are int64 (from the program id), and sm_90 compares int64
+        # in two instructions, per logit. The offset fits in 32 bits (the batch is under 2^31 rows:
+        # _triton_check). In the gradient kernel's loop the int64 compares took 10 more instructions
+        # per logit (bf16, D = 512).
+        offset = (col_start - row_start).to(tl.int32)
+        return tl.arange(0, BLOCK_M)[:, None] == (offset + tl.arange(0, BLOCK_N))[None, :]
+
+    @triton.jit
+    def _row_keys(keys_ptr, rows, row_in, HAS_KEYS: tl.constexpr):
+        # The rows' label keys for _masked_logits (-1 outside row_in; zeros, never read, without keys).
+        # The gradient kernel loads them once, before its column loop: loaded in the loop, its fp16
+        # 3-stage sweep candidate spilled 8 bytes (triton 3.8); the forward's loop is shorter with them in it.
         if HAS_KEYS:
             key_r = tl.load(keys_ptr + rows, mask=row_in, other=-1)
-            key_c = tl.load(keys_ptr + cols, mask=cols < n, other=-2)
-            same = (key_r[:, None] == key_c[None, :]) & (rows[:, None] != cols[None, :])
-            valid = valid & (~same)
+        else:
+            key_r = tl.zeros_like(rows)
+        return key_r
+
+    @triton.jit
+    def _masked_logits(sim, key_r, cols, row_in, col_in, diagonal, keys_ptr, scale, HAS_KEYS: tl.constexpr):
+        # Rows where row_in is false and columns where col_in is false are -inf, as are the pairs of
+        # equal keys off the diagonal (key_r: _row_keys'; diagonal: _on_diagonal's tile).
+        logits = sim * scale
+        valid = row_in[:, None] & col_in[None, :]
+        if HAS_KEYS:
+            key_c = tl.load(keys_ptr + cols, mask=col_in, other=-2)
+            valid = valid & ((key_r[:, None] != key_c[None, :]) | diagonal)
         return tl.where(valid, logits, float("-inf"))
 
     @triton.jit
@@ -575,12 +594,12 @@ if triton is not None:
         return (col_start < row_start + BLOCK_M) & (col_start + BLOCK_N > row_start)
 
     @triton.jit
-    def _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0, row_start,
+    def _row_lse_step(run_max, run_sum, diag, sim, logits, diagonal, c0, row_start,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One column tile into a row block's online log-sum-exp (and its diagonal similarities).
         # A row whose entries so far are all masked keeps max -inf and shifts by 0 (no inf - inf).
         if _holds_diagonal(row_start, c0, BLOCK_M, BLOCK_N):
-            diag += tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
+            diag += tl.sum(tl.where(diagonal, sim, 0.0), axis=1)
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * _exp(run_max - safe) + tl.sum(_exp(logits - safe[:, None]), axis=1)
@@ -649,8 +668,10 @@ if triton is not None:
                     sim = _similarity_tile(a_base, b_ptr, rows, cols, row_in, cols < n, dim, stride_a, stride_b,
                                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
                 # Rows past row_hi (another range's) are -inf: they must not enter the columns' sums.
-                logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
-                run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, rows, cols, c0,
+                diagonal = _on_diagonal(row_start, c0, BLOCK_M, BLOCK_N)
+                logits = _masked_logits(sim, _row_keys(keys_ptr, rows, row_in, HAS_KEYS), cols, row_in, cols < n,
+                                        diagonal, keys_ptr, scale, HAS_KEYS)
+                run_max, run_sum, diag = _row_lse_step(run_max, run_sum, diag, sim, logits, diagonal, c0,
                                                        row_start, BLOCK_M, BLOCK_N)
                 # Columns: this tile's LSE per column (-inf where fully masked), merged into the partial.
                 tile_lse = _tile_lse(logits, 0, FAST_LOG)
@@ -702,6 +723,7 @@ if triton is not None:
         scale = tl.load(scale_ptr).to(tl.float32)
         coef = tl.load(coef_ptr).to(tl.float32)
         lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
+        key_r = _row_keys(keys_ptr, rows, row_in, HAS_KEYS)
         # Row r at a_base + r * stride_a, column c at b_base + c * stride_b (see _lse_both_kernel).
         a_base = a_ptr - row_lo * stride_a
         b_base = b_ptr - col_lo * stride_b
@@ -722,8 +744,11 @@ if triton is not None:
                                        BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
             # Rows of the block outside the range are -inf, so both their weights are 0 (with logit 0,
             # as their loaded zeros give, e**-lse_b_j is inf where a column's log-sum-exp is
-            # under -88.7, and inf * 0 a NaN in the logit-scale part).
-            logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
+            # under -88.7, and inf * 0 a NaN in the logit-scale part). Columns are masked at col_hi
+            # (<= n), the bound col_in tests (masked at n as well, the loop kept both compares: 1.4
+            # more instructions per logit at bf16, D = 512).
+            positive = _on_diagonal(row_start, c0, BLOCK_M, BLOCK_N)
+            logits = _masked_logits(sim, key_r, cols, row_in, col_in, positive, keys_ptr, scale, HAS_KEYS)
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
             # Softmax weights of both directions, each <= 1 (coef is applied once at the end, so that
             # fp16 weights do not underflow for large B). The positive logit s a_i . b_i adds -2 to
@@ -732,8 +757,8 @@ if triton is not None:
             # block outside row_lo..row_hi, loaded as 0 too, whose gradient row is not stored and
             # whose logit-scale part is 0: its -2 adds nothing.)
             weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
-            positive = rows[:, None] == cols[None, :]
-            weights = tl.where(col_in[None, :], weights, 0.0) - tl.where(positive, 2.0, 0.0)
+            weights = tl.where(col_in[None, :], weights, 0.0)
+            weights = tl.where(positive, weights - 2.0, weights)
             # d loss / d s over coef: sum_ij w_ij a_i . b_j, from the fp32 similarities already here.
             scale_acc += tl.sum(weights * sim, axis=1)
             if IEEE:
@@ -825,12 +850,14 @@ if triton is not None:
             # Rows past the block belong to the next one: they must not enter its column sums. (Rows are
             # not bounded by n: those of a chunk of columns with group= may come after every column.)
             row_in = rows < rows_end
-            logits = _masked_logits(sim, rows, cols, row_in, n, keys_ptr, scale, HAS_KEYS)
+            diagonal = _on_diagonal(row_start, c0, BLOCK_M, BLOCK_N)
+            logits = _masked_logits(sim, _row_keys(keys_ptr, rows, row_in, HAS_KEYS), cols, row_in, cols < n, diagonal,
+                                    keys_ptr, scale, HAS_KEYS)
             tl.store(row_part_ptr + (rows - row0) * tl.cdiv(n, BLOCK_N) + pid_n, _tile_lse(logits, 1, FAST_LOG),
                      mask=row_in)
             tl.store(col_part_ptr + pid_m * n + cols, _tile_lse(logits, 0, FAST_LOG), mask=cols < n)
             if _holds_diagonal(row_start, c0, BLOCK_M, BLOCK_N):
-                diag = tl.sum(tl.where(rows[:, None] == cols[None, :], sim, 0.0), axis=1)
+                diag = tl.sum(tl.where(diagonal, sim, 0.0), axis=1)
                 tl.store(diag_ptr + (rows - row0), diag, mask=row_in & (rows >= c0) & (rows < c0 + BLOCK_N))
 
     @triton.jit
@@ -871,11 +898,13 @@ if triton is not None:
         else:
             row_in = rows < rows_end
             col_in = cols < cols_end
-            logits = _masked_logits(sim, rows, cols, rows < n, n, keys_ptr, scale, HAS_KEYS)
+            diagonal = _on_diagonal(row_start, col_start, BLOCK_M, BLOCK_N)
+            logits = _masked_logits(sim, _row_keys(keys_ptr, rows, rows < n, HAS_KEYS), cols, rows < n, cols < n,
+                                    diagonal, keys_ptr, scale, HAS_KEYS)
             lse_a = tl.load(lse_a_ptr + rows, mask=row_in, other=float("inf"))
             lse_b = tl.load(lse_b_ptr + cols, mask=col_in, other=float("inf"))
             weights = _exp(logits - lse_a[:, None]) + _exp(logits - lse_b[None, :])
-            positive = (rows[:, None] == cols[None, :]) & (rows[:, None] >= diag_lo) & (rows[:, None] < diag_hi)
+            positive = diagonal & (rows[:, None] >= diag_lo) & (rows[:, None] < diag_hi)
             inside = row_in[:, None] & col_in[None, :]
             weights = tl.where(inside, weights, 0.0) - tl.where(positive & inside, 2.0, 0.0)
             tl.store(part_ptr + pid, tl.sum(tl.sum(weights * sim, axis=1), axis=0))
