@@ -655,8 +655,10 @@ if _TRITON_IMPORTED:
         best_v = (tl.where(offs_k < TOPK, float("-inf"), float("inf"))[None, :]
                   + tl.zeros([BLOCK_Q, BLOCK_K], tl.float32))
         # Column indices of the kept entries; an empty slot holds -1 - slot, so that every slot's
-        # index differs and the eviction below picks exactly one.
-        best_i = (-1 - offs_k)[None, :].to(tl.int64) + tl.zeros([BLOCK_Q, BLOCK_K], tl.int64)
+        # index differs and the eviction below picks exactly one. 32-bit, as the query's own index
+        # (M < 2^31 tokens): int64 compares and selects take two instructions each on sm_90.
+        best_i = (-1 - offs_k)[None, :] + tl.zeros([BLOCK_Q, BLOCK_K], tl.int32)
+        own32 = own.to(tl.int32)
         tile_cols = tl.arange(0, BLOCK_M)
         pn_b = pn_ptr + b * stride_pb
         if COMPUTE_NORMS:
@@ -705,7 +707,7 @@ if _TRITON_IMPORTED:
                 sim = sim * inv_m[None, :]
             # NaN ranks first, as in torch.topk; its weight then comes out NaN.
             key = tl.where(sim != sim, float("inf"), sim)
-            key = tl.where(m_mask[None, :] & (offs_m[None, :] != own[:, None]), key, float("-inf"))
+            key = tl.where(m_mask[None, :] & (offs_m[None, :] != own32[:, None]), key, float("-inf"))
             for _ in tl.static_range(TOPK):
                 # First position of the max / min (argmax and argmin made ptxas spill).
                 top = tl.max(key, axis=1)
@@ -717,7 +719,7 @@ if _TRITON_IMPORTED:
                 take = top > worst
                 replace = (best_i == worst_i[:, None]) & take[:, None]
                 best_v = tl.where(replace, top[:, None], best_v)
-                best_i = tl.where(replace, m0 + top_at[:, None].to(tl.int64), best_i)
+                best_i = tl.where(replace, m0 + top_at[:, None], best_i)
                 key = tl.where(tile_cols[None, :] == top_at[:, None], float("-inf"), key)
         slot_ok = offs_k[None, :] < TOPK
         row_max = tl.max(tl.where(slot_ok, best_v, float("-inf")), axis=1)
@@ -725,7 +727,7 @@ if _TRITON_IMPORTED:
         w = e / tl.sum(e, axis=1)[:, None]
         out_off = b * stride_ob + offs_q[:, None] * stride_or + offs_k[None, :] * stride_ok
         out_mask = q_mask[:, None] & slot_ok
-        tl.store(idx_ptr + out_off, tl.maximum(best_i, -1), mask=out_mask)  # never taken: -1
+        tl.store(idx_ptr + out_off, tl.maximum(best_i, -1).to(tl.int64), mask=out_mask)  # never taken: -1
         tl.store(w_ptr + out_off, w, mask=out_mask)
 
     @triton.jit
@@ -1121,11 +1123,14 @@ CLS_COEF_CONFIG = {"interp": dict(BLOCK_D=128, num_warps=4), "gpu": dict(BLOCK_D
 # CLS_DX: 16 x 16 tiles, 8 warps: 112-114 registers, no spills with either triton (3.6, 3.8) at
 # any D; 32 x 16 spilled 8 bytes at k = 5 in fp32 and fp16 under 3.8 when D is a multiple of 16.
 CLS_DX_CONFIG = {"interp": dict(BLOCK_O=32, BLOCK_D=64, num_warps=4), "gpu": dict(BLOCK_O=16, BLOCK_D=16, num_warps=8)}
-# Register cap of the float32 top-k launches. Without a cap ptxas chose 64 registers for the
-# k = 5 fused selection (norms computed) and spilled 12 bytes under triton 3.6 when M and D are
-# multiples of 16 (a 256-token tower); with a cap of 128 it takes up to 128 and spills nothing,
-# in every float32 variant. The 16-bit variants need more than 128 and take no cap.
+# Register caps of the top-k launches (Triton's maxnreg). Without one ptxas picks a target of its
+# own for some variants, 64 or 128 registers, and spills: the float32 k = 5 fused selection (norms
+# computed), 12 bytes under triton 3.6 when M and D are multiples of 16 (a 256-token tower); and,
+# since the running top-k holds 32-bit indices, 16-bit k = 5 and k = 16 variants, 24 to 80 bytes
+# under either triton. With a cap ptxas takes up to it and spills nothing in any variant: 128 for
+# float32, and for 16-bit, whose k = 16 variants take up to about 200, 255 (a thread's most).
 TOPK_FP32_MAXNREG = 128
+TOPK_HALF_MAXNREG = 255
 # Shared memory per block, in bytes, that the configurations above need at most, as compiled for
 # sm_90a (every kernel, dtype and k up to MAX_KERNEL_TOPK; D is tiled): a GPU that gives a block
 # less cannot launch them, and the Triton backend declines the call there (_triton_check). On
@@ -1134,9 +1139,9 @@ TOPK_FP32_MAXNREG = 128
 GPU_SHARED_BYTES = 10240
 
 
-def _topk_maxnreg(dtype: torch.dtype) -> int | None:
+def _topk_maxnreg(dtype: torch.dtype) -> int:
     """The register cap a top-k launch on ``dtype`` features passes (Triton's ``maxnreg``)."""
-    return TOPK_FP32_MAXNREG if dtype == torch.float32 else None
+    return TOPK_FP32_MAXNREG if dtype == torch.float32 else TOPK_HALF_MAXNREG
 
 
 def _mode() -> str:

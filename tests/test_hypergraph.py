@@ -2507,15 +2507,16 @@ def test_cuda_top_k_shared_memory_constants_match_the_kernel_source():
     assert hg._cuda_topk_shared_bytes(974) == 48 * 1024 < hg._cuda_topk_shared_bytes(975)
 
 
-def test_topk_launches_cap_float32_registers_only(monkeypatch):
-    """The top-k launcher passes Triton's ``maxnreg`` = TOPK_FP32_MAXNREG (128) for float32
-    features and no cap for 16-bit ones (which need more than 128): without the cap ptxas spilled
-    the fp32 k = 5 fused selection under triton 3.6, which the sm_90a spill check (on whatever
-    triton is installed) cannot see. A stand-in kernel records what each launch passes."""
+def test_topk_launches_cap_registers(monkeypatch):
+    """The top-k launcher passes Triton's ``maxnreg``: TOPK_FP32_MAXNREG (128) for float32 features,
+    TOPK_HALF_MAXNREG (255) for 16-bit ones (which need more than 128): without a cap ptxas picked
+    64 or 128 registers for some variants and spilled (fp32 k = 5 fused selection under triton 3.6;
+    16-bit k = 5 and 16 with the 32-bit running indices), which the sm_90a spill check on the other
+    triton cannot see. A stand-in kernel records what each launch passes."""
     pytest.importorskip("triton")
-    assert hg.TOPK_FP32_MAXNREG == 128
+    assert (hg.TOPK_FP32_MAXNREG, hg.TOPK_HALF_MAXNREG) == (128, 255)
     assert hg._topk_maxnreg(torch.float32) == 128
-    assert hg._topk_maxnreg(torch.float16) is None and hg._topk_maxnreg(torch.bfloat16) is None
+    assert hg._topk_maxnreg(torch.float16) == 255 and hg._topk_maxnreg(torch.bfloat16) == 255
     seen = []
 
     class Kernel:
@@ -2527,7 +2528,7 @@ def test_topk_launches_cap_float32_registers_only(monkeypatch):
         pn = torch.randn(2, 20, 16).to(dtype)
         hg._launch_topk(pn, None, None, 5)  # norms computed in the kernel
         hg._launch_topk(pn, torch.ones(2, 20), None, 5)
-    assert seen == [128, 128, None, None, None, None]
+    assert seen == [128, 128, 255, 255, 255, 255]
 
 
 @pytest.mark.parametrize("cls_only", [False, True])
