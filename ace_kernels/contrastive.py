@@ -913,12 +913,12 @@ if triton is not None:
 
 
 # Launch configurations, chosen by compiling for sm_90a (ace_kernels._aot.compile_sm90; triton 3.8
-# and 3.6 agree within a few registers and every one below has 0 spill bytes in both). "lse" is
+# and 3.6 differ by up to ~40 registers, fp16 forward, and every one below has 0 spill bytes in both). "lse" is
 # the one-pass forward's (_lse_both_kernel), "grad" the gradient kernel's (_grad_rows_kernel).
 # - 16-bit, D <= 512, one dot per similarity tile (the row block of a stays in shared memory):
-#   lse 128 x 32, 8 warps, 2 stages: 142-154 registers, 193 KiB
+#   lse 128 x 32, 8 warps, 2 stages: 137-188 registers (2026-12-06, triton 3.6 and 3.8), 193 KiB
 #   shared (each 32 x 512 b tile feeds 128 x 32 x 512 MACs); grad 64 x 32, 8 warps, 2 stages:
-#   254-255 registers (the 64 x 512 fp32 accumulator alone is 128 per thread), 128 KiB shared.
+#   243-255 registers (the 64 x 512 fp32 accumulator alone is 128 per thread), 128 KiB shared.
 #   There BLOCK_N 64 spills 32-128 bytes, a third stage does not fit beside a larger tile,
 #   16 warps spill, and a 128-row gradient accumulator cannot fit at all.
 # - 16-bit, 512 < D <= 1024, K steps of 64: lse 128 x 64, 8 warps, 3 stages (187-237 registers one-pass,
