@@ -79,11 +79,11 @@ class LoopProfile:
 
 def profile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
                  num_stages: int = 3, divisible_by_16: Sequence[str] = (),
-                 aligned_pointers: bool = True) -> LoopProfile:
+                 aligned_pointers: bool = True, maxnreg: int | None = None) -> LoopProfile:
     """:func:`compile_sm90`, then the instruction mix of the kernel's main loop (its largest
     loop, see :func:`main_loop_opcodes`) and its resident blocks per SM."""
     resources, cubin = _compile(kernel, signature, constexprs, num_warps, num_stages, divisible_by_16,
-                                aligned_pointers)
+                                aligned_pointers, maxnreg)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as handle:

@@ -1,5 +1,5 @@
-"""``python -m benchmarks.kernel_stats [--json PATH]``: a static profile of the LoRA and InfoNCE
-Triton kernels' sm_90a code, made with no GPU.
+"""``python -m benchmarks.kernel_stats [--json PATH]``: a static profile of the LoRA, InfoNCE and
+hypergraph top-k Triton kernels' sm_90a code, made with no GPU.
 
 Each launch variant of ``_lora_pack_kernel`` and ``_lora_grad_kernel`` (bf16, q/k/v stacked,
 dropout on and off) is compiled for sm_90a at its default configuration and at each sweep
@@ -17,8 +17,14 @@ their first blocked candidate (``_lse_tiles_kernel``, ``_grad_weights_kernel``: 
 program, the main loop a K step, so a tile costs the listing with the loop counted D / BLOCK_K
 times), each in its two launches: the interior tiles' and the others' (``TILES``). Each row gives
 the instructions per logit per thread, the tensor-core instructions (``HGMMA``/``HMMA``) and
-``MUFU`` ones (exponentials, logarithms) among them. With ``--json`` the rows of both families are
-also written to PATH.
+``MUFU`` ones (exponentials, logarithms) among them.
+
+The hypergraph's top-k incidence kernel (``_topk_incidence_kernel``: bf16, D = 512, a 256-token
+tower, every size and stride a multiple of 16; k = 5 and 16, the full output's selection and
+``cls_only``'s fused one, at the launch's register cap) gives its registers, spills, resident
+blocks, and the instructions per thread of its main loop (one tile of tokens, its feature loop
+counted once) and of the whole listing. With ``--json`` the rows of the three families are also
+written to PATH.
 
 These are facts about the code a GPU would run, for judging a kernel change where no GPU is at
 hand; they are not timings (latency, memory and the scheduler decide those) and make no speed
@@ -261,6 +267,75 @@ def profile_contrastive(dim: int = INFONCE_DIM) -> list:
     return [contrastive_row(*launch, dim=dim) for launch in contrastive_launches(dim)]
 
 
+def topk_signature(features: str) -> dict:
+    """The arguments of the hypergraph's ``_topk_incidence_kernel`` with ``features`` (``fp32``, ``bf16``
+    or ``fp16``) patch features, as Triton type strings (its constexprs named ``"constexpr"``)."""
+    return {"pn_ptr": f"*{features}", "inv_norm_ptr": "*fp32", "rows_ptr": "*i64", "idx_ptr": "*i64",
+            "w_ptr": "*fp32", "M": "i32", "D": "i32", "R": "i32",
+            **{n: "i32" for n in ("stride_pb", "stride_pm", "stride_pd", "stride_nb", "stride_nm", "stride_rb",
+                                  "stride_rr", "stride_ob", "stride_or", "stride_ok")},
+            **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS",
+                                        "COMPUTE_NORMS", "NATIVE_DOT")}}
+
+
+# The top-k kernel's innermost strides, 1 at a real launch (a Triton constant).
+TOPK_UNIT_STRIDES = ("stride_pd", "stride_nm", "stride_rr", "stride_ok")
+
+
+def hypergraph_launches() -> list:
+    """The top-k incidence kernel as the bf16 launches on a GPU compile it (``TOPK_CONFIG["gpu"]``,
+    tensor-core dots, ``_topk_maxnreg``), with every size and stride a multiple of 16 (D = 512 and a
+    256-token tower): k = 5 and k = 16, for the full output (query r is token r, norms given) and for
+    ``cls_only``'s fused selection (query rows given, norms computed in the kernel). Entries:
+    (label, signature, constexprs, num_warps, num_stages, divisible, maxnreg)."""
+    from ace_kernels import hypergraph
+
+    cfg = hypergraph.TOPK_CONFIG["gpu"]
+    launches = []
+    for topk in (5, 16):
+        for rows, norms, what in ((False, False, "full"), (True, True, "cls_only")):
+            signature = topk_signature("bf16")
+            constexprs = dict(TOPK=topk, BLOCK_K=hypergraph._pow2(topk), BLOCK_Q=cfg["BLOCK_Q"],
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], HAS_ROWS=rows, COMPUTE_NORMS=norms,
+                              NATIVE_DOT=True)
+            for name in TOPK_UNIT_STRIDES:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            launches.append((f"topk_incidence k={topk} {what}", signature, constexprs, cfg["num_warps"],
+                             cfg["num_stages"], integer_arguments(signature),
+                             hypergraph._topk_maxnreg(torch.bfloat16)))
+    return launches
+
+
+def profile_hypergraph() -> list:
+    """One row per :func:`hypergraph_launches` entry: resources, resident blocks, and the main loop's
+    instructions per thread (one column tile of BLOCK_M tokens against the program's BLOCK_Q queries, its
+    feature loop counted once) and the whole listing's."""
+    from ace_kernels import hypergraph
+    from ace_kernels._aot import profile_sm90
+
+    rows = []
+    for label, signature, constexprs, num_warps, num_stages, divisible, maxnreg in hypergraph_launches():
+        prof = profile_sm90(hypergraph._topk_incidence_kernel, signature, constexprs, num_warps=num_warps,
+                            num_stages=num_stages, divisible_by_16=divisible, maxnreg=maxnreg)
+        rows.append(dict(label=label, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+                         registers=prof.resources.registers, shared_bytes=prof.resources.shared_bytes,
+                         spills=prof.resources.spills, blocks_per_sm=prof.blocks_per_sm,
+                         warps_per_sm=prof.blocks_per_sm * num_warps, loop_instructions=prof.loop_instructions,
+                         kernel_instructions=prof.kernel_instructions,
+                         loop_opcodes=dict(sorted(prof.loop_opcodes.items(), key=lambda kv: (-kv[1], kv[0])))))
+    return rows
+
+
+def format_hypergraph(rows: Sequence[dict]) -> str:
+    lines = [f"{'kernel (bf16, D=512, N=256)':32s} {'regs':>4s} {'spill':>5s} {'blk/SM':>6s} {'loop':>6s} "
+             f"{'kernel':>6s}"]
+    for r in rows:
+        lines.append(f"{r['label']:32s} {r['registers']:4d} {r['spills']:5d} {r['blocks_per_sm']:6d} "
+                     f"{r['loop_instructions']:6d} {r['kernel_instructions']:6d}")
+    return "\n".join(lines)
+
+
 def format_contrastive(rows: Sequence[dict]) -> str:
     lines = [f"{'kernel (bf16, labels, D=512)':32s} {'tiles':>12s} {'regs':>4s} {'blk/SM':>6s} {'warps/SM':>8s} "
              f"{'instr/logit':>11s} {'MUFU/logit':>10s} {'MMA/tile':>8s}"]
@@ -296,9 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     infonce = profile_contrastive()
     print("\nInfoNCE kernels")
     print(format_contrastive(infonce))
+    hypergraph_rows = profile_hypergraph()
+    print("\nHypergraph top-k incidence kernel (instructions per thread: the token-tile loop, the listing)")
+    print(format_hypergraph(hypergraph_rows))
     if args.json:
         content = dict(triton=triton.__version__, torch=torch.__version__, target="sm_90a", dtype="bfloat16",
-                       rows=rows, infonce_dim=INFONCE_DIM, infonce_rows=infonce)
+                       rows=rows, infonce_dim=INFONCE_DIM, infonce_rows=infonce, hypergraph_rows=hypergraph_rows)
 
         def dump(handle) -> None:
             json.dump(content, handle, indent=1)

@@ -2246,15 +2246,10 @@ def test_half_inputs_keep_no_float32_copy_of_x(dtype, cls_only, device, monkeypa
 
 def _aot_signatures():
     """Every Triton kernel at the GPU configurations its launcher uses."""
+    from benchmarks.kernel_stats import topk_signature  # shared with the static profile
+
     i32 = "i32"
     cfg = hg.TOPK_CONFIG["gpu"]
-    topk_sig = {"pn_ptr": "*fp32", "inv_norm_ptr": "*fp32", "rows_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32",
-                "M": i32, "D": i32, "R": i32,
-                **{n: i32 for n in ("stride_pb", "stride_pm", "stride_pd", "stride_nb", "stride_nm", "stride_rb",
-                                    "stride_rr",
-                                    "stride_ob", "stride_or", "stride_ok")},
-                **{n: "constexpr" for n in ("TOPK", "BLOCK_K", "BLOCK_Q", "BLOCK_M", "BLOCK_D", "HAS_ROWS",
-                                            "COMPUTE_NORMS", "NATIVE_DOT")}}
     # Half inputs are read in their own dtype and multiplied on tensor cores (NATIVE_DOT, as the
     # launcher does on a GPU), float32 otherwise; norms=True is the fused cls_only selection.
     for k, has_rows, feat, norms in ((5, False, "fp32", False), (5, True, "fp32", False), (16, False, "fp32", False),
@@ -2262,7 +2257,7 @@ def _aot_signatures():
                                      (16, True, "fp16", False), (5, True, "fp32", True), (16, True, "fp32", True),
                                      (5, True, "bf16", True), (16, True, "bf16", True), (5, True, "fp16", True)):
         yield (f"topk_incidence k={k} rows={has_rows} norms={norms} {feat}", hg._topk_incidence_kernel,
-               {**topk_sig, "pn_ptr": f"*{feat}"},
+               topk_signature(feat),
                dict(TOPK=k, BLOCK_K=hg._pow2(k), BLOCK_Q=cfg["BLOCK_Q"], BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_D=cfg["BLOCK_D"], HAS_ROWS=has_rows, COMPUTE_NORMS=norms, NATIVE_DOT=feat != "fp32"),
                cfg["num_warps"], cfg["num_stages"])

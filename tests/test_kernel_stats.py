@@ -424,6 +424,38 @@ def test_contrastive_table_columns():
     assert line == ["lse_tiles", "blocked", "interior", "128x64x64", "80", "3", "24", "78.2", "2.50", "96"]
 
 
+def test_hypergraph_launches_are_the_bf16_gpu_launches_at_tower_sizes():
+    """The top-k rows compile what a bf16 launch on a GPU runs: its configuration, tensor-core dots, its
+    register cap, the innermost strides as the constant 1, and every other integer a multiple of 16."""
+    pytest.importorskip("triton")
+    import torch
+
+    from ace_kernels import hypergraph
+    from benchmarks.kernel_stats import TOPK_UNIT_STRIDES, hypergraph_launches
+
+    launches = hypergraph_launches()
+    assert [launch[0] for launch in launches] == ["topk_incidence k=5 full", "topk_incidence k=5 cls_only",
+                                                  "topk_incidence k=16 full", "topk_incidence k=16 cls_only"]
+    cfg = hypergraph.TOPK_CONFIG["gpu"]
+    for label, signature, constexprs, num_warps, num_stages, divisible, maxnreg in launches:
+        assert (num_warps, num_stages) == (cfg["num_warps"], cfg["num_stages"]), label
+        assert maxnreg == hypergraph._topk_maxnreg(torch.bfloat16) == hypergraph.TOPK_HALF_MAXNREG, label
+        assert signature["pn_ptr"] == "*bf16" and constexprs["NATIVE_DOT"] is True, label
+        assert constexprs["HAS_ROWS"] == constexprs["COMPUTE_NORMS"] == label.endswith("cls_only"), label
+        assert constexprs["TOPK"] == int(label.split("k=")[1].split()[0]), label
+        assert all(signature[name] == "constexpr" and constexprs[name] == 1 for name in TOPK_UNIT_STRIDES), label
+        assert set(divisible) == {k for k, v in signature.items() if v == "i32"} and "M" in divisible, label
+
+
+def test_hypergraph_table_columns():
+    from benchmarks.kernel_stats import format_hypergraph
+
+    row = dict(label="topk_incidence k=16 cls_only", registers=162, spills=0, blocks_per_sm=1,
+               loop_instructions=2401, kernel_instructions=2952)
+    line = format_hypergraph([row]).splitlines()[1].split()
+    assert line == ["topk_incidence", "k=16", "cls_only", "162", "0", "1", "2401", "2952"]
+
+
 def test_the_cli_writes_both_families_as_json_through_the_atomic_writer(monkeypatch, tmp_path, capsys):
     pytest.importorskip("triton")
     from benchmarks import harness, kernel_stats
@@ -435,8 +467,11 @@ def test_the_cli_writes_both_families_as_json_through_the_atomic_writer(monkeypa
                        registers=80, blocks_per_sm=3, warps_per_sm=24, instructions_per_logit=78.0,
                        mufu_per_logit=2.5, mma_instructions_per_tile=96)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hypergraph_row = dict(label="topk_incidence k=5 full", registers=80, spills=0, blocks_per_sm=3,
+                          loop_instructions=668, kernel_instructions=936)
     monkeypatch.setattr(kernel_stats, "profile_lora", lambda: [lora_row])
     monkeypatch.setattr(kernel_stats, "profile_contrastive", lambda: [infonce_row])
+    monkeypatch.setattr(kernel_stats, "profile_hypergraph", lambda: [hypergraph_row])
     written = []
     real = harness._replace_file
     monkeypatch.setattr(harness, "_replace_file", lambda path, write: (written.append(path), real(path, write))[1])
@@ -447,6 +482,7 @@ def test_the_cli_writes_both_families_as_json_through_the_atomic_writer(monkeypa
     assert text.endswith("}\n")
     content = json.loads(text)
     assert content["rows"] == [lora_row] and content["infonce_rows"] == [infonce_row]
+    assert content["hypergraph_rows"] == [hypergraph_row]
     assert content["infonce_dim"] == kernel_stats.INFONCE_DIM and content["target"] == "sm_90a"
     assert "lse_tiles blocked interior" in capsys.readouterr().out
 
@@ -461,6 +497,7 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_profile(monkey
     profiled = []
     monkeypatch.setattr(kernel_stats, "profile_lora", lambda: profiled.append("lora") or [])
     monkeypatch.setattr(kernel_stats, "profile_contrastive", lambda: profiled.append("infonce") or [])
+    monkeypatch.setattr(kernel_stats, "profile_hypergraph", lambda: profiled.append("hypergraph") or [])
     for path, why in ((str(tmp_path), "is a directory"), (str(tmp_path / "missing" / "s.json"), "no directory"),
                       ("", "expected a file path")):
         with pytest.raises(SystemExit) as exit_info:
