@@ -131,7 +131,9 @@ _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d)\s+)?([A-Z][A
 def main_loop_opcodes(sass: str) -> dict:
     """Opcode counts of the longest loop body in an nvdisasm listing: the lines from a label to
     the last branch back to it. Opcodes are the instruction's first word without its modifiers
-    (``IMAD.HI.U32`` counts as ``IMAD``). An empty dict when the listing has no backward branch."""
+    (``IMAD.HI.U32`` counts as ``IMAD``). An empty dict when the listing has no backward branch
+    but the one every kernel ends with, a branch to itself after ``EXIT`` (when the compiler
+    unrolled every loop, as triton 3.8 does the LoRA gradient kernel's rows with dX alone)."""
     lines = sass.splitlines()
     labels = {}
     for number, line in enumerate(lines):
@@ -141,7 +143,8 @@ def main_loop_opcodes(sass: str) -> dict:
     best = None
     for number, line in enumerate(lines):
         match = _BRANCH.search(line)
-        if match and match.group(1) in labels and labels[match.group(1)] < number:
+        if (match and match.group(1) in labels and labels[match.group(1)] < number
+                and any(_INSTRUCTION.match(body) for body in lines[labels[match.group(1)]:number])):
             span = (labels[match.group(1)], number)
             if best is None or span[1] - span[0] > best[1] - best[0]:
                 best = span

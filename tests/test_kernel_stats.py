@@ -51,6 +51,14 @@ def test_a_listing_without_a_backward_branch_has_no_loop():
                                         _line(0x20, "EXIT")])) == {}
 
 
+def test_the_branch_to_itself_after_exit_is_not_a_loop():
+    # Every kernel's listing ends so; with its loops unrolled, that is its only backward branch.
+    trap = [_line(0x00, "MOV R1, c[0x0][0x28]"), _line(0x10, "EXIT"), ".L_x_9:", _line(0x20, "BRA `(.L_x_9)"),
+            ".L_x_10:", _line(0x30, "NOP")]
+    assert main_loop_opcodes("\n".join(trap)) == {}
+    assert main_loop_opcodes(LISTING + "\n" + "\n".join(trap[2:])) == {"IMAD": 2, "LOP3": 1, "HGMMA": 1, "BRA": 1}
+
+
 @pytest.mark.parametrize("registers, shared, warps, expected", [
     (136, 34816, 8, 1),   # 136 -> 4352 registers a warp: 3 warps per 16K sub-partition, 12 an SM, one block of 8
     (127, 34816, 8, 2),   # 127 -> 4096 a warp: 16 warps, two blocks
