@@ -582,8 +582,9 @@ _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 # _lora_grad_kernel      one program per [BLOCK_M, BLOCK_K] tile of dX, EPILOGUE_M rows at a
 #     time: the masks regenerated for exactly this tile of x (every element once over the
 #     grid), dX = dY W + scaling / keep * sum_p mask_p * (G_p A_p), in place, and a partial
-#     dA = scaling / keep * sum_p G_p^T (mask_p * x) per row block. Partials are summed on the
-#     host in a fixed order (deterministic, no atomics).
+#     dA = scaling / keep * sum_p G_p^T (mask_p * x) per row block, each only when it is wanted
+#     (x is read for dA alone). Partials are summed on the host in a fixed order
+#     (deterministic, no atomics).
 # _lora_mask_kernel      debug export of the keep masks from the same Philox stream.
 #
 # Dtypes: everything is stored in x's dtype, S and G included (as torch's own LoRA
@@ -722,11 +723,11 @@ if triton is not None:
     def _lora_grad_kernel(
         dx_ptr, g_ptr, xcat_ptr, a_ptr, seed_ptr, da_part_ptr,
         # dX [M, K], dY W on entry, updated in place; G [P, M, r] (G_p = dY_p B_p); x_cat [M, >=K]
-        # (its first K columns: x); A [P, r, K]; dA partials fp32 [M blocks, P*r, K] out
+        # (its first K columns: x); A [P, r, K]; dA partials fp32 [M blocks, P*r, K] out (with COMPUTE_DA)
         M, K, RANK,
         stride_dxm, stride_gp, stride_gm, stride_gr, stride_cm, stride_ap, stride_ar, stride_ak,
         rng_offset, drop_threshold, lora_factor,  # lora_factor = scaling / keep_prob (scaling without dropout)
-        PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
+        PROJECTIONS: tl.constexpr, APPLY_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         EPILOGUE_M: tl.constexpr,  # rows per step (divides BLOCK_M)
         DOT_PRECISION: tl.constexpr,
@@ -745,6 +746,13 @@ if triton is not None:
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
+            if not COMPUTE_DA:
+                # dX alone: G_p as G times 0/1 multipliers of its columns, made once. Selecting them in the
+                # loop, as dA's products do, kept six loop-invariant predicates there, more than ptxas
+                # holds at 4 warps (a candidate spilled them, triton 3.6).
+                in_0 = (proj_j == 0).to(xcat_ptr.dtype.element_ty)
+                in_1 = (proj_j == 1).to(xcat_ptr.dtype.element_ty)
+                in_2 = (proj_j == 2).to(xcat_ptr.dtype.element_ty)
         da_tile = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         # EPILOGUE_M rows at a time: with dropout, Philox needs several 32-bit words per
         # element, too many registers for a whole [BLOCK_M, BLOCK_K] tile.
@@ -756,28 +764,41 @@ if triton is not None:
             g_sub = tl.load(g_ptr + proj_j[None, :].to(tl.int64) * stride_gp + rows[:, None] * stride_gm
                             + r_j[None, :] * stride_gr,
                             mask=row_ok[:, None] & j_ok[None, :], other=0.0)  # [EPILOGUE_M, BLOCK_R]
-            x_sub = tl.load(xcat_ptr + rows[:, None] * stride_cm + ks[None, :], mask=tile_ok, other=0.0)
+            if COMPUTE_DA:  # x is read for dA alone
+                x_sub = tl.load(xcat_ptr + rows[:, None] * stride_cm + ks[None, :], mask=tile_ok, other=0.0)
             if APPLY_DROPOUT:
                 keep = _keep_bits(seed, rng_offset, rows, pid_k * BLOCK_K, K, drop_threshold, EPILOGUE_M, BLOCK_K)
                 # 0/1 multipliers rather than i1 selects: see _lora_pack_kernel.
-                zero = tl.zeros_like(g_sub)
+                if COMPUTE_DA:
+                    zero = tl.zeros_like(g_sub)
                 lora_dx = tl.zeros((EPILOGUE_M, BLOCK_K), dtype=tl.float32)
                 for p in tl.static_range(PROJECTIONS):  # bit p of keep: projection p's mask
-                    keep_x = ((keep >> p) & 1).to(x_sub.dtype)
-                    g_p = tl.where((proj_j == p)[None, :], g_sub, zero)
-                    lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
-                    da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
+                    keep_x = ((keep >> p) & 1).to(xcat_ptr.dtype.element_ty)
+                    if COMPUTE_DA:
+                        g_p = tl.where((proj_j == p)[None, :], g_sub, zero)
+                        lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
+                        da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
+                    else:
+                        if p == 0:
+                            g_p = g_sub * in_0[None, :]
+                        elif p == 1:
+                            g_p = g_sub * in_1[None, :]
+                        else:
+                            g_p = g_sub * in_2[None, :]
+                        lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
             else:
                 lora_dx = tl.dot(g_sub, a_tile, input_precision=DOT_PRECISION)
-                da_tile = tl.dot(tl.trans(g_sub), x_sub, da_tile, input_precision=DOT_PRECISION)
+                if COMPUTE_DA:
+                    da_tile = tl.dot(tl.trans(g_sub), x_sub, da_tile, input_precision=DOT_PRECISION)
             if COMPUTE_DX:
                 # Each element is read and written by this program only: in place is safe.
                 dx_sub = dx_ptr + rows[:, None] * stride_dxm + ks[None, :]
                 base = tl.load(dx_sub, mask=tile_ok, other=0.0)
                 tl.store(dx_sub, (base.to(tl.float32) + lora_factor * lora_dx).to(dx_ptr.dtype.element_ty),
                          mask=tile_ok)
-        tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * lora_factor,
-                 mask=j_ok[:, None] & k_ok[None, :])
+        if COMPUTE_DA:
+            tl.store(da_part_ptr + pid_m * rank_total * K + js[:, None] * K + ks[None, :], da_tile * lora_factor,
+                     mask=j_ok[:, None] & k_ok[None, :])
 
 
 def _next_pow2(n: int) -> int:
@@ -982,9 +1003,10 @@ def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: tor
         grad_s = torch.bmm(grad_y3.transpose(0, 1), lora_b3)  # [P, M, r]
         cfg = _config("backward", x_cat.dtype, x_cat.device)
         row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
-        # Partials of dA are written whether or not dA is wanted (a branch in the kernel would
-        # cost a variant more to compile); with dX only they are a [row blocks, P*r, K] buffer.
-        da_part = torch.empty((row_blocks, rank_total, in_features), dtype=torch.float32, device=x_cat.device)
+        # dA's partials, [row blocks, P*r, K] in fp32, only when dA is wanted: with dX alone (A frozen, or the
+        # whole adapter, as for a saliency map through a trained model) the kernel reads neither x nor writes them.
+        da_part = torch.empty((row_blocks if compute_da else 0, rank_total, in_features), dtype=torch.float32,
+                              device=x_cat.device)
         if rows > 0:
             _lora_grad_kernel[(row_blocks, triton.cdiv(in_features, cfg["BLOCK_K"]))](
                 grad_x if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, da_part,
@@ -992,7 +1014,7 @@ def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: tor
                 grad_x.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), grad_s.stride(2),
                 x_cat.stride(0), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
                 0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
-                PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx,
+                PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx, COMPUTE_DA=compute_da,
                 BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(x_cat.dtype), **cfg)
         if compute_da:
             grad_a = da_part.sum(0)

@@ -2,8 +2,9 @@
 hypergraph top-k Triton kernels' sm_90a code, made with no GPU.
 
 Each launch variant of ``_lora_pack_kernel`` and ``_lora_grad_kernel`` (bf16, q/k/v stacked,
-dropout on and off) is compiled for sm_90a at its default configuration and at each sweep
-candidate (``ace_kernels.lora._GPU_CANDIDATES``), and the cubin is read back
+dropout on and off; the gradient kernel's with dX and dA, and with dX alone) is compiled for
+sm_90a at its default configuration and at each sweep candidate
+(``ace_kernels.lora._GPU_CANDIDATES``), and the cubin is read back
 (``ace_kernels._aot.profile_sm90``): registers, shared memory, resident blocks and warps per SM,
 and the main loop's instructions, per thread and per element of x the loop step covers, with
 the share of the integer multiply-adds and logic ops (``IMAD``, ``LOP3``) that Philox is made
@@ -92,11 +93,13 @@ def lora_launches(dtype: torch.dtype) -> list:
             launches.append(build(f"down P={projections} dropout={dropout}", lora_module._lora_pack_kernel, "down",
                                   dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, BLOCK_R=block_r,
                                        DOT_PRECISION=dot_precision)))
-            for compute_dx in (True, False):
-                launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}",
+            # The gradients the backward launches for: dX and dA, dA alone (x frozen), dX alone (A frozen).
+            for compute_dx, compute_da in ((True, True), (False, True), (True, False)):
+                launches.append(build(f"backward P={projections} dropout={dropout} dx={compute_dx}"
+                                      + ("" if compute_da else " da=False"),
                                       lora_module._lora_grad_kernel, "backward",
                                       dict(PROJECTIONS=projections, APPLY_DROPOUT=dropout, COMPUTE_DX=compute_dx,
-                                           BLOCK_R=block_r, DOT_PRECISION=dot_precision)))
+                                           COMPUTE_DA=compute_da, BLOCK_R=block_r, DOT_PRECISION=dot_precision)))
     launches.append(build("mask", lora_module._lora_mask_kernel, "mask", dict(PROJECTIONS=3)))
     kernels = {"down": lora_module._lora_pack_kernel, "backward": lora_module._lora_grad_kernel}
     defaults = {label.split(" ")[0]: [] for label, *_ in launches}
@@ -144,7 +147,7 @@ def profile_row(label: str, kernel, signature: dict, constexprs: dict, num_warps
 
 
 def selected(label: str) -> bool:
-    """The variants of the profile: q/k/v stacked (P=3), dX computed, dropout on and off."""
+    """The variants of the profile: q/k/v stacked (P=3), dX computed (with dA, or alone), dropout on and off."""
     return "P=3" in label and "dx=False" not in label
 
 
@@ -153,12 +156,13 @@ def profile_lora(dtype: torch.dtype = torch.bfloat16) -> list:
 
 
 def format_rows(rows: Sequence[dict]) -> str:
-    head = (f"{'kernel variant':44s} {'regs':>4s} {'smem':>6s} {'blk/SM':>6s} {'warps/SM':>8s} "
+    width = max([len("kernel variant")] + [len(r["label"]) for r in rows])
+    head = (f"{'kernel variant':{width}s} {'regs':>4s} {'smem':>6s} {'blk/SM':>6s} {'warps/SM':>8s} "
             f"{'loop instr':>10s} {'per elem':>8s} {'IMAD+LOP3':>9s} {'conv':>4s}")
     lines = [head]
     for r in rows:
         share = "-" if r["philox_op_share"] is None else f"{100 * r['philox_op_share']:.0f}%"
-        lines.append(f"{r['label']:44s} {r['registers']:4d} {r['shared_bytes']:6d} {r['blocks_per_sm']:6d} "
+        lines.append(f"{r['label']:{width}s} {r['registers']:4d} {r['shared_bytes']:6d} {r['blocks_per_sm']:6d} "
                      f"{r['warps_per_sm']:8d} {r['loop_instructions']:10d} {r['loop_instructions_per_element']:8.1f} "
                      f"{share:>9s} {r['loop_conversions']:4d}")
     return "\n".join(lines)

@@ -794,6 +794,9 @@ TRITON_CASES = [
     Case("t_qkv_a_frozen", "qkv", (2, 3), 17, 5, 3, dropout_p=0.3, lora_grads="b"),
     Case("t_linear_b_frozen", "linear", (5,), 11, 4, 2, dropout_p=0.2, lora_grads="a"),
     Case("t_qkv_lora_frozen", "qkv", (4,), 9, 3, 2, dropout_p=0.4, lora_grads=""),
+    # dX without dA (the gradient kernel's COMPUTE_DA off) for one projection, and over several tiles.
+    Case("t_linear_a_frozen", "linear", (6,), 13, 5, 3, dropout_p=0.3, lora_grads="b"),
+    Case("t_qkv_multi_tile_a_frozen", "qkv", (37,), 45, 13, 4, dropout_p=0.1, lora_grads="b"),
     Case("t_qkv_in1_out1", "qkv", (3,), 1, 1, 1, dropout_p=0.5),
 ]
 
@@ -1605,10 +1608,10 @@ def test_triton_kernels_compile_for_sm90_without_spills(dtype_name, capsys):
         for r in results:
             print(f"\n  sm_90a {dtype_name:8s} {r['label']:46s} registers={r['registers']:3d} "
                   f"shared={r['shared']:6d} B spills={r['spills']} warps={r['warps']} stages={r['stages']}", end="")
-    # 13 launch variants at the defaults, each with M a multiple of 16 and not; 16-bit also
-    # 4 * 4 + 5 * 8 at the sweep's candidates; and each of those but the mask's at the largest BLOCK_R
-    # too (12 defaults, the 56 candidates).
-    assert len(results) == 2 * 13 + 12 + (0 if dtype_name == "float32" else 2 * 56)
+    # 17 launch variants at the defaults (4 of the pack kernel, 12 of the gradient kernel, the mask's),
+    # each with M a multiple of 16 and not; 16-bit also 4 * 4 + 5 * 12 at the sweep's candidates; and
+    # each of those but the mask's at the largest BLOCK_R too (16 defaults, the 76 candidates).
+    assert len(results) == 2 * 17 + 16 + (0 if dtype_name == "float32" else 2 * 76)
     assert {r["label"].split(" ")[-1] for r in results} == {"M%16==0", "M%16!=0"}
     # Spills at rank 4 (the largest BLOCK_R's launches are checked for shared memory only: some
     # spill, e.g. 40 bytes in the 16-bit gradient kernel with dropout and dx at triton 3.8).
@@ -1758,3 +1761,51 @@ def test_the_occupancy_candidates_fit_more_blocks_per_sm():
     assert {r["label"].split(" ")[0] for r in results} == {"down", "backward"}, results
     for r in results:
         assert r["blocks"] >= (6 if r["label"].startswith("down") else 3) and not r["spills"], r
+
+
+def _gradient_kernel_with_and_without_da() -> list[dict]:
+    """The bf16 gradient kernel compiled for sm_90a at its default configuration, q/k/v stacked, dropout on
+    and off, with dX and dA and with dX alone: registers, spills, and the pointer arguments its PTX reads;
+    runs in a process without TRITON_INTERPRET."""
+    import os
+    import re
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from ace_kernels._aot import compile_sm90, ptx_sm90
+    from benchmarks.kernel_stats import divisible_arguments, lora_launches
+
+    wanted = {f"backward P=3 dropout={dropout} dx=True{tail}"
+              for dropout in (True, False) for tail in ("", " da=False")}
+    rows = []
+    for label, kernel, signature, constexprs, num_warps, num_stages in lora_launches(torch.bfloat16):
+        if label in wanted:
+            args = dict(num_warps=num_warps, num_stages=num_stages, divisible_by_16=divisible_arguments(kernel))
+            res = compile_sm90(kernel, signature, constexprs, **args)
+            ptx = ptx_sm90(kernel, signature, constexprs, **args)
+            # The runtime arguments in order (constexprs are not parameters): ld.param of _param_<i> reads one.
+            runtime = [name for name, kind in signature.items() if kind != "constexpr"]
+            read = {runtime[int(i)] for i in re.findall(r"ld\.param\S*\s+%\w+,\s*\[\w+_param_(\d+)", ptx)}
+            rows.append(dict(label=label, registers=res.registers, spills=res.spills, read=sorted(read)))
+    return rows
+
+
+@pytest.mark.slow
+def test_the_gradient_kernel_without_da_neither_reads_x_nor_writes_partials():
+    """With dX alone (A frozen, or the whole adapter) the gradient kernel compiles without dA: its PTX never
+    reads the x_cat or dA-partials pointers (so it neither loads x nor stores partials), which it does
+    with dA; no spills, and no more registers."""
+    pytest.importorskip("triton")
+    from _aot_helpers import compile_in_fresh_process
+
+    rows = {r["label"]: r for r in compile_in_fresh_process("test_lora", "_gradient_kernel_with_and_without_da")}
+    assert len(rows) == 4, sorted(rows)
+    for dropout in (True, False):
+        both = rows[f"backward P=3 dropout={dropout} dx=True"]
+        alone = rows[f"backward P=3 dropout={dropout} dx=True da=False"]
+        assert {"dx_ptr", "g_ptr", "a_ptr", "xcat_ptr", "da_part_ptr"} <= set(both["read"]), both
+        assert {"dx_ptr", "g_ptr", "a_ptr"} <= set(alone["read"]), alone
+        assert not {"xcat_ptr", "da_part_ptr"} & set(alone["read"]), alone
+        assert alone["spills"] == 0 and alone["registers"] <= both["registers"], (both, alone)
