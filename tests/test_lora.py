@@ -811,6 +811,39 @@ def test_triton_matches_oracle(case, device):
     compare_with_oracle(case, make_inputs(case, torch.float32, device), "triton", rtol=TRITON_RTOL, atol=TRITON_ATOL)
 
 
+class _EmptyRecorder:
+    """Stands in for ``torch`` in ``ace_kernels.lora``: records the shape and dtype of every ``torch.empty``."""
+
+    def __init__(self):
+        self.made = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *args, **kwargs):
+        tensor = torch.empty(*args, **kwargs)
+        self.made.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("lora_grads", ["ab", "b", ""])
+def test_triton_dx_alone_allocates_no_da_partials(lora_grads, monkeypatch, device):
+    """The gradient kernel's dA partials (fp32 [row blocks, P*r, K]) are allocated when dA is wanted only: with
+    A frozen (B trained, or neither) the backward makes none with a row."""
+    case = Case("partials", "qkv", (70,), 24, 6, 2, dropout_p=0.3, lora_grads=lora_grads)
+    inputs = make_inputs(case, torch.float32, device)
+    outputs, _ = call_op(case, inputs, "triton")
+    recorder = _EmptyRecorder()
+    monkeypatch.setattr(lora_module, "torch", recorder)
+    torch.autograd.grad(outputs, [t for t in inputs if t is not None and t.requires_grad],
+                        [torch.ones_like(o) for o in outputs])
+    partials = [shape for shape, dtype in recorder.made
+                if dtype == torch.float32 and len(shape) == 3 and shape[1:] == (3 * case.rank, case.in_features)]
+    assert len(partials) == 1, recorder.made
+    assert (partials[0][0] > 0) == ("a" in lora_grads), partials
+
+
 @pytest.mark.triton
 def test_triton_backward_regenerates_forward_mask(device):
     """dX and dA depend elementwise on the mask: matching the oracle run with the exported
