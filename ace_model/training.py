@@ -2320,6 +2320,20 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
     # same path (a relative path from another folder, a replaced file) do not. On rank 0 only (the
     # saved digest is rank 0's): the other ranks' weights are replaced by rank 0's broadcast.
     by_content = saved_digest is not None and (frozen_digest is not None or rank != 0)
+    # The settings first: without pretrained weights another seed draws other towers too, and the
+    # error names the seed, not only their digest.
+    for key in sorted(set(saved) | set(now)):
+        if key in TrainConfig._RESUMABLE_CHANGES:
+            continue
+        if key == "pretrained" and by_content:
+            continue  # compared below by content (on rank 0)
+        if key == "loss_scope" and world == 1 and state["world_size"] == 1:
+            continue  # one process: one slice, the same loss either way
+        if key not in saved and now.get(key) == defaults.get(key):
+            continue  # a field added since that state was written, at the value the run had
+        if saved.get(key) != now.get(key):
+            raise TrainingStateError(f"resume from {path}: TrainConfig.{key} was {saved.get(key)!r} in the saved "
+                                     f"run, now {now.get(key)!r}; resuming would not continue the same run")
     if by_content and frozen_digest is not None and saved_digest != frozen_digest:
         source = (f"TrainConfig.pretrained {config.pretrained!r} holds other weights than the saved run's "
                   f"{saved.get('pretrained')!r} did" if config.pretrained or saved.get("pretrained")
@@ -2328,18 +2342,6 @@ def _check_resume_config(state: dict, config: TrainConfig, world: int, dataset_r
         raise TrainingStateError(f"resume from {path}: the frozen weights differ from the saved run's (digest "
                                  f"{frozen_digest[:12]}... instead of {saved_digest[:12]}...): {source}; resuming "
                                  "would not continue the same run")
-    for key in sorted(set(saved) | set(now)):
-        if key in TrainConfig._RESUMABLE_CHANGES:
-            continue
-        if key == "pretrained" and by_content:
-            continue  # compared above by content (on rank 0)
-        if key == "loss_scope" and world == 1 and state["world_size"] == 1:
-            continue  # one process: one slice, the same loss either way
-        if key not in saved and now.get(key) == defaults.get(key):
-            continue  # a field added since that state was written, at the value the run had
-        if saved.get(key) != now.get(key):
-            raise TrainingStateError(f"resume from {path}: TrainConfig.{key} was {saved.get(key)!r} in the saved "
-                                     f"run, now {now.get(key)!r}; resuming would not continue the same run")
     # Allowed, but the losses from here are not the uninterrupted run's (with dropout, other masks;
     # without, another summation order): say so. A chunk of the local batch or more is the one-pass step.
     def passes(chunk):

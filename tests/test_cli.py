@@ -1087,6 +1087,19 @@ def test_a_resume_with_another_setting_names_the_flag(synthetic, tmp_path, capsy
                          "not continue the same run"), line
 
 
+def test_a_resume_with_another_seed_names_the_flag_not_the_frozen_towers(synthetic, tmp_path, capsys):
+    """Without --pretrained the seed draws the frozen towers, so another --seed on resume also gives
+    other towers: the error named only their digest and blamed the libraries' versions ("another
+    version of timm, transformers or open_clip"), never the --seed the user changed."""
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--out-dir", str(tmp_path / "run"), "--batch-size",
+              "4", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+    assert cli.main(common) == 0
+    capsys.readouterr()
+    assert cli.main([*common, "--resume", "auto", "--seed", "2"]) == cli.EXIT_BAD_INPUT
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert line.endswith(": --seed was 1 in the saved run, now 2; resuming would not continue the same run"), line
+
+
 def test_a_resume_follows_the_pretrained_weights_not_their_path(synthetic, tmp_path, capsys, monkeypatch):
     """--pretrained is compared by what it holds: the same file named otherwise resumes (it was
     refused as another setting), other weights under the same relative path (a resume started in
