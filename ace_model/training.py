@@ -1234,7 +1234,8 @@ def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike)
     """Path of the state file to resume from, or None to start fresh.
 
     ``"auto"``: the run directory's ``checkpoints/latest`` if there is one, else None.
-    A directory: its ``latest`` (or ``checkpoints/latest``). A file: itself.
+    A directory: its ``latest`` (or ``checkpoints/latest``). A ``latest`` pointer: the state it
+    names. Another file: itself.
     """
     if resume is None:
         return None
@@ -1249,6 +1250,8 @@ def resolve_resume(resume: str | os.PathLike | None, out_dir: str | os.PathLike)
         raise FileNotFoundError(f"TrainConfig.resume: {str(resume)!r} has no 'latest' file, nor has its checkpoints/")
     if not path.exists():
         raise FileNotFoundError(f"TrainConfig.resume: {str(resume)!r} does not exist")
+    if path.name == "latest":  # a run's pointer (JSON), not a state: the state it names
+        return _read_latest(path)
     return path
 
 

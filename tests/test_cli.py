@@ -1100,6 +1100,18 @@ def test_a_resume_with_another_seed_names_the_flag_not_the_frozen_towers(synthet
     assert line.endswith(": --seed was 1 in the saved run, now 2; resuming would not continue the same run"), line
 
 
+def test_a_resume_from_the_latest_pointer_file_follows_it(synthetic, tmp_path, capsys):
+    """--resume takes a run's checkpoints/latest as its directory's 'latest': the state it names (the file
+    was read as a state and refused as "corrupt or truncated", a pointer that was neither)."""
+    common = ["train", "--csv", str(synthetic), "--model", "tiny", "--batch-size", "4", "--max-steps", "2",
+              "--no-progress", "--device", "cpu"]
+    assert cli.main([*common, "--out-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    assert cli.main([*common, "--out-dir", str(tmp_path / "other"), "--resume", str(latest)]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == str(latest.parent / "state-00000002.pt")
+
+
 def test_a_resume_follows_the_pretrained_weights_not_their_path(synthetic, tmp_path, capsys, monkeypatch):
     """--pretrained is compared by what it holds: the same file named otherwise resumes (it was
     refused as another setting), other weights under the same relative path (a resume started in
