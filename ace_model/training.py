@@ -1005,7 +1005,7 @@ def _load_batches(dataset, index_lists: list[list[int]], num_workers: int, pin: 
     loader = torch.utils.data.DataLoader(
         _PerBatchDraws(dataset),
         batch_sampler=batches,
-        num_workers=num_workers,
+        num_workers=min(num_workers, len(batches)),  # each loads whole batches: no idle ones
         collate_fn=collate_batch,
         pin_memory=pin,
         generator=torch.Generator().manual_seed(seed),

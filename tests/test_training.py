@@ -507,6 +507,26 @@ class _NoisyPairs(RandomPairs):
         return image + 0.1 * noise, tokens, labels
 
 
+def test_the_loader_starts_no_more_workers_than_it_has_batches(monkeypatch):
+    """Each worker loads whole batches: workers beyond the epoch's batches load nothing. A large
+    --num-workers started them all anyway (--num-workers 99999999999999999999 on 4 batches hung,
+    opening thousands of pipes, never training nor erring)."""
+    started = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(*args, num_workers=0, **kwargs):
+        started.append(num_workers)
+        raise Recorded
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", record)
+    for workers, expected in ((10**20, 3), (2, 2), (0, 0)):
+        with pytest.raises(Recorded):
+            training._load_batches([], [[0, 1], [2, 3], [4, 5]], workers, False, 1, (1, 0, 0), 0)
+        assert started.pop() == expected
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="loader workers started by fork")
 def test_a_dataset_that_draws_trains_alike_with_workers_and_resumes_exactly(tmp_path):
     """A dataset's random draws come from a seed per batch (run seed, epoch, rank, batch): the
