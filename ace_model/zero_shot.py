@@ -47,6 +47,7 @@ import math
 import numbers
 import re
 import string
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -432,6 +433,8 @@ def _evaluate(model, dataset, class_names, task, batch_size, templates, device, 
                              f"{list(columns)}); give the class names in the order of the label columns")
     device = device or next(model.parameters()).device
     text = class_embeddings(model, class_names, templates, device).float().cpu()
+    # One batch of every row at most (a batch_size past sys.maxsize fails inside the sampler, naming nothing).
+    batch_size = min(batch_size, max(len(dataset), 1) if hasattr(dataset, "__len__") else sys.maxsize)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     batches = loader
     if progress:

@@ -358,6 +358,21 @@ def test_evaluate_runs_a_model_with_16_bit_frozen_weights_under_autocast(tiny, s
     assert result["n"] == len(dataset) and 0 <= result["accuracy"] <= 1
 
 
+def test_cli_zero_shot_takes_a_batch_size_larger_than_the_data(tiny, synthetic, tmp_path, capsys):
+    """A --batch-size past the CSV's rows is one batch of them all: one larger than sys.maxsize ended in
+    "error: Stop argument for islice() must be None or an integer: 0 <= x <= sys.maxsize.", naming no flag."""
+    checkpoint = tmp_path / "tiny.pt"
+    tiny.save_reference_checkpoint(checkpoint)
+    results = []
+    for batch_size in ("12", str(10**20)):
+        output = tmp_path / f"metrics-{len(batch_size)}.json"
+        assert cli.main(["zero-shot", "--csv", str(synthetic), "--model", "tiny", "--checkpoint", str(checkpoint),
+                         "--batch-size", batch_size, "--no-progress", "--output", str(output)]) == 0, \
+            capsys.readouterr().err
+        results.append({k: v for k, v in json.loads(output.read_text()).items() if k != "images_per_s"})
+    assert results[0] == results[1]
+
+
 def test_cli_zero_shot_with_a_checkpoint(tiny, synthetic, tmp_path, capsys, monkeypatch):
     from ace_model import checkpoint as checkpoint_module
 
