@@ -14,9 +14,9 @@ expected failure while running: a non-finite loss, ranks that disagree, an OS er
 full disk). Anything else is a bug or
 a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
 Ctrl-C ends with one line and exit 130; what is on disk is the last complete state
-(``train --resume auto`` continues from it exactly). ``ACE_LORA_DEBUG=1`` shows the traceback
-of the one-line errors too. Errors from ``TrainConfig`` checks name the flag (``--chunk-size``),
-not the field.
+(``train --resume auto`` continues from it exactly). ``ACE_LORA_DEBUG=1`` raises the one-line
+errors instead (the traceback in place of the line, status 1). Errors from ``TrainConfig`` checks
+name the flag (``--chunk-size``), not the field.
 
 JSON output (``train``'s summary, ``zero-shot``'s metrics and ``--output``, the demo's
 summary) is strict JSON: an undefined metric (AUROC of a class without positives or
