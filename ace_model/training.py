@@ -858,12 +858,13 @@ class TrainConfig:
         if self.recompute not in ("none", "mlp", "layer"):
             raise ValueError(f"TrainConfig.recompute: expected 'none', 'mlp' or 'layer', got {self.recompute!r}")
         if self.cuda_graph and self.recompute == "layer":
-            raise ValueError("TrainConfig.cuda_graph: recompute='layer' replays each layer's random draws from "
-                             "generator states saved in the forward, which a CUDA graph capture does not allow; "
-                             "use recompute='mlp' or no CUDA graph")
+            # TrainConfig.<field> in messages: the command line names its flag instead (cli._flags_in).
+            raise ValueError("TrainConfig.cuda_graph: TrainConfig.recompute 'layer' replays each layer's random "
+                             "draws from generator states saved in the forward, which a CUDA graph capture does "
+                             "not allow; use TrainConfig.recompute 'mlp' or no CUDA graph")
         if self.cuda_graph and self.chunk_size is not None:
             raise ValueError(f"TrainConfig.cuda_graph: the captured step is the one-pass step; it cannot be "
-                             f"combined with chunk_size={self.chunk_size}")
+                             f"combined with TrainConfig.chunk_size {self.chunk_size}")
 
 
 # The TrainConfig fields that name a file or folder: a str, an os.PathLike or (but out_dir) None.

@@ -2118,7 +2118,13 @@ def test_cli_cuda_graph_flag_reaches_the_config(tmp_path, capsys):
     csv.write_text("image,text,label\n")
     assert cli.main(["train", "--csv", str(csv), "--cuda-graph", "--chunk-size", "4", "--no-progress",
                      "--out-dir", str(tmp_path / "run")]) == cli.EXIT_BAD_INPUT
-    assert "--cuda-graph: the captured step is the one-pass step" in capsys.readouterr().err
+    assert ("--cuda-graph: the captured step is the one-pass step; it cannot be combined with --chunk-size 4"
+            in capsys.readouterr().err)
+    # The other combination refused names its flags too, not TrainConfig's fields.
+    assert cli.main(["train", "--csv", str(csv), "--cuda-graph", "--recompute", "layer", "--no-progress",
+                     "--out-dir", str(tmp_path / "run")]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--cuda-graph: --recompute 'layer' replays" in err and "use --recompute 'mlp' or no CUDA graph" in err
 
 
 def _graph_inputs(kind, batch, dropout):
@@ -2281,7 +2287,7 @@ def test_recompute_config_and_flag(tmp_path):
 
     with pytest.raises(ValueError, match=r"^TrainConfig\.recompute: expected 'none', 'mlp' or 'layer'"):
         TrainConfig(recompute=True).validate()
-    with pytest.raises(ValueError, match=r"^TrainConfig\.cuda_graph: recompute='layer' replays"):
+    with pytest.raises(ValueError, match=r"^TrainConfig\.cuda_graph: TrainConfig\.recompute 'layer' replays"):
         TrainConfig(recompute="layer", cuda_graph=True).validate()
     TrainConfig(recompute="mlp", cuda_graph=True).validate()
     for flags, want in (([], "none"), (["--recompute", "mlp"], "mlp"), (["--recompute", "layer"], "layer")):
