@@ -632,8 +632,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] tiny ACE-LoRA model: {model.num_trainable_parameters():,} trainable parameters")
     test_set = CSVImageLabelDataset(test_csv, classes, model.image_size)
     before = evaluate(model, test_set, classes, "multiclass")
-    print(f"[demo] zero-shot before training: accuracy {before['accuracy']:.3f}, AUROC {before['auroc']:.3f} "
+    print(f"[demo] zero-shot before training: accuracy {before['accuracy']:.3f}, AUROC {_auroc_text(before)} "
           f"(chance accuracy {1 / len(classes):.3f})")
+    if not math.isfinite(before["auroc"]):
+        print(f"ace-lora demo: warning: AUROC undefined (null in the summary): the {args.test_size} test samples "
+              f"leave every class without a positive or a negative sample; a larger --test-size gives them both",
+              file=sys.stderr)
 
     result = train_fn(config, model=model)
     losses = _read_losses(result)
@@ -643,7 +647,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] training loss: mean of the first {window} steps {first:.4f} -> last {window} steps {last:.4f}")
 
     after = evaluate(model, test_set, classes, "multiclass")
-    print(f"[demo] zero-shot after training: accuracy {after['accuracy']:.3f}, AUROC {after['auroc']:.3f} "
+    print(f"[demo] zero-shot after training: accuracy {after['accuracy']:.3f}, AUROC {_auroc_text(after)} "
           f"(chance accuracy {1 / len(classes):.3f})")
     summary = {"loss_first": first, "loss_last": last, "steps": len(losses), "before": before, "after": after,
                "chance_accuracy": 1 / len(classes), "seconds": time.perf_counter() - started,
@@ -657,6 +661,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 _DEMO_MARKER = ".ace-lora-demo"
+
+
+def _auroc_text(result: dict) -> str:
+    """The demo's macro AUROC, or "undefined" where no class has both a positive and a negative test sample."""
+    return f"{result['auroc']:.3f}" if math.isfinite(result["auroc"]) else "undefined"
 
 
 # The demo's flags for the TrainConfig fields it sets (its errors and warnings name them).

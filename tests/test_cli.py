@@ -1595,6 +1595,19 @@ def test_demo_trains_and_beats_chance(tmp_path, capsys):
     assert "300/300" in captured.err  # tqdm's bar reached the end
 
 
+def test_demo_says_when_its_test_set_leaves_the_auroc_undefined(tmp_path, capsys):
+    """One test sample is a positive of one class and a negative of none: the macro AUROC is undefined. The demo
+    prints it as such (not "nan"), says why on stderr, and writes null in its summary."""
+    assert cli.main(["demo", "--steps", "2", "--train-size", "32", "--test-size", "1", "--no-progress",
+                     "--out-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "AUROC undefined (chance" in captured.out and "nan" not in captured.out.lower()
+    assert "ace-lora demo: warning: AUROC undefined (null in the summary): the 1 test samples" in captured.err
+    assert "--test-size" in captured.err
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["before"]["auroc"] is None and summary["after"]["auroc"] is None
+
+
 @pytest.mark.slow
 def test_quick_demo_trains_and_beats_chance(tmp_path, capsys):
     status = cli.main(["demo", "--quick", "--out-dir", str(tmp_path), "--no-progress"])
