@@ -133,7 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-checkpoints", type=int, default=2,
                        help="how many of this run's newest checkpoints stay; older ones are deleted once a newer "
                             "one is written (default: %(default)s)")
-    train.add_argument("--resume", help="a state file, a run directory, or 'auto' (latest in --out-dir)")
+    train.add_argument("--resume", help="a state file, a run directory (or its checkpoints/latest), or 'auto' "
+                                        "(latest in --out-dir)")
     train.add_argument("--num-workers", type=int, default=0,
                        help="DataLoader worker processes (default: %(default)s: the training process loads)")
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
