@@ -746,13 +746,6 @@ if triton is not None:
                          mask=j_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         if APPLY_DROPOUT:
             seed = tl.load(seed_ptr)
-            if not COMPUTE_DA:
-                # dX alone: G_p as G times 0/1 multipliers of its columns, made once. Selecting them in the
-                # loop, as dA's products do, kept six loop-invariant predicates there, more than ptxas
-                # holds at 4 warps (a candidate spilled them, triton 3.6).
-                in_0 = (proj_j == 0).to(xcat_ptr.dtype.element_ty)
-                in_1 = (proj_j == 1).to(xcat_ptr.dtype.element_ty)
-                in_2 = (proj_j == 2).to(xcat_ptr.dtype.element_ty)
         da_tile = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         # EPILOGUE_M rows at a time: with dropout, Philox needs several 32-bit words per
         # element, too many registers for a whole [BLOCK_M, BLOCK_K] tile.
@@ -779,12 +772,10 @@ if triton is not None:
                         lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
                         da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
                     else:
-                        if p == 0:
-                            g_p = g_sub * in_0[None, :]
-                        elif p == 1:
-                            g_p = g_sub * in_1[None, :]
-                        else:
-                            g_p = g_sub * in_2[None, :]
+                        # dX alone: G_p as G times 0/1 multipliers of its columns. Selecting with the
+                        # predicates, as dA's products do, kept six loop-invariant ones in the loop, more than
+                        # ptxas holds at 4 warps (a candidate spilled them, triton 3.6).
+                        g_p = g_sub * (proj_j == p).to(xcat_ptr.dtype.element_ty)[None, :]
                         lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
             else:
                 lora_dx = tl.dot(g_sub, a_tile, input_precision=DOT_PRECISION)
