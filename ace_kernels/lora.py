@@ -769,14 +769,14 @@ if triton is not None:
                     keep_x = ((keep >> p) & 1).to(xcat_ptr.dtype.element_ty)
                     if COMPUTE_DA:
                         g_p = tl.where((proj_j == p)[None, :], g_sub, zero)
-                        lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
-                        da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
                     else:
                         # dX alone: G_p as G times 0/1 multipliers of its columns. Selecting with the
                         # predicates, as dA's products do, kept six loop-invariant ones in the loop, more than
                         # ptxas holds at 4 warps (a candidate spilled them, triton 3.6).
                         g_p = g_sub * (proj_j == p).to(xcat_ptr.dtype.element_ty)[None, :]
-                        lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
+                    lora_dx += keep_x.to(tl.float32) * tl.dot(g_p, a_tile, input_precision=DOT_PRECISION)
+                    if COMPUTE_DA:
+                        da_tile = tl.dot(tl.trans(g_p), x_sub * keep_x, da_tile, input_precision=DOT_PRECISION)
             else:
                 lora_dx = tl.dot(g_sub, a_tile, input_precision=DOT_PRECISION)
                 if COMPUTE_DA:
