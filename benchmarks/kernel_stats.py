@@ -126,6 +126,11 @@ def elements_per_step(label: str, constexprs: dict, num_warps: int) -> float:
     return rows * constexprs["BLOCK_K"] / (32 * num_warps)
 
 
+def most_frequent_first(opcodes: dict) -> dict:
+    """Opcode counts ordered as the JSON rows give them: the most frequent first, ties by name."""
+    return dict(sorted(opcodes.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def profile_row(label: str, kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
     from ace_kernels._aot import profile_sm90
 
@@ -142,7 +147,7 @@ def profile_row(label: str, kernel, signature: dict, constexprs: dict, num_warps
         loop_instructions=total, loop_instructions_per_element=round(total / per_element, 2),
         philox_op_share=round(sum(ops.get(op, 0) for op in PHILOX_OPS) / total, 3) if total else None,
         loop_conversions=sum(ops.get(op, 0) for op in CONVERSIONS),
-        loop_opcodes=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        loop_opcodes=most_frequent_first(ops),
     )
 
 
@@ -262,8 +267,8 @@ def contrastive_row(label: str, kernel, signature: dict, constexprs: dict, num_w
         instructions_per_logit=round(per_tile() / logits, 2),
         mma_instructions_per_tile=per_tile(("HGMMA", "HMMA")),
         mufu_per_logit=round(per_tile(("MUFU",)) / logits, 2),
-        loop_opcodes=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        kernel_opcodes=dict(sorted(prof.kernel_opcodes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        loop_opcodes=most_frequent_first(ops),
+        kernel_opcodes=most_frequent_first(prof.kernel_opcodes),
     )
 
 
@@ -327,7 +332,7 @@ def profile_hypergraph() -> list:
                          spills=prof.resources.spills, blocks_per_sm=prof.blocks_per_sm,
                          warps_per_sm=prof.blocks_per_sm * num_warps, loop_instructions=prof.loop_instructions,
                          kernel_instructions=prof.kernel_instructions,
-                         loop_opcodes=dict(sorted(prof.loop_opcodes.items(), key=lambda kv: (-kv[1], kv[0])))))
+                         loop_opcodes=most_frequent_first(prof.loop_opcodes)))
     return rows
 
 
