@@ -28,7 +28,8 @@ Backends
     ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
     ``x`` and ``A``. The dropout mask comes from Philox keyed by a seed and the element
     position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
-    columns) and the seed are saved (B alone trained: a copy of S's columns alone). In
+    columns) and the seed are saved; with A frozen, where no gradient reads x, a copy of S's
+    columns (B trained) and the seed (x trained) alone. In
     evaluation (``training=False``) without a graph to build, the LoRA term is merged into
     the weight instead (``W + scaling * B A``, one small batched product) and the call is
     one GEMM; in float16, where a merged element could overflow, the term is added unmerged
@@ -959,21 +960,24 @@ def _lora_forward_launch(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return y, x_cat
 
 
-def _lora_backward_fake(grad_y, x_cat, weight, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout,
+def _lora_backward_fake(grad_y, x_cat, s_cols, weight, lora_a3, lora_b3, seed, scaling, dropout_p, apply_dropout,
                         compute_dx, compute_da, compute_db):
     projections, rank, in_features = lora_a3.shape
-    return (x_cat.new_empty((x_cat.shape[0], in_features) if compute_dx else (0,)),
-            x_cat.new_empty((projections * rank, in_features) if compute_da else (0,), dtype=torch.float32),
-            x_cat.new_empty(lora_b3.shape if compute_db else (0,)))
+    return (grad_y.new_empty((grad_y.shape[0], in_features) if compute_dx else (0,)),
+            grad_y.new_empty((projections * rank, in_features) if compute_da else (0,), dtype=torch.float32),
+            grad_y.new_empty(lora_b3.shape if compute_db else (0,)))
 
 
 @_library.launcher("lora_backward", _lora_backward_fake)
-def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: torch.Tensor | None,
-                          lora_a3: torch.Tensor, lora_b3: torch.Tensor, seed: torch.Tensor, scaling: float,
-                          dropout_p: float, apply_dropout: bool, compute_dx: bool, compute_da: bool,
-                          compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dX [M, K]; dA [P*r, K] fp32; dB [P, out, r] in x's dtype), each an empty tensor when its
-    ``compute_*`` is off. ``weight`` is read for dX only (None without it).
+def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor | None, s_cols: torch.Tensor | None,
+                          weight: torch.Tensor | None, lora_a3: torch.Tensor, lora_b3: torch.Tensor,
+                          seed: torch.Tensor, scaling: float, dropout_p: float, apply_dropout: bool, compute_dx: bool,
+                          compute_da: bool, compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dX [M, K]; dA [P*r, K] fp32; dB [P, out, r] in ``grad_y``'s dtype, x's), each an empty tensor
+    when its ``compute_*`` is off. Each input is read for the gradients that need it only (None
+    without them): ``x_cat`` [M, >= K] (x in its first K columns) for dA; ``s_cols`` [M, >= P*r]
+    (S in its first P*r columns: x_cat's tail, or the copy of them saved without dA) for dB;
+    ``weight`` for dX.
 
     Three products (torch's): dY W, G_p = dY_p B_p and dB_p = scaling * dY_p^T S_p, the last
     two batched over the projections on views of dY; then one kernel adds
@@ -981,32 +985,35 @@ def _lora_backward_launch(grad_y: torch.Tensor, x_cat: torch.Tensor, weight: tor
     partials, added here in a fixed order (deterministic, no atomics)."""
     projections, rank, in_features = lora_a3.shape
     out_features = lora_b3.shape[1]
-    rows = x_cat.shape[0]
+    rows = grad_y.shape[0]
     rank_total = projections * rank
     grad_y = grad_y.contiguous()
     grad_y3 = grad_y.view(rows, projections, out_features)
-    grad_x = grad_y @ weight if compute_dx else x_cat.new_empty((0,))
-    grad_a = torch.empty((0,), dtype=torch.float32, device=x_cat.device)
-    grad_b = x_cat.new_empty((0,))
+    grad_x = grad_y @ weight if compute_dx else grad_y.new_empty((0,))
+    grad_a = torch.empty((0,), dtype=torch.float32, device=grad_y.device)
+    grad_b = grad_y.new_empty((0,))
     if compute_db:
-        grad_b = _lora_grad_b(grad_y, x_cat[:, in_features:], projections, rank, scaling)
+        grad_b = _lora_grad_b(grad_y, s_cols, projections, rank, scaling)
     if compute_dx or compute_da:
         grad_s = torch.bmm(grad_y3.transpose(0, 1), lora_b3)  # [P, M, r]
-        cfg = _config("backward", x_cat.dtype, x_cat.device)
+        cfg = _config("backward", grad_y.dtype, grad_y.device)
         row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
         # dA's partials, [row blocks, P*r, K] in fp32, only when dA is wanted: with dX alone (A frozen, or the
         # whole adapter, as for a saliency map through a trained model) the kernel reads neither x nor writes them.
         da_part = torch.empty((row_blocks if compute_da else 0, rank_total, in_features), dtype=torch.float32,
-                              device=x_cat.device)
+                              device=grad_y.device)
+        # Without dA, x_cat's pointer and row stride are not read: G stands in for the one (its dtype, x's), and
+        # x_cat's width for the other (what a launch with x_cat passed: the same compiled variant).
+        x_ptr, x_stride = (x_cat, x_cat.stride(0)) if compute_da else (grad_s, _packed_width(in_features, rank_total))
         if rows > 0:
             _lora_grad_kernel[(row_blocks, triton.cdiv(in_features, cfg["BLOCK_K"]))](
-                grad_x if compute_dx else x_cat, grad_s, x_cat, lora_a3, seed, da_part,
+                grad_x if compute_dx else x_cat, grad_s, x_ptr, lora_a3, seed, da_part,
                 rows, in_features, rank,
                 grad_x.stride(0) if compute_dx else 0, grad_s.stride(0), grad_s.stride(1), grad_s.stride(2),
-                x_cat.stride(0), lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
+                x_stride, lora_a3.stride(0), lora_a3.stride(1), lora_a3.stride(2),
                 0, _drop_threshold(dropout_p), scaling / (1.0 - dropout_p) if apply_dropout else scaling,
                 PROJECTIONS=projections, APPLY_DROPOUT=apply_dropout, COMPUTE_DX=compute_dx, COMPUTE_DA=compute_da,
-                BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(x_cat.dtype), **cfg)
+                BLOCK_R=_block_r(projections, rank), DOT_PRECISION=_dot_precision(grad_y.dtype), **cfg)
         if compute_da:
             grad_a = da_part.sum(0)
     return grad_x, grad_a, grad_b
@@ -1024,8 +1031,8 @@ def _lora_grad_b(grad_y: torch.Tensor, s_cols: torch.Tensor, projections: int, r
 
 
 class _LoraTritonFunction(torch.autograd.Function):
-    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (in x's dtype) and the seed only, or a copy
-    of its S columns alone when dB alone is wanted."""
+    """LoRA for P stacked projections; saves x_cat = [x | S | 0] (in x's dtype) and the seed when dA is
+    wanted; otherwise no x: a copy of x_cat's S columns for dB, and A, B and the seed for dX."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_a3, lora_b3, scaling, dropout_p, apply_dropout, side):
@@ -1036,18 +1043,25 @@ class _LoraTritonFunction(torch.autograd.Function):
         y, x_cat = _lora_forward_launch(x2d, weight, bias, lora_a3, lora_b3, seed, float(scaling), float(dropout_p),
                                         bool(apply_dropout))
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        if need_x or need_a:
-            # W is read for dX alone: not saved otherwise (a frozen W made under torch.inference_mode cannot be).
-            ctx.save_for_backward(x_cat, weight if need_x else None, lora_a3, lora_b3, seed)
+        # W is read for dX alone: not saved otherwise (a frozen W made under torch.inference_mode cannot be).
+        weight = weight if need_x else None
+        if need_a:
+            ctx.save_for_backward(x_cat, weight, lora_a3, lora_b3, seed)
             # For the saved-bytes hook: x's share of x_cat, and the rest (S, the pad, the seed).
             side["saved"] = (x2d, (x_cat[:, x2d.shape[1]:], seed))
         else:
-            # dB alone reads S only (as the torch backend keeps it): a copy of x_cat's S columns is saved (not
-            # the pad after them, up to 7 more columns a row), and x_cat itself, A, B and the seed are not.
+            # Without dA nothing reads x (dX's kernel reads G, A and the regenerated masks; dB reads S, as the
+            # torch backend keeps it): a copy of x_cat's S columns is saved for dB (not the pad after them, up
+            # to 7 more columns a row), and x_cat itself is not; A, B and the seed are for dX only.
             s_cols = x2d.shape[1] + lora_a3.shape[0] * lora_a3.shape[1]
             s_tail = x_cat[:, x2d.shape[1]:s_cols].clone() if need_b else None
-            ctx.save_for_backward(s_tail, None, None, None, None)
-            side["saved"] = (None, (s_tail,))
+            if need_x:
+                ctx.save_for_backward(s_tail, weight, lora_a3, lora_b3, seed)
+                side["saved"] = (None, (s_tail, seed))
+            else:
+                ctx.save_for_backward(s_tail, None, None, None, None)
+                side["saved"] = (None, (s_tail,))
+        ctx.dtype = x2d.dtype
         ctx.shape = tuple(lora_a3.shape)
         ctx.scaling = float(scaling)
         ctx.dropout_p = dropout_p
@@ -1059,17 +1073,19 @@ class _LoraTritonFunction(torch.autograd.Function):
     @_library.kernel_backward("lora_linear/lora_qkv/lora_qkv_packed (backend 'triton'): second derivatives "
                               "(create_graph=True) are not supported by the Triton kernels; use backend='torch'")
     def backward(ctx, grad_y):
-        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors  # x_cat: the copy of S's columns for dB alone
+        # x_cat with dA; without it, the copy of S's columns (None without dB).
+        x_cat, weight, lora_a3, lora_b3, seed = ctx.saved_tensors
         projections, rank, in_features = ctx.shape
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         # The products and the kernel need dY in the inputs' dtype (autocast can hand back another).
-        grad_y = grad_y.to(x_cat.dtype)
+        grad_y = grad_y.to(ctx.dtype)
         if not (need_x or need_a):
             return (None, None, None, None, _lora_grad_b(grad_y.contiguous(), x_cat, projections, rank, ctx.scaling),
                     None, None, None, None)
+        x_cat, s_cols = (x_cat, x_cat[:, in_features:]) if need_a else (None, x_cat)
         grad_x, grad_a_flat, grad_b = _lora_backward_launch(
-            grad_y, x_cat, weight, lora_a3, lora_b3, seed, ctx.scaling, float(ctx.dropout_p),
-            bool(ctx.apply_dropout), bool(need_x), bool(need_a), bool(need_b))
+            grad_y, x_cat, s_cols if need_b else None, weight, lora_a3, lora_b3, seed, ctx.scaling,
+            float(ctx.dropout_p), bool(ctx.apply_dropout), bool(need_x), bool(need_a), bool(need_b))
         grad_a = grad_a_flat.reshape(projections, rank, in_features).to(lora_a3.dtype) if need_a else None
         return (grad_x if need_x else None, None, None, grad_a, grad_b.to(lora_b3.dtype) if need_b else None,
                 None, None, None, None)

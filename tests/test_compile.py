@@ -209,6 +209,7 @@ def _opcheck_cases(device):
     x, w, b = randn(13, 40), randn(72, 40), randn(72)
     a3, b3, seed = 0.1 * randn(3, 4, 40), 0.1 * randn(3, 24, 4), randint(1000, 1)
     x_cat, grad_y = randn(13, 56), randn(13, 72)  # x_cat: [x | S | 0], 40 + 3 * 4 columns padded to 56
+    s_copy = x_cat[:, 40:52].clone()
     u = torch.nn.functional.normalize(randn(19, 8), dim=-1)
     t = torch.nn.functional.normalize(randn(19, 8), dim=-1)
     scale, coef, keys = randn(1).abs() + 1, randn(1), randint(4, 19).int()
@@ -223,13 +224,19 @@ def _opcheck_cases(device):
     coef_hg = hypergraph._triton_cls_coef(x_hg, grad_e, cls_idx, nbr_idx, nbr_w)
     return {
         "lora_forward": [(x, w, b, a3, b3, seed, 0.5, 0.3, True), (x, w, None, a3, b3, seed, 0.5, 0.0, False)],
-        "lora_backward": [(grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, True, True, True),
-                          (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.0, False, False, True, False),
-                          (grad_y, x_cat, w, a3, b3, seed, 0.5, 0.3, True, False, False, True),
+        # (x_cat, S's columns): given for dA and dB, each None without its gradient; S is x_cat's tail, or the
+        # copy of it the Function saves without dA.
+        "lora_backward": [(grad_y, x_cat, x_cat[:, 40:], w, a3, b3, seed, 0.5, 0.3, True, True, True, True),
+                          (grad_y, x_cat, None, w, a3, b3, seed, 0.5, 0.0, False, False, True, False),
+                          (grad_y, None, s_copy, None, a3, b3, seed, 0.5, 0.3, True, False, False, True),
+                          # A frozen: dX and dB, or dX alone, without x.
+                          (grad_y, None, s_copy, w, a3, b3, seed, 0.5, 0.3, True, True, False, True),
+                          (grad_y, None, None, w, a3, b3, seed, 0.5, 0.0, False, True, False, False),
                           # x frozen: W is not saved (None; the launcher reads it for dX alone).
-                          (grad_y, x_cat, None, a3, b3, seed, 0.5, 0.3, True, False, True, True),
+                          (grad_y, x_cat, x_cat[:, 40:], None, a3, b3, seed, 0.5, 0.3, True, False, True, True),
                           # float16: dA is float32 (its row blocks' partials summed in fp32), dX and dB float16.
-                          (*(t.half() for t in (grad_y, x_cat, w, a3, b3)), seed, 0.5, 0.3, True, True, True, True)],
+                          (*(t.half() for t in (grad_y, x_cat, x_cat[:, 40:], w, a3, b3)), seed, 0.5, 0.3, True,
+                           True, True, True)],
         # Every row (one device), a rank's rows (group=) and a rank with none.
         "infonce_lse_both": [(u, t, scale, keys, 0, 19), (u, t, scale, None, 3, 11), (u, t, scale, keys, 7, 7),
                              (u.half(), t.half(), scale, keys, 0, 19)],

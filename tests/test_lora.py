@@ -442,6 +442,35 @@ def test_triton_saves_s_alone_when_only_b_trains(op, training, device):
     assert torch.equal(grad_b, torch.autograd.grad(outputs_both, inputs[4], grads_out)[0])
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("lora_grads", ["b", ""], ids=["b_trained", "lora_frozen"])
+@pytest.mark.parametrize("op", ["qkv", "linear"])
+def test_triton_with_a_frozen_saves_no_x(op, lora_grads, device):
+    # With A frozen no gradient reads x (dX's kernel reads G, A and the regenerated masks; dB reads S): x_cat
+    # ([x | S | 0]) is not kept, only a copy of S's columns (B trained) and the 8-byte seed, beside W, A and B.
+    case = Case("saved_a_frozen", op, (10,), 16, 4, 2, dropout_p=0.2, lora_grads=lora_grads)
+    inputs = make_inputs(case, torch.float32, device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        with lora_module.saved_activation_bytes() as record:
+            measured, (outputs, _) = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
+    s_bytes = 10 * (6 if op == "qkv" else 2) * 4 if lora_grads == "b" else 0
+    assert measured == s_bytes + 8
+    assert record == [{"backend": "triton", "total": s_bytes + 8, "x": 0, "extra": s_bytes + 8}]
+    # Bit for bit the outputs, dX and dB of the same call with A trained too (x_cat kept, read for dA only).
+    wanted = [t for t in (inputs[0], inputs[4]) if t.requires_grad]
+    grads_out = [torch.randn_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, wanted, grads_out)
+    both = (*inputs[:3], inputs[3].detach().requires_grad_(True), inputs[4])
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        outputs_both, _ = call_op(case, both, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both, strict=True))
+    grads_both = torch.autograd.grad(outputs_both, wanted, grads_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_both, strict=True))
+
+
 def test_torch_selective_checkpointing_that_keeps_every_result():
     """Selective activation checkpointing whose policy keeps the result of every op (not only the matmuls): the
     torch backend updates none of its intermediates in place under it (the block-diagonal B written into zeros,
