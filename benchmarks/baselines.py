@@ -120,6 +120,13 @@ class _ThreeProjections(nn.Module):
     def lora_parameters(self) -> list[torch.Tensor]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def freeze_lora_a(self) -> "_ThreeProjections":
+        """Freeze every A (LoRA-FA's setting: only B and the inputs get gradients); returns self."""
+        for layer in (self.q_proj, self.k_proj, self.v_proj):
+            a = layer.w_lora_A if isinstance(layer, ReferenceLoRALinear) else layer.lora_A.weight
+            a.requires_grad_(False)
+        return self
+
     def stacked_grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of (lora_a ``[3, r, in]``, lora_b ``[3, out, r]``) in the stacked layout."""
         a_grads, b_grads = [], []

@@ -240,22 +240,42 @@ def _wrong_lora(monkeypatch, *, what):
     monkeypatch.setattr(ace_kernels, "lora_qkv", op)
 
 
-@pytest.mark.parametrize("what", ["output", "dx", "da", "db"])
-def test_lora_checks_see_a_wrong_output_or_any_wrong_gradient(monkeypatch, what):
+@pytest.mark.parametrize("what, train_a", [("output", True), ("dx", True), ("da", True), ("db", True),
+                                           ("output", False), ("dx", False), ("db", False)])
+def test_lora_checks_see_a_wrong_output_or_any_wrong_gradient(monkeypatch, what, train_a):
     """Both LoRA checks (dropout off against the reference, dropout on against the formula with
-    the provider's own masks) compare q, k, v and the gradients of x, A and B with an independent
-    computation and report the largest error: a provider wrong in any one of them is far over
-    the limit, a right one within it."""
+    the provider's own masks) compare q, k, v and the gradients of x, A and B (with A frozen: of
+    x and B) with an independent computation and report the largest error: a provider wrong in
+    any one of them is far over the limit, a right one within it."""
     from benchmarks import bench_lora
 
     case = _lora_case()
     reference = bench_lora.reference_parts(*case)
     limit = harness.check_limit("float32")
-    assert bench_lora._check_against_reference("torch", *case, reference) <= limit
-    assert bench_lora._check_with_dropout("torch", *case) <= limit
+    assert bench_lora._check_against_reference("torch", *case, reference, train_a) <= limit
+    assert bench_lora._check_with_dropout("torch", *case, train_a) <= limit
     _wrong_lora(monkeypatch, what=what)
-    assert bench_lora._check_against_reference("torch", *case, reference) > 0.1
-    assert bench_lora._check_with_dropout("torch", *case) > 0.1
+    assert bench_lora._check_against_reference("torch", *case, reference, train_a) > 0.1
+    assert bench_lora._check_with_dropout("torch", *case, train_a) > 0.1
+
+
+def test_lora_checks_with_a_frozen_give_a_no_gradient(monkeypatch):
+    """With A frozen the checks call the op with an A that needs no gradient (what selects the
+    kernels' dX-alone path), and x and B with one."""
+    from benchmarks import bench_lora
+
+    calls = []
+    real = ace_kernels.lora_qkv
+
+    def spy(x, weight, bias, lora_a, lora_b, **kwargs):
+        calls.append((x.requires_grad, lora_a.requires_grad, lora_b.requires_grad))
+        return real(x, weight, bias, lora_a, lora_b, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "lora_qkv", spy)
+    case = _lora_case()
+    bench_lora._check_against_reference("torch", *case, bench_lora.reference_parts(*case), False)
+    bench_lora._check_with_dropout("torch", *case, False)
+    assert calls == [(True, False, True)] * 2
 
 
 def test_lora_flops_count_each_gemm_of_the_step_once():
@@ -368,10 +388,22 @@ def test_lora_rows_account_saved_bytes_flops_and_checks(monkeypatch):
             frozen.append((weight, bias))
 
     monkeypatch.setattr(baselines, "FrozenBaseQKV", Frozen)
+    declared = []
+    configuration = bench_lora._configuration
+
+    def with_a_trained_recorded(*args, train_a, **kwargs):  # (the configuration with A frozen is another test's)
+        if not train_a:
+            return configuration(*args, train_a=train_a, **kwargs)
+        with saved_activation_bytes() as record:
+            result = configuration(*args, train_a=train_a, **kwargs)
+        declared.extend(record)
+        return result
+
+    monkeypatch.setattr(bench_lora, "_configuration", with_a_trained_recorded)
     suite = _gpu_suite(compute_dtype=torch.bfloat16)
-    with saved_activation_bytes() as declared:
-        bench_lora.run(suite)
+    bench_lora.run(suite)
     shape = bench_lora._shapes(suite)[0]
+    suite.rows = [r for r in suite.rows if not r.shape.endswith(" A frozen")]
     rows = {(r.provider, r.baseline): r for r in suite.rows}
     assert set(rows) == {("reference", None), ("peft-style", None), ("frozen-base", None), ("torch", "reference"),
                          ("torch", "peft-style"), ("torch", "frozen-base")}, set(rows)
@@ -399,6 +431,75 @@ def test_lora_rows_account_saved_bytes_flops_and_checks(monkeypatch):
     (weight, bias), = {(id(w), id(b)): (w, b) for w, b, _ in seen}.values()
     (f_weight, f_bias), = frozen
     assert f_weight is weight and f_bias is bias and all(b.abs().min() > 0 for _, _, b in seen)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_lora_rows_with_a_frozen_sit_beside_ours_with_a_trained(monkeypatch, gpu):
+    """At the last shape only, a configuration with A frozen: every row's shape ends in "A
+    frozen"; its baselines are the reference and PEFT-style with their A frozen (no gradient
+    reaches it) and each provider that passed with A trained, timed in the same group; ours is
+    called with a frozen A, is checked, and has no target (the issue's targets are for A trained).
+    No frozen-base and no second configuration at another shape."""
+    from benchmarks import bench_lora
+
+    modules, calls = [], []
+
+    def recording(cls):
+        class Recording(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                if kwargs["dropout_p"]:  # (the checks' reference is one too, with dropout off)
+                    modules.append(self)
+
+        return Recording
+
+    for name in ("ReferenceLoRAQKV", "PeftStyleLoRAQKV"):
+        monkeypatch.setattr(baselines, name, recording(getattr(baselines, name)))
+    real = ace_kernels.lora_qkv
+
+    def spy(x, weight, bias, lora_a, lora_b, **kwargs):
+        calls.append(lora_a.requires_grad)
+        return real(x, weight, bias, lora_a, lora_b, **kwargs)
+
+    monkeypatch.setattr(ace_kernels, "lora_qkv", spy)
+    configuration = bench_lora._configuration
+
+    def marked(*args, train_a, **kwargs):
+        calls.append(f"configuration, train_a={train_a}")
+        return configuration(*args, train_a=train_a, **kwargs)
+
+    monkeypatch.setattr(bench_lora, "_configuration", marked)
+    suite = _gpu_suite(compute_dtype=torch.bfloat16) if gpu else _cpu_suite(quick=True)
+    monkeypatch.setattr(bench_lora, "_shapes", lambda suite: [dict(m=21, k=24, out=16, r=4),
+                                                                dict(m=37, k=24, out=16, r=4)])
+    bench_lora.run(suite)
+    frozen_rows = [r for r in suite.rows if r.shape.endswith(" A frozen")]
+    assert {r.shape for r in frozen_rows} == {"M=37 K=24 out=16 r=4 p=0.1 A frozen"}
+    baseline_names = {"reference", "peft-style", "torch (A trained)"}
+    assert {(r.provider, r.baseline) for r in frozen_rows} == (
+        {(name, None) for name in baseline_names} | {("torch", name) for name in baseline_names})
+    dtype = "bfloat16" if gpu else "float32"
+    for row in frozen_rows:
+        assert row.target is None and row.dtype == dtype, row
+        if row.provider == "torch":
+            assert harness.checks_pass(row.metrics, dtype)
+            assert sorted(k for k in row.metrics if harness.is_check_key(k)) == [
+                "rel_err_vs_reference_p0", f"rel_err_vs_reference_p{bench_lora.DROPOUT}_masks"]
+    # Modules: two per configuration, three configurations; the last two have A frozen, and no
+    # gradient ever reached their A.
+    assert len(modules) == 6
+    for module in modules[4:]:
+        a_params = [p for name, p in module.named_parameters() if "lora_A" in name]
+        assert len(a_params) == 3 and all(not p.requires_grad and p.grad is None for p in a_params)
+        assert [p for p in module.parameters() if p.requires_grad]  # B still trains
+    for module in modules[:4]:
+        assert all(p.requires_grad for name, p in module.named_parameters() if "lora_A" in name)
+    # Ours ran with A trained alone in the first two configurations; in the third with A frozen
+    # (the checks and the timed step) and with A trained (the baseline).
+    starts = [i for i, call in enumerate(calls) if isinstance(call, str)]
+    assert [calls[i] for i in starts] == [f"configuration, train_a={t}" for t in (True, True, False)]
+    first_two = calls[starts[0] + 1:starts[1]] + calls[starts[1] + 1:starts[2]]
+    assert set(first_two) == {True} and set(calls[starts[2] + 1:]) == {True, False}
 
 
 def _hypergraph_case(dtype=torch.float32, cls_only=True):
