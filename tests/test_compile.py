@@ -19,12 +19,12 @@ import ace_kernels
 from ace_kernels import _dispatch, _library, contrastive, hypergraph
 
 
-def _lora_case(dropout_p: float, backend: str, device="cpu"):
+def _lora_case(dropout_p: float, backend: str, device="cpu", train_a=True):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 40, generator=g).to(device).requires_grad_()
     w = torch.randn(3 * 24, 40, generator=g).to(device)
     b = torch.randn(3 * 24, generator=g).to(device)
-    a = (0.1 * torch.randn(3, 4, 40, generator=g)).to(device).requires_grad_()
+    a = (0.1 * torch.randn(3, 4, 40, generator=g)).to(device).requires_grad_(train_a)
     bb = (0.1 * torch.randn(3, 24, 4, generator=g)).to(device).requires_grad_()
 
     def fn(x, a, bb):
@@ -32,6 +32,8 @@ def _lora_case(dropout_p: float, backend: str, device="cpu"):
                                        backend=backend)
         return (q * k + v).sum()
 
+    if not train_a:  # A frozen: the gradients of x and B alone (the Triton Function keeps no x)
+        return (lambda x, bb: fn(x, a, bb)), (x, bb)
     return fn, (x, a, bb)
 
 
@@ -108,6 +110,7 @@ CASES = {
 
 TRITON_CASES = {
     "lora_qkv dropout": lambda device: _lora_case(0.3, "triton", device),
+    "lora_qkv dropout A frozen": lambda device: _lora_case(0.3, "triton", device, train_a=False),
     "lora_linear dropout": lambda device: _lora_linear_case(0.25, "triton", device),
     "label_guided_infonce": lambda device: _infonce_case("triton", device),
     "ace_hypergraph cls_only": lambda device: _hypergraph_case("triton", device),
