@@ -411,6 +411,29 @@ def test_triton_saves_the_weight_for_dx_only(x_grad, device):
     assert (inputs[1].untyped_storage().data_ptr() in kept) == x_grad
 
 
+def _triton_saved_and_same_as_a_trained(case, inputs, device):
+    """Run the triton op on ``inputs`` (A frozen) under the saved-tensors hooks: (bytes it saves beyond W, b, A
+    and B; its saved-bytes record; the storages it keeps). Asserts that the outputs and the gradients of the
+    inputs that need one equal bit for bit those of the same call, same seed, with A trained too (x_cat kept)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        with lora_module.saved_activation_bytes() as record:
+            measured, (outputs, _) = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
+        kept, _ = saved_storages(lambda: call_op(case, inputs, "triton"))
+    wanted = [t for t in (inputs[0], inputs[4]) if t.requires_grad]
+    grads_out = [torch.randn_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, wanted, grads_out)
+    both = (*inputs[:3], inputs[3].detach().requires_grad_(True), inputs[4])
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(5)
+        outputs_both, _ = call_op(case, both, "triton")
+    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(outputs_both, wanted, grads_out),
+                                                 strict=True))
+    return measured, record, kept
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("op", ["qkv", "linear"])
@@ -419,27 +442,13 @@ def test_triton_saves_s_alone_when_only_b_trains(op, training, device):
     # In evaluation too: B trained builds a graph, so the weights are not merged (whose product would keep x).
     case = Case("saved_b", op, (10,), 16, 4, 2, dropout_p=0.2, training=training, x_grad=False, lora_grads="b")
     inputs = make_inputs(case, torch.float32, device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(5)
-        with lora_module.saved_activation_bytes() as record:
-            measured, (outputs, _) = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
-        kept, _ = saved_storages(lambda: call_op(case, inputs, "triton"))
+    measured, record, kept = _triton_saved_and_same_as_a_trained(case, inputs, device)
     # S's columns alone (3 * 2 or 2), not the pad after them in x_cat = [x | S | 0] (24 columns: 16 + 6 or 16 + 2,
     # rounded up to 8), which was kept too (8 columns a row, 4x S for the linear).
     s_cols = 6 if op == "qkv" else 2
     assert measured == 10 * s_cols * 4
     assert record == [{"backend": "triton", "total": 10 * s_cols * 4, "x": 0, "extra": 10 * s_cols * 4}]
     assert not kept & {t.untyped_storage().data_ptr() for t in inputs if t is not None}
-    # Bit for bit the outputs and dB of the same call with A trained too (x_cat kept, the launcher's dB).
-    grads_out = [torch.randn_like(o) for o in outputs]
-    (grad_b,) = torch.autograd.grad(outputs, inputs[4], grads_out)
-    both = (*inputs[:3], inputs[3].detach().requires_grad_(True), inputs[4])
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(5)
-        outputs_both, _ = call_op(case, both, "triton")
-    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both, strict=True))
-    assert torch.equal(grad_b, torch.autograd.grad(outputs_both, inputs[4], grads_out)[0])
 
 
 @pytest.mark.triton
@@ -450,25 +459,10 @@ def test_triton_with_a_frozen_saves_no_x(op, lora_grads, device):
     # ([x | S | 0]) is not kept, only a copy of S's columns (B trained) and the 8-byte seed, beside W, A and B.
     case = Case("saved_a_frozen", op, (10,), 16, 4, 2, dropout_p=0.2, lora_grads=lora_grads)
     inputs = make_inputs(case, torch.float32, device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(5)
-        with lora_module.saved_activation_bytes() as record:
-            measured, (outputs, _) = saved_storage_bytes(lambda: call_op(case, inputs, "triton"), inputs[1:])
+    measured, record, _ = _triton_saved_and_same_as_a_trained(case, inputs, device)
     s_bytes = 10 * (6 if op == "qkv" else 2) * 4 if lora_grads == "b" else 0
     assert measured == s_bytes + 8
     assert record == [{"backend": "triton", "total": s_bytes + 8, "x": 0, "extra": s_bytes + 8}]
-    # Bit for bit the outputs, dX and dB of the same call with A trained too (x_cat kept, read for dA only).
-    wanted = [t for t in (inputs[0], inputs[4]) if t.requires_grad]
-    grads_out = [torch.randn_like(o) for o in outputs]
-    grads = torch.autograd.grad(outputs, wanted, grads_out)
-    both = (*inputs[:3], inputs[3].detach().requires_grad_(True), inputs[4])
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(5)
-        outputs_both, _ = call_op(case, both, "triton")
-    assert all(torch.equal(a, b) for a, b in zip(outputs, outputs_both, strict=True))
-    grads_both = torch.autograd.grad(outputs_both, wanted, grads_out)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_both, strict=True))
 
 
 def test_torch_selective_checkpointing_that_keeps_every_result():
