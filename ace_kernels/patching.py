@@ -154,10 +154,10 @@ Inside the attention module's forward (tracked by forward hooks on it, per
 thread), the first of q, k, v called with an input tensor computes all three with
 one ``lora_qkv`` call and keeps the other two outputs, keyed on the *identity* of
 the input tensor object, its version counter (an in-place change in between
-invalidates them), grad mode and autocast state. When the other two members are
-then called with that same tensor, they return the kept outputs; the autograd
-graph is the one of the ``lora_qkv`` call, so gradients are exact. Anything
-else (a different input, as in cross-attention; a member whose state forbids
+invalidates them), whether it requires grad, grad mode and autocast state. When
+the other two members are then called with that same tensor, they return the kept
+outputs; the autograd graph is the one of the ``lora_qkv`` call, so gradients
+are exact. Anything else (a different input, as in cross-attention; a member whose state forbids
 the fused path; hooks on another member; full backward hooks on the member
 called, module or global ones, which wrap its input in a new tensor;
 mismatched scaling or dropout; an inference-mode input, which has no version counter; a member called inside a
@@ -605,7 +605,9 @@ def _global_hooks_set() -> bool:
 
 
 def _context_key(x: torch.Tensor):
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _library.autocast_dtype(x))
+    # x.requires_grad too: requires_grad_() bumps no version, and outputs kept from a call on an x that needed no
+    # gradient have no graph to it.
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _library.autocast_dtype(x), x.requires_grad)
 
 
 @dataclass

@@ -1486,6 +1486,36 @@ def test_in_place_change_of_input_invalidates_kept_outputs():
     _assert_same(before, after)
 
 
+def test_input_made_to_require_grad_between_members_invalidates_kept_outputs():
+    """q called on an input that needs no gradient, then ``x.requires_grad_()`` (which bumps no version), then k
+    and v on the same tensor: their unpatched calls build a graph to x, so the outputs kept from q's grouped call,
+    made without one, must not be served to them (x got no gradient through k and v, silently)."""
+
+    class LateInputGrad(ReferenceAttention):
+        def forward(self, x):
+            q = self.q_proj(x)
+            x.requires_grad_(True)
+            return q * self.k_proj(x) + self.v_proj(x)
+
+    torch.manual_seed(10)
+    attention = _randomise_lora(LateInputGrad(16, 2, r=2).double()).train()
+    x = torch.randn(2, 4, 16, dtype=torch.float64)
+
+    def step():  # the gradients of every trainable parameter and of the input, which needs none when passed
+        fresh = x.clone()
+        out = attention(fresh)
+        grads = torch.autograd.grad((out * _fixed_weights(out)).sum(), _trainable(attention) + [fresh],
+                                    allow_unused=True)
+        return out.detach(), [torch.zeros_like(fresh) if g is None else g for g in grads]
+
+    before = step()
+    with ace_kernels.patch(attention) as handle:
+        after = step()
+        # k misses q's kept outputs (x needs a gradient now) and groups with v.
+        assert handle.stats() == {"lora_qkv": 2, "qkv cached": 1}, handle.stats()
+    _assert_same(before, after)
+
+
 def test_kept_outputs_are_not_served_to_a_member_called_under_autocast():
     """The kept outputs are keyed on the autocast state too: a member called with the same input
     inside an autocast region its attention opens after the first member's call computes in the
