@@ -176,6 +176,38 @@ def test_peft_bert_qkv_grouped_exact_and_undo():
     handle.undo()  # idempotent
 
 
+def test_peft_lorafa_optimizer_trains_the_patched_model_exactly():
+    """PEFT's LoRA-FA optimizer (``create_lorafa_optimizer``) freezes every ``lora_A`` and trains B alone: the
+    patched model groups q/k/v as before (the ops then form dX without dA), no A gets a gradient, and two steps
+    leave every parameter equal to the unpatched model's two steps, to rounding."""
+    optimizers = pytest.importorskip("peft.optimizers")
+    embeds = torch.randn(3, 7, 32, dtype=torch.float64)
+    trained = []
+    for patched in (False, True):
+        model = _bert().train()
+        optimizer = optimizers.create_lorafa_optimizer(model, r=4, lora_alpha=1, lr=0.05)
+        lora_a = [p for name, p in model.named_parameters() if "lora_A" in name]
+        assert len(lora_a) == 6 and not any(p.requires_grad for p in lora_a)
+        handle = ace_kernels.patch(model) if patched else None
+        for _ in range(2):
+            optimizer.zero_grad()
+            out = _run_bert(model, embeds)
+            (out * _fixed_weights(out)).sum().backward()
+            assert all(p.grad is None for p in lora_a)
+            optimizer.step()
+        if patched:
+            assert handle.stats() == {"lora_qkv": 4, "qkv cached": 8}
+            handle.undo()
+        trained.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    before, after = trained
+    initial = dict(_bert().named_parameters())
+    assert before.keys() == after.keys() == initial.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], **FP64_TOL, msg=name)
+        # B moved (the steps were taken), A and the frozen base did not.
+        assert torch.equal(before[name], initial[name]) == ("lora_B" not in name), name
+
+
 def test_peft_members_changed_after_patching_run_ungrouped_exactly():
     """One member's scaling (or dropout p) changed after patching: q/k/v can no longer share one
     fused call (it takes one scaling and one p); each member runs on its own, with its own value."""
