@@ -228,9 +228,10 @@ def _configuration(suite, shape: dict, inputs, *, train_a: bool, targets=None, t
                                             training=True, backend=provider)
 
     for provider in trained:  # checked in the configuration with A trained, just before
-        forward = forward_of(provider, lora_a)
-        entries.append((f"{provider} (A trained)", lambda forward=forward: torch.autograd.backward(forward(), grad_out),
+        name, forward = f"{provider} (A trained)", forward_of(provider, lora_a)
+        entries.append((name, lambda forward=forward: torch.autograd.backward(forward(), grad_out),
                         [x, lora_a, lora_b]))
+        forwards[name], frozen_of[name] = forward, [weight, bias, lora_a, lora_b]
 
     checked, providers = {}, []
     reference = reference_parts(x, weight, bias, lora_a, lora_b, grad_out)

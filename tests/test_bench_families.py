@@ -478,6 +478,10 @@ def test_lora_rows_with_a_frozen_sit_beside_ours_with_a_trained(monkeypatch, gpu
     baseline_names = {"reference", "peft-style", "torch (A trained)"}
     assert {(r.provider, r.baseline) for r in frozen_rows} == (
         {(name, None) for name in baseline_names} | {("torch", name) for name in baseline_names})
+    # Every row reports what autograd keeps; the torch backend keeps x with A frozen too (for create_graph).
+    assert all(r.metrics["saved_over_x"] > 0 for r in frozen_rows)
+    saved = {r.provider: r.metrics["saved_mib"] for r in frozen_rows if r.baseline in (None, "reference")}
+    assert saved["torch"] == saved["torch (A trained)"]
     dtype = "bfloat16" if gpu else "float32"
     for row in frozen_rows:
         assert row.target is None and row.dtype == dtype, row
@@ -500,6 +504,28 @@ def test_lora_rows_with_a_frozen_sit_beside_ours_with_a_trained(monkeypatch, gpu
     assert [calls[i] for i in starts] == [f"configuration, train_a={t}" for t in (True, True, False)]
     first_two = calls[starts[0] + 1:starts[1]] + calls[starts[1] + 1:starts[2]]
     assert set(first_two) == {True} and set(calls[starts[2] + 1:]) == {True, False}
+
+
+@pytest.mark.triton
+def test_lora_rows_with_a_frozen_show_what_the_triton_backend_no_longer_keeps(monkeypatch):
+    """The Triton backend with A frozen keeps S's 3r columns and the seed, not x_cat = [x | S | 0]: its row's
+    ``saved_mib`` is that, far below the same backend's with A trained (x_cat and the seed), measured beside it;
+    both checked, on a fp32 "GPU" suite (the interpreter's bf16 is wrong)."""
+    from benchmarks import bench_lora
+
+    m, k, r = 37, 24, 4
+    monkeypatch.setattr(bench_lora, "_shapes", lambda suite: [dict(m=m, k=k, out=16, r=r)])
+    suite = _gpu_suite(("triton",), compute_dtype=torch.float32)
+    bench_lora.run(suite)
+    rows = {(r.provider, r.baseline): r for r in suite.rows if r.shape.endswith(" A frozen")}
+    assert set(rows) >= {("triton", "triton (A trained)"), ("triton (A trained)", None)}, set(rows)
+    ours = rows[("triton", "triton (A trained)")].metrics
+    assert harness.checks_pass(ours, "float32")
+    x_bytes = m * k * 4
+    assert ours["saved_over_x"] == pytest.approx((m * 3 * r * 4 + 8) / x_bytes, rel=1e-12)  # S's columns, the seed
+    width = -(-(k + 3 * r) // 8) * 8  # x_cat's columns, padded to 8
+    trained = rows[("triton (A trained)", None)].metrics["saved_over_x"]
+    assert trained == pytest.approx((m * width * 4 + 8) / x_bytes, rel=1e-12)
 
 
 def _hypergraph_case(dtype=torch.float32, cls_only=True):
