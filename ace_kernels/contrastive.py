@@ -105,7 +105,8 @@ its peak: forward about ``2 * (8 MiB + 4 B)`` with the fold's temporaries, backw
 32 MiB of weights plus ``8 * rows * D`` bytes of fp32 products and O(B) partials. A block
 never holds less than one tile of rows, so past B = 131,072 (16 bits) the weights take
 ``2 * BLOCK_M * B`` bytes, and past B of about 2 million the forward's buffers ``4 B`` each
-per row tile. Sweep candidates only for 16-bit inputs with D <= 512:
+per row tile (the row partials ``4 B * BLOCK_M / BLOCK_N``: with 128 x 64 tiles ``8 B``,
+past B = 1,048,576). Sweep candidates only for 16-bit inputs with D <= 512:
 fp32 inputs keep the IEEE-dot kernels (cuBLAS fp32 products follow
 ``torch.backends.cuda.matmul.allow_tf32``).
 
