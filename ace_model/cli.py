@@ -15,7 +15,8 @@ full disk). Anything else is a bug or
 a resource failure (e.g. CUDA out of memory) and ends with its full traceback (exit 1).
 Ctrl-C ends with one line and exit 130; what is on disk is the last complete state
 (``train --resume auto`` continues from it exactly). ``ACE_LORA_DEBUG=1`` raises the one-line
-errors instead (the traceback in place of the line, status 1). Errors from ``TrainConfig`` checks
+errors instead (the traceback in place of the line, status 1), but for argparse's own (an unknown
+flag, a value it cannot parse), which print the usage and exit 2 either way. Errors from ``TrainConfig`` checks
 name the flag (``--chunk-size``), not the field.
 
 JSON output (``train``'s summary, ``zero-shot``'s metrics and ``--output``, the demo's
