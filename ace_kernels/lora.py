@@ -84,7 +84,7 @@ Whether a non-finite element comes out NaN or inf follows the arithmetic of the 
 that ran, and two paths differ from three separate layers there. ``lora_qkv``'s three
 LoRA terms are one block-diagonal product (``S Bbd^T``) in the ``torch`` backend and in
 the ``triton`` training and float16 paths: a non-finite rank-r activation of one
-projection (from its ``A_p``, or from ``x``) makes the same rows of all three outputs
+projection (from its ``A_p``, or from ``x``) makes the same rows of the other two outputs
 NaN (``0 * inf``), where separate layers, and the ``triton`` merged evaluation, keep the
 other two projections finite. And the merged weight folds the LoRA term into ``W``: a
 non-finite element of ``x`` gives +-inf there where the unmerged sum
