@@ -478,7 +478,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, *, scaling, dropout_p=0.0, trai
     ------
     ValueError
         When a tensor has the wrong rank, shape, dtype (all must equal ``x``'s:
-        float16, bfloat16, float32 or float64) or device, ``scaling`` is not a number,
+        float16, bfloat16, float32 or float64) or device, ``scaling`` is not a finite number,
         ``dropout_p`` is outside [0, 1) or ``training`` is not a bool.
     """
     return _call("lora_linear", 1, x, weight, bias, lora_a, lora_b, scaling, dropout_p, training, backend)
