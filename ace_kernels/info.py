@@ -41,15 +41,15 @@ def report() -> str:
     for name in BACKENDS:
         why = table[name]
         lines.append(f"  {name:<7} {'available' if not why else 'unavailable: ' + '; '.join(why)}")
-    # What a call without backend= asks for: the environment variable replaces "auto".
+    # What a call with backend="auto" (the default) asks for: the environment variable replaces "auto".
     lines.append("")
     try:
         requested = requested_backend("auto")
     except ValueError as exc:
         requested = None
-        lines.append(f"{exc}: every call without backend= raises")
+        lines.append(f"{exc}: every call with backend='auto' (the default) raises")
     if requested not in (None, "auto"):
-        lines.append(f"{_ENV_VAR}={requested}: calls without backend= use {requested} only (or raise)")
+        lines.append(f"{_ENV_VAR}={requested}: calls with backend='auto' (the default) use {requested} only (or raise)")
     elif requested == "auto" and os.environ.get(_ENV_VAR, "").strip():
         lines.append(f"{_ENV_VAR}=auto")
     # The order backend="auto" tries on this machine's first GPU (measured there, or declared).

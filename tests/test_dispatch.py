@@ -212,8 +212,10 @@ def test_info_reports_the_environment_variable(capsys, monkeypatch):
     from ace_kernels import info
 
     for value, expected in [("bogus", "environment variable ACE_KERNELS_BACKEND: expected one of ('auto', 'cuda', "
-                                      "'triton', 'torch'), got 'bogus': every call without backend= raises"),
-                            ("Torch", "ACE_KERNELS_BACKEND=torch: calls without backend= use torch only (or raise)"),
+                                      "'triton', 'torch'), got 'bogus': every call with backend='auto' (the default) "
+                                      "raises"),
+                            ("Torch", "ACE_KERNELS_BACKEND=torch: calls with backend='auto' (the default) use torch "
+                                      "only (or raise)"),
                             (" auto ", "\nACE_KERNELS_BACKEND=auto\n")]:  # set, to the default: said so
         monkeypatch.setenv("ACE_KERNELS_BACKEND", value)
         assert info.main() == 0
