@@ -28,8 +28,8 @@ Backends
     ``dY_p^T S_p`` batched over the projections), and one kernel finishes the gradients of
     ``x`` and ``A``. The dropout mask comes from Philox keyed by a seed and the element
     position and is regenerated in registers in backward: only ``x_cat`` (x and P*r
-    columns, zero-padded to a multiple of 8) and the seed are saved; with A frozen, where no gradient reads x, a copy of S's
-    columns (B trained) and the seed (x trained) alone. In
+    columns, zero-padded to a multiple of 8) and the seed are saved; with A frozen, where
+    no gradient reads x, a copy of S's columns (B trained) and the seed (x trained) alone. In
     evaluation (``training=False``) without a graph to build, the LoRA term is merged into
     the weight instead (``W + scaling * B A``, one small batched product) and the call is
     one GEMM; in float16, where a merged element could overflow, the term is added unmerged
