@@ -295,14 +295,19 @@ def _torch_lse_both(u, t, scale, keys, block: int, lo: int = 0, c0: int = 0):
     return row_lse, col_lse, dots
 
 
-def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
-    """dU, dT, ds of ``coef * (sum r + sum c)`` in one pass (single device, every row owned)."""
+def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int, needs=(True, True, True)):
+    """dU, dT, ds of ``coef * (sum r + sum c)`` in one pass (single device, every row owned).
+
+    ``needs`` (autograd's ``needs_input_grad`` for the three): a gradient not wanted is None and
+    its products are not formed (the text rows' product and [n, D] accumulator for ``t``, the
+    product with ``t`` for ``u`` or the scale), as the Triton backend skips its kernels."""
     n = u.shape[0]
+    need_u, need_t, need_scale = needs
     # Contiguous whatever u's layout: rows of it are written with out=, which Dynamo refuses on
     # a non-contiguous tensor (empty_like keeps a transposed u's strides; a graph break).
-    grad_u = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    grad_t = torch.zeros_like(t)
-    grad_scale = torch.zeros((), dtype=u.dtype, device=u.device)
+    grad_u = torch.empty(u.shape, dtype=u.dtype, device=u.device) if need_u else None
+    grad_t = torch.zeros_like(t) if need_t else None
+    grad_scale = torch.zeros((), dtype=u.dtype, device=u.device) if need_scale else None
     for start, stop in _library.spans(0, n, block):
         u_block = u[start:stop]
         logits = _block_logits(u_block, t, scale, keys, start, 0)
@@ -311,12 +316,17 @@ def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int):
         del row_prob
         weights.mul_(coef)
         _fold_positive_weights(weights, start, stop, 0, 0, n, coef)
-        g_t = torch.mm(weights, t)
-        # ds = sum_ij G_ij u_i.t_j = sum_i u_i . (G t)_i: no need to keep the raw similarities.
-        grad_scale += torch.linalg.vecdot(g_t, u_block).sum()
-        torch.mul(g_t, scale, out=grad_u[start:stop])
-        grad_t.addmm_(weights.t(), u_block)
-    grad_t.mul_(scale)
+        if need_u or need_scale:
+            g_t = torch.mm(weights, t)
+            if need_scale:
+                # ds = sum_ij G_ij u_i.t_j = sum_i u_i . (G t)_i: no need to keep the raw similarities.
+                grad_scale += torch.linalg.vecdot(g_t, u_block).sum()
+            if need_u:
+                torch.mul(g_t, scale, out=grad_u[start:stop])
+        if need_t:
+            grad_t.addmm_(weights.t(), u_block)
+    if need_t:
+        grad_t.mul_(scale)
     return grad_u, grad_t, grad_scale
 
 
@@ -436,7 +446,8 @@ class _TorchLossShare(torch.autograd.Function):
         u, t, scale, keys, row_lse, col_lse = ctx.saved_tensors
         if not ctx.grouped:
             coef = grad_share / (2 * t.shape[0])
-            grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block)
+            grad_u, grad_t, grad_scale = _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block,
+                                                          ctx.needs_input_grad[:3])
             return grad_u, grad_t, grad_scale, None, None, None, None, None
         need_t = ctx.needs_input_grad[1]
         u_pass, t_part = _torch_rank_grads(ctx.saved_tensors, grad_share, lo, hi, block, ctx.needs_input_grad[:3])

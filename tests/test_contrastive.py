@@ -663,6 +663,46 @@ def test_only_the_needed_gradients_are_computed(backend, needs, device, monkeypa
         assert [a.data_ptr() for a in launches] == [x.data_ptr() for x, need in wanted if need]
 
 
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, False, True), (False, True, True), (True, True, True)],
+                         ids=lambda v: "".join("ny"[b] for b in v))
+def test_torch_backward_forms_only_the_needed_products(needs, monkeypatch):
+    """The torch backend on one device, per block of rows: the logits' product, the product with the text
+    rows only for image_emb or the scale (the image rows' gradient, whose dot with them is the scale's), and
+    the text rows' product with its [B, D] accumulator only for text_emb. Its one-pass backward formed all
+    three whatever was wanted: a frozen text tower paid three products per block where two were wanted, and
+    a [B, D] gradient that autograd dropped. The gradients are the all-trained call's, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(contrastive, "_TORCH_BLOCK_ROWS", 8)
+    batch, dim = 19, 24
+    u, t, s = (x.detach() for x in _inputs(batch, dim))
+    labels = _duplicated_labels(batch, 3, 4)
+    products = []
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in matmuls:
+                products.append(tuple(out.shape))
+            return out
+
+    everything = [x.clone().requires_grad_() for x in (u, t, s)]
+    want = torch.autograd.grad(ace_kernels.label_guided_infonce(*everything, labels, backend="torch"), everything)
+    inputs = [x.clone().requires_grad_(need) for x, need in zip((u, t, s), needs, strict=True)]
+    loss = ace_kernels.label_guided_infonce(*inputs, labels, backend="torch")
+    with Products():
+        got = torch.autograd.grad(loss, [x for x in inputs if x.requires_grad])
+    expected = []
+    for start, stop in ((0, 8), (8, 16), (16, 19)):
+        expected += ([(stop - start, batch)] + [(stop - start, dim)] * (needs[0] or needs[2])
+                     + [(batch, dim)] * needs[1])
+    assert products == expected
+    for g, w in zip(got, [w for w, need in zip(want, needs, strict=True) if need], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_embeddings_made_under_inference_mode_train_the_rest(backend, dtype, device):
