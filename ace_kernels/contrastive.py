@@ -330,19 +330,23 @@ def _torch_grad_both(u, t, scale, keys, row_lse, col_lse, coef, block: int, need
     return grad_u, grad_t, grad_scale
 
 
-def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coef, block: int):
+def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, coef, block: int,
+                     needs: tuple = (True, True)):
     """Gradient w.r.t. rows ``r0..r1`` (``[r1 - r0, D]``) through their logits against columns
     ``c0..c1`` (``a`` holds those rows only and ``b`` those columns), whose weights are
     ``G_ij = coef (exp(L_ij - lse_a_i) + exp(L_ij - lse_b_j) - 2 [i == j])``, and this pass's
-    ``sum_ij G_ij a_i . b_j`` (the logit-scale gradient over ``scale``).
+    ``sum_ij G_ij a_i . b_j`` (the logit-scale gradient over ``scale``). ``needs``: which of the
+    two to form (None for the other: a frozen tower's rows, or the scale's term of a pass that
+    only feeds the rows).
 
     ``lse_a``/``lse_b`` are full length; a row or column whose entry is ``+inf`` adds nothing.
     A rank (``group=``): its rows against every column (``a`` its own rows of ``U``, ``b`` all of
     ``T``), then every row against its columns (``a`` all of ``T``, ``b`` its own rows of ``U``).
     """
     (r0, r1), (c0, c1) = rows, cols
-    grad_a = torch.empty((r1 - r0, a.shape[1]), dtype=a.dtype, device=a.device)
-    grad_scale = torch.zeros((), dtype=a.dtype, device=a.device)
+    need_a, need_scale = needs
+    grad_a = torch.empty((r1 - r0, a.shape[1]), dtype=a.dtype, device=a.device) if need_a else None
+    grad_scale = torch.zeros((), dtype=a.dtype, device=a.device) if need_scale else None
     for start, stop in _library.spans(r0, r1, block):
         a_block = a[start - r0:stop - r0]
         logits = _block_logits(a_block, b, scale, keys, start, c0)
@@ -352,8 +356,10 @@ def _torch_grad_rows(a, b, scale, keys, lse_a, lse_b, rows: tuple, cols: tuple, 
         weights.mul_(coef)
         _fold_positive_weights(weights, start, stop, c0, c0, c1, coef)
         g_b = torch.mm(weights, b)
-        grad_scale += torch.linalg.vecdot(g_b, a_block).sum()
-        torch.mul(g_b, scale, out=grad_a[start - r0:stop - r0])
+        if need_scale:
+            grad_scale += torch.linalg.vecdot(g_b, a_block).sum()
+        if need_a:
+            torch.mul(g_b, scale, out=grad_a[start - r0:stop - r0])
     return grad_a, grad_scale
 
 
@@ -487,10 +493,12 @@ def _torch_rank_grads(saved, grad_share, lo: int, hi: int, block: int, needs: tu
     def u_pass() -> tuple:
         if not (need_u or need_scale):
             return None, None
-        return _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block)
+        return _torch_grad_rows(u, t, scale, keys, row_ext, col_lse, (lo, hi), (0, n), coef, block,
+                                (need_u, need_scale))
 
     def t_part(r0: int, r1: int) -> torch.Tensor:
-        return _torch_grad_rows(t[r0:r1], u, scale, keys, col_lse, row_ext, (r0, r1), (lo, hi), coef, block)[0]
+        return _torch_grad_rows(t[r0:r1], u, scale, keys, col_lse, row_ext, (r0, r1), (lo, hi), coef, block,
+                                (True, False))[0]
 
     return u_pass, t_part
 

@@ -896,6 +896,38 @@ def test_backward_with_group_runs_only_the_needed_passes(backend, needs, one_ran
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL64 if backend == "torch" else 0)
 
 
+@pytest.mark.parametrize("needs", [(False, True, True), (False, False, True), (True, True, False)],
+                         ids=lambda v: "".join("ny"[b] for b in v))
+def test_torch_passes_with_group_form_only_the_wanted_gradients(needs, one_rank_group, monkeypatch):
+    """With group= on the torch backend, each pass forms only what is wanted of it: the image rows' pass
+    no [B, D] gradient of a frozen image tower when it runs for the logit scale alone (a locked image
+    tower with the text tower and the scale trained, as LiT trains), and the text rows' pass no
+    logit-scale term, which its caller drops. Both were formed whatever was wanted; the gradients
+    match the fp64 oracle's, and the frozen inputs get none."""
+    u, t, s = (x.detach() for x in _inputs(19, 24))
+    labels = _duplicated_labels(19, 3, 4)
+    formed = []
+    real = contrastive._torch_grad_rows
+
+    def record(a, *rest):
+        grad_a, grad_scale = real(a, *rest)
+        formed.append(("u" if torch.equal(a, u) else "t", grad_a is not None, grad_scale is not None))
+        return grad_a, grad_scale
+
+    monkeypatch.setattr(contrastive, "_torch_grad_rows", record)
+    inputs = [x.clone().requires_grad_(need) for x, need in zip((u, t, s), needs, strict=True)]
+    loss = ace_kernels.label_guided_infonce(*inputs, labels, group=one_rank_group, backend="torch")
+    loss.backward()
+    assert formed == [("t", True, False)] * needs[1] + [("u", needs[0], needs[2])] * (needs[0] or needs[2])
+    refs = [x.clone().requires_grad_(need) for x, need in zip((u, t, s), needs, strict=True)]
+    label_guided_infonce_oracle(*refs, labels).backward()
+    for x, ref in zip(inputs, refs, strict=True):
+        if ref.grad is None:
+            assert x.grad is None
+        else:
+            torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=ATOL64)
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton,
                                                                             pytest.mark.interpreter])])
 def test_group_of_one_on_the_suites_device_in_chunks(backend, device, monkeypatch):
