@@ -160,15 +160,18 @@ def run(suite) -> None:
         if suite.out_of_time(f"lora_qkv {shape}"):
             return
         inputs = _inputs(shape, dtype, device, generator)
-        passed = _configuration(suite, shape, inputs, train_a=True, targets=_targets(suite))
+        reference = reference_parts(*inputs)  # computed once, by the first check: both configurations use it
+        passed = _configuration(suite, shape, inputs, reference, train_a=True, targets=_targets(suite))
         if shape is shapes[-1] and not suite.out_of_time(f"lora_qkv {shape} A frozen"):
-            _configuration(suite, shape, inputs, train_a=False, trained=passed)
-        del inputs
+            _configuration(suite, shape, inputs, reference, train_a=False, trained=passed)
+        del inputs, reference
         suite.release_cuda_memory()
 
 
-def _configuration(suite, shape: dict, inputs, *, train_a: bool, targets=None, trained=()) -> list[str]:
+def _configuration(suite, shape: dict, inputs, reference, *, train_a: bool, targets=None,
+                   trained=()) -> list[str]:
     """Measure one configuration and add its rows; returns the providers that passed their checks.
+    ``reference``: :func:`reference_parts` of ``inputs``, which the checks compare with.
 
     With A trained: ours against the reference, PEFT-style and (GPU) frozen-base baselines.
     With A frozen (LoRA-FA's setting, op rows with "A frozen" in the shape; no target): ours
@@ -234,7 +237,6 @@ def _configuration(suite, shape: dict, inputs, *, train_a: bool, targets=None, t
         forwards[name], frozen_of[name] = forward, [weight, bias, lora_a, lora_b]
 
     checked, providers = {}, []
-    reference = reference_parts(x, weight, bias, lora_a, lora_b, grad_out)
     for provider in suite.providers:
         def probe(provider=provider):
             checked[provider] = (

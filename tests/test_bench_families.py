@@ -442,14 +442,14 @@ def test_lora_rows_with_a_frozen_sit_beside_ours_with_a_trained(monkeypatch, gpu
     No frozen-base and no second configuration at another shape."""
     from benchmarks import bench_lora
 
-    modules, calls = [], []
+    modules, references, calls = [], [], []
 
     def recording(cls):
         class Recording(cls):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                if kwargs["dropout_p"]:  # (the checks' reference is one too, with dropout off)
-                    modules.append(self)
+                # (the checks' reference is one too, with dropout off: one per shape, both configurations')
+                (modules if kwargs["dropout_p"] else references).append(self)
 
         return Recording
 
@@ -491,7 +491,7 @@ def test_lora_rows_with_a_frozen_sit_beside_ours_with_a_trained(monkeypatch, gpu
                 "rel_err_vs_reference_p0", f"rel_err_vs_reference_p{bench_lora.DROPOUT}_masks"]
     # Modules: two per configuration, three configurations; the last two have A frozen, and no
     # gradient ever reached their A.
-    assert len(modules) == 6
+    assert len(modules) == 6 and len(references) == 2
     for module in modules[4:]:
         a_params = [p for name, p in module.named_parameters() if "lora_A" in name]
         assert len(a_params) == 3 and all(not p.requires_grad and p.grad is None for p in a_params)
